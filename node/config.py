@@ -1,0 +1,210 @@
+"""node.toml: every setting, its default, and validation.
+
+The file is TOML. Paths are relative to the directory holding the file. Unknown keys
+are refused so that a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from node.errors import ConfigError
+
+DEFAULT_CONFIG_NAME = "node.toml"
+CONFIG_ENV = "IMAGESHARE_CONFIG"
+
+
+@dataclass
+class HttpConfig:
+    listen: str = "127.0.0.1:8600"
+    # The URL peers and wallets use to reach this node; defaults to http://<listen>.
+    public_url: str = ""
+    max_body_bytes: int = 2 * 1024**3
+    # Origins allowed to read DICOMweb from a browser (OHIF); "*" allows any.
+    cors_origins: list[str] = field(default_factory=lambda: ["*"])
+    # Seconds a client may take to send a request before it is cut off.
+    client_timeout: float = 120.0
+
+    @property
+    def host(self) -> str:
+        return self.listen.rsplit(":", 1)[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+
+@dataclass
+class DimseDestination:
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass
+class DimseConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 11112
+    ae_title: str = "IMAGESHARE"
+    # Calling AE titles allowed to associate; empty allows any.
+    allowed_calling_aes: list[str] = field(default_factory=list)
+    # C-MOVE destinations by AE title.
+    destinations: list[DimseDestination] = field(default_factory=list)
+    # Refuse storage SOP classes this node does not know.
+    refuse_unknown_sop_classes: bool = False
+
+
+@dataclass
+class ForwardConfig:
+    # Forward every arriving study to this PACS AE by C-STORE; empty disables.
+    ae_title: str = ""
+    host: str = ""
+    port: int = 104
+    max_attempts: int = 8
+    initial_backoff: float = 2.0
+
+
+@dataclass
+class StoreConfig:
+    # Largest single DICOM instance accepted, in bytes.
+    max_instance_bytes: int = 1024**3
+    # Instances written between two durable commits during bulk ingest.
+    batch_size: int = 64
+
+
+@dataclass
+class ConsentConfig:
+    max_lifetime_days: int = 365
+    clock_skew_seconds: int = 300
+
+
+@dataclass
+class LedgerConfig:
+    # Longest a durable append waits to share its fsync with others, in milliseconds.
+    group_commit_ms: float = 2.0
+
+
+@dataclass
+class PeerConfig:
+    origin: str
+    url: str
+    vkey: str
+
+
+@dataclass
+class FederationConfig:
+    discovery: bool = True
+    replicate_interval: float = 1.0
+    request_timeout: float = 10.0
+    # Largest age, in seconds, of a signed node-to-node request.
+    max_request_age: int = 300
+
+
+@dataclass
+class NodeConfig:
+    origin: str
+    config_path: Path
+    data_dir: Path
+    http: HttpConfig = field(default_factory=HttpConfig)
+    dimse: DimseConfig = field(default_factory=DimseConfig)
+    forward: ForwardConfig = field(default_factory=ForwardConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    consent: ConsentConfig = field(default_factory=ConsentConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    peers: list[PeerConfig] = field(default_factory=list)
+
+    @property
+    def public_url(self) -> str:
+        return (self.http.public_url or f"http://{self.http.listen}").rstrip("/")
+
+    @property
+    def key_path(self) -> Path:
+        return self.data_dir / "node.key"
+
+    @property
+    def admin_token_path(self) -> Path:
+        return self.data_dir / "admin.token"
+
+
+def default_config_path() -> Path:
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_NAME)
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table")
+    known = {f.name for f in fields(cls)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"unknown setting {where}.{sorted(unknown)[0]}")
+    try:
+        return cls(**raw)
+    except TypeError as exc:
+        raise ConfigError(f"{where} is incomplete: {exc}") from exc
+
+
+def load_config(path: Path | None = None) -> NodeConfig:
+    """Read and validate node.toml; raises ConfigError with one clear sentence."""
+    path = (path or default_config_path()).resolve()
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"no configuration at {path} (run 'imageshare init' or pass -c)") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    raw = dict(raw)
+    origin = raw.pop("origin", None)
+    if not isinstance(origin, str) or not origin or any(c.isspace() for c in origin):
+        raise ConfigError(f"{path} needs an origin without spaces")
+    data_dir = path.parent / str(raw.pop("data_dir", "."))
+    sections: dict[str, Any] = {}
+    for name, cls in (
+        ("http", HttpConfig),
+        ("forward", ForwardConfig),
+        ("store", StoreConfig),
+        ("consent", ConsentConfig),
+        ("ledger", LedgerConfig),
+        ("federation", FederationConfig),
+    ):
+        if name in raw:
+            sections[name] = _build(cls, raw.pop(name), name)
+    if "dimse" in raw:
+        dimse_raw = dict(raw.pop("dimse"))
+        destinations = [
+            _build(DimseDestination, d, "dimse.destinations")
+            for d in dimse_raw.pop("destinations", [])
+        ]
+        sections["dimse"] = _build(
+            DimseConfig, {**dimse_raw, "destinations": destinations}, "dimse"
+        )
+    peers = [_build(PeerConfig, p, "peers") for p in raw.pop("peers", [])]
+    if raw:
+        raise ConfigError(f"unknown setting {sorted(raw)[0]} in {path}")
+    config = NodeConfig(
+        origin=origin, config_path=path, data_dir=data_dir.resolve(), peers=peers, **sections
+    )
+    try:
+        config.http.port  # noqa: B018 - validates listen
+    except (ValueError, IndexError) as exc:
+        raise ConfigError("http.listen must be HOST:PORT") from exc
+    return config
+
+
+def render_initial_config(origin: str, listen: str, dimse_port: int, ae_title: str) -> str:
+    """The node.toml that `imageshare init` writes into a new data directory."""
+    return (
+        "# ImageShare node configuration; see node.example.toml for every setting.\n"
+        f'origin = "{origin}"\n'
+        'data_dir = "."\n\n'
+        "[http]\n"
+        f'listen = "{listen}"\n\n'
+        "[dimse]\n"
+        f"port = {dimse_port}\n"
+        f'ae_title = "{ae_title}"\n'
+    )

@@ -1,0 +1,1 @@
+"""Pure core: formats and rules. No I/O, no clock reads."""

@@ -1,0 +1,111 @@
+"""Node identities: Ed25519 keys and the C2SP verifier-key strings that name them.
+
+A node is named by its log origin. Its verifier key (vkey) is the C2SP signed-note form
+``name+hex(keyid)+base64(0x01 || pubkey)`` with keyid the first four bytes of
+SHA-256(name || 0x0A || 0x01 || pubkey).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from dataclasses import dataclass
+
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+
+from node.errors import BadInput
+
+ED25519_ALG = 0x01
+SEED_SIZE = 32
+PUBLIC_KEY_SIZE = 32
+
+
+def key_id(name: str, public_key: bytes) -> bytes:
+    """The 4-byte C2SP key ID of an Ed25519 key under ``name``."""
+    return hashlib.sha256(name.encode() + b"\n" + bytes([ED25519_ALG]) + public_key).digest()[:4]
+
+
+def verifier_key_string(name: str, public_key: bytes) -> str:
+    """The C2SP vkey string for an Ed25519 public key."""
+    encoded = base64.b64encode(bytes([ED25519_ALG]) + public_key).decode()
+    return f"{name}+{key_id(name, public_key).hex()}+{encoded}"
+
+
+@dataclass(frozen=True)
+class VerifierKey:
+    """A parsed vkey: who signs (name), with which key."""
+
+    name: str
+    key_id: bytes
+    public_key: bytes
+
+    def verify(self, message: bytes, signature: bytes) -> bool:
+        return verify_ed25519(self.public_key, message, signature)
+
+    def __str__(self) -> str:
+        return verifier_key_string(self.name, self.public_key)
+
+
+def parse_verifier_key(vkey: str) -> VerifierKey:
+    """Parse a C2SP vkey string; raises BadInput if it is malformed or its key ID is wrong."""
+    parts = vkey.split("+")
+    if len(parts) != 3 or not parts[0]:
+        raise BadInput("verifier key must be name+keyid+base64key")
+    name, hex_id, encoded = parts
+    if any(c.isspace() for c in name):
+        raise BadInput("verifier key name must not contain spaces")
+    try:
+        claimed_id = bytes.fromhex(hex_id)
+        key_bytes = base64.b64decode(encoded, validate=True)
+    except (ValueError, binascii.Error) as exc:
+        raise BadInput("verifier key is not hex and base64 as required") from exc
+    if len(claimed_id) != 4 or len(key_bytes) != 1 + PUBLIC_KEY_SIZE or key_bytes[0] != ED25519_ALG:
+        raise BadInput("verifier key is not an Ed25519 key")
+    public_key = key_bytes[1:]
+    if key_id(name, public_key) != claimed_id:
+        raise BadInput("verifier key ID does not match its key")
+    return VerifierKey(name, claimed_id, public_key)
+
+
+def verify_ed25519(public_key: bytes, message: bytes, signature: bytes) -> bool:
+    """True if ``signature`` is a valid Ed25519 signature of ``message``; never raises."""
+    if len(public_key) != PUBLIC_KEY_SIZE or len(signature) != 64:
+        return False
+    try:
+        VerifyKey(public_key).verify(message, signature)
+    except (BadSignatureError, ValueError):
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """A node's signing key and the origin that names it."""
+
+    origin: str
+    seed: bytes
+
+    @classmethod
+    def generate(cls, origin: str) -> NodeIdentity:
+        return cls(origin, bytes(SigningKey.generate()))
+
+    @property
+    def signing_key(self) -> SigningKey:
+        return SigningKey(self.seed)
+
+    @property
+    def public_key(self) -> bytes:
+        return bytes(self.signing_key.verify_key)
+
+    @property
+    def vkey(self) -> str:
+        return verifier_key_string(self.origin, self.public_key)
+
+    @property
+    def key_id(self) -> bytes:
+        return key_id(self.origin, self.public_key)
+
+    def sign(self, message: bytes) -> bytes:
+        return self.signing_key.sign(message).signature

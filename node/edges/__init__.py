@@ -1,0 +1,1 @@
+"""How the world reaches the node: HTTP, DIMSE, command line."""

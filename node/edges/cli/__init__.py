@@ -1,0 +1,37 @@
+"""The `imageshare` command: one sub-command module per area, assembled here.
+
+Exit status: 0 success, 1 a check failed or a request was refused, 2 usage or
+unreachable. Errors are one sentence on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from node.edges.cli import _common, node_commands
+
+# Each module has register(subparsers); its commands set args.handler.
+COMMAND_MODULES = [node_commands]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imageshare",
+        description="ImageShare node: consented exchange of radiology images between hospitals.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return _common.run_handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

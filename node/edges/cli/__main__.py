@@ -1,0 +1,5 @@
+import sys
+
+from node.edges.cli import main
+
+sys.exit(main())

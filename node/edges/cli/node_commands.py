@@ -1,0 +1,132 @@
+"""`imageshare init`, `run` and `import`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+from node.config import render_initial_config
+from node.core.keys import NodeIdentity
+from node.edges.cli._common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    ProgressBar,
+    command,
+    config_of,
+    print_json,
+)
+from node.errors import ConfigError
+from node.services.ingest import import_files, iter_files
+from node.services.runtime import open_runtime
+from node.store.secrets import write_secret, write_seed
+
+ORIGIN_PATTERN = re.compile(r"^[A-Za-z0-9._~/:-]{3,200}$")
+AE_PATTERN = re.compile(r"^[ -~]{1,16}$")
+
+
+def register(subparsers: Any) -> None:
+    p = command(
+        subparsers, "init", cmd_init, "create a new node: data dir, key, admin token, node.toml"
+    )
+    p.add_argument("data_dir", type=Path)
+    p.add_argument(
+        "--origin", required=True, help="the node's unique log origin, e.g. ucsf.example/imageshare"
+    )
+    p.add_argument("--http", default="127.0.0.1:8600", metavar="HOST:PORT")
+    p.add_argument("--dimse-port", type=int, default=11112)
+    p.add_argument("--ae-title", default="IMAGESHARE")
+
+    p = command(subparsers, "run", cmd_run, "run the node daemon", json_output=False)
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+
+    p = command(subparsers, "import", cmd_import, "import DICOM files and directories (recursive)")
+    p.add_argument("paths", nargs="+", type=Path)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    if not ORIGIN_PATTERN.match(args.origin):
+        raise ConfigError("origin must be 3-200 characters of letters, digits and ._~/:-")
+    host, _, port = args.http.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError("--http must be HOST:PORT")
+    if not AE_PATTERN.match(args.ae_title) or "\\" in args.ae_title:
+        raise ConfigError("--ae-title must be 1-16 printable characters")
+    data_dir: Path = args.data_dir.resolve()
+    config_path = data_dir / "node.toml"
+    if config_path.exists() or (data_dir / "node.key").exists():
+        raise ConfigError(f"{data_dir} already holds a node; refusing to overwrite it")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.chmod(0o700)
+    identity = NodeIdentity.generate(args.origin)
+    admin_token = secrets.token_urlsafe(32)
+    write_seed(data_dir / "node.key", identity.seed)
+    write_secret(data_dir / "admin.token", admin_token.encode() + b"\n")
+    write_secret(
+        config_path,
+        render_initial_config(
+            args.origin, args.http, args.dimse_port, args.ae_title.strip()
+        ).encode(),
+    )
+    result = {
+        "origin": args.origin,
+        "vkey": identity.vkey,
+        "config": str(config_path),
+        "http": args.http,
+        "admin_token": admin_token,
+    }
+    if args.json:
+        print_json(result)
+    else:
+        print(f"Created node {args.origin} in {data_dir}")
+        print(f"  verifier key: {identity.vkey}")
+        print(f"  config:       {config_path}")
+        print(f"  HTTP:         http://{args.http}")
+        print(f"  admin token:  {admin_token}")
+        print(f"Start it with: imageshare run -c {config_path}")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from node.edges.daemon import serve
+
+    runtime = open_runtime(config_of(args))
+    asyncio.run(serve(runtime))
+    return EXIT_OK
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    config = config_of(args)
+    for path in args.paths:
+        if not path.exists():
+            raise ConfigError(f"{path} does not exist")
+    files = list(iter_files(args.paths))
+    runtime = open_runtime(config)
+    bar = ProgressBar(len(files), "importing")
+    try:
+        summary = import_files(
+            runtime.store,
+            files,
+            batch_size=config.store.batch_size,
+            on_file=lambda _p: bar.advance(),
+        )
+    finally:
+        bar.close()
+        runtime.close()
+    if args.json:
+        print_json(summary.as_json())
+    else:
+        print(
+            f"{summary.stored} stored, {summary.duplicate} duplicate, "
+            f"{len(summary.rejected)} rejected ({len(summary.studies)} studies, "
+            f"{summary.bytes_stored / 1e6:.1f} MB)"
+        )
+        for path, reason in summary.rejected:
+            print(f"  rejected {path}: {reason}", file=sys.stderr)
+    return (
+        EXIT_FAILED if summary.rejected and not (summary.stored or summary.duplicate) else EXIT_OK
+    )

@@ -1,0 +1,75 @@
+"""`imageshare run`: the HTTP server and every background service, until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from aiohttp import web
+
+from node.edges.http.app import build_app
+from node.services.runtime import NodeRuntime
+
+log = logging.getLogger(__name__)
+
+
+class BackgroundService(Protocol):
+    """Something `imageshare run` keeps running beside the HTTP server (DIMSE, replication...)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+# Factories of the background services, in start order; stopped in reverse.
+ServiceFactory = Callable[[NodeRuntime], BackgroundService | None]
+SERVICE_FACTORIES: list[ServiceFactory] = []
+
+
+async def serve(
+    runtime: NodeRuntime,
+    stop: asyncio.Event | None = None,
+    on_ready: Callable[[], Awaitable[None] | None] | None = None,
+) -> None:
+    """Serve until ``stop`` is set or SIGINT/SIGTERM arrives, then shut down cleanly."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
+            loop.add_signal_handler(signum, stop.set)
+    http = runtime.config.http
+    runner = web.AppRunner(
+        build_app(runtime),
+        access_log=None,
+        handle_signals=False,
+        keepalive_timeout=http.client_timeout,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, http.host, http.port, reuse_address=True)
+    await site.start()
+    started: list[BackgroundService] = []
+    try:
+        for factory in SERVICE_FACTORIES:
+            service = factory(runtime)
+            if service is not None:
+                await service.start()
+                started.append(service)
+        log.info("%s serving on http://%s", runtime.config.origin, http.listen)
+        if on_ready is not None:
+            result = on_ready()
+            if result is not None:
+                await result
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        for service in reversed(started):
+            try:
+                await service.stop()
+            except Exception:
+                log.exception("error while stopping %r", service)
+        await runner.cleanup()
+        runtime.close()

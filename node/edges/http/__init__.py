@@ -1,0 +1,1 @@
+"""HTTP edge: one module per role, assembled in app.py."""

@@ -1,0 +1,136 @@
+"""The node's aiohttp application: middlewares and the route modules, assembled once.
+
+Each role lives in its own module exposing ``add_routes(app, runtime)``; this module
+owns the cross-cutting rules: error mapping, CORS for viewers, and admin-token auth.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from node import __version__
+from node.errors import ImageShareError
+from node.services.runtime import NodeRuntime
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+RUNTIME_KEY = web.AppKey("runtime", NodeRuntime)
+
+# Path prefixes that need the admin bearer token. Others authenticate by signature
+# (/p2p, /patient), are public by design (/ledger, /healthz), or are static pages.
+ADMIN_PREFIXES = ("/dicomweb", "/admin/api")
+CORS_HEADERS = "Authorization, Content-Type, Accept, Range"
+CORS_METHODS = "GET, POST, PUT, DELETE, OPTIONS"
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map the node's errors to their HTTP status in one place; never leak a traceback."""
+    try:
+        return await handler(request)
+    except ImageShareError as exc:
+        return error_response(exc.http_status, str(exc))
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal error; see the node's log")
+
+
+def _has_admin_prefix(path: str) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in ADMIN_PREFIXES)
+
+
+def bearer_token_matches(request: web.Request, expected: str) -> bool:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return False
+    return hmac.compare_digest(token.strip().encode(), expected.encode())
+
+
+def make_auth_middleware(runtime: NodeRuntime) -> Callable[..., Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if (
+            request.method != "OPTIONS"
+            and _has_admin_prefix(request.path)
+            and not bearer_token_matches(request, runtime.admin_token)
+        ):
+            return web.json_response(
+                {"error": "missing or wrong admin token (Authorization: Bearer ...)"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="imageshare"'},
+            )
+        return await handler(request)
+
+    return auth_middleware
+
+
+def make_cors_middleware(allowed: list[str]) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """CORS so that browser viewers (OHIF) on another origin can read DICOMweb."""
+
+    def allow_origin(origin: str) -> str | None:
+        if not origin:
+            return None
+        if "*" in allowed:
+            return origin
+        return origin if origin in allowed else None
+
+    @web.middleware
+    async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = allow_origin(request.headers.get("Origin", ""))
+        if (
+            request.method == "OPTIONS"
+            and origin
+            and "Access-Control-Request-Method" in request.headers
+        ):
+            response: web.StreamResponse = web.Response(status=204)
+        else:
+            response = await handler(request)
+        if origin:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Vary"] = "Origin"
+            response.headers["Access-Control-Allow-Headers"] = CORS_HEADERS
+            response.headers["Access-Control-Allow-Methods"] = CORS_METHODS
+            response.headers["Access-Control-Expose-Headers"] = "Content-Type, Content-Length"
+            response.headers["Access-Control-Max-Age"] = "600"
+        return response
+
+    return cors_middleware
+
+
+async def healthz(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME_KEY]
+    return web.json_response(
+        {"status": "ok", "origin": runtime.config.origin, "version": __version__}
+    )
+
+
+def build_app(runtime: NodeRuntime) -> web.Application:
+    """The whole HTTP surface of one node."""
+    # Imported here so that route modules may import this module's helpers.
+    from node.edges.http import route_modules
+
+    app = web.Application(
+        client_max_size=runtime.config.http.max_body_bytes,
+        middlewares=[
+            make_cors_middleware(runtime.config.http.cors_origins),
+            errors_middleware,
+            make_auth_middleware(runtime),
+        ],
+    )
+    app[RUNTIME_KEY] = runtime
+    app.router.add_get("/healthz", healthz)
+    for module in route_modules.MODULES:
+        module.add_routes(app, runtime)
+    return app

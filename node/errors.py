@@ -1,0 +1,53 @@
+"""The small set of errors the node raises, each with the HTTP status it maps to.
+
+Edges (HTTP, DIMSE, CLI) translate these in one place each; services and stores raise
+them with a one-sentence message that is safe to show to the caller.
+"""
+
+from __future__ import annotations
+
+
+class ImageShareError(Exception):
+    """Base class: a refusal or failure with a message fit for the caller."""
+
+    http_status = 500
+
+
+class BadInput(ImageShareError):
+    """Malformed input from outside: not DICOM, bad msgpack, bad token, bad header."""
+
+    http_status = 400
+
+
+class Unauthorized(ImageShareError):
+    """The caller is not who it must be (missing or bad credentials, bad signature)."""
+
+    http_status = 401
+
+
+class Forbidden(ImageShareError):
+    """The caller is known but the request is refused by a rule."""
+
+    http_status = 403
+
+
+class NotFound(ImageShareError):
+    http_status = 404
+
+
+class Conflict(ImageShareError):
+    http_status = 409
+
+
+class PayloadTooLarge(ImageShareError):
+    http_status = 413
+
+
+class StorageFull(ImageShareError):
+    """The disk has no room: nothing was stored."""
+
+    http_status = 507
+
+
+class ConfigError(ImageShareError):
+    """node.toml or the data directory is missing or invalid."""

@@ -1,0 +1,1 @@
+"""What the node does, over core and store."""

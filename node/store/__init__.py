@@ -1,0 +1,1 @@
+"""What is on disk: the instance store and the ledger."""

@@ -1,0 +1,468 @@
+"""Content-addressed DICOM Part 10 files on disk, indexed in SQLite.
+
+Layout under the data directory::
+
+    objects/ab/<sha256>.dcm    one file per instance, named by the SHA-256 of its bytes
+    tmp/                       files being received; emptied at start-up
+    index.sqlite               patients, studies, series, instances (WAL, synchronous=FULL)
+
+Durability rule (the one place it is written): an instance is acknowledged only after
+its file is fsynced in its final place and its index row is committed. A crash before
+the commit leaves at most an unindexed object file, which is harmless and is indexed
+again when the instance is re-sent. No index row ever points to a file that is not
+durable, so no instance is ever half-indexed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import IO, Any
+
+import sqlite_utils
+
+from node.errors import BadInput, NotFound, PayloadTooLarge, StorageFull
+from node.store.dicom_header import InstanceHeader, parse_header
+
+CHUNK = 1024 * 1024
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syncfs = getattr(_libc, "syncfs", None)
+
+
+class Outcome(StrEnum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True)
+class StagedInstance:
+    """A received file, hashed and parsed, not yet durable or indexed."""
+
+    tmp_path: Path
+    digest: str
+    size: int
+    header: InstanceHeader
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    outcome: Outcome
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    sop_class_uid: str
+    digest: str
+    size: int
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """One indexed instance and where its bytes are."""
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    instance_number: int | None
+    digest: str
+    size: int
+    path: Path
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_filesystem(path: Path) -> None:
+    """Flush every dirty page of the file system holding ``path`` in one call."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _syncfs is None or _syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
+def _raise_if_disk_full(exc: OSError) -> None:
+    if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+        raise StorageFull("the node's disk is full; nothing was stored") from exc
+
+
+SCHEMA: dict[str, dict[str, Any]] = {
+    "studies": {
+        "columns": {
+            "study_instance_uid": str,
+            "patient_id": str,
+            "patient_name": str,
+            "patient_birth_date": str,
+            "patient_sex": str,
+            "issuer_of_patient_id": str,
+            "study_date": str,
+            "study_time": str,
+            "accession_number": str,
+            "study_id": str,
+            "study_description": str,
+            "referring_physician_name": str,
+            "source": str,
+            "created_at": float,
+        },
+        "pk": "study_instance_uid",
+        "indexes": [["patient_id"], ["study_date"], ["accession_number"]],
+    },
+    "series": {
+        "columns": {
+            "series_instance_uid": str,
+            "study_instance_uid": str,
+            "modality": str,
+            "series_number": int,
+            "series_description": str,
+            "series_date": str,
+            "series_time": str,
+            "body_part_examined": str,
+            "performed_procedure_step_start_date": str,
+        },
+        "pk": "series_instance_uid",
+        "indexes": [["study_instance_uid"], ["modality"]],
+    },
+    "instances": {
+        "columns": {
+            "sop_instance_uid": str,
+            "series_instance_uid": str,
+            "study_instance_uid": str,
+            "sop_class_uid": str,
+            "transfer_syntax_uid": str,
+            "instance_number": int,
+            "rows": int,
+            "columns": int,
+            "number_of_frames": int,
+            "bits_allocated": int,
+            "digest": str,
+            "size": int,
+            "received_at": float,
+        },
+        "pk": "sop_instance_uid",
+        "indexes": [["series_instance_uid"], ["study_instance_uid"], ["digest"]],
+    },
+}
+
+
+class InstanceStore:
+    """The node's instances: durable files plus their SQLite index.
+
+    Safe to use from several threads: writes are serialised by a lock, reads use a
+    connection per thread (SQLite WAL lets them run beside the writer).
+    """
+
+    def __init__(self, data_dir: Path, max_instance_bytes: int = 1024**3) -> None:
+        self.data_dir = data_dir
+        self.objects_dir = data_dir / "objects"
+        self.tmp_dir = data_dir / "tmp"
+        self.db_path = data_dir / "index.sqlite"
+        self.max_instance_bytes = max_instance_bytes
+        self._write_lock = threading.Lock()
+        self._local = threading.local()
+        self.objects_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._clear_tmp()
+        self._writer = self._connect()
+        self._create_schema()
+
+    # -- connections -------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=10000")
+        return conn
+
+    @property
+    def reader(self) -> sqlite3.Connection:
+        """This thread's read connection."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+        return conn
+
+    def _create_schema(self) -> None:
+        db = sqlite_utils.Database(self._writer)
+        for name, spec in SCHEMA.items():
+            table = db.table(name)
+            if not table.exists():
+                table.create(spec["columns"], pk=spec["pk"])
+                for columns in spec["indexes"]:
+                    table.create_index(columns)
+
+    def _clear_tmp(self) -> None:
+        for leftover in self.tmp_dir.iterdir():
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+    def close(self) -> None:
+        self._writer.close()
+
+    # -- ingest ------------------------------------------------------------------------
+
+    def stage(self, source: IO[bytes], declared_size: int | None = None) -> StagedInstance:
+        """Copy a stream to a temporary file while hashing it, then parse its header.
+
+        Raises BadInput (not DICOM, truncated, missing UIDs), PayloadTooLarge, StorageFull.
+        Nothing is left behind on failure.
+        """
+        if declared_size is not None and declared_size > self.max_instance_bytes:
+            raise PayloadTooLarge(f"instance of {declared_size} bytes is over the limit")
+        tmp_path = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        hasher = hashlib.sha256()
+        size = 0
+        try:
+            with open(tmp_path, "wb") as out:
+                while chunk := source.read(CHUNK):
+                    size += len(chunk)
+                    if size > self.max_instance_bytes:
+                        raise PayloadTooLarge(
+                            f"instance is over the limit of {self.max_instance_bytes} bytes"
+                        )
+                    hasher.update(chunk)
+                    out.write(chunk)
+            header = parse_header(tmp_path)
+        except OSError as exc:
+            tmp_path.unlink(missing_ok=True)
+            _raise_if_disk_full(exc)
+            raise
+        except BaseException:
+            tmp_path.unlink(missing_ok=True)
+            raise
+        return StagedInstance(tmp_path, hasher.hexdigest(), size, header)
+
+    def stage_bytes(self, data: bytes) -> StagedInstance:
+        """Stage an instance already in memory (a DIMSE dataset, a small upload)."""
+        import io
+
+        return self.stage(io.BytesIO(data), declared_size=len(data))
+
+    def discard(self, staged: Iterable[StagedInstance]) -> None:
+        for item in staged:
+            item.tmp_path.unlink(missing_ok=True)
+
+    def object_path(self, digest: str) -> Path:
+        return self.objects_dir / digest[:2] / f"{digest}.dcm"
+
+    def commit(self, staged: Sequence[StagedInstance], source: str = "local") -> list[IngestResult]:
+        """Make staged instances durable and indexed, all in one batch.
+
+        Files are moved into place and flushed with one file-system sync, then every
+        index row is committed in one transaction. Returns one result per instance, in
+        order; an instance already indexed is reported as a duplicate and its staged
+        copy dropped.
+        """
+        if not staged:
+            return []
+        with self._write_lock:
+            try:
+                return self._commit_locked(staged, source)
+            except OSError as exc:
+                self.discard(staged)
+                _raise_if_disk_full(exc)
+                raise
+
+    def _commit_locked(self, staged: Sequence[StagedInstance], source: str) -> list[IngestResult]:
+        known = self._indexed_uids([s.header.sop_instance_uid for s in staged])
+        fresh: list[StagedInstance] = []
+        seen_in_batch: set[str] = set()
+        results: list[IngestResult] = []
+        touched_dirs: set[Path] = set()
+        for item in staged:
+            uid = item.header.sop_instance_uid
+            duplicate = uid in known or uid in seen_in_batch
+            results.append(_result(item, Outcome.DUPLICATE if duplicate else Outcome.STORED))
+            if duplicate:
+                item.tmp_path.unlink(missing_ok=True)
+                continue
+            seen_in_batch.add(uid)
+            final = self.object_path(item.digest)
+            final.parent.mkdir(exist_ok=True)
+            os.replace(item.tmp_path, final)
+            touched_dirs.add(final.parent)
+            fresh.append(item)
+        if not fresh:
+            return results
+        if len(fresh) == 1:
+            fd = os.open(self.object_path(fresh[0].digest), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            for directory in touched_dirs:
+                _fsync_dir(directory)
+        else:
+            _sync_filesystem(self.objects_dir)
+        self._index(fresh, source)
+        return results
+
+    def _indexed_uids(self, uids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(uids), 500):
+            part = uids[start : start + 500]
+            marks = ",".join("?" * len(part))
+            rows = self._writer.execute(
+                f"SELECT sop_instance_uid FROM instances WHERE sop_instance_uid IN ({marks})", part
+            )
+            found.update(r[0] for r in rows)
+        return found
+
+    def _index(self, fresh: Sequence[StagedInstance], source: str) -> None:
+        now = time.time()
+        conn = self._writer
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for item in fresh:
+                h = asdict(item.header)
+                h.update(source=source, created_at=now, received_at=now)
+                h.update(digest=item.digest, size=item.size)
+                for table in ("studies", "series", "instances"):
+                    columns = list(SCHEMA[table]["columns"])
+                    conn.execute(
+                        f"INSERT OR IGNORE INTO {table} ({', '.join(columns)})"
+                        f" VALUES ({', '.join('?' * len(columns))})",
+                        [h[c] for c in columns],
+                    )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def ingest(self, source: IO[bytes], origin: str = "local") -> IngestResult:
+        """Stage and commit one instance: durable and indexed when this returns."""
+        return self.commit([self.stage(source)], origin)[0]
+
+    # -- reads -------------------------------------------------------------------------
+
+    def _record(self, row: sqlite3.Row) -> InstanceRecord:
+        return InstanceRecord(
+            sop_instance_uid=row["sop_instance_uid"],
+            series_instance_uid=row["series_instance_uid"],
+            study_instance_uid=row["study_instance_uid"],
+            sop_class_uid=row["sop_class_uid"],
+            transfer_syntax_uid=row["transfer_syntax_uid"],
+            instance_number=row["instance_number"],
+            digest=row["digest"],
+            size=row["size"],
+            path=self.object_path(row["digest"]),
+        )
+
+    _INSTANCE_ORDER = " ORDER BY series_instance_uid, instance_number, sop_instance_uid"
+
+    def instances(
+        self,
+        study_uid: str,
+        series_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+    ) -> list[InstanceRecord]:
+        """Instances of a study (optionally one series, or one instance), in a stable order.
+
+        Raises NotFound when nothing matches.
+        """
+        sql = "SELECT * FROM instances WHERE study_instance_uid = ?"
+        args: list[str] = [study_uid]
+        if series_uid is not None:
+            sql += " AND series_instance_uid = ?"
+            args.append(series_uid)
+        if sop_instance_uid is not None:
+            sql += " AND sop_instance_uid = ?"
+            args.append(sop_instance_uid)
+        rows = self.reader.execute(sql + self._INSTANCE_ORDER, args).fetchall()
+        if not rows:
+            what = "instance" if sop_instance_uid else "series" if series_uid else "study"
+            raise NotFound(f"no such {what} on this node")
+        return [self._record(r) for r in rows]
+
+    def instance(self, sop_instance_uid: str) -> InstanceRecord:
+        row = self.reader.execute(
+            "SELECT * FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+        ).fetchone()
+        if row is None:
+            raise NotFound("no such instance on this node")
+        return self._record(row)
+
+    def has_instance(self, sop_instance_uid: str) -> bool:
+        row = self.reader.execute(
+            "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+        ).fetchone()
+        return row is not None
+
+    def study_row(self, study_uid: str) -> dict[str, Any]:
+        row = self.reader.execute(
+            "SELECT * FROM studies WHERE study_instance_uid = ?", (study_uid,)
+        ).fetchone()
+        if row is None:
+            raise NotFound("no such study on this node")
+        return dict(row)
+
+    def studies_of_patient(self, patient_id: str) -> list[str]:
+        rows = self.reader.execute(
+            "SELECT study_instance_uid FROM studies WHERE patient_id = ? ORDER BY study_date,"
+            " study_instance_uid",
+            (patient_id,),
+        )
+        return [r[0] for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        conn = self.reader
+        return {
+            "studies": conn.execute("SELECT COUNT(*) FROM studies").fetchone()[0],
+            "series": conn.execute("SELECT COUNT(*) FROM series").fetchone()[0],
+            "instances": conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0],
+            "bytes": conn.execute("SELECT COALESCE(SUM(size), 0) FROM instances").fetchone()[0],
+        }
+
+    def set_study_source(self, study_uid: str, source: str) -> None:
+        with self._write_lock:
+            self._writer.execute(
+                "UPDATE studies SET source = ? WHERE study_instance_uid = ?", (source, study_uid)
+            )
+
+    def iter_file_chunks(self, record: InstanceRecord) -> Iterator[bytes]:
+        with open(record.path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                yield chunk
+
+
+def _result(item: StagedInstance, outcome: Outcome) -> IngestResult:
+    h = item.header
+    return IngestResult(
+        outcome=outcome,
+        sop_instance_uid=h.sop_instance_uid,
+        series_instance_uid=h.series_instance_uid,
+        study_instance_uid=h.study_instance_uid,
+        sop_class_uid=h.sop_class_uid,
+        digest=item.digest,
+        size=item.size,
+    )
+
+
+__all__ = [
+    "BadInput",
+    "IngestResult",
+    "InstanceRecord",
+    "InstanceStore",
+    "Outcome",
+    "StagedInstance",
+]

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: synthetic studies, real node processes, free ports."""

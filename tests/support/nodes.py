@@ -1,0 +1,166 @@
+"""Real `imageshare` node processes on loopback, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+IMAGESHARE = [sys.executable, "-m", "node.edges.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_cli(
+    *args: str,
+    config: Path | None = None,
+    check: bool = True,
+    input: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
+    """Run `imageshare ARGS` in a subprocess and return its result."""
+    cmd = [*IMAGESHARE, *args]
+    if config is not None:
+        cmd += ["-c", str(config)]
+    result = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        input=input,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"imageshare {' '.join(args)} exited {result.returncode}:\n{result.stderr}"
+        )
+    return result
+
+
+def wait_until(
+    predicate: Any, timeout: float = 20.0, interval: float = 0.05, message: str = "condition"
+) -> Any:
+    """Poll ``predicate`` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+@dataclass
+class NodeProcess:
+    """One initialised node and, while running, its daemon process."""
+
+    data_dir: Path
+    origin: str
+    http_port: int
+    dimse_port: int
+    vkey: str
+    admin_token: str
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_path = self.data_dir / "daemon.log"
+
+    @property
+    def config(self) -> Path:
+        return self.data_dir / "node.toml"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_token}"}
+
+    def cli(
+        self, *args: str, check: bool = True, **kwargs: Any
+    ) -> subprocess.CompletedProcess[str]:
+        return run_cli(*args, config=self.config, check=check, **kwargs)
+
+    def append_config(self, text: str) -> None:
+        with open(self.config, "a") as f:
+            f.write("\n" + text + "\n")
+
+    def start(self, timeout: float = 30.0) -> NodeProcess:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [*IMAGESHARE, "run", "-v", "-c", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_until(self._healthy, timeout=timeout, message=f"{self.origin} to serve")
+        return self
+
+    def _healthy(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(
+                f"{self.origin} exited with {self.process.returncode}:\n{self.log_path.read_text()}"
+            )
+        try:
+            with urllib.request.urlopen(self.url + "/healthz", timeout=1) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def kill9(self) -> None:
+        if self.process is not None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+            self.process = None
+
+    def get_json(self, path: str, auth: bool = True) -> Any:
+        request = urllib.request.Request(self.url + path, headers=self.auth if auth else {})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return json.loads(r.read())
+
+
+def init_node(base: Path, origin: str, name: str | None = None) -> NodeProcess:
+    """`imageshare init` a node in ``base/name`` on free ports; not started."""
+    http_port, dimse_port = free_port(), free_port()
+    data_dir = base / (name or origin.split(".")[0].replace("/", "_"))
+    result = run_cli(
+        "init",
+        str(data_dir),
+        "--origin",
+        origin,
+        "--http",
+        f"127.0.0.1:{http_port}",
+        "--dimse-port",
+        str(dimse_port),
+        "--json",
+    )
+    info = json.loads(result.stdout)
+    return NodeProcess(data_dir, origin, http_port, dimse_port, info["vkey"], info["admin_token"])

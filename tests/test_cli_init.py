@@ -1,0 +1,43 @@
+"""`imageshare init`: a new node's files, keys and refusals."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+from node.core.keys import parse_verifier_key
+from tests.support.nodes import run_cli
+
+
+class TestInit:
+    def test_init_creates_node_with_private_key_files(self, tmp_path: Path) -> None:
+        result = run_cli("init", str(tmp_path / "n"), "--origin", "a.example/imageshare", "--json")
+        info = json.loads(result.stdout)
+        assert set(info) == {"origin", "vkey", "config", "http", "admin_token"}
+        assert info["http"] == "127.0.0.1:8600"
+        assert parse_verifier_key(info["vkey"]).name == "a.example/imageshare"
+        for name in ("node.key", "admin.token", "node.toml"):
+            mode = stat.S_IMODE((tmp_path / "n" / name).stat().st_mode)
+            assert mode == 0o600, name
+
+    def test_init_refuses_existing_node(self, tmp_path: Path) -> None:
+        run_cli("init", str(tmp_path / "n"), "--origin", "a.example/imageshare")
+        again = run_cli("init", str(tmp_path / "n"), "--origin", "b.example/x", check=False)
+        assert again.returncode == 2
+        assert "already holds a node" in again.stderr
+        assert "Traceback" not in again.stderr
+
+    def test_init_refuses_bad_http_address(self, tmp_path: Path) -> None:
+        bad = run_cli(
+            "init", str(tmp_path / "n"), "--origin", "a.ex/x", "--http", "nope", check=False
+        )
+        assert bad.returncode == 2
+        assert bad.stderr.count("\n") == 1
+
+
+class TestRun:
+    def test_healthz_answers_without_auth_once_serving(self, running_node) -> None:  # type: ignore[no-untyped-def]
+        health = running_node.get_json("/healthz", auth=False)
+        assert health["status"] == "ok"
+        assert health["origin"] == running_node.origin
