@@ -1,0 +1,196 @@
+"""Signed HTTP requests: node-to-node (/p2p) and patient wallet (/patient) calls.
+
+A caller proves who it is by signing, with its Ed25519 key, the request's method, path,
+canonical query, body digest, a timestamp and a fresh nonce. Four headers carry it::
+
+    Signature-Signer:    node:<origin> | patient:<base64url public key, no padding>
+    Signature-Timestamp: <unix seconds>
+    Signature-Nonce:     <base64url of 16 random bytes>
+    Signature:           <base64url Ed25519 signature>
+
+The signed bytes are (one field a line, no trailing newline)::
+
+    imageshare-request/v1
+    METHOD
+    /path
+    canonical query (the raw query's key=value pairs, sorted, joined by "&")
+    hex SHA-256 of the body
+    timestamp
+    nonce (base64url, as in the header)
+    signer
+
+Pure: no I/O and no clock reads; the caller passes ``now``. Replay protection (each
+nonce accepted once) lives in node.store.nonces, because it needs memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from node.core.keys import PUBLIC_KEY_SIZE, verify_ed25519
+from node.errors import Unauthorized
+
+DOMAIN = b"imageshare-request/v1"
+SIGNER_HEADER = "Signature-Signer"
+TIMESTAMP_HEADER = "Signature-Timestamp"
+NONCE_HEADER = "Signature-Nonce"
+SIGNATURE_HEADER = "Signature"
+NODE_PREFIX = "node:"
+PATIENT_PREFIX = "patient:"
+NONCE_SIZE = 16
+SIGNATURE_SIZE = 64
+# Origins are short printable names without spaces (see `imageshare init`).
+_ORIGIN = re.compile(r"^[A-Za-z0-9._~/:-]{1,200}$")
+_B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
+_TIMESTAMP = re.compile(r"^[0-9]{1,12}$")
+
+
+def b64url_encode(data: bytes) -> str:
+    """base64url without padding."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def b64url_decode(text: str, size: int, what: str) -> bytes:
+    """Decode unpadded base64url of exactly ``size`` bytes; raises Unauthorized otherwise."""
+    if len(text) > 2 * size + 4 or not _B64URL.match(text):
+        raise Unauthorized(f"{what} is not base64url")
+    try:
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise Unauthorized(f"{what} is not base64url") from exc
+    if len(data) != size or b64url_encode(data) != text:
+        raise Unauthorized(f"{what} must be {size} bytes in canonical base64url")
+    return data
+
+
+def canonical_query(raw_query: str) -> str:
+    """The raw (still percent-encoded) query string's key=value pairs, sorted."""
+    return "&".join(sorted(part for part in raw_query.split("&") if part))
+
+
+def node_signer(origin: str) -> str:
+    return NODE_PREFIX + origin
+
+
+def patient_signer(public_key: bytes) -> str:
+    return PATIENT_PREFIX + b64url_encode(public_key)
+
+
+def signing_bytes(
+    method: str,
+    path: str,
+    query: str,
+    body_digest: bytes,
+    timestamp: int,
+    nonce: bytes,
+    signer: str,
+) -> bytes:
+    """The exact bytes a request's signature covers; ``query`` is the raw query string."""
+    fields = [
+        method.upper(),
+        path,
+        canonical_query(query),
+        body_digest.hex(),
+        str(timestamp),
+        b64url_encode(nonce),
+        signer,
+    ]
+    return DOMAIN + b"\n" + "\n".join(fields).encode()
+
+
+def make_headers(
+    sign: Callable[[bytes], bytes],
+    signer: str,
+    method: str,
+    path_and_query: str,
+    body: bytes,
+    now: int,
+    nonce: bytes,
+) -> dict[str, str]:
+    """The four signature headers for a request; ``path_and_query`` is as sent on the wire."""
+    path, _, query = path_and_query.partition("?")
+    message = signing_bytes(method, path, query, hashlib.sha256(body).digest(), now, nonce, signer)
+    return {
+        SIGNER_HEADER: signer,
+        TIMESTAMP_HEADER: str(now),
+        NONCE_HEADER: b64url_encode(nonce),
+        SIGNATURE_HEADER: b64url_encode(sign(message)),
+    }
+
+
+@dataclass(frozen=True)
+class SignedHeaders:
+    """The parsed, well-formed (not yet verified) signature headers of a request."""
+
+    signer: str
+    timestamp: int
+    nonce: bytes
+    signature: bytes
+
+    @property
+    def node_origin(self) -> str | None:
+        """The calling node's origin, or None if a patient signed."""
+        return self.signer[len(NODE_PREFIX) :] if self.signer.startswith(NODE_PREFIX) else None
+
+    @property
+    def patient_key(self) -> bytes | None:
+        """The patient's public key named by the signer, or None if a node signed."""
+        if not self.signer.startswith(PATIENT_PREFIX):
+            return None
+        return b64url_decode(self.signer[len(PATIENT_PREFIX) :], PUBLIC_KEY_SIZE, "patient key")
+
+
+def _header(headers: Mapping[str, str], name: str) -> str:
+    value = headers.get(name)
+    if value is None:
+        # Plain dicts are case-sensitive; HTTP header names are not.
+        lowered = name.lower()
+        value = next((v for k, v in headers.items() if k.lower() == lowered), None)
+    if value is None:
+        raise Unauthorized(f"missing {name} header")
+    if not isinstance(value, str):
+        raise Unauthorized(f"{name} header is not text")
+    return value.strip()
+
+
+def parse_headers(headers: Mapping[str, str]) -> SignedHeaders:
+    """Parse the signature headers; raises Unauthorized naming what is missing or malformed."""
+    signer = _header(headers, SIGNER_HEADER)
+    if signer.startswith(NODE_PREFIX):
+        if not _ORIGIN.match(signer[len(NODE_PREFIX) :]):
+            raise Unauthorized("Signature-Signer names a malformed node origin")
+    elif signer.startswith(PATIENT_PREFIX):
+        b64url_decode(signer[len(PATIENT_PREFIX) :], PUBLIC_KEY_SIZE, "patient key")
+    else:
+        raise Unauthorized("Signature-Signer must be node:<origin> or patient:<key>")
+    timestamp_text = _header(headers, TIMESTAMP_HEADER)
+    if not _TIMESTAMP.match(timestamp_text):
+        raise Unauthorized("Signature-Timestamp must be unix seconds")
+    nonce = b64url_decode(_header(headers, NONCE_HEADER), NONCE_SIZE, "Signature-Nonce")
+    signature = b64url_decode(_header(headers, SIGNATURE_HEADER), SIGNATURE_SIZE, "Signature")
+    return SignedHeaders(signer, int(timestamp_text), nonce, signature)
+
+
+def check_signature(
+    parsed: SignedHeaders,
+    method: str,
+    path: str,
+    query: str,
+    body_digest: bytes,
+    public_key: bytes,
+    now: int,
+    max_age: int,
+) -> None:
+    """Check freshness and signature; raises Unauthorized("stale timestamp"/"bad signature")."""
+    if abs(now - parsed.timestamp) > max_age:
+        raise Unauthorized("stale timestamp")
+    message = signing_bytes(
+        method, path, query, body_digest, parsed.timestamp, parsed.nonce, parsed.signer
+    )
+    if not verify_ed25519(public_key, message, parsed.signature):
+        raise Unauthorized("bad signature")

@@ -1,0 +1,106 @@
+"""HTTP side of signed requests: authenticate an incoming one, send an outgoing one.
+
+The format and its checks are in node.core.signed_requests; this module only binds them
+to aiohttp (raw path and query as on the wire, the body read within the app's size
+limit, the clock) and to the nonce store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from node.core.signed_requests import (
+    NONCE_SIZE,
+    check_signature,
+    make_headers,
+    parse_headers,
+)
+from node.errors import Unauthorized
+from node.store.nonces import NonceStore
+
+
+@dataclass(frozen=True)
+class SignedCaller:
+    """Who signed an authenticated request, and the request body it signed."""
+
+    signer: str
+    public_key: bytes
+    body: bytes
+
+    @property
+    def node_origin(self) -> str | None:
+        return self.signer.removeprefix("node:") if self.signer.startswith("node:") else None
+
+
+async def authenticate(
+    request: web.Request,
+    resolve_public_key: Callable[[str], bytes | None],
+    max_age: int,
+    nonces: NonceStore,
+) -> SignedCaller:
+    """Verify a signed request and read its body.
+
+    ``resolve_public_key(signer)`` returns the key the signer must have signed with, or
+    None if the signer is not known here. Raises Unauthorized("unknown signer" / "stale
+    timestamp" / "bad signature" / "replayed nonce" / a malformed-header reason), and
+    PayloadTooLarge (via aiohttp) for a body over the app's limit.
+    """
+    parsed = parse_headers(request.headers)
+    public_key = resolve_public_key(parsed.signer)
+    if public_key is None:
+        raise Unauthorized(f"unknown signer {parsed.signer}")
+    body = await request.read()
+    wire = request.rel_url
+    check_signature(
+        parsed,
+        request.method,
+        wire.raw_path,
+        wire.raw_query_string,
+        hashlib.sha256(body).digest(),
+        public_key,
+        int(time.time()),
+        max_age,
+    )
+    # Only a verified request consumes a nonce, so forgers cannot fill the table.
+    if not nonces.remember(parsed.signer, parsed.nonce, parsed.timestamp):
+        raise Unauthorized("replayed nonce")
+    return SignedCaller(parsed.signer, public_key, body)
+
+
+def signed_request(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str | URL,
+    sign: Callable[[bytes], bytes],
+    signer: str,
+    body: bytes = b"",
+    now: int | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Send a signed request; use as ``async with signed_request(...) as response``.
+
+    Extra keyword arguments (headers, timeout) go to ``session.request``.
+    """
+    target = URL(url)
+    headers = dict(kwargs.pop("headers", None) or {})
+    headers.update(
+        make_headers(
+            sign,
+            signer,
+            method,
+            target.raw_path_qs,
+            body,
+            int(time.time()) if now is None else now,
+            os.urandom(NONCE_SIZE),
+        )
+    )
+    return session.request(method, target, data=body, headers=headers, **kwargs)

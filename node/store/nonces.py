@@ -1,0 +1,58 @@
+"""Nonces of signed requests already accepted, so that each request is accepted once.
+
+A signed request is fresh only within ``max_age`` seconds of its timestamp, so a nonce
+needs remembering only that long; older rows are pruned. Rows are committed durably
+(WAL, synchronous=FULL) before the request is served, so a replay is refused even after
+the node restarts.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+# Prune at most this often: one DELETE per interval keeps the table small and cheap.
+PRUNE_INTERVAL = 60.0
+
+
+class NonceStore:
+    """Durable memory of (signer, nonce) pairs seen within the freshness window."""
+
+    def __init__(self, db_path: Path, max_age: int = 300) -> None:
+        self.max_age = max_age
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS nonces ("
+            " signer TEXT NOT NULL, nonce BLOB NOT NULL, timestamp INTEGER NOT NULL,"
+            " PRIMARY KEY (signer, nonce)) WITHOUT ROWID"
+        )
+        self._db.execute("CREATE INDEX IF NOT EXISTS nonces_by_time ON nonces (timestamp)")
+        self._last_prune = 0.0
+
+    def remember(self, signer: str, nonce: bytes, timestamp: int, now: float | None = None) -> bool:
+        """Record the nonce; False if this signer already used it (a replay)."""
+        now = time.time() if now is None else now
+        with self._lock:
+            if now - self._last_prune > PRUNE_INTERVAL:
+                # A request older than max_age is refused as stale before its nonce is
+                # looked at, so forgetting older nonces cannot let a replay through.
+                self._db.execute("DELETE FROM nonces WHERE timestamp < ?", (now - self.max_age,))
+                self._last_prune = now
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO nonces (signer, nonce, timestamp) VALUES (?, ?, ?)",
+                (signer, nonce, timestamp),
+            )
+            return cursor.rowcount == 1
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT count(*) FROM nonces").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

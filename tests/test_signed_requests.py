@@ -1,0 +1,296 @@
+"""Signed requests: the pure format, the nonce store, and authentication over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from node.core.keys import NodeIdentity
+from node.core.signed_requests import (
+    NONCE_HEADER,
+    SIGNATURE_HEADER,
+    SIGNER_HEADER,
+    TIMESTAMP_HEADER,
+    b64url_encode,
+    canonical_query,
+    check_signature,
+    make_headers,
+    node_signer,
+    parse_headers,
+    patient_signer,
+    signing_bytes,
+)
+from node.edges.http.app import errors_middleware
+from node.edges.http.signed import authenticate, signed_request
+from node.errors import BadInput, Unauthorized
+from node.store.nonces import NonceStore
+from tests.support.nodes import free_port
+
+ORIGIN = "a.example/imageshare"
+NOW = 1_800_000_000
+
+
+def signed(identity: NodeIdentity, path_and_query: str = "/p2p/x?b=2&a=1", body: bytes = b"hi"):
+    return make_headers(
+        identity.sign, node_signer(identity.origin), "POST", path_and_query, body, NOW, b"n" * 16
+    )
+
+
+def check(headers: dict[str, str], identity: NodeIdentity, now: int = NOW, body: bytes = b"hi"):
+    parsed = parse_headers(headers)
+    check_signature(
+        parsed,
+        "POST",
+        "/p2p/x",
+        "a=1&b=2",
+        hashlib.sha256(body).digest(),
+        identity.public_key,
+        now,
+        300,
+    )
+    return parsed
+
+
+class TestSigningBytes:
+    def test_layout_is_one_field_a_line(self) -> None:
+        digest = hashlib.sha256(b"").digest()
+        message = signing_bytes("get", "/p", "b=1&a=2", digest, 5, b"\0" * 16, "node:o")
+        assert message == (
+            b"imageshare-request/v1\nGET\n/p\na=2&b=1\n"
+            + digest.hex().encode()
+            + b"\n5\nAAAAAAAAAAAAAAAAAAAAAA\nnode:o"
+        )
+
+    def test_query_pairs_are_sorted_and_empty_parts_dropped(self) -> None:
+        assert canonical_query("z=1&&a=%20&m") == "a=%20&m&z=1"
+
+
+class TestCheckSignature:
+    def test_good_signature_is_accepted(self) -> None:
+        identity = NodeIdentity.generate(ORIGIN)
+        parsed = check(signed(identity), identity)
+        assert parsed.node_origin == ORIGIN
+        assert parsed.patient_key is None
+
+    def test_query_order_does_not_matter(self) -> None:
+        identity = NodeIdentity.generate(ORIGIN)
+        check(signed(identity, "/p2p/x?a=1&b=2"), identity)
+
+    def test_other_key_is_a_bad_signature(self) -> None:
+        identity = NodeIdentity.generate(ORIGIN)
+        with pytest.raises(Unauthorized, match="bad signature"):
+            check(signed(identity), NodeIdentity.generate(ORIGIN))
+
+    def test_changed_body_is_a_bad_signature(self) -> None:
+        identity = NodeIdentity.generate(ORIGIN)
+        with pytest.raises(Unauthorized, match="bad signature"):
+            check(signed(identity), identity, body=b"ho")
+
+    def test_changed_path_is_a_bad_signature(self) -> None:
+        identity = NodeIdentity.generate(ORIGIN)
+        with pytest.raises(Unauthorized, match="bad signature"):
+            check(signed(identity, "/p2p/y?a=1&b=2"), identity)
+
+    @pytest.mark.parametrize("skew", [301, -301, 10**6])
+    def test_old_or_future_timestamp_is_stale(self, skew: int) -> None:
+        identity = NodeIdentity.generate(ORIGIN)
+        with pytest.raises(Unauthorized, match="stale timestamp"):
+            check(signed(identity), identity, now=NOW + skew)
+
+    def test_patient_signer_names_its_key(self) -> None:
+        patient = NodeIdentity.generate("patient")
+        signer = patient_signer(patient.public_key)
+        headers = make_headers(
+            patient.sign, signer, "GET", "/patient/studies", b"", NOW, os.urandom(16)
+        )
+        parsed = parse_headers(headers)
+        assert parsed.patient_key == patient.public_key
+        check_signature(
+            parsed,
+            "GET",
+            "/patient/studies",
+            "",
+            hashlib.sha256(b"").digest(),
+            patient.public_key,
+            NOW,
+            300,
+        )
+
+
+class TestParseHeaders:
+    @pytest.mark.parametrize(
+        "header", [SIGNER_HEADER, TIMESTAMP_HEADER, NONCE_HEADER, SIGNATURE_HEADER]
+    )
+    def test_missing_header_is_named(self, header: str) -> None:
+        headers = signed(NodeIdentity.generate(ORIGIN))
+        del headers[header]
+        with pytest.raises(Unauthorized, match=f"missing {header}"):
+            parse_headers(headers)
+
+    def test_header_names_are_case_insensitive(self) -> None:
+        headers = {k.lower(): v for k, v in signed(NodeIdentity.generate(ORIGIN)).items()}
+        assert parse_headers(headers).timestamp == NOW
+
+    @pytest.mark.parametrize(
+        ("header", "value"),
+        [
+            (SIGNER_HEADER, "robot:x"),
+            (SIGNER_HEADER, "node:has space"),
+            (SIGNER_HEADER, "patient:AAAA"),
+            (TIMESTAMP_HEADER, "-5"),
+            (TIMESTAMP_HEADER, "1e9"),
+            (NONCE_HEADER, "AAAA"),
+            (NONCE_HEADER, "!!!!!!!!!!!!!!!!!!!!!!"),
+            (SIGNATURE_HEADER, b64url_encode(b"x" * 63)),
+        ],
+    )
+    def test_malformed_header_is_refused(self, header: str, value: str) -> None:
+        headers = signed(NodeIdentity.generate(ORIGIN))
+        headers[header] = value
+        with pytest.raises(Unauthorized):
+            parse_headers(headers)
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.dictionaries(
+            st.sampled_from(
+                [SIGNER_HEADER, TIMESTAMP_HEADER, NONCE_HEADER, SIGNATURE_HEADER, "Other"]
+            ),
+            st.one_of(
+                st.text(max_size=120),
+                st.sampled_from(["node:a.example", "patient:" + "A" * 43, "1800000000"]),
+                st.binary(min_size=16, max_size=16).map(b64url_encode),
+                st.binary(min_size=64, max_size=64).map(b64url_encode),
+            ),
+        )
+    )
+    def test_fuzzed_headers_only_raise_unauthorized_or_bad_input(
+        self, headers: dict[str, str]
+    ) -> None:
+        try:
+            parsed = parse_headers(headers)
+        except (Unauthorized, BadInput):
+            return
+        with pytest.raises(Unauthorized):
+            check_signature(parsed, "GET", "/", "", b"\0" * 32, b"\1" * 32, parsed.timestamp, 300)
+
+
+class TestNonceStore:
+    def test_second_use_of_a_nonce_is_a_replay(self, tmp_path: Path) -> None:
+        store = NonceStore(tmp_path / "n.sqlite")
+        assert store.remember("node:a", b"1" * 16, NOW, now=NOW)
+        assert not store.remember("node:a", b"1" * 16, NOW, now=NOW)
+        assert store.remember("node:b", b"1" * 16, NOW, now=NOW)
+
+    def test_replay_is_remembered_across_restarts(self, tmp_path: Path) -> None:
+        NonceStore(tmp_path / "n.sqlite").remember("node:a", b"1" * 16, NOW, now=NOW)
+        reopened = NonceStore(tmp_path / "n.sqlite")
+        assert not reopened.remember("node:a", b"1" * 16, NOW, now=NOW)
+
+    def test_nonces_older_than_max_age_are_pruned(self, tmp_path: Path) -> None:
+        store = NonceStore(tmp_path / "n.sqlite", max_age=300)
+        store.remember("node:a", b"1" * 16, NOW, now=NOW)
+        store.remember("node:a", b"2" * 16, NOW + 1000, now=NOW + 1000)
+        assert store.count() == 1
+
+
+def run_with_server(
+    tmp_path: Path,
+    known: dict[str, bytes],
+    scenario: Callable[[str, aiohttp.ClientSession], Awaitable[None]],
+) -> None:
+    """Serve POST /p2p/echo (signed) on a free loopback port and run ``scenario`` against it."""
+    nonces = NonceStore(tmp_path / "nonces.sqlite")
+
+    async def echo(request: web.Request) -> web.Response:
+        caller = await authenticate(request, known.get, 300, nonces)
+        return web.json_response({"signer": caller.signer, "body": caller.body.decode()})
+
+    async def main() -> None:
+        app = web.Application(middlewares=[errors_middleware], client_max_size=1024)
+        app.router.add_post("/p2p/echo", echo)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            async with aiohttp.ClientSession() as session:
+                await scenario(f"http://127.0.0.1:{port}", session)
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
+
+
+async def status_and_error(response: Any) -> tuple[int, str]:
+    async with response as r:
+        document = await r.json()
+        return r.status, document.get("error", "")
+
+
+class TestAuthenticateOverHttp:
+    def test_good_request_is_accepted_with_its_body(self, tmp_path: Path) -> None:
+        identity = NodeIdentity.generate(ORIGIN)
+        signer = node_signer(ORIGIN)
+
+        async def scenario(base: str, session: aiohttp.ClientSession) -> None:
+            url = base + "/p2p/echo?z=%2F1&a=x y"
+            async with signed_request(session, "POST", url, identity.sign, signer, b"ping") as r:
+                assert r.status == 200
+                assert await r.json() == {"signer": signer, "body": "ping"}
+
+        run_with_server(tmp_path, {signer: identity.public_key}, scenario)
+
+    def test_refusals_name_their_reason(self, tmp_path: Path) -> None:
+        identity = NodeIdentity.generate(ORIGIN)
+        stranger = NodeIdentity.generate("stranger.example")
+        signer = node_signer(ORIGIN)
+
+        async def scenario(base: str, session: aiohttp.ClientSession) -> None:
+            url = base + "/p2p/echo"
+            unknown = signed_request(
+                session, "POST", url, stranger.sign, node_signer(stranger.origin), b"x"
+            )
+            assert await status_and_error(unknown) == (401, "unknown signer node:stranger.example")
+            forged = signed_request(session, "POST", url, stranger.sign, signer, b"x")
+            assert await status_and_error(forged) == (401, "bad signature")
+            stale = signed_request(
+                session, "POST", url, identity.sign, signer, b"x", now=int(time.time()) - 3600
+            )
+            assert await status_and_error(stale) == (401, "stale timestamp")
+            unsigned = session.post(url, data=b"x")
+            assert await status_and_error(unsigned) == (401, "missing Signature-Signer header")
+
+            headers = make_headers(
+                identity.sign, signer, "POST", "/p2p/echo", b"x", int(time.time()), os.urandom(16)
+            )
+            first = session.post(url, data=b"x", headers=headers)
+            assert (await status_and_error(first))[0] == 200
+            replay = session.post(url, data=b"x", headers=headers)
+            assert await status_and_error(replay) == (401, "replayed nonce")
+
+        run_with_server(tmp_path, {signer: identity.public_key}, scenario)
+
+    def test_oversize_body_is_refused(self, tmp_path: Path) -> None:
+        identity = NodeIdentity.generate(ORIGIN)
+        signer = node_signer(ORIGIN)
+
+        async def scenario(base: str, session: aiohttp.ClientSession) -> None:
+            big = signed_request(
+                session, "POST", base + "/p2p/echo", identity.sign, signer, b"x" * 4096
+            )
+            async with big as r:
+                assert r.status == 413
+
+        run_with_server(tmp_path, {signer: identity.public_key}, scenario)
