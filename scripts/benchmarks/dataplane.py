@@ -1,0 +1,298 @@
+"""Data plane of one hospital, ours beside Orthanc, on the reference workload.
+
+The reference workload is one CT study: 2 series x 200 instances of 512x512 16-bit
+(about 200 MB). Measured in one run: `imageshare import` into a fresh node; DIMSE ingest
+with dcmtk storescu into a running node and into Orthanc; WADO-RS whole-study retrieve
+from both (median of a few runs); and the peak RSS of the node daemons and of Orthanc.
+
+Run alone: python -m scripts.benchmarks.dataplane [--quick]
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import sqlite3
+import statistics
+import sys
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+from scripts.benchmarks.common import BenchContext, Row
+from scripts.benchmarks.orthanc import (
+    OrthancServer,
+    peak_rss_mb,
+    run_measured,
+    storescu,
+    storescu_command_text,
+)
+from tests.support.nodes import IMAGESHARE, NodeProcess, init_node
+from tests.support.studies import SyntheticStudy, make_ct_study
+
+REFERENCE_SHAPE = {"series": 2, "slices": 200, "rows": 512, "columns": 512}
+QUICK_SHAPE = {"series": 2, "slices": 20, "rows": 512, "columns": 512}
+MULTIPART_DICOM = 'multipart/related; type="application/dicom"'
+NODE_MEMORY_TARGET_MB = 150.0
+NOT_AVAILABLE = "not available"
+
+
+def reference_study(ctx: BenchContext) -> SyntheticStudy:
+    """The reference CT study, generated once per run and shared by every module."""
+    study = ctx.shared.get("reference_study")
+    if isinstance(study, SyntheticStudy):
+        return study
+    shape = QUICK_SHAPE if ctx.quick else REFERENCE_SHAPE
+    study = make_ct_study(ctx.workdir / "reference-study", **shape)
+    ctx.shared["reference_study"] = study
+    return study
+
+
+def study_directory(study: SyntheticStudy) -> Path:
+    return study.files[0].parent
+
+
+def study_megabytes(study: SyntheticStudy) -> float:
+    return sum(path.stat().st_size for path in study.files) / 1e6
+
+
+def describe(study: SyntheticStudy) -> str:
+    return f"{len(study.files)} instances, {study_megabytes(study):.0f} MB"
+
+
+class RetrieveFailed(Exception):
+    """A WADO-RS retrieve did not answer 200 with the whole study."""
+
+
+def retrieve_study(base_url: str, study_uid: str, headers: dict[str, str]) -> int:
+    """GET a whole study by WADO-RS, streaming; returns the number of body bytes read.
+
+    Raises RetrieveFailed on a status other than 200 or a non-multipart answer.
+    """
+    url = urllib.parse.urlsplit(f"{base_url}/studies/{study_uid}")
+    connection = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=600)
+    try:
+        connection.request("GET", url.path, headers={"Accept": MULTIPART_DICOM, **headers})
+        response = connection.getresponse()
+        if response.status != 200:
+            raise RetrieveFailed(f"HTTP {response.status}")
+        content_type = response.getheader("Content-Type", "")
+        if not content_type.startswith("multipart/related"):
+            raise RetrieveFailed(f"answered {content_type!r}, not multipart/related")
+        buffer = memoryview(bytearray(1 << 20))
+        total = 0
+        while read := response.readinto(buffer):
+            total += read
+        return total
+    finally:
+        connection.close()
+
+
+@dataclass
+class Retrievals:
+    seconds: list[float]
+    body_bytes: int
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def time_retrievals(
+    base_url: str, study: SyntheticStudy, headers: dict[str, str], runs: int
+) -> Retrievals:
+    """Retrieve the study ``runs`` times; raises RetrieveFailed if any answer is short."""
+    expected = sum(path.stat().st_size for path in study.files)
+    seconds = []
+    body_bytes = 0
+    for _ in range(runs):
+        started = time.perf_counter()
+        body_bytes = retrieve_study(base_url, study.study_uid, headers)
+        seconds.append(time.perf_counter() - started)
+        if body_bytes < expected:
+            raise RetrieveFailed(f"only {body_bytes} of at least {expected} bytes arrived")
+    return Retrievals(seconds, body_bytes)
+
+
+def port_listening(port: int, timeout: float) -> bool:
+    """Whether something accepts TCP connections on loopback ``port`` within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+def indexed_instances(node: NodeProcess) -> int:
+    """How many instances the node's index holds (read-only, beside the running daemon)."""
+    uri = f"file:{node.data_dir / 'index.sqlite'}?mode=ro"
+    with sqlite3.connect(uri, uri=True) as conn:
+        return int(conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
+
+
+def node_peak_rss(node: NodeProcess) -> float | None:
+    return peak_rss_mb(node.process.pid) if node.process is not None else None
+
+
+def fmt_mb(value: float | None) -> str:
+    return f"{value:.0f}" if value is not None else "?"
+
+
+@dataclass
+class ImportFigures:
+    instances_per_s: float | str
+    mb_per_s: float | str
+    importer_rss_mb: float | None = None
+
+
+def measure_import(node: NodeProcess, study: SyntheticStudy, log: Path) -> ImportFigures:
+    """`imageshare import` the study into ``node``; checks that every instance was stored."""
+    result = run_measured(
+        [*IMAGESHARE, "import", "-c", str(node.config), "--json", str(study_directory(study))],
+        log,
+    )
+    if result.returncode != 0:
+        failed = f"failed ({result.failure()})"
+        return ImportFigures(failed, failed, result.peak_rss_mb)
+    stored = json.loads(result.stdout).get("stored")
+    if stored != len(study.files):
+        failed = f"failed ({stored} of {len(study.files)} stored)"
+        return ImportFigures(failed, failed, result.peak_rss_mb)
+    return ImportFigures(
+        len(study.files) / result.seconds,
+        study_megabytes(study) / result.seconds,
+        result.peak_rss_mb,
+    )
+
+
+def measure_node_storescu(node: NodeProcess, study: SyntheticStudy, log: Path) -> float | str:
+    """Seconds for storescu to send the study to the node; NOT_AVAILABLE without a DIMSE SCP."""
+    # The HTTP side answers before the background services (DIMSE) have started.
+    if not port_listening(node.dimse_port, timeout=15):
+        return f"{NOT_AVAILABLE} (no DIMSE listener)"
+    result = storescu(study_directory(study), "127.0.0.1", node.dimse_port, "IMAGESHARE", log)
+    if result.returncode != 0:
+        return f"failed ({result.failure()})"
+    stored = indexed_instances(node)
+    if stored != len(study.files):
+        return f"failed ({stored} of {len(study.files)} indexed)"
+    return result.seconds
+
+
+def measure_orthanc_storescu(orthanc: OrthancServer, study: SyntheticStudy, log: Path) -> float:
+    result = storescu(
+        study_directory(study), "127.0.0.1", orthanc.dicom_port, orthanc.ae_title, log
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"storescu into Orthanc failed: {result.failure()}")
+    if orthanc.instance_count() != len(study.files):
+        raise RuntimeError("Orthanc did not store every instance")
+    return result.seconds
+
+
+def retrieve_or_reason(
+    base_url: str, study: SyntheticStudy, headers: dict[str, str], runs: int
+) -> float | str:
+    try:
+        return time_retrievals(base_url, study, headers, runs).median
+    except RetrieveFailed as exc:
+        reason = str(exc)
+        if reason in ("HTTP 404", "HTTP 405", "HTTP 501"):
+            return f"{NOT_AVAILABLE} ({reason})"
+        return f"failed ({reason})"
+    except OSError as exc:
+        return f"failed ({exc})"
+
+
+def at_most(ours: float | str, limit: float | str | None, factor: float = 1.0) -> bool | None:
+    if isinstance(ours, float | int) and isinstance(limit, float | int):
+        return ours <= limit * factor
+    return None
+
+
+def run(ctx: BenchContext) -> list[Row]:
+    """Every data-plane figure of this run, ours and Orthanc's, as BENCHMARKS.md rows."""
+    study = reference_study(ctx)
+    work = ctx.workdir / "dataplane"
+    work.mkdir(parents=True, exist_ok=True)
+    runs = 3 if ctx.quick else 5
+    workload = describe(study)
+
+    orthanc = OrthancServer(work, "orthanc")
+    importing = init_node(work, "bench-import.example/imageshare", "node-import")
+    receiving = init_node(work, "bench-dimse.example/imageshare", "node-dimse")
+    try:
+        orthanc.start()
+        importing.start()
+        receiving.start()
+
+        imported = measure_import(importing, study, work / "import.log")
+        ours_wado = retrieve_or_reason(importing.url + "/dicomweb", study, importing.auth, runs)
+        orthanc_storescu = measure_orthanc_storescu(orthanc, study, work / "storescu-orthanc.log")
+        ours_storescu = measure_node_storescu(receiving, study, work / "storescu-node.log")
+        orthanc_wado = time_retrievals(orthanc.dicomweb_url, study, {}, runs).median
+
+        importing_rss = node_peak_rss(importing)
+        receiving_rss = node_peak_rss(receiving)
+        orthanc_rss = orthanc.peak_rss_mb()
+    finally:
+        importing.stop()
+        receiving.stop()
+        orthanc.stop()
+
+    node_rss = max((v for v in (importing_rss, receiving_rss) if v is not None), default=None)
+    return [
+        Row(
+            f"`imageshare import` of the study ({workload}), instances/s",
+            imported.instances_per_s,
+            command="imageshare import STUDY_DIR",
+            peak_rss_mb=f"importer {fmt_mb(imported.importer_rss_mb)}",
+        ),
+        Row(
+            "`imageshare import` of the study, MB/s",
+            imported.mb_per_s,
+            command="imageshare import STUDY_DIR",
+            peak_rss_mb=f"importer {fmt_mb(imported.importer_rss_mb)}",
+        ),
+        Row(
+            "DIMSE ingest of the study with dcmtk storescu, s",
+            ours_storescu,
+            orthanc_storescu,
+            target="<= 0.5 x Orthanc",
+            met=at_most(ours_storescu, orthanc_storescu, 0.5),
+            peak_rss_mb=f"node {fmt_mb(receiving_rss)}; Orthanc {fmt_mb(orthanc_rss)}",
+            command=storescu_command_text("AE"),
+        ),
+        Row(
+            f"WADO-RS whole-study retrieve, s (median of {runs})",
+            ours_wado,
+            orthanc_wado,
+            target="<= Orthanc",
+            met=at_most(ours_wado, orthanc_wado),
+            peak_rss_mb=f"node {fmt_mb(importing_rss)}; Orthanc {fmt_mb(orthanc_rss)}",
+            command="GET /dicomweb/studies/UID (Accept multipart/related; application/dicom)",
+        ),
+        Row(
+            "peak RSS of the node daemon through import, WADO-RS and storescu, MB",
+            node_rss if node_rss is not None else "?",
+            orthanc_rss,
+            target=f"<= {NODE_MEMORY_TARGET_MB:.0f} MB",
+            met=at_most(node_rss if node_rss is not None else "?", NODE_MEMORY_TARGET_MB),
+            peak_rss_mb=(
+                f"node (import, WADO-RS) {fmt_mb(importing_rss)}; "
+                f"node (storescu) {fmt_mb(receiving_rss)}; Orthanc {fmt_mb(orthanc_rss)}"
+            ),
+            command="VmHWM in /proc/PID/status",
+        ),
+    ]
+
+
+if __name__ == "__main__":
+    from scripts.bench import run_standalone
+
+    sys.exit(run_standalone(run))
