@@ -252,6 +252,22 @@ class InstanceStore:
             raise
         return StagedInstance(tmp_path, hasher.hexdigest(), size, header)
 
+    def open_staging(self) -> StagingFile:
+        """A temporary file to fill chunk by chunk (data arriving from a peer), then stage."""
+        return StagingFile(self.tmp_dir / f"{uuid.uuid4().hex}.part", self.max_instance_bytes)
+
+    def digests_present(self, digests: Sequence[str]) -> set[str]:
+        """Which of these SHA-256 digests (hex) belong to an indexed instance."""
+        found: set[str] = set()
+        for start in range(0, len(digests), 500):
+            part = list(digests[start : start + 500])
+            marks = ",".join("?" * len(part))
+            rows = self.reader.execute(
+                f"SELECT digest FROM instances WHERE digest IN ({marks})", part
+            )
+            found.update(r[0] for r in rows)
+        return found
+
     def stage_bytes(self, data: bytes) -> StagedInstance:
         """Stage an instance already in memory (a DIMSE dataset, a small upload)."""
         import io
@@ -445,6 +461,57 @@ class InstanceStore:
                 yield chunk
 
 
+class StagingFile:
+    """An instance received in pieces: written and hashed as it comes, then parsed.
+
+    ``finish()`` returns the StagedInstance (BadInput if it is not acceptable DICOM);
+    ``abort()`` removes the file. Neither leaves anything behind on failure.
+    """
+
+    def __init__(self, tmp_path: Path, max_bytes: int) -> None:
+        self.tmp_path = tmp_path
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._hasher = hashlib.sha256()
+        self._file: IO[bytes] | None = open(tmp_path, "wb")  # noqa: SIM115 - closed in finish/abort
+
+    def write(self, chunk: bytes) -> None:
+        assert self._file is not None, "staging file already closed"
+        self.size += len(chunk)
+        if self.size > self.max_bytes:
+            self.abort()
+            raise PayloadTooLarge(f"instance is over the limit of {self.max_bytes} bytes")
+        self._hasher.update(chunk)
+        try:
+            self._file.write(chunk)
+        except OSError as exc:
+            self.abort()
+            _raise_if_disk_full(exc)
+            raise
+
+    @property
+    def digest(self) -> str:
+        return self._hasher.hexdigest()
+
+    def finish(self) -> StagedInstance:
+        assert self._file is not None, "staging file already closed"
+        try:
+            self._file.close()
+            self._file = None
+            header = parse_header(self.tmp_path)
+        except BaseException:
+            self.abort()
+            raise
+        return StagedInstance(self.tmp_path, self.digest, self.size, header)
+
+    def abort(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+        self.tmp_path.unlink(missing_ok=True)
+
+
 def _result(item: StagedInstance, outcome: Outcome) -> IngestResult:
     h = item.header
     return IngestResult(
@@ -465,4 +532,5 @@ __all__ = [
     "InstanceStore",
     "Outcome",
     "StagedInstance",
+    "StagingFile",
 ]
