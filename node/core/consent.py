@@ -1,0 +1,422 @@
+"""Consent tokens (grants and revocations) and the one function that judges a grant.
+
+Wire format (canonical msgpack, see node.core.encoding)::
+
+    grant      = [1, patient_key bin32, custodian str, grantee str,
+                  scope (nil = all my studies there | [study_ref bin32, ...]),
+                  not_before uint, expires uint, nonce bin16, signature bin64]
+    revocation = [1, patient_key bin32, token_id bin32, revoked_at uint, signature bin64]
+
+The signature covers a domain-separation prefix and the canonical encoding of every
+field before it: ``b"imageshare/grant/v1\\n" + encode(fields)`` (``imageshare/revoke/v1``
+for revocations), so a signature of one kind can never pass as the other. The token id
+is SHA-256 of the whole signed token; the text form is unpadded base64url of those bytes,
+and the URL form is ``imageshare:grant?t=<text>``. A decoder accepts only the canonical
+encoding, so one grant has exactly one token id.
+
+Pure: no I/O, and the clock is always passed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from node.core.encoding import canonical_decode, canonical_encode
+from node.core.keys import PUBLIC_KEY_SIZE, verify_ed25519
+from node.core.patient_keys import b64url, from_b64url
+from node.errors import BadInput
+
+GRANT_DOMAIN = b"imageshare/grant/v1\n"
+REVOKE_DOMAIN = b"imageshare/revoke/v1\n"
+TOKEN_VERSION = 1
+URL_PREFIX = "imageshare:grant?t="
+REFERENCE_SIZE = 32
+NONCE_SIZE = 16
+SIGNATURE_SIZE = 64
+MAX_TOKEN_BYTES = 16 * 1024
+MAX_SCOPE = 256
+MAX_TIME = 2**40  # far beyond any real date; keeps arithmetic on times exact
+_ORIGIN = re.compile(r"^[A-Za-z0-9._~/:-]{1,200}$")
+
+Signer = Callable[[bytes], bytes]
+
+
+class Rule(StrEnum):
+    """Why a grant is refused; each value names exactly one rule."""
+
+    TAMPERED = "tampered"
+    BAD_SIGNATURE = "bad_signature"
+    WRONG_CUSTODIAN = "wrong_custodian"
+    UNKNOWN_PATIENT = "unknown_patient"
+    KEY_RETIRED = "key_retired"
+    LIFETIME_TOO_LONG = "lifetime_too_long"
+    NOT_YET_VALID = "not_yet_valid"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+    WRONG_GRANTEE = "wrong_grantee"
+    OUT_OF_SCOPE = "out_of_scope"
+    NOT_OWNER = "not_owner"
+    NOT_RECORDED = "not_recorded"
+
+
+RULE_MESSAGES: dict[Rule, str] = {
+    Rule.TAMPERED: "the token is not a well-formed grant",
+    Rule.BAD_SIGNATURE: "the patient's signature on the token does not verify",
+    Rule.WRONG_CUSTODIAN: "the token is for another custodian",
+    Rule.UNKNOWN_PATIENT: "the token's patient key is not enrolled here",
+    Rule.KEY_RETIRED: "the token's patient key has been replaced and its grants retired",
+    Rule.LIFETIME_TOO_LONG: "the token's lifetime is over this custodian's maximum",
+    Rule.NOT_YET_VALID: "the token is not valid yet",
+    Rule.EXPIRED: "the token has expired",
+    Rule.REVOKED: "the patient has revoked the token",
+    Rule.WRONG_GRANTEE: "the token was granted to another node",
+    Rule.OUT_OF_SCOPE: "a requested study is not in the token's scope",
+    Rule.NOT_OWNER: "a study in the token's scope belongs to another patient",
+    Rule.NOT_RECORDED: "the token is not recorded in this custodian's log",
+}
+
+
+# -- tokens -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GrantFields:
+    """What a patient grants: the unsigned part of a grant token."""
+
+    patient_key: bytes
+    custodian: str
+    grantee: str
+    # None grants every study of this patient at the custodian.
+    scope: tuple[bytes, ...] | None
+    not_before: int
+    expires: int
+    nonce: bytes
+
+    def as_list(self) -> list[Any]:
+        scope = None if self.scope is None else list(self.scope)
+        return [
+            TOKEN_VERSION,
+            self.patient_key,
+            self.custodian,
+            self.grantee,
+            scope,
+            self.not_before,
+            self.expires,
+            self.nonce,
+        ]
+
+    def signed_message(self) -> bytes:
+        return GRANT_DOMAIN + canonical_encode(self.as_list())
+
+
+@dataclass(frozen=True)
+class GrantToken:
+    """A decoded grant token: its fields, signature, and the exact bytes it came from."""
+
+    fields: GrantFields
+    signature: bytes
+    raw: bytes
+
+    @property
+    def token_id(self) -> bytes:
+        return token_id_of(self.raw)
+
+    @property
+    def patient_key(self) -> bytes:
+        return self.fields.patient_key
+
+    def signature_valid(self) -> bool:
+        return verify_ed25519(self.fields.patient_key, self.fields.signed_message(), self.signature)
+
+
+def token_id_of(token_bytes: bytes) -> bytes:
+    """A token's id: SHA-256 of its signed bytes."""
+    return hashlib.sha256(token_bytes).digest()
+
+
+def sign_grant(fields: GrantFields, sign: Signer) -> bytes:
+    """The signed token bytes of ``fields``; raises BadInput if a field is out of range."""
+    _check_grant_fields(fields)
+    return canonical_encode([*fields.as_list(), sign(fields.signed_message())])
+
+
+def _check_origin(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not _ORIGIN.match(value):
+        raise BadInput(f"{what} is not a node origin")
+    return value
+
+
+def _check_bytes(value: Any, size: int, what: str) -> bytes:
+    if not isinstance(value, bytes) or len(value) != size:
+        raise BadInput(f"{what} must be {size} bytes")
+    return value
+
+
+def _check_time(value: Any, what: str) -> int:
+    # bool is an int in Python; msgpack booleans are not times.
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < MAX_TIME:
+        raise BadInput(f"{what} is not a time")
+    return value
+
+
+def _check_grant_fields(fields: GrantFields) -> None:
+    _check_bytes(fields.patient_key, PUBLIC_KEY_SIZE, "patient key")
+    _check_origin(fields.custodian, "custodian")
+    _check_origin(fields.grantee, "grantee")
+    if fields.scope is not None:
+        if not 1 <= len(fields.scope) <= MAX_SCOPE:
+            raise BadInput(f"a grant's scope lists 1 to {MAX_SCOPE} studies")
+        for ref in fields.scope:
+            _check_bytes(ref, REFERENCE_SIZE, "study reference")
+        if len(set(fields.scope)) != len(fields.scope):
+            raise BadInput("a grant's scope lists a study twice")
+    _check_time(fields.not_before, "not-before")
+    _check_time(fields.expires, "expiry")
+    if fields.expires <= fields.not_before:
+        raise BadInput("a grant must expire after it starts")
+    _check_bytes(fields.nonce, NONCE_SIZE, "nonce")
+
+
+def _decode_canonical_list(data: bytes, length: int, what: str) -> list[Any]:
+    if not isinstance(data, bytes) or not data or len(data) > MAX_TOKEN_BYTES:
+        raise BadInput(f"{what} is empty or too large")
+    value = canonical_decode(data)
+    if (
+        not isinstance(value, list)
+        or len(value) != length
+        or type(value[0]) is not int
+        or value[0] != TOKEN_VERSION
+    ):
+        raise BadInput(f"{what} is not a version {TOKEN_VERSION} token")
+    return value
+
+
+def decode_grant(token_bytes: bytes) -> GrantToken:
+    """Decode a grant token's bytes (signature not checked); raises BadInput if malformed."""
+    value = _decode_canonical_list(token_bytes, 9, "grant token")
+    _, patient_key, custodian, grantee, scope, not_before, expires, nonce, signature = value
+    if scope is not None and not isinstance(scope, list):
+        raise BadInput("a grant's scope is nil or a list of study references")
+    fields = GrantFields(
+        patient_key=patient_key,
+        custodian=custodian,
+        grantee=grantee,
+        scope=None if scope is None else tuple(scope),
+        not_before=not_before,
+        expires=expires,
+        nonce=nonce,
+    )
+    _check_grant_fields(fields)
+    _check_bytes(signature, SIGNATURE_SIZE, "signature")
+    return GrantToken(fields, signature, token_bytes)
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """A patient's signed statement that one of its tokens is no longer valid."""
+
+    patient_key: bytes
+    token_id: bytes
+    revoked_at: int
+    signature: bytes
+    raw: bytes
+
+    def signed_message(self) -> bytes:
+        return REVOKE_DOMAIN + canonical_encode(
+            [TOKEN_VERSION, self.patient_key, self.token_id, self.revoked_at]
+        )
+
+    def signature_valid(self) -> bool:
+        return verify_ed25519(self.patient_key, self.signed_message(), self.signature)
+
+
+def sign_revocation(patient_key: bytes, token_id: bytes, revoked_at: int, sign: Signer) -> bytes:
+    """The signed revocation bytes of one token id."""
+    _check_bytes(patient_key, PUBLIC_KEY_SIZE, "patient key")
+    _check_bytes(token_id, 32, "token id")
+    _check_time(revoked_at, "revocation time")
+    message = REVOKE_DOMAIN + canonical_encode([TOKEN_VERSION, patient_key, token_id, revoked_at])
+    return canonical_encode([TOKEN_VERSION, patient_key, token_id, revoked_at, sign(message)])
+
+
+def decode_revocation(data: bytes) -> Revocation:
+    """Decode a revocation (signature not checked); raises BadInput if malformed."""
+    _, patient_key, token_id, revoked_at, signature = _decode_canonical_list(data, 5, "revocation")
+    return Revocation(
+        _check_bytes(patient_key, PUBLIC_KEY_SIZE, "patient key"),
+        _check_bytes(token_id, 32, "token id"),
+        _check_time(revoked_at, "revocation time"),
+        _check_bytes(signature, SIGNATURE_SIZE, "signature"),
+        data,
+    )
+
+
+def token_text(token_bytes: bytes) -> str:
+    """The printable form of a token (unpadded base64url)."""
+    return b64url(token_bytes)
+
+
+def token_url(token_bytes: bytes) -> str:
+    """The ``imageshare:`` URL form of a token."""
+    return URL_PREFIX + token_text(token_bytes)
+
+
+def parse_token_text(text: str) -> bytes:
+    """Token bytes from its text or URL form; raises BadInput if it is neither."""
+    text = text.strip()
+    if text.startswith("imageshare:"):
+        if not text.startswith(URL_PREFIX):
+            raise BadInput("an imageshare: token URL looks like imageshare:grant?t=TOKEN")
+        text = text[len(URL_PREFIX) :]
+    return from_b64url(text, "token", MAX_TOKEN_BYTES)
+
+
+# -- validation ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AccessRequest:
+    """Who asks, for which studies (None: everything the token grants), and when."""
+
+    requester_origin: str
+    study_refs: tuple[bytes, ...] | None
+    now: int
+
+
+@dataclass(frozen=True)
+class KeyStatus:
+    subject: bytes
+    retired: bool = False
+
+
+@dataclass(frozen=True)
+class ConsentView:
+    """What the custodian's log says, as far as one decision needs it.
+
+    ``revoked`` holds (patient key, token id) pairs: a revocation counts only when
+    signed by the key that signed the grant.
+    """
+
+    keys: Mapping[bytes, KeyStatus] = field(default_factory=dict)
+    studies_of_subject: Mapping[bytes, frozenset[bytes]] = field(default_factory=dict)
+    revoked: frozenset[tuple[bytes, bytes]] = frozenset()
+    recorded: frozenset[bytes] = frozenset()
+
+
+@dataclass(frozen=True)
+class ConsentPolicy:
+    custodian_origin: str
+    max_lifetime: int
+    clock_skew: int
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The decision on a grant; ``studies`` are the references it allows (sorted)."""
+
+    allowed: bool
+    rule: Rule | None = None
+    token: GrantToken | None = None
+    studies: tuple[bytes, ...] = ()
+
+    @property
+    def reason(self) -> str:
+        return "ok" if self.rule is None else self.rule.value
+
+    @property
+    def message(self) -> str:
+        return "the token allows this request" if self.rule is None else RULE_MESSAGES[self.rule]
+
+    @property
+    def token_id(self) -> bytes | None:
+        return None if self.token is None else self.token.token_id
+
+
+def _refuse(rule: Rule, token: GrantToken | None = None) -> Verdict:
+    return Verdict(False, rule, token)
+
+
+def _standing_failure(
+    token: GrantToken, state: ConsentView, policy: ConsentPolicy, now: int
+) -> Rule | None:
+    """The rules that make a grant worthless whoever asks: the ones checked on recording."""
+    grant = token.fields
+    key = state.keys.get(grant.patient_key)
+    if not token.signature_valid():
+        return Rule.BAD_SIGNATURE
+    if grant.custodian != policy.custodian_origin:
+        return Rule.WRONG_CUSTODIAN
+    if key is None:
+        return Rule.UNKNOWN_PATIENT
+    if key.retired:
+        return Rule.KEY_RETIRED
+    if grant.expires - grant.not_before > policy.max_lifetime:
+        return Rule.LIFETIME_TOO_LONG
+    if now - policy.clock_skew > grant.expires:
+        return Rule.EXPIRED
+    if (grant.patient_key, token.token_id) in state.revoked:
+        return Rule.REVOKED
+    owned = state.studies_of_subject.get(key.subject, frozenset())
+    if grant.scope is not None and not set(grant.scope) <= owned:
+        return Rule.NOT_OWNER
+    return None
+
+
+def admit_grant(token_bytes: bytes, state: ConsentView, policy: ConsentPolicy, now: int) -> Verdict:
+    """May this grant be recorded in the custodian's log? (Not-yet-valid grants may.)"""
+    try:
+        token = decode_grant(token_bytes)
+    except BadInput:
+        return _refuse(Rule.TAMPERED)
+    rule = _standing_failure(token, state, policy, now)
+    return _refuse(rule, token) if rule else Verdict(True, None, token, _scope_of(token, state))
+
+
+def _scope_of(token: GrantToken, state: ConsentView) -> tuple[bytes, ...]:
+    if token.fields.scope is not None:
+        return tuple(sorted(token.fields.scope))
+    subject = state.keys[token.fields.patient_key].subject
+    return tuple(sorted(state.studies_of_subject.get(subject, frozenset())))
+
+
+def validate_grant(
+    token_bytes: bytes, request: AccessRequest, state: ConsentView, policy: ConsentPolicy
+) -> Verdict:
+    """Decide whether ``token_bytes`` lets ``request`` through, and if not, by which rule.
+
+    Every refusal names one Rule. Never raises on any input: undecodable bytes are
+    refused as TAMPERED.
+    """
+    try:
+        token = decode_grant(token_bytes)
+    except BadInput:
+        return _refuse(Rule.TAMPERED)
+    grant = token.fields
+    rule = _standing_failure(token, state, policy, request.now)
+    if rule is not None:
+        return _refuse(rule, token)
+    if request.now + policy.clock_skew < grant.not_before:
+        return _refuse(Rule.NOT_YET_VALID, token)
+    if request.requester_origin != grant.grantee:
+        return _refuse(Rule.WRONG_GRANTEE, token)
+    granted = _scope_of(token, state)
+    if request.study_refs is not None:
+        requested = set(request.study_refs)
+        if grant.scope is not None and not requested <= set(grant.scope):
+            return _refuse(Rule.OUT_OF_SCOPE, token)
+        if grant.scope is None and not requested <= set(granted):
+            return _refuse(Rule.NOT_OWNER, token)
+        granted = tuple(sorted(requested))
+    if token.token_id not in state.recorded:
+        return _refuse(Rule.NOT_RECORDED, token)
+    return Verdict(True, None, token, granted)
+
+
+def scope_text(scope: Sequence[bytes] | None) -> list[str] | str:
+    """A scope for people and JSON: "all", or the study references in base64url."""
+    return "all" if scope is None else [b64url(ref) for ref in scope]
