@@ -1,0 +1,139 @@
+"""Ledger entries: every kind round-trips; anything else is refused with BadInput only."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from node.core.encoding import canonical_encode
+from node.core.entries import ENTRY_KINDS, LedgerEntry, decode_entry, encode_entry
+from node.errors import BadInput
+
+H = bytes(range(32))
+SAMPLES: dict[str, dict[str, Any]] = {
+    "enroll": {"subject": H, "key": b"\x01" * 32, "replaces": None},
+    "grant": {"token": b"patient-signed token bytes"},
+    "revoke": {"revocation": b"patient-signed revocation"},
+    "access": {
+        "token_id": H,
+        "grantee": "b.example/imageshare",
+        "study": H,
+        "instances": 400,
+        "bytes": 200_000_000,
+        "digest": H,
+    },
+    "denial": {"token_id": H, "requester": "c.example/x", "rule": "expired", "study": None},
+    "receipt": {
+        "token_id": H,
+        "custodian": "a.example/imageshare",
+        "study": H,
+        "instances": 1,
+        "bytes": 0,
+        "digest": H,
+    },
+    "witness": {"log_id": H, "size": 70, "root": H},
+    "key_rotation": {"new_key": H, "signature": bytes(64)},
+}
+
+
+def raw_entry(**overrides: Any) -> bytes:
+    value: dict[str, Any] = {"v": 1, "kind": "grant", "prev": bytes(32), "time": 5, "token": b"t"}
+    value.update(overrides)
+    return canonical_encode({k: v for k, v in value.items() if v is not ...})
+
+
+class TestRoundTrip:
+    def test_every_registered_kind_has_a_sample(self) -> None:
+        assert set(SAMPLES) == set(ENTRY_KINDS)
+
+    @pytest.mark.parametrize("kind", sorted(SAMPLES))
+    def test_round_trips(self, kind: str) -> None:
+        entry = LedgerEntry(kind, H, 1_700_000_000, SAMPLES[kind])
+        raw = encode_entry(entry)
+        assert decode_entry(raw) == entry
+        assert encode_entry(decode_entry(raw)) == raw
+
+    def test_optional_fields_take_a_value_too(self) -> None:
+        entry = LedgerEntry("enroll", H, 1, {**SAMPLES["enroll"], "replaces": H})
+        assert decode_entry(encode_entry(entry)).fields["replaces"] == H
+
+
+class TestRefusals:
+    @pytest.mark.parametrize(
+        ("raw", "match"),
+        [
+            (raw_entry(v=2), "version"),
+            (raw_entry(v=True), "version"),
+            (raw_entry(v=...), "version"),
+            (raw_entry(kind="party"), "kind"),
+            (raw_entry(kind=7), "kind"),
+            (raw_entry(extra=b"x"), "unexpected"),
+            (raw_entry(token=...), "lacks"),
+            (raw_entry(token="text, not bytes"), "token"),
+            (raw_entry(prev=bytes(31)), "prev"),
+            (raw_entry(prev=...), "lacks"),
+            (raw_entry(time=-1), "time"),
+            (raw_entry(time=...), "lacks"),
+            (canonical_encode([1, 2]), "map"),
+            (raw_entry() + b"\x00", "trailing"),
+            (b"\x86" + raw_entry()[1:], "msgpack"),
+        ],
+    )
+    def test_refuses_malformed_entries(self, raw: bytes, match: str) -> None:
+        with pytest.raises(BadInput, match=match):
+            decode_entry(raw)
+
+    def test_refuses_non_canonical_encoding(self) -> None:
+        raw = raw_entry()
+        # The same map with the time as a uint8 instead of a fixint.
+        widened = raw.replace(b"\xa4time\x05", b"\xa4time\xcc\x05")
+        assert widened != raw
+        with pytest.raises(BadInput, match="canonical"):
+            decode_entry(widened)
+
+    @pytest.mark.parametrize(
+        ("kind", "field", "value"),
+        [
+            ("access", "instances", -1),
+            ("access", "bytes", True),
+            ("access", "grantee", b"bytes"),
+            ("access", "digest", bytes(31)),
+            ("enroll", "subject", None),
+            ("key_rotation", "signature", bytes(32)),
+            ("denial", "rule", "x" * 2000),
+        ],
+    )
+    def test_encode_refuses_mistyped_fields(self, kind: str, field: str, value: Any) -> None:
+        with pytest.raises(BadInput, match=field):
+            encode_entry(LedgerEntry(kind, H, 1, {**SAMPLES[kind], field: value}))
+
+    def test_encode_refuses_oversize_entries(self) -> None:
+        with pytest.raises(BadInput, match="larger"):
+            encode_entry(LedgerEntry("grant", H, 1, {"token": bytes(70_000)}))
+
+
+class TestFuzz:
+    @given(st.binary(max_size=200))
+    @settings(max_examples=400, deadline=None)
+    def test_random_bytes_raise_only_bad_input(self, data: bytes) -> None:
+        with contextlib.suppress(BadInput):
+            decode_entry(data)
+
+    @given(st.sampled_from(sorted(SAMPLES)), st.data())
+    @settings(max_examples=300, deadline=None)
+    def test_mutated_entries_raise_only_bad_input_or_decode_canonically(
+        self, kind: str, data: st.DataObject
+    ) -> None:
+        raw = bytearray(encode_entry(LedgerEntry(kind, H, 1_700_000_000, SAMPLES[kind])))
+        for _ in range(data.draw(st.integers(1, 4))):
+            at = data.draw(st.integers(0, len(raw) - 1))
+            raw[at] = data.draw(st.integers(0, 255))
+        try:
+            entry = decode_entry(bytes(raw))
+        except BadInput:
+            return
+        assert encode_entry(entry) == bytes(raw)
