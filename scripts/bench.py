@@ -70,6 +70,7 @@ def run_module(name: str, import_path: str, ctx: BenchContext) -> list[Row] | No
         run: RunFunction | None = getattr(module, "run", None)
         if run is None:
             return None
+        print(f"== {name}", file=sys.stderr, flush=True)
         rows = run(ctx)
         if not isinstance(rows, list) or not all(isinstance(r, Row) for r in rows):
             raise TypeError("run() must return a list of Row")
@@ -126,7 +127,7 @@ def _first_line(command: list[str]) -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "not installed"
     lines = (result.stdout or result.stderr).strip().splitlines()
-    return lines[0].strip() if lines else "unknown"
+    return lines[0].strip(" $") if lines else "unknown"
 
 
 def machine_description() -> list[str]:
@@ -251,7 +252,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     durations: dict[str, float] = {}
     with scratch_context(args.quick, args.keep) as ctx:
         for name, import_path in modules.items():
-            print(f"== {name}", file=sys.stderr, flush=True)
             began = time.monotonic()
             module_rows = run_module(name, import_path, ctx)
             if module_rows is None:
