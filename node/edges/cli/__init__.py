@@ -10,10 +10,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from node.edges.cli import _common, node_commands
+from node.edges.cli import _common, node_commands, peers_commands
 
 # Each module has register(subparsers); its commands set args.handler.
-COMMAND_MODULES = [node_commands]
+COMMAND_MODULES = [node_commands, peers_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:

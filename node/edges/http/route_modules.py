@@ -4,4 +4,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-MODULES: list[ModuleType] = []
+from node.edges.http import dicomweb, p2p
+
+MODULES: list[ModuleType] = [p2p, dicomweb]

@@ -25,7 +25,10 @@ from node.core.signed_requests import (
     parse_headers,
 )
 from node.errors import Unauthorized
+from node.services.runtime import NodeRuntime
 from node.store.nonces import NonceStore
+
+NONCES_FILE = "nonces.sqlite"
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,16 @@ class SignedCaller:
     @property
     def node_origin(self) -> str | None:
         return self.signer.removeprefix("node:") if self.signer.startswith("node:") else None
+
+
+def nonce_store_of(runtime: NodeRuntime) -> NonceStore:
+    """The node's one nonce store (created on first use), shared by /p2p and /patient."""
+    store = runtime.services.get("nonces")
+    if store is None:
+        store = runtime.services["nonces"] = NonceStore(
+            runtime.config.data_dir / NONCES_FILE, runtime.config.federation.max_request_age
+        )
+    return store  # type: ignore[no-any-return]
 
 
 async def authenticate(
@@ -70,6 +83,8 @@ async def authenticate(
         int(time.time()),
         max_age,
     )
+    # Nonces must be remembered as long as any route accepts their timestamps.
+    nonces.max_age = max(nonces.max_age, max_age)
     # Only a verified request consumes a nonce, so forgers cannot fill the table.
     if not nonces.remember(parsed.signer, parsed.nonce, parsed.timestamp):
         raise Unauthorized("replayed nonce")

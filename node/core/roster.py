@@ -1,0 +1,111 @@
+"""The federation roster: which nodes are members, with which key, reachable where.
+
+Only roster members are peers: their logs are mirrored, their signed /p2p requests are
+accepted, and discovery only ever learns new addresses for them. A member is named by
+its log origin and pinned by its verifier key; the URL is only a hint (static from the
+configuration, or learned by discovery) because every byte fetched from it is verified
+against the key.
+
+Pure: building and querying the model; reading and writing roster files is in
+node.store.federation_state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from node.core.keys import parse_verifier_key
+from node.core.signed_requests import NODE_PREFIX
+from node.errors import BadInput
+
+
+def key_fingerprint(public_key: bytes) -> str:
+    """Short public name of a node key, advertised by discovery: hex SHA-256, 16 bytes."""
+    return hashlib.sha256(public_key).hexdigest()[:32]
+
+
+def log_id(origin: str) -> str:
+    """The ledger API's name of a log: lowercase hex SHA-256 of its origin."""
+    return hashlib.sha256(origin.encode()).hexdigest()
+
+
+def normalize_url(url: str) -> str:
+    """A member URL without trailing slash; raises BadInput unless it is http(s)://..."""
+    url = url.strip().rstrip("/")
+    if url and not url.startswith(("http://", "https://")):
+        raise BadInput(f"peer URL {url!r} must start with http:// or https://")
+    return url
+
+
+@dataclass(frozen=True)
+class Member:
+    """One federation member: origin, verifier key, and its static URL (may be empty)."""
+
+    origin: str
+    vkey: str
+    public_key: bytes
+    url: str = ""
+
+    @property
+    def log_id(self) -> str:
+        return log_id(self.origin)
+
+    @property
+    def fingerprint(self) -> str:
+        return key_fingerprint(self.public_key)
+
+    def as_json(self) -> dict[str, str]:
+        return {"origin": self.origin, "vkey": self.vkey, "url": self.url, "log_id": self.log_id}
+
+
+def make_member(origin: str, url: str, vkey: str) -> Member:
+    """Validate one roster entry; raises BadInput if the key is malformed or names another."""
+    parsed = parse_verifier_key(vkey)
+    if parsed.name != origin:
+        raise BadInput(f"verifier key of {origin} is named {parsed.name}")
+    return Member(origin, vkey, parsed.public_key, normalize_url(url))
+
+
+class Roster:
+    """The members, by origin, excluding this node itself."""
+
+    def __init__(self, self_origin: str, members: Iterable[Member] = ()) -> None:
+        self.self_origin = self_origin
+        self._by_origin: dict[str, Member] = {}
+        self._by_fingerprint: dict[str, Member] = {}
+        for member in members:
+            self.add(member)
+
+    def add(self, member: Member) -> None:
+        """Add or replace a member (later entries win); this node itself is never a peer."""
+        if member.origin == self.self_origin:
+            return
+        old = self._by_origin.get(member.origin)
+        if old is not None:
+            self._by_fingerprint.pop(old.fingerprint, None)
+        self._by_origin[member.origin] = member
+        self._by_fingerprint[member.fingerprint] = member
+
+    def __iter__(self) -> Iterator[Member]:
+        return iter(sorted(self._by_origin.values(), key=lambda m: m.origin))
+
+    def __len__(self) -> int:
+        return len(self._by_origin)
+
+    def get(self, origin: str) -> Member | None:
+        return self._by_origin.get(origin)
+
+    def by_log_id(self, wanted: str) -> Member | None:
+        return next((m for m in self._by_origin.values() if m.log_id == wanted), None)
+
+    def by_fingerprint(self, fingerprint: str) -> Member | None:
+        return self._by_fingerprint.get(fingerprint)
+
+    def public_key_of_signer(self, signer: str) -> bytes | None:
+        """The key a ``node:<origin>`` request signer must use, or None if not a member."""
+        if not signer.startswith(NODE_PREFIX):
+            return None
+        member = self._by_origin.get(signer[len(NODE_PREFIX) :])
+        return member.public_key if member else None

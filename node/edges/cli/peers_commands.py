@@ -1,0 +1,52 @@
+"""`imageshare peers add ORIGIN URL VKEY` and `imageshare peers list`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from node.edges.cli._common import EXIT_OK, add_common, config_of, print_json
+from node.services.roster import add_peer, load_roster
+
+
+def register(subparsers: Any) -> None:
+    peers = subparsers.add_parser(
+        "peers", help="federation roster: the member nodes", description="federation roster"
+    )
+    actions = peers.add_subparsers(dest="peers_command", required=True, metavar="ACTION")
+
+    p = actions.add_parser(
+        "add",
+        help="add a member node (saved in the data directory's peers.toml)",
+        description="add a member node; a running daemon picks it up within seconds",
+    )
+    add_common(p)
+    p.add_argument("origin", help="the member's log origin")
+    p.add_argument("url", help="its base URL, or '' to rely on discovery")
+    p.add_argument("vkey", help="its verifier key (name+keyid+base64), from its `init`")
+    p.set_defaults(handler=cmd_add)
+
+    p = actions.add_parser("list", help="list the members", description="list the members")
+    add_common(p)
+    p.set_defaults(handler=cmd_list)
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    member = add_peer(config_of(args), args.origin, args.url, args.vkey)
+    if args.json:
+        print_json(member.as_json())
+    else:
+        print(f"added {member.origin} ({member.url or 'address by discovery'})")
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    members = [m.as_json() for m in load_roster(config_of(args))]
+    if args.json:
+        print_json(members)
+    elif not members:
+        print("no peers")
+    else:
+        for m in members:
+            print(f"{m['origin']}  {m['url'] or '(discovery)'}  {m['vkey']}")
+    return EXIT_OK

@@ -1,0 +1,85 @@
+"""Node-to-node routes (/p2p, signed by a roster member's key) and federation status.
+
+- ``GET  /p2p/whoami``          who the caller is to this node (a connectivity check)
+- ``POST /p2p/notify``          JSON {"log_id", "size"}: the caller's log grew; fetch it now
+- ``POST /p2p/cosignature``     text/plain note: a checkpoint body of this node's log and
+                                the caller's tlog-cosignature of it
+- ``GET  /ledger/equivocations`` public: every equivocation proof this node holds
+- ``GET  /admin/api/federation`` admin: peers, reachability, sizes, cosignatures, proofs
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from node.edges.http.signed import SignedCaller, authenticate, nonce_store_of
+from node.errors import BadInput, Unauthorized
+from node.services.replication import ReplicationService, replication_of
+from node.services.runtime import NodeRuntime
+
+REPLICATION_KEY = web.AppKey("replication", ReplicationService)
+MAX_P2P_BODY = 1 << 20
+
+
+async def _caller(request: web.Request) -> SignedCaller:
+    """Authenticate a /p2p request as a roster member; raises Unauthorized with the reason."""
+    replication = request.app[REPLICATION_KEY]
+    if request.content_length is not None and request.content_length > MAX_P2P_BODY:
+        raise BadInput("node-to-node requests carry at most 1 MiB")
+    caller = await authenticate(
+        request,
+        replication.roster.public_key_of_signer,
+        replication.runtime.config.federation.max_request_age,
+        nonce_store_of(replication.runtime),
+    )
+    if caller.node_origin is None:
+        raise Unauthorized("node-to-node requests must be signed by a node")
+    replication.heard_from(caller.node_origin)
+    return caller
+
+
+async def whoami(request: web.Request) -> web.Response:
+    caller = await _caller(request)
+    runtime = request.app[REPLICATION_KEY].runtime
+    return web.json_response({"caller": caller.node_origin, "origin": runtime.config.origin})
+
+
+async def notify(request: web.Request) -> web.Response:
+    caller = await _caller(request)
+    try:
+        hint = json.loads(caller.body)
+        log_id, size = str(hint["log_id"]), int(hint["size"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BadInput("notify body must be JSON {log_id, size}") from exc
+    request.app[REPLICATION_KEY].notify_received(caller.node_origin or "", log_id, size)
+    return web.json_response({"ok": True})
+
+
+async def cosignature(request: web.Request) -> web.Response:
+    caller = await _caller(request)
+    try:
+        text = caller.body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInput("cosignature must be a UTF-8 note") from exc
+    size = request.app[REPLICATION_KEY].accept_cosignature(caller.node_origin or "", text)
+    return web.json_response({"ok": True, "size": size})
+
+
+async def equivocations(request: web.Request) -> web.Response:
+    state = request.app[REPLICATION_KEY].state
+    return web.json_response([proof.as_json() for proof in state.equivocations()])
+
+
+async def federation_status(request: web.Request) -> web.Response:
+    return web.json_response(request.app[REPLICATION_KEY].status())
+
+
+def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
+    app[REPLICATION_KEY] = replication_of(runtime)
+    app.router.add_get("/p2p/whoami", whoami)
+    app.router.add_post("/p2p/notify", notify)
+    app.router.add_post("/p2p/cosignature", cosignature)
+    app.router.add_get("/ledger/equivocations", equivocations)
+    app.router.add_get("/admin/api/federation", federation_status)

@@ -1,0 +1,478 @@
+"""Replication, witnessing and equivocation detection: every node mirrors every member's log.
+
+One task follows each member. A round asks the member for ``GET /ledger/logs`` (small),
+and for each log listed whose size differs from ours fetches the signed checkpoint,
+verifies it with the log's roster key, fetches the missing entries in batches and hands
+them to ``MirrorLog.extend``, which checks signature, well-formedness, hash chain and
+Merkle root before storing anything. Logs a member mirrors of other members are fetched
+from it too (its copy is verified against the same keys), so a node cut off from a log's
+own node still converges, and two views of one log are compared (split-view detection).
+
+After verifying a checkpoint taken from the log's own node, this node cosigns it
+(tlog-cosignature) and hands the cosignature back with ``POST /p2p/cosignature``.
+
+Two validly signed checkpoints of one log that cannot both hold (same size and another
+root; or a smaller one whose root is not our prefix's root; or entries from the log's
+own node that do not extend what it signed before) are an equivocation: both notes are
+kept durably, served, logged, and that log's new entries are no longer accepted.
+
+A down or slow member stalls only its own task (timeouts, exponential backoff). When
+this node's own log grows, it tells every member at once (``POST /p2p/notify``) so that
+they fetch without waiting for their next round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import msgpack
+import yarl
+
+from node.core import notes
+from node.core.merkle import verify_consistency
+from node.core.roster import Member, log_id
+from node.core.signed_requests import NONCE_SIZE, make_headers, node_signer
+from node.errors import BadInput, Conflict, ImageShareError, NotFound, Unauthorized
+from node.services.roster import RosterService, roster_of
+from node.services.runtime import NodeRuntime
+from node.store.federation_state import STATE_FILE, Equivocation, FederationState
+
+log = logging.getLogger(__name__)
+
+ENTRY_BATCH = 1000
+MAX_CHECKPOINT_BYTES = 64 * 1024
+MAX_LISTING_BYTES = 4 * 1024 * 1024
+MAX_BATCH_BYTES = 64 * 1024 * 1024
+OWN_LOG_CHECK_INTERVAL = 0.1
+MAX_BACKOFF = 30.0
+PeerError = (aiohttp.ClientError, asyncio.TimeoutError, ImageShareError, ValueError)
+
+
+class PeerFailure(Exception):
+    """A member answered wrongly or not at all; its task backs off and retries."""
+
+
+@dataclass
+class PeerStatus:
+    """What the follower of one member knows, for GET /admin/api/federation."""
+
+    url: str = ""
+    reachable: bool | None = None
+    last_success: float | None = None
+    last_error: str = ""
+    failures: int = 0
+    size_there: int | None = None
+    # Log IDs whose view from this member was last compared at (their size, our size).
+    compared: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "reachable": self.reachable,
+            "last_success": self.last_success,
+            "last_error": self.last_error,
+            "failures": self.failures,
+            "size_there": self.size_there,
+        }
+
+
+class ReplicationService:
+    """The background service behind replication, witnessing and the /p2p routes."""
+
+    def __init__(self, runtime: NodeRuntime) -> None:
+        self.runtime = runtime
+        self.settings = runtime.config.federation
+        self.roster: RosterService = roster_of(runtime)
+        self.state = FederationState(runtime.config.data_dir / STATE_FILE)
+        self.peers: dict[str, PeerStatus] = {}
+        self.ignored_by_discovery: dict[str, str] = {}
+        self._distrusted = self.state.equivocating_logs()
+        self._wake: dict[str, asyncio.Event] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._cosigned: dict[str, int] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self.bytes_sent = 0
+
+    # ---- the ledger, as the ledger service exposes it ------------------------------------
+
+    @property
+    def _ledger(self) -> Any:
+        ledger = self.runtime.services.get("ledger")
+        if ledger is None:
+            raise NotFound("this node has no ledger service")
+        return ledger
+
+    def _own_log(self) -> Any:
+        return self._ledger.own_log
+
+    def _mirror(self, member: Member) -> Any:
+        return self._ledger.store.mirror(member.origin, member.vkey)
+
+    # ---- life cycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        timeout = aiohttp.ClientTimeout(
+            total=self.settings.request_timeout, connect=self.settings.request_timeout
+        )
+        self._session = aiohttp.ClientSession(
+            timeout=timeout, connector=aiohttp.TCPConnector(limit_per_host=4)
+        )
+        self._supervisor = asyncio.create_task(self._supervise())
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._supervisor, *self._tasks.values(), *self._background) if t]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+
+    def close(self) -> None:
+        self.state.close()
+
+    async def _supervise(self) -> None:
+        """Keep one follower per member; tell members when this node's log grows."""
+        announced = -1  # forces one notify at start, so peers reset their backoff
+        last_roster_check = 0.0
+        while True:
+            now = time.monotonic()
+            if now - last_roster_check >= 1.0:
+                last_roster_check = now
+                self._reconcile_followers()
+            try:
+                size = self._own_log().size()
+            except ImageShareError:
+                size = announced
+            if size != announced:
+                announced = size
+                self._notify_all(size)
+            await asyncio.sleep(OWN_LOG_CHECK_INTERVAL)
+
+    def _reconcile_followers(self) -> None:
+        members = {m.origin: m for m in self.roster.roster}
+        for origin in list(self._tasks):
+            if origin not in members:
+                self._tasks.pop(origin).cancel()
+        for origin in members:
+            if origin not in self._tasks:
+                self._wake[origin] = asyncio.Event()
+                self.peers.setdefault(origin, PeerStatus())
+                self._tasks[origin] = asyncio.create_task(self._follow(origin))
+
+    # ---- following one member ------------------------------------------------------------
+
+    async def _follow(self, origin: str) -> None:
+        status, wake = self.peers[origin], self._wake[origin]
+        while True:
+            wake.clear()
+            member = self.roster.roster.get(origin)
+            if member is None:
+                return
+            delay = self.settings.replicate_interval
+            try:
+                await self._sync_member(member, status)
+                status.reachable, status.last_success, status.failures = True, time.time(), 0
+                status.last_error = ""
+            except (PeerFailure, *PeerError) as exc:
+                status.reachable = False
+                status.failures += 1
+                status.last_error = str(exc) or type(exc).__name__
+                delay = min(delay * 2**status.failures, MAX_BACKOFF)
+                log.info("replication from %s failed: %s", origin, status.last_error)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wake.wait(), delay)
+
+    def wake(self, origin: str) -> None:
+        event = self._wake.get(origin)
+        if event is not None:
+            event.set()
+
+    def heard_from(self, origin: str) -> None:
+        """A member just reached us: it is up, so retry it now rather than after backoff."""
+        status = self.peers.get(origin)
+        if status is not None and status.failures:
+            status.failures = 0
+            self.wake(origin)
+
+    def notify_received(self, origin: str, hinted_log_id: str, size: int) -> None:
+        """A member says a log grew: fetch now, unless we already hold that size."""
+        member = self.roster.roster.by_log_id(hinted_log_id)
+        if member is not None and member.log_id not in self._distrusted:
+            with contextlib.suppress(*PeerError):
+                if self._mirror(member).size() >= size:
+                    return
+        self.wake(origin)
+
+    async def _get(self, url: str, limit: int) -> tuple[bytes, str]:
+        assert self._session is not None
+        async with self._session.get(url) as response:
+            if response.status != 200:
+                raise PeerFailure(f"GET {url} answered {response.status}")
+            if (response.content_length or 0) > limit:
+                raise PeerFailure(f"GET {url} answer is too large")
+            body = await response.content.read(limit + 1)
+            if len(body) > limit:
+                raise PeerFailure(f"GET {url} answer is too large")
+            return body, response.content_type
+
+    async def _listing(self, member: Member, status: PeerStatus) -> tuple[str, list[Any]]:
+        """The member's GET /ledger/logs, from the first of its URLs that answers."""
+        urls = self.roster.urls_of(member)
+        if not urls:
+            raise PeerFailure(f"no address known for {member.origin}")
+        failure: Exception | None = None
+        for url in urls:
+            try:
+                body, _ = await self._get(url + "/ledger/logs", MAX_LISTING_BYTES)
+                listing = json.loads(body)
+                if not isinstance(listing, list):
+                    raise PeerFailure("GET /ledger/logs is not a JSON list")
+                status.url = url
+                return url, listing
+            except (PeerFailure, *PeerError) as exc:
+                failure = exc
+        raise PeerFailure(str(failure))
+
+    async def _sync_member(self, member: Member, status: PeerStatus) -> None:
+        url, listing = await self._listing(member, status)
+        roster = self.roster.roster
+        for item in listing:
+            if not isinstance(item, dict):
+                raise PeerFailure("GET /ledger/logs lists something that is not an object")
+            listed_origin, size = item.get("origin"), item.get("size")
+            if not isinstance(listed_origin, str) or not isinstance(size, int) or size < 0:
+                raise PeerFailure("GET /ledger/logs has an entry without origin and size")
+            log_member = roster.get(listed_origin)
+            if log_member is None or log_member.log_id in self._distrusted:
+                continue  # our own log, a non-member's, or one we no longer trust
+            direct = log_member.origin == member.origin
+            if direct:
+                status.size_there = size
+            try:
+                await self._sync_log(log_member, url, size, direct, status)
+            except (PeerFailure, *PeerError) as exc:
+                if direct:
+                    raise
+                log.info("copy of %s at %s not usable: %s", listed_origin, member.origin, exc)
+
+    async def _sync_log(
+        self, log_member: Member, url: str, listed_size: int, direct: bool, status: PeerStatus
+    ) -> None:
+        mirror = self._mirror(log_member)
+        ours = mirror.size()
+        lid = log_member.log_id
+        if listed_size == ours and (not direct or self._cosigned.get(lid) == ours):
+            return
+        if not direct and status.compared.get(lid) == (listed_size, ours):
+            return
+        base = f"{url}/ledger/logs/{lid}"
+        note_bytes, _ = await self._get(base + "/checkpoint", MAX_CHECKPOINT_BYTES)
+        note = note_bytes.decode("utf-8", errors="strict")
+        checkpoint = notes.verify_note(note, log_member.vkey)
+        ours = mirror.size()
+        if checkpoint.size <= ours:
+            if mirror.root(checkpoint.size) != checkpoint.root_hash:
+                self._equivocation(
+                    log_member, mirror, note, "its root differs from the verified prefix here"
+                )
+                return
+        else:
+            entries = await self._fetch_entries(base, ours, checkpoint.size)
+            try:
+                mirror.extend(entries, note, log_member.vkey)
+            except Conflict as exc:
+                await self._judge_conflict(log_member, mirror, note, checkpoint, base, direct, exc)
+                return
+            log.info("mirrored %s up to %d from %s", log_member.origin, checkpoint.size, url)
+        status.compared[lid] = (listed_size, mirror.size())
+        if direct and checkpoint.size == mirror.size() and self._cosigned.get(lid) != ours:
+            await self._witness(log_member, url, checkpoint)
+
+    async def _fetch_entries(self, base: str, start: int, end: int) -> list[bytes]:
+        entries: list[bytes] = []
+        while start + len(entries) < end:
+            first = start + len(entries)
+            last = min(first + ENTRY_BATCH, end)
+            body, _ = await self._get(f"{base}/entries?start={first}&end={last}", MAX_BATCH_BYTES)
+            try:
+                batch = msgpack.unpackb(body, raw=True)
+            except (ValueError, msgpack.UnpackException) as exc:
+                raise PeerFailure("entries are not a msgpack array") from exc
+            if (
+                not isinstance(batch, list)
+                or not batch
+                or len(batch) > last - first
+                or not all(isinstance(e, bytes) for e in batch)
+            ):
+                raise PeerFailure("entries answer is not a non-empty array of byte strings")
+            entries.extend(batch)
+        return entries
+
+    async def _judge_conflict(
+        self,
+        log_member: Member,
+        mirror: Any,
+        note: str,
+        checkpoint: notes.Checkpoint,
+        base: str,
+        direct: bool,
+        exc: Exception,
+    ) -> None:
+        """Entries did not extend our prefix to the signed root: bad copy, or equivocation?"""
+        ours = mirror.size()
+        body, _ = await self._get(
+            f"{base}/proof/consistency?old={ours}&new={checkpoint.size}", MAX_LISTING_BYTES
+        )
+        try:
+            proof = [base64.b64decode(h, validate=True) for h in json.loads(body)["proof"]]
+        except (ValueError, KeyError, TypeError) as err:
+            raise PeerFailure("consistency proof is malformed") from err
+        consistent = verify_consistency(
+            proof, ours, checkpoint.size, mirror.root(ours), checkpoint.root_hash
+        )
+        if consistent:
+            raise PeerFailure(f"entries do not match the signed checkpoint: {exc}")
+        if direct:
+            # The log's own node signed a checkpoint it cannot prove extends its earlier one.
+            self._equivocation(log_member, mirror, note, "it does not extend the verified prefix")
+        else:
+            raise PeerFailure(f"copy of {log_member.origin} is inconsistent here: {exc}")
+
+    def _equivocation(self, log_member: Member, mirror: Any, note: str, reason: str) -> None:
+        ours = mirror.checkpoint_note()
+        proof = Equivocation(
+            log_member.log_id,
+            log_member.origin,
+            ours,
+            note,
+            f"two signed checkpoints of {log_member.origin} are inconsistent: {reason}",
+            int(time.time()),
+        )
+        if self.state.record_equivocation(proof):
+            log.error(
+                "EQUIVOCATION by %s: %s; its new entries are refused", log_member.origin, reason
+            )
+        self._distrusted.add(log_member.log_id)
+
+    async def _witness(self, log_member: Member, url: str, checkpoint: notes.Checkpoint) -> None:
+        body = checkpoint.body()
+        signature = notes.cosign_checkpoint(body, self.runtime.identity, int(time.time()))
+        async with self._signed(
+            "POST", f"{url}/p2p/cosignature", (body + "\n" + signature.line()).encode()
+        ) as response:
+            if response.status != 200:
+                raise PeerFailure(f"cosignature refused: {response.status} {await response.text()}")
+        self._cosigned[log_member.log_id] = checkpoint.size
+
+    # ---- signed calls to members ---------------------------------------------------------
+
+    def _signed(self, method: str, url: str, body: bytes) -> Any:
+        """A request signed with this node's key (the format is node.core.signed_requests)."""
+        assert self._session is not None
+        self.bytes_sent += len(body)
+        identity = self.runtime.identity
+        target = yarl.URL(url)
+        headers = make_headers(
+            identity.sign,
+            node_signer(identity.origin),
+            method,
+            target.raw_path_qs,
+            body,
+            int(time.time()),
+            os.urandom(NONCE_SIZE),
+        )
+        return self._session.request(method, target, data=body, headers=headers)
+
+    def _notify_all(self, size: int) -> None:
+        body = json.dumps({"log_id": log_id(self.runtime.config.origin), "size": size}).encode()
+        for member in self.roster.roster:
+            urls = self.roster.urls_of(member)
+            if urls:
+                task = asyncio.create_task(self._notify(urls[0] + "/p2p/notify", body))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def _notify(self, url: str, body: bytes) -> None:
+        with contextlib.suppress(*PeerError):
+            async with self._signed("POST", url, body) as response:
+                await response.read()
+
+    # ---- the log's own node: collecting cosignatures -------------------------------------
+
+    def accept_cosignature(self, cosigner: str, text: str) -> int:
+        """Keep a member's cosignature of one of this node's checkpoints; returns its size.
+
+        Raises BadInput if malformed, Unauthorized if the cosignature does not verify with
+        the member's key, Conflict if the checkpoint is not one this log signed.
+        """
+        member = self.roster.roster.get(cosigner)
+        if member is None:
+            raise Unauthorized(f"{cosigner} is not a roster member")
+        body, signatures = notes.parse_note(text)
+        if len(signatures) != 1 or signatures[0].name != cosigner:
+            raise BadInput("send exactly one cosignature, by the calling node")
+        if notes.verify_cosignature(body, signatures[0], member.vkey) is None:
+            raise Unauthorized("bad cosignature")
+        checkpoint = notes.Checkpoint.parse(body)
+        own = self._own_log()
+        if (
+            checkpoint.origin != self.runtime.config.origin
+            or checkpoint.size > own.size()
+            or own.root(checkpoint.size) != checkpoint.root_hash
+        ):
+            raise Conflict("that checkpoint is not one of this node's log")
+        own.add_cosignature(signatures[0])
+        return checkpoint.size
+
+    # ---- status --------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Peers, reachability, sizes here and there, cosignatures, equivocations."""
+        peers = []
+        for member in self.roster.roster:
+            entry: dict[str, Any] = {
+                "origin": member.origin,
+                "log_id": member.log_id,
+                "urls": self.roster.urls_of(member),
+            }
+            entry.update(self.peers.get(member.origin, PeerStatus()).as_json())
+            try:
+                entry["size_here"] = self._mirror(member).size()
+            except (ImageShareError, ValueError):
+                entry["size_here"] = None
+            entry["trusted"] = member.log_id not in self._distrusted
+            peers.append(entry)
+        own: dict[str, Any] = {"origin": self.runtime.config.origin}
+        with contextlib.suppress(ImageShareError):
+            note = self._own_log().checkpoint_note()
+            _, signatures = notes.parse_note(note)
+            own["size"] = self._own_log().size()
+            own["cosigners"] = sorted(
+                {s.name for s in signatures if s.name != self.runtime.config.origin}
+            )
+        return {
+            "origin": self.runtime.config.origin,
+            "own_log": own,
+            "peers": peers,
+            "equivocations": [p.as_json() for p in self.state.equivocations()],
+            "ignored_by_discovery": dict(self.ignored_by_discovery),
+        }
+
+
+def replication_of(runtime: NodeRuntime) -> ReplicationService:
+    """The node's one ReplicationService (created on first use, started by the daemon)."""
+    service = runtime.services.get("replication")
+    if service is None:
+        service = runtime.services["replication"] = ReplicationService(runtime)
+    return service  # type: ignore[no-any-return]
