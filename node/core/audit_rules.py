@@ -1,0 +1,549 @@
+"""The auditor's rules: pure judgements over signed checkpoints and log entries.
+
+Every finding is a Violation naming the log (its origin), the entry index when there is
+one, and a stable rule name from RULES. The functions here read no clock and do no I/O:
+the caller fetches the logs, passes ``now`` and the results of signature checks, and
+decides how to report.
+
+Consent decisions reuse node.core.consent.validate_grant, the same function custodians
+use, fed with what the custodian's log said at the moment of each access.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from node.core.consent import (
+    MAX_TIME,
+    AccessRequest,
+    ConsentPolicy,
+    ConsentView,
+    GrantToken,
+    KeyStatus,
+    Revocation,
+    Rule,
+)
+from node.core.entries import LedgerEntry, decode_entry
+from node.core.keys import VerifierKey
+from node.core.merkle import ZERO_HASH, MemoryTree, leaf_hash, root_from_leaf_hashes
+from node.core.notes import Checkpoint, parse_note, verify_cosignature, verify_note
+from node.errors import BadInput, Unauthorized
+
+# Stable rule names: scripts match on these; never rename one.
+RULES: dict[str, str] = {
+    "bad_checkpoint_signature": "the checkpoint is not validly signed by the log's key",
+    "bad_cosignature": "a cosignature by a known node does not verify",
+    "key_mismatch": "nodes disagree on the log's key, or it changed since the last audit",
+    "entries_unavailable": "a node lists the log but does not serve all of it",
+    "malformed_entry": "an entry (or the token in it) is not well-formed",
+    "broken_chain": "an entry's prev is not the leaf hash of the entry before it",
+    "root_mismatch": "the entries do not hash to the checkpoint's root",
+    "rollback": "the log is smaller than the checkpoint the auditor verified last time",
+    "fork": "the log does not extend the checkpoint the auditor verified last time",
+    "split_view": "two nodes serve validly signed, inconsistent checkpoints of the log",
+    "equivocation": "a node holds two validly signed, inconsistent checkpoints of the log",
+    "grant_bad_signature": "a recorded grant's patient signature does not verify",
+    "grant_unenrolled_key": "a grant is signed by a key not enrolled (or retired) at that time",
+    "grant_wrong_custodian": "a grant recorded in the log names another custodian",
+    "revocation_bad_signature": "a revocation is not signed by the grant's patient key",
+    "access_without_grant": "an access has no valid grant recorded before it",
+    "access_unenrolled_key": "an access relies on a grant whose key was not enrolled or retired",
+    "access_after_revocation": "an access happened after its grant was revoked",
+    "access_outside_validity": "an access happened outside its grant's validity window",
+    "access_wrong_grantee": "an access served a node the grant does not name",
+    "access_out_of_scope": "an access served a study outside its grant's scope",
+    "access_without_receipt": "an access has no matching receipt in the grantee's log",
+    "receipt_without_access": "a receipt has no matching access in the custodian's log",
+}
+
+# Consent's refusal rule -> the auditor's rule for an access that was served anyway.
+ACCESS_RULES: dict[Rule, str] = {
+    Rule.TAMPERED: "access_without_grant",
+    Rule.BAD_SIGNATURE: "access_without_grant",
+    Rule.WRONG_CUSTODIAN: "access_without_grant",
+    Rule.NOT_RECORDED: "access_without_grant",
+    Rule.UNKNOWN_PATIENT: "access_unenrolled_key",
+    Rule.KEY_RETIRED: "access_unenrolled_key",
+    Rule.LIFETIME_TOO_LONG: "access_outside_validity",
+    Rule.NOT_YET_VALID: "access_outside_validity",
+    Rule.EXPIRED: "access_outside_validity",
+    Rule.REVOKED: "access_after_revocation",
+    Rule.WRONG_GRANTEE: "access_wrong_grantee",
+    Rule.OUT_OF_SCOPE: "access_out_of_scope",
+    Rule.NOT_OWNER: "access_out_of_scope",
+}
+
+# Findings of one kind in one history beyond this many are summarised, not listed.
+MAX_FINDINGS_PER_RULE = 50
+KINDS_COUNTED = ("enroll", "grant", "revoke", "access", "denial", "receipt")
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One broken rule: in which log, at which entry (if any), and what was seen."""
+
+    log: str
+    index: int | None
+    rule: str
+    detail: str
+    source: str | None = None  # the node URL that served the evidence, when it matters
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "log": self.log,
+            "index": self.index,
+            "rule": self.rule,
+            "detail": self.detail,
+            "source": self.source,
+        }
+
+
+@dataclass(frozen=True)
+class CosignatureStatus:
+    """One signature on a checkpoint other than the log's own."""
+
+    name: str
+    status: str  # "valid", "invalid" or "unknown" (no key known for that name)
+    timestamp: int | None = None
+
+
+@dataclass
+class History:
+    """One log as one node served it, after the structural checks.
+
+    ``checkpoint`` is None when its signature did not verify (nothing else is trusted
+    then). ``intact`` means every entry decoded, the chain holds and the root matches.
+    """
+
+    origin: str
+    source: str
+    note: str
+    checkpoint: Checkpoint | None
+    leaf_hashes: list[bytes] = field(default_factory=list)
+    entries: list[LedgerEntry | None] = field(default_factory=list)
+    intact: bool = False
+    cosignatures: list[CosignatureStatus] = field(default_factory=list)
+    _tree: MemoryTree | None = None
+
+    @property
+    def size(self) -> int:
+        return 0 if self.checkpoint is None else self.checkpoint.size
+
+    def prefix_root(self, size: int) -> bytes:
+        """The root of this history's first ``size`` entries (an intact history only)."""
+        if self._tree is None:
+            self._tree = MemoryTree(self.leaf_hashes)
+        return self._tree.root(size)
+
+
+class _Findings:
+    """Violations of one history, capped per rule so a shifted log does not flood a report."""
+
+    def __init__(self, origin: str, source: str | None) -> None:
+        self.origin, self.source = origin, source
+        self.found: list[Violation] = []
+        self.counts: Counter[str] = Counter()
+
+    def add(self, rule: str, index: int | None, detail: str) -> None:
+        self.counts[rule] += 1
+        if self.counts[rule] <= MAX_FINDINGS_PER_RULE:
+            self.found.append(Violation(self.origin, index, rule, detail, self.source))
+
+    def done(self) -> list[Violation]:
+        for rule, count in self.counts.items():
+            if count > MAX_FINDINGS_PER_RULE:
+                more = count - MAX_FINDINGS_PER_RULE
+                self.found.append(
+                    Violation(self.origin, None, rule, f"and {more} more like it", self.source)
+                )
+        return self.found
+
+
+# -- structure: signatures, chain, roots --------------------------------------------------
+
+
+def check_history(
+    origin: str,
+    vkey: VerifierKey,
+    source: str,
+    note: str,
+    raw_entries: Sequence[bytes],
+    decode: Callable[[bytes], LedgerEntry] = decode_entry,
+) -> tuple[History, list[Violation]]:
+    """Verify one served log: checkpoint signature, every entry, the chain, the root.
+
+    ``decode`` may memoise decode_entry across nodes serving the same bytes; it must
+    raise BadInput for a malformed entry.
+    """
+    findings = _Findings(origin, source)
+    history = History(origin, source, note, None)
+    try:
+        checkpoint = verify_note(note, vkey)
+    except (BadInput, Unauthorized) as exc:
+        findings.add("bad_checkpoint_signature", None, str(exc))
+        return history, findings.done()
+    history.checkpoint = checkpoint
+    if len(raw_entries) != checkpoint.size:
+        findings.add(
+            "entries_unavailable",
+            len(raw_entries),
+            f"served {len(raw_entries)} entries for a checkpoint of {checkpoint.size}",
+        )
+        return history, findings.done()
+    hashes = [leaf_hash(raw) for raw in raw_entries]
+    entries: list[LedgerEntry | None] = []
+    for index, raw in enumerate(raw_entries):
+        try:
+            entry: LedgerEntry | None = decode(raw)
+        except BadInput as exc:
+            entry = None
+            findings.add("malformed_entry", index, str(exc))
+        entries.append(entry)
+        expected_prev = hashes[index - 1] if index else ZERO_HASH
+        if entry is not None and entry.prev != expected_prev:
+            findings.add("broken_chain", index, "prev is not the leaf hash of the entry before it")
+    if root_from_leaf_hashes(hashes) != checkpoint.root_hash:
+        findings.add(
+            "root_mismatch", None, f"entries 0..{checkpoint.size - 1} do not hash to the root"
+        )
+    history.leaf_hashes, history.entries = hashes, entries
+    history.intact = not findings.counts
+    return history, findings.done()
+
+
+def check_cosignatures(
+    history: History, log_key: VerifierKey, keys_by_name: Mapping[str, VerifierKey]
+) -> list[Violation]:
+    """Record who cosigned the history's checkpoint; a known node's bad cosignature violates."""
+    if history.checkpoint is None:
+        return []
+    body, signatures = parse_note(history.note)
+    violations = []
+    for sig in signatures:
+        if sig.name == log_key.name and sig.key_id == log_key.key_id:
+            continue
+        key = keys_by_name.get(sig.name)
+        if key is None:
+            history.cosignatures.append(CosignatureStatus(sig.name, "unknown"))
+            continue
+        timestamp = verify_cosignature(body, sig, key)
+        if timestamp is None:
+            history.cosignatures.append(CosignatureStatus(sig.name, "invalid"))
+            violations.append(
+                Violation(
+                    history.origin,
+                    None,
+                    "bad_cosignature",
+                    f"the cosignature of {sig.name} does not verify",
+                    history.source,
+                )
+            )
+        else:
+            history.cosignatures.append(CosignatureStatus(sig.name, "valid", timestamp))
+    return violations
+
+
+def first_difference(a: Sequence[bytes], b: Sequence[bytes]) -> int | None:
+    """The first index where two lists of leaf hashes differ, or None if one prefixes the other."""
+    for index, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return index
+    return None
+
+
+def _inconsistent(older: History, newer: History) -> bool:
+    """True if the two signed checkpoints cannot both be views of one append-only log."""
+    assert older.checkpoint is not None and newer.checkpoint is not None
+    if older.size == newer.size:
+        return older.checkpoint.root_hash != newer.checkpoint.root_hash
+    if newer.intact:
+        return newer.prefix_root(older.size) != older.checkpoint.root_hash
+    # The newer view's entries are broken (reported already); its prefix proves nothing.
+    return False
+
+
+def check_split_view(histories: Sequence[History]) -> list[Violation]:
+    """One violation per pair of nodes serving inconsistent signed checkpoints of a log."""
+    signed = sorted((h for h in histories if h.checkpoint is not None), key=lambda h: h.size)
+    violations = []
+    for i, older in enumerate(signed):
+        for newer in signed[i + 1 :]:
+            if _inconsistent(older, newer):
+                index = first_difference(older.leaf_hashes, newer.leaf_hashes)
+                violations.append(
+                    Violation(
+                        older.origin,
+                        index,
+                        "split_view",
+                        f"{older.source} serves size {older.size} and {newer.source} size "
+                        f"{newer.size}, both signed, not one history",
+                        newer.source,
+                    )
+                )
+    return violations
+
+
+def check_against_saved(history: History, saved_size: int, saved_root: bytes) -> list[Violation]:
+    """Rollback or fork of a served log relative to the checkpoint verified last time."""
+    if history.checkpoint is None:
+        return []
+    if history.size < saved_size:
+        return [
+            Violation(
+                history.origin,
+                history.size,
+                "rollback",
+                f"size {history.size} is below the size {saved_size} verified last time",
+                history.source,
+            )
+        ]
+    if history.size == saved_size:
+        forked = history.checkpoint.root_hash != saved_root
+    elif history.intact:
+        forked = history.prefix_root(saved_size) != saved_root
+    else:
+        return []
+    if not forked:
+        return []
+    return [
+        Violation(
+            history.origin,
+            None,
+            "fork",
+            f"its first {saved_size} entries differ from the checkpoint verified last time",
+            history.source,
+        )
+    ]
+
+
+def check_equivocation_proof(
+    origin: str, vkey: VerifierKey, notes: Sequence[str], held: History | None
+) -> Violation | None:
+    """A node's equivocation proof, confirmed: both notes signed by the log, inconsistent.
+
+    Two signed checkpoints of one size with different roots prove it alone; of different
+    sizes, they are judged against an intact history the auditor holds of the log.
+    """
+    if len(notes) != 2:
+        return None
+    try:
+        a, b = sorted((verify_note(n, vkey) for n in notes), key=lambda c: c.size)
+    except (BadInput, Unauthorized):
+        return None
+    if a.size == b.size:
+        proven = a.root_hash != b.root_hash
+    elif held is not None and held.intact and held.size >= b.size:
+        proven = held.prefix_root(a.size) != a.root_hash or held.prefix_root(b.size) != b.root_hash
+    else:
+        proven = False
+    if not proven:
+        return None
+    return Violation(
+        origin,
+        None,
+        "equivocation",
+        f"signed checkpoints of sizes {a.size} and {b.size} are not one history",
+    )
+
+
+# -- consent ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SignatureChecks:
+    """Results of the patient-signature checks, done beforehand (possibly in parallel).
+
+    Keyed by the token or revocation bytes; a value None means it did not decode.
+    """
+
+    grants: Mapping[bytes, GrantToken | None]
+    grants_valid: frozenset[bytes]
+    revocations: Mapping[bytes, Revocation | None]
+    revocations_valid: frozenset[bytes]
+
+
+@dataclass(frozen=True)
+class AccessCheck:
+    """One access to judge with consent.validate_grant, and the log state at that moment."""
+
+    log: str
+    index: int
+    token: bytes
+    request: AccessRequest
+    view: ConsentView
+    policy: ConsentPolicy
+
+
+def signed_items(entries: Sequence[LedgerEntry | None]) -> tuple[list[bytes], list[bytes]]:
+    """The grant tokens and revocations a log carries, for the signature checks."""
+    grants, revocations = [], []
+    for entry in entries:
+        if entry is None:
+            continue
+        if entry.kind == "grant":
+            grants.append(entry.fields["token"])
+        elif entry.kind == "revoke":
+            revocations.append(entry.fields["revocation"])
+    return grants, revocations
+
+
+def count_kinds(entries: Sequence[LedgerEntry | None]) -> dict[str, int]:
+    """How many entries of each reported kind a log holds."""
+    counts = Counter(e.kind for e in entries if e is not None)
+    return {kind: counts.get(kind, 0) for kind in KINDS_COUNTED}
+
+
+def plan_consent_checks(
+    origin: str, entries: Sequence[LedgerEntry | None], signatures: SignatureChecks, clock_skew: int
+) -> tuple[list[Violation], list[AccessCheck]]:
+    """Walk one custodian's log in order: judge its grants and revocations, plan its accesses.
+
+    Each access is planned with a ConsentView holding only what the log said before it.
+    The auditor cannot see which studies belong to which patient (references are keyed
+    by the custodian), so ownership is taken as the log shows it, and the custodian's
+    maximum lifetime is not known: neither is judged here.
+    """
+    findings = _Findings(origin, None)
+    keys: dict[bytes, KeyStatus] = {}
+    grants: dict[bytes, GrantToken] = {}
+    revoked: set[tuple[bytes, bytes]] = set()
+    policy = ConsentPolicy(origin, max_lifetime=MAX_TIME, clock_skew=clock_skew)
+    checks: list[AccessCheck] = []
+    for index, entry in enumerate(entries):
+        if entry is None:
+            continue
+        f = entry.fields
+        if entry.kind == "enroll":
+            keys[f["key"]] = KeyStatus(f["subject"])
+            if f["replaces"] is not None:
+                old = keys.get(f["replaces"])
+                keys[f["replaces"]] = KeyStatus(f["subject"] if old is None else old.subject, True)
+        elif entry.kind == "grant":
+            _judge_grant(origin, index, f["token"], keys, grants, signatures, findings)
+        elif entry.kind == "revoke":
+            _judge_revocation(index, f["revocation"], grants, revoked, signatures, findings)
+        elif entry.kind == "access":
+            token = grants.get(f["token_id"])
+            if token is None:
+                findings.add("access_without_grant", index, "no grant with this token id before it")
+                continue
+            key = keys.get(token.patient_key)
+            owned = frozenset(token.fields.scope or ()) | {f["study"]}
+            pair = (token.patient_key, token.token_id)
+            view = ConsentView(
+                keys={} if key is None else {token.patient_key: key},
+                studies_of_subject={} if key is None else {key.subject: owned},
+                revoked=frozenset({pair} & revoked),
+                recorded=frozenset({token.token_id}),
+            )
+            request = AccessRequest(f["grantee"], (f["study"],), entry.time)
+            checks.append(AccessCheck(origin, index, token.raw, request, view, policy))
+    return findings.done(), checks
+
+
+def _judge_grant(
+    origin: str,
+    index: int,
+    raw: bytes,
+    keys: Mapping[bytes, KeyStatus],
+    grants: dict[bytes, GrantToken],
+    signatures: SignatureChecks,
+    findings: _Findings,
+) -> None:
+    token = signatures.grants.get(raw)
+    if token is None:
+        findings.add("malformed_entry", index, "the grant's token is not a well-formed grant")
+        return
+    grants.setdefault(token.token_id, token)
+    if raw not in signatures.grants_valid:
+        findings.add("grant_bad_signature", index, "the patient signature does not verify")
+    elif token.fields.custodian != origin:
+        findings.add("grant_wrong_custodian", index, f"names custodian {token.fields.custodian}")
+    elif token.patient_key not in keys:
+        findings.add("grant_unenrolled_key", index, "its key was not enrolled before it")
+    elif keys[token.patient_key].retired:
+        findings.add("grant_unenrolled_key", index, "its key was retired before it")
+
+
+def _judge_revocation(
+    index: int,
+    raw: bytes,
+    grants: Mapping[bytes, GrantToken],
+    revoked: set[tuple[bytes, bytes]],
+    signatures: SignatureChecks,
+    findings: _Findings,
+) -> None:
+    revocation = signatures.revocations.get(raw)
+    if revocation is None:
+        findings.add("malformed_entry", index, "the revocation is not well-formed")
+        return
+    grant = grants.get(revocation.token_id)
+    if raw not in signatures.revocations_valid:
+        findings.add("revocation_bad_signature", index, "the patient signature does not verify")
+    elif grant is not None and grant.patient_key != revocation.patient_key:
+        findings.add("revocation_bad_signature", index, "signed by another key than the grant's")
+    else:
+        revoked.add((revocation.patient_key, revocation.token_id))
+
+
+def access_violation(check: AccessCheck, refused: Rule | None) -> Violation | None:
+    """The violation for an access that validate_grant refused with ``refused`` (or None)."""
+    if refused is None:
+        return None
+    return Violation(
+        check.log,
+        check.index,
+        ACCESS_RULES[refused],
+        f"its grant fails the consent rule '{refused.value}' at the time of the access",
+    )
+
+
+# -- two-sided accountability ---------------------------------------------------------------
+
+
+def match_receipts(
+    logs: Mapping[str, Sequence[LedgerEntry | None]], now: int, grace: int
+) -> list[Violation]:
+    """Every access needs its receipt in the grantee's log, and every receipt its access.
+
+    They match on (custodian, grantee, token id, study, digest), counted as multisets.
+    Entries younger than ``grace`` seconds are not judged yet: the other side may still be
+    writing its half.
+    """
+    accesses: dict[tuple[str, str, bytes, bytes, bytes], list[tuple[str, int, int]]] = defaultdict(
+        list
+    )
+    receipts: dict[tuple[str, str, bytes, bytes, bytes], list[tuple[str, int, int]]] = defaultdict(
+        list
+    )
+    for origin, entries in logs.items():
+        for index, entry in enumerate(entries):
+            if entry is None:
+                continue
+            f = entry.fields
+            if entry.kind == "access":
+                key = (origin, f["grantee"], f["token_id"], f["study"], f["digest"])
+                accesses[key].append((origin, index, entry.time))
+            elif entry.kind == "receipt":
+                key = (f["custodian"], origin, f["token_id"], f["study"], f["digest"])
+                receipts[key].append((origin, index, entry.time))
+    violations = []
+    for key in sorted(set(accesses) | set(receipts)):
+        sent, arrived = accesses.get(key, []), receipts.get(key, [])
+        unmatched = len(sent) - len(arrived)
+        if unmatched > 0:
+            rule, extra, other = "access_without_receipt", sent[-unmatched:], key[1]
+        elif unmatched < 0:
+            rule, extra, other = "receipt_without_access", arrived[unmatched:], key[0]
+        else:
+            continue
+        for log, index, time in extra:
+            if time + grace > now:
+                continue
+            detail = f"no matching entry in the log of {other}"
+            if other not in logs:
+                detail += " (that log was not seen)"
+            violations.append(Violation(log, index, rule, detail))
+    return violations

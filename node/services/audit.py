@@ -1,0 +1,646 @@
+"""The auditor: mirror every reachable log over the public ledger API and verify it all.
+
+Two halves. ``collect`` reads, from every node URL given, the node's own log and every
+log it mirrors (``/ledger/logs``), each as that node serves it (signed checkpoint with
+cosignatures, then every entry), plus the node's equivocation proofs. ``audit`` then
+judges these views with the pure rules of node.core.audit_rules: signatures, chain,
+roots, consistency with the saved state, one view per log across nodes, and the consent
+rules over all logs together. Nothing here trusts a node's word: a log counts only as
+far as its own signature and its entries prove it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import aiohttp
+import msgpack
+
+from node.config import ConsentConfig
+from node.core.audit_rules import (
+    AccessCheck,
+    CosignatureStatus,
+    History,
+    SignatureChecks,
+    Violation,
+    access_violation,
+    check_against_saved,
+    check_cosignatures,
+    check_equivocation_proof,
+    check_history,
+    check_split_view,
+    count_kinds,
+    match_receipts,
+    plan_consent_checks,
+    signed_items,
+)
+from node.core.consent import (
+    GrantToken,
+    Revocation,
+    Rule,
+    decode_grant,
+    decode_revocation,
+    validate_grant,
+)
+from node.core.entries import LedgerEntry, decode_entry
+from node.core.keys import VerifierKey, parse_verifier_key
+from node.core.notes import Checkpoint, parse_note
+from node.errors import BadInput, ImageShareError
+from node.services.audit_state import AuditState, SavedCheckpoint
+
+# A server may return fewer entries than asked; we ask for pages of this size.
+ENTRIES_PAGE = 1000
+# Pages of one log fetched at the same time from one node.
+PAGES_IN_FLIGHT = 4
+# Largest JSON or msgpack answer the auditor reads from a node.
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+
+
+class PeerUnreachable(ImageShareError):
+    """A node given on the command line could not be reached at all."""
+
+
+@dataclass(frozen=True)
+class LogListing:
+    """One row of a node's ``GET /ledger/logs``: what the node claims about a log."""
+
+    origin: str
+    log_id: str
+    vkey: str
+    size: int
+
+
+@dataclass
+class ServedLog:
+    """One log as one node serves it: its checkpoint note and the entries it returned.
+
+    ``error`` is set when the node listed the log but would not or could not serve it
+    whole (an HTTP error, a malformed answer, fewer entries than its checkpoint).
+    """
+
+    source: str
+    listing: LogListing
+    note: str | None = None
+    entries: list[bytes] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class PeerView:
+    """Everything one node served: its name, its logs, its equivocation proofs."""
+
+    url: str
+    origin: str
+    logs: list[ServedLog]
+    equivocations: list[Any]
+
+
+async def _read_limited(response: aiohttp.ClientResponse) -> bytes:
+    data = await response.content.read(MAX_RESPONSE_BYTES + 1)
+    if len(data) > MAX_RESPONSE_BYTES:
+        raise BadInput("answer is larger than the auditor accepts")
+    return data
+
+
+async def _get(
+    session: aiohttp.ClientSession, url: str, params: dict[str, Any] | None = None
+) -> bytes:
+    """GET and return the body; raises BadInput on a non-200 answer (with the node's reason)."""
+    async with session.get(url, params=params) as response:
+        body = await _read_limited(response)
+        if response.status != 200:
+            reason = body[:200].decode(errors="replace").strip()
+            raise BadInput(f"{url} answered {response.status}: {reason}")
+        return body
+
+
+def _json(body: bytes, what: str) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise BadInput(f"{what} is not JSON") from exc
+
+
+def parse_listing(document: Any) -> list[LogListing]:
+    """Parse ``GET /ledger/logs``; raises BadInput if it is not a list of well-typed rows."""
+    if not isinstance(document, list):
+        raise BadInput("/ledger/logs is not a JSON list")
+    listings = []
+    for row in document:
+        if not isinstance(row, dict):
+            raise BadInput("/ledger/logs row is not an object")
+        origin, log_id, vkey, size = (row.get(k) for k in ("origin", "log_id", "vkey", "size"))
+        if not (
+            isinstance(origin, str)
+            and isinstance(log_id, str)
+            and isinstance(vkey, str)
+            and isinstance(size, int)
+            and not isinstance(size, bool)
+            and size >= 0
+        ):
+            raise BadInput("/ledger/logs row has missing or mistyped fields")
+        listings.append(LogListing(origin, log_id, vkey, size))
+    return listings
+
+
+def parse_entries_page(body: bytes) -> list[bytes]:
+    """Parse an ``/entries`` answer (msgpack array of bin); raises BadInput otherwise."""
+    try:
+        page = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
+    except (ValueError, msgpack.exceptions.ExtraData, msgpack.exceptions.FormatError) as exc:
+        raise BadInput("entries answer is not msgpack") from exc
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise BadInput("entries answer is not msgpack") from exc
+    if not isinstance(page, list) or not all(isinstance(e, bytes) for e in page):
+        raise BadInput("entries answer is not an array of byte strings")
+    return page
+
+
+async def fetch_entries(
+    session: aiohttp.ClientSession, base: str, log_id: str, size: int
+) -> list[bytes]:
+    """Entries 0..size-1 of a log from one node, several pages in flight.
+
+    Raises BadInput if the node errs, answers garbage, or stops short of ``size``.
+    """
+    url = f"{base}/ledger/logs/{log_id}/entries"
+    chunks: dict[int, list[bytes]] = {}
+    gate = asyncio.Semaphore(PAGES_IN_FLIGHT)
+
+    async def chunk(start: int) -> None:
+        end = min(start + ENTRIES_PAGE, size)
+        got: list[bytes] = []
+        async with gate:
+            while start + len(got) < end:
+                page = parse_entries_page(
+                    await _get(session, url, {"start": start + len(got), "end": end})
+                )
+                if not page:
+                    raise BadInput(f"node stopped serving entries at {start + len(got)} of {size}")
+                got.extend(page[: end - start - len(got)])
+        chunks[start] = got
+
+    await asyncio.gather(*(chunk(s) for s in range(0, size, ENTRIES_PAGE)))
+    entries: list[bytes] = []
+    for start in range(0, size, ENTRIES_PAGE):
+        entries.extend(chunks[start])
+    return entries
+
+
+async def fetch_served_log(
+    session: aiohttp.ClientSession, base: str, listing: LogListing
+) -> ServedLog:
+    """One log as ``base`` serves it; a failure is recorded on the result, never raised."""
+    served = ServedLog(base, listing)
+    try:
+        note = (await _get(session, f"{base}/ledger/logs/{listing.log_id}/checkpoint")).decode()
+        served.note = note
+        size = checkpoint_size(note)
+        served.entries = await fetch_entries(session, base, listing.log_id, size)
+    except (BadInput, UnicodeDecodeError) as exc:
+        served.error = str(exc)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        served.error = f"connection failed while reading the log: {exc or type(exc).__name__}"
+    return served
+
+
+def checkpoint_size(note: str) -> int:
+    """The tree size a signed note claims; raises BadInput if it is no checkpoint."""
+    body, _signatures = parse_note(note)
+    return Checkpoint.parse(body).size
+
+
+async def fetch_view(session: aiohttp.ClientSession, url: str) -> PeerView:
+    """Everything one node serves; raises PeerUnreachable if its API cannot be read."""
+    base = url.rstrip("/")
+    try:
+        health = _json(await _get(session, f"{base}/healthz"), "/healthz")
+        listings = parse_listing(_json(await _get(session, f"{base}/ledger/logs"), "/ledger/logs"))
+        equivocations = await _fetch_equivocations(session, base)
+    except (aiohttp.ClientError, TimeoutError, BadInput) as exc:
+        raise PeerUnreachable(f"{base} is unreachable: {exc or type(exc).__name__}") from exc
+    origin = health.get("origin") if isinstance(health, dict) else None
+    if not isinstance(origin, str):
+        raise PeerUnreachable(f"{base}/healthz does not name the node's origin")
+    logs = await asyncio.gather(*(fetch_served_log(session, base, lst) for lst in listings))
+    return PeerView(base, origin, list(logs), equivocations)
+
+
+async def _fetch_equivocations(session: aiohttp.ClientSession, base: str) -> list[Any]:
+    async with session.get(f"{base}/ledger/equivocations") as response:
+        if response.status == 404:  # a node without federation serves none
+            return []
+        body = await _read_limited(response)
+        if response.status != 200:
+            raise BadInput(f"{base}/ledger/equivocations answered {response.status}")
+    document = _json(body, "/ledger/equivocations")
+    if not isinstance(document, list):
+        raise BadInput("/ledger/equivocations is not a JSON list")
+    return document
+
+
+async def collect(urls: list[str], timeout: float = 30.0) -> tuple[list[PeerView], list[str]]:
+    """Views of every reachable node and the reasons the others were unreachable."""
+    client_timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
+    async with aiohttp.ClientSession(timeout=client_timeout) as session:
+        results = await asyncio.gather(
+            *(fetch_view(session, url) for url in urls), return_exceptions=True
+        )
+    views: list[PeerView] = []
+    unreachable: list[str] = []
+    for result in results:
+        if isinstance(result, PeerUnreachable):
+            unreachable.append(str(result))
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            views.append(result)
+    return views, unreachable
+
+
+# -- judging ------------------------------------------------------------------------------
+
+# Below this many signature checks, a process pool costs more to start than it saves.
+PARALLEL_THRESHOLD = 4000
+CHUNK = 1000
+# Seconds an access or receipt may wait for its other half before it is a violation.
+DEFAULT_RECEIPT_GRACE = 300
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _check_grant_chunk(raws: list[bytes]) -> list[tuple[GrantToken | None, bool]]:
+    results: list[tuple[GrantToken | None, bool]] = []
+    for raw in raws:
+        try:
+            token = decode_grant(raw)
+        except BadInput:
+            results.append((None, False))
+            continue
+        results.append((token, token.signature_valid()))
+    return results
+
+
+def _check_revocation_chunk(raws: list[bytes]) -> list[tuple[Revocation | None, bool]]:
+    results: list[tuple[Revocation | None, bool]] = []
+    for raw in raws:
+        try:
+            revocation = decode_revocation(raw)
+        except BadInput:
+            results.append((None, False))
+            continue
+        results.append((revocation, revocation.signature_valid()))
+    return results
+
+
+def _judge_access_chunk(checks: list[AccessCheck]) -> list[Rule | None]:
+    return [validate_grant(c.token, c.request, c.view, c.policy).rule for c in checks]
+
+
+class Workers:
+    """Runs chunked pure work in-process, or on every core once the work is large enough.
+
+    Ed25519 verification dominates a large audit; a process pool spreads it over the
+    cores, while small audits stay in-process to avoid the pool's start-up cost.
+    """
+
+    def __init__(self, processes: int | None = None, threshold: int = PARALLEL_THRESHOLD) -> None:
+        self.processes = processes or os.cpu_count() or 1
+        self.threshold = threshold
+        self._pool: ProcessPoolExecutor | None = None
+
+    def map_chunks(self, fn: Callable[[list[T]], list[R]], items: Sequence[T]) -> list[R]:
+        """``fn`` over ``items`` in chunks, results in order."""
+        if len(items) < self.threshold or self.processes < 2:
+            return fn(list(items))
+        if self._pool is None:
+            import multiprocessing
+
+            # fork: the workers inherit the imported modules; the auditor runs no threads here.
+            self._pool = ProcessPoolExecutor(
+                self.processes, mp_context=multiprocessing.get_context("fork")
+            )
+        size = max(1, min(CHUNK, len(items) // (self.processes * 4) + 1))
+        chunks = [list(items[i : i + size]) for i in range(0, len(items), size)]
+        results: list[R] = []
+        for part in self._pool.map(fn, chunks):
+            results.extend(part)
+        return results
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+
+@dataclass
+class LogReport:
+    """What the audit found for one log."""
+
+    origin: str
+    log_id: str
+    vkey: str
+    size: int
+    sources: list[str]
+    counts: dict[str, int]
+    cosignatures: list[CosignatureStatus]
+    verified: bool  # some node served an intact, validly signed copy
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "origin": self.origin,
+            "log_id": self.log_id,
+            "vkey": self.vkey,
+            "size": self.size,
+            "sources": self.sources,
+            "counts": self.counts,
+            "cosignatures": [
+                {"name": c.name, "status": c.status, "timestamp": c.timestamp}
+                for c in self.cosignatures
+            ],
+            "verified": self.verified,
+        }
+
+
+@dataclass
+class AuditReport:
+    logs: list[LogReport]
+    violations: list[Violation]
+    unreachable: list[str]
+    checked_at: int
+
+    @property
+    def exit_status(self) -> int:
+        """2 if a node was unreachable, else 1 if any rule was broken, else 0."""
+        if self.unreachable:
+            return 2
+        return 1 if self.violations else 0
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "clean": not self.violations and not self.unreachable,
+            "checked_at": self.checked_at,
+            "logs": [log.as_json() for log in self.logs],
+            "violations": [v.as_json() for v in self.violations],
+            "unreachable": self.unreachable,
+        }
+
+
+def _memo_decoder() -> Callable[[bytes], LedgerEntry]:
+    """decode_entry, once per distinct entry even when many nodes serve the same log."""
+    cache: dict[bytes, LedgerEntry | BadInput] = {}
+
+    def decode(raw: bytes) -> LedgerEntry:
+        hit = cache.get(raw)
+        if hit is None:
+            try:
+                hit = decode_entry(raw)
+            except BadInput as exc:
+                hit = exc
+            cache[raw] = hit
+        if isinstance(hit, BadInput):
+            raise hit
+        return hit
+
+    return decode
+
+
+def resolve_keys(
+    views: Sequence[PeerView], saved: dict[str, SavedCheckpoint]
+) -> tuple[dict[str, VerifierKey], list[Violation]]:
+    """The key each log is verified with, and disagreements about it.
+
+    The key pinned in the saved state wins; else the one the log's own node serves; else
+    the one most nodes serve. Any node serving another key for the log is a violation.
+    """
+    claims: dict[str, dict[str, list[str]]] = {}
+    own: dict[str, str] = {}
+    for view in views:
+        for served in view.logs:
+            origin, vkey = served.listing.origin, served.listing.vkey
+            claims.setdefault(origin, {}).setdefault(vkey, []).append(view.url)
+            if view.origin == origin:
+                own[origin] = vkey
+    keys: dict[str, VerifierKey] = {}
+    violations: list[Violation] = []
+    for origin, by_vkey in sorted(claims.items()):
+        pinned = saved[origin].vkey if origin in saved else None
+        chosen = pinned or own.get(origin) or max(by_vkey, key=lambda k: len(by_vkey[k]))
+        for vkey, urls in sorted(by_vkey.items()):
+            if vkey != chosen:
+                why = "the key verified last time" if pinned else "the key the log's node serves"
+                violations.append(
+                    Violation(
+                        origin,
+                        None,
+                        "key_mismatch",
+                        f"{', '.join(urls)} serve a key other than {why}",
+                    )
+                )
+        try:
+            key = parse_verifier_key(chosen)
+        except BadInput as exc:
+            violations.append(Violation(origin, None, "key_mismatch", f"unusable key: {exc}"))
+            continue
+        if key.name != origin:
+            violations.append(
+                Violation(origin, None, "key_mismatch", f"the key names {key.name}, not the log")
+            )
+            continue
+        keys[origin] = key
+    return keys, violations
+
+
+def audit_views(
+    views: Sequence[PeerView],
+    saved: dict[str, SavedCheckpoint],
+    now: int,
+    receipt_grace: int = DEFAULT_RECEIPT_GRACE,
+    clock_skew: int = ConsentConfig.clock_skew_seconds,
+    workers: Workers | None = None,
+    unreachable: Sequence[str] = (),
+) -> tuple[AuditReport, list[SavedCheckpoint]]:
+    """Judge everything the nodes served; returns the report and the checkpoints to save.
+
+    Only logs with no violation at all are saved, so a problem keeps being reported
+    until it is resolved.
+    """
+    workers = workers or Workers()
+    keys, violations = resolve_keys(views, saved)
+    keys_by_name = dict(keys)
+    decode = _memo_decoder()
+    histories: dict[str, list[History]] = {origin: [] for origin in keys}
+    sources: dict[str, list[str]] = {}
+    for view in views:
+        for served in view.logs:
+            origin = served.listing.origin
+            sources.setdefault(origin, []).append(view.url)
+            key = keys.get(origin)
+            if key is None:
+                continue
+            if served.error is not None or served.note is None:
+                violations.append(
+                    Violation(origin, None, "entries_unavailable", served.error or "", view.url)
+                )
+                continue
+            history, found = check_history(
+                origin, key, view.url, served.note, served.entries, decode
+            )
+            violations.extend(found)
+            violations.extend(check_cosignatures(history, key, keys_by_name))
+            histories[origin].append(history)
+    best: dict[str, History] = {}
+    for origin, held in histories.items():
+        violations.extend(check_split_view(held))
+        if origin in saved:
+            for history in held:
+                violations.extend(
+                    check_against_saved(history, saved[origin].size, saved[origin].root_hash)
+                )
+        node_of = {view.url: view.origin for view in views}
+        # The largest intact copy, the log's own node's first among equals.
+        ranked = sorted(held, key=lambda h: (h.size, node_of[h.source] == origin), reverse=True)
+        intact = [h for h in ranked if h.intact]
+        if intact:
+            best[origin] = intact[0]
+    violations.extend(_equivocations(views, keys, best))
+    violations.extend(_consent(best, now, receipt_grace, clock_skew, workers))
+    violations = _dedupe(violations)
+    reports = []
+    for origin in sorted(sources):
+        history = best.get(origin)
+        key = keys.get(origin)
+        reports.append(
+            LogReport(
+                origin=origin,
+                log_id=hashlib.sha256(origin.encode()).hexdigest(),
+                vkey=str(key) if key else "",
+                size=history.size
+                if history
+                else max((h.size for h in histories.get(origin, [])), default=0),
+                sources=sources[origin],
+                counts=count_kinds(history.entries) if history else {},
+                cosignatures=history.cosignatures if history else [],
+                verified=history is not None,
+            )
+        )
+    broken = {v.log for v in violations}
+    to_save = [
+        SavedCheckpoint(origin, str(keys[origin]), h.size, h.checkpoint.root_hash, h.note)
+        for origin, h in sorted(best.items())
+        if origin not in broken and h.checkpoint is not None
+    ]
+    report = AuditReport(reports, violations, list(unreachable), now)
+    return report, to_save
+
+
+def _equivocations(
+    views: Sequence[PeerView], keys: dict[str, VerifierKey], best: dict[str, History]
+) -> list[Violation]:
+    """Equivocation proofs served by nodes, each confirmed before it counts."""
+    violations = []
+    for view in views:
+        for proof in view.equivocations:
+            origin = proof.get("origin") if isinstance(proof, dict) else None
+            notes = proof.get("notes") if isinstance(proof, dict) else None
+            if origin not in keys or not isinstance(notes, list):
+                continue
+            if not all(isinstance(n, str) for n in notes):
+                continue
+            found = check_equivocation_proof(origin, keys[origin], notes, best.get(origin))
+            if found is not None:
+                violations.append(
+                    Violation(found.log, found.index, found.rule, found.detail, view.url)
+                )
+    return violations
+
+
+def check_signatures(
+    entries: Iterable[Sequence[LedgerEntry | None]], workers: Workers
+) -> SignatureChecks:
+    """Decode and verify every grant and revocation the logs carry (each distinct one once)."""
+    grants: set[bytes] = set()
+    revocations: set[bytes] = set()
+    for log_entries in entries:
+        g, r = signed_items(log_entries)
+        grants.update(g)
+        revocations.update(r)
+    grant_list, revocation_list = sorted(grants), sorted(revocations)
+    grant_results = workers.map_chunks(_check_grant_chunk, grant_list)
+    revocation_results = workers.map_chunks(_check_revocation_chunk, revocation_list)
+    return SignatureChecks(
+        grants={raw: token for raw, (token, _) in zip(grant_list, grant_results, strict=True)},
+        grants_valid=frozenset(
+            raw for raw, (_, ok) in zip(grant_list, grant_results, strict=True) if ok
+        ),
+        revocations={
+            raw: rev for raw, (rev, _) in zip(revocation_list, revocation_results, strict=True)
+        },
+        revocations_valid=frozenset(
+            raw for raw, (_, ok) in zip(revocation_list, revocation_results, strict=True) if ok
+        ),
+    )
+
+
+def _consent(
+    best: dict[str, History], now: int, receipt_grace: int, clock_skew: int, workers: Workers
+) -> list[Violation]:
+    """The consent rules over every log that some node served intact."""
+    signatures = check_signatures((h.entries for h in best.values()), workers)
+    violations: list[Violation] = []
+    checks: list[AccessCheck] = []
+    for origin, history in sorted(best.items()):
+        found, planned = plan_consent_checks(origin, history.entries, signatures, clock_skew)
+        violations.extend(found)
+        checks.extend(planned)
+    for check, rule in zip(checks, workers.map_chunks(_judge_access_chunk, checks), strict=True):
+        violation = access_violation(check, rule)
+        if violation is not None:
+            violations.append(violation)
+    entries = {origin: h.entries for origin, h in best.items()}
+    violations.extend(match_receipts(entries, now, receipt_grace))
+    return violations
+
+
+def _dedupe(violations: list[Violation]) -> list[Violation]:
+    """Each finding once, in a stable order: by log, then index, then rule."""
+    unique = {(v.log, v.index, v.rule, v.detail): v for v in violations}
+    return sorted(
+        unique.values(),
+        key=lambda v: (v.log, -1 if v.index is None else v.index, v.rule, v.source or ""),
+    )
+
+
+def run_audit(
+    urls: list[str],
+    state: AuditState | None,
+    now: int,
+    receipt_grace: int = DEFAULT_RECEIPT_GRACE,
+    timeout: float = 30.0,
+) -> AuditReport:
+    """Mirror, verify and judge every log the nodes at ``urls`` serve.
+
+    Saves the checkpoints of logs found clean into ``state``. Raises BadInput if the
+    state directory is corrupt.
+    """
+    saved = state.load() if state is not None else {}
+    views, unreachable = asyncio.run(collect(urls, timeout))
+    workers = Workers()
+    try:
+        report, to_save = audit_views(
+            views, saved, now, receipt_grace, workers=workers, unreachable=unreachable
+        )
+    finally:
+        workers.close()
+    if state is not None:
+        for checkpoint in to_save:
+            state.save(checkpoint)
+    return report
