@@ -4,6 +4,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from node.edges.http import dicomweb, p2p
+from node.edges.http import dicomweb, p2p, patient
 
-MODULES: list[ModuleType] = [p2p, dicomweb]
+MODULES: list[ModuleType] = [p2p, dicomweb, patient]

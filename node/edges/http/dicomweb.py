@@ -1,0 +1,244 @@
+"""DICOMweb routes under /dicomweb: QIDO-RS, WADO-RS and STOW-RS (thin handlers).
+
+The admin bearer token and CORS are enforced by app.py's middlewares. Handlers parse the
+request, negotiate the media type, call the DICOMweb service and frame its answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from node.core import dicom_json
+from node.edges.http.app import RUNTIME_KEY
+from node.edges.http.multipart import (
+    NotAcceptable,
+    StreamedParts,
+    parse_accept,
+    stream_parts,
+    type_matches,
+)
+from node.errors import BadInput
+from node.services.dicomweb import OCTET_STREAM, DicomWebService, FrameSet, UploadPart
+from node.services.runtime import NodeRuntime
+from node.store.instances import InstanceRecord
+from node.store.queries import Level, QidoQuery
+
+PREFIX = "/dicomweb"
+SERVICE_KEY = web.AppKey("dicomweb", DicomWebService)
+DICOM = "application/dicom"
+_UID = "{%s:[0-9.]{1,64}}"
+STUDY = f"{PREFIX}/studies/{_UID % 'study'}"
+SERIES = f"{STUDY}/series/{_UID % 'series'}"
+INSTANCE = f"{SERIES}/instances/{_UID % 'instance'}"
+
+
+def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
+    app[SERVICE_KEY] = DicomWebService(runtime.store)
+    router = app.router
+    router.add_get(f"{PREFIX}/studies", search_studies)
+    router.add_post(f"{PREFIX}/studies", store_instances)
+    router.add_get(f"{PREFIX}/series", search_series)
+    router.add_get(f"{PREFIX}/instances", search_instances)
+    router.add_get(STUDY, retrieve)
+    router.add_post(STUDY, store_instances)
+    router.add_get(f"{STUDY}/metadata", retrieve_metadata)
+    router.add_get(f"{STUDY}/series", search_series)
+    router.add_get(f"{STUDY}/instances", search_instances)
+    router.add_get(SERIES, retrieve)
+    router.add_get(f"{SERIES}/metadata", retrieve_metadata)
+    router.add_get(f"{SERIES}/instances", search_instances)
+    router.add_get(INSTANCE, retrieve)
+    router.add_get(f"{INSTANCE}/metadata", retrieve_metadata)
+    router.add_get(f"{INSTANCE}/frames/{{frames}}", retrieve_frames)
+    router.add_get(f"{INSTANCE}/bulk/{{tag:[0-9A-Fa-f]{{8}}}}", retrieve_bulk)
+
+
+def _service(request: web.Request) -> DicomWebService:
+    return request.app[SERVICE_KEY]
+
+
+def _base_url(request: web.Request) -> str:
+    """Where clients reach DICOMweb: the configured public URL, else what the client used."""
+    configured = request.app[RUNTIME_KEY].config.http.public_url
+    if configured:
+        return configured.rstrip("/") + PREFIX
+    host = request.host
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if ":" not in host.rsplit("]", 1)[-1] and sockname:
+        host = f"{host}:{sockname[1]}"  # some clients send Host without the port
+    return f"{request.scheme}://{host}{PREFIX}"
+
+
+def _json_response(document: object, status: int = 200) -> web.Response:
+    # Exactly "application/dicom+json", without a charset: some clients compare it verbatim.
+    response = web.Response(body=dicom_json.encode(document), status=status)
+    response.headers["Content-Type"] = dicom_json.MEDIA_TYPE
+    return response
+
+
+def _require_json(request: web.Request) -> None:
+    for media in parse_accept(request.headers.get("Accept")):
+        if any(type_matches(media.type, t) for t in (dicom_json.MEDIA_TYPE, "application/json")):
+            return
+    raise NotAcceptable("this resource is available as application/dicom+json only")
+
+
+# -- QIDO-RS ---------------------------------------------------------------------------
+
+
+async def _search(request: web.Request, level: Level) -> web.Response:
+    _require_json(request)
+    query = QidoQuery.parse(
+        level,
+        request.query.items(),
+        study_uid=request.match_info.get("study"),
+        series_uid=request.match_info.get("series"),
+    )
+    return _json_response(await _service(request).search(query, _base_url(request)))
+
+
+async def search_studies(request: web.Request) -> web.Response:
+    return await _search(request, Level.STUDY)
+
+
+async def search_series(request: web.Request) -> web.Response:
+    return await _search(request, Level.SERIES)
+
+
+async def search_instances(request: web.Request) -> web.Response:
+    return await _search(request, Level.INSTANCE)
+
+
+# -- WADO-RS ---------------------------------------------------------------------------
+
+
+async def _records(request: web.Request) -> list[InstanceRecord]:
+    info = request.match_info
+    return await _service(request).records(info["study"], info.get("series"), info.get("instance"))
+
+
+def _accepts_dicom(request: web.Request, transfer_syntaxes: set[str]) -> bool:
+    """Whether Accept allows multipart application/dicom in the stored transfer syntaxes.
+
+    Without a transfer-syntax parameter, instances are sent as stored (never transcoded).
+    """
+    for media in parse_accept(request.headers.get("Accept")):
+        if media.type == "multipart/related":
+            if not type_matches(media.params.get("type", DICOM), DICOM):
+                continue
+            wanted = media.params.get("transfer-syntax")
+            if wanted in (None, "*") or transfer_syntaxes == {wanted}:
+                return True
+        elif type_matches(media.type, "multipart/related"):
+            return True
+    return False
+
+
+async def retrieve(request: web.Request) -> web.StreamResponse:
+    records = await _records(request)
+    if not _accepts_dicom(request, {r.transfer_syntax_uid for r in records}):
+        raise NotAcceptable(
+            'instances are sent only as stored: multipart/related; type="application/dicom"'
+            " with transfer-syntax=* or the stored transfer syntax"
+        )
+    service = _service(request)
+    return await stream_parts(request, DICOM, [service.file_part(r) for r in records])
+
+
+async def retrieve_metadata(request: web.Request) -> web.StreamResponse:
+    _require_json(request)
+    records = await _records(request)
+    response = web.StreamResponse(headers={"Content-Type": dicom_json.MEDIA_TYPE})
+    await response.prepare(request)
+    body: AsyncIterator[bytes] = _service(request).metadata(records, _base_url(request))
+    async for chunk in body:
+        await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+def _frame_numbers(text: str) -> list[int]:
+    try:
+        numbers = [int(n) for n in text.split(",")]
+    except ValueError as exc:
+        raise BadInput("frame list must be comma-separated numbers like 1,2,3") from exc
+    if not numbers or any(n < 1 for n in numbers) or len(numbers) > 10000:
+        raise BadInput("frame numbers start at 1")
+    return numbers
+
+
+def _frame_media_type(request: web.Request, frames: FrameSet) -> str:
+    """The part media type the client accepts for these frames; raises NotAcceptable."""
+    for media in parse_accept(request.headers.get("Accept")):
+        if media.type != "multipart/related":
+            if type_matches(media.type, "multipart/related"):
+                return frames.media_type
+            continue
+        wanted_type = media.params.get("type", OCTET_STREAM)
+        wanted_syntax = media.params.get("transfer-syntax")
+        if wanted_syntax is None:
+            # Without a transfer syntax, octet-stream means Explicit VR Little Endian.
+            wanted_syntax = "1.2.840.10008.1.2.1" if wanted_type == OCTET_STREAM else "*"
+        if wanted_syntax not in ("*", frames.transfer_syntax):
+            continue
+        if type_matches(wanted_type, frames.media_type):
+            return frames.media_type
+        if wanted_type == OCTET_STREAM:
+            return OCTET_STREAM  # compressed frames, labelled with their transfer syntax
+    raise NotAcceptable(
+        f"these frames are available only as {frames.media_type};"
+        f" transfer-syntax={frames.transfer_syntax}"
+    )
+
+
+async def _send_frames(request: web.Request, frames: FrameSet) -> web.StreamResponse:
+    media_type = _frame_media_type(request, frames)
+    if media_type != frames.media_type:
+        suffix = f"; transfer-syntax={frames.transfer_syntax}"
+        frames = FrameSet(
+            media_type,
+            frames.transfer_syntax,
+            [type(p)(media_type + suffix, p.size, p.body) for p in frames.parts],
+        )
+    return await stream_parts(request, media_type, frames.parts)
+
+
+async def retrieve_frames(request: web.Request) -> web.StreamResponse:
+    numbers = _frame_numbers(request.match_info["frames"])
+    records = await _records(request)
+    return await _send_frames(request, await _service(request).frames(records[0], numbers))
+
+
+async def retrieve_bulk(request: web.Request) -> web.StreamResponse:
+    records = await _records(request)
+    tag = int(request.match_info["tag"], 16)
+    frames = await _service(request).bulk(records[0], tag)
+    if not frames.transfer_syntax:
+        return await stream_parts(request, OCTET_STREAM, frames.parts)
+    return await _send_frames(request, frames)
+
+
+# -- STOW-RS ---------------------------------------------------------------------------
+
+
+async def _upload_parts(parts: StreamedParts) -> AsyncIterator[UploadPart]:
+    async for part in parts:
+        declared = part.headers.get("Content-Type")
+        content_type = parts.part_type_of(part) if declared else ""
+
+        async def read_chunk(size: int, part: object = part) -> bytes:
+            return await parts.read_chunk(part, size)  # type: ignore[arg-type]
+
+        yield UploadPart(content_type, read_chunk)
+
+
+async def store_instances(request: web.Request) -> web.Response:
+    study_uid = request.match_info.get("study")
+    limit = request.app[RUNTIME_KEY].config.http.max_body_bytes
+    parts = StreamedParts(request, DICOM, limit)
+    report = await _service(request).store_upload(_upload_parts(parts), study_uid)
+    if not report.stored and not report.failed:
+        raise BadInput("the multipart body holds no parts")
+    return _json_response(report.as_json(_base_url(request), study_uid), report.status)

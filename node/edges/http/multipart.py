@@ -1,0 +1,208 @@
+"""multipart/related on the wire: media types, Accept negotiation, streamed reading and writing.
+
+Writing: a MultipartWriter knows its boundary and the exact byte length of every part
+header, so a response announces its Content-Length up front and then streams each part's
+body from disk chunk by chunk. Reading: StreamedParts walks an upload part by part
+without holding a part in memory, and counts the body against the configured limit.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from aiohttp import BodyPartReader, MultipartReader, web
+
+from node.errors import BadInput, ImageShareError, PayloadTooLarge
+from node.services.dicomweb import OutgoingPart
+
+
+class UnsupportedMediaType(ImageShareError):
+    http_status = 415
+
+
+class NotAcceptable(ImageShareError):
+    http_status = 406
+
+
+@dataclass(frozen=True)
+class MediaType:
+    """A media type or range with its parameters (names lower-cased, values unquoted)."""
+
+    type: str
+    params: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_multipart_related(self) -> bool:
+        return self.type == "multipart/related"
+
+
+def _split_unquoted(text: str, separator: str) -> list[str]:
+    pieces, current, quoted = [], [], False
+    for char in text:
+        if char == '"':
+            quoted = not quoted
+        if char == separator and not quoted:
+            pieces.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    pieces.append("".join(current))
+    return [p.strip() for p in pieces if p.strip()]
+
+
+def parse_media_type(text: str) -> MediaType:
+    """One media type with parameters, e.g. 'multipart/related; type="application/dicom"'."""
+    head, *params = _split_unquoted(text, ";") or [""]
+    parsed: dict[str, str] = {}
+    for param in params:
+        name, _, value = param.partition("=")
+        parsed[name.strip().lower()] = value.strip().strip('"')
+    return MediaType(head.strip().lower(), parsed)
+
+
+def parse_accept(header: str | None) -> list[MediaType]:
+    """The media ranges of an Accept header, most preferred first (by q, then order).
+
+    An absent or empty header accepts anything ("*/*").
+    """
+    if not header or not header.strip():
+        return [MediaType("*/*")]
+    ranges = [parse_media_type(item) for item in _split_unquoted(header, ",")]
+    weighted = []
+    for index, media in enumerate(ranges):
+        try:
+            q = float(media.params.get("q", "1"))
+        except ValueError:
+            q = 1.0
+        if q > 0:
+            weighted.append((-q, index, media))
+    return [media for _, _, media in sorted(weighted, key=lambda t: (t[0], t[1]))]
+
+
+def type_matches(media_range: str, media_type: str) -> bool:
+    """Whether a range like "image/*" or "*/*" covers a concrete media type."""
+    if media_range in ("*/*", "*", media_type):
+        return True
+    major, _, minor = media_range.partition("/")
+    return minor == "*" and media_type.startswith(major + "/")
+
+
+class MultipartWriter:
+    """Frames parts of a multipart/related response with a fresh random boundary."""
+
+    def __init__(self, part_type: str) -> None:
+        self.boundary = uuid.uuid4().hex
+        self.content_type = f'multipart/related; type="{part_type}"; boundary={self.boundary}'
+
+    def part_header(self, content_type: str, size: int) -> bytes:
+        return (
+            f"--{self.boundary}\r\nContent-Type: {content_type}\r\nContent-Length: {size}\r\n\r\n"
+        ).encode()
+
+    @property
+    def closing(self) -> bytes:
+        return f"--{self.boundary}--\r\n".encode()
+
+    def total_length(self, parts: list[tuple[str, int]]) -> int:
+        """Exact body length for parts given as (content type, size)."""
+        return sum(len(self.part_header(ct, size)) + size + 2 for ct, size in parts) + len(
+            self.closing
+        )
+
+
+async def stream_parts(
+    request: web.Request, part_type: str, parts: list[OutgoingPart]
+) -> web.StreamResponse:
+    """Send ``parts`` as one multipart/related response, streaming each body.
+
+    The Content-Length is announced when every part's size is known; otherwise the
+    response is chunked.
+    """
+    writer = MultipartWriter(part_type)
+    response = web.StreamResponse(headers={"Content-Type": writer.content_type})
+    sizes = [(p.content_type, p.size) for p in parts if p.size is not None]
+    if len(sizes) == len(parts):
+        response.content_length = writer.total_length(sizes)
+    await response.prepare(request)
+    for part in parts:
+        chunks: list[bytes] = []
+        if part.size is None:  # a frame read whole: its length is known only now
+            chunks = [chunk async for chunk in part.body()]
+            size = sum(len(c) for c in chunks)
+        else:
+            size = part.size
+        await response.write(writer.part_header(part.content_type, size))
+        sent = 0
+        async for chunk in _replay(chunks) if part.size is None else part.body():
+            sent += len(chunk)
+            await response.write(chunk)
+        if sent != size:
+            # The announced length can no longer be honoured: cut the connection.
+            raise ConnectionAbortedError("a stored file changed size while being sent")
+        await response.write(b"\r\n")
+    await response.write(writer.closing)
+    await response.write_eof()
+    return response
+
+
+async def _replay(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
+class BodyTooLarge(PayloadTooLarge):
+    """The whole request body is over the configured limit."""
+
+
+class StreamedParts:
+    """The parts of a multipart/related upload, read as a stream.
+
+    Raises UnsupportedMediaType for another content type, BadInput for a malformed body,
+    BodyTooLarge once more than ``max_body_bytes`` have arrived.
+    """
+
+    def __init__(self, request: web.Request, part_type: str, max_body_bytes: int) -> None:
+        media = parse_media_type(request.headers.get("Content-Type", ""))
+        if not media.is_multipart_related:
+            raise UnsupportedMediaType("the body must be multipart/related")
+        declared_type = media.params.get("type")
+        if declared_type is not None and declared_type.lower() != part_type:
+            raise UnsupportedMediaType(f'the multipart type must be "{part_type}"')
+        if not media.params.get("boundary"):
+            raise BadInput("the multipart/related Content-Type has no boundary")
+        if request.content_length is not None and request.content_length > max_body_bytes:
+            raise BodyTooLarge(f"the request body is over the limit of {max_body_bytes} bytes")
+        self.request = request
+        self.part_type = part_type
+        self.max_body_bytes = max_body_bytes
+        self._reader = MultipartReader(request.headers, request.content)
+
+    def check_size(self) -> None:
+        if self.request.content.total_bytes > self.max_body_bytes:
+            raise BodyTooLarge(f"the request body is over the limit of {self.max_body_bytes} bytes")
+
+    async def __aiter__(self) -> AsyncIterator[BodyPartReader]:
+        while True:
+            try:
+                part = await self._reader.next()
+            except (ValueError, AssertionError, RuntimeError) as exc:
+                raise BadInput(f"malformed multipart body: {exc}") from exc
+            self.check_size()
+            if part is None:
+                return
+            if not isinstance(part, BodyPartReader):
+                raise BadInput("nested multipart bodies are not accepted")
+            yield part
+
+    def part_type_of(self, part: BodyPartReader) -> str:
+        return parse_media_type(part.headers.get("Content-Type", self.part_type)).type
+
+    async def read_chunk(self, part: BodyPartReader, size: int) -> bytes:
+        try:
+            chunk = await part.read_chunk(size)
+        except (ValueError, AssertionError) as exc:
+            raise BadInput(f"malformed multipart body: {exc}") from exc
+        self.check_size()
+        return chunk

@@ -1,0 +1,466 @@
+"""DICOMweb over the store: search, retrieve (files, metadata, frames, bulk data) and store.
+
+Everything that touches disk or SQLite runs in worker threads so the event loop keeps
+serving; everything large is streamed chunk by chunk (a study is never whole in memory).
+HTTP framing and content negotiation stay in the HTTP edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.encaps import get_frame
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+
+from node.core import dicom_json
+from node.errors import BadInput, ImageShareError, NotFound, PayloadTooLarge
+from node.store.instances import CHUNK, IngestResult, InstanceRecord, InstanceStore, StagedInstance
+from node.store.queries import QidoQuery, run_query
+
+log = logging.getLogger(__name__)
+
+# Values above this stay on disk while a header is read for metadata.
+_METADATA_DEFER_SIZE = 64 * 1024
+
+# Media types of encapsulated frames by transfer syntax (PS3.18 Table 8.7.3-5).
+_FRAME_MEDIA_TYPES = {
+    "1.2.840.10008.1.2.5": "image/dicom-rle",
+    "1.2.840.10008.1.2.4.50": "image/jpeg",
+    "1.2.840.10008.1.2.4.51": "image/jpeg",
+    "1.2.840.10008.1.2.4.57": "image/jpeg",
+    "1.2.840.10008.1.2.4.70": "image/jpeg",
+    "1.2.840.10008.1.2.4.80": "image/jls",
+    "1.2.840.10008.1.2.4.81": "image/jls",
+    "1.2.840.10008.1.2.4.90": "image/jp2",
+    "1.2.840.10008.1.2.4.91": "image/jp2",
+    "1.2.840.10008.1.2.4.92": "image/jpx",
+    "1.2.840.10008.1.2.4.93": "image/jpx",
+    "1.2.840.10008.1.2.4.201": "image/jphc",
+    "1.2.840.10008.1.2.4.202": "image/jphc",
+    "1.2.840.10008.1.2.4.203": "image/jphc",
+}
+OCTET_STREAM = "application/octet-stream"
+
+# STOW-RS Failure Reason codes (PS3.18 Table I.2-2 and PS3.4 C.4.2.1.4).
+FAILURE_PROCESSING = 0x0110
+FAILURE_OUT_OF_RESOURCES = 0xA700
+FAILURE_CANNOT_UNDERSTAND = 0xC000
+FAILURE_STUDY_MISMATCH = 0xA900
+
+
+@dataclass(frozen=True)
+class OutgoingPart:
+    """One part of a multipart response: media type, size when known, and its bytes."""
+
+    content_type: str
+    size: int | None
+    body: Callable[[], AsyncIterator[bytes]]
+
+
+@dataclass(frozen=True)
+class FrameSet:
+    """Frames of one instance, ready to send: their media type and transfer syntax."""
+
+    media_type: str
+    transfer_syntax: str
+    parts: list[OutgoingPart]
+
+
+@dataclass(frozen=True)
+class UploadPart:
+    """One part of an upload as the HTTP edge hands it over."""
+
+    content_type: str
+    read_chunk: Callable[[int], Awaitable[bytes]]
+
+
+@dataclass
+class StowReport:
+    """The outcome of one STOW-RS request: per-instance successes and failures."""
+
+    stored: list[IngestResult] = field(default_factory=list)
+    failed: list[tuple[str, str, int, str]] = field(default_factory=list)  # class, uid, code, why
+
+    @property
+    def status(self) -> int:
+        if not self.failed:
+            return 200
+        return 202 if self.stored else 409
+
+    def as_json(self, base_url: str, study_uid: str | None) -> dict[str, Any]:
+        """The response dataset (PS3.18 10.5.3): RetrieveURL, Referenced and Failed SOPs."""
+        out: dict[str, Any] = {}
+        studies = {r.study_instance_uid for r in self.stored}
+        retrieve_study = study_uid or (studies.pop() if len(studies) == 1 else None)
+        if retrieve_study:
+            out["00081190"] = dicom_json.attribute(
+                0x00081190, f"{base_url}/studies/{retrieve_study}", "UR"
+            )
+        if self.failed:
+            out["00081198"] = {
+                "vr": "SQ",
+                "Value": [
+                    {
+                        **_referenced(sop_class, sop_uid),
+                        "00081197": dicom_json.attribute(0x00081197, code, "US"),
+                        # The reason in words, for people reading the response.
+                        "00000902": dicom_json.attribute(0x00000902, why, "LO"),
+                    }
+                    for sop_class, sop_uid, code, why in self.failed
+                ],
+            }
+        if self.stored:
+            out["00081199"] = {
+                "vr": "SQ",
+                "Value": [
+                    {
+                        **_referenced(r.sop_class_uid, r.sop_instance_uid),
+                        "00081190": dicom_json.attribute(
+                            0x00081190, base_url + _instance_path(r), "UR"
+                        ),
+                    }
+                    for r in self.stored
+                ],
+            }
+        return dict(sorted(out.items()))
+
+
+def _referenced(sop_class: str, sop_uid: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if sop_class:
+        out["00081150"] = dicom_json.attribute(0x00081150, sop_class, "UI")
+    if sop_uid:
+        out["00081155"] = dicom_json.attribute(0x00081155, sop_uid, "UI")
+    return out
+
+
+def _instance_path(r: IngestResult | InstanceRecord) -> str:
+    return (
+        f"/studies/{r.study_instance_uid}/series/{r.series_instance_uid}"
+        f"/instances/{r.sop_instance_uid}"
+    )
+
+
+@dataclass(frozen=True)
+class _PixelLayout:
+    transfer_syntax: UID
+    value_offset: int
+    value_length: int | None  # None: encapsulated (undefined length)
+    frame_length: int
+    number_of_frames: int
+    extended_offsets: tuple[bytes, bytes] | None
+
+
+class _BlockingPartReader(io.RawIOBase):
+    """A blocking file-like view of an uploaded part, read by a worker thread.
+
+    Each read asks the event loop for one chunk and waits for it, so the worker copies
+    the part to disk without it ever being whole in memory.
+    """
+
+    def __init__(self, part: UploadPart, loop: asyncio.AbstractEventLoop) -> None:
+        self._part = part
+        self._loop = loop
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        wanted = size if size is not None and size > 0 else CHUNK
+        return asyncio.run_coroutine_threadsafe(self._part.read_chunk(wanted), self._loop).result()
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class DicomWebService:
+    """The DICOMweb operations of one node."""
+
+    def __init__(self, store: InstanceStore) -> None:
+        self.store = store
+
+    # -- QIDO-RS -----------------------------------------------------------------------
+
+    async def search(self, query: QidoQuery, base_url: str) -> list[dict[str, Any]]:
+        """DICOM JSON results of a parsed QIDO-RS query (with RetrieveURL)."""
+        rows = await asyncio.to_thread(lambda: run_query(self.store.reader, query))
+        results = []
+        for row in rows:
+            document = dicom_json.dataset_from_keywords(row)
+            url = f"{base_url}/studies/{row['StudyInstanceUID']}"
+            if "SeriesInstanceUID" in row:
+                url += f"/series/{row['SeriesInstanceUID']}"
+            if "SOPInstanceUID" in row:
+                url += f"/instances/{row['SOPInstanceUID']}"
+            document["00081190"] = dicom_json.attribute(0x00081190, url, "UR")
+            results.append(dict(sorted(document.items())))
+        return results
+
+    # -- WADO-RS -----------------------------------------------------------------------
+
+    async def records(
+        self, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
+    ) -> list[InstanceRecord]:
+        """The stored instances addressed by a WADO-RS path; raises NotFound."""
+        return await asyncio.to_thread(self.store.instances, study_uid, series_uid, sop_uid)
+
+    def file_part(self, record: InstanceRecord) -> OutgoingPart:
+        """An instance's stored bytes, unchanged, as an application/dicom part."""
+        media = f"application/dicom; transfer-syntax={record.transfer_syntax_uid}"
+        return OutgoingPart(media, record.size, lambda: _file_range(record.path, 0, record.size))
+
+    async def metadata(self, records: list[InstanceRecord], base_url: str) -> AsyncIterator[bytes]:
+        """A JSON array of every instance's attributes, one encoded instance at a time."""
+        yield b"["
+        for index, record in enumerate(records):
+            document = await asyncio.to_thread(self._instance_metadata, record, base_url)
+            yield (b"," if index else b"") + dicom_json.encode(document)
+        yield b"]"
+
+    def _instance_metadata(self, record: InstanceRecord, base_url: str) -> dict[str, Any]:
+        ds = _read_header(record.path)
+        prefix = f"{base_url}{_instance_path(record)}/bulk/"
+        pixel_vr = None
+        if "Rows" in ds and "PixelData" not in ds:
+            encapsulated = UID(record.transfer_syntax_uid).is_encapsulated
+            pixel_vr = "OW" if not encapsulated and int(ds.get("BitsAllocated", 8)) > 8 else "OB"
+        try:
+            document = dicom_json.dataset_to_json(
+                ds, lambda tag: prefix + dicom_json.tag_key(tag), pixel_vr
+            )
+        except (ValueError, TypeError, KeyError) as exc:
+            raise BadInput(f"a stored instance cannot be shown as DICOM JSON: {exc}") from exc
+        document["00083002"] = dicom_json.attribute(0x00083002, record.transfer_syntax_uid, "UI")
+        return dict(sorted(document.items()))
+
+    async def frames(self, record: InstanceRecord, numbers: list[int]) -> FrameSet:
+        """The requested frames (1-based) of an instance, as stored (native or encapsulated).
+
+        Raises NotFound when the instance has no pixel data or a frame number is out of range.
+        """
+        layout = await asyncio.to_thread(_pixel_layout, record.path)
+        for number in numbers:
+            if not 1 <= number <= layout.number_of_frames:
+                raise NotFound(f"frame {number} is out of range 1-{layout.number_of_frames}")
+        ts = layout.transfer_syntax
+        if layout.value_length is not None:
+            label = ExplicitVRLittleEndian if ts.is_little_endian else str(ts)
+            media = f"{OCTET_STREAM}; transfer-syntax={label}"
+            parts = [
+                OutgoingPart(
+                    media,
+                    layout.frame_length,
+                    _native_frame_body(record.path, layout, number),
+                )
+                for number in numbers
+            ]
+            return FrameSet(OCTET_STREAM, str(label), parts)
+        media_type = _FRAME_MEDIA_TYPES.get(str(ts), OCTET_STREAM)
+        media = f"{media_type}; transfer-syntax={ts}"
+        parts = [
+            OutgoingPart(media, None, _encapsulated_frame_body(record.path, layout, number))
+            for number in numbers
+        ]
+        return FrameSet(media_type, str(ts), parts)
+
+    async def bulk(self, record: InstanceRecord, tag: int) -> FrameSet:
+        """One top-level bulk value of an instance; pixel data comes frame by frame."""
+        if tag == 0x7FE00010:
+            layout = await asyncio.to_thread(_pixel_layout, record.path)
+            if layout.value_length is None:
+                return await self.frames(record, list(range(1, layout.number_of_frames + 1)))
+            offset, length = layout.value_offset, layout.value_length
+            part = OutgoingPart(
+                f"{OCTET_STREAM}; transfer-syntax={ExplicitVRLittleEndian}",
+                length,
+                lambda: _file_range(record.path, offset, length),
+            )
+            return FrameSet(OCTET_STREAM, str(ExplicitVRLittleEndian), [part])
+        value = await asyncio.to_thread(_bulk_value, record.path, tag)
+        part = OutgoingPart(OCTET_STREAM, len(value), lambda: _single(value))
+        return FrameSet(OCTET_STREAM, "", [part])
+
+    # -- STOW-RS -----------------------------------------------------------------------
+
+    async def store_upload(
+        self, parts: AsyncIterator[UploadPart], study_uid: str | None
+    ) -> StowReport:
+        """Stage every part, then commit them all in one durable step.
+
+        A part that is not acceptable DICOM, is over the instance limit, or belongs to
+        another study than ``study_uid`` is reported as failed; the rest are stored. Any
+        error about the request as a whole (malformed body, body over the limit, client
+        gone) discards every staged part and is raised: nothing is half-stored.
+        """
+        loop = asyncio.get_running_loop()
+        report = StowReport()
+        staged: list[StagedInstance] = []
+        try:
+            async for part in parts:
+                if part.content_type not in ("application/dicom", ""):
+                    report.failed.append(
+                        ("", "", FAILURE_CANNOT_UNDERSTAND, "part is not application/dicom")
+                    )
+                    continue
+                try:
+                    item = await asyncio.to_thread(
+                        self.store.stage, _BlockingPartReader(part, loop)
+                    )
+                except PayloadTooLarge as exc:
+                    if type(exc) is not PayloadTooLarge:
+                        raise  # the whole body is over its limit
+                    report.failed.append(("", "", FAILURE_OUT_OF_RESOURCES, str(exc)))
+                    continue
+                except BadInput as exc:
+                    report.failed.append(("", "", FAILURE_CANNOT_UNDERSTAND, str(exc)))
+                    continue
+                header = item.header
+                if study_uid is not None and header.study_instance_uid != study_uid:
+                    self.store.discard([item])
+                    report.failed.append(
+                        (
+                            header.sop_class_uid,
+                            header.sop_instance_uid,
+                            FAILURE_STUDY_MISMATCH,
+                            "the instance belongs to another study than the request's",
+                        )
+                    )
+                    continue
+                staged.append(item)
+            report.stored = await asyncio.to_thread(self.store.commit, staged, "stow")
+        except BaseException:
+            self.store.discard(staged)
+            raise
+        return report
+
+
+# -- blocking helpers (run in worker threads) --------------------------------------------
+
+
+def _read_header(path: Path) -> Dataset:
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True, defer_size=_METADATA_DEFER_SIZE)
+    except FileNotFoundError as exc:
+        raise ImageShareError("a stored instance file is missing") from exc
+
+
+async def _file_range(path: Path, offset: int, length: int) -> AsyncIterator[bytes]:
+    f = await asyncio.to_thread(open, path, "rb")
+    try:
+        if offset:
+            await asyncio.to_thread(f.seek, offset)
+        remaining = length
+        while remaining > 0:
+            chunk = await asyncio.to_thread(f.read, min(CHUNK, remaining))
+            if not chunk:
+                return
+            remaining -= len(chunk)
+            yield chunk
+    finally:
+        f.close()
+
+
+async def _single(value: bytes) -> AsyncIterator[bytes]:
+    yield value
+
+
+def _native_frame_body(
+    path: Path, layout: _PixelLayout, number: int
+) -> Callable[[], AsyncIterator[bytes]]:
+    offset = layout.value_offset + (number - 1) * layout.frame_length
+    return lambda: _file_range(path, offset, layout.frame_length)
+
+
+def _encapsulated_frame_body(
+    path: Path, layout: _PixelLayout, number: int
+) -> Callable[[], AsyncIterator[bytes]]:
+    def read() -> bytes:
+        with open(path, "rb") as f:
+            f.seek(layout.value_offset)
+            try:
+                return get_frame(
+                    f,
+                    number - 1,
+                    number_of_frames=layout.number_of_frames,
+                    extended_offsets=layout.extended_offsets,
+                )
+            except (ValueError, KeyError, IndexError, struct.error) as exc:
+                raise ImageShareError(f"frame {number} cannot be read: {exc}") from exc
+
+    async def body() -> AsyncIterator[bytes]:
+        yield await asyncio.to_thread(read)
+
+    return body
+
+
+_LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN"}
+_LONG_LENGTH_VRS |= {b"UR", b"UT", b"UV"}
+
+
+def _pixel_layout(path: Path) -> _PixelLayout:
+    """Where an instance's pixel data value lies in its file, and how it splits in frames.
+
+    Raises NotFound when the instance has no pixel data.
+    """
+    with open(path, "rb") as f:
+        ds = pydicom.dcmread(f, stop_before_pixels=True, defer_size=_METADATA_DEFER_SIZE)
+        ts = UID(ds.file_meta.TransferSyntaxUID)
+        rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+        bits = int(ds.get("BitsAllocated") or 0)
+        try:
+            frames = int(ds.get("NumberOfFrames") or 1)
+        except (TypeError, ValueError):
+            frames = 1
+        frame_bits = rows * columns * samples * bits
+        if ts == DeflatedExplicitVRLittleEndian:
+            raise NotFound("frames of deflated instances are not served; retrieve the instance")
+        start = f.tell()
+        head = f.read(8)
+    endian = "<" if ts.is_little_endian else ">"
+    if len(head) < 8 or struct.unpack(endian + "HH", head[:4]) != (0x7FE0, 0x0010):
+        raise NotFound("the instance has no pixel data")
+    if ts.is_implicit_VR:
+        (length,) = struct.unpack(endian + "I", head[4:8])
+        value_offset = start + 8
+    elif head[4:6] in _LONG_LENGTH_VRS:
+        with open(path, "rb") as f:
+            f.seek(start + 8)
+            (length,) = struct.unpack(endian + "I", f.read(4))
+        value_offset = start + 12
+    else:
+        (length,) = struct.unpack(endian + "H", head[6:8])
+        value_offset = start + 8
+    extended = None
+    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+        extended = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+    if length == 0xFFFFFFFF:
+        return _PixelLayout(ts, value_offset, None, 0, frames, extended)
+    if not frame_bits or frame_bits % 8:
+        raise NotFound("the instance's frames are not byte-aligned and cannot be served alone")
+    frame_length = frame_bits // 8
+    frames = min(frames, length // frame_length)
+    return _PixelLayout(ts, value_offset, length, frame_length, frames, None)
+
+
+def _bulk_value(path: Path, tag: int) -> bytes:
+    ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size=_METADATA_DEFER_SIZE)
+    if tag not in ds:
+        raise NotFound("the instance has no such attribute")
+    value = ds[tag].value
+    if isinstance(value, str):
+        return value.encode()
+    if not isinstance(value, bytes | bytearray):
+        raise NotFound("that attribute is not bulk data")
+    return bytes(value)
