@@ -50,7 +50,7 @@ class VerifierKey:
 
 def parse_verifier_key(vkey: str) -> VerifierKey:
     """Parse a C2SP vkey string; raises BadInput if it is malformed or its key ID is wrong."""
-    parts = vkey.split("+")
+    parts = vkey.split("+", 2)  # base64 may contain "+"
     if len(parts) != 3 or not parts[0]:
         raise BadInput("verifier key must be name+keyid+base64key")
     name, hex_id, encoded = parts
