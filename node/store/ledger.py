@@ -1,0 +1,799 @@
+"""The ledger on disk: this node's own log and every mirrored peer log, in one SQLite file.
+
+``ledger.sqlite`` in the data directory (WAL, synchronous=FULL) holds:
+
+    logs      one row per log: origin, log_id = SHA-256(origin), vkey, own?, size, and the
+              latest signed checkpoint note (with the cosignatures collected for it)
+    entries   (log, idx) -> raw entry bytes and their RFC 6962 leaf hash
+    subtrees  (log, level, n) -> hash of the complete subtree of leaves
+              [n * 2**level, (n + 1) * 2**level), for every level >= 1
+
+Because every complete subtree hash is stored, any root or proof is O(log n) reads.
+
+Durability rule (the one place it is written): an append is acknowledged only after the
+transaction holding its entry, its new subtree hashes and the new size has committed,
+which with synchronous=FULL means the WAL is fsynced. Concurrent appends share one
+commit (group commit): the first waiting thread becomes the writer, takes every append
+queued so far, commits them together, and wakes the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node.core.entries import LedgerEntry, decode_entry, encode_entry
+from node.core.keys import NodeIdentity, VerifierKey
+from node.core.merkle import (
+    EMPTY_ROOT,
+    ZERO_HASH,
+    SubtreeIndex,
+    consistency_proof,
+    fold_right,
+    inclusion_proof,
+    leaf_hash,
+    node_hash,
+    subtree_indexes,
+    tree_root,
+)
+from node.core.notes import (
+    Checkpoint,
+    NoteSignature,
+    add_signatures,
+    parse_note,
+    parse_vkey,
+    sign_note,
+    verify_cosignature,
+    verify_note,
+)
+from node.errors import BadInput, Conflict, ImageShareError, NotFound, Unauthorized
+
+LEDGER_FILE = "ledger.sqlite"
+VERIFY_BATCH = 4096
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS logs (
+    id INTEGER PRIMARY KEY,
+    log_id BLOB NOT NULL UNIQUE,
+    origin TEXT NOT NULL UNIQUE,
+    vkey TEXT NOT NULL,
+    own INTEGER NOT NULL,
+    size INTEGER NOT NULL DEFAULT 0,
+    checkpoint TEXT,
+    checkpoint_size INTEGER,
+    checkpoint_time INTEGER
+);
+CREATE TABLE IF NOT EXISTS entries (
+    log INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    leaf_hash BLOB NOT NULL,
+    PRIMARY KEY (log, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS subtrees (
+    log INTEGER NOT NULL,
+    level INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    PRIMARY KEY (log, level, idx)
+) WITHOUT ROWID;
+"""
+
+
+class LedgerCorrupt(ImageShareError):
+    """The stored ledger lacks a row it must hold: the store was damaged or tampered with."""
+
+
+def log_id_of(origin: str) -> bytes:
+    """A log's ID: SHA-256 of its origin."""
+    return hashlib.sha256(origin.encode()).digest()
+
+
+@dataclass(frozen=True)
+class LogInfo:
+    """One stored log as /ledger/logs lists it (log_id in lowercase hex)."""
+
+    origin: str
+    log_id: str
+    vkey: str
+    size: int
+    own: bool = False
+
+    def as_json(self) -> dict[str, Any]:
+        return {"origin": self.origin, "log_id": self.log_id, "vkey": self.vkey, "size": self.size}
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """An acknowledged (durable) append: where the entry is and what it is."""
+
+    index: int
+    leaf_hash: bytes
+    entry: bytes
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One integrity problem; ``index`` is the first entry it concerns, if any."""
+
+    index: int | None
+    message: str
+
+
+@dataclass
+class IntegrityReport:
+    """What a full check of one stored log found."""
+
+    origin: str
+    size: int
+    checked: int = 0
+    checkpoint_size: int | None = None
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def first_bad_index(self) -> int | None:
+        indexes = [p.index for p in self.problems if p.index is not None]
+        return min(indexes) if indexes else None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "origin": self.origin,
+            "size": self.size,
+            "checked": self.checked,
+            "checkpoint_size": self.checkpoint_size,
+            "ok": self.ok,
+            "first_bad_index": self.first_bad_index,
+            "problems": [{"index": p.index, "message": p.message} for p in self.problems],
+        }
+
+
+class _Reader:
+    """HashReader over one log's stored hashes (level 0 from entries, others from subtrees)."""
+
+    def __init__(self, conn: sqlite3.Connection, log: int) -> None:
+        self.conn = conn
+        self.log = log
+
+    def read_hashes(self, indexes: Sequence[SubtreeIndex]) -> list[bytes]:
+        hashes = []
+        for level, n in indexes:
+            if level == 0:
+                row = self.conn.execute(
+                    "SELECT leaf_hash FROM entries WHERE log=? AND idx=?", (self.log, n)
+                ).fetchone()
+            else:
+                row = self.conn.execute(
+                    "SELECT hash FROM subtrees WHERE log=? AND level=? AND idx=?",
+                    (self.log, level, n),
+                ).fetchone()
+            if row is None:
+                raise LedgerCorrupt(f"the ledger store lacks the hash of subtree {level}/{n}")
+            hashes.append(bytes(row[0]))
+        return hashes
+
+
+@dataclass
+class _Tail:
+    """The right edge of a log: its size, last leaf hash and maximal complete subtrees."""
+
+    size: int
+    last_leaf: bytes
+    frontier: list[tuple[int, int, bytes]]  # (level, n, hash), largest subtree first
+
+    def push(self, leaf: bytes) -> list[tuple[int, int, bytes]]:
+        """Add a leaf; returns the subtrees (level >= 1) it completes."""
+        self.frontier.append((0, self.size, leaf))
+        self.size += 1
+        self.last_leaf = leaf
+        completed = []
+        while len(self.frontier) >= 2 and self.frontier[-1][0] == self.frontier[-2][0]:
+            level, _, right = self.frontier.pop()
+            _, n, left = self.frontier.pop()
+            parent = (level + 1, n >> 1, node_hash(left, right))
+            self.frontier.append(parent)
+            completed.append(parent)
+        return completed
+
+    def root(self) -> bytes:
+        return fold_right([h for _, _, h in self.frontier])
+
+    def copy(self) -> _Tail:
+        return _Tail(self.size, self.last_leaf, list(self.frontier))
+
+
+class LedgerStore:
+    """The ledger database of one node: its own log and its mirrors of peers' logs."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = Path(data_dir) / LEDGER_FILE
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        # Serialises this process's writers; other processes are held off by SQLite's lock.
+        self.write_lock = threading.RLock()
+        self.writer = self._connect()
+        self.writer.executescript(SCHEMA)
+        self._logs: dict[str, StoredLog] = {}
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+        )
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        with self._connections_lock:
+            self._connections.append(conn)
+        return conn
+
+    @property
+    def reader(self) -> sqlite3.Connection:
+        """This thread's read connection (WAL readers never block the writer)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+        return conn
+
+    @contextlib.contextmanager
+    def write_transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT on the writer connection; rolled back on any error."""
+        with self.write_lock:
+            conn = self.writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._connections_lock:
+            for conn in self._connections:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            self._connections.clear()
+
+    def _row(self, conn: sqlite3.Connection, origin: str) -> tuple[Any, ...] | None:
+        row: tuple[Any, ...] | None = conn.execute(
+            "SELECT id, own, vkey FROM logs WHERE origin=?", (origin,)
+        ).fetchone()
+        return row
+
+    def own_log(self, origin: str, vkey: str = "") -> OwnLog:
+        """This node's own log (created empty on first use); Conflict if it is a mirror."""
+        with self.write_transaction() as conn:
+            row = self._row(conn, origin)
+            if row is None:
+                conn.execute(
+                    "INSERT INTO logs (log_id, origin, vkey, own) VALUES (?, ?, ?, 1)",
+                    (log_id_of(origin), origin, vkey),
+                )
+                row = self._row(conn, origin)
+            elif not row[1]:
+                raise Conflict(f"{origin} is stored as a mirrored peer log, not this node's")
+            elif vkey and row[2] != vkey:
+                conn.execute("UPDATE logs SET vkey=? WHERE id=?", (vkey, row[0]))
+        assert row is not None
+        log = self._logs.get(origin)
+        if not isinstance(log, OwnLog):
+            log = OwnLog(self, row[0], origin)
+            self._logs[origin] = log
+        return log
+
+    def mirror(self, origin: str, vkey: str) -> MirrorLog:
+        """The mirror of a peer's log (created empty on first use).
+
+        Raises BadInput for a malformed vkey and Conflict if the origin is this node's own
+        log or is already mirrored under another key.
+        """
+        key = parse_vkey(vkey)
+        if key.name != origin:
+            raise BadInput(f"verifier key names {key.name!r}, not {origin!r}")
+        with self.write_transaction() as conn:
+            row = self._row(conn, origin)
+            if row is None:
+                conn.execute(
+                    "INSERT INTO logs (log_id, origin, vkey, own) VALUES (?, ?, ?, 0)",
+                    (log_id_of(origin), origin, vkey),
+                )
+                row = self._row(conn, origin)
+            elif row[1]:
+                raise Conflict(f"{origin} is this node's own log")
+            elif row[2] != vkey:
+                raise Conflict(f"{origin} is already mirrored under another key")
+        assert row is not None
+        log = self._logs.get(origin)
+        if not isinstance(log, MirrorLog):
+            log = MirrorLog(self, row[0], origin)
+            self._logs[origin] = log
+        return log
+
+    def logs(self) -> list[LogInfo]:
+        """Every stored log, this node's own first."""
+        rows = self.reader.execute(
+            "SELECT origin, log_id, vkey, size, own FROM logs ORDER BY own DESC, origin"
+        ).fetchall()
+        return [LogInfo(o, bytes(i).hex(), v, s, bool(own)) for o, i, v, s, own in rows]
+
+    def log_by_id(self, log_id_hex: str) -> StoredLog | None:
+        """The stored log with this hex log ID, or None."""
+        try:
+            log_id = bytes.fromhex(log_id_hex)
+        except ValueError:
+            return None
+        if len(log_id) != 32:
+            return None
+        row = self.reader.execute(
+            "SELECT id, origin, own FROM logs WHERE log_id=?", (log_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        log = self._logs.get(row[1])
+        if log is None:
+            log = (OwnLog if row[2] else MirrorLog)(self, row[0], row[1])
+            self._logs[row[1]] = log
+        return log
+
+
+class StoredLog:
+    """One log held in the store: read access, roots, proofs and a full integrity check."""
+
+    def __init__(self, store: LedgerStore, rowid: int, origin: str) -> None:
+        self.store = store
+        self.rowid = rowid
+        self.origin = origin
+        self.log_id = log_id_of(origin)
+        self._tail: _Tail | None = None
+
+    @property
+    def vkey(self) -> str:
+        row = self.store.reader.execute(
+            "SELECT vkey FROM logs WHERE id=?", (self.rowid,)
+        ).fetchone()
+        return str(row[0])
+
+    def size(self) -> int:
+        """The number of committed entries."""
+        return int(
+            self.store.reader.execute("SELECT size FROM logs WHERE id=?", (self.rowid,)).fetchone()[
+                0
+            ]
+        )
+
+    def _check_size(self, size: int, what: str = "size") -> int:
+        current = self.size()
+        if not isinstance(size, int) or not 0 <= size <= current:
+            raise BadInput(f"{what} {size} is outside the log's size {current}")
+        return current
+
+    def entry(self, index: int) -> bytes:
+        """Raw bytes of entry ``index``; NotFound if the log is shorter."""
+        row = self.store.reader.execute(
+            "SELECT data FROM entries WHERE log=? AND idx=?", (self.rowid, index)
+        ).fetchone()
+        if row is None or index >= self.size():
+            raise NotFound(f"{self.origin} has no entry {index}")
+        return bytes(row[0])
+
+    def entries(self, start: int, end: int) -> list[bytes]:
+        """Raw bytes of entries start..end-1; BadInput unless 0 <= start <= end <= size."""
+        self._check_size(end, "end")
+        if not 0 <= start <= end:
+            raise BadInput(f"start {start} must be between 0 and end {end}")
+        rows = self.store.reader.execute(
+            "SELECT idx, data FROM entries WHERE log=? AND idx>=? AND idx<? ORDER BY idx",
+            (self.rowid, start, end),
+        ).fetchall()
+        if len(rows) != end - start:
+            raise LedgerCorrupt(f"the ledger store lacks entries of {self.origin}")
+        return [bytes(data) for _, data in rows]
+
+    def leaf_hash(self, index: int) -> bytes:
+        """The stored leaf hash of entry ``index``; NotFound if the log is shorter."""
+        row = self.store.reader.execute(
+            "SELECT leaf_hash FROM entries WHERE log=? AND idx=?", (self.rowid, index)
+        ).fetchone()
+        if row is None or index >= self.size():
+            raise NotFound(f"{self.origin} has no entry {index}")
+        return bytes(row[0])
+
+    def _reader(self) -> _Reader:
+        return _Reader(self.store.reader, self.rowid)
+
+    def root(self, size: int | None = None) -> bytes:
+        """The Merkle root at ``size`` (default: the current size)."""
+        if size is None:
+            size = self.size()
+        else:
+            self._check_size(size)
+        return tree_root(self._reader(), size)
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        """RFC 9162 inclusion proof of ``index`` in the tree of ``size``; BadInput if invalid."""
+        self._check_size(size)
+        return inclusion_proof(self._reader(), index, size)
+
+    def consistency_proof(self, old: int, new: int) -> list[bytes]:
+        """RFC 9162 consistency proof; BadInput unless 0 <= old <= new <= size."""
+        self._check_size(new, "new size")
+        return consistency_proof(self._reader(), old, new)
+
+    def checkpoint_note(self) -> str | None:
+        """The latest signed checkpoint note with its cosignatures, or None if never signed."""
+        row = self.store.reader.execute(
+            "SELECT checkpoint FROM logs WHERE id=?", (self.rowid,)
+        ).fetchone()
+        return None if row is None or row[0] is None else str(row[0])
+
+    # Writers share the right edge of the tree, cached between commits.
+    def _load_tail(self, conn: sqlite3.Connection) -> _Tail:
+        size = int(conn.execute("SELECT size FROM logs WHERE id=?", (self.rowid,)).fetchone()[0])
+        if self._tail is not None and self._tail.size == size:
+            return self._tail
+        indexes = subtree_indexes(0, size)
+        hashes = _Reader(conn, self.rowid).read_hashes(indexes)
+        last = _Reader(conn, self.rowid).read_hashes([(0, size - 1)])[0] if size else ZERO_HASH
+        frontier = [(level, n, h) for (level, n), h in zip(indexes, hashes, strict=True)]
+        return _Tail(size, last, frontier)
+
+    def _store_rows(
+        self,
+        conn: sqlite3.Connection,
+        first: int,
+        entries: Sequence[tuple[bytes, bytes]],
+        subtrees: Sequence[tuple[int, int, bytes]],
+    ) -> None:
+        conn.executemany(
+            "INSERT INTO entries (log, idx, data, leaf_hash) VALUES (?, ?, ?, ?)",
+            [(self.rowid, first + i, data, lh) for i, (data, lh) in enumerate(entries)],
+        )
+        conn.executemany(
+            "INSERT INTO subtrees (log, level, idx, hash) VALUES (?, ?, ?, ?)",
+            [(self.rowid, level, n, h) for level, n, h in subtrees],
+        )
+        conn.execute("UPDATE logs SET size=? WHERE id=?", (first + len(entries), self.rowid))
+
+    def verify(self, vkey: VerifierKey | str | None = None) -> IntegrityReport:
+        """Re-derive everything stored for this log from its entries and report what differs.
+
+        Checks that every entry decodes, chains to the one before, has its stored leaf hash,
+        that every stored subtree hash is right and none is missing or extra, and that the
+        latest checkpoint is signed by ``vkey`` (default: the stored vkey) over the root
+        re-derived at its size. Never raises for a damaged store: it reports.
+        """
+        conn = self.store.reader
+        size = self.size()
+        report = IntegrityReport(self.origin, size)
+        note = self.checkpoint_note()
+        checkpoint: Checkpoint | None = None
+        if note is not None:
+            try:
+                checkpoint = verify_note(note, vkey or self.vkey)
+                report.checkpoint_size = checkpoint.size
+            except (BadInput, Unauthorized) as exc:
+                report.problems.append(Problem(None, f"latest checkpoint: {exc}"))
+        tail = _Tail(0, ZERO_HASH, [])
+        checkpoint_root = EMPTY_ROOT if checkpoint is not None and checkpoint.size == 0 else None
+        expected_subtrees = 0
+        index = 0
+        while index < size and not report.problems:
+            end = min(size, index + VERIFY_BATCH)
+            rows = conn.execute(
+                "SELECT idx, data, leaf_hash FROM entries WHERE log=? AND idx>=? AND idx<? "
+                "ORDER BY idx",
+                (self.rowid, index, end),
+            ).fetchall()
+            computed: dict[tuple[int, int], bytes] = {}
+            for idx, data, stored_leaf in rows:
+                if idx != index:
+                    break
+                found = _entry_problems(index, bytes(data), bytes(stored_leaf), tail.last_leaf)
+                if found:
+                    report.problems += found
+                    break
+                for level, n, h in tail.push(leaf_hash(bytes(data))):
+                    computed[(level, n)] = h
+                if checkpoint is not None and tail.size == checkpoint.size:
+                    checkpoint_root = tail.root()
+                index += 1
+            if report.problems:
+                break
+            if index < end:
+                report.problems.append(Problem(index, f"entry {index} is missing"))
+                break
+            bad = self._check_subtrees(conn, computed)
+            if bad is not None:
+                report.problems.append(bad)
+            expected_subtrees += len(computed)
+        report.checked = index
+        if not report.problems:
+            extra_entries = conn.execute(
+                "SELECT MIN(idx) FROM entries WHERE log=? AND idx>=?", (self.rowid, size)
+            ).fetchone()[0]
+            if extra_entries is not None:
+                report.problems.append(
+                    Problem(int(extra_entries), f"entry {extra_entries} lies beyond the log size")
+                )
+            stored_subtrees = conn.execute(
+                "SELECT COUNT(*) FROM subtrees WHERE log=?", (self.rowid,)
+            ).fetchone()[0]
+            if stored_subtrees != expected_subtrees:
+                report.problems.append(
+                    Problem(None, f"{stored_subtrees - expected_subtrees} extra subtree hashes")
+                )
+        if checkpoint is not None and not report.problems:
+            if checkpoint.size > size:
+                report.problems.append(
+                    Problem(size, f"checkpoint size {checkpoint.size} exceeds the log size {size}")
+                )
+            elif checkpoint_root != checkpoint.root_hash:
+                report.problems.append(
+                    Problem(
+                        None, f"the root at size {checkpoint.size} differs from the checkpoint's"
+                    )
+                )
+        return report
+
+    def _check_subtrees(
+        self, conn: sqlite3.Connection, computed: dict[tuple[int, int], bytes]
+    ) -> Problem | None:
+        for level in sorted({level for level, _ in computed}):
+            ns = sorted(n for lv, n in computed if lv == level)
+            stored = dict(
+                conn.execute(
+                    "SELECT idx, hash FROM subtrees "
+                    "WHERE log=? AND level=? AND idx BETWEEN ? AND ?",
+                    (self.rowid, level, ns[0], ns[-1]),
+                ).fetchall()
+            )
+            for n in ns:
+                if stored.get(n) is None or bytes(stored[n]) != computed[(level, n)]:
+                    first, last = n << level, ((n + 1) << level) - 1
+                    return Problem(
+                        first, f"stored hash of entries {first}..{last} is wrong or missing"
+                    )
+        return None
+
+
+def _entry_problems(index: int, data: bytes, stored_leaf: bytes, prev: bytes) -> list[Problem]:
+    """What is wrong with stored entry ``index``, given the leaf hash of the one before."""
+    problems = []
+    try:
+        entry = decode_entry(data)
+        if entry.prev != prev:
+            problems.append(Problem(index, f"entry {index} does not chain to the entry before it"))
+    except BadInput as exc:
+        problems.append(Problem(index, f"entry {index} does not decode: {exc}"))
+    if leaf_hash(data) != stored_leaf:
+        problems.append(Problem(index, f"entry {index} does not match its stored leaf hash"))
+    return problems
+
+
+@dataclass
+class _PendingAppend:
+    items: Sequence[tuple[str, dict[str, Any], int]]
+    results: list[AppendResult] | None = None
+    error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.results is not None or self.error is not None
+
+
+class OwnLog(StoredLog):
+    """This node's own append-only log: group-committed appends, signed checkpoints."""
+
+    def __init__(self, store: LedgerStore, rowid: int, origin: str) -> None:
+        super().__init__(store, rowid, origin)
+        self._queue: list[_PendingAppend] = []
+        self._writing = False
+        self._cond = threading.Condition()
+
+    def append(self, kind: str, fields: dict[str, Any], time: int) -> AppendResult:
+        """Append one entry (prev = the last leaf hash); returns once it is durable.
+
+        Raises BadInput if the entry is not well-formed for its kind.
+        """
+        return self.append_many([(kind, fields, time)])[0]
+
+    def append_many(self, items: Sequence[tuple[str, dict[str, Any], int]]) -> list[AppendResult]:
+        """Append several (kind, fields, time) entries in order, durably, all or none."""
+        pending = _PendingAppend(list(items))
+        with self._cond:
+            self._queue.append(pending)
+            while not pending.done and self._writing:
+                self._cond.wait()
+            if pending.done:
+                return self._result(pending)
+            self._writing = True
+            batch, self._queue = self._queue, []
+        try:
+            self._commit(batch)
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+        return self._result(pending)
+
+    @staticmethod
+    def _result(pending: _PendingAppend) -> list[AppendResult]:
+        if pending.error is not None:
+            raise pending.error
+        assert pending.results is not None
+        return pending.results
+
+    def _commit(self, batch: list[_PendingAppend]) -> None:
+        """Write every pending append of ``batch`` in one transaction (one fsync)."""
+        try:
+            with self.store.write_transaction() as conn:
+                tail = self._load_tail(conn).copy()
+                first = tail.size
+                rows: list[tuple[bytes, bytes]] = []
+                subtrees: list[tuple[int, int, bytes]] = []
+                accepted: list[tuple[_PendingAppend, list[AppendResult]]] = []
+                for pending in batch:
+                    # Build each request on a scratch tail so a bad one leaves no trace.
+                    scratch = tail.copy()
+                    try:
+                        results, new_rows, new_subtrees = self._build(pending, scratch)
+                    except BadInput as exc:
+                        pending.error = exc
+                        continue
+                    tail = scratch
+                    rows += new_rows
+                    subtrees += new_subtrees
+                    accepted.append((pending, results))
+                if rows:
+                    self._store_rows(conn, first, rows, subtrees)
+            self._tail = tail
+            for pending, results in accepted:
+                pending.results = results
+        except BaseException as exc:
+            self._tail = None
+            for pending in batch:
+                if not pending.done:
+                    pending.error = exc
+            if not isinstance(exc, Exception):
+                raise
+
+    @staticmethod
+    def _build(
+        pending: _PendingAppend, tail: _Tail
+    ) -> tuple[list[AppendResult], list[tuple[bytes, bytes]], list[tuple[int, int, bytes]]]:
+        results, rows, subtrees = [], [], []
+        for kind, fields, time in pending.items:
+            data = encode_entry(LedgerEntry(kind, tail.last_leaf, time, dict(fields)))
+            leaf = leaf_hash(data)
+            index = tail.size
+            subtrees += tail.push(leaf)
+            rows.append((data, leaf))
+            results.append(AppendResult(index, leaf, data))
+        return results, rows, subtrees
+
+    def publish_checkpoint(self, identity: NodeIdentity, time: int) -> str:
+        """Sign a checkpoint of the current tree head and keep it; returns the note.
+
+        If the latest checkpoint already covers the current size it is returned as is
+        (with its cosignatures): the log only ever signs heads of its one append-only tree,
+        so no two of its checkpoints are inconsistent. Raises BadInput if ``identity`` is
+        not this log's origin.
+        """
+        if identity.origin != self.origin:
+            raise BadInput(f"{identity.origin} cannot sign checkpoints of {self.origin}")
+        with self.store.write_transaction() as conn:
+            size, note, note_size = conn.execute(
+                "SELECT size, checkpoint, checkpoint_size FROM logs WHERE id=?", (self.rowid,)
+            ).fetchone()
+            if note is not None and note_size == size:
+                return str(note)
+            root = tree_root(_Reader(conn, self.rowid), size)
+            note = sign_note(Checkpoint(self.origin, size, root).body(), identity)
+            conn.execute(
+                "UPDATE logs SET checkpoint=?, checkpoint_size=?, checkpoint_time=? WHERE id=?",
+                (note, size, time, self.rowid),
+            )
+        return str(note)
+
+    def add_cosignature(
+        self,
+        signature: NoteSignature,
+        vkey: VerifierKey | str | None = None,
+        checkpoint_body: str | None = None,
+    ) -> str:
+        """Keep a witness's cosignature of the latest checkpoint; returns the updated note.
+
+        The caller checks that the cosigner is a roster member. With ``vkey`` the signature
+        is verified here (Unauthorized if it does not verify). Conflict if there is no
+        checkpoint, or ``checkpoint_body`` is given and is no longer the latest one.
+        """
+        with self.store.write_transaction() as conn:
+            (note,) = conn.execute(
+                "SELECT checkpoint FROM logs WHERE id=?", (self.rowid,)
+            ).fetchone()
+            if note is None:
+                raise Conflict(f"{self.origin} has not published a checkpoint yet")
+            body, _ = parse_note(note)
+            if checkpoint_body is not None and checkpoint_body != body:
+                raise Conflict("that checkpoint is no longer the latest; cosign the new one")
+            if vkey is not None and verify_cosignature(body, signature, vkey) is None:
+                raise Unauthorized(f"the cosignature by {signature.name} does not verify")
+            updated = add_signatures(note, [signature])
+            conn.execute("UPDATE logs SET checkpoint=? WHERE id=?", (updated, self.rowid))
+        return updated
+
+
+class MirrorLog(StoredLog):
+    """A verified copy of a peer's log, extended only by checked entries and checkpoints."""
+
+    def extend(
+        self, entries: Sequence[bytes], note: str, vkey: VerifierKey | str | None = None
+    ) -> None:
+        """Append ``entries`` (the ones after what is held) so the log matches the signed ``note``.
+
+        Verifies, before storing anything: the note's signature by the log key (Unauthorized),
+        that the checkpoint is for this origin and every entry decodes and chains to the one
+        before (BadInput), and that held + new entries give the checkpoint's root (Conflict
+        if not: the checkpoint is inconsistent with what is held, or the entries are wrong).
+        A checkpoint older than what is held is checked against the held root and not kept.
+        Stores entries, hashes and the note in one transaction.
+        """
+        checkpoint = verify_note(note, vkey or self.vkey)
+        if checkpoint.origin != self.origin:
+            raise BadInput(f"checkpoint is for {checkpoint.origin}, not {self.origin}")
+        with self.store.write_transaction() as conn:
+            tail = self._load_tail(conn).copy()
+            held = tail.size
+            if checkpoint.size <= held:
+                if entries:
+                    raise BadInput(f"{self.origin} already holds {held} entries")
+                if tree_root(_Reader(conn, self.rowid), checkpoint.size) != checkpoint.root_hash:
+                    raise Conflict(
+                        f"{self.origin} signed a checkpoint at size {checkpoint.size} that is "
+                        "inconsistent with the log held"
+                    )
+                if checkpoint.size == held:
+                    conn.execute("UPDATE logs SET checkpoint=? WHERE id=?", (note, self.rowid))
+                return
+            if len(entries) != checkpoint.size - held:
+                raise BadInput(
+                    f"expected {checkpoint.size - held} entries after {held}, got {len(entries)}"
+                )
+            first = held
+            rows: list[tuple[bytes, bytes]] = []
+            subtrees: list[tuple[int, int, bytes]] = []
+            for raw in entries:
+                raw = bytes(raw)
+                try:
+                    entry = decode_entry(raw)
+                except BadInput as exc:
+                    raise BadInput(f"{self.origin} entry {tail.size}: {exc}") from exc
+                if entry.prev != tail.last_leaf:
+                    raise BadInput(
+                        f"{self.origin} entry {tail.size} does not chain to the entry before"
+                    )
+                leaf = leaf_hash(raw)
+                subtrees += tail.push(leaf)
+                rows.append((raw, leaf))
+            if tail.root() != checkpoint.root_hash:
+                raise Conflict(
+                    f"{self.origin} entries {first}..{checkpoint.size - 1} do not give the root "
+                    "of its signed checkpoint: inconsistent with the log held, or wrong entries"
+                )
+            self._store_rows(conn, first, rows, subtrees)
+            conn.execute(
+                "UPDATE logs SET checkpoint=?, checkpoint_size=? WHERE id=?",
+                (note, checkpoint.size, self.rowid),
+            )
+        self._tail = tail
