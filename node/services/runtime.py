@@ -13,6 +13,7 @@ from typing import Any
 
 from node.config import NodeConfig, load_config
 from node.core.keys import NodeIdentity
+from node.services.ledger import LedgerService
 from node.store.instances import InstanceStore
 from node.store.secrets import read_secret, read_seed
 
@@ -42,4 +43,6 @@ def open_runtime(config: NodeConfig | Path | None = None) -> NodeRuntime:
     identity = NodeIdentity(config.origin, read_seed(config.key_path))
     admin_token = read_secret(config.admin_token_path).decode().strip()
     store = InstanceStore(config.data_dir, config.store.max_instance_bytes)
-    return NodeRuntime(config=config, identity=identity, admin_token=admin_token, store=store)
+    runtime = NodeRuntime(config=config, identity=identity, admin_token=admin_token, store=store)
+    runtime.services["ledger"] = LedgerService(runtime)
+    return runtime
