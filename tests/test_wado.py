@@ -1,0 +1,264 @@
+"""WADO-RS against a real node: instances byte for byte, metadata, frames, bulk data, auth, CORS."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom.data import get_testdata_file
+from pydicom.encaps import generate_frames
+
+from tests.support.nodes import NodeProcess, init_node
+from tests.support.studies import SyntheticStudy, make_ct_study
+
+DICOM_ANY_SYNTAX = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+SAMPLE_FILES = ("rtdose.dcm", "SC_rgb_rle_2frame.dcm", "JPEG2000.dcm", "CT_small.dcm")
+
+
+def split_multipart(response: requests.Response) -> list[tuple[dict[str, str], bytes]]:
+    """The parts of a multipart/related response body: (headers, content)."""
+    content_type = response.headers["Content-Type"]
+    assert content_type.startswith("multipart/related")
+    boundary = content_type.split("boundary=")[1].split(";")[0].strip('"').encode()
+    body = response.content
+    assert body.endswith(b"--" + boundary + b"--\r\n")
+    parts = []
+    for raw in body.split(b"--" + boundary)[1:-1]:
+        head, _, content = raw[2:].partition(b"\r\n\r\n")
+        headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n"))
+        assert content.endswith(b"\r\n")
+        parts.append((headers, content[:-2]))
+    return parts
+
+
+class Corpus:
+    def __init__(self, node: NodeProcess, study: SyntheticStudy, samples: dict[str, Path]) -> None:
+        self.node = node
+        self.study = study
+        self.samples = samples
+        self.client = DICOMwebClient(url=node.url + "/dicomweb", headers=node.auth)
+
+    def get(self, path: str, accept: str | None = None, auth: bool = True) -> requests.Response:
+        headers = dict(self.node.auth) if auth else {}
+        if accept is not None:
+            headers["Accept"] = accept
+        return requests.get(self.node.url + "/dicomweb" + path, headers=headers, timeout=30)
+
+    def sample(self, name: str) -> pydicom.Dataset:
+        return pydicom.dcmread(self.samples[name])
+
+    def sample_path(self, name: str) -> str:
+        ds = self.sample(name)
+        return (
+            f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+            f"/instances/{ds.SOPInstanceUID}"
+        )
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
+    base = tmp_path_factory.mktemp("wado")
+    node = init_node(base, "wado.example/imageshare")
+    study = make_ct_study(base / "in" / "ct", series=2, slices=3, rows=32, columns=32)
+    samples = {}
+    for name in SAMPLE_FILES:
+        samples[name] = base / "in" / "samples" / name
+        samples[name].parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(get_testdata_file(name), samples[name])
+    node.cli("import", str(base / "in"))
+    node.start()
+    try:
+        yield Corpus(node, study, samples)
+    finally:
+        node.stop()
+
+
+class TestRetrieveInstances:
+    def test_study_retrieve_returns_every_stored_file_byte_for_byte(self, corpus: Corpus) -> None:
+        response = corpus.get(f"/studies/{corpus.study.study_uid}", DICOM_ANY_SYNTAX)
+        assert response.status_code == 200
+        assert int(response.headers["Content-Length"]) == len(response.content)
+        sent = {hashlib.sha256(body).hexdigest() for _, body in split_multipart(response)}
+        stored = {hashlib.sha256(p.read_bytes()).hexdigest() for p in corpus.study.files}
+        assert sent == stored
+
+    def test_series_retrieve_returns_only_that_series(self, corpus: Corpus) -> None:
+        series_uid = corpus.study.series_uids[1]
+        datasets = corpus.client.retrieve_series(corpus.study.study_uid, series_uid)
+        assert len(datasets) == 3
+        assert {ds.SeriesInstanceUID for ds in datasets} == {series_uid}
+
+    def test_instance_retrieve_through_dicomweb_client(self, corpus: Corpus) -> None:
+        study = corpus.study
+        ds = corpus.client.retrieve_instance(
+            study.study_uid, study.series_uids[0], study.sop_uids[0]
+        )
+        assert ds.SOPInstanceUID == study.sop_uids[0]
+        assert ds.PixelData == pydicom.dcmread(study.files[0]).PixelData
+
+    def test_instance_part_names_its_stored_transfer_syntax(self, corpus: Corpus) -> None:
+        response = corpus.get(corpus.sample_path("JPEG2000.dcm"), DICOM_ANY_SYNTAX)
+        [(headers, body)] = split_multipart(response)
+        assert "transfer-syntax=1.2.840.10008.1.2.4.91" in headers["Content-Type"]
+        assert body == corpus.samples["JPEG2000.dcm"].read_bytes()
+
+    def test_stored_transfer_syntax_requested_explicitly_is_served(self, corpus: Corpus) -> None:
+        accept = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2'
+        response = corpus.get(corpus.sample_path("rtdose.dcm"), accept)
+        assert response.status_code == 200
+
+    def test_transfer_syntax_needing_transcoding_is_not_acceptable(self, corpus: Corpus) -> None:
+        accept = (
+            'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.50'
+        )
+        response = corpus.get(f"/studies/{corpus.study.study_uid}", accept)
+        assert response.status_code == 406
+        assert "error" in response.json()
+
+    def test_json_only_accept_is_not_acceptable_for_instances(self, corpus: Corpus) -> None:
+        response = corpus.get(f"/studies/{corpus.study.study_uid}", "application/dicom+json")
+        assert response.status_code == 406
+
+    def test_unknown_study_is_not_found(self, corpus: Corpus) -> None:
+        assert corpus.get("/studies/1.2.3.4", DICOM_ANY_SYNTAX).status_code == 404
+
+    def test_malformed_uid_in_path_is_not_found(self, corpus: Corpus) -> None:
+        assert corpus.get("/studies/not-a-uid").status_code == 404
+
+
+class TestMetadata:
+    def test_study_metadata_lists_every_instance_with_bulk_data_uris(self, corpus: Corpus) -> None:
+        study = corpus.study
+        metadata = corpus.client.retrieve_study_metadata(study.study_uid)
+        assert {m["00080018"]["Value"][0] for m in metadata} == set(study.sop_uids)
+        first = metadata[0]
+        assert first["00100010"] == {"vr": "PN", "Value": [{"Alphabetic": "Doe^Jane"}]}
+        assert first["00280010"] == {"vr": "US", "Value": [32]}
+        assert first["7FE00010"]["vr"] == "OW"
+        assert first["7FE00010"]["BulkDataURI"].startswith(corpus.node.url + "/dicomweb/studies/")
+        assert "Value" not in first["7FE00010"] and "InlineBinary" not in first["7FE00010"]
+
+    def test_pixel_data_bulk_uri_returns_the_pixel_bytes(self, corpus: Corpus) -> None:
+        study = corpus.study
+        metadata = corpus.client.retrieve_instance_metadata(
+            study.study_uid, study.series_uids[0], study.sop_uids[0]
+        )
+        uri = metadata["7FE00010"]["BulkDataURI"]
+        [pixels] = list(corpus.client.retrieve_bulkdata(uri))
+        assert pixels == pydicom.dcmread(study.files[0]).PixelData
+
+    def test_series_metadata_is_dicom_json(self, corpus: Corpus) -> None:
+        study = corpus.study
+        response = corpus.get(f"/studies/{study.study_uid}/series/{study.series_uids[0]}/metadata")
+        assert response.headers["Content-Type"] == "application/dicom+json"
+        assert len(response.json()) == 3
+
+    def test_metadata_in_xml_is_not_acceptable(self, corpus: Corpus) -> None:
+        response = corpus.get(
+            f"/studies/{corpus.study.study_uid}/metadata",
+            'multipart/related; type="application/dicom+xml"',
+        )
+        assert response.status_code == 406
+
+
+class TestFrames:
+    def test_native_frames_come_back_as_stored_pixels(self, corpus: Corpus) -> None:
+        ds = corpus.sample("rtdose.dcm")
+        frame_length = ds.Rows * ds.Columns * ds.BitsAllocated // 8
+        frames = corpus.client.retrieve_instance_frames(
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, [2, 15]
+        )
+        assert frames == [
+            ds.PixelData[frame_length : 2 * frame_length],
+            ds.PixelData[14 * frame_length : 15 * frame_length],
+        ]
+
+    def test_native_frame_with_octet_stream_accept_is_labelled(self, corpus: Corpus) -> None:
+        response = corpus.get(
+            corpus.sample_path("CT_small.dcm") + "/frames/1",
+            'multipart/related; type="application/octet-stream"',
+        )
+        [(headers, body)] = split_multipart(response)
+        assert headers["Content-Type"] == (
+            "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1"
+        )
+        assert body == corpus.sample("CT_small.dcm").PixelData
+
+    def test_encapsulated_frames_come_back_as_stored_fragments(self, corpus: Corpus) -> None:
+        ds = corpus.sample("SC_rgb_rle_2frame.dcm")
+        expected = list(generate_frames(ds.PixelData, number_of_frames=2))
+        response = corpus.get(
+            corpus.sample_path("SC_rgb_rle_2frame.dcm") + "/frames/2,1",
+            'multipart/related; type="application/octet-stream"; transfer-syntax=*',
+        )
+        parts = split_multipart(response)
+        assert [body for _, body in parts] == [expected[1], expected[0]]
+        assert parts[0][0]["Content-Type"] == (
+            "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.5"
+        )
+
+    def test_compressed_frame_in_its_own_media_type(self, corpus: Corpus) -> None:
+        ds = corpus.sample("JPEG2000.dcm")
+        [frame] = corpus.client.retrieve_instance_frames(
+            ds.StudyInstanceUID,
+            ds.SeriesInstanceUID,
+            ds.SOPInstanceUID,
+            [1],
+            media_types=(("image/jp2", "1.2.840.10008.1.2.4.91"),),
+        )
+        assert frame == next(generate_frames(ds.PixelData, number_of_frames=1))
+
+    def test_compressed_frame_as_uncompressed_is_not_acceptable(self, corpus: Corpus) -> None:
+        response = corpus.get(
+            corpus.sample_path("JPEG2000.dcm") + "/frames/1",
+            'multipart/related; type="application/octet-stream"',
+        )
+        assert response.status_code == 406
+
+    def test_frame_out_of_range_is_not_found(self, corpus: Corpus) -> None:
+        assert corpus.get(corpus.sample_path("CT_small.dcm") + "/frames/2").status_code == 404
+
+    def test_malformed_frame_list_is_bad_request(self, corpus: Corpus) -> None:
+        for frames in ("a", "0", "1,,2"):
+            response = corpus.get(corpus.sample_path("CT_small.dcm") + f"/frames/{frames}")
+            assert response.status_code == 400, frames
+
+
+class TestAccessControl:
+    def test_missing_or_wrong_admin_token_is_refused(self, corpus: Corpus) -> None:
+        path = f"/studies/{corpus.study.study_uid}/metadata"
+        assert corpus.get(path, auth=False).status_code == 401
+        response = requests.get(
+            corpus.node.url + "/dicomweb" + path,
+            headers={"Authorization": "Bearer wrong"},
+            timeout=10,
+        )
+        assert response.status_code == 401
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+
+    def test_cors_preflight_from_a_viewer_is_answered(self, corpus: Corpus) -> None:
+        response = requests.options(
+            corpus.node.url + f"/dicomweb/studies/{corpus.study.study_uid}/metadata",
+            headers={
+                "Origin": "http://viewer.example:3000",
+                "Access-Control-Request-Method": "GET",
+                "Access-Control-Request-Headers": "authorization, accept",
+            },
+            timeout=10,
+        )
+        assert response.status_code == 204
+        assert response.headers["Access-Control-Allow-Origin"] == "http://viewer.example:3000"
+        allowed = response.headers["Access-Control-Allow-Headers"].lower()
+        assert "authorization" in allowed and "accept" in allowed
+
+    def test_cross_origin_read_carries_cors_headers(self, corpus: Corpus) -> None:
+        headers = {**corpus.node.auth, "Origin": "http://viewer.example:3000"}
+        response = requests.get(corpus.node.url + "/dicomweb/studies", headers=headers, timeout=10)
+        assert response.status_code == 200
+        assert response.headers["Access-Control-Allow-Origin"] == "http://viewer.example:3000"
