@@ -8,7 +8,8 @@ Usage: ./scripts/bench [--quick] [--only NAME...] [--output FILE] [--keep]
 A benchmark module is any module in scripts/benchmarks/ with ``run(ctx) -> list[Row]``;
 modules without ``run`` are helpers. The modules share one scratch directory and one
 context, so the reference study is generated once. A module that raises is reported as
-a failed row; the others still run.
+a failed row; the others still run. A module may also hold ``NOTES``, a list of sentences
+on how to read its figures, printed under the table.
 """
 
 from __future__ import annotations
@@ -63,10 +64,16 @@ def failed_row(name: str, exc: BaseException) -> Row:
     )
 
 
-def run_module(name: str, import_path: str, ctx: BenchContext) -> list[Row] | None:
-    """The module's rows; None if it is a helper; one failed row if it raises."""
+def run_module(
+    name: str, import_path: str, ctx: BenchContext, notes: list[str]
+) -> list[Row] | None:
+    """The module's rows; None if it is a helper; one failed row if it raises.
+
+    The module's NOTES, if any, are appended to ``notes``.
+    """
     try:
         module = importlib.import_module(import_path)
+        notes += [str(note) for note in getattr(module, "NOTES", [])]
         run: RunFunction | None = getattr(module, "run", None)
         if run is None:
             return None
@@ -148,7 +155,11 @@ def machine_description() -> list[str]:
 
 
 def render_report(
-    rows: Sequence[Row], durations: dict[str, float], quick: bool, started: datetime.datetime
+    rows: Sequence[Row],
+    notes: Sequence[str],
+    durations: dict[str, float],
+    quick: bool,
+    started: datetime.datetime,
 ) -> str:
     ran = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in durations.items())
     workload = (
@@ -174,6 +185,7 @@ def render_report(
             "",
             markdown_table(rows),
             "",
+            *(["## Notes", "", *(f"- {note}" for note in notes), ""] if notes else []),
             "## Machine",
             "",
             *machine_description(),
@@ -249,18 +261,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     started = datetime.datetime.now(datetime.UTC)
     rows: list[Row] = []
+    notes: list[str] = []
     durations: dict[str, float] = {}
     with scratch_context(args.quick, args.keep) as ctx:
         for name, import_path in modules.items():
             began = time.monotonic()
-            module_rows = run_module(name, import_path, ctx)
+            module_rows = run_module(name, import_path, ctx, notes)
             if module_rows is None:
                 continue
             durations[name] = time.monotonic() - began
             rows += module_rows
             print(markdown_table(module_rows), file=sys.stderr, flush=True)
 
-    args.output.write_text(render_report(rows, durations, args.quick, started))
+    args.output.write_text(render_report(rows, notes, durations, args.quick, started))
     print(f"wrote {args.output}", file=sys.stderr)
     failed = any(isinstance(row.ours, str) and row.ours.startswith("failed") for row in rows)
     return 1 if failed else 0

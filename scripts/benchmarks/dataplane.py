@@ -37,6 +37,23 @@ QUICK_SHAPE = {"series": 2, "slices": 20, "rows": 512, "columns": 512}
 MULTIPART_DICOM = 'multipart/related; type="application/dicom"'
 NODE_MEMORY_TARGET_MB = 150.0
 NOT_AVAILABLE = "not available"
+NOTES = [
+    "DIMSE ingest: dcmtk `storescu` sends the study over one association with TCP_NODELAY=1."
+    " Orthanc also runs with TCP_NODELAY=1: Debian's Orthanc links the system DCMTK, which"
+    " otherwise leaves Nagle's algorithm on, and each C-STORE then waits about 40 ms for a"
+    " delayed ACK (about ten times slower on this study); Orthanc's own builds"
+    " turn Nagle off, so this is the configuration a site would run. Both sides fsync every"
+    " stored file (Orthanc: SyncStorageArea) before they answer.",
+    "`imageshare import` reads the files from the local disk and commits them durably in"
+    " batches; the daemon of that node runs beside it. Its figure has no Orthanc"
+    " counterpart.",
+    "WADO-RS: one Python client on loopback streams the whole study as"
+    ' `multipart/related; type="application/dicom"` and counts the bytes; the figure is'
+    " the median of several runs against each server, with the files in the page cache.",
+    "Peak memory of the node: the daemon that served the import and WADO-RS, and the daemon"
+    " that received the storescu association; the row shows the larger one. Orthanc's"
+    " figure is one process through storescu and WADO-RS.",
+]
 
 
 def reference_study(ctx: BenchContext) -> SyntheticStudy:

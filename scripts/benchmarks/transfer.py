@@ -22,6 +22,14 @@ from scripts.benchmarks.orthanc import OrthancServer, storescu
 from tests.support.studies import SyntheticStudy
 
 PEER_NAME = "receiver"
+NOTES = [
+    "Transfer, Orthanc: `POST /peers/PEER/store` with the study's Orthanc ID, synchronous;"
+    " the sender posts each instance to the receiver's REST API over plain HTTP on loopback,"
+    " with no consent check and no encryption; the receiver fsyncs every file. Peak memory"
+    " of each Orthanc includes loading the study into the sender by storescu. Ours, once"
+    " node-to-node fetch is built, will include the consent check, end-to-end encryption,"
+    " digest checks and durable writes.",
+]
 
 
 @dataclass
