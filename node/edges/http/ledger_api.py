@@ -1,0 +1,96 @@
+"""The read-only ledger API under /ledger: public, for peers, wallets and auditors.
+
+    GET /ledger/logs                                         JSON list of stored logs
+    GET /ledger/logs/{log_id}/checkpoint                     signed note (text/plain)
+    GET /ledger/logs/{log_id}/entries?start=A&end=B          msgpack array of raw entries
+    GET /ledger/logs/{log_id}/proof/inclusion?index=I&size=N JSON RFC 9162 audit path
+    GET /ledger/logs/{log_id}/proof/consistency?old=M&new=N  JSON RFC 9162 proof
+
+Handlers are thin: parsing and validation here, the work in the ledger store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+
+from aiohttp import web
+
+from node.core.encoding import canonical_encode
+from node.errors import BadInput, NotFound
+from node.services.ledger import LedgerService, ledger_service
+from node.services.runtime import NodeRuntime
+from node.store.ledger import StoredLog
+
+MAX_ENTRIES_PER_RESPONSE = 1000
+_UINT = re.compile(r"^(0|[1-9][0-9]{0,18})$")
+MSGPACK = "application/msgpack"
+
+
+def query_int(request: web.Request, name: str) -> int:
+    """A required non-negative decimal query parameter; BadInput if missing or malformed."""
+    value = request.query.get(name)
+    if value is None:
+        raise BadInput(f"query parameter {name} is required")
+    if not _UINT.match(value):
+        raise BadInput(f"query parameter {name} must be a non-negative decimal integer")
+    return int(value)
+
+
+def _b64(hashes: list[bytes]) -> list[str]:
+    return [base64.b64encode(h).decode() for h in hashes]
+
+
+def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
+    service: LedgerService = ledger_service(runtime)
+    store = service.store
+
+    def log_of(request: web.Request) -> StoredLog:
+        log = store.log_by_id(request.match_info["log_id"])
+        if log is None:
+            raise NotFound("no such log here")
+        return log
+
+    async def list_logs(request: web.Request) -> web.Response:
+        return web.json_response([info.as_json() for info in store.logs()])
+
+    async def checkpoint(request: web.Request) -> web.Response:
+        log = log_of(request)
+        if log is service.own or log.log_id == service.own.log_id:
+            note: str | None = await asyncio.to_thread(service.checkpoint_note)
+        else:
+            note = log.checkpoint_note()
+        if note is None:
+            raise NotFound(f"{log.origin} has no checkpoint yet")
+        return web.Response(text=note, content_type="text/plain", charset="utf-8")
+
+    async def entries(request: web.Request) -> web.Response:
+        log = log_of(request)
+        start, end = query_int(request, "start"), query_int(request, "end")
+        size = log.size()
+        if start > end:
+            raise BadInput("start must not exceed end")
+        if start > size:
+            raise BadInput(f"start {start} is beyond the log size {size}")
+        end = min(end, size, start + MAX_ENTRIES_PER_RESPONSE)
+        body = canonical_encode(log.entries(start, end))
+        return web.Response(body=body, content_type=MSGPACK)
+
+    async def inclusion(request: web.Request) -> web.Response:
+        log = log_of(request)
+        index, size = query_int(request, "index"), query_int(request, "size")
+        proof = log.inclusion_proof(index, size)
+        return web.json_response({"index": index, "size": size, "proof": _b64(proof)})
+
+    async def consistency(request: web.Request) -> web.Response:
+        log = log_of(request)
+        old, new = query_int(request, "old"), query_int(request, "new")
+        proof = log.consistency_proof(old, new)
+        return web.json_response({"old": old, "new": new, "proof": _b64(proof)})
+
+    app.router.add_get("/ledger/logs", list_logs)
+    app.router.add_get("/ledger/logs/{log_id}/checkpoint", checkpoint)
+    app.router.add_get("/ledger/logs/{log_id}/entries", entries)
+    app.router.add_get("/ledger/logs/{log_id}/proof/inclusion", inclusion)
+    app.router.add_get("/ledger/logs/{log_id}/proof/consistency", consistency)
