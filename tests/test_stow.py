@@ -1,0 +1,262 @@
+"""STOW-RS against a real node: dicomweb-client uploads, mixed parts, bad input, limits."""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+from requests.exceptions import HTTPError
+
+from tests.support.nodes import NodeProcess, init_node
+from tests.support.studies import make_ct_study
+
+BOUNDARY = "stow-test-boundary"
+CONTENT_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+MAX_BODY_BYTES = 400_000
+MAX_INSTANCE_BYTES = 64 * 1024
+FAILURE_CANNOT_UNDERSTAND = 0xC000
+FAILURE_OUT_OF_RESOURCES = 0xA700
+FAILURE_STUDY_MISMATCH = 0xA900
+
+
+def multipart(*bodies: bytes, boundary: str = BOUNDARY) -> bytes:
+    out = b"".join(
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + body + b"\r\n"
+        for body in bodies
+    )
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def dicom_bytes(path: Path, **changes: Any) -> bytes:
+    ds = pydicom.dcmread(path)
+    for keyword, value in changes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+class Uploads:
+    """One running node with small limits, and the files to send it."""
+
+    def __init__(self, node: NodeProcess, base: Path) -> None:
+        self.node = node
+        self.base = base
+        self.client = DICOMwebClient(url=node.url + "/dicomweb", headers=node.auth)
+        self._made = 0
+
+    def study(self, slices: int = 2) -> Any:
+        self._made += 1
+        return make_ct_study(
+            self.base / f"study{self._made}", series=1, slices=slices, rows=32, columns=32
+        )
+
+    def post(
+        self,
+        body: bytes | Iterator[bytes],
+        path: str = "/studies",
+        content_type: str = CONTENT_TYPE,
+    ) -> requests.Response:
+        headers = {**self.node.auth, "Content-Type": content_type}
+        url = self.node.url + "/dicomweb" + path
+        return requests.post(url, data=body, headers=headers, timeout=30)
+
+    def counts(self) -> tuple[int, int]:
+        db = sqlite3.connect(f"file:{self.node.data_dir / 'index.sqlite'}?mode=ro", uri=True)
+        try:
+            instances = db.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
+            studies = db.execute("SELECT COUNT(*) FROM studies").fetchone()[0]
+        finally:
+            db.close()
+        return instances, studies
+
+    def assert_nothing_left_over(self) -> None:
+        assert list((self.node.data_dir / "tmp").iterdir()) == []
+        health = requests.get(self.node.url + "/healthz", timeout=5)
+        assert health.status_code == 200
+
+
+@pytest.fixture(scope="module")
+def uploads(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Uploads]:
+    base = tmp_path_factory.mktemp("stow")
+    node = init_node(base, "stow.example/imageshare")
+    config = node.config.read_text()
+    node.config.write_text(
+        config.replace("[http]\n", f"[http]\nmax_body_bytes = {MAX_BODY_BYTES}\n")
+    )
+    node.append_config(f"[store]\nmax_instance_bytes = {MAX_INSTANCE_BYTES}")
+    node.start()
+    try:
+        yield Uploads(node, base)
+    finally:
+        node.stop()
+
+
+def failed_items(response: requests.Response) -> list[dict[str, Any]]:
+    return response.json().get("00081198", {}).get("Value", [])
+
+
+def referenced_uids(response: requests.Response) -> list[str]:
+    items = response.json().get("00081199", {}).get("Value", [])
+    return [item["00081155"]["Value"][0] for item in items]
+
+
+class TestStoreThroughDicomwebClient:
+    def test_stored_instances_are_searchable_and_retrievable(self, uploads: Uploads) -> None:
+        study = uploads.study()
+        datasets = [pydicom.dcmread(p) for p in study.files]
+        result = uploads.client.store_instances(datasets)
+        stored = [item.ReferencedSOPInstanceUID for item in result.ReferencedSOPSequence]
+        assert sorted(stored) == sorted(study.sop_uids)
+        assert "FailedSOPSequence" not in result
+        found = uploads.client.search_for_instances(study_instance_uid=study.study_uid)
+        assert len(found) == 2
+        back = uploads.client.retrieve_study(study.study_uid)
+        assert {ds.SOPInstanceUID for ds in back} == set(study.sop_uids)
+
+    def test_posted_bytes_come_back_unchanged(self, uploads: Uploads) -> None:
+        study = uploads.study(slices=1)
+        body = study.files[0].read_bytes()
+        response = uploads.post(multipart(body), path=f"/studies/{study.study_uid}")
+        assert response.status_code == 200
+        assert response.headers["Content-Type"] == "application/dicom+json"
+        url = response.json()["00081199"]["Value"][0]["00081190"]["Value"][0]
+        retrieved = requests.get(url, headers=uploads.node.auth, timeout=10)
+        assert body in retrieved.content
+
+    def test_resending_is_idempotent(self, uploads: Uploads) -> None:
+        study = uploads.study()
+        body = multipart(*(p.read_bytes() for p in study.files))
+        assert uploads.post(body).status_code == 200
+        before = uploads.counts()
+        again = uploads.post(body)
+        assert again.status_code == 200
+        assert sorted(referenced_uids(again)) == sorted(study.sop_uids)
+        assert uploads.counts() == before
+
+
+class TestPartialFailures:
+    def test_mixed_good_and_bad_parts_store_the_good_ones(self, uploads: Uploads) -> None:
+        study = uploads.study(slices=1)
+        good = study.files[0].read_bytes()
+        before = uploads.counts()
+        response = uploads.post(
+            multipart(
+                good,
+                b"this is not a DICOM file at all" * 10,
+                good[: len(good) // 2],
+                dicom_bytes(study.files[0], SOPInstanceUID="1.2.3.999", SeriesInstanceUID=None),
+            )
+        )
+        assert response.status_code == 202
+        assert referenced_uids(response) == [study.sop_uids[0]]
+        failed = failed_items(response)
+        assert len(failed) == 3
+        assert {f["00081197"]["Value"][0] for f in failed} == {FAILURE_CANNOT_UNDERSTAND}
+        reasons = " ".join(f["00000902"]["Value"][0] for f in failed)
+        assert "not a DICOM" in reasons and "truncated" in reasons
+        assert "SeriesInstanceUID" in reasons
+        assert uploads.counts() == (before[0] + 1, before[1] + 1)
+        uploads.assert_nothing_left_over()
+
+    def test_all_parts_failing_is_a_conflict(self, uploads: Uploads) -> None:
+        before = uploads.counts()
+        response = uploads.post(multipart(b"garbage", b"\x00" * 200))
+        assert response.status_code == 409
+        assert len(failed_items(response)) == 2
+        assert uploads.counts() == before
+        uploads.assert_nothing_left_over()
+
+    def test_dicomweb_client_reports_a_conflict_as_an_error(self, uploads: Uploads) -> None:
+        study = uploads.study(slices=1)
+        with pytest.raises(HTTPError) as raised:
+            uploads.client.store_instances(
+                [pydicom.dcmread(study.files[0])], study_instance_uid="1.2.3.4"
+            )
+        assert raised.value.response.status_code == 409
+
+    def test_instance_of_another_study_than_the_path_fails(self, uploads: Uploads) -> None:
+        study = uploads.study()
+        other = uploads.study(slices=1)
+        before = uploads.counts()
+        response = uploads.post(
+            multipart(study.files[0].read_bytes(), other.files[0].read_bytes()),
+            path=f"/studies/{study.study_uid}",
+        )
+        assert response.status_code == 202
+        assert referenced_uids(response) == [study.sop_uids[0]]
+        [failure] = failed_items(response)
+        assert failure["00081155"]["Value"] == [other.sop_uids[0]]
+        assert failure["00081197"]["Value"] == [FAILURE_STUDY_MISMATCH]
+        assert uploads.counts() == (before[0] + 1, before[1] + 1)
+        uploads.assert_nothing_left_over()
+
+    def test_instance_over_the_instance_limit_fails_alone(self, uploads: Uploads) -> None:
+        study = uploads.study(slices=1)
+        big = make_ct_study(uploads.base / "big", series=1, slices=1, rows=256, columns=256)
+        before = uploads.counts()
+        response = uploads.post(multipart(big.files[0].read_bytes(), study.files[0].read_bytes()))
+        assert response.status_code == 202
+        [failure] = failed_items(response)
+        assert failure["00081197"]["Value"] == [FAILURE_OUT_OF_RESOURCES]
+        assert referenced_uids(response) == [study.sop_uids[0]]
+        assert uploads.counts()[0] == before[0] + 1
+        uploads.assert_nothing_left_over()
+
+
+class TestRefusedRequests:
+    def test_wrong_content_type_is_unsupported_media_type(self, uploads: Uploads) -> None:
+        study = uploads.study(slices=1)
+        body = study.files[0].read_bytes()
+        assert uploads.post(body, content_type="application/dicom").status_code == 415
+        json_parts = f'multipart/related; type="application/dicom+json"; boundary={BOUNDARY}'
+        assert uploads.post(multipart(body), content_type=json_parts).status_code == 415
+        uploads.assert_nothing_left_over()
+
+    def test_malformed_body_stores_nothing(self, uploads: Uploads) -> None:
+        study = uploads.study()
+        good = study.files[0].read_bytes()
+        before = uploads.counts()
+        cut_short = multipart(good, study.files[1].read_bytes())[: len(good) + 300]
+        response = uploads.post(cut_short)
+        assert response.status_code == 400
+        assert "malformed" in response.json()["error"]
+        no_boundary = uploads.post(good, content_type='multipart/related; type="application/dicom"')
+        assert no_boundary.status_code == 400
+        assert uploads.counts() == before
+        uploads.assert_nothing_left_over()
+
+    def test_body_over_the_limit_is_refused_whole(self, uploads: Uploads) -> None:
+        studies = [uploads.study(slices=1) for _ in range(3)]
+        padding = make_ct_study(uploads.base / "pad", series=1, slices=10, rows=150, columns=150)
+        bodies = [s.files[0].read_bytes() for s in studies] + [
+            p.read_bytes() for p in padding.files
+        ]
+        body = multipart(*bodies)
+        assert len(body) > MAX_BODY_BYTES
+        before = uploads.counts()
+        assert uploads.post(body).status_code == 413
+        chunked = uploads.post(iter([body[i : i + 50_000] for i in range(0, len(body), 50_000)]))
+        assert chunked.status_code == 413
+        assert uploads.counts() == before
+        uploads.assert_nothing_left_over()
+
+    def test_missing_admin_token_is_refused(self, uploads: Uploads) -> None:
+        study = uploads.study(slices=1)
+        response = requests.post(
+            uploads.node.url + "/dicomweb/studies",
+            data=multipart(study.files[0].read_bytes()),
+            headers={"Content-Type": CONTENT_TYPE},
+            timeout=10,
+        )
+        assert response.status_code == 401
