@@ -6,7 +6,8 @@
 3. gather sample studies: pydicom's bundled test files and a small generated CT study;
 4. import them with `imageshare import` (a damaged file shows how bad input is refused);
 5. start the daemon with `imageshare run`;
-6. list the studies over DICOMweb (QIDO-RS), as a viewer would;
+6. list the studies over DICOMweb (QIDO-RS) and retrieve one whole (WADO-RS), as a
+   viewer would;
 7. print the URL, the admin token and example commands, and serve until Ctrl-C, which
    stops the node cleanly.
 
@@ -52,6 +53,7 @@ PYDICOM_SAMPLES = [
     "MR_truncated.dcm",
 ]
 QIDO_ACCEPT = "application/dicom+json"
+WADO_ACCEPT = 'multipart/related; type="application/dicom"'
 
 _step_number = 0
 
@@ -115,6 +117,16 @@ def http_get(url: str, token: str | None = None, accept: str = "application/json
     return json.loads(body) if body else []
 
 
+def http_get_bytes(url: str, token: str, accept: str) -> int:
+    """GET ``url`` streaming; returns how many body bytes arrived."""
+    headers = {"Accept": accept, "Authorization": f"Bearer {token}"}
+    total = 0
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as r:
+        while chunk := r.read(1 << 20):
+            total += len(chunk)
+    return total
+
+
 def wait_until_serving(url: str, daemon: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -144,7 +156,8 @@ def show_studies(studies: list[dict[str, Any]]) -> None:
         )
 
 
-def gather_samples(samples: Path) -> None:
+def gather_samples(samples: Path) -> str:
+    """Copy pydicom's samples and generate a CT study under ``samples``; its Study UID."""
     bundled = Path(pydicom.__file__).parent / "data" / "test_files"
     (samples / "pydicom").mkdir(parents=True)
     for name in PYDICOM_SAMPLES:
@@ -162,6 +175,7 @@ def gather_samples(samples: Path) -> None:
     )
     say(f"a generated CT study, 2 series x 12 slices of 256x256 -> {samples / 'ct'}")
     say(f"  Study Instance UID {study.study_uid}")
+    return study.study_uid
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -230,7 +244,7 @@ def main() -> int:
     say(f"origin {created['origin']}, verifier key {created['vkey']}")
 
     step("Gather sample studies")
-    gather_samples(DEMO_DIR / "samples")
+    ct_study_uid = gather_samples(DEMO_DIR / "samples")
 
     step("Import them (MR_truncated.dcm is damaged on purpose: it is refused, nothing else is)")
     imageshare("import", "-c", str(config), str(DEMO_DIR / "samples"))
@@ -257,6 +271,17 @@ def main() -> int:
             show_studies(http_get(qido, token, QIDO_ACCEPT))
         except urllib.error.HTTPError as exc:
             say(f"DICOMweb answered HTTP {exc.code}: this build does not serve QIDO-RS yet")
+
+        step("Retrieve the generated CT study whole, as a viewer would (WADO-RS)")
+        wado = f"{url}/dicomweb/studies/{ct_study_uid}"
+        print(f"   $ curl -H 'Authorization: Bearer …' -H 'Accept: {WADO_ACCEPT}' {wado}")
+        try:
+            started = time.perf_counter()
+            received = http_get_bytes(wado, token, WADO_ACCEPT)
+            seconds = time.perf_counter() - started
+            say(f"{received / 1e6:.1f} MB of multipart/related DICOM in {seconds:.2f} s")
+        except urllib.error.HTTPError as exc:
+            say(f"DICOMweb answered HTTP {exc.code}: this build does not serve WADO-RS yet")
 
         step("Your turn")
         say(f"DICOMweb root:  {url}/dicomweb   (QIDO-RS, WADO-RS, STOW-RS)")
