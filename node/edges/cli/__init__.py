@@ -10,10 +10,20 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from node.edges.cli import _common, node_commands, peers_commands
+from node.edges.cli import (
+    _common,
+    audit_commands,
+    fetch_commands,
+    ledger_commands,
+    node_commands,
+    patient_commands,
+    peers_commands,
+)
 
 # Each module has register(subparsers); its commands set args.handler.
-COMMAND_MODULES = [node_commands, peers_commands]
+COMMAND_MODULES = [node_commands, peers_commands, audit_commands, patient_commands]
+COMMAND_MODULES.append(fetch_commands)
+COMMAND_MODULES.append(ledger_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:
