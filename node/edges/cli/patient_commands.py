@@ -1,0 +1,299 @@
+"""`imageshare enroll` (hospital staff) and `imageshare patient ...` (the patient's wallet).
+
+`enroll` asks the running daemon to write the enrollment (POST /admin/api/enrollments
+with the admin token), because the daemon is the one writer of the node's log; when no
+daemon answers, it opens the node's data directory and writes the entry itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import importlib
+import json
+import os
+import re
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+
+from node.core.patient_keys import parse_public_key
+from node.edges.cli._common import (
+    EXIT_OK,
+    CheckFailed,
+    Unreachable,
+    command,
+    config_of,
+    print_json,
+)
+from node.errors import BadInput, ConfigError, ImageShareError
+from node.services.wallet import (
+    PASSPHRASE_ENV,
+    CustodianUnreachable,
+    ProofFailed,
+    Wallet,
+    parse_study_ref,
+    parse_token_id,
+    wallet_directory,
+)
+from node.store.secrets import read_secret
+from node.store.wallet_files import WalletFiles
+
+# Modules adding more `imageshare patient` commands, each with register_patient(subparsers).
+PATIENT_COMMAND_MODULES: list[str] = ["node.edges.cli.audit_commands"]
+
+_DURATION = re.compile(r"^([1-9][0-9]{0,5})([smhdw])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
+T = TypeVar("T")
+
+
+def register(subparsers: Any) -> None:
+    p = command(
+        subparsers, "enroll", cmd_enroll, "bind a patient's key to a local patient (staff)"
+    )
+    p.add_argument("--patient-id", required=True, metavar="MRN")
+    p.add_argument("--key", required=True, metavar="PATIENT_PUBKEY")
+
+    patient = subparsers.add_parser(
+        "patient", help="the patient's wallet", description="the patient's wallet"
+    )
+    sub = patient.add_subparsers(dest="patient_command", required=True, metavar="COMMAND")
+
+    def wallet_command(name: str, handler: Callable[[argparse.Namespace], int], help: str) -> Any:
+        p = command(sub, name, handler, help)
+        p.add_argument(
+            "--wallet",
+            type=Path,
+            default=None,
+            help="wallet directory (default: $IMAGESHARE_WALLET, else ~/.imageshare-wallet)",
+        )
+        return p
+
+    wallet_command("keygen", cmd_keygen, "create a new wallet secret")
+    p = wallet_command("pubkey", cmd_pubkey, "my public key for a custodian, to enroll there")
+    p.add_argument("--custodian", required=True, metavar="URL")
+    p = wallet_command("studies", cmd_studies, "my studies at a custodian")
+    p.add_argument("--custodian", required=True, metavar="URL")
+    p = wallet_command("grant", cmd_grant, "issue a grant and submit it to the custodian")
+    p.add_argument("--custodian", required=True, metavar="URL")
+    p.add_argument("--to", required=True, metavar="ORIGIN", help="the grantee node's origin")
+    scope = p.add_mutually_exclusive_group(required=True)
+    scope.add_argument("--all", action="store_true", help="all my studies at the custodian")
+    scope.add_argument("--study", nargs="+", metavar="REF", help="study references")
+    p.add_argument("--expires", default="7d", help="lifetime: N followed by s, m, h, d or w")
+    p = wallet_command("revoke", cmd_revoke, "revoke a token")
+    p.add_argument("token_id", metavar="TOKEN_ID")
+    p.add_argument("--custodian", required=True, metavar="URL")
+    wallet_command("tokens", cmd_tokens, "my tokens and their status")
+    for name in PATIENT_COMMAND_MODULES:
+        importlib.import_module(name).register_patient(sub)
+
+
+# -- enroll ----------------------------------------------------------------------------------
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    config = config_of(args)
+    public_key = parse_public_key(args.key)
+    body = json.dumps({"patient_id": args.patient_id, "key": args.key}).encode()
+    admin_token = read_secret(config.admin_token_path).decode().strip()
+    request = urllib.request.Request(
+        f"http://{_loopback(config.http.listen)}/admin/api/enrollments",
+        data=body,
+        method="POST",
+        headers={"Authorization": f"Bearer {admin_token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            result = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        raise _http_error(exc) from exc
+    except (urllib.error.URLError, ConnectionError):
+        result = _enroll_offline(config, args.patient_id, public_key)
+    if args.json:
+        print_json(result)
+    elif result["already_enrolled"]:
+        print(f"That key is already enrolled for patient {args.patient_id}.")
+    else:
+        print(f"Enrolled the key for patient {args.patient_id} (log entry {result['index']}).")
+        if result["replaced"]:
+            print(f"  retired the previous key {result['replaced']} and its grants")
+    return EXIT_OK
+
+
+def _loopback(listen: str) -> str:
+    host, _, port = listen.rpartition(":")
+    return f"127.0.0.1:{port}" if host in ("0.0.0.0", "::", "[::]") else listen
+
+
+def _http_error(exc: urllib.error.HTTPError) -> ImageShareError:
+    from node.services.wallet import STATUS_ERRORS
+
+    try:
+        message = json.loads(exc.read()).get("error") or str(exc.code)
+    except (ValueError, AttributeError):
+        message = str(exc.code)
+    return STATUS_ERRORS.get(exc.code, ImageShareError)(f"the node refused: {message}")
+
+
+def _enroll_offline(config: Any, patient_id: str, public_key: bytes) -> dict[str, Any]:
+    """Write the enrollment directly: only when no daemon serves this data directory."""
+    from node.services import consent
+    from node.services.runtime import open_runtime
+
+    runtime = open_runtime(config)
+    try:
+        result = consent.enroll_patient(runtime, patient_id, public_key)
+    finally:
+        runtime.close()
+    return consent.enroll_result_json(result, public_key)
+
+
+# -- the wallet ------------------------------------------------------------------------------
+
+
+def _passphrase(prompt: str, confirm: bool = False) -> bytes | None:
+    """$IMAGESHARE_WALLET_PASSPHRASE, else a prompt on a terminal, else None."""
+    if os.environ.get(PASSPHRASE_ENV):
+        return os.environ[PASSPHRASE_ENV].encode()
+    if not sys.stdin.isatty():
+        return None
+    first = getpass.getpass(prompt)
+    if confirm and first and getpass.getpass("Repeat the passphrase: ") != first:
+        raise BadInput("the passphrases do not match")
+    return first.encode() or None
+
+
+def _open_wallet(args: argparse.Namespace) -> Wallet:
+    directory = wallet_directory(args.wallet)
+    files = WalletFiles(directory)
+    passphrase = _passphrase("Wallet passphrase: ") if files.is_encrypted() else None
+    return Wallet.open(directory, passphrase)
+
+
+def _run(action: Callable[[aiohttp.ClientSession], Awaitable[T]]) -> T:
+    """Run one wallet action with an HTTP session, mapping network and proof failures."""
+
+    async def main() -> T:
+        async with aiohttp.ClientSession() as session:
+            return await action(session)
+
+    try:
+        return asyncio.run(main())
+    except CustodianUnreachable as exc:
+        raise Unreachable(str(exc)) from exc
+    except ProofFailed as exc:
+        raise CheckFailed(str(exc)) from exc
+
+
+def _print_qr(text: str) -> None:
+    import qrcode
+
+    qr = qrcode.QRCode(border=1, error_correction=qrcode.constants.ERROR_CORRECT_L)
+    qr.add_data(text)
+    qr.make(fit=True)
+    qr.print_ascii(out=sys.stdout, invert=True)
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    directory = wallet_directory(args.wallet)
+    if WalletFiles(directory).exists():
+        raise ConfigError(f"a wallet already exists in {directory}; refusing to replace it")
+    passphrase = _passphrase("New wallet passphrase (empty for none): ", confirm=True)
+    Wallet.create(directory, passphrase)
+    if args.json:
+        print_json({"wallet": str(directory), "encrypted": passphrase is not None})
+    else:
+        sealed = "sealed with a passphrase" if passphrase else "NOT passphrase-protected"
+        print(f"Created a wallet in {directory} ({sealed}). Keep a backup of it.")
+    return EXIT_OK
+
+
+def cmd_pubkey(args: argparse.Namespace) -> int:
+    wallet = _open_wallet(args)
+    custodian = _run(lambda session: wallet.custodian(session, args.custodian))
+    key = wallet.key_for(custodian.origin).public_key_text
+    if args.json:
+        print_json({"pubkey": key, "custodian": custodian.origin})
+    else:
+        print(f"My key for {custodian.origin} (show it at the enrollment desk):")
+        print(f"  {key}")
+        _print_qr(key)
+    return EXIT_OK
+
+
+def cmd_studies(args: argparse.Namespace) -> int:
+    wallet = _open_wallet(args)
+    studies = _run(lambda session: wallet.studies(session, args.custodian))
+    if args.json:
+        print_json({"studies": studies})
+        return EXIT_OK
+    if not studies:
+        print("No studies.")
+    for s in studies:
+        print(
+            f"{s['ref']}  {s['date'] or '-':8}  {','.join(s['modalities']) or '-':6}"
+            f"  {s['instances']:5} images  {s['description']}"
+        )
+    return EXIT_OK
+
+
+def parse_lifetime(text: str) -> int:
+    """Seconds in a lifetime like 30m, 12h, 7d or 2w; raises BadInput otherwise."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise BadInput("--expires takes a number followed by s, m, h, d or w (e.g. 7d)")
+    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def cmd_grant(args: argparse.Namespace) -> int:
+    lifetime = parse_lifetime(args.expires)
+    scope = None if args.all else tuple(parse_study_ref(r) for r in args.study)
+    wallet = _open_wallet(args)
+    record = _run(
+        lambda session: wallet.grant(session, args.custodian, args.to, scope, lifetime)
+    )
+    if args.json:
+        print_json({k: record[k] for k in ("token", "token_id", "url")})
+        return EXIT_OK
+    print(f"Granted {args.to} access until {record['expires']} (unix time);")
+    print(f"recorded in {record['custodian']}'s log at entry {record['index']} (proof checked).")
+    print(f"token id: {record['token_id']}")
+    print(f"token:    {record['token']}")
+    print(f"URL:      {record['url']}")
+    _print_qr(record["url"])
+    return EXIT_OK
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    token_id = parse_token_id(args.token_id)
+    wallet = _open_wallet(args)
+    result = _run(lambda session: wallet.revoke(session, args.custodian, token_id))
+    if args.json:
+        print_json(result)
+    else:
+        print(f"Revoked {result['token_id']} (log entry {result['index']}, proof checked).")
+    return EXIT_OK
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    wallet = _open_wallet(args)
+    tokens = _run(wallet.tokens)
+    if args.json:
+        print_json({"tokens": tokens})
+        return EXIT_OK
+    if not tokens:
+        print("No tokens.")
+    for t in tokens:
+        checked = "" if t.get("checked") else "  (custodian not reached)"
+        print(
+            f"{t['token_id'][:16]}  {t['status']:8}  to {t['grantee']}"
+            f"  at {t['custodian']}  until {t['expires']}{checked}"
+        )
+    return EXIT_OK

@@ -1,0 +1,129 @@
+"""/patient: the wallet's endpoints, and the staff's enrollment under /admin/api.
+
+Every /patient request is signed by an enrolled, unretired patient key (node.edges.http
+.signed: stale timestamps, bad signatures and replayed nonces are refused with 401).
+Submissions answer with the ledger entry, an inclusion proof and the signed checkpoint
+it is proven against, so the wallet can check that its grant or revocation is on the
+record. Handlers are thin: the rules live in node.services.consent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from typing import Any
+
+from aiohttp import web
+
+from node.core.consent import decode_grant, decode_revocation
+from node.core.notes import Checkpoint, parse_note
+from node.core.patient_keys import parse_public_key
+from node.core.signed_requests import PATIENT_PREFIX
+from node.edges.http.app import RUNTIME_KEY
+from node.edges.http.signed import SignedCaller, authenticate, nonce_store_of
+from node.errors import BadInput, Forbidden
+from node.services import consent
+from node.services.ledger import ledger_service
+from node.services.runtime import NodeRuntime
+
+MAX_SUBMISSION_BYTES = 64 * 1024
+
+
+def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
+    app.router.add_get("/patient/studies", list_studies)
+    app.router.add_post("/patient/grants", submit_grant)
+    app.router.add_post("/patient/revocations", submit_revocation)
+    app.router.add_get("/patient/tokens", list_tokens)
+    app.router.add_post("/admin/api/enrollments", enroll)
+
+
+async def _patient(request: web.Request) -> SignedCaller:
+    """The enrolled patient who signed ``request``; raises Unauthorized otherwise."""
+    runtime = request.app[RUNTIME_KEY]
+
+    def resolve(signer: str) -> bytes | None:
+        if not signer.startswith(PATIENT_PREFIX):
+            return None
+        key = parse_public_key(signer[len(PATIENT_PREFIX) :])
+        return consent.enrolled_key(runtime, key)
+
+    if (request.content_length or 0) > MAX_SUBMISSION_BYTES:
+        raise BadInput("a patient request body is at most 64 KiB")
+    return await authenticate(
+        request, resolve, runtime.config.federation.max_request_age, nonce_store_of(runtime)
+    )
+
+
+def _proof_of(runtime: NodeRuntime, index: int) -> dict[str, Any]:
+    """The entry at ``index``, its inclusion proof, and the checkpoint that proof is for."""
+    ledger = ledger_service(runtime)
+    note = ledger.checkpoint_note()
+    body, _ = parse_note(note)
+    size = Checkpoint.parse(body).size
+    entry = next(iter(ledger.own.entries(index, index + 1)))
+    proof = ledger.own.inclusion_proof(index, size)
+    return {
+        "index": index,
+        "size": size,
+        "entry": base64.b64encode(entry).decode(),
+        "proof": [base64.b64encode(h).decode() for h in proof],
+        "checkpoint": note,
+    }
+
+
+async def list_studies(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME_KEY]
+    caller = await _patient(request)
+    studies = await asyncio.to_thread(consent.patient_studies, runtime, caller.public_key)
+    return web.json_response({"studies": studies})
+
+
+async def submit_grant(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME_KEY]
+    caller = await _patient(request)
+
+    def record() -> dict[str, Any]:
+        if decode_grant(caller.body).patient_key != caller.public_key:
+            raise Forbidden("a patient may submit only grants signed with their own key")
+        recorded = consent.record_grant(runtime, caller.body)
+        return {"token_id": recorded.token_id.hex(), **_proof_of(runtime, recorded.index)}
+
+    return web.json_response(await asyncio.to_thread(record))
+
+
+async def submit_revocation(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME_KEY]
+    caller = await _patient(request)
+
+    def record() -> dict[str, Any]:
+        if decode_revocation(caller.body).patient_key != caller.public_key:
+            raise Forbidden("a patient may revoke only with their own key")
+        recorded = consent.record_revocation(runtime, caller.body)
+        return {"token_id": recorded.token_id.hex(), **_proof_of(runtime, recorded.index)}
+
+    return web.json_response(await asyncio.to_thread(record))
+
+
+async def list_tokens(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME_KEY]
+    caller = await _patient(request)
+    tokens = await asyncio.to_thread(
+        consent.token_statuses, runtime, caller.public_key, int(time.time())
+    )
+    return web.json_response({"tokens": tokens})
+
+
+async def enroll(request: web.Request) -> web.Response:
+    """Staff enrollment (admin token): JSON {"patient_id", "key"}."""
+    runtime = request.app[RUNTIME_KEY]
+    try:
+        document = await request.json()
+        patient_id, key_text = document["patient_id"], document["key"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BadInput('enrollment needs JSON {"patient_id": ..., "key": ...}') from exc
+    if not isinstance(patient_id, str) or not isinstance(key_text, str):
+        raise BadInput("patient_id and key must be strings")
+    public_key = parse_public_key(key_text)
+    result = await asyncio.to_thread(consent.enroll_patient, runtime, patient_id, public_key)
+    return web.json_response(consent.enroll_result_json(result, public_key))

@@ -1,0 +1,427 @@
+"""Consent at the custodian: enrollment, recording grants and revocations, access checks.
+
+Every decision goes through node.core.consent.validate_grant (or admit_grant for
+recording); this module only gathers what the node's log says into a ConsentView,
+writes the resulting entries, and keeps the consent tables (node.store.consent_state)
+in step with the log. Writes are serialised by one lock, so that "check, append, apply"
+is atomic within the daemon; the tables are caught up from the log whenever opened.
+
+Study and subject references are keyed hashes: HMAC-SHA256 under a node secret
+(``reference.key`` in the data directory, mode 0600), so ledger entries name nothing
+that anyone but this node (and the patient, through a signed request) can resolve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from node.core.consent import (
+    AccessRequest,
+    ConsentPolicy,
+    ConsentView,
+    GrantToken,
+    KeyStatus,
+    Rule,
+    Verdict,
+    admit_grant,
+    decode_grant,
+    decode_revocation,
+    validate_grant,
+)
+from node.core.entries import decode_entry
+from node.core.keys import PUBLIC_KEY_SIZE
+from node.core.patient_keys import b64url
+from node.errors import BadInput, ConfigError, Conflict, Forbidden, NotFound, Unauthorized
+from node.services.ledger import LedgerService, ledger_service
+from node.services.runtime import NodeRuntime
+from node.store.consent_state import ConsentState
+from node.store.secrets import read_secret, write_secret
+
+SERVICE_NAME = "consent"
+REFERENCE_KEY_FILE = "reference.key"
+STUDY_REF_DOMAIN = b"imageshare/study-ref/v1\n"
+SUBJECT_REF_DOMAIN = b"imageshare/subject-ref/v1\n"
+DAY = 86_400
+
+
+@dataclass(frozen=True)
+class EnrollResult:
+    index: int | None  # None when the key was already enrolled for this patient
+    subject: bytes
+    replaced: bytes | None
+
+
+@dataclass(frozen=True)
+class GrantRecord:
+    """A grant as recorded in this custodian's log (``newly`` is False if it already was)."""
+
+    token: GrantToken
+    index: int
+    newly: bool
+
+    @property
+    def token_id(self) -> bytes:
+        return self.token.token_id
+
+
+@dataclass(frozen=True)
+class RevocationRecord:
+    token_id: bytes
+    index: int
+    newly: bool
+
+
+@dataclass(frozen=True)
+class Appended:
+    index: int
+    entry: bytes
+
+
+class ConsentService:
+    """The consent tables and the reference key of one node."""
+
+    def __init__(self, runtime: NodeRuntime) -> None:
+        self.runtime = runtime
+        self.state = ConsentState(runtime.config.data_dir / "consent.sqlite")
+        self.lock = threading.RLock()
+        self._reference_key = _load_or_create_reference_key(runtime)
+
+    def close(self) -> None:
+        self.state.close()
+
+    @property
+    def ledger(self) -> LedgerService:
+        return ledger_service(self.runtime)
+
+    def reference(self, domain: bytes, value: str) -> bytes:
+        return hmac.new(self._reference_key, domain + value.encode(), hashlib.sha256).digest()
+
+    def catch_up(self) -> None:
+        """Apply every own-log entry the consent tables have not seen yet."""
+        with self.lock:
+            own = self.ledger.own
+            start, size = self.state.applied_size, own.size()
+            while start < size:
+                batch = list(own.entries(start, min(size, start + 1000)))
+                if not batch:
+                    break
+                for offset, raw in enumerate(batch):
+                    entry = decode_entry(raw)
+                    self.state.apply(start + offset, entry.kind, entry.fields)
+                start += len(batch)
+
+    def append(self, kind: str, fields: dict[str, Any]) -> Appended:
+        """Append an entry durably and apply it to the tables; call with the lock held."""
+        self.catch_up()
+        result = self.ledger.append(kind, fields)
+        self.state.apply(result.index, kind, fields)
+        return Appended(result.index, result.entry)
+
+
+def _load_or_create_reference_key(runtime: NodeRuntime) -> bytes:
+    path = runtime.config.data_dir / REFERENCE_KEY_FILE
+    # Created on first use; O_EXCL makes a concurrent creator lose cleanly.
+    with contextlib.suppress(FileExistsError):
+        write_secret(path, os.urandom(32))
+    key = read_secret(path)
+    if len(key) != 32:
+        raise ConfigError(f"{REFERENCE_KEY_FILE} does not hold a 32-byte key")
+    return key
+
+
+def consent_service(runtime: NodeRuntime) -> ConsentService:
+    """The node's consent service, opened (and caught up with the log) on first use."""
+    service = runtime.services.get(SERVICE_NAME)
+    if service is None:
+        service = ConsentService(runtime)
+        runtime.services[SERVICE_NAME] = service
+        service.catch_up()
+    return service  # type: ignore[no-any-return]
+
+
+# -- references ----------------------------------------------------------------------------
+
+
+def study_reference(runtime: NodeRuntime, study_uid: str) -> bytes:
+    """The keyed reference of a study (what tokens and ledger entries name); remembered."""
+    service = consent_service(runtime)
+    ref = service.reference(STUDY_REF_DOMAIN, study_uid)
+    if service.state.study_of_ref(ref) is None:
+        service.state.remember_study_refs({ref: study_uid})
+    return ref
+
+
+def resolve_study_reference(runtime: NodeRuntime, ref: bytes) -> str:
+    """The Study Instance UID behind a reference; raises NotFound if no study here has it."""
+    service = consent_service(runtime)
+    uid = service.state.study_of_ref(ref)
+    if uid is None:
+        # A study indexed since its reference was last computed: compute them all once.
+        rows = runtime.store.reader.execute("SELECT study_instance_uid FROM studies")
+        refs = {service.reference(STUDY_REF_DOMAIN, r[0]): r[0] for r in rows}
+        service.state.remember_study_refs(refs)
+        uid = refs.get(ref)
+    if uid is None:
+        raise NotFound("no study with that reference on this node")
+    return uid
+
+
+def subject_reference(runtime: NodeRuntime, patient_id: str) -> bytes:
+    """The keyed reference of a local patient, as written in ``enroll`` entries."""
+    return consent_service(runtime).reference(SUBJECT_REF_DOMAIN, patient_id)
+
+
+def _owned_studies(runtime: NodeRuntime, subject: bytes) -> frozenset[bytes]:
+    patient_id = consent_service(runtime).state.patient_of_subject(subject)
+    if patient_id is None:
+        return frozenset()
+    uids = runtime.store.studies_of_patient(patient_id)
+    return frozenset(study_reference(runtime, uid) for uid in uids)
+
+
+# -- enrollment ----------------------------------------------------------------------------
+
+
+def enroll_patient(runtime: NodeRuntime, patient_id: str, public_key: bytes) -> EnrollResult:
+    """Bind ``public_key`` to the local patient ``patient_id`` by an ``enroll`` entry.
+
+    A new key for an already enrolled patient retires the old key and, with it, every
+    grant the old key signed. Raises Conflict if the key belongs to another patient or
+    was retired, BadInput for an empty patient id or a malformed key.
+    """
+    if not patient_id.strip() or len(patient_id) > 64:
+        raise BadInput("a patient id is 1 to 64 characters")
+    if len(public_key) != PUBLIC_KEY_SIZE:
+        raise BadInput("a patient key is 32 bytes")
+    service = consent_service(runtime)
+    subject = subject_reference(runtime, patient_id)
+    with service.lock:
+        service.catch_up()
+        existing = service.state.key(public_key)
+        if existing is not None:
+            if existing.subject != subject:
+                raise Conflict("that key is already enrolled for another patient")
+            if existing.retired:
+                raise Conflict("that key was retired; the patient needs a new one")
+            return EnrollResult(None, subject, None)
+        service.state.bind_subject(subject, patient_id)
+        current = service.state.active_key_of_subject(subject)
+        replaced = None if current is None else current.public_key
+        appended = service.append(
+            "enroll", {"subject": subject, "key": public_key, "replaces": replaced}
+        )
+    return EnrollResult(appended.index, subject, replaced)
+
+
+def enroll_result_json(result: EnrollResult, public_key: bytes) -> dict[str, Any]:
+    """What `imageshare enroll --json` prints (no patient data, no subject reference)."""
+    return {
+        "key": b64url(public_key),
+        "index": result.index,
+        "already_enrolled": result.index is None,
+        "replaced": None if result.replaced is None else b64url(result.replaced),
+    }
+
+
+# -- grants and revocations ----------------------------------------------------------------
+
+
+def consent_policy(runtime: NodeRuntime) -> ConsentPolicy:
+    consent = runtime.config.consent
+    return ConsentPolicy(
+        custodian_origin=runtime.config.origin,
+        max_lifetime=consent.max_lifetime_days * DAY,
+        clock_skew=consent.clock_skew_seconds,
+    )
+
+
+def consent_view(runtime: NodeRuntime, token: GrantToken) -> ConsentView:
+    """What this node's log says about one token's key, studies, revocation and recording."""
+    state = consent_service(runtime).state
+    key = state.key(token.patient_key)
+    keys = {} if key is None else {key.public_key: KeyStatus(key.subject, key.retired)}
+    studies = {} if key is None else {key.subject: _owned_studies(runtime, key.subject)}
+    token_id = token.token_id
+    revoked = state.revocation_index(token.patient_key, token_id) is not None
+    return ConsentView(
+        keys=keys,
+        studies_of_subject=studies,
+        revoked=frozenset({(token.patient_key, token_id)} if revoked else set()),
+        recorded=frozenset({token_id} if state.grant(token_id) is not None else set()),
+    )
+
+
+def record_grant(runtime: NodeRuntime, token_bytes: bytes, now: int | None = None) -> GrantRecord:
+    """Record a grant in this node's log on first sight; idempotent.
+
+    Raises BadInput for an undecodable token and Forbidden (naming the rule) for a grant
+    that may not be recorded: bad signature, other custodian, unknown or retired key,
+    lifetime over the maximum, expired, revoked, or naming another patient's study.
+    """
+    now = int(time.time()) if now is None else now
+    token = decode_grant(token_bytes)
+    service = consent_service(runtime)
+    with service.lock:
+        service.catch_up()
+        known = service.state.grant(token.token_id)
+        if known is not None:
+            return GrantRecord(token, known.ledger_index, newly=False)
+        verdict = admit_grant(
+            token_bytes, consent_view(runtime, token), consent_policy(runtime), now
+        )
+        if not verdict.allowed:
+            raise Forbidden(f"grant refused ({verdict.reason}): {verdict.message}")
+        appended = service.append("grant", {"token": token_bytes})
+    return GrantRecord(token, appended.index, newly=True)
+
+
+def record_revocation(runtime: NodeRuntime, revocation_bytes: bytes) -> RevocationRecord:
+    """Record a patient's revocation; idempotent.
+
+    The revocation must verify under an enrolled key. It may name a token this node has
+    not seen yet: the token is then refused when it arrives. Raises BadInput (malformed),
+    Unauthorized (bad signature), Forbidden (key not enrolled here).
+    """
+    revocation = decode_revocation(revocation_bytes)
+    if not revocation.signature_valid():
+        raise Unauthorized("the revocation's signature does not verify")
+    service = consent_service(runtime)
+    with service.lock:
+        service.catch_up()
+        if service.state.key(revocation.patient_key) is None:
+            raise Forbidden("the revocation's key is not enrolled here")
+        known = service.state.revocation_index(revocation.patient_key, revocation.token_id)
+        if known is not None:
+            return RevocationRecord(revocation.token_id, known, newly=False)
+        appended = service.append("revoke", {"revocation": revocation_bytes})
+    return RevocationRecord(revocation.token_id, appended.index, newly=True)
+
+
+def check_access(
+    runtime: NodeRuntime,
+    token_bytes: bytes,
+    requester_origin: str,
+    study_refs: tuple[bytes, ...] | list[bytes] | None,
+    now: int,
+) -> Verdict:
+    """Decide whether ``requester_origin`` (already authenticated) may have the studies.
+
+    Records the grant on first sight (so the grantee may present a token the wallet
+    never submitted), then validates. A refusal of a decodable token is written to the
+    log as a ``denial`` entry naming the rule. Never raises for a bad token: the Verdict
+    says why.
+    """
+    refs = None if study_refs is None else tuple(study_refs)
+    # A grant that may not be recorded is refused below by the rule that fails.
+    with contextlib.suppress(BadInput, Forbidden):
+        record_grant(runtime, token_bytes, now)
+    token: GrantToken | None
+    try:
+        token = decode_grant(token_bytes)
+    except BadInput:
+        token = None
+    view = ConsentView() if token is None else consent_view(runtime, token)
+    verdict = validate_grant(
+        token_bytes, AccessRequest(requester_origin, refs, now), view, consent_policy(runtime)
+    )
+    if not verdict.allowed and token is not None:
+        _record_denial(runtime, token, requester_origin, verdict.rule, refs)
+    return verdict
+
+
+def _record_denial(
+    runtime: NodeRuntime,
+    token: GrantToken,
+    requester_origin: str,
+    rule: Rule | None,
+    refs: tuple[bytes, ...] | None,
+) -> None:
+    service = consent_service(runtime)
+    with service.lock:
+        service.append(
+            "denial",
+            {
+                "token_id": token.token_id,
+                "requester": requester_origin,
+                "rule": str(rule),
+                "study": refs[0] if refs else None,
+            },
+        )
+
+
+# -- what a patient may ask about their own key ---------------------------------------------
+
+
+def enrolled_key(runtime: NodeRuntime, public_key: bytes) -> bytes | None:
+    """``public_key`` if it is enrolled here and not retired, else None (request signer check)."""
+    key = consent_service(runtime).state.key(public_key)
+    return public_key if key is not None and not key.retired else None
+
+
+def patient_studies(runtime: NodeRuntime, public_key: bytes) -> list[dict[str, Any]]:
+    """The studies of the patient holding ``public_key``, described without identifiers.
+
+    Only for the patient's own signed request: references with date, modalities,
+    description and instance count. Raises Forbidden if the key is not enrolled.
+    """
+    service = consent_service(runtime)
+    key = service.state.key(public_key)
+    if key is None or key.retired:
+        raise Forbidden("that key is not enrolled here")
+    patient_id = service.state.patient_of_subject(key.subject)
+    studies: list[dict[str, Any]] = []
+    for uid in runtime.store.studies_of_patient(patient_id or ""):
+        row = runtime.store.study_row(uid)
+        series = runtime.store.reader.execute(
+            "SELECT DISTINCT modality FROM series WHERE study_instance_uid = ? ORDER BY modality",
+            (uid,),
+        ).fetchall()
+        count = runtime.store.reader.execute(
+            "SELECT COUNT(*) FROM instances WHERE study_instance_uid = ?", (uid,)
+        ).fetchone()[0]
+        studies.append(
+            {
+                "ref": b64url(study_reference(runtime, uid)),
+                "date": row.get("study_date") or "",
+                "modalities": [s[0] for s in series if s[0]],
+                "description": row.get("study_description") or "",
+                "instances": int(count),
+            }
+        )
+    return studies
+
+
+def token_statuses(runtime: NodeRuntime, public_key: bytes, now: int) -> list[dict[str, Any]]:
+    """Every grant recorded for ``public_key``, with status active, expired or revoked."""
+    service = consent_service(runtime)
+    key = service.state.key(public_key)
+    if key is None:
+        raise Forbidden("that key is not enrolled here")
+    statuses = []
+    for row in service.state.grants_of_key(public_key):
+        grant = decode_grant(row.token).fields
+        revoked = service.state.revocation_index(public_key, row.token_id) is not None
+        if revoked or key.retired:
+            status = "revoked"
+        elif now > grant.expires:
+            status = "expired"
+        else:
+            status = "active"
+        statuses.append(
+            {
+                "token_id": row.token_id.hex(),
+                "grantee": grant.grantee,
+                "expires": grant.expires,
+                "index": row.ledger_index,
+                "status": status,
+                "key_retired": key.retired,
+            }
+        )
+    return statuses

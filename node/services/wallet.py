@@ -1,0 +1,325 @@
+"""The reference patient wallet: keys per custodian, grants, revocations, token status.
+
+The wallet talks to a custodian only by requests signed with its key for that custodian
+(node.core.signed_requests). It trusts nothing the custodian says about the log without
+checking: a submitted grant or revocation comes back with its ledger entry, an inclusion
+proof and the log's signed checkpoint, and the wallet verifies the checkpoint signature
+against the log key it pinned on first contact and the entry's inclusion under that
+checkpoint's root.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from node.core.consent import (
+    GrantFields,
+    scope_text,
+    sign_grant,
+    sign_revocation,
+    token_id_of,
+    token_text,
+    token_url,
+)
+from node.core.entries import decode_entry
+from node.core.merkle import leaf_hash, verify_inclusion
+from node.core.notes import verify_note
+from node.core.patient_keys import PatientKey, from_b64url
+from node.core.signed_requests import NONCE_SIZE, make_headers, patient_signer
+from node.errors import (
+    BadInput,
+    Conflict,
+    Forbidden,
+    ImageShareError,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+)
+from node.store.wallet_files import WalletFiles
+
+DEFAULT_WALLET_DIR = Path("~/.imageshare-wallet")
+WALLET_ENV = "IMAGESHARE_WALLET"
+PASSPHRASE_ENV = "IMAGESHARE_WALLET_PASSPHRASE"
+REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=30)
+STATUS_ERRORS: dict[int, type[ImageShareError]] = {
+    400: BadInput,
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    409: Conflict,
+    413: PayloadTooLarge,
+}
+
+
+class CustodianUnreachable(ImageShareError):
+    """The custodian could not be reached."""
+
+
+class ProofFailed(ImageShareError):
+    """The custodian's answer does not prove what it claims (bad checkpoint or proof)."""
+
+
+def wallet_directory(explicit: Path | None) -> Path:
+    """--wallet, else $IMAGESHARE_WALLET, else ~/.imageshare-wallet."""
+    chosen = explicit or Path(os.environ.get(WALLET_ENV) or DEFAULT_WALLET_DIR)
+    return chosen.expanduser()
+
+
+@dataclass(frozen=True)
+class Custodian:
+    url: str
+    origin: str
+    vkey: str
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What the custodian proved: the entry's index, under a verified checkpoint size."""
+
+    index: int
+    checkpoint_size: int
+
+
+class Wallet:
+    """An opened wallet: its seed (in memory only) and its files."""
+
+    def __init__(self, files: WalletFiles, seed: bytes) -> None:
+        self.files = files
+        self._seed = seed
+
+    @classmethod
+    def create(cls, directory: Path, passphrase: bytes | None) -> Wallet:
+        files = WalletFiles(directory)
+        seed = os.urandom(32)
+        files.create(seed, passphrase)
+        return cls(files, seed)
+
+    @classmethod
+    def open(cls, directory: Path, passphrase: bytes | None) -> Wallet:
+        files = WalletFiles(directory)
+        return cls(files, files.load_seed(passphrase))
+
+    def key_for(self, custodian_origin: str) -> PatientKey:
+        return PatientKey.derive(self._seed, custodian_origin)
+
+    # -- talking to a custodian ------------------------------------------------------------
+
+    async def custodian(self, session: aiohttp.ClientSession, url: str) -> Custodian:
+        """Learn a custodian's origin and log key; pin the key on first contact.
+
+        Raises ProofFailed if the log key differs from the pinned one.
+        """
+        url = url.rstrip("/")
+        health = await _get_json(session, url + "/healthz")
+        origin = health.get("origin") if isinstance(health, dict) else None
+        if not isinstance(origin, str) or not origin:
+            raise BadInput(f"{url} does not look like an ImageShare node")
+        logs = await _get_json(session, url + "/ledger/logs")
+        vkey = next(
+            (
+                log.get("vkey")
+                for log in (logs if isinstance(logs, list) else [])
+                if isinstance(log, dict) and log.get("origin") == origin
+            ),
+            None,
+        )
+        if not isinstance(vkey, str):
+            raise BadInput(f"{url} does not publish its own log")
+        state = self.files.load_state()
+        pinned = state["custodians"].get(origin, {}).get("vkey")
+        if pinned is not None and pinned != vkey:
+            raise ProofFailed(f"the log key of {origin} changed since this wallet first saw it")
+        if pinned is None or state["custodians"][origin].get("url") != url:
+            state["custodians"][origin] = {"url": url, "vkey": vkey}
+            self.files.save_state(state)
+        return Custodian(url, origin, vkey)
+
+    async def signed(
+        self,
+        session: aiohttp.ClientSession,
+        custodian: Custodian,
+        method: str,
+        path: str,
+        body: bytes = b"",
+    ) -> Any:
+        """A request signed with my key for ``custodian``; returns its JSON answer."""
+        key = self.key_for(custodian.origin)
+        target = URL(custodian.url + path)
+        headers = make_headers(
+            key.sign,
+            patient_signer(key.public_key),
+            method,
+            target.raw_path_qs,
+            body,
+            int(time.time()),
+            os.urandom(NONCE_SIZE),
+        )
+        headers["Content-Type"] = "application/octet-stream"
+        return await _request_json(session, method, target, headers=headers, data=body)
+
+    async def studies(self, session: aiohttp.ClientSession, url: str) -> list[dict[str, Any]]:
+        custodian = await self.custodian(session, url)
+        answer = await self.signed(session, custodian, "GET", "/patient/studies")
+        return list(answer.get("studies", []))
+
+    async def grant(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        grantee: str,
+        scope: tuple[bytes, ...] | None,
+        lifetime: int,
+        now: int | None = None,
+    ) -> dict[str, Any]:
+        """Sign a grant, submit it, verify its inclusion, and keep it in the wallet."""
+        custodian = await self.custodian(session, url)
+        key = self.key_for(custodian.origin)
+        now = int(time.time()) if now is None else now
+        fields = GrantFields(
+            key.public_key, custodian.origin, grantee, scope, now, now + lifetime, os.urandom(16)
+        )
+        token = sign_grant(fields, key.sign)
+        answer = await self.signed(session, custodian, "POST", "/patient/grants", token)
+        recorded = _verify_recorded(answer, custodian, "grant", "token", token)
+        record = {
+            "token_id": token_id_of(token).hex(),
+            "token": token_text(token),
+            "url": token_url(token),
+            "custodian": custodian.origin,
+            "custodian_url": custodian.url,
+            "grantee": grantee,
+            "scope": scope_text(scope),
+            "not_before": fields.not_before,
+            "expires": fields.expires,
+            "index": recorded.index,
+            "status": "active",
+        }
+        state = self.files.load_state()
+        state["tokens"].append(record)
+        self.files.save_state(state)
+        return record
+
+    async def revoke(
+        self, session: aiohttp.ClientSession, url: str, token_id: bytes
+    ) -> dict[str, Any]:
+        """Sign and submit a revocation; verify its inclusion; mark the token revoked."""
+        custodian = await self.custodian(session, url)
+        key = self.key_for(custodian.origin)
+        revocation = sign_revocation(key.public_key, token_id, int(time.time()), key.sign)
+        answer = await self.signed(session, custodian, "POST", "/patient/revocations", revocation)
+        recorded = _verify_recorded(answer, custodian, "revoke", "revocation", revocation)
+        state = self.files.load_state()
+        for record in state["tokens"]:
+            if record["token_id"] == token_id.hex():
+                record["status"] = "revoked"
+        self.files.save_state(state)
+        return {"token_id": token_id.hex(), "index": recorded.index, "status": "revoked"}
+
+    async def tokens(self, session: aiohttp.ClientSession) -> list[dict[str, Any]]:
+        """Every token this wallet issued, with its status refreshed from its custodian.
+
+        A custodian that cannot be reached leaves its tokens' last known status, marked
+        ``"checked": false``; expiry is always judged by this machine's clock.
+        """
+        state = self.files.load_state()
+        now = int(time.time())
+        remote: dict[str, str] = {}
+        reached: set[str] = set()
+        for url in sorted({t["custodian_url"] for t in state["tokens"]}):
+            try:
+                custodian = await self.custodian(session, url)
+                answer = await self.signed(session, custodian, "GET", "/patient/tokens")
+            except (CustodianUnreachable, Forbidden, Unauthorized):
+                continue
+            reached.add(url)
+            remote.update({t["token_id"]: t["status"] for t in answer.get("tokens", [])})
+        for record in state["tokens"]:
+            status = remote.get(record["token_id"], record["status"])
+            if status != "revoked" and now > int(record["expires"]):
+                status = "expired"
+            record["status"] = status
+            record["checked"] = record["custodian_url"] in reached
+        self.files.save_state(state)
+        return list(state["tokens"])
+
+
+def parse_token_id(text: str) -> bytes:
+    """A token id from its hex form; raises BadInput otherwise."""
+    try:
+        token_id = bytes.fromhex(text.strip())
+    except ValueError as exc:
+        raise BadInput("a token id is 64 hex digits") from exc
+    if len(token_id) != 32:
+        raise BadInput("a token id is 64 hex digits")
+    return token_id
+
+
+def parse_study_ref(text: str) -> bytes:
+    ref = from_b64url(text, "study reference", 32)
+    if len(ref) != 32:
+        raise BadInput("a study reference is 32 bytes in base64url")
+    return ref
+
+
+def _verify_recorded(
+    answer: Any, custodian: Custodian, kind: str, field: str, expected: bytes
+) -> Recorded:
+    """Check that ``answer`` proves an entry (kind, field=expected) in the custodian's log."""
+    try:
+        entry_bytes = base64.b64decode(answer["entry"], validate=True)
+        proof = [base64.b64decode(h, validate=True) for h in answer["proof"]]
+        index = int(answer["index"])
+        note = str(answer["checkpoint"])
+    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+        raise ProofFailed("the custodian's answer carries no well-formed proof") from exc
+    entry = decode_entry(entry_bytes)
+    if entry.kind != kind or entry.fields.get(field) != expected:
+        raise ProofFailed(f"the custodian's proof is for another entry than my {kind}")
+    try:
+        checkpoint = verify_note(note, custodian.vkey)
+    except (BadInput, Unauthorized) as exc:
+        raise ProofFailed(f"the custodian's checkpoint does not verify: {exc}") from exc
+    if not verify_inclusion(
+        proof, leaf_hash(entry_bytes), index, checkpoint.size, checkpoint.root_hash
+    ):
+        raise ProofFailed(f"the {kind} is not proven to be in the custodian's log")
+    return Recorded(index, checkpoint.size)
+
+
+async def _get_json(session: aiohttp.ClientSession, url: str) -> Any:
+    return await _request_json(session, "GET", URL(url))
+
+
+async def _request_json(
+    session: aiohttp.ClientSession, method: str, url: URL, **kwargs: Any
+) -> Any:
+    try:
+        async with session.request(method, url, timeout=REQUEST_TIMEOUT, **kwargs) as response:
+            body = await response.read()
+            status = response.status
+    except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+        raise CustodianUnreachable(f"cannot reach {url.origin()}: {exc}") from exc
+    try:
+        document = json.loads(body) if body else {}
+    except ValueError as exc:
+        if status >= 400:
+            raise STATUS_ERRORS.get(status, ImageShareError)(
+                f"{url.origin()} answered {status}"
+            ) from exc
+        raise BadInput(f"{url.origin()} answered with something other than JSON") from exc
+    if status >= 400:
+        message = document.get("error") if isinstance(document, dict) else None
+        raise STATUS_ERRORS.get(status, ImageShareError)(
+            f"{url.origin()} refused: {message or status}"
+        )
+    return document

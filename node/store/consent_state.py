@@ -1,0 +1,211 @@
+"""The custodian's consent state: who is enrolled with which key, grants, revocations.
+
+Everything here except two private tables is a cache of this node's own log, rebuilt by
+replaying it (``applied_size`` says how far it got), so the log stays the only truth:
+
+- ``subjects`` (subject reference -> patient id) is the private link from the opaque
+  reference written in ``enroll`` entries to the local patient. It never leaves the node.
+- ``study_refs`` (study reference -> Study Instance UID) remembers keyed references the
+  node has computed so that it can resolve them again.
+
+One SQLite file, WAL with synchronous=FULL, safe for several threads and processes.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from node.core.consent import decode_grant, decode_revocation
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS subjects (
+    subject BLOB PRIMARY KEY, patient_id TEXT NOT NULL UNIQUE) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS study_refs (
+    ref BLOB PRIMARY KEY, study_uid TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS patient_keys (
+    public_key BLOB PRIMARY KEY, subject BLOB NOT NULL, enrolled_index INTEGER NOT NULL,
+    retired_index INTEGER) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS patient_keys_by_subject ON patient_keys (subject);
+CREATE TABLE IF NOT EXISTS grants (
+    token_id BLOB PRIMARY KEY, patient_key BLOB NOT NULL, token BLOB NOT NULL,
+    ledger_index INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS grants_by_key ON grants (patient_key);
+CREATE TABLE IF NOT EXISTS revocations (
+    patient_key BLOB NOT NULL, token_id BLOB NOT NULL, ledger_index INTEGER NOT NULL,
+    PRIMARY KEY (patient_key, token_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS replay (
+    name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+"""
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    public_key: bytes
+    subject: bytes
+    enrolled_index: int
+    retired_index: int | None
+
+    @property
+    def retired(self) -> bool:
+        return self.retired_index is not None
+
+
+@dataclass(frozen=True)
+class GrantRow:
+    token_id: bytes
+    patient_key: bytes
+    token: bytes
+    ledger_index: int
+
+
+class ConsentState:
+    """The consent tables of one node."""
+
+    def __init__(self, db_path: Path) -> None:
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _one(self, sql: str, args: Iterable[Any] = ()) -> Any:
+        with self._lock:
+            return self._db.execute(sql, tuple(args)).fetchone()
+
+    def _all(self, sql: str, args: Iterable[Any] = ()) -> list[Any]:
+        with self._lock:
+            return self._db.execute(sql, tuple(args)).fetchall()
+
+    # -- private mappings ----------------------------------------------------------------
+
+    def bind_subject(self, subject: bytes, patient_id: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO subjects (subject, patient_id) VALUES (?, ?)",
+                (subject, patient_id),
+            )
+
+    def patient_of_subject(self, subject: bytes) -> str | None:
+        row = self._one("SELECT patient_id FROM subjects WHERE subject = ?", (subject,))
+        return None if row is None else str(row[0])
+
+    def remember_study_refs(self, refs: Mapping[bytes, str]) -> None:
+        with self._lock:
+            self._db.executemany(
+                "INSERT OR IGNORE INTO study_refs (ref, study_uid) VALUES (?, ?)",
+                list(refs.items()),
+            )
+
+    def study_of_ref(self, ref: bytes) -> str | None:
+        row = self._one("SELECT study_uid FROM study_refs WHERE ref = ?", (ref,))
+        return None if row is None else str(row[0])
+
+    # -- replay of the log ---------------------------------------------------------------
+
+    @property
+    def applied_size(self) -> int:
+        row = self._one("SELECT value FROM replay WHERE name = 'applied_size'")
+        return 0 if row is None else int(row[0])
+
+    def apply(self, index: int, kind: str, fields: Mapping[str, Any]) -> None:
+        """Apply own-log entry ``index`` (entries must come in order; re-applying is a no-op).
+
+        Kinds other than enroll, grant and revoke only advance the replay position.
+        """
+        with self._lock:
+            applied = self._db.execute(
+                "SELECT value FROM replay WHERE name = 'applied_size'"
+            ).fetchone()
+            if applied is not None and index < applied[0]:
+                return
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._apply_locked(index, kind, fields)
+                self._db.execute(
+                    "INSERT INTO replay (name, value) VALUES ('applied_size', ?)"
+                    " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                    (index + 1,),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _apply_locked(self, index: int, kind: str, fields: Mapping[str, Any]) -> None:
+        db = self._db
+        if kind == "enroll":
+            if fields.get("replaces") is not None:
+                db.execute(
+                    "UPDATE patient_keys SET retired_index = ? WHERE public_key = ?"
+                    " AND retired_index IS NULL",
+                    (index, fields["replaces"]),
+                )
+            db.execute(
+                "INSERT OR IGNORE INTO patient_keys (public_key, subject, enrolled_index)"
+                " VALUES (?, ?, ?)",
+                (fields["key"], fields["subject"], index),
+            )
+        elif kind == "grant":
+            token = decode_grant(fields["token"])
+            db.execute(
+                "INSERT OR IGNORE INTO grants (token_id, patient_key, token, ledger_index)"
+                " VALUES (?, ?, ?, ?)",
+                (token.token_id, token.patient_key, token.raw, index),
+            )
+        elif kind == "revoke":
+            revocation = decode_revocation(fields["revocation"])
+            db.execute(
+                "INSERT OR IGNORE INTO revocations (patient_key, token_id, ledger_index)"
+                " VALUES (?, ?, ?)",
+                (revocation.patient_key, revocation.token_id, index),
+            )
+
+    # -- queries -------------------------------------------------------------------------
+
+    def key(self, public_key: bytes) -> KeyRecord | None:
+        row = self._one(
+            "SELECT public_key, subject, enrolled_index, retired_index FROM patient_keys"
+            " WHERE public_key = ?",
+            (public_key,),
+        )
+        return None if row is None else KeyRecord(*row)
+
+    def active_key_of_subject(self, subject: bytes) -> KeyRecord | None:
+        row = self._one(
+            "SELECT public_key, subject, enrolled_index, retired_index FROM patient_keys"
+            " WHERE subject = ? AND retired_index IS NULL ORDER BY enrolled_index DESC",
+            (subject,),
+        )
+        return None if row is None else KeyRecord(*row)
+
+    def grant(self, token_id: bytes) -> GrantRow | None:
+        row = self._one(
+            "SELECT token_id, patient_key, token, ledger_index FROM grants WHERE token_id = ?",
+            (token_id,),
+        )
+        return None if row is None else GrantRow(*row)
+
+    def grants_of_key(self, public_key: bytes) -> list[GrantRow]:
+        rows = self._all(
+            "SELECT token_id, patient_key, token, ledger_index FROM grants"
+            " WHERE patient_key = ? ORDER BY ledger_index",
+            (public_key,),
+        )
+        return [GrantRow(*r) for r in rows]
+
+    def revocation_index(self, public_key: bytes, token_id: bytes) -> int | None:
+        row = self._one(
+            "SELECT ledger_index FROM revocations WHERE patient_key = ? AND token_id = ?",
+            (public_key, token_id),
+        )
+        return None if row is None else int(row[0])
