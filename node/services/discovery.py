@@ -49,10 +49,8 @@ class DiscoveryService:
         """Where to listen for mDNS, and the addresses to advertise."""
         host = self.runtime.config.http.host
         if host in ("0.0.0.0", ""):
-            addresses = [
-                a for a in {i[4][0] for i in socket.getaddrinfo(socket.gethostname(), None,
-                                                                 socket.AF_INET)}
-            ] or ["127.0.0.1"]
+            found = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
+            addresses = sorted({str(info[4][0]) for info in found}) or ["127.0.0.1"]
             return InterfaceChoice.All, addresses
         try:
             ipaddress.IPv4Address(host)

@@ -29,6 +29,7 @@ import contextlib
 import json
 import logging
 import os
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,10 +42,11 @@ from node.core import notes
 from node.core.merkle import verify_consistency
 from node.core.roster import Member, log_id
 from node.core.signed_requests import NONCE_SIZE, make_headers, node_signer
-from node.errors import BadInput, Conflict, ImageShareError, NotFound, Unauthorized
+from node.errors import BadInput, Conflict, ImageShareError, Unauthorized
 from node.services.roster import RosterService, roster_of
 from node.services.runtime import NodeRuntime
 from node.store.federation_state import STATE_FILE, Equivocation, FederationState
+from node.store.ledger import LedgerStore, MirrorLog, OwnLog
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,14 @@ MAX_LISTING_BYTES = 4 * 1024 * 1024
 MAX_BATCH_BYTES = 64 * 1024 * 1024
 OWN_LOG_CHECK_INTERVAL = 0.1
 MAX_BACKOFF = 30.0
-PeerError = (aiohttp.ClientError, asyncio.TimeoutError, ImageShareError, ValueError)
+# What one replication round may run into; none of it stops the follower.
+PeerError = (
+    aiohttp.ClientError,
+    asyncio.TimeoutError,
+    ImageShareError,
+    ValueError,
+    sqlite3.Error,
+)
 
 
 class PeerFailure(Exception):
@@ -103,21 +112,34 @@ class ReplicationService:
         self._session: aiohttp.ClientSession | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self.bytes_sent = 0
+        self._fallback_store: LedgerStore | None = None
+        self._own: OwnLog | None = None
+        self._mirrors: dict[tuple[str, str], MirrorLog] = {}
 
-    # ---- the ledger, as the ledger service exposes it ------------------------------------
+    # ---- the ledger store ----------------------------------------------------------------
 
-    @property
-    def _ledger(self) -> Any:
-        ledger = self.runtime.services.get("ledger")
-        if ledger is None:
-            raise NotFound("this node has no ledger service")
-        return ledger
+    def _store(self) -> LedgerStore:
+        """The ledger service's store, or (when it runs without one) a store of our own."""
+        store = getattr(self.runtime.services.get("ledger"), "store", None)
+        if store is None:
+            if self._fallback_store is None:
+                self._fallback_store = LedgerStore(self.runtime.config.data_dir)
+            store = self._fallback_store
+        return store  # type: ignore[no-any-return]
 
-    def _own_log(self) -> Any:
-        return self._ledger.own_log
+    def _own_log(self) -> OwnLog:
+        if self._own is None:
+            identity = self.runtime.identity
+            self._own = self._store().own_log(identity.origin, identity.vkey)
+        return self._own
 
-    def _mirror(self, member: Member) -> Any:
-        return self._ledger.store.mirror(member.origin, member.vkey)
+    def _mirror(self, member: Member) -> MirrorLog:
+        # Opening a log is a write transaction: do it once per member and key.
+        key = (member.origin, member.vkey)
+        mirror = self._mirrors.get(key)
+        if mirror is None:
+            mirror = self._mirrors[key] = self._store().mirror(member.origin, member.vkey)
+        return mirror
 
     # ---- life cycle ----------------------------------------------------------------------
 
@@ -140,6 +162,8 @@ class ReplicationService:
 
     def close(self) -> None:
         self.state.close()
+        if self._fallback_store is not None:
+            self._fallback_store.close()
 
     async def _supervise(self) -> None:
         """Keep one follower per member; tell members when this node's log grows."""
@@ -152,11 +176,11 @@ class ReplicationService:
                 self._reconcile_followers()
             try:
                 size = self._own_log().size()
-            except ImageShareError:
-                size = announced
-            if size != announced:
-                announced = size
-                self._notify_all(size)
+                if size != announced:
+                    announced = size
+                    self._notify_all(size)
+            except PeerError as exc:
+                log.warning("cannot read this node's own log: %s", exc)
             await asyncio.sleep(OWN_LOG_CHECK_INTERVAL)
 
     def _reconcile_followers(self) -> None:
@@ -190,6 +214,12 @@ class ReplicationService:
                 status.last_error = str(exc) or type(exc).__name__
                 delay = min(delay * 2**status.failures, MAX_BACKOFF)
                 log.info("replication from %s failed: %s", origin, status.last_error)
+            except Exception:
+                # A bug must not end replication from this member: log it and retry later.
+                log.exception("replication from %s failed unexpectedly", origin)
+                status.reachable, status.last_error = False, "internal error"
+                status.failures += 1
+                delay = MAX_BACKOFF
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(wake.wait(), delay)
 
@@ -296,7 +326,11 @@ class ReplicationService:
                 return
             log.info("mirrored %s up to %d from %s", log_member.origin, checkpoint.size, url)
         status.compared[lid] = (listed_size, mirror.size())
-        if direct and checkpoint.size == mirror.size() and self._cosigned.get(lid) != ours:
+        if (
+            direct
+            and checkpoint.size == mirror.size()
+            and self._cosigned.get(lid) != checkpoint.size
+        ):
             await self._witness(log_member, url, checkpoint)
 
     async def _fetch_entries(self, base: str, start: int, end: int) -> list[bytes]:
@@ -350,11 +384,10 @@ class ReplicationService:
             raise PeerFailure(f"copy of {log_member.origin} is inconsistent here: {exc}")
 
     def _equivocation(self, log_member: Member, mirror: Any, note: str, reason: str) -> None:
-        ours = mirror.checkpoint_note()
         proof = Equivocation(
             log_member.log_id,
             log_member.origin,
-            ours,
+            mirror.checkpoint_note() or "",
             note,
             f"two signed checkpoints of {log_member.origin} are inconsistent: {reason}",
             int(time.time()),
@@ -366,13 +399,15 @@ class ReplicationService:
         self._distrusted.add(log_member.log_id)
 
     async def _witness(self, log_member: Member, url: str, checkpoint: notes.Checkpoint) -> None:
+        """Cosign a verified checkpoint and hand it to the log's node (best effort)."""
         body = checkpoint.body()
         signature = notes.cosign_checkpoint(body, self.runtime.identity, int(time.time()))
-        async with self._signed(
-            "POST", f"{url}/p2p/cosignature", (body + "\n" + signature.line()).encode()
-        ) as response:
+        note = (body + "\n" + signature.line()).encode()
+        async with self._signed("POST", f"{url}/p2p/cosignature", note) as response:
             if response.status != 200:
-                raise PeerFailure(f"cosignature refused: {response.status} {await response.text()}")
+                # Usually a newer checkpoint was signed meanwhile: the next round cosigns it.
+                log.info("%s did not take the cosignature: %s", log_member.origin, response.status)
+                return
         self._cosigned[log_member.log_id] = checkpoint.size
 
     # ---- signed calls to members ---------------------------------------------------------
@@ -432,7 +467,7 @@ class ReplicationService:
             or own.root(checkpoint.size) != checkpoint.root_hash
         ):
             raise Conflict("that checkpoint is not one of this node's log")
-        own.add_cosignature(signatures[0])
+        own.add_cosignature(signatures[0], checkpoint_body=body)
         return checkpoint.size
 
     # ---- status --------------------------------------------------------------------------

@@ -1,0 +1,299 @@
+"""Federation between real node processes: roster, signed /p2p, replication, witnessing,
+equivocation. Nodes find each other by static URLs here (discovery: test_discovery.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import time
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import pytest
+
+from node.core.keys import NodeIdentity
+from node.core.notes import parse_note
+from node.core.roster import log_id
+from node.core.signed_requests import node_signer
+from node.edges.http.signed import signed_request
+from node.store.ledger import LedgerStore
+from node.store.secrets import read_seed
+from tests.support.nodes import NodeProcess, free_port, wait_until
+
+Factory = Callable[..., NodeProcess]
+
+
+def identity_of(node: NodeProcess) -> NodeIdentity:
+    return NodeIdentity(node.origin, read_seed(node.data_dir / "node.key"))
+
+
+def p2p(
+    node: NodeProcess, caller: NodeIdentity, path: str, body: bytes = b"", **kw: Any
+) -> tuple[int, Any]:
+    """A signed request from ``caller`` to ``node``; returns (status, JSON answer)."""
+
+    async def go() -> tuple[int, Any]:
+        async with aiohttp.ClientSession() as session:
+            method = "POST" if body else "GET"
+            async with signed_request(
+                session,
+                method,
+                node.url + path,
+                caller.sign,
+                node_signer(caller.origin),
+                body,
+                **kw,
+            ) as response:
+                return response.status, await response.json()
+
+    return asyncio.run(go())
+
+
+def quiet(node: NodeProcess, interval: float = 0.5) -> None:
+    """No LAN discovery (these tests use static URLs) and a short replication interval."""
+    node.append_config(f"[federation]\ndiscovery = false\nreplicate_interval = {interval}")
+
+
+def befriend(nodes: list[NodeProcess], url_of: Callable[[NodeProcess], str] | None = None) -> None:
+    for node in nodes:
+        for other in nodes:
+            if other is not node:
+                url = url_of(other) if url_of else other.url
+                node.cli("peers", "add", other.origin, url, other.vkey)
+
+
+def append_offline(node: NodeProcess, count: int, tag: bytes = b"") -> None:
+    """Append ``count`` entries to a stopped node's own log and sign a checkpoint."""
+    identity = identity_of(node)
+    store = LedgerStore(node.data_dir)
+    try:
+        own = store.own_log(node.origin, node.vkey)
+        now = int(time.time())
+        own.append_many(
+            [
+                (
+                    "enroll",
+                    {"subject": os.urandom(32), "key": (tag * 32)[:32] or os.urandom(32)},
+                    now,
+                )
+                for _ in range(count)
+            ]
+        )
+        own.publish_checkpoint(identity, now)
+    finally:
+        store.close()
+
+
+def sizes(node: NodeProcess) -> dict[str, int]:
+    """Every log a node holds (own and mirrored), by origin, from its public ledger API."""
+    return {log["origin"]: log["size"] for log in node.get_json("/ledger/logs", auth=False)}
+
+
+def checkpoint(node: NodeProcess, origin: str) -> str:
+    url = f"{node.url}/ledger/logs/{log_id(origin)}/checkpoint"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return str(response.read().decode())
+
+
+def cosigners(node: NodeProcess) -> set[str]:
+    _, signatures = parse_note(checkpoint(node, node.origin))
+    return {s.name for s in signatures} - {node.origin}
+
+
+def converged(nodes: list[NodeProcess], expected: dict[str, int]) -> bool:
+    return all({o: s for o, s in sizes(n).items() if o in expected} == expected for n in nodes)
+
+
+class TestPeersCommand:
+    def test_added_peers_are_listed_and_kept(self, node_factory: Factory) -> None:
+        a, b = node_factory("a.example/imageshare"), node_factory("b.example/imageshare")
+        added = json.loads(a.cli("peers", "add", b.origin, b.url + "/", b.vkey, "--json").stdout)
+        assert added["url"] == b.url
+        listed = json.loads(a.cli("peers", "list", "--json").stdout)
+        assert [(p["origin"], p["url"], p["vkey"]) for p in listed] == [(b.origin, b.url, b.vkey)]
+        assert (a.data_dir / "peers.toml").stat().st_mode & 0o077 == 0
+
+    def test_peers_from_node_toml_are_listed(self, node_factory: Factory) -> None:
+        a, b = node_factory("a.example/imageshare"), node_factory("b.example/imageshare")
+        a.append_config(f'[[peers]]\norigin = "{b.origin}"\nurl = ""\nvkey = "{b.vkey}"')
+        listed = json.loads(a.cli("peers", "list", "--json").stdout)
+        assert [(p["origin"], p["url"]) for p in listed] == [(b.origin, "")]
+
+    @pytest.mark.parametrize(
+        "case", ["own origin", "key of another name", "malformed key", "changed key", "bad url"]
+    )
+    def test_bad_entries_are_refused(self, node_factory: Factory, case: str) -> None:
+        a, b = node_factory("a.example/imageshare"), node_factory("b.example/imageshare")
+        args = {
+            "own origin": (a.origin, a.url, a.vkey),
+            "key of another name": (b.origin, b.url, a.vkey),
+            "malformed key": (b.origin, b.url, "b.example+00+AAAA"),
+            "changed key": (b.origin, b.url, NodeIdentity.generate(b.origin).vkey),
+            "bad url": (b.origin, "ftp://x", b.vkey),
+        }[case]
+        if case == "changed key":
+            a.cli("peers", "add", b.origin, b.url, b.vkey)
+        result = a.cli("peers", "add", *args, check=False)
+        assert result.returncode == 1
+        assert result.stderr.startswith("imageshare: ") and result.stderr.count("\n") == 1
+
+
+class TestP2pAuthentication:
+    def test_members_are_accepted_and_everyone_else_refused_with_a_reason(
+        self, node_factory: Factory
+    ) -> None:
+        a, b = node_factory("a.example/imageshare"), node_factory("b.example/imageshare")
+        quiet(a)
+        a.cli("peers", "add", b.origin, b.url, b.vkey)
+        a.start()
+        member = identity_of(b)
+        assert p2p(a, member, "/p2p/whoami") == (200, {"caller": b.origin, "origin": a.origin})
+
+        stranger = NodeIdentity.generate("stranger.example/imageshare")
+        assert p2p(a, stranger, "/p2p/whoami") == (
+            401,
+            {"error": "unknown signer node:stranger.example/imageshare"},
+        )
+        impostor = NodeIdentity(b.origin, NodeIdentity.generate(b.origin).seed)
+        assert p2p(a, impostor, "/p2p/whoami") == (401, {"error": "bad signature"})
+        stale = p2p(a, member, "/p2p/whoami", now=int(time.time()) - 3600)
+        assert stale == (401, {"error": "stale timestamp"})
+
+    def test_a_member_added_while_running_is_accepted_without_restart(
+        self, node_factory: Factory
+    ) -> None:
+        a, c = node_factory("a.example/imageshare"), node_factory("c.example/imageshare")
+        quiet(a)
+        a.start()
+        newcomer = identity_of(c)
+        assert p2p(a, newcomer, "/p2p/whoami")[0] == 401
+        a.cli("peers", "add", c.origin, c.url, c.vkey)
+        wait_until(
+            lambda: p2p(a, newcomer, "/p2p/whoami")[0] == 200,
+            timeout=10,
+            interval=0.2,
+            message="the new member to be accepted",
+        )
+
+
+class TestReplication:
+    def test_logs_converge_are_cosigned_and_catch_up_after_downtime(
+        self, node_factory: Factory
+    ) -> None:
+        a = node_factory("a.example/imageshare")
+        b = node_factory("b.example/imageshare")
+        c = node_factory("c.example/imageshare")
+        nodes = [a, b, c]
+        for node in nodes:
+            quiet(node)
+        befriend(nodes)
+        append_offline(a, 3)
+        append_offline(b, 1200)  # more than one entries batch
+        for node in nodes:
+            node.start()
+        expected = {a.origin: 3, b.origin: 1200, c.origin: 0}
+        wait_until(lambda: converged(nodes, expected), timeout=30, message="convergence")
+        wait_until(lambda: cosigners(a) == {b.origin, c.origin}, message="a's witnesses")
+        wait_until(lambda: cosigners(b) == {a.origin, c.origin}, message="b's witnesses")
+
+        # c misses appends at a while down; a restarts with them; c catches up on return.
+        c.stop()
+        a.stop()
+        append_offline(a, 2)
+        a.start()
+        wait_until(lambda: sizes(b)[a.origin] == 5, timeout=20, message="b to follow a")
+        c.start()
+        wait_until(lambda: sizes(c)[a.origin] == 5, timeout=20, message="c to catch up")
+        status = a.get_json("/admin/api/federation")
+        assert {p["origin"]: p["reachable"] for p in status["peers"]} == {
+            b.origin: True,
+            c.origin: True,
+        }
+        assert status["equivocations"] == []
+
+    def test_a_node_cut_off_from_a_log_gets_it_from_another_member(
+        self, node_factory: Factory
+    ) -> None:
+        a = node_factory("a.example/imageshare")
+        b = node_factory("b.example/imageshare")
+        c = node_factory("c.example/imageshare")
+        nodes = [a, b, c]
+        for node in nodes:
+            quiet(node)
+        # c knows no working address of a (a partition between them), only of b.
+        befriend([a, b])
+        c.cli("peers", "add", a.origin, f"http://127.0.0.1:{free_port()}", a.vkey)
+        c.cli("peers", "add", b.origin, b.url, b.vkey)
+        append_offline(a, 4)
+        for node in nodes:
+            node.start()
+        wait_until(lambda: sizes(c).get(a.origin) == 4, timeout=20, message="a's log at c")
+        status = c.get_json("/admin/api/federation")
+        assert {p["origin"]: p["reachable"] for p in status["peers"]}[a.origin] is False
+
+
+class TestEquivocation:
+    def test_two_histories_signed_by_one_node_are_caught_and_kept(
+        self, node_factory: Factory
+    ) -> None:
+        x = node_factory("x.example/imageshare")
+        # The same node identity in a second data dir: a forked log with the same key.
+        fork_port = free_port()
+        fork_dir = x.data_dir.parent / "x-fork"
+        shutil.copytree(x.data_dir, fork_dir)
+        config = (fork_dir / "node.toml").read_text()
+        (fork_dir / "node.toml").write_text(
+            config.replace(f"127.0.0.1:{x.http_port}", f"127.0.0.1:{fork_port}").replace(
+                f"port = {x.dimse_port}", f"port = {free_port()}"
+            )
+        )
+        fork = NodeProcess(fork_dir, x.origin, fork_port, 0, x.vkey, x.admin_token)
+        a = node_factory("a.example/imageshare")
+        b = node_factory("b.example/imageshare")
+        for node in (x, fork, a, b):
+            quiet(node)
+        befriend([a, b])
+        a.cli("peers", "add", x.origin, fork.url, x.vkey)  # a is shown the fork
+        b.cli("peers", "add", x.origin, x.url, x.vkey)  # b is shown the original
+        append_offline(x, 3, tag=b"o")
+        append_offline(fork, 3, tag=b"f")
+        try:
+            for node in (x, fork, a, b):
+                node.start()
+
+            def proofs(node: NodeProcess) -> list[dict[str, Any]]:
+                return node.get_json("/ledger/equivocations", auth=False)  # type: ignore[no-any-return]
+
+            for node in (a, b):
+                found = wait_until(lambda n=node: proofs(n), timeout=20, message="the proof")
+                assert found[0]["origin"] == x.origin
+                note_a, note_b = found[0]["notes"]
+                assert note_a != note_b
+                assert {parse_note(n)[1][0].name for n in (note_a, note_b)} == {x.origin}
+                status = node.get_json("/admin/api/federation")
+                assert status["equivocations"] == found
+                assert {p["origin"]: p["trusted"] for p in status["peers"]}[x.origin] is False
+
+            # x's later entries are refused, and the proof survives a restart.
+            x.stop()
+            append_offline(x, 2, tag=b"o")
+            x.start()
+            restarted = time.time()
+
+            def polled_x_since_restart() -> bool:
+                peers = b.get_json("/admin/api/federation")["peers"]
+                last = {p["origin"]: p["last_success"] for p in peers}[x.origin]
+                return last is not None and last > restarted
+
+            wait_until(polled_x_since_restart, timeout=20, message="b to poll x again")
+            assert sizes(b)[x.origin] == 3
+            a.stop()
+            a.start()
+            assert proofs(a)
+            assert "EQUIVOCATION" in b.log_path.read_text()
+        finally:
+            fork.stop()
