@@ -11,8 +11,12 @@ from typing import Protocol
 
 from aiohttp import web
 
+from node.edges.dimse import dimse_service
 from node.edges.http.app import build_app
+from node.services.discovery import discovery_service
+from node.services.replication import replication_of
 from node.services.runtime import NodeRuntime
+from node.services.transfer import transfer_service
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +32,9 @@ class BackgroundService(Protocol):
 # Factories of the background services, in start order; stopped in reverse.
 ServiceFactory = Callable[[NodeRuntime], BackgroundService | None]
 SERVICE_FACTORIES: list[ServiceFactory] = []
+SERVICE_FACTORIES.extend([replication_of, discovery_service])
+SERVICE_FACTORIES.append(dimse_service)
+SERVICE_FACTORIES.append(transfer_service)
 
 
 async def serve(

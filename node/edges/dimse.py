@@ -1,0 +1,265 @@
+"""The DIMSE gateway: how PACS and modalities reach the node (pynetdicom handlers, thin).
+
+Verification, Storage, and Query/Retrieve (C-FIND, C-GET, C-MOVE; Patient and Study
+Root) SCPs on one AE. Storage goes through the store's one durable path, so a C-STORE
+is answered with success only once its instance is fsynced and indexed. The node's
+errors map to DIMSE status codes in ``failure_status`` alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    _config,
+    build_context,
+    evt,
+)
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+from node.config import DimseConfig, DimseDestination
+from node.errors import BadInput, ConfigError, ImageShareError, PayloadTooLarge, StorageFull
+from node.services.dimse_query import (
+    LOW_LATENCY_HANDLERS,
+    MAX_PDU_BYTES,
+    Model,
+    find,
+    read_instance,
+    select_for_retrieve,
+    storage_contexts,
+)
+from node.store.instances import InstanceRecord
+
+if TYPE_CHECKING:
+    from pynetdicom.events import Event
+    from pynetdicom.transport import ThreadedAssociationServer
+
+    from node.services.runtime import NodeRuntime
+
+log = logging.getLogger(__name__)
+# pynetdicom logs every message at INFO; the node logs what an operator needs instead.
+logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+SOURCE = "dimse"
+
+STATUS_SUCCESS = 0x0000
+STATUS_PENDING = 0xFF00
+STATUS_CANCEL = 0xFE00
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_IDENTIFIER_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_UNABLE_TO_PROCESS = 0xC001
+
+_MODELS = {
+    PatientRootQueryRetrieveInformationModelFind: Model.PATIENT_ROOT,
+    PatientRootQueryRetrieveInformationModelGet: Model.PATIENT_ROOT,
+    PatientRootQueryRetrieveInformationModelMove: Model.PATIENT_ROOT,
+    StudyRootQueryRetrieveInformationModelFind: Model.STUDY_ROOT,
+    StudyRootQueryRetrieveInformationModelGet: Model.STUDY_ROOT,
+    StudyRootQueryRetrieveInformationModelMove: Model.STUDY_ROOT,
+}
+
+
+def failure_status(exc: Exception, identifier_error: bool = False) -> Dataset:
+    """The DIMSE failure status for one of the node's errors, with its reason as comment.
+
+    ``identifier_error`` selects the query/retrieve meaning of bad input (A900) over the
+    storage one (C000).
+    """
+    if isinstance(exc, PayloadTooLarge | StorageFull):
+        code = STATUS_OUT_OF_RESOURCES
+    elif isinstance(exc, BadInput):
+        code = STATUS_IDENTIFIER_MISMATCH if identifier_error else STATUS_CANNOT_UNDERSTAND
+    else:
+        code = STATUS_UNABLE_TO_PROCESS
+    status = Dataset()
+    status.Status = code
+    message = str(exc) if isinstance(exc, ImageShareError) else "internal error; see the log"
+    status.ErrorComment = message[:64]  # LO: at most 64 characters
+    return status
+
+
+class DimseGateway:
+    """The node's AE: a background service of `imageshare run`."""
+
+    def __init__(self, runtime: NodeRuntime) -> None:
+        self.runtime = runtime
+        self.config: DimseConfig = runtime.config.dimse
+        self._server: ThreadedAssociationServer | None = None
+
+    # -- life cycle --------------------------------------------------------------------
+
+    def build_ae(self) -> AE:
+        ae = AE(ae_title=self.config.ae_title)
+        ae.maximum_pdu_size = MAX_PDU_BYTES
+        ae.require_calling_aet = list(self.config.allowed_calling_aes)
+        # Unrestricted: any storage SOP class is accepted (in the first transfer syntax the
+        # peer proposes) and stored as received. It also spares copying ~150 storage
+        # contexts for every association, which costs tens of milliseconds each.
+        unrestricted = not self.config.refuse_unknown_sop_classes
+        _config.UNRESTRICTED_STORAGE_SERVICE = unrestricted
+        ae.add_supported_context(Verification)
+        if not unrestricted:
+            for context in AllStoragePresentationContexts:
+                # scu_role lets C-GET send instances back over the requestor's association.
+                ae.add_supported_context(
+                    context.abstract_syntax, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True
+                )
+        for sop_class in _MODELS:
+            ae.add_supported_context(sop_class)
+        return ae
+
+    async def start(self) -> None:
+        ae = self.build_ae()
+        handlers = [
+            *LOW_LATENCY_HANDLERS,
+            (evt.EVT_REJECTED, self.on_rejected),
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_C_FIND, self.on_find),
+            (evt.EVT_C_GET, self.on_get),
+            (evt.EVT_C_MOVE, self.on_move),
+        ]
+        address = (self.config.host, self.config.port)
+        try:
+            self._server = await asyncio.to_thread(
+                ae.start_server, address, block=False, evt_handlers=handlers
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen for DIMSE on {address[0]}:{address[1]}: {exc.strerror}"
+            ) from exc
+        log.info("DIMSE %s listening on %s:%d", self.config.ae_title, *address)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            server, self._server = self._server, None
+            await asyncio.to_thread(server.shutdown)
+
+    # -- handlers ----------------------------------------------------------------------
+
+    def on_rejected(self, event: Event) -> None:
+        calling = event.assoc.requestor.ae_title
+        if self.config.allowed_calling_aes and calling not in self.config.allowed_calling_aes:
+            reason = "calling AE title is not on the allow-list"
+        else:
+            reason = "no acceptable presentation context or bad request"
+        log.warning(
+            "DIMSE association from %r at %s rejected: %s",
+            calling,
+            event.assoc.requestor.address,
+            reason,
+        )
+
+    def on_echo(self, event: Event) -> int:
+        return STATUS_SUCCESS
+
+    def on_store(self, event: Event) -> int | Dataset:
+        store = self.runtime.store
+        try:
+            staged = store.stage_bytes(event.encoded_dataset())
+            store.commit([staged], source=SOURCE)
+        except Exception as exc:
+            self._log_failure("C-STORE", event, exc)
+            return failure_status(exc)
+        return STATUS_SUCCESS
+
+    def on_find(self, event: Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        try:
+            model = _MODELS[event.request.AffectedSOPClassUID]
+            for match in find(self.runtime.store, event.identifier, model):
+                if event.is_cancelled:
+                    yield STATUS_CANCEL, None
+                    return
+                yield STATUS_PENDING, match
+        except Exception as exc:
+            self._log_failure("C-FIND", event, exc)
+            yield failure_status(exc, identifier_error=True), None
+
+    def _select(self, event: Event) -> list[InstanceRecord]:
+        model = _MODELS[event.request.AffectedSOPClassUID]
+        return select_for_retrieve(self.runtime.store, event.identifier, model)
+
+    def _send(self, event: Event, records: list[InstanceRecord]) -> Iterator[Any]:
+        for record in records:
+            if event.is_cancelled:
+                yield STATUS_CANCEL, None
+                return
+            yield STATUS_PENDING, read_instance(record)
+
+    def on_get(self, event: Event) -> Iterator[Any]:
+        try:
+            records = self._select(event)
+        except Exception as exc:
+            self._log_failure("C-GET", event, exc)
+            # pynetdicom wants a count first; a failure status then ends the operation.
+            yield 1
+            yield failure_status(exc, identifier_error=True), None
+            return
+        yield len(records)
+        yield from self._send(event, records)
+
+    def destination(self, ae_title: str) -> DimseDestination | None:
+        for destination in self.config.destinations:
+            if destination.ae_title.strip() == ae_title.strip():
+                return destination
+        return None
+
+    def on_move(self, event: Event) -> Iterator[Any]:
+        target = self.destination(event.move_destination or "")
+        if target is None:
+            log.warning("C-MOVE to unknown destination %r refused", event.move_destination)
+            yield None, None  # pynetdicom answers A801: move destination unknown
+            return
+        failure: Dataset | None = None
+        records: list[InstanceRecord] = []
+        try:
+            records = self._select(event)
+            contexts = storage_contexts(records) if records else []
+        except Exception as exc:
+            self._log_failure("C-MOVE", event, exc)
+            failure = failure_status(exc, identifier_error=True)
+        options = {
+            "contexts": contexts if failure is None and records else [build_context(Verification)],
+            "evt_handlers": LOW_LATENCY_HANDLERS,
+            "max_pdu": MAX_PDU_BYTES,
+        }
+        # pynetdicom wants the destination, then a count, then one status per instance.
+        yield target.host, target.port, options
+        if failure is not None:
+            yield 1
+            yield failure, None
+            return
+        yield len(records)
+        yield from self._send(event, records)
+
+    def _log_failure(self, operation: str, event: Event, exc: Exception) -> None:
+        calling = event.assoc.requestor.ae_title
+        if isinstance(exc, ImageShareError):
+            log.warning("%s from %r refused: %s", operation, calling, exc)
+        else:
+            log.exception("%s from %r failed", operation, calling)
+
+
+def dimse_service(runtime: NodeRuntime) -> DimseGateway | None:
+    """The background-service factory for `imageshare run`; None when DIMSE is disabled."""
+    if not runtime.config.dimse.enabled:
+        return None
+    gateway = DimseGateway(runtime)
+    runtime.services["dimse"] = gateway
+    return gateway
