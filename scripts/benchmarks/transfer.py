@@ -45,7 +45,7 @@ NOTES = [
     " custodian checks the patient's grant and the grantee's signed request and streams"
     " the study encrypted end to end; the grantee checks every digest and stores every"
     " instance durably; both append their ledger entries. Peak memory of each node daemon"
-    " includes the import (custodian) and the whole fetch.",
+    " covers the whole fetch (the study was imported before the custodian's daemon started).",
 ]
 
 
