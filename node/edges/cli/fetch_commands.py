@@ -1,0 +1,131 @@
+"""`imageshare fetch TOKEN`: have the local daemon fetch what a grant allows, and wait.
+
+The daemon is the single writer of its store and ledger, so the command asks it through
+the admin API (POST /admin/api/fetch with the admin token from the data directory) and
+polls the job (GET /admin/api/transfers/{id}) until it ends. Exit 0 fetched, 1 refused
+(the rule is printed) or failed, 2 the daemon or the custodian could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from node.config import NodeConfig
+from node.edges.cli._common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    ProgressBar,
+    Unreachable,
+    command,
+    config_of,
+    fail,
+    print_json,
+)
+from node.errors import BadInput, ImageShareError, NotFound, Unauthorized
+from node.store.secrets import read_secret
+
+POLL_INTERVAL = 0.2
+
+
+def register(subparsers: Any) -> None:
+    p = command(
+        subparsers,
+        "fetch",
+        cmd_fetch,
+        "fetch the studies a patient's grant allows from their custodian",
+    )
+    p.add_argument("token", metavar="TOKEN", help="the grant token, or its imageshare: URL")
+
+
+class AdminClient:
+    """The local daemon's admin API, with the admin token from the data directory."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        host, _, port = config.http.listen.rpartition(":")
+        if host in ("0.0.0.0", "::", "[::]", ""):
+            host = "127.0.0.1"
+        self.base = f"http://{host}:{port}"
+        self.token = read_secret(config.admin_token_path).decode().strip()
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        """One JSON request; raises Unreachable, or the node's error for a refusal."""
+        request = urllib.request.Request(
+            self.base + path,
+            data=None if body is None else json.dumps(body).encode(),
+            method=method,
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            try:
+                message = json.loads(exc.read()).get("error") or str(exc.code)
+            except (ValueError, AttributeError):
+                message = str(exc.code)
+            kind = {400: BadInput, 401: Unauthorized, 404: NotFound}.get(exc.code, ImageShareError)
+            raise kind(f"the node refused: {message}") from exc
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+            raise Unreachable(
+                f"the node's daemon does not answer at {self.base} (is `imageshare run` up?)"
+            ) from exc
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    client = AdminClient(config_of(args))
+    job = client.call("POST", "/admin/api/fetch", {"token": args.token})
+    bar: ProgressBar | None = None
+    try:
+        while job["state"] == "running":
+            if bar is None and job["instances_total"]:
+                bar = ProgressBar(job["instances_total"], "fetching")
+            if bar is not None:
+                bar.advance(job["instances_done"] - bar.done)
+            time.sleep(POLL_INTERVAL)
+            job = client.call("GET", f"/admin/api/transfers/{job['id']}")
+        if bar is not None:
+            bar.advance(job["instances_done"] - bar.done)
+    finally:
+        if bar is not None:
+            bar.close()
+    return _report(job, args.json)
+
+
+def _report(job: dict[str, Any], as_json: bool) -> int:
+    if job["state"] == "refused":
+        fail(f"{job['custodian']} refused the token ({job['rule']}): {job['error']}")
+        return EXIT_FAILED
+    if job["state"] != "done":
+        fail(f"the fetch from {job['custodian']} failed: {job['error']}")
+        return EXIT_USAGE if job["unreachable"] else EXIT_FAILED
+    studies = job["studies"]
+    result: dict[str, Any] = {
+        "instances": job["instances_total"],
+        "bytes": job["bytes_total"],
+        "custodian": job["custodian"],
+        "token_id": job["token_id"],
+        "studies": studies,
+        "dicomweb_url": studies[0]["dicomweb_url"] if len(studies) == 1 else None,
+    }
+    if len(studies) == 1:
+        result["study_uid"] = studies[0]["study_uid"]
+    if as_json:
+        print_json(result)
+        return EXIT_OK
+    print(
+        f"Fetched {job['instances_received']} of {job['instances_total']} instances"
+        f" ({job['bytes_received'] / 1e6:.1f} MB on the wire) from {job['custodian']}"
+        f" in {job['seconds']:.1f} s; the rest were already here."
+        if job["instances_received"] < job["instances_total"]
+        else f"Fetched {job['instances_total']} instances ({job['bytes_total'] / 1e6:.1f} MB)"
+        f" from {job['custodian']} in {job['seconds']:.1f} s."
+    )
+    for study in studies:
+        print(f"  study {study['study_uid']}: {study['dicomweb_url']}")
+    return EXIT_OK

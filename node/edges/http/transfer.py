@@ -1,0 +1,107 @@
+"""Transfer routes: node-to-node (signed, /p2p) and the admin API that drives fetches.
+
+- ``POST /p2p/transfer``                    canonical msgpack {token, ephemeral}: consent
+  check, then canonical msgpack {transfer, ephemeral, manifest (encrypted)}; a refusal is
+  403 JSON {"error", "rule"}
+- ``POST /p2p/transfer/{id}/instances``     canonical msgpack {handles}: the encrypted
+  instance stream (application/octet-stream)
+- ``POST /admin/api/fetch``                 JSON {"token"}: start a fetch job; 202 + the job
+- ``GET  /admin/api/transfers``             fetches (running, recent, refused) and streams sent
+- ``GET  /admin/api/transfers/{id}``        one fetch job's progress and outcome
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from node.edges.http.signed import SignedCaller, authenticate, nonce_store_of
+from node.errors import BadInput, Unauthorized
+from node.services.roster import roster_of
+from node.services.runtime import NodeRuntime
+from node.services.transfer import TransferRefused, TransferService, transfer_service
+
+TRANSFER_KEY = web.AppKey("transfer", TransferService)
+RUNTIME_KEY = web.AppKey("transfer_runtime", NodeRuntime)
+# A grant token and a list of handles: far below this.
+MAX_REQUEST_BODY = 8 << 20
+MSGPACK = "application/msgpack"
+
+
+async def _node_caller(request: web.Request) -> SignedCaller:
+    """Authenticate a roster member's signed request; raises Unauthorized with the reason."""
+    runtime = request.app[RUNTIME_KEY]
+    if request.content_length is not None and request.content_length > MAX_REQUEST_BODY:
+        raise BadInput("transfer requests carry at most 8 MiB")
+    caller = await authenticate(
+        request,
+        roster_of(runtime).public_key_of_signer,
+        runtime.config.federation.max_request_age,
+        nonce_store_of(runtime),
+    )
+    if caller.node_origin is None:
+        raise Unauthorized("transfer requests must be signed by a node")
+    return caller
+
+
+def _refusal(exc: TransferRefused) -> web.Response:
+    return web.json_response({"error": str(exc), "rule": exc.rule}, status=403)
+
+
+async def open_transfer(request: web.Request) -> web.Response:
+    caller = await _node_caller(request)
+    try:
+        body = await request.app[TRANSFER_KEY].open_transfer(
+            caller.node_origin or "", caller.public_key, caller.body
+        )
+    except TransferRefused as exc:
+        return _refusal(exc)
+    return web.Response(body=body, content_type=MSGPACK)
+
+
+async def send_instances(request: web.Request) -> web.StreamResponse:
+    caller = await _node_caller(request)
+    service = request.app[TRANSFER_KEY]
+    try:
+        session, handles = await service.prepare_send(
+            request.match_info["transfer_id"], caller.node_origin or "", caller.body
+        )
+    except TransferRefused as exc:
+        return _refusal(exc)
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    await response.prepare(request)
+    await service.send_instances(session, handles, response.write)
+    await response.write_eof()
+    return response
+
+
+async def start_fetch(request: web.Request) -> web.Response:
+    try:
+        document = await request.json()
+        token = document["token"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BadInput('fetch body must be JSON {"token": "..."}') from exc
+    if not isinstance(token, str):
+        raise BadInput("token must be a string")
+    job = request.app[TRANSFER_KEY].start_fetch(token)
+    return web.json_response(job.as_json(), status=202)
+
+
+async def list_transfers(request: web.Request) -> web.Response:
+    return web.json_response(request.app[TRANSFER_KEY].transfers_json())
+
+
+async def get_transfer(request: web.Request) -> web.Response:
+    job = request.app[TRANSFER_KEY].job_json(request.match_info["transfer_id"])
+    return web.json_response(job, dumps=json.dumps)
+
+
+def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
+    app[TRANSFER_KEY] = transfer_service(runtime)
+    app[RUNTIME_KEY] = runtime
+    app.router.add_post("/p2p/transfer", open_transfer)
+    app.router.add_post("/p2p/transfer/{transfer_id}/instances", send_instances)
+    app.router.add_post("/admin/api/fetch", start_fetch)
+    app.router.add_get("/admin/api/transfers", list_transfers)
+    app.router.add_get("/admin/api/transfers/{transfer_id}", get_transfer)

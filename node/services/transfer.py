@@ -1,0 +1,800 @@
+"""Consented study transfer between two nodes: the custodian's and the grantee's side.
+
+Custodian A (``open_transfer`` then ``send_instances``): checks the token with the clock
+through the one consent check (which records the grant on first sight and writes a
+``denial`` on refusal), builds the manifest of the studies the token allows, and streams
+the instances asked for through the encrypted channel, reading each file chunk by chunk.
+Every instance whose last byte has been handed to the connection is journaled; when the
+stream ends (complete or cut) one ``access`` entry per study is appended with what was
+sent. A stream cut by a crash of A is closed the same way at A's next start.
+
+Grantee B (``start_fetch``): a job that opens a transfer, decrypts the manifest, asks
+only for the instances whose digest it does not hold, decrypts the stream on the fly
+into the store's staging area, checks every size and SHA-256 against the manifest, and
+commits durably in batches. When the stream ends (complete or cut) B appends one
+``receipt`` entry per study with what arrived (verified and durably stored). A cut
+stream is retried with backoff; each retry is a new transfer that asks only for what B
+still lacks.
+
+"What was sent" and "what arrived" are digested the same way (manifest.transfer_digest),
+so an auditor matches an ``access`` with its ``receipt`` by token id, study and digest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yarl
+
+from node.core.channel import (
+    ChannelError,
+    EphemeralKey,
+    SessionKeys,
+    StreamDecryptor,
+    StreamEncryptor,
+    open_sealed,
+    receiver_session,
+    seal,
+    sender_session,
+)
+from node.core.consent import RULE_MESSAGES, Rule, decode_grant, parse_token_text, token_id_of
+from node.core.manifest import (
+    DATA,
+    Begin,
+    Complete,
+    Data,
+    InstanceStreamParser,
+    Manifest,
+    ManifestEntry,
+    OpenRequest,
+    OpenResponse,
+    begin_message,
+    decode_handles,
+    decode_manifest,
+    decode_open_request,
+    decode_open_response,
+    encode_handles,
+    end_message,
+    transfer_digest,
+)
+from node.core.signed_requests import NONCE_SIZE, make_headers, node_signer
+from node.errors import BadInput, Forbidden, ImageShareError, NotFound, Unauthorized
+from node.services.consent import check_access, resolve_study_reference
+from node.services.ledger import LedgerService, ledger_service
+from node.services.roster import roster_of
+from node.services.runtime import NodeRuntime
+from node.store.instances import StagedInstance, StagingFile
+from node.store.transfers import SentInstance, TransferStore
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "transfer"
+# Plaintext bytes of instance data per encrypted message.
+MESSAGE_BYTES = 64 * 1024
+# Ciphertext handed to the connection at once (bounds memory on the sending side).
+BLOCK_BYTES = 1024 * 1024
+# Received bytes handed to the decrypting thread at once.
+RECEIVE_BYTES = 1024 * 1024
+# Instances (or bytes) committed in one durable batch at the grantee.
+COMMIT_INSTANCES = 64
+COMMIT_BYTES = 32 * 1024 * 1024
+SESSION_TTL = 3600.0
+MAX_SESSIONS = 1000
+# How long a fetch keeps retrying a custodian that went away mid-transfer.
+RETRY_WINDOW = 120.0
+MAX_BACKOFF = 4.0
+FIRST_CONTACT_ATTEMPTS = 3
+RECENT = 100
+
+
+class TransferRefused(Forbidden):
+    """The custodian refused the token; ``rule`` names the consent rule that failed."""
+
+    def __init__(self, rule: str, message: str) -> None:
+        super().__init__(f"refused ({rule}): {message}")
+        self.rule = rule
+
+
+class CustodianUnreachable(ImageShareError):
+    """The custodian could not be reached (not in the roster, down, or no answer)."""
+
+    http_status = 502
+
+
+def source_label(custodian: str, token_id: bytes) -> str:
+    """What a fetched study's ``source`` says: where it came from, under which token."""
+    return f"fetched from {custodian} under token {token_id.hex()}"
+
+
+# -- custodian side ----------------------------------------------------------------------
+
+
+@dataclass
+class SenderSession:
+    transfer_id: str
+    token: bytes
+    token_id: bytes
+    grantee: str
+    grantee_key: bytes
+    keys: SessionKeys
+    manifest: Manifest
+    paths: list[Path]
+    created: float
+
+
+@dataclass
+class OutgoingProgress:
+    """A stream this node is sending, for the admin API."""
+
+    stream_id: str
+    grantee: str
+    token_id: bytes
+    instances_total: int
+    bytes_total: int
+    started: float
+    instances_sent: int = 0
+    bytes_sent: int = 0
+    finished: float | None = None
+    complete: bool = False
+
+    def as_json(self) -> dict[str, Any]:
+        end = self.finished or time.time()
+        seconds = max(end - self.started, 1e-9)
+        return {
+            "stream_id": self.stream_id,
+            "grantee": self.grantee,
+            "token_id": self.token_id.hex(),
+            "instances_total": self.instances_total,
+            "instances_sent": self.instances_sent,
+            "bytes_total": self.bytes_total,
+            "bytes_sent": self.bytes_sent,
+            "started": self.started,
+            "finished": self.finished,
+            "seconds": round(seconds, 3),
+            "mb_per_s": round(self.bytes_sent / seconds / 1e6, 2),
+            "state": "running" if self.finished is None else "done" if self.complete else "cut",
+        }
+
+
+@dataclass
+class _Block:
+    data: bytes
+    completed: list[SentInstance]
+
+
+# -- grantee side ------------------------------------------------------------------------
+
+
+@dataclass
+class FetchJob:
+    """One `imageshare fetch`: its progress and outcome (the admin API's view)."""
+
+    id: str
+    token: bytes
+    token_id: bytes
+    custodian: str
+    public_url: str
+    started: float = field(default_factory=time.time)
+    state: str = "running"  # running | done | refused | failed
+    rule: str | None = None
+    error: str | None = None
+    unreachable: bool = False
+    instances_total: int = 0
+    bytes_total: int = 0
+    instances_done: int = 0
+    bytes_done: int = 0
+    bytes_received: int = 0
+    instances_received: int = 0
+    attempts: int = 0
+    opened: bool = False  # the custodian answered a transfer request at least once
+    finished: float | None = None
+    study_uids: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        end = self.finished or time.time()
+        seconds = max(end - self.started, 1e-9)
+        return {
+            "id": self.id,
+            "kind": "fetch",
+            "state": self.state,
+            "token_id": self.token_id.hex(),
+            "custodian": self.custodian,
+            "rule": self.rule,
+            "error": self.error,
+            "unreachable": self.unreachable,
+            "instances_total": self.instances_total,
+            "instances_done": self.instances_done,
+            "instances_received": self.instances_received,
+            "bytes_total": self.bytes_total,
+            "bytes_done": self.bytes_done,
+            "bytes_received": self.bytes_received,
+            "attempts": self.attempts,
+            "started": self.started,
+            "finished": self.finished,
+            "seconds": round(seconds, 3),
+            "mb_per_s": round(self.bytes_received / seconds / 1e6, 2),
+            "studies": [
+                {"study_uid": uid, "dicomweb_url": f"{self.public_url}/dicomweb/studies/{uid}"}
+                for uid in self.study_uids
+            ],
+        }
+
+
+class _StreamReceiver:
+    """Decrypts, checks and stages one incoming instance stream; runs in a worker thread."""
+
+    def __init__(
+        self, runtime: NodeRuntime, manifest: Manifest, handles: list[int], key: bytes
+    ) -> None:
+        self._store = runtime.store
+        self._decryptor = StreamDecryptor(key)
+        self._parser = InstanceStreamParser(manifest, handles)
+        self._staging: StagingFile | None = None
+        self.ready: list[tuple[StagedInstance, ManifestEntry]] = []
+        self.ready_bytes = 0
+
+    def feed(self, data: bytes) -> None:
+        """Raises ChannelError (tampered/cut) or BadInput (breaks the manifest)."""
+        for plaintext, final in self._decryptor.feed(data):
+            for event in self._parser.feed(plaintext, final):
+                if isinstance(event, Data):
+                    assert self._staging is not None
+                    self._staging.write(event.chunk)
+                elif isinstance(event, Begin):
+                    self._staging = self._store.open_staging()
+                elif isinstance(event, Complete):
+                    self._complete(event.entry)
+
+    def _complete(self, entry: ManifestEntry) -> None:
+        assert self._staging is not None
+        staging, self._staging = self._staging, None
+        if staging.digest != entry.digest.hex():
+            staging.abort()
+            raise BadInput(f"instance {entry.handle} does not match its manifest digest")
+        staged = staging.finish()
+        self.ready.append((staged, entry))
+        self.ready_bytes += staged.size
+
+    def take_ready(self) -> list[tuple[StagedInstance, ManifestEntry]]:
+        taken, self.ready, self.ready_bytes = self.ready, [], 0
+        return taken
+
+    def close(self) -> None:
+        """End of input: raises ChannelError if the stream was cut short."""
+        self._decryptor.close()
+        if not self._parser.ended:
+            raise ChannelError("instance stream ended without its final message")
+
+    def abort(self) -> None:
+        if self._staging is not None:
+            self._staging.abort()
+            self._staging = None
+        self._store.discard(s for s, _ in self.take_ready())
+
+
+class TransferService:
+    """Both sides of transfers for one node: sessions it serves and fetches it runs."""
+
+    def __init__(self, runtime: NodeRuntime) -> None:
+        self.runtime = runtime
+        self.store = TransferStore(runtime.config.data_dir)
+        self.sessions: dict[str, SenderSession] = {}
+        self.jobs: dict[str, FetchJob] = {}
+        self.outgoing: collections.OrderedDict[str, OutgoingProgress] = collections.OrderedDict()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def close(self) -> None:
+        self.store.close()
+
+    @property
+    def ledger(self) -> LedgerService:
+        return ledger_service(self.runtime)
+
+    # -- lifecycle (a background service of `imageshare run`) -------------------------
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.record_unrecorded_streams)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def record_unrecorded_streams(self) -> int:
+        """Write the ledger entries of streams cut by a crash; returns how many were closed."""
+        streams = self.store.unrecorded_streams()
+        for stream in streams:
+            kind = "receipt" if stream.stream_id.startswith("in-") else "access"
+            self._append_accounting(kind, stream.token_id, stream.grantee, stream.sent)
+            self.store.mark_recorded(stream.stream_id)
+        return len(streams)
+
+    def _append_accounting(
+        self, kind: str, token_id: bytes, peer: str, items: list[SentInstance]
+    ) -> None:
+        """One ``access`` (peer = grantee) or ``receipt`` (peer = custodian) entry per study."""
+        by_study: dict[bytes, list[SentInstance]] = {}
+        for item in items:
+            by_study.setdefault(item.study, []).append(item)
+        peer_field = "grantee" if kind == "access" else "custodian"
+        for study, group in sorted(by_study.items()):
+            self.ledger.append(
+                kind,
+                {
+                    "token_id": token_id,
+                    peer_field: peer,
+                    "study": study,
+                    "instances": len(group),
+                    "bytes": sum(g.size for g in group),
+                    "digest": transfer_digest(g.digest for g in group),
+                },
+            )
+
+    # -- custodian side ----------------------------------------------------------------
+
+    async def open_transfer(self, grantee: str, grantee_key: bytes, body: bytes) -> bytes:
+        """Answer a grantee's transfer request with the encrypted manifest.
+
+        Raises BadInput (malformed request or key), TransferRefused (a consent rule failed;
+        a ``denial`` entry has been written).
+        """
+        request = decode_open_request(body)
+        verdict = await asyncio.to_thread(
+            check_access, self.runtime, request.token, grantee, None, int(time.time())
+        )
+        if not verdict.allowed:
+            rule = verdict.rule or Rule.TAMPERED
+            raise TransferRefused(rule.value, verdict.message)
+        token_id = token_id_of(request.token)
+        manifest, paths = await asyncio.to_thread(self._build_manifest, token_id, verdict.studies)
+        ephemeral = EphemeralKey.generate()
+        keys = sender_session(
+            self.runtime.identity.seed, ephemeral, grantee_key, request.ephemeral, token_id
+        )
+        self._expire_sessions()
+        transfer_id = secrets.token_hex(16)
+        self.sessions[transfer_id] = SenderSession(
+            transfer_id,
+            request.token,
+            token_id,
+            grantee,
+            grantee_key,
+            keys,
+            manifest,
+            paths,
+            time.monotonic(),
+        )
+        sealed = seal(keys.manifest, manifest.encode())
+        return OpenResponse(transfer_id, ephemeral.public, sealed).encode()
+
+    def _build_manifest(
+        self, token_id: bytes, study_refs: tuple[bytes, ...]
+    ) -> tuple[Manifest, list[Path]]:
+        studies: list[bytes] = []
+        entries: list[ManifestEntry] = []
+        paths: list[Path] = []
+        for ref in study_refs:
+            try:
+                uid = resolve_study_reference(self.runtime, ref)
+                records = self.runtime.store.instances(uid)
+            except NotFound:
+                continue  # a study in scope that holds no instance here has nothing to send
+            for record in records:
+                entries.append(
+                    ManifestEntry(
+                        len(entries), len(studies), record.size, bytes.fromhex(record.digest)
+                    )
+                )
+                paths.append(record.path)
+            studies.append(ref)
+        return Manifest(token_id, tuple(studies), tuple(entries)), paths
+
+    def _expire_sessions(self) -> None:
+        now = time.monotonic()
+        for transfer_id, session in list(self.sessions.items()):
+            if now - session.created > SESSION_TTL or len(self.sessions) > MAX_SESSIONS:
+                del self.sessions[transfer_id]
+
+    async def prepare_send(
+        self, transfer_id: str, grantee: str, body: bytes
+    ) -> tuple[SenderSession, list[int]]:
+        """Check a request for a transfer's instances, re-checking consent now.
+
+        Raises NotFound (unknown or expired transfer, or another caller's), BadInput
+        (bad handle list), TransferRefused (consent no longer holds: revoked, expired).
+        """
+        session = self.sessions.get(transfer_id)
+        if session is None or session.grantee != grantee:
+            raise NotFound("no such transfer (expired, or the custodian restarted)")
+        handles = decode_handles(body, len(session.manifest.instances))
+        verdict = await asyncio.to_thread(
+            check_access, self.runtime, session.token, grantee, None, int(time.time())
+        )
+        if not verdict.allowed:
+            self.sessions.pop(transfer_id, None)
+            rule = verdict.rule or Rule.TAMPERED
+            raise TransferRefused(rule.value, verdict.message)
+        return session, handles
+
+    async def send_instances(
+        self,
+        session: SenderSession,
+        handles: list[int],
+        write: Callable[[bytes], Awaitable[None]],
+    ) -> None:
+        """Stream the instances through ``write``; the access entries are written at the end.
+
+        Whatever happens to the connection, the instances fully handed to ``write`` are
+        journaled and accounted in ``access`` entries before this returns or raises.
+        """
+        stream_id = "out-" + secrets.token_hex(12)
+        manifest = session.manifest
+        progress = OutgoingProgress(
+            stream_id,
+            session.grantee,
+            session.token_id,
+            len(handles),
+            sum(manifest.instances[h].size for h in handles),
+            time.time(),
+        )
+        self._remember_outgoing(progress)
+        await asyncio.to_thread(
+            self.store.open_stream, stream_id, session.token_id, session.grantee, time.time()
+        )
+        sent: list[SentInstance] = []
+        blocks = self._blocks(session, handles)
+        try:
+            while True:
+                block = await asyncio.to_thread(next, blocks, None)
+                if block is None:
+                    break
+                await write(block.data)
+                progress.bytes_sent += len(block.data)
+                if block.completed:
+                    sent += block.completed
+                    progress.instances_sent += len(block.completed)
+                    await asyncio.to_thread(self.store.journal_sent, stream_id, block.completed)
+            progress.complete = True
+        finally:
+            progress.finished = time.time()
+            with contextlib.suppress(ValueError):  # still running in a cancelled thread
+                blocks.close()
+            await asyncio.shield(asyncio.to_thread(self._close_stream, stream_id, session, sent))
+
+    def _close_stream(
+        self, stream_id: str, session: SenderSession, sent: list[SentInstance]
+    ) -> None:
+        self._append_accounting("access", session.token_id, session.grantee, sent)
+        self.store.mark_recorded(stream_id)
+
+    def _blocks(self, session: SenderSession, handles: list[int]) -> Iterator[_Block]:
+        """Encrypted blocks of about BLOCK_BYTES, each with the instances it completes."""
+        manifest = session.manifest
+        encryptor = StreamEncryptor(session.keys.instances)
+        parts = [encryptor.header]
+        buffered = len(encryptor.header)
+        completed: list[SentInstance] = []
+        for handle in handles:
+            entry = manifest.instances[handle]
+            parts.append(encryptor.push(begin_message(handle)))
+            remaining = entry.size
+            with open(session.paths[handle], "rb") as f:
+                while remaining > 0:
+                    chunk = f.read(min(MESSAGE_BYTES, remaining))
+                    if not chunk:
+                        raise BadInput("a stored instance is shorter than its index says")
+                    remaining -= len(chunk)
+                    framed = encryptor.push(DATA + chunk)
+                    parts.append(framed)
+                    buffered += len(framed)
+                    if remaining == 0:
+                        study = manifest.studies[entry.study]
+                        completed.append(SentInstance(study, entry.digest, entry.size))
+                    if buffered >= BLOCK_BYTES:
+                        yield _Block(b"".join(parts), completed)
+                        parts, buffered, completed = [], 0, []
+            if entry.size == 0:
+                completed.append(SentInstance(manifest.studies[entry.study], entry.digest, 0))
+        parts.append(encryptor.push(end_message(len(handles)), final=True))
+        yield _Block(b"".join(parts), completed)
+
+    def _remember_outgoing(self, progress: OutgoingProgress) -> None:
+        self.outgoing[progress.stream_id] = progress
+        while len(self.outgoing) > RECENT:
+            self.outgoing.popitem(last=False)
+
+    # -- grantee side ------------------------------------------------------------------
+
+    def start_fetch(self, token_text: str) -> FetchJob:
+        """Start fetching what a token grants; raises BadInput for a malformed token."""
+        token = parse_token_text(token_text)
+        grant = decode_grant(token)
+        job = FetchJob(
+            id=secrets.token_hex(8),
+            token=token,
+            token_id=token_id_of(token),
+            custodian=grant.fields.custodian,
+            public_url=self.runtime.config.public_url,
+        )
+        self.jobs[job.id] = job
+        task = asyncio.get_running_loop().create_task(self._run(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return job
+
+    def job_json(self, job_id: str) -> dict[str, Any]:
+        """A fetch job's state, live or from history; raises NotFound."""
+        job = self.jobs.get(job_id)
+        if job is not None:
+            return job.as_json()
+        document = self.store.fetch(job_id)
+        if document is None:
+            raise NotFound("no such transfer")
+        return dict(json.loads(document))
+
+    def transfers_json(self) -> dict[str, Any]:
+        """Fetches (running and recent, refusals with their rule) and streams sent."""
+        fetches = {job.id: job.as_json() for job in self.jobs.values()}
+        for job_id, document in self.store.recent_fetches(RECENT):
+            fetches.setdefault(job_id, json.loads(document))
+        ordered = sorted(fetches.values(), key=lambda j: j["started"], reverse=True)[:RECENT]
+        sent = [p.as_json() for p in reversed(self.outgoing.values())]
+        return {"fetches": ordered, "sent": sent}
+
+    async def _run(self, job: FetchJob) -> None:
+        deadline = time.monotonic() + RETRY_WINDOW
+        backoff = 0.25
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=self.runtime.config.federation.request_timeout, sock_read=60
+        )
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as http:
+                while True:
+                    job.attempts += 1
+                    try:
+                        await self._attempt(job, http)
+                        job.state = "done"
+                        return
+                    except TransferRefused as exc:
+                        job.state, job.rule, job.error = "refused", exc.rule, str(exc)
+                        return
+                    except (
+                        TimeoutError,
+                        CustodianUnreachable,
+                        ChannelError,
+                        aiohttp.ClientError,
+                        ConnectionError,
+                    ) as exc:
+                        job.error = _describe(exc)
+                        job.unreachable = isinstance(exc, CustodianUnreachable)
+                        # Until the custodian has answered once, give up soon: it may
+                        # simply be down or misnamed; a cut transfer is retried longer.
+                        gave_up = not job.opened and job.attempts >= FIRST_CONTACT_ATTEMPTS
+                        if gave_up or time.monotonic() + backoff > deadline:
+                            job.state = "failed"
+                            return
+                        log.info("fetch %s interrupted (%s); retrying", job.id, job.error)
+                        await asyncio.sleep(backoff)
+                        backoff = min(backoff * 2, MAX_BACKOFF)
+                    except ImageShareError as exc:
+                        job.state, job.error = "failed", str(exc)
+                        return
+        except asyncio.CancelledError:
+            job.state, job.error = "failed", "the node stopped during the fetch"
+            raise
+        except Exception as exc:
+            log.exception("fetch %s failed", job.id)
+            job.state, job.error = "failed", f"internal error: {exc}"
+        finally:
+            job.finished = time.time()
+            job.unreachable = job.state == "failed" and job.unreachable
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(
+                    self.store.save_fetch, job.id, job.started, json.dumps(job.as_json())
+                )
+
+    def _custodian_urls(self, custodian: str) -> tuple[list[str], bytes]:
+        roster = roster_of(self.runtime)
+        member = roster.roster.get(custodian)
+        if member is None:
+            raise CustodianUnreachable(f"custodian {custodian} is not in this node's roster")
+        urls = roster.urls_of(member)
+        if not urls:
+            raise CustodianUnreachable(f"no address known for custodian {custodian}")
+        return urls, member.public_key
+
+    async def _post(
+        self, http: aiohttp.ClientSession, url: str, body: bytes
+    ) -> aiohttp.ClientResponse:
+        """A POST signed with this node's key; raises for any answer but 200."""
+        identity = self.runtime.identity
+        target = yarl.URL(url)
+        headers = make_headers(
+            identity.sign,
+            node_signer(identity.origin),
+            "POST",
+            target.raw_path_qs,
+            body,
+            int(time.time()),
+            os.urandom(NONCE_SIZE),
+        )
+        try:
+            response = await http.post(target, data=body, headers=headers)
+        except (TimeoutError, aiohttp.ClientConnectionError, OSError) as exc:
+            raise CustodianUnreachable(f"custodian unreachable: {_describe(exc)}") from exc
+        if response.status != 200:
+            try:
+                await _raise_for_reply(response)
+            finally:
+                response.release()
+        return response
+
+    async def _attempt(self, job: FetchJob, http: aiohttp.ClientSession) -> None:
+        urls, custodian_key = self._custodian_urls(job.custodian)
+        base = urls[0]
+        ephemeral = EphemeralKey.generate()
+        response = await self._post(
+            http, f"{base}/p2p/transfer", OpenRequest(job.token, ephemeral.public).encode()
+        )
+        try:
+            opened = decode_open_response(await response.read())
+        finally:
+            response.release()
+        keys = receiver_session(
+            self.runtime.identity.seed, ephemeral, custodian_key, opened.ephemeral, job.token_id
+        )
+        job.opened = True
+        manifest = decode_manifest(open_sealed(keys.manifest, opened.sealed_manifest))
+        if manifest.token_id != job.token_id:
+            raise BadInput("the custodian's manifest is for another token")
+        job.instances_total = len(manifest.instances)
+        job.bytes_total = manifest.total_bytes
+        present = await asyncio.to_thread(
+            self.runtime.store.digests_present, [e.digest.hex() for e in manifest.instances]
+        )
+        missing = [e.handle for e in manifest.instances if e.digest.hex() not in present]
+        held = [e for e in manifest.instances if e.digest.hex() in present]
+        job.instances_done = len(held)
+        job.bytes_done = sum(e.size for e in held)
+        self._note_studies(job, [e.digest.hex() for e in held])
+        if missing:
+            url = f"{base}/p2p/transfer/{opened.transfer_id}/instances"
+            await self._receive(job, http, url, keys, manifest, missing)
+
+    def _note_studies(self, job: FetchJob, digests: list[str]) -> None:
+        for start in range(0, len(digests), 500):
+            part = digests[start : start + 500]
+            rows = self.runtime.store.reader.execute(
+                "SELECT DISTINCT study_instance_uid FROM instances WHERE digest IN"
+                f" ({','.join('?' * len(part))})",
+                part,
+            )
+            for (uid,) in rows:
+                if uid not in job.study_uids:
+                    job.study_uids.append(uid)
+
+    async def _receive(
+        self,
+        job: FetchJob,
+        http: aiohttp.ClientSession,
+        url: str,
+        keys: SessionKeys,
+        manifest: Manifest,
+        handles: list[int],
+    ) -> None:
+        receiver = _StreamReceiver(self.runtime, manifest, handles, keys.instances)
+        stream_id = "in-" + secrets.token_hex(12)
+        await asyncio.to_thread(
+            self.store.open_stream, stream_id, job.token_id, job.custodian, time.time()
+        )
+        arrived: list[SentInstance] = []
+        pending: asyncio.Future[None] | None = None
+
+        async def flush() -> None:
+            nonlocal pending
+            batch = receiver.take_ready()
+            if pending is not None:
+                await pending
+                pending = None
+            if batch:
+                pending = asyncio.ensure_future(
+                    asyncio.to_thread(self._commit, job, stream_id, manifest, batch, arrived)
+                )
+
+        try:
+            response = await self._post(http, url, encode_handles(handles))
+            try:
+                async for chunk in response.content.iter_chunked(RECEIVE_BYTES):
+                    job.bytes_received += len(chunk)
+                    await asyncio.to_thread(receiver.feed, chunk)
+                    if len(receiver.ready) >= COMMIT_INSTANCES or (
+                        receiver.ready_bytes >= COMMIT_BYTES
+                    ):
+                        await flush()
+            finally:
+                response.release()
+            receiver.close()
+        finally:
+            try:
+                # What arrived and verified is kept even if the stream was cut.
+                await flush()
+                await flush()
+            finally:
+                receiver.abort()
+                await asyncio.shield(
+                    asyncio.to_thread(self._close_receipt, job, stream_id, arrived)
+                )
+
+    def _commit(
+        self,
+        job: FetchJob,
+        stream_id: str,
+        manifest: Manifest,
+        batch: list[tuple[StagedInstance, ManifestEntry]],
+        arrived: list[SentInstance],
+    ) -> None:
+        results = self.runtime.store.commit(
+            [staged for staged, _ in batch], source=source_label(job.custodian, job.token_id)
+        )
+        items = [
+            SentInstance(manifest.studies[entry.study], entry.digest, entry.size)
+            for _, entry in batch
+        ]
+        self.store.journal_sent(stream_id, items)
+        arrived += items
+        job.instances_done += len(items)
+        job.instances_received += len(items)
+        job.bytes_done += sum(i.size for i in items)
+        for result in results:
+            if result.study_instance_uid not in job.study_uids:
+                job.study_uids.append(result.study_instance_uid)
+
+    def _close_receipt(self, job: FetchJob, stream_id: str, arrived: list[SentInstance]) -> None:
+        self._append_accounting("receipt", job.token_id, job.custodian, arrived)
+        self.store.mark_recorded(stream_id)
+
+
+async def _raise_for_reply(response: aiohttp.ClientResponse) -> None:
+    """Turn a custodian's non-200 answer into the node's error; always raises."""
+    try:
+        document = json.loads(await response.read())
+        message = str(document.get("error", ""))
+        rule = document.get("rule")
+    except (ValueError, AttributeError, aiohttp.ClientError):
+        message, rule = "", None
+    if response.status == 403 and isinstance(rule, str):
+        known = {r.value: m for r, m in RULE_MESSAGES.items()}
+        raise TransferRefused(rule, message or known.get(rule, "refused by the custodian"))
+    if response.status == 401:
+        raise Unauthorized(f"the custodian did not accept this node's signature: {message}")
+    if response.status == 404:
+        raise ChannelError(f"the custodian no longer knows the transfer: {message}")
+    if response.status >= 500:
+        raise CustodianUnreachable(f"the custodian failed ({response.status}): {message}")
+    raise BadInput(f"the custodian refused the request ({response.status}): {message}")
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def transfer_service(runtime: NodeRuntime) -> TransferService:
+    """The node's one TransferService (created on first use)."""
+    service = runtime.services.get(SERVICE_NAME)
+    if service is None:
+        service = runtime.services[SERVICE_NAME] = TransferService(runtime)
+    return service  # type: ignore[no-any-return]

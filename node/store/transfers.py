@@ -1,0 +1,135 @@
+"""What the node remembers about transfers, in ``transfers.sqlite``.
+
+- ``outgoing`` / ``outgoing_sent``: the custodian's journal of instance streams it is
+  sending. Each instance is journaled once its last byte was handed to the connection,
+  so that the ``access`` entries of a stream cut by a crash of this node are still
+  written (at the next start) with what had left. A stream is closed (``recorded``)
+  once its ``access`` entries are in the ledger.
+- ``fetches``: the grantee's fetch jobs, for the admin API and the dashboard (state,
+  totals, timing, the refusal rule). Progress within a running job is kept in memory and
+  written at its end.
+
+The journal needs no fsync of its own: it is only read back after a restart of this
+process (WAL survives a killed process), and the ledger entries it leads to are durable.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outgoing (
+    stream_id TEXT PRIMARY KEY, token_id BLOB NOT NULL, grantee TEXT NOT NULL,
+    started REAL NOT NULL, recorded INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS outgoing_sent (
+    stream_id TEXT NOT NULL, study BLOB NOT NULL, digest BLOB NOT NULL, size INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS outgoing_sent_by_stream ON outgoing_sent (stream_id);
+CREATE TABLE IF NOT EXISTS fetches (
+    id TEXT PRIMARY KEY, started REAL NOT NULL, document TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class SentInstance:
+    study: bytes
+    digest: bytes
+    size: int
+
+
+@dataclass(frozen=True)
+class OpenStream:
+    """A stream whose access entries are not written yet."""
+
+    stream_id: str
+    token_id: bytes
+    grantee: str
+    sent: list[SentInstance]
+
+
+class TransferStore:
+    """The transfer journal and fetch history of one node; safe across threads."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(
+            data_dir / "transfers.sqlite", check_same_thread=False, isolation_level=None
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- custodian journal ----------------------------------------------------------------
+
+    def open_stream(self, stream_id: str, token_id: bytes, grantee: str, now: float) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO outgoing (stream_id, token_id, grantee, started) VALUES (?, ?, ?, ?)",
+                (stream_id, token_id, grantee, now),
+            )
+
+    def journal_sent(self, stream_id: str, sent: Iterable[SentInstance]) -> None:
+        with self._lock:
+            self._db.executemany(
+                "INSERT INTO outgoing_sent (stream_id, study, digest, size) VALUES (?, ?, ?, ?)",
+                [(stream_id, s.study, s.digest, s.size) for s in sent],
+            )
+
+    def unrecorded_streams(self) -> list[OpenStream]:
+        """Streams whose access entries still have to be written (oldest first)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT stream_id, token_id, grantee FROM outgoing WHERE recorded = 0"
+                " ORDER BY started"
+            ).fetchall()
+            streams = []
+            for stream_id, token_id, grantee in rows:
+                sent = [
+                    SentInstance(bytes(study), bytes(digest), size)
+                    for study, digest, size in self._db.execute(
+                        "SELECT study, digest, size FROM outgoing_sent WHERE stream_id = ?"
+                        " ORDER BY rowid",
+                        (stream_id,),
+                    )
+                ]
+                streams.append(OpenStream(stream_id, bytes(token_id), grantee, sent))
+            return streams
+
+    def mark_recorded(self, stream_id: str) -> None:
+        """The stream's access entries are in the ledger; its per-instance rows can go."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.execute("UPDATE outgoing SET recorded = 1 WHERE stream_id = ?", (stream_id,))
+            self._db.execute("DELETE FROM outgoing_sent WHERE stream_id = ?", (stream_id,))
+            self._db.execute("COMMIT")
+
+    # -- grantee fetch history ------------------------------------------------------------
+
+    def save_fetch(self, job_id: str, started: float, document: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO fetches (id, started, document) VALUES (?, ?, ?)",
+                (job_id, started, document),
+            )
+
+    def recent_fetches(self, limit: int = 100) -> list[tuple[str, str]]:
+        """(job id, JSON document) of the latest fetches, newest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, document FROM fetches ORDER BY started DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    def fetch(self, job_id: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT document FROM fetches WHERE id = ?", (job_id,))
+            found: Any = row.fetchone()
+        return None if found is None else str(found[0])

@@ -1,0 +1,322 @@
+"""Consented transfer between real node processes: the whole story and its refusals.
+
+Three nodes on loopback: custodian A, grantee B, third node C. B reaches A only through
+a recording TCP proxy (B's roster URL for A points at it), so the test sees every byte
+between them and can slow the stream down to interrupt it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from node.core.consent import GrantFields, sign_grant, token_text
+from node.core.entries import LedgerEntry, decode_entry
+from node.core.roster import log_id
+from node.services.wallet import Wallet
+from tests.support.nodes import IMAGESHARE, NodeProcess, free_port, init_node, run_cli, wait_until
+from tests.support.studies import SyntheticStudy, make_ct_study
+
+
+class RecordingProxy:
+    """A TCP proxy on loopback that records what passes and can throttle the answers."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.downstream = bytearray()  # target -> client
+        self.upstream = bytearray()  # client -> target
+        self.rate: float | None = None  # bytes/s towards the client, None: full speed
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._stopped = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while not self._stopped:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                target = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            threading.Thread(target=self._pump, args=(client, target, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(target, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, down: bool) -> None:
+        try:
+            while data := source.recv(16384 if down and self.rate else 262144):
+                with self._lock:
+                    (self.downstream if down else self.upstream).extend(data)
+                sink.sendall(data)
+                if down and self.rate:
+                    time.sleep(len(data) / self.rate)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def captured(self) -> bytes:
+        with self._lock:
+            return bytes(self.upstream) + bytes(self.downstream)
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._listener.close()
+
+
+@dataclass
+class Federation:
+    base: Path
+    a: NodeProcess
+    b: NodeProcess
+    c: NodeProcess
+    proxy: RecordingProxy
+    study: SyntheticStudy
+    wallet: Path
+
+
+def _peer(node: NodeProcess, url: str) -> str:
+    return f'[[peers]]\norigin = "{node.origin}"\nurl = "{url}"\nvkey = "{node.vkey}"\n'
+
+
+def _enroll(a: NodeProcess, wallet: Path, patient_id: str) -> None:
+    run_cli("patient", "keygen", "--wallet", str(wallet), env={"IMAGESHARE_WALLET_PASSPHRASE": ""})
+    pubkey = json.loads(
+        run_cli("patient", "pubkey", "--custodian", a.url, "--wallet", str(wallet), "--json").stdout
+    )["pubkey"]
+    a.cli("enroll", "--patient-id", patient_id, "--key", pubkey)
+
+
+def _grant(fed: Federation, wallet: Path, to: NodeProcess) -> dict[str, Any]:
+    result = run_cli(
+        "patient", "grant", "--custodian", fed.a.url, "--to", to.origin, "--all",
+        "--wallet", str(wallet), "--json",
+    )  # fmt: skip
+    return dict(json.loads(result.stdout))
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    base = tmp_path_factory.mktemp("transfer")
+    a = init_node(base, "a.example/imageshare", "a")
+    b = init_node(base, "b.example/imageshare", "b")
+    c = init_node(base, "c.example/imageshare", "c")
+    proxy = RecordingProxy(a.http_port)
+    settings = "[federation]\ndiscovery = false\nreplicate_interval = 0.3\n"
+    a.append_config(settings + "[consent]\nclock_skew_seconds = 1\n")
+    a.append_config(_peer(b, b.url) + _peer(c, c.url))
+    b.append_config(settings + _peer(a, proxy.url))
+    c.append_config(settings + _peer(a, a.url))
+    nodes = [a, b, c]
+    try:
+        for node in nodes:
+            node.start()
+        study = make_ct_study(base / "study", series=2, slices=5, rows=64, columns=64)
+        a.cli("import", str(base / "study"))
+        wallet = base / "wallet"
+        _enroll(a, wallet, study.patient_id)
+        yield Federation(base, a, b, c, proxy, study, wallet)
+    finally:
+        for node in nodes:
+            node.stop()
+        proxy.stop()
+
+
+def _entries(node: NodeProcess, origin: str) -> list[LedgerEntry]:
+    """Every entry of ``origin``'s log as ``node`` holds it (its own or its mirror)."""
+    wanted = log_id(origin)
+    logs = node.get_json("/ledger/logs", auth=False)
+    size = next((log["size"] for log in logs if log["log_id"] == wanted), 0)
+    raw: list[bytes] = []
+    while len(raw) < size:
+        path = f"/ledger/logs/{wanted}/entries?start={len(raw)}&end={size}"
+        with urllib.request.urlopen(node.url + path, timeout=10) as response:
+            raw += msgpack.unpackb(response.read())
+    return [decode_entry(r) for r in raw]
+
+
+def _of_token(entries: list[LedgerEntry], kind: str, token_id: str) -> list[dict[str, Any]]:
+    return [
+        e.fields for e in entries if e.kind == kind and e.fields["token_id"].hex() == token_id
+    ]
+
+
+def _assert_held_identically(node: NodeProcess, files: list[Path]) -> None:
+    for path in files:
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        assert (node.data_dir / "objects" / digest[:2] / f"{digest}.dcm").read_bytes() == data
+
+
+class TestConsentedFetch:
+    def test_fetch_copies_study_exactly_accounts_both_sides_and_stops_after_revoke(
+        self, fed: Federation
+    ) -> None:
+        grant = _grant(fed, fed.wallet, fed.b)
+        fetched = json.loads(fed.b.cli("fetch", grant["url"], "--json").stdout)
+        assert fetched["study_uid"] == fed.study.study_uid
+        assert fetched["instances"] == len(fed.study.files)
+        assert fetched["custodian"] == fed.a.origin
+        assert fetched["dicomweb_url"].endswith(f"/dicomweb/studies/{fed.study.study_uid}")
+        _assert_held_identically(fed.b, fed.study.files)
+        found = fed.b.get_json(f"/dicomweb/studies?StudyInstanceUID={fed.study.study_uid}")
+        assert len(found) == 1
+
+        (access,) = _of_token(_entries(fed.a, fed.a.origin), "access", grant["token_id"])
+        (receipt,) = _of_token(_entries(fed.b, fed.b.origin), "receipt", grant["token_id"])
+        assert access["grantee"] == fed.b.origin and receipt["custodian"] == fed.a.origin
+        assert access["instances"] == receipt["instances"] == len(fed.study.files)
+        assert access["bytes"] == receipt["bytes"] == sum(p.stat().st_size for p in fed.study.files)
+        assert (access["study"], access["digest"]) == (receipt["study"], receipt["digest"])
+        wait_until(
+            lambda: _of_token(_entries(fed.b, fed.a.origin), "access", grant["token_id"]),
+            message="B's mirror of A's log to hold the access entry",
+        )
+
+        run_cli(
+            "patient", "revoke", grant["token_id"], "--custodian", fed.a.url,
+            "--wallet", str(fed.wallet),
+        )  # fmt: skip
+        refused = fed.b.cli("fetch", grant["token"], check=False)
+        assert refused.returncode == 1
+        assert "revoked" in refused.stderr
+        denials = _of_token(_entries(fed.a, fed.a.origin), "denial", grant["token_id"])
+        assert [d["rule"] for d in denials] == ["revoked"]
+        assert denials[0]["requester"] == fed.b.origin
+
+    def test_bytes_between_nodes_hold_no_plaintext(self, fed: Federation) -> None:
+        grant = _grant(fed, fed.wallet, fed.b)
+        before = len(fed.proxy.captured())
+        fed.b.cli("fetch", grant["token"])
+        wire = fed.proxy.captured()
+        assert len(wire) - before > 1000  # the transfer went through the proxy
+        for secret in (
+            b"DICM",
+            fed.study.patient_name.encode(),
+            fed.study.patient_id.encode(),
+            fed.study.study_uid.encode(),
+            *(uid.encode() for uid in fed.study.sop_uids),
+        ):
+            assert secret not in wire
+
+    def test_third_node_with_the_grantees_token_is_refused_wrong_grantee(
+        self, fed: Federation
+    ) -> None:
+        grant = _grant(fed, fed.wallet, fed.b)
+        refused = fed.c.cli("fetch", grant["token"], check=False)
+        assert refused.returncode == 1
+        assert "wrong_grantee" in refused.stderr
+        denials = _of_token(_entries(fed.a, fed.a.origin), "denial", grant["token_id"])
+        assert [(d["rule"], d["requester"]) for d in denials] == [("wrong_grantee", fed.c.origin)]
+
+    def test_expired_token_is_refused(self, fed: Federation) -> None:
+        key = Wallet.open(fed.wallet, None).key_for(fed.a.origin)
+        now = int(time.time())
+        fields = GrantFields(
+            key.public_key, fed.a.origin, fed.b.origin, None, now - 7200, now - 3600, os.urandom(16)
+        )
+        refused = fed.b.cli("fetch", token_text(sign_grant(fields, key.sign)), check=False)
+        assert refused.returncode == 1
+        assert "expired" in refused.stderr
+
+    def test_unknown_custodian_is_unreachable(self, fed: Federation) -> None:
+        key = Wallet.open(fed.wallet, None).key_for("x.example/gone")
+        now = int(time.time())
+        fields = GrantFields(
+            key.public_key, "x.example/gone", fed.b.origin, None, now, now + 60, os.urandom(16)
+        )
+        result = fed.b.cli("fetch", token_text(sign_grant(fields, key.sign)), check=False)
+        assert result.returncode == 2
+        assert "roster" in result.stderr
+
+    def test_malformed_token_is_a_clear_error(self, fed: Federation) -> None:
+        result = fed.b.cli("fetch", "not-a-token!", check=False)
+        assert result.returncode == 1
+        assert "Traceback" not in result.stderr and result.stderr.startswith("imageshare:")
+
+    def test_admin_api_lists_fetches_and_refusals(self, fed: Federation) -> None:
+        listing = fed.b.get_json("/admin/api/transfers")
+        states = {f["state"] for f in listing["fetches"]}
+        assert {"done", "refused"} <= states
+        refused = [f for f in listing["fetches"] if f["state"] == "refused"]
+        assert all(f["rule"] for f in refused)
+        sent = fed.a.get_json("/admin/api/transfers")["sent"]
+        assert sent and sent[0]["grantee"] == fed.b.origin and sent[0]["state"] == "done"
+
+
+class TestResume:
+    def test_custodian_killed_mid_transfer_resumes_sending_only_what_is_lacking(
+        self, fed: Federation
+    ) -> None:
+        study = make_ct_study(
+            fed.base / "big", series=2, slices=30, rows=256, columns=256, patient_id="MRN-0002"
+        )
+        fed.a.cli("import", str(fed.base / "big"))
+        wallet = fed.base / "wallet2"
+        _enroll(fed.a, wallet, study.patient_id)
+        grant = _grant(fed, wallet, fed.b)
+        total = sum(p.stat().st_size for p in study.files)
+
+        fed.proxy.rate = 3e6
+        start = len(fed.proxy.downstream)
+        fetch = subprocess.Popen(
+            [*IMAGESHARE, "fetch", grant["token"], "--json", "-c", str(fed.b.config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            wait_until(
+                lambda: len(fed.proxy.downstream) - start > total // 3,
+                timeout=30,
+                message="a third of the study on the wire",
+            )
+            fed.a.kill9()
+            fed.proxy.rate = None
+            fed.a.start()
+            out, err = fetch.communicate(timeout=90)
+        finally:
+            fetch.kill()
+        assert fetch.returncode == 0, err
+        assert json.loads(out)["instances"] == len(study.files)
+        _assert_held_identically(fed.b, study.files)
+
+        receipts = _of_token(_entries(fed.b, fed.b.origin), "receipt", grant["token_id"])
+        assert len(receipts) == 2
+        cut, resumed = receipts
+        assert 0 < cut["instances"] < len(study.files)
+        assert cut["instances"] + resumed["instances"] == len(study.files)
+        accesses = _of_token(_entries(fed.a, fed.a.origin), "access", grant["token_id"])
+        # The cut stream's access is written at A's restart from its journal; the resumed
+        # stream sent exactly what B lacked.
+        assert len(accesses) == 2
+        assert (accesses[-1]["instances"], accesses[-1]["digest"]) == (
+            resumed["instances"],
+            resumed["digest"],
+        )
