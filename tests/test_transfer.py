@@ -7,6 +7,7 @@ between them and can slow the stream down to interrupt it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -75,10 +76,8 @@ class RecordingProxy:
             pass
         finally:
             for s in (source, sink):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
                 s.close()
 
     def captured(self) -> bytes:
@@ -162,9 +161,7 @@ def _entries(node: NodeProcess, origin: str) -> list[LedgerEntry]:
 
 
 def _of_token(entries: list[LedgerEntry], kind: str, token_id: str) -> list[dict[str, Any]]:
-    return [
-        e.fields for e in entries if e.kind == kind and e.fields["token_id"].hex() == token_id
-    ]
+    return [e.fields for e in entries if e.kind == kind and e.fields["token_id"].hex() == token_id]
 
 
 def _assert_held_identically(node: NodeProcess, files: list[Path]) -> None:
