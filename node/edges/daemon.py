@@ -14,6 +14,7 @@ from aiohttp import web
 from node.edges.dimse import dimse_service
 from node.edges.http.app import build_app
 from node.services.discovery import discovery_service
+from node.services.forward import forward_service
 from node.services.replication import replication_of
 from node.services.runtime import NodeRuntime
 from node.services.transfer import transfer_service
@@ -34,6 +35,7 @@ ServiceFactory = Callable[[NodeRuntime], BackgroundService | None]
 SERVICE_FACTORIES: list[ServiceFactory] = []
 SERVICE_FACTORIES.extend([replication_of, discovery_service])
 SERVICE_FACTORIES.append(dimse_service)
+SERVICE_FACTORIES.append(forward_service)
 SERVICE_FACTORIES.append(transfer_service)
 
 

@@ -4,6 +4,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from node.edges.http import dicomweb, ledger_api, p2p, patient, transfer
+from node.edges.http import dicomweb, forwarding, ledger_api, p2p, patient, transfer
 
-MODULES: list[ModuleType] = [p2p, dicomweb, patient, transfer, ledger_api]
+MODULES: list[ModuleType] = [p2p, dicomweb, patient, transfer, ledger_api, forwarding]

@@ -1,0 +1,215 @@
+"""Forwarding of arriving instances to a PACS by C-STORE, with retries that survive restarts.
+
+The forwarder needs no hook in any arrival path (import, STOW-RS, C-STORE, fetch from a
+peer): it follows the index. It polls ``instances`` for rows past its durable cursor,
+queues them (node/store/forward_state.py), and sends whatever is due over one
+association per batch. A failed instance is retried after an exponential backoff
+(``initial_backoff`` x 2^(attempt-1)) until ``max_attempts``, then kept as failed and
+shown in the status. Delivery is at least once: an instance sent just before a crash
+is sent again, which a PACS treats as a duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+from pynetdicom import AE
+
+from node.errors import ConfigError, NotFound
+from node.services.dimse_query import (
+    LOW_LATENCY_HANDLERS,
+    MAX_PDU_BYTES,
+    read_instance,
+    storage_contexts,
+)
+from node.store.forward_state import ForwardState, QueuedInstance
+
+if TYPE_CHECKING:
+    from node.config import ForwardConfig
+    from node.services.runtime import NodeRuntime
+    from node.store.instances import InstanceRecord
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "forward.sqlite"
+POLL_SECONDS = 0.5
+# Instances sent over one association before their outcome is recorded durably.
+BATCH = 200
+
+
+def _is_success(status: int) -> bool:
+    # Success, or a warning (coercion, elements discarded): the PACS kept the instance.
+    return status == 0x0000 or 0xB000 <= status <= 0xBFFF
+
+
+class Forwarder:
+    """The forwarding service of `imageshare run` (one thread; blocking DIMSE inside it)."""
+
+    def __init__(self, runtime: NodeRuntime, poll_seconds: float = POLL_SECONDS) -> None:
+        self.config: ForwardConfig = runtime.config.forward
+        self.calling_ae = runtime.config.dimse.ae_title
+        self.store = runtime.store
+        self.state = ForwardState(runtime.config.data_dir / STATE_FILE)
+        self.poll_seconds = poll_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def destination(self) -> str:
+        return f"{self.config.ae_title}@{self.config.host}:{self.config.port}"
+
+    # -- life cycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="forwarder", daemon=True)
+        self._thread.start()
+        log.info("forwarding arriving instances to %s", self.destination)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    def close(self) -> None:
+        self.state.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self.run_once()
+            except Exception:
+                log.exception("forwarding round failed; trying again")
+                busy = False
+            if not busy:
+                self._stop.wait(self._idle_wait())
+
+    def _idle_wait(self) -> float:
+        next_due = self.state.next_due_at()
+        if next_due is None:
+            return self.poll_seconds
+        return min(self.poll_seconds, max(0.0, next_due - time.time()))
+
+    # -- one round ---------------------------------------------------------------------
+
+    def run_once(self) -> bool:
+        """Queue newly indexed instances and send those due; True if anything was sent."""
+        now = time.time()
+        self._take_new(now)
+        due = self.state.due(now, BATCH)
+        if not due:
+            return False
+        self._deliver(due)
+        return True
+
+    def _take_new(self, now: float) -> None:
+        rows = self.store.reader.execute(
+            "SELECT rowid, sop_instance_uid, study_instance_uid FROM instances"
+            " WHERE rowid > ? ORDER BY rowid LIMIT 1000",
+            (self.state.last_rowid,),
+        ).fetchall()
+        self.state.enqueue([(r[0], r[1], r[2]) for r in rows], now)
+
+    def _deliver(self, due: list[QueuedInstance]) -> None:
+        batch: list[tuple[QueuedInstance, InstanceRecord]] = []
+        gone: list[str] = []
+        for item in due:
+            try:
+                batch.append((item, self.store.instance(item.sop_instance_uid)))
+            except NotFound:
+                gone.append(item.sop_instance_uid)
+        self.state.forget(gone)
+        if not batch:
+            return
+        delivered: list[str] = []
+        failures: dict[str, list[QueuedInstance]] = defaultdict(list)
+        try:
+            self._send(batch, delivered, failures)
+        except Exception as exc:  # the association could not be set up at all
+            reason = str(exc) or type(exc).__name__
+            failures[reason] = [item for item, _ in batch if item.sop_instance_uid not in delivered]
+        now = time.time()
+        self.state.delivered(delivered, now)
+        for reason, items in failures.items():
+            self.state.attempt_failed(
+                items, reason, now, self.config.max_attempts, self.config.initial_backoff
+            )
+            log.warning(
+                "forwarding %d instance(s) to %s failed: %s", len(items), self.destination, reason
+            )
+        if delivered:
+            log.info("forwarded %d instance(s) to %s", len(delivered), self.destination)
+
+    def _send(
+        self,
+        batch: list[tuple[QueuedInstance, InstanceRecord]],
+        delivered: list[str],
+        failures: dict[str, list[QueuedInstance]],
+    ) -> None:
+        ae = AE(ae_title=self.calling_ae)
+        assoc = ae.associate(
+            self.config.host,
+            self.config.port,
+            contexts=storage_contexts([record for _, record in batch]),
+            ae_title=self.config.ae_title,
+            max_pdu=MAX_PDU_BYTES,
+            evt_handlers=LOW_LATENCY_HANDLERS,
+        )
+        if not assoc.is_established:
+            raise ConnectionError(f"no association with {self.destination}")
+        try:
+            for item, record in batch:
+                if self._stop.is_set() or not assoc.is_established:
+                    failures["interrupted before sending"].append(item)
+                    continue
+                try:
+                    status = assoc.send_c_store(read_instance(record))
+                except Exception as exc:
+                    failures[f"cannot send: {exc}"].append(item)
+                    continue
+                code = status.get("Status") if status else None
+                if code is None:
+                    failures["no response from the PACS"].append(item)
+                elif _is_success(int(code)):
+                    delivered.append(item.sop_instance_uid)
+                else:
+                    failures[f"PACS answered status 0x{int(code):04X}"].append(item)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    def status(self) -> dict[str, Any]:
+        """The forwarding outcome for the admin API."""
+        return {
+            "enabled": True,
+            "running": self._thread is not None and self._thread.is_alive(),
+            "destination": {
+                "ae_title": self.config.ae_title,
+                "host": self.config.host,
+                "port": self.config.port,
+            },
+            "max_attempts": self.config.max_attempts,
+            **self.state.summary(),
+        }
+
+
+def forward_service(runtime: NodeRuntime) -> Forwarder | None:
+    """The background-service factory for `imageshare run`; None when forwarding is off.
+
+    Raises ConfigError for an incomplete [forward] section.
+    """
+    config = runtime.config.forward
+    if not config.ae_title:
+        return None
+    if not config.host or not 0 < config.port < 65536:
+        raise ConfigError("forward needs host and a port between 1 and 65535")
+    if config.max_attempts < 1 or config.initial_backoff <= 0:
+        raise ConfigError("forward.max_attempts must be >= 1 and initial_backoff > 0")
+    forwarder = Forwarder(runtime)
+    runtime.services["forwarder"] = forwarder
+    return forwarder

@@ -1,0 +1,199 @@
+"""The forwarder's durable state: how far it has read the index, and what is still owed.
+
+Kept in ``forward.sqlite`` beside the index (WAL, synchronous=FULL)::
+
+    cursor(id=1, last_rowid)          highest ``instances`` rowid taken into the queue
+    queue(sop_instance_uid, index_rowid, study_instance_uid, attempts, next_try,
+          last_error, state)          instances not yet delivered; state pending|failed
+    totals(id=1, forwarded, last_success_at, last_error, last_error_at)
+
+Moving new instances into the queue and advancing the cursor is one transaction, so a
+crash never skips or loses an instance; a delivered instance leaves the queue.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PENDING = "pending"
+FAILED = "failed"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cursor (id INTEGER PRIMARY KEY CHECK (id = 1), last_rowid INTEGER);
+CREATE TABLE IF NOT EXISTS queue (
+    sop_instance_uid TEXT PRIMARY KEY,
+    index_rowid INTEGER NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_try REAL NOT NULL,
+    last_error TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL DEFAULT 'pending'
+);
+CREATE INDEX IF NOT EXISTS queue_due ON queue (state, next_try, index_rowid);
+CREATE TABLE IF NOT EXISTS totals (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    forwarded INTEGER NOT NULL DEFAULT 0,
+    last_success_at REAL,
+    last_error TEXT NOT NULL DEFAULT '',
+    last_error_at REAL
+);
+INSERT OR IGNORE INTO cursor (id, last_rowid) VALUES (1, 0);
+INSERT OR IGNORE INTO totals (id) VALUES (1);
+"""
+
+
+@dataclass(frozen=True)
+class QueuedInstance:
+    sop_instance_uid: str
+    study_instance_uid: str
+    attempts: int
+
+
+class ForwardState:
+    """The forward queue; safe to use from several threads (one lock, one connection)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def _transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, args in statements:
+                conn.execute(sql, args)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    @property
+    def last_rowid(self) -> int:
+        with self._lock:
+            return int(self._conn.execute("SELECT last_rowid FROM cursor").fetchone()[0])
+
+    def enqueue(self, rows: Sequence[tuple[int, str, str]], now: float) -> None:
+        """Queue new index rows ``(rowid, sop_instance_uid, study_instance_uid)``, due now,
+        and move the cursor past them, in one durable step."""
+        if not rows:
+            return
+        statements: list[tuple[str, Sequence[Any]]] = [
+            (
+                "INSERT OR IGNORE INTO queue (sop_instance_uid, index_rowid, study_instance_uid,"
+                " next_try) VALUES (?, ?, ?, ?)",
+                (sop_uid, rowid, study_uid, now),
+            )
+            for rowid, sop_uid, study_uid in rows
+        ]
+        statements.append(
+            ("UPDATE cursor SET last_rowid = MAX(last_rowid, ?)", (max(r[0] for r in rows),))
+        )
+        with self._lock:
+            self._transaction(statements)
+
+    def due(self, now: float, limit: int) -> list[QueuedInstance]:
+        """Pending instances whose next try has come, oldest arrival first."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT sop_instance_uid, study_instance_uid, attempts FROM queue"
+                " WHERE state = ? AND next_try <= ? ORDER BY index_rowid LIMIT ?",
+                (PENDING, now, limit),
+            ).fetchall()
+        return [QueuedInstance(r[0], r[1], r[2]) for r in rows]
+
+    def next_due_at(self) -> float | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT MIN(next_try) FROM queue WHERE state = ?", (PENDING,)
+            ).fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def delivered(self, sop_instance_uids: Sequence[str], now: float) -> None:
+        """Drop delivered instances from the queue and count them."""
+        if not sop_instance_uids:
+            return
+        statements: list[tuple[str, Sequence[Any]]] = [
+            ("DELETE FROM queue WHERE sop_instance_uid = ?", (uid,)) for uid in sop_instance_uids
+        ]
+        statements.append(
+            (
+                "UPDATE totals SET forwarded = forwarded + ?, last_success_at = ?",
+                (len(sop_instance_uids), now),
+            )
+        )
+        with self._lock:
+            self._transaction(statements)
+
+    def attempt_failed(
+        self,
+        items: Sequence[QueuedInstance],
+        error: str,
+        now: float,
+        max_attempts: int,
+        initial_backoff: float,
+    ) -> None:
+        """Record a failed attempt: retry after an exponential backoff, or give up at the
+        attempt limit (state failed)."""
+        if not items:
+            return
+        statements: list[tuple[str, Sequence[Any]]] = []
+        for item in items:
+            attempts = item.attempts + 1
+            state = FAILED if attempts >= max_attempts else PENDING
+            next_try = now + initial_backoff * 2 ** (attempts - 1)
+            statements.append(
+                (
+                    "UPDATE queue SET attempts = ?, next_try = ?, last_error = ?, state = ?"
+                    " WHERE sop_instance_uid = ?",
+                    (attempts, next_try, error, state, item.sop_instance_uid),
+                )
+            )
+        statements.append(("UPDATE totals SET last_error = ?, last_error_at = ?", (error, now)))
+        with self._lock:
+            self._transaction(statements)
+
+    def forget(self, sop_instance_uids: Sequence[str]) -> None:
+        """Drop queued instances that are no longer on the node."""
+        with self._lock:
+            self._transaction(
+                [("DELETE FROM queue WHERE sop_instance_uid = ?", (u,)) for u in sop_instance_uids]
+            )
+
+    def summary(self, failure_limit: int = 20) -> dict[str, Any]:
+        """Counts, last outcome, and the instances that are failing or have failed."""
+        with self._lock:
+            conn = self._conn
+            totals = dict(conn.execute("SELECT * FROM totals").fetchone())
+            counts = dict(
+                conn.execute("SELECT state, COUNT(*) FROM queue GROUP BY state").fetchall()
+            )
+            problems = conn.execute(
+                "SELECT study_instance_uid, sop_instance_uid, attempts, next_try, last_error,"
+                " state FROM queue WHERE attempts > 0 ORDER BY index_rowid LIMIT ?",
+                (failure_limit,),
+            ).fetchall()
+            last_rowid = conn.execute("SELECT last_rowid FROM cursor").fetchone()[0]
+        return {
+            "forwarded": totals["forwarded"],
+            "pending": counts.get(PENDING, 0),
+            "failed": counts.get(FAILED, 0),
+            "last_success_at": totals["last_success_at"],
+            "last_error": totals["last_error"] or None,
+            "last_error_at": totals["last_error_at"],
+            "index_position": last_rowid,
+            "problems": [dict(r) for r in problems],
+        }
