@@ -22,6 +22,7 @@ import os
 import pkgutil
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -39,9 +40,18 @@ from scripts.benchmarks.common import BenchContext, Row  # noqa: E402
 
 # Modules that share the generated study run first, in this order; the rest alphabetically.
 FIRST = ["dataplane", "transfer"]
-NOT_BENCHMARKS = {"common"}
+NOT_BENCHMARKS = {"common", "orthanc"}  # shared helpers, not benchmarks
 COLUMNS = ["figure", "ours", "Orthanc", "ratio", "target", "met", "peak memory (MB)", "command"]
 RunFunction = Callable[[BenchContext], list[Row]]
+MODULE_TIMEOUT_SECONDS = 900
+
+
+class ModuleTimedOut(Exception):
+    """A benchmark module ran past its time limit."""
+
+
+def _time_out(signum: int, frame: object) -> None:
+    raise ModuleTimedOut(f"no result within {MODULE_TIMEOUT_SECONDS} s")
 
 
 def discover() -> dict[str, str]:
@@ -78,7 +88,14 @@ def run_module(
         if run is None:
             return None
         print(f"== {name}", file=sys.stderr, flush=True)
-        rows = run(ctx)
+        # A hung module fails with its own row; its finally blocks stop what it started.
+        previous = signal.signal(signal.SIGALRM, _time_out)
+        signal.alarm(MODULE_TIMEOUT_SECONDS)
+        try:
+            rows = run(ctx)
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
         if not isinstance(rows, list) or not all(isinstance(r, Row) for r in rows):
             raise TypeError("run() must return a list of Row")
         for row in rows:
