@@ -1,0 +1,255 @@
+"""`imageshare import` of a 200 MB CT study: byte-exact WADO-RS, duplicates, bad files,
+bounded memory, and a kill -9 in the middle of an import."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from node.store.instances import InstanceStore
+from tests.support.nodes import IMAGESHARE, NodeProcess, init_node, wait_until
+from tests.support.studies import SyntheticStudy, make_ct_study
+
+pytestmark = pytest.mark.slow
+
+PEAK_RSS_LIMIT = 150 * 1024 * 1024
+INSTANCES = 400
+
+
+@dataclass
+class Run:
+    exit_code: int
+    stdout: str
+    stderr: str
+    peak_rss: int  # bytes
+
+
+def run_import(node: NodeProcess, *paths: Path) -> Run:
+    """`imageshare import --json` as a child process, with its own peak RSS from wait4."""
+    with (
+        open(node.data_dir / "import.out", "w+") as out,
+        open(node.data_dir / "import.err", "w+") as err,
+    ):
+        child = subprocess.Popen(
+            [*IMAGESHARE, "import", "--json", "-c", str(node.config), *map(str, paths)],
+            stdout=out,
+            stderr=err,
+        )
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return Run(child.returncode, out.read(), err.read(), usage.ru_maxrss * 1024)
+
+
+def summary_of(run: Run) -> dict[str, object]:
+    assert run.exit_code == 0, run.stderr
+    return dict(json.loads(run.stdout))
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def streamed_part_digests(response: requests.Response) -> Iterator[str]:
+    """SHA-256 of every part of a multipart/related response, read chunk by chunk."""
+    boundary = response.headers["Content-Type"].split("boundary=")[1].split(";")[0].strip('"')
+    delimiter = b"--" + boundary.encode()
+    chunks = response.iter_content(1 << 20)
+    buffer = bytearray()
+
+    def fill(size: int) -> None:
+        while len(buffer) < size:
+            chunk = next(chunks, None)
+            assert chunk is not None, "the response ended in the middle of a part"
+            buffer.extend(chunk)
+
+    while True:
+        fill(len(delimiter) + 2)
+        assert buffer.startswith(delimiter)
+        if buffer[len(delimiter) : len(delimiter) + 2] == b"--":
+            return
+        while (end := buffer.find(b"\r\n\r\n")) < 0:
+            fill(len(buffer) + 1)
+        head = buffer[len(delimiter) + 2 : end].decode().split("\r\n")
+        headers = {k.lower(): v for k, _, v in (line.partition(": ") for line in head)}
+        del buffer[: end + 4]
+        remaining = int(headers["content-length"])
+        digest = hashlib.sha256()
+        while remaining:
+            fill(1)
+            take = min(remaining, len(buffer))
+            digest.update(buffer[:take])
+            del buffer[:take]
+            remaining -= take
+        fill(2)
+        assert buffer[:2] == b"\r\n"
+        del buffer[:2]
+        yield digest.hexdigest()
+
+
+def peak_rss(pid: int) -> int:
+    """VmHWM of a running process, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc status")
+
+
+def indexed_count(node: NodeProcess) -> int:
+    path = node.data_dir / "index.sqlite"
+    if not path.exists():
+        return 0
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        return int(db.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0  # the schema is not created yet
+    finally:
+        db.close()
+
+
+@pytest.fixture(scope="session")
+def big_study(tmp_path_factory: pytest.TempPathFactory) -> SyntheticStudy:
+    """The reference workload: 2 series x 200 slices of 512x512 16-bit CT (200 MB)."""
+    directory = tmp_path_factory.mktemp("big_ct") / "study"
+    return make_ct_study(directory, series=2, slices=200, rows=512, columns=512)
+
+
+@pytest.fixture(scope="session")
+def big_study_digests(big_study: SyntheticStudy) -> dict[str, str]:
+    return {
+        sha256_of(path): uid for path, uid in zip(big_study.files, big_study.sop_uids, strict=True)
+    }
+
+
+@dataclass
+class Imported:
+    node: NodeProcess
+    first: Run
+
+
+@pytest.fixture(scope="module")
+def imported(
+    tmp_path_factory: pytest.TempPathFactory, big_study: SyntheticStudy
+) -> Iterator[Imported]:
+    """A running node into which the big study was imported once."""
+    node = init_node(tmp_path_factory.mktemp("import"), "import.example/imageshare")
+    node.start()
+    try:
+        yield Imported(node, run_import(node, big_study.files[0].parent))
+    finally:
+        node.stop()
+
+
+class TestImportOfALargeStudy:
+    def test_summary_counts_every_instance(self, imported: Imported) -> None:
+        summary = summary_of(imported.first)
+        assert summary["stored"] == INSTANCES
+        assert summary["duplicate"] == 0
+        assert summary["rejected"] == []
+        assert summary["studies"] == 1
+        assert indexed_count(imported.node) == INSTANCES
+
+    def test_importer_memory_stays_bounded(self, imported: Imported) -> None:
+        assert 0 < imported.first.peak_rss < PEAK_RSS_LIMIT
+
+    def test_every_instance_comes_back_byte_for_byte_through_wado(
+        self, imported: Imported, big_study: SyntheticStudy, big_study_digests: dict[str, str]
+    ) -> None:
+        node = imported.node
+        headers = {
+            **node.auth,
+            "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*',
+        }
+        url = f"{node.url}/dicomweb/studies/{big_study.study_uid}"
+        with requests.get(url, headers=headers, stream=True, timeout=120) as response:
+            assert response.status_code == 200
+            sent = list(streamed_part_digests(response))
+        assert len(sent) == INSTANCES
+        assert set(sent) == set(big_study_digests)
+        assert node.process is not None
+        assert peak_rss(node.process.pid) < PEAK_RSS_LIMIT
+
+    def test_reimport_reports_every_instance_as_duplicate(
+        self, imported: Imported, big_study: SyntheticStudy
+    ) -> None:
+        summary = summary_of(run_import(imported.node, big_study.files[0].parent))
+        assert (summary["stored"], summary["duplicate"], summary["rejected"]) == (0, INSTANCES, [])
+        assert indexed_count(imported.node) == INSTANCES
+
+    def test_bad_files_are_rejected_one_by_one_with_reasons(
+        self, imported: Imported, tmp_path: Path
+    ) -> None:
+        good = make_ct_study(tmp_path / "good", series=1, slices=1, rows=16, columns=16)
+        source = good.files[0].read_bytes()
+        bad = tmp_path / "bad"
+        bad.mkdir()
+        (bad / "notes.txt").write_text("not an image")
+        (bad / "truncated.dcm").write_bytes(source[: len(source) - 100])
+        no_uid = make_ct_study(tmp_path / "nouid", series=1, slices=1, rows=16, columns=16)
+        raw = no_uid.files[0].read_bytes()
+        uid = no_uid.study_uid.encode()
+        (bad / "no_study_uid.dcm").write_bytes(raw.replace(uid, b"\0" * len(uid)))
+        before = indexed_count(imported.node)
+        summary = summary_of(run_import(imported.node, good.files[0], bad))
+        assert summary["stored"] == 1
+        reasons = {Path(r["path"]).name: r["reason"] for r in summary["rejected"]}  # type: ignore[union-attr]
+        assert set(reasons) == {"notes.txt", "truncated.dcm", "no_study_uid.dcm"}
+        assert "not a DICOM" in reasons["notes.txt"]
+        assert "truncated" in reasons["truncated.dcm"]
+        assert "StudyInstanceUID" in reasons["no_study_uid.dcm"]
+        assert indexed_count(imported.node) == before + 1
+        assert list((imported.node.data_dir / "tmp").iterdir()) == []
+
+
+class TestKilledImport:
+    def test_kill_9_mid_import_leaves_a_consistent_store_and_reimport_completes(
+        self, tmp_path: Path, big_study: SyntheticStudy
+    ) -> None:
+        node = init_node(tmp_path, "killed.example/imageshare")
+        node.append_config("[store]\nbatch_size = 32")
+        importer = subprocess.Popen(
+            [*IMAGESHARE, "import", "-c", str(node.config), str(big_study.files[0].parent)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_until(lambda: indexed_count(node) > 0, timeout=60, interval=0.01)
+        finally:
+            importer.send_signal(signal.SIGKILL)
+            importer.wait()
+        assert importer.returncode == -signal.SIGKILL
+        indexed = indexed_count(node)
+        assert 0 < indexed < INSTANCES, "the import finished before it could be killed"
+
+        store = InstanceStore(node.data_dir)
+        try:
+            assert list(store.tmp_dir.iterdir()) == []
+            rows = store.reader.execute("SELECT sop_instance_uid, digest FROM instances").fetchall()
+            assert len(rows) == indexed
+            for row in rows:
+                path = store.object_path(row["digest"])
+                assert sha256_of(path) == row["digest"], row["sop_instance_uid"]
+        finally:
+            store.close()
+
+        summary = summary_of(run_import(node, big_study.files[0].parent))
+        assert summary["duplicate"] == indexed
+        assert summary["stored"] == INSTANCES - indexed
+        assert summary["rejected"] == []
+        assert indexed_count(node) == INSTANCES
