@@ -1,0 +1,1 @@
+"""Benchmark modules run by scripts/bench.py; each exposes run(ctx) -> list of result rows."""
