@@ -5,81 +5,46 @@ from __future__ import annotations
 import json
 import os
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from node.core.consent import GrantFields, sign_grant, sign_revocation, token_id_of
+from node.core.consent import sign_revocation, token_id_of
 from node.core.patient_keys import PatientKey, b64url
-from node.core.signed_requests import make_headers, patient_signer
-from tests.support.nodes import NodeProcess
+from tests.support import patients
+from tests.support.nodes import NodeProcess, init_node
+from tests.support.patients import call, send, signed_headers
 from tests.support.studies import make_ct_study
 
 CUSTODIAN = "a.example/imageshare"
 GRANTEE = "b.example/imageshare"
 
 
-def send(
-    node: NodeProcess, method: str, path: str, headers: dict[str, str], body: bytes = b""
-) -> tuple[int, Any]:
-    request = urllib.request.Request(
-        node.url + path, data=body if method == "POST" else None, method=method, headers=headers
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
-def signed_headers(
-    key: PatientKey, method: str, path: str, body: bytes = b"", now: int | None = None
-) -> dict[str, str]:
-    return make_headers(
-        key.sign,
-        patient_signer(key.public_key),
-        method,
-        path,
-        body,
-        int(time.time()) if now is None else now,
-        os.urandom(16),
-    )
-
-
-def call(node: NodeProcess, key: PatientKey, method: str, path: str, body: bytes = b"") -> Any:
-    return send(node, method, path, signed_headers(key, method, path, body), body)
-
-
 def make_grant(key: PatientKey, scope: tuple[bytes, ...] | None = None, **changes: Any) -> bytes:
-    now = int(time.time())
-    fields: dict[str, Any] = {
-        "patient_key": key.public_key,
-        "custodian": CUSTODIAN,
-        "grantee": GRANTEE,
-        "scope": scope,
-        "not_before": now,
-        "expires": now + 3600,
-        "nonce": os.urandom(16),
-    }
-    fields.update(changes)
-    return sign_grant(GrantFields(**fields), key.sign)
+    fields = {"custodian": CUSTODIAN, "grantee": GRANTEE, **changes}
+    return patients.make_grant(key, fields.pop("custodian"), fields.pop("grantee"), scope, **fields)
 
 
-@pytest.fixture
-def node(node_factory: Any, tmp_path: Path) -> NodeProcess:
-    node: NodeProcess = node_factory(CUSTODIAN)
-    make_ct_study(tmp_path / "study", series=1, slices=2, patient_id="MRN-7")
-    node.cli("import", str(tmp_path / "study"))
-    return node.start()
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    """One custodian for the whole module: every test uses fresh patient keys."""
+    base = tmp_path_factory.mktemp("patient-api")
+    node = init_node(base, CUSTODIAN)
+    make_ct_study(base / "study", series=1, slices=2, patient_id="MRN-7")
+    node.cli("import", str(base / "study"))
+    node.start()
+    yield node
+    node.stop()
 
 
 @pytest.fixture
 def alice(node: NodeProcess) -> PatientKey:
+    """A fresh key enrolled for MRN-7 through the admin API (the CLI is tested below)."""
     key = PatientKey.derive(os.urandom(32), CUSTODIAN)
-    node.cli("enroll", "--patient-id", "MRN-7", "--key", key.public_key_text)
+    body = json.dumps({"patient_id": "MRN-7", "key": key.public_key_text}).encode()
+    headers = {**node.auth, "Content-Type": "application/json"}
+    assert send(node, "POST", "/admin/api/enrollments", headers, body)[0] == 200
     return key
 
 
@@ -167,6 +132,21 @@ class TestGrantSubmission:
 
 
 class TestEnrollment:
+    def test_staff_cli_enrolls_and_a_new_key_retires_the_old(self, node: NodeProcess) -> None:
+        first, second = (PatientKey.derive(os.urandom(32), CUSTODIAN) for _ in range(2))
+        results = [
+            json.loads(
+                node.cli(
+                    "enroll", "--patient-id", "MRN-9", "--key", k.public_key_text, "--json"
+                ).stdout
+            )
+            for k in (first, second)
+        ]
+        assert results[0]["replaced"] is None and results[0]["index"] >= 0
+        assert results[1]["replaced"] == first.public_key_text
+        assert call(node, first, "GET", "/patient/studies")[0] == 401
+        assert call(node, second, "GET", "/patient/studies")[1] == {"studies": []}
+
     def test_enrollment_needs_the_admin_token(self, node: NodeProcess) -> None:
         body = json.dumps({"patient_id": "MRN-7", "key": b64url(bytes(32))}).encode()
         status, _ = send(node, "POST", "/admin/api/enrollments", {}, body)
