@@ -7,15 +7,14 @@ replaced by a "BulkDataURI" that the caller names.
 
 from __future__ import annotations
 
-import base64
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.tag import BaseTag, Tag
+from pydicom.tag import BaseTag
 
 MEDIA_TYPE = "application/dicom+json"
 
@@ -115,7 +114,7 @@ def dataset_to_json(
     Top-level binary values larger than BULK_THRESHOLD, and values the reader left on
     disk (deferred), are given as ``{"BulkDataURI": bulk_data_uri(tag)}``. When the
     dataset was read without its pixel data, ``pixel_data_vr`` adds a PixelData
-    attribute that refers to it. Raises ValueError when a value cannot be converted.
+    attribute that refers to it. A value that cannot be decoded is given empty.
     """
     out: dict[str, Any] = {}
     for tag in sorted(ds.keys()):
@@ -133,18 +132,17 @@ def dataset_to_json(
         if (deferred and vr in BULK_VRS) or large:
             out[tag_key(tag)] = {"vr": vr, "BulkDataURI": bulk_data_uri(int(tag))}
             continue
-        element = ds[tag]
-        if element.VR in BULK_VRS and element.value and len(element.value) > BULK_THRESHOLD:
-            out[tag_key(tag)] = {"vr": element.VR, "BulkDataURI": bulk_data_uri(int(tag))}
-            continue
-        out[tag_key(tag)] = _inline_element(element)
+        try:
+            element = ds[tag]
+            if element.VR in BULK_VRS and element.value and len(element.value) > BULK_THRESHOLD:
+                out[tag_key(tag)] = {"vr": element.VR, "BulkDataURI": bulk_data_uri(int(tag))}
+                continue
+            out[tag_key(tag)] = _inline_element(element)
+        except Exception:  # one undecodable stored value must not hide the whole instance
+            out[tag_key(tag)] = {"vr": vr}
     if pixel_data_vr is not None and tag_key(0x7FE00010) not in out:
         out[tag_key(0x7FE00010)] = {"vr": pixel_data_vr, "BulkDataURI": bulk_data_uri(0x7FE00010)}
     return out
-
-
-def inline_binary(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def encode(document: Any) -> bytes:
@@ -152,25 +150,14 @@ def encode(document: Any) -> bytes:
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def encode_array(items: Iterable[bytes]) -> Iterable[bytes]:
-    """A JSON array streamed from already encoded items."""
-    yield b"["
-    for index, item in enumerate(items):
-        yield item if index == 0 else b"," + item
-    yield b"]"
-
-
 __all__ = [
     "BULK_THRESHOLD",
     "MEDIA_TYPE",
     "PIXEL_DATA_TAGS",
-    "Tag",
     "attribute",
     "dataset_from_keywords",
     "dataset_to_json",
     "encode",
-    "encode_array",
-    "inline_binary",
     "keyword_of",
     "parse_tag",
     "tag_key",

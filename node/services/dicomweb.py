@@ -215,17 +215,35 @@ class DicomWebService:
         """The stored instances addressed by a WADO-RS path; raises NotFound."""
         return await asyncio.to_thread(self.store.instances, study_uid, series_uid, sop_uid)
 
+    async def check_files(self, records: list[InstanceRecord]) -> None:
+        """Raise before a response starts if a stored file is missing or has changed size."""
+
+        def check() -> None:
+            for record in records:
+                try:
+                    size = record.path.stat().st_size
+                except FileNotFoundError:
+                    size = -1
+                if size != record.size:
+                    log.error("stored file %s is missing or damaged", record.path.name)
+                    raise ImageShareError("a stored instance file is missing or damaged")
+
+        await asyncio.to_thread(check)
+
     def file_part(self, record: InstanceRecord) -> OutgoingPart:
         """An instance's stored bytes, unchanged, as an application/dicom part."""
         media = f"application/dicom; transfer-syntax={record.transfer_syntax_uid}"
         return OutgoingPart(media, record.size, lambda: _file_range(record.path, 0, record.size))
 
     async def metadata(self, records: list[InstanceRecord], base_url: str) -> AsyncIterator[bytes]:
-        """A JSON array of every instance's attributes, one encoded instance at a time."""
-        yield b"["
+        """A JSON array of every instance's attributes, one encoded instance at a time.
+
+        The first chunk already holds the first instance, so that an error shows before
+        anything is sent.
+        """
         for index, record in enumerate(records):
             document = await asyncio.to_thread(self._instance_metadata, record, base_url)
-            yield (b"," if index else b"") + dicom_json.encode(document)
+            yield (b"," if index else b"[") + dicom_json.encode(document)
         yield b"]"
 
     def _instance_metadata(self, record: InstanceRecord, base_url: str) -> dict[str, Any]:
@@ -235,12 +253,9 @@ class DicomWebService:
         if "Rows" in ds and "PixelData" not in ds:
             encapsulated = UID(record.transfer_syntax_uid).is_encapsulated
             pixel_vr = "OW" if not encapsulated and int(ds.get("BitsAllocated", 8)) > 8 else "OB"
-        try:
-            document = dicom_json.dataset_to_json(
-                ds, lambda tag: prefix + dicom_json.tag_key(tag), pixel_vr
-            )
-        except (ValueError, TypeError, KeyError) as exc:
-            raise BadInput(f"a stored instance cannot be shown as DICOM JSON: {exc}") from exc
+        document = dicom_json.dataset_to_json(
+            ds, lambda tag: prefix + dicom_json.tag_key(tag), pixel_vr
+        )
         document["00083002"] = dicom_json.attribute(0x00083002, record.transfer_syntax_uid, "UI")
         return dict(sorted(document.items()))
 

@@ -144,15 +144,18 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
             " with transfer-syntax=* or the stored transfer syntax"
         )
     service = _service(request)
+    await service.check_files(records)
     return await stream_parts(request, DICOM, [service.file_part(r) for r in records])
 
 
 async def retrieve_metadata(request: web.Request) -> web.StreamResponse:
     _require_json(request)
     records = await _records(request)
+    body: AsyncIterator[bytes] = _service(request).metadata(records, _base_url(request))
+    first = await anext(body)  # errors before this point still get their own status
     response = web.StreamResponse(headers={"Content-Type": dicom_json.MEDIA_TYPE})
     await response.prepare(request)
-    body: AsyncIterator[bytes] = _service(request).metadata(records, _base_url(request))
+    await response.write(first)
     async for chunk in body:
         await response.write(chunk)
     await response.write_eof()
