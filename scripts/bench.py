@@ -180,7 +180,7 @@ def render_report(
 ) -> str:
     ran = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in durations.items())
     workload = (
-        "the quick smoke workload (2 x 20 instances of 512x512 16-bit), NOT the reference"
+        "the quick smoke workload (a tenth of the reference study), NOT the reference"
         if quick
         else "the reference workload: one CT study, 2 series x 200 instances of 512x512 16-bit"
         " (about 200 MB)"

@@ -32,8 +32,9 @@ from scripts.benchmarks.orthanc import (
 from tests.support.nodes import IMAGESHARE, NodeProcess, init_node
 from tests.support.studies import SyntheticStudy, make_ct_study
 
-REFERENCE_SHAPE = {"series": 2, "slices": 200, "rows": 512, "columns": 512}
-QUICK_SHAPE = {"series": 2, "slices": 20, "rows": 512, "columns": 512}
+# The reference workload: 2 series of 512x512 16-bit CT slices, 200 each (20 when quick).
+SERIES, SIZE = 2, 512
+SLICES, QUICK_SLICES = 200, 20
 MULTIPART_DICOM = 'multipart/related; type="application/dicom"'
 NODE_MEMORY_TARGET_MB = 150.0
 NOT_AVAILABLE = "not available"
@@ -61,8 +62,13 @@ def reference_study(ctx: BenchContext) -> SyntheticStudy:
     study = ctx.shared.get("reference_study")
     if isinstance(study, SyntheticStudy):
         return study
-    shape = QUICK_SHAPE if ctx.quick else REFERENCE_SHAPE
-    study = make_ct_study(ctx.workdir / "reference-study", **shape)
+    study = make_ct_study(
+        ctx.workdir / "reference-study",
+        series=SERIES,
+        slices=QUICK_SLICES if ctx.quick else SLICES,
+        rows=SIZE,
+        columns=SIZE,
+    )
     ctx.shared["reference_study"] = study
     return study
 
