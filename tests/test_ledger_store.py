@@ -1,0 +1,225 @@
+"""The ledger store: group-committed appends, checkpoints, cosignatures, verified mirrors."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from node.core.entries import decode_entry
+from node.core.keys import NodeIdentity
+from node.core.merkle import (
+    EMPTY_ROOT,
+    ZERO_HASH,
+    MemoryTree,
+    consistency_proof,
+    inclusion_proof,
+    verify_consistency,
+    verify_inclusion,
+)
+from node.core.notes import Checkpoint, cosign_checkpoint, parse_note, sign_note, verify_note
+from node.errors import BadInput, Conflict, Unauthorized
+from node.store.ledger import LedgerStore, OwnLog
+
+ORIGIN = "a.example/imageshare"
+
+
+@pytest.fixture
+def identity() -> NodeIdentity:
+    return NodeIdentity.generate(ORIGIN)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[LedgerStore]:
+    (tmp_path / "a").mkdir()
+    ledger = LedgerStore(tmp_path / "a")
+    yield ledger
+    ledger.close()
+
+
+@pytest.fixture
+def own(store: LedgerStore, identity: NodeIdentity) -> OwnLog:
+    return store.own_log(identity.origin, identity.vkey)
+
+
+def grants(count: int, start: int = 0) -> list[tuple[str, dict[str, object], int]]:
+    return [
+        ("grant", {"token": i.to_bytes(4, "big")}, 1_700_000_000 + i)
+        for i in range(start, start + count)
+    ]
+
+
+class TestAppend:
+    def test_entries_chain_and_roots_and_proofs_match_the_core(self, own: OwnLog) -> None:
+        results = own.append_many(grants(37))
+        assert [r.index for r in results] == list(range(37))
+        assert decode_entry(results[0].entry).prev == ZERO_HASH
+        for before, after in itertools.pairwise(results):
+            assert decode_entry(after.entry).prev == before.leaf_hash
+        tree = MemoryTree([r.leaf_hash for r in results])
+        for size in range(38):
+            assert own.root(size) == tree.root(size)
+            for index in range(0, size, 5):
+                assert own.inclusion_proof(index, size) == inclusion_proof(tree, index, size)
+            for old in range(0, size + 1, 3):
+                assert own.consistency_proof(old, size) == consistency_proof(tree, old, size)
+        assert own.entries(3, 6) == [r.entry for r in results[3:6]]
+
+    def test_concurrent_appends_get_distinct_indexes_and_one_chain(self, own: OwnLog) -> None:
+        indexes: list[int] = []
+        lock = threading.Lock()
+
+        def work(thread: int) -> None:
+            for i in range(40):
+                result = own.append("grant", {"token": f"{thread}-{i}".encode()}, 1)
+                with lock:
+                    indexes.append(result.index)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(indexes) == list(range(400))
+        assert own.verify().ok
+
+    def test_bad_entry_is_refused_without_disturbing_the_others(self, own: OwnLog) -> None:
+        own.append_many(grants(3))
+        with pytest.raises(BadInput, match="token"):
+            own.append("grant", {"token": "not bytes"}, 1)
+        with pytest.raises(BadInput, match="kind"):
+            own.append("nonsense", {}, 1)
+        with pytest.raises(BadInput):
+            own.append_many([*grants(2, 3), ("grant", {}, 1)])
+        assert own.size() == 3
+        assert own.append("grant", {"token": b"x"}, 1).index == 3
+        assert own.verify().ok
+
+    def test_a_second_store_on_the_same_file_continues_the_chain(
+        self, store: LedgerStore, own: OwnLog, identity: NodeIdentity
+    ) -> None:
+        own.append_many(grants(5))
+        other = LedgerStore(store.path.parent)
+        other.own_log(ORIGIN).append_many(grants(4, 5))
+        other.close()
+        assert own.append("grant", {"token": b"z"}, 1).index == 9
+        assert own.verify(identity.vkey).ok
+
+
+class TestCheckpoints:
+    def test_publish_signs_the_current_head_once_per_size(
+        self, own: OwnLog, identity: NodeIdentity
+    ) -> None:
+        empty = verify_note(own.publish_checkpoint(identity, 1), identity.vkey)
+        assert (empty.size, empty.root_hash) == (0, EMPTY_ROOT)
+        own.append_many(grants(9))
+        note = own.publish_checkpoint(identity, 2)
+        checkpoint = verify_note(note, identity.vkey)
+        assert (checkpoint.size, checkpoint.root_hash) == (9, own.root())
+        assert own.publish_checkpoint(identity, 3) == note
+        assert own.checkpoint_note() == note
+        proof = own.consistency_proof(0, 9)
+        assert verify_consistency(proof, 0, 9, EMPTY_ROOT, checkpoint.root_hash)
+        assert verify_inclusion(own.inclusion_proof(4, 9), own.leaf_hash(4), 4, 9, own.root())
+
+    def test_only_this_logs_key_may_publish(self, own: OwnLog) -> None:
+        with pytest.raises(BadInput):
+            own.publish_checkpoint(NodeIdentity.generate("b.example/x"), 1)
+
+    def test_cosignatures_are_kept_verified_and_dropped_when_the_log_grows(
+        self, own: OwnLog, identity: NodeIdentity
+    ) -> None:
+        own.append_many(grants(2))
+        body, _ = parse_note(own.publish_checkpoint(identity, 1))
+        witness = NodeIdentity.generate("b.example/imageshare")
+        stranger = NodeIdentity.generate("c.example/imageshare")
+        note = own.add_cosignature(cosign_checkpoint(body, witness, 7), witness.vkey, body)
+        assert len(parse_note(note)[1]) == 2
+        assert own.publish_checkpoint(identity, 2) == note  # same size: served with cosignature
+        with pytest.raises(Unauthorized):
+            own.add_cosignature(cosign_checkpoint(body, stranger, 7), witness.vkey)
+        own.append("grant", {"token": b"more"}, 3)
+        new_note = own.publish_checkpoint(identity, 4)
+        assert len(parse_note(new_note)[1]) == 1
+        with pytest.raises(Conflict):
+            own.add_cosignature(cosign_checkpoint(body, witness, 8), witness.vkey, body)
+
+
+class TestMirror:
+    @pytest.fixture
+    def peer(self, tmp_path: Path) -> Iterator[tuple[NodeIdentity, OwnLog]]:
+        (tmp_path / "peer").mkdir()
+        identity = NodeIdentity.generate("b.example/imageshare")
+        peer_store = LedgerStore(tmp_path / "peer")
+        log = peer_store.own_log(identity.origin, identity.vkey)
+        log.append_many(grants(20))
+        yield identity, log
+        peer_store.close()
+
+    def test_extends_in_steps_and_lists(
+        self, store: LedgerStore, own: OwnLog, peer: tuple[NodeIdentity, OwnLog]
+    ) -> None:
+        identity, log = peer
+        mirror = store.mirror(identity.origin, identity.vkey)
+        first = sign_note(Checkpoint(identity.origin, 8, log.root(8)).body(), identity)
+        mirror.extend(log.entries(0, 8), first)
+        assert mirror.size() == 8 and mirror.checkpoint_note() == first
+        note = log.publish_checkpoint(identity, 1)
+        mirror.extend(log.entries(8, 20), note)
+        assert mirror.root() == log.root()
+        mirror.extend([], first)  # an older, consistent checkpoint changes nothing
+        assert mirror.checkpoint_note() == note
+        assert [i.origin for i in store.logs()] == [ORIGIN, identity.origin]
+        assert store.log_by_id(mirror.log_id.hex()) is mirror
+        assert mirror.verify().ok
+
+    def test_refuses_bad_signature_chain_count_and_root_before_storing(
+        self, store: LedgerStore, peer: tuple[NodeIdentity, OwnLog]
+    ) -> None:
+        identity, log = peer
+        mirror = store.mirror(identity.origin, identity.vkey)
+        note = log.publish_checkpoint(identity, 1)
+        entries = log.entries(0, 20)
+        impostor = NodeIdentity(identity.origin, bytes(32))
+        forged = sign_note(parse_note(note)[0], impostor)
+        with pytest.raises(Unauthorized):
+            mirror.extend(entries, forged)
+        with pytest.raises(BadInput, match="expected 20"):
+            mirror.extend(entries[:19], note)
+        with pytest.raises(BadInput, match="chain"):
+            mirror.extend([entries[1], entries[0], *entries[2:]], note)
+        with pytest.raises(BadInput, match="entry 3"):
+            mirror.extend([*entries[:3], b"\xc1", *entries[4:]], note)
+        assert mirror.size() == 0 and mirror.checkpoint_note() is None
+
+    def test_inconsistent_checkpoint_is_a_conflict(
+        self, store: LedgerStore, peer: tuple[NodeIdentity, OwnLog]
+    ) -> None:
+        identity, log = peer
+        mirror = store.mirror(identity.origin, identity.vkey)
+        mirror.extend(log.entries(0, 20), log.publish_checkpoint(identity, 1))
+        # The peer signs another tree head for a size it already committed: equivocation.
+        fork = sign_note(Checkpoint(identity.origin, 10, bytes(32)).body(), identity)
+        with pytest.raises(Conflict):
+            mirror.extend([], fork)
+        longer = sign_note(Checkpoint(identity.origin, 21, bytes(32)).body(), identity)
+        extra = log.append("grant", {"token": b"x"}, 1).entry
+        with pytest.raises(Conflict):
+            mirror.extend([extra], longer)
+        assert mirror.size() == 20
+
+    def test_mirror_keys_and_origins_are_checked(
+        self, store: LedgerStore, own: OwnLog, peer: tuple[NodeIdentity, OwnLog]
+    ) -> None:
+        identity, _ = peer
+        store.mirror(identity.origin, identity.vkey)
+        with pytest.raises(Conflict):
+            store.mirror(identity.origin, NodeIdentity.generate(identity.origin).vkey)
+        with pytest.raises(BadInput):
+            store.mirror("c.example/other", identity.vkey)
+        with pytest.raises(Conflict):
+            store.mirror(ORIGIN, NodeIdentity(ORIGIN, bytes(32)).vkey)
+        assert store.log_by_id("zz") is None and store.log_by_id("00" * 32) is None
