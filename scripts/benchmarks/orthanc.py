@@ -161,19 +161,18 @@ class OrthancServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         config_path = self.directory / "orthanc.json"
         config_path.write_text(json.dumps(self.configuration(), indent=2))
-        log = open(self.directory / "orthanc.log", "wb")  # noqa: SIM115 - lives with the process
-        try:
-            self.process = subprocess.Popen(
-                [ORTHANC_BINARY, str(config_path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **ORTHANC_ENVIRONMENT},
-                start_new_session=True,
-            )
-        except FileNotFoundError as exc:
-            raise RuntimeError("Orthanc is not installed (Debian package orthanc)") from exc
-        finally:
-            log.close()
+        # The child keeps its own copy of the log's descriptor.
+        with open(self.directory / "orthanc.log", "wb") as log:
+            try:
+                self.process = subprocess.Popen(
+                    [ORTHANC_BINARY, str(config_path)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, **ORTHANC_ENVIRONMENT},
+                    start_new_session=True,
+                )
+            except FileNotFoundError as exc:
+                raise RuntimeError("Orthanc is not installed (Debian package orthanc)") from exc
         try:
             wait_until(self._answers, timeout=timeout, message=f"Orthanc {self.name} to answer")
         except AssertionError as exc:
