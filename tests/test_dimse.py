@@ -1,0 +1,492 @@
+"""The DIMSE gateway, driven by DCMTK's tools and pynetdicom against a real node process."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from node.services.dimse_query import Model, find
+from node.services.ingest import import_files
+from node.store.instances import InstanceStore
+from tests.support.nodes import NodeProcess, free_port, init_node, wait_until
+from tests.support.studies import SyntheticStudy, make_ct_study
+
+SCU = "TESTSCU"
+RECEIVER = "RECEIVER"
+# DCMTK only disables Nagle's algorithm when told to; without it every response waits
+# for a delayed ACK.
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def dcmtk(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        list(args), capture_output=True, text=True, env=DCMTK_ENV, timeout=timeout, check=False
+    )
+
+
+def peer(node: NodeProcess) -> list[str]:
+    return ["-aet", SCU, "-aec", "IMAGESHARE", "127.0.0.1", str(node.dimse_port)]
+
+
+def wait_for_dimse(node: NodeProcess) -> None:
+    """/healthz answers before the background services start; DIMSE may follow a moment later."""
+    wait_until(lambda: dcmtk("echoscu", *peer(node)).returncode == 0, message="DIMSE to listen")
+
+
+def indexed_sop_uids(node: NodeProcess, study_uid: str) -> set[str]:
+    with sqlite3.connect(node.data_dir / "index.sqlite") as conn:
+        rows = conn.execute(
+            "SELECT sop_instance_uid FROM instances WHERE study_instance_uid = ?", (study_uid,)
+        )
+        return {r[0] for r in rows}
+
+
+def instance_count(node: NodeProcess) -> int:
+    with sqlite3.connect(node.data_dir / "index.sqlite") as conn:
+        return int(conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
+
+
+def object_files(node: NodeProcess) -> set[Path]:
+    return set((node.data_dir / "objects").rglob("*.dcm"))
+
+
+def assert_same_datasets(received: list[Path], study: SyntheticStudy) -> None:
+    """Every received file holds exactly one of the study's sent datasets, and all are there."""
+    sent = {pydicom.dcmread(p).SOPInstanceUID: p for p in study.files}
+    got = {}
+    for path in received:
+        ds = pydicom.dcmread(path)
+        got[ds.SOPInstanceUID] = ds
+    assert set(got) == set(sent)
+    for uid, path in sent.items():
+        original = pydicom.dcmread(path)
+        assert got[uid] == original  # every element, pixel data included
+        assert got[uid].PixelData == original.PixelData
+
+
+@pytest.fixture(scope="module")
+def move_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory, move_port: int) -> Iterator[NodeProcess]:
+    """One node for the module: callers on an allow-list, one C-MOVE destination."""
+    made = init_node(tmp_path_factory.mktemp("dimse"), "dimse.example/imageshare")
+    made.append_config(
+        f'allowed_calling_aes = ["{SCU}"]\n\n'
+        f'[[dimse.destinations]]\nae_title = "{RECEIVER}"\nhost = "127.0.0.1"\nport = {move_port}'
+    )
+    made.start()
+    wait_for_dimse(made)
+    yield made
+    made.stop()
+
+
+@pytest.fixture(scope="module")
+def stored_study(node: NodeProcess, tmp_path_factory: pytest.TempPathFactory) -> SyntheticStudy:
+    """A 2 x 3 study sent into the node with storescu."""
+    study = make_ct_study(tmp_path_factory.mktemp("sent"), series=2, slices=3)
+    result = dcmtk("storescu", *peer(node), "+sd", str(study.files[0].parent))
+    assert result.returncode == 0, result.stderr
+    return study
+
+
+class TestVerification:
+    def test_echoscu_succeeds(self, node: NodeProcess) -> None:
+        result = dcmtk("echoscu", *peer(node))
+        assert result.returncode == 0, result.stderr
+
+
+class TestCallingAeAllowList:
+    def test_unknown_calling_ae_is_rejected_and_logged(self, node: NodeProcess) -> None:
+        result = dcmtk(
+            "echoscu", "-aet", "INTRUDER", "-aec", "IMAGESHARE", "127.0.0.1", str(node.dimse_port)
+        )
+        assert result.returncode != 0
+        assert "Rejected" in result.stderr or "rejected" in result.stderr
+        wait_until(
+            lambda: (
+                "'INTRUDER'" in node.log_path.read_text()
+                and "not on the allow-list" in node.log_path.read_text()
+            ),
+            timeout=5,
+            message="the rejection in the node's log",
+        )
+
+
+class TestStorage:
+    def test_storescu_directory_is_indexed_and_stored_unchanged(
+        self, node: NodeProcess, stored_study: SyntheticStudy
+    ) -> None:
+        assert indexed_sop_uids(node, stored_study.study_uid) == set(stored_study.sop_uids)
+        with sqlite3.connect(node.data_dir / "index.sqlite") as conn:
+            digests = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT digest FROM instances WHERE study_instance_uid = ?",
+                    (stored_study.study_uid,),
+                )
+            ]
+        stored = [node.data_dir / "objects" / d[:2] / f"{d}.dcm" for d in digests]
+        assert_same_datasets(stored, stored_study)
+
+    def test_resending_a_study_is_idempotent(
+        self, node: NodeProcess, stored_study: SyntheticStudy
+    ) -> None:
+        before = instance_count(node)
+        result = dcmtk("storescu", *peer(node), str(stored_study.files[0]))
+        assert result.returncode == 0, result.stderr
+        assert instance_count(node) == before
+
+    def test_dataset_missing_study_uid_fails_and_stores_nothing(self, node: NodeProcess) -> None:
+        ds = _ct_dataset()
+        del ds.StudyInstanceUID
+        before_rows, before_files = instance_count(node), object_files(node)
+        status = _send_with_pynetdicom(node, ds)
+        assert status.Status == 0xC000
+        assert "StudyInstanceUID" in status.ErrorComment
+        assert instance_count(node) == before_rows
+        assert object_files(node) == before_files
+        assert list((node.data_dir / "tmp").iterdir()) == []
+
+    def test_garbage_dataset_fails_and_stores_nothing(
+        self, node: NodeProcess, tmp_path: Path
+    ) -> None:
+        # A valid file meta header followed by bytes that are no DICOM data set at all.
+        path = tmp_path / "garbage.dcm"
+        path.write_bytes(_part10_header() + b"\x08\x00\x18\x00UI\xff\x7fjunk" * 8)
+        before_rows, before_files = instance_count(node), object_files(node)
+        _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes as they are
+        try:
+            status = _send_with_pynetdicom(node, path)
+        finally:
+            _config.STORE_SEND_CHUNKED_DATASET = False
+        assert status.Status in (0xC000, 0xA900)
+        assert status.ErrorComment
+        assert instance_count(node) == before_rows
+        assert object_files(node) == before_files
+        assert dcmtk("echoscu", *peer(node)).returncode == 0  # the node keeps serving
+
+    def test_association_aborted_mid_instance_keeps_only_complete_instances(
+        self, node: NodeProcess, tmp_path: Path
+    ) -> None:
+        study = make_ct_study(tmp_path / "abort", series=1, slices=4, rows=128, columns=128)
+        datasets = [pydicom.dcmread(p) for p in study.files]
+        ae = AE(ae_title=SCU)
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", node.dimse_port, ae_title="IMAGESHARE")
+        assert assoc.is_established
+        for ds in datasets[:3]:
+            assert assoc.send_c_store(ds).Status == 0x0000
+        _send_first_half_of_c_store(assoc, datasets[3])
+        assoc.abort()
+        assert dcmtk("echoscu", *peer(node)).returncode == 0  # the abort has been handled
+        assert indexed_sop_uids(node, study.study_uid) == set(study.sop_uids[:3])
+        wait_until(
+            lambda: list((node.data_dir / "tmp").iterdir()) == [],
+            timeout=5,
+            message="no partial file left",
+        )
+
+
+class TestFind:
+    def _find(self, node: NodeProcess, out: Path, model: str, *keys: str) -> list[Dataset]:
+        out.mkdir()
+        key_args = [a for k in keys for a in ("-k", k)]
+        result = dcmtk("findscu", model, *peer(node), "-X", "-od", str(out), *key_args)
+        assert result.returncode == 0, result.stderr
+        return [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+
+    def test_study_level_returns_the_study(
+        self, node: NodeProcess, stored_study: SyntheticStudy, tmp_path: Path
+    ) -> None:
+        responses = self._find(
+            node,
+            tmp_path / "find",
+            "-S",
+            "QueryRetrieveLevel=STUDY",
+            f"StudyInstanceUID={stored_study.study_uid}",
+            "PatientName",
+            "PatientID",
+            "StudyDate",
+            "AccessionNumber",
+            "ModalitiesInStudy",
+            "NumberOfStudyRelatedSeries",
+            "NumberOfStudyRelatedInstances",
+            "InstitutionName",
+        )
+        assert len(responses) == 1
+        study = responses[0]
+        assert study.StudyInstanceUID == stored_study.study_uid
+        assert str(study.PatientName) == stored_study.patient_name
+        assert study.PatientID == stored_study.patient_id
+        assert study.StudyDate == "20260101"
+        assert study.AccessionNumber == "ACC-1"
+        assert study.ModalitiesInStudy == "CT"
+        assert int(study.NumberOfStudyRelatedSeries) == 2
+        assert int(study.NumberOfStudyRelatedInstances) == 6
+        assert "InstitutionName" in study and not study.InstitutionName  # not indexed: empty
+
+    def test_series_level_lists_each_series(
+        self, node: NodeProcess, stored_study: SyntheticStudy, tmp_path: Path
+    ) -> None:
+        responses = self._find(
+            node,
+            tmp_path / "find",
+            "-S",
+            "QueryRetrieveLevel=SERIES",
+            f"StudyInstanceUID={stored_study.study_uid}",
+            "SeriesInstanceUID",
+            "Modality",
+            "SeriesNumber",
+            "NumberOfSeriesRelatedInstances",
+        )
+        assert {r.SeriesInstanceUID for r in responses} == set(stored_study.series_uids)
+        assert sorted(int(r.SeriesNumber) for r in responses) == [1, 2]
+        assert all(r.Modality == "CT" for r in responses)
+        assert all(int(r.NumberOfSeriesRelatedInstances) == 3 for r in responses)
+
+    def test_patient_root_image_level_lists_instances(
+        self, node: NodeProcess, stored_study: SyntheticStudy, tmp_path: Path
+    ) -> None:
+        responses = self._find(
+            node,
+            tmp_path / "find",
+            "-P",
+            "QueryRetrieveLevel=IMAGE",
+            f"PatientID={stored_study.patient_id}",
+            f"StudyInstanceUID={stored_study.study_uid}",
+            f"SeriesInstanceUID={stored_study.series_uids[0]}",
+            "SOPInstanceUID",
+            "InstanceNumber",
+        )
+        assert {r.SOPInstanceUID for r in responses} == set(stored_study.sop_uids[:3])
+        assert sorted(int(r.InstanceNumber) for r in responses) == [1, 2, 3]
+
+    def test_unknown_level_fails_with_a_reason(self, node: NodeProcess) -> None:
+        ae = AE(ae_title=SCU)
+        ae.add_requested_context(PatientRootQueryRetrieveInformationModelFind)
+        assoc = ae.associate("127.0.0.1", node.dimse_port, ae_title="IMAGESHARE")
+        query = Dataset()
+        query.QueryRetrieveLevel = "FRAME"
+        query.PatientID = ""
+        statuses = [
+            s for s, _ in assoc.send_c_find(query, PatientRootQueryRetrieveInformationModelFind)
+        ]
+        assoc.release()
+        assert statuses[-1].Status == 0xA900
+        assert "FRAME" in statuses[-1].ErrorComment
+
+
+class TestFindMatching:
+    """Matching rules, over an in-process store (no network needed)."""
+
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> Iterator[InstanceStore]:
+        store = InstanceStore(tmp_path / "data")
+        for n, (pid, name, date) in enumerate(
+            [("P1", "Doe^Jane", "20250105"), ("P2", "Roe^Richard", "20260310")]
+        ):
+            study = make_ct_study(
+                tmp_path / f"s{n}",
+                series=1,
+                slices=2,
+                patient_id=pid,
+                patient_name=name,
+                study_date=date,
+            )
+            import_files(store, study.files)
+        yield store
+        store.close()
+
+    def _study_query(self, **keys: object) -> Dataset:
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.PatientName = ""
+        for keyword, value in keys.items():
+            setattr(query, keyword, value)
+        return query
+
+    def test_name_wildcard_is_case_insensitive(self, store: InstanceStore) -> None:
+        found = list(find(store, self._study_query(PatientName="doe*"), Model.STUDY_ROOT))
+        assert [str(r.PatientName) for r in found] == ["Doe^Jane"]
+
+    def test_date_range(self, store: InstanceStore) -> None:
+        query = self._study_query(StudyDate="20260101-")
+        assert [r.StudyDate for r in find(store, query, Model.STUDY_ROOT)] == ["20260310"]
+        query = self._study_query(StudyDate="-20251231")
+        assert [r.StudyDate for r in find(store, query, Model.STUDY_ROOT)] == ["20250105"]
+
+    def test_universal_match_returns_all(self, store: InstanceStore) -> None:
+        assert len(list(find(store, self._study_query(PatientID="*"), Model.STUDY_ROOT))) == 2
+
+    def test_patient_level_groups_studies(self, store: InstanceStore) -> None:
+        query = Dataset()
+        query.QueryRetrieveLevel = "PATIENT"
+        query.PatientID = "P2"
+        query.NumberOfPatientRelatedInstances = ""
+        (patient,) = find(store, query, Model.PATIENT_ROOT)
+        assert patient.PatientID == "P2"
+        assert int(patient.NumberOfPatientRelatedInstances) == 2
+
+
+class TestRetrieve:
+    def test_getscu_retrieves_the_study(
+        self, node: NodeProcess, stored_study: SyntheticStudy, tmp_path: Path
+    ) -> None:
+        out = tmp_path / "got"
+        out.mkdir()
+        result = dcmtk(
+            "getscu",
+            "-S",
+            *peer(node),
+            "-od",
+            str(out),
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            f"StudyInstanceUID={stored_study.study_uid}",
+        )
+        assert result.returncode == 0, result.stderr
+        assert_same_datasets(list(out.iterdir()), stored_study)
+
+    def test_movescu_sends_the_study_to_a_configured_destination(
+        self, node: NodeProcess, stored_study: SyntheticStudy, tmp_path: Path, move_port: int
+    ) -> None:
+        out = tmp_path / "moved"
+        out.mkdir()
+        receiver = subprocess.Popen(
+            ["storescp", "-aet", RECEIVER, "-od", str(out), str(move_port)],
+            env=DCMTK_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_until(
+                lambda: (
+                    dcmtk("echoscu", "-aec", RECEIVER, "127.0.0.1", str(move_port)).returncode == 0
+                ),
+                message="storescp",
+            )
+            result = dcmtk(
+                "movescu",
+                "-S",
+                *peer(node),
+                "-aem",
+                RECEIVER,
+                "-k",
+                "QueryRetrieveLevel=SERIES",
+                "-k",
+                f"StudyInstanceUID={stored_study.study_uid}",
+                "-k",
+                f"SeriesInstanceUID={stored_study.series_uids[1]}",
+            )
+            assert result.returncode == 0, result.stderr
+        finally:
+            receiver.terminate()
+            receiver.wait(10)
+        received = {pydicom.dcmread(p).SOPInstanceUID for p in out.iterdir()}
+        assert received == set(stored_study.sop_uids[3:])
+        assert_same_datasets(
+            [p for p in out.iterdir()],
+            SyntheticStudy(stored_study.study_uid, "", "", files=stored_study.files[3:]),
+        )
+
+    def test_move_to_unknown_destination_fails_with_a801(
+        self, node: NodeProcess, stored_study: SyntheticStudy
+    ) -> None:
+        ae = AE(ae_title=SCU)
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        assoc = ae.associate("127.0.0.1", node.dimse_port, ae_title="IMAGESHARE")
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = stored_study.study_uid
+        responses = list(
+            assoc.send_c_move(query, "NOWHERE", StudyRootQueryRetrieveInformationModelMove)
+        )
+        assoc.release()
+        assert responses[-1][0].Status == 0xA801
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _ct_dataset() -> Dataset:
+    ds = Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientID = "MRN-BAD"
+    ds.Modality = "CT"
+    return ds
+
+
+def _encoded_body(ds: Dataset) -> bytes:
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    pydicom.filewriter.write_dataset(buffer, ds)
+    return buffer.getvalue()
+
+
+def _part10_header() -> bytes:
+    """Preamble, DICM and a valid file meta group for a CT instance."""
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    buffer.write(b"\0" * 128 + b"DICM")
+    pydicom.filewriter.write_file_meta_info(buffer, meta, enforce_standard=True)
+    return buffer.getvalue()
+
+
+def _send_with_pynetdicom(node: NodeProcess, dataset: Dataset | Path) -> Dataset:
+    ae = AE(ae_title=SCU)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.dimse_port, ae_title="IMAGESHARE")
+    assert assoc.is_established
+    try:
+        return assoc.send_c_store(dataset)
+    finally:
+        assoc.release()
+
+
+def _send_first_half_of_c_store(assoc: object, ds: Dataset) -> None:
+    """Send the command and about half of the data set's PDUs, then stop: a cut-off instance."""
+    request = C_STORE()
+    request.MessageID = 99
+    request.AffectedSOPClassUID = ds.SOPClassUID
+    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    request.Priority = 2
+    request.DataSet = BytesIO(_encoded_body(ds))
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    context_id = assoc.accepted_contexts[0].context_id  # type: ignore[attr-defined]
+    fragments = list(message.encode_msg(context_id, 4096))
+    assert len(fragments) > 4
+    for fragment in fragments[: len(fragments) // 2]:
+        assoc.dul.send_pdu(fragment)  # type: ignore[attr-defined]
