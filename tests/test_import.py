@@ -253,3 +253,46 @@ class TestKilledImport:
         assert summary["stored"] == INSTANCES - indexed
         assert summary["rejected"] == []
         assert indexed_count(node) == INSTANCES
+
+
+def multipart_upload(files: list[Path], boundary: str) -> Iterator[bytes]:
+    """A STOW-RS body streamed from disk, one megabyte at a time."""
+    for path in files:
+        yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                yield chunk
+        yield b"\r\n"
+    yield f"--{boundary}--\r\n".encode()
+
+
+class TestStowOfALargeStudy:
+    def test_streamed_upload_is_stored_whole_in_bounded_memory(
+        self, tmp_path: Path, big_study: SyntheticStudy, big_study_digests: dict[str, str]
+    ) -> None:
+        node = init_node(tmp_path, "stow-big.example/imageshare").start()
+        try:
+            boundary = "big-study-upload"
+            response = requests.post(
+                f"{node.url}/dicomweb/studies",
+                data=multipart_upload(big_study.files, boundary),
+                headers={
+                    **node.auth,
+                    "Content-Type": f'multipart/related; type="application/dicom"; '
+                    f"boundary={boundary}",
+                },
+                timeout=120,
+            )
+            assert response.status_code == 200
+            assert len(response.json()["00081199"]["Value"]) == INSTANCES
+            assert node.process is not None
+            assert peak_rss(node.process.pid) < PEAK_RSS_LIMIT
+            index = sqlite3.connect(f"file:{node.data_dir / 'index.sqlite'}?mode=ro", uri=True)
+            try:
+                digests = {r[0] for r in index.execute("SELECT digest FROM instances")}
+            finally:
+                index.close()
+            assert digests == set(big_study_digests)
+            assert list((node.data_dir / "tmp").iterdir()) == []
+        finally:
+            node.stop()
