@@ -13,6 +13,7 @@ that anyone but this node (and the patient, through a signed request) can resolv
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -49,6 +50,8 @@ REFERENCE_KEY_FILE = "reference.key"
 STUDY_REF_DOMAIN = b"imageshare/study-ref/v1\n"
 SUBJECT_REF_DOMAIN = b"imageshare/subject-ref/v1\n"
 DAY = 86_400
+# The ``source`` of studies fetched from another custodian (see transfer.source_label).
+FETCHED_SOURCE_PREFIX = "fetched from "
 
 
 @dataclass(frozen=True)
@@ -118,10 +121,13 @@ class ConsentService:
                 start += len(batch)
 
     def append(self, kind: str, fields: dict[str, Any]) -> Appended:
-        """Append an entry durably and apply it to the tables; call with the lock held."""
-        self.catch_up()
+        """Append an entry durably, then bring the tables up to it; call with the lock held.
+
+        The tables follow the log by replay only (catch_up), never by a second path, so
+        a crash between the append and the table update is repaired on the next open.
+        """
         result = self.ledger.append(kind, fields)
-        self.state.apply(result.index, kind, fields)
+        self.catch_up()
         return Appended(result.index, result.entry)
 
 
@@ -178,11 +184,42 @@ def subject_reference(runtime: NodeRuntime, patient_id: str) -> bytes:
     return consent_service(runtime).reference(SUBJECT_REF_DOMAIN, patient_id)
 
 
+def own_studies_of_patient(runtime: NodeRuntime, patient_id: str) -> list[str]:
+    """Study UIDs of a local patient that this node made (or was sent by its own PACS).
+
+    Studies fetched from another custodian are left out: their patient id belongs to the
+    other hospital, and only their own custodian's patient may grant them.
+    """
+    rows = runtime.store.reader.execute(
+        "SELECT study_instance_uid FROM studies WHERE patient_id = ?"
+        " AND COALESCE(source, '') NOT LIKE ? ORDER BY study_date, study_instance_uid",
+        (patient_id, FETCHED_SOURCE_PREFIX + "%"),
+    )
+    return [r[0] for r in rows]
+
+
+def patient_of_subject(runtime: NodeRuntime, subject: bytes) -> str | None:
+    """The local patient id behind a subject reference, or None if no patient here has it.
+
+    The private table is only a cache: a subject reference is a keyed hash of the patient
+    id, so a lost table is rebuilt from the instance index.
+    """
+    service = consent_service(runtime)
+    patient_id = service.state.patient_of_subject(subject)
+    if patient_id is None:
+        rows = runtime.store.reader.execute("SELECT DISTINCT patient_id FROM studies")
+        for (candidate,) in rows:
+            if candidate and subject_reference(runtime, candidate) == subject:
+                service.state.bind_subject(subject, candidate)
+                return str(candidate)
+    return patient_id
+
+
 def _owned_studies(runtime: NodeRuntime, subject: bytes) -> frozenset[bytes]:
-    patient_id = consent_service(runtime).state.patient_of_subject(subject)
+    patient_id = patient_of_subject(runtime, subject)
     if patient_id is None:
         return frozenset()
-    uids = runtime.store.studies_of_patient(patient_id)
+    uids = own_studies_of_patient(runtime, patient_id)
     return frozenset(study_reference(runtime, uid) for uid in uids)
 
 
@@ -336,6 +373,19 @@ def check_access(
     return verdict
 
 
+async def check_access_async(
+    runtime: NodeRuntime,
+    token_bytes: bytes,
+    requester_origin: str,
+    study_refs: tuple[bytes, ...] | list[bytes] | None,
+    now: int,
+) -> Verdict:
+    """check_access from a coroutine: it may append to the log, so it runs in a thread."""
+    return await asyncio.to_thread(
+        check_access, runtime, token_bytes, requester_origin, study_refs, now
+    )
+
+
 def _record_denial(
     runtime: NodeRuntime,
     token: GrantToken,
@@ -375,9 +425,9 @@ def patient_studies(runtime: NodeRuntime, public_key: bytes) -> list[dict[str, A
     key = service.state.key(public_key)
     if key is None or key.retired:
         raise Forbidden("that key is not enrolled here")
-    patient_id = service.state.patient_of_subject(key.subject)
+    patient_id = patient_of_subject(runtime, key.subject)
     studies: list[dict[str, Any]] = []
-    for uid in runtime.store.studies_of_patient(patient_id or ""):
+    for uid in own_studies_of_patient(runtime, patient_id or ""):
         row = runtime.store.study_row(uid)
         series = runtime.store.reader.execute(
             "SELECT DISTINCT modality FROM series WHERE study_instance_uid = ? ORDER BY modality",

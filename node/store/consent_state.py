@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from node.core.consent import decode_grant, decode_revocation
+from node.errors import BadInput
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS subjects (
@@ -156,14 +157,20 @@ class ConsentState:
                 (fields["key"], fields["subject"], index),
             )
         elif kind == "grant":
-            token = decode_grant(fields["token"])
+            try:
+                token = decode_grant(fields["token"])
+            except BadInput:
+                return  # never written by this node; a bad entry must not stall the replay
             db.execute(
                 "INSERT OR IGNORE INTO grants (token_id, patient_key, token, ledger_index)"
                 " VALUES (?, ?, ?, ?)",
                 (token.token_id, token.patient_key, token.raw, index),
             )
         elif kind == "revoke":
-            revocation = decode_revocation(fields["revocation"])
+            try:
+                revocation = decode_revocation(fields["revocation"])
+            except BadInput:
+                return
             db.execute(
                 "INSERT OR IGNORE INTO revocations (patient_key, token_id, ledger_index)"
                 " VALUES (?, ?, ?)",
