@@ -37,6 +37,7 @@ from node.core.audit_rules import (
     check_history,
     check_split_view,
     count_kinds,
+    first_difference,
     match_receipts,
     plan_consent_checks,
     signed_items,
@@ -500,6 +501,7 @@ def audit_views(
     best: dict[str, History] = {}
     for origin, held in histories.items():
         violations.extend(check_split_view(held))
+        violations.extend(locate_damage(held))
         if origin in saved:
             for history in held:
                 violations.extend(
@@ -540,6 +542,25 @@ def audit_views(
     ]
     report = AuditReport(reports, violations, list(unreachable), now)
     return report, to_save
+
+
+def locate_damage(held: Sequence[History]) -> list[Violation]:
+    """Name the first damaged entry of a broken copy, by an intact copy of the same checkpoint."""
+    violations = []
+    intact = {(h.size, h.checkpoint.root_hash): h for h in held if h.intact and h.checkpoint}
+    for history in held:
+        if history.intact or history.checkpoint is None or not history.leaf_hashes:
+            continue
+        good = intact.get((history.size, history.checkpoint.root_hash))
+        if good is None:
+            continue
+        index = first_difference(history.leaf_hashes, good.leaf_hashes)
+        if index is not None:
+            detail = f"entry {index} differs from the copy {good.source} serves, which verifies"
+            violations.append(
+                Violation(history.origin, index, "root_mismatch", detail, history.source)
+            )
+    return violations
 
 
 def _equivocations(

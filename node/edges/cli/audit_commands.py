@@ -1,21 +1,26 @@
-"""`imageshare audit URL...`: verify the federation's ledger from the outside.
+"""`imageshare audit URL...` and `imageshare patient log URL...`: the ledger seen from outside.
 
-An auditor is not a node: no configuration is needed (-c is accepted and ignored).
-Exit 0 clean, 1 any violation, 2 a node unreachable.
+Neither an auditor nor a patient is a node: no configuration is needed (-c is accepted
+and ignored). audit: exit 0 clean, 1 any violation, 2 a node unreachable. patient log:
+exit 0 every event proven, 1 something unproven, 2 a node unreachable.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from node.core.audit_rules import RULES
-from node.edges.cli._common import command, print_json
-from node.services.audit import DEFAULT_RECEIPT_GRACE, AuditReport, run_audit
+from node.edges.cli._common import Unreachable, command, print_json
+from node.services.audit import DEFAULT_RECEIPT_GRACE, AuditReport, PeerUnreachable, run_audit
 from node.services.audit_state import AuditState
+from node.services.patient_log import PatientLog, read_patient_log
 
 
 def register(subparsers: Any) -> None:
@@ -45,9 +50,7 @@ def register(subparsers: Any) -> None:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     state = AuditState(args.state) if args.state is not None else None
-    report = run_audit(
-        args.urls, state, int(time.time()), max(0, args.receipt_grace), args.timeout
-    )
+    report = run_audit(args.urls, state, int(time.time()), max(0, args.receipt_grace), args.timeout)
     if args.json:
         print_json(report.as_json())
     else:
@@ -84,4 +87,77 @@ def render_report(report: AuditReport) -> str:
         lines.append("incomplete: some nodes were unreachable")
     else:
         lines.append(f"clean: {len(report.logs)} log(s) verified")
+    return "\n".join(lines) + "\n"
+
+
+# -- imageshare patient log -----------------------------------------------------------------
+
+
+def register_patient(sub: Any) -> None:
+    """Add `log` to the `imageshare patient` commands."""
+    p = command(sub, "log", cmd_patient_log, "every access and denial of my studies, proven")
+    p.add_argument("urls", nargs="+", metavar="URL", help="node base URLs to read the logs from")
+    p.add_argument(
+        "--wallet",
+        type=Path,
+        default=None,
+        help="wallet directory (default: $IMAGESHARE_WALLET, else ~/.imageshare-wallet)",
+    )
+
+
+def cmd_patient_log(args: argparse.Namespace) -> int:
+    from node.edges.cli.patient_commands import _open_wallet
+
+    wallet = _open_wallet(args)
+
+    async def read() -> PatientLog:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            return await read_patient_log(session, wallet, args.urls)
+
+    try:
+        log = asyncio.run(read())
+    except PeerUnreachable as exc:
+        raise Unreachable(str(exc)) from exc
+    if args.json:
+        print_json(log.as_json())
+    else:
+        sys.stdout.write(render_patient_log(log))
+    return log.exit_status
+
+
+def render_patient_log(log: PatientLog) -> str:
+    """One line per event, oldest first, with how it is proven."""
+    lines = []
+    for e in log.events:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.time))
+        if e.kind == "access":
+            what = (
+                f"{e.details['grantee']} received {e.details['instances']} images "
+                f"({e.details['bytes']} bytes) of study {e.details['study']}"
+            )
+        elif e.kind == "denial":
+            what = f"{e.details['requester']} was refused ({e.details['rule']})"
+        else:
+            what = "you revoked the token"
+        proof = e.proof
+        if proof.proven:
+            witnesses = ", ".join(proof.cosigners)
+            how = f"proven: in checkpoint {proof.checkpoint_size}, cosigned by {witnesses}"
+        else:
+            missing = [
+                name
+                for name, ok in (
+                    ("log signature", proof.log_signature),
+                    ("inclusion", proof.inclusion),
+                    ("cosignature", bool(proof.cosigners)),
+                )
+                if not ok
+            ]
+            how = f"NOT PROVEN (missing: {', '.join(missing)})"
+        lines.append(
+            f"{when}Z  {e.custodian} #{e.index}  token {e.token_id.hex()[:16]}  {what}\n    {how}"
+        )
+    if not log.events:
+        lines.append("No access or denial of your tokens is recorded.")
+    lines.extend(f"PROBLEM {p}" for p in log.problems)
     return "\n".join(lines) + "\n"

@@ -1,0 +1,288 @@
+"""The patient's view of the ledger: every access to, and refusal of, their tokens, proven.
+
+The wallet knows the tokens it issued and, per custodian, the log key it pinned on first
+contact. For each custodian it reads the log (from the custodian, else from a node that
+mirrors it), keeps the access, denial and revocation entries that name one of its
+tokens, and proves each one: the checkpoint is signed by the pinned key, carries at
+least one valid cosignature by another federation node (whose key comes from that
+node's own ``/ledger/logs``), and an inclusion proof served by the node places the entry
+under that checkpoint's root. A custodian cannot then show the patient a history that
+its peers have not witnessed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from node.core.consent import decode_revocation
+from node.core.entries import LedgerEntry, decode_entry
+from node.core.keys import VerifierKey, parse_verifier_key
+from node.core.merkle import leaf_hash, verify_inclusion
+from node.core.notes import Checkpoint, parse_note, verify_cosignature, verify_note
+from node.core.patient_keys import b64url
+from node.errors import BadInput, Unauthorized
+from node.services.audit import (
+    LogListing,
+    PeerUnreachable,
+    fetch_entries,
+    parse_listing,
+)
+from node.services.audit import _get as get_body
+from node.services.wallet import Wallet
+
+EVENT_KINDS = ("access", "denial", "revoke")
+
+
+@dataclass(frozen=True)
+class Node:
+    """A federation node as it describes itself: URL, origin, and its own log's key."""
+
+    url: str
+    origin: str
+    vkey: str
+    listings: list[LogListing]
+
+
+@dataclass
+class Proof:
+    """How one event is proven: inclusion under a signed, witnessed checkpoint."""
+
+    checkpoint_size: int
+    log_signature: bool
+    inclusion: bool
+    cosigners: list[str] = field(default_factory=list)
+
+    @property
+    def proven(self) -> bool:
+        return self.log_signature and self.inclusion and bool(self.cosigners)
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "checkpoint_size": self.checkpoint_size,
+            "log_signature": self.log_signature,
+            "inclusion": self.inclusion,
+            "cosigners": self.cosigners,
+            "proven": self.proven,
+        }
+
+
+@dataclass
+class PatientEvent:
+    """One entry about one of the patient's tokens, with where it came from and its proof."""
+
+    custodian: str
+    index: int
+    kind: str
+    time: int
+    token_id: bytes
+    details: dict[str, object]
+    proof: Proof
+    source: str
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "custodian": self.custodian,
+            "index": self.index,
+            "kind": self.kind,
+            "time": self.time,
+            "token_id": self.token_id.hex(),
+            **self.details,
+            "proof": self.proof.as_json(),
+            "source": self.source,
+        }
+
+
+@dataclass
+class PatientLog:
+    events: list[PatientEvent]
+    problems: list[str]  # custodians whose log could not be read or proven at all
+
+    @property
+    def exit_status(self) -> int:
+        """1 if any event or custodian log is unproven, else 0."""
+        return 1 if self.problems or not all(e.proof.proven for e in self.events) else 0
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "events": [e.as_json() for e in self.events],
+            "problems": self.problems,
+            "proven": self.exit_status == 0,
+        }
+
+
+async def describe_node(session: aiohttp.ClientSession, url: str) -> Node:
+    """A node's origin, own log key and listing; raises PeerUnreachable if unreadable."""
+    base = url.rstrip("/")
+    try:
+        health = json.loads(await get_body(session, f"{base}/healthz"))
+        listings = parse_listing(json.loads(await get_body(session, f"{base}/ledger/logs")))
+    except (aiohttp.ClientError, TimeoutError, BadInput, ValueError) as exc:
+        raise PeerUnreachable(f"{base} is unreachable: {exc or type(exc).__name__}") from exc
+    origin = health.get("origin") if isinstance(health, dict) else None
+    own = next((lst for lst in listings if lst.origin == origin), None)
+    if not isinstance(origin, str) or own is None:
+        raise PeerUnreachable(f"{base} does not name its origin or serve its own log")
+    return Node(base, origin, own.vkey, listings)
+
+
+def _event_details(entry: LedgerEntry) -> dict[str, object]:
+    f = entry.fields
+    if entry.kind == "access":
+        return {
+            "grantee": f["grantee"],
+            "study": b64url(f["study"]),
+            "instances": f["instances"],
+            "bytes": f["bytes"],
+        }
+    if entry.kind == "denial":
+        study = f["study"]
+        return {
+            "requester": f["requester"],
+            "rule": f["rule"],
+            "study": None if study is None else b64url(study),
+        }
+    return {}
+
+
+def _event_token_id(entry: LedgerEntry) -> bytes | None:
+    if entry.kind in ("access", "denial"):
+        return bytes(entry.fields["token_id"])
+    if entry.kind == "revoke":
+        try:
+            return decode_revocation(entry.fields["revocation"]).token_id
+        except BadInput:
+            return None
+    return None
+
+
+def witness_keys(nodes: list[Node], custodian: str) -> dict[str, VerifierKey]:
+    """Keys of the nodes that may witness ``custodian``'s log: every other node asked."""
+    keys = {}
+    for node in nodes:
+        if node.origin == custodian:
+            continue
+        try:
+            keys[node.origin] = parse_verifier_key(node.vkey)
+        except BadInput:
+            continue
+    return keys
+
+
+def valid_cosigners(note: str, witnesses: dict[str, VerifierKey]) -> list[str]:
+    """The names of the witnesses whose cosignature on ``note`` verifies."""
+    body, signatures = parse_note(note)
+    names = []
+    for sig in signatures:
+        key = witnesses.get(sig.name)
+        if key is not None and verify_cosignature(body, sig, key) is not None:
+            names.append(sig.name)
+    return sorted(set(names))
+
+
+async def _inclusion_proof(
+    session: aiohttp.ClientSession, base: str, log_id: str, index: int, size: int
+) -> list[bytes]:
+    body = await get_body(
+        session,
+        f"{base}/ledger/logs/{log_id}/proof/inclusion",
+        {"index": index, "size": size},
+    )
+    try:
+        document = json.loads(body)
+        return [base64.b64decode(h, validate=True) for h in document["proof"]]
+    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        raise BadInput("the inclusion proof is malformed") from exc
+
+
+async def custodian_events(
+    session: aiohttp.ClientSession,
+    nodes: list[Node],
+    custodian: str,
+    pinned_vkey: str,
+    token_ids: set[bytes],
+) -> list[PatientEvent]:
+    """The patient's events in one custodian's log, each with its proof.
+
+    Reads from the custodian if it was asked, else from the first node mirroring it.
+    Raises BadInput/Unauthorized if no node serves the log under the pinned key.
+    """
+    log_id = hashlib.sha256(custodian.encode()).hexdigest()
+    servers = sorted(
+        (n for n in nodes if any(lst.origin == custodian for lst in n.listings)),
+        key=lambda n: n.origin != custodian,
+    )
+    if not servers:
+        raise BadInput(f"no node given serves the log of {custodian}")
+    source = servers[0].url
+    note = (await get_body(session, f"{source}/ledger/logs/{log_id}/checkpoint")).decode()
+    try:
+        checkpoint: Checkpoint | None = verify_note(note, pinned_vkey)
+    except (BadInput, Unauthorized):
+        checkpoint = None
+    size = checkpoint.size if checkpoint else Checkpoint.parse(parse_note(note)[0]).size
+    cosigners = valid_cosigners(note, witness_keys(nodes, custodian)) if checkpoint else []
+    entries = await fetch_entries(session, source, log_id, size)
+    events = []
+    for index, raw in enumerate(entries):
+        try:
+            entry = decode_entry(raw)
+        except BadInput:
+            continue
+        if entry.kind not in EVENT_KINDS:
+            continue
+        token_id = _event_token_id(entry)
+        if token_id is None or token_id not in token_ids:
+            continue
+        included = False
+        if checkpoint is not None:
+            proof = await _inclusion_proof(session, source, log_id, index, size)
+            included = verify_inclusion(proof, leaf_hash(raw), index, size, checkpoint.root_hash)
+        events.append(
+            PatientEvent(
+                custodian,
+                index,
+                entry.kind,
+                entry.time,
+                token_id,
+                _event_details(entry),
+                Proof(size, checkpoint is not None, included, cosigners),
+                source,
+            )
+        )
+    return events
+
+
+async def read_patient_log(
+    session: aiohttp.ClientSession, wallet: Wallet, urls: list[str]
+) -> PatientLog:
+    """Every access, denial and revocation of the wallet's tokens across the nodes at ``urls``.
+
+    Raises PeerUnreachable if a node cannot be read at all.
+    """
+    nodes = list(await asyncio.gather(*(describe_node(session, url) for url in urls)))
+    state = wallet.files.load_state()
+    tokens_by_custodian: dict[str, set[bytes]] = {}
+    for record in state["tokens"]:
+        tokens_by_custodian.setdefault(record["custodian"], set()).add(
+            bytes.fromhex(record["token_id"])
+        )
+    events: list[PatientEvent] = []
+    problems: list[str] = []
+    for custodian, token_ids in sorted(tokens_by_custodian.items()):
+        pinned = state["custodians"].get(custodian, {}).get("vkey")
+        if not isinstance(pinned, str):
+            problems.append(f"{custodian}: the wallet has no key pinned for its log")
+            continue
+        try:
+            events.extend(await custodian_events(session, nodes, custodian, pinned, token_ids))
+        except (BadInput, Unauthorized, UnicodeDecodeError) as exc:
+            problems.append(f"{custodian}: {exc}")
+    events.sort(key=lambda e: (e.time, e.custodian, e.index))
+    return PatientLog(events, problems)

@@ -1,0 +1,481 @@
+"""`imageshare audit` against real node processes serving real ledgers.
+
+Logs are written into stopped nodes' ledgers with the ledger store (as the nodes would
+write them, with crafted fields where a test needs a violation), patient tokens are
+signed with the consent library, and the nodes then serve them over HTTP. Tampering is
+done on the stored bytes (ledger.sqlite) of a stopped node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from node.core.consent import GrantFields, sign_grant, sign_revocation, token_id_of
+from node.core.keys import NodeIdentity
+from node.core.patient_keys import PatientKey
+from node.store.ledger import LedgerStore
+from node.store.secrets import read_seed
+from tests.support.nodes import NodeProcess, free_port, init_node, run_cli
+
+NOW = int(time.time())
+T0 = NOW - 100_000  # crafted entries are old enough to be judged (past the receipt grace)
+WEEK = 7 * 86_400
+A_ORIGIN = "a.example/imageshare"
+B_ORIGIN = "b.example/imageshare"
+C_ORIGIN = "c.example/imageshare"
+
+
+def make_node(base: Path, origin: str, name: str | None = None) -> NodeProcess:
+    """An initialised, stopped node; LAN discovery off (the audit is given URLs)."""
+    node = init_node(base, origin, name)
+    node.append_config("[federation]\ndiscovery = false")
+    return node
+
+
+def identity_of(node: NodeProcess) -> NodeIdentity:
+    return NodeIdentity(node.origin, read_seed(node.data_dir / "node.key"))
+
+
+def append(node: NodeProcess, items: list[tuple[str, dict[str, Any], int]]) -> list[int]:
+    """Append entries to a stopped node's own log and sign a checkpoint of it."""
+    identity = identity_of(node)
+    store = LedgerStore(node.data_dir)
+    try:
+        log = store.own_log(node.origin, identity.vkey)
+        results = log.append_many(items)
+        log.publish_checkpoint(identity, NOW)
+    finally:
+        store.close()
+    return [r.index for r in results]
+
+
+def mirror(into: NodeProcess, of: NodeProcess) -> None:
+    """Copy ``of``'s log into ``into``'s mirror, verified, as replication would."""
+    source = LedgerStore(of.data_dir)
+    target = LedgerStore(into.data_dir)
+    try:
+        own = source.own_log(of.origin)
+        note = own.checkpoint_note()
+        assert note is not None
+        held = target.mirror(of.origin, of.vkey)
+        held.extend(own.entries(held.size(), own.size()), note)
+    finally:
+        source.close()
+        target.close()
+
+
+def ref(name: str) -> bytes:
+    return hashlib.sha256(name.encode()).digest()
+
+
+class Patient:
+    """A wallet's key at one custodian, signing with the consent library."""
+
+    def __init__(self, custodian: str, seed: bytes | None = None) -> None:
+        self.key = PatientKey.derive(seed or os.urandom(32), custodian)
+        self.custodian = custodian
+
+    def enroll(self, subject: str, at: int = T0) -> tuple[str, dict[str, Any], int]:
+        return "enroll", {"subject": ref(subject), "key": self.key.public_key, "replaces": None}, at
+
+    def token(
+        self,
+        grantee: str,
+        not_before: int = T0,
+        expires: int = T0 + WEEK,
+        scope: tuple[bytes, ...] | None = None,
+    ) -> bytes:
+        fields = GrantFields(
+            self.key.public_key, self.custodian, grantee, scope, not_before, expires, os.urandom(16)
+        )
+        return sign_grant(fields, self.key.sign)
+
+    def revocation(self, token: bytes, at: int) -> bytes:
+        return sign_revocation(self.key.public_key, token_id_of(token), at, self.key.sign)
+
+
+def access(token: bytes, grantee: str, study: bytes, digest: bytes) -> dict[str, Any]:
+    return {
+        "token_id": token_id_of(token),
+        "grantee": grantee,
+        "study": study,
+        "instances": 3,
+        "bytes": 3000,
+        "digest": digest,
+    }
+
+
+def receipt(token: bytes, custodian: str, study: bytes, digest: bytes) -> dict[str, Any]:
+    return {
+        "token_id": token_id_of(token),
+        "custodian": custodian,
+        "study": study,
+        "instances": 3,
+        "bytes": 3000,
+        "digest": digest,
+    }
+
+
+def audit(*urls: str, state: Path | None = None) -> tuple[int, dict[str, Any]]:
+    args = ["audit", *urls, "--json"]
+    if state is not None:
+        args += ["--state", str(state)]
+    result = run_cli(*args, check=False)
+    assert result.returncode in (0, 1, 2), result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+def rules(report: dict[str, Any]) -> set[tuple[str, int | None, str]]:
+    return {(v["log"], v["index"], v["rule"]) for v in report["violations"]}
+
+
+def rule_names(report: dict[str, Any]) -> set[str]:
+    return {v["rule"] for v in report["violations"]}
+
+
+def clean_federation(base: Path) -> tuple[NodeProcess, NodeProcess]:
+    """A (custodian) and B (grantee), each mirroring the other, with one consented fetch."""
+    a = make_node(base, A_ORIGIN)
+    b = make_node(base, B_ORIGIN)
+    patient = Patient(A_ORIGIN)
+    token = patient.token(B_ORIGIN)
+    study, digest = ref("study-1"), ref("digest-1")
+    append(
+        a,
+        [
+            patient.enroll("mrn-1"),
+            ("grant", {"token": token}, T0 + 10),
+            ("access", access(token, B_ORIGIN, study, digest), T0 + 20),
+            (
+                "denial",
+                {
+                    "token_id": token_id_of(token),
+                    "requester": C_ORIGIN,
+                    "rule": "wrong_grantee",
+                    "study": None,
+                },
+                T0 + 30,
+            ),
+        ]
+        + [
+            ("witness", {"log_id": ref(str(i)), "size": i, "root": ref(f"r{i}")}, T0 + 40)
+            for i in range(12)
+        ],
+    )
+    append(b, [("receipt", receipt(token, A_ORIGIN, study, digest), T0 + 25)])
+    mirror(b, a)
+    mirror(a, b)
+    return a, b
+
+
+@pytest.fixture
+def federation(tmp_path: Path) -> Iterator[tuple[NodeProcess, NodeProcess]]:
+    a, b = clean_federation(tmp_path)
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+class StoredLedger:
+    """The stopped node's ledger.sqlite, edited behind the store's back."""
+
+    def __init__(self, node: NodeProcess) -> None:
+        self.db = sqlite3.connect(node.data_dir / "ledger.sqlite")
+        row = self.db.execute("SELECT id FROM logs WHERE origin=?", (node.origin,)).fetchone()
+        self.log = row[0]
+
+    def __enter__(self) -> StoredLedger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.db.commit()
+        self.db.close()
+
+    def data(self, index: int) -> bytes:
+        row = self.db.execute(
+            "SELECT data FROM entries WHERE log=? AND idx=?", (self.log, index)
+        ).fetchone()
+        return bytes(row[0])
+
+    def set_data(self, index: int, data: bytes) -> None:
+        self.db.execute("UPDATE entries SET data=? WHERE log=? AND idx=?", (data, self.log, index))
+
+    def execute(self, sql: str, *params: Any) -> None:
+        self.db.execute(sql.replace(":log", str(self.log)), params)
+
+
+class TestCleanFederation:
+    @pytest.fixture(scope="class")
+    @classmethod
+    def running(
+        cls, tmp_path_factory: pytest.TempPathFactory
+    ) -> Iterator[tuple[NodeProcess, NodeProcess]]:
+        a, b = clean_federation(tmp_path_factory.mktemp("clean"))
+        a.start()
+        b.start()
+        yield a, b
+        a.stop()
+        b.stop()
+
+    def test_audit_of_untampered_federation_is_clean(
+        self, running: tuple[NodeProcess, NodeProcess]
+    ) -> None:
+        a, b = running
+        status, report = audit(a.url, b.url)
+        assert report["violations"] == []
+        assert status == 0
+        logs = {log["origin"]: log for log in report["logs"]}
+        assert logs[A_ORIGIN]["counts"] == {
+            "enroll": 1,
+            "grant": 1,
+            "revoke": 0,
+            "access": 1,
+            "denial": 1,
+            "receipt": 0,
+        }
+        assert logs[B_ORIGIN]["counts"]["receipt"] == 1
+        assert sorted(logs[A_ORIGIN]["sources"]) == sorted([a.url, b.url])
+        assert all(log["verified"] for log in logs.values())
+
+    def test_human_report_names_every_log_and_says_clean(
+        self, running: tuple[NodeProcess, NodeProcess]
+    ) -> None:
+        a, b = running
+        result = run_cli("audit", a.url, b.url, check=False)
+        assert result.returncode == 0
+        assert A_ORIGIN in result.stdout and B_ORIGIN in result.stdout
+        assert "clean: 2 log(s) verified" in result.stdout
+
+    def test_unreachable_peer_exits_2(self, running: tuple[NodeProcess, NodeProcess]) -> None:
+        a, _ = running
+        status, report = audit(a.url, f"http://127.0.0.1:{free_port()}")
+        assert status == 2
+        assert len(report["unreachable"]) == 1
+
+    def test_state_keeps_the_last_verified_checkpoint_of_each_log(
+        self, running: tuple[NodeProcess, NodeProcess], tmp_path: Path
+    ) -> None:
+        a, b = running
+        state = tmp_path / "state"
+        assert audit(a.url, b.url, state=state)[0] == 0
+        saved = {json.loads(p.read_text())["origin"]: p for p in state.glob("*.json")}
+        assert set(saved) == {A_ORIGIN, B_ORIGIN}
+        assert json.loads(saved[A_ORIGIN].read_text())["size"] == 16
+        assert audit(a.url, b.url, state=state)[0] == 0
+
+
+class TestStoredBytesTampering:
+    def test_flipped_byte_in_stored_entry_is_located(
+        self, federation: tuple[NodeProcess, NodeProcess]
+    ) -> None:
+        a, b = federation
+        with StoredLedger(a) as ledger:  # entry 2 is the access; its last byte is a value
+            data = bytearray(ledger.data(2))
+            data[-1] ^= 0x01
+            ledger.set_data(2, bytes(data))
+        a.start()
+        b.start()
+        status, report = audit(a.url, b.url)
+        assert status == 1
+        found = {
+            (v["rule"], v["index"])
+            for v in report["violations"]
+            if v["log"] == A_ORIGIN and v["source"] == a.url
+        }
+        assert ("broken_chain", 3) in found
+        assert ("root_mismatch", 2) in found  # located by B's intact copy
+
+    def test_dropped_entry_breaks_the_chain(self, tmp_path: Path) -> None:
+        a, _ = clean_federation(tmp_path)
+        with StoredLedger(a) as ledger:
+            ledger.execute("DELETE FROM entries WHERE log=:log AND idx=5")
+            ledger.execute("UPDATE entries SET idx = idx - 1 WHERE log=:log AND idx > 5")
+        a.start()
+        try:
+            status, report = audit(a.url)
+        finally:
+            a.stop()
+        assert status == 1
+        # The node still claims 16 entries but holds 15: it serves 0..4, then stops.
+        assert rule_names(report) & {"broken_chain", "entries_unavailable"}
+
+    def test_swapped_entries_break_the_chain(self, tmp_path: Path) -> None:
+        a, _ = clean_federation(tmp_path)
+        with StoredLedger(a) as ledger:
+            six, seven = ledger.data(6), ledger.data(7)
+            ledger.set_data(6, seven)
+            ledger.set_data(7, six)
+        a.start()
+        try:
+            status, report = audit(a.url)
+        finally:
+            a.stop()
+        assert status == 1
+        assert {(A_ORIGIN, 6, "broken_chain"), (A_ORIGIN, 7, "broken_chain")} <= rules(report)
+        assert (A_ORIGIN, None, "root_mismatch") in rules(report)
+
+
+class TestConsentRules:
+    """One federation whose custodian log breaks each consent rule once, audited once."""
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def judged(cls, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+        base = tmp_path_factory.mktemp("consent")
+        a, b = make_node(base, A_ORIGIN), make_node(base, B_ORIGIN)
+        alice, bob = Patient(A_ORIGIN), Patient(A_ORIGIN)
+        stranger = Patient(A_ORIGIN)  # never enrolled
+        good = alice.token(B_ORIGIN)
+        forged = bytearray(alice.token(B_ORIGIN))
+        forged[-1] ^= 1  # the signature is the token's last field
+        revoked = alice.token(B_ORIGIN)
+        short = alice.token(B_ORIGIN, expires=T0 + 100)
+        to_c = alice.token(C_ORIGIN)
+        unenrolled = stranger.token(B_ORIGIN)
+        scoped = bob.token(B_ORIGIN, scope=(ref("bob-study"),))
+        ghost = os.urandom(40)  # stands for a token that was never granted
+        s, d = ref("study"), ref("digest")
+        items: list[tuple[str, dict[str, Any], int]] = [
+            alice.enroll("mrn-alice"),  # 0
+            bob.enroll("mrn-bob"),  # 1
+            ("grant", {"token": good}, T0 + 1),  # 2
+            ("access", access(good, B_ORIGIN, s, d), T0 + 2),  # 3: clean
+            ("grant", {"token": bytes(forged)}, T0 + 3),  # 4: grant_bad_signature
+            ("access", access(ghost, B_ORIGIN, s, d), T0 + 4),  # 5: no grant
+            ("grant", {"token": revoked}, T0 + 5),  # 6
+            ("revoke", {"revocation": alice.revocation(revoked, T0 + 6)}, T0 + 6),  # 7
+            ("access", access(revoked, B_ORIGIN, s, d), T0 + 7),  # 8: after revocation
+            ("grant", {"token": short}, T0 + 8),  # 9
+            ("access", access(short, B_ORIGIN, s, d), T0 + 5000),  # 10: after expiry
+            ("access", access(good, B_ORIGIN, ref("other"), d), T0 + 11),  # 11: no receipt
+            ("grant", {"token": to_c}, T0 + 12),  # 12
+            ("access", access(to_c, B_ORIGIN, s, d), T0 + 13),  # 13: wrong grantee
+            ("grant", {"token": unenrolled}, T0 + 14),  # 14: grant_unenrolled_key
+            ("revoke", {"revocation": bob.revocation(good, T0 + 15)}, T0 + 15),  # 15: not alice
+            ("grant", {"token": scoped}, T0 + 16),  # 16
+            ("access", access(scoped, B_ORIGIN, ref("not-bob"), d), T0 + 17),  # 17: out of scope
+            ("access", access(good, B_ORIGIN, s, d), T0 + 18),  # 18: still fine after 15
+        ]
+        append(a, items)
+        append(
+            b,
+            [
+                ("receipt", receipt(t, A_ORIGIN, study, d), T0 + 20)
+                for t, study in [
+                    (good, s),
+                    (revoked, s),
+                    (short, s),
+                    (to_c, s),
+                    (scoped, ref("not-bob")),
+                    (good, s),
+                    (ghost, s),
+                ]
+            ]
+            + [("receipt", receipt(os.urandom(40), A_ORIGIN, s, d), T0 + 21)],  # 7: no access
+        )
+        a.start()
+        b.start()
+        try:
+            status, report = audit(a.url, b.url)
+        finally:
+            a.stop()
+            b.stop()
+        yield {"status": status, "report": report, "rules": rules(report)}
+        shutil.rmtree(base, ignore_errors=True)
+
+    @pytest.mark.parametrize(
+        ("log", "index", "rule"),
+        [
+            (A_ORIGIN, 4, "grant_bad_signature"),
+            (A_ORIGIN, 5, "access_without_grant"),
+            (A_ORIGIN, 8, "access_after_revocation"),
+            (A_ORIGIN, 10, "access_outside_validity"),
+            (A_ORIGIN, 11, "access_without_receipt"),
+            (A_ORIGIN, 13, "access_wrong_grantee"),
+            (A_ORIGIN, 14, "grant_unenrolled_key"),
+            (A_ORIGIN, 15, "revocation_bad_signature"),
+            (A_ORIGIN, 17, "access_out_of_scope"),
+            (B_ORIGIN, 7, "receipt_without_access"),
+        ],
+    )
+    def test_broken_rule_is_named_with_log_and_index(
+        self, judged: dict[str, Any], log: str, index: int, rule: str
+    ) -> None:
+        assert (log, index, rule) in judged["rules"]
+        assert judged["status"] == 1
+
+    def test_consented_accesses_are_not_flagged(self, judged: dict[str, Any]) -> None:
+        flagged = {(log, index) for log, index, _ in judged["rules"]}
+        assert (A_ORIGIN, 3) not in flagged
+        assert (A_ORIGIN, 18) not in flagged
+        expected = 10
+        assert len(judged["rules"]) == expected, judged["report"]["violations"]
+
+
+class TestViews:
+    def test_node_serving_a_forked_history_is_a_split_view(self, tmp_path: Path) -> None:
+        a, b = clean_federation(tmp_path)
+        # A second process holding A's key serves another history of A's log: the same
+        # first entries, then a different one. B still serves the history A gave it.
+        fork = make_node(tmp_path, A_ORIGIN, name="a_fork")
+        shutil.copy(a.data_dir / "node.key", fork.data_dir / "node.key")
+        source = LedgerStore(a.data_dir)
+        try:
+            first = [bytes(e) for e in source.own_log(A_ORIGIN).entries(0, 4)]
+        finally:
+            source.close()
+        from node.core.entries import decode_entry
+
+        append(fork, [(e.kind, e.fields, e.time) for e in map(decode_entry, first)])
+        append(fork, [("witness", {"log_id": ref("x"), "size": 1, "root": ref("y")}, T0 + 99)])
+        b.start()
+        fork.start()
+        try:
+            status, report = audit(fork.url, b.url)
+        finally:
+            fork.stop()
+            b.stop()
+        assert status == 1
+        assert any(v["rule"] == "split_view" and v["log"] == A_ORIGIN for v in report["violations"])
+
+    def test_log_rolled_back_between_two_audits(self, tmp_path: Path) -> None:
+        a = make_node(tmp_path, A_ORIGIN)
+        append(
+            a,
+            [("witness", {"log_id": ref("x"), "size": i, "root": ref("y")}, T0) for i in range(5)],
+        )
+        backup = tmp_path / "backup"
+        shutil.copytree(a.data_dir, backup)
+        append(
+            a,
+            [
+                ("witness", {"log_id": ref("x"), "size": i, "root": ref("y")}, T0)
+                for i in range(5, 9)
+            ],
+        )
+        state = tmp_path / "audit-state"
+        a.start()
+        try:
+            first_status, _ = audit(a.url, state=state)
+            a.stop()
+            for suffix in ("", "-wal", "-shm"):
+                (a.data_dir / f"ledger.sqlite{suffix}").unlink(missing_ok=True)
+                if (backup / f"ledger.sqlite{suffix}").exists():
+                    shutil.copy(backup / f"ledger.sqlite{suffix}", a.data_dir)
+            a.start()
+            second_status, report = audit(a.url, state=state)
+        finally:
+            a.stop()
+        assert first_status == 0
+        assert second_status == 1
+        assert (A_ORIGIN, 5, "rollback") in rules(report)
