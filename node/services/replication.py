@@ -251,10 +251,12 @@ class ReplicationService:
                 raise PeerFailure(f"GET {url} answered {response.status}")
             if (response.content_length or 0) > limit:
                 raise PeerFailure(f"GET {url} answer is too large")
-            body = await response.content.read(limit + 1)
-            if len(body) > limit:
-                raise PeerFailure(f"GET {url} answer is too large")
-            return body, response.content_type
+            body = bytearray()
+            async for chunk in response.content.iter_any():
+                body += chunk
+                if len(body) > limit:
+                    raise PeerFailure(f"GET {url} answer is too large")
+            return bytes(body), response.content_type
 
     async def _listing(self, member: Member, status: PeerStatus) -> tuple[str, list[Any]]:
         """The member's GET /ledger/logs, from the first of its URLs that answers."""
@@ -302,10 +304,12 @@ class ReplicationService:
         mirror = self._mirror(log_member)
         ours = mirror.size()
         lid = log_member.log_id
-        if listed_size == ours and (not direct or self._cosigned.get(lid) == ours):
-            return
-        if not direct and status.compared.get(lid) == (listed_size, ours):
-            return
+        if direct:
+            # Nothing new to fetch or to witness.
+            if listed_size == ours and self._cosigned.get(lid) == ours:
+                return
+        elif status.compared.get(lid) == (listed_size, ours):
+            return  # this member's copy was already compared with ours at these sizes
         base = f"{url}/ledger/logs/{lid}"
         note_bytes, _ = await self._get(base + "/checkpoint", MAX_CHECKPOINT_BYTES)
         note = note_bytes.decode("utf-8", errors="strict")
