@@ -11,7 +11,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from node.core.consent import sign_revocation, token_id_of
+from node.core.consent import sign_revocation, token_id_of, token_text
 from node.core.entries import decode_entry
 from node.core.patient_keys import from_b64url
 from node.services import consent
@@ -124,6 +124,8 @@ class TestNoPhiInTheLedger:
             )
             assert call(node, key, "POST", "/patient/revocations", revocation)[0] == 200
         enroll_new_key(a, "MRN-PRIV-001")  # a lost phone: the old key is retired
+        # A consented transfer writes access (custodian) and receipt (grantee) entries.
+        b.cli("fetch", token_text(all_studies_grant["MRN-PRIV-002"]))
 
         # A refused access is written as a denial entry; check_access runs in the node.
         a.stop()
@@ -143,7 +145,7 @@ class TestNoPhiInTheLedger:
 
         entries = read_every_entry(a) + read_every_entry(b)
         kinds = {decode_entry(raw).kind for raw in entries}
-        assert {"enroll", "grant", "revoke", "denial"} <= kinds
+        assert {"enroll", "grant", "revoke", "denial", "access", "receipt"} <= kinds
         for raw in entries:
             texts = list(strings_in(msgpack.unpackb(raw, raw=False)))
             for needle in phi:
