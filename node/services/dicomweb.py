@@ -11,10 +11,10 @@ import asyncio
 import io
 import logging
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -80,7 +80,7 @@ class UploadPart:
     """One part of an upload as the HTTP edge hands it over."""
 
     content_type: str
-    read_chunk: Callable[[int], Awaitable[bytes]]
+    read_chunk: Callable[[int], Coroutine[Any, Any, bytes]]
 
 
 @dataclass
@@ -330,7 +330,7 @@ class DicomWebService:
                     continue
                 try:
                     item = await asyncio.to_thread(
-                        self.store.stage, _BlockingPartReader(part, loop)
+                        self.store.stage, cast(IO[bytes], _BlockingPartReader(part, loop))
                     )
                 except PayloadTooLarge as exc:
                     if type(exc) is not PayloadTooLarge:

@@ -261,7 +261,8 @@ def _condition(flt: Filter) -> tuple[str, list[Any]]:
             if kind is Match.TIME_RANGE:
                 return f"substr({sql}, 1, ?) = ?", [len(low), low]
             return f"{sql} = ?", [low]
-        parts, args = [f"{sql} != ''"], []
+        parts: list[str] = [f"{sql} != ''"]
+        args: list[Any] = []
         if low:
             parts.append(f"{sql} >= ?")
             args.append(low)

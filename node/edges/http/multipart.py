@@ -39,7 +39,9 @@ class MediaType:
 
 
 def _split_unquoted(text: str, separator: str) -> list[str]:
-    pieces, current, quoted = [], [], False
+    pieces: list[str] = []
+    current: list[str] = []
+    quoted = False
     for char in text:
         if char == '"':
             quoted = not quoted
