@@ -51,8 +51,10 @@ def canonical_decode(data: bytes) -> Any:
         )
     except msgpack.ExtraData as exc:
         raise BadInput("trailing bytes after the msgpack value") from exc
+    except msgpack.StackError as exc:
+        raise BadInput(f"msgpack nesting is deeper than {MAX_DEPTH} levels") from exc
     except (ValueError, TypeError, UnicodeDecodeError, msgpack.UnpackException) as exc:
-        raise BadInput(f"malformed msgpack: {exc}") from exc
+        raise BadInput(f"malformed msgpack: {exc or type(exc).__name__}") from exc
     except RecursionError as exc:
         raise BadInput("msgpack nesting is too deep") from exc
     if canonical_encode(value) != data:
@@ -97,8 +99,8 @@ def _encode(value: Any, out: bytearray, depth: int) -> None:
             if a == b:
                 raise BadInput("map has a duplicate key")
         _header(len(items), out, fix=(0x80, 15), sizes=(None, 0xDE, 0xDF))
-        for encoded_key, item in items:
-            out += encoded_key
+        for key_bytes, item in items:
+            out += key_bytes
             _encode(item, out, depth + 1)
     else:
         raise BadInput(f"canonical msgpack cannot hold a {type(value).__name__}")

@@ -47,7 +47,7 @@ class LedgerService:
 def ledger_service(runtime: NodeRuntime) -> LedgerService:
     """The runtime's ledger service, attached on first use."""
     service = runtime.services.get("ledger")
-    if service is None:
+    if not isinstance(service, LedgerService):
         service = LedgerService(runtime)
         runtime.services["ledger"] = service
-    return service  # type: ignore[no-any-return]
+    return service
