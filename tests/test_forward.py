@@ -1,0 +1,165 @@
+"""Forwarding of arriving studies to a PACS (a real DCMTK storescp), with retries."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from tests.support.nodes import NodeProcess, free_port, wait_until
+from tests.support.studies import SyntheticStudy, make_ct_study
+
+PACS = "PACS"
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+class StoreScp:
+    """A DCMTK storescp playing the PACS, started and stopped by the test."""
+
+    def __init__(self, port: int, directory: Path) -> None:
+        self.port = port
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> StoreScp:
+        self.process = subprocess.Popen(
+            ["storescp", "-aet", PACS, "-od", str(self.directory), str(self.port)],
+            env=DCMTK_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(self._answers_echo, message="storescp to listen")
+        return self
+
+    def _answers_echo(self) -> bool:
+        result = subprocess.run(
+            ["echoscu", "-aec", PACS, "127.0.0.1", str(self.port)],
+            capture_output=True,
+            env=DCMTK_ENV,
+            timeout=10,
+            check=False,
+        )
+        return result.returncode == 0
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+    def received(self) -> dict[str, pydicom.Dataset]:
+        found = {}
+        for path in self.directory.iterdir():
+            ds = pydicom.dcmread(path)
+            found[ds.SOPInstanceUID] = ds
+        return found
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[StoreScp]:
+    scp = StoreScp(free_port(), tmp_path / "pacs")
+    yield scp
+    scp.stop()
+
+
+@pytest.fixture
+def forwarding_node(node_factory: Callable[..., NodeProcess], pacs: StoreScp) -> NodeProcess:
+    """A node, not yet started, that forwards to the PACS with a short backoff."""
+    node = node_factory("fwd.example/imageshare")
+    node.append_config(
+        f'[forward]\nae_title = "{PACS}"\nhost = "127.0.0.1"\nport = {pacs.port}\n'
+        "initial_backoff = 0.3\nmax_attempts = 20"
+    )
+    return node
+
+
+def status(node: NodeProcess) -> dict[str, Any]:
+    return node.get_json("/admin/api/forwarding")  # type: ignore[no-any-return]
+
+
+def start(node: NodeProcess) -> NodeProcess:
+    """Start the node and wait for its forwarder: /healthz answers before services start."""
+    node.start()
+    wait_until(lambda: status(node)["enabled"], timeout=10, message="the forwarder to start")
+    return node
+
+
+def assert_delivered(pacs: StoreScp, study: SyntheticStudy) -> None:
+    received = pacs.received()
+    assert set(received) == set(study.sop_uids)
+    for path in study.files:
+        sent = pydicom.dcmread(path)
+        assert received[sent.SOPInstanceUID] == sent
+
+
+class TestForwarding:
+    def test_imported_study_is_forwarded_to_the_pacs(
+        self, forwarding_node: NodeProcess, pacs: StoreScp, tmp_path: Path
+    ) -> None:
+        pacs.start()
+        node = start(forwarding_node)
+        study = make_ct_study(tmp_path / "study", series=2, slices=3)
+        # Import runs in a separate process: the forwarder finds the study in the index.
+        node.cli("import", str(tmp_path / "study"))
+        wait_until(lambda: len(pacs.received()) == 6, message="the study at the PACS")
+        assert_delivered(pacs, study)
+        wait_until(lambda: status(node)["forwarded"] == 6, timeout=5, message="the count")
+        report = status(node)
+        assert report["enabled"] is True
+        assert report["destination"] == {"ae_title": PACS, "host": "127.0.0.1", "port": pacs.port}
+        assert (report["pending"], report["failed"], report["problems"]) == (0, 0, [])
+        assert "forwarded 6 instance(s)" in node.log_path.read_text()
+
+    def _import_while_pacs_is_down(
+        self, node: NodeProcess, tmp_path: Path
+    ) -> tuple[SyntheticStudy, dict[str, Any]]:
+        study = make_ct_study(tmp_path / "study", series=1, slices=4)
+        node.cli("import", str(tmp_path / "study"))
+        # Attempts fail, are counted and shown, and the instances stay queued.
+        report = wait_until(
+            lambda: (r := status(node))["problems"] and r["problems"][0]["attempts"] >= 1 and r,
+            message="failed attempts in the status",
+        )
+        assert report["pending"] == 4 and report["forwarded"] == 0
+        assert "no association" in report["last_error"]
+        assert "forwarding 4 instance(s)" in node.log_path.read_text()
+        return study, report
+
+    def test_forwarding_retries_until_the_pacs_is_up(
+        self, forwarding_node: NodeProcess, pacs: StoreScp, tmp_path: Path
+    ) -> None:
+        node = start(forwarding_node)
+        study, _ = self._import_while_pacs_is_down(node, tmp_path)
+        pacs.start()
+        wait_until(lambda: len(pacs.received()) == 4, message="the study at the PACS")
+        assert_delivered(pacs, study)
+        wait_until(
+            lambda: (r := status(node))["forwarded"] == 4 and r["pending"] == 0,
+            timeout=5,
+            message="the status to show the delivery",
+        )
+
+    def test_queued_instances_survive_a_crash(
+        self, forwarding_node: NodeProcess, pacs: StoreScp, tmp_path: Path
+    ) -> None:
+        node = start(forwarding_node)
+        study, _ = self._import_while_pacs_is_down(node, tmp_path)
+        node.kill9()
+        pacs.start()
+        start(node)
+        wait_until(lambda: len(pacs.received()) == 4, message="the study at the PACS")
+        assert_delivered(pacs, study)
+        assert status(node)["problems"] == []
+
+
+class TestForwardingStatus:
+    def test_disabled_forwarding_says_so_to_the_admin_only(self, running_node: NodeProcess) -> None:
+        assert status(running_node) == {"enabled": False}
+        with pytest.raises(Exception, match="401"):
+            running_node.get_json("/admin/api/forwarding", auth=False)
