@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import socket
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from requests.exceptions import HTTPError
 
-from tests.support.nodes import NodeProcess, init_node
+from tests.support.nodes import NodeProcess, init_node, wait_until
 from tests.support.studies import make_ct_study
 
 BOUNDARY = "stow-test-boundary"
@@ -248,6 +249,22 @@ class TestRefusedRequests:
         assert uploads.post(body).status_code == 413
         chunked = uploads.post(iter([body[i : i + 50_000] for i in range(0, len(body), 50_000)]))
         assert chunked.status_code == 413
+        assert uploads.counts() == before
+        uploads.assert_nothing_left_over()
+
+    def test_client_hanging_up_mid_upload_stores_nothing(self, uploads: Uploads) -> None:
+        study = uploads.study()
+        body = multipart(*(p.read_bytes() for p in study.files))
+        before = uploads.counts()
+        head = (
+            f"POST /dicomweb/studies HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: Bearer {uploads.node.admin_token}\r\n"
+            f"Content-Type: {CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", uploads.node.http_port)) as conn:
+            conn.sendall(head + body[: len(body) - 1000])
+            wait_until(lambda: list((uploads.node.data_dir / "tmp").iterdir()), timeout=10)
+        wait_until(lambda: not list((uploads.node.data_dir / "tmp").iterdir()), timeout=10)
         assert uploads.counts() == before
         uploads.assert_nothing_left_over()
 

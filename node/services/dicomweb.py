@@ -8,9 +8,11 @@ HTTP framing and content negotiation stay in the HTTP edge.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import io
 import logging
 import struct
+import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,24 +166,39 @@ class _BlockingPartReader(io.RawIOBase):
     """A blocking file-like view of an uploaded part, read by a worker thread.
 
     Each read asks the event loop for one chunk and waits for it, so the worker copies
-    the part to disk without it ever being whole in memory.
+    the part to disk without it ever being whole in memory. ``abort`` (from the loop)
+    wakes a waiting worker with an error, so an abandoned upload never strands a thread.
     """
 
     def __init__(self, part: UploadPart, loop: asyncio.AbstractEventLoop) -> None:
         self._part = part
         self._loop = loop
+        self._lock = threading.Lock()
+        self._pending: concurrent.futures.Future[bytes] | None = None
+        self.aborted = False
 
     def readable(self) -> bool:
         return True
 
     def read(self, size: int | None = -1) -> bytes:
         wanted = size if size is not None and size > 0 else CHUNK
-        return asyncio.run_coroutine_threadsafe(self._part.read_chunk(wanted), self._loop).result()
+        with self._lock:
+            if self.aborted:
+                raise ConnectionAbortedError("the upload was abandoned")
+            pending = asyncio.run_coroutine_threadsafe(self._part.read_chunk(wanted), self._loop)
+            self._pending = pending
+        return pending.result()
 
     def readinto(self, buffer: Any) -> int:
         data = self.read(len(buffer))
         buffer[: len(data)] = data
         return len(data)
+
+    def abort(self) -> None:
+        with self._lock:
+            self.aborted = True
+            if self._pending is not None:
+                self._pending.cancel()
 
 
 class DicomWebService:
@@ -328,10 +345,12 @@ class DicomWebService:
                         ("", "", FAILURE_CANNOT_UNDERSTAND, "part is not application/dicom")
                     )
                     continue
+                reader = _BlockingPartReader(part, loop)
                 try:
-                    item = await asyncio.to_thread(
-                        self.store.stage, cast(IO[bytes], _BlockingPartReader(part, loop))
-                    )
+                    item = await asyncio.to_thread(self._stage, reader)
+                except asyncio.CancelledError:
+                    reader.abort()
+                    raise
                 except PayloadTooLarge as exc:
                     if type(exc) is not PayloadTooLarge:
                         raise  # the whole body is over its limit
@@ -358,6 +377,13 @@ class DicomWebService:
             self.store.discard(staged)
             raise
         return report
+
+    def _stage(self, reader: _BlockingPartReader) -> StagedInstance:
+        item = self.store.stage(cast(IO[bytes], reader))
+        if reader.aborted:  # the request was cancelled while the header was being checked
+            self.store.discard([item])
+            raise ConnectionAbortedError("the upload was abandoned")
+        return item
 
 
 # -- blocking helpers (run in worker threads) --------------------------------------------

@@ -191,6 +191,8 @@ class StreamedParts:
                 part = await self._reader.next()
             except (ValueError, AssertionError, RuntimeError) as exc:
                 raise BadInput(f"malformed multipart body: {exc}") from exc
+            except ConnectionError as exc:
+                raise BadInput("the client closed the connection before the body ended") from exc
             self.check_size()
             if part is None:
                 return
@@ -206,5 +208,7 @@ class StreamedParts:
             chunk = await part.read_chunk(size)
         except (ValueError, AssertionError) as exc:
             raise BadInput(f"malformed multipart body: {exc}") from exc
+        except ConnectionError as exc:
+            raise BadInput("the client closed the connection before the body ended") from exc
         self.check_size()
         return chunk
