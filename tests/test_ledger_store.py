@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +24,10 @@ from node.core.merkle import (
 )
 from node.core.notes import Checkpoint, cosign_checkpoint, parse_note, sign_note, verify_note
 from node.errors import BadInput, Conflict, Unauthorized
+from node.services.ledger import ledger_service
+from node.services.runtime import open_runtime
 from node.store.ledger import LedgerStore, OwnLog
+from tests.support.nodes import init_node
 
 ORIGIN = "a.example/imageshare"
 
@@ -223,3 +228,25 @@ class TestMirror:
         with pytest.raises(Conflict):
             store.mirror(ORIGIN, NodeIdentity(ORIGIN, bytes(32)).vkey)
         assert store.log_by_id("zz") is None and store.log_by_id("00" * 32) is None
+
+
+class TestLedgerService:
+    def test_runtime_service_appends_durably_and_publishes(self, tmp_path: Path) -> None:
+        node = init_node(tmp_path, ORIGIN)
+        runtime = open_runtime(node.config)
+        try:
+            service = runtime.services["ledger"]
+            assert ledger_service(runtime) is service
+            first = service.append("grant", {"token": b"t"})
+            second = asyncio.run(service.append_async("revoke", {"revocation": b"r"}))
+            assert (first.index, second.index) == (0, 1)
+            assert abs(decode_entry(second.entry).time - time.time()) < 60
+            checkpoint = verify_note(service.checkpoint_note(), node.vkey)
+            assert (checkpoint.size, checkpoint.root_hash) == (2, service.own.root())
+            with pytest.raises(BadInput):
+                service.append("grant", {"token": 5})
+        finally:
+            runtime.close()
+        reopened = LedgerStore(node.data_dir)
+        assert reopened.own_log(ORIGIN).size() == 2
+        reopened.close()
