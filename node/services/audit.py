@@ -104,10 +104,17 @@ class PeerView:
 
 
 async def _read_limited(response: aiohttp.ClientResponse) -> bytes:
-    data = await response.content.read(MAX_RESPONSE_BYTES + 1)
-    if len(data) > MAX_RESPONSE_BYTES:
+    """The whole body, refusing one larger than MAX_RESPONSE_BYTES."""
+    if (response.content_length or 0) > MAX_RESPONSE_BYTES:
         raise BadInput("answer is larger than the auditor accepts")
-    return data
+    parts: list[bytes] = []
+    total = 0
+    while chunk := await response.content.read(1 << 20):
+        total += len(chunk)
+        if total > MAX_RESPONSE_BYTES:
+            raise BadInput("answer is larger than the auditor accepts")
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 async def _get(
