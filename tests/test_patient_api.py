@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -76,6 +78,20 @@ class TestSignedPatientRequests:
         headers = signed_headers(alice, "GET", "/patient/studies", now=int(time.time()) - 3600)
         status, answer = send(node, "GET", "/patient/studies", headers)
         assert status == 401 and answer["error"] == "stale timestamp"
+
+    def test_oversized_body_is_refused_before_reading(self, node: NodeProcess, alice: PatientKey):
+        body = bytes(70 * 1024)
+        headers = signed_headers(alice, "POST", "/patient/grants", body)
+        assert send(node, "POST", "/patient/grants", headers, body)[0] == 413
+
+    def test_chunked_body_is_refused(self, node: NodeProcess, alice: PatientKey) -> None:
+        headers = signed_headers(alice, "POST", "/patient/grants", b"x")
+        request = urllib.request.Request(
+            node.url + "/patient/grants", data=iter([b"x"]), method="POST", headers=headers
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 400
 
     def test_unsigned_request_is_refused(self, node: NodeProcess, alice: PatientKey) -> None:
         status, answer = send(node, "GET", "/patient/studies", {})

@@ -59,6 +59,8 @@ class EnrollResult:
     index: int | None  # None when the key was already enrolled for this patient
     subject: bytes
     replaced: bytes | None
+    # Studies of the patient here now: 0 warns staff of a mistyped patient id.
+    studies: int = 0
 
 
 @dataclass(frozen=True)
@@ -247,14 +249,17 @@ def enroll_patient(runtime: NodeRuntime, patient_id: str, public_key: bytes) -> 
                 raise Conflict("that key is already enrolled for another patient")
             if existing.retired:
                 raise Conflict("that key was retired; the patient needs a new one")
-            return EnrollResult(None, subject, None)
+            return EnrollResult(
+                None, subject, None, len(own_studies_of_patient(runtime, patient_id))
+            )
         service.state.bind_subject(subject, patient_id)
         current = service.state.active_key_of_subject(subject)
         replaced = None if current is None else current.public_key
         appended = service.append(
             "enroll", {"subject": subject, "key": public_key, "replaces": replaced}
         )
-    return EnrollResult(appended.index, subject, replaced)
+    studies = len(own_studies_of_patient(runtime, patient_id))
+    return EnrollResult(appended.index, subject, replaced, studies)
 
 
 def enroll_result_json(result: EnrollResult, public_key: bytes) -> dict[str, Any]:
@@ -264,6 +269,7 @@ def enroll_result_json(result: EnrollResult, public_key: bytes) -> dict[str, Any
         "index": result.index,
         "already_enrolled": result.index is None,
         "replaced": None if result.replaced is None else b64url(result.replaced),
+        "studies": result.studies,
     }
 
 

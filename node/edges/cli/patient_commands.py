@@ -54,9 +54,7 @@ T = TypeVar("T")
 
 
 def register(subparsers: Any) -> None:
-    p = command(
-        subparsers, "enroll", cmd_enroll, "bind a patient's key to a local patient (staff)"
-    )
+    p = command(subparsers, "enroll", cmd_enroll, "bind a patient's key to a local patient (staff)")
     p.add_argument("--patient-id", required=True, metavar="MRN")
     p.add_argument("--key", required=True, metavar="PATIENT_PUBKEY")
 
@@ -121,7 +119,12 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     elif result["already_enrolled"]:
         print(f"That key is already enrolled for patient {args.patient_id}.")
     else:
-        print(f"Enrolled the key for patient {args.patient_id} (log entry {result['index']}).")
+        print(
+            f"Enrolled the key for patient {args.patient_id} (log entry {result['index']});"
+            f" {result['studies']} studies of that patient here."
+        )
+        if not result["studies"]:
+            print("  warning: no study of that patient id on this node; is the id right?")
         if result["replaced"]:
             print(f"  retired the previous key {result['replaced']} and its grants")
     return EXIT_OK
@@ -256,9 +259,7 @@ def cmd_grant(args: argparse.Namespace) -> int:
     lifetime = parse_lifetime(args.expires)
     scope = None if args.all else tuple(parse_study_ref(r) for r in args.study)
     wallet = _open_wallet(args)
-    record = _run(
-        lambda session: wallet.grant(session, args.custodian, args.to, scope, lifetime)
-    )
+    record = _run(lambda session: wallet.grant(session, args.custodian, args.to, scope, lifetime))
     if args.json:
         print_json({k: record[k] for k in ("token", "token_id", "url")})
         return EXIT_OK

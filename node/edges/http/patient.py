@@ -22,7 +22,7 @@ from node.core.patient_keys import parse_public_key
 from node.core.signed_requests import PATIENT_PREFIX
 from node.edges.http.app import RUNTIME_KEY
 from node.edges.http.signed import SignedCaller, authenticate, nonce_store_of
-from node.errors import BadInput, Forbidden
+from node.errors import BadInput, Forbidden, PayloadTooLarge
 from node.services import consent
 from node.services.ledger import ledger_service
 from node.services.runtime import NodeRuntime
@@ -48,8 +48,11 @@ async def _patient(request: web.Request) -> SignedCaller:
         key = parse_public_key(signer[len(PATIENT_PREFIX) :])
         return consent.enrolled_key(runtime, key)
 
+    # The body is read before its signature can be checked: bound it first.
+    if request.method == "POST" and request.content_length is None:
+        raise BadInput("a patient request needs a Content-Length")
     if (request.content_length or 0) > MAX_SUBMISSION_BYTES:
-        raise BadInput("a patient request body is at most 64 KiB")
+        raise PayloadTooLarge("a patient request body is at most 64 KiB")
     return await authenticate(
         request, resolve, runtime.config.federation.max_request_age, nonce_store_of(runtime)
     )
