@@ -16,6 +16,7 @@ from node.edges.http.multipart import (
     NotAcceptable,
     StreamedParts,
     parse_accept,
+    send_body,
     stream_parts,
     type_matches,
 )
@@ -154,12 +155,13 @@ async def retrieve_metadata(request: web.Request) -> web.StreamResponse:
     body: AsyncIterator[bytes] = _service(request).metadata(records, _base_url(request))
     first = await anext(body)  # errors before this point still get their own status
     response = web.StreamResponse(headers={"Content-Type": dicom_json.MEDIA_TYPE})
-    await response.prepare(request)
-    await response.write(first)
-    async for chunk in body:
-        await response.write(chunk)
-    await response.write_eof()
-    return response
+    return await send_body(request, response, _prepend(first, body))
+
+
+async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for chunk in rest:
+        yield chunk
 
 
 def _frame_numbers(text: str) -> list[int]:

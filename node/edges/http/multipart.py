@@ -8,6 +8,7 @@ without holding a part in memory, and counts the body against the configured lim
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from aiohttp import BodyPartReader, MultipartReader, web
 
 from node.errors import BadInput, ImageShareError, PayloadTooLarge
 from node.services.dicomweb import OutgoingPart
+
+log = logging.getLogger(__name__)
 
 
 class UnsupportedMediaType(ImageShareError):
@@ -114,6 +117,28 @@ class MultipartWriter:
         )
 
 
+async def send_body(
+    request: web.Request, response: web.StreamResponse, body: AsyncIterator[bytes]
+) -> web.StreamResponse:
+    """Prepare ``response`` and stream ``body`` into it.
+
+    A client that goes away mid-answer (a viewer cancelling) is normal: it is logged
+    quietly, not as an error.
+    """
+    await response.prepare(request)
+    try:
+        async for chunk in body:
+            await response.write(chunk)
+        await response.write_eof()
+    except ConnectionError:
+        log.info("client left during %s %s", request.method, request.path)
+    finally:
+        aclose = getattr(body, "aclose", None)
+        if aclose is not None:
+            await aclose()  # closes the files being read now, not at garbage collection
+    return response
+
+
 async def stream_parts(
     request: web.Request, part_type: str, parts: list[OutgoingPart]
 ) -> web.StreamResponse:
@@ -127,7 +152,12 @@ async def stream_parts(
     sizes = [(p.content_type, p.size) for p in parts if p.size is not None]
     if len(sizes) == len(parts):
         response.content_length = writer.total_length(sizes)
-    await response.prepare(request)
+    return await send_body(request, response, _multipart_body(writer, parts))
+
+
+async def _multipart_body(
+    writer: MultipartWriter, parts: list[OutgoingPart]
+) -> AsyncIterator[bytes]:
     for part in parts:
         chunks: list[bytes] = []
         if part.size is None:  # a frame read whole: its length is known only now
@@ -135,18 +165,16 @@ async def stream_parts(
             size = sum(len(c) for c in chunks)
         else:
             size = part.size
-        await response.write(writer.part_header(part.content_type, size))
+        yield writer.part_header(part.content_type, size)
         sent = 0
         async for chunk in _replay(chunks) if part.size is None else part.body():
             sent += len(chunk)
-            await response.write(chunk)
+            yield chunk
         if sent != size:
-            # The announced length can no longer be honoured: cut the connection.
-            raise ConnectionAbortedError("a stored file changed size while being sent")
-        await response.write(b"\r\n")
-    await response.write(writer.closing)
-    await response.write_eof()
-    return response
+            # The announced length can no longer be honoured: the connection is cut.
+            raise RuntimeError("a stored file changed size while being sent")
+        yield b"\r\n"
+    yield writer.closing
 
 
 async def _replay(chunks: list[bytes]) -> AsyncIterator[bytes]:
