@@ -40,6 +40,17 @@ WALLET_SEED = bytes(range(32))
 POLICY = ConsentPolicy(custodian_origin=CUSTODIAN, max_lifetime=365 * DAY, clock_skew=300)
 
 
+MSGPACK_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.text(max_size=40)
+    | st.binary(max_size=70),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=8,
+)
+
+
 def ref(name: str) -> bytes:
     return hashlib.sha256(name.encode()).digest()
 
@@ -229,6 +240,19 @@ class TestTokenFormat:
         for decode in (decode_grant, decode_revocation):
             with contextlib.suppress(BadInput):
                 decode(data)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(MSGPACK_VALUES, min_size=9, max_size=9), st.booleans())
+    def test_well_encoded_nonsense_raises_only_bad_input(
+        self, fields: list[object], versioned: bool
+    ) -> None:
+        if versioned:
+            fields[0] = 1
+        for data in (canonical_encode(fields), canonical_encode(fields[:5])):
+            for decode in (decode_grant, decode_revocation):
+                with contextlib.suppress(BadInput):
+                    decode(data)
+            assert not validate_grant(data, request(), view(data), POLICY).allowed
 
     @settings(max_examples=200, deadline=None)
     @given(st.integers(min_value=0, max_value=300), st.integers(min_value=0, max_value=255))

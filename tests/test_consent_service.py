@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import time
@@ -17,7 +18,7 @@ from node.errors import Conflict, Forbidden, NotFound
 from node.services import consent
 from node.services.ledger import ledger_service
 from node.services.runtime import NodeRuntime, open_runtime
-from tests.support.nodes import init_node
+from tests.support.nodes import init_node, run_cli
 from tests.support.patients import make_grant
 from tests.support.studies import SyntheticStudy, make_ct_study
 
@@ -79,6 +80,26 @@ class TestEnrollPatient:
         assert first.index is not None and again.index is None
         kinds = [k for k, f in own_entries(runtime) if f.get("key") == key.public_key]
         assert kinds == ["enroll"]
+
+    def test_cli_enrolls_directly_when_no_daemon_runs(
+        self, prepared: tuple[Path, SyntheticStudy]
+    ) -> None:
+        key = new_key()
+        result = run_cli(
+            "enroll",
+            "--patient-id",
+            "MRN-1",
+            "--key",
+            key.public_key_text,
+            "--json",
+            config=prepared[0],
+        )
+        assert json.loads(result.stdout)["studies"] == 1
+        runtime = open_runtime(prepared[0])
+        try:
+            assert consent.enrolled_key(runtime, key.public_key) == key.public_key
+        finally:
+            runtime.close()
 
     def test_key_of_one_patient_cannot_be_enrolled_for_another(self, runtime: NodeRuntime):
         key = new_key()

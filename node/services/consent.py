@@ -50,6 +50,7 @@ REFERENCE_KEY_FILE = "reference.key"
 STUDY_REF_DOMAIN = b"imageshare/study-ref/v1\n"
 SUBJECT_REF_DOMAIN = b"imageshare/subject-ref/v1\n"
 DAY = 86_400
+_OPEN_LOCK = threading.Lock()
 # The ``source`` of studies fetched from another custodian (see transfer.source_label).
 FETCHED_SOURCE_PREFIX = "fetched from "
 
@@ -146,12 +147,14 @@ def _load_or_create_reference_key(runtime: NodeRuntime) -> bytes:
 
 def consent_service(runtime: NodeRuntime) -> ConsentService:
     """The node's consent service, opened (and caught up with the log) on first use."""
-    service = runtime.services.get(SERVICE_NAME)
-    if service is None:
-        service = ConsentService(runtime)
-        runtime.services[SERVICE_NAME] = service
-        service.catch_up()
-    return service  # type: ignore[no-any-return]
+    with _OPEN_LOCK:  # handlers run in worker threads: open it once
+        service = runtime.services.get(SERVICE_NAME)
+        if service is None:
+            service = ConsentService(runtime)
+            runtime.services[SERVICE_NAME] = service
+            service.catch_up()
+    assert isinstance(service, ConsentService)
+    return service
 
 
 # -- references ----------------------------------------------------------------------------
