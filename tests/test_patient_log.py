@@ -1,0 +1,130 @@
+"""`imageshare patient log`: the patient's accesses, denials and revocations, proven.
+
+A real story on real nodes: custodian A and grantee B replicate (and so cosign) each
+other's logs; the patient keeps a wallet, is enrolled at A, grants B, B fetches through
+the transfer service, the patient revokes, and B's next fetch is refused (a denial).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.nodes import NodeProcess, init_node, run_cli, wait_until
+from tests.support.studies import make_ct_study
+
+
+def patient(wallet: Path, *args: str, check: bool = True) -> Any:
+    """`imageshare patient ARGS --wallet W --json`, parsed (the raw result if check=False)."""
+    result = run_cli("patient", *args, "--wallet", str(wallet), "--json", check=check)
+    return json.loads(result.stdout) if check else result
+
+
+@pytest.fixture(scope="module")
+def story(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    base = tmp_path_factory.mktemp("patient-log")
+    a = init_node(base, "a.example/imageshare")
+    b = init_node(base, "b.example/imageshare")
+    for one, other in ((a, b), (b, a)):
+        one.append_config(
+            "[federation]\ndiscovery = false\nreplicate_interval = 0.2\n\n"
+            f'[[peers]]\norigin = "{other.origin}"\nurl = "{other.url}"\nvkey = "{other.vkey}"'
+        )
+    make_ct_study(base / "study", series=1, slices=2, patient_id="MRN-LOG-1")
+    a.cli("import", str(base / "study"))
+    a.start()
+    b.start()
+    wallet = base / "wallet"
+    patient(wallet, "keygen")
+    key = patient(wallet, "pubkey", "--custodian", a.url)["pubkey"]
+    a.cli("enroll", "--patient-id", "MRN-LOG-1", "--key", key)
+    grant = patient(wallet, "grant", "--custodian", a.url, "--to", b.origin, "--all")
+    other = patient(wallet, "grant", "--custodian", a.url, "--to", b.origin, "--all")
+    b.cli("fetch", grant["token"])
+    patient(wallet, "revoke", grant["token_id"], "--custodian", a.url)
+    refused = b.cli("fetch", grant["token"], check=False)
+    try:
+        yield {"a": a, "b": b, "wallet": wallet, "grant": grant, "other": other, "refused": refused}
+    finally:
+        a.stop()
+        b.stop()
+
+
+def proven_log(a: NodeProcess, b: NodeProcess, wallet: Path) -> dict[str, Any] | None:
+    """The patient log once every event is proven (cosigned checkpoints take a moment)."""
+    result = run_cli("patient", "log", a.url, b.url, "--wallet", str(wallet), "--json", check=False)
+    if result.returncode != 0:
+        return None
+    document: dict[str, Any] = json.loads(result.stdout)
+    return document
+
+
+class TestPatientLog:
+    def test_lists_exactly_the_fetch_the_revocation_and_the_denial(
+        self, story: dict[str, Any]
+    ) -> None:
+        a, b, wallet = story["a"], story["b"], story["wallet"]
+        assert story["refused"].returncode == 1
+        log = wait_until(
+            lambda: proven_log(a, b, wallet), timeout=30, interval=0.5, message="a proven log"
+        )
+        events = [(e["kind"], e["token_id"]) for e in log["events"]]
+        token_id = story["grant"]["token_id"]
+        assert events == [("access", token_id), ("revoke", token_id), ("denial", token_id)]
+        access, _, denial = log["events"]
+        assert access["grantee"] == b.origin and access["instances"] == 2
+        assert denial["requester"] == b.origin and denial["rule"] == "revoked"
+        assert all(e["custodian"] == a.origin for e in log["events"])
+
+    def test_every_event_is_proven_by_inclusion_under_a_checkpoint_cosigned_by_a_peer(
+        self, story: dict[str, Any]
+    ) -> None:
+        a, b, wallet = story["a"], story["b"], story["wallet"]
+        log = wait_until(
+            lambda: proven_log(a, b, wallet), timeout=30, interval=0.5, message="a proven log"
+        )
+        assert log["proven"] is True
+        for event in log["events"]:
+            proof = event["proof"]
+            assert proof["log_signature"] and proof["inclusion"]
+            assert proof["cosigners"] == [b.origin]
+            assert proof["checkpoint_size"] > event["index"]
+
+    def test_human_log_says_who_received_what_and_how_it_is_proven(
+        self, story: dict[str, Any]
+    ) -> None:
+        a, b, wallet = story["a"], story["b"], story["wallet"]
+        wait_until(lambda: proven_log(a, b, wallet), timeout=30, interval=0.5)
+        result = run_cli("patient", "log", a.url, b.url, "--wallet", str(wallet))
+        assert f"{b.origin} received 2 images" in result.stdout
+        assert "was refused (revoked)" in result.stdout
+        assert f"cosigned by {b.origin}" in result.stdout
+
+    def test_without_a_witness_nothing_is_proven(self, story: dict[str, Any]) -> None:
+        # Asking the custodian alone: its signature and inclusion hold, but no other node
+        # is there to vouch for the checkpoint's cosigner key.
+        a, wallet = story["a"], story["wallet"]
+        result = run_cli("patient", "log", a.url, "--wallet", str(wallet), "--json", check=False)
+        assert result.returncode == 1
+        log = json.loads(result.stdout)
+        assert log["events"] and not any(e["proof"]["proven"] for e in log["events"])
+
+    def test_audit_of_the_story_is_clean(self, story: dict[str, Any]) -> None:
+        a, b = story["a"], story["b"]
+
+        def audited() -> dict[str, Any] | None:
+            result = run_cli("audit", a.url, b.url, "--json", check=False)
+            report: dict[str, Any] = json.loads(result.stdout)
+            # Replication may lag a moment: a mirror a size behind is no violation.
+            return report if result.returncode == 0 else None
+
+        report = wait_until(audited, timeout=30, interval=0.5, message="a clean audit")
+        logs = {log["origin"]: log for log in report["logs"]}
+        assert logs[a.origin]["counts"]["access"] == 1
+        assert logs[a.origin]["counts"]["denial"] == 1
+        assert logs[b.origin]["counts"]["receipt"] == 1
+        assert any(c["status"] == "valid" for c in logs[a.origin]["cosignatures"])
