@@ -214,38 +214,46 @@ class StreamDecryptor:
 
     def feed(self, data: bytes) -> Iterator[tuple[bytes, bool]]:
         """Add received bytes; yield every message now complete."""
-        self._buffer += data
+        # Parse by offset and keep only the unfinished tail: trimming a buffer from the
+        # front after every message would copy the rest of it each time.
+        buffer = bytes(self._buffer) + data if self._buffer else bytes(data)
+        self._buffer = bytearray()
+        pos = 0
         if self._state is None:
-            if len(self._buffer) < HEADER_SIZE:
+            if len(buffer) < HEADER_SIZE:
+                self._buffer = bytearray(buffer)
                 return
             self._state = sodium.crypto_secretstream_xchacha20poly1305_state()
             try:
                 sodium.crypto_secretstream_xchacha20poly1305_init_pull(
-                    self._state, bytes(self._buffer[:HEADER_SIZE]), self._key
+                    self._state, buffer[:HEADER_SIZE], self._key
                 )
             except (SodiumRuntimeError, ValueError) as exc:
                 raise ChannelError("bad encrypted stream header") from exc
-            del self._buffer[:HEADER_SIZE]
-        while len(self._buffer) >= _LENGTH.size:
-            if self.finished:
-                raise ChannelError("data after the final message of the encrypted stream")
-            (length,) = _LENGTH.unpack_from(self._buffer)
-            if length < OVERHEAD or length > MAX_MESSAGE + OVERHEAD:
-                raise ChannelError("encrypted message has an impossible length")
-            if len(self._buffer) < _LENGTH.size + length:
-                return
-            ciphertext = bytes(self._buffer[_LENGTH.size : _LENGTH.size + length])
-            del self._buffer[: _LENGTH.size + length]
-            try:
-                plaintext, tag = sodium.crypto_secretstream_xchacha20poly1305_pull(
-                    self._state, ciphertext
-                )
-            except (CryptoError, SodiumRuntimeError, ValueError) as exc:
-                raise ChannelError("encrypted message failed authentication") from exc
-            if tag not in (TAG_MESSAGE, TAG_FINAL):
-                raise ChannelError("encrypted message has an unexpected tag")
-            self.finished = tag == TAG_FINAL
-            yield bytes(plaintext), self.finished
+            pos = HEADER_SIZE
+        try:
+            while len(buffer) - pos >= _LENGTH.size:
+                if self.finished:
+                    raise ChannelError("data after the final message of the encrypted stream")
+                (length,) = _LENGTH.unpack_from(buffer, pos)
+                if length < OVERHEAD or length > MAX_MESSAGE + OVERHEAD:
+                    raise ChannelError("encrypted message has an impossible length")
+                start = pos + _LENGTH.size
+                if len(buffer) - start < length:
+                    break
+                pos = start + length
+                try:
+                    plaintext, tag = sodium.crypto_secretstream_xchacha20poly1305_pull(
+                        self._state, buffer[start:pos]
+                    )
+                except (CryptoError, SodiumRuntimeError, ValueError) as exc:
+                    raise ChannelError("encrypted message failed authentication") from exc
+                if tag not in (TAG_MESSAGE, TAG_FINAL):
+                    raise ChannelError("encrypted message has an unexpected tag")
+                self.finished = tag == TAG_FINAL
+                yield bytes(plaintext), self.finished
+        finally:
+            self._buffer = bytearray(buffer[pos:])
 
     def close(self) -> None:
         """End of input: raises ChannelError if the stream was cut short."""

@@ -242,7 +242,7 @@ class _StreamReceiver:
         self._decryptor = StreamDecryptor(key)
         self._parser = InstanceStreamParser(manifest, handles)
         self._staging: StagingFile | None = None
-        self.ready: list[tuple[StagedInstance, ManifestEntry]] = []
+        self.ready: list[tuple[StagingFile, ManifestEntry]] = []
         self.ready_bytes = 0
 
     def feed(self, data: bytes) -> None:
@@ -260,14 +260,15 @@ class _StreamReceiver:
     def _complete(self, entry: ManifestEntry) -> None:
         assert self._staging is not None
         staging, self._staging = self._staging, None
+        staging.close()
         if staging.digest != entry.digest.hex():
             staging.abort()
             raise BadInput(f"instance {entry.handle} does not match its manifest digest")
-        staged = staging.finish()
-        self.ready.append((staged, entry))
-        self.ready_bytes += staged.size
+        # Parsing its header waits for the commit thread, beside the decryption.
+        self.ready.append((staging, entry))
+        self.ready_bytes += staging.size
 
-    def take_ready(self) -> list[tuple[StagedInstance, ManifestEntry]]:
+    def take_ready(self) -> list[tuple[StagingFile, ManifestEntry]]:
         taken, self.ready, self.ready_bytes = self.ready, [], 0
         return taken
 
@@ -281,7 +282,8 @@ class _StreamReceiver:
         if self._staging is not None:
             self._staging.abort()
             self._staging = None
-        self._store.discard(s for s, _ in self.take_ready())
+        for staging, _ in self.take_ready():
+            staging.abort()
 
 
 class TransferService:
@@ -457,22 +459,23 @@ class TransferService:
         )
         sent: list[SentInstance] = []
         blocks = self._blocks(session, handles)
+        # The next block is read and encrypted in a worker thread while this one is sent.
+        upcoming = asyncio.ensure_future(asyncio.to_thread(next, blocks, None))
         try:
-            while True:
-                block = await asyncio.to_thread(next, blocks, None)
-                if block is None:
-                    break
+            while (block := await upcoming) is not None:
+                upcoming = asyncio.ensure_future(asyncio.to_thread(next, blocks, None))
                 await write(block.data)
                 progress.bytes_sent += len(block.data)
                 if block.completed:
                     sent += block.completed
                     progress.instances_sent += len(block.completed)
-                    await asyncio.to_thread(self.store.journal_sent, stream_id, block.completed)
+                    self.store.journal_sent(stream_id, block.completed)
             progress.complete = True
         finally:
             progress.finished = time.time()
-            with contextlib.suppress(ValueError):  # still running in a cancelled thread
-                blocks.close()
+            with contextlib.suppress(BaseException):
+                await upcoming
+            blocks.close()
             await asyncio.shield(asyncio.to_thread(self._close_stream, stream_id, session, sent))
 
     def _close_stream(
@@ -562,7 +565,7 @@ class TransferService:
             total=None, connect=self.runtime.config.federation.request_timeout, sock_read=60
         )
         try:
-            async with aiohttp.ClientSession(timeout=timeout) as http:
+            async with aiohttp.ClientSession(timeout=timeout, read_bufsize=RECEIVE_BYTES) as http:
                 while True:
                     job.attempts += 1
                     try:
@@ -703,12 +706,16 @@ class TransferService:
         )
         arrived: list[SentInstance] = []
         pending: asyncio.Future[None] | None = None
+        started = time.perf_counter()
+        commit_wait = 0.0
 
         async def flush() -> None:
-            nonlocal pending
+            nonlocal pending, commit_wait
             batch = receiver.take_ready()
             if pending is not None:
+                waited_from = time.perf_counter()
                 await pending
+                commit_wait += time.perf_counter() - waited_from
                 pending = None
             if batch:
                 pending = asyncio.ensure_future(
@@ -735,8 +742,19 @@ class TransferService:
                 await flush()
             finally:
                 receiver.abort()
+                received_at = time.perf_counter()
                 await asyncio.shield(
                     asyncio.to_thread(self._close_receipt, job, stream_id, arrived)
+                )
+                log.info(
+                    "fetch %s: %d instances (%.1f MB) stored in %.2f s, %.2f s of it waiting"
+                    " for durable commits; receipts in %.2f s",
+                    job.id,
+                    len(arrived),
+                    sum(a.size for a in arrived) / 1e6,
+                    received_at - started,
+                    commit_wait,
+                    time.perf_counter() - received_at,
                 )
 
     def _commit(
@@ -744,11 +762,19 @@ class TransferService:
         job: FetchJob,
         stream_id: str,
         manifest: Manifest,
-        batch: list[tuple[StagedInstance, ManifestEntry]],
+        batch: list[tuple[StagingFile, ManifestEntry]],
         arrived: list[SentInstance],
     ) -> None:
+        staged: list[StagedInstance] = []
+        try:
+            for staging, _ in batch:
+                staged.append(staging.finish())
+        except BaseException:
+            for staging, _ in batch:
+                staging.abort()
+            raise
         results = self.runtime.store.commit(
-            [staged for staged, _ in batch], source=source_label(job.custodian, job.token_id)
+            staged, source=source_label(job.custodian, job.token_id)
         )
         items = [
             SentInstance(manifest.studies[entry.study], entry.digest, entry.size)

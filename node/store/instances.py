@@ -493,11 +493,15 @@ class StagingFile:
     def digest(self) -> str:
         return self._hasher.hexdigest()
 
-    def finish(self) -> StagedInstance:
-        assert self._file is not None, "staging file already closed"
-        try:
+    def close(self) -> None:
+        """Stop writing (the digest is final); ``finish`` may run later, in another thread."""
+        if self._file is not None:
             self._file.close()
             self._file = None
+
+    def finish(self) -> StagedInstance:
+        try:
+            self.close()
             header = parse_header(self.tmp_path)
         except BaseException:
             self.abort()
