@@ -18,6 +18,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -121,7 +122,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     else:
         print(
             f"Enrolled the key for patient {args.patient_id} (log entry {result['index']});"
-            f" {result['studies']} studies of that patient here."
+            f" studies of that patient here: {result['studies']}."
         )
         if not result["studies"]:
             print("  warning: no study of that patient id on this node; is the id right?")
@@ -247,6 +248,10 @@ def cmd_studies(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _when(unix_time: int) -> str:
+    return datetime.fromtimestamp(unix_time, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def parse_lifetime(text: str) -> int:
     """Seconds in a lifetime like 30m, 12h, 7d or 2w; raises BadInput otherwise."""
     match = _DURATION.match(text.strip())
@@ -263,7 +268,7 @@ def cmd_grant(args: argparse.Namespace) -> int:
     if args.json:
         print_json({k: record[k] for k in ("token", "token_id", "url")})
         return EXIT_OK
-    print(f"Granted {args.to} access until {record['expires']} (unix time);")
+    print(f"Granted {args.to} access until {_when(record['expires'])};")
     print(f"recorded in {record['custodian']}'s log at entry {record['index']} (proof checked).")
     print(f"token id: {record['token_id']}")
     print(f"token:    {record['token']}")
@@ -295,6 +300,6 @@ def cmd_tokens(args: argparse.Namespace) -> int:
         checked = "" if t.get("checked") else "  (custodian not reached)"
         print(
             f"{t['token_id'][:16]}  {t['status']:8}  to {t['grantee']}"
-            f"  at {t['custodian']}  until {t['expires']}{checked}"
+            f"  at {t['custodian']}  until {_when(t['expires'])}{checked}"
         )
     return EXIT_OK
