@@ -397,17 +397,27 @@ def _read_header(path: Path) -> Dataset:
 
 
 async def _file_range(path: Path, offset: int, length: int) -> AsyncIterator[bytes]:
-    f = await asyncio.to_thread(open, path, "rb")
+    """``length`` bytes of a file from ``offset``, read in worker threads a chunk at a time."""
+
+    def open_and_read() -> tuple[IO[bytes], bytes]:
+        # One thread hop opens the file and reads its first chunk (often the whole instance).
+        f = open(path, "rb")  # noqa: SIM115 - closed by the generator below
+        try:
+            f.seek(offset)
+            return f, f.read(min(CHUNK, length))
+        except BaseException:
+            f.close()
+            raise
+
+    f, chunk = await asyncio.to_thread(open_and_read)
     try:
-        if offset:
-            await asyncio.to_thread(f.seek, offset)
         remaining = length
-        while remaining > 0:
-            chunk = await asyncio.to_thread(f.read, min(CHUNK, remaining))
-            if not chunk:
-                return
+        while chunk:
             remaining -= len(chunk)
             yield chunk
+            if remaining <= 0:
+                return
+            chunk = await asyncio.to_thread(f.read, min(CHUNK, remaining))
     finally:
         f.close()
 
