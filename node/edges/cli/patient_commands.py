@@ -113,7 +113,12 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             result = json.loads(response.read())
     except urllib.error.HTTPError as exc:
         raise _http_error(exc) from exc
-    except (urllib.error.URLError, ConnectionError):
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+        # Only a refused connection means no daemon: anything else may be a busy daemon,
+        # and a second writer beside it would fork the log.
+        reason = getattr(exc, "reason", exc)
+        if not isinstance(reason, ConnectionRefusedError):
+            raise Unreachable(f"the node's daemon did not answer: {reason}") from exc
         result = _enroll_offline(config, args.patient_id, public_key)
     if args.json:
         print_json(result)
