@@ -98,12 +98,11 @@ class StowReport:
             return 200
         return 202 if self.stored else 409
 
-    def as_json(self, base_url: str, study_uid: str | None) -> dict[str, Any]:
+    def as_json(self, base_url: str) -> dict[str, Any]:
         """The response dataset (PS3.18 10.5.3): RetrieveURL, Referenced and Failed SOPs."""
         out: dict[str, Any] = {}
         studies = {r.study_instance_uid for r in self.stored}
-        retrieve_study = study_uid or (studies.pop() if len(studies) == 1 else None)
-        if retrieve_study:
+        if retrieve_study := (studies.pop() if len(studies) == 1 else None):
             out["00081190"] = dicom_json.attribute(
                 0x00081190, f"{base_url}/studies/{retrieve_study}", "UR"
             )

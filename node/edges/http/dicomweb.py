@@ -246,4 +246,4 @@ async def store_instances(request: web.Request) -> web.Response:
     report = await _service(request).store_upload(_upload_parts(parts), study_uid)
     if not report.stored and not report.failed:
         raise BadInput("the multipart body holds no parts")
-    return _json_response(report.as_json(_base_url(request), study_uid), report.status)
+    return _json_response(report.as_json(_base_url(request)), report.status)
