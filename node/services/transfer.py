@@ -648,11 +648,16 @@ class TransferService:
 
     async def _attempt(self, job: FetchJob, http: aiohttp.ClientSession) -> None:
         urls, custodian_key = self._custodian_urls(job.custodian)
-        base = urls[0]
         ephemeral = EphemeralKey.generate()
-        response = await self._post(
-            http, f"{base}/p2p/transfer", OpenRequest(job.token, ephemeral.public).encode()
-        )
+        body = OpenRequest(job.token, ephemeral.public).encode()
+        # The learned address first, then the roster's; the one that answers serves all.
+        for position, base in enumerate(urls):
+            try:
+                response = await self._post(http, f"{base}/p2p/transfer", body)
+                break
+            except CustodianUnreachable:
+                if position == len(urls) - 1:
+                    raise
         try:
             opened = decode_open_response(await response.read())
         finally:
