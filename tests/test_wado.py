@@ -153,6 +153,26 @@ class TestMetadata:
         [pixels] = list(corpus.client.retrieve_bulkdata(uri))
         assert pixels == pydicom.dcmread(study.files[0]).PixelData
 
+    @pytest.mark.parametrize("name", SAMPLE_FILES)
+    def test_metadata_of_every_transfer_syntax_names_it(self, corpus: Corpus, name: str) -> None:
+        response = corpus.get(corpus.sample_path(name) + "/metadata")
+        [metadata] = response.json()
+        stored = corpus.sample(name)
+        assert metadata["00083002"]["Value"] == [stored.file_meta.TransferSyntaxUID]
+        assert metadata["00080018"]["Value"] == [stored.SOPInstanceUID]
+        assert "BulkDataURI" in metadata["7FE00010"]
+
+    def test_encapsulated_pixel_data_bulk_uri_returns_its_frames(self, corpus: Corpus) -> None:
+        response = corpus.get(corpus.sample_path("SC_rgb_rle_2frame.dcm") + "/metadata")
+        uri = response.json()[0]["7FE00010"]["BulkDataURI"]
+        accept = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+        bulk = requests.get(uri, headers={**corpus.node.auth, "Accept": accept}, timeout=10)
+        frames = [body for _, body in split_multipart(bulk)]
+        expected = generate_frames(
+            corpus.sample("SC_rgb_rle_2frame.dcm").PixelData, number_of_frames=2
+        )
+        assert frames == list(expected)
+
     def test_series_metadata_is_dicom_json(self, corpus: Corpus) -> None:
         study = corpus.study
         response = corpus.get(f"/studies/{study.study_uid}/series/{study.series_uids[0]}/metadata")
