@@ -143,10 +143,18 @@ def rule_names(report: dict[str, Any]) -> set[str]:
     return {v["rule"] for v in report["violations"]}
 
 
-def clean_federation(base: Path) -> tuple[NodeProcess, NodeProcess]:
+def reset(*nodes: NodeProcess) -> None:
+    """Stop the nodes and forget their ledgers (and what was derived from them)."""
+    for node in nodes:
+        node.kill9()  # what they held is thrown away next: no need for a clean shutdown
+        for name in ("ledger", "consent", "federation"):
+            for path in node.data_dir.glob(f"{name}.sqlite*"):
+                path.unlink()
+
+
+def clean_federation(a: NodeProcess, b: NodeProcess) -> tuple[NodeProcess, NodeProcess]:
     """A (custodian) and B (grantee), each mirroring the other, with one consented fetch."""
-    a = make_node(base, A_ORIGIN)
-    b = make_node(base, B_ORIGIN)
+    reset(a, b)
     patient = Patient(A_ORIGIN)
     token = patient.token(B_ORIGIN)
     study, digest = ref("study-1"), ref("digest-1")
@@ -178,12 +186,18 @@ def clean_federation(base: Path) -> tuple[NodeProcess, NodeProcess]:
     return a, b
 
 
-@pytest.fixture
-def federation(tmp_path: Path) -> Iterator[tuple[NodeProcess, NodeProcess]]:
-    a, b = clean_federation(tmp_path)
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NodeProcess, NodeProcess]]:
+    """Nodes A and B, initialised once; each test rewrites their ledgers while stopped."""
+    base = tmp_path_factory.mktemp("audit")
+    a, b = make_node(base, A_ORIGIN), make_node(base, B_ORIGIN)
     yield a, b
-    a.stop()
-    b.stop()
+    reset(a, b)
+
+
+@pytest.fixture
+def federation(nodes: tuple[NodeProcess, NodeProcess]) -> tuple[NodeProcess, NodeProcess]:
+    return clean_federation(*nodes)
 
 
 class StoredLedger:
@@ -218,14 +232,13 @@ class TestCleanFederation:
     @pytest.fixture(scope="class")
     @classmethod
     def running(
-        cls, tmp_path_factory: pytest.TempPathFactory
+        cls, nodes: tuple[NodeProcess, NodeProcess]
     ) -> Iterator[tuple[NodeProcess, NodeProcess]]:
-        a, b = clean_federation(tmp_path_factory.mktemp("clean"))
+        a, b = clean_federation(*nodes)
         a.start()
         b.start()
         yield a, b
-        a.stop()
-        b.stop()
+        reset(a, b)
 
     def test_audit_of_untampered_federation_is_clean(
         self, running: tuple[NodeProcess, NodeProcess]
@@ -295,8 +308,10 @@ class TestStoredBytesTampering:
         assert ("broken_chain", 3) in found
         assert ("root_mismatch", 2) in found  # located by B's intact copy
 
-    def test_dropped_entry_breaks_the_chain(self, tmp_path: Path) -> None:
-        a, _ = clean_federation(tmp_path)
+    def test_dropped_entry_breaks_the_chain(
+        self, federation: tuple[NodeProcess, NodeProcess]
+    ) -> None:
+        a, _ = federation
         with StoredLedger(a) as ledger:
             ledger.execute("DELETE FROM entries WHERE log=:log AND idx=5")
             ledger.execute("UPDATE entries SET idx = idx - 1 WHERE log=:log AND idx > 5")
@@ -309,8 +324,10 @@ class TestStoredBytesTampering:
         # The node still claims 16 entries but holds 15: it serves 0..4, then stops.
         assert rule_names(report) & {"broken_chain", "entries_unavailable"}
 
-    def test_swapped_entries_break_the_chain(self, tmp_path: Path) -> None:
-        a, _ = clean_federation(tmp_path)
+    def test_swapped_entries_break_the_chain(
+        self, federation: tuple[NodeProcess, NodeProcess]
+    ) -> None:
+        a, _ = federation
         with StoredLedger(a) as ledger:
             six, seven = ledger.data(6), ledger.data(7)
             ledger.set_data(6, seven)
@@ -330,9 +347,9 @@ class TestConsentRules:
 
     @pytest.fixture(scope="class")
     @classmethod
-    def judged(cls, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-        base = tmp_path_factory.mktemp("consent")
-        a, b = make_node(base, A_ORIGIN), make_node(base, B_ORIGIN)
+    def judged(cls, nodes: tuple[NodeProcess, NodeProcess]) -> dict[str, Any]:
+        a, b = nodes
+        reset(a, b)
         alice, bob = Patient(A_ORIGIN), Patient(A_ORIGIN)
         stranger = Patient(A_ORIGIN)  # never enrolled
         good = alice.token(B_ORIGIN)
@@ -388,10 +405,8 @@ class TestConsentRules:
         try:
             status, report = audit(a.url, b.url)
         finally:
-            a.stop()
-            b.stop()
-        yield {"status": status, "report": report, "rules": rules(report)}
-        shutil.rmtree(base, ignore_errors=True)
+            reset(a, b)
+        return {"status": status, "report": report, "rules": rules(report)}
 
     @pytest.mark.parametrize(
         ("log", "index", "rule"),
@@ -423,8 +438,10 @@ class TestConsentRules:
 
 
 class TestViews:
-    def test_node_serving_a_forked_history_is_a_split_view(self, tmp_path: Path) -> None:
-        a, b = clean_federation(tmp_path)
+    def test_node_serving_a_forked_history_is_a_split_view(
+        self, federation: tuple[NodeProcess, NodeProcess], tmp_path: Path
+    ) -> None:
+        a, b = federation
         # A second process holding A's key serves another history of A's log: the same
         # first entries, then a different one. B still serves the history A gave it.
         fork = make_node(tmp_path, A_ORIGIN, name="a_fork")
@@ -448,14 +465,19 @@ class TestViews:
         assert status == 1
         assert any(v["rule"] == "split_view" and v["log"] == A_ORIGIN for v in report["violations"])
 
-    def test_log_rolled_back_between_two_audits(self, tmp_path: Path) -> None:
-        a = make_node(tmp_path, A_ORIGIN)
+    def test_log_rolled_back_between_two_audits(
+        self, nodes: tuple[NodeProcess, NodeProcess], tmp_path: Path
+    ) -> None:
+        a, b = nodes
+        reset(a, b)
         append(
             a,
             [("witness", {"log_id": ref("x"), "size": i, "root": ref("y")}, T0) for i in range(5)],
         )
         backup = tmp_path / "backup"
-        shutil.copytree(a.data_dir, backup)
+        backup.mkdir()
+        for path in a.data_dir.glob("ledger.sqlite*"):
+            shutil.copy(path, backup)
         append(
             a,
             [
