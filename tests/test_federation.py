@@ -18,7 +18,7 @@ import pytest
 from node.core.keys import NodeIdentity
 from node.core.notes import parse_note
 from node.core.roster import log_id
-from node.core.signed_requests import node_signer
+from node.core.signed_requests import b64url_encode, node_signer
 from node.edges.http.signed import signed_request
 from node.store.ledger import LedgerStore
 from node.store.secrets import read_seed
@@ -195,6 +195,11 @@ class TestReplication:
         wait_until(lambda: converged(nodes, expected), timeout=30, message="convergence")
         wait_until(lambda: cosigners(a) == {b.origin, c.origin}, message="a's witnesses")
         wait_until(lambda: cosigners(b) == {a.origin, c.origin}, message="b's witnesses")
+
+        # An append through the product while everyone runs reaches the others quickly.
+        c.cli("enroll", "--patient-id", "MRN-1", "--key", b64url_encode(os.urandom(32)))
+        expected[c.origin] = 1
+        wait_until(lambda: converged(nodes, expected), timeout=5, message="the enroll entry")
 
         # c misses appends at a while down; a restarts with them; c catches up on return.
         c.stop()

@@ -94,6 +94,45 @@ class PeerStatus:
         }
 
 
+@dataclass
+class Traffic:
+    """HTTP bytes this node's replication client sent and received (headers included)."""
+
+    requests: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+
+    def trace(self) -> aiohttp.TraceConfig:
+        """An aiohttp trace that counts requests, headers and request bodies."""
+
+        def header_bytes(first_line: str, headers: Any) -> int:
+            # "Name: value\r\n" per header, the first line and the blank line.
+            return len(first_line) + 4 + sum(len(k) + len(v) + 4 for k, v in headers)
+
+        async def headers_sent(_s: Any, _c: Any, params: Any) -> None:
+            self.requests += 1
+            line = f"{params.method} {params.url.raw_path_qs} HTTP/1.1"
+            self.bytes_out += header_bytes(line, params.headers.items())
+
+        async def chunk_sent(_s: Any, _c: Any, params: Any) -> None:
+            self.bytes_out += len(params.chunk)
+
+        async def request_end(_s: Any, _c: Any, params: Any) -> None:
+            raw = params.response.raw_headers
+            self.bytes_in += header_bytes(
+                "HTTP/1.1 200 OK", ((k.decode(), v.decode()) for k, v in raw)
+            )
+
+        trace = aiohttp.TraceConfig()
+        trace.on_request_headers_sent.append(headers_sent)
+        trace.on_request_chunk_sent.append(chunk_sent)
+        trace.on_request_end.append(request_end)
+        return trace
+
+    def as_json(self) -> dict[str, int]:
+        return {"requests": self.requests, "bytes_out": self.bytes_out, "bytes_in": self.bytes_in}
+
+
 class ReplicationService:
     """The background service behind replication, witnessing and the /p2p routes."""
 
@@ -111,7 +150,7 @@ class ReplicationService:
         self._cosigned: dict[str, int] = {}
         self._session: aiohttp.ClientSession | None = None
         self._supervisor: asyncio.Task[None] | None = None
-        self.bytes_sent = 0
+        self.traffic = Traffic()
         self._fallback_store: LedgerStore | None = None
         self._own: OwnLog | None = None
         self._mirrors: dict[tuple[str, str], MirrorLog] = {}
@@ -148,7 +187,9 @@ class ReplicationService:
             total=self.settings.request_timeout, connect=self.settings.request_timeout
         )
         self._session = aiohttp.ClientSession(
-            timeout=timeout, connector=aiohttp.TCPConnector(limit_per_host=4)
+            timeout=timeout,
+            connector=aiohttp.TCPConnector(limit_per_host=4),
+            trace_configs=[self.traffic.trace()],
         )
         self._supervisor = asyncio.create_task(self._supervise())
 
@@ -254,6 +295,7 @@ class ReplicationService:
             body = bytearray()
             async for chunk in response.content.iter_any():
                 body += chunk
+                self.traffic.bytes_in += len(chunk)
                 if len(body) > limit:
                     raise PeerFailure(f"GET {url} answer is too large")
             return bytes(body), response.content_type
@@ -308,8 +350,9 @@ class ReplicationService:
             # Nothing new to fetch or to witness.
             if listed_size == ours and self._cosigned.get(lid) == ours:
                 return
-        elif status.compared.get(lid) == (listed_size, ours):
-            return  # this member's copy was already compared with ours at these sizes
+        elif listed_size == 0 or status.compared.get(lid) == (listed_size, ours):
+            # An empty copy agrees with anything; others were compared at these sizes.
+            return
         base = f"{url}/ledger/logs/{lid}"
         note_bytes, _ = await self._get(base + "/checkpoint", MAX_CHECKPOINT_BYTES)
         note = note_bytes.decode("utf-8", errors="strict")
@@ -408,6 +451,7 @@ class ReplicationService:
         signature = notes.cosign_checkpoint(body, self.runtime.identity, int(time.time()))
         note = (body + "\n" + signature.line()).encode()
         async with self._signed("POST", f"{url}/p2p/cosignature", note) as response:
+            self.traffic.bytes_in += len(await response.read())
             if response.status != 200:
                 # Usually a newer checkpoint was signed meanwhile: the next round cosigns it.
                 log.info("%s did not take the cosignature: %s", log_member.origin, response.status)
@@ -419,7 +463,6 @@ class ReplicationService:
     def _signed(self, method: str, url: str, body: bytes) -> Any:
         """A request signed with this node's key (the format is node.core.signed_requests)."""
         assert self._session is not None
-        self.bytes_sent += len(body)
         identity = self.runtime.identity
         target = yarl.URL(url)
         headers = make_headers(
@@ -445,7 +488,7 @@ class ReplicationService:
     async def _notify(self, url: str, body: bytes) -> None:
         with contextlib.suppress(*PeerError):
             async with self._signed("POST", url, body) as response:
-                await response.read()
+                self.traffic.bytes_in += len(await response.read())
 
     # ---- the log's own node: collecting cosignatures -------------------------------------
 
@@ -506,6 +549,7 @@ class ReplicationService:
             "peers": peers,
             "equivocations": [p.as_json() for p in self.state.equivocations()],
             "ignored_by_discovery": dict(self.ignored_by_discovery),
+            "traffic": self.traffic.as_json(),
         }
 
 
