@@ -54,7 +54,7 @@ class StoreScp:
             self.process = None
 
     def received(self) -> dict[str, pydicom.Dataset]:
-        found = {}
+        found: dict[str, pydicom.Dataset] = {}
         for path in self.directory.iterdir():
             ds = pydicom.dcmread(path)
             found[ds.SOPInstanceUID] = ds
@@ -80,7 +80,8 @@ def forwarding_node(node_factory: Callable[..., NodeProcess], pacs: StoreScp) ->
 
 
 def status(node: NodeProcess) -> dict[str, Any]:
-    return node.get_json("/admin/api/forwarding")  # type: ignore[no-any-return]
+    report: dict[str, Any] = node.get_json("/admin/api/forwarding")
+    return report
 
 
 def start(node: NodeProcess) -> NodeProcess:

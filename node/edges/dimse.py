@@ -118,7 +118,10 @@ class DimseGateway:
             for context in AllStoragePresentationContexts:
                 # scu_role lets C-GET send instances back over the requestor's association.
                 ae.add_supported_context(
-                    context.abstract_syntax, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True
+                    str(context.abstract_syntax),
+                    ALL_TRANSFER_SYNTAXES,
+                    scu_role=True,
+                    scp_role=True,
                 )
         for sop_class in _MODELS:
             ae.add_supported_context(sop_class)
@@ -126,7 +129,7 @@ class DimseGateway:
 
     async def start(self) -> None:
         ae = self.build_ae()
-        handlers = [
+        handlers: list[Any] = [
             *LOW_LATENCY_HANDLERS,
             (evt.EVT_REJECTED, self.on_rejected),
             (evt.EVT_C_ECHO, self.on_echo),

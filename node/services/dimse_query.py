@@ -14,7 +14,7 @@ import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -216,7 +216,8 @@ def _condition(attribute: Attribute, values: list[str]) -> tuple[str, list[objec
     value = values[0]
     if attribute.kind in ("date", "time") and "-" in value and len(values) == 1:
         low, _, high = value.partition("-")
-        parts, args = [], []
+        parts: list[str] = []
+        args: list[object] = []
         if low:
             parts.append(f"{column} >= ?")
             args.append(low)
@@ -227,7 +228,8 @@ def _condition(attribute: Attribute, values: list[str]) -> tuple[str, list[objec
         return " AND ".join(parts) or "1", args
     folded = attribute.kind == "name"
     target = f"UPPER({column})" if folded else column
-    clauses, args = [], []
+    clauses: list[str] = []
+    args = []
     for item in values:
         item = item.upper() if folded else item
         if "*" in item or "?" in item:
@@ -349,7 +351,7 @@ def set_low_latency(event: Event) -> None:
     event.assoc.dul._run_loop_delay = DUL_POLL_SECONDS
 
 
-LOW_LATENCY_HANDLERS = [(evt.EVT_CONN_OPEN, set_low_latency)]
+LOW_LATENCY_HANDLERS: list[Any] = [(evt.EVT_CONN_OPEN, set_low_latency)]
 
 
 def storage_contexts(records: list[InstanceRecord]) -> list[PresentationContext]:
@@ -359,7 +361,7 @@ def storage_contexts(records: list[InstanceRecord]) -> list[PresentationContext]
     shut out the others; a little-endian context per SOP class is the fallback that
     pynetdicom can convert uncompressed data to. Raises BadInput over 128 contexts.
     """
-    plain = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    plain: list[str] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
     syntaxes: dict[str, set[str]] = {}
     for record in records:
         syntaxes.setdefault(record.sop_class_uid, set()).add(record.transfer_syntax_uid)
