@@ -113,6 +113,10 @@ class CustodianUnreachable(ImageShareError):
     http_status = 502
 
 
+class NotInRoster(CustodianUnreachable):
+    """The token names a custodian this node does not know: retrying cannot help."""
+
+
 def source_label(custodian: str, token_id: bytes) -> str:
     """What a fetched study's ``source`` says: where it came from, under which token."""
     return f"fetched from {custodian} under token {token_id.hex()}"
@@ -586,7 +590,9 @@ class TransferService:
                         job.unreachable = isinstance(exc, CustodianUnreachable)
                         # Until the custodian has answered once, give up soon: it may
                         # simply be down or misnamed; a cut transfer is retried longer.
-                        gave_up = not job.opened and job.attempts >= FIRST_CONTACT_ATTEMPTS
+                        gave_up = isinstance(exc, NotInRoster) or (
+                            not job.opened and job.attempts >= FIRST_CONTACT_ATTEMPTS
+                        )
                         if gave_up or time.monotonic() + backoff > deadline:
                             job.state = "failed"
                             return
@@ -614,7 +620,7 @@ class TransferService:
         roster = roster_of(self.runtime)
         member = roster.roster.get(custodian)
         if member is None:
-            raise CustodianUnreachable(f"custodian {custodian} is not in this node's roster")
+            raise NotInRoster(f"custodian {custodian} is not in this node's roster")
         urls = roster.urls_of(member)
         if not urls:
             raise CustodianUnreachable(f"no address known for custodian {custodian}")
