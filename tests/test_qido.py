@@ -162,6 +162,7 @@ class TestStudyAttributes:
         assert a["00100010"] == {"vr": "PN", "Value": [{"Alphabetic": "Doe^Jane"}]}
         assert a["00080020"] == {"vr": "DA", "Value": ["20260105"]}
         assert a["00081030"]["Value"] == ["CT CHEST"]
+        assert a["00080056"] == {"vr": "CS", "Value": ["ONLINE"]}
         assert a["00081190"]["Value"][0].endswith(
             f"/dicomweb/studies/{corpus.studies['A'].study_uid}"
         )

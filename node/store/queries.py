@@ -78,6 +78,8 @@ ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute("StudyDescription", Level.STUDY, "st.study_description", Match.TEXT_NOCASE),
     Attribute("NumberOfStudyRelatedSeries", Level.STUDY, _SERIES_COUNT, Match.NONE),
     Attribute("NumberOfStudyRelatedInstances", Level.STUDY, _STUDY_INSTANCE_COUNT, Match.NONE),
+    # Every indexed instance is on local disk.
+    Attribute("InstanceAvailability", Level.STUDY, "'ONLINE'", Match.NONE),
     Attribute("SeriesInstanceUID", Level.SERIES, "se.series_instance_uid", Match.UID_LIST),
     Attribute("Modality", Level.SERIES, "se.modality", Match.VALUE_LIST),
     Attribute("SeriesNumber", Level.SERIES, "se.series_number", Match.INTEGER),
