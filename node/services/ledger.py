@@ -24,6 +24,7 @@ class LedgerService:
         self.identity = runtime.identity
         self.store = LedgerStore(runtime.config.data_dir)
         self.own: OwnLog = self.store.own_log(self.identity.origin, self.identity.vkey)
+        self.own.group_commit_wait = runtime.config.ledger.group_commit_ms / 1000
 
     def append(self, kind: str, fields: dict[str, Any]) -> AppendResult:
         """Append an entry stamped with the current time; returns once it is durable.

@@ -599,7 +599,14 @@ class OwnLog(StoredLog):
         super().__init__(store, rowid, origin)
         self._queue: list[_PendingAppend] = []
         self._writing = False
-        self._cond = threading.Condition()
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)  # a commit finished
+        self._arrived = threading.Condition(lock)  # an append was queued
+        # Seconds a writer may wait for more appends to share its commit, used only when
+        # the last commit was shared (so a lone append never waits).
+        self.group_commit_wait = 0.0
+        self._last_batch = 0
+        self.commits = 0  # transactions written, for observing group commit
 
     def append(self, kind: str, fields: dict[str, Any], time: int) -> AppendResult:
         """Append one entry (prev = the last leaf hash); returns once it is durable.
@@ -613,12 +620,19 @@ class OwnLog(StoredLog):
         pending = _PendingAppend(list(items))
         with self._cond:
             self._queue.append(pending)
+            self._arrived.notify()
             while not pending.done and self._writing:
                 self._cond.wait()
             if pending.done:
                 return self._result(pending)
             self._writing = True
+            if self.group_commit_wait > 0 and self._last_batch > 1:
+                # Appends are arriving concurrently: let as many as shared the last commit
+                # join this one, waiting at most group_commit_wait.
+                target = self._last_batch
+                self._arrived.wait_for(lambda: len(self._queue) >= target, self.group_commit_wait)
             batch, self._queue = self._queue, []
+            self._last_batch = len(batch)
         try:
             self._commit(batch)
         finally:
@@ -657,6 +671,7 @@ class OwnLog(StoredLog):
                     accepted.append((pending, results))
                 if rows:
                     self._store_rows(conn, first, rows, subtrees)
+                    self.commits += 1
             self._tail = tail
             for pending, results in accepted:
                 pending.results = results
