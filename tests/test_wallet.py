@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import stat
@@ -12,6 +13,11 @@ from typing import Any
 import pytest
 
 from node.core.consent import decode_grant, parse_token_text
+from node.core.entries import LedgerEntry, encode_entry
+from node.core.keys import NodeIdentity
+from node.core.merkle import ZERO_HASH, MemoryTree, inclusion_proof, leaf_hash
+from node.core.notes import Checkpoint, sign_note
+from node.services.wallet import Custodian, ProofFailed, verify_recorded
 from tests.support.nodes import NodeProcess, free_port, init_node, run_cli
 from tests.support.studies import make_ct_study
 
@@ -177,3 +183,56 @@ class TestWalletFiles:
             check=False,
         )
         assert result.returncode == 1 and "--expires" in result.stderr
+
+
+class TestProofVerification:
+    """The wallet believes a custodian only when the checkpoint and the proof verify."""
+
+    origin = "a.example/imageshare"
+
+    def answer(self, token: bytes, others: int = 4) -> tuple[dict[str, Any], Custodian]:
+        identity = NodeIdentity.generate(self.origin)
+        tree, prev, entries = MemoryTree(), ZERO_HASH, []
+        for i in range(others + 1):
+            fields = {"token": token} if i == others // 2 else {"token": bytes([i])}
+            raw = encode_entry(LedgerEntry("grant", prev, 1_800_000_000 + i, fields))
+            prev = leaf_hash(raw)
+            tree.append(prev)
+            entries.append(raw)
+        index, size = others // 2, tree.size
+        note = sign_note(Checkpoint(self.origin, size, tree.root(size)).body(), identity)
+        answer = {
+            "index": index,
+            "size": size,
+            "entry": base64.b64encode(entries[index]).decode(),
+            "proof": [base64.b64encode(h).decode() for h in inclusion_proof(tree, index, size)],
+            "checkpoint": note,
+        }
+        return answer, Custodian("http://custodian", self.origin, identity.vkey)
+
+    def test_honest_answer_verifies(self) -> None:
+        answer, custodian = self.answer(b"my token")
+        assert verify_recorded(answer, custodian, "grant", "token", b"my token").index == 2
+
+    @pytest.mark.parametrize("lie", ["other_token", "wrong_index", "bad_proof", "other_key"])
+    def test_lies_are_caught(self, lie: str) -> None:
+        answer, custodian = self.answer(b"my token")
+        expected = b"my token"
+        if lie == "other_token":
+            expected = b"another token"
+        elif lie == "wrong_index":
+            answer["index"] = 1
+        elif lie == "bad_proof":
+            answer["proof"][0] = base64.b64encode(bytes(32)).decode()
+        else:
+            custodian = Custodian(
+                custodian.url, self.origin, NodeIdentity.generate(self.origin).vkey
+            )
+        with pytest.raises(ProofFailed):
+            verify_recorded(answer, custodian, "grant", "token", expected)
+
+    def test_garbage_answer_is_a_proof_failure(self) -> None:
+        _, custodian = self.answer(b"t")
+        for garbage in ({}, {"entry": "!!", "proof": [], "index": 0, "checkpoint": ""}, []):
+            with pytest.raises(ProofFailed):
+                verify_recorded(garbage, custodian, "grant", "token", b"t")

@@ -190,7 +190,7 @@ class Wallet:
         )
         token = sign_grant(fields, key.sign)
         answer = await self.signed(session, custodian, "POST", "/patient/grants", token)
-        recorded = _verify_recorded(answer, custodian, "grant", "token", token)
+        recorded = verify_recorded(answer, custodian, "grant", "token", token)
         record = {
             "token_id": token_id_of(token).hex(),
             "token": token_text(token),
@@ -217,7 +217,7 @@ class Wallet:
         key = self.key_for(custodian.origin)
         revocation = sign_revocation(key.public_key, token_id, int(time.time()), key.sign)
         answer = await self.signed(session, custodian, "POST", "/patient/revocations", revocation)
-        recorded = _verify_recorded(answer, custodian, "revoke", "revocation", revocation)
+        recorded = verify_recorded(answer, custodian, "revoke", "revocation", revocation)
         state = self.files.load_state()
         for record in state["tokens"]:
             if record["token_id"] == token_id.hex():
@@ -271,7 +271,7 @@ def parse_study_ref(text: str) -> bytes:
     return ref
 
 
-def _verify_recorded(
+def verify_recorded(
     answer: Any, custodian: Custodian, kind: str, field: str, expected: bytes
 ) -> Recorded:
     """Check that ``answer`` proves an entry (kind, field=expected) in the custodian's log."""
@@ -282,7 +282,10 @@ def _verify_recorded(
         note = str(answer["checkpoint"])
     except (KeyError, TypeError, ValueError, binascii.Error) as exc:
         raise ProofFailed("the custodian's answer carries no well-formed proof") from exc
-    entry = decode_entry(entry_bytes)
+    try:
+        entry = decode_entry(entry_bytes)
+    except BadInput as exc:
+        raise ProofFailed(f"the custodian's entry is malformed: {exc}") from exc
     if entry.kind != kind or entry.fields.get(field) != expected:
         raise ProofFailed(f"the custodian's proof is for another entry than my {kind}")
     try:
