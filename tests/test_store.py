@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from node.errors import BadInput, PayloadTooLarge
+from node.store import queries
 from node.store.instances import InstanceStore, Outcome
 from node.store.queries import Level, QidoQuery, run_query
 from tests.support.studies import SyntheticStudy, make_ct_study
@@ -83,7 +84,7 @@ class TestQueries:
         self, store: InstanceStore, study: SyntheticStudy
     ) -> None:
         commit_files(store, study.files)
-        [row] = run_query(store.reader, QidoQuery.parse(Level.STUDY, []))
+        [row] = run_query(store.reader, QidoQuery.parse(Level.STUDY, [])).rows
         assert row["StudyInstanceUID"] == study.study_uid
         assert row["NumberOfStudyRelatedSeries"] == 2
         assert row["NumberOfStudyRelatedInstances"] == 4
@@ -96,7 +97,7 @@ class TestQueries:
         query = QidoQuery.parse(
             Level.INSTANCE, [], study_uid=study.study_uid, series_uid=study.series_uids[1]
         )
-        rows = run_query(store.reader, query)
+        rows = run_query(store.reader, query).rows
         assert [r["SOPInstanceUID"] for r in rows] == study.sop_uids[2:]
         assert rows[0]["SeriesInstanceUID"] == study.series_uids[1]
 
@@ -121,6 +122,18 @@ class TestQueries:
         commit_files(store, study.files)
         for value in ("MRN%", "MRN_0001", "[M]RN-0001"):
             query = QidoQuery.parse(Level.STUDY, [("PatientID", value)])
-            assert run_query(store.reader, query) == []
+            assert run_query(store.reader, query).rows == []
         query = QidoQuery.parse(Level.STUDY, [("PatientID", "MRN-000?")])
-        assert len(run_query(store.reader, query)) == 1
+        assert len(run_query(store.reader, query).rows) == 1
+
+    def test_answers_are_capped_and_say_so(
+        self, store: InstanceStore, study: SyntheticStudy, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        commit_files(store, study.files)
+        monkeypatch.setattr(queries, "MAX_RESULTS", 3)
+        capped = run_query(store.reader, QidoQuery.parse(Level.INSTANCE, []))
+        assert (len(capped.rows), capped.truncated) == (3, True)
+        asked = run_query(store.reader, QidoQuery.parse(Level.INSTANCE, [("limit", "2")]))
+        assert (len(asked.rows), asked.truncated) == (2, False)
+        rest = run_query(store.reader, QidoQuery.parse(Level.INSTANCE, [("offset", "3")]))
+        assert (len(rest.rows), rest.truncated) == (1, False)

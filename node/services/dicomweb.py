@@ -208,11 +208,12 @@ class DicomWebService:
 
     # -- QIDO-RS -----------------------------------------------------------------------
 
-    async def search(self, query: QidoQuery, base_url: str) -> list[dict[str, Any]]:
-        """DICOM JSON results of a parsed QIDO-RS query (with RetrieveURL)."""
-        rows = await asyncio.to_thread(lambda: run_query(self.store.reader, query))
+    async def search(self, query: QidoQuery, base_url: str) -> tuple[list[dict[str, Any]], bool]:
+        """DICOM JSON results of a parsed QIDO-RS query (with RetrieveURL), and whether
+        the answer was cut at MAX_RESULTS."""
+        found = await asyncio.to_thread(lambda: run_query(self.store.reader, query))
         results = []
-        for row in rows:
+        for row in found.rows:
             document = dicom_json.dataset_from_keywords(row)
             url = f"{base_url}/studies/{row['StudyInstanceUID']}"
             if "SeriesInstanceUID" in row:
@@ -221,7 +222,7 @@ class DicomWebService:
                 url += f"/instances/{row['SOPInstanceUID']}"
             document["00081190"] = dicom_json.attribute(0x00081190, url, "UR")
             results.append(dict(sorted(document.items())))
-        return results
+        return results, found.truncated
 
     # -- WADO-RS -----------------------------------------------------------------------
 

@@ -111,6 +111,8 @@ ATTRIBUTES: tuple[Attribute, ...] = (
 )
 _BY_KEYWORD = {a.keyword: a for a in ATTRIBUTES}
 # Query parameters that are not attribute filters.
+# The most results one answer holds; beyond it a Warning header invites paging on.
+MAX_RESULTS = 10_000
 _CONTROL_PARAMETERS = frozenset({"limit", "offset", "includefield", "fuzzymatching"})
 _DATE = re.compile(r"^\d{8}$")
 _TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
@@ -298,7 +300,13 @@ _ORDER = {
 }
 
 
-def run_query(conn: sqlite3.Connection, query: QidoQuery) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class QueryResult:
+    rows: list[dict[str, Any]]
+    truncated: bool  # MAX_RESULTS cut the answer short of what the client asked for
+
+
+def run_query(conn: sqlite3.Connection, query: QidoQuery) -> QueryResult:
     """Rows matching the query, each a keyword -> value dict of the returned attributes."""
     columns = ", ".join(f'{a.sql} AS "{a.keyword}"' for a in query.returned)
     where: list[str] = []
@@ -316,14 +324,16 @@ def run_query(conn: sqlite3.Connection, query: QidoQuery) -> list[dict[str, Any]
     sql = f"SELECT {columns} FROM {_FROM[query.level]}"
     if where:
         sql += " WHERE " + " AND ".join(where)
+    wanted = query.limit if query.limit is not None else MAX_RESULTS + 1
+    page = min(wanted, MAX_RESULTS + 1)
     sql += f" ORDER BY {_ORDER[query.level]} LIMIT ? OFFSET ?"
-    args += [query.limit if query.limit is not None else -1, query.offset]
-    rows = conn.execute(sql, args).fetchall()
+    rows = conn.execute(sql, [*args, page, query.offset]).fetchall()
+    truncated = len(rows) > MAX_RESULTS
     result = []
-    for row in rows:
+    for row in rows[:MAX_RESULTS]:
         record = {a.keyword: row[a.keyword] for a in query.returned}
         if "ModalitiesInStudy" in record:
             modalities = (record["ModalitiesInStudy"] or "").split(",")
             record["ModalitiesInStudy"] = sorted(m for m in modalities if m)
         result.append(record)
-    return result
+    return QueryResult(result, truncated)

@@ -97,7 +97,13 @@ async def _search(request: web.Request, level: Level) -> web.Response:
         study_uid=request.match_info.get("study"),
         series_uid=request.match_info.get("series"),
     )
-    return _json_response(await _service(request).search(query, _base_url(request)))
+    results, truncated = await _service(request).search(query, _base_url(request))
+    response = _json_response(results)
+    if truncated:
+        response.headers["Warning"] = (
+            f'299 {request.host} "There are additional results that can be requested"'
+        )
+    return response
 
 
 async def search_studies(request: web.Request) -> web.Response:
