@@ -26,6 +26,8 @@ RUNTIME_KEY = web.AppKey("runtime", NodeRuntime)
 ADMIN_PREFIXES = ("/dicomweb", "/admin/api")
 CORS_HEADERS = "Authorization, Content-Type, Accept, Range"
 CORS_METHODS = "GET, POST, PUT, DELETE, OPTIONS"
+# Warning carries QIDO-RS paging hints.
+CORS_EXPOSED = "Content-Type, Content-Length, Warning"
 
 
 def error_response(status: int, message: str) -> web.Response:
@@ -102,7 +104,7 @@ def make_cors_middleware(allowed: list[str]) -> Callable[..., Awaitable[web.Stre
             response.headers["Vary"] = "Origin"
             response.headers["Access-Control-Allow-Headers"] = CORS_HEADERS
             response.headers["Access-Control-Allow-Methods"] = CORS_METHODS
-            response.headers["Access-Control-Expose-Headers"] = "Content-Type, Content-Length"
+            response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED
             response.headers["Access-Control-Max-Age"] = "600"
         return response
 
