@@ -51,6 +51,8 @@ STUDY_REF_DOMAIN = b"imageshare/study-ref/v1\n"
 SUBJECT_REF_DOMAIN = b"imageshare/subject-ref/v1\n"
 DAY = 86_400
 _OPEN_LOCK = threading.Lock()
+# Own-log entries replayed into the consent tables per transaction.
+REPLAY_BATCH = 2000
 # The ``source`` of studies fetched from another custodian (see transfer.source_label).
 FETCHED_SOURCE_PREFIX = "fetched from "
 
@@ -115,12 +117,11 @@ class ConsentService:
             own = self.ledger.own
             start, size = self.state.applied_size, own.size()
             while start < size:
-                batch = list(own.entries(start, min(size, start + 1000)))
+                batch = list(own.entries(start, min(size, start + REPLAY_BATCH)))
                 if not batch:
                     break
-                for offset, raw in enumerate(batch):
-                    entry = decode_entry(raw)
-                    self.state.apply(start + offset, entry.kind, entry.fields)
+                decoded = [decode_entry(raw) for raw in batch]
+                self.state.apply(start, [(e.kind, e.fields) for e in decoded])
                 start += len(batch)
 
     def append(self, kind: str, fields: dict[str, Any]) -> Appended:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,24 +118,28 @@ class ConsentState:
         row = self._one("SELECT value FROM replay WHERE name = 'applied_size'")
         return 0 if row is None else int(row[0])
 
-    def apply(self, index: int, kind: str, fields: Mapping[str, Any]) -> None:
-        """Apply own-log entry ``index`` (entries must come in order; re-applying is a no-op).
+    def apply(self, start: int, entries: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+        """Apply own-log entries ``start, start+1, ...`` (kind, fields) in one transaction.
 
+        Entries already applied are skipped; a gap before ``start`` raises ValueError.
         Kinds other than enroll, grant and revoke only advance the replay position.
         """
         with self._lock:
-            applied = self._db.execute(
-                "SELECT value FROM replay WHERE name = 'applied_size'"
-            ).fetchone()
-            if applied is not None and index < applied[0]:
+            row = self._db.execute("SELECT value FROM replay WHERE name = 'applied_size'")
+            applied = (row.fetchone() or (0,))[0]
+            if start > applied:
+                raise ValueError(f"consent replay gap: entry {start} before entry {applied}")
+            fresh = entries[applied - start :]
+            if not fresh:
                 return
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._apply_locked(index, kind, fields)
+                for offset, (kind, fields) in enumerate(fresh):
+                    self._apply_locked(applied + offset, kind, fields)
                 self._db.execute(
                     "INSERT INTO replay (name, value) VALUES ('applied_size', ?)"
                     " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-                    (index + 1,),
+                    (applied + len(fresh),),
                 )
                 self._db.execute("COMMIT")
             except BaseException:
