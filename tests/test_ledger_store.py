@@ -23,7 +23,7 @@ from node.core.merkle import (
     verify_inclusion,
 )
 from node.core.notes import Checkpoint, cosign_checkpoint, parse_note, sign_note, verify_note
-from node.errors import BadInput, Conflict, Unauthorized
+from node.errors import BadInput, Conflict, StorageFull, Unauthorized
 from node.services.ledger import ledger_service
 from node.services.runtime import open_runtime
 from node.store.ledger import LedgerStore, OwnLog
@@ -103,6 +103,19 @@ class TestAppend:
             own.append_many([*grants(2, 3), ("grant", {}, 1)])
         assert own.size() == 3
         assert own.append("grant", {"token": b"x"}, 1).index == 3
+        assert own.verify().ok
+
+    def test_full_disk_refuses_the_append_and_the_log_carries_on(
+        self, store: LedgerStore, own: OwnLog
+    ) -> None:
+        own.append_many(grants(3))
+        (pages,) = store.writer.execute("PRAGMA page_count").fetchone()
+        store.writer.execute(f"PRAGMA max_page_count={pages}")
+        with pytest.raises(StorageFull):
+            own.append("grant", {"token": bytes(20_000)}, 1)
+        assert own.size() == 3
+        store.writer.execute("PRAGMA max_page_count=1000000")
+        assert own.append("grant", {"token": bytes(20_000)}, 1).index == 3
         assert own.verify().ok
 
     def test_a_second_store_on_the_same_file_continues_the_chain(

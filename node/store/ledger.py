@@ -52,7 +52,14 @@ from node.core.notes import (
     verify_cosignature,
     verify_note,
 )
-from node.errors import BadInput, Conflict, ImageShareError, NotFound, Unauthorized
+from node.errors import (
+    BadInput,
+    Conflict,
+    ImageShareError,
+    NotFound,
+    StorageFull,
+    Unauthorized,
+)
 
 LEDGER_FILE = "ledger.sqlite"
 VERIFY_BATCH = 4096
@@ -250,13 +257,20 @@ class LedgerStore:
         """BEGIN IMMEDIATE ... COMMIT on the writer connection; rolled back on any error."""
         with self.write_lock:
             conn = self.writer
-            conn.execute("BEGIN IMMEDIATE")
             try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                except BaseException:
+                    # SQLite may already have rolled back (e.g. disk full during COMMIT).
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as exc:
+                if "full" in str(exc):
+                    raise StorageFull("no room left for the ledger; nothing was stored") from exc
                 raise
-            conn.execute("COMMIT")
 
     def close(self) -> None:
         with self._connections_lock:
