@@ -277,8 +277,21 @@ class TestAccessControl:
         allowed = response.headers["Access-Control-Allow-Headers"].lower()
         assert "authorization" in allowed and "accept" in allowed
 
-    def test_cross_origin_read_carries_cors_headers(self, corpus: Corpus) -> None:
+    def test_cross_origin_reads_carry_cors_headers_even_when_streamed(self, corpus: Corpus) -> None:
+        study = corpus.study
         headers = {**corpus.node.auth, "Origin": "http://viewer.example:3000"}
-        response = requests.get(corpus.node.url + "/dicomweb/studies", headers=headers, timeout=10)
-        assert response.status_code == 200
-        assert response.headers["Access-Control-Allow-Origin"] == "http://viewer.example:3000"
+        for path in (
+            "/studies",
+            f"/studies/{study.study_uid}",
+            f"/studies/{study.study_uid}/metadata",
+            f"/studies/{study.study_uid}/series/{study.series_uids[0]}"
+            f"/instances/{study.sop_uids[0]}/frames/1",
+            "/studies/1.2.3/metadata",
+        ):
+            response = requests.get(
+                corpus.node.url + "/dicomweb" + path, headers=headers, timeout=10
+            )
+            assert response.status_code in (200, 404), path
+            origin = response.headers.get("Access-Control-Allow-Origin")
+            assert origin == "http://viewer.example:3000", path
+            assert "Warning" in response.headers["Access-Control-Expose-Headers"]

@@ -28,6 +28,7 @@ CORS_HEADERS = "Authorization, Content-Type, Accept, Range"
 CORS_METHODS = "GET, POST, PUT, DELETE, OPTIONS"
 # Warning carries QIDO-RS paging hints.
 CORS_EXPOSED = "Content-Type, Content-Length, Warning"
+CORS_ORIGIN = "imageshare.cors_origin"  # request key: the allowed Origin of this request
 
 
 def error_response(status: int, message: str) -> web.Response:
@@ -91,24 +92,30 @@ def make_cors_middleware(allowed: list[str]) -> Callable[..., Awaitable[web.Stre
     @web.middleware
     async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         origin = allow_origin(request.headers.get("Origin", ""))
+        if origin:
+            request[CORS_ORIGIN] = origin  # headers are added by add_cors_headers
         if (
             request.method == "OPTIONS"
             and origin
             and "Access-Control-Request-Method" in request.headers
         ):
-            response: web.StreamResponse = web.Response(status=204)
-        else:
-            response = await handler(request)
-        if origin:
-            response.headers["Access-Control-Allow-Origin"] = origin
-            response.headers["Vary"] = "Origin"
-            response.headers["Access-Control-Allow-Headers"] = CORS_HEADERS
-            response.headers["Access-Control-Allow-Methods"] = CORS_METHODS
-            response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED
-            response.headers["Access-Control-Max-Age"] = "600"
-        return response
+            return web.Response(status=204)
+        return await handler(request)
 
     return cors_middleware
+
+
+async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """On response prepare: streamed answers (WADO-RS) send their headers before the
+    middleware sees them, so the CORS headers are added here, for every response."""
+    origin = request.get(CORS_ORIGIN)
+    if origin:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Vary"] = "Origin"
+        response.headers["Access-Control-Allow-Headers"] = CORS_HEADERS
+        response.headers["Access-Control-Allow-Methods"] = CORS_METHODS
+        response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED
+        response.headers["Access-Control-Max-Age"] = "600"
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -132,6 +139,7 @@ def build_app(runtime: NodeRuntime) -> web.Application:
         ],
     )
     app[RUNTIME_KEY] = runtime
+    app.on_response_prepare.append(add_cors_headers)
     app.router.add_get("/healthz", healthz)
     for module in route_modules.MODULES:
         module.add_routes(app, runtime)
