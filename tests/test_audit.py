@@ -19,13 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from node.core.consent import GrantFields, sign_grant, sign_revocation, token_id_of
+from node.core.entries import decode_entry
 from node.core.keys import NodeIdentity
 from node.core.patient_keys import PatientKey
+from node.errors import BadInput
+from node.services.audit import parse_entries_page, parse_listing
+from node.services.audit_state import AuditState, SavedCheckpoint
 from node.store.ledger import LedgerStore
 from node.store.secrets import read_seed
-from tests.support.nodes import NodeProcess, free_port, init_node, run_cli
+from tests.support.nodes import NodeProcess, free_port, init_node, run_cli, wait_until
 
 NOW = int(time.time())
 T0 = NOW - 100_000  # crafted entries are old enough to be judged (past the receipt grace)
@@ -438,32 +444,42 @@ class TestConsentRules:
 
 
 class TestViews:
-    def test_node_serving_a_forked_history_is_a_split_view(
+    def test_node_serving_a_forked_history_is_a_split_view_and_an_equivocation(
         self, federation: tuple[NodeProcess, NodeProcess], tmp_path: Path
     ) -> None:
-        a, b = federation
-        # A second process holding A's key serves another history of A's log: the same
-        # first entries, then a different one. B still serves the history A gave it.
+        a, _ = federation
+        # A second process holding A's key serves another history of A's log (the same
+        # first entries, then a different one) to witness W, which mirrors A's real log
+        # and replicates from the fork: W keeps the two signed notes as a proof.
         fork = make_node(tmp_path, A_ORIGIN, name="a_fork")
         shutil.copy(a.data_dir / "node.key", fork.data_dir / "node.key")
         source = LedgerStore(a.data_dir)
         try:
-            first = [bytes(e) for e in source.own_log(A_ORIGIN).entries(0, 4)]
+            first = [decode_entry(e) for e in source.own_log(A_ORIGIN).entries(0, 4)]
         finally:
             source.close()
-        from node.core.entries import decode_entry
-
-        append(fork, [(e.kind, e.fields, e.time) for e in map(decode_entry, first)])
+        append(fork, [(e.kind, e.fields, e.time) for e in first])
         append(fork, [("witness", {"log_id": ref("x"), "size": 1, "root": ref("y")}, T0 + 99)])
-        b.start()
+        witness = make_node(tmp_path, "w.example/imageshare")
+        mirror(witness, a)
+        witness.append_config(
+            f'[[peers]]\norigin = "{A_ORIGIN}"\nurl = "{fork.url}"\nvkey = "{a.vkey}"'
+        )
         fork.start()
+        witness.start()
         try:
-            status, report = audit(fork.url, b.url)
+            wait_until(
+                lambda: witness.get_json("/ledger/equivocations", auth=False),
+                message="the witness to keep an equivocation proof",
+            )
+            status, report = audit(fork.url, witness.url)
         finally:
             fork.stop()
-            b.stop()
+            witness.stop()
         assert status == 1
-        assert any(v["rule"] == "split_view" and v["log"] == A_ORIGIN for v in report["violations"])
+        found = {(v["log"], v["rule"], v["source"]) for v in report["violations"]}
+        assert (A_ORIGIN, "split_view", witness.url) in found
+        assert (A_ORIGIN, "equivocation", witness.url) in found
 
     def test_log_rolled_back_between_two_audits(
         self, nodes: tuple[NodeProcess, NodeProcess], tmp_path: Path
@@ -501,3 +517,61 @@ class TestViews:
         assert first_status == 0
         assert second_status == 1
         assert (A_ORIGIN, 5, "rollback") in rules(report)
+
+
+class TestAuditState:
+    def checkpoint(self, size: int = 3) -> SavedCheckpoint:
+        return SavedCheckpoint(A_ORIGIN, "a+00000000+AA==", size, ref("root"), "note\n")
+
+    def test_saved_checkpoint_is_loaded_back(self, tmp_path: Path) -> None:
+        state = AuditState(tmp_path / "state")
+        state.save(self.checkpoint(3))
+        state.save(self.checkpoint(7))  # replaces, atomically
+        assert state.load() == {A_ORIGIN: self.checkpoint(7)}
+        assert [p.name for p in (tmp_path / "state").iterdir()] == [
+            f"{hashlib.sha256(A_ORIGIN.encode()).hexdigest()}.json"
+        ]
+
+    def test_missing_directory_is_an_empty_state(self, tmp_path: Path) -> None:
+        assert AuditState(tmp_path / "none").load() == {}
+
+    def test_corrupt_state_file_is_refused_not_ignored(self, tmp_path: Path) -> None:
+        state = AuditState(tmp_path)
+        state.save(self.checkpoint())
+        (path,) = tmp_path.glob("*.json")
+        path.write_text('{"v": 1, "origin": 5}')
+        with pytest.raises(BadInput, match="corrupt"):
+            state.load()
+
+    def test_state_file_under_another_log_name_is_refused(self, tmp_path: Path) -> None:
+        state = AuditState(tmp_path)
+        state.save(self.checkpoint())
+        (path,) = tmp_path.glob("*.json")
+        path.rename(tmp_path / f"{'0' * 64}.json")
+        with pytest.raises(BadInput, match="does not match"):
+            state.load()
+
+
+class TestAnswersFailClosed:
+    @given(st.binary(max_size=200))
+    def test_entries_page_parser_raises_only_bad_input(self, body: bytes) -> None:
+        try:
+            page = parse_entries_page(body)
+        except BadInput:
+            return
+        assert all(isinstance(entry, bytes) for entry in page)
+
+    @given(st.recursive(st.none() | st.integers() | st.text(max_size=8), st.lists, max_leaves=8))
+    def test_listing_parser_raises_only_bad_input(self, document: object) -> None:
+        try:
+            listings = parse_listing(document)
+        except BadInput:
+            return
+        assert isinstance(listings, list)
+
+    def test_listing_rows_need_every_field_with_its_type(self) -> None:
+        good = {"origin": A_ORIGIN, "log_id": "00", "vkey": "k", "size": 1}
+        assert parse_listing([good])[0].size == 1
+        for broken in ({**good, "size": -1}, {**good, "size": True}, {**good, "vkey": None}):
+            with pytest.raises(BadInput):
+                parse_listing([broken])
