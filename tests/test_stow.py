@@ -268,6 +268,26 @@ class TestRefusedRequests:
         assert uploads.counts() == before
         uploads.assert_nothing_left_over()
 
+    def test_daemon_killed_mid_upload_restarts_with_nothing_half_stored(
+        self, uploads: Uploads
+    ) -> None:
+        study = uploads.study()
+        body = multipart(*(p.read_bytes() for p in study.files))
+        before = uploads.counts()
+        head = (
+            f"POST /dicomweb/studies HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: Bearer {uploads.node.admin_token}\r\n"
+            f"Content-Type: {CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", uploads.node.http_port)) as conn:
+            conn.sendall(head + body[: len(body) - 1000])
+            wait_until(lambda: list((uploads.node.data_dir / "tmp").iterdir()), timeout=10)
+            uploads.node.kill9()
+        uploads.node.start()
+        assert uploads.counts() == before
+        uploads.assert_nothing_left_over()
+        assert uploads.client.search_for_studies(search_filters={"PatientID": "MRN-0001"})
+
     def test_missing_admin_token_is_refused(self, uploads: Uploads) -> None:
         study = uploads.study(slices=1)
         response = requests.post(
