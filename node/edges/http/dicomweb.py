@@ -7,6 +7,8 @@ request, negotiate the media type, call the DICOMweb service and frame its answe
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from functools import partial
 
 from aiohttp import web
 
@@ -207,12 +209,9 @@ def _frame_media_type(request: web.Request, frames: FrameSet) -> str:
 async def _send_frames(request: web.Request, frames: FrameSet) -> web.StreamResponse:
     media_type = _frame_media_type(request, frames)
     if media_type != frames.media_type:
-        suffix = f"; transfer-syntax={frames.transfer_syntax}"
-        frames = FrameSet(
-            media_type,
-            frames.transfer_syntax,
-            [type(p)(media_type + suffix, p.size, p.body) for p in frames.parts],
-        )
+        labelled = f"{media_type}; transfer-syntax={frames.transfer_syntax}"
+        parts = [replace(p, content_type=labelled) for p in frames.parts]
+        frames = FrameSet(media_type, frames.transfer_syntax, parts)
     return await stream_parts(request, media_type, frames.parts)
 
 
@@ -238,11 +237,7 @@ async def _upload_parts(parts: StreamedParts) -> AsyncIterator[UploadPart]:
     async for part in parts:
         declared = part.headers.get("Content-Type")
         content_type = parts.part_type_of(part) if declared else ""
-
-        async def read_chunk(size: int, part: object = part) -> bytes:
-            return await parts.read_chunk(part, size)  # type: ignore[arg-type]
-
-        yield UploadPart(content_type, read_chunk)
+        yield UploadPart(content_type, partial(parts.read_chunk, part))
 
 
 async def store_instances(request: web.Request) -> web.Response:
