@@ -35,6 +35,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from node.config import DimseConfig, DimseDestination
 from node.errors import BadInput, ConfigError, ImageShareError, PayloadTooLarge, StorageFull
 from node.services.dimse_query import (
+    CONNECT_TIMEOUT_SECONDS,
     LOW_LATENCY_HANDLERS,
     MAX_PDU_BYTES,
     Model,
@@ -107,6 +108,7 @@ class DimseGateway:
     def build_ae(self) -> AE:
         ae = AE(ae_title=self.config.ae_title)
         ae.maximum_pdu_size = MAX_PDU_BYTES
+        ae.connection_timeout = CONNECT_TIMEOUT_SECONDS  # for C-MOVE destinations
         ae.require_calling_aet = list(self.config.allowed_calling_aes)
         # Unrestricted: any storage SOP class is accepted (in the first transfer syntax the
         # peer proposes) and stored as received. It also spares copying ~150 storage

@@ -338,6 +338,8 @@ def select_for_retrieve(
 DUL_POLL_SECONDS = 0.0001
 # Largest PDU the node accepts: large PDUs mean fewer, cheaper reads per instance.
 MAX_PDU_BYTES = 4 * 1024 * 1024
+# Longest wait for a TCP connection to a peer AE (pynetdicom waits forever by default).
+CONNECT_TIMEOUT_SECONDS = 10.0
 
 
 def set_low_latency(event: Event) -> None:

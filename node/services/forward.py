@@ -22,6 +22,7 @@ from pynetdicom import AE
 
 from node.errors import ConfigError, NotFound
 from node.services.dimse_query import (
+    CONNECT_TIMEOUT_SECONDS,
     LOW_LATENCY_HANDLERS,
     MAX_PDU_BYTES,
     read_instance,
@@ -152,6 +153,7 @@ class Forwarder:
         failures: dict[str, list[QueuedInstance]],
     ) -> None:
         ae = AE(ae_title=self.calling_ae)
+        ae.connection_timeout = CONNECT_TIMEOUT_SECONDS
         assoc = ae.associate(
             self.config.host,
             self.config.port,
@@ -164,8 +166,10 @@ class Forwarder:
             raise ConnectionError(f"no association with {self.destination}")
         try:
             for item, record in batch:
-                if self._stop.is_set() or not assoc.is_established:
-                    failures["interrupted before sending"].append(item)
+                if self._stop.is_set():
+                    break  # shutting down: the rest stay queued, no attempt counted
+                if not assoc.is_established:
+                    failures["the PACS ended the association"].append(item)
                     continue
                 try:
                     status = assoc.send_c_store(read_instance(record))
