@@ -10,10 +10,10 @@ import shutil
 import time
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import aiohttp
-import pytest
 
 from node.core.keys import NodeIdentity
 from node.core.notes import parse_note
@@ -51,6 +51,11 @@ def p2p(
                 return response.status, await response.json()
 
     return asyncio.run(go())
+
+
+def start_all(*nodes: NodeProcess) -> None:
+    with ThreadPoolExecutor(len(nodes)) as pool:
+        list(pool.map(NodeProcess.start, nodes))
 
 
 def quiet(node: NodeProcess, interval: float = 0.5) -> None:
@@ -119,23 +124,22 @@ class TestPeersCommand:
         listed = json.loads(a.cli("peers", "list", "--json").stdout)
         assert [(p["origin"], p["url"]) for p in listed] == [(b.origin, "")]
 
-    @pytest.mark.parametrize(
-        "case", ["own origin", "key of another name", "malformed key", "changed key", "bad url"]
-    )
-    def test_bad_entries_are_refused(self, node_factory: Factory, case: str) -> None:
+    def test_bad_entries_are_refused_in_one_sentence(self, node_factory: Factory) -> None:
         a, b = node_factory("a.example/imageshare"), node_factory("b.example/imageshare")
-        args = {
+        cases = {
             "own origin": (a.origin, a.url, a.vkey),
             "key of another name": (b.origin, b.url, a.vkey),
             "malformed key": (b.origin, b.url, "b.example+00+AAAA"),
-            "changed key": (b.origin, b.url, NodeIdentity.generate(b.origin).vkey),
             "bad url": (b.origin, "ftp://x", b.vkey),
-        }[case]
-        if case == "changed key":
-            a.cli("peers", "add", b.origin, b.url, b.vkey)
-        result = a.cli("peers", "add", *args, check=False)
-        assert result.returncode == 1
-        assert result.stderr.startswith("imageshare: ") and result.stderr.count("\n") == 1
+            "changed key": (b.origin, b.url, NodeIdentity.generate(b.origin).vkey),
+        }
+        a.cli("peers", "add", b.origin, b.url, b.vkey)
+        for case, args in cases.items():
+            result = a.cli("peers", "add", *args, check=False)
+            assert result.returncode == 1, case
+            assert result.stderr.startswith("imageshare: ") and result.stderr.count("\n") == 1
+        listed = json.loads(a.cli("peers", "list", "--json").stdout)
+        assert [(p["origin"], p["vkey"]) for p in listed] == [(b.origin, b.vkey)]
 
 
 class TestP2pAuthentication:
@@ -189,8 +193,7 @@ class TestReplication:
         befriend(nodes)
         append_offline(a, 3)
         append_offline(b, 1200)  # more than one entries batch
-        for node in nodes:
-            node.start()
+        start_all(*nodes)
         expected = {a.origin: 3, b.origin: 1200, c.origin: 0}
         wait_until(lambda: converged(nodes, expected), timeout=30, message="convergence")
         wait_until(lambda: cosigners(a) == {b.origin, c.origin}, message="a's witnesses")
@@ -232,8 +235,7 @@ class TestReplication:
         c.cli("peers", "add", a.origin, f"http://127.0.0.1:{free_port()}", a.vkey)
         c.cli("peers", "add", b.origin, b.url, b.vkey)
         append_offline(a, 4)
-        for node in nodes:
-            node.start()
+        start_all(*nodes)
         wait_until(lambda: sizes(c).get(a.origin) == 4, timeout=20, message="a's log at c")
         status = c.get_json("/admin/api/federation")
         assert {p["origin"]: p["reachable"] for p in status["peers"]}[a.origin] is False
@@ -265,8 +267,7 @@ class TestEquivocation:
         append_offline(x, 3, tag=b"o")
         append_offline(fork, 3, tag=b"f")
         try:
-            for node in (x, fork, a, b):
-                node.start()
+            start_all(x, fork, a, b)
 
             def proofs(node: NodeProcess) -> list[dict[str, Any]]:
                 return node.get_json("/ledger/equivocations", auth=False)  # type: ignore[no-any-return]

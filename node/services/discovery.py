@@ -86,7 +86,9 @@ class DiscoveryService:
         if self._browser is not None:
             await self._browser.async_cancel()
         if self._zeroconf is not None:
-            await self._zeroconf.async_unregister_all_services()
+            # Goodbye packets are a courtesy (records expire anyway): never hold up shutdown.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._zeroconf.async_unregister_all_services(), 0.5)
             await self._zeroconf.async_close()
 
     def _on_change(
