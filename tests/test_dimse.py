@@ -432,7 +432,7 @@ class TestLatency:
         self, node: NodeProcess, tmp_path: Path
     ) -> None:
         # Without TCP_NODELAY on the node's sockets each C-STORE sub-operation waits for
-        # the peer's delayed ACK (~40 ms): 150 instances would take 6 s instead of < 1 s.
+        # the peer's delayed ACK (~40 ms): 150 instances would take over 6 s, not ~0.5 s.
         study = make_ct_study(tmp_path / "many", series=1, slices=150, rows=32, columns=32)
         node.cli("import", str(tmp_path / "many"))
         out = tmp_path / "got"
@@ -445,7 +445,7 @@ class TestLatency:
         elapsed = time.monotonic() - started
         assert result.returncode == 0, result.stderr
         assert len(list(out.iterdir())) == 150
-        assert elapsed < 3.0, f"getscu of 150 instances took {elapsed:.1f} s"
+        assert elapsed < 5.0, f"getscu of 150 instances took {elapsed:.1f} s"
 
 
 # -- helpers -------------------------------------------------------------------------------
