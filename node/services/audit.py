@@ -129,6 +129,11 @@ async def _get(
         return body
 
 
+async def _status(session: aiohttp.ClientSession, url: str) -> int:
+    async with session.get(url) as response:
+        return response.status
+
+
 def _json(body: bytes, what: str) -> Any:
     try:
         return json.loads(body)
@@ -207,8 +212,11 @@ async def fetch_served_log(
 ) -> ServedLog:
     """One log as ``base`` serves it; a failure is recorded on the result, never raised."""
     served = ServedLog(base, listing)
+    url = f"{base}/ledger/logs/{listing.log_id}/checkpoint"
     try:
-        note = (await _get(session, f"{base}/ledger/logs/{listing.log_id}/checkpoint")).decode()
+        if listing.size == 0 and await _status(session, url) == 404:
+            return served  # an empty log with no checkpoint yet: nothing to judge
+        note = (await _get(session, url)).decode()
         served.note = note
         size = checkpoint_size(note)
         served.entries = await fetch_entries(session, base, listing.log_id, size)
@@ -494,10 +502,12 @@ def audit_views(
             key = keys.get(origin)
             if key is None:
                 continue
-            if served.error is not None or served.note is None:
+            if served.error is not None:
                 violations.append(
-                    Violation(origin, None, "entries_unavailable", served.error or "", view.url)
+                    Violation(origin, None, "entries_unavailable", served.error, view.url)
                 )
+                continue
+            if served.note is None:  # listed empty and never signed
                 continue
             history, found = check_history(
                 origin, key, view.url, served.note, served.entries, decode
