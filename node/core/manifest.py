@@ -206,7 +206,7 @@ class Begin:
 
 @dataclass(frozen=True)
 class Data:
-    chunk: bytes
+    chunk: memoryview  # a view into the message: no copy of instance data
 
 
 @dataclass(frozen=True)
@@ -243,7 +243,7 @@ class InstanceStreamParser:
             raise BadInput("instance stream continues after its end")
         kind = message[:1]
         if kind == DATA:
-            return self._data(message[1:])
+            return self._data(memoryview(message)[1:])
         if self._current is not None:
             raise BadInput("instance stream moved on before an instance was complete")
         if kind == BEGIN and len(message) == 5 and not final:
@@ -265,7 +265,7 @@ class InstanceStreamParser:
             return [End(count)]
         raise BadInput("instance stream holds a malformed message")
 
-    def _data(self, chunk: bytes) -> list[StreamEvent]:
+    def _data(self, chunk: memoryview) -> list[StreamEvent]:
         if self._current is None or len(chunk) > self._remaining:
             raise BadInput("instance stream sent more data than the manifest size")
         self._remaining -= len(chunk)

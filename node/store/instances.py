@@ -475,7 +475,7 @@ class StagingFile:
         self._hasher = hashlib.sha256()
         self._file: IO[bytes] | None = open(tmp_path, "wb")  # noqa: SIM115 - closed in finish/abort
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | memoryview) -> None:
         assert self._file is not None, "staging file already closed"
         self.size += len(chunk)
         if self.size > self.max_bytes:
