@@ -11,6 +11,7 @@ import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 
+from node.core.dicom_json import attribute
 from tests.support.nodes import NodeProcess, init_node
 from tests.support.studies import SyntheticStudy, make_ct_study
 
@@ -264,3 +265,23 @@ class TestPaging:
     def test_malformed_paging_is_refused(self, corpus: Corpus) -> None:
         for params in ({"limit": "-1"}, {"offset": "x"}, {"limit": "1.5"}):
             assert corpus.query("/studies", params).status_code == 400
+
+
+class TestJsonModel:
+    def test_person_name_component_groups(self) -> None:
+        value = attribute(0x00100010, "Yamada^Tarou=山田^太郎=やまだ^たろう")
+        assert value == {
+            "vr": "PN",
+            "Value": [
+                {
+                    "Alphabetic": "Yamada^Tarou",
+                    "Ideographic": "山田^太郎",
+                    "Phonetic": "やまだ^たろう",
+                }
+            ],
+        }
+
+    def test_numbers_are_json_numbers_and_empty_values_have_no_value(self) -> None:
+        assert attribute(0x00201208, "12") == {"vr": "IS", "Value": [12]}
+        assert attribute(0x00280030, ["0.5", "0.75"]) == {"vr": "DS", "Value": [0.5, 0.75]}
+        assert attribute(0x00100020, "") == {"vr": "LO"}

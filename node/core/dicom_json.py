@@ -56,7 +56,10 @@ def vr_of(tag: int) -> str:
 
 def _json_value(vr: str, value: Any) -> Any:
     if vr == "PN":
-        return {"Alphabetic": str(value)}
+        # Component groups are separated by "=": alphabetic, ideographic, phonetic.
+        groups = str(value).split("=")[:3]
+        names = ("Alphabetic", "Ideographic", "Phonetic")
+        return {name: group for name, group in zip(names, groups, strict=False) if group}
     if vr in _INT_VRS:
         return int(value)
     if vr in _FLOAT_VRS:
