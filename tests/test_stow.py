@@ -156,17 +156,23 @@ class TestPartialFailures:
                 good,
                 b"this is not a DICOM file at all" * 10,
                 good[: len(good) // 2],
-                dicom_bytes(study.files[0], SOPInstanceUID="1.2.3.999", SeriesInstanceUID=None),
+                dicom_bytes(study.files[0], SOPInstanceUID="1.2.3.997", StudyInstanceUID=None),
+                dicom_bytes(study.files[0], SOPInstanceUID="1.2.3.998", SeriesInstanceUID=None),
+                dicom_bytes(study.files[0], SOPInstanceUID=None),
             )
         )
         assert response.status_code == 202
         assert referenced_uids(response) == [study.sop_uids[0]]
         failed = failed_items(response)
-        assert len(failed) == 3
+        assert len(failed) == 5
         assert {f["00081197"]["Value"][0] for f in failed} == {FAILURE_CANNOT_UNDERSTAND}
-        reasons = " ".join(f["00000902"]["Value"][0] for f in failed)
-        assert "not a DICOM" in reasons and "truncated" in reasons
-        assert "SeriesInstanceUID" in reasons
+        reasons = [f["00000902"]["Value"][0] for f in failed]
+        assert "not a DICOM" in reasons[0] and "truncated" in reasons[1]
+        assert [r.split()[-1] for r in reasons[2:]] == [
+            "StudyInstanceUID",
+            "SeriesInstanceUID",
+            "SOPInstanceUID",
+        ]
         assert uploads.counts() == (before[0] + 1, before[1] + 1)
         uploads.assert_nothing_left_over()
 
