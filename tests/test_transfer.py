@@ -7,6 +7,7 @@ between them and can slow the stream down to interrupt it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -17,10 +18,12 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import msgpack
 import pytest
 
@@ -97,27 +100,38 @@ class Federation:
     c: NodeProcess
     proxy: RecordingProxy
     study: SyntheticStudy
-    wallet: Path
+    wallet_dir: Path
+    wallet: Wallet
 
 
 def _peer(node: NodeProcess, url: str) -> str:
     return f'[[peers]]\norigin = "{node.origin}"\nurl = "{url}"\nvkey = "{node.vkey}"\n'
 
 
-def _enroll(a: NodeProcess, wallet: Path, patient_id: str) -> None:
-    run_cli("patient", "keygen", "--wallet", str(wallet), env={"IMAGESHARE_WALLET_PASSPHRASE": ""})
-    pubkey = json.loads(
-        run_cli("patient", "pubkey", "--custodian", a.url, "--wallet", str(wallet), "--json").stdout
-    )["pubkey"]
-    a.cli("enroll", "--patient-id", patient_id, "--key", pubkey)
+def _enroll(a: NodeProcess, wallet_dir: Path, patient_id: str) -> Wallet:
+    """A new wallet whose key for A is enrolled (by `imageshare enroll`) as ``patient_id``."""
+    wallet = Wallet.create(wallet_dir, None)
+    a.cli("enroll", "--patient-id", patient_id, "--key", wallet.key_for(a.origin).public_key_text)
+    return wallet
 
 
-def _grant(fed: Federation, wallet: Path, to: NodeProcess) -> dict[str, Any]:
+def _grant_cli(fed: Federation, to: NodeProcess) -> dict[str, Any]:
+    """`imageshare patient grant --all`, as the patient would."""
     result = run_cli(
         "patient", "grant", "--custodian", fed.a.url, "--to", to.origin, "--all",
-        "--wallet", str(wallet), "--json",
+        "--wallet", str(fed.wallet_dir), "--json",
     )  # fmt: skip
     return dict(json.loads(result.stdout))
+
+
+def _grant(fed: Federation, wallet: Wallet, to: NodeProcess) -> dict[str, Any]:
+    """The same grant through the wallet library (no interpreter start)."""
+
+    async def grant() -> dict[str, Any]:
+        async with aiohttp.ClientSession() as session:
+            return await wallet.grant(session, fed.a.url, to.origin, None, 3600)
+
+    return asyncio.run(grant())
 
 
 @pytest.fixture(scope="module")
@@ -134,13 +148,12 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     c.append_config(settings + _peer(a, a.url))
     nodes = [a, b, c]
     try:
-        for node in nodes:
-            node.start()
+        with ThreadPoolExecutor(len(nodes)) as pool:
+            list(pool.map(NodeProcess.start, nodes))
         study = make_ct_study(base / "study", series=2, slices=5, rows=64, columns=64)
         a.cli("import", str(base / "study"))
-        wallet = base / "wallet"
-        _enroll(a, wallet, study.patient_id)
-        yield Federation(base, a, b, c, proxy, study, wallet)
+        wallet = _enroll(a, base / "wallet", study.patient_id)
+        yield Federation(base, a, b, c, proxy, study, base / "wallet", wallet)
     finally:
         for node in nodes:
             node.stop()
@@ -175,7 +188,7 @@ class TestConsentedFetch:
     def test_fetch_copies_study_exactly_accounts_both_sides_and_stops_after_revoke(
         self, fed: Federation
     ) -> None:
-        grant = _grant(fed, fed.wallet, fed.b)
+        grant = _grant_cli(fed, fed.b)
         fetched = json.loads(fed.b.cli("fetch", grant["url"], "--json").stdout)
         assert fetched["study_uid"] == fed.study.study_uid
         assert fetched["instances"] == len(fed.study.files)
@@ -198,7 +211,7 @@ class TestConsentedFetch:
 
         run_cli(
             "patient", "revoke", grant["token_id"], "--custodian", fed.a.url,
-            "--wallet", str(fed.wallet),
+            "--wallet", str(fed.wallet_dir),
         )  # fmt: skip
         refused = fed.b.cli("fetch", grant["token"], check=False)
         assert refused.returncode == 1
@@ -233,7 +246,7 @@ class TestConsentedFetch:
         assert [(d["rule"], d["requester"]) for d in denials] == [("wrong_grantee", fed.c.origin)]
 
     def test_expired_token_is_refused(self, fed: Federation) -> None:
-        key = Wallet.open(fed.wallet, None).key_for(fed.a.origin)
+        key = fed.wallet.key_for(fed.a.origin)
         now = int(time.time())
         fields = GrantFields(
             key.public_key, fed.a.origin, fed.b.origin, None, now - 7200, now - 3600, os.urandom(16)
@@ -243,7 +256,7 @@ class TestConsentedFetch:
         assert "expired" in refused.stderr
 
     def test_unknown_custodian_is_unreachable(self, fed: Federation) -> None:
-        key = Wallet.open(fed.wallet, None).key_for("x.example/gone")
+        key = fed.wallet.key_for("x.example/gone")
         now = int(time.time())
         fields = GrantFields(
             key.public_key, "x.example/gone", fed.b.origin, None, now, now + 60, os.urandom(16)
@@ -275,8 +288,7 @@ class TestResume:
             fed.base / "big", series=2, slices=30, rows=256, columns=256, patient_id="MRN-0002"
         )
         fed.a.cli("import", str(fed.base / "big"))
-        wallet = fed.base / "wallet2"
-        _enroll(fed.a, wallet, study.patient_id)
+        wallet = _enroll(fed.a, fed.base / "wallet2", study.patient_id)
         grant = _grant(fed, wallet, fed.b)
         total = sum(p.stat().st_size for p in study.files)
 
