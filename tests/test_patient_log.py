@@ -7,21 +7,31 @@ the transfer service, the patient revokes, and B's next fetch is refused (a deni
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import aiohttp
 import pytest
 
+from node.services.wallet import Wallet
 from tests.support.nodes import NodeProcess, init_node, run_cli, wait_until
 from tests.support.studies import make_ct_study
+
+T = TypeVar("T")
 
 
 def patient(wallet: Path, *args: str, check: bool = True) -> Any:
     """`imageshare patient ARGS --wallet W --json`, parsed (the raw result if check=False)."""
     result = run_cli("patient", *args, "--wallet", str(wallet), "--json", check=check)
     return json.loads(result.stdout) if check else result
+
+
+async def with_session(action: Callable[[aiohttp.ClientSession], Awaitable[T]]) -> T:
+    async with aiohttp.ClientSession() as session:
+        return await action(session)
 
 
 @pytest.fixture(scope="module")
@@ -40,15 +50,18 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     b.start()
     wallet = base / "wallet"
     patient(wallet, "keygen")
-    key = patient(wallet, "pubkey", "--custodian", a.url)["pubkey"]
+    opened = Wallet.open(wallet, None)
+    # The wallet's library calls, in process: the CLI around them is the consent tests' part.
+    custodian = asyncio.run(with_session(lambda s: opened.custodian(s, a.url)))
+    key = opened.key_for(custodian.origin).public_key_text
     a.cli("enroll", "--patient-id", "MRN-LOG-1", "--key", key)
-    grant = patient(wallet, "grant", "--custodian", a.url, "--to", b.origin, "--all")
-    other = patient(wallet, "grant", "--custodian", a.url, "--to", b.origin, "--all")
+    grant = asyncio.run(with_session(lambda s: opened.grant(s, a.url, b.origin, None, 3600)))
     b.cli("fetch", grant["token"])
-    patient(wallet, "revoke", grant["token_id"], "--custodian", a.url)
+    token_id = bytes.fromhex(grant["token_id"])
+    asyncio.run(with_session(lambda s: opened.revoke(s, a.url, token_id)))
     refused = b.cli("fetch", grant["token"], check=False)
     try:
-        yield {"a": a, "b": b, "wallet": wallet, "grant": grant, "other": other, "refused": refused}
+        yield {"a": a, "b": b, "wallet": wallet, "grant": grant, "refused": refused}
     finally:
         a.stop()
         b.stop()
