@@ -52,8 +52,7 @@ _FRAME_MEDIA_TYPES = {
 }
 OCTET_STREAM = "application/octet-stream"
 
-# STOW-RS Failure Reason codes (PS3.18 Table I.2-2 and PS3.4 C.4.2.1.4).
-FAILURE_PROCESSING = 0x0110
+# Failure Reason codes of the Storage Service (PS3.4 Annex B), as STOW-RS reports them.
 FAILURE_OUT_OF_RESOURCES = 0xA700
 FAILURE_CANNOT_UNDERSTAND = 0xC000
 FAILURE_STUDY_MISMATCH = 0xA900
@@ -287,7 +286,7 @@ class DicomWebService:
                 raise NotFound(f"frame {number} is out of range 1-{layout.number_of_frames}")
         ts = layout.transfer_syntax
         if layout.value_length is not None:
-            label = ExplicitVRLittleEndian if ts.is_little_endian else str(ts)
+            label = _native_label(ts)
             media = f"{OCTET_STREAM}; transfer-syntax={label}"
             parts = [
                 OutgoingPart(
@@ -297,7 +296,7 @@ class DicomWebService:
                 )
                 for number in numbers
             ]
-            return FrameSet(OCTET_STREAM, str(label), parts)
+            return FrameSet(OCTET_STREAM, label, parts)
         media_type = _FRAME_MEDIA_TYPES.get(str(ts), OCTET_STREAM)
         media = f"{media_type}; transfer-syntax={ts}"
         parts = [
@@ -313,12 +312,13 @@ class DicomWebService:
             if layout.value_length is None:
                 return await self.frames(record, list(range(1, layout.number_of_frames + 1)))
             offset, length = layout.value_offset, layout.value_length
+            label = _native_label(layout.transfer_syntax)
             part = OutgoingPart(
-                f"{OCTET_STREAM}; transfer-syntax={ExplicitVRLittleEndian}",
+                f"{OCTET_STREAM}; transfer-syntax={label}",
                 length,
                 lambda: _file_range(record.path, offset, length),
             )
-            return FrameSet(OCTET_STREAM, str(ExplicitVRLittleEndian), [part])
+            return FrameSet(OCTET_STREAM, label, [part])
         value = await asyncio.to_thread(_bulk_value, record.path, tag)
         part = OutgoingPart(OCTET_STREAM, len(value), lambda: _single(value))
         return FrameSet(OCTET_STREAM, "", [part])
@@ -384,6 +384,12 @@ class DicomWebService:
             self.store.discard([item])
             raise ConnectionAbortedError("the upload was abandoned")
         return item
+
+
+def _native_label(transfer_syntax: UID) -> str:
+    """The transfer syntax that names native pixel bytes: implicit and explicit VR Little
+    Endian files hold the same pixel bytes, so both are labelled Explicit VR Little Endian."""
+    return str(ExplicitVRLittleEndian) if transfer_syntax.is_little_endian else str(transfer_syntax)
 
 
 # -- blocking helpers (run in worker threads) --------------------------------------------
