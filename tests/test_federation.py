@@ -241,25 +241,29 @@ class TestReplication:
         assert {p["origin"]: p["reachable"] for p in status["peers"]}[a.origin] is False
 
 
+def fork_of(node: NodeProcess, port: int | None = None) -> NodeProcess:
+    """The same node identity in a second data dir, to sign a second history with its key."""
+    fork_port = port or free_port()
+    fork_dir = node.data_dir.parent / f"{node.data_dir.name}-fork"
+    shutil.copytree(node.data_dir, fork_dir)
+    config = (fork_dir / "node.toml").read_text()
+    (fork_dir / "node.toml").write_text(
+        config.replace(f"127.0.0.1:{node.http_port}", f"127.0.0.1:{fork_port}")
+    )
+    (fork_dir / "daemon.log").unlink(missing_ok=True)
+    return NodeProcess(fork_dir, node.origin, fork_port, 0, node.vkey, node.admin_token)
+
+
 class TestEquivocation:
     def test_two_histories_signed_by_one_node_are_caught_and_kept(
         self, node_factory: Factory
     ) -> None:
         x = node_factory("x.example/imageshare")
-        # The same node identity in a second data dir: a forked log with the same key.
-        fork_port = free_port()
-        fork_dir = x.data_dir.parent / "x-fork"
-        shutil.copytree(x.data_dir, fork_dir)
-        config = (fork_dir / "node.toml").read_text()
-        (fork_dir / "node.toml").write_text(
-            config.replace(f"127.0.0.1:{x.http_port}", f"127.0.0.1:{fork_port}").replace(
-                f"port = {x.dimse_port}", f"port = {free_port()}"
-            )
-        )
-        fork = NodeProcess(fork_dir, x.origin, fork_port, 0, x.vkey, x.admin_token)
+        quiet(x)
+        fork = fork_of(x)
         a = node_factory("a.example/imageshare")
         b = node_factory("b.example/imageshare")
-        for node in (x, fork, a, b):
+        for node in (a, b):
             quiet(node)
         befriend([a, b])
         a.cli("peers", "add", x.origin, fork.url, x.vkey)  # a is shown the fork
@@ -299,5 +303,32 @@ class TestEquivocation:
             a.start()
             assert proofs(a)
             assert "EQUIVOCATION" in b.log_path.read_text()
+        finally:
+            fork.stop()
+
+    def test_a_later_checkpoint_that_does_not_extend_the_earlier_one_is_caught(
+        self, node_factory: Factory
+    ) -> None:
+        x = node_factory("x.example/imageshare")
+        b = node_factory("b.example/imageshare")
+        for node in (x, b):
+            quiet(node)
+        # The rewritten history answers at x's address once x is gone.
+        fork = fork_of(x, port=x.http_port)
+        b.cli("peers", "add", x.origin, x.url, x.vkey)
+        append_offline(x, 3, tag=b"o")
+        append_offline(fork, 5, tag=b"f")
+        start_all(x, b)
+        wait_until(lambda: sizes(b).get(x.origin) == 3, message="b to mirror x")
+        x.stop()
+        try:
+            fork.start()
+            found = wait_until(
+                lambda: b.get_json("/ledger/equivocations", auth=False),
+                timeout=20,
+                message="the proof",
+            )
+            assert "does not extend" in found[0]["reason"]
+            assert sizes(b)[x.origin] == 3
         finally:
             fork.stop()

@@ -368,7 +368,8 @@ class ReplicationService:
             entries = await self._fetch_entries(base, ours, checkpoint.size)
             try:
                 mirror.extend(entries, note, log_member.vkey)
-            except Conflict as exc:
+            except (Conflict, BadInput) as exc:
+                # The signature was checked first: these entries are bad, or the log forked.
                 await self._judge_conflict(log_member, mirror, note, checkpoint, base, direct, exc)
                 return
             log.info("mirrored %s up to %d from %s", log_member.origin, checkpoint.size, url)
@@ -410,7 +411,10 @@ class ReplicationService:
         direct: bool,
         exc: Exception,
     ) -> None:
-        """Entries did not extend our prefix to the signed root: bad copy, or equivocation?"""
+        """Entries did not extend our prefix to the signed root: bad copy, or equivocation?
+
+        The consistency proof decides: if it verifies, only the entries were bad.
+        """
         ours = mirror.size()
         body, _ = await self._get(
             f"{base}/proof/consistency?old={ours}&new={checkpoint.size}", MAX_LISTING_BYTES
@@ -535,14 +539,16 @@ class ReplicationService:
                 entry["size_here"] = None
             entry["trusted"] = member.log_id not in self._distrusted
             peers.append(entry)
-        own: dict[str, Any] = {"origin": self.runtime.config.origin}
-        with contextlib.suppress(ImageShareError):
-            note = self._own_log().checkpoint_note()
-            _, signatures = notes.parse_note(note)
+        own: dict[str, Any] = {"origin": self.runtime.config.origin, "cosigners": []}
+        with contextlib.suppress(*PeerError):
             own["size"] = self._own_log().size()
-            own["cosigners"] = sorted(
-                {s.name for s in signatures if s.name != self.runtime.config.origin}
-            )
+            note = self._own_log().checkpoint_note()
+            if note is not None:
+                body, signatures = notes.parse_note(note)
+                own["checkpoint_size"] = notes.Checkpoint.parse(body).size
+                own["cosigners"] = sorted(
+                    {s.name for s in signatures if s.name != self.runtime.config.origin}
+                )
         return {
             "origin": self.runtime.config.origin,
             "own_log": own,
