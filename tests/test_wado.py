@@ -18,7 +18,13 @@ from tests.support.nodes import NodeProcess, init_node
 from tests.support.studies import SyntheticStudy, make_ct_study
 
 DICOM_ANY_SYNTAX = 'multipart/related; type="application/dicom"; transfer-syntax=*'
-SAMPLE_FILES = ("rtdose.dcm", "SC_rgb_rle_2frame.dcm", "JPEG2000.dcm", "CT_small.dcm")
+SAMPLE_FILES = (
+    "rtdose.dcm",
+    "SC_rgb_rle_2frame.dcm",
+    "JPEG2000.dcm",
+    "CT_small.dcm",
+    "MR_small_bigendian.dcm",
+)
 
 
 def split_multipart(response: requests.Response) -> list[tuple[dict[str, str], bytes]]:
@@ -209,6 +215,15 @@ class TestFrames:
             "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1"
         )
         assert body == corpus.sample("CT_small.dcm").PixelData
+
+    def test_big_endian_frame_is_labelled_with_its_byte_order(self, corpus: Corpus) -> None:
+        response = corpus.get(
+            corpus.sample_path("MR_small_bigendian.dcm") + "/frames/1",
+            'multipart/related; type="application/octet-stream"; transfer-syntax=*',
+        )
+        [(headers, body)] = split_multipart(response)
+        assert headers["Content-Type"].endswith("transfer-syntax=1.2.840.10008.1.2.2")
+        assert body == corpus.sample("MR_small_bigendian.dcm").PixelData
 
     def test_encapsulated_frames_come_back_as_stored_fragments(self, corpus: Corpus) -> None:
         ds = corpus.sample("SC_rgb_rle_2frame.dcm")
