@@ -164,7 +164,7 @@ class ReplicationService:
             if self._fallback_store is None:
                 self._fallback_store = LedgerStore(self.runtime.config.data_dir)
             store = self._fallback_store
-        return store  # type: ignore[no-any-return]
+        return store
 
     def _own_log(self) -> OwnLog:
         if self._own is None:
@@ -564,4 +564,4 @@ def replication_of(runtime: NodeRuntime) -> ReplicationService:
     service = runtime.services.get("replication")
     if service is None:
         service = runtime.services["replication"] = ReplicationService(runtime)
-    return service  # type: ignore[no-any-return]
+    return service

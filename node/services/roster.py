@@ -114,4 +114,4 @@ def roster_of(runtime: NodeRuntime) -> RosterService:
     service = runtime.services.get("roster")
     if service is None:
         service = runtime.services["roster"] = RosterService(runtime.config)
-    return service  # type: ignore[no-any-return]
+    return service

@@ -51,7 +51,7 @@ def nonce_store_of(runtime: NodeRuntime) -> NonceStore:
         store = runtime.services["nonces"] = NonceStore(
             runtime.config.data_dir / NONCES_FILE, runtime.config.federation.max_request_age
         )
-    return store  # type: ignore[no-any-return]
+    return store
 
 
 async def authenticate(
