@@ -27,7 +27,7 @@ from node.core.entries import decode_entry
 from node.core.keys import NodeIdentity
 from node.core.patient_keys import PatientKey
 from node.errors import BadInput
-from node.services.audit import parse_entries_page, parse_listing
+from node.services.audit import Workers, parse_entries_page, parse_listing, verify_grants
 from node.services.audit_state import AuditState, SavedCheckpoint
 from node.store.ledger import LedgerStore
 from node.store.secrets import read_seed
@@ -518,6 +518,31 @@ class TestViews:
         assert second_status == 1
         assert (A_ORIGIN, 5, "rollback") in rules(report)
 
+    def test_log_rewritten_between_two_audits_is_a_fork(
+        self, nodes: tuple[NodeProcess, NodeProcess], tmp_path: Path
+    ) -> None:
+        a, b = nodes
+        reset(a, b)
+        witnessed = [
+            ("witness", {"log_id": ref("x"), "size": i, "root": ref("y")}, T0) for i in range(6)
+        ]
+        append(a, witnessed)
+        state = tmp_path / "audit-state"
+        a.start()
+        try:
+            first_status, _ = audit(a.url, state=state)
+            # The node's operator rewrites history with the node key: entry 3 differs, and
+            # the log grows past what the auditor saw, all validly signed.
+            reset(a)
+            changed = {"log_id": ref("x"), "size": 3, "root": ref("changed")}
+            append(a, [*witnessed[:3], ("witness", changed, T0), *witnessed[4:], *witnessed])
+            a.start()
+            second_status, report = audit(a.url, state=state)
+        finally:
+            a.stop()
+        assert (first_status, second_status) == (0, 1)
+        assert (A_ORIGIN, None, "fork") in rules(report)
+
 
 class TestAuditState:
     def checkpoint(self, size: int = 3) -> SavedCheckpoint:
@@ -575,3 +600,20 @@ class TestAnswersFailClosed:
         for broken in ({**good, "size": -1}, {**good, "size": True}, {**good, "vkey": None}):
             with pytest.raises(BadInput):
                 parse_listing([broken])
+
+
+class TestWorkers:
+    def test_process_pool_gives_the_in_process_results(self) -> None:
+        patient = Patient(A_ORIGIN)
+        tokens = [patient.token(B_ORIGIN) for _ in range(6)]
+        tokens[2] = tokens[2][:-1] + bytes([tokens[2][-1] ^ 1])  # a bad signature
+        tokens.append(b"not a token")
+        alone = Workers(processes=1).map_chunks(verify_grants, tokens)
+        pool = Workers(processes=2, threshold=1)
+        try:
+            spread = pool.map_chunks(verify_grants, tokens)
+        finally:
+            pool.close()
+        assert spread == alone
+        assert [ok for _, ok in spread] == [True, True, False, True, True, True, False]
+        assert spread[-1][0] is None

@@ -293,7 +293,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def _check_grant_chunk(raws: list[bytes]) -> list[tuple[GrantToken | None, bool]]:
+def verify_grants(raws: list[bytes]) -> list[tuple[GrantToken | None, bool]]:
+    """Each grant token decoded (None if malformed) and whether its signature verifies."""
     results: list[tuple[GrantToken | None, bool]] = []
     for raw in raws:
         try:
@@ -305,7 +306,8 @@ def _check_grant_chunk(raws: list[bytes]) -> list[tuple[GrantToken | None, bool]
     return results
 
 
-def _check_revocation_chunk(raws: list[bytes]) -> list[tuple[Revocation | None, bool]]:
+def verify_revocations(raws: list[bytes]) -> list[tuple[Revocation | None, bool]]:
+    """Each revocation decoded (None if malformed) and whether its signature verifies."""
     results: list[tuple[Revocation | None, bool]] = []
     for raw in raws:
         try:
@@ -317,7 +319,8 @@ def _check_revocation_chunk(raws: list[bytes]) -> list[tuple[Revocation | None, 
     return results
 
 
-def _judge_access_chunk(checks: list[AccessCheck]) -> list[Rule | None]:
+def judge_accesses(checks: list[AccessCheck]) -> list[Rule | None]:
+    """consent.validate_grant's refusal rule (None: allowed) for each planned access."""
     return [validate_grant(c.token, c.request, c.view, c.policy).rule for c in checks]
 
 
@@ -612,8 +615,8 @@ def check_signatures(
         grants.update(g)
         revocations.update(r)
     grant_list, revocation_list = sorted(grants), sorted(revocations)
-    grant_results = workers.map_chunks(_check_grant_chunk, grant_list)
-    revocation_results = workers.map_chunks(_check_revocation_chunk, revocation_list)
+    grant_results = workers.map_chunks(verify_grants, grant_list)
+    revocation_results = workers.map_chunks(verify_revocations, revocation_list)
     return SignatureChecks(
         grants={raw: token for raw, (token, _) in zip(grant_list, grant_results, strict=True)},
         grants_valid=frozenset(
@@ -639,7 +642,7 @@ def _consent(
         found, planned = plan_consent_checks(origin, history.entries, signatures, clock_skew)
         violations.extend(found)
         checks.extend(planned)
-    for check, rule in zip(checks, workers.map_chunks(_judge_access_chunk, checks), strict=True):
+    for check, rule in zip(checks, workers.map_chunks(judge_accesses, checks), strict=True):
         violation = access_violation(check, rule)
         if violation is not None:
             violations.append(violation)
