@@ -494,14 +494,44 @@ def audit_views(
     """
     workers = workers or Workers()
     keys, violations = resolve_keys(views, saved)
-    keys_by_name = dict(keys)
+    histories, found = _check_copies(views, keys)
+    violations += found
+    node_of = {view.url: view.origin for view in views}
+    best: dict[str, History] = {}
+    for origin, held in histories.items():
+        violations += check_split_view(held)
+        violations += locate_damage(held)
+        if origin in saved:
+            for copy in held:
+                violations += check_against_saved(copy, saved[origin].size, saved[origin].root_hash)
+        # The largest intact copy; the log's own node's first among equals.
+        ranked = sorted(held, key=lambda h: (h.size, node_of[h.source] == origin), reverse=True)
+        intact = [h for h in ranked if h.intact]
+        if intact:
+            best[origin] = intact[0]
+    violations += _equivocations(views, keys, best)
+    violations += _consent(best, now, receipt_grace, clock_skew, workers)
+    violations = _dedupe(violations)
+    reports = _log_reports(views, keys, histories, best)
+    broken = {v.log for v in violations}
+    to_save = [
+        SavedCheckpoint(origin, str(keys[origin]), h.size, h.checkpoint.root_hash, h.note)
+        for origin, h in sorted(best.items())
+        if origin not in broken and h.checkpoint is not None
+    ]
+    return AuditReport(reports, violations, list(unreachable), now), to_save
+
+
+def _check_copies(
+    views: Sequence[PeerView], keys: dict[str, VerifierKey]
+) -> tuple[dict[str, list[History]], list[Violation]]:
+    """The structural checks of every copy of every log, each node's copy on its own."""
     decode = _memo_decoder()
     histories: dict[str, list[History]] = {origin: [] for origin in keys}
-    sources: dict[str, list[str]] = {}
+    violations: list[Violation] = []
     for view in views:
         for served in view.logs:
             origin = served.listing.origin
-            sources.setdefault(origin, []).append(view.url)
             key = keys.get(origin)
             if key is None:
                 continue
@@ -515,53 +545,40 @@ def audit_views(
             history, found = check_history(
                 origin, key, view.url, served.note, served.entries, decode
             )
-            violations.extend(found)
-            violations.extend(check_cosignatures(history, key, keys_by_name))
+            violations += found
+            violations += check_cosignatures(history, key, keys)
             histories[origin].append(history)
-    best: dict[str, History] = {}
-    for origin, held in histories.items():
-        violations.extend(check_split_view(held))
-        violations.extend(locate_damage(held))
-        if origin in saved:
-            for history in held:
-                violations.extend(
-                    check_against_saved(history, saved[origin].size, saved[origin].root_hash)
-                )
-        node_of = {view.url: view.origin for view in views}
-        # The largest intact copy, the log's own node's first among equals.
-        ranked = sorted(held, key=lambda h: (h.size, node_of[h.source] == origin), reverse=True)
-        intact = [h for h in ranked if h.intact]
-        if intact:
-            best[origin] = intact[0]
-    violations.extend(_equivocations(views, keys, best))
-    violations.extend(_consent(best, now, receipt_grace, clock_skew, workers))
-    violations = _dedupe(violations)
+    return histories, violations
+
+
+def _log_reports(
+    views: Sequence[PeerView],
+    keys: dict[str, VerifierKey],
+    histories: dict[str, list[History]],
+    best: dict[str, History],
+) -> list[LogReport]:
+    sources: dict[str, list[str]] = {}
+    for view in views:
+        for served in view.logs:
+            sources.setdefault(served.listing.origin, []).append(view.url)
     reports = []
     for origin in sorted(sources):
-        history = best.get(origin)
+        chosen = best.get(origin)
         key = keys.get(origin)
+        largest = max((h.size for h in histories.get(origin, [])), default=0)
         reports.append(
             LogReport(
                 origin=origin,
                 log_id=hashlib.sha256(origin.encode()).hexdigest(),
                 vkey=str(key) if key else "",
-                size=history.size
-                if history
-                else max((h.size for h in histories.get(origin, [])), default=0),
+                size=chosen.size if chosen else largest,
                 sources=sources[origin],
-                counts=count_kinds(history.entries) if history else {},
-                cosignatures=history.cosignatures if history else [],
-                verified=history is not None,
+                counts=count_kinds(chosen.entries) if chosen else {},
+                cosignatures=chosen.cosignatures if chosen else [],
+                verified=chosen is not None,
             )
         )
-    broken = {v.log for v in violations}
-    to_save = [
-        SavedCheckpoint(origin, str(keys[origin]), h.size, h.checkpoint.root_hash, h.note)
-        for origin, h in sorted(best.items())
-        if origin not in broken and h.checkpoint is not None
-    ]
-    report = AuditReport(reports, violations, list(unreachable), now)
-    return report, to_save
+    return reports
 
 
 def locate_damage(held: Sequence[History]) -> list[Violation]:
