@@ -60,8 +60,13 @@ class RecordingProxy:
             except OSError:
                 return
             try:
-                target = socket.create_connection(("127.0.0.1", self.target_port))
+                target = socket.socket()
+                # A small window keeps the sender from parking megabytes in kernel buffers
+                # while the proxy throttles.
+                target.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+                target.connect(("127.0.0.1", self.target_port))
             except OSError:
+                target.close()
                 client.close()
                 continue
             threading.Thread(target=self._pump, args=(client, target, False), daemon=True).start()
@@ -329,3 +334,48 @@ class TestResume:
             resumed["instances"],
             resumed["digest"],
         )
+
+
+class TestRevocationDuringStream:
+    def test_revocation_cuts_a_running_stream_and_the_fetch_ends_refused(
+        self, fed: Federation
+    ) -> None:
+        study = make_ct_study(
+            fed.base / "long", series=1, slices=80, rows=256, columns=256, patient_id="MRN-0003"
+        )
+        fed.a.cli("import", str(fed.base / "long"))
+        wallet = _enroll(fed.a, fed.base / "wallet3", study.patient_id)
+        grant = _grant(fed, wallet, fed.b)
+        total = sum(p.stat().st_size for p in study.files)
+
+        async def revoke() -> None:
+            async with aiohttp.ClientSession() as session:
+                await wallet.revoke(session, fed.a.url, bytes.fromhex(grant["token_id"]))
+
+        fed.proxy.rate = 2e6
+        start = len(fed.proxy.downstream)
+        fetch = subprocess.Popen(
+            [*IMAGESHARE, "fetch", grant["token"], "-c", str(fed.b.config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            wait_until(
+                lambda: len(fed.proxy.downstream) - start > 500_000,
+                timeout=30,
+                message="the stream to be under way",
+            )
+            asyncio.run(revoke())
+            _out, err = fetch.communicate(timeout=60)
+        finally:
+            fed.proxy.rate = None
+            fetch.kill()
+        assert fetch.returncode == 1
+        assert "revoked" in err
+        assert len(fed.proxy.downstream) - start < total
+        held = sum(
+            (fed.b.data_dir / "objects" / d[:2] / f"{d}.dcm").exists()
+            for d in (hashlib.sha256(p.read_bytes()).hexdigest() for p in study.files)
+        )
+        assert held < len(study.files)

@@ -92,6 +92,8 @@ COMMIT_INSTANCES = 64
 COMMIT_BYTES = 32 * 1024 * 1024
 SESSION_TTL = 3600.0
 MAX_SESSIONS = 1000
+# How often consent is checked again while a stream runs, in seconds.
+RECHECK_SECONDS = 1.0
 # How long a fetch keeps retrying a custodian that went away mid-transfer.
 RETRY_WINDOW = 120.0
 MAX_BACKOFF = 4.0
@@ -427,13 +429,7 @@ class TransferService:
         if session is None or session.grantee != grantee:
             raise NotFound("no such transfer (expired, or the custodian restarted)")
         handles = decode_handles(body, len(session.manifest.instances))
-        verdict = await asyncio.to_thread(
-            check_access, self.runtime, session.token, grantee, None, int(time.time())
-        )
-        if not verdict.allowed:
-            self.sessions.pop(transfer_id, None)
-            rule = verdict.rule or Rule.TAMPERED
-            raise TransferRefused(rule.value, verdict.message)
+        await self._recheck(session)
         return session, handles
 
     async def send_instances(
@@ -465,8 +461,13 @@ class TransferService:
         blocks = self._blocks(session, handles)
         # The next block is read and encrypted in a worker thread while this one is sent.
         upcoming = asyncio.ensure_future(asyncio.to_thread(next, blocks, None))
+        checked_at = time.monotonic()
         try:
             while (block := await upcoming) is not None:
+                if time.monotonic() - checked_at >= RECHECK_SECONDS:
+                    # A revocation or expiry cuts a long stream within about a second.
+                    await self._recheck(session)
+                    checked_at = time.monotonic()
                 upcoming = asyncio.ensure_future(asyncio.to_thread(next, blocks, None))
                 await write(block.data)
                 progress.bytes_sent += len(block.data)
@@ -481,6 +482,16 @@ class TransferService:
                 await upcoming
             blocks.close()
             await asyncio.shield(asyncio.to_thread(self._close_stream, stream_id, session, sent))
+
+    async def _recheck(self, session: SenderSession) -> None:
+        """Raises TransferRefused if the token no longer allows the transfer."""
+        verdict = await asyncio.to_thread(
+            check_access, self.runtime, session.token, session.grantee, None, int(time.time())
+        )
+        if not verdict.allowed:
+            self.sessions.pop(session.transfer_id, None)
+            rule = verdict.rule or Rule.TAMPERED
+            raise TransferRefused(rule.value, verdict.message)
 
     def _close_stream(
         self, stream_id: str, session: SenderSession, sent: list[SentInstance]

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 from aiohttp import web
 
@@ -21,6 +22,8 @@ from node.errors import BadInput, Unauthorized
 from node.services.roster import roster_of
 from node.services.runtime import NodeRuntime
 from node.services.transfer import TransferRefused, TransferService, transfer_service
+
+log = logging.getLogger(__name__)
 
 TRANSFER_KEY = web.AppKey("transfer", TransferService)
 RUNTIME_KEY = web.AppKey("transfer_runtime", NodeRuntime)
@@ -71,7 +74,13 @@ async def send_instances(request: web.Request) -> web.StreamResponse:
         return _refusal(exc)
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     await response.prepare(request)
-    await service.send_instances(session, handles, response.write)
+    try:
+        await service.send_instances(session, handles, response.write)
+    except TransferRefused as exc:
+        # Too late for a 403: the stream ends without its final message, the grantee
+        # sees the cut, asks again and is refused with the rule.
+        log.info("stream to %s cut: %s", caller.node_origin, exc)
+        return response
     await response.write_eof()
     return response
 
