@@ -209,12 +209,13 @@ def run_with_server(
     tmp_path: Path,
     known: dict[str, bytes],
     scenario: Callable[[str, aiohttp.ClientSession], Awaitable[None]],
+    max_body: int | None = None,
 ) -> None:
     """Serve POST /p2p/echo (signed) on a free loopback port and run ``scenario`` against it."""
     nonces = NonceStore(tmp_path / "nonces.sqlite")
 
     async def echo(request: web.Request) -> web.Response:
-        caller = await authenticate(request, known.get, 300, nonces)
+        caller = await authenticate(request, known.get, 300, nonces, max_body=max_body)
         return web.json_response({"signer": caller.signer, "body": caller.body.decode()})
 
     async def main() -> None:
@@ -294,3 +295,25 @@ class TestAuthenticateOverHttp:
                 assert r.status == 413
 
         run_with_server(tmp_path, {signer: identity.public_key}, scenario)
+
+    def test_body_over_the_route_limit_is_refused_even_when_streamed(self, tmp_path: Path) -> None:
+        identity = NodeIdentity.generate(ORIGIN)
+        signer = node_signer(ORIGIN)
+
+        async def chunks() -> Any:
+            for _ in range(4):
+                yield b"x" * 100
+
+        async def scenario(base: str, session: aiohttp.ClientSession) -> None:
+            url = base + "/p2p/echo"
+            fits = signed_request(session, "POST", url, identity.sign, signer, b"x" * 100)
+            async with fits as r:
+                assert r.status == 200
+            # Signed over an empty body, but streamed without a length: cut off at the limit.
+            headers = make_headers(
+                identity.sign, signer, "POST", "/p2p/echo", b"", int(time.time()), os.urandom(16)
+            )
+            async with session.post(url, data=chunks(), headers=headers) as r:
+                assert r.status == 413
+
+        run_with_server(tmp_path, {signer: identity.public_key}, scenario, max_body=100)

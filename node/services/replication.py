@@ -54,6 +54,8 @@ ENTRY_BATCH = 1000
 MAX_CHECKPOINT_BYTES = 64 * 1024
 MAX_LISTING_BYTES = 4 * 1024 * 1024
 MAX_BATCH_BYTES = 64 * 1024 * 1024
+# A catch-up is verified and stored in one step against one signed checkpoint.
+MAX_CATCHUP_BYTES = 512 * 1024 * 1024
 OWN_LOG_CHECK_INTERVAL = 0.1
 MAX_BACKOFF = 30.0
 # What one replication round may run into; none of it stops the follower.
@@ -383,13 +385,14 @@ class ReplicationService:
 
     async def _fetch_entries(self, base: str, start: int, end: int) -> list[bytes]:
         entries: list[bytes] = []
+        held = 0
         while start + len(entries) < end:
             first = start + len(entries)
             last = min(first + ENTRY_BATCH, end)
             body, _ = await self._get(f"{base}/entries?start={first}&end={last}", MAX_BATCH_BYTES)
             try:
                 batch = msgpack.unpackb(body, raw=True)
-            except (ValueError, msgpack.UnpackException) as exc:
+            except (ValueError, TypeError, msgpack.UnpackException) as exc:
                 raise PeerFailure("entries are not a msgpack array") from exc
             if (
                 not isinstance(batch, list)
@@ -399,6 +402,9 @@ class ReplicationService:
             ):
                 raise PeerFailure("entries answer is not a non-empty array of byte strings")
             entries.extend(batch)
+            held += sum(len(e) for e in batch)
+            if held > MAX_CATCHUP_BYTES:
+                raise PeerFailure("catch-up larger than this node holds in memory in one step")
         return entries
 
     async def _judge_conflict(

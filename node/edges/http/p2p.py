@@ -26,13 +26,12 @@ MAX_P2P_BODY = 1 << 20
 async def _caller(request: web.Request) -> SignedCaller:
     """Authenticate a /p2p request as a roster member; raises Unauthorized with the reason."""
     replication = request.app[REPLICATION_KEY]
-    if request.content_length is not None and request.content_length > MAX_P2P_BODY:
-        raise BadInput("node-to-node requests carry at most 1 MiB")
     caller = await authenticate(
         request,
         replication.roster.public_key_of_signer,
         replication.runtime.config.federation.max_request_age,
         nonce_store_of(replication.runtime),
+        max_body=MAX_P2P_BODY,
     )
     if caller.node_origin is None:
         raise Unauthorized("node-to-node requests must be signed by a node")

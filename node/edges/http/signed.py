@@ -24,7 +24,7 @@ from node.core.signed_requests import (
     make_headers,
     parse_headers,
 )
-from node.errors import Unauthorized
+from node.errors import PayloadTooLarge, Unauthorized
 from node.services.runtime import NodeRuntime
 from node.store.nonces import NonceStore
 
@@ -54,24 +54,39 @@ def nonce_store_of(runtime: NodeRuntime) -> NonceStore:
     return store
 
 
+async def _read_body(request: web.Request, limit: int | None) -> bytes:
+    """The request body, refusing it as soon as it exceeds ``limit``."""
+    if limit is None:
+        return await request.read()
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"this request carries at most {limit} bytes")
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"this request carries at most {limit} bytes")
+    return bytes(body)
+
+
 async def authenticate(
     request: web.Request,
     resolve_public_key: Callable[[str], bytes | None],
     max_age: int,
     nonces: NonceStore,
+    max_body: int | None = None,
 ) -> SignedCaller:
-    """Verify a signed request and read its body.
+    """Verify a signed request and read its body (at most ``max_body`` bytes, if given).
 
     ``resolve_public_key(signer)`` returns the key the signer must have signed with, or
     None if the signer is not known here. Raises Unauthorized("unknown signer" / "stale
     timestamp" / "bad signature" / "replayed nonce" / a malformed-header reason), and
-    PayloadTooLarge (via aiohttp) for a body over the app's limit.
+    PayloadTooLarge for a body over ``max_body`` or the app's limit.
     """
     parsed = parse_headers(request.headers)
     public_key = resolve_public_key(parsed.signer)
     if public_key is None:
         raise Unauthorized(f"unknown signer {parsed.signer}")
-    body = await request.read()
+    body = await _read_body(request, max_body)
     wire = request.rel_url
     check_signature(
         parsed,
