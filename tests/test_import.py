@@ -270,12 +270,17 @@ class TestStowOfALargeStudy:
     def test_streamed_upload_is_stored_whole_in_bounded_memory(
         self, tmp_path: Path, big_study: SyntheticStudy, big_study_digests: dict[str, str]
     ) -> None:
+        # One series (100 MB) in one request: a node holding the body in memory would pass
+        # the limit, and it halves the test's time.
+        files = [f for f in big_study.files if f.name.startswith("s01_")]
+        expected = {d for d, uid in big_study_digests.items() if uid in big_study.sop_uids[:200]}
+        assert len(files) == len(expected) == INSTANCES // 2
         node = init_node(tmp_path, "stow-big.example/imageshare").start()
         try:
             boundary = "big-study-upload"
             response = requests.post(
                 f"{node.url}/dicomweb/studies",
-                data=multipart_upload(big_study.files, boundary),
+                data=multipart_upload(files, boundary),
                 headers={
                     **node.auth,
                     "Content-Type": f'multipart/related; type="application/dicom"; '
@@ -284,7 +289,7 @@ class TestStowOfALargeStudy:
                 timeout=120,
             )
             assert response.status_code == 200
-            assert len(response.json()["00081199"]["Value"]) == INSTANCES
+            assert len(response.json()["00081199"]["Value"]) == len(files)
             assert node.process is not None
             assert peak_rss(node.process.pid) < PEAK_RSS_LIMIT
             index = sqlite3.connect(f"file:{node.data_dir / 'index.sqlite'}?mode=ro", uri=True)
@@ -292,7 +297,7 @@ class TestStowOfALargeStudy:
                 digests = {r[0] for r in index.execute("SELECT digest FROM instances")}
             finally:
                 index.close()
-            assert digests == set(big_study_digests)
+            assert digests == expected
             assert list((node.data_dir / "tmp").iterdir()) == []
         finally:
             node.stop()
