@@ -182,6 +182,17 @@ def _of_token(entries: list[LedgerEntry], kind: str, token_id: str) -> list[dict
     return [e.fields for e in entries if e.kind == kind and e.fields["token_id"].hex() == token_id]
 
 
+def _post_json(node: NodeProcess, path: str, body: Any) -> Any:
+    request = urllib.request.Request(
+        node.url + path,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={**node.auth, "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
 def _assert_held_identically(node: NodeProcess, files: list[Path]) -> None:
     for path in files:
         data = path.read_bytes()
@@ -334,6 +345,44 @@ class TestResume:
             resumed["instances"],
             resumed["digest"],
         )
+
+    def test_grantee_killed_mid_transfer_accounts_what_arrived_and_fetch_again_completes(
+        self, fed: Federation
+    ) -> None:
+        study = make_ct_study(
+            fed.base / "big-b", series=1, slices=60, rows=256, columns=256, patient_id="MRN-0004"
+        )
+        fed.a.cli("import", str(fed.base / "big-b"))
+        wallet = _enroll(fed.a, fed.base / "wallet4", study.patient_id)
+        grant = _grant(fed, wallet, fed.b)
+        total = sum(p.stat().st_size for p in study.files)
+
+        fed.proxy.rate = 3e6
+        start = len(fed.proxy.downstream)
+        try:
+            job = _post_json(fed.b, "/admin/api/fetch", {"token": grant["token"]})
+            wait_until(
+                lambda: fed.b.get_json(f"/admin/api/transfers/{job['id']}")["instances_done"],
+                timeout=30,
+                message="a first durable batch at B",
+            )
+            assert len(fed.proxy.downstream) - start < total
+            fed.b.kill9()
+        finally:
+            fed.proxy.rate = None
+        fed.b.start()
+        # The cut stream's receipt is written at B's restart from its journal.
+        (cut,) = wait_until(
+            lambda: _of_token(_entries(fed.b, fed.b.origin), "receipt", grant["token_id"]),
+            message="the receipt of the cut stream",
+        )
+        assert 0 < cut["instances"] < len(study.files)
+        fetched = json.loads(fed.b.cli("fetch", grant["token"], "--json").stdout)
+        assert fetched["instances"] == len(study.files)
+        _assert_held_identically(fed.b, study.files)
+        cut_again, resumed = _of_token(_entries(fed.b, fed.b.origin), "receipt", grant["token_id"])
+        assert cut_again == cut
+        assert cut["instances"] + resumed["instances"] == len(study.files)
 
 
 class TestRevocationDuringStream:

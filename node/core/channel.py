@@ -208,7 +208,7 @@ class StreamDecryptor:
 
     def __init__(self, key: bytes) -> None:
         self._key = key
-        self._state: object | None = None
+        self._state: sodium.crypto_secretstream_xchacha20poly1305_state | None = None
         self._buffer = bytearray()
         self.finished = False
 

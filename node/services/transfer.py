@@ -30,7 +30,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,8 @@ RECEIVE_BYTES = 1024 * 1024
 # Instances (or bytes) committed in one durable batch at the grantee.
 COMMIT_INSTANCES = 64
 COMMIT_BYTES = 32 * 1024 * 1024
+# ... or whatever arrived within this many seconds, so that a slow link still commits.
+COMMIT_SECONDS = 1.0
 SESSION_TTL = 3600.0
 MAX_SESSIONS = 1000
 # How often consent is checked again while a stream runs, in seconds.
@@ -499,7 +501,7 @@ class TransferService:
         self._append_accounting("access", session.token_id, session.grantee, sent)
         self.store.mark_recorded(stream_id)
 
-    def _blocks(self, session: SenderSession, handles: list[int]) -> Iterator[_Block]:
+    def _blocks(self, session: SenderSession, handles: list[int]) -> Generator[_Block]:
         """Encrypted blocks of about BLOCK_BYTES, each with the instances it completes."""
         manifest = session.manifest
         encryptor = StreamEncryptor(session.keys.instances)
@@ -732,6 +734,7 @@ class TransferService:
         arrived: list[SentInstance] = []
         pending: asyncio.Future[None] | None = None
         started = time.perf_counter()
+        flushed_at = time.monotonic()
         commit_wait = 0.0
 
         async def flush() -> None:
@@ -753,9 +756,12 @@ class TransferService:
                 async for chunk in response.content.iter_chunked(RECEIVE_BYTES):
                     job.bytes_received += len(chunk)
                     await asyncio.to_thread(receiver.feed, chunk)
-                    if len(receiver.ready) >= COMMIT_INSTANCES or (
-                        receiver.ready_bytes >= COMMIT_BYTES
+                    if receiver.ready and (
+                        len(receiver.ready) >= COMMIT_INSTANCES
+                        or receiver.ready_bytes >= COMMIT_BYTES
+                        or time.monotonic() - flushed_at >= COMMIT_SECONDS
                     ):
+                        flushed_at = time.monotonic()
                         await flush()
             finally:
                 response.release()
@@ -848,4 +854,5 @@ def transfer_service(runtime: NodeRuntime) -> TransferService:
     service = runtime.services.get(SERVICE_NAME)
     if service is None:
         service = runtime.services[SERVICE_NAME] = TransferService(runtime)
-    return service  # type: ignore[no-any-return]
+    assert isinstance(service, TransferService)
+    return service
