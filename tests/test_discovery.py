@@ -6,6 +6,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from node.config import load_config
+from node.services.roster import add_peer
 from tests.support.nodes import NodeProcess, wait_until
 
 
@@ -38,10 +40,10 @@ class TestDiscovery:
             lean(node)
             for other in members:
                 if other is not node:
-                    node.cli("peers", "add", other.origin, "", other.vkey)
+                    add_peer(load_config(node.config), other.origin, "", other.vkey)
         lean(stranger)
         lean(deaf, discovery=False)
-        deaf.cli("peers", "add", a.origin, "", a.vkey)
+        add_peer(load_config(deaf.config), a.origin, "", a.vkey)
         with ThreadPoolExecutor(5) as pool:
             list(pool.map(NodeProcess.start, (a, b, c, stranger, deaf)))
 

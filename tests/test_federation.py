@@ -14,12 +14,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import aiohttp
+import pytest
 
+from node.config import load_config
 from node.core.keys import NodeIdentity
 from node.core.notes import parse_note
 from node.core.roster import log_id
 from node.core.signed_requests import b64url_encode, node_signer
 from node.edges.http.signed import signed_request
+from node.errors import BadInput
+from node.services.roster import add_peer
 from node.store.ledger import LedgerStore
 from node.store.secrets import read_seed
 from tests.support.nodes import NodeProcess, free_port, wait_until
@@ -53,6 +57,11 @@ def p2p(
     return asyncio.run(go())
 
 
+def add_member(node: NodeProcess, origin: str, url: str, vkey: str) -> None:
+    """What `imageshare peers add` does, in-process (the CLI itself is tested below)."""
+    add_peer(load_config(node.config), origin, url, vkey)
+
+
 def start_all(*nodes: NodeProcess) -> None:
     with ThreadPoolExecutor(len(nodes)) as pool:
         list(pool.map(NodeProcess.start, nodes))
@@ -71,7 +80,7 @@ def befriend(nodes: list[NodeProcess], url_of: Callable[[NodeProcess], str] | No
         for other in nodes:
             if other is not node:
                 url = url_of(other) if url_of else other.url
-                node.cli("peers", "add", other.origin, url, other.vkey)
+                add_member(node, other.origin, url, other.vkey)
 
 
 def append_offline(node: NodeProcess, count: int, tag: bytes = b"") -> None:
@@ -127,17 +136,18 @@ class TestPeersCommand:
     def test_bad_entries_are_refused_in_one_sentence(self, node_factory: Factory) -> None:
         a, b = node_factory("a.example/imageshare"), node_factory("b.example/imageshare")
         cases = {
-            "own origin": (a.origin, a.url, a.vkey),
             "key of another name": (b.origin, b.url, a.vkey),
             "malformed key": (b.origin, b.url, "b.example+00+AAAA"),
             "bad url": (b.origin, "ftp://x", b.vkey),
             "changed key": (b.origin, b.url, NodeIdentity.generate(b.origin).vkey),
         }
-        a.cli("peers", "add", b.origin, b.url, b.vkey)
-        for case, args in cases.items():
-            result = a.cli("peers", "add", *args, check=False)
-            assert result.returncode == 1, case
-            assert result.stderr.startswith("imageshare: ") and result.stderr.count("\n") == 1
+        add_member(a, b.origin, b.url, b.vkey)
+        for args in cases.values():
+            with pytest.raises(BadInput):
+                add_member(a, *args)
+        result = a.cli("peers", "add", a.origin, a.url, a.vkey, check=False)
+        assert result.returncode == 1
+        assert result.stderr == "imageshare: a node cannot be its own peer.\n"
         listed = json.loads(a.cli("peers", "list", "--json").stdout)
         assert [(p["origin"], p["vkey"]) for p in listed] == [(b.origin, b.vkey)]
 
@@ -232,8 +242,8 @@ class TestReplication:
             quiet(node)
         # c knows no working address of a (a partition between them), only of b.
         befriend([a, b])
-        c.cli("peers", "add", a.origin, f"http://127.0.0.1:{free_port()}", a.vkey)
-        c.cli("peers", "add", b.origin, b.url, b.vkey)
+        add_member(c, a.origin, f"http://127.0.0.1:{free_port()}", a.vkey)
+        add_member(c, b.origin, b.url, b.vkey)
         append_offline(a, 4)
         start_all(*nodes)
         wait_until(lambda: sizes(c).get(a.origin) == 4, timeout=20, message="a's log at c")
@@ -266,8 +276,8 @@ class TestEquivocation:
         for node in (a, b):
             quiet(node)
         befriend([a, b])
-        a.cli("peers", "add", x.origin, fork.url, x.vkey)  # a is shown the fork
-        b.cli("peers", "add", x.origin, x.url, x.vkey)  # b is shown the original
+        add_member(a, x.origin, fork.url, x.vkey)  # a is shown the fork
+        add_member(b, x.origin, x.url, x.vkey)  # b is shown the original
         append_offline(x, 3, tag=b"o")
         append_offline(fork, 3, tag=b"f")
         try:
@@ -315,7 +325,7 @@ class TestEquivocation:
             quiet(node)
         # The rewritten history answers at x's address once x is gone.
         fork = fork_of(x, port=x.http_port)
-        b.cli("peers", "add", x.origin, x.url, x.vkey)
+        add_member(b, x.origin, x.url, x.vkey)
         append_offline(x, 3, tag=b"o")
         append_offline(fork, 5, tag=b"f")
         start_all(x, b)
