@@ -241,7 +241,7 @@ class TestTokenFormat:
             with contextlib.suppress(BadInput):
                 decode(data)
 
-    @settings(max_examples=300, deadline=None)
+    @settings(max_examples=150, deadline=None)
     @given(st.lists(MSGPACK_VALUES, min_size=9, max_size=9), st.booleans())
     def test_well_encoded_nonsense_raises_only_bad_input(
         self, fields: list[object], versioned: bool
