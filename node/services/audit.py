@@ -60,6 +60,8 @@ from node.services.audit_state import AuditState, SavedCheckpoint
 ENTRIES_PAGE = 1000
 # Pages of one log fetched at the same time from one node.
 PAGES_IN_FLIGHT = 4
+# Largest log the auditor will hold in memory (a node may claim any size).
+MAX_LOG_ENTRIES = 50_000_000
 # Largest JSON or msgpack answer the auditor reads from a node.
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
@@ -181,26 +183,28 @@ async def fetch_entries(
 ) -> list[bytes]:
     """Entries 0..size-1 of a log from one node, several pages in flight.
 
-    Raises BadInput if the node errs, answers garbage, or stops short of ``size``.
+    Raises BadInput if the log is larger than the auditor holds, or the node errs,
+    answers garbage, or stops short of ``size``.
     """
+    if size > MAX_LOG_ENTRIES:
+        raise BadInput(f"a log of {size} entries is more than this auditor holds")
     url = f"{base}/ledger/logs/{log_id}/entries"
     chunks: dict[int, list[bytes]] = {}
-    gate = asyncio.Semaphore(PAGES_IN_FLIGHT)
+    starts = iter(range(0, size, ENTRIES_PAGE))
 
-    async def chunk(start: int) -> None:
-        end = min(start + ENTRIES_PAGE, size)
-        got: list[bytes] = []
-        async with gate:
+    async def fetch_pages() -> None:
+        for start in starts:  # shared: each page is fetched by one of the fetchers
+            end = min(start + ENTRIES_PAGE, size)
+            got: list[bytes] = []
             while start + len(got) < end:
-                page = parse_entries_page(
-                    await _get(session, url, {"start": start + len(got), "end": end})
-                )
+                query = {"start": start + len(got), "end": end}
+                page = parse_entries_page(await _get(session, url, query))
                 if not page:
                     raise BadInput(f"node stopped serving entries at {start + len(got)} of {size}")
                 got.extend(page[: end - start - len(got)])
-        chunks[start] = got
+            chunks[start] = got
 
-    await asyncio.gather(*(chunk(s) for s in range(0, size, ENTRIES_PAGE)))
+    await asyncio.gather(*(fetch_pages() for _ in range(PAGES_IN_FLIGHT)))
     entries: list[bytes] = []
     for start in range(0, size, ENTRIES_PAGE):
         entries.extend(chunks[start])
