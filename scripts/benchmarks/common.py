@@ -20,8 +20,9 @@ class Row:
 
     @property
     def ratio(self) -> str:
-        if isinstance(self.ours, int | float) and isinstance(self.orthanc, int | float) and self.orthanc:
-            return f"{self.ours / self.orthanc:.2f}"
+        ours, orthanc = self.ours, self.orthanc
+        if isinstance(ours, int | float) and isinstance(orthanc, int | float) and orthanc:
+            return f"{ours / orthanc:.2f}"
         return ""
 
 
