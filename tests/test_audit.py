@@ -23,8 +23,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from node.core.consent import GrantFields, sign_grant, sign_revocation, token_id_of
-from node.core.entries import decode_entry
+from node.core.entries import LedgerEntry, decode_entry, encode_entry
 from node.core.keys import NodeIdentity
+from node.core.merkle import ZERO_HASH, leaf_hash
 from node.core.patient_keys import PatientKey
 from node.errors import BadInput
 from node.services.audit import Workers, parse_entries_page, parse_listing, verify_grants
@@ -389,6 +390,14 @@ class TestConsentRules:
             ("access", access(scoped, B_ORIGIN, ref("not-bob"), d), T0 + 17),  # 17: out of scope
             ("access", access(good, B_ORIGIN, s, d), T0 + 18),  # 18: still fine after 15
         ]
+        # A witnessed B's log at size 1: once truly (19), once with another root (20).
+        b_first = receipt(good, A_ORIGIN, s, d)
+        b_root = leaf_hash(encode_entry(LedgerEntry("receipt", ZERO_HASH, T0 + 20, b_first)))
+        b_log_id = hashlib.sha256(B_ORIGIN.encode()).digest()
+        items += [
+            ("witness", {"log_id": b_log_id, "size": 1, "root": b_root}, T0 + 19),  # 19
+            ("witness", {"log_id": b_log_id, "size": 1, "root": ref("forked")}, T0 + 19),  # 20
+        ]
         append(a, items)
         append(
             b,
@@ -427,6 +436,7 @@ class TestConsentRules:
             (A_ORIGIN, 15, "revocation_bad_signature"),
             (A_ORIGIN, 17, "access_out_of_scope"),
             (B_ORIGIN, 7, "receipt_without_access"),
+            (A_ORIGIN, 20, "witness_mismatch"),
         ],
     )
     def test_broken_rule_is_named_with_log_and_index(
@@ -439,7 +449,8 @@ class TestConsentRules:
         flagged = {(log, index) for log, index, _ in judged["rules"]}
         assert (A_ORIGIN, 3) not in flagged
         assert (A_ORIGIN, 18) not in flagged
-        expected = 10
+        assert (A_ORIGIN, 19) not in flagged
+        expected = 11
         assert len(judged["rules"]) == expected, judged["report"]["violations"]
 
 

@@ -11,6 +11,7 @@ use, fed with what the custodian's log said at the moment of each access.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ RULES: dict[str, str] = {
     "fork": "the log does not extend the checkpoint the auditor verified last time",
     "split_view": "two nodes serve validly signed, inconsistent checkpoints of the log",
     "equivocation": "a node holds two validly signed, inconsistent checkpoints of the log",
+    "witness_mismatch": "a node witnessed a checkpoint of a peer's log that is not its history",
     "grant_bad_signature": "a recorded grant's patient signature does not verify",
     "grant_unenrolled_key": "a grant is signed by a key not enrolled (or retired) at that time",
     "grant_wrong_custodian": "a grant recorded in the log names another custodian",
@@ -346,6 +348,36 @@ def check_equivocation_proof(
         "equivocation",
         f"signed checkpoints of sizes {a.size} and {b.size} are not one history",
     )
+
+
+def check_witness_entries(histories: Mapping[str, History]) -> list[Violation]:
+    """Every ``witness`` entry must name a checkpoint of the witnessed log's history.
+
+    A node that recorded witnessing (size, root) of a peer's log saw that checkpoint
+    signed; if the intact history the auditor holds has another root at that size, the
+    peer showed that node another history. Checkpoints beyond what the auditor holds, or
+    of logs it did not see, are not judged.
+    """
+    by_log_id = {hashlib.sha256(origin.encode()).digest(): h for origin, h in histories.items()}
+    violations = []
+    for origin, history in sorted(histories.items()):
+        for index, entry in enumerate(history.entries):
+            if entry is None or entry.kind != "witness":
+                continue
+            witnessed = by_log_id.get(entry.fields["log_id"])
+            size = entry.fields["size"]
+            if witnessed is None or not witnessed.intact or size > witnessed.size:
+                continue
+            if witnessed.prefix_root(size) != entry.fields["root"]:
+                violations.append(
+                    Violation(
+                        origin,
+                        index,
+                        "witness_mismatch",
+                        f"witnessed {witnessed.origin} at size {size} with another root",
+                    )
+                )
+    return violations
 
 
 # -- consent ------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from node.core.audit_rules import (
     check_equivocation_proof,
     check_history,
     check_split_view,
+    check_witness_entries,
     count_kinds,
     first_difference,
     match_receipts,
@@ -529,6 +530,7 @@ def audit_views(
         if intact:
             best[origin] = intact[0]
     violations += _equivocations(views, keys, best)
+    violations += check_witness_entries(best)
     violations += _consent(best, now, receipt_grace, clock_skew, workers)
     violations = _dedupe(violations)
     reports = _log_reports(views, keys, histories, best)
