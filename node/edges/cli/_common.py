@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -80,6 +81,8 @@ def exit_code_for(exc: ImageShareError) -> int:
 
 
 def run_handler(args: argparse.Namespace) -> int:
+    # Everything the node writes (studies, index, ledger, keys) is for this user alone.
+    os.umask(0o077)
     logging.basicConfig(
         level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
