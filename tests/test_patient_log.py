@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from node.services.wallet import Wallet
-from tests.support.nodes import NodeProcess, init_node, run_cli, wait_until
+from tests.support.nodes import NodeProcess, free_port, init_node, run_cli, wait_until
 from tests.support.studies import make_ct_study
 
 T = TypeVar("T")
@@ -141,3 +141,16 @@ class TestPatientLog:
         assert logs[a.origin]["counts"]["denial"] == 1
         assert logs[b.origin]["counts"]["receipt"] == 1
         assert any(c["status"] == "valid" for c in logs[a.origin]["cosignatures"])
+
+    def test_unreachable_node_exits_2(self, story: dict[str, Any]) -> None:
+        result = run_cli(
+            "patient",
+            "log",
+            story["a"].url,
+            f"http://127.0.0.1:{free_port()}",
+            "--wallet",
+            str(story["wallet"]),
+            check=False,
+        )
+        assert result.returncode == 2
+        assert "unreachable" in result.stderr
