@@ -116,7 +116,8 @@ def _peer(node: NodeProcess, url: str) -> str:
 def _enroll(a: NodeProcess, wallet_dir: Path, patient_id: str) -> Wallet:
     """A new wallet whose key for A is enrolled (by `imageshare enroll`) as ``patient_id``."""
     wallet = Wallet.create(wallet_dir, None)
-    a.cli("enroll", "--patient-id", patient_id, "--key", wallet.key_for(a.origin).public_key_text)
+    # --key=... because a base64url key may begin with "-".
+    a.cli("enroll", "--patient-id", patient_id, f"--key={wallet.key_for(a.origin).public_key_text}")
     return wallet
 
 

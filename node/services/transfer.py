@@ -76,7 +76,7 @@ from node.services.ledger import LedgerService, ledger_service
 from node.services.roster import roster_of
 from node.services.runtime import NodeRuntime
 from node.store.instances import StagedInstance, StagingFile
-from node.store.transfers import SentInstance, TransferStore
+from node.store.transfers import StreamedInstance, TransferStore
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class OutgoingProgress:
 @dataclass
 class _Block:
     data: bytes
-    completed: list[SentInstance]
+    completed: list[StreamedInstance]
 
 
 # -- grantee side ------------------------------------------------------------------------
@@ -328,16 +328,15 @@ class TransferService:
         """Write the ledger entries of streams cut by a crash; returns how many were closed."""
         streams = self.store.unrecorded_streams()
         for stream in streams:
-            kind = "receipt" if stream.stream_id.startswith("in-") else "access"
-            self._append_accounting(kind, stream.token_id, stream.grantee, stream.sent)
+            self._append_accounting(stream.kind, stream.token_id, stream.peer, stream.instances)
             self.store.mark_recorded(stream.stream_id)
         return len(streams)
 
     def _append_accounting(
-        self, kind: str, token_id: bytes, peer: str, items: list[SentInstance]
+        self, kind: str, token_id: bytes, peer: str, items: list[StreamedInstance]
     ) -> None:
         """One ``access`` (peer = grantee) or ``receipt`` (peer = custodian) entry per study."""
-        by_study: dict[bytes, list[SentInstance]] = {}
+        by_study: dict[bytes, list[StreamedInstance]] = {}
         for item in items:
             by_study.setdefault(item.study, []).append(item)
         peer_field = "grantee" if kind == "access" else "custodian"
@@ -457,9 +456,14 @@ class TransferService:
         )
         self._remember_outgoing(progress)
         await asyncio.to_thread(
-            self.store.open_stream, stream_id, session.token_id, session.grantee, time.time()
+            self.store.open_stream,
+            stream_id,
+            "access",
+            session.token_id,
+            session.grantee,
+            time.time(),
         )
-        sent: list[SentInstance] = []
+        sent: list[StreamedInstance] = []
         blocks = self._blocks(session, handles)
         # The next block is read and encrypted in a worker thread while this one is sent.
         upcoming = asyncio.ensure_future(asyncio.to_thread(next, blocks, None))
@@ -476,7 +480,7 @@ class TransferService:
                 if block.completed:
                     sent += block.completed
                     progress.instances_sent += len(block.completed)
-                    self.store.journal_sent(stream_id, block.completed)
+                    self.store.journal(stream_id, block.completed)
             progress.complete = True
         finally:
             progress.finished = time.time()
@@ -496,7 +500,7 @@ class TransferService:
             raise TransferRefused(rule.value, verdict.message)
 
     def _close_stream(
-        self, stream_id: str, session: SenderSession, sent: list[SentInstance]
+        self, stream_id: str, session: SenderSession, sent: list[StreamedInstance]
     ) -> None:
         self._append_accounting("access", session.token_id, session.grantee, sent)
         self.store.mark_recorded(stream_id)
@@ -507,7 +511,7 @@ class TransferService:
         encryptor = StreamEncryptor(session.keys.instances)
         parts = [encryptor.header]
         buffered = len(encryptor.header)
-        completed: list[SentInstance] = []
+        completed: list[StreamedInstance] = []
         for handle in handles:
             entry = manifest.instances[handle]
             parts.append(encryptor.push(begin_message(handle)))
@@ -523,12 +527,12 @@ class TransferService:
                     buffered += len(framed)
                     if remaining == 0:
                         study = manifest.studies[entry.study]
-                        completed.append(SentInstance(study, entry.digest, entry.size))
+                        completed.append(StreamedInstance(study, entry.digest, entry.size))
                     if buffered >= BLOCK_BYTES:
                         yield _Block(b"".join(parts), completed)
                         parts, buffered, completed = [], 0, []
             if entry.size == 0:
-                completed.append(SentInstance(manifest.studies[entry.study], entry.digest, 0))
+                completed.append(StreamedInstance(manifest.studies[entry.study], entry.digest, 0))
         parts.append(encryptor.push(end_message(len(handles)), final=True))
         yield _Block(b"".join(parts), completed)
 
@@ -729,9 +733,9 @@ class TransferService:
         receiver = _StreamReceiver(self.runtime, manifest, handles, keys.instances)
         stream_id = "in-" + secrets.token_hex(12)
         await asyncio.to_thread(
-            self.store.open_stream, stream_id, job.token_id, job.custodian, time.time()
+            self.store.open_stream, stream_id, "receipt", job.token_id, job.custodian, time.time()
         )
-        arrived: list[SentInstance] = []
+        arrived: list[StreamedInstance] = []
         pending: asyncio.Future[None] | None = None
         started = time.perf_counter()
         flushed_at = time.monotonic()
@@ -794,7 +798,7 @@ class TransferService:
         stream_id: str,
         manifest: Manifest,
         batch: list[tuple[StagingFile, ManifestEntry]],
-        arrived: list[SentInstance],
+        arrived: list[StreamedInstance],
     ) -> None:
         staged: list[StagedInstance] = []
         try:
@@ -808,10 +812,10 @@ class TransferService:
             staged, source=source_label(job.custodian, job.token_id)
         )
         items = [
-            SentInstance(manifest.studies[entry.study], entry.digest, entry.size)
+            StreamedInstance(manifest.studies[entry.study], entry.digest, entry.size)
             for _, entry in batch
         ]
-        self.store.journal_sent(stream_id, items)
+        self.store.journal(stream_id, items)
         arrived += items
         job.instances_done += len(items)
         job.instances_received += len(items)
@@ -820,7 +824,9 @@ class TransferService:
             if result.study_instance_uid not in job.study_uids:
                 job.study_uids.append(result.study_instance_uid)
 
-    def _close_receipt(self, job: FetchJob, stream_id: str, arrived: list[SentInstance]) -> None:
+    def _close_receipt(
+        self, job: FetchJob, stream_id: str, arrived: list[StreamedInstance]
+    ) -> None:
         self._append_accounting("receipt", job.token_id, job.custodian, arrived)
         self.store.mark_recorded(stream_id)
 

@@ -1,10 +1,11 @@
 """What the node remembers about transfers, in ``transfers.sqlite``.
 
-- ``outgoing`` / ``outgoing_sent``: the custodian's journal of instance streams it is
-  sending. Each instance is journaled once its last byte was handed to the connection,
-  so that the ``access`` entries of a stream cut by a crash of this node are still
-  written (at the next start) with what had left. A stream is closed (``recorded``)
-  once its ``access`` entries are in the ledger.
+- ``streams`` / ``stream_instances``: the journal of instance streams, both ways. The
+  custodian journals an instance once its last byte was handed to the connection (the
+  stream's entries are ``access``), the grantee once it is durably stored (``receipt``),
+  so that the entries of a stream cut by a crash of this node are still written, at its
+  next start, with what had left or arrived. A stream is closed (``recorded``) once its
+  entries are in the ledger.
 - ``fetches``: the grantee's fetch jobs, for the admin API and the dashboard (state,
   totals, timing, the refusal rule). Progress within a running job is kept in memory and
   written at its end.
@@ -23,19 +24,19 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS outgoing (
-    stream_id TEXT PRIMARY KEY, token_id BLOB NOT NULL, grantee TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS streams (
+    stream_id TEXT PRIMARY KEY, kind TEXT NOT NULL, token_id BLOB NOT NULL, peer TEXT NOT NULL,
     started REAL NOT NULL, recorded INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS outgoing_sent (
+CREATE TABLE IF NOT EXISTS stream_instances (
     stream_id TEXT NOT NULL, study BLOB NOT NULL, digest BLOB NOT NULL, size INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS outgoing_sent_by_stream ON outgoing_sent (stream_id);
+CREATE INDEX IF NOT EXISTS stream_instances_by_stream ON stream_instances (stream_id);
 CREATE TABLE IF NOT EXISTS fetches (
     id TEXT PRIMARY KEY, started REAL NOT NULL, document TEXT NOT NULL);
 """
 
 
 @dataclass(frozen=True)
-class SentInstance:
+class StreamedInstance:
     study: bytes
     digest: bytes
     size: int
@@ -43,12 +44,13 @@ class SentInstance:
 
 @dataclass(frozen=True)
 class OpenStream:
-    """A stream whose access entries are not written yet."""
+    """A stream whose ledger entries are not written yet."""
 
     stream_id: str
+    kind: str  # the entries it leads to: "access" (sent) or "receipt" (arrived)
     token_id: bytes
-    grantee: str
-    sent: list[SentInstance]
+    peer: str  # the grantee of an access, the custodian of a receipt
+    instances: list[StreamedInstance]
 
 
 class TransferStore:
@@ -67,51 +69,55 @@ class TransferStore:
         with self._lock:
             self._db.close()
 
-    # -- custodian journal ----------------------------------------------------------------
+    # -- stream journal -------------------------------------------------------------------
 
-    def open_stream(self, stream_id: str, token_id: bytes, grantee: str, now: float) -> None:
+    def open_stream(
+        self, stream_id: str, kind: str, token_id: bytes, peer: str, now: float
+    ) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT INTO outgoing (stream_id, token_id, grantee, started) VALUES (?, ?, ?, ?)",
-                (stream_id, token_id, grantee, now),
+                "INSERT INTO streams (stream_id, kind, token_id, peer, started)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (stream_id, kind, token_id, peer, now),
             )
 
-    def journal_sent(self, stream_id: str, sent: Iterable[SentInstance]) -> None:
+    def journal(self, stream_id: str, instances: Iterable[StreamedInstance]) -> None:
+        """Instances that left (custodian) or arrived durably (grantee) in a stream."""
         with self._lock:
             self._db.executemany(
-                "INSERT INTO outgoing_sent (stream_id, study, digest, size) VALUES (?, ?, ?, ?)",
-                [(stream_id, s.study, s.digest, s.size) for s in sent],
+                "INSERT INTO stream_instances (stream_id, study, digest, size) VALUES (?, ?, ?, ?)",
+                [(stream_id, i.study, i.digest, i.size) for i in instances],
             )
 
     def unrecorded_streams(self) -> list[OpenStream]:
-        """Streams whose access entries still have to be written (oldest first)."""
+        """Streams whose ledger entries still have to be written (oldest first)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT stream_id, token_id, grantee FROM outgoing WHERE recorded = 0"
+                "SELECT stream_id, kind, token_id, peer FROM streams WHERE recorded = 0"
                 " ORDER BY started"
             ).fetchall()
             streams = []
-            for stream_id, token_id, grantee in rows:
-                sent = [
-                    SentInstance(bytes(study), bytes(digest), size)
+            for stream_id, kind, token_id, peer in rows:
+                instances = [
+                    StreamedInstance(bytes(study), bytes(digest), size)
                     for study, digest, size in self._db.execute(
-                        "SELECT study, digest, size FROM outgoing_sent WHERE stream_id = ?"
+                        "SELECT study, digest, size FROM stream_instances WHERE stream_id = ?"
                         " ORDER BY rowid",
                         (stream_id,),
                     )
                 ]
-                streams.append(OpenStream(stream_id, bytes(token_id), grantee, sent))
+                streams.append(OpenStream(stream_id, kind, bytes(token_id), peer, instances))
             return streams
 
     def mark_recorded(self, stream_id: str) -> None:
-        """The stream's access entries are in the ledger; its per-instance rows can go."""
+        """The stream's entries are in the ledger; its per-instance rows can go."""
         with self._lock:
             self._db.execute("BEGIN")
-            self._db.execute("UPDATE outgoing SET recorded = 1 WHERE stream_id = ?", (stream_id,))
-            self._db.execute("DELETE FROM outgoing_sent WHERE stream_id = ?", (stream_id,))
+            self._db.execute("UPDATE streams SET recorded = 1 WHERE stream_id = ?", (stream_id,))
+            self._db.execute("DELETE FROM stream_instances WHERE stream_id = ?", (stream_id,))
             self._db.execute("COMMIT")
 
-    # -- grantee fetch history ------------------------------------------------------------
+    # -- fetch history (grantee) ------------------------------------------------------------
 
     def save_fetch(self, job_id: str, started: float, document: str) -> None:
         with self._lock:
