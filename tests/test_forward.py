@@ -11,6 +11,7 @@ from typing import Any
 import pydicom
 import pytest
 
+from node.store.forward_state import ForwardState
 from tests.support.nodes import NodeProcess, free_port, wait_until
 from tests.support.studies import SyntheticStudy, make_ct_study
 
@@ -164,3 +165,41 @@ class TestForwardingStatus:
         assert status(running_node) == {"enabled": False}
         with pytest.raises(Exception, match="401"):
             running_node.get_json("/admin/api/forwarding", auth=False)
+
+
+class TestForwardState:
+    """The durable queue's rules, in process."""
+
+    def test_backoff_doubles_and_gives_up_at_the_attempt_limit(self, tmp_path: Path) -> None:
+        state = ForwardState(tmp_path / "forward.sqlite")
+        state.enqueue([(1, "1.2.3", "1.2"), (2, "1.2.4", "1.2")], now=100.0)
+        assert state.last_rowid == 2
+        for attempt, next_try, kept in (
+            (1, 101.0, "pending"),
+            (2, 102.0, "pending"),
+            (3, 104.0, "failed"),
+        ):
+            due = [q for q in state.due(now=1000.0, limit=10) if q.sop_instance_uid == "1.2.3"]
+            state.attempt_failed(due, "refused", now=100.0, max_attempts=3, initial_backoff=1.0)
+            summary = state.summary()
+            (problem,) = summary["problems"]
+            assert (problem["attempts"], problem["next_try"], problem["state"]) == (
+                attempt,
+                next_try,
+                kept,
+            )
+        assert [q.sop_instance_uid for q in state.due(now=1e12, limit=10)] == ["1.2.4"]
+        state.delivered(["1.2.4"], now=200.0)
+        summary = state.summary()
+        assert (summary["forwarded"], summary["pending"], summary["failed"]) == (1, 0, 1)
+        assert summary["last_error"] == "refused"
+        state.close()
+
+    def test_state_survives_reopening(self, tmp_path: Path) -> None:
+        state = ForwardState(tmp_path / "forward.sqlite")
+        state.enqueue([(7, "1.2.3", "1.2")], now=5.0)
+        state.close()
+        reopened = ForwardState(tmp_path / "forward.sqlite")
+        assert reopened.last_rowid == 7
+        assert [q.sop_instance_uid for q in reopened.due(now=5.0, limit=10)] == ["1.2.3"]
+        reopened.close()
