@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -139,6 +140,9 @@ def run(ctx: BenchContext) -> list[Row]:
     b.start()
     try:
         seconds, report = timed_audit(a.url, b.url)
+        # The audit process is the largest child waited for so far (kB on Linux); the
+        # nodes, still running, are not counted.
+        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     finally:
         a.stop()
         b.stop()
@@ -151,6 +155,7 @@ def run(ctx: BenchContext) -> list[Row]:
             round(rate),
             target=">= 5000/s",
             met=rate >= 5000,
+            peak_rss_mb=f"auditor {peak_mb:.0f}",
             command="imageshare audit URL_A URL_B --json",
         ),
         Row(f"audit end to end ({label}), seconds", round(seconds, 2)),
