@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import subprocess
@@ -9,6 +10,7 @@ import time
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -23,8 +25,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from node.config import load_config
+from node.edges.dimse import DimseGateway
 from node.services.dimse_query import Model, find
 from node.services.ingest import import_files
+from node.services.runtime import open_runtime
 from node.store.instances import InstanceStore
 from tests.support.nodes import NodeProcess, free_port, init_node, wait_until
 from tests.support.studies import SyntheticStudy, make_ct_study
@@ -425,6 +430,64 @@ class TestRetrieve:
         )
         assoc.release()
         assert responses[-1][0].Status == 0xA801
+
+
+class TestSopClassPolicy:
+    PRIVATE_CLASS = "1.2.826.0.1.3680043.8.498.99.1"
+
+    def _private_dataset(self) -> Dataset:
+        ds = _ct_dataset()
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = self.PRIVATE_CLASS
+        return ds
+
+    def _associate(self, port: int) -> Any:
+        ae = AE(ae_title=SCU)
+        ae.add_requested_context(self.PRIVATE_CLASS, ExplicitVRLittleEndian)
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", port, ae_title="IMAGESHARE")
+        assert assoc.is_established
+        return assoc
+
+    def test_unknown_storage_class_is_stored_by_default(self, node: NodeProcess) -> None:
+        ds = self._private_dataset()
+        assoc = self._associate(node.dimse_port)
+        try:
+            assert assoc.send_c_store(ds).Status == 0x0000
+        finally:
+            assoc.release()
+        assert indexed_sop_uids(node, ds.StudyInstanceUID) == {ds.SOPInstanceUID}
+
+    def test_refusing_unknown_classes_keeps_known_ones_and_c_get(
+        self, tmp_path: Path, stored_study: SyntheticStudy
+    ) -> None:
+        made = init_node(tmp_path, "strict.example/imageshare")
+        config = load_config(made.config)
+        config.dimse.refuse_unknown_sop_classes = True
+        runtime = open_runtime(config)
+        gateway = DimseGateway(runtime)
+        asyncio.run(gateway.start())
+        try:
+            assoc = self._associate(made.dimse_port)
+            try:
+                accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+                assert accepted == {CTImageStorage}
+                for path in stored_study.files:
+                    assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0x0000
+            finally:
+                assoc.release()
+            out = tmp_path / "got"
+            out.mkdir()
+            study_key = f"StudyInstanceUID={stored_study.study_uid}"
+            result = dcmtk(
+                "getscu", "-S", *peer(made), "-od", str(out),
+                "-k", "QueryRetrieveLevel=STUDY", "-k", study_key,
+            )  # fmt: skip
+            assert result.returncode == 0, result.stderr
+            assert_same_datasets(list(out.iterdir()), stored_study)
+        finally:
+            asyncio.run(gateway.stop())
+            runtime.close()
+            _config.UNRESTRICTED_STORAGE_SERVICE = False
 
 
 class TestLatency:
