@@ -237,6 +237,18 @@ class TestConsentedFetch:
         assert [d["rule"] for d in denials] == ["revoked"]
         assert denials[0]["requester"] == fed.b.origin
 
+        mine = [
+            f for f in fed.b.get_json("/admin/api/transfers")["fetches"]
+            if f["token_id"] == grant["token_id"]
+        ]  # fmt: skip
+        assert [(f["state"], f["rule"]) for f in mine] == [("refused", "revoked"), ("done", None)]
+        assert mine[1]["instances_received"] == len(fed.study.files)
+        sent = [
+            s for s in fed.a.get_json("/admin/api/transfers")["sent"]
+            if s["token_id"] == grant["token_id"]
+        ]  # fmt: skip
+        assert [(s["grantee"], s["state"]) for s in sent] == [(fed.b.origin, "done")]
+
     def test_bytes_between_nodes_hold_no_plaintext(self, fed: Federation) -> None:
         grant = _grant(fed, fed.wallet, fed.b)
         before = len(fed.proxy.captured())
@@ -286,15 +298,6 @@ class TestConsentedFetch:
         result = fed.b.cli("fetch", "not-a-token!", check=False)
         assert result.returncode == 1
         assert "Traceback" not in result.stderr and result.stderr.startswith("imageshare:")
-
-    def test_admin_api_lists_fetches_and_refusals(self, fed: Federation) -> None:
-        listing = fed.b.get_json("/admin/api/transfers")
-        states = {f["state"] for f in listing["fetches"]}
-        assert {"done", "refused"} <= states
-        refused = [f for f in listing["fetches"] if f["state"] == "refused"]
-        assert all(f["rule"] for f in refused)
-        sent = fed.a.get_json("/admin/api/transfers")["sent"]
-        assert sent and sent[0]["grantee"] == fed.b.origin and sent[0]["state"] == "done"
 
 
 class TestResume:
