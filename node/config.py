@@ -90,6 +90,14 @@ class LedgerConfig:
 
 
 @dataclass
+class DashboardConfig:
+    # Link that opens a study in a viewer: {study_uid} and {dicomweb} (this node's DICOMweb
+    # root) are replaced, e.g. "https://viewer.example/viewer?StudyInstanceUIDs={study_uid}".
+    # Empty: a plain link to the study's DICOMweb metadata.
+    viewer_url: str = ""
+
+
+@dataclass
 class PeerConfig:
     origin: str
     url: str
@@ -117,6 +125,7 @@ class NodeConfig:
     consent: ConsentConfig = field(default_factory=ConsentConfig)
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     peers: list[PeerConfig] = field(default_factory=list)
 
     @property
@@ -171,6 +180,7 @@ def load_config(path: Path | None = None) -> NodeConfig:
         ("consent", ConsentConfig),
         ("ledger", LedgerConfig),
         ("federation", FederationConfig),
+        ("dashboard", DashboardConfig),
     ):
         if name in raw:
             sections[name] = _build(cls, raw.pop(name), name)
