@@ -24,7 +24,7 @@ import aiohttp
 from node.core.consent import decode_revocation
 from node.core.entries import LedgerEntry, decode_entry
 from node.core.keys import VerifierKey, parse_verifier_key
-from node.core.merkle import leaf_hash, verify_inclusion
+from node.core.merkle import leaf_hash, root_from_leaf_hashes, verify_inclusion
 from node.core.notes import Checkpoint, parse_note, verify_cosignature, verify_note
 from node.core.patient_keys import b64url
 from node.errors import BadInput, Unauthorized
@@ -211,7 +211,8 @@ async def custodian_events(
     """The patient's events in one custodian's log, each with its proof.
 
     Reads from the custodian if it was asked, else from the first node mirroring it.
-    Raises BadInput/Unauthorized if no node serves the log under the pinned key.
+    Raises BadInput if no node serves the log, or the entries served are not the whole
+    log under its signed checkpoint (something could be hidden).
     """
     log_id = hashlib.sha256(custodian.encode()).hexdigest()
     servers = sorted(
@@ -229,6 +230,12 @@ async def custodian_events(
     size = checkpoint.size if checkpoint else Checkpoint.parse(parse_note(note)[0]).size
     cosigners = valid_cosigners(note, witness_keys(nodes, custodian)) if checkpoint else []
     entries = await fetch_entries(session, source, log_id, size)
+    # Inclusion proofs show that what is listed is in the log; recomputing the root from
+    # every entry shows that nothing was left out.
+    if checkpoint is not None and (
+        root_from_leaf_hashes([leaf_hash(raw) for raw in entries]) != checkpoint.root_hash
+    ):
+        raise BadInput(f"the entries {source} serves do not hash to the signed checkpoint")
     events = []
     for index, raw in enumerate(entries):
         try:
