@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
+import msgpack
 import pytest
+from aiohttp import web
 
+from node.core.entries import decode_entry
 from node.services.wallet import Wallet
 from tests.support.nodes import NodeProcess, free_port, init_node, run_cli, wait_until
 from tests.support.studies import make_ct_study
@@ -154,3 +158,67 @@ class TestPatientLog:
         )
         assert result.returncode == 2
         assert "unreachable" in result.stderr
+
+    def test_a_node_hiding_an_access_is_caught(self, story: dict[str, Any]) -> None:
+        # A loopback proxy in front of the custodian serves its log with the access entry
+        # replaced by a copy of the entry before it: every listed event would still have
+        # a valid inclusion proof, but the list is no longer the signed log.
+        a, b, wallet = story["a"], story["b"], story["wallet"]
+        with HidingProxy(a.url, hide_kind="access") as proxy:
+            result = run_cli(
+                "patient",
+                "log",
+                proxy.url,
+                b.url,
+                "--wallet",
+                str(wallet),
+                "--json",
+                check=False,
+            )
+        assert result.returncode == 1
+        log = json.loads(result.stdout)
+        assert not any(e["kind"] == "access" for e in log["events"])
+        assert any("do not hash to the signed checkpoint" in p for p in log["problems"])
+
+
+class HidingProxy:
+    """A real aiohttp server on loopback that forwards to a node, hiding entries of a kind."""
+
+    def __init__(self, target: str, hide_kind: str) -> None:
+        self.target, self.hide_kind = target, hide_kind
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    async def forward(self, request: web.Request) -> web.Response:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(self.target + request.path_qs) as answer,
+        ):
+            body, status = await answer.read(), answer.status
+            content_type = answer.content_type
+        if request.path.endswith("/entries") and status == 200:
+            entries = msgpack.unpackb(body)
+            for i, raw in enumerate(entries):
+                if i and decode_entry(raw).kind == self.hide_kind:
+                    entries[i] = entries[i - 1]
+            body = msgpack.packb(entries)
+        return web.Response(body=body, status=status, content_type=content_type)
+
+    async def _start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", self.forward)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    def __enter__(self) -> HidingProxy:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
