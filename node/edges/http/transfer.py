@@ -81,6 +81,10 @@ async def send_instances(request: web.Request) -> web.StreamResponse:
         # sees the cut, asks again and is refused with the rule.
         log.info("stream to %s cut: %s", caller.node_origin, exc)
         return response
+    except ConnectionError:
+        # The grantee went away; what had left is in the access entry already.
+        log.info("stream to %s cut: the connection was lost", caller.node_origin)
+        return response
     await response.write_eof()
     return response
 
