@@ -173,6 +173,16 @@ class TestP2pAuthentication:
         stale = p2p(a, member, "/p2p/whoami", now=int(time.time()) - 3600)
         assert stale == (401, {"error": "stale timestamp"})
 
+        # A member's claims are checked, not believed.
+        status, answer = p2p(a, member, "/p2p/equivocation", b"not json")
+        assert (status, answer) == (400, {"error": "an equivocation proof must be JSON"})
+        unproven = {"log_id": log_id(b.origin), "notes": ["x", "y"]}
+        status, _ = p2p(a, member, "/p2p/equivocation", json.dumps(unproven).encode())
+        assert status == 400
+        status, _ = p2p(a, member, "/p2p/cosignature", b"not a note")
+        assert status == 400
+        assert a.get_json("/ledger/equivocations", auth=False) == []
+
     def test_a_member_added_while_running_is_accepted_without_restart(
         self, node_factory: Factory
     ) -> None:

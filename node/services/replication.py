@@ -58,6 +58,8 @@ MAX_BATCH_BYTES = 64 * 1024 * 1024
 MAX_CATCHUP_BYTES = 512 * 1024 * 1024
 OWN_LOG_CHECK_INTERVAL = 0.1
 MAX_BACKOFF = 30.0
+# Proofs are pushed when found; pulling them this often catches those a node missed.
+PROOF_PULL_INTERVAL = 60.0
 # What one replication round may run into; none of it stops the follower.
 PeerError = (
     aiohttp.ClientError,
@@ -82,6 +84,7 @@ class PeerStatus:
     last_error: str = ""
     failures: int = 0
     size_there: int | None = None
+    proofs_pulled_at: float = float("-inf")
     # Log IDs whose view from this member was last compared at (their size, our size).
     compared: dict[str, tuple[int, int]] = field(default_factory=dict)
 
@@ -156,6 +159,7 @@ class ReplicationService:
         self._fallback_store: LedgerStore | None = None
         self._own: OwnLog | None = None
         self._mirrors: dict[tuple[str, str], MirrorLog] = {}
+        self._extend_locks: dict[str, asyncio.Lock] = {}
 
     # ---- the ledger store ----------------------------------------------------------------
 
@@ -232,7 +236,8 @@ class ReplicationService:
             if origin not in members:
                 self._tasks.pop(origin).cancel()
         for origin in members:
-            if origin not in self._tasks:
+            task = self._tasks.get(origin)
+            if task is None or task.done():
                 self._wake[origin] = asyncio.Event()
                 self.peers.setdefault(origin, PeerStatus())
                 self._tasks[origin] = asyncio.create_task(self._follow(origin))
@@ -322,6 +327,8 @@ class ReplicationService:
 
     async def _sync_member(self, member: Member, status: PeerStatus) -> None:
         url, listing = await self._listing(member, status)
+        if time.monotonic() - status.proofs_pulled_at >= PROOF_PULL_INTERVAL:
+            await self._pull_proofs(member, url, status)
         roster = self.roster.roster
         for item in listing:
             if not isinstance(item, dict):
@@ -368,12 +375,20 @@ class ReplicationService:
                 return
         else:
             entries = await self._fetch_entries(base, ours, checkpoint.size)
-            try:
-                mirror.extend(entries, note, log_member.vkey)
-            except (Conflict, BadInput) as exc:
-                # The signature was checked first: these entries are bad, or the log forked.
-                await self._judge_conflict(log_member, mirror, note, checkpoint, base, direct, exc)
-                return
+            # Several followers may fetch one log at once (from its node and from copies);
+            # only one extends it, the others find it grown and move on.
+            async with self._extend_locks.setdefault(lid, asyncio.Lock()):
+                if mirror.size() != ours:
+                    return
+                try:
+                    # Verifying and storing a large catch-up takes a while: keep serving.
+                    await asyncio.to_thread(mirror.extend, entries, note, log_member.vkey)
+                except (Conflict, BadInput) as exc:
+                    # The signature was checked first: the entries are bad, or the log forked.
+                    await self._judge_conflict(
+                        log_member, mirror, note, checkpoint, base, direct, exc
+                    )
+                    return
             log.info("mirrored %s up to %d from %s", log_member.origin, checkpoint.size, url)
         status.compared[lid] = (listed_size, mirror.size())
         if (
@@ -441,19 +456,83 @@ class ReplicationService:
             raise PeerFailure(f"copy of {log_member.origin} is inconsistent here: {exc}")
 
     def _equivocation(self, log_member: Member, mirror: Any, note: str, reason: str) -> None:
-        proof = Equivocation(
-            log_member.log_id,
-            log_member.origin,
-            mirror.checkpoint_note() or "",
-            note,
-            f"two signed checkpoints of {log_member.origin} are inconsistent: {reason}",
-            int(time.time()),
-        )
-        if self.state.record_equivocation(proof):
-            log.error(
-                "EQUIVOCATION by %s: %s; its new entries are refused", log_member.origin, reason
+        self._keep_proof(
+            Equivocation(
+                log_member.log_id,
+                log_member.origin,
+                mirror.checkpoint_note() or "",
+                note,
+                f"two signed checkpoints of {log_member.origin} are inconsistent: {reason}",
+                int(time.time()),
             )
-        self._distrusted.add(log_member.log_id)
+        )
+
+    def _keep_proof(self, proof: Equivocation) -> bool:
+        """Store a proof, stop trusting the log, and pass a new proof on to every member."""
+        new = self.state.record_equivocation(proof)
+        if new:
+            log.error(
+                "EQUIVOCATION by %s: %s; its new entries are refused", proof.origin, proof.reason
+            )
+            self._post_to_all("/p2p/equivocation", json.dumps(proof.as_json()).encode())
+        self._distrusted.add(proof.log_id)
+        return new
+
+    def accept_proof(self, reporter: str, document: Any) -> bool:
+        """Check an equivocation proof a member reports and keep it; True if it is new here.
+
+        Raises BadInput if it is malformed, names no member's log, or cannot be confirmed
+        here, and Unauthorized if a note is not signed by the log's key.
+        """
+        try:
+            note_a, note_b = document["notes"]
+            member = self.roster.roster.by_log_id(str(document["log_id"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadInput("an equivocation proof is {log_id, notes: [two notes]}") from exc
+        if member is None:
+            raise BadInput("that proof is about no member's log")
+        if not isinstance(note_a, str) or not isinstance(note_b, str):
+            raise BadInput("the proof's notes must be text")
+        reason = self._confirm(member, note_a, note_b)
+        return self._keep_proof(
+            Equivocation(
+                member.log_id,
+                member.origin,
+                note_a,
+                note_b,
+                f"reported by {reporter} and confirmed here: {reason}",
+                int(time.time()),
+            )
+        )
+
+    def _confirm(self, member: Member, note_a: str, note_b: str) -> str:
+        """Why two notes prove that ``member`` equivocated; BadInput if that cannot be shown."""
+        first = notes.verify_note(note_a, member.vkey)
+        second = notes.verify_note(note_b, member.vkey)
+        if first.size == second.size:
+            if first.root_hash != second.root_hash:
+                return f"two different roots at size {first.size}"
+            raise BadInput("the two checkpoints agree")
+        # Different sizes: one of them must disagree with the prefix verified here.
+        mirror = self._mirror(member)
+        held = mirror.size()
+        for checkpoint in (first, second):
+            if checkpoint.size <= held and mirror.root(checkpoint.size) != checkpoint.root_hash:
+                return f"the checkpoint at size {checkpoint.size} differs from the log here"
+        raise BadInput("this node cannot confirm that proof")
+
+    async def _pull_proofs(self, member: Member, url: str, status: PeerStatus) -> None:
+        """Take the equivocation proofs a member holds (pushed proofs may have been missed)."""
+        status.proofs_pulled_at = time.monotonic()
+        try:
+            body, _ = await self._get(url + "/ledger/equivocations", MAX_LISTING_BYTES)
+            proofs = json.loads(body)
+        except (PeerFailure, *PeerError) as exc:
+            log.info("no equivocation list from %s: %s", member.origin, exc)
+            return
+        for proof in proofs if isinstance(proofs, list) else []:
+            with contextlib.suppress(*PeerError):
+                self.accept_proof(member.origin, proof)
 
     async def _witness(self, log_member: Member, url: str, checkpoint: notes.Checkpoint) -> None:
         """Cosign a verified checkpoint and hand it to the log's node (best effort)."""
@@ -488,17 +567,23 @@ class ReplicationService:
 
     def _notify_all(self, size: int) -> None:
         body = json.dumps({"log_id": log_id(self.runtime.config.origin), "size": size}).encode()
+        self._post_to_all("/p2p/notify", body)
+
+    def _post_to_all(self, path: str, body: bytes) -> None:
+        """A signed POST to every member, in the background; failures are only logged."""
         for member in self.roster.roster:
             urls = self.roster.urls_of(member)
             if urls:
-                task = asyncio.create_task(self._notify(urls[0] + "/p2p/notify", body))
+                task = asyncio.create_task(self._post(urls[0] + path, body))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
 
-    async def _notify(self, url: str, body: bytes) -> None:
-        with contextlib.suppress(*PeerError):
+    async def _post(self, url: str, body: bytes) -> None:
+        try:
             async with self._signed("POST", url, body) as response:
                 self.traffic.bytes_in += len(await response.read())
+        except PeerError as exc:
+            log.debug("POST %s failed: %s", url, exc)
 
     # ---- the log's own node: collecting cosignatures -------------------------------------
 

@@ -4,6 +4,8 @@
 - ``POST /p2p/notify``          JSON {"log_id", "size"}: the caller's log grew; fetch it now
 - ``POST /p2p/cosignature``     text/plain note: a checkpoint body of this node's log and
                                 the caller's tlog-cosignature of it
+- ``POST /p2p/equivocation``    JSON proof {log_id, notes: [a, b], ...} the caller found;
+                                kept only if confirmed here
 - ``GET  /ledger/equivocations`` public: every equivocation proof this node holds
 - ``GET  /admin/api/federation`` admin: peers, reachability, sizes, cosignatures, proofs
 """
@@ -66,6 +68,16 @@ async def cosignature(request: web.Request) -> web.Response:
     return web.json_response({"ok": True, "size": size})
 
 
+async def equivocation(request: web.Request) -> web.Response:
+    caller = await _caller(request)
+    try:
+        document = json.loads(caller.body)
+    except ValueError as exc:
+        raise BadInput("an equivocation proof must be JSON") from exc
+    new = request.app[REPLICATION_KEY].accept_proof(caller.node_origin or "", document)
+    return web.json_response({"ok": True, "new": new})
+
+
 async def equivocations(request: web.Request) -> web.Response:
     state = request.app[REPLICATION_KEY].state
     return web.json_response([proof.as_json() for proof in state.equivocations()])
@@ -80,5 +92,6 @@ def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
     app.router.add_get("/p2p/whoami", whoami)
     app.router.add_post("/p2p/notify", notify)
     app.router.add_post("/p2p/cosignature", cosignature)
+    app.router.add_post("/p2p/equivocation", equivocation)
     app.router.add_get("/ledger/equivocations", equivocations)
     app.router.add_get("/admin/api/federation", federation_status)
