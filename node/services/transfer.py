@@ -109,6 +109,7 @@ class TransferRefused(Forbidden):
     def __init__(self, rule: str, message: str) -> None:
         super().__init__(f"refused ({rule}): {message}")
         self.rule = rule
+        self.explanation = message
 
 
 class CustodianUnreachable(ImageShareError):
@@ -597,7 +598,7 @@ class TransferService:
                         job.state = "done"
                         return
                     except TransferRefused as exc:
-                        job.state, job.rule, job.error = "refused", exc.rule, str(exc)
+                        job.state, job.rule, job.error = "refused", exc.rule, exc.explanation
                         return
                     except (
                         TimeoutError,
@@ -841,7 +842,7 @@ async def _raise_for_reply(response: aiohttp.ClientResponse) -> None:
         message, rule = "", None
     if response.status == 403 and isinstance(rule, str):
         known = {r.value: m for r, m in RULE_MESSAGES.items()}
-        raise TransferRefused(rule, message or known.get(rule, "refused by the custodian"))
+        raise TransferRefused(rule, known.get(rule) or message or "refused by the custodian")
     if response.status == 401:
         raise Unauthorized(f"the custodian did not accept this node's signature: {message}")
     if response.status == 404:
