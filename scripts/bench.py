@@ -116,7 +116,9 @@ def format_value(value: float | str | None) -> str:
         return f"{value:,.0f}"
     if magnitude >= 10:
         return f"{value:.1f}"
-    return f"{value:.2f}"
+    if magnitude >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3g}"  # short durations keep three significant digits
 
 
 def format_met(met: bool | None) -> str:
