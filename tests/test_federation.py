@@ -19,7 +19,7 @@ import pytest
 from node.config import load_config
 from node.core.keys import NodeIdentity
 from node.core.notes import parse_note
-from node.core.roster import log_id
+from node.core.roster import Roster, key_fingerprint, log_id, make_member
 from node.core.signed_requests import b64url_encode, node_signer
 from node.edges.http.signed import signed_request
 from node.errors import BadInput
@@ -116,6 +116,31 @@ def cosigners(node: NodeProcess) -> set[str]:
 
 def converged(nodes: list[NodeProcess], expected: dict[str, int]) -> bool:
     return all({o: s for o, s in sizes(n).items() if o in expected} == expected for n in nodes)
+
+
+class TestRoster:
+    def test_members_are_found_by_origin_log_id_fingerprint_and_signer(self) -> None:
+        me, peer = NodeIdentity.generate("me.example"), NodeIdentity.generate("peer.example")
+        roster = Roster(
+            me.origin,
+            [make_member(me.origin, "", me.vkey), make_member(peer.origin, "", peer.vkey)],
+        )
+        assert [m.origin for m in roster] == [peer.origin]  # never its own peer
+        member = roster.get(peer.origin)
+        assert member is not None and member.public_key == peer.public_key
+        assert roster.by_log_id(log_id(peer.origin)) == member
+        assert roster.by_fingerprint(key_fingerprint(peer.public_key)) == member
+        assert roster.public_key_of_signer(node_signer(peer.origin)) == peer.public_key
+        assert roster.public_key_of_signer(node_signer("other.example")) is None
+        assert roster.public_key_of_signer("patient:" + b64url_encode(peer.public_key)) is None
+
+    def test_a_later_entry_replaces_the_key_of_an_origin(self) -> None:
+        old, new = NodeIdentity.generate("p.example"), NodeIdentity.generate("p.example")
+        roster = Roster("me.example", [make_member("p.example", "", old.vkey)])
+        roster.add(make_member("p.example", "http://p.example:8600/", new.vkey))
+        assert roster.public_key_of_signer("node:p.example") == new.public_key
+        assert roster.by_fingerprint(key_fingerprint(old.public_key)) is None
+        assert roster.get("p.example").url == "http://p.example:8600"  # type: ignore[union-attr]
 
 
 class TestPeersCommand:
