@@ -330,7 +330,15 @@ class InstanceStore:
                 _fsync_dir(directory)
         else:
             _sync_filesystem(self.objects_dir)
-        self._index(fresh, source)
+        try:
+            self._index(fresh, source)
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
+                raise
+            # Nothing was indexed: the files just moved in are unreferenced; free their room.
+            for item in fresh:
+                self.object_path(item.digest).unlink(missing_ok=True)
+            raise StorageFull("the node's disk is full; nothing was stored") from exc
         return results
 
     def _indexed_uids(self, uids: Sequence[str]) -> set[str]:
@@ -362,7 +370,8 @@ class InstanceStore:
                     )
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # SQLite has already rolled back after some errors
+                conn.execute("ROLLBACK")
             raise
 
     def ingest(self, source: IO[bytes], origin: str = "local") -> IngestResult:
