@@ -175,7 +175,9 @@ def _entries(node: NodeProcess, origin: str) -> list[LedgerEntry]:
     while len(raw) < size:
         path = f"/ledger/logs/{wanted}/entries?start={len(raw)}&end={size}"
         with urllib.request.urlopen(node.url + path, timeout=10) as response:
-            raw += msgpack.unpackb(response.read())
+            batch = msgpack.unpackb(response.read())
+        assert batch, f"{node.origin} served no entries from {len(raw)}"
+        raw += batch
     return [decode_entry(r) for r in raw]
 
 
