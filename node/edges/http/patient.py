@@ -18,13 +18,14 @@ from aiohttp import web
 
 from node.core.consent import decode_grant, decode_revocation
 from node.core.notes import Checkpoint, parse_note
-from node.core.patient_keys import parse_public_key
+from node.core.patient_keys import from_b64url, parse_public_key
 from node.core.signed_requests import PATIENT_PREFIX
 from node.edges.http.app import RUNTIME_KEY
 from node.edges.http.signed import SignedCaller, authenticate, nonce_store_of
 from node.errors import BadInput, Forbidden, PayloadTooLarge
-from node.services import consent
+from node.services import consent, previews
 from node.services.ledger import ledger_service
+from node.services.roster import roster_of
 from node.services.runtime import NodeRuntime
 
 MAX_SUBMISSION_BYTES = 64 * 1024
@@ -35,6 +36,9 @@ def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
     app.router.add_post("/patient/grants", submit_grant)
     app.router.add_post("/patient/revocations", submit_revocation)
     app.router.add_get("/patient/tokens", list_tokens)
+    app.router.add_get("/patient/roster", list_roster)
+    app.router.add_get("/patient/studies/{ref}/series", list_series)
+    app.router.add_get("/patient/studies/{ref}/series/{position:[0-9]{1,4}}/preview", preview)
     app.router.add_post("/admin/api/enrollments", enroll)
 
 
@@ -115,6 +119,48 @@ async def list_tokens(request: web.Request) -> web.Response:
         consent.token_statuses, runtime, caller.public_key, int(time.time())
     )
     return web.json_response({"tokens": tokens})
+
+
+async def list_roster(request: web.Request) -> web.Response:
+    """The federation members a patient may grant to (the wallet's grantee choices)."""
+    runtime = request.app[RUNTIME_KEY]
+    await _patient(request)
+    own = runtime.config.origin
+    members = sorted(m.origin for m in roster_of(runtime).roster if m.origin != own)
+    return web.json_response({"custodian": runtime.config.origin, "members": members})
+
+
+def _study_ref(request: web.Request) -> bytes:
+    ref = from_b64url(request.match_info["ref"], "study reference", 32)
+    if len(ref) != 32:
+        raise BadInput("a study reference is 32 bytes in base64url")
+    return ref
+
+
+async def list_series(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME_KEY]
+    caller = await _patient(request)
+    series = await asyncio.to_thread(
+        previews.study_series, runtime, caller.public_key, _study_ref(request)
+    )
+    return web.json_response({"series": [s.as_json() for s in series]})
+
+
+async def preview(request: web.Request) -> web.Response:
+    """A small PNG of a series' middle image, for the patient who owns the study only."""
+    runtime = request.app[RUNTIME_KEY]
+    caller = await _patient(request)
+    png = await asyncio.to_thread(
+        previews.series_preview,
+        runtime,
+        caller.public_key,
+        _study_ref(request),
+        int(request.match_info["position"]),
+    )
+    # Patient images: never kept by shared caches.
+    return web.Response(
+        body=png, content_type="image/png", headers={"Cache-Control": "private, no-store"}
+    )
 
 
 async def enroll(request: web.Request) -> web.Response:

@@ -4,6 +4,24 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from node.edges.http import dicomweb, forwarding, ledger_api, p2p, patient, transfer
+from node.edges.http import (
+    admin,
+    dicomweb,
+    forwarding,
+    ledger_api,
+    p2p,
+    patient,
+    transfer,
+    wallet_pages,
+)
 
-MODULES: list[ModuleType] = [p2p, dicomweb, patient, transfer, ledger_api, forwarding]
+MODULES: list[ModuleType] = [
+    p2p,
+    dicomweb,
+    patient,
+    transfer,
+    ledger_api,
+    forwarding,
+    wallet_pages,
+    admin,
+]

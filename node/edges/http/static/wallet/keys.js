@@ -1,0 +1,188 @@
+// The wallet's keys, kept in this browser's IndexedDB.
+//
+// The wallet seed (32 random bytes) is stored only as a non-extractable HMAC-SHA-512
+// key: script can derive with it but never read it back. The key for a custodian is the
+// Ed25519 key whose seed is HMAC-SHA512(wallet seed, "imageshare/patient-key/v1\n" +
+// origin)[:32], exactly as the command-line wallet derives it (node/core/patient_keys.py),
+// imported as a non-extractable signing key. The seed leaves the browser only inside the
+// passphrase-sealed backup made when the wallet is created or restored:
+//
+//   {"format": "imageshare-wallet-backup", "version": 1,
+//    "kdf": "PBKDF2-SHA256", "iterations": 600000, "salt": b64(16),
+//    "cipher": "AES-256-GCM", "iv": b64(12), "box": b64(AES-GCM(seed) with its tag)}
+//
+// with additional data "imageshare/wallet-backup/v1". A restore also takes the command-
+// line wallet's unsealed seed.json ({"version": 1, "encryption": "none", "seed": b64}).
+
+import { concat, fromBase64, randomBytes, toBase64, utf8, fromB64url, toB64url } from "./bytes.js";
+
+const DB_NAME = "imageshare-wallet";
+const STORE = "kv";
+const DERIVATION_DOMAIN = "imageshare/patient-key/v1\n";
+const BACKUP_AAD = utf8("imageshare/wallet-backup/v1");
+const BACKUP_FORMAT = "imageshare-wallet-backup";
+export const PBKDF2_ITERATIONS = 600000;
+const MIN_PASSPHRASE = 8;
+// PKCS#8 wrapping of a raw Ed25519 seed (RFC 8410).
+const PKCS8_ED25519_PREFIX = Uint8Array.from([
+  0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+]);
+
+function openDb() {
+  return new Promise((resolve, reject) => {
+    const request = indexedDB.open(DB_NAME, 1);
+    request.onupgradeneeded = () => request.result.createObjectStore(STORE);
+    request.onsuccess = () => resolve(request.result);
+    request.onerror = () => reject(request.error);
+  });
+}
+
+async function withStore(mode, action) {
+  const db = await openDb();
+  try {
+    return await new Promise((resolve, reject) => {
+      const tx = db.transaction(STORE, mode);
+      const request = action(tx.objectStore(STORE));
+      tx.oncomplete = () => resolve(request.result);
+      tx.onerror = () => reject(tx.error);
+      tx.onabort = () => reject(tx.error);
+    });
+  } finally {
+    db.close();
+  }
+}
+
+export const store = {
+  get: (key) => withStore("readonly", (s) => s.get(key)),
+  put: (key, value) => withStore("readwrite", (s) => s.put(value, key)),
+  clear: () => withStore("readwrite", (s) => s.clear()),
+};
+
+/** The stored wallet ({seedKey, backup}) or undefined if this browser has none. */
+export function loadWallet() {
+  return store.get("wallet");
+}
+
+async function saveSeed(seed, passphrase) {
+  const backup = await sealSeed(seed, passphrase);
+  const seedKey = await crypto.subtle.importKey(
+    "raw", seed, { name: "HMAC", hash: "SHA-512" }, false, ["sign"],
+  );
+  seed.fill(0);
+  const wallet = { seedKey, backup, created: Date.now() };
+  await store.put("wallet", wallet);
+  return wallet;
+}
+
+function checkPassphrase(passphrase) {
+  if (typeof passphrase !== "string" || passphrase.length < MIN_PASSPHRASE) {
+    throw new Error(`choose a passphrase of at least ${MIN_PASSPHRASE} characters`);
+  }
+}
+
+/** A new wallet: a fresh seed, sealed into a backup with ``passphrase``. */
+export async function createWallet(passphrase) {
+  checkPassphrase(passphrase);
+  return saveSeed(randomBytes(32), passphrase);
+}
+
+async function backupKey(passphrase, salt, iterations, usage) {
+  const material = await crypto.subtle.importKey("raw", utf8(passphrase), "PBKDF2", false, [
+    "deriveKey",
+  ]);
+  return crypto.subtle.deriveKey(
+    { name: "PBKDF2", hash: "SHA-256", salt, iterations },
+    material,
+    { name: "AES-GCM", length: 256 },
+    false,
+    [usage],
+  );
+}
+
+async function sealSeed(seed, passphrase) {
+  const salt = randomBytes(16);
+  const iv = randomBytes(12);
+  const key = await backupKey(passphrase, salt, PBKDF2_ITERATIONS, "encrypt");
+  const box = await crypto.subtle.encrypt({ name: "AES-GCM", iv, additionalData: BACKUP_AAD }, key, seed);
+  return {
+    format: BACKUP_FORMAT,
+    version: 1,
+    kdf: "PBKDF2-SHA256",
+    iterations: PBKDF2_ITERATIONS,
+    salt: toBase64(salt),
+    cipher: "AES-256-GCM",
+    iv: toBase64(iv),
+    box: toBase64(new Uint8Array(box)),
+  };
+}
+
+/** The seed in a backup file's text; throws a sentence the patient can act on. */
+export async function openBackup(text, passphrase) {
+  let doc;
+  try {
+    doc = JSON.parse(text);
+  } catch {
+    throw new Error("that file is not a wallet backup");
+  }
+  if (doc && doc.version === 1 && doc.encryption === "none" && typeof doc.seed === "string") {
+    return seedOfLength(fromBase64(doc.seed));
+  }
+  if (doc && doc.encryption === "argon2id-secretbox") {
+    throw new Error("a passphrase-sealed command-line wallet cannot be opened in the browser");
+  }
+  if (!doc || doc.format !== BACKUP_FORMAT || doc.version !== 1 || doc.kdf !== "PBKDF2-SHA256"
+      || doc.cipher !== "AES-256-GCM" || !Number.isSafeInteger(doc.iterations)
+      || doc.iterations < 100000 || doc.iterations > 10000000) {
+    throw new Error("that file is not a wallet backup");
+  }
+  const key = await backupKey(passphrase, fromBase64(doc.salt), doc.iterations, "decrypt");
+  let seed;
+  try {
+    seed = await crypto.subtle.decrypt(
+      { name: "AES-GCM", iv: fromBase64(doc.iv), additionalData: BACKUP_AAD },
+      key,
+      fromBase64(doc.box),
+    );
+  } catch {
+    throw new Error("wrong passphrase, or the backup was altered");
+  }
+  return seedOfLength(new Uint8Array(seed));
+}
+
+function seedOfLength(seed) {
+  if (seed.length !== 32) throw new Error("a wallet seed is 32 bytes");
+  return seed;
+}
+
+/** Replace this browser's wallet by the one in a backup; re-sealed with ``passphrase``. */
+export async function restoreWallet(text, passphrase) {
+  checkPassphrase(passphrase);
+  const seed = await openBackup(text, passphrase);
+  await store.clear();
+  return saveSeed(seed, passphrase);
+}
+
+/** My key for one custodian origin: {origin, publicKey (bytes), publicText, signKey}. */
+export async function keyFor(wallet, origin) {
+  const name = "key:" + origin;
+  const cached = await store.get(name);
+  if (cached) return cached;
+  const mac = await crypto.subtle.sign("HMAC", wallet.seedKey, utf8(DERIVATION_DOMAIN + origin));
+  const seed = new Uint8Array(mac).slice(0, 32);
+  const pkcs8 = concat(PKCS8_ED25519_PREFIX, seed);
+  // Imported once as extractable only to read the public half; the kept key is not.
+  const open = await crypto.subtle.importKey("pkcs8", pkcs8, { name: "Ed25519" }, true, ["sign"]);
+  const publicKey = fromB64url((await crypto.subtle.exportKey("jwk", open)).x);
+  const signKey = await crypto.subtle.importKey("pkcs8", pkcs8, { name: "Ed25519" }, false, [
+    "sign",
+  ]);
+  seed.fill(0);
+  pkcs8.fill(0);
+  const key = { origin, publicKey, publicText: toB64url(publicKey), signKey };
+  await store.put(name, key);
+  return key;
+}
+
+export async function sign(key, message) {
+  return new Uint8Array(await crypto.subtle.sign({ name: "Ed25519" }, key.signKey, message));
+}
