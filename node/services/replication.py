@@ -57,7 +57,8 @@ MAX_BATCH_BYTES = 64 * 1024 * 1024
 # A catch-up is verified and stored in one step against one signed checkpoint.
 MAX_CATCHUP_BYTES = 512 * 1024 * 1024
 OWN_LOG_CHECK_INTERVAL = 0.1
-MAX_BACKOFF = 30.0
+# One request per this many seconds to a member that is down costs nothing.
+MAX_BACKOFF = 10.0
 # Proofs are pushed when found; pulling them this often catches those a node missed.
 PROOF_PULL_INTERVAL = 60.0
 # What one replication round may run into; none of it stops the follower.
@@ -254,13 +255,17 @@ class ReplicationService:
             delay = self.settings.replicate_interval
             try:
                 await self._sync_member(member, status)
+                if status.failures:
+                    # Back after a failure (or a partition): say so, so that the member
+                    # retries us now rather than when its own backoff ends.
+                    self._hello(member)
                 status.reachable, status.last_success, status.failures = True, time.time(), 0
                 status.last_error = ""
             except (PeerFailure, *PeerError) as exc:
                 status.reachable = False
                 status.failures += 1
                 status.last_error = str(exc) or type(exc).__name__
-                delay = min(delay * 2**status.failures, MAX_BACKOFF)
+                delay = min(delay * 2**status.failures, max(delay, MAX_BACKOFF))
                 log.info("replication from %s failed: %s", origin, status.last_error)
             except Exception:
                 # A bug must not end replication from this member: log it and retry later.
@@ -565,18 +570,29 @@ class ReplicationService:
         )
         return self._session.request(method, target, data=body, headers=headers)
 
+    def _size_hint(self, size: int) -> bytes:
+        return json.dumps({"log_id": log_id(self.runtime.config.origin), "size": size}).encode()
+
     def _notify_all(self, size: int) -> None:
-        body = json.dumps({"log_id": log_id(self.runtime.config.origin), "size": size}).encode()
-        self._post_to_all("/p2p/notify", body)
+        self._post_to_all("/p2p/notify", self._size_hint(size))
+
+    def _hello(self, member: Member) -> None:
+        urls = self.roster.urls_of(member)
+        if urls:
+            hint = self._size_hint(self._own_log().size())
+            self._post_in_background(urls[0] + "/p2p/notify", hint)
 
     def _post_to_all(self, path: str, body: bytes) -> None:
         """A signed POST to every member, in the background; failures are only logged."""
         for member in self.roster.roster:
             urls = self.roster.urls_of(member)
             if urls:
-                task = asyncio.create_task(self._post(urls[0] + path, body))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                self._post_in_background(urls[0] + path, body)
+
+    def _post_in_background(self, url: str, body: bytes) -> None:
+        task = asyncio.create_task(self._post(url, body))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _post(self, url: str, body: bytes) -> None:
         try:
