@@ -1,0 +1,508 @@
+// The node's admin dashboard. Plain JavaScript module, no framework, no other origin.
+// Every API call carries the admin token as "Authorization: Bearer"; no cookies are used.
+// Every value from the node is put into the page as text (never as HTML): study fields
+// come from DICOM files and may hold anything.
+
+const TOKEN_KEY = "imageshare.admin-token";
+const POLL_MS = 1000;
+const STUDIES_EVERY_MS = 5000;
+
+class AuthRequired extends Error {}
+
+const $ = (id) => document.getElementById(id);
+
+// -- the API -------------------------------------------------------------------------------
+
+async function api(path, options = {}) {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (!token) {
+    showLogin("");
+    throw new AuthRequired();
+  }
+  const response = await fetch(path, {
+    ...options,
+    headers: { ...(options.headers || {}), Authorization: `Bearer ${token}` },
+    credentials: "omit",
+    cache: "no-store",
+  });
+  if (response.status === 401) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    showLogin("The node refused this token.");
+    throw new AuthRequired();
+  }
+  const document_ = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(document_.error || `HTTP ${response.status}`);
+  return document_;
+}
+
+// -- small helpers -------------------------------------------------------------------------
+
+// el("td", {class: "x"}, "text", child...): children are text or elements, never HTML.
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs)) {
+    if (value === null || value === undefined || value === false) continue;
+    if (name === "dataset") Object.assign(node.dataset, value);
+    else node.setAttribute(name, value === true ? "" : String(value));
+  }
+  for (const child of children.flat(Infinity)) {
+    if (child === null || child === undefined) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+function fill(section, ...children) {
+  $(section).querySelector(".body").replaceChildren(...children.flat(Infinity).filter((c) => c !== null && c !== undefined));
+}
+
+function bytes(n) {
+  if (n === null || n === undefined) return "–";
+  const units = ["B", "KB", "MB", "GB", "TB"];
+  let i = 0;
+  let value = n;
+  while (value >= 1000 && i < units.length - 1) {
+    value /= 1000;
+    i += 1;
+  }
+  return `${value.toFixed(i === 0 ? 0 : 1)} ${units[i]}`;
+}
+
+function utc(seconds) {
+  if (!seconds) return "–";
+  return new Date(seconds * 1000).toISOString().replace("T", " ").slice(0, 19) + " UTC";
+}
+
+function ago(seconds) {
+  if (!seconds) return "never";
+  const s = Math.max(0, Date.now() / 1000 - seconds);
+  if (s < 90) return `${Math.round(s)} s ago`;
+  if (s < 5400) return `${Math.round(s / 60)} min ago`;
+  if (s < 129600) return `${Math.round(s / 3600)} h ago`;
+  return `${Math.round(s / 86400)} days ago`;
+}
+
+function duration(seconds) {
+  const s = Math.round(seconds);
+  const d = Math.floor(s / 86400);
+  const h = Math.floor((s % 86400) / 3600);
+  const m = Math.floor((s % 3600) / 60);
+  return d ? `${d} d ${h} h` : h ? `${h} h ${m} min` : m ? `${m} min ${s % 60} s` : `${s} s`;
+}
+
+const short = (hex, n = 16) => (hex ? `${hex.slice(0, n)}…` : "–");
+const badge = (text, kind) => el("span", { class: `badge ${kind}` }, text);
+const time = (seconds) => el("time", { title: utc(seconds) }, ago(seconds));
+
+function table(headers, rows, empty) {
+  if (!rows.length) return el("p", { class: "muted" }, empty);
+  return el(
+    "table",
+    {},
+    el("thead", {}, el("tr", {}, headers.map((h) => el("th", {}, h)))),
+    el("tbody", {}, rows),
+  );
+}
+
+function facts(pairs) {
+  return el("dl", { class: "facts" }, pairs.map(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
+}
+
+// -- sections ------------------------------------------------------------------------------
+
+function renderNode(node) {
+  $("title-origin").textContent = node.origin;
+  document.title = `ImageShare · ${node.origin}`;
+  const { storage, held } = node;
+  fill(
+    "node",
+    facts([
+      ["Origin", node.origin],
+      ["Key fingerprint", el("code", {}, node.fingerprint)],
+      ["Key ID", el("code", {}, node.key_id)],
+      ["Version", node.version],
+      ["Uptime", duration(node.uptime_seconds)],
+      ["URL", node.public_url],
+      ["Storage used", bytes(storage.used_bytes)],
+      ["Disk free", `${bytes(storage.free_bytes)} of ${bytes(storage.disk_bytes)}`],
+      ["Held", `${held.studies} studies · ${held.series} series · ${held.instances} instances`],
+    ]),
+  );
+}
+
+function renderPeers(peers) {
+  const rows = peers.members.map((p) => {
+    const state = !p.trusted
+      ? badge("equivocated", "bad")
+      : p.reachable === null
+        ? badge("not yet contacted", "muted")
+        : p.reachable
+          ? badge("reachable", "good")
+          : badge("unreachable", "bad");
+    const error = p.reachable === false && p.last_error ? el("div", { class: "small" }, p.last_error) : null;
+    return el(
+      "tr",
+      { dataset: { origin: p.origin, reachable: String(p.reachable), trusted: String(p.trusted) } },
+      el("td", {}, el("strong", {}, p.origin), el("div", { class: "small muted" }, p.urls.join(" "))),
+      el("td", { class: "state" }, state, error),
+      el("td", {}, time(p.last_success)),
+      el("td", { class: "num" }, p.size_here ?? "–", " / ", p.size_there ?? "–"),
+      el(
+        "td",
+        {},
+        p.cosigned_our_log_at ? ["cosigned ours ", time(p.cosigned_our_log_at)] : "has not cosigned ours",
+        el(
+          "div",
+          { class: "small muted" },
+          p.their_checkpoint_cosigners.length
+            ? `theirs cosigned by ${p.their_checkpoint_cosigners.join(", ")}`
+            : "theirs: no cosigner yet",
+        ),
+      ),
+    );
+  });
+  const proofs = peers.equivocations.map((e) =>
+    el(
+      "div",
+      { class: "proof", role: "alert", dataset: { origin: e.origin } },
+      el("strong", {}, `Equivocation by ${e.origin}`),
+      el("p", {}, e.reason, " — detected ", time(e.detected_at), ". Its new entries are refused."),
+      el(
+        "details",
+        {},
+        el("summary", {}, "The two signed checkpoints (the proof)"),
+        e.notes.map((n) => el("pre", {}, n)),
+      ),
+    ),
+  );
+  fill(
+    "peers",
+    proofs,
+    table(
+      ["Member", "State", "Last replication", "Log size here / there", "Cosignatures"],
+      rows,
+      "No peers in the roster.",
+    ),
+  );
+}
+
+function renderLog(log) {
+  const cp = log.checkpoint;
+  const cosigners = cp && cp.cosigners.length
+    ? cp.cosigners.map((c) => el("span", { class: "chip" }, c.origin, " ", time(c.time)))
+    : "none yet";
+  const rows = log.recent.map((e) =>
+    el(
+      "tr",
+      { dataset: { kind: e.kind } },
+      el("td", { class: "num" }, e.index),
+      el("td", {}, e.time ? el("time", { title: utc(e.time) }, utc(e.time)) : "–"),
+      el("td", {}, badge(e.kind, e.kind === "denial" ? "bad" : "kind")),
+      el("td", {}, e.token_id ? el("code", { title: e.token_id }, short(e.token_id)) : "–"),
+      el("td", {}, e.party || "–"),
+      el("td", {}, e.text),
+    ),
+  );
+  fill(
+    "log",
+    facts([
+      ["Entries", log.size],
+      ["Latest checkpoint", cp ? `size ${cp.size}, root ${short(cp.root, 24)}` : "none signed yet"],
+      ["Cosigned by", cosigners],
+    ]),
+    el("h3", {}, "Recent entries"),
+    table(["#", "Time", "Kind", "Token", "Other party", "What happened"], rows, "The log is empty."),
+  );
+}
+
+function fetchRow(job) {
+  const seconds = job.seconds || 0;
+  const size = job.bytes_total ? bytes(job.bytes_total) : "–";
+  const outcome =
+    job.state === "refused"
+      ? [badge("refused", "bad"), " ", el("strong", { class: "rule" }, job.rule), el("div", { class: "small" }, job.error)]
+      : job.state === "failed"
+        ? [badge("failed", "bad"), el("div", { class: "small" }, job.error)]
+        : job.state === "done"
+          ? badge("done", "good")
+          : badge(job.state, "kind");
+  return el(
+    "tr",
+    { dataset: { id: job.id, state: job.state } },
+    el("td", {}, outcome),
+    el("td", {}, job.custodian),
+    el("td", {}, el("code", { title: job.token_id }, short(job.token_id))),
+    el("td", { class: "num" }, `${job.instances_done}/${job.instances_total || "?"}`, " · ", size),
+    el("td", {}, utc(job.started), el("div", { class: "small muted" }, `${seconds.toFixed(1)} s`)),
+    el("td", { class: "num" }, job.state === "done" ? `${job.mb_per_s} MB/s` : "–"),
+  );
+}
+
+function progressOf(total, done) {
+  const fraction = total ? Math.min(1, done / total) : 0;
+  return el(
+    "div",
+    { class: "progress" },
+    el("progress", { max: "100", value: (fraction * 100).toFixed(1) }),
+    el("span", { class: "num" }, `${Math.floor(fraction * 100)} %`),
+  );
+}
+
+function renderTransfers(transfers) {
+  const running = transfers.fetches.filter((j) => j.state === "running");
+  const finished = transfers.fetches.filter((j) => j.state !== "running");
+  const live = running.map((job) =>
+    el(
+      "div",
+      { class: "running", dataset: { id: job.id } },
+      el("div", {}, el("strong", {}, `Fetching from ${job.custodian}`), " under token ", el("code", {}, short(job.token_id))),
+      progressOf(job.bytes_total, job.bytes_received),
+      el(
+        "div",
+        { class: "small muted" },
+        `${job.instances_done} of ${job.instances_total || "?"} instances stored · `,
+        `${bytes(job.bytes_received)} of ${bytes(job.bytes_total)} · ${job.mb_per_s} MB/s`,
+        job.attempts > 1 ? ` · attempt ${job.attempts}` : "",
+      ),
+    ),
+  );
+  const sending = transfers.sent.filter((s) => s.state === "running");
+  const sent = transfers.sent.map((s) =>
+    el(
+      "tr",
+      { dataset: { state: s.state } },
+      el("td", {}, badge(s.state, s.state === "cut" ? "bad" : s.state === "done" ? "good" : "kind")),
+      el("td", {}, s.grantee),
+      el("td", {}, el("code", { title: s.token_id }, short(s.token_id))),
+      el("td", { class: "num" }, `${s.instances_sent}/${s.instances_total}`, " · ", bytes(s.bytes_sent)),
+      el("td", {}, utc(s.started), el("div", { class: "small muted" }, `${s.seconds.toFixed(1)} s`)),
+      el("td", { class: "num" }, `${s.mb_per_s} MB/s`),
+    ),
+  );
+  fill(
+    "transfers",
+    el("h3", {}, "In progress"),
+    live.length || sending.length
+      ? [
+          live,
+          sending.map((s) =>
+            el(
+              "div",
+              { class: "running" },
+              el("div", {}, el("strong", {}, `Sending to ${s.grantee}`)),
+              progressOf(s.bytes_total, s.bytes_sent),
+            ),
+          ),
+        ]
+      : el("p", { class: "muted" }, "Nothing is moving."),
+    el("h3", {}, "Fetched by this node"),
+    table(["Outcome", "Custodian", "Token", "Instances · size", "Started · time", "Speed"], finished.map(fetchRow), "No fetch yet."),
+    el("h3", {}, "Sent by this node"),
+    table(["State", "Grantee", "Token", "Instances · size", "Started · time", "Speed"], sent, "Nothing sent yet."),
+  );
+}
+
+function renderForwarding(f) {
+  if (!f.enabled) {
+    fill("forwarding", el("p", { class: "muted" }, "Forwarding is off (no [forward] PACS in node.toml)."));
+    return;
+  }
+  const problems = f.problems.map((p) =>
+    el(
+      "tr",
+      {},
+      el("td", {}, badge(p.state, p.state === "failed" ? "bad" : "kind")),
+      el("td", { class: "num" }, p.attempts),
+      el("td", {}, p.next_try ? utc(p.next_try) : "–"),
+      el("td", {}, p.last_error || ""),
+    ),
+  );
+  fill(
+    "forwarding",
+    facts([
+      ["Destination", `${f.destination.ae_title} at ${f.destination.host}:${f.destination.port}`],
+      ["Running", f.running ? "yes" : "no"],
+      ["Forwarded", f.forwarded],
+      ["Queued", f.pending],
+      ["Failed for good", f.failed],
+      ["Last success", time(f.last_success_at)],
+      ["Last error", f.last_error ? [f.last_error, " ", time(f.last_error_at)] : "none"],
+    ]),
+    f.problems.length
+      ? [el("h3", {}, "Retrying or failed"), table(["State", "Attempts", "Next try", "Error"], problems, "")]
+      : null,
+  );
+}
+
+function renderAudit(report) {
+  if (!report) {
+    fill("audit", el("p", { class: "muted" }, "No audit run from this page yet."));
+    return;
+  }
+  const verdict = report.clean
+    ? el("p", { class: "verdict good" }, "Clean: every log verified and every access consented.")
+    : el("p", { class: "verdict bad" }, `Problems found: ${report.violations.length} violation(s), ${report.unreachable.length} unreachable.`);
+  const logs = report.logs.map((l) =>
+    el(
+      "tr",
+      {},
+      el("td", {}, l.origin),
+      el("td", { class: "num" }, l.size),
+      el("td", {}, l.verified ? badge("verified", "good") : badge("not verified", "bad")),
+      el("td", {}, l.cosignatures.map((c) => `${c.name} (${c.status})`).join(", ") || "nobody"),
+    ),
+  );
+  const violations = report.violations.map((v) =>
+    el(
+      "li",
+      { class: "violation" },
+      el("strong", {}, v.rule),
+      ` in ${v.log}`,
+      v.index !== null && v.index !== undefined ? ` #${v.index}` : "",
+      v.detail ? `: ${v.detail}` : "",
+    ),
+  );
+  fill(
+    "audit",
+    verdict,
+    el("p", { class: "small muted" }, `Checked ${report.urls.join(", ")} at ${utc(report.checked_at)} in ${report.seconds} s.`),
+    table(["Log", "Size", "State", "Cosigned by"], logs, "No log was served."),
+    violations.length ? el("ul", { class: "violations" }, violations) : null,
+    report.unreachable.map((u) => el("p", { class: "error" }, `Unreachable: ${u}`)),
+  );
+}
+
+function renderStudies(found) {
+  const rows = found.studies.map((s) =>
+    el(
+      "tr",
+      { dataset: { study: s.study_instance_uid } },
+      el("td", {}, el("strong", {}, s.patient_name || "–"), el("div", { class: "small muted" }, s.patient_id || "")),
+      el("td", {}, s.patient_birth_date || "–"),
+      el("td", {}, s.study_date || "–"),
+      el("td", {}, s.study_description || "–", el("div", { class: "small muted" }, s.accession_number || "")),
+      el("td", {}, s.modalities || "–"),
+      el("td", { class: "num" }, `${s.instances} · ${bytes(s.bytes)}`),
+      el("td", { class: "source" }, s.source || "–"),
+      el("td", {}, el("a", { href: s.viewer_url, target: "_blank", rel: "noopener noreferrer" }, "Open")),
+    ),
+  );
+  fill(
+    "studies",
+    el("p", { class: "small muted" }, `${found.total} matching, ${found.studies.length} shown.`),
+    table(["Patient", "Born", "Study date", "Description", "Modality", "Instances · size", "Came from", "Viewer"], rows, "No study matches."),
+  );
+}
+
+// -- the loop ------------------------------------------------------------------------------
+
+let polling = false;
+let studiesAt = 0;
+let auditRunning = false;
+let searchTimer = null;
+
+function showBanner(text) {
+  const banner = $("banner");
+  banner.textContent = text;
+  banner.hidden = !text;
+}
+
+async function refreshStudies() {
+  studiesAt = Date.now();
+  const q = $("study-search").value.trim();
+  renderStudies(await api(`/admin/api/studies?q=${encodeURIComponent(q)}&limit=100`));
+}
+
+async function refresh() {
+  const summary = await api("/admin/api/status");
+  showBanner("");
+  renderNode(summary.node);
+  renderPeers(summary.peers);
+  renderLog(summary.log);
+  renderTransfers(summary.transfers);
+  renderForwarding(summary.forwarding);
+  if (!auditRunning) renderAudit(summary.last_audit);
+  if (Date.now() - studiesAt > STUDIES_EVERY_MS) await refreshStudies();
+}
+
+async function poll() {
+  if (!polling) return;
+  try {
+    await refresh();
+  } catch (error) {
+    if (error instanceof AuthRequired) return;
+    showBanner(`Cannot reach the node: ${error.message}. Retrying…`);
+  }
+  setTimeout(poll, POLL_MS);
+}
+
+function showLogin(message) {
+  polling = false;
+  $("dashboard").hidden = true;
+  $("live").hidden = true;
+  $("logout").hidden = true;
+  $("title-origin").textContent = "";
+  // Nothing of the node stays on the page once the token is gone.
+  for (const body of document.querySelectorAll("#dashboard .body")) body.replaceChildren();
+  $("login").hidden = false;
+  $("login-error").textContent = message;
+  $("token").focus();
+}
+
+function showDashboard() {
+  $("login").hidden = true;
+  $("dashboard").hidden = false;
+  $("live").hidden = false;
+  $("logout").hidden = false;
+  if (!polling) {
+    polling = true;
+    studiesAt = 0;
+    poll();
+  }
+}
+
+async function runAudit() {
+  const button = $("audit-run");
+  auditRunning = true;
+  button.disabled = true;
+  button.textContent = "Auditing…";
+  fill("audit", el("p", { class: "muted" }, "Mirroring and verifying every log…"));
+  try {
+    renderAudit(await api("/admin/api/audit", { method: "POST" }));
+  } catch (error) {
+    if (!(error instanceof AuthRequired)) fill("audit", el("p", { class: "error" }, `Audit failed: ${error.message}`));
+  } finally {
+    auditRunning = false;
+    button.disabled = false;
+    button.textContent = "Audit the federation";
+  }
+}
+
+function start() {
+  $("login-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const token = $("token").value.trim();
+    if (!token) return;
+    sessionStorage.setItem(TOKEN_KEY, token);
+    $("token").value = "";
+    try {
+      await api("/admin/api/status");
+      showDashboard();
+    } catch (error) {
+      if (!(error instanceof AuthRequired)) $("login-error").textContent = `Cannot reach the node: ${error.message}`;
+    }
+  });
+  $("logout").addEventListener("click", () => {
+    sessionStorage.removeItem(TOKEN_KEY);
+    showLogin("Signed out.");
+  });
+  $("audit-run").addEventListener("click", runAudit);
+  $("study-search").addEventListener("input", () => {
+    clearTimeout(searchTimer);
+    searchTimer = setTimeout(() => refreshStudies().catch(() => {}), 250);
+  });
+  if (sessionStorage.getItem(TOKEN_KEY)) showDashboard();
+  else showLogin("");
+}
+
+start();

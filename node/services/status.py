@@ -1,0 +1,405 @@
+"""What the admin dashboard shows: one summary of the node, its peers, its log, its
+transfers and its forwarding; the study list; and an audit of the federation on demand.
+
+Everything here reads what other services already keep (replication, transfer, forwarder,
+ledger, instance index); nothing is recorded for the dashboard's sake, except the last
+audit's checkpoints (so that a later audit flags a rolled-back or forked log).
+
+Privacy: the summary holds nothing but ledger data and node state, and the ledger holds
+no PHI. The study list is the hospital's own index (names, MRNs): it is served to the
+hospital's staff behind the admin token, never to peers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from node import __version__
+from node.core.consent import RULE_MESSAGES, Rule, decode_grant, decode_revocation, token_id_of
+from node.core.entries import decode_entry
+from node.core.notes import Checkpoint, parse_note, verify_cosignature
+from node.core.roster import key_fingerprint
+from node.errors import BadInput, Conflict, ImageShareError
+from node.services.audit import Workers, audit_views, collect
+from node.services.audit_state import AuditState
+from node.services.ledger import ledger_service
+from node.services.replication import replication_of
+from node.services.roster import roster_of
+from node.services.runtime import NodeRuntime
+from node.services.transfer import transfer_service
+
+SERVICE_NAME = "status"
+# Entries of the node's own log shown, newest first.
+RECENT_ENTRIES = 25
+# Transfers shown per list (the transfer service keeps more; the page needs the latest).
+RECENT_TRANSFERS = 20
+MAX_STUDIES = 200
+MAX_QUERY_CHARS = 200
+AUDIT_STATE_DIR = "dashboard-audit"
+AUDIT_TIMEOUT = 10.0
+
+
+_RULES = {rule.value for rule in Rule}
+
+
+def _utc(seconds: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(seconds))
+
+
+def _short(token_id: bytes) -> str:
+    return token_id.hex()[:16]
+
+
+def _megabytes(count: int) -> str:
+    return f"{count / 1e6:.1f} MB"
+
+
+def describe_entry(index: int, raw: bytes, log_names: dict[str, str]) -> dict[str, Any]:
+    """One ledger entry in plain words: kind, time, token id, the other party, a sentence.
+
+    ``log_names`` maps log IDs (hex) to origins, to name witnessed logs. Never raises: an
+    entry that does not decode is described as unreadable. Study and subject references
+    are keyed hashes and are not shown at all.
+    """
+    try:
+        entry = decode_entry(raw)
+    except BadInput as exc:
+        return {"index": index, "kind": "unreadable", "time": None, "text": str(exc)}
+    f = entry.fields
+    described: dict[str, Any] = {"index": index, "kind": entry.kind, "time": entry.time}
+    token_id: bytes | None = f.get("token_id")
+    try:
+        if entry.kind == "enroll":
+            text = "a patient key was enrolled"
+            if f.get("replaces") is not None:
+                text += ", replacing the patient's earlier key and its grants"
+        elif entry.kind == "grant":
+            grant = decode_grant(f["token"])
+            token_id = token_id_of(f["token"])
+            described["party"] = grant.fields.grantee
+            scope = grant.fields.scope
+            what = "all the patient's studies" if scope is None else f"{len(scope)} study(ies)"
+            until = _utc(grant.fields.expires)
+            text = f"the patient granted {grant.fields.grantee} {what} until {until}"
+            described["expires"] = grant.fields.expires
+        elif entry.kind == "revoke":
+            token_id = decode_revocation(f["revocation"]).token_id
+            text = "the patient revoked a grant"
+        elif entry.kind == "access":
+            described["party"] = f["grantee"]
+            text = f"sent {f['instances']} instance(s), {_megabytes(f['bytes'])}, to {f['grantee']}"
+        elif entry.kind == "denial":
+            described["party"] = f["requester"]
+            described["rule"] = f["rule"]
+            reason = RULE_MESSAGES.get(Rule(f["rule"]), "") if f["rule"] in _RULES else ""
+            text = f"refused {f['requester']}: {f['rule']}" + (f" ({reason})" if reason else "")
+        elif entry.kind == "receipt":
+            described["party"] = f["custodian"]
+            text = (
+                f"received {f['instances']} instance(s), {_megabytes(f['bytes'])},"
+                f" from {f['custodian']}"
+            )
+        elif entry.kind == "witness":
+            name = log_names.get(f["log_id"].hex(), "log " + f["log_id"].hex()[:16])
+            described["party"] = log_names.get(f["log_id"].hex())
+            text = f"witnessed {name} at size {f['size']}"
+        elif entry.kind == "key_rotation":
+            text = "this node's key was rotated"
+        else:
+            text = entry.kind
+    except (BadInput, KeyError, TypeError, ValueError) as exc:
+        text = f"{entry.kind} entry with an unreadable payload ({exc})"
+    if token_id is not None:
+        described["token_id"] = token_id.hex()
+        text += f" (token {_short(token_id)})"
+    described["text"] = text
+    return described
+
+
+@dataclass
+class StudyQuery:
+    """A study-list search: every word must appear in one of the searched columns."""
+
+    words: tuple[str, ...]
+    limit: int
+
+    @classmethod
+    def parse(cls, text: str, limit: str | int = 50) -> StudyQuery:
+        """Raises BadInput for an over-long query or a limit that is not 1..MAX_STUDIES."""
+        if len(text) > MAX_QUERY_CHARS:
+            raise BadInput(f"a study search is at most {MAX_QUERY_CHARS} characters")
+        try:
+            count = int(limit)
+        except ValueError as exc:
+            raise BadInput("limit must be a whole number") from exc
+        if not 1 <= count <= MAX_STUDIES:
+            raise BadInput(f"limit must be between 1 and {MAX_STUDIES}")
+        return cls(tuple(text.split()), count)
+
+
+_SEARCHED = (
+    "patient_name",
+    "patient_id",
+    "accession_number",
+    "study_description",
+    "study_date",
+    "source",
+    "study_instance_uid",
+)
+_STUDY_SQL = """
+SELECT s.study_instance_uid, s.patient_name, s.patient_id, s.patient_birth_date,
+       s.study_date, s.study_description, s.accession_number, s.source, s.created_at,
+       (SELECT COUNT(*) FROM series r WHERE r.study_instance_uid = s.study_instance_uid)
+         AS series,
+       (SELECT COUNT(*) FROM instances i WHERE i.study_instance_uid = s.study_instance_uid)
+         AS instances,
+       (SELECT COALESCE(SUM(size), 0) FROM instances i
+         WHERE i.study_instance_uid = s.study_instance_uid) AS bytes,
+       (SELECT GROUP_CONCAT(DISTINCT modality) FROM series r
+         WHERE r.study_instance_uid = s.study_instance_uid) AS modalities
+FROM studies s {where} ORDER BY s.created_at DESC, s.study_instance_uid LIMIT ?
+"""
+
+
+def _like(word: str) -> str:
+    escaped = word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+class StatusService:
+    """The dashboard's reads over one node's services, and its audit button."""
+
+    def __init__(self, runtime: NodeRuntime) -> None:
+        self.runtime = runtime
+        self._audit_lock = asyncio.Lock()
+        self.last_audit: dict[str, Any] | None = None
+
+    # -- the summary the page polls -------------------------------------------------------
+
+    async def summary(self) -> dict[str, Any]:
+        """Node, peers, own log, transfers, forwarding and the last audit, in one document."""
+        node, log = await asyncio.to_thread(lambda: (self.node(), self.own_log()))
+        forwarder = self.runtime.services.get("forwarder")
+        forwarding = (
+            await asyncio.to_thread(forwarder.status)
+            if forwarder is not None
+            else {"enabled": False}
+        )
+        return {
+            "node": node,
+            "peers": self.peers(),
+            "log": log,
+            "transfers": self.transfers(),
+            "forwarding": forwarding,
+            "last_audit": self.last_audit,
+            "generated_at": time.time(),
+        }
+
+    def node(self) -> dict[str, Any]:
+        """Identity, version, uptime, storage, and what the index holds. Blocking."""
+        runtime = self.runtime
+        disk = shutil.disk_usage(runtime.config.data_dir)
+        counts = runtime.store.counts()
+        return {
+            "origin": runtime.config.origin,
+            "vkey": runtime.identity.vkey,
+            "key_id": runtime.identity.key_id.hex(),
+            "fingerprint": key_fingerprint(runtime.identity.public_key),
+            "version": __version__,
+            "public_url": runtime.config.public_url,
+            "started_at": runtime.started_at,
+            "uptime_seconds": round(time.time() - runtime.started_at, 1),
+            "storage": {
+                "used_bytes": counts["bytes"],
+                "free_bytes": disk.free,
+                "disk_bytes": disk.total,
+            },
+            "held": {k: counts[k] for k in ("studies", "series", "instances")},
+        }
+
+    def peers(self) -> dict[str, Any]:
+        """Each roster member as replication sees it, plus the cosignatures exchanged."""
+        replication = replication_of(self.runtime)
+        federation = replication.status()
+        members = {m.origin: m for m in replication.roster.roster}
+        own_note = ledger_service(self.runtime).own.checkpoint_note()
+        cosigned_ours = self._cosigners(own_note, members)
+        store = ledger_service(self.runtime).store
+        peers = []
+        for peer in federation["peers"]:
+            origin = peer["origin"]
+            mirror_note = None
+            with contextlib.suppress(ImageShareError, ValueError):
+                stored = store.log_by_id(peer["log_id"])
+                mirror_note = stored.checkpoint_note() if stored is not None else None
+            their = self._cosigners(mirror_note, members, exclude=origin)
+            peers.append(
+                {
+                    **peer,
+                    "cosigned_our_log_at": cosigned_ours.get(origin),
+                    "their_checkpoint_cosigners": sorted(their),
+                }
+            )
+        return {
+            "members": peers,
+            "equivocations": federation["equivocations"],
+            "ignored_by_discovery": federation["ignored_by_discovery"],
+        }
+
+    def _cosigners(
+        self, note: str | None, members: dict[str, Any], exclude: str | None = None
+    ) -> dict[str, int]:
+        """Verified cosigners of a checkpoint note (roster members and this node) -> time."""
+        if note is None:
+            return {}
+        try:
+            body, signatures = parse_note(note)
+        except BadInput:
+            return {}
+        found: dict[str, int] = {}
+        for signature in signatures:
+            if signature.name == exclude:
+                continue
+            if signature.name == self.runtime.config.origin:
+                vkey = self.runtime.identity.vkey
+            elif signature.name in members:
+                vkey = members[signature.name].vkey
+            else:
+                continue
+            stamp = verify_cosignature(body, signature, vkey)
+            if stamp is not None:
+                found[signature.name] = stamp
+        return found
+
+    def own_log(self, recent: int = RECENT_ENTRIES) -> dict[str, Any]:
+        """The node's own log: size, latest checkpoint and its cosigners, recent entries
+        in plain words (newest first). Blocking."""
+        own = ledger_service(self.runtime).own
+        size = own.size()
+        note = own.checkpoint_note()
+        checkpoint: dict[str, Any] | None = None
+        if note is not None:
+            members = {m.origin: m for m in roster_of(self.runtime).roster}
+            body, _ = parse_note(note)
+            parsed = Checkpoint.parse(body)
+            checkpoint = {
+                "size": parsed.size,
+                "root": parsed.root_hash.hex(),
+                "cosigners": [
+                    {"origin": origin, "time": stamp}
+                    for origin, stamp in sorted(
+                        self._cosigners(note, members, exclude=self.runtime.config.origin).items()
+                    )
+                ],
+            }
+        names = {m.log_id: m.origin for m in roster_of(self.runtime).roster}
+        first = max(0, size - recent)
+        entries = [
+            describe_entry(first + i, raw, names) for i, raw in enumerate(own.entries(first, size))
+        ]
+        return {
+            "origin": self.runtime.config.origin,
+            "size": size,
+            "checkpoint": checkpoint,
+            "recent": entries[::-1],
+        }
+
+    def transfers(self) -> dict[str, Any]:
+        """Fetches (running first, then the latest) and streams sent, as the transfer
+        service reports them. Runs on the event loop: the jobs live there."""
+        reported = transfer_service(self.runtime).transfers_json()
+        fetches = sorted(reported["fetches"], key=lambda j: j["state"] != "running")
+        return {
+            "fetches": fetches[:RECENT_TRANSFERS],
+            "sent": reported["sent"][:RECENT_TRANSFERS],
+        }
+
+    # -- the study list ---------------------------------------------------------------------
+
+    def studies(self, query: StudyQuery) -> dict[str, Any]:
+        """Studies of the local index matching ``query``, newest first, each with where it
+        came from and a viewer link. Blocking."""
+        clauses: list[str] = []
+        args: list[Any] = []
+        for word in query.words:
+            clauses.append("(" + " OR ".join(f"s.{c} LIKE ? ESCAPE '\\'" for c in _SEARCHED) + ")")
+            args += [_like(word)] * len(_SEARCHED)
+        where = "WHERE " + " AND ".join(clauses) if clauses else ""
+        conn = self.runtime.store.reader
+        rows = conn.execute(_STUDY_SQL.format(where=where), [*args, query.limit]).fetchall()
+        total = conn.execute(f"SELECT COUNT(*) FROM studies s {where}", args).fetchone()[0]
+        return {
+            "total": total,
+            "studies": [{**dict(row), "viewer_url": self.viewer_url(row[0])} for row in rows],
+        }
+
+    def viewer_url(self, study_uid: str) -> str:
+        """The link that opens a study: node.toml's [dashboard] viewer_url template, or the
+        study's DICOMweb metadata on this node."""
+        dicomweb = self.runtime.config.public_url + "/dicomweb"
+        template = self.runtime.config.dashboard.viewer_url
+        if not template:
+            return f"{dicomweb}/studies/{study_uid}/metadata"
+        return template.replace("{dicomweb}", dicomweb).replace("{study_uid}", study_uid)
+
+    # -- the audit button -----------------------------------------------------------------
+
+    def federation_urls(self) -> list[str]:
+        """This node's URL and the best URL of every roster member."""
+        roster = roster_of(self.runtime)
+        urls = [self.runtime.config.public_url]
+        for member in roster.roster:
+            found = roster.urls_of(member)
+            if found:
+                urls.append(found[0])
+        return urls
+
+    async def audit(self) -> dict[str, Any]:
+        """Audit the federation as `imageshare audit` does, over this node and its peers.
+
+        Checkpoints of clean logs are kept in the data directory, so a later audit flags a
+        log that was rolled back or forked since. Raises Conflict while an audit runs,
+        BadInput if the kept state is corrupt.
+        """
+        if self._audit_lock.locked():
+            raise Conflict("an audit is already running")
+        async with self._audit_lock:
+            started = time.time()
+            urls = self.federation_urls()
+            views, unreachable = await collect(urls, AUDIT_TIMEOUT)
+            state = AuditState(self.runtime.config.data_dir / AUDIT_STATE_DIR)
+            consent = self.runtime.config.consent
+
+            def judge() -> dict[str, Any]:
+                saved = state.load()
+                # In-process: forking a pool from the threaded daemon is not safe.
+                report, to_save = audit_views(
+                    views,
+                    saved,
+                    int(time.time()),
+                    clock_skew=consent.clock_skew_seconds,
+                    workers=Workers(processes=1),
+                    unreachable=unreachable,
+                )
+                for checkpoint in to_save:
+                    state.save(checkpoint)
+                return {**report.as_json(), "exit_status": report.exit_status}
+
+            result = await asyncio.to_thread(judge)
+            result["urls"] = urls
+            result["seconds"] = round(time.time() - started, 3)
+            self.last_audit = result
+            return result
+
+
+def status_service(runtime: NodeRuntime) -> StatusService:
+    """The node's one StatusService (created on first use)."""
+    service = runtime.services.get(SERVICE_NAME)
+    if not isinstance(service, StatusService):
+        service = runtime.services[SERVICE_NAME] = StatusService(runtime)
+    return service

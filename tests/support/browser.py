@@ -1,0 +1,131 @@
+"""Headless Chromium for browser tests: Debian's chromium driven by Playwright.
+
+Never downloads a browser (no `playwright install`): it launches the system's
+/usr/bin/chromium with a fresh profile. Without chromium the tests skip, except in CI
+(env CI set) where they fail, so that CI never passes by skipping them.
+
+Usage::
+
+    with chromium_session("dashboard") as browser:
+        page = browser.new_page()
+        page.goto(url)
+        page.shot("login")                  # test-artifacts/dashboard/login.png
+        assert page.foreign_requests(url) == []
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+DEFAULT_TIMEOUT_MS = 15_000
+
+
+def require_chromium() -> Path:
+    """The chromium binary; skips the test if it is absent outside CI, fails in CI."""
+    if CHROMIUM.exists():
+        return CHROMIUM
+    if os.environ.get("CI"):
+        pytest.fail(f"{CHROMIUM} is missing in CI (scripts/setup-env installs it)")
+    pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    raise AssertionError("unreachable")
+
+
+def origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+@dataclass
+class RecordedPage:
+    """A Playwright page whose every request is recorded, with a screenshot helper."""
+
+    page: Any  # playwright.sync_api.Page
+    artifacts: Path
+    requests: list[str] = field(default_factory=list)
+
+    def __getattr__(self, name: str) -> Any:
+        # goto, locator, fill, click...: the page's own API.
+        return getattr(self.page, name)
+
+    def shot(self, name: str) -> Path:
+        """A full-page screenshot kept as ``test-artifacts/<session>/<name>.png``."""
+        path = self.artifacts / f"{name}.png"
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+    def foreign_requests(self, *allowed_urls: str) -> list[str]:
+        """Every recorded request to an origin other than those of ``allowed_urls``
+        (data: and blob: URLs stay in the page and are not requests to anyone)."""
+        allowed = {origin_of(u) for u in allowed_urls}
+        return [
+            u
+            for u in self.requests
+            if not u.startswith(("data:", "blob:")) and origin_of(u) not in allowed
+        ]
+
+
+@dataclass
+class ChromiumSession:
+    """One headless Chromium with a fresh profile; pages share its (empty) storage."""
+
+    context: Any  # playwright.sync_api.BrowserContext
+    artifacts: Path
+
+    def new_page(self) -> RecordedPage:
+        page = self.context.new_page()
+        page.set_default_timeout(DEFAULT_TIMEOUT_MS)
+        recorded = RecordedPage(page, self.artifacts)
+        page.on("request", lambda request: recorded.requests.append(request.url))
+        return recorded
+
+
+@contextlib.contextmanager
+def chromium_session(
+    name: str, viewport: tuple[int, int] = (1280, 900)
+) -> Iterator[ChromiumSession]:
+    """Launch headless Chromium (skips or fails per require_chromium); screenshots go to
+    ``test-artifacts/<name>/`` at the repository root."""
+    executable = require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    artifacts = ARTIFACTS / name
+    artifacts.mkdir(parents=True, exist_ok=True)
+    profile = tempfile.mkdtemp(prefix="imageshare-chromium-")
+    try:
+        with sync_playwright() as playwright:
+            context = playwright.chromium.launch_persistent_context(
+                profile,
+                executable_path=str(executable),
+                headless=True,
+                args=CHROMIUM_ARGS,
+                viewport={"width": viewport[0], "height": viewport[1]},
+                service_workers="block",
+            )
+            try:
+                yield ChromiumSession(context, artifacts)
+            finally:
+                context.close()
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)

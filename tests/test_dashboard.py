@@ -1,0 +1,426 @@
+"""The admin dashboard in headless Chromium, on node B of a running 3-node federation.
+
+A is the custodian, B the grantee whose dashboard is watched, C a third member. B reaches
+A through a throttling TCP proxy, so that a transfer lasts long enough to be watched.
+C's identity also has a second, rewritten history (a fork in another data directory),
+started at C's address late in the story so that B catches C equivocating.
+
+The browser tests are one story in order (one federation, one browser for the module);
+each step asserts on what the page shows and keeps a screenshot in
+test-artifacts/dashboard/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import pydicom
+import pytest
+
+from node.config import load_config
+from node.core.consent import token_text
+from node.core.keys import NodeIdentity
+from node.core.patient_keys import PatientKey
+from node.core.roster import key_fingerprint
+from node.errors import BadInput
+from node.services.roster import add_peer
+from node.services.status import StudyQuery, describe_entry
+from node.store.ledger import LedgerStore
+from node.store.secrets import read_seed
+from tests.support.browser import ChromiumSession, RecordedPage, chromium_session
+from tests.support.nodes import NodeProcess, free_port, init_node, wait_until
+from tests.support.patients import enroll_new_key, make_grant
+from tests.support.studies import SyntheticStudy, make_ct_study
+
+# A description that would load an image from another origin if it were put in the page
+# as HTML: the page must show it as text and make no such request.
+HOSTILE_DESCRIPTION = '<img src="http://192.0.2.7/x.png">'
+
+
+class ThrottlingProxy:
+    """A TCP proxy on loopback whose answers can be slowed to ``rate`` bytes/s."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.rate: float | None = None
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                target = socket.create_connection(("127.0.0.1", self.target_port))
+                # A small window keeps the sender from parking megabytes in kernel buffers.
+                target.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            except OSError:
+                client.close()
+                continue
+            threading.Thread(target=self._pump, args=(client, target, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(target, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, down: bool) -> None:
+        try:
+            while data := source.recv(16384 if down and self.rate else 262144):
+                sink.sendall(data)
+                if down and self.rate:
+                    time.sleep(len(data) / self.rate)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+
+    def stop(self) -> None:
+        self._listener.close()
+
+
+@dataclass
+class Federation:
+    a: NodeProcess
+    b: NodeProcess
+    c: NodeProcess
+    c_fork: NodeProcess
+    proxy: ThrottlingProxy
+    fetched: SyntheticStudy
+    local: SyntheticStudy
+    patient: PatientKey
+
+
+def _quiet(node: NodeProcess) -> None:
+    node.config.write_text(
+        node.config.read_text().replace("[dimse]\n", "[dimse]\nenabled = false\n")
+    )
+    node.append_config("[federation]\ndiscovery = false\nreplicate_interval = 0.3")
+
+
+def _member(node: NodeProcess, other: NodeProcess, url: str) -> None:
+    add_peer(load_config(node.config), other.origin, url, other.vkey)
+
+
+def _append_history(node: NodeProcess, count: int, tag: bytes) -> None:
+    """``count`` enroll entries in a stopped node's own log, and a signed checkpoint."""
+    identity = NodeIdentity(node.origin, read_seed(node.data_dir / "node.key"))
+    store = LedgerStore(node.data_dir)
+    try:
+        own = store.own_log(node.origin, node.vkey)
+        now = int(time.time())
+        items = [
+            ("enroll", {"subject": os.urandom(32), "key": (tag * 32)[:32], "replaces": None}, now)
+            for _ in range(count)
+        ]
+        own.append_many(items)
+        own.publish_checkpoint(identity, now)
+    finally:
+        store.close()
+
+
+def _fork_of(node: NodeProcess) -> NodeProcess:
+    """The same identity, at the same address, in a copy of its data directory."""
+    fork_dir = node.data_dir.parent / f"{node.data_dir.name}-fork"
+    shutil.copytree(node.data_dir, fork_dir)
+    (fork_dir / "daemon.log").unlink(missing_ok=True)
+    return NodeProcess(
+        fork_dir, node.origin, node.http_port, node.dimse_port, node.vkey, node.admin_token
+    )
+
+
+def _describe_study(study: SyntheticStudy, description: str) -> None:
+    for path in study.files:
+        dataset = pydicom.dcmread(path)
+        dataset.StudyDescription = description
+        dataset.save_as(path, enforce_file_format=True)
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    base = tmp_path_factory.mktemp("dashboard")
+    a = init_node(base, "a.example/imageshare", "a")
+    b = init_node(base, "b.example/imageshare", "b")
+    c = init_node(base, "c.example/imageshare", "c")
+    proxy = ThrottlingProxy(a.http_port)
+    for node in (a, b, c):
+        _quiet(node)
+    _member(a, b, b.url)
+    _member(a, c, c.url)
+    _member(b, a, proxy.url)
+    _member(b, c, c.url)
+    _member(c, a, a.url)
+    _member(c, b, b.url)
+    c_fork = _fork_of(c)
+    _append_history(c, 2, b"o")
+    _append_history(c_fork, 5, b"f")  # does not extend c's history: a second one
+    # About 3 MB: a few seconds through the throttled proxy.
+    fetched = make_ct_study(
+        base / "fetched", series=2, slices=12, rows=256, columns=256,
+        patient_id="MRN-FETCH-7", patient_name="Fetch^Frida",
+    )  # fmt: skip
+    local = make_ct_study(base / "local", series=1, slices=2, patient_id="MRN-LOCAL-3",
+                          patient_name="Local^Lucy", accession="ACC-LOCAL")  # fmt: skip
+    _describe_study(local, HOSTILE_DESCRIPTION)
+    nodes = [a, b, c]
+    try:
+        a.cli("import", str(base / "fetched"))
+        b.cli("import", str(base / "local"))
+        with ThreadPoolExecutor(len(nodes)) as pool:
+            list(pool.map(NodeProcess.start, nodes))
+        patient = enroll_new_key(a, fetched.patient_id)
+        yield Federation(a, b, c, c_fork, proxy, fetched, local, patient)
+    finally:
+        for node in (*nodes, c_fork):
+            node.stop()
+        proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(fed: Federation) -> Iterator[ChromiumSession]:
+    with chromium_session("dashboard") as session:
+        yield session
+
+
+@pytest.fixture(scope="module")
+def page(fed: Federation, browser: ChromiumSession) -> Iterator[RecordedPage]:
+    """B's dashboard, signed in; after the story, proof that it asked only its own node."""
+    page = browser.new_page()
+    page.goto(fed.b.url + "/admin")
+    page.locator("#token").fill(fed.b.admin_token)
+    page.locator("#login-form button[type=submit]").click()
+    page.locator("#dashboard").wait_for(state="visible")
+    yield page
+    assert page.foreign_requests(fed.b.url) == []
+
+
+def _api(node: NodeProcess, path: str, token: str | None, body: Any = None) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(
+        node.url + path, data=data, headers=headers, method="POST" if body is not None else "GET"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _fetch(fed: Federation, grantee: NodeProcess) -> str:
+    """B starts fetching what the patient granted to ``grantee``; returns the job id."""
+    grant = make_grant(fed.patient, fed.a.origin, grantee.origin)
+    status, job = _api(fed.b, "/admin/api/fetch", fed.b.admin_token, {"token": token_text(grant)})
+    assert status == 202, job
+    return str(job["id"])
+
+
+def _peer_row(page: RecordedPage, node: NodeProcess, state: str = "") -> Any:
+    """The peers table row of ``node``; ``state`` adds attribute conditions."""
+    return page.locator(f'#peers tr[data-origin="{node.origin}"]{state}')
+
+
+class TestWithoutTheToken:
+    def test_api_refuses_every_call_without_the_admin_token(self, fed: Federation) -> None:
+        for path, body in (
+            ("/admin/api/status", None),
+            ("/admin/api/studies?q=Lucy", None),
+            ("/admin/api/audit", {}),
+        ):
+            assert _api(fed.b, path, None, body)[0] == 401
+            assert _api(fed.b, path, "wrong-token", body)[0] == 401
+
+    def test_page_asks_for_the_token_and_shows_nothing_of_the_node(
+        self, fed: Federation, browser: ChromiumSession
+    ) -> None:
+        page = browser.new_page()
+        page.goto(fed.b.url + "/admin")
+        page.locator("#token").wait_for(state="visible")
+        assert page.locator("#dashboard").is_hidden()
+        text = page.locator("body").inner_text()
+        assert fed.b.origin not in text and "Lucy" not in text
+        page.shot("01-login")
+        page.locator("#token").fill("not-the-token")
+        page.locator("#login-form button[type=submit]").click()
+        page.locator("#login-error").filter(has_text="refused").wait_for()
+        assert page.locator("#dashboard").is_hidden()
+        assert fed.b.origin not in page.locator("body").inner_text()
+        page.shot("02-wrong-token")
+        # The only API call was the refused one; the page asked nothing else of the node.
+        calls = [u for u in page.requests if "/admin/api/" in u]
+        assert calls == [fed.b.url + "/admin/api/status"]
+        assert page.foreign_requests(fed.b.url) == []
+        page.close()
+
+    def test_page_sets_a_policy_that_allows_its_own_origin_only(self, fed: Federation) -> None:
+        with urllib.request.urlopen(fed.b.url + "/admin", timeout=10) as response:
+            policy = response.headers["Content-Security-Policy"]
+            assert "set-cookie" not in {k.lower() for k in response.headers}
+        assert "default-src 'none'" in policy and "connect-src 'self'" in policy
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(fed.b.url + "/admin/static/..%2fadmin.py", timeout=10)
+        assert refused.value.code == 404
+
+
+class TestDashboard:
+    def test_shows_the_node_its_peers_and_its_log_at_a_glance(
+        self, fed: Federation, page: RecordedPage
+    ) -> None:
+        node = page.locator("#node")
+        assert fed.b.origin in node.inner_text()
+        fingerprint = key_fingerprint(
+            NodeIdentity(fed.b.origin, read_seed(fed.b.data_dir / "node.key")).public_key
+        )
+        assert fingerprint in node.inner_text()
+        assert "1 studies · 1 series · 2 instances" in node.inner_text()
+        for member in (fed.a, fed.c):
+            _peer_row(page, member, '[data-reachable="true"]').wait_for()
+        # C's log (2 entries) is mirrored here; sizes here and there agree.
+        _peer_row(page, fed.c).locator("td", has_text="2 / 2").wait_for()
+        # Peers witness B's log once it has a checkpoint: none yet, nothing has happened.
+        assert "Entries" in page.locator("#log").inner_text()
+        page.shot("03-overview")
+
+    def test_studies_are_searchable_and_hostile_text_stays_text(
+        self, fed: Federation, page: RecordedPage
+    ) -> None:
+        row = page.locator(f'#studies tr[data-study="{fed.local.study_uid}"]')
+        row.wait_for()
+        assert HOSTILE_DESCRIPTION in row.inner_text()
+        assert page.locator("#studies img").count() == 0
+        assert "local" in row.locator("td.source").inner_text()
+        link = row.locator("a").get_attribute("href")
+        assert link == f"{fed.b.url}/dicomweb/studies/{fed.local.study_uid}/metadata"
+        page.locator("#study-search").fill("nobody-by-this-name")
+        page.locator("#studies", has_text="No study matches.").wait_for()
+        page.locator("#study-search").fill("lucy")
+        row.wait_for()
+
+    def test_a_transfer_is_watched_live_then_listed_with_size_time_and_speed(
+        self, fed: Federation, page: RecordedPage
+    ) -> None:
+        fed.proxy.rate = 700_000
+        try:
+            job_id = _fetch(fed, fed.b)
+            running = page.locator(f'#transfers .running[data-id="{job_id}"]')
+            running.wait_for()
+            bar = running.locator("progress")
+
+            def progress() -> float:
+                return float(bar.get_attribute("value") or 0) if bar.count() else -1.0
+
+            first = wait_until(lambda: 0 < progress() < 100 and progress(), timeout=15)
+            page.shot("04-transfer-running")
+            assert f"Fetching from {fed.a.origin}" in running.inner_text()
+            second = wait_until(lambda: progress() > first and progress(), timeout=15)
+            assert second > first
+        finally:
+            fed.proxy.rate = None
+        done = page.locator(f'#transfers tr[data-id="{job_id}"][data-state="done"]')
+        done.wait_for(timeout=30_000)
+        text = done.inner_text()
+        assert fed.a.origin in text and "24/24" in text and "MB/s" in text
+        study = page.locator(f'#studies tr[data-study="{fed.fetched.study_uid}"]')
+        page.locator("#study-search").fill("")
+        study.wait_for(timeout=10_000)
+        assert "Fetch^Frida" in study.inner_text()
+        assert f"fetched from {fed.a.origin} under token" in study.inner_text()
+        # B's own log now holds the receipt, in plain words.
+        receipt = page.locator("#log tr[data-kind=receipt]").first
+        receipt.wait_for()
+        assert "received 24 instance(s)" in receipt.inner_text()
+        assert fed.a.origin in receipt.inner_text()
+        page.shot("05-transfer-done")
+
+    def test_a_refused_fetch_shows_the_rule_that_failed(
+        self, fed: Federation, page: RecordedPage
+    ) -> None:
+        job_id = _fetch(fed, fed.c)  # the patient granted C, not B
+        refused = page.locator(f'#transfers tr[data-id="{job_id}"][data-state="refused"]')
+        refused.wait_for()
+        assert "wrong_grantee" in refused.locator(".rule").inner_text()
+        assert "granted to another node" in refused.inner_text()
+        page.shot("06-transfer-refused")
+
+    def test_a_peer_going_down_and_coming_back_is_shown(
+        self, fed: Federation, page: RecordedPage
+    ) -> None:
+        fed.c.stop()
+        row = _peer_row(page, fed.c)
+        _peer_row(page, fed.c, '[data-reachable="false"]').wait_for()
+        assert "unreachable" in row.locator("td.state").inner_text()
+        page.shot("07-peer-down")
+        fed.c.start()
+        _peer_row(page, fed.c, '[data-reachable="true"]').wait_for()
+        assert "reachable" in row.locator("td.state").inner_text()
+        page.shot("08-peer-back")
+
+    def test_the_audit_button_audits_the_federation_and_shows_the_verdict(
+        self, fed: Federation, page: RecordedPage
+    ) -> None:
+        page.locator("#audit-run").click()
+        verdict = page.locator("#audit .verdict")
+        verdict.wait_for(timeout=30_000)
+        assert "Clean" in verdict.inner_text(), page.locator("#audit").inner_text()
+        audit_text = page.locator("#audit").inner_text()
+        for node in (fed.a, fed.b, fed.c):
+            assert node.origin in audit_text
+        assert "not verified" not in audit_text
+        page.shot("09-audit-clean")
+
+    def test_an_equivocation_proof_appears_in_red(
+        self, fed: Federation, page: RecordedPage
+    ) -> None:
+        fed.c.stop()
+        fed.c_fork.start()  # C's key, C's address, another history
+        proof = page.locator(f'#peers .proof[data-origin="{fed.c.origin}"]')
+        proof.wait_for(timeout=20_000)
+        assert f"Equivocation by {fed.c.origin}" in proof.inner_text()
+        color = proof.evaluate("e => getComputedStyle(e).color")
+        assert color == "rgb(179, 38, 30)"  # the page's "bad" red
+        row = _peer_row(page, fed.c, '[data-trusted="false"]')
+        row.wait_for()
+        assert "equivocated" in row.inner_text()
+        proof.locator("summary").click()
+        assert proof.locator("pre").count() == 2
+        page.shot("10-equivocation")
+
+
+class TestStudyQuery:
+    def test_words_and_limit_are_parsed(self) -> None:
+        query = StudyQuery.parse("  doe  CT ", "20")
+        assert query.words == ("doe", "CT") and query.limit == 20
+
+    @pytest.mark.parametrize(
+        ("text", "limit"), [("x" * 201, "10"), ("", "0"), ("", "201"), ("", "ten")]
+    )
+    def test_bad_searches_are_refused(self, text: str, limit: str) -> None:
+        with pytest.raises(BadInput):
+            StudyQuery.parse(text, limit)
+
+
+class TestDescribeEntry:
+    def test_garbage_is_described_as_unreadable(self) -> None:
+        described = describe_entry(7, b"\xc1not msgpack", {})
+        assert described["kind"] == "unreadable" and described["index"] == 7
