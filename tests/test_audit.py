@@ -368,6 +368,7 @@ class TestConsentRules:
         unenrolled = stranger.token(B_ORIGIN)
         scoped = bob.token(B_ORIGIN, scope=(ref("bob-study"),))
         ghost = os.urandom(40)  # stands for a token that was never granted
+        late = T0 + 5000  # after the short token's expiry
         s, d = ref("study"), ref("digest")
         items: list[tuple[str, dict[str, Any], int]] = [
             alice.enroll("mrn-alice"),  # 0
@@ -380,23 +381,24 @@ class TestConsentRules:
             ("revoke", {"revocation": alice.revocation(revoked, T0 + 6)}, T0 + 6),  # 7
             ("access", access(revoked, B_ORIGIN, s, d), T0 + 7),  # 8: after revocation
             ("grant", {"token": short}, T0 + 8),  # 9
-            ("access", access(short, B_ORIGIN, s, d), T0 + 5000),  # 10: after expiry
-            ("access", access(good, B_ORIGIN, ref("other"), d), T0 + 11),  # 11: no receipt
-            ("grant", {"token": to_c}, T0 + 12),  # 12
-            ("access", access(to_c, B_ORIGIN, s, d), T0 + 13),  # 13: wrong grantee
-            ("grant", {"token": unenrolled}, T0 + 14),  # 14: grant_unenrolled_key
-            ("revoke", {"revocation": bob.revocation(good, T0 + 15)}, T0 + 15),  # 15: not alice
-            ("grant", {"token": scoped}, T0 + 16),  # 16
-            ("access", access(scoped, B_ORIGIN, ref("not-bob"), d), T0 + 17),  # 17: out of scope
-            ("access", access(good, B_ORIGIN, s, d), T0 + 18),  # 18: still fine after 15
+            ("access", access(short, B_ORIGIN, s, d), late),  # 10: after expiry
+            ("access", access(good, B_ORIGIN, ref("other"), d), late + 11),  # 11: no receipt
+            ("grant", {"token": to_c}, late + 12),  # 12
+            ("access", access(to_c, B_ORIGIN, s, d), late + 13),  # 13: wrong grantee
+            ("grant", {"token": unenrolled}, late + 14),  # 14: grant_unenrolled_key
+            ("revoke", {"revocation": bob.revocation(good, late + 15)}, late + 15),  # 15: not alice
+            ("grant", {"token": scoped}, late + 16),  # 16
+            ("access", access(scoped, B_ORIGIN, ref("not-bob"), d), late + 17),  # 17: out of scope
+            ("access", access(good, B_ORIGIN, s, d), late + 18),  # 18: still fine after 15
         ]
         # A witnessed B's log at size 1: once truly (19), once with another root (20).
         b_first = receipt(good, A_ORIGIN, s, d)
         b_root = leaf_hash(encode_entry(LedgerEntry("receipt", ZERO_HASH, T0 + 20, b_first)))
         b_log_id = hashlib.sha256(B_ORIGIN.encode()).digest()
         items += [
-            ("witness", {"log_id": b_log_id, "size": 1, "root": b_root}, T0 + 19),  # 19
-            ("witness", {"log_id": b_log_id, "size": 1, "root": ref("forked")}, T0 + 19),  # 20
+            ("witness", {"log_id": b_log_id, "size": 1, "root": b_root}, late + 19),  # 19
+            ("witness", {"log_id": b_log_id, "size": 1, "root": ref("forked")}, late + 19),  # 20
+            ("witness", {"log_id": ref("z"), "size": 1, "root": ref("z")}, T0),  # 21: backdated
         ]
         append(a, items)
         append(
@@ -437,6 +439,7 @@ class TestConsentRules:
             (A_ORIGIN, 17, "access_out_of_scope"),
             (B_ORIGIN, 7, "receipt_without_access"),
             (A_ORIGIN, 20, "witness_mismatch"),
+            (A_ORIGIN, 21, "time_out_of_order"),
         ],
     )
     def test_broken_rule_is_named_with_log_and_index(
@@ -450,7 +453,7 @@ class TestConsentRules:
         assert (A_ORIGIN, 3) not in flagged
         assert (A_ORIGIN, 18) not in flagged
         assert (A_ORIGIN, 19) not in flagged
-        expected = 11
+        expected = 12
         assert len(judged["rules"]) == expected, judged["report"]["violations"]
 
 

@@ -46,6 +46,8 @@ RULES: dict[str, str] = {
     "split_view": "two nodes serve validly signed, inconsistent checkpoints of the log",
     "equivocation": "a node holds two validly signed, inconsistent checkpoints of the log",
     "witness_mismatch": "a node witnessed a checkpoint of a peer's log that is not its history",
+    "time_out_of_order": "an entry is dated well before an entry that precedes it (backdated?)",
+    "time_in_future": "an entry is dated after the time of the audit",
     "grant_bad_signature": "a recorded grant's patient signature does not verify",
     "grant_unenrolled_key": "a grant is signed by a key not enrolled (or retired) at that time",
     "grant_wrong_custodian": "a grant recorded in the log names another custodian",
@@ -378,6 +380,28 @@ def check_witness_entries(histories: Mapping[str, History]) -> list[Violation]:
                     )
                 )
     return violations
+
+
+def check_entry_times(history: History, now: int, tolerance: int) -> list[Violation]:
+    """Entry times must not go back by more than ``tolerance`` nor lie in the future.
+
+    Consent is judged at each entry's time, which its own node writes; a log whose
+    times run backwards could backdate an access into a grant's window. Concurrent
+    appends may commit a little out of time order, hence the tolerance.
+    """
+    findings = _Findings(history.origin, history.source)
+    latest = 0
+    for index, entry in enumerate(history.entries):
+        if entry is None:
+            continue
+        if entry.time < latest - tolerance:
+            findings.add(
+                "time_out_of_order", index, f"dated {latest - entry.time} s before an earlier entry"
+            )
+        if entry.time > now + tolerance:
+            findings.add("time_in_future", index, f"dated {entry.time - now} s after the audit")
+        latest = max(latest, entry.time)
+    return findings.done()
 
 
 # -- consent ------------------------------------------------------------------------------

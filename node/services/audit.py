@@ -33,6 +33,7 @@ from node.core.audit_rules import (
     access_violation,
     check_against_saved,
     check_cosignatures,
+    check_entry_times,
     check_equivocation_proof,
     check_history,
     check_split_view,
@@ -531,6 +532,8 @@ def audit_views(
             best[origin] = intact[0]
     violations += _equivocations(views, keys, best)
     violations += check_witness_entries(best)
+    for history in best.values():
+        violations += check_entry_times(history, now, clock_skew)
     violations += _consent(best, now, receipt_grace, clock_skew, workers)
     violations = _dedupe(violations)
     reports = _log_reports(views, keys, histories, best)
