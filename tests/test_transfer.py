@@ -16,6 +16,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,8 +30,12 @@ import pytest
 
 from node.core.consent import GrantFields, sign_grant, token_text
 from node.core.entries import LedgerEntry, decode_entry
+from node.core.keys import NodeIdentity
+from node.core.manifest import OpenRequest, encode_handles
 from node.core.roster import log_id
+from node.core.signed_requests import make_headers, node_signer
 from node.services.wallet import Wallet
+from node.store.secrets import read_seed
 from tests.support.nodes import IMAGESHARE, NodeProcess, free_port, init_node, run_cli, wait_until
 from tests.support.studies import SyntheticStudy, make_ct_study
 
@@ -253,7 +258,8 @@ class TestConsentedFetch:
 
     def test_bytes_between_nodes_hold_no_plaintext(self, fed: Federation) -> None:
         grant = _grant(fed, fed.wallet, fed.b)
-        fed.b.cli("fetch", grant["token"])
+        said = fed.b.cli("fetch", grant["token"]).stdout
+        assert f"/dicomweb/studies/{fed.study.study_uid}" in said
         # Everything between B and A since they started: the study crossed it in this
         # fetch or in an earlier one (B asks only for what it lacks).
         wire = fed.proxy.captured()
@@ -301,6 +307,42 @@ class TestConsentedFetch:
         result = fed.b.cli("fetch", "not-a-token!", check=False)
         assert result.returncode == 1
         assert "Traceback" not in result.stderr and result.stderr.startswith("imageshare:")
+
+
+def _signed_post(fed: Federation, signer: NodeProcess, path: str, body: bytes) -> tuple[int, Any]:
+    """A /p2p request to A signed with ``signer``'s node key; (status, JSON or raw body)."""
+    identity = NodeIdentity(signer.origin, read_seed(signer.data_dir / "node.key"))
+    headers = make_headers(
+        identity.sign, node_signer(signer.origin), "POST", path, body, int(time.time()),
+        os.urandom(16),
+    )  # fmt: skip
+    request = urllib.request.Request(fed.a.url + path, data=body, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+class TestHostileRequests:
+    def test_custodian_refuses_bad_transfer_requests_and_keeps_serving(
+        self, fed: Federation
+    ) -> None:
+        request = urllib.request.Request(fed.a.url + "/p2p/transfer", data=b"x", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as unsigned:
+            urllib.request.urlopen(request, timeout=30)
+        assert unsigned.value.code == 401
+
+        status, answer = _signed_post(fed, fed.c, "/p2p/transfer", b"\xc1garbage")
+        assert status == 400 and answer["error"]
+        tampered = OpenRequest(b"not a token", os.urandom(32)).encode()
+        status, answer = _signed_post(fed, fed.c, "/p2p/transfer", tampered)
+        assert (status, answer["rule"]) == (403, "tampered")
+        status, answer = _signed_post(
+            fed, fed.c, "/p2p/transfer/0123abcd/instances", encode_handles([0])
+        )
+        assert status == 404
+        assert fed.a.get_json("/healthz", auth=False)["status"] == "ok"
 
 
 class TestResume:
