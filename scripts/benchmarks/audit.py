@@ -153,8 +153,9 @@ def run(ctx: BenchContext) -> list[Row]:
         Row(
             f"audit end to end ({label}; {grants} signed grants), entries/s",
             round(rate),
-            target=">= 5000/s",
-            met=rate >= 5000,
+            # The target is for the 100k-entry ledger; a quick run is start-up bound.
+            target="" if ctx.quick else ">= 5000/s",
+            met=None if ctx.quick else rate >= 5000,
             peak_rss_mb=f"auditor {peak_mb:.0f}",
             command="imageshare audit URL_A URL_B --json",
         ),
