@@ -53,8 +53,6 @@ if TYPE_CHECKING:
     from node.services.runtime import NodeRuntime
 
 log = logging.getLogger(__name__)
-# pynetdicom logs every message at INFO; the node logs what an operator needs instead.
-logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 SOURCE = "dimse"
 

@@ -9,6 +9,7 @@ match case-insensitively. Attributes the index does not hold are returned empty.
 
 from __future__ import annotations
 
+import logging
 import socket
 import sqlite3
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import build_context, evt
+from pynetdicom import _config, build_context, evt
 from pynetdicom.presentation import PresentationContext
 
 from node.errors import BadInput
@@ -331,7 +332,13 @@ def select_for_retrieve(
     return [store.instance(uid) for uid in uids]
 
 
-# -- sending instances (C-GET, C-MOVE and forwarding) ------------------------------------
+# -- pynetdicom settings, and sending instances (C-GET, C-MOVE and forwarding) -----------
+
+# pynetdicom logs every message at INFO, and its standard handlers format every message
+# and PDU (copying each received data set) even when that log is silenced. The node logs
+# what an operator needs itself.
+logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+_config.LOG_HANDLER_LEVEL = "none"
 
 # pynetdicom's reactor sleeps this long whenever a socket is idle (its default is 1 ms);
 # between two C-STOREs of a study that sleep alone would cost ~1 ms per instance.
