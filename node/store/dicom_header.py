@@ -156,6 +156,7 @@ def parse_header(path: Path) -> InstanceHeader:
     ):
         if not value:
             raise BadInput(f"DICOM file has no {keyword}")
-        if len(value) > 64 or not all(c.isdigit() or c == "." for c in value):
+        # Not str.isdigit: it also accepts other scripts' digits, such as "³" or "٣".
+        if len(value) > 64 or not all(c in "0123456789." for c in value):
             raise BadInput(f"DICOM file has an invalid {keyword}")
     return header
