@@ -73,5 +73,6 @@ def make_grant(
 def enroll_new_key(node: NodeProcess, patient_id: str) -> PatientKey:
     """A fresh patient key, enrolled at ``node`` for ``patient_id`` by the staff CLI."""
     key = PatientKey.derive(os.urandom(32), node.origin)
-    node.cli("enroll", "--patient-id", patient_id, "--key", key.public_key_text)
+    # --key=...: a base64url key may begin with "-".
+    node.cli("enroll", "--patient-id", patient_id, f"--key={key.public_key_text}")
     return key
