@@ -35,13 +35,13 @@ MSGPACK = "application/msgpack"
 async def _node_caller(request: web.Request) -> SignedCaller:
     """Authenticate a roster member's signed request; raises Unauthorized with the reason."""
     runtime = request.app[RUNTIME_KEY]
-    if request.content_length is not None and request.content_length > MAX_REQUEST_BODY:
-        raise BadInput("transfer requests carry at most 8 MiB")
+    # The body is read before its signature is checked: bound it, chunked bodies too.
     caller = await authenticate(
         request,
         roster_of(runtime).public_key_of_signer,
         runtime.config.federation.max_request_age,
         nonce_store_of(runtime),
+        max_body=MAX_REQUEST_BODY,
     )
     if caller.node_origin is None:
         raise Unauthorized("transfer requests must be signed by a node")
