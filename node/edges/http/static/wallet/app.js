@@ -304,8 +304,9 @@ function eventCard(event) {
   if (entry.kind === "access") {
     title = `${entry.grantee} received ${studyName(toB64url(entry.study))}: ${entry.instances} images`;
   } else if (entry.kind === "denial") {
-    const what = entry.study ? studyName(toB64url(entry.study)) : "your studies";
-    title = `${entry.requester} was refused ${what}: ${entry.rule.replace(/_/g, " ")}`;
+    // A refusal may name no study (the token was refused before any study was asked).
+    const what = entry.study ? " " + studyName(toB64url(entry.study)) : "";
+    title = `${entry.requester} was refused${what}: ${entry.rule.replace(/_/g, " ")}`;
   } else {
     title = "You revoked a share";
   }

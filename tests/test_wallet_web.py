@@ -1,0 +1,369 @@
+"""The phone wallet web app in headless Chromium against real nodes: the patient's story.
+
+Custodian A and grantee B run as real node processes. The patient creates a key in the
+browser served by A, is enrolled at A's desk by `imageshare enroll`, sees their studies
+with previews, grants one to B, B fetches with `imageshare fetch` and the browser-made
+token, the patient sees the access (proven in the browser), revokes, and sees B's
+refusal. Screenshots at phone size go to test-artifacts/wallet/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import pydicom
+import pytest
+import qrcode
+import qrcode.util
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from node.core.consent import decode_grant, parse_token_text
+from node.core.patient_keys import PatientKey, parse_public_key
+from node.core.signed_requests import check_signature, parse_headers
+from node.services.wallet import Wallet
+from tests.support.browser import chromium_session
+from tests.support.nodes import NodeProcess, init_node, wait_until
+from tests.support.patients import signed_headers
+from tests.support.studies import SyntheticStudy, make_ct_study
+
+PHONE = (390, 844)
+PASSPHRASE = "correct horse battery"
+MRN = "MRN-WALLET-1"
+CLI_MRN = "MRN-WALLET-2"
+
+
+@dataclass
+class Hospitals:
+    base: Path
+    a: NodeProcess
+    b: NodeProcess
+    study: SyntheticStudy
+
+
+def _peer(node: NodeProcess) -> str:
+    return f'[[peers]]\norigin = "{node.origin}"\nurl = "{node.url}"\nvkey = "{node.vkey}"\n'
+
+
+def _real_ct(directory: Path, patient_id: str) -> None:
+    """pydicom's bundled CT slice, made one of ``patient_id``'s studies (a real image)."""
+    dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    dataset.PatientID = patient_id
+    dataset.StudyDescription = "CT HEAD"
+    directory.mkdir(parents=True, exist_ok=True)
+    dataset.save_as(directory / "ct_small.dcm")
+
+
+@pytest.fixture(scope="module")
+def hospitals(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hospitals]:
+    base = tmp_path_factory.mktemp("wallet")
+    a = init_node(base, "a.example/imageshare", "a")
+    b = init_node(base, "b.example/imageshare", "b")
+    settings = "[federation]\ndiscovery = false\nreplicate_interval = 0.3\n"
+    a.append_config(settings + _peer(b))
+    b.append_config(settings + _peer(a))
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(NodeProcess.start, [a, b]))
+        study = make_ct_study(base / "studies" / "chest", series=2, slices=3, patient_id=MRN)
+        _real_ct(base / "studies" / "head", MRN)
+        make_ct_study(base / "studies" / "other", series=1, slices=1, patient_id=CLI_MRN)
+        a.cli("import", str(base / "studies"))
+        yield Hospitals(base, a, b, study)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def _ready(page: Any, screen: str) -> None:
+    page.wait_for_selector(f'body[data-screen="{screen}"][data-ready="true"]')
+
+
+def _tab(page: Any, screen: str) -> None:
+    page.click(f'#tabs button[data-screen="{screen}"]')
+    _ready(page, screen)
+
+
+def _create_key(page: Any, url: str) -> str:
+    page.goto(url + "/wallet/")
+    _ready(page, "setup")
+    page.fill("#create-passphrase", PASSPHRASE)
+    page.fill("#create-passphrase2", PASSPHRASE)
+    page.click("#create-button")
+    _ready(page, "key")
+    return str(page.text_content("#pubkey")).strip()
+
+
+def _restore(page: Any, url: str, backup: Path, passphrase: str) -> str:
+    page.goto(url + "/wallet/")
+    _ready(page, "setup")
+    page.set_input_files("#restore-file", str(backup))
+    page.fill("#restore-passphrase", passphrase)
+    page.click("#restore-button")
+    _ready(page, "key")
+    return str(page.text_content("#pubkey")).strip()
+
+
+def _python_qr(text: str, version: int, mask: int) -> list[str]:
+    qr = qrcode.QRCode(
+        version=version,
+        error_correction=qrcode.constants.ERROR_CORRECT_L,
+        border=0,
+        mask_pattern=mask,
+    )
+    qr.add_data(qrcode.util.QRData(text.encode(), mode=qrcode.util.MODE_8BIT_BYTE))
+    qr.make(fit=False)
+    return ["".join("1" if cell else "0" for cell in row) for row in qr.get_matrix()]
+
+
+def _browser_qr(page: Any, text: str, mask: int) -> dict[str, Any]:
+    return dict(
+        page.evaluate(
+            """async ([text, mask]) => {
+                const { encodeQr } = await import("/wallet/qr.js");
+                const qr = encodeQr(new TextEncoder().encode(text), { mask });
+                return { version: qr.version,
+                         rows: qr.dark.map((r) => r.map((d) => (d ? "1" : "0")).join("")) };
+            }""",
+            [text, mask],
+        )
+    )
+
+
+def _assert_signed_by(requests: list[dict[str, Any]], public_key_text: str) -> None:
+    """Every /patient request carries a valid signature by the patient's key."""
+    public_key = parse_public_key(public_key_text)
+    assert requests
+    for request in requests:
+        parsed = parse_headers(request["headers"])
+        assert parsed.signer == "patient:" + public_key_text
+        url = urlsplit(request["url"])
+        check_signature(
+            parsed,
+            request["method"],
+            url.path,
+            url.query,
+            hashlib.sha256(request["body"]).digest(),
+            public_key,
+            parsed.timestamp,
+            0,
+        )
+
+
+class TestPatientStory:
+    def test_create_enroll_preview_grant_fetch_access_revoke_denial(
+        self, hospitals: Hospitals
+    ) -> None:
+        a, b = hospitals.a, hospitals.b
+        patient_requests: list[dict[str, Any]] = []
+        with chromium_session("wallet", viewport=PHONE) as browser:
+            page = browser.new_page()
+
+            def record(request: Any) -> None:
+                if urlsplit(request.url).path.startswith("/patient/"):
+                    patient_requests.append(
+                        {
+                            "url": request.url,
+                            "method": request.method,
+                            "headers": dict(request.headers),
+                            "body": request.post_data_buffer or b"",
+                        }
+                    )
+
+            page.on("request", record)
+            page.goto(a.url + "/wallet/")
+            _ready(page, "setup")
+            page.shot("1-setup")
+
+            key_text = _create_key(page, a.url)
+            assert page.get_attribute("#pubkey-qr svg", "data-text") == key_text
+            page.wait_for_function(
+                "document.querySelector('#enrollment').textContent.includes('Not enrolled')"
+            )
+            page.shot("2-key")
+            with page.expect_download() as download:
+                page.click("#backup-button")
+            backup = hospitals.base / "browser-backup.json"
+            download.value.save_as(backup)
+            sealed = json.loads(backup.read_text())
+            assert (sealed["format"], sealed["kdf"], sealed["cipher"]) == (
+                "imageshare-wallet-backup",
+                "PBKDF2-SHA256",
+                "AES-256-GCM",
+            )
+
+            # The desk enrolls the key it reads off the phone.
+            a.cli("enroll", "--patient-id", MRN, f"--key={key_text}")
+
+            _tab(page, "studies")
+            assert page.locator("#studies-list li.study").count() == 2
+            series_count = len(hospitals.study.series_uids) + 1
+            page.wait_for_function(
+                f"[...document.querySelectorAll('img.preview')].filter("
+                f"(i) => i.complete && i.naturalWidth > 0).length === {series_count}"
+            )
+            assert "CT CHEST" in page.text_content("#studies-list")
+            assert "CT HEAD" in page.text_content("#studies-list")
+            assert page.locator("#grantee option").all_text_contents() == [b.origin]
+            page.shot("3-studies")
+
+            chest = page.locator("#studies-list li.study", has_text="CT CHEST")
+            chest_ref = str(chest.get_attribute("data-ref"))
+            chest.locator("input.choose").check()
+            page.select_option("#lifetime", "86400")
+            page.click("#grant-button")
+            _ready(page, "share")
+            url = str(page.text_content("#share-url")).strip()
+            assert url.startswith("imageshare:grant?t=")
+            assert page.get_attribute("#share-qr svg", "data-text") == url
+            page.shot("4-share")
+
+            grant = decode_grant(parse_token_text(url))
+            assert grant.signature_valid()
+            assert grant.patient_key == parse_public_key(key_text)
+            assert (grant.fields.custodian, grant.fields.grantee) == (a.origin, b.origin)
+            assert grant.fields.scope is not None and len(grant.fields.scope) == 1
+            assert grant.fields.expires - grant.fields.not_before == 86400
+            token_id = grant.token_id.hex()
+            assert page.text_content("#share-token-id") == token_id
+            browser_qr = _browser_qr(page, url, 3)
+            assert browser_qr["rows"] == _python_qr(url, browser_qr["version"], 3)
+
+            fetched = json.loads(b.cli("fetch", url, "--json").stdout)
+            assert fetched["instances"] == len(hospitals.study.files)
+
+            def activity_shows(kind: str) -> bool:
+                _tab(page, "activity")
+                event = page.locator(f'li.event[data-kind="{kind}"]')
+                return event.count() == 1 and event.get_attribute("data-proven") == "true"
+
+            # Proven = included under A's signed checkpoint and cosigned by B (replication).
+            wait_until(lambda: activity_shows("access"), timeout=20, message="a proven access")
+            access = page.locator('li.event[data-kind="access"]')
+            assert f"{b.origin} received CT CHEST" in access.inner_text()
+            assert f"witnessed by {b.origin}" in access.inner_text()
+            page.shot("5-activity-access")
+
+            _tab(page, "tokens")
+            token = page.locator(f'li.token[data-token-id="{token_id}"]')
+            assert token.get_attribute("data-status") == "active"
+            token.locator("button.revoke").click()
+            page.wait_for_selector(f'li.token[data-token-id="{token_id}"][data-status="revoked"]')
+            _ready(page, "tokens")
+            page.shot("6-revoked")
+
+            refused = b.cli("fetch", url, check=False)
+            assert refused.returncode == 1 and "revoked" in refused.stderr
+            wait_until(lambda: activity_shows("denial"), timeout=20, message="a proven denial")
+            denial = page.locator('li.event[data-kind="denial"]')
+            assert f"{b.origin} was refused: revoked" in denial.inner_text()
+            assert page.locator('li.event[data-kind="revoke"]').count() == 1
+            page.shot("7-activity-denial")
+
+            assert page.foreign_requests(a.url) == []
+            paths = {urlsplit(r["url"]).path for r in patient_requests}
+            assert {
+                "/patient/studies",
+                "/patient/roster",
+                "/patient/grants",
+                "/patient/revocations",
+                "/patient/tokens",
+                f"/patient/studies/{chest_ref}/series/0/preview",
+            } <= paths
+            _assert_signed_by(patient_requests, key_text)
+
+        # The sealed backup restores the same key in another browser.
+        with chromium_session("wallet-restore", viewport=PHONE) as browser:
+            page = browser.new_page()
+            page.goto(a.url + "/wallet/")
+            _ready(page, "setup")
+            page.set_input_files("#restore-file", str(backup))
+            page.fill("#restore-passphrase", "not the passphrase")
+            page.click("#restore-button")
+            page.wait_for_selector("#message:not([hidden])")
+            assert "wrong passphrase" in str(page.text_content("#message"))
+            assert _restore(page, a.url, backup, PASSPHRASE) == key_text
+
+    def test_cli_wallet_restored_in_browser_derives_the_same_key_and_sees_cli_tokens(
+        self, hospitals: Hospitals
+    ) -> None:
+        a, b = hospitals.a, hospitals.b
+        wallet = Wallet.create(hospitals.base / "cli-wallet", None)
+        cli_key = wallet.key_for(a.origin).public_key_text
+        a.cli("enroll", "--patient-id", CLI_MRN, f"--key={cli_key}")
+
+        async def grant() -> dict[str, Any]:
+            async with aiohttp.ClientSession() as session:
+                return await wallet.grant(session, a.url, b.origin, None, 3600)
+
+        record = asyncio.run(grant())
+        with chromium_session("wallet-cli", viewport=PHONE) as browser:
+            page = browser.new_page()
+            restored = _restore(page, a.url, wallet.files.seed_path, PASSPHRASE)
+            assert restored == cli_key
+            _tab(page, "tokens")
+            token = page.locator(f'li.token[data-token-id="{record["token_id"]}"]')
+            assert token.get_attribute("data-status") == "active"
+            assert f"To {b.origin}" in token.inner_text()
+            page.shot("8-cli-tokens")
+
+
+def _enroll(node: NodeProcess, patient_id: str) -> PatientKey:
+    key = PatientKey.derive(os.urandom(32), node.origin)
+    node.cli("enroll", "--patient-id", patient_id, f"--key={key.public_key_text}")
+    return key
+
+
+def _get(node: NodeProcess, path: str, key: PatientKey | None) -> tuple[int, str, bytes]:
+    headers = {} if key is None else signed_headers(key, "GET", path)
+    request = urllib.request.Request(node.url + path, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.headers["Content-Type"], response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read()
+
+
+class TestPreviewEndpoint:
+    def test_a_preview_is_served_only_to_the_studys_patient(self, hospitals: Hospitals) -> None:
+        a = hospitals.a
+        owner = _enroll(a, "MRN-PREVIEW-OWNER")
+        other = _enroll(a, "MRN-PREVIEW-OTHER")
+        make_ct_study(
+            hospitals.base / "preview", series=1, slices=3, rows=300, columns=200,
+            patient_id="MRN-PREVIEW-OWNER",
+        )  # fmt: skip
+        a.cli("import", str(hospitals.base / "preview"))
+        _, _, body = _get(a, "/patient/studies", owner)
+        (study,) = json.loads(body)["studies"]
+        series_path = f"/patient/studies/{study['ref']}/series"
+        status, _, body = _get(a, series_path, owner)
+        assert status == 200
+        assert json.loads(body)["series"] == [
+            {"position": 0, "modality": "CT", "description": "Series 1", "instances": 3}
+        ]
+        path = f"{series_path}/0/preview"
+
+        status, content_type, png = _get(a, path, owner)
+        assert (status, content_type) == (200, "image/png")
+        with Image.open(io.BytesIO(png)) as image:
+            assert max(image.size) == 160 and image.size == (107, 160)
+
+        assert _get(a, path, None)[0] == 401
+        status, _, body = _get(a, path, other)
+        assert status == 403 and "not one of yours" in json.loads(body)["error"]
+        assert _get(a, f"{series_path}/5/preview", owner)[0] == 404
+        assert _get(a, "/patient/studies/not-a-ref/series/0/preview", owner)[0] == 400
