@@ -28,6 +28,9 @@ class HttpConfig:
     cors_origins: list[str] = field(default_factory=lambda: ["*"])
     # Seconds a client may take to send a request before it is cut off.
     client_timeout: float = 120.0
+    # Slowest request body accepted, in bytes/s over each client_timeout window: a client
+    # that stalls or trickles its body is cut off instead of holding a connection forever.
+    min_body_rate: int = 1024
 
     @property
     def host(self) -> str:

@@ -6,6 +6,7 @@ owns the cross-cutting rules: error mapping, CORS for viewers, and admin-token a
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
@@ -47,6 +48,48 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal error; see the node's log")
+
+
+async def _cut_off_slow_body(request: web.Request, window: float, min_rate: int) -> None:
+    """Close the connection of a request whose body arrives slower than ``min_rate``
+    bytes/s over a ``window`` (a stalled or trickling client), so that it cannot hold a
+    handler and its resources forever. The handler then sees the connection lost."""
+    content = request.content
+    received = content.total_bytes
+    while not content.is_eof():
+        await asyncio.sleep(window)
+        if content.is_eof():
+            return
+        if content.total_bytes - received < min_rate * window:
+            log.warning(
+                "cut off %s %s: its body arrives slower than %d bytes/s",
+                request.method,
+                request.path,
+                min_rate,
+            )
+            if request.transport is not None:
+                request.transport.close()
+            return
+        received = content.total_bytes
+
+
+def make_slow_body_middleware(
+    window: float, min_rate: int
+) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Bound how slowly a request body may arrive (headers are bounded by the server's
+    keep-alive timeout, which runs from the moment a connection opens)."""
+
+    @web.middleware
+    async def slow_body_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if window <= 0 or not request.body_exists:
+            return await handler(request)
+        watchdog = asyncio.create_task(_cut_off_slow_body(request, window, min_rate))
+        try:
+            return await handler(request)
+        finally:
+            watchdog.cancel()
+
+    return slow_body_middleware
 
 
 def _has_admin_prefix(path: str) -> bool:
@@ -133,6 +176,9 @@ def build_app(runtime: NodeRuntime) -> web.Application:
     app = web.Application(
         client_max_size=runtime.config.http.max_body_bytes,
         middlewares=[
+            make_slow_body_middleware(
+                runtime.config.http.client_timeout, runtime.config.http.min_body_rate
+            ),
             make_cors_middleware(runtime.config.http.cors_origins),
             errors_middleware,
             make_auth_middleware(runtime),
