@@ -551,7 +551,7 @@ def access_violation(check: AccessCheck, refused: Rule | None) -> Violation | No
     return Violation(
         check.log,
         check.index,
-        ACCESS_RULES[refused],
+        ACCESS_RULES.get(refused, "access_without_grant"),
         f"its grant fails the consent rule '{refused.value}' at the time of the access",
     )
 

@@ -121,7 +121,7 @@ async def _read_limited(response: aiohttp.ClientResponse) -> bytes:
     return b"".join(parts)
 
 
-async def _get(
+async def get_body(
     session: aiohttp.ClientSession, url: str, params: dict[str, Any] | None = None
 ) -> bytes:
     """GET and return the body; raises BadInput on a non-200 answer (with the node's reason)."""
@@ -200,7 +200,7 @@ async def fetch_entries(
             got: list[bytes] = []
             while start + len(got) < end:
                 query = {"start": start + len(got), "end": end}
-                page = parse_entries_page(await _get(session, url, query))
+                page = parse_entries_page(await get_body(session, url, query))
                 if not page:
                     raise BadInput(f"node stopped serving entries at {start + len(got)} of {size}")
                 got.extend(page[: end - start - len(got)])
@@ -222,7 +222,7 @@ async def fetch_served_log(
     try:
         if listing.size == 0 and await _status(session, url) == 404:
             return served  # an empty log with no checkpoint yet: nothing to judge
-        note = (await _get(session, url)).decode()
+        note = (await get_body(session, url)).decode()
         served.note = note
         size = checkpoint_size(note)
         served.entries = await fetch_entries(session, base, listing.log_id, size)
@@ -243,8 +243,10 @@ async def fetch_view(session: aiohttp.ClientSession, url: str) -> PeerView:
     """Everything one node serves; raises PeerUnreachable if its API cannot be read."""
     base = url.rstrip("/")
     try:
-        health = _json(await _get(session, f"{base}/healthz"), "/healthz")
-        listings = parse_listing(_json(await _get(session, f"{base}/ledger/logs"), "/ledger/logs"))
+        health = _json(await get_body(session, f"{base}/healthz"), "/healthz")
+        listings = parse_listing(
+            _json(await get_body(session, f"{base}/ledger/logs"), "/ledger/logs")
+        )
         equivocations = await _fetch_equivocations(session, base)
     except (aiohttp.ClientError, TimeoutError, BadInput) as exc:
         raise PeerUnreachable(f"{base} is unreachable: {exc or type(exc).__name__}") from exc

@@ -32,9 +32,9 @@ from node.services.audit import (
     LogListing,
     PeerUnreachable,
     fetch_entries,
+    get_body,
     parse_listing,
 )
-from node.services.audit import _get as get_body
 from node.services.wallet import Wallet
 
 EVENT_KINDS = ("access", "denial", "revoke")
