@@ -157,12 +157,19 @@ def _describe_study(study: SyntheticStudy, description: str) -> None:
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     base = tmp_path_factory.mktemp("dashboard")
-    a = init_node(base, "a.example/imageshare", "a")
-    b = init_node(base, "b.example/imageshare", "b")
-    c = init_node(base, "c.example/imageshare", "c")
+    pool = ThreadPoolExecutor(3)
+    a, b, c = pool.map(
+        lambda origin: init_node(base, origin), [f"{n}.example/imageshare" for n in "abc"]
+    )
     proxy = ThrottlingProxy(a.http_port)
     for node in (a, b, c):
         _quiet(node)
+    # A forwards to a PACS that is not there: failures and retries to show.
+    pacs_port = free_port()
+    a.append_config(
+        f'[forward]\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {pacs_port}\n'
+        "initial_backoff = 60"
+    )
     _member(a, b, b.url)
     _member(a, c, c.url)
     _member(b, a, proxy.url)
@@ -181,16 +188,20 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
                           patient_name="Local^Lucy", accession="ACC-LOCAL")  # fmt: skip
     _describe_study(local, HOSTILE_DESCRIPTION)
     nodes = [a, b, c]
-    try:
+
+    def prepare_a() -> PatientKey:
         a.cli("import", str(base / "fetched"))
+        return enroll_new_key(a, fetched.patient_id)
+
+    try:
+        patient = pool.submit(prepare_a)
         b.cli("import", str(base / "local"))
-        with ThreadPoolExecutor(len(nodes)) as pool:
-            list(pool.map(NodeProcess.start, nodes))
-        patient = enroll_new_key(a, fetched.patient_id)
-        yield Federation(a, b, c, c_fork, proxy, fetched, local, patient)
+        patient.result()
+        list(pool.map(NodeProcess.start, nodes))
+        yield Federation(a, b, c, c_fork, proxy, fetched, local, patient.result())
     finally:
-        for node in (*nodes, c_fork):
-            node.stop()
+        list(pool.map(NodeProcess.stop, [*nodes, c_fork]))
+        pool.shutdown()
         proxy.stop()
 
 
@@ -207,7 +218,7 @@ def page(fed: Federation, browser: ChromiumSession) -> Iterator[RecordedPage]:
     page.goto(fed.b.url + "/admin")
     page.locator("#token").fill(fed.b.admin_token)
     page.locator("#login-form button[type=submit]").click()
-    page.locator("#dashboard").wait_for(state="visible")
+    page.locator("#node .facts").wait_for()
     yield page
     assert page.foreign_requests(fed.b.url) == []
 
@@ -273,6 +284,22 @@ class TestWithoutTheToken:
         assert page.foreign_requests(fed.b.url) == []
         page.close()
 
+    def test_a_token_refused_later_brings_back_the_login_and_clears_the_page(
+        self, fed: Federation, browser: ChromiumSession
+    ) -> None:
+        page = browser.new_page()
+        page.goto(fed.b.url + "/admin")
+        page.locator("#token").fill(fed.b.admin_token)
+        page.locator("#login-form button[type=submit]").click()
+        page.locator("#node .facts").filter(has_text=fed.b.origin).wait_for()
+        # As if the node's admin token had been replaced: the next poll is refused.
+        page.evaluate("sessionStorage.setItem('imageshare.admin-token', 'replaced')")
+        page.locator("#login-error").filter(has_text="refused").wait_for()
+        assert page.locator("#dashboard").is_hidden()
+        assert fed.b.origin not in page.locator("body").inner_text()
+        assert page.locator("#dashboard td").count() == 0
+        page.close()
+
     def test_page_sets_a_policy_that_allows_its_own_origin_only(self, fed: Federation) -> None:
         with urllib.request.urlopen(fed.b.url + "/admin", timeout=10) as response:
             policy = response.headers["Content-Security-Policy"]
@@ -298,7 +325,8 @@ class TestDashboard:
             _peer_row(page, member, '[data-reachable="true"]').wait_for()
         # C's log (2 entries) is mirrored here; sizes here and there agree.
         _peer_row(page, fed.c).locator("td", has_text="2 / 2").wait_for()
-        # Peers witness B's log once it has a checkpoint: none yet, nothing has happened.
+        # B and its peers witness each other's logs.
+        _peer_row(page, fed.a).filter(has_text="we cosigned theirs at size").wait_for()
         assert "Entries" in page.locator("#log").inner_text()
         page.shot("03-overview")
 
@@ -405,6 +433,31 @@ class TestDashboard:
         proof.locator("summary").click()
         assert proof.locator("pre").count() == 2
         page.shot("10-equivocation")
+
+
+class TestCustodianView:
+    def test_custodian_shows_what_it_sent_what_it_refused_and_its_pacs_retries(
+        self, fed: Federation, browser: ChromiumSession
+    ) -> None:
+        page = browser.new_page()
+        page.goto(fed.a.url + "/admin")
+        page.locator("#token").fill(fed.a.admin_token)
+        page.locator("#login-form button[type=submit]").click()
+        sent = page.locator('#transfers tr[data-state="done"]').first
+        sent.wait_for()
+        assert fed.b.origin in sent.inner_text() and "24/24" in sent.inner_text()
+        denial = page.locator("#log tr[data-kind=denial]").first
+        denial.wait_for()
+        assert "wrong_grantee" in denial.inner_text() and fed.b.origin in denial.inner_text()
+        access = page.locator("#log tr[data-kind=access]").first
+        assert "sent 24 instance(s)" in access.inner_text()
+        forwarding = page.locator("#forwarding")
+        forwarding.filter(has_text="Retrying or failed").wait_for()
+        assert "PACS at 127.0.0.1" in forwarding.inner_text()
+        assert forwarding.locator("tbody tr").count() >= 1
+        page.shot("11-custodian")
+        assert page.foreign_requests(fed.a.url) == []
+        page.close()
 
 
 class TestStudyQuery:

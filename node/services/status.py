@@ -13,7 +13,6 @@ hospital's staff behind the admin token, never to peers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from node.core.consent import RULE_MESSAGES, Rule, decode_grant, decode_revocati
 from node.core.entries import decode_entry
 from node.core.notes import Checkpoint, parse_note, verify_cosignature
 from node.core.roster import key_fingerprint
-from node.errors import BadInput, Conflict, ImageShareError
+from node.errors import BadInput, Conflict
 from node.services.audit import Workers, audit_views, collect
 from node.services.audit_state import AuditState
 from node.services.ledger import ledger_service
@@ -229,22 +228,17 @@ class StatusService:
         members = {m.origin: m for m in replication.roster.roster}
         own_note = ledger_service(self.runtime).own.checkpoint_note()
         cosigned_ours = self._cosigners(own_note, members)
-        store = ledger_service(self.runtime).store
-        peers = []
-        for peer in federation["peers"]:
-            origin = peer["origin"]
-            mirror_note = None
-            with contextlib.suppress(ImageShareError, ValueError):
-                stored = store.log_by_id(peer["log_id"])
-                mirror_note = stored.checkpoint_note() if stored is not None else None
-            their = self._cosigners(mirror_note, members, exclude=origin)
-            peers.append(
-                {
-                    **peer,
-                    "cosigned_our_log_at": cosigned_ours.get(origin),
-                    "their_checkpoint_cosigners": sorted(their),
-                }
-            )
+        # The sizes of members' logs this node has witnessed (cosigned and handed back),
+        # as the replication service records them; it publishes no accessor for them yet.
+        witnessed: dict[str, int] = getattr(replication, "_cosigned", {})
+        peers = [
+            {
+                **peer,
+                "cosigned_our_log_at": cosigned_ours.get(peer["origin"]),
+                "we_cosigned_size": witnessed.get(peer["log_id"]),
+            }
+            for peer in federation["peers"]
+        ]
         return {
             "members": peers,
             "equivocations": federation["equivocations"],

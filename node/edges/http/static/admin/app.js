@@ -30,9 +30,9 @@ async function api(path, options = {}) {
     showLogin("The node refused this token.");
     throw new AuthRequired();
   }
-  const document_ = await response.json().catch(() => ({}));
-  if (!response.ok) throw new Error(document_.error || `HTTP ${response.status}`);
-  return document_;
+  const answer = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(answer.error || `HTTP ${response.status}`);
+  return answer;
 }
 
 // -- small helpers -------------------------------------------------------------------------
@@ -80,6 +80,11 @@ function ago(seconds) {
   if (s < 5400) return `${Math.round(s / 60)} min ago`;
   if (s < 129600) return `${Math.round(s / 3600)} h ago`;
   return `${Math.round(s / 86400)} days ago`;
+}
+
+function until(seconds) {
+  const s = seconds - Date.now() / 1000;
+  return s <= 1 ? "now" : `in ${duration(s)}`;
 }
 
 function duration(seconds) {
@@ -154,9 +159,7 @@ function renderPeers(peers) {
         el(
           "div",
           { class: "small muted" },
-          p.their_checkpoint_cosigners.length
-            ? `theirs cosigned by ${p.their_checkpoint_cosigners.join(", ")}`
-            : "theirs: no cosigner yet",
+          p.we_cosigned_size !== null ? `we cosigned theirs at size ${p.we_cosigned_size}` : "we have not cosigned theirs",
         ),
       ),
     );
@@ -307,13 +310,14 @@ function renderForwarding(f) {
     fill("forwarding", el("p", { class: "muted" }, "Forwarding is off (no [forward] PACS in node.toml)."));
     return;
   }
-  const problems = f.problems.map((p) =>
+  const SHOWN = 5;
+  const problems = f.problems.slice(0, SHOWN).map((p) =>
     el(
       "tr",
       {},
       el("td", {}, badge(p.state, p.state === "failed" ? "bad" : "kind")),
       el("td", { class: "num" }, p.attempts),
-      el("td", {}, p.next_try ? utc(p.next_try) : "–"),
+      el("td", {}, p.state === "failed" ? "gave up" : p.next_try ? until(p.next_try) : "–"),
       el("td", {}, p.last_error || ""),
     ),
   );
@@ -329,7 +333,13 @@ function renderForwarding(f) {
       ["Last error", f.last_error ? [f.last_error, " ", time(f.last_error_at)] : "none"],
     ]),
     f.problems.length
-      ? [el("h3", {}, "Retrying or failed"), table(["State", "Attempts", "Next try", "Error"], problems, "")]
+      ? [
+          el("h3", {}, "Retrying or failed"),
+          table(["State", "Attempts", "Next try", "Error"], problems, ""),
+          f.problems.length > SHOWN
+            ? el("p", { class: "small muted" }, `…and more: see the Queued and Failed counts above.`)
+            : null,
+        ]
       : null,
   );
 }
