@@ -430,7 +430,7 @@ class ReplicationService:
     async def _judge_conflict(
         self,
         log_member: Member,
-        mirror: Any,
+        mirror: MirrorLog,
         note: str,
         checkpoint: notes.Checkpoint,
         base: str,
@@ -460,7 +460,7 @@ class ReplicationService:
         else:
             raise PeerFailure(f"copy of {log_member.origin} is inconsistent here: {exc}")
 
-    def _equivocation(self, log_member: Member, mirror: Any, note: str, reason: str) -> None:
+    def _equivocation(self, log_member: Member, mirror: MirrorLog, note: str, reason: str) -> None:
         self._keep_proof(
             Equivocation(
                 log_member.log_id,
