@@ -32,6 +32,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from node.core.consent import decode_grant, parse_token_text
+from node.core.encoding import canonical_encode
 from node.core.patient_keys import PatientKey, parse_public_key
 from node.core.signed_requests import check_signature, parse_headers
 from node.services.wallet import Wallet
@@ -367,3 +368,129 @@ class TestPreviewEndpoint:
         assert status == 403 and "not one of yours" in json.loads(body)["error"]
         assert _get(a, f"{series_path}/5/preview", owner)[0] == 404
         assert _get(a, "/patient/studies/not-a-ref/series/0/preview", owner)[0] == 400
+
+
+VECTORS: dict[str, Any] = json.loads(
+    (Path(__file__).parents[2] / "shared" / "testvectors" / "rfc6962_vectors.json").read_text()
+)
+
+
+@pytest.fixture(scope="class")
+def wallet_page(hospitals: Hospitals) -> Iterator[Any]:
+    """A browser page on the wallet's origin, to call its modules directly."""
+    with chromium_session("wallet-modules", viewport=PHONE) as browser:
+        page = browser.new_page()
+        page.goto(hospitals.a.url + "/wallet/")
+        _ready(page, "setup")
+        yield page
+
+
+def _call(page: Any, module: str, body: str, argument: Any) -> Any:
+    """Run ``body`` (an async function of (module, argument)) against a wallet module."""
+    script = (
+        f"async (arg) => {{ const m = await import('/wallet/{module}'); return ({body})(m, arg); }}"
+    )
+    return page.evaluate(script, argument)
+
+
+class TestWalletModules:
+    def test_inclusion_proofs_verify_as_rfc6962_says(self, wallet_page: Any) -> None:
+        leaves = VECTORS["leaf_hashes_hex"]
+        roots = VECTORS["roots_hex_by_size"]
+        cases = [
+            {
+                "leaf": leaves[p["leaf_index"]],
+                "index": p["leaf_index"],
+                "size": p["tree_size"],
+                "root": roots[str(p["tree_size"])],
+                "proof": p["proof"],
+            }
+            for p in VECTORS["all_inclusion_proofs_sizes_1_8"]
+        ]
+        results = _call(
+            wallet_page,
+            "ledger.js",
+            """async (m, cases) => {
+                const { fromHex } = await import('/wallet/bytes.js');
+                const out = [];
+                for (const c of cases) {
+                    const args = [fromHex(c.leaf), c.index, c.size, fromHex(c.root)];
+                    const proof = c.proof.map(fromHex);
+                    const good = await m.verifyInclusion(proof, ...args);
+                    let bad = false;
+                    if (proof.length) {
+                        proof[0][0] ^= 1;
+                        bad = await m.verifyInclusion(proof, ...args);
+                    }
+                    const moved = await m.verifyInclusion(c.proof.map(fromHex),
+                        args[0], c.index + 1, c.size, args[3]);
+                    out.push([good, bad, moved]);
+                }
+                return out;
+            }""",
+            cases,
+        )
+        assert len(results) == len(cases) > 30
+        assert all(good and not bad and not moved for good, bad, moved in results)
+
+    def test_checkpoints_and_cosignatures_verify_and_tampering_does_not(
+        self, wallet_page: Any
+    ) -> None:
+        example = VECTORS["derived_checkpoint_example"]
+        vkey = VECTORS["signed_note_go_vectors"]["vkey_peter"]
+        note = example["checkpoint"] + example["cosignature_line"]
+        result = _call(
+            wallet_page,
+            "ledger.js",
+            """async (m, [note, vkey, witness]) => {
+                const checkpoint = await m.verifyCheckpoint(note, vkey);
+                const cosigners = await m.validCosigners(note, [witness, vkey]);
+                const errors = [];
+                for (const bad of [note.replace("\\n8\\n", "\\n9\\n"), note.split("\\n\\n")[0]]) {
+                    try { await m.verifyCheckpoint(bad, vkey); errors.push(null); }
+                    catch (e) { errors.push(e.message); }
+                }
+                const forged = note.replace("\\n8\\n", "\\n9\\n");
+                return { size: checkpoint.size, origin: checkpoint.origin, cosigners, errors,
+                         forgedCosigners: await m.validCosigners(forged, [witness]) };
+            }""",
+            [note, vkey, example["witness_vkey"]],
+        )
+        assert (result["size"], result["origin"]) == (8, "PeterNeumann")
+        assert result["cosigners"] == ["PeterNeumann-witness"]
+        assert result["forgedCosigners"] == []
+        assert "does not verify" in result["errors"][0]
+        assert result["errors"][1] is not None
+
+    def test_msgpack_decodes_only_canonical_bytes(self, wallet_page: Any) -> None:
+        entry = canonical_encode({"v": 1, "kind": "x", "prev": b"\0" * 32, "time": 1_800_000_000})
+        samples = {
+            "entry": entry.hex(),
+            "non_minimal_int": "cc05",
+            "unsorted_map": "82a16201a16102",
+            "trailing": "0101",
+            "float": "ca3f800000",
+            "big_int": "cf0020000000000000",
+        }
+        result = _call(
+            wallet_page,
+            "msgpack.js",
+            """async (m, samples) => {
+                const { fromHex, toHex } = await import('/wallet/bytes.js');
+                const out = {};
+                for (const [name, hex] of Object.entries(samples)) {
+                    try { out[name] = toHex(m.encode(m.decode(fromHex(hex)))); }
+                    catch (e) { out[name] = "refused"; }
+                }
+                return out;
+            }""",
+            samples,
+        )
+        assert result == {
+            "entry": entry.hex(),
+            "non_minimal_int": "refused",
+            "unsorted_map": "refused",
+            "trailing": "refused",
+            "float": "refused",
+            "big_int": "refused",
+        }

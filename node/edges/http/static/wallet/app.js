@@ -252,6 +252,7 @@ async function loadTokens() {
       el("div", "muted", `until ${when(token.expires)} · token ${token.token_id.slice(0, 12)}…`),
     );
     if (mine) {
+      item.append(el("div", "muted", mine.scope.map(studyName).join(", ")));
       const open = el("button", "", "Show code");
       open.addEventListener("click", () => showShare(mine));
       item.append(open);

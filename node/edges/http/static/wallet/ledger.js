@@ -49,17 +49,23 @@ async function keyId(name, alg, publicKey) {
   return (await sha256(concat(utf8(name + "\n"), Uint8Array.of(alg), publicKey))).slice(0, 4);
 }
 
-/** A C2SP Ed25519 verifier key "name+keyid+base64(0x01||key)": {name, keyId, publicKey}. */
+/**
+ * A C2SP verifier key "name+keyid+base64(alg||key)": {name, alg, keyId, publicKey}; alg is
+ * 0x01 (a log's Ed25519 key) or 0x04 (a witness's cosigning key).
+ */
 export async function parseVkey(vkey) {
   const parts = vkey.split("+");
   if (parts.length < 3) throw new Error("malformed verifier key");
   const [name, hexId] = parts;
   const raw = fromBase64(parts.slice(2).join("+"));
-  if (raw.length !== 33 || raw[0] !== NODE_ALG) throw new Error("not an Ed25519 verifier key");
+  const alg = raw[0];
+  if (raw.length !== 33 || (alg !== NODE_ALG && alg !== COSIGNATURE_ALG)) {
+    throw new Error("not an Ed25519 verifier key");
+  }
   const publicKey = raw.slice(1);
-  const id = await keyId(name, NODE_ALG, publicKey);
+  const id = await keyId(name, alg, publicKey);
   if (toHex(id) !== hexId) throw new Error("verifier key id does not match its key");
-  return { name, keyId: id, publicKey };
+  return { name, alg, keyId: id, publicKey };
 }
 
 function verifyEd25519(publicKey, signature, message) {
@@ -101,6 +107,7 @@ function parseCheckpoint(body) {
 /** The checkpoint of a note signed by the log key ``vkey``; throws if it does not verify. */
 export async function verifyCheckpoint(note, vkey) {
   const key = await parseVkey(vkey);
+  if (key.alg !== NODE_ALG) throw new Error("a log's key is an Ed25519 (0x01) key");
   const { body, signatures } = parseNote(note);
   const own = signatures.find((s) => s.name === key.name && equal(s.keyId, key.keyId));
   if (!own) throw new Error(`the checkpoint carries no signature by ${key.name}`);
