@@ -8,8 +8,11 @@ it, and checks that everything acknowledged is there, exactly, and that the node
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
+import io
+import json
 import threading
 import time
 import urllib.error
@@ -19,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import msgpack
 import pydicom
 import pytest
@@ -29,6 +33,7 @@ from node.config import load_config
 from node.core.keys import NodeIdentity
 from node.core.roster import log_id
 from node.services.roster import add_peer
+from node.services.wallet import Wallet
 from node.store.ledger import LedgerStore
 from node.store.secrets import read_seed
 from tests.support import faults
@@ -74,8 +79,6 @@ def stow(node: NodeProcess, *instances: bytes, timeout: float = 30) -> tuple[int
 
 
 def _json(body: bytes) -> Any:
-    import json
-
     return json.loads(body) if body else None
 
 
@@ -103,6 +106,20 @@ def own_entries(node: NodeProcess, origin: str | None = None) -> list[bytes]:
         with urllib.request.urlopen(node.url + path, timeout=30) as response:
             raw += msgpack.unpackb(response.read())
     return raw
+
+
+def c_store(node: NodeProcess, dataset: pydicom.Dataset) -> pydicom.Dataset:
+    """One C-STORE over a fresh association; returns the status data set."""
+    ae = AE(ae_title="RELIABILITY")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = wait_until(
+        lambda: (a := ae.associate("127.0.0.1", node.dimse_port)).is_established and a,
+        message="an association",
+    )
+    try:
+        return assoc.send_c_store(dataset)
+    finally:
+        assoc.release()
 
 
 class Burst:
@@ -349,7 +366,7 @@ class TestDiskFull:
     def test_full_disk_refuses_with_507_stores_nothing_half_and_recovers(
         self, small_disk: Path, tmp_path: Path
     ) -> None:
-        node = lean(init_node(small_disk, "full.example/imageshare"))
+        node = lean(init_node(small_disk, "full.example/imageshare"), dimse=True)
         # Ever smaller instances, so that the disk runs out at every step of an ingest:
         # while the upload is staged, and while its index row is committed.
         studies = [
@@ -374,6 +391,11 @@ class TestDiskFull:
                     refused[uid] = data
             assert stored, "nothing fitted before the disk was full"
             assert len(refused) > 50, "the disk never filled up"
+            # A modality pushing by C-STORE is told the same, as "out of resources".
+            data = next(iter(refused.values()))
+            status = c_store(node, pydicom.dcmread(io.BytesIO(data)))
+            assert status.Status == 0xA700
+            assert "disk is full" in status.ErrorComment
 
             # Still up, still serving what it has, nothing half-stored.
             assert healthy(node)
@@ -399,3 +421,48 @@ class TestDiskFull:
             assert faults.store_problems(node.data_dir) == []
         finally:
             node.stop()
+
+
+# -- a peer down ------------------------------------------------------------------------
+
+
+class TestPeerDown:
+    def test_transfer_and_replication_between_two_members_go_on_while_a_third_is_down(
+        self, node_factory: Factory, tmp_path: Path
+    ) -> None:
+        a = lean(node_factory("a.example/imageshare"))
+        b = lean(node_factory("b.example/imageshare"))
+        c = node_factory("c.example/imageshare")  # a member, never started: down
+        for node, others in ((a, (b, c)), (b, (a, c))):
+            for other in others:
+                add_peer(load_config(node.config), other.origin, other.url, other.vkey)
+        study = make_ct_study(tmp_path / "study", series=1, slices=4, rows=32, columns=32)
+        a.cli("import", str(tmp_path / "study"))
+        wallet = Wallet.create(tmp_path / "wallet", None)
+        a.cli(
+            "enroll",
+            "--patient-id",
+            study.patient_id,
+            f"--key={wallet.key_for(a.origin).public_key_text}",
+        )
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(NodeProcess.start, (a, b)))
+
+        async def grant() -> dict[str, Any]:
+            async with aiohttp.ClientSession() as session:
+                return await wallet.grant(session, a.url, b.origin, None, 3600)
+
+        token = asyncio.run(grant())["token"]
+        fetched = json.loads(b.cli("fetch", token, "--json").stdout)
+        assert fetched["instances"] == len(study.files)
+        held = faults.indexed_digests(b.data_dir)
+        for uid, path in zip(study.sop_uids, study.files, strict=True):
+            assert held[uid] == sha256(path.read_bytes())
+
+        # Both logs reach the other member; the one that is down is reported as such.
+        def mirrored() -> bool:
+            return all(own_entries(x, y.origin) == own_entries(y) for x, y in ((a, b), (b, a)))
+
+        wait_until(mirrored, timeout=20, message="a and b to mirror each other")
+        peers = {p["origin"]: p["reachable"] for p in a.get_json("/admin/api/federation")["peers"]}
+        assert peers == {b.origin: True, c.origin: False}
