@@ -61,7 +61,7 @@ def _peer(node: NodeProcess) -> str:
 
 def _real_ct(directory: Path, patient_id: str) -> None:
     """pydicom's bundled CT slice, made one of ``patient_id``'s studies (a real image)."""
-    dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    dataset = pydicom.dcmread(str(get_testdata_file("CT_small.dcm")))
     dataset.PatientID = patient_id
     dataset.StudyDescription = "CT HEAD"
     directory.mkdir(parents=True, exist_ok=True)
