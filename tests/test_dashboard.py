@@ -384,11 +384,18 @@ class TestDashboard:
     def test_a_refused_fetch_shows_the_rule_that_failed(
         self, fed: Federation, page: RecordedPage
     ) -> None:
-        job_id = _fetch(fed, fed.c)  # the patient granted C, not B
-        refused = page.locator(f'#transfers tr[data-id="{job_id}"][data-state="refused"]')
+        # Through the page's own form: the patient granted C, not B.
+        grant = make_grant(fed.patient, fed.a.origin, fed.c.origin)
+        page.locator("#fetch-token").fill(token_text(grant))
+        page.locator("#fetch-form button").click()
+        page.locator("#fetch-result").filter(has_text=f"started from {fed.a.origin}").wait_for()
+        refused = page.locator('#transfers tr[data-state="refused"]').first
         refused.wait_for()
         assert "wrong_grantee" in refused.locator(".rule").inner_text()
         assert "granted to another node" in refused.inner_text()
+        page.locator("#fetch-token").fill("not a token")
+        page.locator("#fetch-form button").click()
+        page.locator("#fetch-result").filter(has_text="Not started").wait_for()
         page.shot("06-transfer-refused")
 
     def test_a_peer_going_down_and_coming_back_is_shown(

@@ -488,6 +488,27 @@ async function runAudit() {
   }
 }
 
+async function startFetch(event) {
+  event.preventDefault();
+  const result = $("fetch-result");
+  const token = $("fetch-token").value.trim();
+  if (!token) return;
+  try {
+    const job = await api("/admin/api/fetch", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ token }),
+    });
+    $("fetch-token").value = "";
+    result.className = "small muted";
+    result.textContent = `Fetch started from ${job.custodian}.`;
+  } catch (error) {
+    if (error instanceof AuthRequired) return;
+    result.className = "small error";
+    result.textContent = `Not started: ${error.message}`;
+  }
+}
+
 function start() {
   $("login-form").addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -507,6 +528,7 @@ function start() {
     showLogin("Signed out.");
   });
   $("audit-run").addEventListener("click", runAudit);
+  $("fetch-form").addEventListener("submit", startFetch);
   $("study-search").addEventListener("input", () => {
     clearTimeout(searchTimer);
     searchTimer = setTimeout(() => refreshStudies().catch(() => {}), 250);
