@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from node.errors import BadInput, ImageShareError, PayloadTooLarge
 from node.services.dicomweb import OutgoingPart
@@ -217,7 +218,8 @@ class StreamedParts:
         while True:
             try:
                 part = await self._reader.next()
-            except (ValueError, AssertionError, RuntimeError) as exc:
+            except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as exc:
+                # HttpProcessingError: a part header that is not a valid HTTP header.
                 raise BadInput(f"malformed multipart body: {exc}") from exc
             except ConnectionError as exc:
                 raise BadInput("the client closed the connection before the body ended") from exc
@@ -234,7 +236,7 @@ class StreamedParts:
     async def read_chunk(self, part: BodyPartReader, size: int) -> bytes:
         try:
             chunk = await part.read_chunk(size)
-        except (ValueError, AssertionError) as exc:
+        except (ValueError, AssertionError, HttpProcessingError) as exc:
             raise BadInput(f"malformed multipart body: {exc}") from exc
         except ConnectionError as exc:
             raise BadInput("the client closed the connection before the body ended") from exc
