@@ -69,7 +69,9 @@ STOW_TYPE = 'multipart/related; type="application/dicom"; boundary=fuzz-boundary
 # -- pure parsers ----------------------------------------------------------------------
 
 SIGNER = NodeIdentity.generate("log.example/imageshare")
-NOTE = notes.sign_note(notes.Checkpoint("log.example/imageshare", 7, bytes(range(32))).body(), SIGNER)
+NOTE = notes.sign_note(
+    notes.Checkpoint("log.example/imageshare", 7, bytes(range(32))).body(), SIGNER
+)
 PATIENT = PatientKey.derive(bytes(32), "a.example/imageshare")
 REVOCATION = sign_revocation(PATIENT.public_key, bytes(32), 1_800_000_000, PATIENT.sign)
 
@@ -601,6 +603,14 @@ class TestStowFuzz:
         assert status in (200, 202, 400, 409, 413, 415), (status, answer[:300])
         assert faults.store_problems(target.node.data_dir) == []
         assert raw(target.node, "GET", "/healthz")[0] == 200
+
+    def test_part_header_that_is_no_http_header_is_400(self, target: Target) -> None:
+        body = (
+            b"--fuzz-boundary\r\nContent,Type: application/dicom\r\n\r\nx\r\n--fuzz-boundary--\r\n"
+        )
+        headers = {**target.node.auth, "Content-Type": STOW_TYPE}
+        status, answer = raw(target.node, "POST", "/dicomweb/studies", headers, body)
+        assert status == 400 and b"malformed multipart body" in answer
 
 
 class TestDimseFuzz:
