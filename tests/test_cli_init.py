@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 from pathlib import Path
 
+from nacl.signing import SigningKey
+
 from node.core.keys import parse_verifier_key
+from node.core.patient_keys import b64url
 from tests.support.nodes import run_cli
 
 
@@ -41,3 +45,15 @@ class TestRun:
         health = running_node.get_json("/healthz", auth=False)
         assert health["status"] == "ok"
         assert health["origin"] == running_node.origin
+
+
+class TestEnrollKeyArgument:
+    def test_key_beginning_with_a_dash_is_taken_as_the_value(self, running_node) -> None:  # type: ignore[no-untyped-def]
+        import json
+
+        while True:  # one key in 64 begins with "-" in base64url
+            key_text = b64url(bytes(SigningKey(os.urandom(32)).verify_key))
+            if key_text.startswith("-"):
+                break
+        result = running_node.cli("enroll", "--patient-id", "MRN-DASH", "--key", key_text, "--json")
+        assert json.loads(result.stdout)

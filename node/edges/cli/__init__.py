@@ -37,9 +37,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options whose values may begin with "-" (a base64url key does, one time in 64), which
+# argparse would otherwise take for an option of their own.
+DASH_VALUE_OPTIONS = frozenset({"--key"})
+
+
+def join_dash_values(argv: Sequence[str]) -> list[str]:
+    """Turn ``--key -abc`` into ``--key=-abc`` for the options in DASH_VALUE_OPTIONS."""
+    joined: list[str] = []
+    pending: str | None = None
+    for arg in argv:
+        if pending is not None:
+            joined.append(f"{pending}={arg}")
+            pending = None
+        elif arg in DASH_VALUE_OPTIONS:
+            pending = arg
+        else:
+            joined.append(arg)
+    if pending is not None:
+        joined.append(pending)
+    return joined
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_dash_values(sys.argv[1:] if argv is None else argv))
     return _common.run_handler(args)
 
 
