@@ -30,10 +30,11 @@ import pydicom
 import pytest
 
 from node.config import load_config
-from node.core.consent import token_text
+from node.core.consent import sign_revocation, token_id_of, token_text
+from node.core.entries import LedgerEntry, encode_entry
 from node.core.keys import NodeIdentity
 from node.core.patient_keys import PatientKey
-from node.core.roster import key_fingerprint
+from node.core.roster import key_fingerprint, log_id
 from node.errors import BadInput
 from node.services.roster import add_peer
 from node.services.status import StudyQuery, describe_entry
@@ -480,7 +481,55 @@ class TestStudyQuery:
             StudyQuery.parse(text, limit)
 
 
+def _entry(kind: str, **fields: Any) -> bytes:
+    return encode_entry(LedgerEntry(kind, bytes(32), 1_800_000_000, fields))
+
+
 class TestDescribeEntry:
+    def test_every_kind_is_told_in_plain_words_without_study_or_subject_references(
+        self,
+    ) -> None:
+        key = PatientKey.derive(os.urandom(32), "a.example/imageshare")
+        token = make_grant(key, "a.example/imageshare", "b.example/imageshare")
+        token_id = token_id_of(token)
+        study, subject, digest = os.urandom(32), os.urandom(32), os.urandom(32)
+        moved = {"token_id": token_id, "study": study, "instances": 3, "bytes": 2_500_000}
+        entries = {
+            "enroll": _entry("enroll", subject=subject, key=key.public_key, replaces=None),
+            "grant": _entry("grant", token=token),
+            "revoke": _entry(
+                "revoke",
+                revocation=sign_revocation(key.public_key, token_id, 1_800_000_000, key.sign),
+            ),
+            "access": _entry("access", grantee="b.example/imageshare", digest=digest, **moved),
+            "receipt": _entry("receipt", custodian="a.example/imageshare", digest=digest, **moved),
+            "denial": _entry(
+                "denial",
+                token_id=token_id,
+                requester="c.example/imageshare",
+                rule="wrong_grantee",
+                study=None,
+            ),
+            "witness": _entry(
+                "witness", log_id=bytes.fromhex(log_id("c.example/imageshare")), size=9, root=digest
+            ),
+        }
+        names = {log_id("c.example/imageshare"): "c.example/imageshare"}
+        told = {kind: describe_entry(0, raw, names) for kind, raw in entries.items()}
+        assert told["enroll"]["text"] == "a patient key was enrolled"
+        assert "granted b.example/imageshare all the patient's studies" in told["grant"]["text"]
+        assert told["revoke"]["token_id"] == token_id.hex()
+        assert told["access"]["text"].startswith(
+            "sent 3 instance(s), 2.5 MB, to b.example/imageshare"
+        )
+        assert told["receipt"]["party"] == "a.example/imageshare"
+        assert told["denial"]["rule"] == "wrong_grantee"
+        assert "granted to another node" in told["denial"]["text"]
+        assert told["witness"]["text"] == "witnessed c.example/imageshare at size 9"
+        shown = json.dumps(told)
+        for secret in (study, subject, digest, key.public_key):
+            assert secret.hex() not in shown and secret.hex()[:16] not in shown
+
     def test_garbage_is_described_as_unreadable(self) -> None:
         described = describe_entry(7, b"\xc1not msgpack", {})
         assert described["kind"] == "unreadable" and described["index"] == 7
