@@ -86,6 +86,8 @@ class PeerStatus:
     failures: int = 0
     size_there: int | None = None
     proofs_pulled_at: float = float("-inf")
+    # The largest size of its own log the member announced in a signed notify.
+    hinted_size: int = 0
     # Log IDs whose view from this member was last compared at (their size, our size).
     compared: dict[str, tuple[int, int]] = field(default_factory=dict)
 
@@ -291,6 +293,9 @@ class ReplicationService:
     def notify_received(self, origin: str, hinted_log_id: str, size: int) -> None:
         """A member says a log grew: fetch now, unless we already hold that size."""
         member = self.roster.roster.by_log_id(hinted_log_id)
+        status = self.peers.get(origin)
+        if status is not None and member is not None and member.origin == origin:
+            status.hinted_size = max(status.hinted_size, size)
         if member is not None and member.log_id not in self._distrusted:
             with contextlib.suppress(*PeerError):
                 if self._mirror(member).size() >= size:
@@ -313,21 +318,33 @@ class ReplicationService:
             return bytes(body), response.content_type
 
     async def _listing(self, member: Member, status: PeerStatus) -> tuple[str, list[Any]]:
-        """The member's GET /ledger/logs, from the first of its URLs that answers."""
+        """The member's GET /ledger/logs from the first of its URLs that answers and is not
+        behind what the member itself (in a signed notify) said its log holds."""
         urls = self.roster.urls_of(member)
         if not urls:
             raise PeerFailure(f"no address known for {member.origin}")
         failure: Exception | None = None
+        stale: tuple[str, list[Any]] | None = None
         for url in urls:
             try:
                 body, _ = await self._get(url + "/ledger/logs", MAX_LISTING_BYTES)
                 listing = json.loads(body)
                 if not isinstance(listing, list):
                     raise PeerFailure("GET /ledger/logs is not a JSON list")
-                status.url = url
-                return url, listing
             except (PeerFailure, *PeerError) as exc:
                 failure = exc
+                continue
+            own = [i for i in listing if isinstance(i, dict) and i.get("origin") == member.origin]
+            size = own[0].get("size") if own else None
+            if isinstance(size, int) and size < status.hinted_size:
+                # An old copy, e.g. behind a spoofed address: try the member's other URLs.
+                stale = stale or (url, listing)
+                continue
+            status.url = url
+            return url, listing
+        if stale is not None:
+            status.url = stale[0]
+            return stale
         raise PeerFailure(str(failure))
 
     async def _sync_member(self, member: Member, status: PeerStatus) -> None:
