@@ -40,6 +40,7 @@ from node.services.dimse_query import (
     MAX_PDU_BYTES,
     Model,
     find,
+    mark_dimse_activity,
     read_instance,
     select_for_retrieve,
     storage_contexts,
@@ -170,9 +171,11 @@ class DimseGateway:
         )
 
     def on_echo(self, event: Event) -> int:
+        mark_dimse_activity()
         return STATUS_SUCCESS
 
     def on_store(self, event: Event) -> int | Dataset:
+        mark_dimse_activity()
         store = self.runtime.store
         try:
             staged = store.stage_bytes(event.encoded_dataset())
@@ -186,6 +189,7 @@ class DimseGateway:
         try:
             model = _MODELS[event.request.AffectedSOPClassUID]
             for match in find(self.runtime.store, event.identifier, model):
+                mark_dimse_activity()
                 if event.is_cancelled:
                     yield STATUS_CANCEL, None
                     return
@@ -200,6 +204,7 @@ class DimseGateway:
 
     def _send(self, event: Event, records: list[InstanceRecord]) -> Iterator[Any]:
         for record in records:
+            mark_dimse_activity()
             if event.is_cancelled:
                 yield STATUS_CANCEL, None
                 return

@@ -12,11 +12,14 @@ from __future__ import annotations
 import logging
 import socket
 import sqlite3
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
+import pynetdicom.association
+import pynetdicom.dul
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -340,9 +343,45 @@ def select_for_retrieve(
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 _config.LOG_HANDLER_LEVEL = "none"
 
-# pynetdicom's reactor sleeps this long whenever a socket is idle (its default is 1 ms);
-# between two C-STOREs of a study that sleep alone would cost ~1 ms per instance.
-DUL_POLL_SECONDS = 0.0001
+# pynetdicom's two threads per association (socket reader, message reactor) sleep 1 ms
+# whenever they find nothing to do, which a study pays between every two C-STOREs. While
+# DIMSE traffic flows the node has them poll every 0.1 ms instead (measured: ~10% faster
+# when the machine is quiet, ~30% when it is busy); an idle association goes back to
+# 1 ms, since fast polling costs ~15% of a core per open association.
+FAST_POLL_SECONDS = 0.0001
+BUSY_WINDOW_SECONDS = 0.5
+_PYNETDICOM_IDLE_SLEEP = 0.001
+
+
+class _PollClock:
+    """The ``time`` module as pynetdicom's DUL and association modules see it.
+
+    Only their idle sleep changes: it is short until BUSY_WINDOW_SECONDS after the last
+    DIMSE activity the node saw.
+    """
+
+    def __init__(self) -> None:
+        self.busy_until = 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        if seconds == _PYNETDICOM_IDLE_SLEEP and time.monotonic() < self.busy_until:
+            seconds = FAST_POLL_SECONDS
+        time.sleep(seconds)
+
+
+_POLL_CLOCK = _PollClock()
+pynetdicom.association.time = _POLL_CLOCK  # type: ignore[assignment]
+pynetdicom.dul.time = _POLL_CLOCK  # type: ignore[assignment]
+
+
+def mark_dimse_activity() -> None:
+    """Note DIMSE traffic: pynetdicom polls fast for the next BUSY_WINDOW_SECONDS."""
+    _POLL_CLOCK.busy_until = time.monotonic() + BUSY_WINDOW_SECONDS
+
+
 # Largest PDU the node accepts: large PDUs mean fewer, cheaper reads per instance.
 MAX_PDU_BYTES = 4 * 1024 * 1024
 # Longest wait for a TCP connection to a peer AE (pynetdicom waits forever by default).
@@ -350,14 +389,14 @@ CONNECT_TIMEOUT_SECONDS = 10.0
 
 
 def set_low_latency(event: Event) -> None:
-    """On every DIMSE connection, accepted or opened: no Nagle delay, short idle polls.
+    """On every DIMSE connection, accepted or opened: no Nagle delay, fast polls.
 
     Without TCP_NODELAY each small response waits for the peer's delayed ACK (~40 ms).
     """
     sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    event.assoc.dul._run_loop_delay = DUL_POLL_SECONDS
+    mark_dimse_activity()
 
 
 LOW_LATENCY_HANDLERS: list[Any] = [(evt.EVT_CONN_OPEN, set_low_latency)]

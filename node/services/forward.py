@@ -25,6 +25,7 @@ from node.services.dimse_query import (
     CONNECT_TIMEOUT_SECONDS,
     LOW_LATENCY_HANDLERS,
     MAX_PDU_BYTES,
+    mark_dimse_activity,
     read_instance,
     storage_contexts,
 )
@@ -171,6 +172,7 @@ class Forwarder:
                 if not assoc.is_established:
                     failures["the PACS ended the association"].append(item)
                     continue
+                mark_dimse_activity()
                 try:
                     status = assoc.send_c_store(read_instance(record))
                 except Exception as exc:
