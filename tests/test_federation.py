@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from node.config import load_config
 from node.core.keys import NodeIdentity
@@ -25,7 +26,9 @@ from node.core.roster import Roster, key_fingerprint, log_id, make_member
 from node.core.signed_requests import b64url_encode, node_signer
 from node.edges.http.signed import signed_request
 from node.errors import BadInput
+from node.services.replication import PeerStatus, replication_of
 from node.services.roster import add_peer
+from node.services.runtime import open_runtime
 from node.store.ledger import LedgerStore
 from node.store.secrets import read_seed
 from tests.support.nodes import NodeProcess, free_port, wait_until
@@ -397,6 +400,55 @@ class TestPartition:
         finally:
             for proxy in (a_via_proxy, b_via_proxy):
                 proxy.close()
+
+
+class TestAddresses:
+    def test_an_address_serving_less_than_the_member_announced_is_passed_over(
+        self, node_factory: Factory
+    ) -> None:
+        a, b = node_factory("a.example/imageshare"), node_factory("b.example/imageshare")
+        quiet(a, interval=60)
+        add_member(a, b.origin, "http://placeholder.invalid", b.vkey)
+
+        async def scenario() -> None:
+            urls: dict[int, str] = {}
+            runners = []
+            for size in (1, 2):  # a stale copy of b's log, and b as it is now
+
+                async def listing(_r: web.Request, size: int = size) -> web.Response:
+                    return web.json_response([{"origin": b.origin, "size": size}])
+
+                app = web.Application()
+                app.router.add_get("/ledger/logs", listing)
+                runner = web.AppRunner(app, access_log=None)
+                await runner.setup()
+                port = free_port()
+                await web.TCPSite(runner, "127.0.0.1", port).start()
+                urls[size] = f"http://127.0.0.1:{port}"
+                runners.append(runner)
+            add_member(a, b.origin, urls[2], b.vkey)
+            runtime = open_runtime(a.config)
+            replication = replication_of(runtime)
+            replication.roster.learn_url(b.origin, urls[1])  # as a spoofed announcement would
+            await replication.start()
+            try:
+
+                async def used_url(expected: str) -> None:
+                    deadline = time.monotonic() + 10
+                    while replication.peers.get(b.origin, PeerStatus()).url != expected:
+                        assert time.monotonic() < deadline, f"never used {expected}"
+                        await asyncio.sleep(0.05)
+
+                await used_url(urls[1])  # no reason yet to doubt the learned address
+                replication.notify_received(b.origin, log_id(b.origin), 2)
+                await used_url(urls[2])
+            finally:
+                await replication.stop()
+                runtime.close()
+                for runner in runners:
+                    await runner.cleanup()
+
+        asyncio.run(scenario())
 
 
 class TestEquivocation:
