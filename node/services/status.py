@@ -39,6 +39,8 @@ RECENT_ENTRIES = 25
 RECENT_TRANSFERS = 20
 MAX_STUDIES = 200
 MAX_QUERY_CHARS = 200
+# Seconds the index's counts (studies, instances, bytes) are reused between polls.
+COUNTS_MAX_AGE = 3.0
 AUDIT_STATE_DIR = "dashboard-audit"
 AUDIT_TIMEOUT = 10.0
 
@@ -177,6 +179,7 @@ class StatusService:
         self.runtime = runtime
         self._audit_lock = asyncio.Lock()
         self.last_audit: dict[str, Any] | None = None
+        self._counts: tuple[float, dict[str, int]] | None = None
 
     # -- the summary the page polls -------------------------------------------------------
 
@@ -203,7 +206,12 @@ class StatusService:
         """Identity, version, uptime, storage, and what the index holds. Blocking."""
         runtime = self.runtime
         disk = shutil.disk_usage(runtime.config.data_dir)
-        counts = runtime.store.counts()
+        now = time.monotonic()
+        if self._counts is None or now - self._counts[0] >= COUNTS_MAX_AGE:
+            # Summing sizes scans the instance index: at most once per COUNTS_MAX_AGE,
+            # however many pages poll.
+            self._counts = (now, runtime.store.counts())
+        counts = self._counts[1]
         return {
             "origin": runtime.config.origin,
             "vkey": runtime.identity.vkey,
