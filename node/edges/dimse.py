@@ -159,10 +159,11 @@ class DimseGateway:
 
     def on_rejected(self, event: Event) -> None:
         calling = event.assoc.requestor.ae_title
-        if self.config.allowed_calling_aes and calling not in self.config.allowed_calling_aes:
+        allowed = {title.strip() for title in self.config.allowed_calling_aes}
+        if allowed and calling.strip() not in allowed:
             reason = "calling AE title is not on the allow-list"
         else:
-            reason = "no acceptable presentation context or bad request"
+            reason = "refused by pynetdicom's association rules (e.g. too many associations)"
         log.warning(
             "DIMSE association from %r at %s rejected: %s",
             calling,
@@ -236,14 +237,18 @@ class DimseGateway:
             return
         failure: Dataset | None = None
         records: list[InstanceRecord] = []
+        # A failure is reported after a count of one, for which pynetdicom first opens the
+        # association to the destination: it needs some context even then.
+        contexts = [build_context(Verification)]
         try:
             records = self._select(event)
-            contexts = storage_contexts(records) if records else []
+            if records:
+                contexts = storage_contexts(records)
         except Exception as exc:
             self._log_failure("C-MOVE", event, exc)
             failure = failure_status(exc, identifier_error=True)
         options = {
-            "contexts": contexts if failure is None and records else [build_context(Verification)],
+            "contexts": contexts,
             "evt_handlers": LOW_LATENCY_HANDLERS,
             "max_pdu": MAX_PDU_BYTES,
         }
