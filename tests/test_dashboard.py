@@ -306,6 +306,8 @@ class TestWithoutTheToken:
             policy = response.headers["Content-Security-Policy"]
             assert "set-cookie" not in {k.lower() for k in response.headers}
         assert "default-src 'none'" in policy and "connect-src 'self'" in policy
+        with urllib.request.urlopen(fed.b.url + "/admin/", timeout=10) as response:
+            assert response.url == fed.b.url + "/admin"
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(fed.b.url + "/admin/static/..%2fadmin.py", timeout=10)
         assert refused.value.code == 404
