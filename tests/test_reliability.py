@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import http.client
 import io
 import json
 import threading
@@ -138,7 +139,7 @@ class Burst:
         while not self._stop.is_set():
             try:
                 result = self._action(worker, round_)
-            except (OSError, ValueError):
+            except (OSError, ValueError, http.client.HTTPException):
                 return  # the node was killed under us: whatever was not answered is not ours
             if result is not None:
                 with self._lock:
@@ -150,8 +151,11 @@ class Burst:
             return len(self.acknowledged)
 
     def stop(self) -> list[Any]:
+        """Stop the workers; re-raises a worker's failure (a wrong answer before the kill)."""
         self._stop.set()
         self._pool.shutdown(wait=True)
+        for future in self._futures:
+            future.result()
         return list(self.acknowledged)
 
 
