@@ -397,9 +397,9 @@ class TestDiskFull:
             assert len(refused) > 50, "the disk never filled up"
             # A modality pushing by C-STORE is told the same, as "out of resources".
             data = next(iter(refused.values()))
-            status = c_store(node, pydicom.dcmread(io.BytesIO(data)))
-            assert status.Status == 0xA700
-            assert "disk is full" in status.ErrorComment
+            answer = c_store(node, pydicom.dcmread(io.BytesIO(data)))
+            assert answer.Status == 0xA700
+            assert "disk is full" in answer.ErrorComment
 
             # Still up, still serving what it has, nothing half-stored.
             assert healthy(node)

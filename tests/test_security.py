@@ -111,7 +111,7 @@ class TestNotesFailClosed:
     def test_text_is_parsed_as_note_checkpoint_and_vkey_or_refused(self, text: str) -> None:
         for parse in (notes.parse_note, notes.Checkpoint.parse, notes.parse_vkey):
             with contextlib.suppress(*FAIL_CLOSED):
-                parse(text)  # type: ignore[operator]
+                parse(text)
 
     @FUZZ
     @given(st.text(max_size=80), st.text(max_size=80), st.text(max_size=120))
