@@ -16,7 +16,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
@@ -433,7 +433,7 @@ class TestRetrieve:
 
 
 class TestSopClassPolicy:
-    PRIVATE_CLASS = "1.2.826.0.1.3680043.8.498.99.1"
+    PRIVATE_CLASS = UID("1.2.826.0.1.3680043.8.498.99.1")
 
     def _private_dataset(self) -> Dataset:
         ds = _ct_dataset()
