@@ -494,3 +494,33 @@ class TestWalletModules:
             "float": "refused",
             "big_int": "refused",
         }
+
+
+class TestInstallableApp:
+    def test_the_installed_app_shows_my_key_with_no_network(self, hospitals: Hospitals) -> None:
+        a = hospitals.a
+        with chromium_session("wallet-offline", PHONE, service_workers="allow") as browser:
+            page = browser.new_page()
+            key_text = _create_key(page, a.url)
+            manifest = page.evaluate("fetch('manifest.webmanifest').then((r) => r.json())")
+            assert (manifest["display"], manifest["start_url"]) == ("standalone", "./")
+            page.evaluate("navigator.serviceWorker.ready.then(() => true)")
+            wait_until(
+                lambda: page.evaluate(
+                    "navigator.serviceWorker.controller !== null && caches.keys()"
+                    ".then((names) => Promise.all(names.map((n) => caches.open(n))))"
+                    ".then((all) => Promise.all(all.map((c) => c.keys())))"
+                    ".then((lists) => lists.flat().length >= 12)"
+                ),
+                message="the service worker to control the page and keep the app's files",
+            )
+            page.context.set_offline(True)
+            try:
+                page.reload()
+                _ready(page, "key")
+                assert str(page.text_content("#pubkey")).strip() == key_text
+                assert page.get_attribute("#pubkey-qr svg", "data-text") == key_text
+                assert "No connection" in str(page.text_content("#message"))
+                page.shot("9-offline-key")
+            finally:
+                page.context.set_offline(False)

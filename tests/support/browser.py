@@ -103,10 +103,11 @@ class ChromiumSession:
 
 @contextlib.contextmanager
 def chromium_session(
-    name: str, viewport: tuple[int, int] = (1280, 900)
+    name: str, viewport: tuple[int, int] = (1280, 900), service_workers: str = "block"
 ) -> Iterator[ChromiumSession]:
     """Launch headless Chromium (skips or fails per require_chromium); screenshots go to
-    ``test-artifacts/<name>/`` at the repository root."""
+    ``test-artifacts/<name>/`` at the repository root. ``service_workers="allow"`` lets an
+    installable app (the wallet) register its worker."""
     executable = require_chromium()
     from playwright.sync_api import sync_playwright
 
@@ -121,7 +122,7 @@ def chromium_session(
                 headless=True,
                 args=CHROMIUM_ARGS,
                 viewport={"width": viewport[0], "height": viewport[1]},
-                service_workers="block",
+                service_workers=service_workers,
             )
             try:
                 yield ChromiumSession(context, artifacts)

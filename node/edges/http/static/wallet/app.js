@@ -75,7 +75,15 @@ async function show(screen) {
 // -- the node and its log key ----------------------------------------------------------
 
 async function connect() {
-  app.node = await describeNode();
+  try {
+    app.node = await describeNode();
+    await store.put("node", app.node);
+  } catch (error) {
+    // Offline (or the node is down): what this phone last knew is enough to show my key.
+    app.node = await store.get("node");
+    if (!app.node) throw error;
+    say("No connection to the hospital: showing what this phone knows.", "info");
+  }
   $("custodian").textContent = app.node.origin;
   // Pinned on first contact, like the command-line wallet: a changed log key is refused.
   const pinName = "pin:" + app.node.origin;
@@ -102,8 +110,13 @@ async function loadKey() {
     const { studies } = await signedJson(app.key, "GET", "/patient/studies");
     $("enrollment").textContent = `Enrolled here: ${studies.length} ${studies.length === 1 ? "study" : "studies"}.`;
   } catch (error) {
-    if (!(error instanceof RequestFailed) || error.status !== 401) throw error;
-    $("enrollment").textContent = "Not enrolled here yet.";
+    if (!(error instanceof RequestFailed)) {
+      $("enrollment").textContent = "Could not reach the hospital to check enrollment.";
+    } else if (error.status === 401) {
+      $("enrollment").textContent = "Not enrolled here yet.";
+    } else {
+      throw error;
+    }
   }
 }
 

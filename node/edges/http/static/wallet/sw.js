@@ -1,6 +1,7 @@
 // The wallet's service worker: the app shell (its own files only) is kept for use with no
-// network. Network first, so an updated node serves an updated wallet; /patient and
-// /ledger requests are never touched or cached here.
+// network. A kept file is answered at once and refreshed in the background, so an
+// updated node's wallet shows from the next start; /patient and /ledger requests are
+// never touched or cached here.
 
 const CACHE = "imageshare-wallet-v1";
 const SHELL = [
@@ -25,14 +26,17 @@ self.addEventListener("fetch", (event) => {
   if (event.request.method !== "GET" || url.origin !== self.location.origin) return;
   if (!url.pathname.startsWith("/wallet/")) return;
   event.respondWith(
-    fetch(event.request)
-      .then((response) => {
-        if (response.ok) {
-          const copy = response.clone();
-          caches.open(CACHE).then((cache) => cache.put(event.request, copy));
-        }
+    caches.open(CACHE).then(async (cache) => {
+      // Module scripts are requested with an Origin header, and the node's CORS answer
+      // varies by Origin: the kept copy is the same file whatever the Origin.
+      const cached = await cache.match(event.request, { ignoreVary: true });
+      const fresh = fetch(event.request).then((response) => {
+        if (response.ok) cache.put(event.request, response.clone());
         return response;
-      })
-      .catch(() => caches.match(event.request)),
+      });
+      if (!cached) return fresh;
+      fresh.catch(() => {}); // offline: the kept copy is the answer
+      return cached;
+    }),
   );
 });
