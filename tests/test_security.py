@@ -457,12 +457,16 @@ class TestSlowClients:
             "POST", "/dicomweb/studies", {**node.auth, "Content-Type": STOW_TYPE}, 10_000
         )
         head_only = body.split(b"\r\n")[0] + b"\r\nHost: 127.0.0.1\r\n"
-        clients = [faults.SlowClient(node.http_port) for _ in range(3)]
-        stalled_headers, stalled_body, trickler = clients
+        # A signed route reads its body before it can check the signature.
+        p2p_body = node_headers(target.member, "/p2p/notify", bytes(1000))
+        p2p = faults.request_head("POST", "/p2p/notify", p2p_body, 1000)
+        clients = [faults.SlowClient(node.http_port) for _ in range(4)]
+        stalled_headers, stalled_body, trickler, stalled_p2p = clients
         before = object_count(node)
         try:
             stalled_headers.send(head_only)  # never finishes its headers
             stalled_body.send(body + b"--fuzz-boundary\r\n")  # headers, then nothing
+            stalled_p2p.send(p2p + bytes(10))
             trickler.send(body)
             trickler.trickle(b"--fuzz-boundary\r\n" + b"x" * 5000, interval=0.1)
             # The others are served at full speed meanwhile.
@@ -476,6 +480,7 @@ class TestSlowClients:
                 client.close()
         assert object_count(node) == before
         wait_until(lambda: not list((node.data_dir / "tmp").iterdir()), timeout=5)
+        assert "unhandled error" not in node.log_path.read_text()  # a cut is no crash
 
     def test_a_slow_but_steady_upload_is_not_cut_off(self, target: Target, tmp_path: Path):
         node = target.node

@@ -45,6 +45,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(exc.http_status, str(exc))
     except web.HTTPException:
         raise
+    except ConnectionError:
+        # The client left (or was cut off as too slow) mid-request: no fault of the node.
+        log.info("client gone during %s %s", request.method, request.path)
+        return error_response(400, "the connection closed before the request ended")
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "internal error; see the node's log")
