@@ -17,6 +17,7 @@ import re
 import socket
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -616,6 +617,43 @@ class TestStowFuzz:
         headers = {**target.node.auth, "Content-Type": STOW_TYPE}
         status, answer = raw(target.node, "POST", "/dicomweb/studies", headers, body)
         assert status == 400 and b"malformed multipart body" in answer
+
+
+class TestDicomwebReadFuzz:
+    @LIVE
+    @given(
+        st.lists(
+            st.tuples(
+                st.sampled_from(
+                    ["PatientID", "StudyDate", "limit", "offset", "fuzzy", "includefield"]
+                )
+                | st.text(max_size=10),
+                st.text(max_size=30),
+            ),
+            max_size=4,
+        ),
+        st.text(max_size=40),
+        st.sampled_from(["", "application/dicom+json", 'multipart/related; type="x"'])
+        | st.text(max_size=60),
+    )
+    def test_queries_frames_and_accept_headers_never_fail_the_node(
+        self, target: Target, query: list[tuple[str, str]], frames: str, accept: str
+    ) -> None:
+        node, study = target.node, target.study
+        instance = (
+            f"/dicomweb/studies/{study.study_uid}/series/{study.series_uids[0]}"
+            f"/instances/{study.sop_uids[0]}"
+        )
+        accept = "".join(c for c in accept if c.isprintable())
+        headers = {**node.auth, "Accept": accept} if accept else node.auth
+        for path in (
+            "/dicomweb/studies?" + urllib.parse.urlencode(query),
+            f"{instance}/frames/{urllib.parse.quote(frames, safe='')}",
+            instance,
+            f"{instance}/metadata",
+        ):
+            status, answer = raw(node, "GET", path, headers)
+            assert status < 500, (path, accept, status, answer[:300])
 
 
 class TestDimseFuzz:
