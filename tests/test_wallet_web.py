@@ -285,6 +285,15 @@ class TestPatientStory:
                 f"/patient/studies/{chest_ref}/series/0/preview",
             } <= paths
             _assert_signed_by(patient_requests, key_text)
+            # The same requests unsigned, or replayed, are refused.
+            for request in patient_requests:
+                if request["method"] == "GET":
+                    assert _get(a, urlsplit(request["url"]).path, None)[0] == 401
+            roster = next(r for r in patient_requests if r["url"].endswith("/patient/roster"))
+            replayed = urllib.request.Request(roster["url"], headers=roster["headers"])
+            with pytest.raises(urllib.error.HTTPError) as refusal:
+                urllib.request.urlopen(replayed, timeout=30)
+            assert refusal.value.code == 401 and b"replayed nonce" in refusal.value.read()
 
         # The sealed backup restores the same key in another browser.
         with chromium_session("wallet-restore", viewport=PHONE) as browser:
