@@ -404,6 +404,22 @@ class TestPathTraversal:
             assert not any(s in body for s in secrets), path
         assert probed > 100
 
+    def test_patient_path_parameters_refuse_traversal_behind_a_valid_signature(
+        self, target: Target
+    ) -> None:
+        node = target.node
+        templates = sorted(
+            {t for m, t in _routes(node) if m == "GET" and t.startswith("/patient/") and "{" in t}
+        )
+        assert templates
+        for template in templates:
+            for payload in (*self.PAYLOADS, "A" * 43, "x" * 2000):
+                path = re.sub(r"\{[^}]+\}", payload, template)
+                headers = signed_headers(target.patient, "GET", path)
+                status, answer = raw(node, "GET", path, headers)
+                # Signed correctly, so refused by the route itself, not for the signature.
+                assert 400 <= status < 500 and status != 401, (path, status, answer[:300])
+
     def test_nul_and_control_bytes_in_the_request_line_are_refused(self, target: Target):
         for path in ("/wallet/\x00", "/dicomweb/studies/1.2\x00/metadata", "/ledger/logs/\r"):
             with socket.create_connection(("127.0.0.1", target.node.http_port), timeout=5) as c:
