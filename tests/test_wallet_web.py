@@ -24,17 +24,22 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import numpy as np
 import pydicom
 import pytest
 import qrcode
 import qrcode.util
 from PIL import Image
 from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from node.core.consent import decode_grant, parse_token_text
 from node.core.encoding import canonical_encode
 from node.core.patient_keys import PatientKey, parse_public_key
 from node.core.signed_requests import check_signature, parse_headers
+from node.errors import BadInput
+from node.services.previews import render_preview
 from node.services.wallet import Wallet
 from tests.support.browser import chromium_session
 from tests.support.nodes import NodeProcess, init_node, wait_until
@@ -533,3 +538,96 @@ class TestInstallableApp:
                 page.shot("9-offline-key")
             finally:
                 page.context.set_offline(False)
+
+
+def _image_file(
+    directory: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", **extra: Any
+) -> Path:
+    """A Secondary Capture file holding ``pixels`` (frames x rows x columns [x 3])."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    frames, rows, columns = pixels.shape[:3]
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, columns, frames
+    ds.SamplesPerPixel = 3 if pixels.ndim == 4 else 1
+    ds.PhotometricInterpretation = photometric
+    if pixels.ndim == 4:
+        ds.PlanarConfiguration = 0
+    ds.BitsAllocated = ds.BitsStored = pixels.dtype.itemsize * 8
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 0
+    for name, value in extra.items():
+        setattr(ds, name, value)
+    ds.PixelData = pixels.tobytes()
+    path = directory / f"{generate_uid()}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _png(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+class TestRenderPreview:
+    def test_the_middle_frame_is_shown_dark_to_bright_as_stored(self, tmp_path: Path) -> None:
+        ramp = np.tile(np.arange(0, 4000, 40, dtype=np.uint16), (50, 1))  # dark left
+        frames = np.stack([ramp[:, ::-1], ramp, ramp[:, ::-1]])
+        image = _png(render_preview(_image_file(tmp_path, frames)))
+        assert (image.mode, image.size) == ("L", (100, 50))
+        assert image.getpixel((0, 25)) < 20 and image.getpixel((99, 25)) > 235
+
+    def test_monochrome1_is_inverted(self, tmp_path: Path) -> None:
+        ramp = np.tile(np.arange(0, 4000, 40, dtype=np.uint16), (50, 1))[np.newaxis]
+        image = _png(render_preview(_image_file(tmp_path, ramp, "MONOCHROME1")))
+        assert image.getpixel((0, 25)) > 235 and image.getpixel((99, 25)) < 20
+
+    def test_the_stored_window_is_applied(self, tmp_path: Path) -> None:
+        ramp = np.tile(np.arange(0, 4000, 40, dtype=np.uint16), (50, 1))[np.newaxis]
+        # Everything above 1000 is white in this window, so most of the ramp saturates.
+        path = _image_file(tmp_path, ramp, WindowCenter=500, WindowWidth=1000)
+        image = _png(render_preview(path))
+        assert image.getpixel((50, 25)) == image.getpixel((99, 25)) == 255
+        assert image.getpixel((5, 25)) < 128
+
+    def test_colour_stays_colour_and_large_images_shrink(self, tmp_path: Path) -> None:
+        rgb = np.zeros((1, 400, 600, 3), dtype=np.uint8)
+        rgb[..., 0] = 255  # red
+        image = _png(render_preview(_image_file(tmp_path, rgb, "RGB")))
+        assert (image.mode, image.size) == ("RGB", (160, 107))
+
+    def test_a_file_without_pixels_is_refused(self) -> None:
+        with pytest.raises(BadInput, match="cannot be previewed"):
+            render_preview(Path(str(get_testdata_file("rtplan.dcm"))))
+
+
+class TestWalletPages:
+    def test_files_are_served_by_name_with_a_same_origin_policy(self, hospitals: Hospitals) -> None:
+        a = hospitals.a
+        with urllib.request.urlopen(a.url + "/wallet", timeout=10) as response:
+            assert response.url == a.url + "/wallet/"
+            assert response.headers["Content-Type"] == "text/html; charset=utf-8"
+            policy = response.headers["Content-Security-Policy"]
+            etag = response.headers["ETag"]
+        assert "default-src 'self'" in policy and "connect-src 'self'" in policy
+        assert "frame-ancestors 'none'" in policy
+        revalidate = urllib.request.Request(a.url + "/wallet/", headers={"If-None-Match": etag})
+        with pytest.raises(urllib.error.HTTPError) as not_modified:
+            urllib.request.urlopen(revalidate, timeout=10)
+        assert not_modified.value.code == 304
+        for name, content_type in [
+            ("app.js", "text/javascript; charset=utf-8"),
+            ("manifest.webmanifest", "application/manifest+json"),
+        ]:
+            with urllib.request.urlopen(f"{a.url}/wallet/{name}", timeout=10) as response:
+                assert response.headers["Content-Type"] == content_type
+        for missing in ["nothing.js", "..%2Fnode.toml", "%2e%2e/node.toml"]:
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(f"{a.url}/wallet/{missing}", timeout=10)
+            assert refused.value.code == 404
