@@ -569,6 +569,12 @@ def _image_file(
     return path
 
 
+def _grey(image: Image.Image, x: int, y: int) -> int:
+    value = image.getpixel((x, y))
+    assert isinstance(value, int)
+    return value
+
+
 def _png(data: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     image.load()
@@ -581,20 +587,20 @@ class TestRenderPreview:
         frames = np.stack([ramp[:, ::-1], ramp, ramp[:, ::-1]])
         image = _png(render_preview(_image_file(tmp_path, frames)))
         assert (image.mode, image.size) == ("L", (100, 50))
-        assert image.getpixel((0, 25)) < 20 and image.getpixel((99, 25)) > 235
+        assert _grey(image, 0, 25) < 20 and _grey(image, 99, 25) > 235
 
     def test_monochrome1_is_inverted(self, tmp_path: Path) -> None:
         ramp = np.tile(np.arange(0, 4000, 40, dtype=np.uint16), (50, 1))[np.newaxis]
         image = _png(render_preview(_image_file(tmp_path, ramp, "MONOCHROME1")))
-        assert image.getpixel((0, 25)) > 235 and image.getpixel((99, 25)) < 20
+        assert _grey(image, 0, 25) > 235 and _grey(image, 99, 25) < 20
 
     def test_the_stored_window_is_applied(self, tmp_path: Path) -> None:
         ramp = np.tile(np.arange(0, 4000, 40, dtype=np.uint16), (50, 1))[np.newaxis]
         # Everything above 1000 is white in this window, so most of the ramp saturates.
         path = _image_file(tmp_path, ramp, WindowCenter=500, WindowWidth=1000)
         image = _png(render_preview(path))
-        assert image.getpixel((50, 25)) == image.getpixel((99, 25)) == 255
-        assert image.getpixel((5, 25)) < 128
+        assert _grey(image, 50, 25) == _grey(image, 99, 25) == 255
+        assert _grey(image, 5, 25) < 128
 
     def test_colour_stays_colour_and_large_images_shrink(self, tmp_path: Path) -> None:
         rgb = np.zeros((1, 400, 600, 3), dtype=np.uint8)

@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import pytest
@@ -103,7 +103,9 @@ class ChromiumSession:
 
 @contextlib.contextmanager
 def chromium_session(
-    name: str, viewport: tuple[int, int] = (1280, 900), service_workers: str = "block"
+    name: str,
+    viewport: tuple[int, int] = (1280, 900),
+    service_workers: Literal["allow", "block"] = "block",
 ) -> Iterator[ChromiumSession]:
     """Launch headless Chromium (skips or fails per require_chromium); screenshots go to
     ``test-artifacts/<name>/`` at the repository root. ``service_workers="allow"`` lets an
