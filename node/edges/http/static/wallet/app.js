@@ -30,7 +30,9 @@ function when(seconds) {
 }
 
 function studyDate(text) {
-  return /^\d{8}$/.test(text) ? `${text.slice(0, 4)}-${text.slice(4, 6)}-${text.slice(6)}` : text || "undated";
+  return /^\d{8}$/.test(text)
+    ? `${text.slice(0, 4)}-${text.slice(4, 6)}-${text.slice(6)}`
+    : text || "undated";
 }
 
 function studyName(ref) {
@@ -61,7 +63,12 @@ async function show(screen) {
     tab.classList.toggle("current", tab.dataset.screen === screen);
   }
   document.body.dataset.screen = screen;
-  const loaders = { key: loadKey, studies: loadStudies, tokens: loadTokens, activity: loadActivity };
+  const loaders = {
+    key: loadKey,
+    studies: loadStudies,
+    tokens: loadTokens,
+    activity: loadActivity,
+  };
   document.body.dataset.ready = "false";
   try {
     if (loaders[screen]) await loaders[screen]();
@@ -108,7 +115,8 @@ async function loadKey() {
   $("pubkey-qr").replaceChildren(qrSvg(app.key.publicText, "my key as a QR code"));
   try {
     const { studies } = await signedJson(app.key, "GET", "/patient/studies");
-    $("enrollment").textContent = `Enrolled here: ${studies.length} ${studies.length === 1 ? "study" : "studies"}.`;
+    $("enrollment").textContent =
+      `Enrolled here: ${studies.length} ${studies.length === 1 ? "study" : "studies"}.`;
   } catch (error) {
     if (!(error instanceof RequestFailed)) {
       $("enrollment").textContent = "Could not reach the hospital to check enrollment.";
@@ -136,7 +144,9 @@ function setupScreen() {
     await show("key");
   });
   action($("backup-button"), async () => {
-    const blob = new Blob([JSON.stringify(app.wallet.backup, null, 2) + "\n"], { type: "application/json" });
+    const blob = new Blob([JSON.stringify(app.wallet.backup, null, 2) + "\n"], {
+      type: "application/json",
+    });
     const link = el("a");
     link.href = URL.createObjectURL(blob);
     link.download = "imageshare-wallet-backup.json";
@@ -167,11 +177,13 @@ async function loadStudies() {
   if (!app.studies.length) list.replaceChildren(el("li", "muted", "No studies here."));
   else list.replaceChildren(...app.studies.map(studyCard));
   const { members } = await signedJson(app.key, "GET", "/patient/roster");
-  $("grantee").replaceChildren(...members.map((origin) => {
-    const option = el("option", "", origin);
-    option.value = origin;
-    return option;
-  }));
+  $("grantee").replaceChildren(
+    ...members.map((origin) => {
+      const option = el("option", "", origin);
+      option.value = origin;
+      return option;
+    }),
+  );
   await Promise.all(app.studies.map(loadPreviews));
 }
 
@@ -184,9 +196,14 @@ function studyCard(study) {
   box.value = study.ref;
   box.className = "choose";
   const text = el("div");
+  const modalities = study.modalities.join(", ") || "?";
   text.append(
     el("div", "study-title", study.description || "Study"),
-    el("div", "muted", `${studyDate(study.date)} · ${study.modalities.join(", ") || "?"} · ${study.instances} images`),
+    el(
+      "div",
+      "muted",
+      [studyDate(study.date), modalities, `${study.instances} images`].join(" · "),
+    ),
   );
   head.append(box, text);
   item.append(head, el("div", "previews"));
@@ -212,7 +229,9 @@ async function loadPreviews(study) {
 
 function grantScreen() {
   action($("grant-button"), async () => {
-    const scope = [...document.querySelectorAll("#studies-list input.choose:checked")].map((b) => b.value);
+    const scope = [...document.querySelectorAll("#studies-list input.choose:checked")].map(
+      (b) => b.value,
+    );
     if (!scope.length) throw new Error("choose at least one study to share");
     const grantee = $("grantee").value;
     if (!grantee) throw new Error("choose the hospital to share with");
@@ -237,8 +256,9 @@ function grantScreen() {
 async function showShare(record) {
   await show("share");
   const names = record.scope.map(studyName).join(", ");
-  $("share-summary").textContent = `${names} with ${record.grantee} until ${when(record.expires)}. `
-    + "Give them this code or link.";
+  $("share-summary").textContent =
+    `${names} with ${record.grantee} until ${when(record.expires)}. ` +
+    "Give them this code or link.";
   $("share-qr").replaceChildren(qrSvg(record.url, "the share as a QR code"));
   $("share-url").textContent = record.url;
   $("share-token-id").textContent = record.token_id;
@@ -254,35 +274,48 @@ async function loadTokens() {
     list.replaceChildren(el("li", "muted", "You have not shared anything here."));
     return;
   }
-  list.replaceChildren(...tokens.slice().reverse().map((token) => {
-    const item = el("li", "token");
-    item.dataset.tokenId = token.token_id;
-    item.dataset.status = token.status;
-    const mine = local.get(token.token_id);
-    item.append(
-      el("span", `status ${token.status}`, token.status),
-      el("div", "study-title", `To ${token.grantee}`),
-      el("div", "muted", `until ${when(token.expires)} · token ${token.token_id.slice(0, 12)}…`),
-    );
-    if (mine) {
-      item.append(el("div", "muted", mine.scope.map(studyName).join(", ")));
-      const open = el("button", "", "Show code");
-      open.addEventListener("click", () => showShare(mine));
-      item.append(open);
-    }
-    if (token.status === "active") {
-      const revoke = el("button", "revoke", "Revoke");
-      action(revoke, async () => {
-        const revocation = await makeRevocation(app.key, fromHex(token.token_id), Math.floor(Date.now() / 1000));
-        const answer = await signedJson(app.key, "POST", "/patient/revocations", revocation);
-        await verifyRecorded(answer, app.vkey, "revoke", "revocation", revocation);
-        say("Revoked: that hospital can no longer fetch with it.", "info");
-        await show("tokens");
-      });
-      item.append(revoke);
-    }
-    return item;
-  }));
+  list.replaceChildren(
+    ...tokens
+      .slice()
+      .reverse()
+      .map((token) => {
+        const item = el("li", "token");
+        item.dataset.tokenId = token.token_id;
+        item.dataset.status = token.status;
+        const mine = local.get(token.token_id);
+        item.append(
+          el("span", `status ${token.status}`, token.status),
+          el("div", "study-title", `To ${token.grantee}`),
+          el(
+            "div",
+            "muted",
+            `until ${when(token.expires)} · token ${token.token_id.slice(0, 12)}…`,
+          ),
+        );
+        if (mine) {
+          item.append(el("div", "muted", mine.scope.map(studyName).join(", ")));
+          const open = el("button", "", "Show code");
+          open.addEventListener("click", () => showShare(mine));
+          item.append(open);
+        }
+        if (token.status === "active") {
+          const revoke = el("button", "revoke", "Revoke");
+          action(revoke, async () => {
+            const revocation = await makeRevocation(
+              app.key,
+              fromHex(token.token_id),
+              Math.floor(Date.now() / 1000),
+            );
+            const answer = await signedJson(app.key, "POST", "/patient/revocations", revocation);
+            await verifyRecorded(answer, app.vkey, "revoke", "revocation", revocation);
+            say("Revoked: that hospital can no longer fetch with it.", "info");
+            await show("tokens");
+          });
+          item.append(revoke);
+        }
+        return item;
+      }),
+  );
 }
 
 // -- activity --------------------------------------------------------------------------
@@ -298,9 +331,12 @@ async function loadActivity() {
   }
   const ids = new Set(tokens.map((t) => t.token_id));
   const { events, checkpoint, cosigners } = await myEvents(app.node, app.vkey, ids);
-  const witnessed = cosigners.length ? `witnessed by ${cosigners.join(", ")}` : "not yet witnessed by another hospital";
+  const witnessed = cosigners.length
+    ? `witnessed by ${cosigners.join(", ")}`
+    : "not yet witnessed by another hospital";
   $("activity-summary").textContent =
-    `Checked in the browser against ${app.node.origin}'s log of ${checkpoint.size} entries (signature verified, ${witnessed}).`;
+    `Checked in the browser against ${app.node.origin}'s log of ${checkpoint.size} entries ` +
+    `(signature verified, ${witnessed}).`;
   const list = $("activity-list");
   if (!events.length) {
     list.replaceChildren(el("li", "muted", "Nobody has used your shares yet."));
@@ -316,7 +352,8 @@ function eventCard(event) {
   item.dataset.index = String(event.index);
   let title;
   if (entry.kind === "access") {
-    title = `${entry.grantee} received ${studyName(toB64url(entry.study))}: ${entry.instances} images`;
+    const study = studyName(toB64url(entry.study));
+    title = `${entry.grantee} received ${study}: ${entry.instances} images`;
   } else if (entry.kind === "denial") {
     // A refusal may name no study (the token was refused before any study was asked).
     const what = entry.study ? " " + studyName(toB64url(entry.study)) : "";
@@ -328,7 +365,9 @@ function eventCard(event) {
   const proven = event.included && event.cosigners.length > 0;
   const proof = event.included
     ? `Proven: entry ${event.index} is in the signed log` +
-      (event.cosigners.length ? `, witnessed by ${event.cosigners.join(", ")}` : " (not yet witnessed)")
+      (event.cosigners.length
+        ? `, witnessed by ${event.cosigners.join(", ")}`
+        : " (not yet witnessed)")
     : "NOT PROVEN: the inclusion proof does not verify";
   item.append(
     el("span", `status ${entry.kind === "revoke" ? "revoked" : entry.kind}`, label),

@@ -66,7 +66,11 @@ export function loadWallet() {
 async function saveSeed(seed, passphrase) {
   const backup = await sealSeed(seed, passphrase);
   const seedKey = await crypto.subtle.importKey(
-    "raw", seed, { name: "HMAC", hash: "SHA-512" }, false, ["sign"],
+    "raw",
+    seed,
+    { name: "HMAC", hash: "SHA-512" },
+    false,
+    ["sign"],
   );
   seed.fill(0);
   const wallet = { seedKey, backup, created: Date.now() };
@@ -103,7 +107,11 @@ async function sealSeed(seed, passphrase) {
   const salt = randomBytes(16);
   const iv = randomBytes(12);
   const key = await backupKey(passphrase, salt, PBKDF2_ITERATIONS, "encrypt");
-  const box = await crypto.subtle.encrypt({ name: "AES-GCM", iv, additionalData: BACKUP_AAD }, key, seed);
+  const box = await crypto.subtle.encrypt(
+    { name: "AES-GCM", iv, additionalData: BACKUP_AAD },
+    key,
+    seed,
+  );
   return {
     format: BACKUP_FORMAT,
     version: 1,
@@ -130,9 +138,16 @@ export async function openBackup(text, passphrase) {
   if (doc && doc.encryption === "argon2id-secretbox") {
     throw new Error("a passphrase-sealed command-line wallet cannot be opened in the browser");
   }
-  if (!doc || doc.format !== BACKUP_FORMAT || doc.version !== 1 || doc.kdf !== "PBKDF2-SHA256"
-      || doc.cipher !== "AES-256-GCM" || !Number.isSafeInteger(doc.iterations)
-      || doc.iterations < 100000 || doc.iterations > 10000000) {
+  if (
+    !doc ||
+    doc.format !== BACKUP_FORMAT ||
+    doc.version !== 1 ||
+    doc.kdf !== "PBKDF2-SHA256" ||
+    doc.cipher !== "AES-256-GCM" ||
+    !Number.isSafeInteger(doc.iterations) ||
+    doc.iterations < 100000 ||
+    doc.iterations > 10000000
+  ) {
     throw new Error("that file is not a wallet backup");
   }
   const key = await backupKey(passphrase, fromBase64(doc.salt), doc.iterations, "decrypt");

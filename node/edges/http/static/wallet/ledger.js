@@ -223,7 +223,11 @@ export async function myEvents(node, pinnedVkey, tokenIds) {
     );
     const proof = answer.proof.map(fromBase64);
     const included = await verifyInclusion(
-      proof, await leafHash(raws[index]), index, checkpoint.size, checkpoint.root,
+      proof,
+      await leafHash(raws[index]),
+      index,
+      checkpoint.size,
+      checkpoint.root,
     );
     events.push({ index, entry, tokenId: id, included, cosigners, size: checkpoint.size });
   }
@@ -237,12 +241,22 @@ export async function myEvents(node, pinnedVkey, tokenIds) {
 export async function verifyRecorded(answer, pinnedVkey, kind, field, expected) {
   const raw = fromBase64(answer.entry);
   const entry = decode(raw);
-  if (entry.kind !== kind || !(entry[field] instanceof Uint8Array) || !equal(entry[field], expected)) {
+  if (
+    entry.kind !== kind ||
+    !(entry[field] instanceof Uint8Array) ||
+    !equal(entry[field], expected)
+  ) {
     throw new Error(`the node's proof is for another entry than my ${kind}`);
   }
   const checkpoint = await verifyCheckpoint(answer.checkpoint, pinnedVkey);
   const proof = answer.proof.map(fromBase64);
-  const ok = await verifyInclusion(proof, await leafHash(raw), answer.index, checkpoint.size, checkpoint.root);
+  const ok = await verifyInclusion(
+    proof,
+    await leafHash(raw),
+    answer.index,
+    checkpoint.size,
+    checkpoint.root,
+  );
   if (!ok) throw new Error(`the ${kind} is not proven to be in the hospital's log`);
   return answer.index;
 }

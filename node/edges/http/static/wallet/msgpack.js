@@ -107,27 +107,48 @@ function read(r, depth) {
   if ((tag & 0xf0) === 0x90) return readArray(r, tag & 0x0f, depth);
   if ((tag & 0xf0) === 0x80) return readMap(r, tag & 0x0f, depth);
   switch (tag) {
-    case 0xc0: return null;
-    case 0xc2: return false;
-    case 0xc3: return true;
-    case 0xc4: return r.take(r.uint(1)).slice();
-    case 0xc5: return r.take(r.uint(2)).slice();
-    case 0xc6: return r.take(r.uint(4)).slice();
-    case 0xcc: return r.uint(1);
-    case 0xcd: return r.uint(2);
-    case 0xce: return r.uint(4);
-    case 0xcf: return r.uint(8);
-    case 0xd0: return r.int(1);
-    case 0xd1: return r.int(2);
-    case 0xd2: return r.int(4);
-    case 0xd9: return fromUtf8(r.take(r.uint(1)));
-    case 0xda: return fromUtf8(r.take(r.uint(2)));
-    case 0xdb: return fromUtf8(r.take(r.uint(4)));
-    case 0xdc: return readArray(r, r.uint(2), depth);
-    case 0xdd: return readArray(r, r.uint(4), depth);
-    case 0xde: return readMap(r, r.uint(2), depth);
-    case 0xdf: return readMap(r, r.uint(4), depth);
-    default: throw new Error(`msgpack type 0x${tag.toString(16)} is not allowed`);
+    case 0xc0:
+      return null;
+    case 0xc2:
+      return false;
+    case 0xc3:
+      return true;
+    case 0xc4:
+      return r.take(r.uint(1)).slice();
+    case 0xc5:
+      return r.take(r.uint(2)).slice();
+    case 0xc6:
+      return r.take(r.uint(4)).slice();
+    case 0xcc:
+      return r.uint(1);
+    case 0xcd:
+      return r.uint(2);
+    case 0xce:
+      return r.uint(4);
+    case 0xcf:
+      return r.uint(8);
+    case 0xd0:
+      return r.int(1);
+    case 0xd1:
+      return r.int(2);
+    case 0xd2:
+      return r.int(4);
+    case 0xd9:
+      return fromUtf8(r.take(r.uint(1)));
+    case 0xda:
+      return fromUtf8(r.take(r.uint(2)));
+    case 0xdb:
+      return fromUtf8(r.take(r.uint(4)));
+    case 0xdc:
+      return readArray(r, r.uint(2), depth);
+    case 0xdd:
+      return readArray(r, r.uint(4), depth);
+    case 0xde:
+      return readMap(r, r.uint(2), depth);
+    case 0xdf:
+      return readMap(r, r.uint(4), depth);
+    default:
+      throw new Error(`msgpack type 0x${tag.toString(16)} is not allowed`);
   }
 }
 

@@ -4,16 +4,24 @@
 // Project Nayuki's reference encoder.
 
 const ECC_PER_BLOCK = {
-  L: [-1, 7, 10, 15, 20, 26, 18, 20, 24, 30, 18, 20, 24, 26, 30, 22, 24, 28, 30, 28, 28, 28, 28,
-    30, 30, 26, 28, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30],
-  M: [-1, 10, 16, 26, 18, 24, 16, 18, 22, 22, 26, 30, 22, 22, 24, 24, 28, 28, 26, 26, 26, 26, 28,
-    28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28],
+  L: [
+    -1, 7, 10, 15, 20, 26, 18, 20, 24, 30, 18, 20, 24, 26, 30, 22, 24, 28, 30, 28, 28, 28, 28, 30,
+    30, 26, 28, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30,
+  ],
+  M: [
+    -1, 10, 16, 26, 18, 24, 16, 18, 22, 22, 26, 30, 22, 22, 24, 24, 28, 28, 26, 26, 26, 26, 28, 28,
+    28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28,
+  ],
 };
 const BLOCKS = {
-  L: [-1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 4, 4, 4, 4, 4, 6, 6, 6, 6, 7, 8, 8, 9, 9, 10, 12, 12, 12, 13,
-    14, 15, 16, 17, 18, 19, 19, 20, 21, 22, 24, 25],
-  M: [-1, 1, 1, 1, 2, 2, 4, 4, 4, 5, 5, 5, 8, 9, 9, 10, 10, 11, 13, 14, 16, 17, 17, 18, 20, 21, 23,
-    25, 26, 28, 29, 31, 33, 35, 37, 38, 40, 43, 45, 47, 49],
+  L: [
+    -1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 4, 4, 4, 4, 4, 6, 6, 6, 6, 7, 8, 8, 9, 9, 10, 12, 12, 12, 13, 14,
+    15, 16, 17, 18, 19, 19, 20, 21, 22, 24, 25,
+  ],
+  M: [
+    -1, 1, 1, 1, 2, 2, 4, 4, 4, 5, 5, 5, 8, 9, 9, 10, 10, 11, 13, 14, 16, 17, 17, 18, 20, 21, 23,
+    25, 26, 28, 29, 31, 33, 35, 37, 38, 40, 43, 45, 47, 49,
+  ],
 };
 const FORMAT_BITS = { L: 1, M: 0 };
 
@@ -28,7 +36,9 @@ function rawDataModules(version) {
 }
 
 function dataCodewords(version, ecl) {
-  return Math.floor(rawDataModules(version) / 8) - ECC_PER_BLOCK[ecl][version] * BLOCKS[ecl][version];
+  return (
+    Math.floor(rawDataModules(version) / 8) - ECC_PER_BLOCK[ecl][version] * BLOCKS[ecl][version]
+  );
 }
 
 function gfMultiply(x, y) {
@@ -129,7 +139,11 @@ function drawFunctionPatterns(m, version) {
     m.set(6, i, i % 2 === 0);
     m.set(i, 6, i % 2 === 0);
   }
-  for (const [cx, cy] of [[3, 3], [size - 4, 3], [3, size - 4]]) {
+  for (const [cx, cy] of [
+    [3, 3],
+    [size - 4, 3],
+    [3, size - 4],
+  ]) {
     for (let dy = -4; dy <= 4; dy++) {
       for (let dx = -4; dx <= 4; dx++) {
         const dist = Math.max(Math.abs(dx), Math.abs(dy));
@@ -142,11 +156,14 @@ function drawFunctionPatterns(m, version) {
   const align = alignmentPositions(version);
   align.forEach((ay, i) => {
     align.forEach((ax, j) => {
-      const corner = (i === 0 && j === 0) || (i === 0 && j === align.length - 1)
-        || (i === align.length - 1 && j === 0);
+      const corner =
+        (i === 0 && j === 0) ||
+        (i === 0 && j === align.length - 1) ||
+        (i === align.length - 1 && j === 0);
       if (corner) return;
       for (let dy = -2; dy <= 2; dy++) {
-        for (let dx = -2; dx <= 2; dx++) m.set(ax + dx, ay + dy, Math.max(Math.abs(dx), Math.abs(dy)) !== 1);
+        for (let dx = -2; dx <= 2; dx++)
+          m.set(ax + dx, ay + dy, Math.max(Math.abs(dx), Math.abs(dy)) !== 1);
       }
     });
   });
@@ -251,7 +268,8 @@ function penalty(m) {
       if (m.dark[y][x]) dark++;
       if (x + 1 < size && y + 1 < size) {
         const c = m.dark[y][x];
-        if (m.dark[y][x + 1] === c && m.dark[y + 1][x] === c && m.dark[y + 1][x + 1] === c) score += 3;
+        if (m.dark[y][x + 1] === c && m.dark[y + 1][x] === c && m.dark[y + 1][x + 1] === c)
+          score += 3;
       }
     }
   }
@@ -302,9 +320,11 @@ export function qrSvg(text, label) {
   const border = 4;
   const dim = qr.size + 2 * border;
   let path = "";
-  qr.dark.forEach((row, y) => row.forEach((isDark, x) => {
-    if (isDark) path += `M${x + border},${y + border}h1v1h-1z`;
-  }));
+  qr.dark.forEach((row, y) =>
+    row.forEach((isDark, x) => {
+      if (isDark) path += `M${x + border},${y + border}h1v1h-1z`;
+    }),
+  );
   const ns = "http://www.w3.org/2000/svg";
   const svg = document.createElementNS(ns, "svg");
   svg.setAttribute("viewBox", `0 0 ${dim} ${dim}`);

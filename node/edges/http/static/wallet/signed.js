@@ -12,7 +12,11 @@ export class RequestFailed extends Error {
 }
 
 function canonicalQuery(query) {
-  return query.split("&").filter((part) => part).sort().join("&");
+  return query
+    .split("&")
+    .filter((part) => part)
+    .sort()
+    .join("&");
 }
 
 /** The four signature headers for ``method pathAndQuery`` with ``body``. */

@@ -5,17 +5,33 @@
 
 const CACHE = "imageshare-wallet-v1";
 const SHELL = [
-  "./", "app.js", "app.css", "bytes.js", "msgpack.js", "keys.js", "signed.js", "consent.js",
-  "ledger.js", "qr.js", "manifest.webmanifest", "icon.svg",
+  "./",
+  "app.js",
+  "app.css",
+  "bytes.js",
+  "msgpack.js",
+  "keys.js",
+  "signed.js",
+  "consent.js",
+  "ledger.js",
+  "qr.js",
+  "manifest.webmanifest",
+  "icon.svg",
 ];
 
 self.addEventListener("install", (event) => {
-  event.waitUntil(caches.open(CACHE).then((cache) => cache.addAll(SHELL)).then(() => self.skipWaiting()));
+  event.waitUntil(
+    caches
+      .open(CACHE)
+      .then((cache) => cache.addAll(SHELL))
+      .then(() => self.skipWaiting()),
+  );
 });
 
 self.addEventListener("activate", (event) => {
   event.waitUntil(
-    caches.keys()
+    caches
+      .keys()
       .then((names) => Promise.all(names.filter((n) => n !== CACHE).map((n) => caches.delete(n))))
       .then(() => self.clients.claim()),
   );
