@@ -257,7 +257,7 @@ class TestPatientStory:
                 return event.count() == 1 and event.get_attribute("data-proven") == "true"
 
             # Proven = included under A's signed checkpoint and cosigned by B (replication).
-            wait_until(lambda: activity_shows("access"), timeout=20, message="a proven access")
+            wait_until(lambda: activity_shows("access"), timeout=30, message="a proven access")
             access = page.locator('li.event[data-kind="access"]')
             assert f"{b.origin} received CT CHEST" in access.inner_text()
             assert f"witnessed by {b.origin}" in access.inner_text()
@@ -273,7 +273,7 @@ class TestPatientStory:
 
             refused = b.cli("fetch", url, check=False)
             assert refused.returncode == 1 and "revoked" in refused.stderr
-            wait_until(lambda: activity_shows("denial"), timeout=20, message="a proven denial")
+            wait_until(lambda: activity_shows("denial"), timeout=30, message="a proven denial")
             denial = page.locator('li.event[data-kind="denial"]')
             assert f"{b.origin} was refused: revoked" in denial.inner_text()
             assert page.locator('li.event[data-kind="revoke"]').count() == 1
