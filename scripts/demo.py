@@ -1,23 +1,26 @@
 #!/usr/bin/env python3
-"""The ImageShare demo, step by step, the way a hospital's IT would do it by hand.
+"""The ImageShare demo: three hospitals on this machine and one patient, step by step.
 
-1. start from a clean ./demo-data;
-2. create a hospital's node with `imageshare init`;
-3. gather sample studies: pydicom's bundled test files and a small generated CT study;
-4. import them with `imageshare import` (a damaged file shows how bad input is refused);
-5. start the daemon with `imageshare run`;
-6. list the studies over DICOMweb (QIDO-RS) and retrieve one whole (WADO-RS), as a
-   viewer would;
-7. print the URL, the admin token and example commands, and serve until Ctrl-C, which
-   stops the node cleanly.
+Everything runs for real, the way hospital IT and a patient would do it by hand with the
+`imageshare` command: three nodes (hospital A, B and C) are created, joined into one
+federation and started on loopback; hospital A imports sample studies (pydicom's bundled
+files and two generated CT studies of the demo patient); the patient makes a wallet, is
+enrolled at A, lists their studies and grants hospital B one of them; B fetches it and
+shows it over DICOMweb; A's record of that access reaches B's and C's copies of A's log;
+the patient revokes the grant, B's next fetch is refused; the patient reads their access
+log, proven; an auditor checks every log of the federation. Then the nodes keep running
+with their URLs printed until Ctrl-C (or SIGTERM), which stops them all cleanly.
 
-Usage: ./scripts/demo [--no-wait] [--http-port N] [--dimse-port N]
+Any failed step stops the demo with the reason and the tail of each node's log, exit 1.
+
+Usage: ./scripts/demo [--no-wait] [--base-port N] [--data-dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import signal
@@ -27,19 +30,25 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script: make `tests.support` importable
+if str(ROOT) not in sys.path:  # run as a script: make `node` and `tests.support` importable
     sys.path.insert(0, str(ROOT))
 
+import msgpack  # noqa: E402
 import pydicom  # noqa: E402
 
+from node.core.entries import decode_entry  # noqa: E402
+from node.core.roster import log_id  # noqa: E402
 from tests.support.studies import make_ct_study  # noqa: E402
 
-DEMO_DIR = ROOT / "demo-data"
-HOSPITAL_ORIGIN = "hospital-a.example/imageshare"
+DEFAULT_DEMO_DIR = ROOT / "demo-data"
+HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
+PATIENT_ID = "DEMO-0001"
 # Files that ship inside the pydicom package (no download): CT, MR, JPEG 2000, RGB, an RT
 # plan and an ECG waveform; MR_truncated.dcm is cut short on purpose and must be refused.
 PYDICOM_SAMPLES = [
@@ -52,24 +61,92 @@ PYDICOM_SAMPLES = [
     "waveform_ecg.dcm",
     "MR_truncated.dcm",
 ]
+# Appended to each node.toml: the roster gives every address, so the demo does not
+# announce itself on the LAN; replication rounds every half second keep the story brisk.
+FEDERATION_SETTINGS = (
+    "\n# Demo: addresses come from the roster (peers add); replicate every half second.\n"
+    "[federation]\ndiscovery = false\nreplicate_interval = 0.5\n"
+)
 QIDO_ACCEPT = "application/dicom+json"
-WADO_ACCEPT = 'multipart/related; type="application/dicom"'
+STEP_DEADLINE = 60.0  # seconds any one wait may take before the demo gives up
+T = TypeVar("T")
+
+
+class StepFailed(Exception):
+    """A step of the story did not have the expected outcome."""
+
+
+@dataclass
+class Hospital:
+    """One demo node: its data directory, addresses and, while running, its daemon."""
+
+    name: str
+    data_dir: Path
+    http_port: int
+    dimse_port: int
+    vkey: str = ""
+    admin_token: str = ""
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def origin(self) -> str:
+        return f"{self.name}.example/imageshare"
+
+    @property
+    def config(self) -> Path:
+        return self.data_dir / "node.toml"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def log(self) -> Path:
+        return self.data_dir / "daemon.log"
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+# -- output ----------------------------------------------------------------------------------
 
 _step_number = 0
 
 
-def step(title: str) -> None:
-    """Print the heading of the next numbered step."""
+def step(title: str, *explanation: str) -> None:
+    """Print the heading of the next numbered step and what it does, in plain words."""
     global _step_number
     _step_number += 1
     heading = f"== Step {_step_number}: {title}"
     if sys.stdout.isatty():
         heading = f"\033[1m{heading}\033[0m"
     print(f"\n{heading}", flush=True)
+    for line in explanation:
+        say(line)
 
 
 def say(text: str = "") -> None:
     print(f"   {text}" if text else "", flush=True)
+
+
+def outcome(text: str) -> None:
+    """The result of a step, one line: what the tests and the reader look for."""
+    say(f"-> {text}")
+
+
+def shown(path: Path) -> str:
+    """A path as the reader would type it: relative to the current directory if inside."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+# -- the imageshare command ------------------------------------------------------------------
 
 
 def imageshare_command() -> list[str]:
@@ -78,16 +155,111 @@ def imageshare_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "node.edges.cli"]
 
 
-def imageshare(*args: str, quiet: bool = False) -> subprocess.CompletedProcess[str]:
-    """Run `imageshare ARGS` as a user would, echoing the command; exits on failure."""
-    print(f"   $ imageshare {shlex.join(args)}", flush=True)
-    result = subprocess.run([*imageshare_command(), *args], capture_output=True, text=True)
-    output = result.stdout if not quiet else ""
-    for line in (output + result.stderr).splitlines():
-        say(f"  {line}")
-    if result.returncode != 0:
-        sys.exit(f"demo: `imageshare {args[0]}` failed (exit {result.returncode})")
+def imageshare(
+    *args: str | Path, expect: int | None = 0, show: int | None = 20, echo: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run `imageshare ARGS` as a user would, echoing it and up to ``show`` output lines.
+
+    Raises StepFailed unless it exits with ``expect`` (None: any exit status will do).
+    """
+    words = [shown(a) if isinstance(a, Path) else a for a in args]
+    if echo:
+        # A token is hundreds of characters: its start is enough to follow the story.
+        brief = [w if len(w) <= 80 else w[:48] + "…" for w in words]
+        print(f"   $ imageshare {shlex.join(brief)}", flush=True)
+    # No terminal for the command: the wallet must not stop the demo to ask a passphrase.
+    result = subprocess.run(
+        [*imageshare_command(), *(str(a) for a in args)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=180,
+    )
+    if show:
+        lines = (result.stdout + result.stderr).splitlines()
+        for line in lines[:show]:
+            say(f"  {line}")
+        if len(lines) > show:
+            say(f"  ... ({len(lines) - show} more lines)")
+    if expect is not None and result.returncode != expect:
+        raise StepFailed(
+            f"`imageshare {words[0]}` exited {result.returncode}, not {expect}: "
+            f"{result.stderr.strip() or result.stdout.strip()[-500:]}"
+        )
     return result
+
+
+def imageshare_json(*args: str | Path) -> Any:
+    """`imageshare ARGS --json`, echoed, its document parsed (output shown by the caller)."""
+    return json.loads(imageshare(*args, "--json", show=None).stdout)
+
+
+# -- HTTP and polling ------------------------------------------------------------------------
+
+
+def http_get(url: str, token: str | None = None, accept: str = "application/json") -> Any:
+    headers = {"Accept": accept}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r:
+        body = r.read()
+    if accept == "application/msgpack":
+        return msgpack.unpackb(body)
+    return json.loads(body) if body else []
+
+
+def poll(probe: Callable[[], T | None], what: str, deadline: float = STEP_DEADLINE) -> T:
+    """Call ``probe`` until it returns something not None; StepFailed after ``deadline`` s."""
+    end = time.monotonic() + deadline
+    while True:
+        value = probe()
+        if value is not None:
+            return value
+        if time.monotonic() > end:
+            raise StepFailed(f"gave up after {deadline:.0f} s waiting for {what}")
+        time.sleep(0.25)
+
+
+def log_size(holder: Hospital, origin: str) -> int:
+    """How many entries of ``origin``'s log ``holder`` serves (its own log or its copy)."""
+    wanted = log_id(origin)
+    logs = http_get(holder.url + "/ledger/logs")
+    return next((int(log["size"]) for log in logs if log["log_id"] == wanted), 0)
+
+
+def log_size_beyond(holder: Hospital, origin: str, index: int) -> int | None:
+    """The size of ``holder``'s copy of ``origin``'s log once it holds entry ``index``."""
+    size = log_size(holder, origin)
+    return size if size > index else None
+
+
+def entry_index(holder: Hospital, kind: str, token_id: str) -> int | None:
+    """Index of the first ``kind`` entry of ``token_id`` in ``holder``'s own log, if any."""
+    size = log_size(holder, holder.origin)
+    path = f"/ledger/logs/{log_id(holder.origin)}/entries"
+    start = 0
+    while start < size:
+        batch = http_get(
+            f"{holder.url}{path}?start={start}&end={size}", accept="application/msgpack"
+        )
+        if not batch:
+            break
+        for offset, raw in enumerate(batch):
+            entry = decode_entry(raw)
+            token = entry.fields.get("token_id")
+            if entry.kind == kind and isinstance(token, bytes) and token.hex() == token_id:
+                return start + offset
+        start += len(batch)
+    return None
+
+
+# -- ports and samples -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def port_is_free(port: int) -> bool:
@@ -99,45 +271,53 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-def pick_port(preferred: int) -> int:
-    """``preferred`` if nothing listens there, else any free port."""
-    if port_is_free(preferred):
-        return preferred
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def pick_ports(base_port: int | None) -> list[int]:
+    """Two ports (HTTP, DIMSE) per hospital: base_port onwards, else any free ones."""
+    count = 2 * len(HOSPITALS)
+    if base_port is None:
+        ports: set[int] = set()
+        while len(ports) < count:
+            ports.add(free_port())
+        return sorted(ports)
+    ports_wanted = list(range(base_port, base_port + count))
+    busy = [p for p in ports_wanted if not port_is_free(p)]
+    if busy:
+        raise StepFailed(f"--base-port {base_port}: port(s) {busy} are in use; choose another")
+    return ports_wanted
 
 
-def http_get(url: str, token: str | None = None, accept: str = "application/json") -> Any:
-    headers = {"Accept": accept}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r:
-        body = r.read()
-    return json.loads(body) if body else []
-
-
-def http_get_bytes(url: str, token: str, accept: str) -> int:
-    """GET ``url`` streaming; returns how many body bytes arrived."""
-    headers = {"Accept": accept, "Authorization": f"Bearer {token}"}
-    total = 0
-    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as r:
-        while chunk := r.read(1 << 20):
-            total += len(chunk)
-    return total
-
-
-def wait_until_serving(url: str, daemon: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if daemon.poll() is not None:
-            sys.exit(f"demo: the node exited with {daemon.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            http_get(url + "/healthz")
-            return
-        except OSError:
-            time.sleep(0.2)
-    sys.exit("demo: the node did not answer /healthz within 60 s")
+def gather_samples(samples: Path) -> tuple[str, str]:
+    """Copy pydicom's samples and generate the patient's two CT studies; their Study UIDs."""
+    bundled = Path(pydicom.__file__).parent / "data" / "test_files"
+    (samples / "pydicom").mkdir(parents=True)
+    for name in PYDICOM_SAMPLES:
+        shutil.copy(bundled / name, samples / "pydicom" / name)
+    say(f"{len(PYDICOM_SAMPLES)} files from pydicom's bundled test data (other patients)")
+    recent = make_ct_study(
+        samples / "ct-2026",
+        series=2,
+        slices=12,
+        rows=256,
+        columns=256,
+        patient_id=PATIENT_ID,
+        patient_name="Demo^Patient",
+        study_date="20260101",
+        accession="DEMO-ACC-2",
+    )
+    older = make_ct_study(
+        samples / "ct-2025",
+        series=1,
+        slices=4,
+        rows=128,
+        columns=128,
+        patient_id=PATIENT_ID,
+        patient_name="Demo^Patient",
+        study_date="20250612",
+        accession="DEMO-ACC-1",
+    )
+    say(f"two generated CT studies of the demo patient, MRN {PATIENT_ID}:")
+    say("  2026-01-01: 2 series x 12 slices of 256x256;  2025-06-12: 1 series x 4 slices")
+    return recent.study_uid, older.study_uid
 
 
 def tag_text(item: dict[str, Any], tag: str) -> str:
@@ -147,158 +327,367 @@ def tag_text(item: dict[str, Any], tag: str) -> str:
 
 
 def show_studies(studies: list[dict[str, Any]]) -> None:
-    say(f"{'patient':<22} {'date':<10} {'modalities':<11} {'instances':>9}  study")
+    say(f"  {'patient':<22} {'date':<10} {'modalities':<11} {'instances':>9}  study")
     for item in studies:
         say(
-            f"{tag_text(item, '00100010'):<22.22} {tag_text(item, '00080020'):<10} "
+            f"  {tag_text(item, '00100010'):<22.22} {tag_text(item, '00080020'):<10} "
             f"{tag_text(item, '00080061'):<11.11} {tag_text(item, '00201208'):>9}  "
             f"{tag_text(item, '00081030')}"
         )
 
 
-def gather_samples(samples: Path) -> str:
-    """Copy pydicom's samples and generate a CT study under ``samples``; its Study UID."""
-    bundled = Path(pydicom.__file__).parent / "data" / "test_files"
-    (samples / "pydicom").mkdir(parents=True)
-    for name in PYDICOM_SAMPLES:
-        shutil.copy(bundled / name, samples / "pydicom" / name)
-    say(f"{len(PYDICOM_SAMPLES)} files from pydicom's bundled test data -> {samples / 'pydicom'}")
-    study = make_ct_study(
-        samples / "ct",
-        series=2,
-        slices=12,
-        rows=256,
-        columns=256,
-        patient_id="DEMO-0001",
-        patient_name="Demo^Patient",
-        accession="DEMO-ACC-1",
-    )
-    say(f"a generated CT study, 2 series x 12 slices of 256x256 -> {samples / 'ct'}")
-    say(f"  Study Instance UID {study.study_uid}")
-    return study.study_uid
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    # SIGTERM to the demo (e.g. from a supervisor) stops the node like Ctrl-C does.
-    raise KeyboardInterrupt
-
-
-def serve_until_interrupted(daemon: subprocess.Popen[bytes], log: Path) -> None:
-    # Also when started in the background, where SIGINT would be ignored by default.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _interrupt)
+def qido(hospital: Hospital, query: str) -> list[dict[str, Any]]:
+    """A QIDO-RS study search at ``hospital``, echoed as the curl a viewer's admin would type."""
+    url = f"{hospital.url}/dicomweb/studies{query}"
+    print(f"   $ curl -H 'Authorization: Bearer …' '{url}'", flush=True)
     try:
-        while daemon.poll() is None:
+        found: list[dict[str, Any]] = http_get(url, hospital.admin_token, QIDO_ACCEPT)
+    except (OSError, ValueError) as exc:
+        raise StepFailed(f"the DICOMweb search at {hospital.name} failed: {exc}") from exc
+    show_studies(found)
+    return found
+
+
+# -- the nodes -------------------------------------------------------------------------------
+
+
+def start(hospital: Hospital) -> None:
+    """`imageshare run` in its own session: Ctrl-C reaches the demo, which stops it in order."""
+    print(f"   $ imageshare run -c {shown(hospital.config)}   (log: {shown(hospital.log)})")
+    with open(hospital.log, "ab") as log_file:
+        hospital.process = subprocess.Popen(
+            [*imageshare_command(), "run", "-v", "-c", str(hospital.config)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+def serving(hospital: Hospital) -> bool | None:
+    """True once ``hospital`` answers /healthz; StepFailed if its daemon has exited."""
+    assert hospital.process is not None
+    if hospital.process.poll() is not None:
+        raise StepFailed(f"{hospital.name}'s daemon exited with {hospital.process.returncode}")
+    try:
+        http_get(hospital.url + "/healthz")
+        return True
+    except (OSError, ValueError):
+        return None
+
+
+def stop_all(hospitals: list[Hospital]) -> None:
+    """SIGTERM every running daemon, wait for each (kill after 30 s), and say how it ended."""
+    running = [h for h in hospitals if h.process is not None]
+    if not running:
+        return
+    step("Stop the nodes", "Each node gets SIGTERM, finishes what it was writing, and exits.")
+    for h in running:
+        assert h.process is not None
+        if h.process.poll() is None:
+            h.process.send_signal(signal.SIGTERM)
+    for h in running:
+        assert h.process is not None
+        try:
+            h.process.wait(30)
+        except subprocess.TimeoutExpired:
+            h.process.kill()
+            h.process.wait()
+            say(f"{h.name} did not stop within 30 s and was killed")
+        state = "stopped cleanly" if h.process.returncode == 0 else "stopped"
+        say(f"{h.name} {state} (exit {h.process.returncode})")
+        h.process = None
+
+
+def serve_until_interrupted(hospitals: list[Hospital]) -> None:
+    """Wait for Ctrl-C (or SIGTERM); StepFailed if a node exits on its own meanwhile."""
+    try:
+        while True:
+            for h in hospitals:
+                if h.process is not None and h.process.poll() is not None:
+                    raise StepFailed(f"{h.name}'s daemon exited with {h.process.returncode}")
             time.sleep(0.5)
-        sys.exit(f"demo: the node exited with {daemon.returncode}:\n{log.read_text()[-3000:]}")
     except KeyboardInterrupt:
         print()
 
 
-def stop_node(daemon: subprocess.Popen[bytes]) -> None:
-    step("Stop the node")
-    if daemon.poll() is None:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(30)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
-    say(f"the node stopped (exit {daemon.returncode}); its data stays in {DEMO_DIR}")
+def _interrupt(signum: int, frame: object) -> None:
+    # SIGTERM to the demo (e.g. from a supervisor) stops the nodes like Ctrl-C does.
+    raise KeyboardInterrupt
+
+
+# -- the story -------------------------------------------------------------------------------
+
+
+def set_up(demo_dir: Path, base_port: int | None) -> list[Hospital]:
+    """Steps 1-3: a clean directory, three initialised nodes that know each other."""
+    step("Start from a clean slate")
+    if demo_dir.exists():
+        shutil.rmtree(demo_dir)
+        say(f"removed the previous demo in {shown(demo_dir)}")
+    demo_dir.mkdir(parents=True)
+    say(f"the demo lives in {shown(demo_dir)}")
+    ports = pick_ports(base_port)
+    hospitals = [
+        Hospital(name, demo_dir / name, ports[2 * i], ports[2 * i + 1])
+        for i, name in enumerate(HOSPITALS)
+    ]
+
+    step(
+        "Each hospital creates its node: a signing key, an admin token, a configuration",
+        "A node's origin is its name in the federation; its verifier key lets anyone check",
+        "what the node signs. Nothing is shared yet.",
+    )
+    for h in hospitals:
+        created = imageshare_json(
+            "init", h.data_dir, "--origin", h.origin,
+            "--http", f"127.0.0.1:{h.http_port}", "--dimse-port", str(h.dimse_port),
+        )  # fmt: skip
+        h.vkey, h.admin_token = created["vkey"], created["admin_token"]
+        say(f"  {h.origin} at {h.url}, verifier key {h.vkey}")
+        with open(h.config, "a") as config:
+            config.write(FEDERATION_SETTINGS)
+
+    step(
+        "The hospitals form a federation: each adds the other two to its roster",
+        "Only roster members may talk to a node, and each member is pinned by its key: every",
+        "node will keep a verified copy of every other node's consent log and vouch for it.",
+    )
+    for h in hospitals:
+        for other in hospitals:
+            if other is not h:
+                imageshare("peers", "add", "-c", h.config, other.origin, other.url, other.vkey)
+    outcome(f"federation of {len(hospitals)}: every node knows every other")
+    return hospitals
+
+
+def import_at_a(a: Hospital, demo_dir: Path) -> str:
+    """Steps 4-5: samples gathered and imported at A; the Study UID the patient will grant."""
+    step(
+        "Hospital A's archive: sample studies",
+        "A node stores its hospital's own studies, as its PACS sends them (or by import).",
+    )
+    recent_uid, _older_uid = gather_samples(demo_dir / "samples")
+    step(
+        "Hospital A imports them",
+        "MR_truncated.dcm is damaged on purpose: it is refused with a reason, nothing else is.",
+    )
+    imageshare("import", "-c", a.config, demo_dir / "samples")
+    return recent_uid
+
+
+def start_nodes(hospitals: list[Hospital]) -> None:
+    step(
+        "Start the three nodes",
+        "Each serves DICOMweb to its viewers, the patient API to wallets, and its log to the",
+        "other members, which start copying and cosigning it.",
+    )
+    for h in hospitals:
+        start(h)
+    for h in hospitals:
+        poll(lambda h=h: serving(h), f"{h.name} to answer /healthz")
+        say(f"  {h.name} serving on {h.url}")
+    say("hospital A's studies, as a viewer lists them (QIDO-RS):")
+    qido(hospitals[0], "")
+    outcome("three nodes up")
+
+
+def patient_story(hospitals: list[Hospital], wallet: Path, study_uid: str) -> None:
+    """Steps from the patient's wallet to the audit; StepFailed at the first surprise."""
+    a, b, c = hospitals
+    step(
+        "The patient creates a wallet",
+        "The wallet holds the patient's secret; from it comes one key per hospital, so",
+        "hospitals cannot link the patient across the federation. (No passphrase in the demo;",
+        "a real wallet is sealed with one.)",
+    )
+    imageshare("patient", "keygen", "--wallet", wallet)
+
+    step(
+        "The patient shows their key for hospital A",
+        "At the registration desk the patient shows this key (also as a QR code).",
+    )
+    key = imageshare_json("patient", "pubkey", "--custodian", a.url, "--wallet", wallet)["pubkey"]
+    say(f"  key for {a.origin}: {key}")
+
+    step(
+        "Hospital A's staff enroll the key for the patient's record",
+        "Staff check the patient's identity and bind the key to the medical record number;",
+        "the enrollment is written to A's log (no name or number in it, only a pseudonym).",
+    )
+    imageshare("enroll", "-c", a.config, "--patient-id", PATIENT_ID, f"--key={key}")
+    outcome("enrolled")
+
+    step(
+        "The patient lists their studies at hospital A",
+        "Signed with their key, the wallet asks A which studies are theirs.",
+    )
+    studies = imageshare_json("patient", "studies", "--custodian", a.url, "--wallet", wallet)[
+        "studies"
+    ]
+    for s in studies:
+        say(f"  {s['ref']}  {s['date']}  {','.join(s['modalities'])}  {s['instances']} images")
+    if len(studies) != 2:
+        raise StepFailed(f"expected the patient's 2 studies at A, the wallet lists {len(studies)}")
+    newest = max(studies, key=lambda s: str(s["date"]))
+
+    step(
+        "The patient grants hospital B their latest study, for one day",
+        "The grant is signed by the patient's key and recorded in A's log; the wallet checks",
+        "the proof that it is there. The token (or its QR code) goes to hospital B.",
+    )
+    grant = imageshare_json(
+        "patient", "grant", "--custodian", a.url, "--to", b.origin,
+        f"--study={newest['ref']}", "--expires", "1d", "--wallet", wallet,
+    )  # fmt: skip
+    token_id, token_url = grant["token_id"], grant["url"]
+    say(f"  token id: {token_id}")
+    say(f"  token:    {token_url[:60]}…")
+    outcome("granted")
+
+    step(
+        "Hospital B fetches the study with the token",
+        "B asks A; A checks the patient's signature, the grantee, the scope, the expiry and",
+        "that it is not revoked, records the access in its log and streams the study to B,",
+        "encrypted end to end. B records a receipt in its own log.",
+    )
+    imageshare("fetch", "-c", b.config, token_url)
+    fetched_at = time.monotonic()
+    say("the study in B's DICOMweb, as B's viewer finds it (QIDO-RS):")
+    found = qido(b, f"?PatientID={PATIENT_ID}")
+    if [tag_text(s, "0020000D") for s in found] != [study_uid]:
+        raise StepFailed("B's DICOMweb does not list exactly the granted study")
+    outcome(f"fetched: {b.origin} holds the granted study, and only that one")
+
+    step(
+        "Every hospital holds A's record of the access",
+        "Each node copies the others' logs; B and C now hold A's access entry, so A could not",
+        "quietly remove it: its checkpoints are cosigned by B and C.",
+    )
+    access = poll(lambda: entry_index(a, "access", token_id), "A's access entry")
+    say(f"  A's access entry is #{access} of its log")
+    for other in (b, c):
+        size = poll(
+            lambda other=other: log_size_beyond(other, a.origin, access),
+            f"{other.name}'s copy of A's log to hold entry #{access}",
+        )
+        say(f"  $ curl {other.url}/ledger/logs   -> A's log there: {size} entries")
+    outcome(f"replicated: B and C held it {time.monotonic() - fetched_at:.1f} s after the fetch")
+
+    step(
+        "The patient revokes the grant",
+        "Signed by the patient and recorded in A's log; from now on the token opens nothing.",
+    )
+    imageshare("patient", "revoke", token_id, "--custodian", a.url, "--wallet", wallet)
+    outcome("revoked")
+
+    step(
+        "Hospital B tries to fetch again, and is refused",
+        "Expected: A refuses the revoked token and records the denial in its log.",
+        "The command exits 1, its answer to a refusal.",
+    )
+    refused = imageshare("fetch", "-c", b.config, token_url, expect=1)
+    if "(revoked)" not in refused.stderr:
+        raise StepFailed(f"the refusal does not name the rule revoked: {refused.stderr.strip()}")
+    outcome("refused: revoked (exit 1), as expected")
+
+    step(
+        "The patient reads their access log from the three hospitals",
+        "Every access, revocation and denial of the patient's tokens, each proven to be in",
+        "A's log under a checkpoint that the other hospitals cosigned.",
+    )
+    urls = [h.url for h in hospitals]
+    say("  (waiting until the hospitals have cosigned A's latest checkpoint)")
+    poll(
+        lambda: succeeds("patient", "log", *urls, "--wallet", wallet, "--json"),
+        "every event of the patient log to be proven",
+    )  # fmt: skip
+    log = imageshare("patient", "log", *urls, "--wallet", wallet).stdout
+    for kind in ("received", "you revoked", "was refused (revoked)"):
+        if kind not in log:
+            raise StepFailed(f"the patient log does not show '{kind}'")
+    outcome("patient log proven: the access, the revocation and the denial")
+
+    step(
+        "An auditor checks the whole federation",
+        "Anyone may: every log's signatures, hash chain and checkpoints, that all nodes saw",
+        "the same history, and that every access was allowed by a live grant.",
+    )
+    poll(
+        lambda: succeeds("audit", *urls, "--json"),
+        "a clean audit",
+    )
+    imageshare("audit", *urls)
+    outcome("audit clean: exit 0")
+
+
+def succeeds(*args: str | Path) -> bool | None:
+    """True if `imageshare ARGS` (run silently) exits 0, else None: a probe for poll()."""
+    return True if imageshare(*args, expect=None, show=None, echo=False).returncode == 0 else None
+
+
+def your_turn(hospitals: list[Hospital], wallet: Path) -> None:
+    step("Your turn: the federation keeps running")
+    for h in hospitals:
+        say(f"{h.name} ({h.origin})")
+        say(f"  DICOMweb:    {h.url}/dicomweb   (QIDO-RS, WADO-RS, STOW-RS)")
+        say(f"  admin token: {h.admin_token}")
+        say(f"  dashboard:   {h.url}/admin      patient wallet (web): {h.url}/wallet/")
+    a = hospitals[0]
+    say("try:")
+    say(f"  curl -H 'Authorization: Bearer {a.admin_token}' {a.url}/dicomweb/studies")
+    command = shlex.join(shown(Path(w)) if os.sep in w else w for w in imageshare_command())
+    say(f"  {command} patient tokens --wallet {shown(wallet)}")
+    say(f"  {command} audit {' '.join(h.url for h in hospitals)}")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="ImageShare demo: one node with sample studies")
-    parser.add_argument("--no-wait", action="store_true", help="stop after the walkthrough")
-    parser.add_argument("--http-port", type=int, default=8600)
-    parser.add_argument("--dimse-port", type=int, default=11112)
-    args = parser.parse_args()
-
-    step("Start from a clean slate")
-    if DEMO_DIR.exists():
-        shutil.rmtree(DEMO_DIR)
-        say(f"removed the previous demo in {DEMO_DIR}")
-    DEMO_DIR.mkdir()
-    say(f"the demo lives in {DEMO_DIR}")
-    node_dir = DEMO_DIR / "hospital-a"
-    config = node_dir / "node.toml"
-    http_port, dimse_port = pick_port(args.http_port), pick_port(args.dimse_port)
-
-    step("Create the hospital's node: its key, admin token and configuration")
-    created = json.loads(
-        imageshare(
-            "init",
-            str(node_dir),
-            "--origin",
-            HOSPITAL_ORIGIN,
-            "--http",
-            f"127.0.0.1:{http_port}",
-            "--dimse-port",
-            str(dimse_port),
-            "--json",
-            quiet=True,
-        ).stdout
+    parser = argparse.ArgumentParser(description="ImageShare demo: three hospitals, one patient")
+    parser.add_argument("--no-wait", action="store_true", help="stop the nodes after the story")
+    parser.add_argument(
+        "--base-port",
+        type=int,
+        default=None,
+        metavar="N",
+        help="use ports N..N+5 (HTTP and DIMSE of A, B, C); default: any free ports",
     )
-    token = created["admin_token"]
-    url = f"http://127.0.0.1:{http_port}"
-    say(f"origin {created['origin']}, verifier key {created['vkey']}")
+    parser.add_argument(
+        "--data-dir", type=Path, default=DEFAULT_DEMO_DIR, help="where the demo lives (replaced)"
+    )
+    args = parser.parse_args()
+    demo_dir: Path = args.data_dir.resolve()
+    # Ctrl-C (also when started in the background) and SIGTERM end the demo in order.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+    os.environ.pop("IMAGESHARE_CONFIG", None)
 
-    step("Gather sample studies")
-    ct_study_uid = gather_samples(DEMO_DIR / "samples")
-
-    step("Import them (MR_truncated.dcm is damaged on purpose: it is refused, nothing else is)")
-    imageshare("import", "-c", str(config), str(DEMO_DIR / "samples"))
-
-    step("Start the node daemon")
-    log = node_dir / "daemon.log"
-    print(f"   $ imageshare run -c {config}   (log: {log})", flush=True)
-    with open(log, "ab") as log_file:
-        # Its own session: Ctrl-C reaches the demo, which then stops the node in order.
-        daemon = subprocess.Popen(
-            [*imageshare_command(), "run", "-v", "-c", str(config)],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    hospitals: list[Hospital] = []
     try:
-        wait_until_serving(url, daemon, log)
-        say(f"serving on {url}")
-
-        step("Browse the studies over DICOMweb, as a viewer would (QIDO-RS)")
-        qido = f"{url}/dicomweb/studies"
-        print(f"   $ curl -H 'Authorization: Bearer …' {qido}", flush=True)
-        try:
-            show_studies(http_get(qido, token, QIDO_ACCEPT))
-        except urllib.error.HTTPError as exc:
-            say(f"DICOMweb answered HTTP {exc.code}: this build does not serve QIDO-RS yet")
-
-        step("Retrieve the generated CT study whole, as a viewer would (WADO-RS)")
-        wado = f"{url}/dicomweb/studies/{ct_study_uid}"
-        print(f"   $ curl -H 'Authorization: Bearer …' -H 'Accept: {WADO_ACCEPT}' {wado}")
-        try:
-            started = time.perf_counter()
-            received = http_get_bytes(wado, token, WADO_ACCEPT)
-            seconds = time.perf_counter() - started
-            say(f"{received / 1e6:.1f} MB of multipart/related DICOM in {seconds:.2f} s")
-        except urllib.error.HTTPError as exc:
-            say(f"DICOMweb answered HTTP {exc.code}: this build does not serve WADO-RS yet")
-
-        step("Your turn")
-        say(f"DICOMweb root:  {url}/dicomweb   (QIDO-RS, WADO-RS, STOW-RS)")
-        say(f"admin token:    {token}")
-        say("list studies:")
-        say(f"  curl -H 'Authorization: Bearer {token}' {qido}")
-        say("send more images by DIMSE C-STORE (dcmtk):")
-        say(f"  storescu -aec IMAGESHARE +sd +r 127.0.0.1 {dimse_port} /path/to/dicom")
-        say("import more files:")
-        say(f"  .venv/bin/imageshare import -c {config} /path/to/dicom")
+        hospitals = set_up(demo_dir, args.base_port)
+        recent_uid = import_at_a(hospitals[0], demo_dir)
+        start_nodes(hospitals)
+        wallet = demo_dir / "wallet"
+        patient_story(hospitals, wallet, recent_uid)
+        print("\nThe story ran end to end: fetched, refused (revoked), audit clean.", flush=True)
+        your_turn(hospitals, wallet)
         if not args.no_wait:
             say("")
-            say("The node keeps running; press Ctrl-C to stop it.")
-            serve_until_interrupted(daemon, log)
+            say("The nodes keep running; press Ctrl-C to stop them.")
+            serve_until_interrupted(hospitals)
+        return 0
+    except StepFailed as exc:
+        print(f"\ndemo: FAILED at step {_step_number}: {exc}", file=sys.stderr, flush=True)
+        for h in hospitals:
+            if h.log.exists():
+                print(f"--- last lines of {shown(h.log)}:\n{h.log_tail()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ndemo: interrupted", file=sys.stderr, flush=True)
+        return 130
     finally:
-        stop_node(daemon)
-    return 0
+        stop_all(hospitals)
+        if hospitals:
+            say(f"the nodes' data stays in {shown(demo_dir)}")
 
 
 if __name__ == "__main__":
