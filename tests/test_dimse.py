@@ -35,6 +35,7 @@ from tests.support.nodes import NodeProcess, free_port, init_node, wait_until
 from tests.support.studies import SyntheticStudy, make_ct_study
 
 SCU = "TESTSCU"
+MAX_INSTANCE_BYTES = 2_000_000
 RECEIVER = "RECEIVER"
 # DCMTK only disables Nagle's algorithm when told to; without it every response waits
 # for a delayed ACK.
@@ -99,6 +100,7 @@ def node(tmp_path_factory: pytest.TempPathFactory, move_port: int) -> Iterator[N
     made.append_config(
         f'allowed_calling_aes = ["{SCU}"]\n\n'
         f'[[dimse.destinations]]\nae_title = "{RECEIVER}"\nhost = "127.0.0.1"\nport = {move_port}'
+        f"\n\n[store]\nmax_instance_bytes = {MAX_INSTANCE_BYTES}"
     )
     made.start()
     wait_for_dimse(made)
@@ -190,6 +192,23 @@ class TestStorage:
         assert instance_count(node) == before_rows
         assert object_files(node) == before_files
         assert dcmtk("echoscu", *peer(node)).returncode == 0  # the node keeps serving
+
+    def test_instance_over_the_size_limit_is_refused_and_stores_nothing(
+        self, node: NodeProcess
+    ) -> None:
+        ds = _ct_dataset()
+        ds.BitsAllocated = 8
+        ds.PixelData = b"\0" * (MAX_INSTANCE_BYTES + 1000)
+        before_rows = instance_count(node)
+        status = _send_with_pynetdicom(node, ds)
+        assert status.Status == 0xA700  # out of resources: over the limit after receipt
+        assert "limit" in status.ErrorComment
+        ds.PixelData = b"\0" * (MAX_INSTANCE_BYTES * 2)
+        # Far over the limit: the node stops receiving and aborts the association.
+        assert _send_with_pynetdicom(node, ds) == Dataset()
+        assert instance_count(node) == before_rows
+        assert "a message is over" in node.log_path.read_text()
+        assert dcmtk("echoscu", *peer(node)).returncode == 0
 
     def test_association_aborted_mid_instance_keeps_only_complete_instances(
         self, node: NodeProcess, tmp_path: Path
@@ -550,6 +569,7 @@ def _part10_header() -> bytes:
 
 
 def _send_with_pynetdicom(node: NodeProcess, dataset: Dataset | Path) -> Dataset:
+    """Send one instance; the C-STORE response status (empty if the node aborted)."""
     ae = AE(ae_title=SCU)
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", node.dimse_port, ae_title="IMAGESHARE")
@@ -557,7 +577,8 @@ def _send_with_pynetdicom(node: NodeProcess, dataset: Dataset | Path) -> Dataset
     try:
         return assoc.send_c_store(dataset)
     finally:
-        assoc.release()
+        if assoc.is_established:
+            assoc.release()
 
 
 def _send_first_half_of_c_store(assoc: object, ds: Dataset) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +57,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SOURCE = "dimse"
+# Room for the command set and PDU headers around an instance of the largest size.
+MESSAGE_OVERHEAD = 1024 * 1024
 
 STATUS_SUCCESS = 0x0000
 STATUS_PENDING = 0xFF00
@@ -101,6 +104,10 @@ class DimseGateway:
         self.runtime = runtime
         self.config: DimseConfig = runtime.config.dimse
         self._server: ThreadedAssociationServer | None = None
+        # pynetdicom holds a message in memory until it is complete, with no size limit;
+        # an association sending more than an instance may hold is aborted instead.
+        self.max_message_bytes = runtime.config.store.max_instance_bytes + MESSAGE_OVERHEAD
+        self._unfinished_bytes: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
     # -- life cycle --------------------------------------------------------------------
 
@@ -133,6 +140,8 @@ class DimseGateway:
         handlers: list[Any] = [
             *LOW_LATENCY_HANDLERS,
             (evt.EVT_REJECTED, self.on_rejected),
+            (evt.EVT_DATA_RECV, self.on_data_received),
+            (evt.EVT_DIMSE_RECV, self.on_message_complete),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
             (evt.EVT_C_FIND, self.on_find),
@@ -170,6 +179,22 @@ class DimseGateway:
             event.assoc.requestor.address,
             reason,
         )
+
+    def on_data_received(self, event: Event) -> None:
+        """Count a PDU towards the message it belongs to; abort past the size limit."""
+        received = self._unfinished_bytes.get(event.assoc, 0) + len(event.data)
+        self._unfinished_bytes[event.assoc] = received
+        if received > self.max_message_bytes:
+            log.warning(
+                "DIMSE association from %r aborted: a message is over %d bytes",
+                event.assoc.requestor.ae_title,
+                self.max_message_bytes,
+            )
+            self._unfinished_bytes[event.assoc] = 0
+            event.assoc.abort(block=False)  # called from the socket thread: must not wait
+
+    def on_message_complete(self, event: Event) -> None:
+        self._unfinished_bytes[event.assoc] = 0
 
     def on_echo(self, event: Event) -> int:
         mark_dimse_activity()
