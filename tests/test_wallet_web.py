@@ -476,6 +476,18 @@ class TestWalletModules:
         assert "does not verify" in result["errors"][0]
         assert result["errors"][1] is not None
 
+    def test_a_changed_log_key_is_refused(self, wallet_page: Any, hospitals: Hospitals) -> None:
+        pin = "pin:" + hospitals.a.origin
+        set_pin = "async (m, [name, value]) => m.store.put(name, value)"
+        _call(wallet_page, "keys.js", set_pin, [pin, hospitals.b.vkey])
+        try:
+            wallet_page.reload()
+            wallet_page.wait_for_selector("#message:not([hidden])")
+            message = str(wallet_page.text_content("#message"))
+            assert f"the log key of {hospitals.a.origin} changed" in message
+        finally:
+            _call(wallet_page, "keys.js", set_pin, [pin, hospitals.a.vkey])
+
     def test_msgpack_decodes_only_canonical_bytes(self, wallet_page: Any) -> None:
         entry = canonical_encode({"v": 1, "kind": "x", "prev": b"\0" * 32, "time": 1_800_000_000})
         samples = {

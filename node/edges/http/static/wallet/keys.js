@@ -55,7 +55,18 @@ async function withStore(mode, action) {
 export const store = {
   get: (key) => withStore("readonly", (s) => s.get(key)),
   put: (key, value) => withStore("readwrite", (s) => s.put(value, key)),
-  clear: () => withStore("readwrite", (s) => s.clear()),
+  // A restore forgets the previous wallet's keys and tokens; log keys pinned per node
+  // (and the node's last description) are about the nodes, so they stay.
+  forgetWallet: () =>
+    withStore("readwrite", (s) => {
+      const request = s.getAllKeys();
+      request.onsuccess = () => {
+        for (const key of request.result) {
+          if (!String(key).startsWith("pin:") && key !== "node") s.delete(key);
+        }
+      };
+      return request;
+    }),
 };
 
 /** The stored wallet ({seedKey, backup}) or undefined if this browser has none. */
@@ -173,7 +184,7 @@ function seedOfLength(seed) {
 export async function restoreWallet(text, passphrase) {
   checkPassphrase(passphrase);
   const seed = await openBackup(text, passphrase);
-  await store.clear();
+  await store.forgetWallet();
   return saveSeed(seed, passphrase);
 }
 
