@@ -32,6 +32,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -485,7 +486,7 @@ def start_nodes(hospitals: list[Hospital]) -> None:
     for h in hospitals:
         start(h)
     for h in hospitals:
-        poll(lambda h=h: serving(h), f"{h.name} to answer /healthz")
+        poll(partial(serving, h), f"{h.name} to answer /healthz")
         say(f"  {h.name} serving on {h.url}")
     say("hospital A's studies, as a viewer lists them (QIDO-RS):")
     qido(hospitals[0], "")
@@ -568,7 +569,7 @@ def patient_story(hospitals: list[Hospital], wallet: Path, study_uid: str) -> No
     say(f"  A's access entry is #{access} of its log")
     for other in (b, c):
         size = poll(
-            lambda other=other: log_size_beyond(other, a.origin, access),
+            partial(log_size_beyond, other, a.origin, access),
             f"{other.name}'s copy of A's log to hold entry #{access}",
         )
         say(f"  $ curl {other.url}/ledger/logs   -> A's log there: {size} entries")

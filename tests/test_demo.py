@@ -1,0 +1,86 @@
+"""`scripts/demo.py --no-wait`: the whole federation story runs end to end and says so.
+
+The demo is run once (module fixture) as a user would, with the project's interpreter and
+its data directory in tmp_path; the tests read what it printed and what it left behind.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def demo(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[subprocess.CompletedProcess[str], Path]]:
+    data_dir = tmp_path_factory.mktemp("demo") / "demo-data"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "demo.py"),
+            "--no-wait",
+            "--data-dir",
+            str(data_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+    )
+    yield result, data_dir
+
+
+class TestDemo:
+    def test_runs_the_whole_story_and_exits_0(
+        self, demo: tuple[subprocess.CompletedProcess[str], Path]
+    ) -> None:
+        result, _ = demo
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert "The story ran end to end: fetched, refused (revoked), audit clean." in result.stdout
+
+    def test_each_step_states_its_outcome_in_order(
+        self, demo: tuple[subprocess.CompletedProcess[str], Path]
+    ) -> None:
+        out = demo[0].stdout
+        outcomes = [
+            "-> federation of 3: every node knows every other",
+            "-> three nodes up",
+            "-> enrolled",
+            "-> granted",
+            "-> fetched: hospital-b.example/imageshare holds the granted study, and only that one",
+            "-> replicated: B and C held it",
+            "-> revoked",
+            "-> refused: revoked (exit 1), as expected",
+            "-> patient log proven: the access, the revocation and the denial",
+            "-> audit clean: exit 0",
+        ]
+        positions = [out.find(line) for line in outcomes]
+        missing = [line for line in outcomes if line not in out]
+        assert not missing, missing
+        assert positions == sorted(positions)
+
+    def test_shows_the_commands_and_their_real_answers(
+        self, demo: tuple[subprocess.CompletedProcess[str], Path]
+    ) -> None:
+        out = demo[0].stdout
+        assert "$ imageshare patient grant" in out and "$ imageshare audit" in out
+        assert "refused the token (revoked)" in out
+        assert "hospital-b.example/imageshare received 24 images" in out
+        assert "clean: 3 log(s) verified" in out
+        assert "/admin" in out and "/wallet/" in out and "admin token:" in out
+
+    def test_stops_every_node_cleanly_and_keeps_their_data(
+        self, demo: tuple[subprocess.CompletedProcess[str], Path]
+    ) -> None:
+        result, data_dir = demo
+        for name in ("hospital-a", "hospital-b", "hospital-c"):
+            assert f"{name} stopped cleanly (exit 0)" in result.stdout
+            assert (data_dir / name / "node.toml").exists()
+        assert (data_dir / "wallet").is_dir()
