@@ -74,10 +74,21 @@ class DiscoveryService:
     async def start(self) -> None:
         interfaces, addresses = self._interfaces()
         self._zeroconf = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
-        await self._zeroconf.async_register_service(self._service_info(addresses))
         self._browser = AsyncServiceBrowser(
             self._zeroconf.zeroconf, SERVICE_TYPE, handlers=[self._on_change]
         )
+        # Registering probes the LAN for about a second; the node serves meanwhile.
+        task = asyncio.ensure_future(self._advertise(addresses))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _advertise(self, addresses: list[str]) -> None:
+        assert self._zeroconf is not None
+        try:
+            await self._zeroconf.async_register_service(self._service_info(addresses))
+        except Exception:
+            log.exception("discovery: could not advertise on %s", addresses)
+            return
         log.info("discovery: advertising %s on %s", SERVICE_TYPE, addresses)
 
     async def stop(self) -> None:
