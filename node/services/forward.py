@@ -132,9 +132,10 @@ class Forwarder:
         failures: dict[str, list[QueuedInstance]] = defaultdict(list)
         try:
             self._send(batch, delivered, failures)
-        except Exception as exc:  # the association could not be set up at all
+        except Exception as exc:  # no association, or it broke down: the rest failed
+            settled = set(delivered) | {i.sop_instance_uid for f in failures.values() for i in f}
             reason = str(exc) or type(exc).__name__
-            failures[reason] = [item for item, _ in batch if item.sop_instance_uid not in delivered]
+            failures[reason] += [item for item, _ in batch if item.sop_instance_uid not in settled]
         now = time.time()
         self.state.delivered(delivered, now)
         for reason, items in failures.items():
