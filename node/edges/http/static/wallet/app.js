@@ -35,6 +35,10 @@ function studyDate(text) {
     : text || "undated";
 }
 
+function images(count) {
+  return `${count} ${count === 1 ? "image" : "images"}`;
+}
+
 function studyName(ref) {
   const study = app.studies.find((s) => s.ref === ref);
   return study ? `${study.description || "Study"} (${studyDate(study.date)})` : "a study";
@@ -199,11 +203,7 @@ function studyCard(study) {
   const modalities = study.modalities.join(", ") || "?";
   text.append(
     el("div", "study-title", study.description || "Study"),
-    el(
-      "div",
-      "muted",
-      [studyDate(study.date), modalities, `${study.instances} images`].join(" · "),
-    ),
+    el("div", "muted", [studyDate(study.date), modalities, images(study.instances)].join(" · ")),
   );
   head.append(box, text);
   item.append(head, el("div", "previews"));
@@ -353,7 +353,7 @@ function eventCard(event) {
   let title;
   if (entry.kind === "access") {
     const study = studyName(toB64url(entry.study));
-    title = `${entry.grantee} received ${study}: ${entry.instances} images`;
+    title = `${entry.grantee} received ${study}: ${images(entry.instances)}`;
   } else if (entry.kind === "denial") {
     // A refusal may name no study (the token was refused before any study was asked).
     const what = entry.study ? " " + studyName(toB64url(entry.study)) : "";
