@@ -383,12 +383,17 @@ def stop_all(hospitals: list[Hospital]) -> None:
     if not running:
         return
     step("Stop the nodes", "Each node gets SIGTERM, finishes what it was writing, and exits.")
+    already_ended = {h.name for h in running if h.process and h.process.poll() is not None}
     for h in running:
         assert h.process is not None
-        if h.process.poll() is None:
+        if h.name not in already_ended:
             h.process.send_signal(signal.SIGTERM)
     for h in running:
         assert h.process is not None
+        if h.name in already_ended:
+            say(f"{h.name} had already ended on its own (exit {h.process.returncode})")
+            h.process = None
+            continue
         try:
             h.process.wait(30)
         except subprocess.TimeoutExpired:
@@ -679,6 +684,8 @@ def main() -> int:
     except StepFailed as exc:
         print(f"\ndemo: FAILED at step {_step_number}: {exc}", file=sys.stderr, flush=True)
         for h in hospitals:
+            if h.process is not None and h.process.poll() is not None:
+                print(f"{h.name}'s daemon has ended (exit {h.process.returncode})", file=sys.stderr)
             if h.log.exists():
                 print(f"--- last lines of {shown(h.log)}:\n{h.log_tail()}", file=sys.stderr)
         return 1

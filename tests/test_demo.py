@@ -6,12 +6,14 @@ its data directory in tmp_path; the tests read what it printed and what it left 
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support.nodes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def demo(
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[subprocess.CompletedProcess[str], Path]]:
+) -> tuple[subprocess.CompletedProcess[str], Path]:
     data_dir = tmp_path_factory.mktemp("demo") / "demo-data"
     result = subprocess.run(
         [
@@ -34,7 +36,7 @@ def demo(
         timeout=180,
         cwd=ROOT,
     )
-    yield result, data_dir
+    return result, data_dir
 
 
 class TestDemo:
@@ -84,3 +86,17 @@ class TestDemo:
             assert f"{name} stopped cleanly (exit 0)" in result.stdout
             assert (data_dir / name / "node.toml").exists()
         assert (data_dir / "wallet").is_dir()
+
+
+class TestDemoFailure:
+    def test_busy_base_port_is_a_clear_error_with_exit_1(self, tmp_path: Path) -> None:
+        port = free_port()
+        with socket.create_server(("127.0.0.1", port)):
+            result = subprocess.run(
+                [sys.executable, str(ROOT / "scripts" / "demo.py"), "--no-wait",
+                 "--base-port", str(port), "--data-dir", str(tmp_path / "demo")],
+                capture_output=True, text=True, timeout=60, cwd=ROOT,
+            )  # fmt: skip
+        assert result.returncode == 1
+        assert f"port(s) [{port}] are in use" in result.stderr
+        assert "Traceback" not in result.stderr
