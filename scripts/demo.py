@@ -48,6 +48,7 @@ from node.core.roster import log_id  # noqa: E402
 from tests.support.studies import make_ct_study  # noqa: E402
 
 DEFAULT_DEMO_DIR = ROOT / "demo-data"
+DEMO_MARKER = ".imageshare-demo"
 HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
 PATIENT_ID = "DEMO-0001"
 # Files that ship inside the pydicom package (no download): CT, MR, JPEG 2000, RGB, an RT
@@ -70,6 +71,7 @@ FEDERATION_SETTINGS = (
 )
 QIDO_ACCEPT = "application/dicom+json"
 STEP_DEADLINE = 60.0  # seconds any one wait may take before the demo gives up
+COMMAND_TIMEOUT = 180.0  # seconds any one `imageshare` command may take
 T = TypeVar("T")
 
 
@@ -168,14 +170,19 @@ def imageshare(
         # A token is hundreds of characters: its start is enough to follow the story.
         brief = [w if len(w) <= 80 else w[:48] + "…" for w in words]
         print(f"   $ imageshare {shlex.join(brief)}", flush=True)
-    # No terminal for the command: the wallet must not stop the demo to ask a passphrase.
-    result = subprocess.run(
-        [*imageshare_command(), *(str(a) for a in args)],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=180,
-    )
+    try:
+        # No terminal for the command: the wallet must not stop the demo to ask a passphrase.
+        result = subprocess.run(
+            [*imageshare_command(), *(str(a) for a in args)],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=COMMAND_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise StepFailed(
+            f"`imageshare {words[0]}` did not finish in {COMMAND_TIMEOUT:.0f} s"
+        ) from exc
     if show:
         lines = (result.stdout + result.stderr).splitlines()
         for line in lines[:show]:
@@ -428,10 +435,14 @@ def _interrupt(signum: int, frame: object) -> None:
 def set_up(demo_dir: Path, base_port: int | None) -> list[Hospital]:
     """Steps 1-3: a clean directory, three initialised nodes that know each other."""
     step("Start from a clean slate")
-    if demo_dir.exists():
+    if demo_dir.exists() and any(demo_dir.iterdir()):
+        # --data-dir may be mistyped: only ever delete what an earlier demo made.
+        if not (demo_dir / DEMO_MARKER).exists() and not (demo_dir / "hospital-a").exists():
+            raise StepFailed(f"{demo_dir} holds something else than a demo; not replacing it")
         shutil.rmtree(demo_dir)
         say(f"removed the previous demo in {shown(demo_dir)}")
-    demo_dir.mkdir(parents=True)
+    demo_dir.mkdir(parents=True, exist_ok=True)
+    (demo_dir / DEMO_MARKER).write_text("made by scripts/demo.py; replaced on each run\n")
     say(f"the demo lives in {shown(demo_dir)}")
     ports = pick_ports(base_port)
     hospitals = [
@@ -503,9 +514,9 @@ def patient_story(hospitals: list[Hospital], wallet: Path, study_uid: str) -> No
     a, b, c = hospitals
     step(
         "The patient creates a wallet",
-        "The wallet holds the patient's secret; from it comes one key per hospital, so",
-        "hospitals cannot link the patient across the federation. (No passphrase in the demo;",
-        "a real wallet is sealed with one.)",
+        "The wallet holds the patient's secret; from it comes a different key for each",
+        "hospital, so no two hospitals see the same key for the same person. (No passphrase",
+        "in the demo; a real wallet is sealed with one.)",
     )
     imageshare("patient", "keygen", "--wallet", wallet)
 
@@ -665,7 +676,6 @@ def main() -> int:
     # Ctrl-C (also when started in the background) and SIGTERM end the demo in order.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
-    os.environ.pop("IMAGESHARE_CONFIG", None)
 
     hospitals: list[Hospital] = []
     try:
@@ -681,7 +691,7 @@ def main() -> int:
             say("The nodes keep running; press Ctrl-C to stop them.")
             serve_until_interrupted(hospitals)
         return 0
-    except StepFailed as exc:
+    except (StepFailed, OSError) as exc:  # OSError: a node stopped answering HTTP
         print(f"\ndemo: FAILED at step {_step_number}: {exc}", file=sys.stderr, flush=True)
         for h in hospitals:
             if h.process is not None and h.process.poll() is not None:

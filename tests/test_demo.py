@@ -100,3 +100,15 @@ class TestDemoFailure:
         assert result.returncode == 1
         assert f"port(s) [{port}] are in use" in result.stderr
         assert "Traceback" not in result.stderr
+
+    def test_a_data_dir_holding_something_else_is_left_alone(self, tmp_path: Path) -> None:
+        precious = tmp_path / "precious.txt"
+        precious.write_text("not a demo")
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "demo.py"), "--no-wait",
+             "--data-dir", str(tmp_path)],
+            capture_output=True, text=True, timeout=60, cwd=ROOT,
+        )  # fmt: skip
+        assert result.returncode == 1
+        assert "not replacing it" in result.stderr
+        assert precious.read_text() == "not a demo"
