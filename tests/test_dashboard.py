@@ -12,12 +12,9 @@ test-artifacts/dashboard/.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import socket
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -43,59 +40,12 @@ from node.store.secrets import read_seed
 from tests.support.browser import ChromiumSession, RecordedPage, chromium_session
 from tests.support.nodes import NodeProcess, free_port, init_node, wait_until
 from tests.support.patients import enroll_new_key, make_grant
+from tests.support.proxy import TcpProxy
 from tests.support.studies import SyntheticStudy, make_ct_study
 
 # A description that would load an image from another origin if it were put in the page
 # as HTML: the page must show it as text and make no such request.
 HOSTILE_DESCRIPTION = '<img src="http://192.0.2.7/x.png">'
-
-
-class ThrottlingProxy:
-    """A TCP proxy on loopback whose answers can be slowed to ``rate`` bytes/s."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = free_port()
-        self.rate: float | None = None
-        self._listener = socket.create_server(("127.0.0.1", self.port))
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                target = socket.create_connection(("127.0.0.1", self.target_port))
-                # A small window keeps the sender from parking megabytes in kernel buffers.
-                target.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-            except OSError:
-                client.close()
-                continue
-            threading.Thread(target=self._pump, args=(client, target, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(target, client, True), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket, down: bool) -> None:
-        try:
-            while data := source.recv(16384 if down and self.rate else 262144):
-                sink.sendall(data)
-                if down and self.rate:
-                    time.sleep(len(data) / self.rate)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
-
-    def stop(self) -> None:
-        self._listener.close()
 
 
 @dataclass
@@ -104,7 +54,7 @@ class Federation:
     b: NodeProcess
     c: NodeProcess
     c_fork: NodeProcess
-    proxy: ThrottlingProxy
+    proxy: TcpProxy
     fetched: SyntheticStudy
     local: SyntheticStudy
     patient: PatientKey
@@ -162,7 +112,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     a, b, c = pool.map(
         lambda origin: init_node(base, origin), [f"{n}.example/imageshare" for n in "abc"]
     )
-    proxy = ThrottlingProxy(a.http_port)
+    proxy = TcpProxy(a.http_port)
     for node in (a, b, c):
         _quiet(node)
     # A forwards to a PACS that is not there: failures and retries to show.

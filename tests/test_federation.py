@@ -4,11 +4,9 @@ equivocation. Nodes find each other by static URLs here (discovery: test_discove
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
-import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -32,6 +30,7 @@ from node.services.runtime import open_runtime
 from node.store.ledger import LedgerStore
 from node.store.secrets import read_seed
 from tests.support.nodes import NodeProcess, free_port, wait_until
+from tests.support.proxy import TcpProxy
 
 Factory = Callable[..., NodeProcess]
 
@@ -304,75 +303,13 @@ def fork_of(node: NodeProcess, port: int | None = None) -> NodeProcess:
     return NodeProcess(fork_dir, node.origin, fork_port, 0, node.vkey, node.admin_token)
 
 
-class LoopbackProxy:
-    """A TCP proxy on a free loopback port that the test can cut and heal (a partition)."""
-
-    def __init__(self, target_port: int) -> None:
-        self.port = free_port()
-        self.target_port = target_port
-        self.open = True
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
-        self._thread.start()
-        ready.wait(10)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _run(self, ready: threading.Event) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._server = self._loop.run_until_complete(
-            asyncio.start_server(self._handle, "127.0.0.1", self.port)
-        )
-        ready.set()
-        self._loop.run_forever()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if not self.open:
-            writer.close()
-            return
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self._writers |= {writer, up_writer}
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-        self._writers -= {writer, up_writer}
-
-    def cut(self) -> None:
-        """Refuse new connections and drop the open ones (kept-alive ones included)."""
-
-        def drop() -> None:
-            self.open = False
-            for writer in list(self._writers):
-                writer.close()
-
-        self._loop.call_soon_threadsafe(drop)
-
-    def heal(self) -> None:
-        self._loop.call_soon_threadsafe(setattr, self, "open", True)
-
-    def close(self) -> None:
-        self._loop.call_soon_threadsafe(self._server.close)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-
-
 class TestPartition:
     def test_both_sides_converge_after_a_partition_heals(self, node_factory: Factory) -> None:
         a = node_factory("a.example/imageshare")
         b = node_factory("b.example/imageshare")
         for node in (a, b):
             quiet(node, interval=0.3)
-        a_via_proxy, b_via_proxy = LoopbackProxy(a.http_port), LoopbackProxy(b.http_port)
+        a_via_proxy, b_via_proxy = TcpProxy(a.http_port), TcpProxy(b.http_port)
         try:
             add_member(a, b.origin, b_via_proxy.url, b.vkey)
             add_member(b, a.origin, a_via_proxy.url, a.vkey)
@@ -399,7 +336,7 @@ class TestPartition:
             wait_until(lambda: converged([a, b], expected), timeout=15, message="healing")
         finally:
             for proxy in (a_via_proxy, b_via_proxy):
-                proxy.close()
+                proxy.stop()
 
 
 class TestAddresses:

@@ -38,8 +38,9 @@ from node.services.wallet import Wallet
 from node.store.ledger import LedgerStore
 from node.store.secrets import read_seed
 from tests.support import faults
-from tests.support.nodes import NodeProcess, free_port, init_node, wait_until
+from tests.support.nodes import NodeProcess, init_node, wait_until
 from tests.support.patients import call, enroll_new_key, make_grant
+from tests.support.proxy import TcpProxy
 from tests.support.studies import make_ct_study
 
 Factory = Callable[..., NodeProcess]
@@ -315,7 +316,7 @@ class TestKilledDuringReplication:
         b = lean(node_factory("b.example/imageshare"))
         count = 6000
         append_offline(a, count)
-        proxy = faults.ThrottledProxy(a.http_port, free_port(), rate=300_000)
+        proxy = TcpProxy(a.http_port, rate=300_000)
         try:
             add_peer(load_config(a.config), b.origin, b.url, b.vkey)
             # b reaches a only through the slow proxy, so its catch-up takes seconds.

@@ -8,13 +8,10 @@ between them and can slow the stream down to interrupt it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import os
-import socket
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -36,70 +33,9 @@ from node.core.roster import log_id
 from node.core.signed_requests import make_headers, node_signer
 from node.services.wallet import Wallet
 from node.store.secrets import read_seed
-from tests.support.nodes import IMAGESHARE, NodeProcess, free_port, init_node, run_cli, wait_until
+from tests.support.nodes import IMAGESHARE, NodeProcess, init_node, run_cli, wait_until
+from tests.support.proxy import TcpProxy
 from tests.support.studies import SyntheticStudy, make_ct_study
-
-
-class RecordingProxy:
-    """A TCP proxy on loopback that records what passes and can throttle the answers."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = free_port()
-        self.downstream = bytearray()  # target -> client
-        self.upstream = bytearray()  # client -> target
-        self.rate: float | None = None  # bytes/s towards the client, None: full speed
-        self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", self.port))
-        self._stopped = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _accept(self) -> None:
-        while not self._stopped:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                target = socket.socket()
-                # A small window keeps the sender from parking megabytes in kernel buffers
-                # while the proxy throttles.
-                target.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-                target.connect(("127.0.0.1", self.target_port))
-            except OSError:
-                target.close()
-                client.close()
-                continue
-            threading.Thread(target=self._pump, args=(client, target, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(target, client, True), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket, down: bool) -> None:
-        try:
-            while data := source.recv(16384 if down and self.rate else 262144):
-                with self._lock:
-                    (self.downstream if down else self.upstream).extend(data)
-                sink.sendall(data)
-                if down and self.rate:
-                    time.sleep(len(data) / self.rate)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
-
-    def captured(self) -> bytes:
-        with self._lock:
-            return bytes(self.upstream) + bytes(self.downstream)
-
-    def stop(self) -> None:
-        self._stopped = True
-        self._listener.close()
 
 
 @dataclass
@@ -108,7 +44,7 @@ class Federation:
     a: NodeProcess
     b: NodeProcess
     c: NodeProcess
-    proxy: RecordingProxy
+    proxy: TcpProxy
     study: SyntheticStudy
     wallet_dir: Path
     wallet: Wallet
@@ -151,7 +87,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     a = init_node(base, "a.example/imageshare", "a")
     b = init_node(base, "b.example/imageshare", "b")
     c = init_node(base, "c.example/imageshare", "c")
-    proxy = RecordingProxy(a.http_port)
+    proxy = TcpProxy(a.http_port, record=True)
     settings = "[federation]\ndiscovery = false\nreplicate_interval = 0.3\n"
     a.append_config(settings + "[consent]\nclock_skew_seconds = 1\n")
     a.append_config(_peer(b, b.url) + _peer(c, c.url))
