@@ -32,11 +32,13 @@ class BackgroundService(Protocol):
 
 # Factories of the background services, in start order; stopped in reverse.
 ServiceFactory = Callable[[NodeRuntime], BackgroundService | None]
-SERVICE_FACTORIES: list[ServiceFactory] = []
-SERVICE_FACTORIES.extend([replication_of, discovery_service])
-SERVICE_FACTORIES.append(dimse_service)
-SERVICE_FACTORIES.append(forward_service)
-SERVICE_FACTORIES.append(transfer_service)
+SERVICE_FACTORIES: list[ServiceFactory] = [
+    replication_of,
+    discovery_service,
+    dimse_service,
+    forward_service,
+    transfer_service,
+]
 
 
 async def serve(

@@ -155,7 +155,7 @@ class ReplicationService:
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
-        self._cosigned: dict[str, int] = {}
+        self.cosigned_sizes: dict[str, int] = {}  # log id -> size we last cosigned
         self._session: aiohttp.ClientSession | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self.traffic = Traffic()
@@ -379,7 +379,7 @@ class ReplicationService:
         lid = log_member.log_id
         if direct:
             # Nothing new to fetch or to witness.
-            if listed_size == ours and self._cosigned.get(lid) == ours:
+            if listed_size == ours and self.cosigned_sizes.get(lid) == ours:
                 return
         elif listed_size == 0 or status.compared.get(lid) == (listed_size, ours):
             # An empty copy agrees with anything; others were compared at these sizes.
@@ -416,7 +416,7 @@ class ReplicationService:
         if (
             direct
             and checkpoint.size == mirror.size()
-            and self._cosigned.get(lid) != checkpoint.size
+            and self.cosigned_sizes.get(lid) != checkpoint.size
         ):
             await self._witness(log_member, url, checkpoint)
 
@@ -567,7 +567,7 @@ class ReplicationService:
                 # Usually a newer checkpoint was signed meanwhile: the next round cosigns it.
                 log.info("%s did not take the cosignature: %s", log_member.origin, response.status)
                 return
-        self._cosigned[log_member.log_id] = checkpoint.size
+        self.cosigned_sizes[log_member.log_id] = checkpoint.size
 
     # ---- signed calls to members ---------------------------------------------------------
 

@@ -236,9 +236,7 @@ class StatusService:
         members = {m.origin: m for m in replication.roster.roster}
         own_note = ledger_service(self.runtime).own.checkpoint_note()
         cosigned_ours = self._cosigners(own_note, members)
-        # The sizes of members' logs this node has witnessed (cosigned and handed back),
-        # as the replication service records them; it publishes no accessor for them yet.
-        witnessed: dict[str, int] = getattr(replication, "_cosigned", {})
+        witnessed = replication.cosigned_sizes
         peers = [
             {
                 **peer,
