@@ -589,7 +589,9 @@ def patient_story(hospitals: list[Hospital], wallet: Path, study_uid: str) -> No
             f"{other.name}'s copy of A's log to hold entry #{access}",
         )
         say(f"  $ curl {other.url}/ledger/logs   -> A's log there: {size} entries")
-    outcome(f"replicated: B and C held it {time.monotonic() - fetched_at:.1f} s after the fetch")
+    outcome(
+        f"replicated: B and C held it at most {time.monotonic() - fetched_at:.2f} s after the fetch"
+    )
 
     step(
         "The patient revokes the grant",
