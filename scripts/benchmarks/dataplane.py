@@ -158,6 +158,15 @@ def indexed_instances(node: NodeProcess) -> int:
         return int(conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
 
 
+def explain_if_exited(node: NodeProcess, figure: float | str) -> float | str:
+    """``figure``, or why it is missing if the node's daemon has exited (its last log line)."""
+    if node.process is None or node.process.poll() is None or not isinstance(figure, str):
+        return figure
+    lines = [ln for ln in node.log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    last = lines[-1].strip()[:200] if lines else "no log"
+    return f"{figure}; the node exited with {node.process.returncode}: {last}"
+
+
 def node_peak_rss(node: NodeProcess) -> float | None:
     return peak_rss_mb(node.process.pid) if node.process is not None else None
 
@@ -260,6 +269,8 @@ def run(ctx: BenchContext) -> list[Row]:
         ours_storescu = measure_node_storescu(receiving, study, work / "storescu-node.log")
         orthanc_wado = time_retrievals(orthanc.dicomweb_url, study, {}, runs).median
 
+        ours_wado = explain_if_exited(importing, ours_wado)
+        ours_storescu = explain_if_exited(receiving, ours_storescu)
         importing_rss = node_peak_rss(importing)
         receiving_rss = node_peak_rss(receiving)
         orthanc_rss = orthanc.peak_rss_mb()
