@@ -6,9 +6,10 @@ Usage: ./scripts/bench [--quick] [--only NAME...] [--output FILE] [--keep]
        project's virtual environment: .venv/bin/python scripts/bench.py)
 
 A benchmark module is any module in scripts/benchmarks/ with ``run(ctx) -> list[Row]``;
-modules without ``run`` are helpers. The modules share one scratch directory and one
-context, so the reference study is generated once. A module that raises is reported as
-a failed row; the others still run. A module may also hold ``NOTES``, a list of sentences
+modules without ``run`` are helpers. The modules share one scratch directory, so the
+reference study is generated once; each runs in its own forked process, so that its
+memory figures are its own. A module that raises or dies is reported as a failed row; the
+others still run. A module may also hold ``NOTES``, a list of sentences
 on how to read its figures, printed under the table.
 """
 
@@ -18,6 +19,7 @@ import argparse
 import contextlib
 import datetime
 import importlib
+import multiprocessing
 import os
 import pkgutil
 import platform
@@ -29,6 +31,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,6 +107,43 @@ def run_module(
     except Exception as exc:  # one broken module must not stop the others
         traceback.print_exc()
         return [failed_row(name, exc)]
+
+
+def _run_in_child(name: str, import_path: str, ctx: BenchContext, results: Connection) -> None:
+    notes: list[str] = []
+    rows = run_module(name, import_path, ctx, notes)
+    results.send((rows, notes))
+    results.close()
+
+
+def run_isolated(
+    name: str, import_path: str, ctx: BenchContext, notes: list[str]
+) -> list[Row] | None:
+    """run_module in a forked child process, so that each module's own peak-memory readings
+    (getrusage of its children, VmHWM) and any crash or leak stay its own.
+
+    Modules share work only through ``ctx.workdir`` (files), not ``ctx.shared``.
+    """
+    forking = multiprocessing.get_context("fork")
+    receiver, sender = forking.Pipe(duplex=False)
+    child = forking.Process(target=_run_in_child, args=(name, import_path, ctx, sender))
+    child.start()
+    sender.close()
+    result: tuple[list[Row] | None, list[str]] | None = None
+    # The child's own alarm ends a hung module cleanly; this is the backstop.
+    if receiver.poll(MODULE_TIMEOUT_SECONDS + 120):
+        with contextlib.suppress(EOFError):
+            result = receiver.recv()
+    child.join(60)
+    if child.is_alive():
+        child.kill()
+        child.join()
+    if result is None:
+        exc = RuntimeError(f"its process ended (exit {child.exitcode}) without a result")
+        return [failed_row(name, exc)]
+    rows, module_notes = result
+    notes += module_notes
+    return rows
 
 
 def format_value(value: float | str | None) -> str:
@@ -285,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with scratch_context(args.quick, args.keep) as ctx:
         for name, import_path in modules.items():
             began = time.monotonic()
-            module_rows = run_module(name, import_path, ctx, notes)
+            module_rows = run_isolated(name, import_path, ctx, notes)
             if module_rows is None:
                 continue
             durations[name] = time.monotonic() - began

@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from scripts.benchmarks.common import BenchContext, Row
@@ -58,10 +58,16 @@ NOTES = [
 
 
 def reference_study(ctx: BenchContext) -> SyntheticStudy:
-    """The reference CT study, generated once per run and shared by every module."""
-    study = ctx.shared.get("reference_study")
-    if isinstance(study, SyntheticStudy):
-        return study
+    """The reference CT study, generated once per run in the scratch directory.
+
+    Benchmark modules run in separate processes, so the study is found again through a
+    small manifest beside it (not inside: storescu and import send a whole directory).
+    """
+    manifest = ctx.workdir / "reference-study.json"
+    if manifest.exists():
+        fields = json.loads(manifest.read_text())
+        fields["files"] = [Path(f) for f in fields["files"]]
+        return SyntheticStudy(**fields)
     study = make_ct_study(
         ctx.workdir / "reference-study",
         series=SERIES,
@@ -69,7 +75,9 @@ def reference_study(ctx: BenchContext) -> SyntheticStudy:
         rows=SIZE,
         columns=SIZE,
     )
-    ctx.shared["reference_study"] = study
+    written = manifest.with_suffix(".tmp")
+    written.write_text(json.dumps({**asdict(study), "files": [str(f) for f in study.files]}))
+    written.replace(manifest)  # whole or absent
     return study
 
 
