@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -17,6 +16,7 @@ import pytest
 import requests
 
 from node.store.instances import InstanceStore
+from tests.support.memory import peak_rss_bytes, run_with_peak_rss
 from tests.support.nodes import IMAGESHARE, NodeProcess, init_node, wait_until
 from tests.support.studies import SyntheticStudy, make_ct_study
 
@@ -35,21 +35,16 @@ class Run:
 
 
 def run_import(node: NodeProcess, *paths: Path) -> Run:
-    """`imageshare import --json` as a child process, with its own peak RSS from wait4."""
+    """`imageshare import --json` as a child process, with its own peak RSS."""
     with (
         open(node.data_dir / "import.out", "w+") as out,
         open(node.data_dir / "import.err", "w+") as err,
     ):
-        child = subprocess.Popen(
-            [*IMAGESHARE, "import", "--json", "-c", str(node.config), *map(str, paths)],
-            stdout=out,
-            stderr=err,
-        )
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
+        command = [*IMAGESHARE, "import", "--json", "-c", str(node.config), *map(str, paths)]
+        measured = run_with_peak_rss(command, stdout=out, stderr=err)
         out.seek(0)
         err.seek(0)
-        return Run(child.returncode, out.read(), err.read(), usage.ru_maxrss * 1024)
+        return Run(measured.returncode, out.read(), err.read(), measured.peak_rss)
 
 
 def summary_of(run: Run) -> dict[str, object]:
@@ -104,10 +99,9 @@ def streamed_part_digests(response: requests.Response) -> Iterator[str]:
 
 def peak_rss(pid: int) -> int:
     """VmHWM of a running process, in bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM in /proc status")
+    peak = peak_rss_bytes(pid)
+    assert peak is not None, "no VmHWM in /proc status"
+    return peak
 
 
 def indexed_count(node: NodeProcess) -> int:

@@ -12,12 +12,12 @@ import json
 import os
 import signal
 import subprocess
-import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.memory import peak_rss_bytes, run_with_peak_rss
 from tests.support.nodes import free_port, wait_until
 
 ORTHANC_BINARY = "Orthanc"
@@ -32,14 +32,8 @@ ORTHANC_ENVIRONMENT = {"TCP_NODELAY": "1"}
 
 def peak_rss_mb(pid: int) -> float | None:
     """Peak resident memory (VmHWM) of a running process in MB, or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+    peak = peak_rss_bytes(pid)
+    return None if peak is None else peak / 1024**2
 
 
 @dataclass
@@ -59,24 +53,17 @@ class Measured:
 
 
 def run_measured(command: list[str], log: Path, env: dict[str, str] | None = None) -> Measured:
-    """Run ``command`` to completion; time it and read its peak RSS from the kernel (wait4).
+    """Run ``command`` to completion; time it and sample its peak RSS (VmHWM).
 
     Its stdout goes to ``log`` and its stderr to ``log`` + ".stderr"; both are returned too.
     """
     err_path = log.with_name(log.name + ".stderr")
     with open(log, "wb") as out, open(err_path, "wb") as err:
-        started = time.perf_counter()
-        process = subprocess.Popen(
-            command, stdout=out, stderr=err, env={**os.environ, **(env or {})}
-        )
-        _, status, usage = os.wait4(process.pid, 0)
-        seconds = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4, not Popen
-    # ru_maxrss is in kilobytes on Linux.
+        run = run_with_peak_rss(command, stdout=out, stderr=err, env={**os.environ, **(env or {})})
     return Measured(
-        process.returncode,
-        seconds,
-        usage.ru_maxrss / 1024,
+        run.returncode,
+        run.seconds,
+        run.peak_rss / 1024**2,
         log.read_text(errors="replace"),
         err_path.read_text(errors="replace"),
     )
