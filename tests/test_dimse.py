@@ -53,7 +53,7 @@ def peer(node: NodeProcess) -> list[str]:
 
 
 def wait_for_dimse(node: NodeProcess) -> None:
-    """/healthz answers before the background services start; DIMSE may follow a moment later."""
+    """DIMSE answers C-ECHO (it has started when /healthz answers 200)."""
     wait_until(lambda: dcmtk("echoscu", *peer(node)).returncode == 0, message="DIMSE to listen")
 
 

@@ -69,6 +69,7 @@ async def serve(
             if service is not None:
                 await service.start()
                 started.append(service)
+        runtime.ready = True
         log.info("%s serving on http://%s", runtime.config.origin, http.listen)
         if on_ready is not None:
             result = on_ready()

@@ -25,6 +25,8 @@ class NodeRuntime:
     admin_token: str
     store: InstanceStore
     started_at: float = field(default_factory=time.time)
+    # Set once every background service (DIMSE, replication, ...) has started.
+    ready: bool = False
     # Services attach themselves here by name (ledger, replication, forwarder, ...).
     services: dict[str, Any] = field(default_factory=dict)
 

@@ -166,9 +166,15 @@ async def add_cors_headers(request: web.Request, response: web.StreamResponse) -
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """200 once the node serves everything (HTTP and its background services), else 503."""
     runtime = request.app[RUNTIME_KEY]
     return web.json_response(
-        {"status": "ok", "origin": runtime.config.origin, "version": __version__}
+        {
+            "status": "ok" if runtime.ready else "starting",
+            "origin": runtime.config.origin,
+            "version": __version__,
+        },
+        status=200 if runtime.ready else 503,
     )
 
 
