@@ -36,14 +36,16 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from node.config import DimseConfig, DimseDestination
 from node.errors import BadInput, ConfigError, ImageShareError, PayloadTooLarge, StorageFull
 from node.services.dimse_query import (
+    Model,
+    find,
+    select_for_retrieve,
+)
+from node.services.dimse_transport import (
     CONNECT_TIMEOUT_SECONDS,
     LOW_LATENCY_HANDLERS,
     MAX_PDU_BYTES,
-    Model,
-    find,
     mark_dimse_activity,
     read_instance,
-    select_for_retrieve,
     storage_contexts,
 )
 from node.store.instances import InstanceRecord

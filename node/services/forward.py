@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from pynetdicom import AE
 
 from node.errors import ConfigError, NotFound
-from node.services.dimse_query import (
+from node.services.dimse_transport import (
     CONNECT_TIMEOUT_SECONDS,
     LOW_LATENCY_HANDLERS,
     MAX_PDU_BYTES,
