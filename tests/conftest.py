@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.nodes import NodeProcess, init_node
+from tests.support.privacy import sweep
 
 
 @pytest.fixture
@@ -29,3 +30,22 @@ def node_factory(tmp_path: Path) -> Iterator[object]:
 def running_node(node_factory: object) -> NodeProcess:
     """One started node with no data."""
     return node_factory().start()  # type: ignore[operator, no-any-return]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """After the whole suite: no ledger written by any scenario holds PHI or a DICOM UID."""
+    if exitstatus != 0 or session.config.option.collectonly:
+        return
+    base = session.config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
+    result = sweep(base)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(
+            f"privacy sweep: {result.entries} ledger entries in {result.ledgers} ledgers"
+            f" searched for {result.values} PHI values and UIDs;"
+            f" {len(result.findings)} found"
+        )
+        for finding in result.findings[:20]:
+            reporter.write_line(f"  PHI IN THE LEDGER: {finding}")
+    if result.findings:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

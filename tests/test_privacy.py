@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from node.services import consent
 from node.services.runtime import open_runtime
 from tests.support.nodes import NodeProcess, init_node
 from tests.support.patients import call, enroll_new_key, make_grant
+from tests.support.privacy import sweep
 from tests.support.studies import SyntheticStudy, make_ct_study
 
 PATIENTS = [
@@ -151,3 +153,49 @@ class TestNoPhiInTheLedger:
             for needle in phi:
                 assert needle.encode() not in raw, f"{needle!r} in a ledger entry"
                 assert not any(needle in text for text in texts), f"{needle!r} in a ledger entry"
+
+
+class TestSuiteWideSweep:
+    """The sweep run after the whole suite (tests/conftest.py) finds PHI where it is."""
+
+    def _node_with_entry(self, tmp_path: Path, fields: dict[str, Any]) -> Path:
+        node = init_node(tmp_path, "sweep.example/imageshare")
+        study = make_ct_study(tmp_path / "study", series=1, slices=1, patient_id="MRN-SWEEP-9")
+        node.cli("import", str(study.files[0]))
+        runtime = open_runtime(node.config)
+        try:
+            runtime.services["ledger"].append("denial", fields)
+        finally:
+            runtime.close()
+        return tmp_path
+
+    def test_clean_ledgers_pass(self, tmp_path: Path) -> None:
+        base = self._node_with_entry(
+            tmp_path,
+            {
+                "token_id": b"\x01" * 32,
+                "requester": "x.example/y",
+                "rule": "expired",
+                "study": None,
+            },
+        )
+        result = sweep(base)
+        assert result.entries == 1 and result.values > 0
+        assert result.findings == []
+
+    def test_an_mrn_in_an_entry_is_found(self, tmp_path: Path) -> None:
+        base = self._node_with_entry(
+            tmp_path,
+            {
+                "token_id": b"\x01" * 32,
+                "requester": "MRN-SWEEP-9",
+                "rule": "expired",
+                "study": None,
+            },
+        )
+        try:
+            findings = sweep(base).findings
+            assert len(findings) == 1 and "MRN-SWEEP-9" in findings[0]
+        finally:
+            # This ledger breaks the rule on purpose: keep it from the suite-wide sweep.
+            shutil.rmtree(base)
