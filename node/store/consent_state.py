@@ -13,7 +13,6 @@ One SQLite file, WAL with synchronous=FULL, safe for several threads and process
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 
 from node.core.consent import decode_grant, decode_revocation
 from node.errors import BadInput
+from node.store.sqlite import connect_durable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS subjects (
@@ -69,10 +69,7 @@ class ConsentState:
 
     def __init__(self, db_path: Path) -> None:
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db = connect_durable(db_path)
         self._db.executescript(SCHEMA)
 
     def close(self) -> None:

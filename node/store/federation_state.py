@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import threading
 import tomllib
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from node.core.roster import Member, make_member
 from node.errors import ConfigError, ImageShareError
+from node.store.sqlite import connect_durable
 
 ROSTER_FILE = "peers.toml"
 STATE_FILE = "federation.sqlite"
@@ -97,9 +97,7 @@ class FederationState:
 
     def __init__(self, db_path: Path) -> None:
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = connect_durable(db_path)
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS equivocations ("
             " log_id TEXT NOT NULL, origin TEXT NOT NULL, note_a TEXT NOT NULL,"

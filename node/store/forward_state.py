@@ -13,12 +13,13 @@ crash never skips or loses an instance; a delivered instance leaves the queue.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from node.store.sqlite import connect_durable
 
 PENDING = "pending"
 FAILED = "failed"
@@ -60,10 +61,7 @@ class ForwardState:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn = connect_durable(path, rows_as_dicts=True)
         self._conn.executescript(_SCHEMA)
 
     def close(self) -> None:

@@ -33,6 +33,7 @@ import sqlite_utils
 
 from node.errors import BadInput, NotFound, PayloadTooLarge, StorageFull
 from node.store.dicom_header import InstanceHeader, parse_header
+from node.store.sqlite import connect_durable
 
 CHUNK = 1024 * 1024
 
@@ -186,12 +187,7 @@ class InstanceStore:
     # -- connections -------------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=10000")
-        return conn
+        return connect_durable(self.db_path, rows_as_dicts=True)
 
     @property
     def reader(self) -> sqlite3.Connection:

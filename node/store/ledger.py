@@ -60,6 +60,7 @@ from node.errors import (
     StorageFull,
     Unauthorized,
 )
+from node.store.sqlite import connect_durable
 
 LEDGER_FILE = "ledger.sqlite"
 VERIFY_BATCH = 4096
@@ -233,12 +234,7 @@ class LedgerStore:
         self._logs: dict[str, StoredLog] = {}
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=30.0
-        )
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=30000")
+        conn = connect_durable(self.path, busy_timeout=30.0)
         with self._connections_lock:
             self._connections.append(conn)
         return conn

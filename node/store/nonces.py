@@ -8,10 +8,11 @@ the node restarts.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from pathlib import Path
+
+from node.store.sqlite import connect_durable
 
 # Prune at most this often: one DELETE per interval keeps the table small and cheap.
 PRUNE_INTERVAL = 60.0
@@ -23,9 +24,7 @@ class NonceStore:
     def __init__(self, db_path: Path, max_age: int = 300) -> None:
         self.max_age = max_age
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = connect_durable(db_path)
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS nonces ("
             " signer TEXT NOT NULL, nonce BLOB NOT NULL, timestamp INTEGER NOT NULL,"

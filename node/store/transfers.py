@@ -16,12 +16,13 @@ process (WAL survives a killed process), and the ledger entries it leads to are 
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from node.store.sqlite import connect_durable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS streams (
@@ -58,11 +59,7 @@ class TransferStore:
 
     def __init__(self, data_dir: Path) -> None:
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            data_dir / "transfers.sqlite", check_same_thread=False, isolation_level=None
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = connect_durable(data_dir / "transfers.sqlite", synchronous="NORMAL")
         self._db.executescript(SCHEMA)
 
     def close(self) -> None:
