@@ -44,7 +44,15 @@ NOTES = [
     " otherwise leaves Nagle's algorithm on, and each C-STORE then waits about 40 ms for a"
     " delayed ACK (about ten times slower on this study); Orthanc's own builds"
     " turn Nagle off, so this is the configuration a site would run. Both sides fsync every"
-    " stored file (Orthanc: SyncStorageArea) before they answer.",
+    " stored file (Orthanc: SyncStorageArea) before they answer. The second DIMSE row runs"
+    " the same storescu into a second Orthanc started exactly as Debian ships it (Nagle"
+    " on), the package the design names as the reference.",
+    "Where the node's DIMSE time goes: it answers each C-STORE only once the file is"
+    " fsynced and its index row committed, and storescu sends the next instance only after"
+    " that answer, so nothing overlaps; durability costs about 0.3 s of the study, and"
+    " about 1.2 s is CPU in pynetdicom's per-message handling and the node's header check"
+    " and hash. Half of the tuned Orthanc's time would need a DIMSE layer outside"
+    " pynetdicom.",
     "`imageshare import` reads the files from the local disk and commits them durably in"
     " batches; the daemon of that node runs beside it. Its figure has no Orthanc"
     " counterpart.",
@@ -264,6 +272,7 @@ def run(ctx: BenchContext) -> list[Row]:
     workload = describe(study)
 
     orthanc = OrthancServer(work, "orthanc")
+    stock_orthanc = OrthancServer(work, "orthanc-stock", tcp_nodelay=False)
     importing = init_node(work, "bench-import.example/imageshare", "node-import")
     receiving = init_node(work, "bench-dimse.example/imageshare", "node-dimse")
     try:
@@ -275,6 +284,11 @@ def run(ctx: BenchContext) -> list[Row]:
         ours_wado = retrieve_or_reason(importing.url + "/dicomweb", study, importing.auth, runs)
         orthanc_storescu = measure_orthanc_storescu(orthanc, study, work / "storescu-orthanc.log")
         ours_storescu = measure_node_storescu(receiving, study, work / "storescu-node.log")
+        stock_orthanc.start()
+        stock_storescu = measure_orthanc_storescu(
+            stock_orthanc, study, work / "storescu-orthanc-stock.log"
+        )
+        stock_orthanc.stop()
         orthanc_wado = time_retrievals(orthanc.dicomweb_url, study, {}, runs).median
 
         ours_wado = explain_if_exited(importing, ours_wado)
@@ -286,6 +300,7 @@ def run(ctx: BenchContext) -> list[Row]:
         importing.stop()
         receiving.stop()
         orthanc.stop()
+        stock_orthanc.stop()
 
     node_rss = max((v for v in (importing_rss, receiving_rss) if v is not None), default=None)
     return [
@@ -302,12 +317,21 @@ def run(ctx: BenchContext) -> list[Row]:
             peak_rss_mb=f"importer {fmt_mb(imported.importer_rss_mb)}",
         ),
         Row(
-            "DIMSE ingest of the study with dcmtk storescu, s",
+            "DIMSE ingest with storescu, beside Orthanc with Nagle off (as its own builds), s",
             ours_storescu,
             orthanc_storescu,
             target="<= 0.5 x Orthanc",
             met=at_most(ours_storescu, orthanc_storescu, 0.5),
             peak_rss_mb=f"node {fmt_mb(receiving_rss)}; Orthanc {fmt_mb(orthanc_rss)}",
+            command=storescu_command_text("AE"),
+        ),
+        Row(
+            "DIMSE ingest with storescu, beside Orthanc as Debian ships it (Nagle on), s",
+            ours_storescu,
+            stock_storescu,
+            target="<= 0.5 x Orthanc",
+            met=at_most(ours_storescu, stock_storescu, 0.5),
+            peak_rss_mb=f"node {fmt_mb(receiving_rss)}",
             command=storescu_command_text("AE"),
         ),
         Row(

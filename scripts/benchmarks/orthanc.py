@@ -104,6 +104,8 @@ class OrthancServer:
     dicom_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     last_peak_rss_mb: float | None = None
+    # False runs Orthanc exactly as Debian ships it: its DCMTK leaves Nagle's algorithm on.
+    tcp_nodelay: bool = True
 
     @property
     def url(self) -> str:
@@ -155,7 +157,7 @@ class OrthancServer:
                     [ORTHANC_BINARY, str(config_path)],
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    env={**os.environ, **ORTHANC_ENVIRONMENT},
+                    env={**os.environ, **(ORTHANC_ENVIRONMENT if self.tcp_nodelay else {})},
                     start_new_session=True,
                 )
             except FileNotFoundError as exc:
