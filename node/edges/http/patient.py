@@ -58,7 +58,11 @@ async def _patient(request: web.Request) -> SignedCaller:
     if (request.content_length or 0) > MAX_SUBMISSION_BYTES:
         raise PayloadTooLarge("a patient request body is at most 64 KiB")
     return await authenticate(
-        request, resolve, runtime.config.federation.max_request_age, nonce_store_of(runtime)
+        request,
+        resolve,
+        runtime.config.federation.max_request_age,
+        nonce_store_of(runtime),
+        max_body=MAX_SUBMISSION_BYTES,
     )
 
 
