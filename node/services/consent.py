@@ -436,8 +436,10 @@ def patient_studies(runtime: NodeRuntime, public_key: bytes) -> list[dict[str, A
     if key is None or key.retired:
         raise Forbidden("that key is not enrolled here")
     patient_id = patient_of_subject(runtime, key.subject)
+    if patient_id is None:
+        return []  # no study here is this patient's (never the studies without a PatientID)
     studies: list[dict[str, Any]] = []
-    for uid in own_studies_of_patient(runtime, patient_id or ""):
+    for uid in own_studies_of_patient(runtime, patient_id):
         row = runtime.store.study_row(uid)
         series = runtime.store.reader.execute(
             "SELECT DISTINCT modality FROM series WHERE study_instance_uid = ? ORDER BY modality",
