@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import urllib.request
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.memory import peak_rss_bytes, run_with_peak_rss
-from tests.support.nodes import free_port, wait_until
+from tests.support.nodes import free_port, terminate, wait_until
 
 ORTHANC_BINARY = "Orthanc"
 # Debian's orthanc-dicomweb installs the plugin here (dpkg -L orthanc-dicomweb).
@@ -193,13 +192,7 @@ class OrthancServer:
         if self.process is None:
             return
         self.peak_rss_mb()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, timeout)
         self.process = None
 
     def __enter__(self) -> OrthancServer:

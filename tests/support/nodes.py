@@ -64,6 +64,17 @@ def wait_until(
         time.sleep(interval)
 
 
+def terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """Stop a server process cleanly (SIGTERM), killing it only if it does not exit in time."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 @dataclass
 class NodeProcess:
     """One initialised node and, while running, its daemon process."""
@@ -124,15 +135,8 @@ class NodeProcess:
             return False
 
     def stop(self, timeout: float = 20.0) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            terminate(self.process, timeout)
         self.process = None
 
     def kill9(self) -> None:
