@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,10 +21,9 @@ from node.core.merkle import (
     verify_inclusion,
 )
 from node.errors import BadInput
+from tests.support.vectors import rfc6962_vectors
 
-VECTORS: dict[str, Any] = json.loads(
-    (Path(__file__).parents[2] / "shared" / "testvectors" / "rfc6962_vectors.json").read_text()
-)
+VECTORS: dict[str, Any] = rfc6962_vectors()
 LEAVES = [bytes.fromhex(x) for x in VECTORS["leaf_inputs_hex"]]
 TREE = MemoryTree([leaf_hash(x) for x in LEAVES])
 

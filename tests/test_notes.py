@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,10 +22,9 @@ from node.core.notes import (
     verify_signed_body,
 )
 from node.errors import BadInput, Unauthorized
+from tests.support.vectors import rfc6962_vectors
 
-VECTORS: dict[str, Any] = json.loads(
-    (Path(__file__).parents[2] / "shared" / "testvectors" / "rfc6962_vectors.json").read_text()
-)
+VECTORS: dict[str, Any] = rfc6962_vectors()
 GO = VECTORS["signed_note_go_vectors"]
 DERIVED = VECTORS["derived_checkpoint_example"]
 ROOT_8 = bytes.fromhex(VECTORS["roots_hex_by_size"]["8"])

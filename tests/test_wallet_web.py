@@ -45,6 +45,7 @@ from tests.support.browser import chromium_session
 from tests.support.nodes import NodeProcess, init_node, wait_until
 from tests.support.patients import signed_headers
 from tests.support.studies import SyntheticStudy, make_ct_study
+from tests.support.vectors import rfc6962_vectors
 
 PHONE = (390, 844)
 PASSPHRASE = "correct horse battery"
@@ -384,9 +385,7 @@ class TestPreviewEndpoint:
         assert _get(a, "/patient/studies/not-a-ref/series/0/preview", owner)[0] == 400
 
 
-VECTORS: dict[str, Any] = json.loads(
-    (Path(__file__).parents[2] / "shared" / "testvectors" / "rfc6962_vectors.json").read_text()
-)
+VECTORS: dict[str, Any] = rfc6962_vectors()
 
 
 @pytest.fixture(scope="class")
