@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +12,7 @@ from tests.support.privacy import sweep
 
 
 @pytest.fixture
-def node_factory(tmp_path: Path) -> Iterator[object]:
+def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
     """Make initialised nodes (call with an origin); every started one is stopped after."""
     made: list[NodeProcess] = []
 
@@ -27,9 +27,9 @@ def node_factory(tmp_path: Path) -> Iterator[object]:
 
 
 @pytest.fixture
-def running_node(node_factory: object) -> NodeProcess:
+def running_node(node_factory: Callable[..., NodeProcess]) -> NodeProcess:
     """One started node with no data."""
-    return node_factory().start()  # type: ignore[operator, no-any-return]
+    return node_factory().start()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -11,7 +11,7 @@ from nacl.signing import SigningKey
 
 from node.core.keys import parse_verifier_key
 from node.core.patient_keys import b64url
-from tests.support.nodes import run_cli
+from tests.support.nodes import NodeProcess, run_cli
 
 
 class TestInit:
@@ -41,14 +41,14 @@ class TestInit:
 
 
 class TestRun:
-    def test_healthz_answers_without_auth_once_serving(self, running_node) -> None:  # type: ignore[no-untyped-def]
+    def test_healthz_answers_without_auth_once_serving(self, running_node: NodeProcess) -> None:
         health = running_node.get_json("/healthz", auth=False)
         assert health["status"] == "ok"
         assert health["origin"] == running_node.origin
 
 
 class TestEnrollKeyArgument:
-    def test_key_beginning_with_a_dash_is_taken_as_the_value(self, running_node) -> None:  # type: ignore[no-untyped-def]
+    def test_key_beginning_with_a_dash_is_taken_as_the_value(self, running_node: NodeProcess) -> None:
         while True:  # one key in 64 begins with "-" in base64url
             key_text = b64url(bytes(SigningKey(os.urandom(32)).verify_key))
             if key_text.startswith("-"):

@@ -12,7 +12,8 @@ from tests.support.nodes import NodeProcess, wait_until
 
 
 def federation(node: NodeProcess) -> dict[str, Any]:
-    return node.get_json("/admin/api/federation")  # type: ignore[no-any-return]
+    federation_status: dict[str, Any] = node.get_json("/admin/api/federation")
+    return federation_status
 
 
 def learned_urls(node: NodeProcess) -> dict[str, list[str]]:

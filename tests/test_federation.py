@@ -408,7 +408,8 @@ class TestEquivocation:
             start_all(x, fork, a, b)
 
             def proofs(node: NodeProcess) -> list[dict[str, Any]]:
-                return node.get_json("/ledger/equivocations", auth=False)  # type: ignore[no-any-return]
+                held: list[dict[str, Any]] = node.get_json("/ledger/equivocations", auth=False)
+                return held
 
             for node in (a, b):
                 found = wait_until(lambda n=node: proofs(n), timeout=20, message="the proof")

@@ -202,7 +202,9 @@ class TestImportOfALargeStudy:
         before = indexed_count(imported.node)
         summary = summary_of(run_import(imported.node, good.files[0], bad))
         assert summary["stored"] == 1
-        reasons = {Path(r["path"]).name: r["reason"] for r in summary["rejected"]}  # type: ignore[union-attr]
+        rejected = summary["rejected"]
+        assert isinstance(rejected, list)
+        reasons = {Path(r["path"]).name: r["reason"] for r in rejected}
         assert set(reasons) == {"notes.txt", "truncated.dcm", "no_study_uid.dcm"}
         assert "not a DICOM" in reasons["notes.txt"]
         assert "truncated" in reasons["truncated.dcm"]

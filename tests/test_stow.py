@@ -190,6 +190,7 @@ class TestPartialFailures:
             uploads.client.store_instances(
                 [pydicom.dcmread(study.files[0])], study_instance_uid="1.2.3.4"
             )
+        assert raised.value.response is not None
         assert raised.value.response.status_code == 409
 
     def test_instance_of_another_study_than_the_path_fails(self, uploads: Uploads) -> None:

@@ -76,7 +76,9 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
     for name in SAMPLE_FILES:
         samples[name] = base / "in" / "samples" / name
         samples[name].parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(get_testdata_file(name), samples[name])
+        source = get_testdata_file(name)
+        assert isinstance(source, str), name
+        shutil.copyfile(source, samples[name])
     node.cli("import", str(base / "in"))
     node.start()
     try:
