@@ -48,7 +48,9 @@ class TestRun:
 
 
 class TestEnrollKeyArgument:
-    def test_key_beginning_with_a_dash_is_taken_as_the_value(self, running_node: NodeProcess) -> None:
+    def test_key_beginning_with_a_dash_is_taken_as_the_value(
+        self, running_node: NodeProcess
+    ) -> None:
         while True:  # one key in 64 begins with "-" in base64url
             key_text = b64url(bytes(SigningKey(os.urandom(32)).verify_key))
             if key_text.startswith("-"):

@@ -233,7 +233,11 @@ class TestProofVerification:
 
     def test_garbage_answer_is_a_proof_failure(self) -> None:
         _, custodian = self.answer(b"t")
-        garbage_answers: list[Any] = [{}, {"entry": "!!", "proof": [], "index": 0, "checkpoint": ""}, []]
+        garbage_answers: list[Any] = [
+            {},
+            {"entry": "!!", "proof": [], "index": 0, "checkpoint": ""},
+            [],
+        ]
         for garbage in garbage_answers:
             with pytest.raises(ProofFailed):
                 verify_recorded(garbage, custodian, "grant", "token", b"t")
