@@ -6,6 +6,7 @@ are refused so that a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -49,13 +50,28 @@ class DimseDestination:
 
 
 @dataclass
+class DimseCaller:
+    """An AE the node knows, bound to the IP address its associations come from."""
+
+    ae_title: str
+    host: str
+    # May C-FIND, C-GET and C-MOVE; false: store only (e.g. a modality).
+    query_retrieve: bool = True
+
+
+@dataclass
 class DimseConfig:
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 11112
     ae_title: str = "IMAGESHARE"
-    # Calling AE titles allowed to associate; empty allows any.
+    # Calling AE titles allowed to associate at all (title only, which any device can
+    # claim); empty allows any.
     allowed_calling_aes: list[str] = field(default_factory=list)
+    # C-ECHO and C-STORE from any calling AE; false: only from the callers below.
+    store_from_any_ae: bool = True
+    # The only AEs that may query and retrieve, each from its own address.
+    callers: list[DimseCaller] = field(default_factory=list)
     # C-MOVE destinations by AE title.
     destinations: list[DimseDestination] = field(default_factory=list)
     # Refuse storage SOP classes this node does not know.
@@ -193,9 +209,11 @@ def load_config(path: Path | None = None) -> NodeConfig:
             _build(DimseDestination, d, "dimse.destinations")
             for d in dimse_raw.pop("destinations", [])
         ]
+        callers = [_build(DimseCaller, c, "dimse.callers") for c in dimse_raw.pop("callers", [])]
         sections["dimse"] = _build(
-            DimseConfig, {**dimse_raw, "destinations": destinations}, "dimse"
+            DimseConfig, {**dimse_raw, "destinations": destinations, "callers": callers}, "dimse"
         )
+        _check_dimse_callers(sections["dimse"])
     peers = [_build(PeerConfig, p, "peers") for p in raw.pop("peers", [])]
     if raw:
         raise ConfigError(f"unknown setting {sorted(raw)[0]} in {path}")
@@ -207,6 +225,24 @@ def load_config(path: Path | None = None) -> NodeConfig:
     except (ValueError, IndexError) as exc:
         raise ConfigError("http.listen must be HOST:PORT") from exc
     return config
+
+
+def _check_dimse_callers(dimse: DimseConfig) -> None:
+    """Each caller is bound to one IP address, and can pass the title allow-list."""
+    titles = {t.strip() for t in dimse.allowed_calling_aes}
+    for caller in dimse.callers:
+        try:
+            ipaddress.ip_address(caller.host)
+        except ValueError:
+            raise ConfigError(
+                f"dimse.callers {caller.ae_title!r}: host must be the IP address its"
+                f" associations come from, not {caller.host!r}"
+            ) from None
+        if titles and caller.ae_title.strip() not in titles:
+            raise ConfigError(
+                f"dimse.callers {caller.ae_title!r} is not in dimse.allowed_calling_aes,"
+                " so its associations would be rejected"
+            )
 
 
 def render_initial_config(origin: str, listen: str, dimse_port: int, ae_title: str) -> str:
