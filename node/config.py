@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -25,8 +26,9 @@ class HttpConfig:
     # The URL peers and wallets use to reach this node; defaults to http://<listen>.
     public_url: str = ""
     max_body_bytes: int = 2 * 1024**3
-    # Origins allowed to read DICOMweb from a browser (OHIF); "*" allows any.
-    cors_origins: list[str] = field(default_factory=lambda: ["*"])
+    # Origins (scheme://host[:port]) of browser viewers elsewhere that may read /dicomweb
+    # and the public /ledger with CORS; empty: none (the node's own pages need none).
+    cors_origins: list[str] = field(default_factory=list)
     # Seconds a client may take to send a request before it is cut off.
     client_timeout: float = 120.0
     # Slowest request body accepted, in bytes/s over each client_timeout window: a client
@@ -224,6 +226,7 @@ def load_config(path: Path | None = None) -> NodeConfig:
         config.http.port  # noqa: B018 - validates listen
     except (ValueError, IndexError) as exc:
         raise ConfigError("http.listen must be HOST:PORT") from exc
+    config.http.cors_origins = [_cors_origin(o) for o in config.http.cors_origins]
     return config
 
 
@@ -243,6 +246,21 @@ def _check_dimse_callers(dimse: DimseConfig) -> None:
                 f"dimse.callers {caller.ae_title!r} is not in dimse.allowed_calling_aes,"
                 " so its associations would be rejected"
             )
+
+
+# An origin as a browser sends it: scheme://host[:port] in lower case, nothing else.
+_ORIGIN = re.compile(r"https?://([a-z0-9.-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?")
+
+
+def _cors_origin(origin: object) -> str:
+    """A configured CORS origin, lower-cased as browsers send it; "*" and "null" refused."""
+    text = str(origin).strip().lower()
+    if not _ORIGIN.fullmatch(text):
+        raise ConfigError(
+            f"http.cors_origins: {origin!r} is not an origin like https://viewer.example:3000"
+            " (list each viewer's origin; '*' and 'null' are refused)"
+        )
+    return text
 
 
 def render_initial_config(origin: str, listen: str, dimse_port: int, ae_title: str) -> str:
