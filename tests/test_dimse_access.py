@@ -232,6 +232,10 @@ class TestConfiguredCaller:
             f"INFO node.edges.dimse: C-GET from '{VIEWER}' at 127.0.0.1:"
             " sending 6 instance(s) of 1 study(ies)",
         )
+        wait_for_log(
+            node,
+            f"C-GET from '{VIEWER}' at 127.0.0.1: finished: 6 completed, 0 warning, 0 failed",
+        )
         self.assert_no_patient_data_in_dimse_lines(node, study)
 
     def test_move_to_a_configured_destination_is_served_and_logged(
@@ -244,6 +248,10 @@ class TestConfiguredCaller:
             node,
             f"INFO node.edges.dimse: C-MOVE from '{VIEWER}' at 127.0.0.1: sending 6 instance(s)"
             f" of 1 study(ies) to '{RECEIVER}' at 127.0.0.1:{move_port}",
+        )
+        wait_for_log(
+            node,
+            f"C-MOVE from '{VIEWER}' at 127.0.0.1: finished: 6 completed, 0 warning, 0 failed",
         )
         self.assert_no_patient_data_in_dimse_lines(node, study)
 

@@ -31,6 +31,7 @@ from pynetdicom import (
     build_context,
     evt,
 )
+from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -128,6 +129,31 @@ def failure_status(exc: Exception, identifier_error: bool = False) -> Dataset:
     message = str(exc) if isinstance(exc, ImageShareError) else "internal error; see the log"
     status.ErrorComment = message[:64]  # LO: at most 64 characters
     return status
+
+
+class SubOperationOutcomes:
+    """The answers to one C-GET's or C-MOVE's C-STORE sub-operations, for its log line."""
+
+    def __init__(self) -> None:
+        self.completed = 0
+        self.warning = 0
+        self.failed = 0
+
+    def on_message(self, event: Event) -> None:
+        """EVT_DIMSE_RECV on the association that carries the sub-operations."""
+        message = event.message
+        if not isinstance(message, C_STORE_RSP):
+            return
+        status = int(message.command_set.Status)
+        if status == STATUS_SUCCESS:
+            self.completed += 1
+        elif 0xB000 <= status <= 0xBFFF:
+            self.warning += 1
+        else:
+            self.failed += 1
+
+    def __str__(self) -> str:
+        return f"{self.completed} completed, {self.warning} warning, {self.failed} failed"
 
 
 class DimseGateway:
@@ -315,21 +341,31 @@ class DimseGateway:
         return select_for_retrieve(self.runtime.store, event.identifier, model)
 
     def _send(
-        self, operation: str, event: Event, records: list[InstanceRecord], target: str = ""
+        self,
+        operation: str,
+        event: Event,
+        records: list[InstanceRecord],
+        outcomes: SubOperationOutcomes,
+        target: str = "",
     ) -> Iterator[Any]:
         studies = len({record.study_instance_uid for record in records})
         self._log_operation(
             operation, event, f"sending {len(records)} instance(s) of {studies} study(ies){target}"
         )
-        for sent, record in enumerate(records):
-            mark_dimse_activity()
-            if event.is_cancelled:
-                self._log_operation(
-                    operation, event, f"cancelled after {sent} of {len(records)} instance(s)"
-                )
-                yield STATUS_CANCEL, None
-                return
-            yield STATUS_PENDING, read_instance(record)
+        # pynetdicom resumes this generator only once the previous C-STORE is answered,
+        # so the counts are final here (or, if the peer went away, as far as it got).
+        ended = "stopped"
+        try:
+            for sent, record in enumerate(records):
+                mark_dimse_activity()
+                if event.is_cancelled:
+                    ended = f"cancelled after {sent} of {len(records)} instance(s)"
+                    yield STATUS_CANCEL, None
+                    return
+                yield STATUS_PENDING, read_instance(record)
+            ended = "finished"
+        finally:
+            self._log_operation(operation, event, f"{ended}: {outcomes}")
 
     def on_get(self, event: Event) -> Iterator[Any]:
         try:
@@ -341,7 +377,13 @@ class DimseGateway:
             yield failure_status(exc, identifier_error=True), None
             return
         yield len(records)
-        yield from self._send("C-GET", event, records)
+        # The C-STORE responses come back over the caller's own association.
+        outcomes = SubOperationOutcomes()
+        event.assoc.bind(evt.EVT_DIMSE_RECV, outcomes.on_message)
+        try:
+            yield from self._send("C-GET", event, records, outcomes)
+        finally:
+            event.assoc.unbind(evt.EVT_DIMSE_RECV, outcomes.on_message)
 
     def destination(self, ae_title: str) -> DimseDestination | None:
         for destination in self.config.destinations:
@@ -372,9 +414,10 @@ class DimseGateway:
         except Exception as exc:
             self._log_failure("C-MOVE", event, exc)
             failure = failure_status(exc, identifier_error=True)
+        outcomes = SubOperationOutcomes()
         options = {
             "contexts": contexts,
-            "evt_handlers": LOW_LATENCY_HANDLERS,
+            "evt_handlers": [*LOW_LATENCY_HANDLERS, (evt.EVT_DIMSE_RECV, outcomes.on_message)],
             "max_pdu": MAX_PDU_BYTES,
         }
         # pynetdicom wants the destination, then a count, then one status per instance.
@@ -385,7 +428,7 @@ class DimseGateway:
             return
         yield len(records)
         where = f" to {target.ae_title!r} at {target.host}:{target.port}"
-        yield from self._send("C-MOVE", event, records, where)
+        yield from self._send("C-MOVE", event, records, outcomes, where)
 
     def _log_operation(self, operation: str, event: Event, what: str) -> None:
         """The DIMSE audit line of one query/retrieve: who, from where, how much."""
