@@ -238,6 +238,16 @@ class TestConfiguredCaller:
         )
         self.assert_no_patient_data_in_dimse_lines(node, study)
 
+    def test_a_retrieve_that_matches_nothing_is_logged_too(
+        self, node: NodeProcess, tmp_path: Path
+    ) -> None:
+        nothing = SyntheticStudy("1.2.826.0.1.3680043.8.498.404", "", "")
+        assert getscu(node, VIEWER, nothing, tmp_path / "got") == 0
+        assert list((tmp_path / "got").iterdir()) == []
+        wait_for_log(
+            node, f"C-GET from '{VIEWER}' at 127.0.0.1: sending 0 instance(s) of 0 study(ies)"
+        )
+
     def test_move_to_a_configured_destination_is_served_and_logged(
         self, node: NodeProcess, study: SyntheticStudy, tmp_path: Path, move_port: int
     ) -> None:

@@ -324,7 +324,7 @@ class DimseGateway:
                     yield STATUS_CANCEL, None
                     return
                 matches += 1
-                if "StudyInstanceUID" in match:
+                if match.get("StudyInstanceUID"):
                     studies.add(str(match.StudyInstanceUID))
                 yield STATUS_PENDING, match
         except Exception as exc:
@@ -346,12 +346,7 @@ class DimseGateway:
         event: Event,
         records: list[InstanceRecord],
         outcomes: SubOperationOutcomes,
-        target: str = "",
     ) -> Iterator[Any]:
-        studies = len({record.study_instance_uid for record in records})
-        self._log_operation(
-            operation, event, f"sending {len(records)} instance(s) of {studies} study(ies){target}"
-        )
         # pynetdicom resumes this generator only once the previous C-STORE is answered,
         # so the counts are final here (or, if the peer went away, as far as it got).
         ended = "stopped"
@@ -376,6 +371,7 @@ class DimseGateway:
             yield 1
             yield failure_status(exc, identifier_error=True), None
             return
+        self._log_selection("C-GET", event, records)
         yield len(records)
         # The C-STORE responses come back over the caller's own association.
         outcomes = SubOperationOutcomes()
@@ -426,9 +422,18 @@ class DimseGateway:
             yield 1
             yield failure, None
             return
-        yield len(records)
         where = f" to {target.ae_title!r} at {target.host}:{target.port}"
-        yield from self._send("C-MOVE", event, records, outcomes, where)
+        self._log_selection("C-MOVE", event, records, where)
+        yield len(records)
+        yield from self._send("C-MOVE", event, records, outcomes)
+
+    def _log_selection(
+        self, operation: str, event: Event, records: list[InstanceRecord], target: str = ""
+    ) -> None:
+        """Before a retrieve starts (none at all when nothing matched): what it sends."""
+        studies = len({record.study_instance_uid for record in records})
+        what = f"sending {len(records)} instance(s) of {studies} study(ies){target}"
+        self._log_operation(operation, event, what)
 
     def _log_operation(self, operation: str, event: Event, what: str) -> None:
         """The DIMSE audit line of one query/retrieve: who, from where, how much."""
