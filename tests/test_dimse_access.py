@@ -21,7 +21,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
 )
 
-from node.config import load_config
+from node.config import DimseCaller, DimseConfig, load_config
+from node.edges.dimse import known_caller
 from node.errors import ConfigError
 from tests.support.nodes import NodeProcess, free_port, init_node, wait_until
 from tests.support.studies import SyntheticStudy, make_ct_study
@@ -329,3 +330,20 @@ class TestCallerConfiguration:
                 'allowed_calling_aes = ["CT"]\n[[dimse.callers]]\nae_title = "PACS"\n'
                 'host = "10.0.0.5"',
             )
+
+
+class TestCallerIdentity:
+    CONFIG = DimseConfig(callers=[DimseCaller("PACS", "10.0.0.5")])
+
+    def test_title_and_address_together_name_a_caller(self) -> None:
+        assert known_caller(self.CONFIG, "PACS", "10.0.0.5") == self.CONFIG.callers[0]
+        assert known_caller(self.CONFIG, "PACS  ", "10.0.0.5") is not None  # AE titles pad
+
+    def test_the_title_from_another_address_or_another_title_is_nobody(self) -> None:
+        assert known_caller(self.CONFIG, "PACS", "10.0.0.6") is None
+        assert known_caller(self.CONFIG, "PACS2", "10.0.0.5") is None
+        assert known_caller(self.CONFIG, "PACS", "not an address") is None
+
+    def test_an_ipv4_mapped_peer_on_a_dual_stack_socket_is_its_ipv4_address(self) -> None:
+        assert known_caller(self.CONFIG, "PACS", "::ffff:10.0.0.5") is not None
+        assert known_caller(self.CONFIG, "PACS", "::ffff:10.0.0.6") is None
