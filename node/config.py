@@ -6,7 +6,9 @@ are refused so that a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -24,8 +26,9 @@ class HttpConfig:
     # The URL peers and wallets use to reach this node; defaults to http://<listen>.
     public_url: str = ""
     max_body_bytes: int = 2 * 1024**3
-    # Origins allowed to read DICOMweb from a browser (OHIF); "*" allows any.
-    cors_origins: list[str] = field(default_factory=lambda: ["*"])
+    # Origins (scheme://host[:port]) of browser viewers elsewhere that may read /dicomweb
+    # and the public /ledger with CORS; empty: none (the node's own pages need none).
+    cors_origins: list[str] = field(default_factory=list)
     # Seconds a client may take to send a request before it is cut off.
     client_timeout: float = 120.0
     # Slowest request body accepted, in bytes/s over each client_timeout window: a client
@@ -49,13 +52,28 @@ class DimseDestination:
 
 
 @dataclass
+class DimseCaller:
+    """An AE the node knows, bound to the IP address its associations come from."""
+
+    ae_title: str
+    host: str
+    # May C-FIND, C-GET and C-MOVE; false: store only (e.g. a modality).
+    query_retrieve: bool = True
+
+
+@dataclass
 class DimseConfig:
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 11112
     ae_title: str = "IMAGESHARE"
-    # Calling AE titles allowed to associate; empty allows any.
+    # Calling AE titles allowed to associate at all (title only, which any device can
+    # claim); empty allows any.
     allowed_calling_aes: list[str] = field(default_factory=list)
+    # C-ECHO and C-STORE from any calling AE; false: only from the callers below.
+    store_from_any_ae: bool = True
+    # The only AEs that may query and retrieve, each from its own address.
+    callers: list[DimseCaller] = field(default_factory=list)
     # C-MOVE destinations by AE title.
     destinations: list[DimseDestination] = field(default_factory=list)
     # Refuse storage SOP classes this node does not know.
@@ -193,9 +211,11 @@ def load_config(path: Path | None = None) -> NodeConfig:
             _build(DimseDestination, d, "dimse.destinations")
             for d in dimse_raw.pop("destinations", [])
         ]
+        callers = [_build(DimseCaller, c, "dimse.callers") for c in dimse_raw.pop("callers", [])]
         sections["dimse"] = _build(
-            DimseConfig, {**dimse_raw, "destinations": destinations}, "dimse"
+            DimseConfig, {**dimse_raw, "destinations": destinations, "callers": callers}, "dimse"
         )
+        _check_dimse_callers(sections["dimse"])
     peers = [_build(PeerConfig, p, "peers") for p in raw.pop("peers", [])]
     if raw:
         raise ConfigError(f"unknown setting {sorted(raw)[0]} in {path}")
@@ -206,7 +226,41 @@ def load_config(path: Path | None = None) -> NodeConfig:
         config.http.port  # noqa: B018 - validates listen
     except (ValueError, IndexError) as exc:
         raise ConfigError("http.listen must be HOST:PORT") from exc
+    config.http.cors_origins = [_cors_origin(o) for o in config.http.cors_origins]
     return config
+
+
+def _check_dimse_callers(dimse: DimseConfig) -> None:
+    """Each caller is bound to one IP address, and can pass the title allow-list."""
+    titles = {t.strip() for t in dimse.allowed_calling_aes}
+    for caller in dimse.callers:
+        try:
+            ipaddress.ip_address(caller.host)
+        except ValueError:
+            raise ConfigError(
+                f"dimse.callers {caller.ae_title!r}: host must be the IP address its"
+                f" associations come from, not {caller.host!r}"
+            ) from None
+        if titles and caller.ae_title.strip() not in titles:
+            raise ConfigError(
+                f"dimse.callers {caller.ae_title!r} is not in dimse.allowed_calling_aes,"
+                " so its associations would be rejected"
+            )
+
+
+# An origin as a browser sends it: scheme://host[:port] in lower case, nothing else.
+_ORIGIN = re.compile(r"https?://([a-z0-9.-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?")
+
+
+def _cors_origin(origin: object) -> str:
+    """A configured CORS origin, lower-cased as browsers send it; "*" and "null" refused."""
+    text = str(origin).strip().lower()
+    if not _ORIGIN.fullmatch(text):
+        raise ConfigError(
+            f"http.cors_origins: {origin!r} is not an origin like https://viewer.example:3000"
+            " (list each viewer's origin; '*' and 'null' are refused)"
+        )
+    return text
 
 
 def render_initial_config(origin: str, listen: str, dimse_port: int, ae_title: str) -> str:

@@ -25,7 +25,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from node.config import load_config
+from node.config import DimseCaller, load_config
 from node.edges.dimse import DimseGateway
 from node.services.dimse_query import Model, find
 from node.services.ingest import import_files
@@ -95,10 +95,12 @@ def move_port() -> int:
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory, move_port: int) -> Iterator[NodeProcess]:
-    """One node for the module: callers on an allow-list, one C-MOVE destination."""
+    """One node for the module: callers on an allow-list, the test's SCU a configured
+    query/retrieve caller from loopback, one C-MOVE destination."""
     made = init_node(tmp_path_factory.mktemp("dimse"), "dimse.example/imageshare")
     made.append_config(
         f'allowed_calling_aes = ["{SCU}"]\n\n'
+        f'[[dimse.callers]]\nae_title = "{SCU}"\nhost = "127.0.0.1"\n\n'
         f'[[dimse.destinations]]\nae_title = "{RECEIVER}"\nhost = "127.0.0.1"\nport = {move_port}'
         f"\n\n[store]\nmax_instance_bytes = {MAX_INSTANCE_BYTES}"
     )
@@ -482,6 +484,7 @@ class TestSopClassPolicy:
         made = init_node(tmp_path, "strict.example/imageshare")
         config = load_config(made.config)
         config.dimse.refuse_unknown_sop_classes = True
+        config.dimse.callers = [DimseCaller(SCU, "127.0.0.1")]
         runtime = open_runtime(config)
         gateway = DimseGateway(runtime)
         asyncio.run(gateway.start())

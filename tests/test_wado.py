@@ -17,6 +17,8 @@ from pydicom.encaps import generate_frames
 from tests.support.nodes import NodeProcess, init_node
 from tests.support.studies import SyntheticStudy, make_ct_study
 
+# The origin of a browser viewer served from elsewhere, configured in [http] cors_origins.
+VIEWER = "http://viewer.example:3000"
 DICOM_ANY_SYNTAX = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 SAMPLE_FILES = (
     "rtdose.dcm",
@@ -71,6 +73,9 @@ class Corpus:
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
     base = tmp_path_factory.mktemp("wado")
     node = init_node(base, "wado.example/imageshare")
+    node.config.write_text(
+        node.config.read_text().replace("[http]\n", f'[http]\ncors_origins = ["{VIEWER}"]\n')
+    )
     study = make_ct_study(base / "in" / "ct", series=2, slices=3, rows=32, columns=32)
     samples = {}
     for name in SAMPLE_FILES:
@@ -283,20 +288,20 @@ class TestAccessControl:
         response = requests.options(
             corpus.node.url + f"/dicomweb/studies/{corpus.study.study_uid}/metadata",
             headers={
-                "Origin": "http://viewer.example:3000",
+                "Origin": VIEWER,
                 "Access-Control-Request-Method": "GET",
                 "Access-Control-Request-Headers": "authorization, accept",
             },
             timeout=10,
         )
         assert response.status_code == 204
-        assert response.headers["Access-Control-Allow-Origin"] == "http://viewer.example:3000"
+        assert response.headers["Access-Control-Allow-Origin"] == VIEWER
         allowed = response.headers["Access-Control-Allow-Headers"].lower()
         assert "authorization" in allowed and "accept" in allowed
 
     def test_cross_origin_reads_carry_cors_headers_even_when_streamed(self, corpus: Corpus) -> None:
         study = corpus.study
-        headers = {**corpus.node.auth, "Origin": "http://viewer.example:3000"}
+        headers = {**corpus.node.auth, "Origin": VIEWER}
         for path in (
             "/studies",
             f"/studies/{study.study_uid}",
@@ -310,5 +315,5 @@ class TestAccessControl:
             )
             assert response.status_code in (200, 404), path
             origin = response.headers.get("Access-Control-Allow-Origin")
-            assert origin == "http://viewer.example:3000", path
+            assert origin == VIEWER, path
             assert "Warning" in response.headers["Access-Control-Expose-Headers"]

@@ -4,15 +4,23 @@ Verification, Storage, and Query/Retrieve (C-FIND, C-GET, C-MOVE; Patient and St
 Root) SCPs on one AE. Storage goes through the store's one durable path, so a C-STORE
 is answered with success only once its instance is fsynced and indexed. The node's
 errors map to DIMSE status codes in ``failure_status`` alone.
+
+Access is decided once per association, in ``on_requested``, from the calling AE title
+AND the address the association comes from (a title alone is no identity: any device
+can send any title): a caller not in ``[[dimse.callers]]`` at that address is never
+offered the query/retrieve contexts, and is rejected outright when
+``store_from_any_ae`` is off. Every C-FIND, C-GET and C-MOVE is logged at INFO with the
+calling AE, its address and counts (never patient data or UIDs).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import weakref
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import (
@@ -23,6 +31,7 @@ from pynetdicom import (
     build_context,
     evt,
 )
+from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -33,7 +42,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
-from node.config import DimseConfig, DimseDestination
+from node.config import DimseCaller, DimseConfig, DimseDestination
 from node.errors import BadInput, ConfigError, ImageShareError, PayloadTooLarge, StorageFull
 from node.services.dimse_query import (
     Model,
@@ -52,6 +61,7 @@ from node.store.instances import InstanceRecord
 
 if TYPE_CHECKING:
     from pynetdicom.events import Event
+    from pynetdicom.pdu_primitives import A_ASSOCIATE
     from pynetdicom.transport import ThreadedAssociationServer
 
     from node.services.runtime import NodeRuntime
@@ -69,6 +79,8 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_IDENTIFIER_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_UNABLE_TO_PROCESS = 0xC001
+# A-ASSOCIATE-RJ: rejected permanent, by the service user, calling AE title not recognised.
+REJECT_UNKNOWN_CALLER = (0x01, 0x01, 0x03)
 
 _MODELS = {
     PatientRootQueryRetrieveInformationModelFind: Model.PATIENT_ROOT,
@@ -78,6 +90,26 @@ _MODELS = {
     StudyRootQueryRetrieveInformationModelGet: Model.STUDY_ROOT,
     StudyRootQueryRetrieveInformationModelMove: Model.STUDY_ROOT,
 }
+QUERY_RETRIEVE_CLASSES = frozenset(str(uid) for uid in _MODELS)
+
+
+def _same_address(configured: str, address: str) -> bool:
+    """Whether a peer address is the configured IP (an IPv4-mapped IPv6 peer counts)."""
+    try:
+        peer = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
+        peer = peer.ipv4_mapped
+    return peer == ipaddress.ip_address(configured)
+
+
+def known_caller(config: DimseConfig, ae_title: str, address: str) -> DimseCaller | None:
+    """The configured caller with this AE title at this address, or None."""
+    for caller in config.callers:
+        if caller.ae_title.strip() == ae_title.strip() and _same_address(caller.host, address):
+            return caller
+    return None
 
 
 def failure_status(exc: Exception, identifier_error: bool = False) -> Dataset:
@@ -97,6 +129,31 @@ def failure_status(exc: Exception, identifier_error: bool = False) -> Dataset:
     message = str(exc) if isinstance(exc, ImageShareError) else "internal error; see the log"
     status.ErrorComment = message[:64]  # LO: at most 64 characters
     return status
+
+
+class SubOperationOutcomes:
+    """The answers to one C-GET's or C-MOVE's C-STORE sub-operations, for its log line."""
+
+    def __init__(self) -> None:
+        self.completed = 0
+        self.warning = 0
+        self.failed = 0
+
+    def on_message(self, event: Event) -> None:
+        """EVT_DIMSE_RECV on the association that carries the sub-operations."""
+        message = event.message
+        if not isinstance(message, C_STORE_RSP):
+            return
+        status = int(message.command_set.Status)
+        if status == STATUS_SUCCESS:
+            self.completed += 1
+        elif 0xB000 <= status <= 0xBFFF:
+            self.warning += 1
+        else:
+            self.failed += 1
+
+    def __str__(self) -> str:
+        return f"{self.completed} completed, {self.warning} warning, {self.failed} failed"
 
 
 class DimseGateway:
@@ -141,6 +198,7 @@ class DimseGateway:
         ae = self.build_ae()
         handlers: list[Any] = [
             *LOW_LATENCY_HANDLERS,
+            (evt.EVT_REQUESTED, self.on_requested),
             (evt.EVT_REJECTED, self.on_rejected),
             (evt.EVT_DATA_RECV, self.on_data_received),
             (evt.EVT_DIMSE_RECV, self.on_message_complete),
@@ -167,6 +225,47 @@ class DimseGateway:
             await asyncio.to_thread(server.shutdown)
 
     # -- handlers ----------------------------------------------------------------------
+
+    def on_requested(self, event: Event) -> None:
+        """Decide what this association may do, before its contexts are negotiated.
+
+        Unknown (title, address) pairs lose the query/retrieve contexts, so no C-FIND,
+        C-GET or C-MOVE of theirs ever reaches a handler; with ``store_from_any_ae`` off
+        they are rejected.
+        """
+        assoc = event.assoc
+        request = cast("A_ASSOCIATE", assoc.requestor.primitive)  # set before EVT_REQUESTED
+        calling = str(request.calling_ae_title).strip()
+        address = assoc.requestor.address
+        allowed_titles = {t.strip() for t in self.config.allowed_calling_aes}
+        if allowed_titles and calling not in allowed_titles:
+            return  # pynetdicom rejects it next; on_rejected logs why
+        caller = known_caller(self.config, calling, address)
+        if caller is None and not self.config.store_from_any_ae:
+            log.warning(
+                "DIMSE association from %r at %s rejected: not a configured caller at this"
+                " address (store_from_any_ae is off)",
+                calling,
+                address,
+            )
+            assoc.acse.send_reject(*REJECT_UNKNOWN_CALLER)
+            assoc.kill()  # as pynetdicom does after its own rejections
+            return
+        if caller is not None and caller.query_retrieve:
+            return
+        assoc.acceptor.supported_contexts = [
+            cx
+            for cx in assoc.acceptor.supported_contexts
+            if str(cx.abstract_syntax) not in QUERY_RETRIEVE_CLASSES
+        ]
+        proposed = {str(cx.abstract_syntax) for cx in request.presentation_context_definition_list}
+        if proposed & QUERY_RETRIEVE_CLASSES:
+            reason = (
+                "it may only store"
+                if caller is not None
+                else "not a configured caller at this address"
+            )
+            log.warning("DIMSE query/retrieve from %r at %s refused: %s", calling, address, reason)
 
     def on_rejected(self, event: Event) -> None:
         calling = event.assoc.requestor.ae_title
@@ -214,29 +313,54 @@ class DimseGateway:
         return STATUS_SUCCESS
 
     def on_find(self, event: Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        matches = 0
+        studies: set[str] = set()
         try:
             model = _MODELS[event.request.AffectedSOPClassUID]
             for match in find(self.runtime.store, event.identifier, model):
                 mark_dimse_activity()
                 if event.is_cancelled:
+                    self._log_operation("C-FIND", event, f"cancelled after {matches} match(es)")
                     yield STATUS_CANCEL, None
                     return
+                matches += 1
+                if match.get("StudyInstanceUID"):
+                    studies.add(str(match.StudyInstanceUID))
                 yield STATUS_PENDING, match
         except Exception as exc:
             self._log_failure("C-FIND", event, exc)
             yield failure_status(exc, identifier_error=True), None
+            return
+        level = str(event.identifier.get("QueryRetrieveLevel", "")).strip().upper()
+        self._log_operation(
+            "C-FIND", event, f"{level} level, {matches} match(es) in {len(studies)} study(ies)"
+        )
 
     def _select(self, event: Event) -> list[InstanceRecord]:
         model = _MODELS[event.request.AffectedSOPClassUID]
         return select_for_retrieve(self.runtime.store, event.identifier, model)
 
-    def _send(self, event: Event, records: list[InstanceRecord]) -> Iterator[Any]:
-        for record in records:
-            mark_dimse_activity()
-            if event.is_cancelled:
-                yield STATUS_CANCEL, None
-                return
-            yield STATUS_PENDING, read_instance(record)
+    def _send(
+        self,
+        operation: str,
+        event: Event,
+        records: list[InstanceRecord],
+        outcomes: SubOperationOutcomes,
+    ) -> Iterator[Any]:
+        # pynetdicom resumes this generator only once the previous C-STORE is answered,
+        # so the counts are final here (or, if the peer went away, as far as it got).
+        ended = "stopped"
+        try:
+            for sent, record in enumerate(records):
+                mark_dimse_activity()
+                if event.is_cancelled:
+                    ended = f"cancelled after {sent} of {len(records)} instance(s)"
+                    yield STATUS_CANCEL, None
+                    return
+                yield STATUS_PENDING, read_instance(record)
+            ended = "finished"
+        finally:
+            self._log_operation(operation, event, f"{ended}: {outcomes}")
 
     def on_get(self, event: Event) -> Iterator[Any]:
         try:
@@ -247,8 +371,15 @@ class DimseGateway:
             yield 1
             yield failure_status(exc, identifier_error=True), None
             return
+        self._log_selection("C-GET", event, records)
         yield len(records)
-        yield from self._send(event, records)
+        # The C-STORE responses come back over the caller's own association.
+        outcomes = SubOperationOutcomes()
+        event.assoc.bind(evt.EVT_DIMSE_RECV, outcomes.on_message)
+        try:
+            yield from self._send("C-GET", event, records, outcomes)
+        finally:
+            event.assoc.unbind(evt.EVT_DIMSE_RECV, outcomes.on_message)
 
     def destination(self, ae_title: str) -> DimseDestination | None:
         for destination in self.config.destinations:
@@ -259,7 +390,12 @@ class DimseGateway:
     def on_move(self, event: Event) -> Iterator[Any]:
         target = self.destination(event.move_destination or "")
         if target is None:
-            log.warning("C-MOVE to unknown destination %r refused", event.move_destination)
+            log.warning(
+                "C-MOVE from %r at %s to unknown destination %r refused",
+                event.assoc.requestor.ae_title,
+                event.assoc.requestor.address,
+                event.move_destination,
+            )
             yield None, None  # pynetdicom answers A801: move destination unknown
             return
         failure: Dataset | None = None
@@ -274,9 +410,10 @@ class DimseGateway:
         except Exception as exc:
             self._log_failure("C-MOVE", event, exc)
             failure = failure_status(exc, identifier_error=True)
+        outcomes = SubOperationOutcomes()
         options = {
             "contexts": contexts,
-            "evt_handlers": LOW_LATENCY_HANDLERS,
+            "evt_handlers": [*LOW_LATENCY_HANDLERS, (evt.EVT_DIMSE_RECV, outcomes.on_message)],
             "max_pdu": MAX_PDU_BYTES,
         }
         # pynetdicom wants the destination, then a count, then one status per instance.
@@ -285,15 +422,31 @@ class DimseGateway:
             yield 1
             yield failure, None
             return
+        where = f" to {target.ae_title!r} at {target.host}:{target.port}"
+        self._log_selection("C-MOVE", event, records, where)
         yield len(records)
-        yield from self._send(event, records)
+        yield from self._send("C-MOVE", event, records, outcomes)
+
+    def _log_selection(
+        self, operation: str, event: Event, records: list[InstanceRecord], target: str = ""
+    ) -> None:
+        """Before a retrieve starts (none at all when nothing matched): what it sends."""
+        studies = len({record.study_instance_uid for record in records})
+        what = f"sending {len(records)} instance(s) of {studies} study(ies){target}"
+        self._log_operation(operation, event, what)
+
+    def _log_operation(self, operation: str, event: Event, what: str) -> None:
+        """The DIMSE audit line of one query/retrieve: who, from where, how much."""
+        requestor = event.assoc.requestor
+        log.info("%s from %r at %s: %s", operation, requestor.ae_title, requestor.address, what)
 
     def _log_failure(self, operation: str, event: Event, exc: Exception) -> None:
         calling = event.assoc.requestor.ae_title
+        address = event.assoc.requestor.address
         if isinstance(exc, ImageShareError):
-            log.warning("%s from %r refused: %s", operation, calling, exc)
+            log.warning("%s from %r at %s refused: %s", operation, calling, address, exc)
         else:
-            log.exception("%s from %r failed", operation, calling)
+            log.exception("%s from %r at %s failed", operation, calling, address)
 
 
 def dimse_service(runtime: NodeRuntime) -> DimseGateway | None:

@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -25,11 +26,40 @@ RUNTIME_KEY = web.AppKey("runtime", NodeRuntime)
 # Path prefixes that need the admin bearer token. Others authenticate by signature
 # (/p2p, /patient), are public by design (/ledger, /healthz), or are static pages.
 ADMIN_PREFIXES = ("/dicomweb", "/admin/api")
-CORS_HEADERS = "Authorization, Content-Type, Accept, Range"
-CORS_METHODS = "GET, POST, PUT, DELETE, OPTIONS"
 # Warning carries QIDO-RS paging hints.
 CORS_EXPOSED = "Content-Type, Content-Length, Warning"
+CORS_SCOPE = "imageshare.cors_scope"  # request key: the CORS scope of this request's path
 CORS_ORIGIN = "imageshare.cors_origin"  # request key: the allowed Origin of this request
+
+
+@dataclass(frozen=True)
+class CorsScope:
+    """Paths that browser viewers on the configured origins may call, and how."""
+
+    prefix: str
+    methods: frozenset[str]
+    headers: str
+
+
+# The only paths with CORS: DICOMweb for viewers (with the admin token), and the public
+# ledger reads for wallets and auditors in a browser. Admin, /p2p, /patient and the
+# node's own pages never answer another origin.
+CORS_SCOPES = (
+    CorsScope(
+        "/dicomweb",
+        frozenset({"GET", "HEAD", "POST"}),
+        "Authorization, Content-Type, Accept, Range",
+    ),
+    CorsScope("/ledger", frozenset({"GET", "HEAD"}), "Accept, Range"),
+)
+
+
+def cors_scope(path: str) -> CorsScope | None:
+    """The CORS scope of a request path, or None where cross-origin reads are not allowed."""
+    for scope in CORS_SCOPES:
+        if path == scope.prefix or path.startswith(scope.prefix + "/"):
+            return scope
+    return None
 
 
 def error_response(status: int, message: str) -> web.Response:
@@ -127,25 +157,29 @@ def make_auth_middleware(runtime: NodeRuntime) -> Callable[..., Awaitable[web.St
 
 
 def make_cors_middleware(allowed: list[str]) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """CORS so that browser viewers (OHIF) on another origin can read DICOMweb."""
+    """CORS for the configured origins (browser viewers such as OHIF) on CORS_SCOPES only.
 
-    def allow_origin(origin: str) -> str | None:
-        if not origin:
-            return None
-        if "*" in allowed:
-            return origin
-        return origin if origin in allowed else None
+    ``allowed`` holds exact origins (validated in node.config; never "*" or "null").
+    """
+    origins = frozenset(allowed)
 
     @web.middleware
     async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        origin = allow_origin(request.headers.get("Origin", ""))
-        if origin:
-            request[CORS_ORIGIN] = origin  # headers are added by add_cors_headers
-        if (
-            request.method == "OPTIONS"
-            and origin
-            and "Access-Control-Request-Method" in request.headers
-        ):
+        scope = cors_scope(request.path)
+        if scope is None:
+            return await handler(request)
+        request[CORS_SCOPE] = scope  # Vary: Origin on every answer of the scope
+        origin = request.headers.get("Origin", "")
+        if origin not in origins:
+            return await handler(request)
+        preflight = (
+            request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers
+        )
+        method = request.headers["Access-Control-Request-Method"] if preflight else request.method
+        if method.upper() not in scope.methods:
+            return await handler(request)
+        request[CORS_ORIGIN] = origin  # headers are added by add_cors_headers
+        if preflight:
             return web.Response(status=204)
         return await handler(request)
 
@@ -154,13 +188,18 @@ def make_cors_middleware(allowed: list[str]) -> Callable[..., Awaitable[web.Stre
 
 async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
     """On response prepare: streamed answers (WADO-RS) send their headers before the
-    middleware sees them, so the CORS headers are added here, for every response."""
+    middleware sees them, so the CORS headers are added here."""
+    scope: CorsScope | None = request.get(CORS_SCOPE)
+    if scope is None:
+        return
+    # The answer depends on Origin, whether allowed or not: caches must know.
+    vary = response.headers.get("Vary")
+    response.headers["Vary"] = f"{vary}, Origin" if vary else "Origin"
     origin = request.get(CORS_ORIGIN)
     if origin:
         response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Vary"] = "Origin"
-        response.headers["Access-Control-Allow-Headers"] = CORS_HEADERS
-        response.headers["Access-Control-Allow-Methods"] = CORS_METHODS
+        response.headers["Access-Control-Allow-Headers"] = scope.headers
+        response.headers["Access-Control-Allow-Methods"] = ", ".join(sorted(scope.methods))
         response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED
         response.headers["Access-Control-Max-Age"] = "600"
 
