@@ -655,6 +655,9 @@ class ReplicationService:
                 "origin": member.origin,
                 "log_id": member.log_id,
                 "urls": self.roster.urls_of(member),
+                # Found by discovery but not proven by the member there: never used.
+                "candidate_urls": self.roster.candidates_of(member),
+                "rejected_urls": self.roster.rejected_of(member),
             }
             entry.update(self.peers.get(member.origin, PeerStatus()).as_json())
             try:
