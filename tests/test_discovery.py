@@ -169,7 +169,7 @@ class TestLiarOnTheLan:
                 list(pool.map(NodeProcess.start, (a, b)))
             with advertised_as(a, liar.port):
                 # b has seen the advertisement and contacted the address.
-                wait_until(lambda: liar.received, timeout=20, message="b to contact the liar")
+                wait_until(lambda: liar.received, timeout=30, message="b to contact the liar")
                 token = grant_and_study(a, b, tmp_path)
                 fetched = b.cli("fetch", token, "--json", check=False)
                 assert fetched.returncode == 0, fetched.stderr

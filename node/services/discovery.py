@@ -35,7 +35,13 @@ from zeroconf import InterfaceChoice, IPVersion, ServiceInfo, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from node.core.roster import CHALLENGE_SIZE, Member, key_fingerprint, verify_address_proof
-from node.core.signed_requests import NONCE_SIZE, b64url_decode, make_headers, node_signer
+from node.core.signed_requests import (
+    NONCE_SIZE,
+    SIGNATURE_SIZE,
+    b64url_decode,
+    make_headers,
+    node_signer,
+)
 from node.errors import Unauthorized
 from node.services.replication import ReplicationService, replication_of
 from node.services.runtime import NodeRuntime
@@ -52,7 +58,11 @@ MAX_PROOF_ANSWER_BYTES = 4096
 
 
 class ProofFailed(Exception):
-    """The node at a candidate address did not prove it holds the member's key."""
+    """The node at a candidate address answered, with no valid proof of the member's key."""
+
+
+class NoAnswer(Exception):
+    """The candidate address gave no answer to the challenge (yet): worth asking again."""
 
 
 class DiscoveryService:
@@ -195,7 +205,7 @@ class DiscoveryService:
                     exc,
                 )
                 break
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            except NoAnswer as exc:
                 if attempt == PROOF_ATTEMPTS:
                     log.info("discovery: %s (%s) did not answer: %s", url, member.origin, exc)
                     break
@@ -207,8 +217,9 @@ class DiscoveryService:
         roster.reject_candidate(member.origin, url)
 
     async def challenge(self, member: Member, url: str) -> None:
-        """Ask ``url`` to prove it holds ``member``'s key; raises ProofFailed if it does not
-        (and aiohttp or timeout errors if it does not answer)."""
+        """Ask ``url`` to prove it holds ``member``'s key; raises ProofFailed if the answer
+        is no valid proof, NoAnswer if there is none (unreachable, or not 200: a member
+        that is starting, or has not yet added this node to its roster)."""
         assert self._session is not None
         challenge = os.urandom(CHALLENGE_SIZE)
         body = json.dumps({"challenge": challenge.hex(), "url": url}).encode()
@@ -223,16 +234,19 @@ class DiscoveryService:
             int(time.time()),
             os.urandom(NONCE_SIZE),
         )
-        async with self._session.post(target, data=body, headers=headers) as response:
-            if response.status != 200:
-                raise ProofFailed(f"it answered {response.status}")
-            # A proof is a small JSON document with a declared length: read no more.
-            if not 0 < (response.content_length or 0) <= MAX_PROOF_ANSWER_BYTES:
-                raise ProofFailed("its answer is not a short JSON document")
-            answer = await response.read()
+        try:
+            async with self._session.post(target, data=body, headers=headers) as response:
+                if response.status != 200:
+                    raise NoAnswer(f"it answered {response.status}")
+                # A proof is a small JSON document with a declared length: read no more.
+                if not 0 < (response.content_length or 0) <= MAX_PROOF_ANSWER_BYTES:
+                    raise ProofFailed("its answer is not a short JSON document")
+                answer = await response.read()
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise NoAnswer(str(exc) or type(exc).__name__) from exc
         try:
             document = json.loads(answer)
-            signature = b64url_decode(str(document["signature"]), 64, "signature")
+            signature = b64url_decode(str(document["signature"]), SIGNATURE_SIZE, "signature")
         except (ValueError, KeyError, TypeError, Unauthorized) as exc:
             raise ProofFailed('its answer is not {"signature": base64url}') from exc
         if not verify_address_proof(member, url, challenge, signature):
