@@ -337,7 +337,7 @@ class ReplicationService:
             own = [i for i in listing if isinstance(i, dict) and i.get("origin") == member.origin]
             size = own[0].get("size") if own else None
             if isinstance(size, int) and size < status.hinted_size:
-                # An old copy, e.g. behind a spoofed address: try the member's other URLs.
+                # An old copy (a learned address gone stale, a relay): try the member's other URLs.
                 stale = stale or (url, listing)
                 continue
             status.url = url
