@@ -366,7 +366,9 @@ class TestAddresses:
             add_member(a, b.origin, urls[2], b.vkey)
             runtime = open_runtime(a.config)
             replication = replication_of(runtime)
-            replication.roster.learn_url(b.origin, urls[1])  # as a spoofed announcement would
+            # An address b once proved (so it is used first) that now serves a stale copy.
+            replication.roster.add_candidate(b.origin, urls[1])
+            replication.roster.confirm_url(b.origin, urls[1])
             await replication.start()
             try:
 

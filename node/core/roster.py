@@ -4,7 +4,8 @@ Only roster members are peers: their logs are mirrored, their signed /p2p reques
 accepted, and discovery only ever learns new addresses for them. A member is named by
 its log origin and pinned by its verifier key; the URL is only a hint (static from the
 configuration, or learned by discovery) because every byte fetched from it is verified
-against the key.
+against the key. An address learned by discovery is used only once the member has
+proven its key there: it signs ``address_proof_bytes`` over a fresh challenge.
 
 Pure: building and querying the model; reading and writing roster files is in
 node.store.federation_state.
@@ -13,12 +14,15 @@ node.store.federation_state.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from node.core.keys import parse_verifier_key
+from node.core.keys import parse_verifier_key, verify_ed25519
 from node.core.signed_requests import NODE_PREFIX
 from node.errors import BadInput
+
+ADDRESS_PROOF_DOMAIN = b"imageshare-address-proof/v1"
+CHALLENGE_SIZE = 32
 
 
 def key_fingerprint(public_key: bytes) -> str:
@@ -37,6 +41,30 @@ def normalize_url(url: str) -> str:
     if url and not url.startswith(("http://", "https://")):
         raise BadInput(f"peer URL {url!r} must start with http:// or https://")
     return url
+
+
+def address_proof_bytes(origin: str, url: str, challenge: bytes) -> bytes:
+    """What a member signs to prove it holds its key at ``url`` (the URL it was asked at).
+
+    One field a line, no trailing newline: the domain, the member's origin, the URL, and
+    the asking node's fresh random challenge in hex.
+    """
+    return b"\n".join(
+        [ADDRESS_PROOF_DOMAIN, origin.encode(), url.encode(), challenge.hex().encode()]
+    )
+
+
+def sign_address_proof(
+    sign: Callable[[bytes], bytes], origin: str, url: str, challenge: bytes
+) -> bytes:
+    """A member's answer to a challenge received at ``url``: its signature of the proof."""
+    return sign(address_proof_bytes(origin, url, challenge))
+
+
+def verify_address_proof(member: Member, url: str, challenge: bytes, signature: bytes) -> bool:
+    """True only if ``signature`` is ``member``'s roster key signing its proof for ``url``."""
+    message = address_proof_bytes(member.origin, url, challenge)
+    return verify_ed25519(member.public_key, message, signature)
 
 
 @dataclass(frozen=True)

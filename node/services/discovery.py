@@ -2,12 +2,15 @@
 
 The node advertises ``_imageshare._tcp.local.`` with TXT records ``origin``, ``fp`` (the
 fingerprint of its key: hex SHA-256 of the public key, first 16 bytes), ``path`` (URL
-path prefix, usually empty) and ``v=1``. A node found on the LAN is used only if its
-fingerprint and origin are those of a roster member: then its address becomes that
-member's learned URL. Anything else is ignored and logged. Discovery only finds
-addresses; every byte fetched from them is still verified against the roster key, so a
-liar on the LAN can at worst make a member unreachable through that address (the static
-URL, if configured, is still tried).
+path prefix, usually empty) and ``v=1``. A node found on the LAN is considered only if
+its fingerprint and origin are those of a roster member; anything else is ignored and
+logged. Advertisements are not authenticated, so the address is only a *candidate*:
+this node sends the member a fresh random challenge at that address (a signed
+``POST /p2p/address-proof``) and uses the address only once the answer is the roster
+key's signature over the challenge, the member's origin and that URL
+(node.core.roster.address_proof_bytes). Until then, and whenever the proof fails, the
+roster's static URL is what is used, so a liar on the LAN never receives a token, a
+cosignature or a notify meant for the member.
 
 Discovery binds to the interface of the HTTP listen address (loopback nodes find each
 other on loopback), or to every interface when the node listens on 0.0.0.0.
@@ -18,13 +21,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
+import os
 import socket
+import time
+from collections.abc import Coroutine
+from typing import Any
 
+import aiohttp
+import yarl
 from zeroconf import InterfaceChoice, IPVersion, ServiceInfo, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from node.core.roster import key_fingerprint
+from node.core.roster import CHALLENGE_SIZE, Member, key_fingerprint, verify_address_proof
+from node.core.signed_requests import (
+    NONCE_SIZE,
+    SIGNATURE_SIZE,
+    b64url_decode,
+    make_headers,
+    node_signer,
+)
+from node.errors import Unauthorized
 from node.services.replication import ReplicationService, replication_of
 from node.services.runtime import NodeRuntime
 
@@ -32,6 +50,19 @@ log = logging.getLogger(__name__)
 
 SERVICE_TYPE = "_imageshare._tcp.local."
 INFO_TIMEOUT_MS = 3000
+ADDRESS_PROOF_PATH = "/p2p/address-proof"
+# A member that has just started may not answer yet: ask again a few times.
+PROOF_ATTEMPTS = 3
+PROOF_RETRY_SECONDS = 1.0
+MAX_PROOF_ANSWER_BYTES = 4096
+
+
+class ProofFailed(Exception):
+    """The node at a candidate address answered, with no valid proof of the member's key."""
+
+
+class NoAnswer(Exception):
+    """The candidate address gave no answer to the challenge (yet): worth asking again."""
 
 
 class DiscoveryService:
@@ -43,6 +74,7 @@ class DiscoveryService:
         self._zeroconf: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        self._session: aiohttp.ClientSession | None = None
         self.fingerprint = key_fingerprint(runtime.identity.public_key)
 
     def _interfaces(self) -> tuple[InterfaceChoice | list[str], list[str]]:
@@ -73,14 +105,16 @@ class DiscoveryService:
 
     async def start(self) -> None:
         interfaces, addresses = self._interfaces()
+        timeout = self.runtime.config.federation.request_timeout
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=timeout, connect=timeout)
+        )
         self._zeroconf = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
         self._browser = AsyncServiceBrowser(
             self._zeroconf.zeroconf, SERVICE_TYPE, handlers=[self._on_change]
         )
         # Registering probes the LAN for about a second; the node serves meanwhile.
-        task = asyncio.ensure_future(self._advertise(addresses))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self._spawn(self._advertise(addresses))
 
     async def _advertise(self, addresses: list[str]) -> None:
         assert self._zeroconf is not None
@@ -101,6 +135,8 @@ class DiscoveryService:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._zeroconf.async_unregister_all_services(), 0.5)
             await self._zeroconf.async_close()
+        if self._session is not None:
+            await self._session.close()
 
     def _on_change(
         self,
@@ -110,9 +146,12 @@ class DiscoveryService:
         state_change: ServiceStateChange,
     ) -> None:
         if state_change in (ServiceStateChange.Added, ServiceStateChange.Updated):
-            task = asyncio.ensure_future(self._resolve(name))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+            self._spawn(self._resolve(name))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     async def _resolve(self, name: str) -> None:
         assert self._zeroconf is not None
@@ -147,10 +186,71 @@ class DiscoveryService:
         path = props.get("path", "").rstrip("/")
         if path and not path.startswith("/"):
             return
-        if self.replication.roster.learn_url(
-            member.origin, f"http://{addresses[0]}:{info.port}{path}"
-        ):
-            self.replication.wake(member.origin)
+        url = f"http://{addresses[0]}:{info.port}{path}"
+        if self.replication.roster.add_candidate(member.origin, url):
+            self._spawn(self._prove(member, url))
+
+    async def _prove(self, member: Member, url: str) -> None:
+        """Challenge the member at a candidate address; use the address only if it proves
+        the member's key there."""
+        roster = self.replication.roster
+        for attempt in range(1, PROOF_ATTEMPTS + 1):
+            try:
+                await self.challenge(member, url)
+            except ProofFailed as exc:
+                log.warning(
+                    "discovery: %s advertised as %s did not prove its key: %s; not used",
+                    url,
+                    member.origin,
+                    exc,
+                )
+                break
+            except NoAnswer as exc:
+                if attempt == PROOF_ATTEMPTS:
+                    log.info("discovery: %s (%s) did not answer: %s", url, member.origin, exc)
+                    break
+                await asyncio.sleep(PROOF_RETRY_SECONDS * attempt)
+                continue
+            if roster.confirm_url(member.origin, url):
+                self.replication.wake(member.origin)
+            return
+        roster.reject_candidate(member.origin, url)
+
+    async def challenge(self, member: Member, url: str) -> None:
+        """Ask ``url`` to prove it holds ``member``'s key; raises ProofFailed if the answer
+        is no valid proof, NoAnswer if there is none (unreachable, or not 200: a member
+        that is starting, or has not yet added this node to its roster)."""
+        assert self._session is not None
+        challenge = os.urandom(CHALLENGE_SIZE)
+        body = json.dumps({"challenge": challenge.hex(), "url": url}).encode()
+        target = yarl.URL(url + ADDRESS_PROOF_PATH)
+        identity = self.runtime.identity
+        headers = make_headers(
+            identity.sign,
+            node_signer(identity.origin),
+            "POST",
+            target.raw_path_qs,
+            body,
+            int(time.time()),
+            os.urandom(NONCE_SIZE),
+        )
+        try:
+            async with self._session.post(target, data=body, headers=headers) as response:
+                if response.status != 200:
+                    raise NoAnswer(f"it answered {response.status}")
+                # A proof is a small JSON document with a declared length: read no more.
+                if not 0 < (response.content_length or 0) <= MAX_PROOF_ANSWER_BYTES:
+                    raise ProofFailed("its answer is not a short JSON document")
+                answer = await response.read()
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise NoAnswer(str(exc) or type(exc).__name__) from exc
+        try:
+            document = json.loads(answer)
+            signature = b64url_decode(str(document["signature"]), SIGNATURE_SIZE, "signature")
+        except (ValueError, KeyError, TypeError, Unauthorized) as exc:
+            raise ProofFailed('its answer is not {"signature": base64url}') from exc
+        if not verify_address_proof(member, url, challenge, signature):
+            raise ProofFailed("the signature is not the roster key's")
 
 
 def discovery_service(runtime: NodeRuntime) -> DiscoveryService | None:

@@ -337,7 +337,7 @@ class ReplicationService:
             own = [i for i in listing if isinstance(i, dict) and i.get("origin") == member.origin]
             size = own[0].get("size") if own else None
             if isinstance(size, int) and size < status.hinted_size:
-                # An old copy, e.g. behind a spoofed address: try the member's other URLs.
+                # An old copy (a learned address gone stale, a relay): try the member's other URLs.
                 stale = stale or (url, listing)
                 continue
             status.url = url
@@ -655,6 +655,9 @@ class ReplicationService:
                 "origin": member.origin,
                 "log_id": member.log_id,
                 "urls": self.roster.urls_of(member),
+                # Found by discovery but not proven by the member there: never used.
+                "candidate_urls": self.roster.candidates_of(member),
+                "rejected_urls": self.roster.rejected_of(member),
             }
             entry.update(self.peers.get(member.origin, PeerStatus()).as_json())
             try:

@@ -2,8 +2,11 @@
 
 `imageshare peers add` writes peers.toml; the daemon notices the change (by modification
 time, checked at most once a second) and reloads, so a member can be added without a
-restart. Discovery records the URLs it learns for members here; they are tried before
-the static ones because they are the freshest.
+restart. Discovery records the addresses it finds for members here, first as
+*candidates*: anyone on the LAN can advertise a member's origin and fingerprint. A
+candidate becomes a learned URL only once the member has proven its key at it (a signed
+challenge, see DiscoveryService); learned URLs are tried before the static ones because
+they are the freshest. ``urls_of`` is the one place that picks where to reach a member.
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ from node.store.federation_state import read_roster_file, roster_path, write_ros
 log = logging.getLogger(__name__)
 
 RELOAD_CHECK_INTERVAL = 1.0
+# Unproven addresses kept per member (a liar on the LAN can advertise many).
+MAX_CANDIDATES = 8
+# An address whose proof failed is not challenged again sooner than this, however often
+# it is advertised.
+RETRY_REJECTED_AFTER = 60.0
 
 
 def configured_members(config: NodeConfig) -> list[Member]:
@@ -65,7 +73,9 @@ class RosterService:
         self._stamp = self._file_stamp()
         self._roster = load_roster(config)
         self._checked_at = time.monotonic()
-        self._learned: dict[str, str] = {}
+        self._learned: dict[str, str] = {}  # origin -> the URL last proven by the member
+        self._candidates: dict[str, list[str]] = {}  # origin -> found, not proven (yet)
+        self._rejected: dict[tuple[str, str], float] = {}  # (origin, url) -> when it failed
 
     def _file_stamp(self) -> tuple[int, int] | None:
         try:
@@ -94,17 +104,58 @@ class RosterService:
         """For signed-request authentication: a member node's key, else None."""
         return self.roster.public_key_of_signer(signer)
 
-    def learn_url(self, origin: str, url: str) -> bool:
-        """Record an address found for a member; True if it is new."""
+    def add_candidate(self, origin: str, url: str) -> bool:
+        """Record an address found for a member, unused until proven; True if it needs a
+        proof (a member's address, new, not already proven)."""
         url = normalize_url(url)
         if self.roster.get(origin) is None or not url or self._learned.get(origin) == url:
             return False
-        self._learned[origin] = url
-        log.info("learned address of %s: %s", origin, url)
+        candidates = self._candidates.setdefault(origin, [])
+        failed_at = self._rejected.get((origin, url))
+        if url in candidates or (
+            failed_at is not None and time.monotonic() - failed_at < RETRY_REJECTED_AFTER
+        ):
+            return False
+        candidates.append(url)
+        del candidates[:-MAX_CANDIDATES]
+        log.info("found a candidate address of %s: %s (to be proven)", origin, url)
         return True
 
+    def confirm_url(self, origin: str, url: str) -> bool:
+        """The member proved its key at candidate ``url``: use it from now on."""
+        url = normalize_url(url)
+        candidates = self._candidates.get(origin, [])
+        if self.roster.get(origin) is None or url not in candidates:
+            return False
+        candidates.remove(url)
+        self._learned[origin] = url
+        log.info("learned address of %s: %s (the member proved its key there)", origin, url)
+        return True
+
+    def reject_candidate(self, origin: str, url: str) -> None:
+        """A candidate's proof failed: drop it; it may be offered again after a while."""
+        url = normalize_url(url)
+        candidates = self._candidates.get(origin, [])
+        if url in candidates:
+            candidates.remove(url)
+        self._rejected[(origin, url)] = time.monotonic()
+        while len(self._rejected) > MAX_CANDIDATES * max(len(self.roster), 1):
+            del self._rejected[next(iter(self._rejected))]
+
+    def candidates_of(self, member: Member) -> list[str]:
+        """Addresses found for a member whose proof is pending (never used)."""
+        return list(self._candidates.get(member.origin, []))
+
+    def rejected_of(self, member: Member) -> list[str]:
+        """Addresses advertised for a member where it could not prove its key lately."""
+        return [url for (origin, url) in self._rejected if origin == member.origin]
+
     def urls_of(self, member: Member) -> list[str]:
-        """Where to reach a member, best first: the learned URL, then the static one."""
+        """Where to reach a member, best first: the URL it proved, then the static one.
+
+        Every client of a member (replication, cosignatures, notify, fetch) picks its URL
+        here, so an unproven address is never used.
+        """
         urls = [self._learned.get(member.origin, ""), member.url]
         return list(dict.fromkeys(u for u in urls if u))
 

@@ -69,7 +69,15 @@ from node.core.manifest import (
     end_message,
     transfer_digest,
 )
-from node.core.signed_requests import NONCE_SIZE, make_headers, node_signer
+from node.core.refusals import REFUSAL_HEADER, is_refusal, verify_refusal
+from node.core.roster import Member
+from node.core.signed_requests import (
+    NONCE_SIZE,
+    SignedHeaders,
+    make_headers,
+    node_signer,
+    parse_headers,
+)
 from node.errors import BadInput, Forbidden, ImageShareError, NotFound, Unauthorized
 from node.services.consent import check_access, resolve_study_reference
 from node.services.ledger import LedgerService, ledger_service
@@ -101,6 +109,8 @@ RETRY_WINDOW = 120.0
 MAX_BACKOFF = 4.0
 FIRST_CONTACT_ATTEMPTS = 3
 RECENT = 100
+# A refusal is a small JSON document; a longer answer is not one.
+MAX_REFUSAL_BYTES = 64 * 1024
 
 
 class TransferRefused(Forbidden):
@@ -637,7 +647,7 @@ class TransferService:
                     self.store.save_fetch, job.id, job.started, json.dumps(job.as_json())
                 )
 
-    def _custodian_urls(self, custodian: str) -> tuple[list[str], bytes]:
+    def _custodian_urls(self, custodian: str) -> tuple[list[str], Member]:
         roster = roster_of(self.runtime)
         member = roster.roster.get(custodian)
         if member is None:
@@ -645,12 +655,13 @@ class TransferService:
         urls = roster.urls_of(member)
         if not urls:
             raise CustodianUnreachable(f"no address known for custodian {custodian}")
-        return urls, member.public_key
+        return urls, member
 
     async def _post(
-        self, http: aiohttp.ClientSession, url: str, body: bytes
+        self, http: aiohttp.ClientSession, custodian: Member, url: str, body: bytes
     ) -> aiohttp.ClientResponse:
-        """A POST signed with this node's key; raises for any answer but 200."""
+        """A POST signed with this node's key; raises for any answer but 200 (a refusal
+        only if the custodian signed it for this request, else CustodianUnreachable)."""
         identity = self.runtime.identity
         target = yarl.URL(url)
         headers = make_headers(
@@ -668,19 +679,20 @@ class TransferService:
             raise CustodianUnreachable(f"custodian unreachable: {_describe(exc)}") from exc
         if response.status != 200:
             try:
-                await _raise_for_reply(response)
+                await _raise_for_reply(response, custodian, parse_headers(headers), url)
             finally:
                 response.release()
         return response
 
     async def _attempt(self, job: FetchJob, http: aiohttp.ClientSession) -> None:
-        urls, custodian_key = self._custodian_urls(job.custodian)
+        urls, custodian = self._custodian_urls(job.custodian)
         ephemeral = EphemeralKey.generate()
         body = OpenRequest(job.token, ephemeral.public).encode()
-        # The learned address first, then the roster's; the one that answers serves all.
+        # The proven learned address first, then the roster's; the one that answers (or
+        # refuses, signed) serves all.
         for position, base in enumerate(urls):
             try:
-                response = await self._post(http, f"{base}/p2p/transfer", body)
+                response = await self._post(http, custodian, f"{base}/p2p/transfer", body)
                 break
             except CustodianUnreachable:
                 if position == len(urls) - 1:
@@ -690,7 +702,11 @@ class TransferService:
         finally:
             response.release()
         keys = receiver_session(
-            self.runtime.identity.seed, ephemeral, custodian_key, opened.ephemeral, job.token_id
+            self.runtime.identity.seed,
+            ephemeral,
+            custodian.public_key,
+            opened.ephemeral,
+            job.token_id,
         )
         job.opened = True
         manifest = decode_manifest(open_sealed(keys.manifest, opened.sealed_manifest))
@@ -708,7 +724,7 @@ class TransferService:
         self._note_studies(job, [e.digest.hex() for e in held])
         if missing:
             url = f"{base}/p2p/transfer/{opened.transfer_id}/instances"
-            await self._receive(job, http, url, keys, manifest, missing)
+            await self._receive(job, http, custodian, url, keys, manifest, missing)
 
     def _note_studies(self, job: FetchJob, digests: list[str]) -> None:
         for start in range(0, len(digests), 500):
@@ -726,6 +742,7 @@ class TransferService:
         self,
         job: FetchJob,
         http: aiohttp.ClientSession,
+        custodian: Member,
         url: str,
         keys: SessionKeys,
         manifest: Manifest,
@@ -756,7 +773,7 @@ class TransferService:
                 )
 
         try:
-            response = await self._post(http, url, encode_handles(handles))
+            response = await self._post(http, custodian, url, encode_handles(handles))
             try:
                 async for chunk in response.content.iter_chunked(RECEIVE_BYTES):
                     job.bytes_received += len(chunk)
@@ -832,13 +849,47 @@ class TransferService:
         self.store.mark_recorded(stream_id)
 
 
-async def _raise_for_reply(response: aiohttp.ClientResponse) -> None:
-    """Turn a custodian's non-200 answer into the node's error; always raises."""
+async def _read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The answer's body, or None if it is longer than ``limit`` (read no further)."""
+    body = bytearray()
+    async for chunk in response.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+async def _raise_for_reply(
+    response: aiohttp.ClientResponse, custodian: Member, asked: SignedHeaders, url: str
+) -> None:
+    """Turn a custodian's non-200 answer to the request ``asked`` into the node's error;
+    always raises. A 4xx counts as the custodian's refusal only if it carries the
+    custodian's signature bound to that request; anything else is an unauthenticated
+    answer, treated as the custodian not reached (its text is not repeated)."""
     try:
-        document = json.loads(await response.read())
+        body = await _read_at_most(response, MAX_REFUSAL_BYTES)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise CustodianUnreachable(f"the answer at {url} broke off: {_describe(exc)}") from exc
+    if is_refusal(response.status) and (
+        body is None
+        or not verify_refusal(
+            custodian.public_key,
+            response.headers.get(REFUSAL_HEADER),
+            custodian.origin,
+            asked,
+            response.status,
+            body,
+        )
+    ):
+        raise CustodianUnreachable(
+            f"unverified answer at {url}: its HTTP {response.status} is not signed by"
+            f" {custodian.origin} for this request, so it was ignored"
+        )
+    try:
+        document = json.loads(body or b"")
         message = str(document.get("error", ""))
         rule = document.get("rule")
-    except (ValueError, AttributeError, aiohttp.ClientError):
+    except (ValueError, AttributeError):
         message, rule = "", None
     if response.status == 403 and isinstance(rule, str):
         known = {r.value: m for r, m in RULE_MESSAGES.items()}

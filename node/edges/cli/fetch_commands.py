@@ -3,7 +3,9 @@
 The daemon is the single writer of its store and ledger, so the command asks it through
 the admin API (POST /admin/api/fetch with the admin token from the data directory) and
 polls the job (GET /admin/api/transfers/{id}) until it ends. Exit 0 fetched, 1 refused
-(the rule is printed) or failed, 2 the daemon or the custodian could not be reached.
+(the rule is printed) or failed, 2 the daemon or the custodian could not be reached. A
+refusal the custodian did not sign for this request is not the custodian's: the daemon
+reports it as an unverified answer (the custodian not reached, exit 2) without its text.
 """
 
 from __future__ import annotations

@@ -6,8 +6,15 @@
                                 the caller's tlog-cosignature of it
 - ``POST /p2p/equivocation``    JSON proof {log_id, notes: [a, b], ...} the caller found;
                                 kept only if confirmed here
+- ``POST /p2p/address-proof``   JSON {"challenge": hex, "url"}: this node's signature that
+                                it holds its key at that URL (discovery's challenge)
 - ``GET  /ledger/equivocations`` public: every equivocation proof this node holds
 - ``GET  /admin/api/federation`` admin: peers, reachability, sizes, cosignatures, proofs
+
+Every 4xx answer to a ``/p2p`` request that carries well-formed signature headers (these
+routes and the transfer routes alike) is signed with this node's key and bound to that
+request (``Refusal-Signature``, node.core.refusals), so that the asking node can tell this
+node's refusal from a forgery by whoever answered at its address.
 """
 
 from __future__ import annotations
@@ -16,6 +23,9 @@ import json
 
 from aiohttp import web
 
+from node.core.refusals import REFUSAL_HEADER, is_refusal, sign_refusal
+from node.core.roster import CHALLENGE_SIZE, sign_address_proof
+from node.core.signed_requests import b64url_encode, parse_headers
 from node.edges.http.signed import SignedCaller, authenticate, nonce_store_of
 from node.errors import BadInput, Unauthorized
 from node.services.replication import ReplicationService, replication_of
@@ -23,6 +33,7 @@ from node.services.runtime import NodeRuntime
 
 REPLICATION_KEY = web.AppKey("replication", ReplicationService)
 MAX_P2P_BODY = 1 << 20
+MAX_URL_CHARS = 2048
 
 
 async def _caller(request: web.Request) -> SignedCaller:
@@ -78,6 +89,40 @@ async def equivocation(request: web.Request) -> web.Response:
     return web.json_response({"ok": True, "new": new})
 
 
+async def address_proof(request: web.Request) -> web.Response:
+    caller = await _caller(request)
+    try:
+        document = json.loads(caller.body)
+        challenge = bytes.fromhex(document["challenge"])
+        url = document["url"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BadInput('an address challenge is JSON {"challenge": hex, "url"}') from exc
+    if len(challenge) != CHALLENGE_SIZE or not isinstance(url, str) or len(url) > MAX_URL_CHARS:
+        raise BadInput(f"the challenge must be {CHALLENGE_SIZE} bytes and the URL a short string")
+    identity = request.app[REPLICATION_KEY].runtime.identity
+    signature = sign_address_proof(identity.sign, identity.origin, url, challenge)
+    return web.json_response({"origin": identity.origin, "signature": b64url_encode(signature)})
+
+
+async def sign_p2p_refusal(request: web.Request, response: web.StreamResponse) -> None:
+    """On response prepare: sign a 4xx answer to a signed /p2p request, bound to it."""
+    if not request.path.startswith("/p2p/") or not is_refusal(response.status):
+        return
+    if not isinstance(response, web.Response):
+        return  # refusals are small JSON answers, never streams
+    body = b"" if response.body is None else response.body
+    if not isinstance(body, bytes):
+        return
+    try:
+        asked = parse_headers(request.headers)
+    except Unauthorized:
+        return  # no nonce to bind the answer to; the caller cannot take it as a refusal
+    identity = request.app[REPLICATION_KEY].runtime.identity
+    response.headers[REFUSAL_HEADER] = sign_refusal(
+        identity.sign, identity.origin, asked, response.status, body
+    )
+
+
 async def equivocations(request: web.Request) -> web.Response:
     state = request.app[REPLICATION_KEY].state
     return web.json_response([proof.as_json() for proof in state.equivocations()])
@@ -93,5 +138,7 @@ def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
     app.router.add_post("/p2p/notify", notify)
     app.router.add_post("/p2p/cosignature", cosignature)
     app.router.add_post("/p2p/equivocation", equivocation)
+    app.router.add_post("/p2p/address-proof", address_proof)
+    app.on_response_prepare.append(sign_p2p_refusal)
     app.router.add_get("/ledger/equivocations", equivocations)
     app.router.add_get("/admin/api/federation", federation_status)

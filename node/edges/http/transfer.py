@@ -2,7 +2,8 @@
 
 - ``POST /p2p/transfer``                    canonical msgpack {token, ephemeral}: consent
   check, then canonical msgpack {transfer, ephemeral, manifest (encrypted)}; a refusal is
-  403 JSON {"error", "rule"}
+  403 JSON {"error", "rule"}, signed like every /p2p refusal (``Refusal-Signature``, added
+  on response prepare by node.edges.http.p2p)
 - ``POST /p2p/transfer/{id}/instances``     canonical msgpack {handles}: the encrypted
   instance stream (application/octet-stream)
 - ``POST /admin/api/fetch``                 JSON {"token"}: start a fetch job; 202 + the job
