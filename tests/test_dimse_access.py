@@ -192,7 +192,8 @@ class TestSpoofedTitle:
             answers = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
         finally:
             assoc.release()
-        assert [a.StudyInstanceUID for s, a in answers if s.Status == 0xFF00] == [study.study_uid]
+        matched = [a.StudyInstanceUID for s, a in answers if a is not None and s.Status == 0xFF00]
+        assert matched == [study.study_uid]
         wait_for_log(
             node, f"C-FIND from '{FAR_VIEWER}' at 127.0.0.2: STUDY level, 1 match(es) in 1 study"
         )
