@@ -8,9 +8,10 @@ from pathlib import Path
 import pydicom
 
 from node.services.ingest import import_files
-from node.store.attributes import INDEXED, TABLES, UNIQUE_KEYS, Level
+from node.store.attributes import ATTRIBUTES, INDEXED, TABLES, UNIQUE_KEYS, Level
 from node.store.dicom_header import parse_header
 from node.store.instances import SCHEMA, InstanceStore
+from node.store.queries import parse_qido, run_query
 from tests.support.studies import make_ct_study
 
 # Values for the attributes make_ct_study leaves out.
@@ -52,6 +53,10 @@ def test_every_declared_attribute_is_read_from_the_file_and_kept_in_its_column(
                 (header.values[key.column or ""],),
             ).fetchone()
             assert row[0] == expected, attribute.keyword
+        [found] = run_query(
+            store.reader, parse_qido(Level.INSTANCE, [("includefield", "all")])
+        ).rows
+        assert {a.keyword for a in ATTRIBUTES} <= set(found)
     finally:
         store.close()
 
