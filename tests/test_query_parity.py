@@ -435,6 +435,40 @@ class TestOneCapOnARealNode:
         assert "additional results" in response.headers["Warning"]
 
 
+class TestStudyList:
+    """The dashboard's study search runs on the same engine."""
+
+    def studies(self, corpus: Corpus, q: str) -> frozenset[str]:
+        listed = corpus.node.get_json(f"/admin/api/studies?q={requests.utils.quote(q)}")
+        assert listed["total"] == len(listed["studies"])
+        return corpus.names([s["study_instance_uid"] for s in listed["studies"]])
+
+    def test_words_match_in_any_case_anywhere_in_the_searched_attributes(
+        self, corpus: Corpus
+    ) -> None:
+        assert self.studies(corpus, "CHEST") == {
+            "morning",
+            "one_pm",
+            "one_pm_and_a_half_second",
+            "half_past_one",
+        }
+        assert self.studies(corpus, "chest doe") == {"morning", "one_pm"}
+        assert self.studies(corpus, "müller") == {"afternoon"}
+        assert self.studies(corpus, "2020061") == {"half_past_one"}
+
+    def test_sql_pattern_characters_are_literal(self, corpus: Corpus) -> None:
+        assert self.studies(corpus, "%") == frozenset()
+        assert self.studies(corpus, "A_1") == frozenset()
+        assert self.studies(corpus, "A[1]") == {"one_pm"}
+
+    def test_each_study_comes_with_its_counts_size_and_origin(self, corpus: Corpus) -> None:
+        listed = corpus.node.get_json("/admin/api/studies?q=P-2")
+        [study] = listed["studies"]
+        assert study["modalities"] == "MR,PT"
+        assert (study["series"], study["instances"], study["source"]) == (2, 2, "local")
+        assert study["bytes"] > 0 and study["created_at"] > 0
+
+
 def test_the_node_keeps_serving_after_refusals(corpus: Corpus) -> None:
     for value in ("2020-01-01", "-", "x" * 5000):
         response = requests.get(

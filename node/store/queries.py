@@ -427,3 +427,66 @@ def matching_instance_uids(conn: sqlite3.Connection, filters: Sequence[Filter]) 
     query = Query(Level.INSTANCE, list(filters), [BY_KEYWORD["SOPInstanceUID"]])
     sql, args = compile_query(query)
     return [row[0] for row in _execute(conn, sql, args)]
+
+
+# -- the dashboard's study list front end ----------------------------------------------------
+
+# What the study list shows of a study, by the names its page uses.
+_STUDY_LIST_ATTRIBUTES = {
+    "study_instance_uid": "StudyInstanceUID",
+    "patient_name": "PatientName",
+    "patient_id": "PatientID",
+    "patient_birth_date": "PatientBirthDate",
+    "study_date": "StudyDate",
+    "study_description": "StudyDescription",
+    "accession_number": "AccessionNumber",
+    "series": "NumberOfStudyRelatedSeries",
+    "instances": "NumberOfStudyRelatedInstances",
+    "modalities": "ModalitiesInStudy",
+}
+_STUDY_LIST_SEARCHED = (
+    *(
+        BY_KEYWORD[k].sql
+        for k in (
+            "PatientName",
+            "PatientID",
+            "AccessionNumber",
+            "StudyDescription",
+            "StudyDate",
+            "StudyInstanceUID",
+        )
+    ),
+    "st.source",
+)
+_STUDY_LIST_EXTRAS = (
+    "st.source AS source",
+    "st.created_at AS created_at",
+    "(SELECT COALESCE(SUM(x.size), 0) FROM instances x"
+    " WHERE x.study_instance_uid = st.study_instance_uid) AS bytes",
+)
+
+
+def study_list(
+    conn: sqlite3.Connection, words: Sequence[str], limit: int
+) -> tuple[int, list[dict[str, Any]]]:
+    """The dashboard's study list: how many studies match, and the ``limit`` newest
+    arrivals among them, each with where it came from and its size.
+
+    A study matches when every word appears, in any letter case, in its patient name,
+    patient ID, accession number, description, date, UID or origin.
+    """
+    query = Query(
+        Level.STUDY,
+        returned=[BY_KEYWORD[k] for k in _STUDY_LIST_ATTRIBUTES.values()],
+        words=WordSearch(tuple(words), _STUDY_LIST_SEARCHED),
+        limit=limit,
+    )
+    found = run_query(
+        conn, query, _STUDY_LIST_EXTRAS, order="st.created_at DESC, st.study_instance_uid"
+    )
+    rows = []
+    for row in found.rows:
+        listed = {name: row[keyword] for name, keyword in _STUDY_LIST_ATTRIBUTES.items()}
+        listed["modalities"] = ",".join(listed["modalities"])
+        rows.append({**listed, **{k: row[k] for k in ("source", "created_at", "bytes")}})
+    return count_matches(conn, query), rows
