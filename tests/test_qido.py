@@ -103,6 +103,11 @@ class TestStudyMatching:
         assert corpus.study_names({"PatientName": "Smith"}) == []
         assert corpus.study_names({"PatientName": "*^Jane"}) == ["A", "B"]
 
+    def test_descriptions_match_case_sensitively(self, corpus: Corpus) -> None:
+        # PS3.4 C.2.2.2.4: only person names match in any letter case (as in C-FIND).
+        assert corpus.study_names({"StudyDescription": "CT*"}) == ["C", "A", "D", "B"]
+        assert corpus.study_names({"StudyDescription": "ct*"}) == []
+
     def test_study_date_ranges(self, corpus: Corpus) -> None:
         assert corpus.study_names({"StudyDate": "20260101-20260131"}) == ["A", "D"]
         assert corpus.study_names({"StudyDate": "-20251231"}) == ["C"]
