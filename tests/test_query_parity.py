@@ -334,6 +334,7 @@ class TestOneRuleForValues:
             ("StudyDate", "2020-01-01"),
             ("StudyDate", "yesterday"),
             ("StudyDate", "-"),
+            ("StudyDate", "٢٠٢٠٠١٠١"),  # digits, but not ASCII ones
             ("StudyTime", "1pm"),
             ("StudyTime", "130"),
             ("StudyInstanceUID", "not-a-uid"),

@@ -46,10 +46,11 @@ MAX_RESULTS = 10_000
 # The most values one key may list; SQLite refuses statements much larger than this.
 MAX_VALUES = 1_000
 
-_DATE = re.compile(r"^\d{8}$")
-_TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
-_INTEGER = re.compile(r"^-?\d{1,10}$")
-_UID = re.compile(r"^[0-9.]{1,64}$")
+# ASCII digits only (\d would also accept other scripts' digits); used with fullmatch.
+_DATE = re.compile(r"[0-9]{8}")
+_TIME = re.compile(r"[0-9]{2}([0-9]{2}([0-9]{2}(\.[0-9]{1,6})?)?)?")
+_INTEGER = re.compile(r"-?[0-9]{1,10}")
+_UID = re.compile(r"[0-9.]{1,64}")
 # Kinds that QIDO-RS lets a client list ("a,b", "a\b" or the key repeated).
 _LISTED = frozenset({Match.UID, Match.CODE, Match.MODALITIES_IN_STUDY})
 # The SQL function folding letter case, registered on each connection (SQLite's own
@@ -109,15 +110,15 @@ def checked_filter(attribute: Attribute, values: Sequence[str]) -> Filter | None
     if len(cleaned) > MAX_VALUES:
         raise BadInput(f"{keyword} may list at most {MAX_VALUES} values")
     for value in cleaned:
-        if kind is Match.UID and not _UID.match(value):
+        if kind is Match.UID and not _UID.fullmatch(value):
             raise BadInput(f"{keyword} must be a list of UIDs")
-        if kind is Match.INTEGER and not _INTEGER.match(value):
+        if kind is Match.INTEGER and not _INTEGER.fullmatch(value):
             raise BadInput(f"{keyword} must be an integer")
         if kind in (Match.DATE, Match.TIME):
             pattern = _DATE if kind is Match.DATE else _TIME
             low, _, high = value.partition("-")
             bounds = [b for b in (low, high) if b]
-            if not bounds or not all(pattern.match(b) for b in bounds):
+            if not bounds or not all(pattern.fullmatch(b) for b in bounds):
                 example = "20260101-20260131" if kind is Match.DATE else "0800-1230"
                 raise BadInput(f"{keyword} must be a {kind.value} or range like {example}")
     return Filter(attribute, tuple(cleaned))
