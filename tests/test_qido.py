@@ -268,7 +268,7 @@ class TestPaging:
         assert corpus.study_names({"offset": "10"}) == []
 
     def test_malformed_paging_is_refused(self, corpus: Corpus) -> None:
-        for params in ({"limit": "-1"}, {"offset": "x"}, {"limit": "1.5"}):
+        for params in ({"limit": "-1"}, {"offset": "x"}, {"limit": "1.5"}, {"limit": "²"}):
             assert corpus.query("/studies", params).status_code == 400
 
 

@@ -51,6 +51,7 @@ _DATE = re.compile(r"[0-9]{8}")
 _TIME = re.compile(r"[0-9]{2}([0-9]{2}([0-9]{2}(\.[0-9]{1,6})?)?)?")
 _INTEGER = re.compile(r"-?[0-9]{1,10}")
 _UID = re.compile(r"[0-9.]{1,64}")
+_NON_NEGATIVE = re.compile(r"[0-9]{1,9}")
 # Kinds that QIDO-RS lets a client list ("a,b", "a\b" or the key repeated).
 _LISTED = frozenset({Match.UID, Match.CODE, Match.MODALITIES_IN_STUDY})
 # The SQL function folding letter case, registered on each connection (SQLite's own
@@ -208,7 +209,7 @@ def _included_keywords(value: str) -> set[str]:
 
 
 def _non_negative(name: str, value: str) -> int:
-    if not value.isdigit() or len(value) > 9:
+    if not _NON_NEGATIVE.fullmatch(value):
         raise BadInput(f"{name} must be a non-negative integer")
     return int(value)
 
@@ -220,7 +221,7 @@ def parse_identifier(identifier: Dataset, level: Level, returned: Iterable[str])
     """The query of a C-FIND request identifier at ``level``, returning the attributes
     named in ``returned`` that the index holds at or above that level.
 
-    Keys of levels below the query's are not matched (PS3.4 C.4.1.2.1 leaves them out).
+    Keys of levels below the query's are not matched.
     Raises BadInput for a value that cannot be decoded or is malformed for its key.
     """
     query = Query(level)
