@@ -147,6 +147,14 @@ class TestStudyMatching:
     def test_fuzzymatching_is_accepted(self, corpus: Corpus) -> None:
         assert corpus.study_names({"fuzzymatching": "true", "PatientID": "MRN-2"}) == ["C"]
 
+    def test_fuzzymatching_gets_the_warning_that_matching_was_literal(self, corpus: Corpus) -> None:
+        # PS3.18 8.3.4.2: names match in any letter case, but no fuzzy matching is done.
+        asked = corpus.query("/studies", {"fuzzymatching": "true", "PatientName": "smith*"})
+        assert asked.status_code == 200 and len(asked.json()) == 1
+        assert "Only literal matching has been performed" in asked.headers["Warning"]
+        assert "Warning" not in corpus.query("/studies", {"fuzzymatching": "false"}).headers
+        assert corpus.query("/studies", {"fuzzymatching": "yes"}).status_code == 400
+
     def test_unknown_or_unmatchable_parameters_are_refused(self, corpus: Corpus) -> None:
         assert corpus.query("/studies", {"NoSuchThing": "x"}).status_code == 400
         assert corpus.query("/studies", {"SOPInstanceUID": "1.2"}).status_code == 400

@@ -85,6 +85,9 @@ class Query:
     words: WordSearch | None = None
     limit: int | None = None
     offset: int = 0
+    # QIDO-RS fuzzymatching=true: the engine matches names literally (in any case) only,
+    # which PS3.18 8.3.4.2 has the answer say in a Warning.
+    fuzzy_asked: bool = False
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,10 @@ def parse_qido(
                 query.limit = _non_negative(name, value)
             elif name == "offset":
                 query.offset = _non_negative(name, value)
+            elif value not in ("true", "false"):
+                raise BadInput("fuzzymatching must be true or false")
+            else:
+                query.fuzzy_asked = value == "true"
             continue
         attribute = _attribute_named(name)
         if attribute.level > level:

@@ -103,8 +103,14 @@ async def _search(request: web.Request, level: Level) -> web.Response:
     results, truncated = await _service(request).search(query, _base_url(request))
     response = _json_response(results)
     if truncated:
-        response.headers["Warning"] = (
-            f'299 {request.host} "There are additional results that can be requested"'
+        response.headers.add(
+            "Warning", f'299 {request.host} "There are additional results that can be requested"'
+        )
+    if query.fuzzy_asked:  # PS3.18 8.3.4.2
+        response.headers.add(
+            "Warning",
+            f"299 {request.host}: The fuzzymatching parameter is not supported."
+            " Only literal matching has been performed.",
         )
     return response
 
