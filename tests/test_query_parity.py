@@ -324,6 +324,16 @@ class TestParity:
     ) -> None:
         assert FRONT_ENDS[front_end](corpus, c) == c.expected
 
+    @pytest.mark.parametrize("front_end", list(FRONT_ENDS))
+    def test_every_front_end_matches_a_list_of_study_uids(
+        self, corpus: Corpus, front_end: str
+    ) -> None:
+        wanted = ("morning", "afternoon")
+        uids = tuple(corpus.uids[name] for name in wanted)
+        for level in (Level.STUDY, Level.INSTANCE):
+            c = Case(level, "StudyInstanceUID", uids, frozenset(wanted))
+            assert FRONT_ENDS[front_end](corpus, c) == c.expected
+
 
 class TestOneRuleForValues:
     """Values are checked once, so both front ends refuse the same malformed ones."""
