@@ -103,6 +103,11 @@ class TestStudyMatching:
         assert corpus.study_names({"PatientName": "Smith"}) == []
         assert corpus.study_names({"PatientName": "*^Jane"}) == ["A", "B"]
 
+    def test_descriptions_match_case_sensitively(self, corpus: Corpus) -> None:
+        # PS3.4 C.2.2.2.4: only person names match in any letter case (as in C-FIND).
+        assert corpus.study_names({"StudyDescription": "CT*"}) == ["C", "A", "D", "B"]
+        assert corpus.study_names({"StudyDescription": "ct*"}) == []
+
     def test_study_date_ranges(self, corpus: Corpus) -> None:
         assert corpus.study_names({"StudyDate": "20260101-20260131"}) == ["A", "D"]
         assert corpus.study_names({"StudyDate": "-20251231"}) == ["C"]
@@ -141,6 +146,14 @@ class TestStudyMatching:
 
     def test_fuzzymatching_is_accepted(self, corpus: Corpus) -> None:
         assert corpus.study_names({"fuzzymatching": "true", "PatientID": "MRN-2"}) == ["C"]
+
+    def test_fuzzymatching_gets_the_warning_that_matching_was_literal(self, corpus: Corpus) -> None:
+        # PS3.18 8.3.4.2: names match in any letter case, but no fuzzy matching is done.
+        asked = corpus.query("/studies", {"fuzzymatching": "true", "PatientName": "smith*"})
+        assert asked.status_code == 200 and len(asked.json()) == 1
+        assert "Only literal matching has been performed" in asked.headers["Warning"]
+        assert "Warning" not in corpus.query("/studies", {"fuzzymatching": "false"}).headers
+        assert corpus.query("/studies", {"fuzzymatching": "yes"}).status_code == 400
 
     def test_unknown_or_unmatchable_parameters_are_refused(self, corpus: Corpus) -> None:
         assert corpus.query("/studies", {"NoSuchThing": "x"}).status_code == 400
@@ -263,7 +276,7 @@ class TestPaging:
         assert corpus.study_names({"offset": "10"}) == []
 
     def test_malformed_paging_is_refused(self, corpus: Corpus) -> None:
-        for params in ({"limit": "-1"}, {"offset": "x"}, {"limit": "1.5"}):
+        for params in ({"limit": "-1"}, {"offset": "x"}, {"limit": "1.5"}, {"limit": "²"}):
             assert corpus.query("/studies", params).status_code == 400
 
 

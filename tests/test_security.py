@@ -49,8 +49,9 @@ from node.edges.http.signed import signed_request
 from node.errors import BadInput, Unauthorized
 from node.services.roster import add_peer
 from node.services.runtime import open_runtime
+from node.store.attributes import Level
 from node.store.dicom_header import parse_header
-from node.store.queries import Level, QidoQuery
+from node.store.queries import parse_qido
 from node.store.secrets import read_seed
 from tests.support import faults
 from tests.support.nodes import NodeProcess, init_node, wait_until
@@ -217,7 +218,7 @@ class TestHttpHeaderParsersFailClosed:
         self, params: list[tuple[str, str]], level: Level
     ) -> None:
         with contextlib.suppress(BadInput):
-            QidoQuery.parse(level, params)
+            parse_qido(level, params)
 
 
 # -- the running daemon ------------------------------------------------------------------

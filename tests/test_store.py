@@ -11,8 +11,9 @@ import pytest
 
 from node.errors import BadInput, PayloadTooLarge
 from node.store import queries
+from node.store.attributes import Level
 from node.store.instances import InstanceStore, Outcome
-from node.store.queries import Level, QidoQuery, run_query
+from node.store.queries import parse_qido, run_query
 from tests.support.studies import SyntheticStudy, make_ct_study
 
 
@@ -84,7 +85,7 @@ class TestQueries:
         self, store: InstanceStore, study: SyntheticStudy
     ) -> None:
         commit_files(store, study.files)
-        [row] = run_query(store.reader, QidoQuery.parse(Level.STUDY, [])).rows
+        [row] = run_query(store.reader, parse_qido(Level.STUDY, [])).rows
         assert row["StudyInstanceUID"] == study.study_uid
         assert row["NumberOfStudyRelatedSeries"] == 2
         assert row["NumberOfStudyRelatedInstances"] == 4
@@ -94,7 +95,7 @@ class TestQueries:
         self, store: InstanceStore, study: SyntheticStudy
     ) -> None:
         commit_files(store, study.files)
-        query = QidoQuery.parse(
+        query = parse_qido(
             Level.INSTANCE, [], study_uid=study.study_uid, series_uid=study.series_uids[1]
         )
         rows = run_query(store.reader, query).rows
@@ -114,16 +115,16 @@ class TestQueries:
     )
     def test_malformed_queries_are_refused(self, params: list[tuple[str, str]]) -> None:
         with pytest.raises(BadInput):
-            QidoQuery.parse(Level.STUDY, params)
+            parse_qido(Level.STUDY, params)
 
     def test_wildcards_are_not_sql_patterns(
         self, store: InstanceStore, study: SyntheticStudy
     ) -> None:
         commit_files(store, study.files)
         for value in ("MRN%", "MRN_0001", "[M]RN-0001"):
-            query = QidoQuery.parse(Level.STUDY, [("PatientID", value)])
+            query = parse_qido(Level.STUDY, [("PatientID", value)])
             assert run_query(store.reader, query).rows == []
-        query = QidoQuery.parse(Level.STUDY, [("PatientID", "MRN-000?")])
+        query = parse_qido(Level.STUDY, [("PatientID", "MRN-000?")])
         assert len(run_query(store.reader, query).rows) == 1
 
     def test_answers_are_capped_and_say_so(
@@ -131,9 +132,9 @@ class TestQueries:
     ) -> None:
         commit_files(store, study.files)
         monkeypatch.setattr(queries, "MAX_RESULTS", 3)
-        capped = run_query(store.reader, QidoQuery.parse(Level.INSTANCE, []))
+        capped = run_query(store.reader, parse_qido(Level.INSTANCE, []))
         assert (len(capped.rows), capped.truncated) == (3, True)
-        asked = run_query(store.reader, QidoQuery.parse(Level.INSTANCE, [("limit", "2")]))
+        asked = run_query(store.reader, parse_qido(Level.INSTANCE, [("limit", "2")]))
         assert (len(asked.rows), asked.truncated) == (2, False)
-        rest = run_query(store.reader, QidoQuery.parse(Level.INSTANCE, [("offset", "3")]))
+        rest = run_query(store.reader, parse_qido(Level.INSTANCE, [("offset", "3")]))
         assert (len(rest.rows), rest.truncated) == (1, False)

@@ -26,7 +26,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEnd
 from node.core import dicom_json
 from node.errors import BadInput, ImageShareError, NotFound, PayloadTooLarge
 from node.store.instances import CHUNK, IngestResult, InstanceRecord, InstanceStore, StagedInstance
-from node.store.queries import QidoQuery, run_query
+from node.store.queries import Query, run_query
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ class DicomWebService:
 
     # -- QIDO-RS -----------------------------------------------------------------------
 
-    async def search(self, query: QidoQuery, base_url: str) -> tuple[list[dict[str, Any]], bool]:
+    async def search(self, query: Query, base_url: str) -> tuple[list[dict[str, Any]], bool]:
         """DICOM JSON results of a parsed QIDO-RS query (with RetrieveURL), and whether
         the answer was cut at MAX_RESULTS."""
         found = await asyncio.to_thread(lambda: run_query(self.store.reader, query))

@@ -31,6 +31,7 @@ from node.services.replication import replication_of
 from node.services.roster import roster_of
 from node.services.runtime import NodeRuntime
 from node.services.transfer import transfer_service
+from node.store.queries import study_list
 
 SERVICE_NAME = "status"
 # Entries of the node's own log shown, newest first.
@@ -141,35 +142,6 @@ class StudyQuery:
         if not 1 <= count <= MAX_STUDIES:
             raise BadInput(f"limit must be between 1 and {MAX_STUDIES}")
         return cls(tuple(text.split()), count)
-
-
-_SEARCHED = (
-    "patient_name",
-    "patient_id",
-    "accession_number",
-    "study_description",
-    "study_date",
-    "source",
-    "study_instance_uid",
-)
-_STUDY_SQL = """
-SELECT s.study_instance_uid, s.patient_name, s.patient_id, s.patient_birth_date,
-       s.study_date, s.study_description, s.accession_number, s.source, s.created_at,
-       (SELECT COUNT(*) FROM series r WHERE r.study_instance_uid = s.study_instance_uid)
-         AS series,
-       (SELECT COUNT(*) FROM instances i WHERE i.study_instance_uid = s.study_instance_uid)
-         AS instances,
-       (SELECT COALESCE(SUM(size), 0) FROM instances i
-         WHERE i.study_instance_uid = s.study_instance_uid) AS bytes,
-       (SELECT GROUP_CONCAT(DISTINCT modality) FROM series r
-         WHERE r.study_instance_uid = s.study_instance_uid) AS modalities
-FROM studies s {where} ORDER BY s.created_at DESC, s.study_instance_uid LIMIT ?
-"""
-
-
-def _like(word: str) -> str:
-    escaped = word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return f"%{escaped}%"
 
 
 class StatusService:
@@ -324,18 +296,12 @@ class StatusService:
     def studies(self, query: StudyQuery) -> dict[str, Any]:
         """Studies of the local index matching ``query``, newest first, each with where it
         came from and a viewer link. Blocking."""
-        clauses: list[str] = []
-        args: list[Any] = []
-        for word in query.words:
-            clauses.append("(" + " OR ".join(f"s.{c} LIKE ? ESCAPE '\\'" for c in _SEARCHED) + ")")
-            args += [_like(word)] * len(_SEARCHED)
-        where = "WHERE " + " AND ".join(clauses) if clauses else ""
-        conn = self.runtime.store.reader
-        rows = conn.execute(_STUDY_SQL.format(where=where), [*args, query.limit]).fetchall()
-        total = conn.execute(f"SELECT COUNT(*) FROM studies s {where}", args).fetchone()[0]
+        total, rows = study_list(self.runtime.store.reader, query.words, query.limit)
         return {
             "total": total,
-            "studies": [{**dict(row), "viewer_url": self.viewer_url(row[0])} for row in rows],
+            "studies": [
+                {**row, "viewer_url": self.viewer_url(row["study_instance_uid"])} for row in rows
+            ],
         }
 
     def viewer_url(self, study_uid: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian as DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
 
 from node.errors import BadInput
+from node.store.attributes import INDEXED, Attribute
 
 # Received files are judged by the checks below; pydicom's own warnings about odd
 # values would only flood the log.
@@ -35,36 +37,30 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 
 @dataclass(frozen=True)
 class InstanceHeader:
-    """The attributes the index keeps about one instance."""
+    """The attributes the index keeps about one instance, by index column: one value for
+    each indexed attribute of node/store/attributes.py."""
 
-    sop_instance_uid: str
-    sop_class_uid: str
-    series_instance_uid: str
-    study_instance_uid: str
-    transfer_syntax_uid: str
-    patient_id: str = ""
-    patient_name: str = ""
-    patient_birth_date: str = ""
-    patient_sex: str = ""
-    issuer_of_patient_id: str = ""
-    study_date: str = ""
-    study_time: str = ""
-    accession_number: str = ""
-    study_id: str = ""
-    study_description: str = ""
-    referring_physician_name: str = ""
-    modality: str = ""
-    series_number: int | None = None
-    series_description: str = ""
-    series_date: str = ""
-    series_time: str = ""
-    body_part_examined: str = ""
-    performed_procedure_step_start_date: str = ""
-    instance_number: int | None = None
-    rows: int | None = None
-    columns: int | None = None
-    number_of_frames: int | None = None
-    bits_allocated: int | None = None
+    values: Mapping[str, str | int | None]
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return str(self.values["sop_instance_uid"])
+
+    @property
+    def sop_class_uid(self) -> str:
+        return str(self.values["sop_class_uid"])
+
+    @property
+    def series_instance_uid(self) -> str:
+        return str(self.values["series_instance_uid"])
+
+    @property
+    def study_instance_uid(self) -> str:
+        return str(self.values["study_instance_uid"])
+
+    @property
+    def transfer_syntax_uid(self) -> str:
+        return str(self.values["transfer_syntax_uid"])
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -82,6 +78,14 @@ def _integer(ds: Dataset, keyword: str) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         return None
+
+
+def _indexed_value(ds: Dataset, attribute: Attribute, transfer_syntax: str) -> str | int | None:
+    if attribute.keyword == "AvailableTransferSyntaxUID":
+        return transfer_syntax  # the file meta's, which the dataset itself does not hold
+    if attribute.integer:
+        return _integer(ds, attribute.keyword)
+    return _text(ds, attribute.keyword)
 
 
 def _last_value_end(ds: Dataset) -> int:
@@ -117,34 +121,7 @@ def parse_header(path: Path) -> InstanceHeader:
         raise BadInput("DICOM file has no transfer syntax in its file meta information")
     try:
         header = InstanceHeader(
-            sop_instance_uid=_text(ds, "SOPInstanceUID"),
-            sop_class_uid=_text(ds, "SOPClassUID"),
-            series_instance_uid=_text(ds, "SeriesInstanceUID"),
-            study_instance_uid=_text(ds, "StudyInstanceUID"),
-            transfer_syntax_uid=transfer_syntax,
-            patient_id=_text(ds, "PatientID"),
-            patient_name=_text(ds, "PatientName"),
-            patient_birth_date=_text(ds, "PatientBirthDate"),
-            patient_sex=_text(ds, "PatientSex"),
-            issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
-            study_date=_text(ds, "StudyDate"),
-            study_time=_text(ds, "StudyTime"),
-            accession_number=_text(ds, "AccessionNumber"),
-            study_id=_text(ds, "StudyID"),
-            study_description=_text(ds, "StudyDescription"),
-            referring_physician_name=_text(ds, "ReferringPhysicianName"),
-            modality=_text(ds, "Modality"),
-            series_number=_integer(ds, "SeriesNumber"),
-            series_description=_text(ds, "SeriesDescription"),
-            series_date=_text(ds, "SeriesDate"),
-            series_time=_text(ds, "SeriesTime"),
-            body_part_examined=_text(ds, "BodyPartExamined"),
-            performed_procedure_step_start_date=_text(ds, "PerformedProcedureStepStartDate"),
-            instance_number=_integer(ds, "InstanceNumber"),
-            rows=_integer(ds, "Rows"),
-            columns=_integer(ds, "Columns"),
-            number_of_frames=_integer(ds, "NumberOfFrames"),
-            bits_allocated=_integer(ds, "BitsAllocated"),
+            {str(a.column): _indexed_value(ds, a, transfer_syntax) for a in INDEXED}
         )
     except Exception as exc:  # a value that cannot be decoded is bad input, not a crash
         raise BadInput(f"unreadable DICOM attribute: {exc}") from exc

@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import IO, Any
@@ -32,6 +32,7 @@ from typing import IO, Any
 import sqlite_utils
 
 from node.errors import BadInput, NotFound, PayloadTooLarge, StorageFull
+from node.store.attributes import INDEXED, TABLES, UNIQUE_KEYS, Level
 from node.store.dicom_header import InstanceHeader, parse_header
 from node.store.sqlite import connect_durable
 
@@ -105,61 +106,38 @@ def _raise_if_disk_full(exc: OSError) -> None:
         raise StorageFull("the node's disk is full; nothing was stored") from exc
 
 
+# Columns the store keeps beside the indexed attributes, per table.
+_BOOKKEEPING: dict[str, dict[str, type]] = {
+    "studies": {"source": str, "created_at": float},
+    "series": {},
+    "instances": {"digest": str, "size": int, "received_at": float},
+}
+_INDEXES = {
+    "studies": [["patient_id"], ["study_date"], ["accession_number"]],
+    "series": [["study_instance_uid"], ["modality"]],
+    "instances": [["series_instance_uid"], ["study_instance_uid"], ["digest"]],
+}
+
+
+def _table_spec(level: Level) -> dict[str, Any]:
+    """A table's columns, from the indexed attributes: its level's unique key, the
+    unique keys of the levels above it (not the patient's: studies hold that), its
+    attributes, then the store's own columns."""
+    table = TABLES[level]
+    keys = [UNIQUE_KEYS[level]] + [UNIQUE_KEYS[k] for k in (Level.SERIES, Level.STUDY) if k < level]
+    mine = [a for a in INDEXED if TABLES[a.level] == table]
+    columns: dict[str, type] = {}
+    for attribute in [*keys, *mine]:
+        columns.setdefault(str(attribute.column), int if attribute.integer else str)
+    return {
+        "columns": {**columns, **_BOOKKEEPING[table]},
+        "pk": UNIQUE_KEYS[level].column,
+        "indexes": _INDEXES[table],
+    }
+
+
 SCHEMA: dict[str, dict[str, Any]] = {
-    "studies": {
-        "columns": {
-            "study_instance_uid": str,
-            "patient_id": str,
-            "patient_name": str,
-            "patient_birth_date": str,
-            "patient_sex": str,
-            "issuer_of_patient_id": str,
-            "study_date": str,
-            "study_time": str,
-            "accession_number": str,
-            "study_id": str,
-            "study_description": str,
-            "referring_physician_name": str,
-            "source": str,
-            "created_at": float,
-        },
-        "pk": "study_instance_uid",
-        "indexes": [["patient_id"], ["study_date"], ["accession_number"]],
-    },
-    "series": {
-        "columns": {
-            "series_instance_uid": str,
-            "study_instance_uid": str,
-            "modality": str,
-            "series_number": int,
-            "series_description": str,
-            "series_date": str,
-            "series_time": str,
-            "body_part_examined": str,
-            "performed_procedure_step_start_date": str,
-        },
-        "pk": "series_instance_uid",
-        "indexes": [["study_instance_uid"], ["modality"]],
-    },
-    "instances": {
-        "columns": {
-            "sop_instance_uid": str,
-            "series_instance_uid": str,
-            "study_instance_uid": str,
-            "sop_class_uid": str,
-            "transfer_syntax_uid": str,
-            "instance_number": int,
-            "rows": int,
-            "columns": int,
-            "number_of_frames": int,
-            "bits_allocated": int,
-            "digest": str,
-            "size": int,
-            "received_at": float,
-        },
-        "pk": "sop_instance_uid",
-        "indexes": [["series_instance_uid"], ["study_instance_uid"], ["digest"]],
-    },
+    TABLES[level]: _table_spec(level) for level in (Level.STUDY, Level.SERIES, Level.INSTANCE)
 }
 
 
@@ -354,7 +332,7 @@ class InstanceStore:
         conn.execute("BEGIN IMMEDIATE")
         try:
             for item in fresh:
-                h = asdict(item.header)
+                h: dict[str, Any] = dict(item.header.values)
                 h.update(source=source, created_at=now, received_at=now)
                 h.update(digest=item.digest, size=item.size)
                 for table in ("studies", "series", "instances"):

@@ -1,193 +1,198 @@
-"""QIDO-RS over the SQLite index: which attributes can be matched and returned, and how.
+"""The one DICOM query engine over the SQLite index: QIDO-RS, C-FIND and the study list.
 
-One table (ATTRIBUTES) says, for every attribute the index knows, its level, where its
-value comes from, how it is matched and whether it is returned by default. A query is
-parsed from the request's parameters once (QidoQuery.parse, which fails closed with
-BadInput) and run as one SQL statement (run_query).
+A query is a ``Query``: a level, filters on the attributes of node/store/attributes.py,
+the attributes to return and paging. Thin front ends build one: ``parse_qido`` from
+QIDO-RS parameters (PS3.18 8.3.4), ``parse_identifier`` from a C-FIND request
+identifier (PS3.4 C.4.1.2); both check every value with ``checked_filter``, which fails
+closed with BadInput. ``run_query`` compiles a query to one SQL statement and cuts its
+answer at MAX_RESULTS.
+
+The matching rules (PS3.4 C.2.2.2), written once for every caller:
+
+- universal: an empty value, or ``*``, matches everything;
+- UIDs: exact; a list matches any of its UIDs;
+- text and codes: exact, or ``*`` (any run) and ``?`` (one character), case-sensitive
+  (C.2.2.2.1, C.2.2.2.4); person names alone match in any letter case, which the
+  standard leaves to the implementation for PN;
+- dates: ``X``, ``X-Y``, ``-Y``, ``X-``, bounds included (C.2.2.2.5.1); an entity
+  without a value matches no range, since there is no date of it to compare (PS3.18
+  has ``emptyvaluematching`` to ask for those);
+- times: the same, and a value stands for the whole span of its precision (PS3.5 TM
+  allows ``HH``, ``HHMM``, ...): ``13`` is 13:00 to 13:59:59.999999, so ``13`` matches
+  ``1305`` and ``-130059`` matches ``130059.5``; a single value is the range ``X-X``;
+- integers: exact; ModalitiesInStudy: any series of the study has the modality.
 """
 
 from __future__ import annotations
 
 import re
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from enum import IntEnum, StrEnum
 from typing import Any
+
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.tag import Tag
 
 from node.core.dicom_json import keyword_of, parse_tag
 from node.errors import BadInput
+from node.store.attributes import ATTRIBUTES, BY_KEYWORD, Attribute, Level, Match
 
-
-class Level(IntEnum):
-    STUDY = 1
-    SERIES = 2
-    INSTANCE = 3
-
-
-class Match(StrEnum):
-    UID_LIST = "uid list"  # exact, several values allowed ("a,b", "a\\b" or repeated)
-    TEXT = "text"  # exact, or * and ? wildcards; case-sensitive
-    TEXT_NOCASE = "text, any case"  # the same, case-insensitive (names, descriptions)
-    VALUE_LIST = "value list"  # exact, several values allowed (Modality)
-    DATE_RANGE = "date range"  # X, X-Y, -Y, X-
-    TIME_RANGE = "time range"
-    INTEGER = "integer"
-    MODALITIES_IN_STUDY = "any series modality"
-    NONE = "not matchable"
-
-
-@dataclass(frozen=True)
-class Attribute:
-    keyword: str
-    level: Level
-    sql: str  # SQL expression over the aliases st, se, i
-    match: Match
-    default: bool = True  # returned without includefield
-
-
-_SERIES_COUNT = "(SELECT COUNT(*) FROM series x WHERE x.study_instance_uid = st.study_instance_uid)"
-_STUDY_INSTANCE_COUNT = (
-    "(SELECT COUNT(*) FROM instances x WHERE x.study_instance_uid = st.study_instance_uid)"
-)
-_MODALITIES = (
-    "(SELECT group_concat(DISTINCT x.modality) FROM series x"
-    " WHERE x.study_instance_uid = st.study_instance_uid AND x.modality != '')"
-)
-_SERIES_INSTANCE_COUNT = (
-    "(SELECT COUNT(*) FROM instances x WHERE x.series_instance_uid = se.series_instance_uid)"
-)
-
-ATTRIBUTES: tuple[Attribute, ...] = (
-    Attribute("StudyInstanceUID", Level.STUDY, "st.study_instance_uid", Match.UID_LIST),
-    Attribute("StudyDate", Level.STUDY, "st.study_date", Match.DATE_RANGE),
-    Attribute("StudyTime", Level.STUDY, "st.study_time", Match.TIME_RANGE),
-    Attribute("AccessionNumber", Level.STUDY, "st.accession_number", Match.TEXT),
-    Attribute("ModalitiesInStudy", Level.STUDY, _MODALITIES, Match.MODALITIES_IN_STUDY),
-    Attribute(
-        "ReferringPhysicianName", Level.STUDY, "st.referring_physician_name", Match.TEXT_NOCASE
-    ),
-    Attribute("PatientName", Level.STUDY, "st.patient_name", Match.TEXT_NOCASE),
-    Attribute("PatientID", Level.STUDY, "st.patient_id", Match.TEXT),
-    Attribute(
-        "IssuerOfPatientID", Level.STUDY, "st.issuer_of_patient_id", Match.TEXT, default=False
-    ),
-    Attribute("PatientBirthDate", Level.STUDY, "st.patient_birth_date", Match.DATE_RANGE),
-    Attribute("PatientSex", Level.STUDY, "st.patient_sex", Match.TEXT),
-    Attribute("StudyID", Level.STUDY, "st.study_id", Match.TEXT),
-    Attribute("StudyDescription", Level.STUDY, "st.study_description", Match.TEXT_NOCASE),
-    Attribute("NumberOfStudyRelatedSeries", Level.STUDY, _SERIES_COUNT, Match.NONE),
-    Attribute("NumberOfStudyRelatedInstances", Level.STUDY, _STUDY_INSTANCE_COUNT, Match.NONE),
-    # Every indexed instance is on local disk.
-    Attribute("InstanceAvailability", Level.STUDY, "'ONLINE'", Match.NONE),
-    Attribute("SeriesInstanceUID", Level.SERIES, "se.series_instance_uid", Match.UID_LIST),
-    Attribute("Modality", Level.SERIES, "se.modality", Match.VALUE_LIST),
-    Attribute("SeriesNumber", Level.SERIES, "se.series_number", Match.INTEGER),
-    Attribute("SeriesDescription", Level.SERIES, "se.series_description", Match.TEXT_NOCASE),
-    Attribute("SeriesDate", Level.SERIES, "se.series_date", Match.DATE_RANGE, default=False),
-    Attribute("SeriesTime", Level.SERIES, "se.series_time", Match.TIME_RANGE, default=False),
-    Attribute("BodyPartExamined", Level.SERIES, "se.body_part_examined", Match.TEXT, False),
-    Attribute(
-        "PerformedProcedureStepStartDate",
-        Level.SERIES,
-        "se.performed_procedure_step_start_date",
-        Match.DATE_RANGE,
-    ),
-    Attribute("NumberOfSeriesRelatedInstances", Level.SERIES, _SERIES_INSTANCE_COUNT, Match.NONE),
-    Attribute("SOPInstanceUID", Level.INSTANCE, "i.sop_instance_uid", Match.UID_LIST),
-    Attribute("SOPClassUID", Level.INSTANCE, "i.sop_class_uid", Match.UID_LIST),
-    Attribute("InstanceNumber", Level.INSTANCE, "i.instance_number", Match.INTEGER),
-    Attribute("Rows", Level.INSTANCE, "i.rows", Match.INTEGER),
-    Attribute("Columns", Level.INSTANCE, "i.columns", Match.INTEGER),
-    Attribute("NumberOfFrames", Level.INSTANCE, "i.number_of_frames", Match.INTEGER),
-    Attribute("BitsAllocated", Level.INSTANCE, "i.bits_allocated", Match.INTEGER),
-    Attribute(
-        "AvailableTransferSyntaxUID",
-        Level.INSTANCE,
-        "i.transfer_syntax_uid",
-        Match.UID_LIST,
-        default=False,
-    ),
-)
-_BY_KEYWORD = {a.keyword: a for a in ATTRIBUTES}
-# Query parameters that are not attribute filters.
-# The most results one answer holds; beyond it a Warning header invites paging on.
+# The most results one answer holds. QIDO-RS then says that there are more (a Warning
+# header) and the client pages on; C-FIND, which cannot page, is refused.
 MAX_RESULTS = 10_000
-_CONTROL_PARAMETERS = frozenset({"limit", "offset", "includefield", "fuzzymatching"})
-_DATE = re.compile(r"^\d{8}$")
-_TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
-_INTEGER = re.compile(r"^-?\d{1,10}$")
-_UID = re.compile(r"^[0-9.]{1,64}$")
+# The most values one key may list; SQLite refuses statements much larger than this.
+MAX_VALUES = 1_000
+
+# ASCII digits only (\d would also accept other scripts' digits); used with fullmatch.
+_DATE = re.compile(r"[0-9]{8}")
+_TIME = re.compile(r"[0-9]{2}([0-9]{2}([0-9]{2}(\.[0-9]{1,6})?)?)?")
+_INTEGER = re.compile(r"-?[0-9]{1,10}")
+_UID = re.compile(r"[0-9.]{1,64}")
+_NON_NEGATIVE = re.compile(r"[0-9]{1,9}")
+# Kinds that QIDO-RS lets a client list ("a,b", "a\b" or the key repeated).
+_LISTED = frozenset({Match.UID, Match.CODE, Match.MODALITIES_IN_STUDY})
+# The SQL function folding letter case, registered on each connection (SQLite's own
+# lower() folds ASCII letters only).
+_FOLD = "imageshare_fold"
 
 
 @dataclass(frozen=True)
 class Filter:
+    """Entities whose attribute matches any one of the values (each checked already)."""
+
     attribute: Attribute
     values: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class WordSearch:
+    """Every word appears, in any letter case, within one of the SQL expressions."""
+
+    words: tuple[str, ...]
+    searched: tuple[str, ...]
+
+
 @dataclass
-class QidoQuery:
-    """A parsed QIDO-RS request: level, scope from the path, filters and paging."""
+class Query:
+    """What to find: a level, filters (all must match), what to return, paging."""
 
     level: Level
-    study_uid: str | None = None
-    series_uid: str | None = None
     filters: list[Filter] = field(default_factory=list)
     returned: list[Attribute] = field(default_factory=list)
+    words: WordSearch | None = None
     limit: int | None = None
     offset: int = 0
+    # QIDO-RS fuzzymatching=true: the engine matches names literally (in any case) only,
+    # which PS3.18 8.3.4.2 has the answer say in a Warning.
+    fuzzy_asked: bool = False
 
-    @classmethod
-    def parse(
-        cls,
-        level: Level,
-        params: Iterable[tuple[str, str]],
-        study_uid: str | None = None,
-        series_uid: str | None = None,
-    ) -> QidoQuery:
-        """Parse query parameters (in order, repeats kept).
 
-        Raises BadInput for an unknown parameter or attribute, a filter on a level below
-        the query's, a malformed value, limit or offset.
-        """
-        query = cls(level, study_uid, series_uid)
-        values: dict[str, list[str]] = {}
-        included: set[str] = set()
-        for name, value in params:
-            if name in _CONTROL_PARAMETERS:
-                if name == "includefield":
-                    included.update(_included_keywords(value))
-                elif name == "limit":
-                    query.limit = _non_negative(name, value)
-                elif name == "offset":
-                    query.offset = _non_negative(name, value)
-                continue
-            attribute = _attribute_named(name)
-            if attribute.level > level:
-                raise BadInput(f"{attribute.keyword} cannot be matched in this query level")
-            if attribute.match is Match.NONE:
-                raise BadInput(f"{attribute.keyword} cannot be matched")
-            if value == "":
-                included.add(attribute.keyword)  # universal match: return it, match all
-                continue
-            values.setdefault(attribute.keyword, []).append(value)
-        for keyword, raw_values in values.items():
-            attribute = _BY_KEYWORD[keyword]
-            query.filters.append(Filter(attribute, _checked_values(attribute, raw_values)))
-        query.returned = [
-            a
-            for a in ATTRIBUTES
-            if a.level <= level and (a.default or "all" in included or a.keyword in included)
-        ]
-        return query
+@dataclass(frozen=True)
+class QueryResult:
+    rows: list[dict[str, Any]]
+    truncated: bool  # MAX_RESULTS cut the answer short of what the client asked for
+
+
+# -- checking values (one rule for every front end) -----------------------------------
+
+
+def checked_filter(attribute: Attribute, values: Sequence[str]) -> Filter | None:
+    """The filter matching ``attribute`` against any of ``values``; None when universal.
+
+    Raises BadInput when the attribute cannot be matched, a value is malformed for its
+    kind (dates, times, integers, UIDs), or there are more than MAX_VALUES values.
+    """
+    cleaned = [v.strip() for v in values if v.strip()]
+    if not cleaned or cleaned == ["*"]:
+        return None
+    keyword, kind = attribute.keyword, attribute.match
+    if kind is Match.NONE:
+        raise BadInput(f"{keyword} cannot be matched")
+    if len(cleaned) > MAX_VALUES:
+        raise BadInput(f"{keyword} may list at most {MAX_VALUES} values")
+    for value in cleaned:
+        if kind is Match.UID and not _UID.fullmatch(value):
+            raise BadInput(f"{keyword} must be a list of UIDs")
+        if kind is Match.INTEGER and not _INTEGER.fullmatch(value):
+            raise BadInput(f"{keyword} must be an integer")
+        if kind in (Match.DATE, Match.TIME):
+            pattern = _DATE if kind is Match.DATE else _TIME
+            low, _, high = value.partition("-")
+            bounds = [b for b in (low, high) if b]
+            if not bounds or not all(pattern.fullmatch(b) for b in bounds):
+                example = "20260101-20260131" if kind is Match.DATE else "0800-1230"
+                raise BadInput(f"{keyword} must be a {kind.value} or range like {example}")
+    return Filter(attribute, tuple(cleaned))
+
+
+# -- the QIDO-RS front end ---------------------------------------------------------------
+
+# Query parameters that are not attribute filters.
+_CONTROL_PARAMETERS = frozenset({"limit", "offset", "includefield", "fuzzymatching"})
+
+
+def parse_qido(
+    level: Level,
+    params: Iterable[tuple[str, str]],
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+) -> Query:
+    """A QIDO-RS search at ``level`` from its query parameters (in order, repeats kept)
+    and the study and series named in its path.
+
+    Raises BadInput for an unknown parameter or attribute, a filter on a level below
+    the query's, a malformed value, limit or offset.
+    """
+    query = Query(level)
+    values: dict[str, list[str]] = {}
+    included: set[str] = set()
+    for name, value in params:
+        if name in _CONTROL_PARAMETERS:
+            if name == "includefield":
+                included.update(_included_keywords(value))
+            elif name == "limit":
+                query.limit = _non_negative(name, value)
+            elif name == "offset":
+                query.offset = _non_negative(name, value)
+            elif value not in ("true", "false"):
+                raise BadInput("fuzzymatching must be true or false")
+            else:
+                query.fuzzy_asked = value == "true"
+            continue
+        attribute = _attribute_named(name)
+        if attribute.level > level:
+            raise BadInput(f"{attribute.keyword} cannot be matched in this query level")
+        if value == "":
+            included.add(attribute.keyword)  # universal match: return it, match all
+        values.setdefault(attribute.keyword, []).append(value)
+    for keyword, given in values.items():
+        attribute = BY_KEYWORD[keyword]
+        if attribute.match in _LISTED:
+            given = [v for raw in given for v in re.split(r"[,\\]", raw)]
+        elif len(given) > 1:
+            raise BadInput(f"{keyword} may be given only once")
+        flt = checked_filter(attribute, given)
+        if flt is not None:
+            query.filters.append(flt)
+    for keyword, uid in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid)):
+        if uid is not None:
+            query.filters.append(Filter(BY_KEYWORD[keyword], (uid,)))
+    query.returned = [
+        a
+        for a in ATTRIBUTES
+        if a.level <= level and (a.default or "all" in included or a.keyword in included)
+    ]
+    return query
 
 
 def _attribute_named(name: str) -> Attribute:
     tag = parse_tag(name)
     if tag is None:
         raise BadInput(f"unknown query parameter {name!r}")
-    attribute = _BY_KEYWORD.get(keyword_of(tag))
+    attribute = BY_KEYWORD.get(keyword_of(tag))
     if attribute is None:
         raise BadInput(f"matching on {keyword_of(tag)} is not supported")
     return attribute
@@ -211,81 +216,129 @@ def _included_keywords(value: str) -> set[str]:
 
 
 def _non_negative(name: str, value: str) -> int:
-    if not value.isdigit() or len(value) > 9:
+    if not _NON_NEGATIVE.fullmatch(value):
         raise BadInput(f"{name} must be a non-negative integer")
     return int(value)
 
 
-def _split(value: str) -> list[str]:
-    return [v for v in re.split(r"[,\\]", value) if v]
+# -- the C-FIND front end ----------------------------------------------------------------
 
 
-def _checked_values(attribute: Attribute, raw_values: list[str]) -> tuple[str, ...]:
-    keyword, kind = attribute.keyword, attribute.match
-    if kind in (Match.UID_LIST, Match.VALUE_LIST, Match.MODALITIES_IN_STUDY):
-        values = [v.strip() for raw in raw_values for v in _split(raw)]
-        if kind is Match.UID_LIST and not all(_UID.match(v) for v in values):
-            raise BadInput(f"{keyword} must be a list of UIDs")
-        return tuple(values)
-    if len(raw_values) > 1:
-        raise BadInput(f"{keyword} may be given only once")
-    value = raw_values[0].strip()
-    if kind in (Match.DATE_RANGE, Match.TIME_RANGE):
-        pattern = _DATE if kind is Match.DATE_RANGE else _TIME
-        low, dash, high = value.partition("-")
-        bounds = [b for b in (low, high) if b]
-        if not bounds or not all(pattern.match(b) for b in bounds):
-            raise BadInput(f"{keyword} must be a {kind.value} like 20260101-20260131")
-        return (low, dash, high)
-    if kind is Match.INTEGER and not _INTEGER.match(value):
-        raise BadInput(f"{keyword} must be an integer")
-    return (value,)
+def parse_identifier(identifier: Dataset, level: Level, returned: Iterable[str]) -> Query:
+    """The query of a C-FIND request identifier at ``level``, returning the attributes
+    named in ``returned`` that the index holds at or above that level.
+
+    Keys of levels below the query's are not matched.
+    Raises BadInput for a value that cannot be decoded or is malformed for its key.
+    """
+    query = Query(level)
+    for element in identifier:
+        attribute = BY_KEYWORD.get(element.keyword or "")
+        if attribute is None or attribute.level > level:
+            continue
+        flt = checked_filter(attribute, _element_values(element))
+        if flt is not None:
+            query.filters.append(flt)
+    query.returned = [
+        BY_KEYWORD[k] for k in returned if k in BY_KEYWORD and BY_KEYWORD[k].level <= level
+    ]
+    return query
+
+
+def identifier_values(identifier: Dataset, keyword: str) -> list[str]:
+    """The values of one key of a request identifier ([] when absent or empty)."""
+    element = identifier.get(Tag(keyword))  # by tag: the element itself
+    return [] if element is None else _element_values(element)
+
+
+def _element_values(element: DataElement) -> list[str]:
+    if element.VR == "SQ":
+        return []
+    try:
+        value = element.value
+    except Exception as exc:  # a value pydicom cannot decode is a malformed request
+        raise BadInput(f"unreadable value of {element.keyword} in the request") from exc
+    if value is None or value == "":
+        return []
+    if isinstance(value, MultiValue | list):
+        return [str(v) for v in value]
+    return [str(value)]
+
+
+# -- compiling and running -----------------------------------------------------------------
 
 
 def _glob(pattern: str) -> str:
-    """A DICOM wildcard pattern (* and ?) as an SQLite GLOB pattern."""
+    """A DICOM wildcard pattern (* and ?) as an SQLite GLOB pattern: [ is literal."""
     return pattern.replace("[", "[[]")
+
+
+def _fold(value: str | int | float | None) -> str | int | float | None:
+    return value.lower() if isinstance(value, str) else value
+
+
+def _text_condition(sql: str, kind: Match, values: tuple[str, ...]) -> tuple[str, list[Any]]:
+    if kind is Match.PERSON_NAME:
+        sql, values = f"{_FOLD}({sql})", tuple(v.lower() for v in values)
+    exact = [v for v in values if "*" not in v and "?" not in v]
+    patterns = [_glob(v) for v in values if v not in exact]
+    parts = [f"{sql} GLOB ?" for _ in patterns]
+    if exact:
+        parts.append(f"{sql} IN ({','.join('?' * len(exact))})")
+    return "(" + " OR ".join(parts) + ")", [*patterns, *exact]
+
+
+def _range_condition(sql: str, value: str) -> tuple[str, list[Any]]:
+    low, dash, high = value.partition("-")
+    if not dash:
+        high = low  # a single value is the range of its own precision
+    parts: list[str] = [f"{sql} != ''"]
+    args: list[Any] = []
+    if low:
+        parts.append(f"{sql} >= ?")
+        args.append(low)
+    if high:
+        # Compared on the bound's digits only: -1300 includes 130059.
+        parts.append(f"substr({sql}, 1, ?) <= ?")
+        args += [len(high), high]
+    return "(" + " AND ".join(parts) + ")", args
 
 
 def _condition(flt: Filter) -> tuple[str, list[Any]]:
     sql, kind, values = flt.attribute.sql, flt.attribute.match, flt.values
-    if kind in (Match.UID_LIST, Match.VALUE_LIST):
+    if kind is Match.UID:
         return f"{sql} IN ({','.join('?' * len(values))})", list(values)
-    if kind is Match.MODALITIES_IN_STUDY:
-        marks = ",".join("?" * len(values))
-        return (
-            "EXISTS (SELECT 1 FROM series m WHERE m.study_instance_uid = st.study_instance_uid"
-            f" AND m.modality IN ({marks}))",
-            list(values),
-        )
-    if kind in (Match.DATE_RANGE, Match.TIME_RANGE):
-        low, dash, high = values
-        if not dash:
-            # A time like 12 matches 12xxxx: compare on the given digits only.
-            if kind is Match.TIME_RANGE:
-                return f"substr({sql}, 1, ?) = ?", [len(low), low]
-            return f"{sql} = ?", [low]
-        parts: list[str] = [f"{sql} != ''"]
-        args: list[Any] = []
-        if low:
-            parts.append(f"{sql} >= ?")
-            args.append(low)
-        if high:
-            parts.append(f"substr({sql}, 1, ?) <= ?")
-            args += [len(high), high]
-        return " AND ".join(parts), args
     if kind is Match.INTEGER:
-        return f"{sql} = ?", [int(values[0])]
-    value = values[0]
-    wildcard = "*" in value or "?" in value
-    if kind is Match.TEXT_NOCASE:
-        sql, value = f"lower({sql})", value.lower()
-    if wildcard:
-        return f"{sql} GLOB ?", [_glob(value)]
-    return f"{sql} = ?", [value]
+        return f"{sql} IN ({','.join('?' * len(values))})", [int(v) for v in values]
+    if kind in (Match.DATE, Match.TIME):
+        conditions = [_range_condition(sql, v) for v in values]
+        return (
+            "(" + " OR ".join(c for c, _ in conditions) + ")",
+            [a for _, args in conditions for a in args],
+        )
+    if kind is Match.MODALITIES_IN_STUDY:
+        inner, args = _text_condition("m.modality", Match.CODE, values)
+        return (
+            "EXISTS (SELECT 1 FROM series m"
+            f" WHERE m.study_instance_uid = st.study_instance_uid AND {inner})",
+            args,
+        )
+    return _text_condition(sql, kind, values)
+
+
+def _words_condition(search: WordSearch) -> tuple[str, list[Any]]:
+    parts: list[str] = []
+    args: list[Any] = []
+    for word in search.words:
+        parts.append(
+            "(" + " OR ".join(f"instr({_FOLD}({s}), ?) > 0" for s in search.searched) + ")"
+        )
+        args += [word.lower()] * len(search.searched)
+    return " AND ".join(parts), args
 
 
 _FROM = {
+    Level.PATIENT: "studies st",
     Level.STUDY: "studies st",
     Level.SERIES: "series se JOIN studies st ON st.study_instance_uid = se.study_instance_uid",
     Level.INSTANCE: (
@@ -294,46 +347,155 @@ _FROM = {
     ),
 }
 _ORDER = {
-    Level.STUDY: "st.study_date, st.study_time, st.study_instance_uid",
-    Level.SERIES: "st.study_instance_uid, se.series_number, se.series_instance_uid",
-    Level.INSTANCE: "se.series_instance_uid, i.instance_number, i.sop_instance_uid",
+    Level.PATIENT: " GROUP BY st.patient_id ORDER BY st.patient_id",
+    Level.STUDY: " ORDER BY st.study_date, st.study_time, st.study_instance_uid",
+    Level.SERIES: " ORDER BY st.study_instance_uid, se.series_number, se.series_instance_uid",
+    Level.INSTANCE: " ORDER BY se.series_instance_uid, i.instance_number, i.sop_instance_uid",
 }
 
 
-@dataclass(frozen=True)
-class QueryResult:
-    rows: list[dict[str, Any]]
-    truncated: bool  # MAX_RESULTS cut the answer short of what the client asked for
+def compile_query(
+    query: Query, extra_columns: Sequence[str] = (), order: str | None = None
+) -> tuple[str, list[Any]]:
+    """The SQL statement (without LIMIT) and its arguments that answer ``query``.
 
-
-def run_query(conn: sqlite3.Connection, query: QidoQuery) -> QueryResult:
-    """Rows matching the query, each a keyword -> value dict of the returned attributes."""
-    columns = ", ".join(f'{a.sql} AS "{a.keyword}"' for a in query.returned)
+    ``extra_columns`` adds store columns that are no DICOM attribute (the study list's
+    arrival time and origin); ``order`` replaces the level's stable order.
+    """
+    grouped = query.level is Level.PATIENT
+    columns = [
+        # A patient is the group of its studies: any study's value stands for it.
+        f'{"MAX(" + a.sql + ")" if grouped and a.column else a.sql} AS "{a.keyword}"'
+        for a in query.returned
+    ]
+    select = ", ".join([*columns, *extra_columns]) or "1"
     where: list[str] = []
     args: list[Any] = []
-    if query.study_uid is not None:
-        where.append("st.study_instance_uid = ?")
-        args.append(query.study_uid)
-    if query.series_uid is not None:
-        where.append("se.series_instance_uid = ?")
-        args.append(query.series_uid)
     for flt in query.filters:
         condition, condition_args = _condition(flt)
-        where.append(f"({condition})")
+        where.append(condition)
         args += condition_args
-    sql = f"SELECT {columns} FROM {_FROM[query.level]}"
+    if query.words is not None and query.words.words:
+        condition, condition_args = _words_condition(query.words)
+        where.append(condition)
+        args += condition_args
+    sql = f"SELECT {select} FROM {_FROM[query.level]}"
     if where:
         sql += " WHERE " + " AND ".join(where)
+    if order is None:
+        sql += _ORDER[query.level]
+    else:
+        sql += (" GROUP BY st.patient_id" if grouped else "") + f" ORDER BY {order}"
+    return sql, args
+
+
+def _execute(conn: sqlite3.Connection, sql: str, args: Sequence[Any]) -> list[sqlite3.Row]:
+    conn.create_function(_FOLD, 1, _fold, deterministic=True)
+    try:
+        return conn.execute(sql, args).fetchall()
+    except sqlite3.OperationalError as exc:  # too many values or terms for SQLite
+        raise BadInput(f"query cannot be answered: {exc}") from exc
+
+
+def run_query(
+    conn: sqlite3.Connection,
+    query: Query,
+    extra_columns: Sequence[str] = (),
+    order: str | None = None,
+) -> QueryResult:
+    """Rows matching the query, each a name -> value dict of the returned attributes
+    (ModalitiesInStudy as a sorted list) and extra columns, at most MAX_RESULTS of them.
+
+    Raises BadInput when SQLite cannot run the query (too many values).
+    """
+    sql, args = compile_query(query, extra_columns, order)
     wanted = query.limit if query.limit is not None else MAX_RESULTS + 1
     page = min(wanted, MAX_RESULTS + 1)
-    sql += f" ORDER BY {_ORDER[query.level]} LIMIT ? OFFSET ?"
-    rows = conn.execute(sql, [*args, page, query.offset]).fetchall()
-    truncated = len(rows) > MAX_RESULTS
+    rows = _execute(conn, sql + " LIMIT ? OFFSET ?", [*args, page, query.offset])
     result = []
     for row in rows[:MAX_RESULTS]:
-        record = {a.keyword: row[a.keyword] for a in query.returned}
+        record = dict(row)
         if "ModalitiesInStudy" in record:
             modalities = (record["ModalitiesInStudy"] or "").split(",")
             record["ModalitiesInStudy"] = sorted(m for m in modalities if m)
         result.append(record)
-    return QueryResult(result, truncated)
+    return QueryResult(result, truncated=len(rows) > MAX_RESULTS)
+
+
+def count_matches(conn: sqlite3.Connection, query: Query) -> int:
+    """How many entities of the query's level match it, regardless of paging and cap."""
+    sql, args = compile_query(Query(query.level, query.filters, [], query.words))
+    return int(_execute(conn, f"SELECT COUNT(*) FROM ({sql})", args)[0][0])
+
+
+def matching_instance_uids(conn: sqlite3.Connection, filters: Sequence[Filter]) -> list[str]:
+    """The SOP Instance UIDs of every instance the filters match, in the stable order.
+
+    Not capped: a retrieve sends every instance it names.
+    """
+    query = Query(Level.INSTANCE, list(filters), [BY_KEYWORD["SOPInstanceUID"]])
+    sql, args = compile_query(query)
+    return [row[0] for row in _execute(conn, sql, args)]
+
+
+# -- the dashboard's study list front end ----------------------------------------------------
+
+# What the study list shows of a study, by the names its page uses.
+_STUDY_LIST_ATTRIBUTES = {
+    "study_instance_uid": "StudyInstanceUID",
+    "patient_name": "PatientName",
+    "patient_id": "PatientID",
+    "patient_birth_date": "PatientBirthDate",
+    "study_date": "StudyDate",
+    "study_description": "StudyDescription",
+    "accession_number": "AccessionNumber",
+    "series": "NumberOfStudyRelatedSeries",
+    "instances": "NumberOfStudyRelatedInstances",
+    "modalities": "ModalitiesInStudy",
+}
+_STUDY_LIST_SEARCHED = (
+    *(
+        BY_KEYWORD[k].sql
+        for k in (
+            "PatientName",
+            "PatientID",
+            "AccessionNumber",
+            "StudyDescription",
+            "StudyDate",
+            "StudyInstanceUID",
+        )
+    ),
+    "st.source",
+)
+_STUDY_LIST_EXTRAS = (
+    "st.source AS source",
+    "st.created_at AS created_at",
+    "(SELECT COALESCE(SUM(x.size), 0) FROM instances x"
+    " WHERE x.study_instance_uid = st.study_instance_uid) AS bytes",
+)
+
+
+def study_list(
+    conn: sqlite3.Connection, words: Sequence[str], limit: int
+) -> tuple[int, list[dict[str, Any]]]:
+    """The dashboard's study list: how many studies match, and the ``limit`` newest
+    arrivals among them, each with where it came from and its size.
+
+    A study matches when every word appears, in any letter case, in its patient name,
+    patient ID, accession number, description, date, UID or origin.
+    """
+    query = Query(
+        Level.STUDY,
+        returned=[BY_KEYWORD[k] for k in _STUDY_LIST_ATTRIBUTES.values()],
+        words=WordSearch(tuple(words), _STUDY_LIST_SEARCHED),
+        limit=limit,
+    )
+    found = run_query(
+        conn, query, _STUDY_LIST_EXTRAS, order="st.created_at DESC, st.study_instance_uid"
+    )
+    rows = []
+    for row in found.rows:
+        listed = {name: row[keyword] for name, keyword in _STUDY_LIST_ATTRIBUTES.items()}
+        listed["modalities"] = ",".join(listed["modalities"])
+        rows.append({**listed, **{k: row[k] for k in ("source", "created_at", "bytes")}})
+    return count_matches(conn, query), rows

@@ -25,8 +25,9 @@ from node.edges.http.multipart import (
 from node.errors import BadInput
 from node.services.dicomweb import OCTET_STREAM, DicomWebService, FrameSet, UploadPart
 from node.services.runtime import NodeRuntime
+from node.store.attributes import Level
 from node.store.instances import InstanceRecord
-from node.store.queries import Level, QidoQuery
+from node.store.queries import parse_qido
 
 PREFIX = "/dicomweb"
 SERVICE_KEY = web.AppKey("dicomweb", DicomWebService)
@@ -93,7 +94,7 @@ def _require_json(request: web.Request) -> None:
 
 async def _search(request: web.Request, level: Level) -> web.Response:
     _require_json(request)
-    query = QidoQuery.parse(
+    query = parse_qido(
         level,
         request.query.items(),
         study_uid=request.match_info.get("study"),
@@ -102,8 +103,14 @@ async def _search(request: web.Request, level: Level) -> web.Response:
     results, truncated = await _service(request).search(query, _base_url(request))
     response = _json_response(results)
     if truncated:
-        response.headers["Warning"] = (
-            f'299 {request.host} "There are additional results that can be requested"'
+        response.headers.add(
+            "Warning", f'299 {request.host} "There are additional results that can be requested"'
+        )
+    if query.fuzzy_asked:  # PS3.18 8.3.4.2
+        response.headers.add(
+            "Warning",
+            f"299 {request.host}: The fuzzymatching parameter is not supported."
+            " Only literal matching has been performed.",
         )
     return response
 

@@ -1,0 +1,76 @@
+"""The indexed attributes are declared once: the header, the index and the queries follow."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pydicom
+
+from node.services.ingest import import_files
+from node.store.attributes import ATTRIBUTES, INDEXED, TABLES, UNIQUE_KEYS, Level
+from node.store.dicom_header import parse_header
+from node.store.instances import SCHEMA, InstanceStore
+from node.store.queries import parse_qido, run_query
+from tests.support.studies import make_ct_study
+
+# Values for the attributes make_ct_study leaves out.
+EXTRA = {
+    "IssuerOfPatientID": "HOSPITAL-A",
+    "SeriesDate": "20260102",
+    "SeriesTime": "101500",
+    "BodyPartExamined": "CHEST",
+    "PerformedProcedureStepStartDate": "20260103",
+    "NumberOfFrames": "1",
+}
+
+
+def test_every_declared_attribute_is_read_from_the_file_and_kept_in_its_column(
+    tmp_path: Path,
+) -> None:
+    study = make_ct_study(tmp_path / "in", series=1, slices=1, rows=8, columns=8)
+    path = study.files[0]
+    ds = pydicom.dcmread(path)
+    for keyword, value in EXTRA.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path)
+    header = parse_header(path)
+    store = InstanceStore(tmp_path / "data")
+    try:
+        import_files(store, [path])
+        for attribute in INDEXED:
+            if attribute.keyword == "AvailableTransferSyntaxUID":
+                expected: object = str(ds.file_meta.TransferSyntaxUID)
+            else:
+                raw = ds[attribute.keyword].value
+                expected = int(raw) if attribute.integer else str(raw)
+            assert expected not in ("", None), attribute.keyword  # every one is exercised
+            assert header.values[attribute.column or ""] == expected, attribute.keyword
+            table = TABLES[attribute.level]
+            key = UNIQUE_KEYS[max(lv for lv in Level if TABLES[lv] == table)]
+            row = store.reader.execute(
+                f"SELECT {attribute.column} FROM {table} WHERE {key.column} = ?",
+                (header.values[key.column or ""],),
+            ).fetchone()
+            assert row[0] == expected, attribute.keyword
+        [found] = run_query(
+            store.reader, parse_qido(Level.INSTANCE, [("includefield", "all")])
+        ).rows
+        assert {a.keyword for a in ATTRIBUTES} <= set(found)
+    finally:
+        store.close()
+
+
+def test_the_index_tables_have_a_column_for_every_indexed_attribute(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path / "data")
+    try:
+        for table, spec in SCHEMA.items():
+            on_disk = {r[1] for r in store.reader.execute(f"PRAGMA table_info({table})")}
+            assert on_disk == set(spec["columns"])
+            declared = {a.column for a in INDEXED if TABLES[a.level] == table}
+            assert declared <= on_disk
+    finally:
+        store.close()
+    with sqlite3.connect(tmp_path / "data" / "index.sqlite") as conn:
+        pks = conn.execute("SELECT name FROM pragma_table_info('series') WHERE pk").fetchall()
+    assert pks == [("series_instance_uid",)]
