@@ -150,12 +150,15 @@ def _browser_qr(page: Any, text: str, mask: int) -> dict[str, Any]:
     )
 
 
-def _assert_signed_by(requests: list[dict[str, Any]], public_key_text: str) -> None:
-    """Every /patient request carries a valid signature by the patient's key."""
+def _assert_signed_by(
+    requests: list[dict[str, Any]], public_key_text: str, custodian_origin: str
+) -> None:
+    """Every /patient request carries a valid signature by the patient's key, addressed
+    to the custodian's origin."""
     public_key = parse_public_key(public_key_text)
     assert requests
     for request in requests:
-        parsed = parse_headers(request["headers"])
+        parsed = parse_headers(request["headers"], custodian_origin)
         assert parsed.signer == "patient:" + public_key_text
         url = urlsplit(request["url"])
         check_signature(
@@ -290,7 +293,7 @@ class TestPatientStory:
                 "/patient/tokens",
                 f"/patient/studies/{chest_ref}/series/0/preview",
             } <= paths
-            _assert_signed_by(patient_requests, key_text)
+            _assert_signed_by(patient_requests, key_text, a.origin)
             # The same requests unsigned, or replayed, are refused.
             for request in patient_requests:
                 if request["method"] == "GET":

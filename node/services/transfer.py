@@ -648,9 +648,9 @@ class TransferService:
         return urls, member.public_key
 
     async def _post(
-        self, http: aiohttp.ClientSession, url: str, body: bytes
+        self, http: aiohttp.ClientSession, custodian: str, url: str, body: bytes
     ) -> aiohttp.ClientResponse:
-        """A POST signed with this node's key; raises for any answer but 200."""
+        """A POST signed with this node's key for ``custodian``; raises for any answer but 200."""
         identity = self.runtime.identity
         target = yarl.URL(url)
         headers = make_headers(
@@ -661,6 +661,7 @@ class TransferService:
             body,
             int(time.time()),
             os.urandom(NONCE_SIZE),
+            audience=custodian,
         )
         try:
             response = await http.post(target, data=body, headers=headers)
@@ -680,7 +681,7 @@ class TransferService:
         # The learned address first, then the roster's; the one that answers serves all.
         for position, base in enumerate(urls):
             try:
-                response = await self._post(http, f"{base}/p2p/transfer", body)
+                response = await self._post(http, job.custodian, f"{base}/p2p/transfer", body)
                 break
             except CustodianUnreachable:
                 if position == len(urls) - 1:
@@ -756,7 +757,7 @@ class TransferService:
                 )
 
         try:
-            response = await self._post(http, url, encode_handles(handles))
+            response = await self._post(http, job.custodian, url, encode_handles(handles))
             try:
                 async for chunk in response.content.iter_chunked(RECEIVE_BYTES):
                     job.bytes_received += len(chunk)

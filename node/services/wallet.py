@@ -152,7 +152,8 @@ class Wallet:
         path: str,
         body: bytes = b"",
     ) -> Any:
-        """A request signed with my key for ``custodian``; returns its JSON answer."""
+        """A request signed with my key for ``custodian``, addressed to its pinned origin
+        (good at no other node); returns its JSON answer."""
         key = self.key_for(custodian.origin)
         target = URL(custodian.url + path)
         headers = make_headers(
@@ -163,6 +164,7 @@ class Wallet:
             body,
             int(time.time()),
             os.urandom(NONCE_SIZE),
+            audience=custodian.origin,
         )
         headers["Content-Type"] = "application/octet-stream"
         return await _request_json(session, method, target, headers=headers, data=body)

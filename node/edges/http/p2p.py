@@ -33,6 +33,7 @@ async def _caller(request: web.Request) -> SignedCaller:
         replication.roster.public_key_of_signer,
         replication.runtime.config.federation.max_request_age,
         nonce_store_of(replication.runtime),
+        replication.runtime.config.origin,
         max_body=MAX_P2P_BODY,
     )
     if caller.node_origin is None:
