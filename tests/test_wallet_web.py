@@ -490,6 +490,24 @@ class TestWalletModules:
         finally:
             _call(wallet_page, "keys.js", set_pin, [pin, hospitals.a.vkey])
 
+    def test_an_address_now_naming_another_custodian_is_refused(
+        self, wallet_page: Any, hospitals: Hospitals
+    ) -> None:
+        # As if this address had first answered as B: the page must not go on to sign
+        # requests addressed to (and with a key derived for) the origin it names now.
+        get_node = "async (m) => m.store.get('node')"
+        set_node = "async (m, value) => m.store.put('node', value)"
+        honest = _call(wallet_page, "keys.js", get_node, None)
+        _call(wallet_page, "keys.js", set_node, {**honest, "origin": hospitals.b.origin})
+        try:
+            wallet_page.reload()
+            wallet_page.wait_for_selector("#message:not([hidden])")
+            message = str(wallet_page.text_content("#message"))
+            assert f"was {hospitals.b.origin} when this wallet first saw it" in message
+            assert f"now {hospitals.a.origin}" in message
+        finally:
+            _call(wallet_page, "keys.js", set_node, honest)
+
     def test_msgpack_decodes_only_canonical_bytes(self, wallet_page: Any) -> None:
         entry = canonical_encode({"v": 1, "kind": "x", "prev": b"\0" * 32, "time": 1_800_000_000})
         samples = {
