@@ -102,6 +102,14 @@ class StoreConfig:
 class ConsentConfig:
     max_lifetime_days: int = 365
     clock_skew_seconds: int = 300
+    # Denial entries one requesting node may cause per minute; over it, refusals are
+    # still answered but not written (the ledger is permanent and copied to every peer).
+    max_denials_per_minute: int = 60
+
+    def __post_init__(self) -> None:
+        limit = self.max_denials_per_minute
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ConfigError("consent.max_denials_per_minute must be a whole number >= 1")
 
 
 @dataclass

@@ -51,6 +51,16 @@ class TestRefusals:
         with pytest.raises(ConfigError, match="HOST:PORT"):
             load_config(path)
 
+    @pytest.mark.parametrize("limit", ["0", "-1", "1.5", "true", '"60"'])
+    def test_denial_rate_limit_must_be_a_positive_whole_number(
+        self, tmp_path: Path, limit: str
+    ) -> None:
+        path = _write(
+            tmp_path, f'origin = "a.example/x"\n[consent]\nmax_denials_per_minute = {limit}\n'
+        )
+        with pytest.raises(ConfigError, match="max_denials_per_minute"):
+            load_config(path)
+
     def test_missing_file_names_the_fix(self, tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match="imageshare init"):
             load_config(tmp_path / "absent.toml")

@@ -133,6 +133,32 @@ class TestCheckAccess:
         assert fields["token_id"] == token_id_of(token) and fields["rule"] == "wrong_grantee"
         assert fields["requester"] == "c.example/imageshare"
 
+    def test_tokens_no_enrolled_key_signed_are_refused_without_a_denial(
+        self, runtime: NodeRuntime
+    ) -> None:
+        key = new_key()
+        consent.enroll_patient(runtime, "MRN-1", key.public_key)
+        forged = make_grant(key, CUSTODIAN, GRANTEE)
+        forged = forged[:-64] + bytes(64)  # the enrolled key, another signature
+        stranger = make_grant(new_key(), CUSTODIAN, GRANTEE)  # a key nobody enrolled
+        size = ledger_service(runtime).own.size()
+        assert consent.check_access(runtime, forged, GRANTEE, None, now()).reason == (
+            "bad_signature"
+        )
+        assert consent.check_access(runtime, stranger, GRANTEE, None, now()).reason == (
+            "unknown_patient"
+        )
+        assert ledger_service(runtime).own.size() == size
+
+    def test_a_retired_keys_grant_tried_again_is_on_the_record(self, runtime: NodeRuntime):
+        key = new_key()
+        consent.enroll_patient(runtime, "MRN-1", key.public_key)
+        token = make_grant(key, CUSTODIAN, GRANTEE)
+        consent.enroll_patient(runtime, "MRN-1", new_key().public_key)  # a lost phone
+        assert consent.check_access(runtime, token, GRANTEE, None, now()).reason == "key_retired"
+        kind, fields = own_entries(runtime)[-1]
+        assert (kind, fields["rule"]) == ("denial", "key_retired")
+
     def test_tampered_token_is_refused_without_an_entry(self, runtime: NodeRuntime) -> None:
         size = ledger_service(runtime).own.size()
         assert consent.check_access(runtime, b"junk", GRANTEE, None, now()).reason == "tampered"

@@ -53,6 +53,7 @@ def p2p(
                 node.url + path,
                 caller.sign,
                 node_signer(caller.origin),
+                node.origin,
                 body,
                 **kw,
             ) as response:

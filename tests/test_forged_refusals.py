@@ -133,7 +133,7 @@ class TestRefusalsThroughARelay:
             a_key,
             relayed.headers.get(REFUSAL_HEADER),
             setup.a.origin,
-            parse_headers(relayed.request.headers),
+            parse_headers(relayed.request.headers, setup.a.origin),
             403,
             relayed.body,
         )
@@ -155,7 +155,7 @@ class TestRefusalsThroughARelay:
 
         def forge(got: Received) -> web.Response:
             body = json.dumps(FORGED_BODY).encode()
-            asked = parse_headers(got.headers)
+            asked = parse_headers(got.headers, setup.a.origin)
             signature = sign_refusal(attacker.sign, setup.a.origin, asked, 403, body)
             return web.Response(
                 status=403,

@@ -337,7 +337,13 @@ def signed(
                 async with session.post(node.url + path, data=data, headers=headers) as r:
                     return r.status, await r.json(content_type=None)
             request = signed_request(
-                session, "POST", node.url + path, caller.sign, node_signer(caller.origin), body
+                session,
+                "POST",
+                node.url + path,
+                caller.sign,
+                node_signer(caller.origin),
+                node.origin,
+                body,
             )
             async with request as r:
                 return r.status, await r.json(content_type=None)
@@ -345,7 +351,8 @@ def signed(
     return asyncio.run(go())
 
 
-def node_headers(caller: NodeIdentity, path: str, body: bytes) -> dict[str, str]:
+def node_headers(caller: NodeIdentity, node: NodeProcess, path: str, body: bytes) -> dict[str, str]:
+    """Signature headers by ``caller`` for a POST to ``node``."""
     return make_headers(
         caller.sign,
         node_signer(caller.origin),
@@ -354,6 +361,7 @@ def node_headers(caller: NodeIdentity, path: str, body: bytes) -> dict[str, str]
         body,
         int(time.time()),
         os.urandom(16),
+        audience=node.origin,
     )
 
 
@@ -436,7 +444,7 @@ class TestOversizeBodies:
         big = os.urandom(9 * 1024 * 1024)
         for path in ("/p2p/transfer", "/p2p/notify"):
             # Signed over the whole body (a member could send it), streamed without a length.
-            headers = node_headers(target.member, path, big)
+            headers = node_headers(target.member, target.node, path, big)
             status, answer = signed(node, target.member, path, big, headers, stream=True)
             assert status == 413, (path, answer)
             # Claimed by anyone as a member, with a Content-Length over the limit.
@@ -476,7 +484,7 @@ class TestSlowClients:
         )
         head_only = body.split(b"\r\n")[0] + b"\r\nHost: 127.0.0.1\r\n"
         # A signed route reads its body before it can check the signature.
-        p2p_body = node_headers(target.member, "/p2p/notify", bytes(1000))
+        p2p_body = node_headers(target.member, target.node, "/p2p/notify", bytes(1000))
         p2p = faults.request_head("POST", "/p2p/notify", p2p_body, 1000)
         clients = [faults.SlowClient(node.http_port) for _ in range(4)]
         stalled_headers, stalled_body, trickler, stalled_p2p = clients
@@ -534,7 +542,7 @@ class TestSignedRequestRefusals:
     def test_replayed_node_request_is_refused(self, target: Target) -> None:
         node = target.node
         body = json.dumps({"log_id": log_id(target.member.origin), "size": 0}).encode()
-        headers = node_headers(target.member, "/p2p/notify", body)
+        headers = node_headers(target.member, target.node, "/p2p/notify", body)
         assert signed(node, target.member, "/p2p/notify", body, headers)[0] == 200
         assert signed(node, target.member, "/p2p/notify", body, headers) == (
             401,

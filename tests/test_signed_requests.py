@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from node.core.keys import NodeIdentity
 from node.core.signed_requests import (
+    AUDIENCE_HEADER,
     NONCE_HEADER,
     SIGNATURE_HEADER,
     SIGNER_HEADER,
@@ -38,17 +39,37 @@ from node.store.nonces import NonceStore
 from tests.support.nodes import free_port
 
 ORIGIN = "a.example/imageshare"
+# The node that receives the requests of these tests.
+RECEIVER = "b.example/imageshare"
 NOW = 1_800_000_000
 
 
-def signed(identity: NodeIdentity, path_and_query: str = "/p2p/x?b=2&a=1", body: bytes = b"hi"):
+def signed(
+    identity: NodeIdentity,
+    path_and_query: str = "/p2p/x?b=2&a=1",
+    body: bytes = b"hi",
+    audience: str = RECEIVER,
+):
     return make_headers(
-        identity.sign, node_signer(identity.origin), "POST", path_and_query, body, NOW, b"n" * 16
+        identity.sign,
+        node_signer(identity.origin),
+        "POST",
+        path_and_query,
+        body,
+        NOW,
+        b"n" * 16,
+        audience=audience,
     )
 
 
-def check(headers: dict[str, str], identity: NodeIdentity, now: int = NOW, body: bytes = b"hi"):
-    parsed = parse_headers(headers)
+def check(
+    headers: dict[str, str],
+    identity: NodeIdentity,
+    now: int = NOW,
+    body: bytes = b"hi",
+    receiver: str = RECEIVER,
+):
+    parsed = parse_headers(headers, receiver)
     check_signature(
         parsed,
         "POST",
@@ -65,9 +86,11 @@ def check(headers: dict[str, str], identity: NodeIdentity, now: int = NOW, body:
 class TestSigningBytes:
     def test_layout_is_one_field_a_line(self) -> None:
         digest = hashlib.sha256(b"").digest()
-        message = signing_bytes("get", "/p", "b=1&a=2", digest, 5, b"\0" * 16, "node:o")
+        message = signing_bytes(
+            "b.example", "get", "/p", "b=1&a=2", digest, 5, b"\0" * 16, "node:o"
+        )
         assert message == (
-            b"imageshare-request/v1\nGET\n/p\na=2&b=1\n"
+            b"imageshare-request/v2\nb.example\nGET\n/p\na=2&b=1\n"
             + digest.hex().encode()
             + b"\n5\nAAAAAAAAAAAAAAAAAAAAAA\nnode:o"
         )
@@ -102,6 +125,19 @@ class TestCheckSignature:
         with pytest.raises(Unauthorized, match="bad signature"):
             check(signed(identity, "/p2p/y?a=1&b=2"), identity)
 
+    def test_request_addressed_to_another_node_is_refused_naming_it(self) -> None:
+        identity = NodeIdentity.generate(ORIGIN)
+        headers = signed(identity, audience="c.example/imageshare")
+        with pytest.raises(Unauthorized, match=r"addressed to c\.example/imageshare, not to b"):
+            check(headers, identity)
+
+    def test_audience_header_rewritten_to_the_receiver_is_a_bad_signature(self) -> None:
+        identity = NodeIdentity.generate(ORIGIN)
+        headers = signed(identity, audience="c.example/imageshare")
+        headers[AUDIENCE_HEADER] = RECEIVER
+        with pytest.raises(Unauthorized, match="bad signature"):
+            check(headers, identity)
+
     @pytest.mark.parametrize("skew", [301, -301, 10**6])
     def test_old_or_future_timestamp_is_stale(self, skew: int) -> None:
         identity = NodeIdentity.generate(ORIGIN)
@@ -112,9 +148,16 @@ class TestCheckSignature:
         patient = NodeIdentity.generate("patient")
         signer = patient_signer(patient.public_key)
         headers = make_headers(
-            patient.sign, signer, "GET", "/patient/studies", b"", NOW, os.urandom(16)
+            patient.sign,
+            signer,
+            "GET",
+            "/patient/studies",
+            b"",
+            NOW,
+            os.urandom(16),
+            audience=RECEIVER,
         )
-        parsed = parse_headers(headers)
+        parsed = parse_headers(headers, RECEIVER)
         assert parsed.patient_key == patient.public_key
         check_signature(
             parsed,
@@ -130,17 +173,18 @@ class TestCheckSignature:
 
 class TestParseHeaders:
     @pytest.mark.parametrize(
-        "header", [SIGNER_HEADER, TIMESTAMP_HEADER, NONCE_HEADER, SIGNATURE_HEADER]
+        "header",
+        [SIGNER_HEADER, AUDIENCE_HEADER, TIMESTAMP_HEADER, NONCE_HEADER, SIGNATURE_HEADER],
     )
     def test_missing_header_is_named(self, header: str) -> None:
         headers = signed(NodeIdentity.generate(ORIGIN))
         del headers[header]
         with pytest.raises(Unauthorized, match=f"missing {header}"):
-            parse_headers(headers)
+            parse_headers(headers, RECEIVER)
 
     def test_header_names_are_case_insensitive(self) -> None:
         headers = {k.lower(): v for k, v in signed(NodeIdentity.generate(ORIGIN)).items()}
-        assert parse_headers(headers).timestamp == NOW
+        assert parse_headers(headers, RECEIVER).timestamp == NOW
 
     @pytest.mark.parametrize(
         ("header", "value"),
@@ -159,17 +203,24 @@ class TestParseHeaders:
         headers = signed(NodeIdentity.generate(ORIGIN))
         headers[header] = value
         with pytest.raises(Unauthorized):
-            parse_headers(headers)
+            parse_headers(headers, RECEIVER)
 
     @settings(max_examples=300, deadline=None)
     @given(
         st.dictionaries(
             st.sampled_from(
-                [SIGNER_HEADER, TIMESTAMP_HEADER, NONCE_HEADER, SIGNATURE_HEADER, "Other"]
+                [
+                    SIGNER_HEADER,
+                    AUDIENCE_HEADER,
+                    TIMESTAMP_HEADER,
+                    NONCE_HEADER,
+                    SIGNATURE_HEADER,
+                    "Other",
+                ]
             ),
             st.one_of(
                 st.text(max_size=120),
-                st.sampled_from(["node:a.example", "patient:" + "A" * 43, "1800000000"]),
+                st.sampled_from(["node:a.example", "patient:" + "A" * 43, "1800000000", RECEIVER]),
                 st.binary(min_size=16, max_size=16).map(b64url_encode),
                 st.binary(min_size=64, max_size=64).map(b64url_encode),
             ),
@@ -179,7 +230,7 @@ class TestParseHeaders:
         self, headers: dict[str, str]
     ) -> None:
         try:
-            parsed = parse_headers(headers)
+            parsed = parse_headers(headers, RECEIVER)
         except (Unauthorized, BadInput):
             return
         with pytest.raises(Unauthorized):
@@ -215,7 +266,7 @@ def run_with_server(
     nonces = NonceStore(tmp_path / "nonces.sqlite")
 
     async def echo(request: web.Request) -> web.Response:
-        caller = await authenticate(request, known.get, 300, nonces, max_body=max_body)
+        caller = await authenticate(request, known.get, 300, nonces, RECEIVER, max_body=max_body)
         return web.json_response({"signer": caller.signer, "body": caller.body.decode()})
 
     async def main() -> None:
@@ -247,7 +298,8 @@ class TestAuthenticateOverHttp:
 
         async def scenario(base: str, session: aiohttp.ClientSession) -> None:
             url = base + "/p2p/echo?z=%2F1&a=x y"
-            async with signed_request(session, "POST", url, identity.sign, signer, b"ping") as r:
+            ping = signed_request(session, "POST", url, identity.sign, signer, RECEIVER, b"ping")
+            async with ping as r:
                 assert r.status == 200
                 assert await r.json() == {"signer": signer, "body": "ping"}
 
@@ -261,20 +313,34 @@ class TestAuthenticateOverHttp:
         async def scenario(base: str, session: aiohttp.ClientSession) -> None:
             url = base + "/p2p/echo"
             unknown = signed_request(
-                session, "POST", url, stranger.sign, node_signer(stranger.origin), b"x"
+                session, "POST", url, stranger.sign, node_signer(stranger.origin), RECEIVER, b"x"
             )
             assert await status_and_error(unknown) == (401, "unknown signer node:stranger.example")
-            forged = signed_request(session, "POST", url, stranger.sign, signer, b"x")
+            forged = signed_request(session, "POST", url, stranger.sign, signer, RECEIVER, b"x")
             assert await status_and_error(forged) == (401, "bad signature")
             stale = signed_request(
-                session, "POST", url, identity.sign, signer, b"x", now=int(time.time()) - 3600
+                session,
+                "POST",
+                url,
+                identity.sign,
+                signer,
+                RECEIVER,
+                b"x",
+                now=int(time.time()) - 3600,
             )
             assert await status_and_error(stale) == (401, "stale timestamp")
             unsigned = session.post(url, data=b"x")
             assert await status_and_error(unsigned) == (401, "missing Signature-Signer header")
 
             headers = make_headers(
-                identity.sign, signer, "POST", "/p2p/echo", b"x", int(time.time()), os.urandom(16)
+                identity.sign,
+                signer,
+                "POST",
+                "/p2p/echo",
+                b"x",
+                int(time.time()),
+                os.urandom(16),
+                audience=RECEIVER,
             )
             first = session.post(url, data=b"x", headers=headers)
             assert (await status_and_error(first))[0] == 200
@@ -283,13 +349,59 @@ class TestAuthenticateOverHttp:
 
         run_with_server(tmp_path, {signer: identity.public_key}, scenario)
 
+    def test_request_for_another_node_is_refused_before_its_nonce_is_spent(
+        self, tmp_path: Path
+    ) -> None:
+        identity = NodeIdentity.generate(ORIGIN)
+        signer = node_signer(ORIGIN)
+
+        async def scenario(base: str, session: aiohttp.ClientSession) -> None:
+            url = base + "/p2p/echo"
+            elsewhere = signed_request(
+                session, "POST", url, identity.sign, signer, "c.example/imageshare", b"x"
+            )
+            assert await status_and_error(elsewhere) == (
+                401,
+                f"the request is addressed to c.example/imageshare, not to {RECEIVER}",
+            )
+
+        run_with_server(tmp_path, {signer: identity.public_key}, scenario)
+        assert NonceStore(tmp_path / "nonces.sqlite").count() == 0
+
+    def test_unknown_patient_spends_its_nonce_so_it_cannot_replay_once_admitted(
+        self, tmp_path: Path
+    ) -> None:
+        patient = NodeIdentity.generate("patient")
+        signer = patient_signer(patient.public_key)
+        admitted: dict[str, bytes] = {}
+
+        async def scenario(base: str, session: aiohttp.ClientSession) -> None:
+            url = base + "/p2p/echo"
+            headers = make_headers(
+                patient.sign,
+                signer,
+                "POST",
+                "/p2p/echo",
+                b"x",
+                int(time.time()),
+                os.urandom(16),
+                audience=RECEIVER,
+            )
+            refused = session.post(url, data=b"x", headers=headers)
+            assert await status_and_error(refused) == (401, f"unknown signer {signer}")
+            admitted[signer] = patient.public_key
+            replay = session.post(url, data=b"x", headers=headers)
+            assert await status_and_error(replay) == (401, "replayed nonce")
+
+        run_with_server(tmp_path, admitted, scenario)
+
     def test_oversize_body_is_refused(self, tmp_path: Path) -> None:
         identity = NodeIdentity.generate(ORIGIN)
         signer = node_signer(ORIGIN)
 
         async def scenario(base: str, session: aiohttp.ClientSession) -> None:
             big = signed_request(
-                session, "POST", base + "/p2p/echo", identity.sign, signer, b"x" * 4096
+                session, "POST", base + "/p2p/echo", identity.sign, signer, RECEIVER, b"x" * 4096
             )
             async with big as r:
                 assert r.status == 413
@@ -306,12 +418,19 @@ class TestAuthenticateOverHttp:
 
         async def scenario(base: str, session: aiohttp.ClientSession) -> None:
             url = base + "/p2p/echo"
-            fits = signed_request(session, "POST", url, identity.sign, signer, b"x" * 100)
+            fits = signed_request(session, "POST", url, identity.sign, signer, RECEIVER, b"x" * 100)
             async with fits as r:
                 assert r.status == 200
             # Signed over an empty body, but streamed without a length: cut off at the limit.
             headers = make_headers(
-                identity.sign, signer, "POST", "/p2p/echo", b"", int(time.time()), os.urandom(16)
+                identity.sign,
+                signer,
+                "POST",
+                "/p2p/echo",
+                b"",
+                int(time.time()),
+                os.urandom(16),
+                audience=RECEIVER,
             )
             async with session.post(url, data=chunks(), headers=headers) as r:
                 assert r.status == 413

@@ -250,7 +250,7 @@ def _signed_post(fed: Federation, signer: NodeProcess, path: str, body: bytes) -
     identity = NodeIdentity(signer.origin, read_seed(signer.data_dir / "node.key"))
     headers = make_headers(
         identity.sign, node_signer(signer.origin), "POST", path, body, int(time.time()),
-        os.urandom(16),
+        os.urandom(16), audience=fed.a.origin,
     )  # fmt: skip
     request = urllib.request.Request(fed.a.url + path, data=body, method="POST", headers=headers)
     try:

@@ -19,6 +19,7 @@ from node.core.merkle import ZERO_HASH, MemoryTree, inclusion_proof, leaf_hash
 from node.core.notes import Checkpoint, sign_note
 from node.services.wallet import Custodian, ProofFailed, verify_recorded
 from tests.support.nodes import NodeProcess, free_port, init_node, run_cli
+from tests.support.proxy import TcpProxy
 from tests.support.studies import make_ct_study
 
 GRANTEE = "b.example/imageshare"
@@ -183,6 +184,28 @@ class TestWalletFiles:
             check=False,
         )
         assert result.returncode == 1 and "--expires" in result.stderr
+
+
+class TestCustodianPinning:
+    def test_an_address_that_later_answers_as_another_custodian_is_refused(
+        self, custodian: NodeProcess, tmp_path: Path
+    ) -> None:
+        # The wallet addresses its requests to the origin an address first answered
+        # with; an address that now claims another origin gets none of them.
+        other = init_node(tmp_path, "c.example/imageshare").start()
+        proxy = TcpProxy(custodian.http_port)
+        try:
+            wallet = tmp_path / "wallet"
+            patient(wallet, "keygen")
+            patient(wallet, "pubkey", "--custodian", proxy.url)
+            proxy.target_port = other.http_port
+            result = patient(wallet, "pubkey", "--custodian", proxy.url, check=False)
+            assert result.returncode == 1
+            assert f"{proxy.url} was {custodian.origin}" in result.stderr
+            assert other.origin in result.stderr
+        finally:
+            proxy.stop()
+            other.stop()
 
 
 class TestProofVerification:

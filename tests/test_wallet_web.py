@@ -150,12 +150,15 @@ def _browser_qr(page: Any, text: str, mask: int) -> dict[str, Any]:
     )
 
 
-def _assert_signed_by(requests: list[dict[str, Any]], public_key_text: str) -> None:
-    """Every /patient request carries a valid signature by the patient's key."""
+def _assert_signed_by(
+    requests: list[dict[str, Any]], public_key_text: str, custodian_origin: str
+) -> None:
+    """Every /patient request carries a valid signature by the patient's key, addressed
+    to the custodian's origin."""
     public_key = parse_public_key(public_key_text)
     assert requests
     for request in requests:
-        parsed = parse_headers(request["headers"])
+        parsed = parse_headers(request["headers"], custodian_origin)
         assert parsed.signer == "patient:" + public_key_text
         url = urlsplit(request["url"])
         check_signature(
@@ -290,7 +293,7 @@ class TestPatientStory:
                 "/patient/tokens",
                 f"/patient/studies/{chest_ref}/series/0/preview",
             } <= paths
-            _assert_signed_by(patient_requests, key_text)
+            _assert_signed_by(patient_requests, key_text, a.origin)
             # The same requests unsigned, or replayed, are refused.
             for request in patient_requests:
                 if request["method"] == "GET":
@@ -486,6 +489,24 @@ class TestWalletModules:
             assert f"the log key of {hospitals.a.origin} changed" in message
         finally:
             _call(wallet_page, "keys.js", set_pin, [pin, hospitals.a.vkey])
+
+    def test_an_address_now_naming_another_custodian_is_refused(
+        self, wallet_page: Any, hospitals: Hospitals
+    ) -> None:
+        # As if this address had first answered as B: the page must not go on to sign
+        # requests addressed to (and with a key derived for) the origin it names now.
+        get_node = "async (m) => m.store.get('node')"
+        set_node = "async (m, value) => m.store.put('node', value)"
+        honest = _call(wallet_page, "keys.js", get_node, None)
+        _call(wallet_page, "keys.js", set_node, {**honest, "origin": hospitals.b.origin})
+        try:
+            wallet_page.reload()
+            wallet_page.wait_for_selector("#message:not([hidden])")
+            message = str(wallet_page.text_content("#message"))
+            assert f"was {hospitals.b.origin} when this wallet first saw it" in message
+            assert f"now {hospitals.a.origin}" in message
+        finally:
+            _call(wallet_page, "keys.js", set_node, honest)
 
     def test_msgpack_decodes_only_canonical_bytes(self, wallet_page: Any) -> None:
         entry = canonical_encode({"v": 1, "kind": "x", "prev": b"\0" * 32, "time": 1_800_000_000})

@@ -1,16 +1,19 @@
 """Signed HTTP requests: node-to-node (/p2p) and patient wallet (/patient) calls.
 
-A caller proves who it is by signing, with its Ed25519 key, the request's method, path,
-canonical query, body digest, a timestamp and a fresh nonce. Four headers carry it::
+A caller proves who it is by signing, with its Ed25519 key, the origin of the node it
+addresses (the audience), the request's method, path, canonical query, body digest, a
+timestamp and a fresh nonce. Five headers carry it::
 
     Signature-Signer:    node:<origin> | patient:<base64url public key, no padding>
+    Signature-Audience:  <origin of the receiving node>
     Signature-Timestamp: <unix seconds>
     Signature-Nonce:     <base64url of 16 random bytes>
     Signature:           <base64url Ed25519 signature>
 
 The signed bytes are (one field a line, no trailing newline)::
 
-    imageshare-request/v1
+    imageshare-request/v2
+    audience (the receiving node's origin)
     METHOD
     /path
     canonical query (the raw query's key=value pairs, sorted, joined by "&")
@@ -18,6 +21,10 @@ The signed bytes are (one field a line, no trailing newline)::
     timestamp
     nonce (base64url, as in the header)
     signer
+
+The audience makes a request good at one node only: a member that receives a signed
+request cannot replay it at another member, which refuses it on parsing, before any
+other effect. (Version 1 named no audience; it is no longer accepted.)
 
 Pure: no I/O and no clock reads; the caller passes ``now``. Replay protection (each
 nonce accepted once) lives in node.store.nonces, because it needs memory.
@@ -35,8 +42,9 @@ from dataclasses import dataclass
 from node.core.keys import PUBLIC_KEY_SIZE, verify_ed25519
 from node.errors import Unauthorized
 
-DOMAIN = b"imageshare-request/v1"
+DOMAIN = b"imageshare-request/v2"
 SIGNER_HEADER = "Signature-Signer"
+AUDIENCE_HEADER = "Signature-Audience"
 TIMESTAMP_HEADER = "Signature-Timestamp"
 NONCE_HEADER = "Signature-Nonce"
 SIGNATURE_HEADER = "Signature"
@@ -82,6 +90,7 @@ def patient_signer(public_key: bytes) -> str:
 
 
 def signing_bytes(
+    audience: str,
     method: str,
     path: str,
     query: str,
@@ -92,6 +101,7 @@ def signing_bytes(
 ) -> bytes:
     """The exact bytes a request's signature covers; ``query`` is the raw query string."""
     fields = [
+        audience,
         method.upper(),
         path,
         canonical_query(query),
@@ -111,12 +121,19 @@ def make_headers(
     body: bytes,
     now: int,
     nonce: bytes,
+    *,
+    audience: str,
 ) -> dict[str, str]:
-    """The four signature headers for a request; ``path_and_query`` is as sent on the wire."""
+    """The signature headers for a request to the node named ``audience`` (its origin).
+
+    ``path_and_query`` is as sent on the wire.
+    """
     path, _, query = path_and_query.partition("?")
-    message = signing_bytes(method, path, query, hashlib.sha256(body).digest(), now, nonce, signer)
+    digest = hashlib.sha256(body).digest()
+    message = signing_bytes(audience, method, path, query, digest, now, nonce, signer)
     return {
         SIGNER_HEADER: signer,
+        AUDIENCE_HEADER: audience,
         TIMESTAMP_HEADER: str(now),
         NONCE_HEADER: b64url_encode(nonce),
         SIGNATURE_HEADER: b64url_encode(sign(message)),
@@ -128,6 +145,7 @@ class SignedHeaders:
     """The parsed, well-formed (not yet verified) signature headers of a request."""
 
     signer: str
+    audience: str
     timestamp: int
     nonce: bytes
     signature: bytes
@@ -158,8 +176,12 @@ def _header(headers: Mapping[str, str], name: str) -> str:
     return value.strip()
 
 
-def parse_headers(headers: Mapping[str, str]) -> SignedHeaders:
-    """Parse the signature headers; raises Unauthorized naming what is missing or malformed."""
+def parse_headers(headers: Mapping[str, str], own_origin: str) -> SignedHeaders:
+    """Parse the signature headers of a request received by the node ``own_origin``.
+
+    Raises Unauthorized naming what is missing or malformed, or naming the other node a
+    request was addressed to: a request signed for one node is good at no other.
+    """
     signer = _header(headers, SIGNER_HEADER)
     if signer.startswith(NODE_PREFIX):
         if not _ORIGIN.match(signer[len(NODE_PREFIX) :]):
@@ -168,12 +190,16 @@ def parse_headers(headers: Mapping[str, str]) -> SignedHeaders:
         b64url_decode(signer[len(PATIENT_PREFIX) :], PUBLIC_KEY_SIZE, "patient key")
     else:
         raise Unauthorized("Signature-Signer must be node:<origin> or patient:<key>")
+    audience = _header(headers, AUDIENCE_HEADER)
+    if audience != own_origin:
+        shown = audience if _ORIGIN.match(audience) else "a malformed origin"
+        raise Unauthorized(f"the request is addressed to {shown}, not to {own_origin}")
     timestamp_text = _header(headers, TIMESTAMP_HEADER)
     if not _TIMESTAMP.match(timestamp_text):
         raise Unauthorized("Signature-Timestamp must be unix seconds")
     nonce = b64url_decode(_header(headers, NONCE_HEADER), NONCE_SIZE, "Signature-Nonce")
     signature = b64url_decode(_header(headers, SIGNATURE_HEADER), SIGNATURE_SIZE, "Signature")
-    return SignedHeaders(signer, int(timestamp_text), nonce, signature)
+    return SignedHeaders(signer, audience, int(timestamp_text), nonce, signature)
 
 
 def check_signature(
@@ -190,7 +216,14 @@ def check_signature(
     if abs(now - parsed.timestamp) > max_age:
         raise Unauthorized("stale timestamp")
     message = signing_bytes(
-        method, path, query, body_digest, parsed.timestamp, parsed.nonce, parsed.signer
+        parsed.audience,
+        method,
+        path,
+        query,
+        body_digest,
+        parsed.timestamp,
+        parsed.nonce,
+        parsed.signer,
     )
     if not verify_ed25519(public_key, message, parsed.signature):
         raise Unauthorized("bad signature")

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import logging
 import os
 import threading
 import time
@@ -39,11 +40,14 @@ from node.core.consent import (
 from node.core.entries import decode_entry
 from node.core.keys import PUBLIC_KEY_SIZE
 from node.core.patient_keys import b64url
+from node.core.rate_limit import SlidingWindowLimit
 from node.errors import BadInput, ConfigError, Conflict, Forbidden, NotFound, Unauthorized
 from node.services.ledger import LedgerService, ledger_service
 from node.services.runtime import NodeRuntime
 from node.store.consent_state import ConsentState
 from node.store.secrets import read_secret, write_secret
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = "consent"
 REFERENCE_KEY_FILE = "reference.key"
@@ -55,6 +59,8 @@ _OPEN_LOCK = threading.Lock()
 REPLAY_BATCH = 2000
 # The ``source`` of studies fetched from another custodian (see transfer.source_label).
 FETCHED_SOURCE_PREFIX = "fetched from "
+# consent.max_denials_per_minute counts over this window, in seconds.
+DENIAL_WINDOW = 60.0
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,9 @@ class ConsentService:
         self.state = ConsentState(runtime.config.data_dir / "consent.sqlite")
         self.lock = threading.RLock()
         self._reference_key = _load_or_create_reference_key(runtime)
+        self.denial_limit = SlidingWindowLimit(
+            runtime.config.consent.max_denials_per_minute, DENIAL_WINDOW
+        )
 
     def close(self) -> None:
         self.state.close()
@@ -361,9 +370,10 @@ def check_access(
     """Decide whether ``requester_origin`` (already authenticated) may have the studies.
 
     Records the grant on first sight (so the grantee may present a token the wallet
-    never submitted), then validates. A refusal of a decodable token is written to the
-    log as a ``denial`` entry naming the rule. Never raises for a bad token: the Verdict
-    says why.
+    never submitted), then validates. A refusal is written to the log as a ``denial``
+    entry naming the rule only if the token is signed by a patient key enrolled here
+    (see _record_denial for the rule and its rate limit). Never raises for a bad token:
+    the Verdict says why.
     """
     refs = None if study_refs is None else tuple(study_refs)
     # A grant that may not be recorded is refused below by the rule that fails.
@@ -379,7 +389,7 @@ def check_access(
         token_bytes, AccessRequest(requester_origin, refs, now), view, consent_policy(runtime)
     )
     if not verdict.allowed and token is not None:
-        _record_denial(runtime, token, requester_origin, verdict.rule, refs)
+        _record_denial(runtime, token, requester_origin, verdict.rule, refs, now)
     return verdict
 
 
@@ -402,8 +412,34 @@ def _record_denial(
     requester_origin: str,
     rule: Rule | None,
     refs: tuple[bytes, ...] | None,
+    now: int,
 ) -> None:
+    """Write a ``denial`` for a refused token, if it is one the record is for.
+
+    The ledger is permanent and copied to every member, so it keeps only refusals of
+    tokens a patient enrolled here really signed (retired keys included: a stolen phone's
+    old grants being tried is what the patient must see), and at most
+    ``consent.max_denials_per_minute`` of them per requester. Anything else is only
+    logged: anyone can make a token with a bad signature or an unknown key.
+    """
     service = consent_service(runtime)
+    if service.state.key(token.patient_key) is None or not token.signature_valid():
+        log.info(
+            "refused %s from %s (%s); not recorded: not signed by a key enrolled here",
+            token.token_id.hex()[:16],
+            requester_origin,
+            rule,
+        )
+        return
+    if not service.denial_limit.admit(requester_origin, now):
+        log.info(
+            "refused %s from %s (%s); not recorded: over %d denials a minute",
+            token.token_id.hex()[:16],
+            requester_origin,
+            rule,
+            service.denial_limit.limit,
+        )
+        return
     with service.lock:
         service.append(
             "denial",

@@ -233,6 +233,7 @@ class DiscoveryService:
             body,
             int(time.time()),
             os.urandom(NONCE_SIZE),
+            audience=member.origin,
         )
         try:
             async with self._session.post(target, data=body, headers=headers) as response:

@@ -561,7 +561,8 @@ class ReplicationService:
         body = checkpoint.body()
         signature = notes.cosign_checkpoint(body, self.runtime.identity, int(time.time()))
         note = (body + "\n" + signature.line()).encode()
-        async with self._signed("POST", f"{url}/p2p/cosignature", note) as response:
+        signed = self._signed(log_member.origin, "POST", f"{url}/p2p/cosignature", note)
+        async with signed as response:
             self.traffic.bytes_in += len(await response.read())
             if response.status != 200:
                 # Usually a newer checkpoint was signed meanwhile: the next round cosigns it.
@@ -571,8 +572,9 @@ class ReplicationService:
 
     # ---- signed calls to members ---------------------------------------------------------
 
-    def _signed(self, method: str, url: str, body: bytes) -> Any:
-        """A request signed with this node's key (the format is node.core.signed_requests)."""
+    def _signed(self, audience: str, method: str, url: str, body: bytes) -> Any:
+        """A request signed with this node's key for the member ``audience`` (the format is
+        node.core.signed_requests)."""
         assert self._session is not None
         identity = self.runtime.identity
         target = yarl.URL(url)
@@ -584,6 +586,7 @@ class ReplicationService:
             body,
             int(time.time()),
             os.urandom(NONCE_SIZE),
+            audience=audience,
         )
         return self._session.request(method, target, data=body, headers=headers)
 
@@ -597,23 +600,23 @@ class ReplicationService:
         urls = self.roster.urls_of(member)
         if urls:
             hint = self._size_hint(self._own_log().size())
-            self._post_in_background(urls[0] + "/p2p/notify", hint)
+            self._post_in_background(member.origin, urls[0] + "/p2p/notify", hint)
 
     def _post_to_all(self, path: str, body: bytes) -> None:
         """A signed POST to every member, in the background; failures are only logged."""
         for member in self.roster.roster:
             urls = self.roster.urls_of(member)
             if urls:
-                self._post_in_background(urls[0] + path, body)
+                self._post_in_background(member.origin, urls[0] + path, body)
 
-    def _post_in_background(self, url: str, body: bytes) -> None:
-        task = asyncio.create_task(self._post(url, body))
+    def _post_in_background(self, audience: str, url: str, body: bytes) -> None:
+        task = asyncio.create_task(self._post(audience, url, body))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _post(self, url: str, body: bytes) -> None:
+    async def _post(self, audience: str, url: str, body: bytes) -> None:
         try:
-            async with self._signed("POST", url, body) as response:
+            async with self._signed(audience, "POST", url, body) as response:
                 self.traffic.bytes_in += len(await response.read())
         except PeerError as exc:
             log.debug("POST %s failed: %s", url, exc)

@@ -672,6 +672,7 @@ class TransferService:
             body,
             int(time.time()),
             os.urandom(NONCE_SIZE),
+            audience=custodian.origin,
         )
         try:
             response = await http.post(target, data=body, headers=headers)
@@ -679,7 +680,9 @@ class TransferService:
             raise CustodianUnreachable(f"custodian unreachable: {_describe(exc)}") from exc
         if response.status != 200:
             try:
-                await _raise_for_reply(response, custodian, parse_headers(headers), url)
+                await _raise_for_reply(
+                    response, custodian, parse_headers(headers, custodian.origin), url
+                )
             finally:
                 response.release()
         return response

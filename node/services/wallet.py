@@ -115,9 +115,12 @@ class Wallet:
     # -- talking to a custodian ------------------------------------------------------------
 
     async def custodian(self, session: aiohttp.ClientSession, url: str) -> Custodian:
-        """Learn a custodian's origin and log key; pin the key on first contact.
+        """Learn a custodian's origin and log key; pin both on first contact.
 
-        Raises ProofFailed if the log key differs from the pinned one.
+        The origin is what this wallet's requests are addressed to (and what its key
+        there is derived from), so an address keeps the origin it first answered with.
+        Raises ProofFailed if the log key differs from the pinned one, or if ``url`` was
+        first seen as another custodian.
         """
         url = url.rstrip("/")
         health = await _get_json(session, url + "/healthz")
@@ -136,6 +139,14 @@ class Wallet:
         if not isinstance(vkey, str):
             raise BadInput(f"{url} does not publish its own log")
         state = self.files.load_state()
+        first_seen_as = next(
+            (o for o, c in state["custodians"].items() if c.get("url") == url and o != origin),
+            None,
+        )
+        if first_seen_as is not None:
+            raise ProofFailed(
+                f"{url} was {first_seen_as} when this wallet first saw it, now {origin}"
+            )
         pinned = state["custodians"].get(origin, {}).get("vkey")
         if pinned is not None and pinned != vkey:
             raise ProofFailed(f"the log key of {origin} changed since this wallet first saw it")
@@ -152,7 +163,8 @@ class Wallet:
         path: str,
         body: bytes = b"",
     ) -> Any:
-        """A request signed with my key for ``custodian``; returns its JSON answer."""
+        """A request signed with my key for ``custodian``, addressed to its pinned origin
+        (good at no other node); returns its JSON answer."""
         key = self.key_for(custodian.origin)
         target = URL(custodian.url + path)
         headers = make_headers(
@@ -163,6 +175,7 @@ class Wallet:
             body,
             int(time.time()),
             os.urandom(NONCE_SIZE),
+            audience=custodian.origin,
         )
         headers["Content-Type"] = "application/octet-stream"
         return await _request_json(session, method, target, headers=headers, data=body)

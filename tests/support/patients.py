@@ -30,8 +30,14 @@ def send(
 
 
 def signed_headers(
-    key: PatientKey, method: str, path: str, body: bytes = b"", now: int | None = None
+    key: PatientKey,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    now: int | None = None,
+    audience: str | None = None,
 ) -> dict[str, str]:
+    """Signature headers by ``key``, addressed to its custodian unless ``audience`` says."""
     return make_headers(
         key.sign,
         patient_signer(key.public_key),
@@ -40,6 +46,7 @@ def signed_headers(
         body,
         int(time.time()) if now is None else now,
         os.urandom(16),
+        audience=key.custodian_origin if audience is None else audience,
     )
 
 

@@ -44,6 +44,7 @@ async def _caller(request: web.Request) -> SignedCaller:
         replication.roster.public_key_of_signer,
         replication.runtime.config.federation.max_request_age,
         nonce_store_of(replication.runtime),
+        replication.runtime.config.origin,
         max_body=MAX_P2P_BODY,
     )
     if caller.node_origin is None:
@@ -113,11 +114,13 @@ async def sign_p2p_refusal(request: web.Request, response: web.StreamResponse) -
     body = b"" if response.body is None else response.body
     if not isinstance(body, bytes):
         return
-    try:
-        asked = parse_headers(request.headers)
-    except Unauthorized:
-        return  # no nonce to bind the answer to; the caller cannot take it as a refusal
     identity = request.app[REPLICATION_KEY].runtime.identity
+    try:
+        asked = parse_headers(request.headers, identity.origin)
+    except Unauthorized:
+        # No nonce to bind the answer to, or a request meant for another node: the caller
+        # cannot take the answer as its custodian's refusal.
+        return
     response.headers[REFUSAL_HEADER] = sign_refusal(
         identity.sign, identity.origin, asked, response.status, body
     )

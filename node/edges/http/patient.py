@@ -1,7 +1,8 @@
 """/patient: the wallet's endpoints, and the staff's enrollment under /admin/api.
 
-Every /patient request is signed by an enrolled, unretired patient key (node.edges.http
-.signed: stale timestamps, bad signatures and replayed nonces are refused with 401).
+Every /patient request is signed by an enrolled, unretired patient key and addressed to
+this node's origin (node.edges.http.signed: misaddressed, stale, badly signed and
+replayed requests are refused with 401).
 Submissions answer with the ledger entry, an inclusion proof and the signed checkpoint
 it is proven against, so the wallet can check that its grant or revocation is on the
 record. Handlers are thin: the rules live in node.services.consent.
@@ -62,6 +63,7 @@ async def _patient(request: web.Request) -> SignedCaller:
         resolve,
         runtime.config.federation.max_request_age,
         nonce_store_of(runtime),
+        runtime.config.origin,
         max_body=MAX_SUBMISSION_BYTES,
     )
 

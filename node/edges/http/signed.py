@@ -7,6 +7,7 @@ limit, the clock) and to the nonce store.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import time
@@ -73,17 +74,22 @@ async def authenticate(
     resolve_public_key: Callable[[str], bytes | None],
     max_age: int,
     nonces: NonceStore,
+    own_origin: str,
     max_body: int | None = None,
 ) -> SignedCaller:
-    """Verify a signed request and read its body (at most ``max_body`` bytes, if given).
+    """Verify a signed request addressed to ``own_origin`` and read its body.
 
-    ``resolve_public_key(signer)`` returns the key the signer must have signed with, or
-    None if the signer is not known here. Raises Unauthorized("unknown signer" / "stale
-    timestamp" / "bad signature" / "replayed nonce" / a malformed-header reason), and
-    PayloadTooLarge for a body over ``max_body`` or the app's limit.
+    The body is read up to ``max_body`` bytes, if given. ``resolve_public_key(signer)``
+    returns the key the signer must have signed with, or None if the signer is not
+    admitted here. Raises Unauthorized("the request is addressed to ..." / "unknown
+    signer" / "stale timestamp" / "bad signature" / "replayed nonce" / a malformed-header
+    reason), and PayloadTooLarge for a body over ``max_body`` or the app's limit.
     """
-    parsed = parse_headers(request.headers)
-    public_key = resolve_public_key(parsed.signer)
+    parsed = parse_headers(request.headers, own_origin)
+    admitted_key = resolve_public_key(parsed.signer)
+    # A patient signer names its own key, so its request is verified and its nonce spent
+    # even while the key is not enrolled: refused now, it cannot be replayed once it is.
+    public_key = admitted_key if admitted_key is not None else parsed.patient_key
     if public_key is None:
         raise Unauthorized(f"unknown signer {parsed.signer}")
     body = await _read_body(request, max_body)
@@ -101,8 +107,10 @@ async def authenticate(
     # Nonces must be remembered as long as any route accepts their timestamps.
     nonces.max_age = max(nonces.max_age, max_age)
     # Only a verified request consumes a nonce, so forgers cannot fill the table.
-    if not nonces.remember(parsed.signer, parsed.nonce, parsed.timestamp):
+    if not await asyncio.to_thread(nonces.remember, parsed.signer, parsed.nonce, parsed.timestamp):
         raise Unauthorized("replayed nonce")
+    if admitted_key is None:
+        raise Unauthorized(f"unknown signer {parsed.signer}")
     return SignedCaller(parsed.signer, public_key, body)
 
 
@@ -112,11 +120,13 @@ def signed_request(
     url: str | URL,
     sign: Callable[[bytes], bytes],
     signer: str,
+    audience: str,
     body: bytes = b"",
     now: int | None = None,
     **kwargs: Any,
 ) -> Any:
-    """Send a signed request; use as ``async with signed_request(...) as response``.
+    """Send a request signed for the node ``audience`` (its origin); use as
+    ``async with signed_request(...) as response``.
 
     Extra keyword arguments (headers, timeout) go to ``session.request``.
     """
@@ -131,6 +141,7 @@ def signed_request(
             body,
             int(time.time()) if now is None else now,
             os.urandom(NONCE_SIZE),
+            audience=audience,
         )
     )
     return session.request(method, target, data=body, headers=headers, **kwargs)

@@ -42,6 +42,7 @@ async def _node_caller(request: web.Request) -> SignedCaller:
         roster_of(runtime).public_key_of_signer,
         runtime.config.federation.max_request_age,
         nonce_store_of(runtime),
+        runtime.config.origin,
         max_body=MAX_REQUEST_BODY,
     )
     if caller.node_origin is None:

@@ -9,6 +9,9 @@ import { qrSvg } from "./qr.js";
 import { RequestFailed, signedFetch, signedJson } from "./signed.js";
 
 const $ = (id) => document.getElementById(id);
+
+/** This address now names another custodian than the one this wallet pinned. */
+class PinMismatch extends Error {}
 const app = { node: null, vkey: null, wallet: null, key: null, studies: [], previewUrls: [] };
 
 function el(tag, className, text) {
@@ -87,9 +90,19 @@ async function show(screen) {
 
 async function connect() {
   try {
-    app.node = await describeNode();
+    const described = await describeNode();
+    // Requests are addressed to (and my key derived for) the origin this address first
+    // answered with: an address that now claims another origin gets none of them.
+    const known = await store.get("node");
+    if (known && known.origin !== described.origin) {
+      throw new PinMismatch(
+        `this address was ${known.origin} when this wallet first saw it, now ${described.origin}`,
+      );
+    }
+    app.node = described;
     await store.put("node", app.node);
   } catch (error) {
+    if (error instanceof PinMismatch) throw error;
     // Offline (or the node is down): what this phone last knew is enough to show my key.
     app.node = await store.get("node");
     if (!app.node) throw error;

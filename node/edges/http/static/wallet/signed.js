@@ -1,5 +1,6 @@
 // Signed requests to the node's /patient endpoints (node/core/signed_requests.py): the
-// patient's key signs method, path, sorted query, body digest, time and a fresh nonce.
+// patient's key signs the custodian's origin (the audience: good at no other node),
+// method, path, sorted query, body digest, time and a fresh nonce.
 
 import { randomBytes, sha256, toB64url, toHex, utf8 } from "./bytes.js";
 import { sign } from "./keys.js";
@@ -19,14 +20,17 @@ function canonicalQuery(query) {
     .join("&");
 }
 
-/** The four signature headers for ``method pathAndQuery`` with ``body``. */
+/** The signature headers for ``method pathAndQuery`` with ``body``, addressed to the
+ * custodian the key is for (``key.origin``, the origin this wallet pinned). */
 export async function signatureHeaders(key, method, pathAndQuery, body) {
   const [path, query = ""] = pathAndQuery.split(/\?(.*)/s);
   const signer = "patient:" + key.publicText;
   const timestamp = String(Math.floor(Date.now() / 1000));
   const nonce = toB64url(randomBytes(16));
+  const audience = key.origin;
   const message = [
-    "imageshare-request/v1",
+    "imageshare-request/v2",
+    audience,
     method.toUpperCase(),
     path,
     canonicalQuery(query),
@@ -37,6 +41,7 @@ export async function signatureHeaders(key, method, pathAndQuery, body) {
   ].join("\n");
   return {
     "Signature-Signer": signer,
+    "Signature-Audience": audience,
     "Signature-Timestamp": timestamp,
     "Signature-Nonce": nonce,
     Signature: toB64url(await sign(key, utf8(message))),

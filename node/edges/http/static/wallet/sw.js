@@ -3,7 +3,7 @@
 // updated node's wallet shows from the next start; /patient and /ledger requests are
 // never touched or cached here.
 
-const CACHE = "imageshare-wallet-v1";
+const CACHE = "imageshare-wallet-v2";
 const SHELL = [
   "./",
   "app.js",
