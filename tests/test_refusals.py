@@ -13,7 +13,9 @@ from node.core.roster import make_member, sign_address_proof, verify_address_pro
 from node.core.signed_requests import SignedHeaders
 
 CUSTODIAN = NodeIdentity("a.example/imageshare", bytes(range(32)))
-REQUEST = SignedHeaders("node:b.example/imageshare", 1_800_000_000, b"n" * 16, b"s" * 64)
+REQUEST = SignedHeaders(
+    "node:b.example/imageshare", CUSTODIAN.origin, 1_800_000_000, b"n" * 16, b"s" * 64
+)
 BODY = b'{"error": "refused (revoked)", "rule": "revoked"}'
 
 
