@@ -44,7 +44,7 @@ import yarl
 
 from node.core import notes
 from node.core.equivocation import EquivocationProof, VerifiedEquivocation, verify_equivocation
-from node.core.merkle import MemoryTree, consistency_proof, leaf_hash, verify_consistency
+from node.core.merkle import StreamingConsistency, leaf_hash, verify_consistency
 from node.core.roster import Member, log_id
 from node.core.signed_requests import NONCE_SIZE, make_headers, node_signer
 from node.errors import BadInput, Conflict, ImageShareError, Unauthorized
@@ -482,10 +482,10 @@ class ReplicationService:
         """Entries did not extend our prefix to the signed root: bad copy, or equivocation?
 
         If the source proves the signed tree consistent with ours, only its entries were
-        bad. Otherwise its whole history is read (leaf hashes only): if it gives the signed
-        root, the log signed a tree with another prefix than ours, and that history yields
-        the proof; if not, the source serves a broken copy. Whoever serves it, a tree
-        whose root the log signed is the log's word.
+        bad. Otherwise its whole history is streamed once (O(log n) hashes held): if it
+        gives the signed root, the log signed a tree with another prefix than ours, and
+        that history yields the proof; if not, the source serves a broken copy. Whoever
+        serves it, a tree whose root the log signed is the log's word.
         """
         ours = mirror.size()
         our_root = mirror.root(ours)
@@ -498,13 +498,12 @@ class ReplicationService:
             raise PeerFailure("consistency proof is malformed") from err
         if verify_consistency(proof, ours, checkpoint.size, our_root, checkpoint.root_hash):
             raise PeerFailure(f"entries do not match the signed checkpoint: {exc}")
-        tree = MemoryTree()
+        tree = StreamingConsistency(ours, checkpoint.size)
         async for batch in self._entry_batches(base, 0, checkpoint.size):
-            for raw in batch:
-                tree.append(leaf_hash(raw))
-        if tree.root() != checkpoint.root_hash:
+            tree.push([leaf_hash(raw) for raw in batch])
+        if tree.new_root() != checkpoint.root_hash:
             raise PeerFailure(f"copy of {log_member.origin} does not give its signed root: {exc}")
-        if tree.root(ours) == our_root:
+        if tree.old_root() == our_root:
             raise PeerFailure(f"entries of {log_member.origin} are malformed: {exc}")
         held_note = mirror.checkpoint_note()
         if held_note is None:
@@ -512,10 +511,7 @@ class ReplicationService:
         self._keep_verified(
             log_member,
             EquivocationProof(
-                log_member.origin,
-                (held_note, note),
-                tree.root(ours),
-                tuple(consistency_proof(tree, ours, checkpoint.size)),
+                log_member.origin, (held_note, note), tree.old_root(), tuple(tree.proof())
             ),
             "found here",
         )
