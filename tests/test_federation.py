@@ -7,10 +7,12 @@ import asyncio
 import json
 import os
 import shutil
+import sqlite3
 import time
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -28,6 +30,7 @@ from node.errors import BadInput
 from node.services.replication import PeerStatus, replication_of
 from node.services.roster import add_peer
 from node.services.runtime import open_runtime
+from node.store.federation_state import STATE_FILE, Equivocation, FederationState
 from node.store.ledger import LedgerStore
 from node.store.secrets import read_seed
 from tests.support.hostile_log import HostileLogServer, enrollments
@@ -428,7 +431,7 @@ class TestEquivocation:
             start_all(x, fork, a, b)
 
             def proofs(node: NodeProcess) -> list[dict[str, Any]]:
-                return node.get_json("/ledger/equivocations", auth=False)  # type: ignore[no-any-return]
+                return node.get_json("/ledger/equivocations", auth=False)
 
             for node in (a, b):
                 found = wait_until(lambda n=node: proofs(n), timeout=20, message="the proof")
@@ -492,7 +495,7 @@ class TestEquivocation:
 
 
 def equivocation_proofs(node: NodeProcess) -> list[dict[str, Any]]:
-    return node.get_json("/ledger/equivocations", auth=False)  # type: ignore[no-any-return]
+    return node.get_json("/ledger/equivocations", auth=False)
 
 
 def trusted(node: NodeProcess, origin: str) -> bool:
@@ -571,3 +574,44 @@ class TestSplitView:
             )
         assert [check_proof(p, c.vkey) for p in found] == [(2, 2)]
         assert sizes(d)[c.origin] == 2
+
+
+class TestEquivocationStore:
+    def test_a_proof_is_kept_whole_across_reopening_and_recorded_once(
+        self, tmp_path: Path
+    ) -> None:
+        identity = NodeIdentity.generate("c.example/imageshare")
+        proof = EquivocationProof(identity.origin, ("note a", "note b"), bytes(32), (b"h" * 32,))
+        state = FederationState(tmp_path / STATE_FILE)
+        assert state.record_equivocation(Equivocation(proof, "why", 7))
+        assert not state.record_equivocation(Equivocation(proof, "again", 8))
+        state.close()
+        reopened = FederationState(tmp_path / STATE_FILE)
+        try:
+            assert reopened.equivocations() == [Equivocation(proof, "why", 7)]
+            assert reopened.equivocating_logs() == {proof.log_id}
+        finally:
+            reopened.close()
+
+    def test_a_table_from_before_self_contained_proofs_is_read_and_still_freezes_the_log(
+        self, tmp_path: Path
+    ) -> None:
+        path = tmp_path / STATE_FILE
+        with sqlite3.connect(path) as db:
+            db.execute(
+                "CREATE TABLE equivocations (log_id TEXT NOT NULL, origin TEXT NOT NULL,"
+                " note_a TEXT NOT NULL, note_b TEXT NOT NULL, reason TEXT NOT NULL,"
+                " detected_at INTEGER NOT NULL, PRIMARY KEY (log_id, note_a, note_b))"
+            )
+            db.execute(
+                "INSERT INTO equivocations VALUES (?, ?, 'a', 'b', 'old', 1)",
+                (log_id("c.example/imageshare"), "c.example/imageshare"),
+            )
+        db.close()
+        state = FederationState(path)
+        try:
+            (old,) = state.equivocations()
+            assert old.proof == EquivocationProof("c.example/imageshare", ("a", "b"))
+            assert state.equivocating_logs() == {log_id("c.example/imageshare")}
+        finally:
+            state.close()
