@@ -12,6 +12,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ from aiohttp import web
 from node.config import load_config
 from node.core.equivocation import EquivocationProof, verify_equivocation
 from node.core.keys import NodeIdentity
-from node.core.notes import Checkpoint, parse_note
+from node.core.merkle import MemoryTree, consistency_proof, leaf_hash
+from node.core.notes import Checkpoint, parse_note, sign_note
 from node.core.roster import Roster, key_fingerprint, log_id, make_member
 from node.core.signed_requests import b64url_encode, node_signer
 from node.edges.http.signed import signed_request
@@ -574,6 +576,36 @@ class TestSplitView:
             )
         assert [check_proof(p, c.vkey) for p in found] == [(2, 2)]
         assert sizes(d)[c.origin] == 2
+
+
+    def test_a_members_proof_that_does_not_hold_is_refused_and_frames_no_one(
+        self, node_factory: Factory
+    ) -> None:
+        c, d, e = (node_factory(f"{n}.example/imageshare") for n in "cde")
+        quiet(d)
+        befriend([d, e])
+        add_member(d, c.origin, c.url, c.vkey)  # c is never started: only its key matters
+        d.start()
+        key = identity_of(c)
+        history = enrollments(3)
+        tree = MemoryTree([leaf_hash(entry) for entry in history])
+
+        def signed(size: int, signer: NodeIdentity = key) -> str:
+            return sign_note(Checkpoint(c.origin, size, tree.root(size)).body(), signer)
+
+        honest = EquivocationProof(
+            c.origin, (signed(2), signed(3)), tree.root(2), tuple(consistency_proof(tree, 2, 3))
+        )
+        impostor = NodeIdentity(c.origin, NodeIdentity.generate(c.origin).seed)
+        forged_root = sign_note(Checkpoint(c.origin, 2, bytes(32)).body(), impostor)
+        for claim, status in [
+            (honest, 400),  # two checkpoints of one history
+            (replace(honest, notes=(forged_root, signed(3))), 401),  # not c's signature
+            (replace(honest, prefix_root=bytes(32)), 400),  # a made-up prefix root
+        ]:
+            body = json.dumps(claim.as_json()).encode()
+            assert p2p(d, identity_of(e), "/p2p/equivocation", body)[0] == status
+        assert equivocation_proofs(d) == [] and trusted(d, c.origin)
 
 
 class TestEquivocationStore:
