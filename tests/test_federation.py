@@ -7,10 +7,13 @@ import asyncio
 import json
 import os
 import shutil
+import sqlite3
 import time
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,8 +21,10 @@ import pytest
 from aiohttp import web
 
 from node.config import load_config
+from node.core.equivocation import EquivocationProof, verify_equivocation
 from node.core.keys import NodeIdentity
-from node.core.notes import parse_note
+from node.core.merkle import MemoryTree, consistency_proof, leaf_hash
+from node.core.notes import Checkpoint, parse_note, sign_note
 from node.core.roster import Roster, key_fingerprint, log_id, make_member
 from node.core.signed_requests import b64url_encode, node_signer
 from node.edges.http.signed import signed_request
@@ -27,9 +32,11 @@ from node.errors import BadInput
 from node.services.replication import PeerStatus, replication_of
 from node.services.roster import add_peer
 from node.services.runtime import open_runtime
+from node.store.federation_state import STATE_FILE, Equivocation, FederationState
 from node.store.ledger import LedgerStore
 from node.store.secrets import read_seed
-from tests.support.nodes import NodeProcess, free_port, wait_until
+from tests.support.hostile_log import HostileLogServer, enrollments
+from tests.support.nodes import NodeProcess, free_port, run_cli, wait_until
 from tests.support.proxy import TcpProxy
 
 Factory = Callable[..., NodeProcess]
@@ -271,6 +278,24 @@ class TestReplication:
         wait_until(lambda: reachable() == {b.origin: True, c.origin: True}, timeout=5)
         assert a.get_json("/admin/api/federation")["equivocations"] == []
 
+    def test_every_log_a_node_lists_its_checkpoint_route_serves(
+        self, node_factory: Factory
+    ) -> None:
+        a, b = node_factory("a.example/imageshare"), node_factory("b.example/imageshare")
+        unreachable = node_factory("z.example/imageshare")  # a member that never answers
+        for node in (a, b):
+            quiet(node)
+        befriend([a, b])
+        add_member(b, unreachable.origin, unreachable.url, unreachable.vkey)
+        start_all(a, b)
+        # b has verified a's empty log (it cosigned it); z's it has never seen.
+        wait_until(lambda: cosigners(a) == {b.origin}, message="b to witness a's empty log")
+        assert set(sizes(b)) == {a.origin, b.origin}
+        for node in (a, b):
+            for listed in node.get_json("/ledger/logs", auth=False):
+                note = checkpoint(node, listed["origin"])
+                assert Checkpoint.parse(parse_note(note)[0]).size == listed["size"]
+
     def test_a_node_cut_off_from_a_log_gets_it_from_another_member(
         self, node_factory: Factory
     ) -> None:
@@ -420,6 +445,7 @@ class TestEquivocation:
                 note_a, note_b = found[0]["notes"]
                 assert note_a != note_b
                 assert {parse_note(n)[1][0].name for n in (note_a, note_b)} == {x.origin}
+                assert check_proof(found[0], x.vkey) == (3, 3)
                 status = node.get_json("/admin/api/federation")
                 assert status["equivocations"] == found
                 assert {p["origin"]: p["trusted"] for p in status["peers"]}[x.origin] is False
@@ -466,7 +492,162 @@ class TestEquivocation:
                 timeout=20,
                 message="the proof",
             )
-            assert "does not extend" in found[0]["reason"]
+            # The rewritten history, read whole from x's address, proves the fork to anyone.
+            assert check_proof(found[0], x.vkey) == (3, 5)
+            assert "another root at size 3" in found[0]["reason"]
             assert sizes(b)[x.origin] == 3
         finally:
             fork.stop()
+
+
+def equivocation_proofs(node: NodeProcess) -> list[dict[str, Any]]:
+    return node.get_json("/ledger/equivocations", auth=False)
+
+
+def trusted(node: NodeProcess, origin: str) -> bool:
+    peers = node.get_json("/admin/api/federation")["peers"]
+    return bool({p["origin"]: p["trusted"] for p in peers}[origin])
+
+
+def distrusts_with_proof(node: NodeProcess, origin: str) -> list[dict[str, Any]]:
+    """The node's proofs about ``origin`` once it also shows that log as untrusted."""
+    found = [p for p in equivocation_proofs(node) if p["origin"] == origin]
+    return found if found and not trusted(node, origin) else []
+
+
+def check_proof(document: dict[str, Any], vkey: str) -> tuple[int, int]:
+    """Verify a served proof with the log's key alone; returns the two checkpoint sizes."""
+    verified = verify_equivocation(EquivocationProof.from_json(document), vkey)
+    small, large = (Checkpoint.parse(parse_note(n)[0]).size for n in verified.proof.notes)
+    return small, large
+
+
+class TestSplitView:
+    """A hostile member shows each of two honest nodes its own fork, signed with its real key
+    (a small server in the test holding that key, one URL per victim)."""
+
+    def test_forks_of_different_sizes_are_proven_to_both_nodes_and_fail_the_audit(
+        self, node_factory: Factory
+    ) -> None:
+        c = node_factory("c.example/imageshare")  # never started: the hostile server is c
+        d, e = node_factory("d.example/imageshare"), node_factory("e.example/imageshare")
+        for node in (d, e):
+            quiet(node)
+        befriend([d, e])
+        common = enrollments(1)
+        forks = {"d": enrollments(1, common), "e": enrollments(2, common)}
+        with HostileLogServer(identity_of(c), c.vkey, forks) as hostile:
+            add_member(d, c.origin, hostile.url("d"), c.vkey)
+            add_member(e, c.origin, hostile.url("e"), c.vkey)
+            start_all(d, e)
+            for node in (d, e):
+                found = wait_until(
+                    lambda n=node: distrusts_with_proof(n, c.origin),
+                    timeout=30,
+                    message=f"{node.origin} to hold a proof and distrust c",
+                )
+                assert {check_proof(p, c.vkey) for p in found} == {(2, 3)}
+                assert node.get_json("/admin/api/federation")["equivocations"] == (
+                    equivocation_proofs(node)
+                )
+            assert (sizes(d)[c.origin], sizes(e)[c.origin]) == (2, 3)
+        # The proof counts on its own: even d alone, holding only the smaller fork, fails.
+        for urls in ([d.url, e.url], [d.url]):
+            result = run_cli("audit", *urls, "--json", check=False)
+            assert result.returncode == 1, result.stderr
+            violations = json.loads(result.stdout)["violations"]
+            assert (c.origin, "equivocation") in {(v["log"], v["rule"]) for v in violations}
+        human = run_cli("audit", d.url, e.url, check=False)
+        assert human.returncode == 1
+        assert c.origin in human.stdout and "equivocation" in human.stdout
+
+    def test_a_same_size_fork_shown_after_cosigning_is_caught(self, node_factory: Factory) -> None:
+        c, d = node_factory("c.example/imageshare"), node_factory("d.example/imageshare")
+        quiet(d)
+        common = enrollments(1)
+        with HostileLogServer(identity_of(c), c.vkey, {"d": enrollments(1, common)}) as hostile:
+            add_member(d, c.origin, hostile.url("d"), c.vkey)
+            d.start()
+            wait_until(
+                lambda: ("d", "cosignature") in hostile.calls,
+                timeout=20,
+                message="d to cosign the first history",
+            )
+            # The same size, another last entry: only the root tells them apart.
+            hostile.show("d", enrollments(1, common))
+            found = wait_until(
+                lambda: distrusts_with_proof(d, c.origin), timeout=20, message="the proof"
+            )
+        assert [check_proof(p, c.vkey) for p in found] == [(2, 2)]
+        assert sizes(d)[c.origin] == 2
+
+
+    def test_a_members_proof_that_does_not_hold_is_refused_and_frames_no_one(
+        self, node_factory: Factory
+    ) -> None:
+        c, d, e = (node_factory(f"{n}.example/imageshare") for n in "cde")
+        quiet(d)
+        befriend([d, e])
+        add_member(d, c.origin, c.url, c.vkey)  # c is never started: only its key matters
+        d.start()
+        key = identity_of(c)
+        history = enrollments(3)
+        tree = MemoryTree([leaf_hash(entry) for entry in history])
+
+        def signed(size: int, signer: NodeIdentity = key) -> str:
+            return sign_note(Checkpoint(c.origin, size, tree.root(size)).body(), signer)
+
+        honest = EquivocationProof(
+            c.origin, (signed(2), signed(3)), tree.root(2), tuple(consistency_proof(tree, 2, 3))
+        )
+        impostor = NodeIdentity(c.origin, NodeIdentity.generate(c.origin).seed)
+        forged_root = sign_note(Checkpoint(c.origin, 2, bytes(32)).body(), impostor)
+        for claim, status in [
+            (honest, 400),  # two checkpoints of one history
+            (replace(honest, notes=(forged_root, signed(3))), 401),  # not c's signature
+            (replace(honest, prefix_root=bytes(32)), 400),  # a made-up prefix root
+        ]:
+            body = json.dumps(claim.as_json()).encode()
+            assert p2p(d, identity_of(e), "/p2p/equivocation", body)[0] == status
+        assert equivocation_proofs(d) == [] and trusted(d, c.origin)
+
+
+class TestEquivocationStore:
+    def test_a_proof_is_kept_whole_across_reopening_and_recorded_once(
+        self, tmp_path: Path
+    ) -> None:
+        identity = NodeIdentity.generate("c.example/imageshare")
+        proof = EquivocationProof(identity.origin, ("note a", "note b"), bytes(32), (b"h" * 32,))
+        state = FederationState(tmp_path / STATE_FILE)
+        assert state.record_equivocation(Equivocation(proof, "why", 7))
+        assert not state.record_equivocation(Equivocation(proof, "again", 8))
+        state.close()
+        reopened = FederationState(tmp_path / STATE_FILE)
+        try:
+            assert reopened.equivocations() == [Equivocation(proof, "why", 7)]
+            assert reopened.equivocating_logs() == {proof.log_id}
+        finally:
+            reopened.close()
+
+    def test_a_table_from_before_self_contained_proofs_is_read_and_still_freezes_the_log(
+        self, tmp_path: Path
+    ) -> None:
+        path = tmp_path / STATE_FILE
+        with sqlite3.connect(path) as db:
+            db.execute(
+                "CREATE TABLE equivocations (log_id TEXT NOT NULL, origin TEXT NOT NULL,"
+                " note_a TEXT NOT NULL, note_b TEXT NOT NULL, reason TEXT NOT NULL,"
+                " detected_at INTEGER NOT NULL, PRIMARY KEY (log_id, note_a, note_b))"
+            )
+            db.execute(
+                "INSERT INTO equivocations VALUES (?, ?, 'a', 'b', 'old', 1)",
+                (log_id("c.example/imageshare"), "c.example/imageshare"),
+            )
+        db.close()
+        state = FederationState(path)
+        try:
+            (old,) = state.equivocations()
+            assert old.proof == EquivocationProof("c.example/imageshare", ("a", "b"))
+            assert state.equivocating_logs() == {log_id("c.example/imageshare")}
+        finally:
+            state.close()

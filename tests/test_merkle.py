@@ -10,6 +10,7 @@ import pytest
 from node.core.merkle import (
     EMPTY_ROOT,
     MemoryTree,
+    StreamingConsistency,
     consistency_proof,
     inclusion_proof,
     leaf_hash,
@@ -171,3 +172,25 @@ class TestConsistency:
         with pytest.raises(BadInput):
             consistency_proof(TREE, 5, 4)
         assert not verify_consistency([], 5, 4, TREE.root(5), TREE.root(4))
+
+
+class TestStreamingConsistency:
+    def test_matches_the_stored_tree_for_every_pair_of_sizes_and_any_batching(self) -> None:
+        leaves = [leaf_hash(bytes([i])) for i in range(21)]
+        tree = MemoryTree(leaves)
+        for new in range(1, len(leaves) + 1):
+            for old in range(new + 1):
+                for batch in (1, 3, 8):
+                    streamed = StreamingConsistency(old, new)
+                    for at in range(0, new, batch):
+                        streamed.push(leaves[at : min(at + batch, new)])
+                    assert streamed.old_root() == tree.root(old)
+                    assert streamed.new_root() == tree.root(new)
+                    assert streamed.proof() == consistency_proof(tree, old, new)
+
+    def test_more_leaves_than_the_tree_or_too_few_are_refused(self) -> None:
+        streamed = StreamingConsistency(1, 2)
+        with pytest.raises(BadInput):
+            streamed.new_root()
+        with pytest.raises(BadInput):
+            streamed.push([leaf_hash(b"a")] * 3)

@@ -322,36 +322,6 @@ def check_against_saved(history: History, saved_size: int, saved_root: bytes) ->
     ]
 
 
-def check_equivocation_proof(
-    origin: str, vkey: VerifierKey, notes: Sequence[str], held: History | None
-) -> Violation | None:
-    """A node's equivocation proof, confirmed: both notes signed by the log, inconsistent.
-
-    Two signed checkpoints of one size with different roots prove it alone; of different
-    sizes, they are judged against an intact history the auditor holds of the log.
-    """
-    if len(notes) != 2:
-        return None
-    try:
-        a, b = sorted((verify_note(n, vkey) for n in notes), key=lambda c: c.size)
-    except (BadInput, Unauthorized):
-        return None
-    if a.size == b.size:
-        proven = a.root_hash != b.root_hash
-    elif held is not None and held.intact and held.size >= b.size:
-        proven = held.prefix_root(a.size) != a.root_hash or held.prefix_root(b.size) != b.root_hash
-    else:
-        proven = False
-    if not proven:
-        return None
-    return Violation(
-        origin,
-        None,
-        "equivocation",
-        f"signed checkpoints of sizes {a.size} and {b.size} are not one history",
-    )
-
-
 def check_witness_entries(histories: Mapping[str, History]) -> list[Violation]:
     """Every ``witness`` entry must name a checkpoint of the witnessed log's history.
 

@@ -230,6 +230,65 @@ def verify_consistency(
     return fr == old_root and sr == new_root and sn == 0
 
 
+class RootAccumulator:
+    """The RFC 6962 root of leaf hashes pushed one by one, in O(log n) memory."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self._frontier: list[tuple[int, bytes]] = []  # (level, hash), largest subtree first
+
+    def push(self, leaf: bytes) -> None:
+        level, digest = 0, leaf
+        while self._frontier and self._frontier[-1][0] == level:
+            digest = node_hash(self._frontier.pop()[1], digest)
+            level += 1
+        self._frontier.append((level, digest))
+        self.size += 1
+
+    def root(self) -> bytes:
+        return fold_right([digest for _, digest in self._frontier])
+
+
+class StreamingConsistency:
+    """Roots at ``old_size`` and ``new_size`` and the RFC 9162 consistency proof between
+    them, from the new tree's leaf hashes pushed in order, in O(log n) memory.
+
+    For checking a tree that is only read once (a peer's whole copy), without holding it.
+    Raises BadInput unless 0 <= old_size <= new_size.
+    """
+
+    def __init__(self, old_size: int, new_size: int) -> None:
+        self.old_size, self.new_size = old_size, new_size
+        self._proof_ranges = consistency_ranges(old_size, new_size)
+        ranges = {(0, old_size), (0, new_size), *self._proof_ranges}
+        self._roots = {r: RootAccumulator() for r in ranges}
+        self.pushed = 0
+
+    def push(self, leaves: Sequence[bytes]) -> None:
+        """Add the next leaf hashes, in order; BadInput past ``new_size``."""
+        first, last = self.pushed, self.pushed + len(leaves)
+        if last > self.new_size:
+            raise BadInput(f"more than {self.new_size} leaves")
+        for (start, end), accumulator in self._roots.items():
+            for leaf in leaves[max(start, first) - first : max(min(end, last) - first, 0)]:
+                accumulator.push(leaf)
+        self.pushed = last
+
+    def _root(self, start: int, end: int) -> bytes:
+        if self.pushed != self.new_size:
+            raise BadInput(f"{self.pushed} of {self.new_size} leaves were pushed")
+        return self._roots[(start, end)].root()
+
+    def old_root(self) -> bytes:
+        return self._root(0, self.old_size)
+
+    def new_root(self) -> bytes:
+        return self._root(0, self.new_size)
+
+    def proof(self) -> list[bytes]:
+        return [self._root(start, end) for start, end in self._proof_ranges]
+
+
 class MemoryTree:
     """All complete subtree hashes of a list of leaf hashes, in memory (tests, small logs)."""
 

@@ -164,20 +164,33 @@ def _as_verifier_key(vkey: VerifierKey | str) -> VerifierKey:
     return key
 
 
+def _verified_signature(text: str | bytes, key: VerifierKey) -> tuple[str, NoteSignature]:
+    body, signatures = parse_note(text)
+    for sig in signatures:
+        if sig.name == key.name and sig.key_id == key.key_id:
+            if key.verify(body.encode(), sig.signature):
+                return body, sig
+            raise Unauthorized(f"the signature of {key.name} on the note does not verify")
+    raise Unauthorized(f"the note carries no signature by {key.name}")
+
+
 def verify_signed_body(text: str | bytes, vkey: VerifierKey | str) -> str:
     """The body of a note carrying a valid signature by ``vkey``.
 
     Raises BadInput if the note is malformed and Unauthorized if that signature is missing
     or does not verify.
     """
-    key = _as_verifier_key(vkey)
-    body, signatures = parse_note(text)
-    for sig in signatures:
-        if sig.name == key.name and sig.key_id == key.key_id:
-            if key.verify(body.encode(), sig.signature):
-                return body
-            raise Unauthorized(f"the signature of {key.name} on the note does not verify")
-    raise Unauthorized(f"the note carries no signature by {key.name}")
+    return _verified_signature(text, _as_verifier_key(vkey))[0]
+
+
+def signed_only_by(text: str | bytes, vkey: VerifierKey | str) -> str:
+    """The note with only ``vkey``'s valid signature kept (cosignatures dropped).
+
+    One checkpoint then has one text, whoever collected which cosignatures. Raises like
+    verify_signed_body.
+    """
+    body, signature = _verified_signature(text, _as_verifier_key(vkey))
+    return body + "\n" + signature.line()
 
 
 def verify_note(text: str | bytes, vkey: VerifierKey | str) -> Checkpoint:

@@ -34,7 +34,6 @@ from node.core.audit_rules import (
     check_against_saved,
     check_cosignatures,
     check_entry_times,
-    check_equivocation_proof,
     check_history,
     check_split_view,
     check_witness_entries,
@@ -53,9 +52,10 @@ from node.core.consent import (
     validate_grant,
 )
 from node.core.entries import LedgerEntry, decode_entry
+from node.core.equivocation import EquivocationProof, verify_equivocation
 from node.core.keys import VerifierKey, parse_verifier_key
 from node.core.notes import Checkpoint, parse_note
-from node.errors import BadInput, ImageShareError
+from node.errors import BadInput, ImageShareError, Unauthorized
 from node.services.audit_state import AuditState, SavedCheckpoint
 
 # A server may return fewer entries than asked; we ask for pages of this size.
@@ -131,11 +131,6 @@ async def get_body(
             reason = body[:200].decode(errors="replace").strip()
             raise BadInput(f"{url} answered {response.status}: {reason}")
         return body
-
-
-async def _status(session: aiohttp.ClientSession, url: str) -> int:
-    async with session.get(url) as response:
-        return response.status
 
 
 def _json(body: bytes, what: str) -> Any:
@@ -220,8 +215,6 @@ async def fetch_served_log(
     served = ServedLog(base, listing)
     url = f"{base}/ledger/logs/{listing.log_id}/checkpoint"
     try:
-        if listing.size == 0 and await _status(session, url) == 404:
-            return served  # an empty log with no checkpoint yet: nothing to judge
         note = (await get_body(session, url)).decode()
         served.note = note
         size = checkpoint_size(note)
@@ -532,7 +525,7 @@ def audit_views(
         intact = [h for h in ranked if h.intact]
         if intact:
             best[origin] = intact[0]
-    violations += _equivocations(views, keys, best)
+    violations += _equivocations(views, keys)
     violations += check_witness_entries(best)
     for history in best.values():
         violations += check_entry_times(history, now, clock_skew)
@@ -626,24 +619,22 @@ def locate_damage(held: Sequence[History]) -> list[Violation]:
     return violations
 
 
-def _equivocations(
-    views: Sequence[PeerView], keys: dict[str, VerifierKey], best: dict[str, History]
-) -> list[Violation]:
-    """Equivocation proofs served by nodes, each confirmed before it counts."""
+def _equivocations(views: Sequence[PeerView], keys: dict[str, VerifierKey]) -> list[Violation]:
+    """Equivocation proofs served by nodes, each verified on its own before it counts."""
     violations = []
     for view in views:
-        for proof in view.equivocations:
-            origin = proof.get("origin") if isinstance(proof, dict) else None
-            notes = proof.get("notes") if isinstance(proof, dict) else None
-            if origin not in keys or not isinstance(notes, list):
-                continue
-            if not all(isinstance(n, str) for n in notes):
-                continue
-            found = check_equivocation_proof(origin, keys[origin], notes, best.get(origin))
-            if found is not None:
-                violations.append(
-                    Violation(found.log, found.index, found.rule, found.detail, view.url)
-                )
+        for document in view.equivocations:
+            try:
+                proof = EquivocationProof.from_json(document)
+                key = keys.get(proof.origin)
+                if key is None:
+                    continue  # about a log no node serves: no key to check it with
+                verified = verify_equivocation(proof, key)
+            except (BadInput, Unauthorized):
+                continue  # a proof that does not hold proves nothing
+            violations.append(
+                Violation(proof.origin, None, "equivocation", verified.reason, view.url)
+            )
     return violations
 
 

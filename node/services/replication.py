@@ -1,7 +1,7 @@
 """Replication, witnessing and equivocation detection: every node mirrors every member's log.
 
 One task follows each member. A round asks the member for ``GET /ledger/logs`` (small),
-and for each log listed whose size differs from ours fetches the signed checkpoint,
+and for each log listed whose size or root differs from ours fetches the signed checkpoint,
 verifies it with the log's roster key, fetches the missing entries in batches and hands
 them to ``MirrorLog.extend``, which checks signature, well-formedness, hash chain and
 Merkle root before storing anything. Logs a member mirrors of other members are fetched
@@ -12,9 +12,12 @@ After verifying a checkpoint taken from the log's own node, this node cosigns it
 (tlog-cosignature) and hands the cosignature back with ``POST /p2p/cosignature``.
 
 Two validly signed checkpoints of one log that cannot both hold (same size and another
-root; or a smaller one whose root is not our prefix's root; or entries from the log's
-own node that do not extend what it signed before) are an equivocation: both notes are
-kept durably, served, logged, and that log's new entries are no longer accepted.
+root; a smaller one whose root is not our prefix's root; or a larger one whose tree, read
+whole from whoever serves it, has another prefix than ours) are an equivocation. It is
+kept as a self-contained proof (node.core.equivocation: the notes, plus the larger tree's
+root at the smaller size and its consistency proof), durably, served, pushed to every
+member, logged, and that log's new entries are no longer accepted. A proof a member
+reports is kept only if it verifies here with the log's roster key alone.
 
 A down or slow member stalls only its own task (timeouts, exponential backoff). When
 this node's own log grows, it tells every member at once (``POST /p2p/notify``) so that
@@ -31,6 +34,7 @@ import logging
 import os
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +43,8 @@ import msgpack
 import yarl
 
 from node.core import notes
-from node.core.merkle import verify_consistency
+from node.core.equivocation import EquivocationProof, VerifiedEquivocation, verify_equivocation
+from node.core.merkle import StreamingConsistency, leaf_hash, verify_consistency
 from node.core.roster import Member, log_id
 from node.core.signed_requests import NONCE_SIZE, make_headers, node_signer
 from node.errors import BadInput, Conflict, ImageShareError, Unauthorized
@@ -88,8 +93,9 @@ class PeerStatus:
     proofs_pulled_at: float = float("-inf")
     # The largest size of its own log the member announced in a signed notify.
     hinted_size: int = 0
-    # Log IDs whose view from this member was last compared at (their size, our size).
-    compared: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Log IDs whose copy at this member was last judged at (its listed size and root, our
+    # size), so that a listing whose root we cannot confirm is not fetched every round.
+    compared: dict[str, tuple[int, bytes | None, int]] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -358,6 +364,7 @@ class ReplicationService:
             listed_origin, size = item.get("origin"), item.get("size")
             if not isinstance(listed_origin, str) or not isinstance(size, int) or size < 0:
                 raise PeerFailure("GET /ledger/logs has an entry without origin and size")
+            root = _listed_root(item.get("root"))
             log_member = roster.get(listed_origin)
             if log_member is None or log_member.log_id in self._distrusted:
                 continue  # our own log, a non-member's, or one we no longer trust
@@ -365,25 +372,35 @@ class ReplicationService:
             if direct:
                 status.size_there = size
             try:
-                await self._sync_log(log_member, url, size, direct, status)
+                await self._sync_log(log_member, url, size, root, direct, status)
             except (PeerFailure, *PeerError) as exc:
                 if direct:
                     raise
                 log.info("copy of %s at %s not usable: %s", listed_origin, member.origin, exc)
 
     async def _sync_log(
-        self, log_member: Member, url: str, listed_size: int, direct: bool, status: PeerStatus
+        self,
+        log_member: Member,
+        url: str,
+        listed_size: int,
+        listed_root: bytes | None,
+        direct: bool,
+        status: PeerStatus,
     ) -> None:
+        """Bring one log up to what ``url`` serves of it, and judge that view against ours.
+
+        The listed (size, root) is compared with the verified mirror every round; only a
+        listing that says something new, or another root, costs a checkpoint fetch.
+        """
         mirror = self._mirror(log_member)
         ours = mirror.size()
         lid = log_member.log_id
-        if direct:
-            # Nothing new to fetch or to witness.
-            if listed_size == ours and self.cosigned_sizes.get(lid) == ours:
-                return
-        elif listed_size == 0 or status.compared.get(lid) == (listed_size, ours):
-            # An empty copy agrees with anything; others were compared at these sizes.
-            return
+        claim = (listed_size, listed_root, ours)
+        if listed_size <= ours and listed_root == mirror.root(listed_size):
+            if not direct or listed_size < ours or self.cosigned_sizes.get(lid) == ours:
+                return  # the same history as ours, and nothing left to witness
+        elif listed_root is not None and status.compared.get(lid) == claim:
+            return  # judged at this listing already; its signed checkpoint agreed
         base = f"{url}/ledger/logs/{lid}"
         note_bytes, _ = await self._get(base + "/checkpoint", MAX_CHECKPOINT_BYTES)
         note = note_bytes.decode("utf-8", errors="strict")
@@ -391,10 +408,11 @@ class ReplicationService:
         ours = mirror.size()
         if checkpoint.size <= ours:
             if mirror.root(checkpoint.size) != checkpoint.root_hash:
-                self._equivocation(
-                    log_member, mirror, note, "its root differs from the verified prefix here"
-                )
+                self._equivocation_against_held(log_member, mirror, note)
                 return
+            if checkpoint.size == ours and (direct or mirror.checkpoint_note() is None):
+                # The latest note, with the cosignatures it has collected, is served on.
+                await asyncio.to_thread(mirror.extend, [], note, log_member.vkey)
         else:
             entries = await self._fetch_entries(base, ours, checkpoint.size)
             # Several followers may fetch one log at once (from its node and from copies);
@@ -407,12 +425,14 @@ class ReplicationService:
                     await asyncio.to_thread(mirror.extend, entries, note, log_member.vkey)
                 except (Conflict, BadInput) as exc:
                     # The signature was checked first: the entries are bad, or the log forked.
-                    await self._judge_conflict(
-                        log_member, mirror, note, checkpoint, base, direct, exc
-                    )
+                    try:
+                        await self._judge_conflict(log_member, mirror, note, checkpoint, base, exc)
+                    except PeerFailure:
+                        status.compared[lid] = claim  # a bad copy: judged once, not each round
+                        raise
                     return
             log.info("mirrored %s up to %d from %s", log_member.origin, checkpoint.size, url)
-        status.compared[lid] = (listed_size, mirror.size())
+        status.compared[lid] = (listed_size, listed_root, mirror.size())
         if (
             direct
             and checkpoint.size == mirror.size()
@@ -420,13 +440,12 @@ class ReplicationService:
         ):
             await self._witness(log_member, url, checkpoint)
 
-    async def _fetch_entries(self, base: str, start: int, end: int) -> list[bytes]:
-        entries: list[bytes] = []
-        held = 0
-        while start + len(entries) < end:
-            first = start + len(entries)
-            last = min(first + ENTRY_BATCH, end)
-            body, _ = await self._get(f"{base}/entries?start={first}&end={last}", MAX_BATCH_BYTES)
+    async def _entry_batches(self, base: str, start: int, end: int) -> AsyncIterator[list[bytes]]:
+        """Entries start..end-1 from ``base``, in the batches the server answers."""
+        at = start
+        while at < end:
+            last = min(at + ENTRY_BATCH, end)
+            body, _ = await self._get(f"{base}/entries?start={at}&end={last}", MAX_BATCH_BYTES)
             try:
                 batch = msgpack.unpackb(body, raw=True)
             except (ValueError, TypeError, msgpack.UnpackException) as exc:
@@ -434,10 +453,17 @@ class ReplicationService:
             if (
                 not isinstance(batch, list)
                 or not batch
-                or len(batch) > last - first
+                or len(batch) > last - at
                 or not all(isinstance(e, bytes) for e in batch)
             ):
                 raise PeerFailure("entries answer is not a non-empty array of byte strings")
+            at += len(batch)
+            yield batch
+
+    async def _fetch_entries(self, base: str, start: int, end: int) -> list[bytes]:
+        entries: list[bytes] = []
+        held = 0
+        async for batch in self._entry_batches(base, start, end):
             entries.extend(batch)
             held += sum(len(e) for e in batch)
             if held > MAX_CATCHUP_BYTES:
@@ -451,14 +477,18 @@ class ReplicationService:
         note: str,
         checkpoint: notes.Checkpoint,
         base: str,
-        direct: bool,
         exc: Exception,
     ) -> None:
         """Entries did not extend our prefix to the signed root: bad copy, or equivocation?
 
-        The consistency proof decides: if it verifies, only the entries were bad.
+        If the source proves the signed tree consistent with ours, only its entries were
+        bad. Otherwise its whole history is streamed once (O(log n) hashes held): if it
+        gives the signed root, the log signed a tree with another prefix than ours, and
+        that history yields the proof; if not, the source serves a broken copy. Whoever
+        serves it, a tree whose root the log signed is the log's word.
         """
         ours = mirror.size()
+        our_root = mirror.root(ours)
         body, _ = await self._get(
             f"{base}/proof/consistency?old={ours}&new={checkpoint.size}", MAX_LISTING_BYTES
         )
@@ -466,82 +496,73 @@ class ReplicationService:
             proof = [base64.b64decode(h, validate=True) for h in json.loads(body)["proof"]]
         except (ValueError, KeyError, TypeError) as err:
             raise PeerFailure("consistency proof is malformed") from err
-        consistent = verify_consistency(
-            proof, ours, checkpoint.size, mirror.root(ours), checkpoint.root_hash
-        )
-        if consistent:
+        if verify_consistency(proof, ours, checkpoint.size, our_root, checkpoint.root_hash):
             raise PeerFailure(f"entries do not match the signed checkpoint: {exc}")
-        if direct:
-            # The log's own node signed a checkpoint it cannot prove extends its earlier one.
-            self._equivocation(log_member, mirror, note, "it does not extend the verified prefix")
-        else:
-            raise PeerFailure(f"copy of {log_member.origin} is inconsistent here: {exc}")
-
-    def _equivocation(self, log_member: Member, mirror: MirrorLog, note: str, reason: str) -> None:
-        self._keep_proof(
-            Equivocation(
-                log_member.log_id,
-                log_member.origin,
-                mirror.checkpoint_note() or "",
-                note,
-                f"two signed checkpoints of {log_member.origin} are inconsistent: {reason}",
-                int(time.time()),
-            )
+        tree = StreamingConsistency(ours, checkpoint.size)
+        async for batch in self._entry_batches(base, 0, checkpoint.size):
+            tree.push([leaf_hash(raw) for raw in batch])
+        if tree.new_root() != checkpoint.root_hash:
+            raise PeerFailure(f"copy of {log_member.origin} does not give its signed root: {exc}")
+        if tree.old_root() == our_root:
+            raise PeerFailure(f"entries of {log_member.origin} are malformed: {exc}")
+        held_note = mirror.checkpoint_note()
+        if held_note is None:
+            raise PeerFailure(f"no checkpoint of {log_member.origin} is held here")
+        self._keep_verified(
+            log_member,
+            EquivocationProof(
+                log_member.origin, (held_note, note), tree.old_root(), tuple(tree.proof())
+            ),
+            "found here",
         )
 
-    def _keep_proof(self, proof: Equivocation) -> bool:
-        """Store a proof, stop trusting the log, and pass a new proof on to every member."""
-        new = self.state.record_equivocation(proof)
+    def _equivocation_against_held(self, log_member: Member, mirror: MirrorLog, note: str) -> None:
+        """A signed checkpoint no larger than our mirror disagrees with it: prove it from ours."""
+        held_note = mirror.checkpoint_note()
+        if held_note is None:
+            raise PeerFailure(f"no checkpoint of {log_member.origin} is held here")
+        held = notes.verify_note(held_note, log_member.vkey).size
+        smaller = notes.verify_note(note, log_member.vkey).size
+        prefix = None if smaller == held else mirror.root(smaller)
+        path = () if smaller == held else tuple(mirror.consistency_proof(smaller, held))
+        self._keep_verified(
+            log_member,
+            EquivocationProof(log_member.origin, (note, held_note), prefix, path),
+            "found here",
+        )
+
+    def _keep_verified(self, log_member: Member, proof: EquivocationProof, how: str) -> bool:
+        """Verify a proof with the log's roster key, then keep it; True if it is new here.
+
+        Raises BadInput or Unauthorized (node.core.equivocation) if it does not verify.
+        """
+        verified: VerifiedEquivocation = verify_equivocation(proof, log_member.vkey)
+        found = Equivocation(
+            verified.proof,
+            f"two signed checkpoints of {log_member.origin} are inconsistent ({how}): "
+            f"{verified.reason}",
+            int(time.time()),
+        )
+        new = self.state.record_equivocation(found)
         if new:
             log.error(
-                "EQUIVOCATION by %s: %s; its new entries are refused", proof.origin, proof.reason
+                "EQUIVOCATION by %s: %s; its new entries are refused", found.origin, found.reason
             )
-            self._post_to_all("/p2p/equivocation", json.dumps(proof.as_json()).encode())
-        self._distrusted.add(proof.log_id)
+            self._post_to_all("/p2p/equivocation", json.dumps(found.as_json()).encode())
+        self._distrusted.add(found.log_id)
         return new
 
     def accept_proof(self, reporter: str, document: Any) -> bool:
-        """Check an equivocation proof a member reports and keep it; True if it is new here.
+        """Verify an equivocation proof a member reports and keep it; True if it is new here.
 
-        Raises BadInput if it is malformed, names no member's log, or cannot be confirmed
-        here, and Unauthorized if a note is not signed by the log's key.
+        Raises BadInput if it is malformed, names no member's log or does not show two
+        inconsistent checkpoints, and Unauthorized if a note is not signed by the log's key.
         """
-        try:
-            note_a, note_b = document["notes"]
-            member = self.roster.roster.by_log_id(str(document["log_id"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BadInput("an equivocation proof is {log_id, notes: [two notes]}") from exc
+        proof = EquivocationProof.from_json(document)
+        member = self.roster.roster.get(proof.origin)
         if member is None:
             raise BadInput("that proof is about no member's log")
-        if not isinstance(note_a, str) or not isinstance(note_b, str):
-            raise BadInput("the proof's notes must be text")
-        reason = self._confirm(member, note_a, note_b)
-        return self._keep_proof(
-            Equivocation(
-                member.log_id,
-                member.origin,
-                note_a,
-                note_b,
-                f"reported by {reporter} and confirmed here: {reason}",
-                int(time.time()),
-            )
-        )
-
-    def _confirm(self, member: Member, note_a: str, note_b: str) -> str:
-        """Why two notes prove that ``member`` equivocated; BadInput if that cannot be shown."""
-        first = notes.verify_note(note_a, member.vkey)
-        second = notes.verify_note(note_b, member.vkey)
-        if first.size == second.size:
-            if first.root_hash != second.root_hash:
-                return f"two different roots at size {first.size}"
-            raise BadInput("the two checkpoints agree")
-        # Different sizes: one of them must disagree with the prefix verified here.
-        mirror = self._mirror(member)
-        held = mirror.size()
-        for checkpoint in (first, second):
-            if checkpoint.size <= held and mirror.root(checkpoint.size) != checkpoint.root_hash:
-                return f"the checkpoint at size {checkpoint.size} differs from the log here"
-        raise BadInput("this node cannot confirm that proof")
+        return self._keep_verified(member, proof, f"reported by {reporter}, verified here")
 
     async def _pull_proofs(self, member: Member, url: str, status: PeerStatus) -> None:
         """Take the equivocation proofs a member holds (pushed proofs may have been missed)."""
@@ -553,8 +574,10 @@ class ReplicationService:
             log.info("no equivocation list from %s: %s", member.origin, exc)
             return
         for proof in proofs if isinstance(proofs, list) else []:
-            with contextlib.suppress(*PeerError):
+            try:
                 self.accept_proof(member.origin, proof)
+            except PeerError as exc:
+                log.info("an equivocation proof from %s does not hold: %s", member.origin, exc)
 
     async def _witness(self, log_member: Member, url: str, checkpoint: notes.Checkpoint) -> None:
         """Cosign a verified checkpoint and hand it to the log's node (best effort)."""
@@ -687,6 +710,17 @@ class ReplicationService:
             "ignored_by_discovery": dict(self.ignored_by_discovery),
             "traffic": self.traffic.as_json(),
         }
+
+
+def _listed_root(value: Any) -> bytes | None:
+    """The root a listing row claims (base64), or None if it names none or garbage."""
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    try:
+        root = base64.b64decode(value, validate=True)
+    except ValueError:
+        return None
+    return root if len(root) == 32 else None
 
 
 def replication_of(runtime: NodeRuntime) -> ReplicationService:

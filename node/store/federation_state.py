@@ -2,8 +2,9 @@
 
 ``peers.toml`` in the data directory holds the members added with ``imageshare peers
 add`` (the same ``[[peers]]`` tables as node.toml); the daemon re-reads it when it
-changes. ``federation.sqlite`` holds equivocations: pairs of validly signed, inconsistent
-checkpoints of one log, kept forever as the proof that its node misbehaved.
+changes. ``federation.sqlite`` holds equivocations: verified proofs (two validly signed,
+inconsistent checkpoints of one log and the hashes that show it, node.core.equivocation),
+kept forever as the proof that its node misbehaved.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from node.core.equivocation import EquivocationProof
+from node.core.merkle import HASH_SIZE
 from node.core.roster import Member, make_member
 from node.errors import ConfigError, ImageShareError
 from node.store.sqlite import connect_durable
@@ -73,23 +76,23 @@ def write_roster_file(path: Path, members: list[Member]) -> None:
 
 @dataclass(frozen=True)
 class Equivocation:
-    """Two checkpoints of one log, both validly signed by its key, that cannot both hold."""
+    """A verified equivocation proof, why it holds, and when this node first had it."""
 
-    log_id: str
-    origin: str
-    note_a: str
-    note_b: str
+    proof: EquivocationProof
     reason: str
     detected_at: int
 
+    @property
+    def log_id(self) -> str:
+        return self.proof.log_id
+
+    @property
+    def origin(self) -> str:
+        return self.proof.origin
+
     def as_json(self) -> dict[str, object]:
-        return {
-            "log_id": self.log_id,
-            "origin": self.origin,
-            "notes": [self.note_a, self.note_b],
-            "reason": self.reason,
-            "detected_at": self.detected_at,
-        }
+        """The wire form of node.core.equivocation, with the reason and time."""
+        return {**self.proof.as_json(), "reason": self.reason, "detected_at": self.detected_at}
 
 
 class FederationState:
@@ -102,32 +105,51 @@ class FederationState:
             "CREATE TABLE IF NOT EXISTS equivocations ("
             " log_id TEXT NOT NULL, origin TEXT NOT NULL, note_a TEXT NOT NULL,"
             " note_b TEXT NOT NULL, reason TEXT NOT NULL, detected_at INTEGER NOT NULL,"
+            " prefix_root BLOB, consistency BLOB NOT NULL DEFAULT x'',"
             " PRIMARY KEY (log_id, note_a, note_b))"
         )
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(equivocations)")}
+        if "prefix_root" not in columns:  # a table from before proofs were self-contained
+            self._db.execute("ALTER TABLE equivocations ADD COLUMN prefix_root BLOB")
+            self._db.execute(
+                "ALTER TABLE equivocations ADD COLUMN consistency BLOB NOT NULL DEFAULT x''"
+            )
 
-    def record_equivocation(self, proof: Equivocation) -> bool:
-        """Keep the proof durably; False if this pair was already recorded."""
+    def record_equivocation(self, found: Equivocation) -> bool:
+        """Keep the proof durably; False if this pair of notes was already recorded."""
+        proof = found.proof
         with self._lock:
             cursor = self._db.execute(
-                "INSERT OR IGNORE INTO equivocations VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO equivocations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     proof.log_id,
                     proof.origin,
-                    proof.note_a,
-                    proof.note_b,
-                    proof.reason,
-                    proof.detected_at,
+                    proof.notes[0],
+                    proof.notes[1],
+                    found.reason,
+                    found.detected_at,
+                    proof.prefix_root,
+                    b"".join(proof.consistency),
                 ),
             )
             return cursor.rowcount == 1
 
     def equivocations(self) -> list[Equivocation]:
+        """Every proof kept, oldest first."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT log_id, origin, note_a, note_b, reason, detected_at"
+                "SELECT origin, note_a, note_b, prefix_root, consistency, reason, detected_at"
                 " FROM equivocations ORDER BY detected_at, log_id"
             ).fetchall()
-        return [Equivocation(*row) for row in rows]
+        found = []
+        for origin, note_a, note_b, prefix_root, consistency, reason, detected_at in rows:
+            hashes = tuple(
+                bytes(consistency[i : i + HASH_SIZE]) for i in range(0, len(consistency), HASH_SIZE)
+            )
+            root = None if prefix_root is None else bytes(prefix_root)
+            proof = EquivocationProof(origin, (note_a, note_b), root, hashes)
+            found.append(Equivocation(proof, reason, detected_at))
+        return found
 
     def equivocating_logs(self) -> set[str]:
         """Log IDs whose new entries are no longer accepted."""

@@ -19,6 +19,7 @@ queued so far, commits them together, and wakes the others.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import sqlite3
@@ -105,16 +106,23 @@ def log_id_of(origin: str) -> bytes:
 
 @dataclass(frozen=True)
 class LogInfo:
-    """One stored log as /ledger/logs lists it (log_id in lowercase hex)."""
+    """One stored log as /ledger/logs lists it (log_id in lowercase hex, root at size)."""
 
     origin: str
     log_id: str
     vkey: str
     size: int
     own: bool = False
+    root: bytes = EMPTY_ROOT
 
     def as_json(self) -> dict[str, Any]:
-        return {"origin": self.origin, "log_id": self.log_id, "vkey": self.vkey, "size": self.size}
+        return {
+            "origin": self.origin,
+            "log_id": self.log_id,
+            "vkey": self.vkey,
+            "size": self.size,
+            "root": base64.b64encode(self.root).decode(),
+        }
 
 
 @dataclass(frozen=True)
@@ -232,6 +240,7 @@ class LedgerStore:
         self.writer = self._connect()
         self.writer.executescript(SCHEMA)
         self._logs: dict[str, StoredLog] = {}
+        self._roots: dict[int, tuple[int, bytes]] = {}  # log row -> (size, root) last listed
 
     def _connect(self) -> sqlite3.Connection:
         conn = connect_durable(self.path, busy_timeout=30.0)
@@ -331,11 +340,24 @@ class LedgerStore:
         return log
 
     def logs(self) -> list[LogInfo]:
-        """Every stored log, this node's own first."""
-        rows = self.reader.execute(
-            "SELECT origin, log_id, vkey, size, own FROM logs ORDER BY own DESC, origin"
+        """Every log this node can serve, its own first: a mirror once it holds a checkpoint.
+
+        A mirror is created empty before anything of it is verified; until a signed
+        checkpoint of it is stored there is nothing of it to serve, so it is not listed.
+        """
+        conn = self.reader
+        rows = conn.execute(
+            "SELECT id, origin, log_id, vkey, size, own FROM logs"
+            " WHERE own = 1 OR checkpoint IS NOT NULL ORDER BY own DESC, origin"
         ).fetchall()
-        return [LogInfo(o, bytes(i).hex(), v, s, bool(own)) for o, i, v, s, own in rows]
+        infos = []
+        for rowid, origin, log_id, vkey, size, own in rows:
+            root = self._roots.get(rowid)
+            if root is None or root[0] != size:
+                # Logs only grow: a root at a size never changes, so one per log is kept.
+                root = self._roots[rowid] = (size, tree_root(_Reader(conn, rowid), size))
+            infos.append(LogInfo(origin, bytes(log_id).hex(), vkey, size, bool(own), root[1]))
+        return infos
 
     def log_by_id(self, log_id_hex: str) -> StoredLog | None:
         """The stored log with this hex log ID, or None."""

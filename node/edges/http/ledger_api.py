@@ -1,6 +1,6 @@
 """The read-only ledger API under /ledger: public, for peers, wallets and auditors.
 
-    GET /ledger/logs                                         JSON list of stored logs
+    GET /ledger/logs                                         JSON list of logs served here
     GET /ledger/logs/{log_id}/checkpoint                     signed note (text/plain)
     GET /ledger/logs/{log_id}/entries?start=A&end=B          msgpack array of raw entries
     GET /ledger/logs/{log_id}/proof/inclusion?index=I&size=N JSON RFC 9162 audit path

@@ -4,8 +4,8 @@
 - ``POST /p2p/notify``          JSON {"log_id", "size"}: the caller's log grew; fetch it now
 - ``POST /p2p/cosignature``     text/plain note: a checkpoint body of this node's log and
                                 the caller's tlog-cosignature of it
-- ``POST /p2p/equivocation``    JSON proof {log_id, notes: [a, b], ...} the caller found;
-                                kept only if confirmed here
+- ``POST /p2p/equivocation``    JSON equivocation proof (node.core.equivocation) the caller
+                                holds; kept only if it verifies here with the log's key
 - ``POST /p2p/address-proof``   JSON {"challenge": hex, "url"}: this node's signature that
                                 it holds its key at that URL (discovery's challenge)
 - ``GET  /ledger/equivocations`` public: every equivocation proof this node holds
