@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script: make `node` and `tests.support` importable
+if str(ROOT) not in sys.path:  # run as a script: make `node` importable
     sys.path.insert(0, str(ROOT))
 
 import msgpack  # noqa: E402
@@ -45,7 +45,7 @@ import pydicom  # noqa: E402
 
 from node.core.entries import decode_entry  # noqa: E402
 from node.core.roster import log_id  # noqa: E402
-from tests.support.studies import make_ct_study  # noqa: E402
+from node.samples import make_ct_study  # noqa: E402
 
 DEFAULT_DEMO_DIR = ROOT / "demo-data"
 DEMO_MARKER = ".imageshare-demo"

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pydicom
 
+from node.samples import make_ct_study
 from node.services.ingest import import_files
 from node.store.attributes import ATTRIBUTES, INDEXED, TABLES, UNIQUE_KEYS, Level
 from node.store.dicom_header import parse_header
 from node.store.instances import SCHEMA, InstanceStore
 from node.store.queries import parse_qido, run_query
-from tests.support.studies import make_ct_study
 
 # Values for the attributes make_ct_study leaves out.
 EXTRA = {

@@ -15,12 +15,12 @@ from node.core.consent import sign_revocation, token_id_of
 from node.core.entries import decode_entry
 from node.core.patient_keys import PatientKey
 from node.errors import Conflict, Forbidden, NotFound
+from node.samples import SyntheticStudy, make_ct_study
 from node.services import consent
 from node.services.ledger import ledger_service
 from node.services.runtime import NodeRuntime, open_runtime
 from tests.support.nodes import init_node, run_cli
 from tests.support.patients import make_grant
-from tests.support.studies import SyntheticStudy, make_ct_study
 
 CUSTODIAN = "a.example/imageshare"
 GRANTEE = "b.example/imageshare"

@@ -11,8 +11,8 @@ import requests
 
 from node.config import load_config
 from node.errors import ConfigError
+from node.samples import make_ct_study
 from tests.support.nodes import NodeProcess, init_node
-from tests.support.studies import make_ct_study
 
 VIEWER = "https://viewer.hospital.example:3000"
 HOSTILE = "https://attacker.example"

@@ -33,6 +33,7 @@ from node.core.keys import NodeIdentity
 from node.core.patient_keys import PatientKey
 from node.core.roster import key_fingerprint, log_id
 from node.errors import BadInput
+from node.samples import SyntheticStudy, make_ct_study
 from node.services.roster import add_peer
 from node.services.status import StudyQuery, describe_entry
 from node.store.ledger import LedgerStore
@@ -41,7 +42,6 @@ from tests.support.browser import ChromiumSession, RecordedPage, chromium_sessio
 from tests.support.nodes import NodeProcess, free_port, init_node, wait_until
 from tests.support.patients import enroll_new_key, make_grant
 from tests.support.proxy import TcpProxy
-from tests.support.studies import SyntheticStudy, make_ct_study
 
 # A description that would load an image from another origin if it were put in the page
 # as HTML: the page must show it as text and make no such request.

@@ -27,12 +27,12 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from node.config import DimseCaller, load_config
 from node.edges.dimse import DimseGateway
+from node.samples import SyntheticStudy, make_ct_study
 from node.services.dimse_query import Model, find
 from node.services.ingest import import_files
 from node.services.runtime import open_runtime
 from node.store.instances import InstanceStore
 from tests.support.nodes import NodeProcess, free_port, init_node, wait_until
-from tests.support.studies import SyntheticStudy, make_ct_study
 
 SCU = "TESTSCU"
 MAX_INSTANCE_BYTES = 2_000_000

@@ -24,8 +24,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from node.config import DimseCaller, DimseConfig, load_config
 from node.edges.dimse import known_caller
 from node.errors import ConfigError
+from node.samples import SyntheticStudy, make_ct_study
 from tests.support.nodes import NodeProcess, free_port, init_node, wait_until
-from tests.support.studies import SyntheticStudy, make_ct_study
 from tests.test_dimse import DCMTK_ENV, dcmtk
 
 VIEWER = "VIEWER"  # a configured caller on 127.0.0.1, the address DCMTK's tools call from

@@ -21,12 +21,12 @@ from node.core.consent import parse_token_text
 from node.core.keys import NodeIdentity, parse_verifier_key
 from node.core.roster import address_proof_bytes, key_fingerprint
 from node.core.signed_requests import b64url_encode
+from node.samples import make_ct_study
 from node.services.discovery import SERVICE_TYPE
 from node.services.roster import add_peer
 from node.services.wallet import Wallet
 from tests.support.hostile import HostileServer, Received
 from tests.support.nodes import NodeProcess, wait_until
-from tests.support.studies import make_ct_study
 
 
 def federation(node: NodeProcess) -> dict[str, Any]:

@@ -26,10 +26,10 @@ from node.core.consent import GrantFields, sign_grant, token_text
 from node.core.keys import NodeIdentity, parse_verifier_key
 from node.core.refusals import REFUSAL_HEADER, sign_refusal, verify_refusal
 from node.core.signed_requests import parse_headers
+from node.samples import make_ct_study
 from node.services.wallet import Wallet
 from tests.support.hostile import HostileServer, Received, Relayed, Responder
 from tests.support.nodes import NodeProcess, init_node
-from tests.support.studies import make_ct_study
 
 FORGED_BODY = {"error": "refused (revoked): the patient revoked this grant", "rule": "revoked"}
 

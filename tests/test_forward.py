@@ -11,9 +11,9 @@ from typing import Any
 import pydicom
 import pytest
 
+from node.samples import SyntheticStudy, make_ct_study
 from node.store.forward_state import ForwardState
 from tests.support.nodes import NodeProcess, free_port, wait_until
-from tests.support.studies import SyntheticStudy, make_ct_study
 
 PACS = "PACS"
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}

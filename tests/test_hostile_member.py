@@ -36,10 +36,10 @@ from node.core.manifest import OpenRequest
 from node.core.patient_keys import PatientKey
 from node.core.roster import log_id
 from node.core.signed_requests import make_headers, node_signer
+from node.samples import make_ct_study
 from node.store.secrets import read_seed
 from tests.support.nodes import NodeProcess, init_node, wait_until
 from tests.support.patients import make_grant, send, signed_headers
-from tests.support.studies import make_ct_study
 
 A_ORIGIN = "a.example/imageshare"
 B_ORIGIN = "b.example/imageshare"

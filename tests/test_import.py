@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import requests
 
+from node.samples import SyntheticStudy, make_ct_study
 from node.store.instances import InstanceStore
 from tests.support.memory import peak_rss_bytes, run_with_peak_rss
 from tests.support.nodes import IMAGESHARE, NodeProcess, init_node, wait_until
-from tests.support.studies import SyntheticStudy, make_ct_study
 
 pytestmark = pytest.mark.slow
 

@@ -14,10 +14,10 @@ import pytest
 
 from node.core.consent import sign_revocation, token_id_of
 from node.core.patient_keys import PatientKey, b64url
+from node.samples import make_ct_study
 from tests.support import patients
 from tests.support.nodes import NodeProcess, init_node
 from tests.support.patients import call, send, signed_headers
-from tests.support.studies import make_ct_study
 
 CUSTODIAN = "a.example/imageshare"
 GRANTEE = "b.example/imageshare"

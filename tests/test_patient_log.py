@@ -20,9 +20,9 @@ import pytest
 from aiohttp import web
 
 from node.core.entries import decode_entry
+from node.samples import make_ct_study
 from node.services.wallet import Wallet
 from tests.support.nodes import NodeProcess, free_port, init_node, run_cli, wait_until
-from tests.support.studies import make_ct_study
 
 T = TypeVar("T")
 

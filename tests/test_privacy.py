@@ -15,12 +15,12 @@ import pytest
 from node.core.consent import sign_revocation, token_id_of, token_text
 from node.core.entries import decode_entry
 from node.core.patient_keys import from_b64url
+from node.samples import SyntheticStudy, make_ct_study
 from node.services import consent
 from node.services.runtime import open_runtime
 from tests.support.nodes import NodeProcess, init_node
 from tests.support.patients import call, enroll_new_key, make_grant
 from tests.support.privacy import sweep
-from tests.support.studies import SyntheticStudy, make_ct_study
 
 PATIENTS = [
     # (node, MRN, name, birth date, accession)

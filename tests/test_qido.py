@@ -12,8 +12,8 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 
 from node.core.dicom_json import attribute
+from node.samples import SyntheticStudy, make_ct_study
 from tests.support.nodes import NodeProcess, init_node
-from tests.support.studies import SyntheticStudy, make_ct_study
 
 
 def make_study(

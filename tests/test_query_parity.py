@@ -28,6 +28,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from node.errors import BadInput, PayloadTooLarge
+from node.samples import make_ct_study
 from node.services.dimse_query import Model, find
 from node.services.ingest import import_files
 from node.store import queries
@@ -35,7 +36,6 @@ from node.store.attributes import Level
 from node.store.instances import InstanceStore
 from node.store.queries import parse_qido, run_query
 from tests.support.nodes import NodeProcess, init_node
-from tests.support.studies import make_ct_study
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 

@@ -33,6 +33,7 @@ from pynetdicom import AE
 from node.config import load_config
 from node.core.keys import NodeIdentity
 from node.core.roster import log_id
+from node.samples import make_ct_study
 from node.services.roster import add_peer
 from node.services.wallet import Wallet
 from node.store.ledger import LedgerStore
@@ -41,7 +42,6 @@ from tests.support import faults
 from tests.support.nodes import NodeProcess, init_node, wait_until
 from tests.support.patients import call, enroll_new_key, make_grant
 from tests.support.proxy import TcpProxy
-from tests.support.studies import make_ct_study
 
 Factory = Callable[..., NodeProcess]
 BOUNDARY = "reliability-boundary"

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from node.core.patient_keys import PatientKey
+from node.samples import make_ct_study
 from node.services import consent
 from node.services.runtime import open_runtime
 from tests.support.nodes import NodeProcess, init_node
 from tests.support.patients import send, signed_headers
-from tests.support.studies import make_ct_study
 
 CUSTODIAN = "a.example/imageshare"
 

@@ -47,6 +47,7 @@ from node.edges.http import app as http_app
 from node.edges.http.multipart import parse_accept
 from node.edges.http.signed import signed_request
 from node.errors import BadInput, Unauthorized
+from node.samples import SyntheticStudy, make_ct_study
 from node.services.roster import add_peer
 from node.services.runtime import open_runtime
 from node.store.attributes import Level
@@ -56,7 +57,6 @@ from node.store.secrets import read_seed
 from tests.support import faults
 from tests.support.nodes import NodeProcess, init_node, wait_until
 from tests.support.patients import call, enroll_new_key, make_grant, send, signed_headers
-from tests.support.studies import SyntheticStudy, make_ct_study
 
 FAIL_CLOSED = (BadInput, Unauthorized)
 FUZZ = settings(max_examples=200, deadline=None)

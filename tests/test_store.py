@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from node.errors import BadInput, PayloadTooLarge
+from node.samples import SyntheticStudy, make_ct_study
 from node.store import queries
 from node.store.attributes import Level
 from node.store.instances import InstanceStore, Outcome
 from node.store.queries import parse_qido, run_query
-from tests.support.studies import SyntheticStudy, make_ct_study
 
 
 @pytest.fixture

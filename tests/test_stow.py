@@ -15,8 +15,8 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from requests.exceptions import HTTPError
 
+from node.samples import make_ct_study
 from tests.support.nodes import NodeProcess, init_node, wait_until
-from tests.support.studies import make_ct_study
 
 BOUNDARY = "stow-test-boundary"
 CONTENT_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'

@@ -31,11 +31,11 @@ from node.core.keys import NodeIdentity
 from node.core.manifest import OpenRequest, encode_handles
 from node.core.roster import log_id
 from node.core.signed_requests import make_headers, node_signer
+from node.samples import SyntheticStudy, make_ct_study
 from node.services.wallet import Wallet
 from node.store.secrets import read_seed
 from tests.support.nodes import IMAGESHARE, NodeProcess, init_node, run_cli, wait_until
 from tests.support.proxy import TcpProxy
-from tests.support.studies import SyntheticStudy, make_ct_study
 
 
 @dataclass

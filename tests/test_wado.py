@@ -14,8 +14,8 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.data import get_testdata_file
 from pydicom.encaps import generate_frames
 
+from node.samples import SyntheticStudy, make_ct_study
 from tests.support.nodes import NodeProcess, init_node
-from tests.support.studies import SyntheticStudy, make_ct_study
 
 # The origin of a browser viewer served from elsewhere, configured in [http] cors_origins.
 VIEWER = "http://viewer.example:3000"

@@ -17,10 +17,10 @@ from node.core.entries import LedgerEntry, encode_entry
 from node.core.keys import NodeIdentity
 from node.core.merkle import ZERO_HASH, MemoryTree, inclusion_proof, leaf_hash
 from node.core.notes import Checkpoint, sign_note
+from node.samples import make_ct_study
 from node.services.wallet import Custodian, ProofFailed, verify_recorded
 from tests.support.nodes import NodeProcess, free_port, init_node, run_cli
 from tests.support.proxy import TcpProxy
-from tests.support.studies import make_ct_study
 
 GRANTEE = "b.example/imageshare"
 NO_PASSPHRASE = {"IMAGESHARE_WALLET_PASSPHRASE": ""}

@@ -39,12 +39,12 @@ from node.core.encoding import canonical_encode
 from node.core.patient_keys import PatientKey, parse_public_key
 from node.core.signed_requests import check_signature, parse_headers
 from node.errors import BadInput
+from node.samples import SyntheticStudy, make_ct_study
 from node.services.previews import render_preview
 from node.services.wallet import Wallet
 from tests.support.browser import chromium_session
 from tests.support.nodes import NodeProcess, init_node, wait_until
 from tests.support.patients import signed_headers
-from tests.support.studies import SyntheticStudy, make_ct_study
 from tests.support.vectors import rfc6962_vectors
 
 PHONE = (390, 844)

@@ -21,6 +21,7 @@ import urllib.parse
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from node.samples import SyntheticStudy, make_ct_study
 from scripts.benchmarks.common import BenchContext, Row
 from scripts.benchmarks.orthanc import (
     OrthancServer,
@@ -30,7 +31,6 @@ from scripts.benchmarks.orthanc import (
     storescu_command_text,
 )
 from tests.support.nodes import IMAGESHARE, NodeProcess, init_node
-from tests.support.studies import SyntheticStudy, make_ct_study
 
 # The reference workload: 2 series of 512x512 16-bit CT slices, 200 each (20 when quick).
 SERIES, SIZE = 2, 512

@@ -19,6 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from node.samples import SyntheticStudy
 from scripts.benchmarks.common import BenchContext, Row
 from scripts.benchmarks.dataplane import (
     NOT_AVAILABLE,
@@ -30,7 +31,6 @@ from scripts.benchmarks.dataplane import (
 )
 from scripts.benchmarks.orthanc import OrthancServer, storescu
 from tests.support.nodes import NodeProcess, init_node, run_cli
-from tests.support.studies import SyntheticStudy
 
 PEER_NAME = "receiver"
 FETCH_POLL_SECONDS = 0.01

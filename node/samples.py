@@ -1,4 +1,5 @@
-"""Synthetic DICOM studies written as real Part 10 files."""
+"""Synthetic CT studies written as real Part 10 files: sample data for the demo, the
+benchmarks and the tests (no PHI of anyone real; random or patterned pixels)."""
 
 from __future__ import annotations
 
