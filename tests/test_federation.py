@@ -440,7 +440,7 @@ class TestEquivocation:
                 return held
 
             for node in (a, b):
-                found = wait_until(lambda n=node: proofs(n), timeout=20, message="the proof")
+                found = wait_until(lambda n=node: proofs(n), timeout=60, message="the proof")
                 assert found[0]["origin"] == x.origin
                 note_a, note_b = found[0]["notes"]
                 assert note_a != note_b
