@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import socket
-import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -36,13 +35,11 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 
 from node.core.roster import CHALLENGE_SIZE, Member, key_fingerprint, verify_address_proof
 from node.core.signed_requests import (
-    NONCE_SIZE,
     SIGNATURE_SIZE,
     b64url_decode,
-    make_headers,
-    node_signer,
 )
 from node.errors import Unauthorized
+from node.services.peer_requests import node_signed_headers
 from node.services.replication import ReplicationService, replication_of
 from node.services.runtime import NodeRuntime
 
@@ -225,16 +222,7 @@ class DiscoveryService:
         body = json.dumps({"challenge": challenge.hex(), "url": url}).encode()
         target = yarl.URL(url + ADDRESS_PROOF_PATH)
         identity = self.runtime.identity
-        headers = make_headers(
-            identity.sign,
-            node_signer(identity.origin),
-            "POST",
-            target.raw_path_qs,
-            body,
-            int(time.time()),
-            os.urandom(NONCE_SIZE),
-            audience=member.origin,
-        )
+        headers = node_signed_headers(identity, "POST", target, body, member.origin)
         try:
             async with self._session.post(target, data=body, headers=headers) as response:
                 if response.status != 200:

@@ -31,7 +31,6 @@ import base64
 import contextlib
 import json
 import logging
-import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -46,8 +45,8 @@ from node.core import notes
 from node.core.equivocation import EquivocationProof, VerifiedEquivocation, verify_equivocation
 from node.core.merkle import StreamingConsistency, leaf_hash, verify_consistency
 from node.core.roster import Member, log_id
-from node.core.signed_requests import NONCE_SIZE, make_headers, node_signer
 from node.errors import BadInput, Conflict, ImageShareError, Unauthorized
+from node.services.peer_requests import node_signed_headers
 from node.services.roster import RosterService, roster_of
 from node.services.runtime import NodeRuntime
 from node.store.federation_state import STATE_FILE, Equivocation, FederationState
@@ -601,16 +600,7 @@ class ReplicationService:
         assert self._session is not None
         identity = self.runtime.identity
         target = yarl.URL(url)
-        headers = make_headers(
-            identity.sign,
-            node_signer(identity.origin),
-            method,
-            target.raw_path_qs,
-            body,
-            int(time.time()),
-            os.urandom(NONCE_SIZE),
-            audience=audience,
-        )
+        headers = node_signed_headers(identity, method, target, body, audience)
         return self._session.request(method, target, data=body, headers=headers)
 
     def _size_hint(self, size: int) -> bytes:

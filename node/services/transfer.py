@@ -27,7 +27,6 @@ import collections
 import contextlib
 import json
 import logging
-import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Generator
@@ -72,15 +71,13 @@ from node.core.manifest import (
 from node.core.refusals import REFUSAL_HEADER, is_refusal, verify_refusal
 from node.core.roster import Member
 from node.core.signed_requests import (
-    NONCE_SIZE,
     SignedHeaders,
-    make_headers,
-    node_signer,
     parse_headers,
 )
 from node.errors import BadInput, Forbidden, ImageShareError, NotFound, Unauthorized
 from node.services.consent import check_access, resolve_study_reference
 from node.services.ledger import LedgerService, ledger_service
+from node.services.peer_requests import node_signed_headers
 from node.services.roster import roster_of
 from node.services.runtime import NodeRuntime
 from node.store.instances import StagedInstance, StagingFile
@@ -664,16 +661,7 @@ class TransferService:
         only if the custodian signed it for this request, else CustodianUnreachable)."""
         identity = self.runtime.identity
         target = yarl.URL(url)
-        headers = make_headers(
-            identity.sign,
-            node_signer(identity.origin),
-            "POST",
-            target.raw_path_qs,
-            body,
-            int(time.time()),
-            os.urandom(NONCE_SIZE),
-            audience=custodian.origin,
-        )
+        headers = node_signed_headers(identity, "POST", target, body, custodian.origin)
         try:
             response = await http.post(target, data=body, headers=headers)
         except (TimeoutError, aiohttp.ClientConnectionError, OSError) as exc:
