@@ -76,6 +76,9 @@ class ForwardConfig:
 class StoreConfig:
     # Largest single DICOM instance accepted, in bytes.
     max_instance_bytes: int = 1024**3
+    # Most times a Deflated Explicit VR Little Endian dataset may inflate (past its first
+    # 16 MiB); with max_instance_bytes it bounds a deflate bomb, received or stored.
+    max_inflation_ratio: float = 100.0
     # Instances written between two durable commits during bulk ingest.
     batch_size: int = 64
 

@@ -236,7 +236,7 @@ class DimseGateway:
             if event.is_cancelled:
                 yield STATUS_CANCEL, None
                 return
-            yield STATUS_PENDING, read_instance(record)
+            yield STATUS_PENDING, read_instance(self.runtime.store, record)
 
     def on_get(self, event: Event) -> Iterator[Any]:
         try:
