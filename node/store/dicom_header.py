@@ -62,16 +62,12 @@ class InflateLimits:
     max_bytes: int
     max_ratio: float
 
-    def check(self, inflated: int, compressed: int) -> None:
+    def check(self, inflated: int, compressed: int, what: str = "the deflated dataset") -> None:
         """Raise PayloadTooLarge once ``inflated`` bytes from ``compressed`` are too many."""
         if inflated > self.max_bytes:
-            raise PayloadTooLarge(
-                f"the deflated dataset inflates past the instance limit of {self.max_bytes} bytes"
-            )
+            raise PayloadTooLarge(f"{what} inflates past the limit of {self.max_bytes} bytes")
         if inflated > RATIO_FREE_BYTES and inflated > self.max_ratio * compressed:
-            raise PayloadTooLarge(
-                f"the deflated dataset inflates more than {self.max_ratio:g} times its size"
-            )
+            raise PayloadTooLarge(f"{what} inflates more than {self.max_ratio:g} times its size")
 
 
 class _InflatingReader(io.RawIOBase):

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 
 from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from node.errors import BadInput, ImageShareError, PayloadTooLarge
 from node.services.dicomweb import OutgoingPart
+from node.store.dicom_header import InflateLimits
 
 log = logging.getLogger(__name__)
 
@@ -187,14 +189,26 @@ class BodyTooLarge(PayloadTooLarge):
     """The whole request body is over the configured limit."""
 
 
+# Errors of reading a request body: cut off, or a Content-Encoding that does not decode.
+BODY_READ_ERRORS = (HttpProcessingError, RequestPayloadError)
+
+
 class StreamedParts:
     """The parts of a multipart/related upload, read as a stream.
 
     Raises UnsupportedMediaType for another content type, BadInput for a malformed body,
-    BodyTooLarge once more than ``max_body_bytes`` have arrived.
+    BodyTooLarge once more than ``max_body_bytes`` have arrived. A body with a
+    Content-Encoding (decoded by aiohttp as it is read) is also BodyTooLarge once it has
+    inflated more than ``max_inflation_ratio`` times what arrived, as a deflated dataset.
     """
 
-    def __init__(self, request: web.Request, part_type: str, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        request: web.Request,
+        part_type: str,
+        max_body_bytes: int,
+        max_inflation_ratio: float,
+    ) -> None:
         media = parse_media_type(request.headers.get("Content-Type", ""))
         if not media.is_multipart_related:
             raise UnsupportedMediaType("the body must be multipart/related")
@@ -208,19 +222,33 @@ class StreamedParts:
         self.request = request
         self.part_type = part_type
         self.max_body_bytes = max_body_bytes
+        encoding = request.headers.get("Content-Encoding", "").strip().lower()
+        self._inflate_limits = (
+            InflateLimits(max_body_bytes, max_inflation_ratio)
+            if encoding not in ("", "identity")
+            else None
+        )
         self._reader = MultipartReader(request.headers, request.content)
 
     def check_size(self) -> None:
-        if self.request.content.total_bytes > self.max_body_bytes:
+        content = self.request.content
+        if content.total_bytes > self.max_body_bytes:
             raise BodyTooLarge(f"the request body is over the limit of {self.max_body_bytes} bytes")
+        if self._inflate_limits is not None:
+            try:
+                self._inflate_limits.check(
+                    content.total_bytes, content.total_raw_bytes, "the encoded request body"
+                )
+            except PayloadTooLarge as exc:
+                raise BodyTooLarge(str(exc)) from exc
 
     async def __aiter__(self) -> AsyncIterator[BodyPartReader]:
         while True:
             try:
                 part = await self._reader.next()
-            except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as exc:
+            except (ValueError, AssertionError, RuntimeError, *BODY_READ_ERRORS) as exc:
                 # HttpProcessingError: a part header that is not a valid HTTP header.
-                raise BadInput(f"malformed multipart body: {exc}") from exc
+                raise BadInput(f"malformed multipart body: {_reason(exc)}") from exc
             except ConnectionError as exc:
                 raise BadInput("the client closed the connection before the body ended") from exc
             self.check_size()
@@ -236,9 +264,14 @@ class StreamedParts:
     async def read_chunk(self, part: BodyPartReader, size: int) -> bytes:
         try:
             chunk = await part.read_chunk(size)
-        except (ValueError, AssertionError, HttpProcessingError) as exc:
-            raise BadInput(f"malformed multipart body: {exc}") from exc
+        except (ValueError, AssertionError, *BODY_READ_ERRORS) as exc:
+            raise BadInput(f"malformed multipart body: {_reason(exc)}") from exc
         except ConnectionError as exc:
             raise BadInput("the client closed the connection before the body ended") from exc
         self.check_size()
         return chunk
+
+
+def _reason(exc: Exception) -> str:
+    """An error's message on one line (aiohttp's read errors span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
