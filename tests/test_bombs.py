@@ -1,0 +1,347 @@
+"""Deflate bombs against real node processes: STOW-RS, C-STORE, import, stored files, transfer.
+
+A bomb is a small DICOM file in Deflated Explicit VR Little Endian (1.2.840.10008.1.2.1.99)
+whose dataset inflates to hundreds of MiB or more. The node must refuse it at every way in,
+and never inflate one it already holds, while its peak RSS (VmHWM) stays under
+PEAK_RSS_LIMIT and it goes on serving.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import sqlite3
+import struct
+import subprocess
+import urllib.request
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
+
+from tests.support.memory import peak_rss_bytes, run_with_peak_rss
+from tests.support.nodes import IMAGESHARE, NodeProcess, init_node, wait_until
+
+PEAK_RSS_LIMIT = 300 * 1024 * 1024
+MIB = 1024 * 1024
+BOUNDARY = "bomb-test-boundary"
+STOW_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+FAILURE_OUT_OF_RESOURCES = 0xA700
+FAILURE_CANNOT_UNDERSTAND = 0xC000
+PATIENT_ID = "MRN-BOMB-1"
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+# -- files ----------------------------------------------------------------------------
+
+
+def _dataset(
+    transfer_syntax: str, study_uid: str, series_uid: str, number: int, rows: int = 16
+) -> Dataset:
+    uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = uid
+    meta.TransferSyntaxUID = transfer_syntax
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = uid
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.PatientID = PATIENT_ID
+    ds.PatientName = "Bomb^Test"
+    ds.Modality = "CT"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = number
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = rows
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    return ds
+
+
+def plain_file(study_uid: str, series_uid: str, number: int) -> bytes:
+    """An ordinary Explicit VR Little Endian CT instance of 64 x 64 pixels."""
+    ds = _dataset(ExplicitVRLittleEndian, study_uid, series_uid, number, rows=64)
+    ds.PixelData = os.urandom(64 * 64 * 2)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def deflated_file(study_uid: str, series_uid: str, number: int) -> bytes:
+    """An honest deflated instance, written by pydicom."""
+    ds = _dataset(DeflatedExplicitVRLittleEndian, study_uid, series_uid, number, rows=64)
+    ds.PixelData = bytes(range(256)) * 32
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def bomb(
+    inflated_mib: int,
+    declared_length: int | None = None,
+    noise_per_mib: int = 0,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    number: int = 1,
+) -> bytes:
+    """A deflated instance whose Pixel Data inflates to ``inflated_mib`` MiB.
+
+    The deflated stream repeats one full-flushed block per MiB (zeros, with
+    ``noise_per_mib`` random bytes to lower the ratio), so a GiB costs no time to build.
+    ``declared_length`` gives the Pixel Data element another length than it holds.
+    """
+    ds = _dataset(
+        DeflatedExplicitVRLittleEndian,
+        study_uid or generate_uid(),
+        series_uid or generate_uid(),
+        number,
+        rows=1024,
+    )
+    head = DicomBytesIO()
+    head.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(head, ds.file_meta, enforce_standard=True)
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    length = inflated_mib * MIB if declared_length is None else declared_length
+    pixel_header = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, length)
+    return head.getvalue() + repeated_deflate(
+        body.getvalue() + pixel_header, inflated_mib, noise_per_mib
+    )
+
+
+def repeated_deflate(prefix: bytes, mib: int, noise_per_mib: int = 0) -> bytes:
+    """A raw deflate stream of ``prefix`` then ``mib`` MiB of zeros (each with
+    ``noise_per_mib`` random bytes first), built from one full-flushed block repeated."""
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    stream = [deflater.compress(prefix), deflater.flush(zlib.Z_FULL_FLUSH)]
+    noise = os.urandom(noise_per_mib)
+    block = deflater.compress(noise + b"\0" * (MIB - len(noise)))
+    stream += [block + deflater.flush(zlib.Z_FULL_FLUSH)] * mib
+    stream.append(deflater.flush())
+    return b"".join(stream)
+
+
+def gzip_of_zeros(prefix: bytes, mib: int) -> bytes:
+    """A gzip member (RFC 1952) of ``prefix`` then ``mib`` MiB of zeros."""
+    crc = zlib.crc32(prefix)
+    zeros = b"\0" * MIB
+    for _ in range(mib):
+        crc = zlib.crc32(zeros, crc)
+    size = (len(prefix) + mib * MIB) % 2**32
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"
+    return header + repeated_deflate(prefix, mib) + struct.pack("<II", crc, size)
+
+
+def multipart(*bodies: bytes) -> bytes:
+    parts = b"".join(
+        f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + body + b"\r\n"
+        for body in bodies
+    )
+    return parts + f"--{BOUNDARY}--\r\n".encode()
+
+
+# -- node helpers -----------------------------------------------------------------------
+
+
+def peak_rss(node: NodeProcess) -> int:
+    assert node.process is not None
+    peak = peak_rss_bytes(node.process.pid)
+    assert peak is not None, "no VmHWM in /proc status"
+    return peak
+
+
+def counts(node: NodeProcess) -> tuple[int, int]:
+    """(indexed instances, object files) of a node."""
+    db = sqlite3.connect(f"file:{node.data_dir / 'index.sqlite'}?mode=ro", uri=True)
+    try:
+        instances = db.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
+    finally:
+        db.close()
+    return int(instances), len(list((node.data_dir / "objects").rglob("*.dcm")))
+
+
+def largest_object(node: NodeProcess) -> int:
+    return max((p.stat().st_size for p in (node.data_dir / "objects").rglob("*.dcm")), default=0)
+
+
+def stow(node: NodeProcess, body: bytes, headers: dict[str, str] | None = None) -> Any:
+    return requests.post(
+        node.url + "/dicomweb/studies",
+        data=body,
+        headers={**node.auth, "Content-Type": STOW_TYPE, **(headers or {})},
+        timeout=60,
+    )
+
+
+def failure_codes(response: requests.Response) -> list[int]:
+    failed = response.json().get("00081198", {}).get("Value", [])
+    return [item["00081197"]["Value"][0] for item in failed]
+
+
+def failure_reasons(response: requests.Response) -> list[str]:
+    failed = response.json().get("00081198", {}).get("Value", [])
+    return [item["00000902"]["Value"][0] for item in failed]
+
+
+def assert_serving(node: NodeProcess) -> None:
+    with urllib.request.urlopen(node.url + "/healthz", timeout=10) as response:
+        assert response.status == 200
+    assert node.get_json("/dicomweb/studies?limit=1") is not None
+
+
+def dcmtk(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        list(args), capture_output=True, text=True, env=DCMTK_ENV, timeout=timeout, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    """A node with the default limits (1 GiB per instance, inflation ratio 100)."""
+    made = init_node(tmp_path_factory.mktemp("bombs"), "bombs.example/imageshare")
+    made.append_config("[federation]\ndiscovery = false\n")
+    made.start()
+    wait_until(lambda: dcmtk("echoscu", *_aet(made)).returncode == 0, message="DIMSE")
+    yield made
+    made.stop()
+
+
+def _aet(node: NodeProcess) -> list[str]:
+    return ["-aet", "BOMBER", "-aec", "IMAGESHARE", "127.0.0.1", str(node.dimse_port)]
+
+
+class TestBombsAreRefusedAtEveryWayIn:
+    def test_stow_rs_bomb_of_1_gib_is_refused_early_in_bounded_memory(
+        self, node: NodeProcess
+    ) -> None:
+        before = counts(node)
+        honest = plain_file(generate_uid(), generate_uid(), 1)
+        response = stow(node, multipart(bomb(1024), honest))
+        assert response.status_code == 202, response.text
+        assert failure_codes(response) == [FAILURE_OUT_OF_RESOURCES]
+        assert "inflates more than 100 times" in failure_reasons(response)[0]
+        assert counts(node) == (before[0] + 1, before[1] + 1)  # the honest part alone
+        assert peak_rss(node) < PEAK_RSS_LIMIT
+        assert_serving(node)
+
+    def test_a_4_gib_length_declared_inside_the_deflated_stream_is_refused_as_truncated(
+        self, node: NodeProcess
+    ) -> None:
+        before = counts(node)
+        response = stow(node, multipart(bomb(1, declared_length=0xFFFFFFF0)))
+        assert response.status_code == 409, response.text
+        assert failure_codes(response) == [FAILURE_CANNOT_UNDERSTAND]
+        assert "truncated" in failure_reasons(response)[0]
+        assert counts(node) == before
+
+    def test_an_honest_deflated_instance_is_stored_and_its_metadata_served(
+        self, node: NodeProcess
+    ) -> None:
+        study_uid, series_uid = generate_uid(), generate_uid()
+        data = deflated_file(study_uid, series_uid, 1)
+        response = stow(node, multipart(data))
+        assert response.status_code == 200, response.text
+        (document,) = node.get_json(f"/dicomweb/studies/{study_uid}/metadata")
+        assert document["00100020"]["Value"] == [PATIENT_ID]
+        assert document["00083002"]["Value"] == [DeflatedExplicitVRLittleEndian]
+
+    def test_c_store_bomb_from_storescu_is_refused_in_bounded_memory(
+        self, node: NodeProcess, tmp_path: Path
+    ) -> None:
+        before = counts(node)
+        path = tmp_path / "bomb.dcm"
+        path.write_bytes(bomb(256))
+        # -xd -R: propose only deflated, so storescu sends the bomb deflated as it is.
+        result = dcmtk("storescu", "-v", "-xd", "-R", *_aet(node), str(path))
+        assert "Refused: OutOfResources" in result.stdout + result.stderr, result.stderr
+        assert counts(node) == before
+        assert peak_rss(node) < PEAK_RSS_LIMIT
+        assert dcmtk("echoscu", *_aet(node)).returncode == 0
+        assert_serving(node)
+
+    def test_import_rejects_the_bomb_with_its_reason_in_bounded_memory(
+        self, node: NodeProcess, tmp_path: Path
+    ) -> None:
+        study_uid, series_uid = generate_uid(), generate_uid()
+        (tmp_path / "in").mkdir()
+        (tmp_path / "in" / "a_bomb.dcm").write_bytes(bomb(1024))
+        (tmp_path / "in" / "b_honest.dcm").write_bytes(deflated_file(study_uid, series_uid, 1))
+        run = _import(node.config, tmp_path / "in", tmp_path)
+        assert run.peak_rss < PEAK_RSS_LIMIT
+        summary = json.loads(run.stdout)
+        assert summary["stored"] == 1
+        ((rejected),) = summary["rejected"]
+        assert rejected["path"].endswith("a_bomb.dcm")
+        assert "inflates more than 100 times" in rejected["reason"]
+
+    def test_the_instance_limit_holds_for_a_bomb_below_the_ratio(self, tmp_path: Path) -> None:
+        small = init_node(tmp_path, "small.example/imageshare")
+        small.append_config(f"[store]\nmax_instance_bytes = {32 * MIB}")
+        (tmp_path / "in").mkdir()
+        # About 40 times smaller than it inflates: under the ratio, over the 32 MiB limit.
+        (tmp_path / "in" / "bomb.dcm").write_bytes(bomb(48, noise_per_mib=16 * 1024))
+        run = _import(small.config, tmp_path / "in", tmp_path)
+        ((rejected),) = json.loads(run.stdout)["rejected"]
+        assert f"inflates past the limit of {32 * MIB} bytes" in rejected["reason"]
+        assert counts(small) == (0, 0)
+
+    def test_gzip_stow_body_that_inflates_past_the_ratio_is_refused_in_bounded_memory(
+        self, node: NodeProcess
+    ) -> None:
+        before = counts(node)
+        # One part of 1 GiB of zeros: about 1 MB once gzipped.
+        head = f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        body = gzip_of_zeros(head, 1024)
+        response = stow(node, body, {"Content-Encoding": "gzip"})
+        assert response.status_code == 413, response.text
+        assert "inflates more than" in response.json()["error"]
+        assert counts(node) == before
+        assert peak_rss(node) < PEAK_RSS_LIMIT
+        assert_serving(node)
+
+    def test_gzip_stow_body_within_the_limits_is_stored(self, node: NodeProcess) -> None:
+        data = deflated_file(generate_uid(), generate_uid(), 1)
+        response = stow(node, gzip.compress(multipart(data)), {"Content-Encoding": "gzip"})
+        assert response.status_code == 200, response.text
+
+
+@dataclass
+class ImportRun:
+    returncode: int
+    stdout: str
+    stderr: str
+    peak_rss: int
+
+
+def _import(config: Path, directory: Path, scratch: Path) -> ImportRun:
+    """`imageshare import --json` as a child process, with its own peak RSS."""
+    command = [*IMAGESHARE, "import", str(directory), "-c", str(config), "--json"]
+    out_path, err_path = scratch / "import.out", scratch / "import.err"
+    with open(out_path, "w+") as out, open(err_path, "w+") as err:
+        measured = run_with_peak_rss(command, stdout=out, stderr=err)
+    return ImportRun(
+        measured.returncode, out_path.read_text(), err_path.read_text(), measured.peak_rss
+    )
