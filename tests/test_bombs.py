@@ -8,6 +8,7 @@ PEAK_RSS_LIMIT and it goes on serving.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import io
 import json
@@ -15,6 +16,7 @@ import os
 import sqlite3
 import struct
 import subprocess
+import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Iterator
@@ -22,10 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import requests
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import (
     CTImageStorage,
@@ -34,8 +38,10 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from node.services.wallet import Wallet
 from tests.support.memory import peak_rss_bytes, run_with_peak_rss
 from tests.support.nodes import IMAGESHARE, NodeProcess, init_node, wait_until
+from tests.support.patients import signed_headers
 
 PEAK_RSS_LIMIT = 300 * 1024 * 1024
 MIB = 1024 * 1024
@@ -345,3 +351,132 @@ def _import(config: Path, directory: Path, scratch: Path) -> ImportRun:
     return ImportRun(
         measured.returncode, out_path.read_text(), err_path.read_text(), measured.peak_rss
     )
+
+
+# -- a bomb already stored (before the limits held) ------------------------------------
+
+
+@dataclass
+class Hospitals:
+    a: NodeProcess  # custodian: holds a bomb among a study, stored with a lax ratio
+    b: NodeProcess  # grantee, default limits
+    study_uid: str
+    series_uid: str
+    bomb_uid: str
+    wallet: Wallet
+
+
+LAX_RATIO = "[store]\nmax_inflation_ratio = 1000000000.0\n"
+
+
+def _peer(node: NodeProcess) -> str:
+    return f'[[peers]]\norigin = "{node.origin}"\nurl = "{node.url}"\nvkey = "{node.vkey}"\n'
+
+
+@pytest.fixture(scope="module")
+def hospitals(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hospitals]:
+    base = tmp_path_factory.mktemp("stored")
+    a = init_node(base, "a.example/imageshare", "a")
+    b = init_node(base, "b.example/imageshare", "b")
+    settings = "[federation]\ndiscovery = false\nreplicate_interval = 0.3\n"
+    a.append_config(settings + _peer(b))
+    b.append_config(settings + _peer(a))
+    study_uid, series_uid = generate_uid(), generate_uid()
+    files = base / "study"
+    files.mkdir()
+    (files / "1.dcm").write_bytes(plain_file(study_uid, series_uid, 1))
+    (files / "2.dcm").write_bytes(bomb(256, study_uid=study_uid, series_uid=series_uid, number=2))
+    (files / "3.dcm").write_bytes(plain_file(study_uid, series_uid, 3))
+    # As a node stored it before it bounded inflation; then it runs with the default limits.
+    original = a.config.read_text()
+    a.append_config(LAX_RATIO)
+    assert json.loads(a.cli("import", str(files), "--json").stdout)["stored"] == 3
+    a.config.write_text(original)
+    bomb_uid = str(read_file_meta_info(files / "2.dcm").MediaStorageSOPInstanceUID)
+    wallet = Wallet.create(base / "wallet", None)
+    a.cli("enroll", "--patient-id", PATIENT_ID, f"--key={wallet.key_for(a.origin).public_key_text}")
+    try:
+        a.start()
+        b.start()
+        yield Hospitals(a, b, study_uid, series_uid, bomb_uid, wallet)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def _patient_get(node: NodeProcess, wallet: Wallet, path: str) -> tuple[int, bytes]:
+    headers = signed_headers(wallet.key_for(node.origin), "GET", path)
+    request = urllib.request.Request(node.url + path, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+class TestStoredBombsAreNeverInflated:
+    def test_metadata_of_a_stored_bomb_is_read_without_inflating_its_pixels(
+        self, hospitals: Hospitals
+    ) -> None:
+        a = hospitals.a
+        path = f"/dicomweb/studies/{hospitals.study_uid}/series/{hospitals.series_uid}/instances"
+        response = requests.get(f"{a.url}{path}/{hospitals.bomb_uid}/metadata", headers=a.auth)
+        assert response.status_code == 200, response.text
+        (document,) = response.json()
+        assert document["00080018"]["Value"] == [hospitals.bomb_uid]
+        assert "BulkDataURI" in document["7FE00010"]
+        assert peak_rss(a) < PEAK_RSS_LIMIT
+        assert len(a.get_json(f"/dicomweb/studies/{hospitals.study_uid}/instances")) == 3
+        assert_serving(a)
+
+    def test_c_get_of_a_stored_bomb_sends_nothing_in_bounded_memory(
+        self, hospitals: Hospitals, tmp_path: Path
+    ) -> None:
+        a = hospitals.a
+        result = dcmtk(
+            "getscu", "-S", *_aet(a), "-od", str(tmp_path),
+            "-k", "QueryRetrieveLevel=IMAGE",
+            "-k", f"StudyInstanceUID={hospitals.study_uid}",
+            "-k", f"SeriesInstanceUID={hospitals.series_uid}",
+            "-k", f"SOPInstanceUID={hospitals.bomb_uid}",
+        )  # fmt: skip
+        assert list(tmp_path.iterdir()) == [], result.stdout + result.stderr
+        assert peak_rss(a) < PEAK_RSS_LIMIT
+        assert dcmtk("echoscu", *_aet(a)).returncode == 0
+
+    def test_preview_of_a_stored_bomb_is_refused_in_bounded_memory(
+        self, hospitals: Hospitals
+    ) -> None:
+        a = hospitals.a
+        status, body = _patient_get(a, hospitals.wallet, "/patient/studies")
+        assert status == 200, body
+        (study,) = json.loads(body)["studies"]
+        # The middle image of the series is the bomb (instance number 2 of 3).
+        path = f"/patient/studies/{study['ref']}/series/0/preview"
+        status, body = _patient_get(a, hospitals.wallet, path)
+        assert status == 400 and b"inflates more than 100 times" in body
+        assert peak_rss(a) < PEAK_RSS_LIMIT
+        assert_serving(a)
+
+    def test_grantee_refuses_a_bomb_among_a_transferred_study_in_bounded_memory(
+        self, hospitals: Hospitals
+    ) -> None:
+        a, b = hospitals.a, hospitals.b
+
+        async def grant() -> dict[str, Any]:
+            async with aiohttp.ClientSession() as session:
+                return await hospitals.wallet.grant(session, a.url, b.origin, None, 3600)
+
+        token = asyncio.run(grant())
+        fetched = b.cli("fetch", token["url"], check=False, timeout=180)
+        assert fetched.returncode == 1
+        assert "inflates more than 100 times" in fetched.stderr
+        assert peak_rss(b) < PEAK_RSS_LIMIT
+        db = sqlite3.connect(f"file:{b.data_dir / 'index.sqlite'}?mode=ro", uri=True)
+        try:
+            held = {r[0] for r in db.execute("SELECT sop_instance_uid FROM instances")}
+        finally:
+            db.close()
+        assert hospitals.bomb_uid not in held
+        assert largest_object(b) < 1024 * 1024  # only the plain instances, if any
+        assert_serving(b)
