@@ -41,9 +41,9 @@ H = TypeVar("H", bound=Callable[..., Awaitable[web.StreamResponse]])
 
 
 def accepts_body_encodings(*encodings: str) -> Callable[[H], H]:
-    """Mark a handler whose request body may carry these Content-Encodings (aiohttp decodes
-    them as the body is read; the handler bounds what they inflate to). Every other route
-    refuses an encoded body with 415 before reading it."""
+    """Mark a handler whose request body may carry these Content-Encodings; the handler
+    decodes the body itself within its limits (the server decodes none). Every other
+    route refuses an encoded body with 415 before reading it."""
 
     def mark(handler: H) -> H:
         setattr(handler, _BODY_ENCODINGS, frozenset(encodings))
@@ -66,8 +66,7 @@ def log_refusal(request: web.Request, status: int, reason: str) -> None:
 def error_response(request: web.Request, status: int, message: str) -> web.Response:
     """The JSON error answer; logged as a refusal when it is the client's fault (4xx).
 
-    A request whose body was not read to its end gets its connection closed instead of
-    drained: the rest may be large, or may not even decode.
+    A request whose body was not read to its end does not keep its connection alive.
     """
     if status < 500:
         log_refusal(request, status, message)
@@ -85,7 +84,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except ImageShareError as exc:
         return error_response(request, exc.http_status, str(exc))
     except (HttpProcessingError, RequestPayloadError) as exc:
-        # The body could not be read: cut short, or a Content-Encoding that does not decode.
+        # aiohttp could not read the body (a broken chunked framing, a cut connection).
         reason = " ".join(str(exc).split()) or type(exc).__name__
         return error_response(request, 400, f"the request body cannot be read: {reason}")
     except web.HTTPException as exc:

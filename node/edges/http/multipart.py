@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import uuid
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
@@ -189,17 +190,95 @@ class BodyTooLarge(PayloadTooLarge):
     """The whole request body is over the configured limit."""
 
 
-# Errors of reading a request body: cut off, or a Content-Encoding that does not decode.
+# Errors of reading a request body as aiohttp reports them (a broken chunked framing).
 BODY_READ_ERRORS = (HttpProcessingError, RequestPayloadError)
+# Content-Encodings a multipart upload may carry, and how zlib reads each (RFC 9110 8.4.1).
+_ZLIB_WINDOW_BITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+# Encoded bytes taken, and decoded bytes made, per step; and the longest line a part
+# header may have.
+_DECODE_STEP = 64 * 1024
+_MAX_LINE = 64 * 1024
+
+
+class DecodedBody:
+    """A request body in a Content-Encoding, decoded step by step as it is read.
+
+    The server itself decodes nothing (``auto_decompress`` is off), so a body is decoded
+    only where a route takes an encoding, and only as fast as it is consumed. It is held
+    to ``limits`` like a deflated dataset: BodyTooLarge once it has decoded to more than
+    the body limit or more than the ratio allows; BadInput if it does not decode or ends
+    early. It offers what aiohttp's MultipartReader reads from a body.
+    """
+
+    def __init__(self, raw: StreamReader, encoding: str, limits: InflateLimits) -> None:
+        window_bits = _ZLIB_WINDOW_BITS.get(encoding)
+        if window_bits is None:
+            raise UnsupportedMediaType(f"a body in Content-Encoding {encoding!r} is not taken")
+        self._raw = raw
+        self._encoding = encoding
+        self._limits = limits
+        self._decoder = zlib.decompressobj(window_bits)
+        self._buffer = bytearray()
+        self.total_bytes = 0  # decoded so far
+
+    @property
+    def total_raw_bytes(self) -> int:
+        return self._raw.total_bytes
+
+    def at_eof(self) -> bool:
+        return not self._buffer and self._decoder.eof
+
+    async def _decode_step(self) -> bool:
+        """Decode one more step into the buffer; False once the encoded body has ended."""
+        if self._decoder.eof:
+            return False
+        encoded = self._decoder.unconsumed_tail or await self._raw.readany()
+        if not encoded:
+            raise BadInput(f"the {self._encoding} request body ends early")
+        try:
+            piece = self._decoder.decompress(encoded, _DECODE_STEP)
+        except zlib.error as exc:
+            raise BadInput(f"the request body does not decode as {self._encoding}: {exc}") from exc
+        if self._decoder.unused_data:
+            raise BadInput(f"the request body goes on after its {self._encoding} data ends")
+        self.total_bytes += len(piece)
+        try:
+            self._limits.check(self.total_bytes, self.total_raw_bytes, "the encoded request body")
+        except PayloadTooLarge as exc:
+            raise BodyTooLarge(str(exc)) from exc
+        self._buffer += piece
+        return True
+
+    async def read(self, n: int = -1) -> bytes:
+        while not self._buffer and await self._decode_step():
+            pass
+        size = len(self._buffer) if n < 0 else n
+        chunk = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return chunk
+
+    async def readline(self, *, max_line_length: int | None = None) -> bytes:
+        while b"\n" not in self._buffer:
+            if len(self._buffer) > (max_line_length or _MAX_LINE):
+                raise BadInput("a line of the multipart body is too long")
+            if not await self._decode_step():
+                break
+        end = self._buffer.find(b"\n") + 1 or len(self._buffer)
+        line = bytes(self._buffer[:end])
+        del self._buffer[:end]
+        return line
+
+    def unread_data(self, data: bytes) -> None:
+        self._buffer[:0] = data
 
 
 class StreamedParts:
     """The parts of a multipart/related upload, read as a stream.
 
-    Raises UnsupportedMediaType for another content type, BadInput for a malformed body,
-    BodyTooLarge once more than ``max_body_bytes`` have arrived. A body with a
-    Content-Encoding (decoded by aiohttp as it is read) is also BodyTooLarge once it has
-    inflated more than ``max_inflation_ratio`` times what arrived, as a deflated dataset.
+    Raises UnsupportedMediaType for another content type or encoding, BadInput for a
+    malformed body, BodyTooLarge once more than ``max_body_bytes`` have arrived. A body
+    in Content-Encoding gzip or deflate is decoded as it is read (DecodedBody) and is
+    also BodyTooLarge once it has inflated more than ``max_inflation_ratio`` times.
     """
 
     def __init__(
@@ -223,24 +302,15 @@ class StreamedParts:
         self.part_type = part_type
         self.max_body_bytes = max_body_bytes
         encoding = request.headers.get("Content-Encoding", "").strip().lower()
-        self._inflate_limits = (
-            InflateLimits(max_body_bytes, max_inflation_ratio)
-            if encoding not in ("", "identity")
-            else None
-        )
-        self._reader = MultipartReader(request.headers, request.content)
+        self._content: StreamReader | DecodedBody = request.content
+        if encoding not in ("", "identity"):
+            limits = InflateLimits(max_body_bytes, max_inflation_ratio)
+            self._content = DecodedBody(request.content, encoding, limits)
+        self._reader = MultipartReader(request.headers, self._content)  # type: ignore[arg-type]
 
     def check_size(self) -> None:
-        content = self.request.content
-        if content.total_bytes > self.max_body_bytes:
+        if self._content.total_bytes > self.max_body_bytes:
             raise BodyTooLarge(f"the request body is over the limit of {self.max_body_bytes} bytes")
-        if self._inflate_limits is not None:
-            try:
-                self._inflate_limits.check(
-                    content.total_bytes, content.total_raw_bytes, "the encoded request body"
-                )
-            except PayloadTooLarge as exc:
-                raise BodyTooLarge(str(exc)) from exc
 
     async def __aiter__(self) -> AsyncIterator[BodyPartReader]:
         while True:
