@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pydicom
 import pytest
 import requests
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
@@ -38,7 +40,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from node.errors import BadInput
 from node.services.wallet import Wallet
+from node.store.dicom_header import InflateLimits, read_dataset
 from tests.support.memory import peak_rss_bytes, run_with_peak_rss
 from tests.support.nodes import IMAGESHARE, NodeProcess, init_node, wait_until
 from tests.support.patients import signed_headers
@@ -480,3 +484,40 @@ class TestStoredBombsAreNeverInflated:
         assert hospitals.bomb_uid not in held
         assert largest_object(b) < 1024 * 1024  # only the plain instances, if any
         assert_serving(b)
+
+
+# -- the inflating reader, against pydicom's own reading of honest files -----------------
+
+
+def _deflated_copy(name: str, directory: Path) -> Path:
+    """A pydicom test file re-written deflated (nested sequences and all)."""
+    ds = pydicom.dcmread(str(get_testdata_file(name)))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    path = directory / f"{name}.deflated.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+class TestInflatingReader:
+    LIMITS = InflateLimits(max_bytes=1024**3, max_ratio=100.0)
+
+    @pytest.mark.parametrize("name", ["image_dfl.dcm", "rtplan.dcm", "CT_small.dcm"])
+    def test_a_deflated_file_reads_as_pydicom_reads_it_whole(
+        self, name: str, tmp_path: Path
+    ) -> None:
+        path = (
+            Path(str(get_testdata_file(name)))
+            if name == "image_dfl.dcm"
+            else _deflated_copy(name, tmp_path)
+        )
+        expected = pydicom.dcmread(path)
+        assert read_dataset(path, self.LIMITS) == expected
+        header = read_dataset(path, self.LIMITS, defer_size=1024, stop_before_pixels=True)
+        assert "PixelData" not in header
+        assert header.SOPInstanceUID == expected.SOPInstanceUID
+
+    def test_a_deflated_stream_cut_short_is_refused(self, tmp_path: Path) -> None:
+        path = _deflated_copy("CT_small.dcm", tmp_path)
+        path.write_bytes(path.read_bytes()[:-64])
+        with pytest.raises(BadInput, match="truncated"):
+            read_dataset(path, self.LIMITS)

@@ -187,7 +187,8 @@ def _read(
             defer_size=defer_size,
         )
         end = reader.tell() if stop_before_pixels else reader.inflated_length()
-    dataset = FileDataset(str(path), raw, preamble, meta, False, True)
+    # No file name: a deferred value cannot be read back from the compressed file.
+    dataset = FileDataset(None, raw, preamble, meta, False, True)  # type: ignore[arg-type]
     dataset.set_original_encoding(False, True, raw._character_set)
     return _ReadFile(dataset, end)
 
