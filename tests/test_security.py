@@ -862,6 +862,28 @@ class TestBodyReadingErrors:
         )
         assert "Traceback" not in _log_since(node, offset)
 
+    def test_broken_chunked_framing_is_400_and_one_line_at_info(self, target: Target) -> None:
+        node = target.node
+        offset = node.log_path.stat().st_size
+        head = faults.request_head(
+            "POST",
+            "/p2p/notify",
+            {"Transfer-Encoding": "chunked", "Connection": "close"},
+            None,
+        )
+        with socket.create_connection(("127.0.0.1", node.http_port), timeout=10) as conn:
+            conn.sendall(head + b"5\r\nhello\r\nZZZ\r\n")
+            answer = conn.recv(65536)
+        assert answer.startswith(b"HTTP/1.0 400") or answer.startswith(b"HTTP/1.1 400"), answer
+        wait_until(
+            lambda: (
+                "INFO aiohttp.server: refused a request that cannot be parsed with 400"
+                in _log_since(node, offset)
+            ),
+            message="the refusal in the log",
+        )
+        assert "Traceback" not in _log_since(node, offset)
+
     def test_encoded_body_on_a_signed_route_is_refused_unread_with_415(
         self, target: Target
     ) -> None:

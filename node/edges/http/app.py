@@ -58,6 +58,24 @@ def _route(request: web.Request) -> str:
     return resource.canonical if resource is not None else "(no route)"
 
 
+class _UnparsableRequestsAsRefusals(logging.Filter):
+    """aiohttp answers a request it cannot parse (a broken chunked framing, a malformed
+    header) with 400 itself, and logs it at ERROR with a traceback. It is a refusal like
+    any other: one line at INFO, with the reason."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and 400 <= exc.code < 500:
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = "refused a request that cannot be parsed with %d: %s"
+            record.args = (exc.code, " ".join(exc.message.split()))
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_UNPARSABLE_FILTER = _UnparsableRequestsAsRefusals()
+
+
 def log_refusal(request: web.Request, status: int, reason: str) -> None:
     """Write one refused request to the log: the one place refusals are logged."""
     log.info("refused %s %s with %d: %s", request.method, _route(request), status, reason)
@@ -255,6 +273,7 @@ def build_app(runtime: NodeRuntime) -> web.Application:
         ],
     )
     app[RUNTIME_KEY] = runtime
+    logging.getLogger("aiohttp.server").addFilter(_UNPARSABLE_FILTER)  # once: a set
     app.on_response_prepare.append(add_cors_headers)
     app.router.add_get("/healthz", healthz)
     for module in route_modules.MODULES:
