@@ -209,6 +209,9 @@ def load_config(path: Path | None = None) -> NodeConfig:
         config.http.port  # noqa: B018 - validates listen
     except (ValueError, IndexError) as exc:
         raise ConfigError("http.listen must be HOST:PORT") from exc
+    ratio = config.store.max_inflation_ratio
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not ratio >= 1:
+        raise ConfigError("store.max_inflation_ratio must be a number of at least 1")
     return config
 
 

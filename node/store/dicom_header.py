@@ -199,13 +199,11 @@ def _judged(
     """``_read``, with every failure turned into BadInput or PayloadTooLarge."""
     try:
         return _read(path, limits, defer_size, stop_before_pixels)
-    except (BadInput, PayloadTooLarge):
+    except (BadInput, PayloadTooLarge, FileNotFoundError):
         raise
     except InvalidDicomError as exc:
         raise BadInput("not a DICOM Part 10 file (no DICM preamble)") from exc
     except (EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
         raise BadInput(f"unreadable DICOM file: {exc}") from exc
     except Exception as exc:  # pydicom raises many types on garbage; all mean "bad file"
         raise BadInput(f"unreadable DICOM file: {type(exc).__name__}") from exc
