@@ -172,6 +172,7 @@ def _read(
     """Read ``path`` with pydicom, inflating a deflated dataset as a bounded stream."""
     with open(path, "rb") as f:
         preamble = read_preamble(f, False)
+        # pydicom's one call that reads the file meta and leaves the file at the dataset.
         meta = _read_file_meta_info(f)
         if meta.get("TransferSyntaxUID") != DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
             f.seek(0)
