@@ -447,6 +447,9 @@ class TestStoredBombsAreNeverInflated:
         assert list(tmp_path.iterdir()) == [], result.stdout + result.stderr
         assert peak_rss(a) < PEAK_RSS_LIMIT
         assert dcmtk("echoscu", *_aet(a)).returncode == 0
+        log = a.log_path.read_text()
+        assert "C-GET from 'BOMBER' refused: a stored instance cannot be read" in log
+        assert "Traceback" not in log
 
     def test_preview_of_a_stored_bomb_is_refused_in_bounded_memory(
         self, hospitals: Hospitals

@@ -230,13 +230,19 @@ class DimseGateway:
         model = _MODELS[event.request.AffectedSOPClassUID]
         return select_for_retrieve(self.runtime.store, event.identifier, model)
 
-    def _send(self, event: Event, records: list[InstanceRecord]) -> Iterator[Any]:
+    def _send(self, operation: str, event: Event, records: list[InstanceRecord]) -> Iterator[Any]:
         for record in records:
             mark_dimse_activity()
             if event.is_cancelled:
                 yield STATUS_CANCEL, None
                 return
-            yield STATUS_PENDING, read_instance(self.runtime.store, record)
+            try:
+                dataset = read_instance(self.runtime.store, record)
+            except ImageShareError as exc:  # a stored file that cannot be read: end with why
+                self._log_failure(operation, event, exc)
+                yield failure_status(exc), None
+                return
+            yield STATUS_PENDING, dataset
 
     def on_get(self, event: Event) -> Iterator[Any]:
         try:
@@ -248,7 +254,7 @@ class DimseGateway:
             yield failure_status(exc, identifier_error=True), None
             return
         yield len(records)
-        yield from self._send(event, records)
+        yield from self._send("C-GET", event, records)
 
     def destination(self, ae_title: str) -> DimseDestination | None:
         for destination in self.config.destinations:
@@ -286,7 +292,7 @@ class DimseGateway:
             yield failure, None
             return
         yield len(records)
-        yield from self._send(event, records)
+        yield from self._send("C-MOVE", event, records)
 
     def _log_failure(self, operation: str, event: Event, exc: Exception) -> None:
         calling = event.assoc.requestor.ae_title
