@@ -37,15 +37,15 @@ CORS_ORIGIN = "imageshare.cors_origin"  # request key: the allowed Origin of thi
 
 
 _BODY_ENCODINGS = "imageshare_body_encodings"  # handler attribute set by accepts_body_encodings
-H = TypeVar("H", bound=Callable[..., Awaitable[web.StreamResponse]])
+HandlerT = TypeVar("HandlerT", bound=Callable[..., Awaitable[web.StreamResponse]])
 
 
-def accepts_body_encodings(*encodings: str) -> Callable[[H], H]:
+def accepts_body_encodings(*encodings: str) -> Callable[[HandlerT], HandlerT]:
     """Mark a handler whose request body may carry these Content-Encodings; the handler
     decodes the body itself within its limits (the server decodes none). Every other
     route refuses an encoded body with 415 before reading it."""
 
-    def mark(handler: H) -> H:
+    def mark(handler: HandlerT) -> HandlerT:
         setattr(handler, _BODY_ENCODINGS, frozenset(encodings))
         return handler
 
@@ -81,14 +81,17 @@ def log_refusal(request: web.Request, status: int, reason: str) -> None:
     log.info("refused %s %s with %d: %s", request.method, _route(request), status, reason)
 
 
-def error_response(request: web.Request, status: int, message: str) -> web.Response:
-    """The JSON error answer; logged as a refusal when it is the client's fault (4xx).
+def error_response(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
 
-    A request whose body was not read to its end does not keep its connection alive.
+
+def refusal_response(request: web.Request, status: int, message: str) -> web.Response:
+    """The JSON error answer to ``request``, logged as a refusal when it is the client's
+    fault (4xx). A request whose body was not read to its end keeps no connection alive.
     """
     if status < 500:
         log_refusal(request, status, message)
-    response = web.json_response({"error": message}, status=status)
+    response = error_response(status, message)
     if request.body_exists and not request.content.is_eof():
         response.force_close()
     return response
@@ -100,22 +103,22 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except ImageShareError as exc:
-        return error_response(request, exc.http_status, str(exc))
+        return refusal_response(request, exc.http_status, str(exc))
     except (HttpProcessingError, RequestPayloadError) as exc:
         # aiohttp could not read the body (a broken chunked framing, a cut connection).
         reason = " ".join(str(exc).split()) or type(exc).__name__
-        return error_response(request, 400, f"the request body cannot be read: {reason}")
+        return refusal_response(request, 400, f"the request body cannot be read: {reason}")
     except web.HTTPException as exc:
         if 400 <= exc.status < 500:
-            log_refusal(request, exc.status, exc.reason)
+            log_refusal(request, exc.status, exc.text or exc.reason)
         raise
     except ConnectionError:
         # The client left (or was cut off as too slow) mid-request: no fault of the node.
         log.info("client gone during %s %s", request.method, _route(request))
-        return error_response(request, 400, "the connection closed before the request ended")
+        return error_response(400, "the connection closed before the request ended")
     except Exception:
         log.exception("unhandled error on %s %s", request.method, _route(request))
-        return error_response(request, 500, "internal error; see the node's log")
+        return refusal_response(request, 500, "internal error; see the node's log")
 
 
 @web.middleware
@@ -125,7 +128,7 @@ async def body_encoding_middleware(request: web.Request, handler: Handler) -> we
     if encoding not in ("", "identity"):
         allowed: frozenset[str] = getattr(request.match_info.handler, _BODY_ENCODINGS, frozenset())
         if encoding not in allowed:
-            return error_response(
+            return refusal_response(
                 request, 415, f"this route does not take a body in Content-Encoding {encoding!r}"
             )
     return await handler(request)
@@ -193,7 +196,7 @@ def make_auth_middleware(runtime: NodeRuntime) -> Callable[..., Awaitable[web.St
             and _has_admin_prefix(request.path)
             and not bearer_token_matches(request, runtime.admin_token)
         ):
-            response = error_response(
+            response = refusal_response(
                 request, 401, "missing or wrong admin token (Authorization: Bearer ...)"
             )
             response.headers["WWW-Authenticate"] = 'Bearer realm="imageshare"'
