@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 import pydicom
 import pytest
 import requests
@@ -140,6 +141,30 @@ def bomb(
     return head.getvalue() + repeated_deflate(
         body.getvalue() + pixel_header, inflated_mib, noise_per_mib
     )
+
+
+def element_bomb(elements: int, deflated: bool) -> bytes:
+    """An instance followed by ``elements`` tiny private elements (LO of 2 bytes), each
+    with its own tag: 10 MB per million, which pydicom would turn into ~400 MB of objects."""
+    syntax = DeflatedExplicitVRLittleEndian if deflated else ExplicitVRLittleEndian
+    ds = _dataset(syntax, generate_uid(), generate_uid(), 1)
+    del ds.PixelRepresentation  # every tag below the private groups that follow
+    head = DicomBytesIO()
+    head.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(head, ds.file_meta, enforce_standard=True)
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    layout = np.dtype([("g", "<u2"), ("e", "<u2"), ("vr", "S2"), ("n", "<u2"), ("v", "S2")])
+    index = np.arange(elements)
+    records = np.zeros(elements, layout)
+    records["g"], records["e"] = 0x0029 + 2 * (index >> 12), 0x1000 + (index & 0xFFF)
+    records["vr"], records["n"], records["v"] = b"LO", 2, b"ab"
+    tiny = records.tobytes()
+    if not deflated:
+        return head.getvalue() + body.getvalue() + tiny
+    deflater = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return head.getvalue() + deflater.compress(body.getvalue() + tiny) + deflater.flush()
 
 
 def repeated_deflate(prefix: bytes, mib: int, noise_per_mib: int = 0) -> bytes:
@@ -267,6 +292,18 @@ class TestBombsAreRefusedAtEveryWayIn:
         assert "truncated" in failure_reasons(response)[0]
         assert counts(node) == before
 
+    def test_stow_rs_file_of_a_million_tiny_elements_is_refused_in_bounded_memory(
+        self, node: NodeProcess
+    ) -> None:
+        before = counts(node)
+        response = stow(node, multipart(element_bomb(1_000_000, deflated=True)))
+        assert response.status_code == 409, response.text
+        assert failure_codes(response) == [FAILURE_CANNOT_UNDERSTAND]
+        assert "too many elements" in failure_reasons(response)[0]
+        assert counts(node) == before
+        assert peak_rss(node) < PEAK_RSS_LIMIT
+        assert_serving(node)
+
     def test_an_honest_deflated_instance_is_stored_and_its_metadata_served(
         self, node: NodeProcess
     ) -> None:
@@ -306,6 +343,16 @@ class TestBombsAreRefusedAtEveryWayIn:
         ((rejected),) = summary["rejected"]
         assert rejected["path"].endswith("a_bomb.dcm")
         assert "inflates more than 100 times" in rejected["reason"]
+
+    def test_import_rejects_a_plain_file_of_a_million_tiny_elements_in_bounded_memory(
+        self, node: NodeProcess, tmp_path: Path
+    ) -> None:
+        (tmp_path / "in").mkdir()
+        (tmp_path / "in" / "elements.dcm").write_bytes(element_bomb(1_000_000, deflated=False))
+        run = _import(node.config, tmp_path / "in", tmp_path)
+        assert run.peak_rss < PEAK_RSS_LIMIT
+        ((rejected),) = json.loads(run.stdout)["rejected"]
+        assert "too many elements" in rejected["reason"]
 
     def test_the_instance_limit_holds_for_a_bomb_below_the_ratio(self, tmp_path: Path) -> None:
         small = init_node(tmp_path, "small.example/imageshare")

@@ -52,6 +52,30 @@ _INFLATE_STEP = 64 * 1024
 # How far back pydicom may seek in an inflated stream (it steps back a few bytes at most).
 _REWIND_WINDOW = 1024 * 1024
 _PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+# Most reads pydicom may make of one file, two or three per element it parses: millions
+# of tiny elements (a few MB, deflated or not) would take gigabytes as pydicom objects.
+# Large real files (enhanced multi-frame, structure sets) need well under a tenth of it.
+MAX_READS = 600_000
+
+
+def _one_more_read(reads: int) -> int:
+    """Count a read of a file being parsed; BadInput past MAX_READS."""
+    if reads >= MAX_READS:
+        raise BadInput("the DICOM file has too many elements")
+    return reads + 1
+
+
+class _ReadCountedFile(io.BufferedReader):
+    """A file opened for pydicom, which may read it at most MAX_READS times (a buffered
+    reader still, so that pydicom reopens it by name for a deferred value)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(io.FileIO(path, "r"))
+        self.reads = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.reads = _one_more_read(self.reads)
+        return super().read(size)
 
 
 @dataclass(frozen=True)
@@ -87,6 +111,7 @@ class _InflatingReader(io.RawIOBase):
         self._kept_start = 0
         self._position = 0
         self.inflated = 0  # bytes inflated so far
+        self.reads = 0
 
     def readable(self) -> bool:
         return True
@@ -127,6 +152,7 @@ class _InflatingReader(io.RawIOBase):
             self._drop_before(keep_from)
 
     def read(self, size: int | None = -1) -> bytes:
+        self.reads = _one_more_read(self.reads)
         if size is None or size < 0:
             size = self._limits.max_bytes + 1  # the limits end it first
         self._fill_to(self._position + size, self._position - _REWIND_WINDOW)
@@ -170,7 +196,7 @@ def _read(
     path: Path, limits: InflateLimits, defer_size: int | None, stop_before_pixels: bool
 ) -> _ReadFile:
     """Read ``path`` with pydicom, inflating a deflated dataset as a bounded stream."""
-    with open(path, "rb") as f:
+    with _ReadCountedFile(path) as f:
         preamble = read_preamble(f, False)
         # pydicom's one call that reads the file meta and leaves the file at the dataset.
         meta = _read_file_meta_info(f)
