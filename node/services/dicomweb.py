@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, cast
 
-import pydicom
 from pydicom.encaps import get_frame
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
@@ -281,7 +280,7 @@ class DicomWebService:
 
         Raises NotFound when the instance has no pixel data or a frame number is out of range.
         """
-        layout = await asyncio.to_thread(_pixel_layout, record)
+        layout = await asyncio.to_thread(_pixel_layout, self.store, record)
         for number in numbers:
             if not 1 <= number <= layout.number_of_frames:
                 raise NotFound(f"frame {number} is out of range 1-{layout.number_of_frames}")
@@ -309,7 +308,7 @@ class DicomWebService:
     async def bulk(self, record: InstanceRecord, tag: int) -> FrameSet:
         """One top-level bulk value of an instance; pixel data comes frame by frame."""
         if tag == 0x7FE00010:
-            layout = await asyncio.to_thread(_pixel_layout, record)
+            layout = await asyncio.to_thread(_pixel_layout, self.store, record)
             if layout.value_length is None:
                 return await self.frames(record, list(range(1, layout.number_of_frames + 1)))
             offset, length = layout.value_offset, layout.value_length
@@ -476,29 +475,28 @@ _LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC
 _LONG_LENGTH_VRS |= {b"UR", b"UT", b"UV"}
 
 
-def _pixel_layout(record: InstanceRecord) -> _PixelLayout:
+def _pixel_layout(store: InstanceStore, record: InstanceRecord) -> _PixelLayout:
     """Where an instance's pixel data value lies in its file, and how it splits in frames.
 
     Raises NotFound when the instance has no pixel data or is deflated.
     """
-    # Checked before reading: pydicom would inflate the whole dataset in memory.
     if record.transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
         raise NotFound("frames of deflated instances are not served; retrieve the instance")
     path = record.path
+    ds, start = store.read_to_pixels(record, _METADATA_DEFER_SIZE)
+    ts = UID(ds.file_meta.TransferSyntaxUID)
+    if ts == DeflatedExplicitVRLittleEndian:  # the index and the file disagree
+        raise ImageShareError("a stored instance file is damaged")
+    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    bits = int(ds.get("BitsAllocated") or 0)
+    try:
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        frames = 1
+    frame_bits = rows * columns * samples * bits
     with open(path, "rb") as f:
-        ds = pydicom.dcmread(f, stop_before_pixels=True, defer_size=_METADATA_DEFER_SIZE)
-        ts = UID(ds.file_meta.TransferSyntaxUID)
-        rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-        samples = int(ds.get("SamplesPerPixel") or 1)
-        bits = int(ds.get("BitsAllocated") or 0)
-        try:
-            frames = int(ds.get("NumberOfFrames") or 1)
-        except (TypeError, ValueError):
-            frames = 1
-        frame_bits = rows * columns * samples * bits
-        if ts == DeflatedExplicitVRLittleEndian:  # the index and the file disagree
-            raise ImageShareError("a stored instance file is damaged")
-        start = f.tell()
+        f.seek(start)
         head = f.read(8)
     endian = "<" if ts.is_little_endian else ">"
     if len(head) < 8 or struct.unpack(endian + "HH", head[:4]) != (0x7FE0, 0x0010):

@@ -189,7 +189,9 @@ class _InflatingReader(io.RawIOBase):
 @dataclass(frozen=True)
 class _ReadFile:
     dataset: FileDataset
-    end: int  # length of the stream its offsets refer to (inflated, for a deflated file)
+    # Where reading ended: the end of the stream the dataset's offsets refer to (inflated,
+    # for a deflated file), or, read up to its pixel data, the offset of that element.
+    end: int
 
 
 def _read(
@@ -203,7 +205,9 @@ def _read(
         if meta.get("TransferSyntaxUID") != DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
             f.seek(0)
             plain = pydicom.dcmread(f, defer_size=defer_size, stop_before_pixels=stop_before_pixels)
-            return _ReadFile(plain, os.fstat(f.fileno()).st_size)
+            # pydicom leaves the file at the pixel data element when it stops before it.
+            end = f.tell() if stop_before_pixels else os.fstat(f.fileno()).st_size
+            return _ReadFile(plain, end)
         reader = _InflatingReader(f, os.fstat(f.fileno()).st_size - f.tell(), limits)
         stop = (lambda tag, vr, length: tag in _PIXEL_DATA_TAGS) if stop_before_pixels else None
         raw = read_raw_dataset(
@@ -249,6 +253,16 @@ def read_dataset(
     FileNotFoundError if it is missing.
     """
     return _judged(path, limits, defer_size, stop_before_pixels).dataset
+
+
+def read_to_pixels(path: Path, limits: InflateLimits, defer_size: int) -> tuple[FileDataset, int]:
+    """A DICOM file read up to its pixel data, and the offset of the pixel data element
+    (the file's end if it has none; an offset in the inflated stream if deflated).
+
+    Raises as ``read_dataset``.
+    """
+    read = _judged(path, limits, defer_size, stop_before_pixels=True)
+    return read.dataset, read.end
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,13 @@ import sqlite_utils
 from pydicom.dataset import FileDataset
 
 from node.errors import BadInput, ImageShareError, NotFound, PayloadTooLarge, StorageFull
-from node.store.dicom_header import InflateLimits, InstanceHeader, parse_header, read_dataset
+from node.store.dicom_header import (
+    InflateLimits,
+    InstanceHeader,
+    parse_header,
+    read_dataset,
+    read_to_pixels,
+)
 from node.store.sqlite import connect_durable
 
 CHUNK = 1024 * 1024
@@ -480,14 +486,14 @@ class InstanceStore:
         then not served. Raises ImageShareError if the file is missing, unreadable, or
         inflates past the instance limit or the ratio limit.
         """
-        try:
+        with _stored_file_errors(record):
             return read_dataset(record.path, self.inflate_limits, defer_size, stop_before_pixels)
-        except FileNotFoundError as exc:
-            log.error("stored file %s is missing", record.path.name)
-            raise ImageShareError("a stored instance file is missing") from exc
-        except (BadInput, PayloadTooLarge) as exc:
-            log.error("stored file %s is not served: %s", record.path.name, exc)
-            raise ImageShareError(f"a stored instance cannot be read: {exc}") from exc
+
+    def read_to_pixels(self, record: InstanceRecord, defer_size: int) -> tuple[FileDataset, int]:
+        """A stored instance read up to its pixel data, and where that element starts in its
+        file; raises as ``read_dataset``."""
+        with _stored_file_errors(record):
+            return read_to_pixels(record.path, self.inflate_limits, defer_size)
 
     def iter_file_chunks(self, record: InstanceRecord) -> Iterator[bytes]:
         with open(record.path, "rb") as f:
@@ -549,6 +555,20 @@ class StagingFile:
                 self._file.close()
             self._file = None
         self.tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _stored_file_errors(record: InstanceRecord) -> Iterator[None]:
+    """A stored file that cannot be read is the node's fault, not the caller's: logged,
+    and raised as ImageShareError."""
+    try:
+        yield
+    except FileNotFoundError as exc:
+        log.error("stored file %s is missing", record.path.name)
+        raise ImageShareError("a stored instance file is missing") from exc
+    except (BadInput, PayloadTooLarge) as exc:
+        log.error("stored file %s is not served: %s", record.path.name, exc)
+        raise ImageShareError(f"a stored instance cannot be read: {exc}") from exc
 
 
 def _result(item: StagedInstance, outcome: Outcome) -> IngestResult:
