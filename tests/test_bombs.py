@@ -40,6 +40,10 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     generate_uid,
 )
+from pynetdicom import AE
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind as StudyFind,
+)
 
 from node.errors import BadInput
 from node.services.wallet import Wallet
@@ -328,6 +332,26 @@ class TestBombsAreRefusedAtEveryWayIn:
         assert peak_rss(node) < PEAK_RSS_LIMIT
         assert dcmtk("echoscu", *_aet(node)).returncode == 0
         assert_serving(node)
+
+    def test_query_identifier_in_deflated_syntax_is_refused_in_bounded_memory(
+        self, node: NodeProcess
+    ) -> None:
+        ae = AE(ae_title="BOMBER")
+        ae.add_requested_context(StudyFind, DeflatedExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", node.dimse_port, ae_title="IMAGESHARE")
+        try:
+            accepted = assoc.is_established and bool(assoc.accepted_contexts)
+            if accepted:  # the attack, where the node takes the deflated context
+                identifier = Dataset()
+                identifier.QueryRetrieveLevel = "STUDY"
+                identifier.add_new(0x00291010, "OB", bytes(256 * MIB))  # ~256 KB deflated
+                list(assoc.send_c_find(identifier, StudyFind))
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        assert not accepted
+        assert peak_rss(node) < PEAK_RSS_LIMIT
+        assert dcmtk("echoscu", *_aet(node)).returncode == 0
 
     def test_import_rejects_the_bomb_with_its_reason_in_bounded_memory(
         self, node: NodeProcess, tmp_path: Path

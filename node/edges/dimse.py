@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
@@ -69,6 +70,11 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_IDENTIFIER_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_UNABLE_TO_PROCESS = 0xC001
+
+# Transfer syntaxes of query and retrieve requests. Not Deflated Explicit VR Little Endian:
+# pynetdicom inflates a deflated identifier whole in memory (a small message could take
+# gigabytes), and an identifier is a few attributes that gain nothing from it.
+QUERY_TRANSFER_SYNTAXES = [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian]
 
 _MODELS = {
     PatientRootQueryRetrieveInformationModelFind: Model.PATIENT_ROOT,
@@ -134,7 +140,7 @@ class DimseGateway:
                     scp_role=True,
                 )
         for sop_class in _MODELS:
-            ae.add_supported_context(sop_class)
+            ae.add_supported_context(sop_class, QUERY_TRANSFER_SYNTAXES)
         return ae
 
     async def start(self) -> None:
