@@ -94,6 +94,9 @@ class ForwardConfig:
 class StoreConfig:
     # Largest single DICOM instance accepted, in bytes.
     max_instance_bytes: int = 1024**3
+    # Most times a Deflated Explicit VR Little Endian dataset may inflate (past its first
+    # 16 MiB); with max_instance_bytes it bounds a deflate bomb, received or stored.
+    max_inflation_ratio: float = 100.0
     # Instances written between two durable commits during bulk ingest.
     batch_size: int = 64
 
@@ -235,6 +238,9 @@ def load_config(path: Path | None = None) -> NodeConfig:
     except (ValueError, IndexError) as exc:
         raise ConfigError("http.listen must be HOST:PORT") from exc
     config.http.cors_origins = [_cors_origin(o) for o in config.http.cors_origins]
+    ratio = config.store.max_inflation_ratio
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not ratio >= 1:
+        raise ConfigError("store.max_inflation_ratio must be a number of at least 1")
     return config
 
 

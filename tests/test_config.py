@@ -61,6 +61,14 @@ class TestRefusals:
         with pytest.raises(ConfigError, match="max_denials_per_minute"):
             load_config(path)
 
+    @pytest.mark.parametrize("ratio", ["0.5", "nan", '"100"', "true"])
+    def test_inflation_ratio_below_one_or_not_a_number_is_refused(
+        self, tmp_path: Path, ratio: str
+    ) -> None:
+        path = _write(tmp_path, f'origin = "a.example/x"\n[store]\nmax_inflation_ratio = {ratio}\n')
+        with pytest.raises(ConfigError, match="max_inflation_ratio"):
+            load_config(path)
+
     def test_missing_file_names_the_fix(self, tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match="imageshare init"):
             load_config(tmp_path / "absent.toml")

@@ -46,12 +46,12 @@ from node.core.signed_requests import make_headers, node_signer
 from node.edges.http import app as http_app
 from node.edges.http.multipart import parse_accept
 from node.edges.http.signed import signed_request
-from node.errors import BadInput, Unauthorized
+from node.errors import BadInput, PayloadTooLarge, Unauthorized
 from node.samples import SyntheticStudy, make_ct_study
 from node.services.roster import add_peer
 from node.services.runtime import open_runtime
 from node.store.attributes import Level
-from node.store.dicom_header import parse_header
+from node.store.dicom_header import InflateLimits, parse_header
 from node.store.queries import parse_qido
 from node.store.secrets import read_seed
 from tests.support import faults
@@ -66,6 +66,7 @@ LIVE = settings(
 CLIENT_TIMEOUT = 2.0
 # Above the /p2p limits (1 MiB, 8 MiB), so that those are what refuses a 9 MiB body.
 MAX_BODY = 16 * 1024 * 1024
+INFLATE_LIMITS = InflateLimits(max_bytes=1024**3, max_ratio=100.0)  # a node's defaults
 STOW_TYPE = 'multipart/related; type="application/dicom"; boundary=fuzz-boundary'
 
 # -- pure parsers ----------------------------------------------------------------------
@@ -175,6 +176,7 @@ class TestEncryptedChannelFailsClosed:
 
 def _real_dicom_files() -> list[bytes]:
     names = ["CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "JPEG2000.dcm", "SC_rgb_rle.dcm"]
+    names.append("image_dfl.dcm")  # Deflated Explicit VR Little Endian
     return [Path(str(get_testdata_file(name))).read_bytes() for name in names]
 
 
@@ -189,8 +191,8 @@ class TestDicomFilesFailClosed:
             f.write(data)
             f.flush()
             try:
-                header = parse_header(Path(f.name))
-            except BadInput:
+                header = parse_header(Path(f.name), INFLATE_LIMITS)
+            except (BadInput, PayloadTooLarge):
                 return
         for uid in (header.sop_instance_uid, header.study_instance_uid, header.series_instance_uid):
             assert re.fullmatch(r"[0-9.]{1,64}", uid)
@@ -842,3 +844,120 @@ class TestRouteGuards:
         assert status == 200
         assert study.files[0].read_bytes()[132:400] in body
         assert raw(node, "GET", path, accept)[0] == 401
+
+
+def _log_since(node: NodeProcess, offset: int) -> str:
+    return node.log_path.read_bytes()[offset:].decode(errors="replace")
+
+
+@pytest.mark.usefixtures("still_serving")
+class TestBodyReadingErrors:
+    GARBAGE = b"this is not a compressed stream" * 64
+
+    def test_malformed_gzip_or_deflate_stow_body_is_400_without_a_traceback(
+        self, target: Target
+    ) -> None:
+        node, before = target.node, object_count(target.node)
+        offset = node.log_path.stat().st_size
+        for encoding in ("gzip", "deflate"):
+            headers = {**node.auth, "Content-Type": STOW_TYPE, "Content-Encoding": encoding}
+            status, answer = raw(node, "POST", "/dicomweb/studies", headers, self.GARBAGE)
+            assert status == 400, answer
+            assert f"does not decode as {encoding}" in json.loads(answer)["error"]
+        assert object_count(node) == before
+        wait_until(
+            lambda: _log_since(node, offset).count("refused POST /dicomweb/studies with 400") == 2,
+            message="both refusals in the log",
+        )
+        assert "Traceback" not in _log_since(node, offset)
+
+    def test_broken_chunked_framing_is_400_and_one_line_at_info(self, target: Target) -> None:
+        node = target.node
+        offset = node.log_path.stat().st_size
+        head = faults.request_head(
+            "POST",
+            "/p2p/notify",
+            {"Transfer-Encoding": "chunked", "Connection": "close"},
+            None,
+        )
+        with socket.create_connection(("127.0.0.1", node.http_port), timeout=10) as conn:
+            conn.sendall(head + b"5\r\nhello\r\nZZZ\r\n")
+            answer = conn.recv(65536)
+        assert answer.startswith(b"HTTP/1.0 400") or answer.startswith(b"HTTP/1.1 400"), answer
+        wait_until(
+            lambda: (
+                "INFO aiohttp.server: refused a request that cannot be parsed with 400"
+                in _log_since(node, offset)
+            ),
+            message="the refusal in the log",
+        )
+        assert "Traceback" not in _log_since(node, offset)
+
+    def test_encoded_body_on_a_signed_route_is_refused_unread_with_415(
+        self, target: Target
+    ) -> None:
+        node = target.node
+        offset = node.log_path.stat().st_size
+        # Named as a roster member but signed by someone else: the body is never read.
+        forged = make_headers(
+            target.outsider.sign,
+            node_signer(target.member.origin),
+            "POST",
+            "/p2p/transfer",
+            self.GARBAGE,
+            int(time.time()),
+            os.urandom(16),
+            audience=node.origin,
+        )
+        patient = signed_headers(target.patient, "POST", "/patient/grants", self.GARBAGE)
+        for path, headers in (("/p2p/transfer", forged), ("/patient/grants", patient)):
+            for encoding in ("gzip", "deflate", "br", "zstd"):
+                status, answer = raw(
+                    node, "POST", path, {**headers, "Content-Encoding": encoding}, self.GARBAGE
+                )
+                assert status == 415, (path, encoding, answer)
+                assert "Content-Encoding" in json.loads(answer)["error"]
+        wait_until(
+            lambda: "refused POST /patient/grants with 415" in _log_since(node, offset),
+            message="the refusal in the log",
+        )
+        assert "refused POST /p2p/transfer with 415" in _log_since(node, offset)
+        assert "Traceback" not in _log_since(node, offset)
+
+    def test_every_refusal_is_logged_at_info_with_its_route_and_reason(
+        self, target: Target
+    ) -> None:
+        node = target.node
+        offset = node.log_path.stat().st_size
+        assert raw(node, "GET", "/dicomweb/studies")[0] == 401
+        body = json.dumps({"log_id": log_id(target.member.origin), "size": 0}).encode()
+        forged = make_headers(
+            target.outsider.sign,
+            node_signer(target.member.origin),
+            "POST",
+            "/p2p/notify",
+            body,
+            int(time.time()),
+            os.urandom(16),
+            audience=node.origin,
+        )
+        assert signed(node, target.member, "/p2p/notify", body, forged)[0] == 401
+        stranger = PatientKey.derive(os.urandom(32), node.origin)
+        not_theirs = make_grant(stranger, node.origin, target.member.origin)
+        assert call(node, target.patient, "POST", "/patient/grants", not_theirs)[0] == 403
+        big = os.urandom(9 * 1024 * 1024)
+        headers = node_headers(target.member, node, "/p2p/notify", big)
+        assert signed(node, target.member, "/p2p/notify", big, headers)[0] == 413
+        expected = [
+            "INFO node.edges.http.app: refused GET /dicomweb/studies with 401: missing or wrong"
+            " admin token",
+            "INFO node.edges.http.app: refused POST /p2p/notify with 401: bad signature",
+            "INFO node.edges.http.app: refused POST /patient/grants with 403: a patient may"
+            " submit only grants signed with their own key",
+            "INFO node.edges.http.app: refused POST /p2p/notify with 413: this request carries"
+            " at most",
+        ]
+        wait_until(
+            lambda: all(line in _log_since(node, offset) for line in expected),
+            message="every refusal in the log",
+        )

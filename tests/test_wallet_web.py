@@ -42,6 +42,7 @@ from node.errors import BadInput
 from node.samples import SyntheticStudy, make_ct_study
 from node.services.previews import render_preview
 from node.services.wallet import Wallet
+from node.store.dicom_header import InflateLimits
 from tests.support.browser import chromium_session
 from tests.support.nodes import NodeProcess, init_node, wait_until
 from tests.support.patients import signed_headers
@@ -51,6 +52,8 @@ PHONE = (390, 844)
 PASSPHRASE = "correct horse battery"
 MRN = "MRN-WALLET-1"
 CLI_MRN = "MRN-WALLET-2"
+# The default limits of a node.
+LIMITS = InflateLimits(max_bytes=1024**3, max_ratio=100.0)
 
 
 @dataclass
@@ -617,32 +620,32 @@ class TestRenderPreview:
     def test_the_middle_frame_is_shown_dark_to_bright_as_stored(self, tmp_path: Path) -> None:
         ramp = np.tile(np.arange(0, 4000, 40, dtype=np.uint16), (50, 1))  # dark left
         frames = np.stack([ramp[:, ::-1], ramp, ramp[:, ::-1]])
-        image = _png(render_preview(_image_file(tmp_path, frames)))
+        image = _png(render_preview(_image_file(tmp_path, frames), LIMITS))
         assert (image.mode, image.size) == ("L", (100, 50))
         assert _grey(image, 0, 25) < 20 and _grey(image, 99, 25) > 235
 
     def test_monochrome1_is_inverted(self, tmp_path: Path) -> None:
         ramp = np.tile(np.arange(0, 4000, 40, dtype=np.uint16), (50, 1))[np.newaxis]
-        image = _png(render_preview(_image_file(tmp_path, ramp, "MONOCHROME1")))
+        image = _png(render_preview(_image_file(tmp_path, ramp, "MONOCHROME1"), LIMITS))
         assert _grey(image, 0, 25) > 235 and _grey(image, 99, 25) < 20
 
     def test_the_stored_window_is_applied(self, tmp_path: Path) -> None:
         ramp = np.tile(np.arange(0, 4000, 40, dtype=np.uint16), (50, 1))[np.newaxis]
         # Everything above 1000 is white in this window, so most of the ramp saturates.
         path = _image_file(tmp_path, ramp, WindowCenter=500, WindowWidth=1000)
-        image = _png(render_preview(path))
+        image = _png(render_preview(path, LIMITS))
         assert _grey(image, 50, 25) == _grey(image, 99, 25) == 255
         assert _grey(image, 5, 25) < 128
 
     def test_colour_stays_colour_and_large_images_shrink(self, tmp_path: Path) -> None:
         rgb = np.zeros((1, 400, 600, 3), dtype=np.uint8)
         rgb[..., 0] = 255  # red
-        image = _png(render_preview(_image_file(tmp_path, rgb, "RGB")))
+        image = _png(render_preview(_image_file(tmp_path, rgb, "RGB"), LIMITS))
         assert (image.mode, image.size) == ("RGB", (160, 107))
 
     def test_a_file_without_pixels_is_refused(self) -> None:
         with pytest.raises(BadInput, match="cannot be previewed"):
-            render_preview(Path(str(get_testdata_file("rtplan.dcm"))))
+            render_preview(Path(str(get_testdata_file("rtplan.dcm"))), LIMITS)
 
 
 class TestWalletPages:

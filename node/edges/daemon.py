@@ -58,6 +58,8 @@ async def serve(
         access_log=None,
         handle_signals=False,
         keepalive_timeout=http.client_timeout,
+        # No body is decoded unless its route takes the encoding (see accepts_body_encodings).
+        auto_decompress=False,
     )
     await runner.setup()
     site = web.TCPSite(runner, http.host, http.port, reuse_address=True)

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
@@ -81,6 +82,11 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_UNABLE_TO_PROCESS = 0xC001
 # A-ASSOCIATE-RJ: rejected permanent, by the service user, calling AE title not recognised.
 REJECT_UNKNOWN_CALLER = (0x01, 0x01, 0x03)
+
+# Transfer syntaxes of query and retrieve requests. Not Deflated Explicit VR Little Endian:
+# pynetdicom inflates a deflated identifier whole in memory (a small message could take
+# gigabytes), and an identifier is a few attributes that gain nothing from it.
+QUERY_TRANSFER_SYNTAXES = [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian]
 
 _MODELS = {
     PatientRootQueryRetrieveInformationModelFind: Model.PATIENT_ROOT,
@@ -191,7 +197,7 @@ class DimseGateway:
                     scp_role=True,
                 )
         for sop_class in _MODELS:
-            ae.add_supported_context(sop_class)
+            ae.add_supported_context(sop_class, QUERY_TRANSFER_SYNTAXES)
         return ae
 
     async def start(self) -> None:
@@ -357,7 +363,14 @@ class DimseGateway:
                     ended = f"cancelled after {sent} of {len(records)} instance(s)"
                     yield STATUS_CANCEL, None
                     return
-                yield STATUS_PENDING, read_instance(record)
+                try:
+                    dataset = read_instance(self.runtime.store, record)
+                except ImageShareError as exc:  # a stored file that cannot be read: say why
+                    ended = f"failed after {sent} of {len(records)} instance(s)"
+                    self._log_failure(operation, event, exc)
+                    yield failure_status(exc), None
+                    return
+                yield STATUS_PENDING, dataset
             ended = "finished"
         finally:
             self._log_operation(operation, event, f"{ended}: {outcomes}")

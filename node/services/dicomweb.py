@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, cast
 
-import pydicom
-from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
@@ -263,7 +261,9 @@ class DicomWebService:
         yield b"]"
 
     def _instance_metadata(self, record: InstanceRecord, base_url: str) -> dict[str, Any]:
-        ds = _read_header(record.path)
+        ds = self.store.read_dataset(
+            record, defer_size=_METADATA_DEFER_SIZE, stop_before_pixels=True
+        )
         prefix = f"{base_url}{_instance_path(record)}/bulk/"
         pixel_vr = None
         if "Rows" in ds and "PixelData" not in ds:
@@ -280,7 +280,7 @@ class DicomWebService:
 
         Raises NotFound when the instance has no pixel data or a frame number is out of range.
         """
-        layout = await asyncio.to_thread(_pixel_layout, record.path)
+        layout = await asyncio.to_thread(_pixel_layout, self.store, record)
         for number in numbers:
             if not 1 <= number <= layout.number_of_frames:
                 raise NotFound(f"frame {number} is out of range 1-{layout.number_of_frames}")
@@ -308,7 +308,7 @@ class DicomWebService:
     async def bulk(self, record: InstanceRecord, tag: int) -> FrameSet:
         """One top-level bulk value of an instance; pixel data comes frame by frame."""
         if tag == 0x7FE00010:
-            layout = await asyncio.to_thread(_pixel_layout, record.path)
+            layout = await asyncio.to_thread(_pixel_layout, self.store, record)
             if layout.value_length is None:
                 return await self.frames(record, list(range(1, layout.number_of_frames + 1)))
             offset, length = layout.value_offset, layout.value_length
@@ -319,7 +319,7 @@ class DicomWebService:
                 lambda: _file_range(record.path, offset, length),
             )
             return FrameSet(OCTET_STREAM, label, [part])
-        value = await asyncio.to_thread(_bulk_value, record.path, tag)
+        value = await asyncio.to_thread(self._bulk_value, record, tag)
         part = OutgoingPart(OCTET_STREAM, len(value), lambda: _single(value))
         return FrameSet(OCTET_STREAM, "", [part])
 
@@ -378,6 +378,23 @@ class DicomWebService:
             raise
         return report
 
+    def _bulk_value(self, record: InstanceRecord, tag: int) -> bytes:
+        # A deflated stream cannot be re-read for a deferred value: read values at once.
+        deflated = record.transfer_syntax_uid == DeflatedExplicitVRLittleEndian
+        ds = self.store.read_dataset(
+            record,
+            defer_size=None if deflated else _METADATA_DEFER_SIZE,
+            stop_before_pixels=True,
+        )
+        if tag not in ds:
+            raise NotFound("the instance has no such attribute")
+        value = ds[tag].value
+        if isinstance(value, str):
+            return value.encode()
+        if not isinstance(value, bytes | bytearray):
+            raise NotFound("that attribute is not bulk data")
+        return bytes(value)
+
     def _stage(self, reader: _BlockingPartReader) -> StagedInstance:
         item = self.store.stage(cast(IO[bytes], reader))
         if reader.aborted:  # the request was cancelled while the header was being checked
@@ -393,13 +410,6 @@ def _native_label(transfer_syntax: UID) -> str:
 
 
 # -- blocking helpers (run in worker threads) --------------------------------------------
-
-
-def _read_header(path: Path) -> Dataset:
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=True, defer_size=_METADATA_DEFER_SIZE)
-    except FileNotFoundError as exc:
-        raise ImageShareError("a stored instance file is missing") from exc
 
 
 async def _file_range(path: Path, offset: int, length: int) -> AsyncIterator[bytes]:
@@ -465,25 +475,28 @@ _LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC
 _LONG_LENGTH_VRS |= {b"UR", b"UT", b"UV"}
 
 
-def _pixel_layout(path: Path) -> _PixelLayout:
+def _pixel_layout(store: InstanceStore, record: InstanceRecord) -> _PixelLayout:
     """Where an instance's pixel data value lies in its file, and how it splits in frames.
 
-    Raises NotFound when the instance has no pixel data.
+    Raises NotFound when the instance has no pixel data or is deflated.
     """
+    if record.transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
+        raise NotFound("frames of deflated instances are not served; retrieve the instance")
+    path = record.path
+    ds, start = store.read_to_pixels(record, _METADATA_DEFER_SIZE)
+    ts = UID(ds.file_meta.TransferSyntaxUID)
+    if ts == DeflatedExplicitVRLittleEndian:  # the index and the file disagree
+        raise ImageShareError("a stored instance file is damaged")
+    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    bits = int(ds.get("BitsAllocated") or 0)
+    try:
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        frames = 1
+    frame_bits = rows * columns * samples * bits
     with open(path, "rb") as f:
-        ds = pydicom.dcmread(f, stop_before_pixels=True, defer_size=_METADATA_DEFER_SIZE)
-        ts = UID(ds.file_meta.TransferSyntaxUID)
-        rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-        samples = int(ds.get("SamplesPerPixel") or 1)
-        bits = int(ds.get("BitsAllocated") or 0)
-        try:
-            frames = int(ds.get("NumberOfFrames") or 1)
-        except (TypeError, ValueError):
-            frames = 1
-        frame_bits = rows * columns * samples * bits
-        if ts == DeflatedExplicitVRLittleEndian:
-            raise NotFound("frames of deflated instances are not served; retrieve the instance")
-        start = f.tell()
+        f.seek(start)
         head = f.read(8)
     endian = "<" if ts.is_little_endian else ">"
     if len(head) < 8 or struct.unpack(endian + "HH", head[:4]) != (0x7FE0, 0x0010):
@@ -509,15 +522,3 @@ def _pixel_layout(path: Path) -> _PixelLayout:
     frame_length = frame_bits // 8
     frames = min(frames, length // frame_length)
     return _PixelLayout(ts, value_offset, length, frame_length, frames, None)
-
-
-def _bulk_value(path: Path, tag: int) -> bytes:
-    ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size=_METADATA_DEFER_SIZE)
-    if tag not in ds:
-        raise NotFound("the instance has no such attribute")
-    value = ds[tag].value
-    if isinstance(value, str):
-        return value.encode()
-    if not isinstance(value, bytes | bytearray):
-        raise NotFound("that attribute is not bulk data")
-    return bytes(value)

@@ -14,14 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import pynetdicom.association
 import pynetdicom.dul
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config, build_context, evt
 from pynetdicom.presentation import PresentationContext
 
 from node.errors import BadInput
-from node.store.instances import InstanceRecord
+from node.store.instances import InstanceRecord, InstanceStore
 
 if TYPE_CHECKING:
     from pynetdicom.events import Event
@@ -113,6 +112,9 @@ def storage_contexts(records: list[InstanceRecord]) -> list[PresentationContext]
     return contexts
 
 
-def read_instance(record: InstanceRecord) -> Dataset:
-    """A stored instance, decoded for sending by C-STORE."""
-    return dcmread(record.path)
+def read_instance(store: InstanceStore, record: InstanceRecord) -> Dataset:
+    """A stored instance, decoded for sending by C-STORE (a deflated one within the limits).
+
+    Raises ImageShareError if it cannot be read.
+    """
+    return store.read_dataset(record)

@@ -175,7 +175,7 @@ class Forwarder:
                     continue
                 mark_dimse_activity()
                 try:
-                    status = assoc.send_c_store(read_instance(record))
+                    status = assoc.send_c_store(read_instance(self.store, record))
                 except Exception as exc:
                     failures[f"cannot send: {exc}"].append(item)
                     continue

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 from PIL import Image
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from node.errors import BadInput, Forbidden, NotFound
 from node.services import consent
 from node.services.runtime import NodeRuntime
+from node.store.dicom_header import InflateLimits, read_dataset
 
 MAX_EDGE = 160
 # Bigger images are refused rather than decoded: a preview must stay cheap.
@@ -98,16 +98,17 @@ def series_preview(
     if not 0 <= position < len(series):
         raise NotFound("the study has no series at that position")
     instances = runtime.store.instances(study_uid, series[position][0])
-    return render_preview(instances[len(instances) // 2].path)
+    return render_preview(instances[len(instances) // 2].path, runtime.store.inflate_limits)
 
 
-def render_preview(path: Path, max_edge: int = MAX_EDGE) -> bytes:
+def render_preview(path: Path, limits: InflateLimits, max_edge: int = MAX_EDGE) -> bytes:
     """A PNG of the middle frame of the DICOM image at ``path``, at most ``max_edge`` wide/high.
 
-    Raises BadInput if the file has no pixel data or it cannot be decoded.
+    A deflated file is inflated within ``limits``. Raises BadInput if the file has no
+    pixel data, it cannot be decoded, or it inflates past the limits.
     """
     try:
-        dataset = pydicom.dcmread(path)
+        dataset = read_dataset(path, limits)
         rows, columns = int(dataset.Rows), int(dataset.Columns)
         frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
         if rows * columns * frames > MAX_PIXELS:

@@ -44,7 +44,9 @@ def open_runtime(config: NodeConfig | Path | None = None) -> NodeRuntime:
         config = load_config(config)
     identity = NodeIdentity(config.origin, read_seed(config.key_path))
     admin_token = read_secret(config.admin_token_path).decode().strip()
-    store = InstanceStore(config.data_dir, config.store.max_instance_bytes)
+    store = InstanceStore(
+        config.data_dir, config.store.max_instance_bytes, config.store.max_inflation_ratio
+    )
     runtime = NodeRuntime(config=config, identity=identity, admin_token=admin_token, store=store)
     runtime.services["ledger"] = LedgerService(runtime)
     return runtime

@@ -1,27 +1,39 @@
-"""Reading and checking the header of a received DICOM Part 10 file.
+"""Reading and checking DICOM Part 10 files, received or stored.
 
 This is where outside DICOM input is judged: a file is accepted only if it is Part 10
 (preamble and "DICM"), parses to the end without running past its last byte, and names
 its SOP class and its study, series and instance UIDs.
+
+It is also the one place a file in Deflated Explicit VR Little Endian is inflated, for
+ingest and for every later read alike (``read_dataset``). pydicom would inflate the whole
+dataset into memory in one call, so a small file could take gigabytes (a deflate bomb);
+here it is inflated as a stream, at most ``InflateLimits.max_bytes`` in all and at most
+``max_ratio`` times its compressed size, and the end-of-file and length checks run on the
+inflated stream.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import warnings
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 import pydicom
 import pydicom.config
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filereader import read_dataset as read_raw_dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian as DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
 
-from node.errors import BadInput
+from node.errors import BadInput, PayloadTooLarge
 from node.store.attributes import INDEXED, Attribute
 
 # Received files are judged by the checks below; pydicom's own warnings about odd
@@ -33,6 +45,226 @@ warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\..*")
 # Values larger than this are not loaded while checking a file: pixel data stays on disk.
 _DEFER_SIZE = 64 * 1024
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+
+# The first bytes a deflated dataset inflates to are not held to the ratio limit, so that
+# small, very compressible datasets (a blank image inflates ~1000 times) are accepted.
+RATIO_FREE_BYTES = 16 * 1024 * 1024
+# Compressed bytes read, and inflated bytes produced, per step of the inflater.
+_INFLATE_STEP = 64 * 1024
+# How far back pydicom may seek in an inflated stream (it steps back a few bytes at most).
+_REWIND_WINDOW = 1024 * 1024
+_PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+# Most reads pydicom may make of one file, two or three per element it parses: millions
+# of tiny elements (a few MB, deflated or not) would take gigabytes as pydicom objects.
+# Large real files (enhanced multi-frame, structure sets) need well under a tenth of it.
+MAX_READS = 600_000
+
+
+def _one_more_read(reads: int) -> int:
+    """Count a read of a file being parsed; BadInput past MAX_READS."""
+    if reads >= MAX_READS:
+        raise BadInput("the DICOM file has too many elements")
+    return reads + 1
+
+
+class _ReadCountedFile(io.BufferedReader):
+    """A file opened for pydicom, which may read it at most MAX_READS times (a buffered
+    reader still, so that pydicom reopens it by name for a deferred value)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(io.FileIO(path, "r"))
+        self.reads = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.reads = _one_more_read(self.reads)
+        return super().read(size)
+
+
+@dataclass(frozen=True)
+class InflateLimits:
+    """How far a deflated dataset may inflate: at most ``max_bytes`` (the instance size
+    limit), and past ``RATIO_FREE_BYTES`` at most ``max_ratio`` times its compressed size."""
+
+    max_bytes: int
+    max_ratio: float
+
+    def check(self, inflated: int, compressed: int, what: str = "the deflated dataset") -> None:
+        """Raise PayloadTooLarge once ``inflated`` bytes from ``compressed`` are too many."""
+        if inflated > self.max_bytes:
+            raise PayloadTooLarge(f"{what} inflates past the limit of {self.max_bytes} bytes")
+        if inflated > RATIO_FREE_BYTES and inflated > self.max_ratio * compressed:
+            raise PayloadTooLarge(f"{what} inflates more than {self.max_ratio:g} times its size")
+
+
+class _InflatingReader(io.RawIOBase):
+    """A deflated dataset as a readable, forward-seekable stream, inflated step by step.
+
+    Only the last ``_REWIND_WINDOW`` bytes are kept for pydicom's small steps back; a
+    seek forward (past a deferred value) inflates and drops what it skips. Every step is
+    checked against the limits, so a bomb is refused before much of it is inflated.
+    """
+
+    def __init__(self, source: IO[bytes], compressed_size: int, limits: InflateLimits) -> None:
+        self._source = source
+        self._compressed_size = compressed_size
+        self._limits = limits
+        self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._kept = bytearray()  # inflated bytes from offset _kept_start on
+        self._kept_start = 0
+        self._position = 0
+        self.inflated = 0  # bytes inflated so far
+        self.reads = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def _inflate_step(self) -> bool:
+        """Inflate one more step into ``_kept``; False at the end of the deflated data."""
+        if self._inflater.eof:
+            return False
+        compressed = self._inflater.unconsumed_tail or self._source.read(_INFLATE_STEP)
+        if not compressed:
+            raise BadInput("truncated DICOM file: the deflated data ends early")
+        try:
+            piece = self._inflater.decompress(compressed, _INFLATE_STEP)
+        except zlib.error as exc:
+            raise BadInput(f"unreadable deflated DICOM data: {exc}") from exc
+        self.inflated += len(piece)
+        self._limits.check(self.inflated, self._compressed_size)
+        self._kept += piece
+        return True
+
+    def _drop_before(self, offset: int) -> None:
+        """Forget the inflated bytes before ``offset``: they will not be read again."""
+        drop = min(offset - self._kept_start, len(self._kept))
+        if drop > 0:
+            del self._kept[:drop]
+            self._kept_start += drop
+
+    def _fill_to(self, offset: int, keep_from: int) -> None:
+        """Inflate until ``offset`` is reached or the data ends, keeping only the bytes
+        from ``keep_from`` on (a long skip holds no more than one window)."""
+        while self._kept_start + len(self._kept) < offset and self._inflate_step():
+            self._drop_before(keep_from)
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.reads = _one_more_read(self.reads)
+        if size is None or size < 0:
+            size = self._limits.max_bytes + 1  # the limits end it first
+        self._fill_to(self._position + size, self._position - _REWIND_WINDOW)
+        start = self._position - self._kept_start
+        data = bytes(self._kept[start : start + size]) if start >= 0 else b""
+        self._position += len(data)
+        self._drop_before(self._position - _REWIND_WINDOW)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        target = {io.SEEK_SET: 0, io.SEEK_CUR: self._position}.get(whence)
+        if target is None:
+            raise BadInput("a deflated dataset cannot be read from its end")
+        target += offset
+        if target < self._kept_start:
+            raise BadInput("unreadable deflated DICOM data: it would be read twice")
+        self._fill_to(target, target - _REWIND_WINDOW)
+        self._position = target
+        return target
+
+    def inflated_length(self) -> int:
+        """Inflate what is left (within the limits) and return the whole inflated length."""
+        while self._inflate_step():
+            self._kept.clear()
+            self._kept_start = self.inflated
+        return self.inflated
+
+
+@dataclass(frozen=True)
+class _ReadFile:
+    dataset: FileDataset
+    # Where reading ended: the end of the stream the dataset's offsets refer to (inflated,
+    # for a deflated file), or, read up to its pixel data, the offset of that element.
+    end: int
+
+
+def _read(
+    path: Path, limits: InflateLimits, defer_size: int | None, stop_before_pixels: bool
+) -> _ReadFile:
+    """Read ``path`` with pydicom, inflating a deflated dataset as a bounded stream."""
+    with _ReadCountedFile(path) as f:
+        preamble = read_preamble(f, False)
+        # pydicom's one call that reads the file meta and leaves the file at the dataset.
+        meta = _read_file_meta_info(f)
+        if meta.get("TransferSyntaxUID") != DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+            f.seek(0)
+            plain = pydicom.dcmread(f, defer_size=defer_size, stop_before_pixels=stop_before_pixels)
+            # pydicom leaves the file at the pixel data element when it stops before it.
+            end = f.tell() if stop_before_pixels else os.fstat(f.fileno()).st_size
+            return _ReadFile(plain, end)
+        reader = _InflatingReader(f, os.fstat(f.fileno()).st_size - f.tell(), limits)
+        stop = (lambda tag, vr, length: tag in _PIXEL_DATA_TAGS) if stop_before_pixels else None
+        raw = read_raw_dataset(
+            reader,  # type: ignore[arg-type]  # a binary stream, as pydicom needs
+            is_implicit_VR=False,
+            is_little_endian=True,
+            stop_when=stop,
+            defer_size=defer_size,
+        )
+        end = reader.tell() if stop_before_pixels else reader.inflated_length()
+    # No file name: a deferred value cannot be read back from the compressed file.
+    dataset = FileDataset(None, raw, preamble, meta, False, True)  # type: ignore[arg-type]
+    dataset.set_original_encoding(False, True, raw._character_set)
+    return _ReadFile(dataset, end)
+
+
+def _judged(
+    path: Path, limits: InflateLimits, defer_size: int | None, stop_before_pixels: bool
+) -> _ReadFile:
+    """``_read``, with every failure turned into BadInput or PayloadTooLarge."""
+    try:
+        return _read(path, limits, defer_size, stop_before_pixels)
+    except (BadInput, PayloadTooLarge, FileNotFoundError):
+        raise
+    except InvalidDicomError as exc:
+        raise BadInput("not a DICOM Part 10 file (no DICM preamble)") from exc
+    except (EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise BadInput(f"unreadable DICOM file: {exc}") from exc
+    except Exception as exc:  # pydicom raises many types on garbage; all mean "bad file"
+        raise BadInput(f"unreadable DICOM file: {type(exc).__name__}") from exc
+
+
+def read_dataset(
+    path: Path,
+    limits: InflateLimits,
+    defer_size: int | None = None,
+    stop_before_pixels: bool = False,
+) -> FileDataset:
+    """A DICOM file as a pydicom dataset, a deflated one inflated within ``limits``.
+
+    The one way the node opens a DICOM file it holds. Raises BadInput for a file that
+    cannot be read, PayloadTooLarge for one that inflates past the limits, and
+    FileNotFoundError if it is missing.
+    """
+    return _judged(path, limits, defer_size, stop_before_pixels).dataset
+
+
+def read_to_pixels(path: Path, limits: InflateLimits, defer_size: int) -> tuple[FileDataset, int]:
+    """A DICOM file read up to its pixel data, and the offset of the pixel data element
+    (the file's end if it has none; an offset in the inflated stream if deflated).
+
+    Raises as ``read_dataset``.
+    """
+    read = _judged(path, limits, defer_size, stop_before_pixels=True)
+    return read.dataset, read.end
 
 
 @dataclass(frozen=True)
@@ -97,23 +329,19 @@ def _last_value_end(ds: Dataset) -> int:
     return end
 
 
-def parse_header(path: Path) -> InstanceHeader:
+def parse_header(path: Path, limits: InflateLimits) -> InstanceHeader:
     """Check a DICOM Part 10 file and read its indexed attributes.
 
     Raises BadInput with the reason when the file is not DICOM, is truncated, or lacks
-    a required UID.
+    a required UID, and PayloadTooLarge when a deflated file inflates past ``limits``.
     """
     try:
-        ds = pydicom.dcmread(path, defer_size=_DEFER_SIZE)
-    except InvalidDicomError as exc:
-        raise BadInput("not a DICOM Part 10 file (no DICM preamble)") from exc
-    except (EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        read = _judged(path, limits, _DEFER_SIZE, stop_before_pixels=False)
+    except FileNotFoundError as exc:
         raise BadInput(f"unreadable DICOM file: {exc}") from exc
-    except Exception as exc:  # pydicom raises many types on garbage; all mean "bad file"
-        raise BadInput(f"unreadable DICOM file: {type(exc).__name__}") from exc
-    deflated = ds.file_meta.get("TransferSyntaxUID") == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
-    # Offsets in a deflated file refer to the inflated stream, so only the rest are checked.
-    if not deflated and _last_value_end(ds) > os.path.getsize(path):
+    ds = read.dataset
+    # For a deflated file, offsets and the end are those of the inflated stream.
+    if _last_value_end(ds) > read.end:
         raise BadInput("truncated DICOM file: a value runs past the end of the file")
     meta = ds.file_meta
     transfer_syntax = str(meta.get("TransferSyntaxUID", "")) if meta else ""

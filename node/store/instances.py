@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import logging
 import os
 import sqlite3
 import threading
@@ -30,13 +31,22 @@ from pathlib import Path
 from typing import IO, Any
 
 import sqlite_utils
+from pydicom.dataset import FileDataset
 
-from node.errors import BadInput, NotFound, PayloadTooLarge, StorageFull
+from node.errors import BadInput, ImageShareError, NotFound, PayloadTooLarge, StorageFull
 from node.store.attributes import INDEXED, TABLES, UNIQUE_KEYS, Level
-from node.store.dicom_header import InstanceHeader, parse_header
+from node.store.dicom_header import (
+    InflateLimits,
+    InstanceHeader,
+    parse_header,
+    read_dataset,
+    read_to_pixels,
+)
 from node.store.sqlite import connect_durable
 
 CHUNK = 1024 * 1024
+
+log = logging.getLogger(__name__)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syncfs = getattr(_libc, "syncfs", None)
@@ -148,12 +158,16 @@ class InstanceStore:
     connection per thread (SQLite WAL lets them run beside the writer).
     """
 
-    def __init__(self, data_dir: Path, max_instance_bytes: int = 1024**3) -> None:
+    def __init__(
+        self, data_dir: Path, max_instance_bytes: int = 1024**3, max_inflation_ratio: float = 100.0
+    ) -> None:
         self.data_dir = data_dir
         self.objects_dir = data_dir / "objects"
         self.tmp_dir = data_dir / "tmp"
         self.db_path = data_dir / "index.sqlite"
         self.max_instance_bytes = max_instance_bytes
+        # One bound for a deflated instance, at ingest and at every read of a stored file.
+        self.inflate_limits = InflateLimits(max_instance_bytes, max_inflation_ratio)
         self._write_lock = threading.Lock()
         self._local = threading.local()
         self.objects_dir.mkdir(parents=True, exist_ok=True)
@@ -216,7 +230,7 @@ class InstanceStore:
                         )
                     hasher.update(chunk)
                     out.write(chunk)
-            header = parse_header(tmp_path)
+            header = parse_header(tmp_path, self.inflate_limits)
         except OSError as exc:
             tmp_path.unlink(missing_ok=True)
             _raise_if_disk_full(exc)
@@ -228,7 +242,7 @@ class InstanceStore:
 
     def open_staging(self) -> StagingFile:
         """A temporary file to fill chunk by chunk (data arriving from a peer), then stage."""
-        return StagingFile(self.tmp_dir / f"{uuid.uuid4().hex}.part", self.max_instance_bytes)
+        return StagingFile(self.tmp_dir / f"{uuid.uuid4().hex}.part", self.inflate_limits)
 
     def digests_present(self, digests: Sequence[str]) -> set[str]:
         """Which of these SHA-256 digests (hex) belong to an indexed instance."""
@@ -438,6 +452,27 @@ class InstanceStore:
                 "UPDATE studies SET source = ? WHERE study_instance_uid = ?", (source, study_uid)
             )
 
+    def read_dataset(
+        self,
+        record: InstanceRecord,
+        defer_size: int | None = None,
+        stop_before_pixels: bool = False,
+    ) -> FileDataset:
+        """A stored instance as a pydicom dataset, a deflated one inflated within the limits.
+
+        A file stored before the limits held (or changed on disk) may not pass them: it is
+        then not served. Raises ImageShareError if the file is missing, unreadable, or
+        inflates past the instance limit or the ratio limit.
+        """
+        with _stored_file_errors(record):
+            return read_dataset(record.path, self.inflate_limits, defer_size, stop_before_pixels)
+
+    def read_to_pixels(self, record: InstanceRecord, defer_size: int) -> tuple[FileDataset, int]:
+        """A stored instance read up to its pixel data, and where that element starts in its
+        file; raises as ``read_dataset``."""
+        with _stored_file_errors(record):
+            return read_to_pixels(record.path, self.inflate_limits, defer_size)
+
     def iter_file_chunks(self, record: InstanceRecord) -> Iterator[bytes]:
         with open(record.path, "rb") as f:
             while chunk := f.read(CHUNK):
@@ -451,9 +486,10 @@ class StagingFile:
     ``abort()`` removes the file. Neither leaves anything behind on failure.
     """
 
-    def __init__(self, tmp_path: Path, max_bytes: int) -> None:
+    def __init__(self, tmp_path: Path, limits: InflateLimits) -> None:
         self.tmp_path = tmp_path
-        self.max_bytes = max_bytes
+        self.limits = limits
+        self.max_bytes = limits.max_bytes
         self.size = 0
         self._hasher = hashlib.sha256()
         self._file: IO[bytes] | None = open(tmp_path, "wb")  # noqa: SIM115 - closed in finish/abort
@@ -485,7 +521,7 @@ class StagingFile:
     def finish(self) -> StagedInstance:
         try:
             self.close()
-            header = parse_header(self.tmp_path)
+            header = parse_header(self.tmp_path, self.limits)
         except BaseException:
             self.abort()
             raise
@@ -497,6 +533,20 @@ class StagingFile:
                 self._file.close()
             self._file = None
         self.tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _stored_file_errors(record: InstanceRecord) -> Iterator[None]:
+    """A stored file that cannot be read is the node's fault, not the caller's: logged,
+    and raised as ImageShareError."""
+    try:
+        yield
+    except FileNotFoundError as exc:
+        log.error("stored file %s is missing", record.path.name)
+        raise ImageShareError("a stored instance file is missing") from exc
+    except (BadInput, PayloadTooLarge) as exc:
+        log.error("stored file %s is not served: %s", record.path.name, exc)
+        raise ImageShareError(f"a stored instance cannot be read: {exc}") from exc
 
 
 def _result(item: StagedInstance, outcome: Outcome) -> IngestResult:

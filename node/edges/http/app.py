@@ -1,7 +1,8 @@
 """The node's aiohttp application: middlewares and the route modules, assembled once.
 
 Each role lives in its own module exposing ``add_routes(app, runtime)``; this module
-owns the cross-cutting rules: error mapping, CORS for viewers, and admin-token auth.
+owns the cross-cutting rules: error mapping (every refusal logged at INFO with its route
+and reason), request body encodings, CORS for viewers, and admin-token auth.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from node import __version__
 from node.errors import ImageShareError
@@ -61,9 +65,65 @@ def cors_scope(path: str) -> CorsScope | None:
             return scope
     return None
 
+_BODY_ENCODINGS = "imageshare_body_encodings"  # handler attribute set by accepts_body_encodings
+HandlerT = TypeVar("HandlerT", bound=Callable[..., Awaitable[web.StreamResponse]])
+
+
+def accepts_body_encodings(*encodings: str) -> Callable[[HandlerT], HandlerT]:
+    """Mark a handler whose request body may carry these Content-Encodings; the handler
+    decodes the body itself within its limits (the server decodes none). Every other
+    route refuses an encoded body with 415 before reading it."""
+
+    def mark(handler: HandlerT) -> HandlerT:
+        setattr(handler, _BODY_ENCODINGS, frozenset(encodings))
+        return handler
+
+    return mark
+
+
+def _route(request: web.Request) -> str:
+    """The route a request matched, as registered (never the UIDs of the actual path)."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "(no route)"
+
+
+class _UnparsableRequestsAsRefusals(logging.Filter):
+    """aiohttp answers a request it cannot parse (a broken chunked framing, a malformed
+    header) with 400 itself, and logs it at ERROR with a traceback. It is a refusal like
+    any other: one line at INFO, with the reason."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and 400 <= exc.code < 500:
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = "refused a request that cannot be parsed with %d: %s"
+            record.args = (exc.code, " ".join(exc.message.split()))
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_UNPARSABLE_FILTER = _UnparsableRequestsAsRefusals()
+
+
+def log_refusal(request: web.Request, status: int, reason: str) -> None:
+    """Write one refused request to the log: the one place refusals are logged."""
+    log.info("refused %s %s with %d: %s", request.method, _route(request), status, reason)
+
 
 def error_response(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
+
+
+def refusal_response(request: web.Request, status: int, message: str) -> web.Response:
+    """The JSON error answer to ``request``, logged as a refusal when it is the client's
+    fault (4xx). A request whose body was not read to its end keeps no connection alive.
+    """
+    if status < 500:
+        log_refusal(request, status, message)
+    response = error_response(status, message)
+    if request.body_exists and not request.content.is_eof():
+        response.force_close()
+    return response
 
 
 @web.middleware
@@ -72,16 +132,35 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except ImageShareError as exc:
-        return error_response(exc.http_status, str(exc))
-    except web.HTTPException:
+        return refusal_response(request, exc.http_status, str(exc))
+    except (HttpProcessingError, RequestPayloadError) as exc:
+        # aiohttp could not read the body (a broken chunked framing, a cut connection).
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        return refusal_response(request, 400, f"the request body cannot be read: {reason}")
+    except web.HTTPException as exc:
+        if 400 <= exc.status < 500:
+            log_refusal(request, exc.status, exc.text or exc.reason)
         raise
     except ConnectionError:
         # The client left (or was cut off as too slow) mid-request: no fault of the node.
-        log.info("client gone during %s %s", request.method, request.path)
+        log.info("client gone during %s %s", request.method, _route(request))
         return error_response(400, "the connection closed before the request ended")
     except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(500, "internal error; see the node's log")
+        log.exception("unhandled error on %s %s", request.method, _route(request))
+        return refusal_response(request, 500, "internal error; see the node's log")
+
+
+@web.middleware
+async def body_encoding_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse a Content-Encoding the route does not take, before its body is read."""
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        allowed: frozenset[str] = getattr(request.match_info.handler, _BODY_ENCODINGS, frozenset())
+        if encoding not in allowed:
+            return refusal_response(
+                request, 415, f"this route does not take a body in Content-Encoding {encoding!r}"
+            )
+    return await handler(request)
 
 
 async def _cut_off_slow_body(request: web.Request, window: float, min_rate: int) -> None:
@@ -146,11 +225,11 @@ def make_auth_middleware(runtime: NodeRuntime) -> Callable[..., Awaitable[web.St
             and _has_admin_prefix(request.path)
             and not bearer_token_matches(request, runtime.admin_token)
         ):
-            return web.json_response(
-                {"error": "missing or wrong admin token (Authorization: Bearer ...)"},
-                status=401,
-                headers={"WWW-Authenticate": 'Bearer realm="imageshare"'},
+            response = refusal_response(
+                request, 401, "missing or wrong admin token (Authorization: Bearer ...)"
             )
+            response.headers["WWW-Authenticate"] = 'Bearer realm="imageshare"'
+            return response
         return await handler(request)
 
     return auth_middleware
@@ -231,9 +310,11 @@ def build_app(runtime: NodeRuntime) -> web.Application:
             make_cors_middleware(runtime.config.http.cors_origins),
             errors_middleware,
             make_auth_middleware(runtime),
+            body_encoding_middleware,
         ],
     )
     app[RUNTIME_KEY] = runtime
+    logging.getLogger("aiohttp.server").addFilter(_UNPARSABLE_FILTER)  # once: a set
     app.on_response_prepare.append(add_cors_headers)
     app.router.add_get("/healthz", healthz)
     for module in route_modules.MODULES:

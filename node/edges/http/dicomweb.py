@@ -13,7 +13,7 @@ from functools import partial
 from aiohttp import web
 
 from node.core import dicom_json
-from node.edges.http.app import RUNTIME_KEY
+from node.edges.http.app import RUNTIME_KEY, accepts_body_encodings
 from node.edges.http.multipart import (
     NotAcceptable,
     StreamedParts,
@@ -247,10 +247,16 @@ async def _upload_parts(parts: StreamedParts) -> AsyncIterator[UploadPart]:
         yield UploadPart(content_type, partial(parts.read_chunk, part))
 
 
+@accepts_body_encodings("gzip", "deflate")
 async def store_instances(request: web.Request) -> web.Response:
     study_uid = request.match_info.get("study")
-    limit = request.app[RUNTIME_KEY].config.http.max_body_bytes
-    parts = StreamedParts(request, DICOM, limit)
+    runtime = request.app[RUNTIME_KEY]
+    parts = StreamedParts(
+        request,
+        DICOM,
+        runtime.config.http.max_body_bytes,
+        runtime.config.store.max_inflation_ratio,
+    )
     report = await _service(request).store_upload(_upload_parts(parts), study_uid)
     if not report.stored and not report.failed:
         raise BadInput("the multipart body holds no parts")

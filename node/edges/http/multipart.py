@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import logging
 import uuid
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from node.errors import BadInput, ImageShareError, PayloadTooLarge
 from node.services.dicomweb import OutgoingPart
+from node.store.dicom_header import InflateLimits
 
 log = logging.getLogger(__name__)
 
@@ -187,14 +190,104 @@ class BodyTooLarge(PayloadTooLarge):
     """The whole request body is over the configured limit."""
 
 
+# Errors of reading a request body as aiohttp reports them (a broken chunked framing).
+BODY_READ_ERRORS = (HttpProcessingError, RequestPayloadError)
+# Content-Encodings a multipart upload may carry, and how zlib reads each (RFC 9110 8.4.1).
+_ZLIB_WINDOW_BITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+# Encoded bytes taken, and decoded bytes made, per step; and the longest line a part
+# header may have.
+_DECODE_STEP = 64 * 1024
+_MAX_LINE = 64 * 1024
+
+
+class DecodedBody:
+    """A request body in a Content-Encoding, decoded step by step as it is read.
+
+    The server itself decodes nothing (``auto_decompress`` is off), so a body is decoded
+    only where a route takes an encoding, and only as fast as it is consumed. It is held
+    to ``limits`` like a deflated dataset: BodyTooLarge once it has decoded to more than
+    the body limit or more than the ratio allows; BadInput if it does not decode or ends
+    early. It offers what aiohttp's MultipartReader reads from a body.
+    """
+
+    def __init__(self, raw: StreamReader, encoding: str, limits: InflateLimits) -> None:
+        window_bits = _ZLIB_WINDOW_BITS.get(encoding)
+        if window_bits is None:
+            raise UnsupportedMediaType(f"a body in Content-Encoding {encoding!r} is not taken")
+        self._raw = raw
+        self._encoding = encoding
+        self._limits = limits
+        self._decoder = zlib.decompressobj(window_bits)
+        self._buffer = bytearray()
+        self.total_bytes = 0  # decoded so far
+
+    @property
+    def total_raw_bytes(self) -> int:
+        return self._raw.total_bytes
+
+    def at_eof(self) -> bool:
+        return not self._buffer and self._decoder.eof
+
+    async def _decode_step(self) -> bool:
+        """Decode one more step into the buffer; False once the encoded body has ended."""
+        if self._decoder.eof:
+            return False
+        encoded = self._decoder.unconsumed_tail or await self._raw.readany()
+        if not encoded:
+            raise BadInput(f"the {self._encoding} request body ends early")
+        try:
+            piece = self._decoder.decompress(encoded, _DECODE_STEP)
+        except zlib.error as exc:
+            raise BadInput(f"the request body does not decode as {self._encoding}: {exc}") from exc
+        if self._decoder.unused_data:
+            raise BadInput(f"the request body goes on after its {self._encoding} data ends")
+        self.total_bytes += len(piece)
+        try:
+            self._limits.check(self.total_bytes, self.total_raw_bytes, "the encoded request body")
+        except PayloadTooLarge as exc:
+            raise BodyTooLarge(str(exc)) from exc
+        self._buffer += piece
+        return True
+
+    async def read(self, n: int = -1) -> bytes:
+        while not self._buffer and await self._decode_step():
+            pass
+        size = len(self._buffer) if n < 0 else n
+        chunk = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return chunk
+
+    async def readline(self, *, max_line_length: int | None = None) -> bytes:
+        while b"\n" not in self._buffer:
+            if len(self._buffer) > (max_line_length or _MAX_LINE):
+                raise BadInput("a line of the multipart body is too long")
+            if not await self._decode_step():
+                break
+        end = self._buffer.find(b"\n") + 1 or len(self._buffer)
+        line = bytes(self._buffer[:end])
+        del self._buffer[:end]
+        return line
+
+    def unread_data(self, data: bytes) -> None:
+        self._buffer[:0] = data
+
+
 class StreamedParts:
     """The parts of a multipart/related upload, read as a stream.
 
-    Raises UnsupportedMediaType for another content type, BadInput for a malformed body,
-    BodyTooLarge once more than ``max_body_bytes`` have arrived.
+    Raises UnsupportedMediaType for another content type or encoding, BadInput for a
+    malformed body, BodyTooLarge once more than ``max_body_bytes`` have arrived. A body
+    in Content-Encoding gzip or deflate is decoded as it is read (DecodedBody) and is
+    also BodyTooLarge once it has inflated more than ``max_inflation_ratio`` times.
     """
 
-    def __init__(self, request: web.Request, part_type: str, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        request: web.Request,
+        part_type: str,
+        max_body_bytes: int,
+        max_inflation_ratio: float,
+    ) -> None:
         media = parse_media_type(request.headers.get("Content-Type", ""))
         if not media.is_multipart_related:
             raise UnsupportedMediaType("the body must be multipart/related")
@@ -208,19 +301,24 @@ class StreamedParts:
         self.request = request
         self.part_type = part_type
         self.max_body_bytes = max_body_bytes
-        self._reader = MultipartReader(request.headers, request.content)
+        encoding = request.headers.get("Content-Encoding", "").strip().lower()
+        self._content: StreamReader | DecodedBody = request.content
+        if encoding not in ("", "identity"):
+            limits = InflateLimits(max_body_bytes, max_inflation_ratio)
+            self._content = DecodedBody(request.content, encoding, limits)
+        self._reader = MultipartReader(request.headers, self._content)  # type: ignore[arg-type]
 
     def check_size(self) -> None:
-        if self.request.content.total_bytes > self.max_body_bytes:
+        if self._content.total_bytes > self.max_body_bytes:
             raise BodyTooLarge(f"the request body is over the limit of {self.max_body_bytes} bytes")
 
     async def __aiter__(self) -> AsyncIterator[BodyPartReader]:
         while True:
             try:
                 part = await self._reader.next()
-            except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as exc:
+            except (ValueError, AssertionError, RuntimeError, *BODY_READ_ERRORS) as exc:
                 # HttpProcessingError: a part header that is not a valid HTTP header.
-                raise BadInput(f"malformed multipart body: {exc}") from exc
+                raise BadInput(f"malformed multipart body: {_reason(exc)}") from exc
             except ConnectionError as exc:
                 raise BadInput("the client closed the connection before the body ended") from exc
             self.check_size()
@@ -236,9 +334,14 @@ class StreamedParts:
     async def read_chunk(self, part: BodyPartReader, size: int) -> bytes:
         try:
             chunk = await part.read_chunk(size)
-        except (ValueError, AssertionError, HttpProcessingError) as exc:
-            raise BadInput(f"malformed multipart body: {exc}") from exc
+        except (ValueError, AssertionError, *BODY_READ_ERRORS) as exc:
+            raise BadInput(f"malformed multipart body: {_reason(exc)}") from exc
         except ConnectionError as exc:
             raise BadInput("the client closed the connection before the body ended") from exc
         self.check_size()
         return chunk
+
+
+def _reason(exc: Exception) -> str:
+    """An error's message on one line (aiohttp's read errors span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
