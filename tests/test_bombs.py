@@ -258,11 +258,16 @@ def dcmtk(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     )
 
 
+# The bomber is a configured query/retrieve caller: its bombs must be stopped by the limits,
+# not by access control.
+BOMBER_CALLER = '[[dimse.callers]]\nae_title = "BOMBER"\nhost = "127.0.0.1"\n'
+
+
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     """A node with the default limits (1 GiB per instance, inflation ratio 100)."""
     made = init_node(tmp_path_factory.mktemp("bombs"), "bombs.example/imageshare")
-    made.append_config("[federation]\ndiscovery = false\n")
+    made.append_config("[federation]\ndiscovery = false\n\n" + BOMBER_CALLER)
     made.start()
     wait_until(lambda: dcmtk("echoscu", *_aet(made)).returncode == 0, message="DIMSE")
     yield made
@@ -455,7 +460,7 @@ def hospitals(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hospitals]:
     a = init_node(base, "a.example/imageshare", "a")
     b = init_node(base, "b.example/imageshare", "b")
     settings = "[federation]\ndiscovery = false\nreplicate_interval = 0.3\n"
-    a.append_config(settings + _peer(b))
+    a.append_config(settings + _peer(b) + BOMBER_CALLER)
     b.append_config(settings + _peer(a))
     study_uid, series_uid = generate_uid(), generate_uid()
     files = base / "study"
@@ -520,7 +525,7 @@ class TestStoredBombsAreNeverInflated:
         assert peak_rss(a) < PEAK_RSS_LIMIT
         assert dcmtk("echoscu", *_aet(a)).returncode == 0
         log = a.log_path.read_text()
-        assert "C-GET from 'BOMBER' refused: a stored instance cannot be read" in log
+        assert "C-GET from 'BOMBER' at 127.0.0.1 refused: a stored instance cannot be read" in log
         assert "Traceback" not in log
 
     def test_preview_of_a_stored_bomb_is_refused_in_bounded_memory(

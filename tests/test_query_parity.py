@@ -245,6 +245,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
     store = InstanceStore(base / "direct")
     import_files(store, files)
     node = init_node(base / "node", "parity.example/imageshare")
+    allow_findscu(node)
     node.cli("import", str(base / "in"))
     node.start()
     try:
@@ -283,12 +284,20 @@ def qido_http(corpus: Corpus, c: Case) -> frozenset[str]:
     return corpus.names([r["0020000D"]["Value"][0] for r in response.json()])
 
 
+FINDSCU_AE = "FINDSCU"
+
+
+def allow_findscu(node: NodeProcess) -> None:
+    """Make this test's findscu a configured query/retrieve caller of ``node``."""
+    node.append_config(f'[[dimse.callers]]\nae_title = "{FINDSCU_AE}"\nhost = "127.0.0.1"\n')
+
+
 def findscu(node: NodeProcess, out: Path, *keys: str, level: str = "STUDY") -> list[Dataset]:
     """C-FIND (Study Root) with DCMTK's findscu; the response identifiers."""
     out.mkdir(parents=True)
     fixed = [f"QueryRetrieveLevel={level}", "StudyInstanceUID", "SpecificCharacterSet=ISO_IR 192"]
     key_args = [a for k in (*fixed, *keys) for a in ("-k", k)]
-    peer = ["-aec", "IMAGESHARE", "127.0.0.1", str(node.dimse_port)]
+    peer = ["-aet", FINDSCU_AE, "-aec", "IMAGESHARE", "127.0.0.1", str(node.dimse_port)]
     result = subprocess.run(
         ["findscu", "-S", *peer, "-X", "-od", str(out), *key_args],
         capture_output=True,
@@ -365,7 +374,7 @@ class TestOneRuleForValues:
     def test_c_find_with_a_malformed_date_fails_with_a900_and_the_node_keeps_answering(
         self, corpus: Corpus
     ) -> None:
-        ae = AE(ae_title="PARITY")
+        ae = AE(ae_title=FINDSCU_AE)
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         assoc = ae.associate("127.0.0.1", corpus.node.dimse_port, ae_title="IMAGESHARE")
         assert assoc.is_established
@@ -412,6 +421,7 @@ def crowded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     base = tmp_path_factory.mktemp("crowded")
     study = make_ct_study(base / "in", series=1, slices=1, rows=8, columns=8)
     node = init_node(base / "node", "crowded.example/imageshare")
+    allow_findscu(node)
     node.cli("import", str(study.files[0].parent))
     add_bare_studies(node, queries.MAX_RESULTS)
     node.start()
