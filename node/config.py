@@ -34,8 +34,9 @@ CONFIG_ENV = "IMAGESHARE_CONFIG"
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
-PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
-NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+# Durations are capped at a day: TOML's inf would otherwise switch a timeout off.
+PositiveSeconds = Annotated[float, msgspec.Meta(gt=0, le=86400)]
+NonNegativeSeconds = Annotated[float, msgspec.Meta(ge=0, le=86400)]
 
 
 class Table(msgspec.Struct, forbid_unknown_fields=True):
@@ -181,7 +182,7 @@ class ForwardConfig(Table):
     host: str = ""
     port: Port = 104
     max_attempts: PositiveInt = 8
-    initial_backoff: NonNegativeFloat = 2.0
+    initial_backoff: NonNegativeSeconds = 2.0
 
     def __post_init__(self) -> None:
         if self.ae_title:
@@ -207,7 +208,7 @@ class ConsentConfig(Table):
 
 class LedgerConfig(Table):
     # Longest a durable append waits to share its fsync with others, in milliseconds.
-    group_commit_ms: NonNegativeFloat = 2.0
+    group_commit_ms: Annotated[float, msgspec.Meta(ge=0, le=1000)] = 2.0
 
 
 class DashboardConfig(Table):

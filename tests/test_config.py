@@ -85,6 +85,8 @@ REFUSED = [
     ("[dimse]\nenabled = 1\n", "[dimse] enabled: expected true or false, got 1"),
     ('[http]\nlisten = "nowhere"\n', "[http] listen: must be HOST:PORT"),
     ("[http]\nclient_timeout = 0\n", "[http] client_timeout: expected a number > 0.0, got 0"),
+    ("[http]\nclient_timeout = inf\n", "[http] client_timeout: expected a number <= 86400"),
+    ("[http]\nclient_timeout = nan\n", "[http] client_timeout: expected a number > 0.0, got nan"),
     ('[http]\ncors_origins = ["*"]\n', "[http] cors_origins: '*' is not an origin"),
     ("[http]\ncors_origins = [5]\n", "[http] cors_origins #1: expected a string, got 5"),
     ("http = 5\n", "http: expected a table, got 5"),
