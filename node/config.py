@@ -298,7 +298,7 @@ def _decode_path(kind: type, value: Any) -> Any:
 _LOCATED = re.compile(r"(?s)(?P<problem>.*?)(?: - at `\$(?P<where>[^`]*)`)?")
 _STEP = re.compile(r"\.(?P<key>\w+)|\[(?P<index>\d+)\]")
 _EXPECTED = re.compile(r"Expected `(?P<kind>\w+)`(?P<bound>[^,]*)(?:, got `\w+`)?")
-_FIELD = re.compile(r"Object (?P<what>contains unknown|missing required) field `(?P<key>\w+)`")
+_FIELD = re.compile(r"Object (?P<what>contains unknown|missing required) field `(?P<key>[^`]+)`")
 _KINDS = {
     "int": "an integer",
     "float": "a number",
