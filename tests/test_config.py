@@ -80,6 +80,7 @@ def _all_tables(cls: type[Table]) -> list[type[Table]]:
 REFUSED = [
     ('[http]\nlisen = "1.2.3.4:1"\n', "[http] lisen: unknown setting"),
     ("colour = 1\n", "colour: unknown setting"),
+    ('[http]\n"my key" = 1\n', "[http] my key: unknown setting"),
     ('[dimse]\nport = "abc"\n', '[dimse] port: expected an integer, got "abc"'),
     ("[dimse]\nport = 70000\n", "[dimse] port: expected an integer <= 65535, got 70000"),
     ("[dimse]\nenabled = 1\n", "[dimse] enabled: expected true or false, got 1"),
