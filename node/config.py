@@ -3,7 +3,7 @@
 The file is TOML, checked against the schema below with msgspec at load time: a wrong
 type, a value out of range, a bad origin or an unknown key (at any level: a typo must
 never silently fall back to a default) stops the node with one sentence naming the key,
-e.g. ``node.toml: [http] port: expected an integer, got "abc"``. Paths are relative to
+e.g. ``node.toml: [dimse] port: expected an integer, got "abc"``. Paths are relative to
 the directory holding the file.
 
 Adding a setting is one line in its table's class: ``name: Type = default`` (with a
@@ -46,7 +46,8 @@ class Table(msgspec.Struct, forbid_unknown_fields=True):
 def parse_listen(listen: str) -> tuple[str, int]:
     """``HOST:PORT`` as (host, port); raises ValueError unless the port is 1-65535."""
     host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    # isascii too: isdigit alone also takes other scripts' digits, such as "٣".
+    if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ValueError("must be HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:8600")
     return host, int(port)
 

@@ -85,6 +85,7 @@ REFUSED = [
     ("[dimse]\nport = 70000\n", "[dimse] port: expected an integer <= 65535, got 70000"),
     ("[dimse]\nenabled = 1\n", "[dimse] enabled: expected true or false, got 1"),
     ('[http]\nlisten = "nowhere"\n', "[http] listen: must be HOST:PORT"),
+    ('[http]\nlisten = "127.0.0.1:\u0668\u0666\u0660\u0660"\n', "[http] listen: must be HOST:PORT"),
     ("[http]\nclient_timeout = 0\n", "[http] client_timeout: expected a number > 0.0, got 0"),
     ("[http]\nclient_timeout = inf\n", "[http] client_timeout: expected a number <= 86400"),
     ("[http]\nclient_timeout = nan\n", "[http] client_timeout: expected a number > 0.0, got nan"),
