@@ -1,58 +1,134 @@
 """node.toml: every setting, its default, and validation.
 
-The file is TOML. Paths are relative to the directory holding the file. Unknown keys
-are refused so that a typo never silently falls back to a default.
+The file is TOML, checked against the schema below with msgspec at load time: a wrong
+type, a value out of range, a bad origin or an unknown key (at any level: a typo must
+never silently fall back to a default) stops the node with one sentence naming the key,
+e.g. ``node.toml: [dimse] port: expected an integer, got "abc"``. Paths are relative to
+the directory holding the file.
+
+Adding a setting is one line in its table's class: ``name: Type = default`` (with a
+constraint type such as ``PositiveInt`` where a range applies), plus its documentation
+in node.example.toml. Checks across several keys go in the class's ``__post_init__``,
+raising ``ValueError("key: problem")``.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
+
+from node.core.origins import NODE_ORIGIN_RULE, is_node_origin
 from node.errors import ConfigError
 
 DEFAULT_CONFIG_NAME = "node.toml"
 CONFIG_ENV = "IMAGESHARE_CONFIG"
 
+# Constraint types: msgspec checks them while reading, and names the key if one fails.
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+# Durations are capped at a day: TOML's inf would otherwise switch a timeout off.
+PositiveSeconds = Annotated[float, msgspec.Meta(gt=0, le=86400)]
+NonNegativeSeconds = Annotated[float, msgspec.Meta(ge=0, le=86400)]
 
-@dataclass
-class HttpConfig:
+
+class Table(msgspec.Struct, forbid_unknown_fields=True):
+    """Base of every node.toml table: a key the class does not declare is refused."""
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` as (host, port); raises ValueError unless the port is 1-65535."""
+    host, _, port = listen.rpartition(":")
+    # isascii too: isdigit alone also takes other scripts' digits, such as "٣".
+    if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise ValueError("must be HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:8600")
+    return host, int(port)
+
+
+# A DICOM AE title: 1-16 characters of printable ASCII without backslash, not all spaces.
+_AE_TITLE = re.compile(r"[ -\[\]-~]{1,16}")
+
+
+def is_ae_title(title: str) -> bool:
+    """True if ``title`` is a DICOM AE title (spaces around it are not significant)."""
+    return _AE_TITLE.fullmatch(title) is not None and bool(title.strip())
+
+
+def _check_ae_title(key: str, title: str) -> None:
+    if not is_ae_title(title):
+        raise ValueError(f"{key}: {title!r} is not an AE title (1-16 printable characters)")
+
+
+def _check_node_origin(key: str, origin: str) -> None:
+    if not is_node_origin(origin):
+        raise ValueError(f"{key}: {origin!r} is not a node origin ({NODE_ORIGIN_RULE})")
+
+
+# A web origin as a browser sends it: scheme://host[:port] in lower case, nothing else.
+# Not a node origin (node.core.origins): this one names a viewer's site, for CORS.
+_WEB_ORIGIN = re.compile(r"https?://([a-z0-9.-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?")
+
+
+def _cors_origin(origin: str) -> str:
+    """A configured CORS origin, lower-cased as browsers send it; "*" and "null" refused."""
+    text = origin.strip().lower()
+    if not _WEB_ORIGIN.fullmatch(text):
+        raise ValueError(
+            f"cors_origins: {origin!r} is not an origin like https://viewer.example:3000"
+            " (list each viewer's origin; '*' and 'null' are refused)"
+        )
+    return text
+
+
+class HttpConfig(Table):
     listen: str = "127.0.0.1:8600"
     # The URL peers and wallets use to reach this node; defaults to http://<listen>.
     public_url: str = ""
-    max_body_bytes: int = 2 * 1024**3
+    max_body_bytes: PositiveInt = 2 * 1024**3
     # Origins (scheme://host[:port]) of browser viewers elsewhere that may read /dicomweb
     # and the public /ledger with CORS; empty: none (the node's own pages need none).
-    cors_origins: list[str] = field(default_factory=list)
+    cors_origins: list[str] = []
     # Seconds a client may take to send a request before it is cut off.
-    client_timeout: float = 120.0
+    client_timeout: PositiveSeconds = 120.0
     # Slowest request body accepted, in bytes/s over each client_timeout window: a client
     # that stalls or trickles its body is cut off instead of holding a connection forever.
-    min_body_rate: int = 1024
+    min_body_rate: NonNegativeInt = 1024
+
+    def __post_init__(self) -> None:
+        try:
+            parse_listen(self.listen)
+        except ValueError as exc:
+            raise ValueError(f"listen: {exc}") from None
+        if self.public_url and not self.public_url.startswith(("http://", "https://")):
+            raise ValueError(f"public_url: {self.public_url!r} must start with http(s)://")
+        self.cors_origins = [_cors_origin(o) for o in self.cors_origins]
 
     @property
     def host(self) -> str:
-        return self.listen.rsplit(":", 1)[0]
+        return parse_listen(self.listen)[0]
 
     @property
     def port(self) -> int:
-        return int(self.listen.rsplit(":", 1)[1])
+        return parse_listen(self.listen)[1]
 
 
-@dataclass
-class DimseDestination:
+class DimseDestination(Table):
     ae_title: str
     host: str
-    port: int
+    port: Port
+
+    def __post_init__(self) -> None:
+        _check_ae_title("ae_title", self.ae_title)
 
 
-@dataclass
-class DimseCaller:
+class DimseCaller(Table):
     """An AE the node knows, bound to the IP address its associations come from."""
 
     ae_title: str
@@ -60,105 +136,126 @@ class DimseCaller:
     # May C-FIND, C-GET and C-MOVE; false: store only (e.g. a modality).
     query_retrieve: bool = True
 
+    def __post_init__(self) -> None:
+        _check_ae_title("ae_title", self.ae_title)
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            raise ValueError(
+                f"host: must be the IP address the associations of {self.ae_title.strip()!r}"
+                f" come from, not {self.host!r}"
+            ) from None
 
-@dataclass
-class DimseConfig:
+
+class DimseConfig(Table):
     enabled: bool = True
     host: str = "127.0.0.1"
-    port: int = 11112
+    port: Port = 11112
     ae_title: str = "IMAGESHARE"
     # Calling AE titles allowed to associate at all (title only, which any device can
     # claim); empty allows any.
-    allowed_calling_aes: list[str] = field(default_factory=list)
+    allowed_calling_aes: list[str] = []
     # C-ECHO and C-STORE from any calling AE; false: only from the callers below.
     store_from_any_ae: bool = True
     # The only AEs that may query and retrieve, each from its own address.
-    callers: list[DimseCaller] = field(default_factory=list)
+    callers: list[DimseCaller] = []
     # C-MOVE destinations by AE title.
-    destinations: list[DimseDestination] = field(default_factory=list)
+    destinations: list[DimseDestination] = []
     # Refuse storage SOP classes this node does not know.
     refuse_unknown_sop_classes: bool = False
 
+    def __post_init__(self) -> None:
+        _check_ae_title("ae_title", self.ae_title)
+        for title in self.allowed_calling_aes:
+            _check_ae_title("allowed_calling_aes", title)
+        titles = {t.strip() for t in self.allowed_calling_aes}
+        for caller in self.callers:
+            if titles and caller.ae_title.strip() not in titles:
+                raise ValueError(
+                    f"callers: {caller.ae_title!r} is not in allowed_calling_aes,"
+                    " so its associations would be rejected"
+                )
 
-@dataclass
-class ForwardConfig:
+
+class ForwardConfig(Table):
     # Forward every arriving study to this PACS AE by C-STORE; empty disables.
     ae_title: str = ""
     host: str = ""
-    port: int = 104
-    max_attempts: int = 8
-    initial_backoff: float = 2.0
-
-
-@dataclass
-class StoreConfig:
-    # Largest single DICOM instance accepted, in bytes.
-    max_instance_bytes: int = 1024**3
-    # Most times a Deflated Explicit VR Little Endian dataset may inflate (past its first
-    # 16 MiB); with max_instance_bytes it bounds a deflate bomb, received or stored.
-    max_inflation_ratio: float = 100.0
-    # Instances written between two durable commits during bulk ingest.
-    batch_size: int = 64
-
-
-@dataclass
-class ConsentConfig:
-    max_lifetime_days: int = 365
-    clock_skew_seconds: int = 300
-    # Denial entries one requesting node may cause per minute; over it, refusals are
-    # still answered but not written (the ledger is permanent and copied to every peer).
-    max_denials_per_minute: int = 60
+    port: Port = 104
+    max_attempts: PositiveInt = 8
+    initial_backoff: NonNegativeSeconds = 2.0
 
     def __post_init__(self) -> None:
-        limit = self.max_denials_per_minute
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-            raise ConfigError("consent.max_denials_per_minute must be a whole number >= 1")
+        if self.ae_title:
+            _check_ae_title("ae_title", self.ae_title)
+            if not self.host:
+                raise ValueError(f"host: forwarding to {self.ae_title!r} needs its host")
 
 
-@dataclass
-class LedgerConfig:
+class StoreConfig(Table):
+    # Largest single DICOM instance accepted, in bytes.
+    max_instance_bytes: PositiveInt = 1024**3
+    # Most times a Deflated Explicit VR Little Endian dataset may inflate (past its first
+    # 16 MiB); with max_instance_bytes it bounds a deflate bomb, received or stored.
+    max_inflation_ratio: Annotated[float, msgspec.Meta(ge=1)] = 100.0
+    # Instances written between two durable commits during bulk ingest.
+    batch_size: PositiveInt = 64
+
+
+class ConsentConfig(Table):
+    max_lifetime_days: PositiveInt = 365
+    clock_skew_seconds: NonNegativeInt = 300
+    # Denial entries one requesting node may cause per minute; over it, refusals are
+    # still answered but not written (the ledger is permanent and copied to every peer).
+    max_denials_per_minute: PositiveInt = 60
+
+
+class LedgerConfig(Table):
     # Longest a durable append waits to share its fsync with others, in milliseconds.
-    group_commit_ms: float = 2.0
+    group_commit_ms: Annotated[float, msgspec.Meta(ge=0, le=1000)] = 2.0
 
 
-@dataclass
-class DashboardConfig:
+class DashboardConfig(Table):
     # Link that opens a study in a viewer: {study_uid} and {dicomweb} (this node's DICOMweb
     # root) are replaced, e.g. "https://viewer.example/viewer?StudyInstanceUIDs={study_uid}".
     # Empty: a plain link to the study's DICOMweb metadata.
     viewer_url: str = ""
 
 
-@dataclass
-class PeerConfig:
+class PeerConfig(Table):
     origin: str
     url: str
     vkey: str
 
+    def __post_init__(self) -> None:
+        _check_node_origin("origin", self.origin)
 
-@dataclass
-class FederationConfig:
+
+class FederationConfig(Table):
     discovery: bool = True
-    replicate_interval: float = 1.0
-    request_timeout: float = 10.0
+    replicate_interval: PositiveSeconds = 1.0
+    request_timeout: PositiveSeconds = 10.0
     # Largest age, in seconds, of a signed node-to-node request.
-    max_request_age: int = 300
+    max_request_age: PositiveInt = 300
 
 
-@dataclass
-class NodeConfig:
+class NodeConfig(Table):
+    """The whole of node.toml; ``data_dir`` is absolute once loaded by load_config."""
+
     origin: str
-    config_path: Path
-    data_dir: Path
-    http: HttpConfig = field(default_factory=HttpConfig)
-    dimse: DimseConfig = field(default_factory=DimseConfig)
-    forward: ForwardConfig = field(default_factory=ForwardConfig)
-    store: StoreConfig = field(default_factory=StoreConfig)
-    consent: ConsentConfig = field(default_factory=ConsentConfig)
-    ledger: LedgerConfig = field(default_factory=LedgerConfig)
-    federation: FederationConfig = field(default_factory=FederationConfig)
-    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
-    peers: list[PeerConfig] = field(default_factory=list)
+    data_dir: Path = Path(".")
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    dimse: DimseConfig = msgspec.field(default_factory=DimseConfig)
+    forward: ForwardConfig = msgspec.field(default_factory=ForwardConfig)
+    store: StoreConfig = msgspec.field(default_factory=StoreConfig)
+    consent: ConsentConfig = msgspec.field(default_factory=ConsentConfig)
+    ledger: LedgerConfig = msgspec.field(default_factory=LedgerConfig)
+    federation: FederationConfig = msgspec.field(default_factory=FederationConfig)
+    dashboard: DashboardConfig = msgspec.field(default_factory=DashboardConfig)
+    peers: list[PeerConfig] = []
+
+    def __post_init__(self) -> None:
+        _check_node_origin("origin", self.origin)
 
     @property
     def public_url(self) -> str:
@@ -177,115 +274,118 @@ def default_config_path() -> Path:
     return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_NAME)
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where} must be a table")
-    known = {f.name for f in fields(cls)}
-    unknown = set(raw) - known
-    if unknown:
-        raise ConfigError(f"unknown setting {where}.{sorted(unknown)[0]}")
-    try:
-        return cls(**raw)
-    except TypeError as exc:
-        raise ConfigError(f"{where} is incomplete: {exc}") from exc
-
-
 def load_config(path: Path | None = None) -> NodeConfig:
-    """Read and validate node.toml; raises ConfigError with one clear sentence."""
+    """Read and validate node.toml; raises ConfigError with one sentence naming the key."""
     path = (path or default_config_path()).resolve()
     try:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError as exc:
         raise ConfigError(f"no configuration at {path} (run 'imageshare init' or pass -c)") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-    raw = dict(raw)
-    origin = raw.pop("origin", None)
-    if not isinstance(origin, str) or not origin or any(c.isspace() for c in origin):
-        raise ConfigError(f"{path} needs an origin without spaces")
-    data_dir = path.parent / str(raw.pop("data_dir", "."))
-    sections: dict[str, Any] = {}
-    for name, cls in (
-        ("http", HttpConfig),
-        ("forward", ForwardConfig),
-        ("store", StoreConfig),
-        ("consent", ConsentConfig),
-        ("ledger", LedgerConfig),
-        ("federation", FederationConfig),
-        ("dashboard", DashboardConfig),
-    ):
-        if name in raw:
-            sections[name] = _build(cls, raw.pop(name), name)
-    if "dimse" in raw:
-        dimse_raw = dict(raw.pop("dimse"))
-        destinations = [
-            _build(DimseDestination, d, "dimse.destinations")
-            for d in dimse_raw.pop("destinations", [])
-        ]
-        callers = [_build(DimseCaller, c, "dimse.callers") for c in dimse_raw.pop("callers", [])]
-        sections["dimse"] = _build(
-            DimseConfig, {**dimse_raw, "destinations": destinations, "callers": callers}, "dimse"
-        )
-        _check_dimse_callers(sections["dimse"])
-    peers = [_build(PeerConfig, p, "peers") for p in raw.pop("peers", [])]
-    if raw:
-        raise ConfigError(f"unknown setting {sorted(raw)[0]} in {path}")
-    config = NodeConfig(
-        origin=origin, config_path=path, data_dir=data_dir.resolve(), peers=peers, **sections
-    )
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path.name}: not valid TOML: {exc}") from exc
     try:
-        config.http.port  # noqa: B018 - validates listen
-    except (ValueError, IndexError) as exc:
-        raise ConfigError("http.listen must be HOST:PORT") from exc
-    config.http.cors_origins = [_cors_origin(o) for o in config.http.cors_origins]
-    ratio = config.store.max_inflation_ratio
-    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not ratio >= 1:
-        raise ConfigError("store.max_inflation_ratio must be a number of at least 1")
+        config = msgspec.convert(raw, NodeConfig, strict=True, dec_hook=_decode_path)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path.name}: {explain_error(str(exc), raw)}") from None
+    config.data_dir = (path.parent / config.data_dir).resolve()
     return config
 
 
-def _check_dimse_callers(dimse: DimseConfig) -> None:
-    """Each caller is bound to one IP address, and can pass the title allow-list."""
-    titles = {t.strip() for t in dimse.allowed_calling_aes}
-    for caller in dimse.callers:
-        try:
-            ipaddress.ip_address(caller.host)
-        except ValueError:
-            raise ConfigError(
-                f"dimse.callers {caller.ae_title!r}: host must be the IP address its"
-                f" associations come from, not {caller.host!r}"
-            ) from None
-        if titles and caller.ae_title.strip() not in titles:
-            raise ConfigError(
-                f"dimse.callers {caller.ae_title!r} is not in dimse.allowed_calling_aes,"
-                " so its associations would be rejected"
-            )
+def _decode_path(kind: type, value: Any) -> Any:
+    if kind is Path and isinstance(value, str):
+        return Path(value)
+    # msgspec turns a TypeError from here into a ValidationError at the key.
+    raise TypeError(f"Expected `str`, got `{type(value).__name__}`")
 
 
-# An origin as a browser sends it: scheme://host[:port] in lower case, nothing else.
-_ORIGIN = re.compile(r"https?://([a-z0-9.-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?")
+# msgspec's messages: "<problem> - at `$.http.port`" (the location is absent at the top).
+_LOCATED = re.compile(r"(?s)(?P<problem>.*?)(?: - at `\$(?P<where>[^`]*)`)?")
+_STEP = re.compile(r"\.(?P<key>\w+)|\[(?P<index>\d+)\]")
+_EXPECTED = re.compile(r"Expected `(?P<kind>\w+)`(?P<bound>[^,]*)(?:, got `\w+`)?")
+_FIELD = re.compile(r"Object (?P<what>contains unknown|missing required) field `(?P<key>[^`]+)`")
+_KINDS = {
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "bool": "true or false",
+    "array": "a list",
+    "object": "a table",
+    "Path": "a string",
+}
 
 
-def _cors_origin(origin: object) -> str:
-    """A configured CORS origin, lower-cased as browsers send it; "*" and "null" refused."""
-    text = str(origin).strip().lower()
-    if not _ORIGIN.fullmatch(text):
-        raise ConfigError(
-            f"http.cors_origins: {origin!r} is not an origin like https://viewer.example:3000"
-            " (list each viewer's origin; '*' and 'null' are refused)"
+def explain_error(message: str, raw: Any) -> str:
+    """One sentence from a msgspec ValidationError about ``raw``: ``[table] key: problem``."""
+    located = _LOCATED.fullmatch(message)
+    assert located is not None  # the pattern matches any text
+    problem, steps = located["problem"], _steps(located["where"] or "")
+    field = _FIELD.fullmatch(problem)
+    expected = _EXPECTED.fullmatch(problem)
+    if field:
+        steps.append(field["key"])
+        problem = (
+            "unknown setting (node.example.toml lists every setting)"
+            if field["what"] == "contains unknown"
+            else "missing; it is required"
         )
-    return text
+    elif expected:
+        kind = _KINDS.get(expected["kind"], expected["kind"])
+        problem = f"expected {kind}{expected['bound']}, got {_shown(raw, steps)}"
+    else:  # a table's own __post_init__ check: the problem starts with the key
+        table = _place(steps, raw, table_only=True)
+        return f"{table} {problem}" if table else problem
+    place = _place(steps, raw)
+    return f"{place}: {problem}" if place else problem
+
+
+def _steps(where: str) -> list[str | int]:
+    return [m["key"] if m["key"] else int(m["index"]) for m in _STEP.finditer(where)]
+
+
+def _value_at(raw: Any, steps: list[str | int]) -> Any:
+    for step in steps:
+        try:
+            raw = raw[step]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return raw
+
+
+def _shown(raw: Any, steps: list[str | int]) -> str:
+    value = _value_at(raw, steps)
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, bool | str):
+        text = json.dumps(value)
+        return text if len(text) <= 60 else text[:57] + '..."'
+    return str(value)
+
+
+def _place(steps: list[str | int], raw: Any, table_only: bool = False) -> str:
+    """Where a key is, as node.toml writes it: ``[http] port``, ``[[peers]] #2 vkey``."""
+    key = ""
+    if not table_only and steps and isinstance(steps[-1], str):
+        key = str(steps.pop())
+    elif not table_only and len(steps) >= 2 and not isinstance(_value_at(raw, steps), dict):
+        index = steps.pop()
+        key = f"{steps.pop()} #{int(index) + 1}"  # one item of a list of values
+    names = ".".join(str(s) for s in steps if isinstance(s, str))
+    indexes = [s for s in steps if isinstance(s, int)]
+    table = f"[[{names}]] #{indexes[-1] + 1}" if indexes else f"[{names}]" if names else ""
+    return " ".join(part for part in (table, key) if part)
 
 
 def render_initial_config(origin: str, listen: str, dimse_port: int, ae_title: str) -> str:
     """The node.toml that `imageshare init` writes into a new data directory."""
     return (
         "# ImageShare node configuration; see node.example.toml for every setting.\n"
-        f'origin = "{origin}"\n'
+        f"origin = {json.dumps(origin)}\n"
         'data_dir = "."\n\n'
         "[http]\n"
-        f'listen = "{listen}"\n\n'
+        f"listen = {json.dumps(listen)}\n\n"
         "[dimse]\n"
         f"port = {dimse_port}\n"
-        f'ae_title = "{ae_title}"\n'
+        f"ae_title = {json.dumps(ae_title)}\n"
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from nacl.signing import SigningKey
 
+from node.config import load_config
 from node.core.keys import parse_verifier_key
 from node.core.patient_keys import b64url
 from tests.support.nodes import NodeProcess, run_cli
@@ -38,6 +39,19 @@ class TestInit:
         )
         assert bad.returncode == 2
         assert bad.stderr.count("\n") == 1
+
+    def test_init_refuses_an_origin_that_would_break_its_node_toml(self, tmp_path: Path) -> None:
+        bad = run_cli("init", str(tmp_path / "n"), "--origin", "nl.example/x\n", check=False)
+        assert bad.returncode == 2
+        assert "is not a node origin" in bad.stderr
+        assert bad.stderr.count("\n") == 1
+        assert not (tmp_path / "n").exists()
+
+    def test_init_writes_a_config_that_passes_the_schema(self, tmp_path: Path) -> None:
+        run_cli("init", str(tmp_path / "n"), "--origin", "a.example/imageshare")
+        config = load_config(tmp_path / "n" / "node.toml")
+        assert config.origin == "a.example/imageshare"
+        assert config.data_dir == (tmp_path / "n").resolve()
 
 
 class TestRun:

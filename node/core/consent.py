@@ -20,7 +20,6 @@ Pure: no I/O, and the clock is always passed in.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -28,6 +27,7 @@ from typing import Any
 
 from node.core.encoding import canonical_decode, canonical_encode
 from node.core.keys import PUBLIC_KEY_SIZE, verify_ed25519
+from node.core.origins import check_node_origin
 from node.core.patient_keys import b64url, from_b64url
 from node.errors import BadInput
 
@@ -41,7 +41,6 @@ SIGNATURE_SIZE = 64
 MAX_TOKEN_BYTES = 16 * 1024
 MAX_SCOPE = 256
 MAX_TIME = 2**40  # far beyond any real date; keeps arithmetic on times exact
-_ORIGIN = re.compile(r"^[A-Za-z0-9._~/:-]{1,200}$")
 
 Signer = Callable[[bytes], bytes]
 
@@ -145,12 +144,6 @@ def sign_grant(fields: GrantFields, sign: Signer) -> bytes:
     return canonical_encode([*fields.as_list(), sign(fields.signed_message())])
 
 
-def _check_origin(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not _ORIGIN.match(value):
-        raise BadInput(f"{what} is not a node origin")
-    return value
-
-
 def _check_bytes(value: Any, size: int, what: str) -> bytes:
     if not isinstance(value, bytes) or len(value) != size:
         raise BadInput(f"{what} must be {size} bytes")
@@ -166,8 +159,8 @@ def _check_time(value: Any, what: str) -> int:
 
 def _check_grant_fields(fields: GrantFields) -> None:
     _check_bytes(fields.patient_key, PUBLIC_KEY_SIZE, "patient key")
-    _check_origin(fields.custodian, "custodian")
-    _check_origin(fields.grantee, "grantee")
+    check_node_origin(fields.custodian, "custodian")
+    check_node_origin(fields.grantee, "grantee")
     if fields.scope is not None:
         if not 1 <= len(fields.scope) <= MAX_SCOPE:
             raise BadInput(f"a grant's scope lists 1 to {MAX_SCOPE} studies")

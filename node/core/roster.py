@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from node.core.keys import parse_verifier_key, verify_ed25519
+from node.core.origins import check_node_origin
 from node.core.signed_requests import NODE_PREFIX
 from node.errors import BadInput
 
@@ -89,7 +90,8 @@ class Member:
 
 
 def make_member(origin: str, url: str, vkey: str) -> Member:
-    """Validate one roster entry; raises BadInput if the key is malformed or names another."""
+    """Validate one roster entry; raises BadInput for a bad origin or a bad or misnamed key."""
+    check_node_origin(origin, f"peer origin {origin!r}")
     parsed = parse_verifier_key(vkey)
     if parsed.name != origin:
         raise BadInput(f"verifier key of {origin} is named {parsed.name}")

@@ -40,6 +40,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from node.core.keys import PUBLIC_KEY_SIZE, verify_ed25519
+from node.core.origins import is_node_origin
 from node.errors import Unauthorized
 
 DOMAIN = b"imageshare-request/v2"
@@ -52,8 +53,6 @@ NODE_PREFIX = "node:"
 PATIENT_PREFIX = "patient:"
 NONCE_SIZE = 16
 SIGNATURE_SIZE = 64
-# Origins are short printable names without spaces (see `imageshare init`).
-_ORIGIN = re.compile(r"^[A-Za-z0-9._~/:-]{1,200}$")
 _B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
 _TIMESTAMP = re.compile(r"^[0-9]{1,12}$")
 
@@ -184,7 +183,7 @@ def parse_headers(headers: Mapping[str, str], own_origin: str) -> SignedHeaders:
     """
     signer = _header(headers, SIGNER_HEADER)
     if signer.startswith(NODE_PREFIX):
-        if not _ORIGIN.match(signer[len(NODE_PREFIX) :]):
+        if not is_node_origin(signer[len(NODE_PREFIX) :]):
             raise Unauthorized("Signature-Signer names a malformed node origin")
     elif signer.startswith(PATIENT_PREFIX):
         b64url_decode(signer[len(PATIENT_PREFIX) :], PUBLIC_KEY_SIZE, "patient key")
@@ -192,7 +191,7 @@ def parse_headers(headers: Mapping[str, str], own_origin: str) -> SignedHeaders:
         raise Unauthorized("Signature-Signer must be node:<origin> or patient:<key>")
     audience = _header(headers, AUDIENCE_HEADER)
     if audience != own_origin:
-        shown = audience if _ORIGIN.match(audience) else "a malformed origin"
+        shown = audience if is_node_origin(audience) else "a malformed origin"
         raise Unauthorized(f"the request is addressed to {shown}, not to {own_origin}")
     timestamp_text = _header(headers, TIMESTAMP_HEADER)
     if not _TIMESTAMP.match(timestamp_text):

@@ -499,7 +499,7 @@ def audit_views(
     saved: dict[str, SavedCheckpoint],
     now: int,
     receipt_grace: int = DEFAULT_RECEIPT_GRACE,
-    clock_skew: int = ConsentConfig.clock_skew_seconds,
+    clock_skew: int = ConsentConfig().clock_skew_seconds,
     workers: Workers | None = None,
     unreachable: Sequence[str] = (),
 ) -> tuple[AuditReport, list[SavedCheckpoint]]:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import secrets
 import sys
 from pathlib import Path
 from typing import Any
 
-from node.config import render_initial_config
+from node.config import is_ae_title, parse_listen, render_initial_config
 from node.core.keys import NodeIdentity
+from node.core.origins import NODE_ORIGIN_RULE, is_node_origin
 from node.edges.cli._common import (
     EXIT_FAILED,
     EXIT_OK,
@@ -24,9 +24,6 @@ from node.errors import ConfigError
 from node.services.ingest import import_files, iter_files
 from node.services.runtime import open_runtime
 from node.store.secrets import write_secret, write_seed
-
-ORIGIN_PATTERN = re.compile(r"^[A-Za-z0-9._~/:-]{3,200}$")
-AE_PATTERN = re.compile(r"^[ -~]{1,16}$")
 
 
 def register(subparsers: Any) -> None:
@@ -49,13 +46,16 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    if not ORIGIN_PATTERN.match(args.origin):
-        raise ConfigError("origin must be 3-200 characters of letters, digits and ._~/:-")
-    host, _, port = args.http.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError("--http must be HOST:PORT")
-    if not AE_PATTERN.match(args.ae_title) or "\\" in args.ae_title:
-        raise ConfigError("--ae-title must be 1-16 printable characters")
+    if not is_node_origin(args.origin):
+        raise ConfigError(f"--origin {args.origin!r} is not a node origin ({NODE_ORIGIN_RULE})")
+    try:
+        parse_listen(args.http)
+    except ValueError as exc:
+        raise ConfigError(f"--http {exc}") from None
+    if not 0 < args.dimse_port < 65536:
+        raise ConfigError("--dimse-port must be a port from 1 to 65535")
+    if not is_ae_title(args.ae_title):
+        raise ConfigError("--ae-title must be 1-16 printable characters without backslash")
     data_dir: Path = args.data_dir.resolve()
     config_path = data_dir / "node.toml"
     if config_path.exists() or (data_dir / "node.key").exists():
