@@ -126,6 +126,45 @@ class DashboardConfig:
     viewer_url: str = ""
 
 
+AUDIT_EXPORT_TRANSPORTS = ("udp", "tcp", "tls")
+
+
+@dataclass
+class AuditExportConfig:
+    """The security audit feed (DICOM PS3.15 audit messages over syslog) to the SIEM."""
+
+    enabled: bool = False
+    # udp (RFC 5426), tcp (octet-counted, RFC 6587) or tls (RFC 5425).
+    transport: str = "tls"
+    host: str = ""
+    port: int = 6514
+    # TLS: the CA that signed the collector's certificate (empty: the system's CAs), and
+    # this node's client certificate and key if the collector requires one.
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    # Messages kept on disk while the collector is unreachable; over either bound the
+    # oldest are dropped (and counted).
+    queue_max_messages: int = 100_000
+    queue_max_bytes: int = 256 * 1024**2
+    # Longest wait between two connection attempts, in seconds.
+    max_backoff: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.transport not in AUDIT_EXPORT_TRANSPORTS:
+            raise ConfigError(f"audit_export.transport must be one of {AUDIT_EXPORT_TRANSPORTS}")
+        if self.enabled and not self.host:
+            raise ConfigError("audit_export.host is needed when audit_export.enabled")
+        if not isinstance(self.port, int) or not 0 < self.port < 65536:
+            raise ConfigError("audit_export.port must be 1 to 65535")
+        for name in ("queue_max_messages", "queue_max_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"audit_export.{name} must be a whole number >= 1")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ConfigError("audit_export.cert_file and key_file go together")
+
+
 @dataclass
 class PeerConfig:
     origin: str
@@ -155,6 +194,7 @@ class NodeConfig:
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    audit_export: AuditExportConfig = field(default_factory=AuditExportConfig)
     peers: list[PeerConfig] = field(default_factory=list)
 
     @property
@@ -210,6 +250,7 @@ def load_config(path: Path | None = None) -> NodeConfig:
         ("ledger", LedgerConfig),
         ("federation", FederationConfig),
         ("dashboard", DashboardConfig),
+        ("audit_export", AuditExportConfig),
     ):
         if name in raw:
             sections[name] = _build(cls, raw.pop(name), name)
@@ -235,6 +276,10 @@ def load_config(path: Path | None = None) -> NodeConfig:
     except (ValueError, IndexError) as exc:
         raise ConfigError("http.listen must be HOST:PORT") from exc
     config.http.cors_origins = [_cors_origin(o) for o in config.http.cors_origins]
+    audit = config.audit_export
+    for name in ("ca_file", "cert_file", "key_file"):
+        if getattr(audit, name):  # relative to the config file, like data_dir
+            setattr(audit, name, str(path.parent / getattr(audit, name)))
     return config
 
 
