@@ -12,7 +12,7 @@ from functools import partial
 
 from aiohttp import web
 
-from node.core import dicom_json
+from node.core import atna, dicom_json
 from node.edges.http.app import RUNTIME_KEY
 from node.edges.http.multipart import (
     NotAcceptable,
@@ -161,7 +161,21 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
         )
     service = _service(request)
     await service.check_files(records)
+    _audit_transfer(request, True, [r.study_instance_uid for r in records], "WADO-RS")
     return await stream_parts(request, DICOM, [service.file_part(r) for r in records])
+
+
+def _audit_transfer(request: web.Request, sent: bool, study_uids: list[str], via: str) -> None:
+    """The security audit message of instances sent or stored over DICOMweb."""
+    request.app[RUNTIME_KEY].security_audit.record(
+        atna.instances_transferred,
+        sent,
+        "admin-token",
+        request.remote or "",
+        sorted(set(study_uids)),
+        len(study_uids),
+        via,
+    )
 
 
 async def retrieve_metadata(request: web.Request) -> web.StreamResponse:
@@ -254,4 +268,6 @@ async def store_instances(request: web.Request) -> web.Response:
     report = await _service(request).store_upload(_upload_parts(parts), study_uid)
     if not report.stored and not report.failed:
         raise BadInput("the multipart body holds no parts")
+    if report.stored:
+        _audit_transfer(request, False, [r.study_instance_uid for r in report.stored], "STOW-RS")
     return _json_response(report.as_json(_base_url(request)), report.status)
