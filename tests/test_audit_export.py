@@ -20,7 +20,9 @@ import aiohttp
 import pytest
 
 from node.core import atna
+from node.edges.http.app import AUTH_AUDITS_PER_MINUTE
 from node.services.wallet import Wallet
+from node.store.audit_queue import AuditQueue
 from tests.support.nodes import NodeProcess, init_node, run_cli, wait_until
 from tests.support.studies import make_ct_study
 from tests.support.syslog import AuditRecord, Rsyslog, make_test_ca, parse_record
@@ -114,6 +116,30 @@ class TestAuditMessages:
         root = ET.fromstring(atna.audit_message_xml(event, SOURCE, 0))
         user = root.findall("ActiveParticipant")[0].attrib["UserID"]
         assert user.startswith("AE<x>&") and len(user) == atna.MAX_TEXT
+
+
+class TestAuditQueue:
+    def test_over_the_message_bound_the_oldest_are_dropped_and_counted(
+        self, tmp_path: Path
+    ) -> None:
+        queue = AuditQueue(tmp_path, max_messages=3, max_bytes=10_000)
+        dropped = [queue.add(f"m{i}".encode()) for i in range(5)]
+        assert dropped == [0, 0, 0, 1, 1]
+        assert [q.message for q in queue.oldest(10)] == [b"m2", b"m3", b"m4"]
+        queue.close()
+        reopened = AuditQueue(tmp_path, max_messages=3, max_bytes=10_000)
+        assert reopened.counts() == (3, 2)
+        reopened.remove(reopened.oldest(2))
+        assert [q.message for q in reopened.oldest(10)] == [b"m4"]
+        reopened.close()
+
+    def test_over_the_byte_bound_the_oldest_are_dropped(self, tmp_path: Path) -> None:
+        queue = AuditQueue(tmp_path, max_messages=100, max_bytes=250)
+        for i in range(4):
+            queue.add(bytes([i]) * 100)
+        assert [q.message[0] for q in queue.oldest(10)] == [2, 3]
+        assert queue.counts() == (2, 2)
+        queue.close()
 
 
 @pytest.fixture
@@ -244,8 +270,15 @@ def test_node_start_and_authentication_reach_rsyslog_over(transport: str, tmp_pa
     try:
         node.start()
         _wait_for(collector, _event(node.origin, "110100", "110120"), "the start")
+        # A client guessing tokens is audited a bounded number of times a minute.
+        wrong = {"Authorization": "Bearer guess"}
+        for _ in range(3 * AUTH_AUDITS_PER_MINUTE):
+            assert _get(node, "/admin/api/transfers", wrong) == 401
         assert _get(node, "/admin/api/transfers", node.auth) == 200
+        # Messages go out in order: once the right token's message is in, so are the others.
         _wait_for(collector, _event(node.origin, "110114", "110122", outcome="0"), "the login")
+        failed = [m for m in collector.messages() if m.event_id == "110114" and m.outcome == "4"]
+        assert len(failed) == AUTH_AUDITS_PER_MINUTE
     finally:
         node.stop()
         collector.stop()
