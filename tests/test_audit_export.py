@@ -27,6 +27,7 @@ from tests.support.nodes import NodeProcess, init_node, run_cli, wait_until
 from tests.support.studies import make_ct_study
 from tests.support.syslog import AuditRecord, Rsyslog, make_test_ca, parse_record
 from tests.test_dimse import dcmtk
+from tests.test_stow import CONTENT_TYPE, multipart
 
 SOURCE = atna.AuditSource("a.example/imageshare", "IMAGESHARE")
 CALLER = "AUDITED_PACS"
@@ -52,6 +53,14 @@ def _get(node: NodeProcess, path: str, headers: dict[str, str]) -> int:
             return int(response.status)
     except urllib.error.HTTPError as exc:
         return exc.code
+
+
+def _post(node: NodeProcess, path: str, body: bytes, content_type: str) -> int:
+    headers = {**node.auth, "Content-Type": content_type}
+    request = urllib.request.Request(node.url + path, data=body, headers=headers, method="POST")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        response.read()
+        return int(response.status)
 
 
 def _wait_for(rsyslog: Rsyslog, wanted: Callable[[AuditRecord], bool], what: str) -> AuditRecord:
@@ -180,6 +189,12 @@ class TestAuditExportEndToEnd:
             _wait_for(collector, _event(a.origin, "110114", "110122", outcome="0"), "the token")
             wado = _wait_for(collector, _transferred(a.origin, "WADO-RS", True), "WADO-RS")
             assert wado.objects("110180") == [study.study_uid]
+            uploaded = make_ct_study(tmp_path / "stow", series=1, slices=2, patient_id="MRN-3")
+            body = multipart(*(f.read_bytes() for f in uploaded.files))
+            assert _post(a, "/dicomweb/studies", body, CONTENT_TYPE) == 200
+            stow = _wait_for(collector, _transferred(a.origin, "STOW-RS", False), "STOW-RS")
+            assert stow.objects("110180") == [uploaded.study_uid]
+            assert stow.details()["ContainsInstances"] == "2"
 
             # DIMSE: a C-STORE from a modality, a C-FIND and a C-GET by the known caller.
             other = make_ct_study(tmp_path / "other", series=1, slices=1, patient_id="MRN-2")
