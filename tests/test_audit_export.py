@@ -185,16 +185,33 @@ class TestAuditExportEndToEnd:
             accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
             path = f"/dicomweb/studies/{study.study_uid}"
             assert _get(a, path, {**a.auth, "Accept": accept}) == 200
+            as_json = {**a.auth, "Accept": "application/dicom+json"}
+            # A viewer reads the metadata twice and a frame: one message for each kind.
+            assert _get(a, f"{path}/metadata", as_json) == 200
+            assert _get(a, f"{path}/metadata", as_json) == 200
+            frame = f"{path}/series/{study.series_uids[0]}/instances/{study.sop_uids[0]}/frames/1"
+            octets = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+            assert _get(a, frame, {**a.auth, "Accept": octets}) == 200
+            assert _get(a, f"/dicomweb/studies?PatientID={study.patient_id}", as_json) == 200
             _wait_for(collector, _event(a.origin, "110114", "110122", outcome="4"), "a bad token")
             _wait_for(collector, _event(a.origin, "110114", "110122", outcome="0"), "the token")
             wado = _wait_for(collector, _transferred(a.origin, "WADO-RS", True), "WADO-RS")
             assert wado.objects("110180") == [study.study_uid]
+            _wait_for(collector, _transferred(a.origin, "WADO-RS frames", True), "a frame")
+            qido = _wait_for(collector, _event(a.origin, "110112"), "QIDO-RS")
+            assert qido.details() == {"Matches": "1"}
             uploaded = make_ct_study(tmp_path / "stow", series=1, slices=2, patient_id="MRN-3")
             body = multipart(*(f.read_bytes() for f in uploaded.files))
             assert _post(a, "/dicomweb/studies", body, CONTENT_TYPE) == 200
             stow = _wait_for(collector, _transferred(a.origin, "STOW-RS", False), "STOW-RS")
             assert stow.objects("110180") == [uploaded.study_uid]
             assert stow.details()["ContainsInstances"] == "2"
+            metadata = [
+                m
+                for m in collector.messages()
+                if _transferred(a.origin, "WADO-RS metadata", True)(m)
+            ]
+            assert len(metadata) == 1
 
             # DIMSE: a C-STORE from a modality, a C-FIND and a C-GET by the known caller.
             other = make_ct_study(tmp_path / "other", series=1, slices=1, patient_id="MRN-2")
@@ -207,7 +224,8 @@ class TestAuditExportEndToEnd:
             assert dcmtk("getscu", "-S", *called, "-od", str(out), *keys).returncode == 0
             stored = _wait_for(collector, _transferred(a.origin, "C-STORE", False), "C-STORE")
             assert stored.objects("110180") == [other.study_uid]
-            _wait_for(collector, _event(a.origin, "110112"), "C-FIND")
+            _wait_for(collector, lambda m: _event(a.origin, "110112")(m)
+                      and "C-FIND" in m.objects("12"), "C-FIND")  # fmt: skip
             _wait_for(collector, _transferred(a.origin, "C-GET", True), "C-GET")
 
             # Configuration changes: a patient key enrolled, a federation member added.
