@@ -23,10 +23,11 @@ from node.core import atna
 from node.edges.http.app import AUTH_AUDITS_PER_MINUTE
 from node.services.wallet import Wallet
 from node.store.audit_queue import AuditQueue
-from tests.support.nodes import NodeProcess, init_node, run_cli, wait_until
+from tests.support.nodes import NodeProcess, free_port, init_node, run_cli, wait_until
 from tests.support.studies import make_ct_study
 from tests.support.syslog import AuditRecord, Rsyslog, make_test_ca, parse_record
 from tests.test_dimse import dcmtk
+from tests.test_dimse_access import RECEIVER, storescp
 from tests.test_stow import CONTENT_TYPE, multipart
 
 SOURCE = atna.AuditSource("a.example/imageshare", "IMAGESHARE")
@@ -166,9 +167,12 @@ class TestAuditExportEndToEnd:
         a = init_node(tmp_path, "a.example/imageshare", "a")
         b = init_node(tmp_path, "b.example/imageshare", "b")
         settings = "[federation]\ndiscovery = false\nreplicate_interval = 0.3\n"
+        move_port = free_port()
         a.append_config(
             settings + _export(collector) + _peer(b)
             + f'[[dimse.callers]]\nae_title = "{CALLER}"\nhost = "127.0.0.1"\n'
+            + f'[[dimse.destinations]]\nae_title = "{RECEIVER}"\nhost = "127.0.0.1"\n'
+            + f"port = {move_port}\n"
         )  # fmt: skip
         b.append_config(settings + _export(collector) + _peer(a))
         study = make_ct_study(tmp_path / "study", series=1, slices=3)
@@ -213,7 +217,7 @@ class TestAuditExportEndToEnd:
             ]
             assert len(metadata) == 1
 
-            # DIMSE: a C-STORE from a modality, a C-FIND and a C-GET by the known caller.
+            # DIMSE: a C-STORE from a modality; a C-FIND, C-GET and C-MOVE by the known caller.
             other = make_ct_study(tmp_path / "other", series=1, slices=1, patient_id="MRN-2")
             called = ["-aet", CALLER, "-aec", "IMAGESHARE", "127.0.0.1", str(a.dimse_port)]
             assert dcmtk("storescu", *called, str(other.files[0])).returncode == 0
@@ -227,6 +231,11 @@ class TestAuditExportEndToEnd:
             _wait_for(collector, lambda m: _event(a.origin, "110112")(m)
                       and "C-FIND" in m.objects("12"), "C-FIND")  # fmt: skip
             _wait_for(collector, _transferred(a.origin, "C-GET", True), "C-GET")
+            with storescp(move_port, tmp_path / "moved"):
+                moving = ["movescu", "-S", *called, "-aem", RECEIVER, *keys]
+                assert dcmtk(*moving).returncode == 0
+            moved = _wait_for(collector, _transferred(a.origin, "C-MOVE", True), "C-MOVE")
+            assert moved.objects("110180") == [study.study_uid]
 
             # Configuration changes: a patient key enrolled, a federation member added.
             key = wallet.key_for(a.origin).public_key_text
