@@ -37,7 +37,8 @@ CALLER = "AUDITED_PACS"
 def _export(rsyslog: Rsyslog, extra: str = "") -> str:
     return (
         "[audit_export]\nenabled = true\n"
-        f'transport = "{rsyslog.transport}"\nhost = "127.0.0.1"\nport = {rsyslog.port}\n'
+        f'transport = "{rsyslog.transport.removeprefix("m")}"\n'
+        f'host = "127.0.0.1"\nport = {rsyslog.port}\n'
         f"max_backoff = 1.0\n{extra}"
     )
 
@@ -325,3 +326,42 @@ def test_node_start_and_authentication_reach_rsyslog_over(transport: str, tmp_pa
         node.stop()
         collector.stop()
     assert os.path.getsize(collector.output) > 0
+
+
+def test_a_collector_requiring_client_certificates_gets_the_queue_once_the_node_has_one(
+    tmp_path: Path,
+) -> None:
+    ca = make_test_ca(tmp_path / "ca")
+    collector = Rsyslog(tmp_path / "rsyslog", "mtls", ca).start()
+    node = init_node(tmp_path, "a.example/imageshare", "a")
+    settings = "[federation]\ndiscovery = false\n"
+    node.append_config(settings + _export(collector, f'ca_file = "{ca.ca_file}"\n'))
+    try:
+        node.start()
+        wait_until(
+            lambda: "security audit collector" in node.log_path.read_text(),
+            timeout=30,
+            message="the node to find the collector refusing it",
+        )
+        node.stop()
+        assert collector.messages() == []
+        # The same node, now with its certificate: what it queued arrives, then its restart.
+        text = node.config.read_text().replace(
+            f'ca_file = "{ca.ca_file}"\n',
+            f'ca_file = "{ca.ca_file}"\ncert_file = "{ca.client_cert_file}"\n'
+            f'key_file = "{ca.client_key_file}"\n',
+        )
+        node.config.write_text(text)
+        node.start()
+        _wait_for(collector, _event(node.origin, "110100", "110121"), "the first stop")
+        starts = wait_until(
+            lambda: [m for m in collector.messages() if _event(node.origin, "110100", "110120")(m)]
+            if len([m for m in collector.messages()
+                    if _event(node.origin, "110100", "110120")(m)]) == 2 else None,
+            timeout=30,
+            message="both starts",
+        )  # fmt: skip
+        assert len(starts) == 2
+    finally:
+        node.stop()
+        collector.stop()

@@ -5,18 +5,21 @@ Each security-relevant event is built by node.core.atna, framed as RFC 5424 and 
 a bounded on-disk queue (node.store.audit_queue) at once, by whichever process saw it
 (the daemon, or a CLI command). One sender thread in the daemon takes messages from the
 queue oldest first and sends them over UDP, TCP or TLS, reconnecting with backoff; a
-message leaves the queue only once written to the collector's connection, so a collector
-that is down or restarting receives the queue when it is back.
+message leaves the queue only once the connection it was written to stayed open for
+CONFIRM_SECONDS after, so a collector that is down, restarting or refusing this node
+receives the queue when it is back.
 
-Delivery is at least once over TCP and TLS, except for messages written to a connection
-the collector dropped without closing it (a crash: syslog has no acknowledgement); the
-sender checks that the connection is still open before every batch. UDP is best effort.
+Delivery is at least once over TCP and TLS (a batch may arrive twice if the collector
+closed the connection just after reading it), except for messages written to a
+connection the collector dropped without closing it and without the node noticing
+within CONFIRM_SECONDS (syslog has no acknowledgement). UDP is best effort.
 Recording never raises into the caller: a failure to queue is logged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import getpass
 import logging
 import os
@@ -29,7 +32,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Concatenate, ParamSpec
 
 from node.core.atna import AuditEvent, AuditSource, audit_message_xml, octet_counted, syslog_frame
-from node.store.audit_queue import AuditQueue
+from node.store.audit_queue import AuditQueue, QueuedMessage
 
 if TYPE_CHECKING:
     from node.config import AuditExportConfig, NodeConfig
@@ -41,6 +44,9 @@ P = ParamSpec("P")
 BATCH = 100
 POLL_SECONDS = 0.5
 CONNECT_TIMEOUT_SECONDS = 5.0
+# How long a connection must stay open after a batch was written for the batch to count
+# as delivered (see SecurityAuditExport._run).
+CONFIRM_SECONDS = 0.5
 INITIAL_BACKOFF_SECONDS = 0.5
 # How long `imageshare run` waits at shutdown to send what is left (the stop event).
 DRAIN_SECONDS = 3.0
@@ -138,49 +144,75 @@ class SecurityAuditExport:
 
     def _run(self) -> None:
         assert self.queue is not None
+        queue = self.queue
         connection = SyslogConnection(self.config)
+        # Syslog has no acknowledgement: a batch leaves the queue only once the connection
+        # it was written to is still open CONFIRM_SECONDS later. A collector that refuses
+        # the client after the TLS 1.3 handshake, stops or resets the connection within
+        # that time gets the batch again on the next connection (at least once). UDP
+        # cannot tell: written is sent.
+        hold = 0.0 if self.config.transport == "udp" else CONFIRM_SECONDS
+        written: collections.deque[tuple[float, list[QueuedMessage]]] = collections.deque()
+        last_written = 0  # id of the newest message written to the current connection
         backoff = INITIAL_BACKOFF_SECONDS
         drain_until: float | None = None
         try:
             while True:
+                now = time.monotonic()
                 if self._stop.is_set() and drain_until is None:
-                    drain_until = time.monotonic() + DRAIN_SECONDS
-                batch = self.queue.oldest(BATCH)
+                    drain_until = now + DRAIN_SECONDS
+                if drain_until is not None and now > drain_until:
+                    return  # what is left is sent at the next start
+                if written and not connection.still_open():
+                    log.warning(
+                        "security audit collector %s:%d closed the connection; sending again",
+                        self.config.host,
+                        self.config.port,
+                    )
+                    connection.close()
+                    written.clear()
+                    last_written = 0
+                while written and now - written[0][0] >= hold:
+                    confirmed = written.popleft()[1]
+                    queue.remove(confirmed)
+                    self.sent += len(confirmed)
+                batch = queue.oldest(BATCH, after=last_written)
                 if not batch:
-                    if drain_until is not None:
+                    if drain_until is not None and not written:
                         return
-                    self._wake.wait(POLL_SECONDS)
-                    self._wake.clear()
+                    self._pause(hold if written else POLL_SECONDS, drain_until is not None)
                     continue
-                sent = []
                 try:
                     connection.ensure_open()
                     for item in batch:
                         connection.send(item.message)
-                        sent.append(item)
-                    backoff = INITIAL_BACKOFF_SECONDS
                 except (OSError, ssl.SSLError) as exc:
                     connection.close()
+                    written.clear()
+                    last_written = 0
                     log.warning(
-                        "security audit collector %s:%d unreachable (%s); %d left, retry in %.1fs",
+                        "security audit collector %s:%d unreachable (%s); retry in %.1fs",
                         self.config.host,
                         self.config.port,
                         exc,
-                        len(batch) - len(sent),
                         backoff,
                     )
-                    if drain_until is not None and time.monotonic() + backoff > drain_until:
-                        return  # what is left is sent at the next start
-                    if drain_until is None:
-                        self._stop.wait(backoff)
-                    else:
-                        time.sleep(backoff)
+                    self._pause(backoff, drain_until is not None)
                     backoff = min(backoff * 2, self.config.max_backoff)
-                finally:
-                    self.queue.remove(sent)
-                    self.sent += len(sent)
+                    continue
+                written.append((time.monotonic(), batch))
+                last_written = batch[-1].message_id
+                backoff = INITIAL_BACKOFF_SECONDS
         finally:
             connection.close()
+
+    def _pause(self, seconds: float, draining: bool) -> None:
+        """Wait ``seconds``, or less if an event is recorded or (not draining) stop is asked."""
+        if draining:
+            time.sleep(min(seconds, 0.05))
+        else:
+            self._wake.wait(seconds)
+            self._wake.clear()
 
 
 class SyslogConnection:
@@ -189,6 +221,12 @@ class SyslogConnection:
     def __init__(self, config: AuditExportConfig) -> None:
         self.config = config
         self._sock: socket.socket | None = None
+
+    def still_open(self) -> bool:
+        """False once the collector closed the connection (always True for UDP)."""
+        if self._sock is None:
+            return False
+        return self.config.transport == "udp" or not self._peer_closed()
 
     def ensure_open(self) -> None:
         """Connect if not connected or if the collector closed the connection."""

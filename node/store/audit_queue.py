@@ -93,11 +93,12 @@ class AuditQueue:
             )
         return dropped
 
-    def oldest(self, limit: int) -> list[QueuedMessage]:
-        """Up to ``limit`` messages, oldest first, still in the queue."""
+    def oldest(self, limit: int, after: int = 0) -> list[QueuedMessage]:
+        """Up to ``limit`` messages still in the queue, oldest first, from after the id
+        ``after`` (the sender's last message written but not yet confirmed)."""
         with self._lock:
             rows = self._conn.execute(
-                "SELECT id, message FROM queue ORDER BY id LIMIT ?", (limit,)
+                "SELECT id, message FROM queue WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
             ).fetchall()
         return [QueuedMessage(int(i), bytes(m)) for i, m in rows]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import shutil
 import socket
 import subprocess
@@ -11,6 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from tests.support.nodes import free_port, terminate, wait_until
 
@@ -25,22 +30,18 @@ def require_rsyslogd() -> str:
 
 
 @dataclass(frozen=True)
-class TestCA:
-    """A CA and a server certificate for 127.0.0.1 signed by it, as PEM files."""
+class CertificateAuthority:
+    """A test CA with a server certificate for 127.0.0.1 and a client certificate (for
+    a node) signed by it, as PEM files."""
 
     ca_file: Path
     cert_file: Path
     key_file: Path
+    client_cert_file: Path
+    client_key_file: Path
 
 
-def make_test_ca(directory: Path) -> TestCA:
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
+def make_test_ca(directory: Path) -> CertificateAuthority:
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test audit CA")])
@@ -55,40 +56,53 @@ def make_test_ca(directory: Path) -> TestCA:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
+
+    def issue(name: str, san: x509.GeneralName) -> tuple[bytes, bytes]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+            .sign(ca_key, hashes.SHA256())
         )
-        .sign(ca_key, hashes.SHA256())
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    result = TestCA(directory / "ca.pem", directory / "server.pem", directory / "server.key")
-    result.ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    result.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    result.key_file.write_bytes(
-        key.private_bytes(
+        pem_key = key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.TraditionalOpenSSL,
             serialization.NoEncryption(),
         )
+        return cert.public_bytes(serialization.Encoding.PEM), pem_key
+
+    directory.mkdir(parents=True, exist_ok=True)
+    result = CertificateAuthority(
+        directory / "ca.pem",
+        directory / "server.pem",
+        directory / "server.key",
+        directory / "node.pem",
+        directory / "node.key",
     )
+    result.ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    server = issue("127.0.0.1", x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    result.cert_file.write_bytes(server[0])
+    result.key_file.write_bytes(server[1])
+    client = issue("a.example", x509.DNSName("a.example"))
+    result.client_cert_file.write_bytes(client[0])
+    result.client_key_file.write_bytes(client[1])
     return result
 
 
 class Rsyslog:
-    """rsyslogd in the foreground on one loopback port (udp, tcp or tls), writing every
+    """rsyslogd in the foreground on one loopback port (udp, tcp, tls, or mtls: TLS with
+    client certificates from the CA required), writing every
     message it receives, raw, one a line, to ``output``."""
 
-    def __init__(self, directory: Path, transport: str, tls: TestCA | None = None) -> None:
+    def __init__(
+        self, directory: Path, transport: str, tls: CertificateAuthority | None = None
+    ) -> None:
         self.binary = require_rsyslogd()
         self.directory = directory
         self.transport = transport
@@ -101,7 +115,7 @@ class Rsyslog:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "work").mkdir(exist_ok=True)
         tls_globals = ""
-        if transport == "tls":
+        if transport in ("tls", "mtls"):
             assert tls is not None
             tls_globals = (
                 f' defaultNetstreamDriverCAFile="{tls.ca_file}"'
@@ -119,9 +133,11 @@ class Rsyslog:
                 f'input(type="imtcp" address="127.0.0.1" port="{self.port}")\n'
             )
         else:
+            # mtls: only clients with a certificate from the CA may connect.
+            auth = "x509/certvalid" if transport == "mtls" else "anon"
             listener = (
                 'module(load="imtcp" streamDriver.name="gtls" streamDriver.mode="1"'
-                ' streamDriver.authMode="anon")\n'
+                f' streamDriver.authMode="{auth}")\n'
                 f'input(type="imtcp" address="127.0.0.1" port="{self.port}")\n'
             )
         self.conf.write_text(
