@@ -365,3 +365,16 @@ def test_a_collector_requiring_client_certificates_gets_the_queue_once_the_node_
     finally:
         node.stop()
         collector.stop()
+
+
+def test_a_node_with_unusable_tls_files_for_the_collector_refuses_to_start(
+    tmp_path: Path,
+) -> None:
+    node = init_node(tmp_path, "a.example/imageshare", "a")
+    node.append_config(
+        "[federation]\ndiscovery = false\n[audit_export]\nenabled = true\n"
+        'host = "127.0.0.1"\nca_file = "missing-ca.pem"\n'
+    )
+    result = node.cli("run", check=False, timeout=60)
+    assert result.returncode != 0
+    assert "audit_export: the TLS files cannot be used" in result.stderr

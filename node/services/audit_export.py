@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Concatenate, ParamSpec
 
 from node.core.atna import AuditEvent, AuditSource, audit_message_xml, octet_counted, syslog_frame
+from node.errors import ConfigError
 from node.store.audit_queue import AuditQueue, QueuedMessage
 
 if TYPE_CHECKING:
@@ -126,6 +127,12 @@ class SecurityAuditExport:
     # -- the daemon's sender ----------------------------------------------------------------
 
     async def start(self) -> None:
+        """Start the sender; raises ConfigError if the TLS files cannot be used."""
+        if self.config.transport == "tls":
+            try:
+                tls_context(self.config)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"audit_export: the TLS files cannot be used: {exc}") from exc
         self._thread = threading.Thread(target=self._run, name="audit-export", daemon=True)
         self._thread.start()
         log.info(
@@ -263,8 +270,9 @@ class SyslogConnection:
         """True if the collector closed the connection (a collector never sends data)."""
         sock = self._sock
         assert sock is not None
-        readable, _, _ = select.select([sock], [], [], 0)
-        if not readable:
+        poller = select.poll()  # not select(): the daemon's descriptors may pass 1024
+        poller.register(sock, select.POLLIN)
+        if not poller.poll(0):
             return False
         sock.setblocking(False)
         try:
@@ -290,11 +298,6 @@ def tls_context(config: AuditExportConfig) -> ssl.SSLContext:
     if config.cert_file:
         context.load_cert_chain(config.cert_file, config.key_file)
     return context
-
-
-def security_audit(runtime: NodeRuntime) -> SecurityAuditExport:
-    """The node's audit export (opened with the runtime)."""
-    return runtime.security_audit
 
 
 def audit_export_service(runtime: NodeRuntime) -> SecurityAuditExport | None:
