@@ -20,7 +20,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -222,6 +222,34 @@ class DashboardConfig(Table):
     viewer_url: str = ""
 
 
+class AuditExportConfig(Table):
+    """The security audit feed (DICOM PS3.15 audit messages over syslog) to the SIEM."""
+
+    enabled: bool = False
+    # udp (RFC 5426), tcp (octet-counted, RFC 6587) or tls (RFC 5425).
+    transport: Literal["udp", "tcp", "tls"] = "tls"
+    host: str = ""
+    port: Port = 6514
+    # TLS: the CA that signed the collector's certificate (empty: the system's CAs), and
+    # this node's client certificate and key if the collector requires one; relative
+    # paths are taken from the folder of node.toml.
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    # Messages kept on disk while the collector is unreachable; over either bound the
+    # oldest are dropped (and counted).
+    queue_max_messages: PositiveInt = 100_000
+    queue_max_bytes: PositiveInt = 256 * 1024**2
+    # Longest wait between two connection attempts, in seconds.
+    max_backoff: PositiveSeconds = 30.0
+
+    def __post_init__(self) -> None:
+        if self.enabled and not self.host:
+            raise ValueError("host: needed when the export is enabled")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file: goes together with key_file")
+
+
 class PeerConfig(Table):
     origin: str
     url: str
@@ -252,6 +280,7 @@ class NodeConfig(Table):
     ledger: LedgerConfig = msgspec.field(default_factory=LedgerConfig)
     federation: FederationConfig = msgspec.field(default_factory=FederationConfig)
     dashboard: DashboardConfig = msgspec.field(default_factory=DashboardConfig)
+    audit_export: AuditExportConfig = msgspec.field(default_factory=AuditExportConfig)
     peers: list[PeerConfig] = []
 
     def __post_init__(self) -> None:
@@ -288,6 +317,10 @@ def load_config(path: Path | None = None) -> NodeConfig:
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{path.name}: {explain_error(str(exc), raw)}") from None
     config.data_dir = (path.parent / config.data_dir).resolve()
+    audit = config.audit_export
+    for name in ("ca_file", "cert_file", "key_file"):
+        if getattr(audit, name):  # relative to the config file, like data_dir
+            setattr(audit, name, str(path.parent / getattr(audit, name)))
     return config
 
 

@@ -11,8 +11,10 @@ from typing import Protocol
 
 from aiohttp import web
 
+from node.core import atna
 from node.edges.dimse import dimse_service
 from node.edges.http.app import build_app
+from node.services.audit_export import audit_export_service, local_user
 from node.services.discovery import discovery_service
 from node.services.forward import forward_service
 from node.services.replication import replication_of
@@ -33,6 +35,7 @@ class BackgroundService(Protocol):
 # Factories of the background services, in start order; stopped in reverse.
 ServiceFactory = Callable[[NodeRuntime], BackgroundService | None]
 SERVICE_FACTORIES: list[ServiceFactory] = [
+    audit_export_service,  # first to start, last to stop: it sends the others' events
     replication_of,
     discovery_service,
     dimse_service,
@@ -72,6 +75,7 @@ async def serve(
                 await service.start()
                 started.append(service)
         runtime.ready = True
+        runtime.security_audit.record(atna.application_activity, True, local_user())
         log.info("%s serving on http://%s", runtime.config.origin, http.listen)
         if on_ready is not None:
             result = on_ready()
@@ -80,6 +84,7 @@ async def serve(
         await stop.wait()
     finally:
         log.info("shutting down")
+        runtime.security_audit.record(atna.application_activity, False, local_user())
         for service in reversed(started):
             try:
                 await service.stop()

@@ -44,6 +44,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from node.config import DimseCaller, DimseConfig, DimseDestination
+from node.core import atna
 from node.errors import BadInput, ConfigError, ImageShareError, PayloadTooLarge, StorageFull
 from node.services.dimse_query import (
     Model,
@@ -312,10 +313,11 @@ class DimseGateway:
         store = self.runtime.store
         try:
             staged = store.stage_bytes(event.encoded_dataset())
-            store.commit([staged], source=SOURCE)
+            stored = store.commit([staged], source=SOURCE)
         except Exception as exc:
             self._log_failure("C-STORE", event, exc)
             return failure_status(exc)
+        self._audit_transfer(event, False, [r.study_instance_uid for r in stored], "C-STORE")
         return STATUS_SUCCESS
 
     def on_find(self, event: Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
@@ -340,6 +342,10 @@ class DimseGateway:
         level = str(event.identifier.get("QueryRetrieveLevel", "")).strip().upper()
         self._log_operation(
             "C-FIND", event, f"{level} level, {matches} match(es) in {len(studies)} study(ies)"
+        )
+        requestor = event.assoc.requestor
+        self.runtime.security_audit.record(
+            atna.query, requestor.ae_title, requestor.address, "C-FIND", matches
         )
 
     def _select(self, event: Event) -> list[InstanceRecord]:
@@ -374,6 +380,23 @@ class DimseGateway:
             ended = "finished"
         finally:
             self._log_operation(operation, event, f"{ended}: {outcomes}")
+            if records:
+                self._audit_transfer(
+                    event, True, [r.study_instance_uid for r in records], operation
+                )
+
+    def _audit_transfer(self, event: Event, sent: bool, study_uids: list[str], via: str) -> None:
+        """The security audit message of instances sent (C-GET, C-MOVE) or stored (C-STORE)."""
+        requestor = event.assoc.requestor
+        self.runtime.security_audit.record(
+            atna.instances_transferred,
+            sent,
+            requestor.ae_title,
+            requestor.address,
+            sorted(set(study_uids)),
+            len(study_uids),
+            via,
+        )
 
     def on_get(self, event: Event) -> Iterator[Any]:
         try:

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from node.core import atna
 from node.core.consent import (
     AccessRequest,
     ConsentPolicy,
@@ -272,6 +273,9 @@ def enroll_patient(runtime: NodeRuntime, patient_id: str, public_key: bytes) -> 
             "enroll", {"subject": subject, "key": public_key, "replaces": replaced}
         )
     studies = len(own_studies_of_patient(runtime, patient_id))
+    runtime.security_audit.record(
+        atna.configuration_changed, "staff", "patient key enrolled", b64url(public_key), patient_id
+    )
     return EnrollResult(appended.index, subject, replaced, studies)
 
 
@@ -335,6 +339,13 @@ def record_grant(runtime: NodeRuntime, token_bytes: bytes, now: int | None = Non
         if not verdict.allowed:
             raise Forbidden(f"grant refused ({verdict.reason}): {verdict.message}")
         appended = service.append("grant", {"token": token_bytes})
+    runtime.security_audit.record(
+        atna.consent_changed,
+        True,
+        token.token_id.hex(),
+        token.fields.grantee,
+        _patient_of_key(runtime, token.patient_key),
+    )
     return GrantRecord(token, appended.index, newly=True)
 
 
@@ -357,7 +368,20 @@ def record_revocation(runtime: NodeRuntime, revocation_bytes: bytes) -> Revocati
         if known is not None:
             return RevocationRecord(revocation.token_id, known, newly=False)
         appended = service.append("revoke", {"revocation": revocation_bytes})
+    runtime.security_audit.record(
+        atna.consent_changed,
+        False,
+        revocation.token_id.hex(),
+        "",
+        _patient_of_key(runtime, revocation.patient_key),
+    )
     return RevocationRecord(revocation.token_id, appended.index, newly=True)
+
+
+def _patient_of_key(runtime: NodeRuntime, public_key: bytes) -> str:
+    """The local patient ID of an enrolled key, for the security audit ("" if none)."""
+    key = consent_service(runtime).state.key(public_key)
+    return (patient_of_subject(runtime, key.subject) or "") if key is not None else ""
 
 
 def check_access(
@@ -388,6 +412,14 @@ def check_access(
     verdict = validate_grant(
         token_bytes, AccessRequest(requester_origin, refs, now), view, consent_policy(runtime)
     )
+    if not verdict.allowed:
+        runtime.security_audit.record(
+            atna.consent_denied,
+            requester_origin,
+            str(verdict.rule),
+            token.token_id.hex() if token is not None else "undecodable token",
+            "",
+        )
     if not verdict.allowed and token is not None:
         _record_denial(runtime, token, requester_origin, verdict.rule, refs, now)
     return verdict

@@ -16,8 +16,10 @@ import os
 import time
 
 from node.config import NodeConfig
+from node.core import atna
 from node.core.roster import Member, Roster, make_member, normalize_url
 from node.errors import BadInput, ConfigError, ImageShareError
+from node.services.audit_export import local_user, record_once
 from node.services.runtime import NodeRuntime
 from node.store.federation_state import read_roster_file, roster_path, write_roster_file
 
@@ -61,6 +63,7 @@ def add_peer(config: NodeConfig, origin: str, url: str, vkey: str) -> Member:
     path = roster_path(config.data_dir)
     listed = [m for m in read_roster_file(path) if m.origin != origin]
     write_roster_file(path, [*listed, member])
+    record_once(config, atna.configuration_changed, local_user(), "federation member added", origin)
     return member
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from node.config import NodeConfig, load_config
 from node.core.keys import NodeIdentity
+from node.services.audit_export import SecurityAuditExport
 from node.services.ledger import LedgerService
 from node.store.instances import InstanceStore
 from node.store.secrets import read_secret, read_seed
@@ -24,6 +25,8 @@ class NodeRuntime:
     identity: NodeIdentity
     admin_token: str
     store: InstanceStore
+    # The security audit feed to the hospital's SIEM (does nothing unless enabled).
+    security_audit: SecurityAuditExport
     started_at: float = field(default_factory=time.time)
     # Set once every background service (DIMSE, replication, ...) has started.
     ready: bool = False
@@ -36,6 +39,7 @@ class NodeRuntime:
             if close is not None:
                 close()
         self.store.close()
+        self.security_audit.close()
 
 
 def open_runtime(config: NodeConfig | Path | None = None) -> NodeRuntime:
@@ -47,6 +51,12 @@ def open_runtime(config: NodeConfig | Path | None = None) -> NodeRuntime:
     store = InstanceStore(
         config.data_dir, config.store.max_instance_bytes, config.store.max_inflation_ratio
     )
-    runtime = NodeRuntime(config=config, identity=identity, admin_token=admin_token, store=store)
+    runtime = NodeRuntime(
+        config=config,
+        identity=identity,
+        admin_token=admin_token,
+        store=store,
+        security_audit=SecurityAuditExport(config),
+    )
     runtime.services["ledger"] = LedgerService(runtime)
     return runtime

@@ -37,6 +37,7 @@ from typing import Any
 import aiohttp
 import yarl
 
+from node.core import atna
 from node.core.channel import (
     ChannelError,
     EphemeralKey,
@@ -512,6 +513,24 @@ class TransferService:
     ) -> None:
         self._append_accounting("access", session.token_id, session.grantee, sent)
         self.store.mark_recorded(stream_id)
+        if sent:
+            self.runtime.security_audit.record(
+                atna.instances_transferred,
+                True,
+                session.grantee,
+                "",
+                self._study_uids({item.study for item in sent}),
+                len(sent),
+                "transfer",
+            )
+
+    def _study_uids(self, refs: set[bytes]) -> list[str]:
+        """The UIDs of this node's own studies by their ledger references (for the audit)."""
+        uids = []
+        for ref in sorted(refs):
+            with contextlib.suppress(NotFound):
+                uids.append(resolve_study_reference(self.runtime, ref))
+        return uids
 
     def _blocks(self, session: SenderSession, handles: list[int]) -> Generator[_Block]:
         """Encrypted blocks of about BLOCK_BYTES, each with the instances it completes."""
@@ -838,6 +857,16 @@ class TransferService:
     ) -> None:
         self._append_accounting("receipt", job.token_id, job.custodian, arrived)
         self.store.mark_recorded(stream_id)
+        if arrived:
+            self.runtime.security_audit.record(
+                atna.instances_transferred,
+                False,
+                job.custodian,
+                "",
+                job.study_uids,
+                len(arrived),
+                "transfer",
+            )
 
 
 async def _read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes | None:

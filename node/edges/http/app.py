@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -19,6 +20,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from node import __version__
+from node.core import atna
+from node.core.rate_limit import SlidingWindowLimit
 from node.errors import ImageShareError
 from node.services.runtime import NodeRuntime
 
@@ -34,6 +37,10 @@ ADMIN_PREFIXES = ("/dicomweb", "/admin/api")
 CORS_EXPOSED = "Content-Type, Content-Length, Warning"
 CORS_SCOPE = "imageshare.cors_scope"  # request key: the CORS scope of this request's path
 CORS_ORIGIN = "imageshare.cors_origin"  # request key: the allowed Origin of this request
+# Admin-token authentications sent to the security audit per client address and outcome
+# per minute: a viewer authenticates on every request, and a client sending wrong tokens
+# must not flood the bounded audit queue and push real events out of it.
+AUTH_AUDITS_PER_MINUTE = 6
 
 
 @dataclass(frozen=True)
@@ -218,13 +225,17 @@ def bearer_token_matches(request: web.Request, expected: str) -> bool:
 
 
 def make_auth_middleware(runtime: NodeRuntime) -> Callable[..., Awaitable[web.StreamResponse]]:
+    audited = SlidingWindowLimit(AUTH_AUDITS_PER_MINUTE, 60.0)
+
     @web.middleware
     async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if (
-            request.method != "OPTIONS"
-            and _has_admin_prefix(request.path)
-            and not bearer_token_matches(request, runtime.admin_token)
-        ):
+        if request.method == "OPTIONS" or not _has_admin_prefix(request.path):
+            return await handler(request)
+        authenticated = bearer_token_matches(request, runtime.admin_token)
+        address = request.remote or ""
+        if audited.admit(f"{address} {authenticated}", time.monotonic()):
+            runtime.security_audit.record(atna.admin_authentication, authenticated, address)
+        if not authenticated:
             response = refusal_response(
                 request, 401, "missing or wrong admin token (Authorization: Bearer ...)"
             )

@@ -6,13 +6,15 @@ request, negotiate the media type, call the DICOMweb service and frame its answe
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from functools import partial
 
 from aiohttp import web
 
-from node.core import dicom_json
+from node.core import atna, dicom_json
+from node.core.rate_limit import SlidingWindowLimit
 from node.edges.http.app import RUNTIME_KEY, accepts_body_encodings
 from node.edges.http.multipart import (
     NotAcceptable,
@@ -31,6 +33,7 @@ from node.store.queries import parse_qido
 
 PREFIX = "/dicomweb"
 SERVICE_KEY = web.AppKey("dicomweb", DicomWebService)
+READS_AUDITED_KEY = web.AppKey("dicomweb_reads_audited", SlidingWindowLimit)
 DICOM = "application/dicom"
 _UID = "{%s:[0-9.]{1,64}}"
 STUDY = f"{PREFIX}/studies/{_UID % 'study'}"
@@ -40,6 +43,7 @@ INSTANCE = f"{SERIES}/instances/{_UID % 'instance'}"
 
 def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
     app[SERVICE_KEY] = DicomWebService(runtime.store)
+    app[READS_AUDITED_KEY] = SlidingWindowLimit(1, 60.0)
     router = app.router
     router.add_get(f"{PREFIX}/studies", search_studies)
     router.add_post(f"{PREFIX}/studies", store_instances)
@@ -101,6 +105,9 @@ async def _search(request: web.Request, level: Level) -> web.Response:
         series_uid=request.match_info.get("series"),
     )
     results, truncated = await _service(request).search(query, _base_url(request))
+    request.app[RUNTIME_KEY].security_audit.record(
+        atna.query, "admin-token", request.remote or "", "QIDO-RS", len(results)
+    )
     response = _json_response(results)
     if truncated:
         response.headers.add(
@@ -161,7 +168,29 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
         )
     service = _service(request)
     await service.check_files(records)
+    _audit_read(request, records, "WADO-RS")
     return await stream_parts(request, DICOM, [service.file_part(r) for r in records])
+
+
+def _audit_read(request: web.Request, records: list[InstanceRecord], via: str) -> None:
+    """Audit a WADO-RS read once per client address, study and service a minute: a
+    viewer sends one request per frame, which must not flood the bounded audit queue."""
+    key = f"{request.remote} {records[0].study_instance_uid} {via}" if records else ""
+    if records and request.app[READS_AUDITED_KEY].admit(key, time.monotonic()):
+        _audit_transfer(request, True, [r.study_instance_uid for r in records], via)
+
+
+def _audit_transfer(request: web.Request, sent: bool, study_uids: list[str], via: str) -> None:
+    """The security audit message of instances sent or stored over DICOMweb."""
+    request.app[RUNTIME_KEY].security_audit.record(
+        atna.instances_transferred,
+        sent,
+        "admin-token",
+        request.remote or "",
+        sorted(set(study_uids)),
+        len(study_uids),
+        via,
+    )
 
 
 async def retrieve_metadata(request: web.Request) -> web.StreamResponse:
@@ -169,6 +198,7 @@ async def retrieve_metadata(request: web.Request) -> web.StreamResponse:
     records = await _records(request)
     body: AsyncIterator[bytes] = _service(request).metadata(records, _base_url(request))
     first = await anext(body)  # errors before this point still get their own status
+    _audit_read(request, records, "WADO-RS metadata")
     response = web.StreamResponse(headers={"Content-Type": dicom_json.MEDIA_TYPE})
     return await send_body(request, response, _prepend(first, body))
 
@@ -225,13 +255,16 @@ async def _send_frames(request: web.Request, frames: FrameSet) -> web.StreamResp
 async def retrieve_frames(request: web.Request) -> web.StreamResponse:
     numbers = _frame_numbers(request.match_info["frames"])
     records = await _records(request)
-    return await _send_frames(request, await _service(request).frames(records[0], numbers))
+    frames = await _service(request).frames(records[0], numbers)
+    _audit_read(request, records, "WADO-RS frames")
+    return await _send_frames(request, frames)
 
 
 async def retrieve_bulk(request: web.Request) -> web.StreamResponse:
     records = await _records(request)
     tag = int(request.match_info["tag"], 16)
     frames = await _service(request).bulk(records[0], tag)
+    _audit_read(request, records, "WADO-RS bulk data")
     if not frames.transfer_syntax:
         return await stream_parts(request, OCTET_STREAM, frames.parts)
     return await _send_frames(request, frames)
@@ -260,4 +293,6 @@ async def store_instances(request: web.Request) -> web.Response:
     report = await _service(request).store_upload(_upload_parts(parts), study_uid)
     if not report.stored and not report.failed:
         raise BadInput("the multipart body holds no parts")
+    if report.stored:
+        _audit_transfer(request, False, [r.study_instance_uid for r in report.stored], "STOW-RS")
     return _json_response(report.as_json(_base_url(request)), report.status)
