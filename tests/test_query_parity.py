@@ -433,7 +433,7 @@ class TestOneCapOnARealNode:
     def test_c_find_over_the_cap_fails_with_a700_while_qido_pages(
         self, crowded: NodeProcess
     ) -> None:
-        ae = AE(ae_title="PARITY")
+        ae = AE(ae_title=FINDSCU_AE)
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         assoc = ae.associate("127.0.0.1", crowded.dimse_port, ae_title="IMAGESHARE")
         assert assoc.is_established
