@@ -119,13 +119,34 @@ class HttpConfig(Table):
         return parse_listen(self.listen)[1]
 
 
-class DimseDestination(Table):
+class OutgoingTls(Table, kw_only=True):
+    """TLS for an association the node opens (PS3.15 Annex B): to a C-MOVE destination or
+    the forwarding PACS. Paths are relative to the folder of node.toml."""
+
+    # Associate over TLS (BCP 195: TLS 1.2 or later, AEAD ciphers) instead of plain TCP.
+    tls: bool = False
+    # The CA that signed the peer's certificate (empty: the system's CAs); the peer's
+    # certificate must also name the host it is reached at.
+    ca_file: str = ""
+    # This node's client certificate and key (PEM), for a peer that requires one.
+    cert_file: str = ""
+    key_file: str = ""
+
+    def __post_init__(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file: goes together with key_file")
+        if not self.tls and (self.ca_file or self.cert_file):
+            raise ValueError("tls: must be true for ca_file, cert_file and key_file to apply")
+
+
+class DimseDestination(OutgoingTls, kw_only=True):
     ae_title: str
     host: str
     port: Port
 
     def __post_init__(self) -> None:
         _check_ae_title("ae_title", self.ae_title)
+        super().__post_init__()
 
 
 class DimseCaller(Table):
@@ -135,9 +156,16 @@ class DimseCaller(Table):
     host: str
     # May C-FIND, C-GET and C-MOVE; false: store only (e.g. a modality).
     query_retrieve: bool = True
+    # SHA-256 of the DER client certificate it must present over DICOM TLS (hex, colons
+    # allowed); empty: its address is enough. Set, it is never matched on the plain port.
+    certificate_sha256: str = ""
 
     def __post_init__(self) -> None:
         _check_ae_title("ae_title", self.ae_title)
+        fingerprint = self.certificate_sha256.replace(":", "").lower()
+        if fingerprint and not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
+            raise ValueError("certificate_sha256: must be 64 hex digits (a SHA-256 digest)")
+        self.certificate_sha256 = fingerprint
         try:
             ipaddress.ip_address(self.host)
         except ValueError:
@@ -145,6 +173,24 @@ class DimseCaller(Table):
                 f"host: must be the IP address the associations of {self.ae_title.strip()!r}"
                 f" come from, not {self.host!r}"
             ) from None
+
+
+class DimseTlsConfig(Table):
+    """The DICOM TLS listener (PS3.15 Annex B, BCP 195 profiles)."""
+
+    enabled: bool = False
+    port: Port = 2762
+    # This node's certificate (chain) and private key, PEM.
+    cert_file: str = ""
+    key_file: str = ""
+    # CAs whose client certificates are accepted; set, every caller must present one.
+    ca_file: str = ""
+    # Keep the plain listener ([dimse] port) beside the TLS one.
+    plain: bool = True
+
+    def __post_init__(self) -> None:
+        if self.enabled and not (self.cert_file and self.key_file):
+            raise ValueError("cert_file: the TLS listener needs cert_file and key_file")
 
 
 class DimseConfig(Table):
@@ -163,6 +209,7 @@ class DimseConfig(Table):
     destinations: list[DimseDestination] = []
     # Refuse storage SOP classes this node does not know.
     refuse_unknown_sop_classes: bool = False
+    tls: DimseTlsConfig = msgspec.field(default_factory=DimseTlsConfig)
 
     def __post_init__(self) -> None:
         _check_ae_title("ae_title", self.ae_title)
@@ -177,7 +224,7 @@ class DimseConfig(Table):
                 )
 
 
-class ForwardConfig(Table):
+class ForwardConfig(OutgoingTls, kw_only=True):
     # Forward every arriving study to this PACS AE by C-STORE; empty disables.
     ae_title: str = ""
     host: str = ""
@@ -190,6 +237,7 @@ class ForwardConfig(Table):
             _check_ae_title("ae_title", self.ae_title)
             if not self.host:
                 raise ValueError(f"host: forwarding to {self.ae_title!r} needs its host")
+        super().__post_init__()
 
 
 class StoreConfig(Table):
@@ -317,10 +365,11 @@ def load_config(path: Path | None = None) -> NodeConfig:
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{path.name}: {explain_error(str(exc), raw)}") from None
     config.data_dir = (path.parent / config.data_dir).resolve()
-    audit = config.audit_export
-    for name in ("ca_file", "cert_file", "key_file"):
-        if getattr(audit, name):  # relative to the config file, like data_dir
-            setattr(audit, name, str(path.parent / getattr(audit, name)))
+    tables = [config.audit_export, config.dimse.tls, config.forward, *config.dimse.destinations]
+    for table in tables:
+        for name in ("ca_file", "cert_file", "key_file"):
+            if getattr(table, name):  # relative to the config file, like data_dir
+                setattr(table, name, str(path.parent / getattr(table, name)))
     return config
 
 

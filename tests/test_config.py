@@ -34,7 +34,7 @@ def _uncommented_example_tables() -> str:
     """node.example.toml with its commented-out example tables ([[peers]] etc.) enabled."""
     lines = []
     for line in EXAMPLE.read_text().splitlines():
-        if re.fullmatch(r"# (\[\[[a-z.]+\]\]|[a-z_]+ = .*)", line):
+        if re.fullmatch(r"# (\[\[[a-z.]+\]\]|[a-z0-9_]+ = .*)", line):
             line = line[2:].split("  #")[0]
         lines.append(line)
     return "\n".join(lines) + "\n"

@@ -7,7 +7,8 @@ errors map to DIMSE status codes in ``failure_status`` alone.
 
 Access is decided once per association, in ``on_requested``, from the calling AE title
 AND the address the association comes from (a title alone is no identity: any device
-can send any title): a caller not in ``[[dimse.callers]]`` at that address is never
+can send any title), and for a caller bound to a certificate, the TLS client certificate
+it presented: a caller not in ``[[dimse.callers]]`` at that address is never
 offered the query/retrieve contexts, and is rejected outright when
 ``store_from_any_ae`` is off. Every C-FIND, C-GET and C-MOVE is logged at INFO with the
 calling AE, its address and counts (never patient data or UIDs).
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import ssl
 import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, cast
@@ -55,8 +57,12 @@ from node.services.dimse_transport import (
     CONNECT_TIMEOUT_SECONDS,
     LOW_LATENCY_HANDLERS,
     MAX_PDU_BYTES,
+    client_tls_args,
+    complete_tls_handshake,
     mark_dimse_activity,
+    peer_certificate_sha256,
     read_instance,
+    server_tls_context,
     storage_contexts,
 )
 from node.store.instances import InstanceRecord
@@ -111,11 +117,20 @@ def _same_address(configured: str, address: str) -> bool:
     return peer == ipaddress.ip_address(configured)
 
 
-def known_caller(config: DimseConfig, ae_title: str, address: str) -> DimseCaller | None:
-    """The configured caller with this AE title at this address, or None."""
+def known_caller(
+    config: DimseConfig, ae_title: str, address: str, certificate_sha256: str | None = None
+) -> DimseCaller | None:
+    """The configured caller with this AE title at this address, or None.
+
+    A caller bound to a certificate also needs the TLS client certificate it presented
+    (``certificate_sha256``) to be that one.
+    """
     for caller in config.callers:
-        if caller.ae_title.strip() == ae_title.strip() and _same_address(caller.host, address):
-            return caller
+        if caller.ae_title.strip() != ae_title.strip() or not _same_address(caller.host, address):
+            continue
+        if caller.certificate_sha256 and caller.certificate_sha256 != certificate_sha256:
+            continue
+        return caller
     return None
 
 
@@ -169,11 +184,13 @@ class DimseGateway:
     def __init__(self, runtime: NodeRuntime) -> None:
         self.runtime = runtime
         self.config: DimseConfig = runtime.config.dimse
-        self._server: ThreadedAssociationServer | None = None
+        self._servers: list[ThreadedAssociationServer] = []
         # pynetdicom holds a message in memory until it is complete, with no size limit;
         # an association sending more than an instance may hold is aborted instead.
         self.max_message_bytes = runtime.config.store.max_instance_bytes + MESSAGE_OVERHEAD
         self._unfinished_bytes: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        # pynetdicom's tls_args per C-MOVE destination title (None: plain TCP).
+        self._destination_tls: dict[str, tuple[ssl.SSLContext, str] | None] = {}
 
     # -- life cycle --------------------------------------------------------------------
 
@@ -215,20 +232,42 @@ class DimseGateway:
             (evt.EVT_C_GET, self.on_get),
             (evt.EVT_C_MOVE, self.on_move),
         ]
-        address = (self.config.host, self.config.port)
-        try:
-            self._server = await asyncio.to_thread(
-                ae.start_server, address, block=False, evt_handlers=handlers
-            )
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot listen for DIMSE on {address[0]}:{address[1]}: {exc.strerror}"
-            ) from exc
-        log.info("DIMSE %s listening on %s:%d", self.config.ae_title, *address)
+        # Loaded once: a certificate that cannot be loaded stops the start, not a C-MOVE.
+        self._destination_tls = {
+            d.ae_title.strip(): client_tls_args(d, d.host, f"[[dimse.destinations]] {d.ae_title}")
+            for d in self.config.destinations
+        }
+        tls = self.config.tls
+        listeners: list[tuple[int, Any]] = []
+        if not tls.enabled or tls.plain:
+            listeners.append((self.config.port, None))
+        if tls.enabled:
+            listeners.append((tls.port, server_tls_context(tls)))
+        for port, ssl_context in listeners:
+            address = (self.config.host, port)
+            try:
+                server = await asyncio.to_thread(
+                    ae.start_server,
+                    address,
+                    block=False,
+                    evt_handlers=[(evt.EVT_CONN_OPEN, complete_tls_handshake), *handlers]
+                    if ssl_context
+                    else handlers,
+                    ssl_context=ssl_context,
+                )
+            except OSError as exc:
+                await self.stop()
+                raise ConfigError(
+                    f"cannot listen for DIMSE on {address[0]}:{address[1]}: {exc.strerror}"
+                ) from exc
+            assert server is not None  # block=False returns the running server
+            self._servers.append(server)
+            kind = "DICOM TLS" if ssl_context else "DIMSE"
+            log.info("%s %s listening on %s:%d", kind, self.config.ae_title, *address)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            server, self._server = self._server, None
+        servers, self._servers = self._servers, []
+        for server in servers:
             await asyncio.to_thread(server.shutdown)
 
     # -- handlers ----------------------------------------------------------------------
@@ -247,7 +286,9 @@ class DimseGateway:
         allowed_titles = {t.strip() for t in self.config.allowed_calling_aes}
         if allowed_titles and calling not in allowed_titles:
             return  # pynetdicom rejects it next; on_rejected logs why
-        caller = known_caller(self.config, calling, address)
+        sock = assoc.dul.socket.socket if assoc.dul.socket else None
+        certificate = peer_certificate_sha256(sock)
+        caller = known_caller(self.config, calling, address, certificate)
         if caller is None and not self.config.store_from_any_ae:
             log.warning(
                 "DIMSE association from %r at %s rejected: not a configured caller at this"
@@ -451,6 +492,7 @@ class DimseGateway:
             "contexts": contexts,
             "evt_handlers": [*LOW_LATENCY_HANDLERS, (evt.EVT_DIMSE_RECV, outcomes.on_message)],
             "max_pdu": MAX_PDU_BYTES,
+            "tls_args": self._destination_tls.get(target.ae_title.strip()),
         }
         # pynetdicom wants the destination, then a count, then one status per instance.
         yield target.host, target.port, options

@@ -7,8 +7,11 @@ polls while DIMSE traffic flows.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import socket
+import ssl
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -19,11 +22,15 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config, build_context, evt
 from pynetdicom.presentation import PresentationContext
 
-from node.errors import BadInput
+from node.errors import BadInput, ConfigError
 from node.store.instances import InstanceRecord, InstanceStore
 
 if TYPE_CHECKING:
     from pynetdicom.events import Event
+
+    from node.config import DimseTlsConfig, OutgoingTls
+
+log = logging.getLogger(__name__)
 
 
 # pynetdicom logs every message at INFO, and its standard handlers format every message
@@ -83,7 +90,7 @@ def set_low_latency(event: Event) -> None:
     Without TCP_NODELAY each small response waits for the peer's delayed ACK (~40 ms).
     """
     sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
-    if sock is not None:
+    if sock is not None and sock.fileno() != -1:  # -1: closed by a refused TLS handshake
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     mark_dimse_activity()
 
@@ -118,3 +125,90 @@ def read_instance(store: InstanceStore, record: InstanceRecord) -> Dataset:
     Raises ImageShareError if it cannot be read.
     """
     return store.read_dataset(record)
+
+
+# BCP 195 for TLS 1.2 (TLS 1.3's suites are all AEAD): forward secrecy and AEAD only.
+BCP195_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+class _LazyHandshakeContext(ssl.SSLContext):
+    """A server context whose handshake runs in the connection's own thread.
+
+    pynetdicom wraps each accepted socket in its one accept thread; a handshake there
+    would let a client that connects and says nothing stall the whole TLS listener.
+    ``complete_tls_handshake`` does it instead, with a deadline.
+    """
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["do_handshake_on_connect"] = False
+        return super().wrap_socket(sock, *args, **kwargs)
+
+
+def _bcp195(context: ssl.SSLContext) -> ssl.SSLContext:
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    context.set_ciphers(BCP195_CIPHERS)
+    return context
+
+
+def _load(context: ssl.SSLContext, key: str, cert_file: str, key_file: str, ca_file: str) -> None:
+    """Load certificates, turning a bad file into a ConfigError naming the key."""
+    try:
+        if cert_file:
+            context.load_cert_chain(cert_file, key_file)
+        if ca_file:
+            context.load_verify_locations(ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{key}: cannot load its certificates or key: {exc}") from exc
+
+
+def server_tls_context(tls: DimseTlsConfig) -> ssl.SSLContext:
+    """The TLS listener's context; with ``ca_file`` a client certificate from it is required."""
+    context = _bcp195(_LazyHandshakeContext(ssl.PROTOCOL_TLS_SERVER))
+    _load(context, "[dimse.tls]", tls.cert_file, tls.key_file, tls.ca_file)
+    context.verify_mode = ssl.CERT_REQUIRED if tls.ca_file else ssl.CERT_NONE
+    return context
+
+
+def client_tls_args(peer: OutgoingTls, host: str, key: str) -> tuple[ssl.SSLContext, str] | None:
+    """pynetdicom's ``tls_args`` for an association to ``host``, or None for plain TCP.
+
+    The peer's certificate must chain to ``ca_file`` (or the system's CAs) and name
+    ``host``. Raises ConfigError for files that cannot be loaded.
+    """
+    if not peer.tls:
+        return None
+    context = _bcp195(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))  # checks chain and name
+    if not peer.ca_file:
+        context.load_default_certs()
+    _load(context, key, peer.cert_file, peer.key_file, peer.ca_file)
+    return context, host
+
+
+def complete_tls_handshake(event: Event) -> None:
+    """EVT_CONN_OPEN on the TLS listener: the handshake, within CONNECT_TIMEOUT_SECONDS.
+
+    A refused handshake (no certificate, one from another CA, plain DIMSE) is logged in
+    one line and the connection closed, so the association never starts reading.
+    """
+    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+    if not isinstance(sock, ssl.SSLSocket):
+        return
+    address = event.assoc.requestor.address
+    try:
+        sock.settimeout(CONNECT_TIMEOUT_SECONDS)
+        sock.do_handshake()
+        sock.settimeout(None)
+    except (OSError, ValueError) as exc:
+        reason = exc.verify_message if isinstance(exc, ssl.SSLCertVerificationError) else exc
+        log.warning("DICOM TLS handshake from %s refused: %s", address, reason)
+        with contextlib.suppress(OSError):
+            sock.close()
+
+
+def peer_certificate_sha256(sock: Any) -> str | None:
+    """The SHA-256 (hex) of the certificate a TLS peer presented, or None (plain, or none)."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    der = sock.getpeercert(binary_form=True)
+    return hashlib.sha256(der).hexdigest() if der else None

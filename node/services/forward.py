@@ -25,6 +25,7 @@ from node.services.dimse_transport import (
     CONNECT_TIMEOUT_SECONDS,
     LOW_LATENCY_HANDLERS,
     MAX_PDU_BYTES,
+    client_tls_args,
     mark_dimse_activity,
     read_instance,
     storage_contexts,
@@ -56,6 +57,8 @@ class Forwarder:
         self.config: ForwardConfig = runtime.config.forward
         self.calling_ae = runtime.config.dimse.ae_title
         self.store = runtime.store
+        # Raises ConfigError now, at start, for certificates that cannot be loaded.
+        self.tls_args = client_tls_args(self.config, self.config.host, "[forward]")
         self.state = ForwardState(runtime.config.data_dir / STATE_FILE)
         self.poll_seconds = poll_seconds
         self._stop = threading.Event()
@@ -163,6 +166,7 @@ class Forwarder:
             ae_title=self.config.ae_title,
             max_pdu=MAX_PDU_BYTES,
             evt_handlers=LOW_LATENCY_HANDLERS,
+            tls_args=self.tls_args,
         )
         if not assoc.is_established:
             raise ConnectionError(f"no association with {self.destination}")
