@@ -36,6 +36,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from node.config import load_config
+from node.errors import ConfigError
 from node.samples import SyntheticStudy, make_ct_study
 from tests.support.nodes import NodeProcess, free_port, init_node, wait_until
 from tests.test_dimse import DCMTK_ENV, dcmtk
@@ -329,8 +331,9 @@ class TestTlsListener:
         result = echo(node, pki.intruder, pki)
         assert result.returncode != 0
         wait_until(
-            lambda: "DICOM TLS handshake from 127.0.0.1 refused: unable to get local issuer"
-            in node.log,
+            lambda: (
+                "DICOM TLS handshake from 127.0.0.1 refused: unable to get local issuer" in node.log
+            ),
             timeout=10,
             message="the refused handshake in the node's log",
         )
@@ -488,3 +491,38 @@ class TestTlsForwarding:
                 assert list(out.iterdir()) == []
             finally:
                 node.stop()
+
+
+class TestTlsConfig:
+    def test_tls_listener_without_a_certificate_is_refused(self, tmp_path: Path) -> None:
+        path = tmp_path / "node.toml"
+        path.write_text('origin = "a.example/x"\n[dimse.tls]\nenabled = true\n')
+        with pytest.raises(ConfigError, match=r"\[dimse.tls\] cert_file: the TLS listener needs"):
+            load_config(path)
+
+    def test_certificate_pin_must_be_a_sha256_digest(self, tmp_path: Path) -> None:
+        path = tmp_path / "node.toml"
+        path.write_text(
+            'origin = "a.example/x"\n[[dimse.callers]]\nae_title = "WS"\nhost = "10.0.0.9"\n'
+            'certificate_sha256 = "abc"\n'
+        )
+        with pytest.raises(ConfigError, match="certificate_sha256: must be 64 hex digits"):
+            load_config(path)
+
+    def test_certificate_paths_are_relative_to_node_toml(self, tmp_path: Path) -> None:
+        path = tmp_path / "node.toml"
+        path.write_text(
+            'origin = "a.example/x"\n[dimse.tls]\nenabled = true\ncert_file = "tls/n.pem"\n'
+            'key_file = "tls/n.key"\n[forward]\nae_title = "PACS"\nhost = "10.0.0.5"\n'
+            'tls = true\nca_file = "tls/ca.pem"\n'
+        )
+        config = load_config(path)
+        assert config.dimse.tls.cert_file == str(tmp_path / "tls" / "n.pem")
+        assert config.forward.ca_file == str(tmp_path / "tls" / "ca.pem")
+
+    def test_unloadable_certificate_stops_the_node_naming_the_file(self, tmp_path: Path) -> None:
+        made = init_node(tmp_path, "badcert.example/imageshare")
+        made.append_config('[dimse.tls]\nenabled = true\ncert_file = "none.pem"\nkey_file = "k"')
+        result = made.cli("run", check=False, timeout=60)
+        assert result.returncode != 0
+        assert f"[dimse.tls] cert_file: cannot load {made.data_dir / 'none.pem'}" in result.stderr

@@ -152,14 +152,17 @@ def _bcp195(context: ssl.SSLContext) -> ssl.SSLContext:
 
 
 def _load(context: ssl.SSLContext, key: str, cert_file: str, key_file: str, ca_file: str) -> None:
-    """Load certificates, turning a bad file into a ConfigError naming the key."""
-    try:
-        if cert_file:
-            context.load_cert_chain(cert_file, key_file)
-        if ca_file:
-            context.load_verify_locations(ca_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"{key}: cannot load its certificates or key: {exc}") from exc
+    """Load certificates, turning a bad file into a ConfigError naming the key and file."""
+    loads = [("cert_file", cert_file, lambda: context.load_cert_chain(cert_file, key_file))]
+    loads.append(("ca_file", ca_file, lambda: context.load_verify_locations(ca_file)))
+    for name, path, load in loads:
+        if not path:
+            continue
+        try:
+            load()
+        except (OSError, ssl.SSLError) as exc:
+            why = exc.strerror if exc.strerror else str(exc)
+            raise ConfigError(f"{key} {name}: cannot load {path}: {why}") from exc
 
 
 def server_tls_context(tls: DimseTlsConfig) -> ssl.SSLContext:
