@@ -356,6 +356,22 @@ class TestTlsListener:
             # Connected, no ClientHello: another caller is still served meanwhile.
             assert echo(node, pki.viewer, pki).returncode == 0
 
+    def test_tls_1_2_without_an_aead_cipher_is_refused(self, node: TlsNode, pki: Pki) -> None:
+        weak = client_context(pki.viewer, pki)
+        weak.maximum_version = ssl.TLSVersion.TLSv1_2
+        weak.set_ciphers("ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES128-SHA")  # CBC, no AEAD
+        raw = socket.create_connection(("127.0.0.1", node.tls_port), timeout=10)
+        with raw, pytest.raises(ssl.SSLError):
+            weak.wrap_socket(raw, server_hostname="127.0.0.1")
+        strong = client_context(pki.viewer, pki)
+        strong.maximum_version = ssl.TLSVersion.TLSv1_2
+        raw = socket.create_connection(("127.0.0.1", node.tls_port), timeout=10)
+        with raw, strong.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            assert tls.version() == "TLSv1.2"
+            cipher = tls.cipher()
+            assert cipher is not None
+            assert "GCM" in cipher[0] or "CHACHA20" in cipher[0]
+
     def test_caller_bound_to_a_certificate_may_retrieve_with_it(
         self, node: TlsNode, pki: Pki, study: SyntheticStudy, tmp_path: Path
     ) -> None:
@@ -411,6 +427,29 @@ def _listening(port: int) -> bool:
         return False
 
 
+def move_over_tls(node: TlsNode, pki: Pki, study: SyntheticStudy) -> list[int]:
+    """C-MOVE the study to RECEIVER over TLS with pynetdicom (DCMTK's movescu has no
+    TLS): the statuses of the responses."""
+    ae = AE(ae_title=VIEWER)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate(
+        "127.0.0.1",
+        node.tls_port,
+        ae_title="IMAGESHARE",
+        tls_args=(client_context(pki.viewer, pki), "127.0.0.1"),
+    )
+    assert assoc.is_established
+    statuses = [
+        int(status.Status)
+        for status, _ in assoc.send_c_move(
+            identifier(study), RECEIVER, StudyRootQueryRetrieveInformationModelMove
+        )
+        if status
+    ]
+    assoc.release()
+    return statuses
+
+
 class TestTlsMove:
     def test_movescu_over_tls_moves_to_a_tls_destination(
         self, node: TlsNode, pki: Pki, study: SyntheticStudy, move_port: int, tmp_path: Path
@@ -418,26 +457,22 @@ class TestTlsMove:
         with tls_storescp(
             move_port, RECEIVER, pki.pacs, pki.node_ca.file, tmp_path / "moved"
         ) as out:
-            ae = AE(ae_title=VIEWER)
-            ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-            assoc = ae.associate(
-                "127.0.0.1",
-                node.tls_port,
-                ae_title="IMAGESHARE",
-                tls_args=(client_context(pki.viewer, pki), "127.0.0.1"),
-            )
-            assert assoc.is_established
-            statuses = [
-                int(status.Status)
-                for status, _ in assoc.send_c_move(
-                    identifier(study), RECEIVER, StudyRootQueryRetrieveInformationModelMove
-                )
-                if status
-            ]
-            assoc.release()
+            statuses = move_over_tls(node, pki, study)
             assert statuses[-1] == 0x0000
             got = {pydicom.dcmread(p).SOPInstanceUID for p in out.iterdir()}
         assert got == set(study.sop_uids)
+
+
+class TestTlsMoveRefused:
+    def test_move_to_a_destination_with_another_cas_certificate_sends_nothing(
+        self, node: TlsNode, pki: Pki, study: SyntheticStudy, move_port: int, tmp_path: Path
+    ) -> None:
+        with tls_storescp(
+            move_port, RECEIVER, pki.fake_pacs, pki.node_ca.file, tmp_path / "moved"
+        ) as out:
+            statuses = move_over_tls(node, pki, study)
+            assert statuses and statuses[-1] != 0x0000
+            assert list(out.iterdir()) == []
 
 
 def forwarding_node(tmp_path: Path, pki: Pki, port: int) -> NodeProcess:
