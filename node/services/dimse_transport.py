@@ -1,8 +1,9 @@
-"""How the node speaks DIMSE on the wire: pynetdicom settings, low latency, sending.
+"""How the node speaks DIMSE on the wire: pynetdicom settings, low latency, sending, TLS.
 
 Shared by the DIMSE edge (C-GET, C-MOVE) and the PACS forwarder. pynetdicom is tuned
 here, process-wide, once: quiet logging, TCP_NODELAY on every connection, and short idle
-polls while DIMSE traffic flows.
+polls while DIMSE traffic flows. DICOM TLS contexts follow BCP 195 (TLS 1.2+, ECDHE with
+AEAD ciphers, no compression) on both sides.
 """
 
 from __future__ import annotations
@@ -192,16 +193,17 @@ def complete_tls_handshake(event: Event) -> None:
     """EVT_CONN_OPEN on the TLS listener: the handshake, within CONNECT_TIMEOUT_SECONDS.
 
     A refused handshake (no certificate, one from another CA, plain DIMSE) is logged in
-    one line and the connection closed, so the association never starts reading.
+    one line and the connection closed, so the association ends without reading a PDU.
     """
     sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
     if not isinstance(sock, ssl.SSLSocket):
         return
     address = event.assoc.requestor.address
+    timeout = sock.gettimeout()  # pynetdicom's own, for reading PDUs later
     try:
         sock.settimeout(CONNECT_TIMEOUT_SECONDS)
         sock.do_handshake()
-        sock.settimeout(None)
+        sock.settimeout(timeout)
     except (OSError, ValueError) as exc:
         reason = exc.verify_message if isinstance(exc, ssl.SSLCertVerificationError) else exc
         log.warning("DICOM TLS handshake from %s refused: %s", address, reason)
