@@ -13,6 +13,7 @@ import hashlib
 import logging
 import socket
 import ssl
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +73,37 @@ class _PollClock:
 _POLL_CLOCK = _PollClock()
 pynetdicom.association.time = _POLL_CLOCK  # type: ignore[assignment]
 pynetdicom.dul.time = _POLL_CLOCK  # type: ignore[assignment]
+
+
+_SEND_C_STORE = pynetdicom.association.Association.send_c_store
+_REACTOR_RESUME_WAIT_SECONDS = 1.0
+
+
+def _send_c_store_once_the_reactor_runs(
+    assoc: pynetdicom.association.Association, *args: Any, **kwargs: Any
+) -> Any:
+    """pynetdicom's send_c_store, started only once the association's reactor has left
+    its pause.
+
+    send_c_store pauses the reactor by clearing a checkpoint and waiting for the flag the
+    reactor raises before it waits on that checkpoint. Right after the previous send has
+    released it, the flag can still be up while the reactor runs on: the next send then
+    goes ahead, the reactor takes its response ("unexpected C-STORE service message") and
+    the send waits out the DIMSE timeout. Back-to-back sends from another thread (C-MOVE
+    sub-operations, forwarding) hit this under load. A send from the association's own
+    reactor thread (C-GET, inside an SCP handler) keeps the flag up on purpose and does
+    not wait.
+    """
+    if threading.current_thread() is not assoc:
+        deadline = time.monotonic() + _REACTOR_RESUME_WAIT_SECONDS
+        while (
+            assoc._is_paused and assoc._reactor_checkpoint.is_set() and time.monotonic() < deadline
+        ):
+            time.sleep(FAST_POLL_SECONDS / 2)
+    return _SEND_C_STORE(assoc, *args, **kwargs)
+
+
+pynetdicom.association.Association.send_c_store = _send_c_store_once_the_reactor_runs  # type: ignore[method-assign,assignment]
 
 
 def mark_dimse_activity() -> None:
