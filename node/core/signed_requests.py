@@ -84,6 +84,11 @@ def node_signer(origin: str) -> str:
     return NODE_PREFIX + origin
 
 
+def signing_node_origin(signer: str) -> str | None:
+    """The origin of the node that a ``Signature-Signer`` value names, or None for a patient."""
+    return signer[len(NODE_PREFIX) :] if signer.startswith(NODE_PREFIX) else None
+
+
 def patient_signer(public_key: bytes) -> str:
     return PATIENT_PREFIX + b64url_encode(public_key)
 
@@ -152,7 +157,7 @@ class SignedHeaders:
     @property
     def node_origin(self) -> str | None:
         """The calling node's origin, or None if a patient signed."""
-        return self.signer[len(NODE_PREFIX) :] if self.signer.startswith(NODE_PREFIX) else None
+        return signing_node_origin(self.signer)
 
     @property
     def patient_key(self) -> bytes | None:

@@ -24,6 +24,7 @@ from node.core.signed_requests import (
     check_signature,
     make_headers,
     parse_headers,
+    signing_node_origin,
 )
 from node.errors import PayloadTooLarge, Unauthorized
 from node.services.runtime import NodeRuntime
@@ -42,7 +43,8 @@ class SignedCaller:
 
     @property
     def node_origin(self) -> str | None:
-        return self.signer.removeprefix("node:") if self.signer.startswith("node:") else None
+        """The calling node's origin, or None if a patient signed."""
+        return signing_node_origin(self.signer)
 
 
 def nonce_store_of(runtime: NodeRuntime) -> NonceStore:
