@@ -44,7 +44,7 @@ import msgpack  # noqa: E402
 import pydicom  # noqa: E402
 
 from node.core.entries import decode_entry  # noqa: E402
-from node.core.roster import log_id  # noqa: E402
+from node.core.origins import log_id  # noqa: E402
 from node.samples import make_ct_study  # noqa: E402
 
 DEFAULT_DEMO_DIR = ROOT / "demo-data"

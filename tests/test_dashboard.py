@@ -30,8 +30,9 @@ from node.config import load_config
 from node.core.consent import sign_revocation, token_id_of, token_text
 from node.core.entries import LedgerEntry, encode_entry
 from node.core.keys import NodeIdentity
+from node.core.origins import log_id
 from node.core.patient_keys import PatientKey
-from node.core.roster import key_fingerprint, log_id
+from node.core.roster import key_fingerprint
 from node.errors import BadInput
 from node.samples import SyntheticStudy, make_ct_study
 from node.services.roster import add_peer

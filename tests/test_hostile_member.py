@@ -33,8 +33,8 @@ from node.core.consent import GrantFields, decode_grant, sign_grant, token_text
 from node.core.entries import LedgerEntry, decode_entry
 from node.core.keys import NodeIdentity
 from node.core.manifest import OpenRequest
+from node.core.origins import log_id
 from node.core.patient_keys import PatientKey
-from node.core.roster import log_id
 from node.core.signed_requests import make_headers, node_signer
 from node.samples import make_ct_study
 from node.store.secrets import read_seed

@@ -3,6 +3,7 @@ signed requests accept and refuse the same origins."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -11,11 +12,14 @@ import pytest
 
 from node.core.consent import NONCE_SIZE, GrantFields, decode_grant
 from node.core.encoding import canonical_encode
+from node.core.equivocation import EquivocationProof
 from node.core.keys import NodeIdentity
-from node.core.origins import is_node_origin
+from node.core.origins import is_node_origin, log_id, log_id_bytes
 from node.core.roster import make_member
 from node.core.signed_requests import make_headers, node_signer, parse_headers
 from node.errors import BadInput, Unauthorized
+from node.services.audit_state import SavedCheckpoint
+from node.store.ledger import LedgerStore
 from tests.support.nodes import run_cli
 
 ACCEPTED = [
@@ -132,3 +136,21 @@ def test_signed_request_audience_with_a_bad_origin_is_not_echoed() -> None:
     )
     with pytest.raises(Unauthorized, match="addressed to a malformed origin"):
         parse_headers(headers, "b.example/x")
+
+
+def test_a_log_is_found_by_the_one_log_id_everywhere(tmp_path: Path) -> None:
+    """The store, the roster, equivocation proofs and the audit state name a log alike."""
+    identity = NodeIdentity.generate("a.example/imageshare")
+    expected = hashlib.sha256(identity.origin.encode()).digest()
+    assert log_id_bytes(identity.origin) == expected and log_id(identity.origin) == expected.hex()
+    store = LedgerStore(tmp_path)
+    try:
+        own = store.own_log(identity.origin, identity.vkey)
+        assert own.log_id == expected and store.log_by_id(expected.hex()) is own
+    finally:
+        store.close()
+    member = make_member(identity.origin, "http://127.0.0.1:1", identity.vkey)
+    assert member.log_id == expected.hex()
+    assert EquivocationProof(identity.origin, ("a", "b")).log_id == expected.hex()
+    saved = SavedCheckpoint(identity.origin, identity.vkey, 0, bytes(32), "")
+    assert saved.log_id == expected.hex()

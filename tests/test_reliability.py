@@ -32,7 +32,7 @@ from pynetdicom import AE
 
 from node.config import load_config
 from node.core.keys import NodeIdentity
-from node.core.roster import log_id
+from node.core.origins import log_id
 from node.samples import make_ct_study
 from node.services.roster import add_peer
 from node.services.wallet import Wallet

@@ -40,8 +40,9 @@ from node.core.consent import decode_revocation, parse_token_text, sign_revocati
 from node.core.entries import LedgerEntry, decode_entry
 from node.core.keys import NodeIdentity
 from node.core.manifest import OpenRequest
+from node.core.origins import log_id
 from node.core.patient_keys import PatientKey, parse_public_key
-from node.core.roster import log_id, make_member
+from node.core.roster import make_member
 from node.core.signed_requests import make_headers, node_signer
 from node.edges.http import app as http_app
 from node.edges.http.multipart import parse_accept

@@ -29,7 +29,7 @@ from node.core.consent import GrantFields, sign_grant, token_text
 from node.core.entries import LedgerEntry, decode_entry
 from node.core.keys import NodeIdentity
 from node.core.manifest import OpenRequest, encode_handles
-from node.core.roster import log_id
+from node.core.origins import log_id
 from node.core.signed_requests import make_headers, node_signer
 from node.samples import SyntheticStudy, make_ct_study
 from node.services.wallet import Wallet

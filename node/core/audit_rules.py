@@ -11,7 +11,6 @@ use, fed with what the custodian's log said at the moment of each access.
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from node.core.entries import LedgerEntry, decode_entry
 from node.core.keys import VerifierKey
 from node.core.merkle import ZERO_HASH, MemoryTree, leaf_hash, root_from_leaf_hashes
 from node.core.notes import Checkpoint, parse_note, verify_cosignature, verify_note
+from node.core.origins import log_id_bytes
 from node.errors import BadInput, Unauthorized
 
 # Stable rule names: scripts match on these; never rename one.
@@ -330,7 +330,7 @@ def check_witness_entries(histories: Mapping[str, History]) -> list[Violation]:
     peer showed that node another history. Checkpoints beyond what the auditor holds, or
     of logs it did not see, are not judged.
     """
-    by_log_id = {hashlib.sha256(origin.encode()).digest(): h for origin, h in histories.items()}
+    by_log_id = {log_id_bytes(origin): h for origin, h in histories.items()}
     violations = []
     for origin, history in sorted(histories.items()):
         for index, entry in enumerate(history.entries):

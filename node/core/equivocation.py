@@ -31,7 +31,7 @@ from typing import Any
 from node.core.keys import VerifierKey
 from node.core.merkle import EMPTY_ROOT, HASH_SIZE, verify_consistency
 from node.core.notes import MAX_NOTE_BYTES, Checkpoint, parse_vkey, signed_only_by, verify_note
-from node.core.roster import log_id
+from node.core.origins import log_id
 from node.errors import BadInput
 
 # RFC 9162 consistency proofs of trees below 2**64 leaves have fewer hashes than this.

@@ -7,12 +7,16 @@ headers, and consent tokens; the rule keeps it printable, unambiguous in each of
 and the same everywhere. node.toml, `imageshare init`, the roster, consent tokens and
 signed requests all call ``is_node_origin``.
 
+A log is named on the ledger API and in ``witness`` entries by its log ID, SHA-256 of its
+origin; ``log_id_bytes`` and ``log_id`` are the one place that hash is taken.
+
 This is not a web origin (``scheme://host[:port]`` as a browser sends it in CORS): that
 one is checked where CORS origins are configured, in node.config.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import TypeGuard
 
@@ -33,3 +37,13 @@ def check_node_origin(value: object, what: str) -> str:
     if not is_node_origin(value):
         raise BadInput(f"{what} is not a node origin ({NODE_ORIGIN_RULE})")
     return value
+
+
+def log_id_bytes(origin: str) -> bytes:
+    """A log's ID: SHA-256 of its origin (how stores and ``witness`` entries hold it)."""
+    return hashlib.sha256(origin.encode()).digest()
+
+
+def log_id(origin: str) -> str:
+    """A log's ID as the ledger API names it: lowercase hex SHA-256 of its origin."""
+    return log_id_bytes(origin).hex()

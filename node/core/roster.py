@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from node.core.keys import parse_verifier_key, verify_ed25519
-from node.core.origins import check_node_origin
+from node.core.origins import check_node_origin, log_id
 from node.core.signed_requests import NODE_PREFIX
 from node.errors import BadInput
 
@@ -29,11 +29,6 @@ CHALLENGE_SIZE = 32
 def key_fingerprint(public_key: bytes) -> str:
     """Short public name of a node key, advertised by discovery: hex SHA-256, 16 bytes."""
     return hashlib.sha256(public_key).hexdigest()[:32]
-
-
-def log_id(origin: str) -> str:
-    """The ledger API's name of a log: lowercase hex SHA-256 of its origin."""
-    return hashlib.sha256(origin.encode()).hexdigest()
 
 
 def normalize_url(url: str) -> str:

@@ -12,7 +12,6 @@ far as its own signature and its entries prove it.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -55,6 +54,7 @@ from node.core.entries import LedgerEntry, decode_entry
 from node.core.equivocation import EquivocationProof, verify_equivocation
 from node.core.keys import VerifierKey, parse_verifier_key
 from node.core.notes import Checkpoint, parse_note
+from node.core.origins import log_id
 from node.errors import BadInput, ImageShareError, Unauthorized
 from node.services.audit_state import AuditState, SavedCheckpoint
 
@@ -588,7 +588,7 @@ def _log_reports(
         reports.append(
             LogReport(
                 origin=origin,
-                log_id=hashlib.sha256(origin.encode()).hexdigest(),
+                log_id=log_id(origin),
                 vkey=str(key) if key else "",
                 size=chosen.size if chosen else largest,
                 sources=sources[origin],

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from node.core.origins import log_id
 from node.errors import BadInput
 
 STATE_VERSION = 1
@@ -35,7 +35,7 @@ class SavedCheckpoint:
 
     @property
     def log_id(self) -> str:
-        return hashlib.sha256(self.origin.encode()).hexdigest()
+        return log_id(self.origin)
 
     def to_json(self) -> dict[str, object]:
         return {

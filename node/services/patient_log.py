@@ -15,12 +15,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hashlib
 import json
 from dataclasses import dataclass, field
 
 import aiohttp
 
+from node.core import origins
 from node.core.consent import decode_revocation
 from node.core.entries import LedgerEntry, decode_entry
 from node.core.keys import VerifierKey, parse_verifier_key
@@ -214,7 +214,7 @@ async def custodian_events(
     Raises BadInput if no node serves the log, or the entries served are not the whole
     log under its signed checkpoint (something could be hidden).
     """
-    log_id = hashlib.sha256(custodian.encode()).hexdigest()
+    log_id = origins.log_id(custodian)
     servers = sorted(
         (n for n in nodes if any(lst.origin == custodian for lst in n.listings)),
         key=lambda n: n.origin != custodian,

@@ -44,7 +44,8 @@ import yarl
 from node.core import notes
 from node.core.equivocation import EquivocationProof, VerifiedEquivocation, verify_equivocation
 from node.core.merkle import StreamingConsistency, leaf_hash, verify_consistency
-from node.core.roster import Member, log_id
+from node.core.origins import log_id
+from node.core.roster import Member
 from node.errors import BadInput, Conflict, ImageShareError, Unauthorized
 from node.services.peer_requests import node_signed_headers
 from node.services.roster import RosterService, roster_of

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -53,6 +52,7 @@ from node.core.notes import (
     verify_cosignature,
     verify_note,
 )
+from node.core.origins import log_id_bytes
 from node.errors import (
     BadInput,
     Conflict,
@@ -97,11 +97,6 @@ CREATE TABLE IF NOT EXISTS subtrees (
 
 class LedgerCorrupt(ImageShareError):
     """The stored ledger lacks a row it must hold: the store was damaged or tampered with."""
-
-
-def log_id_of(origin: str) -> bytes:
-    """A log's ID: SHA-256 of its origin."""
-    return hashlib.sha256(origin.encode()).digest()
 
 
 @dataclass(frozen=True)
@@ -297,7 +292,7 @@ class LedgerStore:
             if row is None:
                 conn.execute(
                     "INSERT INTO logs (log_id, origin, vkey, own) VALUES (?, ?, ?, 1)",
-                    (log_id_of(origin), origin, vkey),
+                    (log_id_bytes(origin), origin, vkey),
                 )
                 row = self._row(conn, origin)
             elif not row[1]:
@@ -325,7 +320,7 @@ class LedgerStore:
             if row is None:
                 conn.execute(
                     "INSERT INTO logs (log_id, origin, vkey, own) VALUES (?, ?, ?, 0)",
-                    (log_id_of(origin), origin, vkey),
+                    (log_id_bytes(origin), origin, vkey),
                 )
                 row = self._row(conn, origin)
             elif row[1]:
@@ -386,7 +381,7 @@ class StoredLog:
         self.store = store
         self.rowid = rowid
         self.origin = origin
-        self.log_id = log_id_of(origin)
+        self.log_id = log_id_bytes(origin)
         self._tail: _Tail | None = None
 
     @property

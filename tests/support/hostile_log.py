@@ -22,7 +22,7 @@ from node.core.entries import LedgerEntry, encode_entry
 from node.core.keys import NodeIdentity
 from node.core.merkle import ZERO_HASH, MemoryTree, consistency_proof, leaf_hash
 from node.core.notes import Checkpoint, sign_note
-from node.core.roster import log_id
+from node.core.origins import log_id
 from tests.support.nodes import free_port
 
 
