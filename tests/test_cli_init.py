@@ -10,8 +10,8 @@ from pathlib import Path
 from nacl.signing import SigningKey
 
 from node.config import load_config
+from node.core.base64url import b64url_encode
 from node.core.keys import parse_verifier_key
-from node.core.patient_keys import b64url
 from tests.support.nodes import NodeProcess, run_cli
 
 
@@ -66,7 +66,7 @@ class TestEnrollKeyArgument:
         self, running_node: NodeProcess
     ) -> None:
         while True:  # one key in 64 begins with "-" in base64url
-            key_text = b64url(bytes(SigningKey(os.urandom(32)).verify_key))
+            key_text = b64url_encode(bytes(SigningKey(os.urandom(32)).verify_key))
             if key_text.startswith("-"):
                 break
         result = running_node.cli("enroll", "--patient-id", "MRN-DASH", "--key", key_text, "--json")

@@ -17,10 +17,10 @@ from aiohttp import web
 from zeroconf import IPVersion, ServiceInfo, Zeroconf
 
 from node.config import load_config
+from node.core.base64url import b64url_encode
 from node.core.consent import parse_token_text
 from node.core.keys import NodeIdentity, parse_verifier_key
 from node.core.roster import address_proof_bytes, key_fingerprint
-from node.core.signed_requests import b64url_encode
 from node.samples import make_ct_study
 from node.services.discovery import SERVICE_TYPE
 from node.services.roster import add_peer

@@ -21,13 +21,14 @@ import pytest
 from aiohttp import web
 
 from node.config import load_config
+from node.core.base64url import b64url_encode
 from node.core.equivocation import EquivocationProof, verify_equivocation
 from node.core.keys import NodeIdentity
 from node.core.merkle import MemoryTree, consistency_proof, leaf_hash
 from node.core.notes import Checkpoint, parse_note, sign_note
 from node.core.origins import log_id
 from node.core.roster import Roster, key_fingerprint, make_member
-from node.core.signed_requests import b64url_encode, node_signer
+from node.core.signed_requests import node_signer
 from node.edges.http.signed import signed_request
 from node.errors import BadInput
 from node.services.replication import PeerStatus, replication_of

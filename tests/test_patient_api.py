@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
+from node.core.base64url import b64url_encode
 from node.core.consent import sign_revocation, token_id_of
-from node.core.patient_keys import PatientKey, b64url
+from node.core.patient_keys import PatientKey
 from node.samples import make_ct_study
 from tests.support import patients
 from tests.support.nodes import NodeProcess, init_node
@@ -164,7 +165,7 @@ class TestEnrollment:
         assert call(node, second, "GET", "/patient/studies")[1] == {"studies": []}
 
     def test_enrollment_needs_the_admin_token(self, node: NodeProcess) -> None:
-        body = json.dumps({"patient_id": "MRN-7", "key": b64url(bytes(32))}).encode()
+        body = json.dumps({"patient_id": "MRN-7", "key": b64url_encode(bytes(32))}).encode()
         status, _ = send(node, "POST", "/admin/api/enrollments", {}, body)
         assert status == 401
 

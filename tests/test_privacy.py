@@ -12,9 +12,9 @@ from typing import Any
 import msgpack
 import pytest
 
+from node.core.base64url import b64url_decode
 from node.core.consent import sign_revocation, token_id_of, token_text
 from node.core.entries import decode_entry
-from node.core.patient_keys import from_b64url
 from node.samples import SyntheticStudy, make_ct_study
 from node.services import consent
 from node.services.runtime import open_runtime
@@ -114,7 +114,7 @@ class TestNoPhiInTheLedger:
             key = enroll_new_key(node, mrn)
             status, answer = call(node, key, "GET", "/patient/studies")
             assert status == 200 and len(answer["studies"]) == 1
-            ref = from_b64url(answer["studies"][0]["ref"], "ref")
+            ref = b64url_decode(answer["studies"][0]["ref"], "ref")
             grantee = b.origin if node is a else a.origin
             one = make_grant(key, node.origin, grantee, (ref,))
             every = make_grant(key, node.origin, grantee, None)

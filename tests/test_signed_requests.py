@@ -16,6 +16,7 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from node.core.base64url import b64url_encode
 from node.core.keys import NodeIdentity
 from node.core.signed_requests import (
     AUDIENCE_HEADER,
@@ -23,7 +24,6 @@ from node.core.signed_requests import (
     SIGNATURE_HEADER,
     SIGNER_HEADER,
     TIMESTAMP_HEADER,
-    b64url_encode,
     canonical_query,
     check_signature,
     make_headers,
@@ -196,6 +196,10 @@ class TestParseHeaders:
             (TIMESTAMP_HEADER, "1e9"),
             (NONCE_HEADER, "AAAA"),
             (NONCE_HEADER, "!!!!!!!!!!!!!!!!!!!!!!"),
+            (NONCE_HEADER, ""),
+            (NONCE_HEADER, b64url_encode(b"n" * 16) + "="),  # padding
+            (NONCE_HEADER, b64url_encode(b"n" * 15) + "A+"),  # standard base64
+            (NONCE_HEADER, b64url_encode(b"n" * 15) + "AB"),  # unused bits set: not canonical
             (SIGNATURE_HEADER, b64url_encode(b"x" * 63)),
         ],
     )

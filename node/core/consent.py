@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from node.core.base64url import b64url_decode, b64url_encode
 from node.core.encoding import canonical_decode, canonical_encode
 from node.core.keys import PUBLIC_KEY_SIZE, verify_ed25519
 from node.core.origins import check_node_origin
-from node.core.patient_keys import b64url, from_b64url
 from node.errors import BadInput
 
 GRANT_DOMAIN = b"imageshare/grant/v1\n"
@@ -251,7 +251,7 @@ def decode_revocation(data: bytes) -> Revocation:
 
 def token_text(token_bytes: bytes) -> str:
     """The printable form of a token (unpadded base64url)."""
-    return b64url(token_bytes)
+    return b64url_encode(token_bytes)
 
 
 def token_url(token_bytes: bytes) -> str:
@@ -266,7 +266,7 @@ def parse_token_text(text: str) -> bytes:
         if not text.startswith(URL_PREFIX):
             raise BadInput("an imageshare: token URL looks like imageshare:grant?t=TOKEN")
         text = text[len(URL_PREFIX) :]
-    return from_b64url(text, "token", MAX_TOKEN_BYTES)
+    return b64url_decode(text, "token", max_bytes=MAX_TOKEN_BYTES)
 
 
 # -- validation ---------------------------------------------------------------------------
@@ -412,4 +412,4 @@ def validate_grant(
 
 def scope_text(scope: Sequence[bytes] | None) -> list[str] | str:
     """A scope for people and JSON: "all", or the study references in base64url."""
-    return "all" if scope is None else [b64url(ref) for ref in scope]
+    return "all" if scope is None else [b64url_encode(ref) for ref in scope]

@@ -10,39 +10,17 @@ Pure: no I/O, no clock.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import hmac
-import re
 from dataclasses import dataclass
 
 from nacl.signing import SigningKey
 
+from node.core.base64url import b64url_decode, b64url_encode
 from node.core.keys import PUBLIC_KEY_SIZE, SEED_SIZE
 from node.errors import BadInput
 
 KEY_DERIVATION_DOMAIN = b"imageshare/patient-key/v1\n"
-_B64URL = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-def b64url(data: bytes) -> str:
-    """base64url without padding: the form of every patient key and token on the wire."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def from_b64url(text: str, what: str, max_bytes: int = 4096) -> bytes:
-    """Decode unpadded base64url; raises BadInput naming ``what`` if it is not that."""
-    text = text.strip()
-    if not text or len(text) > (max_bytes * 4) // 3 + 4 or not _B64URL.match(text):
-        raise BadInput(f"{what} is not base64url")
-    try:
-        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError) as exc:
-        raise BadInput(f"{what} is not base64url") from exc
-    if b64url(data) != text:
-        raise BadInput(f"{what} is not canonical base64url")
-    return data
 
 
 def derive_patient_seed(wallet_seed: bytes, custodian_origin: str) -> bytes:
@@ -78,12 +56,10 @@ class PatientKey:
 
 def encode_public_key(public_key: bytes) -> str:
     """The text form of a patient public key (what `imageshare enroll --key` takes)."""
-    return b64url(public_key)
+    return b64url_encode(public_key)
 
 
 def parse_public_key(text: str) -> bytes:
     """Parse a patient public key's text form; raises BadInput if it is not 32 bytes."""
-    key = from_b64url(text, "patient key", PUBLIC_KEY_SIZE)
-    if len(key) != PUBLIC_KEY_SIZE:
-        raise BadInput("a patient key is 32 bytes in base64url")
-    return key
+    # Pasted from a terminal or a file: surrounding whitespace is not part of the key.
+    return b64url_decode(text.strip(), "patient key", size=PUBLIC_KEY_SIZE)

@@ -29,9 +29,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
+from node.core.base64url import b64url_decode, b64url_encode
 from node.core.keys import verify_ed25519
-from node.core.signed_requests import SIGNATURE_SIZE, SignedHeaders, b64url_decode, b64url_encode
-from node.errors import Unauthorized
+from node.core.signed_requests import SIGNATURE_SIZE, SignedHeaders
+from node.errors import BadInput
 
 DOMAIN = b"imageshare-refusal/v1"
 REFUSAL_HEADER = "Refusal-Signature"
@@ -74,7 +75,7 @@ def verify_refusal(
     if header is None:
         return False
     try:
-        signature = b64url_decode(header.strip(), SIGNATURE_SIZE, REFUSAL_HEADER)
-    except Unauthorized:
+        signature = b64url_decode(header.strip(), REFUSAL_HEADER, size=SIGNATURE_SIZE)
+    except BadInput:
         return False
     return verify_ed25519(public_key, refusal_bytes(refuser, request, status, body), signature)

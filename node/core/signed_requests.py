@@ -32,16 +32,15 @@ nonce accepted once) lives in node.store.nonces, because it needs memory.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from node.core.base64url import b64url_decode, b64url_encode
 from node.core.keys import PUBLIC_KEY_SIZE, verify_ed25519
 from node.core.origins import is_node_origin
-from node.errors import Unauthorized
+from node.errors import BadInput, Unauthorized
 
 DOMAIN = b"imageshare-request/v2"
 SIGNER_HEADER = "Signature-Signer"
@@ -53,26 +52,15 @@ NODE_PREFIX = "node:"
 PATIENT_PREFIX = "patient:"
 NONCE_SIZE = 16
 SIGNATURE_SIZE = 64
-_B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
 _TIMESTAMP = re.compile(r"^[0-9]{1,12}$")
 
 
-def b64url_encode(data: bytes) -> str:
-    """base64url without padding."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def b64url_decode(text: str, size: int, what: str) -> bytes:
-    """Decode unpadded base64url of exactly ``size`` bytes; raises Unauthorized otherwise."""
-    if len(text) > 2 * size + 4 or not _B64URL.match(text):
-        raise Unauthorized(f"{what} is not base64url")
+def _header_bytes(text: str, size: int, what: str) -> bytes:
+    """A signature field's bytes; a malformed one makes the request unauthenticated (401)."""
     try:
-        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError) as exc:
-        raise Unauthorized(f"{what} is not base64url") from exc
-    if len(data) != size or b64url_encode(data) != text:
-        raise Unauthorized(f"{what} must be {size} bytes in canonical base64url")
-    return data
+        return b64url_decode(text, what, size=size)
+    except BadInput as exc:
+        raise Unauthorized(str(exc)) from exc
 
 
 def canonical_query(raw_query: str) -> str:
@@ -164,7 +152,7 @@ class SignedHeaders:
         """The patient's public key named by the signer, or None if a node signed."""
         if not self.signer.startswith(PATIENT_PREFIX):
             return None
-        return b64url_decode(self.signer[len(PATIENT_PREFIX) :], PUBLIC_KEY_SIZE, "patient key")
+        return _header_bytes(self.signer[len(PATIENT_PREFIX) :], PUBLIC_KEY_SIZE, "patient key")
 
 
 def _header(headers: Mapping[str, str], name: str) -> str:
@@ -191,7 +179,7 @@ def parse_headers(headers: Mapping[str, str], own_origin: str) -> SignedHeaders:
         if not is_node_origin(signer[len(NODE_PREFIX) :]):
             raise Unauthorized("Signature-Signer names a malformed node origin")
     elif signer.startswith(PATIENT_PREFIX):
-        b64url_decode(signer[len(PATIENT_PREFIX) :], PUBLIC_KEY_SIZE, "patient key")
+        _header_bytes(signer[len(PATIENT_PREFIX) :], PUBLIC_KEY_SIZE, "patient key")
     else:
         raise Unauthorized("Signature-Signer must be node:<origin> or patient:<key>")
     audience = _header(headers, AUDIENCE_HEADER)
@@ -201,8 +189,8 @@ def parse_headers(headers: Mapping[str, str], own_origin: str) -> SignedHeaders:
     timestamp_text = _header(headers, TIMESTAMP_HEADER)
     if not _TIMESTAMP.match(timestamp_text):
         raise Unauthorized("Signature-Timestamp must be unix seconds")
-    nonce = b64url_decode(_header(headers, NONCE_HEADER), NONCE_SIZE, "Signature-Nonce")
-    signature = b64url_decode(_header(headers, SIGNATURE_HEADER), SIGNATURE_SIZE, "Signature")
+    nonce = _header_bytes(_header(headers, NONCE_HEADER), NONCE_SIZE, "Signature-Nonce")
+    signature = _header_bytes(_header(headers, SIGNATURE_HEADER), SIGNATURE_SIZE, "Signature")
     return SignedHeaders(signer, audience, int(timestamp_text), nonce, signature)
 
 

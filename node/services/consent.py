@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from node.core import atna
+from node.core.base64url import b64url_encode
 from node.core.consent import (
     AccessRequest,
     ConsentPolicy,
@@ -40,7 +41,6 @@ from node.core.consent import (
 )
 from node.core.entries import decode_entry
 from node.core.keys import PUBLIC_KEY_SIZE
-from node.core.patient_keys import b64url
 from node.core.rate_limit import SlidingWindowLimit
 from node.errors import BadInput, ConfigError, Conflict, Forbidden, NotFound, Unauthorized
 from node.services.ledger import LedgerService, ledger_service
@@ -274,7 +274,11 @@ def enroll_patient(runtime: NodeRuntime, patient_id: str, public_key: bytes) -> 
         )
     studies = len(own_studies_of_patient(runtime, patient_id))
     runtime.security_audit.record(
-        atna.configuration_changed, "staff", "patient key enrolled", b64url(public_key), patient_id
+        atna.configuration_changed,
+        "staff",
+        "patient key enrolled",
+        b64url_encode(public_key),
+        patient_id,
     )
     return EnrollResult(appended.index, subject, replaced, studies)
 
@@ -282,10 +286,10 @@ def enroll_patient(runtime: NodeRuntime, patient_id: str, public_key: bytes) -> 
 def enroll_result_json(result: EnrollResult, public_key: bytes) -> dict[str, Any]:
     """What `imageshare enroll --json` prints (no patient data, no subject reference)."""
     return {
-        "key": b64url(public_key),
+        "key": b64url_encode(public_key),
         "index": result.index,
         "already_enrolled": result.index is None,
-        "replaced": None if result.replaced is None else b64url(result.replaced),
+        "replaced": None if result.replaced is None else b64url_encode(result.replaced),
         "studies": result.studies,
     }
 
@@ -518,7 +522,7 @@ def patient_studies(runtime: NodeRuntime, public_key: bytes) -> list[dict[str, A
         ).fetchone()[0]
         studies.append(
             {
-                "ref": b64url(study_reference(runtime, uid)),
+                "ref": b64url_encode(study_reference(runtime, uid)),
                 "date": row.get("study_date") or "",
                 "modalities": [s[0] for s in series if s[0]],
                 "description": row.get("study_description") or "",

@@ -33,12 +33,10 @@ import yarl
 from zeroconf import InterfaceChoice, IPVersion, ServiceInfo, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from node.core.base64url import b64url_decode
 from node.core.roster import CHALLENGE_SIZE, Member, key_fingerprint, verify_address_proof
-from node.core.signed_requests import (
-    SIGNATURE_SIZE,
-    b64url_decode,
-)
-from node.errors import Unauthorized
+from node.core.signed_requests import SIGNATURE_SIZE
+from node.errors import BadInput
 from node.services.peer_requests import node_signed_headers
 from node.services.replication import ReplicationService, replication_of
 from node.services.runtime import NodeRuntime
@@ -235,8 +233,8 @@ class DiscoveryService:
             raise NoAnswer(str(exc) or type(exc).__name__) from exc
         try:
             document = json.loads(answer)
-            signature = b64url_decode(str(document["signature"]), SIGNATURE_SIZE, "signature")
-        except (ValueError, KeyError, TypeError, Unauthorized) as exc:
+            signature = b64url_decode(str(document["signature"]), "signature", size=SIGNATURE_SIZE)
+        except (ValueError, KeyError, TypeError, BadInput) as exc:
             raise ProofFailed('its answer is not {"signature": base64url}') from exc
         if not verify_address_proof(member, url, challenge, signature):
             raise ProofFailed("the signature is not the roster key's")

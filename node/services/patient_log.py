@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from node.core import origins
+from node.core.base64url import b64url_encode
 from node.core.consent import decode_revocation
 from node.core.entries import LedgerEntry, decode_entry
 from node.core.keys import VerifierKey, parse_verifier_key
 from node.core.merkle import leaf_hash, root_from_leaf_hashes, verify_inclusion
 from node.core.notes import Checkpoint, parse_note, verify_cosignature, verify_note
-from node.core.patient_keys import b64url
 from node.errors import BadInput, Unauthorized
 from node.services.audit import (
     LogListing,
@@ -137,7 +137,7 @@ def _event_details(entry: LedgerEntry) -> dict[str, object]:
     if entry.kind == "access":
         return {
             "grantee": f["grantee"],
-            "study": b64url(f["study"]),
+            "study": b64url_encode(f["study"]),
             "instances": f["instances"],
             "bytes": f["bytes"],
         }
@@ -146,7 +146,7 @@ def _event_details(entry: LedgerEntry) -> dict[str, object]:
         return {
             "requester": f["requester"],
             "rule": f["rule"],
-            "study": None if study is None else b64url(study),
+            "study": None if study is None else b64url_encode(study),
         }
     return {}
 

@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
+from node.core.base64url import b64url_decode
 from node.core.consent import (
     GrantFields,
     scope_text,
@@ -34,7 +35,7 @@ from node.core.consent import (
 from node.core.entries import decode_entry
 from node.core.merkle import leaf_hash, verify_inclusion
 from node.core.notes import verify_note
-from node.core.patient_keys import PatientKey, from_b64url
+from node.core.patient_keys import PatientKey
 from node.core.signed_requests import NONCE_SIZE, make_headers, patient_signer
 from node.errors import (
     BadInput,
@@ -278,10 +279,8 @@ def parse_token_id(text: str) -> bytes:
 
 
 def parse_study_ref(text: str) -> bytes:
-    ref = from_b64url(text, "study reference", 32)
-    if len(ref) != 32:
-        raise BadInput("a study reference is 32 bytes in base64url")
-    return ref
+    """A study reference's bytes from its base64url text; raises BadInput otherwise."""
+    return b64url_decode(text, "study reference", size=32)
 
 
 def verify_recorded(

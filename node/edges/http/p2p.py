@@ -23,9 +23,10 @@ import json
 
 from aiohttp import web
 
+from node.core.base64url import b64url_encode
 from node.core.refusals import REFUSAL_HEADER, is_refusal, sign_refusal
 from node.core.roster import CHALLENGE_SIZE, sign_address_proof
-from node.core.signed_requests import b64url_encode, parse_headers
+from node.core.signed_requests import parse_headers
 from node.edges.http.signed import SignedCaller, authenticate, nonce_store_of
 from node.errors import BadInput, Unauthorized
 from node.services.replication import ReplicationService, replication_of

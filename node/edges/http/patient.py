@@ -17,9 +17,10 @@ from typing import Any
 
 from aiohttp import web
 
+from node.core.base64url import b64url_decode
 from node.core.consent import decode_grant, decode_revocation
 from node.core.notes import Checkpoint, parse_note
-from node.core.patient_keys import from_b64url, parse_public_key
+from node.core.patient_keys import parse_public_key
 from node.core.signed_requests import PATIENT_PREFIX
 from node.edges.http.app import RUNTIME_KEY
 from node.edges.http.signed import SignedCaller, authenticate, nonce_store_of
@@ -137,10 +138,7 @@ async def list_roster(request: web.Request) -> web.Response:
 
 
 def _study_ref(request: web.Request) -> bytes:
-    ref = from_b64url(request.match_info["ref"], "study reference", 32)
-    if len(ref) != 32:
-        raise BadInput("a study reference is 32 bytes in base64url")
-    return ref
+    return b64url_decode(request.match_info["ref"], "study reference", size=32)
 
 
 async def list_series(request: web.Request) -> web.Response:
