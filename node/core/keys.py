@@ -2,7 +2,9 @@
 
 A node is named by its log origin. Its verifier key (vkey) is the C2SP signed-note form
 ``name+hex(keyid)+base64(0x01 || pubkey)`` with keyid the first four bytes of
-SHA-256(name || 0x0A || 0x01 || pubkey).
+SHA-256(name || 0x0A || 0x01 || pubkey). The same key cosigns checkpoints as a
+tlog-cosignature/v1 key, named with algorithm byte 0x04 instead. ``check_key_name`` and
+``parse_verifier_key`` are the one key-name rule and the one vkey parser.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import unicodedata
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from nacl.exceptions import BadSignatureError
@@ -18,6 +22,7 @@ from nacl.signing import SigningKey, VerifyKey
 from node.errors import BadInput
 
 ED25519_ALG = 0x01
+COSIGNATURE_ALG = 0x04
 SEED_SIZE = 32
 PUBLIC_KEY_SIZE = 32
 
@@ -25,6 +30,29 @@ PUBLIC_KEY_SIZE = 32
 def key_id(name: str, public_key: bytes) -> bytes:
     """The 4-byte C2SP key ID of an Ed25519 key under ``name``."""
     return hashlib.sha256(name.encode() + b"\n" + bytes([ED25519_ALG]) + public_key).digest()[:4]
+
+
+def cosigner_key_id(name: str, public_key: bytes) -> bytes:
+    """The 4-byte key ID of a tlog-cosignature/v1 key (algorithm byte 0x04)."""
+    return hashlib.sha256(name.encode() + b"\n" + bytes([COSIGNATURE_ALG]) + public_key).digest()[
+        :4
+    ]
+
+
+def check_key_name(name: object) -> None:
+    """Raise BadInput unless ``name`` is a C2SP signed-note key name.
+
+    The spec's rule: non-empty, no Unicode space, no ``+`` (which ends the name in a
+    vkey). Control characters are refused too: a signed note may not carry them, so a
+    key named with one could never sign a note that opens.
+    """
+    if (
+        not isinstance(name, str)
+        or not name
+        or "+" in name
+        or any(c.isspace() or unicodedata.category(c) == "Cc" for c in name)
+    ):
+        raise BadInput("key name must be non-empty, without spaces, '+' or control characters")
 
 
 def verifier_key_string(name: str, public_key: bytes) -> str:
@@ -48,23 +76,33 @@ class VerifierKey:
         return verifier_key_string(self.name, self.public_key)
 
 
-def parse_verifier_key(vkey: str) -> VerifierKey:
-    """Parse a C2SP vkey string; raises BadInput if it is malformed or its key ID is wrong."""
-    parts = vkey.split("+", 2)  # base64 may contain "+"
-    if len(parts) != 3 or not parts[0]:
+def parse_verifier_key(vkey: str, algorithms: Collection[int] = (ED25519_ALG,)) -> VerifierKey:
+    """Parse a C2SP Ed25519 vkey ``name+hex(keyid)+base64(alg || pubkey)``.
+
+    ``algorithms`` are the algorithm bytes accepted: a node key (0x01) unless the caller
+    also takes a cosigner key (0x04). The returned key's ``key_id`` is the one the string
+    names. Raises BadInput if the string is malformed, the name breaks ``check_key_name``,
+    or the key ID does not match the key.
+    """
+    parts = vkey.split("+", 2) if isinstance(vkey, str) else []  # base64 may contain "+"
+    if len(parts) != 3:
         raise BadInput("verifier key must be name+keyid+base64key")
     name, hex_id, encoded = parts
-    if any(c.isspace() for c in name):
-        raise BadInput("verifier key name must not contain spaces")
+    check_key_name(name)
     try:
         claimed_id = bytes.fromhex(hex_id)
         key_bytes = base64.b64decode(encoded, validate=True)
     except (ValueError, binascii.Error) as exc:
         raise BadInput("verifier key is not hex and base64 as required") from exc
-    if len(claimed_id) != 4 or len(key_bytes) != 1 + PUBLIC_KEY_SIZE or key_bytes[0] != ED25519_ALG:
+    if len(key_bytes) != 1 + PUBLIC_KEY_SIZE or key_bytes[0] not in algorithms:
         raise BadInput("verifier key is not an Ed25519 key")
     public_key = key_bytes[1:]
-    if key_id(name, public_key) != claimed_id:
+    expected = (
+        key_id(name, public_key)
+        if key_bytes[0] == ED25519_ALG
+        else cosigner_key_id(name, public_key)
+    )
+    if expected != claimed_id:
         raise BadInput("verifier key ID does not match its key")
     return VerifierKey(name, claimed_id, public_key)
 

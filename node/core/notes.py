@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import re
 import struct
 import unicodedata
 from dataclasses import dataclass
 
 from node.core.keys import (
+    COSIGNATURE_ALG,
     ED25519_ALG,
-    PUBLIC_KEY_SIZE,
     NodeIdentity,
     VerifierKey,
+    check_key_name,
+    cosigner_key_id,
     key_id,
+    parse_verifier_key,
     verify_ed25519,
 )
 from node.core.merkle import HASH_SIZE
@@ -34,7 +36,6 @@ from node.errors import BadInput, Unauthorized
 SIGNATURE_PREFIX = "— "
 MAX_SIGNATURES = 100
 MAX_NOTE_BYTES = 1 << 20
-COSIGNATURE_ALG = 0x04
 COSIGNATURE_SIZE = 8 + 64
 _DECIMAL = re.compile(r"^(0|[1-9][0-9]{0,19})$")
 
@@ -102,15 +103,10 @@ def _check_body(body: str) -> None:
         raise BadInput("note text has control characters")
 
 
-def _check_name(name: str) -> None:
-    if not name or any(c.isspace() for c in name) or "+" in name or _has_control(name):
-        raise BadInput("signer name must be non-empty, without spaces or '+'")
-
-
 def sign_note(body: str, identity: NodeIdentity) -> str:
     """A signed note: ``body`` signed by the node's key under its origin; BadInput if malformed."""
     _check_body(body)
-    _check_name(identity.origin)
+    check_key_name(identity.origin)
     signature = NoteSignature(identity.origin, identity.key_id, identity.sign(body.encode()))
     return body + "\n" + signature.line()
 
@@ -147,7 +143,7 @@ def _parse_signature_line(line: str) -> NoteSignature:
     name, space, encoded = line[len(SIGNATURE_PREFIX) :].partition(" ")
     if not space or " " in encoded:
         raise BadInput("signature line must be '— name base64'")
-    _check_name(name)
+    check_key_name(name)
     try:
         raw = base64.b64decode(encoded, validate=True)
     except (ValueError, binascii.Error) as exc:
@@ -206,13 +202,6 @@ def verify_note(text: str | bytes, vkey: VerifierKey | str) -> Checkpoint:
     return checkpoint
 
 
-def cosigner_key_id(name: str, public_key: bytes) -> bytes:
-    """The 4-byte key ID of a tlog-cosignature/v1 key (algorithm byte 0x04)."""
-    return hashlib.sha256(name.encode() + b"\n" + bytes([COSIGNATURE_ALG]) + public_key).digest()[
-        :4
-    ]
-
-
 def cosigner_vkey_string(name: str, public_key: bytes) -> str:
     """The C2SP vkey of a cosigner key: ``name+hex(keyid)+base64(0x04 || pubkey)``."""
     encoded = base64.b64encode(bytes([COSIGNATURE_ALG]) + public_key).decode()
@@ -222,29 +211,9 @@ def cosigner_vkey_string(name: str, public_key: bytes) -> str:
 def parse_vkey(vkey: str) -> VerifierKey:
     """Parse a C2SP Ed25519 vkey: a node key (alg 0x01) or a cosigner key (alg 0x04).
 
-    The returned key's ``key_id`` is the one the string names. Splits on the first two
-    '+' only, since base64 may contain '+'. Raises BadInput if malformed or the key ID
-    does not match the key.
+    Raises BadInput like ``node.core.keys.parse_verifier_key``.
     """
-    parts = vkey.split("+", 2) if isinstance(vkey, str) else []
-    if len(parts) != 3:
-        raise BadInput("verifier key must be name+keyid+base64key")
-    name, hex_id, encoded = parts
-    _check_name(name)
-    try:
-        raw = base64.b64decode(encoded, validate=True)
-        claimed = bytes.fromhex(hex_id)
-    except (ValueError, binascii.Error) as exc:
-        raise BadInput("verifier key is not hex and base64 as required") from exc
-    if len(raw) != 1 + PUBLIC_KEY_SIZE or raw[0] not in (ED25519_ALG, COSIGNATURE_ALG):
-        raise BadInput("verifier key is not an Ed25519 key")
-    public_key = raw[1:]
-    expected = (
-        key_id(name, public_key) if raw[0] == ED25519_ALG else cosigner_key_id(name, public_key)
-    )
-    if expected != claimed:
-        raise BadInput("verifier key ID does not match its key")
-    return VerifierKey(name, claimed, public_key)
+    return parse_verifier_key(vkey, (ED25519_ALG, COSIGNATURE_ALG))
 
 
 # Kept for callers that name the cosigner case explicitly.
@@ -302,7 +271,7 @@ def add_signatures(note_text: str, signatures: list[NoteSignature]) -> str:
     body, existing = parse_note(note_text)
     merged = {(s.name, s.key_id): s for s in existing}
     for sig in signatures:
-        _check_name(sig.name)
+        check_key_name(sig.name)
         merged[(sig.name, sig.key_id)] = sig
     if len(merged) > MAX_SIGNATURES:
         raise BadInput(f"a note holds at most {MAX_SIGNATURES} signatures")
