@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import shutil
@@ -10,15 +11,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 
 from node.core.consent import decode_grant, parse_token_text
 from node.core.entries import LedgerEntry, encode_entry
 from node.core.keys import NodeIdentity
 from node.core.merkle import ZERO_HASH, MemoryTree, inclusion_proof, leaf_hash
 from node.core.notes import Checkpoint, sign_note
+from node.errors import BadInput
 from node.samples import make_ct_study
-from node.services.wallet import Custodian, ProofFailed, verify_recorded
+from node.services.wallet import Custodian, ProofFailed, Wallet, verify_recorded
+from tests.support.hostile import HostileServer
 from tests.support.nodes import NodeProcess, free_port, init_node, run_cli
 from tests.support.proxy import TcpProxy
 
@@ -264,3 +269,23 @@ class TestProofVerification:
         for garbage in garbage_answers:
             with pytest.raises(ProofFailed):
                 verify_recorded(garbage, custodian, "grant", "token", b"t")
+
+
+class TestCustodianOrigin:
+    @pytest.mark.parametrize("origin", ["has space.example/x", "plus+sign.example/x", "ab", 7])
+    def test_an_answer_naming_no_node_origin_is_refused(self, tmp_path: Path, origin: Any) -> None:
+        """The wallet addresses its requests to the origin it learns: the one origin rule."""
+        server = HostileServer()
+        server.respond = lambda got: web.json_response({"origin": origin})
+        wallet = Wallet.create(tmp_path / "wallet", None)
+
+        async def ask() -> None:
+            async with aiohttp.ClientSession() as session:
+                await wallet.custodian(session, server.url)
+
+        try:
+            with pytest.raises(BadInput, match="does not look like an ImageShare node"):
+                asyncio.run(ask())
+        finally:
+            server.stop()
+        assert [r.path_qs for r in server.received] == ["/healthz"]

@@ -35,6 +35,7 @@ from node.core.consent import (
 from node.core.entries import decode_entry
 from node.core.merkle import leaf_hash, verify_inclusion
 from node.core.notes import verify_note
+from node.core.origins import is_node_origin
 from node.core.patient_keys import PatientKey
 from node.core.signed_requests import NONCE_SIZE, make_headers, patient_signer
 from node.errors import (
@@ -126,7 +127,7 @@ class Wallet:
         url = url.rstrip("/")
         health = await _get_json(session, url + "/healthz")
         origin = health.get("origin") if isinstance(health, dict) else None
-        if not isinstance(origin, str) or not origin:
+        if not is_node_origin(origin):
             raise BadInput(f"{url} does not look like an ImageShare node")
         logs = await _get_json(session, url + "/ledger/logs")
         vkey = next(
