@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+from collections.abc import Callable
 
 import pytest
 
@@ -94,7 +95,7 @@ class TestVerifierKey:
             lambda v: v + "AAAA",  # key too long
         ],
     )
-    def test_malformed_vkey_is_refused(self, mangle) -> None:  # type: ignore[no-untyped-def]
+    def test_malformed_vkey_is_refused(self, mangle: Callable[[str], str]) -> None:
         vkey = NodeIdentity.generate("a.example/imageshare").vkey
         with pytest.raises(BadInput):
             parse_verifier_key(mangle(vkey))
