@@ -5,10 +5,17 @@ independent checkpoint verifier."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import urllib.request
 from collections.abc import Iterator
-from dataclasses import replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
+import aiohttp
+import msgpack
 import pytest
 
 from node.core.entries import LedgerEntry, decode_entry
@@ -24,8 +31,14 @@ from node.core.key_rotation import (
 )
 from node.core.keys import NodeIdentity
 from node.core.notes import Checkpoint, sign_note, verify_note
+from node.core.roster import log_id
 from node.errors import BadInput, Conflict, Unauthorized
+from node.samples import SyntheticStudy, make_ct_study
+from node.services.wallet import Wallet
 from node.store.ledger import KeyRotated, LedgerStore, OwnLog
+from node.store.secrets import read_seed
+from tests.support.nodes import NodeProcess, init_node, run_cli, wait_until
+from tests.test_ledger_api import mth, open_checkpoint, rfc_leaf
 
 ORIGIN = "b.example/imageshare"
 
@@ -209,3 +222,165 @@ class TestStoredKeyHistory:
 def _note(own: OwnLog, identity: NodeIdentity, size: int) -> str:
     """A checkpoint of ``own`` at ``size`` signed by ``identity`` (whatever key is in force)."""
     return sign_note(Checkpoint(ORIGIN, size, own.root(size)).body(), identity)
+
+
+# ---- three real nodes: B's key rotated mid-story ----------------------------------------
+
+
+@dataclass
+class Federation:
+    a: NodeProcess
+    b: NodeProcess
+    c: NodeProcess
+    wallet: Wallet
+    study: SyntheticStudy
+    state: Path
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    """A, B (the custodian, whose key rotates) and C, each a member of the others' roster."""
+    base = tmp_path_factory.mktemp("rotation")
+    a, b, c = (init_node(base, f"{n}.example/imageshare", n) for n in "abc")
+    settings = "[federation]\ndiscovery = false\nreplicate_interval = 0.3\n"
+    for node in (a, b, c):
+        node.append_config(settings + "".join(o.roster_entry() for o in (a, b, c) if o is not node))
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(NodeProcess.start, (a, b, c)))
+        study = make_ct_study(base / "study", series=1, slices=2, rows=32, columns=32)
+        b.cli("import", str(base / "study"))
+        wallet = Wallet.create(base / "wallet", None)
+        key = wallet.key_for(b.origin).public_key_text
+        b.cli("enroll", "--patient-id", study.patient_id, f"--key={key}")
+        yield Federation(a, b, c, wallet, study, base / "audit-state")
+    finally:
+        for node in (a, b, c):
+            node.stop()
+
+
+def _fetch_from_b(fed: Federation, grantee: NodeProcess) -> dict[str, Any]:
+    async def grant() -> dict[str, Any]:
+        async with aiohttp.ClientSession() as session:
+            return await fed.wallet.grant(session, fed.b.url, grantee.origin, None, 3600)
+
+    token = asyncio.run(grant())
+    return dict(json.loads(grantee.cli("fetch", token["url"], "--json").stdout))
+
+
+def _listed(node: NodeProcess, origin: str) -> dict[str, Any]:
+    logs = node.get_json("/ledger/logs", auth=False)
+    return next((dict(log) for log in logs if log["origin"] == origin), {})
+
+
+def _roster_key(node: NodeProcess, origin: str) -> str:
+    members = json.loads(node.cli("peers", "list", "--json").stdout)
+    return str(next(m["vkey"] for m in members if m["origin"] == origin))
+
+
+def _checkpoint(node: NodeProcess, origin: str) -> str:
+    path = f"/ledger/logs/{log_id(origin)}/checkpoint"
+    with urllib.request.urlopen(node.url + path, timeout=10) as response:
+        return str(response.read().decode())
+
+
+def _leaves(node: NodeProcess, origin: str, size: int) -> tuple[bytes, ...]:
+    path = f"/ledger/logs/{log_id(origin)}/entries?start=0&end={size}"
+    with urllib.request.urlopen(node.url + path, timeout=10) as response:
+        entries = msgpack.unpackb(response.read())
+    assert len(entries) == size
+    return tuple(rfc_leaf(e) for e in entries)
+
+
+def _converged(fed: Federation) -> bool:
+    nodes = (fed.a, fed.b, fed.c)
+    sizes = {n.origin: _listed(n, n.origin)["size"] for n in nodes}
+    return all(_listed(n, o).get("size") == s for n in nodes for o, s in sizes.items())
+
+
+def _audit(fed: Federation) -> tuple[int, dict[str, Any]]:
+    urls = [fed.a.url, fed.b.url, fed.c.url]
+    result = run_cli("audit", *urls, "--state", str(fed.state), "--json", check=False)
+    assert result.returncode in (0, 1), result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+class TestRotationInAFederation:
+    def test_rotation_mid_story_keeps_replication_transfer_and_audit_clean(
+        self, fed: Federation
+    ) -> None:
+        a, b, c = fed.a, fed.b, fed.c
+        old_vkey = b.vkey
+        _fetch_from_b(fed, a)
+        wait_until(lambda: _converged(fed), timeout=30, message="logs to converge")
+        status, report = _audit(fed)  # pins B's old key in the auditor's state
+        assert (status, report["violations"]) == (0, [])
+        old_note = _checkpoint(b, b.origin)
+
+        rotated = json.loads(b.cli("key", "rotate", "--json").stdout)  # B keeps running
+        assert rotated["old_vkey"] == old_vkey and rotated["vkey"] != old_vkey
+        new_vkey = rotated["vkey"]
+        assert _listed(b, b.origin)["vkey"] == new_vkey
+        for peer in (a, c):
+            wait_until(
+                lambda peer=peer: _roster_key(peer, b.origin) == new_vkey,
+                timeout=30,
+                message=f"{peer.origin} to follow B's rotation",
+            )
+        # B signs with the new key from the rotation on, its requests included.
+        fetched = _fetch_from_b(fed, c)
+        assert fetched["custodian"] == b.origin
+        assert fetched["instances"] == len(fed.study.files)
+        wait_until(lambda: _converged(fed), timeout=30, message="logs to converge again")
+        for node in (a, c):
+            assert _listed(node, b.origin)["vkey"] == new_vkey
+
+        # The auditor, pinned to B's old key, follows the chain to the new one.
+        status, report = _audit(fed)
+        assert (status, report["violations"]) == (0, [])
+        assert b.cli("ledger", "verify").returncode == 0
+
+        # Independent check (RFC 6962 by hand, C2SP note by hand): B's old checkpoint
+        # still verifies under the old key, the new one under the new key only.
+        origin, old_size, old_root = open_checkpoint(old_note, old_vkey)
+        assert origin == b.origin and old_size <= rotated["index"]
+        new_note = _checkpoint(a, b.origin)
+        _, new_size, new_root = open_checkpoint(new_note, new_vkey)
+        assert new_size > rotated["index"]
+        with pytest.raises(AssertionError, match="no signature"):
+            open_checkpoint(new_note, old_vkey)
+        leaves = _leaves(a, b.origin, new_size)
+        assert mth(leaves[:old_size]) == old_root and mth(leaves) == new_root
+
+        # The old key is archived (owner-only), never to sign again.
+        (retired,) = (b.data_dir / "retired-keys").glob("*.key")
+        assert retired.stat().st_mode & 0o777 == 0o600
+        assert (b.data_dir / "node.key").stat().st_mode & 0o777 == 0o600
+        assert NodeIdentity(b.origin, read_seed(retired)).vkey == old_vkey
+
+    def test_compromised_key_rotation_is_followed_only_once_the_operator_confirms(
+        self, fed: Federation
+    ) -> None:
+        a, b, c = fed.a, fed.b, fed.c
+        before = _roster_key(a, b.origin)
+        rotated = json.loads(b.cli("key", "rotate", "--compromised", "--json").stdout)
+        assert rotated["reason"] == "compromised"
+        size = rotated["index"] + 1
+
+        def refused_at(node: NodeProcess) -> bool:
+            peers = node.get_json("/admin/api/federation")["peers"]
+            status = next(p for p in peers if p["origin"] == b.origin)
+            return "not confirmed" in status["last_error"]
+
+        wait_until(lambda: refused_at(a), timeout=30, message="A to refuse the rotation")
+        assert _roster_key(a, b.origin) == before and _listed(a, b.origin)["size"] < size
+        for node in (a, c):
+            node.cli("peers", "confirm-key", b.origin, rotated["vkey"])
+        wait_until(
+            lambda: all(_listed(n, b.origin).get("size", 0) >= size for n in (a, c)),
+            timeout=30,
+            message="A and C to follow the confirmed rotation",
+        )
+        assert _listed(a, b.origin)["vkey"] == rotated["vkey"]
+        status, report = _audit(fed)
+        assert (status, report["violations"]) == (0, [])
