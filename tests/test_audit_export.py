@@ -9,6 +9,7 @@ is started again and the queued messages arrive.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import urllib.error
 import urllib.request
@@ -99,7 +100,7 @@ def _transferred(source: str, via: str, sent: bool) -> Callable[[AuditRecord], b
 
 
 class TestAuditMessages:
-    """The message forms, at unit level (key rotation has no event point yet)."""
+    """The message forms, at unit level."""
 
     def test_key_rotation_is_a_security_alert_naming_both_keys(self) -> None:
         event = atna.key_rotation(SOURCE, "operator", "keyid-old", "keyid-new")
@@ -265,6 +266,15 @@ class TestAuditExportEndToEnd:
             assert b.cli("fetch", grant["token"], check=False).returncode == 1
             denial = _wait_for(collector, _event(a.origin, "110113", "110132"), "the denial")
             assert denial.outcome == "4"
+
+            # The node key rotated: a Security Alert naming the retired and the new key.
+            rotated = json.loads(a.cli("key", "rotate", "--json").stdout)
+            rotation = _wait_for(
+                collector,
+                lambda m: _event(a.origin, "110113", "110129")(m) and bool(m.objects("110182")),
+                "key rotation",
+            )
+            assert rotation.objects("110182") == [rotated["old_vkey"], rotated["vkey"]]
 
             # The collector goes away; A stops (its stop message is queued on disk), B
             # authenticates a request; the collector comes back, then A.

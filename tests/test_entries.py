@@ -36,7 +36,13 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "digest": H,
     },
     "witness": {"log_id": H, "size": 70, "root": H},
-    "key_rotation": {"new_key": H, "signature": bytes(64)},
+    "key_rotation": {
+        "old_key": H,
+        "new_key": H,
+        "old_signature": None,
+        "new_signature": bytes(64),
+        "reason": "compromised",
+    },
 }
 
 
@@ -103,7 +109,7 @@ class TestRefusals:
             ("access", "grantee", b"bytes"),
             ("access", "digest", bytes(31)),
             ("enroll", "subject", None),
-            ("key_rotation", "signature", bytes(32)),
+            ("key_rotation", "new_signature", bytes(32)),
             ("denial", "rule", "x" * 2000),
         ],
     )

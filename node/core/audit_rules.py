@@ -26,7 +26,8 @@ from node.core.consent import (
     Rule,
 )
 from node.core.entries import LedgerEntry, decode_entry
-from node.core.keys import VerifierKey
+from node.core.key_rotation import KeyChain, chain_of_log
+from node.core.keys import VerifierKey, key_id
 from node.core.merkle import ZERO_HASH, MemoryTree, leaf_hash, root_from_leaf_hashes
 from node.core.notes import Checkpoint, parse_note, verify_cosignature, verify_note
 from node.core.origins import log_id_bytes
@@ -36,7 +37,9 @@ from node.errors import BadInput, Unauthorized
 RULES: dict[str, str] = {
     "bad_checkpoint_signature": "the checkpoint is not validly signed by the log's key",
     "bad_cosignature": "a cosignature by a known node does not verify",
-    "key_mismatch": "nodes disagree on the log's key, or it changed since the last audit",
+    "key_mismatch": "a node serves the log under a key that is none of the log's keys",
+    "bad_key_rotation": "a key rotation is not signed by the key in force and the new key "
+    "(or, for a compromised key, not confirmed by the other members)",
     "entries_unavailable": "a node lists the log but does not serve all of it",
     "malformed_entry": "an entry (or the token in it) is not well-formed",
     "broken_chain": "an entry's prev is not the leaf hash of the entry before it",
@@ -129,6 +132,9 @@ class History:
     entries: list[LedgerEntry | None] = field(default_factory=list)
     intact: bool = False
     cosignatures: list[CosignatureStatus] = field(default_factory=list)
+    # The log's keys as its entries prove them, and the one that signed this checkpoint.
+    chain: KeyChain | None = None
+    signing_key: VerifierKey | None = None
     _tree: MemoryTree | None = None
 
     @property
@@ -175,26 +181,23 @@ def check_history(
     note: str,
     raw_entries: Sequence[bytes],
     decode: Callable[[bytes], LedgerEntry] = decode_entry,
+    confirmed_key: bytes | None = None,
 ) -> tuple[History, list[Violation]]:
-    """Verify one served log: checkpoint signature, every entry, the chain, the root.
+    """Verify one served log: its key chain, checkpoint signature, every entry, the chain, the root.
 
-    ``decode`` may memoise decode_entry across nodes serving the same bytes; it must
-    raise BadInput for a malformed entry.
+    ``vkey`` is the key the auditor trusts for the log (pinned, or served by its node);
+    the checkpoint must be signed by the key in force at its size, which the log's own
+    key_rotation entries lead to from a chain holding ``vkey`` (node.core.key_rotation;
+    ``confirmed_key``, the key the other members pin, confirms a compromised-key
+    rotation). ``decode`` may memoise decode_entry across nodes serving the same bytes;
+    it must raise BadInput for a malformed entry.
     """
     findings = _Findings(origin, source)
     history = History(origin, source, note, None)
     try:
-        checkpoint = verify_note(note, vkey)
-    except (BadInput, Unauthorized) as exc:
+        claimed = Checkpoint.parse(parse_note(note)[0])
+    except BadInput as exc:
         findings.add("bad_checkpoint_signature", None, str(exc))
-        return history, findings.done()
-    history.checkpoint = checkpoint
-    if len(raw_entries) != checkpoint.size:
-        findings.add(
-            "entries_unavailable",
-            len(raw_entries),
-            f"served {len(raw_entries)} entries for a checkpoint of {checkpoint.size}",
-        )
         return history, findings.done()
     hashes = [leaf_hash(raw) for raw in raw_entries]
     entries: list[LedgerEntry | None] = []
@@ -208,6 +211,26 @@ def check_history(
         expected_prev = hashes[index - 1] if index else ZERO_HASH
         if entry is not None and entry.prev != expected_prev:
             findings.add("broken_chain", index, "prev is not the leaf hash of the entry before it")
+    try:
+        chain = chain_of_log(origin, entries[: claimed.size], vkey.public_key, confirmed_key)
+    except (BadInput, Unauthorized) as exc:
+        findings.add("bad_key_rotation", None, str(exc))
+        return history, findings.done()
+    signer = chain.key_at(claimed.size)
+    signing_key = VerifierKey(origin, key_id(origin, signer), signer)
+    try:
+        checkpoint = verify_note(note, signing_key)
+    except (BadInput, Unauthorized) as exc:
+        findings.add("bad_checkpoint_signature", None, str(exc))
+        return history, findings.done()
+    history.checkpoint, history.chain, history.signing_key = checkpoint, chain, signing_key
+    if len(raw_entries) != checkpoint.size:
+        findings.add(
+            "entries_unavailable",
+            len(raw_entries),
+            f"served {len(raw_entries)} entries for a checkpoint of {checkpoint.size}",
+        )
+        return history, findings.done()
     if root_from_leaf_hashes(hashes) != checkpoint.root_hash:
         findings.add(
             "root_mismatch", None, f"entries 0..{checkpoint.size - 1} do not hash to the root"
@@ -218,21 +241,27 @@ def check_history(
 
 
 def check_cosignatures(
-    history: History, log_key: VerifierKey, keys_by_name: Mapping[str, VerifierKey]
+    history: History, keys_by_name: Mapping[str, Sequence[VerifierKey]]
 ) -> list[Violation]:
-    """Record who cosigned the history's checkpoint; a known node's bad cosignature violates."""
-    if history.checkpoint is None:
+    """Record who cosigned the history's checkpoint; a known node's bad cosignature violates.
+
+    ``keys_by_name`` holds every key of each node (a witness may have cosigned before or
+    after its own key rotated); a cosignature by any of them is valid.
+    """
+    log_key = history.signing_key
+    if history.checkpoint is None or log_key is None:
         return []
     body, signatures = parse_note(history.note)
     violations = []
     for sig in signatures:
         if sig.name == log_key.name and sig.key_id == log_key.key_id:
             continue
-        key = keys_by_name.get(sig.name)
-        if key is None:
+        keys = keys_by_name.get(sig.name)
+        if not keys:
             history.cosignatures.append(CosignatureStatus(sig.name, "unknown"))
             continue
-        timestamp = verify_cosignature(body, sig, key)
+        verified = (verify_cosignature(body, sig, key) for key in keys)
+        timestamp = next((t for t in verified if t is not None), None)
         if timestamp is None:
             history.cosignatures.append(CosignatureStatus(sig.name, "invalid"))
             violations.append(

@@ -44,7 +44,14 @@ ENTRY_KINDS: dict[str, dict[str, str]] = {
         "digest": "bin32",
     },
     "witness": {"log_id": "bin32", "size": "int", "root": "bin32"},
-    "key_rotation": {"new_key": "bin32", "signature": "bin64"},
+    # node.core.key_rotation holds the signatures' message and the chain rule.
+    "key_rotation": {
+        "old_key": "bin32",
+        "new_key": "bin32",
+        "old_signature": "bin64?",
+        "new_signature": "bin64",
+        "reason": "str",
+    },
 }
 
 _HEADER_FIELDS = ("v", "kind", "prev", "time")

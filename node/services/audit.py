@@ -12,6 +12,7 @@ far as its own signature and its entries prove it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -52,7 +53,7 @@ from node.core.consent import (
 )
 from node.core.entries import LedgerEntry, decode_entry
 from node.core.equivocation import EquivocationProof, verify_equivocation
-from node.core.keys import VerifierKey, parse_verifier_key
+from node.core.keys import VerifierKey, key_id, parse_verifier_key
 from node.core.notes import Checkpoint, parse_note
 from node.core.origins import log_id
 from node.errors import BadInput, ImageShareError, Unauthorized
@@ -451,10 +452,12 @@ def _memo_decoder(views: Sequence[PeerView], workers: Workers) -> Callable[[byte
 def resolve_keys(
     views: Sequence[PeerView], saved: dict[str, SavedCheckpoint]
 ) -> tuple[dict[str, VerifierKey], list[Violation]]:
-    """The key each log is verified with, and disagreements about it.
+    """The key each log is verified from (its trust anchor), and unusable keys.
 
     The key pinned in the saved state wins; else the one the log's own node serves; else
-    the one most nodes serve. Any node serving another key for the log is a violation.
+    the one most nodes serve. A log's other keys are learned from its key_rotation
+    entries (check_history); a node serving a key that is none of them is a violation
+    (_check_copies).
     """
     claims: dict[str, dict[str, list[str]]] = {}
     own: dict[str, str] = {}
@@ -469,17 +472,6 @@ def resolve_keys(
     for origin, by_vkey in sorted(claims.items()):
         pinned = saved[origin].vkey if origin in saved else None
         chosen = pinned or own.get(origin) or max(by_vkey, key=lambda k: len(by_vkey[k]))
-        for vkey, urls in sorted(by_vkey.items()):
-            if vkey != chosen:
-                why = "the key verified last time" if pinned else "the key the log's node serves"
-                violations.append(
-                    Violation(
-                        origin,
-                        None,
-                        "key_mismatch",
-                        f"{', '.join(urls)} serve a key other than {why}",
-                    )
-                )
         try:
             key = parse_verifier_key(chosen)
         except BadInput as exc:
@@ -533,12 +525,46 @@ def audit_views(
     violations = _dedupe(violations)
     reports = _log_reports(views, keys, histories, best)
     broken = {v.log for v in violations}
+    # The key pinned for next time is the log's current one (its chain leads back).
     to_save = [
-        SavedCheckpoint(origin, str(keys[origin]), h.size, h.checkpoint.root_hash, h.note)
+        SavedCheckpoint(origin, str(h.signing_key), h.size, h.checkpoint.root_hash, h.note)
         for origin, h in sorted(best.items())
-        if origin not in broken and h.checkpoint is not None
+        if origin not in broken and h.checkpoint is not None and h.signing_key is not None
     ]
     return AuditReport(reports, violations, list(unreachable), now), to_save
+
+
+def confirmed_keys(views: Sequence[PeerView]) -> dict[str, bytes]:
+    """For each log, the key every other member serving it pins, when they all agree.
+
+    That is the roster's confirmation a compromised-key rotation needs: members list a
+    mirror under a new key only once they followed it (or their operator confirmed it).
+    """
+    served: dict[str, set[str]] = {}
+    for view in views:
+        for log in view.logs:
+            if view.origin != log.listing.origin:
+                served.setdefault(log.listing.origin, set()).add(log.listing.vkey)
+    confirmed = {}
+    for origin, vkeys in served.items():
+        if len(vkeys) == 1:
+            with contextlib.suppress(BadInput):
+                confirmed[origin] = parse_verifier_key(next(iter(vkeys))).public_key
+    return confirmed
+
+
+def _listed_key_problem(served: ServedLog, history: History, url: str) -> Violation | None:
+    """A key_mismatch if the node lists the log under a key that is none of the log's."""
+    if history.chain is None:
+        return None
+    try:
+        listed = parse_verifier_key(served.listing.vkey)
+    except BadInput as exc:
+        return Violation(history.origin, None, "key_mismatch", f"unusable key: {exc}", url)
+    if listed.name == history.origin and history.chain.holds(listed.public_key):
+        return None
+    detail = f"{url} serves a key that is none of the keys of the log"
+    return Violation(history.origin, None, "key_mismatch", detail, url)
 
 
 def _check_copies(
@@ -546,6 +572,7 @@ def _check_copies(
 ) -> tuple[dict[str, list[History]], list[Violation]]:
     """The structural checks of every copy of every log, each node's copy on its own."""
     decode = _memo_decoder(views, workers)
+    confirmed = confirmed_keys(views)
     histories: dict[str, list[History]] = {origin: [] for origin in keys}
     violations: list[Violation] = []
     for view in views:
@@ -562,11 +589,24 @@ def _check_copies(
             if served.note is None:  # listed empty and never signed
                 continue
             history, found = check_history(
-                origin, key, view.url, served.note, served.entries, decode
+                origin, key, view.url, served.note, served.entries, decode, confirmed.get(origin)
             )
             violations += found
-            violations += check_cosignatures(history, key, keys)
+            problem = _listed_key_problem(served, history, view.url)
+            if problem is not None:
+                violations.append(problem)
             histories[origin].append(history)
+    # Every key of every node, for its cosignatures made before or after it rotated.
+    all_keys: dict[str, list[VerifierKey]] = {name: [key] for name, key in keys.items()}
+    for origin, held in histories.items():
+        for history in held:
+            for epoch in history.chain.epochs if history.chain else ():
+                all_keys[origin].append(
+                    VerifierKey(origin, key_id(origin, epoch.public_key), epoch.public_key)
+                )
+    for held in histories.values():
+        for history in held:
+            violations += check_cosignatures(history, all_keys)
     return histories, violations
 
 

@@ -2,18 +2,29 @@
 
 Attached as ``runtime.services["ledger"]``. This is where the clock is read for entry
 times and checkpoint publication; the store and the core never read it.
+
+The key that signs is the one the log says is in force: after ``imageshare key rotate``
+appended a ``key_rotation`` entry (from another process, while this one runs), the next
+checkpoint finds the rotation and the service switches the node's identity to the new
+key, without a restart (``follow_key_rotation``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from node.store.ledger import AppendResult, LedgerStore, OwnLog
+from node.core.keys import NodeIdentity
+from node.store.ledger import AppendResult, KeyRotated, LedgerStore, OwnLog
+from node.store.node_keys import load_identity
 
 if TYPE_CHECKING:
     from node.services.runtime import NodeRuntime
+
+log = logging.getLogger(__name__)
 
 
 class LedgerService:
@@ -21,10 +32,30 @@ class LedgerService:
 
     def __init__(self, runtime: NodeRuntime) -> None:
         self.runtime = runtime
-        self.identity = runtime.identity
         self.store = LedgerStore(runtime.config.data_dir)
-        self.own: OwnLog = self.store.own_log(self.identity.origin, self.identity.vkey)
+        self.own: OwnLog = self.store.own_log(runtime.identity.origin, runtime.identity.vkey)
         self.own.group_commit_wait = runtime.config.ledger.group_commit_ms / 1000
+        self._identity_lock = threading.Lock()
+        self.follow_key_rotation()
+
+    @property
+    def identity(self) -> NodeIdentity:
+        return self.runtime.identity
+
+    def follow_key_rotation(self) -> bool:
+        """Make the node's identity the key the log has in force; True if it changed.
+
+        Raises ConfigError if the log rotated to a key the data directory does not hold.
+        """
+        with self._identity_lock:
+            chain = self.own.key_chain()
+            if chain is None or chain.current_key == self.runtime.identity.public_key:
+                return False
+            config = self.runtime.config
+            identity = load_identity(config.key_path, config.origin, chain.current_key)
+            self.runtime.identity = identity
+            log.warning("node key rotated: now signing as %s", identity.vkey)
+            return True
 
     def append(self, kind: str, fields: dict[str, Any]) -> AppendResult:
         """Append an entry stamped with the current time; returns once it is durable.
@@ -39,7 +70,11 @@ class LedgerService:
 
     def checkpoint_note(self) -> str:
         """The latest signed checkpoint note, freshly signed if the log grew since the last."""
-        return self.own.publish_checkpoint(self.identity, int(time.time()))
+        try:
+            return self.own.publish_checkpoint(self.identity, int(time.time()))
+        except KeyRotated:
+            self.follow_key_rotation()
+            return self.own.publish_checkpoint(self.identity, int(time.time()))
 
     def close(self) -> None:
         self.store.close()

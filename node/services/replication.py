@@ -41,14 +41,14 @@ import aiohttp
 import msgpack
 import yarl
 
-from node.core import notes
+from node.core import atna, notes
 from node.core.equivocation import EquivocationProof, VerifiedEquivocation, verify_equivocation
 from node.core.merkle import StreamingConsistency, leaf_hash, verify_consistency
 from node.core.origins import log_id
 from node.core.roster import Member
 from node.errors import BadInput, Conflict, ImageShareError, Unauthorized
 from node.services.peer_requests import node_signed_headers
-from node.services.roster import RosterService, roster_of
+from node.services.roster import RosterService, move_member_key, roster_of
 from node.services.runtime import NodeRuntime
 from node.store.federation_state import STATE_FILE, Equivocation, FederationState
 from node.store.ledger import LedgerStore, MirrorLog, OwnLog
@@ -192,8 +192,48 @@ class ReplicationService:
         key = (member.origin, member.vkey)
         mirror = self._mirrors.get(key)
         if mirror is None:
-            mirror = self._mirrors[key] = self._store().mirror(member.origin, member.vkey)
+            try:
+                mirror = self._store().mirror(member.origin, member.vkey)
+            except Conflict:
+                # The roster pins a key the mirror has not rotated to yet: an operator
+                # confirmed a compromised-key rotation; the mirror's chain still decides.
+                held = self._store().log_by_id(member.log_id)
+                if not isinstance(held, MirrorLog):
+                    raise
+                mirror = held
+            self._mirrors[key] = mirror
         return mirror
+
+    def _verified_or_claimed(self, mirror: MirrorLog, note: str) -> notes.Checkpoint:
+        """The checkpoint of ``note``, verified by the key in force at its size.
+
+        A checkpoint beyond what is held may be signed by a key that the entries in
+        between rotate to: it is returned unverified, and MirrorLog.extend verifies the
+        rotation and the signature before anything is stored. Raises BadInput or
+        Unauthorized like notes.verify_note.
+        """
+        held = mirror.size()
+        claimed = notes.Checkpoint.parse(notes.parse_note(note)[0])
+        try:
+            return notes.verify_note(note, mirror.vkey_at(min(claimed.size, held)))
+        except Unauthorized:
+            if claimed.size <= held:
+                raise
+            return claimed
+
+    def _follow_rotation(self, log_member: Member, mirror: MirrorLog) -> None:
+        """Pin the roster to the key the member's log now has in force, once proven there."""
+        vkey = mirror.vkey
+        if vkey == log_member.vkey:
+            return
+        move_member_key(self.runtime.config, log_member.origin, vkey)
+        log.warning("%s rotated its key; the roster follows: %s", log_member.origin, vkey)
+        self.runtime.security_audit.record(
+            atna.configuration_changed,
+            "imageshare",
+            "federation member key rotated",
+            log_member.origin,
+        )
 
     # ---- life cycle ----------------------------------------------------------------------
 
@@ -404,7 +444,7 @@ class ReplicationService:
         base = f"{url}/ledger/logs/{lid}"
         note_bytes, _ = await self._get(base + "/checkpoint", MAX_CHECKPOINT_BYTES)
         note = note_bytes.decode("utf-8", errors="strict")
-        checkpoint = notes.verify_note(note, log_member.vkey)
+        checkpoint = self._verified_or_claimed(mirror, note)
         ours = mirror.size()
         if checkpoint.size <= ours:
             if mirror.root(checkpoint.size) != checkpoint.root_hash:
@@ -432,6 +472,7 @@ class ReplicationService:
                         raise
                     return
             log.info("mirrored %s up to %d from %s", log_member.origin, checkpoint.size, url)
+            self._follow_rotation(log_member, mirror)
         status.compared[lid] = (listed_size, listed_root, mirror.size())
         if (
             direct

@@ -67,6 +67,24 @@ def add_peer(config: NodeConfig, origin: str, url: str, vkey: str) -> Member:
     return member
 
 
+def move_member_key(config: NodeConfig, origin: str, vkey: str) -> Member:
+    """Persist a member's new key in peers.toml, keeping its URL; BadInput if not a member.
+
+    Two callers: replication, once the member's log proved a rotation to ``vkey`` (both
+    keys signed it), and an operator confirming a compromised-key rotation by hand
+    (`imageshare peers confirm-key`), which is what lets replication follow it.
+    """
+    current = load_roster(config).get(origin)
+    if current is None:
+        raise BadInput(f"{origin} is not a member")
+    member = make_member(origin, current.url, vkey)
+    if member.vkey != current.vkey:
+        path = roster_path(config.data_dir)
+        listed = [m for m in read_roster_file(path) if m.origin != origin]
+        write_roster_file(path, [*listed, member])
+    return member
+
+
 class RosterService:
     """The current roster, reloaded when peers.toml changes, and URLs learned at run time."""
 

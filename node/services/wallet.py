@@ -33,9 +33,11 @@ from node.core.consent import (
     token_url,
 )
 from node.core.entries import decode_entry
+from node.core.key_rotation import chain_of_log
+from node.core.keys import parse_verifier_key
 from node.core.merkle import leaf_hash, verify_inclusion
 from node.core.notes import verify_note
-from node.core.origins import is_node_origin
+from node.core.origins import is_node_origin, log_id
 from node.core.patient_keys import PatientKey
 from node.core.signed_requests import NONCE_SIZE, make_headers, patient_signer
 from node.errors import (
@@ -47,6 +49,7 @@ from node.errors import (
     PayloadTooLarge,
     Unauthorized,
 )
+from node.services.audit import fetch_entries
 from node.store.wallet_files import WalletFiles
 
 DEFAULT_WALLET_DIR = Path("~/.imageshare-wallet")
@@ -121,23 +124,16 @@ class Wallet:
 
         The origin is what this wallet's requests are addressed to (and what its key
         there is derived from), so an address keeps the origin it first answered with.
-        Raises ProofFailed if the log key differs from the pinned one, or if ``url`` was
-        first seen as another custodian.
+        A new log key is pinned only if the custodian's log proves a key rotation from the
+        pinned one to it. Raises ProofFailed if it does not, or if ``url`` was first seen
+        as another custodian.
         """
         url = url.rstrip("/")
         health = await _get_json(session, url + "/healthz")
         origin = health.get("origin") if isinstance(health, dict) else None
         if not is_node_origin(origin):
             raise BadInput(f"{url} does not look like an ImageShare node")
-        logs = await _get_json(session, url + "/ledger/logs")
-        vkey = next(
-            (
-                log.get("vkey")
-                for log in (logs if isinstance(logs, list) else [])
-                if isinstance(log, dict) and log.get("origin") == origin
-            ),
-            None,
-        )
+        vkey = (await _own_listing(session, url, origin)).get("vkey")
         if not isinstance(vkey, str):
             raise BadInput(f"{url} does not publish its own log")
         state = self.files.load_state()
@@ -151,8 +147,8 @@ class Wallet:
             )
         pinned = state["custodians"].get(origin, {}).get("vkey")
         if pinned is not None and pinned != vkey:
-            raise ProofFailed(f"the log key of {origin} changed since this wallet first saw it")
-        if pinned is None or state["custodians"][origin].get("url") != url:
+            await _follow_key_rotation(session, url, origin, pinned, vkey)
+        if pinned != vkey or state["custodians"][origin].get("url") != url:
             state["custodians"][origin] = {"url": url, "vkey": vkey}
             self.files.save_state(state)
         return Custodian(url, origin, vkey)
@@ -339,3 +335,37 @@ async def _request_json(
             f"{url.origin()} refused: {message or status}"
         )
     return document
+
+
+async def _follow_key_rotation(
+    session: aiohttp.ClientSession, url: str, origin: str, pinned: str, served: str
+) -> None:
+    """Raise ProofFailed unless ``origin``'s own log rotates its key from ``pinned`` to ``served``.
+
+    Only rotations both keys signed count: the wallet has no roster to confirm a
+    compromised-key rotation, so its patient re-pins the custodian after checking with it.
+    """
+    try:
+        pinned_key, served_key = parse_verifier_key(pinned), parse_verifier_key(served)
+        size = (await _own_listing(session, url, origin)).get("size")
+        if not isinstance(size, int) or size < 0:
+            raise BadInput(f"{url} does not list the size of its own log")
+        raw = await fetch_entries(session, url, log_id(origin), size)
+        chain = chain_of_log(origin, [decode_entry(e) for e in raw], pinned_key.public_key)
+    except (BadInput, Unauthorized) as exc:
+        raise ProofFailed(
+            f"the log key of {origin} changed since this wallet first saw it, "
+            f"and its log does not prove the rotation: {exc}"
+        ) from exc
+    if chain.current_key != served_key.public_key:
+        raise ProofFailed(
+            f"the log key of {origin} changed since this wallet first saw it, "
+            "to a key its log does not rotate to"
+        )
+
+
+async def _own_listing(session: aiohttp.ClientSession, url: str, origin: str) -> dict[str, Any]:
+    """The row of ``/ledger/logs`` at ``url`` for the node's own log (empty if none)."""
+    logs = await _get_json(session, url + "/ledger/logs")
+    rows = logs if isinstance(logs, list) else []
+    return next((r for r in rows if isinstance(r, dict) and r.get("origin") == origin), {})

@@ -93,7 +93,8 @@ class InstanceRecord:
     path: Path
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or creation in directory ``path`` durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -315,7 +316,7 @@ class InstanceStore:
             finally:
                 os.close(fd)
             for directory in touched_dirs:
-                _fsync_dir(directory)
+                fsync_dir(directory)
         else:
             _sync_filesystem(self.objects_dir)
         try:

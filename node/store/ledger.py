@@ -7,6 +7,8 @@
     entries   (log, idx) -> raw entry bytes and their RFC 6962 leaf hash
     subtrees  (log, level, n) -> hash of the complete subtree of leaves
               [n * 2**level, (n + 1) * 2**level), for every level >= 1
+    log_keys  (log, first_size) -> the public key that signs the log's checkpoints of
+              size >= first_size (its key history; rows only once a log has rotated)
 
 Because every complete subtree hash is stored, any root or proof is O(log n) reads.
 
@@ -29,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from node.core.entries import LedgerEntry, decode_entry, encode_entry
-from node.core.keys import NodeIdentity, VerifierKey
+from node.core.key_rotation import ENTRY_KIND as KEY_ROTATION
+from node.core.key_rotation import KeyChain, KeyEpoch, KeyRotation
+from node.core.keys import NodeIdentity, VerifierKey, verifier_key_string
 from node.core.merkle import (
     EMPTY_ROOT,
     ZERO_HASH,
@@ -92,11 +96,21 @@ CREATE TABLE IF NOT EXISTS subtrees (
     hash BLOB NOT NULL,
     PRIMARY KEY (log, level, idx)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS log_keys (
+    log INTEGER NOT NULL,
+    first_size INTEGER NOT NULL,
+    public_key BLOB NOT NULL,
+    PRIMARY KEY (log, first_size)
+) WITHOUT ROWID;
 """
 
 
 class LedgerCorrupt(ImageShareError):
     """The stored ledger lacks a row it must hold: the store was damaged or tampered with."""
+
+
+class KeyRotated(ImageShareError):
+    """The log's key rotated: the signing key offered is not the one in force."""
 
 
 @dataclass(frozen=True)
@@ -297,7 +311,8 @@ class LedgerStore:
                 row = self._row(conn, origin)
             elif not row[1]:
                 raise Conflict(f"{origin} is stored as a mirrored peer log, not this node's")
-            elif vkey and row[2] != vkey:
+            elif vkey and row[2] != vkey and not self._has_key_history(conn, row[0]):
+                # Once the log has rotated, its entries, not the caller, say its key.
                 conn.execute("UPDATE logs SET vkey=? WHERE id=?", (vkey, row[0]))
         assert row is not None
         log = self._logs.get(origin)
@@ -307,10 +322,13 @@ class LedgerStore:
         return log
 
     def mirror(self, origin: str, vkey: str) -> MirrorLog:
-        """The mirror of a peer's log (created empty on first use).
+        """The mirror of a peer's log (created empty on first use, first key ``vkey``).
 
-        Raises BadInput for a malformed vkey and Conflict if the origin is this node's own
-        log or is already mirrored under another key.
+        Once created, the mirror's own key chain (its first key and the rotations its
+        entries prove) says which key verifies what. Raises BadInput for a malformed vkey
+        and Conflict if the origin is this node's own log or ``vkey`` is none of the keys
+        the mirror holds (a roster key ahead of the mirror, confirming a compromised-key
+        rotation, reaches the mirror through ``log_by_id`` and ``MirrorLog.extend``).
         """
         key = parse_vkey(vkey)
         if key.name != origin:
@@ -325,7 +343,7 @@ class LedgerStore:
                 row = self._row(conn, origin)
             elif row[1]:
                 raise Conflict(f"{origin} is this node's own log")
-            elif row[2] != vkey:
+            elif row[2] != vkey and not self._holds_key(conn, row[0], key.public_key):
                 raise Conflict(f"{origin} is already mirrored under another key")
         assert row is not None
         log = self._logs.get(origin)
@@ -333,6 +351,18 @@ class LedgerStore:
             log = MirrorLog(self, row[0], origin)
             self._logs[origin] = log
         return log
+
+    @staticmethod
+    def _has_key_history(conn: sqlite3.Connection, rowid: int) -> bool:
+        return conn.execute("SELECT 1 FROM log_keys WHERE log=?", (rowid,)).fetchone() is not None
+
+    @staticmethod
+    def _holds_key(conn: sqlite3.Connection, rowid: int, public_key: bytes) -> bool:
+        """True if ``public_key`` is in the stored key history of log ``rowid``."""
+        row = conn.execute(
+            "SELECT 1 FROM log_keys WHERE log=? AND public_key=?", (rowid, public_key)
+        ).fetchone()
+        return row is not None
 
     def logs(self) -> list[LogInfo]:
         """Every log this node can serve, its own first: a mirror once it holds a checkpoint.
@@ -457,6 +487,41 @@ class StoredLog:
         self._check_size(new, "new size")
         return consistency_proof(self._reader(), old, new)
 
+    def key_chain(self) -> KeyChain | None:
+        """The log's keys in order (None for an own log opened without a key that never
+        rotated)."""
+        return self._load_chain(self.store.reader)
+
+    def _load_chain(self, conn: sqlite3.Connection) -> KeyChain | None:
+        rows = conn.execute(
+            "SELECT first_size, public_key FROM log_keys WHERE log=? ORDER BY first_size",
+            (self.rowid,),
+        ).fetchall()
+        if rows:
+            return KeyChain(self.origin, tuple(KeyEpoch(n, bytes(k)) for n, k in rows))
+        (vkey,) = conn.execute("SELECT vkey FROM logs WHERE id=?", (self.rowid,)).fetchone()
+        if not vkey:
+            return None
+        return KeyChain.starting_with(self.origin, parse_vkey(vkey).public_key)
+
+    def _store_chain(self, conn: sqlite3.Connection, chain: KeyChain | None) -> None:
+        """Keep the epochs of ``chain`` not stored yet, and its current key as the log's vkey."""
+        if chain is None or len(chain.epochs) < 2:
+            return
+        conn.executemany(
+            "INSERT OR IGNORE INTO log_keys (log, first_size, public_key) VALUES (?, ?, ?)",
+            [(self.rowid, e.first_size, e.public_key) for e in chain.epochs],
+        )
+        vkey = verifier_key_string(self.origin, chain.current_key)
+        conn.execute("UPDATE logs SET vkey=? WHERE id=?", (vkey, self.rowid))
+
+    def vkey_at(self, size: int, chain: KeyChain | None = None) -> str:
+        """The verifier key of the key that signs this log's checkpoints of ``size``."""
+        chain = chain or self.key_chain()
+        if chain is None:
+            return self.vkey
+        return verifier_key_string(self.origin, chain.key_at(size))
+
     def checkpoint_note(self) -> str | None:
         """The latest signed checkpoint note with its cosignatures, or None if never signed."""
         row = self.store.reader.execute(
@@ -497,8 +562,9 @@ class StoredLog:
 
         Checks that every entry decodes, chains to the one before, has its stored leaf hash,
         that every stored subtree hash is right and none is missing or extra, and that the
-        latest checkpoint is signed by ``vkey`` (default: the stored vkey) over the root
-        re-derived at its size. Never raises for a damaged store: it reports.
+        latest checkpoint is signed, over the root re-derived at its size, by the key in
+        force at its size (``vkey``, default the stored one, must be one of the log's keys).
+        Never raises for a damaged store: it reports.
         """
         conn = self.store.reader
         size = self.size()
@@ -507,7 +573,12 @@ class StoredLog:
         checkpoint: Checkpoint | None = None
         if note is not None:
             try:
-                checkpoint = verify_note(note, vkey or self.vkey)
+                chain = self.key_chain()
+                given = vkey if isinstance(vkey, VerifierKey) else parse_vkey(vkey or self.vkey)
+                if chain is not None and not chain.holds(given.public_key):
+                    raise Unauthorized(f"{given} is not one of the log's keys")
+                claimed = Checkpoint.parse(parse_note(note)[0]).size
+                checkpoint = verify_note(note, self.vkey_at(claimed, chain) if chain else given)
                 report.checkpoint_size = checkpoint.size
             except (BadInput, Unauthorized) as exc:
                 report.problems.append(Problem(None, f"latest checkpoint: {exc}"))
@@ -680,6 +751,7 @@ class OwnLog(StoredLog):
         try:
             with self.store.write_transaction() as conn:
                 tail = self._load_tail(conn).copy()
+                chain = self._load_chain(conn)
                 first = tail.size
                 rows: list[tuple[bytes, bytes]] = []
                 subtrees: list[tuple[int, int, bytes]] = []
@@ -688,16 +760,19 @@ class OwnLog(StoredLog):
                     # Build each request on a scratch tail so a bad one leaves no trace.
                     scratch = tail.copy()
                     try:
-                        results, new_rows, new_subtrees = self._build(pending, scratch)
-                    except BadInput as exc:
+                        results, new_rows, new_subtrees, new_chain = self._build(
+                            pending, scratch, chain, self.origin
+                        )
+                    except (BadInput, Unauthorized) as exc:
                         pending.error = exc
                         continue
-                    tail = scratch
+                    tail, chain = scratch, new_chain
                     rows += new_rows
                     subtrees += new_subtrees
                     accepted.append((pending, results))
                 if rows:
                     self._store_rows(conn, first, rows, subtrees)
+                    self._store_chain(conn, chain)
                     self.commits += 1
             self._tail = tail
             for pending, results in accepted:
@@ -712,17 +787,29 @@ class OwnLog(StoredLog):
 
     @staticmethod
     def _build(
-        pending: _PendingAppend, tail: _Tail
-    ) -> tuple[list[AppendResult], list[tuple[bytes, bytes]], list[tuple[int, int, bytes]]]:
+        pending: _PendingAppend, tail: _Tail, chain: KeyChain | None, origin: str
+    ) -> tuple[
+        list[AppendResult],
+        list[tuple[bytes, bytes]],
+        list[tuple[int, int, bytes]],
+        KeyChain | None,
+    ]:
         results, rows, subtrees = [], [], []
         for kind, fields, time in pending.items:
-            data = encode_entry(LedgerEntry(kind, tail.last_leaf, time, dict(fields)))
-            leaf = leaf_hash(data)
+            entry = LedgerEntry(kind, tail.last_leaf, time, dict(fields))
+            data = encode_entry(entry)
             index = tail.size
+            if kind == KEY_ROTATION:
+                # A rotation must start from the key in force when it is written (two
+                # racing rotations cannot both); the node's operator confirms its own.
+                rotation = KeyRotation.from_entry(entry)
+                start = chain or KeyChain.starting_with(origin, rotation.old_key)
+                chain = start.following([(index, rotation)], confirmed_key=rotation.new_key)
+            leaf = leaf_hash(data)
             subtrees += tail.push(leaf)
             rows.append((data, leaf))
             results.append(AppendResult(index, leaf, data))
-        return results, rows, subtrees
+        return results, rows, subtrees, chain
 
     def publish_checkpoint(self, identity: NodeIdentity, time: int) -> str:
         """Sign a checkpoint of the current tree head and keep it; returns the note.
@@ -730,7 +817,7 @@ class OwnLog(StoredLog):
         If the latest checkpoint already covers the current size it is returned as is
         (with its cosignatures): the log only ever signs heads of its one append-only tree,
         so no two of its checkpoints are inconsistent. Raises BadInput if ``identity`` is
-        not this log's origin.
+        not this log's origin, KeyRotated if its key is not the one in force at the size.
         """
         if identity.origin != self.origin:
             raise BadInput(f"{identity.origin} cannot sign checkpoints of {self.origin}")
@@ -740,6 +827,11 @@ class OwnLog(StoredLog):
             ).fetchone()
             if note is not None and note_size == size:
                 return str(note)
+            chain = self._load_chain(conn)
+            if chain is not None and chain.key_at(size) != identity.public_key:
+                raise KeyRotated(
+                    f"{self.origin}'s checkpoints of size {size} are signed by another key"
+                )
             root = tree_root(_Reader(conn, self.rowid), size)
             note = sign_note(Checkpoint(self.origin, size, root).body(), identity)
             conn.execute(
@@ -780,26 +872,38 @@ class MirrorLog(StoredLog):
     """A verified copy of a peer's log, extended only by checked entries and checkpoints."""
 
     def extend(
-        self, entries: Sequence[bytes], note: str, vkey: VerifierKey | str | None = None
+        self, entries: Sequence[bytes], note: str, roster_vkey: VerifierKey | str | None = None
     ) -> None:
         """Append ``entries`` (the ones after what is held) so the log matches the signed ``note``.
 
-        Verifies, before storing anything: the note's signature by the log key (Unauthorized),
-        that the checkpoint is for this origin and every entry decodes and chains to the one
-        before (BadInput), and that held + new entries give the checkpoint's root (Conflict
-        if not: the checkpoint is inconsistent with what is held, or the entries are wrong).
-        A checkpoint older than what is held is checked against the held root and not kept.
-        Stores entries, hashes and the note in one transaction.
+        Verifies, before storing anything: that the checkpoint is for this origin and every
+        entry decodes and chains to the one before (BadInput); that every key rotation among
+        the entries moves the log's key chain on (node.core.key_rotation; a compromised-key
+        rotation only to ``roster_vkey``, the key the roster confirms); the note's signature
+        by the key in force at its size (Unauthorized); and that held + new entries give the
+        checkpoint's root (Conflict if not: the checkpoint is inconsistent with what is held,
+        or the entries are wrong). A checkpoint older than what is held is checked against
+        the held root and not kept. Stores entries, hashes, new keys and the note in one
+        transaction.
         """
-        checkpoint = verify_note(note, vkey or self.vkey)
-        if checkpoint.origin != self.origin:
-            raise BadInput(f"checkpoint is for {checkpoint.origin}, not {self.origin}")
+        body, _ = parse_note(note)
+        claimed = Checkpoint.parse(body)
+        if claimed.origin != self.origin:
+            raise BadInput(f"checkpoint is for {claimed.origin}, not {self.origin}")
+        confirmed = None
+        if roster_vkey is not None:
+            confirmed = (
+                roster_vkey if isinstance(roster_vkey, VerifierKey) else parse_vkey(roster_vkey)
+            ).public_key
         with self.store.write_transaction() as conn:
             tail = self._load_tail(conn).copy()
+            chain = self._load_chain(conn)
+            assert chain is not None  # a mirror is always created with its first key
             held = tail.size
-            if checkpoint.size <= held:
+            if claimed.size <= held:
                 if entries:
                     raise BadInput(f"{self.origin} already holds {held} entries")
+                checkpoint = verify_note(note, self.vkey_at(claimed.size, chain))
                 if tree_root(_Reader(conn, self.rowid), checkpoint.size) != checkpoint.root_hash:
                     raise Conflict(
                         f"{self.origin} signed a checkpoint at size {checkpoint.size} that is "
@@ -808,13 +912,14 @@ class MirrorLog(StoredLog):
                 if checkpoint.size == held:
                     conn.execute("UPDATE logs SET checkpoint=? WHERE id=?", (note, self.rowid))
                 return
-            if len(entries) != checkpoint.size - held:
+            if len(entries) != claimed.size - held:
                 raise BadInput(
-                    f"expected {checkpoint.size - held} entries after {held}, got {len(entries)}"
+                    f"expected {claimed.size - held} entries after {held}, got {len(entries)}"
                 )
             first = held
             rows: list[tuple[bytes, bytes]] = []
             subtrees: list[tuple[int, int, bytes]] = []
+            rotations: list[tuple[int, KeyRotation]] = []
             for raw in entries:
                 raw = bytes(raw)
                 try:
@@ -825,15 +930,20 @@ class MirrorLog(StoredLog):
                     raise BadInput(
                         f"{self.origin} entry {tail.size} does not chain to the entry before"
                     )
+                if entry.kind == KEY_ROTATION:
+                    rotations.append((tail.size, KeyRotation.from_entry(entry)))
                 leaf = leaf_hash(raw)
                 subtrees += tail.push(leaf)
                 rows.append((raw, leaf))
+            chain = chain.following(rotations, confirmed)
+            checkpoint = verify_note(note, self.vkey_at(claimed.size, chain))
             if tail.root() != checkpoint.root_hash:
                 raise Conflict(
                     f"{self.origin} entries {first}..{checkpoint.size - 1} do not give the root "
                     "of its signed checkpoint: inconsistent with the log held, or wrong entries"
                 )
             self._store_rows(conn, first, rows, subtrees)
+            self._store_chain(conn, chain)
             conn.execute(
                 "UPDATE logs SET checkpoint=?, checkpoint_size=? WHERE id=?",
                 (note, checkpoint.size, self.rowid),

@@ -108,6 +108,10 @@ class NodeProcess:
     ) -> subprocess.CompletedProcess[str]:
         return run_cli(*args, config=self.config, check=check, **kwargs)
 
+    def roster_entry(self) -> str:
+        """This node as a ``[[peers]]`` table for another node's node.toml."""
+        return f'[[peers]]\norigin = "{self.origin}"\nurl = "{self.url}"\nvkey = "{self.vkey}"\n'
+
     def append_config(self, text: str) -> None:
         with open(self.config, "a") as f:
             f.write("\n" + text + "\n")

@@ -14,6 +14,7 @@ from node.edges.cli import (
     _common,
     audit_commands,
     fetch_commands,
+    key_commands,
     ledger_commands,
     node_commands,
     patient_commands,
@@ -24,6 +25,7 @@ from node.edges.cli import (
 COMMAND_MODULES = [node_commands, peers_commands, audit_commands, patient_commands]
 COMMAND_MODULES.append(fetch_commands)
 COMMAND_MODULES.append(ledger_commands)
+COMMAND_MODULES.append(key_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,12 +1,14 @@
-"""`imageshare peers add ORIGIN URL VKEY` and `imageshare peers list`."""
+"""`imageshare peers add ORIGIN URL VKEY`, `peers list`, `peers confirm-key ORIGIN VKEY`."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+from node.core import atna
 from node.edges.cli._common import EXIT_OK, add_common, config_of, print_json
-from node.services.roster import add_peer, load_roster
+from node.services.audit_export import local_user, record_once
+from node.services.roster import add_peer, load_roster, move_member_key
 
 
 def register(subparsers: Any) -> None:
@@ -26,6 +28,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("vkey", help="its verifier key (name+keyid+base64), from its `init`")
     p.set_defaults(handler=cmd_add)
 
+    p = actions.add_parser(
+        "confirm-key",
+        help="confirm a member's new key after its compromised-key rotation",
+        description="confirm, after checking with the member's operator out of band, the "
+        "key a member rotated to because its old key was compromised",
+    )
+    add_common(p)
+    p.add_argument("origin", help="the member's log origin")
+    p.add_argument("vkey", help="its new verifier key, as its `key rotate` printed it")
+    p.set_defaults(handler=cmd_confirm_key)
+
     p = actions.add_parser("list", help="list the members", description="list the members")
     add_common(p)
     p.set_defaults(handler=cmd_list)
@@ -37,6 +50,23 @@ def cmd_add(args: argparse.Namespace) -> int:
         print_json(member.as_json())
     else:
         print(f"added {member.origin} ({member.url or 'address by discovery'})")
+    return EXIT_OK
+
+
+def cmd_confirm_key(args: argparse.Namespace) -> int:
+    config = config_of(args)
+    member = move_member_key(config, args.origin, args.vkey)
+    record_once(
+        config,
+        atna.configuration_changed,
+        local_user(),
+        "federation member key confirmed",
+        member.origin,
+    )
+    if args.json:
+        print_json(member.as_json())
+    else:
+        print(f"{member.origin} is now pinned to {member.vkey}")
     return EXIT_OK
 
 
