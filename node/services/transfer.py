@@ -737,16 +737,9 @@ class TransferService:
             await self._receive(job, http, custodian, url, keys, manifest, missing)
 
     def _note_studies(self, job: FetchJob, digests: list[str]) -> None:
-        for start in range(0, len(digests), 500):
-            part = digests[start : start + 500]
-            rows = self.runtime.store.reader.execute(
-                "SELECT DISTINCT study_instance_uid FROM instances WHERE digest IN"
-                f" ({','.join('?' * len(part))})",
-                part,
-            )
-            for (uid,) in rows:
-                if uid not in job.study_uids:
-                    job.study_uids.append(uid)
+        for uid in self.runtime.store.studies_with_digests(digests):
+            if uid not in job.study_uids:
+                job.study_uids.append(uid)
 
     async def _receive(
         self,
