@@ -242,3 +242,41 @@ def test_the_command_line_refuses_a_newer_index_in_one_sentence(tmp_path: Path) 
         result.stderr
     )
     assert version_of(node.data_dir / "index.sqlite") == 99
+
+
+SCHEMAS = Path(__file__).parent / "schemas"
+
+
+def structure_of(path: Path) -> dict[str, Any]:
+    """Each table's columns (name, type, not null, default, key) and each index's columns."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        names = conn.execute(
+            "SELECT type, name, tbl_name FROM sqlite_master WHERE name NOT LIKE 'sqlite%'"
+        ).fetchall()
+        described: dict[str, Any] = {}
+        for kind, name, table in names:
+            if kind == "table":
+                described[name] = conn.execute(f"PRAGMA table_info({name})").fetchall()
+            elif kind == "index":
+                columns = conn.execute(f"PRAGMA index_info({name})").fetchall()
+                described[name] = (table, [c[2] for c in columns])
+        return described
+
+
+def test_upgrading_the_first_version_gives_what_a_new_node_creates(
+    tmp_path: Path, database: Database
+) -> None:
+    """A migration edited in place instead of appended leaves every database in the
+    field at version 1 without the change: this catches it."""
+    name, opener, migrations = database
+    old = tmp_path / "old"
+    old.mkdir()
+    with contextlib.closing(sqlite3.connect(old / name)) as conn:
+        conn.executescript((SCHEMAS / f"{name}.v1.sql").read_text())
+        conn.execute("PRAGMA user_version = 1")
+    opener(old).close()
+    new = tmp_path / "new"
+    new.mkdir()
+    opener(new).close()
+    assert version_of(old / name) == version_of(new / name) == len(migrations)
+    assert structure_of(old / name) == structure_of(new / name)
