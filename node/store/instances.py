@@ -187,8 +187,9 @@ def create_declared_schema(conn: sqlite3.Connection) -> None:
     """Create the index tables and indexes the declaration calls for, where missing, and
     add the declared columns an older table lacks (new ones hold NULL until re-indexed).
 
-    Idempotent, so it is the first migration and any later one that follows a newly
-    declared attribute. Names and types are those the index has always had.
+    Idempotent: it is the first migration, and is appended again to MIGRATIONS when an
+    attribute is declared (the version-1 snapshot in tests/schemas fails until it is).
+    Names and types are those the index has always had.
     """
     for table, spec in SCHEMA.items():
         columns = {name: _SQL_TYPES[kind] for name, kind in spec["columns"].items()}
