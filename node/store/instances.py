@@ -180,7 +180,7 @@ def _table_spec(level: Level) -> dict[str, Any]:
 SCHEMA: dict[str, dict[str, Any]] = {
     TABLES[level]: _table_spec(level) for level in (Level.STUDY, Level.SERIES, Level.INSTANCE)
 }
-_SQL_TYPES = {str: "TEXT", int: "INTEGER", float: "FLOAT"}
+_SQL_TYPES = {str: "TEXT", int: "INTEGER", float: "REAL"}
 
 
 def create_declared_schema(conn: sqlite3.Connection) -> None:
