@@ -583,7 +583,7 @@ class TransferService:
         )
         finished = [j for j in self.jobs.values() if j.finished is not None]
         for old in sorted(finished, key=lambda j: j.started)[: max(0, len(finished) - RECENT)]:
-            del self.jobs[old.id]  # kept in transfers.sqlite
+            del self.jobs[old.id]  # kept in the transfer store
         self.jobs[job.id] = job
         task = asyncio.get_running_loop().create_task(self._run(job))
         self._tasks.add(task)
