@@ -11,8 +11,8 @@ from node.samples import make_ct_study
 from node.services.ingest import import_files
 from node.store.attributes import ATTRIBUTES, INDEXED, TABLES, UNIQUE_KEYS, Level
 from node.store.dicom_header import InflateLimits, parse_header
-from node.store.instances import SCHEMA, InstanceStore
-from node.store.queries import parse_qido, run_query
+from node.store.instances import SCHEMA, SqliteInstanceStore
+from node.store.queries import parse_qido
 
 # Values for the attributes make_ct_study leaves out.
 EXTRA = {
@@ -35,7 +35,7 @@ def test_every_declared_attribute_is_read_from_the_file_and_kept_in_its_column(
         setattr(ds, keyword, value)
     ds.save_as(path)
     header = parse_header(path, InflateLimits(max_bytes=1024**3, max_ratio=100.0))
-    store = InstanceStore(tmp_path / "data")
+    store = SqliteInstanceStore(tmp_path / "data")
     try:
         import_files(store, [path])
         for attribute in INDEXED:
@@ -53,16 +53,14 @@ def test_every_declared_attribute_is_read_from_the_file_and_kept_in_its_column(
                 (header.values[key.column or ""],),
             ).fetchone()
             assert row[0] == expected, attribute.keyword
-        [found] = run_query(
-            store.reader, parse_qido(Level.INSTANCE, [("includefield", "all")])
-        ).rows
+        [found] = store.search(parse_qido(Level.INSTANCE, [("includefield", "all")])).rows
         assert {a.keyword for a in ATTRIBUTES} <= set(found)
     finally:
         store.close()
 
 
 def test_the_index_tables_have_a_column_for_every_indexed_attribute(tmp_path: Path) -> None:
-    store = InstanceStore(tmp_path / "data")
+    store = SqliteInstanceStore(tmp_path / "data")
     try:
         for table, spec in SCHEMA.items():
             on_disk = {r[1] for r in store.reader.execute(f"PRAGMA table_info({table})")}

@@ -19,6 +19,7 @@ from node.samples import SyntheticStudy, make_ct_study
 from node.services import consent
 from node.services.ledger import ledger_service
 from node.services.runtime import NodeRuntime, open_runtime
+from node.store.instances import SqliteInstanceStore
 from tests.support.nodes import init_node, run_cli
 from tests.support.patients import make_grant
 
@@ -193,11 +194,13 @@ class TestCheckAccess:
         key = new_key()
         consent.enroll_patient(runtime, "MRN-1", key.public_key)
         assert len(consent.patient_studies(runtime, key.public_key)) == 1
-        runtime.store.set_study_source(uid, "fetched from x.example under token 00")
+        store = runtime.store
+        assert isinstance(store, SqliteInstanceStore)  # the embedded backend's own setter
+        store.set_study_source(uid, "fetched from x.example under token 00")
         try:
             assert consent.patient_studies(runtime, key.public_key) == []
         finally:
-            runtime.store.set_study_source(uid, "local")
+            store.set_study_source(uid, "local")
 
 
 class TestStateFollowsTheLog:

@@ -31,7 +31,7 @@ from node.samples import SyntheticStudy, make_ct_study
 from node.services.dimse_query import Model, find
 from node.services.ingest import import_files
 from node.services.runtime import open_runtime
-from node.store.instances import InstanceStore
+from node.store.instances import SqliteInstanceStore
 from tests.support.nodes import NodeProcess, free_port, init_node, wait_until
 
 SCU = "TESTSCU"
@@ -327,8 +327,8 @@ class TestFindMatching:
     """Matching rules, over an in-process store (no network needed)."""
 
     @pytest.fixture
-    def store(self, tmp_path: Path) -> Iterator[InstanceStore]:
-        store = InstanceStore(tmp_path / "data")
+    def store(self, tmp_path: Path) -> Iterator[SqliteInstanceStore]:
+        store = SqliteInstanceStore(tmp_path / "data")
         for n, (pid, name, date) in enumerate(
             [("P1", "Doe^Jane", "20250105"), ("P2", "Roe^Richard", "20260310")]
         ):
@@ -352,20 +352,20 @@ class TestFindMatching:
             setattr(query, keyword, value)
         return query
 
-    def test_name_wildcard_is_case_insensitive(self, store: InstanceStore) -> None:
+    def test_name_wildcard_is_case_insensitive(self, store: SqliteInstanceStore) -> None:
         found = list(find(store, self._study_query(PatientName="doe*"), Model.STUDY_ROOT))
         assert [str(r.PatientName) for r in found] == ["Doe^Jane"]
 
-    def test_date_range(self, store: InstanceStore) -> None:
+    def test_date_range(self, store: SqliteInstanceStore) -> None:
         query = self._study_query(StudyDate="20260101-")
         assert [r.StudyDate for r in find(store, query, Model.STUDY_ROOT)] == ["20260310"]
         query = self._study_query(StudyDate="-20251231")
         assert [r.StudyDate for r in find(store, query, Model.STUDY_ROOT)] == ["20250105"]
 
-    def test_universal_match_returns_all(self, store: InstanceStore) -> None:
+    def test_universal_match_returns_all(self, store: SqliteInstanceStore) -> None:
         assert len(list(find(store, self._study_query(PatientID="*"), Model.STUDY_ROOT))) == 2
 
-    def test_patient_level_groups_studies(self, store: InstanceStore) -> None:
+    def test_patient_level_groups_studies(self, store: SqliteInstanceStore) -> None:
         query = Dataset()
         query.QueryRetrieveLevel = "PATIENT"
         query.PatientID = "P2"

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from node.samples import SyntheticStudy, make_ct_study
-from node.store.instances import InstanceStore
+from node.store.instances import SqliteInstanceStore
 from tests.support.memory import peak_rss_bytes, run_with_peak_rss
 from tests.support.nodes import IMAGESHARE, NodeProcess, init_node, wait_until
 
@@ -233,7 +233,7 @@ class TestKilledImport:
         indexed = indexed_count(node)
         assert 0 < indexed < INSTANCES, "the import finished before it could be killed"
 
-        store = InstanceStore(node.data_dir)
+        store = SqliteInstanceStore(node.data_dir)
         try:
             assert list(store.tmp_dir.iterdir()) == []
             rows = store.reader.execute("SELECT sop_instance_uid, digest FROM instances").fetchall()

@@ -33,8 +33,8 @@ from node.services.dimse_query import Model, find
 from node.services.ingest import import_files
 from node.store import queries
 from node.store.attributes import Level
-from node.store.instances import InstanceStore
-from node.store.queries import parse_qido, run_query
+from node.store.instances import SqliteInstanceStore
+from node.store.queries import parse_qido
 from tests.support.nodes import NodeProcess, init_node
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -227,7 +227,7 @@ def write_corpus(directory: Path) -> dict[str, str]:
 @dataclass
 class Corpus:
     uids: dict[str, str]
-    store: InstanceStore
+    store: SqliteInstanceStore
     node: NodeProcess
     out: Path
     runs: Iterator[int] = field(default_factory=itertools.count)
@@ -242,7 +242,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
     base = tmp_path_factory.mktemp("parity")
     uids = write_corpus(base / "in")
     files = sorted((base / "in").rglob("*.dcm"))
-    store = InstanceStore(base / "direct")
+    store = SqliteInstanceStore(base / "direct")
     import_files(store, files)
     node = init_node(base / "node", "parity.example/imageshare")
     allow_findscu(node)
@@ -260,7 +260,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
 
 def qido_direct(corpus: Corpus, c: Case) -> frozenset[str]:
     query = parse_qido(c.level, [(c.keyword, ",".join(c.values))])
-    return corpus.names([r["StudyInstanceUID"] for r in run_query(corpus.store.reader, query).rows])
+    return corpus.names([r["StudyInstanceUID"] for r in corpus.store.search(query).rows])
 
 
 def cfind_direct(corpus: Corpus, c: Case) -> frozenset[str]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,13 +15,14 @@ from node.errors import BadInput, PayloadTooLarge
 from node.samples import SyntheticStudy, make_ct_study
 from node.store import queries
 from node.store.attributes import Level
-from node.store.instances import InstanceStore, Outcome
-from node.store.queries import parse_qido, run_query
+from node.store.instances import Outcome, SqliteInstanceStore
+from node.store.protocols import InstanceStore
+from node.store.queries import parse_qido
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[InstanceStore]:
-    opened = InstanceStore(tmp_path / "node", max_instance_bytes=256 * 1024)
+def store(tmp_path: Path) -> Iterator[SqliteInstanceStore]:
+    opened = SqliteInstanceStore(tmp_path / "node", max_instance_bytes=256 * 1024)
     yield opened
     opened.close()
 
@@ -29,14 +32,14 @@ def study(tmp_path: Path) -> SyntheticStudy:
     return make_ct_study(tmp_path / "study", series=2, slices=2, rows=16, columns=16)
 
 
-def commit_files(store: InstanceStore, files: list[Path]) -> list[Outcome]:
+def commit_files(store: SqliteInstanceStore, files: list[Path]) -> list[Outcome]:
     staged = [store.stage(io.BytesIO(path.read_bytes())) for path in files]
     return [result.outcome for result in store.commit(staged)]
 
 
 class TestStagingAndCommit:
     def test_committed_instance_is_indexed_under_its_digest(
-        self, store: InstanceStore, study: SyntheticStudy
+        self, store: SqliteInstanceStore, study: SyntheticStudy
     ) -> None:
         assert commit_files(store, study.files) == [Outcome.STORED] * 4
         record = store.instance(study.sop_uids[0])
@@ -47,7 +50,7 @@ class TestStagingAndCommit:
         assert list(store.tmp_dir.iterdir()) == []
 
     def test_recommitting_reports_duplicates_and_keeps_one_copy(
-        self, store: InstanceStore, study: SyntheticStudy
+        self, store: SqliteInstanceStore, study: SyntheticStudy
     ) -> None:
         commit_files(store, study.files)
         assert commit_files(store, study.files) == [Outcome.DUPLICATE] * 4
@@ -55,7 +58,7 @@ class TestStagingAndCommit:
         assert list(store.tmp_dir.iterdir()) == []
 
     def test_bad_input_is_refused_without_leftovers(
-        self, store: InstanceStore, study: SyntheticStudy
+        self, store: SqliteInstanceStore, study: SyntheticStudy
     ) -> None:
         data = study.files[0].read_bytes()
         for bad in (b"not dicom" * 50, data[: len(data) // 2]):
@@ -69,10 +72,10 @@ class TestStagingAndCommit:
     def test_staged_but_uncommitted_files_vanish_on_reopen(
         self, tmp_path: Path, study: SyntheticStudy
     ) -> None:
-        first = InstanceStore(tmp_path / "node")
+        first = SqliteInstanceStore(tmp_path / "node")
         first.stage(io.BytesIO(study.files[0].read_bytes()))
         first.close()
-        reopened = InstanceStore(tmp_path / "node")
+        reopened = SqliteInstanceStore(tmp_path / "node")
         try:
             assert list(reopened.tmp_dir.iterdir()) == []
             assert reopened.counts()["instances"] == 0
@@ -82,23 +85,23 @@ class TestStagingAndCommit:
 
 class TestQueries:
     def test_study_query_counts_series_and_instances(
-        self, store: InstanceStore, study: SyntheticStudy
+        self, store: SqliteInstanceStore, study: SyntheticStudy
     ) -> None:
         commit_files(store, study.files)
-        [row] = run_query(store.reader, parse_qido(Level.STUDY, [])).rows
+        [row] = store.search(parse_qido(Level.STUDY, [])).rows
         assert row["StudyInstanceUID"] == study.study_uid
         assert row["NumberOfStudyRelatedSeries"] == 2
         assert row["NumberOfStudyRelatedInstances"] == 4
         assert row["ModalitiesInStudy"] == ["CT"]
 
     def test_instance_query_scoped_by_series(
-        self, store: InstanceStore, study: SyntheticStudy
+        self, store: SqliteInstanceStore, study: SyntheticStudy
     ) -> None:
         commit_files(store, study.files)
         query = parse_qido(
             Level.INSTANCE, [], study_uid=study.study_uid, series_uid=study.series_uids[1]
         )
-        rows = run_query(store.reader, query).rows
+        rows = store.search(query).rows
         assert [r["SOPInstanceUID"] for r in rows] == study.sop_uids[2:]
         assert rows[0]["SeriesInstanceUID"] == study.series_uids[1]
 
@@ -118,23 +121,107 @@ class TestQueries:
             parse_qido(Level.STUDY, params)
 
     def test_wildcards_are_not_sql_patterns(
-        self, store: InstanceStore, study: SyntheticStudy
+        self, store: SqliteInstanceStore, study: SyntheticStudy
     ) -> None:
         commit_files(store, study.files)
         for value in ("MRN%", "MRN_0001", "[M]RN-0001"):
             query = parse_qido(Level.STUDY, [("PatientID", value)])
-            assert run_query(store.reader, query).rows == []
+            assert store.search(query).rows == []
         query = parse_qido(Level.STUDY, [("PatientID", "MRN-000?")])
-        assert len(run_query(store.reader, query).rows) == 1
+        assert len(store.search(query).rows) == 1
 
     def test_answers_are_capped_and_say_so(
-        self, store: InstanceStore, study: SyntheticStudy, monkeypatch: pytest.MonkeyPatch
+        self, store: SqliteInstanceStore, study: SyntheticStudy, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         commit_files(store, study.files)
         monkeypatch.setattr(queries, "MAX_RESULTS", 3)
-        capped = run_query(store.reader, parse_qido(Level.INSTANCE, []))
+        capped = store.search(parse_qido(Level.INSTANCE, []))
         assert (len(capped.rows), capped.truncated) == (3, True)
-        asked = run_query(store.reader, parse_qido(Level.INSTANCE, [("limit", "2")]))
+        asked = store.search(parse_qido(Level.INSTANCE, [("limit", "2")]))
         assert (len(asked.rows), asked.truncated) == (2, False)
-        rest = run_query(store.reader, parse_qido(Level.INSTANCE, [("offset", "3")]))
+        rest = store.search(parse_qido(Level.INSTANCE, [("offset", "3")]))
         assert (len(rest.rows), rest.truncated) == (1, False)
+
+
+class TestIndexReads:
+    """The store's named reads, which services use instead of SQL."""
+
+    def test_the_sqlite_store_is_the_protocol_services_see(
+        self, store: SqliteInstanceStore
+    ) -> None:
+        assert isinstance(store, InstanceStore)
+
+    def test_studies_of_patient_by_date_leaving_out_a_source_by_exact_prefix(
+        self, store: SqliteInstanceStore, tmp_path: Path
+    ) -> None:
+        dates = ("20260301", "20250101", "20260101")
+        studies = [
+            make_ct_study(tmp_path / d, series=1, slices=1, rows=8, columns=8, study_date=d)
+            for d in dates
+        ]
+        for study in studies:
+            commit_files(store, study.files)
+        later, earlier, middle = (s.study_uid for s in studies)
+        store.set_study_source(later, "fetched from a.example under token 00")
+        store.set_study_source(middle, "fetchedXfrom b.example")  # not the prefix
+        assert store.studies_of_patient("MRN-0001") == [earlier, middle, later]
+        assert store.studies_of_patient("MRN-0001", "fetched from ") == [earlier, middle]
+        # The prefix is text, not a pattern: '_' does not stand for any character.
+        assert store.studies_of_patient("MRN-0001", "fetched_from") == [earlier, middle, later]
+        assert store.studies_of_patient("MRN-0002") == []
+
+    def test_patient_ids_are_distinct_and_skip_studies_without_one(
+        self, store: SqliteInstanceStore, tmp_path: Path
+    ) -> None:
+        for name, patient in (("a", "MRN-1"), ("b", "MRN-1"), ("c", "MRN-2"), ("d", "")):
+            study = make_ct_study(tmp_path / name, 1, 1, 8, 8, patient_id=patient)
+            commit_files(store, study.files)
+        assert sorted(store.patient_ids()) == ["MRN-1", "MRN-2"]
+        assert len(store.study_uids()) == 4
+
+    def test_series_of_study_and_instance_count(
+        self, store: SqliteInstanceStore, study: SyntheticStudy
+    ) -> None:
+        commit_files(store, study.files)
+        series = store.series_of_study(study.study_uid)
+        assert [s.series_instance_uid for s in series] == study.series_uids
+        assert {s.modality for s in series} == {"CT"}
+        assert store.instance_count(study.study_uid) == 4
+        assert store.series_of_study("1.2.3") == []
+        assert store.instance_count("1.2.3") == 0
+
+    def test_studies_with_digests_across_pieces_of_a_long_list(
+        self, store: SqliteInstanceStore, study: SyntheticStudy, tmp_path: Path
+    ) -> None:
+        other = make_ct_study(tmp_path / "other", series=1, slices=1, rows=8, columns=8)
+        commit_files(store, study.files + other.files)
+        mine = store.instances(study.study_uid)[0].digest
+        theirs = store.instances(other.study_uid)[0].digest
+        unknown = [f"{n:064x}" for n in range(1200)]
+        digests = [mine, *unknown[:600], mine, theirs, *unknown[600:]]
+        assert store.studies_with_digests(digests) == [study.study_uid, other.study_uid]
+        assert store.digests_present(digests) == {mine, theirs}
+        assert store.studies_with_digests(unknown) == []
+
+    def test_arrivals_after_follow_the_indexing_order_from_a_position(
+        self, store: SqliteInstanceStore, study: SyntheticStudy
+    ) -> None:
+        commit_files(store, study.files)
+        arrivals = store.arrivals_after(0, 10)
+        assert [a.sop_instance_uid for a in arrivals] == study.sop_uids
+        assert {a.study_instance_uid for a in arrivals} == {study.study_uid}
+        rest = store.arrivals_after(arrivals[1].position, 2)
+        assert [a.sop_instance_uid for a in rest] == study.sop_uids[2:4]
+        assert store.arrivals_after(arrivals[-1].position, 10) == []
+
+    def test_off_loop_runs_the_call_in_a_worker_thread(
+        self, store: SqliteInstanceStore, study: SyntheticStudy
+    ) -> None:
+        commit_files(store, study.files)
+
+        async def from_the_loop() -> tuple[int, dict[str, int]]:
+            return await store.off_loop(threading.get_ident), await store.off_loop(store.counts)
+
+        worker, counts = asyncio.run(from_the_loop())
+        assert worker != threading.get_ident()
+        assert counts["instances"] == 4

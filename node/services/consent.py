@@ -45,6 +45,7 @@ from node.core.rate_limit import SlidingWindowLimit
 from node.errors import BadInput, ConfigError, Conflict, Forbidden, NotFound, Unauthorized
 from node.services.ledger import LedgerService, ledger_service
 from node.services.runtime import NodeRuntime
+from node.store.consent_state import FILE_NAME as STATE_FILE
 from node.store.consent_state import ConsentState
 from node.store.secrets import read_secret, write_secret
 
@@ -104,7 +105,7 @@ class ConsentService:
 
     def __init__(self, runtime: NodeRuntime) -> None:
         self.runtime = runtime
-        self.state = ConsentState(runtime.config.data_dir / "consent.sqlite")
+        self.state = ConsentState(runtime.config.data_dir / STATE_FILE)
         self.lock = threading.RLock()
         self._reference_key = _load_or_create_reference_key(runtime)
         self.denial_limit = SlidingWindowLimit(
@@ -186,8 +187,8 @@ def resolve_study_reference(runtime: NodeRuntime, ref: bytes) -> str:
     uid = service.state.study_of_ref(ref)
     if uid is None:
         # A study indexed since its reference was last computed: compute them all once.
-        rows = runtime.store.reader.execute("SELECT study_instance_uid FROM studies")
-        refs = {service.reference(STUDY_REF_DOMAIN, r[0]): r[0] for r in rows}
+        uids = runtime.store.study_uids()
+        refs = {service.reference(STUDY_REF_DOMAIN, uid): uid for uid in uids}
         service.state.remember_study_refs(refs)
         uid = refs.get(ref)
     if uid is None:
@@ -206,12 +207,7 @@ def own_studies_of_patient(runtime: NodeRuntime, patient_id: str) -> list[str]:
     Studies fetched from another custodian are left out: their patient id belongs to the
     other hospital, and only their own custodian's patient may grant them.
     """
-    rows = runtime.store.reader.execute(
-        "SELECT study_instance_uid FROM studies WHERE patient_id = ?"
-        " AND COALESCE(source, '') NOT LIKE ? ORDER BY study_date, study_instance_uid",
-        (patient_id, FETCHED_SOURCE_PREFIX + "%"),
-    )
-    return [r[0] for r in rows]
+    return runtime.store.studies_of_patient(patient_id, FETCHED_SOURCE_PREFIX)
 
 
 def patient_of_subject(runtime: NodeRuntime, subject: bytes) -> str | None:
@@ -223,9 +219,8 @@ def patient_of_subject(runtime: NodeRuntime, subject: bytes) -> str | None:
     service = consent_service(runtime)
     patient_id = service.state.patient_of_subject(subject)
     if patient_id is None:
-        rows = runtime.store.reader.execute("SELECT DISTINCT patient_id FROM studies")
-        for (candidate,) in rows:
-            if candidate and subject_reference(runtime, candidate) == subject:
+        for candidate in runtime.store.patient_ids():
+            if subject_reference(runtime, candidate) == subject:
                 service.state.bind_subject(subject, candidate)
                 return str(candidate)
     return patient_id
@@ -513,20 +508,14 @@ def patient_studies(runtime: NodeRuntime, public_key: bytes) -> list[dict[str, A
     studies: list[dict[str, Any]] = []
     for uid in own_studies_of_patient(runtime, patient_id):
         row = runtime.store.study_row(uid)
-        series = runtime.store.reader.execute(
-            "SELECT DISTINCT modality FROM series WHERE study_instance_uid = ? ORDER BY modality",
-            (uid,),
-        ).fetchall()
-        count = runtime.store.reader.execute(
-            "SELECT COUNT(*) FROM instances WHERE study_instance_uid = ?", (uid,)
-        ).fetchone()[0]
+        modalities = {series.modality for series in runtime.store.series_of_study(uid)}
         studies.append(
             {
                 "ref": b64url_encode(study_reference(runtime, uid)),
                 "date": row.get("study_date") or "",
-                "modalities": [s[0] for s in series if s[0]],
+                "modalities": sorted(m for m in modalities if m),
                 "description": row.get("study_description") or "",
-                "instances": int(count),
+                "instances": runtime.store.instance_count(uid),
             }
         )
     return studies

@@ -23,8 +23,9 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEnd
 
 from node.core import dicom_json
 from node.errors import BadInput, ImageShareError, NotFound, PayloadTooLarge
-from node.store.instances import CHUNK, IngestResult, InstanceRecord, InstanceStore, StagedInstance
-from node.store.queries import Query, run_query
+from node.store.instances import CHUNK, IngestResult, InstanceRecord, StagedInstance
+from node.store.protocols import InstanceStore
+from node.store.queries import Query
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ class DicomWebService:
     async def search(self, query: Query, base_url: str) -> tuple[list[dict[str, Any]], bool]:
         """DICOM JSON results of a parsed QIDO-RS query (with RetrieveURL), and whether
         the answer was cut at MAX_RESULTS."""
-        found = await asyncio.to_thread(lambda: run_query(self.store.reader, query))
+        found = await self.store.off_loop(self.store.search, query)
         results = []
         for row in found.rows:
             document = dicom_json.dataset_from_keywords(row)

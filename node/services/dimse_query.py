@@ -17,14 +17,13 @@ from pydicom.tag import Tag
 
 from node.errors import BadInput, PayloadTooLarge
 from node.store.attributes import UNIQUE_KEYS, Level
-from node.store.instances import InstanceRecord, InstanceStore
+from node.store.instances import InstanceRecord
+from node.store.protocols import InstanceStore
 from node.store.queries import (
     MAX_RESULTS,
     checked_filter,
     identifier_values,
-    matching_instance_uids,
     parse_identifier,
-    run_query,
 )
 
 
@@ -72,7 +71,7 @@ def find(store: InstanceStore, identifier: Dataset, model: Model) -> Iterator[Da
         applies = above <= level and not (model is Model.STUDY_ROOT and above is Level.PATIENT)
         if applies and UNIQUE_KEYS[above].keyword not in requested:
             requested.append(UNIQUE_KEYS[above].keyword)
-    found = run_query(store.reader, parse_identifier(identifier, level, requested))
+    found = store.search(parse_identifier(identifier, level, requested))
     if found.truncated:
         raise PayloadTooLarge(f"over {MAX_RESULTS} matches; narrow the query")
     for row in found.rows:
@@ -115,5 +114,5 @@ def select_for_retrieve(
             raise BadInput(f"a {_LEVEL_NAMES[level]} level retrieve needs {key.keyword}")
         if flt is not None:
             filters.append(flt)
-    uids = matching_instance_uids(store.reader, filters)
+    uids = store.instance_uids_matching(filters)
     return [store.instance(uid) for uid in uids]

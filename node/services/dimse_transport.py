@@ -25,7 +25,8 @@ from pynetdicom import _config, build_context, evt
 from pynetdicom.presentation import PresentationContext
 
 from node.errors import BadInput, ConfigError
-from node.store.instances import InstanceRecord, InstanceStore
+from node.store.instances import InstanceRecord
+from node.store.protocols import InstanceStore
 
 if TYPE_CHECKING:
     from pynetdicom.events import Event

@@ -30,6 +30,7 @@ from node.services.dimse_transport import (
     read_instance,
     storage_contexts,
 )
+from node.store.forward_state import FILE_NAME as STATE_FILE
 from node.store.forward_state import ForwardState, QueuedInstance
 
 if TYPE_CHECKING:
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "forward.sqlite"
 POLL_SECONDS = 0.5
 # Instances sent over one association before their outcome is recorded durably.
 BATCH = 200
@@ -113,12 +113,10 @@ class Forwarder:
         return True
 
     def _take_new(self, now: float) -> None:
-        rows = self.store.reader.execute(
-            "SELECT rowid, sop_instance_uid, study_instance_uid FROM instances"
-            " WHERE rowid > ? ORDER BY rowid LIMIT 1000",
-            (self.state.last_rowid,),
-        ).fetchall()
-        self.state.enqueue([(r[0], r[1], r[2]) for r in rows], now)
+        arrivals = self.store.arrivals_after(self.state.last_rowid, 1000)
+        self.state.enqueue(
+            [(a.position, a.sop_instance_uid, a.study_instance_uid) for a in arrivals], now
+        )
 
     def _deliver(self, due: list[QueuedInstance]) -> None:
         batch: list[tuple[QueuedInstance, InstanceRecord]] = []

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from node.errors import BadInput, PayloadTooLarge
-from node.store.instances import IngestResult, InstanceStore, Outcome, StagedInstance
+from node.store.instances import IngestResult, Outcome, StagedInstance
+from node.store.protocols import InstanceStore
 
 
 @dataclass

@@ -65,12 +65,10 @@ def owned_study_uid(runtime: NodeRuntime, public_key: bytes, study_ref: bytes) -
 
 def _series_uids(runtime: NodeRuntime, study_uid: str) -> list[tuple[str, str, str]]:
     """(series UID, modality, description) in the order the wallet numbers them."""
-    rows = runtime.store.reader.execute(
-        "SELECT series_instance_uid, modality, series_description FROM series"
-        " WHERE study_instance_uid = ? ORDER BY series_number, series_instance_uid",
-        (study_uid,),
-    ).fetchall()
-    return [(r[0], r[1] or "", r[2] or "") for r in rows]
+    return [
+        (s.series_instance_uid, s.modality, s.description)
+        for s in runtime.store.series_of_study(study_uid)
+    ]
 
 
 def study_series(runtime: NodeRuntime, public_key: bytes, study_ref: bytes) -> list[SeriesSummary]:

@@ -31,7 +31,6 @@ from node.services.replication import replication_of
 from node.services.roster import roster_of
 from node.services.runtime import NodeRuntime
 from node.services.transfer import transfer_service
-from node.store.queries import study_list
 
 SERVICE_NAME = "status"
 # Entries of the node's own log shown, newest first.
@@ -296,7 +295,7 @@ class StatusService:
     def studies(self, query: StudyQuery) -> dict[str, Any]:
         """Studies of the local index matching ``query``, newest first, each with where it
         came from and a viewer link. Blocking."""
-        total, rows = study_list(self.runtime.store.reader, query.words, query.limit)
+        total, rows = self.runtime.store.study_list(query.words, query.limit)
         return {
             "total": total,
             "studies": [

@@ -583,7 +583,7 @@ class TransferService:
         )
         finished = [j for j in self.jobs.values() if j.finished is not None]
         for old in sorted(finished, key=lambda j: j.started)[: max(0, len(finished) - RECENT)]:
-            del self.jobs[old.id]  # kept in transfers.sqlite
+            del self.jobs[old.id]  # kept in the transfer store
         self.jobs[job.id] = job
         task = asyncio.get_running_loop().create_task(self._run(job))
         self._tasks.add(task)
@@ -724,29 +724,26 @@ class TransferService:
             raise BadInput("the custodian's manifest is for another token")
         job.instances_total = len(manifest.instances)
         job.bytes_total = manifest.total_bytes
-        present = await asyncio.to_thread(
-            self.runtime.store.digests_present, [e.digest.hex() for e in manifest.instances]
+        store = self.runtime.store
+        present = await store.off_loop(
+            store.digests_present, [e.digest.hex() for e in manifest.instances]
         )
         missing = [e.handle for e in manifest.instances if e.digest.hex() not in present]
         held = [e for e in manifest.instances if e.digest.hex() in present]
         job.instances_done = len(held)
         job.bytes_done = sum(e.size for e in held)
-        self._note_studies(job, [e.digest.hex() for e in held])
+        held_studies = await store.off_loop(
+            store.studies_with_digests, [e.digest.hex() for e in held]
+        )
+        self._note_studies(job, held_studies)
         if missing:
             url = f"{base}/p2p/transfer/{opened.transfer_id}/instances"
             await self._receive(job, http, custodian, url, keys, manifest, missing)
 
-    def _note_studies(self, job: FetchJob, digests: list[str]) -> None:
-        for start in range(0, len(digests), 500):
-            part = digests[start : start + 500]
-            rows = self.runtime.store.reader.execute(
-                "SELECT DISTINCT study_instance_uid FROM instances WHERE digest IN"
-                f" ({','.join('?' * len(part))})",
-                part,
-            )
-            for (uid,) in rows:
-                if uid not in job.study_uids:
-                    job.study_uids.append(uid)
+    def _note_studies(self, job: FetchJob, study_uids: list[str]) -> None:
+        for uid in study_uids:
+            if uid not in job.study_uids:
+                job.study_uids.append(uid)
 
     async def _receive(
         self,

@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.store.sqlite import connect_durable
+from node.store.sqlite import Migration, open_database
 
 FILE_NAME = "audit_export.sqlite"
 
@@ -31,6 +31,8 @@ CREATE TABLE IF NOT EXISTS totals (
 );
 INSERT OR IGNORE INTO totals (id) VALUES (1);
 """
+# Schema versions (node/store/sqlite.py): position n upgrades version n to n + 1.
+MIGRATIONS: tuple[Migration, ...] = (_SCHEMA,)
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,7 @@ class AuditQueue:
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._conn = connect_durable(data_dir / FILE_NAME, synchronous="NORMAL")
-        self._conn.executescript(_SCHEMA)
+        self._conn = open_database(data_dir / FILE_NAME, MIGRATIONS, synchronous="NORMAL")
 
     def close(self) -> None:
         with self._lock:

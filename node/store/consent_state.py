@@ -21,7 +21,9 @@ from typing import Any
 
 from node.core.consent import decode_grant, decode_revocation
 from node.errors import BadInput
-from node.store.sqlite import connect_durable
+from node.store.sqlite import Migration, open_database
+
+FILE_NAME = "consent.sqlite"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS subjects (
@@ -42,6 +44,8 @@ CREATE TABLE IF NOT EXISTS revocations (
 CREATE TABLE IF NOT EXISTS replay (
     name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 """
+# Schema versions (node/store/sqlite.py): position n upgrades version n to n + 1.
+MIGRATIONS: tuple[Migration, ...] = (SCHEMA,)
 
 
 @dataclass(frozen=True)
@@ -69,8 +73,7 @@ class ConsentState:
 
     def __init__(self, db_path: Path) -> None:
         self._lock = threading.Lock()
-        self._db = connect_durable(db_path)
-        self._db.executescript(SCHEMA)
+        self._db = open_database(db_path, MIGRATIONS)
 
     def close(self) -> None:
         with self._lock:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import threading
 import tomllib
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from node.core.equivocation import EquivocationProof
 from node.core.merkle import HASH_SIZE
 from node.core.roster import Member, make_member
 from node.errors import ConfigError, ImageShareError
-from node.store.sqlite import connect_durable
+from node.store.sqlite import Migration, add_missing_columns, open_database
 
 ROSTER_FILE = "peers.toml"
 STATE_FILE = "federation.sqlite"
@@ -95,25 +96,32 @@ class Equivocation:
         return {**self.proof.as_json(), "reason": self.reason, "detected_at": self.detected_at}
 
 
+def _create_equivocations(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS equivocations ("
+        " log_id TEXT NOT NULL, origin TEXT NOT NULL, note_a TEXT NOT NULL,"
+        " note_b TEXT NOT NULL, reason TEXT NOT NULL, detected_at INTEGER NOT NULL,"
+        " prefix_root BLOB, consistency BLOB NOT NULL DEFAULT x'',"
+        " PRIMARY KEY (log_id, note_a, note_b))"
+    )
+    # A table from before proofs were self-contained lacks their last two columns.
+    add_missing_columns(
+        conn,
+        "equivocations",
+        {"prefix_root": "BLOB", "consistency": "BLOB NOT NULL DEFAULT x''"},
+    )
+
+
+# Schema versions (node/store/sqlite.py): position n upgrades version n to n + 1.
+MIGRATIONS: tuple[Migration, ...] = (_create_equivocations,)
+
+
 class FederationState:
     """Durable equivocation proofs (WAL, synchronous=FULL)."""
 
     def __init__(self, db_path: Path) -> None:
         self._lock = threading.Lock()
-        self._db = connect_durable(db_path)
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS equivocations ("
-            " log_id TEXT NOT NULL, origin TEXT NOT NULL, note_a TEXT NOT NULL,"
-            " note_b TEXT NOT NULL, reason TEXT NOT NULL, detected_at INTEGER NOT NULL,"
-            " prefix_root BLOB, consistency BLOB NOT NULL DEFAULT x'',"
-            " PRIMARY KEY (log_id, note_a, note_b))"
-        )
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(equivocations)")}
-        if "prefix_root" not in columns:  # a table from before proofs were self-contained
-            self._db.execute("ALTER TABLE equivocations ADD COLUMN prefix_root BLOB")
-            self._db.execute(
-                "ALTER TABLE equivocations ADD COLUMN consistency BLOB NOT NULL DEFAULT x''"
-            )
+        self._db = open_database(db_path, MIGRATIONS)
 
     def record_equivocation(self, found: Equivocation) -> bool:
         """Keep the proof durably; False if this pair of notes was already recorded."""

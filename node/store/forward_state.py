@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from node.store.sqlite import connect_durable
+from node.store.sqlite import Migration, open_database
 
+FILE_NAME = "forward.sqlite"
 PENDING = "pending"
 FAILED = "failed"
 
@@ -46,6 +47,8 @@ CREATE TABLE IF NOT EXISTS totals (
 INSERT OR IGNORE INTO cursor (id, last_rowid) VALUES (1, 0);
 INSERT OR IGNORE INTO totals (id) VALUES (1);
 """
+# Schema versions (node/store/sqlite.py): position n upgrades version n to n + 1.
+MIGRATIONS: tuple[Migration, ...] = (_SCHEMA,)
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,7 @@ class ForwardState:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._conn = connect_durable(path, rows_as_dicts=True)
-        self._conn.executescript(_SCHEMA)
+        self._conn = open_database(path, MIGRATIONS, rows_as_dicts=True)
 
     def close(self) -> None:
         with self._lock:

@@ -15,6 +15,7 @@ durable, so no instance is ever half-indexed.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import hashlib
@@ -24,13 +25,12 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ParamSpec, TypeVar
 
-import sqlite_utils
 from pydicom.dataset import FileDataset
 
 from node.errors import BadInput, ImageShareError, NotFound, PayloadTooLarge, StorageFull
@@ -42,11 +42,24 @@ from node.store.dicom_header import (
     read_dataset,
     read_to_pixels,
 )
-from node.store.sqlite import connect_durable
+from node.store.queries import (
+    Filter,
+    Query,
+    QueryResult,
+    matching_instance_uids,
+    run_query,
+    study_list,
+)
+from node.store.sqlite import Migration, add_missing_columns, connect_durable, open_database
 
 CHUNK = 1024 * 1024
+# Values bound in one ``IN (...)`` list: far below SQLite's limit on bound parameters.
+_IN_LIST_LIMIT = 500
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syncfs = getattr(_libc, "syncfs", None)
@@ -91,6 +104,24 @@ class InstanceRecord:
     digest: str
     size: int
     path: Path
+
+
+@dataclass(frozen=True)
+class IndexedSeries:
+    """One series of a study as the index holds it."""
+
+    series_instance_uid: str
+    modality: str
+    description: str
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """An indexed instance, with its place in the order instances were indexed."""
+
+    position: int  # increases with every instance indexed; never reused
+    sop_instance_uid: str
+    study_instance_uid: str
 
 
 def fsync_dir(path: Path) -> None:
@@ -150,10 +181,39 @@ def _table_spec(level: Level) -> dict[str, Any]:
 SCHEMA: dict[str, dict[str, Any]] = {
     TABLES[level]: _table_spec(level) for level in (Level.STUDY, Level.SERIES, Level.INSTANCE)
 }
+_SQL_TYPES = {str: "TEXT", int: "INTEGER", float: "REAL"}
 
 
-class InstanceStore:
-    """The node's instances: durable files plus their SQLite index.
+def create_declared_schema(conn: sqlite3.Connection) -> None:
+    """Create the index tables and indexes the declaration calls for, where missing, and
+    add the declared columns an older table lacks (new ones hold NULL until re-indexed).
+
+    Idempotent: it is the first migration, and is appended again to MIGRATIONS when an
+    attribute is declared (the version-1 snapshot in tests/schemas fails until it is).
+    Names and types are those the index has always had.
+    """
+    for table, spec in SCHEMA.items():
+        columns = {name: _SQL_TYPES[kind] for name, kind in spec["columns"].items()}
+        definitions = [
+            f"{name} {kind}{' PRIMARY KEY' if name == spec['pk'] else ''}"
+            for name, kind in columns.items()
+        ]
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {table} ({', '.join(definitions)})")
+        add_missing_columns(conn, table, columns)
+        for indexed in spec["indexes"]:
+            conn.execute(
+                f"CREATE INDEX IF NOT EXISTS idx_{table}_{'_'.join(indexed)}"
+                f" ON {table} ({', '.join(indexed)})"
+            )
+
+
+# Schema versions (node/store/sqlite.py): position n upgrades version n to n + 1.
+MIGRATIONS: tuple[Migration, ...] = (create_declared_schema,)
+
+
+class SqliteInstanceStore:
+    """The node's instances: durable files plus their SQLite index (the embedded
+    backend of ``node.store.protocols.InstanceStore``).
 
     Safe to use from several threads: writes are serialised by a lock, reads use a
     connection per thread (SQLite WAL lets them run beside the writer).
@@ -174,8 +234,7 @@ class InstanceStore:
         self.objects_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._clear_tmp()
-        self._writer = self._connect()
-        self._create_schema()
+        self._writer = open_database(self.db_path, MIGRATIONS, rows_as_dicts=True)
 
     # -- connections -------------------------------------------------------------------
 
@@ -190,15 +249,6 @@ class InstanceStore:
             conn = self._connect()
             self._local.conn = conn
         return conn
-
-    def _create_schema(self) -> None:
-        db = sqlite_utils.Database(self._writer)
-        for name, spec in SCHEMA.items():
-            table = db.table(name)
-            if not table.exists():
-                table.create(spec["columns"], pk=spec["pk"])
-                for columns in spec["indexes"]:
-                    table.create_index(columns)
 
     def _clear_tmp(self) -> None:
         for leftover in self.tmp_dir.iterdir():
@@ -248,8 +298,7 @@ class InstanceStore:
     def digests_present(self, digests: Sequence[str]) -> set[str]:
         """Which of these SHA-256 digests (hex) belong to an indexed instance."""
         found: set[str] = set()
-        for start in range(0, len(digests), 500):
-            part = list(digests[start : start + 500])
+        for part in _chunks(digests):
             marks = ",".join("?" * len(part))
             rows = self.reader.execute(
                 f"SELECT digest FROM instances WHERE digest IN ({marks})", part
@@ -332,8 +381,7 @@ class InstanceStore:
 
     def _indexed_uids(self, uids: Sequence[str]) -> set[str]:
         found: set[str] = set()
-        for start in range(0, len(uids), 500):
-            part = uids[start : start + 500]
+        for part in _chunks(uids):
             marks = ",".join("?" * len(part))
             rows = self._writer.execute(
                 f"SELECT sop_instance_uid FROM instances WHERE sop_instance_uid IN ({marks})", part
@@ -430,13 +478,75 @@ class InstanceStore:
             raise NotFound("no such study on this node")
         return dict(row)
 
-    def studies_of_patient(self, patient_id: str) -> list[str]:
+    def study_uids(self) -> list[str]:
+        return [r[0] for r in self.reader.execute("SELECT study_instance_uid FROM studies")]
+
+    def patient_ids(self) -> list[str]:
         rows = self.reader.execute(
-            "SELECT study_instance_uid FROM studies WHERE patient_id = ? ORDER BY study_date,"
-            " study_instance_uid",
-            (patient_id,),
+            "SELECT DISTINCT patient_id FROM studies WHERE COALESCE(patient_id, '') != ''"
         )
         return [r[0] for r in rows]
+
+    def studies_of_patient(
+        self, patient_id: str, unless_source_starts_with: str | None = None
+    ) -> list[str]:
+        sql = "SELECT study_instance_uid FROM studies WHERE patient_id = ?"
+        args: list[Any] = [patient_id]
+        if unless_source_starts_with is not None:
+            sql += " AND substr(COALESCE(source, ''), 1, ?) != ?"
+            args += [len(unless_source_starts_with), unless_source_starts_with]
+        rows = self.reader.execute(sql + " ORDER BY study_date, study_instance_uid", args)
+        return [r[0] for r in rows]
+
+    def series_of_study(self, study_uid: str) -> list[IndexedSeries]:
+        rows = self.reader.execute(
+            "SELECT series_instance_uid, modality, series_description FROM series"
+            " WHERE study_instance_uid = ? ORDER BY series_number, series_instance_uid",
+            (study_uid,),
+        )
+        return [IndexedSeries(r[0], r[1] or "", r[2] or "") for r in rows]
+
+    def instance_count(self, study_uid: str) -> int:
+        row = self.reader.execute(
+            "SELECT COUNT(*) FROM instances WHERE study_instance_uid = ?", (study_uid,)
+        ).fetchone()
+        return int(row[0])
+
+    def studies_with_digests(self, digests: Sequence[str]) -> list[str]:
+        found: list[str] = []
+        for part in _chunks(digests):
+            rows = self.reader.execute(
+                "SELECT DISTINCT study_instance_uid FROM instances WHERE digest IN"
+                f" ({','.join('?' * len(part))})",
+                part,
+            )
+            for (uid,) in rows:
+                if uid not in found:  # a study may span several pieces
+                    found.append(uid)
+        return found
+
+    def arrivals_after(self, position: int, limit: int) -> list[Arrival]:
+        # The rowid of the instances table only grows (rows are never deleted).
+        rows = self.reader.execute(
+            "SELECT rowid, sop_instance_uid, study_instance_uid FROM instances"
+            " WHERE rowid > ? ORDER BY rowid LIMIT ?",
+            (position, limit),
+        )
+        return [Arrival(r[0], r[1], r[2]) for r in rows]
+
+    def search(self, query: Query) -> QueryResult:
+        return run_query(self.reader, query)
+
+    def instance_uids_matching(self, filters: Sequence[Filter]) -> list[str]:
+        return matching_instance_uids(self.reader, filters)
+
+    def study_list(self, words: Sequence[str], limit: int) -> tuple[int, list[dict[str, Any]]]:
+        return study_list(self.reader, words, limit)
+
+    async def off_loop(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        # Each worker thread opens its own read connection (``reader``), so SQLite's WAL
+        # lets these reads run beside the writer and beside each other.
+        return await asyncio.to_thread(call, *args, **kwargs)
 
     def counts(self) -> dict[str, int]:
         conn = self.reader
@@ -550,6 +660,12 @@ def _stored_file_errors(record: InstanceRecord) -> Iterator[None]:
         raise ImageShareError(f"a stored instance cannot be read: {exc}") from exc
 
 
+def _chunks(values: Sequence[str]) -> Iterator[list[str]]:
+    """``values`` in pieces small enough for one SQL ``IN (...)`` list."""
+    for start in range(0, len(values), _IN_LIST_LIMIT):
+        yield list(values[start : start + _IN_LIST_LIMIT])
+
+
 def _result(item: StagedInstance, outcome: Outcome) -> IngestResult:
     h = item.header
     return IngestResult(
@@ -564,11 +680,13 @@ def _result(item: StagedInstance, outcome: Outcome) -> IngestResult:
 
 
 __all__ = [
+    "Arrival",
     "BadInput",
+    "IndexedSeries",
     "IngestResult",
     "InstanceRecord",
-    "InstanceStore",
     "Outcome",
+    "SqliteInstanceStore",
     "StagedInstance",
     "StagingFile",
 ]

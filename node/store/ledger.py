@@ -65,7 +65,7 @@ from node.errors import (
     StorageFull,
     Unauthorized,
 )
-from node.store.sqlite import connect_durable
+from node.store.sqlite import Migration, connect_durable, migrate
 
 LEDGER_FILE = "ledger.sqlite"
 VERIFY_BATCH = 4096
@@ -103,6 +103,8 @@ CREATE TABLE IF NOT EXISTS log_keys (
     PRIMARY KEY (log, first_size)
 ) WITHOUT ROWID;
 """
+# Schema versions (node/store/sqlite.py): position n upgrades version n to n + 1.
+MIGRATIONS: tuple[Migration, ...] = (SCHEMA,)
 
 
 class LedgerCorrupt(ImageShareError):
@@ -247,7 +249,7 @@ class LedgerStore:
         # Serialises this process's writers; other processes are held off by SQLite's lock.
         self.write_lock = threading.RLock()
         self.writer = self._connect()
-        self.writer.executescript(SCHEMA)
+        migrate(self.writer, LEDGER_FILE, MIGRATIONS)
         self._logs: dict[str, StoredLog] = {}
         self._roots: dict[int, tuple[int, bytes]] = {}  # log row -> (size, root) last listed
 

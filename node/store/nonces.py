@@ -12,7 +12,18 @@ import threading
 import time
 from pathlib import Path
 
-from node.store.sqlite import connect_durable
+from node.store.sqlite import Migration, open_database
+
+FILE_NAME = "nonces.sqlite"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS nonces (
+    signer TEXT NOT NULL, nonce BLOB NOT NULL, timestamp INTEGER NOT NULL,
+    PRIMARY KEY (signer, nonce)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS nonces_by_time ON nonces (timestamp);
+"""
+# Schema versions (node/store/sqlite.py): position n upgrades version n to n + 1.
+MIGRATIONS: tuple[Migration, ...] = (_SCHEMA,)
 
 # Prune at most this often: one DELETE per interval keeps the table small and cheap.
 PRUNE_INTERVAL = 60.0
@@ -24,13 +35,7 @@ class NonceStore:
     def __init__(self, db_path: Path, max_age: int = 300) -> None:
         self.max_age = max_age
         self._lock = threading.Lock()
-        self._db = connect_durable(db_path)
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS nonces ("
-            " signer TEXT NOT NULL, nonce BLOB NOT NULL, timestamp INTEGER NOT NULL,"
-            " PRIMARY KEY (signer, nonce)) WITHOUT ROWID"
-        )
-        self._db.execute("CREATE INDEX IF NOT EXISTS nonces_by_time ON nonces (timestamp)")
+        self._db = open_database(db_path, MIGRATIONS)
         self._last_prune = 0.0
 
     def remember(self, signer: str, nonce: bytes, timestamp: int, now: float | None = None) -> bool:

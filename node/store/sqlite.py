@@ -1,19 +1,34 @@
-"""How the node opens its SQLite databases: the one place their durability is set.
+"""How the node opens its SQLite databases: the one place their durability is set, and
+the one place their schemas are versioned.
 
 Every database is in WAL mode (readers run beside the one writer), in autocommit mode
 (transactions are explicit BEGIN ... COMMIT), usable from several threads behind the
 caller's own lock, and waits for another process's write lock instead of failing at
 once. With ``synchronous=FULL`` a COMMIT returns only after the WAL is fsynced: that is
 what "committed" means wherever the node acknowledges something.
+
+Schema versions: each database's module declares its migrations, a list whose position
+``n`` brings the schema from version ``n`` to ``n + 1``; ``PRAGMA user_version`` holds
+the version a database is at. ``open_database`` applies the missing steps in one
+transaction, so a database is at one version or the next, never between. A database
+written by a newer node (a higher version than this code knows) is refused, never
+guessed at. Version 0 is a database from before versions were kept (or a new file):
+every first migration creates its tables only where they are missing, so it adopts one.
 """
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
+from node.errors import ConfigError
+
 Synchronous = Literal["FULL", "NORMAL"]
+# One step of a schema: an SQL script (statements separated by ';') or a function that
+# changes the database through the connection it is given (inside the transaction).
+Migration = str | Callable[[sqlite3.Connection], None]
 
 
 def connect_durable(
@@ -36,3 +51,85 @@ def connect_durable(
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
     return conn
+
+
+def open_database(
+    path: Path,
+    migrations: Sequence[Migration],
+    synchronous: Synchronous = "FULL",
+    busy_timeout: float = 10.0,
+    rows_as_dicts: bool = False,
+) -> sqlite3.Connection:
+    """``connect_durable``, then bring the schema to the latest version (``migrate``)."""
+    conn = connect_durable(path, synchronous, busy_timeout, rows_as_dicts)
+    try:
+        migrate(conn, path.name, migrations)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The schema version the database is at (``PRAGMA user_version``)."""
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def migrate(conn: sqlite3.Connection, name: str, migrations: Sequence[Migration]) -> None:
+    """Apply the migrations the database lacks, all in one transaction.
+
+    Raises ConfigError, changing nothing, if the database is at a newer version than
+    ``migrations`` reach (it was written by a newer node).
+    """
+    latest = len(migrations)
+    if _refuse_newer(name, schema_version(conn), latest) == latest:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        # Read again under the write lock: another process may have migrated meanwhile.
+        version = _refuse_newer(name, schema_version(conn), latest)
+        for step in migrations[version:]:
+            if isinstance(step, str):
+                for statement in _statements(step):
+                    conn.execute(statement)
+            else:
+                step(conn)
+        conn.execute(f"PRAGMA user_version = {latest}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _refuse_newer(name: str, version: int, latest: int) -> int:
+    if version > latest:
+        raise ConfigError(
+            f"{name} is at schema version {version}, newer than the {latest} this node"
+            " knows; run the newer ImageShare release that wrote it"
+        )
+    return version
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of an SQL script, one by one (``executescript`` would commit)."""
+    statements: list[str] = []
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        # A ';' inside a quoted string or a trigger body does not end the statement.
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n\t;"):
+                statements.append(pending.strip())
+            pending = ""
+    if pending.strip(" \n\t;"):
+        raise ValueError(f"incomplete SQL statement in a migration: {pending.strip()[:60]}")
+    return statements
+
+
+def add_missing_columns(conn: sqlite3.Connection, table: str, columns: dict[str, str]) -> None:
+    """Add each ``name: declaration`` column that ``table`` lacks (a migration step)."""
+    present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+    for column, declaration in columns.items():
+        if column not in present:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")

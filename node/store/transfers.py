@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from node.store.sqlite import connect_durable
+from node.store.sqlite import Migration, open_database
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS streams (
@@ -34,6 +34,8 @@ CREATE INDEX IF NOT EXISTS stream_instances_by_stream ON stream_instances (strea
 CREATE TABLE IF NOT EXISTS fetches (
     id TEXT PRIMARY KEY, started REAL NOT NULL, document TEXT NOT NULL);
 """
+# Schema versions (node/store/sqlite.py): position n upgrades version n to n + 1.
+MIGRATIONS: tuple[Migration, ...] = (SCHEMA,)
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,7 @@ class TransferStore:
 
     def __init__(self, data_dir: Path) -> None:
         self._lock = threading.Lock()
-        self._db = connect_durable(data_dir / "transfers.sqlite", synchronous="NORMAL")
-        self._db.executescript(SCHEMA)
+        self._db = open_database(data_dir / "transfers.sqlite", MIGRATIONS, synchronous="NORMAL")
 
     def close(self) -> None:
         with self._lock:

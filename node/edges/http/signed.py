@@ -28,9 +28,8 @@ from node.core.signed_requests import (
 )
 from node.errors import PayloadTooLarge, Unauthorized
 from node.services.runtime import NodeRuntime
+from node.store.nonces import FILE_NAME as NONCES_FILE
 from node.store.nonces import NonceStore
-
-NONCES_FILE = "nonces.sqlite"
 
 
 @dataclass(frozen=True)
