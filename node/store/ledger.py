@@ -33,12 +33,12 @@ from node.core.keys import NodeIdentity, VerifierKey
 from node.core.merkle import (
     EMPTY_ROOT,
     ZERO_HASH,
+    MerkleFrontier,
+    Subtree,
     SubtreeIndex,
     consistency_proof,
-    fold_right,
     inclusion_proof,
     leaf_hash,
-    node_hash,
     subtree_indexes,
     tree_root,
 )
@@ -195,31 +195,25 @@ class _Reader:
 
 @dataclass
 class _Tail:
-    """The right edge of a log: its size, last leaf hash and maximal complete subtrees."""
+    """The right edge of a log: its Merkle frontier and the last leaf hash (the next prev)."""
 
-    size: int
+    frontier: MerkleFrontier
     last_leaf: bytes
-    frontier: list[tuple[int, int, bytes]]  # (level, n, hash), largest subtree first
 
-    def push(self, leaf: bytes) -> list[tuple[int, int, bytes]]:
+    @property
+    def size(self) -> int:
+        return self.frontier.size
+
+    def push(self, leaf: bytes) -> list[Subtree]:
         """Add a leaf; returns the subtrees (level >= 1) it completes."""
-        self.frontier.append((0, self.size, leaf))
-        self.size += 1
         self.last_leaf = leaf
-        completed = []
-        while len(self.frontier) >= 2 and self.frontier[-1][0] == self.frontier[-2][0]:
-            level, _, right = self.frontier.pop()
-            _, n, left = self.frontier.pop()
-            parent = (level + 1, n >> 1, node_hash(left, right))
-            self.frontier.append(parent)
-            completed.append(parent)
-        return completed
+        return self.frontier.push(leaf)
 
     def root(self) -> bytes:
-        return fold_right([h for _, _, h in self.frontier])
+        return self.frontier.root()
 
     def copy(self) -> _Tail:
-        return _Tail(self.size, self.last_leaf, list(self.frontier))
+        return _Tail(self.frontier.copy(), self.last_leaf)
 
 
 class LedgerStore:
@@ -472,8 +466,8 @@ class StoredLog:
         indexes = subtree_indexes(0, size)
         hashes = _Reader(conn, self.rowid).read_hashes(indexes)
         last = _Reader(conn, self.rowid).read_hashes([(0, size - 1)])[0] if size else ZERO_HASH
-        frontier = [(level, n, h) for (level, n), h in zip(indexes, hashes, strict=True)]
-        return _Tail(size, last, frontier)
+        subtrees = [(level, n, h) for (level, n), h in zip(indexes, hashes, strict=True)]
+        return _Tail(MerkleFrontier(size, subtrees), last)
 
     def _store_rows(
         self,
@@ -511,7 +505,7 @@ class StoredLog:
                 report.checkpoint_size = checkpoint.size
             except (BadInput, Unauthorized) as exc:
                 report.problems.append(Problem(None, f"latest checkpoint: {exc}"))
-        tail = _Tail(0, ZERO_HASH, [])
+        tail = _Tail(MerkleFrontier(), ZERO_HASH)
         checkpoint_root = EMPTY_ROOT if checkpoint is not None and checkpoint.size == 0 else None
         expected_subtrees = 0
         index = 0
