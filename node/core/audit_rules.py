@@ -15,6 +15,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from node.core.chain import LogChain
 from node.core.consent import (
     MAX_TIME,
     AccessRequest,
@@ -27,7 +28,7 @@ from node.core.consent import (
 )
 from node.core.entries import LedgerEntry, decode_entry
 from node.core.keys import VerifierKey
-from node.core.merkle import ZERO_HASH, MemoryTree, leaf_hash, root_from_leaf_hashes
+from node.core.merkle import MemoryTree
 from node.core.notes import Checkpoint, parse_note, verify_cosignature, verify_note
 from node.core.origins import log_id_bytes
 from node.errors import BadInput, Unauthorized
@@ -196,23 +197,21 @@ def check_history(
             f"served {len(raw_entries)} entries for a checkpoint of {checkpoint.size}",
         )
         return history, findings.done()
-    hashes = [leaf_hash(raw) for raw in raw_entries]
-    entries: list[LedgerEntry | None] = []
-    for index, raw in enumerate(raw_entries):
-        try:
-            entry: LedgerEntry | None = decode(raw)
-        except BadInput as exc:
-            entry = None
-            findings.add("malformed_entry", index, str(exc))
-        entries.append(entry)
-        expected_prev = hashes[index - 1] if index else ZERO_HASH
-        if entry is not None and entry.prev != expected_prev:
-            findings.add("broken_chain", index, "prev is not the leaf hash of the entry before it")
-    if root_from_leaf_hashes(hashes) != checkpoint.root_hash:
+    chain = LogChain()
+    links = [chain.append(raw, decode) for raw in raw_entries]
+    for link in links:
+        if link.error is not None:
+            findings.add("malformed_entry", link.index, str(link.error))
+        elif not link.chains:
+            findings.add(
+                "broken_chain", link.index, "prev is not the leaf hash of the entry before it"
+            )
+    if not chain.gives_root_of(checkpoint):
         findings.add(
             "root_mismatch", None, f"entries 0..{checkpoint.size - 1} do not hash to the root"
         )
-    history.leaf_hashes, history.entries = hashes, entries
+    history.leaf_hashes = [link.leaf for link in links]
+    history.entries = [link.entry for link in links]
     history.intact = not findings.counts
     return history, findings.done()
 

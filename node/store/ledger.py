@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node.core.entries import LedgerEntry, decode_entry, encode_entry
+from node.core.chain import Link, LogChain
+from node.core.entries import LedgerEntry, encode_entry
 from node.core.keys import NodeIdentity, VerifierKey
 from node.core.merkle import (
     EMPTY_ROOT,
     ZERO_HASH,
     MerkleFrontier,
-    Subtree,
     SubtreeIndex,
     consistency_proof,
     inclusion_proof,
@@ -191,29 +191,6 @@ class _Reader:
                 raise LedgerCorrupt(f"the ledger store lacks the hash of subtree {level}/{n}")
             hashes.append(bytes(row[0]))
         return hashes
-
-
-@dataclass
-class _Tail:
-    """The right edge of a log: its Merkle frontier and the last leaf hash (the next prev)."""
-
-    frontier: MerkleFrontier
-    last_leaf: bytes
-
-    @property
-    def size(self) -> int:
-        return self.frontier.size
-
-    def push(self, leaf: bytes) -> list[Subtree]:
-        """Add a leaf; returns the subtrees (level >= 1) it completes."""
-        self.last_leaf = leaf
-        return self.frontier.push(leaf)
-
-    def root(self) -> bytes:
-        return self.frontier.root()
-
-    def copy(self) -> _Tail:
-        return _Tail(self.frontier.copy(), self.last_leaf)
 
 
 class LedgerStore:
@@ -376,7 +353,7 @@ class StoredLog:
         self.rowid = rowid
         self.origin = origin
         self.log_id = log_id_bytes(origin)
-        self._tail: _Tail | None = None
+        self._tail: LogChain | None = None
 
     @property
     def vkey(self) -> str:
@@ -459,7 +436,7 @@ class StoredLog:
         return None if row is None or row[0] is None else str(row[0])
 
     # Writers share the right edge of the tree, cached between commits.
-    def _load_tail(self, conn: sqlite3.Connection) -> _Tail:
+    def _load_tail(self, conn: sqlite3.Connection) -> LogChain:
         size = int(conn.execute("SELECT size FROM logs WHERE id=?", (self.rowid,)).fetchone()[0])
         if self._tail is not None and self._tail.size == size:
             return self._tail
@@ -467,7 +444,7 @@ class StoredLog:
         hashes = _Reader(conn, self.rowid).read_hashes(indexes)
         last = _Reader(conn, self.rowid).read_hashes([(0, size - 1)])[0] if size else ZERO_HASH
         subtrees = [(level, n, h) for (level, n), h in zip(indexes, hashes, strict=True)]
-        return _Tail(MerkleFrontier(size, subtrees), last)
+        return LogChain(MerkleFrontier(size, subtrees), last)
 
     def _store_rows(
         self,
@@ -505,7 +482,7 @@ class StoredLog:
                 report.checkpoint_size = checkpoint.size
             except (BadInput, Unauthorized) as exc:
                 report.problems.append(Problem(None, f"latest checkpoint: {exc}"))
-        tail = _Tail(MerkleFrontier(), ZERO_HASH)
+        tail = LogChain()
         checkpoint_root = EMPTY_ROOT if checkpoint is not None and checkpoint.size == 0 else None
         expected_subtrees = 0
         index = 0
@@ -520,11 +497,12 @@ class StoredLog:
             for idx, data, stored_leaf in rows:
                 if idx != index:
                     break
-                found = _entry_problems(index, bytes(data), bytes(stored_leaf), tail.last_leaf)
+                link = tail.append(bytes(data))
+                found = _link_problems(link, bytes(stored_leaf))
                 if found:
                     report.problems += found
                     break
-                for level, n, h in tail.push(leaf_hash(bytes(data))):
+                for level, n, h in link.completed:
                     computed[(level, n)] = h
                 if checkpoint is not None and tail.size == checkpoint.size:
                     checkpoint_root = tail.root()
@@ -588,16 +566,14 @@ class StoredLog:
         return None
 
 
-def _entry_problems(index: int, data: bytes, stored_leaf: bytes, prev: bytes) -> list[Problem]:
-    """What is wrong with stored entry ``index``, given the leaf hash of the one before."""
-    problems = []
-    try:
-        entry = decode_entry(data)
-        if entry.prev != prev:
-            problems.append(Problem(index, f"entry {index} does not chain to the entry before it"))
-    except BadInput as exc:
-        problems.append(Problem(index, f"entry {index} does not decode: {exc}"))
-    if leaf_hash(data) != stored_leaf:
+def _link_problems(link: Link, stored_leaf: bytes) -> list[Problem]:
+    """What is wrong with a stored entry, walked on the log's chain."""
+    index, problems = link.index, []
+    if link.error is not None:
+        problems.append(Problem(index, f"entry {index} does not decode: {link.error}"))
+    elif not link.chains:
+        problems.append(Problem(index, f"entry {index} does not chain to the entry before it"))
+    if link.leaf != stored_leaf:
         problems.append(Problem(index, f"entry {index} does not match its stored leaf hash"))
     return problems
 
@@ -706,14 +682,14 @@ class OwnLog(StoredLog):
 
     @staticmethod
     def _build(
-        pending: _PendingAppend, tail: _Tail
+        pending: _PendingAppend, tail: LogChain
     ) -> tuple[list[AppendResult], list[tuple[bytes, bytes]], list[tuple[int, int, bytes]]]:
         results, rows, subtrees = [], [], []
         for kind, fields, time in pending.items:
             data = encode_entry(LedgerEntry(kind, tail.last_leaf, time, dict(fields)))
             leaf = leaf_hash(data)
             index = tail.size
-            subtrees += tail.push(leaf)
+            subtrees += tail.push_leaf(leaf)
             rows.append((data, leaf))
             results.append(AppendResult(index, leaf, data))
         return results, rows, subtrees
@@ -811,18 +787,17 @@ class MirrorLog(StoredLog):
             subtrees: list[tuple[int, int, bytes]] = []
             for raw in entries:
                 raw = bytes(raw)
-                try:
-                    entry = decode_entry(raw)
-                except BadInput as exc:
-                    raise BadInput(f"{self.origin} entry {tail.size}: {exc}") from exc
-                if entry.prev != tail.last_leaf:
+                link = tail.append(raw)
+                if link.error is not None:
+                    message = f"{self.origin} entry {link.index}: {link.error}"
+                    raise BadInput(message) from link.error
+                if not link.chains:
                     raise BadInput(
-                        f"{self.origin} entry {tail.size} does not chain to the entry before"
+                        f"{self.origin} entry {link.index} does not chain to the entry before"
                     )
-                leaf = leaf_hash(raw)
-                subtrees += tail.push(leaf)
-                rows.append((raw, leaf))
-            if tail.root() != checkpoint.root_hash:
+                subtrees += link.completed
+                rows.append((raw, link.leaf))
+            if not tail.gives_root_of(checkpoint):
                 raise Conflict(
                     f"{self.origin} entries {first}..{checkpoint.size - 1} do not give the root "
                     "of its signed checkpoint: inconsistent with the log held, or wrong entries"
