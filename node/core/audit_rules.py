@@ -26,7 +26,16 @@ from node.core.consent import (
     Revocation,
     Rule,
 )
-from node.core.entries import LedgerEntry, decode_entry
+from node.core.entries import (
+    Access,
+    Enroll,
+    Grant,
+    LedgerEntry,
+    Receipt,
+    Revoke,
+    Witness,
+    decode_entry,
+)
 from node.core.keys import VerifierKey
 from node.core.merkle import MemoryTree
 from node.core.notes import Checkpoint, parse_note, verify_cosignature, verify_note
@@ -333,13 +342,13 @@ def check_witness_entries(histories: Mapping[str, History]) -> list[Violation]:
     violations = []
     for origin, history in sorted(histories.items()):
         for index, entry in enumerate(history.entries):
-            if entry is None or entry.kind != "witness":
+            if entry is None or not isinstance(witness := entry.body, Witness):
                 continue
-            witnessed = by_log_id.get(entry.fields["log_id"])
-            size = entry.fields["size"]
+            witnessed = by_log_id.get(witness.log_id)
+            size = witness.size
             if witnessed is None or not witnessed.intact or size > witnessed.size:
                 continue
-            if witnessed.prefix_root(size) != entry.fields["root"]:
+            if witnessed.prefix_root(size) != witness.root:
                 violations.append(
                     Violation(
                         origin,
@@ -407,10 +416,11 @@ def signed_items(entries: Sequence[LedgerEntry | None]) -> tuple[list[bytes], li
     for entry in entries:
         if entry is None:
             continue
-        if entry.kind == "grant":
-            grants.append(entry.fields["token"])
-        elif entry.kind == "revoke":
-            revocations.append(entry.fields["revocation"])
+        match entry.body:
+            case Grant(token=token):
+                grants.append(token)
+            case Revoke(revocation=revocation):
+                revocations.append(revocation)
     return grants, revocations
 
 
@@ -439,23 +449,23 @@ def plan_consent_checks(
     for index, entry in enumerate(entries):
         if entry is None:
             continue
-        f = entry.fields
-        if entry.kind == "enroll":
-            keys[f["key"]] = KeyStatus(f["subject"])
-            if f["replaces"] is not None:
-                old = keys.get(f["replaces"])
-                keys[f["replaces"]] = KeyStatus(f["subject"] if old is None else old.subject, True)
-        elif entry.kind == "grant":
-            _judge_grant(origin, index, f["token"], keys, grants, signatures, findings)
-        elif entry.kind == "revoke":
-            _judge_revocation(index, f["revocation"], grants, revoked, signatures, findings)
-        elif entry.kind == "access":
-            token = grants.get(f["token_id"])
+        body = entry.body
+        if isinstance(body, Enroll):
+            keys[body.key] = KeyStatus(body.subject)
+            if body.replaces is not None:
+                old = keys.get(body.replaces)
+                keys[body.replaces] = KeyStatus(body.subject if old is None else old.subject, True)
+        elif isinstance(body, Grant):
+            _judge_grant(origin, index, body.token, keys, grants, signatures, findings)
+        elif isinstance(body, Revoke):
+            _judge_revocation(index, body.revocation, grants, revoked, signatures, findings)
+        elif isinstance(body, Access):
+            token = grants.get(body.token_id)
             if token is None:
                 findings.add("access_without_grant", index, "no grant with this token id before it")
                 continue
             key = keys.get(token.patient_key)
-            owned = frozenset(token.fields.scope or ()) | {f["study"]}
+            owned = frozenset(token.fields.scope or ()) | {body.study}
             pair = (token.patient_key, token.token_id)
             view = ConsentView(
                 keys={} if key is None else {token.patient_key: key},
@@ -463,7 +473,7 @@ def plan_consent_checks(
                 revoked=frozenset({pair} & revoked),
                 recorded=frozenset({token.token_id}),
             )
-            request = AccessRequest(f["grantee"], (f["study"],), entry.time)
+            request = AccessRequest(body.grantee, (body.study,), entry.time)
             checks.append(AccessCheck(origin, index, token.raw, request, view, policy))
     return findings.done(), checks
 
@@ -547,12 +557,12 @@ def match_receipts(
         for index, entry in enumerate(entries):
             if entry is None:
                 continue
-            f = entry.fields
-            if entry.kind == "access":
-                key = (origin, f["grantee"], f["token_id"], f["study"], f["digest"])
+            body = entry.body
+            if isinstance(body, Access):
+                key = (origin, body.grantee, body.token_id, body.study, body.digest)
                 accesses[key].append((origin, index, entry.time))
-            elif entry.kind == "receipt":
-                key = (f["custodian"], origin, f["token_id"], f["study"], f["digest"])
+            elif isinstance(body, Receipt):
+                key = (body.custodian, origin, body.token_id, body.study, body.digest)
                 receipts[key].append((origin, index, entry.time))
     violations = []
     for key in sorted(set(accesses) | set(receipts)):

@@ -24,7 +24,7 @@ from node.core import origins
 from node.core.base64url import b64url_encode
 from node.core.chain import LogChain
 from node.core.consent import decode_revocation
-from node.core.entries import LedgerEntry
+from node.core.entries import Access, Denial, LedgerEntry, Revoke
 from node.core.keys import VerifierKey, parse_verifier_key
 from node.core.merkle import verify_inclusion
 from node.core.notes import Checkpoint, parse_note, verify_cosignature, verify_note
@@ -134,30 +134,30 @@ async def describe_node(session: aiohttp.ClientSession, url: str) -> Node:
 
 
 def _event_details(entry: LedgerEntry) -> dict[str, object]:
-    f = entry.fields
-    if entry.kind == "access":
+    body = entry.body
+    if isinstance(body, Access):
         return {
-            "grantee": f["grantee"],
-            "study": b64url_encode(f["study"]),
-            "instances": f["instances"],
-            "bytes": f["bytes"],
+            "grantee": body.grantee,
+            "study": b64url_encode(body.study),
+            "instances": body.instances,
+            "bytes": body.bytes,
         }
-    if entry.kind == "denial":
-        study = f["study"]
+    if isinstance(body, Denial):
         return {
-            "requester": f["requester"],
-            "rule": f["rule"],
-            "study": None if study is None else b64url_encode(study),
+            "requester": body.requester,
+            "rule": body.rule,
+            "study": None if body.study is None else b64url_encode(body.study),
         }
     return {}
 
 
 def _event_token_id(entry: LedgerEntry) -> bytes | None:
-    if entry.kind in ("access", "denial"):
-        return bytes(entry.fields["token_id"])
-    if entry.kind == "revoke":
+    body = entry.body
+    if isinstance(body, Access | Denial):
+        return body.token_id
+    if isinstance(body, Revoke):
         try:
-            return decode_revocation(entry.fields["revocation"]).token_id
+            return decode_revocation(body.revocation).token_id
         except BadInput:
             return None
     return None
