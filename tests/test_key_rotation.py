@@ -44,7 +44,7 @@ ORIGIN = "b.example/imageshare"
 
 
 def rotation_entry(rotation: KeyRotation) -> LedgerEntry:
-    return LedgerEntry("key_rotation", bytes(32), 1, rotation.fields())
+    return LedgerEntry("key_rotation", bytes(32), 1, rotation.wire_fields())
 
 
 class TestRotationRule:
@@ -151,7 +151,8 @@ class TestStoredKeyHistory:
 
     def rotated(self, own: OwnLog, old: NodeIdentity) -> tuple[NodeIdentity, int]:
         new = NodeIdentity.generate(ORIGIN)
-        result = own.append("key_rotation", sign_rotation(old, new, old.public_key).fields(), 9)
+        rotation = sign_rotation(old, new, old.public_key)
+        result = own.append("key_rotation", rotation.wire_fields(), 9)
         return new, result.index
 
     def test_checkpoints_are_signed_by_the_key_in_force_at_their_size(
@@ -208,7 +209,7 @@ class TestStoredKeyHistory:
         old = self.old
         mirror = peer_store.mirror(ORIGIN, old.vkey)
         new = NodeIdentity.generate(ORIGIN)
-        own.append("key_rotation", sign_rotation(None, new, old.public_key).fields(), 1)
+        own.append("key_rotation", sign_rotation(None, new, old.public_key).wire_fields(), 1)
         note = own.publish_checkpoint(new, 2)
         with pytest.raises(Unauthorized, match="not confirmed"):
             mirror.extend(own.entries(0, 1), note, old.vkey)

@@ -10,6 +10,7 @@ import pytest
 from node.core.merkle import (
     EMPTY_ROOT,
     MemoryTree,
+    MerkleFrontier,
     StreamingConsistency,
     consistency_proof,
     inclusion_proof,
@@ -194,3 +195,32 @@ class TestStreamingConsistency:
             streamed.new_root()
         with pytest.raises(BadInput):
             streamed.push([leaf_hash(b"a")] * 3)
+
+
+class TestMerkleFrontier:
+    def test_root_and_completed_subtrees_match_the_whole_tree_at_every_size(self) -> None:
+        leaves = [leaf_hash(bytes([i])) for i in range(40)]
+        tree = MemoryTree(leaves)
+        frontier = MerkleFrontier()
+        assert frontier.root() == EMPTY_ROOT
+        for size, leaf in enumerate(leaves, start=1):
+            for level, n, digest in frontier.push(leaf):
+                assert level >= 1 and tree.levels[level][n] == digest
+            assert frontier.size == size and frontier.root() == tree.root(size)
+            indexes = subtree_indexes(0, size)
+            assert [(lv, n) for lv, n, _ in frontier.subtrees] == indexes
+            assert [d for _, _, d in frontier.subtrees] == tree.read_hashes(indexes)
+
+    def test_a_frontier_rebuilt_from_stored_subtrees_grows_the_same_tree(self) -> None:
+        """What the ledger store does: reload the right edge, append, never re-read the rest."""
+        leaves = [leaf_hash(bytes([i])) for i in range(23)]
+        tree = MemoryTree(leaves)
+        for held in range(len(leaves)):
+            indexes = subtree_indexes(0, held)
+            resumed = MerkleFrontier(
+                held, [(*i, d) for i, d in zip(indexes, tree.read_hashes(indexes), strict=True)]
+            )
+            copy = resumed.copy()
+            for leaf in leaves[held:]:
+                resumed.push(leaf)
+            assert resumed.root() == tree.root() and copy.size == held

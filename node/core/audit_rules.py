@@ -15,6 +15,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from node.core.chain import LogChain
 from node.core.consent import (
     MAX_TIME,
     AccessRequest,
@@ -25,10 +26,19 @@ from node.core.consent import (
     Revocation,
     Rule,
 )
-from node.core.entries import LedgerEntry, decode_entry
+from node.core.entries import (
+    Access,
+    Enroll,
+    Grant,
+    LedgerEntry,
+    Receipt,
+    Revoke,
+    Witness,
+    decode_entry,
+)
 from node.core.key_rotation import KeyChain, chain_of_log
 from node.core.keys import VerifierKey, key_id
-from node.core.merkle import ZERO_HASH, MemoryTree, leaf_hash, root_from_leaf_hashes
+from node.core.merkle import MemoryTree
 from node.core.notes import Checkpoint, parse_note, verify_cosignature, verify_note
 from node.core.origins import log_id_bytes
 from node.errors import BadInput, Unauthorized
@@ -199,18 +209,16 @@ def check_history(
     except BadInput as exc:
         findings.add("bad_checkpoint_signature", None, str(exc))
         return history, findings.done()
-    hashes = [leaf_hash(raw) for raw in raw_entries]
-    entries: list[LedgerEntry | None] = []
-    for index, raw in enumerate(raw_entries):
-        try:
-            entry: LedgerEntry | None = decode(raw)
-        except BadInput as exc:
-            entry = None
-            findings.add("malformed_entry", index, str(exc))
-        entries.append(entry)
-        expected_prev = hashes[index - 1] if index else ZERO_HASH
-        if entry is not None and entry.prev != expected_prev:
-            findings.add("broken_chain", index, "prev is not the leaf hash of the entry before it")
+    log_chain = LogChain()
+    links = [log_chain.append(raw, decode) for raw in raw_entries]
+    for link in links:
+        if link.error is not None:
+            findings.add("malformed_entry", link.index, str(link.error))
+        elif not link.chains:
+            findings.add(
+                "broken_chain", link.index, "prev is not the leaf hash of the entry before it"
+            )
+    entries = [link.entry for link in links]
     try:
         chain = chain_of_log(origin, entries[: claimed.size], vkey.public_key, confirmed_key)
     except (BadInput, Unauthorized) as exc:
@@ -231,11 +239,12 @@ def check_history(
             f"served {len(raw_entries)} entries for a checkpoint of {checkpoint.size}",
         )
         return history, findings.done()
-    if root_from_leaf_hashes(hashes) != checkpoint.root_hash:
+    if not log_chain.gives_root_of(checkpoint):
         findings.add(
             "root_mismatch", None, f"entries 0..{checkpoint.size - 1} do not hash to the root"
         )
-    history.leaf_hashes, history.entries = hashes, entries
+    history.leaf_hashes = [link.leaf for link in links]
+    history.entries = entries
     history.intact = not findings.counts
     return history, findings.done()
 
@@ -363,13 +372,13 @@ def check_witness_entries(histories: Mapping[str, History]) -> list[Violation]:
     violations = []
     for origin, history in sorted(histories.items()):
         for index, entry in enumerate(history.entries):
-            if entry is None or entry.kind != "witness":
+            if entry is None or not isinstance(witness := entry.body, Witness):
                 continue
-            witnessed = by_log_id.get(entry.fields["log_id"])
-            size = entry.fields["size"]
+            witnessed = by_log_id.get(witness.log_id)
+            size = witness.size
             if witnessed is None or not witnessed.intact or size > witnessed.size:
                 continue
-            if witnessed.prefix_root(size) != entry.fields["root"]:
+            if witnessed.prefix_root(size) != witness.root:
                 violations.append(
                     Violation(
                         origin,
@@ -437,10 +446,11 @@ def signed_items(entries: Sequence[LedgerEntry | None]) -> tuple[list[bytes], li
     for entry in entries:
         if entry is None:
             continue
-        if entry.kind == "grant":
-            grants.append(entry.fields["token"])
-        elif entry.kind == "revoke":
-            revocations.append(entry.fields["revocation"])
+        match entry.body:
+            case Grant(token=token):
+                grants.append(token)
+            case Revoke(revocation=revocation):
+                revocations.append(revocation)
     return grants, revocations
 
 
@@ -469,23 +479,23 @@ def plan_consent_checks(
     for index, entry in enumerate(entries):
         if entry is None:
             continue
-        f = entry.fields
-        if entry.kind == "enroll":
-            keys[f["key"]] = KeyStatus(f["subject"])
-            if f["replaces"] is not None:
-                old = keys.get(f["replaces"])
-                keys[f["replaces"]] = KeyStatus(f["subject"] if old is None else old.subject, True)
-        elif entry.kind == "grant":
-            _judge_grant(origin, index, f["token"], keys, grants, signatures, findings)
-        elif entry.kind == "revoke":
-            _judge_revocation(index, f["revocation"], grants, revoked, signatures, findings)
-        elif entry.kind == "access":
-            token = grants.get(f["token_id"])
+        body = entry.body
+        if isinstance(body, Enroll):
+            keys[body.key] = KeyStatus(body.subject)
+            if body.replaces is not None:
+                old = keys.get(body.replaces)
+                keys[body.replaces] = KeyStatus(body.subject if old is None else old.subject, True)
+        elif isinstance(body, Grant):
+            _judge_grant(origin, index, body.token, keys, grants, signatures, findings)
+        elif isinstance(body, Revoke):
+            _judge_revocation(index, body.revocation, grants, revoked, signatures, findings)
+        elif isinstance(body, Access):
+            token = grants.get(body.token_id)
             if token is None:
                 findings.add("access_without_grant", index, "no grant with this token id before it")
                 continue
             key = keys.get(token.patient_key)
-            owned = frozenset(token.fields.scope or ()) | {f["study"]}
+            owned = frozenset(token.fields.scope or ()) | {body.study}
             pair = (token.patient_key, token.token_id)
             view = ConsentView(
                 keys={} if key is None else {token.patient_key: key},
@@ -493,7 +503,7 @@ def plan_consent_checks(
                 revoked=frozenset({pair} & revoked),
                 recorded=frozenset({token.token_id}),
             )
-            request = AccessRequest(f["grantee"], (f["study"],), entry.time)
+            request = AccessRequest(body.grantee, (body.study,), entry.time)
             checks.append(AccessCheck(origin, index, token.raw, request, view, policy))
     return findings.done(), checks
 
@@ -577,12 +587,12 @@ def match_receipts(
         for index, entry in enumerate(entries):
             if entry is None:
                 continue
-            f = entry.fields
-            if entry.kind == "access":
-                key = (origin, f["grantee"], f["token_id"], f["study"], f["digest"])
+            body = entry.body
+            if isinstance(body, Access):
+                key = (origin, body.grantee, body.token_id, body.study, body.digest)
                 accesses[key].append((origin, index, entry.time))
-            elif entry.kind == "receipt":
-                key = (f["custodian"], origin, f["token_id"], f["study"], f["digest"])
+            elif isinstance(body, Receipt):
+                key = (body.custodian, origin, body.token_id, body.study, body.digest)
                 receipts[key].append((origin, index, entry.time))
     violations = []
     for key in sorted(set(accesses) | set(receipts)):

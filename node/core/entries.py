@@ -2,15 +2,19 @@
 
 Wire form: the canonical msgpack map ``{"v": 1, "kind": str, "prev": bin32, "time": int,
 ...kind fields}``. ``prev`` is the leaf hash of the entry before (32 zero bytes for entry
-0), which chains the log. ``ENTRY_KINDS`` is the one registry of kinds and their fields;
-a new kind is a new line there. No field may carry PHI or DICOM UIDs: subjects and
+0), which chains the log. Each kind is a typed class (its fields and their wire types);
+``ENTRY_TYPES`` is the one registry of kinds, one line a kind. Encoding and decoding are
+here only. No field may carry PHI or DICOM UIDs: subjects and
 studies are keyed hashes.
 """
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import fields as dataclass_fields
+from functools import cached_property
+from typing import Any, ClassVar
 
 from node.core.encoding import canonical_decode, canonical_encode
 from node.errors import BadInput
@@ -22,36 +26,127 @@ _UINT_MAX = 2**63 - 1
 
 # Field types: "bin" (any bytes), "bin32"/"bin64" (exact length), "str" (UTF-8, at most
 # MAX_TEXT characters), "int" (0 .. 2**63-1); a trailing "?" also allows nil.
+def _wire(spec: str) -> dict[str, str]:
+    """A kind's field's metadata: its wire type (see above)."""
+    return {"spec": spec}
+
+
+class EntryBody:
+    """The fields of one kind of entry; each kind is a frozen dataclass below."""
+
+    kind: ClassVar[str]
+
+    def wire_fields(self) -> dict[str, Any]:
+        """The kind's fields as the wire map holds them."""
+        return {f.name: getattr(self, f.name) for f in dataclass_fields(self)}  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Enroll(EntryBody):
+    """Staff enrolled a patient key for a keyed subject reference (replacing ``replaces``)."""
+
+    kind: ClassVar[str] = "enroll"
+    subject: bytes = field(metadata=_wire("bin32"))
+    key: bytes = field(metadata=_wire("bin32"))
+    replaces: bytes | None = field(metadata=_wire("bin32?"))
+
+
+@dataclass(frozen=True)
+class Grant(EntryBody):
+    """A patient-signed grant token, verbatim."""
+
+    kind: ClassVar[str] = "grant"
+    token: bytes = field(metadata=_wire("bin"))
+
+
+@dataclass(frozen=True)
+class Revoke(EntryBody):
+    """A patient-signed revocation, verbatim."""
+
+    kind: ClassVar[str] = "revoke"
+    revocation: bytes = field(metadata=_wire("bin"))
+
+
+@dataclass(frozen=True)
+class Access(EntryBody):
+    """The custodian sent a grantee a study under a token (with the transfer's digest)."""
+
+    kind: ClassVar[str] = "access"
+    token_id: bytes = field(metadata=_wire("bin32"))
+    grantee: str = field(metadata=_wire("str"))
+    study: bytes = field(metadata=_wire("bin32"))
+    instances: int = field(metadata=_wire("int"))
+    bytes: int = field(metadata=_wire("int"))  # the wire's name; the type below is the builtin's
+    digest: builtins.bytes = field(metadata=_wire("bin32"))
+
+
+@dataclass(frozen=True)
+class Denial(EntryBody):
+    """The custodian refused a request under a token, naming the rule."""
+
+    kind: ClassVar[str] = "denial"
+    token_id: bytes = field(metadata=_wire("bin32"))
+    requester: str = field(metadata=_wire("str"))
+    rule: str = field(metadata=_wire("str"))
+    study: bytes | None = field(metadata=_wire("bin32?"))
+
+
+@dataclass(frozen=True)
+class Receipt(EntryBody):
+    """The grantee received a study from a custodian (the same digest as its access)."""
+
+    kind: ClassVar[str] = "receipt"
+    token_id: bytes = field(metadata=_wire("bin32"))
+    custodian: str = field(metadata=_wire("str"))
+    study: bytes = field(metadata=_wire("bin32"))
+    instances: int = field(metadata=_wire("int"))
+    bytes: int = field(metadata=_wire("int"))  # the wire's name; the type below is the builtin's
+    digest: builtins.bytes = field(metadata=_wire("bin32"))
+
+
+@dataclass(frozen=True)
+class Witness(EntryBody):
+    """This node saw a signed checkpoint (size, root) of the log ``log_id``."""
+
+    kind: ClassVar[str] = "witness"
+    log_id: bytes = field(metadata=_wire("bin32"))
+    size: int = field(metadata=_wire("int"))
+    root: bytes = field(metadata=_wire("bin32"))
+
+
+@dataclass(frozen=True)
+class KeyRotation(EntryBody):
+    """The log's key moves from ``old_key`` to ``new_key``; both sign (the old key's
+    signature is nil for a compromised key). node.core.key_rotation holds the signed
+    message and the chain rule."""
+
+    kind: ClassVar[str] = "key_rotation"
+    old_key: bytes = field(metadata=_wire("bin32"))
+    new_key: bytes = field(metadata=_wire("bin32"))
+    old_signature: bytes | None = field(metadata=_wire("bin64?"))
+    new_signature: bytes = field(metadata=_wire("bin64"))
+    reason: str = field(metadata=_wire("str"))
+
+
+def _registry(*kinds: type[EntryBody]) -> dict[str, type[EntryBody]]:
+    return {k.kind: k for k in kinds}
+
+
+# The one registry of kinds: a new kind is a class above and one line here.
+ENTRY_TYPES: dict[str, type[EntryBody]] = _registry(
+    Enroll,
+    Grant,
+    Revoke,
+    Access,
+    Denial,
+    Receipt,
+    Witness,
+    KeyRotation,
+)
+# Each kind's wire fields and their types, in declaration order.
 ENTRY_KINDS: dict[str, dict[str, str]] = {
-    "enroll": {"subject": "bin32", "key": "bin32", "replaces": "bin32?"},
-    "grant": {"token": "bin"},
-    "revoke": {"revocation": "bin"},
-    "access": {
-        "token_id": "bin32",
-        "grantee": "str",
-        "study": "bin32",
-        "instances": "int",
-        "bytes": "int",
-        "digest": "bin32",
-    },
-    "denial": {"token_id": "bin32", "requester": "str", "rule": "str", "study": "bin32?"},
-    "receipt": {
-        "token_id": "bin32",
-        "custodian": "str",
-        "study": "bin32",
-        "instances": "int",
-        "bytes": "int",
-        "digest": "bin32",
-    },
-    "witness": {"log_id": "bin32", "size": "int", "root": "bin32"},
-    # node.core.key_rotation holds the signatures' message and the chain rule.
-    "key_rotation": {
-        "old_key": "bin32",
-        "new_key": "bin32",
-        "old_signature": "bin64?",
-        "new_signature": "bin64",
-        "reason": "str",
-    },
+    kind: {f.name: f.metadata["spec"] for f in dataclass_fields(cls)}  # type: ignore[arg-type]
+    for kind, cls in ENTRY_TYPES.items()
 }
 
 _HEADER_FIELDS = ("v", "kind", "prev", "time")
@@ -59,12 +154,24 @@ _HEADER_FIELDS = ("v", "kind", "prev", "time")
 
 @dataclass(frozen=True)
 class LedgerEntry:
-    """One decoded entry: its kind, the previous leaf hash, unix time, and the kind's fields."""
+    """One entry as on the wire: its kind, the previous leaf hash, unix time, and the kind's
+    fields. Readers take ``body``, the typed fields; writers build one with ``of``."""
 
     kind: str
     prev: bytes
     time: int
     fields: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, prev: bytes, time: int, body: EntryBody) -> LedgerEntry:
+        """The entry holding ``body`` after the entry whose leaf hash is ``prev``."""
+        return cls(body.kind, prev, time, body.wire_fields())
+
+    @cached_property
+    def body(self) -> EntryBody:
+        """The kind's typed fields; raises BadInput unless the entry is well-formed."""
+        check_entry(self)
+        return ENTRY_TYPES[self.kind](**self.fields)
 
 
 def _check_value(kind: str, name: str, spec: str, value: Any) -> None:

@@ -25,14 +25,13 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
-from node.core.entries import LedgerEntry
+from node.core.entries import KeyRotation, LedgerEntry
 from node.core.keys import NodeIdentity, verify_ed25519
 from node.errors import BadInput, Unauthorized
 
 ROTATION_DOMAIN = b"imageshare-key-rotation/v1"
-ENTRY_KIND = "key_rotation"
+ENTRY_KIND = KeyRotation.kind
 ROUTINE = "routine"
 COMPROMISED = "compromised"
 REASONS = (ROUTINE, COMPROMISED)
@@ -51,33 +50,12 @@ def rotation_message(origin: str, old_key: bytes, new_key: bytes, reason: str) -
     )
 
 
-@dataclass(frozen=True)
-class KeyRotation:
-    """One key_rotation entry's fields; ``old_signature`` is None for a compromised key."""
-
-    old_key: bytes
-    new_key: bytes
-    old_signature: bytes | None
-    new_signature: bytes
-    reason: str
-
-    def fields(self) -> dict[str, Any]:
-        """The entry fields (node.core.entries' ``key_rotation`` kind)."""
-        return {
-            "old_key": self.old_key,
-            "new_key": self.new_key,
-            "old_signature": self.old_signature,
-            "new_signature": self.new_signature,
-            "reason": self.reason,
-        }
-
-    @classmethod
-    def from_entry(cls, entry: LedgerEntry) -> KeyRotation:
-        """The rotation a decoded, well-formed key_rotation entry records."""
-        if entry.kind != ENTRY_KIND:
-            raise BadInput(f"a {entry.kind} entry is not a key rotation")
-        f = entry.fields
-        return cls(f["old_key"], f["new_key"], f["old_signature"], f["new_signature"], f["reason"])
+def rotation_from_entry(entry: LedgerEntry) -> KeyRotation:
+    """The rotation a decoded, well-formed key_rotation entry records."""
+    body = entry.body
+    if not isinstance(body, KeyRotation):
+        raise BadInput(f"a {entry.kind} entry is not a key rotation")
+    return body
 
 
 def sign_rotation(old: NodeIdentity | None, new: NodeIdentity, old_key: bytes) -> KeyRotation:
@@ -182,7 +160,7 @@ def rotations_in(
 ) -> list[tuple[int, KeyRotation]]:
     """The (index, rotation) of every key_rotation entry among ``entries`` (None: skipped)."""
     return [
-        (first_index + i, KeyRotation.from_entry(e))
+        (first_index + i, rotation_from_entry(e))
         for i, e in enumerate(entries)
         if e is not None and e.kind == ENTRY_KIND
     ]

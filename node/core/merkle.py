@@ -230,23 +230,41 @@ def verify_consistency(
     return fr == old_root and sr == new_root and sn == 0
 
 
-class RootAccumulator:
-    """The RFC 6962 root of leaf hashes pushed one by one, in O(log n) memory."""
+Subtree = tuple[int, int, bytes]  # (level, n, hash) of the complete subtree SubtreeIndex names
 
-    def __init__(self) -> None:
-        self.size = 0
-        self._frontier: list[tuple[int, bytes]] = []  # (level, hash), largest subtree first
 
-    def push(self, leaf: bytes) -> None:
-        level, digest = 0, leaf
-        while self._frontier and self._frontier[-1][0] == level:
-            digest = node_hash(self._frontier.pop()[1], digest)
-            level += 1
-        self._frontier.append((level, digest))
+class MerkleFrontier:
+    """The right edge of an RFC 6962 tree grown leaf by leaf: its maximal complete subtrees,
+    largest first. Its root is the tree's root, in O(log n) memory.
+
+    The one append rule for a tree held whole nowhere: the ledger store's writers (which
+    also store the subtrees a leaf completes), the checks of a log's entries and streaming
+    consistency proofs all grow their trees here.
+    """
+
+    def __init__(self, size: int = 0, subtrees: Sequence[Subtree] = ()) -> None:
+        self.size = size
+        self.subtrees = list(subtrees)
+
+    def push(self, leaf: bytes) -> list[Subtree]:
+        """Add a leaf hash; returns the subtrees above the leaves (level >= 1) it completes."""
+        self.subtrees.append((0, self.size, leaf))
         self.size += 1
+        completed = []
+        while len(self.subtrees) >= 2 and self.subtrees[-1][0] == self.subtrees[-2][0]:
+            level, _, right = self.subtrees.pop()
+            _, n, left = self.subtrees.pop()
+            parent = (level + 1, n >> 1, node_hash(left, right))
+            self.subtrees.append(parent)
+            completed.append(parent)
+        return completed
 
     def root(self) -> bytes:
-        return fold_right([digest for _, digest in self._frontier])
+        """The root of the tree of every leaf pushed (EMPTY_ROOT for none)."""
+        return fold_right([digest for _, _, digest in self.subtrees])
+
+    def copy(self) -> MerkleFrontier:
+        return MerkleFrontier(self.size, self.subtrees)
 
 
 class StreamingConsistency:
@@ -261,7 +279,7 @@ class StreamingConsistency:
         self.old_size, self.new_size = old_size, new_size
         self._proof_ranges = consistency_ranges(old_size, new_size)
         ranges = {(0, old_size), (0, new_size), *self._proof_ranges}
-        self._roots = {r: RootAccumulator() for r in ranges}
+        self._roots = {r: MerkleFrontier() for r in ranges}
         self.pushed = 0
 
     def push(self, leaves: Sequence[bytes]) -> None:

@@ -56,7 +56,7 @@ def rotate_node_key(config: NodeConfig, compromised: bool = False) -> RotationDo
         )
         new = create_next_key(config.key_path, config.origin)
         rotation = sign_rotation(None if compromised else old, new, old.public_key)
-        result = own.append(ENTRY_KIND, rotation.fields(), int(time.time()))
+        result = own.append(ENTRY_KIND, rotation.wire_fields(), int(time.time()))
     finally:
         store.close()
     finish_rotation(config.key_path, config.origin, new.public_key)

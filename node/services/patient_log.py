@@ -22,10 +22,11 @@ import aiohttp
 
 from node.core import origins
 from node.core.base64url import b64url_encode
+from node.core.chain import LogChain
 from node.core.consent import decode_revocation
-from node.core.entries import LedgerEntry, decode_entry
+from node.core.entries import Access, Denial, LedgerEntry, Revoke
 from node.core.keys import VerifierKey, parse_verifier_key
-from node.core.merkle import leaf_hash, root_from_leaf_hashes, verify_inclusion
+from node.core.merkle import verify_inclusion
 from node.core.notes import Checkpoint, parse_note, verify_cosignature, verify_note
 from node.errors import BadInput, Unauthorized
 from node.services.audit import (
@@ -133,30 +134,30 @@ async def describe_node(session: aiohttp.ClientSession, url: str) -> Node:
 
 
 def _event_details(entry: LedgerEntry) -> dict[str, object]:
-    f = entry.fields
-    if entry.kind == "access":
+    body = entry.body
+    if isinstance(body, Access):
         return {
-            "grantee": f["grantee"],
-            "study": b64url_encode(f["study"]),
-            "instances": f["instances"],
-            "bytes": f["bytes"],
+            "grantee": body.grantee,
+            "study": b64url_encode(body.study),
+            "instances": body.instances,
+            "bytes": body.bytes,
         }
-    if entry.kind == "denial":
-        study = f["study"]
+    if isinstance(body, Denial):
         return {
-            "requester": f["requester"],
-            "rule": f["rule"],
-            "study": None if study is None else b64url_encode(study),
+            "requester": body.requester,
+            "rule": body.rule,
+            "study": None if body.study is None else b64url_encode(body.study),
         }
     return {}
 
 
 def _event_token_id(entry: LedgerEntry) -> bytes | None:
-    if entry.kind in ("access", "denial"):
-        return bytes(entry.fields["token_id"])
-    if entry.kind == "revoke":
+    body = entry.body
+    if isinstance(body, Access | Denial):
+        return body.token_id
+    if isinstance(body, Revoke):
         try:
-            return decode_revocation(entry.fields["revocation"]).token_id
+            return decode_revocation(body.revocation).token_id
         except BadInput:
             return None
     return None
@@ -232,17 +233,14 @@ async def custodian_events(
     entries = await fetch_entries(session, source, log_id, size)
     # Inclusion proofs show that what is listed is in the log; recomputing the root from
     # every entry shows that nothing was left out.
-    if checkpoint is not None and (
-        root_from_leaf_hashes([leaf_hash(raw) for raw in entries]) != checkpoint.root_hash
-    ):
+    chain = LogChain()
+    links = [chain.append(raw) for raw in entries]
+    if checkpoint is not None and not chain.gives_root_of(checkpoint):
         raise BadInput(f"the entries {source} serves do not hash to the signed checkpoint")
     events = []
-    for index, raw in enumerate(entries):
-        try:
-            entry = decode_entry(raw)
-        except BadInput:
-            continue
-        if entry.kind not in EVENT_KINDS:
+    for index, link in enumerate(links):
+        entry = link.entry
+        if entry is None or entry.kind not in EVENT_KINDS:
             continue
         token_id = _event_token_id(entry)
         if token_id is None or token_id not in token_ids:
@@ -250,7 +248,7 @@ async def custodian_events(
         included = False
         if checkpoint is not None:
             proof = await _inclusion_proof(session, source, log_id, index, size)
-            included = verify_inclusion(proof, leaf_hash(raw), index, size, checkpoint.root_hash)
+            included = verify_inclusion(proof, link.leaf, index, size, checkpoint.root_hash)
         events.append(
             PatientEvent(
                 custodian,

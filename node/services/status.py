@@ -20,7 +20,17 @@ from typing import Any
 
 from node import __version__
 from node.core.consent import RULE_MESSAGES, Rule, decode_grant, decode_revocation, token_id_of
-from node.core.entries import decode_entry
+from node.core.entries import (
+    Access,
+    Denial,
+    Enroll,
+    Grant,
+    KeyRotation,
+    Receipt,
+    Revoke,
+    Witness,
+    decode_entry,
+)
 from node.core.notes import Checkpoint, parse_note, verify_cosignature
 from node.core.roster import key_fingerprint
 from node.errors import BadInput, Conflict
@@ -71,45 +81,47 @@ def describe_entry(index: int, raw: bytes, log_names: dict[str, str]) -> dict[st
         entry = decode_entry(raw)
     except BadInput as exc:
         return {"index": index, "kind": "unreadable", "time": None, "text": str(exc)}
-    f = entry.fields
+    body = entry.body
     described: dict[str, Any] = {"index": index, "kind": entry.kind, "time": entry.time}
-    token_id: bytes | None = f.get("token_id")
+    token_id = body.token_id if isinstance(body, Access | Denial | Receipt) else None
     try:
-        if entry.kind == "enroll":
+        if isinstance(body, Enroll):
             text = "a patient key was enrolled"
-            if f.get("replaces") is not None:
+            if body.replaces is not None:
                 text += ", replacing the patient's earlier key and its grants"
-        elif entry.kind == "grant":
-            grant = decode_grant(f["token"])
-            token_id = token_id_of(f["token"])
+        elif isinstance(body, Grant):
+            grant = decode_grant(body.token)
+            token_id = token_id_of(body.token)
             described["party"] = grant.fields.grantee
             scope = grant.fields.scope
             what = "all the patient's studies" if scope is None else f"{len(scope)} study(ies)"
             until = _utc(grant.fields.expires)
             text = f"the patient granted {grant.fields.grantee} {what} until {until}"
             described["expires"] = grant.fields.expires
-        elif entry.kind == "revoke":
-            token_id = decode_revocation(f["revocation"]).token_id
+        elif isinstance(body, Revoke):
+            token_id = decode_revocation(body.revocation).token_id
             text = "the patient revoked a grant"
-        elif entry.kind == "access":
-            described["party"] = f["grantee"]
-            text = f"sent {f['instances']} instance(s), {_megabytes(f['bytes'])}, to {f['grantee']}"
-        elif entry.kind == "denial":
-            described["party"] = f["requester"]
-            described["rule"] = f["rule"]
-            reason = RULE_MESSAGES.get(Rule(f["rule"]), "") if f["rule"] in _RULES else ""
-            text = f"refused {f['requester']}: {f['rule']}" + (f" ({reason})" if reason else "")
-        elif entry.kind == "receipt":
-            described["party"] = f["custodian"]
+        elif isinstance(body, Access):
+            described["party"] = body.grantee
             text = (
-                f"received {f['instances']} instance(s), {_megabytes(f['bytes'])},"
-                f" from {f['custodian']}"
+                f"sent {body.instances} instance(s), {_megabytes(body.bytes)}, to {body.grantee}"
             )
-        elif entry.kind == "witness":
-            name = log_names.get(f["log_id"].hex(), "log " + f["log_id"].hex()[:16])
-            described["party"] = log_names.get(f["log_id"].hex())
-            text = f"witnessed {name} at size {f['size']}"
-        elif entry.kind == "key_rotation":
+        elif isinstance(body, Denial):
+            described["party"] = body.requester
+            described["rule"] = body.rule
+            reason = RULE_MESSAGES.get(Rule(body.rule), "") if body.rule in _RULES else ""
+            text = f"refused {body.requester}: {body.rule}" + (f" ({reason})" if reason else "")
+        elif isinstance(body, Receipt):
+            described["party"] = body.custodian
+            text = (
+                f"received {body.instances} instance(s), {_megabytes(body.bytes)},"
+                f" from {body.custodian}"
+            )
+        elif isinstance(body, Witness):
+            name = log_names.get(body.log_id.hex(), "log " + body.log_id.hex()[:16])
+            described["party"] = log_names.get(body.log_id.hex())
+            text = f"witnessed {name} at size {body.size}"
+        elif isinstance(body, KeyRotation):
             text = "this node's key was rotated"
         else:
             text = entry.kind

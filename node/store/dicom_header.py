@@ -33,6 +33,7 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.filereader import read_dataset as read_raw_dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian as DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
 
+from node.core.uids import is_uid
 from node.errors import BadInput, PayloadTooLarge
 from node.store.attributes import INDEXED, Attribute
 
@@ -361,7 +362,6 @@ def parse_header(path: Path, limits: InflateLimits) -> InstanceHeader:
     ):
         if not value:
             raise BadInput(f"DICOM file has no {keyword}")
-        # Not str.isdigit: it also accepts other scripts' digits, such as "³" or "٣".
-        if len(value) > 64 or not all(c in "0123456789." for c in value):
+        if not is_uid(value):
             raise BadInput(f"DICOM file has an invalid {keyword}")
     return header

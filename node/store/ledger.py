@@ -30,19 +30,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node.core.entries import LedgerEntry, decode_entry, encode_entry
+from node.core.chain import Link, LogChain
+from node.core.entries import LedgerEntry, encode_entry
 from node.core.key_rotation import ENTRY_KIND as KEY_ROTATION
-from node.core.key_rotation import KeyChain, KeyEpoch, KeyRotation
+from node.core.key_rotation import KeyChain, KeyEpoch, KeyRotation, rotation_from_entry
 from node.core.keys import NodeIdentity, VerifierKey, verifier_key_string
 from node.core.merkle import (
     EMPTY_ROOT,
     ZERO_HASH,
+    MerkleFrontier,
     SubtreeIndex,
     consistency_proof,
-    fold_right,
     inclusion_proof,
     leaf_hash,
-    node_hash,
     subtree_indexes,
     tree_root,
 )
@@ -207,35 +207,6 @@ class _Reader:
                 raise LedgerCorrupt(f"the ledger store lacks the hash of subtree {level}/{n}")
             hashes.append(bytes(row[0]))
         return hashes
-
-
-@dataclass
-class _Tail:
-    """The right edge of a log: its size, last leaf hash and maximal complete subtrees."""
-
-    size: int
-    last_leaf: bytes
-    frontier: list[tuple[int, int, bytes]]  # (level, n, hash), largest subtree first
-
-    def push(self, leaf: bytes) -> list[tuple[int, int, bytes]]:
-        """Add a leaf; returns the subtrees (level >= 1) it completes."""
-        self.frontier.append((0, self.size, leaf))
-        self.size += 1
-        self.last_leaf = leaf
-        completed = []
-        while len(self.frontier) >= 2 and self.frontier[-1][0] == self.frontier[-2][0]:
-            level, _, right = self.frontier.pop()
-            _, n, left = self.frontier.pop()
-            parent = (level + 1, n >> 1, node_hash(left, right))
-            self.frontier.append(parent)
-            completed.append(parent)
-        return completed
-
-    def root(self) -> bytes:
-        return fold_right([h for _, _, h in self.frontier])
-
-    def copy(self) -> _Tail:
-        return _Tail(self.size, self.last_leaf, list(self.frontier))
 
 
 class LedgerStore:
@@ -414,7 +385,7 @@ class StoredLog:
         self.rowid = rowid
         self.origin = origin
         self.log_id = log_id_bytes(origin)
-        self._tail: _Tail | None = None
+        self._tail: LogChain | None = None
 
     @property
     def vkey(self) -> str:
@@ -532,15 +503,15 @@ class StoredLog:
         return None if row is None or row[0] is None else str(row[0])
 
     # Writers share the right edge of the tree, cached between commits.
-    def _load_tail(self, conn: sqlite3.Connection) -> _Tail:
+    def _load_tail(self, conn: sqlite3.Connection) -> LogChain:
         size = int(conn.execute("SELECT size FROM logs WHERE id=?", (self.rowid,)).fetchone()[0])
         if self._tail is not None and self._tail.size == size:
             return self._tail
         indexes = subtree_indexes(0, size)
         hashes = _Reader(conn, self.rowid).read_hashes(indexes)
         last = _Reader(conn, self.rowid).read_hashes([(0, size - 1)])[0] if size else ZERO_HASH
-        frontier = [(level, n, h) for (level, n), h in zip(indexes, hashes, strict=True)]
-        return _Tail(size, last, frontier)
+        subtrees = [(level, n, h) for (level, n), h in zip(indexes, hashes, strict=True)]
+        return LogChain(MerkleFrontier(size, subtrees), last)
 
     def _store_rows(
         self,
@@ -584,7 +555,7 @@ class StoredLog:
                 report.checkpoint_size = checkpoint.size
             except (BadInput, Unauthorized) as exc:
                 report.problems.append(Problem(None, f"latest checkpoint: {exc}"))
-        tail = _Tail(0, ZERO_HASH, [])
+        tail = LogChain()
         checkpoint_root = EMPTY_ROOT if checkpoint is not None and checkpoint.size == 0 else None
         expected_subtrees = 0
         index = 0
@@ -599,11 +570,12 @@ class StoredLog:
             for idx, data, stored_leaf in rows:
                 if idx != index:
                     break
-                found = _entry_problems(index, bytes(data), bytes(stored_leaf), tail.last_leaf)
+                link = tail.append(bytes(data))
+                found = _link_problems(link, bytes(stored_leaf))
                 if found:
                     report.problems += found
                     break
-                for level, n, h in tail.push(leaf_hash(bytes(data))):
+                for level, n, h in link.completed:
                     computed[(level, n)] = h
                 if checkpoint is not None and tail.size == checkpoint.size:
                     checkpoint_root = tail.root()
@@ -667,16 +639,14 @@ class StoredLog:
         return None
 
 
-def _entry_problems(index: int, data: bytes, stored_leaf: bytes, prev: bytes) -> list[Problem]:
-    """What is wrong with stored entry ``index``, given the leaf hash of the one before."""
-    problems = []
-    try:
-        entry = decode_entry(data)
-        if entry.prev != prev:
-            problems.append(Problem(index, f"entry {index} does not chain to the entry before it"))
-    except BadInput as exc:
-        problems.append(Problem(index, f"entry {index} does not decode: {exc}"))
-    if leaf_hash(data) != stored_leaf:
+def _link_problems(link: Link, stored_leaf: bytes) -> list[Problem]:
+    """What is wrong with a stored entry, walked on the log's chain."""
+    index, problems = link.index, []
+    if link.error is not None:
+        problems.append(Problem(index, f"entry {index} does not decode: {link.error}"))
+    elif not link.chains:
+        problems.append(Problem(index, f"entry {index} does not chain to the entry before it"))
+    if link.leaf != stored_leaf:
         problems.append(Problem(index, f"entry {index} does not match its stored leaf hash"))
     return problems
 
@@ -789,7 +759,7 @@ class OwnLog(StoredLog):
 
     @staticmethod
     def _build(
-        pending: _PendingAppend, tail: _Tail, chain: KeyChain | None, origin: str
+        pending: _PendingAppend, tail: LogChain, chain: KeyChain | None, origin: str
     ) -> tuple[
         list[AppendResult],
         list[tuple[bytes, bytes]],
@@ -804,11 +774,11 @@ class OwnLog(StoredLog):
             if kind == KEY_ROTATION:
                 # A rotation must start from the key in force when it is written (two
                 # racing rotations cannot both); the node's operator confirms its own.
-                rotation = KeyRotation.from_entry(entry)
+                rotation = rotation_from_entry(entry)
                 start = chain or KeyChain.starting_with(origin, rotation.old_key)
                 chain = start.following([(index, rotation)], confirmed_key=rotation.new_key)
             leaf = leaf_hash(data)
-            subtrees += tail.push(leaf)
+            subtrees += tail.push_leaf(leaf)
             rows.append((data, leaf))
             results.append(AppendResult(index, leaf, data))
         return results, rows, subtrees, chain
@@ -924,22 +894,21 @@ class MirrorLog(StoredLog):
             rotations: list[tuple[int, KeyRotation]] = []
             for raw in entries:
                 raw = bytes(raw)
-                try:
-                    entry = decode_entry(raw)
-                except BadInput as exc:
-                    raise BadInput(f"{self.origin} entry {tail.size}: {exc}") from exc
-                if entry.prev != tail.last_leaf:
+                link = tail.append(raw)
+                if link.error is not None:
+                    message = f"{self.origin} entry {link.index}: {link.error}"
+                    raise BadInput(message) from link.error
+                if not link.chains:
                     raise BadInput(
-                        f"{self.origin} entry {tail.size} does not chain to the entry before"
+                        f"{self.origin} entry {link.index} does not chain to the entry before"
                     )
-                if entry.kind == KEY_ROTATION:
-                    rotations.append((tail.size, KeyRotation.from_entry(entry)))
-                leaf = leaf_hash(raw)
-                subtrees += tail.push(leaf)
-                rows.append((raw, leaf))
+                if link.entry is not None and link.entry.kind == KEY_ROTATION:
+                    rotations.append((link.index, rotation_from_entry(link.entry)))
+                subtrees += link.completed
+                rows.append((raw, link.leaf))
             chain = chain.following(rotations, confirmed)
             checkpoint = verify_note(note, self.vkey_at(claimed.size, chain))
-            if tail.root() != checkpoint.root_hash:
+            if not tail.gives_root_of(checkpoint):
                 raise Conflict(
                     f"{self.origin} entries {first}..{checkpoint.size - 1} do not give the root "
                     "of its signed checkpoint: inconsistent with the log held, or wrong entries"

@@ -37,6 +37,7 @@ from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 
 from node.core.dicom_json import keyword_of, parse_tag
+from node.core.uids import is_uid
 from node.errors import BadInput
 from node.store.attributes import ATTRIBUTES, BY_KEYWORD, Attribute, Level, Match
 
@@ -50,7 +51,6 @@ MAX_VALUES = 1_000
 _DATE = re.compile(r"[0-9]{8}")
 _TIME = re.compile(r"[0-9]{2}([0-9]{2}([0-9]{2}(\.[0-9]{1,6})?)?)?")
 _INTEGER = re.compile(r"-?[0-9]{1,10}")
-_UID = re.compile(r"[0-9.]{1,64}")
 _NON_NEGATIVE = re.compile(r"[0-9]{1,9}")
 # Kinds that QIDO-RS lets a client list ("a,b", "a\b" or the key repeated).
 _LISTED = frozenset({Match.UID, Match.CODE, Match.MODALITIES_IN_STUDY})
@@ -114,7 +114,7 @@ def checked_filter(attribute: Attribute, values: Sequence[str]) -> Filter | None
     if len(cleaned) > MAX_VALUES:
         raise BadInput(f"{keyword} may list at most {MAX_VALUES} values")
     for value in cleaned:
-        if kind is Match.UID and not _UID.fullmatch(value):
+        if kind is Match.UID and not is_uid(value):
             raise BadInput(f"{keyword} must be a list of UIDs")
         if kind is Match.INTEGER and not _INTEGER.fullmatch(value):
             raise BadInput(f"{keyword} must be an integer")

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from node.core import atna, dicom_json
 from node.core.rate_limit import SlidingWindowLimit
+from node.core.uids import UID_PATTERN
 from node.edges.http.app import RUNTIME_KEY, accepts_body_encodings
 from node.edges.http.multipart import (
     NotAcceptable,
@@ -35,7 +36,7 @@ PREFIX = "/dicomweb"
 SERVICE_KEY = web.AppKey("dicomweb", DicomWebService)
 READS_AUDITED_KEY = web.AppKey("dicomweb_reads_audited", SlidingWindowLimit)
 DICOM = "application/dicom"
-_UID = "{%s:[0-9.]{1,64}}"
+_UID = "{%s:" + UID_PATTERN + "}"
 STUDY = f"{PREFIX}/studies/{_UID % 'study'}"
 SERIES = f"{STUDY}/series/{_UID % 'series'}"
 INSTANCE = f"{SERIES}/instances/{_UID % 'instance'}"
