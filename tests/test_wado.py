@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.data import get_testdata_file
-from pydicom.encaps import generate_frames
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.pixels import get_decoder
+from pydicom.uid import JPEG2000Lossless
 
 from node.samples import SyntheticStudy, make_ct_study
 from tests.support.nodes import NodeProcess, init_node
@@ -26,7 +30,31 @@ SAMPLE_FILES = (
     "JPEG2000.dcm",
     "CT_small.dcm",
     "MR_small_bigendian.dcm",
+    "SC_rgb_jpeg_dcmtk.dcm",
+    "image_dfl.dcm",
+    "JPEG-lossy.dcm",
 )
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+# Stored in Implicit VR, big endian, deflated, JPEG 2000, RLE and JPEG baseline (YBR).
+NEEDING_TRANSCODING = (
+    "rtdose.dcm",
+    "MR_small_bigendian.dcm",
+    "image_dfl.dcm",
+    "JPEG2000.dcm",
+    "SC_rgb_rle_2frame.dcm",
+    "SC_rgb_jpeg_dcmtk.dcm",
+)
+
+
+def dicom_accept(transfer_syntax: str | None) -> str:
+    accept = 'multipart/related; type="application/dicom"'
+    return accept if transfer_syntax is None else f"{accept}; transfer-syntax={transfer_syntax}"
+
+
+def native_bytes(ds: pydicom.Dataset) -> bytes:
+    """The decoded pixels of a dataset as little-endian bytes, pixel-interleaved."""
+    array = ds.pixel_array
+    return bytes(array.astype(array.dtype.newbyteorder("<")).tobytes())
 
 
 def split_multipart(response: requests.Response) -> list[tuple[dict[str, str], bytes]]:
@@ -122,17 +150,102 @@ class TestRetrieveInstances:
         assert body == corpus.samples["JPEG2000.dcm"].read_bytes()
 
     def test_stored_transfer_syntax_requested_explicitly_is_served(self, corpus: Corpus) -> None:
-        accept = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2'
-        response = corpus.get(corpus.sample_path("rtdose.dcm"), accept)
-        assert response.status_code == 200
-
-    def test_transfer_syntax_needing_transcoding_is_not_acceptable(self, corpus: Corpus) -> None:
-        accept = (
-            'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.50'
+        response = corpus.get(
+            corpus.sample_path("JPEG2000.dcm"), dicom_accept("1.2.840.10008.1.2.4.91")
         )
-        response = corpus.get(f"/studies/{corpus.study.study_uid}", accept)
+        [(_, body)] = split_multipart(response)
+        assert body == corpus.samples["JPEG2000.dcm"].read_bytes()
+
+    def test_implicit_vr_is_never_sent_even_when_asked_for(self, corpus: Corpus) -> None:
+        # PS3.18 8.6.2.1: Implicit VR Little Endian is not a DICOMweb transfer syntax.
+        response = corpus.get(corpus.sample_path("rtdose.dcm"), dicom_accept("1.2.840.10008.1.2"))
         assert response.status_code == 406
-        assert "error" in response.json()
+        assert "8.6.2.1" in response.json()["error"]
+
+    def test_lossy_target_is_not_acceptable_since_the_node_encodes_lossless_only(
+        self, corpus: Corpus
+    ) -> None:
+        response = corpus.get(
+            f"/studies/{corpus.study.study_uid}", dicom_accept("1.2.840.10008.1.2.4.50")
+        )
+        assert response.status_code == 406
+        assert "1.2.840.10008.1.2.4.50" in response.json()["error"]
+
+    @pytest.mark.parametrize("name", NEEDING_TRANSCODING)
+    def test_default_retrieve_is_explicit_vr_little_endian_with_the_same_pixels(
+        self, corpus: Corpus, name: str
+    ) -> None:
+        response = corpus.get(corpus.sample_path(name), dicom_accept(None))
+        [(headers, body)] = split_multipart(response)
+        assert headers["Content-Type"] == f"application/dicom; transfer-syntax={EXPLICIT_LE}"
+        sent = pydicom.dcmread(io.BytesIO(body))
+        assert sent.file_meta.TransferSyntaxUID == EXPLICIT_LE
+        stored = corpus.sample(name)
+        assert sent.SOPInstanceUID == stored.SOPInstanceUID
+        assert native_bytes(sent) == native_bytes(stored)
+
+    def test_any_transfer_syntax_keeps_compressed_files_and_never_sends_implicit_vr(
+        self, corpus: Corpus
+    ) -> None:
+        [(headers, _)] = split_multipart(
+            corpus.get(corpus.sample_path("rtdose.dcm"), DICOM_ANY_SYNTAX)
+        )
+        assert headers["Content-Type"].endswith(f"transfer-syntax={EXPLICIT_LE}")
+        [(_, body)] = split_multipart(
+            corpus.get(corpus.sample_path("SC_rgb_rle_2frame.dcm"), DICOM_ANY_SYNTAX)
+        )
+        assert body == corpus.samples["SC_rgb_rle_2frame.dcm"].read_bytes()
+
+    @pytest.mark.parametrize("target", ["1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.90"])
+    @pytest.mark.parametrize(
+        "name", ["CT_small.dcm", "SC_rgb_jpeg_dcmtk.dcm", "MR_small_bigendian.dcm"]
+    )
+    def test_lossless_targets_are_encoded_without_changing_a_pixel(
+        self, corpus: Corpus, name: str, target: str
+    ) -> None:
+        response = corpus.get(corpus.sample_path(name), dicom_accept(target))
+        [(headers, body)] = split_multipart(response)
+        assert headers["Content-Type"] == f"application/dicom; transfer-syntax={target}"
+        assert "Content-Length" not in headers  # streamed frame by frame
+        sent = pydicom.dcmread(io.BytesIO(body))
+        assert sent.file_meta.TransferSyntaxUID == target
+        assert native_bytes(sent) == native_bytes(corpus.sample(name))
+
+    def test_target_the_codec_refuses_is_not_acceptable_before_anything_is_sent(
+        self, corpus: Corpus
+    ) -> None:
+        # openjpeg encodes at most 24 bits a sample; this dose grid has 32.
+        response = corpus.get(
+            corpus.sample_path("rtdose.dcm"), dicom_accept("1.2.840.10008.1.2.4.90")
+        )
+        assert response.status_code == 406
+        assert "cannot be encoded" in response.json()["error"]
+
+    def test_undecodable_instance_is_sent_as_stored_unless_a_syntax_was_named(
+        self, corpus: Corpus
+    ) -> None:
+        # No codec here reads this JPEG extended file: the default falls back to it as
+        # stored; a client that names Explicit VR Little Endian is told why it cannot.
+        path = corpus.sample_path("JPEG-lossy.dcm")
+        [(headers, body)] = split_multipart(corpus.get(path, dicom_accept(None)))
+        assert headers["Content-Type"].endswith("transfer-syntax=1.2.840.10008.1.2.4.51")
+        assert body == corpus.samples["JPEG-lossy.dcm"].read_bytes()
+        refused = corpus.get(path, dicom_accept(EXPLICIT_LE))
+        assert refused.status_code == 406
+        assert "decoded" in refused.json()["error"]
+
+    def test_dicomweb_client_retrieves_with_an_explicit_transfer_syntax(
+        self, corpus: Corpus
+    ) -> None:
+        stored = corpus.sample("JPEG2000.dcm")
+        ds = corpus.client.retrieve_instance(
+            stored.StudyInstanceUID,
+            stored.SeriesInstanceUID,
+            stored.SOPInstanceUID,
+            media_types=(("application/dicom", EXPLICIT_LE),),
+        )
+        assert ds.file_meta.TransferSyntaxUID == EXPLICIT_LE
+        assert native_bytes(ds) == native_bytes(stored)
 
     def test_json_only_accept_is_not_acceptable_for_instances(self, corpus: Corpus) -> None:
         response = corpus.get(f"/studies/{corpus.study.study_uid}", "application/dicom+json")
@@ -174,6 +287,12 @@ class TestMetadata:
         assert metadata["00083002"]["Value"] == [stored.file_meta.TransferSyntaxUID]
         assert metadata["00080018"]["Value"] == [stored.SOPInstanceUID]
         assert "BulkDataURI" in metadata["7FE00010"]
+
+    def test_deflated_pixel_data_bulk_uri_returns_the_inflated_pixels(self, corpus: Corpus) -> None:
+        response = corpus.get(corpus.sample_path("image_dfl.dcm") + "/metadata")
+        uri = response.json()[0]["7FE00010"]["BulkDataURI"]
+        [pixels] = list(corpus.client.retrieve_bulkdata(uri))
+        assert pixels == corpus.sample("image_dfl.dcm").PixelData
 
     def test_encapsulated_pixel_data_bulk_uri_returns_its_frames(self, corpus: Corpus) -> None:
         response = corpus.get(corpus.sample_path("SC_rgb_rle_2frame.dcm") + "/metadata")
@@ -256,12 +375,64 @@ class TestFrames:
         )
         assert frame == next(generate_frames(ds.PixelData, number_of_frames=1))
 
-    def test_compressed_frame_as_uncompressed_is_not_acceptable(self, corpus: Corpus) -> None:
+    @pytest.mark.parametrize(
+        "name", ["JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm", "MR_small_bigendian.dcm", "image_dfl.dcm"]
+    )
+    def test_octet_stream_frames_are_decoded_to_explicit_little_endian(
+        self, corpus: Corpus, name: str
+    ) -> None:
         response = corpus.get(
-            corpus.sample_path("JPEG2000.dcm") + "/frames/1",
+            corpus.sample_path(name) + "/frames/1",
             'multipart/related; type="application/octet-stream"',
         )
+        [(headers, body)] = split_multipart(response)
+        assert headers["Content-Type"] == f"application/octet-stream; transfer-syntax={EXPLICIT_LE}"
+        assert body == native_bytes(corpus.sample(name))
+
+    def test_dicomweb_client_gets_decoded_frames_of_a_compressed_instance(
+        self, corpus: Corpus
+    ) -> None:
+        ds = corpus.sample("SC_rgb_rle_2frame.dcm")
+        frames = corpus.client.retrieve_instance_frames(
+            ds.StudyInstanceUID,
+            ds.SeriesInstanceUID,
+            ds.SOPInstanceUID,
+            [2, 1],
+            media_types=(("application/octet-stream", EXPLICIT_LE),),
+        )
+        decoded = native_bytes(ds)
+        half = len(decoded) // 2
+        assert frames == [decoded[half:], decoded[:half]]
+
+    def test_native_frame_is_encoded_in_the_media_type_asked_for(self, corpus: Corpus) -> None:
+        ds = corpus.sample("CT_small.dcm")
+        [frame] = corpus.client.retrieve_instance_frames(
+            ds.StudyInstanceUID,
+            ds.SeriesInstanceUID,
+            ds.SOPInstanceUID,
+            [1],
+            media_types=(("image/jp2", "1.2.840.10008.1.2.4.90"),),
+        )
+        options: dict[str, Any] = {
+            "rows": ds.Rows,
+            "columns": ds.Columns,
+            "samples_per_pixel": 1,
+            "bits_allocated": 16,
+            "bits_stored": ds.BitsStored,
+            "pixel_representation": ds.PixelRepresentation,
+            "photometric_interpretation": "MONOCHROME2",
+            "number_of_frames": 1,
+        }
+        array, _ = get_decoder(JPEG2000Lossless).as_array(encapsulate([frame]), **options)
+        assert bytes(array.astype("<i2").tobytes()) == ds.PixelData
+
+    def test_frame_in_a_syntax_the_node_cannot_make_is_not_acceptable(self, corpus: Corpus) -> None:
+        response = corpus.get(
+            corpus.sample_path("CT_small.dcm") + "/frames/1",
+            'multipart/related; type="image/jpeg"',
+        )
         assert response.status_code == 406
+        assert "1.2.840.10008.1.2.4.50" in response.json()["error"]
 
     def test_frame_out_of_range_is_not_found(self, corpus: Corpus) -> None:
         assert corpus.get(corpus.sample_path("CT_small.dcm") + "/frames/2").status_code == 404

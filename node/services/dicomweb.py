@@ -13,16 +13,26 @@ import io
 import logging
 import struct
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO, Any, cast
 
+from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 
 from node.core import dicom_json
-from node.errors import BadInput, ImageShareError, NotFound, PayloadTooLarge
+from node.errors import BadInput, ImageShareError, NotAcceptable, NotFound, PayloadTooLarge
+from node.services import transcoding
+from node.services.transcoding import (
+    DICOM,
+    OCTET_STREAM,
+    Choice,
+    PixelDescription,
+    Wish,
+)
 from node.store.instances import CHUNK, IngestResult, InstanceRecord, InstanceStore, StagedInstance
 from node.store.queries import Query, run_query
 
@@ -30,25 +40,6 @@ log = logging.getLogger(__name__)
 
 # Values above this stay on disk while a header is read for metadata.
 _METADATA_DEFER_SIZE = 64 * 1024
-
-# Media types of encapsulated frames by transfer syntax (PS3.18 Table 8.7.3-5).
-_FRAME_MEDIA_TYPES = {
-    "1.2.840.10008.1.2.5": "image/dicom-rle",
-    "1.2.840.10008.1.2.4.50": "image/jpeg",
-    "1.2.840.10008.1.2.4.51": "image/jpeg",
-    "1.2.840.10008.1.2.4.57": "image/jpeg",
-    "1.2.840.10008.1.2.4.70": "image/jpeg",
-    "1.2.840.10008.1.2.4.80": "image/jls",
-    "1.2.840.10008.1.2.4.81": "image/jls",
-    "1.2.840.10008.1.2.4.90": "image/jp2",
-    "1.2.840.10008.1.2.4.91": "image/jp2",
-    "1.2.840.10008.1.2.4.92": "image/jpx",
-    "1.2.840.10008.1.2.4.93": "image/jpx",
-    "1.2.840.10008.1.2.4.201": "image/jphc",
-    "1.2.840.10008.1.2.4.202": "image/jphc",
-    "1.2.840.10008.1.2.4.203": "image/jphc",
-}
-OCTET_STREAM = "application/octet-stream"
 
 # Failure Reason codes of the Storage Service (PS3.4 Annex B), as STOW-RS reports them.
 FAILURE_OUT_OF_RESOURCES = 0xA700
@@ -58,11 +49,16 @@ FAILURE_STUDY_MISMATCH = 0xA900
 
 @dataclass(frozen=True)
 class OutgoingPart:
-    """One part of a multipart response: media type, size when known, and its bytes."""
+    """One part of a multipart response: media type, size when known, and its bytes.
+
+    A part of unknown size is read whole to learn its length (a frame), unless it is
+    ``streamed`` (a transcoded instance): then it goes out without a Content-Length.
+    """
 
     content_type: str
     size: int | None
     body: Callable[[], AsyncIterator[bytes]]
+    streamed: bool = False
 
 
 @dataclass(frozen=True)
@@ -246,8 +242,70 @@ class DicomWebService:
 
     def file_part(self, record: InstanceRecord) -> OutgoingPart:
         """An instance's stored bytes, unchanged, as an application/dicom part."""
-        media = f"application/dicom; transfer-syntax={record.transfer_syntax_uid}"
+        media = f"{DICOM}; transfer-syntax={record.transfer_syntax_uid}"
         return OutgoingPart(media, record.size, lambda: _file_range(record.path, 0, record.size))
+
+    async def instance_parts(
+        self, records: list[InstanceRecord], wishes: list[Wish]
+    ) -> list[OutgoingPart]:
+        """One application/dicom part per instance in the transfer syntax the client asks
+        for (stored bytes where they already are, else transcoded frame by frame).
+
+        Raises NotAcceptable when an instance cannot be had as asked, before anything is
+        sent; an instance whose frames turn out undecodable is sent as stored when the
+        client named no transfer syntax.
+        """
+        parts = []
+        for record in records:
+            choice = transcoding.choose(wishes, record.transfer_syntax_uid, DICOM, instance=True)
+            if not choice.transcode:
+                parts.append(self.file_part(record))
+                continue
+            try:
+                parts.append(await asyncio.to_thread(self._transcoded_part, record, choice))
+            except NotAcceptable:  # TranscodingFailed too
+                if not choice.may_fall_back:
+                    raise
+                parts.append(self.file_part(record))
+        return parts
+
+    def _transcoded_part(self, record: InstanceRecord, choice: Choice) -> OutgoingPart:
+        """Plan an instance in another transfer syntax: its new header now (the first
+        frame is decoded to learn the pixel layout it comes out in), its frames later."""
+        target = choice.transfer_syntax
+        try:
+            frames = _StoredFrames.open(self.store, record)
+        except NotFound:
+            # No pixel data, or frames that are not byte-aligned (1-bit): the dataset is
+            # re-encoded whole, its pixel bytes kept as they are.
+            ds = self.store.read_dataset(record)
+            if "PixelData" in ds and target != transcoding.EXPLICIT_LE:
+                raise NotAcceptable(f"this instance is not encoded in {target}") from None
+            head = transcoding.file_header(ds, transcoding.EXPLICIT_LE, None, _big_endian(record))
+            label = f"{DICOM}; transfer-syntax={transcoding.EXPLICIT_LE}"
+            return OutgoingPart(label, len(head), lambda: _single(head))
+        decoded = frames.pixels
+        if frames.number_of_frames and (
+            frames.stored != transcoding.EXPLICIT_LE or target != transcoding.EXPLICIT_LE
+        ):
+            # The first frame is converted now, so that a codec refusing this image is
+            # a 406 before the answer starts rather than a cut connection.
+            native, decoded = transcoding.decode_frame(
+                frames.read(1), frames.stored, frames.pixels
+            )
+            transcoding.encode_frame(native, target, decoded)
+        head = transcoding.file_header(frames.header, target, decoded, _big_endian(record))
+        media = f"{DICOM}; transfer-syntax={target}"
+        count = frames.number_of_frames
+        if target == transcoding.EXPLICIT_LE:
+            length = count * decoded.frame_length
+            head += transcoding.native_pixel_header(length, decoded.bits_allocated)
+            size = len(head) + length + length % 2
+            body = partial(_iterate, _native_file_chunks, head, frames, count)
+            return OutgoingPart(media, size, body)
+        head += transcoding.encapsulated_header()
+        body = partial(_iterate, _encapsulated_file_chunks, head, frames, target, count)
+        return OutgoingPart(media, None, body, streamed=True)
 
     async def metadata(self, records: list[InstanceRecord], base_url: str) -> AsyncIterator[bytes]:
         """A JSON array of every instance's attributes, one encoded instance at a time.
@@ -275,50 +333,41 @@ class DicomWebService:
         document["00083002"] = dicom_json.attribute(0x00083002, record.transfer_syntax_uid, "UI")
         return dict(sorted(document.items()))
 
-    async def frames(self, record: InstanceRecord, numbers: list[int]) -> FrameSet:
-        """The requested frames (1-based) of an instance, as stored (native or encapsulated).
+    async def frames(
+        self, record: InstanceRecord, numbers: list[int], wishes: list[Wish]
+    ) -> FrameSet:
+        """The requested frames (1-based) of an instance in the first media type and
+        transfer syntax of ``wishes`` that can be served: as stored, or decoded (and
+        encoded again) one frame at a time.
 
-        Raises NotFound when the instance has no pixel data or a frame number is out of range.
+        Raises NotFound when the instance has no pixel data or a frame number is out of
+        range, NotAcceptable when no wish can be served.
         """
-        layout = await asyncio.to_thread(_pixel_layout, self.store, record)
+        frames = await asyncio.to_thread(_StoredFrames.open, self.store, record)
         for number in numbers:
-            if not 1 <= number <= layout.number_of_frames:
-                raise NotFound(f"frame {number} is out of range 1-{layout.number_of_frames}")
-        ts = layout.transfer_syntax
-        if layout.value_length is not None:
-            label = _native_label(ts)
-            media = f"{OCTET_STREAM}; transfer-syntax={label}"
-            parts = [
-                OutgoingPart(
-                    media,
-                    layout.frame_length,
-                    _native_frame_body(record.path, layout, number),
-                )
-                for number in numbers
-            ]
-            return FrameSet(OCTET_STREAM, label, parts)
-        media_type = _FRAME_MEDIA_TYPES.get(str(ts), OCTET_STREAM)
-        media = f"{media_type}; transfer-syntax={ts}"
-        parts = [
-            OutgoingPart(media, None, _encapsulated_frame_body(record.path, layout, number))
-            for number in numbers
-        ]
-        return FrameSet(media_type, str(ts), parts)
+            if not 1 <= number <= frames.number_of_frames:
+                raise NotFound(f"frame {number} is out of range 1-{frames.number_of_frames}")
+        choice = transcoding.choose(wishes, frames.stored, frames.stored_media, instance=False)
+        return FrameSet(
+            choice.media_type, choice.transfer_syntax, [frames.part(n, choice) for n in numbers]
+        )
 
-    async def bulk(self, record: InstanceRecord, tag: int) -> FrameSet:
-        """One top-level bulk value of an instance; pixel data comes frame by frame."""
+    async def bulk(self, record: InstanceRecord, tag: int, wishes: list[Wish]) -> FrameSet:
+        """One top-level bulk value of an instance. Native pixel data that needs no
+        transcoding is one part; otherwise pixel data comes frame by frame."""
         if tag == 0x7FE00010:
-            layout = await asyncio.to_thread(_pixel_layout, self.store, record)
-            if layout.value_length is None:
-                return await self.frames(record, list(range(1, layout.number_of_frames + 1)))
-            offset, length = layout.value_offset, layout.value_length
-            label = _native_label(layout.transfer_syntax)
-            part = OutgoingPart(
-                f"{OCTET_STREAM}; transfer-syntax={label}",
-                length,
-                lambda: _file_range(record.path, offset, length),
+            frames = await asyncio.to_thread(_StoredFrames.open, self.store, record)
+            layout = frames.layout
+            whole = frames.inflated is not None or (
+                layout is not None and layout.value_length is not None
             )
-            return FrameSet(OCTET_STREAM, label, [part])
+            if whole:
+                choice = transcoding.choose(
+                    wishes, frames.stored, frames.stored_media, instance=False
+                )
+                if not choice.transcode:
+                    return FrameSet(OCTET_STREAM, frames.stored, [frames.whole_value()])
+            return await self.frames(record, list(range(1, frames.number_of_frames + 1)), wishes)
         value = await asyncio.to_thread(self._bulk_value, record, tag)
         part = OutgoingPart(OCTET_STREAM, len(value), lambda: _single(value))
         return FrameSet(OCTET_STREAM, "", [part])
@@ -403,10 +452,147 @@ class DicomWebService:
         return item
 
 
-def _native_label(transfer_syntax: UID) -> str:
-    """The transfer syntax that names native pixel bytes: implicit and explicit VR Little
-    Endian files hold the same pixel bytes, so both are labelled Explicit VR Little Endian."""
-    return str(ExplicitVRLittleEndian) if transfer_syntax.is_little_endian else str(transfer_syntax)
+def _big_endian(record: InstanceRecord) -> bool:
+    return record.transfer_syntax_uid == ExplicitVRBigEndian
+
+
+@dataclass(frozen=True)
+class _StoredFrames:
+    """An instance's frames as stored: where they are, what they are, how to read one.
+
+    Opened in a worker thread. A deflated file is inflated once (within the store's
+    limits) and its frames cut from the inflated value; other files are read a frame at
+    a time.
+    """
+
+    record: InstanceRecord
+    header: Dataset  # the dataset up to its pixel data
+    stored: str  # transfer syntax of the frame bytes as held (native LE: Explicit VR LE)
+    pixels: PixelDescription
+    number_of_frames: int
+    layout: _PixelLayout | None  # None: deflated, cut from ``inflated``
+    inflated: bytes | None = None
+
+    @classmethod
+    def open(cls, store: InstanceStore, record: InstanceRecord) -> _StoredFrames:
+        """Raises NotFound when the instance has no pixel data or its frames are not
+        byte-aligned, NotAcceptable when its pixel attributes are incomplete."""
+        if record.transfer_syntax_uid != DeflatedExplicitVRLittleEndian:
+            header, layout = _pixel_layout(store, record)
+            stored = str(layout.transfer_syntax)
+            if layout.value_length is not None:
+                stored = transcoding.native_label(stored)
+            pixels = PixelDescription.of(header)
+            return cls(record, header, stored, pixels, layout.number_of_frames, layout)
+        ds = store.read_dataset(record)
+        value = ds.get("PixelData")
+        if not isinstance(value, bytes) or not value:
+            raise NotFound("the instance has no pixel data")
+        pixels = PixelDescription.of(ds)
+        if not pixels.frame_length or pixels.bits_allocated % 8:
+            raise NotFound("the instance's frames are not byte-aligned and cannot be served alone")
+        count = min(_frame_count(ds), len(value) // pixels.frame_length)
+        del ds.PixelData
+        return cls(record, ds, transcoding.EXPLICIT_LE, pixels, count, None, value)
+
+    @property
+    def stored_media(self) -> str:
+        """The media type of a frame as held (PS3.18 Table 8.7.3-5)."""
+        return transcoding.FRAME_MEDIA_TYPES.get(self.stored, OCTET_STREAM)
+
+    def read(self, number: int) -> bytes:
+        """Frame ``number`` (1-based) as stored; blocking."""
+        if self.inflated is not None:
+            length = self.pixels.frame_length
+            return self.inflated[(number - 1) * length : number * length]
+        assert self.layout is not None
+        layout = self.layout
+        with open(self.record.path, "rb") as f:
+            if layout.value_length is not None:
+                f.seek(layout.value_offset + (number - 1) * layout.frame_length)
+                return f.read(layout.frame_length)
+            f.seek(layout.value_offset)
+            try:
+                return get_frame(
+                    f,
+                    number - 1,
+                    number_of_frames=layout.number_of_frames,
+                    extended_offsets=layout.extended_offsets,
+                )
+            except (ValueError, KeyError, IndexError, struct.error) as exc:
+                raise ImageShareError(f"frame {number} cannot be read: {exc}") from exc
+
+    def converted(self, number: int, target: str) -> bytes:
+        """Frame ``number`` decoded and, for a compressed ``target``, encoded again."""
+        native, decoded = transcoding.decode_frame(self.read(number), self.stored, self.pixels)
+        return transcoding.encode_frame(native, target, decoded)
+
+    def part(self, number: int, choice: Choice) -> OutgoingPart:
+        """Frame ``number`` as one part of the chosen media type and transfer syntax."""
+        media = f"{choice.media_type}; transfer-syntax={choice.transfer_syntax}"
+        layout = self.layout
+        if choice.transcode:
+            target = choice.transfer_syntax
+            return OutgoingPart(
+                media, None, partial(_in_thread, partial(self.converted, number, target))
+            )
+        if layout is not None and layout.value_length is not None:
+            offset = layout.value_offset + (number - 1) * layout.frame_length
+            length = layout.frame_length
+            path = self.record.path
+            return OutgoingPart(media, length, lambda: _file_range(path, offset, length))
+        return OutgoingPart(media, None, partial(_in_thread, partial(self.read, number)))
+
+    def whole_value(self) -> OutgoingPart:
+        """The native PixelData value as stored, one part."""
+        media = f"{OCTET_STREAM}; transfer-syntax={self.stored}"
+        if self.inflated is not None:
+            value = self.inflated
+            return OutgoingPart(media, len(value), lambda: _single(value))
+        assert self.layout is not None and self.layout.value_length is not None
+        offset, length = self.layout.value_offset, self.layout.value_length
+        return OutgoingPart(media, length, lambda: _file_range(self.record.path, offset, length))
+
+
+def _frame_count(ds: Dataset) -> int:
+    try:
+        return int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        return 1
+
+
+def _native_file_chunks(head: bytes, frames: _StoredFrames, count: int) -> Iterator[bytes]:
+    """A Part 10 file in Explicit VR Little Endian: header, then each frame decoded."""
+    yield head
+    total = 0
+    for number in range(1, count + 1):
+        frame = frames.converted(number, transcoding.EXPLICIT_LE)
+        total += len(frame)
+        yield frame
+    if total % 2:
+        yield b"\x00"
+
+
+def _encapsulated_file_chunks(
+    head: bytes, frames: _StoredFrames, target: str, count: int
+) -> Iterator[bytes]:
+    """A Part 10 file in a compressed syntax: header, then one fragment per frame."""
+    yield head
+    for number in range(1, count + 1):
+        yield transcoding.encapsulated_item(frames.converted(number, target))
+    yield transcoding.encapsulated_end()
+
+
+async def _iterate(produce: Callable[..., Iterator[bytes]], *args: Any) -> AsyncIterator[bytes]:
+    """A blocking chunk generator driven from worker threads, one chunk per hop."""
+    chunks = produce(*args)
+    done = object()
+    while (chunk := await asyncio.to_thread(next, chunks, done)) is not done:
+        yield cast(bytes, chunk)
+
+
+async def _in_thread(read: Callable[[], bytes]) -> AsyncIterator[bytes]:
+    yield await asyncio.to_thread(read)
 
 
 # -- blocking helpers (run in worker threads) --------------------------------------------
@@ -442,46 +628,16 @@ async def _single(value: bytes) -> AsyncIterator[bytes]:
     yield value
 
 
-def _native_frame_body(
-    path: Path, layout: _PixelLayout, number: int
-) -> Callable[[], AsyncIterator[bytes]]:
-    offset = layout.value_offset + (number - 1) * layout.frame_length
-    return lambda: _file_range(path, offset, layout.frame_length)
-
-
-def _encapsulated_frame_body(
-    path: Path, layout: _PixelLayout, number: int
-) -> Callable[[], AsyncIterator[bytes]]:
-    def read() -> bytes:
-        with open(path, "rb") as f:
-            f.seek(layout.value_offset)
-            try:
-                return get_frame(
-                    f,
-                    number - 1,
-                    number_of_frames=layout.number_of_frames,
-                    extended_offsets=layout.extended_offsets,
-                )
-            except (ValueError, KeyError, IndexError, struct.error) as exc:
-                raise ImageShareError(f"frame {number} cannot be read: {exc}") from exc
-
-    async def body() -> AsyncIterator[bytes]:
-        yield await asyncio.to_thread(read)
-
-    return body
-
-
 _LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN"}
 _LONG_LENGTH_VRS |= {b"UR", b"UT", b"UV"}
 
 
-def _pixel_layout(store: InstanceStore, record: InstanceRecord) -> _PixelLayout:
-    """Where an instance's pixel data value lies in its file, and how it splits in frames.
+def _pixel_layout(store: InstanceStore, record: InstanceRecord) -> tuple[Dataset, _PixelLayout]:
+    """An instance's dataset up to its pixel data, where the pixel data value lies in
+    its file, and how it splits in frames.
 
-    Raises NotFound when the instance has no pixel data or is deflated.
+    Raises NotFound when the instance has no pixel data; not for deflated files.
     """
-    if record.transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
-        raise NotFound("frames of deflated instances are not served; retrieve the instance")
     path = record.path
     ds, start = store.read_to_pixels(record, _METADATA_DEFER_SIZE)
     ts = UID(ds.file_meta.TransferSyntaxUID)
@@ -490,10 +646,7 @@ def _pixel_layout(store: InstanceStore, record: InstanceRecord) -> _PixelLayout:
     rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     samples = int(ds.get("SamplesPerPixel") or 1)
     bits = int(ds.get("BitsAllocated") or 0)
-    try:
-        frames = int(ds.get("NumberOfFrames") or 1)
-    except (TypeError, ValueError):
-        frames = 1
+    frames = _frame_count(ds)
     frame_bits = rows * columns * samples * bits
     with open(path, "rb") as f:
         f.seek(start)
@@ -516,9 +669,9 @@ def _pixel_layout(store: InstanceStore, record: InstanceRecord) -> _PixelLayout:
     if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
         extended = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
     if length == 0xFFFFFFFF:
-        return _PixelLayout(ts, value_offset, None, 0, frames, extended)
+        return ds, _PixelLayout(ts, value_offset, None, 0, frames, extended)
     if not frame_bits or frame_bits % 8:
         raise NotFound("the instance's frames are not byte-aligned and cannot be served alone")
     frame_length = frame_bits // 8
     frames = min(frames, length // frame_length)
-    return _PixelLayout(ts, value_offset, length, frame_length, frames, None)
+    return ds, _PixelLayout(ts, value_offset, length, frame_length, frames, None)

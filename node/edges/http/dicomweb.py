@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from functools import partial
 
 from aiohttp import web
@@ -17,16 +16,17 @@ from node.core import atna, dicom_json
 from node.core.rate_limit import SlidingWindowLimit
 from node.edges.http.app import RUNTIME_KEY, accepts_body_encodings
 from node.edges.http.multipart import (
-    NotAcceptable,
     StreamedParts,
     parse_accept,
     send_body,
     stream_parts,
     type_matches,
 )
-from node.errors import BadInput
-from node.services.dicomweb import OCTET_STREAM, DicomWebService, FrameSet, UploadPart
+from node.errors import BadInput, NotAcceptable
+from node.services import transcoding
+from node.services.dicomweb import DicomWebService, UploadPart
 from node.services.runtime import NodeRuntime
+from node.services.transcoding import DICOM, OCTET_STREAM, Wish
 from node.store.attributes import Level
 from node.store.instances import InstanceRecord
 from node.store.queries import parse_qido
@@ -34,7 +34,6 @@ from node.store.queries import parse_qido
 PREFIX = "/dicomweb"
 SERVICE_KEY = web.AppKey("dicomweb", DicomWebService)
 READS_AUDITED_KEY = web.AppKey("dicomweb_reads_audited", SlidingWindowLimit)
-DICOM = "application/dicom"
 _UID = "{%s:[0-9.]{1,64}}"
 STUDY = f"{PREFIX}/studies/{_UID % 'study'}"
 SERIES = f"{STUDY}/series/{_UID % 'series'}"
@@ -142,34 +141,19 @@ async def _records(request: web.Request) -> list[InstanceRecord]:
     return await _service(request).records(info["study"], info.get("series"), info.get("instance"))
 
 
-def _accepts_dicom(request: web.Request, transfer_syntaxes: set[str]) -> bool:
-    """Whether Accept allows multipart application/dicom in the stored transfer syntaxes.
-
-    Without a transfer-syntax parameter, instances are sent as stored (never transcoded).
-    """
-    for media in parse_accept(request.headers.get("Accept")):
-        if media.type == "multipart/related":
-            if not type_matches(media.params.get("type", DICOM), DICOM):
-                continue
-            wanted = media.params.get("transfer-syntax")
-            if wanted in (None, "*") or transfer_syntaxes == {wanted}:
-                return True
-        elif type_matches(media.type, "multipart/related"):
-            return True
-    return False
+def _wishes(request: web.Request, default_part: str) -> list[Wish]:
+    """What the client's Accept asks for, as (part media type, transfer syntax) wishes."""
+    ranges = [(m.type, m.params) for m in parse_accept(request.headers.get("Accept"))]
+    return transcoding.to_wishes(ranges, default_part)
 
 
 async def retrieve(request: web.Request) -> web.StreamResponse:
     records = await _records(request)
-    if not _accepts_dicom(request, {r.transfer_syntax_uid for r in records}):
-        raise NotAcceptable(
-            'instances are sent only as stored: multipart/related; type="application/dicom"'
-            " with transfer-syntax=* or the stored transfer syntax"
-        )
     service = _service(request)
     await service.check_files(records)
+    parts = await service.instance_parts(records, _wishes(request, DICOM))
     _audit_read(request, records, "WADO-RS")
-    return await stream_parts(request, DICOM, [service.file_part(r) for r in records])
+    return await stream_parts(request, DICOM, parts)
 
 
 def _audit_read(request: web.Request, records: list[InstanceRecord], via: str) -> None:
@@ -219,55 +203,21 @@ def _frame_numbers(text: str) -> list[int]:
     return numbers
 
 
-def _frame_media_type(request: web.Request, frames: FrameSet) -> str:
-    """The part media type the client accepts for these frames; raises NotAcceptable."""
-    for media in parse_accept(request.headers.get("Accept")):
-        if media.type != "multipart/related":
-            if type_matches(media.type, "multipart/related"):
-                return frames.media_type
-            continue
-        wanted_type = media.params.get("type", OCTET_STREAM)
-        wanted_syntax = media.params.get("transfer-syntax")
-        if wanted_syntax is None:
-            # Without a transfer syntax, octet-stream means Explicit VR Little Endian.
-            wanted_syntax = "1.2.840.10008.1.2.1" if wanted_type == OCTET_STREAM else "*"
-        if wanted_syntax not in ("*", frames.transfer_syntax):
-            continue
-        if type_matches(wanted_type, frames.media_type):
-            return frames.media_type
-        if wanted_type == OCTET_STREAM:
-            return OCTET_STREAM  # compressed frames, labelled with their transfer syntax
-    raise NotAcceptable(
-        f"these frames are available only as {frames.media_type};"
-        f" transfer-syntax={frames.transfer_syntax}"
-    )
-
-
-async def _send_frames(request: web.Request, frames: FrameSet) -> web.StreamResponse:
-    media_type = _frame_media_type(request, frames)
-    if media_type != frames.media_type:
-        labelled = f"{media_type}; transfer-syntax={frames.transfer_syntax}"
-        parts = [replace(p, content_type=labelled) for p in frames.parts]
-        frames = FrameSet(media_type, frames.transfer_syntax, parts)
-    return await stream_parts(request, media_type, frames.parts)
-
-
 async def retrieve_frames(request: web.Request) -> web.StreamResponse:
     numbers = _frame_numbers(request.match_info["frames"])
     records = await _records(request)
-    frames = await _service(request).frames(records[0], numbers)
+    wishes = _wishes(request, OCTET_STREAM)
+    frames = await _service(request).frames(records[0], numbers, wishes)
     _audit_read(request, records, "WADO-RS frames")
-    return await _send_frames(request, frames)
+    return await stream_parts(request, frames.media_type, frames.parts)
 
 
 async def retrieve_bulk(request: web.Request) -> web.StreamResponse:
     records = await _records(request)
     tag = int(request.match_info["tag"], 16)
-    frames = await _service(request).bulk(records[0], tag)
+    frames = await _service(request).bulk(records[0], tag, _wishes(request, OCTET_STREAM))
     _audit_read(request, records, "WADO-RS bulk data")
-    if not frames.transfer_syntax:
-        return await stream_parts(request, OCTET_STREAM, frames.parts)
-    return await _send_frames(request, frames)
+    return await stream_parts(request, frames.media_type, frames.parts)
 
 
 # -- STOW-RS ---------------------------------------------------------------------------

@@ -29,10 +29,6 @@ class UnsupportedMediaType(ImageShareError):
     http_status = 415
 
 
-class NotAcceptable(ImageShareError):
-    http_status = 406
-
-
 @dataclass(frozen=True)
 class MediaType:
     """A media type or range with its parameters (names lower-cased, values unquoted)."""
@@ -105,10 +101,10 @@ class MultipartWriter:
         self.boundary = uuid.uuid4().hex
         self.content_type = f'multipart/related; type="{part_type}"; boundary={self.boundary}'
 
-    def part_header(self, content_type: str, size: int) -> bytes:
-        return (
-            f"--{self.boundary}\r\nContent-Type: {content_type}\r\nContent-Length: {size}\r\n\r\n"
-        ).encode()
+    def part_header(self, content_type: str, size: int | None) -> bytes:
+        """A part's boundary and headers; without Content-Length when ``size`` is None."""
+        length = "" if size is None else f"Content-Length: {size}\r\n"
+        return f"--{self.boundary}\r\nContent-Type: {content_type}\r\n{length}\r\n".encode()
 
     @property
     def closing(self) -> bytes:
@@ -164,17 +160,17 @@ async def _multipart_body(
 ) -> AsyncIterator[bytes]:
     for part in parts:
         chunks: list[bytes] = []
-        if part.size is None:  # a frame read whole: its length is known only now
+        buffered = part.size is None and not part.streamed
+        size = part.size
+        if buffered:  # a frame read whole: its length is known only now
             chunks = [chunk async for chunk in part.body()]
             size = sum(len(c) for c in chunks)
-        else:
-            size = part.size
         yield writer.part_header(part.content_type, size)
         sent = 0
-        async for chunk in _replay(chunks) if part.size is None else part.body():
+        async for chunk in _replay(chunks) if buffered else part.body():
             sent += len(chunk)
             yield chunk
-        if sent != size:
+        if size is not None and sent != size:
             # The announced length can no longer be honoured: the connection is cut.
             raise RuntimeError("a stored file changed size while being sent")
         yield b"\r\n"
