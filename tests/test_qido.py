@@ -19,7 +19,8 @@ from tests.support.nodes import NodeProcess, init_node
 def make_study(
     directory: Path, modalities: list[str], slices: int = 2, **kwargs: Any
 ) -> SyntheticStudy:
-    """A study with one series per modality, BodyPartExamined CHEST, SeriesDate = StudyDate."""
+    """A study with one series per modality, BodyPartExamined CHEST, SeriesDate = StudyDate,
+    performed from StudyDate 10:15, in the time zone +0100."""
     study = make_ct_study(
         directory, series=len(modalities), slices=slices, rows=8, columns=8, **kwargs
     )
@@ -28,6 +29,9 @@ def make_study(
         ds.Modality = modalities[int(ds.SeriesNumber) - 1]
         ds.BodyPartExamined = "CHEST"
         ds.SeriesDate = ds.StudyDate
+        ds.TimezoneOffsetFromUTC = "+0100"
+        ds.PerformedProcedureStepStartDate = ds.StudyDate
+        ds.PerformedProcedureStepStartTime = "101500"
         ds.save_as(path)
     return study
 
@@ -155,14 +159,37 @@ class TestStudyMatching:
         assert "Warning" not in corpus.query("/studies", {"fuzzymatching": "false"}).headers
         assert corpus.query("/studies", {"fuzzymatching": "yes"}).status_code == 400
 
-    def test_unknown_or_unmatchable_parameters_are_refused(self, corpus: Corpus) -> None:
-        assert corpus.query("/studies", {"NoSuchThing": "x"}).status_code == 400
-        assert corpus.query("/studies", {"SOPInstanceUID": "1.2"}).status_code == 400
+    def test_unknown_or_unmatchable_keys_are_ignored_with_a_warning_naming_them(
+        self, corpus: Corpus
+    ) -> None:
+        ignored = ["NoSuchThing", "SOPInstanceUID", "NumberOfStudyRelatedSeries", "00101010"]
+        response = corpus.query("/studies", {name: "2" for name in ignored})
+        assert response.status_code == 200
+        assert len(response.json()) == 4
+        warning = response.headers["Warning"]
+        assert warning.startswith("299 ") and "were ignored" in warning
+        assert all(name in warning for name in ignored)
+        assert "Warning" not in corpus.query("/studies", {"PatientID": "MRN-2"}).headers
+
+    def test_malformed_values_are_still_refused(self, corpus: Corpus) -> None:
         assert corpus.query("/studies", {"StudyInstanceUID": "not-a-uid"}).status_code == 400
-        assert corpus.query("/studies", {"NumberOfStudyRelatedSeries": "2"}).status_code == 400
+        assert corpus.query("/studies", {"StudyDate": "2026"}).status_code == 400
 
 
 class TestStudyAttributes:
+    def test_timezone_offset_is_returned_with_the_study(self, corpus: Corpus) -> None:
+        [a] = corpus.found("/studies", {"StudyInstanceUID": corpus.studies["A"].study_uid})
+        assert a["00080201"] == {"vr": "SH", "Value": ["+0100"]}
+
+    def test_performed_procedure_step_start_is_returned_and_matched(self, corpus: Corpus) -> None:
+        study_uid = corpus.studies["B"].study_uid
+        [series] = corpus.found(f"/studies/{study_uid}/series")
+        assert series["00400244"] == {"vr": "DA", "Value": ["20260215"]}
+        assert series["00400245"] == {"vr": "TM", "Value": ["101500"]}
+        path = f"/studies/{study_uid}/series"
+        assert len(corpus.found(path, {"PerformedProcedureStepStartTime": "10-11"})) == 1
+        assert corpus.found(path, {"PerformedProcedureStepStartTime": "11-"}) == []
+
     def test_counts_and_modalities(self, corpus: Corpus) -> None:
         [a] = corpus.found("/studies", {"StudyInstanceUID": corpus.studies["A"].study_uid})
         assert a["00201206"] == {"vr": "IS", "Value": [2]}
@@ -274,6 +301,13 @@ class TestPaging:
         assert corpus.study_names({"limit": "2", "offset": "2"}) == ["D", "B"]
         assert corpus.study_names({"offset": "3"}) == ["B"]
         assert corpus.study_names({"offset": "10"}) == []
+
+    def test_a_limit_that_cuts_the_answer_says_so(self, corpus: Corpus) -> None:
+        # PS3.18 8.3.4.4: more results than the limit are announced in a Warning.
+        cut = corpus.query("/studies", {"limit": "2"})
+        assert "There are additional results that can be requested" in cut.headers["Warning"]
+        for whole in ({"limit": "4"}, {"limit": "2", "offset": "2"}, {}):
+            assert "Warning" not in corpus.query("/studies", whole).headers, whole
 
     def test_malformed_paging_is_refused(self, corpus: Corpus) -> None:
         for params in ({"limit": "-1"}, {"offset": "x"}, {"limit": "1.5"}, {"limit": "²"}):

@@ -198,6 +198,12 @@ class InstanceStore:
                 table.create(spec["columns"], pk=spec["pk"])
                 for columns in spec["indexes"]:
                     table.create_index(columns)
+                continue
+            # An attribute added to the table since this index was made: its column is
+            # added empty (instances indexed before hold no value for it).
+            for column, kind in spec["columns"].items():
+                if column not in table.columns_dict:
+                    table.add_column(column, kind)
 
     def _clear_tmp(self) -> None:
         for leftover in self.tmp_dir.iterdir():

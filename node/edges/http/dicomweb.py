@@ -112,6 +112,12 @@ async def _search(request: web.Request, level: Level) -> web.Response:
         response.headers.add(
             "Warning", f'299 {request.host} "There are additional results that can be requested"'
         )
+    if query.ignored:  # PS3.18 8.3.4.1 lets the server ignore keys it cannot match
+        response.headers.add(
+            "Warning",
+            f'299 {request.host} "The following query keys were not supported and were'
+            f' ignored: {", ".join(query.ignored)}"',
+        )
     if query.fuzzy_asked:  # PS3.18 8.3.4.2
         response.headers.add(
             "Warning",
