@@ -332,3 +332,12 @@ class TestJsonModel:
         assert attribute(0x00201208, "12") == {"vr": "IS", "Value": [12]}
         assert attribute(0x00280030, ["0.5", "0.75"]) == {"vr": "DS", "Value": [0.5, 0.75]}
         assert attribute(0x00100020, "") == {"vr": "LO"}
+
+    def test_empty_values_inside_a_multi_valued_attribute_are_null(self) -> None:
+        # PS3.18 F.2.5: an empty value among others is null, not "" nor left out.
+        assert attribute(0x00080008, ["ORIGINAL", "", "AXIAL"]) == {
+            "vr": "CS",
+            "Value": ["ORIGINAL", None, "AXIAL"],
+        }
+        assert attribute(0x00280030, ["0.5", ""]) == {"vr": "DS", "Value": [0.5, None]}
+        assert attribute(0x00080008, ["", ""]) == {"vr": "CS"}

@@ -14,9 +14,10 @@ import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import get_decoder
-from pydicom.uid import JPEG2000Lossless
+from pydicom.uid import JPEG2000Lossless, generate_uid
 
 from node.samples import SyntheticStudy, make_ct_study
 from tests.support.nodes import NodeProcess, init_node
@@ -33,7 +34,12 @@ SAMPLE_FILES = (
     "SC_rgb_jpeg_dcmtk.dcm",
     "image_dfl.dcm",
     "JPEG-lossy.dcm",
+    "SC_rgb_small_odd.dcm",  # 8-bit pixels stored as OW
 )
+# A CT made for the JSON model's corner cases: group lengths, empty values among others,
+# binary values inside a sequence, large and small.
+JSON_MODEL = "json_model.dcm"
+WAVEFORM = bytes(range(256)) * 16
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 # Stored in Implicit VR, big endian, deflated, JPEG 2000, RLE and JPEG baseline (YBR).
 NEEDING_TRANSCODING = (
@@ -80,8 +86,14 @@ class Corpus:
         self.samples = samples
         self.client = DICOMwebClient(url=node.url + "/dicomweb", headers=node.auth)
 
-    def get(self, path: str, accept: str | None = None, auth: bool = True) -> requests.Response:
-        headers = dict(self.node.auth) if auth else {}
+    def get(
+        self,
+        path: str,
+        accept: str | None = None,
+        auth: bool = True,
+        headers: dict[str, str] | None = None,
+    ) -> requests.Response:
+        headers = {**(self.node.auth if auth else {}), **(headers or {})}
         if accept is not None:
             headers["Accept"] = accept
         return requests.get(self.node.url + "/dicomweb" + path, headers=headers, timeout=30)
@@ -95,6 +107,24 @@ class Corpus:
             f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
             f"/instances/{ds.SOPInstanceUID}"
         )
+
+
+def write_json_model_instance(path: Path) -> None:
+    source = get_testdata_file("CT_small.dcm")
+    assert isinstance(source, str)
+    ds = pydicom.dcmread(source)
+    ds.SOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.add_new(0x00080000, "UL", 0)  # group lengths, which F.2.2 keeps out of JSON
+    ds.add_new(0x00100000, "UL", 0)
+    ds.ImageType = ["ORIGINAL", "", "AXIAL"]
+    ds.PixelSpacing = ["0.5", ""]
+    large, small = Dataset(), Dataset()
+    large.add_new(0x54001010, "OW", WAVEFORM)
+    large.add_new(0x00080000, "UL", 0)
+    small.add_new(0x54001010, "OW", b"\x01\x02\x03\x04")
+    ds.WaveformSequence = [large, small]
+    ds.save_as(path, enforce_file_format=True)
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +142,8 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
         source = get_testdata_file(name)
         assert isinstance(source, str), name
         shutil.copyfile(source, samples[name])
+    samples[JSON_MODEL] = base / "in" / "samples" / JSON_MODEL
+    write_json_model_instance(samples[JSON_MODEL])
     node.cli("import", str(base / "in"))
     node.start()
     try:
@@ -259,6 +291,62 @@ class TestRetrieveInstances:
 
 
 class TestMetadata:
+    def test_metadata_holds_no_group_lengths_at_any_depth(self, corpus: Corpus) -> None:
+        # PS3.18 F.2.2: group length attributes (gggg,0000) are not in the JSON model.
+        [metadata] = corpus.get(corpus.sample_path(JSON_MODEL) + "/metadata").json()
+
+        def keys(dataset: dict[str, Any]) -> list[str]:
+            nested = [
+                k
+                for element in dataset.values()
+                if element["vr"] == "SQ"
+                for item in element.get("Value", [])
+                for k in keys(item)
+            ]
+            return [*dataset, *nested]
+
+        found = keys(metadata)
+        assert "54001010" in found
+        assert not [k for k in found if k.endswith("0000")]
+
+    def test_empty_values_among_others_are_null(self, corpus: Corpus) -> None:
+        [metadata] = corpus.get(corpus.sample_path(JSON_MODEL) + "/metadata").json()
+        assert metadata["00080008"] == {"vr": "CS", "Value": ["ORIGINAL", None, "AXIAL"]}
+        assert metadata["00280030"] == {"vr": "DS", "Value": [0.5, None]}
+
+    def test_large_binary_values_inside_sequences_are_bulk_data_that_is_served(
+        self, corpus: Corpus
+    ) -> None:
+        [metadata] = corpus.get(corpus.sample_path(JSON_MODEL) + "/metadata").json()
+        large, small = metadata["54000100"]["Value"]
+        assert small["54001010"] == {"vr": "OW", "InlineBinary": "AQIDBA=="}
+        uri = large["54001010"]["BulkDataURI"]
+        assert uri.endswith("/bulk/54000100/0/54001010")
+        [value] = list(corpus.client.retrieve_bulkdata(uri))
+        assert value == WAVEFORM
+        missing = uri.replace("/54000100/0/", "/54000100/5/")
+        assert requests.get(missing, headers=corpus.node.auth, timeout=10).status_code == 404
+
+    @pytest.mark.parametrize("name", SAMPLE_FILES)
+    def test_pixel_data_vr_is_the_one_the_file_stores(self, corpus: Corpus, name: str) -> None:
+        [metadata] = corpus.get(corpus.sample_path(name) + "/metadata").json()
+        stored = pydicom.dcmread(corpus.samples[name], defer_size=64)
+        expected = stored.get_item("PixelData").VR
+        if stored.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2":
+            expected = "OW"  # implicit VR native pixel data is OW (PS3.5 A.1)
+        if stored.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1.99":
+            expected = "OB"  # 8-bit, as the inflated data's element says
+        assert metadata["7FE00010"]["vr"] == expected
+
+    def test_json_answers_are_gzipped_when_the_client_accepts_it(self, corpus: Corpus) -> None:
+        for path in (f"/studies/{corpus.study.study_uid}/metadata", "/studies"):
+            zipped = corpus.get(path, headers={"Accept-Encoding": "gzip"})
+            assert zipped.headers["Content-Encoding"] == "gzip", path
+            assert zipped.json()  # requests inflates it
+            plain = corpus.get(path, headers={"Accept-Encoding": "identity"})
+            assert "Content-Encoding" not in plain.headers, path
+            assert plain.json() == zipped.json()
+
     def test_study_metadata_lists_every_instance_with_bulk_data_uris(self, corpus: Corpus) -> None:
         study = corpus.study
         metadata = corpus.client.retrieve_study_metadata(study.study_uid)

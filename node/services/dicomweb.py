@@ -21,6 +21,7 @@ from typing import IO, Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 
 from node.core import dicom_json
@@ -290,9 +291,7 @@ class DicomWebService:
         ):
             # The first frame is converted now, so that a codec refusing this image is
             # a 406 before the answer starts rather than a cut connection.
-            native, decoded = transcoding.decode_frame(
-                frames.read(1), frames.stored, frames.pixels
-            )
+            native, decoded = transcoding.decode_frame(frames.read(1), frames.stored, frames.pixels)
             transcoding.encode_frame(native, target, decoded)
         head = transcoding.file_header(frames.header, target, decoded, _big_endian(record))
         media = f"{DICOM}; transfer-syntax={target}"
@@ -319,17 +318,12 @@ class DicomWebService:
         yield b"]"
 
     def _instance_metadata(self, record: InstanceRecord, base_url: str) -> dict[str, Any]:
-        ds = self.store.read_dataset(
-            record, defer_size=_METADATA_DEFER_SIZE, stop_before_pixels=True
-        )
+        ds, pixels_at = self.store.read_to_pixels(record, _METADATA_DEFER_SIZE)
         prefix = f"{base_url}{_instance_path(record)}/bulk/"
         pixel_vr = None
-        if "Rows" in ds and "PixelData" not in ds:
-            encapsulated = UID(record.transfer_syntax_uid).is_encapsulated
-            pixel_vr = "OW" if not encapsulated and int(ds.get("BitsAllocated", 8)) > 8 else "OB"
-        document = dicom_json.dataset_to_json(
-            ds, lambda tag: prefix + dicom_json.tag_key(tag), pixel_vr
-        )
+        if "PixelData" not in ds:
+            pixel_vr = _stored_pixel_vr(record, pixels_at, ds)
+        document = dicom_json.dataset_to_json(ds, lambda path: prefix + path, pixel_vr)
         document["00083002"] = dicom_json.attribute(0x00083002, record.transfer_syntax_uid, "UI")
         return dict(sorted(document.items()))
 
@@ -352,10 +346,13 @@ class DicomWebService:
             choice.media_type, choice.transfer_syntax, [frames.part(n, choice) for n in numbers]
         )
 
-    async def bulk(self, record: InstanceRecord, tag: int, wishes: list[Wish]) -> FrameSet:
-        """One top-level bulk value of an instance. Native pixel data that needs no
-        transcoding is one part; otherwise pixel data comes frame by frame."""
-        if tag == 0x7FE00010:
+    async def bulk(
+        self, record: InstanceRecord, location: tuple[int, ...], wishes: list[Wish]
+    ) -> FrameSet:
+        """One bulk value of an instance, where a metadata BulkDataURI put it (a tag, or
+        a path through sequence items). Native pixel data that needs no transcoding is
+        one part; otherwise pixel data comes frame by frame."""
+        if location == (0x7FE00010,):
             frames = await asyncio.to_thread(_StoredFrames.open, self.store, record)
             layout = frames.layout
             whole = frames.inflated is not None or (
@@ -368,7 +365,7 @@ class DicomWebService:
                 if not choice.transcode:
                     return FrameSet(OCTET_STREAM, frames.stored, [frames.whole_value()])
             return await self.frames(record, list(range(1, frames.number_of_frames + 1)), wishes)
-        value = await asyncio.to_thread(self._bulk_value, record, tag)
+        value = await asyncio.to_thread(self._bulk_value, record, location)
         part = OutgoingPart(OCTET_STREAM, len(value), lambda: _single(value))
         return FrameSet(OCTET_STREAM, "", [part])
 
@@ -427,14 +424,21 @@ class DicomWebService:
             raise
         return report
 
-    def _bulk_value(self, record: InstanceRecord, tag: int) -> bytes:
-        # A deflated stream cannot be re-read for a deferred value: read values at once.
+    def _bulk_value(self, record: InstanceRecord, location: tuple[int, ...]) -> bytes:
+        # A deflated stream cannot be re-read for a deferred value, nor can a value inside
+        # a sequence: those are read at once.
         deflated = record.transfer_syntax_uid == DeflatedExplicitVRLittleEndian
-        ds = self.store.read_dataset(
+        ds: Dataset = self.store.read_dataset(
             record,
-            defer_size=None if deflated else _METADATA_DEFER_SIZE,
+            defer_size=None if deflated or len(location) > 1 else _METADATA_DEFER_SIZE,
             stop_before_pixels=True,
         )
+        for index in range(1, len(location), 2):  # down through sequence items
+            items = ds[location[index - 1]].value if location[index - 1] in ds else None
+            if not isinstance(items, DicomSequence) or not 0 <= location[index] < len(items):
+                raise NotFound("the instance has no such attribute")
+            ds = items[location[index]]
+        tag = location[-1]
         if tag not in ds:
             raise NotFound("the instance has no such attribute")
         value = ds[tag].value
@@ -450,6 +454,30 @@ class DicomWebService:
             self.store.discard([item])
             raise ConnectionAbortedError("the upload was abandoned")
         return item
+
+
+def _stored_pixel_vr(record: InstanceRecord, pixels_at: int, ds: Dataset) -> str | None:
+    """The VR of the PixelData element as the file stores it (None: it has none).
+
+    Explicit VR files say it in the element; implicit VR native data is OW and
+    encapsulated data OB (PS3.5 A.1, A.4); a deflated file's is read from the inflated
+    stream's rule, as BitsAllocated gives it.
+    """
+    if "Rows" not in ds:
+        return None
+    ts = UID(record.transfer_syntax_uid)
+    bits_rule = "OW" if int(ds.get("BitsAllocated") or 8) > 8 else "OB"
+    if ts == DeflatedExplicitVRLittleEndian:
+        return bits_rule
+    with open(record.path, "rb") as f:
+        f.seek(pixels_at)
+        head = f.read(6)
+    if len(head) < 6:
+        return None
+    if ts.is_implicit_VR:
+        return "OB" if ts.is_encapsulated else "OW"
+    vr = head[4:6].decode("ascii", "replace")
+    return vr if vr in ("OB", "OW") else bits_rule
 
 
 def _big_endian(record: InstanceRecord) -> bool:

@@ -22,7 +22,7 @@ from node.edges.http.multipart import (
     stream_parts,
     type_matches,
 )
-from node.errors import BadInput, NotAcceptable
+from node.errors import BadInput, NotAcceptable, NotFound
 from node.services import transcoding
 from node.services.dicomweb import DicomWebService, UploadPart
 from node.services.runtime import NodeRuntime
@@ -59,7 +59,9 @@ def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
     router.add_get(INSTANCE, retrieve)
     router.add_get(f"{INSTANCE}/metadata", retrieve_metadata)
     router.add_get(f"{INSTANCE}/frames/{{frames}}", retrieve_frames)
-    router.add_get(f"{INSTANCE}/bulk/{{tag:[0-9A-Fa-f]{{8}}}}", retrieve_bulk)
+    router.add_get(
+        f"{INSTANCE}/bulk/{{location:[0-9A-Fa-f]{{8}}(/[0-9]+/[0-9A-Fa-f]{{8}})*}}", retrieve_bulk
+    )
 
 
 def _service(request: web.Request) -> DicomWebService:
@@ -108,6 +110,7 @@ async def _search(request: web.Request, level: Level) -> web.Response:
         atna.query, "admin-token", request.remote or "", "QIDO-RS", len(results)
     )
     response = _json_response(results)
+    response.enable_compression()  # when the client accepts gzip or deflate
     if truncated:
         response.headers.add(
             "Warning", f'299 {request.host} "There are additional results that can be requested"'
@@ -190,6 +193,7 @@ async def retrieve_metadata(request: web.Request) -> web.StreamResponse:
     first = await anext(body)  # errors before this point still get their own status
     _audit_read(request, records, "WADO-RS metadata")
     response = web.StreamResponse(headers={"Content-Type": dicom_json.MEDIA_TYPE})
+    response.enable_compression()  # when the client accepts gzip or deflate
     return await send_body(request, response, _prepend(first, body))
 
 
@@ -220,8 +224,10 @@ async def retrieve_frames(request: web.Request) -> web.StreamResponse:
 
 async def retrieve_bulk(request: web.Request) -> web.StreamResponse:
     records = await _records(request)
-    tag = int(request.match_info["tag"], 16)
-    frames = await _service(request).bulk(records[0], tag, _wishes(request, OCTET_STREAM))
+    location = dicom_json.parse_bulk_path(request.match_info["location"])
+    if location is None:
+        raise NotFound("no such bulk data")
+    frames = await _service(request).bulk(records[0], location, _wishes(request, OCTET_STREAM))
     _audit_read(request, records, "WADO-RS bulk data")
     return await stream_parts(request, frames.media_type, frames.parts)
 
