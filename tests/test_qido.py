@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import pydicom
 import pytest
@@ -312,6 +313,29 @@ class TestPaging:
     def test_malformed_paging_is_refused(self, corpus: Corpus) -> None:
         for params in ({"limit": "-1"}, {"offset": "x"}, {"limit": "1.5"}, {"limit": "²"}):
             assert corpus.query("/studies", params).status_code == 400
+
+
+class TestXml:
+    def test_search_in_xml_is_one_native_dicom_model_part_per_result(self, corpus: Corpus) -> None:
+        response = requests.get(
+            corpus.node.url + "/dicomweb/studies",
+            params={"limit": "2"},
+            headers={
+                **corpus.node.auth,
+                "Accept": 'multipart/related; type="application/dicom+xml"',
+            },
+            timeout=10,
+        )
+        assert response.status_code == 200
+        content_type = response.headers["Content-Type"]
+        assert content_type.startswith('multipart/related; type="application/dicom+xml"')
+        assert "additional results" in response.headers["Warning"]
+        boundary = content_type.split("boundary=")[1].encode()
+        parts = response.content.split(b"--" + boundary)[1:-1]
+        roots = [ElementTree.fromstring(p.partition(b"\r\n\r\n")[2]) for p in parts]
+        uids = [r.findtext("DicomAttribute[@tag='0020000D']/Value") for r in roots]
+        as_json = corpus.found("/studies", {"limit": "2"})
+        assert uids == [r["0020000D"]["Value"][0] for r in as_json]
 
 
 class TestJsonModel:

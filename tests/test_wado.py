@@ -8,6 +8,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import pydicom
 import pytest
@@ -399,11 +400,34 @@ class TestMetadata:
         assert response.headers["Content-Type"] == "application/dicom+json"
         assert len(response.json()) == 3
 
-    def test_metadata_in_xml_is_not_acceptable(self, corpus: Corpus) -> None:
-        response = corpus.get(
-            f"/studies/{corpus.study.study_uid}/metadata",
-            'multipart/related; type="application/dicom+xml"',
+    def test_metadata_in_xml_is_the_native_dicom_model_of_the_json(self, corpus: Corpus) -> None:
+        # PS3.18 8.7.3.2 and PS3.19 A.1: one application/dicom+xml part per instance.
+        path = corpus.sample_path(JSON_MODEL) + "/metadata"
+        response = corpus.get(path, 'multipart/related; type="application/dicom+xml"')
+        assert response.headers["Content-Type"].startswith(
+            'multipart/related; type="application/dicom+xml"'
         )
+        [(headers, body)] = split_multipart(response)
+        assert headers["Content-Type"] == "application/dicom+xml"
+        root = ElementTree.fromstring(body)
+        assert root.tag == "NativeDicomModel"
+        [as_json] = corpus.get(path).json()
+        assert [a.get("tag") for a in root.findall("DicomAttribute")] == list(as_json)
+        name = root.find("DicomAttribute[@keyword='PatientName']/PersonName/Alphabetic")
+        assert name is not None and name.findtext("FamilyName") == "CompressedSamples"
+        values = root.findall("DicomAttribute[@tag='00080008']/Value")
+        assert [(v.get("number"), v.text) for v in values] == [
+            ("1", "ORIGINAL"),
+            ("2", None),
+            ("3", "AXIAL"),
+        ]
+        bulk = root.find("DicomAttribute[@tag='7FE00010']/BulkData")
+        assert bulk is not None and bulk.get("uri") == as_json["7FE00010"]["BulkDataURI"]
+        item = root.find("DicomAttribute[@tag='54000100']/Item[@number='2']")
+        assert item is not None and item.findtext("DicomAttribute/InlineBinary") == "AQIDBA=="
+
+    def test_metadata_in_another_format_is_not_acceptable(self, corpus: Corpus) -> None:
+        response = corpus.get(f"/studies/{corpus.study.study_uid}/metadata", "text/html")
         assert response.status_code == 406
 
 

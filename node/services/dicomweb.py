@@ -317,6 +317,10 @@ class DicomWebService:
             yield (b"," if index else b"[") + dicom_json.encode(document)
         yield b"]"
 
+    async def instance_metadata(self, record: InstanceRecord, base_url: str) -> dict[str, Any]:
+        """One instance's attributes in the JSON model, read in a worker thread."""
+        return await asyncio.to_thread(self._instance_metadata, record, base_url)
+
     def _instance_metadata(self, record: InstanceRecord, base_url: str) -> dict[str, Any]:
         ds, pixels_at = self.store.read_to_pixels(record, _METADATA_DEFER_SIZE)
         prefix = f"{base_url}{_instance_path(record)}/bulk/"

@@ -7,12 +7,13 @@ request, negotiate the media type, call the DICOMweb service and frame its answe
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
+from typing import Any
 
 from aiohttp import web
 
-from node.core import atna, dicom_json
+from node.core import atna, dicom_json, dicom_xml
 from node.core.rate_limit import SlidingWindowLimit
 from node.edges.http.app import RUNTIME_KEY, accepts_body_encodings
 from node.edges.http.multipart import (
@@ -24,7 +25,7 @@ from node.edges.http.multipart import (
 )
 from node.errors import BadInput, NotAcceptable, NotFound
 from node.services import transcoding
-from node.services.dicomweb import DicomWebService, UploadPart
+from node.services.dicomweb import DicomWebService, OutgoingPart, UploadPart
 from node.services.runtime import NodeRuntime
 from node.services.transcoding import DICOM, OCTET_STREAM, Wish
 from node.store.attributes import Level
@@ -87,18 +88,42 @@ def _json_response(document: object, status: int = 200) -> web.Response:
     return response
 
 
-def _require_json(request: web.Request) -> None:
+def _dataset_media_type(request: web.Request) -> str:
+    """application/dicom+json, or application/dicom+xml (sent as multipart/related, one
+    part per dataset, PS3.18 8.7.3.2), as the client's Accept prefers; raises
+    NotAcceptable."""
     for media in parse_accept(request.headers.get("Accept")):
         if any(type_matches(media.type, t) for t in (dicom_json.MEDIA_TYPE, "application/json")):
-            return
-    raise NotAcceptable("this resource is available as application/dicom+json only")
+            return dicom_json.MEDIA_TYPE
+        if media.type == dicom_xml.MEDIA_TYPE or (
+            media.type == "multipart/related" and media.params.get("type") == dicom_xml.MEDIA_TYPE
+        ):
+            return dicom_xml.MEDIA_TYPE
+    raise NotAcceptable(
+        "this resource is available as application/dicom+json or"
+        ' multipart/related; type="application/dicom+xml"'
+    )
+
+
+def _xml_parts(
+    documents: Sequence[Callable[[], Awaitable[dict[str, Any]]]],
+) -> list[OutgoingPart]:
+    """One application/dicom+xml part per dataset, each written when it is sent."""
+
+    def body(document: Callable[[], Awaitable[dict[str, Any]]]) -> AsyncIterator[bytes]:
+        async def write() -> AsyncIterator[bytes]:
+            yield dicom_xml.encode(await document())
+
+        return write()
+
+    return [OutgoingPart(dicom_xml.MEDIA_TYPE, None, partial(body, d)) for d in documents]
 
 
 # -- QIDO-RS ---------------------------------------------------------------------------
 
 
-async def _search(request: web.Request, level: Level) -> web.Response:
-    _require_json(request)
+async def _search(request: web.Request, level: Level) -> web.StreamResponse:
+    media_type = _dataset_media_type(request)
     query = parse_qido(
         level,
         request.query.items(),
@@ -109,36 +134,42 @@ async def _search(request: web.Request, level: Level) -> web.Response:
     request.app[RUNTIME_KEY].security_audit.record(
         atna.query, "admin-token", request.remote or "", "QIDO-RS", len(results)
     )
-    response = _json_response(results)
-    response.enable_compression()  # when the client accepts gzip or deflate
-    if truncated:
-        response.headers.add(
-            "Warning", f'299 {request.host} "There are additional results that can be requested"'
-        )
+    warnings = []
+    if truncated:  # PS3.18 8.3.4.4
+        warnings.append(f'299 {request.host} "There are additional results that can be requested"')
     if query.ignored:  # PS3.18 8.3.4.1 lets the server ignore keys it cannot match
-        response.headers.add(
-            "Warning",
+        warnings.append(
             f'299 {request.host} "The following query keys were not supported and were'
-            f' ignored: {", ".join(query.ignored)}"',
+            f' ignored: {", ".join(query.ignored)}"'
         )
     if query.fuzzy_asked:  # PS3.18 8.3.4.2
-        response.headers.add(
-            "Warning",
+        warnings.append(
             f"299 {request.host}: The fuzzymatching parameter is not supported."
-            " Only literal matching has been performed.",
+            " Only literal matching has been performed."
         )
+    if media_type == dicom_xml.MEDIA_TYPE:
+        parts = _xml_parts([partial(_ready, r) for r in results])
+        return await stream_parts(request, media_type, parts, [("Warning", w) for w in warnings])
+    response = _json_response(results)
+    response.enable_compression()  # when the client accepts gzip or deflate
+    for warning in warnings:
+        response.headers.add("Warning", warning)
     return response
 
 
-async def search_studies(request: web.Request) -> web.Response:
+async def _ready(document: dict[str, Any]) -> dict[str, Any]:
+    return document
+
+
+async def search_studies(request: web.Request) -> web.StreamResponse:
     return await _search(request, Level.STUDY)
 
 
-async def search_series(request: web.Request) -> web.Response:
+async def search_series(request: web.Request) -> web.StreamResponse:
     return await _search(request, Level.SERIES)
 
 
-async def search_instances(request: web.Request) -> web.Response:
+async def search_instances(request: web.Request) -> web.StreamResponse:
     return await _search(request, Level.INSTANCE)
 
 
@@ -187,8 +218,13 @@ def _audit_transfer(request: web.Request, sent: bool, study_uids: list[str], via
 
 
 async def retrieve_metadata(request: web.Request) -> web.StreamResponse:
-    _require_json(request)
+    media_type = _dataset_media_type(request)
     records = await _records(request)
+    if media_type == dicom_xml.MEDIA_TYPE:
+        service, base_url = _service(request), _base_url(request)
+        documents = [partial(service.instance_metadata, r, base_url) for r in records]
+        _audit_read(request, records, "WADO-RS metadata")
+        return await stream_parts(request, media_type, _xml_parts(documents))
     body: AsyncIterator[bytes] = _service(request).metadata(records, _base_url(request))
     first = await anext(body)  # errors before this point still get their own status
     _audit_read(request, records, "WADO-RS metadata")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import uuid
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
@@ -140,15 +140,21 @@ async def send_body(
 
 
 async def stream_parts(
-    request: web.Request, part_type: str, parts: list[OutgoingPart]
+    request: web.Request,
+    part_type: str,
+    parts: list[OutgoingPart],
+    headers: Sequence[tuple[str, str]] = (),
 ) -> web.StreamResponse:
-    """Send ``parts`` as one multipart/related response, streaming each body.
+    """Send ``parts`` as one multipart/related response, streaming each body, with any
+    further ``headers`` (such as Warnings).
 
     The Content-Length is announced when every part's size is known; otherwise the
     response is chunked.
     """
     writer = MultipartWriter(part_type)
     response = web.StreamResponse(headers={"Content-Type": writer.content_type})
+    for name, value in headers:
+        response.headers.add(name, value)
     sizes = [(p.content_type, p.size) for p in parts if p.size is not None]
     if len(sizes) == len(parts):
         response.content_length = writer.total_length(sizes)
