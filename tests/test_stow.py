@@ -25,6 +25,7 @@ MAX_INSTANCE_BYTES = 64 * 1024
 FAILURE_CANNOT_UNDERSTAND = 0xC000
 FAILURE_OUT_OF_RESOURCES = 0xA700
 FAILURE_STUDY_MISMATCH = 0xA900
+FAILURE_DUPLICATE_SOP_INSTANCE = 0x0111
 
 
 def multipart(*bodies: bytes, boundary: str = BOUNDARY) -> bytes:
@@ -144,6 +145,32 @@ class TestStoreThroughDicomwebClient:
         assert again.status_code == 200
         assert sorted(referenced_uids(again)) == sorted(study.sop_uids)
         assert uploads.counts() == before
+
+    def test_the_stored_study_is_named_in_location_headers(self, uploads: Uploads) -> None:
+        study = uploads.study(slices=1)
+        response = uploads.post(multipart(study.files[0].read_bytes()))
+        url = f"{uploads.node.url}/dicomweb/studies/{study.study_uid}"
+        assert response.headers["Content-Location"] == url
+        assert response.headers["Location"] == url
+        assert response.json()["00081190"]["Value"] == [url]
+
+    def test_a_resend_with_other_content_fails_and_keeps_the_stored_instance(
+        self, uploads: Uploads
+    ) -> None:
+        # The same SOP Instance UID with other bytes is no success (PS3.18 10.5.3): it is
+        # reported as a Duplicate SOP Instance and the stored instance stays as it was.
+        study = uploads.study(slices=1)
+        original = study.files[0].read_bytes()
+        assert uploads.post(multipart(original)).status_code == 200
+        changed = dicom_bytes(study.files[0], PatientName="Other^Patient")
+        response = uploads.post(multipart(changed))
+        assert response.status_code == 409
+        [failure] = failed_items(response)
+        assert failure["00081197"]["Value"] == [FAILURE_DUPLICATE_SOP_INSTANCE]
+        assert failure["00081155"]["Value"] == [study.sop_uids[0]]
+        assert "other content" in failure["00000902"]["Value"][0]
+        [back] = uploads.client.retrieve_study(study.study_uid)
+        assert str(back.PatientName) == str(pydicom.dcmread(study.files[0]).PatientName)
 
 
 class TestPartialFailures:

@@ -555,6 +555,34 @@ class TestFrames:
             assert response.status_code == 400, frames
 
 
+class TestCapabilities:
+    def test_options_on_the_service_root_describes_every_resource_in_wadl(
+        self, corpus: Corpus
+    ) -> None:
+        # PS3.18 8.9: Retrieve Capabilities, an OPTIONS on the service's root.
+        for root in ("/dicomweb", "/dicomweb/"):
+            response = requests.options(
+                corpus.node.url + root, headers=corpus.node.auth, timeout=10
+            )
+            assert response.status_code == 200
+            assert response.headers["Content-Type"].startswith("application/vnd.sun.wadl+xml")
+        namespace = {"w": "http://wadl.dev.java.net/2009/02"}
+        document = ElementTree.fromstring(response.content)
+        resources = {
+            r.get("path"): r for r in document.findall("w:resources/w:resource", namespace)
+        }
+        assert {"studies", "studies/{study}", "studies/{study}/metadata"} <= set(resources)
+        frames = resources["studies/{study}/series/{series}/instances/{instance}/frames/{frames}"]
+        media_types = {m.get("mediaType") for m in frames.findall(".//w:representation", namespace)}
+        assert 'multipart/related; type="application/octet-stream"' in media_types
+        methods = {m.get("name") for m in resources["studies"].findall("w:method", namespace)}
+        assert methods == {"GET", "POST"}
+
+    def test_capabilities_need_the_admin_token(self, corpus: Corpus) -> None:
+        response = requests.options(corpus.node.url + "/dicomweb", timeout=10)
+        assert response.status_code == 401
+
+
 class TestAccessControl:
     def test_missing_or_wrong_admin_token_is_refused(self, corpus: Corpus) -> None:
         path = f"/studies/{corpus.study.study_uid}/metadata"

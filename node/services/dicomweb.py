@@ -34,7 +34,14 @@ from node.services.transcoding import (
     PixelDescription,
     Wish,
 )
-from node.store.instances import CHUNK, IngestResult, InstanceRecord, InstanceStore, StagedInstance
+from node.store.instances import (
+    CHUNK,
+    IngestResult,
+    InstanceRecord,
+    InstanceStore,
+    Outcome,
+    StagedInstance,
+)
 from node.store.queries import Query, run_query
 
 log = logging.getLogger(__name__)
@@ -46,6 +53,8 @@ _METADATA_DEFER_SIZE = 64 * 1024
 FAILURE_OUT_OF_RESOURCES = 0xA700
 FAILURE_CANNOT_UNDERSTAND = 0xC000
 FAILURE_STUDY_MISMATCH = 0xA900
+# Duplicate SOP Instance (PS3.7 C.4.2): the UID is held with other content.
+FAILURE_DUPLICATE_SOP_INSTANCE = 0x0111
 
 
 @dataclass(frozen=True)
@@ -92,14 +101,16 @@ class StowReport:
             return 200
         return 202 if self.stored else 409
 
+    def study_url(self, base_url: str) -> str | None:
+        """The study every stored instance belongs to, when they belong to one."""
+        studies = {r.study_instance_uid for r in self.stored}
+        return f"{base_url}/studies/{studies.pop()}" if len(studies) == 1 else None
+
     def as_json(self, base_url: str) -> dict[str, Any]:
         """The response dataset (PS3.18 10.5.3): RetrieveURL, Referenced and Failed SOPs."""
         out: dict[str, Any] = {}
-        studies = {r.study_instance_uid for r in self.stored}
-        if retrieve_study := (studies.pop() if len(studies) == 1 else None):
-            out["00081190"] = dicom_json.attribute(
-                0x00081190, f"{base_url}/studies/{retrieve_study}", "UR"
-            )
+        if study_url := self.study_url(base_url):
+            out["00081190"] = dicom_json.attribute(0x00081190, study_url, "UR")
         if self.failed:
             out["00081198"] = {
                 "vr": "SQ",
@@ -422,11 +433,37 @@ class DicomWebService:
                     )
                     continue
                 staged.append(item)
-            report.stored = await asyncio.to_thread(self.store.commit, staged, "stow")
+            results = await asyncio.to_thread(self.store.commit, staged, "stow")
+            for result in results:
+                if await asyncio.to_thread(self._conflicts_with_stored, result):
+                    report.failed.append(
+                        (
+                            result.sop_class_uid,
+                            result.sop_instance_uid,
+                            FAILURE_DUPLICATE_SOP_INSTANCE,
+                            "an instance with this SOP Instance UID and other content is"
+                            " already stored; it was kept and this one not stored",
+                        )
+                    )
+                else:
+                    report.stored.append(result)
         except BaseException:
             self.store.discard(staged)
             raise
         return report
+
+    def _conflicts_with_stored(self, result: IngestResult) -> bool:
+        """Whether an instance reported as already held differs from the stored one (a
+        re-send of the same bytes is a success: STOW-RS stays idempotent)."""
+        if result.outcome is not Outcome.DUPLICATE:
+            return False
+        try:
+            [held] = self.store.instances(
+                result.study_instance_uid, result.series_instance_uid, result.sop_instance_uid
+            )
+        except NotFound:  # held under another study or series
+            return True
+        return held.digest != result.digest
 
     def _bulk_value(self, record: InstanceRecord, location: tuple[int, ...]) -> bytes:
         # A deflated stream cannot be re-read for a deferred value, nor can a value inside

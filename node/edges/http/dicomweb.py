@@ -6,10 +6,13 @@ request, negotiate the media type, call the DICOMweb service and frame its answe
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
+from xml.sax.saxutils import quoteattr
 
 from aiohttp import web
 
@@ -44,25 +47,8 @@ INSTANCE = f"{SERIES}/instances/{_UID % 'instance'}"
 def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
     app[SERVICE_KEY] = DicomWebService(runtime.store)
     app[READS_AUDITED_KEY] = SlidingWindowLimit(1, 60.0)
-    router = app.router
-    router.add_get(f"{PREFIX}/studies", search_studies)
-    router.add_post(f"{PREFIX}/studies", store_instances)
-    router.add_get(f"{PREFIX}/series", search_series)
-    router.add_get(f"{PREFIX}/instances", search_instances)
-    router.add_get(STUDY, retrieve)
-    router.add_post(STUDY, store_instances)
-    router.add_get(f"{STUDY}/metadata", retrieve_metadata)
-    router.add_get(f"{STUDY}/series", search_series)
-    router.add_get(f"{STUDY}/instances", search_instances)
-    router.add_get(SERIES, retrieve)
-    router.add_get(f"{SERIES}/metadata", retrieve_metadata)
-    router.add_get(f"{SERIES}/instances", search_instances)
-    router.add_get(INSTANCE, retrieve)
-    router.add_get(f"{INSTANCE}/metadata", retrieve_metadata)
-    router.add_get(f"{INSTANCE}/frames/{{frames}}", retrieve_frames)
-    router.add_get(
-        f"{INSTANCE}/bulk/{{location:[0-9A-Fa-f]{{8}}(/[0-9]+/[0-9A-Fa-f]{{8}})*}}", retrieve_bulk
-    )
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, route.handler)
 
 
 def _service(request: web.Request) -> DicomWebService:
@@ -293,4 +279,91 @@ async def store_instances(request: web.Request) -> web.Response:
         raise BadInput("the multipart body holds no parts")
     if report.stored:
         _audit_transfer(request, False, [r.study_instance_uid for r in report.stored], "STOW-RS")
-    return _json_response(report.as_json(_base_url(request)), report.status)
+    base_url = _base_url(request)
+    response = _json_response(report.as_json(base_url), report.status)
+    if study_url := report.study_url(base_url):
+        # Where what was stored can be retrieved (PS3.18 10.5.3).
+        response.headers["Content-Location"] = study_url
+        response.headers["Location"] = study_url
+    return response
+
+
+# -- Retrieve Capabilities (PS3.18 8.9) -----------------------------------------------------
+
+WADL = "application/vnd.sun.wadl+xml"
+# A route template's variables as WADL writes them: "{study:[0-9.]{1,64}}" -> "{study}".
+_VARIABLE = re.compile(r"\{(\w+):(?:[^{}]|\{[^{}]*\})*\}")
+
+
+async def retrieve_capabilities(request: web.Request) -> web.Response:
+    """The service's resources, methods and media types as a WADL document, made from the
+    route table below so that it always tells what the node answers."""
+    by_path: dict[str, list[Route]] = {}
+    for route in ROUTES:
+        if route.method != "OPTIONS":
+            by_path.setdefault(_VARIABLE.sub(r"{\1}", route.path[len(PREFIX) + 1 :]), []).append(
+                route
+            )
+    resources = "".join(
+        f"<resource path={quoteattr(path)}>"
+        + "".join(
+            f"<method name={quoteattr(r.method)}><response>"
+            + "".join(f"<representation mediaType={quoteattr(m)}/>" for m in r.media_types)
+            + "</response></method>"
+            for r in routes
+        )
+        + "</resource>"
+        for path, routes in by_path.items()
+    )
+    document = (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        '<application xmlns="http://wadl.dev.java.net/2009/02">'
+        f"<resources base={quoteattr(_base_url(request) + '/')}>{resources}</resources>"
+        "</application>"
+    )
+    return web.Response(body=document.encode(), content_type=WADL, charset="utf-8")
+
+
+@dataclass(frozen=True)
+class Route:
+    """One DICOMweb route and the media types its answers come in."""
+
+    method: str
+    path: str
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    media_types: tuple[str, ...] = ()
+
+
+_DATASETS = (dicom_json.MEDIA_TYPE, f'multipart/related; type="{dicom_xml.MEDIA_TYPE}"')
+_INSTANCES = (f'multipart/related; type="{DICOM}"',)
+_FRAMES = (
+    f'multipart/related; type="{OCTET_STREAM}"',
+    *(
+        f'multipart/related; type="{m}"'
+        for m in sorted(set(transcoding.FRAME_MEDIA_TYPES.values()))
+    ),
+)
+_STORED = (dicom_json.MEDIA_TYPE,)
+_BULK = f"{INSTANCE}/bulk/{{location:[0-9A-Fa-f]{{8}}(/[0-9]+/[0-9A-Fa-f]{{8}})*}}"
+
+# Every DICOMweb route, in one list (other DICOMweb resources add their rows here).
+ROUTES: list[Route] = [
+    Route("OPTIONS", PREFIX, retrieve_capabilities, (WADL,)),
+    Route("OPTIONS", f"{PREFIX}/", retrieve_capabilities, (WADL,)),
+    Route("GET", f"{PREFIX}/studies", search_studies, _DATASETS),
+    Route("POST", f"{PREFIX}/studies", store_instances, _STORED),
+    Route("GET", f"{PREFIX}/series", search_series, _DATASETS),
+    Route("GET", f"{PREFIX}/instances", search_instances, _DATASETS),
+    Route("GET", STUDY, retrieve, _INSTANCES),
+    Route("POST", STUDY, store_instances, _STORED),
+    Route("GET", f"{STUDY}/metadata", retrieve_metadata, _DATASETS),
+    Route("GET", f"{STUDY}/series", search_series, _DATASETS),
+    Route("GET", f"{STUDY}/instances", search_instances, _DATASETS),
+    Route("GET", SERIES, retrieve, _INSTANCES),
+    Route("GET", f"{SERIES}/metadata", retrieve_metadata, _DATASETS),
+    Route("GET", f"{SERIES}/instances", search_instances, _DATASETS),
+    Route("GET", INSTANCE, retrieve, _INSTANCES),
+    Route("GET", f"{INSTANCE}/metadata", retrieve_metadata, _DATASETS),
+    Route("GET", f"{INSTANCE}/frames/{{frames}}", retrieve_frames, _FRAMES),
+    Route("GET", _BULK, retrieve_bulk, (f'multipart/related; type="{OCTET_STREAM}"',)),
+]
