@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import io
+import json
 import logging
 import struct
+import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
@@ -19,10 +21,15 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any, cast
 
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import get_frame
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+)
 
 from node.core import dicom_json
 from node.errors import BadInput, ImageShareError, NotAcceptable, NotFound, PayloadTooLarge
@@ -86,6 +93,7 @@ class UploadPart:
 
     content_type: str
     read_chunk: Callable[[int], Coroutine[Any, Any, bytes]]
+    content_location: str = ""  # how an application/dicom+json dataset names this part
 
 
 @dataclass
@@ -420,37 +428,117 @@ class DicomWebService:
                 except BadInput as exc:
                     report.failed.append(("", "", FAILURE_CANNOT_UNDERSTAND, str(exc)))
                     continue
-                header = item.header
-                if study_uid is not None and header.study_instance_uid != study_uid:
-                    self.store.discard([item])
-                    report.failed.append(
-                        (
-                            header.sop_class_uid,
-                            header.sop_instance_uid,
-                            FAILURE_STUDY_MISMATCH,
-                            "the instance belongs to another study than the request's",
-                        )
-                    )
-                    continue
-                staged.append(item)
-            results = await asyncio.to_thread(self.store.commit, staged, "stow")
-            for result in results:
-                if await asyncio.to_thread(self._conflicts_with_stored, result):
-                    report.failed.append(
-                        (
-                            result.sop_class_uid,
-                            result.sop_instance_uid,
-                            FAILURE_DUPLICATE_SOP_INSTANCE,
-                            "an instance with this SOP Instance UID and other content is"
-                            " already stored; it was kept and this one not stored",
-                        )
-                    )
-                else:
-                    report.stored.append(result)
+                self._admit(item, study_uid, report, staged)
+            await self._commit(staged, report)
         except BaseException:
             self.store.discard(staged)
             raise
         return report
+
+    async def store_json_upload(
+        self, parts: AsyncIterator[UploadPart], study_uid: str | None
+    ) -> StowReport:
+        """STOW-RS of datasets in the JSON model (PS3.18 10.5.1.2.2): parts of type
+        application/dicom+json hold arrays of datasets, whose BulkDataURIs name the other
+        parts by their Content-Location. Each dataset becomes an Explicit VR Little Endian
+        file, checked, staged and committed like an uploaded one.
+
+        Bulk parts wait in temporary files (each at most the instance limit); metadata
+        parts are held in memory up to _MAX_JSON_BYTES. Raises as ``store_upload``.
+        """
+        report = StowReport()
+        staged: list[StagedInstance] = []
+        documents: list[Any] = []
+        bulk: dict[str, tuple[str, IO[bytes]]] = {}
+        try:
+            async for part in parts:
+                if part.content_type == dicom_json.MEDIA_TYPE:
+                    documents.extend(await _read_json_datasets(part))
+                else:
+                    bulk[part.content_location] = (
+                        part.content_type,
+                        await self._spool(part),
+                    )
+            for document in documents:
+                try:
+                    data = await asyncio.to_thread(_file_from_json, document, bulk)
+                    item = await asyncio.to_thread(self.store.stage_bytes, data)
+                except PayloadTooLarge as exc:
+                    report.failed.append(("", "", FAILURE_OUT_OF_RESOURCES, str(exc)))
+                    continue
+                except BadInput as exc:
+                    report.failed.append(("", "", FAILURE_CANNOT_UNDERSTAND, str(exc)))
+                    continue
+                self._admit(item, study_uid, report, staged)
+            await self._commit(staged, report)
+        except BaseException:
+            self.store.discard(staged)
+            raise
+        finally:
+            for _, spooled in bulk.values():
+                spooled.close()
+        return report
+
+    async def _spool(self, part: UploadPart) -> IO[bytes]:
+        """A bulk part in a temporary file (in memory while small); raises
+        PayloadTooLarge past the instance limit."""
+        spooled = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed by store_json_upload
+            max_size=CHUNK, mode="w+b", dir=str(self.store.tmp_dir)
+        )
+        size = 0
+        try:
+            while chunk := await part.read_chunk(CHUNK):
+                size += len(chunk)
+                if size > self.store.max_instance_bytes:
+                    raise _BulkTooLarge(
+                        f"a bulk data part is over the limit of {self.store.max_instance_bytes}"
+                        " bytes"
+                    )
+                await asyncio.to_thread(spooled.write, chunk)
+        except BaseException:
+            spooled.close()
+            raise
+        return cast(IO[bytes], spooled)
+
+    def _admit(
+        self,
+        item: StagedInstance,
+        study_uid: str | None,
+        report: StowReport,
+        staged: list[StagedInstance],
+    ) -> None:
+        """Keep a staged instance for the commit, or report it as of another study."""
+        header = item.header
+        if study_uid is not None and header.study_instance_uid != study_uid:
+            self.store.discard([item])
+            report.failed.append(
+                (
+                    header.sop_class_uid,
+                    header.sop_instance_uid,
+                    FAILURE_STUDY_MISMATCH,
+                    "the instance belongs to another study than the request's",
+                )
+            )
+            return
+        staged.append(item)
+
+    async def _commit(self, staged: list[StagedInstance], report: StowReport) -> None:
+        """Commit every staged instance in one durable step; an instance whose UID is held
+        with other content is reported as failed."""
+        results = await asyncio.to_thread(self.store.commit, staged, "stow")
+        for result in results:
+            if await asyncio.to_thread(self._conflicts_with_stored, result):
+                report.failed.append(
+                    (
+                        result.sop_class_uid,
+                        result.sop_instance_uid,
+                        FAILURE_DUPLICATE_SOP_INSTANCE,
+                        "an instance with this SOP Instance UID and other content is"
+                        " already stored; it was kept and this one not stored",
+                    )
+                )
+            else:
+                report.stored.append(result)
 
     def _conflicts_with_stored(self, result: IngestResult) -> bool:
         """Whether an instance reported as already held differs from the stored one (a
@@ -495,6 +583,63 @@ class DicomWebService:
             self.store.discard([item])
             raise ConnectionAbortedError("the upload was abandoned")
         return item
+
+
+# The most bytes of application/dicom+json metadata one STOW-RS request may hold.
+_MAX_JSON_BYTES = 64 * 1024 * 1024
+
+
+class _BulkTooLarge(PayloadTooLarge):
+    """A bulk data part of a JSON store is over the instance limit: the request fails."""
+
+
+async def _read_json_datasets(part: UploadPart) -> list[Any]:
+    """The datasets of one application/dicom+json part; raises BadInput when it is not a
+    JSON array of objects, _BulkTooLarge past _MAX_JSON_BYTES."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await part.read_chunk(CHUNK):
+        size += len(chunk)
+        if size > _MAX_JSON_BYTES:
+            raise _BulkTooLarge(f"a metadata part is over the limit of {_MAX_JSON_BYTES} bytes")
+        chunks.append(chunk)
+    try:
+        documents = json.loads(b"".join(chunks))
+    except (ValueError, RecursionError) as exc:
+        raise BadInput("an application/dicom+json part is not valid JSON") from exc
+    if not isinstance(documents, list) or not all(isinstance(d, dict) for d in documents):
+        raise BadInput("an application/dicom+json part must be an array of datasets")
+    return documents
+
+
+def _file_from_json(document: dict[str, Any], bulk: dict[str, tuple[str, IO[bytes]]]) -> bytes:
+    """A Part 10 file in Explicit VR Little Endian from one dataset in the JSON model,
+    its BulkDataURIs read from the bulk parts; raises BadInput when it cannot be made."""
+
+    def bulk_value(tag: str, vr: str, uri: str) -> bytes:
+        if uri not in bulk:
+            raise BadInput(f"BulkDataURI {uri[:200]!r} names no part of the request")
+        media, spooled = bulk[uri]
+        if media not in (OCTET_STREAM, ""):
+            raise BadInput(f"bulk data of type {media} is not accepted; send native pixels")
+        spooled.seek(0)
+        return spooled.read()
+
+    dataset_json = {k: v for k, v in document.items() if not str(k).startswith("0002")}
+    try:
+        ds = Dataset.from_json(dataset_json, bulk_data_uri_handler=bulk_value)
+        meta = FileMetaDataset()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta = meta
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+    except BadInput:
+        raise
+    except Exception as exc:  # pydicom raises many kinds for a dataset it cannot make
+        raise BadInput(f"the dataset cannot be made into DICOM: {exc}"[:300]) from exc
+    return buffer.getvalue()
 
 
 def _stored_pixel_vr(record: InstanceRecord, pixels_at: int, ds: Dataset) -> str | None:

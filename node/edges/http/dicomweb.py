@@ -22,6 +22,7 @@ from node.edges.http.app import RUNTIME_KEY, accepts_body_encodings
 from node.edges.http.multipart import (
     StreamedParts,
     parse_accept,
+    parse_media_type,
     send_body,
     stream_parts,
     type_matches,
@@ -261,20 +262,27 @@ async def _upload_parts(parts: StreamedParts) -> AsyncIterator[UploadPart]:
     async for part in parts:
         declared = part.headers.get("Content-Type")
         content_type = parts.part_type_of(part) if declared else ""
-        yield UploadPart(content_type, partial(parts.read_chunk, part))
+        location = part.headers.get("Content-Location", "")
+        yield UploadPart(content_type, partial(parts.read_chunk, part), location)
 
 
 @accepts_body_encodings("gzip", "deflate")
 async def store_instances(request: web.Request) -> web.Response:
     study_uid = request.match_info.get("study")
     runtime = request.app[RUNTIME_KEY]
+    declared = parse_media_type(request.headers.get("Content-Type", ""))
+    # Instances as files (application/dicom), or datasets in the JSON model with their
+    # bulk data in further parts (PS3.18 10.5.1.2.2).
+    as_json = declared.params.get("type", "").lower() == dicom_json.MEDIA_TYPE
     parts = StreamedParts(
         request,
-        DICOM,
+        dicom_json.MEDIA_TYPE if as_json else DICOM,
         runtime.config.http.max_body_bytes,
         runtime.config.store.max_inflation_ratio,
     )
-    report = await _service(request).store_upload(_upload_parts(parts), study_uid)
+    service = _service(request)
+    store = service.store_json_upload if as_json else service.store_upload
+    report = await store(_upload_parts(parts), study_uid)
     if not report.stored and not report.failed:
         raise BadInput("the multipart body holds no parts")
     if report.stored:
