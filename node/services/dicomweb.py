@@ -234,6 +234,8 @@ class DicomWebService:
             if "SOPInstanceUID" in row:
                 url += f"/instances/{row['SOPInstanceUID']}"
             document["00081190"] = dicom_json.attribute(0x00081190, url, "UR")
+            # The index holds Unicode text, and the JSON model is UTF-8 (PS3.18 F.2).
+            document["00080005"] = dicom_json.attribute(0x00080005, "ISO_IR 192", "CS")
             results.append(dict(sorted(document.items())))
         return results, found.truncated
 
