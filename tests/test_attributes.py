@@ -21,6 +21,8 @@ EXTRA = {
     "SeriesTime": "101500",
     "BodyPartExamined": "CHEST",
     "PerformedProcedureStepStartDate": "20260103",
+    "PerformedProcedureStepStartTime": "101500",
+    "TimezoneOffsetFromUTC": "+0100",
     "NumberOfFrames": "1",
 }
 
@@ -72,3 +74,19 @@ def test_the_index_tables_have_a_column_for_every_indexed_attribute(tmp_path: Pa
     with sqlite3.connect(tmp_path / "data" / "index.sqlite") as conn:
         pks = conn.execute("SELECT name FROM pragma_table_info('series') WHERE pk").fetchall()
     assert pks == [("series_instance_uid",)]
+
+
+def test_an_index_made_before_an_attribute_was_declared_gains_its_column(
+    tmp_path: Path,
+) -> None:
+    store = SqliteInstanceStore(tmp_path / "data")
+    store.close()
+    with sqlite3.connect(tmp_path / "data" / "index.sqlite") as conn:
+        conn.execute("ALTER TABLE series DROP COLUMN performed_procedure_step_start_time")
+    conn.close()
+    store = SqliteInstanceStore(tmp_path / "data")
+    try:
+        query = parse_qido(Level.SERIES, [("PerformedProcedureStepStartTime", "10-11")])
+        assert store.search(query).rows == []
+    finally:
+        store.close()

@@ -357,7 +357,6 @@ class TestOneRuleForValues:
             ("StudyTime", "1pm"),
             ("StudyTime", "130"),
             ("StudyInstanceUID", "not-a-uid"),
-            ("NumberOfStudyRelatedSeries", "2"),
         ],
     )
     def test_malformed_values_are_refused_by_both_front_ends(
@@ -369,6 +368,19 @@ class TestOneRuleForValues:
         identifier.QueryRetrieveLevel = "STUDY"
         setattr(identifier, keyword, value)
         with pytest.raises(BadInput, match=keyword):
+            list(find(corpus.store, identifier, Model.STUDY_ROOT))
+
+    def test_an_unmatchable_key_is_ignored_by_qido_rs_but_refused_by_c_find(
+        self, corpus: Corpus
+    ) -> None:
+        # PS3.18 lets QIDO-RS ignore a key it cannot match (saying so in a Warning);
+        # C-FIND has no such answer, so the query is refused there.
+        query = parse_qido(Level.STUDY, [("NumberOfStudyRelatedSeries", "2")])
+        assert query.ignored == ["NumberOfStudyRelatedSeries"] and not query.filters
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "STUDY"
+        identifier.NumberOfStudyRelatedSeries = "2"
+        with pytest.raises(BadInput, match="NumberOfStudyRelatedSeries"):
             list(find(corpus.store, identifier, Model.STUDY_ROOT))
 
     def test_c_find_with_a_malformed_date_fails_with_a900_and_the_node_keeps_answering(

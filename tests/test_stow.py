@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import socket
 import sqlite3
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ MAX_INSTANCE_BYTES = 64 * 1024
 FAILURE_CANNOT_UNDERSTAND = 0xC000
 FAILURE_OUT_OF_RESOURCES = 0xA700
 FAILURE_STUDY_MISMATCH = 0xA900
+FAILURE_DUPLICATE_SOP_INSTANCE = 0x0111
 
 
 def multipart(*bodies: bytes, boundary: str = BOUNDARY) -> bytes:
@@ -145,6 +147,89 @@ class TestStoreThroughDicomwebClient:
         assert sorted(referenced_uids(again)) == sorted(study.sop_uids)
         assert uploads.counts() == before
 
+    def test_the_stored_study_is_named_in_location_headers(self, uploads: Uploads) -> None:
+        study = uploads.study(slices=1)
+        response = uploads.post(multipart(study.files[0].read_bytes()))
+        url = f"{uploads.node.url}/dicomweb/studies/{study.study_uid}"
+        assert response.headers["Content-Location"] == url
+        assert response.headers["Location"] == url
+        assert response.json()["00081190"]["Value"] == [url]
+
+    def test_a_resend_with_other_content_fails_and_keeps_the_stored_instance(
+        self, uploads: Uploads
+    ) -> None:
+        # The same SOP Instance UID with other bytes is no success (PS3.18 10.5.3): it is
+        # reported as a Duplicate SOP Instance and the stored instance stays as it was.
+        study = uploads.study(slices=1)
+        original = study.files[0].read_bytes()
+        assert uploads.post(multipart(original)).status_code == 200
+        changed = dicom_bytes(study.files[0], PatientName="Other^Patient")
+        response = uploads.post(multipart(changed))
+        assert response.status_code == 409
+        [failure] = failed_items(response)
+        assert failure["00081197"]["Value"] == [FAILURE_DUPLICATE_SOP_INSTANCE]
+        assert failure["00081155"]["Value"] == [study.sop_uids[0]]
+        assert "other content" in failure["00000902"]["Value"][0]
+        [back] = uploads.client.retrieve_study(study.study_uid)
+        assert str(back.PatientName) == str(pydicom.dcmread(study.files[0]).PatientName)
+
+
+def json_store_body(documents: bytes, bulk: dict[str, bytes]) -> bytes:
+    """A STOW-RS body of datasets in the JSON model and their bulk data parts."""
+    parts = [f"--{BOUNDARY}\r\nContent-Type: application/dicom+json\r\n\r\n".encode() + documents]
+    for location, value in bulk.items():
+        head = (
+            f"--{BOUNDARY}\r\nContent-Type: application/octet-stream\r\n"
+            f"Content-Location: {location}\r\n\r\n"
+        )
+        parts.append(head.encode() + value)
+    return b"\r\n".join(parts) + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+JSON_CONTENT_TYPE = f'multipart/related; type="application/dicom+json"; boundary={BOUNDARY}'
+
+
+class TestStoreJsonModel:
+    def test_datasets_in_the_json_model_are_stored_with_their_bulk_data(
+        self, uploads: Uploads
+    ) -> None:
+        study = uploads.study(slices=1)
+        ds = pydicom.dcmread(study.files[0])
+        document = ds.to_json_dict(
+            bulk_data_threshold=1024, bulk_data_element_handler=lambda e: "urn:pixels:1"
+        )
+        body = json_store_body(json.dumps([document]).encode(), {"urn:pixels:1": ds.PixelData})
+        response = uploads.post(body, content_type=JSON_CONTENT_TYPE)
+        assert response.status_code == 200, response.text
+        assert referenced_uids(response) == [ds.SOPInstanceUID]
+        [back] = uploads.client.retrieve_study(study.study_uid)
+        assert back.PixelData == ds.PixelData
+        assert back.PatientName == ds.PatientName
+        assert back.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+
+    def test_a_dataset_naming_a_missing_part_fails_alone(self, uploads: Uploads) -> None:
+        ds = pydicom.dcmread(uploads.study(slices=1).files[0])
+        document = ds.to_json_dict(
+            bulk_data_threshold=1024, bulk_data_element_handler=lambda e: "urn:nowhere"
+        )
+        response = uploads.post(
+            json_store_body(json.dumps([document]).encode(), {}), content_type=JSON_CONTENT_TYPE
+        )
+        assert response.status_code == 409
+        [failure] = failed_items(response)
+        assert failure["00081197"]["Value"] == [FAILURE_CANNOT_UNDERSTAND]
+        assert "names no part" in failure["00000902"]["Value"][0]
+
+    @pytest.mark.parametrize("metadata", [b"{not json", b'{"a": 1}', b"[" * 100_000])
+    def test_metadata_that_is_no_array_of_datasets_is_refused_whole(
+        self, uploads: Uploads, metadata: bytes
+    ) -> None:
+        before = uploads.counts()
+        response = uploads.post(json_store_body(metadata, {}), content_type=JSON_CONTENT_TYPE)
+        assert response.status_code == 400
+        assert uploads.counts() == before
+        uploads.assert_nothing_left_over()
+
 
 class TestPartialFailures:
     def test_mixed_good_and_bad_parts_store_the_good_ones(self, uploads: Uploads) -> None:
@@ -227,8 +312,8 @@ class TestRefusedRequests:
         study = uploads.study(slices=1)
         body = study.files[0].read_bytes()
         assert uploads.post(body, content_type="application/dicom").status_code == 415
-        json_parts = f'multipart/related; type="application/dicom+json"; boundary={BOUNDARY}'
-        assert uploads.post(multipart(body), content_type=json_parts).status_code == 415
+        xml_parts = f'multipart/related; type="application/dicom+xml"; boundary={BOUNDARY}'
+        assert uploads.post(multipart(body), content_type=xml_parts).status_code == 415
         uploads.assert_nothing_left_over()
 
     def test_malformed_body_stores_nothing(self, uploads: Uploads) -> None:

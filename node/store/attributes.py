@@ -125,6 +125,9 @@ ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute("ModalitiesInStudy", _ST, Match.MODALITIES_IN_STUDY, computed=_MODALITIES),
     Attribute("NumberOfStudyRelatedSeries", _ST, Match.NONE, computed=_SERIES_OF_STUDY),
     Attribute("NumberOfStudyRelatedInstances", _ST, Match.NONE, computed=_INSTANCES_OF_STUDY),
+    # Returned only: as a query key PS3.18 8.3.4.1 gives it a meaning (the zone of the
+    # dates and times asked for) that the index does not implement.
+    Attribute("TimezoneOffsetFromUTC", _ST, Match.NONE, "timezone_offset_from_utc"),
     # Every indexed instance is on local disk.
     Attribute("InstanceAvailability", _ST, Match.NONE, computed="'ONLINE'"),
     Attribute("SeriesInstanceUID", _SE, Match.UID, "series_instance_uid"),
@@ -136,6 +139,9 @@ ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute("BodyPartExamined", _SE, Match.TEXT, "body_part_examined", default=False),
     Attribute(
         "PerformedProcedureStepStartDate", _SE, Match.DATE, "performed_procedure_step_start_date"
+    ),
+    Attribute(
+        "PerformedProcedureStepStartTime", _SE, Match.TIME, "performed_procedure_step_start_time"
     ),
     Attribute("NumberOfSeriesRelatedInstances", _SE, Match.NONE, computed=_INSTANCES_OF_SERIES),
     Attribute("SOPInstanceUID", _IN, Match.UID, "sop_instance_uid"),

@@ -13,6 +13,7 @@ the event loop; ``off_loop`` is the one way an asyncio caller runs one.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import IO, Any, ParamSpec, Protocol, TypeVar, runtime_checkable
 
 from pydicom.dataset import FileDataset
@@ -38,6 +39,8 @@ class InstanceStore(Protocol):
     the durability rule every backend keeps: acknowledged means flushed and committed)."""
 
     inflate_limits: InflateLimits
+    max_instance_bytes: int  # the largest instance (or bulk data part) accepted
+    tmp_dir: Path  # local scratch space on the store's volume, for spooling uploads
 
     async def off_loop(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a blocking store call away from the event loop and return its result."""

@@ -88,12 +88,15 @@ class Query:
     # QIDO-RS fuzzymatching=true: the engine matches names literally (in any case) only,
     # which PS3.18 8.3.4.2 has the answer say in a Warning.
     fuzzy_asked: bool = False
+    # QIDO-RS keys that were not matched (unknown, or not matchable here), in the order
+    # given: the answer names them in a Warning.
+    ignored: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class QueryResult:
     rows: list[dict[str, Any]]
-    truncated: bool  # MAX_RESULTS cut the answer short of what the client asked for
+    truncated: bool  # more entities match than this answer holds (the limit, or MAX_RESULTS)
 
 
 # -- checking values (one rule for every front end) -----------------------------------
@@ -143,8 +146,9 @@ def parse_qido(
     """A QIDO-RS search at ``level`` from its query parameters (in order, repeats kept)
     and the study and series named in its path.
 
-    Raises BadInput for an unknown parameter or attribute, a filter on a level below
-    the query's, a malformed value, limit or offset.
+    A key that names no attribute, or one that cannot be matched at this level, is not
+    matched and is listed in ``Query.ignored`` (PS3.18 lets the server ignore it and
+    say so). Raises BadInput for a malformed value, limit, offset or fuzzymatching.
     """
     query = Query(level)
     values: dict[str, list[str]] = {}
@@ -162,9 +166,11 @@ def parse_qido(
             else:
                 query.fuzzy_asked = value == "true"
             continue
-        attribute = _attribute_named(name)
-        if attribute.level > level:
-            raise BadInput(f"{attribute.keyword} cannot be matched in this query level")
+        attribute = _matchable(name, level, value)
+        if attribute is None:
+            if name not in query.ignored:
+                query.ignored.append(name)
+            continue
         if value == "":
             included.add(attribute.keyword)  # universal match: return it, match all
         values.setdefault(attribute.keyword, []).append(value)
@@ -188,13 +194,16 @@ def parse_qido(
     return query
 
 
-def _attribute_named(name: str) -> Attribute:
+def _matchable(name: str, level: Level, value: str) -> Attribute | None:
+    """The attribute a QIDO-RS key matches at ``level``; None when it names none, the
+    index does not keep it, or it cannot be matched there (an empty value only asks for
+    the attribute to be returned, which any returned attribute allows)."""
     tag = parse_tag(name)
-    if tag is None:
-        raise BadInput(f"unknown query parameter {name!r}")
-    attribute = BY_KEYWORD.get(keyword_of(tag))
-    if attribute is None:
-        raise BadInput(f"matching on {keyword_of(tag)} is not supported")
+    attribute = None if tag is None else BY_KEYWORD.get(keyword_of(tag))
+    if attribute is None or attribute.level > level:
+        return None
+    if attribute.match is Match.NONE and value.strip() not in ("", "*"):
+        return None
     return attribute
 
 
@@ -404,22 +413,23 @@ def run_query(
     order: str | None = None,
 ) -> QueryResult:
     """Rows matching the query, each a name -> value dict of the returned attributes
-    (ModalitiesInStudy as a sorted list) and extra columns, at most MAX_RESULTS of them.
+    (ModalitiesInStudy as a sorted list) and extra columns: at most the query's limit and
+    at most MAX_RESULTS of them, and whether more match than that.
 
     Raises BadInput when SQLite cannot run the query (too many values).
     """
     sql, args = compile_query(query, extra_columns, order)
-    wanted = query.limit if query.limit is not None else MAX_RESULTS + 1
-    page = min(wanted, MAX_RESULTS + 1)
-    rows = _execute(conn, sql + " LIMIT ? OFFSET ?", [*args, page, query.offset])
+    page = MAX_RESULTS if query.limit is None else min(query.limit, MAX_RESULTS)
+    # One row more than the page tells whether more match (PS3.18 8.3.4.4).
+    rows = _execute(conn, sql + " LIMIT ? OFFSET ?", [*args, page + 1, query.offset])
     result = []
-    for row in rows[:MAX_RESULTS]:
+    for row in rows[:page]:
         record = dict(row)
         if "ModalitiesInStudy" in record:
             modalities = (record["ModalitiesInStudy"] or "").split(",")
             record["ModalitiesInStudy"] = sorted(m for m in modalities if m)
         result.append(record)
-    return QueryResult(result, truncated=len(rows) > MAX_RESULTS)
+    return QueryResult(result, truncated=len(rows) > page)
 
 
 def count_matches(conn: sqlite3.Connection, query: Query) -> int:

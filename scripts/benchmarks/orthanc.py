@@ -22,6 +22,8 @@ from tests.support.nodes import free_port, terminate, wait_until
 ORTHANC_BINARY = "Orthanc"
 # Debian's orthanc-dicomweb installs the plugin here (dpkg -L orthanc-dicomweb).
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+# Debian's orthanc-gdcm: GDCM's codecs (JPEG 2000, JPEG-LS, ...) for Orthanc's transcoding.
+GDCM_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancGdcm.so")
 DICOMWEB_ROOT = "/dicom-web/"
 # Debian's Orthanc links the system DCMTK, which leaves Nagle's algorithm on unless this is
 # set; with it on, every C-STORE response waits for a delayed ACK (about 40 ms an instance).
@@ -105,6 +107,8 @@ class OrthancServer:
     last_peak_rss_mb: float | None = None
     # False runs Orthanc exactly as Debian ships it: its DCMTK leaves Nagle's algorithm on.
     tcp_nodelay: bool = True
+    # Load the GDCM plugin, without which Orthanc decodes no JPEG 2000 or JPEG-LS.
+    gdcm: bool = False
 
     @property
     def url(self) -> str:
@@ -134,7 +138,7 @@ class OrthancServer:
             "DicomAet": self.ae_title,
             "DicomModalities": {},
             "OrthancPeers": {name: [url.rstrip("/") + "/"] for name, url in self.peers.items()},
-            "Plugins": [str(DICOMWEB_PLUGIN)],
+            "Plugins": [str(DICOMWEB_PLUGIN), *([str(GDCM_PLUGIN)] if self.gdcm else [])],
             "DicomWeb": {"Enable": True, "Root": DICOMWEB_ROOT},
         }
 
@@ -146,6 +150,8 @@ class OrthancServer:
         """
         if not DICOMWEB_PLUGIN.exists():
             raise RuntimeError(f"the Orthanc DICOMweb plugin is missing ({DICOMWEB_PLUGIN})")
+        if self.gdcm and not GDCM_PLUGIN.exists():
+            raise RuntimeError(f"the Orthanc GDCM plugin is missing ({GDCM_PLUGIN})")
         self.directory.mkdir(parents=True, exist_ok=True)
         config_path = self.directory / "orthanc.json"
         config_path.write_text(json.dumps(self.configuration(), indent=2))

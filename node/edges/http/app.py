@@ -72,6 +72,7 @@ def cors_scope(path: str) -> CorsScope | None:
             return scope
     return None
 
+
 _BODY_ENCODINGS = "imageshare_body_encodings"  # handler attribute set by accepts_body_encodings
 HandlerT = TypeVar("HandlerT", bound=Callable[..., Awaitable[web.StreamResponse]])
 
@@ -229,7 +230,12 @@ def make_auth_middleware(runtime: NodeRuntime) -> Callable[..., Awaitable[web.St
 
     @web.middleware
     async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.method == "OPTIONS" or not _has_admin_prefix(request.path):
+        # Only a CORS preflight goes without the token (the browser sends none with it);
+        # another OPTIONS (DICOMweb Retrieve Capabilities) needs it like any request.
+        preflight = (
+            request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers
+        )
+        if preflight or not _has_admin_prefix(request.path):
             return await handler(request)
         authenticated = bearer_token_matches(request, runtime.admin_token)
         address = request.remote or ""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import uuid
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
@@ -27,10 +27,6 @@ log = logging.getLogger(__name__)
 
 class UnsupportedMediaType(ImageShareError):
     http_status = 415
-
-
-class NotAcceptable(ImageShareError):
-    http_status = 406
 
 
 @dataclass(frozen=True)
@@ -105,10 +101,10 @@ class MultipartWriter:
         self.boundary = uuid.uuid4().hex
         self.content_type = f'multipart/related; type="{part_type}"; boundary={self.boundary}'
 
-    def part_header(self, content_type: str, size: int) -> bytes:
-        return (
-            f"--{self.boundary}\r\nContent-Type: {content_type}\r\nContent-Length: {size}\r\n\r\n"
-        ).encode()
+    def part_header(self, content_type: str, size: int | None) -> bytes:
+        """A part's boundary and headers; without Content-Length when ``size`` is None."""
+        length = "" if size is None else f"Content-Length: {size}\r\n"
+        return f"--{self.boundary}\r\nContent-Type: {content_type}\r\n{length}\r\n".encode()
 
     @property
     def closing(self) -> bytes:
@@ -144,15 +140,21 @@ async def send_body(
 
 
 async def stream_parts(
-    request: web.Request, part_type: str, parts: list[OutgoingPart]
+    request: web.Request,
+    part_type: str,
+    parts: list[OutgoingPart],
+    headers: Sequence[tuple[str, str]] = (),
 ) -> web.StreamResponse:
-    """Send ``parts`` as one multipart/related response, streaming each body.
+    """Send ``parts`` as one multipart/related response, streaming each body, with any
+    further ``headers`` (such as Warnings).
 
     The Content-Length is announced when every part's size is known; otherwise the
     response is chunked.
     """
     writer = MultipartWriter(part_type)
     response = web.StreamResponse(headers={"Content-Type": writer.content_type})
+    for name, value in headers:
+        response.headers.add(name, value)
     sizes = [(p.content_type, p.size) for p in parts if p.size is not None]
     if len(sizes) == len(parts):
         response.content_length = writer.total_length(sizes)
@@ -164,17 +166,17 @@ async def _multipart_body(
 ) -> AsyncIterator[bytes]:
     for part in parts:
         chunks: list[bytes] = []
-        if part.size is None:  # a frame read whole: its length is known only now
+        buffered = part.size is None and not part.streamed
+        size = part.size
+        if buffered:  # a frame read whole: its length is known only now
             chunks = [chunk async for chunk in part.body()]
             size = sum(len(c) for c in chunks)
-        else:
-            size = part.size
         yield writer.part_header(part.content_type, size)
         sent = 0
-        async for chunk in _replay(chunks) if part.size is None else part.body():
+        async for chunk in _replay(chunks) if buffered else part.body():
             sent += len(chunk)
             yield chunk
-        if sent != size:
+        if size is not None and sent != size:
             # The announced length can no longer be honoured: the connection is cut.
             raise RuntimeError("a stored file changed size while being sent")
         yield b"\r\n"
