@@ -83,6 +83,7 @@ def test_an_index_made_before_an_attribute_was_declared_gains_its_column(
     store.close()
     with sqlite3.connect(tmp_path / "data" / "index.sqlite") as conn:
         conn.execute("ALTER TABLE series DROP COLUMN performed_procedure_step_start_time")
+        conn.execute("PRAGMA user_version = 1")  # written before the attribute was declared
     conn.close()
     store = SqliteInstanceStore(tmp_path / "data")
     try:

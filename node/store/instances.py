@@ -208,7 +208,11 @@ def create_declared_schema(conn: sqlite3.Connection) -> None:
 
 
 # Schema versions (node/store/sqlite.py): position n upgrades version n to n + 1.
-MIGRATIONS: tuple[Migration, ...] = (create_declared_schema,)
+MIGRATIONS: tuple[Migration, ...] = (
+    create_declared_schema,
+    # 2: series gain Timezone Offset From UTC and Performed Procedure Step Start Date/Time.
+    create_declared_schema,
+)
 
 
 class SqliteInstanceStore:
