@@ -18,7 +18,8 @@ import aiohttp
 import msgpack
 import pytest
 
-from node.core.entries import LedgerEntry, decode_entry
+from node.core.audit_rules import check_history
+from node.core.entries import LedgerEntry, decode_entry, encode_entry
 from node.core.key_rotation import (
     COMPROMISED,
     ROUTINE,
@@ -29,11 +30,13 @@ from node.core.key_rotation import (
     rotation_message,
     sign_rotation,
 )
-from node.core.keys import NodeIdentity
+from node.core.keys import NodeIdentity, parse_verifier_key
+from node.core.merkle import MemoryTree, leaf_hash
 from node.core.notes import Checkpoint, sign_note, verify_note
 from node.core.roster import log_id
 from node.errors import BadInput, Conflict, Unauthorized
 from node.samples import SyntheticStudy, make_ct_study
+from node.services.audit import LogListing, PeerView, ServedLog, audit_views
 from node.services.wallet import Wallet
 from node.store.ledger import KeyRotated, LedgerStore, OwnLog
 from node.store.secrets import read_seed
@@ -124,6 +127,101 @@ class TestRotationRule:
             assert chain.key_at(2) == self.new.public_key
         with pytest.raises(Unauthorized, match="trusted"):
             chain_of_log(ORIGIN, entries, NodeIdentity.generate(ORIGIN).public_key)
+
+
+def chained(*entries: tuple[str, dict[str, Any]]) -> list[bytes]:
+    """Raw entries chained by ``prev``, written by hand (no store refuses them)."""
+    raws: list[bytes] = []
+    for kind, fields in entries:
+        prev = leaf_hash(raws[-1]) if raws else bytes(32)
+        raws.append(encode_entry(LedgerEntry(kind, prev, 1, fields)))
+    return raws
+
+
+def signed_by(identity: NodeIdentity, raws: list[bytes]) -> str:
+    root = MemoryTree([leaf_hash(r) for r in raws]).root(len(raws))
+    return sign_note(Checkpoint(ORIGIN, len(raws), root).body(), identity)
+
+
+class TestAuditorChain:
+    """node.core.audit_rules.check_history: checkpoints under the key in force."""
+
+    old = NodeIdentity.generate(ORIGIN)
+    new = NodeIdentity.generate(ORIGIN)
+
+    def rules(self, raws: list[bytes], note: str, anchor: NodeIdentity, **kw: Any) -> set[str]:
+        key = parse_verifier_key(anchor.vkey)
+        history, found = check_history(ORIGIN, key, "http://b", note, raws, **kw)
+        assert history.intact == (not found)
+        return {v.rule for v in found}
+
+    def test_a_rotated_log_verifies_from_its_old_or_its_new_key(self) -> None:
+        rotation = sign_rotation(self.old, self.new, self.old.public_key)
+        raws = chained(("grant", {"token": b"t"}), ("key_rotation", rotation.fields()))
+        for anchor in (self.old, self.new):
+            assert self.rules(raws, signed_by(self.new, raws), anchor) == set()
+        assert self.rules(raws[:1], signed_by(self.old, raws[:1]), self.old) == set()
+        # Before the rotation only the old key signs; after it only the new one.
+        assert self.rules(raws[:1], signed_by(self.new, raws[:1]), self.old) == {
+            "bad_checkpoint_signature"
+        }
+        assert self.rules(raws, signed_by(self.old, raws), self.old) == {"bad_checkpoint_signature"}
+
+    def test_a_forged_rotation_is_a_bad_key_rotation(self) -> None:
+        hostile = NodeIdentity.generate(ORIGIN)
+        message = rotation_message(ORIGIN, self.old.public_key, hostile.public_key, ROUTINE)
+        forged = KeyRotation(
+            self.old.public_key, hostile.public_key, hostile.sign(message),
+            hostile.sign(message), ROUTINE,
+        )  # fmt: skip
+        raws = chained(("key_rotation", forged.fields()))
+        assert self.rules(raws, signed_by(hostile, raws), self.old) == {"bad_key_rotation"}
+
+    def test_a_compromised_key_rotation_counts_once_the_members_confirm_it(self) -> None:
+        rotation = sign_rotation(None, self.new, self.old.public_key)
+        raws = chained(("key_rotation", rotation.fields()))
+        note = signed_by(self.new, raws)
+        assert self.rules(raws, note, self.old) == {"bad_key_rotation"}
+        assert self.rules(raws, note, self.old, confirmed_key=self.new.public_key) == set()
+
+
+WITNESS = ("witness", {"log_id": bytes(32), "size": 0, "root": bytes(32)})
+
+
+class TestAuditorViews:
+    """node.services.audit.audit_views: copies of a rotated log from several nodes."""
+
+    old = NodeIdentity.generate(ORIGIN)
+    new = NodeIdentity.generate(ORIGIN)
+
+    def view(
+        self, url: str, origin: str, raws: list[bytes], signer: NodeIdentity, listed: str = ""
+    ) -> PeerView:
+        listing = LogListing(ORIGIN, log_id(ORIGIN), listed or signer.vkey, len(raws))
+        return PeerView(url, origin, [ServedLog(url, listing, signed_by(signer, raws), raws)], [])
+
+    def test_a_member_that_has_not_followed_yet_is_no_violation(self) -> None:
+        rotation = sign_rotation(self.old, self.new, self.old.public_key)
+        raws = chained(WITNESS, ("key_rotation", rotation.fields()))
+        own = self.view("http://b", ORIGIN, raws, self.new)
+        lagging = self.view("http://c", "c.example/imageshare", raws[:1], self.old)
+        report, saved = audit_views([own, lagging], {}, now=10)
+        assert report.violations == []
+        assert [s.vkey for s in saved] == [self.new.vkey]
+        # The same prefix signed by the new key: before the rotation, so refused.
+        early = self.view("http://c", "c.example/imageshare", raws[:1], self.new)
+        report, _ = audit_views([own, early], {}, now=10)
+        assert {(v.rule, v.source) for v in report.violations} == {
+            ("bad_checkpoint_signature", "http://c")
+        }
+
+    def test_a_node_listing_a_key_that_is_none_of_the_logs_is_a_key_mismatch(self) -> None:
+        raws = chained(WITNESS)
+        own = self.view("http://b", ORIGIN, raws, self.old)
+        stranger = NodeIdentity.generate(ORIGIN).vkey
+        liar = self.view("http://c", "c.example/imageshare", raws, self.old, listed=stranger)
+        report, _ = audit_views([own, liar], {}, now=10)
+        assert {(v.rule, v.source) for v in report.violations} == {("key_mismatch", "http://c")}
 
 
 def grants(count: int) -> list[tuple[str, dict[str, object], int]]:
@@ -233,6 +331,7 @@ class Federation:
     b: NodeProcess
     c: NodeProcess
     wallet: Wallet
+    wallet_dir: Path
     study: SyntheticStudy
     state: Path
 
@@ -253,7 +352,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
         wallet = Wallet.create(base / "wallet", None)
         key = wallet.key_for(b.origin).public_key_text
         b.cli("enroll", "--patient-id", study.patient_id, f"--key={key}")
-        yield Federation(a, b, c, wallet, study, base / "audit-state")
+        yield Federation(a, b, c, wallet, base / "wallet", study, base / "audit-state")
     finally:
         for node in (a, b, c):
             node.stop()
@@ -327,6 +426,16 @@ class TestRotationInAFederation:
                 timeout=30,
                 message=f"{peer.origin} to follow B's rotation",
             )
+
+        # The wallet pinned B's old key: its patient log follows the rotation in B's log.
+        def patient_log_verified() -> bool:
+            result = run_cli(
+                "patient", "log", b.url, "--wallet", str(fed.wallet_dir), "--json", check=False
+            )
+            events = json.loads(result.stdout)["events"] if result.stdout else []
+            return bool(events) and all(e["proof"]["log_signature"] for e in events)
+
+        wait_until(patient_log_verified, timeout=30, message="the patient log to verify")
         # B signs with the new key from the rotation on, its requests included.
         fetched = _fetch_from_b(fed, c)
         assert fetched["custodian"] == b.origin
@@ -339,6 +448,11 @@ class TestRotationInAFederation:
         status, report = _audit(fed)
         assert (status, report["violations"]) == (0, [])
         assert b.cli("ledger", "verify").returncode == 0
+        keys = b.get_json("/admin/api/federation")["own_log"]["keys"]
+        assert keys == [
+            {"first_size": 0, "vkey": old_vkey},
+            {"first_size": rotated["index"] + 1, "vkey": new_vkey},
+        ]
 
         # Independent check (RFC 6962 by hand, C2SP note by hand): B's old checkpoint
         # still verifies under the old key, the new one under the new key only.

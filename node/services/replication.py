@@ -43,6 +43,7 @@ import yarl
 
 from node.core import atna, notes
 from node.core.equivocation import EquivocationProof, VerifiedEquivocation, verify_equivocation
+from node.core.keys import verifier_key_string
 from node.core.merkle import StreamingConsistency, leaf_hash, verify_consistency
 from node.core.roster import Member, log_id
 from node.errors import BadInput, Conflict, ImageShareError, Unauthorized
@@ -726,6 +727,15 @@ class ReplicationService:
         own: dict[str, Any] = {"origin": self.runtime.config.origin, "cosigners": []}
         with contextlib.suppress(*PeerError):
             own["size"] = self._own_log().size()
+            chain = self._own_log().key_chain()
+            # The node's key history: which key signs its checkpoints from which size on.
+            own["keys"] = [
+                {
+                    "first_size": e.first_size,
+                    "vkey": verifier_key_string(self.runtime.config.origin, e.public_key),
+                }
+                for e in (chain.epochs if chain is not None else ())
+            ]
             note = self._own_log().checkpoint_note()
             if note is not None:
                 body, signatures = notes.parse_note(note)

@@ -111,7 +111,7 @@ def describe_entry(index: int, raw: bytes, log_names: dict[str, str]) -> dict[st
             described["party"] = log_names.get(f["log_id"].hex())
             text = f"witnessed {name} at size {f['size']}"
         elif entry.kind == "key_rotation":
-            text = "this node's key was rotated"
+            text = f"this node's key was rotated ({f['reason']})"
         else:
             text = entry.kind
     except (BadInput, KeyError, TypeError, ValueError) as exc:
