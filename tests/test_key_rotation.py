@@ -34,12 +34,13 @@ from node.core.keys import NodeIdentity, parse_verifier_key
 from node.core.merkle import MemoryTree, leaf_hash
 from node.core.notes import Checkpoint, sign_note, verify_note
 from node.core.roster import log_id
-from node.errors import BadInput, Conflict, Unauthorized
+from node.errors import BadInput, ConfigError, Conflict, Unauthorized
 from node.samples import SyntheticStudy, make_ct_study
 from node.services.audit import LogListing, PeerView, ServedLog, audit_views
 from node.services.wallet import Wallet
 from node.store.ledger import KeyRotated, LedgerStore, OwnLog
-from node.store.secrets import read_seed
+from node.store.node_keys import create_next_key, load_identity, retired_keys
+from node.store.secrets import read_seed, write_seed
 from tests.support.nodes import NodeProcess, init_node, run_cli, wait_until
 from tests.test_ledger_api import mth, open_checkpoint, rfc_leaf
 
@@ -316,6 +317,55 @@ class TestStoredKeyHistory:
         assert mirror.vkey == new.vkey
         assert decode_entry(mirror.entry(0)).fields["reason"] == COMPROMISED
 
+    def test_mirror_refuses_a_forged_rotation_served_by_a_hostile_copy(
+        self, stores: tuple[LedgerStore, LedgerStore], own: OwnLog
+    ) -> None:
+        _, peer_store = stores
+        own.append_many(grants(2))
+        mirror = peer_store.mirror(ORIGIN, self.old.vkey)
+        mirror.extend(own.entries(0, 2), _note(own, self.old, 2))
+        # A hostile member serves B's log with a rotation to its own key appended, and a
+        # checkpoint of that history signed by its key.
+        hostile = NodeIdentity.generate(ORIGIN)
+        message = rotation_message(ORIGIN, self.old.public_key, hostile.public_key, ROUTINE)
+        forged = KeyRotation(
+            self.old.public_key, hostile.public_key, hostile.sign(message),
+            hostile.sign(message), ROUTINE,
+        )  # fmt: skip
+        prev = own.leaf_hash(1)
+        raw = encode_entry(LedgerEntry("key_rotation", prev, 5, forged.fields()))
+        root = MemoryTree([own.leaf_hash(0), prev, leaf_hash(raw)]).root(3)
+        note = sign_note(Checkpoint(ORIGIN, 3, root).body(), hostile)
+        with pytest.raises(Unauthorized, match="old key"):
+            mirror.extend([raw], note, self.old.vkey)
+        assert mirror.size() == 2 and mirror.vkey == self.old.vkey
+
+
+class TestKeyFiles:
+    """node.store.node_keys: where the node key lives across a rotation."""
+
+    def test_a_rotation_interrupted_after_its_entry_is_finished_on_next_load(
+        self, tmp_path: Path
+    ) -> None:
+        old = NodeIdentity.generate(ORIGIN)
+        key_path = tmp_path / "node.key"
+        write_seed(key_path, old.seed)
+        new = create_next_key(key_path, ORIGIN)
+        # The crash: the log names the new key, the files still hold the old one.
+        assert load_identity(key_path, ORIGIN, old.public_key) == old
+        assert load_identity(key_path, ORIGIN, new.public_key) == new
+        assert NodeIdentity(ORIGIN, read_seed(key_path)) == new
+        assert [k.vkey for k in retired_keys(key_path, ORIGIN)] == [old.vkey]
+        (retired,) = (tmp_path / "retired-keys").glob("*.key")
+        assert retired.stat().st_mode & 0o777 == 0o600
+        assert load_identity(key_path, ORIGIN, new.public_key) == new  # idempotent
+
+    def test_a_key_in_force_held_in_no_file_is_a_clear_error(self, tmp_path: Path) -> None:
+        key_path = tmp_path / "node.key"
+        write_seed(key_path, NodeIdentity.generate(ORIGIN).seed)
+        with pytest.raises(ConfigError, match="not in the data directory"):
+            load_identity(key_path, ORIGIN, NodeIdentity.generate(ORIGIN).public_key)
+
 
 def _note(own: OwnLog, identity: NodeIdentity, size: int) -> str:
     """A checkpoint of ``own`` at ``size`` signed by ``identity`` (whatever key is in force)."""
@@ -498,3 +548,11 @@ class TestRotationInAFederation:
         assert _listed(a, b.origin)["vkey"] == rotated["vkey"]
         status, report = _audit(fed)
         assert (status, report["violations"]) == (0, [])
+
+    def test_confirm_key_refuses_non_members_and_misnamed_keys(self, fed: Federation) -> None:
+        stranger = NodeIdentity.generate("x.example/imageshare").vkey
+        refused = fed.a.cli("peers", "confirm-key", "x.example/imageshare", stranger, check=False)
+        assert refused.returncode == 1 and "is not a member" in refused.stderr
+        refused = fed.a.cli("peers", "confirm-key", fed.b.origin, stranger, check=False)
+        assert refused.returncode == 1 and "named" in refused.stderr
+        assert refused.stderr.count("\n") == 1  # one sentence, no traceback
