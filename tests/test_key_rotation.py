@@ -51,6 +51,12 @@ def rotation_entry(rotation: KeyRotation) -> LedgerEntry:
     return LedgerEntry("key_rotation", bytes(32), 1, rotation.fields())
 
 
+def forged_rotation(victim_key: bytes, signer: NodeIdentity, new: NodeIdentity) -> KeyRotation:
+    """A "routine" rotation of the victim's key to ``new``, its old signature by ``signer``."""
+    message = rotation_message(ORIGIN, victim_key, new.public_key, ROUTINE)
+    return KeyRotation(victim_key, new.public_key, signer.sign(message), new.sign(message), ROUTINE)
+
+
 class TestRotationRule:
     """node.core.key_rotation: which rotations move a log's key on."""
 
@@ -102,14 +108,7 @@ class TestRotationRule:
             check_rotation(ORIGIN, self.old.public_key, forged)
         # Claiming B's key in force as the old key: the hostile key's signature is no B's.
         hostile_new = NodeIdentity.generate(ORIGIN)
-        message = rotation_message(ORIGIN, self.old.public_key, hostile_new.public_key, ROUTINE)
-        claimed = KeyRotation(
-            self.old.public_key,
-            hostile_new.public_key,
-            hostile.sign(message),
-            hostile_new.sign(message),
-            ROUTINE,
-        )
+        claimed = forged_rotation(self.old.public_key, hostile, hostile_new)
         with pytest.raises(Unauthorized, match="old key"):
             check_rotation(ORIGIN, self.old.public_key, claimed)
 
@@ -170,11 +169,7 @@ class TestAuditorChain:
 
     def test_a_forged_rotation_is_a_bad_key_rotation(self) -> None:
         hostile = NodeIdentity.generate(ORIGIN)
-        message = rotation_message(ORIGIN, self.old.public_key, hostile.public_key, ROUTINE)
-        forged = KeyRotation(
-            self.old.public_key, hostile.public_key, hostile.sign(message),
-            hostile.sign(message), ROUTINE,
-        )  # fmt: skip
+        forged = forged_rotation(self.old.public_key, hostile, hostile)
         raws = chained(("key_rotation", forged.fields()))
         assert self.rules(raws, signed_by(hostile, raws), self.old) == {"bad_key_rotation"}
 
@@ -327,11 +322,7 @@ class TestStoredKeyHistory:
         # A hostile member serves B's log with a rotation to its own key appended, and a
         # checkpoint of that history signed by its key.
         hostile = NodeIdentity.generate(ORIGIN)
-        message = rotation_message(ORIGIN, self.old.public_key, hostile.public_key, ROUTINE)
-        forged = KeyRotation(
-            self.old.public_key, hostile.public_key, hostile.sign(message),
-            hostile.sign(message), ROUTINE,
-        )  # fmt: skip
+        forged = forged_rotation(self.old.public_key, hostile, hostile)
         prev = own.leaf_hash(1)
         raw = encode_entry(LedgerEntry("key_rotation", prev, 5, forged.fields()))
         root = MemoryTree([own.leaf_hash(0), prev, leaf_hash(raw)]).root(3)
