@@ -204,20 +204,23 @@ class ReplicationService:
             self._mirrors[key] = mirror
         return mirror
 
-    def _verified_or_claimed(self, mirror: MirrorLog, note: str) -> notes.Checkpoint:
+    def _verified_or_claimed(self, mirror: MirrorLog, note: str, direct: bool) -> notes.Checkpoint:
         """The checkpoint of ``note``, verified by the key in force at its size.
 
-        A checkpoint beyond what is held may be signed by a key that the entries in
-        between rotate to: it is returned unverified, and MirrorLog.extend verifies the
-        rotation and the signature before anything is stored. Raises BadInput or
-        Unauthorized like notes.verify_note.
+        A checkpoint beyond what is held, served by the log's own node, may be signed by a
+        key that the entries in between rotate to: it is returned unverified, and
+        MirrorLog.extend verifies the rotation and the signature before anything is
+        stored. A copy served by another member must verify at once: otherwise anyone
+        could make this node download a large catch-up for a checkpoint nobody signed
+        (once the rotation is followed from the log's node, copies verify again). Raises
+        BadInput or Unauthorized like notes.verify_note.
         """
         held = mirror.size()
         claimed = notes.Checkpoint.parse(notes.parse_note(note)[0])
         try:
             return notes.verify_note(note, mirror.vkey_at(min(claimed.size, held)))
         except Unauthorized:
-            if claimed.size <= held:
+            if claimed.size <= held or not direct:
                 raise
             return claimed
 
@@ -444,7 +447,7 @@ class ReplicationService:
         base = f"{url}/ledger/logs/{lid}"
         note_bytes, _ = await self._get(base + "/checkpoint", MAX_CHECKPOINT_BYTES)
         note = note_bytes.decode("utf-8", errors="strict")
-        checkpoint = self._verified_or_claimed(mirror, note)
+        checkpoint = self._verified_or_claimed(mirror, note, direct)
         ours = mirror.size()
         if checkpoint.size <= ours:
             if mirror.root(checkpoint.size) != checkpoint.root_hash:
