@@ -42,6 +42,7 @@ from node.store.ledger import KeyRotated, LedgerStore, OwnLog
 from node.store.node_keys import create_next_key, load_identity, retired_keys
 from node.store.secrets import read_seed, write_seed
 from tests.support.nodes import NodeProcess, init_node, run_cli, wait_until
+from tests.test_federation import identity_of, p2p
 from tests.test_ledger_api import mth, open_checkpoint, rfc_leaf
 
 ORIGIN = "b.example/imageshare"
@@ -507,18 +508,23 @@ class TestRotationInAFederation:
         leaves = _leaves(a, b.origin, new_size)
         assert mth(leaves[:old_size]) == old_root and mth(leaves) == new_root
 
-        # The old key is archived (owner-only), never to sign again.
+        # The old key is archived (owner-only), never to sign again: members that
+        # followed refuse a request it signs and take one the new key signs.
         (retired,) = (b.data_dir / "retired-keys").glob("*.key")
         assert retired.stat().st_mode & 0o777 == 0o600
         assert (b.data_dir / "node.key").stat().st_mode & 0o777 == 0o600
-        assert NodeIdentity(b.origin, read_seed(retired)).vkey == old_vkey
+        old_identity = NodeIdentity(b.origin, read_seed(retired))
+        assert old_identity.vkey == old_vkey
+        assert p2p(a, old_identity, "/p2p/whoami") == (401, {"error": "bad signature"})
+        assert p2p(a, identity_of(b), "/p2p/whoami")[0] == 200
 
     def test_compromised_key_rotation_is_followed_only_once_the_operator_confirms(
         self, fed: Federation
     ) -> None:
         a, b, c = fed.a, fed.b, fed.c
         before = _roster_key(a, b.origin)
-        rotated = json.loads(b.cli("key", "rotate", "--compromised", "--json").stdout)
+        rotation = ["key", "rotate", "--data", str(b.data_dir), "--compromised", "--json"]
+        rotated = json.loads(run_cli(*rotation).stdout)
         assert rotated["reason"] == "compromised"
         size = rotated["index"] + 1
 
