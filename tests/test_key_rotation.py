@@ -37,6 +37,9 @@ from node.core.roster import log_id
 from node.errors import BadInput, ConfigError, Conflict, Unauthorized
 from node.samples import SyntheticStudy, make_ct_study
 from node.services.audit import LogListing, PeerView, ServedLog, audit_views
+from node.services.replication import ReplicationService
+from node.services.roster import add_peer, load_roster, move_member_key
+from node.services.runtime import open_runtime
 from node.services.wallet import Wallet
 from node.store.ledger import KeyRotated, LedgerStore, OwnLog
 from node.store.node_keys import create_next_key, load_identity, retired_keys
@@ -331,6 +334,43 @@ class TestStoredKeyHistory:
         with pytest.raises(Unauthorized, match="old key"):
             mirror.extend([raw], note, self.old.vkey)
         assert mirror.size() == 2 and mirror.vkey == self.old.vkey
+
+
+class TestRosterFollows:
+    """ReplicationService._follow_rotation: the roster moves forward along the chain only."""
+
+    def test_roster_moves_to_a_proven_key_but_keeps_a_confirmation_ahead(
+        self, tmp_path: Path
+    ) -> None:
+        a = init_node(tmp_path, "a.example/imageshare", "a")
+        old, new = NodeIdentity.generate(ORIGIN), NodeIdentity.generate(ORIGIN)
+        runtime = open_runtime(a.config)
+        try:
+            add_peer(runtime.config, ORIGIN, "http://127.0.0.1:9", old.vkey)
+            service = ReplicationService(runtime)
+            mirror = service._store().mirror(ORIGIN, old.vkey)
+            # An operator confirmed a compromised-key rotation the mirror has not seen.
+            move_member_key(runtime.config, ORIGIN, new.vkey)
+            member = load_roster(runtime.config).get(ORIGIN)
+            assert member is not None
+            service._follow_rotation(member, mirror)
+            assert load_roster(runtime.config).get(ORIGIN) == member
+            # Once the mirror holds a proven rotation, a roster still on the old key moves.
+            move_member_key(runtime.config, ORIGIN, old.vkey)
+            (tmp_path / "b").mkdir()
+            b_store = LedgerStore(tmp_path / "b")
+            own = b_store.own_log(ORIGIN, old.vkey)
+            own.append("key_rotation", sign_rotation(old, new, old.public_key).fields(), 1)
+            mirror.extend(own.entries(0, 1), own.publish_checkpoint(new, 2))
+            b_store.close()
+            behind = load_roster(runtime.config).get(ORIGIN)
+            assert behind is not None and behind.vkey == old.vkey
+            service._follow_rotation(behind, mirror)
+            moved = load_roster(runtime.config).get(ORIGIN)
+            assert moved is not None and moved.vkey == new.vkey
+            service.close()
+        finally:
+            runtime.close()
 
 
 class TestKeyFiles:

@@ -225,9 +225,14 @@ class ReplicationService:
             return claimed
 
     def _follow_rotation(self, log_member: Member, mirror: MirrorLog) -> None:
-        """Pin the roster to the key the member's log now has in force, once proven there."""
+        """Pin the roster to the key the member's log now has in force, once proven there.
+
+        Only forward: a roster key the mirror's chain does not hold yet is an operator's
+        confirmation of a compromised-key rotation still to come, and stays.
+        """
         vkey = mirror.vkey
-        if vkey == log_member.vkey:
+        chain = mirror.key_chain()
+        if vkey == log_member.vkey or chain is None or not chain.holds(log_member.public_key):
             return
         move_member_key(self.runtime.config, log_member.origin, vkey)
         log.warning("%s rotated its key; the roster follows: %s", log_member.origin, vkey)
