@@ -275,6 +275,8 @@ class TestAuditExportEndToEnd:
                 "key rotation",
             )
             assert rotation.objects("110182") == [rotated["old_vkey"], rotated["vkey"]]
+            # B follows the rotation from A's log into its roster: a Network Configuration.
+            _wait_for(collector, _event(b.origin, "110113", "110128"), "B following A's key")
 
             # The collector goes away; A stops (its stop message is queued on disk), B
             # authenticates a request; the collector comes back, then A.

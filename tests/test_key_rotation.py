@@ -18,7 +18,8 @@ import aiohttp
 import msgpack
 import pytest
 
-from node.core.entries import LedgerEntry, decode_entry
+from node.core.audit_rules import check_history
+from node.core.entries import LedgerEntry, decode_entry, encode_entry
 from node.core.key_rotation import (
     COMPROMISED,
     ROUTINE,
@@ -29,15 +30,22 @@ from node.core.key_rotation import (
     rotation_message,
     sign_rotation,
 )
-from node.core.keys import NodeIdentity
+from node.core.keys import NodeIdentity, parse_verifier_key
+from node.core.merkle import MemoryTree, leaf_hash
 from node.core.notes import Checkpoint, sign_note, verify_note
 from node.core.roster import log_id
-from node.errors import BadInput, Conflict, Unauthorized
+from node.errors import BadInput, ConfigError, Conflict, Unauthorized
 from node.samples import SyntheticStudy, make_ct_study
+from node.services.audit import LogListing, PeerView, ServedLog, audit_views
+from node.services.replication import ReplicationService
+from node.services.roster import add_peer, load_roster, move_member_key
+from node.services.runtime import open_runtime
 from node.services.wallet import Wallet
 from node.store.ledger import KeyRotated, LedgerStore, OwnLog
-from node.store.secrets import read_seed
+from node.store.node_keys import create_next_key, load_identity, retired_keys
+from node.store.secrets import read_seed, write_seed
 from tests.support.nodes import NodeProcess, init_node, run_cli, wait_until
+from tests.test_federation import identity_of, p2p
 from tests.test_ledger_api import mth, open_checkpoint, rfc_leaf
 
 ORIGIN = "b.example/imageshare"
@@ -45,6 +53,12 @@ ORIGIN = "b.example/imageshare"
 
 def rotation_entry(rotation: KeyRotation) -> LedgerEntry:
     return LedgerEntry("key_rotation", bytes(32), 1, rotation.wire_fields())
+
+
+def forged_rotation(victim_key: bytes, signer: NodeIdentity, new: NodeIdentity) -> KeyRotation:
+    """A "routine" rotation of the victim's key to ``new``, its old signature by ``signer``."""
+    message = rotation_message(ORIGIN, victim_key, new.public_key, ROUTINE)
+    return KeyRotation(victim_key, new.public_key, signer.sign(message), new.sign(message), ROUTINE)
 
 
 class TestRotationRule:
@@ -98,14 +112,7 @@ class TestRotationRule:
             check_rotation(ORIGIN, self.old.public_key, forged)
         # Claiming B's key in force as the old key: the hostile key's signature is no B's.
         hostile_new = NodeIdentity.generate(ORIGIN)
-        message = rotation_message(ORIGIN, self.old.public_key, hostile_new.public_key, ROUTINE)
-        claimed = KeyRotation(
-            self.old.public_key,
-            hostile_new.public_key,
-            hostile.sign(message),
-            hostile_new.sign(message),
-            ROUTINE,
-        )
+        claimed = forged_rotation(self.old.public_key, hostile, hostile_new)
         with pytest.raises(Unauthorized, match="old key"):
             check_rotation(ORIGIN, self.old.public_key, claimed)
 
@@ -124,6 +131,97 @@ class TestRotationRule:
             assert chain.key_at(2) == self.new.public_key
         with pytest.raises(Unauthorized, match="trusted"):
             chain_of_log(ORIGIN, entries, NodeIdentity.generate(ORIGIN).public_key)
+
+
+def chained(*entries: tuple[str, dict[str, Any]]) -> list[bytes]:
+    """Raw entries chained by ``prev``, written by hand (no store refuses them)."""
+    raws: list[bytes] = []
+    for kind, fields in entries:
+        prev = leaf_hash(raws[-1]) if raws else bytes(32)
+        raws.append(encode_entry(LedgerEntry(kind, prev, 1, fields)))
+    return raws
+
+
+def signed_by(identity: NodeIdentity, raws: list[bytes]) -> str:
+    root = MemoryTree([leaf_hash(r) for r in raws]).root(len(raws))
+    return sign_note(Checkpoint(ORIGIN, len(raws), root).body(), identity)
+
+
+class TestAuditorChain:
+    """node.core.audit_rules.check_history: checkpoints under the key in force."""
+
+    old = NodeIdentity.generate(ORIGIN)
+    new = NodeIdentity.generate(ORIGIN)
+
+    def rules(self, raws: list[bytes], note: str, anchor: NodeIdentity, **kw: Any) -> set[str]:
+        key = parse_verifier_key(anchor.vkey)
+        history, found = check_history(ORIGIN, key, "http://b", note, raws, **kw)
+        assert history.intact == (not found)
+        return {v.rule for v in found}
+
+    def test_a_rotated_log_verifies_from_its_old_or_its_new_key(self) -> None:
+        rotation = sign_rotation(self.old, self.new, self.old.public_key)
+        raws = chained(("grant", {"token": b"t"}), ("key_rotation", rotation.wire_fields()))
+        for anchor in (self.old, self.new):
+            assert self.rules(raws, signed_by(self.new, raws), anchor) == set()
+        assert self.rules(raws[:1], signed_by(self.old, raws[:1]), self.old) == set()
+        # Before the rotation only the old key signs; after it only the new one.
+        assert self.rules(raws[:1], signed_by(self.new, raws[:1]), self.old) == {
+            "bad_checkpoint_signature"
+        }
+        assert self.rules(raws, signed_by(self.old, raws), self.old) == {"bad_checkpoint_signature"}
+
+    def test_a_forged_rotation_is_a_bad_key_rotation(self) -> None:
+        hostile = NodeIdentity.generate(ORIGIN)
+        forged = forged_rotation(self.old.public_key, hostile, hostile)
+        raws = chained(("key_rotation", forged.wire_fields()))
+        assert self.rules(raws, signed_by(hostile, raws), self.old) == {"bad_key_rotation"}
+
+    def test_a_compromised_key_rotation_counts_once_the_members_confirm_it(self) -> None:
+        rotation = sign_rotation(None, self.new, self.old.public_key)
+        raws = chained(("key_rotation", rotation.wire_fields()))
+        note = signed_by(self.new, raws)
+        assert self.rules(raws, note, self.old) == {"bad_key_rotation"}
+        assert self.rules(raws, note, self.old, confirmed_key=self.new.public_key) == set()
+
+
+WITNESS = ("witness", {"log_id": bytes(32), "size": 0, "root": bytes(32)})
+
+
+class TestAuditorViews:
+    """node.services.audit.audit_views: copies of a rotated log from several nodes."""
+
+    old = NodeIdentity.generate(ORIGIN)
+    new = NodeIdentity.generate(ORIGIN)
+
+    def view(
+        self, url: str, origin: str, raws: list[bytes], signer: NodeIdentity, listed: str = ""
+    ) -> PeerView:
+        listing = LogListing(ORIGIN, log_id(ORIGIN), listed or signer.vkey, len(raws))
+        return PeerView(url, origin, [ServedLog(url, listing, signed_by(signer, raws), raws)], [])
+
+    def test_a_member_that_has_not_followed_yet_is_no_violation(self) -> None:
+        rotation = sign_rotation(self.old, self.new, self.old.public_key)
+        raws = chained(WITNESS, ("key_rotation", rotation.wire_fields()))
+        own = self.view("http://b", ORIGIN, raws, self.new)
+        lagging = self.view("http://c", "c.example/imageshare", raws[:1], self.old)
+        report, saved = audit_views([own, lagging], {}, now=10)
+        assert report.violations == []
+        assert [s.vkey for s in saved] == [self.new.vkey]
+        # The same prefix signed by the new key: before the rotation, so refused.
+        early = self.view("http://c", "c.example/imageshare", raws[:1], self.new)
+        report, _ = audit_views([own, early], {}, now=10)
+        assert {(v.rule, v.source) for v in report.violations} == {
+            ("bad_checkpoint_signature", "http://c")
+        }
+
+    def test_a_node_listing_a_key_that_is_none_of_the_logs_is_a_key_mismatch(self) -> None:
+        raws = chained(WITNESS)
+        own = self.view("http://b", ORIGIN, raws, self.old)
+        stranger = NodeIdentity.generate(ORIGIN).vkey
+        liar = self.view("http://c", "c.example/imageshare", raws, self.old, listed=stranger)
+        report, _ = audit_views([own, liar], {}, now=10)
+        assert {(v.rule, v.source) for v in report.violations} == {("key_mismatch", "http://c")}
 
 
 def grants(count: int) -> list[tuple[str, dict[str, object], int]]:
@@ -219,6 +317,88 @@ class TestStoredKeyHistory:
         assert mirror.vkey == new.vkey
         assert decode_entry(mirror.entry(0)).fields["reason"] == COMPROMISED
 
+    def test_mirror_refuses_a_forged_rotation_served_by_a_hostile_copy(
+        self, stores: tuple[LedgerStore, LedgerStore], own: OwnLog
+    ) -> None:
+        _, peer_store = stores
+        own.append_many(grants(2))
+        mirror = peer_store.mirror(ORIGIN, self.old.vkey)
+        mirror.extend(own.entries(0, 2), _note(own, self.old, 2))
+        # A hostile member serves B's log with a rotation to its own key appended, and a
+        # checkpoint of that history signed by its key.
+        hostile = NodeIdentity.generate(ORIGIN)
+        forged = forged_rotation(self.old.public_key, hostile, hostile)
+        prev = own.leaf_hash(1)
+        raw = encode_entry(LedgerEntry("key_rotation", prev, 5, forged.wire_fields()))
+        root = MemoryTree([own.leaf_hash(0), prev, leaf_hash(raw)]).root(3)
+        note = sign_note(Checkpoint(ORIGIN, 3, root).body(), hostile)
+        with pytest.raises(Unauthorized, match="old key"):
+            mirror.extend([raw], note, self.old.vkey)
+        assert mirror.size() == 2 and mirror.vkey == self.old.vkey
+
+
+class TestRosterFollows:
+    """ReplicationService._follow_rotation: the roster moves forward along the chain only."""
+
+    def test_roster_moves_to_a_proven_key_but_keeps_a_confirmation_ahead(
+        self, tmp_path: Path
+    ) -> None:
+        a = init_node(tmp_path, "a.example/imageshare", "a")
+        old, new = NodeIdentity.generate(ORIGIN), NodeIdentity.generate(ORIGIN)
+        runtime = open_runtime(a.config)
+        try:
+            add_peer(runtime.config, ORIGIN, "http://127.0.0.1:9", old.vkey)
+            service = ReplicationService(runtime)
+            mirror = service._store().mirror(ORIGIN, old.vkey)
+            # An operator confirmed a compromised-key rotation the mirror has not seen.
+            move_member_key(runtime.config, ORIGIN, new.vkey)
+            member = load_roster(runtime.config).get(ORIGIN)
+            assert member is not None
+            service._follow_rotation(member, mirror)
+            assert load_roster(runtime.config).get(ORIGIN) == member
+            # Once the mirror holds a proven rotation, a roster still on the old key moves.
+            move_member_key(runtime.config, ORIGIN, old.vkey)
+            (tmp_path / "b").mkdir()
+            b_store = LedgerStore(tmp_path / "b")
+            own = b_store.own_log(ORIGIN, old.vkey)
+            own.append("key_rotation", sign_rotation(old, new, old.public_key).wire_fields(), 1)
+            mirror.extend(own.entries(0, 1), own.publish_checkpoint(new, 2))
+            b_store.close()
+            behind = load_roster(runtime.config).get(ORIGIN)
+            assert behind is not None and behind.vkey == old.vkey
+            service._follow_rotation(behind, mirror)
+            moved = load_roster(runtime.config).get(ORIGIN)
+            assert moved is not None and moved.vkey == new.vkey
+            service.close()
+        finally:
+            runtime.close()
+
+
+class TestKeyFiles:
+    """node.store.node_keys: where the node key lives across a rotation."""
+
+    def test_a_rotation_interrupted_after_its_entry_is_finished_on_next_load(
+        self, tmp_path: Path
+    ) -> None:
+        old = NodeIdentity.generate(ORIGIN)
+        key_path = tmp_path / "node.key"
+        write_seed(key_path, old.seed)
+        new = create_next_key(key_path, ORIGIN)
+        # The crash: the log names the new key, the files still hold the old one.
+        assert load_identity(key_path, ORIGIN, old.public_key) == old
+        assert load_identity(key_path, ORIGIN, new.public_key) == new
+        assert NodeIdentity(ORIGIN, read_seed(key_path)) == new
+        assert [k.vkey for k in retired_keys(key_path, ORIGIN)] == [old.vkey]
+        (retired,) = (tmp_path / "retired-keys").glob("*.key")
+        assert retired.stat().st_mode & 0o777 == 0o600
+        assert load_identity(key_path, ORIGIN, new.public_key) == new  # idempotent
+
+    def test_a_key_in_force_held_in_no_file_is_a_clear_error(self, tmp_path: Path) -> None:
+        key_path = tmp_path / "node.key"
+        write_seed(key_path, NodeIdentity.generate(ORIGIN).seed)
+        with pytest.raises(ConfigError, match="not in the data directory"):
+            load_identity(key_path, ORIGIN, NodeIdentity.generate(ORIGIN).public_key)
+
 
 def _note(own: OwnLog, identity: NodeIdentity, size: int) -> str:
     """A checkpoint of ``own`` at ``size`` signed by ``identity`` (whatever key is in force)."""
@@ -234,6 +414,7 @@ class Federation:
     b: NodeProcess
     c: NodeProcess
     wallet: Wallet
+    wallet_dir: Path
     study: SyntheticStudy
     state: Path
 
@@ -254,7 +435,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
         wallet = Wallet.create(base / "wallet", None)
         key = wallet.key_for(b.origin).public_key_text
         b.cli("enroll", "--patient-id", study.patient_id, f"--key={key}")
-        yield Federation(a, b, c, wallet, study, base / "audit-state")
+        yield Federation(a, b, c, wallet, base / "wallet", study, base / "audit-state")
     finally:
         for node in (a, b, c):
             node.stop()
@@ -328,6 +509,16 @@ class TestRotationInAFederation:
                 timeout=30,
                 message=f"{peer.origin} to follow B's rotation",
             )
+
+        # The wallet pinned B's old key: its patient log follows the rotation in B's log.
+        def patient_log_verified() -> bool:
+            result = run_cli(
+                "patient", "log", b.url, "--wallet", str(fed.wallet_dir), "--json", check=False
+            )
+            events = json.loads(result.stdout)["events"] if result.stdout else []
+            return bool(events) and all(e["proof"]["log_signature"] for e in events)
+
+        wait_until(patient_log_verified, timeout=30, message="the patient log to verify")
         # B signs with the new key from the rotation on, its requests included.
         fetched = _fetch_from_b(fed, c)
         assert fetched["custodian"] == b.origin
@@ -340,6 +531,11 @@ class TestRotationInAFederation:
         status, report = _audit(fed)
         assert (status, report["violations"]) == (0, [])
         assert b.cli("ledger", "verify").returncode == 0
+        keys = b.get_json("/admin/api/federation")["own_log"]["keys"]
+        assert keys == [
+            {"first_size": 0, "vkey": old_vkey},
+            {"first_size": rotated["index"] + 1, "vkey": new_vkey},
+        ]
 
         # Independent check (RFC 6962 by hand, C2SP note by hand): B's old checkpoint
         # still verifies under the old key, the new one under the new key only.
@@ -353,18 +549,23 @@ class TestRotationInAFederation:
         leaves = _leaves(a, b.origin, new_size)
         assert mth(leaves[:old_size]) == old_root and mth(leaves) == new_root
 
-        # The old key is archived (owner-only), never to sign again.
+        # The old key is archived (owner-only), never to sign again: members that
+        # followed refuse a request it signs and take one the new key signs.
         (retired,) = (b.data_dir / "retired-keys").glob("*.key")
         assert retired.stat().st_mode & 0o777 == 0o600
         assert (b.data_dir / "node.key").stat().st_mode & 0o777 == 0o600
-        assert NodeIdentity(b.origin, read_seed(retired)).vkey == old_vkey
+        old_identity = NodeIdentity(b.origin, read_seed(retired))
+        assert old_identity.vkey == old_vkey
+        assert p2p(a, old_identity, "/p2p/whoami") == (401, {"error": "bad signature"})
+        assert p2p(a, identity_of(b), "/p2p/whoami")[0] == 200
 
     def test_compromised_key_rotation_is_followed_only_once_the_operator_confirms(
         self, fed: Federation
     ) -> None:
         a, b, c = fed.a, fed.b, fed.c
         before = _roster_key(a, b.origin)
-        rotated = json.loads(b.cli("key", "rotate", "--compromised", "--json").stdout)
+        rotation = ["key", "rotate", "--data", str(b.data_dir), "--compromised", "--json"]
+        rotated = json.loads(run_cli(*rotation).stdout)
         assert rotated["reason"] == "compromised"
         size = rotated["index"] + 1
 
@@ -385,3 +586,11 @@ class TestRotationInAFederation:
         assert _listed(a, b.origin)["vkey"] == rotated["vkey"]
         status, report = _audit(fed)
         assert (status, report["violations"]) == (0, [])
+
+    def test_confirm_key_refuses_non_members_and_misnamed_keys(self, fed: Federation) -> None:
+        stranger = NodeIdentity.generate("x.example/imageshare").vkey
+        refused = fed.a.cli("peers", "confirm-key", "x.example/imageshare", stranger, check=False)
+        assert refused.returncode == 1 and "is not a member" in refused.stderr
+        refused = fed.a.cli("peers", "confirm-key", fed.b.origin, stranger, check=False)
+        assert refused.returncode == 1 and "named" in refused.stderr
+        assert refused.stderr.count("\n") == 1  # one sentence, no traceback

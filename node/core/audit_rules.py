@@ -37,7 +37,7 @@ from node.core.entries import (
     decode_entry,
 )
 from node.core.key_rotation import KeyChain, chain_of_log
-from node.core.keys import VerifierKey, key_id
+from node.core.keys import VerifierKey
 from node.core.merkle import MemoryTree
 from node.core.notes import Checkpoint, parse_note, verify_cosignature, verify_note
 from node.core.origins import log_id_bytes
@@ -224,8 +224,7 @@ def check_history(
     except (BadInput, Unauthorized) as exc:
         findings.add("bad_key_rotation", None, str(exc))
         return history, findings.done()
-    signer = chain.key_at(claimed.size)
-    signing_key = VerifierKey(origin, key_id(origin, signer), signer)
+    signing_key = chain.verifier_key_at(claimed.size)
     try:
         checkpoint = verify_note(note, signing_key)
     except (BadInput, Unauthorized) as exc:

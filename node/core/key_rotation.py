@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from node.core.entries import KeyRotation, LedgerEntry
-from node.core.keys import NodeIdentity, verify_ed25519
+from node.core.keys import NodeIdentity, VerifierKey, key_id, verify_ed25519
 from node.errors import BadInput, Unauthorized
 
 ROTATION_DOMAIN = b"imageshare-key-rotation/v1"
@@ -132,6 +132,15 @@ class KeyChain:
     def key_at(self, size: int) -> bytes:
         """The key a checkpoint of ``size`` must be signed by."""
         return next(e.public_key for e in reversed(self.epochs) if e.first_size <= size)
+
+    def verifier_key_at(self, size: int) -> VerifierKey:
+        """``key_at(size)`` as the verifier key that checks the log's checkpoints of ``size``."""
+        public_key = self.key_at(size)
+        return VerifierKey(self.origin, key_id(self.origin, public_key), public_key)
+
+    def verifier_keys(self) -> list[VerifierKey]:
+        """Every key of the chain as a verifier key, oldest first."""
+        return [self.verifier_key_at(e.first_size) for e in self.epochs]
 
     def holds(self, public_key: bytes) -> bool:
         return any(e.public_key == public_key for e in self.epochs)

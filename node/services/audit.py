@@ -53,7 +53,8 @@ from node.core.consent import (
 )
 from node.core.entries import LedgerEntry, decode_entry
 from node.core.equivocation import EquivocationProof, verify_equivocation
-from node.core.keys import VerifierKey, key_id, parse_verifier_key
+from node.core.key_rotation import KeyChain, chain_of_log
+from node.core.keys import VerifierKey, parse_verifier_key
 from node.core.notes import Checkpoint, parse_note
 from node.core.origins import log_id
 from node.errors import BadInput, ImageShareError, Unauthorized
@@ -553,6 +554,53 @@ def confirmed_keys(views: Sequence[PeerView]) -> dict[str, bytes]:
     return confirmed
 
 
+def _reference_chains(
+    views: Sequence[PeerView],
+    keys: dict[str, VerifierKey],
+    decode: Callable[[bytes], LedgerEntry],
+    confirmed: dict[str, bytes],
+) -> dict[str, KeyChain]:
+    """Each log's chain of keys, read from the largest copy any node serves.
+
+    A node that has not followed a rotation yet serves an older, shorter copy whose
+    entries do not show the rotation; its checkpoint is then checked under the key this
+    chain had in force at its size. A chain that does not hold is left out (the copy's
+    own check reports it).
+    """
+    largest: dict[str, list[bytes]] = {}
+    for view in views:
+        for served in view.logs:
+            origin = served.listing.origin
+            if len(served.entries) > len(largest.get(origin, [])):
+                largest[origin] = served.entries
+    chains = {}
+    for origin, raws in largest.items():
+        if origin not in keys:
+            continue
+        entries: list[LedgerEntry | None] = []
+        for raw in raws:
+            try:
+                entries.append(decode(raw))
+            except BadInput:
+                entries.append(None)
+        with contextlib.suppress(BadInput, Unauthorized):
+            chains[origin] = chain_of_log(
+                origin, entries, keys[origin].public_key, confirmed.get(origin)
+            )
+    return chains
+
+
+def _key_for_copy(note: str, anchor: VerifierKey, chain: KeyChain | None) -> VerifierKey:
+    """The trusted key to check one copy from: the key in force at its checkpoint's size."""
+    if chain is None:
+        return anchor
+    try:
+        size = checkpoint_size(note)
+    except BadInput:
+        return anchor
+    return chain.verifier_key_at(size)
+
+
 def _listed_key_problem(served: ServedLog, history: History, url: str) -> Violation | None:
     """A key_mismatch if the node lists the log under a key that is none of the log's."""
     if history.chain is None:
@@ -573,6 +621,7 @@ def _check_copies(
     """The structural checks of every copy of every log, each node's copy on its own."""
     decode = _memo_decoder(views, workers)
     confirmed = confirmed_keys(views)
+    chains = _reference_chains(views, keys, decode, confirmed)
     histories: dict[str, list[History]] = {origin: [] for origin in keys}
     violations: list[Violation] = []
     for view in views:
@@ -589,7 +638,13 @@ def _check_copies(
             if served.note is None:  # listed empty and never signed
                 continue
             history, found = check_history(
-                origin, key, view.url, served.note, served.entries, decode, confirmed.get(origin)
+                origin,
+                _key_for_copy(served.note, key, chains.get(origin)),
+                view.url,
+                served.note,
+                served.entries,
+                decode,
+                confirmed.get(origin),
             )
             violations += found
             problem = _listed_key_problem(served, history, view.url)
@@ -600,10 +655,7 @@ def _check_copies(
     all_keys: dict[str, list[VerifierKey]] = {name: [key] for name, key in keys.items()}
     for origin, held in histories.items():
         for history in held:
-            for epoch in history.chain.epochs if history.chain else ():
-                all_keys[origin].append(
-                    VerifierKey(origin, key_id(origin, epoch.public_key), epoch.public_key)
-                )
+            all_keys[origin] += history.chain.verifier_keys() if history.chain else []
     for held in histories.values():
         for history in held:
             violations += check_cosignatures(history, all_keys)

@@ -24,7 +24,8 @@ from node.core import origins
 from node.core.base64url import b64url_encode
 from node.core.chain import LogChain
 from node.core.consent import decode_revocation
-from node.core.entries import Access, Denial, LedgerEntry, Revoke
+from node.core.entries import Access, Denial, LedgerEntry, Revoke, decode_entry
+from node.core.key_rotation import chain_of_log
 from node.core.keys import VerifierKey, parse_verifier_key
 from node.core.merkle import verify_inclusion
 from node.core.notes import Checkpoint, parse_note, verify_cosignature, verify_note
@@ -202,6 +203,20 @@ async def _inclusion_proof(
         raise BadInput("the inclusion proof is malformed") from exc
 
 
+def _verified_after_rotation(
+    custodian: str, note: str, pinned_vkey: str, entries: list[bytes]
+) -> Checkpoint | None:
+    """The checkpoint, if the key the custodian's entries rotate to from the pinned one
+    signed it (the wallet pinned the custodian before a key rotation); else None."""
+    try:
+        decoded = [decode_entry(raw) for raw in entries]
+        pinned = parse_verifier_key(pinned_vkey).public_key
+        chain = chain_of_log(custodian, decoded, pinned)
+        return verify_note(note, chain.verifier_key_at(len(entries)))
+    except (BadInput, Unauthorized):
+        return None
+
+
 async def custodian_events(
     session: aiohttp.ClientSession,
     nodes: list[Node],
@@ -229,8 +244,10 @@ async def custodian_events(
     except (BadInput, Unauthorized):
         checkpoint = None
     size = checkpoint.size if checkpoint else Checkpoint.parse(parse_note(note)[0]).size
-    cosigners = valid_cosigners(note, witness_keys(nodes, custodian)) if checkpoint else []
     entries = await fetch_entries(session, source, log_id, size)
+    if checkpoint is None:
+        checkpoint = _verified_after_rotation(custodian, note, pinned_vkey, entries)
+    cosigners = valid_cosigners(note, witness_keys(nodes, custodian)) if checkpoint else []
     # Inclusion proofs show that what is listed is in the log; recomputing the root from
     # every entry shows that nothing was left out.
     chain = LogChain()

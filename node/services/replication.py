@@ -43,6 +43,7 @@ import yarl
 
 from node.core import atna, notes
 from node.core.equivocation import EquivocationProof, VerifiedEquivocation, verify_equivocation
+from node.core.keys import verifier_key_string
 from node.core.merkle import StreamingConsistency, leaf_hash, verify_consistency
 from node.core.origins import log_id
 from node.core.roster import Member
@@ -204,27 +205,35 @@ class ReplicationService:
             self._mirrors[key] = mirror
         return mirror
 
-    def _verified_or_claimed(self, mirror: MirrorLog, note: str) -> notes.Checkpoint:
+    def _verified_or_claimed(self, mirror: MirrorLog, note: str, direct: bool) -> notes.Checkpoint:
         """The checkpoint of ``note``, verified by the key in force at its size.
 
-        A checkpoint beyond what is held may be signed by a key that the entries in
-        between rotate to: it is returned unverified, and MirrorLog.extend verifies the
-        rotation and the signature before anything is stored. Raises BadInput or
-        Unauthorized like notes.verify_note.
+        A checkpoint beyond what is held, served by the log's own node, may be signed by a
+        key that the entries in between rotate to: it is returned unverified, and
+        MirrorLog.extend verifies the rotation and the signature before anything is
+        stored. A copy served by another member must verify at once: otherwise anyone
+        could make this node download a large catch-up for a checkpoint nobody signed
+        (once the rotation is followed from the log's node, copies verify again). Raises
+        BadInput or Unauthorized like notes.verify_note.
         """
         held = mirror.size()
         claimed = notes.Checkpoint.parse(notes.parse_note(note)[0])
         try:
             return notes.verify_note(note, mirror.vkey_at(min(claimed.size, held)))
         except Unauthorized:
-            if claimed.size <= held:
+            if claimed.size <= held or not direct:
                 raise
             return claimed
 
     def _follow_rotation(self, log_member: Member, mirror: MirrorLog) -> None:
-        """Pin the roster to the key the member's log now has in force, once proven there."""
+        """Pin the roster to the key the member's log now has in force, once proven there.
+
+        Only forward: a roster key the mirror's chain does not hold yet is an operator's
+        confirmation of a compromised-key rotation still to come, and stays.
+        """
         vkey = mirror.vkey
-        if vkey == log_member.vkey:
+        chain = mirror.key_chain()
+        if vkey == log_member.vkey or chain is None or not chain.holds(log_member.public_key):
             return
         move_member_key(self.runtime.config, log_member.origin, vkey)
         log.warning("%s rotated its key; the roster follows: %s", log_member.origin, vkey)
@@ -444,7 +453,7 @@ class ReplicationService:
         base = f"{url}/ledger/logs/{lid}"
         note_bytes, _ = await self._get(base + "/checkpoint", MAX_CHECKPOINT_BYTES)
         note = note_bytes.decode("utf-8", errors="strict")
-        checkpoint = self._verified_or_claimed(mirror, note)
+        checkpoint = self._verified_or_claimed(mirror, note, direct)
         ours = mirror.size()
         if checkpoint.size <= ours:
             if mirror.root(checkpoint.size) != checkpoint.root_hash:
@@ -727,6 +736,15 @@ class ReplicationService:
         own: dict[str, Any] = {"origin": self.runtime.config.origin, "cosigners": []}
         with contextlib.suppress(*PeerError):
             own["size"] = self._own_log().size()
+            chain = self._own_log().key_chain()
+            # The node's key history: which key signs its checkpoints from which size on.
+            own["keys"] = [
+                {
+                    "first_size": e.first_size,
+                    "vkey": verifier_key_string(self.runtime.config.origin, e.public_key),
+                }
+                for e in (chain.epochs if chain is not None else ())
+            ]
             note = self._own_log().checkpoint_note()
             if note is not None:
                 body, signatures = notes.parse_note(note)

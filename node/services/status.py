@@ -122,7 +122,7 @@ def describe_entry(index: int, raw: bytes, log_names: dict[str, str]) -> dict[st
             described["party"] = log_names.get(body.log_id.hex())
             text = f"witnessed {name} at size {body.size}"
         elif isinstance(body, KeyRotation):
-            text = "this node's key was rotated"
+            text = f"this node's key was rotated ({body.reason})"
         else:
             text = entry.kind
     except (BadInput, KeyError, TypeError, ValueError) as exc:
