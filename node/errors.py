@@ -35,6 +35,12 @@ class NotFound(ImageShareError):
     http_status = 404
 
 
+class NotAcceptable(ImageShareError):
+    """No representation the client accepts can be produced (media type, codec)."""
+
+    http_status = 406
+
+
 class Conflict(ImageShareError):
     http_status = 409
 

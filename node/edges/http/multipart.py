@@ -19,6 +19,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from node.errors import BadInput, ImageShareError, PayloadTooLarge
+from node.errors import NotAcceptable as NotAcceptable  # its home was here: re-exported
 from node.services.dicomweb import OutgoingPart
 from node.store.dicom_header import InflateLimits
 
@@ -27,10 +28,6 @@ log = logging.getLogger(__name__)
 
 class UnsupportedMediaType(ImageShareError):
     http_status = 415
-
-
-class NotAcceptable(ImageShareError):
-    http_status = 406
 
 
 @dataclass(frozen=True)
@@ -144,15 +141,19 @@ async def send_body(
 
 
 async def stream_parts(
-    request: web.Request, part_type: str, parts: list[OutgoingPart]
+    request: web.Request,
+    part_type: str,
+    parts: list[OutgoingPart],
+    headers: dict[str, str] | None = None,
 ) -> web.StreamResponse:
-    """Send ``parts`` as one multipart/related response, streaming each body.
+    """Send ``parts`` as one multipart/related response, streaming each body, with any
+    extra ``headers``.
 
     The Content-Length is announced when every part's size is known; otherwise the
     response is chunked.
     """
     writer = MultipartWriter(part_type)
-    response = web.StreamResponse(headers={"Content-Type": writer.content_type})
+    response = web.StreamResponse(headers={**(headers or {}), "Content-Type": writer.content_type})
     sizes = [(p.content_type, p.size) for p in parts if p.size is not None]
     if len(sizes) == len(parts):
         response.content_length = writer.total_length(sizes)
