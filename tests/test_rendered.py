@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import itertools
 import math
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +16,11 @@ import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
-from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_color_lut, pixel_array
 
 from node.samples import SyntheticStudy, make_ct_study
 from tests.support.nodes import NodeProcess, init_node
+from tests.support.samples import copy_pydicom_samples
 from tests.test_wado import split_multipart
 
 SAMPLES = (
@@ -95,13 +94,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rendered]:
     node = init_node(base, "render.example/imageshare")
     study = make_ct_study(base / "in" / "ct", series=2, slices=3, rows=32, columns=32)
     known_hu, monochrome1 = _known_hu_slice(base / "in" / "known")
-    samples = {}
-    for name in SAMPLES:
-        source = get_testdata_file(name)
-        assert isinstance(source, str), name
-        samples[name] = base / "in" / "samples" / name
-        samples[name].parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, samples[name])
+    samples = copy_pydicom_samples(SAMPLES, base / "in" / "samples")
     node.cli("import", str(base / "in"))
     node.start()
     try:
