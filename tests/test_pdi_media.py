@@ -58,6 +58,7 @@ def unzip(archive: Path, target: Path) -> list[str]:
 class Media:
     node: NodeProcess
     study: SyntheticStudy
+    damaged: SyntheticStudy  # its files get damaged in the store by a test
     samples: dict[str, Path]
     patient: PatientKey
     work: Path
@@ -71,12 +72,15 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Media]:
     base = tmp_path_factory.mktemp("pdi")
     node = init_node(base, "pdi.example/imageshare")
     study = make_ct_study(base / "in" / "ct", series=2, slices=3, rows=16, columns=16)
+    damaged = make_ct_study(
+        base / "in" / "damaged", series=1, slices=2, rows=16, columns=16, patient_id="MRN-0002"
+    )
     samples = copy_pydicom_samples(SAMPLES, base / "in" / "samples")
     node.cli("import", str(base / "in"))
     patient = enroll_new_key(node, study.patient_id)
     node.start()
     try:
-        yield Media(node, study, samples, patient, base / "work")
+        yield Media(node, study, damaged, samples, patient, base / "work")
     finally:
         node.stop()
 
@@ -140,6 +144,18 @@ class TestAccess:
         response = requests.get(media.staff_url("1.2.3.4"), headers=media.node.auth, timeout=30)
         assert response.status_code == 404
         assert "no such study" in response.json()["error"]
+
+    def test_a_damaged_stored_file_is_a_500_in_json_before_any_zip_byte(self, media: Media) -> None:
+        digest = sha256_of(media.damaged.files[1])
+        stored = media.node.data_dir / "objects" / digest[:2] / f"{digest}.dcm"
+        assert stored.exists()
+        with open(stored, "r+b") as f:
+            f.truncate(stored.stat().st_size // 2)
+        response = requests.get(
+            media.staff_url(media.damaged.study_uid), headers=media.node.auth, timeout=30
+        )
+        assert response.status_code == 500
+        assert "missing or damaged" in response.json()["error"]
 
     def test_the_patient_downloads_their_own_study_with_a_signed_request(
         self, media: Media

@@ -45,6 +45,7 @@ class Rendered:
     study: SyntheticStudy  # 2 series x 3 slices of 32x32
     known_hu: Path  # one CT slice whose columns hold KNOWN_HU, window 40/400
     monochrome1: Path
+    huge: Path  # claims 60000 x 60000 pixels
     samples: dict[str, Path]
     client: DICOMwebClient
 
@@ -73,10 +74,11 @@ def _image(data: bytes) -> Image.Image:
     return image
 
 
-def _known_hu_slice(directory: Path) -> tuple[Path, Path]:
-    """A CT slice with known HU per column, and a MONOCHROME1 copy with a ramp."""
-    study = make_ct_study(directory, series=1, slices=2, rows=8, columns=8)
-    first, second = study.files
+def _known_hu_slice(directory: Path) -> tuple[Path, Path, Path]:
+    """A CT slice with known HU per column, a MONOCHROME1 copy with a ramp, and a slice
+    that claims 60000 x 60000 pixels (a decompression bomb's header) over a few bytes."""
+    study = make_ct_study(directory, series=1, slices=3, rows=8, columns=8)
+    first, second, third = study.files
     ds = pydicom.dcmread(first)
     ds.PixelData = np.tile(KNOWN_HU + 1024, (8, 1)).astype(np.uint16).tobytes()
     ds.save_as(first, enforce_file_format=True)
@@ -85,7 +87,10 @@ def _known_hu_slice(directory: Path) -> tuple[Path, Path]:
     del ds.WindowCenter, ds.WindowWidth  # rendered over its own range
     ds.PixelData = np.tile(np.arange(0, 4000, 500, dtype=np.uint16), (8, 1)).tobytes()
     ds.save_as(second, enforce_file_format=True)
-    return first, second
+    ds = pydicom.dcmread(third)
+    ds.Rows = ds.Columns = 60000
+    ds.save_as(third, enforce_file_format=True)
+    return first, second, third
 
 
 @pytest.fixture(scope="module")
@@ -93,13 +98,13 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rendered]:
     base = tmp_path_factory.mktemp("rendered")
     node = init_node(base, "render.example/imageshare")
     study = make_ct_study(base / "in" / "ct", series=2, slices=3, rows=32, columns=32)
-    known_hu, monochrome1 = _known_hu_slice(base / "in" / "known")
+    known_hu, monochrome1, huge = _known_hu_slice(base / "in" / "known")
     samples = copy_pydicom_samples(SAMPLES, base / "in" / "samples")
     node.cli("import", str(base / "in"))
     node.start()
     try:
         client = DICOMwebClient(url=node.url + "/dicomweb", headers=node.auth)
-        yield Rendered(node, study, known_hu, monochrome1, samples, client)
+        yield Rendered(node, study, known_hu, monochrome1, huge, samples, client)
     finally:
         node.stop()
 
@@ -358,6 +363,16 @@ class TestParameters:
         unknown = path.rsplit("/", 1)[0] + "/1.2.3.4"
         response = rendered.get(unknown + "/rendered")
         assert response.status_code == 404 and "error" in response.json()
+
+    def test_a_frame_too_large_to_render_is_refused_before_decoding(
+        self, rendered: Rendered
+    ) -> None:
+        path = rendered.path_of(rendered.huge)
+        for resource in ("/rendered", "/thumbnail", "/frames/1/rendered"):
+            response = rendered.get(path + resource)
+            assert response.status_code == 400, resource
+            assert "too large to render" in response.json()["error"]
+        assert rendered.get("/studies/" + rendered.study.study_uid + "/rendered").ok
 
     def test_rendered_images_need_the_admin_token(self, rendered: Rendered) -> None:
         path = rendered.path_of(rendered.samples["CT_small.dcm"])
