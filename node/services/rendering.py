@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,10 +83,12 @@ class RenderOptions:
 
 @dataclass(frozen=True)
 class FrameRef:
-    """One frame (0-based) of one stored instance."""
+    """One frame (0-based) of one stored instance, with the instance's header once read
+    (so that rendering does not read it again)."""
 
     record: InstanceRecord
     index: int
+    header: Dataset | None = field(default=None, compare=False, repr=False)
 
 
 # -- query parameters (PS3.18 8.3.5) ----------------------------------------------------
@@ -184,15 +186,21 @@ def parse_options(
 
 def image_frame_count(store: InstanceStore, record: InstanceRecord) -> int:
     """How many frames an instance has to render; 0 if it holds no image."""
+    return _image_header(store, record)[0]
+
+
+def _image_header(store: InstanceStore, record: InstanceRecord) -> tuple[int, Dataset | None]:
+    """The frame count (0: no image) and the header read up to the pixels (None for a
+    deflated instance, whose pixels are read with the whole dataset anyway)."""
     if record.transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
         ds = store.read_dataset(record, stop_before_pixels=True)
-        has_pixels = True  # reading up to the pixels of a deflated file cannot tell
+        has_pixels, header = True, None  # reading a deflated file up to its pixels cannot tell
     else:
         ds, start = store.read_to_pixels(record, _HEADER_DEFER_SIZE)
-        has_pixels = start < record.size
+        has_pixels, header = start < record.size, ds
     if not has_pixels or "Rows" not in ds or "Columns" not in ds:
-        return 0
-    return _declared_frames(ds)
+        return 0, header
+    return _declared_frames(ds), header
 
 
 def resource_frames(
@@ -205,18 +213,17 @@ def resource_frames(
     """
     if frame_numbers is not None:
         record = records[0]
-        count = image_frame_count(store, record)
+        count, header = _image_header(store, record)
         if count == 0:
             raise NotFound("the instance holds no image to render")
         for number in frame_numbers:
             if not 1 <= number <= count:
                 raise NotFound(f"frame {number} is out of range 1-{count}")
-        return [FrameRef(record, n - 1) for n in frame_numbers]
-    frames = [
-        FrameRef(record, index)
-        for record in records
-        for index in range(image_frame_count(store, record))
-    ]
+        return [FrameRef(record, n - 1, header) for n in frame_numbers]
+    frames: list[FrameRef] = []
+    for record in records:
+        count, header = _image_header(store, record)
+        frames.extend(FrameRef(record, index, header) for index in range(count))
     if not frames:
         raise NotFound("the resource holds no image to render")
     return frames
@@ -237,11 +244,12 @@ def representative_frame(
         by_series.setdefault(record.series_instance_uid, []).append(record)
     for series in by_series.values():
         middle = len(series) // 2
-        # Try the middle one first, then outwards: most series are all images.
-        for record in sorted(series, key=lambda r: abs(series.index(r) - middle)):
-            count = image_frame_count(store, record)
+        # The middle one first, then outwards: most series are all images.
+        outwards = sorted(range(len(series)), key=lambda position: abs(position - middle))
+        for position in outwards:
+            count, header = _image_header(store, series[position])
             if count:
-                return FrameRef(record, count // 2)
+                return FrameRef(series[position], count // 2, header)
     raise NotFound("the resource holds no image to render")
 
 
@@ -259,7 +267,9 @@ def render_frame(store: InstanceStore, frame: FrameRef, options: RenderOptions) 
     if record.transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
         dataset: Dataset = store.read_dataset(record)  # inflated within the store's limits
         return _render(dataset, dataset, frame.index, options)
-    header, _ = store.read_to_pixels(record, _HEADER_DEFER_SIZE)
+    header = frame.header
+    if header is None:
+        header = store.read_to_pixels(record, _HEADER_DEFER_SIZE)[0]
     try:
         return _render(header, record.path, frame.index, options)
     except BadInput:
