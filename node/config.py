@@ -270,6 +270,13 @@ class DashboardConfig(Table):
     viewer_url: str = ""
 
 
+class ViewerConfig(Table):
+    # The prebuilt OHIF viewer (the dist folder of npm's @ohif/app) served at /viewer/;
+    # a relative path is taken from the folder of node.toml. Empty: the copy that
+    # scripts/setup-env installs in the clone (vendor/ohif), if there is one.
+    ohif_dir: str = ""
+
+
 class AuditExportConfig(Table):
     """The security audit feed (DICOM PS3.15 audit messages over syslog) to the SIEM."""
 
@@ -328,6 +335,7 @@ class NodeConfig(Table):
     ledger: LedgerConfig = msgspec.field(default_factory=LedgerConfig)
     federation: FederationConfig = msgspec.field(default_factory=FederationConfig)
     dashboard: DashboardConfig = msgspec.field(default_factory=DashboardConfig)
+    viewer: ViewerConfig = msgspec.field(default_factory=ViewerConfig)
     audit_export: AuditExportConfig = msgspec.field(default_factory=AuditExportConfig)
     peers: list[PeerConfig] = []
 
@@ -370,6 +378,8 @@ def load_config(path: Path | None = None) -> NodeConfig:
         for name in ("ca_file", "cert_file", "key_file"):
             if getattr(table, name):  # relative to the config file, like data_dir
                 setattr(table, name, str(path.parent / getattr(table, name)))
+    if config.viewer.ohif_dir:
+        config.viewer.ohif_dir = str(path.parent / config.viewer.ohif_dir)
     return config
 
 

@@ -1,8 +1,8 @@
 """Series previews for the patient's wallet: a small greyscale or colour PNG per series.
 
 A preview is the middle image of a series (the middle frame of a multi-frame instance),
-rendered from its pixel data: modality rescale, then the stored VOI window (else the
-image's own range), MONOCHROME1 inverted, scaled to fit ``MAX_EDGE`` pixels. Only the
+rendered by node.services.rendering (as the WADO-RS rendered resources are), scaled to
+fit ``MAX_EDGE`` pixels. Only the
 patient who owns the study may ask (the HTTP edge checks the patient's signature; this
 module checks ownership). Series are named by their position in the study, never by
 their UIDs, so nothing identifying travels to the phone beyond the image itself.
@@ -10,23 +10,16 @@ their UIDs, so nothing identifying travels to the phone beyond the image itself.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
-from node.errors import BadInput, Forbidden, NotFound
-from node.services import consent
+from node.errors import BadInput, Forbidden, ImageShareError, NotFound
+from node.services import consent, rendering
 from node.services.runtime import NodeRuntime
-from node.store.dicom_header import InflateLimits, read_dataset
+from node.store.dicom_header import InflateLimits
 
-MAX_EDGE = 160
-# Bigger images are refused rather than decoded: a preview must stay cheap.
-MAX_PIXELS = 64 * 1024 * 1024
+MAX_EDGE = rendering.THUMBNAIL_EDGE
 
 
 @dataclass(frozen=True)
@@ -102,42 +95,14 @@ def series_preview(
 def render_preview(path: Path, limits: InflateLimits, max_edge: int = MAX_EDGE) -> bytes:
     """A PNG of the middle frame of the DICOM image at ``path``, at most ``max_edge`` wide/high.
 
-    A deflated file is inflated within ``limits``. Raises BadInput if the file has no
-    pixel data, it cannot be decoded, or it inflates past the limits.
+    Rendered by node.services.rendering (the stored window, MONOCHROME1 inverted, colour
+    kept). Raises BadInput if the file has no pixel data, it cannot be decoded, or it
+    inflates past the limits.
     """
+    options = rendering.RenderOptions(rendering.PNG, max_edge=max_edge)
     try:
-        dataset = read_dataset(path, limits)
-        rows, columns = int(dataset.Rows), int(dataset.Columns)
-        frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
-        if rows * columns * frames > MAX_PIXELS:
-            raise BadInput("the image is too large to preview")
-        frame = dataset.pixel_array
-    except BadInput:
-        raise
-    except Exception as exc:  # pydicom raises many types for unreadable pixel data
-        raise BadInput(f"the image cannot be previewed: {exc or type(exc).__name__}") from exc
-    if frames > 1:
-        frame = frame[frames // 2]
-    photometric = str(getattr(dataset, "PhotometricInterpretation", "MONOCHROME2"))
-    if frame.ndim == 3:  # colour (RGB or YBR converted by pydicom): scale to 8 bits
-        image = Image.fromarray(_to_uint8(frame.astype(np.float64)), "RGB")
-    else:
-        values = apply_modality_lut(frame, dataset)
-        if "WindowCenter" in dataset or "VOILUTSequence" in dataset:
-            values = apply_voi_lut(values, dataset)
-        grey = _to_uint8(np.asarray(values, dtype=np.float64))
-        if photometric == "MONOCHROME1":
-            grey = 255 - grey
-        image = Image.fromarray(grey, "L")
-    image.thumbnail((max_edge, max_edge))
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
-
-
-def _to_uint8(values: np.ndarray) -> np.ndarray:
-    """Stretch ``values`` linearly onto 0..255 (a flat image becomes mid-grey)."""
-    low, high = float(values.min()), float(values.max())
-    if high <= low:
-        return np.full(values.shape, 128, dtype=np.uint8)
-    return np.clip((values - low) * (255.0 / (high - low)), 0, 255).astype(np.uint8)
+        return rendering.render_file(path, limits, options)
+    except BadInput as exc:
+        raise BadInput(f"the image cannot be previewed: {exc}") from exc
+    except ImageShareError as exc:  # no image, or no decoder for it
+        raise BadInput(f"the image cannot be previewed: {exc}") from exc

@@ -6,6 +6,7 @@ request, negotiate the media type, call the DICOMweb service and frame its answe
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -29,7 +30,7 @@ from node.edges.http.multipart import (
     type_matches,
 )
 from node.errors import BadInput, NotAcceptable, NotFound
-from node.services import transcoding
+from node.services import rendering, transcoding
 from node.services.dicomweb import DicomWebService, OutgoingPart, UploadPart
 from node.services.runtime import NodeRuntime
 from node.services.transcoding import DICOM, OCTET_STREAM, Wish
@@ -297,6 +298,85 @@ async def store_instances(request: web.Request) -> web.Response:
     return response
 
 
+
+# -- WADO-RS rendered and thumbnail resources (PS3.18 10.4.1.1.3, 10.4.1.1.4) -----------
+
+
+def _rendered_media_type(request: web.Request) -> tuple[str, bool]:
+    """The image type to render, and whether the client asked for multipart/related.
+
+    The ``accept`` query parameter, where given, replaces the Accept header (PS3.18
+    8.3.3.1). Raises NotAcceptable when no rendered media type is acceptable.
+    """
+    accept = request.query.get("accept") or request.headers.get("Accept")
+    for media in parse_accept(accept):
+        if media.type == "multipart/related":
+            part_type = media.params.get("type", rendering.JPEG)
+            for candidate in rendering.RENDERED_MEDIA_TYPES:
+                if type_matches(part_type, candidate):
+                    return candidate, True
+            continue
+        for candidate in rendering.RENDERED_MEDIA_TYPES:
+            if type_matches(media.type, candidate):
+                return candidate, False
+    raise NotAcceptable(
+        "rendered images are available as " + ", ".join(rendering.RENDERED_MEDIA_TYPES)
+    )
+
+
+def _warnings(request: web.Request, sentences: list[str]) -> list[tuple[str, str]]:
+    return [("Warning", f'299 {request.host} "{s}"') for s in sentences]
+
+
+async def _rendering_target(request: web.Request) -> tuple[list[InstanceRecord], list[int] | None]:
+    """The instances a rendered or thumbnail resource names, and its frame list if any."""
+    frame_list = request.match_info.get("frames")
+    numbers = _frame_numbers(frame_list) if frame_list is not None else None
+    return await _records(request), numbers
+
+
+async def retrieve_rendered(request: web.Request) -> web.StreamResponse:
+    """One image where the resource holds one frame (and no multipart was asked for);
+    otherwise multipart/related with one image per frame, rendered one at a time."""
+    media_type, multipart = _rendered_media_type(request)
+    options, ignored = rendering.parse_options(request.query, media_type, thumbnail=False)
+    records, numbers = await _rendering_target(request)
+    store = _service(request).store
+    frames = await asyncio.to_thread(rendering.resource_frames, store, records, numbers)
+    _audit_read(request, records, "WADO-RS rendered")
+    headers = _warnings(request, ignored)
+    if len(frames) == 1 and not multipart:
+        image = await asyncio.to_thread(rendering.render_frame, store, frames[0], options)
+        response = web.Response(body=image, content_type=media_type)
+        for name, value in headers:
+            response.headers.add(name, value)
+        return response
+
+    def part(frame: rendering.FrameRef) -> OutgoingPart:
+        async def body() -> AsyncIterator[bytes]:
+            yield await asyncio.to_thread(rendering.render_frame, store, frame, options)
+
+        return OutgoingPart(media_type, None, body)
+
+    return await stream_parts(request, media_type, [part(f) for f in frames], headers)
+
+
+async def retrieve_thumbnail(request: web.Request) -> web.Response:
+    """One small image that stands for the study, series, instance or frame."""
+    media_type, _ = _rendered_media_type(request)
+    options, _ = rendering.parse_options(request.query, media_type, thumbnail=True)
+    records, numbers = await _rendering_target(request)
+    store = _service(request).store
+
+    def render() -> bytes:
+        frame = rendering.representative_frame(store, records, numbers)
+        return rendering.render_frame(store, frame, options)
+
+    image = await asyncio.to_thread(render)
+    _audit_read(request, records, "WADO-RS thumbnail")
+    return web.Response(body=image, headers={"Content-Type": media_type})
+
+
 # -- Retrieve Capabilities (PS3.18 8.9) -----------------------------------------------------
 
 WADL = "application/vnd.sun.wadl+xml"
@@ -375,4 +455,10 @@ ROUTES: list[Route] = [
     Route("GET", f"{INSTANCE}/metadata", retrieve_metadata, _DATASETS),
     Route("GET", f"{INSTANCE}/frames/{{frames}}", retrieve_frames, _FRAMES),
     Route("GET", _BULK, retrieve_bulk, (f'multipart/related; type="{OCTET_STREAM}"',)),
+    # Rendered and thumbnail resources (PS3.18 Table 10.3-2) at every level.
+    *(
+        Route("GET", f"{resource}/{kind}", handler, rendering.RENDERED_MEDIA_TYPES)
+        for resource in (STUDY, SERIES, INSTANCE, f"{INSTANCE}/frames/{{frames}}")
+        for kind, handler in (("rendered", retrieve_rendered), ("thumbnail", retrieve_thumbnail))
+    ),
 ]

@@ -19,6 +19,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from node.errors import BadInput, ImageShareError, PayloadTooLarge
+from node.errors import NotAcceptable as NotAcceptable  # its home was here: re-exported
 from node.services.dicomweb import OutgoingPart
 from node.store.dicom_header import InflateLimits
 

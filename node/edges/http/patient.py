@@ -22,6 +22,7 @@ from node.core.consent import decode_grant, decode_revocation
 from node.core.notes import Checkpoint, parse_note
 from node.core.patient_keys import parse_public_key
 from node.core.signed_requests import PATIENT_PREFIX
+from node.edges.http import viewer
 from node.edges.http.app import RUNTIME_KEY
 from node.edges.http.signed import SignedCaller, authenticate, nonce_store_of
 from node.errors import BadInput, Forbidden, PayloadTooLarge
@@ -41,6 +42,7 @@ def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
     app.router.add_get("/patient/roster", list_roster)
     app.router.add_get("/patient/studies/{ref}/series", list_series)
     app.router.add_get("/patient/studies/{ref}/series/{position:[0-9]{1,4}}/preview", preview)
+    app.router.add_get("/patient/studies/{ref}/media.zip", download_media)
     app.router.add_post("/admin/api/enrollments", enroll)
 
 
@@ -165,6 +167,17 @@ async def preview(request: web.Request) -> web.Response:
     return web.Response(
         body=png, content_type="image/png", headers={"Cache-Control": "private, no-store"}
     )
+
+
+async def download_media(request: web.Request) -> web.StreamResponse:
+    """One of the patient's own studies as PDI media (a ZIP); their own copy, so no
+    consent is needed and nothing is written to the ledger (the security audit has it)."""
+    runtime = request.app[RUNTIME_KEY]
+    caller = await _patient(request)
+    study_uid = await asyncio.to_thread(
+        previews.owned_study_uid, runtime, caller.public_key, _study_ref(request)
+    )
+    return await viewer.send_pdi_media(request, [study_uid], "patient")
 
 
 async def enroll(request: web.Request) -> web.Response:

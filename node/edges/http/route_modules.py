@@ -12,6 +12,7 @@ from node.edges.http import (
     p2p,
     patient,
     transfer,
+    viewer,
     wallet_pages,
 )
 
@@ -23,5 +24,6 @@ MODULES: list[ModuleType] = [
     ledger_api,
     forwarding,
     wallet_pages,
+    viewer,
     admin,
 ]
