@@ -17,10 +17,11 @@ from typing import Any
 import aiohttp
 
 from node.core.audit_rules import RULES
-from node.edges.cli._common import Unreachable, command, print_json
-from node.services.audit import DEFAULT_RECEIPT_GRACE, AuditReport, PeerUnreachable, run_audit
+from node.edges.cli._common import ca_file_of, command, print_json
+from node.services.audit import DEFAULT_RECEIPT_GRACE, AuditReport, run_audit
 from node.services.audit_state import AuditState
 from node.services.patient_log import PatientLog, read_patient_log
+from node.services.peer_client import open_session
 
 
 def register(subparsers: Any) -> None:
@@ -50,7 +51,14 @@ def register(subparsers: Any) -> None:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     state = AuditState(args.state) if args.state is not None else None
-    report = run_audit(args.urls, state, int(time.time()), max(0, args.receipt_grace), args.timeout)
+    report = run_audit(
+        args.urls,
+        state,
+        int(time.time()),
+        max(0, args.receipt_grace),
+        args.timeout,
+        ca_file_of(args),
+    )
     if args.json:
         print_json(report.as_json())
     else:
@@ -111,13 +119,11 @@ def cmd_patient_log(args: argparse.Namespace) -> int:
     wallet = _open_wallet(args)
 
     async def read() -> PatientLog:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        timeout = aiohttp.ClientTimeout(total=60)
+        async with open_session(ca_file_of(args), timeout) as session:
             return await read_patient_log(session, wallet, args.urls)
 
-    try:
-        log = asyncio.run(read())
-    except PeerUnreachable as exc:
-        raise Unreachable(str(exc)) from exc
+    log = asyncio.run(read())
     if args.json:
         print_json(log.as_json())
     else:
