@@ -12,7 +12,7 @@ import pytest
 from node.core.consent import NONCE_SIZE, GrantFields, decode_grant
 from node.core.encoding import canonical_encode
 from node.core.keys import NodeIdentity
-from node.core.origins import is_node_origin
+from node.core.origins import is_node_origin, origin_host
 from node.core.roster import make_member
 from node.core.signed_requests import make_headers, node_signer, parse_headers
 from node.errors import BadInput, Unauthorized
@@ -23,6 +23,7 @@ ACCEPTED = [
     "abc",
     "a" * 200,
     "10.0.0.7:8600/x_y~z-1",
+    "https://hospital.example:8443/imageshare",  # an origin may look like a URL
 ]
 REFUSED = [
     "ab",  # too short
@@ -132,3 +133,20 @@ def test_signed_request_audience_with_a_bad_origin_is_not_echoed() -> None:
     )
     with pytest.raises(Unauthorized, match="addressed to a malformed origin"):
         parse_headers(headers, "b.example/x")
+
+
+@pytest.mark.parametrize(
+    ("origin", "host"),
+    [
+        ("hospital.example/imageshare", "hospital.example"),
+        ("https://Hospital.example:8443/imageshare", "hospital.example"),
+        ("hospital.example:8600", "hospital.example"),
+        ("10.0.0.7:8600/x_y~z-1", "10.0.0.7"),
+        ("under_score.example/x", None),
+        ("-dash.example/x", None),
+    ],
+)
+def test_the_certificate_of_init_is_named_after_the_origins_host(
+    origin: str, host: str | None
+) -> None:
+    assert origin_host(origin) == host
