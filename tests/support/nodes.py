@@ -186,7 +186,9 @@ def init_node(
         *init_args,
     )
     info = json.loads(result.stdout)
-    ca_file = Path(info["ca_file"]) if "ca_file" in info else None
+    # `init --tls-self-signed` puts the CA to pin here.
+    pinned = data_dir / "tls" / "ca.pem"
+    ca_file = pinned if pinned.exists() else None
     return NodeProcess(
         data_dir, origin, http_port, dimse_port, info["vkey"], info["admin_token"], ca_file
     )

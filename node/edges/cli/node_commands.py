@@ -87,6 +87,11 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise ConfigError("--ae-title must be 1-16 printable characters without backslash")
     if (args.tls_ca or args.tls_ca_key) and not args.tls_self_signed:
         raise ConfigError("--tls-ca and --tls-ca-key go with --tls-self-signed")
+    lab_ca = None
+    if args.tls_ca is not None:  # checked before anything is written
+        key = args.tls_ca_key or args.tls_ca.with_name("ca-key.pem")
+        lab_ca = CertificateAuthority(args.tls_ca.resolve(), key.resolve())
+        load_ca(lab_ca)
     data_dir: Path = args.data_dir.resolve()
     config_path = data_dir / "node.toml"
     if config_path.exists() or (data_dir / "node.key").exists():
@@ -97,40 +102,39 @@ def cmd_init(args: argparse.Namespace) -> int:
     admin_token = secrets.token_urlsafe(32)
     write_seed(data_dir / "node.key", identity.seed)
     write_secret(data_dir / "admin.token", admin_token.encode() + b"\n")
-    https = _self_signed_https(args, data_dir) if args.tls_self_signed else {}
+    https = _self_signed_https(args, data_dir, lab_ca) if args.tls_self_signed else {}
     write_secret(
         config_path,
         render_initial_config(
             args.origin, args.http, args.dimse_port, args.ae_title.strip(), https
         ).encode(),
     )
-    url = https.get("public_url") or f"http://{args.http}"
-    result: dict[str, Any] = {
+    result = {
         "origin": args.origin,
         "vkey": identity.vkey,
         "config": str(config_path),
         "http": args.http,
         "admin_token": admin_token,
-        "url": url,
     }
-    if https:
-        result["ca_file"] = str(data_dir / https["trusted_ca_file"])
     if args.json:
         print_json(result)
     else:
         print(f"Created node {args.origin} in {data_dir}")
         print(f"  verifier key: {identity.vkey}")
         print(f"  config:       {config_path}")
-        print(f"  URL:          {url}")
+        print(f"  URL:          {https.get('public_url') or f'http://{args.http}'}")
         if https:
-            print(f"  pinned CA:    {result['ca_file']} (give it to peers and wallets)")
+            ca_file = data_dir / https["trusted_ca_file"]
+            print(f"  pinned CA:    {ca_file} (give it to peers and wallets)")
         print(f"  admin token:  {admin_token}")
         print(f"Start it with: imageshare run -c {config_path}")
     return EXIT_OK
 
 
-def _self_signed_https(args: argparse.Namespace, data_dir: Path) -> dict[str, str]:
-    """Make DATA_DIR/tls: the CA (new, or a copy of --tls-ca's certificate), the node's
+def _self_signed_https(
+    args: argparse.Namespace, data_dir: Path, lab_ca: CertificateAuthority | None
+) -> dict[str, str]:
+    """Make DATA_DIR/tls: the CA (new, or a copy of ``lab_ca``'s certificate), the node's
     certificate and key; returns the [http] settings that use them."""
     host, port = parse_listen(args.http)
     names = [origin_host(args.origin), host, "localhost", "127.0.0.1"]
@@ -138,12 +142,10 @@ def _self_signed_https(args: argparse.Namespace, data_dir: Path) -> dict[str, st
     tls_dir = data_dir / "tls"
     tls_dir.mkdir(mode=0o700)
     now = datetime.datetime.now(datetime.UTC)
-    if args.tls_ca is None:
+    if lab_ca is None:
         ca = make_ca(tls_dir, f"ImageShare lab CA ({args.origin})", now)
     else:
-        key = args.tls_ca_key or args.tls_ca.with_name("ca-key.pem")
-        ca = CertificateAuthority(args.tls_ca.resolve(), key.resolve())
-        load_ca(ca)
+        ca = lab_ca
         shutil.copyfile(ca.cert_file, tls_dir / "ca.pem")
     issue_server_certificate(ca, hosts, tls_dir / "cert.pem", tls_dir / "key.pem", now)
     # Listening on every interface, peers reach it by the origin's host name.
