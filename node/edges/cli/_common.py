@@ -43,7 +43,11 @@ class CheckFailed(ImageShareError):
     """A verification found a problem (exit 1)."""
 
 
-def add_common(parser: argparse.ArgumentParser, json_output: bool = True) -> None:
+def add_common(
+    parser: argparse.ArgumentParser, json_output: bool = True, reaches_nodes: bool = False
+) -> None:
+    """-c/--config, --json, and for commands that call other nodes (``reaches_nodes``)
+    --ca-file."""
     parser.add_argument(
         "-c",
         "--config",
@@ -53,6 +57,8 @@ def add_common(parser: argparse.ArgumentParser, json_output: bool = True) -> Non
     )
     if json_output:
         parser.add_argument("--json", action="store_true", help="print one JSON document")
+    if not reaches_nodes:
+        return
     parser.add_argument(
         "--ca-file",
         type=Path,
@@ -68,9 +74,10 @@ def command(
     handler: Callable[[argparse.Namespace], int],
     help: str,
     json_output: bool = True,
+    reaches_nodes: bool = False,
 ) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser(name, help=help, description=help)
-    add_common(parser, json_output)
+    add_common(parser, json_output, reaches_nodes)
     parser.set_defaults(handler=handler)
     return parser
 

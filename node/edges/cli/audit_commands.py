@@ -30,6 +30,7 @@ def register(subparsers: Any) -> None:
         "audit",
         cmd_audit,
         "verify every log the given nodes serve: signatures, chain, roots, views, consent",
+        reaches_nodes=True,
     )
     p.add_argument("urls", nargs="+", metavar="URL", help="node base URLs, e.g. http://host:8600")
     p.add_argument(
@@ -103,7 +104,13 @@ def render_report(report: AuditReport) -> str:
 
 def register_patient(sub: Any) -> None:
     """Add `log` to the `imageshare patient` commands."""
-    p = command(sub, "log", cmd_patient_log, "every access and denial of my studies, proven")
+    p = command(
+        sub,
+        "log",
+        cmd_patient_log,
+        "every access and denial of my studies, proven",
+        reaches_nodes=True,
+    )
     p.add_argument("urls", nargs="+", metavar="URL", help="node base URLs to read the logs from")
     p.add_argument(
         "--wallet",

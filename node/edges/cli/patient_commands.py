@@ -64,7 +64,7 @@ def register(subparsers: Any) -> None:
     sub = patient.add_subparsers(dest="patient_command", required=True, metavar="COMMAND")
 
     def wallet_command(name: str, handler: Callable[[argparse.Namespace], int], help: str) -> Any:
-        p = command(sub, name, handler, help)
+        p = command(sub, name, handler, help, reaches_nodes=True)
         p.add_argument(
             "--wallet",
             type=Path,
