@@ -99,6 +99,16 @@ class TestInitSelfSignedTls:
         assert bad.stderr.count("\n") == 1
         assert not (tmp_path / "b").exists()  # nothing half-made to block a retry
 
+    def test_a_certificate_that_cannot_be_loaded_stops_run_naming_the_key(
+        self, tmp_path: Path
+    ) -> None:
+        run_cli("init", str(tmp_path / "n"), "--origin", "a.example/x", "--tls-self-signed")
+        (tmp_path / "n" / "tls" / "cert.pem").write_text("not a certificate\n")
+        result = run_cli("run", "-c", str(tmp_path / "n" / "node.toml"), check=False)
+        assert result.returncode == 2
+        assert result.stderr.startswith("imageshare: [http] cert_file: cannot load"), result.stderr
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
     def test_tls_ca_without_tls_self_signed_is_a_usage_error(self, tmp_path: Path) -> None:
         bad = run_cli(
             "init", str(tmp_path / "n"), "--origin", "a.ex/x", "--tls-ca", "ca.pem", check=False

@@ -123,6 +123,20 @@ class TestStatusMapping:
         with pytest.raises(PeerUnreachable, match="failed: HTTP 502"):
             _call(lambda s: wallet.custodian(s, server.url))
 
+    def test_a_redirect_is_not_followed_so_a_signed_request_stays_at_its_peer(
+        self, server: HostileServer
+    ) -> None:
+        def respond(request: Received) -> web.Response | None:
+            if request.path_qs == "/elsewhere":
+                return web.json_response({"studies": []})
+            return web.Response(status=307, headers={"Location": server.url + "/elsewhere"})
+
+        server.respond = respond
+        server.received.clear()
+        with pytest.raises(BadInput, match="refused: HTTP 307"):
+            _call(lambda s: request_json(s, "POST", server.url + "/patient/x", body=b"signed"))
+        assert [r.path_qs for r in server.received] == ["/patient/x"]
+
     def test_an_answer_that_is_not_json_is_bad_input(self, server: HostileServer) -> None:
         _answer(server, web.Response(text="<html>hello</html>"))
         with pytest.raises(BadInput, match="something other than JSON"):

@@ -108,7 +108,7 @@ async def get_body(
     session: aiohttp.ClientSession, url: str, params: dict[str, Any] | None = None
 ) -> bytes:
     """GET and return the body; raises BadInput on a non-200 answer (with the node's reason)."""
-    async with session.get(url, params=params) as response:
+    async with session.get(url, params=params, allow_redirects=False) as response:
         body = await read_bounded(response, MAX_RESPONSE_BYTES)
         if response.status != 200:
             reason = body[:200].decode(errors="replace").strip()
@@ -234,7 +234,8 @@ async def fetch_view(session: aiohttp.ClientSession, url: str) -> PeerView:
 
 
 async def _fetch_equivocations(session: aiohttp.ClientSession, base: str) -> list[Any]:
-    async with session.get(f"{base}/ledger/equivocations") as response:
+    equivocations = f"{base}/ledger/equivocations"
+    async with session.get(equivocations, allow_redirects=False) as response:
         if response.status == 404:  # a node without federation serves none
             return []
         body = await read_bounded(response, MAX_RESPONSE_BYTES)

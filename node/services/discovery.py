@@ -233,7 +233,8 @@ class DiscoveryService:
         identity = self.runtime.identity
         headers = node_signed_headers(identity, "POST", target, body, member.origin)
         try:
-            async with self._session.post(target, data=body, headers=headers) as response:
+            post = self._session.post(target, data=body, headers=headers, allow_redirects=False)
+            async with post as response:
                 if response.status != 200:
                     raise NoAnswer(f"it answered {response.status}")
                 # A proof is a small JSON document with a declared length: read no more.

@@ -1,17 +1,19 @@
 """The one client for talking to other nodes: members, custodians, and nodes an auditor reads.
 
 Every outbound HTTP call of the node and of the command line goes through here, so that
-five rules are written once:
+these rules are written once:
 
 - **Sessions**: ``open_session`` makes every aiohttp ClientSession, with one trust rule
   for ``https://`` URLs: the system's CAs, or only the pinned CA file when one is given
-  (``[http] trusted_ca_file``, or the CLI's ``--ca-file``); BCP 195 (node.services.tls), the
-  certificate must name the host.
+  (``[http] trusted_ca_file``, or the CLI's ``--ca-file``); BCP 195 (node.services.tls);
+  the certificate must name the host.
 - **Signing**: ``signed_headers`` builds the imageshare-request/v2 headers
   (node.core.signed_requests) for a node's or a patient's key, timestamped now with a
   fresh nonce and addressed to the receiving node's origin.
 - **Bounded reads**: ``read_bounded`` reads an answer up to a byte bound and refuses a
   longer one with a clear error; no answer of another node is read unbounded.
+- **No redirects**: every call passes ``allow_redirects=False``: a peer answers for
+  itself, and a signed request is never carried to another address.
 - **Timeouts**: the caller's ClientTimeout is on the session; a timeout or a refused,
   reset or failed TLS connection is ``PeerUnreachable``.
 - **Status**: ``raise_for_answer`` turns a non-success answer into the node's error
@@ -63,6 +65,7 @@ _STATUS_ERRORS: dict[int, type[ImageShareError]] = {
     409: Conflict,
     413: PayloadTooLarge,
 }
+
 
 def open_session(
     ca_file: str,
@@ -129,6 +132,7 @@ def signed_request(
     target = yarl.URL(url)
     headers = dict(kwargs.pop("headers", None) or {})
     headers.update(signed_headers(sign, signer, method, target, body, audience, now))
+    kwargs.setdefault("allow_redirects", False)
     return session.request(method, target, data=body, headers=headers, **kwargs)
 
 
@@ -240,7 +244,10 @@ async def request_json(
     """
     target = yarl.URL(url)
     try:
-        async with session.request(method, target, headers=headers, data=body) as response:
+        answer_of = session.request(
+            method, target, headers=headers, data=body, allow_redirects=False
+        )
+        async with answer_of as response:
             if response.status >= 300:
                 await raise_for_answer(response)
             answer = await read_bounded(response, limit)

@@ -315,7 +315,7 @@ class ReplicationService:
 
     async def _get(self, url: str, limit: int) -> tuple[bytes, str]:
         assert self._session is not None
-        async with self._session.get(url) as response:
+        async with self._session.get(url, allow_redirects=False) as response:
             if response.status != 200:
                 raise PeerFailure(f"GET {url} answered {response.status}")
             body = await read_bounded(response, limit)
@@ -601,7 +601,9 @@ class ReplicationService:
         identity = self.runtime.identity
         target = yarl.URL(url)
         headers = node_signed_headers(identity, method, target, body, audience)
-        return self._session.request(method, target, data=body, headers=headers)
+        return self._session.request(
+            method, target, data=body, headers=headers, allow_redirects=False
+        )
 
     def _size_hint(self, size: int) -> bytes:
         return json.dumps({"log_id": log_id(self.runtime.config.origin), "size": size}).encode()

@@ -687,7 +687,7 @@ class TransferService:
         target = yarl.URL(url)
         headers = node_signed_headers(identity, "POST", target, body, custodian.origin)
         try:
-            response = await http.post(target, data=body, headers=headers)
+            response = await http.post(target, data=body, headers=headers, allow_redirects=False)
         except (*CONNECTION_ERRORS, OSError) as exc:
             raise PeerUnreachable(f"custodian unreachable: {describe(exc)}") from exc
         if response.status != 200:
