@@ -100,6 +100,14 @@ class HttpConfig(Table):
     # Slowest request body accepted, in bytes/s over each client_timeout window: a client
     # that stalls or trickles its body is cut off instead of holding a connection forever.
     min_body_rate: NonNegativeInt = 1024
+    # HTTPS: this node's certificate (chain) and private key, PEM; both set, the listener
+    # speaks only TLS 1.2 and 1.3 (BCP 195 ciphers). Empty: plain HTTP.
+    cert_file: str = ""
+    key_file: str = ""
+    # Strict-Transport-Security max-age sent on every answer over HTTPS; 0: not sent.
+    hsts_max_age: NonNegativeInt = 31_536_000
+    # The CA (PEM) that https:// peers' certificates must chain to; empty: the system's.
+    trusted_ca_file: str = ""
 
     def __post_init__(self) -> None:
         try:
@@ -108,7 +116,14 @@ class HttpConfig(Table):
             raise ValueError(f"listen: {exc}") from None
         if self.public_url and not self.public_url.startswith(("http://", "https://")):
             raise ValueError(f"public_url: {self.public_url!r} must start with http(s)://")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file: goes together with key_file")
         self.cors_origins = [_cors_origin(o) for o in self.cors_origins]
+
+    @property
+    def tls(self) -> bool:
+        """Whether the listener serves HTTPS."""
+        return bool(self.cert_file)
 
     @property
     def host(self) -> str:
@@ -344,7 +359,8 @@ class NodeConfig(Table):
 
     @property
     def public_url(self) -> str:
-        return (self.http.public_url or f"http://{self.http.listen}").rstrip("/")
+        scheme = "https" if self.http.tls else "http"
+        return (self.http.public_url or f"{scheme}://{self.http.listen}").rstrip("/")
 
     @property
     def key_path(self) -> Path:
@@ -374,9 +390,10 @@ def load_config(path: Path | None = None) -> NodeConfig:
         raise ConfigError(f"{path.name}: {explain_error(str(exc), raw)}") from None
     config.data_dir = (path.parent / config.data_dir).resolve()
     tables = [config.audit_export, config.dimse.tls, config.forward, *config.dimse.destinations]
+    tables.append(config.http)
     for table in tables:
-        for name in ("ca_file", "cert_file", "key_file"):
-            if getattr(table, name):  # relative to the config file, like data_dir
+        for name in ("ca_file", "cert_file", "key_file", "trusted_ca_file"):
+            if getattr(table, name, ""):  # relative to the config file, like data_dir
                 setattr(table, name, str(path.parent / getattr(table, name)))
     if config.viewer.ohif_dir:
         config.viewer.ohif_dir = str(path.parent / config.viewer.ohif_dir)
@@ -469,14 +486,22 @@ def _place(steps: list[str | int], raw: Any, table_only: bool = False) -> str:
     return " ".join(part for part in (table, key) if part)
 
 
-def render_initial_config(origin: str, listen: str, dimse_port: int, ae_title: str) -> str:
-    """The node.toml that `imageshare init` writes into a new data directory."""
+def render_initial_config(
+    origin: str,
+    listen: str,
+    dimse_port: int,
+    ae_title: str,
+    http: dict[str, str] | None = None,
+) -> str:
+    """The node.toml that `imageshare init` writes into a new data directory; ``http``:
+    more [http] settings (the HTTPS files of `init --tls-self-signed`)."""
+    more = "".join(f"{key} = {json.dumps(value)}\n" for key, value in (http or {}).items())
     return (
         "# ImageShare node configuration; see node.example.toml for every setting.\n"
         f"origin = {json.dumps(origin)}\n"
         'data_dir = "."\n\n'
         "[http]\n"
-        f"listen = {json.dumps(listen)}\n\n"
+        f"listen = {json.dumps(listen)}\n{more}\n"
         "[dimse]\n"
         f"port = {dimse_port}\n"
         f"ae_title = {json.dumps(ae_title)}\n"

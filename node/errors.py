@@ -55,5 +55,12 @@ class StorageFull(ImageShareError):
     http_status = 507
 
 
+class PeerUnreachable(ImageShareError):
+    """Another node (a member, a custodian, a node being audited) could not be reached:
+    down, refusing connections, timed out, failing (5xx), or answering unauthenticated."""
+
+    http_status = 502
+
+
 class ConfigError(ImageShareError):
     """node.toml or the data directory is missing or invalid."""

@@ -3,13 +3,15 @@
 
 Everything runs for real, the way hospital IT and a patient would do it by hand with the
 `imageshare` command: three nodes (hospital A, B and C) are created, joined into one
-federation and started on loopback; hospital A imports sample studies (pydicom's bundled
-files and two generated CT studies of the demo patient); the patient makes a wallet, is
-enrolled at A, lists their studies and grants hospital B one of them; B fetches it and
-shows it over DICOMweb; A's record of that access reaches B's and C's copies of A's log;
-the patient revokes the grant, B's next fetch is refused; the patient reads their access
-log, proven; an auditor checks every log of the federation. Then the nodes keep running
-with their URLs printed until Ctrl-C (or SIGTERM), which stops them all cleanly.
+federation and started on loopback, speaking HTTPS to each other (certificates from one
+lab CA that every node, wallet and the auditor pin); hospital A imports sample studies
+(pydicom's bundled files and two generated CT studies of the demo patient); the patient
+makes a wallet, is enrolled at A, lists their studies and grants hospital B one of them;
+B fetches it and shows it over DICOMweb; A's record of that access reaches B's and C's
+copies of A's log; the patient revokes the grant, B's next fetch is refused; the patient
+reads their access log, proven; an auditor checks every log of the federation. Then the
+nodes keep running with their URLs printed until Ctrl-C (or SIGTERM), which stops them
+all cleanly.
 
 Any failed step stops the demo with the reason and the tail of each node's log, exit 1.
 
@@ -25,6 +27,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -70,6 +73,8 @@ FEDERATION_SETTINGS = (
     "[federation]\ndiscovery = false\nreplicate_interval = 0.5\n"
 )
 QIDO_ACCEPT = "application/dicom+json"
+# What the wallet, the auditor and this script trust for https:// (the lab CA, once made).
+CA_FILE_ENV = "IMAGESHARE_CA_FILE"
 STEP_DEADLINE = 60.0  # seconds any one wait may take before the demo gives up
 COMMAND_TIMEOUT = 180.0  # seconds any one `imageshare` command may take
 T = TypeVar("T")
@@ -101,7 +106,12 @@ class Hospital:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"https://127.0.0.1:{self.http_port}"
+
+    @property
+    def ca_file(self) -> Path:
+        """The lab CA this node's certificate chains to, as `init --tls-self-signed` keeps it."""
+        return self.data_dir / "tls" / "ca.pem"
 
     @property
     def log(self) -> Path:
@@ -209,7 +219,9 @@ def http_get(url: str, token: str | None = None, accept: str = "application/json
     headers = {"Accept": accept}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r:
+    request = urllib.request.Request(url, headers=headers)
+    trusted = ssl.create_default_context(cafile=os.environ.get(CA_FILE_ENV) or None)
+    with urllib.request.urlopen(request, timeout=30, context=trusted) as r:
         body = r.read()
     if accept == "application/msgpack":
         return msgpack.unpackb(body)
@@ -347,7 +359,8 @@ def show_studies(studies: list[dict[str, Any]]) -> None:
 def qido(hospital: Hospital, query: str) -> list[dict[str, Any]]:
     """A QIDO-RS study search at ``hospital``, echoed as the curl a viewer's admin would type."""
     url = f"{hospital.url}/dicomweb/studies{query}"
-    print(f"   $ curl -H 'Authorization: Bearer …' '{url}'", flush=True)
+    ca = shown(hospital.ca_file)
+    print(f"   $ curl --cacert {ca} -H 'Authorization: Bearer …' '{url}'", flush=True)
     try:
         found: list[dict[str, Any]] = http_get(url, hospital.admin_token, QIDO_ACCEPT)
     except (OSError, ValueError) as exc:
@@ -453,17 +466,25 @@ def set_up(demo_dir: Path, base_port: int | None) -> list[Hospital]:
     step(
         "Each hospital creates its node: a signing key, an admin token, a configuration",
         "A node's origin is its name in the federation; its verifier key lets anyone check",
-        "what the node signs. Nothing is shared yet.",
+        "what the node signs. Each also gets an HTTPS certificate: hospital A makes a small",
+        "lab CA (--tls-self-signed), B and C have theirs signed by the same CA (--tls-ca).",
     )
+    lab_ca = hospitals[0].data_dir / "tls"
     for h in hospitals:
+        tls = ["--tls-self-signed"]
+        if h is not hospitals[0]:
+            tls += ["--tls-ca", str(lab_ca / "ca.pem"), "--tls-ca-key", str(lab_ca / "ca-key.pem")]
         created = imageshare_json(
             "init", h.data_dir, "--origin", h.origin,
-            "--http", f"127.0.0.1:{h.http_port}", "--dimse-port", str(h.dimse_port),
+            "--http", f"127.0.0.1:{h.http_port}", "--dimse-port", str(h.dimse_port), *tls,
         )  # fmt: skip
         h.vkey, h.admin_token = created["vkey"], created["admin_token"]
         say(f"  {h.origin} at {h.url}, verifier key {h.vkey}")
         with open(h.config, "a") as config:
             config.write(FEDERATION_SETTINGS)
+    # The patient's wallet and the auditor pin the lab CA too (like `--ca-file`).
+    os.environ[CA_FILE_ENV] = str(hospitals[0].ca_file)
+    say(f"  wallets and auditors trust the lab CA: {CA_FILE_ENV}={shown(hospitals[0].ca_file)}")
 
     step(
         "The hospitals form a federation: each adds the other two to its roster",
@@ -588,7 +609,8 @@ def patient_story(hospitals: list[Hospital], wallet: Path, study_uid: str) -> No
             partial(log_size_beyond, other, a.origin, access),
             f"{other.name}'s copy of A's log to hold entry #{access}",
         )
-        say(f"  $ curl {other.url}/ledger/logs   -> A's log there: {size} entries")
+        ca = shown(other.ca_file)
+        say(f"  $ curl --cacert {ca} {other.url}/ledger/logs   -> A's log there: {size} entries")
     outcome(
         f"replicated: B and C held it at most {time.monotonic() - fetched_at:.2f} s after the fetch"
     )
@@ -654,10 +676,12 @@ def your_turn(hospitals: list[Hospital], wallet: Path) -> None:
         say(f"  dashboard:   {h.url}/admin      patient wallet (web): {h.url}/wallet/")
     a = hospitals[0]
     say("try:")
-    say(f"  curl -H 'Authorization: Bearer {a.admin_token}' {a.url}/dicomweb/studies")
+    ca = shown(a.ca_file)
+    token = a.admin_token
+    say(f"  curl --cacert {ca} -H 'Authorization: Bearer {token}' {a.url}/dicomweb/studies")
     command = shlex.join(shown(Path(w)) if os.sep in w else w for w in imageshare_command())
-    say(f"  {command} patient tokens --wallet {shown(wallet)}")
-    say(f"  {command} audit {' '.join(h.url for h in hospitals)}")
+    say(f"  {command} patient tokens --wallet {shown(wallet)} --ca-file {ca}")
+    say(f"  {command} audit {' '.join(h.url for h in hospitals)} --ca-file {ca}")
 
 
 def main() -> int:

@@ -91,6 +91,8 @@ REFUSED = [
     ("[http]\nclient_timeout = nan\n", "[http] client_timeout: expected a number > 0.0, got nan"),
     ('[http]\ncors_origins = ["*"]\n', "[http] cors_origins: '*' is not an origin"),
     ("[http]\ncors_origins = [5]\n", "[http] cors_origins #1: expected a string, got 5"),
+    ('[http]\ncert_file = "tls/cert.pem"\n', "[http] cert_file: goes together with key_file"),
+    ("[http]\nhsts_max_age = -1\n", "[http] hsts_max_age: expected an integer >= 0, got -1"),
     ("http = 5\n", "http: expected a table, got 5"),
     ("data_dir = 5\n", "data_dir: expected a string, got 5"),
     ("[store]\nbatch_size = 0\n", "[store] batch_size: expected an integer >= 1, got 0"),

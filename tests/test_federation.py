@@ -29,8 +29,8 @@ from node.core.notes import Checkpoint, parse_note, sign_note
 from node.core.origins import log_id
 from node.core.roster import Roster, key_fingerprint, make_member
 from node.core.signed_requests import node_signer
-from node.edges.http.signed import signed_request
 from node.errors import BadInput
+from node.services.peer_client import signed_request
 from node.services.replication import PeerStatus, replication_of
 from node.services.roster import add_peer
 from node.services.runtime import open_runtime

@@ -14,7 +14,7 @@ from node.core.consent import NONCE_SIZE, GrantFields, decode_grant
 from node.core.encoding import canonical_encode
 from node.core.equivocation import EquivocationProof
 from node.core.keys import NodeIdentity
-from node.core.origins import is_node_origin, log_id, log_id_bytes
+from node.core.origins import is_node_origin, log_id, log_id_bytes, origin_host
 from node.core.roster import make_member
 from node.core.signed_requests import make_headers, node_signer, parse_headers
 from node.errors import BadInput, Unauthorized
@@ -27,6 +27,7 @@ ACCEPTED = [
     "abc",
     "a" * 200,
     "10.0.0.7:8600/x_y~z-1",
+    "https://hospital.example:8443/imageshare",  # an origin may look like a URL
 ]
 REFUSED = [
     "ab",  # too short
@@ -154,3 +155,20 @@ def test_a_log_is_found_by_the_one_log_id_everywhere(tmp_path: Path) -> None:
     assert EquivocationProof(identity.origin, ("a", "b")).log_id == expected.hex()
     saved = SavedCheckpoint(identity.origin, identity.vkey, 0, bytes(32), "")
     assert saved.log_id == expected.hex()
+
+
+@pytest.mark.parametrize(
+    ("origin", "host"),
+    [
+        ("hospital.example/imageshare", "hospital.example"),
+        ("https://Hospital.example:8443/imageshare", "hospital.example"),
+        ("hospital.example:8600", "hospital.example"),
+        ("10.0.0.7:8600/x_y~z-1", "10.0.0.7"),
+        ("under_score.example/x", None),
+        ("-dash.example/x", None),
+    ],
+)
+def test_the_certificate_of_init_is_named_after_the_origins_host(
+    origin: str, host: str | None
+) -> None:
+    assert origin_host(origin) == host

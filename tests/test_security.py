@@ -46,9 +46,9 @@ from node.core.roster import make_member
 from node.core.signed_requests import make_headers, node_signer
 from node.edges.http import app as http_app
 from node.edges.http.multipart import parse_accept
-from node.edges.http.signed import signed_request
 from node.errors import BadInput, PayloadTooLarge, Unauthorized
 from node.samples import SyntheticStudy, make_ct_study
+from node.services.peer_client import signed_request
 from node.services.roster import add_peer
 from node.services.runtime import open_runtime
 from node.store.attributes import Level

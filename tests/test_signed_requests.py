@@ -33,8 +33,9 @@ from node.core.signed_requests import (
     signing_bytes,
 )
 from node.edges.http.app import errors_middleware
-from node.edges.http.signed import authenticate, signed_request
+from node.edges.http.signed import authenticate
 from node.errors import BadInput, Unauthorized
+from node.services.peer_client import signed_request
 from node.store.nonces import NonceStore
 from tests.support.nodes import free_port
 

@@ -47,3 +47,18 @@ def log_id_bytes(origin: str) -> bytes:
 def log_id(origin: str) -> str:
     """A log's ID as the ledger API names it: lowercase hex SHA-256 of its origin."""
     return log_id_bytes(origin).hex()
+
+
+# A DNS name: dot-separated labels of letters, digits and inner hyphens.
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DNS_NAME = re.compile(rf"(?=.{{1,253}}\Z)({_LABEL}\.)*{_LABEL}")
+
+
+def origin_host(origin: str) -> str | None:
+    """The host a node origin names, if it names one: ``ucsf.example`` for
+    ``ucsf.example/imageshare``, ``https://ucsf.example:8443/x`` and ``ucsf.example:8443``;
+    ``10.0.0.7`` for ``10.0.0.7:8600/x``; None if the part before the path names no host.
+    Used to name the node's HTTPS certificate after it."""
+    authority = origin.split("://", 1)[-1].split("/", 1)[0]
+    host = authority.rsplit(":", 1)[0]
+    return host.lower() if _DNS_NAME.fullmatch(host) else None

@@ -19,6 +19,7 @@ from node.services.discovery import discovery_service
 from node.services.forward import forward_service
 from node.services.replication import replication_of
 from node.services.runtime import NodeRuntime
+from node.services.tls import server_tls_context
 from node.services.transfer import transfer_service
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,10 @@ async def serve(
         # No body is decoded unless its route takes the encoding (see accepts_body_encodings).
         auto_decompress=False,
     )
+    # Loaded before the port opens: a bad certificate stops the node with one sentence.
+    tls = server_tls_context(http.cert_file, http.key_file) if http.tls else None
     await runner.setup()
-    site = web.TCPSite(runner, http.host, http.port, reuse_address=True)
+    site = web.TCPSite(runner, http.host, http.port, reuse_address=True, ssl_context=tls)
     await site.start()
     started: list[BackgroundService] = []
     try:
@@ -76,7 +79,8 @@ async def serve(
                 started.append(service)
         runtime.ready = True
         runtime.security_audit.record(atna.application_activity, True, local_user())
-        log.info("%s serving on http://%s", runtime.config.origin, http.listen)
+        scheme = "https" if http.tls else "http"
+        log.info("%s serving on %s://%s", runtime.config.origin, scheme, http.listen)
         if on_ready is not None:
             result = on_ready()
             if result is not None:

@@ -57,8 +57,9 @@ from node.core.key_rotation import KeyChain, chain_of_log
 from node.core.keys import VerifierKey, parse_verifier_key
 from node.core.notes import Checkpoint, parse_note
 from node.core.origins import log_id
-from node.errors import BadInput, ImageShareError, Unauthorized
+from node.errors import BadInput, PeerUnreachable, Unauthorized
 from node.services.audit_state import AuditState, SavedCheckpoint
+from node.services.peer_client import describe, open_session, read_bounded
 
 # A server may return fewer entries than asked; we ask for pages of this size.
 ENTRIES_PAGE = 1000
@@ -68,10 +69,6 @@ PAGES_IN_FLIGHT = 4
 MAX_LOG_ENTRIES = 50_000_000
 # Largest JSON or msgpack answer the auditor reads from a node.
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
-
-
-class PeerUnreachable(ImageShareError):
-    """A node given on the command line could not be reached at all."""
 
 
 @dataclass(frozen=True)
@@ -109,26 +106,12 @@ class PeerView:
     equivocations: list[Any]
 
 
-async def _read_limited(response: aiohttp.ClientResponse) -> bytes:
-    """The whole body, refusing one larger than MAX_RESPONSE_BYTES."""
-    if (response.content_length or 0) > MAX_RESPONSE_BYTES:
-        raise BadInput("answer is larger than the auditor accepts")
-    parts: list[bytes] = []
-    total = 0
-    while chunk := await response.content.read(1 << 20):
-        total += len(chunk)
-        if total > MAX_RESPONSE_BYTES:
-            raise BadInput("answer is larger than the auditor accepts")
-        parts.append(chunk)
-    return b"".join(parts)
-
-
 async def get_body(
     session: aiohttp.ClientSession, url: str, params: dict[str, Any] | None = None
 ) -> bytes:
     """GET and return the body; raises BadInput on a non-200 answer (with the node's reason)."""
-    async with session.get(url, params=params) as response:
-        body = await _read_limited(response)
+    async with session.get(url, params=params, allow_redirects=False) as response:
+        body = await read_bounded(response, MAX_RESPONSE_BYTES)
         if response.status != 200:
             reason = body[:200].decode(errors="replace").strip()
             raise BadInput(f"{url} answered {response.status}: {reason}")
@@ -223,8 +206,8 @@ async def fetch_served_log(
         served.entries = await fetch_entries(session, base, listing.log_id, size)
     except (BadInput, UnicodeDecodeError) as exc:
         served.error = str(exc)
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        served.error = f"connection failed while reading the log: {exc or type(exc).__name__}"
+    except (aiohttp.ClientError, TimeoutError, PeerUnreachable) as exc:
+        served.error = f"connection failed while reading the log: {describe(exc)}"
     return served
 
 
@@ -243,8 +226,8 @@ async def fetch_view(session: aiohttp.ClientSession, url: str) -> PeerView:
             _json(await get_body(session, f"{base}/ledger/logs"), "/ledger/logs")
         )
         equivocations = await _fetch_equivocations(session, base)
-    except (aiohttp.ClientError, TimeoutError, BadInput) as exc:
-        raise PeerUnreachable(f"{base} is unreachable: {exc or type(exc).__name__}") from exc
+    except (aiohttp.ClientError, TimeoutError, BadInput, PeerUnreachable) as exc:
+        raise PeerUnreachable(f"{base} is unreachable: {describe(exc)}") from exc
     origin = health.get("origin") if isinstance(health, dict) else None
     if not isinstance(origin, str):
         raise PeerUnreachable(f"{base}/healthz does not name the node's origin")
@@ -253,10 +236,11 @@ async def fetch_view(session: aiohttp.ClientSession, url: str) -> PeerView:
 
 
 async def _fetch_equivocations(session: aiohttp.ClientSession, base: str) -> list[Any]:
-    async with session.get(f"{base}/ledger/equivocations") as response:
+    equivocations = f"{base}/ledger/equivocations"
+    async with session.get(equivocations, allow_redirects=False) as response:
         if response.status == 404:  # a node without federation serves none
             return []
-        body = await _read_limited(response)
+        body = await read_bounded(response, MAX_RESPONSE_BYTES)
         if response.status != 200:
             raise BadInput(f"{base}/ledger/equivocations answered {response.status}")
     document = _json(body, "/ledger/equivocations")
@@ -265,10 +249,13 @@ async def _fetch_equivocations(session: aiohttp.ClientSession, base: str) -> lis
     return document
 
 
-async def collect(urls: list[str], timeout: float = 30.0) -> tuple[list[PeerView], list[str]]:
-    """Views of every reachable node and the reasons the others were unreachable."""
+async def collect(
+    urls: list[str], timeout: float = 30.0, ca_file: str = ""
+) -> tuple[list[PeerView], list[str]]:
+    """Views of every reachable node and the reasons the others were unreachable;
+    ``https://`` nodes are trusted by ``ca_file`` (peer_client.open_session)."""
     client_timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
-    async with aiohttp.ClientSession(timeout=client_timeout) as session:
+    async with open_session(ca_file, client_timeout) as session:
         results = await asyncio.gather(
             *(fetch_view(session, url) for url in urls), return_exceptions=True
         )
@@ -792,6 +779,7 @@ def run_audit(
     now: int,
     receipt_grace: int = DEFAULT_RECEIPT_GRACE,
     timeout: float = 30.0,
+    ca_file: str = "",
 ) -> AuditReport:
     """Mirror, verify and judge every log the nodes at ``urls`` serve.
 
@@ -799,7 +787,7 @@ def run_audit(
     state directory is corrupt.
     """
     saved = state.load() if state is not None else {}
-    views, unreachable = asyncio.run(collect(urls, timeout))
+    views, unreachable = asyncio.run(collect(urls, timeout, ca_file))
     workers = Workers()
     try:
         report, to_save = audit_views(

@@ -25,6 +25,7 @@ from pynetdicom import _config, build_context, evt
 from pynetdicom.presentation import PresentationContext
 
 from node.errors import BadInput, ConfigError
+from node.services.tls import bcp195
 from node.store.instances import InstanceRecord
 from node.store.protocols import InstanceStore
 
@@ -161,10 +162,6 @@ def read_instance(store: InstanceStore, record: InstanceRecord) -> Dataset:
     return store.read_dataset(record)
 
 
-# BCP 195 for TLS 1.2 (TLS 1.3's suites are all AEAD): forward secrecy and AEAD only.
-BCP195_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
-
-
 class _LazyHandshakeContext(ssl.SSLContext):
     """A server context whose handshake runs in the connection's own thread.
 
@@ -176,13 +173,6 @@ class _LazyHandshakeContext(ssl.SSLContext):
     def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> Any:
         kwargs["do_handshake_on_connect"] = False
         return super().wrap_socket(sock, *args, **kwargs)
-
-
-def _bcp195(context: ssl.SSLContext) -> ssl.SSLContext:
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    context.set_ciphers(BCP195_CIPHERS)
-    return context
 
 
 def _load(context: ssl.SSLContext, key: str, cert_file: str, key_file: str, ca_file: str) -> None:
@@ -201,7 +191,7 @@ def _load(context: ssl.SSLContext, key: str, cert_file: str, key_file: str, ca_f
 
 def server_tls_context(tls: DimseTlsConfig) -> ssl.SSLContext:
     """The TLS listener's context; with ``ca_file`` a client certificate from it is required."""
-    context = _bcp195(_LazyHandshakeContext(ssl.PROTOCOL_TLS_SERVER))
+    context = bcp195(_LazyHandshakeContext(ssl.PROTOCOL_TLS_SERVER))
     _load(context, "[dimse.tls]", tls.cert_file, tls.key_file, tls.ca_file)
     context.verify_mode = ssl.CERT_REQUIRED if tls.ca_file else ssl.CERT_NONE
     return context
@@ -215,7 +205,7 @@ def client_tls_args(peer: OutgoingTls, host: str, key: str) -> tuple[ssl.SSLCont
     """
     if not peer.tls:
         return None
-    context = _bcp195(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))  # checks chain and name
+    context = bcp195(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))  # checks chain and name
     if not peer.ca_file:
         context.load_default_certs()
     _load(context, key, peer.cert_file, peer.key_file, peer.ca_file)

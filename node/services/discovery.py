@@ -2,12 +2,13 @@
 
 The node advertises ``_imageshare._tcp.local.`` with TXT records ``origin``, ``fp`` (the
 fingerprint of its key: hex SHA-256 of the public key, first 16 bytes), ``path`` (URL
-path prefix, usually empty) and ``v=1``. A node found on the LAN is considered only if
-its fingerprint and origin are those of a roster member; anything else is ignored and
-logged. Advertisements are not authenticated, so the address is only a *candidate*:
-this node sends the member a fresh random challenge at that address (a signed
-``POST /p2p/address-proof``) and uses the address only once the answer is the roster
-key's signature over the challenge, the member's origin and that URL
+path prefix, usually empty), ``tls`` (``1`` when it serves HTTPS: the candidate URL is
+then ``https://``, and its certificate must verify like any peer's) and ``v=1``. A node
+found on the LAN is considered only if its fingerprint and origin are those of a roster
+member; anything else is ignored and logged. Advertisements are not authenticated, so
+the address is only a *candidate*: this node sends the member a fresh random challenge
+at that address (a signed ``POST /p2p/address-proof``) and uses the address only once
+the answer is the roster key's signature over the challenge, the member's origin and that URL
 (node.core.roster.address_proof_bytes). Until then, and whenever the proof fails, the
 roster's static URL is what is used, so a liar on the LAN never receives a token, a
 cosignature or a notify meant for the member.
@@ -36,8 +37,8 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 from node.core.base64url import b64url_decode
 from node.core.roster import CHALLENGE_SIZE, Member, key_fingerprint, verify_address_proof
 from node.core.signed_requests import SIGNATURE_SIZE
-from node.errors import BadInput
-from node.services.peer_requests import node_signed_headers
+from node.errors import BadInput, ImageShareError
+from node.services.peer_client import node_signed_headers, open_session, read_bounded
 from node.services.replication import ReplicationService, replication_of
 from node.services.runtime import NodeRuntime
 
@@ -94,15 +95,22 @@ class DiscoveryService:
             f"{label}-{self.fingerprint[:12]}.{SERVICE_TYPE}",
             addresses=[socket.inet_aton(a) for a in addresses],
             port=self.runtime.config.http.port,
-            properties={"origin": origin, "fp": self.fingerprint, "path": "", "v": "1"},
+            properties={
+                "origin": origin,
+                "fp": self.fingerprint,
+                "path": "",
+                "tls": "1" if self.runtime.config.http.tls else "0",
+                "v": "1",
+            },
             server=f"imageshare-{self.fingerprint[:16]}.local.",
         )
 
     async def start(self) -> None:
         interfaces, addresses = self._interfaces()
         timeout = self.runtime.config.federation.request_timeout
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=timeout, connect=timeout)
+        self._session = open_session(
+            self.runtime.config.http.trusted_ca_file,
+            aiohttp.ClientTimeout(total=timeout, connect=timeout),
         )
         self._zeroconf = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
         self._browser = AsyncServiceBrowser(
@@ -181,7 +189,8 @@ class DiscoveryService:
         path = props.get("path", "").rstrip("/")
         if path and not path.startswith("/"):
             return
-        url = f"http://{addresses[0]}:{info.port}{path}"
+        scheme = "https" if props.get("tls") == "1" else "http"
+        url = f"{scheme}://{addresses[0]}:{info.port}{path}"
         if self.replication.roster.add_candidate(member.origin, url):
             self._spawn(self._prove(member, url))
 
@@ -222,14 +231,15 @@ class DiscoveryService:
         identity = self.runtime.identity
         headers = node_signed_headers(identity, "POST", target, body, member.origin)
         try:
-            async with self._session.post(target, data=body, headers=headers) as response:
+            post = self._session.post(target, data=body, headers=headers, allow_redirects=False)
+            async with post as response:
                 if response.status != 200:
                     raise NoAnswer(f"it answered {response.status}")
                 # A proof is a small JSON document with a declared length: read no more.
                 if not 0 < (response.content_length or 0) <= MAX_PROOF_ANSWER_BYTES:
                     raise ProofFailed("its answer is not a short JSON document")
-                answer = await response.read()
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                answer = await read_bounded(response, MAX_PROOF_ANSWER_BYTES)
+        except (TimeoutError, aiohttp.ClientError, OSError, ImageShareError) as exc:
             raise NoAnswer(str(exc) or type(exc).__name__) from exc
         try:
             document = json.loads(answer)

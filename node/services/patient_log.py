@@ -29,14 +29,9 @@ from node.core.key_rotation import chain_of_log
 from node.core.keys import VerifierKey, parse_verifier_key
 from node.core.merkle import verify_inclusion
 from node.core.notes import Checkpoint, parse_note, verify_cosignature, verify_note
-from node.errors import BadInput, Unauthorized
-from node.services.audit import (
-    LogListing,
-    PeerUnreachable,
-    fetch_entries,
-    get_body,
-    parse_listing,
-)
+from node.errors import BadInput, PeerUnreachable, Unauthorized
+from node.services.audit import LogListing, fetch_entries, get_body, parse_listing
+from node.services.peer_client import describe
 from node.services.wallet import Wallet
 
 EVENT_KINDS = ("access", "denial", "revoke")
@@ -125,8 +120,8 @@ async def describe_node(session: aiohttp.ClientSession, url: str) -> Node:
     try:
         health = json.loads(await get_body(session, f"{base}/healthz"))
         listings = parse_listing(json.loads(await get_body(session, f"{base}/ledger/logs")))
-    except (aiohttp.ClientError, TimeoutError, BadInput, ValueError) as exc:
-        raise PeerUnreachable(f"{base} is unreachable: {exc or type(exc).__name__}") from exc
+    except (aiohttp.ClientError, TimeoutError, BadInput, ValueError, PeerUnreachable) as exc:
+        raise PeerUnreachable(f"{base} is unreachable: {describe(exc)}") from exc
     origin = health.get("origin") if isinstance(health, dict) else None
     own = next((lst for lst in listings if lst.origin == origin), None)
     if not isinstance(origin, str) or own is None:

@@ -48,7 +48,12 @@ from node.core.merkle import StreamingConsistency, leaf_hash, verify_consistency
 from node.core.origins import log_id
 from node.core.roster import Member
 from node.errors import BadInput, Conflict, ImageShareError, Unauthorized
-from node.services.peer_requests import node_signed_headers
+from node.services.peer_client import (
+    MAX_ERROR_BYTES,
+    node_signed_headers,
+    open_session,
+    read_bounded,
+)
 from node.services.roster import RosterService, move_member_key, roster_of
 from node.services.runtime import NodeRuntime
 from node.store.federation_state import STATE_FILE, Equivocation, FederationState
@@ -250,9 +255,10 @@ class ReplicationService:
         timeout = aiohttp.ClientTimeout(
             total=self.settings.request_timeout, connect=self.settings.request_timeout
         )
-        self._session = aiohttp.ClientSession(
-            timeout=timeout,
-            connector=aiohttp.TCPConnector(limit_per_host=4),
+        self._session = open_session(
+            self.runtime.config.http.trusted_ca_file,
+            timeout,
+            limit_per_host=4,
             trace_configs=[self.traffic.trace()],
         )
         self._supervisor = asyncio.create_task(self._supervise())
@@ -359,18 +365,12 @@ class ReplicationService:
 
     async def _get(self, url: str, limit: int) -> tuple[bytes, str]:
         assert self._session is not None
-        async with self._session.get(url) as response:
+        async with self._session.get(url, allow_redirects=False) as response:
             if response.status != 200:
                 raise PeerFailure(f"GET {url} answered {response.status}")
-            if (response.content_length or 0) > limit:
-                raise PeerFailure(f"GET {url} answer is too large")
-            body = bytearray()
-            async for chunk in response.content.iter_any():
-                body += chunk
-                self.traffic.bytes_in += len(chunk)
-                if len(body) > limit:
-                    raise PeerFailure(f"GET {url} answer is too large")
-            return bytes(body), response.content_type
+            body = await read_bounded(response, limit)
+            self.traffic.bytes_in += len(body)
+            return body, response.content_type
 
     async def _listing(self, member: Member, status: PeerStatus) -> tuple[str, list[Any]]:
         """The member's GET /ledger/logs from the first of its URLs that answers and is not
@@ -636,7 +636,7 @@ class ReplicationService:
         note = (body + "\n" + signature.line()).encode()
         signed = self._signed(log_member.origin, "POST", f"{url}/p2p/cosignature", note)
         async with signed as response:
-            self.traffic.bytes_in += len(await response.read())
+            self.traffic.bytes_in += len(await read_bounded(response, MAX_ERROR_BYTES))
             if response.status != 200:
                 # Usually a newer checkpoint was signed meanwhile: the next round cosigns it.
                 log.info("%s did not take the cosignature: %s", log_member.origin, response.status)
@@ -652,7 +652,9 @@ class ReplicationService:
         identity = self.runtime.identity
         target = yarl.URL(url)
         headers = node_signed_headers(identity, method, target, body, audience)
-        return self._session.request(method, target, data=body, headers=headers)
+        return self._session.request(
+            method, target, data=body, headers=headers, allow_redirects=False
+        )
 
     def _size_hint(self, size: int) -> bytes:
         return json.dumps({"log_id": log_id(self.runtime.config.origin), "size": size}).encode()
@@ -681,7 +683,7 @@ class ReplicationService:
     async def _post(self, audience: str, url: str, body: bytes) -> None:
         try:
             async with self._signed(audience, "POST", url, body) as response:
-                self.traffic.bytes_in += len(await response.read())
+                self.traffic.bytes_in += len(await read_bounded(response, MAX_ERROR_BYTES))
         except PeerError as exc:
             log.debug("POST %s failed: %s", url, exc)
 

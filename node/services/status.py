@@ -348,7 +348,8 @@ class StatusService:
         async with self._audit_lock:
             started = time.time()
             urls = self.federation_urls()
-            views, unreachable = await collect(urls, AUDIT_TIMEOUT)
+            trusted = self.runtime.config.http.trusted_ca_file
+            views, unreachable = await collect(urls, AUDIT_TIMEOUT, trusted)
             state = AuditState(self.runtime.config.data_dir / AUDIT_STATE_DIR)
             consent = self.runtime.config.consent
 

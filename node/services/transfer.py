@@ -69,16 +69,26 @@ from node.core.manifest import (
     end_message,
     transfer_digest,
 )
-from node.core.refusals import REFUSAL_HEADER, is_refusal, verify_refusal
 from node.core.roster import Member
-from node.core.signed_requests import (
-    SignedHeaders,
-    parse_headers,
+from node.core.signed_requests import parse_headers
+from node.errors import (
+    BadInput,
+    Forbidden,
+    ImageShareError,
+    NotFound,
+    PeerUnreachable,
+    Unauthorized,
 )
-from node.errors import BadInput, Forbidden, ImageShareError, NotFound, Unauthorized
 from node.services.consent import check_access, resolve_study_reference
 from node.services.ledger import LedgerService, ledger_service
-from node.services.peer_requests import node_signed_headers
+from node.services.peer_client import (
+    CONNECTION_ERRORS,
+    describe,
+    node_signed_headers,
+    open_session,
+    raise_for_answer,
+    read_bounded,
+)
 from node.services.roster import roster_of
 from node.services.runtime import NodeRuntime
 from node.store.instances import StagedInstance, StagingFile
@@ -107,8 +117,8 @@ RETRY_WINDOW = 120.0
 MAX_BACKOFF = 4.0
 FIRST_CONTACT_ATTEMPTS = 3
 RECENT = 100
-# A refusal is a small JSON document; a longer answer is not one.
-MAX_REFUSAL_BYTES = 64 * 1024
+# The open answer: a manifest of up to MAX_HANDLES instances of about 60 bytes each.
+MAX_OPEN_RESPONSE_BYTES = 128 * 1024 * 1024
 
 
 class TransferRefused(Forbidden):
@@ -120,13 +130,7 @@ class TransferRefused(Forbidden):
         self.explanation = message
 
 
-class CustodianUnreachable(ImageShareError):
-    """The custodian could not be reached (not in the roster, down, or no answer)."""
-
-    http_status = 502
-
-
-class NotInRoster(CustodianUnreachable):
+class NotInRoster(PeerUnreachable):
     """The token names a custodian this node does not know: retrying cannot help."""
 
 
@@ -616,7 +620,8 @@ class TransferService:
             total=None, connect=self.runtime.config.federation.request_timeout, sock_read=60
         )
         try:
-            async with aiohttp.ClientSession(timeout=timeout, read_bufsize=RECEIVE_BYTES) as http:
+            trusted = self.runtime.config.http.trusted_ca_file
+            async with open_session(trusted, timeout, read_bufsize=RECEIVE_BYTES) as http:
                 while True:
                     job.attempts += 1
                     try:
@@ -628,13 +633,13 @@ class TransferService:
                         return
                     except (
                         TimeoutError,
-                        CustodianUnreachable,
+                        PeerUnreachable,
                         ChannelError,
                         aiohttp.ClientError,
                         ConnectionError,
                     ) as exc:
-                        job.error = _describe(exc)
-                        job.unreachable = isinstance(exc, CustodianUnreachable)
+                        job.error = describe(exc)
+                        job.unreachable = isinstance(exc, PeerUnreachable)
                         # Until the custodian has answered once, give up soon: it may
                         # simply be down or misnamed; a cut transfer is retried longer.
                         gave_up = isinstance(exc, NotInRoster) or (
@@ -670,25 +675,28 @@ class TransferService:
             raise NotInRoster(f"custodian {custodian} is not in this node's roster")
         urls = roster.urls_of(member)
         if not urls:
-            raise CustodianUnreachable(f"no address known for custodian {custodian}")
+            raise PeerUnreachable(f"no address known for custodian {custodian}")
         return urls, member
 
     async def _post(
         self, http: aiohttp.ClientSession, custodian: Member, url: str, body: bytes
     ) -> aiohttp.ClientResponse:
         """A POST signed with this node's key; raises for any answer but 200 (a refusal
-        only if the custodian signed it for this request, else CustodianUnreachable)."""
+        only if the custodian signed it for this request, else PeerUnreachable)."""
         identity = self.runtime.identity
         target = yarl.URL(url)
         headers = node_signed_headers(identity, "POST", target, body, custodian.origin)
         try:
-            response = await http.post(target, data=body, headers=headers)
-        except (TimeoutError, aiohttp.ClientConnectionError, OSError) as exc:
-            raise CustodianUnreachable(f"custodian unreachable: {_describe(exc)}") from exc
+            response = await http.post(target, data=body, headers=headers, allow_redirects=False)
+        except (*CONNECTION_ERRORS, OSError) as exc:
+            raise PeerUnreachable(f"custodian unreachable: {describe(exc)}") from exc
         if response.status != 200:
             try:
-                await _raise_for_reply(
-                    response, custodian, parse_headers(headers, custodian.origin), url
+                await raise_for_answer(
+                    response,
+                    refuser=(custodian.origin, custodian.public_key),
+                    asked=parse_headers(headers, custodian.origin),
+                    refine=_transfer_refusal,
                 )
             finally:
                 response.release()
@@ -704,11 +712,11 @@ class TransferService:
             try:
                 response = await self._post(http, custodian, f"{base}/p2p/transfer", body)
                 break
-            except CustodianUnreachable:
+            except PeerUnreachable:
                 if position == len(urls) - 1:
                     raise
         try:
-            opened = decode_open_response(await response.read())
+            opened = decode_open_response(await read_bounded(response, MAX_OPEN_RESPONSE_BYTES))
         finally:
             response.release()
         keys = receiver_session(
@@ -866,62 +874,19 @@ class TransferService:
             )
 
 
-async def _read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
-    """The answer's body, or None if it is longer than ``limit`` (read no further)."""
-    body = bytearray()
-    async for chunk in response.content.iter_any():
-        body += chunk
-        if len(body) > limit:
-            return None
-    return bytes(body)
-
-
-async def _raise_for_reply(
-    response: aiohttp.ClientResponse, custodian: Member, asked: SignedHeaders, url: str
-) -> None:
-    """Turn a custodian's non-200 answer to the request ``asked`` into the node's error;
-    always raises. A 4xx counts as the custodian's refusal only if it carries the
-    custodian's signature bound to that request; anything else is an unauthenticated
-    answer, treated as the custodian not reached (its text is not repeated)."""
-    try:
-        body = await _read_at_most(response, MAX_REFUSAL_BYTES)
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise CustodianUnreachable(f"the answer at {url} broke off: {_describe(exc)}") from exc
-    if is_refusal(response.status) and (
-        body is None
-        or not verify_refusal(
-            custodian.public_key,
-            response.headers.get(REFUSAL_HEADER),
-            custodian.origin,
-            asked,
-            response.status,
-            body,
-        )
-    ):
-        raise CustodianUnreachable(
-            f"unverified answer at {url}: its HTTP {response.status} is not signed by"
-            f" {custodian.origin} for this request, so it was ignored"
-        )
-    try:
-        document = json.loads(body or b"")
-        message = str(document.get("error", ""))
-        rule = document.get("rule")
-    except (ValueError, AttributeError):
-        message, rule = "", None
-    if response.status == 403 and isinstance(rule, str):
+def _transfer_refusal(status: int, document: dict[str, Any]) -> ImageShareError | None:
+    """What a custodian's verified refusal means for a fetch, beyond the status alone: the
+    consent rule that failed (403), or a transfer it no longer knows (404)."""
+    message = str(document.get("error") or "")
+    rule = document.get("rule")
+    if status == 403 and isinstance(rule, str):
         known = {r.value: m for r, m in RULE_MESSAGES.items()}
-        raise TransferRefused(rule, known.get(rule) or message or "refused by the custodian")
-    if response.status == 401:
-        raise Unauthorized(f"the custodian did not accept this node's signature: {message}")
-    if response.status == 404:
-        raise ChannelError(f"the custodian no longer knows the transfer: {message}")
-    if response.status >= 500:
-        raise CustodianUnreachable(f"the custodian failed ({response.status}): {message}")
-    raise BadInput(f"the custodian refused the request ({response.status}): {message}")
-
-
-def _describe(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
+        return TransferRefused(rule, known.get(rule) or message or "refused by the custodian")
+    if status == 401:
+        return Unauthorized(f"the custodian did not accept this node's signature: {message}")
+    if status == 404:
+        return ChannelError(f"the custodian no longer knows the transfer: {message}")
+    return None
 
 
 def transfer_service(runtime: NodeRuntime) -> TransferService:

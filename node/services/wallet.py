@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -39,35 +38,17 @@ from node.core.merkle import leaf_hash, verify_inclusion
 from node.core.notes import verify_note
 from node.core.origins import is_node_origin, log_id
 from node.core.patient_keys import PatientKey
-from node.core.signed_requests import NONCE_SIZE, make_headers, patient_signer
-from node.errors import (
-    BadInput,
-    Conflict,
-    Forbidden,
-    ImageShareError,
-    NotFound,
-    PayloadTooLarge,
-    Unauthorized,
-)
+from node.core.signed_requests import patient_signer
+from node.errors import BadInput, Forbidden, ImageShareError, PeerUnreachable, Unauthorized
 from node.services.audit import fetch_entries
+from node.services.peer_client import request_json, signed_headers
 from node.store.wallet_files import WalletFiles
 
 DEFAULT_WALLET_DIR = Path("~/.imageshare-wallet")
 WALLET_ENV = "IMAGESHARE_WALLET"
 PASSPHRASE_ENV = "IMAGESHARE_WALLET_PASSPHRASE"
+# Every request of the wallet; its sessions come from node.services.peer_client.
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=30)
-STATUS_ERRORS: dict[int, type[ImageShareError]] = {
-    400: BadInput,
-    401: Unauthorized,
-    403: Forbidden,
-    404: NotFound,
-    409: Conflict,
-    413: PayloadTooLarge,
-}
-
-
-class CustodianUnreachable(ImageShareError):
-    """The custodian could not be reached."""
 
 
 class ProofFailed(ImageShareError):
@@ -129,7 +110,7 @@ class Wallet:
         as another custodian.
         """
         url = url.rstrip("/")
-        health = await _get_json(session, url + "/healthz")
+        health = await request_json(session, "GET", url + "/healthz")
         origin = health.get("origin") if isinstance(health, dict) else None
         if not is_node_origin(origin):
             raise BadInput(f"{url} does not look like an ImageShare node")
@@ -165,18 +146,10 @@ class Wallet:
         (good at no other node); returns its JSON answer."""
         key = self.key_for(custodian.origin)
         target = URL(custodian.url + path)
-        headers = make_headers(
-            key.sign,
-            patient_signer(key.public_key),
-            method,
-            target.raw_path_qs,
-            body,
-            int(time.time()),
-            os.urandom(NONCE_SIZE),
-            audience=custodian.origin,
-        )
+        signer = patient_signer(key.public_key)
+        headers = signed_headers(key.sign, signer, method, target, body, custodian.origin)
         headers["Content-Type"] = "application/octet-stream"
-        return await _request_json(session, method, target, headers=headers, data=body)
+        return await request_json(session, method, target, headers=headers, body=body)
 
     async def studies(self, session: aiohttp.ClientSession, url: str) -> list[dict[str, Any]]:
         custodian = await self.custodian(session, url)
@@ -250,7 +223,7 @@ class Wallet:
             try:
                 custodian = await self.custodian(session, url)
                 answer = await self.signed(session, custodian, "GET", "/patient/tokens")
-            except (CustodianUnreachable, Forbidden, Unauthorized):
+            except (PeerUnreachable, Forbidden, Unauthorized):
                 continue
             reached.add(url)
             remote.update({t["token_id"]: t["status"] for t in answer.get("tokens", [])})
@@ -308,35 +281,6 @@ def verify_recorded(
     return Recorded(index, checkpoint.size)
 
 
-async def _get_json(session: aiohttp.ClientSession, url: str) -> Any:
-    return await _request_json(session, "GET", URL(url))
-
-
-async def _request_json(
-    session: aiohttp.ClientSession, method: str, url: URL, **kwargs: Any
-) -> Any:
-    try:
-        async with session.request(method, url, timeout=REQUEST_TIMEOUT, **kwargs) as response:
-            body = await response.read()
-            status = response.status
-    except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-        raise CustodianUnreachable(f"cannot reach {url.origin()}: {exc}") from exc
-    try:
-        document = json.loads(body) if body else {}
-    except ValueError as exc:
-        if status >= 400:
-            raise STATUS_ERRORS.get(status, ImageShareError)(
-                f"{url.origin()} answered {status}"
-            ) from exc
-        raise BadInput(f"{url.origin()} answered with something other than JSON") from exc
-    if status >= 400:
-        message = document.get("error") if isinstance(document, dict) else None
-        raise STATUS_ERRORS.get(status, ImageShareError)(
-            f"{url.origin()} refused: {message or status}"
-        )
-    return document
-
-
 async def _follow_key_rotation(
     session: aiohttp.ClientSession, url: str, origin: str, pinned: str, served: str
 ) -> None:
@@ -366,6 +310,6 @@ async def _follow_key_rotation(
 
 async def _own_listing(session: aiohttp.ClientSession, url: str, origin: str) -> dict[str, Any]:
     """The row of ``/ledger/logs`` at ``url`` for the node's own log (empty if none)."""
-    logs = await _get_json(session, url + "/ledger/logs")
+    logs = await request_json(session, "GET", url + "/ledger/logs")
     rows = logs if isinstance(logs, list) else []
     return next((r for r in rows if isinstance(r, dict) and r.get("origin") == origin), {})

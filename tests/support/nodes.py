@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -85,6 +86,8 @@ class NodeProcess:
     dimse_port: int
     vkey: str
     admin_token: str
+    # The CA its HTTPS certificate chains to (`init --tls-self-signed`); None: plain HTTP.
+    ca_file: Path | None = None
     process: subprocess.Popen[bytes] | None = None
     log_path: Path = field(init=False)
 
@@ -97,7 +100,18 @@ class NodeProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        scheme = "https" if self.ca_file else "http"
+        return f"{scheme}://127.0.0.1:{self.http_port}"
+
+    @property
+    def peer_table(self) -> str:
+        """This node as a ``[[peers]]`` table of another node's node.toml."""
+        return f'[[peers]]\norigin = "{self.origin}"\nurl = "{self.url}"\nvkey = "{self.vkey}"\n'
+
+    @property
+    def tls_context(self) -> ssl.SSLContext | None:
+        """What a client trusts to reach this node over HTTPS (its CA), or None."""
+        return ssl.create_default_context(cafile=self.ca_file) if self.ca_file else None
 
     @property
     def auth(self) -> dict[str, str]:
@@ -133,7 +147,8 @@ class NodeProcess:
                 f"{self.origin} exited with {self.process.returncode}:\n{self.log_path.read_text()}"
             )
         try:
-            with urllib.request.urlopen(self.url + "/healthz", timeout=1) as r:
+            healthz = self.url + "/healthz"
+            with urllib.request.urlopen(healthz, timeout=1, context=self.tls_context) as r:
                 return bool(r.status == 200)
         except OSError:
             return False
@@ -151,12 +166,15 @@ class NodeProcess:
 
     def get_json(self, path: str, auth: bool = True) -> Any:
         request = urllib.request.Request(self.url + path, headers=self.auth if auth else {})
-        with urllib.request.urlopen(request, timeout=30) as r:
+        with urllib.request.urlopen(request, timeout=30, context=self.tls_context) as r:
             return json.loads(r.read())
 
 
-def init_node(base: Path, origin: str, name: str | None = None) -> NodeProcess:
-    """`imageshare init` a node in ``base/name`` on free ports; not started."""
+def init_node(
+    base: Path, origin: str, name: str | None = None, *init_args: str
+) -> NodeProcess:
+    """`imageshare init` a node in ``base/name`` on free ports, with more ``init_args``
+    (e.g. ``--tls-self-signed``); not started."""
     http_port, dimse_port = free_port(), free_port()
     data_dir = base / (name or origin.split(".")[0].replace("/", "_"))
     result = run_cli(
@@ -169,6 +187,12 @@ def init_node(base: Path, origin: str, name: str | None = None) -> NodeProcess:
         "--dimse-port",
         str(dimse_port),
         "--json",
+        *init_args,
     )
     info = json.loads(result.stdout)
-    return NodeProcess(data_dir, origin, http_port, dimse_port, info["vkey"], info["admin_token"])
+    # `init --tls-self-signed` puts the CA to pin here.
+    pinned = data_dir / "tls" / "ca.pem"
+    ca_file = pinned if pinned.exists() else None
+    return NodeProcess(
+        data_dir, origin, http_port, dimse_port, info["vkey"], info["admin_token"], ca_file
+    )

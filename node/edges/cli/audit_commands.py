@@ -17,10 +17,11 @@ from typing import Any
 import aiohttp
 
 from node.core.audit_rules import RULES
-from node.edges.cli._common import Unreachable, command, print_json
-from node.services.audit import DEFAULT_RECEIPT_GRACE, AuditReport, PeerUnreachable, run_audit
+from node.edges.cli._common import ca_file_of, command, print_json
+from node.services.audit import DEFAULT_RECEIPT_GRACE, AuditReport, run_audit
 from node.services.audit_state import AuditState
 from node.services.patient_log import PatientLog, read_patient_log
+from node.services.peer_client import open_session
 
 
 def register(subparsers: Any) -> None:
@@ -29,6 +30,7 @@ def register(subparsers: Any) -> None:
         "audit",
         cmd_audit,
         "verify every log the given nodes serve: signatures, chain, roots, views, consent",
+        reaches_nodes=True,
     )
     p.add_argument("urls", nargs="+", metavar="URL", help="node base URLs, e.g. http://host:8600")
     p.add_argument(
@@ -50,7 +52,14 @@ def register(subparsers: Any) -> None:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     state = AuditState(args.state) if args.state is not None else None
-    report = run_audit(args.urls, state, int(time.time()), max(0, args.receipt_grace), args.timeout)
+    report = run_audit(
+        args.urls,
+        state,
+        int(time.time()),
+        max(0, args.receipt_grace),
+        args.timeout,
+        ca_file_of(args),
+    )
     if args.json:
         print_json(report.as_json())
     else:
@@ -95,7 +104,13 @@ def render_report(report: AuditReport) -> str:
 
 def register_patient(sub: Any) -> None:
     """Add `log` to the `imageshare patient` commands."""
-    p = command(sub, "log", cmd_patient_log, "every access and denial of my studies, proven")
+    p = command(
+        sub,
+        "log",
+        cmd_patient_log,
+        "every access and denial of my studies, proven",
+        reaches_nodes=True,
+    )
     p.add_argument("urls", nargs="+", metavar="URL", help="node base URLs to read the logs from")
     p.add_argument(
         "--wallet",
@@ -111,13 +126,11 @@ def cmd_patient_log(args: argparse.Namespace) -> int:
     wallet = _open_wallet(args)
 
     async def read() -> PatientLog:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        timeout = aiohttp.ClientTimeout(total=60)
+        async with open_session(ca_file_of(args), timeout) as session:
             return await read_patient_log(session, wallet, args.urls)
 
-    try:
-        log = asyncio.run(read())
-    except PeerUnreachable as exc:
-        raise Unreachable(str(exc)) from exc
+    log = asyncio.run(read())
     if args.json:
         print_json(log.as_json())
     else:

@@ -11,26 +11,20 @@ reports it as an unverified answer (the custodian not reached, exit 2) without i
 from __future__ import annotations
 
 import argparse
-import json
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
-from node.config import NodeConfig
 from node.edges.cli._common import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
     ProgressBar,
-    Unreachable,
+    admin_request,
     command,
     config_of,
     fail,
     print_json,
 )
-from node.errors import BadInput, ImageShareError, NotFound, Unauthorized
-from node.store.secrets import read_secret
 
 POLL_INTERVAL = 0.2
 
@@ -45,43 +39,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("token", metavar="TOKEN", help="the grant token, or its imageshare: URL")
 
 
-class AdminClient:
-    """The local daemon's admin API, with the admin token from the data directory."""
-
-    def __init__(self, config: NodeConfig) -> None:
-        host, _, port = config.http.listen.rpartition(":")
-        if host in ("0.0.0.0", "::", "[::]", ""):
-            host = "127.0.0.1"
-        self.base = f"http://{host}:{port}"
-        self.token = read_secret(config.admin_token_path).decode().strip()
-
-    def call(self, method: str, path: str, body: Any = None) -> Any:
-        """One JSON request; raises Unreachable, or the node's error for a refusal."""
-        request = urllib.request.Request(
-            self.base + path,
-            data=None if body is None else json.dumps(body).encode(),
-            method=method,
-            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            try:
-                message = json.loads(exc.read()).get("error") or str(exc.code)
-            except (ValueError, AttributeError):
-                message = str(exc.code)
-            kind = {400: BadInput, 401: Unauthorized, 404: NotFound}.get(exc.code, ImageShareError)
-            raise kind(f"the node refused: {message}") from exc
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-            raise Unreachable(
-                f"the node's daemon does not answer at {self.base} (is `imageshare run` up?)"
-            ) from exc
-
-
 def cmd_fetch(args: argparse.Namespace) -> int:
-    client = AdminClient(config_of(args))
-    job = client.call("POST", "/admin/api/fetch", {"token": args.token})
+    config = config_of(args)
+    job = admin_request(config, "POST", "/admin/api/fetch", {"token": args.token})
     bar: ProgressBar | None = None
     try:
         while job["state"] == "running":
@@ -90,7 +50,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             if bar is not None:
                 bar.advance(job["instances_done"] - bar.done)
             time.sleep(POLL_INTERVAL)
-            job = client.call("GET", f"/admin/api/transfers/{job['id']}")
+            job = admin_request(config, "GET", f"/admin/api/transfers/{job['id']}")
         if bar is not None:
             bar.advance(job["instances_done"] - bar.done)
     finally:

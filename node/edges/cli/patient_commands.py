@@ -11,12 +11,9 @@ import argparse
 import asyncio
 import getpass
 import importlib
-import json
 import os
 import re
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,22 +25,24 @@ from node.core.patient_keys import parse_public_key
 from node.edges.cli._common import (
     EXIT_OK,
     CheckFailed,
-    Unreachable,
+    DaemonNotRunning,
+    admin_request,
+    ca_file_of,
     command,
     config_of,
     print_json,
 )
-from node.errors import BadInput, ConfigError, ImageShareError
+from node.errors import BadInput, ConfigError
+from node.services.peer_client import open_session
 from node.services.wallet import (
     PASSPHRASE_ENV,
-    CustodianUnreachable,
+    REQUEST_TIMEOUT,
     ProofFailed,
     Wallet,
     parse_study_ref,
     parse_token_id,
     wallet_directory,
 )
-from node.store.secrets import read_secret
 from node.store.wallet_files import WalletFiles
 
 # Modules adding more `imageshare patient` commands, each with register_patient(subparsers).
@@ -65,7 +64,7 @@ def register(subparsers: Any) -> None:
     sub = patient.add_subparsers(dest="patient_command", required=True, metavar="COMMAND")
 
     def wallet_command(name: str, handler: Callable[[argparse.Namespace], int], help: str) -> Any:
-        p = command(sub, name, handler, help)
+        p = command(sub, name, handler, help, reaches_nodes=True)
         p.add_argument(
             "--wallet",
             type=Path,
@@ -100,25 +99,12 @@ def register(subparsers: Any) -> None:
 def cmd_enroll(args: argparse.Namespace) -> int:
     config = config_of(args)
     public_key = parse_public_key(args.key)
-    body = json.dumps({"patient_id": args.patient_id, "key": args.key}).encode()
-    admin_token = read_secret(config.admin_token_path).decode().strip()
-    request = urllib.request.Request(
-        f"http://{_loopback(config.http.listen)}/admin/api/enrollments",
-        data=body,
-        method="POST",
-        headers={"Authorization": f"Bearer {admin_token}", "Content-Type": "application/json"},
-    )
+    body = {"patient_id": args.patient_id, "key": args.key}
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            result = json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        raise _http_error(exc) from exc
-    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+        result = admin_request(config, "POST", "/admin/api/enrollments", body, timeout=60)
+    except DaemonNotRunning:
         # Only a refused connection means no daemon: anything else may be a busy daemon,
         # and a second writer beside it would fork the log.
-        reason = getattr(exc, "reason", exc)
-        if not isinstance(reason, ConnectionRefusedError):
-            raise Unreachable(f"the node's daemon did not answer: {reason}") from exc
         result = _enroll_offline(config, args.patient_id, public_key)
     if args.json:
         print_json(result)
@@ -134,21 +120,6 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         if result["replaced"]:
             print(f"  retired the previous key {result['replaced']} and its grants")
     return EXIT_OK
-
-
-def _loopback(listen: str) -> str:
-    host, _, port = listen.rpartition(":")
-    return f"127.0.0.1:{port}" if host in ("0.0.0.0", "::", "[::]") else listen
-
-
-def _http_error(exc: urllib.error.HTTPError) -> ImageShareError:
-    from node.services.wallet import STATUS_ERRORS
-
-    try:
-        message = json.loads(exc.read()).get("error") or str(exc.code)
-    except (ValueError, AttributeError):
-        message = str(exc.code)
-    return STATUS_ERRORS.get(exc.code, ImageShareError)(f"the node refused: {message}")
 
 
 def _enroll_offline(config: Any, patient_id: str, public_key: bytes) -> dict[str, Any]:
@@ -186,17 +157,18 @@ def _open_wallet(args: argparse.Namespace) -> Wallet:
     return Wallet.open(directory, passphrase)
 
 
-def _run(action: Callable[[aiohttp.ClientSession], Awaitable[T]]) -> T:
-    """Run one wallet action with an HTTP session, mapping network and proof failures."""
+def _run(
+    args: argparse.Namespace, action: Callable[[aiohttp.ClientSession], Awaitable[T]]
+) -> T:
+    """Run one wallet action with a session to custodians (trusting ``--ca-file``),
+    mapping proof failures to a failed check."""
 
     async def main() -> T:
-        async with aiohttp.ClientSession() as session:
+        async with open_session(ca_file_of(args), REQUEST_TIMEOUT) as session:
             return await action(session)
 
     try:
         return asyncio.run(main())
-    except CustodianUnreachable as exc:
-        raise Unreachable(str(exc)) from exc
     except ProofFailed as exc:
         raise CheckFailed(str(exc)) from exc
 
@@ -226,7 +198,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_pubkey(args: argparse.Namespace) -> int:
     wallet = _open_wallet(args)
-    custodian = _run(lambda session: wallet.custodian(session, args.custodian))
+    custodian = _run(args, lambda session: wallet.custodian(session, args.custodian))
     key = wallet.key_for(custodian.origin).public_key_text
     if args.json:
         print_json({"pubkey": key, "custodian": custodian.origin})
@@ -239,7 +211,7 @@ def cmd_pubkey(args: argparse.Namespace) -> int:
 
 def cmd_studies(args: argparse.Namespace) -> int:
     wallet = _open_wallet(args)
-    studies = _run(lambda session: wallet.studies(session, args.custodian))
+    studies = _run(args, lambda session: wallet.studies(session, args.custodian))
     if args.json:
         print_json({"studies": studies})
         return EXIT_OK
@@ -269,7 +241,9 @@ def cmd_grant(args: argparse.Namespace) -> int:
     lifetime = parse_lifetime(args.expires)
     scope = None if args.all else tuple(parse_study_ref(r) for r in args.study)
     wallet = _open_wallet(args)
-    record = _run(lambda session: wallet.grant(session, args.custodian, args.to, scope, lifetime))
+    record = _run(
+        args, lambda session: wallet.grant(session, args.custodian, args.to, scope, lifetime)
+    )
     if args.json:
         print_json({k: record[k] for k in ("token", "token_id", "url")})
         return EXIT_OK
@@ -285,7 +259,7 @@ def cmd_grant(args: argparse.Namespace) -> int:
 def cmd_revoke(args: argparse.Namespace) -> int:
     token_id = parse_token_id(args.token_id)
     wallet = _open_wallet(args)
-    result = _run(lambda session: wallet.revoke(session, args.custodian, token_id))
+    result = _run(args, lambda session: wallet.revoke(session, args.custodian, token_id))
     if args.json:
         print_json(result)
     else:
@@ -295,7 +269,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 def cmd_tokens(args: argparse.Namespace) -> int:
     wallet = _open_wallet(args)
-    tokens = _run(wallet.tokens)
+    tokens = _run(args, wallet.tokens)
     if args.json:
         print_json({"tokens": tokens})
         return EXIT_OK

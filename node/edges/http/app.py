@@ -300,6 +300,17 @@ async def add_cors_headers(request: web.Request, response: web.StreamResponse) -
         response.headers["Access-Control-Max-Age"] = "600"
 
 
+def make_hsts_header(max_age: int) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    """On response prepare, over HTTPS: Strict-Transport-Security, so that a browser that
+    has seen the node once never tries plain HTTP to it (a LAN attacker's downgrade)."""
+    value = f"max-age={max_age}"
+
+    async def add_hsts_header(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["Strict-Transport-Security"] = value
+
+    return add_hsts_header
+
+
 async def healthz(request: web.Request) -> web.Response:
     """200 once the node serves everything (HTTP and its background services), else 503."""
     runtime = request.app[RUNTIME_KEY]
@@ -333,6 +344,8 @@ def build_app(runtime: NodeRuntime) -> web.Application:
     app[RUNTIME_KEY] = runtime
     logging.getLogger("aiohttp.server").addFilter(_UNPARSABLE_FILTER)  # once: a set
     app.on_response_prepare.append(add_cors_headers)
+    if runtime.config.http.tls and runtime.config.http.hsts_max_age:
+        app.on_response_prepare.append(make_hsts_header(runtime.config.http.hsts_max_age))
     app.router.add_get("/healthz", healthz)
     for module in route_modules.MODULES:
         module.add_routes(app, runtime)

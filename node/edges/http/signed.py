@@ -9,20 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-import aiohttp
 from aiohttp import web
-from yarl import URL
 
 from node.core.signed_requests import (
-    NONCE_SIZE,
     check_signature,
-    make_headers,
     parse_headers,
     signing_node_origin,
 )
@@ -113,36 +107,3 @@ async def authenticate(
     if admitted_key is None:
         raise Unauthorized(f"unknown signer {parsed.signer}")
     return SignedCaller(parsed.signer, public_key, body)
-
-
-def signed_request(
-    session: aiohttp.ClientSession,
-    method: str,
-    url: str | URL,
-    sign: Callable[[bytes], bytes],
-    signer: str,
-    audience: str,
-    body: bytes = b"",
-    now: int | None = None,
-    **kwargs: Any,
-) -> Any:
-    """Send a request signed for the node ``audience`` (its origin); use as
-    ``async with signed_request(...) as response``.
-
-    Extra keyword arguments (headers, timeout) go to ``session.request``.
-    """
-    target = URL(url)
-    headers = dict(kwargs.pop("headers", None) or {})
-    headers.update(
-        make_headers(
-            sign,
-            signer,
-            method,
-            target.raw_path_qs,
-            body,
-            int(time.time()) if now is None else now,
-            os.urandom(NONCE_SIZE),
-            audience=audience,
-        )
-    )
-    return session.request(method, target, data=body, headers=headers, **kwargs)
