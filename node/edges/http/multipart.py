@@ -86,14 +86,6 @@ def parse_accept(header: str | None) -> list[MediaType]:
     return [media for _, _, media in sorted(weighted, key=lambda t: (t[0], t[1]))]
 
 
-def type_matches(media_range: str, media_type: str) -> bool:
-    """Whether a range like "image/*" or "*/*" covers a concrete media type."""
-    if media_range in ("*/*", "*", media_type):
-        return True
-    major, _, minor = media_range.partition("/")
-    return minor == "*" and media_type.startswith(major + "/")
-
-
 class MultipartWriter:
     """Frames parts of a multipart/related response with a fresh random boundary."""
 
