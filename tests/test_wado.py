@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
+import numpy as np
 import pydicom
 import pytest
 import requests
@@ -17,10 +18,11 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
-from pydicom.pixels import get_decoder
-from pydicom.uid import JPEG2000Lossless, generate_uid
+from pydicom.pixels import get_decoder, get_encoder
+from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 
 from node.samples import SyntheticStudy, make_ct_study
+from tests.support.memory import peak_rss_bytes
 from tests.support.nodes import NodeProcess, init_node
 
 # The origin of a browser viewer served from elsewhere, configured in [http] cors_origins.
@@ -126,6 +128,41 @@ def write_json_model_instance(path: Path) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
+# A long RLE multi-frame instance whose decoded pixels (80 MB) dwarf the node's memory.
+LONG_RLE = "long_rle.dcm"
+LONG_FRAMES, LONG_SIZE = 160, 512
+
+
+def write_long_rle_instance(path: Path) -> None:
+    source = get_testdata_file("CT_small.dcm")
+    assert isinstance(source, str)
+    ds = pydicom.dcmread(source)
+    ds.SOPInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Rows = ds.Columns = LONG_SIZE
+    ds.NumberOfFrames = LONG_FRAMES
+    y, x = np.mgrid[0:LONG_SIZE, 0:LONG_SIZE]
+    encoder = get_encoder(RLELossless)
+    options: dict[str, Any] = {
+        "rows": LONG_SIZE,
+        "columns": LONG_SIZE,
+        "samples_per_pixel": 1,
+        "bits_allocated": 16,
+        "bits_stored": 16,
+        "pixel_representation": 1,
+        "photometric_interpretation": "MONOCHROME2",
+        "number_of_frames": 1,
+    }
+    frames = [
+        encoder.encode(((x + y + 7 * n) % 2000).astype("<i2").tobytes(), **options)
+        for n in range(LONG_FRAMES)
+    ]
+    ds.PixelData = encapsulate(frames)
+    ds["PixelData"].VR = "OB"
+    ds.BitsStored, ds.HighBit = 16, 15
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds.save_as(path, enforce_file_format=True)
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
     base = tmp_path_factory.mktemp("wado")
@@ -143,6 +180,8 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
         shutil.copyfile(source, samples[name])
     samples[JSON_MODEL] = base / "in" / "samples" / JSON_MODEL
     write_json_model_instance(samples[JSON_MODEL])
+    samples[LONG_RLE] = base / "in" / "samples" / LONG_RLE
+    write_long_rle_instance(samples[LONG_RLE])
     node.cli("import", str(base / "in"))
     node.start()
     try:
@@ -251,6 +290,19 @@ class TestRetrieveInstances:
         )
         assert response.status_code == 406
         assert "cannot be encoded" in response.json()["error"]
+
+    def test_transcoding_holds_one_frame_at_a_time_not_the_instance(self, corpus: Corpus) -> None:
+        # 160 frames of 512x512 16-bit decode to 80 MB; the node streams them frame by frame.
+        pid = corpus.node.process.pid if corpus.node.process else 0
+        before = peak_rss_bytes(pid) or 0
+        url = corpus.node.url + "/dicomweb" + corpus.sample_path(LONG_RLE)
+        headers = {**corpus.node.auth, "Accept": dicom_accept(EXPLICIT_LE)}
+        with requests.get(url, headers=headers, stream=True, timeout=120) as response:
+            assert response.status_code == 200
+            received = sum(len(c) for c in response.iter_content(1024 * 1024))
+        assert received > LONG_FRAMES * LONG_SIZE * LONG_SIZE * 2
+        grown = (peak_rss_bytes(pid) or 0) - before
+        assert grown < 40 * 1024 * 1024, f"peak memory grew by {grown / 1024**2:.0f} MB"
 
     def test_undecodable_instance_is_sent_as_stored_unless_a_syntax_was_named(
         self, corpus: Corpus
