@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,28 @@ def write_long_rle_instance(path: Path) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
+# JPEG 2000 and JPEG baseline instances whose frames are damaged: a codestream header
+# followed by noise.
+DAMAGED = {"damaged_j2k.dcm": "JPEG2000.dcm", "damaged_jpeg.dcm": "SC_rgb_jpeg_dcmtk.dcm"}
+
+
+# Two frames: the first sound, the second damaged.
+HALF_DAMAGED = "half_damaged_j2k.dcm"
+
+
+def write_damaged_instance(path: Path, source_name: str, keep_first: bool = False) -> None:
+    source = get_testdata_file(source_name)
+    assert isinstance(source, str)
+    ds = pydicom.dcmread(source)
+    ds.SOPInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    noise = bytes((i * 151 + 7) % 256 for i in range(len(frame)))
+    damaged = frame[:40] + noise[40:]
+    ds.PixelData = encapsulate([frame, damaged] if keep_first else [damaged])
+    ds.NumberOfFrames = 2 if keep_first else 1
+    ds.save_as(path, enforce_file_format=True)
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
     base = tmp_path_factory.mktemp("wado")
@@ -181,6 +204,11 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
     samples[JSON_MODEL] = base / "in" / "samples" / JSON_MODEL
     write_json_model_instance(samples[JSON_MODEL])
     samples[LONG_RLE] = base / "in" / "samples" / LONG_RLE
+    for name, source_name in DAMAGED.items():
+        samples[name] = base / "in" / "samples" / name
+        write_damaged_instance(samples[name], source_name)
+    samples[HALF_DAMAGED] = base / "in" / "samples" / HALF_DAMAGED
+    write_damaged_instance(samples[HALF_DAMAGED], "JPEG2000.dcm", keep_first=True)
     write_long_rle_instance(samples[LONG_RLE])
     node.cli("import", str(base / "in"))
     node.start()
@@ -303,6 +331,43 @@ class TestRetrieveInstances:
         assert received > LONG_FRAMES * LONG_SIZE * LONG_SIZE * 2
         grown = (peak_rss_bytes(pid) or 0) - before
         assert grown < 40 * 1024 * 1024, f"peak memory grew by {grown / 1024**2:.0f} MB"
+
+    @pytest.mark.parametrize("name", sorted(DAMAGED))
+    def test_damaged_frames_fail_closed_and_the_node_keeps_serving(
+        self, corpus: Corpus, name: str
+    ) -> None:
+        path = corpus.sample_path(name)
+        decoded = corpus.get(
+            path + "/frames/1", 'multipart/related; type="application/octet-stream"'
+        )
+        assert decoded.status_code == 406
+        assert "cannot be decoded" in decoded.json()["error"]
+        assert corpus.get(path, dicom_accept(EXPLICIT_LE)).status_code == 406
+        [(_, body)] = split_multipart(corpus.get(path, dicom_accept(None)))
+        assert body == corpus.samples[name].read_bytes()  # the default falls back
+        assert requests.get(corpus.node.url + "/healthz", timeout=10).status_code == 200
+
+    def test_a_frame_failing_after_the_answer_started_cuts_the_connection(
+        self, corpus: Corpus
+    ) -> None:
+        # Frame 1 decodes, so the answer starts; frame 2 does not: the client must see a
+        # broken answer (never an error response inside the body), and the node goes on.
+        path = "/dicomweb" + corpus.sample_path(HALF_DAMAGED) + "/frames/1,2"
+        host, port = corpus.node.url.removeprefix("http://").split(":")
+        request = (
+            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Authorization: {corpus.node.auth['Authorization']}\r\n"
+            'Accept: multipart/related; type="application/octet-stream"\r\n\r\n'
+        )
+        answer = b""
+        with socket.create_connection((host, int(port)), timeout=30) as connection:
+            connection.sendall(request.encode())
+            while chunk := connection.recv(65536):  # until the node closes it
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert answer.count(b"HTTP/1.1 ") == 1  # no error answer inside the body
+        assert not answer.endswith(b"0\r\n\r\n")  # and no clean end either
+        assert requests.get(corpus.node.url + "/healthz", timeout=10).status_code == 200
 
     def test_undecodable_instance_is_sent_as_stored_unless_a_syntax_was_named(
         self, corpus: Corpus

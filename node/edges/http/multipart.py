@@ -124,6 +124,12 @@ async def send_body(
         await response.write_eof()
     except ConnectionError:
         log.info("client left during %s %s", request.method, request.path)
+    except Exception:
+        # The status line is gone: no error answer can follow. The connection is cut so
+        # that the client sees a broken answer, never a second one inside the body.
+        log.exception("%s %s failed after its answer started", request.method, request.path)
+        if request.transport is not None:
+            request.transport.close()
     finally:
         aclose = getattr(body, "aclose", None)
         if aclose is not None:
