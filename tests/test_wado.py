@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import io
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
+import numpy as np
 import pydicom
 import pytest
 import requests
@@ -17,10 +19,11 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
-from pydicom.pixels import get_decoder
-from pydicom.uid import JPEG2000Lossless, generate_uid
+from pydicom.pixels import get_decoder, get_encoder
+from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 
 from node.samples import SyntheticStudy, make_ct_study
+from tests.support.memory import peak_rss_bytes
 from tests.support.nodes import NodeProcess, init_node
 
 # The origin of a browser viewer served from elsewhere, configured in [http] cors_origins.
@@ -36,9 +39,10 @@ SAMPLE_FILES = (
     "image_dfl.dcm",
     "JPEG-lossy.dcm",
     "SC_rgb_small_odd.dcm",  # 8-bit pixels stored as OW
+    "693_J2KI.dcm",  # group length elements on disk
 )
-# A CT made for the JSON model's corner cases: group lengths, empty values among others,
-# binary values inside a sequence, large and small.
+# A CT made for the JSON model's corner cases: empty values among others, binary values
+# inside a sequence, large and small.
 JSON_MODEL = "json_model.dcm"
 WAVEFORM = bytes(range(256)) * 16
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -116,15 +120,69 @@ def write_json_model_instance(path: Path) -> None:
     ds = pydicom.dcmread(source)
     ds.SOPInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
-    ds.add_new(0x00080000, "UL", 0)  # group lengths, which F.2.2 keeps out of JSON
-    ds.add_new(0x00100000, "UL", 0)
     ds.ImageType = ["ORIGINAL", "", "AXIAL"]
     ds.PixelSpacing = ["0.5", ""]
     large, small = Dataset(), Dataset()
     large.add_new(0x54001010, "OW", WAVEFORM)
-    large.add_new(0x00080000, "UL", 0)
     small.add_new(0x54001010, "OW", b"\x01\x02\x03\x04")
     ds.WaveformSequence = [large, small]
+    ds.save_as(path, enforce_file_format=True)
+
+
+# A long RLE multi-frame instance whose decoded pixels (80 MB) dwarf the node's memory.
+LONG_RLE = "long_rle.dcm"
+LONG_FRAMES, LONG_SIZE = 160, 512
+
+
+def write_long_rle_instance(path: Path) -> None:
+    source = get_testdata_file("CT_small.dcm")
+    assert isinstance(source, str)
+    ds = pydicom.dcmread(source)
+    ds.SOPInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Rows = ds.Columns = LONG_SIZE
+    ds.NumberOfFrames = LONG_FRAMES
+    y, x = np.mgrid[0:LONG_SIZE, 0:LONG_SIZE]
+    encoder = get_encoder(RLELossless)
+    options: dict[str, Any] = {
+        "rows": LONG_SIZE,
+        "columns": LONG_SIZE,
+        "samples_per_pixel": 1,
+        "bits_allocated": 16,
+        "bits_stored": 16,
+        "pixel_representation": 1,
+        "photometric_interpretation": "MONOCHROME2",
+        "number_of_frames": 1,
+    }
+    frames = [
+        encoder.encode(((x + y + 7 * n) % 2000).astype("<i2").tobytes(), **options)
+        for n in range(LONG_FRAMES)
+    ]
+    ds.PixelData = encapsulate(frames)
+    ds["PixelData"].VR = "OB"
+    ds.BitsStored, ds.HighBit = 16, 15
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds.save_as(path, enforce_file_format=True)
+
+
+# JPEG 2000 and JPEG baseline instances whose frames are damaged: a codestream header
+# followed by noise.
+DAMAGED = {"damaged_j2k.dcm": "JPEG2000.dcm", "damaged_jpeg.dcm": "SC_rgb_jpeg_dcmtk.dcm"}
+
+
+# Two frames: the first sound, the second damaged.
+HALF_DAMAGED = "half_damaged_j2k.dcm"
+
+
+def write_damaged_instance(path: Path, source_name: str, keep_first: bool = False) -> None:
+    source = get_testdata_file(source_name)
+    assert isinstance(source, str)
+    ds = pydicom.dcmread(source)
+    ds.SOPInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    noise = bytes((i * 151 + 7) % 256 for i in range(len(frame)))
+    damaged = frame[:40] + noise[40:]
+    ds.PixelData = encapsulate([frame, damaged] if keep_first else [damaged])
+    ds.NumberOfFrames = 2 if keep_first else 1
     ds.save_as(path, enforce_file_format=True)
 
 
@@ -145,6 +203,13 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
         shutil.copyfile(source, samples[name])
     samples[JSON_MODEL] = base / "in" / "samples" / JSON_MODEL
     write_json_model_instance(samples[JSON_MODEL])
+    samples[LONG_RLE] = base / "in" / "samples" / LONG_RLE
+    for name, source_name in DAMAGED.items():
+        samples[name] = base / "in" / "samples" / name
+        write_damaged_instance(samples[name], source_name)
+    samples[HALF_DAMAGED] = base / "in" / "samples" / HALF_DAMAGED
+    write_damaged_instance(samples[HALF_DAMAGED], "JPEG2000.dcm", keep_first=True)
+    write_long_rle_instance(samples[LONG_RLE])
     node.cli("import", str(base / "in"))
     node.start()
     try:
@@ -254,6 +319,56 @@ class TestRetrieveInstances:
         assert response.status_code == 406
         assert "cannot be encoded" in response.json()["error"]
 
+    def test_transcoding_holds_one_frame_at_a_time_not_the_instance(self, corpus: Corpus) -> None:
+        # 160 frames of 512x512 16-bit decode to 80 MB; the node streams them frame by frame.
+        pid = corpus.node.process.pid if corpus.node.process else 0
+        before = peak_rss_bytes(pid) or 0
+        url = corpus.node.url + "/dicomweb" + corpus.sample_path(LONG_RLE)
+        headers = {**corpus.node.auth, "Accept": dicom_accept(EXPLICIT_LE)}
+        with requests.get(url, headers=headers, stream=True, timeout=120) as response:
+            assert response.status_code == 200
+            received = sum(len(c) for c in response.iter_content(1024 * 1024))
+        assert received > LONG_FRAMES * LONG_SIZE * LONG_SIZE * 2
+        grown = (peak_rss_bytes(pid) or 0) - before
+        assert grown < 40 * 1024 * 1024, f"peak memory grew by {grown / 1024**2:.0f} MB"
+
+    @pytest.mark.parametrize("name", sorted(DAMAGED))
+    def test_damaged_frames_fail_closed_and_the_node_keeps_serving(
+        self, corpus: Corpus, name: str
+    ) -> None:
+        path = corpus.sample_path(name)
+        decoded = corpus.get(
+            path + "/frames/1", 'multipart/related; type="application/octet-stream"'
+        )
+        assert decoded.status_code == 406
+        assert "cannot be decoded" in decoded.json()["error"]
+        assert corpus.get(path, dicom_accept(EXPLICIT_LE)).status_code == 406
+        [(_, body)] = split_multipart(corpus.get(path, dicom_accept(None)))
+        assert body == corpus.samples[name].read_bytes()  # the default falls back
+        assert requests.get(corpus.node.url + "/healthz", timeout=10).status_code == 200
+
+    def test_a_frame_failing_after_the_answer_started_cuts_the_connection(
+        self, corpus: Corpus
+    ) -> None:
+        # Frame 1 decodes, so the answer starts; frame 2 does not: the client must see a
+        # broken answer (never an error response inside the body), and the node goes on.
+        path = "/dicomweb" + corpus.sample_path(HALF_DAMAGED) + "/frames/1,2"
+        host, port = corpus.node.url.removeprefix("http://").split(":")
+        request = (
+            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Authorization: {corpus.node.auth['Authorization']}\r\n"
+            'Accept: multipart/related; type="application/octet-stream"\r\n\r\n'
+        )
+        answer = b""
+        with socket.create_connection((host, int(port)), timeout=30) as connection:
+            connection.sendall(request.encode())
+            while chunk := connection.recv(65536):  # until the node closes it
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert answer.count(b"HTTP/1.1 ") == 1  # no error answer inside the body
+        assert not answer.endswith(b"0\r\n\r\n")  # and no clean end either
+        assert requests.get(corpus.node.url + "/healthz", timeout=10).status_code == 200
+
     def test_undecodable_instance_is_sent_as_stored_unless_a_syntax_was_named(
         self, corpus: Corpus
     ) -> None:
@@ -294,7 +409,9 @@ class TestRetrieveInstances:
 class TestMetadata:
     def test_metadata_holds_no_group_lengths_at_any_depth(self, corpus: Corpus) -> None:
         # PS3.18 F.2.2: group length attributes (gggg,0000) are not in the JSON model.
-        [metadata] = corpus.get(corpus.sample_path(JSON_MODEL) + "/metadata").json()
+        stored = pydicom.dcmread(corpus.samples["693_J2KI.dcm"], stop_before_pixels=True)
+        assert 0x00080000 in stored  # pydicom keeps them when it reads, never when it writes
+        [metadata] = corpus.get(corpus.sample_path("693_J2KI.dcm") + "/metadata").json()
 
         def keys(dataset: dict[str, Any]) -> list[str]:
             nested = [
@@ -307,7 +424,7 @@ class TestMetadata:
             return [*dataset, *nested]
 
         found = keys(metadata)
-        assert "54001010" in found
+        assert "00080018" in found
         assert not [k for k in found if k.endswith("0000")]
 
     def test_empty_values_among_others_are_null(self, corpus: Corpus) -> None:

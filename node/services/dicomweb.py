@@ -16,7 +16,7 @@ import struct
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import IO, Any, cast
@@ -367,9 +367,13 @@ class DicomWebService:
             if not 1 <= number <= frames.number_of_frames:
                 raise NotFound(f"frame {number} is out of range 1-{frames.number_of_frames}")
         choice = transcoding.choose(wishes, frames.stored, frames.stored_media, instance=False)
-        return FrameSet(
-            choice.media_type, choice.transfer_syntax, [frames.part(n, choice) for n in numbers]
-        )
+        parts = [frames.part(n, choice) for n in numbers]
+        if choice.transcode:
+            # The first frame is converted now: a frame no codec reads is a 406 before the
+            # answer starts; the others are converted as they are sent.
+            first = await asyncio.to_thread(frames.converted, numbers[0], choice.transfer_syntax)
+            parts[0] = replace(parts[0], size=len(first), body=partial(_single, first))
+        return FrameSet(choice.media_type, choice.transfer_syntax, parts)
 
     async def bulk(
         self, record: InstanceRecord, location: tuple[int, ...], wishes: list[Wish]

@@ -193,10 +193,12 @@ def choose(wishes: Sequence[Wish], stored: str, stored_media: str, instance: boo
     for wish in wishes:
         media = wish.media_type
         if "*" in media:
-            if _covers(media, stored_media):
+            if type_matches(media, stored_media):
                 return _as_held(stored_media, stored, instance)
             continue
-        if media != (DICOM if instance else media) or media not in DEFAULT_SYNTAX:
+        # An instance is application/dicom; a frame is octet-stream or an image type.
+        wrong_kind = media != DICOM if instance else (media == DICOM or media not in DEFAULT_SYNTAX)
+        if wrong_kind:
             continue
         wanted = wish.transfer_syntax or DEFAULT_SYNTAX[media]
         if wanted == "*":
@@ -223,9 +225,12 @@ def choose(wishes: Sequence[Wish], stored: str, stored_media: str, instance: boo
     raise NotAcceptable(reason)
 
 
-def _covers(media_range: str, media_type: str) -> bool:
+def type_matches(media_range: str, media_type: str) -> bool:
+    """Whether a range like "image/*" or "*/*" covers a concrete media type."""
+    if media_range in ("*/*", "*", media_type):
+        return True
     major, _, minor = media_range.partition("/")
-    return media_range in ("*", "*/*") or (minor == "*" and media_type.startswith(major + "/"))
+    return minor == "*" and media_type.startswith(major + "/")
 
 
 def _as_held(media: str, stored: str, instance: bool) -> Choice:
@@ -245,7 +250,7 @@ def to_wishes(ranges: Sequence[tuple[str, dict[str, str]]], default_part: str) -
         if media_type == "multipart/related":
             part = params.get("type", default_part).lower()
             wishes.append(Wish(part, params.get("transfer-syntax")))
-        elif _covers(media_type, "multipart/related"):
+        elif type_matches(media_type, "multipart/related"):
             wishes.append(Wish("*/*", "*"))
     return wishes
 

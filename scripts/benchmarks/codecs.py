@@ -37,7 +37,7 @@ from scripts.benchmarks.orthanc import OrthancServer
 from tests.support.nodes import init_node
 
 SIZE = 512
-FRAMES, QUICK_FRAMES = 40, 8
+FRAMES, QUICK_FRAMES = 16, 4
 RUNS = 3
 OCTET_STREAM = 'multipart/related; type="application/octet-stream"'
 NOTES = [

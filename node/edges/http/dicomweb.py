@@ -27,13 +27,12 @@ from node.edges.http.multipart import (
     parse_media_type,
     send_body,
     stream_parts,
-    type_matches,
 )
 from node.errors import BadInput, NotAcceptable, NotFound
 from node.services import rendering, transcoding
 from node.services.dicomweb import DicomWebService, OutgoingPart, UploadPart
 from node.services.runtime import NodeRuntime
-from node.services.transcoding import DICOM, OCTET_STREAM, Wish
+from node.services.transcoding import DICOM, OCTET_STREAM, Wish, type_matches
 from node.store.attributes import Level
 from node.store.instances import InstanceRecord
 from node.store.queries import parse_qido

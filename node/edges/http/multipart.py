@@ -87,14 +87,6 @@ def parse_accept(header: str | None) -> list[MediaType]:
     return [media for _, _, media in sorted(weighted, key=lambda t: (t[0], t[1]))]
 
 
-def type_matches(media_range: str, media_type: str) -> bool:
-    """Whether a range like "image/*" or "*/*" covers a concrete media type."""
-    if media_range in ("*/*", "*", media_type):
-        return True
-    major, _, minor = media_range.partition("/")
-    return minor == "*" and media_type.startswith(major + "/")
-
-
 class MultipartWriter:
     """Frames parts of a multipart/related response with a fresh random boundary."""
 
@@ -133,6 +125,12 @@ async def send_body(
         await response.write_eof()
     except ConnectionError:
         log.info("client left during %s %s", request.method, request.path)
+    except Exception:
+        # The status line is gone: no error answer can follow. The connection is cut so
+        # that the client sees a broken answer, never a second one inside the body.
+        log.exception("%s %s failed after its answer started", request.method, request.path)
+        if request.transport is not None:
+            request.transport.close()
     finally:
         aclose = getattr(body, "aclose", None)
         if aclose is not None:
