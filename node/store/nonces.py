@@ -14,6 +14,7 @@ from pathlib import Path
 
 from node.store.sqlite import connect_durable
 
+NONCES_FILE = "nonces.sqlite"
 # Prune at most this often: one DELETE per interval keeps the table small and cheap.
 PRUNE_INTERVAL = 60.0
 

@@ -18,11 +18,11 @@ from pathlib import Path
 
 from aiohttp import web
 
+from node.edges.http.context import runtime_of
 from node.errors import NotFound
 from node.services.runtime import NodeRuntime
-from node.services.status import StatusService, StudyQuery, status_service
+from node.services.status import StudyQuery
 
-STATUS_KEY = web.AppKey("status", StatusService)
 STATIC_DIR = Path(__file__).parent / "static" / "admin"
 # The only files served: a fixed list, so no path from the request reaches the disk.
 STATIC_FILES = {
@@ -67,22 +67,21 @@ async def static_file(request: web.Request) -> web.FileResponse:
 
 
 async def status(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[STATUS_KEY].summary(), headers=NO_STORE)
+    return web.json_response(await runtime_of(request).services.status.summary(), headers=NO_STORE)
 
 
 async def studies(request: web.Request) -> web.Response:
     query = StudyQuery.parse(request.query.get("q", ""), request.query.get("limit", "50"))
-    service = request.app[STATUS_KEY]
+    service = runtime_of(request).services.status
     found = await asyncio.to_thread(service.studies, query)
     return web.json_response(found, headers=NO_STORE)
 
 
 async def audit(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[STATUS_KEY].audit(), headers=NO_STORE)
+    return web.json_response(await runtime_of(request).services.status.audit(), headers=NO_STORE)
 
 
 def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
-    app[STATUS_KEY] = status_service(runtime)
     app.router.add_get("/admin", page)
     app.router.add_get("/admin/", page_slash)
     app.router.add_get("/admin/static/{name}", static_file)
