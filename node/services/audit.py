@@ -54,7 +54,7 @@ from node.core.entries import LedgerEntry, decode_entry
 from node.core.equivocation import EquivocationProof, verify_equivocation
 from node.core.keys import VerifierKey, parse_verifier_key
 from node.core.notes import Checkpoint, parse_note
-from node.core.origins import log_id
+from node.core.origins import is_node_origin, log_id
 from node.errors import BadInput, ImageShareError, Unauthorized
 from node.services.audit_state import AuditState, SavedCheckpoint
 
@@ -150,7 +150,7 @@ def parse_listing(document: Any) -> list[LogListing]:
             raise BadInput("/ledger/logs row is not an object")
         origin, log_id, vkey, size = (row.get(k) for k in ("origin", "log_id", "vkey", "size"))
         if not (
-            isinstance(origin, str)
+            is_node_origin(origin)
             and isinstance(log_id, str)
             and isinstance(vkey, str)
             and isinstance(size, int)
@@ -244,7 +244,7 @@ async def fetch_view(session: aiohttp.ClientSession, url: str) -> PeerView:
     except (aiohttp.ClientError, TimeoutError, BadInput) as exc:
         raise PeerUnreachable(f"{base} is unreachable: {exc or type(exc).__name__}") from exc
     origin = health.get("origin") if isinstance(health, dict) else None
-    if not isinstance(origin, str):
+    if not is_node_origin(origin):
         raise PeerUnreachable(f"{base}/healthz does not name the node's origin")
     logs = await asyncio.gather(*(fetch_served_log(session, base, lst) for lst in listings))
     return PeerView(base, origin, list(logs), equivocations)
