@@ -611,7 +611,13 @@ class TestAnswersFailClosed:
     def test_listing_rows_need_every_field_with_its_type(self) -> None:
         good = {"origin": A_ORIGIN, "log_id": "00", "vkey": "k", "size": 1}
         assert parse_listing([good])[0].size == 1
-        for broken in ({**good, "size": -1}, {**good, "size": True}, {**good, "vkey": None}):
+        for broken in (
+            {**good, "size": -1},
+            {**good, "size": True},
+            {**good, "vkey": None},
+            {**good, "origin": "has space.example/x"},  # not a node origin: the one rule
+            {**good, "origin": "ab"},
+        ):
             with pytest.raises(BadInput):
                 parse_listing([broken])
 

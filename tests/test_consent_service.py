@@ -17,7 +17,6 @@ from node.core.patient_keys import PatientKey
 from node.errors import Conflict, Forbidden, NotFound
 from node.samples import SyntheticStudy, make_ct_study
 from node.services import consent
-from node.services.ledger import ledger_service
 from node.services.runtime import NodeRuntime, open_runtime
 from node.store.instances import SqliteInstanceStore
 from tests.support.nodes import init_node, run_cli
@@ -49,7 +48,7 @@ def new_key() -> PatientKey:
 
 
 def own_entries(runtime: NodeRuntime) -> list[tuple[str, dict[str, object]]]:
-    own = ledger_service(runtime).own
+    own = runtime.services.ledger.own
     return [(e.kind, e.fields) for e in map(decode_entry, own.entries(0, own.size()))]
 
 
@@ -142,14 +141,14 @@ class TestCheckAccess:
         forged = make_grant(key, CUSTODIAN, GRANTEE)
         forged = forged[:-64] + bytes(64)  # the enrolled key, another signature
         stranger = make_grant(new_key(), CUSTODIAN, GRANTEE)  # a key nobody enrolled
-        size = ledger_service(runtime).own.size()
+        size = runtime.services.ledger.own.size()
         assert consent.check_access(runtime, forged, GRANTEE, None, now()).reason == (
             "bad_signature"
         )
         assert consent.check_access(runtime, stranger, GRANTEE, None, now()).reason == (
             "unknown_patient"
         )
-        assert ledger_service(runtime).own.size() == size
+        assert runtime.services.ledger.own.size() == size
 
     def test_a_retired_keys_grant_tried_again_is_on_the_record(self, runtime: NodeRuntime):
         key = new_key()
@@ -161,9 +160,9 @@ class TestCheckAccess:
         assert (kind, fields["rule"]) == ("denial", "key_retired")
 
     def test_tampered_token_is_refused_without_an_entry(self, runtime: NodeRuntime) -> None:
-        size = ledger_service(runtime).own.size()
+        size = runtime.services.ledger.own.size()
         assert consent.check_access(runtime, b"junk", GRANTEE, None, now()).reason == "tampered"
-        assert ledger_service(runtime).own.size() == size
+        assert runtime.services.ledger.own.size() == size
 
     def test_revoked_and_retired_grants_are_refused(self, runtime: NodeRuntime) -> None:
         key = new_key()

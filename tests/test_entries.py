@@ -181,7 +181,14 @@ class TestTypedKinds:
         assert decode_entry(raw).body == body
 
     def test_entries_written_before_the_typed_classes_decode_byte_identically(self) -> None:
-        access = Access(H, "b.example/imageshare", H, 400, 200_000_000, H)
+        access = Access(
+            token_id=H,
+            grantee="b.example/imageshare",
+            study=H,
+            instances=400,
+            bytes=200_000_000,
+            digest=H,
+        )
         enroll = Enroll(subject=H, key=b"\x01" * 32, replaces=None)
         for body, time in ((access, 1_700_000_000), (enroll, 7)):
             raw = bytes.fromhex(WIRE_BEFORE_TYPED[body.kind])

@@ -31,7 +31,7 @@ from node.core.roster import Roster, key_fingerprint, make_member
 from node.core.signed_requests import node_signer
 from node.errors import BadInput
 from node.services.peer_client import signed_request
-from node.services.replication import PeerStatus, replication_of
+from node.services.replication import PeerStatus
 from node.services.roster import add_peer
 from node.services.runtime import open_runtime
 from node.store.federation_state import STATE_FILE, Equivocation, FederationState
@@ -393,7 +393,7 @@ class TestAddresses:
                 runners.append(runner)
             add_member(a, b.origin, urls[2], b.vkey)
             runtime = open_runtime(a.config)
-            replication = replication_of(runtime)
+            replication = runtime.services.replication
             # An address b once proved (so it is used first) that now serves a stale copy.
             replication.roster.add_candidate(b.origin, urls[1])
             replication.roster.confirm_url(b.origin, urls[1])

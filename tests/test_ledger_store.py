@@ -24,7 +24,6 @@ from node.core.merkle import (
 )
 from node.core.notes import Checkpoint, cosign_checkpoint, parse_note, sign_note, verify_note
 from node.errors import BadInput, Conflict, StorageFull, Unauthorized
-from node.services.ledger import ledger_service
 from node.services.runtime import open_runtime
 from node.store.ledger import LedgerStore, OwnLog
 from tests.support.nodes import init_node
@@ -250,8 +249,8 @@ class TestLedgerService:
         node = init_node(tmp_path, ORIGIN)
         runtime = open_runtime(node.config)
         try:
-            service = runtime.services["ledger"]
-            assert ledger_service(runtime) is service
+            service = runtime.services.ledger
+            assert runtime.services.ledger is service
             first = service.append("grant", {"token": b"t"})
             second = asyncio.run(service.append_async("revoke", {"revocation": b"r"}))
             assert (first.index, second.index) == (0, 1)

@@ -164,7 +164,7 @@ class TestSuiteWideSweep:
         node.cli("import", str(study.files[0]))
         runtime = open_runtime(node.config)
         try:
-            runtime.services["ledger"].append("denial", fields)
+            runtime.services.ledger.append("denial", fields)
         finally:
             runtime.close()
         return tmp_path

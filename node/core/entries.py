@@ -68,16 +68,22 @@ class Revoke(EntryBody):
 
 
 @dataclass(frozen=True)
-class Access(EntryBody):
-    """The custodian sent a grantee a study under a token (with the transfer's digest)."""
+class _Delivery(EntryBody):
+    """What both sides of a transfer record alike, so that an auditor can match them."""
 
-    kind: ClassVar[str] = "access"
     token_id: bytes = field(metadata=_wire("bin32"))
-    grantee: str = field(metadata=_wire("str"))
     study: bytes = field(metadata=_wire("bin32"))
     instances: int = field(metadata=_wire("int"))
     bytes: int = field(metadata=_wire("int"))  # the wire's name; the type below is the builtin's
     digest: builtins.bytes = field(metadata=_wire("bin32"))
+
+
+@dataclass(frozen=True)
+class Access(_Delivery):
+    """The custodian sent a grantee a study under a token (with the transfer's digest)."""
+
+    kind: ClassVar[str] = "access"
+    grantee: str = field(metadata=_wire("str"))
 
 
 @dataclass(frozen=True)
@@ -92,16 +98,11 @@ class Denial(EntryBody):
 
 
 @dataclass(frozen=True)
-class Receipt(EntryBody):
+class Receipt(_Delivery):
     """The grantee received a study from a custodian (the same digest as its access)."""
 
     kind: ClassVar[str] = "receipt"
-    token_id: bytes = field(metadata=_wire("bin32"))
     custodian: str = field(metadata=_wire("str"))
-    study: bytes = field(metadata=_wire("bin32"))
-    instances: int = field(metadata=_wire("int"))
-    bytes: int = field(metadata=_wire("int"))  # the wire's name; the type below is the builtin's
-    digest: builtins.bytes = field(metadata=_wire("bin32"))
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,8 @@ from node.edges.http.app import build_app
 from node.services.audit_export import audit_export_service, local_user
 from node.services.discovery import discovery_service
 from node.services.forward import forward_service
-from node.services.replication import replication_of
 from node.services.runtime import NodeRuntime
 from node.services.tls import server_tls_context
-from node.services.transfer import transfer_service
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +35,11 @@ class BackgroundService(Protocol):
 ServiceFactory = Callable[[NodeRuntime], BackgroundService | None]
 SERVICE_FACTORIES: list[ServiceFactory] = [
     audit_export_service,  # first to start, last to stop: it sends the others' events
-    replication_of,
+    lambda runtime: runtime.services.replication,
     discovery_service,
     dimse_service,
     forward_service,
-    transfer_service,
+    lambda runtime: runtime.services.transfer,
 ]
 
 

@@ -531,6 +531,4 @@ def dimse_service(runtime: NodeRuntime) -> DimseGateway | None:
     """The background-service factory for `imageshare run`; None when DIMSE is disabled."""
     if not runtime.config.dimse.enabled:
         return None
-    gateway = DimseGateway(runtime)
-    runtime.services["dimse"] = gateway
-    return gateway
+    return DimseGateway(runtime)

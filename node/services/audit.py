@@ -56,7 +56,7 @@ from node.core.equivocation import EquivocationProof, verify_equivocation
 from node.core.key_rotation import KeyChain, chain_of_log
 from node.core.keys import VerifierKey, parse_verifier_key
 from node.core.notes import Checkpoint, parse_note
-from node.core.origins import log_id
+from node.core.origins import is_node_origin, log_id
 from node.errors import BadInput, PeerUnreachable, Unauthorized
 from node.services.audit_state import AuditState, SavedCheckpoint
 from node.services.peer_client import describe, open_session, read_bounded
@@ -135,7 +135,7 @@ def parse_listing(document: Any) -> list[LogListing]:
             raise BadInput("/ledger/logs row is not an object")
         origin, log_id, vkey, size = (row.get(k) for k in ("origin", "log_id", "vkey", "size"))
         if not (
-            isinstance(origin, str)
+            is_node_origin(origin)
             and isinstance(log_id, str)
             and isinstance(vkey, str)
             and isinstance(size, int)
@@ -229,7 +229,7 @@ async def fetch_view(session: aiohttp.ClientSession, url: str) -> PeerView:
     except (aiohttp.ClientError, TimeoutError, BadInput, PeerUnreachable) as exc:
         raise PeerUnreachable(f"{base} is unreachable: {describe(exc)}") from exc
     origin = health.get("origin") if isinstance(health, dict) else None
-    if not isinstance(origin, str):
+    if not is_node_origin(origin):
         raise PeerUnreachable(f"{base}/healthz does not name the node's origin")
     logs = await asyncio.gather(*(fetch_served_log(session, base, lst) for lst in listings))
     return PeerView(base, origin, list(logs), equivocations)

@@ -43,7 +43,7 @@ from node.core.entries import decode_entry
 from node.core.keys import PUBLIC_KEY_SIZE
 from node.core.rate_limit import SlidingWindowLimit
 from node.errors import BadInput, ConfigError, Conflict, Forbidden, NotFound, Unauthorized
-from node.services.ledger import LedgerService, ledger_service
+from node.services.ledger import LedgerService
 from node.services.runtime import NodeRuntime
 from node.store.consent_state import FILE_NAME as STATE_FILE
 from node.store.consent_state import ConsentState
@@ -51,12 +51,10 @@ from node.store.secrets import read_secret, write_secret
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "consent"
 REFERENCE_KEY_FILE = "reference.key"
 STUDY_REF_DOMAIN = b"imageshare/study-ref/v1\n"
 SUBJECT_REF_DOMAIN = b"imageshare/subject-ref/v1\n"
 DAY = 86_400
-_OPEN_LOCK = threading.Lock()
 # Own-log entries replayed into the consent tables per transaction.
 REPLAY_BATCH = 2000
 # The ``source`` of studies fetched from another custodian (see transfer.source_label).
@@ -117,7 +115,7 @@ class ConsentService:
 
     @property
     def ledger(self) -> LedgerService:
-        return ledger_service(self.runtime)
+        return self.runtime.services.ledger
 
     def reference(self, domain: bytes, value: str) -> bytes:
         return hmac.new(self._reference_key, domain + value.encode(), hashlib.sha256).digest()
@@ -157,24 +155,12 @@ def _load_or_create_reference_key(runtime: NodeRuntime) -> bytes:
     return key
 
 
-def consent_service(runtime: NodeRuntime) -> ConsentService:
-    """The node's consent service, opened (and caught up with the log) on first use."""
-    with _OPEN_LOCK:  # handlers run in worker threads: open it once
-        service = runtime.services.get(SERVICE_NAME)
-        if service is None:
-            service = ConsentService(runtime)
-            runtime.services[SERVICE_NAME] = service
-            service.catch_up()
-    assert isinstance(service, ConsentService)
-    return service
-
-
 # -- references ----------------------------------------------------------------------------
 
 
 def study_reference(runtime: NodeRuntime, study_uid: str) -> bytes:
     """The keyed reference of a study (what tokens and ledger entries name); remembered."""
-    service = consent_service(runtime)
+    service = runtime.services.consent
     ref = service.reference(STUDY_REF_DOMAIN, study_uid)
     if service.state.study_of_ref(ref) is None:
         service.state.remember_study_refs({ref: study_uid})
@@ -183,7 +169,7 @@ def study_reference(runtime: NodeRuntime, study_uid: str) -> bytes:
 
 def resolve_study_reference(runtime: NodeRuntime, ref: bytes) -> str:
     """The Study Instance UID behind a reference; raises NotFound if no study here has it."""
-    service = consent_service(runtime)
+    service = runtime.services.consent
     uid = service.state.study_of_ref(ref)
     if uid is None:
         # A study indexed since its reference was last computed: compute them all once.
@@ -198,7 +184,7 @@ def resolve_study_reference(runtime: NodeRuntime, ref: bytes) -> str:
 
 def subject_reference(runtime: NodeRuntime, patient_id: str) -> bytes:
     """The keyed reference of a local patient, as written in ``enroll`` entries."""
-    return consent_service(runtime).reference(SUBJECT_REF_DOMAIN, patient_id)
+    return runtime.services.consent.reference(SUBJECT_REF_DOMAIN, patient_id)
 
 
 def own_studies_of_patient(runtime: NodeRuntime, patient_id: str) -> list[str]:
@@ -216,7 +202,7 @@ def patient_of_subject(runtime: NodeRuntime, subject: bytes) -> str | None:
     The private table is only a cache: a subject reference is a keyed hash of the patient
     id, so a lost table is rebuilt from the instance index.
     """
-    service = consent_service(runtime)
+    service = runtime.services.consent
     patient_id = service.state.patient_of_subject(subject)
     if patient_id is None:
         for candidate in runtime.store.patient_ids():
@@ -248,7 +234,7 @@ def enroll_patient(runtime: NodeRuntime, patient_id: str, public_key: bytes) -> 
         raise BadInput("a patient id is 1 to 64 characters")
     if len(public_key) != PUBLIC_KEY_SIZE:
         raise BadInput("a patient key is 32 bytes")
-    service = consent_service(runtime)
+    service = runtime.services.consent
     subject = subject_reference(runtime, patient_id)
     with service.lock:
         service.catch_up()
@@ -303,7 +289,7 @@ def consent_policy(runtime: NodeRuntime) -> ConsentPolicy:
 
 def consent_view(runtime: NodeRuntime, token: GrantToken) -> ConsentView:
     """What this node's log says about one token's key, studies, revocation and recording."""
-    state = consent_service(runtime).state
+    state = runtime.services.consent.state
     key = state.key(token.patient_key)
     keys = {} if key is None else {key.public_key: KeyStatus(key.subject, key.retired)}
     studies = {} if key is None else {key.subject: _owned_studies(runtime, key.subject)}
@@ -326,7 +312,7 @@ def record_grant(runtime: NodeRuntime, token_bytes: bytes, now: int | None = Non
     """
     now = int(time.time()) if now is None else now
     token = decode_grant(token_bytes)
-    service = consent_service(runtime)
+    service = runtime.services.consent
     with service.lock:
         service.catch_up()
         known = service.state.grant(token.token_id)
@@ -358,7 +344,7 @@ def record_revocation(runtime: NodeRuntime, revocation_bytes: bytes) -> Revocati
     revocation = decode_revocation(revocation_bytes)
     if not revocation.signature_valid():
         raise Unauthorized("the revocation's signature does not verify")
-    service = consent_service(runtime)
+    service = runtime.services.consent
     with service.lock:
         service.catch_up()
         if service.state.key(revocation.patient_key) is None:
@@ -379,7 +365,7 @@ def record_revocation(runtime: NodeRuntime, revocation_bytes: bytes) -> Revocati
 
 def _patient_of_key(runtime: NodeRuntime, public_key: bytes) -> str:
     """The local patient ID of an enrolled key, for the security audit ("" if none)."""
-    key = consent_service(runtime).state.key(public_key)
+    key = runtime.services.consent.state.key(public_key)
     return (patient_of_subject(runtime, key.subject) or "") if key is not None else ""
 
 
@@ -453,7 +439,7 @@ def _record_denial(
     ``consent.max_denials_per_minute`` of them per requester. Anything else is only
     logged: anyone can make a token with a bad signature or an unknown key.
     """
-    service = consent_service(runtime)
+    service = runtime.services.consent
     if service.state.key(token.patient_key) is None or not token.signature_valid():
         log.info(
             "refused %s from %s (%s); not recorded: not signed by a key enrolled here",
@@ -488,7 +474,7 @@ def _record_denial(
 
 def enrolled_key(runtime: NodeRuntime, public_key: bytes) -> bytes | None:
     """``public_key`` if it is enrolled here and not retired, else None (request signer check)."""
-    key = consent_service(runtime).state.key(public_key)
+    key = runtime.services.consent.state.key(public_key)
     return public_key if key is not None and not key.retired else None
 
 
@@ -498,7 +484,7 @@ def patient_studies(runtime: NodeRuntime, public_key: bytes) -> list[dict[str, A
     Only for the patient's own signed request: references with date, modalities,
     description and instance count. Raises Forbidden if the key is not enrolled.
     """
-    service = consent_service(runtime)
+    service = runtime.services.consent
     key = service.state.key(public_key)
     if key is None or key.retired:
         raise Forbidden("that key is not enrolled here")
@@ -523,7 +509,7 @@ def patient_studies(runtime: NodeRuntime, public_key: bytes) -> list[dict[str, A
 
 def token_statuses(runtime: NodeRuntime, public_key: bytes, now: int) -> list[dict[str, Any]]:
     """Every grant recorded for ``public_key``, with status active, expired or revoked."""
-    service = consent_service(runtime)
+    service = runtime.services.consent
     key = service.state.key(public_key)
     if key is None:
         raise Forbidden("that key is not enrolled here")

@@ -39,7 +39,7 @@ from node.core.roster import CHALLENGE_SIZE, Member, key_fingerprint, verify_add
 from node.core.signed_requests import SIGNATURE_SIZE
 from node.errors import BadInput, ImageShareError
 from node.services.peer_client import node_signed_headers, open_session, read_bounded
-from node.services.replication import ReplicationService, replication_of
+from node.services.replication import ReplicationService
 from node.services.runtime import NodeRuntime
 
 log = logging.getLogger(__name__)
@@ -254,4 +254,4 @@ def discovery_service(runtime: NodeRuntime) -> DiscoveryService | None:
     """The daemon's factory: a DiscoveryService unless [federation] discovery = false."""
     if not runtime.config.federation.discovery:
         return None
-    return DiscoveryService(runtime, replication_of(runtime))
+    return DiscoveryService(runtime, runtime.services.replication)

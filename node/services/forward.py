@@ -220,5 +220,6 @@ def forward_service(runtime: NodeRuntime) -> Forwarder | None:
     if config.max_attempts < 1 or config.initial_backoff <= 0:
         raise ConfigError("forward.max_attempts must be >= 1 and initial_backoff > 0")
     forwarder = Forwarder(runtime)
-    runtime.services["forwarder"] = forwarder
+    runtime.services.forwarder = forwarder
+    runtime.services.closes(forwarder)
     return forwarder

@@ -1,6 +1,6 @@
 """The node's ledger service: durable appends to its own log and its signed checkpoints.
 
-Attached as ``runtime.services["ledger"]``. This is where the clock is read for entry
+Built by ``runtime.services.ledger``. This is where the clock is read for entry
 times and checkpoint publication; the store and the core never read it.
 
 The key that signs is the one the log says is in force: after ``imageshare key rotate``
@@ -80,10 +80,3 @@ class LedgerService:
         self.store.close()
 
 
-def ledger_service(runtime: NodeRuntime) -> LedgerService:
-    """The runtime's ledger service, attached on first use."""
-    service = runtime.services.get("ledger")
-    if not isinstance(service, LedgerService):
-        service = LedgerService(runtime)
-        runtime.services["ledger"] = service
-    return service

@@ -46,7 +46,7 @@ def owned_study_uid(runtime: NodeRuntime, public_key: bytes, study_ref: bytes) -
     Raises Forbidden if the key is not enrolled or the study is another patient's, and
     NotFound if no study here has that reference.
     """
-    key = consent.consent_service(runtime).state.key(public_key)
+    key = runtime.services.consent.state.key(public_key)
     if key is None or key.retired:
         raise Forbidden("that key is not enrolled here")
     study_uid = consent.resolve_study_reference(runtime, study_ref)

@@ -54,7 +54,7 @@ from node.services.peer_client import (
     open_session,
     read_bounded,
 )
-from node.services.roster import RosterService, move_member_key, roster_of
+from node.services.roster import RosterService, move_member_key
 from node.services.runtime import NodeRuntime
 from node.store.federation_state import STATE_FILE, Equivocation, FederationState
 from node.store.ledger import LedgerStore, MirrorLog, OwnLog
@@ -159,7 +159,7 @@ class ReplicationService:
     def __init__(self, runtime: NodeRuntime) -> None:
         self.runtime = runtime
         self.settings = runtime.config.federation
-        self.roster: RosterService = roster_of(runtime)
+        self.roster: RosterService = runtime.services.roster
         self.state = FederationState(runtime.config.data_dir / STATE_FILE)
         self.peers: dict[str, PeerStatus] = {}
         self.ignored_by_discovery: dict[str, str] = {}
@@ -171,7 +171,6 @@ class ReplicationService:
         self._session: aiohttp.ClientSession | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self.traffic = Traffic()
-        self._fallback_store: LedgerStore | None = None
         self._own: OwnLog | None = None
         self._mirrors: dict[tuple[str, str], MirrorLog] = {}
         self._extend_locks: dict[str, asyncio.Lock] = {}
@@ -179,13 +178,8 @@ class ReplicationService:
     # ---- the ledger store ----------------------------------------------------------------
 
     def _store(self) -> LedgerStore:
-        """The ledger service's store, or (when it runs without one) a store of our own."""
-        store = getattr(self.runtime.services.get("ledger"), "store", None)
-        if store is None:
-            if self._fallback_store is None:
-                self._fallback_store = LedgerStore(self.runtime.config.data_dir)
-            store = self._fallback_store
-        return store
+        """The ledger service's store: one store for the own log and the mirrors."""
+        return self.runtime.services.ledger.store
 
     def _own_log(self) -> OwnLog:
         if self._own is None:
@@ -273,8 +267,6 @@ class ReplicationService:
 
     def close(self) -> None:
         self.state.close()
-        if self._fallback_store is not None:
-            self._fallback_store.close()
 
     async def _supervise(self) -> None:
         """Keep one follower per member; tell members when this node's log grows."""
@@ -775,9 +767,3 @@ def _listed_root(value: Any) -> bytes | None:
     return root if len(root) == 32 else None
 
 
-def replication_of(runtime: NodeRuntime) -> ReplicationService:
-    """The node's one ReplicationService (created on first use, started by the daemon)."""
-    service = runtime.services.get("replication")
-    if service is None:
-        service = runtime.services["replication"] = ReplicationService(runtime)
-    return service

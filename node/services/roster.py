@@ -20,7 +20,6 @@ from node.core import atna
 from node.core.roster import Member, Roster, make_member, normalize_url
 from node.errors import BadInput, ConfigError, ImageShareError
 from node.services.audit_export import local_user, record_once
-from node.services.runtime import NodeRuntime
 from node.store.federation_state import read_roster_file, roster_path, write_roster_file
 
 log = logging.getLogger(__name__)
@@ -181,9 +180,3 @@ class RosterService:
         return list(dict.fromkeys(u for u in urls if u))
 
 
-def roster_of(runtime: NodeRuntime) -> RosterService:
-    """The node's one RosterService (created on first use)."""
-    service = runtime.services.get("roster")
-    if service is None:
-        service = runtime.services["roster"] = RosterService(runtime.config)
-    return service

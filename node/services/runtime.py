@@ -1,23 +1,139 @@
 """An opened node: its configuration, identity and stores, shared by every service.
 
 Services and edges receive a NodeRuntime instead of reaching for globals, so that a test
-can open several nodes in one process and each edge sees exactly one node.
+can open several nodes in one process and each edge sees exactly one node. Its services
+are built in one place, ``NodeServices``, each typed and on first use.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from node.config import NodeConfig, load_config
 from node.core.keys import NodeIdentity
 from node.services.audit_export import SecurityAuditExport
-from node.services.ledger import LedgerService
 from node.store.instances import SqliteInstanceStore
 from node.store.protocols import InstanceStore
 from node.store.secrets import read_secret, read_seed
+
+if TYPE_CHECKING:
+    from node.services.consent import ConsentService
+    from node.services.forward import Forwarder
+    from node.services.ledger import LedgerService
+    from node.services.replication import ReplicationService
+    from node.services.roster import RosterService
+    from node.services.status import StatusService
+    from node.services.transfer import TransferService
+    from node.store.nonces import NonceStore
+
+
+T = TypeVar("T")
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+class NodeServices:
+    """The services of one node, each built here on first use and nowhere else.
+
+    Built lazily, so that a command line run opens only what it uses; the daemon starts
+    the background ones. Service modules import NodeRuntime, so they are imported here
+    when first built, not at the top. Closed in the reverse of the order they were built.
+    """
+
+    def __init__(self, runtime: NodeRuntime) -> None:
+        self._runtime = runtime
+        # Handlers run in worker threads: each service is built once. Reentrant, since
+        # building one (consent) may build another (ledger).
+        self._lock = threading.RLock()
+        self._by_name: dict[str, object] = {}
+        self._built: list[object] = []  # in build order: closed last first
+        # The PACS forwarder, when `imageshare run` started one (the dashboard reports it).
+        self.forwarder: Forwarder | None = None
+
+    def _once(self, name: str, build: Callable[[], T]) -> T:
+        with self._lock:
+            if name not in self._by_name:
+                service = build()
+                self._by_name[name] = service
+                self._built.append(service)
+            return self._by_name[name]  # type: ignore[return-value]
+
+    def closes(self, service: Closable) -> None:
+        """Close ``service`` with the node (background services the daemon starts)."""
+        with self._lock:
+            self._built.append(service)
+
+    @property
+    def ledger(self) -> LedgerService:
+        """The node's own log and its mirrors."""
+        from node.services.ledger import LedgerService
+
+        return self._once("ledger", lambda: LedgerService(self._runtime))
+
+    @property
+    def consent(self) -> ConsentService:
+        """Consent state, caught up with the own log when first opened."""
+        from node.services.consent import ConsentService
+
+        def open_consent() -> ConsentService:
+            service = ConsentService(self._runtime)
+            service.catch_up()
+            return service
+
+        return self._once("consent", open_consent)
+
+    @property
+    def roster(self) -> RosterService:
+        from node.services.roster import RosterService
+
+        return self._once("roster", lambda: RosterService(self._runtime.config))
+
+    @property
+    def replication(self) -> ReplicationService:
+        """Log mirroring; started by the daemon."""
+        from node.services.replication import ReplicationService
+
+        return self._once("replication", lambda: ReplicationService(self._runtime))
+
+    @property
+    def transfer(self) -> TransferService:
+        from node.services.transfer import TransferService
+
+        return self._once("transfer", lambda: TransferService(self._runtime))
+
+    @property
+    def status(self) -> StatusService:
+        """The dashboard's reads."""
+        from node.services.status import StatusService
+
+        return self._once("status", lambda: StatusService(self._runtime))
+
+    @property
+    def nonces(self) -> NonceStore:
+        """Nonces of signed requests seen, shared by /p2p and /patient."""
+        from node.store.nonces import NONCES_FILE, NonceStore
+
+        config = self._runtime.config
+        return self._once(
+            "nonces",
+            lambda: NonceStore(config.data_dir / NONCES_FILE, config.federation.max_request_age),
+        )
+
+    def close(self) -> None:
+        """Close every service built, the last built first."""
+        with self._lock:
+            built, self._built, self._by_name = self._built, [], {}
+        for service in reversed(built):
+            close = getattr(service, "close", None)  # the roster and status hold nothing open
+            if close is not None:
+                close()
 
 
 @dataclass
@@ -31,14 +147,13 @@ class NodeRuntime:
     started_at: float = field(default_factory=time.time)
     # Set once every background service (DIMSE, replication, ...) has started.
     ready: bool = False
-    # Services attach themselves here by name (ledger, replication, forwarder, ...).
-    services: dict[str, Any] = field(default_factory=dict)
+    services: NodeServices = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.services = NodeServices(self)
 
     def close(self) -> None:
-        for service in reversed(list(self.services.values())):
-            close = getattr(service, "close", None)
-            if close is not None:
-                close()
+        self.services.close()
         self.store.close()
         self.security_audit.close()
 
@@ -59,5 +174,5 @@ def open_runtime(config: NodeConfig | Path | None = None) -> NodeRuntime:
         store=store,
         security_audit=SecurityAuditExport(config),
     )
-    runtime.services["ledger"] = LedgerService(runtime)
+    _ = runtime.services.ledger  # the own log is opened (and created) with the node
     return runtime

@@ -36,13 +36,8 @@ from node.core.roster import key_fingerprint
 from node.errors import BadInput, Conflict
 from node.services.audit import Workers, audit_views, collect
 from node.services.audit_state import AuditState
-from node.services.ledger import ledger_service
-from node.services.replication import replication_of
-from node.services.roster import roster_of
 from node.services.runtime import NodeRuntime
-from node.services.transfer import transfer_service
 
-SERVICE_NAME = "status"
 # Entries of the node's own log shown, newest first.
 RECENT_ENTRIES = 25
 # Transfers shown per list (the transfer service keeps more; the page needs the latest).
@@ -169,7 +164,7 @@ class StatusService:
     async def summary(self) -> dict[str, Any]:
         """Node, peers, own log, transfers, forwarding and the last audit, in one document."""
         node, log = await asyncio.to_thread(lambda: (self.node(), self.own_log()))
-        forwarder = self.runtime.services.get("forwarder")
+        forwarder = self.runtime.services.forwarder
         forwarding = (
             await asyncio.to_thread(forwarder.status)
             if forwarder is not None
@@ -214,10 +209,10 @@ class StatusService:
 
     def peers(self) -> dict[str, Any]:
         """Each roster member as replication sees it, plus the cosignatures exchanged."""
-        replication = replication_of(self.runtime)
+        replication = self.runtime.services.replication
         federation = replication.status()
         members = {m.origin: m for m in replication.roster.roster}
-        own_note = ledger_service(self.runtime).own.checkpoint_note()
+        own_note = self.runtime.services.ledger.own.checkpoint_note()
         cosigned_ours = self._cosigners(own_note, members)
         witnessed = replication.cosigned_sizes
         peers = [
@@ -262,12 +257,12 @@ class StatusService:
     def own_log(self, recent: int = RECENT_ENTRIES) -> dict[str, Any]:
         """The node's own log: size, latest checkpoint and its cosigners, recent entries
         in plain words (newest first). Blocking."""
-        own = ledger_service(self.runtime).own
+        own = self.runtime.services.ledger.own
         size = own.size()
         note = own.checkpoint_note()
         checkpoint: dict[str, Any] | None = None
         if note is not None:
-            members = {m.origin: m for m in roster_of(self.runtime).roster}
+            members = {m.origin: m for m in self.runtime.services.roster.roster}
             body, _ = parse_note(note)
             parsed = Checkpoint.parse(body)
             checkpoint = {
@@ -280,7 +275,7 @@ class StatusService:
                     )
                 ],
             }
-        names = {m.log_id: m.origin for m in roster_of(self.runtime).roster}
+        names = {m.log_id: m.origin for m in self.runtime.services.roster.roster}
         first = max(0, size - recent)
         entries = [
             describe_entry(first + i, raw, names) for i, raw in enumerate(own.entries(first, size))
@@ -295,7 +290,7 @@ class StatusService:
     def transfers(self) -> dict[str, Any]:
         """Fetches (running first, then the latest) and streams sent, as the transfer
         service reports them. Runs on the event loop: the jobs live there."""
-        reported = transfer_service(self.runtime).transfers_json()
+        reported = self.runtime.services.transfer.transfers_json()
         fetches = sorted(reported["fetches"], key=lambda j: j["state"] != "running")
         return {
             "fetches": fetches[:RECENT_TRANSFERS],
@@ -328,7 +323,7 @@ class StatusService:
 
     def federation_urls(self) -> list[str]:
         """This node's URL and the best URL of every roster member."""
-        roster = roster_of(self.runtime)
+        roster = self.runtime.services.roster
         urls = [self.runtime.config.public_url]
         for member in roster.roster:
             found = roster.urls_of(member)
@@ -374,10 +369,3 @@ class StatusService:
             self.last_audit = result
             return result
 
-
-def status_service(runtime: NodeRuntime) -> StatusService:
-    """The node's one StatusService (created on first use)."""
-    service = runtime.services.get(SERVICE_NAME)
-    if not isinstance(service, StatusService):
-        service = runtime.services[SERVICE_NAME] = StatusService(runtime)
-    return service

@@ -80,7 +80,7 @@ from node.errors import (
     Unauthorized,
 )
 from node.services.consent import check_access, resolve_study_reference
-from node.services.ledger import LedgerService, ledger_service
+from node.services.ledger import LedgerService
 from node.services.peer_client import (
     CONNECTION_ERRORS,
     describe,
@@ -89,14 +89,12 @@ from node.services.peer_client import (
     raise_for_answer,
     read_bounded,
 )
-from node.services.roster import roster_of
 from node.services.runtime import NodeRuntime
 from node.store.instances import StagedInstance, StagingFile
 from node.store.transfers import StreamedInstance, TransferStore
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "transfer"
 # Plaintext bytes of instance data per encrypted message.
 MESSAGE_BYTES = 64 * 1024
 # Ciphertext handed to the connection at once (bounds memory on the sending side).
@@ -323,7 +321,7 @@ class TransferService:
 
     @property
     def ledger(self) -> LedgerService:
-        return ledger_service(self.runtime)
+        return self.runtime.services.ledger
 
     # -- lifecycle (a background service of `imageshare run`) -------------------------
 
@@ -669,7 +667,7 @@ class TransferService:
                 )
 
     def _custodian_urls(self, custodian: str) -> tuple[list[str], Member]:
-        roster = roster_of(self.runtime)
+        roster = self.runtime.services.roster
         member = roster.roster.get(custodian)
         if member is None:
             raise NotInRoster(f"custodian {custodian} is not in this node's roster")
@@ -889,10 +887,3 @@ def _transfer_refusal(status: int, document: dict[str, Any]) -> ImageShareError 
     return None
 
 
-def transfer_service(runtime: NodeRuntime) -> TransferService:
-    """The node's one TransferService (created on first use)."""
-    service = runtime.services.get(SERVICE_NAME)
-    if service is None:
-        service = runtime.services[SERVICE_NAME] = TransferService(runtime)
-    assert isinstance(service, TransferService)
-    return service

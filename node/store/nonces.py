@@ -25,6 +25,7 @@ CREATE INDEX IF NOT EXISTS nonces_by_time ON nonces (timestamp);
 # Schema versions (node/store/sqlite.py): position n upgrades version n to n + 1.
 MIGRATIONS: tuple[Migration, ...] = (_SCHEMA,)
 
+NONCES_FILE = "nonces.sqlite"
 # Prune at most this often: one DELETE per interval keeps the table small and cheap.
 PRUNE_INTERVAL = 60.0
 

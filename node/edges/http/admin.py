@@ -18,17 +18,12 @@ from pathlib import Path
 
 from aiohttp import web
 
-from node.errors import NotFound
+from node.edges.http.context import runtime_of
+from node.edges.http.static_files import StaticFiles
 from node.services.runtime import NodeRuntime
-from node.services.status import StatusService, StudyQuery, status_service
+from node.services.status import StudyQuery
 
-STATUS_KEY = web.AppKey("status", StatusService)
 STATIC_DIR = Path(__file__).parent / "static" / "admin"
-# The only files served: a fixed list, so no path from the request reaches the disk.
-STATIC_FILES = {
-    "app.js": "text/javascript",
-    "app.css": "text/css",
-}
 # The page may talk to its own node only, and may not be framed.
 PAGE_HEADERS = {
     "Content-Security-Policy": (
@@ -38,51 +33,42 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-cache",
 }
+# The page and its script and style sheet, read once and served from memory by name.
+PAGE_FILES_KEY = web.AppKey("admin_files", StaticFiles)
 # Answers carry PHI (the study list) or node state: never cached.
 NO_STORE = {"Cache-Control": "no-store"}
 
 
-async def page(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(
-        STATIC_DIR / "index.html",
-        headers={**PAGE_HEADERS, "Content-Type": "text/html; charset=utf-8"},
-    )
+async def page(request: web.Request) -> web.Response:
+    return request.app[PAGE_FILES_KEY].response(request, "index.html")
 
 
 async def page_slash(request: web.Request) -> web.Response:
     raise web.HTTPPermanentRedirect("/admin")
 
 
-async def static_file(request: web.Request) -> web.FileResponse:
-    name = request.match_info["name"]
-    content_type = STATIC_FILES.get(name)
-    if content_type is None:
-        raise NotFound("no such file")
-    return web.FileResponse(
-        STATIC_DIR / name,
-        headers={**PAGE_HEADERS, "Content-Type": f"{content_type}; charset=utf-8"},
-    )
+async def static_file(request: web.Request) -> web.Response:
+    return request.app[PAGE_FILES_KEY].response(request, request.match_info["name"])
 
 
 async def status(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[STATUS_KEY].summary(), headers=NO_STORE)
+    return web.json_response(await runtime_of(request).services.status.summary(), headers=NO_STORE)
 
 
 async def studies(request: web.Request) -> web.Response:
     query = StudyQuery.parse(request.query.get("q", ""), request.query.get("limit", "50"))
-    service = request.app[STATUS_KEY]
+    service = runtime_of(request).services.status
     found = await asyncio.to_thread(service.studies, query)
     return web.json_response(found, headers=NO_STORE)
 
 
 async def audit(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[STATUS_KEY].audit(), headers=NO_STORE)
+    return web.json_response(await runtime_of(request).services.status.audit(), headers=NO_STORE)
 
 
 def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
-    app[STATUS_KEY] = status_service(runtime)
+    app[PAGE_FILES_KEY] = StaticFiles(STATIC_DIR, PAGE_HEADERS)
     app.router.add_get("/admin", page)
     app.router.add_get("/admin/", page_slash)
     app.router.add_get("/admin/static/{name}", static_file)

@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -22,13 +21,14 @@ from aiohttp.web_protocol import RequestPayloadError
 from node import __version__
 from node.core import atna
 from node.core.rate_limit import SlidingWindowLimit
+from node.edges.http import route_modules
+from node.edges.http.context import RUNTIME_KEY, accepted_body_encodings, runtime_of
 from node.errors import ImageShareError
 from node.services.runtime import NodeRuntime
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-RUNTIME_KEY = web.AppKey("runtime", NodeRuntime)
 
 # Path prefixes that need the admin bearer token. Others authenticate by signature
 # (/p2p, /patient), are public by design (/ledger, /healthz), or are static pages.
@@ -71,23 +71,6 @@ def cors_scope(path: str) -> CorsScope | None:
         if path == scope.prefix or path.startswith(scope.prefix + "/"):
             return scope
     return None
-
-
-_BODY_ENCODINGS = "imageshare_body_encodings"  # handler attribute set by accepts_body_encodings
-HandlerT = TypeVar("HandlerT", bound=Callable[..., Awaitable[web.StreamResponse]])
-
-
-def accepts_body_encodings(*encodings: str) -> Callable[[HandlerT], HandlerT]:
-    """Mark a handler whose request body may carry these Content-Encodings; the handler
-    decodes the body itself within its limits (the server decodes none). Every other
-    route refuses an encoded body with 415 before reading it."""
-
-    def mark(handler: HandlerT) -> HandlerT:
-        setattr(handler, _BODY_ENCODINGS, frozenset(encodings))
-        return handler
-
-    return mark
-
 
 def _route(request: web.Request) -> str:
     """The route a request matched, as registered (never the UIDs of the actual path)."""
@@ -163,7 +146,7 @@ async def body_encoding_middleware(request: web.Request, handler: Handler) -> we
     """Refuse a Content-Encoding the route does not take, before its body is read."""
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     if encoding not in ("", "identity"):
-        allowed: frozenset[str] = getattr(request.match_info.handler, _BODY_ENCODINGS, frozenset())
+        allowed = accepted_body_encodings(request)
         if encoding not in allowed:
             return refusal_response(
                 request, 415, f"this route does not take a body in Content-Encoding {encoding!r}"
@@ -313,7 +296,7 @@ def make_hsts_header(max_age: int) -> Callable[[web.Request, web.StreamResponse]
 
 async def healthz(request: web.Request) -> web.Response:
     """200 once the node serves everything (HTTP and its background services), else 503."""
-    runtime = request.app[RUNTIME_KEY]
+    runtime = runtime_of(request)
     return web.json_response(
         {
             "status": "ok" if runtime.ready else "starting",
@@ -326,9 +309,6 @@ async def healthz(request: web.Request) -> web.Response:
 
 def build_app(runtime: NodeRuntime) -> web.Application:
     """The whole HTTP surface of one node."""
-    # Imported here so that route modules may import this module's helpers.
-    from node.edges.http import route_modules
-
     app = web.Application(
         client_max_size=runtime.config.http.max_body_bytes,
         middlewares=[

@@ -20,7 +20,7 @@ from aiohttp import web
 from node.core import atna, dicom_json, dicom_xml
 from node.core.rate_limit import SlidingWindowLimit
 from node.core.uids import UID_PATTERN
-from node.edges.http.app import RUNTIME_KEY, accepts_body_encodings
+from node.edges.http.context import accepts_body_encodings, runtime_of
 from node.edges.http.multipart import (
     StreamedParts,
     parse_accept,
@@ -59,7 +59,7 @@ def _service(request: web.Request) -> DicomWebService:
 
 def _base_url(request: web.Request) -> str:
     """Where clients reach DICOMweb: the configured public URL, else what the client used."""
-    configured = request.app[RUNTIME_KEY].config.http.public_url
+    configured = runtime_of(request).config.http.public_url
     if configured:
         return configured.rstrip("/") + PREFIX
     host = request.host
@@ -119,7 +119,7 @@ async def _search(request: web.Request, level: Level) -> web.StreamResponse:
         series_uid=request.match_info.get("series"),
     )
     results, truncated = await _service(request).search(query, _base_url(request))
-    request.app[RUNTIME_KEY].security_audit.record(
+    runtime_of(request).security_audit.record(
         atna.query, "admin-token", request.remote or "", "QIDO-RS", len(results)
     )
     warnings = []
@@ -194,7 +194,7 @@ def _audit_read(request: web.Request, records: list[InstanceRecord], via: str) -
 
 def _audit_transfer(request: web.Request, sent: bool, study_uids: list[str], via: str) -> None:
     """The security audit message of instances sent or stored over DICOMweb."""
-    request.app[RUNTIME_KEY].security_audit.record(
+    runtime_of(request).security_audit.record(
         atna.instances_transferred,
         sent,
         "admin-token",
@@ -270,7 +270,7 @@ async def _upload_parts(parts: StreamedParts) -> AsyncIterator[UploadPart]:
 @accepts_body_encodings("gzip", "deflate")
 async def store_instances(request: web.Request) -> web.Response:
     study_uid = request.match_info.get("study")
-    runtime = request.app[RUNTIME_KEY]
+    runtime = runtime_of(request)
     declared = parse_media_type(request.headers.get("Content-Type", ""))
     # Instances as files (application/dicom), or datasets in the JSON model with their
     # bulk data in further parts (PS3.18 10.5.1.2.2).

@@ -6,12 +6,12 @@ import asyncio
 
 from aiohttp import web
 
-from node.edges.http.app import RUNTIME_KEY
+from node.edges.http.context import runtime_of
 from node.services.runtime import NodeRuntime
 
 
 async def forwarding_status(request: web.Request) -> web.Response:
-    forwarder = request.app[RUNTIME_KEY].services.get("forwarder")
+    forwarder = runtime_of(request).services.forwarder
     if forwarder is None:
         return web.json_response({"enabled": False})
     return web.json_response(await asyncio.to_thread(forwarder.status))

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from node.core.encoding import canonical_encode
 from node.errors import BadInput, NotFound
-from node.services.ledger import LedgerService, ledger_service
+from node.services.ledger import LedgerService
 from node.services.runtime import NodeRuntime
 from node.store.ledger import StoredLog
 
@@ -43,7 +43,7 @@ def _b64(hashes: list[bytes]) -> list[str]:
 
 
 def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
-    service: LedgerService = ledger_service(runtime)
+    service: LedgerService = runtime.services.ledger
     store = service.store
 
     def log_of(request: web.Request) -> StoredLog:

@@ -27,24 +27,23 @@ from node.core.base64url import b64url_encode
 from node.core.refusals import REFUSAL_HEADER, is_refusal, sign_refusal
 from node.core.roster import CHALLENGE_SIZE, sign_address_proof
 from node.core.signed_requests import parse_headers
-from node.edges.http.signed import SignedCaller, authenticate, nonce_store_of
+from node.edges.http.context import runtime_of
+from node.edges.http.signed import SignedCaller, authenticate
 from node.errors import BadInput, Unauthorized
-from node.services.replication import ReplicationService, replication_of
 from node.services.runtime import NodeRuntime
 
-REPLICATION_KEY = web.AppKey("replication", ReplicationService)
 MAX_P2P_BODY = 1 << 20
 MAX_URL_CHARS = 2048
 
 
 async def _caller(request: web.Request) -> SignedCaller:
     """Authenticate a /p2p request as a roster member; raises Unauthorized with the reason."""
-    replication = request.app[REPLICATION_KEY]
+    replication = runtime_of(request).services.replication
     caller = await authenticate(
         request,
         replication.roster.public_key_of_signer,
         replication.runtime.config.federation.max_request_age,
-        nonce_store_of(replication.runtime),
+        replication.runtime.services.nonces,
         replication.runtime.config.origin,
         max_body=MAX_P2P_BODY,
     )
@@ -56,7 +55,7 @@ async def _caller(request: web.Request) -> SignedCaller:
 
 async def whoami(request: web.Request) -> web.Response:
     caller = await _caller(request)
-    runtime = request.app[REPLICATION_KEY].runtime
+    runtime = runtime_of(request)
     return web.json_response({"caller": caller.node_origin, "origin": runtime.config.origin})
 
 
@@ -67,7 +66,7 @@ async def notify(request: web.Request) -> web.Response:
         log_id, size = str(hint["log_id"]), int(hint["size"])
     except (ValueError, KeyError, TypeError) as exc:
         raise BadInput("notify body must be JSON {log_id, size}") from exc
-    request.app[REPLICATION_KEY].notify_received(caller.node_origin or "", log_id, size)
+    runtime_of(request).services.replication.notify_received(caller.node_origin or "", log_id, size)
     return web.json_response({"ok": True})
 
 
@@ -77,7 +76,8 @@ async def cosignature(request: web.Request) -> web.Response:
         text = caller.body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BadInput("cosignature must be a UTF-8 note") from exc
-    size = request.app[REPLICATION_KEY].accept_cosignature(caller.node_origin or "", text)
+    replication = runtime_of(request).services.replication
+    size = replication.accept_cosignature(caller.node_origin or "", text)
     return web.json_response({"ok": True, "size": size})
 
 
@@ -87,7 +87,7 @@ async def equivocation(request: web.Request) -> web.Response:
         document = json.loads(caller.body)
     except ValueError as exc:
         raise BadInput("an equivocation proof must be JSON") from exc
-    new = request.app[REPLICATION_KEY].accept_proof(caller.node_origin or "", document)
+    new = runtime_of(request).services.replication.accept_proof(caller.node_origin or "", document)
     return web.json_response({"ok": True, "new": new})
 
 
@@ -101,7 +101,7 @@ async def address_proof(request: web.Request) -> web.Response:
         raise BadInput('an address challenge is JSON {"challenge": hex, "url"}') from exc
     if len(challenge) != CHALLENGE_SIZE or not isinstance(url, str) or len(url) > MAX_URL_CHARS:
         raise BadInput(f"the challenge must be {CHALLENGE_SIZE} bytes and the URL a short string")
-    identity = request.app[REPLICATION_KEY].runtime.identity
+    identity = runtime_of(request).identity
     signature = sign_address_proof(identity.sign, identity.origin, url, challenge)
     return web.json_response({"origin": identity.origin, "signature": b64url_encode(signature)})
 
@@ -115,7 +115,7 @@ async def sign_p2p_refusal(request: web.Request, response: web.StreamResponse) -
     body = b"" if response.body is None else response.body
     if not isinstance(body, bytes):
         return
-    identity = request.app[REPLICATION_KEY].runtime.identity
+    identity = runtime_of(request).identity
     try:
         asked = parse_headers(request.headers, identity.origin)
     except Unauthorized:
@@ -128,16 +128,15 @@ async def sign_p2p_refusal(request: web.Request, response: web.StreamResponse) -
 
 
 async def equivocations(request: web.Request) -> web.Response:
-    state = request.app[REPLICATION_KEY].state
+    state = runtime_of(request).services.replication.state
     return web.json_response([proof.as_json() for proof in state.equivocations()])
 
 
 async def federation_status(request: web.Request) -> web.Response:
-    return web.json_response(request.app[REPLICATION_KEY].status())
+    return web.json_response(runtime_of(request).services.replication.status())
 
 
 def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
-    app[REPLICATION_KEY] = replication_of(runtime)
     app.router.add_get("/p2p/whoami", whoami)
     app.router.add_post("/p2p/notify", notify)
     app.router.add_post("/p2p/cosignature", cosignature)

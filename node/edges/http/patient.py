@@ -23,12 +23,10 @@ from node.core.notes import Checkpoint, parse_note
 from node.core.patient_keys import parse_public_key
 from node.core.signed_requests import PATIENT_PREFIX
 from node.edges.http import viewer
-from node.edges.http.app import RUNTIME_KEY
-from node.edges.http.signed import SignedCaller, authenticate, nonce_store_of
+from node.edges.http.context import runtime_of
+from node.edges.http.signed import SignedCaller, authenticate
 from node.errors import BadInput, Forbidden, PayloadTooLarge
 from node.services import consent, previews
-from node.services.ledger import ledger_service
-from node.services.roster import roster_of
 from node.services.runtime import NodeRuntime
 
 MAX_SUBMISSION_BYTES = 64 * 1024
@@ -48,7 +46,7 @@ def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
 
 async def _patient(request: web.Request) -> SignedCaller:
     """The enrolled patient who signed ``request``; raises Unauthorized otherwise."""
-    runtime = request.app[RUNTIME_KEY]
+    runtime = runtime_of(request)
 
     def resolve(signer: str) -> bytes | None:
         if not signer.startswith(PATIENT_PREFIX):
@@ -65,7 +63,7 @@ async def _patient(request: web.Request) -> SignedCaller:
         request,
         resolve,
         runtime.config.federation.max_request_age,
-        nonce_store_of(runtime),
+        runtime.services.nonces,
         runtime.config.origin,
         max_body=MAX_SUBMISSION_BYTES,
     )
@@ -73,7 +71,7 @@ async def _patient(request: web.Request) -> SignedCaller:
 
 def _proof_of(runtime: NodeRuntime, index: int) -> dict[str, Any]:
     """The entry at ``index``, its inclusion proof, and the checkpoint that proof is for."""
-    ledger = ledger_service(runtime)
+    ledger = runtime.services.ledger
     note = ledger.checkpoint_note()
     body, _ = parse_note(note)
     size = Checkpoint.parse(body).size
@@ -89,14 +87,14 @@ def _proof_of(runtime: NodeRuntime, index: int) -> dict[str, Any]:
 
 
 async def list_studies(request: web.Request) -> web.Response:
-    runtime = request.app[RUNTIME_KEY]
+    runtime = runtime_of(request)
     caller = await _patient(request)
     studies = await asyncio.to_thread(consent.patient_studies, runtime, caller.public_key)
     return web.json_response({"studies": studies})
 
 
 async def submit_grant(request: web.Request) -> web.Response:
-    runtime = request.app[RUNTIME_KEY]
+    runtime = runtime_of(request)
     caller = await _patient(request)
 
     def record() -> dict[str, Any]:
@@ -109,7 +107,7 @@ async def submit_grant(request: web.Request) -> web.Response:
 
 
 async def submit_revocation(request: web.Request) -> web.Response:
-    runtime = request.app[RUNTIME_KEY]
+    runtime = runtime_of(request)
     caller = await _patient(request)
 
     def record() -> dict[str, Any]:
@@ -122,7 +120,7 @@ async def submit_revocation(request: web.Request) -> web.Response:
 
 
 async def list_tokens(request: web.Request) -> web.Response:
-    runtime = request.app[RUNTIME_KEY]
+    runtime = runtime_of(request)
     caller = await _patient(request)
     tokens = await asyncio.to_thread(
         consent.token_statuses, runtime, caller.public_key, int(time.time())
@@ -132,10 +130,10 @@ async def list_tokens(request: web.Request) -> web.Response:
 
 async def list_roster(request: web.Request) -> web.Response:
     """The federation members a patient may grant to (the wallet's grantee choices)."""
-    runtime = request.app[RUNTIME_KEY]
+    runtime = runtime_of(request)
     await _patient(request)
     own = runtime.config.origin
-    members = sorted(m.origin for m in roster_of(runtime).roster if m.origin != own)
+    members = sorted(m.origin for m in runtime.services.roster.roster if m.origin != own)
     return web.json_response({"custodian": runtime.config.origin, "members": members})
 
 
@@ -144,7 +142,7 @@ def _study_ref(request: web.Request) -> bytes:
 
 
 async def list_series(request: web.Request) -> web.Response:
-    runtime = request.app[RUNTIME_KEY]
+    runtime = runtime_of(request)
     caller = await _patient(request)
     series = await asyncio.to_thread(
         previews.study_series, runtime, caller.public_key, _study_ref(request)
@@ -154,7 +152,7 @@ async def list_series(request: web.Request) -> web.Response:
 
 async def preview(request: web.Request) -> web.Response:
     """A small PNG of a series' middle image, for the patient who owns the study only."""
-    runtime = request.app[RUNTIME_KEY]
+    runtime = runtime_of(request)
     caller = await _patient(request)
     png = await asyncio.to_thread(
         previews.series_preview,
@@ -172,7 +170,7 @@ async def preview(request: web.Request) -> web.Response:
 async def download_media(request: web.Request) -> web.StreamResponse:
     """One of the patient's own studies as PDI media (a ZIP); their own copy, so no
     consent is needed and nothing is written to the ledger (the security audit has it)."""
-    runtime = request.app[RUNTIME_KEY]
+    runtime = runtime_of(request)
     caller = await _patient(request)
     study_uid = await asyncio.to_thread(
         previews.owned_study_uid, runtime, caller.public_key, _study_ref(request)
@@ -182,7 +180,7 @@ async def download_media(request: web.Request) -> web.StreamResponse:
 
 async def enroll(request: web.Request) -> web.Response:
     """Staff enrollment (admin token): JSON {"patient_id", "key"}."""
-    runtime = request.app[RUNTIME_KEY]
+    runtime = runtime_of(request)
     try:
         document = await request.json()
         patient_id, key_text = document["patient_id"], document["key"]

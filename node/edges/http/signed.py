@@ -21,8 +21,6 @@ from node.core.signed_requests import (
     signing_node_origin,
 )
 from node.errors import PayloadTooLarge, Unauthorized
-from node.services.runtime import NodeRuntime
-from node.store.nonces import FILE_NAME as NONCES_FILE
 from node.store.nonces import NonceStore
 
 
@@ -38,16 +36,6 @@ class SignedCaller:
     def node_origin(self) -> str | None:
         """The calling node's origin, or None if a patient signed."""
         return signing_node_origin(self.signer)
-
-
-def nonce_store_of(runtime: NodeRuntime) -> NonceStore:
-    """The node's one nonce store (created on first use), shared by /p2p and /patient."""
-    store = runtime.services.get("nonces")
-    if store is None:
-        store = runtime.services["nonces"] = NonceStore(
-            runtime.config.data_dir / NONCES_FILE, runtime.config.federation.max_request_age
-        )
-    return store
 
 
 async def _read_body(request: web.Request, limit: int | None) -> bytes:

@@ -18,16 +18,14 @@ import logging
 
 from aiohttp import web
 
-from node.edges.http.signed import SignedCaller, authenticate, nonce_store_of
+from node.edges.http.context import runtime_of
+from node.edges.http.signed import SignedCaller, authenticate
 from node.errors import BadInput, Unauthorized
-from node.services.roster import roster_of
 from node.services.runtime import NodeRuntime
-from node.services.transfer import TransferRefused, TransferService, transfer_service
+from node.services.transfer import TransferRefused
 
 log = logging.getLogger(__name__)
 
-TRANSFER_KEY = web.AppKey("transfer", TransferService)
-RUNTIME_KEY = web.AppKey("transfer_runtime", NodeRuntime)
 # A grant token and a list of handles: far below this.
 MAX_REQUEST_BODY = 8 << 20
 MSGPACK = "application/msgpack"
@@ -35,13 +33,13 @@ MSGPACK = "application/msgpack"
 
 async def _node_caller(request: web.Request) -> SignedCaller:
     """Authenticate a roster member's signed request; raises Unauthorized with the reason."""
-    runtime = request.app[RUNTIME_KEY]
+    runtime = runtime_of(request)
     # The body is read before its signature is checked: bound it, chunked bodies too.
     caller = await authenticate(
         request,
-        roster_of(runtime).public_key_of_signer,
+        runtime.services.roster.public_key_of_signer,
         runtime.config.federation.max_request_age,
-        nonce_store_of(runtime),
+        runtime.services.nonces,
         runtime.config.origin,
         max_body=MAX_REQUEST_BODY,
     )
@@ -57,7 +55,7 @@ def _refusal(exc: TransferRefused) -> web.Response:
 async def open_transfer(request: web.Request) -> web.Response:
     caller = await _node_caller(request)
     try:
-        body = await request.app[TRANSFER_KEY].open_transfer(
+        body = await runtime_of(request).services.transfer.open_transfer(
             caller.node_origin or "", caller.public_key, caller.body
         )
     except TransferRefused as exc:
@@ -67,7 +65,7 @@ async def open_transfer(request: web.Request) -> web.Response:
 
 async def send_instances(request: web.Request) -> web.StreamResponse:
     caller = await _node_caller(request)
-    service = request.app[TRANSFER_KEY]
+    service = runtime_of(request).services.transfer
     try:
         session, handles = await service.prepare_send(
             request.match_info["transfer_id"], caller.node_origin or "", caller.body
@@ -99,22 +97,20 @@ async def start_fetch(request: web.Request) -> web.Response:
         raise BadInput('fetch body must be JSON {"token": "..."}') from exc
     if not isinstance(token, str):
         raise BadInput("token must be a string")
-    job = request.app[TRANSFER_KEY].start_fetch(token)
+    job = runtime_of(request).services.transfer.start_fetch(token)
     return web.json_response(job.as_json(), status=202)
 
 
 async def list_transfers(request: web.Request) -> web.Response:
-    return web.json_response(request.app[TRANSFER_KEY].transfers_json())
+    return web.json_response(runtime_of(request).services.transfer.transfers_json())
 
 
 async def get_transfer(request: web.Request) -> web.Response:
-    job = request.app[TRANSFER_KEY].job_json(request.match_info["transfer_id"])
+    job = runtime_of(request).services.transfer.job_json(request.match_info["transfer_id"])
     return web.json_response(job, dumps=json.dumps)
 
 
 def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
-    app[TRANSFER_KEY] = transfer_service(runtime)
-    app[RUNTIME_KEY] = runtime
     app.router.add_post("/p2p/transfer", open_transfer)
     app.router.add_post("/p2p/transfer/{transfer_id}/instances", send_instances)
     app.router.add_post("/admin/api/fetch", start_fetch)

@@ -28,7 +28,7 @@ from pathlib import Path
 from aiohttp import web
 
 from node.core import atna
-from node.edges.http.app import RUNTIME_KEY
+from node.edges.http.context import runtime_of
 from node.edges.http.multipart import send_body
 from node.errors import NotFound
 from node.services import pdi_media
@@ -160,7 +160,7 @@ async def send_pdi_media(
     request: web.Request, study_uids: list[str], user: str
 ) -> web.StreamResponse:
     """Stream ``study_uids`` as PDI media to ``request``'s client, audited as sent to ``user``."""
-    runtime = request.app[RUNTIME_KEY]
+    runtime = runtime_of(request)
     media = await pdi_media.plan_pdi_media(runtime.store, study_uids)
     runtime.security_audit.record(
         atna.instances_transferred,
