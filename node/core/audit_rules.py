@@ -25,6 +25,7 @@ from node.core.consent import (
     KeyStatus,
     Revocation,
     Rule,
+    is_link_grantee,
 )
 from node.core.entries import LedgerEntry, decode_entry
 from node.core.keys import VerifierKey
@@ -536,7 +537,8 @@ def match_receipts(
 
     They match on (custodian, grantee, token id, study, digest), counted as multisets.
     Entries younger than ``grace`` seconds are not judged yet: the other side may still be
-    writing its half.
+    writing its half. An access by a share link expects no receipt: a link's holder has
+    no log (the access itself is judged against the link's grant like any other).
     """
     accesses: dict[tuple[str, str, bytes, bytes, bytes], list[tuple[str, int, int]]] = defaultdict(
         list
@@ -549,7 +551,7 @@ def match_receipts(
             if entry is None:
                 continue
             f = entry.fields
-            if entry.kind == "access":
+            if entry.kind == "access" and not is_link_grantee(f["grantee"]):
                 key = (origin, f["grantee"], f["token_id"], f["study"], f["digest"])
                 accesses[key].append((origin, index, entry.time))
             elif entry.kind == "receipt":

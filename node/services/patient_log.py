@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from node.core.consent import decode_revocation
+from node.core.consent import decode_revocation, is_link_grantee
 from node.core.entries import LedgerEntry, decode_entry
 from node.core.keys import VerifierKey, parse_verifier_key
 from node.core.merkle import leaf_hash, root_from_leaf_hashes, verify_inclusion
 from node.core.notes import Checkpoint, parse_note, verify_cosignature, verify_note
 from node.core.patient_keys import b64url
+from node.core.shlink import link_access_kind
 from node.errors import BadInput, Unauthorized
 from node.services.audit import (
     LogListing,
@@ -132,15 +133,20 @@ async def describe_node(session: aiohttp.ClientSession, url: str) -> Node:
     return Node(base, origin, own.vkey, listings)
 
 
-def _event_details(entry: LedgerEntry) -> dict[str, object]:
+def _event_details(entry: LedgerEntry, labels: dict[bytes, str]) -> dict[str, object]:
     f = entry.fields
     if entry.kind == "access":
-        return {
+        details: dict[str, object] = {
             "grantee": f["grantee"],
             "study": b64url(f["study"]),
             "instances": f["instances"],
             "bytes": f["bytes"],
         }
+        if is_link_grantee(f["grantee"]):
+            # The label is the wallet's own: the ledger names the link by a hash only.
+            details["link"] = labels.get(bytes(f["token_id"]), "")
+            details["link_access"] = link_access_kind(bytes(f["digest"])) or "unknown"
+        return details
     if entry.kind == "denial":
         study = f["study"]
         return {
@@ -207,6 +213,7 @@ async def custodian_events(
     custodian: str,
     pinned_vkey: str,
     token_ids: set[bytes],
+    labels: dict[bytes, str] | None = None,
 ) -> list[PatientEvent]:
     """The patient's events in one custodian's log, each with its proof.
 
@@ -258,7 +265,7 @@ async def custodian_events(
                 entry.kind,
                 entry.time,
                 token_id,
-                _event_details(entry),
+                _event_details(entry, labels or {}),
                 Proof(size, checkpoint is not None, included, cosigners),
                 source,
             )
@@ -276,10 +283,12 @@ async def read_patient_log(
     nodes = list(await asyncio.gather(*(describe_node(session, url) for url in urls)))
     state = wallet.files.load_state()
     tokens_by_custodian: dict[str, set[bytes]] = {}
+    labels: dict[bytes, str] = {}
     for record in state["tokens"]:
-        tokens_by_custodian.setdefault(record["custodian"], set()).add(
-            bytes.fromhex(record["token_id"])
-        )
+        token_id = bytes.fromhex(record["token_id"])
+        tokens_by_custodian.setdefault(record["custodian"], set()).add(token_id)
+        if isinstance(record.get("link"), dict):
+            labels[token_id] = str(record["link"].get("label", ""))
     events: list[PatientEvent] = []
     problems: list[str] = []
     for custodian, token_ids in sorted(tokens_by_custodian.items()):
@@ -288,7 +297,9 @@ async def read_patient_log(
             problems.append(f"{custodian}: the wallet has no key pinned for its log")
             continue
         try:
-            events.extend(await custodian_events(session, nodes, custodian, pinned, token_ids))
+            events.extend(
+                await custodian_events(session, nodes, custodian, pinned, token_ids, labels)
+            )
         except (BadInput, Unauthorized, UnicodeDecodeError) as exc:
             problems.append(f"{custodian}: {exc}")
     events.sort(key=lambda e: (e.time, e.custodian, e.index))

@@ -10,6 +10,7 @@ what "committed" means wherever the node acknowledges something.
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Literal
 
@@ -36,3 +37,17 @@ def connect_durable(
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
     return conn
+
+
+class LockedDatabase:
+    """One SQLite file opened as above with its schema, used by several threads behind one
+    lock (``_lock`` guards ``_db``): the base of the node's small state databases."""
+
+    def __init__(self, path: Path, schema: str) -> None:
+        self._lock = threading.Lock()
+        self._db = connect_durable(path)
+        self._db.executescript(schema)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

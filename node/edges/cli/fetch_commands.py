@@ -18,6 +18,7 @@ import urllib.request
 from typing import Any
 
 from node.config import NodeConfig
+from node.core.shlink import SHLINK_PREFIX
 from node.edges.cli._common import (
     EXIT_FAILED,
     EXIT_OK,
@@ -29,10 +30,12 @@ from node.edges.cli._common import (
     fail,
     print_json,
 )
-from node.errors import BadInput, ImageShareError, NotFound, Unauthorized
+from node.errors import BadInput, Forbidden, ImageShareError, NotFound, Unauthorized
 from node.store.secrets import read_secret
 
 POLL_INTERVAL = 0.2
+# A link's studies are read in one admin request: allow for a large study.
+LINK_FETCH_TIMEOUT = 3600.0
 
 
 def register(subparsers: Any) -> None:
@@ -42,7 +45,12 @@ def register(subparsers: Any) -> None:
         cmd_fetch,
         "fetch the studies a patient's grant allows from their custodian",
     )
-    p.add_argument("token", metavar="TOKEN", help="the grant token, or its imageshare: URL")
+    p.add_argument(
+        "token",
+        metavar="SHLINK_OR_TOKEN",
+        help="a share link (shlink:/... or a URL carrying it), a grant token or its URL",
+    )
+    p.add_argument("--passcode", default=None, help="the share link's passcode")
 
 
 class AdminClient:
@@ -55,7 +63,7 @@ class AdminClient:
         self.base = f"http://{host}:{port}"
         self.token = read_secret(config.admin_token_path).decode().strip()
 
-    def call(self, method: str, path: str, body: Any = None) -> Any:
+    def call(self, method: str, path: str, body: Any = None, timeout: float = 30) -> Any:
         """One JSON request; raises Unreachable, or the node's error for a refusal."""
         request = urllib.request.Request(
             self.base + path,
@@ -64,14 +72,16 @@ class AdminClient:
             headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
         )
         try:
-            with urllib.request.urlopen(request, timeout=30) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:
             try:
                 message = json.loads(exc.read()).get("error") or str(exc.code)
             except (ValueError, AttributeError):
                 message = str(exc.code)
-            kind = {400: BadInput, 401: Unauthorized, 404: NotFound}.get(exc.code, ImageShareError)
+            kind = {400: BadInput, 401: Unauthorized, 403: Forbidden, 404: NotFound}.get(
+                exc.code, ImageShareError
+            )
             raise kind(f"the node refused: {message}") from exc
         except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
             raise Unreachable(
@@ -81,6 +91,8 @@ class AdminClient:
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     client = AdminClient(config_of(args))
+    if SHLINK_PREFIX in args.token:
+        return _fetch_link(client, args)
     job = client.call("POST", "/admin/api/fetch", {"token": args.token})
     bar: ProgressBar | None = None
     try:
@@ -97,6 +109,26 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     return _report(job, args.json)
+
+
+def _fetch_link(client: AdminClient, args: argparse.Namespace) -> int:
+    """A share link: the daemon reads it through the link's DICOMweb root, then answers."""
+    result = client.call(
+        "POST",
+        "/admin/api/links/fetch",
+        {"shlink": args.token, "passcode": args.passcode},
+        timeout=LINK_FETCH_TIMEOUT,
+    )
+    if args.json:
+        print_json(result)
+        return EXIT_OK
+    print(
+        f"Fetched {result['instances']} instances ({result['bytes'] / 1e6:.1f} MB) from"
+        f" {result['custodian']} by a share link; {result['duplicate']} were already here."
+    )
+    for study in result["studies"]:
+        print(f"  study {study['study_uid']}: {study['dicomweb_url']}")
+    return EXIT_OK
 
 
 def _report(job: dict[str, Any], as_json: bool) -> int:

@@ -2,13 +2,17 @@
 
 The admin bearer token and CORS are enforced by app.py's middlewares. Handlers parse the
 request, negotiate the media type, call the DICOMweb service and frame its answer.
+
+Every read route is listed once in READ_ROUTES: /dicomweb mounts them for the admin
+token, and node.edges.http.links mounts the same handlers under a share link's root,
+where a ReadAccess in the request limits them to the link's studies.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from dataclasses import replace
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
 from functools import partial
 
 from aiohttp import web
@@ -24,43 +28,54 @@ from node.edges.http.multipart import (
     stream_parts,
     type_matches,
 )
-from node.errors import BadInput
+from node.errors import BadInput, NotFound
 from node.services.dicomweb import OCTET_STREAM, DicomWebService, FrameSet, UploadPart
 from node.services.runtime import NodeRuntime
-from node.store.attributes import Level
+from node.store.attributes import BY_KEYWORD, Level
 from node.store.instances import InstanceRecord
-from node.store.queries import parse_qido
+from node.store.queries import Filter, parse_qido
 
 PREFIX = "/dicomweb"
 SERVICE_KEY = web.AppKey("dicomweb", DicomWebService)
 READS_AUDITED_KEY = web.AppKey("dicomweb_reads_audited", SlidingWindowLimit)
 DICOM = "application/dicom"
 _UID = "{%s:[0-9.]{1,64}}"
-STUDY = f"{PREFIX}/studies/{_UID % 'study'}"
-SERIES = f"{STUDY}/series/{_UID % 'series'}"
-INSTANCE = f"{SERIES}/instances/{_UID % 'instance'}"
+# Paths below a DICOMweb root.
+STUDY_PATH = f"/studies/{_UID % 'study'}"
+SERIES_PATH = f"{STUDY_PATH}/series/{_UID % 'series'}"
+INSTANCE_PATH = f"{SERIES_PATH}/instances/{_UID % 'instance'}"
+STUDY = PREFIX + STUDY_PATH
+ACCESS_KEY = "imageshare.dicomweb_access"  # request key: the ReadAccess of a request
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class ReadAccess:
+    """What a DICOMweb read may see: every study (None, the admin token) or a set of them,
+    the path of the root it came in by (retrieve URLs point back to it), and who asks."""
+
+    studies: frozenset[str] | None
+    root_path: str
+    who: str
+
+
+ADMIN_ACCESS = ReadAccess(None, PREFIX, "admin-token")
+
+
+def _access(request: web.Request) -> ReadAccess:
+    access = request.get(ACCESS_KEY, ADMIN_ACCESS)
+    assert isinstance(access, ReadAccess)
+    return access
 
 
 def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
     app[SERVICE_KEY] = DicomWebService(runtime.store)
     app[READS_AUDITED_KEY] = SlidingWindowLimit(1, 60.0)
     router = app.router
-    router.add_get(f"{PREFIX}/studies", search_studies)
+    for path, handler in READ_ROUTES:
+        router.add_get(PREFIX + path, handler)
     router.add_post(f"{PREFIX}/studies", store_instances)
-    router.add_get(f"{PREFIX}/series", search_series)
-    router.add_get(f"{PREFIX}/instances", search_instances)
-    router.add_get(STUDY, retrieve)
     router.add_post(STUDY, store_instances)
-    router.add_get(f"{STUDY}/metadata", retrieve_metadata)
-    router.add_get(f"{STUDY}/series", search_series)
-    router.add_get(f"{STUDY}/instances", search_instances)
-    router.add_get(SERIES, retrieve)
-    router.add_get(f"{SERIES}/metadata", retrieve_metadata)
-    router.add_get(f"{SERIES}/instances", search_instances)
-    router.add_get(INSTANCE, retrieve)
-    router.add_get(f"{INSTANCE}/metadata", retrieve_metadata)
-    router.add_get(f"{INSTANCE}/frames/{{frames}}", retrieve_frames)
-    router.add_get(f"{INSTANCE}/bulk/{{tag:[0-9A-Fa-f]{{8}}}}", retrieve_bulk)
 
 
 def _service(request: web.Request) -> DicomWebService:
@@ -68,15 +83,20 @@ def _service(request: web.Request) -> DicomWebService:
 
 
 def _base_url(request: web.Request) -> str:
-    """Where clients reach DICOMweb: the configured public URL, else what the client used."""
+    return base_url_of(request, _access(request).root_path)
+
+
+def base_url_of(request: web.Request, root_path: str) -> str:
+    """Where clients reach ``root_path`` on this node: the configured public URL, else
+    what the client used."""
     configured = request.app[RUNTIME_KEY].config.http.public_url
     if configured:
-        return configured.rstrip("/") + PREFIX
+        return configured.rstrip("/") + root_path
     host = request.host
     sockname = request.transport.get_extra_info("sockname") if request.transport else None
     if ":" not in host.rsplit("]", 1)[-1] and sockname:
         host = f"{host}:{sockname[1]}"  # some clients send Host without the port
-    return f"{request.scheme}://{host}{PREFIX}"
+    return f"{request.scheme}://{host}{root_path}"
 
 
 def _json_response(document: object, status: int = 200) -> web.Response:
@@ -104,9 +124,14 @@ async def _search(request: web.Request, level: Level) -> web.Response:
         study_uid=request.match_info.get("study"),
         series_uid=request.match_info.get("series"),
     )
+    access = _access(request)
+    if access.studies is not None:
+        if not access.studies:
+            return _json_response([])
+        query.filters.append(Filter(BY_KEYWORD["StudyInstanceUID"], tuple(sorted(access.studies))))
     results, truncated = await _service(request).search(query, _base_url(request))
     request.app[RUNTIME_KEY].security_audit.record(
-        atna.query, "admin-token", request.remote or "", "QIDO-RS", len(results)
+        atna.query, access.who, request.remote or "", "QIDO-RS", len(results)
     )
     response = _json_response(results)
     if truncated:
@@ -139,6 +164,9 @@ async def search_instances(request: web.Request) -> web.Response:
 
 async def _records(request: web.Request) -> list[InstanceRecord]:
     info = request.match_info
+    allowed = _access(request).studies
+    if allowed is not None and info["study"] not in allowed:
+        raise NotFound("no such study")  # as if absent: a link does not tell what else is here
     return await _service(request).records(info["study"], info.get("series"), info.get("instance"))
 
 
@@ -185,7 +213,7 @@ def _audit_transfer(request: web.Request, sent: bool, study_uids: list[str], via
     request.app[RUNTIME_KEY].security_audit.record(
         atna.instances_transferred,
         sent,
-        "admin-token",
+        _access(request).who,
         request.remote or "",
         sorted(set(study_uids)),
         len(study_uids),
@@ -296,3 +324,22 @@ async def store_instances(request: web.Request) -> web.Response:
     if report.stored:
         _audit_transfer(request, False, [r.study_instance_uid for r in report.stored], "STOW-RS")
     return _json_response(report.as_json(_base_url(request)), report.status)
+
+
+# Every read route, below a DICOMweb root (mounted under /dicomweb and under share links).
+READ_ROUTES: tuple[tuple[str, Handler], ...] = (
+    ("/studies", search_studies),
+    ("/series", search_series),
+    ("/instances", search_instances),
+    (STUDY_PATH, retrieve),
+    (f"{STUDY_PATH}/metadata", retrieve_metadata),
+    (f"{STUDY_PATH}/series", search_series),
+    (f"{STUDY_PATH}/instances", search_instances),
+    (SERIES_PATH, retrieve),
+    (f"{SERIES_PATH}/metadata", retrieve_metadata),
+    (f"{SERIES_PATH}/instances", search_instances),
+    (INSTANCE_PATH, retrieve),
+    (f"{INSTANCE_PATH}/metadata", retrieve_metadata),
+    (f"{INSTANCE_PATH}/frames/{{frames}}", retrieve_frames),
+    (f"{INSTANCE_PATH}/bulk/{{tag:[0-9A-Fa-f]{{8}}}}", retrieve_bulk),
+)

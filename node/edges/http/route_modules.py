@@ -9,6 +9,7 @@ from node.edges.http import (
     dicomweb,
     forwarding,
     ledger_api,
+    links,
     p2p,
     patient,
     transfer,
@@ -23,5 +24,6 @@ MODULES: list[ModuleType] = [
     ledger_api,
     forwarding,
     wallet_pages,
+    links,
     admin,
 ]

@@ -44,16 +44,21 @@ def load_files(directory: Path = STATIC_DIR) -> dict[str, tuple[bytes, str]]:
 
 
 def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
-    files = load_files()
+    add_static_pages(app, PREFIX, STATIC_DIR)
+
+
+def add_static_pages(app: web.Application, prefix: str, directory: Path) -> None:
+    """Serve the files of ``directory`` from memory under ``prefix`` with the CSP above."""
+    files = load_files(directory)
 
     async def redirect(request: web.Request) -> web.Response:
-        raise web.HTTPPermanentRedirect(PREFIX + "/")
+        raise web.HTTPPermanentRedirect(prefix + "/")
 
     async def serve(request: web.Request) -> web.Response:
         name = request.match_info.get("name") or "index.html"
         found = files.get(name)
         if found is None:
-            raise NotFound("no such wallet file")
+            raise NotFound("no such file")
         body, content_type = found
         etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
         headers = {
@@ -68,6 +73,6 @@ def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
             return web.Response(status=304, headers=headers)
         return web.Response(body=body, headers={**headers, "Content-Type": content_type})
 
-    app.router.add_get(PREFIX, redirect)
-    app.router.add_get(PREFIX + "/", serve)
-    app.router.add_get(PREFIX + "/{name:[A-Za-z0-9._-]+}", serve)
+    app.router.add_get(prefix, redirect)
+    app.router.add_get(prefix + "/", serve)
+    app.router.add_get(prefix + "/{name:[A-Za-z0-9._-]+}", serve)

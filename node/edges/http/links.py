@@ -1,0 +1,162 @@
+"""Share links over HTTP: the SHL manifest, the link-scoped DICOMweb root, its OHIF
+configuration, its download, and the share page (thin handlers over node.services.links).
+
+- ``POST /shl/{manifest_id}``                  SHL manifest: ``{recipient, passcode?}`` ->
+  ``{"files": [{"contentType", "embedded"}]}``; 401 ``{"error", "remainingAttempts"}`` for
+  a wrong passcode; 404 for an unknown, expired, revoked or dead link
+- ``GET /links/{access_token}/dicomweb/...``   the read routes of /dicomweb, limited to
+  the link's studies, needing no admin token
+- ``GET /links/{access_token}/dicomweb.json``  OHIF's dicomwebproxy configuration of it
+- ``GET /links/{access_token}/download``       the link's studies as IHE PDI media (ZIP)
+- ``GET /share/``                              the page a link's QR code opens
+
+The access token and manifest id are secrets in the path: refusals are logged with the
+route as registered (``{access_token}``), never the path itself (app.log_refusal), and
+answers say ``Referrer-Policy: no-referrer`` so that no page passes them on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from node.edges.http import dicomweb, wallet_pages
+from node.edges.http.app import RUNTIME_KEY, log_refusal
+from node.errors import BadInput, PayloadTooLarge
+from node.services import links
+from node.services.runtime import NodeRuntime
+
+_SECRET = "[A-Za-z0-9_-]{43}"
+LINK_ROOT = f"/links/{{access_token:{_SECRET}}}"
+MANIFEST = f"/shl/{{manifest_id:{_SECRET}}}"
+SHARE_PAGE = "/share"
+SHARE_DIR = Path(__file__).parent / "static" / "share"
+MAX_MANIFEST_REQUEST = 4096
+NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
+
+# The PDI media streamer of node.services.pdi_media, where that module is installed:
+# (request, runtime, study UIDs) -> the streamed ZIP.
+PdiStreamer = Callable[[web.Request, NodeRuntime, list[str]], Awaitable[web.StreamResponse]]
+
+
+def _pdi_streamer() -> PdiStreamer | None:
+    try:
+        module = importlib.import_module("node.services.pdi_media")
+    except ImportError:
+        return None
+    streamer = getattr(module, "stream_pdi_response", None)
+    return streamer if callable(streamer) else None
+
+
+def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
+    router = app.router
+    router.add_post(MANIFEST, manifest)
+    router.add_get(f"{LINK_ROOT}/dicomweb.json", ohif_configuration)
+    router.add_get(f"{LINK_ROOT}/download", download)
+    router.add_post("/admin/api/links/fetch", fetch)
+    for path, handler in dicomweb.READ_ROUTES:
+        router.add_get(f"{LINK_ROOT}/dicomweb{path}", _link_scoped(handler))
+    wallet_pages.add_static_pages(app, SHARE_PAGE, SHARE_DIR)
+
+
+def _link_root_path(access_token: str) -> str:
+    return f"/links/{access_token}/dicomweb"
+
+
+def _link_scoped(handler: dicomweb.Handler) -> dicomweb.Handler:
+    """``handler`` limited to the studies of the link whose access token is in the path."""
+
+    @functools.wraps(handler)
+    async def scoped(request: web.Request) -> web.StreamResponse:
+        runtime = request.app[RUNTIME_KEY]
+        token = request.match_info["access_token"]
+        authorization = await asyncio.to_thread(links.authorize_link, runtime, token)
+        request[dicomweb.ACCESS_KEY] = dicomweb.ReadAccess(
+            authorization.study_uids, _link_root_path(token), "share-link"
+        )
+        response = await handler(request)
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        return response
+
+    return scoped
+
+
+async def manifest(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME_KEY]
+    if (request.content_length or 0) > MAX_MANIFEST_REQUEST:
+        raise PayloadTooLarge("a manifest request is at most 4 KiB")
+    body = await request.content.read(MAX_MANIFEST_REQUEST + 1)
+    if len(body) > MAX_MANIFEST_REQUEST:
+        raise PayloadTooLarge("a manifest request is at most 4 KiB")
+    try:
+        files = await asyncio.to_thread(
+            links.open_manifest, runtime, request.match_info["manifest_id"], body
+        )
+    except links.PasscodeRefused as exc:
+        log_refusal(request, 401, str(exc))
+        return web.json_response(
+            {"error": str(exc), "remainingAttempts": exc.remaining}, status=401, headers=NO_STORE
+        )
+    return web.json_response({"files": [f.as_json() for f in files]}, headers=NO_STORE)
+
+
+async def ohif_configuration(request: web.Request) -> web.Response:
+    """OHIF's dicomwebproxy data source configuration of the link's DICOMweb root."""
+    runtime = request.app[RUNTIME_KEY]
+    token = request.match_info["access_token"]
+    await asyncio.to_thread(links.authorize_link, runtime, token)
+    root = dicomweb.base_url_of(request, _link_root_path(token))
+    server = {
+        "name": "ImageShare share link",
+        "wadoUriRoot": root,
+        "qidoRoot": root,
+        "wadoRoot": root,
+        "qidoSupportsIncludeField": True,
+        "imageRendering": "wadors",
+        "thumbnailRendering": "wadors",
+        "enableStudyLazyLoad": True,
+        "supportsFuzzyMatching": False,
+        "supportsWildcard": True,
+        "supportsReject": False,
+        "staticWado": False,
+        "singlepart": "bulkdata,video",
+    }
+    return web.json_response({"servers": {"dicomWeb": [server]}}, headers=NO_STORE)
+
+
+async def fetch(request: web.Request) -> web.Response:
+    """Admin API (admin token): import what a share link opens. JSON {"shlink", "passcode"}."""
+    runtime = request.app[RUNTIME_KEY]
+    try:
+        document = await request.json()
+        shlink, passcode = document["shlink"], document.get("passcode")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BadInput('a link fetch is JSON {"shlink": ..., "passcode": ...}') from exc
+    if not isinstance(shlink, str) or not (passcode is None or isinstance(passcode, str)):
+        raise BadInput("shlink and passcode must be strings")
+    result = await links.fetch_link(runtime, shlink, passcode)
+    root = dicomweb.base_url_of(request, dicomweb.PREFIX)
+    return web.json_response(result.as_json(root))
+
+
+async def download(request: web.Request) -> web.StreamResponse:
+    """The link's studies as a PDI ZIP (recorded as a download before a byte is sent)."""
+    runtime = request.app[RUNTIME_KEY]
+    token = request.match_info["access_token"]
+    streamer = _pdi_streamer()
+    if streamer is None:
+        # Checked after the credential, so the answer tells nothing to a stranger.
+        await asyncio.to_thread(links.authorize_link, runtime, token)
+        log_refusal(request, 501, "the PDI media streamer is not installed")
+        return web.json_response(
+            {"error": "downloads are not available on this node yet (no PDI media streamer)"},
+            status=501,
+            headers=NO_STORE,
+        )
+    authorization = await asyncio.to_thread(links.authorize_download, runtime, token)
+    return await streamer(request, runtime, sorted(authorization.study_uids))
