@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib.util
+import io
 import json
 import urllib.error
 import urllib.request
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,8 @@ from node.samples import make_ct_study
 from tests.support.nodes import NodeProcess, init_node, peer_each_other, run_cli, wait_until
 
 NO_PASSPHRASE = {"IMAGESHARE_WALLET_PASSPHRASE": ""}
+# The PDI media streamer is the viewing half's; the download test runs once it is merged.
+HAVE_PDI = importlib.util.find_spec("node.services.pdi_media") is not None
 DICOM_JSON = "application/dicom+json"
 
 
@@ -182,6 +187,88 @@ class TestLinkFormats:
         assert link_access_kind(b"\x00" * 32) is None
 
 
+class TestAuditorRules:
+    """The auditor's rules over a hand-made custodian log holding a link grant."""
+
+    def test_a_link_access_counts_only_under_a_live_link_grant_and_needs_no_receipt(
+        self,
+    ) -> None:
+        from nacl.signing import SigningKey
+
+        from node.core.audit_rules import (
+            SignatureChecks,
+            access_violation,
+            match_receipts,
+            plan_consent_checks,
+        )
+        from node.core.consent import (
+            decode_revocation,
+            sign_revocation,
+            token_id_of,
+            validate_grant,
+        )
+        from node.core.entries import LedgerEntry
+
+        origin, zero, study = "a.example/imageshare", b"\x00" * 32, b"\x06" * 32
+        patient_key = SigningKey(b"\x03" * 32)
+        public = bytes(patient_key.verify_key)
+
+        def sign(message: bytes) -> bytes:
+            return bytes(patient_key.sign(message).signature)
+
+        grantee = link_grantee(b"\x04" * 32)
+        fields = GrantFields(public, origin, grantee, (study,), 1000, 2000, b"\x01" * 16)
+        token = sign_grant(fields, sign)
+        revocation = sign_revocation(public, token_id_of(token), 1500, sign)
+
+        def accessed(at: int, by: str) -> LedgerEntry:
+            return LedgerEntry(
+                "access",
+                zero,
+                at,
+                {
+                    "token_id": token_id_of(token),
+                    "grantee": by,
+                    "study": study,
+                    "instances": 0,
+                    "bytes": 0,
+                    "digest": link_access_digest("view"),
+                },
+            )
+
+        entries: list[LedgerEntry | None] = [
+            LedgerEntry(
+                "enroll", zero, 900, {"subject": b"\x07" * 32, "key": public, "replaces": None}
+            ),
+            LedgerEntry("grant", zero, 1000, {"token": token}),
+            accessed(1100, grantee),
+            accessed(1200, "c.example/imageshare"),  # a node riding on the link's grant
+            LedgerEntry("revoke", zero, 1500, {"revocation": revocation}),
+            accessed(1600, grantee),
+        ]
+        grant = decode_grant(token)
+        checks = SignatureChecks(
+            grants={token: grant},
+            grants_valid=frozenset({token}),
+            revocations={revocation: decode_revocation(revocation)},
+            revocations_valid=frozenset({revocation}),
+        )
+        found, planned = plan_consent_checks(origin, entries, checks, clock_skew=0)
+        assert found == []
+        violations = [
+            access_violation(c, validate_grant(c.token, c.request, c.view, c.policy).rule)
+            for c in planned
+        ]
+        assert [(v.index, v.rule) if v else None for v in violations] == [
+            None,
+            (3, "access_wrong_grantee"),
+            (5, "access_after_revocation"),
+        ]
+        # Only the node's access lacks a receipt: a link has no log to hold one.
+        receipts = match_receipts({origin: entries}, now=10**6, grace=0)
+        assert [(v.index, v.rule) for v in receipts] == [(3, "access_without_receipt")]
+
+
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     base = tmp_path_factory.mktemp("share-links")
@@ -226,6 +313,10 @@ def share(nodes: dict[str, Any], who: str, *args: str) -> dict[str, Any]:
         nodes["wallets"][who], "share", "--custodian", nodes["a"].url, *args
     )
     return result
+
+
+def credential_of_root(root: str) -> str:
+    return root.split("/links/", 1)[1].split("/", 1)[0]
 
 
 def link_root(files: list[tuple[str, Any]]) -> str:
@@ -417,6 +508,11 @@ class TestLinkRefusals:
         assert http("POST", link["url"], {"recipient": "x"})[0] == 404
         rules = [d["rule"] for d in entries_of(a, made["link_id"], "denial")]
         assert rules == ["revoked", "revoked"]
+        # Refusals are logged by route, never with the credential or manifest id in it.
+        daemon_log = a.log_path.read_text()
+        assert credential_of_root(root) not in daemon_log
+        assert link["url"].rsplit("/", 1)[1] not in daemon_log
+        assert "/links/{access_token}/dicomweb/studies" in daemon_log
 
     def test_an_expired_link_is_refused(self, nodes: dict[str, Any]) -> None:
         a = nodes["a"]
@@ -487,6 +583,34 @@ class TestFetchByLink:
         assert result.returncode == 1 and "passcode" in result.stderr
 
 
+class TestDownload:
+    @pytest.mark.skipif(not HAVE_PDI, reason="node.services.pdi_media is not installed")
+    def test_the_download_is_the_linked_study_as_pdi_media_and_is_recorded(
+        self, nodes: dict[str, Any]
+    ) -> None:
+        ct = nodes["studies"]["jane"][1]
+        made = share(nodes, "jane", "--study", ct["ref"])
+        root = link_root(open_manifest(decode_link(made["shlink"])))
+        status, body, _ = http("GET", root.removesuffix("/dicomweb") + "/download")
+        assert status == 200, body[:200]
+        with zipfile.ZipFile(io.BytesIO(body)) as media:
+            names = media.namelist()
+        assert "DICOMDIR" in names and len([n for n in names if n.startswith("DICOM/")]) >= 4
+        digests = [e["digest"] for e in entries_of(nodes["a"], made["link_id"], "access")]
+        assert link_access_digest("download") in digests
+
+    @pytest.mark.skipif(HAVE_PDI, reason="node.services.pdi_media is installed")
+    def test_without_the_pdi_streamer_a_download_says_so_and_records_nothing(
+        self, nodes: dict[str, Any]
+    ) -> None:
+        made = share(nodes, "john", "--all")
+        root = link_root(open_manifest(decode_link(made["shlink"])))
+        status, body, _ = http("GET", root.removesuffix("/dicomweb") + "/download")
+        assert status == 501 and "PDI" in json.loads(body)["error"]
+        digests = [e["digest"] for e in entries_of(nodes["a"], made["link_id"], "access")]
+        assert link_access_digest("download") not in digests
+
+
 class TestSharePage:
     def test_the_share_page_decrypts_the_manifest_and_lists_the_study_without_sending_the_key(
         self, nodes: dict[str, Any]
@@ -526,3 +650,16 @@ class TestSharePage:
         assert sent, "the page made no request"
         for request in sent:
             assert link["key"] not in request and "shlink:" not in request, request
+
+
+class TestAuditOfTheFederation:
+    def test_the_federation_with_all_these_links_audits_clean(self, nodes: dict[str, Any]) -> None:
+        a, b = nodes["a"], nodes["b"]
+
+        def clean() -> dict[str, Any] | None:
+            result = run_cli("audit", a.url, b.url, "--json", check=False)
+            report: dict[str, Any] = json.loads(result.stdout)
+            return report if result.returncode == 0 else None
+
+        report = wait_until(clean, timeout=30, interval=1.0, message="a clean audit")
+        assert report["violations"] == []

@@ -41,6 +41,7 @@ from node.core.consent import (
     link_grantee,
 )
 from node.core.patient_keys import from_b64url
+from node.core.rate_limit import SlidingWindowLimit
 from node.core.shlink import (
     ACCESS_CREDENTIAL,
     FHIR_JSON,
@@ -55,7 +56,14 @@ from node.core.shlink import (
     secret_digest,
     study_uid_of,
 )
-from node.errors import BadInput, Forbidden, ImageShareError, NotFound, Unauthorized
+from node.errors import (
+    BadInput,
+    Forbidden,
+    ImageShareError,
+    NotFound,
+    TooManyRequests,
+    Unauthorized,
+)
 from node.services import consent
 from node.services.ledger import ledger_service
 from node.services.previews import owned_study_uid
@@ -76,6 +84,9 @@ MAX_FILES = 257
 PASSCODE_OPSLIMIT = nacl.pwhash.argon2id.OPSLIMIT_INTERACTIVE
 PASSCODE_MEMLIMIT = 32 * 1024 * 1024
 _OPEN_LOCK = threading.Lock()
+# Manifest reads of one link per minute: each is a permanent, replicated access entry,
+# and a viewer needs one per opening.
+MAX_MANIFESTS_PER_MINUTE = 30
 # A fetched link's manifest and files, at most; instances are bounded by the store.
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 COMMIT_INSTANCES = 64
@@ -111,6 +122,7 @@ class LinkService:
         self._sessions: dict[str, float] = {}  # grantee -> when its session began
         self._sessions_lock = threading.Lock()
         self._passcode_lock = threading.Lock()
+        self.manifest_limit = SlidingWindowLimit(MAX_MANIFESTS_PER_MINUTE, 60.0)
 
     def close(self) -> None:
         self.store.close()
@@ -286,8 +298,9 @@ def open_manifest(
     """Answer a manifest request: the link's encrypted files, if it is live and the
     passcode (when it has one) is right.
 
-    Raises BadInput (malformed request), NotFound (no such link), LinkInactive (expired,
-    revoked, dead) and PasscodeRefused (wrong passcode, with the attempts left).
+    Raises BadInput (malformed request), NotFound (no such link), TooManyRequests (over
+    MAX_MANIFESTS_PER_MINUTE for the link), LinkInactive (expired, revoked, dead) and
+    PasscodeRefused (wrong passcode, with the attempts left).
     """
     now = int(time.time()) if now is None else now
     request = parse_manifest_request(body)  # the recipient is not kept: the holder's own text
@@ -295,6 +308,10 @@ def open_manifest(
     link = service.store.by_manifest(secret_digest(manifest_id))
     if link is None:
         raise NotFound("no such share link")
+    if not service.manifest_limit.admit(link.grantee, time.monotonic()):
+        raise TooManyRequests(
+            f"the link's manifest was read {MAX_MANIFESTS_PER_MINUTE} times this minute"
+        )
     refs = _live_studies(runtime, link, now)
     if link.passcode_hash is not None and not (
         request.passcode is not None
