@@ -285,26 +285,6 @@ class StudyDescription:
         return sorted({s.modality for s in self.series if s.modality})
 
 
-def parse_study_description(document: Any) -> StudyDescription:
-    """A study description as describe_own_study answers it; raises BadInput otherwise."""
-    try:
-        series = tuple(
-            SeriesDescription(
-                str(s["uid"]),
-                None if s["number"] is None else int(s["number"]),
-                str(s["modality"]),
-                str(s["description"]),
-                int(s["instances"]),
-            )
-            for s in document["series"]
-        )
-        return StudyDescription(
-            str(document["uid"]), str(document["date"]), str(document["description"]), series
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BadInput("the custodian's study description is malformed") from exc
-
-
 def _coding(code: str) -> dict[str, str]:
     return {"system": DCM_CODES, "code": code}
 
@@ -346,6 +326,24 @@ def imaging_study(study: StudyDescription, wado_root: str) -> dict[str, Any]:
         document["started"] = f"{study.date[:4]}-{study.date[4:6]}-{study.date[6:]}"
     if study.description:
         document["description"] = study.description
+    return document
+
+
+def with_endpoint(document: dict[str, Any], wado_root: str) -> dict[str, Any]:
+    """An ImagingStudy made by imaging_study, its Endpoint's address set to ``wado_root``.
+
+    The custodian describes a study without knowing the link (the wallet makes the
+    credential); the wallet sets the address. Raises BadInput if it has no such Endpoint.
+    """
+    contained = document.get("contained")
+    endpoints = [
+        c
+        for c in (contained if isinstance(contained, list) else [])
+        if isinstance(c, dict) and c.get("resourceType") == "Endpoint" and c.get("id") == "wado"
+    ]
+    if len(endpoints) != 1:
+        raise BadInput("the study description has no WADO-RS Endpoint to point at the link")
+    endpoints[0]["address"] = wado_root
     return document
 
 

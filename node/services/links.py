@@ -46,8 +46,11 @@ from node.core.shlink import (
     ACCESS_CREDENTIAL,
     FHIR_JSON,
     ManifestFile,
+    SeriesDescription,
+    StudyDescription,
     decode_shlink,
     decrypt_file,
+    imaging_study,
     json_object,
     link_access_digest,
     parse_access_credential,
@@ -171,37 +174,33 @@ def hash_passcode(passcode: str) -> bytes:
 
 
 def describe_own_study(runtime: NodeRuntime, public_key: bytes, study_ref: bytes) -> dict[str, Any]:
-    """What the wallet needs to describe one of the patient's studies in a link.
+    """The FHIR ImagingStudy of one of the patient's studies, for the wallet to put in a
+    link (it sets the Endpoint's address, which only it knows: node.core.shlink
+    .with_endpoint).
 
     Only for the patient's own signed request (the study's UIDs are theirs to share).
     Raises Forbidden if the study is not theirs, NotFound if no study has the reference.
     """
     study_uid = owned_study_uid(runtime, public_key, study_ref)
     row = runtime.store.study_row(study_uid)
-    records = runtime.store.instances(study_uid)
     by_series: dict[str, int] = {}
-    for record in records:
+    for record in runtime.store.instances(study_uid):
         by_series[record.series_instance_uid] = by_series.get(record.series_instance_uid, 0) + 1
     series = runtime.store.reader.execute(
         "SELECT series_instance_uid, series_number, modality, series_description FROM series"
         " WHERE study_instance_uid = ? ORDER BY series_number, series_instance_uid",
         (study_uid,),
     ).fetchall()
-    return {
-        "uid": study_uid,
-        "date": row.get("study_date") or "",
-        "description": row.get("study_description") or "",
-        "series": [
-            {
-                "uid": s[0],
-                "number": s[1],
-                "modality": s[2] or "",
-                "description": s[3] or "",
-                "instances": by_series.get(s[0], 0),
-            }
+    study = StudyDescription(
+        study_uid,
+        row.get("study_date") or "",
+        row.get("study_description") or "",
+        tuple(
+            SeriesDescription(s[0], s[1], s[2] or "", s[3] or "", by_series.get(s[0], 0))
             for s in series
-        ],
-    }
+        ),
+    )
+    return imaging_study(study, "")
 
 
 def create_link(
@@ -303,11 +302,11 @@ def open_manifest(
     PasscodeRefused (wrong passcode, with the attempts left).
     """
     now = int(time.time()) if now is None else now
-    request = parse_manifest_request(body)  # the recipient is not kept: the holder's own text
     service = link_service(runtime)
     link = service.store.by_manifest(secret_digest(manifest_id))
     if link is None:
         raise NotFound("no such share link")
+    request = parse_manifest_request(body)  # the recipient is not kept: the holder's own text
     if not service.manifest_limit.admit(link.grantee, time.monotonic()):
         raise TooManyRequests(
             f"the link's manifest was read {MAX_MANIFESTS_PER_MINUTE} times this minute"
@@ -434,7 +433,10 @@ async def read_manifest(
 
 
 async def _parts(response: aiohttp.ClientResponse) -> AsyncIterator[aiohttp.BodyPartReader]:
-    reader = aiohttp.MultipartReader.from_response(response)
+    try:
+        reader = aiohttp.MultipartReader.from_response(response)
+    except (ValueError, KeyError) as exc:
+        raise BadInput("the custodian's answer is not multipart/related") from exc
     while True:
         part = await reader.next()
         if part is None:

@@ -44,10 +44,9 @@ from node.core.shlink import (
     access_credential,
     encode_shlink,
     encrypt_file,
-    imaging_study,
-    parse_study_description,
     secret_digest,
     viewer_url,
+    with_endpoint,
 )
 from node.core.signed_requests import NONCE_SIZE, make_headers, patient_signer
 from node.errors import (
@@ -288,19 +287,11 @@ class Wallet:
             answer = await self.signed(
                 session, custodian, "GET", f"/patient/studies/{b64url(ref)}/description"
             )
-            study = json.dumps(imaging_study(parse_study_description(answer), dicomweb_root))
-            files.append(
-                {
-                    "contentType": FHIR_JSON,
-                    "embedded": encrypt_file(link_key, FHIR_JSON, study.encode()),
-                }
-            )
-        credential = json.dumps(access_credential(access_token, dicomweb_root, lifetime))
+            if not isinstance(answer, dict):
+                raise BadInput("the custodian's study description is not an ImagingStudy")
+            files.append(sealed(FHIR_JSON, with_endpoint(answer, dicomweb_root)))
         files.append(
-            {
-                "contentType": ACCESS_CREDENTIAL,
-                "embedded": encrypt_file(link_key, ACCESS_CREDENTIAL, credential.encode()),
-            }
+            sealed(ACCESS_CREDENTIAL, access_credential(access_token, dicomweb_root, lifetime))
         )
         grantee = link_grantee(secret_digest(access_token))
         fields = GrantFields(
