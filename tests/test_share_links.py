@@ -341,8 +341,7 @@ class TestLinkRoundTrip:
         made = share(
             nodes,
             "jane",
-            "--study",
-            ct["ref"],
+            f"--study={ct['ref']}",
             "--expires",
             "1d",
             "--passcode",
@@ -373,6 +372,7 @@ class TestLinkRoundTrip:
             headers={"Accept": 'multipart/related; type="application/dicom"'},
         )
         assert status == 200 and headers["Content-Type"].startswith("multipart/related")
+        assert headers["Referrer-Policy"] == "no-referrer"  # streamed answers too
         assert body.count(b"DICM") == 4
         status, metadata = qido(root, f"/studies/{uid}/metadata")
         assert status == 200 and len(metadata) == 4
@@ -452,7 +452,7 @@ class TestLinkRoundTrip:
 class TestLinkScope:
     def test_a_link_reads_only_its_own_studies(self, nodes: dict[str, Any]) -> None:
         jane_old = nodes["studies"]["jane"][0]
-        jane_link = share(nodes, "jane", "--study", jane_old["ref"])
+        jane_link = share(nodes, "jane", f"--study={jane_old['ref']}")
         jane = open_manifest(decode_link(jane_link["shlink"]))
         john = open_manifest(decode_link(share(nodes, "john", "--all")["shlink"]))
         jane_root, john_root = link_root(jane), link_root(john)
@@ -559,7 +559,7 @@ class TestFetchByLink:
     def test_another_node_imports_the_linked_study(self, nodes: dict[str, Any]) -> None:
         a, b = nodes["a"], nodes["b"]
         ct = nodes["studies"]["jane"][1]
-        made = share(nodes, "jane", "--study", ct["ref"], "--passcode", "2468")
+        made = share(nodes, "jane", f"--study={ct['ref']}", "--passcode", "2468")
         result = json.loads(b.cli("fetch", made["shlink"], "--passcode", "2468", "--json").stdout)
         assert result["stored"] == 4 and len(result["studies"]) == 1
         uid = result["studies"][0]["study_uid"]
@@ -578,7 +578,7 @@ class TestFetchByLink:
 
     def test_a_wrong_passcode_fails_the_fetch(self, nodes: dict[str, Any]) -> None:
         ct = nodes["studies"]["jane"][1]
-        made = share(nodes, "jane", "--study", ct["ref"], "--passcode", "1357")
+        made = share(nodes, "jane", f"--study={ct['ref']}", "--passcode", "1357")
         result = nodes["b"].cli("fetch", made["shlink"], "--passcode", "nope", check=False)
         assert result.returncode == 1 and "passcode" in result.stderr
 
@@ -589,7 +589,7 @@ class TestDownload:
         self, nodes: dict[str, Any]
     ) -> None:
         ct = nodes["studies"]["jane"][1]
-        made = share(nodes, "jane", "--study", ct["ref"])
+        made = share(nodes, "jane", f"--study={ct['ref']}")
         root = link_root(open_manifest(decode_link(made["shlink"])))
         status, body, _ = http("GET", root.removesuffix("/dicomweb") + "/download")
         assert status == 200, body[:200]
@@ -618,7 +618,7 @@ class TestSharePage:
         from tests.support.browser import chromium_session
 
         ct = nodes["studies"]["jane"][1]
-        made = share(nodes, "jane", "--study", ct["ref"], "--passcode", "9911", "--label", "Dr Y")
+        made = share(nodes, "jane", f"--study={ct['ref']}", "--passcode", "9911", "--label", "Dr Y")
         link = decode_link(made["shlink"])
         sent: list[str] = []
         with chromium_session("share-links", viewport=(390, 844)) as browser:
@@ -650,6 +650,60 @@ class TestSharePage:
         assert sent, "the page made no request"
         for request in sent:
             assert link["key"] not in request and "shlink:" not in request, request
+
+
+class TestWebWallet:
+    def test_a_link_made_in_the_web_wallet_opens_in_a_browser_that_never_saw_it(
+        self, nodes: dict[str, Any]
+    ) -> None:
+        from tests.support.browser import chromium_session
+
+        a, ct = nodes["a"], nodes["studies"]["jane"][1]
+        seed = nodes["wallets"]["jane"] / "seed.json"  # the same patient, restored
+        phone = (390, 844)
+
+        def ready(page: Any, screen: str) -> None:
+            page.wait_for_selector(f'body[data-screen="{screen}"][data-ready="true"]')
+
+        with chromium_session("share-links-wallet", viewport=phone) as browser:
+            page = browser.new_page()
+            page.goto(a.url + "/wallet/")
+            ready(page, "setup")
+            page.set_input_files("#restore-file", str(seed))
+            page.fill("#restore-passphrase", "correct horse battery")  # seals it here
+            page.click("#restore-button")
+            ready(page, "key")
+            page.click('#tabs button[data-screen="studies"]')
+            ready(page, "studies")
+            page.check(f'#studies-list input.choose[value="{ct["ref"]}"]')
+            page.fill("#link-label", "Dr Web")
+            page.fill("#link-passcode", "3141")
+            page.click("#link-button")
+            ready(page, "share")
+            page.shot("1-link-made")
+            url = str(page.text_content("#share-url")).strip()
+            token_id = str(page.text_content("#share-token-id")).strip()
+        assert url.startswith(f"{a.url}/share/#shlink:/")
+        link = decode_link(url.split("#", 1)[1])
+        assert link["label"] == "Dr Web" and link["flag"] == "P"
+        # The independent check holds for the browser's files too.
+        files = open_manifest(link, "3141")
+        assert [t for t, _ in files] == ["application/fhir+json", "application/smart-api-access"]
+        assert qido(link_root(files))[0] == 200
+
+        sent: list[str] = []
+        with chromium_session("share-links-recipient", viewport=phone) as browser:
+            page = browser.new_page()
+            page.on("request", lambda r: sent.append(r.url + (r.post_data or "")))
+            page.goto(url)
+            page.fill("#passcode", "3141")
+            page.click("#passcode-button")
+            page.wait_for_selector("#studies:not([hidden])")
+            page.shot("2-recipient")
+            assert "4 images" in str(page.text_content("#study-list"))
+        assert all(link["key"] not in r and "shlink:" not in r for r in sent)
+        kinds = [link_access_kind(e["digest"]) for e in entries_of(a, token_id, "access")]
+        assert kinds == ["manifest", "view", "manifest"]
 
 
 class TestAuditOfTheFederation:

@@ -90,7 +90,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--custodian", required=True, metavar="URL")
     scope = p.add_mutually_exclusive_group(required=True)
     scope.add_argument("--all", action="store_true", help="all my studies at the custodian")
-    scope.add_argument("--study", nargs="+", metavar="REF", help="study references")
+    scope.add_argument(
+        "--study",
+        nargs="+",
+        metavar="REF",
+        help="study references (--study=REF for one that starts with -)",
+    )
     p.add_argument("--expires", default="7d", help="lifetime: N followed by s, m, h, d or w")
     p.add_argument("--passcode", default=None, help="a passcode the recipient must enter")
     p.add_argument("--label", default="", help="a short text shown with the link (80 at most)")

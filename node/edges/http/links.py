@@ -62,6 +62,14 @@ def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
     for path, handler in dicomweb.READ_ROUTES:
         router.add_get(f"{LINK_ROOT}/dicomweb{path}", _link_scoped(handler))
     wallet_pages.add_static_pages(app, SHARE_PAGE, SHARE_DIR)
+    app.on_response_prepare.append(_no_referrer)
+
+
+async def _no_referrer(request: web.Request, response: web.StreamResponse) -> None:
+    """On response prepare (streamed answers too): a page opened from a link's answer must
+    not pass the link's secret path on as its Referer."""
+    if request.path.startswith(("/links/", "/shl/")):
+        response.headers["Referrer-Policy"] = "no-referrer"
 
 
 def _link_root_path(access_token: str) -> str:
@@ -79,9 +87,7 @@ def _link_scoped(handler: dicomweb.Handler) -> dicomweb.Handler:
         request[dicomweb.ACCESS_KEY] = dicomweb.ReadAccess(
             authorization.study_uids, _link_root_path(token), "share-link"
         )
-        response = await handler(request)
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-        return response
+        return await handler(request)
 
     return scoped
 
