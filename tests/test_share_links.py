@@ -10,6 +10,7 @@ FHIR model library, and read the images through the link's DICOMweb root.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import importlib.util
 import io
@@ -23,6 +24,8 @@ from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jwcrypto import jwe, jwk
 
 from node.core.consent import GrantFields, decode_grant, is_link_grantee, link_grantee, sign_grant
@@ -153,6 +156,21 @@ class TestLinkFormats:
         for body in (b"", b"{}", b'{"recipient": 5}', b'{"recipient": "x", "passcode": 1}'):
             with pytest.raises(BadInput):
                 parse_manifest_request(body)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.text(max_size=300), st.binary(max_size=300))
+    def test_any_input_is_a_link_or_bad_input_and_nothing_else(
+        self, text: str, data: bytes
+    ) -> None:
+        payload = "shlink:/" + base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+        for candidate in (text, payload, "#" + payload):
+            with contextlib.suppress(BadInput):
+                decode_shlink(candidate)
+        for body in (data, text.encode()):
+            with contextlib.suppress(BadInput):
+                parse_manifest_request(body)
+        with contextlib.suppress(BadInput):
+            decrypt_file(b"\x01" * 32, text)
 
     def test_a_file_decrypts_only_under_its_link_key(self) -> None:
         key = b"\x01" * 32
