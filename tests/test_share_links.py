@@ -9,6 +9,7 @@ FHIR model library, and read the images through the link's DICOMweb root.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -18,10 +19,12 @@ import json
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import aiohttp
 import msgpack
 import pytest
 from hypothesis import given, settings
@@ -43,6 +46,7 @@ from node.core.shlink import (
 )
 from node.errors import BadInput
 from node.samples import make_ct_study
+from node.services.wallet import Wallet, parse_study_ref
 from tests.support.nodes import NodeProcess, init_node, peer_each_other, run_cli, wait_until
 
 NO_PASSPHRASE = {"IMAGESHARE_WALLET_PASSPHRASE": ""}
@@ -306,19 +310,18 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     a.cli("import", str(base / "jane-ct"), str(base / "jane-old"), str(base / "john"))
     a.start()
     b.start()
-    wallets = {}
+    # The wallets by the library, in process (the CLI around it is tested where it matters).
+    wallets, studies = {}, {}
     for name, mrn in (("jane", "MRN-JANE"), ("john", "MRN-JOHN")):
         wallet = base / f"wallet-{name}"
-        patient(wallet, "keygen")
-        key = patient(wallet, "pubkey", "--custodian", a.url)["pubkey"]
-        a.cli("enroll", "--patient-id", mrn, "--key", key)
-        wallets[name] = wallet
-    studies = {
-        name: sorted(
-            patient(w, "studies", "--custodian", a.url)["studies"], key=lambda s: s["date"]
+        opened = Wallet.create(wallet, None)
+        custodian = in_session(partial(opened.custodian, url=a.url))
+        a.cli(
+            "enroll", "--patient-id", mrn, "--key", opened.key_for(custodian.origin).public_key_text
         )
-        for name, w in wallets.items()
-    }
+        wallets[name] = wallet
+        found = in_session(partial(opened.studies, url=a.url))
+        studies[name] = sorted(found, key=lambda s: s["date"])
     try:
         yield {"a": a, "b": b, "wallets": wallets, "studies": studies}
     finally:
@@ -327,10 +330,36 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 
 def share(nodes: dict[str, Any], who: str, *args: str) -> dict[str, Any]:
+    """`imageshare patient share ... --json`."""
     result: dict[str, Any] = patient(
         nodes["wallets"][who], "share", "--custodian", nodes["a"].url, *args
     )
     return result
+
+
+T = TypeVar("T")
+
+
+def in_session(action: Callable[[aiohttp.ClientSession], Awaitable[T]]) -> T:
+    async def run() -> T:
+        async with aiohttp.ClientSession() as session:
+            return await action(session)
+
+    return asyncio.run(run())
+
+
+def make_link(
+    nodes: dict[str, Any],
+    who: str,
+    study: dict[str, Any] | None = None,
+    lifetime: int = 3600,
+    passcode: str | None = None,
+    label: str = "",
+) -> dict[str, Any]:
+    """What `patient share` does, by the wallet library in process (``study`` None: all)."""
+    wallet = Wallet.open(nodes["wallets"][who], None)
+    scope = None if study is None else (parse_study_ref(study["ref"]),)
+    return in_session(lambda s: wallet.share(s, nodes["a"].url, scope, lifetime, passcode, label))
 
 
 def credential_of_root(root: str) -> str:
@@ -438,7 +467,7 @@ class TestLinkRoundTrip:
     ) -> None:
         from fhir.resources.R4B.imagingstudy import ImagingStudy
 
-        made = share(nodes, "jane", "--all", "--expires", "2h")
+        made = make_link(nodes, "jane", None, 7200)
         link = decode_link(made["shlink"])
         assert "flag" not in link and link["exp"] > 0
         files = open_manifest(link)
@@ -457,7 +486,7 @@ class TestLinkRoundTrip:
         assert len(b64url_decode(credential["access_token"])) == 32
 
     def test_ohif_configuration_points_at_the_link_root(self, nodes: dict[str, Any]) -> None:
-        made = share(nodes, "john", "--all", "--expires", "1h")
+        made = make_link(nodes, "john")
         files = open_manifest(decode_link(made["shlink"]))
         root = link_root(files)
         status, body, _ = http("GET", root + ".json")
@@ -470,9 +499,9 @@ class TestLinkRoundTrip:
 class TestLinkScope:
     def test_a_link_reads_only_its_own_studies(self, nodes: dict[str, Any]) -> None:
         jane_old = nodes["studies"]["jane"][0]
-        jane_link = share(nodes, "jane", f"--study={jane_old['ref']}")
+        jane_link = make_link(nodes, "jane", jane_old)
         jane = open_manifest(decode_link(jane_link["shlink"]))
-        john = open_manifest(decode_link(share(nodes, "john", "--all")["shlink"]))
+        john = open_manifest(decode_link(make_link(nodes, "john")["shlink"]))
         jane_root, john_root = link_root(jane), link_root(john)
         _, jane_found = qido(jane_root)
         _, john_found = qido(john_root)
@@ -493,7 +522,7 @@ class TestLinkScope:
         self, nodes: dict[str, Any]
     ) -> None:
         a = nodes["a"]
-        files = open_manifest(decode_link(share(nodes, "john", "--all")["shlink"]))
+        files = open_manifest(decode_link(make_link(nodes, "john")["shlink"]))
         root, token = link_root(files), credential_of(files)["access_token"]
         bearer = {"Authorization": f"Bearer {token}"}
         for path in ("/admin/api/status", "/dicomweb/studies", "/admin/api/studies"):
@@ -517,11 +546,12 @@ class TestLinkScope:
 class TestLinkRefusals:
     def test_a_revoked_link_is_refused_on_the_next_request(self, nodes: dict[str, Any]) -> None:
         a = nodes["a"]
-        made = share(nodes, "john", "--all")
+        made = make_link(nodes, "john")
         link = decode_link(made["shlink"])
         root = link_root(open_manifest(link))
         assert qido(root)[0] == 200
-        patient(nodes["wallets"]["john"], "revoke", made["link_id"], "--custodian", a.url)
+        john = Wallet.open(nodes["wallets"]["john"], None)
+        in_session(lambda s: john.revoke(s, a.url, bytes.fromhex(made["link_id"])))
         assert qido(root)[0] == 404
         assert http("POST", link["url"], {"recipient": "x"})[0] == 404
         rules = [d["rule"] for d in entries_of(a, made["link_id"], "denial")]
@@ -534,7 +564,7 @@ class TestLinkRefusals:
 
     def test_an_expired_link_is_refused(self, nodes: dict[str, Any]) -> None:
         a = nodes["a"]
-        made = share(nodes, "john", "--all", "--expires", "3s")
+        made = make_link(nodes, "john", None, 3)
         link = decode_link(made["shlink"])
         root = link_root(open_manifest(link))
         wait_until(lambda: qido(root)[0] == 404, timeout=10, interval=0.25)
@@ -544,7 +574,7 @@ class TestLinkRefusals:
 
     def test_five_wrong_passcodes_kill_the_link(self, nodes: dict[str, Any]) -> None:
         a = nodes["a"]
-        made = share(nodes, "john", "--all", "--passcode", "right")
+        made = make_link(nodes, "john", passcode="right")
         link = decode_link(made["shlink"])
         remaining = []
         for _ in range(4):
@@ -577,7 +607,7 @@ class TestFetchByLink:
     def test_another_node_imports_the_linked_study(self, nodes: dict[str, Any]) -> None:
         a, b = nodes["a"], nodes["b"]
         ct = nodes["studies"]["jane"][1]
-        made = share(nodes, "jane", f"--study={ct['ref']}", "--passcode", "2468")
+        made = make_link(nodes, "jane", ct, passcode="2468")
         result = json.loads(b.cli("fetch", made["shlink"], "--passcode", "2468", "--json").stdout)
         assert result["stored"] == 4 and len(result["studies"]) == 1
         uid = result["studies"][0]["study_uid"]
@@ -596,7 +626,7 @@ class TestFetchByLink:
 
     def test_a_wrong_passcode_fails_the_fetch(self, nodes: dict[str, Any]) -> None:
         ct = nodes["studies"]["jane"][1]
-        made = share(nodes, "jane", f"--study={ct['ref']}", "--passcode", "1357")
+        made = make_link(nodes, "jane", ct, passcode="1357")
         result = nodes["b"].cli("fetch", made["shlink"], "--passcode", "nope", check=False)
         assert result.returncode == 1 and "passcode" in result.stderr
 
@@ -607,7 +637,7 @@ class TestDownload:
         self, nodes: dict[str, Any]
     ) -> None:
         ct = nodes["studies"]["jane"][1]
-        made = share(nodes, "jane", f"--study={ct['ref']}")
+        made = make_link(nodes, "jane", ct)
         root = link_root(open_manifest(decode_link(made["shlink"])))
         status, body, _ = http("GET", root.removesuffix("/dicomweb") + "/download")
         assert status == 200, body[:200]
@@ -621,7 +651,7 @@ class TestDownload:
     def test_without_the_pdi_streamer_a_download_says_so_and_records_nothing(
         self, nodes: dict[str, Any]
     ) -> None:
-        made = share(nodes, "john", "--all")
+        made = make_link(nodes, "john")
         root = link_root(open_manifest(decode_link(made["shlink"])))
         status, body, _ = http("GET", root.removesuffix("/dicomweb") + "/download")
         assert status == 501 and "PDI" in json.loads(body)["error"]
@@ -636,7 +666,7 @@ class TestSharePage:
         from tests.support.browser import chromium_session
 
         ct = nodes["studies"]["jane"][1]
-        made = share(nodes, "jane", f"--study={ct['ref']}", "--passcode", "9911", "--label", "Dr Y")
+        made = make_link(nodes, "jane", ct, passcode="9911", label="Dr Y")
         link = decode_link(made["shlink"])
         sent: list[str] = []
         with chromium_session("share-links", viewport=(390, 844)) as browser:
