@@ -545,8 +545,8 @@ class TestLinkScope:
 
 class TestLinkRefusals:
     def test_a_revoked_link_is_refused_on_the_next_request(self, nodes: dict[str, Any]) -> None:
-        a = nodes["a"]
-        made = make_link(nodes, "john")
+        a, b = nodes["a"], nodes["b"]
+        made = make_link(nodes, "john", label="for Dr Z")
         link = decode_link(made["shlink"])
         root = link_root(open_manifest(link))
         assert qido(root)[0] == 200
@@ -561,6 +561,17 @@ class TestLinkRefusals:
         assert credential_of_root(root) not in daemon_log
         assert link["url"].rsplit("/", 1)[1] not in daemon_log
         assert "/links/{access_token}/dicomweb/studies" in daemon_log
+
+        def refusal_shown() -> bool:
+            result = run_cli(
+                "patient", "log", a.url, b.url, "--wallet", str(nodes["wallets"]["john"]),
+                check=False,
+            )  # fmt: skip
+            return result.returncode == 0 and "the link 'for Dr Z' was refused (revoked)" in (
+                result.stdout
+            )
+
+        wait_until(refusal_shown, timeout=30, interval=0.5, message="the refusal, proven")
 
     def test_an_expired_link_is_refused(self, nodes: dict[str, Any]) -> None:
         a = nodes["a"]

@@ -149,11 +149,14 @@ def _event_details(entry: LedgerEntry, labels: dict[bytes, str]) -> dict[str, ob
         return details
     if entry.kind == "denial":
         study = f["study"]
-        return {
+        refused: dict[str, object] = {
             "requester": f["requester"],
             "rule": f["rule"],
             "study": None if study is None else b64url(study),
         }
+        if is_link_grantee(f["requester"]):
+            refused["link"] = labels.get(bytes(f["token_id"]), "")
+        return refused
     return {}
 
 

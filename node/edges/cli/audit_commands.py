@@ -143,6 +143,8 @@ def render_patient_log(log: PatientLog) -> str:
                 f"{e.details['grantee']} received {e.details['instances']} images "
                 f"({e.details['bytes']} bytes) of study {e.details['study']}"
             )
+        elif e.kind == "denial" and "link" in e.details:
+            what = f"the link '{e.details['link']}' was refused ({e.details['rule']})"
         elif e.kind == "denial":
             what = f"{e.details['requester']} was refused ({e.details['rule']})"
         else:
