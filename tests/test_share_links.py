@@ -423,6 +423,14 @@ class TestLinkRoundTrip:
         assert body.count(b"DICM") == 4
         status, metadata = qido(root, f"/studies/{uid}/metadata")
         assert status == 200 and len(metadata) == 4
+        first = instances[0]
+        series_uid, sop_uid = first["0020000E"]["Value"][0], first["00080018"]["Value"][0]
+        status, frame, _ = http(
+            "GET",
+            f"{root}/studies/{uid}/series/{series_uid}/instances/{sop_uid}/frames/1",
+            headers={"Accept": "multipart/related; type=application/octet-stream"},
+        )
+        assert status == 200 and len(frame) > 64 * 64  # one 64x64 16-bit frame, framed
 
         accesses = entries_of(a, made["link_id"], "access")
         assert [e["grantee"] for e in accesses] == [accesses[0]["grantee"]] * 2
