@@ -267,6 +267,8 @@ class StoreConfig(Table):
 
 class ConsentConfig(Table):
     max_lifetime_days: PositiveInt = 365
+    # Longest lifetime of a share link (it opens the study to whoever holds it).
+    max_link_lifetime_days: PositiveInt = 30
     clock_skew_seconds: NonNegativeInt = 300
     # Denial entries one requesting node may cause per minute; over it, refusals are
     # still answered but not written (the ledger is permanent and copied to every peer).

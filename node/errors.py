@@ -49,6 +49,12 @@ class PayloadTooLarge(ImageShareError):
     http_status = 413
 
 
+class TooManyRequests(ImageShareError):
+    """The caller asks more often than its allowance; it may try again later."""
+
+    http_status = 429
+
+
 class StorageFull(ImageShareError):
     """The disk has no room: nothing was stored."""
 

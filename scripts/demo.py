@@ -633,6 +633,29 @@ def patient_story(hospitals: list[Hospital], wallet: Path, study_uid: str) -> No
     outcome("refused: revoked (exit 1), as expected")
 
     step(
+        "The patient shares the study with a second-opinion radiologist by a link",
+        "A SMART Health Link: a grant to the link itself, recorded in A's log like any grant,",
+        "with a passcode. Its files are encrypted in the wallet under a key that only the",
+        "link (its QR code, its URL's fragment) carries; A keeps only their ciphertext.",
+    )
+    link = imageshare_json(
+        "patient", "share", "--custodian", a.url, f"--study={newest['ref']}", "--expires", "7d",
+        "--passcode", "2468", "--label", "second opinion", "--wallet", wallet,
+    )  # fmt: skip
+    say(f"  open in a browser: {link['url'][:72]}…")
+    outcome("shared by a link")
+
+    step(
+        "Hospital C takes the link into its own store",
+        "C requests the link's manifest with the passcode, decrypts it, and reads the study",
+        "through the link's own DICOMweb root; A records the access, naming the link.",
+    )
+    imageshare("fetch", "-c", c.config, link["shlink"], "--passcode", "2468")
+    if [tag_text(s, "0020000D") for s in qido(c, f"?PatientID={PATIENT_ID}")] != [study_uid]:
+        raise StepFailed("C's DICOMweb does not list the study the link shares")
+    outcome(f"second opinion: {c.origin} holds the shared study")
+
+    step(
         "The patient reads their access log from the three hospitals",
         "Every access, revocation and denial of the patient's tokens, each proven to be in",
         "A's log under a checkpoint that the other hospitals cosigned.",
@@ -644,10 +667,11 @@ def patient_story(hospitals: list[Hospital], wallet: Path, study_uid: str) -> No
         "every event of the patient log to be proven",
     )  # fmt: skip
     log = imageshare("patient", "log", *urls, "--wallet", wallet).stdout
-    for kind in ("received", "you revoked", "was refused (revoked)"):
+    expected = ("received", "you revoked", "was refused (revoked)", "by the link 'second opinion'")
+    for kind in expected:
         if kind not in log:
             raise StepFailed(f"the patient log does not show '{kind}'")
-    outcome("patient log proven: the access, the revocation and the denial")
+    outcome("patient log proven: the access, the revocation, the denial and the link's reads")
 
     step(
         "An auditor checks the whole federation",

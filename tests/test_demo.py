@@ -60,7 +60,9 @@ class TestDemo:
             "-> replicated: B and C held it",
             "-> revoked",
             "-> refused: revoked (exit 1), as expected",
-            "-> patient log proven: the access, the revocation and the denial",
+            "-> shared by a link",
+            "-> second opinion: hospital-c.example/imageshare holds the shared study",
+            "-> patient log proven: the access, the revocation, the denial and the link's reads",
             "-> audit clean: exit 0",
         ]
         positions = [out.find(line) for line in outcomes]

@@ -22,7 +22,14 @@ from aiohttp import web
 from node.core.entries import decode_entry
 from node.samples import make_ct_study
 from node.services.wallet import Wallet
-from tests.support.nodes import NodeProcess, free_port, init_node, run_cli, wait_until
+from tests.support.nodes import (
+    NodeProcess,
+    free_port,
+    init_node,
+    peer_each_other,
+    run_cli,
+    wait_until,
+)
 
 T = TypeVar("T")
 
@@ -43,11 +50,7 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     base = tmp_path_factory.mktemp("patient-log")
     a = init_node(base, "a.example/imageshare")
     b = init_node(base, "b.example/imageshare")
-    for one, other in ((a, b), (b, a)):
-        one.append_config(
-            "[federation]\ndiscovery = false\nreplicate_interval = 0.2\n\n"
-            f'[[peers]]\norigin = "{other.origin}"\nurl = "{other.url}"\nvkey = "{other.vkey}"'
-        )
+    peer_each_other(a, b)
     make_ct_study(base / "study", series=1, slices=2, patient_id="MRN-LOG-1")
     a.cli("import", str(base / "study"))
     a.start()

@@ -756,6 +756,9 @@ PUBLIC_ROUTES = {
     "/admin": "the dashboard page; its data comes from /admin/api",
     "/admin/": "the dashboard page",
     "/admin/static/{name}": "the dashboard's static files, from memory by name",
+    "/share": "redirect to the share page",
+    "/share/": "the share page (a link's key stays in its fragment), from memory",
+    "/share/{name}": "the share page's static files, from memory by name",
 }
 # Routes that can hand out study data (DICOM files, frames, metadata, previews) and the
 # credential that guards each kind.
@@ -763,6 +766,7 @@ STUDY_DATA_GUARDS = {
     "/dicomweb/": "admin token",
     "/p2p/transfer/{transfer_id}/instances": "node signature",  # and consent, per transfer
     "/patient/studies/": "patient signature",  # the patient's own studies only
+    "/links/": "link credential",  # a live link grant's studies only
 }
 
 
@@ -789,6 +793,8 @@ def _guard(path: str) -> str | None:
         return "node signature"
     if path.startswith("/patient/"):
         return "patient signature"
+    if path.startswith(("/links/", "/shl/")):
+        return "link credential"  # a share link's access token, or its manifest id
     return None
 
 
@@ -804,6 +810,8 @@ def _example_path(template: str, node: NodeProcess) -> str:
         "study": "1.2.3",
         "series": "1.2.3.4",
         "instance": "1.2.3.4.5",
+        "access_token": "A" * 43,
+        "manifest_id": "A" * 43,
     }
     return re.sub(r"\{(\w+)[^}]*\}", lambda m: values.get(m.group(1), "x"), template)
 
@@ -831,9 +839,11 @@ class TestRouteGuards:
             if _guard(template) == "public":
                 assert status not in (401, 500), (method, path, status)
             else:
-                assert status == 401, (method, path, status, body[:200])
+                # SHL: an unknown manifest is 404, whatever credential comes with it.
+                refused = 404 if template.startswith("/shl/") else 401
+                assert status == refused, (method, path, status, body[:200])
                 wrong = {"Authorization": "Bearer " + "x" * len(node.admin_token)}
-                assert raw(node, method, path, wrong)[0] == 401, (method, path)
+                assert raw(node, method, path, wrong)[0] == refused, (method, path)
         assert ledger_size(node) == before_ledger
         assert object_count(node) == before_objects
 

@@ -25,6 +25,7 @@ from node.core.consent import (
     KeyStatus,
     Revocation,
     Rule,
+    is_link_grantee,
 )
 from node.core.entries import (
     Access,
@@ -574,7 +575,8 @@ def match_receipts(
 
     They match on (custodian, grantee, token id, study, digest), counted as multisets.
     Entries younger than ``grace`` seconds are not judged yet: the other side may still be
-    writing its half.
+    writing its half. An access by a share link expects no receipt: a link's holder has
+    no log (the access itself is judged against the link's grant like any other).
     """
     accesses: dict[tuple[str, str, bytes, bytes, bytes], list[tuple[str, int, int]]] = defaultdict(
         list
@@ -587,7 +589,7 @@ def match_receipts(
             if entry is None:
                 continue
             body = entry.body
-            if isinstance(body, Access):
+            if isinstance(body, Access) and not is_link_grantee(body.grantee):
                 key = (origin, body.grantee, body.token_id, body.study, body.digest)
                 accesses[key].append((origin, index, entry.time))
             elif isinstance(body, Receipt):

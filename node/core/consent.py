@@ -28,7 +28,7 @@ from typing import Any
 from node.core.base64url import b64url_decode, b64url_encode
 from node.core.encoding import canonical_decode, canonical_encode
 from node.core.keys import PUBLIC_KEY_SIZE, verify_ed25519
-from node.core.origins import check_node_origin
+from node.core.origins import LINK_PREFIX, check_node_origin, is_node_origin
 from node.errors import BadInput
 
 GRANT_DOMAIN = b"imageshare/grant/v1\n"
@@ -61,6 +61,9 @@ class Rule(StrEnum):
     OUT_OF_SCOPE = "out_of_scope"
     NOT_OWNER = "not_owner"
     NOT_RECORDED = "not_recorded"
+    # Share links only (node.services.links): the passcode, and a link it killed.
+    WRONG_PASSCODE = "wrong_passcode"
+    LINK_DEAD = "link_dead"
 
 
 RULE_MESSAGES: dict[Rule, str] = {
@@ -77,7 +80,37 @@ RULE_MESSAGES: dict[Rule, str] = {
     Rule.OUT_OF_SCOPE: "a requested study is not in the token's scope",
     Rule.NOT_OWNER: "a study in the token's scope belongs to another patient",
     Rule.NOT_RECORDED: "the token is not recorded in this custodian's log",
+    Rule.WRONG_PASSCODE: "the link's passcode is wrong",
+    Rule.LINK_DEAD: "the link was closed after too many wrong passcodes",
 }
+
+
+# -- grantees ----------------------------------------------------------------------------
+
+CREDENTIAL_DIGEST_SIZE = 32
+_LINK_GRANTEE_LENGTH = len(LINK_PREFIX) + 43  # 32 bytes in unpadded base64url
+
+
+def link_grantee(credential_digest: bytes) -> str:
+    """The grantee of a share link: ``link:`` + base64url of its credential's SHA-256.
+
+    The link's holder proves to be this grantee by presenting the credential, as a node
+    proves its origin by signing; the digest names the link without revealing it.
+    """
+    _check_bytes(credential_digest, CREDENTIAL_DIGEST_SIZE, "credential digest")
+    return LINK_PREFIX + b64url_encode(credential_digest)
+
+
+def is_link_grantee(value: object) -> bool:
+    """True if ``value`` is a share link's grantee (never a node origin: see origins.py)."""
+    if not isinstance(value, str) or len(value) != _LINK_GRANTEE_LENGTH:
+        return False
+    if not value.startswith(LINK_PREFIX):
+        return False
+    try:
+        return len(b64url_decode(value[len(LINK_PREFIX) :], "link")) == CREDENTIAL_DIGEST_SIZE
+    except BadInput:
+        return False
 
 
 # -- tokens -------------------------------------------------------------------------------
@@ -160,7 +193,8 @@ def _check_time(value: Any, what: str) -> int:
 def _check_grant_fields(fields: GrantFields) -> None:
     _check_bytes(fields.patient_key, PUBLIC_KEY_SIZE, "patient key")
     check_node_origin(fields.custodian, "custodian")
-    check_node_origin(fields.grantee, "grantee")
+    if not is_node_origin(fields.grantee) and not is_link_grantee(fields.grantee):
+        raise BadInput("grantee is neither a node origin nor a share link")
     if fields.scope is not None:
         if not 1 <= len(fields.scope) <= MAX_SCOPE:
             raise BadInput(f"a grant's scope lists 1 to {MAX_SCOPE} studies")
@@ -306,6 +340,12 @@ class ConsentPolicy:
     custodian_origin: str
     max_lifetime: int
     clock_skew: int
+    # A share link opens a study to whoever holds it: its lifetime has its own bound.
+    max_link_lifetime: int = MAX_TIME
+
+    def lifetime_limit(self, grantee: str) -> int:
+        """The longest lifetime a grant to ``grantee`` may have."""
+        return self.max_link_lifetime if is_link_grantee(grantee) else self.max_lifetime
 
 
 @dataclass(frozen=True)
@@ -348,7 +388,7 @@ def _standing_failure(
         return Rule.UNKNOWN_PATIENT
     if key.retired:
         return Rule.KEY_RETIRED
-    if grant.expires - grant.not_before > policy.max_lifetime:
+    if grant.expires - grant.not_before > policy.lifetime_limit(grant.grantee):
         return Rule.LIFETIME_TOO_LONG
     if now - policy.clock_skew > grant.expires:
         return Rule.EXPIRED

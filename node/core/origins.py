@@ -22,14 +22,21 @@ from typing import TypeGuard
 
 from node.errors import BadInput
 
-NODE_ORIGIN_RULE = "3 to 200 characters of letters, digits and ._~/:-"
+NODE_ORIGIN_RULE = "3 to 200 characters of letters, digits and ._~/:-, not starting with link:"
+# A grant's grantee is a node origin or a share link ("link:" + a credential digest,
+# node.core.consent); no node may take a name that reads as a link.
+LINK_PREFIX = "link:"
 # fullmatch, not "^...$": "$" would also accept a trailing newline.
 _NODE_ORIGIN = re.compile(r"[A-Za-z0-9._~/:-]{3,200}")
 
 
 def is_node_origin(value: object) -> TypeGuard[str]:
     """True if ``value`` is a string that follows the node origin rule."""
-    return isinstance(value, str) and _NODE_ORIGIN.fullmatch(value) is not None
+    return (
+        isinstance(value, str)
+        and _NODE_ORIGIN.fullmatch(value) is not None
+        and not value.startswith(LINK_PREFIX)
+    )
 
 
 def check_node_origin(value: object, what: str) -> str:

@@ -284,6 +284,7 @@ def consent_policy(runtime: NodeRuntime) -> ConsentPolicy:
         custodian_origin=runtime.config.origin,
         max_lifetime=consent.max_lifetime_days * DAY,
         clock_skew=consent.clock_skew_seconds,
+        max_link_lifetime=consent.max_link_lifetime_days * DAY,
     )
 
 
@@ -381,7 +382,7 @@ def check_access(
     Records the grant on first sight (so the grantee may present a token the wallet
     never submitted), then validates. A refusal is written to the log as a ``denial``
     entry naming the rule only if the token is signed by a patient key enrolled here
-    (see _record_denial for the rule and its rate limit). Never raises for a bad token:
+    (see record_denial for the rule and its rate limit). Never raises for a bad token:
     the Verdict says why.
     """
     refs = None if study_refs is None else tuple(study_refs)
@@ -406,7 +407,7 @@ def check_access(
             "",
         )
     if not verdict.allowed and token is not None:
-        _record_denial(runtime, token, requester_origin, verdict.rule, refs, now)
+        record_denial(runtime, token, requester_origin, verdict.rule, refs, now)
     return verdict
 
 
@@ -423,7 +424,7 @@ async def check_access_async(
     )
 
 
-def _record_denial(
+def record_denial(
     runtime: NodeRuntime,
     token: GrantToken,
     requester_origin: str,

@@ -23,12 +23,13 @@ import aiohttp
 from node.core import origins
 from node.core.base64url import b64url_encode
 from node.core.chain import LogChain
-from node.core.consent import decode_revocation
+from node.core.consent import decode_revocation, is_link_grantee
 from node.core.entries import Access, Denial, LedgerEntry, Revoke, decode_entry
 from node.core.key_rotation import chain_of_log
 from node.core.keys import VerifierKey, parse_verifier_key
 from node.core.merkle import verify_inclusion
 from node.core.notes import Checkpoint, parse_note, verify_cosignature, verify_note
+from node.core.shlink import link_access_kind
 from node.errors import BadInput, PeerUnreachable, Unauthorized
 from node.services.audit import LogListing, fetch_entries, get_body, parse_listing
 from node.services.peer_client import describe
@@ -129,21 +130,29 @@ async def describe_node(session: aiohttp.ClientSession, url: str) -> Node:
     return Node(base, origin, own.vkey, listings)
 
 
-def _event_details(entry: LedgerEntry) -> dict[str, object]:
+def _event_details(entry: LedgerEntry, labels: dict[bytes, str]) -> dict[str, object]:
     body = entry.body
     if isinstance(body, Access):
-        return {
+        details: dict[str, object] = {
             "grantee": body.grantee,
             "study": b64url_encode(body.study),
             "instances": body.instances,
             "bytes": body.bytes,
         }
+        if is_link_grantee(body.grantee):
+            # The label is the wallet's own: the ledger names the link by a hash only.
+            details["link"] = labels.get(bytes(body.token_id), "")
+            details["link_access"] = link_access_kind(bytes(body.digest)) or "unknown"
+        return details
     if isinstance(body, Denial):
-        return {
+        refused: dict[str, object] = {
             "requester": body.requester,
             "rule": body.rule,
             "study": None if body.study is None else b64url_encode(body.study),
         }
+        if is_link_grantee(body.requester):
+            refused["link"] = labels.get(bytes(body.token_id), "")
+        return refused
     return {}
 
 
@@ -218,6 +227,7 @@ async def custodian_events(
     custodian: str,
     pinned_vkey: str,
     token_ids: set[bytes],
+    labels: dict[bytes, str] | None = None,
 ) -> list[PatientEvent]:
     """The patient's events in one custodian's log, each with its proof.
 
@@ -268,7 +278,7 @@ async def custodian_events(
                 entry.kind,
                 entry.time,
                 token_id,
-                _event_details(entry),
+                _event_details(entry, labels or {}),
                 Proof(size, checkpoint is not None, included, cosigners),
                 source,
             )
@@ -286,10 +296,12 @@ async def read_patient_log(
     nodes = list(await asyncio.gather(*(describe_node(session, url) for url in urls)))
     state = wallet.files.load_state()
     tokens_by_custodian: dict[str, set[bytes]] = {}
+    labels: dict[bytes, str] = {}
     for record in state["tokens"]:
-        tokens_by_custodian.setdefault(record["custodian"], set()).add(
-            bytes.fromhex(record["token_id"])
-        )
+        token_id = bytes.fromhex(record["token_id"])
+        tokens_by_custodian.setdefault(record["custodian"], set()).add(token_id)
+        if isinstance(record.get("link"), dict):
+            labels[token_id] = str(record["link"].get("label", ""))
     events: list[PatientEvent] = []
     problems: list[str] = []
     for custodian, token_ids in sorted(tokens_by_custodian.items()):
@@ -298,7 +310,9 @@ async def read_patient_log(
             problems.append(f"{custodian}: the wallet has no key pinned for its log")
             continue
         try:
-            events.extend(await custodian_events(session, nodes, custodian, pinned, token_ids))
+            events.extend(
+                await custodian_events(session, nodes, custodian, pinned, token_ids, labels)
+            )
         except (BadInput, Unauthorized, UnicodeDecodeError) as exc:
             problems.append(f"{custodian}: {exc}")
     events.sort(key=lambda e: (e.time, e.custodian, e.index))

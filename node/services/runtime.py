@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from node.services.consent import ConsentService
     from node.services.forward import Forwarder
     from node.services.ledger import LedgerService
+    from node.services.links import LinkService
     from node.services.replication import ReplicationService
     from node.services.roster import RosterService
     from node.services.status import StatusService
@@ -114,6 +115,13 @@ class NodeServices:
         from node.services.status import StatusService
 
         return self._once("status", lambda: StatusService(self._runtime))
+
+    @property
+    def links(self) -> LinkService:
+        """The custodian's share links and their viewing sessions."""
+        from node.services.links import LinkService
+
+        return self._once("links", lambda: LinkService(self._runtime))
 
     @property
     def nonces(self) -> NonceStore:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -21,9 +22,10 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from node.core.base64url import b64url_decode
+from node.core.base64url import b64url_decode, b64url_encode
 from node.core.consent import (
     GrantFields,
+    link_grantee,
     scope_text,
     sign_grant,
     sign_revocation,
@@ -38,6 +40,18 @@ from node.core.merkle import leaf_hash, verify_inclusion
 from node.core.notes import verify_note
 from node.core.origins import is_node_origin, log_id
 from node.core.patient_keys import PatientKey
+from node.core.shlink import (
+    ACCESS_CREDENTIAL,
+    FHIR_JSON,
+    SECRET_SIZE,
+    ShareLink,
+    access_credential,
+    encode_shlink,
+    encrypt_file,
+    secret_digest,
+    viewer_url,
+    with_endpoint,
+)
 from node.core.signed_requests import patient_signer
 from node.errors import BadInput, Forbidden, ImageShareError, PeerUnreachable, Unauthorized
 from node.services.audit import fetch_entries
@@ -175,23 +189,116 @@ class Wallet:
         token = sign_grant(fields, key.sign)
         answer = await self.signed(session, custodian, "POST", "/patient/grants", token)
         recorded = verify_recorded(answer, custodian, "grant", "token", token)
+        return self._keep_token(custodian, token, fields, recorded)
+
+    def _keep_token(
+        self,
+        custodian: Custodian,
+        token: bytes,
+        fields: GrantFields,
+        recorded: Recorded,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """Keep an issued token (and what else the wallet knows of it) in state.json."""
         record = {
             "token_id": token_id_of(token).hex(),
             "token": token_text(token),
             "url": token_url(token),
             "custodian": custodian.origin,
             "custodian_url": custodian.url,
-            "grantee": grantee,
-            "scope": scope_text(scope),
+            "grantee": fields.grantee,
+            "scope": scope_text(fields.scope),
             "not_before": fields.not_before,
             "expires": fields.expires,
             "index": recorded.index,
             "status": "active",
+            **extra,
         }
         state = self.files.load_state()
         state["tokens"].append(record)
         self.files.save_state(state)
         return record
+
+    async def share(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        scope: tuple[bytes, ...] | None,
+        lifetime: int,
+        passcode: str | None = None,
+        label: str = "",
+    ) -> dict[str, Any]:
+        """Make a share link: a grant to a fresh link credential, the manifest's files
+        (an ImagingStudy per study and the credential, encrypted under a fresh link key
+        the custodian never sees), submitted and proven; kept in the wallet.
+
+        Returns ``{"shlink", "url" (the custodian's share page carrying the link in its
+        fragment), "link_id" (the grant's token id, what `revoke` takes), "expires",
+        "index"}``. Raises as ``grant``.
+        """
+        custodian = await self.custodian(session, url)
+        key = self.key_for(custodian.origin)
+        now = int(time.time())
+        link_key = os.urandom(32)
+        access_token = b64url_encode(os.urandom(SECRET_SIZE))
+        manifest_id = b64url_encode(os.urandom(SECRET_SIZE))
+        refs = scope
+        if refs is None:
+            refs = tuple(parse_study_ref(s["ref"]) for s in await self.studies(session, url))
+        dicomweb_root = f"{custodian.url}/links/{access_token}/dicomweb"
+
+        def sealed(content_type: str, content: object) -> dict[str, str]:
+            plain = json.dumps(content).encode()
+            return {
+                "contentType": content_type,
+                "embedded": encrypt_file(link_key, content_type, plain),
+            }
+
+        files = []
+        for ref in refs:
+            answer = await self.signed(
+                session, custodian, "GET", f"/patient/studies/{b64url_encode(ref)}/description"
+            )
+            if not isinstance(answer, dict):
+                raise BadInput("the custodian's study description is not an ImagingStudy")
+            files.append(sealed(FHIR_JSON, with_endpoint(answer, dicomweb_root)))
+        files.append(
+            sealed(ACCESS_CREDENTIAL, access_credential(access_token, dicomweb_root, lifetime))
+        )
+        grantee = link_grantee(secret_digest(access_token))
+        fields = GrantFields(
+            key.public_key, custodian.origin, grantee, scope, now, now + lifetime, os.urandom(16)
+        )
+        token = sign_grant(fields, key.sign)
+        link = ShareLink(
+            url=f"{custodian.url}/shl/{manifest_id}",
+            key=link_key,
+            expires=fields.expires,
+            passcode=passcode is not None,
+            label=label,
+        )
+        shlink = encode_shlink(link)  # checks the label before anything is submitted
+        body = json.dumps(
+            {
+                "grant": b64url_encode(token),
+                "manifest": b64url_encode(secret_digest(manifest_id)),
+                "passcode": passcode,
+                "files": files,
+            }
+        ).encode()
+        answer = await self.signed(session, custodian, "POST", "/patient/links", body)
+        recorded = verify_recorded(answer, custodian, "grant", "token", token)
+        # The label stays here (and in the link): the ledger is copied to every node.
+        record = self._keep_token(
+            custodian, token, fields, recorded, link={"label": label, "shlink": shlink}
+        )
+        return {
+            "shlink": shlink,
+            "url": viewer_url(f"{custodian.url}/share/", shlink),
+            "link_id": record["token_id"],
+            "expires": fields.expires,
+            "index": recorded.index,
+        }
 
     async def revoke(
         self, session: aiohttp.ClientSession, url: str, token_id: bytes

@@ -13,7 +13,6 @@ One SQLite file, WAL with synchronous=FULL, safe for several threads and process
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 from node.core.consent import decode_grant, decode_revocation
 from node.errors import BadInput
-from node.store.sqlite import Migration, open_database
+from node.store.sqlite import LockedDatabase, Migration
 
 FILE_NAME = "consent.sqlite"
 
@@ -68,16 +67,11 @@ class GrantRow:
     ledger_index: int
 
 
-class ConsentState:
+class ConsentState(LockedDatabase):
     """The consent tables of one node."""
 
     def __init__(self, db_path: Path) -> None:
-        self._lock = threading.Lock()
-        self._db = open_database(db_path, MIGRATIONS)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        super().__init__(db_path, MIGRATIONS)
 
     def _one(self, sql: str, args: Iterable[Any] = ()) -> Any:
         with self._lock:

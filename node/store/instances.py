@@ -113,6 +113,7 @@ class IndexedSeries:
     series_instance_uid: str
     modality: str
     description: str
+    number: int | None = None  # Series Number, where the files give one
 
 
 @dataclass(frozen=True)
@@ -504,11 +505,11 @@ class SqliteInstanceStore:
 
     def series_of_study(self, study_uid: str) -> list[IndexedSeries]:
         rows = self.reader.execute(
-            "SELECT series_instance_uid, modality, series_description FROM series"
+            "SELECT series_instance_uid, modality, series_description, series_number FROM series"
             " WHERE study_instance_uid = ? ORDER BY series_number, series_instance_uid",
             (study_uid,),
         )
-        return [IndexedSeries(r[0], r[1] or "", r[2] or "") for r in rows]
+        return [IndexedSeries(r[0], r[1] or "", r[2] or "", r[3]) for r in rows]
 
     def instance_count(self, study_uid: str) -> int:
         row = self.reader.execute(

@@ -19,6 +19,7 @@ every first migration creates its tables only where they are missing, so it adop
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -133,3 +134,17 @@ def add_missing_columns(conn: sqlite3.Connection, table: str, columns: dict[str,
     for column, declaration in columns.items():
         if column not in present:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+
+
+class LockedDatabase:
+    """One SQLite file opened as above at its latest schema version, used by several
+    threads behind one lock (``_lock`` guards ``_db``): the base of the node's small state
+    databases."""
+
+    def __init__(self, path: Path, migrations: Sequence[Migration]) -> None:
+        self._lock = threading.Lock()
+        self._db = open_database(path, migrations)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

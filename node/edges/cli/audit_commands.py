@@ -143,11 +143,21 @@ def render_patient_log(log: PatientLog) -> str:
     lines = []
     for e in log.events:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.time))
-        if e.kind == "access":
+        if e.kind == "access" and "link" in e.details:
+            verb = {"manifest": "opened", "view": "viewed", "download": "downloaded"}.get(
+                str(e.details["link_access"]), "read"
+            )
+            what = (
+                f"{verb} by the link '{e.details['link']}' on {when} UTC"
+                f" (study {e.details['study']})"
+            )
+        elif e.kind == "access":
             what = (
                 f"{e.details['grantee']} received {e.details['instances']} images "
                 f"({e.details['bytes']} bytes) of study {e.details['study']}"
             )
+        elif e.kind == "denial" and "link" in e.details:
+            what = f"the link '{e.details['link']}' was refused ({e.details['rule']})"
         elif e.kind == "denial":
             what = f"{e.details['requester']} was refused ({e.details['rule']})"
         else:

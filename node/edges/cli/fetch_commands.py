@@ -14,6 +14,8 @@ import argparse
 import time
 from typing import Any
 
+from node.config import NodeConfig
+from node.core.shlink import SHLINK_PREFIX
 from node.edges.cli._common import (
     EXIT_FAILED,
     EXIT_OK,
@@ -27,6 +29,8 @@ from node.edges.cli._common import (
 )
 
 POLL_INTERVAL = 0.2
+# A link's studies are read in one admin request: allow for a large study.
+LINK_FETCH_TIMEOUT = 3600.0
 
 
 def register(subparsers: Any) -> None:
@@ -36,11 +40,18 @@ def register(subparsers: Any) -> None:
         cmd_fetch,
         "fetch the studies a patient's grant allows from their custodian",
     )
-    p.add_argument("token", metavar="TOKEN", help="the grant token, or its imageshare: URL")
+    p.add_argument(
+        "token",
+        metavar="SHLINK_OR_TOKEN",
+        help="a share link (shlink:/... or a URL carrying it), a grant token or its URL",
+    )
+    p.add_argument("--passcode", default=None, help="the share link's passcode")
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     config = config_of(args)
+    if SHLINK_PREFIX in args.token:
+        return _fetch_link(config, args)
     job = admin_request(config, "POST", "/admin/api/fetch", {"token": args.token})
     bar: ProgressBar | None = None
     try:
@@ -57,6 +68,27 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     return _report(job, args.json)
+
+
+def _fetch_link(config: NodeConfig, args: argparse.Namespace) -> int:
+    """A share link: the daemon reads it through the link's DICOMweb root, then answers."""
+    result = admin_request(
+        config,
+        "POST",
+        "/admin/api/links/fetch",
+        {"shlink": args.token, "passcode": args.passcode},
+        timeout=LINK_FETCH_TIMEOUT,
+    )
+    if args.json:
+        print_json(result)
+        return EXIT_OK
+    print(
+        f"Fetched {result['instances']} instances ({result['bytes'] / 1e6:.1f} MB) from"
+        f" {result['custodian']} by a share link; {result['duplicate']} were already here."
+    )
+    for study in result["studies"]:
+        print(f"  study {study['study_uid']}: {study['dicomweb_url']}")
+    return EXIT_OK
 
 
 def _report(job: dict[str, Any], as_json: bool) -> int:

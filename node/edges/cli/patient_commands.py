@@ -85,6 +85,19 @@ def register(subparsers: Any) -> None:
     scope.add_argument("--all", action="store_true", help="all my studies at the custodian")
     scope.add_argument("--study", nargs="+", metavar="REF", help="study references")
     p.add_argument("--expires", default="7d", help="lifetime: N followed by s, m, h, d or w")
+    p = wallet_command("share", cmd_share, "make a SMART Health Link that opens studies")
+    p.add_argument("--custodian", required=True, metavar="URL")
+    scope = p.add_mutually_exclusive_group(required=True)
+    scope.add_argument("--all", action="store_true", help="all my studies at the custodian")
+    scope.add_argument(
+        "--study",
+        nargs="+",
+        metavar="REF",
+        help="study references (--study=REF for one that starts with -)",
+    )
+    p.add_argument("--expires", default="7d", help="lifetime: N followed by s, m, h, d or w")
+    p.add_argument("--passcode", default=None, help="a passcode the recipient must enter")
+    p.add_argument("--label", default="", help="a short text shown with the link (80 at most)")
     p = wallet_command("revoke", cmd_revoke, "revoke a token")
     p.add_argument("token_id", metavar="TOKEN_ID")
     p.add_argument("--custodian", required=True, metavar="URL")
@@ -253,6 +266,31 @@ def cmd_grant(args: argparse.Namespace) -> int:
     print(f"token:    {record['token']}")
     print(f"URL:      {record['url']}")
     _print_qr(record["url"])
+    return EXIT_OK
+
+
+def cmd_share(args: argparse.Namespace) -> int:
+    lifetime = parse_lifetime(args.expires)
+    scope = None if args.all else tuple(parse_study_ref(r) for r in args.study)
+    if args.passcode is not None and not 1 <= len(args.passcode) <= 256:
+        raise BadInput("--passcode takes 1 to 256 characters")
+    wallet = _open_wallet(args)
+    link = _run(
+        args,
+        lambda session: wallet.share(
+            session, args.custodian, scope, lifetime, args.passcode, args.label
+        )
+    )
+    if args.json:
+        print_json({k: link[k] for k in ("shlink", "url", "link_id")})
+        return EXIT_OK
+    print(
+        f"Shared until {_when(link['expires'])}; recorded at entry {link['index']} (proof checked)."
+    )
+    print(f"link id:  {link['link_id']}  (revoke with `imageshare patient revoke` and this id)")
+    print(f"link:     {link['shlink']}")
+    print(f"open:     {link['url']}")
+    _print_qr(link["url"])
     return EXIT_OK
 
 

@@ -2,6 +2,10 @@
 
 The admin bearer token and CORS are enforced by app.py's middlewares. Handlers parse the
 request, negotiate the media type, call the DICOMweb service and frame its answer.
+
+Every read route is listed once in READ_ROUTES: /dicomweb mounts them for the admin
+token, and node.edges.http.links mounts the same handlers under a share link's root,
+where a ReadAccess in the request limits them to the link's studies.
 """
 
 from __future__ import annotations
@@ -33,17 +37,42 @@ from node.services import rendering, transcoding
 from node.services.dicomweb import DicomWebService, OutgoingPart, UploadPart
 from node.services.runtime import NodeRuntime
 from node.services.transcoding import DICOM, OCTET_STREAM, Wish, type_matches
-from node.store.attributes import Level
+from node.store.attributes import BY_KEYWORD, Level
 from node.store.instances import InstanceRecord
-from node.store.queries import parse_qido
+from node.store.queries import Filter, parse_qido
 
 PREFIX = "/dicomweb"
 SERVICE_KEY = web.AppKey("dicomweb", DicomWebService)
 READS_AUDITED_KEY = web.AppKey("dicomweb_reads_audited", SlidingWindowLimit)
 _UID = "{%s:" + UID_PATTERN + "}"
-STUDY = f"{PREFIX}/studies/{_UID % 'study'}"
-SERIES = f"{STUDY}/series/{_UID % 'series'}"
-INSTANCE = f"{SERIES}/instances/{_UID % 'instance'}"
+# Paths below a DICOMweb root.
+STUDY_PATH = f"/studies/{_UID % 'study'}"
+SERIES_PATH = f"{STUDY_PATH}/series/{_UID % 'series'}"
+INSTANCE_PATH = f"{SERIES_PATH}/instances/{_UID % 'instance'}"
+STUDY = PREFIX + STUDY_PATH
+SERIES = PREFIX + SERIES_PATH
+INSTANCE = PREFIX + INSTANCE_PATH
+ACCESS_KEY = "imageshare.dicomweb_access"  # request key: the ReadAccess of a request
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class ReadAccess:
+    """What a DICOMweb read may see: every study (None, the admin token) or a set of them,
+    the path of the root it came in by (retrieve URLs point back to it), and who asks."""
+
+    studies: frozenset[str] | None
+    root_path: str
+    who: str
+
+
+ADMIN_ACCESS = ReadAccess(None, PREFIX, "admin-token")
+
+
+def _access(request: web.Request) -> ReadAccess:
+    access = request.get(ACCESS_KEY, ADMIN_ACCESS)
+    assert isinstance(access, ReadAccess)
+    return access
 
 
 def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
@@ -58,15 +87,20 @@ def _service(request: web.Request) -> DicomWebService:
 
 
 def _base_url(request: web.Request) -> str:
-    """Where clients reach DICOMweb: the configured public URL, else what the client used."""
+    return base_url_of(request, _access(request).root_path)
+
+
+def base_url_of(request: web.Request, root_path: str) -> str:
+    """Where clients reach ``root_path`` on this node: the configured public URL, else
+    what the client used."""
     configured = runtime_of(request).config.http.public_url
     if configured:
-        return configured.rstrip("/") + PREFIX
+        return configured.rstrip("/") + root_path
     host = request.host
     sockname = request.transport.get_extra_info("sockname") if request.transport else None
     if ":" not in host.rsplit("]", 1)[-1] and sockname:
         host = f"{host}:{sockname[1]}"  # some clients send Host without the port
-    return f"{request.scheme}://{host}{PREFIX}"
+    return f"{request.scheme}://{host}{root_path}"
 
 
 def _json_response(document: object, status: int = 200) -> web.Response:
@@ -118,9 +152,14 @@ async def _search(request: web.Request, level: Level) -> web.StreamResponse:
         study_uid=request.match_info.get("study"),
         series_uid=request.match_info.get("series"),
     )
+    access = _access(request)
+    if access.studies is not None:
+        if not access.studies:
+            return _json_response([])
+        query.filters.append(Filter(BY_KEYWORD["StudyInstanceUID"], tuple(sorted(access.studies))))
     results, truncated = await _service(request).search(query, _base_url(request))
     runtime_of(request).security_audit.record(
-        atna.query, "admin-token", request.remote or "", "QIDO-RS", len(results)
+        atna.query, access.who, request.remote or "", "QIDO-RS", len(results)
     )
     warnings = []
     if truncated:  # PS3.18 8.3.4.4
@@ -166,6 +205,9 @@ async def search_instances(request: web.Request) -> web.StreamResponse:
 
 async def _records(request: web.Request) -> list[InstanceRecord]:
     info = request.match_info
+    allowed = _access(request).studies
+    if allowed is not None and info["study"] not in allowed:
+        raise NotFound("no such study")  # as if absent: a link does not tell what else is here
     return await _service(request).records(info["study"], info.get("series"), info.get("instance"))
 
 
@@ -197,7 +239,7 @@ def _audit_transfer(request: web.Request, sent: bool, study_uids: list[str], via
     runtime_of(request).security_audit.record(
         atna.instances_transferred,
         sent,
-        "admin-token",
+        _access(request).who,
         request.remote or "",
         sorted(set(study_uids)),
         len(study_uids),
@@ -461,3 +503,8 @@ ROUTES: list[Route] = [
         for kind, handler in (("rendered", retrieve_rendered), ("thumbnail", retrieve_thumbnail))
     ),
 ]
+
+# Every read route, below a DICOMweb root (mounted under /dicomweb and under share links).
+READ_ROUTES: tuple[tuple[str, Handler], ...] = tuple(
+    (route.path[len(PREFIX) :], route.handler) for route in ROUTES if route.method == "GET"
+)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import time
 from typing import Any
 
@@ -26,7 +27,7 @@ from node.edges.http import viewer
 from node.edges.http.context import runtime_of
 from node.edges.http.signed import SignedCaller, authenticate
 from node.errors import BadInput, Forbidden, PayloadTooLarge
-from node.services import consent, previews
+from node.services import consent, links, previews
 from node.services.runtime import NodeRuntime
 
 MAX_SUBMISSION_BYTES = 64 * 1024
@@ -39,6 +40,8 @@ def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
     app.router.add_get("/patient/tokens", list_tokens)
     app.router.add_get("/patient/roster", list_roster)
     app.router.add_get("/patient/studies/{ref}/series", list_series)
+    app.router.add_get("/patient/studies/{ref}/description", describe_study)
+    app.router.add_post("/patient/links", submit_link)
     app.router.add_get("/patient/studies/{ref}/series/{position:[0-9]{1,4}}/preview", preview)
     app.router.add_get("/patient/studies/{ref}/media.zip", download_media)
     app.router.add_post("/admin/api/enrollments", enroll)
@@ -117,6 +120,32 @@ async def submit_revocation(request: web.Request) -> web.Response:
         return {"token_id": recorded.token_id.hex(), **_proof_of(runtime, recorded.index)}
 
     return web.json_response(await asyncio.to_thread(record))
+
+
+async def submit_link(request: web.Request) -> web.Response:
+    """A share link the wallet made: its grant is recorded and proven like any grant."""
+    runtime = runtime_of(request)
+    caller = await _patient(request)
+
+    def record() -> dict[str, Any]:
+        try:
+            document = json.loads(caller.body)
+        except ValueError as exc:
+            raise BadInput("a share link is JSON {grant, manifest, passcode, files}") from exc
+        recorded = links.create_link(runtime, caller.public_key, document)
+        return {"token_id": recorded.token_id.hex(), **_proof_of(runtime, recorded.index)}
+
+    return web.json_response(await asyncio.to_thread(record))
+
+
+async def describe_study(request: web.Request) -> web.Response:
+    """One of the patient's studies with its UIDs and series, to describe it in a link."""
+    runtime = runtime_of(request)
+    caller = await _patient(request)
+    description = await asyncio.to_thread(
+        links.describe_own_study, runtime, caller.public_key, _study_ref(request)
+    )
+    return web.json_response(description, headers={"Cache-Control": "no-store"})
 
 
 async def list_tokens(request: web.Request) -> web.Response:

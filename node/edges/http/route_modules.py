@@ -9,6 +9,7 @@ from node.edges.http import (
     dicomweb,
     forwarding,
     ledger_api,
+    links,
     p2p,
     patient,
     transfer,
@@ -25,5 +26,6 @@ MODULES: list[ModuleType] = [
     forwarding,
     wallet_pages,
     viewer,
+    links,
     admin,
 ]

@@ -28,20 +28,22 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
-WALLET_KEY = web.AppKey("wallet_files", StaticFiles)
-
-
-async def redirect(request: web.Request) -> web.Response:
-    raise web.HTTPPermanentRedirect(PREFIX + "/")
-
-
-async def serve(request: web.Request) -> web.Response:
-    name = request.match_info.get("name") or "index.html"
-    return request.app[WALLET_KEY].response(request, name)
 
 
 def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
-    app[WALLET_KEY] = StaticFiles(STATIC_DIR, PAGE_HEADERS)
-    app.router.add_get(PREFIX, redirect)
-    app.router.add_get(PREFIX + "/", serve)
-    app.router.add_get(PREFIX + "/{name:[A-Za-z0-9._-]+}", serve)
+    add_static_pages(app, PREFIX, STATIC_DIR)
+
+
+def add_static_pages(app: web.Application, prefix: str, directory: Path) -> None:
+    """Serve the files of ``directory`` from memory under ``prefix`` with the CSP above."""
+    files = StaticFiles(directory, PAGE_HEADERS)
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPPermanentRedirect(prefix + "/")
+
+    async def serve(request: web.Request) -> web.Response:
+        return files.response(request, request.match_info.get("name") or "index.html")
+
+    app.router.add_get(prefix, redirect)
+    app.router.add_get(prefix + "/", serve)
+    app.router.add_get(prefix + "/{name:[A-Za-z0-9._-]+}", serve)

@@ -1,11 +1,21 @@
 // The wallet's screens. Every call to /patient is signed with my key for this hospital
 // (signed.js); the log's answers are checked in the browser (ledger.js).
 
-import { fromB64url, fromHex, toB64url, toHex } from "./bytes.js";
+import { fromB64url, fromHex, randomBytes, toB64url, toHex, utf8 } from "./bytes.js";
 import { makeGrant, makeRevocation, tokenId, tokenUrl } from "./consent.js";
 import { createWallet, keyFor, loadWallet, restoreWallet, store } from "./keys.js";
 import { describeNode, myEvents, verifyRecorded } from "./ledger.js";
 import { qrSvg } from "./qr.js";
+import {
+  ACCESS_CREDENTIAL,
+  FHIR_JSON,
+  accessCredential,
+  encodeShlink,
+  encryptFile,
+  linkGrantee,
+  secretDigest,
+  withEndpoint,
+} from "./shlink.js";
 import { RequestFailed, signedFetch, signedJson } from "./signed.js";
 
 const $ = (id) => document.getElementById(id);
@@ -240,30 +250,94 @@ async function loadPreviews(study) {
   }
 }
 
+function chosenStudies() {
+  const scope = [...document.querySelectorAll("#studies-list input.choose:checked")].map(
+    (b) => b.value,
+  );
+  if (!scope.length) throw new Error("choose at least one study to share");
+  return scope;
+}
+
+function sortedRefs(scope) {
+  return scope.map(fromB64url).sort((a, b) => toHex(a).localeCompare(toHex(b)));
+}
+
+async function keepToken(record) {
+  const local = (await store.get("tokens")) || [];
+  await store.put("tokens", [...local, record]);
+}
+
 function grantScreen() {
   action($("grant-button"), async () => {
-    const scope = [...document.querySelectorAll("#studies-list input.choose:checked")].map(
-      (b) => b.value,
-    );
-    if (!scope.length) throw new Error("choose at least one study to share");
+    const scope = chosenStudies();
     const grantee = $("grantee").value;
     if (!grantee) throw new Error("choose the hospital to share with");
     const now = Math.floor(Date.now() / 1000);
     const lifetime = Number($("lifetime").value);
-    const refs = scope.map(fromB64url).sort((a, b) => toHex(a).localeCompare(toHex(b)));
+    const refs = sortedRefs(scope);
     const token = await makeGrant(app.key, app.node.origin, grantee, refs, now, now + lifetime);
     const answer = await signedJson(app.key, "POST", "/patient/grants", token);
     await verifyRecorded(answer, app.vkey, "grant", "token", token);
     const id = toHex(await tokenId(token));
     const record = { token_id: id, url: tokenUrl(token), grantee, expires: now + lifetime, scope };
-    const local = (await store.get("tokens")) || [];
-    await store.put("tokens", [...local, record]);
+    await keepToken(record);
     showShare(record);
   });
+  action($("link-button"), makeLink);
   action($("copy-button"), async () => {
     await navigator.clipboard.writeText($("share-url").textContent);
     say("Link copied.", "info");
   });
+}
+
+/** "Share with a doctor": a SMART Health Link made here; the custodian sees no key. */
+async function makeLink() {
+  const scope = chosenStudies();
+  const label = $("link-label").value.trim();
+  const passcode = $("link-passcode").value || null;
+  const now = Math.floor(Date.now() / 1000);
+  const lifetime = Number($("link-lifetime").value);
+  const linkKey = randomBytes(32);
+  const accessToken = toB64url(randomBytes(32));
+  const manifestId = toB64url(randomBytes(32));
+  const base = location.origin;
+  const root = `${base}/links/${accessToken}/dicomweb`;
+  const files = [];
+  for (const ref of scope) {
+    const study = await signedJson(app.key, "GET", `/patient/studies/${ref}/description`);
+    files.push({ contentType: FHIR_JSON, embedded: await encryptFile(linkKey, FHIR_JSON, withEndpoint(study, root)) });
+  }
+  const credential = accessCredential(accessToken, root, lifetime);
+  files.push({
+    contentType: ACCESS_CREDENTIAL,
+    embedded: await encryptFile(linkKey, ACCESS_CREDENTIAL, credential),
+  });
+  const grantee = await linkGrantee(accessToken);
+  const token = await makeGrant(app.key, app.node.origin, grantee, sortedRefs(scope), now, now + lifetime);
+  const body = {
+    grant: toB64url(token),
+    manifest: await secretDigest(manifestId),
+    passcode,
+    files,
+  };
+  const answer = await signedJson(app.key, "POST", "/patient/links", utf8(JSON.stringify(body)));
+  await verifyRecorded(answer, app.vkey, "grant", "token", token);
+  const shlink = encodeShlink({
+    url: `${base}/shl/${manifestId}`,
+    key: linkKey,
+    exp: now + lifetime,
+    passcode,
+    label,
+  });
+  const record = {
+    token_id: toHex(await tokenId(token)),
+    url: `${base}/share/#${shlink}`,
+    grantee: label ? `the link '${label}'` : "a link",
+    expires: now + lifetime,
+    scope,
+  };
+  await keepToken(record);
+  showShare(record);
 }
 
 async function showShare(record) {

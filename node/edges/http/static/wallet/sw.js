@@ -3,7 +3,7 @@
 // updated node's wallet shows from the next start; /patient and /ledger requests are
 // never touched or cached here.
 
-const CACHE = "imageshare-wallet-v2";
+const CACHE = "imageshare-wallet-v3";
 const SHELL = [
   "./",
   "app.js",
@@ -13,6 +13,7 @@ const SHELL = [
   "keys.js",
   "signed.js",
   "consent.js",
+  "shlink.js",
   "ledger.js",
   "qr.js",
   "manifest.webmanifest",
