@@ -19,8 +19,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from node.errors import BadInput, ImageShareError, PayloadTooLarge
-from node.errors import NotAcceptable as NotAcceptable  # its home was here: re-exported
+from node.errors import NotAcceptable as NotAcceptable  # re-exported: the edges' 406
 from node.services.dicomweb import OutgoingPart
+from node.services.transcoding import type_matches as type_matches  # re-exported
 from node.store.dicom_header import InflateLimits
 
 log = logging.getLogger(__name__)
