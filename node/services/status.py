@@ -27,6 +27,7 @@ from node.errors import BadInput, Conflict
 from node.services.audit import Workers, audit_views, collect
 from node.services.audit_state import AuditState
 from node.services.ledger import ledger_service
+from node.services.pacs import pacs_source
 from node.services.replication import replication_of
 from node.services.roster import roster_of
 from node.services.runtime import NodeRuntime
@@ -163,12 +164,14 @@ class StatusService:
             if forwarder is not None
             else {"enabled": False}
         )
+        pacs = pacs_source(self.runtime)
         return {
             "node": node,
             "peers": self.peers(),
             "log": log,
             "transfers": self.transfers(),
             "forwarding": forwarding,
+            "pacs": {"enabled": False} if pacs is None else await asyncio.to_thread(pacs.status),
             "last_audit": self.last_audit,
             "generated_at": time.time(),
         }

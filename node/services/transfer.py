@@ -29,7 +29,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,10 +78,12 @@ from node.core.signed_requests import (
 from node.errors import BadInput, Forbidden, ImageShareError, NotFound, Unauthorized
 from node.services.consent import check_access, resolve_study_reference
 from node.services.ledger import LedgerService, ledger_service
+from node.services.pacs import pacs_source, serving_from_cache
 from node.services.peer_requests import node_signed_headers
 from node.services.roster import roster_of
 from node.services.runtime import NodeRuntime
-from node.store.instances import StagedInstance, StagingFile
+from node.store.instances import InstanceRecord, StagedInstance, StagingFile
+from node.store.pacs_cache import CachedInstance
 from node.store.transfers import StreamedInstance, TransferStore
 
 log = logging.getLogger(__name__)
@@ -408,8 +410,16 @@ class TransferService:
         for ref in study_refs:
             try:
                 uid = resolve_study_reference(self.runtime, ref)
+            except NotFound:
+                continue
+            records: Sequence[InstanceRecord | CachedInstance]
+            try:
                 records = self.runtime.store.instances(uid)
             except NotFound:
+                # Only in the hospital's PACS: retrieved whole into the cache, then sent.
+                source = pacs_source(self.runtime)
+                records = [] if source is None else source.instances_to_send(uid, token_id)
+            if not records:
                 continue  # a study in scope that holds no instance here has nothing to send
             for record in records:
                 entries.append(
@@ -477,6 +487,9 @@ class TransferService:
         # The next block is read and encrypted in a worker thread while this one is sent.
         upcoming = asyncio.ensure_future(asyncio.to_thread(next, blocks, None))
         checked_at = time.monotonic()
+        # Studies from the PACS stay in the cache while they stream.
+        serving = contextlib.ExitStack()
+        serving.enter_context(serving_from_cache(self.runtime, session.token_id))
         try:
             while (block := await upcoming) is not None:
                 if time.monotonic() - checked_at >= RECHECK_SECONDS:
@@ -496,7 +509,12 @@ class TransferService:
             with contextlib.suppress(BaseException):
                 await upcoming
             blocks.close()
-            await asyncio.shield(asyncio.to_thread(self._close_stream, stream_id, session, sent))
+            try:
+                await asyncio.shield(
+                    asyncio.to_thread(self._close_stream, stream_id, session, sent)
+                )
+            finally:
+                await asyncio.shield(asyncio.to_thread(serving.close))  # may evict: disk work
 
     async def _recheck(self, session: SenderSession) -> None:
         """Raises TransferRefused if the token no longer allows the transfer."""

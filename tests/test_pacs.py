@@ -1,0 +1,325 @@
+"""The node in front of the hospital's PACS: a real Orthanc holds studies the node never
+stored; the patient lists and grants them, and a second real node fetches them.
+
+Two custodians share one Orthanc: A reaches it by DIMSE Query/Retrieve (C-FIND, C-GET),
+W by DICOMweb (QIDO-RS, WADO-RS). B is the grantee of both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import sqlite3
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgpack
+import pydicom
+import pytest
+
+from node.core.base64url import b64url_decode
+from node.core.entries import decode_entry
+from node.core.origins import log_id
+from node.samples import SyntheticStudy, make_ct_study
+from node.services.wallet import Wallet
+from node.store.pacs_cache import DIRECTORY_NAME, FILE_NAME
+from tests.support.nodes import NodeProcess, init_node, wait_until
+from tests.support.orthanc import OrthancServer
+
+PATIENT = "MRN-PACS-1"
+CALLING_AE = "IMAGESHARE"
+
+
+@dataclass
+class Hospital:
+    base: Path
+    orthanc: OrthancServer
+    a: NodeProcess  # [pacs] by DIMSE
+    w: NodeProcess  # [pacs] by DICOMweb
+    b: NodeProcess  # the grantee
+    local: SyntheticStudy  # imported into A and W
+    in_pacs: list[SyntheticStudy]  # only in Orthanc
+    large: SyntheticStudy  # only in Orthanc, for the retrieve cut off part way
+    prefetched: SyntheticStudy  # only in Orthanc, retrieved by A as soon as it is granted
+    wallet_a: Wallet
+    wallet_w: Wallet
+    cache_limit: int
+
+
+def _upload(orthanc: OrthancServer, study: SyntheticStudy) -> None:
+    for path in study.files:
+        orthanc.request("POST", "/instances", path.read_bytes())
+
+
+def _study_bytes(study: SyntheticStudy) -> int:
+    return sum(path.stat().st_size for path in study.files)
+
+
+def _enroll(node: NodeProcess, directory: Path) -> Wallet:
+    wallet = Wallet.create(directory, None)
+    node.cli(
+        "enroll", "--patient-id", PATIENT, f"--key={wallet.key_for(node.origin).public_key_text}"
+    )
+    return wallet
+
+
+@pytest.fixture(scope="module")
+def hospital(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hospital]:
+    base = tmp_path_factory.mktemp("pacs")
+    local = make_ct_study(base / "local", series=1, slices=2, patient_id=PATIENT, seed=1)
+    in_pacs = [
+        make_ct_study(base / f"pacs{n}", series=2, slices=2 + n, patient_id=PATIENT, seed=10 + n)
+        for n in range(4)
+    ]
+    large = make_ct_study(
+        base / "large", series=4, slices=60, rows=32, columns=32, patient_id=PATIENT, seed=99
+    )
+    prefetched = make_ct_study(base / "prefetched", series=3, slices=1, patient_id=PATIENT, seed=5)
+    other = make_ct_study(base / "other", series=1, slices=1, patient_id="MRN-OTHER", seed=7)
+    a = init_node(base, "a.example/imageshare", "a")
+    w = init_node(base, "w.example/imageshare", "w")
+    b = init_node(base, "b.example/imageshare", "b")
+    orthanc = OrthancServer(base).allow_retrieve(CALLING_AE, a.dimse_port)
+    # Room for the last two small PACS studies, not three: the run of fetches must evict.
+    cache_limit = _study_bytes(in_pacs[2]) + _study_bytes(in_pacs[3]) + 1024
+    settings = "[federation]\ndiscovery = false\nreplicate_interval = 0.3\n"
+    a.append_config(
+        settings + b.roster_entry()
+        + f'[pacs]\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n'
+        f"timeout = 10.0\ncache_bytes = {cache_limit}\nprefetch = true\n"
+    )  # fmt: skip
+    w.append_config(
+        settings + b.roster_entry()
+        + f'[pacs]\ndicomweb_url = "{orthanc.dicomweb_url}"\ntimeout = 10.0\n'
+        'dicomweb_auth_header = "X-Hospital: imageshare"\n'
+    )  # fmt: skip
+    b.append_config(settings + a.roster_entry() + w.roster_entry())
+    nodes = [a, w, b]
+    try:
+        orthanc.start()
+        for study in [*in_pacs, large, prefetched, other]:
+            _upload(orthanc, study)
+        with ThreadPoolExecutor(len(nodes)) as pool:
+            list(pool.map(NodeProcess.start, nodes))
+        a.cli("import", str(base / "local"))
+        w.cli("import", str(base / "local"))
+        wallet_a = _enroll(a, base / "wallet-a")
+        wallet_w = _enroll(w, base / "wallet-w")
+        yield Hospital(
+            base,
+            orthanc,
+            a,
+            w,
+            b,
+            local,
+            in_pacs,
+            large,
+            prefetched,
+            wallet_a,
+            wallet_w,
+            cache_limit,
+        )
+    finally:
+        for node in nodes:
+            node.stop()
+        orthanc.stop()
+
+
+def _studies(wallet: Wallet, node: NodeProcess) -> list[dict[str, Any]]:
+    async def listing() -> list[dict[str, Any]]:
+        async with aiohttp.ClientSession() as session:
+            return await wallet.studies(session, node.url)
+
+    return asyncio.run(listing())
+
+
+def _grant(wallet: Wallet, node: NodeProcess, to: NodeProcess, refs: list[str]) -> dict[str, Any]:
+    async def grant() -> dict[str, Any]:
+        async with aiohttp.ClientSession() as session:
+            scope = tuple(b64url_decode(ref, "study reference") for ref in refs)
+            return await wallet.grant(session, node.url, to.origin, scope, 3600)
+
+    return asyncio.run(grant())
+
+
+def _ref_of(listing: list[dict[str, Any]], study: SyntheticStudy) -> str:
+    """The listed reference of ``study``, found by its instance count (unique here)."""
+    (ref,) = [s["ref"] for s in listing if s["instances"] == len(study.files)]
+    return str(ref)
+
+
+def _accesses(node: NodeProcess, token_id: str) -> list[dict[str, Any]]:
+    wanted = log_id(node.origin)
+    size = next(
+        log["size"] for log in node.get_json("/ledger/logs", auth=False) if log["log_id"] == wanted
+    )
+    with urllib.request.urlopen(
+        f"{node.url}/ledger/logs/{wanted}/entries?start=0&end={size}", timeout=10
+    ) as response:
+        entries = [decode_entry(raw) for raw in msgpack.unpackb(response.read())]
+    return [
+        e.fields for e in entries
+        if e.kind == "access" and e.fields["token_id"].hex() == token_id
+    ]  # fmt: skip
+
+
+def _held_by(node: NodeProcess, data: bytes) -> bytes:
+    digest = hashlib.sha256(data).hexdigest()
+    return (node.data_dir / "objects" / digest[:2] / f"{digest}.dcm").read_bytes()
+
+
+def _cached_studies(node: NodeProcess, complete_only: bool = False) -> list[str]:
+    """The cache's studies, least recently used first."""
+    path = node.data_dir / DIRECTORY_NAME / FILE_NAME
+    where = " WHERE complete = 1" if complete_only else ""
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        rows = conn.execute(f"SELECT study_uid FROM studies{where} ORDER BY last_used").fetchall()
+    return [row[0] for row in rows]
+
+
+def _pacs_status(node: NodeProcess) -> dict[str, Any]:
+    return dict(node.get_json("/admin/api/status")["pacs"])
+
+
+class TestListing:
+    def test_patient_lists_pacs_studies_beside_the_local_one(self, hospital: Hospital) -> None:
+        for node, wallet in ((hospital.a, hospital.wallet_a), (hospital.w, hospital.wallet_w)):
+            listing = _studies(wallet, node)
+            # The local study, the PACS's (never MRN-OTHER's).
+            assert len(listing) == 1 + len(hospital.in_pacs) + 2
+            refs = {_ref_of(listing, s) for s in [hospital.local, *hospital.in_pacs[:1]]}
+            assert len(refs) == 2
+            described = next(
+                s for s in listing if s["ref"] == _ref_of(listing, hospital.in_pacs[0])
+            )
+            assert described["modalities"] == ["CT"]
+            assert _pacs_status(node)["link"] == "up"
+
+    def test_listing_stores_nothing_and_the_dashboard_counts_only_local_studies(
+        self, hospital: Hospital
+    ) -> None:
+        _studies(hospital.wallet_a, hospital.a)
+        assert hospital.a.get_json("/admin/api/status")["node"]["held"]["studies"] == 1
+
+
+class TestFetchFromPacs:
+    @pytest.mark.parametrize("custodian", ["a", "w"], ids=["dimse", "dicomweb"])
+    def test_grantee_fetches_a_pacs_only_study_whole_and_the_custodian_keeps_only_the_cache(
+        self, hospital: Hospital, custodian: str
+    ) -> None:
+        node, wallet = (
+            (hospital.a, hospital.wallet_a) if custodian == "a" else (hospital.w, hospital.wallet_w)
+        )
+        # One study each: B keeps the first copy of an instance it is sent.
+        study = hospital.in_pacs[0 if custodian == "a" else 1]
+        grant = _grant(wallet, node, hospital.b, [_ref_of(_studies(wallet, node), study)])
+        fetched = json.loads(hospital.b.cli("fetch", grant["token"], "--json").stdout)
+        assert fetched["study_uid"] == study.study_uid
+        assert fetched["instances"] == len(study.files)
+        cache = node.data_dir / DIRECTORY_NAME
+        for path in study.files:
+            original = pydicom.dcmread(path)
+            sop = original.SOPInstanceUID
+            (cached,) = [p for p in cache.glob("*.dcm") if pydicom.dcmread(p).SOPInstanceUID == sop]
+            # What B holds is exactly what the custodian retrieved and its manifest named.
+            assert _held_by(hospital.b, cached.read_bytes()) == cached.read_bytes()
+            if custodian == "w":  # WADO-RS hands over the PACS's own file, byte for byte
+                assert cached.read_bytes() == path.read_bytes()
+            assert pydicom.dcmread(cached) == original  # C-GET: same data set, new meta
+        assert node.get_json("/admin/api/status")["node"]["held"]["studies"] == 1
+        (access,) = _accesses(node, grant["token_id"])
+        assert access["instances"] == len(study.files)
+        assert _pacs_status(node)["cache"]["complete"] >= 1
+
+
+def _start_fetch(node: NodeProcess, token: str) -> str:
+    request = urllib.request.Request(
+        node.url + "/admin/api/fetch",
+        data=json.dumps({"token": token}).encode(),
+        method="POST",
+        headers={**node.auth, "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return str(json.loads(response.read())["id"])
+
+
+def _finished(node: NodeProcess, job_id: str) -> dict[str, Any] | None:
+    job = node.get_json(f"/admin/api/transfers/{job_id}")
+    return None if job["state"] in ("queued", "running") else dict(job)
+
+
+class TestPacsDown:
+    def test_pacs_stopped_mid_retrieve_fails_the_fetch_without_access_then_it_resumes(
+        self, hospital: Hospital
+    ) -> None:
+        node, wallet, study = hospital.w, hospital.wallet_w, hospital.large
+        grant = _grant(wallet, node, hospital.b, [_ref_of(_studies(wallet, node), study)])
+        cache = node.data_dir / DIRECTORY_NAME
+        before = len(list(cache.glob("*.dcm")))
+        job_id = _start_fetch(hospital.b, grant["token"])
+        wait_until(
+            lambda: len(list(cache.glob("*.dcm"))) > before,
+            timeout=30,
+            message="the custodian to have retrieved part of the study",
+        )
+        assert hospital.orthanc.process is not None
+        hospital.orthanc.process.kill()
+        hospital.orthanc.process.wait()
+        hospital.orthanc.process = None
+        try:
+            failed = wait_until(lambda: _finished(hospital.b, job_id), timeout=60)
+            assert failed["state"] == "failed"
+            assert "PACS" in failed["error"]
+            assert _accesses(node, grant["token_id"]) == []
+            assert _pacs_status(node)["link"] == "down"
+            partial = len(list(cache.glob("*.dcm"))) - before
+            assert 0 < partial < len(study.files)
+        finally:
+            hospital.orthanc.start()
+        fetched = json.loads(hospital.b.cli("fetch", grant["token"], "--json").stdout)
+        assert fetched["instances"] == len(study.files)
+        for path in study.files:
+            assert _held_by(hospital.b, path.read_bytes()) == path.read_bytes()
+        (access,) = _accesses(node, grant["token_id"])
+        assert access["instances"] == len(study.files)
+        assert _pacs_status(node)["link"] == "up"
+
+
+class TestCacheLimit:
+    def test_a_run_of_fetches_larger_than_the_cache_evicts_the_least_recently_used(
+        self, hospital: Hospital
+    ) -> None:
+        node, wallet = hospital.a, hospital.wallet_a
+        listing = _studies(wallet, node)
+        fetched: list[str] = []
+        for study in hospital.in_pacs[1:]:
+            grant = _grant(wallet, node, hospital.b, [_ref_of(listing, study)])
+            hospital.b.cli("fetch", grant["token"])
+            fetched.append(study.study_uid)
+            held = _pacs_status(node)["cache"]
+            assert held["bytes"] <= hospital.cache_limit
+            assert _cached_studies(node)[-1] == study.study_uid  # the newest stays
+        assert _cached_studies(node) == fetched[-2:]  # the oldest went first
+
+
+class TestPrefetch:
+    def test_a_grant_retrieves_its_pacs_study_before_any_fetch(self, hospital: Hospital) -> None:
+        node, wallet, study = hospital.a, hospital.wallet_a, hospital.prefetched
+        retrieves = _pacs_status(node)["retrieves"]
+        grant = _grant(wallet, node, hospital.b, [_ref_of(_studies(wallet, node), study)])
+        wait_until(
+            lambda: study.study_uid in _cached_studies(node, complete_only=True),
+            timeout=30,
+            message="the granted study to be prefetched",
+        )
+        assert _pacs_status(node)["retrieves"] == retrieves + 1
+        hospital.b.cli("fetch", grant["token"])
+        assert _pacs_status(node)["retrieves"] == retrieves + 1  # served from the cache
+        (access,) = _accesses(node, grant["token_id"])
+        assert access["instances"] == len(study.files)
