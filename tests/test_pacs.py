@@ -22,13 +22,18 @@ import aiohttp
 import msgpack
 import pydicom
 import pytest
+from aiohttp import web
 
 from node.core.base64url import b64url_decode
 from node.core.entries import decode_entry
 from node.core.origins import log_id
 from node.samples import SyntheticStudy, make_ct_study
+from node.services import pacs
+from node.services.pacs import PacsSource, PacsUnavailable, pacs_source, single_part
+from node.services.runtime import NodeRuntime, open_runtime
 from node.services.wallet import Wallet
 from node.store.pacs_cache import DIRECTORY_NAME, FILE_NAME
+from tests.support.hostile import HostileServer, Received
 from tests.support.nodes import NodeProcess, init_node, wait_until
 from tests.support.orthanc import OrthancServer
 
@@ -323,3 +328,148 @@ class TestPrefetch:
         assert _pacs_status(node)["retrieves"] == retrieves + 1  # served from the cache
         (access,) = _accesses(node, grant["token_id"])
         assert access["instances"] == len(study.files)
+
+
+# -- a PACS that answers what it should not ----------------------------------------------
+
+
+@dataclass
+class HostilePacs:
+    server: HostileServer
+    runtime: NodeRuntime
+    source: PacsSource
+    study: SyntheticStudy  # PATIENT's, served by the hostile PACS
+    stranger: SyntheticStudy  # another study, slipped into its answers
+
+
+def _dicom_json(uid: str, patient_id: str) -> dict[str, Any]:
+    return {
+        "0020000D": {"vr": "UI", "Value": [uid]},
+        "00100020": {"vr": "LO", "Value": [patient_id]},
+        "00201208": {"vr": "IS", "Value": [1]},
+    }
+
+
+def _multipart(*parts: bytes, boundary: str = "b0undary") -> web.Response:
+    body = b"".join(
+        b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n"
+        for part in parts
+    )
+    return web.Response(
+        body=body + b"--" + boundary.encode() + b"--\r\n",
+        headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostilePacs]:
+    base = tmp_path_factory.mktemp("hostile-pacs")
+    server = HostileServer()
+    node = init_node(base, "h.example/imageshare", "h")
+    node.append_config(f'[pacs]\ndicomweb_url = "{server.url}/dicom-web"\ntimeout = 5.0\n')
+    study = make_ct_study(base / "study", series=1, slices=1, patient_id=PATIENT, seed=3)
+    stranger = make_ct_study(base / "stranger", series=1, slices=1, patient_id=PATIENT, seed=4)
+    runtime = open_runtime(node.config)
+    source = pacs_source(runtime)
+    assert source is not None
+    try:
+        yield HostilePacs(server, runtime, source, study, stranger)
+    finally:
+        runtime.close()
+        server.stop()
+
+
+class TestHostilePacs:
+    def test_listing_keeps_only_the_patients_studies_with_valid_uids(
+        self, hostile: HostilePacs
+    ) -> None:
+        good = hostile.study.study_uid
+        answer = [
+            _dicom_json(good, PATIENT),
+            _dicom_json("1.2.3.4", "MRN-SOMEONE-ELSE"),
+            _dicom_json("1.2/../../etc", PATIENT),
+            _dicom_json("1.2.3", PATIENT.lower()),
+        ]
+        hostile.server.respond = lambda got: web.json_response(answer)
+        listed = hostile.source.studies_of_patient("MRN-HOSTILE-1")
+        assert listed == []  # every answer names another patient id
+        hostile.server.respond = lambda got: web.json_response(
+            [{**a, "00100020": {"vr": "LO", "Value": ["MRN-HOSTILE-2"]}} for a in answer[:3]]
+            + [_dicom_json("9.9", "MRN-OTHER")]
+        )
+        assert [s.study_uid for s in hostile.source.studies_of_patient("MRN-HOSTILE-2")] == [
+            good,
+            "1.2.3.4",
+        ]
+
+    def test_a_patient_id_with_a_wildcard_is_never_sent_to_the_pacs(
+        self, hostile: HostilePacs
+    ) -> None:
+        hostile.server.respond = lambda got: web.json_response([])
+        before = len(hostile.server.received)
+        for patient_id in ("MRN*", "MRN-?", "A\\B", "MRN%", "MRN_1"):
+            assert hostile.source.studies_of_patient(patient_id) == []
+        assert len(hostile.server.received) == before
+
+    def test_an_answer_that_is_not_a_list_or_too_large_fails_closed(
+        self, hostile: HostilePacs, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        hostile.server.respond = lambda got: web.json_response({"not": "a list"})
+        assert hostile.source.studies_of_patient("MRN-HOSTILE-3") == []
+        assert "other than a list" in hostile.source.status()["last_error"]
+        monkeypatch.setattr(pacs, "MAX_JSON_BYTES", 1024)
+        hostile.server.respond = lambda got: web.json_response([_dicom_json("1.2", "X" * 4096)])
+        assert hostile.source.studies_of_patient("MRN-HOSTILE-4") == []
+        assert hostile.source.status()["link"] == "down"
+
+    def test_an_instance_of_another_study_is_refused_and_the_study_never_served(
+        self, hostile: HostilePacs
+    ) -> None:
+        study, stranger = hostile.study, hostile.stranger
+        listing = [_dicom_json(study.study_uid, PATIENT)]
+        ds = pydicom.dcmread(study.files[0])
+        instance = {
+            "0020000E": {"vr": "UI", "Value": [ds.SeriesInstanceUID]},
+            "00080018": {"vr": "UI", "Value": [ds.SOPInstanceUID]},
+        }
+
+        def answer(got: Received) -> web.Response:
+            if got.path_qs.startswith("/dicom-web/studies?"):
+                return web.json_response(listing)
+            if got.path_qs.startswith(f"/dicom-web/studies/{study.study_uid}/instances"):
+                return web.json_response([instance])
+            return _multipart(stranger.files[0].read_bytes())
+
+        hostile.server.respond = answer
+        assert hostile.source.studies_of_patient(PATIENT)
+        with pytest.raises(PacsUnavailable, match="another study"):
+            hostile.source.instances_to_send(study.study_uid, b"t" * 16)
+        assert hostile.source.cache.held(study.study_uid) == set()
+        assert list(hostile.source.cache.directory.glob("*.dcm")) == []
+        assert list((hostile.runtime.config.data_dir / "tmp").glob("*")) == []  # nothing staged
+
+
+class TestSinglePart:
+    TYPE = 'multipart/related; type="application/dicom"; boundary=xyz'
+
+    def test_one_whole_part_is_returned_exactly(self) -> None:
+        body = b"--xyz\r\nContent-Type: application/dicom\r\n\r\nDA\r\nTA\r\n--xyz--\r\n"
+        assert single_part(body, self.TYPE) == b"DA\r\nTA"
+
+    @pytest.mark.parametrize(
+        ("body", "content_type"),
+        [
+            (b"--xyz\r\n\r\nDATA\r\n--xyz--\r\n", "application/dicom"),
+            (b"--xyz\r\n\r\nDATA\r\n--xyz--\r\n", 'multipart/related; type="application/dicom"'),
+            (b"--xyz\r\nContent-Type: application/dicom\r\n\r\nDATA", TYPE),  # cut off
+            (b"--xyz\r\nContent-Type: application/dicom\r\n\r\nDATA\r\n--xyz\r\n", TYPE),
+            (b"--xyz\r\n\r\nA\r\n--xyz\r\n\r\nB\r\n--xyz--\r\n", TYPE),
+            (b"no delimiter at all", TYPE),
+        ],
+        ids=["not-multipart", "no-boundary", "truncated", "unclosed", "two-parts", "no-part"],
+    )
+    def test_anything_else_fails_closed(self, body: bytes, content_type: str) -> None:
+        with pytest.raises(PacsUnavailable):
+            single_part(body, content_type)
