@@ -12,7 +12,7 @@ import hashlib
 import json
 import sqlite3
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -368,7 +368,10 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostilePacs]:
     base = tmp_path_factory.mktemp("hostile-pacs")
     server = HostileServer()
     node = init_node(base, "h.example/imageshare", "h")
-    node.append_config(f'[pacs]\ndicomweb_url = "{server.url}/dicom-web"\ntimeout = 5.0\n')
+    # A cache of one byte: every retrieve evicts all that is not being retrieved or served.
+    node.append_config(
+        f'[pacs]\ndicomweb_url = "{server.url}/dicom-web"\ntimeout = 5.0\ncache_bytes = 1\n'
+    )
     study = make_ct_study(base / "study", series=1, slices=1, patient_id=PATIENT, seed=3)
     stranger = make_ct_study(base / "stranger", series=1, slices=1, patient_id=PATIENT, seed=4)
     runtime = open_runtime(node.config)
@@ -449,6 +452,50 @@ class TestHostilePacs:
         assert hostile.source.cache.held(study.study_uid) == set()
         assert list(hostile.source.cache.directory.glob("*.dcm")) == []
         assert list((hostile.runtime.config.data_dir / "tmp").glob("*")) == []  # nothing staged
+
+
+def _honest_pacs(patient_id: str, *studies: SyntheticStudy) -> Callable[[Received], web.Response]:
+    """A DICOMweb PACS holding ``studies`` of ``patient_id`` (one instance each), answering
+    as it should."""
+    by_uid = {study.study_uid: pydicom.dcmread(study.files[0]) for study in studies}
+    files = {study.study_uid: study.files[0].read_bytes() for study in studies}
+
+    def answer(got: Received) -> web.Response:
+        if got.path_qs.startswith("/dicom-web/studies?"):
+            return web.json_response([_dicom_json(uid, patient_id) for uid in by_uid])
+        uid = got.path_qs.split("/")[3].split("?")[0]
+        if "/instances?" in got.path_qs:
+            ds = by_uid[uid]
+            return web.json_response(
+                [
+                    {
+                        "0020000E": {"vr": "UI", "Value": [ds.SeriesInstanceUID]},
+                        "00080018": {"vr": "UI", "Value": [ds.SOPInstanceUID]},
+                    }
+                ]
+            )
+        return _multipart(files[uid])
+
+    return answer
+
+
+class TestEviction:
+    def test_a_study_being_served_or_opened_is_never_evicted(self, hostile: HostilePacs) -> None:
+        source, served, other = hostile.source, hostile.study, hostile.stranger
+        hostile.server.respond = _honest_pacs("MRN-EVICT", served, other)
+        assert len(source.studies_of_patient("MRN-EVICT")) == 2
+        first, second = b"1" * 16, b"2" * 16
+        assert len(source.instances_to_send(served.study_uid, first)) == 1
+        with source.serving(first):
+            # Retrieving another study evicts down to one byte, but not what streams.
+            assert len(source.instances_to_send(other.study_uid, second)) == 1
+            assert source.cache.complete_instances(served.study_uid) is not None
+        # Its stream ended: evicted now; the other, opened and not yet streamed, stays.
+        assert source.cache.complete_instances(served.study_uid) is None
+        assert source.cache.complete_instances(other.study_uid) is not None
+        with source.serving(second):
+            pass
+        assert source.cache.usage().studies == 0
 
 
 class TestSinglePart:

@@ -440,7 +440,11 @@ class PacsSource:
         if self.study(study_uid) is None and self.cache.complete_instances(study_uid) is None:
             return []
         self._pin(token_id, study_uid)
-        return self._cached(study_uid)
+        try:
+            return self._cached(study_uid)
+        except BaseException:
+            self._unpin(token_id, study_uid)  # no transfer will stream what was not sent
+            raise
 
     def _cached(self, study_uid: str) -> list[CachedInstance]:
         with self._lock:
@@ -530,6 +534,14 @@ class PacsSource:
             for key, (_, until) in list(self._pins.items()):
                 if until < now:
                     del self._pins[key]
+
+    def _unpin(self, token_id: bytes, study_uid: str) -> None:
+        with self._lock:
+            studies, until = self._pins.get(token_id, (frozenset(), 0.0))
+            if studies - {study_uid}:
+                self._pins[token_id] = (studies - {study_uid}, until)
+            else:
+                self._pins.pop(token_id, None)
 
     def _kept(self) -> set[str]:
         now = time.monotonic()
