@@ -33,6 +33,7 @@ from node.services.pacs import PacsSource, PacsUnavailable, pacs_source, single_
 from node.services.runtime import NodeRuntime, open_runtime
 from node.services.wallet import Wallet
 from node.store.pacs_cache import DIRECTORY_NAME, FILE_NAME
+from tests.support.browser import chromium_session
 from tests.support.hostile import HostileServer, Received
 from tests.support.nodes import NodeProcess, init_node, wait_until
 from tests.support.orthanc import OrthancServer
@@ -328,6 +329,21 @@ class TestPrefetch:
         assert _pacs_status(node)["retrieves"] == retrieves + 1  # served from the cache
         (access,) = _accesses(node, grant["token_id"])
         assert access["instances"] == len(study.files)
+
+
+class TestDashboard:
+    def test_the_dashboard_shows_the_pacs_link_and_the_cache(self, hospital: Hospital) -> None:
+        with chromium_session("pacs") as browser:
+            page = browser.new_page()
+            page.goto(hospital.a.url + "/admin")
+            page.locator("#token").fill(hospital.a.admin_token)
+            page.locator("#login-form button[type=submit]").click()
+            card = page.locator("#pacs")
+            card.filter(has_text="C-FIND, C-GET").wait_for()
+            text = card.inner_text()
+            assert f"ORTHANC at 127.0.0.1:{hospital.orthanc.dicom_port}" in text
+            assert "up" in text and "whole" in text
+            page.shot("pacs-source")
 
 
 # -- a PACS that answers what it should not ----------------------------------------------
