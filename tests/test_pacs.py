@@ -207,6 +207,21 @@ class TestListing:
             assert described["modalities"] == ["CT"]
             assert _pacs_status(node)["link"] == "up"
 
+    def test_dashboard_search_by_patient_id_adds_the_studies_only_in_the_pacs(
+        self, hospital: Hospital
+    ) -> None:
+        found = hospital.a.get_json(f"/admin/api/studies?q={PATIENT}")
+        pacs_only = [s for s in found["studies"] if s["source"] == "PACS"]
+        local = [s for s in found["studies"] if s["source"] != "PACS"]
+        assert [s["study_instance_uid"] for s in local] == [hospital.local.study_uid]
+        assert {s["study_instance_uid"] for s in pacs_only} == {
+            s.study_uid for s in [*hospital.in_pacs, hospital.large, hospital.prefetched]
+        }
+        assert all(s["viewer_url"] is None and s["patient_id"] == PATIENT for s in pacs_only)
+        assert found["total"] == len(found["studies"])
+        words = hospital.a.get_json(f"/admin/api/studies?q={PATIENT}+CT")
+        assert [s["source"] for s in words["studies"]] == ["local"]  # one word only
+
     def test_listing_stores_nothing_and_the_dashboard_counts_only_local_studies(
         self, hospital: Hospital
     ) -> None:

@@ -394,7 +394,7 @@ function renderStudies(found) {
       el("td", {}, s.modalities || "–"),
       el("td", { class: "num" }, `${s.instances} · ${bytes(s.bytes)}`),
       el("td", { class: "source" }, s.source || "–"),
-      el("td", {}, el("a", { href: s.viewer_url, target: "_blank", rel: "noopener noreferrer" }, "Open")),
+      el("td", {}, s.viewer_url ? el("a", { href: s.viewer_url, target: "_blank", rel: "noopener noreferrer" }, "Open") : "–"),
     ),
   );
   fill(
