@@ -255,6 +255,42 @@ class ForwardConfig(OutgoingTls, kw_only=True):
         super().__post_init__()
 
 
+class PacsConfig(OutgoingTls, kw_only=True):
+    """The hospital's PACS the node lists and retrieves studies from (docs/pacs.md)."""
+
+    # Its DIMSE Query/Retrieve SCP (C-FIND, C-GET); empty: none. TLS as for [forward].
+    ae_title: str = ""
+    host: str = ""
+    port: Port = 104
+    # Its DICOMweb server: the base URL QIDO-RS and WADO-RS paths follow; empty: none.
+    dicomweb_url: str = ""
+    # Sent on every DICOMweb request, "Name: value" (e.g. "Authorization: Bearer ...").
+    dicomweb_auth_header: str = ""
+    # Longest wait for one answer of the PACS.
+    timeout: PositiveSeconds = 30.0
+    # Bytes of retrieved studies kept; the least recently used beyond it are dropped.
+    cache_bytes: PositiveInt = 10 * 1024**3
+    # Retrieve a study in the background as soon as a grant for it is recorded.
+    prefetch: bool = False
+
+    def __post_init__(self) -> None:
+        if self.ae_title:
+            _check_ae_title("ae_title", self.ae_title)
+            if not self.host:
+                raise ValueError(f"host: the PACS {self.ae_title!r} needs its host")
+        if self.dicomweb_url and not re.match(r"https?://[^/\s]+", self.dicomweb_url):
+            raise ValueError("dicomweb_url: must be an http:// or https:// URL")
+        if self.dicomweb_auth_header and not re.fullmatch(
+            r"[A-Za-z0-9-]+: ?[ -~]+", self.dicomweb_auth_header
+        ):
+            raise ValueError('dicomweb_auth_header: must be "Name: value" in printable ASCII')
+        super().__post_init__()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.ae_title or self.dicomweb_url)
+
+
 class StoreConfig(Table):
     # Largest single DICOM instance accepted, in bytes.
     max_instance_bytes: PositiveInt = 1024**3
@@ -347,6 +383,7 @@ class NodeConfig(Table):
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     dimse: DimseConfig = msgspec.field(default_factory=DimseConfig)
     forward: ForwardConfig = msgspec.field(default_factory=ForwardConfig)
+    pacs: PacsConfig = msgspec.field(default_factory=PacsConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     consent: ConsentConfig = msgspec.field(default_factory=ConsentConfig)
     ledger: LedgerConfig = msgspec.field(default_factory=LedgerConfig)
@@ -391,7 +428,8 @@ def load_config(path: Path | None = None) -> NodeConfig:
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{path.name}: {explain_error(str(exc), raw)}") from None
     config.data_dir = (path.parent / config.data_dir).resolve()
-    tables = [config.audit_export, config.dimse.tls, config.forward, *config.dimse.destinations]
+    tables = [config.audit_export, config.dimse.tls, config.forward, config.pacs]
+    tables += config.dimse.destinations
     tables.append(config.http)
     for table in tables:
         for name in ("ca_file", "cert_file", "key_file", "trusted_ca_file"):

@@ -43,7 +43,7 @@ from scripts.benchmarks.common import BenchContext, Row  # noqa: E402
 
 # Modules that share the generated study run first, in this order; the rest alphabetically.
 FIRST = ["dataplane", "transfer"]
-NOT_BENCHMARKS = {"common", "orthanc"}  # shared helpers, not benchmarks
+NOT_BENCHMARKS = {"common"}  # shared helpers, not benchmarks
 COLUMNS = ["figure", "ours", "Orthanc", "ratio", "target", "met", "peak memory (MB)", "command"]
 RunFunction = Callable[[BenchContext], list[Row]]
 MODULE_TIMEOUT_SECONDS = 900

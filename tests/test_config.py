@@ -106,6 +106,11 @@ REFUSED = [
     ("[consent]\nmax_denials_per_minute = 0\n", "[consent] max_denials_per_minute:"),
     ('[dimse]\nae_title = "SEVENTEEN-LETTERS"\n', "[dimse] ae_title: 'SEVENTEEN-LETTERS'"),
     ('[forward]\nae_title = "PACS"\n', "[forward] host: forwarding to 'PACS' needs its host"),
+    ('[pacs]\nae_title = "PACS"\n', "[pacs] host: the PACS 'PACS' needs its host"),
+    ('[pacs]\ndicomweb_url = "pacs.local/dicom-web"\n', "[pacs] dicomweb_url: must be an http"),
+    ('[pacs]\ndicomweb_auth_header = "Bearer x"\n', '[pacs] dicomweb_auth_header: must be "Name'),
+    ("[pacs]\ncache_bytes = 0\n", "[pacs] cache_bytes:"),
+    ('[pacs]\nca_file = "ca.pem"\n', "[pacs] tls: must be true"),
     (
         '[[peers]]\norigin = "b.example/x"\nurl = "http://b"\nvkey = "k"\nextra = 1\n',
         "[[peers]] #1 extra: unknown setting",

@@ -19,8 +19,8 @@ import requests
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from scripts.benchmarks.orthanc import DICOMWEB_PLUGIN, OrthancServer
 from tests.support.nodes import NodeProcess, init_node
+from tests.support.orthanc import DICOMWEB_PLUGIN, OrthancServer
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 # One of pydicom's test files for each transfer syntax they hold.

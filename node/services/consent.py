@@ -188,12 +188,21 @@ def subject_reference(runtime: NodeRuntime, patient_id: str) -> bytes:
 
 
 def own_studies_of_patient(runtime: NodeRuntime, patient_id: str) -> list[str]:
-    """Study UIDs of a local patient that this node made (or was sent by its own PACS).
+    """Study UIDs of a local patient that this node made (or was sent by its own PACS),
+    then those only in the hospital's PACS ([pacs]).
 
     Studies fetched from another custodian are left out: their patient id belongs to the
     other hospital, and only their own custodian's patient may grant them.
     """
-    return runtime.store.studies_of_patient(patient_id, FETCHED_SOURCE_PREFIX)
+    local = runtime.store.studies_of_patient(patient_id, FETCHED_SOURCE_PREFIX)
+    source = runtime.services.pacs
+    if source is None:
+        return local
+    # The hospital's PACS holds more of the patient's studies than the node was sent.
+    held = set(local)
+    return local + [
+        s.study_uid for s in source.studies_of_patient(patient_id) if s.study_uid not in held
+    ]
 
 
 def patient_of_subject(runtime: NodeRuntime, subject: bytes) -> str | None:
@@ -332,7 +341,22 @@ def record_grant(runtime: NodeRuntime, token_bytes: bytes, now: int | None = Non
         token.fields.grantee,
         _patient_of_key(runtime, token.patient_key),
     )
+    _prefetch_from_pacs(runtime, token)
     return GrantRecord(token, appended.index, newly=True)
+
+
+def _prefetch_from_pacs(runtime: NodeRuntime, token: GrantToken) -> None:
+    """With [pacs] prefetch, start retrieving the granted studies held only in the PACS."""
+    source = runtime.services.pacs
+    key = runtime.services.consent.state.key(token.patient_key)
+    if source is None or not source.config.prefetch or key is None:
+        return
+    refs = token.fields.scope or _owned_studies(runtime, key.subject)
+    uids = []
+    for ref in refs:
+        with contextlib.suppress(NotFound):
+            uids.append(resolve_study_reference(runtime, ref))
+    source.prefetch(uids)
 
 
 def record_revocation(runtime: NodeRuntime, revocation_bytes: bytes) -> RevocationRecord:
@@ -494,18 +518,34 @@ def patient_studies(runtime: NodeRuntime, public_key: bytes) -> list[dict[str, A
         return []  # no study here is this patient's (never the studies without a PatientID)
     studies: list[dict[str, Any]] = []
     for uid in own_studies_of_patient(runtime, patient_id):
-        row = runtime.store.study_row(uid)
-        modalities = {series.modality for series in runtime.store.series_of_study(uid)}
         studies.append(
-            {
-                "ref": b64url_encode(study_reference(runtime, uid)),
-                "date": row.get("study_date") or "",
-                "modalities": sorted(m for m in modalities if m),
-                "description": row.get("study_description") or "",
-                "instances": runtime.store.instance_count(uid),
-            }
+            {"ref": b64url_encode(study_reference(runtime, uid)), **_described(runtime, uid)}
         )
     return studies
+
+
+def _described(runtime: NodeRuntime, study_uid: str) -> dict[str, Any]:
+    """Date, modalities, description and instance count of a local or PACS study."""
+    try:
+        row = runtime.store.study_row(study_uid)
+    except NotFound:
+        source = runtime.services.pacs
+        listed = None if source is None else source.study(study_uid)
+        if listed is None:
+            raise
+        return {
+            "date": listed.date,
+            "modalities": sorted(m for m in listed.modalities if m),
+            "description": listed.description,
+            "instances": listed.instances,
+        }
+    modalities = {series.modality for series in runtime.store.series_of_study(study_uid)}
+    return {
+        "date": row.get("study_date") or "",
+        "modalities": sorted(m for m in modalities if m),
+        "description": row.get("study_description") or "",
+        "instances": runtime.store.instance_count(study_uid),
+    }
 
 
 def token_statuses(runtime: NodeRuntime, public_key: bytes, now: int) -> list[dict[str, Any]]:

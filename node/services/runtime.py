@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from node.services.forward import Forwarder
     from node.services.ledger import LedgerService
     from node.services.links import LinkService
+    from node.services.pacs import PacsSource
     from node.services.replication import ReplicationService
     from node.services.roster import RosterService
     from node.services.status import StatusService
@@ -122,6 +123,15 @@ class NodeServices:
         from node.services.links import LinkService
 
         return self._once("links", lambda: LinkService(self._runtime))
+
+    @property
+    def pacs(self) -> PacsSource | None:
+        """The hospital's PACS as a source of studies; None when [pacs] names no PACS."""
+        if not self._runtime.config.pacs.enabled:
+            return None
+        from node.services.pacs import PacsSource
+
+        return self._once("pacs", lambda: PacsSource(self._runtime))
 
     @property
     def nonces(self) -> NonceStore:

@@ -170,12 +170,14 @@ class StatusService:
             if forwarder is not None
             else {"enabled": False}
         )
+        pacs = self.runtime.services.pacs
         return {
             "node": node,
             "peers": self.peers(),
             "log": log,
             "transfers": self.transfers(),
             "forwarding": forwarding,
+            "pacs": {"enabled": False} if pacs is None else await asyncio.to_thread(pacs.status),
             "last_audit": self.last_audit,
             "generated_at": time.time(),
         }
@@ -301,14 +303,36 @@ class StatusService:
 
     def studies(self, query: StudyQuery) -> dict[str, Any]:
         """Studies of the local index matching ``query``, newest first, each with where it
-        came from and a viewer link. Blocking."""
+        came from and a viewer link, then those of the PACS (``_pacs_studies``). Blocking."""
         total, rows = self.runtime.store.study_list(query.words, query.limit)
-        return {
-            "total": total,
-            "studies": [
-                {**row, "viewer_url": self.viewer_url(row["study_instance_uid"])} for row in rows
-            ],
-        }
+        studies = [
+            {**row, "viewer_url": self.viewer_url(row["study_instance_uid"])} for row in rows
+        ]
+        in_pacs = self._pacs_studies(query, {row["study_instance_uid"] for row in rows})
+        return {"total": total + len(in_pacs), "studies": studies + in_pacs[: query.limit]}
+
+    def _pacs_studies(self, query: StudyQuery, shown: set[str]) -> list[dict[str, Any]]:
+        """A one-word search is also a patient id: that patient's studies held only in the
+        hospital's PACS (no viewer link: the node serves them only to grantees)."""
+        source = self.runtime.services.pacs
+        if source is None or len(query.words) != 1:
+            return []
+        return [
+            {
+                "study_instance_uid": study.study_uid,
+                "patient_id": study.patient_id,
+                "study_date": study.date,
+                "study_description": study.description,
+                "modalities": ",".join(study.modalities),
+                "instances": study.instances,
+                "bytes": None,
+                "source": "PACS",
+                "viewer_url": None,
+            }
+            for study in source.studies_of_patient(query.words[0])
+            if study.study_uid not in shown
+            and self.runtime.store.instance_count(study.study_uid) == 0
+        ]
 
     def viewer_url(self, study_uid: str) -> str:
         """The link that opens a study: node.toml's [dashboard] viewer_url template, or the

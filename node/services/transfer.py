@@ -29,7 +29,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,7 @@ from node.errors import (
 )
 from node.services.consent import check_access, resolve_study_reference
 from node.services.ledger import LedgerService
+from node.services.pacs import serving_from_cache
 from node.services.peer_client import (
     CONNECTION_ERRORS,
     describe,
@@ -90,7 +91,8 @@ from node.services.peer_client import (
     read_bounded,
 )
 from node.services.runtime import NodeRuntime
-from node.store.instances import StagedInstance, StagingFile
+from node.store.instances import InstanceRecord, StagedInstance, StagingFile
+from node.store.pacs_cache import CachedInstance
 from node.store.transfers import StreamedInstance, TransferStore
 
 log = logging.getLogger(__name__)
@@ -410,8 +412,16 @@ class TransferService:
         for ref in study_refs:
             try:
                 uid = resolve_study_reference(self.runtime, ref)
+            except NotFound:
+                continue
+            records: Sequence[InstanceRecord | CachedInstance]
+            try:
                 records = self.runtime.store.instances(uid)
             except NotFound:
+                # Only in the hospital's PACS: retrieved whole into the cache, then sent.
+                source = self.runtime.services.pacs
+                records = [] if source is None else source.instances_to_send(uid, token_id)
+            if not records:
                 continue  # a study in scope that holds no instance here has nothing to send
             for record in records:
                 entries.append(
@@ -479,6 +489,9 @@ class TransferService:
         # The next block is read and encrypted in a worker thread while this one is sent.
         upcoming = asyncio.ensure_future(asyncio.to_thread(next, blocks, None))
         checked_at = time.monotonic()
+        # Studies from the PACS stay in the cache while they stream.
+        serving = contextlib.ExitStack()
+        serving.enter_context(serving_from_cache(self.runtime, session.token_id))
         try:
             while (block := await upcoming) is not None:
                 if time.monotonic() - checked_at >= RECHECK_SECONDS:
@@ -498,7 +511,12 @@ class TransferService:
             with contextlib.suppress(BaseException):
                 await upcoming
             blocks.close()
-            await asyncio.shield(asyncio.to_thread(self._close_stream, stream_id, session, sent))
+            try:
+                await asyncio.shield(
+                    asyncio.to_thread(self._close_stream, stream_id, session, sent)
+                )
+            finally:
+                await asyncio.shield(asyncio.to_thread(serving.close))  # may evict: disk work
 
     async def _recheck(self, session: SenderSession) -> None:
         """Raises TransferRefused if the token no longer allows the transfer."""

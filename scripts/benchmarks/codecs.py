@@ -33,8 +33,8 @@ from pydicom.uid import (
 )
 
 from scripts.benchmarks.common import BenchContext, Row
-from scripts.benchmarks.orthanc import OrthancServer
 from tests.support.nodes import init_node
+from tests.support.orthanc import OrthancServer
 
 SIZE = 512
 FRAMES, QUICK_FRAMES = 16, 4

@@ -23,14 +23,14 @@ from pathlib import Path
 
 from node.samples import SyntheticStudy, make_ct_study
 from scripts.benchmarks.common import BenchContext, Row
-from scripts.benchmarks.orthanc import (
+from tests.support.nodes import IMAGESHARE, NodeProcess, init_node
+from tests.support.orthanc import (
     OrthancServer,
     peak_rss_mb,
     run_measured,
     storescu,
     storescu_command_text,
 )
-from tests.support.nodes import IMAGESHARE, NodeProcess, init_node
 
 # The reference workload: 2 series of 512x512 16-bit CT slices, 200 each (20 when quick).
 SERIES, SIZE = 2, 512

@@ -29,8 +29,8 @@ from scripts.benchmarks.dataplane import (
     reference_study,
     study_directory,
 )
-from scripts.benchmarks.orthanc import OrthancServer, storescu
 from tests.support.nodes import NodeProcess, init_node, run_cli
+from tests.support.orthanc import OrthancServer, storescu
 
 PEER_NAME = "receiver"
 FETCH_POLL_SECONDS = 0.01
@@ -105,13 +105,7 @@ def imageshare_transfer(study: SyntheticStudy, work: Path) -> Transfer | str:
         custodian.cli("import", str(study_directory(study)), input="")
         custodian.start()
         grantee.start()
-        run_cli("patient", "keygen", *wallet, input="")
-        pubkey = json.loads(
-            run_cli(
-                "patient", "pubkey", "--custodian", custodian.url, *wallet, "--json", input=""
-            ).stdout
-        )["pubkey"]
-        custodian.cli("enroll", "--patient-id", study.patient_id, "--key", pubkey, input="")
+        enroll_wallet(custodian, study.patient_id, wallet)
         token = json.loads(
             run_cli(
                 "patient",
@@ -137,10 +131,37 @@ def imageshare_transfer(study: SyntheticStudy, work: Path) -> Transfer | str:
         custodian.stop()
 
 
+@dataclass
+class FetchTimes:
+    """Seconds from asking for a fetch to its first received byte, and to the job done."""
+
+    first_byte: float
+    seconds: float
+
+
+def enroll_wallet(custodian: NodeProcess, patient_id: str, wallet: list[str]) -> None:
+    """A new patient wallet (``--wallet DIR``) whose key is enrolled at ``custodian``."""
+    run_cli("patient", "keygen", *wallet, input="")
+    pubkey = json.loads(
+        run_cli(
+            "patient", "pubkey", "--custodian", custodian.url, *wallet, "--json", input=""
+        ).stdout
+    )["pubkey"]
+    custodian.cli("enroll", "--patient-id", patient_id, "--key", pubkey, input="")
+
+
 def timed_fetch(grantee: NodeProcess, token: str, expected_instances: int) -> float | str:
     """Seconds from asking the grantee's daemon to fetch (what `imageshare fetch` does,
     without the interpreter start) to the job done; a reason string if it did not finish.
     """
+    times = timed_fetch_steps(grantee, token, expected_instances)
+    return times if isinstance(times, str) else times.seconds
+
+
+def timed_fetch_steps(
+    grantee: NodeProcess, token: str, expected_instances: int
+) -> FetchTimes | str:
+    """``timed_fetch``, also timing the first byte received (polled every 10 ms)."""
 
     def call(method: str, path: str, body: object = None) -> dict[str, object]:
         request = urllib.request.Request(
@@ -153,11 +174,14 @@ def timed_fetch(grantee: NodeProcess, token: str, expected_instances: int) -> fl
             return dict(json.loads(response.read()))
 
     started = time.perf_counter()
+    first_byte: float | None = None
     try:
         job = call("POST", "/admin/api/fetch", {"token": token})
         while job["state"] == "running":
             time.sleep(FETCH_POLL_SECONDS)
             job = call("GET", f"/admin/api/transfers/{job['id']}")
+            if first_byte is None and job.get("bytes_received"):
+                first_byte = time.perf_counter() - started
     except urllib.error.HTTPError as exc:
         return f"{NOT_AVAILABLE} (POST /admin/api/fetch: HTTP {exc.code})"
     seconds = time.perf_counter() - started
@@ -165,7 +189,7 @@ def timed_fetch(grantee: NodeProcess, token: str, expected_instances: int) -> fl
         return f"failed ({job['state']}: {job.get('error')})"
     if job.get("instances_total") != expected_instances:
         return f"failed ({job.get('instances_total')} of {expected_instances} instances)"
-    return seconds
+    return FetchTimes(seconds if first_byte is None else first_byte, seconds)
 
 
 def _first_line(text: str) -> str:

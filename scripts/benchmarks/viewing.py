@@ -20,8 +20,8 @@ from scripts.benchmarks.dataplane import (
     node_peak_rss,
     reference_study,
 )
-from scripts.benchmarks.orthanc import OrthancServer
 from tests.support.nodes import init_node
+from tests.support.orthanc import OrthancServer
 
 RENDER_SLICES = 60  # one series of 512x512 CT slices
 QUICK_RENDER_SLICES = 12

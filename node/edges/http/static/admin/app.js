@@ -394,7 +394,7 @@ function renderStudies(found) {
       el("td", {}, s.modalities || "–"),
       el("td", { class: "num" }, `${s.instances} · ${bytes(s.bytes)}`),
       el("td", { class: "source" }, s.source || "–"),
-      el("td", {}, el("a", { href: s.viewer_url, target: "_blank", rel: "noopener noreferrer" }, "Open")),
+      el("td", {}, s.viewer_url ? el("a", { href: s.viewer_url, target: "_blank", rel: "noopener noreferrer" }, "Open") : "–"),
     ),
   );
   fill(
@@ -422,6 +422,25 @@ async function refreshStudies() {
   const q = $("study-search").value.trim();
   renderStudies(await api(`/admin/api/studies?q=${encodeURIComponent(q)}&limit=100`));
 }
+function renderPacs(p) {
+  if (!p.enabled) {
+    fill("pacs", el("p", { class: "muted" }, "No PACS source (no [pacs] in node.toml): only studies sent to this node are shared."));
+    return;
+  }
+  const link = p.link === "up" ? badge("up", "good") : p.link === "down" ? badge("down", "bad") : badge("not yet asked", "muted");
+  fill(
+    "pacs",
+    facts([
+      ["PACS", `${p.pacs} (${p.via === "dimse" ? "C-FIND, C-GET" : "QIDO-RS, WADO-RS"})`],
+      ["Link", [link, " ", time(p.checked_at)]],
+      ["Last error", p.last_error || "none"],
+      ["Cache", `${bytes(p.cache.bytes)} of ${bytes(p.cache.limit_bytes)} · ${p.cache.complete} whole ${p.cache.complete === 1 ? "study" : "studies"}`],
+      ["Held for transfers", p.cache.held_for_transfers],
+      ["Retrieved", p.retrieves],
+      ["Prefetch on grant", p.prefetch ? "on" : "off"],
+    ]),
+  );
+}
 
 async function refresh() {
   const summary = await api("/admin/api/status");
@@ -431,6 +450,7 @@ async function refresh() {
   renderLog(summary.log);
   renderTransfers(summary.transfers);
   renderForwarding(summary.forwarding);
+  renderPacs(summary.pacs);
   if (!auditRunning) renderAudit(summary.last_audit);
   if (Date.now() - studiesAt > STUDIES_EVERY_MS) await refreshStudies();
 }

@@ -109,6 +109,8 @@ class OrthancServer:
     tcp_nodelay: bool = True
     # Load the GDCM plugin, without which Orthanc decodes no JPEG 2000 or JPEG-LS.
     gdcm: bool = False
+    # More configuration on top of the generated one (e.g. DicomModalities).
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -121,6 +123,13 @@ class OrthancServer:
     @property
     def directory(self) -> Path:
         return self.workdir / self.name
+
+    def allow_retrieve(self, ae_title: str, port: int) -> OrthancServer:
+        """Let the AE ``ae_title`` (on loopback) C-FIND and C-GET, as a PACS in front of
+        which a node runs (docs/pacs.md); before start()."""
+        modality = {"AET": ae_title, "Host": "127.0.0.1", "Port": port, "AllowGet": True}
+        self.extra.setdefault("DicomModalities", {})[ae_title] = modality
+        return self
 
     def configuration(self) -> dict[str, Any]:
         return {
@@ -140,6 +149,7 @@ class OrthancServer:
             "OrthancPeers": {name: [url.rstrip("/") + "/"] for name, url in self.peers.items()},
             "Plugins": [str(DICOMWEB_PLUGIN), *([str(GDCM_PLUGIN)] if self.gdcm else [])],
             "DicomWeb": {"Enable": True, "Root": DICOMWEB_ROOT},
+            **self.extra,
         }
 
     def start(self, timeout: float = 60.0) -> OrthancServer:
