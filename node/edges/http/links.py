@@ -24,8 +24,7 @@ from pathlib import Path
 from aiohttp import web
 
 from node.edges.http import dicomweb, viewer, wallet_pages
-from node.edges.http.app import log_refusal
-from node.edges.http.context import runtime_of
+from node.edges.http.context import log_refusal, runtime_of
 from node.errors import BadInput, PayloadTooLarge
 from node.services import links
 from node.services.runtime import NodeRuntime
