@@ -499,7 +499,10 @@ class TestLinkRoundTrip:
         assert status == 200
         (server,) = json.loads(body)["servers"]["dicomWeb"]
         assert server["wadoRoot"] == server["qidoRoot"] == root
-        assert server["imageRendering"] == server["thumbnailRendering"] == "wadors"
+        # The same reading options as the node's own OHIF data source (one definition).
+        assert server["imageRendering"] == "wadors"
+        assert server["thumbnailRendering"] == "thumbnail"
+        assert server["qidoSupportsIncludeField"] and server["bulkDataURI"] == {"enabled": True}
 
 
 class TestLinkScope:
@@ -697,7 +700,11 @@ class TestSharePage:
             assert items.count() == 1
             assert "4 images" in items.first.text_content()
             href = items.first.locator("a").get_attribute("href")
-            assert href.startswith(("/viewer/dicomwebproxy?url=", "/viewer-lite/?root="))
+            # OHIF's viewer mode on its dicomwebproxy source (which reads studyInstanceUIDs
+            # only), or the light viewer where OHIF is not installed.
+            assert href.startswith(("/viewer/viewer/dicomwebproxy?url=", "/viewer-lite/?root="))
+            if href.startswith("/viewer/"):
+                assert "&studyInstanceUIDs=" in href
             assert page.get_attribute("#download", "href").endswith("/download")
             assert page.text_content("#label") == "Shared: Dr Y"
             assert page.foreign_requests(nodes["a"].url) == []
