@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -19,8 +20,11 @@ import msgpack
 import pytest
 from aiohttp import web
 
-from node.core.entries import decode_entry
+from node.core.consent import token_id_of
+from node.core.entries import Grant, LedgerEntry, decode_entry
+from node.core.patient_keys import PatientKey
 from node.samples import make_ct_study
+from node.services.patient_log import own_grant_id
 from node.services.wallet import Wallet
 from tests.support.nodes import (
     NodeProcess,
@@ -30,6 +34,7 @@ from tests.support.nodes import (
     run_cli,
     wait_until,
 )
+from tests.support.patients import make_grant
 
 T = TypeVar("T")
 
@@ -182,6 +187,25 @@ class TestPatientLog:
         log = json.loads(result.stdout)
         assert not any(e["kind"] == "access" for e in log["events"])
         assert any("do not hash to the signed checkpoint" in p for p in log["problems"])
+
+
+class TestGrantsMadeInAnotherWallet:
+    def test_a_grant_in_the_log_is_the_patients_only_if_their_key_signed_it(self) -> None:
+        custodian = "a.example/imageshare"
+        key = PatientKey.derive(os.urandom(32), custodian)
+        other = PatientKey.derive(os.urandom(32), custodian)
+
+        def entry(token: bytes) -> LedgerEntry:
+            return LedgerEntry.of(bytes(32), 1, Grant(token=token))
+
+        mine = make_grant(key, custodian, "b.example/imageshare")
+        assert own_grant_id(entry(mine), key.public_key) == token_id_of(mine)
+        assert own_grant_id(entry(mine), None) is None
+        theirs = make_grant(other, custodian, "b.example/imageshare")
+        assert own_grant_id(entry(theirs), key.public_key) is None
+        # A custodian writing a grant in the patient's name cannot sign it.
+        forged = make_grant(other, custodian, "b.example/imageshare", patient_key=key.public_key)
+        assert own_grant_id(entry(forged), key.public_key) is None
 
 
 class HidingProxy:

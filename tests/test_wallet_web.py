@@ -47,6 +47,8 @@ from tests.support.browser import chromium_session
 from tests.support.nodes import NodeProcess, init_node, wait_until
 from tests.support.patients import signed_headers
 from tests.support.vectors import rfc6962_vectors
+from tests.support.web_wallet import restore_wallet as _restore
+from tests.support.web_wallet import wait_for_screen as _ready
 
 PHONE = (390, 844)
 PASSPHRASE = "correct horse battery"
@@ -98,10 +100,6 @@ def hospitals(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hospitals]:
         b.stop()
 
 
-def _ready(page: Any, screen: str) -> None:
-    page.wait_for_selector(f'body[data-screen="{screen}"][data-ready="true"]')
-
-
 def _tab(page: Any, screen: str) -> None:
     page.click(f'#tabs button[data-screen="{screen}"]')
     _ready(page, screen)
@@ -113,16 +111,6 @@ def _create_key(page: Any, url: str) -> str:
     page.fill("#create-passphrase", PASSPHRASE)
     page.fill("#create-passphrase2", PASSPHRASE)
     page.click("#create-button")
-    _ready(page, "key")
-    return str(page.text_content("#pubkey")).strip()
-
-
-def _restore(page: Any, url: str, backup: Path, passphrase: str) -> str:
-    page.goto(url + "/wallet/")
-    _ready(page, "setup")
-    page.set_input_files("#restore-file", str(backup))
-    page.fill("#restore-passphrase", passphrase)
-    page.click("#restore-button")
     _ready(page, "key")
     return str(page.text_content("#pubkey")).strip()
 

@@ -23,8 +23,8 @@ import aiohttp
 from node.core import origins
 from node.core.base64url import b64url_encode
 from node.core.chain import LogChain
-from node.core.consent import decode_revocation, is_link_grantee
-from node.core.entries import Access, Denial, LedgerEntry, Revoke, decode_entry
+from node.core.consent import decode_grant, decode_revocation, is_link_grantee
+from node.core.entries import Access, Denial, Grant, LedgerEntry, Revoke, decode_entry
 from node.core.key_rotation import chain_of_log
 from node.core.keys import VerifierKey, parse_verifier_key
 from node.core.merkle import verify_inclusion
@@ -168,6 +168,24 @@ def _event_token_id(entry: LedgerEntry) -> bytes | None:
     return None
 
 
+def own_grant_id(entry: LedgerEntry, patient_key: bytes | None) -> bytes | None:
+    """The token id of a grant entry signed by ``patient_key``, else None.
+
+    The signature is checked: a custodian cannot make a patient see accesses under a grant
+    it wrote in their name.
+    """
+    if patient_key is None or entry.kind != Grant.kind:
+        return None
+    try:
+        body = entry.body
+        grant = decode_grant(body.token) if isinstance(body, Grant) else None
+    except BadInput:
+        return None
+    if grant is None or grant.fields.patient_key != patient_key or not grant.signature_valid():
+        return None
+    return grant.token_id
+
+
 def witness_keys(nodes: list[Node], custodian: str) -> dict[str, VerifierKey]:
     """Keys of the nodes that may witness ``custodian``'s log: every other node asked."""
     keys = {}
@@ -228,9 +246,12 @@ async def custodian_events(
     pinned_vkey: str,
     token_ids: set[bytes],
     labels: dict[bytes, str] | None = None,
+    patient_key: bytes | None = None,
 ) -> list[PatientEvent]:
     """The patient's events in one custodian's log, each with its proof.
 
+    The patient's tokens are ``token_ids`` and, given ``patient_key``, every grant in the
+    log that key signed (a link made in the web wallet from the same seed, say).
     Reads from the custodian if it was asked, else from the first node mirroring it.
     Raises BadInput if no node serves the log, or the entries served are not the whole
     log under its signed checkpoint (something could be hidden).
@@ -260,8 +281,12 @@ async def custodian_events(
     if checkpoint is not None and not chain.gives_root_of(checkpoint):
         raise BadInput(f"the entries {source} serves do not hash to the signed checkpoint")
     events = []
+    token_ids = set(token_ids)
     for index, link in enumerate(links):
         entry = link.entry
+        own_grant = None if entry is None else own_grant_id(entry, patient_key)
+        if own_grant is not None:
+            token_ids.add(own_grant)  # a grant precedes every event under it in its log
         if entry is None or entry.kind not in EVENT_KINDS:
             continue
         token_id = _event_token_id(entry)
@@ -302,6 +327,11 @@ async def read_patient_log(
         tokens_by_custodian.setdefault(record["custodian"], set()).add(token_id)
         if isinstance(record.get("link"), dict):
             labels[token_id] = str(record["link"].get("label", ""))
+    # Custodians asked here whose log the wallet pinned may hold grants its key signed
+    # elsewhere (the web wallet), which this wallet's state does not list.
+    served = {listing.origin for node in nodes for listing in node.listings}
+    for custodian in set(state["custodians"]) & served:
+        tokens_by_custodian.setdefault(custodian, set())
     events: list[PatientEvent] = []
     problems: list[str] = []
     for custodian, token_ids in sorted(tokens_by_custodian.items()):
@@ -309,9 +339,12 @@ async def read_patient_log(
         if not isinstance(pinned, str):
             problems.append(f"{custodian}: the wallet has no key pinned for its log")
             continue
+        own_key = wallet.key_for(custodian).public_key
         try:
             events.extend(
-                await custodian_events(session, nodes, custodian, pinned, token_ids, labels)
+                await custodian_events(
+                    session, nodes, custodian, pinned, token_ids, labels, own_key
+                )
             )
         except (BadInput, Unauthorized, UnicodeDecodeError) as exc:
             problems.append(f"{custodian}: {exc}")

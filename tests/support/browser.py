@@ -27,6 +27,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from tests.support.nodes import wait_until
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless",
@@ -40,6 +42,19 @@ CHROMIUM_ARGS = [
 ]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 DEFAULT_TIMEOUT_MS = 15_000
+# The most pixels brighter than black on any 2D canvas matching a selector: a viewer drew.
+CANVAS_INK = """(selector) => {
+  let best = 0;
+  for (const canvas of document.querySelectorAll(selector)) {
+    const context = canvas.getContext("2d");
+    if (!context || !canvas.width || !canvas.height) continue;
+    const data = context.getImageData(0, 0, canvas.width, canvas.height).data;
+    let lit = 0;
+    for (let i = 0; i < data.length; i += 4) if (data[i] + data[i + 1] + data[i + 2] > 30) lit++;
+    best = Math.max(best, lit);
+  }
+  return best;
+}"""
 
 
 def require_chromium() -> Path:
@@ -74,6 +89,15 @@ class RecordedPage:
         path = self.artifacts / f"{name}.png"
         self.page.screenshot(path=str(path), full_page=True)
         return path
+
+    def wait_for_ink(self, message: str, pixels: int = 500, timeout: float = 90) -> int:
+        """Wait until some canvas of the page has more than ``pixels`` lit pixels."""
+
+        def lit() -> int:
+            count = int(self.page.evaluate(CANVAS_INK, "canvas"))
+            return count if count > pixels else 0
+
+        return int(wait_until(lit, timeout=timeout, interval=0.5, message=message))
 
     def foreign_requests(self, *allowed_urls: str) -> list[str]:
         """Every recorded request to an origin other than those of ``allowed_urls``

@@ -138,6 +138,12 @@ def cmd_patient_log(args: argparse.Namespace) -> int:
     return log.exit_status
 
 
+def _link_name(details: dict[str, object]) -> str:
+    # A link made in another wallet of the same seed (the web wallet) has no label here.
+    label = details["link"]
+    return f"the link '{label}'" if label else "a link made in another wallet"
+
+
 def render_patient_log(log: PatientLog) -> str:
     """One line per event, oldest first, with how it is proven."""
     lines = []
@@ -148,7 +154,7 @@ def render_patient_log(log: PatientLog) -> str:
                 str(e.details["link_access"]), "read"
             )
             what = (
-                f"{verb} by the link '{e.details['link']}' on {when} UTC"
+                f"{verb} by {_link_name(e.details)} on {when} UTC"
                 f" (study {e.details['study']})"
             )
         elif e.kind == "access":
@@ -157,7 +163,7 @@ def render_patient_log(log: PatientLog) -> str:
                 f"({e.details['bytes']} bytes) of study {e.details['study']}"
             )
         elif e.kind == "denial" and "link" in e.details:
-            what = f"the link '{e.details['link']}' was refused ({e.details['rule']})"
+            what = f"{_link_name(e.details)} was refused ({e.details['rule']})"
         elif e.kind == "denial":
             what = f"{e.details['requester']} was refused ({e.details['rule']})"
         else:

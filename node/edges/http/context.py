@@ -21,11 +21,24 @@ RUNTIME_KEY = web.AppKey("runtime", NodeRuntime)
 _log = logging.getLogger("node.edges.http.app")
 _BODY_ENCODINGS = "imageshare_body_encodings"  # handler attribute set by accepts_body_encodings
 HandlerT = TypeVar("HandlerT", bound=Callable[..., Awaitable[web.StreamResponse]])
+# Refusals keep the application's logger name: operators filter on it.
+_refusals = logging.getLogger("node.edges.http.app")
 
 
 def runtime_of(request: web.Request) -> NodeRuntime:
     """The node that ``request`` reached."""
     return request.app[RUNTIME_KEY]
+
+
+def route_of(request: web.Request) -> str:
+    """The route a request matched, as registered (never the UIDs or secrets of the path)."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "(no route)"
+
+
+def log_refusal(request: web.Request, status: int, reason: str) -> None:
+    """Write one refused request to the log: the one place refusals are logged."""
+    _refusals.info("refused %s %s with %d: %s", request.method, route_of(request), status, reason)
 
 
 def accepts_body_encodings(*encodings: str) -> Callable[[HandlerT], HandlerT]:

@@ -11,7 +11,7 @@ configuration, its download, and the share page (thin handlers over node.service
 - ``GET /share/``                              the page a link's QR code opens
 
 The access token and manifest id are secrets in the path: refusals are logged with the
-route as registered (``{access_token}``), never the path itself (app.log_refusal), and
+route as registered (``{access_token}``), never the path itself (context.log_refusal), and
 answers say ``Referrer-Policy: no-referrer`` so that no page passes them on.
 """
 
@@ -101,21 +101,7 @@ async def ohif_configuration(request: web.Request) -> web.Response:
     token = request.match_info["access_token"]
     await asyncio.to_thread(links.authorize_link, runtime, token)
     root = dicomweb.base_url_of(request, _link_root_path(token))
-    server = {
-        "name": "ImageShare share link",
-        "wadoUriRoot": root,
-        "qidoRoot": root,
-        "wadoRoot": root,
-        "qidoSupportsIncludeField": True,
-        "imageRendering": "wadors",
-        "thumbnailRendering": "wadors",
-        "enableStudyLazyLoad": True,
-        "supportsFuzzyMatching": False,
-        "supportsWildcard": True,
-        "supportsReject": False,
-        "staticWado": False,
-        "singlepart": "bulkdata,video",
-    }
+    server = viewer.ohif_dicomweb_source("ImageShare share link", root)
     return web.json_response({"servers": {"dicomWeb": [server]}}, headers=NO_STORE)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,16 +72,44 @@ LITE_CSP = (
     " connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 
+# How OHIF's dicomweb data source reads a node's DICOMweb, for the node's own /dicomweb
+# and for a link's root alike: what the node answers (docs/viewer.md).
+OHIF_DICOMWEB_OPTIONS: dict[str, object] = {
+    "qidoSupportsIncludeField": True,
+    "imageRendering": "wadors",
+    "thumbnailRendering": "thumbnail",
+    "enableStudyLazyLoad": True,
+    "supportsFuzzyMatching": False,
+    "supportsWildcard": True,
+    "staticWado": False,
+    "singlepart": "bulkdata,video",
+    "bulkDataURI": {"enabled": True},
+    "omitQuotationForMultipartRequest": True,
+}
+# The OHIF route that opens studies through a dicomwebproxy JSON: the "viewer" mode with
+# the "dicomwebproxy" data source (/viewer/dicomwebproxy alone is the study list). That
+# data source reads the studies from `studyInstanceUIDs` only (case-sensitive, split on ";").
+OHIF_PROXY_VIEWER = OHIF_PREFIX + "/viewer/dicomwebproxy"
+
+
+def ohif_dicomweb_source(name: str, root: str) -> dict[str, object]:
+    """The configuration of OHIF's dicomweb data source for the DICOMweb root ``root``."""
+    return {"name": name, "wadoUriRoot": root, "qidoRoot": root, "wadoRoot": root} | (
+        OHIF_DICOMWEB_OPTIONS
+    )
+
+
 # The node's OHIF configuration: this node's /dicomweb as the default data source, the
 # dicomwebproxy data source for link holders, /viewer as the router base.
-OHIF_APP_CONFIG = """\
+_OHIF_APP_CONFIG_TEMPLATE = """\
 // Made by the ImageShare node: see docs/viewer.md.
 (function () {
   "use strict";
   var TOKEN_KEY = "imageshare.admin-token";
   function adminToken() {
     var token = sessionStorage.getItem(TOKEN_KEY);
-    if (!token && location.pathname.indexOf("/viewer/dicomwebproxy") !== 0) {
+    // A link holder (OHIF's dicomwebproxy data source) is never asked for it.
+    if (!token && location.pathname.split("/").indexOf("dicomwebproxy") < 0) {
       token = (window.prompt("Admin token of this node (from its admin.token file)") || "").trim();
       if (token) sessionStorage.setItem(TOKEN_KEY, token);
     }
@@ -127,23 +156,11 @@ OHIF_APP_CONFIG = """\
       {
         namespace: "@ohif/extension-default.dataSourcesModule.dicomweb",
         sourceName: "imageshare",
-        configuration: {
-          friendlyName: "This ImageShare node",
-          name: "imageshare",
-          wadoUriRoot: root,
-          qidoRoot: root,
-          wadoRoot: root,
-          qidoSupportsIncludeField: true,
-          imageRendering: "wadors",
-          thumbnailRendering: "thumbnail",
-          enableStudyLazyLoad: true,
-          supportsFuzzyMatching: false,
-          supportsWildcard: true,
-          staticWado: false,
-          singlepart: "bulkdata,video",
-          bulkDataURI: { enabled: true },
-          omitQuotationForMultipartRequest: true,
-        },
+        configuration: Object.assign(
+          { friendlyName: "This ImageShare node", name: "imageshare" },
+          { wadoUriRoot: root, qidoRoot: root, wadoRoot: root },
+          __DICOMWEB_OPTIONS__
+        ),
       },
       {
         namespace: "@ohif/extension-default.dataSourcesModule.dicomwebproxy",
@@ -154,6 +171,9 @@ OHIF_APP_CONFIG = """\
   };
 })();
 """
+OHIF_APP_CONFIG = _OHIF_APP_CONFIG_TEMPLATE.replace(
+    "__DICOMWEB_OPTIONS__", json.dumps(OHIF_DICOMWEB_OPTIONS)
+)
 
 
 async def send_pdi_media(

@@ -47,9 +47,14 @@ export async function decryptFile(keyBytes, compact) {
   return JSON.parse(new TextDecoder().decode(plain));
 }
 
+// OHIF's viewer mode with its dicomwebproxy data source (/viewer/dicomwebproxy alone is
+// OHIF's study list); that source reads the studies from `studyInstanceUIDs` only.
+const OHIF_PROXY_VIEWER = "/viewer/viewer/dicomwebproxy";
+
 async function viewerAvailable() {
   try {
-    const answer = await fetch("/viewer/", { method: "HEAD", cache: "no-store" });
+    // Without OHIF the node redirects /viewer/ to the light viewer: not followed here.
+    const answer = await fetch("/viewer/", { method: "HEAD", cache: "no-store", redirect: "manual" });
     return answer.ok;
   } catch {
     return false;
@@ -83,7 +88,7 @@ async function showStudies(studies, credential) {
     open.textContent = "View images";
     open.rel = "noreferrer";
     open.href = ohif
-      ? `/viewer/dicomwebproxy?url=${encodeURIComponent(root + ".json")}&StudyInstanceUIDs=${encodeURIComponent(uid)}`
+      ? `${OHIF_PROXY_VIEWER}?url=${encodeURIComponent(root + ".json")}&studyInstanceUIDs=${encodeURIComponent(uid)}`
       : `/viewer-lite/?root=${encodeURIComponent(root)}&study=${encodeURIComponent(uid)}`;
     item.append(title, open);
     list.append(item);
