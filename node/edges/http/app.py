@@ -22,7 +22,13 @@ from node import __version__
 from node.core import atna
 from node.core.rate_limit import SlidingWindowLimit
 from node.edges.http import route_modules
-from node.edges.http.context import RUNTIME_KEY, accepted_body_encodings, runtime_of
+from node.edges.http.context import (
+    RUNTIME_KEY,
+    accepted_body_encodings,
+    log_refusal,
+    route_of,
+    runtime_of,
+)
 from node.errors import ImageShareError
 from node.services.runtime import NodeRuntime
 
@@ -72,12 +78,6 @@ def cors_scope(path: str) -> CorsScope | None:
             return scope
     return None
 
-def _route(request: web.Request) -> str:
-    """The route a request matched, as registered (never the UIDs of the actual path)."""
-    resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else "(no route)"
-
-
 class _UnparsableRequestsAsRefusals(logging.Filter):
     """aiohttp answers a request it cannot parse (a broken chunked framing, a malformed
     header) with 400 itself, and logs it at ERROR with a traceback. It is a refusal like
@@ -94,11 +94,6 @@ class _UnparsableRequestsAsRefusals(logging.Filter):
 
 
 _UNPARSABLE_FILTER = _UnparsableRequestsAsRefusals()
-
-
-def log_refusal(request: web.Request, status: int, reason: str) -> None:
-    """Write one refused request to the log: the one place refusals are logged."""
-    log.info("refused %s %s with %d: %s", request.method, _route(request), status, reason)
 
 
 def error_response(status: int, message: str) -> web.Response:
@@ -134,10 +129,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         raise
     except ConnectionError:
         # The client left (or was cut off as too slow) mid-request: no fault of the node.
-        log.info("client gone during %s %s", request.method, _route(request))
+        log.info("client gone during %s %s", request.method, route_of(request))
         return error_response(400, "the connection closed before the request ended")
     except Exception:
-        log.exception("unhandled error on %s %s", request.method, _route(request))
+        log.exception("unhandled error on %s %s", request.method, route_of(request))
         return refusal_response(request, 500, "internal error; see the node's log")
 
 

@@ -8,12 +8,16 @@ imports them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from aiohttp import web
 
 from node.services.runtime import NodeRuntime
+
+# Refusals are logged under the application's name, beside its error mapping's other lines.
+_refusals = logging.getLogger("node.edges.http.app")
 
 RUNTIME_KEY = web.AppKey("runtime", NodeRuntime)
 _BODY_ENCODINGS = "imageshare_body_encodings"  # handler attribute set by accepts_body_encodings
@@ -23,6 +27,17 @@ HandlerT = TypeVar("HandlerT", bound=Callable[..., Awaitable[web.StreamResponse]
 def runtime_of(request: web.Request) -> NodeRuntime:
     """The node that ``request`` reached."""
     return request.app[RUNTIME_KEY]
+
+
+def route_of(request: web.Request) -> str:
+    """The route a request matched, as registered (never the UIDs of the actual path)."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "(no route)"
+
+
+def log_refusal(request: web.Request, status: int, reason: str) -> None:
+    """Write one refused request to the log: the one place refusals are logged."""
+    _refusals.info("refused %s %s with %d: %s", request.method, route_of(request), status, reason)
 
 
 def accepts_body_encodings(*encodings: str) -> Callable[[HandlerT], HandlerT]:

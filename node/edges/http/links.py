@@ -11,7 +11,7 @@ configuration, its download, and the share page (thin handlers over node.service
 - ``GET /share/``                              the page a link's QR code opens
 
 The access token and manifest id are secrets in the path: refusals are logged with the
-route as registered (``{access_token}``), never the path itself (app.log_refusal), and
+route as registered (``{access_token}``), never the path itself (context.log_refusal), and
 answers say ``Referrer-Policy: no-referrer`` so that no page passes them on.
 """
 
@@ -24,8 +24,7 @@ from pathlib import Path
 from aiohttp import web
 
 from node.edges.http import dicomweb, viewer, wallet_pages
-from node.edges.http.app import log_refusal
-from node.edges.http.context import runtime_of
+from node.edges.http.context import log_refusal, runtime_of
 from node.errors import BadInput, PayloadTooLarge
 from node.services import links
 from node.services.runtime import NodeRuntime
