@@ -22,6 +22,7 @@ from aiohttp import web
 
 from node.config import load_config
 from node.core.base64url import b64url_encode
+from node.core.entries import Enroll
 from node.core.equivocation import EquivocationProof, verify_equivocation
 from node.core.keys import NodeIdentity
 from node.core.merkle import MemoryTree, consistency_proof, leaf_hash
@@ -105,8 +106,8 @@ def append_offline(node: NodeProcess, count: int, tag: bytes = b"") -> None:
         own = store.own_log(node.origin, node.vkey)
         now = int(time.time())
         key = (tag * 32)[:32] or os.urandom(32)
-        entry = {"key": key, "replaces": None}
-        own.append_many([("enroll", {**entry, "subject": os.urandom(32)}, now)] * count)
+        enroll = Enroll(subject=os.urandom(32), key=key, replaces=None)
+        own.append_many([(enroll, now)] * count)
         own.publish_checkpoint(identity, now)
     finally:
         store.close()

@@ -50,7 +50,7 @@ class OpenStream:
     """A stream whose ledger entries are not written yet."""
 
     stream_id: str
-    kind: str  # the entries it leads to: "access" (sent) or "receipt" (arrived)
+    kind: str  # the entries it leads to: Access.kind (sent) or Receipt.kind (arrived)
     token_id: bytes
     peer: str  # the grantee of an access, the custodian of a receipt
     instances: list[StreamedInstance]
