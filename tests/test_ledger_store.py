@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from node.core.merkle import (
     verify_inclusion,
 )
 from node.core.notes import Checkpoint, cosign_checkpoint, parse_note, sign_note, verify_note
-from node.errors import BadInput, Conflict, StorageFull, Unauthorized
+from node.errors import BadInput, Conflict, StorageFailed, StorageFull, Unauthorized
 from node.services.runtime import open_runtime
 from node.store.ledger import LedgerStore, OwnLog
 from tests.support.nodes import init_node
@@ -112,6 +113,19 @@ class TestAppend:
         assert own.size() == 3
         assert own.append(Grant(token=b"x"), 1).index == 3
         assert own.verify().ok
+
+    def test_a_failing_database_raises_storage_failed_not_sqlite_errors(
+        self, store: LedgerStore, own: OwnLog
+    ) -> None:
+        own.append_many(grants(2))
+        damage = sqlite3.connect(store.path)
+        damage.execute("DROP TABLE subtrees")
+        damage.close()
+        with pytest.raises(StorageFailed, match="ledger"):
+            own.root()
+        with pytest.raises(StorageFailed, match="ledger"):
+            own.append_many(grants(2, 2))
+        assert len(own.entries(0, 2)) == 2  # what the damage spared still reads
 
     def test_full_disk_refuses_the_append_and_the_log_carries_on(
         self, store: LedgerStore, own: OwnLog

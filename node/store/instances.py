@@ -50,7 +50,13 @@ from node.store.queries import (
     run_query,
     study_list,
 )
-from node.store.sqlite import Migration, add_missing_columns, connect_durable, open_database
+from node.store.sqlite import (
+    Migration,
+    add_missing_columns,
+    connect_durable,
+    is_disk_full,
+    open_database,
+)
 
 CHUNK = 1024 * 1024
 # Values bound in one ``IN (...)`` list: far below SQLite's limit on bound parameters.
@@ -376,7 +382,7 @@ class SqliteInstanceStore:
         try:
             self._index(fresh, source)
         except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
+            if not is_disk_full(exc):
                 raise
             # Nothing was indexed: the files just moved in are unreferenced; free their room.
             for item in fresh:

@@ -61,10 +61,15 @@ from node.errors import (
     Conflict,
     ImageShareError,
     NotFound,
-    StorageFull,
     Unauthorized,
 )
-from node.store.sqlite import Migration, connect_durable, migrate
+from node.store.sqlite import (
+    Migration,
+    NodeErrorConnection,
+    NodeErrorCursor,
+    connect_durable,
+    migrate,
+)
 
 LEDGER_FILE = "ledger.sqlite"
 VERIFY_BATCH = 4096
@@ -208,6 +213,17 @@ class _Reader:
         return hashes
 
 
+class _LedgerCursor(NodeErrorCursor):
+    database = "ledger"
+
+
+class _LedgerConnection(NodeErrorConnection):
+    """Every statement on the ledger raises StorageFull or StorageFailed, never sqlite3's
+    errors (a full disk, a damaged file, a lock another process held past the timeout)."""
+
+    cursor_class = _LedgerCursor
+
+
 class LedgerStore:
     """The ledger database of one node: its own log and its mirrors of peers' logs."""
 
@@ -224,7 +240,7 @@ class LedgerStore:
         self._roots: dict[int, tuple[int, bytes]] = {}  # log row -> (size, root) last listed
 
     def _connect(self) -> sqlite3.Connection:
-        conn = connect_durable(self.path, busy_timeout=30.0)
+        conn = connect_durable(self.path, busy_timeout=30.0, factory=_LedgerConnection)
         with self._connections_lock:
             self._connections.append(conn)
         return conn
@@ -243,19 +259,14 @@ class LedgerStore:
         """BEGIN IMMEDIATE ... COMMIT on the writer connection; rolled back on any error."""
         with self.write_lock:
             conn = self.writer
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield conn
-                    conn.execute("COMMIT")
-                except BaseException:
-                    # SQLite may already have rolled back (e.g. disk full during COMMIT).
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-            except sqlite3.OperationalError as exc:
-                if "full" in str(exc):
-                    raise StorageFull("no room left for the ledger; nothing was stored") from exc
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                # SQLite may already have rolled back (e.g. disk full during COMMIT).
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
 
     def close(self) -> None:

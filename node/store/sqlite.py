@@ -18,13 +18,14 @@ every first migration creates its tables only where they are missing, so it adop
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Self
 
-from node.errors import ConfigError
+from node.errors import ConfigError, ImageShareError, StorageFailed, StorageFull
 
 Synchronous = Literal["FULL", "NORMAL"]
 # One step of a schema: an SQL script (statements separated by ';') or a function that
@@ -32,19 +33,88 @@ Synchronous = Literal["FULL", "NORMAL"]
 Migration = str | Callable[[sqlite3.Connection], None]
 
 
+def is_disk_full(exc: sqlite3.Error) -> bool:
+    """Whether SQLite failed for want of disk space."""
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+
+
+def storage_error(exc: sqlite3.Error, database: str) -> ImageShareError:
+    """The node's error for a failure of ``database``: StorageFull for a full disk, else
+    StorageFailed (services handle these, never sqlite3's own errors)."""
+    if is_disk_full(exc):
+        return StorageFull(f"no room left for the {database}; nothing was stored")
+    return StorageFailed(f"the {database} database failed: {exc}")
+
+
+@contextlib.contextmanager
+def node_errors(database: str) -> Iterator[None]:
+    """Raise ``storage_error`` for any sqlite3 error inside the block."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise storage_error(exc, database) from exc
+
+
+class NodeErrorCursor(sqlite3.Cursor):
+    """A cursor whose statements and fetches raise ``storage_error`` instead of sqlite3's
+    errors; ``database`` names the database in the message."""
+
+    database = "node's"
+
+    def execute(self, sql: str, parameters: Any = (), /) -> Self:
+        with node_errors(self.database):
+            return super().execute(sql, parameters)
+
+    def executemany(self, sql: str, seq_of_parameters: Iterable[Any], /) -> Self:
+        with node_errors(self.database):
+            return super().executemany(sql, seq_of_parameters)
+
+    def fetchone(self) -> Any:
+        with node_errors(self.database):
+            return super().fetchone()
+
+    def fetchall(self) -> list[Any]:
+        with node_errors(self.database):
+            return super().fetchall()
+
+    def __next__(self) -> Any:
+        with node_errors(self.database):
+            return super().__next__()
+
+
+class NodeErrorConnection(sqlite3.Connection):
+    """A connection whose ``execute`` and ``executemany`` run on a NodeErrorCursor (its
+    ``cursor_class``), so that the store that opened it raises only the node's errors."""
+
+    cursor_class: type[NodeErrorCursor] = NodeErrorCursor
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        return self.cursor(self.cursor_class).execute(sql, parameters)
+
+    def executemany(self, sql: str, seq_of_parameters: Iterable[Any], /) -> sqlite3.Cursor:
+        return self.cursor(self.cursor_class).executemany(sql, seq_of_parameters)
+
+
 def connect_durable(
     path: Path,
     synchronous: Synchronous = "FULL",
     busy_timeout: float = 10.0,
     rows_as_dicts: bool = False,
+    factory: type[sqlite3.Connection] = sqlite3.Connection,
 ) -> sqlite3.Connection:
     """Open ``path`` with the node's settings (see the module docstring).
 
     ``synchronous="NORMAL"`` is for state that a killed process must keep but that may
     lose its last commits on a power cut (WAL still survives a killed process).
+    ``factory``: NodeErrorConnection (or a subclass) for a store that raises only the
+    node's errors.
     """
     conn = sqlite3.connect(
-        path, check_same_thread=False, isolation_level=None, timeout=busy_timeout
+        path,
+        check_same_thread=False,
+        isolation_level=None,
+        timeout=busy_timeout,
+        factory=factory,
     )
     if rows_as_dicts:
         conn.row_factory = sqlite3.Row
