@@ -463,7 +463,7 @@ async def _fetch_study(
     batch: list[StagedInstance] = []
 
     async def commit() -> None:
-        results = await asyncio.to_thread(store.commit, list(batch), source)
+        results = await store.off_loop(store.commit, list(batch), source)
         batch.clear()
         for item in results:
             result.stored += item.outcome is Outcome.STORED

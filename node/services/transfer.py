@@ -470,7 +470,7 @@ class TransferService:
             time.time(),
         )
         self._remember_outgoing(progress)
-        await asyncio.to_thread(
+        await self.store.off_loop(
             self.store.open_stream,
             stream_id,
             Access.kind,
@@ -495,7 +495,7 @@ class TransferService:
                 if block.completed:
                     sent += block.completed
                     progress.instances_sent += len(block.completed)
-                    self.store.journal(stream_id, block.completed)
+                    await self.store.off_loop(self.store.journal, stream_id, block.completed)
             progress.complete = True
         finally:
             progress.finished = time.time()
@@ -666,7 +666,7 @@ class TransferService:
             job.finished = time.time()
             job.unreachable = job.state == "failed" and job.unreachable
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(
+                await self.store.off_loop(
                     self.store.save_fetch, job.id, job.started, json.dumps(job.as_json())
                 )
 
@@ -767,7 +767,7 @@ class TransferService:
     ) -> None:
         receiver = _StreamReceiver(self.runtime, manifest, handles, keys.instances)
         stream_id = "in-" + secrets.token_hex(12)
-        await asyncio.to_thread(
+        await self.store.off_loop(
             self.store.open_stream,
             stream_id,
             Receipt.kind,

@@ -15,7 +15,6 @@ durable, so no instance is ever half-indexed.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import hashlib
@@ -42,6 +41,7 @@ from node.store.dicom_header import (
     read_dataset,
     read_to_pixels,
 )
+from node.store.off_loop import run_off_loop
 from node.store.queries import (
     Filter,
     Query,
@@ -555,9 +555,8 @@ class SqliteInstanceStore:
         return study_list(self.reader, words, limit)
 
     async def off_loop(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        # Each worker thread opens its own read connection (``reader``), so SQLite's WAL
-        # lets these reads run beside the writer and beside each other.
-        return await asyncio.to_thread(call, *args, **kwargs)
+        # Each worker thread opens its own read connection (``reader``).
+        return await run_off_loop(call, *args, **kwargs)
 
     def counts(self) -> dict[str, int]:
         conn = self.reader

@@ -17,11 +17,12 @@ process (WAL survives a killed process), and the ledger entries it leads to are 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
+from node.store.off_loop import run_off_loop
 from node.store.sqlite import Migration, open_database
 
 SCHEMA = """
@@ -36,6 +37,9 @@ CREATE TABLE IF NOT EXISTS fetches (
 """
 # Schema versions (node/store/sqlite.py): position n upgrades version n to n + 1.
 MIGRATIONS: tuple[Migration, ...] = (SCHEMA,)
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,10 @@ class TransferStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    async def off_loop(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a blocking call of this store away from the event loop; returns its result."""
+        return await run_off_loop(call, *args, **kwargs)
 
     # -- stream journal -------------------------------------------------------------------
 
