@@ -308,14 +308,7 @@ class SqliteInstanceStore:
 
     def digests_present(self, digests: Sequence[str]) -> set[str]:
         """Which of these SHA-256 digests (hex) belong to an indexed instance."""
-        found: set[str] = set()
-        for part in _chunks(digests):
-            marks = ",".join("?" * len(part))
-            rows = self.reader.execute(
-                f"SELECT digest FROM instances WHERE digest IN ({marks})", part
-            )
-            found.update(r[0] for r in rows)
-        return found
+        return _indexed_values(self.reader, "digest", digests)
 
     def stage_bytes(self, data: bytes) -> StagedInstance:
         """Stage an instance already in memory (a DIMSE dataset, a small upload)."""
@@ -349,7 +342,9 @@ class SqliteInstanceStore:
                 raise
 
     def _commit_locked(self, staged: Sequence[StagedInstance], source: str) -> list[IngestResult]:
-        known = self._indexed_uids([s.header.sop_instance_uid for s in staged])
+        known = _indexed_values(
+            self._writer, "sop_instance_uid", [s.header.sop_instance_uid for s in staged]
+        )
         fresh: list[StagedInstance] = []
         seen_in_batch: set[str] = set()
         results: list[IngestResult] = []
@@ -389,16 +384,6 @@ class SqliteInstanceStore:
                 self.object_path(item.digest).unlink(missing_ok=True)
             raise StorageFull("the node's disk is full; nothing was stored") from exc
         return results
-
-    def _indexed_uids(self, uids: Sequence[str]) -> set[str]:
-        found: set[str] = set()
-        for part in _chunks(uids):
-            marks = ",".join("?" * len(part))
-            rows = self._writer.execute(
-                f"SELECT sop_instance_uid FROM instances WHERE sop_instance_uid IN ({marks})", part
-            )
-            found.update(r[0] for r in rows)
-        return found
 
     def _index(self, fresh: Sequence[StagedInstance], source: str) -> None:
         now = time.time()
@@ -668,6 +653,17 @@ def _stored_file_errors(record: InstanceRecord) -> Iterator[None]:
     except (BadInput, PayloadTooLarge) as exc:
         log.error("stored file %s is not served: %s", record.path.name, exc)
         raise ImageShareError(f"a stored instance cannot be read: {exc}") from exc
+
+
+def _indexed_values(conn: sqlite3.Connection, column: str, values: Sequence[str]) -> set[str]:
+    """Which of ``values`` an indexed instance holds in ``column`` (a name from this module,
+    never from outside)."""
+    found: set[str] = set()
+    for part in _chunks(values):
+        marks = ",".join("?" * len(part))
+        rows = conn.execute(f"SELECT {column} FROM instances WHERE {column} IN ({marks})", part)
+        found.update(r[0] for r in rows)
+    return found
 
 
 def _chunks(values: Sequence[str]) -> Iterator[list[str]]:
