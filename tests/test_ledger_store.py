@@ -282,8 +282,14 @@ class TestLedgerService:
             assert (checkpoint.size, checkpoint.root_hash) == (2, service.own.root())
             with pytest.raises(BadInput):
                 service.append(Grant(token=5))  # type: ignore[arg-type]
+            commits = service.own.commits
+            assert service.append_many([]) == [] and service.own.commits == commits
+            both = service.append_many([Grant(token=b"a"), Grant(token=b"b")])
+            assert [r.index for r in both] == [2, 3] and service.own.commits == commits + 1
+            with pytest.raises(BadInput):  # all or none
+                service.append_many([Grant(token=b"c"), Grant(token=5)])  # type: ignore[arg-type]
         finally:
             runtime.close()
         reopened = LedgerStore(node.data_dir)
-        assert reopened.own_log(ORIGIN).size() == 2
+        assert reopened.own_log(ORIGIN).size() == 4
         reopened.close()
