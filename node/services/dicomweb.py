@@ -109,6 +109,13 @@ class StowReport:
             return 200
         return 202 if self.stored else 409
 
+    def part_refused(self, exc: PayloadTooLarge | BadInput) -> None:
+        """Report a part that cannot be stored: too large is out of resources (A700),
+        anything else not understood (C000)."""
+        too_large = isinstance(exc, PayloadTooLarge)
+        code = FAILURE_OUT_OF_RESOURCES if too_large else FAILURE_CANNOT_UNDERSTAND
+        self.failed.append(("", "", code, str(exc)))
+
     def study_url(self, base_url: str) -> str | None:
         """The study every stored instance belongs to, when they belong to one."""
         studies = {r.study_instance_uid for r in self.stored}
@@ -429,10 +436,10 @@ class DicomWebService:
                 except PayloadTooLarge as exc:
                     if type(exc) is not PayloadTooLarge:
                         raise  # the whole body is over its limit
-                    report.failed.append(("", "", FAILURE_OUT_OF_RESOURCES, str(exc)))
+                    report.part_refused(exc)
                     continue
                 except BadInput as exc:
-                    report.failed.append(("", "", FAILURE_CANNOT_UNDERSTAND, str(exc)))
+                    report.part_refused(exc)
                     continue
                 await self._admit(item, study_uid, report, staged)
             await self._commit(staged, report)
@@ -469,11 +476,8 @@ class DicomWebService:
                 try:
                     data = await asyncio.to_thread(_file_from_json, document, bulk)
                     item = await self.store.off_loop(self.store.stage_bytes, data)
-                except PayloadTooLarge as exc:
-                    report.failed.append(("", "", FAILURE_OUT_OF_RESOURCES, str(exc)))
-                    continue
-                except BadInput as exc:
-                    report.failed.append(("", "", FAILURE_CANNOT_UNDERSTAND, str(exc)))
+                except (PayloadTooLarge, BadInput) as exc:
+                    report.part_refused(exc)
                     continue
                 await self._admit(item, study_uid, report, staged)
             await self._commit(staged, report)
