@@ -30,9 +30,9 @@ from node.core.notes import Checkpoint, parse_note, sign_note
 from node.core.origins import log_id
 from node.core.roster import Roster, key_fingerprint, make_member
 from node.core.signed_requests import node_signer
-from node.errors import BadInput
+from node.errors import BadInput, StorageFailed
 from node.services.peer_client import signed_request
-from node.services.replication import PeerStatus
+from node.services.replication import PeerError, PeerStatus
 from node.services.roster import add_peer
 from node.services.runtime import open_runtime
 from node.store.federation_state import STATE_FILE, Equivocation, FederationState
@@ -631,6 +631,20 @@ class TestEquivocationStore:
             assert reopened.equivocating_logs() == {proof.log_id}
         finally:
             reopened.close()
+
+    def test_a_failing_database_raises_storage_failed_which_replication_handles(
+        self, tmp_path: Path
+    ) -> None:
+        state = FederationState(tmp_path / STATE_FILE)
+        try:
+            with sqlite3.connect(tmp_path / STATE_FILE) as damage:
+                damage.execute("DROP TABLE equivocations")
+            damage.close()
+            with pytest.raises(StorageFailed, match="federation") as raised:
+                state.equivocations()
+            assert isinstance(raised.value, PeerError)  # a follower's round survives it
+        finally:
+            state.close()
 
     def test_a_table_from_before_self_contained_proofs_is_read_and_still_freezes_the_log(
         self, tmp_path: Path

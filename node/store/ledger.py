@@ -63,13 +63,7 @@ from node.errors import (
     NotFound,
     Unauthorized,
 )
-from node.store.sqlite import (
-    Migration,
-    NodeErrorConnection,
-    NodeErrorCursor,
-    connect_durable,
-    migrate,
-)
+from node.store.sqlite import Migration, connect_durable, migrate
 
 LEDGER_FILE = "ledger.sqlite"
 VERIFY_BATCH = 4096
@@ -213,17 +207,6 @@ class _Reader:
         return hashes
 
 
-class _LedgerCursor(NodeErrorCursor):
-    database = "ledger"
-
-
-class _LedgerConnection(NodeErrorConnection):
-    """Every statement on the ledger raises StorageFull or StorageFailed, never sqlite3's
-    errors (a full disk, a damaged file, a lock another process held past the timeout)."""
-
-    cursor_class = _LedgerCursor
-
-
 class LedgerStore:
     """The ledger database of one node: its own log and its mirrors of peers' logs."""
 
@@ -240,7 +223,9 @@ class LedgerStore:
         self._roots: dict[int, tuple[int, bytes]] = {}  # log row -> (size, root) last listed
 
     def _connect(self) -> sqlite3.Connection:
-        conn = connect_durable(self.path, busy_timeout=30.0, factory=_LedgerConnection)
+        # Statements raise StorageFull or StorageFailed, never sqlite3's errors (a full
+        # disk, a damaged file, a lock another process held past the timeout).
+        conn = connect_durable(self.path, busy_timeout=30.0, node_errors=True)
         with self._connections_lock:
             self._connections.append(conn)
         return conn

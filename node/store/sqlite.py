@@ -84,16 +84,21 @@ class NodeErrorCursor(sqlite3.Cursor):
 
 
 class NodeErrorConnection(sqlite3.Connection):
-    """A connection whose ``execute`` and ``executemany`` run on a NodeErrorCursor (its
-    ``cursor_class``), so that the store that opened it raises only the node's errors."""
+    """A connection whose ``execute`` and ``executemany`` run on a NodeErrorCursor, so
+    that the store that opened it raises only the node's errors (``node_errors=True``)."""
 
-    cursor_class: type[NodeErrorCursor] = NodeErrorCursor
+    database = "node's"  # the file's name without .sqlite, set by connect_durable
+
+    def _cursor(self) -> NodeErrorCursor:
+        cursor = self.cursor(NodeErrorCursor)
+        cursor.database = self.database
+        return cursor
 
     def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
-        return self.cursor(self.cursor_class).execute(sql, parameters)
+        return self._cursor().execute(sql, parameters)
 
     def executemany(self, sql: str, seq_of_parameters: Iterable[Any], /) -> sqlite3.Cursor:
-        return self.cursor(self.cursor_class).executemany(sql, seq_of_parameters)
+        return self._cursor().executemany(sql, seq_of_parameters)
 
 
 def connect_durable(
@@ -101,22 +106,24 @@ def connect_durable(
     synchronous: Synchronous = "FULL",
     busy_timeout: float = 10.0,
     rows_as_dicts: bool = False,
-    factory: type[sqlite3.Connection] = sqlite3.Connection,
+    node_errors: bool = False,
 ) -> sqlite3.Connection:
     """Open ``path`` with the node's settings (see the module docstring).
 
     ``synchronous="NORMAL"`` is for state that a killed process must keep but that may
     lose its last commits on a power cut (WAL still survives a killed process).
-    ``factory``: NodeErrorConnection (or a subclass) for a store that raises only the
-    node's errors.
+    ``node_errors``: statements raise StorageFull or StorageFailed, never sqlite3's errors
+    (a NodeErrorConnection), for a store whose callers are services.
     """
     conn = sqlite3.connect(
         path,
         check_same_thread=False,
         isolation_level=None,
         timeout=busy_timeout,
-        factory=factory,
+        factory=NodeErrorConnection if node_errors else sqlite3.Connection,
     )
+    if isinstance(conn, NodeErrorConnection):
+        conn.database = path.stem
     if rows_as_dicts:
         conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")
@@ -131,9 +138,10 @@ def open_database(
     synchronous: Synchronous = "FULL",
     busy_timeout: float = 10.0,
     rows_as_dicts: bool = False,
+    node_errors: bool = False,
 ) -> sqlite3.Connection:
     """``connect_durable``, then bring the schema to the latest version (``migrate``)."""
-    conn = connect_durable(path, synchronous, busy_timeout, rows_as_dicts)
+    conn = connect_durable(path, synchronous, busy_timeout, rows_as_dicts, node_errors)
     try:
         migrate(conn, path.name, migrations)
     except BaseException:
