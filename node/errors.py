@@ -61,6 +61,13 @@ class StorageFull(ImageShareError):
     http_status = 507
 
 
+class StorageFailed(ImageShareError):
+    """A database of the node could not be read or written (an I/O error, a damaged file,
+    a lock another process held too long): nothing was stored."""
+
+    http_status = 503
+
+
 class PeerUnreachable(ImageShareError):
     """Another node (a member, a custodian, a node being audited) could not be reached:
     down, refusing connections, timed out, failing (5xx), or answering unauthenticated."""

@@ -14,7 +14,7 @@ import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from node.core.consent import GrantFields, sign_grant, sign_revocation, token_id_of
-from node.core.entries import LedgerEntry, decode_entry, encode_entry
+from node.core.entries import (
+    Access,
+    Denial,
+    Enroll,
+    EntryBody,
+    Grant,
+    LedgerEntry,
+    Receipt,
+    Revoke,
+    Witness,
+    decode_entry,
+    encode_entry,
+)
 from node.core.keys import NodeIdentity
 from node.core.merkle import ZERO_HASH, leaf_hash
 from node.core.patient_keys import PatientKey
@@ -53,7 +65,7 @@ def identity_of(node: NodeProcess) -> NodeIdentity:
     return NodeIdentity(node.origin, read_seed(node.data_dir / "node.key"))
 
 
-def append(node: NodeProcess, items: list[tuple[str, dict[str, Any], int]]) -> list[int]:
+def append(node: NodeProcess, items: Sequence[tuple[EntryBody, int]]) -> list[int]:
     """Append entries to a stopped node's own log and sign a checkpoint of it."""
     identity = identity_of(node)
     store = LedgerStore(node.data_dir)
@@ -92,8 +104,8 @@ class Patient:
         self.key = PatientKey.derive(seed or os.urandom(32), custodian)
         self.custodian = custodian
 
-    def enroll(self, subject: str, at: int = T0) -> tuple[str, dict[str, Any], int]:
-        return "enroll", {"subject": ref(subject), "key": self.key.public_key, "replaces": None}, at
+    def enroll(self, subject: str, at: int = T0) -> tuple[Enroll, int]:
+        return Enroll(subject=ref(subject), key=self.key.public_key, replaces=None), at
 
     def token(
         self,
@@ -111,26 +123,17 @@ class Patient:
         return sign_revocation(self.key.public_key, token_id_of(token), at, self.key.sign)
 
 
-def access(token: bytes, grantee: str, study: bytes, digest: bytes) -> dict[str, Any]:
-    return {
-        "token_id": token_id_of(token),
-        "grantee": grantee,
-        "study": study,
-        "instances": 3,
-        "bytes": 3000,
-        "digest": digest,
-    }
+def delivered(token: bytes, study: bytes, digest: bytes) -> tuple[bytes, bytes, int, int, bytes]:
+    """What an access and its receipt both record: token id, study, instances, bytes, digest."""
+    return token_id_of(token), study, 3, 3000, digest
 
 
-def receipt(token: bytes, custodian: str, study: bytes, digest: bytes) -> dict[str, Any]:
-    return {
-        "token_id": token_id_of(token),
-        "custodian": custodian,
-        "study": study,
-        "instances": 3,
-        "bytes": 3000,
-        "digest": digest,
-    }
+def access(token: bytes, grantee: str, study: bytes, digest: bytes) -> Access:
+    return Access(*delivered(token, study, digest), grantee=grantee)
+
+
+def receipt(token: bytes, custodian: str, study: bytes, digest: bytes) -> Receipt:
+    return Receipt(*delivered(token, study, digest), custodian=custodian)
 
 
 def audit(*urls: str, state: Path | None = None) -> tuple[int, dict[str, Any]]:
@@ -169,25 +172,24 @@ def clean_federation(a: NodeProcess, b: NodeProcess) -> tuple[NodeProcess, NodeP
         a,
         [
             patient.enroll("mrn-1"),
-            ("grant", {"token": token}, T0 + 10),
-            ("access", access(token, B_ORIGIN, study, digest), T0 + 20),
+            (Grant(token=token), T0 + 10),
+            (access(token, B_ORIGIN, study, digest), T0 + 20),
             (
-                "denial",
-                {
-                    "token_id": token_id_of(token),
-                    "requester": C_ORIGIN,
-                    "rule": "wrong_grantee",
-                    "study": None,
-                },
+                Denial(
+                    token_id=token_id_of(token),
+                    requester=C_ORIGIN,
+                    rule="wrong_grantee",
+                    study=None,
+                ),
                 T0 + 30,
             ),
         ]
         + [
-            ("witness", {"log_id": ref(str(i)), "size": i, "root": ref(f"r{i}")}, T0 + 40)
+            (Witness(log_id=ref(str(i)), size=i, root=ref(f"r{i}")), T0 + 40)
             for i in range(12)
         ],
     )
-    append(b, [("receipt", receipt(token, A_ORIGIN, study, digest), T0 + 25)])
+    append(b, [(receipt(token, A_ORIGIN, study, digest), T0 + 25)])
     mirror(b, a)
     mirror(a, b)
     return a, b
@@ -370,41 +372,41 @@ class TestConsentRules:
         ghost = os.urandom(40)  # stands for a token that was never granted
         late = T0 + 5000  # after the short token's expiry
         s, d = ref("study"), ref("digest")
-        items: list[tuple[str, dict[str, Any], int]] = [
+        items: list[tuple[EntryBody, int]] = [
             alice.enroll("mrn-alice"),  # 0
             bob.enroll("mrn-bob"),  # 1
-            ("grant", {"token": good}, T0 + 1),  # 2
-            ("access", access(good, B_ORIGIN, s, d), T0 + 2),  # 3: clean
-            ("grant", {"token": bytes(forged)}, T0 + 3),  # 4: grant_bad_signature
-            ("access", access(ghost, B_ORIGIN, s, d), T0 + 4),  # 5: no grant
-            ("grant", {"token": revoked}, T0 + 5),  # 6
-            ("revoke", {"revocation": alice.revocation(revoked, T0 + 6)}, T0 + 6),  # 7
-            ("access", access(revoked, B_ORIGIN, s, d), T0 + 7),  # 8: after revocation
-            ("grant", {"token": short}, T0 + 8),  # 9
-            ("access", access(short, B_ORIGIN, s, d), late),  # 10: after expiry
-            ("access", access(good, B_ORIGIN, ref("other"), d), late + 11),  # 11: no receipt
-            ("grant", {"token": to_c}, late + 12),  # 12
-            ("access", access(to_c, B_ORIGIN, s, d), late + 13),  # 13: wrong grantee
-            ("grant", {"token": unenrolled}, late + 14),  # 14: grant_unenrolled_key
-            ("revoke", {"revocation": bob.revocation(good, late + 15)}, late + 15),  # 15: not alice
-            ("grant", {"token": scoped}, late + 16),  # 16
-            ("access", access(scoped, B_ORIGIN, ref("not-bob"), d), late + 17),  # 17: out of scope
-            ("access", access(good, B_ORIGIN, s, d), late + 18),  # 18: still fine after 15
+            (Grant(token=good), T0 + 1),  # 2
+            (access(good, B_ORIGIN, s, d), T0 + 2),  # 3: clean
+            (Grant(token=bytes(forged)), T0 + 3),  # 4: grant_bad_signature
+            (access(ghost, B_ORIGIN, s, d), T0 + 4),  # 5: no grant
+            (Grant(token=revoked), T0 + 5),  # 6
+            (Revoke(revocation=alice.revocation(revoked, T0 + 6)), T0 + 6),  # 7
+            (access(revoked, B_ORIGIN, s, d), T0 + 7),  # 8: after revocation
+            (Grant(token=short), T0 + 8),  # 9
+            (access(short, B_ORIGIN, s, d), late),  # 10: after expiry
+            (access(good, B_ORIGIN, ref("other"), d), late + 11),  # 11: no receipt
+            (Grant(token=to_c), late + 12),  # 12
+            (access(to_c, B_ORIGIN, s, d), late + 13),  # 13: wrong grantee
+            (Grant(token=unenrolled), late + 14),  # 14: grant_unenrolled_key
+            (Revoke(revocation=bob.revocation(good, late + 15)), late + 15),  # 15: not alice
+            (Grant(token=scoped), late + 16),  # 16
+            (access(scoped, B_ORIGIN, ref("not-bob"), d), late + 17),  # 17: out of scope
+            (access(good, B_ORIGIN, s, d), late + 18),  # 18: still fine after 15
         ]
         # A witnessed B's log at size 1: once truly (19), once with another root (20).
         b_first = receipt(good, A_ORIGIN, s, d)
-        b_root = leaf_hash(encode_entry(LedgerEntry("receipt", ZERO_HASH, T0 + 20, b_first)))
+        b_root = leaf_hash(encode_entry(LedgerEntry.of(ZERO_HASH, T0 + 20, b_first)))
         b_log_id = hashlib.sha256(B_ORIGIN.encode()).digest()
         items += [
-            ("witness", {"log_id": b_log_id, "size": 1, "root": b_root}, late + 19),  # 19
-            ("witness", {"log_id": b_log_id, "size": 1, "root": ref("forked")}, late + 19),  # 20
-            ("witness", {"log_id": ref("z"), "size": 1, "root": ref("z")}, T0),  # 21: backdated
+            (Witness(log_id=b_log_id, size=1, root=b_root), late + 19),  # 19
+            (Witness(log_id=b_log_id, size=1, root=ref("forked")), late + 19),  # 20
+            (Witness(log_id=ref("z"), size=1, root=ref("z")), T0),  # 21: backdated
         ]
         append(a, items)
         append(
             b,
             [
-                ("receipt", receipt(t, A_ORIGIN, study, d), T0 + 20)
+                (receipt(t, A_ORIGIN, study, d), T0 + 20)
                 for t, study in [
                     (good, s),
                     (revoked, s),
@@ -415,7 +417,7 @@ class TestConsentRules:
                     (ghost, s),
                 ]
             ]
-            + [("receipt", receipt(os.urandom(40), A_ORIGIN, s, d), T0 + 21)],  # 7: no access
+            + [(receipt(os.urandom(40), A_ORIGIN, s, d), T0 + 21)],  # 7: no access
         )
         a.start()
         b.start()
@@ -472,8 +474,8 @@ class TestViews:
             first = [decode_entry(e) for e in source.own_log(A_ORIGIN).entries(0, 4)]
         finally:
             source.close()
-        append(fork, [(e.kind, e.fields, e.time) for e in first])
-        append(fork, [("witness", {"log_id": ref("x"), "size": 1, "root": ref("y")}, T0 + 99)])
+        append(fork, [(e.body, e.time) for e in first])
+        append(fork, [(Witness(log_id=ref("x"), size=1, root=ref("y")), T0 + 99)])
         witness = make_node(tmp_path, "w.example/imageshare")
         mirror(witness, a)
         witness.append_config(
@@ -502,7 +504,7 @@ class TestViews:
         reset(a, b)
         append(
             a,
-            [("witness", {"log_id": ref("x"), "size": i, "root": ref("y")}, T0) for i in range(5)],
+            [(Witness(log_id=ref("x"), size=i, root=ref("y")), T0) for i in range(5)],
         )
         backup = tmp_path / "backup"
         backup.mkdir()
@@ -511,7 +513,7 @@ class TestViews:
         append(
             a,
             [
-                ("witness", {"log_id": ref("x"), "size": i, "root": ref("y")}, T0)
+                (Witness(log_id=ref("x"), size=i, root=ref("y")), T0)
                 for i in range(5, 9)
             ],
         )
@@ -538,7 +540,7 @@ class TestViews:
         a, b = nodes
         reset(a, b)
         witnessed = [
-            ("witness", {"log_id": ref("x"), "size": i, "root": ref("y")}, T0) for i in range(6)
+            (Witness(log_id=ref("x"), size=i, root=ref("y")), T0) for i in range(6)
         ]
         append(a, witnessed)
         state = tmp_path / "audit-state"
@@ -548,8 +550,8 @@ class TestViews:
             # The node's operator rewrites history with the node key: entry 3 differs, and
             # the log grows past what the auditor saw, all validly signed.
             reset(a)
-            changed = {"log_id": ref("x"), "size": 3, "root": ref("changed")}
-            append(a, [*witnessed[:3], ("witness", changed, T0), *witnessed[4:], *witnessed])
+            changed = Witness(log_id=ref("x"), size=3, root=ref("changed"))
+            append(a, [*witnessed[:3], (changed, T0), *witnessed[4:], *witnessed])
             a.start()
             second_status, report = audit(a.url, state=state)
         finally:

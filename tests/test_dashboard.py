@@ -28,7 +28,7 @@ import pytest
 
 from node.config import load_config
 from node.core.consent import sign_revocation, token_id_of, token_text
-from node.core.entries import LedgerEntry, encode_entry
+from node.core.entries import Enroll, LedgerEntry, encode_entry
 from node.core.keys import NodeIdentity
 from node.core.origins import log_id
 from node.core.patient_keys import PatientKey
@@ -80,7 +80,7 @@ def _append_history(node: NodeProcess, count: int, tag: bytes) -> None:
         own = store.own_log(node.origin, node.vkey)
         now = int(time.time())
         items = [
-            ("enroll", {"subject": os.urandom(32), "key": (tag * 32)[:32], "replaces": None}, now)
+            (Enroll(subject=os.urandom(32), key=(tag * 32)[:32], replaces=None), now)
             for _ in range(count)
         ]
         own.append_many(items)

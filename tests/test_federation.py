@@ -22,6 +22,7 @@ from aiohttp import web
 
 from node.config import load_config
 from node.core.base64url import b64url_encode
+from node.core.entries import Enroll
 from node.core.equivocation import EquivocationProof, verify_equivocation
 from node.core.keys import NodeIdentity
 from node.core.merkle import MemoryTree, consistency_proof, leaf_hash
@@ -29,9 +30,9 @@ from node.core.notes import Checkpoint, parse_note, sign_note
 from node.core.origins import log_id
 from node.core.roster import Roster, key_fingerprint, make_member
 from node.core.signed_requests import node_signer
-from node.errors import BadInput
+from node.errors import BadInput, StorageFailed
 from node.services.peer_client import signed_request
-from node.services.replication import PeerStatus
+from node.services.replication import PeerError, PeerStatus
 from node.services.roster import add_peer
 from node.services.runtime import open_runtime
 from node.store.federation_state import STATE_FILE, Equivocation, FederationState
@@ -105,8 +106,8 @@ def append_offline(node: NodeProcess, count: int, tag: bytes = b"") -> None:
         own = store.own_log(node.origin, node.vkey)
         now = int(time.time())
         key = (tag * 32)[:32] or os.urandom(32)
-        entry = {"key": key, "replaces": None}
-        own.append_many([("enroll", {**entry, "subject": os.urandom(32)}, now)] * count)
+        enroll = Enroll(subject=os.urandom(32), key=key, replaces=None)
+        own.append_many([(enroll, now)] * count)
         own.publish_checkpoint(identity, now)
     finally:
         store.close()
@@ -630,6 +631,20 @@ class TestEquivocationStore:
             assert reopened.equivocating_logs() == {proof.log_id}
         finally:
             reopened.close()
+
+    def test_a_failing_database_raises_storage_failed_which_replication_handles(
+        self, tmp_path: Path
+    ) -> None:
+        state = FederationState(tmp_path / STATE_FILE)
+        try:
+            with sqlite3.connect(tmp_path / STATE_FILE) as damage:
+                damage.execute("DROP TABLE equivocations")
+            damage.close()
+            with pytest.raises(StorageFailed, match="federation") as raised:
+                state.equivocations()
+            assert isinstance(raised.value, PeerError)  # a follower's round survives it
+        finally:
+            state.close()
 
     def test_a_table_from_before_self_contained_proofs_is_read_and_still_freezes_the_log(
         self, tmp_path: Path

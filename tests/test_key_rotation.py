@@ -19,7 +19,7 @@ import msgpack
 import pytest
 
 from node.core.audit_rules import check_history
-from node.core.entries import LedgerEntry, decode_entry, encode_entry
+from node.core.entries import EntryBody, Grant, LedgerEntry, decode_entry, encode_entry
 from node.core.key_rotation import (
     COMPROMISED,
     ROUTINE,
@@ -224,8 +224,8 @@ class TestAuditorViews:
         assert {(v.rule, v.source) for v in report.violations} == {("key_mismatch", "http://c")}
 
 
-def grants(count: int) -> list[tuple[str, dict[str, object], int]]:
-    return [("grant", {"token": i.to_bytes(4, "big")}, 1_700_000_000 + i) for i in range(count)]
+def grants(count: int) -> list[tuple[EntryBody, int]]:
+    return [(Grant(token=i.to_bytes(4, "big")), 1_700_000_000 + i) for i in range(count)]
 
 
 class TestStoredKeyHistory:
@@ -250,7 +250,7 @@ class TestStoredKeyHistory:
     def rotated(self, own: OwnLog, old: NodeIdentity) -> tuple[NodeIdentity, int]:
         new = NodeIdentity.generate(ORIGIN)
         rotation = sign_rotation(old, new, old.public_key)
-        result = own.append("key_rotation", rotation.wire_fields(), 9)
+        result = own.append(rotation, 9)
         return new, result.index
 
     def test_checkpoints_are_signed_by_the_key_in_force_at_their_size(
@@ -307,7 +307,7 @@ class TestStoredKeyHistory:
         old = self.old
         mirror = peer_store.mirror(ORIGIN, old.vkey)
         new = NodeIdentity.generate(ORIGIN)
-        own.append("key_rotation", sign_rotation(None, new, old.public_key).wire_fields(), 1)
+        own.append(sign_rotation(None, new, old.public_key), 1)
         note = own.publish_checkpoint(new, 2)
         with pytest.raises(Unauthorized, match="not confirmed"):
             mirror.extend(own.entries(0, 1), note, old.vkey)
@@ -361,7 +361,7 @@ class TestRosterFollows:
             (tmp_path / "b").mkdir()
             b_store = LedgerStore(tmp_path / "b")
             own = b_store.own_log(ORIGIN, old.vkey)
-            own.append("key_rotation", sign_rotation(old, new, old.public_key).wire_fields(), 1)
+            own.append(sign_rotation(old, new, old.public_key), 1)
             mirror.extend(own.entries(0, 1), own.publish_checkpoint(new, 2))
             b_store.close()
             behind = load_roster(runtime.config).get(ORIGIN)

@@ -19,6 +19,7 @@ import pytest
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
+from node.core.entries import Grant
 from node.core.keys import NodeIdentity
 from node.core.notes import cosign_checkpoint, parse_note, sign_note
 from node.store.ledger import LedgerStore, OwnLog
@@ -167,7 +168,7 @@ def append_grants(own: OwnLog, count: int) -> None:
     start = own.size()
     own.append_many(
         [
-            ("grant", {"token": i.to_bytes(4, "big")}, 1_700_000_000)
+            (Grant(token=i.to_bytes(4, "big")), 1_700_000_000)
             for i in range(start, start + count)
         ]
     )
@@ -289,7 +290,7 @@ class TestLogsAndErrors:
         (node.data_dir.parent / "peer").mkdir()
         peer_store = LedgerStore(node.data_dir.parent / "peer")
         peer_log = peer_store.own_log(peer.origin, peer.vkey)
-        peer_log.append_many([("grant", {"token": b"x"}, 1), ("grant", {"token": b"y"}, 2)])
+        peer_log.append_many([(Grant(token=b"x"), 1), (Grant(token=b"y"), 2)])
         peer_note = peer_log.publish_checkpoint(peer, 3)
         mirror = own.store.mirror(peer.origin, peer.vkey)
         logs = client.json("/ledger/logs")

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from node.core.entries import Grant
 from node.core.keys import NodeIdentity
 from node.store.ledger import LedgerStore
 from node.store.secrets import read_seed
@@ -19,6 +20,7 @@ from tests.support.nodes import NodeProcess
 APPENDER = """
 import sys, threading
 from pathlib import Path
+from node.core.entries import Grant
 from node.store.ledger import LedgerStore
 
 own = LedgerStore(Path(sys.argv[1])).own_log(sys.argv[2])
@@ -27,7 +29,7 @@ out = threading.Lock()
 def work(thread):
     i = 0
     while True:
-        result = own.append("grant", {"token": f"{thread}-{i}".encode()}, 1700000000)
+        result = own.append(Grant(token=f"{thread}-{i}".encode()), 1700000000)
         with out:
             sys.stdout.write(f"{result.index} {result.leaf_hash.hex()}\\n")
             sys.stdout.flush()
@@ -85,7 +87,7 @@ class TestKillDuringAppends:
                     assert own.leaf_hash(index).hex() == leaf, (round_, index)
                 own.publish_checkpoint(identity, 1_700_000_100)
                 # Appending resumes after a crash, from the last durable entry.
-                assert own.append("grant", {"token": b"after"}, 1).index == size
+                assert own.append(Grant(token=b"after"), 1).index == size
             finally:
                 store.close()
             result = node.cli("ledger", "verify", "--json")

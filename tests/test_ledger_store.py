@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
-from node.core.entries import decode_entry
+from node.core.entries import EntryBody, Grant, Revoke, Witness, decode_entry
 from node.core.keys import NodeIdentity
 from node.core.merkle import (
     EMPTY_ROOT,
@@ -23,7 +26,7 @@ from node.core.merkle import (
     verify_inclusion,
 )
 from node.core.notes import Checkpoint, cosign_checkpoint, parse_note, sign_note, verify_note
-from node.errors import BadInput, Conflict, StorageFull, Unauthorized
+from node.errors import BadInput, Conflict, StorageFailed, StorageFull, Unauthorized
 from node.services.runtime import open_runtime
 from node.store.ledger import LedgerStore, OwnLog
 from tests.support.nodes import init_node
@@ -49,9 +52,16 @@ def own(store: LedgerStore, identity: NodeIdentity) -> OwnLog:
     return store.own_log(identity.origin, identity.vkey)
 
 
-def grants(count: int, start: int = 0) -> list[tuple[str, dict[str, object], int]]:
+@dataclass(frozen=True)
+class Unregistered(EntryBody):
+    """A body of a kind the registry does not hold."""
+
+    kind: ClassVar[str] = "nonsense"
+
+
+def grants(count: int, start: int = 0) -> list[tuple[EntryBody, int]]:
     return [
-        ("grant", {"token": i.to_bytes(4, "big")}, 1_700_000_000 + i)
+        (Grant(token=i.to_bytes(4, "big")), 1_700_000_000 + i)
         for i in range(start, start + count)
     ]
 
@@ -79,7 +89,7 @@ class TestAppend:
 
         def work(thread: int) -> None:
             for i in range(40):
-                result = own.append("grant", {"token": f"{thread}-{i}".encode()}, 1)
+                result = own.append(Grant(token=f"{thread}-{i}".encode()), 1)
                 with lock:
                     indexes.append(result.index)
 
@@ -95,14 +105,27 @@ class TestAppend:
     def test_bad_entry_is_refused_without_disturbing_the_others(self, own: OwnLog) -> None:
         own.append_many(grants(3))
         with pytest.raises(BadInput, match="token"):
-            own.append("grant", {"token": "not bytes"}, 1)
+            own.append(Grant(token="not bytes"), 1)  # type: ignore[arg-type]
         with pytest.raises(BadInput, match="kind"):
-            own.append("nonsense", {}, 1)
+            own.append(Unregistered(), 1)
         with pytest.raises(BadInput):
-            own.append_many([*grants(2, 3), ("grant", {}, 1)])
+            own.append_many([*grants(2, 3), (Witness(log_id=b"short", size=1, root=bytes(32)), 1)])
         assert own.size() == 3
-        assert own.append("grant", {"token": b"x"}, 1).index == 3
+        assert own.append(Grant(token=b"x"), 1).index == 3
         assert own.verify().ok
+
+    def test_a_failing_database_raises_storage_failed_not_sqlite_errors(
+        self, store: LedgerStore, own: OwnLog
+    ) -> None:
+        own.append_many(grants(2))
+        damage = sqlite3.connect(store.path)
+        damage.execute("DROP TABLE subtrees")
+        damage.close()
+        with pytest.raises(StorageFailed, match="ledger"):
+            own.root()
+        with pytest.raises(StorageFailed, match="ledger"):
+            own.append_many(grants(2, 2))
+        assert len(own.entries(0, 2)) == 2  # what the damage spared still reads
 
     def test_full_disk_refuses_the_append_and_the_log_carries_on(
         self, store: LedgerStore, own: OwnLog
@@ -111,10 +134,10 @@ class TestAppend:
         (pages,) = store.writer.execute("PRAGMA page_count").fetchone()
         store.writer.execute(f"PRAGMA max_page_count={pages}")
         with pytest.raises(StorageFull):
-            own.append("grant", {"token": bytes(20_000)}, 1)
+            own.append(Grant(token=bytes(20_000)), 1)
         assert own.size() == 3
         store.writer.execute("PRAGMA max_page_count=1000000")
-        assert own.append("grant", {"token": bytes(20_000)}, 1).index == 3
+        assert own.append(Grant(token=bytes(20_000)), 1).index == 3
         assert own.verify().ok
 
     def test_a_second_store_on_the_same_file_continues_the_chain(
@@ -124,7 +147,7 @@ class TestAppend:
         other = LedgerStore(store.path.parent)
         other.own_log(ORIGIN).append_many(grants(4, 5))
         other.close()
-        assert own.append("grant", {"token": b"z"}, 1).index == 9
+        assert own.append(Grant(token=b"z"), 1).index == 9
         assert own.verify(identity.vkey).ok
 
 
@@ -160,7 +183,7 @@ class TestCheckpoints:
         assert own.publish_checkpoint(identity, 2) == note  # same size: served with cosignature
         with pytest.raises(Unauthorized):
             own.add_cosignature(cosign_checkpoint(body, stranger, 7), witness.vkey)
-        own.append("grant", {"token": b"more"}, 3)
+        own.append(Grant(token=b"more"), 3)
         new_note = own.publish_checkpoint(identity, 4)
         assert len(parse_note(new_note)[1]) == 1
         with pytest.raises(Conflict):
@@ -225,7 +248,7 @@ class TestMirror:
         with pytest.raises(Conflict):
             mirror.extend([], fork)
         longer = sign_note(Checkpoint(identity.origin, 21, bytes(32)).body(), identity)
-        extra = log.append("grant", {"token": b"x"}, 1).entry
+        extra = log.append(Grant(token=b"x"), 1).entry
         with pytest.raises(Conflict):
             mirror.extend([extra], longer)
         assert mirror.size() == 20
@@ -251,16 +274,22 @@ class TestLedgerService:
         try:
             service = runtime.services.ledger
             assert runtime.services.ledger is service
-            first = service.append("grant", {"token": b"t"})
-            second = asyncio.run(service.append_async("revoke", {"revocation": b"r"}))
+            first = service.append(Grant(token=b"t"))
+            second = asyncio.run(service.append_async(Revoke(revocation=b"r")))
             assert (first.index, second.index) == (0, 1)
             assert abs(decode_entry(second.entry).time - time.time()) < 60
             checkpoint = verify_note(service.checkpoint_note(), node.vkey)
             assert (checkpoint.size, checkpoint.root_hash) == (2, service.own.root())
             with pytest.raises(BadInput):
-                service.append("grant", {"token": 5})
+                service.append(Grant(token=5))  # type: ignore[arg-type]
+            commits = service.own.commits
+            assert service.append_many([]) == [] and service.own.commits == commits
+            both = service.append_many([Grant(token=b"a"), Grant(token=b"b")])
+            assert [r.index for r in both] == [2, 3] and service.own.commits == commits + 1
+            with pytest.raises(BadInput):  # all or none
+                service.append_many([Grant(token=b"c"), Grant(token=5)])  # type: ignore[arg-type]
         finally:
             runtime.close()
         reopened = LedgerStore(node.data_dir)
-        assert reopened.own_log(ORIGIN).size() == 2
+        assert reopened.own_log(ORIGIN).size() == 4
         reopened.close()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from node.core.entries import Denial, Grant
 from node.core.keys import NodeIdentity
 from node.edges.cli import main
 from node.store.ledger import LEDGER_FILE, LedgerStore
@@ -27,13 +28,12 @@ def fill_log(node: NodeProcess, count: int = ENTRIES) -> None:
         own = store.own_log(identity.origin, identity.vkey)
         for i in range(count):
             own.append(
-                "denial",
-                {
-                    "token_id": bytes([i]) * 32,
-                    "requester": "b.example/x",
-                    "rule": "expired",
-                    "study": None,
-                },
+                Denial(
+                    token_id=bytes([i]) * 32,
+                    requester="b.example/x",
+                    rule="expired",
+                    study=None,
+                ),
                 1_700_000_000 + i,
             )
         own.publish_checkpoint(identity, 1_700_000_100)
@@ -175,7 +175,7 @@ class TestLedgerVerify:
         store = LedgerStore(filled_node.data_dir)
         own = store.own_log(filled_node.origin)
         for i in range(ENTRIES):
-            own.append("grant", {"token": bytes([i])}, 5)
+            own.append(Grant(token=bytes([i])), 5)
         store.close()
         code, report, stderr = verify(filled_node)
         assert code == 1

@@ -14,7 +14,7 @@ import pytest
 
 from node.core.base64url import b64url_decode
 from node.core.consent import sign_revocation, token_id_of, token_text
-from node.core.entries import decode_entry
+from node.core.entries import Denial, decode_entry
 from node.samples import SyntheticStudy, make_ct_study
 from node.services import consent
 from node.services.runtime import open_runtime
@@ -158,13 +158,13 @@ class TestNoPhiInTheLedger:
 class TestSuiteWideSweep:
     """The sweep run after the whole suite (tests/conftest.py) finds PHI where it is."""
 
-    def _node_with_entry(self, tmp_path: Path, fields: dict[str, Any]) -> Path:
+    def _node_with_entry(self, tmp_path: Path, denial: Denial) -> Path:
         node = init_node(tmp_path, "sweep.example/imageshare")
         study = make_ct_study(tmp_path / "study", series=1, slices=1, patient_id="MRN-SWEEP-9")
         node.cli("import", str(study.files[0]))
         runtime = open_runtime(node.config)
         try:
-            runtime.services.ledger.append("denial", fields)
+            runtime.services.ledger.append(denial)
         finally:
             runtime.close()
         return tmp_path
@@ -172,12 +172,12 @@ class TestSuiteWideSweep:
     def test_clean_ledgers_pass(self, tmp_path: Path) -> None:
         base = self._node_with_entry(
             tmp_path,
-            {
-                "token_id": b"\x01" * 32,
-                "requester": "x.example/y",
-                "rule": "expired",
-                "study": None,
-            },
+            Denial(
+                token_id=b"\x01" * 32,
+                requester="x.example/y",
+                rule="expired",
+                study=None,
+            ),
         )
         result = sweep(base)
         assert result.entries == 1 and result.values > 0
@@ -186,12 +186,12 @@ class TestSuiteWideSweep:
     def test_an_mrn_in_an_entry_is_found(self, tmp_path: Path) -> None:
         base = self._node_with_entry(
             tmp_path,
-            {
-                "token_id": b"\x01" * 32,
-                "requester": "MRN-SWEEP-9",
-                "rule": "expired",
-                "study": None,
-            },
+            Denial(
+                token_id=b"\x01" * 32,
+                requester="MRN-SWEEP-9",
+                rule="expired",
+                study=None,
+            ),
         )
         try:
             findings = sweep(base).findings

@@ -310,6 +310,16 @@ class TestPaging:
         for whole in ({"limit": "4"}, {"limit": "2", "offset": "2"}, {}):
             assert "Warning" not in corpus.query("/studies", whole).headers, whole
 
+    def test_an_ignored_key_with_control_characters_is_echoed_safely_not_cut(
+        self, corpus: Corpus
+    ) -> None:
+        # The ignored keys are named in a Warning: a key holding what a header cannot
+        # carry (a control character, a quote) must not cut the answer off.
+        answer = corpus.query("/studies", {'\x1fBad"Key\\': "x", "limit": "1"})
+        assert answer.status_code == 200 and len(answer.json()) == 1
+        ignored = [w for w in answer.headers["Warning"].split(", 299") if "ignored" in w]
+        assert ignored and '?Bad?Key?"' in ignored[0]
+
     def test_malformed_paging_is_refused(self, corpus: Corpus) -> None:
         for params in ({"limit": "-1"}, {"offset": "x"}, {"limit": "1.5"}, {"limit": "²"}):
             assert corpus.query("/studies", params).status_code == 400

@@ -31,6 +31,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 
 from node.config import load_config
+from node.core.entries import Enroll
 from node.core.keys import NodeIdentity
 from node.core.origins import log_id
 from node.samples import make_ct_study
@@ -299,7 +300,7 @@ def append_offline(node: NodeProcess, count: int) -> None:
         own = store.own_log(node.origin, node.vkey)
         now = int(time.time())
         items = [
-            ("enroll", {"key": i.to_bytes(32, "big"), "replaces": None, "subject": bytes(32)}, now)
+            (Enroll(key=i.to_bytes(32, "big"), replaces=None, subject=bytes(32)), now)
             for i in range(count)
         ]
         own.append_many(items)

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 
 from node.core.consent import decode_grant, parse_token_text
-from node.core.entries import LedgerEntry, encode_entry
+from node.core.entries import Grant, LedgerEntry, encode_entry
 from node.core.keys import NodeIdentity
 from node.core.merkle import ZERO_HASH, MemoryTree, inclusion_proof, leaf_hash
 from node.core.notes import Checkpoint, sign_note
@@ -240,7 +240,7 @@ class TestProofVerification:
 
     def test_honest_answer_verifies(self) -> None:
         answer, custodian = self.answer(b"my token")
-        assert verify_recorded(answer, custodian, "grant", "token", b"my token").index == 2
+        assert verify_recorded(answer, custodian, Grant(token=b"my token")).index == 2
 
     @pytest.mark.parametrize("lie", ["other_token", "wrong_index", "bad_proof", "other_key"])
     def test_lies_are_caught(self, lie: str) -> None:
@@ -257,7 +257,7 @@ class TestProofVerification:
                 custodian.url, self.origin, NodeIdentity.generate(self.origin).vkey
             )
         with pytest.raises(ProofFailed):
-            verify_recorded(answer, custodian, "grant", "token", expected)
+            verify_recorded(answer, custodian, Grant(token=expected))
 
     def test_garbage_answer_is_a_proof_failure(self) -> None:
         _, custodian = self.answer(b"t")
@@ -268,7 +268,7 @@ class TestProofVerification:
         ]
         for garbage in garbage_answers:
             with pytest.raises(ProofFailed):
-                verify_recorded(garbage, custodian, "grant", "token", b"t")
+                verify_recorded(garbage, custodian, Grant(token=b"t"))
 
 
 class TestCustodianOrigin:

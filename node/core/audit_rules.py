@@ -29,6 +29,7 @@ from node.core.consent import (
 )
 from node.core.entries import (
     Access,
+    Denial,
     Enroll,
     Grant,
     LedgerEntry,
@@ -95,7 +96,7 @@ ACCESS_RULES: dict[Rule, str] = {
 
 # Findings of one kind in one history beyond this many are summarised, not listed.
 MAX_FINDINGS_PER_RULE = 50
-KINDS_COUNTED = ("enroll", "grant", "revoke", "access", "denial", "receipt")
+KINDS_COUNTED = tuple(t.kind for t in (Enroll, Grant, Revoke, Access, Denial, Receipt))
 
 
 @dataclass(frozen=True)

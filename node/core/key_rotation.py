@@ -31,7 +31,6 @@ from node.core.keys import NodeIdentity, VerifierKey, key_id, verify_ed25519
 from node.errors import BadInput, Unauthorized
 
 ROTATION_DOMAIN = b"imageshare-key-rotation/v1"
-ENTRY_KIND = KeyRotation.kind
 ROUTINE = "routine"
 COMPROMISED = "compromised"
 REASONS = (ROUTINE, COMPROMISED)
@@ -171,7 +170,7 @@ def rotations_in(
     return [
         (first_index + i, rotation_from_entry(e))
         for i, e in enumerate(entries)
-        if e is not None and e.kind == ENTRY_KIND
+        if e is not None and e.kind == KeyRotation.kind
     ]
 
 

@@ -39,7 +39,7 @@ from node.core.consent import (
     decode_revocation,
     validate_grant,
 )
-from node.core.entries import decode_entry
+from node.core.entries import Denial, Enroll, EntryBody, Grant, Revoke, decode_entry
 from node.core.keys import PUBLIC_KEY_SIZE
 from node.core.rate_limit import SlidingWindowLimit
 from node.errors import BadInput, ConfigError, Conflict, Forbidden, NotFound, Unauthorized
@@ -130,16 +130,16 @@ class ConsentService:
                 if not batch:
                     break
                 decoded = [decode_entry(raw) for raw in batch]
-                self.state.apply(start, [(e.kind, e.fields) for e in decoded])
+                self.state.apply(start, [e.body for e in decoded])
                 start += len(batch)
 
-    def append(self, kind: str, fields: dict[str, Any]) -> Appended:
+    def append(self, body: EntryBody) -> Appended:
         """Append an entry durably, then bring the tables up to it; call with the lock held.
 
         The tables follow the log by replay only (catch_up), never by a second path, so
         a crash between the append and the table update is repaired on the next open.
         """
-        result = self.ledger.append(kind, fields)
+        result = self.ledger.append(body)
         self.catch_up()
         return Appended(result.index, result.entry)
 
@@ -259,9 +259,7 @@ def enroll_patient(runtime: NodeRuntime, patient_id: str, public_key: bytes) -> 
         service.state.bind_subject(subject, patient_id)
         current = service.state.active_key_of_subject(subject)
         replaced = None if current is None else current.public_key
-        appended = service.append(
-            "enroll", {"subject": subject, "key": public_key, "replaces": replaced}
-        )
+        appended = service.append(Enroll(subject=subject, key=public_key, replaces=replaced))
     studies = len(own_studies_of_patient(runtime, patient_id))
     runtime.security_audit.record(
         atna.configuration_changed,
@@ -333,7 +331,7 @@ def record_grant(runtime: NodeRuntime, token_bytes: bytes, now: int | None = Non
         )
         if not verdict.allowed:
             raise Forbidden(f"grant refused ({verdict.reason}): {verdict.message}")
-        appended = service.append("grant", {"token": token_bytes})
+        appended = service.append(Grant(token=token_bytes))
     runtime.security_audit.record(
         atna.consent_changed,
         True,
@@ -377,7 +375,7 @@ def record_revocation(runtime: NodeRuntime, revocation_bytes: bytes) -> Revocati
         known = service.state.revocation_index(revocation.patient_key, revocation.token_id)
         if known is not None:
             return RevocationRecord(revocation.token_id, known, newly=False)
-        appended = service.append("revoke", {"revocation": revocation_bytes})
+        appended = service.append(Revoke(revocation=revocation_bytes))
     runtime.security_audit.record(
         atna.consent_changed,
         False,
@@ -484,13 +482,12 @@ def record_denial(
         return
     with service.lock:
         service.append(
-            "denial",
-            {
-                "token_id": token.token_id,
-                "requester": requester_origin,
-                "rule": str(rule),
-                "study": refs[0] if refs else None,
-            },
+            Denial(
+                token_id=token.token_id,
+                requester=requester_origin,
+                rule=str(rule),
+                study=refs[0] if refs else None,
+            )
         )
 
 

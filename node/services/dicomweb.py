@@ -109,6 +109,13 @@ class StowReport:
             return 200
         return 202 if self.stored else 409
 
+    def part_refused(self, exc: PayloadTooLarge | BadInput) -> None:
+        """Report a part that cannot be stored: too large is out of resources (A700),
+        anything else not understood (C000)."""
+        too_large = isinstance(exc, PayloadTooLarge)
+        code = FAILURE_OUT_OF_RESOURCES if too_large else FAILURE_CANNOT_UNDERSTAND
+        self.failed.append(("", "", code, str(exc)))
+
     def study_url(self, base_url: str) -> str | None:
         """The study every stored instance belongs to, when they belong to one."""
         studies = {r.study_instance_uid for r in self.stored}
@@ -245,7 +252,7 @@ class DicomWebService:
         self, study_uid: str, series_uid: str | None = None, sop_uid: str | None = None
     ) -> list[InstanceRecord]:
         """The stored instances addressed by a WADO-RS path; raises NotFound."""
-        return await asyncio.to_thread(self.store.instances, study_uid, series_uid, sop_uid)
+        return await self.store.off_loop(self.store.instances, study_uid, series_uid, sop_uid)
 
     async def check_files(self, records: list[InstanceRecord]) -> None:
         """Raise before a response starts if a stored file is missing or has changed size."""
@@ -429,15 +436,15 @@ class DicomWebService:
                 except PayloadTooLarge as exc:
                     if type(exc) is not PayloadTooLarge:
                         raise  # the whole body is over its limit
-                    report.failed.append(("", "", FAILURE_OUT_OF_RESOURCES, str(exc)))
+                    report.part_refused(exc)
                     continue
                 except BadInput as exc:
-                    report.failed.append(("", "", FAILURE_CANNOT_UNDERSTAND, str(exc)))
+                    report.part_refused(exc)
                     continue
-                self._admit(item, study_uid, report, staged)
+                await self._admit(item, study_uid, report, staged)
             await self._commit(staged, report)
         except BaseException:
-            self.store.discard(staged)
+            await self.store.off_loop(self.store.discard, staged)
             raise
         return report
 
@@ -468,17 +475,14 @@ class DicomWebService:
             for document in documents:
                 try:
                     data = await asyncio.to_thread(_file_from_json, document, bulk)
-                    item = await asyncio.to_thread(self.store.stage_bytes, data)
-                except PayloadTooLarge as exc:
-                    report.failed.append(("", "", FAILURE_OUT_OF_RESOURCES, str(exc)))
+                    item = await self.store.off_loop(self.store.stage_bytes, data)
+                except (PayloadTooLarge, BadInput) as exc:
+                    report.part_refused(exc)
                     continue
-                except BadInput as exc:
-                    report.failed.append(("", "", FAILURE_CANNOT_UNDERSTAND, str(exc)))
-                    continue
-                self._admit(item, study_uid, report, staged)
+                await self._admit(item, study_uid, report, staged)
             await self._commit(staged, report)
         except BaseException:
-            self.store.discard(staged)
+            await self.store.off_loop(self.store.discard, staged)
             raise
         finally:
             for _, spooled in bulk.values():
@@ -506,7 +510,7 @@ class DicomWebService:
             raise
         return cast(IO[bytes], spooled)
 
-    def _admit(
+    async def _admit(
         self,
         item: StagedInstance,
         study_uid: str | None,
@@ -516,7 +520,7 @@ class DicomWebService:
         """Keep a staged instance for the commit, or report it as of another study."""
         header = item.header
         if study_uid is not None and header.study_instance_uid != study_uid:
-            self.store.discard([item])
+            await self.store.off_loop(self.store.discard, [item])
             report.failed.append(
                 (
                     header.sop_class_uid,
@@ -531,7 +535,7 @@ class DicomWebService:
     async def _commit(self, staged: list[StagedInstance], report: StowReport) -> None:
         """Commit every staged instance in one durable step; an instance whose UID is held
         with other content is reported as failed."""
-        results = await asyncio.to_thread(self.store.commit, staged, "stow")
+        results = await self.store.off_loop(self.store.commit, staged, "stow")
         for result in results:
             if await asyncio.to_thread(self._conflicts_with_stored, result):
                 report.failed.append(

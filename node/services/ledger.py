@@ -4,7 +4,7 @@ Built by ``runtime.services.ledger``. This is where the clock is read for entry
 times and checkpoint publication; the store and the core never read it.
 
 The key that signs is the one the log says is in force: after ``imageshare key rotate``
-appended a ``key_rotation`` entry (from another process, while this one runs), the next
+appended a key rotation entry (from another process, while this one runs), the next
 checkpoint finds the rotation and the service switches the node's identity to the new
 key, without a restart (``follow_key_rotation``).
 """
@@ -15,8 +15,10 @@ import asyncio
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+from node.core.entries import EntryBody
 from node.core.keys import NodeIdentity
 from node.store.ledger import AppendResult, KeyRotated, LedgerStore, OwnLog
 from node.store.node_keys import load_identity
@@ -57,16 +59,24 @@ class LedgerService:
             log.warning("node key rotated: now signing as %s", identity.vkey)
             return True
 
-    def append(self, kind: str, fields: dict[str, Any]) -> AppendResult:
-        """Append an entry stamped with the current time; returns once it is durable.
+    def append(self, body: EntryBody) -> AppendResult:
+        """Append an entry holding ``body``, stamped with the current time; returns once
+        it is durable.
 
         Blocking. Raises BadInput if the entry is not well-formed for its kind.
         """
-        return self.own.append(kind, fields, int(time.time()))
+        return self.own.append(body, int(time.time()))
 
-    async def append_async(self, kind: str, fields: dict[str, Any]) -> AppendResult:
+    def append_many(self, bodies: Sequence[EntryBody]) -> list[AppendResult]:
+        """Append entries holding ``bodies`` in order, in one commit, all or none."""
+        if not bodies:
+            return []  # no transaction (and no fsync) for nothing to write
+        now = int(time.time())
+        return self.own.append_many([(body, now) for body in bodies])
+
+    async def append_async(self, body: EntryBody) -> AppendResult:
         """``append`` from a coroutine: runs in a worker thread, returns once durable."""
-        return await asyncio.to_thread(self.append, kind, fields)
+        return await asyncio.to_thread(self.append, body)
 
     def checkpoint_note(self) -> str:
         """The latest signed checkpoint note, freshly signed if the log grew since the last."""

@@ -41,6 +41,7 @@ from node.core.consent import (
     is_link_grantee,
     link_grantee,
 )
+from node.core.entries import Access
 from node.core.rate_limit import SlidingWindowLimit
 from node.core.shlink import (
     ACCESS_CREDENTIAL,
@@ -250,22 +251,23 @@ def _record_access(
     """One ``access`` entry per study for what the link is about to serve (durable first)."""
     ledger = runtime.services.ledger
     digest = link_access_digest(kind)
+    accesses = []
     for ref in refs:
         instances, size = 0, sent
         if kind != "manifest":
             records = runtime.store.instances(consent.resolve_study_reference(runtime, ref))
             instances, size = len(records), sum(r.size for r in records)
-        ledger.append(
-            "access",
-            {
-                "token_id": link.token_id,
-                "grantee": link.grantee,
-                "study": ref,
-                "instances": instances,
-                "bytes": size,
-                "digest": digest,
-            },
+        accesses.append(
+            Access(
+                token_id=link.token_id,
+                grantee=link.grantee,
+                study=ref,
+                instances=instances,
+                bytes=size,
+                digest=digest,
+            )
         )
+    ledger.append_many(accesses)
 
 
 def _live_studies(runtime: NodeRuntime, link: LinkRecord, now: int) -> tuple[bytes, ...]:
@@ -461,7 +463,7 @@ async def _fetch_study(
     batch: list[StagedInstance] = []
 
     async def commit() -> None:
-        results = await asyncio.to_thread(store.commit, list(batch), source)
+        results = await store.off_loop(store.commit, list(batch), source)
         batch.clear()
         for item in results:
             result.stored += item.outcome is Outcome.STORED

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from node.config import NodeConfig
 from node.core import atna
-from node.core.key_rotation import ENTRY_KIND, sign_rotation
+from node.core.key_rotation import sign_rotation
 from node.core.keys import verifier_key_string
 from node.services.audit_export import local_user, record_once
 from node.store.ledger import LedgerStore
@@ -56,7 +56,7 @@ def rotate_node_key(config: NodeConfig, compromised: bool = False) -> RotationDo
         )
         new = create_next_key(config.key_path, config.origin)
         rotation = sign_rotation(None if compromised else old, new, old.public_key)
-        result = own.append(ENTRY_KIND, rotation.wire_fields(), int(time.time()))
+        result = own.append(rotation, int(time.time()))
     finally:
         store.close()
     finish_rotation(config.key_path, config.origin, new.public_key)

@@ -35,7 +35,8 @@ from node.services.audit import LogListing, fetch_entries, get_body, parse_listi
 from node.services.peer_client import describe
 from node.services.wallet import Wallet
 
-EVENT_KINDS = ("access", "denial", "revoke")
+# The entries a patient sees about their tokens.
+EVENT_TYPES = (Access, Denial, Revoke)
 
 
 @dataclass(frozen=True)
@@ -287,7 +288,7 @@ async def custodian_events(
         own_grant = None if entry is None else own_grant_id(entry, patient_key)
         if own_grant is not None:
             token_ids.add(own_grant)  # a grant precedes every event under it in its log
-        if entry is None or entry.kind not in EVENT_KINDS:
+        if entry is None or not isinstance(entry.body, EVENT_TYPES):
             continue
         token_id = _event_token_id(entry)
         if token_id is None or token_id not in token_ids:

@@ -31,7 +31,6 @@ import base64
 import contextlib
 import json
 import logging
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -78,7 +77,6 @@ PeerError = (
     asyncio.TimeoutError,
     ImageShareError,
     ValueError,
-    sqlite3.Error,
 )
 
 

@@ -50,6 +50,7 @@ from node.core.channel import (
     sender_session,
 )
 from node.core.consent import RULE_MESSAGES, Rule, decode_grant, parse_token_text, token_id_of
+from node.core.entries import Access, EntryBody, Receipt
 from node.core.manifest import (
     DATA,
     Begin,
@@ -352,19 +353,22 @@ class TransferService:
         by_study: dict[bytes, list[StreamedInstance]] = {}
         for item in items:
             by_study.setdefault(item.study, []).append(item)
-        peer_field = "grantee" if kind == "access" else "custodian"
+        deliveries: list[EntryBody] = []
         for study, group in sorted(by_study.items()):
-            self.ledger.append(
-                kind,
-                {
-                    "token_id": token_id,
-                    peer_field: peer,
-                    "study": study,
-                    "instances": len(group),
-                    "bytes": sum(g.size for g in group),
-                    "digest": transfer_digest(g.digest for g in group),
-                },
+            # The fields both sides record alike, in their declared order (entries._Delivery).
+            shared = (
+                token_id,
+                study,
+                len(group),
+                sum(g.size for g in group),
+                transfer_digest(g.digest for g in group),
             )
+            deliveries.append(
+                Access(*shared, grantee=peer)
+                if kind == Access.kind
+                else Receipt(*shared, custodian=peer)
+            )
+        self.ledger.append_many(deliveries)
 
     # -- custodian side ----------------------------------------------------------------
 
@@ -476,10 +480,10 @@ class TransferService:
             time.time(),
         )
         self._remember_outgoing(progress)
-        await asyncio.to_thread(
+        await self.store.off_loop(
             self.store.open_stream,
             stream_id,
-            "access",
+            Access.kind,
             session.token_id,
             session.grantee,
             time.time(),
@@ -504,7 +508,7 @@ class TransferService:
                 if block.completed:
                     sent += block.completed
                     progress.instances_sent += len(block.completed)
-                    self.store.journal(stream_id, block.completed)
+                    await self.store.off_loop(self.store.journal, stream_id, block.completed)
             progress.complete = True
         finally:
             progress.finished = time.time()
@@ -531,7 +535,7 @@ class TransferService:
     def _close_stream(
         self, stream_id: str, session: SenderSession, sent: list[StreamedInstance]
     ) -> None:
-        self._append_accounting("access", session.token_id, session.grantee, sent)
+        self._append_accounting(Access.kind, session.token_id, session.grantee, sent)
         self.store.mark_recorded(stream_id)
         if sent:
             self.runtime.security_audit.record(
@@ -680,7 +684,7 @@ class TransferService:
             job.finished = time.time()
             job.unreachable = job.state == "failed" and job.unreachable
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(
+                await self.store.off_loop(
                     self.store.save_fetch, job.id, job.started, json.dumps(job.as_json())
                 )
 
@@ -781,8 +785,13 @@ class TransferService:
     ) -> None:
         receiver = _StreamReceiver(self.runtime, manifest, handles, keys.instances)
         stream_id = "in-" + secrets.token_hex(12)
-        await asyncio.to_thread(
-            self.store.open_stream, stream_id, "receipt", job.token_id, job.custodian, time.time()
+        await self.store.off_loop(
+            self.store.open_stream,
+            stream_id,
+            Receipt.kind,
+            job.token_id,
+            job.custodian,
+            time.time(),
         )
         arrived: list[StreamedInstance] = []
         pending: asyncio.Future[None] | None = None
@@ -876,7 +885,7 @@ class TransferService:
     def _close_receipt(
         self, job: FetchJob, stream_id: str, arrived: list[StreamedInstance]
     ) -> None:
-        self._append_accounting("receipt", job.token_id, job.custodian, arrived)
+        self._append_accounting(Receipt.kind, job.token_id, job.custodian, arrived)
         self.store.mark_recorded(stream_id)
         if arrived:
             self.runtime.security_audit.record(

@@ -33,7 +33,7 @@ from node.core.consent import (
     token_text,
     token_url,
 )
-from node.core.entries import decode_entry
+from node.core.entries import EntryBody, Grant, Revoke, decode_entry
 from node.core.key_rotation import chain_of_log
 from node.core.keys import parse_verifier_key
 from node.core.merkle import leaf_hash, verify_inclusion
@@ -188,7 +188,7 @@ class Wallet:
         )
         token = sign_grant(fields, key.sign)
         answer = await self.signed(session, custodian, "POST", "/patient/grants", token)
-        recorded = verify_recorded(answer, custodian, "grant", "token", token)
+        recorded = verify_recorded(answer, custodian, Grant(token=token))
         return self._keep_token(custodian, token, fields, recorded)
 
     def _keep_token(
@@ -287,7 +287,7 @@ class Wallet:
             }
         ).encode()
         answer = await self.signed(session, custodian, "POST", "/patient/links", body)
-        recorded = verify_recorded(answer, custodian, "grant", "token", token)
+        recorded = verify_recorded(answer, custodian, Grant(token=token))
         # The label stays here (and in the link): the ledger is copied to every node.
         record = self._keep_token(
             custodian, token, fields, recorded, link={"label": label, "shlink": shlink}
@@ -308,7 +308,7 @@ class Wallet:
         key = self.key_for(custodian.origin)
         revocation = sign_revocation(key.public_key, token_id, int(time.time()), key.sign)
         answer = await self.signed(session, custodian, "POST", "/patient/revocations", revocation)
-        recorded = verify_recorded(answer, custodian, "revoke", "revocation", revocation)
+        recorded = verify_recorded(answer, custodian, Revoke(revocation=revocation))
         state = self.files.load_state()
         for record in state["tokens"]:
             if record["token_id"] == token_id.hex():
@@ -360,10 +360,8 @@ def parse_study_ref(text: str) -> bytes:
     return b64url_decode(text, "study reference", size=32)
 
 
-def verify_recorded(
-    answer: Any, custodian: Custodian, kind: str, field: str, expected: bytes
-) -> Recorded:
-    """Check that ``answer`` proves an entry (kind, field=expected) in the custodian's log."""
+def verify_recorded(answer: Any, custodian: Custodian, expected: EntryBody) -> Recorded:
+    """Check that ``answer`` proves an entry holding ``expected`` in the custodian's log."""
     try:
         entry_bytes = base64.b64decode(answer["entry"], validate=True)
         proof = [base64.b64decode(h, validate=True) for h in answer["proof"]]
@@ -375,7 +373,8 @@ def verify_recorded(
         entry = decode_entry(entry_bytes)
     except BadInput as exc:
         raise ProofFailed(f"the custodian's entry is malformed: {exc}") from exc
-    if entry.kind != kind or entry.fields.get(field) != expected:
+    kind = expected.kind
+    if entry.kind != kind or entry.body != expected:
         raise ProofFailed(f"the custodian's proof is for another entry than my {kind}")
     try:
         checkpoint = verify_note(note, custodian.vkey)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from node.core.consent import decode_grant, decode_revocation
+from node.core.entries import Enroll, EntryBody, Grant, Revoke
 from node.errors import BadInput
 from node.store.sqlite import LockedDatabase, Migration
 
@@ -112,8 +113,8 @@ class ConsentState(LockedDatabase):
         row = self._one("SELECT value FROM replay WHERE name = 'applied_size'")
         return 0 if row is None else int(row[0])
 
-    def apply(self, start: int, entries: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
-        """Apply own-log entries ``start, start+1, ...`` (kind, fields) in one transaction.
+    def apply(self, start: int, entries: Sequence[EntryBody]) -> None:
+        """Apply own-log entries ``start, start+1, ...`` (their bodies) in one transaction.
 
         Entries already applied are skipped; a gap before ``start`` raises ValueError.
         Kinds other than enroll, grant and revoke only advance the replay position.
@@ -128,8 +129,8 @@ class ConsentState(LockedDatabase):
                 return
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for offset, (kind, fields) in enumerate(fresh):
-                    self._apply_locked(applied + offset, kind, fields)
+                for offset, body in enumerate(fresh):
+                    self._apply_locked(applied + offset, body)
                 self._db.execute(
                     "INSERT INTO replay (name, value) VALUES ('applied_size', ?)"
                     " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
@@ -140,23 +141,23 @@ class ConsentState(LockedDatabase):
                 self._db.execute("ROLLBACK")
                 raise
 
-    def _apply_locked(self, index: int, kind: str, fields: Mapping[str, Any]) -> None:
+    def _apply_locked(self, index: int, body: EntryBody) -> None:
         db = self._db
-        if kind == "enroll":
-            if fields.get("replaces") is not None:
+        if isinstance(body, Enroll):
+            if body.replaces is not None:
                 db.execute(
                     "UPDATE patient_keys SET retired_index = ? WHERE public_key = ?"
                     " AND retired_index IS NULL",
-                    (index, fields["replaces"]),
+                    (index, body.replaces),
                 )
             db.execute(
                 "INSERT OR IGNORE INTO patient_keys (public_key, subject, enrolled_index)"
                 " VALUES (?, ?, ?)",
-                (fields["key"], fields["subject"], index),
+                (body.key, body.subject, index),
             )
-        elif kind == "grant":
+        elif isinstance(body, Grant):
             try:
-                token = decode_grant(fields["token"])
+                token = decode_grant(body.token)
             except BadInput:
                 return  # never written by this node; a bad entry must not stall the replay
             db.execute(
@@ -164,9 +165,9 @@ class ConsentState(LockedDatabase):
                 " VALUES (?, ?, ?, ?)",
                 (token.token_id, token.patient_key, token.raw, index),
             )
-        elif kind == "revoke":
+        elif isinstance(body, Revoke):
             try:
-                revocation = decode_revocation(fields["revocation"])
+                revocation = decode_revocation(body.revocation)
             except BadInput:
                 return
             db.execute(

@@ -121,7 +121,8 @@ class FederationState:
 
     def __init__(self, db_path: Path) -> None:
         self._lock = threading.Lock()
-        self._db = open_database(db_path, MIGRATIONS)
+        # Replication handles StorageFailed like its other failures (never sqlite3's).
+        self._db = open_database(db_path, MIGRATIONS, node_errors=True)
 
     def record_equivocation(self, found: Equivocation) -> bool:
         """Keep the proof durably; False if this pair of notes was already recorded."""

@@ -15,7 +15,6 @@ durable, so no instance is ever half-indexed.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import hashlib
@@ -42,6 +41,7 @@ from node.store.dicom_header import (
     read_dataset,
     read_to_pixels,
 )
+from node.store.off_loop import run_off_loop
 from node.store.queries import (
     Filter,
     Query,
@@ -50,7 +50,13 @@ from node.store.queries import (
     run_query,
     study_list,
 )
-from node.store.sqlite import Migration, add_missing_columns, connect_durable, open_database
+from node.store.sqlite import (
+    Migration,
+    add_missing_columns,
+    connect_durable,
+    is_disk_full,
+    open_database,
+)
 
 CHUNK = 1024 * 1024
 # Values bound in one ``IN (...)`` list: far below SQLite's limit on bound parameters.
@@ -302,14 +308,7 @@ class SqliteInstanceStore:
 
     def digests_present(self, digests: Sequence[str]) -> set[str]:
         """Which of these SHA-256 digests (hex) belong to an indexed instance."""
-        found: set[str] = set()
-        for part in _chunks(digests):
-            marks = ",".join("?" * len(part))
-            rows = self.reader.execute(
-                f"SELECT digest FROM instances WHERE digest IN ({marks})", part
-            )
-            found.update(r[0] for r in rows)
-        return found
+        return _indexed_values(self.reader, "digest", digests)
 
     def stage_bytes(self, data: bytes) -> StagedInstance:
         """Stage an instance already in memory (a DIMSE dataset, a small upload)."""
@@ -343,7 +342,9 @@ class SqliteInstanceStore:
                 raise
 
     def _commit_locked(self, staged: Sequence[StagedInstance], source: str) -> list[IngestResult]:
-        known = self._indexed_uids([s.header.sop_instance_uid for s in staged])
+        known = _indexed_values(
+            self._writer, "sop_instance_uid", [s.header.sop_instance_uid for s in staged]
+        )
         fresh: list[StagedInstance] = []
         seen_in_batch: set[str] = set()
         results: list[IngestResult] = []
@@ -376,23 +377,13 @@ class SqliteInstanceStore:
         try:
             self._index(fresh, source)
         except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
+            if not is_disk_full(exc):
                 raise
             # Nothing was indexed: the files just moved in are unreferenced; free their room.
             for item in fresh:
                 self.object_path(item.digest).unlink(missing_ok=True)
             raise StorageFull("the node's disk is full; nothing was stored") from exc
         return results
-
-    def _indexed_uids(self, uids: Sequence[str]) -> set[str]:
-        found: set[str] = set()
-        for part in _chunks(uids):
-            marks = ",".join("?" * len(part))
-            rows = self._writer.execute(
-                f"SELECT sop_instance_uid FROM instances WHERE sop_instance_uid IN ({marks})", part
-            )
-            found.update(r[0] for r in rows)
-        return found
 
     def _index(self, fresh: Sequence[StagedInstance], source: str) -> None:
         now = time.time()
@@ -549,9 +540,8 @@ class SqliteInstanceStore:
         return study_list(self.reader, words, limit)
 
     async def off_loop(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        # Each worker thread opens its own read connection (``reader``), so SQLite's WAL
-        # lets these reads run beside the writer and beside each other.
-        return await asyncio.to_thread(call, *args, **kwargs)
+        # Each worker thread opens its own read connection (``reader``).
+        return await run_off_loop(call, *args, **kwargs)
 
     def counts(self) -> dict[str, int]:
         conn = self.reader
@@ -663,6 +653,17 @@ def _stored_file_errors(record: InstanceRecord) -> Iterator[None]:
     except (BadInput, PayloadTooLarge) as exc:
         log.error("stored file %s is not served: %s", record.path.name, exc)
         raise ImageShareError(f"a stored instance cannot be read: {exc}") from exc
+
+
+def _indexed_values(conn: sqlite3.Connection, column: str, values: Sequence[str]) -> set[str]:
+    """Which of ``values`` an indexed instance holds in ``column`` (a name from this module,
+    never from outside)."""
+    found: set[str] = set()
+    for part in _chunks(values):
+        marks = ",".join("?" * len(part))
+        rows = conn.execute(f"SELECT {column} FROM instances WHERE {column} IN ({marks})", part)
+        found.update(r[0] for r in rows)
+    return found
 
 
 def _chunks(values: Sequence[str]) -> Iterator[list[str]]:

@@ -31,9 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from node.core.chain import Link, LogChain
-from node.core.entries import LedgerEntry, encode_entry
-from node.core.key_rotation import ENTRY_KIND as KEY_ROTATION
-from node.core.key_rotation import KeyChain, KeyEpoch, KeyRotation, rotation_from_entry
+from node.core.entries import EntryBody, KeyRotation, LedgerEntry, encode_entry
+from node.core.key_rotation import KeyChain, KeyEpoch
 from node.core.keys import NodeIdentity, VerifierKey, verifier_key_string
 from node.core.merkle import (
     EMPTY_ROOT,
@@ -62,7 +61,6 @@ from node.errors import (
     Conflict,
     ImageShareError,
     NotFound,
-    StorageFull,
     Unauthorized,
 )
 from node.store.sqlite import Migration, connect_durable, migrate
@@ -225,7 +223,9 @@ class LedgerStore:
         self._roots: dict[int, tuple[int, bytes]] = {}  # log row -> (size, root) last listed
 
     def _connect(self) -> sqlite3.Connection:
-        conn = connect_durable(self.path, busy_timeout=30.0)
+        # Statements raise StorageFull or StorageFailed, never sqlite3's errors (a full
+        # disk, a damaged file, a lock another process held past the timeout).
+        conn = connect_durable(self.path, busy_timeout=30.0, node_errors=True)
         with self._connections_lock:
             self._connections.append(conn)
         return conn
@@ -244,19 +244,14 @@ class LedgerStore:
         """BEGIN IMMEDIATE ... COMMIT on the writer connection; rolled back on any error."""
         with self.write_lock:
             conn = self.writer
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield conn
-                    conn.execute("COMMIT")
-                except BaseException:
-                    # SQLite may already have rolled back (e.g. disk full during COMMIT).
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-            except sqlite3.OperationalError as exc:
-                if "full" in str(exc):
-                    raise StorageFull("no room left for the ledger; nothing was stored") from exc
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                # SQLite may already have rolled back (e.g. disk full during COMMIT).
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
 
     def close(self) -> None:
@@ -653,7 +648,7 @@ def _link_problems(link: Link, stored_leaf: bytes) -> list[Problem]:
 
 @dataclass
 class _PendingAppend:
-    items: Sequence[tuple[str, dict[str, Any], int]]
+    items: Sequence[tuple[EntryBody, int]]
     results: list[AppendResult] | None = None
     error: BaseException | None = None
 
@@ -678,15 +673,16 @@ class OwnLog(StoredLog):
         self._last_batch = 0
         self.commits = 0  # transactions written, for observing group commit
 
-    def append(self, kind: str, fields: dict[str, Any], time: int) -> AppendResult:
-        """Append one entry (prev = the last leaf hash); returns once it is durable.
+    def append(self, body: EntryBody, time: int) -> AppendResult:
+        """Append one entry holding ``body`` (prev = the last leaf hash); returns once it
+        is durable.
 
         Raises BadInput if the entry is not well-formed for its kind.
         """
-        return self.append_many([(kind, fields, time)])[0]
+        return self.append_many([(body, time)])[0]
 
-    def append_many(self, items: Sequence[tuple[str, dict[str, Any], int]]) -> list[AppendResult]:
-        """Append several (kind, fields, time) entries in order, durably, all or none."""
+    def append_many(self, items: Sequence[tuple[EntryBody, int]]) -> list[AppendResult]:
+        """Append several (body, time) entries in order, durably, all or none."""
         pending = _PendingAppend(list(items))
         with self._cond:
             self._queue.append(pending)
@@ -767,14 +763,13 @@ class OwnLog(StoredLog):
         KeyChain | None,
     ]:
         results, rows, subtrees = [], [], []
-        for kind, fields, time in pending.items:
-            entry = LedgerEntry(kind, tail.last_leaf, time, dict(fields))
-            data = encode_entry(entry)
+        for body, time in pending.items:
+            data = encode_entry(LedgerEntry.of(tail.last_leaf, time, body))
             index = tail.size
-            if kind == KEY_ROTATION:
+            if isinstance(body, KeyRotation):
                 # A rotation must start from the key in force when it is written (two
                 # racing rotations cannot both); the node's operator confirms its own.
-                rotation = rotation_from_entry(entry)
+                rotation = body
                 start = chain or KeyChain.starting_with(origin, rotation.old_key)
                 chain = start.following([(index, rotation)], confirmed_key=rotation.new_key)
             leaf = leaf_hash(data)
@@ -902,8 +897,8 @@ class MirrorLog(StoredLog):
                     raise BadInput(
                         f"{self.origin} entry {link.index} does not chain to the entry before"
                     )
-                if link.entry is not None and link.entry.kind == KEY_ROTATION:
-                    rotations.append((link.index, rotation_from_entry(link.entry)))
+                if link.entry is not None and isinstance(link.entry.body, KeyRotation):
+                    rotations.append((link.index, link.entry.body))
                 subtrees += link.completed
                 rows.append((raw, link.leaf))
             chain = chain.following(rotations, confirmed)

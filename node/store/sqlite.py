@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Self
 
-from node.errors import ConfigError
+from node.errors import ConfigError, ImageShareError, StorageFailed, StorageFull
 
 Synchronous = Literal["FULL", "NORMAL"]
 # One step of a schema: an SQL script (statements separated by ';') or a function that
@@ -32,20 +32,98 @@ Synchronous = Literal["FULL", "NORMAL"]
 Migration = str | Callable[[sqlite3.Connection], None]
 
 
+def is_disk_full(exc: sqlite3.Error) -> bool:
+    """Whether SQLite failed for want of disk space."""
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+
+
+def storage_error(exc: sqlite3.Error, database: str) -> ImageShareError:
+    """The node's error for a failure of ``database``: StorageFull for a full disk, else
+    StorageFailed (services handle these, never sqlite3's own errors)."""
+    if is_disk_full(exc):
+        return StorageFull(f"no room left for the {database}; nothing was stored")
+    return StorageFailed(f"the {database} database failed: {exc}")
+
+
+class NodeErrorCursor(sqlite3.Cursor):
+    """A cursor whose statements and fetches raise ``storage_error`` instead of sqlite3's
+    errors; ``database`` names the database in the message. (Plain try blocks, not a
+    context manager: every read of a proof passes here, and a context manager costs more.)"""
+
+    database = "node's"
+
+    def execute(self, sql: str, parameters: Any = (), /) -> Self:
+        try:
+            return super().execute(sql, parameters)
+        except sqlite3.Error as exc:
+            raise storage_error(exc, self.database) from exc
+
+    def executemany(self, sql: str, seq_of_parameters: Iterable[Any], /) -> Self:
+        try:
+            return super().executemany(sql, seq_of_parameters)
+        except sqlite3.Error as exc:
+            raise storage_error(exc, self.database) from exc
+
+    def fetchone(self) -> Any:
+        try:
+            return super().fetchone()
+        except sqlite3.Error as exc:
+            raise storage_error(exc, self.database) from exc
+
+    def fetchall(self) -> list[Any]:
+        try:
+            return super().fetchall()
+        except sqlite3.Error as exc:
+            raise storage_error(exc, self.database) from exc
+
+    def __next__(self) -> Any:
+        try:
+            return super().__next__()
+        except sqlite3.Error as exc:
+            raise storage_error(exc, self.database) from exc
+
+
+class NodeErrorConnection(sqlite3.Connection):
+    """A connection whose ``execute`` and ``executemany`` run on a NodeErrorCursor, so
+    that the store that opened it raises only the node's errors (``node_errors=True``)."""
+
+    database = "node's"  # the file's name without .sqlite, set by connect_durable
+
+    def _cursor(self) -> NodeErrorCursor:
+        cursor = self.cursor(NodeErrorCursor)
+        cursor.database = self.database
+        return cursor
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        return self._cursor().execute(sql, parameters)
+
+    def executemany(self, sql: str, seq_of_parameters: Iterable[Any], /) -> sqlite3.Cursor:
+        return self._cursor().executemany(sql, seq_of_parameters)
+
+
 def connect_durable(
     path: Path,
     synchronous: Synchronous = "FULL",
     busy_timeout: float = 10.0,
     rows_as_dicts: bool = False,
+    node_errors: bool = False,
 ) -> sqlite3.Connection:
     """Open ``path`` with the node's settings (see the module docstring).
 
     ``synchronous="NORMAL"`` is for state that a killed process must keep but that may
     lose its last commits on a power cut (WAL still survives a killed process).
+    ``node_errors``: statements raise StorageFull or StorageFailed, never sqlite3's errors
+    (a NodeErrorConnection), for a store whose callers are services.
     """
     conn = sqlite3.connect(
-        path, check_same_thread=False, isolation_level=None, timeout=busy_timeout
+        path,
+        check_same_thread=False,
+        isolation_level=None,
+        timeout=busy_timeout,
+        factory=NodeErrorConnection if node_errors else sqlite3.Connection,
     )
+    if isinstance(conn, NodeErrorConnection):
+        conn.database = path.stem
     if rows_as_dicts:
         conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")
@@ -60,9 +138,10 @@ def open_database(
     synchronous: Synchronous = "FULL",
     busy_timeout: float = 10.0,
     rows_as_dicts: bool = False,
+    node_errors: bool = False,
 ) -> sqlite3.Connection:
     """``connect_durable``, then bring the schema to the latest version (``migrate``)."""
-    conn = connect_durable(path, synchronous, busy_timeout, rows_as_dicts)
+    conn = connect_durable(path, synchronous, busy_timeout, rows_as_dicts, node_errors)
     try:
         migrate(conn, path.name, migrations)
     except BaseException:

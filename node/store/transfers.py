@@ -17,11 +17,12 @@ process (WAL survives a killed process), and the ledger entries it leads to are 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
+from node.store.off_loop import run_off_loop
 from node.store.sqlite import Migration, open_database
 
 SCHEMA = """
@@ -37,6 +38,9 @@ CREATE TABLE IF NOT EXISTS fetches (
 # Schema versions (node/store/sqlite.py): position n upgrades version n to n + 1.
 MIGRATIONS: tuple[Migration, ...] = (SCHEMA,)
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
 
 @dataclass(frozen=True)
 class StreamedInstance:
@@ -50,7 +54,7 @@ class OpenStream:
     """A stream whose ledger entries are not written yet."""
 
     stream_id: str
-    kind: str  # the entries it leads to: "access" (sent) or "receipt" (arrived)
+    kind: str  # the entries it leads to: Access.kind (sent) or Receipt.kind (arrived)
     token_id: bytes
     peer: str  # the grantee of an access, the custodian of a receipt
     instances: list[StreamedInstance]
@@ -66,6 +70,10 @@ class TransferStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    async def off_loop(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a blocking call of this store away from the event loop; returns its result."""
+        return await run_off_loop(call, *args, **kwargs)
 
     # -- stream journal -------------------------------------------------------------------
 

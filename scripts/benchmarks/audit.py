@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from node.core.consent import GrantFields, sign_grant, sign_revocation, token_id_of
+from node.core.entries import Access, Denial, Enroll, EntryBody, Grant, Receipt, Revoke, Witness
 from node.core.keys import NodeIdentity
 from node.core.patient_keys import PatientKey
 from node.store.ledger import LedgerStore
@@ -45,42 +46,42 @@ def _ref(*parts: object) -> bytes:
 
 def generate(
     size: int, start: int
-) -> tuple[list[tuple[str, dict[str, Any], int]], list[tuple[str, dict[str, Any], int]]]:
+) -> tuple[list[tuple[EntryBody, int]], list[tuple[EntryBody, int]]]:
     """A's entries (at least ``size``, whole patient stories) and B's receipts, all consented."""
-    a_items: list[tuple[str, dict[str, Any], int]] = []
-    b_items: list[tuple[str, dict[str, Any], int]] = []
+    a_items: list[tuple[EntryBody, int]] = []
+    b_items: list[tuple[EntryBody, int]] = []
     patient = 0
     t = start
     while len(a_items) < size:
         key = PatientKey.derive(_ref("wallet", patient), A_ORIGIN)
         subject, study = _ref("subject", patient), _ref("study", patient)
-        a_items.append(("enroll", {"subject": subject, "key": key.public_key, "replaces": None}, t))
+        a_items.append((Enroll(subject=subject, key=key.public_key, replaces=None), t))
         token = sign_grant(
             GrantFields(key.public_key, A_ORIGIN, B_ORIGIN, None, t, t + 30 * DAY, os.urandom(16)),
             key.sign,
         )
         token_id = token_id_of(token)
-        a_items.append(("grant", {"token": token}, t + 1))
+        a_items.append((Grant(token=token), t + 1))
         for fetch in range(2):
             digest = _ref("digest", patient, fetch)
-            sent = {"token_id": token_id, "study": study, "instances": 400, "bytes": 2 * 10**8}
-            a_items.append(("access", {**sent, "grantee": B_ORIGIN, "digest": digest}, t + 2))
-            b_items.append(("receipt", {**sent, "custodian": A_ORIGIN, "digest": digest}, t + 3))
+            sent = (token_id, study, 400, 2 * 10**8, digest)
+            a_items.append((Access(*sent, grantee=B_ORIGIN), t + 2))
+            b_items.append((Receipt(*sent, custodian=A_ORIGIN), t + 3))
         if patient % 4 == 0:
-            denial = {"token_id": token_id, "requester": C_ORIGIN, "rule": "wrong_grantee"}
-            a_items.append(("denial", {**denial, "study": None}, t + 4))
+            denial = Denial(token_id=token_id, requester=C_ORIGIN, rule="wrong_grantee", study=None)
+            a_items.append((denial, t + 4))
         if patient % 5 == 0:
             revocation = sign_revocation(key.public_key, token_id, t + 5, key.sign)
-            a_items.append(("revoke", {"revocation": revocation}, t + 5))
+            a_items.append((Revoke(revocation=revocation), t + 5))
         if patient % 3 == 0:
-            witness = {"log_id": _ref("peer"), "size": patient, "root": _ref("root", patient)}
-            a_items.append(("witness", witness, t + 6))
+            witness = Witness(log_id=_ref("peer"), size=patient, root=_ref("root", patient))
+            a_items.append((witness, t + 6))
         patient += 1
         t += 10
     return a_items, b_items
 
 
-def _write(node: NodeProcess, items: list[tuple[str, dict[str, Any], int]], now: int) -> None:
+def _write(node: NodeProcess, items: list[tuple[EntryBody, int]], now: int) -> None:
     identity = NodeIdentity(node.origin, read_seed(node.data_dir / "node.key"))
     store = LedgerStore(node.data_dir)
     try:

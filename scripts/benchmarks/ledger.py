@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from node.config import LedgerConfig
+from node.core.entries import Access
 from node.core.keys import NodeIdentity
 from node.core.merkle import verify_consistency, verify_inclusion
 from node.core.notes import verify_note
@@ -38,16 +39,16 @@ NOTES = [
 ]
 
 
-def _access_fields(i: int) -> dict[str, object]:
+def _access(i: int) -> Access:
     digest = i.to_bytes(32, "big")
-    return {
-        "token_id": digest,
-        "grantee": "b.example/imageshare",
-        "study": digest,
-        "instances": 400,
-        "bytes": 200_000_000,
-        "digest": digest,
-    }
+    return Access(
+        token_id=digest,
+        grantee="b.example/imageshare",
+        study=digest,
+        instances=400,
+        bytes=200_000_000,
+        digest=digest,
+    )
 
 
 def concurrent_append_rate(own: OwnLog, writers: int, per_writer: int) -> float:
@@ -55,7 +56,7 @@ def concurrent_append_rate(own: OwnLog, writers: int, per_writer: int) -> float:
 
     def work(thread: int) -> None:
         for i in range(per_writer):
-            own.append("access", _access_fields(thread * per_writer + i), 1_700_000_000)
+            own.append(_access(thread * per_writer + i), 1_700_000_000)
 
     threads = [threading.Thread(target=work, args=(t,)) for t in range(writers)]
     started = time.perf_counter()
@@ -72,7 +73,7 @@ def build_log(own: OwnLog, size: int, batch: int = 20_000) -> float:
     while own.size() < size:
         count = min(batch, size - own.size())
         base = own.size()
-        own.append_many([("access", _access_fields(base + i), 1_700_000_000) for i in range(count)])
+        own.append_many([(_access(base + i), 1_700_000_000) for i in range(count)])
     return (size - start_size) / (time.perf_counter() - started)
 
 

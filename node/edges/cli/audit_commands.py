@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 
 from node.core.audit_rules import RULES
+from node.core.entries import Access, Denial
 from node.edges.cli._common import ca_file_of, command, print_json
 from node.services.audit import DEFAULT_RECEIPT_GRACE, AuditReport, run_audit
 from node.services.audit_state import AuditState
@@ -149,7 +150,7 @@ def render_patient_log(log: PatientLog) -> str:
     lines = []
     for e in log.events:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.time))
-        if e.kind == "access" and "link" in e.details:
+        if e.kind == Access.kind and "link" in e.details:
             verb = {"manifest": "opened", "view": "viewed", "download": "downloaded"}.get(
                 str(e.details["link_access"]), "read"
             )
@@ -157,14 +158,14 @@ def render_patient_log(log: PatientLog) -> str:
                 f"{verb} by {_link_name(e.details)} on {when} UTC"
                 f" (study {e.details['study']})"
             )
-        elif e.kind == "access":
+        elif e.kind == Access.kind:
             what = (
                 f"{e.details['grantee']} received {e.details['instances']} images "
                 f"({e.details['bytes']} bytes) of study {e.details['study']}"
             )
-        elif e.kind == "denial" and "link" in e.details:
+        elif e.kind == Denial.kind and "link" in e.details:
             what = f"{_link_name(e.details)} was refused ({e.details['rule']})"
-        elif e.kind == "denial":
+        elif e.kind == Denial.kind:
             what = f"{e.details['requester']} was refused ({e.details['rule']})"
         else:
             what = "you revoked the token"

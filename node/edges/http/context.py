@@ -17,8 +17,6 @@ from aiohttp import web
 from node.services.runtime import NodeRuntime
 
 RUNTIME_KEY = web.AppKey("runtime", NodeRuntime)
-# Refusals go to the HTTP application's log, whichever module refuses.
-_log = logging.getLogger("node.edges.http.app")
 _BODY_ENCODINGS = "imageshare_body_encodings"  # handler attribute set by accepts_body_encodings
 HandlerT = TypeVar("HandlerT", bound=Callable[..., Awaitable[web.StreamResponse]])
 # Refusals keep the application's logger name: operators filter on it.
@@ -56,14 +54,3 @@ def accepts_body_encodings(*encodings: str) -> Callable[[HandlerT], HandlerT]:
 def accepted_body_encodings(request: web.Request) -> frozenset[str]:
     """The Content-Encodings the matched handler takes (none unless it was marked)."""
     return getattr(request.match_info.handler, _BODY_ENCODINGS, frozenset())
-
-
-def route_of(request: web.Request) -> str:
-    """The route a request matched, as registered (never the UIDs of the actual path)."""
-    resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else "(no route)"
-
-
-def log_refusal(request: web.Request, status: int, reason: str) -> None:
-    """Write one refused request to the log: the one place refusals are logged."""
-    _log.info("refused %s %s with %d: %s", request.method, route_of(request), status, reason)

@@ -161,14 +161,15 @@ async def _search(request: web.Request, level: Level) -> web.StreamResponse:
     runtime_of(request).security_audit.record(
         atna.query, access.who, request.remote or "", "QIDO-RS", len(results)
     )
-    warnings = []
+    sentences = []
     if truncated:  # PS3.18 8.3.4.4
-        warnings.append(f'299 {request.host} "There are additional results that can be requested"')
+        sentences.append("There are additional results that can be requested")
     if query.ignored:  # PS3.18 8.3.4.1 lets the server ignore keys it cannot match
-        warnings.append(
-            f'299 {request.host} "The following query keys were not supported and were'
-            f' ignored: {", ".join(query.ignored)}"'
+        sentences.append(
+            "The following query keys were not supported and were ignored: "
+            + ", ".join(query.ignored)
         )
+    warnings = [warning for _, warning in _warnings(request, sentences)]
     if query.fuzzy_asked:  # PS3.18 8.3.4.2
         warnings.append(
             f"299 {request.host}: The fuzzymatching parameter is not supported."
@@ -365,8 +366,15 @@ def _rendered_media_type(request: web.Request) -> tuple[str, bool]:
     )
 
 
+# What a quoted header value cannot carry as is.
+_HEADER_UNSAFE = re.compile(r'[^\x20-\x7e]|["\\]')
+
+
 def _warnings(request: web.Request, sentences: list[str]) -> list[tuple[str, str]]:
-    return [("Warning", f'299 {request.host} "{s}"') for s in sentences]
+    """Warning headers, one a sentence. A sentence may echo the query (an ignored key), so
+    what a quoted header value cannot hold (controls, quotes, backslashes, non-ASCII)
+    becomes '?': the answer is sent, never cut for an unsendable header."""
+    return [("Warning", f'299 {request.host} "{_HEADER_UNSAFE.sub("?", s)}"') for s in sentences]
 
 
 async def _rendering_target(request: web.Request) -> tuple[list[InstanceRecord], list[int] | None]:
