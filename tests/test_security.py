@@ -759,6 +759,12 @@ PUBLIC_ROUTES = {
     "/share": "redirect to the share page",
     "/share/": "the share page (a link's key stays in its fragment), from memory",
     "/share/{name}": "the share page's static files, from memory by name",
+    "/viewer": "redirect to the viewer",
+    "/viewer/{tail}": "OHIF's files found at start and its page; study data only via /dicomweb"
+    " (admin token) or a link's root",
+    "/viewer-lite": "redirect to the light viewer",
+    "/viewer-lite/": "the light viewer's page, from memory; it reads a DICOMweb root it is given",
+    "/viewer-lite/{name}": "the light viewer's static files, from memory by name",
 }
 # Routes that can hand out study data (DICOM files, frames, metadata, previews) and the
 # credential that guards each kind.
@@ -806,6 +812,7 @@ def _example_path(template: str, node: NodeProcess) -> str:
         "position": "1",
         "frames": "1",
         "tag": "7FE00010",
+        "location": "7FE00010",
         "transfer_id": "0" * 32,
         "study": "1.2.3",
         "series": "1.2.3.4",
@@ -813,7 +820,9 @@ def _example_path(template: str, node: NodeProcess) -> str:
         "access_token": "A" * 43,
         "manifest_id": "A" * 43,
     }
-    return re.sub(r"\{(\w+)[^}]*\}", lambda m: values.get(m.group(1), "x"), template)
+    # A variable may carry a pattern with braces of its own: {location:[0-9A-F]{8}...}.
+    variable = r"\{(\w+)(?::(?:[^{}]|\{[^{}]*\})*)?\}"
+    return re.sub(variable, lambda m: values.get(m.group(1), "x"), template)
 
 
 @pytest.mark.usefixtures("still_serving")

@@ -111,14 +111,25 @@ class TestQueries:
             [("PatientID", "a"), ("PatientID", "b")],
             [("StudyDate", "2026")],
             [("limit", "ten")],
-            [("SeriesInstanceUID", "1.2")],
             [("includefield", "NotAKeyword")],
-            [("00100020x", "1")],
         ],
     )
     def test_malformed_queries_are_refused(self, params: list[tuple[str, str]]) -> None:
         with pytest.raises(BadInput):
             parse_qido(Level.STUDY, params)
+
+    @pytest.mark.parametrize(
+        ("params", "ignored"),
+        [
+            ([("SeriesInstanceUID", "1.2")], ["SeriesInstanceUID"]),  # not a study-level key
+            ([("00100020x", "1")], ["00100020x"]),  # names no attribute
+        ],
+    )
+    def test_keys_a_study_search_cannot_match_are_ignored_by_name(
+        self, params: list[tuple[str, str]], ignored: list[str]
+    ) -> None:
+        # PS3.18 8.3.4.1 lets the server ignore them; QIDO-RS names them in a Warning.
+        assert parse_qido(Level.STUDY, params).ignored == ignored
 
     def test_wildcards_are_not_sql_patterns(
         self, store: SqliteInstanceStore, study: SyntheticStudy
@@ -137,8 +148,9 @@ class TestQueries:
         monkeypatch.setattr(queries, "MAX_RESULTS", 3)
         capped = store.search(parse_qido(Level.INSTANCE, []))
         assert (len(capped.rows), capped.truncated) == (3, True)
+        # A limit that leaves matches out says so too (PS3.18 8.3.4.4).
         asked = store.search(parse_qido(Level.INSTANCE, [("limit", "2")]))
-        assert (len(asked.rows), asked.truncated) == (2, False)
+        assert (len(asked.rows), asked.truncated) == (2, True)
         rest = store.search(parse_qido(Level.INSTANCE, [("offset", "3")]))
         assert (len(rest.rows), rest.truncated) == (1, False)
 

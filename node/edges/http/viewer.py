@@ -318,7 +318,15 @@ def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
             return web.FileResponse(
                 path, headers={**headers, "Content-Type": content_type, "Cache-Control": cache}
             )
-        if "." in name.rsplit("/", 1)[-1]:
+        segments = name.split("/")
+        if (
+            "." in segments[-1]
+            or any(s in ("", ".", "..") for s in segments[:-1])
+            or not re.fullmatch(r"[A-Za-z0-9._~/-]*", name)
+        ):
+            # No such file, or a path that is no route of OHIF's (an empty, "." or ".."
+            # segment, a byte outside its route names, as in /viewer/%2fetc%2fpasswd or
+            # /viewer/%00): refused, not answered with the app.
             raise NotFound("no such viewer file")
         # One of OHIF's own routes (its router runs in the page): the app itself.
         return web.Response(
