@@ -79,9 +79,15 @@ def sweep(base: Path) -> Sweep:
     result.values = len(values)
     for ledger_db in base.rglob("ledger.sqlite"):
         result.ledgers += 1
-        for origin, index, data in ledger_entries(ledger_db):
-            result.entries += 1
-            for value in values:
+        rows = list(ledger_entries(ledger_db))
+        result.entries += len(rows)
+        # Each value is searched once through the whole ledger, then through its entries
+        # only where found: every value in an entry is in the joined bytes too.
+        joined = b"\x00".join(data for _, _, data in rows)
+        for value in values:
+            if value not in joined:
+                continue
+            for origin, index, data in rows:
                 if value in data:
                     result.findings.append(
                         f"{ledger_db.parent.name}: log {origin} entry {index} holds {value!r}"
