@@ -47,6 +47,7 @@ from tests.support.browser import chromium_session
 from tests.support.nodes import NodeProcess, init_node, wait_until
 from tests.support.patients import signed_headers
 from tests.support.vectors import rfc6962_vectors
+from tests.support.web_wallet import confirm as _confirm
 from tests.support.web_wallet import restore_wallet as _restore
 from tests.support.web_wallet import wait_for_screen as _ready
 
@@ -106,13 +107,38 @@ def _tab(page: Any, screen: str) -> None:
 
 
 def _create_key(page: Any, url: str) -> str:
+    """Create a wallet and put the backup off ("Later"): the key as the Key screen shows it."""
     page.goto(url + "/wallet/")
     _ready(page, "setup")
     page.fill("#create-passphrase", PASSPHRASE)
     page.fill("#create-passphrase2", PASSPHRASE)
     page.click("#create-button")
+    _ready(page, "backup")
+    page.click("#backup-later")
     _ready(page, "key")
     return str(page.text_content("#pubkey")).strip()
+
+
+def _fits_and_passes_axe(page: Any, name: str) -> None:
+    """The screen as it is now: no horizontal overflow, nothing axe-core objects to, and
+    a screenshot kept."""
+    page.shot(name)
+    assert page.horizontal_overflow() <= 0, f"{name} is wider than the screen"
+    assert page.accessibility_violations() == [], name
+
+
+def _wallet_screens_at(page: Any, name: str) -> None:
+    """Every tab of an unlocked wallet, plus the lost-phone page, checked as above."""
+    for screen in ["key", "studies", "tokens", "activity"]:
+        _tab(page, screen)
+        assert page.get_attribute(f'#tabs button[data-screen="{screen}"]', "aria-current") == "page"
+        _fits_and_passes_axe(page, f"{name}-{screen}")
+    _tab(page, "key")
+    page.click("#screen-key a.lost-link")
+    _ready(page, "lost")
+    _fits_and_passes_axe(page, f"{name}-lost")
+    page.click("#lost-back")
+    _ready(page, "key")
 
 
 def _python_qr(text: str, version: int, mask: int) -> list[str]:
@@ -187,16 +213,36 @@ class TestPatientStory:
             page.on("request", record)
             page.goto(a.url + "/wallet/")
             _ready(page, "setup")
-            page.shot("1-setup")
+            assert "another hospital" in str(page.text_content("#screen-setup .hint"))
+            _fits_and_passes_axe(page, "1-setup")
 
-            key_text = _create_key(page, a.url)
+            page.fill("#create-passphrase", PASSPHRASE)
+            page.fill("#create-passphrase2", PASSPHRASE + "x")
+            page.click("#create-button")
+            page.wait_for_selector("#message:not([hidden])")
+            assert page.text_content("#message") == (
+                "The two passphrases are not the same: type them again."
+            )
+            page.fill("#create-passphrase2", PASSPHRASE)
+            page.click("#create-button")
+            # The guided backup: the passphrase is asked again before the file is given.
+            _ready(page, "backup")
+            assert page.is_visible("#backup-reminder")
+            _fits_and_passes_axe(page, "2-backup")
+            page.click("#backup-button")
+            page.wait_for_selector("#confirm[open]")
+            _fits_and_passes_axe(page, "2-backup-confirm")
+            with page.expect_download() as download:
+                _confirm(page)
+            page.click("#backup-done")
+            _ready(page, "key")
+            assert not page.is_visible("#backup-reminder")
+            key_text = str(page.text_content("#pubkey")).strip()
             assert page.get_attribute("#pubkey-qr svg", "data-text") == key_text
             page.wait_for_function(
                 "document.querySelector('#enrollment').textContent.includes('Not enrolled')"
             )
-            page.shot("2-key")
-            with page.expect_download() as download:
-                page.click("#backup-button")
+            _fits_and_passes_axe(page, "2-key")
             backup = hospitals.base / "browser-backup.json"
             download.value.save_as(backup)
             sealed = json.loads(backup.read_text())
@@ -206,10 +252,27 @@ class TestPatientStory:
                 "AES-256-GCM",
             )
 
-            # The desk enrolls the key it reads off the phone.
+            # The desk enrolls the key it reads off the phone; the Key screen notices.
             a.cli("enroll", "--patient-id", MRN, f"--key={key_text}")
+            # (A selector, not wait_for_function: the page's CSP forbids the eval it polls with.)
+            page.wait_for_selector("#enrollment:has-text('You are enrolled')", timeout=20_000)
 
-            _tab(page, "studies")
+            # Locked, the wallet shows the lock screen instead of the studies, and signs
+            # nothing until the passphrase opens it.
+            page.click("#lock-button")
+            _ready(page, "key")
+            signed_before = len(patient_requests)
+            page.click('#tabs button[data-screen="studies"]')
+            page.wait_for_selector('body[data-screen="lock"][data-ready="true"]')
+            _fits_and_passes_axe(page, "3-locked")
+            page.fill("#unlock-passphrase", "not the passphrase")
+            page.click("#unlock-button")
+            page.wait_for_selector("#message:not([hidden])")
+            assert "Wrong passphrase" in str(page.text_content("#message"))
+            assert len(patient_requests) == signed_before
+            page.fill("#unlock-passphrase", PASSPHRASE)
+            page.click("#unlock-button")
+            _ready(page, "studies")
             assert page.locator("#studies-list li.study").count() == 2
             series_count = len(hospitals.study.series_uids) + 1
             page.wait_for_function(
@@ -218,19 +281,35 @@ class TestPatientStory:
             )
             assert "CT CHEST" in page.text_content("#studies-list")
             assert "CT HEAD" in page.text_content("#studies-list")
-            assert page.locator("#grantee option").all_text_contents() == [b.origin]
-            page.shot("3-studies")
+            # Hospitals by name (the host, with no display name in the roster); the
+            # option's value is the origin the grant names.
+            assert page.locator("#grantee option").all_text_contents() == ["b.example"]
+            assert page.locator("#grantee option").get_attribute("value") == b.origin
+            _fits_and_passes_axe(page, "3-studies")
 
             chest = page.locator("#studies-list li.study", has_text="CT CHEST")
             chest_ref = str(chest.get_attribute("data-ref"))
             chest.locator("input.choose").check()
             page.select_option("#lifetime", "86400")
+            # Share says in a sentence what goes to whom until when, and asks the
+            # passphrase again: a wrong one shares nothing.
             page.click("#grant-button")
+            page.wait_for_selector("#confirm[open]")
+            sentence = str(page.text_content("#confirm-text"))
+            assert sentence.startswith("You are about to let b.example see CT CHEST of ")
+            assert " until " in sentence
+            page.fill("#confirm-passphrase", "not the passphrase")
+            page.click("#confirm-ok")
+            page.wait_for_selector("#confirm-error:not([hidden])")
+            assert not any(r["url"].endswith("/patient/grants") for r in patient_requests)
+            _fits_and_passes_axe(page, "4-share-confirm")
+            _confirm(page)
             _ready(page, "share")
             url = str(page.text_content("#share-url")).strip()
             assert url.startswith("imageshare:grant?t=")
             assert page.get_attribute("#share-qr svg", "data-text") == url
-            page.shot("4-share")
+            assert "show this code to the staff" in str(page.text_content("#share-how"))
+            _fits_and_passes_axe(page, "4-share")
 
             grant = decode_grant(parse_token_text(url))
             assert grant.signature_valid()
@@ -254,25 +333,32 @@ class TestPatientStory:
             # Proven = included under A's signed checkpoint and cosigned by B (replication).
             wait_until(lambda: activity_shows("access"), timeout=30, message="a proven access")
             access = page.locator('li.event[data-kind="access"]')
-            assert f"{b.origin} received CT CHEST" in access.inner_text()
-            assert f"witnessed by {b.origin}" in access.inner_text()
-            page.shot("5-activity-access")
+            assert "b.example received CT CHEST" in access.inner_text()
+            assert "witnessed by b.example" in access.inner_text()
+            _fits_and_passes_axe(page, "5-activity-access")
 
             _tab(page, "tokens")
             token = page.locator(f'li.token[data-token-id="{token_id}"]')
             assert token.get_attribute("data-status") == "active"
+            _fits_and_passes_axe(page, "6-shares")
             token.locator("button.revoke").click()
+            page.wait_for_selector("#confirm[open] button.danger")
+            assert "Revoke the share with b.example?" in str(page.text_content("#confirm-text"))
+            _confirm(page)
             page.wait_for_selector(f'li.token[data-token-id="{token_id}"][data-status="revoked"]')
             _ready(page, "tokens")
-            page.shot("6-revoked")
+            revoked = page.locator(f'li.token[data-token-id="{token_id}"]')
+            assert "no longer works" in revoked.inner_text()
+            assert revoked.locator("button").count() == 0
+            _fits_and_passes_axe(page, "6-revoked")
 
             refused = b.cli("fetch", url, check=False)
             assert refused.returncode == 1 and "revoked" in refused.stderr
             wait_until(lambda: activity_shows("denial"), timeout=30, message="a proven denial")
             denial = page.locator('li.event[data-kind="denial"]')
-            assert f"{b.origin} was refused: revoked" in denial.inner_text()
+            assert "b.example was refused: revoked" in denial.inner_text()
             assert page.locator('li.event[data-kind="revoke"]').count() == 1
-            page.shot("7-activity-denial")
+            _fits_and_passes_axe(page, "7-activity-denial")
 
             assert page.foreign_requests(a.url) == []
             paths = {urlsplit(r["url"]).path for r in patient_requests}
@@ -304,8 +390,18 @@ class TestPatientStory:
             page.fill("#restore-passphrase", "not the passphrase")
             page.click("#restore-button")
             page.wait_for_selector("#message:not([hidden])")
-            assert "wrong passphrase" in str(page.text_content("#message"))
+            assert "Wrong passphrase" in str(page.text_content("#message"))
             assert _restore(page, a.url, backup, PASSPHRASE) == key_text
+            # At 200% text (the root font size, as a browser's text-size setting sets it)
+            # every screen still fits the phone and passes axe-core.
+            page.evaluate("document.documentElement.style.fontSize = '200%'")
+            _wallet_screens_at(page, "10-text-200")
+            # "Forget this wallet on this device" leaves the first screen.
+            page.click("#forget-button")
+            _confirm(page)
+            _ready(page, "setup")
+            assert page.is_hidden("#tabs")
+            _fits_and_passes_axe(page, "10-text-200-setup")
 
     def test_cli_wallet_restored_in_browser_derives_the_same_key_and_sees_cli_tokens(
         self, hospitals: Hospitals
@@ -327,7 +423,7 @@ class TestPatientStory:
             _tab(page, "tokens")
             token = page.locator(f'li.token[data-token-id="{record["token_id"]}"]')
             assert token.get_attribute("data-status") == "active"
-            assert f"To {b.origin}" in token.inner_text()
+            assert "To b.example" in token.inner_text()
             page.shot("8-cli-tokens")
 
 
@@ -477,7 +573,7 @@ class TestWalletModules:
             wallet_page.reload()
             wallet_page.wait_for_selector("#message:not([hidden])")
             message = str(wallet_page.text_content("#message"))
-            assert f"the log key of {hospitals.a.origin} changed" in message
+            assert f"The log key of {hospitals.a.origin} changed" in message
         finally:
             _call(wallet_page, "keys.js", set_pin, [pin, hospitals.a.vkey])
 

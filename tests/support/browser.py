@@ -57,6 +57,13 @@ CANVAS_INK = """(selector) => {
 }"""
 
 
+def axe_script() -> str:
+    """axe-core's browser script, as the axe-playwright-python package bundles it."""
+    import axe_playwright_python
+
+    return (Path(axe_playwright_python.__file__).parent / "axe.min.js").read_text()
+
+
 def require_chromium() -> Path:
     """The chromium binary; skips the test if it is absent outside CI, fails in CI."""
     if CHROMIUM.exists():
@@ -98,6 +105,27 @@ class RecordedPage:
             return count if count > pixels else 0
 
         return int(wait_until(lit, timeout=timeout, interval=0.5, message=message))
+
+    def accessibility_violations(self) -> list[str]:
+        """What axe-core (every rule it runs by default) finds wrong on the page as it
+        is now: one line per violation, with the elements it names."""
+        if not self.page.evaluate("typeof window.axe === 'object'"):
+            self.page.evaluate(axe_script())
+        results = self.page.evaluate(
+            "axe.run(document, {resultTypes: ['violations']})"
+            ".then((r) => r.violations.map((v) => v.id + ': ' + v.help + ' ' +"
+            " JSON.stringify(v.nodes.map((n) => n.target))))"
+        )
+        return [str(line) for line in results]
+
+    def horizontal_overflow(self) -> int:
+        """How many CSS pixels the page is wider than its viewport (0: it fits)."""
+        return int(
+            self.page.evaluate(
+                "Math.max(document.documentElement.scrollWidth, document.body.scrollWidth)"
+                " - window.innerWidth"
+            )
+        )
 
     def foreign_requests(self, *allowed_urls: str) -> list[str]:
         """Every recorded request to an origin other than those of ``allowed_urls``

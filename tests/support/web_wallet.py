@@ -14,6 +14,15 @@ def wait_for_screen(page: Any, screen: str) -> None:
     page.wait_for_selector(f'body[data-screen="{screen}"][data-ready="true"]')
 
 
+def confirm(page: Any, passphrase: str = PASSPHRASE) -> None:
+    """Answer the wallet's confirmation dialog (Share, Revoke, Backup) with ``passphrase``."""
+    page.wait_for_selector("#confirm[open]")
+    if page.is_visible("#confirm-passphrase"):
+        page.fill("#confirm-passphrase", passphrase)
+    page.click("#confirm-ok")
+    page.wait_for_selector("#confirm:not([open])", state="attached")
+
+
 def restore_wallet(page: Any, node_url: str, backup: Path, passphrase: str) -> str:
     """Restore the wallet at ``node_url`` from ``backup`` (a backup file or a command-line
     wallet's seed.json): the patient's public key there, as the key screen shows it."""
@@ -39,6 +48,7 @@ def share_in_web_wallet(
     page.fill("#link-label", label)
     page.fill("#link-passcode", passcode)
     page.click("#link-button")
+    confirm(page)
     wait_for_screen(page, "share")
     url = str(page.text_content("#share-url")).strip()
     token_id = str(page.text_content("#share-token-id")).strip()

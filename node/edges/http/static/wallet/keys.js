@@ -1,18 +1,21 @@
-// The wallet's keys, kept in this browser's IndexedDB.
+// The wallet's keys, kept in this browser's IndexedDB, locked at rest.
 //
-// The wallet seed (32 random bytes) is stored only as a non-extractable HMAC-SHA-512
-// key: script can derive with it but never read it back. The key for a custodian is the
-// Ed25519 key whose seed is HMAC-SHA512(wallet seed, "imageshare/patient-key/v1\n" +
-// origin)[:32], exactly as the command-line wallet derives it (node/core/patient_keys.py),
-// imported as a non-extractable signing key. The seed leaves the browser only inside the
-// passphrase-sealed backup made when the wallet is created or restored:
+// The wallet seed (32 random bytes) is kept only inside the passphrase-sealed backup:
 //
 //   {"format": "imageshare-wallet-backup", "version": 1,
 //    "kdf": "PBKDF2-SHA256", "iterations": 600000, "salt": b64(16),
 //    "cipher": "AES-256-GCM", "iv": b64(12), "box": b64(AES-GCM(seed) with its tag)}
 //
-// with additional data "imageshare/wallet-backup/v1". A restore also takes the command-
-// line wallet's unsealed seed.json ({"version": 1, "encryption": "none", "seed": b64}).
+// with additional data "imageshare/wallet-backup/v1". That sealed box is also the lock:
+// unlocking opens it with the passphrase and imports the seed as a non-extractable
+// HMAC-SHA-512 key held in the page's memory only (script can derive with it but never
+// read it back); locking, closing or reloading the page drops it. Nothing that can sign
+// is ever written to storage: only the public key per custodian, to show it while locked.
+// The key for a custodian is the Ed25519 key whose seed is HMAC-SHA512(wallet seed,
+// "imageshare/patient-key/v1\n" + origin)[:32], exactly as the command-line wallet
+// derives it (node/core/patient_keys.py), imported as a non-extractable signing key.
+// A restore also takes the command-line wallet's unsealed seed.json
+// ({"version": 1, "encryption": "none", "seed": b64}).
 
 import { concat, fromBase64, randomBytes, toBase64, utf8, fromB64url, toB64url } from "./bytes.js";
 
@@ -55,8 +58,18 @@ async function withStore(mode, action) {
 export const store = {
   get: (key) => withStore("readonly", (s) => s.get(key)),
   put: (key, value) => withStore("readwrite", (s) => s.put(value, key)),
-  // A restore forgets the previous wallet's keys and tokens; log keys pinned per node
-  // (and the node's last description) are about the nodes, so they stay.
+  // Keys cached by older versions, which kept signing keys in storage.
+  forgetSigningKeys: () =>
+    withStore("readwrite", (s) => {
+      const request = s.getAllKeys();
+      request.onsuccess = () => {
+        for (const key of request.result) if (String(key).startsWith("key:")) s.delete(key);
+      };
+      return request;
+    }),
+  // A restore (and "forget this wallet on this device") forgets the wallet's keys and
+  // tokens; log keys pinned per node (and the node's last description) are about the
+  // nodes, so they stay.
   forgetWallet: () =>
     withStore("readwrite", (s) => {
       const request = s.getAllKeys();
@@ -69,13 +82,21 @@ export const store = {
     }),
 };
 
-/** The stored wallet ({seedKey, backup}) or undefined if this browser has none. */
-export function loadWallet() {
-  return store.get("wallet");
+/** The stored wallet, locked ({backup, created, backupSaved}), or undefined if this
+ * browser has none. A wallet kept by an older version with its seed key in storage is
+ * rewritten without it (the sealed backup holds the seed). */
+export async function loadWallet() {
+  const wallet = await store.get("wallet");
+  if (wallet && wallet.seedKey) {
+    const { seedKey: _dropped, ...locked } = wallet;
+    await store.forgetSigningKeys();
+    await store.put("wallet", { backupSaved: false, ...locked });
+    return { backupSaved: false, ...locked };
+  }
+  return wallet;
 }
 
-async function saveSeed(seed, passphrase) {
-  const backup = await sealSeed(seed, passphrase);
+async function seedKeyOf(seed) {
   const seedKey = await crypto.subtle.importKey(
     "raw",
     seed,
@@ -84,9 +105,33 @@ async function saveSeed(seed, passphrase) {
     ["sign"],
   );
   seed.fill(0);
-  const wallet = { seedKey, backup, created: Date.now() };
-  await store.put("wallet", wallet);
-  return wallet;
+  return seedKey;
+}
+
+async function saveSeed(seed, passphrase) {
+  const backup = await sealSeed(seed, passphrase);
+  const locked = { backup, created: Date.now(), backupSaved: false };
+  await store.put("wallet", locked);
+  return { ...locked, seedKey: await seedKeyOf(seed) };
+}
+
+/** The wallet unlocked with ``passphrase`` (its seed key in memory); throws "wrong
+ * passphrase" otherwise. */
+export async function unlockWallet(wallet, passphrase) {
+  const seed = await openBackup(JSON.stringify(wallet.backup), passphrase);
+  return { ...wallet, seedKey: await seedKeyOf(seed) };
+}
+
+/** Note that the patient has saved the backup (ends the reminder). */
+export async function markBackupSaved(wallet) {
+  const { seedKey: _memoryOnly, ...locked } = wallet;
+  await store.put("wallet", { ...locked, backupSaved: true });
+  return { ...wallet, backupSaved: true };
+}
+
+/** My public key at ``origin`` as last derived here (shown while locked), or undefined. */
+export function publicKeyText(origin) {
+  return store.get("public:" + origin);
 }
 
 function checkPassphrase(passphrase) {
@@ -188,11 +233,10 @@ export async function restoreWallet(text, passphrase) {
   return saveSeed(seed, passphrase);
 }
 
-/** My key for one custodian origin: {origin, publicKey (bytes), publicText, signKey}. */
+/** My key for one custodian origin, from an unlocked wallet: {origin, publicKey
+ * (bytes), publicText, signKey}, kept in memory only. */
 export async function keyFor(wallet, origin) {
-  const name = "key:" + origin;
-  const cached = await store.get(name);
-  if (cached) return cached;
+  if (!wallet.seedKey) throw new Error("unlock the wallet first");
   const mac = await crypto.subtle.sign("HMAC", wallet.seedKey, utf8(DERIVATION_DOMAIN + origin));
   const seed = new Uint8Array(mac).slice(0, 32);
   const pkcs8 = concat(PKCS8_ED25519_PREFIX, seed);
@@ -205,7 +249,7 @@ export async function keyFor(wallet, origin) {
   seed.fill(0);
   pkcs8.fill(0);
   const key = { origin, publicKey, publicText: toB64url(publicKey), signKey };
-  await store.put(name, key);
+  await store.put("public:" + origin, key.publicText);
   return key;
 }
 

@@ -1,12 +1,20 @@
-// The wallet's service worker: the app shell (its own files only) is kept for use with no
-// network. A kept file is answered at once and refreshed in the background, so an
-// updated node's wallet shows from the next start; /patient and /ledger requests are
-// never touched or cached here.
+// The wallet's service worker: the app shell (its own files only; a new screen module is
+// added to SHELL) is kept for use with no network. A kept file is answered at once and
+// refreshed in the background, so an updated node's wallet shows from the next start;
+// /patient and /ledger requests are never touched or cached here.
 
-const CACHE = "imageshare-wallet-v3";
+const CACHE = "imageshare-wallet-v4";
 const SHELL = [
   "./",
   "app.js",
+  "shell.js",
+  "session.js",
+  "screen-setup.js",
+  "screen-key.js",
+  "screen-studies.js",
+  "screen-share.js",
+  "screen-tokens.js",
+  "screen-activity.js",
   "app.css",
   "bytes.js",
   "msgpack.js",
