@@ -16,6 +16,7 @@ import re
 import subprocess
 import urllib.error
 import urllib.request
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from node.samples import SyntheticStudy, make_ct_study
 from node.services.reports import ENCAPSULATED_PDF, series_uid_for
 from node.services.wallet import Wallet
 from tests.support.nodes import NodeProcess, init_node, peer_each_other
+from tests.test_share_links import decode_link, http, in_session, link_root, open_manifest
 
 DICOM_JSON = "application/dicom+json"
 HL7 = "x-application/hl7-v2+er7"
@@ -423,3 +425,48 @@ class TestReportsInTheStore:
         assert status == 401
         assert len(qido_instances(site.a, study_uid)) == before
         assert site.a.get_json("/healthz", auth=False)["status"] == "ok"
+
+
+class TestReportsTravel:
+    """A report is an instance of its study: every way the study leaves carries it."""
+
+    def test_a_grantee_fetching_the_study_gets_the_report_byte_identical(
+        self, site: Site, tmp_path: Path
+    ) -> None:
+        study_uid = site.study.study_uid
+        pdf = make_pdf("Report that travels.")
+        status, stored = post_report(
+            site.a,
+            diagnostic_report(study_uid, site.study.patient_id, identifier="RPT-T", pdf=pdf),
+        )
+        assert status == 201, stored
+        grant = in_session(lambda s: site.wallet.grant(s, site.a.url, site.b.origin, None, 3600))
+        fetched = json.loads(site.b.cli("fetch", grant["token"], "--json").stdout)
+        assert fetched["instances"] == len(qido_instances(site.a, study_uid))
+        part10 = wado_instance(site.b, study_uid, stored["sop_instance_uid"], stored["series_uid"])
+        assert dcm2pdf(part10, tmp_path) == pdf
+        # The grantee lists the study's reports as the custodian does.
+        assert listing(site.b, study_uid) == listing(site.a, study_uid)
+
+    def test_a_share_link_lists_and_downloads_the_reports(self, site: Site) -> None:
+        study_uid = site.study.study_uid
+        made = in_session(lambda s: site.wallet.share(s, site.a.url, None, 3600))
+        root = link_root(open_manifest(decode_link(made["shlink"])))
+        held = qido_instances(site.a, study_uid)
+        reports = {
+            i["00080018"]["Value"][0] for i in held if i["00080016"]["Value"] == [ENCAPSULATED_PDF]
+        }
+        status, answer, _ = http(
+            "GET", f"{root}/studies/{study_uid}/instances", headers={"Accept": DICOM_JSON}
+        )
+        assert status == 200
+        assert reports <= {i["00080018"]["Value"][0] for i in json.loads(answer)}
+        status, body, _ = http("GET", root.removesuffix("/dicomweb") + "/download")
+        assert status == 200, body[:200]
+        with zipfile.ZipFile(io.BytesIO(body)) as media:
+            files = [n for n in media.namelist() if n.startswith("PT")]
+            in_media = {
+                pydicom.dcmread(io.BytesIO(media.read(n)), stop_before_pixels=True).SOPInstanceUID
+                for n in files
+            }
+        assert reports <= in_media and len(files) == len(held)
