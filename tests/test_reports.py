@@ -37,7 +37,9 @@ from node.errors import BadInput, PayloadTooLarge
 from node.samples import SyntheticStudy, make_ct_study
 from node.services.reports import ENCAPSULATED_PDF, series_uid_for
 from node.services.wallet import Wallet
+from tests.support.browser import chromium_session
 from tests.support.nodes import NodeProcess, init_node, peer_each_other
+from tests.support.web_wallet import PASSPHRASE, restore_wallet, wait_for_screen
 from tests.test_share_links import decode_link, http, in_session, link_root, open_manifest
 
 DICOM_JSON = "application/dicom+json"
@@ -461,6 +463,12 @@ class TestReportsTravel:
         )
         assert status == 200
         assert reports <= {i["00080018"]["Value"][0] for i in json.loads(answer)}
+        # The link's listing shows each report as it stands, the custodian's own listing.
+        status, body, _ = http("GET", root.removesuffix("/dicomweb") + "/reports")
+        assert status == 200
+        (linked,) = json.loads(body)["studies"]
+        assert linked == {"study_uid": study_uid, "reports": listing(site.a, study_uid)}
+        assert len({r["identifier"] for r in linked["reports"]}) == len(linked["reports"])
         status, body, _ = http("GET", root.removesuffix("/dicomweb") + "/download")
         assert status == 200, body[:200]
         with zipfile.ZipFile(io.BytesIO(body)) as media:
@@ -470,3 +478,42 @@ class TestReportsTravel:
                 for n in files
             }
         assert reports <= in_media and len(files) == len(held)
+
+
+class TestReportsInTheWallet:
+    def test_the_wallet_shows_each_report_as_it_stands_readable_at_phone_size(
+        self, site: Site
+    ) -> None:
+        study_uid, patient_id = site.study.study_uid, site.study.patient_id
+        versions = [
+            ("preliminary", "Wallet prelim: query fracture."),
+            ("amended", "Wallet amended: no fracture."),
+        ]
+        first, amended = (
+            post_report(
+                site.a,
+                diagnostic_report(study_uid, patient_id, identifier="RPT-W", status=s, text=t),
+            )[1]
+            for s, t in versions
+        )
+        with chromium_session("reports-wallet", viewport=(390, 844)) as browser:
+            page = browser.new_page()
+            restore_wallet(page, site.a.url, site.base / "wallet" / "seed.json", PASSPHRASE)
+            page.click('#tabs button[data-screen="studies"]')
+            wait_for_screen(page, "studies")
+            card = f'.reports .report[data-sop="{amended["sop_instance_uid"]}"]'
+            page.wait_for_selector(card)
+            page.shot("wallet-reports")
+            text = str(page.text_content(card))
+            assert "Amended" in text and "Wallet amended: no fracture." in text
+            assert "Replaces: Preliminary" in text
+            # The superseded version is history, not a report of its own.
+            assert page.query_selector(f'.report[data-sop="{first["sop_instance_uid"]}"]') is None
+            # Readable on a phone: nothing wider than the screen, text at least 14 px.
+            assert page.evaluate("document.documentElement.scrollWidth") <= 390
+            style = f"getComputedStyle(document.querySelector('{card} .report-text'))"
+            size = page.evaluate(f"parseFloat({style}.fontSize)")
+            assert size >= 14
+            with page.expect_popup() as popup:
+                page.click(f"{card} .report-open")
+            assert popup.value.url.startswith("blob:")

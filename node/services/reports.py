@@ -7,8 +7,9 @@ attributes copied from an instance the node holds, and the report's identifier a
 kept in standard attributes (docs/reports.md § Mapping):
 
 - identifier → HL7 Instance Identifier (0040,E001);
-- status → Verification Flag (0040,A493) UNVERIFIED (preliminary) or VERIFIED, and
-  Completion Flag (0040,A491) PARTIAL or COMPLETE;
+- status → Verification Flag (0040,A493) UNVERIFIED (preliminary) or VERIFIED,
+  Completion Flag (0040,A491) PARTIAL or COMPLETE, and the status word itself
+  (preliminary, final, amended, corrected) as Completion Flag Description (0040,A492);
 - a later report with the same identifier → Predecessor Documents Sequence (0040,A360)
   naming the instance it supersedes.
 
@@ -25,7 +26,6 @@ format for every report keeps one code path.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import threading
@@ -39,7 +39,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
 from node import __version__
-from node.core.reports import PDF, ReportDocument, ReportSubmission
+from node.core.reports import PDF, ReportDocument, ReportStatus, ReportSubmission
 from node.errors import BadInput, Conflict, ImageShareError, NotFound
 from node.store.attributes import ATTRIBUTES, Level
 from node.store.instances import InstanceRecord, Outcome
@@ -57,6 +57,7 @@ SR_CLASSES = frozenset(
     }
 )
 REPORT_CLASSES = frozenset({ENCAPSULATED_PDF}) | SR_CLASSES
+REPORT_STATUSES = frozenset(s.value for s in ReportStatus)
 REPORTS_SERIES_NUMBER = 9901
 REPORTS_SERIES_DESCRIPTION = "Reports"
 # LOINC 18748-4 "Diagnostic imaging study": the document's concept name.
@@ -76,6 +77,9 @@ _COPIED = (
     "AccessionNumber",
     "StudyDescription",
 )
+# What the wallet shows of a report's text (the PDF itself is one tap away).
+MAX_READING_PAGES = 10
+MAX_READING_CHARS = 20_000
 _HEADER_DEFER = 1024  # the document itself stays on disk while a report is listed
 
 
@@ -107,7 +111,7 @@ class ReportVersion:
     sop_class_uid: str
     title: str
     identifier: str
-    status: str  # preliminary, final, amended (a verified version superseding a verified one)
+    status: str  # preliminary, final, amended, corrected
     date: str
     time: str
     predecessors: tuple[str, ...]
@@ -275,6 +279,47 @@ class ReportService:
         versions = [self._version(r) for r in records]
         return arrange_versions(versions)
 
+    def document(self, study_uid: str, sop_uid: str) -> bytes:
+        """The PDF of one of the study's Encapsulated PDF reports, as it was posted;
+        blocking. Raises NotFound for any other instance."""
+        (record,) = self._report_records(study_uid, sop_uid)
+        ds = self.store.read_dataset(record, stop_before_pixels=True)
+        document = bytes(ds.get("EncapsulatedDocument", b""))
+        length = ds.get("EncapsulatedDocumentLength")
+        return document[: int(length)] if length is not None else document
+
+    def _report_records(self, study_uid: str, sop_uid: str) -> list[InstanceRecord]:
+        records = self.store.instances(study_uid, sop_instance_uid=sop_uid)
+        if records[0].sop_class_uid != ENCAPSULATED_PDF:
+            raise NotFound("no such report in that study")
+        return records
+
+    def reading(self, study_uid: str) -> list[dict[str, Any]]:
+        """The study's reports as they stand, each with its text for reading on a phone
+        (``study_reports`` plus ``text``); blocking."""
+        answer = []
+        for report in self.study_reports(study_uid):
+            entry = report.as_json()
+            if report.current.sop_class_uid == ENCAPSULATED_PDF:
+                pdf = self.document(study_uid, report.current.sop_instance_uid)
+                entry["text"] = pdf_text(pdf)
+            answer.append(entry)
+        return answer
+
+
+def pdf_text(pdf: bytes) -> str:
+    """The text of a stored PDF's first pages, at most MAX_READING_CHARS ("" when it has
+    none that can be extracted, e.g. a scanned page)."""
+    from pypdf import PdfReader
+
+    try:
+        reader = PdfReader(io.BytesIO(pdf))
+        pages = [page.extract_text() for page in reader.pages[:MAX_READING_PAGES]]
+    # As in check_pdf_parses: any failure of a hostile PDF means no text to show.
+    except Exception:
+        return ""
+    return "\n".join(pages).strip()[:MAX_READING_CHARS]
+
 
 def version_of(ds: Dataset, record: InstanceRecord) -> ReportVersion:
     """A stored report's listing fields, read from its header."""
@@ -284,7 +329,10 @@ def version_of(ds: Dataset, record: InstanceRecord) -> ReportVersion:
             for item in series.get("ReferencedSOPSequence", []):
                 predecessors.append(str(item.get("ReferencedSOPInstanceUID", "")))
     verified = str(ds.get("VerificationFlag", "")) == "VERIFIED"
-    status = "final" if verified else "preliminary"  # "amended" is told by arrange_versions
+    status = "final" if verified else "preliminary"
+    stated = str(ds.get("CompletionFlagDescription", "") or "")
+    if stated in REPORT_STATUSES and (stated == "preliminary") != verified:
+        status = stated  # the status as the RIS stated it (amended, corrected)
     if "VerificationFlag" not in ds and record.sop_class_uid != ENCAPSULATED_PDF:
         status = "final" if str(ds.get("CompletionFlag", "")) == "COMPLETE" else "preliminary"
     title = str(ds.get("DocumentTitle", "") or "")
@@ -308,18 +356,6 @@ def arrange_versions(versions: Sequence[ReportVersion]) -> list[StudyReport]:
     """Reports as they stand: a version that a later one names as its predecessor is
     that one's history (transitively), never listed on its own."""
     by_uid = {v.sop_instance_uid: v for v in versions}
-    # A verified version that supersedes a verified one amends it (FHIR amended or
-    # corrected); one that supersedes a preliminary version is that report's final one.
-    by_uid = {
-        uid: dataclasses.replace(v, status="amended")
-        if v.status == "final"
-        and any(
-            by_uid.get(p) is not None and by_uid[p].status != "preliminary" for p in v.predecessors
-        )
-        else v
-        for uid, v in by_uid.items()
-    }
-    versions = list(by_uid.values())
     superseded_by: dict[str, str] = {}
     for version in versions:
         for predecessor in version.predecessors:
@@ -455,6 +491,7 @@ def build_report_dataset(
     ds.ConceptNameCodeSequence = DicomSequence([concept])
     ds.VerificationFlag = "VERIFIED" if submission.status.verified else "UNVERIFIED"
     ds.CompletionFlag = "COMPLETE" if submission.status.verified else "PARTIAL"
+    ds.CompletionFlagDescription = submission.status.value
     ds.HL7InstanceIdentifier = submission.identifier
     if predecessor is not None:
         ds.PredecessorDocumentsSequence = DicomSequence([_reference(ds, predecessor)])

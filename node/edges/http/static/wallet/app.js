@@ -6,6 +6,7 @@ import { makeGrant, makeRevocation, tokenId, tokenUrl } from "./consent.js";
 import { createWallet, keyFor, loadWallet, restoreWallet, store } from "./keys.js";
 import { describeNode, myEvents, verifyRecorded } from "./ledger.js";
 import { qrSvg } from "./qr.js";
+import { REPORT_MODALITIES, loadReports } from "./reports.js";
 import {
   ACCESS_CREDENTIAL,
   FHIR_JSON,
@@ -212,6 +213,7 @@ async function loadStudies() {
     }),
   );
   await Promise.all(app.studies.map(loadPreviews));
+  await Promise.all(app.studies.map((study) => loadReports(app.key, study, app.previewUrls)));
 }
 
 function studyCard(study) {
@@ -229,7 +231,7 @@ function studyCard(study) {
     el("div", "muted", [studyDate(study.date), modalities, images(study.instances)].join(" · ")),
   );
   head.append(box, text);
-  item.append(head, el("div", "previews"));
+  item.append(head, el("div", "previews"), el("div", "reports"));
   return item;
 }
 
@@ -237,7 +239,7 @@ async function loadPreviews(study) {
   const base = `/patient/studies/${study.ref}/series`;
   const { series } = await signedJson(app.key, "GET", base);
   const strip = document.querySelector(`li[data-ref="${study.ref}"] .previews`);
-  for (const s of series) {
+  for (const s of series.filter((one) => !REPORT_MODALITIES.includes(one.modality))) {
     const response = await signedFetch(app.key, "GET", `${base}/${s.position}/preview`);
     const url = URL.createObjectURL(await response.blob());
     app.previewUrls.push(url);

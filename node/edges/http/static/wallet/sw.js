@@ -3,7 +3,7 @@
 // updated node's wallet shows from the next start; /patient and /ledger requests are
 // never touched or cached here.
 
-const CACHE = "imageshare-wallet-v3";
+const CACHE = "imageshare-wallet-v4";
 const SHELL = [
   "./",
   "app.js",
@@ -16,6 +16,8 @@ const SHELL = [
   "shlink.js",
   "ledger.js",
   "qr.js",
+  "reports.js",
+  "reports.css",
   "manifest.webmanifest",
   "icon.svg",
 ];
