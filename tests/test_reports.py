@@ -41,6 +41,7 @@ from tests.support.browser import chromium_session
 from tests.support.nodes import NodeProcess, init_node, peer_each_other
 from tests.support.web_wallet import PASSPHRASE, restore_wallet, wait_for_screen
 from tests.test_share_links import decode_link, http, in_session, link_root, open_manifest
+from tests.test_viewer import require_ohif, signed_in
 
 DICOM_JSON = "application/dicom+json"
 HL7 = "x-application/hl7-v2+er7"
@@ -517,3 +518,38 @@ class TestReportsInTheWallet:
             with page.expect_popup() as popup:
                 page.click(f"{card} .report-open")
             assert popup.value.url.startswith("blob:")
+
+
+class TestReportsInOhif:
+    def test_ohif_shows_the_report_pdf_as_posted(self, site: Site) -> None:
+        require_ohif()
+        study_uid = site.study.study_uid
+        pdf = make_pdf("Report for the viewer.\n" + "\n".join(f"Line {n}" for n in range(80)))
+        status, stored = post_report(
+            site.a,
+            diagnostic_report(study_uid, site.study.patient_id, identifier="RPT-O", pdf=pdf),
+        )
+        assert status == 201, stored
+        with chromium_session("reports-ohif") as session:
+            page = signed_in(session, site.a)
+            documents: list[Any] = []
+            document_path = f"{stored['sop_instance_uid']}/bulk/00420011"
+            page.on(
+                "response",
+                lambda response: (
+                    documents.append(response) if document_path in response.url else None
+                ),
+            )
+            page.goto(
+                f"{site.a.url}/viewer/viewer?StudyInstanceUIDs={study_uid}"
+                f"&SeriesInstanceUIDs={stored['series_uid']}",
+                wait_until="commit",
+            )
+            shown = page.wait_for_selector('object[type="application/pdf"]', timeout=60_000)
+            page.shot("ohif-report")
+            url = str(shown.get_attribute("data"))
+            assert url.startswith("blob:")
+            # What OHIF drew is the document it read through /dicomweb, bytes as posted.
+            (bulk,) = [r for r in documents if r.ok]
+            assert pdf in bulk.body()
+            assert page.foreign_requests(site.a.url) == []
