@@ -482,9 +482,7 @@ class TestReportsTravel:
 
 
 class TestReportsInTheWallet:
-    def test_the_wallet_shows_each_report_as_it_stands_readable_at_phone_size(
-        self, site: Site
-    ) -> None:
+    def test_the_wallet_and_the_dashboard_show_each_report_as_it_stands(self, site: Site) -> None:
         study_uid, patient_id = site.study.study_uid, site.study.patient_id
         versions = [
             ("preliminary", "Wallet prelim: query fracture."),
@@ -518,6 +516,18 @@ class TestReportsInTheWallet:
             with page.expect_popup() as popup:
                 page.click(f"{card} .report-open")
             assert popup.value.url.startswith("blob:")
+            # Staff see the same report as it stands on the dashboard.
+            dashboard = signed_in(browser, site.a)
+            dashboard.goto(f"{site.a.url}/admin")
+            dashboard.click(f'#studies tr[data-study="{study_uid}"] td')
+            row = f'#reports tr[data-sop="{amended["sop_instance_uid"]}"]'
+            dashboard.wait_for_selector(row)
+            assert dashboard.get_attribute(row, "data-status") == "amended"
+            assert "preliminary" in str(dashboard.text_content(row))
+            assert (
+                dashboard.query_selector(f'#reports tr[data-sop="{first["sop_instance_uid"]}"]')
+                is None
+            )
 
 
 class TestReportsInOhif:
