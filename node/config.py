@@ -330,6 +330,11 @@ class ViewerConfig(Table):
     ohif_dir: str = ""
 
 
+class ReportsConfig(Table):
+    # Largest PDF a posted report (or a returned opinion) may hold, in bytes.
+    max_document_bytes: PositiveInt = 16 * 1024**2
+
+
 class AuditExportConfig(Table):
     """The security audit feed (DICOM PS3.15 audit messages over syslog) to the SIEM."""
 
@@ -390,6 +395,7 @@ class NodeConfig(Table):
     federation: FederationConfig = msgspec.field(default_factory=FederationConfig)
     dashboard: DashboardConfig = msgspec.field(default_factory=DashboardConfig)
     viewer: ViewerConfig = msgspec.field(default_factory=ViewerConfig)
+    reports: ReportsConfig = msgspec.field(default_factory=ReportsConfig)
     audit_export: AuditExportConfig = msgspec.field(default_factory=AuditExportConfig)
     peers: list[PeerConfig] = []
 

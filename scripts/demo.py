@@ -215,11 +215,17 @@ def imageshare_json(*args: str | Path) -> Any:
 # -- HTTP and polling ------------------------------------------------------------------------
 
 
-def http_get(url: str, token: str | None = None, accept: str = "application/json") -> Any:
+def http_get(
+    url: str, token: str | None = None, accept: str = "application/json", body: Any = None
+) -> Any:
+    """GET ``url`` (POST ``body`` as JSON when one is given)."""
     headers = {"Accept": accept}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(url, headers=headers)
+    data = None if body is None else json.dumps(body).encode()
+    if data is not None:
+        headers["Content-Type"] = "application/fhir+json"
+    request = urllib.request.Request(url, data=data, headers=headers)
     trusted = ssl.create_default_context(cafile=os.environ.get(CA_FILE_ENV) or None)
     with urllib.request.urlopen(request, timeout=30, context=trusted) as r:
         body = r.read()
@@ -570,6 +576,25 @@ def patient_story(hospitals: list[Hospital], wallet: Path, study_uid: str) -> No
     newest = max(studies, key=lambda s: str(s["date"]))
 
     step(
+        "Hospital A's RIS sends the radiologist's report",
+        "A FHIR DiagnosticReport for the study; A keeps it as a DICOM Encapsulated PDF in the",
+        "study's series for reports, so it travels wherever the study goes.",
+    )
+    report = {
+        "resourceType": "DiagnosticReport",
+        "status": "final",
+        "identifier": [{"system": "urn:demo:ris", "value": "RPT-2026-0001"}],
+        "code": {"text": "CT chest report"},
+        "subject": {"identifier": {"value": PATIENT_ID}},
+        "imagingStudy": [
+            {"identifier": {"system": "urn:dicom:uid", "value": f"urn:oid:{study_uid}"}}
+        ],
+        "conclusion": "No acute cardiopulmonary findings.",
+    }
+    stored = http_get(f"{a.url}/admin/api/reports", a.admin_token, body=report)
+    outcome(f"report kept as instance {stored['sop_instance_uid']}")
+
+    step(
         "The patient grants hospital B their latest study, for one day",
         "The grant is signed by the patient's key and recorded in A's log; the wallet checks",
         "the proof that it is there. The token (or its QR code) goes to hospital B.",
@@ -596,6 +621,10 @@ def patient_story(hospitals: list[Hospital], wallet: Path, study_uid: str) -> No
     if [tag_text(s, "0020000D") for s in found] != [study_uid]:
         raise StepFailed("B's DICOMweb does not list exactly the granted study")
     outcome(f"fetched: {b.origin} holds the granted study, and only that one")
+    reports = http_get(f"{b.url}/admin/api/reports?study={study_uid}", b.admin_token)["reports"]
+    if [r["title"] for r in reports] != ["CT chest report"]:
+        raise StepFailed("the report did not travel with the study to B")
+    say(f"  and its report: {reports[0]['title']} ({reports[0]['status']})")
 
     step(
         "Every hospital holds A's record of the access",

@@ -55,6 +55,7 @@ class TestDemo:
             "-> federation of 3: every node knows every other",
             "-> three nodes up",
             "-> enrolled",
+            "-> report kept as instance",
             "-> granted",
             "-> fetched: hospital-b.example/imageshare holds the granted study, and only that one",
             "-> replicated: B and C held it",
@@ -76,7 +77,9 @@ class TestDemo:
         out = demo[0].stdout
         assert "$ imageshare patient grant" in out and "$ imageshare audit" in out
         assert "refused the token (revoked)" in out
-        assert "hospital-b.example/imageshare received 24 images" in out
+        # The study's 24 images and the report the RIS posted, which travels with them.
+        assert "hospital-b.example/imageshare received 25 images" in out
+        assert "and its report: CT chest report (final)" in out
         assert "clean: 3 log(s) verified" in out
         assert "/admin" in out and "/wallet/" in out and "admin token:" in out
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.fileset import FileSet
 
@@ -214,7 +215,13 @@ def _record_source(header: Dataset) -> Dataset:
     element read from an implicit VR file would only make that write fail)."""
     source = Dataset()
     source.file_meta = header.file_meta
-    for element in header:
+    for tag in list(header.keys()):
+        raw = header.get_item(tag, keep_deferred=True)
+        # A value left on disk (an Encapsulated PDF's document) is never a record's: it
+        # is not read back, the more so as the header was read from a path.
+        if isinstance(raw, RawDataElement) and raw.value is None and raw.length:
+            continue
+        element = header[tag]
         if not element.tag.is_private and element.VR not in (None, "UN"):
             source.add(element)
     return source

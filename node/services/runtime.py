@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from node.services.links import LinkService
     from node.services.pacs import PacsSource
     from node.services.replication import ReplicationService
+    from node.services.reports import ReportService
     from node.services.roster import RosterService
     from node.services.status import StatusService
     from node.services.transfer import TransferService
@@ -123,6 +124,16 @@ class NodeServices:
         from node.services.links import LinkService
 
         return self._once("links", lambda: LinkService(self._runtime))
+
+    @property
+    def reports(self) -> ReportService:
+        """Reports kept as DICOM in their studies (docs/reports.md)."""
+        from node.services.reports import ReportService
+
+        config = self._runtime.config.reports
+        return self._once(
+            "reports", lambda: ReportService(self._runtime.store, config.max_document_bytes)
+        )
 
     @property
     def pacs(self) -> PacsSource | None:

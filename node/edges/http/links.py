@@ -42,6 +42,7 @@ def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
     router.add_post(MANIFEST, manifest)
     router.add_get(f"{LINK_ROOT}/dicomweb.json", ohif_configuration)
     router.add_get(f"{LINK_ROOT}/download", download)
+    router.add_get(f"{LINK_ROOT}/reports", reports)
     router.add_post("/admin/api/links/fetch", fetch)
     for path, handler in dicomweb.READ_ROUTES:
         router.add_get(f"{LINK_ROOT}/dicomweb{path}", _link_scoped(handler))
@@ -118,6 +119,21 @@ async def fetch(request: web.Request) -> web.Response:
     result = await links.fetch_link(runtime, shlink, passcode)
     root = dicomweb.base_url_of(request, dicomweb.PREFIX)
     return web.json_response(result.as_json(root))
+
+
+async def reports(request: web.Request) -> web.Response:
+    """The link's studies' reports as they stand (an amendment listed over what it
+    supersedes): ``{"studies": [{"study_uid", "reports": [...]}]}``."""
+    runtime = runtime_of(request)
+    authorization = await asyncio.to_thread(
+        links.authorize_link, runtime, request.match_info["access_token"]
+    )
+    service = runtime.services.reports
+    studies = []
+    for study_uid in sorted(authorization.study_uids):
+        found = await asyncio.to_thread(service.study_reports, study_uid)
+        studies.append({"study_uid": study_uid, "reports": [r.as_json() for r in found]})
+    return web.json_response({"studies": studies}, headers=NO_STORE)
 
 
 async def download(request: web.Request) -> web.StreamResponse:

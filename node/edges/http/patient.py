@@ -44,6 +44,8 @@ def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
     app.router.add_post("/patient/links", submit_link)
     app.router.add_get("/patient/studies/{ref}/series/{position:[0-9]{1,4}}/preview", preview)
     app.router.add_get("/patient/studies/{ref}/media.zip", download_media)
+    app.router.add_get("/patient/studies/{ref}/reports", list_reports)
+    app.router.add_get("/patient/studies/{ref}/reports/{sop_uid:[0-9.]{1,64}}.pdf", report_pdf)
     app.router.add_post("/admin/api/enrollments", enroll)
 
 
@@ -205,6 +207,31 @@ async def download_media(request: web.Request) -> web.StreamResponse:
         previews.owned_study_uid, runtime, caller.public_key, _study_ref(request)
     )
     return await viewer.send_pdi_media(request, [study_uid], "patient")
+
+
+async def list_reports(request: web.Request) -> web.Response:
+    """The reports of one of the patient's own studies, each as it stands, with its text."""
+    runtime = runtime_of(request)
+    caller = await _patient(request)
+    study_uid = await asyncio.to_thread(
+        previews.owned_study_uid, runtime, caller.public_key, _study_ref(request)
+    )
+    reports = await asyncio.to_thread(runtime.services.reports.reading, study_uid)
+    return web.json_response({"reports": reports}, headers={"Cache-Control": "private, no-store"})
+
+
+async def report_pdf(request: web.Request) -> web.Response:
+    """A report of one of the patient's own studies, as its PDF."""
+    runtime = runtime_of(request)
+    caller = await _patient(request)
+    study_uid = await asyncio.to_thread(
+        previews.owned_study_uid, runtime, caller.public_key, _study_ref(request)
+    )
+    service = runtime.services.reports
+    pdf = await asyncio.to_thread(service.document, study_uid, request.match_info["sop_uid"])
+    return web.Response(
+        body=pdf, content_type="application/pdf", headers={"Cache-Control": "private, no-store"}
+    )
 
 
 async def enroll(request: web.Request) -> web.Response:

@@ -12,6 +12,7 @@ from node.edges.http import (
     links,
     p2p,
     patient,
+    reports,
     transfer,
     viewer,
     wallet_pages,
@@ -28,4 +29,5 @@ MODULES: list[ModuleType] = [
     viewer,
     links,
     admin,
+    reports,
 ]

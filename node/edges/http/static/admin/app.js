@@ -13,7 +13,7 @@ const $ = (id) => document.getElementById(id);
 
 // -- the API -------------------------------------------------------------------------------
 
-async function api(path, options = {}) {
+export async function api(path, options = {}) {
   const token = sessionStorage.getItem(TOKEN_KEY);
   if (!token) {
     showLogin("");

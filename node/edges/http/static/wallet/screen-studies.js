@@ -6,6 +6,7 @@ import { fromB64url, randomBytes, toB64url, toHex, utf8 } from "./bytes.js";
 import { makeGrant, tokenId, tokenUrl } from "./consent.js";
 import { store } from "./keys.js";
 import { verifyRecorded } from "./ledger.js";
+import { REPORT_MODALITIES, loadReports } from "./reports.js";
 import { showShare } from "./screen-share.js";
 import {
   $,
@@ -65,6 +66,7 @@ async function load() {
     }),
   );
   await Promise.all(app.studies.map(loadPreviews));
+  await Promise.all(app.studies.map((study) => loadReports(app.key, study, app.previewUrls)));
 }
 
 function studyCard(study) {
@@ -82,7 +84,7 @@ function studyCard(study) {
     el("div", "note", [studyDate(study.date), modalities, images(study.instances)].join(" · ")),
   );
   head.append(box, text);
-  item.append(head, el("div", "previews"));
+  item.append(head, el("div", "previews"), el("div", "reports"));
   return item;
 }
 
@@ -90,7 +92,7 @@ async function loadPreviews(study) {
   const base = `/patient/studies/${study.ref}/series`;
   const { series } = await signedJson(app.key, "GET", base);
   const strip = document.querySelector(`li[data-ref="${study.ref}"] .previews`);
-  for (const s of series) {
+  for (const s of series.filter((one) => !REPORT_MODALITIES.includes(one.modality))) {
     const response = await signedFetch(app.key, "GET", `${base}/${s.position}/preview`);
     const url = URL.createObjectURL(await response.blob());
     app.previewUrls.push(url);

@@ -3,7 +3,7 @@
 // refreshed in the background, so an updated node's wallet shows from the next start;
 // /patient and /ledger requests are never touched or cached here.
 
-const CACHE = "imageshare-wallet-v4";
+const CACHE = "imageshare-wallet-v5";
 const SHELL = [
   "./",
   "app.js",
@@ -24,6 +24,8 @@ const SHELL = [
   "shlink.js",
   "ledger.js",
   "qr.js",
+  "reports.js",
+  "reports.css",
   "manifest.webmanifest",
   "icon.svg",
 ];
