@@ -15,6 +15,10 @@ Delegation: the first patient delegates the power to grant to another person's k
 delegate grants B, which fetches; the patient revokes the delegation, and the delegate's
 next grant is refused, while the grant it made before keeps working. The auditor passes
 the first grant and rejects one written into A's log after the revocation.
+
+The web wallet, restored from the first patient's seed in headless Chromium at phone
+size, shows the policy, the delegations and the flagged event, and changes the first two
+(screenshots in test-artifacts/wallet-safety/).
 """
 
 from __future__ import annotations
@@ -27,13 +31,14 @@ from typing import Any, TypeVar
 
 import pytest
 
-from node.core.consent import Power, decode_grant, parse_token_text
+from node.core.consent import decode_grant, parse_token_text
 from node.core.emergency import Choice, split_references
 from node.core.entries import Access, BreakGlass, Denial, Grant, Receipt
 from node.samples import make_ct_study
 from node.services.consent import subject_reference
 from node.services.runtime import open_runtime
 from node.services.wallet import Wallet
+from tests.support.browser import chromium_session
 from tests.support.nodes import (
     NodeProcess,
     init_node,
@@ -43,6 +48,7 @@ from tests.support.nodes import (
     wait_until,
 )
 from tests.support.patients import patient, with_session
+from tests.support.web_wallet import PASSPHRASE, restore_wallet, wait_for_screen
 
 ALLOWS = "MRN-BG-ALLOWS"
 NEVER = "MRN-BG-NEVER"
@@ -242,15 +248,26 @@ class TestBreakGlass:
 def delegated(story: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     a, b = story["a"], story["b"]
     principal = Wallet.open(story["allows"], None)
-    delegate = Wallet.create(tmp_path_factory.mktemp("delegate") / "wallet", None)
+    directory = tmp_path_factory.mktemp("delegate") / "wallet"
+    delegate = Wallet.create(directory, None)
     delegate_key = delegate.key_for(a.origin).public_key
-    delegation = asyncio.run(
-        with_session(
-            lambda s: principal.delegate(s, a.url, delegate_key, None, (Power.GRANT,), 86_400)
-        )
+    # The patient's and the delegate's command-line wallets; the rest by library calls.
+    delegation = patient(
+        story["allows"],
+        "delegate",
+        "--custodian",
+        a.url,
+        f"--to-key={delegate.key_for(a.origin).public_key_text}",
+        "--all",
+        "--powers",
+        "grant",
+        "--expires",
+        "1d",
     )
     chain = parse_token_text(delegation["delegation"])
-    first = delegate.grant_as_delegate(chain, b.origin, None, 3600)
+    first = patient(
+        directory, "grant-as-delegate", delegation["delegation"], "--to", b.origin, "--all"
+    )
     fetched = b.cli("fetch", first["token"], "--json", check=False)
     delegation_id = bytes.fromhex(delegation["delegation_id"])
     asyncio.run(with_session(lambda s: principal.revoke(s, a.url, delegation_id)))
@@ -356,3 +373,45 @@ class TestAudit:
             (late.index, True)
         ]
 
+
+PHONE = (390, 844)
+
+
+class TestWebWallet:
+    def test_the_safety_screen_shows_the_policy_delegations_and_flagged_events_at_phone_size(
+        self, story: dict[str, Any], delegated: dict[str, Any]
+    ) -> None:
+        a, b = story["a"], story["b"]
+        seed = Wallet.open(story["allows"], None).files.seed_path
+        helper = Wallet.create(story["allows"].parent / "web-delegate", None)
+        helper_key = helper.key_for(a.origin).public_key_text
+        with chromium_session("wallet-safety", viewport=PHONE) as browser:
+            page = browser.new_page()
+            restore_wallet(page, a.url, seed, PASSPHRASE)
+
+            def proven() -> bool:
+                page.click('#tabs button[data-screen="safety"]')
+                wait_for_screen(page, "safety")
+                return page.locator("#flagged-list .card.flagged .proof.ok").count() == 1
+
+            wait_until(proven, timeout=30, interval=1.0, message="a proven break-glass")
+            flagged = page.inner_text("#flagged-list")
+            assert f"Emergency access by {b.origin}" in flagged and "ETREAT" in flagged
+            assert page.inner_text("#policy-current").startswith("Any hospital")
+            assert "revoked" in page.inner_text("#delegations-list")
+            page.shot("1-safety")
+            # The patient names the hospitals allowed, and lets a helper act for them.
+            page.check('input[name="policy-choice"][value="named_members"]')
+            page.check(f'#policy-members input[value="{b.origin}"]')
+            page.click("#policy-button")
+            page.wait_for_selector("#policy-current:has-text('Only the hospitals')")
+            page.fill("#delegate-key", helper_key)
+            page.click("#delegate-button")
+            page.wait_for_selector("#delegations-list .status.active")
+            page.shot("2-safety-chosen")
+        principal = Wallet.open(story["allows"], None)
+        policy = asyncio.run(with_session(lambda s: principal.emergency_policy(s, a.url)))
+        assert (policy["choice"], policy["members"]) == ("named_members", [b.origin])
+        listed = asyncio.run(with_session(lambda s: principal.delegations(s, a.url)))
+        assert [d["status"] for d in listed] == ["revoked", "active"]
+        assert listed[1]["powers"] == ["grant", "view_log"]

@@ -49,6 +49,7 @@ from node.store.wallet_files import WalletFiles
 PATIENT_COMMAND_MODULES: list[str] = [
     "node.edges.cli.audit_commands",
     "node.edges.cli.emergency_commands",
+    "node.edges.cli.delegation_commands",
 ]
 
 _DURATION = re.compile(r"^([1-9][0-9]{0,5})([smhdw])$")

@@ -6,6 +6,7 @@ import { makeGrant, makeRevocation, tokenId, tokenUrl } from "./consent.js";
 import { createWallet, keyFor, loadWallet, restoreWallet, store } from "./keys.js";
 import { describeNode, myEvents, verifyRecorded } from "./ledger.js";
 import { qrSvg } from "./qr.js";
+import { loadSafety } from "./safety.js";
 import {
   ACCESS_CREDENTIAL,
   FHIR_JSON,
@@ -85,6 +86,7 @@ async function show(screen) {
     studies: loadStudies,
     tokens: loadTokens,
     activity: loadActivity,
+    safety: () => loadSafety(app),
   };
   document.body.dataset.ready = "false";
   try {

@@ -16,6 +16,7 @@ const SHELL = [
   "shlink.js",
   "ledger.js",
   "qr.js",
+  "safety.js",
   "manifest.webmanifest",
   "icon.svg",
 ];
