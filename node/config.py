@@ -309,6 +309,12 @@ class ConsentConfig(Table):
     # Denial entries one requesting node may cause per minute; over it, refusals are
     # still answered but not written (the ledger is permanent and copied to every peer).
     max_denials_per_minute: PositiveInt = 60
+    # Break-glass (docs/consent.md): who may access a patient in an emergency when the
+    # patient signed no policy, how many emergency requests a member may make an hour,
+    # and how long a served request may go on transferring (retries of a cut stream).
+    emergency_default: Literal["any_member", "never"] = "any_member"
+    max_emergency_per_hour: PositiveInt = 10
+    emergency_window_minutes: PositiveInt = 60
 
 
 class LedgerConfig(Table):

@@ -189,8 +189,10 @@ class TestValidateGrant:
         assert reason(token, state=view(None)) == "not_recorded"
 
     def test_every_rule_has_a_distinct_reason(self) -> None:
-        # 13 rules of grants, 2 of share links (wrong_passcode, link_dead)
-        assert len({rule.value for rule in Rule}) == len(Rule) == 15
+        # 13 rules of grants, 2 of share links (wrong_passcode, link_dead), 4 of
+        # break-glass (emergency_stale, _unknown_patient, _not_allowed, _rate_limited),
+        # 4 of delegates' grants (delegation_not_live, _revoked, _no_power, _out_of_scope)
+        assert len({rule.value for rule in Rule}) == len(Rule) == 23
 
 
 class TestAdmitGrant:

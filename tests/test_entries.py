@@ -52,6 +52,18 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "new_signature": bytes(64),
         "reason": "compromised",
     },
+    "emergency_policy": {"policy": b"patient-signed emergency policy"},
+    "delegation": {"delegation": b"patient-signed delegation"},
+    "break_glass": {
+        "request": H,
+        "requester": "b.example/imageshare",
+        "reason": "ETREAT",
+        "subject": H,
+        "patient_key": None,
+        "policy": "any_member",
+        "policy_index": None,
+        "studies": H + H,
+    },
 }
 
 

@@ -17,28 +17,24 @@ import json
 import os
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import aiohttp
-import msgpack
 import pytest
 
 from node.core import channel
 from node.core.consent import GrantFields, decode_grant, sign_grant, token_text
-from node.core.entries import LedgerEntry, decode_entry
+from node.core.entries import LedgerEntry
 from node.core.keys import NodeIdentity
 from node.core.manifest import OpenRequest
-from node.core.origins import log_id
 from node.core.patient_keys import PatientKey
 from node.core.signed_requests import make_headers, node_signer
 from node.samples import make_ct_study
 from node.store.secrets import read_seed
-from tests.support.nodes import NodeProcess, init_node, wait_until
+from tests.support.nodes import NodeProcess, init_node, log_entries, wait_until
 from tests.support.patients import make_grant, send, signed_headers
 
 A_ORIGIN = "a.example/imageshare"
@@ -161,18 +157,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
 
 def own_entries(node: NodeProcess) -> list[LedgerEntry]:
     """Every entry of ``node``'s own log, read through its ledger API."""
-    wanted = log_id(node.origin)
-    size = next(
-        g["size"] for g in node.get_json("/ledger/logs", auth=False) if g["log_id"] == wanted
-    )
-    raw: list[bytes] = []
-    while len(raw) < size:
-        path = f"/ledger/logs/{wanted}/entries?start={len(raw)}&end={size}"
-        with urllib.request.urlopen(node.url + path, timeout=10) as response:
-            batch = msgpack.unpackb(response.read())
-        assert batch, f"{node.origin} served no entries from {len(raw)}"
-        raw += batch
-    return [decode_entry(r) for r in raw]
+    return log_entries(node)
 
 
 def replay(node: NodeProcess, captured: Captured) -> tuple[int, Any]:

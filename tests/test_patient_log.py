@@ -11,7 +11,7 @@ import asyncio
 import json
 import os
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,20 +34,9 @@ from tests.support.nodes import (
     run_cli,
     wait_until,
 )
-from tests.support.patients import make_grant
+from tests.support.patients import make_grant, patient, with_session
 
 T = TypeVar("T")
-
-
-def patient(wallet: Path, *args: str, check: bool = True) -> Any:
-    """`imageshare patient ARGS --wallet W --json`, parsed (the raw result if check=False)."""
-    result = run_cli("patient", *args, "--wallet", str(wallet), "--json", check=check)
-    return json.loads(result.stdout) if check else result
-
-
-async def with_session(action: Callable[[aiohttp.ClientSession], Awaitable[T]]) -> T:
-    async with aiohttp.ClientSession() as session:
-        return await action(session)
 
 
 @pytest.fixture(scope="module")

@@ -22,19 +22,24 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import msgpack
 import pytest
 
 from node.core.consent import GrantFields, sign_grant, token_text
-from node.core.entries import LedgerEntry, decode_entry
+from node.core.entries import LedgerEntry
 from node.core.keys import NodeIdentity
 from node.core.manifest import OpenRequest, encode_handles
-from node.core.origins import log_id
 from node.core.signed_requests import make_headers, node_signer
 from node.samples import SyntheticStudy, make_ct_study
 from node.services.wallet import Wallet
 from node.store.secrets import read_seed
-from tests.support.nodes import IMAGESHARE, NodeProcess, init_node, run_cli, wait_until
+from tests.support.nodes import (
+    IMAGESHARE,
+    NodeProcess,
+    init_node,
+    log_entries,
+    run_cli,
+    wait_until,
+)
 from tests.support.proxy import TcpProxy
 
 
@@ -109,17 +114,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
 
 def _entries(node: NodeProcess, origin: str) -> list[LedgerEntry]:
     """Every entry of ``origin``'s log as ``node`` holds it (its own or its mirror)."""
-    wanted = log_id(origin)
-    logs = node.get_json("/ledger/logs", auth=False)
-    size = next((log["size"] for log in logs if log["log_id"] == wanted), 0)
-    raw: list[bytes] = []
-    while len(raw) < size:
-        path = f"/ledger/logs/{wanted}/entries?start={len(raw)}&end={size}"
-        with urllib.request.urlopen(node.url + path, timeout=10) as response:
-            batch = msgpack.unpackb(response.read())
-        assert batch, f"{node.origin} served no entries from {len(raw)}"
-        raw += batch
-    return [decode_entry(r) for r in raw]
+    return log_entries(node, origin)
 
 
 def _of_token(entries: list[LedgerEntry], kind: str, token_id: str) -> list[dict[str, Any]]:

@@ -25,11 +25,17 @@ from node.core.consent import (
     KeyStatus,
     Revocation,
     Rule,
+    decode_delegation,
+    delegation_failure,
     is_link_grantee,
 )
+from node.core.emergency import EmergencyPolicy, decode_policy, split_references
 from node.core.entries import (
     Access,
+    BreakGlass,
+    DelegationEntry,
     Denial,
+    EmergencyPolicyEntry,
     Enroll,
     Grant,
     LedgerEntry,
@@ -75,6 +81,14 @@ RULES: dict[str, str] = {
     "access_out_of_scope": "an access served a study outside its grant's scope",
     "access_without_receipt": "an access has no matching receipt in the grantee's log",
     "receipt_without_access": "a receipt has no matching access in the custodian's log",
+    "grant_outside_delegation": "a delegate's grant was recorded without a live delegation "
+    "giving that power over those studies (not recorded before it, revoked, expired)",
+    "emergency_policy_invalid": "an emergency policy is not signed by an enrolled, unretired "
+    "key of the patient for this custodian",
+    "break_glass_against_policy": "a break-glass access was served against the patient's "
+    "emergency policy in force at that moment (or names another policy or key than that one)",
+    "access_outside_break_glass": "an access under a break-glass request served another node, "
+    "another study, or came before the request was recorded",
 }
 
 # Consent's refusal rule -> the auditor's rule for an access that was served anyway.
@@ -477,21 +491,39 @@ def plan_consent_checks(
     revoked: set[tuple[bytes, bytes]] = set()
     policy = ConsentPolicy(origin, max_lifetime=MAX_TIME, clock_skew=clock_skew)
     checks: list[AccessCheck] = []
+    emergencies: dict[bytes, BreakGlass] = {}
+    delegations: set[bytes] = set()
     for index, entry in enumerate(entries):
         if entry is None:
             continue
         body = entry.body
-        if isinstance(body, Enroll):
+        if isinstance(body, BreakGlass):
+            emergencies.setdefault(body.request, body)
+        elif isinstance(body, DelegationEntry):
+            delegations |= _signed_delegation_id(body)
+        elif isinstance(body, Enroll):
             keys[body.key] = KeyStatus(body.subject)
             if body.replaces is not None:
                 old = keys.get(body.replaces)
                 keys[body.replaces] = KeyStatus(body.subject if old is None else old.subject, True)
         elif isinstance(body, Grant):
             _judge_grant(origin, index, body.token, keys, grants, signatures, findings)
+            token = signatures.grants.get(body.token)
+            if token is not None and token.delegation is not None:
+                view = ConsentView(revoked=frozenset(revoked), delegations=frozenset(delegations))
+                refused = delegation_failure(token, view, policy, entry.time)
+                if refused is not None:
+                    detail = f"its delegation fails the rule '{refused.value}' when recorded"
+                    findings.add("grant_outside_delegation", index, detail)
         elif isinstance(body, Revoke):
             _judge_revocation(index, body.revocation, grants, revoked, signatures, findings)
         elif isinstance(body, Access):
             token = grants.get(body.token_id)
+            if token is None and body.token_id in emergencies:
+                problem = break_glass_access_problem(body, emergencies[body.token_id])
+                if problem is not None:
+                    findings.add("access_outside_break_glass", index, problem)
+                continue
             if token is None:
                 findings.add("access_without_grant", index, "no grant with this token id before it")
                 continue
@@ -507,6 +539,15 @@ def plan_consent_checks(
             request = AccessRequest(body.grantee, (body.study,), entry.time)
             checks.append(AccessCheck(origin, index, token.raw, request, view, policy))
     return findings.done(), checks
+
+
+def _signed_delegation_id(body: DelegationEntry) -> set[bytes]:
+    """The id of a recorded delegation whose patient signature verifies (else nothing)."""
+    try:
+        delegation = decode_delegation(body.delegation)
+    except BadInput:
+        return set()
+    return {delegation.delegation_id} if delegation.signature_valid() else set()
 
 
 def _judge_grant(
@@ -564,6 +605,151 @@ def access_violation(check: AccessCheck, refused: Rule | None) -> Violation | No
         ACCESS_RULES.get(refused, "access_without_grant"),
         f"its grant fails the consent rule '{refused.value}' at the time of the access",
     )
+
+
+# -- break-glass ------------------------------------------------------------------------------
+
+
+def break_glass_access_problem(access: Access, served: BreakGlass) -> str | None:
+    """Why an access under a recorded break-glass request is not covered by it, or None.
+
+    Only requests recorded before the access are passed (the planner walks in order).
+    """
+    if access.grantee != served.requester:
+        return f"served {access.grantee}, but the emergency request was {served.requester}'s"
+    try:
+        studies = split_references(served.studies)
+    except BadInput:
+        return "its break_glass entry lists no whole study references"
+    if access.study not in studies:
+        return "served a study the break_glass entry does not list"
+    return None
+
+
+@dataclass(frozen=True)
+class BreakGlassReview:
+    """One break-glass access for an auditor's review; ``problems`` flag a broken policy."""
+
+    log: str
+    index: int
+    time: int
+    requester: str
+    reason: str
+    policy: str
+    default_policy: bool
+    studies: int
+    problems: tuple[str, ...]
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "log": self.log,
+            "index": self.index,
+            "time": self.time,
+            "requester": self.requester,
+            "reason": self.reason,
+            "policy": self.policy,
+            "default_policy": self.default_policy,
+            "studies": self.studies,
+            "flagged": bool(self.problems),
+            "problems": list(self.problems),
+        }
+
+
+@dataclass
+class _PolicyInForce:
+    index: int
+    policy: EmergencyPolicy
+
+
+def review_break_glass(
+    origin: str, entries: Sequence[LedgerEntry | None]
+) -> tuple[list[BreakGlassReview], list[Violation]]:
+    """Every break-glass entry of one custodian's log, judged against the policy in force.
+
+    The policy in force is the last valid ``emergency_policy`` signed, before the entry,
+    by the patient's key enrolled then (the subject's newest unretired key). Without one,
+    the federation default applied: the auditor does not know it, so the entry is listed
+    for review but only flagged if it claims a policy the log does not show in force.
+    """
+    findings = _Findings(origin, None)
+    reviews: list[BreakGlassReview] = []
+    active: dict[bytes, bytes] = {}  # subject -> its newest unretired key
+    retired: set[bytes] = set()
+    policies: dict[bytes, _PolicyInForce] = {}
+    for index, entry in enumerate(entries):
+        if entry is None:
+            continue
+        body = entry.body
+        if isinstance(body, Enroll):
+            if body.replaces is not None:
+                retired.add(body.replaces)
+            active[body.subject] = body.key
+        elif isinstance(body, EmergencyPolicyEntry):
+            policy = _valid_policy(origin, body.policy, set(active.values()) - retired)
+            if isinstance(policy, str):
+                findings.add("emergency_policy_invalid", index, policy)
+            else:
+                policies[policy.patient_key] = _PolicyInForce(index, policy)
+        elif isinstance(body, BreakGlass):
+            key = active.get(body.subject)
+            in_force = None if key is None else policies.get(key)
+            problems = _break_glass_problems(body, key, in_force)
+            for problem in problems:
+                findings.add("break_glass_against_policy", index, problem)
+            try:
+                count = len(split_references(body.studies))
+            except BadInput:
+                count = 0
+            reviews.append(
+                BreakGlassReview(
+                    origin,
+                    index,
+                    entry.time,
+                    body.requester,
+                    body.reason,
+                    body.policy,
+                    body.policy_index is None,
+                    count,
+                    tuple(problems),
+                )
+            )
+    return reviews, findings.done()
+
+
+def _valid_policy(origin: str, raw: bytes, enrolled: set[bytes]) -> EmergencyPolicy | str:
+    """The policy, or why it does not count."""
+    try:
+        policy = decode_policy(raw)
+    except BadInput as exc:
+        return f"not a well-formed emergency policy: {exc}"
+    if not policy.signature_valid():
+        return "the patient signature does not verify"
+    if policy.custodian != origin:
+        return f"names custodian {policy.custodian}"
+    if policy.patient_key not in enrolled:
+        return "its key was not enrolled (or was retired) before it"
+    return policy
+
+
+def _break_glass_problems(
+    body: BreakGlass, key: bytes | None, in_force: _PolicyInForce | None
+) -> list[str]:
+    problems = []
+    if body.patient_key != key:
+        problems.append("names another key than the patient's enrolled key at that moment")
+    if in_force is None:
+        if body.policy_index is not None:
+            problems.append("names a policy entry, but no valid policy of the patient was in force")
+        return problems
+    if body.policy_index != in_force.index:
+        problems.append(f"does not name the policy in force (entry {in_force.index})")
+    if not in_force.policy.allows(body.requester):
+        choice = in_force.policy.choice.value
+        problems.append(
+            f"the patient's policy at entry {in_force.index} ({choice}) does not allow"
+            f" {body.requester}"
+        )
+    return problems
 
 
 # -- two-sided accountability ---------------------------------------------------------------

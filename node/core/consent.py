@@ -34,6 +34,10 @@ from node.errors import BadInput
 GRANT_DOMAIN = b"imageshare/grant/v1\n"
 REVOKE_DOMAIN = b"imageshare/revoke/v1\n"
 TOKEN_VERSION = 1
+# A grant signed by a delegate carries its delegation (see Delegation).
+DELEGATED_VERSION = 2
+DELEGATION_MARK = "delegation"
+DELEGATION_DOMAIN = b"imageshare/delegation/v1\n"
 URL_PREFIX = "imageshare:grant?t="
 REFERENCE_SIZE = 32
 NONCE_SIZE = 16
@@ -64,6 +68,16 @@ class Rule(StrEnum):
     # Share links only (node.services.links): the passcode, and a link it killed.
     WRONG_PASSCODE = "wrong_passcode"
     LINK_DEAD = "link_dead"
+    # Break-glass only (node.core.emergency).
+    EMERGENCY_STALE = "emergency_stale"
+    EMERGENCY_UNKNOWN_PATIENT = "emergency_unknown_patient"
+    EMERGENCY_NOT_ALLOWED = "emergency_not_allowed"
+    EMERGENCY_RATE_LIMITED = "emergency_rate_limited"
+    # A delegate's grant (version 2), judged when it is recorded.
+    DELEGATION_NOT_LIVE = "delegation_not_live"
+    DELEGATION_REVOKED = "delegation_revoked"
+    DELEGATION_NO_POWER = "delegation_no_power"
+    DELEGATION_OUT_OF_SCOPE = "delegation_out_of_scope"
 
 
 RULE_MESSAGES: dict[Rule, str] = {
@@ -82,6 +96,14 @@ RULE_MESSAGES: dict[Rule, str] = {
     Rule.NOT_RECORDED: "the token is not recorded in this custodian's log",
     Rule.WRONG_PASSCODE: "the link's passcode is wrong",
     Rule.LINK_DEAD: "the link was closed after too many wrong passcodes",
+    Rule.EMERGENCY_STALE: "the emergency request is not fresh, or its access window is over",
+    Rule.EMERGENCY_UNKNOWN_PATIENT: "no patient here has the identifier the request names",
+    Rule.EMERGENCY_NOT_ALLOWED: "the patient's emergency policy does not allow this node",
+    Rule.EMERGENCY_RATE_LIMITED: "this node has made too many emergency requests this hour",
+    Rule.DELEGATION_NOT_LIVE: "the grant's delegation was not recorded and in force when it came",
+    Rule.DELEGATION_REVOKED: "the patient revoked the delegation the grant was made under",
+    Rule.DELEGATION_NO_POWER: "the grant's delegation does not give the power to grant",
+    Rule.DELEGATION_OUT_OF_SCOPE: "the grant reaches studies its delegation does not cover",
 }
 
 
@@ -113,6 +135,131 @@ def is_link_grantee(value: object) -> bool:
         return False
 
 
+# -- delegations ---------------------------------------------------------------------------
+
+
+class Power(StrEnum):
+    """What a delegation lets its delegate do for the patient."""
+
+    GRANT = "grant"
+    REVOKE = "revoke"
+    VIEW_LOG = "view_log"
+    DOWNLOAD = "download"
+
+
+@dataclass(frozen=True)
+class Delegation:
+    """A patient's signed delegation of powers over some (or all) studies to another key.
+
+    Wire form (canonical msgpack)::
+
+        ["delegation", 1, patient_key bin32, custodian str, delegate_key bin32,
+         scope (nil | [study_ref bin32, ...]), powers [str, ...], not_before uint,
+         expires uint, nonce bin16, signature bin64]
+
+    signed by the patient over ``"imageshare/delegation/v1\\n" + encode(fields)``. Its id
+    is SHA-256 of the signed bytes; the patient ends it by revoking that id.
+    """
+
+    patient_key: bytes
+    custodian: str
+    delegate_key: bytes
+    scope: tuple[bytes, ...] | None
+    powers: tuple[Power, ...]
+    not_before: int
+    expires: int
+    nonce: bytes
+    signature: bytes = b""
+    raw: bytes = b""
+
+    @property
+    def delegation_id(self) -> bytes:
+        return token_id_of(self.raw)
+
+    def as_list(self) -> list[Any]:
+        return [
+            DELEGATION_MARK,
+            TOKEN_VERSION,
+            self.patient_key,
+            self.custodian,
+            self.delegate_key,
+            None if self.scope is None else list(self.scope),
+            [p.value for p in self.powers],
+            self.not_before,
+            self.expires,
+            self.nonce,
+        ]
+
+    def signed_message(self) -> bytes:
+        return DELEGATION_DOMAIN + canonical_encode(self.as_list())
+
+    def signature_valid(self) -> bool:
+        return verify_ed25519(self.patient_key, self.signed_message(), self.signature)
+
+    def covers(self, scope: tuple[bytes, ...] | None) -> bool:
+        """Whether a grant of ``scope`` stays within this delegation's studies."""
+        if self.scope is None:
+            return True
+        return scope is not None and set(scope) <= set(self.scope)
+
+
+def _check_delegation(delegation: Delegation) -> None:
+    _check_bytes(delegation.patient_key, PUBLIC_KEY_SIZE, "patient key")
+    _check_bytes(delegation.delegate_key, PUBLIC_KEY_SIZE, "delegate key")
+    if delegation.delegate_key == delegation.patient_key:
+        raise BadInput("a patient cannot delegate to their own key")
+    check_node_origin(delegation.custodian, "custodian")
+    _check_scope(delegation.scope, "a delegation")
+    if not delegation.powers or len(set(delegation.powers)) != len(delegation.powers):
+        raise BadInput("a delegation names each of its powers once, at least one")
+    _check_time(delegation.not_before, "not-before")
+    _check_time(delegation.expires, "expiry")
+    if delegation.expires <= delegation.not_before:
+        raise BadInput("a delegation must expire after it starts")
+    _check_bytes(delegation.nonce, NONCE_SIZE, "nonce")
+
+
+def sign_delegation(delegation: Delegation, sign: Signer) -> bytes:
+    """The signed bytes of ``delegation`` (its signature and raw fields are ignored)."""
+    _check_delegation(delegation)
+    return canonical_encode([*delegation.as_list(), sign(delegation.signed_message())])
+
+
+def decode_delegation(data: bytes) -> Delegation:
+    """Decode a delegation (signature not checked); raises BadInput if malformed."""
+    if not isinstance(data, bytes) or not data or len(data) > MAX_TOKEN_BYTES:
+        raise BadInput("a delegation is empty or too large")
+    value = canonical_decode(data)
+    if (
+        not isinstance(value, list)
+        or len(value) != 11
+        or value[0] != DELEGATION_MARK
+        or type(value[1]) is not int
+        or value[1] != TOKEN_VERSION
+    ):
+        raise BadInput(f"not a version {TOKEN_VERSION} delegation")
+    _, _, patient_key, custodian, delegate_key, scope, powers, nb, expires, nonce, sig = value
+    if scope is not None and not isinstance(scope, list):
+        raise BadInput("a delegation's scope is nil or a list of study references")
+    known = {p.value for p in Power}
+    if not isinstance(powers, list) or not all(isinstance(p, str) and p in known for p in powers):
+        raise BadInput(f"a delegation's powers are some of {', '.join(sorted(known))}")
+    delegation = Delegation(
+        patient_key,
+        custodian,
+        delegate_key,
+        None if scope is None else tuple(scope),
+        tuple(Power(p) for p in powers),
+        nb,
+        expires,
+        nonce,
+        _check_bytes(sig, SIGNATURE_SIZE, "signature"),
+        data,
+    )
+    _check_delegation(delegation)
+    return delegation
+
+
 # -- tokens -------------------------------------------------------------------------------
 
 
@@ -128,11 +275,14 @@ class GrantFields:
     not_before: int
     expires: int
     nonce: bytes
+    # A grant by a delegate (version 2): the patient-signed delegation it acts under;
+    # ``patient_key`` is then the delegate's key, which signs the grant.
+    delegation: bytes | None = None
 
     def as_list(self) -> list[Any]:
         scope = None if self.scope is None else list(self.scope)
-        return [
-            TOKEN_VERSION,
+        fields = [
+            TOKEN_VERSION if self.delegation is None else DELEGATED_VERSION,
             self.patient_key,
             self.custodian,
             self.grantee,
@@ -141,6 +291,7 @@ class GrantFields:
             self.expires,
             self.nonce,
         ]
+        return fields if self.delegation is None else [*fields, self.delegation]
 
     def signed_message(self) -> bytes:
         return GRANT_DOMAIN + canonical_encode(self.as_list())
@@ -153,6 +304,8 @@ class GrantToken:
     fields: GrantFields
     signature: bytes
     raw: bytes
+    # The delegation a delegate's grant carries (its chain), decoded.
+    delegation: Delegation | None = None
 
     @property
     def token_id(self) -> bytes:
@@ -160,10 +313,23 @@ class GrantToken:
 
     @property
     def patient_key(self) -> bytes:
+        """The patient's key: the signer's, or for a delegate's grant, the delegator's."""
+        if self.delegation is not None:
+            return self.delegation.patient_key
         return self.fields.patient_key
 
     def signature_valid(self) -> bool:
-        return verify_ed25519(self.fields.patient_key, self.fields.signed_message(), self.signature)
+        """The signer's signature, and for a delegate's grant, the whole chain: the
+        delegation is the patient's, for this custodian, and names the signer."""
+        signer = self.fields.patient_key
+        if not verify_ed25519(signer, self.fields.signed_message(), self.signature):
+            return False
+        chain = self.delegation
+        return chain is None or (
+            chain.signature_valid()
+            and chain.delegate_key == self.fields.patient_key
+            and chain.custodian == self.fields.custodian
+        )
 
 
 def token_id_of(token_bytes: bytes) -> bytes:
@@ -190,18 +356,24 @@ def _check_time(value: Any, what: str) -> int:
     return value
 
 
+def _check_scope(scope: tuple[bytes, ...] | None, what: str) -> None:
+    """A scope is nil (every study) or 1 to MAX_SCOPE distinct study references."""
+    if scope is None:
+        return
+    if not 1 <= len(scope) <= MAX_SCOPE:
+        raise BadInput(f"{what}'s scope lists 1 to {MAX_SCOPE} studies")
+    for ref in scope:
+        _check_bytes(ref, REFERENCE_SIZE, "study reference")
+    if len(set(scope)) != len(scope):
+        raise BadInput(f"{what}'s scope lists a study twice")
+
+
 def _check_grant_fields(fields: GrantFields) -> None:
     _check_bytes(fields.patient_key, PUBLIC_KEY_SIZE, "patient key")
     check_node_origin(fields.custodian, "custodian")
     if not is_node_origin(fields.grantee) and not is_link_grantee(fields.grantee):
         raise BadInput("grantee is neither a node origin nor a share link")
-    if fields.scope is not None:
-        if not 1 <= len(fields.scope) <= MAX_SCOPE:
-            raise BadInput(f"a grant's scope lists 1 to {MAX_SCOPE} studies")
-        for ref in fields.scope:
-            _check_bytes(ref, REFERENCE_SIZE, "study reference")
-        if len(set(fields.scope)) != len(fields.scope):
-            raise BadInput("a grant's scope lists a study twice")
+    _check_scope(fields.scope, "a grant")
     _check_time(fields.not_before, "not-before")
     _check_time(fields.expires, "expiry")
     if fields.expires <= fields.not_before:
@@ -209,23 +381,36 @@ def _check_grant_fields(fields: GrantFields) -> None:
     _check_bytes(fields.nonce, NONCE_SIZE, "nonce")
 
 
-def _decode_canonical_list(data: bytes, length: int, what: str) -> list[Any]:
+def _decode_canonical_list(
+    data: bytes, length: int, what: str, versions: Mapping[int, int] | None = None
+) -> list[Any]:
+    """The canonical list in ``data``: version 1 of ``length`` fields, or one of the
+    ``versions`` (version -> field count)."""
     if not isinstance(data, bytes) or not data or len(data) > MAX_TOKEN_BYTES:
         raise BadInput(f"{what} is empty or too large")
+    lengths = versions or {TOKEN_VERSION: length}
     value = canonical_decode(data)
     if (
         not isinstance(value, list)
-        or len(value) != length
+        or not value
         or type(value[0]) is not int
-        or value[0] != TOKEN_VERSION
+        or lengths.get(value[0]) != len(value)
     ):
-        raise BadInput(f"{what} is not a version {TOKEN_VERSION} token")
+        known = " or ".join(str(v) for v in sorted(lengths))
+        raise BadInput(f"{what} is not a version {known} token")
     return value
 
 
 def decode_grant(token_bytes: bytes) -> GrantToken:
-    """Decode a grant token's bytes (signature not checked); raises BadInput if malformed."""
-    value = _decode_canonical_list(token_bytes, 9, "grant token")
+    """Decode a grant token's bytes (signature not checked); raises BadInput if malformed.
+
+    Version 1 is the patient's own grant; version 2 a delegate's, carrying its delegation.
+    """
+    value = _decode_canonical_list(
+        token_bytes, 9, "grant token", {TOKEN_VERSION: 9, DELEGATED_VERSION: 10}
+    )
+    chain_bytes = value.pop(8) if value[0] == DELEGATED_VERSION else None
+    chain = None if chain_bytes is None else decode_delegation(chain_bytes)
     _, patient_key, custodian, grantee, scope, not_before, expires, nonce, signature = value
     if scope is not None and not isinstance(scope, list):
         raise BadInput("a grant's scope is nil or a list of study references")
@@ -237,10 +422,11 @@ def decode_grant(token_bytes: bytes) -> GrantToken:
         not_before=not_before,
         expires=expires,
         nonce=nonce,
+        delegation=chain_bytes,
     )
     _check_grant_fields(fields)
     _check_bytes(signature, SIGNATURE_SIZE, "signature")
-    return GrantToken(fields, signature, token_bytes)
+    return GrantToken(fields, signature, token_bytes, chain)
 
 
 @dataclass(frozen=True)
@@ -333,6 +519,8 @@ class ConsentView:
     studies_of_subject: Mapping[bytes, frozenset[bytes]] = field(default_factory=dict)
     revoked: frozenset[tuple[bytes, bytes]] = frozenset()
     recorded: frozenset[bytes] = frozenset()
+    # Ids of the delegations recorded in the log (a delegate's grant needs its own).
+    delegations: frozenset[bytes] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -379,7 +567,7 @@ def _standing_failure(
 ) -> Rule | None:
     """The rules that make a grant worthless whoever asks: the ones checked on recording."""
     grant = token.fields
-    key = state.keys.get(grant.patient_key)
+    key = state.keys.get(token.patient_key)
     if not token.signature_valid():
         return Rule.BAD_SIGNATURE
     if grant.custodian != policy.custodian_origin:
@@ -392,7 +580,7 @@ def _standing_failure(
         return Rule.LIFETIME_TOO_LONG
     if now - policy.clock_skew > grant.expires:
         return Rule.EXPIRED
-    if (grant.patient_key, token.token_id) in state.revoked:
+    if (token.patient_key, token.token_id) in state.revoked:
         return Rule.REVOKED
     owned = state.studies_of_subject.get(key.subject, frozenset())
     if grant.scope is not None and not set(grant.scope) <= owned:
@@ -406,14 +594,38 @@ def admit_grant(token_bytes: bytes, state: ConsentView, policy: ConsentPolicy, n
         token = decode_grant(token_bytes)
     except BadInput:
         return _refuse(Rule.TAMPERED)
-    rule = _standing_failure(token, state, policy, now)
+    rule = _standing_failure(token, state, policy, now) or delegation_failure(
+        token, state, policy, now
+    )
     return _refuse(rule, token) if rule else Verdict(True, None, token, _scope_of(token, state))
+
+
+def delegation_failure(
+    token: GrantToken, state: ConsentView, policy: ConsentPolicy, now: int
+) -> Rule | None:
+    """For a delegate's grant, the rule its delegation fails at ``now`` (the grant's
+    recording), or None. Once recorded, the grant keeps its own validity: revoking the
+    delegation ends the delegate's power to make grants, not the grants it made."""
+    chain = token.delegation
+    if chain is None:
+        return None
+    if chain.delegation_id not in state.delegations:
+        return Rule.DELEGATION_NOT_LIVE
+    if (chain.patient_key, chain.delegation_id) in state.revoked:
+        return Rule.DELEGATION_REVOKED
+    if not chain.not_before - policy.clock_skew <= now <= chain.expires + policy.clock_skew:
+        return Rule.DELEGATION_NOT_LIVE
+    if Power.GRANT not in chain.powers:
+        return Rule.DELEGATION_NO_POWER
+    if not chain.covers(token.fields.scope):
+        return Rule.DELEGATION_OUT_OF_SCOPE
+    return None
 
 
 def _scope_of(token: GrantToken, state: ConsentView) -> tuple[bytes, ...]:
     if token.fields.scope is not None:
         return tuple(sorted(token.fields.scope))
-    subject = state.keys[token.fields.patient_key].subject
+    subject = state.keys[token.patient_key].subject
     return tuple(sorted(state.studies_of_subject.get(subject, frozenset())))
 
 
@@ -446,7 +658,9 @@ def validate_grant(
             return _refuse(Rule.NOT_OWNER, token)
         granted = tuple(sorted(requested))
     if token.token_id not in state.recorded:
-        return _refuse(Rule.NOT_RECORDED, token)
+        # A delegate's grant the log could not record says why: its delegation.
+        rule = delegation_failure(token, state, policy, request.now) or Rule.NOT_RECORDED
+        return _refuse(rule, token)
     return Verdict(True, None, token, granted)
 
 

@@ -129,6 +129,44 @@ class KeyRotation(EntryBody):
     reason: str = field(metadata=_wire("str"))
 
 
+@dataclass(frozen=True)
+class EmergencyPolicyEntry(EntryBody):
+    """A patient-signed emergency policy, verbatim (node.core.emergency)."""
+
+    kind: ClassVar[str] = "emergency_policy"
+    policy: bytes = field(metadata=_wire("bin"))
+
+
+@dataclass(frozen=True)
+class BreakGlass(EntryBody):
+    """The custodian served a member's emergency request, written before the first byte.
+
+    ``request`` is the id of the requester's signed request (SHA-256; the request itself
+    names the patient, sealed to the custodian, so only its id is here); ``subject`` the
+    patient matched; ``patient_key`` its enrolled key then (nil: none); ``policy`` the
+    choice applied and ``policy_index`` the entry of the patient's policy (nil: the
+    federation default); ``studies`` the study references served, concatenated.
+    """
+
+    kind: ClassVar[str] = "break_glass"
+    request: bytes = field(metadata=_wire("bin32"))
+    requester: str = field(metadata=_wire("str"))
+    reason: str = field(metadata=_wire("str"))
+    subject: bytes = field(metadata=_wire("bin32"))
+    patient_key: bytes | None = field(metadata=_wire("bin32?"))
+    policy: str = field(metadata=_wire("str"))
+    policy_index: int | None = field(metadata=_wire("int?"))
+    studies: bytes = field(metadata=_wire("bin"))
+
+
+@dataclass(frozen=True)
+class DelegationEntry(EntryBody):
+    """A patient-signed delegation to another key, verbatim (node.core.consent.Delegation)."""
+
+    kind: ClassVar[str] = "delegation"
+    delegation: bytes = field(metadata=_wire("bin"))
+
+
 def _registry(*kinds: type[EntryBody]) -> dict[str, type[EntryBody]]:
     return {k.kind: k for k in kinds}
 
@@ -143,6 +181,9 @@ ENTRY_TYPES: dict[str, type[EntryBody]] = _registry(
     Receipt,
     Witness,
     KeyRotation,
+    EmergencyPolicyEntry,
+    BreakGlass,
+    DelegationEntry,
 )
 # Each kind's wire fields and their types, in declaration order.
 ENTRY_KINDS: dict[str, dict[str, str]] = {

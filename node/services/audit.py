@@ -26,6 +26,7 @@ import msgpack
 from node.config import ConsentConfig
 from node.core.audit_rules import (
     AccessCheck,
+    BreakGlassReview,
     CosignatureStatus,
     History,
     SignatureChecks,
@@ -41,6 +42,7 @@ from node.core.audit_rules import (
     first_difference,
     match_receipts,
     plan_consent_checks,
+    review_break_glass,
     signed_items,
 )
 from node.core.consent import (
@@ -385,6 +387,8 @@ class AuditReport:
     violations: list[Violation]
     unreachable: list[str]
     checked_at: int
+    # Every break-glass access, for review; those that broke the policy are flagged.
+    break_glass: list[BreakGlassReview] = field(default_factory=list)
 
     @property
     def exit_status(self) -> int:
@@ -400,6 +404,7 @@ class AuditReport:
             "logs": [log.as_json() for log in self.logs],
             "violations": [v.as_json() for v in self.violations],
             "unreachable": self.unreachable,
+            "break_glass": [b.as_json() for b in self.break_glass],
         }
 
 
@@ -510,6 +515,11 @@ def audit_views(
     for history in best.values():
         violations += check_entry_times(history, now, clock_skew)
     violations += _consent(best, now, receipt_grace, clock_skew, workers)
+    reviews: list[BreakGlassReview] = []
+    for origin, history in sorted(best.items()):
+        reviewed, found = review_break_glass(origin, history.entries)
+        reviews += reviewed
+        violations += found
     violations = _dedupe(violations)
     reports = _log_reports(views, keys, histories, best)
     broken = {v.log for v in violations}
@@ -519,7 +529,8 @@ def audit_views(
         for origin, h in sorted(best.items())
         if origin not in broken and h.checkpoint is not None and h.signing_key is not None
     ]
-    return AuditReport(reports, violations, list(unreachable), now), to_save
+    report = AuditReport(reports, violations, list(unreachable), now, reviews)
+    return report, to_save
 
 
 def confirmed_keys(views: Sequence[PeerView]) -> dict[str, bytes]:

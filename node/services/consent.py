@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,11 +36,21 @@ from node.core.consent import (
     Rule,
     Verdict,
     admit_grant,
+    decode_delegation,
     decode_grant,
     decode_revocation,
+    scope_text,
     validate_grant,
 )
-from node.core.entries import Denial, Enroll, EntryBody, Grant, Revoke, decode_entry
+from node.core.entries import (
+    DelegationEntry,
+    Denial,
+    Enroll,
+    EntryBody,
+    Grant,
+    Revoke,
+    decode_entry,
+)
 from node.core.keys import PUBLIC_KEY_SIZE
 from node.core.rate_limit import SlidingWindowLimit
 from node.errors import BadInput, ConfigError, Conflict, Forbidden, NotFound, Unauthorized
@@ -61,6 +72,8 @@ REPLAY_BATCH = 2000
 FETCHED_SOURCE_PREFIX = "fetched from "
 # consent.max_denials_per_minute counts over this window, in seconds.
 DENIAL_WINDOW = 60.0
+# consent.max_emergency_per_hour counts over this window, in seconds.
+EMERGENCY_WINDOW = 3600.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +83,8 @@ class EnrollResult:
     replaced: bytes | None
     # Studies of the patient here now: 0 warns staff of a mistyped patient id.
     studies: int = 0
+    # Who may break the glass while the patient signs no emergency policy (shown to them).
+    emergency_default: str = ""
 
 
 @dataclass(frozen=True)
@@ -108,6 +123,10 @@ class ConsentService:
         self._reference_key = _load_or_create_reference_key(runtime)
         self.denial_limit = SlidingWindowLimit(
             runtime.config.consent.max_denials_per_minute, DENIAL_WINDOW
+        )
+        # New break-glass requests a member may make (node.services.emergency).
+        self.emergency_limit = SlidingWindowLimit(
+            runtime.config.consent.max_emergency_per_hour, EMERGENCY_WINDOW
         )
 
     def close(self) -> None:
@@ -254,7 +273,11 @@ def enroll_patient(runtime: NodeRuntime, patient_id: str, public_key: bytes) -> 
             if existing.retired:
                 raise Conflict("that key was retired; the patient needs a new one")
             return EnrollResult(
-                None, subject, None, len(own_studies_of_patient(runtime, patient_id))
+                None,
+                subject,
+                None,
+                len(own_studies_of_patient(runtime, patient_id)),
+                runtime.config.consent.emergency_default,
             )
         service.state.bind_subject(subject, patient_id)
         current = service.state.active_key_of_subject(subject)
@@ -268,7 +291,9 @@ def enroll_patient(runtime: NodeRuntime, patient_id: str, public_key: bytes) -> 
         b64url_encode(public_key),
         patient_id,
     )
-    return EnrollResult(appended.index, subject, replaced, studies)
+    return EnrollResult(
+        appended.index, subject, replaced, studies, runtime.config.consent.emergency_default
+    )
 
 
 def enroll_result_json(result: EnrollResult, public_key: bytes) -> dict[str, Any]:
@@ -279,6 +304,7 @@ def enroll_result_json(result: EnrollResult, public_key: bytes) -> dict[str, Any
         "already_enrolled": result.index is None,
         "replaced": None if result.replaced is None else b64url_encode(result.replaced),
         "studies": result.studies,
+        "emergency_default": result.emergency_default,
     }
 
 
@@ -302,12 +328,24 @@ def consent_view(runtime: NodeRuntime, token: GrantToken) -> ConsentView:
     keys = {} if key is None else {key.public_key: KeyStatus(key.subject, key.retired)}
     studies = {} if key is None else {key.subject: _owned_studies(runtime, key.subject)}
     token_id = token.token_id
-    revoked = state.revocation_index(token.patient_key, token_id) is not None
+    # The token's own revocation, and for a delegate's grant its delegation's.
+    ids = [token_id] if token.delegation is None else [token_id, token.delegation.delegation_id]
+    revoked = {
+        (token.patient_key, i)
+        for i in ids
+        if state.revocation_index(token.patient_key, i) is not None
+    }
+    chain = token.delegation
     return ConsentView(
         keys=keys,
         studies_of_subject=studies,
-        revoked=frozenset({(token.patient_key, token_id)} if revoked else set()),
+        revoked=frozenset(revoked),
         recorded=frozenset({token_id} if state.grant(token_id) is not None else set()),
+        delegations=frozenset(
+            {chain.delegation_id}
+            if chain is not None and state.delegation_index(chain.delegation_id) is not None
+            else set()
+        ),
     )
 
 
@@ -384,6 +422,60 @@ def record_revocation(runtime: NodeRuntime, revocation_bytes: bytes) -> Revocati
         _patient_of_key(runtime, revocation.patient_key),
     )
     return RevocationRecord(revocation.token_id, appended.index, newly=True)
+
+
+def record_delegation(runtime: NodeRuntime, delegation_bytes: bytes, signer_key: bytes) -> int:
+    """Record a patient's delegation to another key; returns its log index (idempotent).
+
+    Raises BadInput (malformed, or for another custodian), Unauthorized (bad signature),
+    Forbidden (not signed by ``signer_key``, or that key is not enrolled and unretired).
+    """
+    delegation = decode_delegation(delegation_bytes)
+    return record_patient_statement(
+        runtime,
+        "delegation",
+        delegation.patient_key,
+        signer_key,
+        delegation.signature_valid(),
+        delegation.custodian,
+        lambda: runtime.services.consent.state.delegation_index(delegation.delegation_id),
+        DelegationEntry(delegation=delegation_bytes),
+    )
+
+
+def record_patient_statement(
+    runtime: NodeRuntime,
+    what: str,
+    patient_key: bytes,
+    signer_key: bytes,
+    signature_valid: bool,
+    custodian: str,
+    recorded_index: Callable[[], int | None],
+    body: EntryBody,
+) -> int:
+    """Append a patient-signed statement (a delegation, an emergency policy) once.
+
+    The one rule for them: submitted by its own key, its signature verifies, it names
+    this custodian, and the key is enrolled and unretired. ``recorded_index`` (called
+    under the lock) gives the index it is already recorded at, or None; it may raise to
+    refuse it. Raises Forbidden, Unauthorized or BadInput naming what failed.
+    """
+    if patient_key != signer_key:
+        raise Forbidden(f"a patient may submit only a {what} signed with their own key")
+    if not signature_valid:
+        raise Unauthorized(f"the {what}'s signature does not verify")
+    if custodian != runtime.config.origin:
+        raise BadInput(f"the {what} is for {custodian}, not this custodian")
+    service = runtime.services.consent
+    with service.lock:
+        service.catch_up()
+        key = service.state.key(patient_key)
+        if key is None or key.retired:
+            raise Forbidden(f"the {what}'s key is not enrolled here")
+        known = recorded_index()
+        if known is not None:
+            return known
+        return service.append(body).index
 
 
 def _patient_of_key(runtime: NodeRuntime, public_key: bytes) -> str:
@@ -572,3 +664,29 @@ def token_statuses(runtime: NodeRuntime, public_key: bytes, now: int) -> list[di
             }
         )
     return statuses
+
+
+def delegation_statuses(runtime: NodeRuntime, public_key: bytes) -> list[dict[str, Any]]:
+    """Every delegation ``public_key`` recorded here, with status active, expired or revoked."""
+    state = runtime.services.consent.state
+    now = int(time.time())
+    listed = []
+    for raw, index in state.delegations_of_key(public_key):
+        delegation = decode_delegation(raw)
+        revoked = state.revocation_index(public_key, delegation.delegation_id) is not None
+        listed.append(
+            {
+                "delegation_id": delegation.delegation_id.hex(),
+                "delegate": b64url_encode(delegation.delegate_key),
+                "powers": [p.value for p in delegation.powers],
+                "scope": scope_text(delegation.scope),
+                "expires": delegation.expires,
+                "index": index,
+                "status": "revoked"
+                if revoked
+                else "expired"
+                if now > delegation.expires
+                else "active",
+            }
+        )
+    return listed

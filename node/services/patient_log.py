@@ -23,8 +23,17 @@ import aiohttp
 from node.core import origins
 from node.core.base64url import b64url_encode
 from node.core.chain import LogChain
-from node.core.consent import decode_grant, decode_revocation, is_link_grantee
-from node.core.entries import Access, Denial, Grant, LedgerEntry, Revoke, decode_entry
+from node.core.consent import decode_grant, decode_revocation, is_link_grantee, scope_text
+from node.core.emergency import split_references
+from node.core.entries import (
+    Access,
+    BreakGlass,
+    Denial,
+    Grant,
+    LedgerEntry,
+    Revoke,
+    decode_entry,
+)
 from node.core.key_rotation import chain_of_log
 from node.core.keys import VerifierKey, parse_verifier_key
 from node.core.merkle import verify_inclusion
@@ -35,8 +44,8 @@ from node.services.audit import LogListing, fetch_entries, get_body, parse_listi
 from node.services.peer_client import describe
 from node.services.wallet import Wallet
 
-# The entries a patient sees about their tokens.
-EVENT_TYPES = (Access, Denial, Revoke)
+# The entries a patient sees about their tokens, and the break-glass entries naming their key.
+EVENT_TYPES = (Access, Denial, Revoke, BreakGlass)
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,8 @@ class PatientEvent:
     details: dict[str, object]
     proof: Proof
     source: str
+    # Break-glass: the emergency access itself, or an access or refusal under it.
+    flagged: bool = False
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -93,6 +104,7 @@ class PatientEvent:
             "time": self.time,
             "token_id": self.token_id.hex(),
             **self.details,
+            "flagged": self.flagged,
             "proof": self.proof.as_json(),
             "source": self.source,
         }
@@ -154,6 +166,27 @@ def _event_details(entry: LedgerEntry, labels: dict[bytes, str]) -> dict[str, ob
         if is_link_grantee(body.requester):
             refused["link"] = labels.get(bytes(body.token_id), "")
         return refused
+    if isinstance(body, Grant):
+        # Listed only when a delegate made it (the patient knows their own grants).
+        grant = decode_grant(body.token)
+        return {
+            "grantee": grant.fields.grantee,
+            "delegate": b64url_encode(grant.fields.patient_key),
+            "scope": scope_text(grant.fields.scope),
+            "expires": grant.fields.expires,
+        }
+    if isinstance(body, BreakGlass):
+        try:
+            studies = [b64url_encode(ref) for ref in split_references(body.studies)]
+        except BadInput:
+            studies = []
+        return {
+            "requester": body.requester,
+            "reason": body.reason,
+            "policy": body.policy,
+            "default_policy": body.policy_index is None,
+            "studies": studies,
+        }
     return {}
 
 
@@ -161,12 +194,22 @@ def _event_token_id(entry: LedgerEntry) -> bytes | None:
     body = entry.body
     if isinstance(body, Access | Denial):
         return body.token_id
+    if isinstance(body, BreakGlass):
+        return body.request
+    if isinstance(body, Grant):
+        return decode_grant(body.token).token_id
     if isinstance(body, Revoke):
         try:
             return decode_revocation(body.revocation).token_id
         except BadInput:
             return None
     return None
+
+
+def _by_delegate(entry: LedgerEntry) -> bool:
+    """Whether a (checked, own) grant entry was signed by a delegate."""
+    body = entry.body
+    return isinstance(body, Grant) and decode_grant(body.token).delegation is not None
 
 
 def own_grant_id(entry: LedgerEntry, patient_key: bytes | None) -> bytes | None:
@@ -182,7 +225,8 @@ def own_grant_id(entry: LedgerEntry, patient_key: bytes | None) -> bytes | None:
         grant = decode_grant(body.token) if isinstance(body, Grant) else None
     except BadInput:
         return None
-    if grant is None or grant.fields.patient_key != patient_key or not grant.signature_valid():
+    # A delegate's grant is the patient's too: its chain leads to their key.
+    if grant is None or grant.patient_key != patient_key or not grant.signature_valid():
         return None
     return grant.token_id
 
@@ -283,13 +327,20 @@ async def custodian_events(
         raise BadInput(f"the entries {source} serves do not hash to the signed checkpoint")
     events = []
     token_ids = set(token_ids)
+    emergencies: set[bytes] = set()
     for index, link in enumerate(links):
         entry = link.entry
         own_grant = None if entry is None else own_grant_id(entry, patient_key)
         if own_grant is not None:
             token_ids.add(own_grant)  # a grant precedes every event under it in its log
-        if entry is None or not isinstance(entry.body, EVENT_TYPES):
+        by_delegate = own_grant is not None and entry is not None and _by_delegate(entry)
+        if entry is None or not (isinstance(entry.body, EVENT_TYPES) or by_delegate):
             continue
+        body = entry.body
+        if isinstance(body, BreakGlass) and patient_key and body.patient_key == patient_key:
+            # It precedes the accesses under it, as a grant does.
+            emergencies.add(body.request)
+            token_ids.add(body.request)
         token_id = _event_token_id(entry)
         if token_id is None or token_id not in token_ids:
             continue
@@ -307,6 +358,7 @@ async def custodian_events(
                 _event_details(entry, labels or {}),
                 Proof(size, checkpoint is not None, included, cosigners),
                 source,
+                flagged=token_id in emergencies,
             )
         )
     return events
@@ -349,5 +401,6 @@ async def read_patient_log(
             )
         except (BadInput, Unauthorized, UnicodeDecodeError) as exc:
             problems.append(f"{custodian}: {exc}")
-    events.sort(key=lambda e: (e.time, e.custodian, e.index))
+    # Break-glass first: what the patient did not consent to is what they must see.
+    events.sort(key=lambda e: (not e.flagged, e.time, e.custodian, e.index))
     return PatientLog(events, problems)

@@ -49,7 +49,15 @@ from node.core.channel import (
     seal,
     sender_session,
 )
-from node.core.consent import RULE_MESSAGES, Rule, decode_grant, parse_token_text, token_id_of
+from node.core.consent import (
+    RULE_MESSAGES,
+    Rule,
+    Verdict,
+    decode_grant,
+    parse_token_text,
+    token_id_of,
+)
+from node.core.emergency import PatientIdentity, is_emergency_request, sign_request
 from node.core.entries import Access, EntryBody, Receipt
 from node.core.manifest import (
     DATA,
@@ -81,6 +89,7 @@ from node.errors import (
     Unauthorized,
 )
 from node.services.consent import check_access, resolve_study_reference
+from node.services.emergency import check_emergency
 from node.services.ledger import LedgerService
 from node.services.pacs import serving_from_cache
 from node.services.peer_client import (
@@ -223,6 +232,8 @@ class FetchJob:
     opened: bool = False  # the custodian answered a transfer request at least once
     finished: float | None = None
     study_uids: list[str] = field(default_factory=list)
+    # A break-glass fetch: its reason code (the token is the signed emergency request).
+    emergency_reason: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         end = self.finished or time.time()
@@ -230,6 +241,8 @@ class FetchJob:
         return {
             "id": self.id,
             "kind": "fetch",
+            "emergency": self.emergency_reason is not None,
+            "reason": self.emergency_reason,
             "state": self.state,
             "token_id": self.token_id.hex(),
             "custodian": self.custodian,
@@ -380,7 +393,7 @@ class TransferService:
         """
         request = decode_open_request(body)
         verdict = await asyncio.to_thread(
-            check_access, self.runtime, request.token, grantee, None, int(time.time())
+            self.judge, request.token, grantee, grantee_key, int(time.time())
         )
         if not verdict.allowed:
             rule = verdict.rule or Rule.TAMPERED
@@ -406,6 +419,13 @@ class TransferService:
         )
         sealed = seal(keys.manifest, manifest.encode())
         return OpenResponse(transfer_id, ephemeral.public, sealed).encode()
+
+    def judge(self, token: bytes, grantee: str, grantee_key: bytes, now: int) -> Verdict:
+        """The one consent decision of a transfer: a grant token, or a member's signed
+        emergency request (break-glass, node.services.emergency)."""
+        if is_emergency_request(token):
+            return check_emergency(self.runtime, token, grantee, grantee_key, now)
+        return check_access(self.runtime, token, grantee, None, now)
 
     def _build_manifest(
         self, token_id: bytes, study_refs: tuple[bytes, ...]
@@ -525,7 +545,7 @@ class TransferService:
     async def _recheck(self, session: SenderSession) -> None:
         """Raises TransferRefused if the token no longer allows the transfer."""
         verdict = await asyncio.to_thread(
-            check_access, self.runtime, session.token, session.grantee, None, int(time.time())
+            self.judge, session.token, session.grantee, session.grantee_key, int(time.time())
         )
         if not verdict.allowed:
             self.sessions.pop(session.transfer_id, None)
@@ -605,6 +625,48 @@ class TransferService:
             custodian=grant.fields.custodian,
             public_url=self.runtime.config.public_url,
         )
+        return self._start(job)
+
+    def start_emergency_fetch(
+        self, custodians: list[str], patient_id: str, reason: str, note: str
+    ) -> list[FetchJob]:
+        """Break-glass: ask each custodian (every other member if none is named) for the
+        studies of the patient it knows by ``patient_id``, one signed request each.
+
+        Raises BadInput for a bad reason, patient id or note, NotInRoster for a custodian
+        this node does not know.
+        """
+        roster = self.runtime.services.roster.roster
+        identity = self.runtime.identity
+        if not custodians:
+            custodians = [member.origin for member in roster]
+        jobs = []
+        for custodian in custodians:
+            member = roster.get(custodian)
+            if member is None or custodian == identity.origin:
+                raise NotInRoster(f"custodian {custodian} is not a member of this node's roster")
+            request = sign_request(
+                identity.origin,
+                custodian,
+                member.public_key,
+                reason,
+                PatientIdentity(patient_id, note),
+                int(time.time()),
+                secrets.token_bytes(16),
+                identity.sign,
+            )
+            job = FetchJob(
+                id=secrets.token_hex(8),
+                token=request,
+                token_id=token_id_of(request),
+                custodian=custodian,
+                public_url=self.runtime.config.public_url,
+                emergency_reason=reason,
+            )
+            jobs.append(job)
+        return [self._start(job) for job in jobs]
+
+    def _start(self, job: FetchJob) -> FetchJob:
         finished = [j for j in self.jobs.values() if j.finished is not None]
         for old in sorted(finished, key=lambda j: j.started)[: max(0, len(finished) - RECENT)]:
             del self.jobs[old.id]  # kept in the transfer store

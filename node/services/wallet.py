@@ -24,16 +24,28 @@ from yarl import URL
 
 from node.core.base64url import b64url_decode, b64url_encode
 from node.core.consent import (
+    Delegation,
     GrantFields,
+    Power,
+    decode_delegation,
     link_grantee,
     scope_text,
+    sign_delegation,
     sign_grant,
     sign_revocation,
     token_id_of,
     token_text,
     token_url,
 )
-from node.core.entries import EntryBody, Grant, Revoke, decode_entry
+from node.core.emergency import Choice, sign_policy
+from node.core.entries import (
+    DelegationEntry,
+    EmergencyPolicyEntry,
+    EntryBody,
+    Grant,
+    Revoke,
+    decode_entry,
+)
 from node.core.key_rotation import chain_of_log
 from node.core.keys import parse_verifier_key
 from node.core.merkle import leaf_hash, verify_inclusion
@@ -315,6 +327,93 @@ class Wallet:
                 record["status"] = "revoked"
         self.files.save_state(state)
         return {"token_id": token_id.hex(), "index": recorded.index, "status": "revoked"}
+
+    async def delegate(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        delegate_key: bytes,
+        scope: tuple[bytes, ...] | None,
+        powers: tuple[Power, ...],
+        lifetime: int,
+    ) -> dict[str, Any]:
+        """Sign a delegation of ``powers`` to ``delegate_key``, submit it, verify its
+        inclusion; returns its id, text (for the delegate's wallet) and log index."""
+        custodian = await self.custodian(session, url)
+        key = self.key_for(custodian.origin)
+        now = int(time.time())
+        unsigned = Delegation(
+            key.public_key,
+            custodian.origin,
+            delegate_key,
+            scope,
+            powers,
+            now,
+            now + lifetime,
+            os.urandom(16),
+        )
+        delegation = sign_delegation(unsigned, key.sign)
+        answer = await self.signed(session, custodian, "POST", "/patient/delegations", delegation)
+        recorded = verify_recorded(answer, custodian, DelegationEntry(delegation=delegation))
+        return {
+            "delegation_id": token_id_of(delegation).hex(),
+            "delegation": token_text(delegation),
+            "index": recorded.index,
+        }
+
+    async def delegations(self, session: aiohttp.ClientSession, url: str) -> list[Any]:
+        """My delegations at a custodian, with their status (active, expired, revoked)."""
+        custodian = await self.custodian(session, url)
+        answer = await self.signed(session, custodian, "GET", "/patient/delegations")
+        return list(answer.get("delegations", []))
+
+    def grant_as_delegate(
+        self, delegation: bytes, grantee: str, scope: tuple[bytes, ...] | None, lifetime: int
+    ) -> dict[str, Any]:
+        """As the delegate a patient named: sign a grant carrying the delegation (its
+        chain). The custodian records it when the grantee presents it, if the delegation
+        is recorded there, unrevoked, in force and gives the power to grant."""
+        chain = decode_delegation(delegation)
+        key = self.key_for(chain.custodian)
+        if key.public_key != chain.delegate_key:
+            raise BadInput("the delegation names another key than this wallet's there")
+        now = int(time.time())
+        fields = GrantFields(
+            key.public_key,
+            chain.custodian,
+            grantee,
+            scope,
+            now,
+            now + lifetime,
+            os.urandom(16),
+            delegation,
+        )
+        token = sign_grant(fields, key.sign)
+        return {
+            "token": token_text(token),
+            "token_id": token_id_of(token).hex(),
+            "url": token_url(token),
+        }
+
+    async def set_emergency_policy(
+        self, session: aiohttp.ClientSession, url: str, choice: Choice, members: tuple[str, ...]
+    ) -> dict[str, Any]:
+        """Sign and submit my emergency policy at a custodian; verify its inclusion."""
+        custodian = await self.custodian(session, url)
+        key = self.key_for(custodian.origin)
+        policy = sign_policy(
+            key.public_key, custodian.origin, choice, members, int(time.time()), key.sign
+        )
+        path = "/patient/emergency-policy"
+        answer = await self.signed(session, custodian, "POST", path, policy)
+        recorded = verify_recorded(answer, custodian, EmergencyPolicyEntry(policy=policy))
+        return {"choice": choice.value, "members": list(members), "index": recorded.index}
+
+    async def emergency_policy(self, session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+        """The emergency policy in force for me at a custodian (mine, or its default)."""
+        custodian = await self.custodian(session, url)
+        answer = await self.signed(session, custodian, "GET", "/patient/emergency-policy")
+        return dict(answer)
 
     async def tokens(self, session: aiohttp.ClientSession) -> list[dict[str, Any]]:
         """Every token this wallet issued, with its status refreshed from its custodian.

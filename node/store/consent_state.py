@@ -18,8 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from node.core.consent import decode_grant, decode_revocation
-from node.core.entries import Enroll, EntryBody, Grant, Revoke
+from node.core.consent import decode_delegation, decode_grant, decode_revocation
+from node.core.emergency import decode_policy
+from node.core.entries import (
+    BreakGlass,
+    DelegationEntry,
+    EmergencyPolicyEntry,
+    Enroll,
+    EntryBody,
+    Grant,
+    Revoke,
+)
 from node.errors import BadInput
 from node.store.sqlite import LockedDatabase, Migration
 
@@ -44,8 +53,21 @@ CREATE TABLE IF NOT EXISTS revocations (
 CREATE TABLE IF NOT EXISTS replay (
     name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 """
+# Break-glass (node.core.emergency): each key's signed policies, and the requests served;
+# delegations (node.core.consent.Delegation) by id.
+ROUND_TWO_SCHEMA = """
+CREATE TABLE IF NOT EXISTS delegations (
+    delegation_id BLOB PRIMARY KEY, patient_key BLOB NOT NULL, delegation BLOB NOT NULL,
+    ledger_index INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS emergency_policies (
+    patient_key BLOB NOT NULL, ledger_index INTEGER NOT NULL, policy BLOB NOT NULL,
+    PRIMARY KEY (patient_key, ledger_index)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS break_glass (
+    request BLOB PRIMARY KEY, requester TEXT NOT NULL, studies BLOB NOT NULL,
+    ledger_index INTEGER NOT NULL) WITHOUT ROWID;
+"""
 # Schema versions (node/store/sqlite.py): position n upgrades version n to n + 1.
-MIGRATIONS: tuple[Migration, ...] = (SCHEMA,)
+MIGRATIONS: tuple[Migration, ...] = (SCHEMA, ROUND_TWO_SCHEMA)
 
 
 @dataclass(frozen=True)
@@ -58,6 +80,20 @@ class KeyRecord:
     @property
     def retired(self) -> bool:
         return self.retired_index is not None
+
+
+@dataclass(frozen=True)
+class PolicyRow:
+    policy: bytes
+    ledger_index: int
+
+
+@dataclass(frozen=True)
+class BreakGlassRow:
+    request: bytes
+    requester: str
+    studies: bytes
+    ledger_index: int
 
 
 @dataclass(frozen=True)
@@ -117,7 +153,8 @@ class ConsentState(LockedDatabase):
         """Apply own-log entries ``start, start+1, ...`` (their bodies) in one transaction.
 
         Entries already applied are skipped; a gap before ``start`` raises ValueError.
-        Kinds other than enroll, grant and revoke only advance the replay position.
+        Kinds other than enroll, grant, revoke, delegation, emergency_policy and break_glass
+        only advance the replay position.
         """
         with self._lock:
             row = self._db.execute("SELECT value FROM replay WHERE name = 'applied_size'")
@@ -176,7 +213,77 @@ class ConsentState(LockedDatabase):
                 (revocation.patient_key, revocation.token_id, index),
             )
 
+        elif isinstance(body, EmergencyPolicyEntry):
+            try:
+                policy = decode_policy(body.policy)
+            except BadInput:
+                return
+            db.execute(
+                "INSERT OR IGNORE INTO emergency_policies (patient_key, ledger_index, policy)"
+                " VALUES (?, ?, ?)",
+                (policy.patient_key, index, policy.raw),
+            )
+        elif isinstance(body, DelegationEntry):
+            try:
+                delegation = decode_delegation(body.delegation)
+            except BadInput:
+                return
+            db.execute(
+                "INSERT OR IGNORE INTO delegations"
+                " (delegation_id, patient_key, delegation, ledger_index) VALUES (?, ?, ?, ?)",
+                (delegation.delegation_id, delegation.patient_key, delegation.raw, index),
+            )
+        elif isinstance(body, BreakGlass):
+            db.execute(
+                "INSERT OR IGNORE INTO break_glass (request, requester, studies, ledger_index)"
+                " VALUES (?, ?, ?, ?)",
+                (body.request, body.requester, body.studies, index),
+            )
+
     # -- queries -------------------------------------------------------------------------
+
+    def latest_policy(self, public_key: bytes) -> PolicyRow | None:
+        """The last emergency policy recorded for ``public_key``, or None."""
+        row = self._one(
+            "SELECT policy, ledger_index FROM emergency_policies WHERE patient_key = ?"
+            " ORDER BY ledger_index DESC LIMIT 1",
+            (public_key,),
+        )
+        return None if row is None else PolicyRow(*row)
+
+    def delegation_index(self, delegation_id: bytes) -> int | None:
+        """The log index of a recorded delegation, or None."""
+        row = self._one(
+            "SELECT ledger_index FROM delegations WHERE delegation_id = ?", (delegation_id,)
+        )
+        return None if row is None else int(row[0])
+
+    def delegations_of_key(self, public_key: bytes) -> list[tuple[bytes, int]]:
+        """A patient key's recorded delegations: (signed bytes, log index), oldest first."""
+        rows = self._all(
+            "SELECT delegation, ledger_index FROM delegations WHERE patient_key = ?"
+            " ORDER BY ledger_index",
+            (public_key,),
+        )
+        return [(bytes(r[0]), int(r[1])) for r in rows]
+
+    def recent_break_glass(self, limit: int) -> list[BreakGlassRow]:
+        """The last ``limit`` served emergency requests, newest first."""
+        rows = self._all(
+            "SELECT request, requester, studies, ledger_index FROM break_glass"
+            " ORDER BY ledger_index DESC LIMIT ?",
+            (limit,),
+        )
+        return [BreakGlassRow(*r) for r in rows]
+
+    def break_glass(self, request: bytes) -> BreakGlassRow | None:
+        """The served emergency request with this id, or None."""
+        row = self._one(
+            "SELECT request, requester, studies, ledger_index FROM break_glass"
+            " WHERE request = ?",
+            (request,),
+        )
+        return None if row is None else BreakGlassRow(*row)
 
     def key(self, public_key: bytes) -> KeyRecord | None:
         row = self._one(

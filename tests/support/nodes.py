@@ -170,9 +170,7 @@ class NodeProcess:
             return json.loads(r.read())
 
 
-def init_node(
-    base: Path, origin: str, name: str | None = None, *init_args: str
-) -> NodeProcess:
+def init_node(base: Path, origin: str, name: str | None = None, *init_args: str) -> NodeProcess:
     """`imageshare init` a node in ``base/name`` on free ports, with more ``init_args``
     (e.g. ``--tls-self-signed``); not started."""
     http_port, dimse_port = free_port(), free_port()
@@ -206,3 +204,24 @@ def peer_each_other(a: NodeProcess, b: NodeProcess) -> None:
             "[federation]\ndiscovery = false\nreplicate_interval = 0.2\n\n"
             f'[[peers]]\norigin = "{other.origin}"\nurl = "{other.url}"\nvkey = "{other.vkey}"'
         )
+
+
+def log_entries(node: NodeProcess, origin: str | None = None) -> list[Any]:
+    """Every entry (decoded LedgerEntry values) of ``origin``'s log as ``node`` serves it
+    through its ledger API: its own log by default, else its mirror (empty if none)."""
+    import msgpack
+
+    from node.core.entries import decode_entry
+    from node.core.origins import log_id
+
+    wanted = log_id(origin or node.origin)
+    logs = node.get_json("/ledger/logs", auth=False)
+    size = next((log["size"] for log in logs if log["log_id"] == wanted), 0)
+    raw: list[bytes] = []
+    while len(raw) < size:
+        path = f"/ledger/logs/{wanted}/entries?start={len(raw)}&end={size}"
+        with urllib.request.urlopen(node.url + path, timeout=10) as response:
+            batch = msgpack.unpackb(response.read())
+        assert batch, f"{node.origin} served no entries from {len(raw)}"
+        raw += batch
+    return [decode_entry(r) for r in raw]

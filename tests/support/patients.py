@@ -1,4 +1,4 @@
-"""Patient-side helpers for tests: signed /patient calls and grants, without the CLI."""
+"""Patient-side helpers for tests: signed /patient calls and grants, and the wallet CLI."""
 
 from __future__ import annotations
 
@@ -7,12 +7,18 @@ import os
 import time
 import urllib.error
 import urllib.request
-from typing import Any
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
 
 from node.core.consent import GrantFields, sign_grant
 from node.core.patient_keys import PatientKey
 from node.core.signed_requests import make_headers, patient_signer
-from tests.support.nodes import NodeProcess
+from tests.support.nodes import NodeProcess, run_cli
+
+T = TypeVar("T")
 
 
 def send(
@@ -83,3 +89,15 @@ def enroll_new_key(node: NodeProcess, patient_id: str) -> PatientKey:
     # --key=...: a base64url key may begin with "-".
     node.cli("enroll", "--patient-id", patient_id, f"--key={key.public_key_text}")
     return key
+
+
+def patient(wallet: Path, *args: str, check: bool = True) -> Any:
+    """`imageshare patient ARGS --wallet W --json`, parsed (the raw result if check=False)."""
+    result = run_cli("patient", *args, "--wallet", str(wallet), "--json", check=check)
+    return json.loads(result.stdout) if check else result
+
+
+async def with_session(action: Callable[[aiohttp.ClientSession], Awaitable[T]]) -> T:
+    """Run one wallet library call with a fresh HTTP session."""
+    async with aiohttp.ClientSession() as session:
+        return await action(session)

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 
 from node.core.audit_rules import RULES
-from node.core.entries import Access, Denial
+from node.core.entries import Access, BreakGlass, Denial, Grant
 from node.edges.cli._common import ca_file_of, command, print_json
 from node.services.audit import DEFAULT_RECEIPT_GRACE, AuditReport, run_audit
 from node.services.audit_state import AuditState
@@ -83,6 +83,13 @@ def render_report(report: AuditReport) -> str:
         else:
             lines.append("  cosigned by: nobody")
         lines.append(f"  served by: {', '.join(log.sources)}")
+    for b in report.break_glass:
+        flag = "FLAGGED " if b.problems else ""
+        policy = "federation default" if b.default_policy else f"patient's {b.policy}"
+        lines.append(
+            f"{flag}BREAK-GLASS in {b.log} at #{b.index}: {b.requester} ({b.reason}),"
+            f" {b.studies} studies, policy {policy}; review"
+        )
     for reason in report.unreachable:
         lines.append(f"UNREACHABLE {reason}")
     for v in report.violations:
@@ -146,7 +153,7 @@ def _link_name(details: dict[str, object]) -> str:
 
 
 def render_patient_log(log: PatientLog) -> str:
-    """One line per event, oldest first, with how it is proven."""
+    """One line per event, break-glass first, then oldest first, with how it is proven."""
     lines = []
     for e in log.events:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.time))
@@ -167,6 +174,18 @@ def render_patient_log(log: PatientLog) -> str:
             what = f"{_link_name(e.details)} was refused ({e.details['rule']})"
         elif e.kind == Denial.kind:
             what = f"{e.details['requester']} was refused ({e.details['rule']})"
+        elif e.kind == Grant.kind:
+            what = (
+                f"your delegate {str(e.details['delegate'])[:12]}... granted"
+                f" {e.details['grantee']} ({e.details['scope']})"
+            )
+        elif e.kind == BreakGlass.kind:
+            studies = e.details["studies"]
+            count = len(studies) if isinstance(studies, list) else 0
+            what = (
+                f"EMERGENCY ACCESS by {e.details['requester']} ({e.details['reason']}) to"
+                f" {count} studies, under the policy {e.details['policy']}"
+            )
         else:
             what = "you revoked the token"
         proof = e.proof
@@ -184,8 +203,10 @@ def render_patient_log(log: PatientLog) -> str:
                 if not ok
             ]
             how = f"NOT PROVEN (missing: {', '.join(missing)})"
+        flag = "FLAGGED  " if e.flagged else ""
         lines.append(
-            f"{when}Z  {e.custodian} #{e.index}  token {e.token_id.hex()[:16]}  {what}\n    {how}"
+            f"{flag}{when}Z  {e.custodian} #{e.index}  token {e.token_id.hex()[:16]}  {what}"
+            f"\n    {how}"
         )
     if not log.events:
         lines.append("No access or denial of your tokens is recorded.")

@@ -1,5 +1,9 @@
 """`imageshare fetch TOKEN`: have the local daemon fetch what a grant allows, and wait.
 
+`imageshare fetch --emergency --patient-id ID --reason ETREAT|BTG [--note TEXT]
+[--custodian ORIGIN]` is break-glass (docs/consent.md): the daemon signs one emergency
+request per custodian asked (POST /admin/api/emergency) and fetches what each serves.
+
 The daemon is the single writer of its store and ledger, so the command asks it through
 the admin API (POST /admin/api/fetch with the admin token from the data directory) and
 polls the job (GET /admin/api/transfers/{id}) until it ends. Exit 0 fetched, 1 refused
@@ -15,6 +19,7 @@ import time
 from typing import Any
 
 from node.config import NodeConfig
+from node.core.emergency import REASONS
 from node.core.shlink import SHLINK_PREFIX
 from node.edges.cli._common import (
     EXIT_FAILED,
@@ -43,16 +48,43 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "token",
         metavar="SHLINK_OR_TOKEN",
+        nargs="?",
         help="a share link (shlink:/... or a URL carrying it), a grant token or its URL",
     )
     p.add_argument("--passcode", default=None, help="the share link's passcode")
+    p.add_argument(
+        "--emergency",
+        action="store_true",
+        help="break-glass: fetch a patient's studies without a token, where their policy allows",
+    )
+    p.add_argument("--patient-id", default=None, help="with --emergency: the custodian's id")
+    p.add_argument(
+        "--reason", choices=sorted(REASONS), default=None, help="with --emergency: ETREAT or BTG"
+    )
+    p.add_argument("--note", default="", help="with --emergency: why (only the custodian reads it)")
+    p.add_argument(
+        "--custodian",
+        default=None,
+        metavar="ORIGIN",
+        help="with --emergency: the member to ask (default: every member)",
+    )
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     config = config_of(args)
+    if args.emergency:
+        return _fetch_emergency(config, args)
+    if args.token is None:
+        fail("fetch needs a token or a share link, or --emergency --patient-id ID --reason CODE")
+        return EXIT_USAGE
     if SHLINK_PREFIX in args.token:
         return _fetch_link(config, args)
     job = admin_request(config, "POST", "/admin/api/fetch", {"token": args.token})
+    return _report(_follow(config, job), args.json)
+
+
+def _follow(config: NodeConfig, job: dict[str, Any]) -> dict[str, Any]:
+    """Poll a fetch job until it ends, with a progress bar; returns its last state."""
     bar: ProgressBar | None = None
     try:
         while job["state"] == "running":
@@ -67,7 +99,34 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    return _report(job, args.json)
+    return job
+
+
+def _fetch_emergency(config: NodeConfig, args: argparse.Namespace) -> int:
+    """Break-glass: one job per custodian asked; exit 0 if any fetched the patient's studies."""
+    if args.token is not None or args.patient_id is None or args.reason is None:
+        fail("--emergency takes --patient-id ID and --reason CODE, and no token")
+        return EXIT_USAGE
+    body = {"patient_id": args.patient_id, "reason": args.reason, "note": args.note}
+    if args.custodian:
+        body["custodian"] = args.custodian
+    started = admin_request(config, "POST", "/admin/api/emergency", body)
+    jobs = [_follow(config, job) for job in started["jobs"]]
+    done = [job for job in jobs if job["state"] == "done"]
+    if args.json:
+        print_json({"fetches": jobs, "fetched": len(done)})
+        return EXIT_OK if done else EXIT_FAILED
+    for job in jobs:
+        if job["state"] == "done":
+            print(f"{job['custodian']}: fetched {job['instances_total']} instances (break-glass)")
+            for study in job["studies"]:
+                print(f"  study {study['study_uid']}: {study['dicomweb_url']}")
+        elif job["state"] == "refused":
+            rule = job["rule"]
+            fail(f"{job['custodian']} refused the emergency request ({rule}): {job['error']}")
+        else:
+            fail(f"the emergency fetch from {job['custodian']} failed: {job['error']}")
+    return EXIT_OK if done else EXIT_FAILED
 
 
 def _fetch_link(config: NodeConfig, args: argparse.Namespace) -> int:

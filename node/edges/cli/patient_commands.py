@@ -46,7 +46,11 @@ from node.services.wallet import (
 from node.store.wallet_files import WalletFiles
 
 # Modules adding more `imageshare patient` commands, each with register_patient(subparsers).
-PATIENT_COMMAND_MODULES: list[str] = ["node.edges.cli.audit_commands"]
+PATIENT_COMMAND_MODULES: list[str] = [
+    "node.edges.cli.audit_commands",
+    "node.edges.cli.emergency_commands",
+    "node.edges.cli.delegation_commands",
+]
 
 _DURATION = re.compile(r"^([1-9][0-9]{0,5})([smhdw])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
@@ -132,6 +136,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             print("  warning: no study of that patient id on this node; is the id right?")
         if result["replaced"]:
             print(f"  retired the previous key {result['replaced']} and its grants")
+        # The patient is told who may break the glass until they sign a policy of their own.
+        default = str(result.get("emergency_default", "")).replace("_", " ")
+        print(f"  emergency access without a signed policy of the patient's: {default}")
     return EXIT_OK
 
 

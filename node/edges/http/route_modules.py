@@ -6,7 +6,9 @@ from types import ModuleType
 
 from node.edges.http import (
     admin,
+    delegations,
     dicomweb,
+    emergency,
     forwarding,
     ledger_api,
     links,
@@ -23,6 +25,8 @@ MODULES: list[ModuleType] = [
     dicomweb,
     patient,
     transfer,
+    emergency,
+    delegations,
     ledger_api,
     forwarding,
     wallet_pages,

@@ -13,6 +13,7 @@ import "./screen-studies.js";
 import "./screen-share.js";
 import "./screen-tokens.js";
 import "./screen-activity.js";
+import "./safety.js";
 
 /** This address now names another custodian than the one this wallet pinned. */
 class PinMismatch extends Error {}

@@ -188,15 +188,17 @@ function eventTokenId(entry) {
     const revocation = decode(entry.revocation);
     return revocation[2];
   }
+  if (entry.kind === "break_glass") return entry.request;
   return null;
 }
 
 /**
  * Every access, denial and revocation naming one of ``tokenIds`` (hex) in this node's
+ * log (and, given ``ownKey``, every break-glass naming that key and what came under it)
  * log, each with its proof: checkpoint signed by ``pinnedVkey``, witnesses' valid
  * cosignatures, and the entry's inclusion under the checkpoint root.
  */
-export async function myEvents(node, pinnedVkey, tokenIds) {
+export async function myEvents(node, pinnedVkey, tokenIds, ownKey = null) {
   const note = await getText(`/ledger/logs/${node.own.log_id}/checkpoint`);
   const checkpoint = await verifyCheckpoint(note, pinnedVkey);
   const witnesses = node.logs.filter((log) => log.origin !== node.origin).map((log) => log.vkey);
@@ -210,7 +212,13 @@ export async function myEvents(node, pinnedVkey, tokenIds) {
     } catch {
       continue;
     }
-    if (!["access", "denial", "revoke"].includes(entry.kind)) continue;
+    if (!["access", "denial", "revoke", "break_glass"].includes(entry.kind)) continue;
+    // Break-glass naming my key is mine (safety.js), and so is every access under it.
+    if (entry.kind === "break_glass") {
+      if (!ownKey || !(entry.patient_key instanceof Uint8Array)) continue;
+      if (!equal(entry.patient_key, ownKey)) continue;
+      tokenIds.add(toHex(entry.request));
+    }
     let id;
     try {
       id = toHex(eventTokenId(entry));

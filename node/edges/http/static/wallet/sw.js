@@ -3,7 +3,7 @@
 // refreshed in the background, so an updated node's wallet shows from the next start;
 // /patient and /ledger requests are never touched or cached here.
 
-const CACHE = "imageshare-wallet-v5";
+const CACHE = "imageshare-wallet-v6";
 const SHELL = [
   "./",
   "app.js",
@@ -26,6 +26,7 @@ const SHELL = [
   "qr.js",
   "reports.js",
   "reports.css",
+  "safety.js",
   "manifest.webmanifest",
   "icon.svg",
 ];

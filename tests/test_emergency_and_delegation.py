@@ -1,0 +1,417 @@
+"""Break-glass and delegation on real nodes (one pair of nodes for both stories).
+
+Break-glass: a patient's emergency policy, a member's emergency fetch.
+
+Custodian A holds the studies of two enrolled patients: one whose wallet signed "any
+member may break the glass", one whose wallet signed "never". Member B's clinician runs
+`imageshare fetch --emergency` for each. The first is served (a ``break_glass`` entry
+before any byte, an ``access`` at A, a ``receipt`` at B) and the patient's log shows it
+flagged and proven; the second is refused with the rule and the refusal is a ``denial``
+at A; B's next request is over A's per-member limit. The auditor lists the first for
+review; then A, turned hostile, writes a break-glass for the second patient into its own
+log, and the auditor flags it as served against the policy in force.
+
+Delegation: the first patient delegates the power to grant to another person's key; the
+delegate grants B, which fetches; the patient revokes the delegation, and the delegate's
+next grant is refused, while the grant it made before keeps working. The auditor passes
+the first grant and rejects one written into A's log after the revocation.
+
+The web wallet, restored from the first patient's seed in headless Chromium at phone
+size, shows the policy, the delegations and the flagged event, and changes the first two
+(screenshots in test-artifacts/wallet-safety/).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from collections.abc import Iterator
+from typing import Any, TypeVar
+
+import pytest
+
+from node.core.consent import decode_grant, parse_token_text
+from node.core.emergency import Choice, split_references
+from node.core.entries import Access, BreakGlass, Denial, Grant, Receipt
+from node.samples import make_ct_study
+from node.services.consent import subject_reference
+from node.services.runtime import open_runtime
+from node.services.wallet import Wallet
+from tests.support.browser import chromium_session
+from tests.support.nodes import (
+    NodeProcess,
+    init_node,
+    log_entries,
+    peer_each_other,
+    run_cli,
+    wait_until,
+)
+from tests.support.patients import patient, with_session
+from tests.support.web_wallet import PASSPHRASE, restore_wallet, wait_for_screen
+
+ALLOWS = "MRN-BG-ALLOWS"
+NEVER = "MRN-BG-NEVER"
+# A's limit on new emergency requests per member and hour: small, so the test reaches it.
+EMERGENCY_PER_HOUR = 3
+NOTE = "unconscious after a fall; prior head CT wanted"
+T = TypeVar("T")
+
+
+def admin_post(node: NodeProcess, path: str, document: dict[str, Any]) -> Any:
+    request = urllib.request.Request(
+        node.url + path,
+        data=json.dumps(document).encode(),
+        headers={**node.auth, "Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def emergency_fetch_cli(b: NodeProcess, a: NodeProcess, patient_id: str) -> Any:
+    """`imageshare fetch --emergency` at B for a patient of A; (exit status, JSON answer)."""
+    result = b.cli(
+        "fetch",
+        "--emergency",
+        "--patient-id",
+        patient_id,
+        "--reason",
+        "ETREAT",
+        "--note",
+        NOTE,
+        "--custodian",
+        a.origin,
+        "--json",
+        check=False,
+    )
+    return result.returncode, json.loads(result.stdout) if result.stdout else None
+
+
+def emergency_fetch_api(b: NodeProcess, a: NodeProcess, patient_id: str) -> Any:
+    """The dashboard's way: POST /admin/api/emergency at B, then the job's outcome."""
+    body = {"patient_id": patient_id, "reason": "BTG", "custodian": a.origin}
+    (job,) = admin_post(b, "/admin/api/emergency", body)["jobs"]
+    return wait_until(
+        lambda: (j := b.get_json(f"/admin/api/transfers/{job['id']}"))["state"] != "running" and j,
+        timeout=30,
+        interval=0.2,
+    )
+
+
+@pytest.fixture(scope="module")
+def story(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    base = tmp_path_factory.mktemp("break-glass")
+    a = init_node(base, "a.example/imageshare")
+    b = init_node(base, "b.example/imageshare")
+    peer_each_other(a, b)
+    a.append_config(f"[consent]\nmax_emergency_per_hour = {EMERGENCY_PER_HOUR}")
+    make_ct_study(base / "allows", series=1, slices=2, patient_id=ALLOWS)
+    make_ct_study(base / "never", series=1, slices=2, patient_id=NEVER)
+    a.cli("import", str(base / "allows"), str(base / "never"))
+    a.start()
+    b.start()
+    try:
+        allows, never = base / "wallet-allows", base / "wallet-never"
+        patient(allows, "keygen")
+        key = patient(allows, "pubkey", "--custodian", a.url)["pubkey"]
+        enrolled = json.loads(
+            a.cli("enroll", "--patient-id", ALLOWS, f"--key={key}", "--json").stdout
+        )
+        policy_allows = patient(allows, "emergency-policy", "--custodian", a.url, "--any-member")
+        # The second patient's wallet through its library calls (the CLI is tested above).
+        wallet = Wallet.create(never, None)
+        custodian = asyncio.run(with_session(lambda s: wallet.custodian(s, a.url)))
+        key = wallet.key_for(custodian.origin).public_key_text
+        admin_post(a, "/admin/api/enrollments", {"patient_id": NEVER, "key": key})
+        policy_never = asyncio.run(
+            with_session(lambda s: wallet.set_emergency_policy(s, a.url, Choice.NEVER, ()))
+        )
+        shown = asyncio.run(with_session(lambda s: wallet.emergency_policy(s, a.url)))
+        served = emergency_fetch_cli(b, a, ALLOWS)
+        refused = emergency_fetch_cli(b, a, NEVER)
+        unknown = emergency_fetch_api(b, a, "MRN-NOT-HERE")
+        limited = emergency_fetch_api(b, a, ALLOWS)
+        yield {
+            "a": a,
+            "b": b,
+            "allows": allows,
+            "enrolled": enrolled,
+            "policies": {"allows": policy_allows, "never": policy_never},
+            "shown": shown,
+            "served": served,
+            "refused": refused,
+            "unknown": unknown,
+            "limited": limited,
+        }
+    finally:
+        a.stop()
+        b.stop()
+
+
+def audited(a: NodeProcess, b: NodeProcess) -> dict[str, Any] | None:
+    """The audit report once replication has caught up (None while a mirror lags)."""
+    result = run_cli("audit", a.url, b.url, "--json", "--receipt-grace", "0", check=False)
+    report: dict[str, Any] = json.loads(result.stdout)
+    lagging = any(
+        v["rule"] in {"access_without_receipt", "receipt_without_access"}
+        for v in report["violations"]
+    )
+    return None if lagging or result.returncode == 2 else report
+
+
+class TestPolicy:
+    def test_enrollment_shows_the_federation_default(self, story: dict[str, Any]) -> None:
+        assert story["enrolled"]["emergency_default"] == "any_member"
+
+    def test_the_wallet_signs_each_policy_into_the_custodians_log(self, story: dict[str, Any]):
+        assert story["policies"]["allows"]["choice"] == "any_member"
+        assert story["policies"]["never"]["choice"] == "never"
+        kinds = [e.kind for e in log_entries(story["a"])]
+        assert kinds.count("emergency_policy") == 2
+        assert story["shown"]["choice"] == "never" and story["shown"]["default"] is False
+
+
+class TestBreakGlass:
+    def test_a_member_fetches_a_patient_whose_policy_allows_it(self, story: dict[str, Any]):
+        status, answer = story["served"]
+        assert status == 0, answer
+        (job,) = answer["fetches"]
+        assert job["state"] == "done" and job["emergency"] and job["reason"] == "ETREAT"
+        assert job["instances_total"] == 2
+
+    def test_break_glass_is_written_before_the_access_and_names_no_patient(
+        self, story: dict[str, Any]
+    ) -> None:
+        a, b = story["a"], story["b"]
+        request_id = bytes.fromhex(story["served"][1]["fetches"][0]["token_id"])
+        entries = log_entries(a)
+        (at,) = [i for i, e in enumerate(entries) if isinstance(e.body, BreakGlass)]
+        glass = entries[at].body
+        assert isinstance(glass, BreakGlass)
+        assert glass.request == request_id and glass.requester == b.origin
+        assert glass.reason == "ETREAT" and glass.policy == "any_member"
+        assert len(split_references(glass.studies)) == 1
+        accesses = [i for i, e in enumerate(entries) if isinstance(e.body, Access)]
+        assert accesses and all(i > at for i in accesses)
+        raw = b"".join(repr(e.fields).encode() for e in entries)
+        assert ALLOWS.encode() not in raw and NOTE.encode() not in raw
+        receipts = [e.body for e in log_entries(b) if isinstance(e.body, Receipt)]
+        assert [r.token_id for r in receipts] == [request_id]
+
+    def test_a_patient_whose_policy_says_never_is_refused_with_the_rule_and_logged(
+        self, story: dict[str, Any]
+    ) -> None:
+        status, answer = story["refused"]
+        assert status == 1
+        (job,) = answer["fetches"]
+        assert job["state"] == "refused" and job["rule"] == "emergency_not_allowed"
+        denials = [e.body for e in log_entries(story["a"]) if isinstance(e.body, Denial)]
+        assert [(d.rule, d.requester) for d in denials] == [
+            ("emergency_not_allowed", story["b"].origin)
+        ]
+        assert denials[0].token_id == bytes.fromhex(job["token_id"])
+
+    def test_an_unknown_patient_is_refused_and_not_written(self, story: dict[str, Any]):
+        assert story["unknown"]["rule"] == "emergency_unknown_patient"
+
+    def test_a_member_over_its_hourly_limit_is_refused(self, story: dict[str, Any]):
+        assert story["limited"]["rule"] == "emergency_rate_limited"
+
+    def test_both_dashboards_raise_it(self, story: dict[str, Any]) -> None:
+        a, b = story["a"], story["b"]
+        served = a.get_json("/admin/api/emergency")["served"]
+        assert [(s["requester"], s["reason"]) for s in served] == [(b.origin, "ETREAT")]
+        fetched = b.get_json("/admin/api/emergency")["fetched"]
+        assert sorted(f["state"] for f in fetched) == ["done", "refused", "refused", "refused"]
+        assert all(f["custodian"] == a.origin for f in fetched)
+
+    def test_the_patients_log_shows_it_flagged_first_and_proven(self, story: dict[str, Any]):
+        a, b = story["a"], story["b"]
+
+        def proven() -> dict[str, Any] | None:
+            result = patient(story["allows"], "log", a.url, b.url, check=False)
+            return json.loads(result.stdout) if result.returncode == 0 else None
+
+        log = wait_until(proven, timeout=30, interval=0.5, message="a proven patient log")
+        kinds = [(e["kind"], e["flagged"]) for e in log["events"]]
+        assert kinds[:2] == [("break_glass", True), ("access", True)]
+        first = log["events"][0]
+        assert first["requester"] == b.origin and first["reason"] == "ETREAT"
+        assert first["proof"]["proven"] and first["proof"]["cosigners"] == [b.origin]
+        human = run_cli("patient", "log", a.url, b.url, "--wallet", str(story["allows"]))
+        assert human.stdout.startswith("FLAGGED")
+        assert f"EMERGENCY ACCESS by {b.origin} (ETREAT)" in human.stdout
+
+
+@pytest.fixture(scope="module")
+def delegated(story: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    a, b = story["a"], story["b"]
+    principal = Wallet.open(story["allows"], None)
+    directory = tmp_path_factory.mktemp("delegate") / "wallet"
+    delegate = Wallet.create(directory, None)
+    delegate_key = delegate.key_for(a.origin).public_key
+    # The patient's and the delegate's command-line wallets; the rest by library calls.
+    delegation = patient(
+        story["allows"],
+        "delegate",
+        "--custodian",
+        a.url,
+        f"--to-key={delegate.key_for(a.origin).public_key_text}",
+        "--all",
+        "--powers",
+        "grant",
+        "--expires",
+        "1d",
+    )
+    chain = parse_token_text(delegation["delegation"])
+    first = patient(
+        directory, "grant-as-delegate", delegation["delegation"], "--to", b.origin, "--all"
+    )
+    fetched = b.cli("fetch", first["token"], "--json", check=False)
+    delegation_id = bytes.fromhex(delegation["delegation_id"])
+    asyncio.run(with_session(lambda s: principal.revoke(s, a.url, delegation_id)))
+    after = delegate.grant_as_delegate(chain, b.origin, None, 3600)
+    refused = b.cli("fetch", after["token"], "--json", check=False)
+    again = b.cli("fetch", first["token"], "--json", check=False)
+    listed = asyncio.run(with_session(lambda s: principal.delegations(s, a.url)))
+    return {
+        "delegation": delegation,
+        "first": first,
+        "after": after,
+        "fetched": fetched,
+        "refused": refused,
+        "again": again,
+        "listed": listed,
+        "delegate_key": delegate_key,
+    }
+
+
+class TestDelegation:
+    def test_a_delegates_grant_is_fetched_by_the_grantee(self, delegated: dict[str, Any]):
+        assert delegated["fetched"].returncode == 0, delegated["fetched"].stderr
+        assert json.loads(delegated["fetched"].stdout)["instances"] == 2
+
+    def test_after_the_revocation_the_delegates_next_grant_is_refused(
+        self, delegated: dict[str, Any]
+    ) -> None:
+        refused = delegated["refused"]
+        assert refused.returncode == 1
+        assert "delegation_revoked" in refused.stderr
+
+    def test_a_grant_made_before_the_revocation_keeps_working(self, delegated: dict[str, Any]):
+        assert delegated["again"].returncode == 0, delegated["again"].stderr
+
+    def test_the_token_carries_the_chain_and_the_patient_owns_it(
+        self, story: dict[str, Any], delegated: dict[str, Any]
+    ) -> None:
+        token = decode_grant(parse_token_text(delegated["first"]["token"]))
+        assert token.fields.patient_key == delegated["delegate_key"]
+        assert token.delegation is not None and token.signature_valid()
+        principal = Wallet.open(story["allows"], None).key_for(story["a"].origin)
+        assert token.patient_key == principal.public_key
+
+    def test_the_patient_sees_the_delegated_grant_and_the_revoked_delegation(
+        self, story: dict[str, Any], delegated: dict[str, Any]
+    ) -> None:
+        a, b = story["a"], story["b"]
+        result = patient(story["allows"], "log", a.url, b.url, check=False)
+        events = json.loads(result.stdout)["events"]
+        grants = [e for e in events if e["kind"] == "grant"]
+        assert [g["token_id"] for g in grants] == [delegated["first"]["token_id"]]
+        assert grants[0]["grantee"] == b.origin
+        assert [d["status"] for d in delegated["listed"]] == ["revoked"]
+
+
+class TestAudit:
+    def test_the_auditor_lists_the_break_glass_and_flags_forced_entries(
+        self, story: dict[str, Any], delegated: dict[str, Any]
+    ) -> None:
+        a, b = story["a"], story["b"]
+        report = wait_until(lambda: audited(a, b), timeout=30, interval=0.5)
+        assert report["violations"] == []
+        (listed,) = report["break_glass"]
+        assert listed["requester"] == b.origin and listed["flagged"] is False
+        # A turns hostile: it writes, through its own ledger service, a break-glass for
+        # the patient whose signed policy says never.
+        a.stop()
+        runtime = open_runtime(a.config)
+        try:
+            subject = subject_reference(runtime, NEVER)
+            key = runtime.services.consent.state.active_key_of_subject(subject)
+            assert key is not None
+            forced = runtime.services.ledger.append(
+                BreakGlass(
+                    request=bytes(32),
+                    requester=b.origin,
+                    reason="BTG",
+                    subject=subject,
+                    patient_key=key.public_key,
+                    policy="any_member",
+                    policy_index=None,
+                    studies=b"",
+                )
+            )
+            # ... and records the delegate's grant it refused after the revocation.
+            late = runtime.services.ledger.append(
+                Grant(token=parse_token_text(delegated["after"]["token"]))
+            )
+        finally:
+            runtime.close()
+        a.start()
+        report = wait_until(
+            lambda: (r := audited(a, b)) and len(r["break_glass"]) == 2 and r,
+            timeout=30,
+            interval=0.5,
+        )
+        flagged = [v for v in report["violations"] if v["rule"] == "break_glass_against_policy"]
+        assert {v["index"] for v in flagged} == {forced.index}
+        assert any("(never) does not allow" in v["detail"] for v in flagged)
+        assert [r["flagged"] for r in report["break_glass"]] == [False, True]
+        outside = [v for v in report["violations"] if v["rule"] == "grant_outside_delegation"]
+        assert [(v["index"], "delegation_revoked" in v["detail"]) for v in outside] == [
+            (late.index, True)
+        ]
+
+
+PHONE = (390, 844)
+
+
+class TestWebWallet:
+    def test_the_safety_screen_shows_the_policy_delegations_and_flagged_events_at_phone_size(
+        self, story: dict[str, Any], delegated: dict[str, Any]
+    ) -> None:
+        a, b = story["a"], story["b"]
+        seed = Wallet.open(story["allows"], None).files.seed_path
+        helper = Wallet.create(story["allows"].parent / "web-delegate", None)
+        helper_key = helper.key_for(a.origin).public_key_text
+        with chromium_session("wallet-safety", viewport=PHONE) as browser:
+            page = browser.new_page()
+            restore_wallet(page, a.url, seed, PASSPHRASE)
+
+            def proven() -> bool:
+                page.click('#tabs button[data-screen="safety"]')
+                wait_for_screen(page, "safety")
+                return page.locator("#flagged-list .card.flagged .proof.ok").count() == 1
+
+            wait_until(proven, timeout=30, interval=1.0, message="a proven break-glass")
+            flagged = page.inner_text("#flagged-list")
+            assert f"Emergency access by {b.origin}" in flagged and "ETREAT" in flagged
+            assert page.inner_text("#policy-current").startswith("Any hospital")
+            assert "revoked" in page.inner_text("#delegations-list")
+            page.shot("1-safety")
+            # The patient names the hospitals allowed, and lets a helper act for them.
+            page.check('input[name="policy-choice"][value="named_members"]')
+            page.check(f'#policy-members input[value="{b.origin}"]')
+            page.click("#policy-button")
+            page.wait_for_selector("#policy-current:has-text('Only the hospitals')")
+            page.fill("#delegate-key", helper_key)
+            page.click("#delegate-button")
+            page.wait_for_selector("#delegations-list .status.active")
+            page.shot("2-safety-chosen")
+        principal = Wallet.open(story["allows"], None)
+        policy = asyncio.run(with_session(lambda s: principal.emergency_policy(s, a.url)))
+        assert (policy["choice"], policy["members"]) == ("named_members", [b.origin])
+        listed = asyncio.run(with_session(lambda s: principal.delegations(s, a.url)))
+        assert [d["status"] for d in listed] == ["revoked", "active"]
+        assert listed[1]["powers"] == ["grant", "view_log"]
