@@ -129,6 +129,15 @@ class KeyRotation(EntryBody):
     reason: str = field(metadata=_wire("str"))
 
 
+@dataclass(frozen=True)
+class RosterVersion(EntryBody):
+    """A version of the federation roster, its signed note verbatim (in the roster's own
+    log, never a node's; node.core.roster_document holds the format and chain rule)."""
+
+    kind: ClassVar[str] = "roster"
+    note: bytes = field(metadata=_wire("bin"))
+
+
 def _registry(*kinds: type[EntryBody]) -> dict[str, type[EntryBody]]:
     return {k.kind: k for k in kinds}
 
@@ -143,6 +152,7 @@ ENTRY_TYPES: dict[str, type[EntryBody]] = _registry(
     Receipt,
     Witness,
     KeyRotation,
+    RosterVersion,
 )
 # Each kind's wire fields and their types, in declaration order.
 ENTRY_KINDS: dict[str, dict[str, str]] = {
