@@ -26,6 +26,7 @@ import asyncio
 import os
 import time
 import tomllib
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,6 +225,15 @@ def _has_entries(store: LedgerStore, origin: str) -> bool:
 
 
 # ---- a node's side ---------------------------------------------------------------------------
+
+
+def desk_pin_url(config: NodeConfig, custodian_vkey: str) -> str:
+    """What the enrollment desk's code opens: the web wallet, told this node's log key and
+    the federation key to pin (docs/wallet-web.md § Pinning)."""
+    pins = {"custodian": custodian_vkey}
+    if federated(config):
+        pins["federation"] = config.federation.key
+    return f"{config.public_url}/wallet/#{urllib.parse.urlencode(pins)}"
 
 
 def _roster_store(config: NodeConfig) -> LedgerStore:

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from node.core.keys import NodeIdentity
 from node.core.patient_keys import parse_public_key
 from node.edges.cli._common import (
     EXIT_OK,
@@ -33,6 +34,7 @@ from node.edges.cli._common import (
     print_json,
 )
 from node.errors import BadInput, ConfigError
+from node.services.federation_roster import desk_pin_url, federated
 from node.services.peer_client import open_session
 from node.services.wallet import (
     PASSPHRASE_ENV,
@@ -43,6 +45,7 @@ from node.services.wallet import (
     parse_token_id,
     wallet_directory,
 )
+from node.store.secrets import read_seed
 from node.store.wallet_files import WalletFiles
 
 # Modules adding more `imageshare patient` commands, each with register_patient(subparsers).
@@ -119,9 +122,16 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         # Only a refused connection means no daemon: anything else may be a busy daemon,
         # and a second writer beside it would fork the log.
         result = _enroll_offline(config, args.patient_id, public_key)
+    vkey = NodeIdentity(config.origin, read_seed(config.key_path)).vkey
+    result = {**result, "wallet_pin_url": desk_pin_url(config, vkey)}
     if args.json:
         print_json(result)
-    elif result["already_enrolled"]:
+        return EXIT_OK
+    if federated(config):
+        print("For the patient's web wallet (pins this hospital's and the federation's keys):")
+        print(f"  {result['wallet_pin_url']}")
+        _print_qr(result["wallet_pin_url"])
+    if result["already_enrolled"]:
         print(f"That key is already enrolled for patient {args.patient_id}.")
     else:
         print(
@@ -170,9 +180,7 @@ def _open_wallet(args: argparse.Namespace) -> Wallet:
     return Wallet.open(directory, passphrase)
 
 
-def _run(
-    args: argparse.Namespace, action: Callable[[aiohttp.ClientSession], Awaitable[T]]
-) -> T:
+def _run(args: argparse.Namespace, action: Callable[[aiohttp.ClientSession], Awaitable[T]]) -> T:
     """Run one wallet action with a session to custodians (trusting ``--ca-file``),
     mapping proof failures to a failed check."""
 
@@ -279,7 +287,7 @@ def cmd_share(args: argparse.Namespace) -> int:
         args,
         lambda session: wallet.share(
             session, args.custodian, scope, lifetime, args.passcode, args.label
-        )
+        ),
     )
     if args.json:
         print_json({k: link[k] for k in ("shlink", "url", "link_id")})

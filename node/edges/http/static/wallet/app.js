@@ -6,6 +6,7 @@ import { makeGrant, makeRevocation, tokenId, tokenUrl } from "./consent.js";
 import { createWallet, keyFor, loadWallet, restoreWallet, store } from "./keys.js";
 import { describeNode, myEvents, verifyRecorded } from "./ledger.js";
 import { qrSvg } from "./qr.js";
+import { federationWitnesses, pinFederation } from "./roster.js";
 import {
   ACCESS_CREDENTIAL,
   FHIR_JSON,
@@ -23,6 +24,7 @@ const $ = (id) => document.getElementById(id);
 /** This address now names another custodian than the one this wallet pinned. */
 class PinMismatch extends Error {}
 const app = { node: null, vkey: null, wallet: null, key: null, studies: [], previewUrls: [] };
+app.federation = null; // the pinned federation key (roster.js), if the desk gave one
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
@@ -119,6 +121,7 @@ async function connect() {
     say("No connection to the hospital: showing what this phone knows.", "info");
   }
   $("custodian").textContent = app.node.origin;
+  app.federation = await pinFederation(app.node);
   // Pinned on first contact, like the command-line wallet: a changed log key is refused.
   const pinName = "pin:" + app.node.origin;
   const pinned = await store.get(pinName);
@@ -417,13 +420,14 @@ async function loadActivity() {
     }
   }
   const ids = new Set(tokens.map((t) => t.token_id));
-  const { events, checkpoint, cosigners } = await myEvents(app.node, app.vkey, ids);
+  const roster = await federationWitnesses(app.node, app.federation);
+  const { events, checkpoint, cosigners } = await myEvents(app.node, app.vkey, ids, roster.vkeys);
   const witnessed = cosigners.length
     ? `witnessed by ${cosigners.join(", ")}`
     : "not yet witnessed by another hospital";
   $("activity-summary").textContent =
     `Checked in the browser against ${app.node.origin}'s log of ${checkpoint.size} entries ` +
-    `(signature verified, ${witnessed}).`;
+    `(signature verified, ${witnessed}).` + roster.note;
   const list = $("activity-list");
   if (!events.length) {
     list.replaceChildren(el("li", "muted", "Nobody has used your shares yet."));
