@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import urllib.error
 import urllib.request
@@ -12,8 +13,11 @@ import pytest
 
 from node.config import load_config
 from node.core.encoding import canonical_decode
+from node.core.entries import Witness
 from node.core.keys import NodeIdentity
-from node.core.notes import parse_note
+from node.core.merkle import ZERO_HASH
+from node.core.notes import add_signatures, cosign_checkpoint, parse_note
+from node.core.origins import log_id, log_id_bytes
 from node.core.roster_document import (
     HEADER,
     MAX_ROSTER_BYTES,
@@ -28,6 +32,7 @@ from node.core.roster_document import (
     verify_roster_chain,
 )
 from node.errors import BadInput, Conflict, Unauthorized
+from node.services.audit import LogListing, PeerView, ServedLog, audit_views, run_audit
 from node.services.federation_roster import (
     check_held_roster,
     create_federation_key,
@@ -37,6 +42,7 @@ from node.services.federation_roster import (
     verify_roster_log,
 )
 from node.services.roster import add_peer, move_member_key
+from node.store.ledger import LedgerStore
 from tests.support.nodes import NodeProcess, init_node, run_cli, wait_until
 from tests.test_federation import identity_of, p2p
 
@@ -277,6 +283,9 @@ def test_a_node_takes_peers_only_from_the_verified_roster(tmp_path: Path) -> Non
         # Version 1 offered after version 2 is refused: the log held is longer.
         with pytest.raises(Conflict, match="holds 2 roster log entries"):
             fetch_roster(load_config(a.config), str(bundle_v1))
+        # The auditor reads A's roster log too, and finds nothing wrong with it.
+        audited = run_audit([a.url], None, int(time.time()), federation_key=federation_key.vkey)
+        assert not [v for v in audited.violations if "roster" in v.rule]
         # In a federation, a member's key moves only through a new roster version.
         with pytest.raises(BadInput, match="only through a new roster version"):
             move_member_key(load_config(a.config), b.origin, NodeIdentity.generate(b.origin).vkey)
@@ -290,3 +299,76 @@ def _wait_whoami(a: NodeProcess, b: NodeProcess) -> tuple[int, object]:
         timeout=15,
         message="the roster reload to admit B",
     )
+
+
+# -- the auditor -----------------------------------------------------------------------------
+
+
+def served_log(source: str, identity: NodeIdentity, directory: Path, when: int) -> ServedLog:
+    """A member's log of two entries signed by ``identity`` (the real ledger store)."""
+    directory.mkdir()
+    store = LedgerStore(directory)
+    try:
+        log = store.own_log(identity.origin, identity.vkey)
+        elsewhere = Witness(log_id_bytes("elsewhere.example/imageshare"), 0, ZERO_HASH)
+        log.append_many([(elsewhere, when), (elsewhere, when + 1)])
+        note = log.publish_checkpoint(identity, when + 1)
+        listing = LogListing(identity.origin, log_id(identity.origin), identity.vkey, 2)
+        return ServedLog(source, listing, note, log.entries(0, 2))
+    finally:
+        store.close()
+
+
+class TestRosterAudit:
+    def test_a_forked_roster_and_a_member_under_an_unnamed_key_are_reported(
+        self, keys: dict, tmp_path: Path
+    ) -> None:
+        t0 = int(time.time()) - 100
+        a, b, c = (member_of(keys[n]) for n in "abc")
+        sign_next_version(tmp_path / "one", keys["fed"], [a], 0, t0, 30)
+        shutil.copytree(tmp_path / "one", tmp_path / "two")
+        one = sign_next_version(tmp_path / "one", keys["fed"], [a, b], 0, t0 + 1, 30)
+        two = sign_next_version(tmp_path / "two", keys["fed"], [a, c], 0, t0 + 1, 30)
+
+        def view(url: str, bundle: bytes, *logs: ServedLog) -> PeerView:
+            return PeerView(url, "a.example/imageshare", list(logs), [], decode_bundle(bundle))
+
+        honest_a = served_log("http://one", keys["a"], tmp_path / "a", t0 + 10)
+        report, _ = audit_views([view("http://one", one.bundle, honest_a)], {}, t0 + 20)
+        assert report.violations == []
+
+        # A node shows another roster version 2 than the first: the roster forked.
+        report, _ = audit_views(
+            [view("http://one", one.bundle, honest_a), view("http://two", two.bundle)],
+            {},
+            t0 + 20,
+            federation_key=keys["fed"].vkey,
+        )
+        assert [(v.rule, v.log, v.index) for v in report.violations] == [
+            ("roster_equivocation", FEDERATION, 2)
+        ]
+
+        # A member's log under a key no roster version names for it, and its cosignature.
+        impostor = NodeIdentity.generate("a.example/imageshare")
+        fake_b = NodeIdentity.generate("b.example/imageshare")
+        forged_a = served_log("http://one", impostor, tmp_path / "impostor", t0 + 10)
+        body, _ = parse_note(forged_a.note or "")
+        cosigned = add_signatures(forged_a.note or "", [cosign_checkpoint(body, fake_b, t0 + 12)])
+        forged_a.note = cosigned
+        forged_b = served_log("http://one", fake_b, tmp_path / "fake-b", t0 + 10)
+        report, _ = audit_views([view("http://one", one.bundle, forged_a, forged_b)], {}, t0 + 20)
+        found = {(v.rule, v.log, v.index) for v in report.violations}
+        assert found == {
+            ("key_not_in_roster", "a.example/imageshare", 0),
+            ("key_not_in_roster", "a.example/imageshare", None),
+            ("key_not_in_roster", "b.example/imageshare", 0),
+        }
+
+    def test_a_roster_log_that_does_not_chain_from_the_federation_key_is_reported(
+        self, keys: dict, tmp_path: Path
+    ) -> None:
+        rogue = sign_next_version(tmp_path, keys["rogue"], [member_of(keys["a"])], 0, NOW, 30)
+        view = PeerView("http://x", "a.example/imageshare", [], [], decode_bundle(rogue.bundle))
+        report, _ = audit_views([view], {}, NOW + 5, federation_key=keys["fed"].vkey)
+        assert [(v.rule, v.log) for v in report.violations] == [("roster_invalid", "http://x")]
+        assert "no roster version names the pinned federation key" in report.violations[0].detail
