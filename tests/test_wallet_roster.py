@@ -31,6 +31,7 @@ from node.core.origins import log_id
 from node.core.roster_document import make_roster_member
 from node.samples import make_ct_study
 from node.services.federation_roster import create_federation_key, fetch_roster, sign_next_version
+from node.services.patient_log import read_patient_log
 from node.services.wallet import Wallet
 from tests.support.browser import chromium_session
 from tests.support.hostile import HostileServer, Received
@@ -185,3 +186,34 @@ def test_the_desk_code_carries_the_custodians_and_the_federations_keys(
     pins = {k: v[0] for k, v in parse_qs(fragment).items()}
     assert pins["custodian"] == federation.a.vkey
     assert pins["federation"] == load_config(federation.a.config).federation.key
+
+
+def test_the_cli_wallet_pinned_by_the_desk_code_counts_only_roster_witnesses(
+    federation: Federation,
+) -> None:
+    a, b = federation.a, federation.b
+    hostile = ForgedWitness(federation)
+    try:
+        wallet = federation.wallet
+
+        async def log_via(wallet: Wallet, url: str) -> tuple[bool, list[str], list[str]]:
+            async with aiohttp.ClientSession() as session:
+                await wallet.pin_desk_code(session, federation.pin_url.replace(a.url, url))
+                read = await read_patient_log(session, wallet, [url])
+            revoke = next(e for e in read.events if e.kind == "revoke")
+            return revoke.proof.proven, revoke.proof.cosigners, read.problems
+
+        proven, cosigners, _ = asyncio.run(log_via(wallet, a.url))
+        assert (proven, cosigners) == (True, [b.origin])
+        state = json.loads((federation.wallet.files.directory / "state.json").read_text())
+        assert (
+            state["custodians"][a.origin]["federation"]
+            == parse_qs(federation.pin_url.split("#")[1])["federation"][0]
+        )
+        # Re-pinned at the liar's address (same origin): its forged cosignature does not count.
+        state["custodians"].pop(a.origin)
+        (federation.wallet.files.directory / "state.json").write_text(json.dumps(state))
+        proven, cosigners, _ = asyncio.run(log_via(wallet, hostile.server.url))
+        assert (proven, cosigners) == (False, [])
+    finally:
+        hostile.server.stop()

@@ -227,6 +227,21 @@ def _has_entries(store: LedgerStore, origin: str) -> bool:
 # ---- a node's side ---------------------------------------------------------------------------
 
 
+def parse_desk_pin(url: str) -> tuple[str, str, str | None]:
+    """The custodian's base URL, log vkey and federation vkey (or None) in a desk code."""
+    address, _, fragment = url.partition("#")
+    base, found, _ = address.rpartition("/wallet/")
+    pins = urllib.parse.parse_qs(fragment)
+    custodian = pins.get("custodian", [""])[0]
+    if not found or not base.startswith(("http://", "https://")) or not custodian:
+        raise BadInput("a desk code is <node>/wallet/#custodian=<vkey>[&federation=<vkey>]")
+    federation = pins.get("federation", [None])[0]
+    parse_verifier_key(custodian)
+    if federation is not None:
+        parse_verifier_key(federation)
+    return base, custodian, federation
+
+
 def desk_pin_url(config: NodeConfig, custodian_vkey: str) -> str:
     """What the enrollment desk's code opens: the web wallet, told this node's log key and
     the federation key to pin (docs/wallet-web.md § Pinning)."""
@@ -318,7 +333,8 @@ def accept_roster_log(config: NodeConfig, checkpoint: str, entries: list[bytes])
     return newest
 
 
-async def _fetch_roster_log(url: str, timeout: float, ca_file: str) -> tuple[str, list[bytes]]:
+async def fetch_roster_log(url: str, timeout: float, ca_file: str) -> tuple[str, list[bytes]]:
+    """The roster log a member at ``url`` serves (unverified); PeerUnreachable, BadInput."""
     base = url.rstrip("/") + "/federation/roster/log"
     session_timeout = aiohttp.ClientTimeout(total=timeout)
     try:
@@ -363,7 +379,7 @@ def fetch_roster(
         raise ConfigError("give a roster URL or file, or set [federation] roster_url")
     if source.startswith(("http://", "https://")):
         checkpoint, entries = asyncio.run(
-            _fetch_roster_log(
+            fetch_roster_log(
                 source, config.federation.request_timeout, ca_file or config.http.trusted_ca_file
             )
         )

@@ -105,6 +105,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("token_id", metavar="TOKEN_ID")
     p.add_argument("--custodian", required=True, metavar="URL")
     wallet_command("tokens", cmd_tokens, "my tokens and their status")
+    p = wallet_command("pin", cmd_pin, "pin the keys the enrollment desk's code names")
+    p.add_argument("code", metavar="DESK_CODE", help="<node>/wallet/#custodian=...&federation=...")
     for name in PATIENT_COMMAND_MODULES:
         importlib.import_module(name).register_patient(sub)
 
@@ -227,6 +229,21 @@ def cmd_pubkey(args: argparse.Namespace) -> int:
         print(f"My key for {custodian.origin} (show it at the enrollment desk):")
         print(f"  {key}")
         _print_qr(key)
+    return EXIT_OK
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    wallet = _open_wallet(args)
+    custodian = _run(args, lambda session: wallet.pin_desk_code(session, args.code))
+    federation = wallet.files.load_state()["custodians"][custodian.origin].get("federation")
+    if args.json:
+        print_json(
+            {"custodian": custodian.origin, "vkey": custodian.vkey, "federation": federation}
+        )
+    else:
+        print(f"pinned {custodian.origin}: log key {custodian.vkey}")
+        if federation:
+            print(f"  federation key {federation}: only the roster's members witness its log")
     return EXIT_OK
 
 
