@@ -34,6 +34,7 @@ from node.core.roster_document import (
 from node.errors import BadInput, Conflict, Unauthorized
 from node.services.audit import LogListing, PeerView, ServedLog, audit_views, run_audit
 from node.services.federation_roster import (
+    accept_roster_log,
     check_held_roster,
     create_federation_key,
     decode_bundle,
@@ -194,6 +195,19 @@ class TestRosterLog:
             2,
             3,
         ]
+        # A node pinned to the first key follows both key changes into its mirror.
+        node_dir = tmp_path / "node"
+        node_dir.mkdir()
+        (node_dir / "node.toml").write_text(
+            f'origin = "a.example/imageshare"\ndata_dir = "{node_dir}"\n'
+            f'[federation]\nkey = "{keys["fed"].vkey}"\n'
+        )
+        config = load_config(node_dir / "node.toml")
+        assert accept_roster_log(config, *decode_bundle(changed.bundle)).version == 2
+        assert accept_roster_log(config, checkpoint, entries).key == third.vkey
+        assert check_held_roster(config, NOW + 10).version == 3
+        with pytest.raises(BadInput, match="not now"):
+            check_held_roster(config, NOW + 31 * 86400)
 
     def test_a_bundle_that_is_not_one_is_refused(self) -> None:
         with pytest.raises(BadInput):

@@ -63,7 +63,11 @@ from node.core.origins import is_node_origin, log_id
 from node.core.roster_document import open_roster
 from node.errors import BadInput, PeerUnreachable, Unauthorized
 from node.services.audit_state import AuditState, SavedCheckpoint
-from node.services.federation_roster import roster_notes, verify_roster_log
+from node.services.federation_roster import (
+    check_roster_log_bytes,
+    roster_notes,
+    verify_roster_log,
+)
 from node.services.peer_client import describe, open_session, read_bounded
 
 # A server may return fewer entries than asked; we ask for pages of this size.
@@ -271,6 +275,7 @@ async def _fetch_roster_log(
         if not page:
             raise BadInput(f"node stopped serving roster entries at {len(entries)} of {size}")
         entries.extend(page[: size - len(entries)])
+        check_roster_log_bytes(entries)
     return note, entries
 
 

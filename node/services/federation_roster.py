@@ -29,13 +29,12 @@ import tomllib
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
 from node.config import NodeConfig
 from node.core.encoding import canonical_decode, canonical_encode
-from node.core.entries import KeyRotation, RosterVersion, decode_entry
+from node.core.entries import EntryBody, KeyRotation, RosterVersion, decode_entry
 from node.core.key_rotation import sign_rotation
 from node.core.keys import NodeIdentity, parse_verifier_key
 from node.core.notes import Checkpoint, parse_note, verify_note
@@ -87,6 +86,12 @@ def roster_notes(entries: list[bytes]) -> list[bytes]:
 
 def _all_entries(log: StoredLog) -> list[bytes]:
     return log.entries(0, log.size())
+
+
+def check_roster_log_bytes(entries: list[bytes]) -> None:
+    """BadInput once a roster log read so far is larger than a bundle may be."""
+    if sum(len(e) for e in entries if isinstance(e, bytes)) > MAX_BUNDLE_BYTES:
+        raise BadInput(f"a roster log is at most {MAX_BUNDLE_BYTES} bytes")
 
 
 def encode_bundle(checkpoint: str, entries: list[bytes]) -> bytes:
@@ -205,7 +210,7 @@ def sign_next_version(
         )
         extra = [k for k in (previous_key, *member_keys) if k is not None]
         note = sign_roster(document, [key, *extra])
-        bodies: list[Any] = []
+        bodies: list[EntryBody] = []
         if previous is not None:
             check_successor(previous, note)
             old_public = parse_verifier_key(previous.key).public_key
@@ -354,6 +359,7 @@ async def fetch_roster_log(url: str, timeout: float, ca_file: str) -> tuple[str,
                 if not isinstance(page, list) or not page or len(page) > ENTRY_PAGE:
                     raise BadInput(f"{url} served a malformed page of roster entries")
                 entries += page
+                check_roster_log_bytes(entries)
             return checkpoint, entries[:size]
     except CONNECTION_ERRORS as exc:
         raise PeerUnreachable(f"cannot reach {url}: {describe(exc)}") from exc

@@ -192,7 +192,8 @@ export async function pinFederation(node) {
 /**
  * The witnesses whose cosignatures count for ``node``'s log: the members (other than the
  * custodian) of the newest roster version verified from ``federationKey``, as
- * {vkeys, version}. A roster older than the one this wallet saw last is refused.
+ * {vkeys, version}. A roster older than the one this wallet saw last is refused, and so
+ * is one that does not name the custodian under the log key this wallet pinned.
  */
 export async function rosterWitnesses(node, federationKey) {
   const { checkpoint, raws } = await rosterLog();
@@ -203,6 +204,9 @@ export async function rosterWitnesses(node, federationKey) {
     throw new Error(
       `the hospital serves roster version ${newest.version}; this wallet saw ${seen}`,
     );
+  }
+  if (!newest.members.some((m) => m.origin === node.origin && m.vkey === node.own.vkey)) {
+    throw new Error(`roster version ${newest.version} does not name this hospital's log key`);
   }
   await store.put(seenName, newest.version);
   const vkeys = newest.members.filter((m) => m.origin !== node.origin).map((m) => m.vkey);
