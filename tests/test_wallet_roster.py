@@ -30,7 +30,12 @@ from node.core.notes import add_signatures, cosign_checkpoint, parse_note, signe
 from node.core.origins import log_id
 from node.core.roster_document import make_roster_member
 from node.samples import make_ct_study
-from node.services.federation_roster import create_federation_key, fetch_roster, sign_next_version
+from node.services.federation_roster import (
+    create_federation_key,
+    fetch_roster,
+    load_federation_key,
+    sign_next_version,
+)
 from node.services.patient_log import read_patient_log
 from node.services.wallet import Wallet
 from tests.support.browser import chromium_session
@@ -155,6 +160,23 @@ def test_a_custodian_listing_witness_keys_it_made_shows_unproven(
             summary = str(page.text_content("#activity-summary"))
             assert "members of the federation roster, version 1" in summary
             page.shot("1-honest-proven")
+            # The federation publishes version 2: the wallet takes it (its chain checks out).
+            members = [make_roster_member(n.origin, n.vkey, ["custodian"], n.url) for n in (a, b)]
+            key = load_federation_key(federation.base / "fed.key", FEDERATION)
+            v2 = sign_next_version(
+                federation.base / "roster-log", key, members, 0, int(time.time()), 30
+            )
+            (federation.base / "roster-v2.bundle").write_bytes(v2.bundle)
+            fetch_roster(load_config(a.config), str(federation.base / "roster-v2.bundle"))
+            page.reload()
+            wait_for_screen(page, "key")
+            page.click('#tabs button[data-screen="activity"]')
+            wait_for_screen(page, "activity")
+            summary = str(page.text_content("#activity-summary"))
+            assert "members of the federation roster, version 2" in summary
+            assert (
+                page.locator('li.event[data-kind="revoke"]').get_attribute("data-proven") == "true"
+            )
 
             # Hostile, same desk code at its address: the forged cosignature does not count.
             page = browser.new_page()

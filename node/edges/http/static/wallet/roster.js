@@ -171,7 +171,8 @@ async function rosterLog() {
  */
 export async function pinFederation(node) {
   const offered = new URLSearchParams(location.hash.slice(1));
-  const name = "federation:" + node.origin;
+  // "pin:" names survive a restore (keys.js); no origin holds a space.
+  const name = `pin:${node.origin} federation`;
   const custodian = offered.get("custodian");
   const federation = offered.get("federation");
   if (custodian && custodian !== node.own.vkey) {
@@ -198,7 +199,7 @@ export async function pinFederation(node) {
 export async function rosterWitnesses(node, federationKey) {
   const { checkpoint, raws } = await rosterLog();
   const newest = await verifyRosterLog(federationKey, checkpoint, raws);
-  const seenName = "roster-version:" + node.origin;
+  const seenName = `pin:${node.origin} roster-version`;
   const seen = (await store.get(seenName)) || 0;
   if (newest.version < seen) {
     throw new Error(
