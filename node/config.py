@@ -24,8 +24,9 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from node.core.keys import parse_verifier_key
 from node.core.origins import NODE_ORIGIN_RULE, is_node_origin
-from node.errors import ConfigError
+from node.errors import BadInput, ConfigError
 
 DEFAULT_CONFIG_NAME = "node.toml"
 CONFIG_ENV = "IMAGESHARE_CONFIG"
@@ -384,6 +385,20 @@ class FederationConfig(Table):
     request_timeout: PositiveSeconds = 10.0
     # Largest age, in seconds, of a signed node-to-node request.
     max_request_age: PositiveInt = 300
+    # The federation key (a C2SP vkey) that signs the roster; "" runs without a federation.
+    key: str = ""
+    # Where `imageshare roster fetch` takes the roster log from by default.
+    roster_url: str = ""
+    roster_file: str = ""
+
+    def __post_init__(self) -> None:
+        if self.key:
+            try:
+                parse_verifier_key(self.key)
+            except BadInput as exc:
+                raise ValueError(f"key: not a federation verifier key ({exc})") from exc
+        if self.roster_url and not self.roster_url.startswith(("http://", "https://")):
+            raise ValueError("roster_url: must start with http:// or https://")
 
 
 class NodeConfig(Table):

@@ -45,6 +45,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "digest": H,
     },
     "witness": {"log_id": H, "size": 70, "root": H},
+    "roster": {"note": b"imageshare-roster/v1\n...signed note"},
     "key_rotation": {
         "old_key": H,
         "new_key": H,

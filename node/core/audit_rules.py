@@ -49,6 +49,7 @@ from node.core.keys import VerifierKey
 from node.core.merkle import MemoryTree
 from node.core.notes import Checkpoint, parse_note, verify_cosignature, verify_note
 from node.core.origins import log_id_bytes
+from node.core.roster_document import RosterDocument
 from node.errors import BadInput, Unauthorized
 
 # Stable rule names: scripts match on these; never rename one.
@@ -89,6 +90,9 @@ RULES: dict[str, str] = {
     "emergency policy in force at that moment (or names another policy or key than that one)",
     "access_outside_break_glass": "an access under a break-glass request served another node, "
     "another study, or came before the request was recorded",
+    "roster_invalid": "a node serves a federation roster log that does not verify",
+    "roster_equivocation": "two validly signed roster versions share one version number",
+    "key_not_in_roster": "a member acted under a key the roster of that time does not name",
 }
 
 # Consent's refusal rule -> the auditor's rule for an access that was served anyway.
@@ -799,4 +803,100 @@ def match_receipts(
             if other not in logs:
                 detail += " (that log was not seen)"
             violations.append(Violation(log, index, rule, detail))
+    return violations
+
+
+# -- the federation roster (node.core.roster_document) ------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServedRoster:
+    """The roster versions one node's roster log proves (already verified), by source."""
+
+    source: str
+    federation: str
+    versions: tuple[RosterDocument, ...]
+
+
+def check_roster_equivocation(served: Sequence[ServedRoster]) -> list[Violation]:
+    """Two verified versions of one federation with one number and different contents."""
+    seen: dict[tuple[str, int], tuple[RosterDocument, str]] = {}
+    violations = []
+    for roster in served:
+        for version in roster.versions:
+            first = seen.setdefault((roster.federation, version.version), (version, roster.source))
+            if first[0] != version:
+                violations.append(
+                    Violation(
+                        roster.federation,
+                        version.version,
+                        "roster_equivocation",
+                        f"roster version {version.version} served by {roster.source} differs "
+                        f"from the version {version.version} served by {first[1]}",
+                        roster.source,
+                    )
+                )
+    return violations
+
+
+def roster_at(versions: Sequence[RosterDocument], time: int) -> RosterDocument | None:
+    """The roster version in force at ``time``: the newest one valid from then or before."""
+    current = None
+    for version in versions:
+        if version.not_before <= time:
+            current = version
+    return current
+
+
+def check_keys_in_roster(history: History, versions: Sequence[RosterDocument]) -> list[Violation]:
+    """Entries and cosignatures of a member's log under keys the roster then in force
+    does not name for their signer (first entry per key, every cosignature).
+
+    An entry counts under the key that signs the checkpoints including it; a log dated
+    before the first roster version is not judged.
+    """
+    if not versions or history.chain is None:
+        return []
+    violations: list[Violation] = []
+    reported: set[bytes] = set()
+    for index, entry in enumerate(history.entries):
+        roster = roster_at(versions, entry.time) if entry is not None else None
+        if roster is None:
+            continue
+        key = history.chain.key_at(index + 1)
+        if key in reported or roster.names_key(history.origin, key):
+            continue
+        reported.add(key)
+        violations.append(
+            Violation(
+                history.origin,
+                index,
+                "key_not_in_roster",
+                f"entry {index} is under a key roster version {roster.version} does not name "
+                f"for {history.origin}",
+                history.source,
+            )
+        )
+    body, signatures = parse_note(history.note)
+    cosigned = {c.name for c in history.cosignatures if c.status == "valid"}
+    own = history.signing_key
+    for signature in signatures:
+        is_own = own is not None and (signature.name, signature.key_id) == (own.name, own.key_id)
+        if is_own or signature.name not in cosigned or len(signature.signature) < 8:
+            continue
+        roster = roster_at(versions, int.from_bytes(signature.signature[:8], "big"))
+        if roster is None:
+            continue
+        member = roster.member(signature.name)
+        if member is None or verify_cosignature(body, signature, member.vkey) is None:
+            violations.append(
+                Violation(
+                    history.origin,
+                    None,
+                    "key_not_in_roster",
+                    f"{signature.name} cosigned under a key roster version {roster.version} "
+                    "does not name for it",
+                    history.source,
+                )
+            )
     return violations

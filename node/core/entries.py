@@ -167,6 +167,15 @@ class DelegationEntry(EntryBody):
     delegation: bytes = field(metadata=_wire("bin"))
 
 
+@dataclass(frozen=True)
+class RosterVersion(EntryBody):
+    """A version of the federation roster, its signed note verbatim (in the roster's own
+    log, never a node's; node.core.roster_document holds the format and chain rule)."""
+
+    kind: ClassVar[str] = "roster"
+    note: bytes = field(metadata=_wire("bin"))
+
+
 def _registry(*kinds: type[EntryBody]) -> dict[str, type[EntryBody]]:
     return {k.kind: k for k in kinds}
 
@@ -184,6 +193,7 @@ ENTRY_TYPES: dict[str, type[EntryBody]] = _registry(
     EmergencyPolicyEntry,
     BreakGlass,
     DelegationEntry,
+    RosterVersion,
 )
 # Each kind's wire fields and their types, in declaration order.
 ENTRY_KINDS: dict[str, dict[str, str]] = {

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -29,6 +29,7 @@ from node.core.audit_rules import (
     BreakGlassReview,
     CosignatureStatus,
     History,
+    ServedRoster,
     SignatureChecks,
     Violation,
     access_violation,
@@ -36,6 +37,8 @@ from node.core.audit_rules import (
     check_cosignatures,
     check_entry_times,
     check_history,
+    check_keys_in_roster,
+    check_roster_equivocation,
     check_split_view,
     check_witness_entries,
     count_kinds,
@@ -59,8 +62,14 @@ from node.core.key_rotation import KeyChain, chain_of_log
 from node.core.keys import VerifierKey, parse_verifier_key
 from node.core.notes import Checkpoint, parse_note
 from node.core.origins import is_node_origin, log_id
+from node.core.roster_document import open_roster
 from node.errors import BadInput, PeerUnreachable, Unauthorized
 from node.services.audit_state import AuditState, SavedCheckpoint
+from node.services.federation_roster import (
+    check_roster_log_bytes,
+    roster_notes,
+    verify_roster_log,
+)
 from node.services.peer_client import describe, open_session, read_bounded
 
 # A server may return fewer entries than asked; we ask for pages of this size.
@@ -69,6 +78,8 @@ ENTRIES_PAGE = 1000
 PAGES_IN_FLIGHT = 4
 # Largest log the auditor will hold in memory (a node may claim any size).
 MAX_LOG_ENTRIES = 50_000_000
+# Largest roster log (versions and key rotations) the auditor reads.
+MAX_ROSTER_ENTRIES = 8192
 # Largest JSON or msgpack answer the auditor reads from a node.
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
@@ -106,6 +117,9 @@ class PeerView:
     origin: str
     logs: list[ServedLog]
     equivocations: list[Any]
+    # The federation roster log it serves (checkpoint note, entries), if any; or why not.
+    roster: tuple[str, list[bytes]] | None = None
+    roster_error: str | None = None
 
 
 async def get_body(
@@ -234,7 +248,37 @@ async def fetch_view(session: aiohttp.ClientSession, url: str) -> PeerView:
     if not is_node_origin(origin):
         raise PeerUnreachable(f"{base}/healthz does not name the node's origin")
     logs = await asyncio.gather(*(fetch_served_log(session, base, lst) for lst in listings))
-    return PeerView(base, origin, list(logs), equivocations)
+    view = PeerView(base, origin, list(logs), equivocations)
+    try:
+        view.roster = await _fetch_roster_log(session, base)
+    except (BadInput, UnicodeDecodeError) as exc:
+        view.roster_error = str(exc)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        view.roster_error = f"connection failed while reading the roster log: {describe(exc)}"
+    return view
+
+
+async def _fetch_roster_log(
+    session: aiohttp.ClientSession, base: str
+) -> tuple[str, list[bytes]] | None:
+    """The roster log a node serves (node.edges.http.roster_api), or None if it has none."""
+    url = f"{base}/federation/roster/log"
+    async with session.get(url + "/checkpoint", allow_redirects=False) as response:
+        if response.status == 404:
+            return None
+    note = (await get_body(session, url + "/checkpoint")).decode()
+    size = checkpoint_size(note)
+    if size > MAX_ROSTER_ENTRIES:
+        raise BadInput(f"a roster log of {size} entries is more than a roster holds")
+    entries: list[bytes] = []
+    while len(entries) < size:
+        query = {"start": len(entries), "end": size}
+        page = parse_entries_page(await get_body(session, url + "/entries", query))
+        if not page:
+            raise BadInput(f"node stopped serving roster entries at {len(entries)} of {size}")
+        entries.extend(page[: size - len(entries)])
+        check_roster_log_bytes(entries)
+    return note, entries
 
 
 async def _fetch_equivocations(session: aiohttp.ClientSession, base: str) -> list[Any]:
@@ -487,11 +531,13 @@ def audit_views(
     clock_skew: int = ConsentConfig().clock_skew_seconds,
     workers: Workers | None = None,
     unreachable: Sequence[str] = (),
+    federation_key: str | None = None,
 ) -> tuple[AuditReport, list[SavedCheckpoint]]:
     """Judge everything the nodes served; returns the report and the checkpoints to save.
 
     Only logs with no violation at all are saved, so a problem keeps being reported
-    until it is resolved.
+    until it is resolved. ``federation_key`` anchors the roster logs served (else each
+    is read from its own first version).
     """
     workers = workers or Workers()
     keys, violations = resolve_keys(views, saved)
@@ -520,6 +566,7 @@ def audit_views(
         reviewed, found = review_break_glass(origin, history.entries)
         reviews += reviewed
         violations += found
+    violations += _roster(views, best, federation_key)
     violations = _dedupe(violations)
     reports = _log_reports(views, keys, histories, best)
     broken = {v.log for v in violations}
@@ -531,6 +578,37 @@ def audit_views(
     ]
     report = AuditReport(reports, violations, list(unreachable), now, reviews)
     return report, to_save
+
+
+def _roster(
+    views: Sequence[PeerView], best: Mapping[str, History], federation_key: str | None
+) -> list[Violation]:
+    """The roster findings: logs that do not verify, versions that fork, and members'
+    logs under keys the roster of the time does not name (judged by the longest roster)."""
+    served: list[ServedRoster] = []
+    violations: list[Violation] = []
+    for view in views:
+        if view.roster_error is not None:
+            violations.append(Violation(view.url, None, "roster_invalid", view.roster_error))
+        if view.roster is None:
+            continue
+        note, entries = view.roster
+        try:
+            notes = roster_notes(entries)
+            anchor = (federation_key or open_roster(notes[0])[0].key) if notes else ""
+            versions = verify_roster_log(anchor, note, entries)
+        except (BadInput, Unauthorized) as exc:
+            detail = f"the roster log served does not verify: {exc}"
+            violations.append(Violation(view.url, None, "roster_invalid", detail, view.url))
+            continue
+        served.append(ServedRoster(view.url, versions[0].federation, tuple(versions)))
+    violations += check_roster_equivocation(served)
+    if served:
+        longest = max(served, key=lambda r: r.versions[-1].version)
+        for origin, history in best.items():
+            if origin != longest.federation:
+                violations += check_keys_in_roster(history, longest.versions)
+    return violations
 
 
 def confirmed_keys(views: Sequence[PeerView]) -> dict[str, bytes]:
@@ -791,6 +869,7 @@ def run_audit(
     receipt_grace: int = DEFAULT_RECEIPT_GRACE,
     timeout: float = 30.0,
     ca_file: str = "",
+    federation_key: str | None = None,
 ) -> AuditReport:
     """Mirror, verify and judge every log the nodes at ``urls`` serve.
 
@@ -802,7 +881,13 @@ def run_audit(
     workers = Workers()
     try:
         report, to_save = audit_views(
-            views, saved, now, receipt_grace, workers=workers, unreachable=unreachable
+            views,
+            saved,
+            now,
+            receipt_grace,
+            workers=workers,
+            unreachable=unreachable,
+            federation_key=federation_key,
         )
     finally:
         workers.close()

@@ -17,6 +17,7 @@ import base64
 import binascii
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 
@@ -41,11 +42,13 @@ from node.core.notes import Checkpoint, parse_note, verify_cosignature, verify_n
 from node.core.shlink import link_access_kind
 from node.errors import BadInput, PeerUnreachable, Unauthorized
 from node.services.audit import LogListing, fetch_entries, get_body, parse_listing
+from node.services.federation_roster import fetch_roster_log, verify_roster_log
 from node.services.peer_client import describe
 from node.services.wallet import Wallet
 
 # The entries a patient sees about their tokens, and the break-glass entries naming their key.
 EVENT_TYPES = (Access, Denial, Revoke, BreakGlass)
+ROSTER_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -244,6 +247,18 @@ def witness_keys(nodes: list[Node], custodian: str) -> dict[str, VerifierKey]:
     return keys
 
 
+async def roster_witnesses(pins: dict[str, Any], custodian: str) -> dict[str, VerifierKey] | None:
+    """With a federation key pinned for ``custodian``: the members (but the custodian) of
+    the newest roster version its log proves from that key, read from the custodian;
+    None without a pin. Raises BadInput/Unauthorized if the roster does not verify."""
+    federation = pins.get("federation")
+    if not isinstance(federation, str):
+        return None
+    note, entries = await fetch_roster_log(str(pins["url"]), ROSTER_TIMEOUT, "")
+    newest = verify_roster_log(federation, note, entries)[-1]
+    return {m.origin: parse_verifier_key(m.vkey) for m in newest.members if m.origin != custodian}
+
+
 def valid_cosigners(note: str, witnesses: dict[str, VerifierKey]) -> list[str]:
     """The names of the witnesses whose cosignature on ``note`` verifies."""
     body, signatures = parse_note(note)
@@ -292,14 +307,16 @@ async def custodian_events(
     token_ids: set[bytes],
     labels: dict[bytes, str] | None = None,
     patient_key: bytes | None = None,
+    witnesses: dict[str, VerifierKey] | None = None,
 ) -> list[PatientEvent]:
     """The patient's events in one custodian's log, each with its proof.
 
     The patient's tokens are ``token_ids`` and, given ``patient_key``, every grant in the
     log that key signed (a link made in the web wallet from the same seed, say).
     Reads from the custodian if it was asked, else from the first node mirroring it.
-    Raises BadInput if no node serves the log, or the entries served are not the whole
-    log under its signed checkpoint (something could be hidden).
+    ``witnesses``: whose cosignatures count (the pinned roster's members), else every
+    other node asked. Raises BadInput if no node serves the log, or the entries served
+    are not the whole log under its signed checkpoint (something could be hidden).
     """
     log_id = origins.log_id(custodian)
     servers = sorted(
@@ -318,7 +335,9 @@ async def custodian_events(
     entries = await fetch_entries(session, source, log_id, size)
     if checkpoint is None:
         checkpoint = _verified_after_rotation(custodian, note, pinned_vkey, entries)
-    cosigners = valid_cosigners(note, witness_keys(nodes, custodian)) if checkpoint else []
+    if witnesses is None:
+        witnesses = witness_keys(nodes, custodian)
+    cosigners = valid_cosigners(note, witnesses) if checkpoint else []
     # Inclusion proofs show that what is listed is in the log; recomputing the root from
     # every entry shows that nothing was left out.
     chain = LogChain()
@@ -394,9 +413,14 @@ async def read_patient_log(
             continue
         own_key = wallet.key_for(custodian).public_key
         try:
+            witnesses = await roster_witnesses(state["custodians"][custodian], custodian)
+        except (BadInput, Unauthorized, PeerUnreachable) as exc:
+            problems.append(f"{custodian}: the federation roster does not verify: {exc}")
+            witnesses = {}
+        try:
             events.extend(
                 await custodian_events(
-                    session, nodes, custodian, pinned, token_ids, labels, own_key
+                    session, nodes, custodian, pinned, token_ids, labels, own_key, witnesses
                 )
             )
         except (BadInput, Unauthorized, UnicodeDecodeError) as exc:

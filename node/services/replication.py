@@ -47,6 +47,7 @@ from node.core.merkle import StreamingConsistency, leaf_hash, verify_consistency
 from node.core.origins import log_id
 from node.core.roster import Member
 from node.errors import BadInput, Conflict, ImageShareError, Unauthorized
+from node.services.federation_roster import federated
 from node.services.peer_client import (
     MAX_ERROR_BYTES,
     node_signed_headers,
@@ -232,6 +233,8 @@ class ReplicationService:
         chain = mirror.key_chain()
         if vkey == log_member.vkey or chain is None or not chain.holds(log_member.public_key):
             return
+        if federated(self.runtime.config):
+            return  # in a federation the member's key moves with a new roster version
         move_member_key(self.runtime.config, log_member.origin, vkey)
         log.warning("%s rotated its key; the roster follows: %s", log_member.origin, vkey)
         self.runtime.security_audit.record(

@@ -1,4 +1,5 @@
-"""The live roster of a running node: node.toml [[peers]] plus peers.toml, plus learned URLs.
+"""The live roster of a running node: node.toml [[peers]] plus peers.toml (or, in a
+federation, the verified roster: node.services.federation_roster), plus learned URLs.
 
 `imageshare peers add` writes peers.toml; the daemon notices the change (by modification
 time, checked at most once a second) and reloads, so a member can be added without a
@@ -18,8 +19,10 @@ import time
 from node.config import NodeConfig
 from node.core import atna
 from node.core.roster import Member, Roster, make_member, normalize_url
+from node.core.roster_document import RosterDocument, members_of
 from node.errors import BadInput, ConfigError, ImageShareError
 from node.services.audit_export import local_user, record_once
+from node.services.federation_roster import current_roster, federated, roster_file_stamp
 from node.store.federation_state import read_roster_file, roster_path, write_roster_file
 
 log = logging.getLogger(__name__)
@@ -44,10 +47,31 @@ def configured_members(config: NodeConfig) -> list[Member]:
 
 
 def load_roster(config: NodeConfig) -> Roster:
-    """node.toml's members, then peers.toml's (which win for the same origin)."""
-    return Roster(
-        config.origin,
-        [*configured_members(config), *read_roster_file(roster_path(config.data_dir))],
+    """node.toml's members, then peers.toml's (which win for the same origin).
+
+    In a federation (``[federation] key``) the members are the verified roster's; a hand
+    entry only gives a URL for a member it names with the same key, any other is left out.
+    """
+    hand = [*configured_members(config), *read_roster_file(roster_path(config.data_dir))]
+    if not federated(config):
+        return Roster(config.origin, hand)
+    document = current_roster(config)
+    named = {m.origin: m for m in members_of(document, config.origin)} if document else {}
+    for member in hand:
+        listed = named.get(member.origin)
+        if listed is None or listed.vkey != member.vkey:
+            log.warning("%s is left out: %s", member.origin, _not_in_roster(document, member))
+        elif member.url:
+            named[member.origin] = member
+    return Roster(config.origin, named.values())
+
+
+def _not_in_roster(document: RosterDocument | None, member: Member) -> str:
+    if document is None:
+        return "this node holds no federation roster yet (imageshare roster fetch)"
+    return (
+        f"roster version {document.version} of {document.federation} does not name "
+        f"{member.origin} with that key; only the federation's roster makes a node a peer"
     )
 
 
@@ -56,6 +80,11 @@ def add_peer(config: NodeConfig, origin: str, url: str, vkey: str) -> Member:
     member = make_member(origin, url, vkey)
     if origin == config.origin:
         raise BadInput("a node cannot be its own peer")
+    if federated(config):
+        document = current_roster(config)
+        named = document.member(origin) if document else None
+        if named is None or named.vkey != member.vkey:
+            raise BadInput(f"{origin} is refused: {_not_in_roster(document, member)}")
     current = load_roster(config).get(origin)
     if current is not None and current.vkey != member.vkey:
         raise BadInput(f"{origin} is already a member with another key; refusing to replace it")
@@ -73,6 +102,8 @@ def move_member_key(config: NodeConfig, origin: str, vkey: str) -> Member:
     keys signed it), and an operator confirming a compromised-key rotation by hand
     (`imageshare peers confirm-key`), which is what lets replication follow it.
     """
+    if federated(config):
+        raise BadInput("in a federation a member's key moves only through a new roster version")
     current = load_roster(config).get(origin)
     if current is None:
         raise BadInput(f"{origin} is not a member")
@@ -97,12 +128,14 @@ class RosterService:
         self._candidates: dict[str, list[str]] = {}  # origin -> found, not proven (yet)
         self._rejected: dict[tuple[str, str], float] = {}  # (origin, url) -> when it failed
 
-    def _file_stamp(self) -> tuple[int, int] | None:
+    def _file_stamp(self) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+        """What changes when peers.toml or the federation roster is replaced."""
         try:
             stat = os.stat(self._path)
+            own: tuple[int, int] | None = (stat.st_mtime_ns, stat.st_size)
         except FileNotFoundError:
-            return None
-        return (stat.st_mtime_ns, stat.st_size)
+            own = None
+        return own, roster_file_stamp(self.config)
 
     @property
     def roster(self) -> Roster:
@@ -178,5 +211,3 @@ class RosterService:
         """
         urls = [self._learned.get(member.origin, ""), member.url]
         return list(dict.fromkeys(u for u in urls if u))
-
-

@@ -23,6 +23,7 @@ from node.store.secrets import read_secret, read_seed
 
 if TYPE_CHECKING:
     from node.services.consent import ConsentService
+    from node.services.federation_roster import HeldRosterLog
     from node.services.forward import Forwarder
     from node.services.ledger import LedgerService
     from node.services.links import LinkService
@@ -97,6 +98,13 @@ class NodeServices:
         from node.services.roster import RosterService
 
         return self._once("roster", lambda: RosterService(self._runtime.config))
+
+    @property
+    def roster_log(self) -> HeldRosterLog:
+        """The federation's roster log as this node holds it (served read-only)."""
+        from node.services.federation_roster import HeldRosterLog
+
+        return self._once("roster_log", lambda: HeldRosterLog(self._runtime.config))
 
     @property
     def replication(self) -> ReplicationService:

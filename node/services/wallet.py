@@ -67,6 +67,7 @@ from node.core.shlink import (
 from node.core.signed_requests import patient_signer
 from node.errors import BadInput, Forbidden, ImageShareError, PeerUnreachable, Unauthorized
 from node.services.audit import fetch_entries
+from node.services.federation_roster import parse_desk_pin
 from node.services.peer_client import request_json, signed_headers
 from node.store.wallet_files import WalletFiles
 
@@ -156,9 +157,28 @@ class Wallet:
         if pinned is not None and pinned != vkey:
             await _follow_key_rotation(session, url, origin, pinned, vkey)
         if pinned != vkey or state["custodians"][origin].get("url") != url:
-            state["custodians"][origin] = {"url": url, "vkey": vkey}
+            known = state["custodians"].get(origin, {})  # keeps a pinned federation key
+            state["custodians"][origin] = {**known, "url": url, "vkey": vkey}
             self.files.save_state(state)
         return Custodian(url, origin, vkey)
+
+    async def pin_desk_code(self, session: aiohttp.ClientSession, code: str) -> Custodian:
+        """Pin what the enrollment desk's code names: the custodian's log key (which must be
+        the one its address serves) and the federation key, if any; ProofFailed if the
+        custodian serves another key or a federation key was pinned for it before."""
+        url, custodian_vkey, federation = parse_desk_pin(code)
+        custodian = await self.custodian(session, url)
+        if custodian.vkey != custodian_vkey:
+            raise ProofFailed(f"{url} serves another log key than the desk's code names")
+        state = self.files.load_state()
+        entry = state["custodians"][custodian.origin]
+        pinned = entry.get("federation")
+        if federation is not None and pinned not in (None, federation):
+            raise ProofFailed(f"another federation key is pinned for {custodian.origin}")
+        if federation is not None and pinned is None:
+            entry["federation"] = federation
+            self.files.save_state(state)
+        return custodian
 
     async def signed(
         self,

@@ -53,17 +53,22 @@ def read_roster_file(path: Path) -> list[Member]:
 
 
 def write_roster_file(path: Path, members: list[Member]) -> None:
-    """Replace peers.toml atomically and durably (write, fsync, rename, fsync dir)."""
+    """Replace peers.toml atomically and durably."""
     # JSON string literals are valid TOML basic strings for the printable text we accept.
     text = "# Federation members added with `imageshare peers add`.\n" + "".join(
         f"\n[[peers]]\norigin = {json.dumps(m.origin)}\nurl = {json.dumps(m.url)}\n"
         f"vkey = {json.dumps(m.vkey)}\n"
         for m in members
     )
+    replace_file(path, text.encode())
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Replace a federation file atomically and durably (write, fsync, rename, fsync dir), 0600."""
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, text.encode())
+        os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -49,6 +49,12 @@ def register(subparsers: Any) -> None:
         help="how long an access may wait for its receipt (and back) before it is a violation",
     )
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    p.add_argument(
+        "--federation-key",
+        default=None,
+        metavar="VKEY",
+        help="the federation key the roster logs served must chain from",
+    )
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -60,6 +66,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         max(0, args.receipt_grace),
         args.timeout,
         ca_file_of(args),
+        args.federation_key,
     )
     if args.json:
         print_json(report.as_json())

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from node.core.keys import NodeIdentity
 from node.core.patient_keys import parse_public_key
 from node.edges.cli._common import (
     EXIT_OK,
@@ -33,6 +34,7 @@ from node.edges.cli._common import (
     print_json,
 )
 from node.errors import BadInput, ConfigError
+from node.services.federation_roster import desk_pin_url, federated
 from node.services.peer_client import open_session
 from node.services.wallet import (
     PASSPHRASE_ENV,
@@ -43,6 +45,7 @@ from node.services.wallet import (
     parse_token_id,
     wallet_directory,
 )
+from node.store.secrets import read_seed
 from node.store.wallet_files import WalletFiles
 
 # Modules adding more `imageshare patient` commands, each with register_patient(subparsers).
@@ -106,6 +109,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("token_id", metavar="TOKEN_ID")
     p.add_argument("--custodian", required=True, metavar="URL")
     wallet_command("tokens", cmd_tokens, "my tokens and their status")
+    p = wallet_command("pin", cmd_pin, "pin the keys the enrollment desk's code names")
+    p.add_argument("code", metavar="DESK_CODE", help="<node>/wallet/#custodian=...&federation=...")
     for name in PATIENT_COMMAND_MODULES:
         importlib.import_module(name).register_patient(sub)
 
@@ -123,9 +128,16 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         # Only a refused connection means no daemon: anything else may be a busy daemon,
         # and a second writer beside it would fork the log.
         result = _enroll_offline(config, args.patient_id, public_key)
+    vkey = NodeIdentity(config.origin, read_seed(config.key_path)).vkey
+    result = {**result, "wallet_pin_url": desk_pin_url(config, vkey)}
     if args.json:
         print_json(result)
-    elif result["already_enrolled"]:
+        return EXIT_OK
+    if federated(config):
+        print("For the patient's web wallet (pins this hospital's and the federation's keys):")
+        print(f"  {result['wallet_pin_url']}")
+        _print_qr(result["wallet_pin_url"])
+    if result["already_enrolled"]:
         print(f"That key is already enrolled for patient {args.patient_id}.")
     else:
         print(
@@ -177,9 +189,7 @@ def _open_wallet(args: argparse.Namespace) -> Wallet:
     return Wallet.open(directory, passphrase)
 
 
-def _run(
-    args: argparse.Namespace, action: Callable[[aiohttp.ClientSession], Awaitable[T]]
-) -> T:
+def _run(args: argparse.Namespace, action: Callable[[aiohttp.ClientSession], Awaitable[T]]) -> T:
     """Run one wallet action with a session to custodians (trusting ``--ca-file``),
     mapping proof failures to a failed check."""
 
@@ -226,6 +236,21 @@ def cmd_pubkey(args: argparse.Namespace) -> int:
         print(f"My key for {custodian.origin} (show it at the enrollment desk):")
         print(f"  {key}")
         _print_qr(key)
+    return EXIT_OK
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    wallet = _open_wallet(args)
+    custodian = _run(args, lambda session: wallet.pin_desk_code(session, args.code))
+    federation = wallet.files.load_state()["custodians"][custodian.origin].get("federation")
+    if args.json:
+        print_json(
+            {"custodian": custodian.origin, "vkey": custodian.vkey, "federation": federation}
+        )
+    else:
+        print(f"pinned {custodian.origin}: log key {custodian.vkey}")
+        if federation:
+            print(f"  federation key {federation}: only the roster's members witness its log")
     return EXIT_OK
 
 
@@ -286,7 +311,7 @@ def cmd_share(args: argparse.Namespace) -> int:
         args,
         lambda session: wallet.share(
             session, args.custodian, scope, lifetime, args.passcode, args.label
-        )
+        ),
     )
     if args.json:
         print_json({k: link[k] for k in ("shlink", "url", "link_id")})

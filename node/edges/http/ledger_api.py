@@ -42,6 +42,32 @@ def _b64(hashes: list[bytes]) -> list[str]:
     return [base64.b64encode(h).decode() for h in hashes]
 
 
+def serve_entries(log: StoredLog, request: web.Request) -> web.Response:
+    """``?start=A&end=B``: the raw entries A..B-1 (fewer past the size or the page limit)."""
+    start, end = query_int(request, "start"), query_int(request, "end")
+    size = log.size()
+    if start > end:
+        raise BadInput("start must not exceed end")
+    if start > size:
+        raise BadInput(f"start {start} is beyond the log size {size}")
+    end = min(end, size, start + MAX_ENTRIES_PER_RESPONSE)
+    return web.Response(body=canonical_encode(log.entries(start, end)), content_type=MSGPACK)
+
+
+def serve_inclusion(log: StoredLog, request: web.Request) -> web.Response:
+    """``?index=I&size=N``: the RFC 9162 inclusion proof as JSON."""
+    index, size = query_int(request, "index"), query_int(request, "size")
+    proof = log.inclusion_proof(index, size)
+    return web.json_response({"index": index, "size": size, "proof": _b64(proof)})
+
+
+def serve_consistency(log: StoredLog, request: web.Request) -> web.Response:
+    """``?old=M&new=N``: the RFC 9162 consistency proof as JSON."""
+    old, new = query_int(request, "old"), query_int(request, "new")
+    proof = log.consistency_proof(old, new)
+    return web.json_response({"old": old, "new": new, "proof": _b64(proof)})
+
+
 def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
     service: LedgerService = runtime.services.ledger
     store = service.store
@@ -66,28 +92,13 @@ def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
         return web.Response(text=note, content_type="text/plain", charset="utf-8")
 
     async def entries(request: web.Request) -> web.Response:
-        log = log_of(request)
-        start, end = query_int(request, "start"), query_int(request, "end")
-        size = log.size()
-        if start > end:
-            raise BadInput("start must not exceed end")
-        if start > size:
-            raise BadInput(f"start {start} is beyond the log size {size}")
-        end = min(end, size, start + MAX_ENTRIES_PER_RESPONSE)
-        body = canonical_encode(log.entries(start, end))
-        return web.Response(body=body, content_type=MSGPACK)
+        return serve_entries(log_of(request), request)
 
     async def inclusion(request: web.Request) -> web.Response:
-        log = log_of(request)
-        index, size = query_int(request, "index"), query_int(request, "size")
-        proof = log.inclusion_proof(index, size)
-        return web.json_response({"index": index, "size": size, "proof": _b64(proof)})
+        return serve_inclusion(log_of(request), request)
 
     async def consistency(request: web.Request) -> web.Response:
-        log = log_of(request)
-        old, new = query_int(request, "old"), query_int(request, "new")
-        proof = log.consistency_proof(old, new)
-        return web.json_response({"old": old, "new": new, "proof": _b64(proof)})
+        return serve_consistency(log_of(request), request)
 
     app.router.add_get("/ledger/logs", list_logs)
     app.router.add_get("/ledger/logs/{log_id}/checkpoint", checkpoint)

@@ -4,6 +4,7 @@
 
 import { loadWallet, store, unlockWallet } from "./keys.js";
 import { describeNode } from "./ledger.js";
+import { pinFederation } from "./roster.js";
 import { openWallet } from "./session.js";
 import { $, app, hospitalName, plain, say, setUnlockCheck, setupScreens, show } from "./shell.js";
 
@@ -39,6 +40,7 @@ async function connect() {
     say("No connection to the hospital: showing what this phone knows.", "info");
   }
   $("custodian").textContent = hospitalName(app.node.origin);
+  app.federation = await pinFederation(app.node);
   // Pinned on first contact, like the command-line wallet: a changed log key is refused.
   const pinName = "pin:" + app.node.origin;
   const pinned = await store.get(pinName);

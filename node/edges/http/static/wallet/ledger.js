@@ -13,7 +13,7 @@ export function leafHash(entry) {
   return sha256(concat(Uint8Array.of(0), entry));
 }
 
-function nodeHash(left, right) {
+export function nodeHash(left, right) {
   return sha256(concat(Uint8Array.of(1), left, right));
 }
 
@@ -68,7 +68,7 @@ export async function parseVkey(vkey) {
   return { name, alg, keyId: id, publicKey };
 }
 
-function verifyEd25519(publicKey, signature, message) {
+export function verifyEd25519(publicKey, signature, message) {
   return crypto.subtle
     .importKey("raw", publicKey, { name: "Ed25519" }, false, ["verify"])
     .then((key) => crypto.subtle.verify({ name: "Ed25519" }, key, signature, message))
@@ -194,14 +194,17 @@ function eventTokenId(entry) {
 
 /**
  * Every access, denial and revocation naming one of ``tokenIds`` (hex) in this node's
- * log (and, given ``ownKey``, every break-glass naming that key and what came under it)
- * log, each with its proof: checkpoint signed by ``pinnedVkey``, witnesses' valid
- * cosignatures, and the entry's inclusion under the checkpoint root.
+ * log (and, given ``ownKey``, every break-glass naming that key and what came under it),
+ * each with its proof: checkpoint signed by ``pinnedVkey``, witnesses' valid
+ * cosignatures (under ``witnessVkeys``, the pinned roster's, when given), and the
+ * entry's inclusion under the checkpoint root.
  */
-export async function myEvents(node, pinnedVkey, tokenIds, ownKey = null) {
+export async function myEvents(node, pinnedVkey, tokenIds, ownKey = null, witnessVkeys = null) {
   const note = await getText(`/ledger/logs/${node.own.log_id}/checkpoint`);
   const checkpoint = await verifyCheckpoint(note, pinnedVkey);
-  const witnesses = node.logs.filter((log) => log.origin !== node.origin).map((log) => log.vkey);
+  // Without a pinned federation roster, the witnesses' keys are the node's own listing.
+  const witnesses =
+    witnessVkeys ?? node.logs.filter((log) => log.origin !== node.origin).map((log) => log.vkey);
   const cosigners = await validCosigners(note, witnesses);
   const events = [];
   const raws = await entries(node.own.log_id, checkpoint.size);

@@ -3,6 +3,7 @@
 
 import { toB64url } from "./bytes.js";
 import { myEvents } from "./ledger.js";
+import { federationWitnesses } from "./roster.js";
 import { loadRoster } from "./screen-studies.js";
 import {
   $,
@@ -27,13 +28,20 @@ async function load() {
   }
   await loadRoster().catch(() => []);
   const ids = new Set(tokens.map((t) => t.token_id));
-  const { events, checkpoint, cosigners } = await myEvents(app.node, app.vkey, ids);
+  const roster = await federationWitnesses(app.node, app.federation);
+  const { events, checkpoint, cosigners } = await myEvents(
+    app.node,
+    app.vkey,
+    ids,
+    null,
+    roster.vkeys,
+  );
   const witnessed = cosigners.length
     ? `witnessed by ${cosigners.map(hospitalName).join(", ")}`
     : "not yet witnessed by another hospital";
   $("activity-summary").textContent =
     `Checked on this phone against ${hospitalName(app.node.origin)}'s log of ${checkpoint.size} entries ` +
-    `(signature verified, ${witnessed}).`;
+    `(signature verified, ${witnessed}).` + roster.note;
   const list = $("activity-list");
   if (!events.length) {
     list.replaceChildren(el("li", "note", "Nobody has used your shares yet."));

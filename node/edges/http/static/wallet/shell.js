@@ -11,6 +11,7 @@ export const $ = (id) => document.getElementById(id);
 /** What the open page knows: the node, its pinned log key, the wallet (locked: no
  * seedKey), my key here (null while locked), studies, the roster's display names. */
 export const app = {
+  federation: null, // the pinned federation key (roster.js), if the desk gave one
   node: null,
   vkey: null,
   wallet: null,

@@ -23,6 +23,7 @@ const SHELL = [
   "consent.js",
   "shlink.js",
   "ledger.js",
+  "roster.js",
   "qr.js",
   "reports.js",
   "reports.css",
