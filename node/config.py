@@ -390,6 +390,8 @@ class FederationConfig(Table):
     # Where `imageshare roster fetch` takes the roster log from by default.
     roster_url: str = ""
     roster_file: str = ""
+    # Seconds between two fetches of the roster log from roster_url by the daemon.
+    roster_refresh: PositiveSeconds = 300.0
 
     def __post_init__(self) -> None:
         if self.key:

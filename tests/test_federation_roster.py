@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from node.config import load_config
+from node.config import NodeConfig, load_config
 from node.core.encoding import canonical_decode
 from node.core.entries import Witness
 from node.core.keys import NodeIdentity
@@ -37,8 +38,10 @@ from node.services.federation_roster import (
     accept_roster_log,
     check_held_roster,
     create_federation_key,
+    current_roster,
     decode_bundle,
     fetch_roster,
+    roster_refresher,
     sign_next_version,
     verify_roster_log,
 )
@@ -256,7 +259,7 @@ def test_a_node_takes_peers_only_from_the_verified_roster(tmp_path: Path) -> Non
     b = init_node(tmp_path, "b.example/imageshare")
     pin = f'[federation]\ndiscovery = false\nkey = "{federation_key.vkey}"\n'
     a.append_config(pin)
-    b.append_config(pin)
+    b.append_config(pin + f'roster_url = "{a.url}"\nroster_refresh = 0.2\n')
     bundle_v1 = sign_in_process(operator, federation_key, a, name="v1.bundle")
     assert fetch_roster(load_config(a.config), str(bundle_v1)).version == 1
     a.start()
@@ -292,7 +295,7 @@ def test_a_node_takes_peers_only_from_the_verified_roster(tmp_path: Path) -> Non
         status, raw = get(a, "/federation/roster/log/entries?start=0&end=10")
         assert status == 200 and len(canonical_decode(raw)) == 2
         b_config = load_config(b.config)
-        assert fetch_roster(b_config, a.url).version == 2
+        assert _refreshed(b_config).version == 2  # the daemon's fetch from roster_url
         assert check_held_roster(b_config).version == 2
         # Version 1 offered after version 2 is refused: the log held is longer.
         with pytest.raises(Conflict, match="holds 2 roster log entries"):
@@ -305,6 +308,23 @@ def test_a_node_takes_peers_only_from_the_verified_roster(tmp_path: Path) -> Non
             move_member_key(load_config(a.config), b.origin, NodeIdentity.generate(b.origin).vkey)
     finally:
         a.stop()
+
+
+def _refreshed(config: NodeConfig) -> RosterDocument:
+    """Run the daemon's roster refresher until it holds a roster; that roster."""
+
+    async def run() -> RosterDocument:
+        refresher = roster_refresher(config)
+        assert refresher is not None
+        await refresher.start()
+        try:
+            return await asyncio.to_thread(
+                wait_until, lambda: current_roster(config), 20, 0.05, "the roster refresh"
+            )
+        finally:
+            await refresher.stop()
+
+    return asyncio.run(run())
 
 
 def _wait_whoami(a: NodeProcess, b: NodeProcess) -> tuple[int, object]:

@@ -16,6 +16,7 @@ from node.edges.dimse import dimse_service
 from node.edges.http.app import build_app
 from node.services.audit_export import audit_export_service, local_user
 from node.services.discovery import discovery_service
+from node.services.federation_roster import roster_refresher
 from node.services.forward import forward_service
 from node.services.runtime import NodeRuntime
 from node.services.tls import server_tls_context
@@ -36,6 +37,7 @@ ServiceFactory = Callable[[NodeRuntime], BackgroundService | None]
 SERVICE_FACTORIES: list[ServiceFactory] = [
     audit_export_service,  # first to start, last to stop: it sends the others' events
     lambda runtime: runtime.services.replication,
+    lambda runtime: roster_refresher(runtime.config),
     discovery_service,
     dimse_service,
     forward_service,

@@ -23,6 +23,8 @@ checkpoint is signed by the key the newest version names, and the log extends th
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import time
 import tomllib
@@ -54,6 +56,8 @@ from node.services.peer_client import CONNECTION_ERRORS, describe, open_session,
 from node.store.federation_state import replace_file
 from node.store.ledger import LedgerStore, StoredLog
 from node.store.secrets import read_seed, write_seed
+
+log = logging.getLogger(__name__)
 
 ROSTER_DIR = "federation-roster"
 CURRENT_FILE = "roster.note"
@@ -334,7 +338,11 @@ def accept_roster_log(config: NodeConfig, checkpoint: str, entries: list[bytes])
         mirror.extend(entries[held:], checkpoint, newest.key)
     finally:
         store.close()
-    replace_file(current_path(config), roster_notes(entries)[-1])
+    newest_note = roster_notes(entries)[-1]
+    with contextlib.suppress(FileNotFoundError):
+        if current_path(config).read_bytes() == newest_note:
+            return newest  # nothing new: the live roster need not reload
+    replace_file(current_path(config), newest_note)
     return newest
 
 
@@ -448,3 +456,39 @@ class HeldRosterLog:
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
+
+
+class RosterRefresher:
+    """The daemon's background fetch of the roster log from ``[federation] roster_url``,
+    every ``roster_refresh`` seconds; a failure is logged and tried again next time."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                newest = await asyncio.to_thread(fetch_roster, self.config)
+                log.debug("roster version %d of %s held", newest.version, newest.federation)
+            except ImageShareError as exc:
+                log.warning(
+                    "roster fetch from %s failed: %s", self.config.federation.roster_url, exc
+                )
+            await asyncio.sleep(self.config.federation.roster_refresh)
+
+
+def roster_refresher(config: NodeConfig) -> RosterRefresher | None:
+    """The daemon's factory: a RosterRefresher in a federation with a roster_url."""
+    if not federated(config) or not config.federation.roster_url:
+        return None
+    return RosterRefresher(config)
