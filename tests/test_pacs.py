@@ -623,26 +623,32 @@ class TestHostilePacs:
 
 
 def _honest_pacs(patient_id: str, *studies: SyntheticStudy) -> Callable[[Received], web.Response]:
-    """A DICOMweb PACS holding ``studies`` of ``patient_id`` (one instance each), answering
-    as it should."""
-    by_uid = {study.study_uid: pydicom.dcmread(study.files[0]) for study in studies}
-    files = {study.study_uid: study.files[0].read_bytes() for study in studies}
+    """A DICOMweb PACS holding ``studies`` of ``patient_id``, answering as it should."""
+    by_study = {
+        study.study_uid: [pydicom.dcmread(path, stop_before_pixels=True) for path in study.files]
+        for study in studies
+    }
+    files = {
+        pydicom.dcmread(path).SOPInstanceUID: path.read_bytes()
+        for study in studies
+        for path in study.files
+    }
 
     def answer(got: Received) -> web.Response:
         if got.path_qs.startswith("/dicom-web/studies?"):
-            return web.json_response([_dicom_json(uid, patient_id) for uid in by_uid])
+            return web.json_response([_dicom_json(uid, patient_id) for uid in by_study])
         uid = got.path_qs.split("/")[3].split("?")[0]
         if "/instances?" in got.path_qs:
-            ds = by_uid[uid]
             return web.json_response(
                 [
                     {
                         "0020000E": {"vr": "UI", "Value": [ds.SeriesInstanceUID]},
                         "00080018": {"vr": "UI", "Value": [ds.SOPInstanceUID]},
                     }
+                    for ds in by_study[uid]
                 ]
             )
-        return _multipart(files[uid])
+        return _multipart(files[got.path_qs.rsplit("/", 1)[1]])
 
     return answer
 
@@ -662,6 +668,35 @@ class TestEviction:
         assert source.cache.complete_instances(served.study_uid) is None
         assert source.cache.complete_instances(other.study_uid) is not None
         with source.serving(second):
+            pass
+        assert source.cache.usage().studies == 0
+
+    def test_a_study_larger_than_the_cache_stays_for_the_transfer_sent_part_of_it(
+        self, hostile: HostilePacs, tmp_path: Path
+    ) -> None:
+        source, server = hostile.source, hostile.server
+        study = make_ct_study(tmp_path / "two", series=1, slices=2, patient_id="MRN-P", seed=8)
+        server.respond = _honest_pacs("MRN-P", study)
+        assert len(source.studies_of_patient("MRN-P")) == 1
+        second_sop = str(pydicom.dcmread(study.files[1]).SOPInstanceUID)
+        server.released.clear()
+        server.hold = lambda got: got.path_qs.endswith(second_sop)  # the PACS stalls there
+        token = b"p" * 16
+        try:
+            part = source.instances_to_send(study.study_uid, token)
+            assert (len(part.instances), part.pending) == (1, 1)  # the first, whole
+            with source.serving(token):
+                pass  # its stream: the study is being retrieved, so it stays
+        finally:
+            server.hold = None
+            server.released.set()
+        wait_until(lambda: not source.status()["retrieving"], message="the retrieve to end")
+        asked = len(server.received)
+        # The cache holds one byte, yet the study waits for the transfer's last part.
+        rest = source.instances_to_send(study.study_uid, token)
+        assert (len(rest.instances), rest.pending) == (2, 0)
+        assert len(server.received) == asked  # from the cache, not retrieved again
+        with source.serving(token):
             pass
         assert source.cache.usage().studies == 0
 

@@ -532,6 +532,12 @@ class PacsSource:
             log.exception("retrieving a study from the PACS failed")
             error = f"retrieving from the PACS failed: {exc}"
         finally:
+            with retrieval.changed:
+                partly_sent = list(retrieval.named)
+            # The transfers sent part of it come back for the rest: held for them, even a
+            # study larger than the whole cache is not dropped before they have it.
+            for token_id in partly_sent if error is None else []:
+                self._pin(token_id, study_uid)
             with self._lock:
                 self._retrievals.pop(study_uid, None)
             with retrieval.changed:
