@@ -87,7 +87,7 @@ def hospital(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hospital]:
         for n in range(4)
     ]
     large = make_ct_study(
-        base / "large", series=4, slices=60, rows=32, columns=32, patient_id=PATIENT, seed=99
+        base / "large", series=4, slices=30, rows=32, columns=32, patient_id=PATIENT, seed=99
     )
     prefetched = make_ct_study(base / "prefetched", series=3, slices=1, patient_id=PATIENT, seed=5)
     after_restart = make_ct_study(base / "restart", series=1, slices=5, patient_id=PATIENT, seed=6)
@@ -331,7 +331,8 @@ class TestStreamedAsItLands:
         study, cached, after_restart = hospital.large, hospital.in_pacs[1], hospital.after_restart
         total = len(study.files)
         listing = _studies(wallet, node)
-        b.cli("fetch", _grant(wallet, node, b, [_ref_of(listing, cached)])["token"])
+        first = _start_fetch(b, _grant(wallet, node, b, [_ref_of(listing, cached)])["token"])
+        assert _finished(b, first, "the cached study's fetch")["state"] == "done"
         grant = _grant(wallet, node, b, [_ref_of(listing, study)])
         let_through = 40
         # Orthanc's answers stall after the first 40 instances: the retrieve cannot end.
@@ -384,8 +385,8 @@ class TestStreamedAsItLands:
             node.start()
             assert _studies(wallet, node) == listing
             again = _grant(wallet, node, b, [_ref_of(listing, cached)])
-            fetched = json.loads(b.cli("fetch", again["token"], "--json").stdout)
-            assert fetched["instances"] == len(cached.files)
+            fetched = _finished(b, _start_fetch(b, again["token"]), "the cached study's fetch")
+            assert (fetched["state"], fetched["instances_done"]) == ("done", len(cached.files))
             later = _grant(wallet, node, b, [_ref_of(listing, after_restart)])
             later_id = _start_fetch(b, later["token"])
             wait_until(

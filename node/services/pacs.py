@@ -543,7 +543,10 @@ class PacsSource:
             with retrieval.changed:
                 retrieval.finished, retrieval.error = True, error
                 retrieval.changed.notify_all()
-        self.cache.evict(self.config.cache_bytes, self._kept())
+        kept = self._kept()
+        if error is None:
+            kept.add(study_uid)  # just retrieved (a prefetch, say): it goes at a later eviction
+        self.cache.evict(self.config.cache_bytes, kept)
 
     def _retrieve(self, study_uid: str, retrieval: _Retrieval) -> None:
         started = time.monotonic()
