@@ -30,6 +30,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,8 @@ RETRY_WINDOW = 120.0
 MAX_BACKOFF = 4.0
 FIRST_CONTACT_ATTEMPTS = 3
 RECENT = 100
+# Transfer opens whose manifests are built at once (more wait their turn).
+MANIFEST_THREADS = 16
 # The open answer: a manifest of up to MAX_HANDLES instances of about 60 bytes each.
 MAX_OPEN_RESPONSE_BYTES = 128 * 1024 * 1024
 
@@ -330,8 +333,13 @@ class TransferService:
         self.jobs: dict[str, FetchJob] = {}
         self.outgoing: collections.OrderedDict[str, OutgoingProgress] = collections.OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Manifests are built here, not in the loop's default pool: an open may wait up
+        # to pacs.PARTIAL_WAIT_SECONDS for a study to land from the PACS, and waiting opens
+        # must not hold the threads every other request and stream needs.
+        self._manifests = ThreadPoolExecutor(MANIFEST_THREADS, thread_name_prefix="manifest")
 
     def close(self) -> None:
+        self._manifests.shutdown(wait=False, cancel_futures=True)
         self.store.close()
 
     @property
@@ -398,7 +406,9 @@ class TransferService:
             rule = verdict.rule or Rule.TAMPERED
             raise TransferRefused(rule.value, verdict.message)
         token_id = token_id_of(request.token)
-        manifest, paths = await asyncio.to_thread(self._build_manifest, token_id, verdict.studies)
+        manifest, paths = await asyncio.get_running_loop().run_in_executor(
+            self._manifests, self._build_manifest, token_id, verdict.studies
+        )
         ephemeral = EphemeralKey.generate()
         keys = sender_session(
             self.runtime.identity.seed, ephemeral, grantee_key, request.ephemeral, token_id
