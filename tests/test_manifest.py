@@ -54,6 +54,16 @@ class TestMessages:
         assert decode_open_response(response.encode()) == response
         assert decode_handles(encode_handles([2, 0]), 3) == [2, 0]
 
+    def test_a_partial_manifest_carries_its_pending_count_and_a_whole_one_none(self) -> None:
+        whole = _manifest()
+        partial = Manifest(whole.token_id, whole.studies, whole.instances, pending=7)
+        assert decode_manifest(partial.encode()) == partial
+        assert b"pending" not in whole.encode()  # a whole manifest is encoded as it was
+        fields = {"v": 1, "token_id": bytes(32), "studies": [], "instances": []}
+        for bad in (0, -1, True, "7"):
+            with pytest.raises(BadInput, match="pending"):
+                decode_manifest(canonical_encode({**fields, "pending": bad}))
+
     def test_handles_out_of_range_or_repeated_are_refused(self) -> None:
         with pytest.raises(BadInput):
             decode_handles(encode_handles([3]), 3)

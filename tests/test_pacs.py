@@ -2,7 +2,8 @@
 stored; the patient lists and grants them, and a second real node fetches them.
 
 Two custodians share one Orthanc: A reaches it by DIMSE Query/Retrieve (C-FIND, C-GET),
-W by DICOMweb (QIDO-RS, WADO-RS). B is the grantee of both.
+W by DICOMweb (QIDO-RS, WADO-RS) through a relay that can stall Orthanc's answers. B is
+the grantee of both.
 """
 
 from __future__ import annotations
@@ -53,9 +54,11 @@ class Hospital:
     in_pacs: list[SyntheticStudy]  # only in Orthanc
     large: SyntheticStudy  # only in Orthanc, for the retrieve cut off part way
     prefetched: SyntheticStudy  # only in Orthanc, retrieved by A as soon as it is granted
+    after_restart: SyntheticStudy  # only in Orthanc, granted at W after it restarts
     wallet_a: Wallet
     wallet_w: Wallet
     cache_limit: int
+    relay: HostileServer  # between W and Orthanc's DICOMweb
 
 
 def _upload(orthanc: OrthancServer, study: SyntheticStudy) -> None:
@@ -84,14 +87,16 @@ def hospital(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hospital]:
         for n in range(4)
     ]
     large = make_ct_study(
-        base / "large", series=4, slices=60, rows=32, columns=32, patient_id=PATIENT, seed=99
+        base / "large", series=4, slices=30, rows=32, columns=32, patient_id=PATIENT, seed=99
     )
     prefetched = make_ct_study(base / "prefetched", series=3, slices=1, patient_id=PATIENT, seed=5)
+    after_restart = make_ct_study(base / "restart", series=1, slices=5, patient_id=PATIENT, seed=6)
     other = make_ct_study(base / "other", series=1, slices=1, patient_id="MRN-OTHER", seed=7)
     a = init_node(base, "a.example/imageshare", "a")
     w = init_node(base, "w.example/imageshare", "w")
     b = init_node(base, "b.example/imageshare", "b")
     orthanc = OrthancServer(base).allow_retrieve(CALLING_AE, a.dimse_port)
+    relay = HostileServer(forward_to=orthanc.url)
     # Room for the last two small PACS studies, not three: the run of fetches must evict.
     cache_limit = _study_bytes(in_pacs[2]) + _study_bytes(in_pacs[3]) + 1024
     settings = "[federation]\ndiscovery = false\nreplicate_interval = 0.3\n"
@@ -102,14 +107,14 @@ def hospital(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hospital]:
     )  # fmt: skip
     w.append_config(
         settings + b.roster_entry()
-        + f'[pacs]\ndicomweb_url = "{orthanc.dicomweb_url}"\ntimeout = 10.0\n'
+        + f'[pacs]\ndicomweb_url = "{relay.url}/dicom-web"\ntimeout = 30.0\n'
         'dicomweb_auth_header = "X-Hospital: imageshare"\n'
     )  # fmt: skip
     b.append_config(settings + a.roster_entry() + w.roster_entry())
     nodes = [a, w, b]
     try:
         orthanc.start()
-        for study in [*in_pacs, large, prefetched, other]:
+        for study in [*in_pacs, large, prefetched, after_restart, other]:
             _upload(orthanc, study)
         with ThreadPoolExecutor(len(nodes)) as pool:
             list(pool.map(NodeProcess.start, nodes))
@@ -127,13 +132,16 @@ def hospital(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hospital]:
             in_pacs,
             large,
             prefetched,
+            after_restart,
             wallet_a,
             wallet_w,
             cache_limit,
+            relay,
         )
     finally:
         for node in nodes:
             node.stop()
+        relay.stop()
         orthanc.stop()
 
 
@@ -161,6 +169,11 @@ def _ref_of(listing: list[dict[str, Any]], study: SyntheticStudy) -> str:
 
 
 def _accesses(node: NodeProcess, token_id: str) -> list[dict[str, Any]]:
+    return _deliveries(node, "access", token_id)
+
+
+def _deliveries(node: NodeProcess, kind: str, token_id: str) -> list[dict[str, Any]]:
+    """The ``access`` or ``receipt`` entries of a token in a node's own log, in order."""
     wanted = log_id(node.origin)
     size = next(
         log["size"] for log in node.get_json("/ledger/logs", auth=False) if log["log_id"] == wanted
@@ -171,8 +184,24 @@ def _accesses(node: NodeProcess, token_id: str) -> list[dict[str, Any]]:
         entries = [decode_entry(raw) for raw in msgpack.unpackb(response.read())]
     return [
         e.fields for e in entries
-        if e.kind == "access" and e.fields["token_id"].hex() == token_id
+        if e.kind == kind and e.fields["token_id"].hex() == token_id
     ]  # fmt: skip
+
+
+def _matched(custodian: NodeProcess, grantee: NodeProcess, token_id: str) -> int | None:
+    """Instances the custodian's ``access`` entries of a token say were sent, if each is
+    matched by a ``receipt`` of the grantee (same study, count, bytes and digest): every
+    access happened, and only those. None while they differ."""
+    shared = ("study", "instances", "bytes", "digest")
+    accesses = [tuple(a[k] for k in shared) for a in _accesses(custodian, token_id)]
+    receipts = [tuple(r[k] for k in shared) for r in _deliveries(grantee, "receipt", token_id)]
+    return sum(int(a[1]) for a in accesses) if sorted(accesses) == sorted(receipts) else None
+
+
+def _accounted(custodian: NodeProcess, grantee: NodeProcess, token_id: str) -> int:
+    sent = _matched(custodian, grantee, token_id)
+    assert sent is not None, "an access without its receipt, or a receipt without its access"
+    return sent
 
 
 def _held_by(node: NodeProcess, data: bytes) -> bytes:
@@ -198,7 +227,7 @@ class TestListing:
         for node, wallet in ((hospital.a, hospital.wallet_a), (hospital.w, hospital.wallet_w)):
             listing = _studies(wallet, node)
             # The local study, the PACS's (never MRN-OTHER's).
-            assert len(listing) == 1 + len(hospital.in_pacs) + 2
+            assert len(listing) == 1 + len(hospital.in_pacs) + 3
             refs = {_ref_of(listing, s) for s in [hospital.local, *hospital.in_pacs[:1]]}
             assert len(refs) == 2
             described = next(
@@ -215,7 +244,13 @@ class TestListing:
         local = [s for s in found["studies"] if s["source"] != "PACS"]
         assert [s["study_instance_uid"] for s in local] == [hospital.local.study_uid]
         assert {s["study_instance_uid"] for s in pacs_only} == {
-            s.study_uid for s in [*hospital.in_pacs, hospital.large, hospital.prefetched]
+            s.study_uid
+            for s in [
+                *hospital.in_pacs,
+                hospital.large,
+                hospital.prefetched,
+                hospital.after_restart,
+            ]
         }
         assert all(s["viewer_url"] is None and s["patient_id"] == PATIENT for s in pacs_only)
         assert found["total"] == len(found["studies"])
@@ -254,8 +289,8 @@ class TestFetchFromPacs:
                 assert cached.read_bytes() == path.read_bytes()
             assert pydicom.dcmread(cached) == original  # C-GET: same data set, new meta
         assert node.get_json("/admin/api/status")["node"]["held"]["studies"] == 1
-        (access,) = _accesses(node, grant["token_id"])
-        assert access["instances"] == len(study.files)
+        # Sent as it landed, perhaps in several streams: each accounted on both sides.
+        assert _accounted(node, hospital.b, grant["token_id"]) == len(study.files)
         assert _pacs_status(node)["cache"]["complete"] >= 1
 
 
@@ -270,46 +305,108 @@ def _start_fetch(node: NodeProcess, token: str) -> str:
         return str(json.loads(response.read())["id"])
 
 
-def _finished(node: NodeProcess, job_id: str) -> dict[str, Any] | None:
-    job = node.get_json(f"/admin/api/transfers/{job_id}")
-    return None if job["state"] in ("queued", "running") else dict(job)
+def _job(node: NodeProcess, job_id: str) -> dict[str, Any]:
+    return dict(node.get_json(f"/admin/api/transfers/{job_id}"))
 
 
-class TestPacsDown:
-    def test_pacs_stopped_mid_retrieve_fails_the_fetch_without_access_then_it_resumes(
+def _finished(node: NodeProcess, job_id: str, message: str) -> dict[str, Any]:
+    return dict(
+        wait_until(
+            lambda: (j := _job(node, job_id))["state"] != "running" and j,
+            timeout=90,
+            message=message,
+        )
+    )
+
+
+def _is_instance_retrieve(got: Received) -> bool:
+    return "/series/" in got.path_qs and "/instances/" in got.path_qs
+
+
+class TestStreamedAsItLands:
+    def test_the_grantee_gets_instances_mid_retrieve_and_waits_out_a_stopped_pacs_and_a_restart(
         self, hospital: Hospital
     ) -> None:
-        node, wallet, study = hospital.w, hospital.wallet_w, hospital.large
-        grant = _grant(wallet, node, hospital.b, [_ref_of(_studies(wallet, node), study)])
-        cache = node.data_dir / DIRECTORY_NAME
-        before = len(list(cache.glob("*.dcm")))
-        job_id = _start_fetch(hospital.b, grant["token"])
-        wait_until(
-            lambda: len(list(cache.glob("*.dcm"))) > before,
-            timeout=30,
-            message="the custodian to have retrieved part of the study",
+        node, wallet, b, relay = hospital.w, hospital.wallet_w, hospital.b, hospital.relay
+        study, cached, after_restart = hospital.large, hospital.in_pacs[1], hospital.after_restart
+        total = len(study.files)
+        listing = _studies(wallet, node)
+        first = _start_fetch(b, _grant(wallet, node, b, [_ref_of(listing, cached)])["token"])
+        assert _finished(b, first, "the cached study's fetch")["state"] == "done"
+        grant = _grant(wallet, node, b, [_ref_of(listing, study)])
+        let_through = 40
+        # Orthanc's answers stall after the first 40 instances: the retrieve cannot end.
+        relay.released.clear()
+        relay.hold = lambda got: (
+            _is_instance_retrieve(got)
+            and sum(1 for r in relay.received if _is_instance_retrieve(r)) > let_through
         )
-        assert hospital.orthanc.process is not None
-        hospital.orthanc.process.kill()
-        hospital.orthanc.process.wait()
-        hospital.orthanc.process = None
         try:
-            failed = wait_until(lambda: _finished(hospital.b, job_id), timeout=60)
-            assert failed["state"] == "failed"
-            assert "PACS" in failed["error"]
-            assert _accesses(node, grant["token_id"]) == []
+            job_id = _start_fetch(b, grant["token"])
+            early = wait_until(
+                lambda: (j := _job(b, job_id))["instances_done"] > 0 and j,
+                timeout=30,
+                message="the first instances to reach the grantee",
+            )
+            assert early["state"] == "running" and early["instances_total"] == total
+            assert "retrieving" in early["waiting"]
+            (running,) = _pacs_status(node)["retrieving"]
+            assert running["instances_listed"] == total
+            assert running["instances_held"] <= let_through
+            # What reached B is accounted as sent: an access that happened, mid-retrieve.
+            sent_early = wait_until(
+                lambda: _matched(node, b, grant["token_id"]),
+                timeout=30,
+                message="the first stream's access and receipt",
+            )
+            assert 0 < sent_early <= let_through
+            # Orthanc stops mid-retrieve; the stalled answers then fail.
+            assert hospital.orthanc.process is not None
+            hospital.orthanc.process.kill()
+            hospital.orthanc.process.wait()
+            hospital.orthanc.process = None
+        finally:
+            relay.hold = None
+            relay.released.set()
+        try:
+            waiting = wait_until(
+                lambda: (j := _job(b, job_id))["error"] and "PACS" in j["error"] and j,
+                timeout=60,
+                message="the fetch to report the PACS failure",
+            )
+            assert waiting["state"] == "running"  # waiting for the PACS, not done
+            assert "PACS" in waiting["waiting"]
             assert _pacs_status(node)["link"] == "down"
-            partial = len(list(cache.glob("*.dcm"))) - before
-            assert 0 < partial < len(study.files)
+            # The failed attempt sent nothing and is in no access entry.
+            assert _accounted(node, b, grant["token_id"]) == waiting["instances_done"] < total
+            # The custodian restarts while its PACS is down: grants are judged by the
+            # listing it stored, a cached study is served, one only in the PACS waits.
+            node.stop()
+            node.start()
+            assert _studies(wallet, node) == listing
+            again = _grant(wallet, node, b, [_ref_of(listing, cached)])
+            fetched = _finished(b, _start_fetch(b, again["token"]), "the cached study's fetch")
+            assert (fetched["state"], fetched["instances_done"]) == ("done", len(cached.files))
+            later = _grant(wallet, node, b, [_ref_of(listing, after_restart)])
+            later_id = _start_fetch(b, later["token"])
+            wait_until(
+                lambda: (j := _job(b, later_id))["waiting"] and "PACS" in j["error"],
+                timeout=30,
+                message="the fetch of a study only in the PACS to wait for it",
+            )
+            assert _accesses(node, later["token_id"]) == []
         finally:
             hospital.orthanc.start()
-        fetched = json.loads(hospital.b.cli("fetch", grant["token"], "--json").stdout)
-        assert fetched["instances"] == len(study.files)
-        for path in study.files:
-            assert _held_by(hospital.b, path.read_bytes()) == path.read_bytes()
-        (access,) = _accesses(node, grant["token_id"])
-        assert access["instances"] == len(study.files)
+        for job, files in ((job_id, study.files), (later_id, after_restart.files)):
+            done = _finished(b, job, "the fetches to resume and finish once the PACS is back")
+            assert done["state"] == "done", done
+            assert done["instances_done"] == len(files) and done["waiting"] is None
+            for path in files:
+                assert _held_by(b, path.read_bytes()) == path.read_bytes()
+        assert _accounted(node, b, grant["token_id"]) == total
+        assert _accounted(node, b, later["token_id"]) == len(after_restart.files)
         assert _pacs_status(node)["link"] == "up"
+        assert _pacs_status(node)["retrieving"] == []
 
 
 class TestCacheLimit:
@@ -342,7 +439,7 @@ class TestPrefetch:
         assert _pacs_status(node)["retrieves"] == retrieves + 1
         hospital.b.cli("fetch", grant["token"])
         assert _pacs_status(node)["retrieves"] == retrieves + 1  # served from the cache
-        (access,) = _accesses(node, grant["token_id"])
+        (access,) = _accesses(node, grant["token_id"])  # one stream: it was cached whole
         assert access["instances"] == len(study.files)
 
 
@@ -359,6 +456,47 @@ class TestDashboard:
             assert f"ORTHANC at 127.0.0.1:{hospital.orthanc.dicom_port}" in text
             assert "up" in text and "whole" in text
             page.shot("pacs-source")
+
+
+def _revoke(wallet: Wallet, node: NodeProcess, token_ids: list[str]) -> None:
+    async def revoke() -> None:
+        async with aiohttp.ClientSession() as session:
+            for token_id in token_ids:
+                await wallet.revoke(session, node.url, bytes.fromhex(token_id))
+
+    asyncio.run(revoke())
+
+
+def _live_tokens(wallet: Wallet) -> list[str]:
+    async def tokens() -> list[dict[str, Any]]:
+        async with aiohttp.ClientSession() as session:
+            return await wallet.tokens(session)
+
+    return [t["token_id"] for t in asyncio.run(tokens()) if t["status"] == "active"]
+
+
+class TestRevocation:
+    def test_a_revoked_grants_cached_study_is_dropped_once_no_live_grant_needs_it(
+        self, hospital: Hospital
+    ) -> None:
+        node, wallet, b, study = hospital.w, hospital.wallet_w, hospital.b, hospital.after_restart
+        ref = _ref_of(_studies(wallet, node), study)
+        first, second = _grant(wallet, node, b, [ref]), _grant(wallet, node, b, [ref])
+        b.cli("fetch", first["token"])  # cached whole at W (retrieved if it was not yet)
+        assert study.study_uid in _cached_studies(node, complete_only=True)
+        whole = _pacs_status(node)["cache"]["complete"]
+        _revoke(wallet, node, [first["token_id"]])
+        assert study.study_uid in _cached_studies(node)  # the second grant still needs it
+        live = _live_tokens(wallet)
+        assert second["token_id"] in live
+        _revoke(wallet, node, live)  # the second, and any other grant covering it
+        assert study.study_uid not in _cached_studies(node)
+        # As the dashboard shows it: fewer whole studies (no grant left needs any here).
+        assert (
+            _pacs_status(node)["cache"]["complete"]
+            == len(_cached_studies(node, complete_only=True))
+            < whole
+        )
 
 
 # -- a PACS that answers what it should not ----------------------------------------------
@@ -486,26 +624,32 @@ class TestHostilePacs:
 
 
 def _honest_pacs(patient_id: str, *studies: SyntheticStudy) -> Callable[[Received], web.Response]:
-    """A DICOMweb PACS holding ``studies`` of ``patient_id`` (one instance each), answering
-    as it should."""
-    by_uid = {study.study_uid: pydicom.dcmread(study.files[0]) for study in studies}
-    files = {study.study_uid: study.files[0].read_bytes() for study in studies}
+    """A DICOMweb PACS holding ``studies`` of ``patient_id``, answering as it should."""
+    by_study = {
+        study.study_uid: [pydicom.dcmread(path, stop_before_pixels=True) for path in study.files]
+        for study in studies
+    }
+    files = {
+        pydicom.dcmread(path).SOPInstanceUID: path.read_bytes()
+        for study in studies
+        for path in study.files
+    }
 
     def answer(got: Received) -> web.Response:
         if got.path_qs.startswith("/dicom-web/studies?"):
-            return web.json_response([_dicom_json(uid, patient_id) for uid in by_uid])
+            return web.json_response([_dicom_json(uid, patient_id) for uid in by_study])
         uid = got.path_qs.split("/")[3].split("?")[0]
         if "/instances?" in got.path_qs:
-            ds = by_uid[uid]
             return web.json_response(
                 [
                     {
                         "0020000E": {"vr": "UI", "Value": [ds.SeriesInstanceUID]},
                         "00080018": {"vr": "UI", "Value": [ds.SOPInstanceUID]},
                     }
+                    for ds in by_study[uid]
                 ]
             )
-        return _multipart(files[uid])
+        return _multipart(files[got.path_qs.rsplit("/", 1)[1]])
 
     return answer
 
@@ -516,15 +660,44 @@ class TestEviction:
         hostile.server.respond = _honest_pacs("MRN-EVICT", served, other)
         assert len(source.studies_of_patient("MRN-EVICT")) == 2
         first, second = b"1" * 16, b"2" * 16
-        assert len(source.instances_to_send(served.study_uid, first)) == 1
+        assert source.instances_to_send(served.study_uid, first).pending == 0
         with source.serving(first):
             # Retrieving another study evicts down to one byte, but not what streams.
-            assert len(source.instances_to_send(other.study_uid, second)) == 1
+            assert len(source.instances_to_send(other.study_uid, second).instances) == 1
             assert source.cache.complete_instances(served.study_uid) is not None
         # Its stream ended: evicted now; the other, opened and not yet streamed, stays.
         assert source.cache.complete_instances(served.study_uid) is None
         assert source.cache.complete_instances(other.study_uid) is not None
         with source.serving(second):
+            pass
+        assert source.cache.usage().studies == 0
+
+    def test_a_study_larger_than_the_cache_stays_for_the_transfer_sent_part_of_it(
+        self, hostile: HostilePacs, tmp_path: Path
+    ) -> None:
+        source, server = hostile.source, hostile.server
+        study = make_ct_study(tmp_path / "two", series=1, slices=2, patient_id="MRN-P", seed=8)
+        server.respond = _honest_pacs("MRN-P", study)
+        assert len(source.studies_of_patient("MRN-P")) == 1
+        second_sop = str(pydicom.dcmread(study.files[1]).SOPInstanceUID)
+        server.released.clear()
+        server.hold = lambda got: got.path_qs.endswith(second_sop)  # the PACS stalls there
+        token = b"p" * 16
+        try:
+            part = source.instances_to_send(study.study_uid, token)
+            assert (len(part.instances), part.pending) == (1, 1)  # the first, whole
+            with source.serving(token):
+                pass  # its stream: the study is being retrieved, so it stays
+        finally:
+            server.hold = None
+            server.released.set()
+        wait_until(lambda: not source.status()["retrieving"], message="the retrieve to end")
+        asked = len(server.received)
+        # The cache holds one byte, yet the study waits for the transfer's last part.
+        rest = source.instances_to_send(study.study_uid, token)
+        assert (len(rest.instances), rest.pending) == (2, 0)
+        assert len(server.received) == asked  # from the cache, not retrieved again
+        with source.serving(token):
             pass
         assert source.cache.usage().studies == 0
 

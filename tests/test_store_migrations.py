@@ -21,6 +21,7 @@ from node.store import (
     instances,
     ledger,
     nonces,
+    pacs_cache,
     transfers,
 )
 from node.store.instances import SqliteInstanceStore
@@ -133,6 +134,11 @@ DATABASES: list[tuple[str, Callable[[Path], Any], Sequence[Migration]]] = [
         lambda d: audit_queue.AuditQueue(d, 10, 1000),
         audit_queue.MIGRATIONS,
     ),
+    (
+        f"{pacs_cache.DIRECTORY_NAME}/{pacs_cache.FILE_NAME}",
+        pacs_cache.PacsCache,
+        pacs_cache.MIGRATIONS,
+    ),
 ]
 
 
@@ -171,7 +177,7 @@ class TestEveryNodeDatabase:
         name, opener, migrations = database
         opener(tmp_path).close()
         set_version(tmp_path / name, len(migrations) + 1)
-        with pytest.raises(ConfigError, match=f"^{name} is at schema version"):
+        with pytest.raises(ConfigError, match=f"^{Path(name).name} is at schema version"):
             opener(tmp_path)
 
 
@@ -273,7 +279,7 @@ def test_upgrading_the_first_version_gives_what_a_new_node_creates(
     field at version 1 without the change: this catches it."""
     name, opener, migrations = database
     old = tmp_path / "old"
-    old.mkdir()
+    (old / name).parent.mkdir(parents=True)
     with contextlib.closing(sqlite3.connect(old / name)) as conn:
         conn.executescript((SCHEMAS / f"{name}.v1.sql").read_text())
         conn.execute("PRAGMA user_version = 1")

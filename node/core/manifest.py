@@ -12,6 +12,12 @@ references and every instance by an opaque per-transfer handle (its position)::
     {"v": 1, "token_id": bin32, "studies": [bin32, ...],
      "instances": [[study index, size, sha256 bin32], ...]}
 
+A **partial manifest** adds ``"pending": n`` (n >= 1): the custodian is still retrieving
+n more instances of the granted studies from its PACS. It names, with digests, only the
+instances already held; the grantee streams those, then opens again for the rest, and is
+never done while a manifest it was given is partial. A whole manifest has no such key
+(one encoding per value), so it is byte for byte what it always was.
+
 The instance stream (inside the encrypted channel) is a sequence of plaintext messages:
 ``b"I" + handle (u32 BE)`` opens an instance, ``b"D" + bytes`` carries its data (the
 instance ends when its manifest size is reached), and the final message is
@@ -50,9 +56,11 @@ def transfer_digest(digests: Iterable[bytes]) -> bytes:
     return hasher.digest()
 
 
-def _map(data: bytes, what: str, keys: set[str]) -> dict[str, Any]:
+def _map(
+    data: bytes, what: str, keys: set[str], optional: frozenset[str] = frozenset()
+) -> dict[str, Any]:
     value = canonical_decode(data)
-    if not isinstance(value, dict) or set(value) != keys:
+    if not isinstance(value, dict) or not keys <= set(value) <= keys | optional:
         raise BadInput(f"{what} must be a map with exactly {sorted(keys)}")
     if value["v"] != VERSION:
         raise BadInput(f"{what} has an unknown version")
@@ -153,16 +161,19 @@ class Manifest:
     token_id: bytes
     studies: tuple[bytes, ...]
     instances: tuple[ManifestEntry, ...]
+    # Instances still on their way from the custodian's PACS; 0 for a whole manifest.
+    pending: int = 0
 
     def encode(self) -> bytes:
-        return canonical_encode(
-            {
-                "v": VERSION,
-                "token_id": self.token_id,
-                "studies": list(self.studies),
-                "instances": [[e.study, e.size, e.digest] for e in self.instances],
-            }
-        )
+        value: dict[str, Any] = {
+            "v": VERSION,
+            "token_id": self.token_id,
+            "studies": list(self.studies),
+            "instances": [[e.study, e.size, e.digest] for e in self.instances],
+        }
+        if self.pending:
+            value["pending"] = self.pending
+        return canonical_encode(value)
 
     @property
     def total_bytes(self) -> int:
@@ -170,8 +181,13 @@ class Manifest:
 
 
 def decode_manifest(data: bytes) -> Manifest:
-    """Raises BadInput for anything but a well-formed manifest."""
-    value = _map(data, "manifest", {"v", "token_id", "studies", "instances"})
+    """Raises BadInput for anything but a well-formed (whole or partial) manifest."""
+    value = _map(
+        data, "manifest", {"v", "token_id", "studies", "instances"}, frozenset({"pending"})
+    )
+    pending = _count(value.get("pending", 0), "pending count", MAX_HANDLES)
+    if "pending" in value and pending == 0:
+        raise BadInput("a whole manifest has no pending count")
     studies = value["studies"]
     rows = value["instances"]
     if not isinstance(studies, list) or not isinstance(rows, list) or len(rows) > MAX_HANDLES:
@@ -185,7 +201,7 @@ def decode_manifest(data: bytes) -> Manifest:
         entries.append(
             ManifestEntry(handle, study, _count(row[1], "size"), _bin(row[2], 32, "digest"))
         )
-    return Manifest(_bin(value["token_id"], DIGEST_SIZE, "token id"), refs, tuple(entries))
+    return Manifest(_bin(value["token_id"], DIGEST_SIZE, "token id"), refs, tuple(entries), pending)
 
 
 # -- instance stream ----------------------------------------------------------------------

@@ -421,6 +421,7 @@ def record_revocation(runtime: NodeRuntime, revocation_bytes: bytes) -> Revocati
         "",
         _patient_of_key(runtime, revocation.patient_key),
     )
+    _release_from_pacs_cache(runtime, revocation.patient_key, revocation.token_id)
     return RevocationRecord(revocation.token_id, appended.index, newly=True)
 
 
@@ -476,6 +477,41 @@ def record_patient_statement(
         if known is not None:
             return known
         return service.append(body).index
+def _release_from_pacs_cache(runtime: NodeRuntime, patient_key: bytes, token_id: bytes) -> None:
+    """Drop from the PACS cache the revoked grant's studies that no other live grant of
+    the patient still covers: the copy was made for grantees, and none may have it now."""
+    source = runtime.services.pacs
+    state = runtime.services.consent.state
+    revoked = state.grant(token_id)
+    key = state.key(patient_key)
+    if source is None or revoked is None or key is None:
+        return
+    owned: frozenset[bytes] | None = None
+
+    def scope_of(token: bytes) -> frozenset[bytes]:
+        nonlocal owned
+        refs = decode_grant(token).fields.scope
+        if refs:
+            return frozenset(refs)
+        if owned is None:
+            owned = _owned_studies(runtime, key.subject)
+        return owned
+
+    needed: set[bytes] = set()
+    now = int(time.time())
+    for row in [] if key.retired else state.grants_of_key(patient_key):
+        live = (
+            row.token_id != token_id
+            and state.revocation_index(patient_key, row.token_id) is None
+            and decode_grant(row.token).fields.expires >= now
+        )
+        if live:
+            needed |= scope_of(row.token)
+    uids = []
+    for ref in scope_of(revoked.token) - needed:
+        with contextlib.suppress(NotFound):
+            uids.append(resolve_study_reference(runtime, ref))
+    source.release(token_id, uids)
 
 
 def _patient_of_key(runtime: NodeRuntime, public_key: bytes) -> str:

@@ -4,9 +4,11 @@ The node does not copy the archive. A patient's studies in the PACS are found by
 (or QIDO-RS) on the patient's id and listed beside the local ones, under the same study
 references. When a grant's transfer asks for a study held only in the PACS, it is
 retrieved (C-GET, or WADO-RS one instance at a time) into the bounded cache of
-node/store/pacs_cache.py, and served from there once every instance the PACS lists has
-arrived: the manifest names what was retrieved, with digests. A retrieve cut off part way
-is finished by the next one; nothing is served from a partial study.
+node/store/pacs_cache.py in a background thread, and the transfer is served from there
+as the instances land: each manifest names only instances cached whole, with digests, and
+says how many are still to come (a partial manifest, node/core/manifest.py), so the
+grantee's first bytes flow while the retrieve runs. A retrieve cut off part way is
+finished by the next one; the grantee is never done with a study still pending.
 
 Everything from the PACS is outside input: UIDs must be UIDs before they go into a query
 or a URL, answers are read within bounds, every instance passes the instance store's
@@ -47,7 +49,7 @@ from node.services.dimse_transport import (
     client_tls_args,
     mark_dimse_activity,
 )
-from node.store.pacs_cache import CachedInstance, PacsCache
+from node.store.pacs_cache import CachedInstance, PacsCache, PacsStudy
 
 if TYPE_CHECKING:
     from pynetdicom.events import Event
@@ -59,7 +61,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # A listing is asked of the PACS again after this long; until then (and whenever the PACS
-# cannot be reached) the last answer stands, so a consent check is not a C-FIND each time.
+# cannot be reached) the stored last answer stands, so a consent check is not a C-FIND
+# each time.
 LISTING_SECONDS = 30.0
 # Bounds on what one answer of the PACS may hold; more fails closed.
 MAX_STUDIES_OF_PATIENT = 1000
@@ -71,6 +74,11 @@ MAX_FRAMING_BYTES = 64 * 1024
 # first request for instances (the stream itself holds them while it runs).
 OPEN_PIN_SECONDS = 600.0
 MAX_REMEMBERED_PATIENTS = 10_000
+# Studies retrieved from the PACS at once; more wait their turn.
+MAX_RETRIEVES = 2
+# Longest wait of a transfer's open for more of a study being retrieved; then the manifest
+# names what is held (the grantee opens again for the rest).
+PARTIAL_WAIT_SECONDS = 10.0
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 # C-FIND and QIDO treat these as wildcards: such a patient id would match other patients.
 _WILDCARDS = set("*?\\%_")
@@ -83,22 +91,33 @@ class PacsUnavailable(ImageShareError):
 
 
 @dataclass(frozen=True)
-class PacsStudy:
-    """A study as the PACS lists it (the patient's own id, never sent on)."""
-
-    study_uid: str
-    patient_id: str
-    date: str
-    description: str
-    modalities: tuple[str, ...]
-    instances: int
-
-
-@dataclass(frozen=True)
 class PacsInstance:
     series_uid: str
     sop_uid: str
     sop_class_uid: str
+
+
+@dataclass(frozen=True)
+class PacsPart:
+    """What of a PACS study a transfer can send now: instances cached whole, and how many
+    more the PACS is still delivering (0 once the study is cached whole)."""
+
+    instances: list[CachedInstance]
+    pending: int
+
+
+class _Retrieval:
+    """One running retrieve of a study into the cache, watched by the transfers waiting
+    for its instances (and by the dashboard)."""
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()
+        self.listed: int | None = None  # instances the PACS lists, once it has answered
+        self.held = 0  # of those, instances in the cache
+        self.finished = False
+        self.error: str | None = None
+        # Per token: how many instances its last manifest named (the next must name twice).
+        self.named: dict[bytes, int] = {}
 
 
 # Called with each received instance's Part 10 bytes; raises if it is not one to keep.
@@ -376,19 +395,19 @@ class PacsSource:
             else _DicomWeb(config, runtime.config.store.max_instance_bytes)
         )
         self._lock = threading.Lock()
-        self._listings: dict[str, tuple[float, list[PacsStudy]]] = {}
-        self._studies: dict[str, PacsStudy] = {}
-        self._retrieving: dict[str, threading.Lock] = {}
+        # When each patient's studies were last asked of the PACS (the answers are stored).
+        self._asked: dict[str, float] = {}
+        self._retrievals: dict[str, _Retrieval] = {}
         self._pins: dict[bytes, tuple[frozenset[str], float]] = {}
         self._streams: dict[str, int] = {}
         self.link_state = "unknown"
         self.link_error = ""
         self.link_checked_at: float | None = None
         self.retrieves = 0
-        self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="pacs-prefetch")
+        self._retriever = ThreadPoolExecutor(MAX_RETRIEVES, thread_name_prefix="pacs-retrieve")
 
     def close(self) -> None:
-        self._prefetcher.shutdown(wait=True, cancel_futures=True)
+        self._retriever.shutdown(wait=True, cancel_futures=True)
         self.cache.close()
 
     def _note(self, error: str = "") -> None:
@@ -399,85 +418,137 @@ class PacsSource:
     # -- listing -------------------------------------------------------------------------
 
     def studies_of_patient(self, patient_id: str) -> list[PacsStudy]:
-        """The patient's studies in the PACS (exactly this patient id), from the last
-        answer when it is recent or the PACS cannot be reached now."""
+        """The patient's studies in the PACS (exactly this patient id): asked of the PACS
+        when the last answer is older than LISTING_SECONDS, else (and whenever the PACS
+        cannot be reached, even after a restart) its last answer, kept in the cache's
+        database."""
         if not patient_id or _WILDCARDS & set(patient_id):
             return []  # a wildcard would match other patients' studies
         with self._lock:
-            listed = self._listings.get(patient_id)
-        if listed is not None and time.monotonic() - listed[0] < LISTING_SECONDS:
-            return listed[1]
+            asked = self._asked.get(patient_id)
+        if asked is not None and time.monotonic() - asked < LISTING_SECONDS:
+            return self.cache.listing(patient_id)
         try:
             found = self.backend.find_studies(patient_id)
         except (PacsUnavailable, OSError, ValueError, RuntimeError) as exc:
             self._note(str(exc))
             log.warning("listing a patient's studies in the PACS failed: %s", exc)
-            return [] if listed is None else listed[1]
-        self._note()
-        studies = [s for s in found if s.patient_id == patient_id and is_uid(s.study_uid)]
+            studies = self.cache.listing(patient_id)
+        else:
+            self._note()
+            studies = [s for s in found if s.patient_id == patient_id and is_uid(s.study_uid)]
+            self.cache.replace_listing(patient_id, studies)
         with self._lock:
-            if len(self._listings) >= MAX_REMEMBERED_PATIENTS:
-                self._listings.pop(next(iter(self._listings)))
-            self._listings[patient_id] = (time.monotonic(), studies)
-            self._studies.update((s.study_uid, s) for s in studies)
+            # Failed or not, asked again only after LISTING_SECONDS: a PACS that hangs
+            # must not hold up every consent check (one a second while a study streams).
+            self._asked.pop(patient_id, None)
+            if len(self._asked) >= MAX_REMEMBERED_PATIENTS:
+                self._asked.pop(next(iter(self._asked)))
+            self._asked[patient_id] = time.monotonic()
         return studies
 
     def study(self, study_uid: str) -> PacsStudy | None:
-        """A study seen in a listing of the PACS, or None."""
-        with self._lock:
-            return self._studies.get(study_uid)
+        """A study seen in a listing of the PACS (now or before a restart), or None."""
+        return self.cache.listed_study(study_uid)
 
     # -- on demand -----------------------------------------------------------------------
 
-    def instances_to_send(self, study_uid: str, token_id: bytes) -> list[CachedInstance]:
-        """The instances of a study listed in the PACS, retrieved into the cache first if
-        they are not all there, and kept there for the transfer of ``token_id``.
+    def instances_to_send(self, study_uid: str, token_id: bytes) -> PacsPart:
+        """What of a study listed in the PACS can be sent now to the transfer of
+        ``token_id``, kept in the cache for it.
 
-        Empty if the study is not one the PACS listed. Raises PacsUnavailable with the
-        reason when the PACS cannot deliver the whole study (what arrived stays cached).
+        A study cached whole is all of it. Otherwise its retrieve is started (or joined)
+        and this waits, at most PARTIAL_WAIT_SECONDS, until the cache holds twice the
+        instances this token's last manifest named (at least one), or the retrieve ends:
+        the part is then the instances held so far, each whole and with its digest, and
+        how many more the PACS is still to deliver. Empty if the study is not one the PACS
+        listed. Raises PacsUnavailable with the reason when the retrieve fails (what
+        arrived stays cached, and the next retrieve adds only the rest).
         """
         if self.study(study_uid) is None and self.cache.complete_instances(study_uid) is None:
-            return []
+            return PacsPart([], 0)
         self._pin(token_id, study_uid)
         try:
-            return self._cached(study_uid)
+            return self._part(study_uid, token_id)
         except BaseException:
             self._unpin(token_id, study_uid)  # no transfer will stream what was not sent
             raise
 
-    def _cached(self, study_uid: str) -> list[CachedInstance]:
+    def _part(self, study_uid: str, token_id: bytes) -> PacsPart:
+        cached = self.cache.complete_instances(study_uid)
+        if cached is not None:
+            return PacsPart(cached, 0)
+        retrieval = self._retrieval(study_uid)
+        with retrieval.changed:
+            wanted = max(1, 2 * retrieval.named.get(token_id, 0))
+            retrieval.changed.wait_for(
+                lambda: retrieval.finished or wanted <= retrieval.held < (retrieval.listed or 0),
+                timeout=PARTIAL_WAIT_SECONDS,
+            )
+            finished, error, listed = retrieval.finished, retrieval.error, retrieval.listed
+        if error is not None:
+            raise PacsUnavailable(error)
+        if finished:
+            cached = self.cache.complete_instances(study_uid)
+            if cached is None:  # cannot be while pinned; never serve less than the study
+                raise PacsUnavailable("the retrieved study left the cache before it was sent")
+            return PacsPart(cached, 0)
+        held = self.cache.instances_held(study_uid)
+        if listed is None:
+            described = self.study(study_uid)
+            listed = described.instances if described is not None else 0
+        with retrieval.changed:
+            retrieval.named[token_id] = len(held)
+        return PacsPart(held, max(1, listed - len(held)))
+
+    def _retrieval(self, study_uid: str) -> _Retrieval:
+        """The running retrieve of a study, started now if none runs."""
         with self._lock:
-            gate = self._retrieving.setdefault(study_uid, threading.Lock())
-        try:
-            with gate:  # one retrieve of a study at a time; a second caller waits for it
-                cached = self.cache.complete_instances(study_uid)
-                if cached is None:
-                    self._retrieve(study_uid)
-                    cached = self.cache.complete_instances(study_uid)
-                    assert cached is not None
-        finally:
-            with self._lock:
-                self._retrieving.pop(study_uid, None)
-        return cached
+            retrieval = self._retrievals.get(study_uid)
+            if retrieval is None:
+                retrieval = self._retrievals[study_uid] = _Retrieval()
+                self._retriever.submit(self._run_retrieval, study_uid, retrieval)
+        return retrieval
 
     def prefetch(self, study_uids: list[str]) -> None:
-        """Retrieve, one after the other in the background, those of the studies that are
-        listed in the PACS and not held by the instance store ([pacs] prefetch)."""
-        wanted = [
-            uid
-            for uid in study_uids
-            if self.study(uid) is not None and self.store.instance_count(uid) == 0
-        ]
-        for uid in wanted:
-            self._prefetcher.submit(self._prefetch_one, uid)
+        """Start retrieving, in the background, those of the studies that are listed in the
+        PACS and neither held by the instance store nor cached whole ([pacs] prefetch)."""
+        for uid in study_uids:
+            if (
+                self.study(uid) is not None
+                and self.store.instance_count(uid) == 0
+                and self.cache.complete_instances(uid) is None
+            ):
+                self._retrieval(uid)
 
-    def _prefetch_one(self, study_uid: str) -> None:
+    def _run_retrieval(self, study_uid: str, retrieval: _Retrieval) -> None:
+        error: str | None = None
         try:
-            self._cached(study_uid)
-        except PacsUnavailable as exc:  # the grantee's fetch will try again, and say why
-            log.warning("prefetching a study from the PACS failed: %s", exc)
+            self._retrieve(study_uid, retrieval)
+        except PacsUnavailable as exc:  # the transfers waiting for it say why
+            error = str(exc)
+            log.warning("retrieving a study from the PACS failed: %s", exc)
+        except Exception as exc:  # a worker thread: whatever it was, the waiters must hear
+            log.exception("retrieving a study from the PACS failed")
+            error = f"retrieving from the PACS failed: {exc}"
+        finally:
+            with retrieval.changed:
+                partly_sent = list(retrieval.named)
+            # The transfers sent part of it come back for the rest: held for them, even a
+            # study larger than the whole cache is not dropped before they have it.
+            for token_id in partly_sent if error is None else []:
+                self._pin(token_id, study_uid)
+            with self._lock:
+                self._retrievals.pop(study_uid, None)
+            with retrieval.changed:
+                retrieval.finished, retrieval.error = True, error
+                retrieval.changed.notify_all()
+        kept = self._kept()
+        if error is None:
+            kept.add(study_uid)  # just retrieved (a prefetch, say): it goes at a later eviction
+        self.cache.evict(self.config.cache_bytes, kept)
 
-    def _retrieve(self, study_uid: str) -> None:
+    def _retrieve(self, study_uid: str, retrieval: _Retrieval) -> None:
         started = time.monotonic()
         try:
             listed = self.backend.find_instances(study_uid)
@@ -485,9 +556,14 @@ class PacsSource:
             if not wanted or len(wanted) != len(listed):
                 raise PacsUnavailable("the PACS lists no valid instances for the study")
             held = self.cache.held(study_uid)
+            with retrieval.changed:
+                retrieval.listed, retrieval.held = len(wanted), len(held & set(wanted))
+                retrieval.changed.notify_all()
             missing = [item for uid, item in wanted.items() if uid not in held]
             if missing:
-                self.backend.retrieve(study_uid, missing, self._keeper(study_uid, wanted))
+                self.backend.retrieve(
+                    study_uid, missing, self._keeper(study_uid, wanted, retrieval)
+                )
             still = set(wanted) - self.cache.held(study_uid)
             if still:
                 raise PacsUnavailable(
@@ -507,9 +583,10 @@ class PacsSource:
             len(wanted),
             time.monotonic() - started,
         )
-        self.cache.evict(self.config.cache_bytes, self._kept() | {study_uid})
 
-    def _keeper(self, study_uid: str, wanted: dict[str, PacsInstance]) -> Keep:
+    def _keeper(
+        self, study_uid: str, wanted: dict[str, PacsInstance], retrieval: _Retrieval
+    ) -> Keep:
         def keep(data: bytes) -> None:
             staged = self.store.stage_bytes(data)  # the one header check, within limits
             try:
@@ -517,9 +594,13 @@ class PacsSource:
                     raise PacsUnavailable("the PACS sent an instance of another study")
                 if staged.header.sop_instance_uid not in wanted:
                     raise PacsUnavailable("the PACS sent an instance it did not list")
-                self.cache.put(study_uid, staged)
+                added = self.cache.put(study_uid, staged)
             finally:
                 staged.tmp_path.unlink(missing_ok=True)
+            if added:  # whole, fsynced and indexed: a manifest may name it now
+                with retrieval.changed:
+                    retrieval.held += 1
+                    retrieval.changed.notify_all()
 
         return keep
 
@@ -542,10 +623,19 @@ class PacsSource:
             else:
                 self._pins.pop(token_id, None)
 
+    def release(self, token_id: bytes, study_uids: list[str]) -> list[str]:
+        """A revoked token's studies that no live grant needs: drop those cached, except
+        any a retrieve or another transfer still holds (the size limit takes them later).
+        Returns the dropped studies."""
+        with self._lock:
+            self._pins.pop(token_id, None)
+        kept = self._kept()
+        return [uid for uid in study_uids if uid not in kept and self.cache.drop(uid)]
+
     def _kept(self) -> set[str]:
         now = time.monotonic()
         with self._lock:
-            kept = set(self._streams) | set(self._retrieving)
+            kept = set(self._streams) | set(self._retrievals)
             for studies, until in self._pins.values():
                 if until >= now:
                     kept |= studies
@@ -575,6 +665,18 @@ class PacsSource:
     def status(self) -> dict[str, Any]:
         """The PACS link and the cache, for /admin/api/status."""
         usage = self.cache.usage()
+        with self._lock:
+            running = list(self._retrievals.items())
+        retrieving = []
+        for study_uid, retrieval in running:
+            with retrieval.changed:
+                retrieving.append(
+                    {
+                        "study_uid": study_uid,
+                        "instances_listed": retrieval.listed,
+                        "instances_held": retrieval.held,
+                    }
+                )
         return {
             "enabled": True,
             "via": "dimse" if self.config.ae_title else "dicomweb",
@@ -583,6 +685,7 @@ class PacsSource:
             "last_error": self.link_error,
             "checked_at": self.link_checked_at,
             "retrieves": self.retrieves,
+            "retrieving": retrieving,
             "prefetch": self.config.prefetch,
             "cache": {
                 "studies": usage.studies,
@@ -592,8 +695,6 @@ class PacsSource:
                 "held_for_transfers": len(self._kept()),
             },
         }
-
-
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,8 @@ RETRY_WINDOW = 120.0
 MAX_BACKOFF = 4.0
 FIRST_CONTACT_ATTEMPTS = 3
 RECENT = 100
+# Transfer opens whose manifests are built at once (more wait their turn).
+MANIFEST_THREADS = 16
 # The open answer: a manifest of up to MAX_HANDLES instances of about 60 bytes each.
 MAX_OPEN_RESPONSE_BYTES = 128 * 1024 * 1024
 
@@ -142,6 +145,15 @@ class TransferRefused(Forbidden):
 
 class NotInRoster(PeerUnreachable):
     """The token names a custodian this node does not know: retrying cannot help."""
+
+
+# The custodian's 503 answer to an open says this when its PACS cannot deliver the study.
+PACS_UNAVAILABLE = "unavailable"
+
+
+class CustodianPacsUnavailable(PeerUnreachable):
+    """The custodian answered, but could not retrieve the study from its PACS now: the
+    fetch waits and asks again (within RETRY_WINDOW of its last progress)."""
 
 
 def source_label(custodian: str, token_id: bytes) -> str:
@@ -230,6 +242,8 @@ class FetchJob:
     instances_received: int = 0
     attempts: int = 0
     opened: bool = False  # the custodian answered a transfer request at least once
+    # Why a running fetch is waiting (the custodian's PACS), or None while it streams.
+    waiting: str | None = None
     finished: float | None = None
     study_uids: list[str] = field(default_factory=list)
     # A break-glass fetch: its reason code (the token is the signed emergency request).
@@ -249,6 +263,7 @@ class FetchJob:
             "rule": self.rule,
             "error": self.error,
             "unreachable": self.unreachable,
+            "waiting": self.waiting,
             "instances_total": self.instances_total,
             "instances_done": self.instances_done,
             "instances_received": self.instances_received,
@@ -331,8 +346,13 @@ class TransferService:
         self.jobs: dict[str, FetchJob] = {}
         self.outgoing: collections.OrderedDict[str, OutgoingProgress] = collections.OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Manifests are built here, not in the loop's default pool: an open may wait up
+        # to pacs.PARTIAL_WAIT_SECONDS for a study to land from the PACS, and waiting opens
+        # must not hold the threads every other request and stream needs.
+        self._manifests = ThreadPoolExecutor(MANIFEST_THREADS, thread_name_prefix="manifest")
 
     def close(self) -> None:
+        self._manifests.shutdown(wait=False, cancel_futures=True)
         self.store.close()
 
     @property
@@ -399,7 +419,9 @@ class TransferService:
             rule = verdict.rule or Rule.TAMPERED
             raise TransferRefused(rule.value, verdict.message)
         token_id = token_id_of(request.token)
-        manifest, paths = await asyncio.to_thread(self._build_manifest, token_id, verdict.studies)
+        manifest, paths = await asyncio.get_running_loop().run_in_executor(
+            self._manifests, self._build_manifest, token_id, verdict.studies
+        )
         ephemeral = EphemeralKey.generate()
         keys = sender_session(
             self.runtime.identity.seed, ephemeral, grantee_key, request.ephemeral, token_id
@@ -433,6 +455,7 @@ class TransferService:
         studies: list[bytes] = []
         entries: list[ManifestEntry] = []
         paths: list[Path] = []
+        pending = 0
         for ref in study_refs:
             try:
                 uid = resolve_study_reference(self.runtime, ref)
@@ -442,9 +465,13 @@ class TransferService:
             try:
                 records = self.runtime.store.instances(uid)
             except NotFound:
-                # Only in the hospital's PACS: retrieved whole into the cache, then sent.
+                # Only in the hospital's PACS: what the cache holds of it so far is sent,
+                # and the manifest says how much more is coming (a partial manifest).
                 source = self.runtime.services.pacs
-                records = [] if source is None else source.instances_to_send(uid, token_id)
+                if source is None:
+                    continue
+                part = source.instances_to_send(uid, token_id)
+                records, pending = part.instances, pending + part.pending
             if not records:
                 continue  # a study in scope that holds no instance here has nothing to send
             for record in records:
@@ -455,7 +482,7 @@ class TransferService:
                 )
                 paths.append(record.path)
             studies.append(ref)
-        return Manifest(token_id, tuple(studies), tuple(entries)), paths
+        return Manifest(token_id, tuple(studies), tuple(entries), pending), paths
 
     def _expire_sessions(self) -> None:
         now = time.monotonic()
@@ -698,6 +725,7 @@ class TransferService:
     async def _run(self, job: FetchJob) -> None:
         deadline = time.monotonic() + RETRY_WINDOW
         backoff = 0.25
+        named = 0  # instances named by the last manifest
         timeout = aiohttp.ClientTimeout(
             total=None, connect=self.runtime.config.federation.request_timeout, sock_read=60
         )
@@ -707,9 +735,7 @@ class TransferService:
                 while True:
                     job.attempts += 1
                     try:
-                        await self._attempt(job, http)
-                        job.state = "done"
-                        return
+                        manifest = await self._attempt(job, http)
                     except TransferRefused as exc:
                         job.state, job.rule, job.error = "refused", exc.rule, exc.explanation
                         return
@@ -721,7 +747,10 @@ class TransferService:
                         ConnectionError,
                     ) as exc:
                         job.error = describe(exc)
-                        job.unreachable = isinstance(exc, PeerUnreachable)
+                        pacs_down = isinstance(exc, CustodianPacsUnavailable)
+                        job.opened = job.opened or pacs_down  # the custodian did answer
+                        job.unreachable = isinstance(exc, PeerUnreachable) and not pacs_down
+                        job.waiting = job.error if pacs_down else None
                         # Until the custodian has answered once, give up soon: it may
                         # simply be down or misnamed; a cut transfer is retried longer.
                         gave_up = isinstance(exc, NotInRoster) or (
@@ -733,8 +762,25 @@ class TransferService:
                         log.info("fetch %s interrupted (%s); retrying", job.id, job.error)
                         await asyncio.sleep(backoff)
                         backoff = min(backoff * 2, MAX_BACKOFF)
+                        continue
                     except ImageShareError as exc:
                         job.state, job.error = "failed", str(exc)
+                        return
+                    job.error = None
+                    if not manifest.pending:
+                        job.state = "done"
+                        return
+                    # A partial manifest: its instances are held now; the custodian's open
+                    # waits for more of the study to land from its PACS, so ask again at
+                    # once. Two minutes in which it names nothing new fail the fetch.
+                    if len(manifest.instances) > named:
+                        named = len(manifest.instances)
+                        deadline, backoff = time.monotonic() + RETRY_WINDOW, 0.25
+                    elif time.monotonic() > deadline:
+                        job.state = "failed"
+                        job.error = (
+                            f"the custodian's PACS delivered nothing more in {RETRY_WINDOW:.0f} s"
+                        )
                         return
         except asyncio.CancelledError:
             job.state, job.error = "failed", "the node stopped during the fetch"
@@ -745,6 +791,7 @@ class TransferService:
         finally:
             job.finished = time.time()
             job.unreachable = job.state == "failed" and job.unreachable
+            job.waiting = None
             with contextlib.suppress(Exception):
                 await self.store.off_loop(
                     self.store.save_fetch, job.id, job.started, json.dumps(job.as_json())
@@ -784,7 +831,9 @@ class TransferService:
                 response.release()
         return response
 
-    async def _attempt(self, job: FetchJob, http: aiohttp.ClientSession) -> None:
+    async def _attempt(self, job: FetchJob, http: aiohttp.ClientSession) -> Manifest:
+        """One transfer: open, then stream what this node lacks of the manifest; returns
+        the manifest (partial when the custodian is still retrieving from its PACS)."""
         urls, custodian = self._custodian_urls(job.custodian)
         ephemeral = EphemeralKey.generate()
         body = OpenRequest(job.token, ephemeral.public).encode()
@@ -812,8 +861,13 @@ class TransferService:
         manifest = decode_manifest(open_sealed(keys.manifest, opened.sealed_manifest))
         if manifest.token_id != job.token_id:
             raise BadInput("the custodian's manifest is for another token")
-        job.instances_total = len(manifest.instances)
+        job.instances_total = len(manifest.instances) + manifest.pending
         job.bytes_total = manifest.total_bytes
+        job.waiting = (
+            f"the custodian is retrieving {manifest.pending} more instances from its PACS"
+            if manifest.pending
+            else None
+        )
         store = self.runtime.store
         present = await store.off_loop(
             store.digests_present, [e.digest.hex() for e in manifest.instances]
@@ -829,6 +883,7 @@ class TransferService:
         if missing:
             url = f"{base}/p2p/transfer/{opened.transfer_id}/instances"
             await self._receive(job, http, custodian, url, keys, manifest, missing)
+        return manifest
 
     def _note_studies(self, job: FetchJob, study_uids: list[str]) -> None:
         for uid in study_uids:
@@ -973,6 +1028,6 @@ def _transfer_refusal(status: int, document: dict[str, Any]) -> ImageShareError 
         return Unauthorized(f"the custodian did not accept this node's signature: {message}")
     if status == 404:
         return ChannelError(f"the custodian no longer knows the transfer: {message}")
+    if status == 503 and document.get("pacs") == PACS_UNAVAILABLE:
+        return CustodianPacsUnavailable(f"the custodian's PACS cannot deliver now: {message}")
     return None
-
-

@@ -7,12 +7,14 @@ forwarded, and may be dropped at any time it is not being served. Kept in
 
     cache.sqlite   studies(study_uid, complete, bytes, last_used)
                    instances(study_uid, sop_uid, digest, size)
+                   listed(study_uid, patient_id, date, description, modalities,
+                          instances, listed_at): the PACS's last answer per patient
     <digest>.dcm   the instances, each exactly as the PACS sent it
 
 An instance is fsynced and renamed into place before its row commits, so a row always
-names a whole file. A study is served only once ``complete`` is set (every instance the
-PACS listed is held); a retrieve cut off part way leaves the instances it got, and the
-next retrieve adds the rest.
+names a whole file, and a manifest may name it as soon as its row is there. ``complete``
+is set once every instance the PACS listed is held; a retrieve cut off part way leaves
+the instances it got, and the next retrieve adds the rest.
 """
 
 from __future__ import annotations
@@ -47,8 +49,34 @@ CREATE TABLE IF NOT EXISTS instances (
 );
 CREATE INDEX IF NOT EXISTS instances_digest ON instances (digest);
 """
+# The studies the PACS listed, so that a consent check after a restart while the PACS
+# is down is judged by its last answer (modalities joined by backslashes, as in DICOM).
+_LISTED = """
+CREATE TABLE IF NOT EXISTS listed (
+    study_uid TEXT PRIMARY KEY,
+    patient_id TEXT NOT NULL,
+    date TEXT NOT NULL,
+    description TEXT NOT NULL,
+    modalities TEXT NOT NULL,
+    instances INTEGER NOT NULL,
+    listed_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS listed_by_patient ON listed (patient_id);
+"""
 # Schema versions (node/store/sqlite.py): position n upgrades version n to n + 1.
-MIGRATIONS: tuple[Migration, ...] = (_SCHEMA,)
+MIGRATIONS: tuple[Migration, ...] = (_SCHEMA, _LISTED)
+
+
+@dataclass(frozen=True)
+class PacsStudy:
+    """A study as the PACS lists it (the patient's own id, never sent on)."""
+
+    study_uid: str
+    patient_id: str
+    date: str
+    description: str
+    modalities: tuple[str, ...]
+    instances: int
 
 
 @dataclass(frozen=True)
@@ -92,9 +120,10 @@ class PacsCache:
             ).fetchall()
         return {row[0] for row in rows}
 
-    def put(self, study_uid: str, staged: StagedInstance) -> None:
+    def put(self, study_uid: str, staged: StagedInstance) -> bool:
         """Make a staged instance of ``study_uid`` durable in the cache (the staged file
-        is moved, never copied); an instance already held is dropped."""
+        is moved, never copied); an instance already held is dropped. True if it was
+        new."""
         sop_uid = staged.header.sop_instance_uid
         target = self.path_of(staged.digest)
         with open(staged.tmp_path, "rb+") as handle:
@@ -123,6 +152,7 @@ class PacsCache:
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
+        return bool(inserted)
 
     def mark_complete(self, study_uid: str) -> None:
         """Record that every instance the PACS lists for the study is held."""
@@ -146,10 +176,18 @@ class PacsCache:
             self._conn.execute(
                 "UPDATE studies SET last_used = ? WHERE study_uid = ?", (time.time(), study_uid)
             )
-            rows = self._conn.execute(
-                "SELECT sop_uid, digest, size FROM instances WHERE study_uid = ? ORDER BY sop_uid",
-                (study_uid,),
-            ).fetchall()
+            return self._instances_locked(study_uid)
+
+    def instances_held(self, study_uid: str) -> list[CachedInstance]:
+        """The instances of the study cached so far (whole or not), in UID order."""
+        with self._lock:
+            return self._instances_locked(study_uid)
+
+    def _instances_locked(self, study_uid: str) -> list[CachedInstance]:
+        rows = self._conn.execute(
+            "SELECT sop_uid, digest, size FROM instances WHERE study_uid = ? ORDER BY sop_uid",
+            (study_uid,),
+        ).fetchall()
         return [
             CachedInstance(uid, digest, size, self.path_of(digest)) for uid, digest, size in rows
         ]
@@ -173,6 +211,16 @@ class PacsCache:
                 total -= size
         return dropped
 
+    def drop(self, study_uid: str) -> bool:
+        """Drop a study from the cache (its listing stays); False if it held none."""
+        with self._lock:
+            held = self._conn.execute(
+                "SELECT 1 FROM studies WHERE study_uid = ?", (study_uid,)
+            ).fetchone()
+            if held is not None:
+                self._drop_locked(study_uid)
+        return held is not None
+
     def _drop_locked(self, study_uid: str) -> None:
         digests = [
             row[0]
@@ -192,6 +240,45 @@ class PacsCache:
             if shared is None:
                 self.path_of(digest).unlink(missing_ok=True)
 
+    def replace_listing(self, patient_id: str, studies: Iterable[PacsStudy]) -> None:
+        """Keep the PACS's answer for a patient in place of the last one: a study it no
+        longer lists for them is no longer theirs here."""
+        rows = [
+            (s.study_uid, patient_id, s.date, s.description, "\\".join(s.modalities), s.instances)
+            for s in studies
+        ]
+        now = time.time()
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.execute("DELETE FROM listed WHERE patient_id = ?", (patient_id,))
+                self._conn.executemany(
+                    "INSERT OR REPLACE INTO listed (study_uid, patient_id, date, description,"
+                    " modalities, instances, listed_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(*row, now) for row in rows],
+                )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def listing(self, patient_id: str) -> list[PacsStudy]:
+        """The PACS's last answer for a patient, in the order it answered."""
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_LISTED_COLUMNS} FROM listed WHERE patient_id = ? ORDER BY rowid",
+                (patient_id,),
+            ).fetchall()
+        return [_listed_study(row) for row in rows]
+
+    def listed_study(self, study_uid: str) -> PacsStudy | None:
+        """A study as the PACS last listed it, or None."""
+        with self._lock:
+            row = self._conn.execute(
+                f"SELECT {_LISTED_COLUMNS} FROM listed WHERE study_uid = ?", (study_uid,)
+            ).fetchone()
+        return None if row is None else _listed_study(row)
+
     def usage(self) -> CacheUsage:
         """How many studies (and whole ones) and bytes the cache holds."""
         with self._lock:
@@ -199,3 +286,18 @@ class PacsCache:
                 "SELECT COUNT(*), COALESCE(SUM(complete), 0), COALESCE(SUM(bytes), 0) FROM studies"
             ).fetchone()
         return CacheUsage(int(studies), int(complete), int(size))
+
+
+_LISTED_COLUMNS = "study_uid, patient_id, date, description, modalities, instances"
+
+
+def _listed_study(row: tuple[str, str, str, str, str, int]) -> PacsStudy:
+    uid, patient_id, date, description, modalities, instances = row
+    return PacsStudy(
+        uid,
+        patient_id,
+        date,
+        description,
+        tuple(modalities.split("\\")) if modalities else (),
+        instances,
+    )

@@ -21,9 +21,10 @@ from tests.support.orthanc import OrthancServer, storescu
 CUSTODIAN_AE = "IMAGESHARE"
 NOTES = [
     "Fetch from the PACS: the custodian lists the study by C-FIND, then on the grantee's"
-    " request retrieves it whole by C-GET from Orthanc (on loopback) into its cache, checks"
-    " every instance's header, fsyncs it, and only then sends the manifest and streams the"
-    " study; so the first byte waits for the whole retrieve. Timed as the transfer row:"
+    " request retrieves it by C-GET from Orthanc (on loopback) into its cache, checking"
+    " every instance's header and fsyncing it; meanwhile it answers the grantee with"
+    " partial manifests of the instances already cached (each with its digest), so the"
+    " study streams onward while the retrieve runs. Timed as the transfer row:"
     " POST /admin/api/fetch at the grantee, polled every 10 ms; first byte is the first"
     " poll that saw bytes received.",
 ]

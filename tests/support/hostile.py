@@ -3,7 +3,8 @@
 It stands where an attacker would: at an address it advertises for a member by zeroconf,
 or at a member's roster URL (a machine in the path). By default it relays each request
 to ``forward_to`` (the real node) and records the answer; ``respond`` may answer a
-request itself instead (a forged refusal, a swallowed cosignature).
+request itself instead (a forged refusal, a swallowed cosignature), and ``hold`` may
+stall the requests it matches until ``released`` is set (an upstream that hangs).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class HostileServer:
     def __init__(self, forward_to: str | None = None) -> None:
         self.forward_to = forward_to
         self.respond: Responder | None = None
+        self.hold: Callable[[Received], bool] | None = None
+        self.released = threading.Event()
         self.received: list[Received] = []
         self.relayed: list[Relayed] = []
         self.port = free_port()
@@ -82,6 +85,9 @@ class HostileServer:
     async def _handle(self, request: web.Request) -> web.Response:
         got = Received(request.method, request.path_qs, dict(request.headers), await request.read())
         self.received.append(got)
+        hold = self.hold
+        if hold is not None and hold(got):
+            await asyncio.to_thread(self.released.wait)
         respond = self.respond
         answer = respond(got) if respond is not None else None
         if answer is not None:
@@ -98,6 +104,8 @@ class HostileServer:
         return web.Response(status=upstream.status, body=body, headers=kept)
 
     def stop(self) -> None:
+        self.released.set()
+
         async def shut() -> None:
             await self._session.close()
             await self._runner.cleanup()

@@ -3,7 +3,8 @@
 - ``POST /p2p/transfer``                    canonical msgpack {token, ephemeral}: consent
   check, then canonical msgpack {transfer, ephemeral, manifest (encrypted)}; a refusal is
   403 JSON {"error", "rule"}, signed like every /p2p refusal (``Refusal-Signature``, added
-  on response prepare by node.edges.http.p2p)
+  on response prepare by node.edges.http.p2p); a study the custodian's PACS cannot
+  deliver now is 503 JSON {"error", "pacs": "unavailable"} (the grantee waits and retries)
 - ``POST /p2p/transfer/{id}/instances``     canonical msgpack {handles}: the encrypted
   instance stream (application/octet-stream)
 - ``POST /admin/api/fetch``                 JSON {"token"}: start a fetch job; 202 + the job
@@ -21,8 +22,9 @@ from aiohttp import web
 from node.edges.http.context import runtime_of
 from node.edges.http.signed import SignedCaller, authenticate
 from node.errors import BadInput, Unauthorized
+from node.services.pacs import PacsUnavailable
 from node.services.runtime import NodeRuntime
-from node.services.transfer import TransferRefused
+from node.services.transfer import PACS_UNAVAILABLE, TransferRefused
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,8 @@ async def open_transfer(request: web.Request) -> web.Response:
         )
     except TransferRefused as exc:
         return _refusal(exc)
+    except PacsUnavailable as exc:
+        return web.json_response({"error": str(exc), "pacs": PACS_UNAVAILABLE}, status=503)
     return web.Response(body=body, content_type=MSGPACK)
 
 

@@ -437,6 +437,7 @@ function renderPacs(p) {
       ["Cache", `${bytes(p.cache.bytes)} of ${bytes(p.cache.limit_bytes)} · ${p.cache.complete} whole ${p.cache.complete === 1 ? "study" : "studies"}`],
       ["Held for transfers", p.cache.held_for_transfers],
       ["Retrieved", p.retrieves],
+      ["Retrieving", p.retrieving.length ? p.retrieving.map((r) => `${r.instances_held} of ${r.instances_listed ?? "?"} instances`).join(" · ") : "none"],
       ["Prefetch on grant", p.prefetch ? "on" : "off"],
     ]),
   );
