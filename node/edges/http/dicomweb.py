@@ -349,8 +349,9 @@ async def _rendering_target(request: web.Request) -> tuple[list[InstanceRecord],
 
 
 async def retrieve_rendered(request: web.Request) -> web.StreamResponse:
-    """One image where the resource holds one frame (and no multipart was asked for);
-    otherwise multipart/related with one image per frame, rendered one at a time."""
+    """One image where the resource holds one frame (and no multipart was asked for); an
+    animated GIF for the frames of one instance asked for as image/gif; otherwise
+    multipart/related with one image per frame, rendered one at a time."""
     media_type, multipart = _rendered_media_type(request)
     options, ignored = rendering.parse_options(request.query, media_type, thumbnail=False)
     records, numbers = await _rendering_target(request)
@@ -360,6 +361,10 @@ async def retrieve_rendered(request: web.Request) -> web.StreamResponse:
     headers = _warnings(request, ignored)
     if len(frames) == 1 and not multipart:
         image = await asyncio.to_thread(rendering.render_frame, store, frames[0], options)
+        return web.Response(body=image, headers={**headers, "Content-Type": media_type})
+    if media_type == rendering.GIF and not multipart and len(records) == 1:
+        # A multi-frame instance (or its frame list) asked for as image/gif: animated.
+        image = await asyncio.to_thread(rendering.render_animation, store, frames, options)
         return web.Response(body=image, headers={**headers, "Content-Type": media_type})
 
     def part(frame: rendering.FrameRef) -> OutgoingPart:
