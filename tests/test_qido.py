@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import pydicom
 import pytest
@@ -19,7 +20,8 @@ from tests.support.nodes import NodeProcess, init_node
 def make_study(
     directory: Path, modalities: list[str], slices: int = 2, **kwargs: Any
 ) -> SyntheticStudy:
-    """A study with one series per modality, BodyPartExamined CHEST, SeriesDate = StudyDate."""
+    """A study with one series per modality, BodyPartExamined CHEST, SeriesDate = StudyDate,
+    performed from StudyDate 10:15, in the time zone +0100."""
     study = make_ct_study(
         directory, series=len(modalities), slices=slices, rows=8, columns=8, **kwargs
     )
@@ -28,6 +30,9 @@ def make_study(
         ds.Modality = modalities[int(ds.SeriesNumber) - 1]
         ds.BodyPartExamined = "CHEST"
         ds.SeriesDate = ds.StudyDate
+        ds.TimezoneOffsetFromUTC = "+0100"
+        ds.PerformedProcedureStepStartDate = ds.StudyDate
+        ds.PerformedProcedureStepStartTime = "101500"
         ds.save_as(path)
     return study
 
@@ -155,14 +160,66 @@ class TestStudyMatching:
         assert "Warning" not in corpus.query("/studies", {"fuzzymatching": "false"}).headers
         assert corpus.query("/studies", {"fuzzymatching": "yes"}).status_code == 400
 
-    def test_unknown_or_unmatchable_parameters_are_refused(self, corpus: Corpus) -> None:
-        assert corpus.query("/studies", {"NoSuchThing": "x"}).status_code == 400
-        assert corpus.query("/studies", {"SOPInstanceUID": "1.2"}).status_code == 400
+    def test_unknown_or_unmatchable_keys_are_ignored_with_a_warning_naming_them(
+        self, corpus: Corpus
+    ) -> None:
+        ignored = ["NoSuchThing", "SOPInstanceUID", "NumberOfStudyRelatedSeries", "00101010"]
+        response = corpus.query("/studies", {name: "2" for name in ignored})
+        assert response.status_code == 200
+        assert len(response.json()) == 4
+        warning = response.headers["Warning"]
+        assert warning.startswith("299 ") and "were ignored" in warning
+        assert all(name in warning for name in ignored)
+        assert "Warning" not in corpus.query("/studies", {"PatientID": "MRN-2"}).headers
+
+    def test_the_accept_parameter_replaces_the_accept_header_and_is_no_search_key(
+        self, corpus: Corpus
+    ) -> None:
+        # PS3.18 8.3.3.1: a browser link cannot set headers, so the query says it.
+        xml = 'multipart/related; type="application/dicom+xml"'
+        response = requests.get(
+            corpus.node.url + "/dicomweb/studies",
+            params={"accept": xml, "PatientID": "MRN-2"},
+            headers={**corpus.node.auth, "Accept": "application/dicom+json"},
+            timeout=10,
+        )
+        assert response.status_code == 200
+        assert response.headers["Content-Type"].startswith("multipart/related")
+        assert response.content.count(b"<NativeDicomModel") == 1
+        assert "Warning" not in response.headers  # accept was no ignored search key
+        as_json = corpus.query("/studies", {"accept": "application/dicom+json"})
+        assert len(as_json.json()) == 4 and "Warning" not in as_json.headers
+        assert corpus.query("/studies", {"accept": "text/html"}).status_code == 406
+
+    def test_a_charset_other_than_utf8_is_refused_and_utf8_is_answered(
+        self, corpus: Corpus
+    ) -> None:
+        # PS3.18 8.3.3.2: a charset the server does not support is a 400; answers are UTF-8.
+        for utf8 in ("UTF-8", "iso-8859-1, utf-8;q=0.5", '"ISO_IR 192"'):
+            answered = corpus.query("/studies", {"charset": utf8, "PatientID": "MRN-2"})
+            assert answered.status_code == 200 and "Warning" not in answered.headers, utf8
+        refused = corpus.query("/studies", {"charset": "ISO-8859-1"})
+        assert refused.status_code == 400 and "charset" in refused.json()["error"]
+
+    def test_malformed_values_are_still_refused(self, corpus: Corpus) -> None:
         assert corpus.query("/studies", {"StudyInstanceUID": "not-a-uid"}).status_code == 400
-        assert corpus.query("/studies", {"NumberOfStudyRelatedSeries": "2"}).status_code == 400
+        assert corpus.query("/studies", {"StudyDate": "2026"}).status_code == 400
 
 
 class TestStudyAttributes:
+    def test_timezone_offset_is_returned_with_the_study(self, corpus: Corpus) -> None:
+        [a] = corpus.found("/studies", {"StudyInstanceUID": corpus.studies["A"].study_uid})
+        assert a["00080201"] == {"vr": "SH", "Value": ["+0100"]}
+
+    def test_performed_procedure_step_start_is_returned_and_matched(self, corpus: Corpus) -> None:
+        study_uid = corpus.studies["B"].study_uid
+        [series] = corpus.found(f"/studies/{study_uid}/series")
+        assert series["00400244"] == {"vr": "DA", "Value": ["20260215"]}
+        assert series["00400245"] == {"vr": "TM", "Value": ["101500"]}
+        path = f"/studies/{study_uid}/series"
+        assert len(corpus.found(path, {"PerformedProcedureStepStartTime": "10-11"})) == 1
+        assert corpus.found(path, {"PerformedProcedureStepStartTime": "11-"}) == []
+
     def test_counts_and_modalities(self, corpus: Corpus) -> None:
         [a] = corpus.found("/studies", {"StudyInstanceUID": corpus.studies["A"].study_uid})
         assert a["00201206"] == {"vr": "IS", "Value": [2]}
@@ -275,9 +332,49 @@ class TestPaging:
         assert corpus.study_names({"offset": "3"}) == ["B"]
         assert corpus.study_names({"offset": "10"}) == []
 
+    def test_a_limit_that_cuts_the_answer_says_so(self, corpus: Corpus) -> None:
+        # PS3.18 8.3.4.4: more results than the limit are announced in a Warning.
+        cut = corpus.query("/studies", {"limit": "2"})
+        assert "There are additional results that can be requested" in cut.headers["Warning"]
+        for whole in ({"limit": "4"}, {"limit": "2", "offset": "2"}, {}):
+            assert "Warning" not in corpus.query("/studies", whole).headers, whole
+
+    def test_an_ignored_key_with_control_characters_is_echoed_safely_not_cut(
+        self, corpus: Corpus
+    ) -> None:
+        # The ignored keys are named in a Warning: a key holding what a header cannot
+        # carry (a control character, a quote) must not cut the answer off.
+        answer = corpus.query("/studies", {'\x1fBad"Key\\': "x", "limit": "1"})
+        assert answer.status_code == 200 and len(answer.json()) == 1
+        ignored = [w for w in answer.headers["Warning"].split(", 299") if "ignored" in w]
+        assert ignored and '?Bad?Key?"' in ignored[0]
+
     def test_malformed_paging_is_refused(self, corpus: Corpus) -> None:
         for params in ({"limit": "-1"}, {"offset": "x"}, {"limit": "1.5"}, {"limit": "²"}):
             assert corpus.query("/studies", params).status_code == 400
+
+
+class TestXml:
+    def test_search_in_xml_is_one_native_dicom_model_part_per_result(self, corpus: Corpus) -> None:
+        response = requests.get(
+            corpus.node.url + "/dicomweb/studies",
+            params={"limit": "2"},
+            headers={
+                **corpus.node.auth,
+                "Accept": 'multipart/related; type="application/dicom+xml"',
+            },
+            timeout=10,
+        )
+        assert response.status_code == 200
+        content_type = response.headers["Content-Type"]
+        assert content_type.startswith('multipart/related; type="application/dicom+xml"')
+        assert "additional results" in response.headers["Warning"]
+        boundary = content_type.split("boundary=")[1].encode()
+        parts = response.content.split(b"--" + boundary)[1:-1]
+        roots = [ElementTree.fromstring(p.partition(b"\r\n\r\n")[2]) for p in parts]
+        uids = [r.findtext("DicomAttribute[@tag='0020000D']/Value") for r in roots]
+        as_json = corpus.found("/studies", {"limit": "2"})
+        assert uids == [r["0020000D"]["Value"][0] for r in as_json]
 
 
 class TestJsonModel:
@@ -298,3 +395,12 @@ class TestJsonModel:
         assert attribute(0x00201208, "12") == {"vr": "IS", "Value": [12]}
         assert attribute(0x00280030, ["0.5", "0.75"]) == {"vr": "DS", "Value": [0.5, 0.75]}
         assert attribute(0x00100020, "") == {"vr": "LO"}
+
+    def test_empty_values_inside_a_multi_valued_attribute_are_null(self) -> None:
+        # PS3.18 F.2.5: an empty value among others is null, not "" nor left out.
+        assert attribute(0x00080008, ["ORIGINAL", "", "AXIAL"]) == {
+            "vr": "CS",
+            "Value": ["ORIGINAL", None, "AXIAL"],
+        }
+        assert attribute(0x00280030, ["0.5", ""]) == {"vr": "DS", "Value": [0.5, None]}
+        assert attribute(0x00080008, ["", ""]) == {"vr": "CS"}
