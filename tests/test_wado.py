@@ -395,6 +395,20 @@ class TestRetrieveInstances:
         assert ds.file_meta.TransferSyntaxUID == EXPLICIT_LE
         assert native_bytes(ds) == native_bytes(stored)
 
+    def test_dicomweb_client_retrieves_a_series_encoded_in_a_lossless_syntax(
+        self, corpus: Corpus
+    ) -> None:
+        rle = "1.2.840.10008.1.2.5"
+        stored = corpus.sample("CT_small.dcm")
+        sent = corpus.client.retrieve_series(
+            stored.StudyInstanceUID,
+            stored.SeriesInstanceUID,
+            media_types=(("application/dicom", rle),),
+        )
+        assert sent and all(ds.file_meta.TransferSyntaxUID == rle for ds in sent)
+        [ds] = [ds for ds in sent if ds.SOPInstanceUID == stored.SOPInstanceUID]
+        assert native_bytes(ds) == native_bytes(stored)
+
     def test_json_only_accept_is_not_acceptable_for_instances(self, corpus: Corpus) -> None:
         response = corpus.get(f"/studies/{corpus.study.study_uid}", "application/dicom+json")
         assert response.status_code == 406
