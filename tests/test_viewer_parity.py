@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pydicom
@@ -39,8 +40,11 @@ from tests.test_viewer import TOKEN_KEY, require_ohif
 
 # One study per file: the transfer syntax files, and pydicom's Structured Report.
 STUDY_FILES = {name: syntax for syntax, name in FILES.items()} | {"test-SR.dcm": "SR"}
+# A page counts as loaded when its document is; OHIF's bundles may take long on a busy
+# machine, and what it draws is polled for after.
+LOADED: dict[str, Any] = {"wait_until": "domcontentloaded", "timeout": 60_000}
 # How long OHIF may take to draw one study; a study it cannot draw costs this much.
-DRAW_SECONDS = 15.0
+DRAW_SECONDS = 25.0
 ORTHANC_ROOT = "/dicom-web"
 # What OHIF shows of a study on the node and not on Orthanc, and why (PS3.18 sections).
 NO_THUMBNAIL_RESOURCE = (
@@ -274,10 +278,21 @@ def _look(
     if token is not None:
         page.add_init_script(f"sessionStorage.setItem({TOKEN_KEY!r}, {token!r})")
     seen = {name: Seen() for name in viewers.studies}
-    # OHIF logs its error boundary taking over the page: the viewer gave up on the study.
+    # The viewer gave up on the study: OHIF logs its error boundary taking over the page,
+    # or the server refused the frame it asked for.
     gave_up: list[str] = []
     page.page.on("console", lambda m: gave_up.append(m.text) if "Error Boundary" in m.text else 0)
-    page.goto(f"{origin}/viewer/")
+    # A thumbnail the server refused will not come: no need to wait for it.
+    no_thumbnail: list[str] = []
+
+    def refused(response: Any) -> None:
+        if response.status >= 400 and "/frames/" in response.url:
+            gave_up.append(response.url)
+        if response.status >= 400 and response.url.split("?")[0].endswith("/thumbnail"):
+            no_thumbnail.append(response.url)
+
+    page.page.on("response", refused)
+    page.goto(f"{origin}/viewer/", **LOADED)
 
     def listed() -> set[str]:
         text = page.evaluate("() => document.body.innerText")
@@ -290,14 +305,15 @@ def _look(
     _shot(page, viewers.shots / f"{server}-study-list.png")
     for name, study in viewers.studies.items():
         gave_up.clear()
-        page.goto(f"{origin}/viewer/viewer?StudyInstanceUIDs={study}")
-        seen[name].drawn, seen[name].thumbnail = _watch(page, gave_up)
+        no_thumbnail.clear()
+        page.goto(f"{origin}/viewer/viewer?StudyInstanceUIDs={study}", **LOADED)
+        seen[name].drawn, seen[name].thumbnail = _watch(page, gave_up, no_thumbnail)
         _shot(page, viewers.shots / f"{server}-{name}.png")
     page.close()
     return seen
 
 
-def _watch(page: RecordedPage, gave_up: list[str]) -> tuple[bool, bool]:
+def _watch(page: RecordedPage, gave_up: list[str], no_thumbnail: list[str]) -> tuple[bool, bool]:
     """Whether the viewer draws the study's image, and shows its thumbnail, in time (or
     until it gives up)."""
     deadline = time.monotonic() + DRAW_SECONDS
@@ -305,7 +321,7 @@ def _watch(page: RecordedPage, gave_up: list[str]) -> tuple[bool, bool]:
     while time.monotonic() < deadline:
         state = page.evaluate(VIEWER_STATE)
         drawn, thumbnail = drawn or state["ink"] > INK_PIXELS, thumbnail or state["thumbnail"]
-        if drawn and thumbnail:
+        if drawn and (thumbnail or no_thumbnail):
             break
         if drawn or gave_up:  # an error may be of one part only: a little longer
             deadline = min(deadline, time.monotonic() + GRACE_SECONDS)
