@@ -57,6 +57,11 @@ REQUESTS = (
         "instance search", "/studies/{study}/series/{series}/instances", "application/dicom+json"
     ),
     Request(
+        "series search in XML",
+        "/studies/{study}/series",
+        'multipart/related; type="application/dicom+xml"',
+    ),
+    Request(
         "metadata",
         "/studies/{study}/series/{series}/instances/{instance}/metadata",
         "application/dicom+json",
@@ -80,6 +85,11 @@ REQUESTS = (
         f"{DICOM}; transfer-syntax=*",
     ),
     Request(
+        "frame rendered",
+        "/studies/{study}/series/{series}/instances/{instance}/frames/1/rendered",
+        "image/jpeg",
+    ),
+    Request(
         "frame, decoded", "/studies/{study}/series/{series}/instances/{instance}/frames/1", OCTET
     ),
     Request(
@@ -100,6 +110,10 @@ BETTER: dict[tuple[str, str, str], str] = {
     ("frame, as stored", IMPLICIT_VR, "transfer"): (
         "PS3.18 8.6.2.1: the same pixel bytes, labelled Explicit VR LE rather than Implicit"
         " VR, which is not a DICOMweb transfer syntax"
+    ),
+    ("series search in XML", "*", "media"): (
+        "PS3.18 8.3.3.1: the answer is in a media type the client accepts; asked for"
+        " application/dicom+xml only, the node answers XML, Orthanc DICOM JSON"
     ),
     ("frame, as stored", "*", "media"): (
         "PS3.18 8.3.3.1 and 8.7.4: the answer is in a media type the client accepts; asked"

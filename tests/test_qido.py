@@ -172,6 +172,35 @@ class TestStudyMatching:
         assert all(name in warning for name in ignored)
         assert "Warning" not in corpus.query("/studies", {"PatientID": "MRN-2"}).headers
 
+    def test_the_accept_parameter_replaces_the_accept_header_and_is_no_search_key(
+        self, corpus: Corpus
+    ) -> None:
+        # PS3.18 8.3.3.1: a browser link cannot set headers, so the query says it.
+        xml = 'multipart/related; type="application/dicom+xml"'
+        response = requests.get(
+            corpus.node.url + "/dicomweb/studies",
+            params={"accept": xml, "PatientID": "MRN-2"},
+            headers={**corpus.node.auth, "Accept": "application/dicom+json"},
+            timeout=10,
+        )
+        assert response.status_code == 200
+        assert response.headers["Content-Type"].startswith("multipart/related")
+        assert response.content.count(b"<NativeDicomModel") == 1
+        assert "Warning" not in response.headers  # accept was no ignored search key
+        as_json = corpus.query("/studies", {"accept": "application/dicom+json"})
+        assert len(as_json.json()) == 4 and "Warning" not in as_json.headers
+        assert corpus.query("/studies", {"accept": "text/html"}).status_code == 406
+
+    def test_a_charset_other_than_utf8_is_refused_and_utf8_is_answered(
+        self, corpus: Corpus
+    ) -> None:
+        # PS3.18 8.3.3.2: a charset the server does not support is a 400; answers are UTF-8.
+        for utf8 in ("UTF-8", "iso-8859-1, utf-8;q=0.5", '"ISO_IR 192"'):
+            answered = corpus.query("/studies", {"charset": utf8, "PatientID": "MRN-2"})
+            assert answered.status_code == 200 and "Warning" not in answered.headers, utf8
+        refused = corpus.query("/studies", {"charset": "ISO-8859-1"})
+        assert refused.status_code == 400 and "charset" in refused.json()["error"]
+
     def test_malformed_values_are_still_refused(self, corpus: Corpus) -> None:
         assert corpus.query("/studies", {"StudyInstanceUID": "not-a-uid"}).status_code == 400
         assert corpus.query("/studies", {"StudyDate": "2026"}).status_code == 400

@@ -233,6 +233,26 @@ class TestLevels:
         assert all(headers["Content-Type"] == "image/jpeg" for headers, _ in parts)
         assert {_image(body).size for _, body in parts} == {(10, 10)}
 
+    def test_a_multi_frame_instance_asked_for_as_gif_is_one_animated_gif(
+        self, rendered: Rendered
+    ) -> None:
+        path = rendered.path_of(rendered.samples["rtdose.dcm"])
+        response = rendered.get(path + "/rendered", "image/gif")
+        assert response.headers["Content-Type"] == "image/gif"
+        animation = Image.open(io.BytesIO(response.content))
+        frames = getattr(animation, "n_frames", 1)  # Pillow's GIF reader has it
+        assert (animation.format, frames, animation.size) == ("GIF", 15, (10, 10))
+        listed = Image.open(
+            io.BytesIO(rendered.get(path + "/frames/1,2,3/rendered", "image/gif").content)
+        )
+        assert getattr(listed, "n_frames", 1) == 3
+        # Its frames are held together to be encoded: the whole animation is bounded.
+        huge = rendered.get(path + "/rendered", "image/gif", True, viewport="4096,4096")
+        assert huge.status_code == 400 and "too many to animate" in huge.json()["error"]
+        study = rendered.study
+        several = rendered.get(f"/studies/{study.study_uid}/rendered", "image/gif")
+        assert 'type="image/gif"' in several.headers["Content-Type"]  # instances: multipart
+
     def test_listed_frames_come_back_in_the_order_asked(self, rendered: Rendered) -> None:
         path = rendered.path_of(rendered.samples["SC_rgb_rle_2frame.dcm"])
         parts = split_multipart(rendered.get(path + "/frames/2,1/rendered", "image/png"))

@@ -89,6 +89,28 @@ class TestServedOhif:
             "wasm-unsafe-eval'", ""
         )
 
+    def test_only_a_script_fetched_as_a_worker_may_make_code_from_strings(
+        self, viewing: Viewing
+    ) -> None:
+        # Cornerstone's JPEG 2000 and JPEG-LS decoders need it in their worker (without,
+        # OHIF draws no such image: tests/test_viewer_parity.py); the page never gets it.
+        require_ohif()
+        bundle = next(name for name in sorted(os.listdir(DEFAULT_OHIF_DIR)) if ".bundle." in name)
+        as_script = get(viewing.node, f"/viewer/{bundle}")
+        as_worker = requests.get(
+            f"{viewing.node.url}/viewer/{bundle}", headers={"Sec-Fetch-Dest": "worker"}, timeout=30
+        )
+        assert as_script.content == as_worker.content
+        script_policy = as_script.headers["Content-Security-Policy"]
+        worker_policy = as_worker.headers["Content-Security-Policy"]
+        assert "'unsafe-eval'" not in script_policy and "'unsafe-eval'" in worker_policy
+        assert "connect-src 'self'" in worker_policy and "default-src 'none'" in worker_policy
+        assert as_worker.headers["Vary"] == as_script.headers["Vary"] == "Sec-Fetch-Dest"
+        page = requests.get(
+            f"{viewing.node.url}/viewer/", headers={"Sec-Fetch-Dest": "worker"}, timeout=30
+        )
+        assert "'unsafe-eval'" not in page.headers["Content-Security-Policy"]
+
     def test_the_config_is_the_nodes_own(self, viewing: Viewing) -> None:
         require_ohif()
         config = get(viewing.node, "/viewer/app-config.js").text

@@ -395,6 +395,20 @@ class TestRetrieveInstances:
         assert ds.file_meta.TransferSyntaxUID == EXPLICIT_LE
         assert native_bytes(ds) == native_bytes(stored)
 
+    def test_dicomweb_client_retrieves_a_series_encoded_in_a_lossless_syntax(
+        self, corpus: Corpus
+    ) -> None:
+        rle = "1.2.840.10008.1.2.5"
+        stored = corpus.sample("CT_small.dcm")
+        sent = corpus.client.retrieve_series(
+            stored.StudyInstanceUID,
+            stored.SeriesInstanceUID,
+            media_types=(("application/dicom", rle),),
+        )
+        assert sent and all(ds.file_meta.TransferSyntaxUID == rle for ds in sent)
+        [ds] = [ds for ds in sent if ds.SOPInstanceUID == stored.SOPInstanceUID]
+        assert native_bytes(ds) == native_bytes(stored)
+
     def test_json_only_accept_is_not_acceptable_for_instances(self, corpus: Corpus) -> None:
         response = corpus.get(f"/studies/{corpus.study.study_uid}", "application/dicom+json")
         assert response.status_code == 406
@@ -543,6 +557,23 @@ class TestMetadata:
         item = root.find("DicomAttribute[@tag='54000100']/Item[@number='2']")
         assert item is not None and item.findtext("DicomAttribute/InlineBinary") == "AQIDBA=="
 
+    def test_study_series_and_instance_bulkdata_are_not_offered(self, corpus: Corpus) -> None:
+        # docs/dicomweb.md: bulk data is reached through each BulkDataURI instead.
+        instance = corpus.sample_path("CT_small.dcm")
+        series = instance.rsplit("/instances/", 1)[0]
+        for path in (series.split("/series/")[0], series, instance):
+            response = corpus.get(path + "/bulkdata", "multipart/related")
+            assert response.status_code == 404 and "error" in response.json(), path
+
+    def test_the_accept_parameter_replaces_the_accept_header_for_metadata(
+        self, corpus: Corpus
+    ) -> None:
+        path = f"/studies/{corpus.study.study_uid}/metadata"
+        response = corpus.get(path + "?accept=application/dicom%2Bjson", "text/html")
+        assert response.status_code == 200
+        assert response.headers["Content-Type"] == "application/dicom+json"
+        assert corpus.get(path + "?charset=ISO-8859-1").status_code == 400
+
     def test_metadata_in_another_format_is_not_acceptable(self, corpus: Corpus) -> None:
         response = corpus.get(f"/studies/{corpus.study.study_uid}/metadata", "text/html")
         assert response.status_code == 406
@@ -570,6 +601,28 @@ class TestFrames:
             "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1"
         )
         assert body == corpus.sample("CT_small.dcm").PixelData
+
+    def test_the_accept_parameter_replaces_the_accept_header_for_frames(
+        self, corpus: Corpus
+    ) -> None:
+        # PS3.18 8.3.3.1: the query parameter wins over the header (here one that alone
+        # would be 406).
+        accept = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+        response = requests.get(
+            corpus.node.url
+            + "/dicomweb"
+            + corpus.sample_path("SC_rgb_rle_2frame.dcm")
+            + "/frames/1",
+            params={"accept": accept},
+            headers={**corpus.node.auth, "Accept": "application/dicom+json"},
+            timeout=30,
+        )
+        assert response.status_code == 200
+        [(headers, _)] = split_multipart(response)
+        assert (
+            headers["Content-Type"]
+            == "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.5"
+        )
 
     def test_big_endian_frame_is_labelled_with_its_byte_order(self, corpus: Corpus) -> None:
         response = corpus.get(

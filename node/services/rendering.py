@@ -43,6 +43,8 @@ THUMBNAIL_EDGE = 160
 MAX_VIEWPORT_EDGE = 4096
 # Bigger frames are refused rather than decoded (a 64 Mpixel frame is ~0.5 GB as floats).
 MAX_FRAME_PIXELS = 64 * 1024 * 1024
+# Most output pixels of one animated GIF: its frames are held together to be encoded.
+MAX_ANIMATION_PIXELS = 16 * 1024 * 1024
 _HEADER_DEFER_SIZE = 64 * 1024
 # A greyscale frame goes through a lookup table when it has at least this many pixels
 # per value in its range (else each pixel is transformed directly).
@@ -264,6 +266,31 @@ def render_frame(store: InstanceStore, frame: FrameRef, options: RenderOptions) 
     pixel data is damaged, and NotAcceptable when no installed pixel handler decodes its
     transfer syntax.
     """
+    return _encode(_frame_image(store, frame, options), options)
+
+
+def render_animation(store: InstanceStore, frames: list[FrameRef], options: RenderOptions) -> bytes:
+    """Frames as one animated GIF (PS3.18 8.7.4: a multi-frame image as image/gif), each
+    rendered as ``render_frame`` does; raises as it, and BadInput when the frames together
+    exceed ``MAX_ANIMATION_PIXELS`` (the whole animation is held to be encoded)."""
+    images: list[Image.Image] = []
+    total = 0
+    for frame in frames:
+        image = _frame_image(store, frame, options)
+        total += image.width * image.height
+        if total > MAX_ANIMATION_PIXELS:
+            raise BadInput(
+                "the frames are too many to animate in one GIF; ask for"
+                ' multipart/related; type="image/gif" or a smaller viewport'
+            )
+        images.append(image)
+    out = io.BytesIO()
+    first, *rest = images
+    first.save(out, format="GIF", save_all=True, append_images=rest, duration=100, loop=0)
+    return out.getvalue()
+
+
+def _frame_image(store: InstanceStore, frame: FrameRef, options: RenderOptions) -> Image.Image:
     record = frame.record
     if record.transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
         dataset: Dataset = store.read_dataset(record)  # inflated within the store's limits
@@ -294,12 +321,13 @@ def render_file(
     if index is None:
         index = _declared_frames(header) // 2
     try:
-        return _render(header, source, index, options)
+        image = _render(header, source, index, options)
     except BadInput:
         if isinstance(source, Dataset):
             raise
         dataset = read_dataset(path, limits)  # as render_frame: read whole, within limits
-        return _render(dataset, dataset, index, options)
+        image = _render(dataset, dataset, index, options)
+    return _encode(image, options)
 
 
 def _declared_frames(header: Dataset) -> int:
@@ -309,7 +337,9 @@ def _declared_frames(header: Dataset) -> int:
         return 1
 
 
-def _render(header: Dataset, source: Path | Dataset, index: int, options: RenderOptions) -> bytes:
+def _render(
+    header: Dataset, source: Path | Dataset, index: int, options: RenderOptions
+) -> Image.Image:
     rows, columns = int(header.get("Rows") or 0), int(header.get("Columns") or 0)
     samples = int(header.get("SamplesPerPixel") or 1)
     if not rows or not columns:
@@ -317,9 +347,7 @@ def _render(header: Dataset, source: Path | Dataset, index: int, options: Render
     if rows * columns * samples > MAX_FRAME_PIXELS:
         raise BadInput("the frame is too large to render")
     frame = _decode(header, source, index)
-    image = _to_image(frame, header, options.window)
-    image = _fit(image, options)
-    return _encode(image, options)
+    return _fit(_to_image(frame, header, options.window), options)
 
 
 def _decode(header: Dataset, source: Path | Dataset, index: int) -> np.ndarray:

@@ -124,6 +124,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         reason = " ".join(str(exc).split()) or type(exc).__name__
         return refusal_response(request, 400, f"the request body cannot be read: {reason}")
     except web.HTTPException as exc:
+        if exc.status == 404 and request.path.startswith("/dicomweb/"):
+            # No such DICOMweb resource: in JSON, as every DICOMweb error is.
+            return refusal_response(request, 404, "no such DICOMweb resource")
         if 400 <= exc.status < 500:
             log_refusal(request, exc.status, exc.text or exc.reason)
         raise

@@ -110,11 +110,39 @@ def _json_response(document: object, status: int = 200) -> web.Response:
     return response
 
 
+# Query parameters of every DICOMweb request that are about the answer's form (PS3.18
+# 8.3.3), not search keys.
+ANSWER_PARAMETERS = frozenset({"accept", "charset"})
+# The character set of every text answer: DICOM JSON is UTF-8 by definition (PS3.18 F.2),
+# and the XML is written as UTF-8 too. PS3.18 8.8 names it "UTF-8" or "ISO_IR 192".
+_UTF8_NAMES = frozenset({"utf-8", "iso_ir 192"})
+
+
+def _accepted(request: web.Request) -> str | None:
+    """The media ranges the client accepts: the ``accept`` query parameter where given,
+    which replaces the Accept header (PS3.18 8.3.3.1), else that header."""
+    return request.query.get("accept") or request.headers.get("Accept")
+
+
+def _check_charset(request: web.Request) -> None:
+    """Raises BadInput when the ``charset`` query parameter (PS3.18 8.3.3.2) lists no
+    character set the node answers in (UTF-8 only), as 8.3.3.2 asks (400)."""
+    listed = request.query.getall("charset", [])
+    names = {
+        item.split(";")[0].strip().strip('"').lower()
+        for value in listed
+        for item in value.split(",")
+    }
+    if listed and not names & _UTF8_NAMES:
+        raise BadInput("the charset parameter names no supported character set (UTF-8 only)")
+
+
 def _dataset_media_type(request: web.Request) -> str:
     """application/dicom+json, or application/dicom+xml (sent as multipart/related, one
-    part per dataset, PS3.18 8.7.3.2), as the client's Accept prefers; raises
-    NotAcceptable."""
-    for media in parse_accept(request.headers.get("Accept")):
+    part per dataset, PS3.18 8.7.3.2), as the client accepts (``_accepted``), in a
+    character set the ``charset`` parameter allows; raises NotAcceptable or BadInput."""
+    _check_charset(request)
+    for media in parse_accept(_accepted(request)):
         if any(type_matches(media.type, t) for t in (dicom_json.MEDIA_TYPE, "application/json")):
             return dicom_json.MEDIA_TYPE
         if media.type == dicom_xml.MEDIA_TYPE or (
@@ -148,7 +176,7 @@ async def _search(request: web.Request, level: Level) -> web.StreamResponse:
     media_type = _dataset_media_type(request)
     query = parse_qido(
         level,
-        request.query.items(),
+        [(key, value) for key, value in request.query.items() if key not in ANSWER_PARAMETERS],
         study_uid=request.match_info.get("study"),
         series_uid=request.match_info.get("series"),
     )
@@ -214,7 +242,7 @@ async def _records(request: web.Request) -> list[InstanceRecord]:
 
 def _wishes(request: web.Request, default_part: str) -> list[Wish]:
     """What the client's Accept asks for, as (part media type, transfer syntax) wishes."""
-    ranges = [(m.type, m.params) for m in parse_accept(request.headers.get("Accept"))]
+    ranges = [(m.type, m.params) for m in parse_accept(_accepted(request))]
     return transcoding.to_wishes(ranges, default_part)
 
 
@@ -340,18 +368,15 @@ async def store_instances(request: web.Request) -> web.Response:
     return response
 
 
-
 # -- WADO-RS rendered and thumbnail resources (PS3.18 10.4.1.1.3, 10.4.1.1.4) -----------
 
 
 def _rendered_media_type(request: web.Request) -> tuple[str, bool]:
     """The image type to render, and whether the client asked for multipart/related.
 
-    The ``accept`` query parameter, where given, replaces the Accept header (PS3.18
-    8.3.3.1). Raises NotAcceptable when no rendered media type is acceptable.
+    Raises NotAcceptable when no rendered media type is acceptable.
     """
-    accept = request.query.get("accept") or request.headers.get("Accept")
-    for media in parse_accept(accept):
+    for media in parse_accept(_accepted(request)):
         if media.type == "multipart/related":
             part_type = media.params.get("type", rendering.JPEG)
             for candidate in rendering.RENDERED_MEDIA_TYPES:
@@ -385,8 +410,9 @@ async def _rendering_target(request: web.Request) -> tuple[list[InstanceRecord],
 
 
 async def retrieve_rendered(request: web.Request) -> web.StreamResponse:
-    """One image where the resource holds one frame (and no multipart was asked for);
-    otherwise multipart/related with one image per frame, rendered one at a time."""
+    """One image where the resource holds one frame (and no multipart was asked for); an
+    animated GIF for the frames of one instance asked for as image/gif; otherwise
+    multipart/related with one image per frame, rendered one at a time."""
     media_type, multipart = _rendered_media_type(request)
     options, ignored = rendering.parse_options(request.query, media_type, thumbnail=False)
     records, numbers = await _rendering_target(request)
@@ -396,6 +422,12 @@ async def retrieve_rendered(request: web.Request) -> web.StreamResponse:
     headers = _warnings(request, ignored)
     if len(frames) == 1 and not multipart:
         image = await asyncio.to_thread(rendering.render_frame, store, frames[0], options)
+    elif media_type == rendering.GIF and not multipart and len(records) == 1:
+        # A multi-frame instance (or its frame list) asked for as image/gif: animated.
+        image = await asyncio.to_thread(rendering.render_animation, store, frames, options)
+    else:
+        image = None
+    if image is not None:
         response = web.Response(body=image, content_type=media_type)
         for name, value in headers:
             response.headers.add(name, value)

@@ -215,6 +215,7 @@ class OhifBuild:
     files: dict[str, Path]
     index_html: bytes
     csp: str
+    worker_csp: str  # of a script fetched as a worker (Sec-Fetch-Dest: worker)
 
 
 def _inline_script_hashes(page: str) -> list[str]:
@@ -243,15 +244,20 @@ def load_ohif(directory: Path) -> OhifBuild | None:
     page = re.sub(r"<script[^>]*init-service-worker\.js[^>]*></script>", "", page)
     # What OHIF needs: its scripts (and WebAssembly codecs), its workers, inline styles
     # (its UI library sets them), images from blobs; nothing from another origin.
-    csp = (
-        "default-src 'none'; script-src 'self' 'wasm-unsafe-eval' "
-        + " ".join(_inline_script_hashes(page))
-        + "; worker-src 'self' blob:; style-src 'self' 'unsafe-inline';"
+    rest = (
+        "; worker-src 'self' blob:; style-src 'self' 'unsafe-inline';"
         " img-src 'self' blob: data:; font-src 'self' data:; connect-src 'self';"
         " manifest-src 'self'; media-src 'self' blob:; object-src 'none'; base-uri 'self';"
         " form-action 'none'; frame-ancestors 'none'"
     )
-    return OhifBuild(directory, files, page.encode(), csp)
+    csp = "default-src 'none'; script-src 'self' 'wasm-unsafe-eval' " + " ".join(
+        _inline_script_hashes(page)
+    )
+    # A worker runs under the policy its own script is sent with. Cornerstone's JPEG 2000
+    # and JPEG-LS decoders (Emscripten, embind) make functions from strings in its decode
+    # worker, which has no DOM; the page itself never gets 'unsafe-eval'.
+    worker_csp = "default-src 'none'; script-src 'self' 'wasm-unsafe-eval' 'unsafe-eval'"
+    return OhifBuild(directory, files, page.encode(), csp + rest, worker_csp + rest)
 
 
 def _ohif_dir(runtime: NodeRuntime) -> Path:
@@ -303,14 +309,17 @@ def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
 
     async def ohif_file(request: web.Request) -> web.StreamResponse:
         name = request.match_info["tail"]
-        headers = {**COMMON_HEADERS, "Content-Security-Policy": ohif.csp}
+        path = ohif.files.get(name)
+        as_worker = request.headers.get("Sec-Fetch-Dest") == "worker"
+        csp = ohif.worker_csp if as_worker and name.endswith(".js") and path else ohif.csp
+        # One bundle may be fetched as a page script and as a worker: caches keep both.
+        headers = {**COMMON_HEADERS, "Content-Security-Policy": csp, "Vary": "Sec-Fetch-Dest"}
         if name == "app-config.js":
             return web.Response(
                 text=OHIF_APP_CONFIG,
                 headers={**headers, "Cache-Control": "no-cache"},
                 content_type="text/javascript",
             )
-        path = ohif.files.get(name)
         if path is not None:  # only the files found at start: no request path reaches the disk
             content_type = CONTENT_TYPES[path.suffix]
             # Bundles are named by their content hash; everything else revalidates.
