@@ -74,7 +74,13 @@ from node.core.manifest import (
 )
 from node.core.roster import Member
 from node.core.signed_requests import parse_headers
-from node.core.wire_compression import CODECS, ZSTD, LinkCompression, PieceCompressor
+from node.core.wire_compression import (
+    CODECS,
+    PIECE_BYTES,
+    ZSTD,
+    LinkCompression,
+    PieceCompressor,
+)
 from node.errors import (
     BadInput,
     Forbidden,
@@ -110,8 +116,9 @@ RECEIVE_BYTES = 1024 * 1024
 # Instances (or bytes) committed in one durable batch at the grantee.
 COMMIT_INSTANCES = 64
 COMMIT_BYTES = 32 * 1024 * 1024
-# ... or whatever arrived within this many seconds, so that a slow link still commits.
-COMMIT_SECONDS = 1.0
+# ... or whatever arrived within this many seconds, so that a slow link still commits,
+# and what is left to commit when the stream ends (waited for) stays small.
+COMMIT_SECONDS = 0.25
 SESSION_TTL = 3600.0
 MAX_SESSIONS = 1000
 # How often consent is checked again while a stream runs, in seconds.
@@ -606,16 +613,16 @@ class TransferService:
             compress, probed = compressor is not None, False
             with open(session.paths[handle], "rb") as f:
                 while remaining > 0:
-                    chunk = f.read(min(MESSAGE_BYTES, remaining))
+                    level = compression.level if compress and compression is not None else 0
+                    chunk = f.read(min(PIECE_BYTES if level else MESSAGE_BYTES, remaining))
                     if not chunk:
                         raise BadInput("a stored instance is shorter than its index says")
                     remaining -= len(chunk)
                     frame = None
-                    if compress and compressor is not None and compression is not None:
-                        level = compression.level
-                        frame = compressor.compress(chunk, level) if level else None
-                        compress = probed or level == 0 or frame is not None
-                        probed = probed or level != 0
+                    if level and compressor is not None:
+                        frame = compressor.compress(chunk, level)
+                        compress = probed or frame is not None
+                        probed = True
                     framed = encryptor.push(DATA + chunk if frame is None else COMPRESSED + frame)
                     parts.append(framed)
                     buffered += len(framed)
@@ -706,7 +713,7 @@ class TransferService:
                         job.unreachable = isinstance(exc, PeerUnreachable)
                         if job.instances_done > held_before:
                             # A link that drops now and then but carries the study on
-                            # is retried at once, for as long as each attempt gains.
+                            # is retried soon, for as long as each attempt gains.
                             deadline = time.monotonic() + RETRY_WINDOW
                             backoff = FIRST_BACKOFF
                         # Until the custodian has answered once, give up soon: it may
