@@ -323,6 +323,12 @@ class LedgerConfig(Table):
     group_commit_ms: Annotated[float, msgspec.Meta(ge=0, le=1000)] = 2.0
 
 
+class TransferConfig(Table):
+    # Compression of study bytes on the wire (zstd, before encryption): "auto" offers it
+    # when fetching and uses it when sending where the link's rate makes it pay; "off".
+    compression: Literal["auto", "off"] = "auto"
+
+
 class DashboardConfig(Table):
     # Link that opens a study in a viewer: {study_uid} and {dicomweb} (this node's DICOMweb
     # root) are replaced, e.g. "https://viewer.example/viewer?StudyInstanceUIDs={study_uid}".
@@ -416,6 +422,7 @@ class NodeConfig(Table):
     consent: ConsentConfig = msgspec.field(default_factory=ConsentConfig)
     ledger: LedgerConfig = msgspec.field(default_factory=LedgerConfig)
     federation: FederationConfig = msgspec.field(default_factory=FederationConfig)
+    transfer: TransferConfig = msgspec.field(default_factory=TransferConfig)
     dashboard: DashboardConfig = msgspec.field(default_factory=DashboardConfig)
     viewer: ViewerConfig = msgspec.field(default_factory=ViewerConfig)
     reports: ReportsConfig = msgspec.field(default_factory=ReportsConfig)

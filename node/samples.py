@@ -1,5 +1,5 @@
 """Synthetic CT studies written as real Part 10 files: sample data for the demo, the
-benchmarks and the tests (no PHI of anyone real; random or patterned pixels)."""
+benchmarks and the tests (no PHI of anyone real; random, patterned or anatomical pixels)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from node.phantom import RESCALE_INTERCEPT, CTPhantom
 
 
 @dataclass
@@ -33,13 +35,23 @@ def make_ct_study(
     study_date: str = "20260101",
     accession: str = "ACC-1",
     seed: int = 0,
+    phantom: bool = False,
 ) -> SyntheticStudy:
-    """Write a CT study: ``series`` x ``slices`` 16-bit instances of rows x columns."""
+    """Write a CT study: ``series`` x ``slices`` 16-bit instances of rows x columns.
+
+    Pixels are random noise (``seed`` 0) or a pattern of the seed, unless ``phantom``:
+    then each series is the anatomical phantom (node.phantom) from chest to abdomen, with
+    its own noise, which viewers show as CT and codecs compress as they would real CT.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     study = SyntheticStudy(generate_uid(), patient_id, patient_name)
     pixel_bytes = rows * columns * 2
     rng = os.urandom if seed == 0 else None
+    spacing = 0.7
     for s in range(series):
+        body = CTPhantom(rows, columns, seed=seed * 1000 + s) if phantom else None
+        if body is not None:
+            spacing = body.pixel_spacing_mm
         series_uid = generate_uid()
         study.series_uids.append(series_uid)
         for i in range(slices):
@@ -70,7 +82,7 @@ def make_ct_study(
             ds.InstanceNumber = i + 1
             ds.ImagePositionPatient = [0, 0, float(i)]
             ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-            ds.PixelSpacing = [0.7, 0.7]
+            ds.PixelSpacing = [round(spacing, 6), round(spacing, 6)]
             ds.SliceThickness = 1.0
             ds.SamplesPerPixel = 1
             ds.PhotometricInterpretation = "MONOCHROME2"
@@ -80,11 +92,14 @@ def make_ct_study(
             ds.BitsStored = 12
             ds.HighBit = 11
             ds.PixelRepresentation = 0
-            ds.RescaleIntercept = -1024
+            ds.RescaleIntercept = RESCALE_INTERCEPT
             ds.RescaleSlope = 1
             ds.WindowCenter = 40
             ds.WindowWidth = 400
-            if rng is not None:
+            if body is not None:
+                position = i / max(slices - 1, 1)
+                ds.PixelData = body.slice_stored(position).astype("<u2").tobytes()
+            elif rng is not None:
                 ds.PixelData = rng(pixel_bytes)
             else:
                 ds.PixelData = bytes((seed + i + s) % 256 for _ in range(16)) * (pixel_bytes // 16)

@@ -5,7 +5,7 @@ Everything runs for real, the way hospital IT and a patient would do it by hand 
 `imageshare` command: three nodes (hospital A, B and C) are created, joined into one
 federation and started on loopback, speaking HTTPS to each other (certificates from one
 lab CA that every node, wallet and the auditor pin); hospital A imports sample studies
-(pydicom's bundled files and two generated CT studies of the demo patient); the patient
+(pydicom's bundled files and two generated CT phantoms of the demo patient); the patient
 makes a wallet, is enrolled at A, lists their studies and grants hospital B one of them;
 B fetches it and shows it over DICOMweb; A's record of that access reaches B's and C's
 copies of A's log; the patient revokes the grant, B's next fetch is refused; the patient
@@ -329,6 +329,7 @@ def gather_samples(samples: Path) -> tuple[str, str]:
         patient_name="Demo^Patient",
         study_date="20260101",
         accession="DEMO-ACC-2",
+        phantom=True,
     )
     older = make_ct_study(
         samples / "ct-2025",
@@ -340,8 +341,9 @@ def gather_samples(samples: Path) -> tuple[str, str]:
         patient_name="Demo^Patient",
         study_date="20250612",
         accession="DEMO-ACC-1",
+        phantom=True,
     )
-    say(f"two generated CT studies of the demo patient, MRN {PATIENT_ID}:")
+    say(f"two generated CT studies (anatomical phantoms) of the demo patient, MRN {PATIENT_ID}:")
     say("  2026-01-01: 2 series x 12 slices of 256x256;  2025-06-12: 1 series x 4 slices")
     return recent.study_uid, older.study_uid
 

@@ -4,26 +4,32 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
+import tracemalloc
 
 import pytest
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from node.core.channel import MAX_MESSAGE
 from node.core.encoding import canonical_encode
 from node.core.manifest import (
+    COMPRESSED,
     DATA,
     Begin,
     Complete,
     Data,
     End,
+    InstancesRequest,
     InstanceStreamParser,
     Manifest,
     ManifestEntry,
     OpenRequest,
     OpenResponse,
     begin_message,
-    decode_handles,
+    decode_instances_request,
     decode_manifest,
     decode_open_request,
     decode_open_response,
@@ -52,7 +58,7 @@ class TestMessages:
         assert decode_open_request(request.encode()) == request
         response = OpenResponse("ab12", os.urandom(32), b"sealed")
         assert decode_open_response(response.encode()) == response
-        assert decode_handles(encode_handles([2, 0]), 3) == [2, 0]
+        assert decode_instances_request(encode_handles([2, 0]), 3) == InstancesRequest([2, 0], ())
 
     def test_a_partial_manifest_carries_its_pending_count_and_a_whole_one_none(self) -> None:
         whole = _manifest()
@@ -66,9 +72,9 @@ class TestMessages:
 
     def test_handles_out_of_range_or_repeated_are_refused(self) -> None:
         with pytest.raises(BadInput):
-            decode_handles(encode_handles([3]), 3)
+            decode_instances_request(encode_handles([3]), 3)
         with pytest.raises(BadInput, match="distinct"):
-            decode_handles(encode_handles([1, 1]), 3)
+            decode_instances_request(encode_handles([1, 1], ["zstd"]), 3)
 
     def test_manifest_with_bad_study_index_is_refused(self) -> None:
         data = canonical_encode(
@@ -81,7 +87,20 @@ class TestMessages:
         with pytest.raises(BadInput, match="version"):
             decode_open_request(canonical_encode({"v": 2, "token": b"t", "ephemeral": bytes(32)}))
         with pytest.raises(BadInput):
-            decode_handles(canonical_encode({"v": 1, "handles": [], "x": 1}), 3)
+            decode_instances_request(canonical_encode({"v": 1, "handles": [], "x": 1}), 3)
+        with pytest.raises(BadInput):
+            decode_instances_request(
+                canonical_encode({"v": 1, "handles": [], "compression": []}), 3
+            )
+        with pytest.raises(BadInput):
+            decode_instances_request(canonical_encode({"v": 3, "handles": []}), 3)
+
+    def test_version_2_offers_compression_and_unknown_codecs_are_ignored(self) -> None:
+        offered = decode_instances_request(encode_handles([1], ["brotli", "zstd"]), 3)
+        assert offered == InstancesRequest([1], ("zstd",))
+        assert decode_instances_request(encode_handles([1], ["brotli"]), 3).compression == ()
+        with pytest.raises(BadInput, match="codec"):
+            decode_instances_request(encode_handles([1], ["zstd"] * 9), 3)
 
     def test_transfer_digest_ignores_order_and_counts_repeats(self) -> None:
         a, b = hashlib.sha256(b"a").digest(), hashlib.sha256(b"b").digest()
@@ -96,7 +115,7 @@ class TestMessages:
             decode_manifest,
             decode_open_request,
             decode_open_response,
-            lambda d: decode_handles(d, 10),
+            lambda d: decode_instances_request(d, 10),
         ):
             with contextlib.suppress(BadInput):  # anything else fails the test
                 decode(data)
@@ -155,3 +174,64 @@ class TestInstanceStreamParser:
         with contextlib.suppress(BadInput):  # anything else fails the test
             for message, final in messages:
                 parser.feed(message, final)
+
+
+def _zstd(data: bytes, declare_size: bool = True) -> bytes:
+    return zstandard.ZstdCompressor(level=3, write_content_size=declare_size).compress(data)
+
+
+class TestCompressedPieces:
+    def test_compressed_pieces_yield_the_stored_bytes(self) -> None:
+        parser = InstanceStreamParser(_manifest((3, 0, 5)), [0, 2], compressed=True)
+        data: list[bytes] = []
+        for message in (begin_message(0), COMPRESSED + _zstd(b"abc"), begin_message(2)):
+            data += [bytes(e.chunk) for e in parser.feed(message, False) if isinstance(e, Data)]
+        for message in (DATA + b"12", COMPRESSED + _zstd(b"345")):
+            data += [bytes(e.chunk) for e in parser.feed(message, False) if isinstance(e, Data)]
+        parser.feed(end_message(2), True)
+        assert data == [b"abc", b"12", b"345"]
+
+    def test_compressed_pieces_are_refused_unless_offered(self) -> None:
+        parser = InstanceStreamParser(_manifest(), [0])
+        parser.feed(begin_message(0), False)
+        with pytest.raises(BadInput, match="moved on"):
+            parser.feed(COMPRESSED + _zstd(b"abc"), False)
+
+    def test_a_piece_that_inflates_past_the_instance_size_is_refused(self) -> None:
+        parser = InstanceStreamParser(_manifest((3,)), [0], compressed=True)
+        parser.feed(begin_message(0), False)
+        with pytest.raises(BadInput, match="beyond"):
+            parser.feed(COMPRESSED + _zstd(b"abcd"), False)
+
+    def test_a_piece_without_its_size_or_with_hidden_data_is_refused(self) -> None:
+        parser = InstanceStreamParser(_manifest((6,)), [0], compressed=True)
+        parser.feed(begin_message(0), False)
+        with pytest.raises(BadInput, match="declare"):
+            parser.feed(COMPRESSED + _zstd(b"abc", declare_size=False), False)
+        with pytest.raises(BadInput, match="decode"):
+            parser.feed(COMPRESSED + _zstd(b"abc") + _zstd(b"def"), False)
+        with pytest.raises(BadInput, match="zstd"):
+            parser.feed(COMPRESSED + b"not a frame", False)
+
+    def test_a_decompression_bomb_is_refused_with_bounded_memory(self) -> None:
+        # A hostile custodian's instance of 1 GiB, announced in the manifest: one frame of
+        # 30 KB that claims (and would inflate to) the whole GiB is refused before any
+        # of it is allocated; so is a frame that hides its size.
+        gib = 1024**3
+        parser = InstanceStreamParser(_manifest((gib,)), [0], compressed=True)
+        parser.feed(begin_message(0), False)
+        compressor = zstandard.ZstdCompressor(level=1)
+        chunk = bytes(MAX_MESSAGE)
+        with compressor.stream_writer(sink := io.BytesIO(), closefd=False, size=gib) as writer:
+            for _ in range(gib // MAX_MESSAGE):
+                writer.write(chunk)
+        bomb = sink.getvalue()
+        assert len(bomb) < 1024**2 and zstandard.frame_content_size(bomb) == gib
+        tracemalloc.start()
+        try:
+            with pytest.raises(BadInput, match="beyond"):
+                parser.feed(COMPRESSED + bomb, False)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 8 * 1024**2

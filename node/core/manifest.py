@@ -5,6 +5,10 @@ All request and response bodies are canonical msgpack maps (node.core.encoding):
     open request      {"v": 1, "token": bin, "ephemeral": bin32}
     open response     {"v": 1, "transfer": str, "ephemeral": bin32, "manifest": bin (sealed)}
     instances request {"v": 1, "handles": [int, ...]}
+                   or {"v": 2, "handles": [int, ...], "compression": ["zstd"]}
+
+Version 2 of the instances request lists the codecs the grantee decodes; only then may
+the stream carry compressed pieces. Version 1 (no compression) is still accepted.
 
 The manifest (sealed with the transfer's manifest key) lists the studies by their keyed
 references and every instance by an opaque per-transfer handle (its position)::
@@ -20,8 +24,10 @@ never done while a manifest it was given is partial. A whole manifest has no suc
 
 The instance stream (inside the encrypted channel) is a sequence of plaintext messages:
 ``b"I" + handle (u32 BE)`` opens an instance, ``b"D" + bytes`` carries its data (the
-instance ends when its manifest size is reached), and the final message is
-``b"E" + count (u32 BE)``, the number of instances sent.
+instance ends when its manifest size is reached), ``b"Z" + zstd frame`` carries a piece
+of its data compressed (only if the request offered zstd; node.core.wire_compression
+bounds it), and the final message is ``b"E" + count (u32 BE)``, the number of instances
+sent. Sizes and digests are always those of the stored (uncompressed) bytes.
 
 "What was sent" / "what arrived" in one stream are digested the same way on both sides:
 ``transfer_digest`` = SHA-256 over the sorted raw SHA-256 digests of the instances.
@@ -36,15 +42,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from node.core.encoding import canonical_decode, canonical_encode
+from node.core.wire_compression import CODECS, decompress_piece
 from node.errors import BadInput
 
 VERSION = 1
+# The instances request that offers compression.
+COMPRESSION_VERSION = 2
+MAX_CODECS = 8
 DIGEST_SIZE = 32
 MAX_HANDLES = 1_000_000
 _U32 = struct.Struct(">I")
 
 BEGIN = b"I"
 DATA = b"D"
+COMPRESSED = b"Z"
 END = b"E"
 
 
@@ -129,20 +140,44 @@ def decode_open_response(data: bytes) -> OpenResponse:
     )
 
 
-def encode_handles(handles: Sequence[int]) -> bytes:
-    return canonical_encode({"v": VERSION, "handles": list(handles)})
+@dataclass(frozen=True)
+class InstancesRequest:
+    handles: list[int]
+    compression: tuple[str, ...]  # codecs the grantee decodes, ours only
 
 
-def decode_handles(data: bytes, manifest_size: int) -> list[int]:
-    """The requested handles: distinct, each in the manifest; raises BadInput otherwise."""
-    value = _map(data, "instances request", {"v", "handles"})
+def encode_handles(handles: Sequence[int], compression: Sequence[str] = ()) -> bytes:
+    """The instances request; version 2 when it offers ``compression`` codecs."""
+    if not compression:
+        return canonical_encode({"v": VERSION, "handles": list(handles)})
+    return canonical_encode(
+        {"v": COMPRESSION_VERSION, "handles": list(handles), "compression": list(compression)}
+    )
+
+
+def decode_instances_request(data: bytes, manifest_size: int) -> InstancesRequest:
+    """The requested handles (distinct, each in the manifest) and the codecs offered that
+    this node knows; raises BadInput otherwise."""
+    value = canonical_decode(data)
+    if isinstance(value, dict) and value.get("v") == COMPRESSION_VERSION:
+        if set(value) != {"v", "handles", "compression"}:
+            raise BadInput("instances request must be a map with exactly v, handles, compression")
+        offered = value["compression"]
+        if not isinstance(offered, list) or len(offered) > MAX_CODECS:
+            raise BadInput("compression must be a short list of codec names")
+        if not all(isinstance(codec, str) for codec in offered):
+            raise BadInput("compression must be a short list of codec names")
+        compression = tuple(codec for codec in CODECS if codec in offered)
+    else:
+        value = _map(data, "instances request", {"v", "handles"})
+        compression = ()
     handles = value["handles"]
     if not isinstance(handles, list) or len(handles) > MAX_HANDLES:
         raise BadInput("handles must be a list")
     checked = [_count(h, "handle", manifest_size - 1) for h in handles]
     if len(set(checked)) != len(checked):
         raise BadInput("handles must be distinct")
-    return checked
+    return InstancesRequest(checked, compression)
 
 
 # -- manifest -----------------------------------------------------------------------------
@@ -242,12 +277,16 @@ class InstanceStreamParser:
     """Checks the plaintext messages of an instance stream against the manifest.
 
     Only requested handles, each at most once, each exactly its manifest size; the final
-    message must come after a complete instance and state the right count. Raises
-    BadInput on any breach.
+    message must come after a complete instance and state the right count; compressed
+    pieces only if ``compressed`` (the request offered it), each within the instance's
+    remaining size. Raises BadInput on any breach.
     """
 
-    def __init__(self, manifest: Manifest, requested: Iterable[int]) -> None:
+    def __init__(
+        self, manifest: Manifest, requested: Iterable[int], compressed: bool = False
+    ) -> None:
         self._manifest = manifest
+        self._compressed = compressed
         self._pending = set(requested)
         self._current: ManifestEntry | None = None
         self._remaining = 0
@@ -260,6 +299,11 @@ class InstanceStreamParser:
         kind = message[:1]
         if kind == DATA:
             return self._data(memoryview(message)[1:])
+        if kind == COMPRESSED and self._compressed:
+            if self._current is None:
+                raise BadInput("instance stream sent data outside an instance")
+            piece = decompress_piece(memoryview(message)[1:], self._remaining)
+            return self._data(memoryview(piece))
         if self._current is not None:
             raise BadInput("instance stream moved on before an instance was complete")
         if kind == BEGIN and len(message) == 5 and not final:

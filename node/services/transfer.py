@@ -61,17 +61,19 @@ from node.core.consent import (
 from node.core.emergency import PatientIdentity, is_emergency_request, sign_request
 from node.core.entries import Access, EntryBody, Receipt
 from node.core.manifest import (
+    COMPRESSED,
     DATA,
     Begin,
     Complete,
     Data,
+    InstancesRequest,
     InstanceStreamParser,
     Manifest,
     ManifestEntry,
     OpenRequest,
     OpenResponse,
     begin_message,
-    decode_handles,
+    decode_instances_request,
     decode_manifest,
     decode_open_request,
     decode_open_response,
@@ -81,6 +83,13 @@ from node.core.manifest import (
 )
 from node.core.roster import Member
 from node.core.signed_requests import parse_headers
+from node.core.wire_compression import (
+    CODECS,
+    PIECE_BYTES,
+    ZSTD,
+    LinkCompression,
+    PieceCompressor,
+)
 from node.errors import (
     BadInput,
     Forbidden,
@@ -117,14 +126,17 @@ RECEIVE_BYTES = 1024 * 1024
 # Instances (or bytes) committed in one durable batch at the grantee.
 COMMIT_INSTANCES = 64
 COMMIT_BYTES = 32 * 1024 * 1024
-# ... or whatever arrived within this many seconds, so that a slow link still commits.
-COMMIT_SECONDS = 1.0
+# ... or whatever arrived within this many seconds, so that a slow link still commits,
+# and what is left to commit when the stream ends (waited for) stays small.
+COMMIT_SECONDS = 0.25
 SESSION_TTL = 3600.0
 MAX_SESSIONS = 1000
 # How often consent is checked again while a stream runs, in seconds.
 RECHECK_SECONDS = 1.0
-# How long a fetch keeps retrying a custodian that went away mid-transfer.
+# How long a fetch keeps retrying a custodian that went away mid-transfer (counted from
+# the last attempt that brought instances), and its backoff between attempts.
 RETRY_WINDOW = 120.0
+FIRST_BACKOFF = 0.25
 MAX_BACKOFF = 4.0
 FIRST_CONTACT_ATTEMPTS = 3
 RECENT = 100
@@ -191,12 +203,14 @@ class OutgoingProgress:
     bytes_sent: int = 0
     finished: float | None = None
     complete: bool = False
+    compression: str | None = None  # the codec the grantee accepted, if this node uses it
 
     def as_json(self) -> dict[str, Any]:
         end = self.finished or time.time()
         seconds = max(end - self.started, 1e-9)
         return {
             "stream_id": self.stream_id,
+            "compression": self.compression,
             "grantee": self.grantee,
             "token_id": self.token_id.hex(),
             "instances_total": self.instances_total,
@@ -286,11 +300,16 @@ class _StreamReceiver:
     """Decrypts, checks and stages one incoming instance stream; runs in a worker thread."""
 
     def __init__(
-        self, runtime: NodeRuntime, manifest: Manifest, handles: list[int], key: bytes
+        self,
+        runtime: NodeRuntime,
+        manifest: Manifest,
+        handles: list[int],
+        key: bytes,
+        compressed: bool,
     ) -> None:
         self._store = runtime.store
         self._decryptor = StreamDecryptor(key)
-        self._parser = InstanceStreamParser(manifest, handles)
+        self._parser = InstanceStreamParser(manifest, handles, compressed)
         self._staging: StagingFile | None = None
         self.ready: list[tuple[StagingFile, ManifestEntry]] = []
         self.ready_bytes = 0
@@ -492,7 +511,7 @@ class TransferService:
 
     async def prepare_send(
         self, transfer_id: str, grantee: str, body: bytes
-    ) -> tuple[SenderSession, list[int]]:
+    ) -> tuple[SenderSession, InstancesRequest]:
         """Check a request for a transfer's instances, re-checking consent now.
 
         Raises NotFound (unknown or expired transfer, or another caller's), BadInput
@@ -501,21 +520,29 @@ class TransferService:
         session = self.sessions.get(transfer_id)
         if session is None or session.grantee != grantee:
             raise NotFound("no such transfer (expired, or the custodian restarted)")
-        handles = decode_handles(body, len(session.manifest.instances))
+        asked = decode_instances_request(body, len(session.manifest.instances))
         await self._recheck(session)
-        return session, handles
+        return session, asked
 
     async def send_instances(
         self,
         session: SenderSession,
-        handles: list[int],
+        asked: InstancesRequest,
         write: Callable[[bytes], Awaitable[None]],
     ) -> None:
         """Stream the instances through ``write``; the access entries are written at the end.
 
-        Whatever happens to the connection, the instances fully handed to ``write`` are
-        journaled and accounted in ``access`` entries before this returns or raises.
+        Pieces are compressed (zstd) when the grantee offered it, this node's
+        ``transfer.compression`` allows it, and the link's rate makes it pay. Whatever
+        happens to the connection, the instances fully handed to ``write`` are journaled
+        and accounted in ``access`` entries before this returns or raises.
         """
+        handles = asked.handles
+        compression = (
+            LinkCompression()
+            if ZSTD in asked.compression and self.runtime.config.transfer.compression != "off"
+            else None
+        )
         stream_id = "out-" + secrets.token_hex(12)
         manifest = session.manifest
         progress = OutgoingProgress(
@@ -525,6 +552,7 @@ class TransferService:
             len(handles),
             sum(manifest.instances[h].size for h in handles),
             time.time(),
+            compression=ZSTD if compression is not None else None,
         )
         self._remember_outgoing(progress)
         await self.store.off_loop(
@@ -536,7 +564,7 @@ class TransferService:
             time.time(),
         )
         sent: list[StreamedInstance] = []
-        blocks = self._blocks(session, handles)
+        blocks = self._blocks(session, handles, compression)
         # The next block is read and encrypted in a worker thread while this one is sent.
         upcoming = asyncio.ensure_future(asyncio.to_thread(next, blocks, None))
         checked_at = time.monotonic()
@@ -550,7 +578,10 @@ class TransferService:
                     await self._recheck(session)
                     checked_at = time.monotonic()
                 upcoming = asyncio.ensure_future(asyncio.to_thread(next, blocks, None))
+                write_started = time.monotonic()
                 await write(block.data)
+                if compression is not None:
+                    compression.wrote(len(block.data), time.monotonic() - write_started)
                 progress.bytes_sent += len(block.data)
                 if block.completed:
                     sent += block.completed
@@ -603,10 +634,21 @@ class TransferService:
                 uids.append(resolve_study_reference(self.runtime, ref))
         return uids
 
-    def _blocks(self, session: SenderSession, handles: list[int]) -> Generator[_Block]:
-        """Encrypted blocks of about BLOCK_BYTES, each with the instances it completes."""
+    def _blocks(
+        self,
+        session: SenderSession,
+        handles: list[int],
+        compression: LinkCompression | None,
+    ) -> Generator[_Block]:
+        """Encrypted blocks of about BLOCK_BYTES, each with the instances it completes.
+
+        With ``compression``, each piece is compressed at the level the link asks for
+        when that shrinks it; an instance whose first compressed piece does not shrink
+        (noise, already compressed pixels) is sent raw from then on.
+        """
         manifest = session.manifest
         encryptor = StreamEncryptor(session.keys.instances)
+        compressor = PieceCompressor() if compression is not None else None
         parts = [encryptor.header]
         buffered = len(encryptor.header)
         completed: list[StreamedInstance] = []
@@ -614,13 +656,21 @@ class TransferService:
             entry = manifest.instances[handle]
             parts.append(encryptor.push(begin_message(handle)))
             remaining = entry.size
+            # The first piece compressed is the probe that decides for the instance.
+            compress, probed = compressor is not None, False
             with open(session.paths[handle], "rb") as f:
                 while remaining > 0:
-                    chunk = f.read(min(MESSAGE_BYTES, remaining))
+                    level = compression.level if compress and compression is not None else 0
+                    chunk = f.read(min(PIECE_BYTES if level else MESSAGE_BYTES, remaining))
                     if not chunk:
                         raise BadInput("a stored instance is shorter than its index says")
                     remaining -= len(chunk)
-                    framed = encryptor.push(DATA + chunk)
+                    frame = None
+                    if level and compressor is not None:
+                        frame = compressor.compress(chunk, level)
+                        compress = probed or frame is not None
+                        probed = True
+                    framed = encryptor.push(DATA + chunk if frame is None else COMPRESSED + frame)
                     parts.append(framed)
                     buffered += len(framed)
                     if remaining == 0:
@@ -724,7 +774,7 @@ class TransferService:
 
     async def _run(self, job: FetchJob) -> None:
         deadline = time.monotonic() + RETRY_WINDOW
-        backoff = 0.25
+        backoff = FIRST_BACKOFF
         named = 0  # instances named by the last manifest
         timeout = aiohttp.ClientTimeout(
             total=None, connect=self.runtime.config.federation.request_timeout, sock_read=60
@@ -734,6 +784,7 @@ class TransferService:
             async with open_session(trusted, timeout, read_bufsize=RECEIVE_BYTES) as http:
                 while True:
                     job.attempts += 1
+                    held_before = job.instances_done
                     try:
                         manifest = await self._attempt(job, http)
                     except TransferRefused as exc:
@@ -751,6 +802,11 @@ class TransferService:
                         job.opened = job.opened or pacs_down  # the custodian did answer
                         job.unreachable = isinstance(exc, PeerUnreachable) and not pacs_down
                         job.waiting = job.error if pacs_down else None
+                        if job.instances_done > held_before:
+                            # A link that drops now and then but carries the study on
+                            # is retried soon, for as long as each attempt gains.
+                            deadline = time.monotonic() + RETRY_WINDOW
+                            backoff = FIRST_BACKOFF
                         # Until the custodian has answered once, give up soon: it may
                         # simply be down or misnamed; a cut transfer is retried longer.
                         gave_up = isinstance(exc, NotInRoster) or (
@@ -775,7 +831,7 @@ class TransferService:
                     # once. Two minutes in which it names nothing new fail the fetch.
                     if len(manifest.instances) > named:
                         named = len(manifest.instances)
-                        deadline, backoff = time.monotonic() + RETRY_WINDOW, 0.25
+                        deadline, backoff = time.monotonic() + RETRY_WINDOW, FIRST_BACKOFF
                     elif time.monotonic() > deadline:
                         job.state = "failed"
                         job.error = (
@@ -900,7 +956,8 @@ class TransferService:
         manifest: Manifest,
         handles: list[int],
     ) -> None:
-        receiver = _StreamReceiver(self.runtime, manifest, handles, keys.instances)
+        offered = CODECS if self.runtime.config.transfer.compression != "off" else ()
+        receiver = _StreamReceiver(self.runtime, manifest, handles, keys.instances, bool(offered))
         stream_id = "in-" + secrets.token_hex(12)
         await self.store.off_loop(
             self.store.open_stream,
@@ -930,7 +987,7 @@ class TransferService:
                 )
 
         try:
-            response = await self._post(http, custodian, url, encode_handles(handles))
+            response = await self._post(http, custodian, url, encode_handles(handles, offered))
             try:
                 async for chunk in response.content.iter_chunked(RECEIVE_BYTES):
                     job.bytes_received += len(chunk)

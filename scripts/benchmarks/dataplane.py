@@ -82,6 +82,7 @@ def reference_study(ctx: BenchContext) -> SyntheticStudy:
         slices=QUICK_SLICES if ctx.quick else SLICES,
         rows=SIZE,
         columns=SIZE,
+        phantom=True,
     )
     written = manifest.with_suffix(".tmp")
     written.write_text(json.dumps({**asdict(study), "files": [str(f) for f in study.files]}))

@@ -90,7 +90,9 @@ def run(ctx: BenchContext) -> list[Row]:
     work = ctx.workdir / "viewing"
     work.mkdir(parents=True, exist_ok=True)
     slices = QUICK_RENDER_SLICES if ctx.quick else RENDER_SLICES
-    series = make_ct_study(work / "render-series", series=1, slices=slices, rows=512, columns=512)
+    series = make_ct_study(
+        work / "render-series", series=1, slices=slices, rows=512, columns=512, phantom=True
+    )
     reference = reference_study(ctx)
     orthanc = OrthancServer(work, "orthanc-render")
     node = init_node(work, "bench-viewing.example/imageshare", "node-viewing")

@@ -71,7 +71,7 @@ async def send_instances(request: web.Request) -> web.StreamResponse:
     caller = await _node_caller(request)
     service = runtime_of(request).services.transfer
     try:
-        session, handles = await service.prepare_send(
+        session, asked = await service.prepare_send(
             request.match_info["transfer_id"], caller.node_origin or "", caller.body
         )
     except TransferRefused as exc:
@@ -79,7 +79,7 @@ async def send_instances(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     await response.prepare(request)
     try:
-        await service.send_instances(session, handles, response.write)
+        await service.send_instances(session, asked, response.write)
     except TransferRefused as exc:
         # Too late for a 403: the stream ends without its final message, the grantee
         # sees the cut, asks again and is refused with the rule.

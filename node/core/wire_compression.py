@@ -1,0 +1,139 @@
+"""Compression of instance data on the wire of a transfer: codec, bounds, and level choice.
+
+A grantee that can decode zstd says so in its instances request; the custodian may then
+send a piece of instance data as ``b"Z" + one zstd frame`` instead of ``b"D" + bytes``
+(node.core.manifest). Compression comes before encryption; digests stay those of the
+stored bytes. A frame must declare its content size, which must fit both the current
+instance's remaining bytes and one channel message (MAX_MESSAGE): a frame that would
+inflate beyond that, or hides extra data, is refused before anything is allocated for
+it, so a hostile custodian's decompression bomb costs the grantee at most one message.
+
+Whether compression pays depends on the link: zstd at level 1 compresses CT at about
+150-200 MB/s on one core of the reference machine, so on a fast LAN or loopback it only
+spends CPU, while on a WAN of 100 Mbit/s and below it halves the time or better. The
+custodian measures the rate at which the connection takes its bytes and picks the
+level from that (``LinkCompression``); each instance's first piece is a probe: an
+instance whose first piece does not shrink (already compressed pixels, noise) is sent
+raw.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+import zstandard
+
+from node.core.channel import MAX_MESSAGE
+from node.errors import BadInput
+
+ZSTD = "zstd"
+CODECS = (ZSTD,)
+# The decoder's window limit: our frames hold one message of at most MAX_MESSAGE bytes.
+MAX_WINDOW = MAX_MESSAGE
+# A compressed piece must be at most this fraction of the raw one to be sent compressed.
+WORTH_SENDING = 0.9
+# Plaintext bytes compressed as one piece: zstd finds more to reuse in a larger piece
+# (level 3 on the phantom CT: ratio 2.49 in 64 KiB pieces, 2.70 in 1 MiB ones); kept
+# under MAX_MESSAGE so that a piece that does not shrink still fits a raw message.
+PIECE_BYTES = MAX_MESSAGE - 1024
+# Levels by the link's measured rate (wire bytes per second): off above FAST_LINK
+# (compressing would only cost CPU), level 1 down to SLOW_LINK, level 3 down to
+# VERY_SLOW_LINK, level 6 below (its better ratio pays for its lower speed: about 40
+# MB/s of CT on one loaded core, far more than such a link carries). Hysteresis around
+# FAST_LINK keeps a rate near the threshold from switching back and forth.
+FAST_LINK = 50e6
+FAST_LINK_HYSTERESIS = 1.25
+SLOW_LINK = 15e6
+VERY_SLOW_LINK = 5e6
+LEVEL_OFF = 0
+LEVEL_FAST = 1
+LEVEL_SLOW_LINK = 3
+LEVEL_VERY_SLOW_LINK = 6
+# The rate is measured over the last few blocks handed to the connection, once this
+# many bytes have been written (before, socket buffers take bytes faster than the link).
+RATE_WINDOW_BLOCKS = 4
+RATE_WARMUP_BYTES = 2 * 1024 * 1024
+
+
+def decompress_piece(frame: bytes | memoryview, limit: int) -> bytes:
+    """The data of one compressed piece, at most ``limit`` bytes; BadInput otherwise.
+
+    The size the frame declares is checked before decoding, so memory stays bounded by
+    ``limit`` (at most MAX_MESSAGE) whatever the frame claims.
+    """
+    limit = min(limit, MAX_MESSAGE)
+    frame = bytes(frame)
+    try:
+        declared = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError as exc:
+        raise BadInput("compressed instance data is not a zstd frame") from exc
+    if declared < 0:
+        raise BadInput("compressed instance data does not declare its size")
+    if declared > limit:
+        raise BadInput("compressed instance data inflates beyond the instance's size")
+    try:
+        data = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).decompress(
+            frame, max_output_size=limit, allow_extra_data=False
+        )
+    except zstandard.ZstdError as exc:
+        raise BadInput(f"compressed instance data does not decode: {exc}") from exc
+    if len(data) != declared:
+        raise BadInput("compressed instance data is not the size it declares")
+    return data
+
+
+class PieceCompressor:
+    """Compresses pieces of one stream at a level that may change between pieces."""
+
+    def __init__(self) -> None:
+        self._compressors: dict[int, zstandard.ZstdCompressor] = {}
+
+    def compress(self, piece: bytes, level: int) -> bytes | None:
+        """The piece as one zstd frame, or None if it does not shrink enough to pay."""
+        compressor = self._compressors.get(level)
+        if compressor is None:
+            compressor = zstandard.ZstdCompressor(level=level, write_content_size=True)
+            self._compressors[level] = compressor
+        frame = compressor.compress(piece)
+        return frame if len(frame) <= WORTH_SENDING * len(piece) else None
+
+
+@dataclass
+class LinkCompression:
+    """The compression level for a stream, from the rate its connection takes bytes.
+
+    Call ``wrote(size, waited)`` after each block the connection accepted, with the
+    seconds the sender waited for it to be accepted. Bytes over waiting time is the
+    rate of the link (or of the receiver) when it is the bottleneck; when the sender's
+    own work is, it hardly waits, the rate looks high and compression is turned off,
+    which is right: then it would only cost the sender time. ``level`` 0 is off. Starts
+    at level 3: a fast link is recognised within the first few MB, where compressing
+    costs little, while a slow one would pay for every raw byte.
+    """
+
+    level: int = LEVEL_SLOW_LINK
+    written: int = 0
+    _recent: collections.deque[tuple[int, float]] = field(
+        default_factory=lambda: collections.deque(maxlen=RATE_WINDOW_BLOCKS)
+    )
+
+    def wrote(self, size: int, waited: float) -> None:
+        self.written += size
+        self._recent.append((size, waited))
+        if self.written < RATE_WARMUP_BYTES or len(self._recent) < RATE_WINDOW_BLOCKS:
+            return
+        waiting = sum(w for _, w in self._recent)
+        rate = sum(s for s, _ in self._recent) / waiting if waiting > 0 else float("inf")
+        self.level = level_for_rate(rate, self.level)
+
+
+def level_for_rate(rate: float, current: int) -> int:
+    """The zstd level for a link taking ``rate`` wire bytes per second (0: off)."""
+    # Off stays off down to a lower rate than it takes to turn off (hysteresis).
+    hysteresis = 1 / FAST_LINK_HYSTERESIS if current == LEVEL_OFF else FAST_LINK_HYSTERESIS
+    if rate >= FAST_LINK * hysteresis:
+        return LEVEL_OFF
+    if rate >= SLOW_LINK:
+        return LEVEL_FAST
+    return LEVEL_SLOW_LINK if rate >= VERY_SLOW_LINK else LEVEL_VERY_SLOW_LINK
