@@ -56,6 +56,7 @@ from node.core.notes import (
     verify_note,
 )
 from node.core.origins import log_id_bytes
+from node.core.tiles import TILE_WIDTH, TileRef, encode_entry_bundle
 from node.errors import (
     BadInput,
     Conflict,
@@ -433,6 +434,33 @@ class StoredLog:
         if row is None or index >= self.size():
             raise NotFound(f"{self.origin} has no entry {index}")
         return bytes(row[0])
+
+    def tile(self, ref: TileRef) -> bytes:
+        """The bytes of a C2SP tile or entry bundle of this log (node.core.tiles).
+
+        NotFound unless the log holds all ``ref.width`` hashes (or entries) the tile names;
+        a narrower partial tile of what is held is served too (its bytes never change).
+        """
+        conn = self.store.reader
+        available = ref.available_width(self.size())
+        if ref.width > available:
+            raise NotFound(f"{self.origin} holds {available} of the tile's {ref.width} hashes")
+        first = ref.n * TILE_WIDTH
+        if ref.level is None:
+            return encode_entry_bundle(self.entries(first, first + ref.width))
+        if ref.merkle_level == 0:
+            query = "SELECT leaf_hash FROM entries WHERE log=? AND idx>=? AND idx<? ORDER BY idx"
+            args: tuple[int, ...] = (self.rowid, first, first + ref.width)
+        else:
+            query = (
+                "SELECT hash FROM subtrees WHERE log=? AND level=? AND idx>=? AND idx<? "
+                "ORDER BY idx"
+            )
+            args = (self.rowid, ref.merkle_level, first, first + ref.width)
+        hashes = [bytes(row[0]) for row in conn.execute(query, args).fetchall()]
+        if len(hashes) != ref.width:
+            raise LedgerCorrupt(f"the ledger store lacks hashes of {self.origin}'s {ref.path()}")
+        return b"".join(hashes)
 
     def _reader(self) -> _Reader:
         return _Reader(self.store.reader, self.rowid)
