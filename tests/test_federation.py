@@ -572,9 +572,9 @@ class TestSplitView:
             add_member(d, c.origin, hostile.url("d"), c.vkey)
             d.start()
             wait_until(
-                lambda: ("d", "cosignature") in hostile.calls,
+                lambda: sizes(d).get(c.origin) == 2,
                 timeout=20,
-                message="d to cosign the first history",
+                message="d to mirror the first history",
             )
             # The same size, another last entry: only the root tells them apart.
             hostile.show("d", enrollments(1, common))

@@ -19,6 +19,7 @@ from node.edges.cli import (
     node_commands,
     patient_commands,
     peers_commands,
+    proof_commands,
 )
 
 # Each module has register(subparsers); its commands set args.handler.
@@ -26,6 +27,7 @@ COMMAND_MODULES = [node_commands, peers_commands, audit_commands, patient_comman
 COMMAND_MODULES.append(fetch_commands)
 COMMAND_MODULES.append(ledger_commands)
 COMMAND_MODULES.append(key_commands)
+COMMAND_MODULES.append(proof_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,6 +2,7 @@
 
     GET /ledger/logs                                         JSON list of logs served here
     GET /ledger/logs/{log_id}/checkpoint                     signed note (text/plain)
+    GET /ledger/logs/{log_id}/published-checkpoint           the latest that met the policy
     GET /ledger/logs/{log_id}/entries?start=A&end=B          msgpack array of raw entries
     GET /ledger/logs/{log_id}/proof/inclusion?index=I&size=N JSON RFC 9162 audit path
     GET /ledger/logs/{log_id}/proof/consistency?old=M&new=N  JSON RFC 9162 proof
@@ -27,7 +28,7 @@ from node.core.tiles import parse_tile_path
 from node.errors import BadInput, NotFound
 from node.services.ledger import LedgerService
 from node.services.runtime import NodeRuntime
-from node.store.ledger import StoredLog
+from node.store.ledger import OwnLog, StoredLog
 
 MAX_ENTRIES_PER_RESPONSE = 1000
 # A full tile never changes; a partial one is replaced by a wider one as the log grows.
@@ -75,6 +76,13 @@ def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
             raise NotFound(f"{log.origin} has no checkpoint yet")
         return web.Response(text=note, content_type="text/plain", charset="utf-8")
 
+    async def published_checkpoint(request: web.Request) -> web.Response:
+        log = log_of(request)
+        note = log.published_note() if isinstance(log, OwnLog) else None
+        if note is None:
+            raise NotFound(f"{log.origin} has no checkpoint here that met its witness policy")
+        return web.Response(text=note, content_type="text/plain", charset="utf-8")
+
     async def entries(request: web.Request) -> web.Response:
         log = log_of(request)
         start, end = query_int(request, "start"), query_int(request, "end")
@@ -110,6 +118,7 @@ def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
 
     app.router.add_get("/ledger/logs", list_logs)
     app.router.add_get("/ledger/logs/{log_id}/checkpoint", checkpoint)
+    app.router.add_get("/ledger/logs/{log_id}/published-checkpoint", published_checkpoint)
     app.router.add_get("/ledger/logs/{log_id}/entries", entries)
     app.router.add_get("/ledger/logs/{log_id}/proof/inclusion", inclusion)
     app.router.add_get("/ledger/logs/{log_id}/proof/consistency", consistency)

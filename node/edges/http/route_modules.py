@@ -15,6 +15,7 @@ from node.edges.http import (
     transfer,
     viewer,
     wallet_pages,
+    witness_api,
 )
 
 MODULES: list[ModuleType] = [
@@ -23,6 +24,7 @@ MODULES: list[ModuleType] = [
     patient,
     transfer,
     ledger_api,
+    witness_api,
     forwarding,
     wallet_pages,
     viewer,

@@ -5,6 +5,7 @@ import { fromB64url, fromHex, randomBytes, toB64url, toHex, utf8 } from "./bytes
 import { makeGrant, makeRevocation, tokenId, tokenUrl } from "./consent.js";
 import { createWallet, keyFor, loadWallet, restoreWallet, store } from "./keys.js";
 import { describeNode, myEvents, verifyRecorded } from "./ledger.js";
+import { mountProofScreen } from "./proof.js";
 import { qrSvg } from "./qr.js";
 import {
   ACCESS_CREDENTIAL,
@@ -481,6 +482,10 @@ async function start() {
   }
   setupScreen();
   grantScreen();
+  mountProofScreen($("screen-proof"), async () => ({
+    vkey: app.vkey,
+    witnessVkeys: app.node.logs.filter((l) => l.origin !== app.node.origin).map((l) => l.vkey),
+  }));
   try {
     await connect();
     const wallet = await loadWallet();

@@ -15,6 +15,7 @@ const SHELL = [
   "consent.js",
   "shlink.js",
   "ledger.js",
+  "proof.js",
   "qr.js",
   "manifest.webmanifest",
   "icon.svg",
