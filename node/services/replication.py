@@ -48,6 +48,7 @@ from node.core.keys import verifier_key_string
 from node.core.merkle import StreamingConsistency, leaf_hash, verify_consistency
 from node.core.origins import log_id
 from node.core.roster import Member
+from node.core.tiles import entry_bundles, parse_entry_bundle
 from node.errors import BadInput, Conflict, ImageShareError, Unauthorized
 from node.services.peer_client import (
     MAX_ERROR_BYTES,
@@ -483,8 +484,25 @@ class ReplicationService:
         status.compared[lid] = (listed_size, listed_root, mirror.size())
 
     async def _entry_batches(self, base: str, start: int, end: int) -> AsyncIterator[list[bytes]]:
-        """Entries start..end-1 from ``base``, in the batches the server answers."""
+        """Entries start..end-1 from ``base``: its tlog-tiles entry bundles (immutable, so
+        any cache or mirror may answer them), else, from a node that serves no tiles,
+        the ``/entries`` pages."""
         at = start
+        for ref in entry_bundles(start, end):
+            try:
+                body, _ = await self._get(f"{base}/{ref.path()}", MAX_BATCH_BYTES)
+            except PeerFailure:
+                if at == start:
+                    break  # no tiles there: read the JSON API's pages instead
+                raise
+            try:
+                batch = parse_entry_bundle(body, ref.width)
+            except BadInput as exc:
+                raise PeerFailure(f"{ref.path()}: {exc}") from exc
+            first, _ = ref.entry_range()
+            batch = batch[at - first :]
+            at += len(batch)
+            yield batch
         while at < end:
             last = min(at + ENTRY_BATCH, end)
             body, _ = await self._get(f"{base}/entries?start={at}&end={last}", MAX_BATCH_BYTES)
