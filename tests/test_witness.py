@@ -207,6 +207,8 @@ class TestAddCheckpoint:
         assert post(node, b"old 0\n" + log.note().encode())[0] == 400
         assert post(node, log.request(log.tree.size + 1, proof=[]))[0] == 400
         assert post(node, b"\xff" * 100)[0] == 400
+        # Larger than any note with its proof: refused before it is read whole.
+        assert post(node, b"old 0\n\n" + b"x" * 70_000)[0] == 413
 
     def test_first_checkpoint_is_cosigned_as_cosignature_v1(
         self, witness: tuple[NodeProcess, FakeLog]

@@ -2,10 +2,11 @@
 member (and the outside witnesses configured) to witness its own.
 
 - **As a witness** (``POST /witness/add-checkpoint``, node.edges.http.witness_api): it
-  trusts, for each member's origin, the member's roster key and the keys its mirror's
-  chain of rotations holds. The check and the new state are one store transaction
-  (``LedgerStore.witness``), so of two racing requests only one moves it on, and it never
-  cosigns two inconsistent checkpoints of one log, across restarts too.
+  trusts, for each member's origin, the member's roster key and the key its mirror's
+  chain of rotations has in force at the checkpoint's size. The check and the new state
+  are one store transaction (``LedgerStore.witness``), so of two racing requests only
+  one moves it on, and it never cosigns two inconsistent checkpoints of one log, across
+  restarts too.
 - **As a log**: whenever its log grows, and every few seconds while some witness has not
   cosigned the latest checkpoint, it sends each witness ``old`` (the size that witness
   last cosigned, learnt from its answers: a 409 says it), the consistency proof from
@@ -73,15 +74,17 @@ class WitnessService:
 
     # ---- as a witness ---------------------------------------------------------------------
 
-    def trusted_keys(self, origin: str) -> list[VerifierKey] | None:
-        """The keys trusted to sign checkpoints of ``origin`` (None: not a member's log)."""
+    def trusted_keys(self, origin: str, size: int) -> list[VerifierKey] | None:
+        """The keys trusted to sign ``origin``'s checkpoint of ``size`` (None: not a
+        member's log): the roster's key, and the key the mirror's chain of rotations has in
+        force at that size, so a key rotated away from signs no new checkpoint."""
         member = self.runtime.services.roster.roster.get(origin)
         if member is None or origin == self.runtime.config.origin:
             return None
         keys = [notes.parse_vkey(member.vkey)]
         mirror = self.store.log_by_id(member.log_id)
         chain = mirror.key_chain() if isinstance(mirror, MirrorLog) else None
-        return keys + (chain.verifier_keys() if chain is not None else [])
+        return keys + ([chain.verifier_key_at(size)] if chain is not None else [])
 
     def add_checkpoint(self, body: bytes) -> str:
         """Judge a tlog-witness add-checkpoint request; the cosignature line if it holds.
@@ -89,7 +92,8 @@ class WitnessService:
         Blocking (a store transaction). Raises WitnessRefusal with the spec's status.
         """
         request: AddCheckpoint = parse_add_checkpoint(body)
-        self.store.witness(request, self.trusted_keys(request.checkpoint.origin))
+        checkpoint = request.checkpoint
+        self.store.witness(request, self.trusted_keys(checkpoint.origin, checkpoint.size))
         signature = notes.cosign_checkpoint(
             request.checkpoint.body(), self.runtime.identity, int(time.time())
         )

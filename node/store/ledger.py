@@ -66,7 +66,7 @@ from node.errors import (
     NotFound,
     Unauthorized,
 )
-from node.store.sqlite import Migration, connect_durable, migrate
+from node.store.sqlite import Migration, add_missing_columns, connect_durable, migrate
 
 LEDGER_FILE = "ledger.sqlite"
 VERIFY_BATCH = 4096
@@ -114,10 +114,18 @@ CREATE TABLE IF NOT EXISTS witnessed (
     root BLOB NOT NULL,
     checkpoint TEXT NOT NULL
 ) WITHOUT ROWID;
-ALTER TABLE logs ADD COLUMN published TEXT;
 """
+
+
+def _add_witness_state(conn: sqlite3.Connection) -> None:
+    for statement in WITNESS_SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    add_missing_columns(conn, "logs", {"published": "TEXT"})
+
+
 # Schema versions (node/store/sqlite.py): position n upgrades version n to n + 1.
-MIGRATIONS: tuple[Migration, ...] = (SCHEMA, WITNESS_SCHEMA)
+MIGRATIONS: tuple[Migration, ...] = (SCHEMA, _add_witness_state)
 
 
 class LedgerCorrupt(ImageShareError):

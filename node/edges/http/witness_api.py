@@ -13,15 +13,13 @@ import asyncio
 from aiohttp import web
 
 from node.core.witness import MAX_REQUEST_BYTES, SIZE_CONTENT_TYPE, WitnessRefusal
-from node.errors import PayloadTooLarge
+from node.edges.http.signed import read_limited_body
 from node.services.runtime import NodeRuntime
 
 
 def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
     async def add_checkpoint(request: web.Request) -> web.Response:
-        if (request.content_length or 0) > MAX_REQUEST_BYTES:
-            raise PayloadTooLarge(f"an add-checkpoint body is at most {MAX_REQUEST_BYTES} bytes")
-        body = await request.content.read(MAX_REQUEST_BYTES + 1)
+        body = await read_limited_body(request, MAX_REQUEST_BYTES)
         witness = runtime.services.witness
         try:
             line = await asyncio.to_thread(witness.add_checkpoint, body)
