@@ -24,6 +24,7 @@ from nacl.signing import VerifyKey
 
 from node.core.consent import GrantFields, sign_grant, token_id_of
 from node.core.entries import Access, Grant
+from node.core.equivocation import EquivocationProof, verify_equivocation
 from node.core.keys import NodeIdentity
 from node.core.merkle import MemoryTree, consistency_proof, leaf_hash
 from node.core.notes import Checkpoint, parse_note, parse_vkey, sign_note, verify_cosignature
@@ -254,10 +255,16 @@ class TestAddCheckpoint:
         body = Checkpoint(LOG_ORIGIN, 9, log.tree.root()).body()
         check_cosignature_by_hand(answer, node.vkey, body)
         assert post(node, log.request(5))[:3:2] == (409, "9\n")
-        # The same size with another root: the log signed two views of size 9.
+        # The same size with another root: the log signed two views of size 9. The two
+        # checkpoints alone prove it: the witness keeps and serves the proof.
         fork = FakeLog(log.identity, 8)
         fork.grow(1, salt=b"fork")
         assert post(node, fork.request(9, proof=[]))[0] == 422
+        proofs = node.get_json("/ledger/equivocations", auth=False)
+        [proof] = [p for p in proofs if p["origin"] == LOG_ORIGIN]
+        verified = verify_equivocation(EquivocationProof.from_json(proof), log.identity.vkey)
+        sizes = {Checkpoint.parse(parse_note(n)[0]).size for n in verified.proof.notes}
+        assert sizes == {9} and len(set(verified.proof.notes)) == 2
 
     def test_racing_requests_from_one_size_move_the_witness_once(
         self, witness: tuple[NodeProcess, FakeLog]

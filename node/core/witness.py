@@ -29,6 +29,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from node.core.equivocation import EquivocationProof
 from node.core.keys import VerifierKey
 from node.core.merkle import EMPTY_ROOT, HASH_SIZE, verify_consistency
 from node.core.notes import (
@@ -55,6 +56,8 @@ class WitnessRefusal(ImageShareError):
         self.http_status = http_status
         # For 409: the size of the checkpoint the witness last cosigned.
         self.known_size = known_size
+        # Set by the witness when the refused checkpoint proves the log equivocated.
+        self.evidence: EquivocationProof | None = None
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,13 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from node.core import notes
+from node.core.equivocation import EquivocationProof
 from node.core.keys import VerifierKey
 from node.core.witness import (
     SIZE_CONTENT_TYPE,
     AddCheckpoint,
     WitnessPolicy,
+    WitnessRefusal,
     encode_add_checkpoint,
     parse_add_checkpoint,
     parse_cosignature_lines,
@@ -93,11 +95,39 @@ class WitnessService:
         """
         request: AddCheckpoint = parse_add_checkpoint(body)
         checkpoint = request.checkpoint
-        self.store.witness(request, self.trusted_keys(checkpoint.origin, checkpoint.size))
+        try:
+            self.store.witness(request, self.trusted_keys(checkpoint.origin, checkpoint.size))
+        except WitnessRefusal as refusal:
+            if refusal.http_status == 422:
+                refusal.evidence = self._same_size_fork(request)
+            raise
         signature = notes.cosign_checkpoint(
             request.checkpoint.body(), self.runtime.identity, int(time.time())
         )
         return signature.line()
+
+    def _same_size_fork(self, request: AddCheckpoint) -> EquivocationProof | None:
+        """Two signed checkpoints of one size and two roots: what the witness cosigned and
+        the one refused. Proof of equivocation from checkpoints alone, with no entries."""
+        held = self.store.witnessed_note(request.checkpoint.origin)
+        if held is None:
+            return None
+        kept = notes.Checkpoint.parse(notes.parse_note(held)[0])
+        if kept.size != request.checkpoint.size or kept.root_hash == request.checkpoint.root_hash:
+            return None
+        return EquivocationProof(request.checkpoint.origin, (held, request.note))
+
+    async def submit(self, body: bytes) -> str:
+        """``add_checkpoint`` from a coroutine; a refusal that proves the log equivocated
+        is kept, served and pushed like any equivocation proof (node.services.replication)."""
+        try:
+            return await asyncio.to_thread(self.add_checkpoint, body)
+        except WitnessRefusal as refusal:
+            if refusal.evidence is not None:
+                replication = self.runtime.services.replication
+                with contextlib.suppress(ImageShareError):
+                    replication.accept_proof("this node as its witness", refusal.evidence.as_json())
+            raise
 
     # ---- as a log -------------------------------------------------------------------------
 

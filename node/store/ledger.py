@@ -382,6 +382,13 @@ class LedgerStore:
         ).fetchone()
         return None if row is None else Witnessed(int(row[0]), bytes(row[1]))
 
+    def witnessed_note(self, origin: str) -> str | None:
+        """The note of the checkpoint this node last cosigned of ``origin`` (None: never)."""
+        row = self.reader.execute(
+            "SELECT checkpoint FROM witnessed WHERE log_id=?", (log_id_bytes(origin),)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
     def witness(
         self, request: AddCheckpoint, trusted: Sequence[VerifierKey] | None
     ) -> Witnessed:

@@ -8,8 +8,6 @@ member's key and consistent with what was cosigned before is cosigned.
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 
 from node.core.witness import MAX_REQUEST_BYTES, SIZE_CONTENT_TYPE, WitnessRefusal
@@ -20,9 +18,8 @@ from node.services.runtime import NodeRuntime
 def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
     async def add_checkpoint(request: web.Request) -> web.Response:
         body = await read_limited_body(request, MAX_REQUEST_BYTES)
-        witness = runtime.services.witness
         try:
-            line = await asyncio.to_thread(witness.add_checkpoint, body)
+            line = await runtime.services.witness.submit(body)
         except WitnessRefusal as refusal:
             if refusal.known_size is not None:
                 # Exactly this Content-Type, no charset: clients compare it whole.
