@@ -26,7 +26,7 @@ import msgspec
 
 from node.core.keys import parse_verifier_key
 from node.core.origins import NODE_ORIGIN_RULE, is_node_origin
-from node.errors import BadInput, ConfigError
+from node.errors import BadInput, ConfigError, ImageShareError
 
 DEFAULT_CONFIG_NAME = "node.toml"
 CONFIG_ENV = "IMAGESHARE_CONFIG"
@@ -409,6 +409,40 @@ class FederationConfig(Table):
             raise ValueError("roster_url: must start with http:// or https://")
 
 
+class OutsideWitness(Table):
+    """A C2SP tlog-witness outside the federation asked to cosign this node's checkpoints."""
+
+    # Its C2SP verifier key, name+keyid+base64(0x04 || key) (or an Ed25519 0x01 key).
+    vkey: str
+    # Where it serves tlog-witness: add-checkpoint is POSTed to <url>/add-checkpoint.
+    url: str
+
+    def __post_init__(self) -> None:
+        from node.core.notes import parse_vkey
+
+        try:
+            parse_vkey(self.vkey)
+        except ImageShareError:
+            raise ValueError("vkey: not a C2SP Ed25519 verifier key") from None
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError("url: must be an http:// or https:// URL")
+
+
+class WitnessConfig(Table):
+    """Who witnesses this node's log, and when one of its checkpoints counts as published."""
+
+    outside: list[OutsideWitness] = []
+    # The witnesses (member origins or outside witnesses' key names) the policy counts;
+    # empty: every member and outside witness.
+    policy: list[str] = []
+    # How many of them must cosign a checkpoint before it counts as published.
+    threshold: NonNegativeInt = 1
+
+    def __post_init__(self) -> None:
+        if self.policy and self.threshold > len(self.policy):
+            raise ValueError("threshold: larger than the number of policy witnesses")
+
+
 class NodeConfig(Table):
     """The whole of node.toml; ``data_dir`` is absolute once loaded by load_config."""
 
@@ -421,6 +455,7 @@ class NodeConfig(Table):
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     consent: ConsentConfig = msgspec.field(default_factory=ConsentConfig)
     ledger: LedgerConfig = msgspec.field(default_factory=LedgerConfig)
+    witness: WitnessConfig = msgspec.field(default_factory=WitnessConfig)
     federation: FederationConfig = msgspec.field(default_factory=FederationConfig)
     transfer: TransferConfig = msgspec.field(default_factory=TransferConfig)
     dashboard: DashboardConfig = msgspec.field(default_factory=DashboardConfig)

@@ -23,6 +23,7 @@ from aiohttp import web
 from node.core.consent import token_id_of
 from node.core.entries import Grant, LedgerEntry, decode_entry
 from node.core.patient_keys import PatientKey
+from node.core.tiles import encode_entry_bundle, iter_entry_bundle
 from node.samples import make_ct_study
 from node.services.patient_log import own_grant_id
 from node.services.wallet import Wallet
@@ -215,12 +216,17 @@ class HidingProxy:
             body, status = await answer.read(), answer.status
             content_type = answer.content_type
         if request.path.endswith("/entries") and status == 200:
-            entries = msgpack.unpackb(body)
-            for i, raw in enumerate(entries):
-                if i and decode_entry(raw).kind == self.hide_kind:
-                    entries[i] = entries[i - 1]
-            body = msgpack.packb(entries)
+            body = msgpack.packb(self._hidden(msgpack.unpackb(body)))
+        elif "/tile/entries/" in request.path and status == 200:
+            body = encode_entry_bundle(self._hidden(list(iter_entry_bundle(body))))
         return web.Response(body=body, status=status, content_type=content_type)
+
+    def _hidden(self, entries: list[bytes]) -> list[bytes]:
+        """``entries`` with each of the hidden kind replaced by the one before it."""
+        for i, raw in enumerate(entries):
+            if i and decode_entry(raw).kind == self.hide_kind:
+                entries[i] = entries[i - 1]
+        return entries
 
     async def _start(self) -> None:
         app = web.Application()

@@ -746,6 +746,7 @@ PUBLIC_ROUTES = {
     "/healthz": "liveness: origin and version only",
     "/ledger/logs": "the ledger is public by design: no PHI, no DICOM UIDs",
     "/ledger/logs/{log_id}/checkpoint": "signed tree head",
+    "/ledger/logs/{log_id}/published-checkpoint": "signed tree head its witnesses cosigned",
     "/ledger/logs/{log_id}/entries": "ledger entries (keyed hashes, no study data)",
     "/ledger/logs/{log_id}/proof/inclusion": "Merkle proof",
     "/ledger/logs/{log_id}/proof/consistency": "Merkle proof",
@@ -755,6 +756,9 @@ PUBLIC_ROUTES = {
     "/federation/roster/log/entries": "signed roster versions",
     "/federation/roster/log/proof/inclusion": "Merkle proof",
     "/federation/roster/log/proof/consistency": "Merkle proof",
+    "/ledger/logs/{log_id}/tile/{tile_path}": "C2SP tlog-tiles: Merkle hashes and entries",
+    "/witness/add-checkpoint": "C2SP tlog-witness: cosigns only a member-signed, consistent"
+    " checkpoint; writes only the witness's own state",
     "/wallet": "redirect to the wallet app",
     "/wallet/": "the wallet app's page, from memory",
     "/wallet/{name}": "the wallet app's static files, from memory by name",
@@ -838,7 +842,8 @@ class TestRouteGuards:
         unguarded = [(m, p) for m, p in routes if _guard(p) is None]
         assert unguarded == [], "add the route to a guarded prefix or justify it as public"
         public_writes = [(m, p) for m, p in routes if _guard(p) == "public" and m != "GET"]
-        assert public_writes == []
+        # tlog-witness is a public POST by its spec: the log's signature is its credential.
+        assert public_writes == [("POST", "/witness/add-checkpoint")]
         for _method, path in routes:
             for prefix, guard in STUDY_DATA_GUARDS.items():
                 if path.startswith(prefix):

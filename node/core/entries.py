@@ -20,7 +20,8 @@ from node.core.encoding import canonical_decode, canonical_encode
 from node.errors import BadInput
 
 ENTRY_VERSION = 1
-MAX_ENTRY_BYTES = 64 * 1024
+# The largest entry a C2SP entry bundle can carry (a uint16 length prefix).
+MAX_ENTRY_BYTES = 0xFFFF
 MAX_TEXT = 1024
 _UINT_MAX = 2**63 - 1
 

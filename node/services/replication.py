@@ -8,8 +8,10 @@ Merkle root before storing anything. Logs a member mirrors of other members are 
 from it too (its copy is verified against the same keys), so a node cut off from a log's
 own node still converges, and two views of one log are compared (split-view detection).
 
-After verifying a checkpoint taken from the log's own node, this node cosigns it
-(tlog-cosignature) and hands the cosignature back with ``POST /p2p/cosignature``.
+Witnessing is C2SP tlog-witness (node.services.witness): when this node's log grows it
+asks every member to cosign the new checkpoint with ``POST /witness/add-checkpoint``
+(the witnessing task runs on this service's session). ``POST /p2p/cosignature`` still
+takes a cosignature pushed by a node of the earlier protocol.
 
 Two validly signed checkpoints of one log that cannot both hold (same size and another
 root; a smaller one whose root is not our prefix's root; or a larger one whose tree, read
@@ -46,6 +48,7 @@ from node.core.keys import verifier_key_string
 from node.core.merkle import StreamingConsistency, leaf_hash, verify_consistency
 from node.core.origins import log_id
 from node.core.roster import Member
+from node.core.tiles import entry_bundles, parse_entry_bundle
 from node.errors import BadInput, Conflict, ImageShareError, Unauthorized
 from node.services.federation_roster import federated
 from node.services.peer_client import (
@@ -166,9 +169,9 @@ class ReplicationService:
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
-        self.cosigned_sizes: dict[str, int] = {}  # log id -> size we last cosigned
         self._session: aiohttp.ClientSession | None = None
         self._supervisor: asyncio.Task[None] | None = None
+        self._witnessing: asyncio.Task[None] | None = None
         self.traffic = Traffic()
         self._own: OwnLog | None = None
         self._mirrors: dict[tuple[str, str], MirrorLog] = {}
@@ -257,9 +260,14 @@ class ReplicationService:
             trace_configs=[self.traffic.trace()],
         )
         self._supervisor = asyncio.create_task(self._supervise())
+        self._witnessing = asyncio.create_task(self.runtime.services.witness.run(self._session))
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._supervisor, *self._tasks.values(), *self._background) if t]
+        tasks = [
+            t
+            for t in (self._supervisor, self._witnessing, *self._tasks.values(), *self._background)
+            if t
+        ]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -283,6 +291,7 @@ class ReplicationService:
                 if size != announced:
                     announced = size
                     self._notify_all(size)
+                    self.runtime.services.witness.log_grew()
             except PeerError as exc:
                 log.warning("cannot read this node's own log: %s", exc)
             await asyncio.sleep(OWN_LOG_CHECK_INTERVAL)
@@ -439,8 +448,8 @@ class ReplicationService:
         lid = log_member.log_id
         claim = (listed_size, listed_root, ours)
         if listed_size <= ours and listed_root == mirror.root(listed_size):
-            if not direct or listed_size < ours or self.cosigned_sizes.get(lid) == ours:
-                return  # the same history as ours, and nothing left to witness
+            if not direct or listed_size < ours or mirror.checkpoint_note() is not None:
+                return  # the same history as ours, and a checkpoint of it held
         elif listed_root is not None and status.compared.get(lid) == claim:
             return  # judged at this listing already; its signed checkpoint agreed
         base = f"{url}/ledger/logs/{lid}"
@@ -476,16 +485,27 @@ class ReplicationService:
             log.info("mirrored %s up to %d from %s", log_member.origin, checkpoint.size, url)
             self._follow_rotation(log_member, mirror)
         status.compared[lid] = (listed_size, listed_root, mirror.size())
-        if (
-            direct
-            and checkpoint.size == mirror.size()
-            and self.cosigned_sizes.get(lid) != checkpoint.size
-        ):
-            await self._witness(log_member, url, checkpoint)
 
     async def _entry_batches(self, base: str, start: int, end: int) -> AsyncIterator[list[bytes]]:
-        """Entries start..end-1 from ``base``, in the batches the server answers."""
+        """Entries start..end-1 from ``base``: its tlog-tiles entry bundles (immutable, so
+        any cache or mirror may answer them), else, from a node that serves no tiles,
+        the ``/entries`` pages."""
         at = start
+        for ref in entry_bundles(start, end):
+            try:
+                body, _ = await self._get(f"{base}/{ref.path()}", MAX_BATCH_BYTES)
+            except PeerFailure:
+                if at == start:
+                    break  # no tiles there: read the JSON API's pages instead
+                raise
+            try:
+                batch = parse_entry_bundle(body, ref.width)
+            except BadInput as exc:
+                raise PeerFailure(f"{ref.path()}: {exc}") from exc
+            first, _ = ref.entry_range()
+            batch = batch[at - first :]
+            at += len(batch)
+            yield batch
         while at < end:
             last = min(at + ENTRY_BATCH, end)
             body, _ = await self._get(f"{base}/entries?start={at}&end={last}", MAX_BATCH_BYTES)
@@ -621,20 +641,6 @@ class ReplicationService:
                 self.accept_proof(member.origin, proof)
             except PeerError as exc:
                 log.info("an equivocation proof from %s does not hold: %s", member.origin, exc)
-
-    async def _witness(self, log_member: Member, url: str, checkpoint: notes.Checkpoint) -> None:
-        """Cosign a verified checkpoint and hand it to the log's node (best effort)."""
-        body = checkpoint.body()
-        signature = notes.cosign_checkpoint(body, self.runtime.identity, int(time.time()))
-        note = (body + "\n" + signature.line()).encode()
-        signed = self._signed(log_member.origin, "POST", f"{url}/p2p/cosignature", note)
-        async with signed as response:
-            self.traffic.bytes_in += len(await read_bounded(response, MAX_ERROR_BYTES))
-            if response.status != 200:
-                # Usually a newer checkpoint was signed meanwhile: the next round cosigns it.
-                log.info("%s did not take the cosignature: %s", log_member.origin, response.status)
-                return
-        self.cosigned_sizes[log_member.log_id] = checkpoint.size
 
     # ---- signed calls to members ---------------------------------------------------------
 

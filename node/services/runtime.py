@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from node.services.roster import RosterService
     from node.services.status import StatusService
     from node.services.transfer import TransferService
+    from node.services.witness import WitnessService
     from node.store.nonces import NonceStore
 
 
@@ -112,6 +113,13 @@ class NodeServices:
         from node.services.replication import ReplicationService
 
         return self._once("replication", lambda: ReplicationService(self._runtime))
+
+    @property
+    def witness(self) -> WitnessService:
+        """C2SP tlog-witness: cosigning members' logs, collecting cosignatures of ours."""
+        from node.services.witness import WitnessService
+
+        return self._once("witness", lambda: WitnessService(self._runtime))
 
     @property
     def transfer(self) -> TransferService:

@@ -216,12 +216,12 @@ class StatusService:
         members = {m.origin: m for m in replication.roster.roster}
         own_note = self.runtime.services.ledger.own.checkpoint_note()
         cosigned_ours = self._cosigners(own_note, members)
-        witnessed = replication.cosigned_sizes
+        store = self.runtime.services.ledger.store
         peers = [
             {
                 **peer,
                 "cosigned_our_log_at": cosigned_ours.get(peer["origin"]),
-                "we_cosigned_size": witnessed.get(peer["log_id"]),
+                "we_cosigned_size": getattr(store.witnessed(peer["origin"]), "size", None),
             }
             for peer in federation["peers"]
         ]

@@ -9,6 +9,7 @@
               [n * 2**level, (n + 1) * 2**level), for every level >= 1
     log_keys  (log, first_size) -> the public key that signs the log's checkpoints of
               size >= first_size (its key history; rows only once a log has rotated)
+    witnessed (log_id) -> what this node, as a C2SP tlog-witness, last cosigned of a log
 
 Because every complete subtree hash is stored, any root or proof is O(log n) reads.
 
@@ -56,6 +57,8 @@ from node.core.notes import (
     verify_note,
 )
 from node.core.origins import log_id_bytes
+from node.core.tiles import TILE_WIDTH, TileRef, encode_entry_bundle
+from node.core.witness import AddCheckpoint, Witnessed, judge
 from node.errors import (
     BadInput,
     Conflict,
@@ -63,7 +66,7 @@ from node.errors import (
     NotFound,
     Unauthorized,
 )
-from node.store.sqlite import Migration, connect_durable, migrate
+from node.store.sqlite import Migration, add_missing_columns, connect_durable, migrate
 
 LEDGER_FILE = "ledger.sqlite"
 VERIFY_BATCH = 4096
@@ -101,8 +104,28 @@ CREATE TABLE IF NOT EXISTS log_keys (
     PRIMARY KEY (log, first_size)
 ) WITHOUT ROWID;
 """
+# What this node, as a C2SP tlog-witness, last cosigned of each log (node.core.witness),
+# and the latest checkpoint of the own log that met its witness policy.
+WITNESS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS witnessed (
+    log_id BLOB PRIMARY KEY,
+    origin TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    root BLOB NOT NULL,
+    checkpoint TEXT NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+def _add_witness_state(conn: sqlite3.Connection) -> None:
+    for statement in WITNESS_SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    add_missing_columns(conn, "logs", {"published": "TEXT"})
+
+
 # Schema versions (node/store/sqlite.py): position n upgrades version n to n + 1.
-MIGRATIONS: tuple[Migration, ...] = (SCHEMA,)
+MIGRATIONS: tuple[Migration, ...] = (SCHEMA, _add_witness_state)
 
 
 class LedgerCorrupt(ImageShareError):
@@ -352,6 +375,42 @@ class LedgerStore:
             infos.append(LogInfo(origin, bytes(log_id).hex(), vkey, size, bool(own), root[1]))
         return infos
 
+    def witnessed(self, origin: str) -> Witnessed | None:
+        """What this node last cosigned, as a witness, of the log ``origin`` (None: never)."""
+        row = self.reader.execute(
+            "SELECT size, root FROM witnessed WHERE log_id=?", (log_id_bytes(origin),)
+        ).fetchone()
+        return None if row is None else Witnessed(int(row[0]), bytes(row[1]))
+
+    def witnessed_note(self, origin: str) -> str | None:
+        """The note of the checkpoint this node last cosigned of ``origin`` (None: never)."""
+        row = self.reader.execute(
+            "SELECT checkpoint FROM witnessed WHERE log_id=?", (log_id_bytes(origin),)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def witness(
+        self, request: AddCheckpoint, trusted: Sequence[VerifierKey] | None
+    ) -> Witnessed:
+        """Judge an add-checkpoint request against what was last cosigned for its log and,
+        if it holds, remember its checkpoint, in one transaction: of two racing requests
+        from one old size, only one moves the witness on. Raises WitnessRefusal.
+        """
+        origin = request.checkpoint.origin
+        with self.write_transaction() as conn:
+            row = conn.execute(
+                "SELECT size, root FROM witnessed WHERE log_id=?", (log_id_bytes(origin),)
+            ).fetchone()
+            held = None if row is None else Witnessed(int(row[0]), bytes(row[1]))
+            accepted = judge(request, trusted, held)
+            conn.execute(
+                "INSERT INTO witnessed (log_id, origin, size, root, checkpoint)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (log_id) DO UPDATE SET"
+                " size=excluded.size, root=excluded.root, checkpoint=excluded.checkpoint",
+                (log_id_bytes(origin), origin, accepted.size, accepted.root, request.note),
+            )
+        return accepted
+
     def log_by_id(self, log_id_hex: str) -> StoredLog | None:
         """The stored log with this hex log ID, or None."""
         try:
@@ -433,6 +492,33 @@ class StoredLog:
         if row is None or index >= self.size():
             raise NotFound(f"{self.origin} has no entry {index}")
         return bytes(row[0])
+
+    def tile(self, ref: TileRef) -> bytes:
+        """The bytes of a C2SP tile or entry bundle of this log (node.core.tiles).
+
+        NotFound unless the log holds all ``ref.width`` hashes (or entries) the tile names;
+        a narrower partial tile of what is held is served too (its bytes never change).
+        """
+        conn = self.store.reader
+        available = ref.available_width(self.size())
+        if ref.width > available:
+            raise NotFound(f"{self.origin} holds {available} of the tile's {ref.width} hashes")
+        first = ref.n * TILE_WIDTH
+        if ref.level is None:
+            return encode_entry_bundle(self.entries(first, first + ref.width))
+        if ref.merkle_level == 0:
+            query = "SELECT leaf_hash FROM entries WHERE log=? AND idx>=? AND idx<? ORDER BY idx"
+            args: tuple[int, ...] = (self.rowid, first, first + ref.width)
+        else:
+            query = (
+                "SELECT hash FROM subtrees WHERE log=? AND level=? AND idx>=? AND idx<? "
+                "ORDER BY idx"
+            )
+            args = (self.rowid, ref.merkle_level, first, first + ref.width)
+        hashes = [bytes(row[0]) for row in conn.execute(query, args).fetchall()]
+        if len(hashes) != ref.width:
+            raise LedgerCorrupt(f"the ledger store lacks hashes of {self.origin}'s {ref.path()}")
+        return b"".join(hashes)
 
     def _reader(self) -> _Reader:
         return _Reader(self.store.reader, self.rowid)
@@ -833,6 +919,27 @@ class OwnLog(StoredLog):
             updated = add_signatures(note, [signature])
             conn.execute("UPDATE logs SET checkpoint=? WHERE id=?", (updated, self.rowid))
         return updated
+
+
+    def publish_if(self, note: str, policy_met: bool) -> None:
+        """Keep ``note`` as the latest published checkpoint if ``policy_met`` and it is
+        no smaller than the one kept (what the witness policy gates, e.g. proof files)."""
+        if not policy_met:
+            return
+        size = Checkpoint.parse(parse_note(note)[0]).size
+        with self.store.write_transaction() as conn:
+            (kept,) = conn.execute(
+                "SELECT published FROM logs WHERE id=?", (self.rowid,)
+            ).fetchone()
+            if kept is None or Checkpoint.parse(parse_note(kept)[0]).size <= size:
+                conn.execute("UPDATE logs SET published=? WHERE id=?", (note, self.rowid))
+
+    def published_note(self) -> str | None:
+        """The latest checkpoint note that met the witness policy, with its cosignatures."""
+        row = self.store.reader.execute(
+            "SELECT published FROM logs WHERE id=?", (self.rowid,)
+        ).fetchone()
+        return None if row is None or row[0] is None else str(row[0])
 
 
 class MirrorLog(StoredLog):

@@ -20,6 +20,7 @@ from node.edges.cli import (
     patient_commands,
     peers_commands,
     roster_commands,
+    proof_commands,
 )
 
 # Each module has register(subparsers); its commands set args.handler.
@@ -28,6 +29,7 @@ COMMAND_MODULES.append(fetch_commands)
 COMMAND_MODULES.append(ledger_commands)
 COMMAND_MODULES.append(key_commands)
 COMMAND_MODULES.append(roster_commands)
+COMMAND_MODULES.append(proof_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:

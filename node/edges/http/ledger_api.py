@@ -2,9 +2,15 @@
 
     GET /ledger/logs                                         JSON list of logs served here
     GET /ledger/logs/{log_id}/checkpoint                     signed note (text/plain)
+    GET /ledger/logs/{log_id}/published-checkpoint           the latest that met the policy
     GET /ledger/logs/{log_id}/entries?start=A&end=B          msgpack array of raw entries
     GET /ledger/logs/{log_id}/proof/inclusion?index=I&size=N JSON RFC 9162 audit path
     GET /ledger/logs/{log_id}/proof/consistency?old=M&new=N  JSON RFC 9162 proof
+    GET /ledger/logs/{log_id}/tile/<L>/<N>[.p/<W>]           C2SP tlog-tiles hash tile
+    GET /ledger/logs/{log_id}/tile/entries/<N>[.p/<W>]       C2SP tlog-tiles entry bundle
+
+``/ledger/logs/{log_id}/`` is the log's tlog-tiles prefix: ``checkpoint`` and ``tile/...``
+under it are what any tlog-tiles client reads, and could be copied to a static server.
 
 Handlers are thin: parsing and validation here, the work in the ledger store.
 """
@@ -18,12 +24,17 @@ import re
 from aiohttp import web
 
 from node.core.encoding import canonical_encode
+from node.core.tiles import parse_tile_path
 from node.errors import BadInput, NotFound
 from node.services.ledger import LedgerService
 from node.services.runtime import NodeRuntime
-from node.store.ledger import StoredLog
+from node.store.ledger import OwnLog, StoredLog
 
 MAX_ENTRIES_PER_RESPONSE = 1000
+# A full tile never changes; a partial one is replaced by a wider one as the log grows.
+FULL_TILE_CACHE = "public, max-age=31536000, immutable"
+PARTIAL_TILE_CACHE = "public, max-age=5"
+OCTET_STREAM = "application/octet-stream"
 _UINT = re.compile(r"^(0|[1-9][0-9]{0,18})$")
 MSGPACK = "application/msgpack"
 
@@ -91,6 +102,13 @@ def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
             raise NotFound(f"{log.origin} has no checkpoint yet")
         return web.Response(text=note, content_type="text/plain", charset="utf-8")
 
+    async def published_checkpoint(request: web.Request) -> web.Response:
+        log = log_of(request)
+        note = log.published_note() if isinstance(log, OwnLog) else None
+        if note is None:
+            raise NotFound(f"{log.origin} has no checkpoint here that met its witness policy")
+        return web.Response(text=note, content_type="text/plain", charset="utf-8")
+
     async def entries(request: web.Request) -> web.Response:
         return serve_entries(log_of(request), request)
 
@@ -100,8 +118,19 @@ def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
     async def consistency(request: web.Request) -> web.Response:
         return serve_consistency(log_of(request), request)
 
+    async def tile(request: web.Request) -> web.Response:
+        log = log_of(request)
+        ref = parse_tile_path("tile/" + request.match_info["tile_path"])
+        data = await asyncio.to_thread(log.tile, ref)
+        cache = PARTIAL_TILE_CACHE if ref.partial else FULL_TILE_CACHE
+        return web.Response(
+            body=data, content_type=OCTET_STREAM, headers={"Cache-Control": cache}
+        )
+
     app.router.add_get("/ledger/logs", list_logs)
     app.router.add_get("/ledger/logs/{log_id}/checkpoint", checkpoint)
+    app.router.add_get("/ledger/logs/{log_id}/published-checkpoint", published_checkpoint)
     app.router.add_get("/ledger/logs/{log_id}/entries", entries)
     app.router.add_get("/ledger/logs/{log_id}/proof/inclusion", inclusion)
     app.router.add_get("/ledger/logs/{log_id}/proof/consistency", consistency)
+    app.router.add_get("/ledger/logs/{log_id}/tile/{tile_path:.+}", tile)

@@ -19,6 +19,7 @@ from node.edges.http import (
     transfer,
     viewer,
     wallet_pages,
+    witness_api,
 )
 
 MODULES: list[ModuleType] = [
@@ -30,6 +31,7 @@ MODULES: list[ModuleType] = [
     delegations,
     ledger_api,
     roster_api,
+    witness_api,
     forwarding,
     wallet_pages,
     viewer,

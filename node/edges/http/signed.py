@@ -38,7 +38,7 @@ class SignedCaller:
         return signing_node_origin(self.signer)
 
 
-async def _read_body(request: web.Request, limit: int | None) -> bytes:
+async def read_limited_body(request: web.Request, limit: int | None) -> bytes:
     """The request body, refusing it as soon as it exceeds ``limit``."""
     if limit is None:
         return await request.read()
@@ -75,7 +75,7 @@ async def authenticate(
     public_key = admitted_key if admitted_key is not None else parsed.patient_key
     if public_key is None:
         raise Unauthorized(f"unknown signer {parsed.signer}")
-    body = await _read_body(request, max_body)
+    body = await read_limited_body(request, max_body)
     wire = request.rel_url
     check_signature(
         parsed,

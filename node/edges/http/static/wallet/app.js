@@ -4,9 +4,20 @@
 
 import { loadWallet, store, unlockWallet } from "./keys.js";
 import { describeNode } from "./ledger.js";
+import { mountProofScreen } from "./proof.js";
 import { pinFederation } from "./roster.js";
 import { openWallet } from "./session.js";
-import { $, app, hospitalName, plain, say, setUnlockCheck, setupScreens, show } from "./shell.js";
+import {
+  $,
+  app,
+  hospitalName,
+  plain,
+  registerScreen,
+  say,
+  setUnlockCheck,
+  setupScreens,
+  show,
+} from "./shell.js";
 
 import "./screen-setup.js";
 import "./screen-key.js";
@@ -15,6 +26,15 @@ import "./screen-share.js";
 import "./screen-tokens.js";
 import "./screen-activity.js";
 import "./safety.js";
+
+// Checking a proof file needs no key: it is offline, against this hospital's pinned log key.
+registerScreen("proof", {
+  setup: () =>
+    mountProofScreen($("screen-proof"), async () => ({
+      vkey: app.vkey,
+      witnessVkeys: app.node.logs.filter((l) => l.origin !== app.node.origin).map((l) => l.vkey),
+    })),
+});
 
 /** This address now names another custodian than the one this wallet pinned. */
 class PinMismatch extends Error {}

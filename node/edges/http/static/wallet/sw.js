@@ -3,7 +3,7 @@
 // refreshed in the background, so an updated node's wallet shows from the next start;
 // /patient and /ledger requests are never touched or cached here.
 
-const CACHE = "imageshare-wallet-v6";
+const CACHE = "imageshare-wallet-v7";
 const SHELL = [
   "./",
   "app.js",
@@ -24,6 +24,7 @@ const SHELL = [
   "shlink.js",
   "ledger.js",
   "roster.js",
+  "proof.js",
   "qr.js",
   "reports.js",
   "reports.css",
