@@ -19,8 +19,8 @@ from node.edges.cli import (
     node_commands,
     patient_commands,
     peers_commands,
-    roster_commands,
     proof_commands,
+    roster_commands,
 )
 
 # Each module has register(subparsers); its commands set args.handler.
