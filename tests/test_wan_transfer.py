@@ -124,7 +124,7 @@ def test_fetch_over_a_link_that_drops_completes_compressed_without_resending(
         assert (sites.b.data_dir / "objects" / digest[:2] / f"{digest}.dcm").read_bytes() == data
 
     counters = sites.link.counters
-    assert counters.drops >= 2 and job["attempts"] >= 2
+    assert counters.drops >= 1 and job["attempts"] >= 2
     # Compressed on the wire: even with the instances cut short and sent again whole,
     # fewer bytes crossed the link than the study holds.
     assert counters.bytes_down < 0.8 * raw_bytes

@@ -20,6 +20,7 @@ raw.
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import zstandard
@@ -100,32 +101,69 @@ class PieceCompressor:
 
 
 @dataclass
+class _Written:
+    wire: int  # bytes handed to the connection
+    raw: int  # instance bytes they carry
+    waited: float  # seconds the sender waited for the connection to take them
+    at: float  # when it had (monotonic seconds)
+
+
+def _raw_rate(window: Iterable[_Written]) -> float:
+    """Instance bytes per second over a window (its first block only marks the start)."""
+    blocks = list(window)
+    elapsed = blocks[-1].at - blocks[0].at
+    return sum(w.raw for w in blocks[1:]) / elapsed if elapsed > 0 else float("inf")
+
+
+@dataclass
 class LinkCompression:
     """The compression level for a stream, from the rate its connection takes bytes.
 
-    Call ``wrote(size, waited)`` after each block the connection accepted, with the
-    seconds the sender waited for it to be accepted. Bytes over waiting time is the
-    rate of the link (or of the receiver) when it is the bottleneck; when the sender's
-    own work is, it hardly waits, the rate looks high and compression is turned off,
-    which is right: then it would only cost the sender time. ``level`` 0 is off. Starts
-    at level 3: a fast link is recognised within the first few MB, where compressing
-    costs little, while a slow one would pay for every raw byte.
+    Call ``wrote(wire, raw, waited, at)`` after each block the connection accepted. Wire
+    bytes over waiting time is the rate of the link (or of the receiver) when it is the
+    bottleneck; when the sender's own work is, it hardly waits, the rate looks high and
+    compression is turned off, which is right: then it would only cost the sender time.
+    Unless the link is very slow (level 6's range, where compression surely pays and a
+    raw trial would cost most), the stream tries a few blocks uncompressed once and
+    keeps whichever moved more instance bytes per second: a receiver that shares the
+    sender's CPU, or is slower than the link, gains nothing from compression, and the
+    rate alone cannot tell such a receiver from a slow link. ``level`` 0 is off. Starts at level
+    3: a fast link is recognised within the first few MB, where compressing costs
+    little, while a slow one would pay for every raw byte.
     """
 
     level: int = LEVEL_SLOW_LINK
     written: int = 0
-    _recent: collections.deque[tuple[int, float]] = field(
+    _recent: collections.deque[_Written] = field(
         default_factory=lambda: collections.deque(maxlen=RATE_WINDOW_BLOCKS)
     )
+    _trial: list[_Written] | None = None  # blocks sent raw to compare, while trying
+    _tried: bool = False
+    _compressed_rate: float = 0.0
+    _resume_level: int = LEVEL_FAST
 
-    def wrote(self, size: int, waited: float) -> None:
-        self.written += size
-        self._recent.append((size, waited))
+    def wrote(self, wire: int, raw: int, waited: float, at: float) -> None:
+        self.written += wire
+        block = _Written(wire, raw, waited, at)
+        if self._trial is not None:
+            self._trial.append(block)
+            if len(self._trial) > RATE_WINDOW_BLOCKS:  # the first one was already compressed
+                raw_wins = _raw_rate(self._trial[1:]) > self._compressed_rate
+                self.level = LEVEL_OFF if raw_wins else self._resume_level
+                self._trial = None
+                self._recent.clear()
+            return
+        self._recent.append(block)
         if self.written < RATE_WARMUP_BYTES or len(self._recent) < RATE_WINDOW_BLOCKS:
             return
-        waiting = sum(w for _, w in self._recent)
-        rate = sum(s for s, _ in self._recent) / waiting if waiting > 0 else float("inf")
-        self.level = level_for_rate(rate, self.level)
+        waiting = sum(w.waited for w in self._recent)
+        rate = sum(w.wire for w in self._recent) / waiting if waiting > 0 else float("inf")
+        level = level_for_rate(rate, self.level)
+        if level in (LEVEL_FAST, LEVEL_SLOW_LINK) and not self._tried:
+            self._tried = True
+            self._compressed_rate = _raw_rate(self._recent)
+            self._resume_level, self._trial, level = level, [], LEVEL_OFF
+        self.level = level
 
 
 def level_for_rate(rate: float, current: int) -> int:

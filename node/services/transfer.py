@@ -229,6 +229,7 @@ class OutgoingProgress:
 class _Block:
     data: bytes
     completed: list[StreamedInstance]
+    raw: int  # instance bytes it carries
 
 
 # -- grantee side ------------------------------------------------------------------------
@@ -581,7 +582,8 @@ class TransferService:
                 write_started = time.monotonic()
                 await write(block.data)
                 if compression is not None:
-                    compression.wrote(len(block.data), time.monotonic() - write_started)
+                    done = time.monotonic()
+                    compression.wrote(len(block.data), block.raw, done - write_started, done)
                 progress.bytes_sent += len(block.data)
                 if block.completed:
                     sent += block.completed
@@ -650,7 +652,7 @@ class TransferService:
         encryptor = StreamEncryptor(session.keys.instances)
         compressor = PieceCompressor() if compression is not None else None
         parts = [encryptor.header]
-        buffered = len(encryptor.header)
+        buffered, raw = len(encryptor.header), 0
         completed: list[StreamedInstance] = []
         for handle in handles:
             entry = manifest.instances[handle]
@@ -665,6 +667,7 @@ class TransferService:
                     if not chunk:
                         raise BadInput("a stored instance is shorter than its index says")
                     remaining -= len(chunk)
+                    raw += len(chunk)
                     frame = None
                     if level and compressor is not None:
                         frame = compressor.compress(chunk, level)
@@ -677,12 +680,12 @@ class TransferService:
                         study = manifest.studies[entry.study]
                         completed.append(StreamedInstance(study, entry.digest, entry.size))
                     if buffered >= BLOCK_BYTES:
-                        yield _Block(b"".join(parts), completed)
-                        parts, buffered, completed = [], 0, []
+                        yield _Block(b"".join(parts), completed, raw)
+                        parts, buffered, completed, raw = [], 0, [], 0
             if entry.size == 0:
                 completed.append(StreamedInstance(manifest.studies[entry.study], entry.digest, 0))
         parts.append(encryptor.push(end_message(len(handles)), final=True))
-        yield _Block(b"".join(parts), completed)
+        yield _Block(b"".join(parts), completed, raw)
 
     def _remember_outgoing(self, progress: OutgoingProgress) -> None:
         self.outgoing[progress.stream_id] = progress
