@@ -45,7 +45,7 @@ def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
     app.router.add_get("/patient/studies/{ref}/series/{position:[0-9]{1,4}}/preview", preview)
     app.router.add_get("/patient/studies/{ref}/media.zip", download_media)
     app.router.add_get("/patient/studies/{ref}/reports", list_reports)
-    app.router.add_get("/patient/studies/{ref}/reports/{sop_uid:[0-9.]{1,64}}.pdf", report_pdf)
+    app.router.add_get("/patient/studies/{ref}/reports/{instance:[0-9.]{1,64}}.pdf", report_pdf)
     app.router.add_post("/admin/api/enrollments", enroll)
 
 
@@ -228,7 +228,7 @@ async def report_pdf(request: web.Request) -> web.Response:
         previews.owned_study_uid, runtime, caller.public_key, _study_ref(request)
     )
     service = runtime.services.reports
-    pdf = await asyncio.to_thread(service.document, study_uid, request.match_info["sop_uid"])
+    pdf = await asyncio.to_thread(service.document, study_uid, request.match_info["instance"])
     return web.Response(
         body=pdf, content_type="application/pdf", headers={"Cache-Control": "private, no-store"}
     )
