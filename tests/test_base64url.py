@@ -3,6 +3,7 @@ the same texts (the signed-request headers' cases are in test_signed_requests)."
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
@@ -13,7 +14,8 @@ from node.core.patient_keys import parse_public_key
 from node.errors import BadInput
 from node.services.wallet import parse_study_ref
 
-KEY = os.urandom(32)
+# Fixed, so that every pytest-xdist worker collects the same test ids.
+KEY = hashlib.sha256(b"a fixed test key").digest()
 REFUSED = [
     "",
     b64url_encode(KEY) + "=",  # padding
