@@ -376,6 +376,37 @@ class AuditExportConfig(Table):
             raise ValueError("cert_file: goes together with key_file")
 
 
+class AlertsConfig(Table):
+    """Alerts (node/services/alerts.py): sent once per incident to a webhook and by e-mail."""
+
+    # A JSON POST per incident; empty: none.
+    webhook_url: str = ""
+    # E-mail through this SMTP server; empty: none.
+    smtp_host: str = ""
+    smtp_port: Port = 587
+    smtp_starttls: bool = True
+    smtp_from: str = ""
+    smtp_to: list[str] = []
+    # The SMTP login: a file (mode 0600) holding the user name on its first line and the
+    # password on its second; relative to the folder of node.toml. Empty: no login.
+    smtp_credentials_file: str = ""
+    # A peer counts as down once this many replication rounds in a row have failed (one
+    # missed round on a busy network is not worth waking anyone).
+    peer_down_rounds: PositiveInt = 3
+    # The data directory's disk counts as low once it is this full, in percent.
+    disk_full_percent: Annotated[int, msgspec.Meta(ge=1, le=100)] = 90
+    # A TLS certificate alerts this many days before it expires.
+    certificate_days: PositiveInt = 14
+    # Seconds between two checks of every condition.
+    check_interval: PositiveSeconds = 10.0
+
+    def __post_init__(self) -> None:
+        if self.webhook_url and not self.webhook_url.startswith(("http://", "https://")):
+            raise ValueError("webhook_url: must be an http:// or https:// URL")
+        if self.smtp_host and not (self.smtp_from and self.smtp_to):
+            raise ValueError("smtp_host: needs smtp_from and smtp_to")
+
+
 class PeerConfig(Table):
     origin: str
     url: str
@@ -462,6 +493,7 @@ class NodeConfig(Table):
     viewer: ViewerConfig = msgspec.field(default_factory=ViewerConfig)
     reports: ReportsConfig = msgspec.field(default_factory=ReportsConfig)
     audit_export: AuditExportConfig = msgspec.field(default_factory=AuditExportConfig)
+    alerts: AlertsConfig = msgspec.field(default_factory=AlertsConfig)
     peers: list[PeerConfig] = []
 
     def __post_init__(self) -> None:
@@ -506,6 +538,8 @@ def load_config(path: Path | None = None) -> NodeConfig:
         for name in ("ca_file", "cert_file", "key_file", "trusted_ca_file"):
             if getattr(table, name, ""):  # relative to the config file, like data_dir
                 setattr(table, name, str(path.parent / getattr(table, name)))
+    if config.alerts.smtp_credentials_file:
+        config.alerts.smtp_credentials_file = str(path.parent / config.alerts.smtp_credentials_file)
     if config.viewer.ohif_dir:
         config.viewer.ohif_dir = str(path.parent / config.viewer.ohif_dir)
     return config

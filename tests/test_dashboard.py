@@ -14,17 +14,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import subprocess
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
+from aiohttp import web
 
 from node.config import load_config
 from node.core.consent import sign_revocation, token_id_of, token_text
@@ -40,6 +44,8 @@ from node.services.status import StudyQuery, describe_entry
 from node.store.ledger import LedgerStore
 from node.store.secrets import read_seed
 from tests.support.browser import ChromiumSession, RecordedPage, chromium_session
+from tests.support.hostile import HostileServer
+from tests.support.mail import MailReceiver
 from tests.support.nodes import NodeProcess, free_port, init_node, wait_until
 from tests.support.patients import enroll_new_key, make_grant
 from tests.support.proxy import TcpProxy
@@ -59,6 +65,38 @@ class Federation:
     fetched: SyntheticStudy
     local: SyntheticStudy
     patient: PatientKey
+    webhook: HostileServer
+    mail: MailReceiver
+    # B's data directory is a small tmpfs of its own (when the tests may mount one), so
+    # that the disk can be filled for real; else "disk low" holds from the start (a
+    # threshold of 1%).
+    b_disk_is_tmpfs: bool
+
+
+# B's alerts: a webhook and e-mail to the receivers the test runs, checked every 0.3 s.
+ALERTS = """[alerts]
+webhook_url = "{webhook}"
+smtp_host = "127.0.0.1"
+smtp_port = {smtp_port}
+smtp_starttls = false
+smtp_from = "imageshare@b.example"
+smtp_to = ["it@b.example"]
+check_interval = 0.3
+disk_full_percent = {disk_percent}
+"""
+B_DISK_BYTES = 96 * 1024**2
+
+
+def _mount_tmpfs(directory: Path) -> bool:
+    """A tmpfs of B_DISK_BYTES at ``directory``, if this process may mount one."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={B_DISK_BYTES}", "tmpfs", str(directory)],
+        capture_output=True,
+    )
+    return mounted.returncode == 0
 
 
 def _quiet(node: NodeProcess) -> None:
@@ -109,6 +147,10 @@ def _describe_study(study: SyntheticStudy, description: str) -> None:
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     base = tmp_path_factory.mktemp("dashboard")
+    b_disk_is_tmpfs = _mount_tmpfs(base / "b")
+    webhook = HostileServer()
+    webhook.respond = lambda got: web.json_response({"ok": True})
+    mail = MailReceiver()
     pool = ThreadPoolExecutor(3)
     a, b, c = pool.map(
         lambda origin: init_node(base, origin), [f"{n}.example/imageshare" for n in "abc"]
@@ -121,6 +163,13 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     a.append_config(
         f'[forward]\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {pacs_port}\n'
         "initial_backoff = 60"
+    )
+    b.append_config(
+        ALERTS.format(
+            webhook=webhook.url + "/alerts",
+            smtp_port=mail.port,
+            disk_percent=90 if b_disk_is_tmpfs else 1,
+        )
     )
     _member(a, b, b.url)
     _member(a, c, c.url)
@@ -150,11 +199,18 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
         b.cli("import", str(base / "local"))
         patient.result()
         list(pool.map(NodeProcess.start, nodes))
-        yield Federation(a, b, c, c_fork, proxy, fetched, local, patient.result())
+        yield Federation(
+            a, b, c, c_fork, proxy, fetched, local, patient.result(), webhook, mail,
+            b_disk_is_tmpfs,
+        )  # fmt: skip
     finally:
         list(pool.map(NodeProcess.stop, [*nodes, c_fork]))
         pool.shutdown()
         proxy.stop()
+        webhook.stop()
+        mail.stop()
+        if b_disk_is_tmpfs:
+            subprocess.run(["umount", str(base / "b")], check=False)
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +280,8 @@ class TestWithoutTheToken:
         text = page.locator("body").inner_text()
         assert fed.b.origin not in text and "Lucy" not in text
         page.shot("01-login")
+        assert page.accessibility_violations() == []
+        assert page.horizontal_overflow() <= 0
         page.locator("#token").fill("not-the-token")
         page.locator("#login-form button[type=submit]").click()
         page.locator("#login-error").filter(has_text="refused").wait_for()
@@ -282,7 +340,12 @@ class TestDashboard:
         # B and its peers witness each other's logs.
         _peer_row(page, fed.a).filter(has_text="we cosigned theirs at size").wait_for()
         assert "Entries" in page.locator("#log").inner_text()
+        strip = page.locator("#health-items")
+        if fed.b_disk_is_tmpfs:
+            strip.locator('li[data-kind="ok"]', has_text="All good").wait_for()
         page.shot("03-overview")
+        assert page.accessibility_violations() == []
+        assert page.horizontal_overflow() <= 0
 
     def test_studies_are_searchable_and_hostile_text_stays_text(
         self, fed: Federation, page: RecordedPage
@@ -298,6 +361,49 @@ class TestDashboard:
         page.locator("#studies", has_text="No study matches.").wait_for()
         page.locator("#study-search").fill("lucy")
         row.wait_for()
+
+    def test_studies_are_filtered_by_date_and_modality_paged_and_sorted(
+        self, fed: Federation, page: RecordedPage
+    ) -> None:
+        token = fed.b.admin_token
+        _, dated = _api(fed.b, "/admin/api/studies?from=2026-01-01&to=2026-01-01", token)
+        assert fed.local.study_uid in {s["study_instance_uid"] for s in dated["studies"]}
+        _, other_day = _api(fed.b, "/admin/api/studies?from=1999-01-01&to=1999-12-31", token)
+        assert other_day == {"total": 0, "studies": []}
+        _, other_kind = _api(fed.b, "/admin/api/studies?modality=MR", token)
+        assert other_kind["total"] == 0
+        _, past_the_end = _api(fed.b, "/admin/api/studies?offset=5&order=patient", token)
+        assert past_the_end["studies"] == [] and past_the_end["total"] >= 1
+        assert _api(fed.b, "/admin/api/studies?order=nonsense", token)[0] == 400
+        # The page's own controls: a range with nothing in it, then none.
+        page.locator("#study-from").fill("1999-01-01")
+        page.locator("#study-to").fill("1999-12-31")
+        page.locator("#study-to").dispatch_event("change")
+        page.locator("#studies", has_text="No study matches.").wait_for()
+        page.locator("#study-from").fill("")
+        page.locator("#study-to").fill("")
+        page.locator("#study-to").dispatch_event("change")
+        page.locator(f'#studies tr[data-study="{fed.local.study_uid}"]').wait_for()
+        # DA 20260101 as the browser writes that date in its own language.
+        local_date = page.evaluate(
+            "new Date(2026, 0, 1).toLocaleDateString(undefined, {dateStyle: 'medium'})"
+        )
+        assert local_date in page.locator("#studies").inner_text()
+
+    def test_a_running_fetch_is_cancelled_from_the_page(
+        self, fed: Federation, page: RecordedPage
+    ) -> None:
+        fed.proxy.rate = 100_000
+        try:
+            job_id = _fetch(fed, fed.b)
+            running = page.locator(f'#transfers .running[data-id="{job_id}"]')
+            running.locator("button.fetch-cancel").click()
+            cancelled = page.locator(f'#transfers tr[data-id="{job_id}"][data-state="cancelled"]')
+            cancelled.wait_for()
+        finally:
+            fed.proxy.rate = None
+        assert cancelled.locator("button.fetch-retry").count() == 1
+        assert _api(fed.b, f"/admin/api/transfers/{job_id}/cancel", fed.b.admin_token, {})[0] == 409
 
     def test_a_transfer_is_watched_live_then_listed_with_size_time_and_speed(
         self, fed: Federation, page: RecordedPage
@@ -326,7 +432,7 @@ class TestDashboard:
         study = page.locator(f'#studies tr[data-study="{fed.fetched.study_uid}"]')
         page.locator("#study-search").fill("")
         study.wait_for(timeout=10_000)
-        assert "Fetch^Frida" in study.inner_text()
+        assert "Fetch, Frida" in study.inner_text()  # PN Fetch^Frida, as staff read it
         assert f"fetched from {fed.a.origin} under token" in study.inner_text()
         # B's own log now holds the receipt, in plain words.
         receipt = page.locator("#log tr[data-kind=receipt]").first
@@ -342,15 +448,41 @@ class TestDashboard:
         grant = make_grant(fed.patient, fed.a.origin, fed.c.origin)
         page.locator("#fetch-token").fill(token_text(grant))
         page.locator("#fetch-form button").click()
-        page.locator("#fetch-result").filter(has_text=f"started from {fed.a.origin}").wait_for()
+        # The form's line says it was refused, not that a fetch started.
+        page.locator("#fetch-result").filter(
+            has_text=f"Refused by {fed.a.origin}: wrong_grantee"
+        ).wait_for()
         refused = page.locator('#transfers tr[data-state="refused"]').first
         refused.wait_for()
         assert "wrong_grantee" in refused.locator(".rule").inner_text()
         assert "granted to another node" in refused.inner_text()
+        # Retry asks again (a new job), and is refused again, at once.
+        refused_id = str(refused.get_attribute("data-id"))
+        refused.locator("button.fetch-retry").click()
+        page.locator("#notice", has_text=f"Fetching again: {fed.a.origin}.").wait_for()
+        page.locator("#fetch-result").filter(
+            has_text=f"Refused by {fed.a.origin}: wrong_grantee"
+        ).wait_for()
+        page.locator('#transfers tr[data-state="refused"]').nth(1).wait_for()
+        assert page.locator(f'#transfers tr[data-id="{refused_id}"]').count() == 1
         page.locator("#fetch-token").fill("not a token")
         page.locator("#fetch-form button").click()
         page.locator("#fetch-result").filter(has_text="Not started").wait_for()
         page.shot("06-transfer-refused")
+
+    def test_a_fetch_of_a_study_already_held_says_nothing_moved(
+        self, fed: Federation, page: RecordedPage
+    ) -> None:
+        _, listed = _api(fed.b, "/admin/api/transfers", fed.b.admin_token)
+        done = next(j for j in listed["fetches"] if j["state"] == "done")
+        status, again = _api(
+            fed.b, f"/admin/api/transfers/{done['id']}/retry", fed.b.admin_token, {}
+        )
+        assert status == 202
+        row = page.locator(f'#transfers tr[data-id="{again["id"]}"][data-state="done"]')
+        row.wait_for(timeout=30_000)
+        assert "already held, nothing transferred" in row.inner_text()
+        assert "MB/s" not in row.inner_text()
 
     def test_a_peer_going_down_and_coming_back_is_shown(
         self, fed: Federation, page: RecordedPage
@@ -359,7 +491,13 @@ class TestDashboard:
         row = _peer_row(page, fed.c)
         _peer_row(page, fed.c, '[data-reachable="false"]').wait_for()
         assert "unreachable" in row.locator("td.state").inner_text()
+        assert "nothing answers at its address" in row.locator("td.state").inner_text()
+        down = page.locator('#health-items li[data-kind="peer_down"]')
+        down.wait_for()
+        assert re.match(r"\d+ peers? down since ", down.inner_text())
+        assert fed.c.origin in down.inner_text()
         page.shot("07-peer-down")
+        assert page.accessibility_violations() == []
         fed.c.start()
         _peer_row(page, fed.c, '[data-reachable="true"]').wait_for()
         assert "reachable" in row.locator("td.state").inner_text()
@@ -393,7 +531,83 @@ class TestDashboard:
         assert "equivocated" in row.inner_text()
         proof.locator("summary").click()
         assert proof.locator("pre").count() == 2
+        page.locator('#health-items li[data-kind="equivocation"]').wait_for()
         page.shot("10-equivocation")
+        assert page.accessibility_violations() == []
+        assert page.horizontal_overflow() <= 0
+
+    def test_each_incident_is_sent_once_by_webhook_and_by_email(
+        self, fed: Federation, page: RecordedPage
+    ) -> None:
+        filler = fed.b.data_dir / "filler.bin"
+        if fed.b_disk_is_tmpfs:
+            # Fill B's disk past 90% for real; the strip says so.
+            usage = shutil.disk_usage(fed.b.data_dir)
+            filler.write_bytes(b"\0" * (int(usage.total * 0.95) - (usage.total - usage.free)))
+        disk = page.locator('#health-items li[data-kind="disk_low"]')
+        disk.wait_for()
+        assert "full" in disk.inner_text()
+        page.shot("12-alerts")
+        kinds = {"peer_down", "equivocation", "disk_low"}
+
+        def incidents() -> dict[str, str]:
+            sent = [json.loads(r.body) for r in fed.webhook.received]
+            return {m["id"]: m["kind"] for m in sent if m["state"] == "open"}
+
+        wait_until(lambda: kinds <= set(incidents().values()), message="the three alerts")
+        # A second's more checks (every 0.3 s) while the conditions still hold: no repeats.
+        time.sleep(1.0)
+        sent = [json.loads(r.body) for r in fed.webhook.received]
+        ids = [m["id"] for m in sent if m["state"] == "open"]
+        assert len(ids) == len(set(ids)), "an incident was sent twice by webhook"
+        # (A may miss rounds on a loaded machine too: then it has incidents of its own.)
+        assert fed.c.origin in {m["subject"] for m in sent if m["kind"] == "peer_down"}
+        assert {m["subject"] for m in sent if m["kind"] == "equivocation"} == {fed.c.origin}
+        wait_until(lambda: len(fed.mail.messages) >= len(ids), message="one e-mail each")
+        mailed = [str(m["Subject"]) for m in fed.mail.messages]
+        assert len(mailed) == len(ids)
+        for kind in kinds:
+            assert sum(kind in subject for subject in mailed) == sum(
+                1 for m in sent if m["kind"] == kind
+            )
+        body = fed.mail.messages[0].get_body()
+        assert body is not None and f"Node: {fed.b.origin}" in body.get_content()
+        # The test button reaches both channels and says so.
+        page.locator("#alert-test").click()
+        page.locator("#alert-test-result", has_text="email: sent · webhook: sent").wait_for()
+        assert [json.loads(r.body)["state"] for r in fed.webhook.received].count("test") == 1
+        filler.unlink(missing_ok=True)
+        if fed.b_disk_is_tmpfs:
+            disk.wait_for(state="detached")
+
+    def test_the_whole_log_is_paged_and_exported_as_csv(self, fed: Federation) -> None:
+        # The custodian's log: enrollments, grants, the access and the denial.
+        token = fed.a.admin_token
+        status, newest = _api(fed.a, "/admin/api/log?limit=2", token)
+        assert status == 200 and len(newest["entries"]) == 2
+        size = newest["size"]
+        assert [e["index"] for e in newest["entries"]] == [size - 1, size - 2]
+        _, older = _api(fed.a, f"/admin/api/log?limit=2&before={newest['next_before']}", token)
+        assert older["entries"][0]["index"] == size - 3
+        assert _api(fed.a, "/admin/api/log?limit=0", token)[0] == 400
+        request = urllib.request.Request(
+            fed.a.url + "/admin/api/log.csv", headers={"Authorization": f"Bearer {token}"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.headers["Content-Type"] == "text/csv; charset=utf-8"
+            lines = response.read().decode().splitlines()
+        assert lines[0] == "index,time_utc,kind,token_id,other_party,what"
+        assert len(lines) - 1 >= size and lines[1].startswith("0,")
+
+    def test_a_peer_is_removed_from_the_page_and_the_cli_refuses_a_non_member(
+        self, fed: Federation, page: RecordedPage
+    ) -> None:
+        page.once("dialog", lambda dialog: dialog.accept())
+        _peer_row(page, fed.c).locator("button.remove-peer").click()
+        _peer_row(page, fed.c).wait_for(state="detached")
+        assert page.locator("#notice").inner_text() == f"Removed {fed.c.origin}."
+        refused = fed.b.cli("peers", "remove", fed.c.origin, check=False)
+        assert refused.returncode != 0 and "is not a member" in refused.stderr
 
 
 class TestCustodianView:
@@ -432,6 +646,20 @@ class TestStudyQuery:
     def test_bad_searches_are_refused(self, text: str, limit: str) -> None:
         with pytest.raises(BadInput):
             StudyQuery.parse(text, limit)
+
+    def test_dates_modality_page_and_order_are_parsed(self) -> None:
+        query = StudyQuery.parse("", "10", "20", "2026-01-01", "", " ct ", "patient")
+        assert (query.offset, query.order, len(query.filters)) == (20, "patient", 2)
+
+    @pytest.mark.parametrize(
+        ("offset", "date_from", "order"),
+        [("-1", "", "arrival"), ("0", "yesterday", "arrival"), ("0", "", "by-mood")],
+    )
+    def test_bad_pages_dates_and_orders_are_refused(
+        self, offset: str, date_from: str, order: str
+    ) -> None:
+        with pytest.raises(BadInput):
+            StudyQuery.parse("", "10", offset, date_from, "", "", order)
 
 
 def _entry(kind: str, **fields: Any) -> bytes:

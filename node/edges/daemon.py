@@ -42,6 +42,7 @@ SERVICE_FACTORIES: list[ServiceFactory] = [
     dimse_service,
     forward_service,
     lambda runtime: runtime.services.transfer,
+    lambda runtime: runtime.services.alerts,
 ]
 
 

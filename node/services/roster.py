@@ -95,6 +95,21 @@ def add_peer(config: NodeConfig, origin: str, url: str, vkey: str) -> Member:
     return member
 
 
+def remove_peer(config: NodeConfig, origin: str) -> None:
+    """Remove a member from peers.toml (a running daemon drops it within seconds). The
+    caller records the configuration change for the security audit.
+
+    Raises BadInput if it is not a member, or if node.toml lists it (remove it there).
+    """
+    if any(m.origin == origin for m in configured_members(config)):
+        raise BadInput(f"{origin} is listed in node.toml's [[peers]]: remove it there")
+    path = roster_path(config.data_dir)
+    listed = read_roster_file(path)
+    if not any(m.origin == origin for m in listed):
+        raise BadInput(f"{origin} is not a member")
+    write_roster_file(path, [m for m in listed if m.origin != origin])
+
+
 def move_member_key(config: NodeConfig, origin: str, vkey: str) -> Member:
     """Persist a member's new key in peers.toml, keeping its URL; BadInput if not a member.
 

@@ -22,6 +22,7 @@ from node.store.protocols import InstanceStore
 from node.store.secrets import read_secret, read_seed
 
 if TYPE_CHECKING:
+    from node.services.alerts import AlertService
     from node.services.consent import ConsentService
     from node.services.federation_roster import HeldRosterLog
     from node.services.forward import Forwarder
@@ -133,6 +134,13 @@ class NodeServices:
         from node.services.status import StatusService
 
         return self._once("status", lambda: StatusService(self._runtime))
+
+    @property
+    def alerts(self) -> AlertService:
+        """Incidents and their delivery; started by the daemon."""
+        from node.services.alerts import AlertService
+
+        return self._once("alerts", lambda: AlertService(self._runtime))
 
     @property
     def links(self) -> LinkService:

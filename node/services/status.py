@@ -13,8 +13,11 @@ hospital's staff behind the admin token, never to peers.
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,15 +37,21 @@ from node.core.entries import (
 from node.core.notes import Checkpoint, parse_note, verify_cosignature
 from node.core.roster import key_fingerprint
 from node.errors import BadInput, Conflict
+from node.services.alerts import plain_peer_error
 from node.services.audit import Workers, audit_views, collect
 from node.services.audit_state import AuditState
 from node.services.runtime import NodeRuntime
+from node.store.attributes import BY_KEYWORD
+from node.store.queries import STUDY_LIST_ORDERS, StudyPage, checked_filter
 
 # Entries of the node's own log shown, newest first.
 RECENT_ENTRIES = 25
 # Transfers shown per list (the transfer service keeps more; the page needs the latest).
 RECENT_TRANSFERS = 20
 MAX_STUDIES = 200
+# Log entries per page of the dashboard's log, and read at a time for its CSV export.
+MAX_LOG_PAGE = 200
+CSV_CHUNK = 1000
 MAX_QUERY_CHARS = 200
 # Seconds the index's counts (studies, instances, bytes) are reused between polls.
 COUNTS_MAX_AGE = 3.0
@@ -61,8 +70,21 @@ def _short(token_id: bytes) -> str:
     return token_id.hex()[:16]
 
 
-def _megabytes(count: int) -> str:
-    return f"{count / 1e6:.1f} MB"
+def human_size(count: int) -> str:
+    """A size as the dashboard shows every size (app.js ``bytes``): decimal units, one
+    decimal place from KB up."""
+    units = ["B", "KB", "MB", "GB", "TB"]
+    value, unit = float(count), 0
+    while value >= 1000 and unit < len(units) - 1:
+        value /= 1000
+        unit += 1
+    return f"{count} B" if unit == 0 else f"{value:.1f} {units[unit]}"
+
+
+def _csv_line(values: list[Any]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\r\n").writerow(values)
+    return buffer.getvalue()
 
 
 def describe_entry(index: int, raw: bytes, log_names: dict[str, str]) -> dict[str, Any]:
@@ -98,9 +120,7 @@ def describe_entry(index: int, raw: bytes, log_names: dict[str, str]) -> dict[st
             text = "the patient revoked a grant"
         elif isinstance(body, Access):
             described["party"] = body.grantee
-            text = (
-                f"sent {body.instances} instance(s), {_megabytes(body.bytes)}, to {body.grantee}"
-            )
+            text = f"sent {body.instances} instance(s), {human_size(body.bytes)}, to {body.grantee}"
         elif isinstance(body, Denial):
             described["party"] = body.requester
             described["rule"] = body.rule
@@ -109,7 +129,7 @@ def describe_entry(index: int, raw: bytes, log_names: dict[str, str]) -> dict[st
         elif isinstance(body, Receipt):
             described["party"] = body.custodian
             text = (
-                f"received {body.instances} instance(s), {_megabytes(body.bytes)},"
+                f"received {body.instances} instance(s), {human_size(body.bytes)},"
                 f" from {body.custodian}"
             )
         elif isinstance(body, Witness):
@@ -129,25 +149,53 @@ def describe_entry(index: int, raw: bytes, log_names: dict[str, str]) -> dict[st
     return described
 
 
-@dataclass
-class StudyQuery:
-    """A study-list search: every word must appear in one of the searched columns."""
-
-    words: tuple[str, ...]
-    limit: int
+@dataclass(frozen=True)
+class StudyQuery(StudyPage):
+    """A study-list search as the dashboard asks it: every word must appear in one of
+    the searched columns, and every filter (study date range, modality) match."""
 
     @classmethod
-    def parse(cls, text: str, limit: str | int = 50) -> StudyQuery:
-        """Raises BadInput for an over-long query or a limit that is not 1..MAX_STUDIES."""
+    def parse(
+        cls,
+        text: str,
+        limit: str | int = 50,
+        offset: str | int = 0,
+        date_from: str = "",
+        date_to: str = "",
+        modality: str = "",
+        order: str = "arrival",
+    ) -> StudyQuery:
+        """Raises BadInput for an over-long query, a limit that is not 1..MAX_STUDIES, a
+        negative offset, a malformed date (YYYY-MM-DD or YYYYMMDD) or modality, or an
+        unknown order."""
         if len(text) > MAX_QUERY_CHARS:
             raise BadInput(f"a study search is at most {MAX_QUERY_CHARS} characters")
-        try:
-            count = int(limit)
-        except ValueError as exc:
-            raise BadInput("limit must be a whole number") from exc
+        count = _whole("limit", limit)
         if not 1 <= count <= MAX_STUDIES:
             raise BadInput(f"limit must be between 1 and {MAX_STUDIES}")
-        return cls(tuple(text.split()), count)
+        start = _whole("offset", offset)
+        if start < 0:
+            raise BadInput("offset must not be negative")
+        if order not in STUDY_LIST_ORDERS:
+            raise BadInput(f"order must be one of {', '.join(STUDY_LIST_ORDERS)}")
+        filters = []
+        first, last = date_from.replace("-", ""), date_to.replace("-", "")
+        if first or last:
+            dates = checked_filter(BY_KEYWORD["StudyDate"], [f"{first}-{last}"])
+            if dates is not None:
+                filters.append(dates)
+        if modality.strip():
+            found = checked_filter(BY_KEYWORD["ModalitiesInStudy"], [modality.strip().upper()])
+            if found is not None:
+                filters.append(found)
+        return cls(tuple(text.split()), count, start, tuple(filters), order)
+
+
+def _whole(name: str, value: str | int) -> int:
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise BadInput(f"{name} must be a whole number") from exc
 
 
 class StatusService:
@@ -179,8 +227,14 @@ class StatusService:
             "forwarding": forwarding,
             "pacs": {"enabled": False} if pacs is None else await asyncio.to_thread(pacs.status),
             "last_audit": self.last_audit,
+            "health": self.health(),
             "generated_at": time.time(),
         }
+
+    def health(self) -> dict[str, Any]:
+        """The status strip: the open incidents (alerts.py), and when they were checked."""
+        alerts = self.runtime.services.alerts
+        return {"incidents": alerts.open_incidents(), "checked_at": alerts.last_check}
 
     def node(self) -> dict[str, Any]:
         """Identity, version, uptime, storage, and what the index holds. Blocking."""
@@ -220,6 +274,9 @@ class StatusService:
         peers = [
             {
                 **peer,
+                "problem": plain_peer_error(peer["last_error"])
+                if peer["reachable"] is False
+                else None,
                 "cosigned_our_log_at": cosigned_ours.get(peer["origin"]),
                 "we_cosigned_size": getattr(store.witnessed(peer["origin"]), "size", None),
             }
@@ -289,6 +346,35 @@ class StatusService:
             "recent": entries[::-1],
         }
 
+    def log_page(self, before: int | None, limit: int) -> dict[str, Any]:
+        """Up to ``limit`` entries of the own log before index ``before`` (default: its
+        end), newest first, in plain words. Blocking."""
+        own = self.runtime.services.ledger.own
+        size = own.size()
+        end = size if before is None else max(0, min(before, size))
+        first = max(0, end - limit)
+        names = {m.log_id: m.origin for m in self.runtime.services.roster.roster}
+        entries = [
+            describe_entry(first + i, raw, names) for i, raw in enumerate(own.entries(first, end))
+        ]
+        return {"size": size, "entries": entries[::-1], "next_before": first or None}
+
+    def log_csv(self) -> Iterator[str]:
+        """The whole own log in plain words as CSV lines, oldest first, read in chunks
+        (bounded memory however long the log). Blocking."""
+        own = self.runtime.services.ledger.own
+        size = own.size()
+        names = {m.log_id: m.origin for m in self.runtime.services.roster.roster}
+        yield _csv_line(["index", "time_utc", "kind", "token_id", "other_party", "what"])
+        for start in range(0, size, CSV_CHUNK):
+            end = min(size, start + CSV_CHUNK)
+            for i, raw in enumerate(own.entries(start, end)):
+                e = describe_entry(start + i, raw, names)
+                when = e["time"]
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when)) if when else ""
+                row = [e["index"], stamp, e["kind"], e.get("token_id", ""), e.get("party") or ""]
+                yield _csv_line([*row, e["text"]])
+
     def transfers(self) -> dict[str, Any]:
         """Fetches (running first, then the latest) and streams sent, as the transfer
         service reports them. Runs on the event loop: the jobs live there."""
@@ -304,7 +390,7 @@ class StatusService:
     def studies(self, query: StudyQuery) -> dict[str, Any]:
         """Studies of the local index matching ``query``, newest first, each with where it
         came from and a viewer link, then those of the PACS (``_pacs_studies``). Blocking."""
-        total, rows = self.runtime.store.study_list(query.words, query.limit)
+        total, rows = self.runtime.store.study_list(query)
         studies = [
             {**row, "viewer_url": self.viewer_url(row["study_instance_uid"])} for row in rows
         ]
@@ -315,7 +401,8 @@ class StatusService:
         """A one-word search is also a patient id: that patient's studies held only in the
         hospital's PACS (no viewer link: the node serves them only to grantees)."""
         source = self.runtime.services.pacs
-        if source is None or len(query.words) != 1:
+        # After the local ones, on the first page, when no filter narrows the list.
+        if source is None or len(query.words) != 1 or query.offset or query.filters:
             return []
         return [
             {
@@ -392,4 +479,3 @@ class StatusService:
             result["seconds"] = round(time.time() - started, 3)
             self.last_audit = result
             return result
-

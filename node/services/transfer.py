@@ -92,6 +92,7 @@ from node.core.wire_compression import (
 )
 from node.errors import (
     BadInput,
+    Conflict,
     Forbidden,
     ImageShareError,
     NotFound,
@@ -245,7 +246,8 @@ class FetchJob:
     custodian: str
     public_url: str
     started: float = field(default_factory=time.time)
-    state: str = "running"  # running | done | refused | failed
+    state: str = "running"  # running | done | refused | failed | cancelled
+    cancelled: bool = False  # cancel_fetch asked it to stop
     rule: str | None = None
     error: str | None = None
     unreachable: bool = False
@@ -370,6 +372,7 @@ class TransferService:
         # to pacs.PARTIAL_WAIT_SECONDS for a study to land from the PACS, and waiting opens
         # must not hold the threads every other request and stream needs.
         self._manifests = ThreadPoolExecutor(MANIFEST_THREADS, thread_name_prefix="manifest")
+        self._job_tasks: dict[str, asyncio.Task[None]] = {}
 
     def close(self) -> None:
         self._manifests.shutdown(wait=False, cancel_futures=True)
@@ -696,7 +699,37 @@ class TransferService:
 
     def start_fetch(self, token_text: str) -> FetchJob:
         """Start fetching what a token grants; raises BadInput for a malformed token."""
-        token = parse_token_text(token_text)
+        return self._start_fetch(parse_token_text(token_text))
+
+    def retry_fetch(self, job_id: str) -> FetchJob:
+        """Fetch again, as a new job, what a finished job of this run was fetching.
+
+        Raises NotFound for a job this run does not hold (its token is kept in memory
+        only), Conflict for one still running.
+        """
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise NotFound("no such fetch in this run of the node (fetch its token again)")
+        if job.finished is None:
+            raise Conflict("that fetch is still running")
+        return self._start_fetch(job.token)
+
+    def cancel_fetch(self, job_id: str) -> FetchJob:
+        """Stop a running fetch; what was stored stays (a later fetch skips it).
+
+        Raises NotFound for an unknown job, Conflict for one already finished.
+        """
+        job = self.jobs.get(job_id)
+        task = self._job_tasks.get(job_id)
+        if job is None:
+            raise NotFound("no such fetch")
+        if job.finished is not None or task is None:
+            raise Conflict("that fetch has already finished")
+        job.cancelled = True
+        task.cancel()
+        return job
+
+    def _start_fetch(self, token: bytes) -> FetchJob:
         grant = decode_grant(token)
         job = FetchJob(
             id=secrets.token_hex(8),
@@ -753,7 +786,9 @@ class TransferService:
         self.jobs[job.id] = job
         task = asyncio.get_running_loop().create_task(self._run(job))
         self._tasks.add(task)
+        self._job_tasks[job.id] = task
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: self._job_tasks.pop(job.id, None))
         return job
 
     def job_json(self, job_id: str) -> dict[str, Any]:
@@ -842,6 +877,10 @@ class TransferService:
                         )
                         return
         except asyncio.CancelledError:
+            if job.cancelled:
+                # Staff cancelled it from the dashboard: the fetch ends, the node goes on.
+                job.state, job.error = "cancelled", "cancelled from the dashboard"
+                return
             job.state, job.error = "failed", "the node stopped during the fetch"
             raise
         except Exception as exc:

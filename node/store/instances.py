@@ -46,6 +46,7 @@ from node.store.queries import (
     Filter,
     Query,
     QueryResult,
+    StudyPage,
     matching_instance_uids,
     run_query,
     study_list,
@@ -536,8 +537,8 @@ class SqliteInstanceStore:
     def instance_uids_matching(self, filters: Sequence[Filter]) -> list[str]:
         return matching_instance_uids(self.reader, filters)
 
-    def study_list(self, words: Sequence[str], limit: int) -> tuple[int, list[dict[str, Any]]]:
-        return study_list(self.reader, words, limit)
+    def study_list(self, page: StudyPage) -> tuple[int, list[dict[str, Any]]]:
+        return study_list(self.reader, page)
 
     async def off_loop(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         # Each worker thread opens its own read connection (``reader``).

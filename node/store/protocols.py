@@ -27,7 +27,7 @@ from node.store.instances import (
     StagedInstance,
     StagingFile,
 )
-from node.store.queries import Filter, Query, QueryResult
+from node.store.queries import Filter, Query, QueryResult, StudyPage
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -141,9 +141,9 @@ class InstanceStore(Protocol):
         """Every SOP Instance UID the filters match, in the stable order; not capped."""
         ...
 
-    def study_list(self, words: Sequence[str], limit: int) -> tuple[int, list[dict[str, Any]]]:
-        """The dashboard's study list: how many studies match the words, and the
-        ``limit`` newest arrivals among them."""
+    def study_list(self, page: StudyPage) -> tuple[int, list[dict[str, Any]]]:
+        """The dashboard's study list: how many studies match the words and filters,
+        and one page of them in ``order`` (queries.STUDY_LIST_ORDERS)."""
         ...
 
     # -- stored files ------------------------------------------------------------------

@@ -485,24 +485,44 @@ _STUDY_LIST_EXTRAS = (
 )
 
 
-def study_list(
-    conn: sqlite3.Connection, words: Sequence[str], limit: int
-) -> tuple[int, list[dict[str, Any]]]:
-    """The dashboard's study list: how many studies match, and the ``limit`` newest
-    arrivals among them, each with where it came from and its size.
+# The dashboard's orders of the study list, by name; the UID last makes every order total.
+STUDY_LIST_ORDERS = {
+    "arrival": "st.created_at DESC, st.study_instance_uid",
+    "date": f"{BY_KEYWORD['StudyDate'].sql} DESC, st.created_at DESC, st.study_instance_uid",
+    "date_oldest": f"{BY_KEYWORD['StudyDate'].sql}, st.created_at, st.study_instance_uid",
+    "patient": f"{BY_KEYWORD['PatientName'].sql}, st.created_at DESC, st.study_instance_uid",
+}
+
+
+@dataclass(frozen=True)
+class StudyPage:
+    """One page of the dashboard's study list: ``limit`` studies from ``offset``, in
+    ``order`` (a STUDY_LIST_ORDERS name), of those matching the words and filters."""
+
+    words: tuple[str, ...]
+    limit: int
+    offset: int = 0
+    filters: tuple[Filter, ...] = ()
+    order: str = "arrival"
+
+
+def study_list(conn: sqlite3.Connection, page: StudyPage) -> tuple[int, list[dict[str, Any]]]:
+    """The dashboard's study list: how many studies match, and the page asked, each with
+    where it came from and its size.
 
     A study matches when every word appears, in any letter case, in its patient name,
-    patient ID, accession number, description, date, UID or origin.
+    patient ID, accession number, description, date, UID or origin, and every filter
+    (checked_filter: a date range, a modality) matches.
     """
     query = Query(
         Level.STUDY,
+        filters=list(page.filters),
         returned=[BY_KEYWORD[k] for k in _STUDY_LIST_ATTRIBUTES.values()],
-        words=WordSearch(tuple(words), _STUDY_LIST_SEARCHED),
-        limit=limit,
+        words=WordSearch(page.words, _STUDY_LIST_SEARCHED),
+        limit=page.limit,
+        offset=page.offset,
     )
-    found = run_query(
-        conn, query, _STUDY_LIST_EXTRAS, order="st.created_at DESC, st.study_instance_uid"
-    )
+    found = run_query(conn, query, _STUDY_LIST_EXTRAS, order=STUDY_LIST_ORDERS[page.order])
     rows = []
     for row in found.rows:
         listed = {name: row[keyword] for name, keyword in _STUDY_LIST_ATTRIBUTES.items()}

@@ -1,4 +1,5 @@
-"""`imageshare peers add ORIGIN URL VKEY`, `peers list`, `peers confirm-key ORIGIN VKEY`."""
+"""`imageshare peers add ORIGIN URL VKEY`, `peers remove ORIGIN`, `peers list`,
+`peers confirm-key ORIGIN VKEY`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 from node.core import atna
 from node.edges.cli._common import EXIT_OK, add_common, config_of, print_json
 from node.services.audit_export import local_user, record_once
-from node.services.roster import add_peer, load_roster, move_member_key
+from node.services.roster import add_peer, load_roster, move_member_key, remove_peer
 
 
 def register(subparsers: Any) -> None:
@@ -27,6 +28,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("url", help="its base URL, or '' to rely on discovery")
     p.add_argument("vkey", help="its verifier key (name+keyid+base64), from its `init`")
     p.set_defaults(handler=cmd_add)
+
+    p = actions.add_parser(
+        "remove",
+        help="remove a member node added with `peers add`",
+        description="remove a member node from peers.toml; a running daemon drops it within"
+        " seconds (its mirrored log stays on disk)",
+    )
+    add_common(p)
+    p.add_argument("origin", help="the member's log origin")
+    p.set_defaults(handler=cmd_remove)
 
     p = actions.add_parser(
         "confirm-key",
@@ -50,6 +61,19 @@ def cmd_add(args: argparse.Namespace) -> int:
         print_json(member.as_json())
     else:
         print(f"added {member.origin} ({member.url or 'address by discovery'})")
+    return EXIT_OK
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    config = config_of(args)
+    remove_peer(config, args.origin)
+    record_once(
+        config, atna.configuration_changed, local_user(), "federation member removed", args.origin
+    )
+    if args.json:
+        print_json({"removed": args.origin})
+    else:
+        print(f"removed {args.origin}")
     return EXIT_OK
 
 

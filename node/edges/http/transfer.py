@@ -10,6 +10,8 @@
 - ``POST /admin/api/fetch``                 JSON {"token"}: start a fetch job; 202 + the job
 - ``GET  /admin/api/transfers``             fetches (running, recent, refused) and streams sent
 - ``GET  /admin/api/transfers/{id}``        one fetch job's progress and outcome
+- ``POST /admin/api/transfers/{id}/retry``  fetch a finished job's token again (a new job)
+- ``POST /admin/api/transfers/{id}/cancel`` stop a running fetch
 """
 
 from __future__ import annotations
@@ -105,6 +107,16 @@ async def start_fetch(request: web.Request) -> web.Response:
     return web.json_response(job.as_json(), status=202)
 
 
+async def retry_fetch(request: web.Request) -> web.Response:
+    job = runtime_of(request).services.transfer.retry_fetch(request.match_info["transfer_id"])
+    return web.json_response(job.as_json(), status=202)
+
+
+async def cancel_fetch(request: web.Request) -> web.Response:
+    job = runtime_of(request).services.transfer.cancel_fetch(request.match_info["transfer_id"])
+    return web.json_response(job.as_json())
+
+
 async def list_transfers(request: web.Request) -> web.Response:
     return web.json_response(runtime_of(request).services.transfer.transfers_json())
 
@@ -120,3 +132,5 @@ def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
     app.router.add_post("/admin/api/fetch", start_fetch)
     app.router.add_get("/admin/api/transfers", list_transfers)
     app.router.add_get("/admin/api/transfers/{transfer_id}", get_transfer)
+    app.router.add_post("/admin/api/transfers/{transfer_id}/retry", retry_fetch)
+    app.router.add_post("/admin/api/transfers/{transfer_id}/cancel", cancel_fetch)

@@ -95,7 +95,39 @@ function duration(seconds) {
   return d ? `${d} d ${h} h` : h ? `${h} h ${m} min` : m ? `${m} min ${s % 60} s` : `${s} s`;
 }
 
+/** The staff's own local time, to the second. */
+function local(seconds) {
+  if (!seconds) return "–";
+  return new Date(seconds * 1000).toLocaleString(undefined, { dateStyle: "medium", timeStyle: "medium" });
+}
+
+function hhmm(seconds) {
+  return new Date(seconds * 1000).toLocaleTimeString(undefined, { hour: "2-digit", minute: "2-digit" });
+}
+
+/** A DICOM date (DA, YYYYMMDD) as a local date; anything else as it is. */
+function dicomDate(da) {
+  if (!/^\d{8}$/.test(da || "")) return da || "–";
+  const date = new Date(Number(da.slice(0, 4)), Number(da.slice(4, 6)) - 1, Number(da.slice(6, 8)));
+  return date.toLocaleDateString(undefined, { dateStyle: "medium" });
+}
+
+/** A DICOM person name (PN, Family^Given^Middle^Prefix^Suffix) as "Family, Given Middle". */
+function personName(pn) {
+  if (!pn) return "–";
+  const [family = "", given = "", middle = "", prefix = "", suffix = ""] = pn.split("=")[0].split("^");
+  const first = [prefix, given, middle].filter(Boolean).join(" ");
+  const name = [family, first].filter(Boolean).join(", ");
+  return [name, suffix].filter(Boolean).join(" ") || "–";
+}
+
 const short = (hex, n = 16) => (hex ? `${hex.slice(0, n)}…` : "–");
+
+/** A long id shown short; a click copies the whole of it. */
+function copyable(hex, n = 8) {
+  if (!hex) return "–";
+  return el("button", { type: "button", class: "copy", "data-copy": hex, title: `${hex} (click to copy)`, "aria-label": `copy ${hex}` }, hex.slice(0, n));
+}
 const badge = (text, kind) => el("span", { class: `badge ${kind}` }, text);
 const time = (seconds) => el("time", { title: utc(seconds) }, ago(seconds));
 
@@ -144,12 +176,14 @@ function renderPeers(peers) {
         : p.reachable
           ? badge("reachable", "good")
           : badge("unreachable", "bad");
-    const error = p.reachable === false && p.last_error ? el("div", { class: "small" }, p.last_error) : null;
+    const error = p.reachable === false && p.problem ? el("div", { class: "small", title: p.last_error }, p.problem) : null;
+    const remove = el("button", { type: "button", class: "danger remove-peer", "data-origin": p.origin }, "Remove");
     return el(
       "tr",
       { dataset: { origin: p.origin, reachable: String(p.reachable), trusted: String(p.trusted) } },
       el("td", {}, el("strong", {}, p.origin), el("div", { class: "small muted" }, p.urls.join(" "))),
       el("td", { class: "state" }, state, error),
+      el("td", {}, remove),
       el("td", {}, time(p.last_success)),
       el("td", { class: "num" }, p.size_here ?? "–", " / ", p.size_there ?? "–"),
       el(
@@ -182,7 +216,7 @@ function renderPeers(peers) {
     "peers",
     proofs,
     table(
-      ["Member", "State", "Last replication", "Log size here / there", "Cosignatures"],
+      ["Member", "State", "Actions", "Last replication", "Log size here / there", "Cosignatures"],
       rows,
       "No peers in the roster.",
     ),
@@ -190,18 +224,24 @@ function renderPeers(peers) {
 }
 
 function renderLog(log) {
+  // While staff page back through older entries, the poll does not move them.
+  if (logBefore !== null) return;
+  renderLogEntries(log, log.recent, "Newest entries");
+}
+
+function renderLogEntries(log, entries, heading) {
   const cp = log.checkpoint;
   const cosigners = cp && cp.cosigners.length
     ? cp.cosigners.map((c) => el("span", { class: "chip" }, c.origin, " ", time(c.time)))
     : "none yet";
-  const rows = log.recent.map((e) =>
+  const rows = entries.map((e) =>
     el(
       "tr",
-      { dataset: { kind: e.kind } },
+      { dataset: { kind: e.kind, index: e.index } },
       el("td", { class: "num" }, e.index),
-      el("td", {}, e.time ? el("time", { title: utc(e.time) }, utc(e.time)) : "–"),
+      el("td", {}, e.time ? el("time", { title: utc(e.time) }, local(e.time)) : "–"),
       el("td", {}, badge(e.kind, e.kind === "denial" ? "bad" : "kind")),
-      el("td", {}, e.token_id ? el("code", { title: e.token_id }, short(e.token_id)) : "–"),
+      el("td", {}, copyable(e.token_id)),
       el("td", {}, e.party || "–"),
       el("td", {}, e.text),
     ),
@@ -213,7 +253,7 @@ function renderLog(log) {
       ["Latest checkpoint", cp ? `size ${cp.size}, root ${short(cp.root, 24)}` : "none signed yet"],
       ["Cosigned by", cosigners],
     ]),
-    el("h3", {}, "Recent entries"),
+    el("h3", {}, heading),
     table(["#", "Time", "Kind", "Token", "Other party", "What happened"], rows, "The log is empty."),
   );
 }
@@ -226,18 +266,23 @@ function fetchRow(job) {
       ? [badge("refused", "bad"), " ", el("strong", { class: "rule" }, job.rule), el("div", { class: "small" }, job.error)]
       : job.state === "failed"
         ? [badge("failed", "bad"), el("div", { class: "small" }, job.error)]
-        : job.state === "done"
-          ? badge("done", "good")
-          : badge(job.state, "kind");
+        : job.state === "done" && job.instances_received === 0
+          ? [badge("done", "good"), el("div", { class: "small" }, "already held, nothing transferred")]
+          : job.state === "done"
+            ? badge("done", "good")
+            : badge(job.state, "kind");
   return el(
     "tr",
     { dataset: { id: job.id, state: job.state } },
     el("td", {}, outcome),
     el("td", {}, job.custodian),
-    el("td", {}, el("code", { title: job.token_id }, short(job.token_id))),
+    el("td", {}, copyable(job.token_id)),
     el("td", { class: "num" }, `${job.instances_done}/${job.instances_total || "?"}`, " · ", size),
-    el("td", {}, utc(job.started), el("div", { class: "small muted" }, `${seconds.toFixed(1)} s`)),
-    el("td", { class: "num" }, job.state === "done" ? `${job.mb_per_s} MB/s` : "–"),
+    el("td", {}, local(job.started), el("div", { class: "small muted" }, `${seconds.toFixed(1)} s`)),
+    el("td", { class: "num" }, job.state === "done" && job.instances_received > 0 ? `${job.mb_per_s} MB/s` : "–"),
+    el("td", {}, ["failed", "refused", "cancelled"].includes(job.state)
+      ? el("button", { type: "button", class: "quiet fetch-retry", "data-id": job.id }, "Retry")
+      : ""),
   );
 }
 
@@ -258,7 +303,7 @@ function renderTransfers(transfers) {
     el(
       "div",
       { class: "running", dataset: { id: job.id } },
-      el("div", {}, el("strong", {}, `Fetching from ${job.custodian}`), " under token ", el("code", {}, short(job.token_id))),
+      el("div", {}, el("strong", {}, `Fetching from ${job.custodian}`), " under token ", copyable(job.token_id)),
       progressOf(job.bytes_total, job.bytes_received),
       el(
         "div",
@@ -267,6 +312,7 @@ function renderTransfers(transfers) {
         `${bytes(job.bytes_received)} of ${bytes(job.bytes_total)} · ${job.mb_per_s} MB/s`,
         job.attempts > 1 ? ` · attempt ${job.attempts}` : "",
       ),
+      el("button", { type: "button", class: "danger fetch-cancel", "data-id": job.id }, "Cancel"),
     ),
   );
   const sending = transfers.sent.filter((s) => s.state === "running");
@@ -276,9 +322,9 @@ function renderTransfers(transfers) {
       { dataset: { state: s.state } },
       el("td", {}, badge(s.state, s.state === "cut" ? "bad" : s.state === "done" ? "good" : "kind")),
       el("td", {}, s.grantee),
-      el("td", {}, el("code", { title: s.token_id }, short(s.token_id))),
+      el("td", {}, copyable(s.token_id)),
       el("td", { class: "num" }, `${s.instances_sent}/${s.instances_total}`, " · ", bytes(s.bytes_sent)),
-      el("td", {}, utc(s.started), el("div", { class: "small muted" }, `${s.seconds.toFixed(1)} s`)),
+      el("td", {}, local(s.started), el("div", { class: "small muted" }, `${s.seconds.toFixed(1)} s`)),
       el("td", { class: "num" }, `${s.mb_per_s} MB/s`),
     ),
   );
@@ -299,7 +345,7 @@ function renderTransfers(transfers) {
         ]
       : el("p", { class: "muted" }, "Nothing is moving."),
     el("h3", {}, "Fetched by this node"),
-    table(["Outcome", "Custodian", "Token", "Instances · size", "Started · time", "Speed"], finished.map(fetchRow), "No fetch yet."),
+    table(["Outcome", "Custodian", "Token", "Instances · size", "Started · time", "Speed", "Actions"], finished.map(fetchRow), "No fetch yet."),
     el("h3", {}, "Sent by this node"),
     table(["State", "Grantee", "Token", "Instances · size", "Started · time", "Speed"], sent, "Nothing sent yet."),
   );
@@ -387,9 +433,9 @@ function renderStudies(found) {
     el(
       "tr",
       { dataset: { study: s.study_instance_uid } },
-      el("td", {}, el("strong", {}, s.patient_name || "–"), el("div", { class: "small muted" }, s.patient_id || "")),
-      el("td", {}, s.patient_birth_date || "–"),
-      el("td", {}, s.study_date || "–"),
+      el("td", {}, el("strong", { title: s.patient_name || "" }, personName(s.patient_name)), el("div", { class: "small muted" }, s.patient_id || "")),
+      el("td", {}, dicomDate(s.patient_birth_date)),
+      el("td", {}, dicomDate(s.study_date)),
       el("td", {}, s.study_description || "–", el("div", { class: "small muted" }, s.accession_number || "")),
       el("td", {}, s.modalities || "–"),
       el("td", { class: "num" }, `${s.instances} · ${bytes(s.bytes)}`),
@@ -399,7 +445,13 @@ function renderStudies(found) {
   );
   fill(
     "studies",
-    el("p", { class: "small muted" }, `${found.total} matching, ${found.studies.length} shown.`),
+    el(
+      "p",
+      { class: "small muted" },
+      found.studies.length
+        ? `${found.total} matching; ${studiesOffset + 1} to ${studiesOffset + found.studies.length} shown.`
+        : `${found.total} matching.`,
+    ),
     table(["Patient", "Born", "Study date", "Description", "Modality", "Instances · size", "Came from", "Viewer"], rows, "No study matches."),
   );
 }
@@ -408,8 +460,20 @@ function renderStudies(found) {
 
 let polling = false;
 let studiesAt = 0;
+// The log page shown: null for the newest entries (from the summary), else the index
+// the page shown ends before.
+let logBefore = null;
+let logPages = [];
+// The fetch started from the form, followed until it has an outcome.
+let watchedFetch = null;
+let lastUpdated = null;
 let auditRunning = false;
 let searchTimer = null;
+
+/** A short outcome of the staff's last action (copy, remove), kept until the next one. */
+function notice(text) {
+  $("notice").textContent = text;
+}
 
 function showBanner(text) {
   const banner = $("banner");
@@ -417,10 +481,33 @@ function showBanner(text) {
   banner.hidden = !text;
 }
 
+const STUDIES_PAGE = 50;
+let studiesOffset = 0;
+
 async function refreshStudies() {
   studiesAt = Date.now();
-  const q = $("study-search").value.trim();
-  renderStudies(await api(`/admin/api/studies?q=${encodeURIComponent(q)}&limit=100`));
+  const asked = new URLSearchParams({
+    q: $("study-search").value.trim(),
+    limit: String(STUDIES_PAGE),
+    offset: String(studiesOffset),
+    from: $("study-from").value,
+    to: $("study-to").value,
+    modality: $("study-modality").value.trim(),
+    order: $("study-order").value,
+  });
+  const found = await api(`/admin/api/studies?${asked}`);
+  renderStudies(found);
+  $("studies-previous").disabled = studiesOffset === 0;
+  $("studies-next").disabled = studiesOffset + found.studies.length >= found.total;
+}
+
+/** The list from its first page again, after the search or a filter changed. */
+function searchStudies() {
+  clearTimeout(searchTimer);
+  searchTimer = setTimeout(() => {
+    studiesOffset = 0;
+    refreshStudies().catch((error) => notice(`Studies: ${error.message}`));
+  }, 250);
 }
 function renderPacs(p) {
   if (!p.enabled) {
@@ -443,9 +530,154 @@ function renderPacs(p) {
   );
 }
 
+const KIND_WORDS = {
+  peer_down: "peer down",
+  equivocation: "equivocation",
+  disk_low: "disk low",
+  forwarding_failed: "forwarding failures",
+  certificate_expiry: "certificate expiry",
+  break_glass: "break-glass access",
+};
+
+const capital = (text) => text.charAt(0).toUpperCase() + text.slice(1);
+
+/** The status strip: "All good", or one line per kind of open incident. */
+function renderHealth(health) {
+  const byKind = new Map();
+  for (const incident of health.incidents) {
+    if (!byKind.has(incident.kind)) byKind.set(incident.kind, []);
+    byKind.get(incident.kind).push(incident);
+  }
+  const items = [];
+  for (const [kind, incidents] of byKind) {
+    const since = Math.min(...incidents.map((i) => i.opened_at));
+    const text =
+      kind === "peer_down"
+        ? `${incidents.length} ${incidents.length === 1 ? "peer" : "peers"} down since ${hhmm(since)}: ${incidents.map((i) => i.subject).join(", ")}`
+        : incidents.map((i) => capital(i.text)).join("; ");
+    items.push(el("li", { class: "bad", dataset: { kind }, title: `${KIND_WORDS[kind] || kind} since ${local(since)}` }, text));
+  }
+  if (!items.length) items.push(el("li", { class: "good", dataset: { kind: "ok" } }, "All good"));
+  $("health-items").replaceChildren(...items);
+}
+
+function markLive(ok) {
+  const badge = $("live");
+  if (ok) {
+    lastUpdated = Date.now() / 1000;
+    badge.classList.remove("stale");
+    badge.textContent = "live";
+  } else {
+    badge.classList.add("stale");
+    badge.textContent = lastUpdated ? `last updated ${local(lastUpdated)}` : "not updated";
+  }
+}
+
+/** The fetch form's line follows the job it started: refused, held, running, done. */
+function followFetch(fetches) {
+  if (!watchedFetch) return;
+  const job = fetches.find((j) => j.id === watchedFetch);
+  if (!job) return;
+  const result = $("fetch-result");
+  if (job.state === "refused") {
+    result.className = "small error";
+    result.textContent = `Refused by ${job.custodian}: ${job.rule}${job.error ? ` (${job.error})` : ""}.`;
+  } else if (job.state === "cancelled") {
+    result.className = "small muted";
+    result.textContent = "Cancelled.";
+  } else if (job.state === "failed") {
+    result.className = "small error";
+    result.textContent = `Failed: ${job.error || "no reason given"}.`;
+  } else if (job.state === "done") {
+    result.className = "small";
+    result.textContent =
+      job.instances_received === 0
+        ? `Already held, nothing transferred (${job.instances_done} instances).`
+        : `Done: ${job.instances_received} instances, ${bytes(job.bytes_received)} from ${job.custodian}.`;
+  } else {
+    result.className = "small muted";
+    result.textContent = `Fetching from ${job.custodian}…`;
+    return;
+  }
+  watchedFetch = null;
+}
+
+async function showLogPage(before) {
+  const page = await api(`/admin/api/log?limit=50${before === null ? "" : `&before=${before}`}`);
+  const summary = { checkpoint: currentLog ? currentLog.checkpoint : null, size: page.size };
+  const first = page.entries.length ? page.entries[page.entries.length - 1].index : 0;
+  const last = page.entries.length ? page.entries[0].index : 0;
+  renderLogEntries(currentLog || summary, page.entries, `Entries ${first} to ${last} of ${page.size}`);
+  $("log-older").disabled = page.next_before === null;
+  $("log-newer").disabled = logBefore === null;
+}
+
+let currentLog = null;
+
+async function exportLog() {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  const response = await fetch("/admin/api/log.csv", {
+    headers: { Authorization: `Bearer ${token}` },
+    credentials: "omit",
+    cache: "no-store",
+  });
+  if (!response.ok) throw new Error(`the node answered ${response.status}`);
+  const link = el("a", { download: "imageshare-log.csv" });
+  link.href = URL.createObjectURL(await response.blob());
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(link.href), 10000);
+}
+
+/** Retry a finished fetch (a new job) or cancel a running one. */
+async function fetchAction(id, what, done) {
+  try {
+    const job = await api(`/admin/api/transfers/${encodeURIComponent(id)}/${what}`, { method: "POST" });
+    if (what === "retry") {
+      watchedFetch = job.id;
+      $("fetch-result").className = "small muted";
+      $("fetch-result").textContent = `Asking ${job.custodian}…`;
+    }
+    notice(`${done}: ${job.custodian}.`);
+  } catch (error) {
+    if (!(error instanceof AuthRequired)) notice(`Could not ${what}: ${error.message}`);
+  }
+}
+
+async function removePeer(origin) {
+  if (!window.confirm(`Remove ${origin} from this node's federation? This node stops replicating its log and sharing with it.`)) return;
+  try {
+    await api("/admin/api/peers/remove", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ origin }),
+    });
+    notice(`Removed ${origin}.`);
+  } catch (error) {
+    if (!(error instanceof AuthRequired)) notice(`Not removed: ${error.message}`);
+  }
+}
+
+async function testAlert() {
+  const result = $("alert-test-result");
+  result.textContent = "Sending…";
+  try {
+    const { channels } = await api("/admin/api/alerts/test", { method: "POST" });
+    const outcome = Object.entries(channels).map(([channel, what]) => `${channel}: ${what}`);
+    result.textContent = outcome.length ? outcome.join(" · ") : "No webhook or e-mail is set in [alerts].";
+  } catch (error) {
+    if (!(error instanceof AuthRequired)) result.textContent = `Not sent: ${error.message}`;
+  }
+}
+
 async function refresh() {
   const summary = await api("/admin/api/status");
+  markLive(true);
   showBanner("");
+  renderHealth(summary.health);
+  currentLog = summary.log;
+  followFetch(summary.transfers.fetches);
   renderNode(summary.node);
   renderPeers(summary.peers);
   renderLog(summary.log);
@@ -462,7 +694,9 @@ async function poll() {
     await refresh();
   } catch (error) {
     if (error instanceof AuthRequired) return;
-    showBanner(`Cannot reach the node: ${error.message}. Retrying…`);
+    markLive(false);
+    const words = error instanceof TypeError ? "no answer (the node is stopped, or the network is down)" : error.message;
+    showBanner(`Cannot reach the node: ${words}. Retrying…`);
   }
   setTimeout(poll, POLL_MS);
 }
@@ -521,8 +755,10 @@ async function startFetch(event) {
       body: JSON.stringify({ token }),
     });
     $("fetch-token").value = "";
+    watchedFetch = job.id;
     result.className = "small muted";
-    result.textContent = `Fetch started from ${job.custodian}.`;
+    result.textContent = `Asking ${job.custodian}…`;
+    followFetch([job]);
   } catch (error) {
     if (error instanceof AuthRequired) return;
     result.className = "small error";
@@ -549,10 +785,53 @@ function start() {
     showLogin("Signed out.");
   });
   $("audit-run").addEventListener("click", runAudit);
+  $("alert-test").addEventListener("click", testAlert);
+  $("log-older").addEventListener("click", () => {
+    logPages.push(logBefore);
+    const shown = [...document.querySelectorAll("#log tr[data-index]")].map((r) => Number(r.dataset.index));
+    logBefore = shown.length ? Math.min(...shown) : 0;
+    showLogPage(logBefore).catch((error) => showBanner(error.message));
+  });
+  $("log-newer").addEventListener("click", () => {
+    logBefore = logPages.pop() ?? null;
+    if (logBefore === null) {
+      $("log-newer").disabled = true;
+      $("log-older").disabled = false;
+      if (currentLog) renderLog(currentLog);
+    } else {
+      showLogPage(logBefore).catch((error) => showBanner(error.message));
+    }
+  });
+  $("log-csv").addEventListener("click", () => exportLog().catch((error) => showBanner(`Export failed: ${error.message}`)));
+  document.addEventListener("click", (event) => {
+    const target = event.target instanceof Element ? event.target : null;
+    const copy = target && target.closest("button.copy");
+    if (copy) {
+      navigator.clipboard.writeText(copy.dataset.copy).then(
+        () => notice(`Copied ${copy.dataset.copy}.`),
+        () => notice(`Copy by hand: ${copy.dataset.copy}`),
+      );
+    }
+    const remove = target && target.closest("button.remove-peer");
+    if (remove) removePeer(remove.dataset.origin);
+    const retry = target && target.closest("button.fetch-retry");
+    if (retry) fetchAction(retry.dataset.id, "retry", "Fetching again");
+    const cancel = target && target.closest("button.fetch-cancel");
+    if (cancel) fetchAction(cancel.dataset.id, "cancel", "Cancelled");
+  });
   $("fetch-form").addEventListener("submit", startFetch);
-  $("study-search").addEventListener("input", () => {
-    clearTimeout(searchTimer);
-    searchTimer = setTimeout(() => refreshStudies().catch(() => {}), 250);
+  $("study-search").addEventListener("input", searchStudies);
+  for (const id of ["study-from", "study-to", "study-modality", "study-order"]) {
+    $(id).addEventListener("change", searchStudies);
+  }
+  $("study-modality").addEventListener("input", searchStudies);
+  $("studies-previous").addEventListener("click", () => {
+    studiesOffset = Math.max(0, studiesOffset - STUDIES_PAGE);
+    refreshStudies().catch((error) => notice(`Studies: ${error.message}`));
+  });
+  $("studies-next").addEventListener("click", () => {
+    studiesOffset += STUDIES_PAGE;
+    refreshStudies().catch((error) => notice(`Studies: ${error.message}`));
   });
   if (sessionStorage.getItem(TOKEN_KEY)) showDashboard();
   else showLogin("");
