@@ -90,6 +90,8 @@ PASSCODE_MEMLIMIT = 32 * 1024 * 1024
 # Manifest reads of one link per minute: each is a permanent, replicated access entry,
 # and a viewer needs one per opening.
 MAX_MANIFESTS_PER_MINUTE = 30
+# Opinions one link may return an hour: each is stored and recorded for good.
+MAX_OPINIONS_PER_HOUR = 20
 # A fetched link's manifest and files, at most; instances are bounded by the store.
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 COMMIT_INSTANCES = 64
@@ -126,6 +128,7 @@ class LinkService:
         self._sessions_lock = threading.Lock()
         self._passcode_lock = threading.Lock()
         self.manifest_limit = SlidingWindowLimit(MAX_MANIFESTS_PER_MINUTE, 60.0)
+        self.opinion_limit = SlidingWindowLimit(MAX_OPINIONS_PER_HOUR, 3600.0)
 
     def close(self) -> None:
         self.store.close()
@@ -363,28 +366,41 @@ def authorize_download(
     return authorization
 
 
-def return_opinion(
-    runtime: NodeRuntime, access_token: str, opinion: OpinionSubmission, now: int | None = None
-) -> dict[str, Any]:
-    """Keep an opinion a link's holder returns on one of the link's studies, and record
-    it as a ``contribution`` (the link's grant, the study's reference, the stored
-    instance's SHA-256) once it is stored; blocking.
-
-    Raises as authorize_link, Forbidden for a link made without the opinions permission
-    or a study outside its scope, BadInput for a document that cannot be kept.
-    """
+def authorize_opinion(
+    runtime: NodeRuntime, access_token: str, now: int | None = None
+) -> LinkAuthorization:
+    """authorize_link for returning an opinion, checked before its body is read: Forbidden
+    for a link made without the opinions permission, TooManyRequests past
+    MAX_OPINIONS_PER_HOUR for the link (each one stored is kept and recorded for good)."""
     authorization = authorize_link(runtime, access_token, now)
-    link = runtime.services.links.store.by_grantee(authorization.grantee)
-    assert link is not None
-    if not link.opinions:
+    service = runtime.services.links
+    link = service.store.by_grantee(authorization.grantee)
+    if link is None or not link.opinions:
         raise Forbidden("this link was not made to return an opinion")
+    if not service.opinion_limit.admit(link.grantee, time.monotonic()):
+        raise TooManyRequests(
+            f"the link returned {MAX_OPINIONS_PER_HOUR} opinions in the last hour"
+        )
+    return authorization
+
+
+def return_opinion(
+    runtime: NodeRuntime, authorization: LinkAuthorization, opinion: OpinionSubmission
+) -> dict[str, Any]:
+    """Keep an opinion returned through an authorized link (authorize_opinion) on one of
+    its studies, and record it as a ``contribution`` (the link's grant, the study's
+    reference, the stored instance's SHA-256) once it is stored; blocking.
+
+    Raises Forbidden for a study outside the link's scope, BadInput for a document that
+    cannot be kept.
+    """
     if opinion.study_uid not in authorization.study_uids:
         raise Forbidden("the study is not one of the link's")
-    stored, digest = runtime.services.reports.submit_opinion(opinion, link.grantee)
+    stored, digest = runtime.services.reports.submit_opinion(opinion, authorization.grantee)
     if stored.outcome is Outcome.STORED:
         runtime.services.ledger.append(
             Contribution(
-                token_id=link.token_id,
+                token_id=authorization.token_id,
                 study=consent.study_reference(runtime, opinion.study_uid),
                 digest=digest,
             )

@@ -145,12 +145,14 @@ async def reports(request: web.Request) -> web.Response:
 async def opinion(request: web.Request) -> web.Response:
     """An opinion the link's holder returns (201; 200 for one already stored)."""
     runtime = runtime_of(request)
+    # The link and its permission first: nobody else makes the node read a body.
+    authorization = await asyncio.to_thread(
+        links.authorize_opinion, runtime, request.match_info["access_token"]
+    )
     max_bytes = runtime.services.reports.max_document_bytes
     body = await read_bounded(request, body_limit(max_bytes))
     submission = await asyncio.to_thread(parse_opinion, body, max_bytes)
-    stored = await asyncio.to_thread(
-        links.return_opinion, runtime, request.match_info["access_token"], submission
-    )
+    stored = await asyncio.to_thread(links.return_opinion, runtime, authorization, submission)
     status = 201 if stored["outcome"] == "stored" else 200
     return web.json_response(stored, status=status, headers=NO_STORE)
 
