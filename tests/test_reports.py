@@ -544,6 +544,7 @@ class TestSecondOpinions:
         pdf = make_pdf("Second look: no fracture seen.")
         document = base64.b64encode(pdf).decode()
         # Refusals first: nothing is stored for any of them.
+        before = opinions(site.a)
         refusals = [
             (opinion_body(study_uid, pdf=document, text="both"), 400),
             (opinion_body(study_uid, pdf=base64.b64encode(b"not a pdf").decode()), 400),
@@ -559,7 +560,7 @@ class TestSecondOpinions:
             assert "error" in json.loads(answer)
         status, _, _ = http("POST", f"{base}/opinions", "[")
         assert status == 400
-        assert opinions(site.a) == []
+        assert opinions(site.a) == before
         # A link made without the permission may read, never return an opinion.
         plain = in_session(lambda s: site.wallet.share(s, site.a.url, None, 3600))
         plain_base = link_root(open_manifest(decode_link(plain["shlink"]))).removesuffix(
@@ -567,7 +568,7 @@ class TestSecondOpinions:
         )
         status, _, _ = http("POST", f"{plain_base}/opinions", opinion_body(study_uid, pdf=document))
         assert status == 403
-        assert opinions(site.a) == []
+        assert opinions(site.a) == before
 
         status, answer, _ = http("POST", f"{base}/opinions", opinion_body(study_uid, pdf=document))
         assert status == 201, answer
@@ -601,12 +602,13 @@ class TestSecondOpinions:
         assert mine["author"] == "Dr Ada Second"
         assert "no fracture seen" in mine["text"]
         # Staff see it held; PACS gets a later report but not the opinion.
-        (held,) = opinions(site.a)
-        assert held["sop_instance_uid"] == sop_uid and held["accepted"] is None
+        (held,) = [o for o in opinions(site.a) if o["sop_instance_uid"] == sop_uid]
+        assert held["accepted"] is None and held["author"] == "Dr Ada Second"
         status, later = post_report(
-            site.a, diagnostic_report(
+            site.a,
+            diagnostic_report(
                 study_uid, patient_id, identifier="RPT-AFTER-OPINION", text="Later report."
-            )
+            ),
         )
         assert status == 201
         wait_until(
@@ -616,7 +618,8 @@ class TestSecondOpinions:
         assert sop_uid not in site.pacs.received()
         status, _ = request(site.a, "POST", f"/admin/api/opinions/{sop_uid}/accept")
         assert status == 200
-        assert opinions(site.a)[0]["accepted"] is not None
+        (accepted,) = [o for o in opinions(site.a) if o["sop_instance_uid"] == sop_uid]
+        assert accepted["accepted"] is not None
         wait_until(
             lambda: sop_uid in site.pacs.received(), message="the accepted opinion to reach PACS"
         )
@@ -671,6 +674,48 @@ class TestReportsInTheWallet:
                 dashboard.query_selector(f'#reports tr[data-sop="{first["sop_instance_uid"]}"]')
                 is None
             )
+
+    def test_the_doctor_sends_an_opinion_from_the_share_page_and_the_patient_sees_it_new(
+        self, site: Site
+    ) -> None:
+        made = in_session(lambda s: site.wallet.share(s, site.a.url, None, 3600, opinions=True))
+        with chromium_session("reports-opinion", viewport=(390, 844)) as browser:
+            doctor = browser.new_page()
+            doctor.goto(made["url"])
+            doctor.wait_for_selector("#opinion-form:not([hidden])")
+            doctor.fill("#opinion-author", "Dr Page Second")
+            doctor.fill("#opinion-role", "Radiologist")
+            doctor.fill("#opinion-text", "Opinion from the page: agree, no fracture.")
+            doctor.click("#opinion-send")
+            doctor.wait_for_selector('#opinion-result[data-status="201"]')
+            (sent,) = [o for o in opinions(site.a) if o["author"] == "Dr Page Second"]
+            page = browser.new_page()
+            restore_wallet(page, site.a.url, site.base / "wallet" / "seed.json", PASSPHRASE)
+            page.click('#tabs button[data-screen="studies"]')
+            wait_for_screen(page, "studies")
+            card = f'.reports .report[data-sop="{sent["sop_instance_uid"]}"]'
+            page.wait_for_selector(f"{card} .report-new")
+            page.shot("wallet-new-opinion")
+            text = str(page.text_content(card))
+            assert "New opinion" in text and "agree, no fracture." in text
+            assert "From Dr Page Second (as they stated it)" in text
+            with page.expect_popup():
+                page.click(f"{card} .report-open")
+            page.wait_for_selector(f"{card} .report-new", state="detached")
+            # Staff accept it on the dashboard.
+            dashboard = signed_in(browser, site.a)
+            dashboard.goto(f"{site.a.url}/admin")
+            row = f'#opinions tr[data-sop="{sent["sop_instance_uid"]}"]'
+            dashboard.wait_for_selector(f'{row}[data-state="held"]')
+            dashboard.click(f"{row} button.accept")
+            dashboard.wait_for_selector(f'{row}[data-state="accepted"]')
+        # Opened in the wallet: no longer new (read outside the browser's event loop).
+        (seen,) = [
+            r
+            for r in patient_reports(site)
+            if r["sop_instance_uid"] == sent["sop_instance_uid"]
+        ]
+        assert seen["new"] is False
 
 
 class TestReportsInOhif:
