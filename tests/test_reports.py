@@ -590,7 +590,7 @@ class TestSecondOpinions:
         # The ledger has one contribution naming the link, the study and the digest.
         (entry,) = entries_of(site.a, made["link_id"], "contribution")
         assert entry["digest"] == hashlib.sha256(part10).digest()
-        (access,) = entries_of(site.a, made["link_id"], "access")[:1]
+        access = entries_of(site.a, made["link_id"], "access")[0]  # the manifest read
         assert entry["study"] == access["study"]
         raw = b"".join(
             repr(e.fields).encode() for e in own_entries(site.a) if e.kind == "contribution"
