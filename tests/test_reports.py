@@ -44,6 +44,7 @@ from tests.support.nodes import (
     free_port,
     init_node,
     peer_each_other,
+    run_cli,
     wait_until,
 )
 from tests.support.web_wallet import PASSPHRASE, restore_wallet, wait_for_screen
@@ -596,6 +597,12 @@ class TestSecondOpinions:
             repr(e.fields).encode() for e in own_entries(site.a) if e.kind == "contribution"
         )
         assert b"Ada" not in raw and study_uid.encode() not in raw
+        # The patient's own log names it, by the link.
+        text = run_cli(
+            "patient", "log", site.a.url, site.b.url, "--wallet", str(site.base / "wallet"),
+            check=False,
+        ).stdout
+        assert "returned an opinion (study " in text, text
         # The patient sees it as a new opinion until they open it.
         (mine,) = [r for r in patient_reports(site) if r["sop_instance_uid"] == sop_uid]
         assert mine["contribution"] is True and mine["new"] is True
