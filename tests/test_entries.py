@@ -46,6 +46,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     },
     "witness": {"log_id": H, "size": 70, "root": H},
     "roster": {"note": b"imageshare-roster/v1\n...signed note"},
+    "contribution": {"token_id": H, "study": H, "digest": H},
     "key_rotation": {
         "old_key": H,
         "new_key": H,

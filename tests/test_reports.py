@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import io
 import json
 import re
@@ -38,9 +39,25 @@ from node.samples import SyntheticStudy, make_ct_study
 from node.services.reports import ENCAPSULATED_PDF, series_uid_for
 from node.services.wallet import Wallet
 from tests.support.browser import chromium_session
-from tests.support.nodes import NodeProcess, init_node, peer_each_other
+from tests.support.nodes import (
+    NodeProcess,
+    free_port,
+    init_node,
+    peer_each_other,
+    run_cli,
+    wait_until,
+)
 from tests.support.web_wallet import PASSPHRASE, restore_wallet, wait_for_screen
-from tests.test_share_links import decode_link, http, in_session, link_root, open_manifest
+from tests.test_forward import PACS, StoreScp
+from tests.test_share_links import (
+    decode_link,
+    entries_of,
+    http,
+    in_session,
+    link_root,
+    open_manifest,
+    own_entries,
+)
 from tests.test_viewer import require_ohif, signed_in
 
 DICOM_JSON = "application/dicom+json"
@@ -175,6 +192,7 @@ class Site:
     b: NodeProcess
     study: SyntheticStudy
     wallet: Wallet
+    pacs: StoreScp
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +202,14 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     b = init_node(base, "b.example/imageshare", "b")
     peer_each_other(a, b)
     a.append_config(f"\n[reports]\nmax_document_bytes = {MAX_DOCUMENT_BYTES}\n")
+    # A's PACS, where everything arriving is forwarded (a returned opinion once accepted).
+    pacs = StoreScp(free_port(), base / "pacs")
+    a.append_config(
+        f'\n[forward]\nae_title = "{PACS}"\nhost = "127.0.0.1"\nport = {pacs.port}\n'
+        "initial_backoff = 0.3\n"
+    )
     try:
+        pacs.start()
         a.start()
         b.start()
         study = make_ct_study(base / "study", series=1, slices=2, rows=32, columns=32)
@@ -196,10 +221,11 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             study.patient_id,
             f"--key={wallet.key_for(a.origin).public_key_text}",
         )
-        yield Site(base, a, b, study, wallet)
+        yield Site(base, a, b, study, wallet, pacs)
     finally:
         a.stop()
         b.stop()
+        pacs.stop()
 
 
 class TestReportFormats:
@@ -481,6 +507,133 @@ class TestReportsTravel:
         assert reports <= in_media and len(files) == len(held)
 
 
+def opinion_body(study_uid: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "study_uid": study_uid,
+        "author": "Dr Ada Second",
+        "role": "Consultant radiologist",
+        **fields,
+    }
+
+
+def opinions(node: NodeProcess) -> list[dict[str, Any]]:
+    status, body = request(node, "GET", "/admin/api/opinions")
+    assert status == 200
+    found: list[dict[str, Any]] = json.loads(body)["opinions"]
+    return found
+
+
+def patient_reports(site: Site) -> list[dict[str, Any]]:
+    async def read(session: Any) -> list[dict[str, Any]]:
+        custodian = await site.wallet.custodian(session, site.a.url)
+        (study,) = await site.wallet.studies(session, site.a.url)
+        answer = await site.wallet.signed(
+            session, custodian, "GET", f"/patient/studies/{study['ref']}/reports"
+        )
+        return list(answer["reports"])
+
+    return in_session(read)
+
+
+class TestSecondOpinions:
+    def test_a_link_returns_an_opinion_held_from_pacs_until_staff_accept_it(
+        self, site: Site
+    ) -> None:
+        study_uid, patient_id = site.study.study_uid, site.study.patient_id
+        made = in_session(lambda s: site.wallet.share(s, site.a.url, None, 3600, opinions=True))
+        base = link_root(open_manifest(decode_link(made["shlink"]))).removesuffix("/dicomweb")
+        pdf = make_pdf("Second look: no fracture seen.")
+        document = base64.b64encode(pdf).decode()
+        # Refusals first: nothing is stored for any of them.
+        before = opinions(site.a)
+        refusals = [
+            (opinion_body(study_uid, pdf=document, text="both"), 400),
+            (opinion_body(study_uid, pdf=base64.b64encode(b"not a pdf").decode()), 400),
+            (opinion_body(study_uid, pdf=base64.b64encode(b"%PDF-1.4 broken").decode()), 400),
+            (opinion_body(study_uid, author="A^B", text="caret"), 400),
+            (opinion_body(study_uid, author="", text="anonymous"), 400),
+            (opinion_body("1.2.826.0.1.3680043.2.1125.99", text="other study"), 403),
+            ({"author": "x"}, 400),
+        ]
+        for body, expected in refusals:
+            status, answer, _ = http("POST", f"{base}/opinions", body)
+            assert status == expected, (body, answer)
+            assert "error" in json.loads(answer)
+        status, _, _ = http("POST", f"{base}/opinions", "[")
+        assert status == 400
+        assert opinions(site.a) == before
+        # A link made without the permission may read, never return an opinion.
+        plain = in_session(lambda s: site.wallet.share(s, site.a.url, None, 3600))
+        plain_base = link_root(open_manifest(decode_link(plain["shlink"]))).removesuffix(
+            "/dicomweb"
+        )
+        status, _, _ = http("POST", f"{plain_base}/opinions", opinion_body(study_uid, pdf=document))
+        assert status == 403
+        assert opinions(site.a) == before
+
+        status, answer, _ = http("POST", f"{base}/opinions", opinion_body(study_uid, pdf=document))
+        assert status == 201, answer
+        stored = json.loads(answer)
+        sop_uid = stored["sop_instance_uid"]
+        assert stored["series_uid"] == series_uid_for(study_uid, "opinions")
+        # Sent again, it is the same opinion, stored and recorded once.
+        status, again, _ = http("POST", f"{base}/opinions", opinion_body(study_uid, pdf=document))
+        assert status == 200 and json.loads(again)["sop_instance_uid"] == sop_uid
+        # An Encapsulated PDF of the study in its own series, the name kept in the instance.
+        part10 = wado_instance(site.a, study_uid, sop_uid, stored["series_uid"])
+        instance = pydicom.dcmread(io.BytesIO(part10))
+        assert instance.SOPClassUID == ENCAPSULATED_PDF
+        assert instance.PatientID == patient_id
+        assert str(instance.ContentCreatorName) == "Dr Ada Second"
+        assert "Consultant radiologist" in instance.DocumentTitle
+        (site.base / "opinion").mkdir()
+        assert dcm2pdf(part10, site.base / "opinion") == pdf
+        # The ledger has one contribution naming the link, the study and the digest.
+        (entry,) = entries_of(site.a, made["link_id"], "contribution")
+        assert entry["digest"] == hashlib.sha256(part10).digest()
+        access = entries_of(site.a, made["link_id"], "access")[0]  # the manifest read
+        assert entry["study"] == access["study"]
+        raw = b"".join(
+            repr(e.fields).encode() for e in own_entries(site.a) if e.kind == "contribution"
+        )
+        assert b"Ada" not in raw and study_uid.encode() not in raw
+        # The patient's own log names it, by the link.
+        text = run_cli(
+            "patient", "log", site.a.url, site.b.url, "--wallet", str(site.base / "wallet"),
+            check=False,
+        ).stdout
+        assert "returned an opinion (study " in text, text
+        # The patient sees it as a new opinion until they open it.
+        (mine,) = [r for r in patient_reports(site) if r["sop_instance_uid"] == sop_uid]
+        assert mine["contribution"] is True and mine["new"] is True
+        assert mine["author"] == "Dr Ada Second"
+        assert "no fracture seen" in mine["text"]
+        # Staff see it held; PACS gets a later report but not the opinion.
+        (held,) = [o for o in opinions(site.a) if o["sop_instance_uid"] == sop_uid]
+        assert held["accepted"] is None and held["author"] == "Dr Ada Second"
+        status, later = post_report(
+            site.a,
+            diagnostic_report(
+                study_uid, patient_id, identifier="RPT-AFTER-OPINION", text="Later report."
+            ),
+        )
+        assert status == 201
+        wait_until(
+            lambda: later["sop_instance_uid"] in site.pacs.received(),
+            message="the later report to reach PACS",
+        )
+        assert sop_uid not in site.pacs.received()
+        status, _ = request(site.a, "POST", f"/admin/api/opinions/{sop_uid}/accept")
+        assert status == 200
+        (accepted,) = [o for o in opinions(site.a) if o["sop_instance_uid"] == sop_uid]
+        assert accepted["accepted"] is not None
+        wait_until(
+            lambda: sop_uid in site.pacs.received(), message="the accepted opinion to reach PACS"
+        )
+        status, _ = request(site.a, "POST", "/admin/api/opinions/1.2.3/accept")
+        assert status == 404
+
+
 class TestReportsInTheWallet:
     def test_the_wallet_and_the_dashboard_show_each_report_as_it_stands(self, site: Site) -> None:
         study_uid, patient_id = site.study.study_uid, site.study.patient_id
@@ -528,6 +681,48 @@ class TestReportsInTheWallet:
                 dashboard.query_selector(f'#reports tr[data-sop="{first["sop_instance_uid"]}"]')
                 is None
             )
+
+    def test_the_doctor_sends_an_opinion_from_the_share_page_and_the_patient_sees_it_new(
+        self, site: Site
+    ) -> None:
+        made = in_session(lambda s: site.wallet.share(s, site.a.url, None, 3600, opinions=True))
+        with chromium_session("reports-opinion", viewport=(390, 844)) as browser:
+            doctor = browser.new_page()
+            doctor.goto(made["url"])
+            doctor.wait_for_selector("#opinion-form:not([hidden])")
+            doctor.fill("#opinion-author", "Dr Page Second")
+            doctor.fill("#opinion-role", "Radiologist")
+            doctor.fill("#opinion-text", "Opinion from the page: agree, no fracture.")
+            doctor.click("#opinion-send")
+            doctor.wait_for_selector('#opinion-result[data-status="201"]')
+            (sent,) = [o for o in opinions(site.a) if o["author"] == "Dr Page Second"]
+            page = browser.new_page()
+            restore_wallet(page, site.a.url, site.base / "wallet" / "seed.json", PASSPHRASE)
+            page.click('#tabs button[data-screen="studies"]')
+            wait_for_screen(page, "studies")
+            card = f'.reports .report[data-sop="{sent["sop_instance_uid"]}"]'
+            page.wait_for_selector(f"{card} .report-new")
+            page.shot("wallet-new-opinion")
+            text = str(page.text_content(card))
+            assert "New opinion" in text and "agree, no fracture." in text
+            assert "From Dr Page Second (as they stated it)" in text
+            with page.expect_popup():
+                page.click(f"{card} .report-open")
+            page.wait_for_selector(f"{card} .report-new", state="detached")
+            # Staff accept it on the dashboard.
+            dashboard = signed_in(browser, site.a)
+            dashboard.goto(f"{site.a.url}/admin")
+            row = f'#opinions tr[data-sop="{sent["sop_instance_uid"]}"]'
+            dashboard.wait_for_selector(f'{row}[data-state="held"]')
+            dashboard.click(f"{row} button.accept")
+            dashboard.wait_for_selector(f'{row}[data-state="accepted"]')
+        # Opened in the wallet: no longer new (read outside the browser's event loop).
+        (seen,) = [
+            r
+            for r in patient_reports(site)
+            if r["sop_instance_uid"] == sent["sop_instance_uid"]
+        ]
+        assert seen["new"] is False
 
 
 class TestReportsInOhif:

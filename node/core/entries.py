@@ -177,6 +177,17 @@ class RosterVersion(EntryBody):
     note: bytes = field(metadata=_wire("bin"))
 
 
+@dataclass(frozen=True)
+class Contribution(EntryBody):
+    """A link's holder returned an opinion on a study: the link's grant, the study's keyed
+    reference and the SHA-256 of the stored instance (no content, no name)."""
+
+    kind: ClassVar[str] = "contribution"
+    token_id: bytes = field(metadata=_wire("bin32"))
+    study: bytes = field(metadata=_wire("bin32"))
+    digest: bytes = field(metadata=_wire("bin32"))
+
+
 def _registry(*kinds: type[EntryBody]) -> dict[str, type[EntryBody]]:
     return {k.kind: k for k in kinds}
 
@@ -195,6 +206,7 @@ ENTRY_TYPES: dict[str, type[EntryBody]] = _registry(
     BreakGlass,
     DelegationEntry,
     RosterVersion,
+    Contribution,
 )
 # Each kind's wire fields and their types, in declaration order.
 ENTRY_KINDS: dict[str, dict[str, str]] = {

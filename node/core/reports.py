@@ -411,3 +411,52 @@ def _hl7_document(message: _Er7, max_document_bytes: int) -> ReportDocument:
     document = ReportDocument(TEXT, "\n".join(lines).encode())
     check_document(document, max_document_bytes)
     return document
+
+
+# -- a second opinion returned through a share link -------------------------------------------
+
+# A name or a role as its author states it: one line, short enough for a DICOM PN group.
+MAX_AUTHOR_CHARS = 64
+
+
+@dataclass(frozen=True)
+class OpinionSubmission:
+    """What a link's holder returns: an opinion on one study of the link, as a PDF or
+    text, with their name and role as they state them (not verified by anyone)."""
+
+    study_uid: str
+    author: str
+    role: str
+    document: ReportDocument
+
+
+def parse_opinion(body: bytes, max_document_bytes: int) -> OpinionSubmission:
+    """A returned opinion: JSON ``{"study_uid", "author", "role", "pdf": base64}`` or
+    with ``"text"`` in place of ``pdf`` (exactly one of them). Raises BadInput naming the
+    field, PayloadTooLarge for a document over its bound."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise BadInput("an opinion is JSON {study_uid, author, role, pdf or text}") from exc
+    if not isinstance(document, dict):
+        raise BadInput("an opinion is JSON {study_uid, author, role, pdf or text}")
+    study_uid = document.get("study_uid")
+    if not isinstance(study_uid, str) or not is_uid(study_uid):
+        raise BadInput("study_uid must be a Study Instance UID")
+    author = _text(document.get("author"), "author", MAX_AUTHOR_CHARS)
+    role = _text(document.get("role"), "role", MAX_AUTHOR_CHARS)
+    if any(c in author for c in "^=\\"):
+        raise BadInput("author must not hold ^, = or \\ (DICOM name separators)")
+    pdf, text = document.get("pdf"), document.get("text")
+    if (pdf is None) == (text is None):
+        raise BadInput("an opinion carries exactly one of pdf (base64) and text")
+    if pdf is not None:
+        if not isinstance(pdf, str):
+            raise BadInput("pdf must be base64 text")
+        found = ReportDocument(PDF, decode_base64(pdf, max_document_bytes, "the PDF"))
+    else:
+        if not isinstance(text, str):
+            raise BadInput("text must be a string")
+        found = ReportDocument(TEXT, text.encode())
+    check_document(found, max_document_bytes)
+    return OpinionSubmission(study_uid, author, role, found)

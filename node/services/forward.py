@@ -57,6 +57,7 @@ class Forwarder:
         self.config: ForwardConfig = runtime.config.forward
         self.calling_ae = runtime.config.dimse.ae_title
         self.store = runtime.store
+        self.opinions = runtime.services.reports.opinions
         # Raises ConfigError now, at start, for certificates that cannot be loaded.
         self.tls_args = client_tls_args(self.config, self.config.host, "[forward]")
         self.state = ForwardState(runtime.config.data_dir / STATE_FILE)
@@ -114,9 +115,19 @@ class Forwarder:
 
     def _take_new(self, now: float) -> None:
         arrivals = self.store.arrivals_after(self.state.last_rowid, 1000)
-        self.state.enqueue(
-            [(a.position, a.sop_instance_uid, a.study_instance_uid) for a in arrivals], now
-        )
+        # An opinion returned through a link waits for staff (``release``); the cursor
+        # still moves past it.
+        held = self.opinions.held([a.sop_instance_uid for a in arrivals])
+        rows = [(a.position, a.sop_instance_uid, a.study_instance_uid) for a in arrivals]
+        if held and rows:
+            self.state.enqueue([r for r in rows if r[1] not in held], now)
+            self.state.advance(rows[-1][0])
+        else:
+            self.state.enqueue(rows, now)
+
+    def release(self, sop_instance_uid: str, study_instance_uid: str) -> None:
+        """Queue an instance that was held (an opinion staff accepted), due now."""
+        self.state.enqueue([(0, sop_instance_uid, study_instance_uid)], time.time())
 
     def _deliver(self, due: list[QueuedInstance]) -> None:
         batch: list[tuple[QueuedInstance, InstanceRecord]] = []

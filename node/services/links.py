@@ -41,8 +41,9 @@ from node.core.consent import (
     is_link_grantee,
     link_grantee,
 )
-from node.core.entries import Access
+from node.core.entries import Access, Contribution
 from node.core.rate_limit import SlidingWindowLimit
+from node.core.reports import OpinionSubmission
 from node.core.shlink import (
     ACCESS_CREDENTIAL,
     FHIR_JSON,
@@ -89,6 +90,8 @@ PASSCODE_MEMLIMIT = 32 * 1024 * 1024
 # Manifest reads of one link per minute: each is a permanent, replicated access entry,
 # and a viewer needs one per opening.
 MAX_MANIFESTS_PER_MINUTE = 30
+# Opinions one link may return an hour: each is stored and recorded for good.
+MAX_OPINIONS_PER_HOUR = 20
 # A fetched link's manifest and files, at most; instances are bounded by the store.
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 COMMIT_INSTANCES = 64
@@ -125,6 +128,7 @@ class LinkService:
         self._sessions_lock = threading.Lock()
         self._passcode_lock = threading.Lock()
         self.manifest_limit = SlidingWindowLimit(MAX_MANIFESTS_PER_MINUTE, 60.0)
+        self.opinion_limit = SlidingWindowLimit(MAX_OPINIONS_PER_HOUR, 3600.0)
 
     def close(self) -> None:
         self.store.close()
@@ -199,7 +203,8 @@ def create_link(
     """Record a share link the patient made: its grant (in the log) and its manifest.
 
     ``document`` is the wallet's JSON: ``{"grant": bytes, "manifest": SHA-256 of the
-    manifest id, "passcode": text or None, "files": [...]}`` (bytes as base64url).
+    manifest id, "passcode": text or None, "files": [...], "opinions": bool}`` (bytes as
+    base64url; ``opinions``, default false, lets the holder return an opinion).
     Raises BadInput (malformed), Forbidden (not the caller's grant, not a link grant, or
     a consent rule refuses it: the lifetime over ``max_link_lifetime_days``...).
     """
@@ -216,6 +221,9 @@ def create_link(
     if passcode is not None and (not isinstance(passcode, str) or not 1 <= len(passcode) <= 256):
         raise BadInput("a link's passcode is 1 to 256 characters")
     files = parse_manifest_files(document.get("files"), MAX_FILES)
+    opinions = document.get("opinions", False)
+    if not isinstance(opinions, bool):
+        raise BadInput("a link's opinions permission is true or false")
     token = decode_grant(token_bytes)
     if token.patient_key != patient_key:
         raise Forbidden("a patient may submit only grants signed with their own key")
@@ -225,7 +233,14 @@ def create_link(
     recorded = consent.record_grant(runtime, token_bytes, now)
     runtime.services.links.store.add(
         LinkRecord(
-            token.fields.grantee, manifest_digest, token.token_id, passcode_hash, 0, False, files
+            token.fields.grantee,
+            manifest_digest,
+            token.token_id,
+            passcode_hash,
+            0,
+            False,
+            files,
+            opinions,
         )
     )
     return recorded
@@ -349,6 +364,48 @@ def authorize_download(
     refs = tuple(consent.study_reference(runtime, uid) for uid in sorted(authorization.study_uids))
     _record_access(runtime, link, refs, "download", 0)
     return authorization
+
+
+def authorize_opinion(
+    runtime: NodeRuntime, access_token: str, now: int | None = None
+) -> LinkAuthorization:
+    """authorize_link for returning an opinion, checked before its body is read: Forbidden
+    for a link made without the opinions permission, TooManyRequests past
+    MAX_OPINIONS_PER_HOUR for the link (each one stored is kept and recorded for good)."""
+    authorization = authorize_link(runtime, access_token, now)
+    service = runtime.services.links
+    link = service.store.by_grantee(authorization.grantee)
+    if link is None or not link.opinions:
+        raise Forbidden("this link was not made to return an opinion")
+    if not service.opinion_limit.admit(link.grantee, time.monotonic()):
+        raise TooManyRequests(
+            f"the link returned {MAX_OPINIONS_PER_HOUR} opinions in the last hour"
+        )
+    return authorization
+
+
+def return_opinion(
+    runtime: NodeRuntime, authorization: LinkAuthorization, opinion: OpinionSubmission
+) -> dict[str, Any]:
+    """Keep an opinion returned through an authorized link (authorize_opinion) on one of
+    its studies, and record it as a ``contribution`` (the link's grant, the study's
+    reference, the stored instance's SHA-256) once it is stored; blocking.
+
+    Raises Forbidden for a study outside the link's scope, BadInput for a document that
+    cannot be kept.
+    """
+    if opinion.study_uid not in authorization.study_uids:
+        raise Forbidden("the study is not one of the link's")
+    stored, digest = runtime.services.reports.submit_opinion(opinion, authorization.grantee)
+    if stored.outcome is Outcome.STORED:
+        runtime.services.ledger.append(
+            Contribution(
+                token_id=authorization.token_id,
+                study=consent.study_reference(runtime, opinion.study_uid),
+                digest=digest,
+            )
+        )
+    return stored.as_json()
 
 
 # -- a node taking a link: `imageshare fetch SHLINK` -----------------------------------------

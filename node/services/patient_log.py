@@ -29,6 +29,7 @@ from node.core.emergency import split_references
 from node.core.entries import (
     Access,
     BreakGlass,
+    Contribution,
     Denial,
     Grant,
     LedgerEntry,
@@ -47,7 +48,7 @@ from node.services.peer_client import describe
 from node.services.wallet import Wallet
 
 # The entries a patient sees about their tokens, and the break-glass entries naming their key.
-EVENT_TYPES = (Access, Denial, Revoke, BreakGlass)
+EVENT_TYPES = (Access, Denial, Revoke, BreakGlass, Contribution)
 ROSTER_TIMEOUT = 30.0
 
 
@@ -169,6 +170,9 @@ def _event_details(entry: LedgerEntry, labels: dict[bytes, str]) -> dict[str, ob
         if is_link_grantee(body.requester):
             refused["link"] = labels.get(bytes(body.token_id), "")
         return refused
+    if isinstance(body, Contribution):
+        # An opinion returned through one of the patient's links (docs/reports.md).
+        return {"study": b64url_encode(body.study), "link": labels.get(bytes(body.token_id), "")}
     if isinstance(body, Grant):
         # Listed only when a delegate made it (the patient knows their own grants).
         grant = decode_grant(body.token)
@@ -195,7 +199,7 @@ def _event_details(entry: LedgerEntry, labels: dict[bytes, str]) -> dict[str, ob
 
 def _event_token_id(entry: LedgerEntry) -> bytes | None:
     body = entry.body
-    if isinstance(body, Access | Denial):
+    if isinstance(body, Access | Denial | Contribution):
         return body.token_id
     if isinstance(body, BreakGlass):
         return body.request

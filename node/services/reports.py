@@ -39,10 +39,17 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
 from node import __version__
-from node.core.reports import PDF, ReportDocument, ReportStatus, ReportSubmission
+from node.core.reports import (
+    PDF,
+    OpinionSubmission,
+    ReportDocument,
+    ReportStatus,
+    ReportSubmission,
+)
 from node.errors import BadInput, Conflict, ImageShareError, NotFound
 from node.store.attributes import ATTRIBUTES, Level
 from node.store.instances import InstanceRecord, Outcome
+from node.store.opinions import OpinionState, OpinionStore
 from node.store.protocols import InstanceStore
 from node.store.queries import Query, checked_filter
 
@@ -60,6 +67,10 @@ REPORT_CLASSES = frozenset({ENCAPSULATED_PDF}) | SR_CLASSES
 REPORT_STATUSES = frozenset(s.value for s in ReportStatus)
 REPORTS_SERIES_NUMBER = 9901
 REPORTS_SERIES_DESCRIPTION = "Reports"
+# Opinions returned through share links: a series of their own in the study.
+OPINIONS_SERIES_NUMBER = 9902
+OPINIONS_SERIES_DESCRIPTION = "Opinions"
+OPINION_TITLE = "Second opinion"
 # LOINC 18748-4 "Diagnostic imaging study": the document's concept name.
 _REPORT_CONCEPT = ("18748-4", "LN", "Diagnostic imaging study")
 # The study-level attributes a report copies from the study's own instances.
@@ -171,10 +182,16 @@ class StoredReport:
 class ReportService:
     """Stores reports, one at a time (an amendment must see the version it supersedes)."""
 
-    def __init__(self, store: InstanceStore, max_document_bytes: int) -> None:
+    def __init__(
+        self, store: InstanceStore, max_document_bytes: int, opinions: OpinionStore
+    ) -> None:
         self.store = store
         self.max_document_bytes = max_document_bytes
+        self.opinions = opinions
         self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.opinions.close()
 
     def submit(self, submission: ReportSubmission, now: float | None = None) -> StoredReport:
         """Check a report against the store and keep it; blocking.
@@ -208,15 +225,8 @@ class ReportService:
             )
             if current is not None and current.sop_instance_uid == sop_uid:
                 current = None  # the same report again: a duplicate, not its own successor
-            dataset = build_report_dataset(
-                template=self._template(study_uid),
-                series_uid=series_uid,
-                sop_uid=sop_uid,
-                instance_number=len(versions) + 1,
-                submission=submission,
-                pdf=pdf,
-                predecessor=current,
-                now=now if now is not None else time.time(),
+            dataset = self._dataset(
+                study_uid, submission, series_uid, sop_uid, len(versions) + 1, pdf, current, now
             )
             staged = self.store.stage_bytes(encode_part10(dataset))
             result = self.store.commit([staged])[0]
@@ -228,6 +238,99 @@ class ReportService:
             submission.status.value,
             current.sop_instance_uid if current is not None else None,
         )
+
+    def _dataset(
+        self,
+        study_uid: str,
+        submission: ReportSubmission,
+        series_uid: str,
+        sop_uid: str,
+        instance_number: int,
+        pdf: bytes,
+        predecessor: ReportVersion | None,
+        now: float | None,
+        series: tuple[int, str] = (REPORTS_SERIES_NUMBER, REPORTS_SERIES_DESCRIPTION),
+    ) -> FileDataset:
+        return build_report_dataset(
+            template=self._template(study_uid),
+            series_uid=series_uid,
+            sop_uid=sop_uid,
+            instance_number=instance_number,
+            submission=submission,
+            pdf=pdf,
+            predecessor=predecessor,
+            now=now if now is not None else time.time(),
+            series_number=series[0],
+            series_description=series[1],
+        )
+
+    def submit_opinion(
+        self, opinion: OpinionSubmission, link: str, now: float | None = None
+    ) -> tuple[StoredReport, bytes]:
+        """Keep an opinion returned through the link whose grantee is ``link``, held from
+        PACS until staff accept it; blocking. Returns the stored instance and the
+        SHA-256 of its Part 10 bytes (what the ``contribution`` entry records).
+
+        The caller has checked that the link may return opinions on the study. Raises
+        BadInput (a PDF that does not parse, text the PDF's font cannot show).
+        """
+        study_uid = opinion.study_uid
+        now = now if now is not None else time.time()
+        title = f"{OPINION_TITLE} ({opinion.role})"
+        pdf = document_pdf(opinion.document, title)
+        series_uid = series_uid_for(study_uid, "opinions")
+        submission = ReportSubmission(
+            identifier=link,
+            status=ReportStatus.FINAL,
+            patient_id="",
+            study_uid=study_uid,
+            accession_number=None,
+            title=title,
+            document=opinion.document,
+        )
+        with self._lock:
+            versions = self._versions(study_uid, series_uid)
+            sop_uid = instance_uid_for(
+                study_uid, series_uid, link, "opinion", opinion.document.content
+            )
+            dataset = self._dataset(
+                study_uid,
+                submission,
+                series_uid,
+                sop_uid,
+                len(versions) + 1,
+                pdf,
+                None,
+                now,
+                (OPINIONS_SERIES_NUMBER, OPINIONS_SERIES_DESCRIPTION),
+            )
+            # Kept in the instance as stated, never in the ledger.
+            dataset.ContentCreatorName = opinion.author
+            encoded = encode_part10(dataset)
+            self.opinions.hold(sop_uid, study_uid, now)  # before the forwarder can see it
+            staged = self.store.stage_bytes(encoded)
+            result = self.store.commit([staged])[0]
+        stored = StoredReport(result.outcome, study_uid, series_uid, sop_uid, "final", None)
+        return stored, hashlib.sha256(encoded).digest()
+
+    def opinion_listing(self, study_uid: str | None = None) -> list[dict[str, Any]]:
+        """The returned opinions (of one study, if named), newest first, each with its
+        state (``accepted``, ``seen``: unix times or null) and what its header says."""
+        answer = []
+        for state in self.opinions.states(study_uid):
+            try:
+                (record,) = self.store.instances(
+                    state.study_instance_uid, sop_instance_uid=state.sop_instance_uid
+                )
+            except NotFound:
+                continue  # held before a commit that did not happen
+            ds = self.store.read_dataset(record, defer_size=_HEADER_DEFER, stop_before_pixels=True)
+            answer.append(
+                version_of(ds, record).as_json()
+                | _opinion_fields(ds, state)
+                | {"study_uid": state.study_instance_uid}
+            )
+        return answer
 
     def _study_of(self, submission: ReportSubmission) -> str:
         if submission.study_uid is not None:
@@ -296,15 +399,33 @@ class ReportService:
 
     def reading(self, study_uid: str) -> list[dict[str, Any]]:
         """The study's reports as they stand, each with its text for reading on a phone
-        (``study_reports`` plus ``text``); blocking."""
+        (``study_reports`` plus ``text``; an opinion returned through a link also has
+        ``contribution``, ``author`` and ``new`` until the patient opens it); blocking."""
         answer = []
+        states = {s.sop_instance_uid: s for s in self.opinions.states(study_uid)}
         for report in self.study_reports(study_uid):
             entry = report.as_json()
+            state = states.get(report.current.sop_instance_uid)
+            if state is not None:
+                (record,) = self.store.instances(study_uid, sop_instance_uid=state.sop_instance_uid)
+                ds = self.store.read_dataset(
+                    record, defer_size=_HEADER_DEFER, stop_before_pixels=True
+                )
+                entry |= _opinion_fields(ds, state)
             if report.current.sop_class_uid == ENCAPSULATED_PDF:
                 pdf = self.document(study_uid, report.current.sop_instance_uid)
                 entry["text"] = pdf_text(pdf)
             answer.append(entry)
         return answer
+
+
+def _opinion_fields(ds: Dataset, state: OpinionState) -> dict[str, Any]:
+    return {
+        "contribution": True,
+        "author": str(ds.get("ContentCreatorName", "") or ""),
+        "accepted": state.accepted,
+        "new": state.seen is None,
+    }
 
 
 def pdf_text(pdf: bytes) -> str:

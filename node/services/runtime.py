@@ -153,10 +153,16 @@ class NodeServices:
     def reports(self) -> ReportService:
         """Reports kept as DICOM in their studies (docs/reports.md)."""
         from node.services.reports import ReportService
+        from node.store.opinions import FILE_NAME, OpinionStore
 
-        config = self._runtime.config.reports
+        runtime = self._runtime
         return self._once(
-            "reports", lambda: ReportService(self._runtime.store, config.max_document_bytes)
+            "reports",
+            lambda: ReportService(
+                runtime.store,
+                runtime.config.reports.max_document_bytes,
+                OpinionStore(runtime.config.data_dir / FILE_NAME),
+            ),
         )
 
     @property

@@ -259,10 +259,12 @@ class Wallet:
         lifetime: int,
         passcode: str | None = None,
         label: str = "",
+        opinions: bool = False,
     ) -> dict[str, Any]:
         """Make a share link: a grant to a fresh link credential, the manifest's files
         (an ImagingStudy per study and the credential, encrypted under a fresh link key
-        the custodian never sees), submitted and proven; kept in the wallet.
+        the custodian never sees), submitted and proven; kept in the wallet. With
+        ``opinions`` its holder may return an opinion on the link's studies.
 
         Returns ``{"shlink", "url" (the custodian's share page carrying the link in its
         fragment), "link_id" (the grant's token id, what `revoke` takes), "expires",
@@ -316,6 +318,7 @@ class Wallet:
                 "manifest": b64url_encode(secret_digest(manifest_id)),
                 "passcode": passcode,
                 "files": files,
+                "opinions": opinions,
             }
         ).encode()
         answer = await self.signed(session, custodian, "POST", "/patient/links", body)

@@ -105,6 +105,11 @@ class ForwardState:
         with self._lock:
             self._transaction(statements)
 
+    def advance(self, rowid: int) -> None:
+        """Move the cursor past ``rowid`` (rows taken but held, not queued)."""
+        with self._lock:
+            self._transaction([("UPDATE cursor SET last_rowid = MAX(last_rowid, ?)", (rowid,))])
+
     def due(self, now: float, limit: int) -> list[QueuedInstance]:
         """Pending instances whose next try has come, oldest arrival first."""
         with self._lock:

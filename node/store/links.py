@@ -2,7 +2,8 @@
 
 Per link: its grantee (``link:`` + the credential's SHA-256, as the grant names it), the
 SHA-256 of its manifest id, the grant's token id, the passcode's Argon2id hash (if any),
-the count of wrong passcodes and whether that killed the link, and the manifest's files
+the count of wrong passcodes and whether that killed the link, whether its holder may
+return an opinion, and the manifest's files
 exactly as the wallet encrypted them. Neither the link key, the manifest id, the access
 token nor the passcode is stored. The grant itself and its revocation are in the ledger
 (node.services.consent); this file is not replicated.
@@ -27,7 +28,11 @@ CREATE TABLE IF NOT EXISTS links (
     dead INTEGER NOT NULL DEFAULT 0, files TEXT NOT NULL) WITHOUT ROWID;
 """
 # Schema versions (node/store/sqlite.py): position n upgrades version n to n + 1.
-MIGRATIONS: tuple[Migration, ...] = (SCHEMA,)
+MIGRATIONS: tuple[Migration, ...] = (
+    SCHEMA,
+    # Whether the link's holder may return an opinion (docs/share-links.md).
+    "ALTER TABLE links ADD COLUMN opinions INTEGER NOT NULL DEFAULT 0;",
+)
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class LinkRecord:
     failures: int
     dead: bool
     files: list[ManifestFile]
+    opinions: bool = False  # its holder may return an opinion (POST /links/{token}/opinions)
 
 
 class LinkStore(LockedDatabase):
@@ -60,22 +66,23 @@ class LinkStore(LockedDatabase):
                     return  # the same link submitted again
                 raise Conflict("a link with that credential or manifest id exists already")
             self._db.execute(
-                "INSERT INTO links (grantee, manifest_digest, token_id, passcode_hash, files)"
-                " VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO links (grantee, manifest_digest, token_id, passcode_hash, files,"
+                " opinions) VALUES (?, ?, ?, ?, ?, ?)",
                 (
                     record.grantee,
                     record.manifest_digest,
                     record.token_id,
                     record.passcode_hash,
                     files,
+                    int(record.opinions),
                 ),
             )
 
     def _row(self, where: str, value: object) -> LinkRecord | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT grantee, manifest_digest, token_id, passcode_hash, failures, dead, files"
-                f" FROM links WHERE {where} = ?",
+                "SELECT grantee, manifest_digest, token_id, passcode_hash, failures, dead, files,"
+                f" opinions FROM links WHERE {where} = ?",
                 (value,),
             ).fetchone()
         if row is None:
@@ -89,6 +96,7 @@ class LinkStore(LockedDatabase):
             int(row[4]),
             bool(row[5]),
             files,
+            bool(row[7]),
         )
 
     def by_manifest(self, manifest_digest: bytes) -> LinkRecord | None:

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 
 from node.core.audit_rules import RULES
-from node.core.entries import Access, BreakGlass, Denial, Grant
+from node.core.entries import Access, BreakGlass, Contribution, Denial, Grant
 from node.edges.cli._common import ca_file_of, command, print_json
 from node.services.audit import DEFAULT_RECEIPT_GRACE, AuditReport, run_audit
 from node.services.audit_state import AuditState
@@ -181,6 +181,8 @@ def render_patient_log(log: PatientLog) -> str:
             what = f"{_link_name(e.details)} was refused ({e.details['rule']})"
         elif e.kind == Denial.kind:
             what = f"{e.details['requester']} was refused ({e.details['rule']})"
+        elif e.kind == Contribution.kind:
+            what = f"{_link_name(e.details)} returned an opinion (study {e.details['study']})"
         elif e.kind == Grant.kind:
             what = (
                 f"your delegate {str(e.details['delegate'])[:12]}... granted"

@@ -105,6 +105,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--expires", default="7d", help="lifetime: N followed by s, m, h, d or w")
     p.add_argument("--passcode", default=None, help="a passcode the recipient must enter")
     p.add_argument("--label", default="", help="a short text shown with the link (80 at most)")
+    p.add_argument(
+        "--opinions", action="store_true", help="let the link's holder send an opinion back"
+    )
     p = wallet_command("revoke", cmd_revoke, "revoke a token")
     p.add_argument("token_id", metavar="TOKEN_ID")
     p.add_argument("--custodian", required=True, metavar="URL")
@@ -310,7 +313,7 @@ def cmd_share(args: argparse.Namespace) -> int:
     link = _run(
         args,
         lambda session: wallet.share(
-            session, args.custodian, scope, lifetime, args.passcode, args.label
+            session, args.custodian, scope, lifetime, args.passcode, args.label, args.opinions
         ),
     )
     if args.json:

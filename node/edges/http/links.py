@@ -8,6 +8,9 @@ configuration, its download, and the share page (thin handlers over node.service
   the link's studies, needing no admin token
 - ``GET /links/{access_token}/dicomweb.json``  OHIF's dicomwebproxy configuration of it
 - ``GET /links/{access_token}/download``       the link's studies as IHE PDI media (ZIP)
+- ``POST /links/{access_token}/opinions``      an opinion returned on one of the link's
+  studies (a link made with the opinions permission): JSON {study_uid, author, role, pdf
+  or text}; 201 with the stored instance
 - ``GET /share/``                              the page a link's QR code opens
 
 The access token and manifest id are secrets in the path: refusals are logged with the
@@ -23,8 +26,10 @@ from pathlib import Path
 
 from aiohttp import web
 
+from node.core.reports import parse_opinion
 from node.edges.http import dicomweb, viewer, wallet_pages
 from node.edges.http.context import log_refusal, runtime_of
+from node.edges.http.reports import body_limit, read_bounded
 from node.errors import BadInput, PayloadTooLarge
 from node.services import links
 from node.services.runtime import NodeRuntime
@@ -43,6 +48,7 @@ def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
     router.add_get(f"{LINK_ROOT}/dicomweb.json", ohif_configuration)
     router.add_get(f"{LINK_ROOT}/download", download)
     router.add_get(f"{LINK_ROOT}/reports", reports)
+    router.add_post(f"{LINK_ROOT}/opinions", opinion)
     router.add_post("/admin/api/links/fetch", fetch)
     for path, handler in dicomweb.READ_ROUTES:
         router.add_get(f"{LINK_ROOT}/dicomweb{path}", _link_scoped(handler))
@@ -134,6 +140,21 @@ async def reports(request: web.Request) -> web.Response:
         found = await asyncio.to_thread(service.study_reports, study_uid)
         studies.append({"study_uid": study_uid, "reports": [r.as_json() for r in found]})
     return web.json_response({"studies": studies}, headers=NO_STORE)
+
+
+async def opinion(request: web.Request) -> web.Response:
+    """An opinion the link's holder returns (201; 200 for one already stored)."""
+    runtime = runtime_of(request)
+    # The link and its permission first: nobody else makes the node read a body.
+    authorization = await asyncio.to_thread(
+        links.authorize_opinion, runtime, request.match_info["access_token"]
+    )
+    max_bytes = runtime.services.reports.max_document_bytes
+    body = await read_bounded(request, body_limit(max_bytes))
+    submission = await asyncio.to_thread(parse_opinion, body, max_bytes)
+    stored = await asyncio.to_thread(links.return_opinion, runtime, authorization, submission)
+    status = 201 if stored["outcome"] == "stored" else 200
+    return web.json_response(stored, status=status, headers=NO_STORE)
 
 
 async def download(request: web.Request) -> web.StreamResponse:

@@ -228,7 +228,10 @@ async def report_pdf(request: web.Request) -> web.Response:
         previews.owned_study_uid, runtime, caller.public_key, _study_ref(request)
     )
     service = runtime.services.reports
-    pdf = await asyncio.to_thread(service.document, study_uid, request.match_info["instance"])
+    sop_uid = request.match_info["instance"]
+    pdf = await asyncio.to_thread(service.document, study_uid, sop_uid)
+    # An opinion returned through a link is no longer new once its patient opened it.
+    await asyncio.to_thread(service.opinions.mark_seen, sop_uid, time.time())
     return web.Response(
         body=pdf, content_type="application/pdf", headers={"Cache-Control": "private, no-store"}
     )

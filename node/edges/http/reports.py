@@ -6,6 +6,9 @@
   where both do). 201 with the stored instance, 200 for a report already stored.
 - ``GET  /admin/api/reports?study=UID``    the study's reports as they stand, each with
   the versions it superseded.
+- ``GET  /admin/api/opinions[?study=UID]``  opinions returned through share links, newest
+  first, each with ``accepted`` (null while held from PACS).
+- ``POST /admin/api/opinions/{uid}/accept`` staff accept one: it is forwarded to PACS.
 
 The paths sit under /admin/api, which app.py guards with the admin token.
 """
@@ -14,13 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 
 from aiohttp import web
 
 from node.core.reports import FHIR_JSON, HL7_V2, parse_fhir_report, parse_hl7_report
 from node.core.uids import is_uid
 from node.edges.http.context import runtime_of
-from node.errors import BadInput, PayloadTooLarge
+from node.errors import BadInput, NotFound, PayloadTooLarge
 from node.services.runtime import NodeRuntime
 from node.store.instances import Outcome
 
@@ -88,6 +92,32 @@ async def listing(request: web.Request) -> web.Response:
     )
 
 
+async def opinions(request: web.Request) -> web.Response:
+    study = _study_parameter(request)
+    service = runtime_of(request).services.reports
+    found = await asyncio.to_thread(service.opinion_listing, study)
+    return web.json_response({"opinions": found}, headers=NO_STORE)
+
+
+async def accept_opinion(request: web.Request) -> web.Response:
+    """Staff accept an opinion: from now on the forwarder sends it to PACS."""
+    runtime = runtime_of(request)
+    sop_uid = request.match_info["uid"]
+    service = runtime.services.reports
+    states = {s.sop_instance_uid: s for s in await asyncio.to_thread(service.opinions.states)}
+    state = states.get(sop_uid)
+    if state is None:
+        raise NotFound("no opinion has that SOP Instance UID")
+    await asyncio.to_thread(service.opinions.accept, sop_uid, time.time())
+    if runtime.services.forwarder is not None and state.accepted is None:
+        await asyncio.to_thread(
+            runtime.services.forwarder.release, sop_uid, state.study_instance_uid
+        )
+    return web.json_response({"sop_instance_uid": sop_uid, "accepted": True}, headers=NO_STORE)
+
+
 def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
     app.router.add_post("/admin/api/reports", submit)
     app.router.add_get("/admin/api/reports", listing)
+    app.router.add_get("/admin/api/opinions", opinions)
+    app.router.add_post("/admin/api/opinions/{uid:[0-9.]{1,64}}/accept", accept_opinion)

@@ -1,6 +1,8 @@
 // The dashboard's reports: choose a study in the study list and its reports are listed,
 // each as it stands (an amendment over the versions it superseded), from
-// GET /admin/api/reports (docs/reports.md). Values are put into the page as text only.
+// GET /admin/api/reports (docs/reports.md). Below them the opinions returned through
+// share links (GET /admin/api/opinions), each held from the PACS until staff accept it.
+// Values are put into the page as text only.
 
 import { api } from "./app.js";
 
@@ -53,3 +55,59 @@ document.getElementById("studies").addEventListener("click", (event) => {
   const row = event.target.closest("tr[data-study]");
   if (row) showReports(row.dataset.study).catch((error) => console.error(error));
 });
+
+// -- returned opinions -----------------------------------------------------------------------
+
+function opinionRow(opinion) {
+  const row = document.createElement("tr");
+  row.dataset.sop = opinion.sop_instance_uid;
+  row.dataset.state = opinion.accepted === null ? "held" : "accepted";
+  const action = document.createElement("td");
+  if (opinion.accepted === null) {
+    const accept = cell("button", "Accept for PACS", "accept");
+    accept.type = "button";
+    accept.addEventListener("click", async () => {
+      accept.disabled = true;
+      const path = `/admin/api/opinions/${encodeURIComponent(opinion.sop_instance_uid)}/accept`;
+      await api(path, { method: "POST" }).catch((error) => console.error(error));
+      await showOpinions();
+    });
+    action.append(accept);
+  } else {
+    action.append(cell("span", "Accepted", "muted"));
+  }
+  row.append(
+    cell("td", opinion.title),
+    cell("td", `${opinion.author} (as stated)`),
+    cell("td", when(opinion.date, opinion.time)),
+    cell("td", opinion.study_uid, "small"),
+    action,
+  );
+  return row;
+}
+
+async function showOpinions() {
+  const body = document.querySelector("#opinions .body");
+  const { opinions } = await api("/admin/api/opinions");
+  if (!opinions.length) {
+    body.replaceChildren(cell("p", "No opinion has been returned.", "muted"));
+    return;
+  }
+  const table = document.createElement("table");
+  const head = document.createElement("tr");
+  for (const name of ["Opinion", "From", "Date", "Study", "PACS"]) head.append(cell("th", name));
+  table.append(head, ...opinions.map(opinionRow));
+  body.replaceChildren(table);
+}
+
+// Listed every 15 s while the dashboard is shown (signed in), and at once when it is.
+const refreshOpinions = () => {
+  if (document.getElementById("dashboard").hidden) return;
+  showOpinions().catch((error) => console.error(error));
+};
+new MutationObserver(refreshOpinions).observe(document.getElementById("dashboard"), {
+  attributes: true,
+  attributeFilter: ["hidden"],
+});
+refreshOpinions();
+setInterval(refreshOpinions, 15_000);

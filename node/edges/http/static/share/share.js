@@ -98,6 +98,56 @@ async function showStudies(studies, credential) {
   download.rel = "noreferrer";
   download.hidden = false;
   $("studies").hidden = false;
+  showOpinionForm(studies, root.replace(/\/dicomweb$/, "/opinions"));
+}
+
+function toBase64(bytes) {
+  let binary = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) {
+    binary += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  }
+  return btoa(binary);
+}
+
+// The holder's opinion, to POST /links/{token}/opinions (docs/reports.md § Second
+// opinions); the custodian refuses it (403) for a link made without the permission.
+function showOpinionForm(studies, target) {
+  const select = $("opinion-study");
+  select.replaceChildren(
+    ...studies.map((study) => {
+      const option = document.createElement("option");
+      option.value = studyUid(study);
+      option.textContent = describe(study);
+      return option;
+    }),
+  );
+  const form = $("opinion-form");
+  form.hidden = false;
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const result = $("opinion-result");
+    const body = {
+      study_uid: select.value,
+      author: $("opinion-author").value,
+      role: $("opinion-role").value,
+    };
+    const file = $("opinion-pdf").files[0];
+    if (file) body.pdf = toBase64(new Uint8Array(await file.arrayBuffer()));
+    else body.text = $("opinion-text").value;
+    const answer = await fetch(target, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+      cache: "no-store",
+      referrerPolicy: "no-referrer",
+    });
+    const reply = await answer.json().catch(() => ({}));
+    result.dataset.status = String(answer.status);
+    result.textContent = answer.ok
+      ? "Sent: the patient and their hospital have your opinion."
+      : `Not sent: ${reply.error || answer.status}`;
+    result.hidden = false;
+  });
 }
 
 async function openManifest(link, passcode) {

@@ -1,7 +1,8 @@
 // The reports of a study in the wallet: each report as it stands (an amendment shown over
 // what it superseded), its text readable at phone size, and its PDF one tap away. The
 // node lists them at GET /patient/studies/{ref}/reports (docs/reports.md); every value
-// is inserted as text, never as HTML.
+// is inserted as text, never as HTML. An opinion returned through a share link is flagged
+// "New opinion" until the patient opens it.
 
 import { signedFetch, signedJson } from "./signed.js";
 
@@ -37,6 +38,12 @@ function reportCard(key, study, report, urls) {
     node("span", "report-title", report.title),
   );
   card.append(head, node("div", "muted", reportDate(report.date, report.time)));
+  if (report.contribution) {
+    // Returned through one of the patient's links: the name is as its author stated it.
+    card.dataset.contribution = "true";
+    if (report.new) head.prepend(node("span", "report-new", "New opinion"));
+    card.append(node("div", "muted report-author", `From ${report.author} (as they stated it)`));
+  }
   if (report.superseded.length) {
     const older = report.superseded.map((v) => `${STATUS_WORDS[v.status] || v.status} ${reportDate(v.date, v.time)}`);
     card.append(node("div", "muted report-history", `Replaces: ${older.join(", ")}`));
@@ -48,6 +55,7 @@ function reportCard(key, study, report, urls) {
     open.addEventListener("click", async () => {
       const path = `/patient/studies/${study.ref}/reports/${report.sop_instance_uid}.pdf`;
       const response = await signedFetch(key, "GET", path);
+      card.querySelector(".report-new")?.remove(); // opened: the node marks it seen
       const url = URL.createObjectURL(await response.blob());
       urls.push(url);
       window.open(url, "_blank", "noopener");

@@ -150,6 +150,7 @@ async function makeLink() {
   const scope = chosenStudies();
   const label = $("link-label").value.trim();
   const passcode = $("link-passcode").value || null;
+  const opinions = $("link-opinions").checked; // the holder may return an opinion
   const lifetime = Number($("link-lifetime").value);
   const whom = label ? `anyone with the link "${label}"` : "anyone with the link";
   await confirmAction(shareSentence(scope, whom, Math.floor(Date.now() / 1000) + lifetime), {
@@ -178,6 +179,7 @@ async function makeLink() {
     manifest: await secretDigest(manifestId),
     passcode,
     files,
+    opinions,
   };
   const answer = await signedJson(app.key, "POST", "/patient/links", utf8(JSON.stringify(body)));
   await verifyRecorded(answer, app.vkey, "grant", "token", token);
