@@ -28,17 +28,21 @@ from typing import Any
 from node.core import atna
 from node.core.base64url import b64url_encode
 from node.core.consent import (
+    RULE_MESSAGES,
     AccessRequest,
     ConsentPolicy,
     ConsentView,
+    Delegation,
     GrantToken,
     KeyStatus,
+    Power,
     Rule,
     Verdict,
     admit_grant,
     decode_delegation,
     decode_grant,
     decode_revocation,
+    power_failure,
     scope_text,
     validate_grant,
 )
@@ -399,8 +403,10 @@ def record_revocation(runtime: NodeRuntime, revocation_bytes: bytes) -> Revocati
     """Record a patient's revocation; idempotent.
 
     The revocation must verify under an enrolled key. It may name a token this node has
-    not seen yet: the token is then refused when it arrives. Raises BadInput (malformed),
-    Unauthorized (bad signature), Forbidden (key not enrolled here).
+    not seen yet: the token is then refused when it arrives. A delegate's revocation
+    (version 2) must name a recorded grant of the patient, under a live delegation with
+    the power ``revoke`` covering the grant's studies. Raises BadInput (malformed),
+    Unauthorized (bad signature), Forbidden (key not enrolled here, delegation refused).
     """
     revocation = decode_revocation(revocation_bytes)
     if not revocation.signature_valid():
@@ -413,6 +419,12 @@ def record_revocation(runtime: NodeRuntime, revocation_bytes: bytes) -> Revocati
         known = service.state.revocation_index(revocation.patient_key, revocation.token_id)
         if known is not None:
             return RevocationRecord(revocation.token_id, known, newly=False)
+        if revocation.delegation is not None:
+            grant = service.state.grant(revocation.token_id)
+            if grant is None or grant.patient_key != revocation.patient_key:
+                raise Forbidden("a delegate may revoke only a recorded grant of the patient")
+            scope = decode_grant(grant.token).fields.scope
+            check_delegate(runtime, revocation.delegation, Power.REVOKE, scope)
         appended = service.append(Revoke(revocation=revocation_bytes))
     runtime.security_audit.record(
         atna.consent_changed,
@@ -423,6 +435,35 @@ def record_revocation(runtime: NodeRuntime, revocation_bytes: bytes) -> Revocati
     )
     _release_from_pacs_cache(runtime, revocation.patient_key, revocation.token_id)
     return RevocationRecord(revocation.token_id, appended.index, newly=True)
+
+
+def recorded_delegation(runtime: NodeRuntime, delegation_id: bytes) -> Delegation | None:
+    """A delegation recorded here, by its id, or None."""
+    raw = runtime.services.consent.state.delegation(delegation_id)
+    return None if raw is None else decode_delegation(raw)
+
+
+def check_delegate(
+    runtime: NodeRuntime,
+    chain: Delegation,
+    power: Power,
+    scope: tuple[bytes, ...] | None,
+    now: int | None = None,
+) -> None:
+    """Raise Forbidden, naming the rule, unless the delegate may use ``power`` over
+    ``scope`` (None: every study) now: consent.power_failure on this node's log."""
+    state = runtime.services.consent.state
+    pair = (chain.patient_key, chain.delegation_id)
+    revoked = state.revocation_index(*pair) is not None
+    recorded = state.delegation_index(chain.delegation_id) is not None
+    view = ConsentView(
+        revoked=frozenset({pair} if revoked else set()),
+        delegations=frozenset({chain.delegation_id} if recorded else set()),
+    )
+    now = int(time.time()) if now is None else now
+    rule = power_failure(chain, power, scope, view, consent_policy(runtime), now)
+    if rule is not None:
+        raise Forbidden(f"delegation refused ({rule.value}): {RULE_MESSAGES[rule]}")
 
 
 def record_delegation(runtime: NodeRuntime, delegation_bytes: bytes, signer_key: bytes) -> int:
@@ -477,6 +518,8 @@ def record_patient_statement(
         if known is not None:
             return known
         return service.append(body).index
+
+
 def _release_from_pacs_cache(runtime: NodeRuntime, patient_key: bytes, token_id: bytes) -> None:
     """Drop from the PACS cache the revoked grant's studies that no other live grant of
     the patient still covers: the copy was made for grantees, and none may have it now."""

@@ -258,6 +258,13 @@ class ConsentState(LockedDatabase):
         )
         return None if row is None else int(row[0])
 
+    def delegation(self, delegation_id: bytes) -> bytes | None:
+        """The signed bytes of a recorded delegation, or None."""
+        row = self._one(
+            "SELECT delegation FROM delegations WHERE delegation_id = ?", (delegation_id,)
+        )
+        return None if row is None else bytes(row[0])
+
     def delegations_of_key(self, public_key: bytes) -> list[tuple[bytes, int]]:
         """A patient key's recorded delegations: (signed bytes, log index), oldest first."""
         rows = self._all(
@@ -279,8 +286,7 @@ class ConsentState(LockedDatabase):
     def break_glass(self, request: bytes) -> BreakGlassRow | None:
         """The served emergency request with this id, or None."""
         row = self._one(
-            "SELECT request, requester, studies, ledger_index FROM break_glass"
-            " WHERE request = ?",
+            "SELECT request, requester, studies, ledger_index FROM break_glass WHERE request = ?",
             (request,),
         )
         return None if row is None else BreakGlassRow(*row)
