@@ -20,6 +20,10 @@ revocation as the delegate's, and once the delegation is revoked both are refuse
 auditor passes the first grant and the delegate's revocation, and rejects a grant and a
 revocation written into A's log after their delegation's revocation.
 
+Guardian: staff enroll a guardian's key for a minor with no key of their own (A makes and
+holds one); the guardian grants B the minor's study, B fetches it, and the auditor
+accepts it. A patient with a key of their own cannot be given a guardian at the desk.
+
 The web wallet, restored from the first patient's seed in headless Chromium at phone
 size, shows the policy, the delegations and the flagged event, and changes the first two
 (screenshots in test-artifacts/wallet-safety/).
@@ -39,6 +43,7 @@ import pytest
 from node.core.base64url import b64url_encode
 from node.core.consent import (
     Power,
+    decode_delegation,
     decode_grant,
     parse_token_text,
     sign_revocation,
@@ -65,6 +70,7 @@ from tests.support.web_wallet import PASSPHRASE, restore_wallet, wait_for_screen
 
 ALLOWS = "MRN-BG-ALLOWS"
 NEVER = "MRN-BG-NEVER"
+MINOR = "MRN-BG-MINOR"
 # A's limit on new emergency requests per member and hour: small, so the test reaches it.
 EMERGENCY_PER_HOUR = 3
 NOTE = "unconscious after a fall; prior head CT wanted"
@@ -133,7 +139,8 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     a.append_config(f"[consent]\nmax_emergency_per_hour = {EMERGENCY_PER_HOUR}")
     make_ct_study(base / "allows", series=1, slices=2, patient_id=ALLOWS)
     make_ct_study(base / "never", series=1, slices=2, patient_id=NEVER)
-    a.cli("import", str(base / "allows"), str(base / "never"))
+    make_ct_study(base / "minor", series=1, slices=2, patient_id=MINOR)
+    a.cli("import", str(base / "allows"), str(base / "never"), str(base / "minor"))
     a.start()
     b.start()
     try:
@@ -445,9 +452,64 @@ class TestActingForThePatient:
         ]
 
 
+@pytest.fixture(scope="module")
+def guardian(story: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Staff enroll a guardian for the minor; the guardian grants B, which fetches."""
+    a, b = story["a"], story["b"]
+    directory = tmp_path_factory.mktemp("guardian") / "wallet"
+    key = Wallet.create(directory, None).key_for(a.origin).public_key_text
+    desk = json.loads(
+        a.cli("enroll-guardian", "--patient-id", MINOR, f"--key={key}", "--json").stdout
+    )
+    second = json.loads(
+        a.cli("enroll-guardian", "--patient-id", MINOR, f"--key={key}", "--json").stdout
+    )
+    own_key = a.cli("enroll-guardian", "--patient-id", ALLOWS, f"--key={key}", check=False)
+    granted = patient(directory, "grant-as-delegate", desk["delegation"], "--to", b.origin, "--all")
+    fetched = b.cli("fetch", granted["token"], "--json", check=False)
+    return {
+        "desk": desk,
+        "second": second,
+        "own_key": own_key,
+        "granted": granted,
+        "fetched": fetched,
+    }
+
+
+class TestGuardian:
+    def test_the_desk_delegates_every_power_of_a_key_it_holds_for_the_minor(
+        self, story: dict[str, Any], guardian: dict[str, Any]
+    ) -> None:
+        desk, second = guardian["desk"], guardian["second"]
+        assert desk["created_minor_key"] and not second["created_minor_key"]
+        assert desk["minor_key"] == second["minor_key"]
+        chain = decode_delegation(parse_token_text(desk["delegation"]))
+        assert set(chain.powers) == set(Power) and chain.scope is None
+        assert chain.signature_valid() and b64url_encode(chain.patient_key) == desk["minor_key"]
+        entries = log_entries(story["a"])
+        assert entries[desk["index"]].kind == "desk_delegation"
+        assert entries[desk["index"] - 1].kind == "enroll"
+
+    def test_the_guardian_grants_the_minors_study_and_the_grantee_fetches_it(
+        self, guardian: dict[str, Any]
+    ) -> None:
+        assert guardian["fetched"].returncode == 0, guardian["fetched"].stderr
+        assert json.loads(guardian["fetched"].stdout)["instances"] == 2
+
+    def test_a_patient_with_a_key_of_their_own_gets_no_guardian_at_the_desk(
+        self, guardian: dict[str, Any]
+    ) -> None:
+        assert guardian["own_key"].returncode == 1
+        assert "their wallet delegates" in guardian["own_key"].stderr
+
+
 class TestAudit:
     def test_the_auditor_lists_the_break_glass_and_flags_forced_entries(
-        self, story: dict[str, Any], delegated: dict[str, Any], acting: dict[str, Any]
+        self,
+        story: dict[str, Any],
+        delegated: dict[str, Any],
+        acting: dict[str, Any],
+        guardian: dict[str, Any],
     ) -> None:
         a, b = story["a"], story["b"]
         report = wait_until(lambda: audited(a, b), timeout=30, interval=0.5)

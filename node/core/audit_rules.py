@@ -37,6 +37,7 @@ from node.core.entries import (
     BreakGlass,
     DelegationEntry,
     Denial,
+    DeskDelegation,
     EmergencyPolicyEntry,
     Enroll,
     Grant,
@@ -507,7 +508,7 @@ def plan_consent_checks(
         body = entry.body
         if isinstance(body, BreakGlass):
             emergencies.setdefault(body.request, body)
-        elif isinstance(body, DelegationEntry):
+        elif isinstance(body, DelegationEntry | DeskDelegation):
             delegations |= _signed_delegation_id(body)
         elif isinstance(body, Enroll):
             keys[body.key] = KeyStatus(body.subject)
@@ -560,7 +561,7 @@ def plan_consent_checks(
     return findings.done(), checks
 
 
-def _signed_delegation_id(body: DelegationEntry) -> set[bytes]:
+def _signed_delegation_id(body: DelegationEntry | DeskDelegation) -> set[bytes]:
     """The id of a recorded delegation whose patient signature verifies (else nothing)."""
     try:
         delegation = decode_delegation(body.delegation)

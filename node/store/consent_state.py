@@ -23,6 +23,7 @@ from node.core.emergency import decode_policy
 from node.core.entries import (
     BreakGlass,
     DelegationEntry,
+    DeskDelegation,
     EmergencyPolicyEntry,
     Enroll,
     EntryBody,
@@ -223,7 +224,7 @@ class ConsentState(LockedDatabase):
                 " VALUES (?, ?, ?)",
                 (policy.patient_key, index, policy.raw),
             )
-        elif isinstance(body, DelegationEntry):
+        elif isinstance(body, DelegationEntry | DeskDelegation):
             try:
                 delegation = decode_delegation(body.delegation)
             except BadInput:

@@ -55,6 +55,7 @@ def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
     app.router.add_get("/patient/studies/{ref}/reports", list_reports)
     app.router.add_get("/patient/studies/{ref}/reports/{instance:[0-9.]{1,64}}.pdf", report_pdf)
     app.router.add_post("/admin/api/enrollments", enroll)
+    app.router.add_post("/admin/api/guardians", enroll_guardian)
 
 
 @dataclass(frozen=True)
@@ -293,9 +294,8 @@ async def report_pdf(request: web.Request) -> web.Response:
     )
 
 
-async def enroll(request: web.Request) -> web.Response:
-    """Staff enrollment (admin token): JSON {"patient_id", "key"}."""
-    runtime = runtime_of(request)
+async def _enrollment_request(request: web.Request) -> tuple[str, str]:
+    """The patient id and key text of a desk's JSON {"patient_id", "key"}."""
     try:
         document = await request.json()
         patient_id, key_text = document["patient_id"], document["key"]
@@ -303,6 +303,23 @@ async def enroll(request: web.Request) -> web.Response:
         raise BadInput('enrollment needs JSON {"patient_id": ..., "key": ...}') from exc
     if not isinstance(patient_id, str) or not isinstance(key_text, str):
         raise BadInput("patient_id and key must be strings")
+    return patient_id, key_text
+
+
+async def enroll(request: web.Request) -> web.Response:
+    """Staff enrollment (admin token): JSON {"patient_id", "key"}."""
+    runtime = runtime_of(request)
+    patient_id, key_text = await _enrollment_request(request)
     public_key = parse_public_key(key_text)
     result = await asyncio.to_thread(consent.enroll_patient, runtime, patient_id, public_key)
     return web.json_response(consent.enroll_result_json(result, public_key))
+
+
+async def enroll_guardian(request: web.Request) -> web.Response:
+    """Staff enrollment of a minor's guardian (admin token): JSON {"patient_id", "key"}."""
+    runtime = runtime_of(request)
+    patient_id, key_text = await _enrollment_request(request)
+    result = await asyncio.to_thread(
+        consent.enroll_guardian, runtime, patient_id, parse_public_key(key_text)
+    )
+    return web.json_response(consent.guardian_result_json(result))
