@@ -392,6 +392,14 @@ def acting(story: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> d
         return lambda s: delegate.as_delegate(s, a.url, chain, "GET", "/patient/tokens")
 
     read = run(tokens(keeper))
+    other_patient = Wallet.open(story["allows"], None).key_for(a.origin).public_key_text
+
+    async def for_another_patient(session: Any) -> Any:
+        custodian = await delegate.custodian(session, a.url)
+        query = f"for={other_patient}&delegation={token_id_of(keeper).hex()}"
+        return await delegate.signed(session, custodian, "GET", "/patient/tokens?" + query)
+
+    wrong_patient = refusal(for_another_patient)
     no_power = refusal(tokens(grant_only))
     own_key = refusal(lambda s: delegate.studies(s, a.url))
     revoked = run(lambda s: delegate.revoke_as_delegate(s, a.url, keeper, first_id))
@@ -407,6 +415,7 @@ def acting(story: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> d
         "read": read,
         "no_power": no_power,
         "own_key": own_key,
+        "wrong_patient": wrong_patient,
         "revoked": revoked,
         "after_revoke": after_revoke,
         "read_after_end": read_after_end,
@@ -430,6 +439,12 @@ class TestActingForThePatient:
     def test_a_delegates_own_key_is_no_patient_key_here(self, acting: dict[str, Any]):
         assert acting["own_key"].startswith("Unauthorized")
         assert "unknown signer" in acting["own_key"]
+
+    def test_a_delegate_naming_another_patient_than_its_delegations_is_refused(
+        self, acting: dict[str, Any]
+    ) -> None:
+        assert acting["wrong_patient"].startswith("Unauthorized")
+        assert "unknown signer" in acting["wrong_patient"]
 
     def test_a_delegate_with_revoke_revokes_a_grant_of_the_patient(
         self, acting: dict[str, Any]
