@@ -383,7 +383,8 @@ def acting(story: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> d
         made = run(lambda s: principal.delegate(s, a.url, delegate_key, None, powers, DAY))
         return parse_token_text(made["delegation"])
 
-    keeper, grant_only = delegation(Power.REVOKE, Power.VIEW_LOG), delegation(Power.GRANT)
+    keeper = delegation(Power.REVOKE, Power.VIEW_LOG, Power.DOWNLOAD)
+    grant_only = delegation(Power.GRANT)
     first = run(lambda s: principal.grant(s, a.url, b.origin, None, 3600))
     second = run(lambda s: principal.grant(s, a.url, b.origin, None, 3600))
     first_id, second_id = bytes.fromhex(first["token_id"]), bytes.fromhex(second["token_id"])
@@ -392,6 +393,10 @@ def acting(story: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> d
         return lambda s: delegate.as_delegate(s, a.url, chain, "GET", "/patient/tokens")
 
     read = run(tokens(keeper))
+    studies = run(lambda s: delegate.as_delegate(s, a.url, keeper, "GET", "/patient/studies"))
+    no_download = refusal(
+        lambda s: delegate.as_delegate(s, a.url, grant_only, "GET", "/patient/studies")
+    )
     other_patient = Wallet.open(story["allows"], None).key_for(a.origin).public_key_text
 
     async def for_another_patient(session: Any) -> Any:
@@ -415,6 +420,8 @@ def acting(story: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> d
         "read": read,
         "no_power": no_power,
         "own_key": own_key,
+        "studies": studies,
+        "no_download": no_download,
         "wrong_patient": wrong_patient,
         "revoked": revoked,
         "after_revoke": after_revoke,
@@ -435,6 +442,12 @@ class TestActingForThePatient:
     def test_a_delegate_without_view_log_is_refused(self, acting: dict[str, Any]) -> None:
         assert acting["no_power"].startswith("Forbidden")
         assert "delegation_no_power" in acting["no_power"]
+
+    def test_a_delegate_with_download_lists_the_patients_studies_and_without_it_is_refused(
+        self, acting: dict[str, Any]
+    ) -> None:
+        assert [s["instances"] for s in acting["studies"]["studies"]] == [2]
+        assert "delegation_no_power" in acting["no_download"]
 
     def test_a_delegates_own_key_is_no_patient_key_here(self, acting: dict[str, Any]):
         assert acting["own_key"].startswith("Unauthorized")
