@@ -13,8 +13,16 @@ log, and the auditor flags it as served against the policy in force.
 
 Delegation: the first patient delegates the power to grant to another person's key; the
 delegate grants B, which fetches; the patient revokes the delegation, and the delegate's
-next grant is refused, while the grant it made before keeps working. The auditor passes
-the first grant and rejects one written into A's log after the revocation.
+next grant is refused, while the grant it made before keeps working. The second patient
+lets a delegate read their tokens and revoke their grants: the delegate does both with
+its own key, a delegation without ``view_log`` is refused, the patient's log shows the
+revocation as the delegate's, and once the delegation is revoked both are refused. The
+auditor passes the first grant and the delegate's revocation, and rejects a grant and a
+revocation written into A's log after their delegation's revocation.
+
+Guardian: staff enroll a guardian's key for a minor with no key of their own (A makes and
+holds one); the guardian grants B the minor's study, B fetches it, and the auditor
+accepts it. A patient with a key of their own cannot be given a guardian at the desk.
 
 The web wallet, restored from the first patient's seed in headless Chromium at phone
 size, shows the policy, the delegations and the flagged event, and changes the first two
@@ -25,17 +33,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import pytest
 
-from node.core.consent import decode_grant, parse_token_text
+from node.core.base64url import b64url_encode
+from node.core.consent import (
+    Power,
+    decode_delegation,
+    decode_grant,
+    parse_token_text,
+    sign_revocation,
+    token_id_of,
+)
 from node.core.emergency import Choice, split_references
-from node.core.entries import Access, BreakGlass, Denial, Grant, Receipt
+from node.core.entries import Access, BreakGlass, Denial, Grant, Receipt, Revoke
+from node.errors import Forbidden, Unauthorized
 from node.samples import make_ct_study
-from node.services.consent import subject_reference
+from node.services.consent import DAY, subject_reference
 from node.services.runtime import open_runtime
 from node.services.wallet import Wallet
 from tests.support.browser import chromium_session
@@ -52,6 +70,7 @@ from tests.support.web_wallet import PASSPHRASE, restore_wallet, wait_for_screen
 
 ALLOWS = "MRN-BG-ALLOWS"
 NEVER = "MRN-BG-NEVER"
+MINOR = "MRN-BG-MINOR"
 # A's limit on new emergency requests per member and hour: small, so the test reaches it.
 EMERGENCY_PER_HOUR = 3
 NOTE = "unconscious after a fall; prior head CT wanted"
@@ -120,7 +139,8 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     a.append_config(f"[consent]\nmax_emergency_per_hour = {EMERGENCY_PER_HOUR}")
     make_ct_study(base / "allows", series=1, slices=2, patient_id=ALLOWS)
     make_ct_study(base / "never", series=1, slices=2, patient_id=NEVER)
-    a.cli("import", str(base / "allows"), str(base / "never"))
+    make_ct_study(base / "minor", series=1, slices=2, patient_id=MINOR)
+    a.cli("import", str(base / "allows"), str(base / "never"), str(base / "minor"))
     a.start()
     b.start()
     try:
@@ -148,6 +168,7 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             "a": a,
             "b": b,
             "allows": allows,
+            "never": never,
             "enrolled": enrolled,
             "policies": {"allows": policy_allows, "never": policy_never},
             "shown": shown,
@@ -256,6 +277,13 @@ class TestBreakGlass:
         assert f"EMERGENCY ACCESS by {b.origin} (ETREAT)" in human.stdout
 
 
+def logged(story: dict[str, Any], wallet: str, kind: str) -> list[dict[str, Any]]:
+    """The events of one kind in the patient log of one of the story's wallets."""
+    a, b = story["a"], story["b"]
+    result = patient(story[wallet], "log", a.url, b.url, check=False)
+    return [e for e in json.loads(result.stdout)["events"] if e["kind"] == kind]
+
+
 @pytest.fixture(scope="module")
 def delegated(story: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     a, b = story["a"], story["b"]
@@ -325,18 +353,191 @@ class TestDelegation:
     def test_the_patient_sees_the_delegated_grant_and_the_revoked_delegation(
         self, story: dict[str, Any], delegated: dict[str, Any]
     ) -> None:
-        a, b = story["a"], story["b"]
-        result = patient(story["allows"], "log", a.url, b.url, check=False)
-        events = json.loads(result.stdout)["events"]
-        grants = [e for e in events if e["kind"] == "grant"]
+        grants = logged(story, "allows", "grant")
         assert [g["token_id"] for g in grants] == [delegated["first"]["token_id"]]
-        assert grants[0]["grantee"] == b.origin
+        assert grants[0]["grantee"] == story["b"].origin
         assert [d["status"] for d in delegated["listed"]] == ["revoked"]
+
+
+def refusal(call: Any) -> str:
+    """The message of the refusal ``call`` (a coroutine factory taking a session) ends in."""
+    try:
+        asyncio.run(with_session(call))
+    except (Forbidden, Unauthorized) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    raise AssertionError("the request was not refused")
+
+
+@pytest.fixture(scope="module")
+def acting(story: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The second patient's delegate reads their tokens and revokes one of their grants."""
+    a, b = story["a"], story["b"]
+    principal = Wallet.open(story["never"], None)
+    delegate = Wallet.create(tmp_path_factory.mktemp("acting") / "wallet", None)
+    delegate_key = delegate.key_for(a.origin).public_key
+
+    def run(call: Any) -> Any:
+        return asyncio.run(with_session(call))
+
+    def delegation(*powers: Power) -> bytes:
+        made = run(lambda s: principal.delegate(s, a.url, delegate_key, None, powers, DAY))
+        return parse_token_text(made["delegation"])
+
+    keeper = delegation(Power.REVOKE, Power.VIEW_LOG, Power.DOWNLOAD)
+    grant_only = delegation(Power.GRANT)
+    first = run(lambda s: principal.grant(s, a.url, b.origin, None, 3600))
+    second = run(lambda s: principal.grant(s, a.url, b.origin, None, 3600))
+    first_id, second_id = bytes.fromhex(first["token_id"]), bytes.fromhex(second["token_id"])
+
+    def tokens(chain: bytes) -> Any:
+        return lambda s: delegate.as_delegate(s, a.url, chain, "GET", "/patient/tokens")
+
+    read = run(tokens(keeper))
+    studies = run(lambda s: delegate.as_delegate(s, a.url, keeper, "GET", "/patient/studies"))
+    no_download = refusal(
+        lambda s: delegate.as_delegate(s, a.url, grant_only, "GET", "/patient/studies")
+    )
+    other_patient = Wallet.open(story["allows"], None).key_for(a.origin).public_key_text
+
+    async def for_another_patient(session: Any) -> Any:
+        custodian = await delegate.custodian(session, a.url)
+        query = f"for={other_patient}&delegation={token_id_of(keeper).hex()}"
+        return await delegate.signed(session, custodian, "GET", "/patient/tokens?" + query)
+
+    wrong_patient = refusal(for_another_patient)
+    no_power = refusal(tokens(grant_only))
+    own_key = refusal(lambda s: delegate.studies(s, a.url))
+    revoked = run(lambda s: delegate.revoke_as_delegate(s, a.url, keeper, first_id))
+    after_revoke = run(tokens(keeper))
+    run(lambda s: principal.revoke(s, a.url, token_id_of(keeper)))
+    read_after_end = refusal(tokens(keeper))
+    revoke_after_end = refusal(lambda s: delegate.revoke_as_delegate(s, a.url, keeper, second_id))
+    late = delegate.key_for(a.origin)
+    late_revocation = sign_revocation(
+        late.public_key, second_id, int(time.time()), late.sign, keeper
+    )
+    return {
+        "read": read,
+        "no_power": no_power,
+        "own_key": own_key,
+        "studies": studies,
+        "no_download": no_download,
+        "wrong_patient": wrong_patient,
+        "revoked": revoked,
+        "after_revoke": after_revoke,
+        "read_after_end": read_after_end,
+        "revoke_after_end": revoke_after_end,
+        "first_id": first_id,
+        "second_id": second_id,
+        "delegate_key": delegate_key,
+        "late_revocation": late_revocation,
+    }
+
+
+class TestActingForThePatient:
+    def test_a_delegate_with_view_log_reads_the_patients_tokens(self, acting: dict[str, Any]):
+        listed = {t["token_id"]: t["status"] for t in acting["read"]["tokens"]}
+        assert listed == {acting["first_id"].hex(): "active", acting["second_id"].hex(): "active"}
+
+    def test_a_delegate_without_view_log_is_refused(self, acting: dict[str, Any]) -> None:
+        assert acting["no_power"].startswith("Forbidden")
+        assert "delegation_no_power" in acting["no_power"]
+
+    def test_a_delegate_with_download_lists_the_patients_studies_and_without_it_is_refused(
+        self, acting: dict[str, Any]
+    ) -> None:
+        assert [s["instances"] for s in acting["studies"]["studies"]] == [2]
+        assert "delegation_no_power" in acting["no_download"]
+
+    def test_a_delegates_own_key_is_no_patient_key_here(self, acting: dict[str, Any]):
+        assert acting["own_key"].startswith("Unauthorized")
+        assert "unknown signer" in acting["own_key"]
+
+    def test_a_delegate_naming_another_patient_than_its_delegations_is_refused(
+        self, acting: dict[str, Any]
+    ) -> None:
+        assert acting["wrong_patient"].startswith("Unauthorized")
+        assert "unknown signer" in acting["wrong_patient"]
+
+    def test_a_delegate_with_revoke_revokes_a_grant_of_the_patient(
+        self, acting: dict[str, Any]
+    ) -> None:
+        assert acting["revoked"]["status"] == "revoked"
+        statuses = {t["token_id"]: t["status"] for t in acting["after_revoke"]["tokens"]}
+        assert statuses[acting["first_id"].hex()] == "revoked"
+        assert statuses[acting["second_id"].hex()] == "active"
+
+    def test_after_the_delegation_is_revoked_both_are_refused(self, acting: dict[str, Any]):
+        for refused in (acting["read_after_end"], acting["revoke_after_end"]):
+            assert refused.startswith("Forbidden") and "delegation_revoked" in refused
+
+    def test_the_patients_log_shows_the_revocation_was_the_delegates(
+        self, story: dict[str, Any], acting: dict[str, Any]
+    ) -> None:
+        revokes = logged(story, "never", "revoke")
+        assert [(e["token_id"], e["delegate"]) for e in revokes] == [
+            (acting["first_id"].hex(), b64url_encode(acting["delegate_key"]))
+        ]
+
+
+@pytest.fixture(scope="module")
+def guardian(story: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Staff enroll a guardian for the minor; the guardian grants B, which fetches."""
+    a, b = story["a"], story["b"]
+    directory = tmp_path_factory.mktemp("guardian") / "wallet"
+    key = Wallet.create(directory, None).key_for(a.origin).public_key_text
+    desk = json.loads(
+        a.cli("enroll-guardian", "--patient-id", MINOR, f"--key={key}", "--json").stdout
+    )
+    second = json.loads(
+        a.cli("enroll-guardian", "--patient-id", MINOR, f"--key={key}", "--json").stdout
+    )
+    own_key = a.cli("enroll-guardian", "--patient-id", ALLOWS, f"--key={key}", check=False)
+    granted = patient(directory, "grant-as-delegate", desk["delegation"], "--to", b.origin, "--all")
+    fetched = b.cli("fetch", granted["token"], "--json", check=False)
+    return {
+        "desk": desk,
+        "second": second,
+        "own_key": own_key,
+        "granted": granted,
+        "fetched": fetched,
+    }
+
+
+class TestGuardian:
+    def test_the_desk_delegates_every_power_of_a_key_it_holds_for_the_minor(
+        self, story: dict[str, Any], guardian: dict[str, Any]
+    ) -> None:
+        desk, second = guardian["desk"], guardian["second"]
+        assert desk["created_minor_key"] and not second["created_minor_key"]
+        assert desk["minor_key"] == second["minor_key"]
+        chain = decode_delegation(parse_token_text(desk["delegation"]))
+        assert set(chain.powers) == set(Power) and chain.scope is None
+        assert chain.signature_valid() and b64url_encode(chain.patient_key) == desk["minor_key"]
+        entries = log_entries(story["a"])
+        assert entries[desk["index"]].kind == "desk_delegation"
+        assert entries[desk["index"] - 1].kind == "enroll"
+
+    def test_the_guardian_grants_the_minors_study_and_the_grantee_fetches_it(
+        self, guardian: dict[str, Any]
+    ) -> None:
+        assert guardian["fetched"].returncode == 0, guardian["fetched"].stderr
+        assert json.loads(guardian["fetched"].stdout)["instances"] == 2
+
+    def test_a_patient_with_a_key_of_their_own_gets_no_guardian_at_the_desk(
+        self, guardian: dict[str, Any]
+    ) -> None:
+        assert guardian["own_key"].returncode == 1
+        assert "their wallet delegates" in guardian["own_key"].stderr
 
 
 class TestAudit:
     def test_the_auditor_lists_the_break_glass_and_flags_forced_entries(
-        self, story: dict[str, Any], delegated: dict[str, Any]
+        self,
+        story: dict[str, Any],
+        delegated: dict[str, Any],
+        acting: dict[str, Any],
+        guardian: dict[str, Any],
     ) -> None:
         a, b = story["a"], story["b"]
         report = wait_until(lambda: audited(a, b), timeout=30, interval=0.5)
@@ -367,6 +568,10 @@ class TestAudit:
             late = runtime.services.ledger.append(
                 Grant(token=parse_token_text(delegated["after"]["token"]))
             )
+            # ... and the delegate's revocation it refused after that delegation's end.
+            late_revoke = runtime.services.ledger.append(
+                Revoke(revocation=acting["late_revocation"])
+            )
         finally:
             runtime.close()
         a.start()
@@ -382,6 +587,10 @@ class TestAudit:
         outside = [v for v in report["violations"] if v["rule"] == "grant_outside_delegation"]
         assert [(v["index"], "delegation_revoked" in v["detail"]) for v in outside] == [
             (late.index, True)
+        ]
+        outside = [v for v in report["violations"] if v["rule"] == "revocation_outside_delegation"]
+        assert [(v["index"], "delegation_revoked" in v["detail"]) for v in outside] == [
+            (late_revoke.index, True)
         ]
 
 

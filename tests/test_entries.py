@@ -56,6 +56,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     },
     "emergency_policy": {"policy": b"patient-signed emergency policy"},
     "delegation": {"delegation": b"patient-signed delegation"},
+    "desk_delegation": {"delegation": b"delegation signed with a minor's custodian-held key"},
     "break_glass": {
         "request": H,
         "requester": "b.example/imageshare",

@@ -23,11 +23,13 @@ from node.core.consent import (
     ConsentView,
     GrantToken,
     KeyStatus,
+    Power,
     Revocation,
     Rule,
     decode_delegation,
     delegation_failure,
     is_link_grantee,
+    power_failure,
 )
 from node.core.emergency import EmergencyPolicy, decode_policy, split_references
 from node.core.entries import (
@@ -35,6 +37,7 @@ from node.core.entries import (
     BreakGlass,
     DelegationEntry,
     Denial,
+    DeskDelegation,
     EmergencyPolicyEntry,
     Enroll,
     Grant,
@@ -84,6 +87,8 @@ RULES: dict[str, str] = {
     "receipt_without_access": "a receipt has no matching access in the custodian's log",
     "grant_outside_delegation": "a delegate's grant was recorded without a live delegation "
     "giving that power over those studies (not recorded before it, revoked, expired)",
+    "revocation_outside_delegation": "a delegate's revocation was recorded without a live "
+    "delegation giving the power to revoke that grant (or names no grant of the patient)",
     "emergency_policy_invalid": "an emergency policy is not signed by an enrolled, unretired "
     "key of the patient for this custodian",
     "break_glass_against_policy": "a break-glass access was served against the patient's "
@@ -503,7 +508,7 @@ def plan_consent_checks(
         body = entry.body
         if isinstance(body, BreakGlass):
             emergencies.setdefault(body.request, body)
-        elif isinstance(body, DelegationEntry):
+        elif isinstance(body, DelegationEntry | DeskDelegation):
             delegations |= _signed_delegation_id(body)
         elif isinstance(body, Enroll):
             keys[body.key] = KeyStatus(body.subject)
@@ -521,6 +526,17 @@ def plan_consent_checks(
                     findings.add("grant_outside_delegation", index, detail)
         elif isinstance(body, Revoke):
             _judge_revocation(index, body.revocation, grants, revoked, signatures, findings)
+            _judge_delegated_revocation(
+                index,
+                entry.time,
+                body.revocation,
+                grants,
+                revoked,
+                delegations,
+                policy,
+                signatures,
+                findings,
+            )
         elif isinstance(body, Access):
             token = grants.get(body.token_id)
             if token is None and body.token_id in emergencies:
@@ -545,7 +561,7 @@ def plan_consent_checks(
     return findings.done(), checks
 
 
-def _signed_delegation_id(body: DelegationEntry) -> set[bytes]:
+def _signed_delegation_id(body: DelegationEntry | DeskDelegation) -> set[bytes]:
     """The id of a recorded delegation whose patient signature verifies (else nothing)."""
     try:
         delegation = decode_delegation(body.delegation)
@@ -597,6 +613,34 @@ def _judge_revocation(
         findings.add("revocation_bad_signature", index, "signed by another key than the grant's")
     else:
         revoked.add((revocation.patient_key, revocation.token_id))
+
+
+def _judge_delegated_revocation(
+    index: int,
+    time: int,
+    raw: bytes,
+    grants: Mapping[bytes, GrantToken],
+    revoked: set[tuple[bytes, bytes]],
+    delegations: set[bytes],
+    policy: ConsentPolicy,
+    signatures: SignatureChecks,
+    findings: _Findings,
+) -> None:
+    """A delegate's revocation, judged by the custodian's rule on the log before it."""
+    revocation = signatures.revocations.get(raw)
+    if revocation is None or revocation.delegation is None:
+        return
+    grant = grants.get(revocation.token_id)
+    if grant is None or grant.patient_key != revocation.patient_key:
+        findings.add("revocation_outside_delegation", index, "it names no grant of the patient")
+        return
+    view = ConsentView(revoked=frozenset(revoked), delegations=frozenset(delegations))
+    rule = power_failure(
+        revocation.delegation, Power.REVOKE, grant.fields.scope, view, policy, time
+    )
+    if rule is not None:
+        detail = f"its delegation fails the rule '{rule.value}' when recorded"
+        findings.add("revocation_outside_delegation", index, detail)
 
 
 def access_violation(check: AccessCheck, refused: Rule | None) -> Violation | None:

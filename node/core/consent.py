@@ -100,10 +100,10 @@ RULE_MESSAGES: dict[Rule, str] = {
     Rule.EMERGENCY_UNKNOWN_PATIENT: "no patient here has the identifier the request names",
     Rule.EMERGENCY_NOT_ALLOWED: "the patient's emergency policy does not allow this node",
     Rule.EMERGENCY_RATE_LIMITED: "this node has made too many emergency requests this hour",
-    Rule.DELEGATION_NOT_LIVE: "the grant's delegation was not recorded and in force when it came",
-    Rule.DELEGATION_REVOKED: "the patient revoked the delegation the grant was made under",
-    Rule.DELEGATION_NO_POWER: "the grant's delegation does not give the power to grant",
-    Rule.DELEGATION_OUT_OF_SCOPE: "the grant reaches studies its delegation does not cover",
+    Rule.DELEGATION_NOT_LIVE: "the delegation was not recorded and in force when it was used",
+    Rule.DELEGATION_REVOKED: "the patient revoked the delegation the delegate acts under",
+    Rule.DELEGATION_NO_POWER: "the delegation does not give the power this needs",
+    Rule.DELEGATION_OUT_OF_SCOPE: "this reaches studies the delegation does not cover",
 }
 
 
@@ -431,41 +431,80 @@ def decode_grant(token_bytes: bytes) -> GrantToken:
 
 @dataclass(frozen=True)
 class Revocation:
-    """A patient's signed statement that one of its tokens is no longer valid."""
+    """A patient's signed statement that one of its tokens is no longer valid.
+
+    Version 2 is a delegate's: signed by the delegate's key, carrying the patient-signed
+    delegation it acts under (``[2, delegate_key, token_id, revoked_at, delegation,
+    signature]``). ``patient_key`` is always the patient's: the signer's, or the
+    delegation's patient.
+    """
 
     patient_key: bytes
     token_id: bytes
     revoked_at: int
     signature: bytes
     raw: bytes
+    delegation: Delegation | None = None
+
+    @property
+    def signer_key(self) -> bytes:
+        """The key that signed it: the patient's, or the delegate's."""
+        return self.patient_key if self.delegation is None else self.delegation.delegate_key
 
     def signed_message(self) -> bytes:
         return REVOKE_DOMAIN + canonical_encode(
-            [TOKEN_VERSION, self.patient_key, self.token_id, self.revoked_at]
+            _revocation_fields(self.signer_key, self.token_id, self.revoked_at, self.delegation)
         )
 
     def signature_valid(self) -> bool:
-        return verify_ed25519(self.patient_key, self.signed_message(), self.signature)
+        """The signer's signature, and for a delegate's, the delegation's patient signature."""
+        if not verify_ed25519(self.signer_key, self.signed_message(), self.signature):
+            return False
+        return self.delegation is None or self.delegation.signature_valid()
 
 
-def sign_revocation(patient_key: bytes, token_id: bytes, revoked_at: int, sign: Signer) -> bytes:
-    """The signed revocation bytes of one token id."""
+def _revocation_fields(
+    signer_key: bytes, token_id: bytes, revoked_at: int, delegation: Delegation | None
+) -> list[Any]:
+    if delegation is None:
+        return [TOKEN_VERSION, signer_key, token_id, revoked_at]
+    return [DELEGATED_VERSION, signer_key, token_id, revoked_at, delegation.raw]
+
+
+def sign_revocation(
+    patient_key: bytes,
+    token_id: bytes,
+    revoked_at: int,
+    sign: Signer,
+    delegation: bytes | None = None,
+) -> bytes:
+    """The signed revocation bytes of one token id; with ``delegation``, a delegate's
+    (``patient_key`` is then the delegate's key, which signs)."""
     _check_bytes(patient_key, PUBLIC_KEY_SIZE, "patient key")
     _check_bytes(token_id, 32, "token id")
     _check_time(revoked_at, "revocation time")
-    message = REVOKE_DOMAIN + canonical_encode([TOKEN_VERSION, patient_key, token_id, revoked_at])
-    return canonical_encode([TOKEN_VERSION, patient_key, token_id, revoked_at, sign(message)])
+    chain = None if delegation is None else decode_delegation(delegation)
+    if chain is not None and chain.delegate_key != patient_key:
+        raise BadInput("a delegate's revocation is signed by the delegation's delegate")
+    fields = _revocation_fields(patient_key, token_id, revoked_at, chain)
+    return canonical_encode([*fields, sign(REVOKE_DOMAIN + canonical_encode(fields))])
 
 
 def decode_revocation(data: bytes) -> Revocation:
     """Decode a revocation (signature not checked); raises BadInput if malformed."""
-    _, patient_key, token_id, revoked_at, signature = _decode_canonical_list(data, 5, "revocation")
+    value = _decode_canonical_list(data, 5, "revocation", {TOKEN_VERSION: 5, DELEGATED_VERSION: 6})
+    chain = decode_delegation(value.pop(4)) if value[0] == DELEGATED_VERSION else None
+    _, signer_key, token_id, revoked_at, signature = value
+    _check_bytes(signer_key, PUBLIC_KEY_SIZE, "patient key")
+    if chain is not None and chain.delegate_key != signer_key:
+        raise BadInput("a delegate's revocation is signed by the delegation's delegate")
     return Revocation(
-        _check_bytes(patient_key, PUBLIC_KEY_SIZE, "patient key"),
+        signer_key if chain is None else chain.patient_key,
         _check_bytes(token_id, 32, "token id"),
         _check_time(revoked_at, "revocation time"),
         _check_bytes(signature, SIGNATURE_SIZE, "signature"),
         data,
+        chain,
     )
 
 
@@ -609,15 +648,28 @@ def delegation_failure(
     chain = token.delegation
     if chain is None:
         return None
+    return power_failure(chain, Power.GRANT, token.fields.scope, state, policy, now)
+
+
+def power_failure(
+    chain: Delegation,
+    power: Power,
+    scope: tuple[bytes, ...] | None,
+    state: ConsentView,
+    policy: ConsentPolicy,
+    now: int,
+) -> Rule | None:
+    """The rule a delegate's act fails, or None: its delegation is recorded, unrevoked
+    and live at ``now``, gives ``power``, and covers ``scope`` (None: every study)."""
     if chain.delegation_id not in state.delegations:
         return Rule.DELEGATION_NOT_LIVE
     if (chain.patient_key, chain.delegation_id) in state.revoked:
         return Rule.DELEGATION_REVOKED
     if not chain.not_before - policy.clock_skew <= now <= chain.expires + policy.clock_skew:
         return Rule.DELEGATION_NOT_LIVE
-    if Power.GRANT not in chain.powers:
+    if power not in chain.powers:
         return Rule.DELEGATION_NO_POWER
-    if not chain.covers(token.fields.scope):
+    if not chain.covers(scope):
         return Rule.DELEGATION_OUT_OF_SCOPE
     return None
 

@@ -25,6 +25,7 @@ MAX_ENTRY_BYTES = 0xFFFF
 MAX_TEXT = 1024
 _UINT_MAX = 2**63 - 1
 
+
 # Field types: "bin" (any bytes), "bin32"/"bin64" (exact length), "str" (UTF-8, at most
 # MAX_TEXT characters), "int" (0 .. 2**63-1); a trailing "?" also allows nil.
 def _wire(spec: str) -> dict[str, str]:
@@ -169,6 +170,15 @@ class DelegationEntry(EntryBody):
 
 
 @dataclass(frozen=True)
+class DeskDelegation(EntryBody):
+    """Staff at the desk delegated, after an identity check, every power of a minor's
+    custodian-held key to a guardian's key: the delegation verbatim, signed by that key."""
+
+    kind: ClassVar[str] = "desk_delegation"
+    delegation: bytes = field(metadata=_wire("bin"))
+
+
+@dataclass(frozen=True)
 class RosterVersion(EntryBody):
     """A version of the federation roster, its signed note verbatim (in the roster's own
     log, never a node's; node.core.roster_document holds the format and chain rule)."""
@@ -205,6 +215,7 @@ ENTRY_TYPES: dict[str, type[EntryBody]] = _registry(
     EmergencyPolicyEntry,
     BreakGlass,
     DelegationEntry,
+    DeskDelegation,
     RosterVersion,
     Contribution,
 )

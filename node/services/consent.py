@@ -23,28 +23,37 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from node.core import atna
 from node.core.base64url import b64url_encode
 from node.core.consent import (
+    RULE_MESSAGES,
     AccessRequest,
     ConsentPolicy,
     ConsentView,
+    Delegation,
     GrantToken,
     KeyStatus,
+    Power,
     Rule,
     Verdict,
     admit_grant,
     decode_delegation,
     decode_grant,
     decode_revocation,
+    power_failure,
     scope_text,
+    sign_delegation,
+    token_id_of,
+    token_text,
     validate_grant,
 )
 from node.core.entries import (
     DelegationEntry,
     Denial,
+    DeskDelegation,
     Enroll,
     EntryBody,
     Grant,
@@ -52,17 +61,20 @@ from node.core.entries import (
     decode_entry,
 )
 from node.core.keys import PUBLIC_KEY_SIZE
+from node.core.patient_keys import PatientKey
 from node.core.rate_limit import SlidingWindowLimit
 from node.errors import BadInput, ConfigError, Conflict, Forbidden, NotFound, Unauthorized
 from node.services.ledger import LedgerService
 from node.services.runtime import NodeRuntime
 from node.store.consent_state import FILE_NAME as STATE_FILE
 from node.store.consent_state import ConsentState
-from node.store.secrets import read_secret, write_secret
+from node.store.secrets import read_secret, read_seed, write_secret, write_seed
 
 log = logging.getLogger(__name__)
 
 REFERENCE_KEY_FILE = "reference.key"
+# The custodian-held keys of minors, one seed file per subject (enroll_guardian).
+MINOR_KEYS_DIR = "minor-keys"
 STUDY_REF_DOMAIN = b"imageshare/study-ref/v1\n"
 SUBJECT_REF_DOMAIN = b"imageshare/subject-ref/v1\n"
 DAY = 86_400
@@ -258,10 +270,7 @@ def enroll_patient(runtime: NodeRuntime, patient_id: str, public_key: bytes) -> 
     grant the old key signed. Raises Conflict if the key belongs to another patient or
     was retired, BadInput for an empty patient id or a malformed key.
     """
-    if not patient_id.strip() or len(patient_id) > 64:
-        raise BadInput("a patient id is 1 to 64 characters")
-    if len(public_key) != PUBLIC_KEY_SIZE:
-        raise BadInput("a patient key is 32 bytes")
+    _check_enrollment(patient_id, public_key)
     service = runtime.services.consent
     subject = subject_reference(runtime, patient_id)
     with service.lock:
@@ -294,6 +303,90 @@ def enroll_patient(runtime: NodeRuntime, patient_id: str, public_key: bytes) -> 
     return EnrollResult(
         appended.index, subject, replaced, studies, runtime.config.consent.emergency_default
     )
+
+
+def _check_enrollment(patient_id: str, public_key: bytes) -> None:
+    if not patient_id.strip() or len(patient_id) > 64:
+        raise BadInput("a patient id is 1 to 64 characters")
+    if len(public_key) != PUBLIC_KEY_SIZE:
+        raise BadInput("a patient key is 32 bytes")
+
+
+@dataclass(frozen=True)
+class GuardianResult:
+    delegation: bytes
+    index: int
+    minor_key: bytes
+    created_minor_key: bool  # the desk made the minor's custodian-held key just now
+
+
+def _minor_key_path(runtime: NodeRuntime, subject: bytes) -> Path:
+    directory = runtime.config.data_dir / MINOR_KEYS_DIR
+    directory.mkdir(mode=0o700, exist_ok=True)
+    return directory / f"{subject.hex()}.key"
+
+
+def enroll_guardian(runtime: NodeRuntime, patient_id: str, guardian_key: bytes) -> GuardianResult:
+    """Staff at the desk: delegate every power over a minor's studies to ``guardian_key``.
+
+    A minor has no wallet of their own, so the custodian holds their key: made at the
+    first guardian's enrollment (seed in the data directory, mode 0600, before its
+    ``enroll`` entry) and reused for the next guardian. The delegation it signs, for
+    ``[consent] max_lifetime_days``, is written as ``desk_delegation``. Raises Conflict
+    if the patient has enrolled a key of their own (their wallet delegates), BadInput
+    for a malformed id or key.
+    """
+    _check_enrollment(patient_id, guardian_key)
+    service = runtime.services.consent
+    subject = subject_reference(runtime, patient_id)
+    path = _minor_key_path(runtime, subject)
+    created = False
+    with service.lock:
+        service.catch_up()
+        current = service.state.active_key_of_subject(subject)
+        if not path.exists():
+            if current is not None:
+                raise Conflict("that patient has a key of their own: their wallet delegates")
+            write_seed(path, os.urandom(32))
+        minor = PatientKey(runtime.config.origin, read_seed(path))
+        if current is not None and current.public_key != minor.public_key:
+            raise Conflict("that patient has a key of their own: their wallet delegates")
+        if current is None:
+            service.state.bind_subject(subject, patient_id)
+            service.append(Enroll(subject=subject, key=minor.public_key, replaces=None))
+            created = True
+        now = int(time.time())
+        unsigned = Delegation(
+            minor.public_key,
+            runtime.config.origin,
+            guardian_key,
+            None,
+            tuple(Power),
+            now,
+            now + runtime.config.consent.max_lifetime_days * DAY,
+            os.urandom(16),
+        )
+        delegation = sign_delegation(unsigned, minor.sign)
+        index = service.append(DeskDelegation(delegation=delegation)).index
+    runtime.security_audit.record(
+        atna.configuration_changed,
+        "staff",
+        "guardian key enrolled",
+        b64url_encode(guardian_key),
+        patient_id,
+    )
+    return GuardianResult(delegation, index, minor.public_key, created)
+
+
+def guardian_result_json(result: GuardianResult) -> dict[str, Any]:
+    """What `imageshare enroll-guardian --json` prints (no patient data)."""
+    return {
+        "delegation_id": token_id_of(result.delegation).hex(),
+        "delegation": token_text(result.delegation),
+        "index": result.index,
+        "minor_key": b64url_encode(result.minor_key),
+        "created_minor_key": result.created_minor_key,
+    }
 
 
 def enroll_result_json(result: EnrollResult, public_key: bytes) -> dict[str, Any]:
@@ -399,8 +492,10 @@ def record_revocation(runtime: NodeRuntime, revocation_bytes: bytes) -> Revocati
     """Record a patient's revocation; idempotent.
 
     The revocation must verify under an enrolled key. It may name a token this node has
-    not seen yet: the token is then refused when it arrives. Raises BadInput (malformed),
-    Unauthorized (bad signature), Forbidden (key not enrolled here).
+    not seen yet: the token is then refused when it arrives. A delegate's revocation
+    (version 2) must name a recorded grant of the patient, under a live delegation with
+    the power ``revoke`` covering the grant's studies. Raises BadInput (malformed),
+    Unauthorized (bad signature), Forbidden (key not enrolled here, delegation refused).
     """
     revocation = decode_revocation(revocation_bytes)
     if not revocation.signature_valid():
@@ -413,6 +508,12 @@ def record_revocation(runtime: NodeRuntime, revocation_bytes: bytes) -> Revocati
         known = service.state.revocation_index(revocation.patient_key, revocation.token_id)
         if known is not None:
             return RevocationRecord(revocation.token_id, known, newly=False)
+        if revocation.delegation is not None:
+            grant = service.state.grant(revocation.token_id)
+            if grant is None or grant.patient_key != revocation.patient_key:
+                raise Forbidden("a delegate may revoke only a recorded grant of the patient")
+            scope = decode_grant(grant.token).fields.scope
+            check_delegate(runtime, revocation.delegation, Power.REVOKE, scope)
         appended = service.append(Revoke(revocation=revocation_bytes))
     runtime.security_audit.record(
         atna.consent_changed,
@@ -423,6 +524,35 @@ def record_revocation(runtime: NodeRuntime, revocation_bytes: bytes) -> Revocati
     )
     _release_from_pacs_cache(runtime, revocation.patient_key, revocation.token_id)
     return RevocationRecord(revocation.token_id, appended.index, newly=True)
+
+
+def recorded_delegation(runtime: NodeRuntime, delegation_id: bytes) -> Delegation | None:
+    """A delegation recorded here, by its id, or None."""
+    raw = runtime.services.consent.state.delegation(delegation_id)
+    return None if raw is None else decode_delegation(raw)
+
+
+def check_delegate(
+    runtime: NodeRuntime,
+    chain: Delegation,
+    power: Power,
+    scope: tuple[bytes, ...] | None,
+    now: int | None = None,
+) -> None:
+    """Raise Forbidden, naming the rule, unless the delegate may use ``power`` over
+    ``scope`` (None: every study) now: consent.power_failure on this node's log."""
+    state = runtime.services.consent.state
+    pair = (chain.patient_key, chain.delegation_id)
+    revoked = state.revocation_index(*pair) is not None
+    recorded = state.delegation_index(chain.delegation_id) is not None
+    view = ConsentView(
+        revoked=frozenset({pair} if revoked else set()),
+        delegations=frozenset({chain.delegation_id} if recorded else set()),
+    )
+    now = int(time.time()) if now is None else now
+    rule = power_failure(chain, power, scope, view, consent_policy(runtime), now)
+    if rule is not None:
+        raise Forbidden(f"delegation refused ({rule.value}): {RULE_MESSAGES[rule]}")
 
 
 def record_delegation(runtime: NodeRuntime, delegation_bytes: bytes, signer_key: bytes) -> int:
@@ -477,6 +607,8 @@ def record_patient_statement(
         if known is not None:
             return known
         return service.append(body).index
+
+
 def _release_from_pacs_cache(runtime: NodeRuntime, patient_key: bytes, token_id: bytes) -> None:
     """Drop from the PACS cache the revoked grant's studies that no other live grant of
     the patient still covers: the copy was made for grantees, and none may have it now."""

@@ -182,6 +182,15 @@ def _event_details(entry: LedgerEntry, labels: dict[bytes, str]) -> dict[str, ob
             "scope": scope_text(grant.fields.scope),
             "expires": grant.fields.expires,
         }
+    if isinstance(body, Revoke):
+        # Who revoked: a delegate's revocation names the delegate.
+        try:
+            revocation = decode_revocation(body.revocation)
+        except BadInput:
+            return {}
+        if revocation.delegation is None:
+            return {}
+        return {"delegate": b64url_encode(revocation.signer_key)}
     if isinstance(body, BreakGlass):
         try:
             studies = [b64url_encode(ref) for ref in split_references(body.studies)]

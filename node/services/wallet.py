@@ -418,6 +418,42 @@ class Wallet:
             "url": token_url(token),
         }
 
+    async def as_delegate(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        delegation: bytes,
+        method: str,
+        path: str,
+        body: bytes = b"",
+    ) -> Any:
+        """A /patient request signed with my key, acting for the patient who delegated to
+        me: its query names the patient and the delegation (the custodian checks the
+        power the route needs); returns its JSON answer."""
+        chain = decode_delegation(delegation)
+        custodian = await self.custodian(session, url)
+        if self.key_for(custodian.origin).public_key != chain.delegate_key:
+            raise BadInput("the delegation names another key than this wallet's there")
+        query = f"for={b64url_encode(chain.patient_key)}&delegation={chain.delegation_id.hex()}"
+        separator = "&" if "?" in path else "?"
+        return await self.signed(session, custodian, method, path + separator + query, body)
+
+    async def revoke_as_delegate(
+        self, session: aiohttp.ClientSession, url: str, delegation: bytes, token_id: bytes
+    ) -> dict[str, Any]:
+        """As a delegate with the power ``revoke``: sign a revocation of one of the
+        patient's grants carrying the delegation, submit it, and verify its inclusion."""
+        custodian = await self.custodian(session, url)
+        key = self.key_for(custodian.origin)
+        revocation = sign_revocation(
+            key.public_key, token_id, int(time.time()), key.sign, delegation
+        )
+        answer = await self.as_delegate(
+            session, url, delegation, "POST", "/patient/revocations", revocation
+        )
+        recorded = verify_recorded(answer, custodian, Revoke(revocation=revocation))
+        return {"token_id": token_id.hex(), "index": recorded.index, "status": "revoked"}
+
     async def set_emergency_policy(
         self, session: aiohttp.ClientSession, url: str, choice: Choice, members: tuple[str, ...]
     ) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from node.core.emergency import decode_policy
 from node.core.entries import (
     BreakGlass,
     DelegationEntry,
+    DeskDelegation,
     EmergencyPolicyEntry,
     Enroll,
     EntryBody,
@@ -223,7 +224,7 @@ class ConsentState(LockedDatabase):
                 " VALUES (?, ?, ?)",
                 (policy.patient_key, index, policy.raw),
             )
-        elif isinstance(body, DelegationEntry):
+        elif isinstance(body, DelegationEntry | DeskDelegation):
             try:
                 delegation = decode_delegation(body.delegation)
             except BadInput:
@@ -258,6 +259,13 @@ class ConsentState(LockedDatabase):
         )
         return None if row is None else int(row[0])
 
+    def delegation(self, delegation_id: bytes) -> bytes | None:
+        """The signed bytes of a recorded delegation, or None."""
+        row = self._one(
+            "SELECT delegation FROM delegations WHERE delegation_id = ?", (delegation_id,)
+        )
+        return None if row is None else bytes(row[0])
+
     def delegations_of_key(self, public_key: bytes) -> list[tuple[bytes, int]]:
         """A patient key's recorded delegations: (signed bytes, log index), oldest first."""
         rows = self._all(
@@ -279,8 +287,7 @@ class ConsentState(LockedDatabase):
     def break_glass(self, request: bytes) -> BreakGlassRow | None:
         """The served emergency request with this id, or None."""
         row = self._one(
-            "SELECT request, requester, studies, ledger_index FROM break_glass"
-            " WHERE request = ?",
+            "SELECT request, requester, studies, ledger_index FROM break_glass WHERE request = ?",
             (request,),
         )
         return None if row is None else BreakGlassRow(*row)

@@ -64,6 +64,14 @@ def register(subparsers: Any) -> None:
     p = command(subparsers, "enroll", cmd_enroll, "bind a patient's key to a local patient (staff)")
     p.add_argument("--patient-id", required=True, metavar="MRN")
     p.add_argument("--key", required=True, metavar="PATIENT_PUBKEY")
+    p = command(
+        subparsers,
+        "enroll-guardian",
+        cmd_enroll_guardian,
+        "let a guardian's key act for a minor, with every power (staff)",
+    )
+    p.add_argument("--patient-id", required=True, metavar="MRN", help="the minor's patient id")
+    p.add_argument("--key", required=True, metavar="GUARDIAN_PUBKEY")
 
     patient = subparsers.add_parser(
         "patient", help="the patient's wallet", description="the patient's wallet"
@@ -124,13 +132,14 @@ def register(subparsers: Any) -> None:
 def cmd_enroll(args: argparse.Namespace) -> int:
     config = config_of(args)
     public_key = parse_public_key(args.key)
-    body = {"patient_id": args.patient_id, "key": args.key}
-    try:
-        result = admin_request(config, "POST", "/admin/api/enrollments", body, timeout=60)
-    except DaemonNotRunning:
-        # Only a refused connection means no daemon: anything else may be a busy daemon,
-        # and a second writer beside it would fork the log.
-        result = _enroll_offline(config, args.patient_id, public_key)
+
+    def offline(runtime: Any) -> dict[str, Any]:
+        from node.services import consent
+
+        result = consent.enroll_patient(runtime, args.patient_id, public_key)
+        return consent.enroll_result_json(result, public_key)
+
+    result = _at_the_desk(config, "/admin/api/enrollments", args, offline)
     vkey = NodeIdentity(config.origin, read_seed(config.key_path)).vkey
     result = {**result, "wallet_pin_url": desk_pin_url(config, vkey)}
     if args.json:
@@ -157,17 +166,48 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _enroll_offline(config: Any, patient_id: str, public_key: bytes) -> dict[str, Any]:
-    """Write the enrollment directly: only when no daemon serves this data directory."""
-    from node.services import consent
-    from node.services.runtime import open_runtime
+def cmd_enroll_guardian(args: argparse.Namespace) -> int:
+    config = config_of(args)
+    guardian_key = parse_public_key(args.key)
 
-    runtime = open_runtime(config)
+    def offline(runtime: Any) -> dict[str, Any]:
+        from node.services import consent
+
+        made = consent.enroll_guardian(runtime, args.patient_id, guardian_key)
+        return consent.guardian_result_json(made)
+
+    result = _at_the_desk(config, "/admin/api/guardians", args, offline)
+    if args.json:
+        print_json(result)
+        return EXIT_OK
+    print(
+        f"The guardian's key may now act for patient {args.patient_id} with every power"
+        f" (log entry {result['index']}). Give the guardian this delegation:"
+    )
+    print(f"  {result['delegation']}")
+    if result["created_minor_key"]:
+        print(f"  this node now holds the patient's key {result['minor_key']} for them")
+    return EXIT_OK
+
+
+def _at_the_desk(
+    config: Any, path: str, args: argparse.Namespace, offline: Callable[[Any], dict[str, Any]]
+) -> dict[str, Any]:
+    """A desk request ({"patient_id", "key"}) sent to the daemon, or done here by
+    ``offline(runtime)`` only when no daemon serves this data directory."""
+    body = {"patient_id": args.patient_id, "key": args.key}
     try:
-        result = consent.enroll_patient(runtime, patient_id, public_key)
-    finally:
-        runtime.close()
-    return consent.enroll_result_json(result, public_key)
+        return admin_request(config, "POST", path, body, timeout=60)
+    except DaemonNotRunning:
+        # Only a refused connection means no daemon: anything else may be a busy daemon,
+        # and a second writer beside it would fork the log.
+        from node.services.runtime import open_runtime
+
+        runtime = open_runtime(config)
+        try:
+            return offline(runtime)
+        finally:
+            runtime.close()
 
 
 # -- the wallet ------------------------------------------------------------------------------

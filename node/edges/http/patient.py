@@ -3,9 +3,13 @@
 Every /patient request is signed by an enrolled, unretired patient key and addressed to
 this node's origin (node.edges.http.signed: misaddressed, stale, badly signed and
 replayed requests are refused with 401).
-Submissions answer with the ledger entry, an inclusion proof and the signed checkpoint
-it is proven against, so the wallet can check that its grant or revocation is on the
-record. Handlers are thin: the rules live in node.services.consent.
+A delegate acts for a patient with their own key: the request also names, in its
+(signed) query, the patient (``for=<base64url patient key>``) and the delegation it acts
+under (``delegation=<hex id>``); node.services.consent.check_delegate decides whether
+that delegation gives the power the route needs. Submissions answer with the ledger
+entry, an inclusion proof and the signed checkpoint it is proven against, so the wallet
+can check that its grant or revocation is on the record. Handlers are thin: the rules
+live in node.services.consent.
 """
 
 from __future__ import annotations
@@ -14,23 +18,27 @@ import asyncio
 import base64
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from node.core.base64url import b64url_decode
-from node.core.consent import decode_grant, decode_revocation
+from node.core.consent import Delegation, Power, decode_grant, decode_revocation
 from node.core.notes import Checkpoint, parse_note
 from node.core.patient_keys import parse_public_key
 from node.core.signed_requests import PATIENT_PREFIX
 from node.edges.http import viewer
 from node.edges.http.context import runtime_of
-from node.edges.http.signed import SignedCaller, authenticate
+from node.edges.http.signed import authenticate
 from node.errors import BadInput, Forbidden, PayloadTooLarge
 from node.services import consent, links, previews
 from node.services.runtime import NodeRuntime
 
 MAX_SUBMISSION_BYTES = 64 * 1024
+# Query parameters of a delegate's request: whom it acts for, under which delegation.
+ACTING_FOR = "for"
+DELEGATION = "delegation"
 
 
 def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
@@ -47,24 +55,62 @@ def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
     app.router.add_get("/patient/studies/{ref}/reports", list_reports)
     app.router.add_get("/patient/studies/{ref}/reports/{instance:[0-9.]{1,64}}.pdf", report_pdf)
     app.router.add_post("/admin/api/enrollments", enroll)
+    app.router.add_post("/admin/api/guardians", enroll_guardian)
 
 
-async def _patient(request: web.Request) -> SignedCaller:
-    """The enrolled patient who signed ``request``; raises Unauthorized otherwise."""
+@dataclass(frozen=True)
+class PatientCaller:
+    """The patient a signed /patient request acts for, and who signed it."""
+
+    public_key: bytes  # the patient's key here
+    body: bytes
+    signer_key: bytes  # the patient's own key, or their delegate's
+    delegation: Delegation | None  # what a delegate acts under; None for the patient
+
+
+def _named_delegation(request: web.Request) -> tuple[bytes, bytes] | None:
+    """The (patient key, delegation id) a delegate's request names, or None."""
+    query = request.rel_url.query
+    if DELEGATION not in query and ACTING_FOR not in query:
+        return None
+    try:
+        delegation_id = bytes.fromhex(query.get(DELEGATION, ""))
+    except ValueError as exc:
+        raise BadInput("delegation is the hex id of a delegation") from exc
+    if len(delegation_id) != 32:
+        raise BadInput("delegation is the hex id of a delegation")
+    return parse_public_key(query.get(ACTING_FOR, "")), delegation_id
+
+
+async def _patient(
+    request: web.Request, power: Power | None = None, study: bytes | None = None
+) -> PatientCaller:
+    """The enrolled patient who signed ``request``, or their delegate acting with
+    ``power`` (None: the patient only) over ``study`` (None: the delegation's own scope).
+    Raises Unauthorized for an unknown signer, Forbidden for a delegation that does not
+    allow the request."""
     runtime = runtime_of(request)
+    named = _named_delegation(request)
+    chain = None if named is None else consent.recorded_delegation(runtime, named[1])
 
     def resolve(signer: str) -> bytes | None:
         if not signer.startswith(PATIENT_PREFIX):
             return None
         key = parse_public_key(signer[len(PATIENT_PREFIX) :])
-        return consent.enrolled_key(runtime, key)
+        if named is None:
+            return consent.enrolled_key(runtime, key)
+        # A delegate is admitted under a recorded delegation to its key from an
+        # enrolled, unretired patient key: the one the request names.
+        if chain is None or chain.delegate_key != key or chain.patient_key != named[0]:
+            return None
+        return key if consent.enrolled_key(runtime, chain.patient_key) else None
 
     # The body is read before its signature can be checked: bound it first.
     if request.method == "POST" and request.content_length is None:
         raise BadInput("a patient request needs a Content-Length")
     if (request.content_length or 0) > MAX_SUBMISSION_BYTES:
         raise PayloadTooLarge("a patient request body is at most 64 KiB")
-    return await authenticate(
+    caller = await authenticate(
         request,
         resolve,
         runtime.config.federation.max_request_age,
@@ -72,6 +118,13 @@ async def _patient(request: web.Request) -> SignedCaller:
         runtime.config.origin,
         max_body=MAX_SUBMISSION_BYTES,
     )
+    if chain is None:
+        return PatientCaller(caller.public_key, caller.body, caller.public_key, None)
+    if power is None:
+        raise Forbidden("only the patient may make this request, not a delegate")
+    scope = chain.scope if study is None else (study,)
+    await asyncio.to_thread(consent.check_delegate, runtime, chain, power, scope)
+    return PatientCaller(chain.patient_key, caller.body, caller.public_key, chain)
 
 
 def _proof_of(runtime: NodeRuntime, index: int) -> dict[str, Any]:
@@ -93,8 +146,11 @@ def _proof_of(runtime: NodeRuntime, index: int) -> dict[str, Any]:
 
 async def list_studies(request: web.Request) -> web.Response:
     runtime = runtime_of(request)
-    caller = await _patient(request)
+    caller = await _patient(request, Power.DOWNLOAD)
     studies = await asyncio.to_thread(consent.patient_studies, runtime, caller.public_key)
+    scope = None if caller.delegation is None else caller.delegation.scope
+    if scope is not None:
+        studies = [s for s in studies if b64url_decode(s["ref"], "study reference") in scope]
     return web.json_response({"studies": studies})
 
 
@@ -113,11 +169,15 @@ async def submit_grant(request: web.Request) -> web.Response:
 
 async def submit_revocation(request: web.Request) -> web.Response:
     runtime = runtime_of(request)
-    caller = await _patient(request)
+    caller = await _patient(request, Power.REVOKE)
 
     def record() -> dict[str, Any]:
-        if decode_revocation(caller.body).patient_key != caller.public_key:
-            raise Forbidden("a patient may revoke only with their own key")
+        revocation = decode_revocation(caller.body)
+        if (revocation.patient_key, revocation.signer_key) != (
+            caller.public_key,
+            caller.signer_key,
+        ):
+            raise Forbidden("a revocation is signed by the key that signs the request")
         recorded = consent.record_revocation(runtime, caller.body)
         return {"token_id": recorded.token_id.hex(), **_proof_of(runtime, recorded.index)}
 
@@ -152,7 +212,7 @@ async def describe_study(request: web.Request) -> web.Response:
 
 async def list_tokens(request: web.Request) -> web.Response:
     runtime = runtime_of(request)
-    caller = await _patient(request)
+    caller = await _patient(request, Power.VIEW_LOG)
     tokens = await asyncio.to_thread(
         consent.token_statuses, runtime, caller.public_key, int(time.time())
     )
@@ -202,7 +262,7 @@ async def download_media(request: web.Request) -> web.StreamResponse:
     """One of the patient's own studies as PDI media (a ZIP); their own copy, so no
     consent is needed and nothing is written to the ledger (the security audit has it)."""
     runtime = runtime_of(request)
-    caller = await _patient(request)
+    caller = await _patient(request, Power.DOWNLOAD, _study_ref(request))
     study_uid = await asyncio.to_thread(
         previews.owned_study_uid, runtime, caller.public_key, _study_ref(request)
     )
@@ -237,9 +297,8 @@ async def report_pdf(request: web.Request) -> web.Response:
     )
 
 
-async def enroll(request: web.Request) -> web.Response:
-    """Staff enrollment (admin token): JSON {"patient_id", "key"}."""
-    runtime = runtime_of(request)
+async def _enrollment_request(request: web.Request) -> tuple[str, str]:
+    """The patient id and key text of a desk's JSON {"patient_id", "key"}."""
     try:
         document = await request.json()
         patient_id, key_text = document["patient_id"], document["key"]
@@ -247,6 +306,23 @@ async def enroll(request: web.Request) -> web.Response:
         raise BadInput('enrollment needs JSON {"patient_id": ..., "key": ...}') from exc
     if not isinstance(patient_id, str) or not isinstance(key_text, str):
         raise BadInput("patient_id and key must be strings")
+    return patient_id, key_text
+
+
+async def enroll(request: web.Request) -> web.Response:
+    """Staff enrollment (admin token): JSON {"patient_id", "key"}."""
+    runtime = runtime_of(request)
+    patient_id, key_text = await _enrollment_request(request)
     public_key = parse_public_key(key_text)
     result = await asyncio.to_thread(consent.enroll_patient, runtime, patient_id, public_key)
     return web.json_response(consent.enroll_result_json(result, public_key))
+
+
+async def enroll_guardian(request: web.Request) -> web.Response:
+    """Staff enrollment of a minor's guardian (admin token): JSON {"patient_id", "key"}."""
+    runtime = runtime_of(request)
+    patient_id, key_text = await _enrollment_request(request)
+    result = await asyncio.to_thread(
+        consent.enroll_guardian, runtime, patient_id, parse_public_key(key_text)
+    )
+    return web.json_response(consent.guardian_result_json(result))
