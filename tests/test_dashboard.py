@@ -631,6 +631,13 @@ class TestCustodianView:
         assert "PACS at 127.0.0.1" in forwarding.inner_text()
         assert forwarding.locator("tbody tr").count() >= 1
         page.shot("11-custodian")
+        # Staff retry one instance now and cancel one (after a confirmation).
+        forwarding.locator("tbody tr").first.locator("button.forward-retry").click()
+        page.locator("#notice", has_text="Sending it to the PACS now.").wait_for()
+        page.once("dialog", lambda dialog: dialog.accept())
+        forwarding.locator("tbody tr").first.locator("button.forward-cancel").click()
+        page.locator("#notice", has_text="Cancelled: it will not be sent.").wait_for()
+        assert fed.a.get_json("/admin/api/forwarding")["cancelled"] == 1
         assert page.foreign_requests(fed.a.url) == []
         page.close()
 

@@ -74,6 +74,8 @@ MINOR = "MRN-BG-MINOR"
 # A's limit on new emergency requests per member and hour: small, so the test reaches it.
 EMERGENCY_PER_HOUR = 3
 NOTE = "unconscious after a fall; prior head CT wanted"
+# Alerts are checked this often here, so the status strip shows an incident soon.
+ALERT_CHECK_SECONDS = 0.3
 T = TypeVar("T")
 
 
@@ -137,6 +139,8 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     b = init_node(base, "b.example/imageshare")
     peer_each_other(a, b)
     a.append_config(f"[consent]\nmax_emergency_per_hour = {EMERGENCY_PER_HOUR}")
+    for node in (a, b):
+        node.append_config(f"[alerts]\ncheck_interval = {ALERT_CHECK_SECONDS}")
     make_ct_study(base / "allows", series=1, slices=2, patient_id=ALLOWS)
     make_ct_study(base / "never", series=1, slices=2, patient_id=NEVER)
     make_ct_study(base / "minor", series=1, slices=2, patient_id=MINOR)
@@ -258,6 +262,31 @@ class TestBreakGlass:
         fetched = b.get_json("/admin/api/emergency")["fetched"]
         assert sorted(f["state"] for f in fetched) == ["done", "refused", "refused", "refused"]
         assert all(f["custodian"] == a.origin for f in fetched)
+
+    def test_both_status_strips_show_one_break_glass_alert_naming_no_patient(
+        self, story: dict[str, Any]
+    ) -> None:
+        a, b = story["a"], story["b"]
+        request_id = story["served"][1]["fetches"][0]["token_id"]
+
+        def break_glass_alerts(node: NodeProcess) -> list[dict[str, Any]]:
+            incidents = node.get_json("/admin/api/status")["health"]["incidents"]
+            return [i for i in incidents if i["kind"] == "break_glass"]
+
+        at_a = wait_until(lambda: break_glass_alerts(a), timeout=10, message="A's alert")
+        at_b = wait_until(lambda: break_glass_alerts(b), timeout=10, message="B's alert")
+        # The refused and rate-limited requests raise nothing: one incident each.
+        assert [(i["subject"], i["text"]) for i in at_a] == [
+            (request_id, f"Emergency access to a patient's studies by {b.origin} (reason ETREAT)")
+        ]
+        assert [(i["subject"], i["text"]) for i in at_b] == [
+            (
+                request_id,
+                f"Emergency access to a patient's studies by {b.origin} (reason ETREAT),"
+                f" served by {a.origin}",
+            )
+        ]
+        assert break_glass_alerts(a)[0]["id"] == at_a[0]["id"], "the incident stays one"
 
     def test_the_patients_log_shows_it_flagged_first_and_proven(self, story: dict[str, Any]):
         a, b = story["a"], story["b"]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -78,6 +81,21 @@ def forwarding_node(node_factory: Callable[..., NodeProcess], pacs: StoreScp) ->
         "initial_backoff = 0.3\nmax_attempts = 20"
     )
     return node
+
+
+def forward_action(node: NodeProcess, uid: str, action: str, auth: bool = True) -> Any:
+    """POST /admin/api/forwards/{uid}/{action}: (HTTP status, JSON answer)."""
+    request = urllib.request.Request(
+        f"{node.url}/admin/api/forwards/{uid}/{action}",
+        data=b"",
+        headers=node.auth if auth else {},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, None
 
 
 def status(node: NodeProcess) -> dict[str, Any]:
@@ -160,6 +178,46 @@ class TestForwarding:
         assert status(node)["problems"] == []
 
 
+class TestStaffActions:
+    def test_staff_retry_a_failed_instance_and_cancel_one_that_is_then_never_sent(
+        self, node_factory: Callable[..., NodeProcess], pacs: StoreScp, tmp_path: Path
+    ) -> None:
+        node = node_factory("fwd.example/imageshare")
+        # One attempt each: a failed instance is sent again only when staff retry it.
+        node.append_config(
+            f'[forward]\nae_title = "{PACS}"\nhost = "127.0.0.1"\nport = {pacs.port}\n'
+            "initial_backoff = 0.3\nmax_attempts = 1"
+        )
+        start(node)
+        study = make_ct_study(tmp_path / "study", series=1, slices=3)
+        node.cli("import", str(tmp_path / "study"))
+        wait_until(lambda: status(node)["failed"] == 3, message="three failed instances")
+        cancelled, retried, left = study.sop_uids
+        assert forward_action(node, cancelled, "cancel") == (
+            200,
+            {"id": cancelled, "state": "cancelled"},
+        )
+        assert forward_action(node, cancelled, "retry")[0] == 409
+        assert forward_action(node, "1.2.3.4.5", "retry")[0] == 404
+        assert forward_action(node, "1.2.3.4.5", "cancel")[0] == 404
+        assert forward_action(node, "..%2F..%2Fetc", "retry")[0] == 404
+        assert forward_action(node, retried, "delete")[0] == 404
+        assert forward_action(node, retried, "retry", auth=False)[0] == 401
+        pacs.start()
+        assert forward_action(node, retried, "retry") == (200, {"id": retried, "state": "pending"})
+        wait_until(lambda: retried in pacs.received(), message="the retried instance sent")
+        report = wait_until(
+            lambda: (r := status(node))["forwarded"] == 1 and r, message="the retry counted"
+        )
+        assert (report["failed"], report["cancelled"], report["pending"]) == (1, 1, 0)
+        assert [p["sop_instance_uid"] for p in report["problems"]] == [left]
+        assert forward_action(node, retried, "retry")[0] == 404, "delivered: out of the queue"
+        forward_action(node, left, "retry")
+        wait_until(lambda: status(node)["forwarded"] == 2, message="the second retry sent")
+        assert set(pacs.received()) == {retried, left}, "the cancelled one is never sent"
+        assert status(node)["cancelled"] == 1
+
+
 class TestForwardingStatus:
     def test_disabled_forwarding_says_so_to_the_admin_only(self, running_node: NodeProcess) -> None:
         assert status(running_node) == {"enabled": False}
@@ -193,6 +251,20 @@ class TestForwardState:
         summary = state.summary()
         assert (summary["forwarded"], summary["pending"], summary["failed"]) == (1, 0, 1)
         assert summary["last_error"] == "refused"
+        state.close()
+
+    def test_a_cancelled_instance_stays_cancelled_when_an_attempt_in_flight_fails(
+        self, tmp_path: Path
+    ) -> None:
+        state = ForwardState(tmp_path / "forward.sqlite")
+        state.enqueue([(1, "1.2.3", "1.2")], now=1.0)
+        in_flight = state.due(now=1.0, limit=10)
+        assert state.cancel("1.2.3")
+        state.attempt_failed(in_flight, "refused", now=2.0, max_attempts=5, initial_backoff=1.0)
+        assert state.state_of("1.2.3") == "cancelled"
+        assert state.due(now=1e12, limit=10) == []
+        assert not state.retry_now("1.2.3", now=3.0)
+        assert (state.summary()["cancelled"], state.summary()["problems"]) == (1, [])
         state.close()
 
     def test_state_survives_reopening(self, tmp_path: Path) -> None:

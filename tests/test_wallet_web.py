@@ -700,6 +700,76 @@ def _png(data: bytes) -> Image.Image:
     return image
 
 
+def _virtual_authenticator(cdp: Any, prf: bool) -> str:
+    """A platform authenticator (Chromium's virtual one, over a CDP session) that verifies
+    the user at once, with or without the PRF extension; its id."""
+    options = {
+        "protocol": "ctap2",
+        "transport": "internal",
+        "hasResidentKey": True,
+        "hasUserVerification": True,
+        "isUserVerified": True,
+        "automaticPresenceSimulation": True,
+        "hasPrf": prf,
+    }
+    added = cdp.send("WebAuthn.addVirtualAuthenticator", {"options": options})
+    return str(added["authenticatorId"])
+
+
+class TestPasskeyLock:
+    def test_a_passkey_with_prf_unlocks_the_same_key_and_one_without_is_refused(
+        self, hospitals: Hospitals
+    ) -> None:
+        # WebAuthn takes a domain, not an IP address, as the page's origin.
+        url = hospitals.a.url.replace("127.0.0.1", "localhost")
+        with chromium_session("wallet-passkey", PHONE) as browser:
+            page = browser.new_page()
+            cdp = page.context.new_cdp_session(page.page)
+            cdp.send("WebAuthn.enable")
+            without_prf = _virtual_authenticator(cdp, prf=False)
+            key_text = _create_key(page, url)
+            page.click("#passkey-button")
+            _confirm(page)
+            page.wait_for_selector("#message:has-text('cannot lock the wallet')")
+            assert not page.is_hidden("#passkey-button"), "still offered: nothing was stored"
+            cdp.send("WebAuthn.removeVirtualAuthenticator", {"authenticatorId": without_prf})
+            _virtual_authenticator(cdp, prf=True)
+            page.click("#passkey-button")
+            page.wait_for_selector("#confirm[open]")
+            page.fill("#confirm-passphrase", "not the passphrase")
+            page.click("#confirm-ok")
+            page.wait_for_selector("#confirm-error:not([hidden])")
+            page.fill("#confirm-passphrase", PASSPHRASE)
+            page.click("#confirm-ok")
+            page.wait_for_selector("#message:has-text('unlock with your passkey')")
+            assert page.is_hidden("#passkey-button")
+            stored = page.evaluate(
+                "new Promise((ok) => { const r = indexedDB.open('imageshare-wallet');"
+                " r.onsuccess = () => { const g = r.result.transaction('kv')"
+                ".objectStore('kv').get('wallet'); g.onsuccess = () => ok(g.result); }; })"
+            )
+            assert set(stored["passkey"]) == {"credential", "prfSalt", "hkdfSalt", "iv", "box"}
+            assert "seedKey" not in stored and stored["backup"]["kdf"] == "PBKDF2-SHA256"
+            page.click("#lock-button")  # locks: the Key screen, locked, offers Unlock
+            _ready(page, "key")
+            page.click("#lock-button")
+            _ready(page, "lock")
+            page.shot("1-lock-with-passkey")
+            page.click("#passkey-unlock-button")
+            _ready(page, "key")
+            assert str(page.text_content("#pubkey")).strip() == key_text
+            assert page.text_content("#lock-button") == "Lock the wallet now"
+            # The passphrase still unlocks it.
+            page.click("#lock-button")
+            _ready(page, "key")
+            page.click("#lock-button")
+            _ready(page, "lock")
+            page.fill("#unlock-passphrase", PASSPHRASE)
+            page.click("#unlock-button")
+            _ready(page, "key")
+            assert str(page.text_content("#pubkey")).strip() == key_text
+
+
 class TestRenderPreview:
     def test_the_middle_frame_is_shown_dark_to_bright_as_stored(self, tmp_path: Path) -> None:
         ramp = np.tile(np.arange(0, 4000, 40, dtype=np.uint16), (50, 1))  # dark left

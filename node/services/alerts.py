@@ -156,7 +156,8 @@ class AlertService:
         self.runtime = runtime
         self.config = runtime.config.alerts
         self.book = IncidentBook()
-        self._raised: dict[tuple[str, str], Condition] = {}
+        # Raised incidents and when each ends by itself (None: at ``close_incident``).
+        self._raised: dict[tuple[str, str], tuple[Condition, float | None]] = {}
         self._task: asyncio.Task[None] | None = None
         self._certificate: tuple[float, datetime.datetime] | None = None
         self.last_check: float | None = None
@@ -208,7 +209,12 @@ class AlertService:
                 else f"this node's TLS certificate expires in {days} day(s)"
             )
             found.append(Condition(CERTIFICATE_EXPIRY, "http", text))
-        found.extend(self._raised.values())
+        now = time.time()
+        for key, (condition, until) in list(self._raised.items()):
+            if until is not None and now >= until:
+                self._raised.pop(key, None)
+            else:
+                found.append(condition)
         return found
 
     def certificate_days_left(self) -> int | None:
@@ -230,12 +236,33 @@ class AlertService:
 
     # -- incidents ----------------------------------------------------------------------
 
-    def raise_incident(self, kind: str, subject: str, text: str) -> None:
+    def raise_incident(
+        self, kind: str, subject: str, text: str, until: float | None = None
+    ) -> None:
         """Open an incident from another service (break-glass); it is sent at the next
-        check and stays open until ``close_incident``. Raises BadInput for an unknown kind."""
+        check and stays open until ``close_incident`` or the epoch time ``until``.
+        Raising it again while open changes nothing. Raises BadInput for an unknown kind."""
         if kind not in KINDS:
             raise BadInput(f"unknown alert kind {kind!r}")
-        self._raised[(kind, subject)] = Condition(kind, subject, text[:MAX_TEXT])
+        self._raised[(kind, subject)] = (Condition(kind, subject, text[:MAX_TEXT]), until)
+
+    def raise_break_glass(
+        self,
+        request_id: bytes,
+        requester: str,
+        reason: str,
+        until: float,
+        custodian: str | None = None,
+    ) -> None:
+        """The ``break_glass`` incident of one served emergency request, open while its
+        access window lasts; at the requester, ``custodian`` names who served it.
+
+        Names the requester, its reason code and the request's id: never the patient.
+        """
+        text = f"Emergency access to a patient's studies by {requester} (reason {reason})"
+        if custodian is not None:
+            text += f", served by {custodian}"
+        self.raise_incident(BREAK_GLASS, request_id.hex(), text, until)
 
     def close_incident(self, kind: str, subject: str) -> None:
         """Close an incident ``raise_incident`` opened (at the next check)."""

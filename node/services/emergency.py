@@ -54,6 +54,11 @@ log = logging.getLogger(__name__)
 MINUTE = 60
 
 
+def access_window(runtime: NodeRuntime) -> int:
+    """Seconds after its time in which a served emergency request still opens access."""
+    return runtime.config.consent.emergency_window_minutes * MINUTE
+
+
 def default_choice(runtime: NodeRuntime) -> Choice:
     """The federation's default, for patients who signed no emergency policy."""
     return Choice(runtime.config.consent.emergency_default)
@@ -136,8 +141,7 @@ def check_emergency(
     if served is not None:
         if served.requester != requester:
             return Verdict(False, Rule.WRONG_GRANTEE)
-        window = runtime.config.consent.emergency_window_minutes * MINUTE
-        if now > request.issued_at + window:
+        if now > request.issued_at + access_window(runtime):
             return Verdict(False, Rule.EMERGENCY_STALE)
         return Verdict(True, None, None, split_references(served.studies))
     if not request.signature_valid(requester_key):
@@ -204,6 +208,9 @@ def _judge_new(
     )
     runtime.security_audit.record(
         atna.consent_changed, True, request.request_id.hex(), requester, identity.patient_id
+    )
+    runtime.services.alerts.raise_break_glass(
+        request.request_id, requester, request.reason, request.issued_at + access_window(runtime)
     )
     return Verdict(True, None, None, studies)
 

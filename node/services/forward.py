@@ -5,8 +5,10 @@ peer): it follows the index. It polls ``instances`` for rows past its durable cu
 queues them (node/store/forward_state.py), and sends whatever is due over one
 association per batch. A failed instance is retried after an exponential backoff
 (``initial_backoff`` x 2^(attempt-1)) until ``max_attempts``, then kept as failed and
-shown in the status. Delivery is at least once: an instance sent just before a crash
-is sent again, which a PACS treats as a duplicate.
+shown in the status. Staff may retry a retrying or failed instance now, or cancel one:
+it stays recorded as cancelled and is never sent (one already on the wire when the cancel
+comes is delivered and counted). Delivery is at least once: an instance sent just before
+a crash is sent again, which a PACS treats as a duplicate.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from pynetdicom import AE
 
-from node.errors import ConfigError, NotFound
+from node.errors import ConfigError, Conflict, NotFound
 from node.services.dimse_transport import (
     CONNECT_TIMEOUT_SECONDS,
     LOW_LATENCY_HANDLERS,
@@ -30,8 +32,8 @@ from node.services.dimse_transport import (
     read_instance,
     storage_contexts,
 )
+from node.store.forward_state import CANCELLED, ForwardState, QueuedInstance
 from node.store.forward_state import FILE_NAME as STATE_FILE
-from node.store.forward_state import ForwardState, QueuedInstance
 
 if TYPE_CHECKING:
     from node.config import ForwardConfig
@@ -64,6 +66,8 @@ class Forwarder:
         self.poll_seconds = poll_seconds
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Cancelled since this round read the queue: skipped if in its batch.
+        self._cancelled: set[str] = set()
 
     @property
     def destination(self) -> str:
@@ -107,6 +111,9 @@ class Forwarder:
         """Queue newly indexed instances and send those due; True if anything was sent."""
         now = time.time()
         self._take_new(now)
+        # Cleared before the queue is read: a later cancel is in the set, an earlier one
+        # is out of the batch already.
+        self._cancelled.clear()
         due = self.state.due(now, BATCH)
         if not due:
             return False
@@ -183,6 +190,8 @@ class Forwarder:
             for item, record in batch:
                 if self._stop.is_set():
                     break  # shutting down: the rest stay queued, no attempt counted
+                if item.sop_instance_uid in self._cancelled:
+                    continue  # cancelled during this round: never sent, no attempt
                 if not assoc.is_established:
                     failures["the PACS ended the association"].append(item)
                     continue
@@ -202,6 +211,29 @@ class Forwarder:
         finally:
             if assoc.is_established:
                 assoc.release()
+
+    # -- staff actions (the dashboard) -------------------------------------------------
+
+    def retry(self, sop_instance_uid: str) -> None:
+        """Send a retrying or failed instance at the next round, its attempts afresh.
+
+        Raises NotFound if it is not queued, Conflict if it was cancelled.
+        """
+        if not self.state.retry_now(sop_instance_uid, time.time()):
+            if self.state.state_of(sop_instance_uid) == CANCELLED:
+                raise Conflict("that instance's forwarding was cancelled: it is never sent")
+            raise NotFound("no such instance in the forwarding queue")
+        log.info("forwarding of one instance retried from the dashboard")
+
+    def cancel(self, sop_instance_uid: str) -> None:
+        """Never send a queued instance; it stays recorded as cancelled.
+
+        Raises NotFound if it is not queued (already delivered, or never taken in).
+        """
+        if not self.state.cancel(sop_instance_uid):
+            raise NotFound("no such instance in the forwarding queue")
+        self._cancelled.add(sop_instance_uid)
+        log.info("forwarding of one instance cancelled from the dashboard")
 
     def status(self) -> dict[str, Any]:
         """The forwarding outcome for the admin API."""

@@ -100,7 +100,7 @@ from node.errors import (
     Unauthorized,
 )
 from node.services.consent import check_access, resolve_study_reference
-from node.services.emergency import check_emergency
+from node.services.emergency import access_window, check_emergency
 from node.services.ledger import LedgerService
 from node.services.pacs import serving_from_cache
 from node.services.peer_client import (
@@ -861,6 +861,15 @@ class TransferService:
                         job.state, job.error = "failed", str(exc)
                         return
                     job.error = None
+                    if job.emergency_reason is not None:
+                        # The custodian served this node's break-glass: staff are told.
+                        self.runtime.services.alerts.raise_break_glass(
+                            job.token_id,
+                            self.runtime.config.origin,
+                            job.emergency_reason,
+                            job.started + access_window(self.runtime),
+                            job.custodian,
+                        )
                     if not manifest.pending:
                         job.state = "done"
                         return

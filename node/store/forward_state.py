@@ -4,7 +4,8 @@ Kept in ``forward.sqlite`` beside the index (WAL, synchronous=FULL)::
 
     cursor(id=1, last_rowid)          highest ``instances`` rowid taken into the queue
     queue(sop_instance_uid, index_rowid, study_instance_uid, attempts, next_try,
-          last_error, state)          instances not yet delivered; state pending|failed
+          last_error, state)          instances not yet delivered; state pending|failed,
+                                      or cancelled from the dashboard (kept, never sent)
     totals(id=1, forwarded, last_success_at, last_error, last_error_at)
 
 Moving new instances into the queue and advancing the cursor is one transaction, so a
@@ -24,6 +25,7 @@ from node.store.sqlite import Migration, open_database
 FILE_NAME = "forward.sqlite"
 PENDING = "pending"
 FAILED = "failed"
+CANCELLED = "cancelled"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cursor (id INTEGER PRIMARY KEY CHECK (id = 1), last_rowid INTEGER);
@@ -70,16 +72,19 @@ class ForwardState:
         with self._lock:
             self._conn.close()
 
-    def _transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+    def _transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> int:
+        """Run ``statements`` as one durable transaction; the rows they changed."""
         conn = self._conn
+        changed = 0
         conn.execute("BEGIN IMMEDIATE")
         try:
             for sql, args in statements:
-                conn.execute(sql, args)
+                changed += conn.execute(sql, args).rowcount
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        return changed
 
     @property
     def last_rowid(self) -> int:
@@ -163,13 +168,42 @@ class ForwardState:
             statements.append(
                 (
                     "UPDATE queue SET attempts = ?, next_try = ?, last_error = ?, state = ?"
-                    " WHERE sop_instance_uid = ?",
-                    (attempts, next_try, error, state, item.sop_instance_uid),
+                    " WHERE sop_instance_uid = ? AND state != ?",
+                    (attempts, next_try, error, state, item.sop_instance_uid, CANCELLED),
                 )
             )
         statements.append(("UPDATE totals SET last_error = ?, last_error_at = ?", (error, now)))
         with self._lock:
             self._transaction(statements)
+
+    def retry_now(self, sop_instance_uid: str, now: float) -> bool:
+        """Make a queued instance (retrying or failed) due now with its attempts counted
+        afresh; False if it is not queued or was cancelled."""
+        statement = (
+            "UPDATE queue SET attempts = 0, next_try = ?, state = ?"
+            " WHERE sop_instance_uid = ? AND state != ?",
+            (now, PENDING, sop_instance_uid, CANCELLED),
+        )
+        with self._lock:
+            return self._transaction([statement]) == 1
+
+    def cancel(self, sop_instance_uid: str) -> bool:
+        """Take a queued instance out of delivery for good, kept as cancelled; False if
+        it is not queued (delivered, or never taken in)."""
+        statement = (
+            "UPDATE queue SET state = ? WHERE sop_instance_uid = ?",
+            (CANCELLED, sop_instance_uid),
+        )
+        with self._lock:
+            return self._transaction([statement]) == 1
+
+    def state_of(self, sop_instance_uid: str) -> str | None:
+        """A queued instance's state; None if it is not in the queue."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT state FROM queue WHERE sop_instance_uid = ?", (sop_instance_uid,)
+            ).fetchone()
+        return None if row is None else str(row[0])
 
     def forget(self, sop_instance_uids: Sequence[str]) -> None:
         """Drop queued instances that are no longer on the node."""
@@ -188,14 +222,15 @@ class ForwardState:
             )
             problems = conn.execute(
                 "SELECT study_instance_uid, sop_instance_uid, attempts, next_try, last_error,"
-                " state FROM queue WHERE attempts > 0 ORDER BY index_rowid LIMIT ?",
-                (failure_limit,),
+                " state FROM queue WHERE attempts > 0 AND state != ? ORDER BY index_rowid LIMIT ?",
+                (CANCELLED, failure_limit),
             ).fetchall()
             last_rowid = conn.execute("SELECT last_rowid FROM cursor").fetchone()[0]
         return {
             "forwarded": totals["forwarded"],
             "pending": counts.get(PENDING, 0),
             "failed": counts.get(FAILED, 0),
+            "cancelled": counts.get(CANCELLED, 0),
             "last_success_at": totals["last_success_at"],
             "last_error": totals["last_error"] or None,
             "last_error_at": totals["last_error_at"],

@@ -10,6 +10,9 @@
 - ``GET  /admin/api/log.csv``        the whole own log in plain words, as CSV
 - ``POST /admin/api/peers/remove``   JSON {"origin"}: remove a member added in peers.toml
 - ``POST /admin/api/alerts/test``    send a test alert to every configured channel
+- ``POST /admin/api/forwards/{id}/retry``   forward a retrying or failed instance now
+- ``POST /admin/api/forwards/{id}/cancel``  never forward a queued instance ({id}: its
+  SOP Instance UID, as the forwarding status lists it)
 
 The page asks for the admin token and sends it as ``Authorization: Bearer`` on every
 call; no cookie is ever set, so there is nothing for a cross-site request to ride on.
@@ -25,9 +28,10 @@ from pathlib import Path
 from aiohttp import web
 
 from node.core import atna
+from node.core.uids import UID_PATTERN
 from node.edges.http.context import runtime_of
 from node.edges.http.static_files import StaticFiles
-from node.errors import BadInput
+from node.errors import BadInput, NotFound
 from node.services.audit_export import local_user
 from node.services.roster import remove_peer
 from node.services.runtime import NodeRuntime
@@ -139,6 +143,16 @@ async def test_alert(request: web.Request) -> web.Response:
     return web.json_response({"channels": outcome}, headers=NO_STORE)
 
 
+async def forward_action(request: web.Request) -> web.Response:
+    forwarder = runtime_of(request).services.forwarder
+    if forwarder is None:
+        raise NotFound("forwarding is off (no [forward] PACS in node.toml)")
+    uid, action = request.match_info["id"], request.match_info["action"]
+    await asyncio.to_thread(forwarder.retry if action == "retry" else forwarder.cancel, uid)
+    state = await asyncio.to_thread(forwarder.state.state_of, uid)
+    return web.json_response({"id": uid, "state": state}, headers=NO_STORE)
+
+
 async def audit(request: web.Request) -> web.Response:
     return web.json_response(await runtime_of(request).services.status.audit(), headers=NO_STORE)
 
@@ -155,3 +169,6 @@ def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
     app.router.add_get("/admin/api/log.csv", log_csv)
     app.router.add_post("/admin/api/peers/remove", remove_peer_route)
     app.router.add_post("/admin/api/alerts/test", test_alert)
+    app.router.add_post(
+        "/admin/api/forwards/{id:" + UID_PATTERN + "}/{action:retry|cancel}", forward_action
+    )

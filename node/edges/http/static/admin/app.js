@@ -365,6 +365,13 @@ function renderForwarding(f) {
       el("td", { class: "num" }, p.attempts),
       el("td", {}, p.state === "failed" ? "gave up" : p.next_try ? until(p.next_try) : "–"),
       el("td", {}, p.last_error || ""),
+      el(
+        "td",
+        {},
+        el("button", { type: "button", class: "quiet forward-retry", "data-id": p.sop_instance_uid }, "Retry now"),
+        " ",
+        el("button", { type: "button", class: "danger forward-cancel", "data-id": p.sop_instance_uid }, "Cancel"),
+      ),
     ),
   );
   fill(
@@ -375,13 +382,14 @@ function renderForwarding(f) {
       ["Forwarded", f.forwarded],
       ["Queued", f.pending],
       ["Failed for good", f.failed],
+      ["Cancelled", f.cancelled],
       ["Last success", time(f.last_success_at)],
       ["Last error", f.last_error ? [f.last_error, " ", time(f.last_error_at)] : "none"],
     ]),
     f.problems.length
       ? [
           el("h3", {}, "Retrying or failed"),
-          table(["State", "Attempts", "Next try", "Error"], problems, ""),
+          table(["State", "Attempts", "Next try", "Error", "Actions"], problems, ""),
           f.problems.length > SHOWN
             ? el("p", { class: "small muted" }, `…and more: see the Queued and Failed counts above.`)
             : null,
@@ -645,6 +653,17 @@ async function fetchAction(id, what, done) {
   }
 }
 
+/** Forward a retrying or failed instance now, or never (cancel: it is kept as cancelled). */
+async function forwardAction(uid, what) {
+  if (what === "cancel" && !window.confirm("Never send this instance to the PACS?")) return;
+  try {
+    await api(`/admin/api/forwards/${encodeURIComponent(uid)}/${what}`, { method: "POST" });
+    notice(what === "retry" ? "Sending it to the PACS now." : "Cancelled: it will not be sent.");
+  } catch (error) {
+    if (!(error instanceof AuthRequired)) notice(`Could not ${what}: ${error.message}`);
+  }
+}
+
 async function removePeer(origin) {
   if (!window.confirm(`Remove ${origin} from this node's federation? This node stops replicating its log and sharing with it.`)) return;
   try {
@@ -818,6 +837,8 @@ function start() {
     if (retry) fetchAction(retry.dataset.id, "retry", "Fetching again");
     const cancel = target && target.closest("button.fetch-cancel");
     if (cancel) fetchAction(cancel.dataset.id, "cancel", "Cancelled");
+    const forward = target && target.closest("button.forward-retry, button.forward-cancel");
+    if (forward) forwardAction(forward.dataset.id, forward.classList.contains("forward-retry") ? "retry" : "cancel");
   });
   $("fetch-form").addEventListener("submit", startFetch);
   $("study-search").addEventListener("input", searchStudies);

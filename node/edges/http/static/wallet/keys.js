@@ -16,6 +16,17 @@
 // derives it (node/core/patient_keys.py), imported as a non-extractable signing key.
 // A restore also takes the command-line wallet's unsealed seed.json
 // ({"version": 1, "encryption": "none", "seed": b64}).
+//
+// A passkey may lock the same seed a second time, where the browser's platform
+// authenticator has the WebAuthn PRF extension: the passkey's PRF output for a random
+// salt, through HKDF-SHA256 (its own random salt, info "imageshare/wallet-passkey/v1"),
+// is an AES-256-GCM key sealing the seed, with additional data "imageshare/wallet-passkey/v1":
+//
+//   wallet.passkey = {"credential": b64url(raw id), "prfSalt": b64(32),
+//                     "hkdfSalt": b64(16), "iv": b64(12), "box": b64(AES-GCM(seed))}
+//
+// Nothing of it leaves the browser (no server checks the passkey: only its PRF output
+// opens the box). The passphrase backup stays: it is the fallback and the backup file.
 
 import { concat, fromBase64, randomBytes, toBase64, utf8, fromB64url, toB64url } from "./bytes.js";
 
@@ -26,6 +37,7 @@ const BACKUP_AAD = utf8("imageshare/wallet-backup/v1");
 const BACKUP_FORMAT = "imageshare-wallet-backup";
 export const PBKDF2_ITERATIONS = 600000;
 const MIN_PASSPHRASE = 8;
+const PASSKEY_DOMAIN = utf8("imageshare/wallet-passkey/v1");
 // PKCS#8 wrapping of a raw Ed25519 seed (RFC 8410).
 const PKCS8_ED25519_PREFIX = Uint8Array.from([
   0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
@@ -120,6 +132,115 @@ async function saveSeed(seed, passphrase) {
 export async function unlockWallet(wallet, passphrase) {
   const seed = await openBackup(JSON.stringify(wallet.backup), passphrase);
   return { ...wallet, seedKey: await seedKeyOf(seed) };
+}
+
+/** Whether this browser can lock with a passkey: a platform authenticator that
+ * verifies the user, and (where the browser says) the PRF extension. */
+export async function passkeyAvailable() {
+  if (!window.PublicKeyCredential || !window.isSecureContext) return false;
+  if (PublicKeyCredential.getClientCapabilities) {
+    const capabilities = await PublicKeyCredential.getClientCapabilities();
+    if (capabilities["extension:prf"] === false) return false;
+  }
+  return PublicKeyCredential.isUserVerifyingPlatformAuthenticatorAvailable();
+}
+
+async function passkeyOutput(credential, prfSalt) {
+  const assertion = await navigator.credentials.get({
+    publicKey: {
+      challenge: randomBytes(32),
+      allowCredentials: [{ type: "public-key", id: credential }],
+      userVerification: "required",
+      extensions: { prf: { eval: { first: prfSalt } } },
+    },
+  });
+  const prf = assertion && assertion.getClientExtensionResults().prf;
+  if (!prf || !prf.results || !prf.results.first) {
+    throw new Error("this passkey cannot unlock the wallet: use your passphrase");
+  }
+  return new Uint8Array(prf.results.first);
+}
+
+async function passkeyKey(output, hkdfSalt, usage) {
+  const material = await crypto.subtle.importKey("raw", output, "HKDF", false, ["deriveKey"]);
+  output.fill(0);
+  return crypto.subtle.deriveKey(
+    { name: "HKDF", hash: "SHA-256", salt: hkdfSalt, info: PASSKEY_DOMAIN },
+    material,
+    { name: "AES-GCM", length: 256 },
+    false,
+    [usage],
+  );
+}
+
+/** Lock the wallet with a new passkey as well (the passphrase opens the seed to seal);
+ * returns the wallet, still unlocked. Throws a sentence if the passkey has no PRF. */
+export async function addPasskey(wallet, passphrase) {
+  const seed = await openBackup(JSON.stringify(wallet.backup), passphrase);
+  try {
+    const passkey = await sealWithNewPasskey(seed);
+    const { seedKey, ...locked } = wallet;
+    await store.put("wallet", { ...locked, passkey });
+    return { ...locked, passkey, seedKey };
+  } finally {
+    seed.fill(0);
+  }
+}
+
+async function sealWithNewPasskey(seed) {
+  const prfSalt = randomBytes(32);
+  const created = await navigator.credentials.create({
+    publicKey: {
+      rp: { name: "ImageShare wallet" },
+      user: { id: randomBytes(16), name: "ImageShare wallet", displayName: "ImageShare wallet" },
+      challenge: randomBytes(32),
+      pubKeyCredParams: [
+        { type: "public-key", alg: -8 },
+        { type: "public-key", alg: -7 },
+        { type: "public-key", alg: -257 },
+      ],
+      authenticatorSelection: { authenticatorAttachment: "platform", userVerification: "required" },
+      extensions: { prf: { eval: { first: prfSalt } } },
+    },
+  });
+  const prf = created && created.getClientExtensionResults().prf;
+  if (!prf || !(prf.enabled || prf.results)) {
+    throw new Error("this phone's passkeys cannot lock the wallet: keep using your passphrase");
+  }
+  const credential = new Uint8Array(created.rawId);
+  // Some authenticators give the PRF output only when the passkey is used: ask once more.
+  const output = prf.results && prf.results.first
+    ? new Uint8Array(prf.results.first)
+    : await passkeyOutput(credential, prfSalt);
+  const hkdfSalt = randomBytes(16);
+  const iv = randomBytes(12);
+  const key = await passkeyKey(output, hkdfSalt, "encrypt");
+  const box = await crypto.subtle.encrypt({ name: "AES-GCM", iv, additionalData: PASSKEY_DOMAIN }, key, seed);
+  return {
+    credential: toB64url(credential),
+    prfSalt: toBase64(prfSalt),
+    hkdfSalt: toBase64(hkdfSalt),
+    iv: toBase64(iv),
+    box: toBase64(new Uint8Array(box)),
+  };
+}
+
+/** The wallet unlocked with its passkey; throws a sentence (use the passphrase) else. */
+export async function unlockWithPasskey(wallet) {
+  const { credential, prfSalt, hkdfSalt, iv, box } = wallet.passkey;
+  const output = await passkeyOutput(fromB64url(credential), fromBase64(prfSalt));
+  const key = await passkeyKey(output, fromBase64(hkdfSalt), "decrypt");
+  let seed;
+  try {
+    seed = await crypto.subtle.decrypt(
+      { name: "AES-GCM", iv: fromBase64(iv), additionalData: PASSKEY_DOMAIN },
+      key,
+      fromBase64(box),
+    );
+  } catch {
+    throw new Error("this passkey does not open this wallet: use your passphrase");
+  }
+  return { ...wallet, seedKey: await seedKeyOf(seedOfLength(new Uint8Array(seed))) };
 }
 
 /** Note that the patient has saved the backup (ends the reminder). */

@@ -1,10 +1,11 @@
 // The Key screen: my key for this hospital as text and QR code for the enrollment desk;
 // it notices enrollment by itself (polling while shown). Lock, backup again, forget.
 
+import { addPasskey, passkeyAvailable } from "./keys.js";
 import { qrSvg } from "./qr.js";
 import { forgetWallet, lockWallet } from "./session.js";
 import { downloadBackup } from "./screen-setup.js";
-import { $, action, app, confirmAction, currentScreen, registerScreen, show } from "./shell.js";
+import { $, action, app, confirmAction, currentScreen, registerScreen, say, show } from "./shell.js";
 import { RequestFailed, signedJson } from "./signed.js";
 
 const ENROLLMENT_POLL_MS = 3000;
@@ -46,6 +47,7 @@ async function load() {
   $("pubkey").textContent = app.publicText;
   $("pubkey-qr").replaceChildren(qrSvg(app.publicText, "my key as a QR code"));
   $("lock-button").textContent = app.key ? "Lock the wallet now" : "Unlock";
+  $("passkey-button").hidden = !app.key || Boolean(app.wallet.passkey) || !(await passkeyAvailable());
   await checkEnrollment();
 }
 
@@ -55,6 +57,15 @@ function setup() {
     else await show("lock");
   });
   action($("backup-again-button"), downloadBackup);
+  action($("passkey-button"), async () => {
+    const passphrase = await confirmAction(
+      "Unlock with your fingerprint or face from now on? Your passphrase keeps working too. Enter it to go on.",
+      { confirmLabel: "Set up the passkey" },
+    );
+    app.wallet = await addPasskey(app.wallet, passphrase);
+    $("passkey-button").hidden = true;
+    say("Done: next time, unlock with your passkey.", "info");
+  });
   action($("forget-button"), async () => {
     const warning = app.wallet && app.wallet.backupSaved
       ? "Forget this wallet on this phone? You can restore it later from your backup file."

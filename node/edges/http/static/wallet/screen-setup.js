@@ -1,7 +1,7 @@
 // First use and the lock: create or restore a wallet, the guided backup, unlocking, and
 // the "lost your phone?" page.
 
-import { createWallet, markBackupSaved, restoreWallet, unlockWallet } from "./keys.js";
+import { createWallet, markBackupSaved, restoreWallet, unlockWallet, unlockWithPasskey } from "./keys.js";
 import {
   $,
   action,
@@ -88,6 +88,10 @@ function setup() {
       button.disabled = false;
     }
   });
+  action($("passkey-unlock-button"), async () => {
+    await openWallet(await unlockWithPasskey(app.wallet));
+    await show(app.afterUnlock || "key");
+  });
   for (const link of document.querySelectorAll("a.lost-link")) {
     link.addEventListener("click", (event) => {
       event.preventDefault();
@@ -106,6 +110,7 @@ registerScreen("backup", {
 });
 registerScreen("lock", {
   load: async () => {
+    $("passkey-unlock-button").hidden = !(app.wallet && app.wallet.passkey);
     $("unlock-passphrase").focus();
   },
 });

@@ -169,9 +169,12 @@ export function confirmAction(text, { confirmLabel = "Yes", destructive = false,
         }
         ok.disabled = false;
       }
+      // The checked passphrase, for an action that needs the seed (a passkey lock).
+      const typed = $("confirm-passphrase").value;
+      $("confirm-passphrase").value = "";
       finish();
       dialog.close();
-      resolve();
+      resolve(passphrase ? typed : undefined);
     };
     const onCancel = (event) => {
       event.preventDefault();
@@ -191,7 +194,9 @@ let shown = null;
 export async function show(name) {
   const screen = screens.get(name);
   const target = screen && screen.needsKey && !app.key ? "lock" : name;
-  if (target === "lock") app.afterUnlock = name;
+  // Unlocking goes on to the screen that asked for the key (the Key screen when the
+  // lock screen was asked for itself).
+  if (target === "lock") app.afterUnlock = name === "lock" ? "key" : name;
   for (const section of document.querySelectorAll("main > section")) {
     section.hidden = section.id !== "screen-" + target;
   }
