@@ -13,11 +13,11 @@ hospital's staff behind the admin token, never to peers.
 from __future__ import annotations
 
 import asyncio
-import csv
 import io
 import shutil
 import time
 from collections.abc import Iterator
+from csv import writer as csv_rows  # (a CSV writer, not a database's)
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,7 +83,7 @@ def human_size(count: int) -> str:
 
 def _csv_line(values: list[Any]) -> str:
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\r\n").writerow(values)
+    csv_rows(buffer, lineterminator="\r\n").writerow(values)
     return buffer.getvalue()
 
 

@@ -18,10 +18,33 @@ from typing import Any
 IMAGESHARE = [sys.executable, "-m", "node.edges.cli"]
 
 
+# Ports handed out below the kernel's ephemeral range (32768 and up), in one slice per
+# pytest-xdist worker: a port chosen by bind(0) and closed could be chosen again by
+# another worker, or taken as a client's source port, before its server binds it.
+PORT_BASE, PORT_SLICE = 12000, 4000
+_next_port: list[int] = []
+
+
+def _worker_index() -> int:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return int(worker[2:]) if worker[2:].isdigit() else 0
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback TCP port nobody listens on, unique within this test run."""
+    if not _next_port:  # a random start, so that two runs side by side rarely meet
+        _next_port.append(int.from_bytes(os.urandom(2), "big") % PORT_SLICE)
+    first = PORT_BASE + (_worker_index() % 5) * PORT_SLICE
+    for _ in range(PORT_SLICE):
+        port = first + _next_port[0] % PORT_SLICE
+        _next_port[0] += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use (another run, or a server of this one)
+            return port
+    raise RuntimeError("no free port left in this worker's slice")
 
 
 def run_cli(
