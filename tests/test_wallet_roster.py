@@ -41,7 +41,7 @@ from node.services.wallet import Wallet
 from tests.support.browser import chromium_session
 from tests.support.hostile import HostileServer, Received
 from tests.support.nodes import NodeProcess, init_node, wait_until
-from tests.support.web_wallet import PASSPHRASE, restore_wallet, wait_for_screen
+from tests.support.web_wallet import PASSPHRASE, restore_wallet, unlock, wait_for_screen
 
 FEDERATION = "fed.example/roster"
 MRN = "MRN-ROSTER-1"
@@ -157,7 +157,7 @@ def test_a_custodian_listing_witness_keys_it_made_shows_unproven(
             event = _activity(page, a.url, seed)
             assert event.get_attribute("data-proven") == "true"
             # The wallet names a hospital by its host (shell.js hospitalName).
-                assert f"witnessed by {b.origin.split('/')[0]}" in event.inner_text()
+            assert f"witnessed by {b.origin.split('/')[0]}" in event.inner_text()
             summary = str(page.text_content("#activity-summary"))
             assert "members of the federation roster, version 1" in summary
             page.shot("1-honest-proven")
@@ -169,9 +169,10 @@ def test_a_custodian_listing_witness_keys_it_made_shows_unproven(
             )
             (federation.base / "roster-v2.bundle").write_bytes(v2.bundle)
             fetch_roster(load_config(a.config), str(federation.base / "roster-v2.bundle"))
-            page.reload()
+            page.reload()  # a reload locks the wallet: the key is asked for again
             wait_for_screen(page, "key")
             page.click('#tabs button[data-screen="activity"]')
+            unlock(page)
             wait_for_screen(page, "activity")
             summary = str(page.text_content("#activity-summary"))
             assert "members of the federation roster, version 2" in summary
@@ -197,7 +198,7 @@ def test_a_custodian_listing_witness_keys_it_made_shows_unproven(
             event = _activity(page, unpinned.server.url, seed)
             assert event.get_attribute("data-proven") == "true"
             # The wallet names a hospital by its host (shell.js hospitalName).
-                assert f"witnessed by {b.origin.split('/')[0]}" in event.inner_text()
+            assert f"witnessed by {b.origin.split('/')[0]}" in event.inner_text()
     finally:
         hostile.server.stop()
         unpinned.server.stop()

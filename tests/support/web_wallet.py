@@ -23,6 +23,13 @@ def confirm(page: Any, passphrase: str = PASSPHRASE) -> None:
     page.wait_for_selector("#confirm:not([open])", state="attached")
 
 
+def unlock(page: Any, passphrase: str = PASSPHRASE) -> None:
+    """Unlock the wallet from its lock screen (after a reload it holds no key)."""
+    wait_for_screen(page, "lock")
+    page.fill("#unlock-passphrase", passphrase)
+    page.click("#unlock-button")
+
+
 def restore_wallet(page: Any, node_url: str, backup: Path, passphrase: str) -> str:
     """Restore the wallet at ``node_url`` from ``backup`` (a backup file or a command-line
     wallet's seed.json): the patient's public key there, as the key screen shows it."""
