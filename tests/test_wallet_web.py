@@ -129,7 +129,7 @@ def _fits_and_passes_axe(page: Any, name: str) -> None:
 
 def _wallet_screens_at(page: Any, name: str) -> None:
     """Every tab of an unlocked wallet, plus the lost-phone page, checked as above."""
-    for screen in ["key", "studies", "tokens", "activity"]:
+    for screen in ["key", "studies", "tokens", "activity", "safety", "proof"]:
         _tab(page, screen)
         assert page.get_attribute(f'#tabs button[data-screen="{screen}"]', "aria-current") == "page"
         _fits_and_passes_axe(page, f"{name}-{screen}")
