@@ -1,14 +1,16 @@
 """One base64url rule: patient keys, consent tokens and study references accept and refuse
-the same texts (the signed-request headers' cases are in test_signed_requests)."""
+the same texts (the signed-request headers' cases are in test_signed_requests). One
+standard-base64 rule for the C2SP formats, as strict."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 
 import pytest
 
-from node.core.base64url import b64url_decode, b64url_encode
+from node.core.base64url import b64_decode, b64_encode, b64url_decode, b64url_encode
 from node.core.consent import parse_token_text
 from node.core.patient_keys import parse_public_key
 from node.errors import BadInput
@@ -46,6 +48,42 @@ class TestRule:
         with pytest.raises(BadInput, match="not base64url"):
             b64url_decode(b64url_encode(bytes(17)), "x", max_bytes=16)
         assert b64url_decode(b64url_encode(bytes(16)), "x", max_bytes=16) == bytes(16)
+
+
+STANDARD_REFUSED = [
+    "",
+    b64_encode(KEY)[:-1],  # padding missing
+    b64_encode(KEY) + "=",  # padding grown
+    b64_encode(KEY)[:-2] + "1=",  # "0" (52) and "1" (53) differ in an unused bit only
+    b64_encode(KEY).replace("=", "A"),  # a data character where padding belongs
+    b64_encode(KEY)[:-1] + "\n",
+    b64_encode(KEY)[:10] + "\n" + b64_encode(KEY)[10:],
+    "-" + b64_encode(KEY)[1:],  # a character of the URL alphabet
+    b64_encode(KEY + b"x"),  # 33 bytes
+]
+
+
+class TestStandardRule:
+    @pytest.mark.parametrize("size", [1, 2, 3, 31, 32, 33, 68, 76])
+    def test_every_size_round_trips(self, size: int) -> None:
+        data = os.urandom(size)
+        assert b64_decode(b64_encode(data), "x", size=size) == data
+
+    @pytest.mark.parametrize("text", STANDARD_REFUSED, ids=range(len(STANDARD_REFUSED)))
+    def test_malformed_or_wrong_size_text_is_refused_naming_it(self, text: str) -> None:
+        with pytest.raises(BadInput, match=r"^thing "):
+            b64_decode(text, "thing", size=32)
+
+    @pytest.mark.parametrize("size", [1, 2, 31, 32, 68, 76])
+    def test_no_value_has_a_second_text(self, size: int) -> None:
+        """Every flip of bit 0 or bit 5 of any character is refused or decodes to other bytes."""
+        data = hashlib.sha256(bytes([size])).digest() * 3
+        text = b64_encode(data[:size])
+        for at in range(len(text)):
+            for flip in (0x01, 0x20):
+                changed = text[:at] + chr(ord(text[at]) ^ flip) + text[at + 1 :]
+                with contextlib.suppress(BadInput):
+                    assert b64_decode(changed, "x", max_bytes=size + 3) != data[:size]
 
 
 class TestCallersAgree:

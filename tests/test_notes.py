@@ -68,6 +68,20 @@ class TestSignedNote:
         with pytest.raises(Unauthorized):
             verify_signed_body(body + "\n" + bad.line(), GO["vkey_peter"])
 
+    def test_a_signature_line_with_a_nonzero_unused_bit_is_refused(self) -> None:
+        """68 bytes of key ID and signature leave two unused bits in the last character: a
+        text with one set decodes to the same signature, so a lenient parser would verify a
+        changed note."""
+        body, (sig,) = parse_note(GO["expected_signed_note"])
+        encoded = sig.line().split(" ")[-1].rstrip("\n")
+        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+        last = alphabet.index(encoded[-2])
+        changed = encoded[:-2] + alphabet[last ^ 1] + "="
+        assert base64.b64decode(changed) == base64.b64decode(encoded)
+        note = body + "\n— PeterNeumann " + changed + "\n"
+        with pytest.raises(BadInput, match="not canonical"):
+            verify_signed_body(note, GO["vkey_peter"])
+
     @pytest.mark.parametrize(
         "note",
         [

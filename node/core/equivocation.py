@@ -22,12 +22,11 @@ signed two roots for one prefix.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from node.core.base64url import b64_decode, b64_encode
 from node.core.keys import VerifierKey
 from node.core.merkle import EMPTY_ROOT, HASH_SIZE, verify_consistency
 from node.core.notes import MAX_NOTE_BYTES, Checkpoint, parse_vkey, signed_only_by, verify_note
@@ -97,9 +96,7 @@ class VerifiedEquivocation:
     reason: str
 
 
-def verify_equivocation(
-    proof: EquivocationProof, vkey: VerifierKey | str
-) -> VerifiedEquivocation:
+def verify_equivocation(proof: EquivocationProof, vkey: VerifierKey | str) -> VerifiedEquivocation:
     """Check a proof against the log's key alone; returns it canonical, with its reason.
 
     Raises Unauthorized if a note is not validly signed by ``vkey``, and BadInput if the
@@ -144,22 +141,14 @@ def _proves_prefix(
     if smaller.size == 0:
         # Every tree has the empty root at size 0 (RFC 9162 proves nothing there).
         return prefix_root == EMPTY_ROOT and not consistency
-    return verify_consistency(
-        consistency, smaller.size, larger.size, prefix_root, larger.root_hash
-    )
+    return verify_consistency(consistency, smaller.size, larger.size, prefix_root, larger.root_hash)
 
 
 def _b64(digest: bytes) -> str:
-    return base64.b64encode(digest).decode()
+    return b64_encode(digest)
 
 
 def _hash(value: Any) -> bytes:
     if not isinstance(value, str) or len(value) > 64:
         raise BadInput("a hash in an equivocation proof must be base64 text")
-    try:
-        digest = base64.b64decode(value, validate=True)
-    except (ValueError, binascii.Error) as exc:
-        raise BadInput("a hash in an equivocation proof is not base64") from exc
-    if len(digest) != HASH_SIZE:
-        raise BadInput("a hash in an equivocation proof must be 32 bytes")
-    return digest
+    return b64_decode(value, "a hash in an equivocation proof", size=HASH_SIZE)

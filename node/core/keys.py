@@ -9,8 +9,6 @@ tlog-cosignature/v1 key, named with algorithm byte 0x04 instead. ``check_key_nam
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import unicodedata
 from collections.abc import Collection
@@ -19,6 +17,7 @@ from dataclasses import dataclass
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
+from node.core.base64url import b64_decode, b64_encode
 from node.errors import BadInput
 
 ED25519_ALG = 0x01
@@ -57,7 +56,7 @@ def check_key_name(name: object) -> None:
 
 def verifier_key_string(name: str, public_key: bytes) -> str:
     """The C2SP vkey string for an Ed25519 public key."""
-    encoded = base64.b64encode(bytes([ED25519_ALG]) + public_key).decode()
+    encoded = b64_encode(bytes([ED25519_ALG]) + public_key)
     return f"{name}+{key_id(name, public_key).hex()}+{encoded}"
 
 
@@ -91,9 +90,9 @@ def parse_verifier_key(vkey: str, algorithms: Collection[int] = (ED25519_ALG,)) 
     check_key_name(name)
     try:
         claimed_id = bytes.fromhex(hex_id)
-        key_bytes = base64.b64decode(encoded, validate=True)
-    except (ValueError, binascii.Error) as exc:
+    except ValueError as exc:
         raise BadInput("verifier key is not hex and base64 as required") from exc
+    key_bytes = b64_decode(encoded, "verifier key", max_bytes=256)
     if len(key_bytes) != 1 + PUBLIC_KEY_SIZE or key_bytes[0] not in algorithms:
         raise BadInput("verifier key is not an Ed25519 key")
     public_key = key_bytes[1:]

@@ -19,12 +19,11 @@ cosigned.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from node.core.base64url import b64_decode, b64_encode
 from node.core.entries import LedgerEntry, decode_entry
 from node.core.keys import VerifierKey, cosigner_key_id
 from node.core.merkle import HASH_SIZE, leaf_hash, verify_inclusion
@@ -50,9 +49,9 @@ class TlogProof:
         """The file's bytes."""
         lines = [
             HEADER,
-            f"extra {_b64(self.entry)}",
+            f"extra {b64_encode(self.entry)}",
             f"index {self.index}",
-            *(_b64(h) for h in self.proof),
+            *(b64_encode(h) for h in self.proof),
         ]
         return ("\n".join(lines) + "\n\n" + self.note).encode()
 
@@ -65,20 +64,6 @@ class VerifiedProof:
     index: int
     checkpoint: Checkpoint
     cosigners: list[str]
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def _strict_b64(text: str, what: str) -> bytes:
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (ValueError, binascii.Error) as exc:
-        raise BadInput(f"{what} is not base64") from exc
-    if _b64(data) != text:
-        raise BadInput(f"{what} is not canonical standard base64")
-    return data
 
 
 def parse_tlog_proof(data: bytes) -> TlogProof:
@@ -97,7 +82,7 @@ def parse_tlog_proof(data: bytes) -> TlogProof:
         raise BadInput(f"a proof file starts with {HEADER}, an extra and an index line")
     if not lines[1].startswith("extra "):
         raise BadInput("this proof file has no extra line holding the entry")
-    entry = _strict_b64(lines[1][len("extra ") :], "the extra line")
+    entry = b64_decode(lines[1][len("extra ") :], "the extra line", max_bytes=MAX_PROOF_FILE_BYTES)
     match = _INDEX.match(lines[2])
     if match is None:
         raise BadInput("the index line is 'index <decimal>'")
@@ -106,10 +91,7 @@ def parse_tlog_proof(data: bytes) -> TlogProof:
         raise BadInput(f"an inclusion proof has at most {MAX_PROOF_HASHES} hashes")
     proof = []
     for line in hashes:
-        digest = _strict_b64(line, "a proof line")
-        if len(digest) != HASH_SIZE:
-            raise BadInput("a proof line is one 32-byte hash")
-        proof.append(digest)
+        proof.append(b64_decode(line, "a proof line", size=HASH_SIZE))
     return TlogProof(entry, int(match.group(1)), tuple(proof), note)
 
 

@@ -23,12 +23,11 @@ Pure: the store runs ``judge`` inside its write transaction.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from node.core.base64url import b64_decode, b64_encode
 from node.core.equivocation import EquivocationProof
 from node.core.keys import VerifierKey
 from node.core.merkle import EMPTY_ROOT, HASH_SIZE, verify_consistency
@@ -86,7 +85,7 @@ def encode_add_checkpoint(old_size: int, proof: Sequence[bytes], note: str) -> b
     """An add-checkpoint request body; BadInput if the proof is too long or malformed."""
     if len(proof) > MAX_PROOF_LINES or any(len(h) != HASH_SIZE for h in proof):
         raise BadInput(f"a witness takes at most {MAX_PROOF_LINES} 32-byte proof hashes")
-    lines = [f"old {old_size}", *(base64.b64encode(h).decode() for h in proof)]
+    lines = [f"old {old_size}", *(b64_encode(h) for h in proof)]
     return ("\n".join(lines) + "\n\n" + note).encode()
 
 
@@ -110,11 +109,11 @@ def parse_add_checkpoint(body: bytes) -> AddCheckpoint:
     proof = []
     for line in lines[1:]:
         try:
-            digest = base64.b64decode(line, validate=True)
-        except (ValueError, binascii.Error) as exc:
-            raise WitnessRefusal(400, "a proof line is not base64") from exc
-        if len(digest) != HASH_SIZE or base64.b64encode(digest).decode() != line:
-            raise WitnessRefusal(400, "a proof line is not one 32-byte hash in standard base64")
+            digest = b64_decode(line, "a proof line", size=HASH_SIZE)
+        except BadInput as exc:
+            raise WitnessRefusal(
+                400, "a proof line is not one 32-byte hash in standard base64"
+            ) from exc
         proof.append(digest)
     try:
         checkpoint = Checkpoint.parse(parse_note(note)[0])

@@ -13,8 +13,6 @@ its peers have not witnessed.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +20,7 @@ from typing import Any
 import aiohttp
 
 from node.core import origins
-from node.core.base64url import b64url_encode
+from node.core.base64url import b64_decode, b64url_encode
 from node.core.chain import LogChain
 from node.core.consent import decode_grant, decode_revocation, is_link_grantee, scope_text
 from node.core.emergency import split_references
@@ -293,8 +291,8 @@ async def _inclusion_proof(
     )
     try:
         document = json.loads(body)
-        return [base64.b64decode(h, validate=True) for h in document["proof"]]
-    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        return [b64_decode(h, "a proof hash", size=32) for h in document["proof"]]
+    except (ValueError, KeyError, TypeError, BadInput) as exc:
         raise BadInput("the inclusion proof is malformed") from exc
 
 

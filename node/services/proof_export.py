@@ -9,14 +9,15 @@ bad proof is found out at export, not later.
 
 from __future__ import annotations
 
-import base64
 import json
 
 import aiohttp
 import msgpack
 
+from node.core.base64url import b64_decode
 from node.core.consent import decode_grant, decode_revocation
 from node.core.entries import Access, Grant, LedgerEntry, Revoke, decode_entry
+from node.core.merkle import HASH_SIZE
 from node.core.notes import Checkpoint, parse_note, parse_vkey
 from node.core.origins import log_id
 from node.core.proof_file import TlogProof, verify_tlog_proof
@@ -81,7 +82,7 @@ async def export_proof(
     answer = json.loads(
         await get_body(session, f"{base}/proof/inclusion", {"index": str(index), "size": str(size)})
     )
-    hashes = tuple(base64.b64decode(h, validate=True) for h in answer["proof"])
+    hashes = tuple(b64_decode(h, "a proof hash", size=HASH_SIZE) for h in answer["proof"])
     proof = TlogProof(entry, index, hashes, note)
     # Witnesses are the patient's to judge at verification; here the log and the tree.
     verify_tlog_proof(proof, parse_vkey(node.vkey), unknown_signatures_allowed=True)

@@ -29,7 +29,6 @@ they fetch without waiting for their next round.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import logging
@@ -43,6 +42,7 @@ import msgpack
 import yarl
 
 from node.core import atna, notes
+from node.core.base64url import b64_decode
 from node.core.equivocation import EquivocationProof, VerifiedEquivocation, verify_equivocation
 from node.core.keys import verifier_key_string
 from node.core.merkle import StreamingConsistency, leaf_hash, verify_consistency
@@ -556,8 +556,8 @@ class ReplicationService:
             f"{base}/proof/consistency?old={ours}&new={checkpoint.size}", MAX_LISTING_BYTES
         )
         try:
-            proof = [base64.b64decode(h, validate=True) for h in json.loads(body)["proof"]]
-        except (ValueError, KeyError, TypeError) as err:
+            proof = [b64_decode(h, "a proof hash", size=32) for h in json.loads(body)["proof"]]
+        except (ValueError, KeyError, TypeError, BadInput) as err:
             raise PeerFailure("consistency proof is malformed") from err
         if verify_consistency(proof, ours, checkpoint.size, our_root, checkpoint.root_hash):
             raise PeerFailure(f"entries do not match the signed checkpoint: {exc}")
@@ -768,9 +768,6 @@ def _listed_root(value: Any) -> bytes | None:
     if not isinstance(value, str) or len(value) > 64:
         return None
     try:
-        root = base64.b64decode(value, validate=True)
-    except ValueError:
+        return b64_decode(value, "a listed root", size=32)
+    except BadInput:
         return None
-    return root if len(root) == 32 else None
-
-

@@ -10,8 +10,6 @@ checkpoint's root.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import os
 import time
@@ -22,7 +20,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from node.core.base64url import b64url_decode, b64url_encode
+from node.core.base64url import b64_decode, b64url_decode, b64url_encode
 from node.core.consent import (
     Delegation,
     GrantFields,
@@ -39,6 +37,7 @@ from node.core.consent import (
 )
 from node.core.emergency import Choice, sign_policy
 from node.core.entries import (
+    MAX_ENTRY_BYTES,
     DelegationEntry,
     EmergencyPolicyEntry,
     EntryBody,
@@ -48,7 +47,7 @@ from node.core.entries import (
 )
 from node.core.key_rotation import chain_of_log
 from node.core.keys import parse_verifier_key
-from node.core.merkle import leaf_hash, verify_inclusion
+from node.core.merkle import HASH_SIZE, leaf_hash, verify_inclusion
 from node.core.notes import verify_note
 from node.core.origins import is_node_origin, log_id
 from node.core.patient_keys import PatientKey
@@ -521,11 +520,11 @@ def parse_study_ref(text: str) -> bytes:
 def verify_recorded(answer: Any, custodian: Custodian, expected: EntryBody) -> Recorded:
     """Check that ``answer`` proves an entry holding ``expected`` in the custodian's log."""
     try:
-        entry_bytes = base64.b64decode(answer["entry"], validate=True)
-        proof = [base64.b64decode(h, validate=True) for h in answer["proof"]]
+        entry_bytes = b64_decode(answer["entry"], "the entry", max_bytes=MAX_ENTRY_BYTES)
+        proof = [b64_decode(h, "a proof hash", size=HASH_SIZE) for h in answer["proof"]]
         index = int(answer["index"])
         note = str(answer["checkpoint"])
-    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+    except (KeyError, TypeError, ValueError, BadInput) as exc:
         raise ProofFailed("the custodian's answer carries no well-formed proof") from exc
     try:
         entry = decode_entry(entry_bytes)
