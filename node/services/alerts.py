@@ -19,7 +19,6 @@ Privacy: an alert names nodes, sizes and counts, never a patient or a study.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import logging
 import os
@@ -38,6 +37,7 @@ from cryptography import x509
 
 from node.config import AlertsConfig
 from node.errors import BadInput, ConfigError
+from node.services.periodic import PeriodicTask
 from node.services.runtime import NodeRuntime
 from node.store.secrets import read_secret
 
@@ -158,7 +158,7 @@ class AlertService:
         self.book = IncidentBook()
         # Raised incidents and when each ends by itself (None: at ``close_incident``).
         self._raised: dict[tuple[str, str], tuple[Condition, float | None]] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._loop = PeriodicTask("alerts", self.check, self.config.check_interval)
         self._certificate: tuple[float, datetime.datetime] | None = None
         self.last_check: float | None = None
 
@@ -359,21 +359,10 @@ class AlertService:
     # -- the background loop --------------------------------------------------------------
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
+        await self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.check()
-            except Exception:  # one bad check must not end alerting for good
-                log.exception("alerts: the check failed")
-            await asyncio.sleep(self.config.check_interval)
+        await self._loop.stop()
 
 
 def disk_percent_used(path: os.PathLike[str] | str) -> int:

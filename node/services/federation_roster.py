@@ -53,6 +53,7 @@ from node.core.roster_document import (
 )
 from node.errors import BadInput, ConfigError, Conflict, ImageShareError, PeerUnreachable
 from node.services.peer_client import CONNECTION_ERRORS, describe, open_session, read_bounded
+from node.services.periodic import PeriodicTask
 from node.store.federation_state import replace_file
 from node.store.ledger import LedgerStore, StoredLog
 from node.store.secrets import read_seed, write_seed
@@ -464,27 +465,21 @@ class RosterRefresher:
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        self._task: asyncio.Task[None] | None = None
+        self._loop = PeriodicTask("roster", self.refresh, config.federation.roster_refresh)
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
+        await self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._loop.stop()
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                newest = await asyncio.to_thread(fetch_roster, self.config)
-                log.debug("roster version %d of %s held", newest.version, newest.federation)
-            except ImageShareError as exc:
-                log.warning(
-                    "roster fetch from %s failed: %s", self.config.federation.roster_url, exc
-                )
-            await asyncio.sleep(self.config.federation.roster_refresh)
+    async def refresh(self) -> None:
+        """Fetch the roster log once; a failure is logged, and the next round tries again."""
+        try:
+            newest = await asyncio.to_thread(fetch_roster, self.config)
+            log.debug("roster version %d of %s held", newest.version, newest.federation)
+        except ImageShareError as exc:
+            log.warning("roster fetch from %s failed: %s", self.config.federation.roster_url, exc)
 
 
 def roster_refresher(config: NodeConfig) -> RosterRefresher | None:
