@@ -29,7 +29,11 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, pixel_array
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from node.errors import BadInput, ImageShareError, NotAcceptable, NotFound
 from node.store.dicom_header import InflateLimits, read_dataset, read_to_pixels
@@ -92,6 +96,8 @@ class FrameRef:
     record: InstanceRecord
     index: int
     header: Dataset | None = field(default=None, compare=False, repr=False)
+    # Where the Pixel Data element starts in the file, when the header was read up to it.
+    pixel_offset: int | None = field(default=None, compare=False, repr=False)
 
 
 # -- query parameters (PS3.18 8.3.5) ----------------------------------------------------
@@ -192,18 +198,22 @@ def image_frame_count(store: InstanceStore, record: InstanceRecord) -> int:
     return _image_header(store, record)[0]
 
 
-def _image_header(store: InstanceStore, record: InstanceRecord) -> tuple[int, Dataset | None]:
-    """The frame count (0: no image) and the header read up to the pixels (None for a
-    deflated instance, whose pixels are read with the whole dataset anyway)."""
+def _image_header(
+    store: InstanceStore, record: InstanceRecord
+) -> tuple[int, Dataset | None, int | None]:
+    """The frame count (0: no image), the header read up to the pixels and where its
+    Pixel Data element starts (None for a deflated instance, whose pixels are read with
+    the whole dataset anyway)."""
+    offset: int | None = None
     if record.transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
         ds = store.read_dataset(record, stop_before_pixels=True)
         has_pixels, header = True, None  # reading a deflated file up to its pixels cannot tell
     else:
-        ds, start = store.read_to_pixels(record, _HEADER_DEFER_SIZE)
-        has_pixels, header = start < record.size, ds
+        ds, offset = store.read_to_pixels(record, _HEADER_DEFER_SIZE)
+        has_pixels, header = offset < record.size, ds
     if not has_pixels or "Rows" not in ds or "Columns" not in ds:
-        return 0, header
-    return _declared_frames(ds), header
+        return 0, header, offset
+    return _declared_frames(ds), header, offset
 
 
 def resource_frames(
@@ -216,17 +226,17 @@ def resource_frames(
     """
     if frame_numbers is not None:
         record = records[0]
-        count, header = _image_header(store, record)
+        count, header, offset = _image_header(store, record)
         if count == 0:
             raise NotFound("the instance holds no image to render")
         for number in frame_numbers:
             if not 1 <= number <= count:
                 raise NotFound(f"frame {number} is out of range 1-{count}")
-        return [FrameRef(record, n - 1, header) for n in frame_numbers]
+        return [FrameRef(record, n - 1, header, offset) for n in frame_numbers]
     frames: list[FrameRef] = []
     for record in records:
-        count, header = _image_header(store, record)
-        frames.extend(FrameRef(record, index, header) for index in range(count))
+        count, header, offset = _image_header(store, record)
+        frames.extend(FrameRef(record, index, header, offset) for index in range(count))
     if not frames:
         raise NotFound("the resource holds no image to render")
     return frames
@@ -250,9 +260,9 @@ def representative_frame(
         # The middle one first, then outwards: most series are all images.
         outwards = sorted(range(len(series)), key=lambda position: abs(position - middle))
         for position in outwards:
-            count, header = _image_header(store, series[position])
+            count, header, offset = _image_header(store, series[position])
             if count:
-                return FrameRef(series[position], count // 2, header)
+                return FrameRef(series[position], count // 2, header, offset)
     raise NotFound("the resource holds no image to render")
 
 
@@ -295,11 +305,11 @@ def _frame_image(store: InstanceStore, frame: FrameRef, options: RenderOptions) 
     if record.transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
         dataset: Dataset = store.read_dataset(record)  # inflated within the store's limits
         return _render(dataset, dataset, frame.index, options)
-    header = frame.header
+    header, offset = frame.header, frame.pixel_offset
     if header is None:
-        header = store.read_to_pixels(record, _HEADER_DEFER_SIZE)[0]
+        header, offset = store.read_to_pixels(record, _HEADER_DEFER_SIZE)
     try:
-        return _render(header, record.path, frame.index, options)
+        return _render(header, record.path, frame.index, options, offset)
     except BadInput:
         # pydicom's frame-by-frame reader trips on some files whose whole-dataset read
         # works (a file meta naming another VR than the dataset uses): read it whole,
@@ -313,15 +323,16 @@ def render_file(
 ) -> bytes:
     """Frame ``index`` (default: the middle one) of the DICOM file at ``path``, rendered as
     ``render_frame`` does; a deflated file is inflated within ``limits``. Raises likewise."""
-    header, _ = read_to_pixels(path, limits, _HEADER_DEFER_SIZE)
+    header, pixel_offset = read_to_pixels(path, limits, _HEADER_DEFER_SIZE)
     source: Path | Dataset = path
+    offset: int | None = pixel_offset
     if header.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
         header = read_dataset(path, limits)
-        source = header
+        source, offset = header, None
     if index is None:
         index = _declared_frames(header) // 2
     try:
-        image = _render(header, source, index, options)
+        image = _render(header, source, index, options, offset)
     except BadInput:
         if isinstance(source, Dataset):
             raise
@@ -338,7 +349,11 @@ def _declared_frames(header: Dataset) -> int:
 
 
 def _render(
-    header: Dataset, source: Path | Dataset, index: int, options: RenderOptions
+    header: Dataset,
+    source: Path | Dataset,
+    index: int,
+    options: RenderOptions,
+    pixel_offset: int | None = None,
 ) -> Image.Image:
     rows, columns = int(header.get("Rows") or 0), int(header.get("Columns") or 0)
     samples = int(header.get("SamplesPerPixel") or 1)
@@ -346,8 +361,61 @@ def _render(
         raise NotFound("the instance holds no image to render")
     if rows * columns * samples > MAX_FRAME_PIXELS:
         raise BadInput("the frame is too large to render")
-    frame = _decode(header, source, index)
+    frame = None
+    if isinstance(source, Path) and pixel_offset is not None:
+        frame = native_grey_frame(source, header, pixel_offset, index)
+    if frame is None:
+        frame = _decode(header, source, index)
     return _fit(_to_image(frame, header, options.window), options)
+
+
+_NATIVE_LITTLE_ENDIAN = {ExplicitVRLittleEndian: True, ImplicitVRLittleEndian: False}
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
+
+
+def native_grey_frame(
+    path: Path, header: Dataset, pixel_offset: int, index: int
+) -> np.ndarray | None:
+    """Frame ``index`` of an uncompressed little-endian greyscale image (8 or 16 bits
+    allocated), read straight from the file at its Pixel Data element; None for any other
+    image, which pydicom then decodes.
+
+    The values are what pydicom's ``pixel_array`` gives for such a file (the stored words
+    as they are, unused high bits kept), without parsing the dataset a second time: for a
+    CT slice that parse is a third of the rendering's time.
+    """
+    explicit = _NATIVE_LITTLE_ENDIAN.get(header.file_meta.get("TransferSyntaxUID"))
+    bits = header.get("BitsAllocated")
+    if (
+        explicit is None
+        or bits not in (8, 16)
+        or int(header.get("SamplesPerPixel") or 1) != 1
+        or str(header.get("PhotometricInterpretation", "")).upper()
+        not in ("MONOCHROME1", "MONOCHROME2")
+    ):
+        return None
+    rows, columns = int(header.Rows), int(header.Columns)
+    frame_bytes = rows * columns * bits // 8
+    with open(path, "rb") as f:
+        f.seek(pixel_offset)
+        element = f.read(12 if explicit else 8)
+        if len(element) < 8 or element[:4] != _PIXEL_DATA_TAG:
+            return None
+        if explicit:
+            if len(element) < 12 or element[4:6] not in (b"OW", b"OB"):
+                return None
+            length, start = int.from_bytes(element[8:12], "little"), pixel_offset + 12
+        else:
+            length, start = int.from_bytes(element[4:8], "little"), pixel_offset + 8
+        if length == 0xFFFFFFFF or length < (index + 1) * frame_bytes:
+            return None  # encapsulated, or shorter than it claims: pydicom judges it
+        f.seek(start + index * frame_bytes)
+        data = f.read(frame_bytes)
+    if len(data) != frame_bytes:
+        return None
+    signed = int(header.get("PixelRepresentation") or 0) == 1
+    dtype = np.dtype(("<i" if signed else "<u") + str(bits // 8))
+    return np.frombuffer(data, dtype=dtype).reshape(rows, columns)
 
 
 def _decode(header: Dataset, source: Path | Dataset, index: int) -> np.ndarray:
