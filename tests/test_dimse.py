@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sqlite3
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -232,6 +234,25 @@ class TestStorage:
             timeout=5,
             message="no partial file left",
         )
+
+    def test_pdu_claiming_more_than_the_maximum_is_refused_before_its_body_is_read(
+        self, node: NodeProcess
+    ) -> None:
+        # An A-ASSOCIATE-RQ header claiming 4 GiB - 1: without a bound the node would
+        # keep reading (and holding) whatever follows. It closes the connection at once.
+        with socket.create_connection(("127.0.0.1", node.dimse_port), timeout=10) as sock:
+            sock.sendall(struct.pack(">BBL", 0x01, 0, 0xFFFFFFFF))
+            closed_at = time.monotonic() + 10
+            while time.monotonic() < closed_at:
+                try:
+                    if sock.recv(4096) == b"":
+                        break
+                except ConnectionResetError:
+                    break
+            else:
+                pytest.fail("the node kept the connection open")
+        assert "over the node's maximum" in node.log_path.read_text()
+        assert dcmtk("echoscu", *peer(node)).returncode == 0  # the node keeps serving
 
 
 class TestFind:

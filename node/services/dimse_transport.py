@@ -15,7 +15,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pynetdicom.association
 import pynetdicom.dul
@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config, build_context, evt
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.transport import AssociationSocket
 
 from node.errors import BadInput, ConfigError
 from node.services.tls import bcp195
@@ -117,6 +118,35 @@ def mark_dimse_activity() -> None:
 MAX_PDU_BYTES = 4 * 1024 * 1024
 # Longest wait for a TCP connection to a peer AE (pynetdicom waits forever by default).
 CONNECT_TIMEOUT_SECONDS = 10.0
+
+
+def _recv_whole(self: AssociationSocket, nr_bytes: int) -> bytearray:
+    """pynetdicom's AssociationSocket.recv in large reads straight into one buffer.
+
+    pynetdicom reads a PDU 4 KiB at a time, appending to a growing buffer; this reads as
+    much as the socket has, into the PDU's final buffer. A PDU longer than the largest
+    the node accepts is refused before any of it is read: pynetdicom would otherwise
+    hold whatever length the peer claims (up to 4 GiB) in memory. The refusal closes the
+    connection (pynetdicom treats the error as the transport closing).
+    """
+    if nr_bytes > MAX_PDU_BYTES:
+        raise ConnectionAbortedError(
+            f"a PDU of {nr_bytes} bytes is over the node's maximum of {MAX_PDU_BYTES}"
+        )
+    sock = cast(socket.socket, self.socket)
+    buffer = bytearray(nr_bytes)
+    with memoryview(buffer) as view:
+        received = 0
+        while received < nr_bytes:
+            count = sock.recv_into(view[received:])
+            if not count:  # closed by the peer: what arrived, as pynetdicom returns it
+                break
+            received += count
+    del buffer[received:]
+    return buffer
+
+
+AssociationSocket.recv = _recv_whole  # type: ignore[method-assign]
 
 
 def set_low_latency(event: Event) -> None:

@@ -359,7 +359,11 @@ class SqliteInstanceStore:
                 continue
             seen_in_batch.add(uid)
             final = self.object_path(item.digest)
-            final.parent.mkdir(exist_ok=True)
+            try:
+                final.parent.mkdir()
+                touched_dirs.add(self.objects_dir)  # the new directory's own entry
+            except FileExistsError:
+                pass
             os.replace(item.tmp_path, final)
             touched_dirs.add(final.parent)
             fresh.append(item)

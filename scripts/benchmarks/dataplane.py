@@ -47,12 +47,13 @@ NOTES = [
     " stored file (Orthanc: SyncStorageArea) before they answer. The second DIMSE row runs"
     " the same storescu into a second Orthanc started exactly as Debian ships it (Nagle"
     " on), the package the design names as the reference.",
-    "Where the node's DIMSE time goes: it answers each C-STORE only once the file is"
-    " fsynced and its index row committed, and storescu sends the next instance only after"
-    " that answer, so nothing overlaps; durability costs about 0.3 s of the study, and"
-    " about 1.2 s is CPU in pynetdicom's per-message handling and the node's header check"
-    " and hash. Half of the tuned Orthanc's time would need a DIMSE layer outside"
-    " pynetdicom.",
+    "Where the node's DIMSE time goes (docs/dimse.md, profile): it answers each C-STORE"
+    " only once the file is fsynced and its index row committed, and storescu sends the"
+    " next instance only after that answer, so nothing overlaps: two device flushes per"
+    " instance (file, SQLite WAL) against Orthanc's one (it does not sync its index per"
+    " instance), 0.3 s of the study on a quiet disk, 2-3 s when other work loads it; and"
+    " about 9 ms of CPU per instance in pynetdicom's two polling threads, its message"
+    " handling, the header check and the hash, which a loaded CPU stretches most.",
     "`imageshare import` reads the files from the local disk and commits them durably in"
     " batches; the daemon of that node runs beside it. Its figure has no Orthanc"
     " counterpart.",
