@@ -3,7 +3,8 @@ of every log, a split view caught from checkpoints alone; an archive mirrors eve
 
 One federation of real node processes for the module: ``a`` and ``b`` mirror their
 dealings, ``z`` is the archive (``mirror = "all"``), and ``c`` is a hostile member (a
-small server holding c's real key) that shows ``a`` one history and ``z`` another.
+small server holding c's real key) that shows ``a`` one history and ``z`` another; ``l``
+is a member whose log server lies in its consistency proofs on demand.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ class Federation:
     z: NodeProcess
     c: NodeProcess  # never started: the hostile server signs with its key
     hostile: HostileLogServer
+    liar: HostileLogServer  # l's log, one history, its proofs bad while bad_proofs is set
 
 
 def configure(node: NodeProcess, mirror: str, peers: list[tuple[str, str, str]]) -> None:
@@ -51,23 +54,37 @@ def configure(node: NodeProcess, mirror: str, peers: list[tuple[str, str, str]])
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     base: Path = tmp_path_factory.mktemp("mirroring")
-    a, b, z, c = (init_node(base, f"{n}.example/imageshare") for n in "abzc")
+    with ThreadPoolExecutor(5) as pool:
+        made = pool.map(lambda n: init_node(base, f"{n}.example/imageshare"), "abzcl")
+        a, b, z, c, liar = list(made)
     common = enrollments(1)
     # Two histories from one entry on: a is shown 2 entries, z (the archive) 3.
     forks = {"a": enrollments(1, common), "z": enrollments(2, common)}
-    c_key = NodeIdentity(c.origin, read_seed(c.data_dir / "node.key"))
-    with HostileLogServer(c_key, c.vkey, forks) as hostile:
+    logged = enrollments(2)
+    with (
+        HostileLogServer(identity_of(c), c.vkey, forks) as hostile,
+        # One history for all; only a's view grows, so only a meets the lie.
+        HostileLogServer(identity_of(liar), liar.vkey, dict.fromkeys("az", logged)) as lying,
+    ):
         honest = {n.origin: (n.origin, n.url, n.vkey) for n in (a, b, z)}
         for node, mirror, view in ((a, "dealings", "a"), (b, "dealings", "a"), (z, "all", "z")):
             others = [p for o, p in honest.items() if o != node.origin]
-            configure(node, mirror, [*others, (c.origin, hostile.url(view), c.vkey)])
-        for node in (a, b, z):
-            node.start()
+            members = [
+                (c.origin, hostile.url(view), c.vkey),
+                (liar.origin, lying.url(view), liar.vkey),
+            ]
+            configure(node, mirror, [*others, *members])
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(NodeProcess.start, (a, b, z)))
         try:
-            yield Federation(a, b, z, c, hostile)
+            yield Federation(a, b, z, c, hostile, lying)
         finally:
             for node in (a, b, z):
                 node.stop()
+
+
+def identity_of(node: NodeProcess) -> NodeIdentity:
+    return NodeIdentity(node.origin, read_seed(node.data_dir / "node.key"))
 
 
 def peer_row(node: NodeProcess, origin: str) -> dict[str, Any]:
@@ -121,6 +138,28 @@ def test_a_split_view_is_caught_by_a_node_holding_only_checkpoints(fed: Federati
     # a caught it holding no entry of c's log: neither history was copied there.
     assert fed.c.origin not in served_logs(fed.a)
     assert peer_row(fed.a, fed.c.origin)["mirrored"] is False
+
+
+def test_a_server_lying_in_its_consistency_proof_frames_no_one_and_is_followed_as_it_grows(
+    fed: Federation,
+) -> None:
+    origin = fed.liar.identity.origin
+    wait_until(lambda: peer_row(fed.a, origin)["size_here"] == 2, message="a to keep size 2")
+    fed.liar.bad_proofs = True
+    fed.liar.show("a", enrollments(1, fed.liar.histories["a"]))
+    row = wait_until(
+        lambda: (r := peer_row(fed.a, origin))["reachable"] is False and r,
+        message="a to refuse the bad proof",
+    )
+    # The history is consistent: streamed once, it shows the proof was the server's lie.
+    assert "bad consistency proof" in row["last_error"]
+    assert row["trusted"] is True and row["size_here"] == 2
+    proofs = fed.a.get_json("/ledger/equivocations", auth=False)
+    assert [p for p in proofs if p["origin"] == origin] == []
+    # That answer was judged once; the next checkpoint, proven honestly, is taken.
+    fed.liar.bad_proofs = False
+    fed.liar.show("a", enrollments(1, fed.liar.histories["a"]))
+    wait_until(lambda: peer_row(fed.a, origin)["size_here"] == 4, message="a to reach 4")
 
 
 def test_starting_a_dealing_starts_mirroring_on_both_sides(fed: Federation) -> None:

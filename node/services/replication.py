@@ -677,7 +677,8 @@ class ReplicationService:
         note_bytes, _ = await self._get(base + "/checkpoint", MAX_CHECKPOINT_BYTES)
         note = note_bytes.decode("utf-8", errors="strict")
         checkpoint = notes.verify_note(note, log_member.vkey)
-        status.compared[lid] = claim
+        if checkpoint.origin != log_member.origin:
+            raise PeerFailure(f"{base} serves a checkpoint of {checkpoint.origin}")
         if kept is None:
             self.state.keep_checkpoint(lid, log_member.origin, checkpoint.size, note, base)
             return
@@ -686,6 +687,7 @@ class ReplicationService:
             if checkpoint.root_hash != held.root_hash:
                 proof = EquivocationProof(log_member.origin, (kept_note, note))
                 self._keep_verified(log_member, proof, "found here")
+            status.compared[lid] = claim
             return
         # Whoever served the larger checkpoint proves its tree (the kept one's source may
         # have grown since: it still proves sizes it served).
@@ -694,11 +696,17 @@ class ReplicationService:
         else:
             smaller, larger, larger_base = (note, checkpoint), (kept_note, held), kept_base
         if not await self._consistent(larger_base, smaller[1], larger[1]):
-            await self._prove_split(
-                log_member, larger_base, smaller[0], larger[0], "it served a bad consistency proof"
-            )
+            try:
+                await self._prove_split(
+                    log_member, larger_base, smaller[0], larger[0], "a bad consistency proof"
+                )
+            except PeerFailure:
+                status.compared[lid] = claim  # a bad copy: judged once, not each round
+                raise
         elif larger[0] is note:
             self.state.keep_checkpoint(lid, log_member.origin, checkpoint.size, note, base)
+        # Judged (a transient failure above is not: it is judged again next round).
+        status.compared[lid] = claim
 
     async def _consistent(
         self, base: str, smaller: notes.Checkpoint, larger: notes.Checkpoint
