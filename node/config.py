@@ -429,8 +429,16 @@ class FederationConfig(Table):
     roster_file: str = ""
     # Seconds between two fetches of the roster log from roster_url by the daemon.
     roster_refresh: PositiveSeconds = 300.0
+    # Whose entries this node copies: "dealings" (the logs of members it is custodian or
+    # grantee with, plus mirror_also) or "all" (an archive). Every member's checkpoints are
+    # verified and witnessed either way (docs/federation.md, "Selective mirroring").
+    mirror: Literal["dealings", "all"] = "dealings"
+    mirror_also: list[str] = []
 
     def __post_init__(self) -> None:
+        bad = [o for o in self.mirror_also if not is_node_origin(o)]
+        if bad:
+            raise ValueError(f"mirror_also: not node origins: {', '.join(bad)}")
         if self.key:
             try:
                 parse_verifier_key(self.key)

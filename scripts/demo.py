@@ -72,6 +72,9 @@ FEDERATION_SETTINGS = (
     "\n# Demo: addresses come from the roster (peers add); replicate every half second.\n"
     "[federation]\ndiscovery = false\nreplicate_interval = 0.5\n"
 )
+# Hospital C is the federation's archive: it mirrors every log; A and B mirror those of
+# the members they deal with (the default).
+ARCHIVE_SETTING = 'mirror = "all"\n'
 QIDO_ACCEPT = "application/dicom+json"
 # What the wallet, the auditor and this script trust for https:// (the lab CA, once made).
 CA_FILE_ENV = "IMAGESHARE_CA_FILE"
@@ -490,6 +493,8 @@ def set_up(demo_dir: Path, base_port: int | None) -> list[Hospital]:
         say(f"  {h.origin} at {h.url}, verifier key {h.vkey}")
         with open(h.config, "a") as config:
             config.write(FEDERATION_SETTINGS)
+            if h is hospitals[-1]:
+                config.write(ARCHIVE_SETTING)
     # The patient's wallet and the auditor pin the lab CA too (like `--ca-file`).
     os.environ[CA_FILE_ENV] = str(hospitals[0].ca_file)
     say(f"  wallets and auditors trust the lab CA: {CA_FILE_ENV}={shown(hospitals[0].ca_file)}")
@@ -497,7 +502,8 @@ def set_up(demo_dir: Path, base_port: int | None) -> list[Hospital]:
     step(
         "The hospitals form a federation: each adds the other two to its roster",
         "Only roster members may talk to a node, and each member is pinned by its key: every",
-        "node will keep a verified copy of every other node's consent log and vouch for it.",
+        "node verifies and vouches for every other node's consent log, and keeps a copy of",
+        "those of the nodes it deals with (C, the archive, keeps a copy of every log).",
     )
     for h in hospitals:
         for other in hospitals:
@@ -630,8 +636,9 @@ def patient_story(hospitals: list[Hospital], wallet: Path, study_uid: str) -> No
 
     step(
         "Every hospital holds A's record of the access",
-        "Each node copies the others' logs; B and C now hold A's access entry, so A could not",
-        "quietly remove it: its checkpoints are cosigned by B and C.",
+        "B copies A's log since it fetches from A, and C, the archive, copies every log: both",
+        "now hold A's access entry, so A could not quietly remove it; its checkpoints are",
+        "cosigned by B and C.",
     )
     access = poll(lambda: entry_index(a, "access", token_id), "A's access entry")
     say(f"  A's access entry is #{access} of its log")

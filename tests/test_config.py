@@ -108,6 +108,7 @@ REFUSED = [
     ('[forward]\nae_title = "PACS"\n', "[forward] host: forwarding to 'PACS' needs its host"),
     ('[pacs]\nae_title = "PACS"\n', "[pacs] host: the PACS 'PACS' needs its host"),
     ('[pacs]\ndicomweb_url = "pacs.local/dicom-web"\n', "[pacs] dicomweb_url: must be an http"),
+    ('[federation]\nmirror_also = ["x y"]\n', "[federation] mirror_also: not node origins: x y"),
     ('[pacs]\ndicomweb_auth_header = "Bearer x"\n', '[pacs] dicomweb_auth_header: must be "Name'),
     ("[pacs]\ncache_bytes = 0\n", "[pacs] cache_bytes:"),
     ('[pacs]\nca_file = "ca.pem"\n', "[pacs] tls: must be true"),

@@ -1,4 +1,12 @@
-"""Replication, witnessing and equivocation detection: every node mirrors every member's log.
+"""Replication, witnessing and equivocation detection of every member's log.
+
+Every member's checkpoints are verified and witnessed; the entries of a log are mirrored
+only if ``[federation] mirror`` says so: ``"all"`` (an archive) mirrors every log,
+``"dealings"`` those of members this node deals with (node.core.dealings: read from its
+own log, and from each fetch it starts) plus ``mirror_also``. Of a log not mirrored only
+the latest verified checkpoint is kept; a checkpoint of another size is judged against
+it by a consistency proof fetched from whoever serves the larger tree, and a split view
+is proven from that tree's hashes, streamed once and not stored.
 
 One task follows each member. A round asks the member for ``GET /ledger/logs`` (small),
 and for each log listed whose size or root differs from ours fetches the signed checkpoint,
@@ -43,9 +51,10 @@ import yarl
 
 from node.core import atna, notes
 from node.core.base64url import b64_decode
+from node.core.dealings import counterparts, mirrors_log
 from node.core.equivocation import EquivocationProof, VerifiedEquivocation, verify_equivocation
 from node.core.keys import verifier_key_string
-from node.core.merkle import StreamingConsistency, leaf_hash, verify_consistency
+from node.core.merkle import EMPTY_ROOT, StreamingConsistency, leaf_hash, verify_consistency
 from node.core.origins import log_id
 from node.core.roster import Member
 from node.core.tiles import entry_bundles, parse_entry_bundle
@@ -155,6 +164,16 @@ class Traffic:
         return {"requests": self.requests, "bytes_out": self.bytes_out, "bytes_in": self.bytes_in}
 
 
+@dataclass(frozen=True)
+class ListedLog:
+    """One row of a member's ``GET /ledger/logs``: whose log, served where, claiming what."""
+
+    member: Member
+    url: str
+    claim: tuple[int, bytes | None]  # the listed size and root
+    direct: bool  # served by the log's own node
+
+
 class ReplicationService:
     """The background service behind replication, witnessing and the /p2p routes."""
 
@@ -176,6 +195,8 @@ class ReplicationService:
         self._own: OwnLog | None = None
         self._mirrors: dict[tuple[str, str], MirrorLog] = {}
         self._extend_locks: dict[str, asyncio.Lock] = {}
+        self._dealings = self.state.dealings()
+        self._dealings_scanned = self.state.dealings_scanned()
 
     # ---- the ledger store ----------------------------------------------------------------
 
@@ -247,6 +268,45 @@ class ReplicationService:
             log_member.origin,
         )
 
+    # ---- which logs are mirrored ---------------------------------------------------------
+
+    def mirrors(self, origin: str) -> bool:
+        """True if this node copies the entries of ``origin``'s log, not only its checkpoints."""
+        return mirrors_log(self.settings.mirror, origin, self._dealings, self.settings.mirror_also)
+
+    def start_dealing(self, origin: str) -> None:
+        """This node deals with ``origin`` from now on: mirror its log, from its start."""
+        try:
+            self._keep_dealings({origin}, None)
+        except ImageShareError as exc:
+            # The own log's entries name it again once the dealing is recorded there.
+            log.warning("cannot keep the dealing with %s: %s", origin, exc)
+
+    def _keep_dealings(self, origins: set[str], scanned_size: int | None) -> None:
+        origins = {o for o in origins if o != self.runtime.config.origin}
+        if not origins - self._dealings and scanned_size is None:
+            return
+        new = self.state.add_dealings(origins, scanned_size, int(time.time()))
+        self._dealings |= new
+        if scanned_size is not None:
+            self._dealings_scanned = scanned_size
+        for origin in sorted(new):
+            log.info("dealing with %s: its log is mirrored from now on", origin)
+            self.wake(origin)
+
+    def _read_dealings(self, size: int) -> set[str]:
+        """The members this node's own log entries from the last read up to ``size`` name."""
+        own, found = self._own_log(), set()
+        for start in range(self._dealings_scanned, size, ENTRY_BATCH):
+            for raw in own.entries(start, min(size, start + ENTRY_BATCH)):
+                found |= counterparts(raw, self.runtime.config.origin)
+        return found
+
+    async def _follow_own_log(self, size: int) -> None:
+        if size > self._dealings_scanned:
+            found = await asyncio.to_thread(self._read_dealings, size)
+            self._keep_dealings(found, size)
+
     # ---- life cycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -292,6 +352,7 @@ class ReplicationService:
                     announced = size
                     self._notify_all(size)
                     self.runtime.services.witness.log_grew()
+                    await self._follow_own_log(size)
             except PeerError as exc:
                 log.warning("cannot read this node's own log: %s", exc)
             await asyncio.sleep(OWN_LOG_CHECK_INTERVAL)
@@ -361,7 +422,7 @@ class ReplicationService:
             status.hinted_size = max(status.hinted_size, size)
         if member is not None and member.log_id not in self._distrusted:
             with contextlib.suppress(*PeerError):
-                if self._mirror(member).size() >= size:
+                if self._size_here(member) >= size:
                     return
         self.wake(origin)
 
@@ -422,27 +483,22 @@ class ReplicationService:
             direct = log_member.origin == member.origin
             if direct:
                 status.size_there = size
+            sync = self._sync_log if self.mirrors(log_member.origin) else self._sync_checkpoint
             try:
-                await self._sync_log(log_member, url, size, root, direct, status)
+                await sync(ListedLog(log_member, url, (size, root), direct), status)
             except (PeerFailure, *PeerError) as exc:
                 if direct:
                     raise
                 log.info("copy of %s at %s not usable: %s", listed_origin, member.origin, exc)
 
-    async def _sync_log(
-        self,
-        log_member: Member,
-        url: str,
-        listed_size: int,
-        listed_root: bytes | None,
-        direct: bool,
-        status: PeerStatus,
-    ) -> None:
+    async def _sync_log(self, listed: ListedLog, status: PeerStatus) -> None:
         """Bring one log up to what ``url`` serves of it, and judge that view against ours.
 
         The listed (size, root) is compared with the verified mirror every round; only a
         listing that says something new, or another root, costs a checkpoint fetch.
         """
+        log_member, url, listed_size, listed_root = listed.member, listed.url, *listed.claim
+        direct = listed.direct
         mirror = self._mirror(log_member)
         ours = mirror.size()
         lid = log_member.log_id
@@ -484,6 +540,7 @@ class ReplicationService:
                     return
             log.info("mirrored %s up to %d from %s", log_member.origin, checkpoint.size, url)
             self._follow_rotation(log_member, mirror)
+            self._judge_kept_checkpoint(log_member, mirror)
         status.compared[lid] = (listed_size, listed_root, mirror.size())
 
     async def _entry_batches(self, base: str, start: int, end: int) -> AsyncIterator[list[bytes]]:
@@ -550,34 +607,132 @@ class ReplicationService:
         that history yields the proof; if not, the source serves a broken copy. Whoever
         serves it, a tree whose root the log signed is the log's word.
         """
-        ours = mirror.size()
-        our_root = mirror.root(ours)
+        ours = notes.Checkpoint(log_member.origin, mirror.size(), mirror.root())
+        if await self._consistent(base, ours, checkpoint):
+            raise PeerFailure(f"entries do not match the signed checkpoint: {exc}")
+        held_note = mirror.checkpoint_note()
+        if held_note is None:
+            raise PeerFailure(f"no checkpoint of {log_member.origin} is held here")
+        await self._prove_split(log_member, base, held_note, note, f"malformed entries ({exc})")
+
+    async def _prove_split(
+        self, log_member: Member, base: str, smaller_note: str, larger_note: str, otherwise: str
+    ) -> None:
+        """The larger checkpoint's tree, streamed whole from ``base`` (O(log n) hashes held),
+        has another root at the smaller size than the smaller checkpoint: keep the proof.
+
+        Raises PeerFailure if ``base`` does not serve the larger signed tree, or if its tree
+        agrees with the smaller checkpoint after all (then ``otherwise`` was the fault).
+        """
+        smaller = notes.Checkpoint.parse(notes.parse_note(smaller_note)[0])
+        larger = notes.Checkpoint.parse(notes.parse_note(larger_note)[0])
+        tree = StreamingConsistency(smaller.size, larger.size)
+        async for batch in self._entry_batches(base, 0, larger.size):
+            tree.push([leaf_hash(raw) for raw in batch])
+        if tree.new_root() != larger.root_hash:
+            raise PeerFailure(f"copy of {log_member.origin} does not give its signed root")
+        if tree.old_root() == smaller.root_hash:
+            raise PeerFailure(f"{log_member.origin} at {base}: {otherwise}")
+        self._keep_verified(
+            log_member,
+            EquivocationProof(
+                log_member.origin,
+                (smaller_note, larger_note),
+                tree.old_root(),
+                tuple(tree.proof()),
+            ),
+            "found here",
+        )
+
+    # ---- logs not mirrored: their checkpoints alone --------------------------------------
+
+    def _size_here(self, member: Member) -> int:
+        """The size of ``member``'s log verified here: mirrored, or its kept checkpoint."""
+        if self.mirrors(member.origin):
+            return self._mirror(member).size()
+        kept = self._kept_checkpoint(member)
+        return -1 if kept is None else kept[1].size
+
+    def _kept_checkpoint(self, member: Member) -> tuple[str, notes.Checkpoint, str] | None:
+        """The checkpoint kept of a log not mirrored here: note, checkpoint, where served."""
+        kept = self.state.checkpoint(member.log_id)
+        if kept is None:
+            return None
+        note, source = kept
+        return note, notes.Checkpoint.parse(notes.parse_note(note)[0]), source
+
+    async def _sync_checkpoint(self, listed: ListedLog, status: PeerStatus) -> None:
+        """Verify the checkpoint ``url`` serves of a log not mirrored here, and judge it
+        against the one kept: one size and two roots, or two sizes that no consistency
+        proof joins, is a split view. No entries are read unless the log looks split."""
+        log_member, url, listed_size, listed_root = listed.member, listed.url, *listed.claim
+        lid = log_member.log_id
+        kept = self._kept_checkpoint(log_member)
+        if kept is not None and (listed_size, listed_root) == (kept[1].size, kept[1].root_hash):
+            return
+        claim = (listed_size, listed_root, -1 if kept is None else kept[1].size)
+        if listed_root is not None and status.compared.get(lid) == claim:
+            return  # judged at this listing already
+        base = f"{url}/ledger/logs/{lid}"
+        note_bytes, _ = await self._get(base + "/checkpoint", MAX_CHECKPOINT_BYTES)
+        note = note_bytes.decode("utf-8", errors="strict")
+        checkpoint = notes.verify_note(note, log_member.vkey)
+        if checkpoint.origin != log_member.origin:
+            raise PeerFailure(f"{base} serves a checkpoint of {checkpoint.origin}")
+        if kept is None:
+            self.state.keep_checkpoint(lid, log_member.origin, checkpoint.size, note, base)
+            return
+        kept_note, held, kept_base = kept
+        if checkpoint.size == held.size:
+            if checkpoint.root_hash != held.root_hash:
+                proof = EquivocationProof(log_member.origin, (kept_note, note))
+                self._keep_verified(log_member, proof, "found here")
+            status.compared[lid] = claim
+            return
+        # Whoever served the larger checkpoint proves its tree (the kept one's source may
+        # have grown since: it still proves sizes it served).
+        if checkpoint.size > held.size:
+            smaller, larger, larger_base = (kept_note, held), (note, checkpoint), base
+        else:
+            smaller, larger, larger_base = (note, checkpoint), (kept_note, held), kept_base
+        if not await self._consistent(larger_base, smaller[1], larger[1]):
+            try:
+                await self._prove_split(
+                    log_member, larger_base, smaller[0], larger[0], "a bad consistency proof"
+                )
+            except PeerFailure:
+                status.compared[lid] = claim  # a bad copy: judged once, not each round
+                raise
+        elif larger[0] is note:
+            self.state.keep_checkpoint(lid, log_member.origin, checkpoint.size, note, base)
+        # Judged (a transient failure above is not: it is judged again next round).
+        status.compared[lid] = claim
+
+    async def _consistent(
+        self, base: str, smaller: notes.Checkpoint, larger: notes.Checkpoint
+    ) -> bool:
+        """True if ``base`` proves ``larger``'s tree extends ``smaller``'s (RFC 9162)."""
+        if smaller.size == 0:
+            return smaller.root_hash == EMPTY_ROOT
         body, _ = await self._get(
-            f"{base}/proof/consistency?old={ours}&new={checkpoint.size}", MAX_LISTING_BYTES
+            f"{base}/proof/consistency?old={smaller.size}&new={larger.size}", MAX_LISTING_BYTES
         )
         try:
             proof = [b64_decode(h, "a proof hash", size=32) for h in json.loads(body)["proof"]]
         except (ValueError, KeyError, TypeError, BadInput) as err:
             raise PeerFailure("consistency proof is malformed") from err
-        if verify_consistency(proof, ours, checkpoint.size, our_root, checkpoint.root_hash):
-            raise PeerFailure(f"entries do not match the signed checkpoint: {exc}")
-        tree = StreamingConsistency(ours, checkpoint.size)
-        async for batch in self._entry_batches(base, 0, checkpoint.size):
-            tree.push([leaf_hash(raw) for raw in batch])
-        if tree.new_root() != checkpoint.root_hash:
-            raise PeerFailure(f"copy of {log_member.origin} does not give its signed root: {exc}")
-        if tree.old_root() == our_root:
-            raise PeerFailure(f"entries of {log_member.origin} are malformed: {exc}")
-        held_note = mirror.checkpoint_note()
-        if held_note is None:
-            raise PeerFailure(f"no checkpoint of {log_member.origin} is held here")
-        self._keep_verified(
-            log_member,
-            EquivocationProof(
-                log_member.origin, (held_note, note), tree.old_root(), tuple(tree.proof())
-            ),
-            "found here",
+        return verify_consistency(
+            proof, smaller.size, larger.size, smaller.root_hash, larger.root_hash
         )
+
+    def _judge_kept_checkpoint(self, log_member: Member, mirror: MirrorLog) -> None:
+        """A log mirrored since it began to be dealt with must agree with the checkpoint
+        kept of it before; the mirror's tree proves a split if not."""
+        kept = self._kept_checkpoint(log_member)
+        if kept is None or kept[1].size > mirror.size():
+            return
+        if mirror.root(kept[1].size) != kept[1].root_hash:
+            self._equivocation_against_held(log_member, mirror, kept[0])
 
     def _equivocation_against_held(self, log_member: Member, mirror: MirrorLog, note: str) -> None:
         """A signed checkpoint no larger than our mirror disagrees with it: prove it from ours."""
@@ -728,8 +883,10 @@ class ReplicationService:
                 "rejected_urls": self.roster.rejected_of(member),
             }
             entry.update(self.peers.get(member.origin, PeerStatus()).as_json())
+            entry["mirrored"] = self.mirrors(member.origin)
             try:
-                entry["size_here"] = self._mirror(member).size()
+                size_here = self._size_here(member)
+                entry["size_here"] = size_here if size_here >= 0 else None
             except (ImageShareError, ValueError):
                 entry["size_here"] = None
             entry["trusted"] = member.log_id not in self._distrusted

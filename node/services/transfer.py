@@ -780,6 +780,8 @@ class TransferService:
         return [self._start(job) for job in jobs]
 
     def _start(self, job: FetchJob) -> FetchJob:
+        # The custodian's log tells what happened to this fetch: mirror it from now on.
+        self.runtime.services.replication.start_dealing(job.custodian)
         finished = [j for j in self.jobs.values() if j.finished is not None]
         for old in sorted(finished, key=lambda j: j.started)[: max(0, len(finished) - RECENT)]:
             del self.jobs[old.id]  # kept in the transfer store

@@ -4,7 +4,9 @@
 add`` (the same ``[[peers]]`` tables as node.toml); the daemon re-reads it when it
 changes. ``federation.sqlite`` holds equivocations: verified proofs (two validly signed,
 inconsistent checkpoints of one log and the hashes that show it, node.core.equivocation),
-kept forever as the proof that its node misbehaved.
+kept forever as the proof that its node misbehaved; and, for selective mirroring, the
+members this node deals with (whose logs it mirrors), how far its own log was read for
+them, and the latest verified checkpoint of each log it does not mirror.
 """
 
 from __future__ import annotations
@@ -117,8 +119,21 @@ def _create_equivocations(conn: sqlite3.Connection) -> None:
     )
 
 
+def _create_mirroring(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS dealings (origin TEXT PRIMARY KEY, since INTEGER NOT NULL)"
+    )
+    # One row: the size of this node's own log already read for dealings.
+    conn.execute("CREATE TABLE IF NOT EXISTS dealings_scanned (size INTEGER NOT NULL)")
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS checkpoints ("
+        " log_id TEXT PRIMARY KEY, origin TEXT NOT NULL, size INTEGER NOT NULL,"
+        " note TEXT NOT NULL, source TEXT NOT NULL)"
+    )
+
+
 # Schema versions (node/store/sqlite.py): position n upgrades version n to n + 1.
-MIGRATIONS: tuple[Migration, ...] = (_create_equivocations,)
+MIGRATIONS: tuple[Migration, ...] = (_create_equivocations, _create_mirroring)
 
 
 class FederationState:
@@ -170,6 +185,57 @@ class FederationState:
         with self._lock:
             rows = self._db.execute("SELECT DISTINCT log_id FROM equivocations").fetchall()
         return {row[0] for row in rows}
+
+    # ---- selective mirroring ---------------------------------------------------------------
+
+    def add_dealings(self, origins: set[str], scanned_size: int | None, now: int) -> set[str]:
+        """Keep ``origins`` as members dealt with (and, if given, the own log's size read
+        for them), durably in one transaction; returns those that are new."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                held = {row[0] for row in self._db.execute("SELECT origin FROM dealings")}
+                new = origins - held
+                self._db.executemany(
+                    "INSERT INTO dealings VALUES (?, ?)", [(o, now) for o in sorted(new)]
+                )
+                if scanned_size is not None:
+                    self._db.execute("DELETE FROM dealings_scanned")
+                    self._db.execute("INSERT INTO dealings_scanned VALUES (?)", (scanned_size,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return new
+
+    def dealings(self) -> set[str]:
+        with self._lock:
+            return {row[0] for row in self._db.execute("SELECT origin FROM dealings")}
+
+    def dealings_scanned(self) -> int:
+        """The size of this node's own log already read for dealings (0: none)."""
+        with self._lock:
+            row = self._db.execute("SELECT size FROM dealings_scanned").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def keep_checkpoint(self, log_id: str, origin: str, size: int, note: str, source: str) -> None:
+        """Keep the latest verified checkpoint of a log not mirrored here (replacing it),
+        and the URL of the log's API that served it (which can prove its tree)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?) ON CONFLICT (log_id) DO UPDATE"
+                " SET size=excluded.size, note=excluded.note, source=excluded.source",
+                (log_id, origin, size, note, source),
+            )
+
+    def checkpoint(self, log_id: str) -> tuple[str, str] | None:
+        """The latest verified checkpoint note kept of a log not mirrored here and where it
+        was served, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT note, source FROM checkpoints WHERE log_id=?", (log_id,)
+            ).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]))
 
     def close(self) -> None:
         with self._lock:

@@ -45,6 +45,8 @@ class HostileLogServer:
         self.histories = dict(histories)
         self.port = free_port()
         self.calls: list[tuple[str, str]] = []  # (view, /p2p call) as they arrive
+        # Serve consistency proofs with their hashes in the wrong order (a lying server).
+        self.bad_proofs = False
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -117,7 +119,10 @@ class HostileLogServer:
     async def _consistency(self, request: web.Request) -> web.Response:
         tree = MemoryTree([leaf_hash(e) for e in self._history(request)])
         old, new = int(request.query["old"]), int(request.query["new"])
-        proof = [base64.b64encode(h).decode() for h in consistency_proof(tree, old, new)]
+        hashes = consistency_proof(tree, old, new)
+        if self.bad_proofs:
+            hashes = hashes[::-1] if len(hashes) > 1 else [bytes(32)]
+        proof = [base64.b64encode(h).decode() for h in hashes]
         return web.json_response({"old": old, "new": new, "proof": proof})
 
     async def _no_proofs(self, request: web.Request) -> web.Response:

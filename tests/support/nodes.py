@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import ssl
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +101,11 @@ def terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
             process.wait()
 
 
+_FEDERATION_HEADER = re.compile(r"^\[federation\][ \t]*$", re.MULTILINE)
+_MIRROR_ALL_LINE = '\nmirror = "all"'
+_MIRROR_ALL_TABLE = "\n[federation]" + _MIRROR_ALL_LINE + "\n"
+
+
 @dataclass
 class NodeProcess:
     """One initialised node and, while running, its daemon process."""
@@ -150,10 +157,14 @@ class NodeProcess:
         return f'[[peers]]\norigin = "{self.origin}"\nurl = "{self.url}"\nvkey = "{self.vkey}"\n'
 
     def append_config(self, text: str) -> None:
+        if _FEDERATION_HEADER.search(text):
+            # A [federation] table of the test's own replaces the default one added at start.
+            self.config.write_text(self.config.read_text().replace(_MIRROR_ALL_TABLE, ""))
         with open(self.config, "a") as f:
             f.write("\n" + text + "\n")
 
     def start(self, timeout: float = 30.0) -> NodeProcess:
+        self._mirror_all_unless_configured()
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [*IMAGESHARE, "run", "-v", "-c", str(self.config)],
@@ -163,6 +174,22 @@ class NodeProcess:
             )
         wait_until(self._healthy, timeout=timeout, message=f"{self.origin} to serve")
         return self
+
+    def _mirror_all_unless_configured(self) -> None:
+        """Tests written before selective mirroring expect every log mirrored: a node whose
+        node.toml does not choose ``[federation] mirror`` is an archive (``"all"``)."""
+        text = self.config.read_text()
+        try:
+            if "mirror" in tomllib.loads(text).get("federation", {}):
+                return
+        except tomllib.TOMLDecodeError:
+            return  # a test of a bad node.toml: left as it is
+        header = _FEDERATION_HEADER.search(text)
+        if header is None:
+            self.config.write_text(text + _MIRROR_ALL_TABLE)
+        else:
+            at = header.end()
+            self.config.write_text(text[:at] + _MIRROR_ALL_LINE + text[at:])
 
     def _healthy(self) -> bool:
         if self.process is not None and self.process.poll() is not None:

@@ -185,7 +185,14 @@ function renderPeers(peers) {
       el("td", { class: "state" }, state, error),
       el("td", {}, remove),
       el("td", {}, time(p.last_success)),
-      el("td", { class: "num" }, p.size_here ?? "–", " / ", p.size_there ?? "–"),
+      el(
+        "td",
+        { class: "num", dataset: { mirrored: String(p.mirrored) } },
+        p.size_here ?? "–",
+        " / ",
+        p.size_there ?? "–",
+        el("div", { class: "small muted" }, p.mirrored ? "entries mirrored" : "checkpoints only"),
+      ),
       el(
         "td",
         {},
