@@ -15,6 +15,7 @@ import io
 import json
 import re
 import subprocess
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -29,11 +30,14 @@ from fpdf import FPDF
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from node.core.base64url import b64url_encode
+from node.core.consent import GrantFields, link_grantee, sign_grant
 from node.core.reports import (
     ReportStatus,
     parse_fhir_report,
     parse_hl7_report,
 )
+from node.core.shlink import ACCESS_CREDENTIAL, encrypt_file
 from node.errors import BadInput, PayloadTooLarge
 from node.samples import SyntheticStudy, make_ct_study
 from node.services.reports import ENCAPSULATED_PDF, series_uid_for
@@ -642,6 +646,46 @@ class TestSecondOpinions:
         )
         status, _ = request(site.a, "POST", "/admin/api/opinions/1.2.3/accept")
         assert status == 404
+
+    def test_a_link_claiming_the_opinions_permission_its_signed_grant_lacks_is_refused(
+        self, site: Site
+    ) -> None:
+        """The permission is the patient's signed word: a link submitted with
+        ``"opinions": true`` beside a grant without it (a version 1 grant) is refused,
+        and nothing is recorded."""
+        key = site.wallet.key_for(site.a.origin)
+        now = int(time.time())
+        fields = GrantFields(
+            key.public_key,
+            site.a.origin,
+            link_grantee(hashlib.sha256(b"a link that claims too much").digest()),
+            None,
+            now,
+            now + 3600,
+            bytes(16),
+        )
+        token = sign_grant(fields, key.sign)
+        credential = encrypt_file(bytes(32), ACCESS_CREDENTIAL, b"{}")
+        body = {
+            "grant": b64url_encode(token),
+            "manifest": b64url_encode(hashlib.sha256(b"a manifest id").digest()),
+            "passcode": None,
+            "files": [{"contentType": ACCESS_CREDENTIAL, "embedded": credential}],
+            "opinions": True,
+        }
+
+        async def submit(session: Any) -> str:
+            custodian = await site.wallet.custodian(session, site.a.url)
+            try:
+                await site.wallet.signed(
+                    session, custodian, "POST", "/patient/links", json.dumps(body).encode()
+                )
+            except BadInput as refused:
+                return str(refused)
+            raise AssertionError("the custodian kept a link its grant does not allow")
+
+        assert "signed grant" in in_session(submit)
+        assert not [e for e in own_entries(site.a) if e.fields.get("token") == token]
 
 
 class TestReportsInTheWallet:
