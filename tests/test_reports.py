@@ -15,6 +15,7 @@ import io
 import json
 import re
 import subprocess
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -29,11 +30,14 @@ from fpdf import FPDF
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from node.core.base64url import b64url_encode
+from node.core.consent import GrantFields, link_grantee, sign_grant
 from node.core.reports import (
     ReportStatus,
     parse_fhir_report,
     parse_hl7_report,
 )
+from node.core.shlink import ACCESS_CREDENTIAL, encrypt_file
 from node.errors import BadInput, PayloadTooLarge
 from node.samples import SyntheticStudy, make_ct_study
 from node.services.reports import ENCAPSULATED_PDF, series_uid_for
@@ -47,7 +51,12 @@ from tests.support.nodes import (
     run_cli,
     wait_until,
 )
-from tests.support.web_wallet import PASSPHRASE, restore_wallet, wait_for_screen
+from tests.support.web_wallet import (
+    PASSPHRASE,
+    restore_wallet,
+    share_in_web_wallet,
+    wait_for_screen,
+)
 from tests.test_forward import PACS, StoreScp
 from tests.test_share_links import (
     decode_link,
@@ -599,7 +608,12 @@ class TestSecondOpinions:
         assert b"Ada" not in raw and study_uid.encode() not in raw
         # The patient's own log names it, by the link.
         text = run_cli(
-            "patient", "log", site.a.url, site.b.url, "--wallet", str(site.base / "wallet"),
+            "patient",
+            "log",
+            site.a.url,
+            site.b.url,
+            "--wallet",
+            str(site.base / "wallet"),
             check=False,
         ).stdout
         assert "returned an opinion (study " in text, text
@@ -632,6 +646,46 @@ class TestSecondOpinions:
         )
         status, _ = request(site.a, "POST", "/admin/api/opinions/1.2.3/accept")
         assert status == 404
+
+    def test_a_link_claiming_the_opinions_permission_its_signed_grant_lacks_is_refused(
+        self, site: Site
+    ) -> None:
+        """The permission is the patient's signed word: a link submitted with
+        ``"opinions": true`` beside a grant without it (a version 1 grant) is refused,
+        and nothing is recorded."""
+        key = site.wallet.key_for(site.a.origin)
+        now = int(time.time())
+        fields = GrantFields(
+            key.public_key,
+            site.a.origin,
+            link_grantee(hashlib.sha256(b"a link that claims too much").digest()),
+            None,
+            now,
+            now + 3600,
+            bytes(16),
+        )
+        token = sign_grant(fields, key.sign)
+        credential = encrypt_file(bytes(32), ACCESS_CREDENTIAL, b"{}")
+        body = {
+            "grant": b64url_encode(token),
+            "manifest": b64url_encode(hashlib.sha256(b"a manifest id").digest()),
+            "passcode": None,
+            "files": [{"contentType": ACCESS_CREDENTIAL, "embedded": credential}],
+            "opinions": True,
+        }
+
+        async def submit(session: Any) -> str:
+            custodian = await site.wallet.custodian(session, site.a.url)
+            try:
+                await site.wallet.signed(
+                    session, custodian, "POST", "/patient/links", json.dumps(body).encode()
+                )
+            except BadInput as refused:
+                return str(refused)
+            raise AssertionError("the custodian kept a link its grant does not allow")
+
+        assert "signed grant" in in_session(submit)
+        assert not [e for e in own_entries(site.a) if e.fields.get("token") == token]
 
 
 class TestReportsInTheWallet:
@@ -682,51 +736,111 @@ class TestReportsInTheWallet:
                 is None
             )
 
-    def test_the_doctor_sends_an_opinion_from_the_share_page_and_the_patient_sees_it_new(
+    def test_a_doctor_reads_the_study_on_a_link_and_returns_a_pdf_the_wallet_proves_new(
         self, site: Site
     ) -> None:
-        made = in_session(lambda s: site.wallet.share(s, site.a.url, None, 3600, opinions=True))
+        """The patient's web wallet makes the link (its grant signed with the opinions
+        permission); the doctor views the study from the share page and returns a PDF
+        through its form; the wallet's activity shows the opinion as new, proven in A's
+        log under B's cosignature; the dashboard holds it for acceptance."""
+        pdf = make_pdf("Opinion from the page: agree, no fracture.")
+        (site.base / "page-opinion.pdf").write_bytes(pdf)
+        (site.base / "not-a-pdf.pdf").write_bytes(b"GIF89a not a pdf at all")
+        seed = site.base / "wallet" / "seed.json"
+        (study,) = in_session(lambda s: site.wallet.studies(s, site.a.url))
         with chromium_session("reports-opinion", viewport=(390, 844)) as browser:
+            page = browser.new_page()  # the patient's phone
+            url, token_id = share_in_web_wallet(
+                page, site.a.url, seed, study["ref"], "Dr Page", "1618", opinions=True
+            )
             doctor = browser.new_page()
-            doctor.goto(made["url"])
+            doctor.goto(url)
+            doctor.fill("#passcode", "1618")
+            doctor.click("#passcode-button")
             doctor.wait_for_selector("#opinion-form:not([hidden])")
+            # The doctor reads the study through the link before answering.
+            viewer = browser.new_page()
+            viewer.goto(str(doctor.eval_on_selector("#study-list li a", "a => a.href")))
+            viewer.wait_for_ink("the viewer to draw the shared study")
+            viewer.close()
             doctor.fill("#opinion-author", "Dr Page Second")
             doctor.fill("#opinion-role", "Radiologist")
-            doctor.fill("#opinion-text", "Opinion from the page: agree, no fracture.")
+            # A file that is not a PDF is refused with the custodian's reason.
+            before = opinions(site.a)
+            doctor.set_input_files("#opinion-pdf", str(site.base / "not-a-pdf.pdf"))
+            doctor.click("#opinion-send")
+            doctor.wait_for_selector('#opinion-result[data-status="400"]')
+            assert "Not sent: " in str(doctor.text_content("#opinion-result"))
+            assert "PDF" in str(doctor.text_content("#opinion-result"))
+            assert opinions(site.a) == before
+            doctor.set_input_files("#opinion-pdf", str(site.base / "page-opinion.pdf"))
             doctor.click("#opinion-send")
             doctor.wait_for_selector('#opinion-result[data-status="201"]')
+            doctor.shot("doctor-sent-the-opinion")
             (sent,) = [o for o in opinions(site.a) if o["author"] == "Dr Page Second"]
-            page = browser.new_page()
-            restore_wallet(page, site.a.url, site.base / "wallet" / "seed.json", PASSPHRASE)
-            page.click('#tabs button[data-screen="studies"]')
-            wait_for_screen(page, "studies")
-            card = f'.reports .report[data-sop="{sent["sop_instance_uid"]}"]'
-            page.wait_for_selector(f"{card} .report-new")
-            page.shot("wallet-new-opinion")
-            text = str(page.text_content(card))
-            assert "New opinion" in text and "agree, no fracture." in text
+            sop_uid = sent["sop_instance_uid"]
+            assert sent["accepted"] is None
+
+            # The patient's activity: the contribution, proven, with the opinion, new.
+            event = page.locator(f'li.event[data-kind="contribution"]:has([data-sop="{sop_uid}"])')
+
+            def proven_in_the_activity() -> bool:
+                page.click('#tabs button[data-screen="activity"]')
+                wait_for_screen(page, "activity")
+                return event.count() == 1 and event.get_attribute("data-proven") == "true"
+
+            wait_until(proven_in_the_activity, timeout=30, message="a proven contribution")
+            page.shot("wallet-activity-new-opinion")
+            text = str(event.text_content())
+            assert event.get_attribute("data-new") == "true"
+            assert "returned an opinion" in text and "New opinion" in text
+            assert "Proven: entry " in text and "witnessed by b.example" in text
             assert "From Dr Page Second (as they stated it)" in text
-            with page.expect_popup():
-                page.click(f"{card} .report-open")
-            page.wait_for_selector(f"{card} .report-new", state="detached")
-            # Staff accept it on the dashboard.
+            assert "agree, no fracture." in text
+            assert page.evaluate("document.documentElement.scrollWidth") <= 390
+            with page.expect_popup() as popup:
+                event.locator(".report-open").click()
+            assert popup.value.url.startswith("blob:")
+            event.locator(".report-new").wait_for(state="detached")
+            # Staff see it held from PACS and accept it on the dashboard.
             dashboard = signed_in(browser, site.a)
             dashboard.goto(f"{site.a.url}/admin")
-            row = f'#opinions tr[data-sop="{sent["sop_instance_uid"]}"]'
+            row = f'#opinions tr[data-sop="{sop_uid}"]'
             dashboard.wait_for_selector(f'{row}[data-state="held"]')
+            assert "Dr Page Second (as stated)" in str(dashboard.text_content(row))
             dashboard.click(f"{row} button.accept")
             dashboard.wait_for_selector(f'{row}[data-state="accepted"]')
+        # The wallet's proof is the log's: one contribution naming the link, digest the file's.
+        (entry,) = entries_of(site.a, token_id, "contribution")
+        assert entry["digest"].hex() == sent["digest"]
         # Opened in the wallet: no longer new (read outside the browser's event loop).
-        (seen,) = [
-            r
-            for r in patient_reports(site)
-            if r["sop_instance_uid"] == sent["sop_instance_uid"]
-        ]
+        (seen,) = [r for r in patient_reports(site) if r["sop_instance_uid"] == sop_uid]
         assert seen["new"] is False
+        # The link's permission is in the grant the phone signed: the auditor finds it.
+        audit = run_cli("audit", site.a.url, site.b.url, "--json", check=False)
+        violations = json.loads(audit.stdout)["violations"]
+        assert not [v for v in violations if v["rule"] == "contribution_without_permission"]
+
+
+# Chromium's built-in PDF viewer (an extension of the browser, not a site).
+PDF_VIEWER = "chrome-extension://mhjfbmdgcfjbbpaeojofohoefgiehjai/"
+
+
+def white_share(png: bytes) -> float:
+    """The share of near-white pixels in a screenshot: a PDF page on screen."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png)).convert("L")
+    histogram = image.histogram()
+    return sum(histogram[230:]) / (image.width * image.height)
 
 
 class TestReportsInOhif:
-    def test_ohif_shows_the_report_pdf_as_posted(self, site: Site) -> None:
+    def test_ohif_lists_the_report_series_and_its_pdf_viewport_draws_the_pdf_as_posted(
+        self, site: Site
+    ) -> None:
+        """OHIF's study browser lists the series for reports as a document (no image),
+        and opening it puts the PDF, as the RIS posted it, in OHIF's PDF viewport."""
         require_ohif()
         study_uid = site.study.study_uid
         pdf = make_pdf("Report for the viewer.\n" + "\n".join(f"Line {n}" for n in range(80)))
@@ -745,16 +859,37 @@ class TestReportsInOhif:
                     documents.append(response) if document_path in response.url else None
                 ),
             )
-            page.goto(
-                f"{site.a.url}/viewer/viewer?StudyInstanceUIDs={study_uid}"
-                f"&SeriesInstanceUIDs={stored['series_uid']}",
-                wait_until="commit",
+            # A user who has seen OHIF's first-visit tour (its overlay takes every click).
+            page.add_init_script(
+                "localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']))"
             )
+            page.goto(
+                f"{site.a.url}/viewer/viewer?StudyInstanceUIDs={study_uid}", wait_until="commit"
+            )
+            # Listed in the study browser as a document series: Modality DOC, no image.
+            thumbnail = page.wait_for_selector(
+                '[data-cy="study-browser-thumbnail-no-image"][data-series="9901"]',
+                timeout=60_000,
+            )
+            listed = str(thumbnail.text_content())
+            assert "DOC" in listed and "Reports" in listed, listed
+            page.shot("ohif-study-browser")
+            thumbnail.dblclick()
             shown = page.wait_for_selector('object[type="application/pdf"]', timeout=60_000)
+            assert str(shown.get_attribute("data")).startswith("blob:")
+            # Drawn: Chromium's PDF viewer took the object and shows its white page (the
+            # viewport shows a line of text on black when the page's CSP blocks it).
+            wait_until(
+                lambda: white_share(shown.screenshot()) > 0.3,
+                timeout=30,
+                message="OHIF's PDF viewport to draw the report's page",
+            )
             page.shot("ohif-report")
-            url = str(shown.get_attribute("data"))
-            assert url.startswith("blob:")
-            # What OHIF drew is the document it read through /dicomweb, bytes as posted.
+            assert any(f.url.startswith(PDF_VIEWER) for f in page.frames)
+            # What it drew came through /dicomweb, answered 200 with the bytes as posted.
             (bulk,) = [r for r in documents if r.ok]
-            assert pdf in bulk.body()
-            assert page.foreign_requests(site.a.url) == []
+            assert bulk.status == 200 and pdf in bulk.body()
+            # Nothing from another origin; the browser's own PDF viewer and its chrome://
+            # resources are no request out.
+            outside = page.foreign_requests(site.a.url)
+            assert [u for u in outside if not u.startswith((PDF_VIEWER, "chrome://"))] == []

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from node.core.chain import LogChain
 from node.core.consent import (
     MAX_TIME,
+    OPINIONS,
     AccessRequest,
     ConsentPolicy,
     ConsentView,
@@ -35,6 +36,7 @@ from node.core.emergency import EmergencyPolicy, decode_policy, split_references
 from node.core.entries import (
     Access,
     BreakGlass,
+    Contribution,
     DelegationEntry,
     Denial,
     DeskDelegation,
@@ -98,6 +100,9 @@ RULES: dict[str, str] = {
     "roster_invalid": "a node serves a federation roster log that does not verify",
     "roster_equivocation": "two validly signed roster versions share one version number",
     "key_not_in_roster": "a member acted under a key the roster of that time does not name",
+    "contribution_without_permission": "an opinion was recorded on a link whose "
+    "patient-signed grant does not allow opinions (no such link grant before it, no "
+    "opinions permission, revoked, outside its validity, or a study outside its scope)",
 }
 
 # Consent's refusal rule -> the auditor's rule for an access that was served anyway.
@@ -558,7 +563,42 @@ def plan_consent_checks(
             )
             request = AccessRequest(body.grantee, (body.study,), entry.time)
             checks.append(AccessCheck(origin, index, token.raw, request, view, policy))
+        elif isinstance(body, Contribution):
+            problem = contribution_problem(
+                body, entry.time, grants, signatures.grants_valid, revoked, clock_skew
+            )
+            if problem is not None:
+                findings.add("contribution_without_permission", index, problem)
     return findings.done(), checks
+
+
+def contribution_problem(
+    body: Contribution,
+    time: int,
+    grants: Mapping[bytes, GrantToken],
+    grants_valid: frozenset[bytes],
+    revoked: set[tuple[bytes, bytes]],
+    clock_skew: int,
+) -> str | None:
+    """Why the link grant a ``contribution`` names did not allow it when it was recorded
+    (only grants and revocations recorded before it are passed), or None."""
+    token = grants.get(body.token_id)
+    if token is None:
+        return "no grant with this token id before it"
+    fields = token.fields
+    if token.raw not in grants_valid:
+        return "its grant's patient signature does not verify"
+    if not is_link_grantee(fields.grantee):
+        return "its grant is not a share link's"
+    if not fields.permits(OPINIONS):
+        return "its link's grant was not signed with the opinions permission"
+    if (token.patient_key, token.token_id) in revoked:
+        return "its link was revoked before it"
+    if not fields.not_before - clock_skew <= time <= fields.expires + clock_skew:
+        return "it was recorded outside its link's validity window"
+    if fields.scope is not None and body.study not in fields.scope:
+        return "its study is outside its link's scope"
+    return None
 
 
 def _signed_delegation_id(body: DelegationEntry | DeskDelegation) -> set[bytes]:

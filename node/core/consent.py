@@ -5,6 +5,7 @@ Wire format (canonical msgpack, see node.core.encoding)::
     grant      = [1, patient_key bin32, custodian str, grantee str,
                   scope (nil = all my studies there | [study_ref bin32, ...]),
                   not_before uint, expires uint, nonce bin16, signature bin64]
+    grant v3   = [3, ...the same fields..., nonce bin16, permissions [str, ...], signature]
     revocation = [1, patient_key bin32, token_id bin32, revoked_at uint, signature bin64]
 
 The signature covers a domain-separation prefix and the canonical encoding of every
@@ -38,6 +39,11 @@ TOKEN_VERSION = 1
 DELEGATED_VERSION = 2
 DELEGATION_MARK = "delegation"
 DELEGATION_DOMAIN = b"imageshare/delegation/v1\n"
+# A share link's grant that lets its holder do more than read (version 3): the
+# permissions are signed by the patient, so an auditor can check what the link allowed.
+PERMISSIONS_VERSION = 3
+OPINIONS = "opinions"  # the link's holder may return an opinion on its studies
+PERMISSIONS = frozenset({OPINIONS})
 URL_PREFIX = "imageshare:grant?t="
 REFERENCE_SIZE = 32
 NONCE_SIZE = 16
@@ -278,11 +284,22 @@ class GrantFields:
     # A grant by a delegate (version 2): the patient-signed delegation it acts under;
     # ``patient_key`` is then the delegate's key, which signs the grant.
     delegation: bytes | None = None
+    # What a share link's holder may do besides reading (version 3): sorted PERMISSIONS.
+    permissions: tuple[str, ...] = ()
+
+    @property
+    def version(self) -> int:
+        if self.delegation is not None:
+            return DELEGATED_VERSION
+        return PERMISSIONS_VERSION if self.permissions else TOKEN_VERSION
+
+    def permits(self, permission: str) -> bool:
+        return permission in self.permissions
 
     def as_list(self) -> list[Any]:
         scope = None if self.scope is None else list(self.scope)
         fields = [
-            TOKEN_VERSION if self.delegation is None else DELEGATED_VERSION,
+            self.version,
             self.patient_key,
             self.custodian,
             self.grantee,
@@ -291,7 +308,9 @@ class GrantFields:
             self.expires,
             self.nonce,
         ]
-        return fields if self.delegation is None else [*fields, self.delegation]
+        if self.delegation is not None:
+            return [*fields, self.delegation]
+        return [*fields, list(self.permissions)] if self.permissions else fields
 
     def signed_message(self) -> bytes:
         return GRANT_DOMAIN + canonical_encode(self.as_list())
@@ -379,6 +398,24 @@ def _check_grant_fields(fields: GrantFields) -> None:
     if fields.expires <= fields.not_before:
         raise BadInput("a grant must expire after it starts")
     _check_bytes(fields.nonce, NONCE_SIZE, "nonce")
+    _check_permissions(fields)
+
+
+def _check_permissions(fields: GrantFields) -> None:
+    """Permissions are for a link's own grant: known, distinct, sorted (one encoding)."""
+    permissions = fields.permissions
+    if not permissions:
+        return
+    if not isinstance(permissions, tuple) or not all(isinstance(p, str) for p in permissions):
+        raise BadInput("a grant's permissions are a list of words")
+    if not set(permissions) <= PERMISSIONS:
+        raise BadInput(f"a grant's permissions are some of {sorted(PERMISSIONS)}")
+    if list(permissions) != sorted(set(permissions)):
+        raise BadInput("a grant's permissions are sorted and distinct")
+    if fields.delegation is not None:
+        raise BadInput("a delegate's grant carries no permissions")
+    if not is_link_grantee(fields.grantee):
+        raise BadInput("only a share link's grant carries permissions")
 
 
 def _decode_canonical_list(
@@ -404,12 +441,21 @@ def _decode_canonical_list(
 def decode_grant(token_bytes: bytes) -> GrantToken:
     """Decode a grant token's bytes (signature not checked); raises BadInput if malformed.
 
-    Version 1 is the patient's own grant; version 2 a delegate's, carrying its delegation.
+    Version 1 is the patient's own grant; version 2 a delegate's, carrying its delegation;
+    version 3 a link's grant carrying permissions.
     """
     value = _decode_canonical_list(
-        token_bytes, 9, "grant token", {TOKEN_VERSION: 9, DELEGATED_VERSION: 10}
+        token_bytes,
+        9,
+        "grant token",
+        {TOKEN_VERSION: 9, DELEGATED_VERSION: 10, PERMISSIONS_VERSION: 10},
     )
     chain_bytes = value.pop(8) if value[0] == DELEGATED_VERSION else None
+    permissions = value.pop(8) if value[0] == PERMISSIONS_VERSION else ()
+    if not isinstance(permissions, list | tuple) or (
+        value[0] == PERMISSIONS_VERSION and not permissions
+    ):
+        raise BadInput("a version 3 grant lists one or more permissions")
     chain = None if chain_bytes is None else decode_delegation(chain_bytes)
     _, patient_key, custodian, grantee, scope, not_before, expires, nonce, signature = value
     if scope is not None and not isinstance(scope, list):
@@ -423,6 +469,7 @@ def decode_grant(token_bytes: bytes) -> GrantToken:
         expires=expires,
         nonce=nonce,
         delegation=chain_bytes,
+        permissions=tuple(permissions),
     )
     _check_grant_fields(fields)
     _check_bytes(signature, SIGNATURE_SIZE, "signature")

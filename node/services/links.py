@@ -34,6 +34,7 @@ import nacl.pwhash
 
 from node.core.base64url import b64url_decode
 from node.core.consent import (
+    OPINIONS,
     RULE_MESSAGES,
     GrantToken,
     Rule,
@@ -204,7 +205,8 @@ def create_link(
 
     ``document`` is the wallet's JSON: ``{"grant": bytes, "manifest": SHA-256 of the
     manifest id, "passcode": text or None, "files": [...], "opinions": bool}`` (bytes as
-    base64url; ``opinions``, default false, lets the holder return an opinion).
+    base64url). The holder may return an opinion when the patient signed the grant with
+    the ``opinions`` permission (version 3); ``opinions``, when given, must say the same.
     Raises BadInput (malformed), Forbidden (not the caller's grant, not a link grant, or
     a consent rule refuses it: the lifetime over ``max_link_lifetime_days``...).
     """
@@ -229,6 +231,8 @@ def create_link(
         raise Forbidden("a patient may submit only grants signed with their own key")
     if not is_link_grantee(token.fields.grantee):
         raise BadInput("a share link's grant names a link as its grantee")
+    if opinions != token.fields.permits(OPINIONS) and "opinions" in document:
+        raise BadInput("the opinions permission is granted in the signed grant (version 3)")
     passcode_hash = None if passcode is None else hash_passcode(passcode)
     recorded = consent.record_grant(runtime, token_bytes, now)
     runtime.services.links.store.add(
@@ -240,7 +244,7 @@ def create_link(
             0,
             False,
             files,
-            opinions,
+            token.fields.permits(OPINIONS),
         )
     )
     return recorded
@@ -370,12 +374,13 @@ def authorize_opinion(
     runtime: NodeRuntime, access_token: str, now: int | None = None
 ) -> LinkAuthorization:
     """authorize_link for returning an opinion, checked before its body is read: Forbidden
-    for a link made without the opinions permission, TooManyRequests past
-    MAX_OPINIONS_PER_HOUR for the link (each one stored is kept and recorded for good)."""
+    for a link whose patient-signed grant lacks the opinions permission (what an auditor
+    checks of each ``contribution``), TooManyRequests past MAX_OPINIONS_PER_HOUR for the
+    link (each one stored is kept and recorded for good)."""
     authorization = authorize_link(runtime, access_token, now)
     service = runtime.services.links
     link = service.store.by_grantee(authorization.grantee)
-    if link is None or not link.opinions:
+    if link is None or not _grant_of(runtime, link).fields.permits(OPINIONS):
         raise Forbidden("this link was not made to return an opinion")
     if not service.opinion_limit.admit(link.grantee, time.monotonic()):
         raise TooManyRequests(

@@ -327,7 +327,7 @@ class ReportService:
             ds = self.store.read_dataset(record, defer_size=_HEADER_DEFER, stop_before_pixels=True)
             answer.append(
                 version_of(ds, record).as_json()
-                | _opinion_fields(ds, state)
+                | _opinion_fields(ds, record, state)
                 | {"study_uid": state.study_instance_uid}
             )
         return answer
@@ -411,7 +411,7 @@ class ReportService:
                 ds = self.store.read_dataset(
                     record, defer_size=_HEADER_DEFER, stop_before_pixels=True
                 )
-                entry |= _opinion_fields(ds, state)
+                entry |= _opinion_fields(ds, record, state)
             if report.current.sop_class_uid == ENCAPSULATED_PDF:
                 pdf = self.document(study_uid, report.current.sop_instance_uid)
                 entry["text"] = pdf_text(pdf)
@@ -419,12 +419,15 @@ class ReportService:
         return answer
 
 
-def _opinion_fields(ds: Dataset, state: OpinionState) -> dict[str, Any]:
+def _opinion_fields(ds: Dataset, record: InstanceRecord, state: OpinionState) -> dict[str, Any]:
     return {
         "contribution": True,
         "author": str(ds.get("ContentCreatorName", "") or ""),
         "accepted": state.accepted,
         "new": state.seen is None,
+        # The SHA-256 of the stored file, as its ``contribution`` entry records it: how a
+        # wallet finds the entry that proves this opinion in the log.
+        "digest": record.digest,
     }
 
 

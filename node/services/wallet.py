@@ -22,6 +22,7 @@ from yarl import URL
 
 from node.core.base64url import b64_decode, b64url_decode, b64url_encode
 from node.core.consent import (
+    OPINIONS,
     Delegation,
     GrantFields,
     Power,
@@ -300,7 +301,14 @@ class Wallet:
         )
         grantee = link_grantee(secret_digest(access_token))
         fields = GrantFields(
-            key.public_key, custodian.origin, grantee, scope, now, now + lifetime, os.urandom(16)
+            key.public_key,
+            custodian.origin,
+            grantee,
+            scope,
+            now,
+            now + lifetime,
+            os.urandom(16),
+            permissions=(OPINIONS,) if opinions else (),
         )
         token = sign_grant(fields, key.sign)
         link = ShareLink(
@@ -317,7 +325,6 @@ class Wallet:
                 "manifest": b64url_encode(secret_digest(manifest_id)),
                 "passcode": passcode,
                 "files": files,
-                "opinions": opinions,
             }
         ).encode()
         answer = await self.signed(session, custodian, "POST", "/patient/links", body)

@@ -43,17 +43,25 @@ def restore_wallet(page: Any, node_url: str, backup: Path, passphrase: str) -> s
 
 
 def share_in_web_wallet(
-    page: Any, node_url: str, seed: Path, study_ref: str, label: str, passcode: str
+    page: Any,
+    node_url: str,
+    seed: Path,
+    study_ref: str,
+    label: str,
+    passcode: str,
+    opinions: bool = False,
 ) -> tuple[str, str]:
     """Restore the wallet from ``seed`` at ``node_url`` and share one study with a doctor
-    ("Share with a doctor"): (the link's viewer URL, its token id). The page is left on
-    the share screen."""
+    ("Share with a doctor", letting them send an opinion back if ``opinions``): (the
+    link's viewer URL, its token id). The page is left on the share screen."""
     restore_wallet(page, node_url, seed, PASSPHRASE)
     page.click('#tabs button[data-screen="studies"]')
     wait_for_screen(page, "studies")
     page.check(f'#studies-list input.choose[value="{study_ref}"]')
     page.fill("#link-label", label)
     page.fill("#link-passcode", passcode)
+    if opinions:
+        page.check("#link-opinions")
     page.click("#link-button")
     confirm(page)
     wait_for_screen(page, "share")

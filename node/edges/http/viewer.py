@@ -243,11 +243,13 @@ def load_ohif(directory: Path) -> OhifBuild | None:
     page = index.read_text()
     page = re.sub(r"<script[^>]*init-service-worker\.js[^>]*></script>", "", page)
     # What OHIF needs: its scripts (and WebAssembly codecs), its workers, inline styles
-    # (its UI library sets them), images from blobs; nothing from another origin.
+    # (its UI library sets them), images from blobs, and its PDF viewport's <object> of
+    # a blob (the Encapsulated PDF it read through /dicomweb); nothing from another origin.
     rest = (
         "; worker-src 'self' blob:; style-src 'self' 'unsafe-inline';"
         " img-src 'self' blob: data:; font-src 'self' data:; connect-src 'self';"
-        " manifest-src 'self'; media-src 'self' blob:; object-src 'none'; base-uri 'self';"
+        " manifest-src 'self'; media-src 'self' blob:; object-src 'self' blob:;"
+        " frame-src blob:; base-uri 'self';"
         " form-action 'none'; frame-ancestors 'none'"
     )
     csp = "default-src 'none'; script-src 'self' 'wasm-unsafe-eval' " + " ".join(

@@ -183,7 +183,7 @@ async function entries(logId, size) {
 }
 
 function eventTokenId(entry) {
-  if (entry.kind === "access" || entry.kind === "denial") return entry.token_id;
+  if (["access", "denial", "contribution"].includes(entry.kind)) return entry.token_id;
   if (entry.kind === "revoke") {
     const revocation = decode(entry.revocation);
     return revocation[2];
@@ -192,8 +192,11 @@ function eventTokenId(entry) {
   return null;
 }
 
+// The entries about my grants (a contribution: an opinion returned through my link).
+const EVENT_KINDS = ["access", "denial", "revoke", "break_glass", "contribution"];
+
 /**
- * Every access, denial and revocation naming one of ``tokenIds`` (hex) in this node's
+ * Every access, denial, revocation and contribution naming one of ``tokenIds`` (hex) in this node's
  * log (and, given ``ownKey``, every break-glass naming that key and what came under it),
  * each with its proof: checkpoint signed by ``pinnedVkey``, witnesses' valid
  * cosignatures (under ``witnessVkeys``, the pinned roster's, when given), and the
@@ -215,7 +218,7 @@ export async function myEvents(node, pinnedVkey, tokenIds, ownKey = null, witnes
     } catch {
       continue;
     }
-    if (!["access", "denial", "revoke", "break_glass"].includes(entry.kind)) continue;
+    if (!EVENT_KINDS.includes(entry.kind)) continue;
     // Break-glass naming my key is mine (safety.js), and so is every access under it.
     if (entry.kind === "break_glass") {
       if (!ownKey || !(entry.patient_key instanceof Uint8Array)) continue;

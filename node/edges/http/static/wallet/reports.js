@@ -28,7 +28,7 @@ function reportDate(date, time) {
   return /^\d{4}/.test(time || "") ? `${day} ${time.slice(0, 2)}:${time.slice(2, 4)}` : day;
 }
 
-function reportCard(key, study, report, urls) {
+export function reportCard(key, study, report, urls) {
   const card = node("article", "report");
   card.dataset.sop = report.sop_instance_uid;
   card.dataset.status = report.status;

@@ -1,8 +1,10 @@
 // The Activity screen: every access, refusal and revocation of my grants in this
-// hospital's log, each proven in the browser (ledger.js).
+// hospital's log, and every opinion a doctor returned through one of my links, each
+// proven in the browser (ledger.js).
 
-import { toB64url } from "./bytes.js";
+import { toB64url, toHex } from "./bytes.js";
 import { myEvents } from "./ledger.js";
+import { reportCard } from "./reports.js";
 import { federationWitnesses } from "./roster.js";
 import { loadRoster } from "./screen-studies.js";
 import {
@@ -47,10 +49,35 @@ async function load() {
     list.replaceChildren(el("li", "note", "Nobody has used your shares yet."));
     return;
   }
-  list.replaceChildren(...events.slice().reverse().map(eventCard));
+  const opinions = await returnedOpinions(events);
+  list.replaceChildren(...events.slice().reverse().map((event) => eventCard(event, opinions)));
 }
 
-function eventCard(event) {
+/**
+ * The opinions the contribution entries among ``events`` name, by the SHA-256 of the
+ * stored instance (what an entry records): {digest hex: {study, report}} from the
+ * reports of each study concerned (GET /patient/studies/{ref}/reports).
+ */
+async function returnedOpinions(events) {
+  const refs = new Set(
+    events.filter((e) => e.entry.kind === "contribution").map((e) => toB64url(e.entry.study)),
+  );
+  const found = new Map();
+  for (const ref of refs) {
+    const { reports } = await signedJson(app.key, "GET", `/patient/studies/${ref}/reports`);
+    for (const report of reports) {
+      if (report.contribution) found.set(report.digest, { study: { ref }, report });
+    }
+  }
+  return found;
+}
+
+// A link's grantee is a hash of its credential: the patient knows it as "a link".
+function who(grantee) {
+  return grantee.startsWith("link:") ? "Someone with your link" : hospitalName(grantee);
+}
+
+function eventCard(event, opinions) {
   const { entry } = event;
   const item = el("li", "event");
   item.dataset.kind = entry.kind;
@@ -58,15 +85,19 @@ function eventCard(event) {
   let title;
   if (entry.kind === "access") {
     const study = studyName(toB64url(entry.study));
-    title = `${hospitalName(entry.grantee)} received ${study}: ${images(entry.instances)}`;
+    title = `${who(entry.grantee)} received ${study}: ${images(entry.instances)}`;
   } else if (entry.kind === "denial") {
     // A refusal may name no study (the token was refused before any study was asked).
     const what = entry.study ? " " + studyName(toB64url(entry.study)) : "";
-    title = `${hospitalName(entry.requester)} was refused${what}: ${entry.rule.replace(/_/g, " ")}`;
+    title = `${who(entry.requester)} was refused${what}: ${entry.rule.replace(/_/g, " ")}`;
+  } else if (entry.kind === "contribution") {
+    title = `A doctor returned an opinion on ${studyName(toB64url(entry.study))} through your link`;
   } else {
     title = "You revoked a share";
   }
-  const label = { access: "access", denial: "refused", revoke: "revoked" }[entry.kind];
+  const label = { access: "access", denial: "refused", revoke: "revoked", contribution: "opinion" }[
+    entry.kind
+  ];
   const proven = event.included && event.cosigners.length > 0;
   const proof = event.included
     ? `Proven: entry ${event.index} is in the signed log` +
@@ -82,6 +113,17 @@ function eventCard(event) {
   );
   item.dataset.proven = String(proven);
   item.dataset.included = String(event.included);
+  if (entry.kind === "contribution") {
+    // The opinion itself, the one whose stored file has the digest the entry records:
+    // flagged new until I open it, readable here and one tap from its PDF.
+    const opinion = opinions.get(toHex(entry.digest));
+    item.dataset.new = String(Boolean(opinion && opinion.report.new));
+    if (opinion) {
+      item.append(reportCard(app.key, opinion.study, opinion.report, app.previewUrls));
+    } else {
+      item.append(el("p", "note", "The opinion is not among this hospital's reports of the study."));
+    }
+  }
   return item;
 }
 

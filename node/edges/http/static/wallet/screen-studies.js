@@ -3,7 +3,7 @@
 // sentence and the passphrase.
 
 import { fromB64url, randomBytes, toB64url, toHex, utf8 } from "./bytes.js";
-import { makeGrant, tokenId, tokenUrl } from "./consent.js";
+import { OPINIONS, makeGrant, tokenId, tokenUrl } from "./consent.js";
 import { store } from "./keys.js";
 import { verifyRecorded } from "./ledger.js";
 import { REPORT_MODALITIES, loadReports } from "./reports.js";
@@ -173,13 +173,14 @@ async function makeLink() {
     embedded: await encryptFile(linkKey, ACCESS_CREDENTIAL, credential),
   });
   const grantee = await linkGrantee(accessToken);
-  const token = await makeGrant(app.key, app.node.origin, grantee, sortedRefs(scope), now, now + lifetime);
+  // The opinions permission is in the grant I sign, so an auditor can check each opinion.
+  const permissions = opinions ? [OPINIONS] : [];
+  const token = await makeGrant(app.key, app.node.origin, grantee, sortedRefs(scope), now, now + lifetime, permissions);
   const body = {
     grant: toB64url(token),
     manifest: await secretDigest(manifestId),
     passcode,
     files,
-    opinions,
   };
   const answer = await signedJson(app.key, "POST", "/patient/links", utf8(JSON.stringify(body)));
   await verifyRecorded(answer, app.vkey, "grant", "token", token);

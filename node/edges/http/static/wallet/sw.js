@@ -3,7 +3,7 @@
 // refreshed in the background, so an updated node's wallet shows from the next start;
 // /patient and /ledger requests are never touched or cached here.
 
-const CACHE = "imageshare-wallet-v8";
+const CACHE = "imageshare-wallet-v9";
 const SHELL = [
   "./",
   "app.js",
