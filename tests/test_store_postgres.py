@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +22,18 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 
 from node.config import load_config
-from node.errors import ConfigError
+from node.errors import ConfigError, StorageFailed
 from node.samples import SyntheticStudy, make_ct_study
+from node.services.ingest import import_files
+from node.store.attributes import Level
+from node.store.instances import SqliteInstanceStore
+from node.store.objects import ObjectCorrupt, ObjectStoreSettings, S3Objects
+from node.store.postgres import PostgresInstanceStore, PostgresSettings
+from node.store.queries import STUDY_LIST_ORDERS, StudyPage, parse_qido
 from tests.support.nodes import NodeProcess, init_node, run_cli, wait_until
 from tests.support.postgres import PASSWORD, PostgresServer, running_postgres
 from tests.support.s3 import SERVERS, S3Server, running_s3
+from tests.test_query_parity import CASES, write_corpus
 
 SCU = "PGTESTSCU"  # any calling AE may store (the default)
 
@@ -250,6 +257,155 @@ class TestDurability:
         # Sent again, the instance is a duplicate of its index row: the object stays
         # damaged until an operator restores it (docs/operations.md).
         assert _indexed(large, stowed.study_uid) == set(stowed.sop_uids)
+
+
+class TestHostileObjects:
+    """What the object store answers is outside input too: bounded, verified, refused."""
+
+    def _objects(self, s3: S3Server, tmp_path: Path, bucket: str) -> S3Objects:
+        credentials = _private(
+            tmp_path / "credentials",
+            f"[default]\naws_access_key_id = {s3.access_key}\n"
+            f"aws_secret_access_key = {s3.secret_key}\n",
+        )
+        s3.client().create_bucket(Bucket=bucket)  # type: ignore[attr-defined]
+        return S3Objects(ObjectStoreSettings(s3.endpoint, bucket, credentials_file=credentials))
+
+    def test_an_object_larger_than_any_instance_is_refused_while_it_streams(
+        self, s3: S3Server, tmp_path: Path
+    ) -> None:
+        objects = self._objects(s3, tmp_path, "oversized")
+        digest = hashlib.sha256(b"small").hexdigest()
+        s3.client().put_object(  # type: ignore[attr-defined]
+            Bucket=objects.settings.bucket, Key=objects.key(digest), Body=b"\0" * (3 * 1024**2)
+        )
+        destination = tmp_path / "copy.dcm"
+        with pytest.raises(ObjectCorrupt):
+            objects.fetch(digest, destination, max_bytes=1024**2)
+        assert list(tmp_path.glob("copy.dcm*")) == []  # nothing of it kept
+
+    def test_a_missing_object_is_a_storage_failure(self, s3: S3Server, tmp_path: Path) -> None:
+        objects = self._objects(s3, tmp_path, "empty")
+        with pytest.raises(StorageFailed):
+            objects.fetch("00" * 32, tmp_path / "copy.dcm", max_bytes=1024**2)
+        assert list(tmp_path.glob("copy.dcm*")) == []
+
+
+@dataclass
+class TwoIndexes:
+    sqlite: SqliteInstanceStore
+    postgres: PostgresInstanceStore
+
+    @property
+    def both(self) -> tuple[SqliteInstanceStore, PostgresInstanceStore]:
+        return self.sqlite, self.postgres
+
+
+@pytest.fixture(scope="module")
+def two_indexes(
+    postgres: PostgresServer, s3: S3Server, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TwoIndexes]:
+    """The query-parity corpus (tests/test_query_parity.py) with odd names added, imported
+    into an SQLite store and a PostgreSQL one."""
+    base = tmp_path_factory.mktemp("two-indexes")
+    write_corpus(base / "in")
+    odd = make_ct_study(base / "in" / "odd", series=1, slices=2, rows=8, columns=8, seed=99)
+    for path, name in zip(odd.files, ("Under_Score^Ann", "Per%Cent^Ünïcödé"), strict=True):
+        ds = pydicom.dcmread(path)
+        ds.PatientName, ds.SpecificCharacterSet = name, "ISO_IR 192"
+        ds.StudyDescription = "100% [sure]"
+        ds.save_as(path)
+    files = sorted((base / "in").rglob("*.dcm"))
+    bucket = f"parity-{s3.name}"
+    s3.client().create_bucket(Bucket=bucket)  # type: ignore[attr-defined]
+    settings = ObjectStoreSettings(
+        s3.endpoint,
+        bucket,
+        credentials_file=_private(
+            base / "credentials",
+            f"[default]\naws_access_key_id = {s3.access_key}\n"
+            f"aws_secret_access_key = {s3.secret_key}\n",
+        ),
+    )
+    dsn = postgres.create_database(f"parity_{s3.name}")
+    stores = TwoIndexes(
+        SqliteInstanceStore(base / "sqlite"),
+        PostgresInstanceStore(base / "pg", PostgresSettings(dsn), S3Objects(settings)),
+    )
+    try:
+        for store in stores.both:
+            import_files(store, files)
+        yield stores
+    finally:
+        stores.sqlite.close()
+        stores.postgres.close()
+
+
+def _both(stores: TwoIndexes, ask: Callable[[Any], Any]) -> tuple[Any, Any]:
+    return ask(stores.sqlite), ask(stores.postgres)
+
+
+class TestSameAnswersAsSqlite:
+    @pytest.mark.parametrize("c", CASES, ids=str)
+    def test_every_matching_case_returns_the_same_rows_in_the_same_order(
+        self, two_indexes: TwoIndexes, c: Any
+    ) -> None:
+        params = [(c.keyword, ",".join(c.values)), ("includefield", "all")]
+        query = parse_qido(c.level, params)
+        on_sqlite, on_postgres = _both(two_indexes, lambda s: s.search(query))
+        assert on_postgres == on_sqlite
+
+    @pytest.mark.parametrize(
+        ("keyword", "value"),
+        [
+            ("PatientName", "under_score*"),  # _ is a character, not LIKE's wildcard
+            ("PatientName", "under?score*"),
+            ("PatientName", "per%cent*"),
+            ("PatientName", "*ÜNÏCÖDÉ"),  # letter case folded beyond ASCII
+            ("StudyDescription", "100% [sure]"),
+            ("StudyDescription", "100?*"),
+            ("PatientName", "*"),
+        ],
+    )
+    def test_wildcards_and_letter_case_match_alike(
+        self, two_indexes: TwoIndexes, keyword: str, value: str
+    ) -> None:
+        for level in (Level.PATIENT, Level.STUDY, Level.INSTANCE):
+            query = parse_qido(level, [(keyword, value)])
+            on_sqlite, on_postgres = (s.search(query) for s in two_indexes.both)
+            assert on_postgres == on_sqlite, (level, keyword, value)
+
+    @pytest.mark.parametrize("order", sorted(STUDY_LIST_ORDERS))
+    def test_the_study_list_is_the_same_in_every_order(
+        self, two_indexes: TwoIndexes, order: str
+    ) -> None:
+        page = StudyPage(words=("chest",), limit=50, order=order)
+        on_sqlite, on_postgres = _both(two_indexes, lambda s: s.study_list(page))
+        drop = ("created_at",)  # the moment each store indexed the study
+        assert on_postgres[0] == on_sqlite[0] > 0
+        assert [{k: v for k, v in r.items() if k not in drop} for r in on_postgres[1]] == [
+            {k: v for k, v in r.items() if k not in drop} for r in on_sqlite[1]
+        ]
+
+    def test_lookups_and_counts_are_the_same(self, two_indexes: TwoIndexes) -> None:
+        def lookups(store: Any) -> Any:
+            studies = sorted(store.study_uids())
+            return (
+                store.counts(),
+                studies,
+                sorted(store.patient_ids()),
+                [store.series_of_study(u) for u in studies],
+                [
+                    [(r.sop_instance_uid, r.digest, r.size) for r in store.instances(u)]
+                    for u in studies
+                ],
+                [store.instance_count(u) for u in studies],
+                [store.studies_of_patient(p) for p in sorted(store.patient_ids())],
+                [(a.sop_instance_uid, a.study_instance_uid) for a in store.arrivals_after(0, 1000)],
+            )
+
+        on_sqlite, on_postgres = _both(two_indexes, lookups)
+        assert on_postgres == on_sqlite
 
 
 class TestSettings:

@@ -188,11 +188,16 @@ class PostgresSettings:
 
 def open_pool(settings: PostgresSettings) -> Any:
     """A connection pool (autocommit, rows as dicts), open and checked: ConfigError when
-    the server cannot be reached, without the connection string (it may name secrets)."""
+    the server cannot be reached or refuses the node, without the connection string (it
+    may name secrets)."""
     import psycopg
     from psycopg.rows import dict_row
     from psycopg_pool import ConnectionPool
 
+    try:  # one connection first: a pool would retry a refused login until its timeout
+        psycopg.connect(settings.dsn, connect_timeout=30).close()
+    except psycopg.Error as exc:
+        raise ConfigError(f"cannot reach the PostgreSQL index: {exc}") from None
     pool = ConnectionPool(
         settings.dsn,
         min_size=1,
@@ -205,8 +210,7 @@ def open_pool(settings: PostgresSettings) -> Any:
         pool.open(wait=True, timeout=30)
     except Exception as exc:
         pool.close()
-        cause = exc.__cause__ if isinstance(exc.__cause__, psycopg.Error) else exc
-        raise ConfigError(f"cannot reach the PostgreSQL index: {cause}") from None
+        raise ConfigError(f"cannot reach the PostgreSQL index: {exc}") from None
     return pool
 
 
