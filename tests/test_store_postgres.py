@@ -31,8 +31,12 @@ from node.store.objects import ObjectCorrupt, ObjectStoreSettings, S3Objects
 from node.store.postgres import PostgresInstanceStore, PostgresSettings
 from node.store.queries import STUDY_LIST_ORDERS, StudyPage, parse_qido
 from tests.support.nodes import NodeProcess, init_node, run_cli, wait_until
-from tests.support.postgres import PASSWORD, PostgresServer, running_postgres
-from tests.support.s3 import SERVERS, S3Server, running_s3
+from tests.support.postgres import (
+    PostgresServer,
+    node_store_settings,
+    running_postgres,
+)
+from tests.support.s3 import SERVERS, S3Server, private_file, running_s3
 from tests.test_query_parity import CASES, write_corpus
 
 SCU = "PGTESTSCU"  # any calling AE may store (the default)
@@ -65,30 +69,6 @@ class LargeNode:
         self.node.start()
 
 
-def _private(path: Path, text: str) -> Path:
-    path.write_text(text)
-    path.chmod(0o600)
-    return path
-
-
-def _store_settings(data_dir: Path, dsn: str, s3: S3Server, bucket: str) -> str:
-    """The [store] tables of a node on PostgreSQL and ``bucket``, secrets in files."""
-    passfile = _private(data_dir / "pgpass", f"*:*:*:*:{PASSWORD}\n")
-    credentials = _private(
-        data_dir / "s3-credentials",
-        f"[default]\naws_access_key_id = {s3.access_key}\n"
-        f"aws_secret_access_key = {s3.secret_key}\n",
-    )
-    password_free = dsn.replace(f":{PASSWORD}@", "@")
-    return (
-        f'[store]\nbackend = "postgresql"\ndsn = "{password_free}?passfile={passfile}"\n\n'
-        f'[store.objects]\nendpoint = "{s3.endpoint}"\nbucket = "{bucket}"\n'
-        f'credentials_file = "{credentials}"\n'
-        # Small enough that the multi-frame instance below goes up in parts.
-        f"multipart_threshold_bytes = {5 * 1024**2}\npart_bytes = {5 * 1024**2}\n"
-    )
-
-
 @pytest.fixture(scope="module")
 def large(
     postgres: PostgresServer, s3: S3Server, tmp_path_factory: pytest.TempPathFactory
@@ -98,7 +78,7 @@ def large(
     bucket = f"imageshare-{s3.name}"
     s3.client().create_bucket(Bucket=bucket)  # type: ignore[attr-defined]
     node = init_node(tmp_path_factory.mktemp(name), f"{s3.name}.example/imageshare")
-    node.append_config(_store_settings(node.data_dir, dsn, s3, bucket))
+    node.append_config(node_store_settings(node.data_dir, dsn, s3, bucket))
     node.start()
     client = DICOMwebClient(url=node.url + "/dicomweb", headers=node.auth)
     try:
@@ -263,11 +243,7 @@ class TestHostileObjects:
     """What the object store answers is outside input too: bounded, verified, refused."""
 
     def _objects(self, s3: S3Server, tmp_path: Path, bucket: str) -> S3Objects:
-        credentials = _private(
-            tmp_path / "credentials",
-            f"[default]\naws_access_key_id = {s3.access_key}\n"
-            f"aws_secret_access_key = {s3.secret_key}\n",
-        )
+        credentials = s3.credentials_file(tmp_path / "credentials")
         s3.client().create_bucket(Bucket=bucket)  # type: ignore[attr-defined]
         return S3Objects(ObjectStoreSettings(s3.endpoint, bucket, credentials_file=credentials))
 
@@ -321,11 +297,7 @@ def two_indexes(
     settings = ObjectStoreSettings(
         s3.endpoint,
         bucket,
-        credentials_file=_private(
-            base / "credentials",
-            f"[default]\naws_access_key_id = {s3.access_key}\n"
-            f"aws_secret_access_key = {s3.secret_key}\n",
-        ),
+        credentials_file=s3.credentials_file(base / "credentials"),
     )
     dsn = postgres.create_database(f"parity_{s3.name}")
     stores = TwoIndexes(
@@ -447,7 +419,7 @@ class TestSettings:
         self, tmp_path: Path, postgres: PostgresServer
     ) -> None:
         node = init_node(tmp_path, "down.example/imageshare")
-        passfile = _private(tmp_path / "pgpass", "*:*:*:*:wrong-password\n")
+        passfile = private_file(tmp_path / "pgpass", "*:*:*:*:wrong-password\n")
         node.append_config(
             f'[store]\nbackend = "postgresql"\n'
             f'dsn = "host=127.0.0.1 port={postgres.port} user=imageshare dbname=postgres'

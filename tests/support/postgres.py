@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support.nodes import free_port
+from tests.support.s3 import S3Server, private_file
 
 SUPERUSER = "imageshare"
 # Fixed, not random: the server listens on loopback only and lives for one test run.
@@ -133,3 +134,17 @@ def _stop(bin_dir: Path, scratch: Path) -> None:
             capture_output=True,
         )
     shutil.rmtree(scratch, ignore_errors=True)
+
+
+def node_store_settings(data_dir: Path, dsn: str, s3: S3Server, bucket: str) -> str:
+    """The [store] tables of a node on PostgreSQL and ``bucket``, secrets in files."""
+    passfile = private_file(data_dir / "pgpass", f"*:*:*:*:{PASSWORD}\n")
+    credentials = s3.credentials_file(data_dir / "s3-credentials")
+    password_free = dsn.replace(f":{PASSWORD}@", "@")
+    return (
+        f'[store]\nbackend = "postgresql"\ndsn = "{password_free}?passfile={passfile}"\n\n'
+        f'[store.objects]\nendpoint = "{s3.endpoint}"\nbucket = "{bucket}"\n'
+        f'credentials_file = "{credentials}"\n'
+        # S3's smallest part: an instance of a few megabytes already goes up in parts.
+        f"multipart_threshold_bytes = {5 * 1024**2}\npart_bytes = {5 * 1024**2}\n"
+    )

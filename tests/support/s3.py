@@ -32,6 +32,14 @@ class S3Server:
     access_key: str
     secret_key: str
 
+    def credentials_file(self, path: Path) -> Path:
+        """This server's key pair as a node's [store.objects] credentials_file."""
+        return private_file(
+            path,
+            f"[default]\naws_access_key_id = {self.access_key}\n"
+            f"aws_secret_access_key = {self.secret_key}\n",
+        )
+
     def client(self) -> object:
         """A boto3 client of this server, as the node configures its own."""
         import boto3
@@ -49,6 +57,13 @@ class S3Server:
                 response_checksum_validation="when_required",
             ),
         )
+
+
+def private_file(path: Path, text: str) -> Path:
+    """A secret file (mode 600, as the node requires)."""
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
 
 
 def _command(name: str, port: int, scratch: Path) -> list[str]:
