@@ -282,6 +282,9 @@ class InstanceStoreBase:
         if not rows:
             what = "instance" if sop_instance_uid else "series" if series_uid else "study"
             raise NotFound(f"no such {what} on this node")
+        return self._records(rows)
+
+    def _records(self, rows: Sequence[Any]) -> list[InstanceRecord]:
         return [self._record(r) for r in rows]
 
     def instance(self, sop_instance_uid: str) -> InstanceRecord:

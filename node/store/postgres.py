@@ -30,6 +30,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -49,6 +50,7 @@ from node.store.instances import (
     SCHEMA,
     Arrival,
     IngestResult,
+    InstanceRecord,
     InstanceStoreBase,
     Outcome,
     StagedInstance,
@@ -67,6 +69,9 @@ T = TypeVar("T")
 # writers, so that positions (arrivals_after) commit in the order they are handed out.
 _MIGRATION_LOCK = 0x1A6E5_0001
 _INDEX_WRITE_LOCK = 0x1A6E5_0002
+
+# Objects one store moves to or from the object store at once.
+OBJECT_TRANSFERS = 8
 
 # Text compares by code point, as SQLite's does, so orders are the same on both backends.
 _SQL_TYPES = {str: 'TEXT COLLATE "C"', int: "BIGINT", float: "DOUBLE PRECISION"}
@@ -243,8 +248,11 @@ class PostgresInstanceStore(InstanceStoreBase):
             raise
         self.db = PostgresDatabase(self.pool)
         self._write_lock = threading.Lock()
+        # Object uploads and downloads run here, several at once (boto3 is thread-safe).
+        self._transfers = ThreadPoolExecutor(OBJECT_TRANSFERS, thread_name_prefix="objects")
 
     def close(self) -> None:
+        self._transfers.shutdown(wait=True)
         self.pool.close()
 
     def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
@@ -298,8 +306,9 @@ class PostgresInstanceStore(InstanceStoreBase):
             uid = item.header.sop_instance_uid
             if uid not in known and uid not in fresh:
                 fresh[uid] = item
-        for item in fresh.values():  # durable in the object store before any row
-            self.objects.put(item.digest, item.tmp_path, item.size)
+        # Durable in the object store before any row; a batch's objects go up side by side.
+        uploads = [(i.digest, i.tmp_path, i.size) for i in fresh.values()]
+        list(self._transfers.map(lambda upload: self.objects.put(*upload), uploads))
         stored = self._index(list(fresh.values()), source) if fresh else set()
         for uid in stored:
             item = fresh[uid]
@@ -343,6 +352,13 @@ class PostgresInstanceStore(InstanceStoreBase):
         return stored
 
     # -- the index ---------------------------------------------------------------------
+
+    def _records(self, rows: Sequence[Any]) -> list[InstanceRecord]:
+        # The copies this daemon lacks (a study first read since start-up) come in
+        # side by side: one at a time, a study's objects would take a round trip each.
+        missing = {r["digest"] for r in rows if not self.cache_path(r["digest"]).exists()}
+        list(self._transfers.map(self.stored_path, sorted(missing)))
+        return super()._records(rows)
 
     def stored_path(self, digest: str) -> Path:
         """The verified local copy of an object, fetched if this daemon has none."""
