@@ -292,7 +292,50 @@ class PacsConfig(OutgoingTls, kw_only=True):
         return bool(self.ae_title or self.dicomweb_url)
 
 
+_MIB = 1024**2
+
+
+class ObjectStoreConfig(Table):
+    """[store.objects]: the S3-compatible object store of ``backend = "postgresql"``."""
+
+    # The store's URL (http:// or https://); empty: AWS S3 itself.
+    endpoint: str = ""
+    bucket: str = ""
+    region: str = "us-east-1"
+    # Prepended to every key (e.g. "imageshare/"), to share a bucket with other data.
+    prefix: str = ""
+    # The access key pair, in AWS's credentials-file format ([default] aws_access_key_id,
+    # aws_secret_access_key), mode 600; empty: AWS_ACCESS_KEY_ID and
+    # AWS_SECRET_ACCESS_KEY from the environment. Relative to the folder of node.toml.
+    credentials_file: str = ""
+    # Server-side encryption of each object: "" (the bucket's default), "AES256" (SSE-S3)
+    # or "aws:kms" (SSE-KMS, with kms_key_id or the account's default key).
+    server_side_encryption: Literal["", "AES256", "aws:kms"] = ""
+    kms_key_id: str = ""
+    # Instances larger than this go up in parts of part_bytes (S3: at least 5 MiB).
+    multipart_threshold_bytes: Annotated[int, msgspec.Meta(ge=5 * _MIB)] = 64 * _MIB
+    part_bytes: Annotated[int, msgspec.Meta(ge=5 * _MIB, le=5 * 1024 * _MIB)] = 16 * _MIB
+
+    def __post_init__(self) -> None:
+        if self.endpoint and not re.fullmatch(r"https?://[^/\s]+/?", self.endpoint):
+            raise ValueError("endpoint: must be an http:// or https:// URL without a path")
+        if self.bucket and not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", self.bucket):
+            raise ValueError("bucket: must be an S3 bucket name (3-63 of a-z, 0-9, '.', '-')")
+        if self.kms_key_id and self.server_side_encryption != "aws:kms":
+            raise ValueError('kms_key_id: applies only with server_side_encryption = "aws:kms"')
+
+
 class StoreConfig(Table):
+    # Where instances and their index live: "sqlite" (files on the data directory's disk,
+    # the index in SQLite: the embedded default) or "postgresql" (the index on a
+    # PostgreSQL server, the files in an S3-compatible object store: [store.objects]).
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
+    # The PostgreSQL server (libpq connection string or postgresql:// URI), without a
+    # password: that comes from a passfile (passfile= in it, or PGPASSFILE) or PGPASSWORD.
+    dsn: str = ""
+    # Connections the daemon keeps to PostgreSQL at most.
+    pool_size: Annotated[int, msgspec.Meta(ge=1, le=100)] = 8
+    objects: ObjectStoreConfig = msgspec.field(default_factory=ObjectStoreConfig)
     # Largest single DICOM instance accepted, in bytes.
     max_instance_bytes: PositiveInt = 1024**3
     # Most times a Deflated Explicit VR Little Endian dataset may inflate (past its first
@@ -300,6 +343,33 @@ class StoreConfig(Table):
     max_inflation_ratio: Annotated[float, msgspec.Meta(ge=1)] = 100.0
     # Instances written between two durable commits during bulk ingest.
     batch_size: PositiveInt = 64
+
+    def __post_init__(self) -> None:
+        if self.backend == "sqlite":
+            if self.dsn or self.objects.bucket:
+                raise ValueError('backend: dsn and [store.objects] need backend = "postgresql"')
+            return
+        if not self.dsn:
+            raise ValueError('dsn: backend = "postgresql" needs the PostgreSQL server\'s dsn')
+        if not self.objects.bucket:
+            raise ValueError('objects: backend = "postgresql" needs [store.objects] bucket')
+        _check_dsn(self.dsn)
+
+
+def _check_dsn(dsn: str) -> None:
+    """A PostgreSQL connection string that libpq can read and that holds no password (a
+    node.toml is no place for one); the message never repeats the string."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        parts = conninfo_to_dict(dsn)
+    except Exception:  # psycopg's ProgrammingError; its message quotes the string
+        raise ValueError("dsn: not a PostgreSQL connection string") from None
+    if parts.get("password"):
+        raise ValueError(
+            "dsn: must not hold the password; use a passfile (passfile= or PGPASSFILE)"
+            " or PGPASSWORD"
+        )
 
 
 class ConsentConfig(Table):
@@ -548,6 +618,10 @@ def load_config(path: Path | None = None) -> NodeConfig:
                 setattr(table, name, str(path.parent / getattr(table, name)))
     if config.alerts.smtp_credentials_file:
         config.alerts.smtp_credentials_file = str(path.parent / config.alerts.smtp_credentials_file)
+    if config.store.objects.credentials_file:
+        config.store.objects.credentials_file = str(
+            path.parent / config.store.objects.credentials_file
+        )
     if config.viewer.ohif_dir:
         config.viewer.ohif_dir = str(path.parent / config.viewer.ohif_dir)
     return config

@@ -58,7 +58,7 @@ class TestExampleConfig:
         for table in _all_tables(Table):
             for field in msgspec.structs.fields(table):
                 key = field.encode_name
-                shown = rf"^({key} = |\[{key}\]|\[\[([a-z]+\.)?{key}\]\])"
+                shown = rf"^({key} = |\[([a-z]+\.)?{key}\]|\[\[([a-z]+\.)?{key}\]\])"
                 assert re.search(shown, text, re.MULTILINE), f"{table.__name__}.{key}"
 
     def test_every_section_is_in_the_example(self) -> None:

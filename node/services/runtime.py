@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from node.config import NodeConfig, load_config
 from node.core.keys import NodeIdentity
 from node.services.audit_export import SecurityAuditExport
-from node.store.instances import SqliteInstanceStore
+from node.store.backends import open_instance_store
 from node.store.protocols import InstanceStore
 from node.store.secrets import read_secret, read_seed
 
@@ -223,9 +223,7 @@ def open_runtime(config: NodeConfig | Path | None = None) -> NodeRuntime:
         config = load_config(config)
     identity = NodeIdentity(config.origin, read_seed(config.key_path))
     admin_token = read_secret(config.admin_token_path).decode().strip()
-    store = SqliteInstanceStore(
-        config.data_dir, config.store.max_instance_bytes, config.store.max_inflation_ratio
-    )
+    store = open_instance_store(config)
     runtime = NodeRuntime(
         config=config,
         identity=identity,

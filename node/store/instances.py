@@ -43,6 +43,7 @@ from node.store.dicom_header import (
 )
 from node.store.off_loop import run_off_loop
 from node.store.queries import (
+    Database,
     Filter,
     Query,
     QueryResult,
@@ -223,7 +224,164 @@ MIGRATIONS: tuple[Migration, ...] = (
 )
 
 
-class SqliteInstanceStore:
+class InstanceStoreBase:
+    """What every backend does alike: staged files (``tmp_path``) and stored ones
+    (``InstanceRecord.path``, on local disk) read within the limits, and the index's
+    instance lookups over the backend's ``_rows``."""
+
+    inflate_limits: InflateLimits
+    _INSTANCE_ORDER = "series_instance_uid, instance_number, sop_instance_uid"
+
+    def stage(self, source: IO[bytes], declared_size: int | None = None) -> StagedInstance:
+        raise NotImplementedError
+
+    def _rows(self, sql: str, args: Sequence[Any]) -> list[Any]:
+        """The rows (by column name) of a statement with ``?`` placeholders."""
+        raise NotImplementedError
+
+    def _order(self, terms: str) -> str:
+        """ORDER BY terms in the backend's SQL (NULLs first when ascending, as SQLite)."""
+        return terms
+
+    def stored_path(self, digest: str) -> Path:
+        """The local file of an indexed instance's bytes."""
+        raise NotImplementedError
+
+    def _record(self, row: Any) -> InstanceRecord:
+        return InstanceRecord(
+            sop_instance_uid=row["sop_instance_uid"],
+            series_instance_uid=row["series_instance_uid"],
+            study_instance_uid=row["study_instance_uid"],
+            sop_class_uid=row["sop_class_uid"],
+            transfer_syntax_uid=row["transfer_syntax_uid"],
+            instance_number=row["instance_number"],
+            digest=row["digest"],
+            size=row["size"],
+            path=self.stored_path(row["digest"]),
+        )
+
+    def instances(
+        self,
+        study_uid: str,
+        series_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+    ) -> list[InstanceRecord]:
+        """Instances of a study (optionally one series, or one instance), in a stable order.
+
+        Raises NotFound when nothing matches.
+        """
+        sql = "SELECT * FROM instances WHERE study_instance_uid = ?"
+        args: list[str] = [study_uid]
+        if series_uid is not None:
+            sql += " AND series_instance_uid = ?"
+            args.append(series_uid)
+        if sop_instance_uid is not None:
+            sql += " AND sop_instance_uid = ?"
+            args.append(sop_instance_uid)
+        rows = self._rows(f"{sql} ORDER BY {self._order(self._INSTANCE_ORDER)}", args)
+        if not rows:
+            what = "instance" if sop_instance_uid else "series" if series_uid else "study"
+            raise NotFound(f"no such {what} on this node")
+        return self._records(rows)
+
+    def _records(self, rows: Sequence[Any]) -> list[InstanceRecord]:
+        return [self._record(r) for r in rows]
+
+    def instance(self, sop_instance_uid: str) -> InstanceRecord:
+        rows = self._rows("SELECT * FROM instances WHERE sop_instance_uid = ?", [sop_instance_uid])
+        if not rows:
+            raise NotFound("no such instance on this node")
+        return self._record(rows[0])
+
+    def _query_database(self) -> sqlite3.Connection | Database:
+        """Where the query engine (node/store/queries.py) runs this backend's queries."""
+        raise NotImplementedError
+
+    def search(self, query: Query) -> QueryResult:
+        return run_query(self._query_database(), query)
+
+    def instance_uids_matching(self, filters: Sequence[Filter]) -> list[str]:
+        return matching_instance_uids(self._query_database(), filters)
+
+    def study_list(self, page: StudyPage) -> tuple[int, list[dict[str, Any]]]:
+        return study_list(self._query_database(), page)
+
+    def patient_ids(self) -> list[str]:
+        rows = self._rows(
+            "SELECT DISTINCT patient_id FROM studies WHERE COALESCE(patient_id, '') != ''", []
+        )
+        return [r["patient_id"] for r in rows]
+
+    def studies_of_patient(
+        self, patient_id: str, unless_source_starts_with: str | None = None
+    ) -> list[str]:
+        sql = "SELECT study_instance_uid FROM studies WHERE patient_id = ?"
+        args: list[Any] = [patient_id]
+        if unless_source_starts_with is not None:
+            sql += " AND substr(COALESCE(source, ''), 1, ?) != ?"
+            args += [len(unless_source_starts_with), unless_source_starts_with]
+        order = self._order("study_date, study_instance_uid")
+        return [r["study_instance_uid"] for r in self._rows(f"{sql} ORDER BY {order}", args)]
+
+    def series_of_study(self, study_uid: str) -> list[IndexedSeries]:
+        order = self._order("series_number, series_instance_uid")
+        rows = self._rows(
+            "SELECT series_instance_uid, modality, series_description, series_number FROM series"
+            f" WHERE study_instance_uid = ? ORDER BY {order}",
+            [study_uid],
+        )
+        return [
+            IndexedSeries(
+                r["series_instance_uid"],
+                r["modality"] or "",
+                r["series_description"] or "",
+                r["series_number"],
+            )
+            for r in rows
+        ]
+
+    def stage_bytes(self, data: bytes) -> StagedInstance:
+        """Stage an instance already in memory (a DIMSE dataset, a small upload)."""
+        import io
+
+        return self.stage(io.BytesIO(data), declared_size=len(data))
+
+    def discard(self, staged: Iterable[StagedInstance]) -> None:
+        for item in staged:
+            item.tmp_path.unlink(missing_ok=True)
+
+    async def off_loop(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        # Each worker thread opens its own connections (a backend's ``reader`` or pool).
+        return await run_off_loop(call, *args, **kwargs)
+
+    def read_dataset(
+        self,
+        record: InstanceRecord,
+        defer_size: int | None = None,
+        stop_before_pixels: bool = False,
+    ) -> FileDataset:
+        """A stored instance as a pydicom dataset, a deflated one inflated within the limits.
+
+        A file stored before the limits held (or changed on disk) may not pass them: it is
+        then not served. Raises ImageShareError if the file is missing, unreadable, or
+        inflates past the instance limit or the ratio limit.
+        """
+        with _stored_file_errors(record):
+            return read_dataset(record.path, self.inflate_limits, defer_size, stop_before_pixels)
+
+    def read_to_pixels(self, record: InstanceRecord, defer_size: int) -> tuple[FileDataset, int]:
+        """A stored instance read up to its pixel data, and where that element starts in its
+        file; raises as ``read_dataset``."""
+        with _stored_file_errors(record):
+            return read_to_pixels(record.path, self.inflate_limits, defer_size)
+
+    def iter_file_chunks(self, record: InstanceRecord) -> Iterator[bytes]:
+        with open(record.path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                yield chunk
+
+
+class SqliteInstanceStore(InstanceStoreBase):
     """The node's instances: durable files plus their SQLite index (the embedded
     backend of ``node.store.protocols.InstanceStore``).
 
@@ -311,16 +469,6 @@ class SqliteInstanceStore:
         """Which of these SHA-256 digests (hex) belong to an indexed instance."""
         return _indexed_values(self.reader, "digest", digests)
 
-    def stage_bytes(self, data: bytes) -> StagedInstance:
-        """Stage an instance already in memory (a DIMSE dataset, a small upload)."""
-        import io
-
-        return self.stage(io.BytesIO(data), declared_size=len(data))
-
-    def discard(self, staged: Iterable[StagedInstance]) -> None:
-        for item in staged:
-            item.tmp_path.unlink(missing_ok=True)
-
     def object_path(self, digest: str) -> Path:
         return self.objects_dir / digest[:2] / f"{digest}.dcm"
 
@@ -396,9 +544,7 @@ class SqliteInstanceStore:
         conn.execute("BEGIN IMMEDIATE")
         try:
             for item in fresh:
-                h: dict[str, Any] = dict(item.header.values)
-                h.update(source=source, created_at=now, received_at=now)
-                h.update(digest=item.digest, size=item.size)
+                h = index_values(item, source, now)
                 for table in ("studies", "series", "instances"):
                     columns = list(SCHEMA[table]["columns"])
                     conn.execute(
@@ -418,52 +564,11 @@ class SqliteInstanceStore:
 
     # -- reads -------------------------------------------------------------------------
 
-    def _record(self, row: sqlite3.Row) -> InstanceRecord:
-        return InstanceRecord(
-            sop_instance_uid=row["sop_instance_uid"],
-            series_instance_uid=row["series_instance_uid"],
-            study_instance_uid=row["study_instance_uid"],
-            sop_class_uid=row["sop_class_uid"],
-            transfer_syntax_uid=row["transfer_syntax_uid"],
-            instance_number=row["instance_number"],
-            digest=row["digest"],
-            size=row["size"],
-            path=self.object_path(row["digest"]),
-        )
+    def _rows(self, sql: str, args: Sequence[Any]) -> list[Any]:
+        return self.reader.execute(sql, args).fetchall()
 
-    _INSTANCE_ORDER = " ORDER BY series_instance_uid, instance_number, sop_instance_uid"
-
-    def instances(
-        self,
-        study_uid: str,
-        series_uid: str | None = None,
-        sop_instance_uid: str | None = None,
-    ) -> list[InstanceRecord]:
-        """Instances of a study (optionally one series, or one instance), in a stable order.
-
-        Raises NotFound when nothing matches.
-        """
-        sql = "SELECT * FROM instances WHERE study_instance_uid = ?"
-        args: list[str] = [study_uid]
-        if series_uid is not None:
-            sql += " AND series_instance_uid = ?"
-            args.append(series_uid)
-        if sop_instance_uid is not None:
-            sql += " AND sop_instance_uid = ?"
-            args.append(sop_instance_uid)
-        rows = self.reader.execute(sql + self._INSTANCE_ORDER, args).fetchall()
-        if not rows:
-            what = "instance" if sop_instance_uid else "series" if series_uid else "study"
-            raise NotFound(f"no such {what} on this node")
-        return [self._record(r) for r in rows]
-
-    def instance(self, sop_instance_uid: str) -> InstanceRecord:
-        row = self.reader.execute(
-            "SELECT * FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
-        ).fetchone()
-        if row is None:
-            raise NotFound("no such instance on this node")
-        return self._record(row)
+    def stored_path(self, digest: str) -> Path:
+        return self.object_path(digest)
 
     def has_instance(self, sop_instance_uid: str) -> bool:
         row = self.reader.execute(
@@ -481,31 +586,6 @@ class SqliteInstanceStore:
 
     def study_uids(self) -> list[str]:
         return [r[0] for r in self.reader.execute("SELECT study_instance_uid FROM studies")]
-
-    def patient_ids(self) -> list[str]:
-        rows = self.reader.execute(
-            "SELECT DISTINCT patient_id FROM studies WHERE COALESCE(patient_id, '') != ''"
-        )
-        return [r[0] for r in rows]
-
-    def studies_of_patient(
-        self, patient_id: str, unless_source_starts_with: str | None = None
-    ) -> list[str]:
-        sql = "SELECT study_instance_uid FROM studies WHERE patient_id = ?"
-        args: list[Any] = [patient_id]
-        if unless_source_starts_with is not None:
-            sql += " AND substr(COALESCE(source, ''), 1, ?) != ?"
-            args += [len(unless_source_starts_with), unless_source_starts_with]
-        rows = self.reader.execute(sql + " ORDER BY study_date, study_instance_uid", args)
-        return [r[0] for r in rows]
-
-    def series_of_study(self, study_uid: str) -> list[IndexedSeries]:
-        rows = self.reader.execute(
-            "SELECT series_instance_uid, modality, series_description, series_number FROM series"
-            " WHERE study_instance_uid = ? ORDER BY series_number, series_instance_uid",
-            (study_uid,),
-        )
-        return [IndexedSeries(r[0], r[1] or "", r[2] or "", r[3]) for r in rows]
 
     def instance_count(self, study_uid: str) -> int:
         row = self.reader.execute(
@@ -535,18 +615,8 @@ class SqliteInstanceStore:
         )
         return [Arrival(r[0], r[1], r[2]) for r in rows]
 
-    def search(self, query: Query) -> QueryResult:
-        return run_query(self.reader, query)
-
-    def instance_uids_matching(self, filters: Sequence[Filter]) -> list[str]:
-        return matching_instance_uids(self.reader, filters)
-
-    def study_list(self, page: StudyPage) -> tuple[int, list[dict[str, Any]]]:
-        return study_list(self.reader, page)
-
-    async def off_loop(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        # Each worker thread opens its own read connection (``reader``).
-        return await run_off_loop(call, *args, **kwargs)
+    def _query_database(self) -> sqlite3.Connection:
+        return self.reader
 
     def counts(self) -> dict[str, int]:
         conn = self.reader
@@ -562,32 +632,6 @@ class SqliteInstanceStore:
             self._writer.execute(
                 "UPDATE studies SET source = ? WHERE study_instance_uid = ?", (source, study_uid)
             )
-
-    def read_dataset(
-        self,
-        record: InstanceRecord,
-        defer_size: int | None = None,
-        stop_before_pixels: bool = False,
-    ) -> FileDataset:
-        """A stored instance as a pydicom dataset, a deflated one inflated within the limits.
-
-        A file stored before the limits held (or changed on disk) may not pass them: it is
-        then not served. Raises ImageShareError if the file is missing, unreadable, or
-        inflates past the instance limit or the ratio limit.
-        """
-        with _stored_file_errors(record):
-            return read_dataset(record.path, self.inflate_limits, defer_size, stop_before_pixels)
-
-    def read_to_pixels(self, record: InstanceRecord, defer_size: int) -> tuple[FileDataset, int]:
-        """A stored instance read up to its pixel data, and where that element starts in its
-        file; raises as ``read_dataset``."""
-        with _stored_file_errors(record):
-            return read_to_pixels(record.path, self.inflate_limits, defer_size)
-
-    def iter_file_chunks(self, record: InstanceRecord) -> Iterator[bytes]:
-        with open(record.path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                yield chunk
 
 
 class StagingFile:
@@ -677,6 +721,14 @@ def _chunks(values: Sequence[str]) -> Iterator[list[str]]:
         yield list(values[start : start + _IN_LIST_LIMIT])
 
 
+def index_values(item: StagedInstance, source: str, now: float) -> dict[str, Any]:
+    """The values of a staged instance's index rows, by column name (SCHEMA)."""
+    values: dict[str, Any] = dict(item.header.values)
+    values.update(source=source, created_at=now, received_at=now)
+    values.update(digest=item.digest, size=item.size)
+    return values
+
+
 def _result(item: StagedInstance, outcome: Outcome) -> IngestResult:
     h = item.header
     return IngestResult(
@@ -696,6 +748,7 @@ __all__ = [
     "IndexedSeries",
     "IngestResult",
     "InstanceRecord",
+    "InstanceStoreBase",
     "Outcome",
     "SqliteInstanceStore",
     "StagedInstance",

@@ -1,4 +1,8 @@
-"""The one DICOM query engine over the SQLite index: QIDO-RS, C-FIND and the study list.
+"""The one DICOM query engine over the index: QIDO-RS, C-FIND and the study list.
+
+The index is SQLite (the embedded default) or a ``Database`` such as PostgreSQL
+(node/store/postgres.py): one compiler writes the SQL for both, so the matching rules
+and the orders below hold alike on each.
 
 A query is a ``Query``: a level, filters on the attributes of node/store/attributes.py,
 the attributes to return and paging. Thin front ends build one: ``parse_qido`` from
@@ -29,7 +33,7 @@ import re
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -91,6 +95,52 @@ class Query:
     # QIDO-RS keys that were not matched (unknown, or not matchable here), in the order
     # given: the answer names them in a Warning.
     ignored: list[str] = field(default_factory=list)
+
+
+class Database(Protocol):
+    """A database server the engine's SQL runs on besides SQLite. Its schema provides
+    instr(), group_concat(DISTINCT ...) and imageshare_fold() as SQLite has them, and
+    text that compares as SQLite's does (by code point); what it spells otherwise is
+    here."""
+
+    def wildcard(self, sql: str, pattern: str) -> tuple[str, str]:
+        """A condition matching ``sql`` against a DICOM pattern (``*`` and ``?``), with
+        one placeholder, and the argument for it."""
+        ...
+
+    def order(self, terms: str) -> str:
+        """ORDER BY ``terms`` with empty (NULL) values placed where SQLite places them:
+        first when ascending, last when descending."""
+        ...
+
+    def fetch(self, sql: str, args: Sequence[Any]) -> list[dict[str, Any]]:
+        """The rows of a statement with ``?`` placeholders; BadInput when the database
+        cannot answer it (too many values or terms)."""
+        ...
+
+
+class _Sqlite:
+    """An SQLite connection as a Database: the engine's SQL is SQLite's own."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def wildcard(self, sql: str, pattern: str) -> tuple[str, str]:
+        return f"{sql} GLOB ?", _glob(pattern)
+
+    def order(self, terms: str) -> str:
+        return terms
+
+    def fetch(self, sql: str, args: Sequence[Any]) -> list[Any]:
+        self.conn.create_function(_FOLD, 1, _fold, deterministic=True)
+        try:
+            return self.conn.execute(sql, args).fetchall()
+        except sqlite3.OperationalError as exc:  # too many values or terms for SQLite
+            raise BadInput(f"query cannot be answered: {exc}") from exc
+
+
+def _database(conn: sqlite3.Connection | Database) -> Database:
+    return _Sqlite(conn) if isinstance(conn, sqlite3.Connection) else conn
 
 
 @dataclass(frozen=True)
@@ -286,15 +336,17 @@ def _fold(value: str | int | float | None) -> str | int | float | None:
     return value.lower() if isinstance(value, str) else value
 
 
-def _text_condition(sql: str, kind: Match, values: tuple[str, ...]) -> tuple[str, list[Any]]:
+def _text_condition(
+    db: Database, sql: str, kind: Match, values: tuple[str, ...]
+) -> tuple[str, list[Any]]:
     if kind is Match.PERSON_NAME:
         sql, values = f"{_FOLD}({sql})", tuple(v.lower() for v in values)
     exact = [v for v in values if "*" not in v and "?" not in v]
-    patterns = [_glob(v) for v in values if v not in exact]
-    parts = [f"{sql} GLOB ?" for _ in patterns]
+    wildcards = [db.wildcard(sql, v) for v in values if v not in exact]
+    parts = [condition for condition, _ in wildcards]
     if exact:
         parts.append(f"{sql} IN ({','.join('?' * len(exact))})")
-    return "(" + " OR ".join(parts) + ")", [*patterns, *exact]
+    return "(" + " OR ".join(parts) + ")", [*(arg for _, arg in wildcards), *exact]
 
 
 def _range_condition(sql: str, value: str) -> tuple[str, list[Any]]:
@@ -313,7 +365,7 @@ def _range_condition(sql: str, value: str) -> tuple[str, list[Any]]:
     return "(" + " AND ".join(parts) + ")", args
 
 
-def _condition(flt: Filter) -> tuple[str, list[Any]]:
+def _condition(db: Database, flt: Filter) -> tuple[str, list[Any]]:
     sql, kind, values = flt.attribute.sql, flt.attribute.match, flt.values
     if kind is Match.UID:
         return f"{sql} IN ({','.join('?' * len(values))})", list(values)
@@ -326,13 +378,13 @@ def _condition(flt: Filter) -> tuple[str, list[Any]]:
             [a for _, args in conditions for a in args],
         )
     if kind is Match.MODALITIES_IN_STUDY:
-        inner, args = _text_condition("m.modality", Match.CODE, values)
+        inner, args = _text_condition(db, "m.modality", Match.CODE, values)
         return (
             "EXISTS (SELECT 1 FROM series m"
             f" WHERE m.study_instance_uid = st.study_instance_uid AND {inner})",
             args,
         )
-    return _text_condition(sql, kind, values)
+    return _text_condition(db, sql, kind, values)
 
 
 def _words_condition(search: WordSearch) -> tuple[str, list[Any]]:
@@ -356,17 +408,18 @@ _FROM = {
     ),
 }
 _ORDER = {
-    Level.PATIENT: " GROUP BY st.patient_id ORDER BY st.patient_id",
-    Level.STUDY: " ORDER BY st.study_date, st.study_time, st.study_instance_uid",
-    Level.SERIES: " ORDER BY st.study_instance_uid, se.series_number, se.series_instance_uid",
-    Level.INSTANCE: " ORDER BY se.series_instance_uid, i.instance_number, i.sop_instance_uid",
+    Level.PATIENT: "st.patient_id",
+    Level.STUDY: "st.study_date, st.study_time, st.study_instance_uid",
+    Level.SERIES: "st.study_instance_uid, se.series_number, se.series_instance_uid",
+    Level.INSTANCE: "se.series_instance_uid, i.instance_number, i.sop_instance_uid",
 }
 
 
 def compile_query(
-    query: Query, extra_columns: Sequence[str] = (), order: str | None = None
+    db: Database, query: Query, extra_columns: Sequence[str] = (), order: str | None = None
 ) -> tuple[str, list[Any]]:
-    """The SQL statement (without LIMIT) and its arguments that answer ``query``.
+    """The SQL statement (without LIMIT) and its arguments that answer ``query``, in the
+    SQL of ``db``.
 
     ``extra_columns`` adds store columns that are no DICOM attribute (the study list's
     arrival time and origin); ``order`` replaces the level's stable order.
@@ -381,7 +434,7 @@ def compile_query(
     where: list[str] = []
     args: list[Any] = []
     for flt in query.filters:
-        condition, condition_args = _condition(flt)
+        condition, condition_args = _condition(db, flt)
         where.append(condition)
         args += condition_args
     if query.words is not None and query.words.words:
@@ -391,23 +444,14 @@ def compile_query(
     sql = f"SELECT {select} FROM {_FROM[query.level]}"
     if where:
         sql += " WHERE " + " AND ".join(where)
-    if order is None:
-        sql += _ORDER[query.level]
-    else:
-        sql += (" GROUP BY st.patient_id" if grouped else "") + f" ORDER BY {order}"
+    if grouped:
+        sql += " GROUP BY st.patient_id"
+    sql += " ORDER BY " + db.order(_ORDER[query.level] if order is None else order)
     return sql, args
 
 
-def _execute(conn: sqlite3.Connection, sql: str, args: Sequence[Any]) -> list[sqlite3.Row]:
-    conn.create_function(_FOLD, 1, _fold, deterministic=True)
-    try:
-        return conn.execute(sql, args).fetchall()
-    except sqlite3.OperationalError as exc:  # too many values or terms for SQLite
-        raise BadInput(f"query cannot be answered: {exc}") from exc
-
-
 def run_query(
-    conn: sqlite3.Connection,
+    conn: sqlite3.Connection | Database,
     query: Query,
     extra_columns: Sequence[str] = (),
     order: str | None = None,
@@ -416,12 +460,13 @@ def run_query(
     (ModalitiesInStudy as a sorted list) and extra columns: at most the query's limit and
     at most MAX_RESULTS of them, and whether more match than that.
 
-    Raises BadInput when SQLite cannot run the query (too many values).
+    Raises BadInput when the database cannot run the query (too many values).
     """
-    sql, args = compile_query(query, extra_columns, order)
+    db = _database(conn)
+    sql, args = compile_query(db, query, extra_columns, order)
     page = MAX_RESULTS if query.limit is None else min(query.limit, MAX_RESULTS)
     # One row more than the page tells whether more match (PS3.18 8.3.4.4).
-    rows = _execute(conn, sql + " LIMIT ? OFFSET ?", [*args, page + 1, query.offset])
+    rows = db.fetch(sql + " LIMIT ? OFFSET ?", [*args, page + 1, query.offset])
     result = []
     for row in rows[:page]:
         record = dict(row)
@@ -432,20 +477,24 @@ def run_query(
     return QueryResult(result, truncated=len(rows) > page)
 
 
-def count_matches(conn: sqlite3.Connection, query: Query) -> int:
+def count_matches(conn: sqlite3.Connection | Database, query: Query) -> int:
     """How many entities of the query's level match it, regardless of paging and cap."""
-    sql, args = compile_query(Query(query.level, query.filters, [], query.words))
-    return int(_execute(conn, f"SELECT COUNT(*) FROM ({sql})", args)[0][0])
+    db = _database(conn)
+    sql, args = compile_query(db, Query(query.level, query.filters, [], query.words))
+    return int(db.fetch(f"SELECT COUNT(*) AS n FROM ({sql}) AS matched", args)[0]["n"])
 
 
-def matching_instance_uids(conn: sqlite3.Connection, filters: Sequence[Filter]) -> list[str]:
+def matching_instance_uids(
+    conn: sqlite3.Connection | Database, filters: Sequence[Filter]
+) -> list[str]:
     """The SOP Instance UIDs of every instance the filters match, in the stable order.
 
     Not capped: a retrieve sends every instance it names.
     """
     query = Query(Level.INSTANCE, list(filters), [BY_KEYWORD["SOPInstanceUID"]])
-    sql, args = compile_query(query)
-    return [row[0] for row in _execute(conn, sql, args)]
+    db = _database(conn)
+    sql, args = compile_query(db, query)
+    return [row["SOPInstanceUID"] for row in db.fetch(sql, args)]
 
 
 # -- the dashboard's study list front end ----------------------------------------------------
@@ -506,7 +555,9 @@ class StudyPage:
     order: str = "arrival"
 
 
-def study_list(conn: sqlite3.Connection, page: StudyPage) -> tuple[int, list[dict[str, Any]]]:
+def study_list(
+    conn: sqlite3.Connection | Database, page: StudyPage
+) -> tuple[int, list[dict[str, Any]]]:
     """The dashboard's study list: how many studies match, and the page asked, each with
     where it came from and its size.
 

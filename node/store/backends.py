@@ -1,0 +1,41 @@
+"""The instance store a node.toml asks for ([store] backend): the one place it is chosen."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from node.config import NodeConfig
+from node.store.instances import SqliteInstanceStore
+from node.store.protocols import InstanceStore
+
+
+def open_instance_store(config: NodeConfig) -> InstanceStore:
+    """The embedded store (files and SQLite in the data directory), or PostgreSQL and an
+    S3-compatible object store; ConfigError if the servers cannot be reached."""
+    store = config.store
+    if store.backend == "sqlite":
+        return SqliteInstanceStore(
+            config.data_dir, store.max_instance_bytes, store.max_inflation_ratio
+        )
+    from node.store.objects import ObjectStoreSettings, S3Objects
+    from node.store.postgres import PostgresInstanceStore, PostgresSettings
+
+    objects = store.objects
+    settings = ObjectStoreSettings(
+        endpoint=objects.endpoint,
+        bucket=objects.bucket,
+        region=objects.region,
+        prefix=objects.prefix,
+        credentials_file=Path(objects.credentials_file) if objects.credentials_file else None,
+        server_side_encryption=objects.server_side_encryption,
+        kms_key_id=objects.kms_key_id,
+        multipart_threshold_bytes=objects.multipart_threshold_bytes,
+        part_bytes=objects.part_bytes,
+    )
+    return PostgresInstanceStore(
+        config.data_dir,
+        PostgresSettings(store.dsn, store.pool_size),
+        S3Objects(settings),
+        store.max_instance_bytes,
+        store.max_inflation_ratio,
+    )
