@@ -76,6 +76,9 @@ TRIAL_COMPRESSION_SHARE = 0.2
 # delivered, not what it took. A window shorter than RATE_MIN_SECONDS decides nothing.
 BACKLOG_GROWTH_BYTES = 256 * 1024
 RATE_MIN_SECONDS = 0.05
+# A raw trial ends early, after 2 blocks, once raw moved under this share of what
+# compression did: on a link that limits the stream it loses the whole ratio (2-3x).
+TRIAL_GIVE_UP = 0.5
 # Every this many probes, all offered codecs are tried again, not just the last winner.
 REPROBE_EVERY = 16
 
@@ -189,11 +192,12 @@ class LinkCompression:
     window's time (when the connection can tell: ``unacknowledged``, from the kernel's
     send queue). When the sender's own work is the bottleneck, it hardly waits, the
     rate looks high and compression is turned off, which is right: then it would only
-    cost the sender time. Where the link is fast enough for level 1 (from SLOW_LINK up:
-    below, compression surely pays and a raw trial would cost most), the stream tries a
-    few blocks uncompressed once and keeps whichever moved more instance bytes per second:
-    a receiver that shares the sender's CPU, or is slower than the link, gains nothing
-    from compression, and the rate alone cannot tell such a receiver from a slow link.
+    cost the sender time. Unless the link is very slow (level 6's range, where
+    compression surely pays and a raw trial would cost most), the stream tries a few
+    blocks uncompressed once (fewer when raw is soon clearly behind: TRIAL_GIVE_UP)
+    and keeps whichever moved more instance bytes per second: a receiver that shares
+    the sender's CPU, or is slower than the link, gains nothing from compression, and
+    the rate alone cannot tell such a receiver from a slow link.
     The trial is skipped when compressing took a small share of the time
     (TRIAL_COMPRESSION_SHARE): then raw could not gain much even from a receiver on the
     same CPU. ``level`` 0 is off. Starts at level 3: a fast link is recognised within
@@ -224,11 +228,14 @@ class LinkCompression:
         block = _Written(wire, raw, waited, at, compressing, unacknowledged)
         if self._trial is not None:
             self._trial.append(block)
-            if len(self._trial) > RATE_WINDOW_BLOCKS:  # the first one was already compressed
-                raw_wins = _raw_rate(self._trial[1:]) > self._compressed_rate
-                self.level = LEVEL_OFF if raw_wins else self._resume_level
-                self._trial = None
-                self._recent.clear()
+            if len(self._trial) > 2:  # the first one was compressed: it marks the start
+                raw_rate = _raw_rate(self._trial[1:])
+                lost = raw_rate < TRIAL_GIVE_UP * self._compressed_rate
+                if lost or len(self._trial) > RATE_WINDOW_BLOCKS:
+                    raw_wins = raw_rate > self._compressed_rate
+                    self.level = LEVEL_OFF if raw_wins else self._resume_level
+                    self._trial = None
+                    self._recent.clear()
             return
         self._recent.append(block)
         if self.written < RATE_WARMUP_BYTES or len(self._recent) < RATE_WINDOW_BLOCKS:
@@ -237,7 +244,7 @@ class LinkCompression:
         if rate is None:
             return
         level = level_for_rate(rate, self.level)
-        if level == LEVEL_FAST and not self._tried:
+        if level in (LEVEL_FAST, LEVEL_SLOW_LINK) and not self._tried:
             self._tried = True
             if _compressing_share(self._recent) < TRIAL_COMPRESSION_SHARE:
                 self.level = level
