@@ -30,22 +30,16 @@ def _stream_over(
     blocks: int = 8,
     ratio: float = 2.0,
     raw_rate: float | None = None,
-    compressing_share: float = 0.5,
-    levels: list[int] | None = None,
 ) -> LinkCompression:
     """A stream whose connection took each compressed 1 MiB block at ``rate`` bytes per
-    second, each carrying ``ratio`` MiB of instance data and compressed in
-    ``compressing_share`` of its time, and each raw block at ``raw_rate`` (default:
-    ``rate``); the level after each block goes to ``levels``."""
+    second, each carrying ``ratio`` MiB of instance data, and each raw block at
+    ``raw_rate`` (default: ``rate``)."""
     link = LinkCompression()
     now = 0.0
     for _ in range(blocks):
         seconds = BLOCK / (rate if link.level or raw_rate is None else raw_rate)
         now += seconds
-        compressing = compressing_share * seconds if link.level else 0.0
-        link.wrote(BLOCK, int(BLOCK * (ratio if link.level else 1)), seconds, now, compressing)
-        if levels is not None:
-            levels.append(link.level)
+        link.wrote(BLOCK, int(BLOCK * (ratio if link.level else 1)), seconds, now)
     return link
 
 
@@ -65,26 +59,6 @@ class TestLevelForTheLink:
         # (44 of instances), raw ones at 60: compression does not pay.
         assert _stream_over(40e6, 16, ratio=1.1, raw_rate=60e6).level == LEVEL_OFF
 
-    def test_a_link_much_slower_than_the_compressor_skips_the_raw_trial(self) -> None:
-        # 30 MB/s, compressed 3x, compressing in 15% of the time: raw could gain little
-        # even from a receiver on the same CPU.
-        levels: list[int] = []
-        _stream_over(30e6, 16, ratio=3.0, compressing_share=0.15, levels=levels)
-        assert LEVEL_OFF not in levels
-
-    def test_a_raw_trial_that_clearly_loses_ends_after_two_blocks(self) -> None:
-        # 100 Mbit/s with a busy compressor: the trial runs, and raw at a third of what
-        # compression moved is given up after 2 blocks instead of 4.
-        levels: list[int] = []
-        _stream_over(12.5e6, 16, ratio=3.0, compressing_share=0.9, levels=levels)
-        # Off for 3 blocks: the one already compressed when the trial began, 2 raw.
-        assert levels.count(LEVEL_OFF) == 3 and levels[-1] != LEVEL_OFF
-
-    def test_a_busy_compressor_on_a_fast_link_still_tries_raw(self) -> None:
-        levels: list[int] = []
-        _stream_over(30e6, 16, ratio=3.0, compressing_share=0.5, levels=levels)
-        assert LEVEL_OFF in levels
-
     def test_while_socket_buffers_fill_the_link_is_judged_by_what_it_acknowledged(
         self,
     ) -> None:
@@ -94,11 +68,11 @@ class TestLevelForTheLink:
         link, unacknowledged = LinkCompression(), 0
         for n in range(1, 9):
             unacknowledged += BLOCK - 250_000
-            link.wrote(BLOCK, 3 * BLOCK, 0.0, 0.1 * n, 0.001, unacknowledged)
+            link.wrote(BLOCK, 3 * BLOCK, 0.0, 0.1 * n, unacknowledged)
         assert link.level == LEVEL_VERY_SLOW_LINK
         steady = LinkCompression()
         for n in range(1, 9):
-            steady.wrote(BLOCK, 3 * BLOCK, 0.0, 0.1 * n, 0.001, 300_000)
+            steady.wrote(BLOCK, 3 * BLOCK, 0.0, 0.1 * n, 300_000)
         assert steady.level == LEVEL_OFF
 
     def test_a_sender_that_never_waits_turns_compression_off(self) -> None:

@@ -65,20 +65,12 @@ LEVEL_VERY_SLOW_LINK = 6
 # many bytes have been written (before, socket buffers take bytes faster than the link).
 RATE_WINDOW_BLOCKS = 4
 RATE_WARMUP_BYTES = 2 * 1024 * 1024
-# The raw trial is skipped when compressing took less than this share of the window's
-# time: sending raw could then gain at most 1 / (1 - share) (25%), and only if all of
-# that CPU time was taken from the receiver, while on a link that limits it, raw loses
-# the whole ratio.
-TRIAL_COMPRESSION_SHARE = 0.2
 # The connection fell behind what was written when the bytes it has not acknowledged
 # grew by this much over the window: its socket buffers were filling (the start of a
 # stream on a slow link, where writes do not wait yet), so its pace is what it
 # delivered, not what it took. A window shorter than RATE_MIN_SECONDS decides nothing.
 BACKLOG_GROWTH_BYTES = 256 * 1024
 RATE_MIN_SECONDS = 0.05
-# A raw trial ends early, after 2 blocks, once raw moved under this share of what
-# compression did: on a link that limits the stream it loses the whole ratio (2-3x).
-TRIAL_GIVE_UP = 0.5
 # Every this many probes, all offered codecs are tried again, not just the last winner.
 REPROBE_EVERY = 16
 
@@ -170,7 +162,6 @@ class _Written:
     raw: int  # instance bytes they carry
     waited: float  # seconds the sender waited for the connection to take them
     at: float  # when it had (monotonic seconds)
-    compressing: float  # seconds spent compressing them
     unacknowledged: int | None  # bytes written that the peer had not acknowledged then
 
 
@@ -185,7 +176,7 @@ def _raw_rate(window: Iterable[_Written]) -> float:
 class LinkCompression:
     """The compression level for a stream, from the rate its connection takes bytes.
 
-    Call ``wrote(wire, raw, waited, at, compressing, unacknowledged)`` after each block
+    Call ``wrote(wire, raw, waited, at, unacknowledged)`` after each block
     the connection accepted. Wire bytes over waiting time is the rate of the link (or of
     the receiver) when it is the bottleneck, once the socket buffers are full; while
     they fill, writes do not wait, and the rate is what the peer acknowledged over the
@@ -194,13 +185,10 @@ class LinkCompression:
     rate looks high and compression is turned off, which is right: then it would only
     cost the sender time. Unless the link is very slow (level 6's range, where
     compression surely pays and a raw trial would cost most), the stream tries a few
-    blocks uncompressed once (fewer when raw is soon clearly behind: TRIAL_GIVE_UP)
-    and keeps whichever moved more instance bytes per second: a receiver that shares
-    the sender's CPU, or is slower than the link, gains nothing from compression, and
-    the rate alone cannot tell such a receiver from a slow link.
-    The trial is skipped when compressing took a small share of the time
-    (TRIAL_COMPRESSION_SHARE): then raw could not gain much even from a receiver on the
-    same CPU. ``level`` 0 is off. Starts at level 3: a fast link is recognised within
+    blocks uncompressed once and keeps whichever moved more instance bytes per second:
+    a receiver that shares the sender's CPU, or is slower than the link, gains nothing
+    from compression, and the rate alone cannot tell such a receiver from a slow link.
+    ``level`` 0 is off. Starts at level 3: a fast link is recognised within
     the first few MB, where compressing costs little, while a slow one would pay for
     every raw byte.
     """
@@ -221,21 +209,17 @@ class LinkCompression:
         raw: int,
         waited: float,
         at: float,
-        compressing: float = 0.0,
         unacknowledged: int | None = None,
     ) -> None:
         self.written += wire
-        block = _Written(wire, raw, waited, at, compressing, unacknowledged)
+        block = _Written(wire, raw, waited, at, unacknowledged)
         if self._trial is not None:
             self._trial.append(block)
-            if len(self._trial) > 2:  # the first one was compressed: it marks the start
-                raw_rate = _raw_rate(self._trial[1:])
-                lost = raw_rate < TRIAL_GIVE_UP * self._compressed_rate
-                if lost or len(self._trial) > RATE_WINDOW_BLOCKS:
-                    raw_wins = raw_rate > self._compressed_rate
-                    self.level = LEVEL_OFF if raw_wins else self._resume_level
-                    self._trial = None
-                    self._recent.clear()
+            if len(self._trial) > RATE_WINDOW_BLOCKS:  # the first one was already compressed
+                raw_wins = _raw_rate(self._trial[1:]) > self._compressed_rate
+                self.level = LEVEL_OFF if raw_wins else self._resume_level
+                self._trial = None
+                self._recent.clear()
             return
         self._recent.append(block)
         if self.written < RATE_WARMUP_BYTES or len(self._recent) < RATE_WINDOW_BLOCKS:
@@ -246,9 +230,6 @@ class LinkCompression:
         level = level_for_rate(rate, self.level)
         if level in (LEVEL_FAST, LEVEL_SLOW_LINK) and not self._tried:
             self._tried = True
-            if _compressing_share(self._recent) < TRIAL_COMPRESSION_SHARE:
-                self.level = level
-                return
             self._compressed_rate = _raw_rate(self._recent)
             self._resume_level, self._trial, level = level, [], LEVEL_OFF
         self.level = level
@@ -270,14 +251,6 @@ def _link_rate(window: Iterable[_Written]) -> float | None:
         return (sum(w.wire for w in blocks[1:]) - growth) / elapsed
     waiting = sum(w.waited for w in blocks)
     return sum(w.wire for w in blocks) / waiting if waiting > 0 else float("inf")
-
-
-def _compressing_share(window: Iterable[_Written]) -> float:
-    """The share of a window's time spent compressing (its first block marks the start)."""
-    blocks = list(window)
-    elapsed = blocks[-1].at - blocks[0].at
-    spent = sum(w.compressing for w in blocks[1:])
-    return spent / elapsed if elapsed > 0 else 1.0
 
 
 def level_for_rate(rate: float, current: int) -> int:

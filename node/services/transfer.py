@@ -231,7 +231,6 @@ class _Block:
     data: bytes
     completed: list[StreamedInstance]
     raw: int  # instance bytes it carries
-    compressing: float  # seconds spent compressing its pieces
 
 
 # -- grantee side ------------------------------------------------------------------------
@@ -596,7 +595,6 @@ class TransferService:
                         block.raw,
                         done - write_started,
                         done,
-                        block.compressing,
                         unacknowledged(),
                     )
                 progress.bytes_sent += len(block.data)
@@ -669,7 +667,7 @@ class TransferService:
         encryptor = StreamEncryptor(session.keys.instances)
         compressor = PieceCompressor(codecs) if compression is not None else None
         parts = [encryptor.header]
-        buffered, raw, compressing = len(encryptor.header), 0, 0.0
+        buffered, raw = len(encryptor.header), 0
         completed: list[StreamedInstance] = []
         for handle in handles:
             entry = manifest.instances[handle]
@@ -686,14 +684,12 @@ class TransferService:
                     raw += len(chunk)
                     message = DATA + chunk
                     if level and compressor is not None:
-                        started = time.perf_counter()
                         if codec is None:
                             probed = compressor.probe(chunk, level)
                             compress = probed is not None
                             codec, frame = probed if probed is not None else (None, None)
                         else:
                             frame = compressor.compress(chunk, level, codec)
-                        compressing += time.perf_counter() - started
                         if codec is not None and frame is not None:
                             message = CODEC_MESSAGES[codec] + frame
                     framed = encryptor.push(message)
@@ -703,12 +699,12 @@ class TransferService:
                         study = manifest.studies[entry.study]
                         completed.append(StreamedInstance(study, entry.digest, entry.size))
                     if buffered >= BLOCK_BYTES:
-                        yield _Block(b"".join(parts), completed, raw, compressing)
-                        parts, buffered, completed, raw, compressing = [], 0, [], 0, 0.0
+                        yield _Block(b"".join(parts), completed, raw)
+                        parts, buffered, completed, raw = [], 0, [], 0
             if entry.size == 0:
                 completed.append(StreamedInstance(manifest.studies[entry.study], entry.digest, 0))
         parts.append(encryptor.push(end_message(len(handles)), final=True))
-        yield _Block(b"".join(parts), completed, raw, compressing)
+        yield _Block(b"".join(parts), completed, raw)
 
     def _remember_outgoing(self, progress: OutgoingProgress) -> None:
         self.outgoing[progress.stream_id] = progress
