@@ -10,7 +10,7 @@ import pytest
 
 from node.core.wire_compression import (
     LEVEL_OFF,
-    LEVEL_VERY_SLOW_LINK,
+    LEVEL_SLOW_LINK,
     ZSTD,
     ZSTD_SHUFFLE,
     LinkCompression,
@@ -48,9 +48,15 @@ class TestLevelForTheLink:
         assert _stream_over(500e6).level == LEVEL_OFF
         assert _stream_over(100e6).level == LEVEL_OFF
 
-    def test_slower_links_get_stronger_compression(self) -> None:
+    def test_slower_links_get_stronger_compression_up_to_level_3(self) -> None:
         levels = [_stream_over(rate, 20).level for rate in (40e6, 12.5e6, 2.5e6)]
-        assert LEVEL_OFF < levels[0] < levels[1] < levels[2]
+        assert LEVEL_OFF < levels[0] < levels[1] == levels[2] == LEVEL_SLOW_LINK
+
+    def test_a_very_slow_link_never_tries_raw(self) -> None:
+        link = LinkCompression()
+        for n in range(1, 17):
+            link.wrote(BLOCK, 3 * BLOCK, BLOCK / 2.5e6, n * BLOCK / 2.5e6)
+            assert link.level == LEVEL_SLOW_LINK
 
     def test_a_fast_link_tries_raw_and_keeps_it_where_it_moves_more(self) -> None:
         # A link of 40 MB/s: compressed 2x, 80 MB/s of instances against 40 raw.
@@ -69,7 +75,7 @@ class TestLevelForTheLink:
         for n in range(1, 9):
             unacknowledged += BLOCK - 250_000
             link.wrote(BLOCK, 3 * BLOCK, 0.0, 0.1 * n, unacknowledged)
-        assert link.level == LEVEL_VERY_SLOW_LINK
+        assert link.level == LEVEL_SLOW_LINK
         steady = LinkCompression()
         for n in range(1, 9):
             steady.wrote(BLOCK, 3 * BLOCK, 0.0, 0.1 * n, 300_000)

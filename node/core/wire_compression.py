@@ -49,10 +49,11 @@ WORTH_SENDING = 0.9
 # under MAX_MESSAGE so that a piece that does not shrink still fits a raw message.
 PIECE_BYTES = MAX_MESSAGE - 1024
 # Levels by the link's measured rate (wire bytes per second): off above FAST_LINK
-# (compressing would only cost CPU), level 1 down to SLOW_LINK, level 3 down to
-# VERY_SLOW_LINK, level 6 below (its better ratio pays for its lower speed: about 40
-# MB/s of CT on one loaded core, far more than such a link carries). Hysteresis around
-# FAST_LINK keeps a rate near the threshold from switching back and forth.
+# (compressing would only cost CPU), level 1 down to SLOW_LINK, level 3 below (level 6
+# gains nothing over it on CT in two lanes, ratio 3.02 against 3.07, at a third of its
+# speed: a rate misjudged low would make the sender CPU bound). Below VERY_SLOW_LINK
+# compression surely pays, so there is no raw trial. Hysteresis around FAST_LINK keeps
+# a rate near the threshold from switching back and forth.
 FAST_LINK = 50e6
 FAST_LINK_HYSTERESIS = 1.25
 SLOW_LINK = 15e6
@@ -60,7 +61,6 @@ VERY_SLOW_LINK = 5e6
 LEVEL_OFF = 0
 LEVEL_FAST = 1
 LEVEL_SLOW_LINK = 3
-LEVEL_VERY_SLOW_LINK = 6
 # The rate is measured over the last few blocks handed to the connection, once this
 # many bytes have been written (before, socket buffers take bytes faster than the link).
 RATE_WINDOW_BLOCKS = 4
@@ -183,7 +183,7 @@ class LinkCompression:
     window's time (when the connection can tell: ``unacknowledged``, from the kernel's
     send queue). When the sender's own work is the bottleneck, it hardly waits, the
     rate looks high and compression is turned off, which is right: then it would only
-    cost the sender time. Unless the link is very slow (level 6's range, where
+    cost the sender time. Unless the link is very slow (below VERY_SLOW_LINK, where
     compression surely pays and a raw trial would cost most), the stream tries a few
     blocks uncompressed once and keeps whichever moved more instance bytes per second:
     a receiver that shares the sender's CPU, or is slower than the link, gains nothing
@@ -228,7 +228,7 @@ class LinkCompression:
         if rate is None:
             return
         level = level_for_rate(rate, self.level)
-        if level in (LEVEL_FAST, LEVEL_SLOW_LINK) and not self._tried:
+        if level != LEVEL_OFF and rate >= VERY_SLOW_LINK and not self._tried:
             self._tried = True
             self._compressed_rate = _raw_rate(self._recent)
             self._resume_level, self._trial, level = level, [], LEVEL_OFF
@@ -261,4 +261,4 @@ def level_for_rate(rate: float, current: int) -> int:
         return LEVEL_OFF
     if rate >= SLOW_LINK:
         return LEVEL_FAST
-    return LEVEL_SLOW_LINK if rate >= VERY_SLOW_LINK else LEVEL_VERY_SLOW_LINK
+    return LEVEL_SLOW_LINK
