@@ -18,6 +18,7 @@ from node.core.encoding import canonical_encode
 from node.core.manifest import (
     COMPRESSED,
     DATA,
+    SHUFFLED,
     Begin,
     Complete,
     Data,
@@ -37,6 +38,7 @@ from node.core.manifest import (
     end_message,
     transfer_digest,
 )
+from node.core.wire_compression import ZSTD, ZSTD_SHUFFLE, shuffle_lanes
 from node.errors import BadInput
 
 STUDY_A, STUDY_B = os.urandom(32), os.urandom(32)
@@ -182,7 +184,7 @@ def _zstd(data: bytes, declare_size: bool = True) -> bytes:
 
 class TestCompressedPieces:
     def test_compressed_pieces_yield_the_stored_bytes(self) -> None:
-        parser = InstanceStreamParser(_manifest((3, 0, 5)), [0, 2], compressed=True)
+        parser = InstanceStreamParser(_manifest((3, 0, 5)), [0, 2], codecs=[ZSTD])
         data: list[bytes] = []
         for message in (begin_message(0), COMPRESSED + _zstd(b"abc"), begin_message(2)):
             data += [bytes(e.chunk) for e in parser.feed(message, False) if isinstance(e, Data)]
@@ -198,13 +200,13 @@ class TestCompressedPieces:
             parser.feed(COMPRESSED + _zstd(b"abc"), False)
 
     def test_a_piece_that_inflates_past_the_instance_size_is_refused(self) -> None:
-        parser = InstanceStreamParser(_manifest((3,)), [0], compressed=True)
+        parser = InstanceStreamParser(_manifest((3,)), [0], codecs=[ZSTD])
         parser.feed(begin_message(0), False)
         with pytest.raises(BadInput, match="beyond"):
             parser.feed(COMPRESSED + _zstd(b"abcd"), False)
 
     def test_a_piece_without_its_size_or_with_hidden_data_is_refused(self) -> None:
-        parser = InstanceStreamParser(_manifest((6,)), [0], compressed=True)
+        parser = InstanceStreamParser(_manifest((6,)), [0], codecs=[ZSTD])
         parser.feed(begin_message(0), False)
         with pytest.raises(BadInput, match="declare"):
             parser.feed(COMPRESSED + _zstd(b"abc", declare_size=False), False)
@@ -218,7 +220,7 @@ class TestCompressedPieces:
         # 30 KB that claims (and would inflate to) the whole GiB is refused before any
         # of it is allocated; so is a frame that hides its size.
         gib = 1024**3
-        parser = InstanceStreamParser(_manifest((gib,)), [0], compressed=True)
+        parser = InstanceStreamParser(_manifest((gib,)), [0], codecs=[ZSTD])
         parser.feed(begin_message(0), False)
         compressor = zstandard.ZstdCompressor(level=1)
         chunk = bytes(MAX_MESSAGE)
@@ -235,3 +237,18 @@ class TestCompressedPieces:
         finally:
             tracemalloc.stop()
         assert peak < 8 * 1024**2
+
+
+class TestShuffledPiecesInTheStream:
+    def test_shuffled_pieces_yield_the_stored_bytes_only_when_offered(self) -> None:
+        frame = zstandard.ZstdCompressor(level=1, write_content_size=True).compress(
+            shuffle_lanes(b"12345")
+        )
+        parser = InstanceStreamParser(_manifest((5,)), [0], codecs=[ZSTD, ZSTD_SHUFFLE])
+        parser.feed(begin_message(0), False)
+        events = parser.feed(SHUFFLED + frame, False)
+        assert [bytes(e.chunk) for e in events if isinstance(e, Data)] == [b"12345"]
+        plain_only = InstanceStreamParser(_manifest((5,)), [0], codecs=[ZSTD])
+        plain_only.feed(begin_message(0), False)
+        with pytest.raises(BadInput, match="moved on"):
+            plain_only.feed(SHUFFLED + frame, False)

@@ -5,7 +5,7 @@ All request and response bodies are canonical msgpack maps (node.core.encoding):
     open request      {"v": 1, "token": bin, "ephemeral": bin32}
     open response     {"v": 1, "transfer": str, "ephemeral": bin32, "manifest": bin (sealed)}
     instances request {"v": 1, "handles": [int, ...]}
-                   or {"v": 2, "handles": [int, ...], "compression": ["zstd"]}
+                   or {"v": 2, "handles": [int, ...], "compression": ["zstd", ...]}
 
 Version 2 of the instances request lists the codecs the grantee decodes; only then may
 the stream carry compressed pieces. Version 1 (no compression) is still accepted.
@@ -26,8 +26,10 @@ The instance stream (inside the encrypted channel) is a sequence of plaintext me
 ``b"I" + handle (u32 BE)`` opens an instance, ``b"D" + bytes`` carries its data (the
 instance ends when its manifest size is reached), ``b"Z" + zstd frame`` carries a piece
 of its data compressed (only if the request offered zstd; node.core.wire_compression
-bounds it), and the final message is ``b"E" + count (u32 BE)``, the number of instances
-sent. Sizes and digests are always those of the stored (uncompressed) bytes.
+bounds it), ``b"S" + zstd frame`` one compressed with its bytes in two lanes (only if
+the request offered zstd-shuffle2), and the final message is ``b"E" + count (u32 BE)``,
+the number of instances sent. Sizes and digests are always those of the stored
+(uncompressed) bytes.
 
 "What was sent" / "what arrived" in one stream are digested the same way on both sides:
 ``transfer_digest`` = SHA-256 over the sorted raw SHA-256 digests of the instances.
@@ -37,12 +39,12 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from node.core.encoding import canonical_decode, canonical_encode
-from node.core.wire_compression import CODECS, decompress_piece
+from node.core.wire_compression import CODECS, ZSTD, ZSTD_SHUFFLE, decompress_piece
 from node.errors import BadInput
 
 VERSION = 1
@@ -56,7 +58,10 @@ _U32 = struct.Struct(">I")
 BEGIN = b"I"
 DATA = b"D"
 COMPRESSED = b"Z"
+SHUFFLED = b"S"
 END = b"E"
+# The message kind of a piece in each codec.
+CODEC_MESSAGES = {ZSTD: COMPRESSED, ZSTD_SHUFFLE: SHUFFLED}
 
 
 def transfer_digest(digests: Iterable[bytes]) -> bytes:
@@ -278,15 +283,15 @@ class InstanceStreamParser:
 
     Only requested handles, each at most once, each exactly its manifest size; the final
     message must come after a complete instance and state the right count; compressed
-    pieces only if ``compressed`` (the request offered it), each within the instance's
+    pieces only in the ``codecs`` the request offered, each within the instance's
     remaining size. Raises BadInput on any breach.
     """
 
     def __init__(
-        self, manifest: Manifest, requested: Iterable[int], compressed: bool = False
+        self, manifest: Manifest, requested: Iterable[int], codecs: Collection[str] = ()
     ) -> None:
         self._manifest = manifest
-        self._compressed = compressed
+        self._codecs = {CODEC_MESSAGES[codec]: codec for codec in codecs}
         self._pending = set(requested)
         self._current: ManifestEntry | None = None
         self._remaining = 0
@@ -299,10 +304,11 @@ class InstanceStreamParser:
         kind = message[:1]
         if kind == DATA:
             return self._data(memoryview(message)[1:])
-        if kind == COMPRESSED and self._compressed:
+        codec = self._codecs.get(kind)
+        if codec is not None:
             if self._current is None:
                 raise BadInput("instance stream sent data outside an instance")
-            piece = decompress_piece(memoryview(message)[1:], self._remaining)
+            piece = decompress_piece(memoryview(message)[1:], self._remaining, codec)
             return self._data(memoryview(piece))
         if self._current is not None:
             raise BadInput("instance stream moved on before an instance was complete")

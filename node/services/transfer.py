@@ -61,7 +61,7 @@ from node.core.consent import (
 from node.core.emergency import PatientIdentity, is_emergency_request, sign_request
 from node.core.entries import Access, EntryBody, Receipt
 from node.core.manifest import (
-    COMPRESSED,
+    CODEC_MESSAGES,
     DATA,
     Begin,
     Complete,
@@ -308,11 +308,11 @@ class _StreamReceiver:
         manifest: Manifest,
         handles: list[int],
         key: bytes,
-        compressed: bool,
+        codecs: Sequence[str],
     ) -> None:
         self._store = runtime.store
         self._decryptor = StreamDecryptor(key)
-        self._parser = InstanceStreamParser(manifest, handles, compressed)
+        self._parser = InstanceStreamParser(manifest, handles, codecs)
         self._staging: StagingFile | None = None
         self.ready: list[tuple[StagingFile, ManifestEntry]] = []
         self.ready_bytes = 0
@@ -533,8 +533,12 @@ class TransferService:
         session: SenderSession,
         asked: InstancesRequest,
         write: Callable[[bytes], Awaitable[None]],
+        unacknowledged: Callable[[], int | None] = lambda: None,
     ) -> None:
         """Stream the instances through ``write``; the access entries are written at the end.
+
+        ``unacknowledged`` tells how many of the bytes written the grantee has not
+        acknowledged yet (None where the connection cannot tell), for the link's rate.
 
         Pieces are compressed (zstd) when the grantee offered it, this node's
         ``transfer.compression`` allows it, and the link's rate makes it pay. Whatever
@@ -568,7 +572,7 @@ class TransferService:
             time.time(),
         )
         sent: list[StreamedInstance] = []
-        blocks = self._blocks(session, handles, compression)
+        blocks = self._blocks(session, handles, compression, asked.compression)
         # The next block is read and encrypted in a worker thread while this one is sent.
         upcoming = asyncio.ensure_future(asyncio.to_thread(next, blocks, None))
         checked_at = time.monotonic()
@@ -586,7 +590,13 @@ class TransferService:
                 await write(block.data)
                 if compression is not None:
                     done = time.monotonic()
-                    compression.wrote(len(block.data), block.raw, done - write_started, done)
+                    compression.wrote(
+                        len(block.data),
+                        block.raw,
+                        done - write_started,
+                        done,
+                        unacknowledged(),
+                    )
                 progress.bytes_sent += len(block.data)
                 if block.completed:
                     sent += block.completed
@@ -644,16 +654,18 @@ class TransferService:
         session: SenderSession,
         handles: list[int],
         compression: LinkCompression | None,
+        codecs: Sequence[str],
     ) -> Generator[_Block]:
         """Encrypted blocks of about BLOCK_BYTES, each with the instances it completes.
 
         With ``compression``, each piece is compressed at the level the link asks for
-        when that shrinks it; an instance whose first compressed piece does not shrink
-        (noise, already compressed pixels) is sent raw from then on.
+        when that shrinks it. An instance's first compressed piece is its probe: it picks
+        the offered codec that shrinks it most, or, if none does (noise, already
+        compressed pixels), sends the instance raw from then on.
         """
         manifest = session.manifest
         encryptor = StreamEncryptor(session.keys.instances)
-        compressor = PieceCompressor() if compression is not None else None
+        compressor = PieceCompressor(codecs) if compression is not None else None
         parts = [encryptor.header]
         buffered, raw = len(encryptor.header), 0
         completed: list[StreamedInstance] = []
@@ -661,8 +673,7 @@ class TransferService:
             entry = manifest.instances[handle]
             parts.append(encryptor.push(begin_message(handle)))
             remaining = entry.size
-            # The first piece compressed is the probe that decides for the instance.
-            compress, probed = compressor is not None, False
+            compress, codec = compressor is not None, None  # codec: the probe's choice
             with open(session.paths[handle], "rb") as f:
                 while remaining > 0:
                     level = compression.level if compress and compression is not None else 0
@@ -671,12 +682,17 @@ class TransferService:
                         raise BadInput("a stored instance is shorter than its index says")
                     remaining -= len(chunk)
                     raw += len(chunk)
-                    frame = None
+                    message = DATA + chunk
                     if level and compressor is not None:
-                        frame = compressor.compress(chunk, level)
-                        compress = probed or frame is not None
-                        probed = True
-                    framed = encryptor.push(DATA + chunk if frame is None else COMPRESSED + frame)
+                        if codec is None:
+                            probed = compressor.probe(chunk, level)
+                            compress = probed is not None
+                            codec, frame = probed if probed is not None else (None, None)
+                        else:
+                            frame = compressor.compress(chunk, level, codec)
+                        if codec is not None and frame is not None:
+                            message = CODEC_MESSAGES[codec] + frame
+                    framed = encryptor.push(message)
                     parts.append(framed)
                     buffered += len(framed)
                     if remaining == 0:
@@ -1010,7 +1026,7 @@ class TransferService:
         handles: list[int],
     ) -> None:
         offered = CODECS if self.runtime.config.transfer.compression != "off" else ()
-        receiver = _StreamReceiver(self.runtime, manifest, handles, keys.instances, bool(offered))
+        receiver = _StreamReceiver(self.runtime, manifest, handles, keys.instances, offered)
         stream_id = "in-" + secrets.token_hex(12)
         await self.store.off_loop(
             self.store.open_stream,

@@ -30,7 +30,11 @@ from dataclasses import dataclass, field
 READ_BYTES = 16 * 1024
 # A router's buffer beyond the bandwidth-delay product.
 ROUTER_BUFFER_BYTES = 256 * 1024
-TARGET_RCVBUF = 65536
+# The proxy's receive buffer on both of its sockets, so that neither side's kernel
+# takes megabytes at loopback speed that the link has not carried: the side that sends
+# (a custodian behind the target, an Orthanc peer as the client) feels the same
+# backpressure whichever way the data flows.
+PROXY_RCVBUF = 65536
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,10 @@ class LinkEmulator:
         self._server = asyncio.run_coroutine_threadsafe(
             asyncio.start_server(self._connected, "127.0.0.1", 0), self._loop
         ).result(10)
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        listening = self._server.sockets[0]
+        # Accepted connections inherit the listening socket's buffer size.
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, PROXY_RCVBUF)
+        self.port = int(listening.getsockname()[1])
         return self
 
     def stop(self) -> None:
@@ -179,9 +186,7 @@ class LinkEmulator:
         target = socket.socket()
         target.setblocking(False)
         try:
-            # A small window towards the target, so that the sender's kernel buffers do
-            # not take megabytes at loopback speed that the link has not carried.
-            target.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, TARGET_RCVBUF)
+            target.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, PROXY_RCVBUF)
             await asyncio.get_running_loop().sock_connect(target, self.target)
             target_reader, target_writer = await asyncio.open_connection(sock=target)
         except OSError:

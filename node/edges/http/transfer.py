@@ -16,8 +16,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import struct
+import termios
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -69,6 +73,25 @@ async def open_transfer(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type=MSGPACK)
 
 
+def _unacknowledged_bytes(request: web.Request) -> Callable[[], int | None]:
+    """Bytes of this response not yet acknowledged by the peer: what the transport still
+    buffers plus the kernel's send queue (Linux TIOCOUTQ); None where it cannot tell."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    outq = getattr(termios, "TIOCOUTQ", None)
+
+    def unacknowledged() -> int | None:
+        if transport is None or sock is None or outq is None or transport.is_closing():
+            return None
+        try:
+            queued = fcntl.ioctl(sock.fileno(), outq, b"\0\0\0\0")
+        except OSError:
+            return None
+        return int(struct.unpack("i", queued)[0]) + transport.get_write_buffer_size()
+
+    return unacknowledged
+
+
 async def send_instances(request: web.Request) -> web.StreamResponse:
     caller = await _node_caller(request)
     service = runtime_of(request).services.transfer
@@ -81,7 +104,7 @@ async def send_instances(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     await response.prepare(request)
     try:
-        await service.send_instances(session, asked, response.write)
+        await service.send_instances(session, asked, response.write, _unacknowledged_bytes(request))
     except TransferRefused as exc:
         # Too late for a 403: the stream ends without its final message, the grantee
         # sees the cut, asks again and is refused with the rule.
