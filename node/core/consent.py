@@ -125,7 +125,7 @@ def link_grantee(credential_digest: bytes) -> str:
     The link's holder proves to be this grantee by presenting the credential, as a node
     proves its origin by signing; the digest names the link without revealing it.
     """
-    _check_bytes(credential_digest, CREDENTIAL_DIGEST_SIZE, "credential digest")
+    checked_bytes(credential_digest, CREDENTIAL_DIGEST_SIZE, "credential digest")
     return LINK_PREFIX + b64url_encode(credential_digest)
 
 
@@ -210,19 +210,19 @@ class Delegation:
 
 
 def _check_delegation(delegation: Delegation) -> None:
-    _check_bytes(delegation.patient_key, PUBLIC_KEY_SIZE, "patient key")
-    _check_bytes(delegation.delegate_key, PUBLIC_KEY_SIZE, "delegate key")
+    checked_bytes(delegation.patient_key, PUBLIC_KEY_SIZE, "patient key")
+    checked_bytes(delegation.delegate_key, PUBLIC_KEY_SIZE, "delegate key")
     if delegation.delegate_key == delegation.patient_key:
         raise BadInput("a patient cannot delegate to their own key")
     check_node_origin(delegation.custodian, "custodian")
     _check_scope(delegation.scope, "a delegation")
     if not delegation.powers or len(set(delegation.powers)) != len(delegation.powers):
         raise BadInput("a delegation names each of its powers once, at least one")
-    _check_time(delegation.not_before, "not-before")
-    _check_time(delegation.expires, "expiry")
+    checked_time(delegation.not_before, "not-before")
+    checked_time(delegation.expires, "expiry")
     if delegation.expires <= delegation.not_before:
         raise BadInput("a delegation must expire after it starts")
-    _check_bytes(delegation.nonce, NONCE_SIZE, "nonce")
+    checked_bytes(delegation.nonce, NONCE_SIZE, "nonce")
 
 
 def sign_delegation(delegation: Delegation, sign: Signer) -> bytes:
@@ -259,7 +259,7 @@ def decode_delegation(data: bytes) -> Delegation:
         nb,
         expires,
         nonce,
-        _check_bytes(sig, SIGNATURE_SIZE, "signature"),
+        checked_bytes(sig, SIGNATURE_SIZE, "signature"),
         data,
     )
     _check_delegation(delegation)
@@ -362,13 +362,15 @@ def sign_grant(fields: GrantFields, sign: Signer) -> bytes:
     return canonical_encode([*fields.as_list(), sign(fields.signed_message())])
 
 
-def _check_bytes(value: Any, size: int, what: str) -> bytes:
+def checked_bytes(value: Any, size: int, what: str) -> bytes:
+    """``value`` if it is exactly ``size`` bytes; BadInput naming ``what`` otherwise."""
     if not isinstance(value, bytes) or len(value) != size:
         raise BadInput(f"{what} must be {size} bytes")
     return value
 
 
-def _check_time(value: Any, what: str) -> int:
+def checked_time(value: Any, what: str) -> int:
+    """``value`` if it is a time (whole seconds in range); BadInput naming ``what`` otherwise."""
     # bool is an int in Python; msgpack booleans are not times.
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < MAX_TIME:
         raise BadInput(f"{what} is not a time")
@@ -382,22 +384,22 @@ def _check_scope(scope: tuple[bytes, ...] | None, what: str) -> None:
     if not 1 <= len(scope) <= MAX_SCOPE:
         raise BadInput(f"{what}'s scope lists 1 to {MAX_SCOPE} studies")
     for ref in scope:
-        _check_bytes(ref, REFERENCE_SIZE, "study reference")
+        checked_bytes(ref, REFERENCE_SIZE, "study reference")
     if len(set(scope)) != len(scope):
         raise BadInput(f"{what}'s scope lists a study twice")
 
 
 def _check_grant_fields(fields: GrantFields) -> None:
-    _check_bytes(fields.patient_key, PUBLIC_KEY_SIZE, "patient key")
+    checked_bytes(fields.patient_key, PUBLIC_KEY_SIZE, "patient key")
     check_node_origin(fields.custodian, "custodian")
     if not is_node_origin(fields.grantee) and not is_link_grantee(fields.grantee):
         raise BadInput("grantee is neither a node origin nor a share link")
     _check_scope(fields.scope, "a grant")
-    _check_time(fields.not_before, "not-before")
-    _check_time(fields.expires, "expiry")
+    checked_time(fields.not_before, "not-before")
+    checked_time(fields.expires, "expiry")
     if fields.expires <= fields.not_before:
         raise BadInput("a grant must expire after it starts")
-    _check_bytes(fields.nonce, NONCE_SIZE, "nonce")
+    checked_bytes(fields.nonce, NONCE_SIZE, "nonce")
     _check_permissions(fields)
 
 
@@ -472,7 +474,7 @@ def decode_grant(token_bytes: bytes) -> GrantToken:
         permissions=tuple(permissions),
     )
     _check_grant_fields(fields)
-    _check_bytes(signature, SIGNATURE_SIZE, "signature")
+    checked_bytes(signature, SIGNATURE_SIZE, "signature")
     return GrantToken(fields, signature, token_bytes, chain)
 
 
@@ -527,9 +529,9 @@ def sign_revocation(
 ) -> bytes:
     """The signed revocation bytes of one token id; with ``delegation``, a delegate's
     (``patient_key`` is then the delegate's key, which signs)."""
-    _check_bytes(patient_key, PUBLIC_KEY_SIZE, "patient key")
-    _check_bytes(token_id, 32, "token id")
-    _check_time(revoked_at, "revocation time")
+    checked_bytes(patient_key, PUBLIC_KEY_SIZE, "patient key")
+    checked_bytes(token_id, 32, "token id")
+    checked_time(revoked_at, "revocation time")
     chain = None if delegation is None else decode_delegation(delegation)
     if chain is not None and chain.delegate_key != patient_key:
         raise BadInput("a delegate's revocation is signed by the delegation's delegate")
@@ -542,14 +544,14 @@ def decode_revocation(data: bytes) -> Revocation:
     value = _decode_canonical_list(data, 5, "revocation", {TOKEN_VERSION: 5, DELEGATED_VERSION: 6})
     chain = decode_delegation(value.pop(4)) if value[0] == DELEGATED_VERSION else None
     _, signer_key, token_id, revoked_at, signature = value
-    _check_bytes(signer_key, PUBLIC_KEY_SIZE, "patient key")
+    checked_bytes(signer_key, PUBLIC_KEY_SIZE, "patient key")
     if chain is not None and chain.delegate_key != signer_key:
         raise BadInput("a delegate's revocation is signed by the delegation's delegate")
     return Revocation(
         signer_key if chain is None else chain.patient_key,
-        _check_bytes(token_id, 32, "token id"),
-        _check_time(revoked_at, "revocation time"),
-        _check_bytes(signature, SIGNATURE_SIZE, "signature"),
+        checked_bytes(token_id, 32, "token id"),
+        checked_time(revoked_at, "revocation time"),
+        checked_bytes(signature, SIGNATURE_SIZE, "signature"),
         data,
         chain,
     )

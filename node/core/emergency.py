@@ -43,8 +43,8 @@ from node.core.consent import (  # the one check of each wire type
     NONCE_SIZE,
     SIGNATURE_SIZE,
     Rule,
-    _check_bytes,
-    _check_time,
+    checked_bytes,
+    checked_time,
     token_id_of,
 )
 from node.core.encoding import canonical_decode, canonical_encode
@@ -142,7 +142,7 @@ def _policy_fields(policy: EmergencyPolicy) -> list[Any]:
 
 
 def _check_policy(policy: EmergencyPolicy) -> None:
-    _check_bytes(policy.patient_key, PUBLIC_KEY_SIZE, "patient key")
+    checked_bytes(policy.patient_key, PUBLIC_KEY_SIZE, "patient key")
     check_node_origin(policy.custodian, "custodian")
     if len(policy.members) > MAX_MEMBERS:
         raise BadInput(f"an emergency policy names at most {MAX_MEMBERS} members")
@@ -152,7 +152,7 @@ def _check_policy(policy: EmergencyPolicy) -> None:
         raise BadInput("an emergency policy names a member twice")
     if (policy.choice is Choice.NAMED_MEMBERS) != bool(policy.members):
         raise BadInput("an emergency policy names members exactly when its choice is named_members")
-    _check_time(policy.issued_at, "policy time")
+    checked_time(policy.issued_at, "policy time")
 
 
 def sign_policy(
@@ -184,7 +184,7 @@ def decode_policy(data: bytes) -> EmergencyPolicy:
         Choice(choice),
         tuple(members),
         issued_at,
-        _check_bytes(signature, SIGNATURE_SIZE, "signature"),
+        checked_bytes(signature, SIGNATURE_SIZE, "signature"),
         data,
     )
     _check_policy(policy)
@@ -254,8 +254,8 @@ def _check_request(request: EmergencyRequest) -> None:
         raise BadInput(f"an emergency reason is one of {', '.join(sorted(REASONS))}")
     if not isinstance(request.sealed_identity, bytes) or len(request.sealed_identity) > 4096:
         raise BadInput("an emergency request's sealed identity is at most 4096 bytes")
-    _check_time(request.issued_at, "request time")
-    _check_bytes(request.nonce, NONCE_SIZE, "nonce")
+    checked_time(request.issued_at, "request time")
+    checked_bytes(request.nonce, NONCE_SIZE, "nonce")
 
 
 def sign_request(
@@ -301,7 +301,7 @@ def decode_request(data: bytes) -> EmergencyRequest:
         sealed,
         issued_at,
         nonce,
-        _check_bytes(signature, SIGNATURE_SIZE, "signature"),
+        checked_bytes(signature, SIGNATURE_SIZE, "signature"),
         data,
     )
     _check_request(request)

@@ -17,25 +17,25 @@ from typing import Any
 from aiohttp import web
 
 from node.edges.http.context import runtime_of
-from node.edges.http.patient import _patient, _proof_of
+from node.edges.http.patient import proof_of_entry, signed_patient
 from node.services import consent
 from node.services.runtime import NodeRuntime
 
 
 async def submit_delegation(request: web.Request) -> web.Response:
     runtime = runtime_of(request)
-    caller = await _patient(request)
+    caller = await signed_patient(request)
 
     def record() -> dict[str, Any]:
         index = consent.record_delegation(runtime, caller.body, caller.public_key)
-        return _proof_of(runtime, index)
+        return proof_of_entry(runtime, index)
 
     return web.json_response(await asyncio.to_thread(record))
 
 
 async def list_delegations(request: web.Request) -> web.Response:
     runtime = runtime_of(request)
-    caller = await _patient(request)
+    caller = await signed_patient(request)
     listed = await asyncio.to_thread(consent.delegation_statuses, runtime, caller.public_key)
     return web.json_response({"delegations": listed})
 

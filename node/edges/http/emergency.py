@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from node.edges.http.context import runtime_of
-from node.edges.http.patient import _patient, _proof_of
+from node.edges.http.patient import proof_of_entry, signed_patient
 from node.errors import BadInput
 from node.services import emergency
 from node.services.runtime import NodeRuntime
@@ -29,7 +29,7 @@ from node.services.runtime import NodeRuntime
 
 async def get_policy(request: web.Request) -> web.Response:
     runtime = runtime_of(request)
-    caller = await _patient(request)
+    caller = await signed_patient(request)
     return web.json_response(
         await asyncio.to_thread(emergency.policy_json, runtime, caller.public_key)
     )
@@ -37,11 +37,11 @@ async def get_policy(request: web.Request) -> web.Response:
 
 async def submit_policy(request: web.Request) -> web.Response:
     runtime = runtime_of(request)
-    caller = await _patient(request)
+    caller = await signed_patient(request)
 
     def record() -> dict[str, Any]:
         index = emergency.record_policy(runtime, caller.body, caller.public_key)
-        return _proof_of(runtime, index)
+        return proof_of_entry(runtime, index)
 
     return web.json_response(await asyncio.to_thread(record))
 

@@ -82,7 +82,7 @@ def _named_delegation(request: web.Request) -> tuple[bytes, bytes] | None:
     return parse_public_key(query.get(ACTING_FOR, "")), delegation_id
 
 
-async def _patient(
+async def signed_patient(
     request: web.Request, power: Power | None = None, study: bytes | None = None
 ) -> PatientCaller:
     """The enrolled patient who signed ``request``, or their delegate acting with
@@ -127,7 +127,7 @@ async def _patient(
     return PatientCaller(chain.patient_key, caller.body, caller.public_key, chain)
 
 
-def _proof_of(runtime: NodeRuntime, index: int) -> dict[str, Any]:
+def proof_of_entry(runtime: NodeRuntime, index: int) -> dict[str, Any]:
     """The entry at ``index``, its inclusion proof, and the checkpoint that proof is for."""
     ledger = runtime.services.ledger
     note = ledger.checkpoint_note()
@@ -146,7 +146,7 @@ def _proof_of(runtime: NodeRuntime, index: int) -> dict[str, Any]:
 
 async def list_studies(request: web.Request) -> web.Response:
     runtime = runtime_of(request)
-    caller = await _patient(request, Power.DOWNLOAD)
+    caller = await signed_patient(request, Power.DOWNLOAD)
     studies = await asyncio.to_thread(consent.patient_studies, runtime, caller.public_key)
     scope = None if caller.delegation is None else caller.delegation.scope
     if scope is not None:
@@ -156,20 +156,20 @@ async def list_studies(request: web.Request) -> web.Response:
 
 async def submit_grant(request: web.Request) -> web.Response:
     runtime = runtime_of(request)
-    caller = await _patient(request)
+    caller = await signed_patient(request)
 
     def record() -> dict[str, Any]:
         if decode_grant(caller.body).patient_key != caller.public_key:
             raise Forbidden("a patient may submit only grants signed with their own key")
         recorded = consent.record_grant(runtime, caller.body)
-        return {"token_id": recorded.token_id.hex(), **_proof_of(runtime, recorded.index)}
+        return {"token_id": recorded.token_id.hex(), **proof_of_entry(runtime, recorded.index)}
 
     return web.json_response(await asyncio.to_thread(record))
 
 
 async def submit_revocation(request: web.Request) -> web.Response:
     runtime = runtime_of(request)
-    caller = await _patient(request, Power.REVOKE)
+    caller = await signed_patient(request, Power.REVOKE)
 
     def record() -> dict[str, Any]:
         revocation = decode_revocation(caller.body)
@@ -179,7 +179,7 @@ async def submit_revocation(request: web.Request) -> web.Response:
         ):
             raise Forbidden("a revocation is signed by the key that signs the request")
         recorded = consent.record_revocation(runtime, caller.body)
-        return {"token_id": recorded.token_id.hex(), **_proof_of(runtime, recorded.index)}
+        return {"token_id": recorded.token_id.hex(), **proof_of_entry(runtime, recorded.index)}
 
     return web.json_response(await asyncio.to_thread(record))
 
@@ -187,7 +187,7 @@ async def submit_revocation(request: web.Request) -> web.Response:
 async def submit_link(request: web.Request) -> web.Response:
     """A share link the wallet made: its grant is recorded and proven like any grant."""
     runtime = runtime_of(request)
-    caller = await _patient(request)
+    caller = await signed_patient(request)
 
     def record() -> dict[str, Any]:
         try:
@@ -195,7 +195,7 @@ async def submit_link(request: web.Request) -> web.Response:
         except ValueError as exc:
             raise BadInput("a share link is JSON {grant, manifest, passcode, files}") from exc
         recorded = links.create_link(runtime, caller.public_key, document)
-        return {"token_id": recorded.token_id.hex(), **_proof_of(runtime, recorded.index)}
+        return {"token_id": recorded.token_id.hex(), **proof_of_entry(runtime, recorded.index)}
 
     return web.json_response(await asyncio.to_thread(record))
 
@@ -203,7 +203,7 @@ async def submit_link(request: web.Request) -> web.Response:
 async def describe_study(request: web.Request) -> web.Response:
     """One of the patient's studies with its UIDs and series, to describe it in a link."""
     runtime = runtime_of(request)
-    caller = await _patient(request)
+    caller = await signed_patient(request)
     description = await asyncio.to_thread(
         links.describe_own_study, runtime, caller.public_key, _study_ref(request)
     )
@@ -212,7 +212,7 @@ async def describe_study(request: web.Request) -> web.Response:
 
 async def list_tokens(request: web.Request) -> web.Response:
     runtime = runtime_of(request)
-    caller = await _patient(request, Power.VIEW_LOG)
+    caller = await signed_patient(request, Power.VIEW_LOG)
     tokens = await asyncio.to_thread(
         consent.token_statuses, runtime, caller.public_key, int(time.time())
     )
@@ -222,7 +222,7 @@ async def list_tokens(request: web.Request) -> web.Response:
 async def list_roster(request: web.Request) -> web.Response:
     """The federation members a patient may grant to (the wallet's grantee choices)."""
     runtime = runtime_of(request)
-    await _patient(request)
+    await signed_patient(request)
     own = runtime.config.origin
     members = sorted(m.origin for m in runtime.services.roster.roster if m.origin != own)
     return web.json_response({"custodian": runtime.config.origin, "members": members})
@@ -234,7 +234,7 @@ def _study_ref(request: web.Request) -> bytes:
 
 async def list_series(request: web.Request) -> web.Response:
     runtime = runtime_of(request)
-    caller = await _patient(request)
+    caller = await signed_patient(request)
     series = await asyncio.to_thread(
         previews.study_series, runtime, caller.public_key, _study_ref(request)
     )
@@ -244,7 +244,7 @@ async def list_series(request: web.Request) -> web.Response:
 async def preview(request: web.Request) -> web.Response:
     """A small PNG of a series' middle image, for the patient who owns the study only."""
     runtime = runtime_of(request)
-    caller = await _patient(request)
+    caller = await signed_patient(request)
     png = await asyncio.to_thread(
         previews.series_preview,
         runtime,
@@ -262,7 +262,7 @@ async def download_media(request: web.Request) -> web.StreamResponse:
     """One of the patient's own studies as PDI media (a ZIP); their own copy, so no
     consent is needed and nothing is written to the ledger (the security audit has it)."""
     runtime = runtime_of(request)
-    caller = await _patient(request, Power.DOWNLOAD, _study_ref(request))
+    caller = await signed_patient(request, Power.DOWNLOAD, _study_ref(request))
     study_uid = await asyncio.to_thread(
         previews.owned_study_uid, runtime, caller.public_key, _study_ref(request)
     )
@@ -272,7 +272,7 @@ async def download_media(request: web.Request) -> web.StreamResponse:
 async def list_reports(request: web.Request) -> web.Response:
     """The reports of one of the patient's own studies, each as it stands, with its text."""
     runtime = runtime_of(request)
-    caller = await _patient(request)
+    caller = await signed_patient(request)
     study_uid = await asyncio.to_thread(
         previews.owned_study_uid, runtime, caller.public_key, _study_ref(request)
     )
@@ -283,7 +283,7 @@ async def list_reports(request: web.Request) -> web.Response:
 async def report_pdf(request: web.Request) -> web.Response:
     """A report of one of the patient's own studies, as its PDF."""
     runtime = runtime_of(request)
-    caller = await _patient(request)
+    caller = await signed_patient(request)
     study_uid = await asyncio.to_thread(
         previews.owned_study_uid, runtime, caller.public_key, _study_ref(request)
     )
