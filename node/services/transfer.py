@@ -139,6 +139,28 @@ RECHECK_SECONDS = 1.0
 RETRY_WINDOW = 120.0
 FIRST_BACKOFF = 0.25
 MAX_BACKOFF = 4.0
+
+
+@dataclass
+class RetryPatience:
+    """How long a fetch keeps trying: RETRY_WINDOW from its last progress, with a backoff
+    that doubles up to MAX_BACKOFF and starts again whenever the fetch makes progress
+    (instances landed, or a partial manifest naming more of the study)."""
+
+    deadline: float = field(default_factory=lambda: time.monotonic() + RETRY_WINDOW)
+    backoff: float = FIRST_BACKOFF
+
+    def progressed(self) -> None:
+        self.deadline, self.backoff = time.monotonic() + RETRY_WINDOW, FIRST_BACKOFF
+
+    def exhausted(self, wait: float = 0.0) -> bool:
+        """Whether waiting ``wait`` more seconds would pass the deadline."""
+        return time.monotonic() + wait > self.deadline
+
+    def next_wait(self) -> float:
+        """This retry's wait; the next one waits twice as long (up to MAX_BACKOFF)."""
+        wait, self.backoff = self.backoff, min(self.backoff * 2, MAX_BACKOFF)
+        return wait
 FIRST_CONTACT_ATTEMPTS = 3
 RECENT = 100
 # Transfer opens whose manifests are built at once (more wait their turn).
@@ -829,8 +851,7 @@ class TransferService:
         return {"fetches": ordered, "sent": sent}
 
     async def _run(self, job: FetchJob) -> None:
-        deadline = time.monotonic() + RETRY_WINDOW
-        backoff = FIRST_BACKOFF
+        patience = RetryPatience()
         named = 0  # instances named by the last manifest
         timeout = aiohttp.ClientTimeout(
             total=None, connect=self.runtime.config.federation.request_timeout, sock_read=60
@@ -861,19 +882,17 @@ class TransferService:
                         if job.instances_done > held_before:
                             # A link that drops now and then but carries the study on
                             # is retried soon, for as long as each attempt gains.
-                            deadline = time.monotonic() + RETRY_WINDOW
-                            backoff = FIRST_BACKOFF
+                            patience.progressed()
                         # Until the custodian has answered once, give up soon: it may
                         # simply be down or misnamed; a cut transfer is retried longer.
                         gave_up = isinstance(exc, NotInRoster) or (
                             not job.opened and job.attempts >= FIRST_CONTACT_ATTEMPTS
                         )
-                        if gave_up or time.monotonic() + backoff > deadline:
+                        if gave_up or patience.exhausted(patience.backoff):
                             job.state = "failed"
                             return
                         log.info("fetch %s interrupted (%s); retrying", job.id, job.error)
-                        await asyncio.sleep(backoff)
-                        backoff = min(backoff * 2, MAX_BACKOFF)
+                        await asyncio.sleep(patience.next_wait())
                         continue
                     except ImageShareError as exc:
                         job.state, job.error = "failed", str(exc)
@@ -896,8 +915,8 @@ class TransferService:
                     # once. Two minutes in which it names nothing new fail the fetch.
                     if len(manifest.instances) > named:
                         named = len(manifest.instances)
-                        deadline, backoff = time.monotonic() + RETRY_WINDOW, FIRST_BACKOFF
-                    elif time.monotonic() > deadline:
+                        patience.progressed()
+                    elif patience.exhausted():
                         job.state = "failed"
                         job.error = (
                             f"the custodian's PACS delivered nothing more in {RETRY_WINDOW:.0f} s"
