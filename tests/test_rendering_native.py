@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.pixels import pixel_array
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node.errors import BadInput
 from node.services.rendering import native_grey_frame, parse_options, render_file
@@ -37,7 +37,7 @@ def _multiframe(directory: Path, bits: int, signed: bool, syntax: str) -> Path:
     ds.NumberOfFrames = 3
     ds.PixelData = frames.tobytes()
     ds["PixelData"].VR = "OB" if bits == 8 else "OW"
-    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.TransferSyntaxUID = UID(syntax)
     path = directory / f"frames-{bits}-{signed}-{syntax}.dcm"
     ds.save_as(path, enforce_file_format=True, implicit_vr=syntax == ImplicitVRLittleEndian)
     return path
