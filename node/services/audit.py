@@ -539,11 +539,14 @@ class AuditReport:
 
 
 def decode_entries(raws: list[bytes]) -> list[LedgerEntry | BadInput]:
-    """Each entry decoded, or the BadInput that says why it is malformed."""
+    """Each entry decoded, its typed body too, or the BadInput that says why it is
+    malformed. (The body is built here, so that a pool worker builds it, not the judge.)"""
     results: list[LedgerEntry | BadInput] = []
     for raw in raws:
         try:
-            results.append(decode_entry(raw))
+            entry = decode_entry(raw)
+            _ = entry.body
+            results.append(entry)
         except BadInput as exc:
             results.append(exc)
     return results
