@@ -577,6 +577,8 @@ class TestAuditState:
         assert first["entries_read"] == 2 * (16 + 1)
         assert read == {A_ORIGIN: 2 * 300, B_ORIGIN: 0}  # from A and from its mirror on B
         assert second["logs"][0]["size"] == 316 and third["entries_read"] == 0
+        modes = [path.stat().st_mode & 0o777 for path in (state, state / "audit-state.sqlite")]
+        assert modes == [0o700, 0o600]
 
     def test_access_against_a_grant_revoked_in_an_earlier_run_is_caught_and_a_foreign_state_refused(
         self, nodes: tuple[NodeProcess, NodeProcess], tmp_path: Path

@@ -50,7 +50,9 @@ class AuditStateStore:
 
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._db = open_database(directory / STATE_FILE, MIGRATIONS)
+        path = directory / STATE_FILE
+        path.touch(mode=0o600)  # SQLite gives its -wal and -shm files the same mode
+        self._db = open_database(path, MIGRATIONS)
 
     def close(self) -> None:
         self._db.close()
