@@ -177,6 +177,13 @@ def run(ctx: BenchContext) -> list[Row]:
     finally:
         a.stop()
         b.stop()
+    # Shown at once: on a loaded machine the module may run out of time in the rerun.
+    print(
+        f"audit: {total} entries in {seconds:.1f} s, peak RSS {peak_mb:.0f} MB; built in"
+        f" {built:.0f} s",
+        file=sys.stderr,
+        flush=True,
+    )
     added = grow(a, b, patients, RERUN_ENTRIES // 10 if ctx.quick else RERUN_ENTRIES, now)
     a.start()
     b.start()
