@@ -41,7 +41,7 @@ from node.core.merkle import ZERO_HASH, leaf_hash
 from node.core.patient_keys import PatientKey
 from node.errors import BadInput
 from node.services.audit import Workers, parse_entries_page, parse_listing, verify_grants
-from node.services.audit_state import AuditState, SavedCheckpoint
+from node.services.audit_state import AuditState
 from node.store.ledger import LedgerStore
 from node.store.secrets import read_seed
 from tests.support.nodes import NodeProcess, free_port, init_node, run_cli, wait_until
@@ -184,10 +184,7 @@ def clean_federation(a: NodeProcess, b: NodeProcess) -> tuple[NodeProcess, NodeP
                 T0 + 30,
             ),
         ]
-        + [
-            (Witness(log_id=ref(str(i)), size=i, root=ref(f"r{i}")), T0 + 40)
-            for i in range(12)
-        ],
+        + [(Witness(log_id=ref(str(i)), size=i, root=ref(f"r{i}")), T0 + 40) for i in range(12)],
     )
     append(b, [(receipt(token, A_ORIGIN, study, digest), T0 + 25)])
     mirror(b, a)
@@ -290,10 +287,10 @@ class TestCleanFederation:
         a, b = running
         state = tmp_path / "state"
         assert audit(a.url, b.url, state=state)[0] == 0
-        saved = {json.loads(p.read_text())["origin"]: p for p in state.glob("*.json")}
-        assert set(saved) == {A_ORIGIN, B_ORIGIN}
-        assert json.loads(saved[A_ORIGIN].read_text())["size"] == 16
-        assert audit(a.url, b.url, state=state)[0] == 0
+        saved = AuditState(state).load()
+        assert {origin: c.size for origin, c in saved.items()} == {A_ORIGIN: 16, B_ORIGIN: 1}
+        status, report = audit(a.url, b.url, state=state)
+        assert (status, report["entries_read"]) == (0, 0)
 
 
 class TestStoredBytesTampering:
@@ -512,10 +509,7 @@ class TestViews:
             shutil.copy(path, backup)
         append(
             a,
-            [
-                (Witness(log_id=ref("x"), size=i, root=ref("y")), T0)
-                for i in range(5, 9)
-            ],
+            [(Witness(log_id=ref("x"), size=i, root=ref("y")), T0) for i in range(5, 9)],
         )
         state = tmp_path / "audit-state"
         a.start()
@@ -539,9 +533,7 @@ class TestViews:
     ) -> None:
         a, b = nodes
         reset(a, b)
-        witnessed = [
-            (Witness(log_id=ref("x"), size=i, root=ref("y")), T0) for i in range(6)
-        ]
+        witnessed = [(Witness(log_id=ref("x"), size=i, root=ref("y")), T0) for i in range(6)]
         append(a, witnessed)
         state = tmp_path / "audit-state"
         a.start()
@@ -561,36 +553,127 @@ class TestViews:
 
 
 class TestAuditState:
-    def checkpoint(self, size: int = 3) -> SavedCheckpoint:
-        return SavedCheckpoint(A_ORIGIN, "a+00000000+AA==", size, ref("root"), "note\n")
+    """--state: a rerun reads only what is new, and still judges every rule over all of it."""
 
-    def test_saved_checkpoint_is_loaded_back(self, tmp_path: Path) -> None:
-        state = AuditState(tmp_path / "state")
-        state.save(self.checkpoint(3))
-        state.save(self.checkpoint(7))  # replaces, atomically
-        assert state.load() == {A_ORIGIN: self.checkpoint(7)}
-        assert [p.name for p in (tmp_path / "state").iterdir()] == [
-            f"{hashlib.sha256(A_ORIGIN.encode()).hexdigest()}.json"
-        ]
+    def test_rerun_reads_only_the_entries_after_the_saved_checkpoint(
+        self, federation: tuple[NodeProcess, NodeProcess], tmp_path: Path
+    ) -> None:
+        a, b = federation  # A's log of 16 and B's of 1, each also mirrored by the other
+        state = tmp_path / "state"
+        a.start()
+        b.start()
+        first_status, first = audit(a.url, b.url, state=state)
+        a.stop()
+        b.stop()
+        # 300 more: the rest of the partial bundle A's log ended in, then a new one.
+        append(a, [(Witness(log_id=ref("w"), size=i, root=ref("w")), T0 + 50) for i in range(300)])
+        mirror(b, a)
+        a.start()
+        b.start()
+        second_status, second = audit(a.url, b.url, state=state)
+        third_status, third = audit(a.url, b.url, state=state)
+        read = {log["origin"]: log["entries_read"] for log in second["logs"]}
+        assert (first_status, second_status, third_status) == (0, 0, 0)
+        assert first["entries_read"] == 2 * (16 + 1)
+        assert read == {A_ORIGIN: 2 * 300, B_ORIGIN: 0}  # from A and from its mirror on B
+        assert second["logs"][0]["size"] == 316 and third["entries_read"] == 0
+        modes = [path.stat().st_mode & 0o777 for path in (state, state / "audit-state.sqlite")]
+        assert modes == [0o700, 0o600]
+
+    def test_access_against_a_grant_revoked_in_an_earlier_run_is_caught_and_a_foreign_state_refused(
+        self, nodes: tuple[NodeProcess, NodeProcess], tmp_path: Path
+    ) -> None:
+        a, b = nodes
+        reset(a, b)
+        patient = Patient(A_ORIGIN)
+        token = patient.token(B_ORIGIN)
+        revoke = Revoke(revocation=patient.revocation(token, T0 + 2))
+        append(a, [patient.enroll("mrn-1"), (Grant(token=token), T0 + 1), (revoke, T0 + 2)])
+        append(b, [(Witness(log_id=ref("w"), size=0, root=ref("w")), T0)])
+        state = tmp_path / "state"
+        a.start()
+        b.start()
+        first_status, _ = audit(a.url, b.url, state=state)
+        # The two nodes are also two federations of one node each (neither mirrors).
+        a_alone = tmp_path / "a-alone"
+        assert audit(a.url, state=a_alone)[0] == 0
+        foreign = run_cli("audit", b.url, "--state", str(a_alone), check=False)
+        assert foreign.returncode == 1 and "another federation" in foreign.stderr
+        a.stop()
+        b.stop()
+        study, digest = ref("study"), ref("digest")
+        append(a, [(access(token, B_ORIGIN, study, digest), T0 + 3)])
+        append(b, [(receipt(token, A_ORIGIN, study, digest), T0 + 4)])
+        a.start()
+        b.start()
+        second_status, second = audit(a.url, b.url, state=state)
+        third_status, third = audit(a.url, b.url, state=state)
+        assert (first_status, second_status, third_status) == (0, 1, 1)
+        assert second["entries_read"] == 2
+        assert rules(second) == {(A_ORIGIN, 3, "access_after_revocation")}
+        # Saved with its finding: the next run reads nothing and reports it again.
+        assert third["entries_read"] == 0 and rules(third) == rules(second)
+
+    def test_access_still_awaiting_its_receipt_is_judged_on_a_later_run(
+        self, federation: tuple[NodeProcess, NodeProcess], tmp_path: Path
+    ) -> None:
+        a, b = federation
+        patient = Patient(A_ORIGIN)
+        token = patient.token(B_ORIGIN, not_before=NOW - 3600, expires=NOW + WEEK)
+        recent = NOW - 60  # inside the default 300 s receipt grace
+        append(
+            a,
+            [
+                patient.enroll("mrn-2", at=recent),
+                (Grant(token=token), recent),
+                (access(token, B_ORIGIN, ref("s2"), ref("d2")), recent),
+            ],
+        )
+        mirror(b, a)
+        state = tmp_path / "state"
+        a.start()
+        b.start()
+        first_status, _ = audit(a.url, b.url, state=state)
+        args = ["audit", a.url, b.url, "--json", "--state", str(state), "--receipt-grace", "0"]
+        result = run_cli(*args, check=False)
+        report = json.loads(result.stdout)
+        assert (first_status, result.returncode) == (0, 1)
+        assert report["entries_read"] == 0
+        assert rules(report) == {(A_ORIGIN, 18, "access_without_receipt")}
+
+    def test_tampered_state_is_refused_with_a_clear_error(
+        self, federation: tuple[NodeProcess, NodeProcess], tmp_path: Path
+    ) -> None:
+        a, b = federation
+        a.start()
+        b.start()
+        state = tmp_path / "state"
+        assert audit(a.url, b.url, state=state)[0] == 0
+        entry_flipped, size_changed = tmp_path / "entry-flipped", tmp_path / "size-changed"
+        for copy in (entry_flipped, size_changed):
+            shutil.copytree(state, copy)
+        with sqlite3.connect(entry_flipped / "audit-state.sqlite") as db:
+            where = "WHERE origin = ? AND idx = 3"
+            (raw,) = db.execute(f"SELECT raw FROM entries {where}", (A_ORIGIN,)).fetchone()
+            db.execute(
+                f"UPDATE entries SET raw = ? {where}", (bytes([raw[0] ^ 1]) + raw[1:], A_ORIGIN)
+            )
+        with sqlite3.connect(size_changed / "audit-state.sqlite") as db:
+            db.execute("DELETE FROM entries WHERE origin = ?", (A_ORIGIN,))
+            db.execute("UPDATE logs SET size = 0 WHERE origin = ?", (A_ORIGIN,))
+        result = run_cli("audit", a.url, b.url, "--state", str(entry_flipped), check=False)
+        assert result.returncode == 1
+        assert f"audit state of {A_ORIGIN} is tampered" in result.stderr
+        with pytest.raises(BadInput, match="fields are not the signed checkpoint's"):
+            AuditState(size_changed).load()
 
     def test_missing_directory_is_an_empty_state(self, tmp_path: Path) -> None:
         assert AuditState(tmp_path / "none").load() == {}
 
-    def test_corrupt_state_file_is_refused_not_ignored(self, tmp_path: Path) -> None:
-        state = AuditState(tmp_path)
-        state.save(self.checkpoint())
-        (path,) = tmp_path.glob("*.json")
-        path.write_text('{"v": 1, "origin": 5}')
+    def test_garbage_state_file_is_refused_not_ignored(self, tmp_path: Path) -> None:
+        (tmp_path / "audit-state.sqlite").write_bytes(b"not a database" * 100)
         with pytest.raises(BadInput, match="corrupt"):
-            state.load()
-
-    def test_state_file_under_another_log_name_is_refused(self, tmp_path: Path) -> None:
-        state = AuditState(tmp_path)
-        state.save(self.checkpoint())
-        (path,) = tmp_path.glob("*.json")
-        path.rename(tmp_path / f"{'0' * 64}.json")
-        with pytest.raises(BadInput, match="does not match"):
-            state.load()
+            AuditState(tmp_path).load()
 
 
 class TestAnswersFailClosed:

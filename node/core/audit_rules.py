@@ -105,6 +105,27 @@ RULES: dict[str, str] = {
     "opinions permission, revoked, outside its validity, or a study outside its scope)",
 }
 
+# Findings about the history itself (its signatures, bytes, views across nodes and runs),
+# as opposed to what its entries say. A log showing one is not saved as the next run's
+# baseline, so it keeps being compared with the last good checkpoint and read whole;
+# the other findings are judged again from the saved entries on every run.
+HISTORY_RULES = frozenset(
+    {
+        "bad_checkpoint_signature",
+        "bad_cosignature",
+        "key_mismatch",
+        "bad_key_rotation",
+        "entries_unavailable",
+        "malformed_entry",
+        "broken_chain",
+        "root_mismatch",
+        "rollback",
+        "fork",
+        "split_view",
+        "equivocation",
+    }
+)
+
 # Consent's refusal rule -> the auditor's rule for an access that was served anyway.
 ACCESS_RULES: dict[Rule, str] = {
     Rule.TAMPERED: "access_without_grant",

@@ -25,6 +25,7 @@ import msgpack
 
 from node.config import ConsentConfig
 from node.core.audit_rules import (
+    HISTORY_RULES,
     AccessCheck,
     BreakGlassReview,
     CosignatureStatus,
@@ -48,6 +49,7 @@ from node.core.audit_rules import (
     review_break_glass,
     signed_items,
 )
+from node.core.chain import LogChain
 from node.core.consent import (
     GrantToken,
     Revocation,
@@ -60,12 +62,13 @@ from node.core.entries import LedgerEntry, decode_entry
 from node.core.equivocation import EquivocationProof, verify_equivocation
 from node.core.key_rotation import KeyChain, chain_of_log
 from node.core.keys import VerifierKey, parse_verifier_key
+from node.core.merkle import leaf_hash
 from node.core.notes import Checkpoint, parse_note
 from node.core.origins import is_node_origin, log_id
 from node.core.roster_document import open_roster
-from node.core.tiles import entry_bundles, parse_entry_bundle
+from node.core.tiles import TILE_WIDTH, entry_bundles, parse_entry_bundle
 from node.errors import BadInput, PeerUnreachable, Unauthorized
-from node.services.audit_state import AuditState, SavedCheckpoint
+from node.services.audit_state import AuditState, SavedCheckpoint, VerifiedPrefix
 from node.services.federation_roster import (
     check_roster_log_bytes,
     roster_notes,
@@ -108,6 +111,8 @@ class ServedLog:
     note: str | None = None
     entries: list[bytes] = field(default_factory=list)
     error: str | None = None
+    # How many of ``entries`` the node sent (the others are the state's verified prefix).
+    entries_read: int = 0
 
 
 @dataclass
@@ -178,21 +183,32 @@ def parse_entries_page(body: bytes) -> list[bytes]:
 
 
 async def fetch_entries(
-    session: aiohttp.ClientSession, base: str, log_id: str, size: int
+    session: aiohttp.ClientSession, base: str, log_id: str, size: int, start: int = 0
 ) -> list[bytes]:
-    """Entries 0..size-1 of a log from one node, several pages in flight.
+    """Entries start..size-1 of a log from one node, several pages in flight.
 
-    Raises BadInput if the log is larger than the auditor holds, or the node errs,
-    answers garbage, or stops short of ``size``.
+    Whole entry bundles where the range covers them; an unaligned head (the rest of the
+    partial bundle a previous read ended in) comes from ``/entries``, so that a rerun
+    reads no entry twice. Raises BadInput if the log is larger than the auditor holds,
+    or the node errs, answers garbage, or stops short of ``size``.
     """
     if size > MAX_LOG_ENTRIES:
         raise BadInput(f"a log of {size} entries is more than this auditor holds")
-    bundles = await fetch_entry_bundles(session, f"{base}/ledger/logs/{log_id}", size)
-    if bundles is not None:
-        return bundles
     url = f"{base}/ledger/logs/{log_id}/entries"
+    aligned = min(size, -(-start // TILE_WIDTH) * TILE_WIDTH)
+    head = await fetch_entry_pages(session, url, start, aligned) if start < aligned else []
+    bundles = await fetch_entry_bundles(session, f"{base}/ledger/logs/{log_id}", size, aligned)
+    if bundles is not None:
+        return head + bundles
+    return head + await fetch_entry_pages(session, url, aligned, size)
+
+
+async def fetch_entry_pages(
+    session: aiohttp.ClientSession, url: str, first: int, size: int
+) -> list[bytes]:
+    """Entries first..size-1 from an ``/entries`` endpoint, several pages in flight."""
     chunks: dict[int, list[bytes]] = {}
-    starts = iter(range(0, size, ENTRIES_PAGE))
+    starts = iter(range(first, size, ENTRIES_PAGE))
 
     async def fetch_pages() -> None:
         for start in starts:  # shared: each page is fetched by one of the fetchers
@@ -208,20 +224,20 @@ async def fetch_entries(
 
     await asyncio.gather(*(fetch_pages() for _ in range(PAGES_IN_FLIGHT)))
     entries: list[bytes] = []
-    for start in range(0, size, ENTRIES_PAGE):
+    for start in range(first, size, ENTRIES_PAGE):
         entries.extend(chunks[start])
     return entries
 
 
 async def fetch_entry_bundles(
-    session: aiohttp.ClientSession, prefix: str, size: int
+    session: aiohttp.ClientSession, prefix: str, size: int, start: int = 0
 ) -> list[bytes] | None:
-    """Entries 0..size-1 from a log's tlog-tiles entry bundles, several in flight; None if
-    the node serves no tiles (its first bundle is 404). Raises BadInput like
-    fetch_entries."""
-    refs = entry_bundles(0, size)
-    if not refs:
+    """Entries start..size-1 (``start`` a multiple of 256) from a log's tlog-tiles entry
+    bundles, several in flight; None if the node serves no tiles (its first bundle is
+    404). Raises BadInput like fetch_entries."""
+    if start >= size:
         return []
+    refs = entry_bundles(start, size)
     first = f"{prefix}/{refs[0].path()}"
     async with session.get(first, allow_redirects=False) as response:
         if response.status == 404:
@@ -229,7 +245,7 @@ async def fetch_entry_bundles(
         body = await read_bounded(response, MAX_RESPONSE_BYTES)
         if response.status != 200:
             raise BadInput(f"{first} answered {response.status}")
-    chunks = {0: parse_entry_bundle(body, refs[0].width)}
+    chunks = {refs[0].n: parse_entry_bundle(body, refs[0].width)}
     pending = iter(refs[1:])
 
     async def fetch() -> None:
@@ -242,21 +258,46 @@ async def fetch_entry_bundles(
 
 
 async def fetch_served_log(
-    session: aiohttp.ClientSession, base: str, listing: LogListing
+    session: aiohttp.ClientSession,
+    base: str,
+    listing: LogListing,
+    known: VerifiedPrefix | None = None,
 ) -> ServedLog:
-    """One log as ``base`` serves it; a failure is recorded on the result, never raised."""
+    """One log as ``base`` serves it; a failure is recorded on the result, never raised.
+
+    With ``known`` (the entries verified last time) only the entries after them are
+    read, if they extend them to the checkpoint's root; otherwise (a rollback, a
+    rewritten history) the whole log is read again and judged like any copy.
+    """
     served = ServedLog(base, listing)
     url = f"{base}/ledger/logs/{listing.log_id}/checkpoint"
     try:
         note = (await get_body(session, url)).decode()
         served.note = note
-        size = checkpoint_size(note)
-        served.entries = await fetch_entries(session, base, listing.log_id, size)
+        body, _signatures = parse_note(note)
+        claimed = Checkpoint.parse(body)
+        if known is not None and known.chain.size <= claimed.size:
+            start = known.chain.size
+            new = await fetch_entries(session, base, listing.log_id, claimed.size, start)
+            served.entries_read = len(new)
+            if _extends(known.chain, new, claimed.root_hash):
+                served.entries = [*known.entries, *new]
+                return served
+        served.entries = await fetch_entries(session, base, listing.log_id, claimed.size)
+        served.entries_read += len(served.entries)
     except (BadInput, UnicodeDecodeError) as exc:
         served.error = str(exc)
     except (aiohttp.ClientError, TimeoutError, PeerUnreachable) as exc:
         served.error = f"connection failed while reading the log: {describe(exc)}"
     return served
+
+
+def _extends(chain: LogChain, new: Sequence[bytes], root: bytes) -> bool:
+    """True if ``new`` entries after the ones ``chain`` walked give the tree ``root``."""
+    grown = chain.copy()
+    for raw in new:
+        grown.push_leaf(leaf_hash(raw))
+    return grown.root() == root
 
 
 def checkpoint_size(note: str) -> int:
@@ -265,8 +306,12 @@ def checkpoint_size(note: str) -> int:
     return Checkpoint.parse(body).size
 
 
-async def fetch_view(session: aiohttp.ClientSession, url: str) -> PeerView:
-    """Everything one node serves; raises PeerUnreachable if its API cannot be read."""
+async def fetch_view(
+    session: aiohttp.ClientSession, url: str, known: Mapping[str, VerifiedPrefix] | None = None
+) -> PeerView:
+    """Everything one node serves; raises PeerUnreachable if its API cannot be read.
+    ``known``: entries verified last time, by origin (only what follows them is read)."""
+    known = known or {}
     base = url.rstrip("/")
     try:
         health = _json(await get_body(session, f"{base}/healthz"), "/healthz")
@@ -279,7 +324,9 @@ async def fetch_view(session: aiohttp.ClientSession, url: str) -> PeerView:
     origin = health.get("origin") if isinstance(health, dict) else None
     if not is_node_origin(origin):
         raise PeerUnreachable(f"{base}/healthz does not name the node's origin")
-    logs = await asyncio.gather(*(fetch_served_log(session, base, lst) for lst in listings))
+    logs = await asyncio.gather(
+        *(fetch_served_log(session, base, lst, known.get(lst.origin)) for lst in listings)
+    )
     view = PeerView(base, origin, list(logs), equivocations)
     try:
         view.roster = await _fetch_roster_log(session, base)
@@ -328,14 +375,18 @@ async def _fetch_equivocations(session: aiohttp.ClientSession, base: str) -> lis
 
 
 async def collect(
-    urls: list[str], timeout: float = 30.0, ca_file: str = ""
+    urls: list[str],
+    timeout: float = 30.0,
+    ca_file: str = "",
+    known: Mapping[str, VerifiedPrefix] | None = None,
 ) -> tuple[list[PeerView], list[str]]:
     """Views of every reachable node and the reasons the others were unreachable;
-    ``https://`` nodes are trusted by ``ca_file`` (peer_client.open_session)."""
+    ``https://`` nodes are trusted by ``ca_file`` (peer_client.open_session). ``known``:
+    each log's entries verified last time (node.services.audit_state)."""
     client_timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
     async with open_session(ca_file, client_timeout) as session:
         results = await asyncio.gather(
-            *(fetch_view(session, url) for url in urls), return_exceptions=True
+            *(fetch_view(session, url, known) for url in urls), return_exceptions=True
         )
     views: list[PeerView] = []
     unreachable: list[str] = []
@@ -440,6 +491,7 @@ class LogReport:
     counts: dict[str, int]
     cosignatures: list[CosignatureStatus]
     verified: bool  # some node served an intact, validly signed copy
+    entries_read: int = 0  # entries the nodes sent of it, all copies (the rest: the state)
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -454,6 +506,7 @@ class LogReport:
                 for c in self.cosignatures
             ],
             "verified": self.verified,
+            "entries_read": self.entries_read,
         }
 
 
@@ -481,15 +534,19 @@ class AuditReport:
             "violations": [v.as_json() for v in self.violations],
             "unreachable": self.unreachable,
             "break_glass": [b.as_json() for b in self.break_glass],
+            "entries_read": sum(log.entries_read for log in self.logs),
         }
 
 
 def decode_entries(raws: list[bytes]) -> list[LedgerEntry | BadInput]:
-    """Each entry decoded, or the BadInput that says why it is malformed."""
+    """Each entry decoded, its typed body too, or the BadInput that says why it is
+    malformed. (The body is built here, so that a pool worker builds it, not the judge.)"""
     results: list[LedgerEntry | BadInput] = []
     for raw in raws:
         try:
-            results.append(decode_entry(raw))
+            entry = decode_entry(raw)
+            _ = entry.body
+            results.append(entry)
         except BadInput as exc:
             results.append(exc)
     return results
@@ -567,9 +624,10 @@ def audit_views(
 ) -> tuple[AuditReport, list[SavedCheckpoint]]:
     """Judge everything the nodes served; returns the report and the checkpoints to save.
 
-    Only logs with no violation at all are saved, so a problem keeps being reported
-    until it is resolved. ``federation_key`` anchors the roster logs served (else each
-    is read from its own first version).
+    Logs showing a finding about their history (HISTORY_RULES) are not saved, so they
+    keep being compared with the last good checkpoint until resolved; the other findings
+    are judged again from the saved entries on every run. ``federation_key`` anchors
+    the roster logs served (else each is read from its own first version).
     """
     workers = workers or Workers()
     keys, violations = resolve_keys(views, saved)
@@ -601,10 +659,12 @@ def audit_views(
     violations += _roster(views, best, federation_key)
     violations = _dedupe(violations)
     reports = _log_reports(views, keys, histories, best)
-    broken = {v.log for v in violations}
+    broken = {v.log for v in violations if v.rule in HISTORY_RULES}
     # The key pinned for next time is the log's current one (its chain leads back).
     to_save = [
-        SavedCheckpoint(origin, str(h.signing_key), h.size, h.checkpoint.root_hash, h.note)
+        SavedCheckpoint(
+            origin, str(h.signing_key), h.size, h.checkpoint.root_hash, h.note, h.source
+        )
         for origin, h in sorted(best.items())
         if origin not in broken and h.checkpoint is not None and h.signing_key is not None
     ]
@@ -777,9 +837,11 @@ def _log_reports(
     best: dict[str, History],
 ) -> list[LogReport]:
     sources: dict[str, list[str]] = {}
+    read: dict[str, int] = {}
     for view in views:
         for served in view.logs:
             sources.setdefault(served.listing.origin, []).append(view.url)
+            read[served.listing.origin] = read.get(served.listing.origin, 0) + served.entries_read
     reports = []
     for origin in sorted(sources):
         chosen = best.get(origin)
@@ -795,6 +857,7 @@ def _log_reports(
                 counts=count_kinds(chosen.entries) if chosen else {},
                 cosignatures=chosen.cosignatures if chosen else [],
                 verified=chosen is not None,
+                entries_read=read[origin],
             )
         )
     return reports
@@ -905,11 +968,19 @@ def run_audit(
 ) -> AuditReport:
     """Mirror, verify and judge every log the nodes at ``urls`` serve.
 
-    Saves the checkpoints of logs found clean into ``state``. Raises BadInput if the
-    state directory is corrupt.
+    With ``state``, only the entries after each log's saved checkpoint are read, and the
+    logs whose history verified are saved with their entries. Raises BadInput if the state
+    directory is corrupt, tampered, or holds another federation's logs.
     """
     saved = state.load() if state is not None else {}
-    views, unreachable = asyncio.run(collect(urls, timeout, ca_file))
+    known: dict[str, VerifiedPrefix] = {}
+    if state is not None:
+        for origin in saved:
+            prefix = state.verified_prefix(origin)
+            if prefix is not None:
+                known[origin] = prefix
+    views, unreachable = asyncio.run(collect(urls, timeout, ca_file, known))
+    refuse_foreign_state(saved, views)
     workers = Workers()
     try:
         report, to_save = audit_views(
@@ -924,6 +995,27 @@ def run_audit(
     finally:
         workers.close()
     if state is not None:
-        for checkpoint in to_save:
-            state.save(checkpoint)
+        save_verified(state, to_save, views)
     return report
+
+
+def refuse_foreign_state(saved: Mapping[str, SavedCheckpoint], views: Sequence[PeerView]) -> None:
+    """BadInput if the state holds logs but the nodes serve none of them: it was saved
+    auditing another federation, and judging against it would report nothing useful."""
+    served = {log.listing.origin for view in views for log in view.logs}
+    if saved and served and not served & set(saved):
+        raise BadInput(
+            f"the audit state holds the logs of {', '.join(sorted(saved))}, none of which the"
+            " nodes serve: it belongs to another federation; use another --state directory"
+        )
+
+
+def save_verified(
+    state: AuditState, to_save: Sequence[SavedCheckpoint], views: Sequence[PeerView]
+) -> None:
+    """Save each clean log's checkpoint with the entries of the copy that was judged."""
+    copies = {(view.url, log.listing.origin): log for view in views for log in view.logs}
+    for checkpoint in to_save:
+        copy = copies.get((checkpoint.source or "", checkpoint.origin))
+        entries = copy.entries if copy is not None else None
+        state.save(checkpoint, entries if entries and len(entries) == checkpoint.size else None)

@@ -1,26 +1,27 @@
-"""The auditor's memory between runs: the last verified checkpoint of every log.
+"""The auditor's memory between runs (``--state DIR``): per log, the last checkpoint it
+verified and the entries that checkpoint covers (node.store.audit_state).
 
-One JSON file per log, named by the log ID (hex SHA-256 of the origin), holding the
-origin, the verifier key first seen for it, and the last checkpoint that verified
-(size, root, signed note). Files are replaced atomically (write, fsync, rename, fsync
-the directory) so that a crash mid-save leaves either the old or the new state, never a
-torn one. A rollback or fork seen by a later audit is judged against these files.
+A rerun then reads from each node only the entries after the saved size, and judges
+every rule over the saved entries and the new ones together. Nothing saved is trusted
+blindly: on load each checkpoint must verify under the key pinned with it, and the
+entries kept must hash to its root, or the audit stops with a clear error (a tampered
+or torn state is refused, never half-used). A log is saved only when its history
+verified (node.core.audit_rules.HISTORY_RULES); consent findings are judged again from
+the saved entries on every run, so they keep being reported.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
-import os
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from node.core.origins import log_id
-from node.errors import BadInput
-
-STATE_VERSION = 1
+from node.core.chain import LogChain
+from node.core.keys import parse_verifier_key
+from node.core.merkle import leaf_hash
+from node.core.notes import verify_note
+from node.core.origins import is_node_origin, log_id
+from node.errors import BadInput, ImageShareError, Unauthorized
+from node.store.audit_state import AuditStateStore, LogRow, is_state_database_error
 
 
 @dataclass(frozen=True)
@@ -32,82 +33,109 @@ class SavedCheckpoint:
     size: int
     root_hash: bytes
     note: str
+    # The node whose copy was judged (the entries to keep come from it); not state.
+    source: str | None = field(default=None, compare=False)
 
     @property
     def log_id(self) -> str:
         return log_id(self.origin)
 
-    def to_json(self) -> dict[str, object]:
-        return {
-            "v": STATE_VERSION,
-            "origin": self.origin,
-            "vkey": self.vkey,
-            "size": self.size,
-            "root": base64.b64encode(self.root_hash).decode(),
-            "note": self.note,
-        }
 
-    @classmethod
-    def from_json(cls, raw: object) -> SavedCheckpoint:
-        """Parse one state file's document; raises BadInput if it is not what save wrote."""
-        if not isinstance(raw, dict) or raw.get("v") != STATE_VERSION:
-            raise BadInput("audit state file has an unknown format")
-        try:
-            origin, vkey, size, note = raw["origin"], raw["vkey"], raw["size"], raw["note"]
-            root_hash = base64.b64decode(raw["root"], validate=True)
-        except (KeyError, TypeError, binascii.Error) as exc:
-            raise BadInput("audit state file is incomplete") from exc
-        if not (
-            isinstance(origin, str)
-            and isinstance(vkey, str)
-            and isinstance(note, str)
-            and isinstance(size, int)
-            and not isinstance(size, bool)
-            and size >= 0
-            and len(root_hash) == 32
-        ):
-            raise BadInput("audit state file has mistyped fields")
-        return cls(origin, vkey, size, root_hash, note)
+@dataclass(frozen=True)
+class VerifiedPrefix:
+    """A log's entries up to its saved checkpoint, checked against that checkpoint, and
+    the chain's right edge after them (to check a node's next entries against)."""
+
+    entries: list[bytes]
+    chain: LogChain
 
 
 class AuditState:
-    """The --state directory: load every saved checkpoint, save verified ones atomically."""
+    """The --state directory: load checked saved checkpoints, save verified ones durably."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self._rows: dict[str, LogRow] = {}
+
+    def _open(self) -> AuditStateStore:
+        try:
+            return AuditStateStore(self.directory)
+        except ImageShareError:
+            raise
+        except Exception as exc:
+            if is_state_database_error(exc):
+                raise BadInput(f"audit state in {self.directory} is corrupt: {exc}") from exc
+            raise
 
     def load(self) -> dict[str, SavedCheckpoint]:
-        """Saved checkpoints by origin; raises BadInput naming a corrupt state file."""
-        saved: dict[str, SavedCheckpoint] = {}
+        """Saved checkpoints by origin; raises BadInput if one is corrupt or tampered."""
         if not self.directory.is_dir():
-            return saved
-        for path in sorted(self.directory.glob("*.json")):
-            try:
-                checkpoint = SavedCheckpoint.from_json(json.loads(path.read_text()))
-            except (ValueError, BadInput) as exc:
-                raise BadInput(f"audit state file {path.name} is corrupt: {exc}") from exc
-            if path.stem != checkpoint.log_id:
-                raise BadInput(f"audit state file {path.name} does not match its origin")
-            saved[checkpoint.origin] = checkpoint
+            return {}
+        store = self._open()
+        try:
+            rows = store.logs()
+        except ValueError as exc:
+            raise BadInput(f"audit state in {self.directory} is corrupt: {exc}") from exc
+        finally:
+            store.close()
+        saved = {}
+        for row in rows:
+            saved[row.origin] = _checked(row)
+            self._rows[row.origin] = row
         return saved
 
-    def save(self, checkpoint: SavedCheckpoint) -> None:
-        """Replace the log's saved checkpoint atomically and durably."""
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        target = self.directory / f"{checkpoint.log_id}.json"
-        data = json.dumps(checkpoint.to_json(), indent=1, sort_keys=True).encode()
-        fd, tmp_name = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".json")
+    def verified_prefix(self, origin: str) -> VerifiedPrefix | None:
+        """The entries kept for a log loaded by ``load``, checked to hash to its saved
+        root (None if none are kept); raises BadInput if they do not."""
+        row = self._rows.get(origin)
+        if row is None or row.entries_kept == 0:
+            return None
+        store = self._open()
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp_name, target)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
+            entries = store.entries(origin)
+        except ValueError as exc:
+            raise BadInput(f"audit state of {origin} is corrupt: {exc}") from exc
         finally:
-            os.close(dir_fd)
+            store.close()
+        chain = LogChain()
+        for raw in entries:
+            chain.push_leaf(leaf_hash(raw))
+        if chain.size != row.size or chain.root() != row.root:
+            raise BadInput(
+                f"audit state of {origin} is tampered: its entries do not hash to the"
+                " checkpoint saved with them"
+            )
+        return VerifiedPrefix(entries, chain)
+
+    def save(self, checkpoint: SavedCheckpoint, entries: list[bytes] | None = None) -> None:
+        """Replace the log's saved checkpoint (and the entries it covers, if given)
+        atomically and durably."""
+        store = self._open()
+        try:
+            store.save(
+                checkpoint.origin,
+                checkpoint.vkey,
+                checkpoint.size,
+                checkpoint.root_hash,
+                checkpoint.note,
+                entries,
+            )
+        finally:
+            store.close()
+
+
+def _checked(row: LogRow) -> SavedCheckpoint:
+    """A saved row as a checkpoint, if it still proves itself; else BadInput."""
+    where = f"audit state of {row.origin!r}"
+    if not is_node_origin(row.origin) or len(row.root) != 32 or row.size < 0:
+        raise BadInput(f"{where} is corrupt: mistyped fields")
+    if row.entries_kept not in (0, row.size):
+        raise BadInput(f"{where} is corrupt: {row.entries_kept} entries for size {row.size}")
+    try:
+        key = parse_verifier_key(row.vkey)
+        checkpoint = verify_note(row.note, key)
+    except (BadInput, Unauthorized) as exc:
+        raise BadInput(f"{where} is tampered: its checkpoint does not verify: {exc}") from exc
+    if key.name != row.origin or (checkpoint.size, checkpoint.root_hash) != (row.size, row.root):
+        raise BadInput(f"{where} is tampered: its fields are not the signed checkpoint's")
+    return SavedCheckpoint(row.origin, row.vkey, row.size, row.root, row.note)

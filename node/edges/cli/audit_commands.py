@@ -90,6 +90,7 @@ def render_report(report: AuditReport) -> str:
         else:
             lines.append("  cosigned by: nobody")
         lines.append(f"  served by: {', '.join(log.sources)}")
+        lines.append(f"  entries read from the nodes: {log.entries_read}")
     for b in report.break_glass:
         flag = "FLAGGED " if b.problems else ""
         policy = "federation default" if b.default_policy else f"patient's {b.policy}"

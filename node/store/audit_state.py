@@ -1,0 +1,141 @@
+"""The auditor's state between runs: per log, the last checkpoint it verified and the
+entries that checkpoint covers.
+
+One SQLite database in the state directory. A log's checkpoint and the entries it
+covers are replaced in one transaction (WAL, synchronous=FULL), so a crash mid-save
+leaves the old state or the new one, never a checkpoint without its entries. The store
+only keeps rows; the service (node.services.audit_state) checks that they still prove
+what they claim before an audit trusts them.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from node.store.sqlite import Migration, open_database
+
+STATE_FILE = "audit-state.sqlite"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS logs (
+    origin TEXT PRIMARY KEY, vkey TEXT NOT NULL, size INTEGER NOT NULL,
+    root BLOB NOT NULL, note TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS entries (
+    origin TEXT NOT NULL, idx INTEGER NOT NULL, raw BLOB NOT NULL,
+    PRIMARY KEY (origin, idx)) WITHOUT ROWID;
+"""
+# Schema versions (node/store/sqlite.py): position n upgrades version n to n + 1.
+MIGRATIONS: tuple[Migration, ...] = (_SCHEMA,)
+# Rows fetched from SQLite per round trip while reading a log's entries back.
+READ_BATCH = 10_000
+
+
+@dataclass(frozen=True)
+class LogRow:
+    """One log's saved checkpoint as stored, unchecked, and how many entries are kept."""
+
+    origin: str
+    vkey: str
+    size: int
+    root: bytes
+    note: str
+    entries_kept: int
+
+
+class AuditStateStore:
+    """The rows of one state directory's database."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = directory / STATE_FILE
+        path.touch(mode=0o600)  # SQLite gives its -wal and -shm files the same mode
+        self._db = open_database(path, MIGRATIONS)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def logs(self) -> list[LogRow]:
+        """Every saved log, by origin; raises ValueError if the rows cannot be read."""
+        try:
+            rows = self._db.execute(
+                "SELECT l.origin, l.vkey, l.size, l.root, l.note,"
+                " (SELECT count(*) FROM entries e WHERE e.origin = l.origin)"
+                " FROM logs l ORDER BY l.origin"
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise ValueError(f"the saved logs cannot be read: {exc}") from exc
+        result = []
+        for origin, vkey, size, root, note, kept in rows:
+            if not (
+                isinstance(origin, str)
+                and isinstance(vkey, str)
+                and isinstance(size, int)
+                and isinstance(root, bytes)
+                and isinstance(note, str)
+            ):
+                raise ValueError(f"the saved row of {origin!r} has mistyped columns")
+            result.append(LogRow(origin, vkey, size, root, note, kept))
+        return result
+
+    def entries(self, origin: str) -> list[bytes]:
+        """The entries kept for a log, in index order; ValueError if they cannot be read
+        or their indexes have gaps."""
+        entries: list[bytes] = []
+        try:
+            cursor = self._db.execute(
+                "SELECT idx, raw FROM entries WHERE origin = ? ORDER BY idx", (origin,)
+            )
+            while batch := cursor.fetchmany(READ_BATCH):
+                for index, raw in batch:
+                    if index != len(entries) or not isinstance(raw, bytes):
+                        raise ValueError(f"entry {len(entries)} is missing or not bytes")
+                    entries.append(raw)
+        except sqlite3.Error as exc:
+            raise ValueError(f"entry {len(entries)} cannot be read: {exc}") from exc
+        return entries
+
+    def save(
+        self,
+        origin: str,
+        vkey: str,
+        size: int,
+        root: bytes,
+        note: str,
+        entries: Sequence[bytes] | None,
+    ) -> None:
+        """Replace a log's checkpoint, and its kept entries by ``entries`` (exactly the
+        checkpoint's; None keeps none), in one durable transaction. Entries already kept
+        are not rewritten: only those past the ones kept are inserted."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            if entries is None:
+                self._db.execute("DELETE FROM entries WHERE origin = ?", (origin,))
+            else:
+                kept = self._db.execute(
+                    "SELECT count(*) FROM entries WHERE origin = ?", (origin,)
+                ).fetchone()[0]
+                self._db.execute(
+                    "DELETE FROM entries WHERE origin = ? AND idx >= ?", (origin, len(entries))
+                )
+                self._db.executemany(
+                    "INSERT INTO entries (origin, idx, raw) VALUES (?, ?, ?)",
+                    ((origin, i, entries[i]) for i in range(kept, len(entries))),
+                )
+            self._db.execute(
+                "INSERT OR REPLACE INTO logs (origin, vkey, size, root, note)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (origin, vkey, size, root, note),
+            )
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+
+
+def is_state_database_error(exc: BaseException) -> bool:
+    """Whether ``exc`` says the state file is not a usable database (garbage, torn)."""
+    return isinstance(exc, sqlite3.DatabaseError)
