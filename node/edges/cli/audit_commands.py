@@ -137,9 +137,9 @@ def register_patient(sub: Any) -> None:
 
 
 def cmd_patient_log(args: argparse.Namespace) -> int:
-    from node.edges.cli.patient_commands import _open_wallet
+    from node.edges.cli.patient_commands import open_wallet
 
-    wallet = _open_wallet(args)
+    wallet = open_wallet(args)
 
     async def read() -> PatientLog:
         timeout = aiohttp.ClientTimeout(total=60)

@@ -69,14 +69,14 @@ def _powers(text: str) -> tuple[Power, ...]:
 
 
 def cmd_delegate(args: argparse.Namespace) -> int:
-    from node.edges.cli.patient_commands import _open_wallet, _run, parse_lifetime
+    from node.edges.cli.patient_commands import open_wallet, parse_lifetime, run_wallet_action
 
     lifetime = parse_lifetime(args.expires)
     scope = None if args.all else tuple(parse_study_ref(r) for r in args.study)
     delegate_key = parse_public_key(args.to_key)
     powers = _powers(args.powers)
-    wallet = _open_wallet(args)
-    result = _run(
+    wallet = open_wallet(args)
+    result = run_wallet_action(
         args,
         lambda session: wallet.delegate(
             session, args.custodian, delegate_key, scope, powers, lifetime
@@ -93,10 +93,10 @@ def cmd_delegate(args: argparse.Namespace) -> int:
 
 
 def cmd_delegations(args: argparse.Namespace) -> int:
-    from node.edges.cli.patient_commands import _open_wallet, _run
+    from node.edges.cli.patient_commands import open_wallet, run_wallet_action
 
-    wallet = _open_wallet(args)
-    listed = _run(args, lambda session: wallet.delegations(session, args.custodian))
+    wallet = open_wallet(args)
+    listed = run_wallet_action(args, lambda session: wallet.delegations(session, args.custodian))
     if args.json:
         print_json({"delegations": listed})
         return EXIT_OK
@@ -110,11 +110,11 @@ def cmd_delegations(args: argparse.Namespace) -> int:
 
 
 def cmd_grant_as_delegate(args: argparse.Namespace) -> int:
-    from node.edges.cli.patient_commands import _open_wallet, parse_lifetime
+    from node.edges.cli.patient_commands import open_wallet, parse_lifetime
 
     lifetime = parse_lifetime(args.expires)
     scope = None if args.all else tuple(parse_study_ref(r) for r in args.study)
-    wallet = _open_wallet(args)
+    wallet = open_wallet(args)
     record = wallet.grant_as_delegate(parse_token_text(args.delegation), args.to, scope, lifetime)
     if args.json:
         print_json(record)

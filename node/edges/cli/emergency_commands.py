@@ -38,9 +38,9 @@ def register_patient(sub: Any) -> None:
 
 
 def cmd_emergency_policy(args: argparse.Namespace) -> int:
-    from node.edges.cli.patient_commands import _open_wallet, _run
+    from node.edges.cli.patient_commands import open_wallet, run_wallet_action
 
-    wallet = _open_wallet(args)
+    wallet = open_wallet(args)
     if args.any_member or args.members or args.never:
         members = tuple(args.members or ())
         choice = (
@@ -50,13 +50,15 @@ def cmd_emergency_policy(args: argparse.Namespace) -> int:
             if members
             else Choice.NEVER
         )
-        result = _run(
+        result = run_wallet_action(
             args,
             lambda session: wallet.set_emergency_policy(session, args.custodian, choice, members),
         )
         verb = "Set"
     else:
-        result = _run(args, lambda session: wallet.emergency_policy(session, args.custodian))
+        result = run_wallet_action(
+            args, lambda session: wallet.emergency_policy(session, args.custodian)
+        )
         verb = "In force"
     if args.json:
         print_json(result)

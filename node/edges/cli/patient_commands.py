@@ -225,14 +225,17 @@ def _passphrase(prompt: str, confirm: bool = False) -> bytes | None:
     return first.encode() or None
 
 
-def _open_wallet(args: argparse.Namespace) -> Wallet:
+def open_wallet(args: argparse.Namespace) -> Wallet:
+    """The wallet named by ``--wallet``, asking for its passphrase if it is encrypted."""
     directory = wallet_directory(args.wallet)
     files = WalletFiles(directory)
     passphrase = _passphrase("Wallet passphrase: ") if files.is_encrypted() else None
     return Wallet.open(directory, passphrase)
 
 
-def _run(args: argparse.Namespace, action: Callable[[aiohttp.ClientSession], Awaitable[T]]) -> T:
+def run_wallet_action(
+    args: argparse.Namespace, action: Callable[[aiohttp.ClientSession], Awaitable[T]]
+) -> T:
     """Run one wallet action with a session to custodians (trusting ``--ca-file``),
     mapping proof failures to a failed check."""
 
@@ -270,8 +273,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_pubkey(args: argparse.Namespace) -> int:
-    wallet = _open_wallet(args)
-    custodian = _run(args, lambda session: wallet.custodian(session, args.custodian))
+    wallet = open_wallet(args)
+    custodian = run_wallet_action(args, lambda session: wallet.custodian(session, args.custodian))
     key = wallet.key_for(custodian.origin).public_key_text
     if args.json:
         print_json({"pubkey": key, "custodian": custodian.origin})
@@ -283,8 +286,8 @@ def cmd_pubkey(args: argparse.Namespace) -> int:
 
 
 def cmd_pin(args: argparse.Namespace) -> int:
-    wallet = _open_wallet(args)
-    custodian = _run(args, lambda session: wallet.pin_desk_code(session, args.code))
+    wallet = open_wallet(args)
+    custodian = run_wallet_action(args, lambda session: wallet.pin_desk_code(session, args.code))
     federation = wallet.files.load_state()["custodians"][custodian.origin].get("federation")
     if args.json:
         print_json(
@@ -298,8 +301,8 @@ def cmd_pin(args: argparse.Namespace) -> int:
 
 
 def cmd_studies(args: argparse.Namespace) -> int:
-    wallet = _open_wallet(args)
-    studies = _run(args, lambda session: wallet.studies(session, args.custodian))
+    wallet = open_wallet(args)
+    studies = run_wallet_action(args, lambda session: wallet.studies(session, args.custodian))
     if args.json:
         print_json({"studies": studies})
         return EXIT_OK
@@ -328,8 +331,8 @@ def parse_lifetime(text: str) -> int:
 def cmd_grant(args: argparse.Namespace) -> int:
     lifetime = parse_lifetime(args.expires)
     scope = None if args.all else tuple(parse_study_ref(r) for r in args.study)
-    wallet = _open_wallet(args)
-    record = _run(
+    wallet = open_wallet(args)
+    record = run_wallet_action(
         args, lambda session: wallet.grant(session, args.custodian, args.to, scope, lifetime)
     )
     if args.json:
@@ -349,8 +352,8 @@ def cmd_share(args: argparse.Namespace) -> int:
     scope = None if args.all else tuple(parse_study_ref(r) for r in args.study)
     if args.passcode is not None and not 1 <= len(args.passcode) <= 256:
         raise BadInput("--passcode takes 1 to 256 characters")
-    wallet = _open_wallet(args)
-    link = _run(
+    wallet = open_wallet(args)
+    link = run_wallet_action(
         args,
         lambda session: wallet.share(
             session, args.custodian, scope, lifetime, args.passcode, args.label, args.opinions
@@ -371,8 +374,10 @@ def cmd_share(args: argparse.Namespace) -> int:
 
 def cmd_revoke(args: argparse.Namespace) -> int:
     token_id = parse_token_id(args.token_id)
-    wallet = _open_wallet(args)
-    result = _run(args, lambda session: wallet.revoke(session, args.custodian, token_id))
+    wallet = open_wallet(args)
+    result = run_wallet_action(
+        args, lambda session: wallet.revoke(session, args.custodian, token_id)
+    )
     if args.json:
         print_json(result)
     else:
@@ -381,8 +386,8 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_tokens(args: argparse.Namespace) -> int:
-    wallet = _open_wallet(args)
-    tokens = _run(args, wallet.tokens)
+    wallet = open_wallet(args)
+    tokens = run_wallet_action(args, wallet.tokens)
     if args.json:
         print_json({"tokens": tokens})
         return EXIT_OK
