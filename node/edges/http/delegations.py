@@ -12,25 +12,17 @@ thin: the rules live in node.core.consent and node.services.consent.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from aiohttp import web
 
 from node.edges.http.context import runtime_of
-from node.edges.http.patient import proof_of_entry, signed_patient
+from node.edges.http.patient import record_signed_document, signed_patient
 from node.services import consent
 from node.services.runtime import NodeRuntime
 
 
 async def submit_delegation(request: web.Request) -> web.Response:
-    runtime = runtime_of(request)
-    caller = await signed_patient(request)
-
-    def record() -> dict[str, Any]:
-        index = consent.record_delegation(runtime, caller.body, caller.public_key)
-        return proof_of_entry(runtime, index)
-
-    return web.json_response(await asyncio.to_thread(record))
+    return await record_signed_document(request, consent.record_delegation)
 
 
 async def list_delegations(request: web.Request) -> web.Response:

@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from node.edges.http.context import runtime_of
-from node.edges.http.patient import proof_of_entry, signed_patient
+from node.edges.http.patient import record_signed_document, signed_patient
 from node.errors import BadInput
 from node.services import emergency
 from node.services.runtime import NodeRuntime
@@ -36,14 +36,7 @@ async def get_policy(request: web.Request) -> web.Response:
 
 
 async def submit_policy(request: web.Request) -> web.Response:
-    runtime = runtime_of(request)
-    caller = await signed_patient(request)
-
-    def record() -> dict[str, Any]:
-        index = emergency.record_policy(runtime, caller.body, caller.public_key)
-        return proof_of_entry(runtime, index)
-
-    return web.json_response(await asyncio.to_thread(record))
+    return await record_signed_document(request, emergency.record_policy)
 
 
 def _text(document: dict[str, Any], name: str, required: bool) -> str:

@@ -15,15 +15,15 @@ live in node.services.consent.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from node.core.base64url import b64url_decode
+from node.core.base64url import b64_encode, b64url_decode
 from node.core.consent import Delegation, Power, decode_grant, decode_revocation
 from node.core.notes import Checkpoint, parse_note
 from node.core.patient_keys import parse_public_key
@@ -138,10 +138,25 @@ def proof_of_entry(runtime: NodeRuntime, index: int) -> dict[str, Any]:
     return {
         "index": index,
         "size": size,
-        "entry": base64.b64encode(entry).decode(),
-        "proof": [base64.b64encode(h).decode() for h in proof],
+        "entry": b64_encode(entry),
+        "proof": [b64_encode(h) for h in proof],
         "checkpoint": note,
     }
+
+
+async def record_signed_document(
+    request: web.Request, record: Callable[[NodeRuntime, bytes, bytes], int]
+) -> web.Response:
+    """Record the document the patient signed as ``request``'s body (``record`` takes the
+    runtime, the body and the patient's key, and returns the entry's index) and answer
+    with the entry's inclusion proof."""
+    runtime = runtime_of(request)
+    caller = await signed_patient(request)
+
+    def recorded() -> dict[str, Any]:
+        return proof_of_entry(runtime, record(runtime, caller.body, caller.public_key))
+
+    return web.json_response(await asyncio.to_thread(recorded))
 
 
 async def list_studies(request: web.Request) -> web.Response:
