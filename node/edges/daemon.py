@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import logging
 import signal
+import threading
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from aiohttp import web
@@ -54,6 +56,9 @@ async def serve(
     """Serve until ``stop`` is set or SIGINT/SIGTERM arrives, then shut down cleanly."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    # The node's own pool for off-loop store calls, so that shutdown can wait for them.
+    executor = ThreadPoolExecutor(thread_name_prefix="imageshare")
+    loop.set_default_executor(executor)
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
             loop.add_signal_handler(signum, stop.set)
@@ -96,4 +101,25 @@ async def serve(
             except Exception:
                 log.exception("error while stopping %r", service)
         await runner.cleanup()
+        await drain_off_loop_calls(loop, executor)
         runtime.close()
+
+
+async def drain_off_loop_calls(
+    loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor
+) -> None:
+    """Wait for every call running in ``executor`` before the stores close under them.
+
+    Cancelling a task that awaits ``asyncio.to_thread`` leaves its thread running; closing a
+    SQLite connection while that thread is inside a statement crashes the process. The
+    loop gets a fresh default pool, so a caller's loop (a test's) stays usable.
+    """
+    loop.set_default_executor(ThreadPoolExecutor())
+    done = loop.create_future()
+
+    def shut_down() -> None:
+        executor.shutdown(wait=True)
+        loop.call_soon_threadsafe(done.set_result, None)
+
+    threading.Thread(target=shut_down, name="imageshare-drain", daemon=True).start()
+    await done
