@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
@@ -115,11 +114,4 @@ async def drain_off_loop_calls(
     loop gets a fresh default pool, so a caller's loop (a test's) stays usable.
     """
     loop.set_default_executor(ThreadPoolExecutor())
-    done = loop.create_future()
-
-    def shut_down() -> None:
-        executor.shutdown(wait=True)
-        loop.call_soon_threadsafe(done.set_result, None)
-
-    threading.Thread(target=shut_down, name="imageshare-drain", daemon=True).start()
-    await done
+    await asyncio.to_thread(executor.shutdown, wait=True)
