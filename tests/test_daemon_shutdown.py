@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
 from node.edges.daemon import serve
@@ -31,10 +32,11 @@ def test_stores_close_only_after_a_running_off_loop_ledger_call_returns(tmp_path
 
     runtime.close = close_and_tell  # type: ignore[method-assign]
     stop = asyncio.Event()
-    stopping = threading.Event()
+    started, stopping = threading.Event(), threading.Event()
     seen: dict[str, object] = {}
 
     def ledger_call_still_running_at_shutdown() -> None:
+        started.set()
         stopping.wait(10)
         seen["closed_before_call"] = closed.wait(CLOSE_WAIT_SECONDS)
         seen["note"] = runtime.services.ledger.checkpoint_note()
@@ -43,7 +45,9 @@ def test_stores_close_only_after_a_running_off_loop_ledger_call_returns(tmp_path
         async def on_ready() -> None:
             # Started, then abandoned: its thread runs on while the node stops.
             call = asyncio.ensure_future(asyncio.to_thread(ledger_call_still_running_at_shutdown))
-            await asyncio.sleep(0)
+            deadline = time.monotonic() + 10
+            while not started.is_set() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
             call.cancel()
             stopping.set()
             stop.set()
@@ -55,4 +59,31 @@ def test_stores_close_only_after_a_running_off_loop_ledger_call_returns(tmp_path
     asyncio.run(main())
     assert seen["closed_before_call"] is False
     assert str(seen["note"]).startswith("shutdown.example/imageshare\n")
+    assert closed.is_set()
+
+
+def test_a_manifest_build_still_running_ends_before_the_stores_close(tmp_path: Path) -> None:
+    made = init_node(tmp_path, "manifest.example/imageshare")
+    runtime = open_runtime(made.config)
+    transfer = runtime.services.transfer
+    closed = threading.Event()
+    started = threading.Event()
+    store_close = runtime.store.close
+
+    def close_and_tell() -> None:
+        closed.set()
+        store_close()
+
+    runtime.store.close = close_and_tell  # type: ignore[method-assign]
+
+    def build_still_running_at_close() -> bool:
+        started.set()
+        closed_first = closed.wait(CLOSE_WAIT_SECONDS)
+        runtime.store.counts()
+        return closed_first
+
+    running = transfer._manifests.submit(build_still_running_at_close)
+    started.wait(10)
+    runtime.close()
+    assert running.result(timeout=10) is False
     assert closed.is_set()

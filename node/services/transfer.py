@@ -397,7 +397,8 @@ class TransferService:
         self._job_tasks: dict[str, asyncio.Task[None]] = {}
 
     def close(self) -> None:
-        self._manifests.shutdown(wait=False, cancel_futures=True)
+        # A manifest build already running reads the stores: it ends before they close.
+        self._manifests.shutdown(wait=True, cancel_futures=True)
         self.store.close()
 
     @property
