@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from node.core.keys import parse_verifier_key
+from node.core.notes import MAX_SIGNATURES
 from node.core.origins import NODE_ORIGIN_RULE, is_node_origin
 from node.errors import BadInput, ConfigError, ImageShareError
 
@@ -550,6 +551,9 @@ class WitnessConfig(Table):
     def __post_init__(self) -> None:
         if self.policy and self.threshold > len(self.policy):
             raise ValueError("threshold: larger than the number of policy witnesses")
+        if self.threshold > MAX_SIGNATURES - 1:
+            # A checkpoint carries its log's signature and at most this many cosignatures.
+            raise ValueError(f"threshold: at most {MAX_SIGNATURES - 1}")
 
 
 class NodeConfig(Table):

@@ -112,6 +112,7 @@ REFUSED = [
     ('[pacs]\ndicomweb_auth_header = "Bearer x"\n', '[pacs] dicomweb_auth_header: must be "Name'),
     ("[pacs]\ncache_bytes = 0\n", "[pacs] cache_bytes:"),
     ('[pacs]\nca_file = "ca.pem"\n', "[pacs] tls: must be true"),
+    ("[witness]\nthreshold = 100\n", "[witness] threshold: at most 99"),
     (
         '[[peers]]\norigin = "b.example/x"\nurl = "http://b"\nvkey = "k"\nextra = 1\n',
         "[[peers]] #1 extra: unknown setting",

@@ -17,6 +17,7 @@ import pytest
 from node.core.entries import Grant
 from node.core.keys import NodeIdentity
 from node.core.merkle import MemoryTree, leaf_hash
+from node.core.notes import MAX_SIGNATURES, cosign_checkpoint, parse_note
 from node.core.tiles import (
     TILE_WIDTH,
     TileRef,
@@ -218,6 +219,33 @@ class TestGoVerifiesTiles:
             timeout=60,
         )
         assert done.returncode == 1 and "checkpoint note" in done.stderr
+
+    def test_go_verifies_a_checkpoint_cosigned_by_more_witnesses_than_a_note_may_carry(
+        self, served: Served, tlogcheck: Path
+    ) -> None:
+        served.grow_to(served.own.size() + 1)
+        status, _, note = served.get("checkpoint")
+        assert status == 200
+        body = parse_note(note)[0]
+        witnesses = [NodeIdentity.generate(f"w{i}.example/x") for i in range(MAX_SIGNATURES + 20)]
+        policy_witness = witnesses[-1].origin  # cosigns last, when the note is full
+        for witness in witnesses:
+            served.own.add_cosignature(
+                cosign_checkpoint(body, witness, 1_700_000_000),
+                witness.vkey,
+                body,
+                preferred=[policy_witness],
+            )
+        status, _, note = served.get("checkpoint")
+        names = [s.name for s in parse_note(note)[1]]
+        assert len(names) == MAX_SIGNATURES and policy_witness in names
+        done = subprocess.run(
+            [str(tlogcheck), f"{served.node.url}{served.prefix}", served.node.vkey],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
 
 
 class TestServedTiles:

@@ -27,7 +27,16 @@ from node.core.entries import Access, Grant
 from node.core.equivocation import EquivocationProof, verify_equivocation
 from node.core.keys import NodeIdentity
 from node.core.merkle import MemoryTree, consistency_proof, leaf_hash
-from node.core.notes import Checkpoint, parse_note, parse_vkey, sign_note, verify_cosignature
+from node.core.notes import (
+    MAX_SIGNATURES,
+    Checkpoint,
+    cosign_checkpoint,
+    parse_note,
+    parse_vkey,
+    sign_note,
+    verify_cosignature,
+    verify_note,
+)
 from node.core.patient_keys import PatientKey
 from node.core.proof_file import parse_tlog_proof, verify_tlog_proof
 from node.core.witness import (
@@ -36,6 +45,7 @@ from node.core.witness import (
     WitnessRefusal,
     parse_add_checkpoint,
     parse_cosignature_lines,
+    with_cosignature,
 )
 from node.errors import BadInput, Unauthorized
 from node.services.proof_export import export_proof
@@ -103,6 +113,67 @@ def check_cosignature_by_hand(line: str, witness_vkey: str, checkpoint_body: str
     message = f"cosignature/v1\ntime {timestamp}\n{checkpoint_body}".encode()
     VerifyKey(public_key).verify(message, raw[12:])  # raises if bad
     return int(timestamp)
+
+
+@pytest.fixture(scope="module")
+def witnesses() -> list[NodeIdentity]:
+    """More witnesses than a note may carry signatures."""
+    return [NodeIdentity.generate(f"w{i}.example/imageshare") for i in range(MAX_SIGNATURES + 20)]
+
+
+class TestCosignaturesANoteCanCarry:
+    """A federation has more members than a note may carry signatures (Go refuses > 100)."""
+
+    @staticmethod
+    def cosigned_by(note: str, witnesses: list[NodeIdentity], preferred: set[str]) -> str:
+        body = parse_note(note)[0]
+        for witness in witnesses:
+            updated = with_cosignature(note, cosign_checkpoint(body, witness, 7), preferred)
+            note = note if updated is None else updated
+        return note
+
+    def test_a_full_note_keeps_the_first_cosignatures_and_still_verifies(
+        self, witnesses: list[NodeIdentity]
+    ) -> None:
+        log = FakeLog(NodeIdentity.generate(LOG_ORIGIN), leaves=3)
+        note = self.cosigned_by(log.note(), witnesses, preferred=set())
+        body, signatures = parse_note(note)
+        assert len(signatures) == MAX_SIGNATURES
+        assert signatures[0].name == LOG_ORIGIN
+        assert [s.name for s in signatures[1:]] == [
+            w.origin for w in witnesses[: MAX_SIGNATURES - 1]
+        ]
+        verify_note(note, log.identity.vkey)
+        for witness, signature in zip(witnesses, signatures[1:], strict=False):
+            assert verify_cosignature(body, signature, witness.vkey) is not None
+
+    def test_a_policy_witness_arriving_last_takes_the_place_of_one_the_policy_does_not_count(
+        self, witnesses: list[NodeIdentity]
+    ) -> None:
+        log = FakeLog(NodeIdentity.generate(LOG_ORIGIN), leaves=3)
+        late = [witnesses[-1].origin, witnesses[-2].origin]
+        note = self.cosigned_by(log.note(), witnesses, preferred=set(late))
+        names = [s.name for s in parse_note(note)[1]]
+        assert len(names) == MAX_SIGNATURES and names[0] == LOG_ORIGIN
+        assert set(late) <= set(names)
+        policy = WitnessPolicy((parse_vkey(witnesses[-1].vkey), parse_vkey(witnesses[-2].vkey)), 2)
+        assert policy.met_by(note)
+
+    def test_a_full_note_of_policy_witnesses_drops_the_next_and_a_refresh_replaces_in_place(
+        self, witnesses: list[NodeIdentity]
+    ) -> None:
+        log = FakeLog(NodeIdentity.generate(LOG_ORIGIN), leaves=3)
+        everyone = {w.origin for w in witnesses}
+        full = self.cosigned_by(log.note(), witnesses[: MAX_SIGNATURES - 1], everyone)
+        body = parse_note(full)[0]
+        assert with_cosignature(full, cosign_checkpoint(body, witnesses[-1], 7), everyone) is None
+        again = with_cosignature(full, cosign_checkpoint(body, witnesses[0], 9), everyone)
+        assert again is not None
+        signatures = parse_note(again)[1]
+        assert len(signatures) == MAX_SIGNATURES
+        refreshed = [s for s in signatures if s.name == witnesses[0].origin]
+        assert len(refreshed) == 1
+        assert verify_cosignature(body, refreshed[0], witnesses[0].vkey) == 9
 
 
 class TestRequestFormat:

@@ -24,7 +24,7 @@ Pure: the store runs ``judge`` inside its write transaction.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from node.core.base64url import b64_decode, b64_encode
@@ -32,8 +32,10 @@ from node.core.equivocation import EquivocationProof
 from node.core.keys import VerifierKey
 from node.core.merkle import EMPTY_ROOT, HASH_SIZE, verify_consistency
 from node.core.notes import (
+    MAX_SIGNATURES,
     Checkpoint,
     NoteSignature,
+    add_signatures,
     parse_note,
     verify_cosignature,
     verify_note,
@@ -187,3 +189,27 @@ class WitnessPolicy:
     def met_by(self, note: str) -> bool:
         """True if ``note`` carries valid cosignatures of at least ``threshold`` witnesses."""
         return len(self.cosigners(note)) >= self.threshold
+
+
+def with_cosignature(note: str, signature: NoteSignature, preferred: Collection[str]) -> str | None:
+    """``note`` carrying ``signature`` too, within a note's signature limit; None: not kept.
+
+    Go's sumdb/note, like the signed-note spec's advice, refuses a note of more than
+    MAX_SIGNATURES signatures, and a federation has more members than that: so a checkpoint
+    carries its log's signature and the first cosignatures to arrive. When it is full, a
+    cosignature by a ``preferred`` witness (one the log's witness policy counts) takes the
+    place of the latest one by a witness the policy does not count, so the policy can
+    still be met; any other is not kept. A witness's new cosignature replaces its old one.
+    """
+    body, held = parse_note(note)
+    key = (signature.name, signature.key_id)
+    if len(held) < MAX_SIGNATURES or any((s.name, s.key_id) == key for s in held):
+        return add_signatures(note, [signature])
+    if signature.name not in preferred:
+        return None
+    log_origin = Checkpoint.parse(body).origin
+    for victim in reversed(held):
+        if victim.name != log_origin and victim.name not in preferred:
+            without = body + "\n" + "".join(s.line() for s in held if s is not victim)
+            return add_signatures(without, [signature])
+    return None

@@ -865,7 +865,9 @@ class ReplicationService:
             or own.root(checkpoint.size) != checkpoint.root_hash
         ):
             raise Conflict("that checkpoint is not one of this node's log")
-        own.add_cosignature(signatures[0], checkpoint_body=body)
+        own.add_cosignature(
+            signatures[0], checkpoint_body=body, preferred=self.runtime.config.witness.policy
+        )
         return checkpoint.size
 
     # ---- status --------------------------------------------------------------------------

@@ -237,7 +237,7 @@ class WitnessService:
                 continue
             # Conflict: a newer checkpoint was signed meanwhile; the next round asks again.
             with contextlib.suppress(Conflict):
-                own.add_cosignature(signature, checkpoint_body=body)
+                own.add_cosignature(signature, checkpoint_body=body, preferred=self.config.policy)
             self.known_sizes[witness.key.name] = checkpoint.size
             return
         log.info("witness %s answered no valid cosignature", witness.key.name)

@@ -26,7 +26,7 @@ import base64
 import contextlib
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,6 @@ from node.core.merkle import (
 from node.core.notes import (
     Checkpoint,
     NoteSignature,
-    add_signatures,
     parse_note,
     parse_vkey,
     sign_note,
@@ -58,7 +57,7 @@ from node.core.notes import (
 )
 from node.core.origins import log_id_bytes
 from node.core.tiles import TILE_WIDTH, TileRef, encode_entry_bundle
-from node.core.witness import AddCheckpoint, Witnessed, judge
+from node.core.witness import AddCheckpoint, Witnessed, judge, with_cosignature
 from node.errors import (
     BadInput,
     Conflict,
@@ -389,9 +388,7 @@ class LedgerStore:
         ).fetchone()
         return None if row is None else str(row[0])
 
-    def witness(
-        self, request: AddCheckpoint, trusted: Sequence[VerifierKey] | None
-    ) -> Witnessed:
+    def witness(self, request: AddCheckpoint, trusted: Sequence[VerifierKey] | None) -> Witnessed:
         """Judge an add-checkpoint request against what was last cosigned for its log and,
         if it holds, remember its checkpoint, in one transaction: of two racing requests
         from one old size, only one moves the witness on. Raises WitnessRefusal.
@@ -898,12 +895,15 @@ class OwnLog(StoredLog):
         signature: NoteSignature,
         vkey: VerifierKey | str | None = None,
         checkpoint_body: str | None = None,
+        preferred: Collection[str] = (),
     ) -> str:
         """Keep a witness's cosignature of the latest checkpoint; returns the updated note.
 
         The caller checks that the cosigner is a roster member. With ``vkey`` the signature
         is verified here (Unauthorized if it does not verify). Conflict if there is no
-        checkpoint, or ``checkpoint_body`` is given and is no longer the latest one.
+        checkpoint, or ``checkpoint_body`` is given and is no longer the latest one. A note
+        holds at most MAX_SIGNATURES signatures: past that, only a cosignature by a
+        ``preferred`` witness is kept, in the place of another (node.core.witness).
         """
         with self.store.write_transaction() as conn:
             (note,) = conn.execute(
@@ -916,10 +916,11 @@ class OwnLog(StoredLog):
                 raise Conflict("that checkpoint is no longer the latest; cosign the new one")
             if vkey is not None and verify_cosignature(body, signature, vkey) is None:
                 raise Unauthorized(f"the cosignature by {signature.name} does not verify")
-            updated = add_signatures(note, [signature])
+            updated = with_cosignature(note, signature, preferred)
+            if updated is None:
+                return str(note)
             conn.execute("UPDATE logs SET checkpoint=? WHERE id=?", (updated, self.rowid))
         return updated
-
 
     def publish_if(self, note: str, policy_met: bool) -> None:
         """Keep ``note`` as the latest published checkpoint if ``policy_met`` and it is

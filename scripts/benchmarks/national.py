@@ -83,8 +83,8 @@ NOTES = [
     "each append's entry for a consistency proof of about the same size, and saves the "
     "storage of the entries.",
     "national: the served checkpoint is counted with its log's signature and the "
-    "policy's three cosignatures; as built a node serves every cosignature it collected, "
-    "which at 1,000 members passes the 64 KiB checkpoint limit.",
+    "policy's three cosignatures; as built a checkpoint carries at most 99 cosignatures "
+    "(a signed note holds at most 100 signatures), the policy's witnesses kept first.",
 ]
 
 
