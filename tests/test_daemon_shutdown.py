@@ -11,8 +11,15 @@ import asyncio
 import threading
 import time
 from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from node.edges.daemon import serve
+from node.samples import make_ct_study
 from node.services.runtime import open_runtime
 from tests.support.nodes import init_node
 
@@ -87,3 +94,53 @@ def test_a_manifest_build_still_running_ends_before_the_stores_close(tmp_path: P
     runtime.close()
     assert running.result(timeout=10) is False
     assert closed.is_set()
+
+
+def test_stores_close_only_after_a_c_store_being_handled_is_stored(tmp_path: Path) -> None:
+    made = init_node(tmp_path, "dimse-stop.example/imageshare")
+    study = make_ct_study(tmp_path / "study", series=1, slices=1)
+    runtime = open_runtime(made.config)
+    closed, started = threading.Event(), threading.Event()
+    close, commit = runtime.close, runtime.store.commit
+    seen: dict[str, object] = {}
+
+    def close_and_tell() -> None:
+        closed.set()
+        close()
+
+    def commit_still_running_at_shutdown(*args: Any, **kwargs: Any) -> Any:
+        started.set()
+        seen["closed_before_commit"] = closed.wait(CLOSE_WAIT_SECONDS)
+        return commit(*args, **kwargs)
+
+    runtime.close = close_and_tell  # type: ignore[method-assign]
+    runtime.store.commit = commit_still_running_at_shutdown  # type: ignore[method-assign]
+
+    def send_the_instance() -> None:
+        ae = AE(ae_title="SHUTDOWN")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", made.dimse_port, ae_title="IMAGESHARE")
+        assert assoc.is_established
+        assoc.send_c_store(pydicom.dcmread(study.files[0]))
+        assoc.release()
+
+    async def main() -> None:
+        async def on_ready() -> None:
+            sender = threading.Thread(target=send_the_instance, daemon=True)
+            sender.start()
+            deadline = time.monotonic() + 10
+            while not started.is_set() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            stop.set()
+
+        stop = asyncio.Event()
+        await serve(runtime, stop, on_ready)
+
+    asyncio.run(main())
+    assert started.is_set() and closed.is_set()
+    assert seen["closed_before_commit"] is False
+    reopened = open_runtime(made.config)
+    try:
+        assert reopened.store.counts()["instances"] == 1
+    finally:
+        reopened.close()

@@ -20,8 +20,10 @@ import asyncio
 import ipaddress
 import logging
 import ssl
+import threading
+import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from pydicom.dataset import Dataset
@@ -77,6 +79,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SOURCE = "dimse"
+# At shutdown, how long the running associations get to finish the message in hand.
+ASSOCIATION_STOP_SECONDS = 20.0
 # Room for the command set and PDU headers around an instance of the largest size.
 MESSAGE_OVERHEAD = 1024 * 1024
 
@@ -178,6 +182,14 @@ class SubOperationOutcomes:
         return f"{self.completed} completed, {self.warning} warning, {self.failed} failed"
 
 
+def _join_all(threads: Sequence[threading.Thread], within: float) -> None:
+    deadline = time.monotonic() + within
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            log.warning("DIMSE association %s still running at shutdown", thread.name)
+
+
 class DimseGateway:
     """The node's AE: a background service of `imageshare run`."""
 
@@ -266,9 +278,19 @@ class DimseGateway:
             log.info("%s %s listening on %s:%d", kind, self.config.ae_title, *address)
 
     async def stop(self) -> None:
+        """Stop listening, then end the running associations and wait for them.
+
+        Each association runs in a thread of its own that calls the store: the node's
+        stores must not close under one (a SQLite connection closed under a statement
+        crashes the process). An A-ABORT goes out once the message being handled is done.
+        """
         servers, self._servers = self._servers, []
         for server in servers:
             await asyncio.to_thread(server.shutdown)
+        running = [assoc for server in servers for assoc in server.active_associations]
+        for assoc in running:
+            assoc.abort(block=False)
+        await asyncio.to_thread(_join_all, running, ASSOCIATION_STOP_SECONDS)
 
     # -- handlers ----------------------------------------------------------------------
 
