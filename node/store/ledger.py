@@ -389,9 +389,7 @@ class LedgerStore:
         ).fetchone()
         return None if row is None else str(row[0])
 
-    def witness(
-        self, request: AddCheckpoint, trusted: Sequence[VerifierKey] | None
-    ) -> Witnessed:
+    def witness(self, request: AddCheckpoint, trusted: Sequence[VerifierKey] | None) -> Witnessed:
         """Judge an add-checkpoint request against what was last cosigned for its log and,
         if it holds, remember its checkpoint, in one transaction: of two racing requests
         from one old size, only one moves the witness on. Raises WitnessRefusal.
@@ -919,7 +917,6 @@ class OwnLog(StoredLog):
             updated = add_signatures(note, [signature])
             conn.execute("UPDATE logs SET checkpoint=? WHERE id=?", (updated, self.rowid))
         return updated
-
 
     def publish_if(self, note: str, policy_met: bool) -> None:
         """Keep ``note`` as the latest published checkpoint if ``policy_met`` and it is
