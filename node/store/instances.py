@@ -599,7 +599,11 @@ class SqliteInstanceStore(InstanceStoreBase):
             # Indexed, yet the files are not durable: take the rows back before failing.
             self._unindex(fresh)
             raise
-        self._confirm(fresh)
+        try:
+            self._confirm(fresh)
+        except sqlite3.Error as exc:
+            # Durable and indexed all the same: start-up settles (keeps) what stays named.
+            log.warning("instances left unconfirmed until the next start-up: %s", exc)
         return results
 
     def _index(self, fresh: Sequence[StagedInstance], source: str) -> None:
