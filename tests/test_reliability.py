@@ -14,6 +14,8 @@ import hashlib
 import http.client
 import io
 import json
+import os
+import subprocess
 import threading
 import time
 import urllib.error
@@ -125,6 +127,21 @@ def c_store(node: NodeProcess, dataset: pydicom.Dataset) -> pydicom.Dataset:
         assoc.release()
 
 
+def dimse_node(node_factory: Factory) -> NodeProcess:
+    """A started node that takes C-STORE (no LAN discovery)."""
+    node = node_factory()
+    node.append_config("[federation]\ndiscovery = false")
+    return node.start()
+
+
+def assert_stored_as_sent(node: NodeProcess, digest: str, sent: pydicom.Dataset) -> None:
+    """The node's file of ``digest`` holds ``sent``: every element, pixel data included
+    (the file meta is the node's own)."""
+    stored = pydicom.dcmread(node.data_dir / "objects" / digest[:2] / f"{digest}.dcm")
+    assert stored == sent
+    assert stored.PixelData == sent.PixelData
+
+
 class Burst:
     """Worker threads that repeat an acknowledged action until told to stop (or the node dies)."""
 
@@ -202,9 +219,7 @@ class TestKilledDuringIngest:
     def test_c_store_burst_killed_keeps_every_acknowledged_dataset(
         self, node_factory: Factory, tmp_path: Path
     ) -> None:
-        node = node_factory()
-        node.append_config("[federation]\ndiscovery = false")
-        node.start()
+        node = dimse_node(node_factory)
         study = make_ct_study(tmp_path / "dimse", series=1, slices=160, rows=96, columns=96)
         datasets = [pydicom.dcmread(p) for p in study.files]
         acknowledged: list[str] = []
@@ -243,12 +258,70 @@ class TestKilledDuringIngest:
         held = faults.indexed_digests(node.data_dir)
         by_uid = {ds.SOPInstanceUID: ds for ds in datasets}
         for uid in done:
-            path = node.data_dir / "objects" / held[uid][:2] / f"{held[uid]}.dcm"
-            stored = pydicom.dcmread(path)
-            assert stored == by_uid[uid]  # every element, pixel data included
-            assert stored.PixelData == by_uid[uid].PixelData
+            assert_stored_as_sent(node, held[uid], by_uid[uid])
         status, _ = stow(node, study.files[-1].read_bytes())
         assert status == 200
+
+    def test_storescu_burst_killed_keeps_every_instance_it_saw_acknowledged(
+        self, node_factory: Factory, tmp_path: Path
+    ) -> None:
+        node = dimse_node(node_factory)
+        study = make_ct_study(tmp_path / "dimse", series=1, slices=160, rows=96, columns=96)
+        wait_until(
+            lambda: c_store(node, pydicom.dcmread(study.files[0])).Status == 0, message="DIMSE"
+        )
+        sender = subprocess.Popen(
+            ["storescu", "-v", "-aec", "IMAGESHARE", "+sd", "127.0.0.1", str(node.dimse_port)]
+            + [str(p) for p in study.files[1:]],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )
+        acknowledged: list[Path] = [study.files[0]]
+        assert sender.stdout is not None
+        sending: Path | None = None
+        for line in sender.stdout:  # storescu's own log: which file, then its answer
+            if line.startswith("I: Sending file: "):
+                sending = Path(line.removeprefix("I: Sending file: ").strip())
+            elif "Received Store Response (Success)" in line and sending is not None:
+                acknowledged.append(sending)
+                if len(acknowledged) == 40:
+                    node.kill9()
+        assert sender.wait(30) != 0, "storescu sent the whole study before the kill"
+        assert len(acknowledged) >= 40
+
+        node.start()
+        assert faults.store_problems(node.data_dir) == []
+        held = faults.indexed_digests(node.data_dir)
+        uid_of = dict(zip(study.files, study.sop_uids, strict=True))
+        for path in acknowledged:
+            assert_stored_as_sent(node, held[uid_of[path]], pydicom.dcmread(path))
+
+    def test_an_instance_whose_file_never_reached_the_disk_loses_its_row_at_restart(
+        self, node_factory: Factory, tmp_path: Path
+    ) -> None:
+        node = dimse_node(node_factory)
+        study = make_ct_study(tmp_path / "dimse", series=1, slices=3, rows=64, columns=64)
+        datasets = [pydicom.dcmread(p) for p in study.files]
+        for ds in datasets:
+            assert c_store(node, ds).Status == 0x0000
+        acknowledged = faults.indexed_digests(node.data_dir)
+        node.kill9()
+        # Where a power cut after the last instance's index commit, before its file was on
+        # the disk (so before its C-STORE was answered), would leave it.
+        lost = study.sop_uids[-1]
+        lost_file = faults.leave_unconfirmed(node.data_dir, lost, damage=True)
+
+        node.start()
+        assert not lost_file.exists()
+        assert faults.indexed_digests(node.data_dir) == {
+            uid: digest for uid, digest in acknowledged.items() if uid != lost
+        }
+        assert faults.store_problems(node.data_dir) == []
+        assert f"instance {lost} was indexed but its file" in node.log_path.read_text()
+        assert c_store(node, datasets[-1]).Status == 0x0000
+        assert faults.indexed_digests(node.data_dir) == acknowledged
 
 
 # -- kill -9 during ledger appends ------------------------------------------------------

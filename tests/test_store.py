@@ -18,6 +18,7 @@ from node.store.attributes import Level
 from node.store.instances import Outcome, SqliteInstanceStore
 from node.store.protocols import InstanceStore
 from node.store.queries import parse_qido
+from tests.support import faults
 
 
 @pytest.fixture
@@ -81,6 +82,73 @@ class TestStagingAndCommit:
             assert reopened.counts()["instances"] == 0
         finally:
             reopened.close()
+
+
+class TestUnconfirmedAtStartUp:
+    """A commit indexes an instance while its file's fsync runs; a stop in between leaves
+    it named in ``unconfirmed``, settled when the store next opens."""
+
+    def test_a_commit_returns_with_nothing_left_unconfirmed(
+        self, store: SqliteInstanceStore, study: SyntheticStudy
+    ) -> None:
+        commit_files(store, study.files[:1])  # one instance: its own fsync
+        commit_files(store, study.files[1:])  # a batch: one file-system sync
+        assert faults.store_problems(store.data_dir) == []
+
+    def test_a_damaged_unconfirmed_instance_loses_its_row_and_file_with_an_error_logged(
+        self, tmp_path: Path, study: SyntheticStudy, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        data_dir = tmp_path / "node"
+        first = SqliteInstanceStore(data_dir)
+        commit_files(first, study.files)
+        first.close()
+        lost, kept, old = study.sop_uids[0], study.sop_uids[1], study.sop_uids[2]
+        lost_file = faults.leave_unconfirmed(data_dir, lost, damage=True)
+        faults.leave_unconfirmed(data_dir, kept, damage=False)
+        # A confirmed row whose file went bad later is no start-up's business.
+        old_digest = faults.indexed_digests(data_dir)[old]
+        old_file = data_dir / "objects" / old_digest[:2] / f"{old_digest}.dcm"
+        old_file.write_bytes(b"damaged after it was durable")
+
+        reopened = SqliteInstanceStore(data_dir)
+        try:
+            assert not reopened.has_instance(lost)
+            assert not lost_file.exists()
+            assert reopened.has_instance(kept) and reopened.has_instance(old)
+            assert reopened.instance(kept).path.read_bytes() == study.files[1].read_bytes()
+            assert [r.message for r in caplog.records if lost in r.message] == [
+                f"instance {lost} was indexed but its file {lost_file.name} is missing or"
+                " damaged (the node stopped before it was durable, so it was never"
+                " acknowledged): its index row is removed"
+            ]
+            assert faults.store_problems(data_dir) == [
+                f"{old}: its file does not match its index row"
+            ]
+            # Sent again, the lost instance is stored again.
+            assert commit_files(reopened, study.files[:1]) == [Outcome.STORED]
+        finally:
+            reopened.close()
+
+    def test_a_study_whose_only_instance_is_lost_leaves_no_study_or_series_row(
+        self, tmp_path: Path, study: SyntheticStudy
+    ) -> None:
+        data_dir = tmp_path / "node"
+        first = SqliteInstanceStore(data_dir)
+        commit_files(first, study.files[:1])
+        first.close()
+        faults.leave_unconfirmed(data_dir, study.sop_uids[0], damage=True).unlink()
+        reopened = SqliteInstanceStore(data_dir)
+        try:
+            assert reopened.counts() == {"studies": 0, "series": 0, "instances": 0, "bytes": 0}
+        finally:
+            reopened.close()
+
+    def test_arrivals_stop_before_the_first_unconfirmed_instance(
+        self, store: SqliteInstanceStore, study: SyntheticStudy
+    ) -> None:
+        commit_files(store, study.files)
+        faults.leave_unconfirmed(store.data_dir, study.sop_uids[2], damage=False)
+        assert [a.sop_instance_uid for a in store.arrivals_after(0, 10)] == study.sop_uids[:2]
 
 
 class TestQueries:

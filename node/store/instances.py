@@ -7,10 +7,18 @@ Layout under the data directory::
     index.sqlite               patients, studies, series, instances (WAL, synchronous=FULL)
 
 Durability rule (the one place it is written): an instance is acknowledged only after
-its file is fsynced in its final place and its index row is committed. A crash before
-the commit leaves at most an unindexed object file, which is harmless and is indexed
-again when the instance is re-sent. No index row ever points to a file that is not
-durable, so no instance is ever half-indexed.
+its file is fsynced in its final place and its index row is committed. The two flushes
+run at once (the device sees them together rather than one after the other), so for
+that moment a committed row may point to a file not yet durable: the same transaction
+that indexes an instance names it in ``unconfirmed``, and the entry is removed once the
+file's fsync has returned. At start-up every instance still named there (a stop between
+the commit and the end of the fsync: never acknowledged) has its file checked against
+its digest: a good file is fsynced and kept, a missing or bad one (a power cut) loses
+its index row, logged. A crash before the commit leaves at most an unindexed object
+file, which is harmless and is indexed again when the instance is re-sent. So after
+start-up no index row points to a file that is not durable, and no instance that was
+acknowledged is ever missing. ``arrivals_after`` never reaches an unconfirmed row, so a
+position it hands out is never taken back.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -63,6 +72,8 @@ from node.store.sqlite import (
 CHUNK = 1024 * 1024
 # Values bound in one ``IN (...)`` list: far below SQLite's limit on bound parameters.
 _IN_LIST_LIMIT = 500
+# Above every rowid: what ``arrivals_after`` stops at when no row is unconfirmed.
+_NO_ROWID = 2**63 - 1
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +82,10 @@ T = TypeVar("T")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syncfs = getattr(_libc, "syncfs", None)
+_sync_file_range = getattr(_libc, "sync_file_range", None)
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_SYNC_FILE_RANGE_WRITE = 2
 
 
 class Outcome(StrEnum):
@@ -133,13 +148,20 @@ class Arrival:
     study_instance_uid: str
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or creation in directory ``path`` durable."""
+def fsync_path(path: Path) -> None:
+    """Make a file's bytes durable, or a rename or creation in directory ``path``."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def start_writeback(fd: int) -> None:
+    """Start writing a staged file's bytes to the device without waiting, so that its
+    fsync at commit finds them written or on their way (Linux; elsewhere nothing)."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 def _sync_filesystem(path: Path) -> None:
@@ -221,6 +243,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     create_declared_schema,
     # 2: series gain Timezone Offset From UTC and Performed Procedure Step Start Date/Time.
     create_declared_schema,
+    # 3: instances indexed whose file's fsync had not yet returned (module docstring).
+    "CREATE TABLE IF NOT EXISTS unconfirmed (sop_instance_uid TEXT PRIMARY KEY)",
 )
 
 
@@ -405,6 +429,9 @@ class SqliteInstanceStore(InstanceStoreBase):
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._clear_tmp()
         self._writer = open_database(self.db_path, MIGRATIONS, rows_as_dicts=True)
+        # Flushes a commit's files while its index row is committed (one commit at a time).
+        self._flusher = ThreadPoolExecutor(1, thread_name_prefix="instance-flush")
+        self._recover_unconfirmed()
 
     # -- connections -------------------------------------------------------------------
 
@@ -426,7 +453,39 @@ class SqliteInstanceStore(InstanceStoreBase):
                 leftover.unlink()
 
     def close(self) -> None:
+        self._flusher.shutdown(wait=True)
         self._writer.close()
+
+    def _recover_unconfirmed(self) -> None:
+        """Settle the instances indexed before their file's fsync returned (module docstring)."""
+        rows = self._writer.execute(
+            "SELECT u.sop_instance_uid, i.digest, i.size FROM unconfirmed u"
+            " LEFT JOIN instances i ON i.sop_instance_uid = u.sop_instance_uid"
+        ).fetchall()
+        if not rows:
+            return
+        lost: list[tuple[str, str]] = []
+        for uid, digest, size in rows:
+            if digest is None:
+                continue
+            path = self.object_path(digest)
+            if _holds(path, digest, size):
+                fsync_path(path)
+                fsync_path(path.parent)
+                fsync_path(self.objects_dir)
+                continue
+            log.error(
+                "instance %s was indexed but its file %s is missing or damaged (the node"
+                " stopped before it was durable, so it was never acknowledged): its index"
+                " row is removed",
+                uid,
+                path.name,
+            )
+            path.unlink(missing_ok=True)
+            lost.append((uid, digest))
+        with self._transaction():
+            _remove_rows(self._writer, lost)
+            self._writer.execute("DELETE FROM unconfirmed")
 
     # -- ingest ------------------------------------------------------------------------
 
@@ -451,6 +510,8 @@ class SqliteInstanceStore(InstanceStoreBase):
                         )
                     hasher.update(chunk)
                     out.write(chunk)
+                out.flush()
+                start_writeback(out.fileno())
             header = parse_header(tmp_path, self.inflate_limits)
         except OSError as exc:
             tmp_path.unlink(missing_ok=True)
@@ -517,32 +578,38 @@ class SqliteInstanceStore(InstanceStoreBase):
             fresh.append(item)
         if not fresh:
             return results
-        if len(fresh) == 1:
-            fd = os.open(self.object_path(fresh[0].digest), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            for directory in touched_dirs:
-                fsync_dir(directory)
-        else:
-            _sync_filesystem(self.objects_dir)
+        paths = [self.object_path(item.digest) for item in fresh]
+        flushed = self._flusher.submit(_flush, paths, touched_dirs)
         try:
             self._index(fresh, source)
         except sqlite3.OperationalError as exc:
+            _wait_quietly(flushed)
             if not is_disk_full(exc):
                 raise
             # Nothing was indexed: the files just moved in are unreferenced; free their room.
             for item in fresh:
                 self.object_path(item.digest).unlink(missing_ok=True)
             raise StorageFull("the node's disk is full; nothing was stored") from exc
+        except BaseException:
+            _wait_quietly(flushed)
+            raise
+        try:
+            flushed.result()
+        except BaseException:
+            # Indexed, yet the files are not durable: take the rows back before failing.
+            self._unindex(fresh)
+            raise
+        try:
+            self._confirm(fresh)
+        except sqlite3.Error as exc:
+            # Durable and indexed all the same: start-up settles (keeps) what stays named.
+            log.warning("instances left unconfirmed until the next start-up: %s", exc)
         return results
 
     def _index(self, fresh: Sequence[StagedInstance], source: str) -> None:
         now = time.time()
         conn = self._writer
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             for item in fresh:
                 h = index_values(item, source, now)
                 for table in ("studies", "series", "instances"):
@@ -552,6 +619,32 @@ class SqliteInstanceStore(InstanceStoreBase):
                         f" VALUES ({', '.join('?' * len(columns))})",
                         [h[c] for c in columns],
                     )
+                conn.execute(
+                    "INSERT OR IGNORE INTO unconfirmed (sop_instance_uid) VALUES (?)",
+                    (item.header.sop_instance_uid,),
+                )
+
+    def _confirm(self, fresh: Sequence[StagedInstance]) -> None:
+        """The files of ``fresh`` are durable: their rows leave ``unconfirmed``. Not synced
+        (an entry that a power cut brings back is settled, kept, at start-up)."""
+        conn = self._writer
+        conn.execute("PRAGMA synchronous=NORMAL")
+        try:
+            with self._transaction():
+                _delete_unconfirmed(conn, [i.header.sop_instance_uid for i in fresh])
+        finally:
+            conn.execute("PRAGMA synchronous=FULL")
+
+    def _unindex(self, fresh: Sequence[StagedInstance]) -> None:
+        with self._transaction():
+            _remove_rows(self._writer, [(i.header.sop_instance_uid, i.digest) for i in fresh])
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        conn = self._writer
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:  # SQLite has already rolled back after some errors
@@ -607,11 +700,14 @@ class SqliteInstanceStore(InstanceStoreBase):
         return found
 
     def arrivals_after(self, position: int, limit: int) -> list[Arrival]:
-        # The rowid of the instances table only grows (rows are never deleted).
+        # The rowid of the instances table only grows: the only rows ever deleted are
+        # unconfirmed ones (module docstring), and this stops before the first of them.
         rows = self.reader.execute(
             "SELECT rowid, sop_instance_uid, study_instance_uid FROM instances"
-            " WHERE rowid > ? ORDER BY rowid LIMIT ?",
-            (position, limit),
+            " WHERE rowid > ? AND rowid < COALESCE((SELECT MIN(i.rowid) FROM instances i"
+            " JOIN unconfirmed u ON u.sop_instance_uid = i.sop_instance_uid), ?)"
+            " ORDER BY rowid LIMIT ?",
+            (position, _NO_ROWID, limit),
         )
         return [Arrival(r[0], r[1], r[2]) for r in rows]
 
@@ -670,6 +766,8 @@ class StagingFile:
     def close(self) -> None:
         """Stop writing (the digest is final); ``finish`` may run later, in another thread."""
         if self._file is not None:
+            self._file.flush()
+            start_writeback(self._file.fileno())
             self._file.close()
             self._file = None
 
@@ -713,6 +811,69 @@ def _indexed_values(conn: sqlite3.Connection, column: str, values: Sequence[str]
         rows = conn.execute(f"SELECT {column} FROM instances WHERE {column} IN ({marks})", part)
         found.update(r[0] for r in rows)
     return found
+
+
+def _flush(paths: Sequence[Path], directories: Iterable[Path]) -> None:
+    """Make files just moved into place durable: one file's fsync and its directories',
+    or one file-system sync for a batch."""
+    if len(paths) == 1:
+        fsync_path(paths[0])
+        for directory in directories:
+            fsync_path(directory)
+    else:
+        _sync_filesystem(paths[0])
+
+
+def _wait_quietly(flushed: Future[None]) -> None:
+    """Let a flush end before its commit's failure is raised (its own error adds nothing)."""
+    with contextlib.suppress(OSError):
+        flushed.result()
+
+
+def _holds(path: Path, digest: str, size: int) -> bool:
+    """Whether ``path`` holds exactly the bytes of ``digest`` (``size`` bytes)."""
+    hasher = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                hasher.update(chunk)
+    except FileNotFoundError:
+        return False
+    return os.path.getsize(path) == size and hasher.hexdigest() == digest
+
+
+def _delete_unconfirmed(conn: sqlite3.Connection, uids: Sequence[str]) -> None:
+    for part in _chunks(uids):
+        conn.execute(
+            f"DELETE FROM unconfirmed WHERE sop_instance_uid IN ({','.join('?' * len(part))})",
+            part,
+        )
+
+
+def _remove_rows(conn: sqlite3.Connection, instances: Sequence[tuple[str, str]]) -> None:
+    """Delete the index rows of (SOP instance UID, digest) pairs, and their series and
+    study rows where no instance is left; inside the caller's transaction."""
+    for uid, digest in instances:
+        row = conn.execute(
+            "SELECT series_instance_uid, study_instance_uid FROM instances"
+            " WHERE sop_instance_uid = ? AND digest = ?",
+            (uid, digest),
+        ).fetchone()
+        if row is None:
+            continue
+        series_uid, study_uid = row[0], row[1]
+        conn.execute("DELETE FROM instances WHERE sop_instance_uid = ?", (uid,))
+        conn.execute("DELETE FROM unconfirmed WHERE sop_instance_uid = ?", (uid,))
+        conn.execute(
+            "DELETE FROM series WHERE series_instance_uid = ? AND NOT EXISTS"
+            " (SELECT 1 FROM instances WHERE series_instance_uid = ?)",
+            (series_uid, series_uid),
+        )
+        conn.execute(
+            "DELETE FROM studies WHERE study_instance_uid = ? AND NOT EXISTS"
+            " (SELECT 1 FROM instances WHERE study_instance_uid = ?)",
+            (study_uid, study_uid),
+        )
 
 
 def _chunks(values: Sequence[str]) -> Iterator[list[str]]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from node.core.keys import NodeIdentity
 from node.errors import ConfigError
-from node.store.instances import fsync_dir
+from node.store.instances import fsync_path
 from node.store.secrets import read_seed, write_seed
 
 NEXT_KEY_FILE = "node.key.next"
@@ -50,7 +50,7 @@ def create_next_key(key_path: Path, origin: str) -> NodeIdentity:
         next_path.unlink(missing_ok=True)
         identity = NodeIdentity.generate(origin)
         write_seed(next_path, identity.seed)
-        fsync_dir(key_path.parent)
+        fsync_path(key_path.parent)
     return identity
 
 
@@ -79,8 +79,8 @@ def _install_next(key_path: Path, origin: str, public_key: bytes) -> NodeIdentit
     old = NodeIdentity(origin, read_seed(key_path))
     os.replace(key_path, retired / f"{old.key_id.hex()}-{old.public_key.hex()[:16]}.key")
     os.replace(next_path, key_path)
-    fsync_dir(retired)
-    fsync_dir(key_path.parent)
+    fsync_path(retired)
+    fsync_path(key_path.parent)
     return new
 
 

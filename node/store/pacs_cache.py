@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.store.instances import StagedInstance, fsync_dir
+from node.store.instances import StagedInstance, fsync_path
 from node.store.sqlite import Migration, open_database
 
 DIRECTORY_NAME = "pacs-cache"
@@ -129,7 +129,7 @@ class PacsCache:
         with open(staged.tmp_path, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(staged.tmp_path, target)
-        fsync_dir(self.directory)
+        fsync_path(self.directory)
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:

@@ -133,11 +133,14 @@ class SlowClient:
 
 def store_problems(data_dir: Path) -> list[str]:
     """Every way the node's instance store is inconsistent: an index row whose file is
-    missing or does not hash to its digest (a half-indexed instance), or a leftover in tmp.
+    missing or does not hash to its digest (a half-indexed instance), an instance still
+    unconfirmed (its file's fsync unsettled) while no commit runs, or a leftover in tmp.
     """
     problems: list[str] = []
     with contextlib.closing(sqlite3.connect(data_dir / "index.sqlite")) as conn:
         rows = conn.execute("SELECT sop_instance_uid, digest, size FROM instances").fetchall()
+        unsettled = [r[0] for r in conn.execute("SELECT sop_instance_uid FROM unconfirmed")]
+    problems += [f"{uid}: still unconfirmed" for uid in unsettled]
     for uid, digest, size in rows:
         path = data_dir / "objects" / digest[:2] / f"{digest}.dcm"
         if not path.exists():
@@ -148,6 +151,25 @@ def store_problems(data_dir: Path) -> list[str]:
             problems.append(f"{uid}: its file does not match its index row")
     problems += [f"left in tmp: {p.name}" for p in (data_dir / "tmp").iterdir()]
     return problems
+
+
+def leave_unconfirmed(data_dir: Path, sop_instance_uid: str, damage: bool) -> Path:
+    """Put an indexed instance back where a stop between its index commit and the end of
+    its file's fsync leaves it (named in ``unconfirmed``); with ``damage``, also truncate
+    its file as a power cut before the file reached the disk would. Returns the file."""
+    with contextlib.closing(sqlite3.connect(data_dir / "index.sqlite")) as conn:
+        (digest,) = conn.execute(
+            "SELECT digest FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+        ).fetchone()
+        with conn:
+            conn.execute(
+                "INSERT INTO unconfirmed (sop_instance_uid) VALUES (?)", (sop_instance_uid,)
+            )
+    path = data_dir / "objects" / digest[:2] / f"{digest}.dcm"
+    if damage:
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size // 2)
+    return path
 
 
 def indexed_digests(data_dir: Path) -> dict[str, str]:
