@@ -214,6 +214,29 @@ class TestStorage:
         assert "a message is over" in node.log_path.read_text()
         assert dcmtk("echoscu", *peer(node)).returncode == 0
 
+    def test_a_data_set_that_is_not_the_instance_its_request_names_is_refused_unstored(
+        self, node: NodeProcess
+    ) -> None:
+        ds = _ct_dataset()
+        before_rows = instance_count(node)
+        ae = AE(ae_title=SCU)
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", node.dimse_port, ae_title="IMAGESHARE")
+        assert assoc.is_established
+        try:
+            other_instance = _send_c_store_naming(assoc, ds, ds.SOPClassUID, generate_uid())
+            other_class = _send_c_store_naming(
+                assoc, ds, "1.2.840.10008.5.1.4.1.1.4", ds.SOPInstanceUID
+            )
+            assert (other_instance.Status, other_class.Status) == (0xA900, 0xA900)
+            assert "Affected" in other_instance.ErrorComment
+            assert instance_count(node) == before_rows
+            matching = _send_c_store_naming(assoc, ds, ds.SOPClassUID, ds.SOPInstanceUID)
+            assert matching.Status == 0x0000
+        finally:
+            assoc.release()
+        assert instance_count(node) == before_rows + 1
+
     def test_association_aborted_mid_instance_keeps_only_complete_instances(
         self, node: NodeProcess, tmp_path: Path
     ) -> None:
@@ -603,6 +626,27 @@ def _send_with_pynetdicom(node: NodeProcess, dataset: Dataset | Path) -> Dataset
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+def _send_c_store_naming(assoc: Any, ds: Dataset, sop_class: str, sop_instance: str) -> Any:
+    """A C-STORE of ``ds`` whose request names the given Affected SOP Class and Instance
+    UIDs (pynetdicom's send_c_store takes them from the data set); the response status."""
+    request = C_STORE()
+    request.MessageID = 7
+    request.AffectedSOPClassUID = sop_class
+    request.AffectedSOPInstanceUID = sop_instance
+    request.Priority = 2
+    request.DataSet = BytesIO(_encoded_body(ds))
+    # As send_c_store does: pause the association's reactor so the response comes here.
+    assoc._reactor_checkpoint.clear()
+    wait_until(lambda: assoc._is_paused, timeout=10)
+    try:
+        assoc.dimse.send_msg(request, assoc.accepted_contexts[0].context_id)
+        _, response = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()
+    assert response is not None
+    return response  # the C-STORE response primitive: Status, ErrorComment
 
 
 def _send_first_half_of_c_store(assoc: object, ds: Dataset) -> None:

@@ -67,9 +67,11 @@ from node.services.dimse_transport import (
     server_tls_context,
     storage_contexts,
 )
+from node.store.dicom_header import InstanceHeader
 from node.store.instances import InstanceRecord
 
 if TYPE_CHECKING:
+    from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.events import Event
     from pynetdicom.pdu_primitives import A_ASSOCIATE
     from pynetdicom.transport import ThreadedAssociationServer
@@ -89,6 +91,9 @@ STATUS_PENDING = 0xFF00
 STATUS_CANCEL = 0xFE00
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_IDENTIFIER_MISMATCH = 0xA900
+# PS3.4 B.2.3, as DCMTK's storescp answers it for a class or an instance other than the
+# request's.
+STATUS_DATA_SET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_UNABLE_TO_PROCESS = 0xC001
 # A-ASSOCIATE-RJ: rejected permanent, by the service user, calling AE title not recognised.
@@ -138,6 +143,20 @@ def known_caller(
     return None
 
 
+class DataSetMismatch(BadInput):
+    """A C-STORE data set that is not the instance its request names."""
+
+
+def check_matches_request(header: InstanceHeader, request: C_STORE) -> None:
+    """Raise DataSetMismatch unless the data set is the SOP class and instance that the
+    C-STORE request's Affected SOP Class and Instance UIDs name (no UID in the message:
+    it goes to the log and to the sender)."""
+    if header.sop_instance_uid != str(request.AffectedSOPInstanceUID):
+        raise DataSetMismatch("SOP Instance UID is not the request's Affected one")
+    if header.sop_class_uid != str(request.AffectedSOPClassUID):
+        raise DataSetMismatch("SOP Class UID is not the request's Affected one")
+
+
 def failure_status(exc: Exception, identifier_error: bool = False) -> Dataset:
     """The DIMSE failure status for one of the node's errors, with its reason as comment.
 
@@ -146,6 +165,8 @@ def failure_status(exc: Exception, identifier_error: bool = False) -> Dataset:
     """
     if isinstance(exc, PayloadTooLarge | StorageFull):
         code = STATUS_OUT_OF_RESOURCES
+    elif isinstance(exc, DataSetMismatch):
+        code = STATUS_DATA_SET_MISMATCH
     elif isinstance(exc, BadInput):
         code = STATUS_IDENTIFIER_MISMATCH if identifier_error else STATUS_CANNOT_UNDERSTAND
     else:
@@ -376,6 +397,11 @@ class DimseGateway:
         store = self.runtime.store
         try:
             staged = store.stage_bytes(event.encoded_dataset())
+            try:
+                check_matches_request(staged.header, cast("C_STORE", event.request))
+            except DataSetMismatch:
+                store.discard([staged])
+                raise
             stored = store.commit([staged], source=SOURCE)
         except Exception as exc:
             self._log_failure("C-STORE", event, exc)
