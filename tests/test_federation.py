@@ -343,7 +343,10 @@ class TestPartition:
             add_member(a, b.origin, b_via_proxy.url, b.vkey)
             add_member(b, a.origin, a_via_proxy.url, a.vkey)
             start_all(a, b)
-            wait_until(lambda: sizes(b).get(a.origin) == 0, message="b to mirror a")
+            wait_until(
+                lambda: sizes(b).get(a.origin) == 0 and sizes(a).get(b.origin) == 0,
+                message="each to mirror the other",
+            )
             for proxy in (a_via_proxy, b_via_proxy):
                 proxy.cut()
             key = b64url_encode(os.urandom(32))
