@@ -5,8 +5,8 @@ one, and a stable rule name from RULES. The functions here read no clock and do 
 the caller fetches the logs, passes ``now`` and the results of signature checks, and
 decides how to report.
 
-Consent decisions reuse node.core.consent.validate_grant, the same function custodians
-use, fed with what the custodian's log said at the moment of each access.
+Consent decisions reuse node.core.consent.validate_token, the judgement custodians make
+(validate_grant), fed with what the custodian's log said at the moment of each access.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from node.core.entries import (
 )
 from node.core.key_rotation import KeyChain, chain_of_log
 from node.core.keys import VerifierKey
-from node.core.merkle import MemoryTree
+from node.core.merkle import MemoryTree, leaf_hash, root_from_leaf_hashes
 from node.core.notes import Checkpoint, parse_note, verify_cosignature, verify_note
 from node.core.origins import log_id_bytes
 from node.core.roster_document import RosterDocument
@@ -299,6 +299,33 @@ def check_history(
     return history, findings.done()
 
 
+def check_same_copy(
+    verified: History, source: str, note: str, raw_entries: Sequence[bytes]
+) -> History | None:
+    """Another node's copy of a history already verified intact, checked without judging
+    its entries again; None if it is not provably the same (check_history then judges it).
+
+    Equal roots of equal sizes mean equal entries, so a copy whose checkpoint is validly
+    signed for the verified size and root, and whose entries hash to that root, shares
+    the verified history's entries, chain and keys; only its cosignatures are its own.
+    """
+    if not verified.intact or verified.checkpoint is None or verified.signing_key is None:
+        return None
+    try:
+        checkpoint = verify_note(note, verified.signing_key)
+    except (BadInput, Unauthorized):
+        return None
+    same = (checkpoint.size, checkpoint.root_hash) == (verified.size, verified.checkpoint.root_hash)
+    if not same or len(raw_entries) != checkpoint.size:
+        return None
+    if root_from_leaf_hashes([leaf_hash(raw) for raw in raw_entries]) != checkpoint.root_hash:
+        return None
+    copy = History(verified.origin, source, note, checkpoint, verified.leaf_hashes)
+    copy.entries, copy.intact, copy.chain = verified.entries, True, verified.chain
+    copy.signing_key, copy._tree = verified.signing_key, verified._tree
+    return copy
+
+
 def check_cosignatures(
     history: History, keys_by_name: Mapping[str, Sequence[VerifierKey]]
 ) -> list[Violation]:
@@ -480,11 +507,11 @@ class SignatureChecks:
 
 @dataclass(frozen=True)
 class AccessCheck:
-    """One access to judge with consent.validate_grant, and the log state at that moment."""
+    """One access to judge with consent.validate_token, and the log state at that moment."""
 
     log: str
     index: int
-    token: bytes
+    token: GrantToken  # decoded once, with its signature checked once, for all its accesses
     request: AccessRequest
     view: ConsentView
     policy: ConsentPolicy
@@ -583,7 +610,7 @@ def plan_consent_checks(
                 recorded=frozenset({token.token_id}),
             )
             request = AccessRequest(body.grantee, (body.study,), entry.time)
-            checks.append(AccessCheck(origin, index, token.raw, request, view, policy))
+            checks.append(AccessCheck(origin, index, token, request, view, policy))
         elif isinstance(body, Contribution):
             problem = contribution_problem(
                 body, entry.time, grants, signatures.grants_valid, revoked, clock_skew
@@ -705,7 +732,7 @@ def _judge_delegated_revocation(
 
 
 def access_violation(check: AccessCheck, refused: Rule | None) -> Violation | None:
-    """The violation for an access that validate_grant refused with ``refused`` (or None)."""
+    """The violation for an access that validate_token refused with ``refused`` (or None)."""
     if refused is None:
         return None
     return Violation(
