@@ -261,15 +261,18 @@ def check_history(
         findings.add("bad_checkpoint_signature", None, str(exc))
         return history, findings.done()
     log_chain = LogChain()
-    links = [log_chain.append(raw, decode) for raw in raw_entries]
-    for link in links:
+    entries: list[LedgerEntry | None] = []
+    leaves: list[bytes] = []
+    for raw in raw_entries:  # one Link at a time: a log may hold millions
+        link = log_chain.append(raw, decode)
+        entries.append(link.entry)
+        leaves.append(link.leaf)
         if link.error is not None:
             findings.add("malformed_entry", link.index, str(link.error))
         elif not link.chains:
             findings.add(
                 "broken_chain", link.index, "prev is not the leaf hash of the entry before it"
             )
-    entries = [link.entry for link in links]
     try:
         chain = chain_of_log(origin, entries[: claimed.size], vkey.public_key, confirmed_key)
     except (BadInput, Unauthorized) as exc:
@@ -293,7 +296,7 @@ def check_history(
         findings.add(
             "root_mismatch", None, f"entries 0..{checkpoint.size - 1} do not hash to the root"
         )
-    history.leaf_hashes = [link.leaf for link in links]
+    history.leaf_hashes = leaves
     history.entries = entries
     history.intact = not findings.counts
     return history, findings.done()
