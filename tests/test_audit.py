@@ -641,6 +641,40 @@ class TestAuditState:
         assert report["entries_read"] == 0
         assert rules(report) == {(A_ORIGIN, 18, "access_without_receipt")}
 
+    def test_receipt_recorded_after_a_run_settles_the_access_that_run_saw_pending(
+        self, federation: tuple[NodeProcess, NodeProcess], tmp_path: Path
+    ) -> None:
+        a, b = federation
+        patient = Patient(A_ORIGIN)
+        token = patient.token(B_ORIGIN, not_before=NOW - 3600, expires=NOW + WEEK)
+        recent, study, digest = NOW - 60, ref("s3"), ref("d3")  # inside the 300 s grace
+        append(
+            a,
+            [
+                patient.enroll("mrn-3", at=recent),
+                (Grant(token=token), recent),
+                (access(token, B_ORIGIN, study, digest), recent),
+            ],
+        )
+        mirror(b, a)
+        state = tmp_path / "state"
+        a.start()
+        b.start()
+        first_status, _ = audit(a.url, b.url, state=state)
+        a.stop()
+        b.stop()
+        append(b, [(receipt(token, A_ORIGIN, study, digest), recent + 1)])
+        mirror(a, b)
+        a.start()
+        b.start()
+        graceless = ["--json", "--receipt-grace", "0"]
+        rerun = run_cli("audit", a.url, b.url, "--state", str(state), *graceless, check=False)
+        fresh = run_cli("audit", a.url, b.url, *graceless, check=False)
+        second, whole = json.loads(rerun.stdout), json.loads(fresh.stdout)
+        assert (first_status, rerun.returncode, fresh.returncode) == (0, 0, 0)
+        assert second["entries_read"] == 2  # the receipt, from B and from its mirror on A
+        assert rules(second) == rules(whole) == set()
+
     def test_tampered_state_is_refused_with_a_clear_error(
         self, federation: tuple[NodeProcess, NodeProcess], tmp_path: Path
     ) -> None:

@@ -467,9 +467,10 @@ class Workers:
         if self._pool is None:
             import multiprocessing
 
-            # fork: the workers inherit the imported modules; the auditor runs no threads here.
+            # forkserver: workers forked from a small server, not from the auditor holding
+            # the logs (a fork of it would copy its heap page by page as refcounts change).
             self._pool = ProcessPoolExecutor(
-                self.processes, mp_context=multiprocessing.get_context("fork")
+                self.processes, mp_context=multiprocessing.get_context("forkserver")
             )
         size = max(1, min(CHUNK, len(items) // (self.processes * 4) + 1))
         chunks = [list(items[i : i + size]) for i in range(0, len(items), size)]
