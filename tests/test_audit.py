@@ -701,6 +701,20 @@ class TestAuditState:
         with pytest.raises(BadInput, match="fields are not the signed checkpoint's"):
             AuditState(size_changed).load()
 
+    def test_truncated_state_file_is_refused_not_half_used(
+        self, federation: tuple[NodeProcess, NodeProcess], tmp_path: Path
+    ) -> None:
+        a, b = federation
+        a.start()
+        b.start()
+        state = tmp_path / "state"
+        assert audit(a.url, b.url, state=state)[0] == 0
+        database = state / "audit-state.sqlite"
+        database.write_bytes(database.read_bytes()[: database.stat().st_size // 2])
+        result = run_cli("audit", a.url, b.url, "--state", str(state), check=False)
+        assert result.returncode == 1 and result.stdout == ""
+        assert "audit state" in result.stderr and "corrupt" in result.stderr
+
     def test_missing_directory_is_an_empty_state(self, tmp_path: Path) -> None:
         assert AuditState(tmp_path / "none").load() == {}
 

@@ -469,9 +469,12 @@ class Workers:
 
             # forkserver: workers forked from a small server, not from the auditor holding
             # the logs (a fork of it would copy its heap page by page as refcounts change).
-            self._pool = ProcessPoolExecutor(
-                self.processes, mp_context=multiprocessing.get_context("forkserver")
-            )
+            # The server preloads this module, not the program's __main__. (As with any
+            # non-fork start, a program run from a script file needs a main guard: the
+            # workers import that file.)
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([__name__])
+            self._pool = ProcessPoolExecutor(self.processes, mp_context=context)
         size = max(1, min(CHUNK, len(items) // (self.processes * 4) + 1))
         chunks = [list(items[i : i + size]) for i in range(0, len(items), size)]
         results: list[R] = []
