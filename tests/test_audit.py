@@ -641,7 +641,41 @@ class TestAuditState:
         assert report["entries_read"] == 0
         assert rules(report) == {(A_ORIGIN, 18, "access_without_receipt")}
 
-    def test_tampered_state_is_refused_with_a_clear_error(
+    def test_receipt_recorded_after_a_run_settles_the_access_that_run_saw_pending(
+        self, federation: tuple[NodeProcess, NodeProcess], tmp_path: Path
+    ) -> None:
+        a, b = federation
+        patient = Patient(A_ORIGIN)
+        token = patient.token(B_ORIGIN, not_before=NOW - 3600, expires=NOW + WEEK)
+        recent, study, digest = NOW - 60, ref("s3"), ref("d3")  # inside the 300 s grace
+        append(
+            a,
+            [
+                patient.enroll("mrn-3", at=recent),
+                (Grant(token=token), recent),
+                (access(token, B_ORIGIN, study, digest), recent),
+            ],
+        )
+        mirror(b, a)
+        state = tmp_path / "state"
+        a.start()
+        b.start()
+        first_status, _ = audit(a.url, b.url, state=state)
+        a.stop()
+        b.stop()
+        append(b, [(receipt(token, A_ORIGIN, study, digest), recent + 1)])
+        mirror(a, b)
+        a.start()
+        b.start()
+        graceless = ["--json", "--receipt-grace", "0"]
+        rerun = run_cli("audit", a.url, b.url, "--state", str(state), *graceless, check=False)
+        fresh = run_cli("audit", a.url, b.url, *graceless, check=False)
+        second, whole = json.loads(rerun.stdout), json.loads(fresh.stdout)
+        assert (first_status, rerun.returncode, fresh.returncode) == (0, 0, 0)
+        assert second["entries_read"] == 2  # the receipt, from B and from its mirror on A
+        assert rules(second) == rules(whole) == set()
+
+    def test_tampered_or_truncated_state_is_refused_with_a_clear_error(
         self, federation: tuple[NodeProcess, NodeProcess], tmp_path: Path
     ) -> None:
         a, b = federation
@@ -650,8 +684,11 @@ class TestAuditState:
         state = tmp_path / "state"
         assert audit(a.url, b.url, state=state)[0] == 0
         entry_flipped, size_changed = tmp_path / "entry-flipped", tmp_path / "size-changed"
-        for copy in (entry_flipped, size_changed):
+        truncated = tmp_path / "truncated"
+        for copy in (entry_flipped, size_changed, truncated):
             shutil.copytree(state, copy)
+        cut = truncated / "audit-state.sqlite"
+        cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
         with sqlite3.connect(entry_flipped / "audit-state.sqlite") as db:
             where = "WHERE origin = ? AND idx = 3"
             (raw,) = db.execute(f"SELECT raw FROM entries {where}", (A_ORIGIN,)).fetchone()
@@ -664,6 +701,9 @@ class TestAuditState:
         result = run_cli("audit", a.url, b.url, "--state", str(entry_flipped), check=False)
         assert result.returncode == 1
         assert f"audit state of {A_ORIGIN} is tampered" in result.stderr
+        result = run_cli("audit", a.url, b.url, "--state", str(truncated), check=False)
+        assert result.returncode == 1 and result.stdout == ""
+        assert "audit state" in result.stderr and "corrupt" in result.stderr
         with pytest.raises(BadInput, match="fields are not the signed checkpoint's"):
             AuditState(size_changed).load()
 

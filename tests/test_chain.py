@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from node.core.audit_rules import check_history
+from node.core.audit_rules import check_history, check_same_copy
 from node.core.chain import LogChain
 from node.core.entries import LedgerEntry, encode_entry
 from node.core.keys import NodeIdentity, parse_verifier_key
@@ -131,3 +131,44 @@ class TestCallersAgree:
         rules = {v.rule for v in violations}
         assert not history.intact
         assert rules & {"malformed_entry", "broken_chain"} and "root_mismatch" in rules
+
+
+class TestSameCopyShortCut:
+    """A mirror's copy proven equal to a verified one shares its judged entries."""
+
+    def test_a_copy_of_the_verified_checkpoint_shares_its_entries_without_a_new_walk(
+        self,
+    ) -> None:
+        run = honest_run(7)
+        note = note_over(run)
+        verified, _ = check_history(
+            IDENTITY.origin, parse_verifier_key(IDENTITY.vkey), "a", note, run
+        )
+        copy = check_same_copy(verified, "b", note, list(run))
+        assert copy is not None and copy.intact and copy.source == "b"
+        assert copy.entries is verified.entries and copy.leaf_hashes is verified.leaf_hashes
+
+    @pytest.mark.parametrize("breakage", BROKEN)
+    def test_a_copy_serving_other_bytes_under_the_same_checkpoint_is_judged_whole(
+        self, breakage: str
+    ) -> None:
+        honest = honest_run(6)
+        note = note_over(honest)
+        key = parse_verifier_key(IDENTITY.vkey)
+        verified, _ = check_history(IDENTITY.origin, key, "a", note, honest)
+        served = BROKEN[breakage](honest)
+        assert check_same_copy(verified, "b", note, served) is None
+        history, violations = check_history(IDENTITY.origin, key, "b", note, served)
+        assert not history.intact and "root_mismatch" in {v.rule for v in violations}
+
+    def test_a_copy_of_another_size_or_signer_is_not_taken_for_the_verified_one(self) -> None:
+        run = honest_run(5)
+        verified, _ = check_history(
+            IDENTITY.origin, parse_verifier_key(IDENTITY.vkey), "a", note_over(run), run
+        )
+        shorter = run[:4]
+        assert check_same_copy(verified, "b", note_over(shorter), shorter) is None
+        other = NodeIdentity.generate(IDENTITY.origin)
+        root = MemoryTree([leaf_hash(raw) for raw in run]).root()
+        forged = sign_note(Checkpoint(IDENTITY.origin, len(run), root).body(), other)
+        assert check_same_copy(verified, "b", forged, run) is None

@@ -113,3 +113,29 @@ class TestCanonicalDecode:
         except BadInput:
             return
         assert canonical_encode(value) == data
+
+    @given(
+        st.recursive(
+            st.none() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=4),
+            lambda children: (
+                st.lists(children, max_size=4)
+                | st.dictionaries(st.text(max_size=3) | st.integers(-3, 300), children, max_size=4)
+            ),
+            max_leaves=12,
+        )
+    )
+    @settings(max_examples=500, deadline=None)
+    def test_accepts_a_packing_exactly_when_it_is_the_canonical_encoding(
+        self, value: object
+    ) -> None:
+        data = msgpack.packb(value, use_bin_type=True)  # maps in insertion order, floats kept
+        try:
+            expected: bytes | None = canonical_encode(msgpack.unpackb(data, strict_map_key=False))
+        except BadInput:
+            expected = None
+        try:
+            canonical_decode(data)
+            accepted = True
+        except BadInput:
+            accepted = False
+        assert accepted == (expected == data)

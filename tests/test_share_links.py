@@ -226,7 +226,7 @@ class TestAuditorRules:
             decode_revocation,
             sign_revocation,
             token_id_of,
-            validate_grant,
+            validate_token,
         )
         from node.core.entries import LedgerEntry
 
@@ -277,7 +277,7 @@ class TestAuditorRules:
         found, planned = plan_consent_checks(origin, entries, checks, clock_skew=0)
         assert found == []
         violations = [
-            access_violation(c, validate_grant(c.token, c.request, c.view, c.policy).rule)
+            access_violation(c, validate_token(c.token, c.request, c.view, c.policy).rule)
             for c in planned
         ]
         assert [(v.index, v.rule) if v else None for v in violations] == [

@@ -5,8 +5,8 @@ one, and a stable rule name from RULES. The functions here read no clock and do 
 the caller fetches the logs, passes ``now`` and the results of signature checks, and
 decides how to report.
 
-Consent decisions reuse node.core.consent.validate_grant, the same function custodians
-use, fed with what the custodian's log said at the moment of each access.
+Consent decisions reuse node.core.consent.validate_token, the judgement custodians make
+(validate_grant), fed with what the custodian's log said at the moment of each access.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from node.core.entries import (
 )
 from node.core.key_rotation import KeyChain, chain_of_log
 from node.core.keys import VerifierKey
-from node.core.merkle import MemoryTree
+from node.core.merkle import MemoryTree, leaf_hash, root_from_leaf_hashes
 from node.core.notes import Checkpoint, parse_note, verify_cosignature, verify_note
 from node.core.origins import log_id_bytes
 from node.core.roster_document import RosterDocument
@@ -261,15 +261,18 @@ def check_history(
         findings.add("bad_checkpoint_signature", None, str(exc))
         return history, findings.done()
     log_chain = LogChain()
-    links = [log_chain.append(raw, decode) for raw in raw_entries]
-    for link in links:
+    entries: list[LedgerEntry | None] = []
+    leaves: list[bytes] = []
+    for raw in raw_entries:  # one Link at a time: a log may hold millions
+        link = log_chain.append(raw, decode)
+        entries.append(link.entry)
+        leaves.append(link.leaf)
         if link.error is not None:
             findings.add("malformed_entry", link.index, str(link.error))
         elif not link.chains:
             findings.add(
                 "broken_chain", link.index, "prev is not the leaf hash of the entry before it"
             )
-    entries = [link.entry for link in links]
     try:
         chain = chain_of_log(origin, entries[: claimed.size], vkey.public_key, confirmed_key)
     except (BadInput, Unauthorized) as exc:
@@ -293,10 +296,37 @@ def check_history(
         findings.add(
             "root_mismatch", None, f"entries 0..{checkpoint.size - 1} do not hash to the root"
         )
-    history.leaf_hashes = [link.leaf for link in links]
+    history.leaf_hashes = leaves
     history.entries = entries
     history.intact = not findings.counts
     return history, findings.done()
+
+
+def check_same_copy(
+    verified: History, source: str, note: str, raw_entries: Sequence[bytes]
+) -> History | None:
+    """Another node's copy of a history already verified intact, checked without judging
+    its entries again; None if it is not provably the same (check_history then judges it).
+
+    Equal roots of equal sizes mean equal entries, so a copy whose checkpoint is validly
+    signed for the verified size and root, and whose entries hash to that root, shares
+    the verified history's entries, chain and keys; only its cosignatures are its own.
+    """
+    if not verified.intact or verified.checkpoint is None or verified.signing_key is None:
+        return None
+    try:
+        checkpoint = verify_note(note, verified.signing_key)
+    except (BadInput, Unauthorized):
+        return None
+    same = (checkpoint.size, checkpoint.root_hash) == (verified.size, verified.checkpoint.root_hash)
+    if not same or len(raw_entries) != checkpoint.size:
+        return None
+    if root_from_leaf_hashes([leaf_hash(raw) for raw in raw_entries]) != checkpoint.root_hash:
+        return None
+    copy = History(verified.origin, source, note, checkpoint, verified.leaf_hashes)
+    copy.entries, copy.intact, copy.chain = verified.entries, True, verified.chain
+    copy.signing_key, copy._tree = verified.signing_key, verified._tree
+    return copy
 
 
 def check_cosignatures(
@@ -480,11 +510,11 @@ class SignatureChecks:
 
 @dataclass(frozen=True)
 class AccessCheck:
-    """One access to judge with consent.validate_grant, and the log state at that moment."""
+    """One access to judge with consent.validate_token, and the log state at that moment."""
 
     log: str
     index: int
-    token: bytes
+    token: GrantToken  # decoded once, with its signature checked once, for all its accesses
     request: AccessRequest
     view: ConsentView
     policy: ConsentPolicy
@@ -583,7 +613,7 @@ def plan_consent_checks(
                 recorded=frozenset({token.token_id}),
             )
             request = AccessRequest(body.grantee, (body.study,), entry.time)
-            checks.append(AccessCheck(origin, index, token.raw, request, view, policy))
+            checks.append(AccessCheck(origin, index, token, request, view, policy))
         elif isinstance(body, Contribution):
             problem = contribution_problem(
                 body, entry.time, grants, signatures.grants_valid, revoked, clock_skew
@@ -705,7 +735,7 @@ def _judge_delegated_revocation(
 
 
 def access_violation(check: AccessCheck, refused: Rule | None) -> Violation | None:
-    """The violation for an access that validate_grant refused with ``refused`` (or None)."""
+    """The violation for an access that validate_token refused with ``refused`` (or None)."""
     if refused is None:
         return None
     return Violation(

@@ -24,6 +24,7 @@ import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 from typing import Any
 
 from node.core.base64url import b64url_decode, b64url_encode
@@ -340,6 +341,11 @@ class GrantToken:
     def signature_valid(self) -> bool:
         """The signer's signature, and for a delegate's grant, the whole chain: the
         delegation is the patient's, for this custodian, and names the signer."""
+        return self._signature_valid
+
+    @cached_property
+    def _signature_valid(self) -> bool:
+        # Checked once per decoded token: an auditor judges every access by its grant.
         signer = self.fields.patient_key
         if not verify_ed25519(signer, self.fields.signed_message(), self.signature):
             return False
@@ -742,6 +748,13 @@ def validate_grant(
         token = decode_grant(token_bytes)
     except BadInput:
         return _refuse(Rule.TAMPERED)
+    return validate_token(token, request, state, policy)
+
+
+def validate_token(
+    token: GrantToken, request: AccessRequest, state: ConsentView, policy: ConsentPolicy
+) -> Verdict:
+    """validate_grant for a grant already decoded (its signature is checked once per token)."""
     grant = token.fields
     rule = _standing_failure(token, state, policy, request.now)
     if rule is not None:

@@ -9,7 +9,8 @@ Rules (the one place they are written):
 - nesting is at most ``MAX_DEPTH`` deep; nothing may follow the value.
 
 Decoding re-encodes what it read and compares: any byte string that is not the single
-canonical encoding of its value is refused with BadInput.
+canonical encoding of its value is refused with BadInput. (The re-encoding is msgpack's
+own, in C, once the value is known to hold nothing it would encode otherwise.)
 """
 
 from __future__ import annotations
@@ -57,9 +58,31 @@ def canonical_decode(data: bytes) -> Any:
         raise BadInput(f"malformed msgpack: {exc or type(exc).__name__}") from exc
     except RecursionError as exc:
         raise BadInput("msgpack nesting is too deep") from exc
-    if canonical_encode(value) != data:
+    if msgpack.packb(value) == data and _plain(value, 0):
+        return value  # the same bytes canonical_encode gives, found in C
+    if canonical_encode(value) != data:  # raises, or says, why not
         raise BadInput("msgpack is not in canonical form")
     return value
+
+
+def _plain(value: Any, depth: int) -> bool:
+    """True if msgpack.packb's encoding of the decoded ``value`` is its canonical one: only
+    the types canonical msgpack holds, maps in encoded-key order, no deeper than allowed.
+    (packb already picks the smallest header of each, as the rules do.)"""
+    if depth > MAX_DEPTH:
+        return False
+    if value is None or isinstance(value, bool | int | str | bytes):
+        return True
+    if isinstance(value, list):
+        return all(_plain(item, depth + 1) for item in value)
+    if isinstance(value, dict):
+        keys = [msgpack.packb(key) for key in value if _plain(key, depth + 1)]
+        return (
+            len(keys) == len(value)
+            and all(a < b for a, b in itertools.pairwise(keys))
+            and all(_plain(item, depth + 1) for item in value.values())
+        )
+    return False  # a float, an ext type, a timestamp
 
 
 def _encode(value: Any, out: bytearray, depth: int) -> None:

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -40,6 +41,7 @@ from node.core.audit_rules import (
     check_history,
     check_keys_in_roster,
     check_roster_equivocation,
+    check_same_copy,
     check_split_view,
     check_witness_entries,
     count_kinds,
@@ -56,7 +58,7 @@ from node.core.consent import (
     Rule,
     decode_grant,
     decode_revocation,
-    validate_grant,
+    validate_token,
 )
 from node.core.entries import LedgerEntry, decode_entry
 from node.core.equivocation import EquivocationProof, verify_equivocation
@@ -109,7 +111,7 @@ class ServedLog:
     source: str
     listing: LogListing
     note: str | None = None
-    entries: list[bytes] = field(default_factory=list)
+    entries: list[bytes] = field(default_factory=list, repr=False)  # up to millions
     error: str | None = None
     # How many of ``entries`` the node sent (the others are the state's verified prefix).
     entries_read: int = 0
@@ -438,9 +440,12 @@ def verify_revocations(raws: list[bytes]) -> list[tuple[Revocation | None, bool]
     return results
 
 
-def judge_accesses(checks: list[AccessCheck]) -> list[Rule | None]:
-    """consent.validate_grant's refusal rule (None: allowed) for each planned access."""
-    return [validate_grant(c.token, c.request, c.view, c.policy).rule for c in checks]
+def judge_accesses(checks: Iterable[AccessCheck]) -> list[Rule | None]:
+    """consent.validate_token's refusal rule (None: allowed) for each planned access.
+
+    In-process: the grants' signatures were checked once each (check_signatures), so
+    what is left is cheaper than sending the checks to another process."""
+    return [validate_token(c.token, c.request, c.view, c.policy).rule for c in checks]
 
 
 class Workers:
@@ -462,10 +467,14 @@ class Workers:
         if self._pool is None:
             import multiprocessing
 
-            # fork: the workers inherit the imported modules; the auditor runs no threads here.
-            self._pool = ProcessPoolExecutor(
-                self.processes, mp_context=multiprocessing.get_context("fork")
-            )
+            # forkserver: workers forked from a small server, not from the auditor holding
+            # the logs (a fork of it would copy its heap page by page as refcounts change).
+            # The server preloads this module, not the program's __main__. (As with any
+            # non-fork start, a program run from a script file needs a main guard: the
+            # workers import that file.)
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([__name__])
+            self._pool = ProcessPoolExecutor(self.processes, mp_context=context)
         size = max(1, min(CHUNK, len(items) // (self.processes * 4) + 1))
         chunks = [list(items[i : i + size]) for i in range(0, len(items), size)]
         results: list[R] = []
@@ -538,35 +547,22 @@ class AuditReport:
         }
 
 
-def decode_entries(raws: list[bytes]) -> list[LedgerEntry | BadInput]:
-    """Each entry decoded, its typed body too, or the BadInput that says why it is
-    malformed. (The body is built here, so that a pool worker builds it, not the judge.)"""
-    results: list[LedgerEntry | BadInput] = []
-    for raw in raws:
-        try:
-            entry = decode_entry(raw)
-            _ = entry.body
-            results.append(entry)
-        except BadInput as exc:
-            results.append(exc)
-    return results
+def _memo_decoder() -> Callable[[bytes], LedgerEntry]:
+    """decode_entry memoised by the entry's bytes: each distinct entry is decoded once,
+    however many nodes serve it and however many checks read it.
 
-
-def _memo_decoder(views: Sequence[PeerView], workers: Workers) -> Callable[[bytes], LedgerEntry]:
-    """decode_entry over every distinct entry the nodes served, decoded once, on every core.
-
-    Decoding (canonical checks included) is most of a large audit's work after the
-    signatures, and many nodes serve the same entries.
+    In-process: sending decoded entries back from a process pool costs about as much
+    as decoding them, and the nodes audited often share the auditor's cores.
     """
-    distinct = list(
-        dict.fromkeys(raw for view in views for log in view.logs for raw in log.entries)
-    )
-    cache = dict(zip(distinct, workers.map_chunks(decode_entries, distinct), strict=True))
+    cache: dict[bytes, LedgerEntry | BadInput] = {}
 
     def decode(raw: bytes) -> LedgerEntry:
         hit = cache.get(raw)
         if hit is None:
-            (hit,) = decode_entries([raw])
+            try:
+                hit = decode_entry(raw)
+            except BadInput as exc:
+                hit = exc
             cache[raw] = hit
         if isinstance(hit, BadInput):
             raise hit
@@ -787,10 +783,12 @@ def _check_copies(
     views: Sequence[PeerView], keys: dict[str, VerifierKey], workers: Workers
 ) -> tuple[dict[str, list[History]], list[Violation]]:
     """The structural checks of every copy of every log, each node's copy on its own."""
-    decode = _memo_decoder(views, workers)
+    decode = _memo_decoder()
     confirmed = confirmed_keys(views)
     chains = _reference_chains(views, keys, decode, confirmed)
     histories: dict[str, list[History]] = {origin: [] for origin in keys}
+    # The copies judged whole and intact (with their bytes), that other copies may equal.
+    verified: dict[str, list[tuple[History, list[bytes]]]] = {}
     violations: list[Violation] = []
     for view in views:
         for served in view.logs:
@@ -805,16 +803,30 @@ def _check_copies(
                 continue
             if served.note is None:  # listed empty and never signed
                 continue
-            history, found = check_history(
-                origin,
-                _key_for_copy(served.note, key, chains.get(origin)),
-                view.url,
-                served.note,
-                served.entries,
-                decode,
-                confirmed.get(origin),
+            same = next(
+                (
+                    (copy, raws)
+                    for v, raws in verified.get(origin, [])
+                    if (copy := check_same_copy(v, view.url, served.note, served.entries))
+                ),
+                None,
             )
-            violations += found
+            if same is not None:
+                # Proven equal bytes: hold one list of them, not one per node serving it.
+                history, served.entries = same
+            else:
+                history, found = check_history(
+                    origin,
+                    _key_for_copy(served.note, key, chains.get(origin)),
+                    view.url,
+                    served.note,
+                    served.entries,
+                    decode,
+                    confirmed.get(origin),
+                )
+                violations += found
+                if history.intact:
+                    verified.setdefault(origin, []).append((history, served.entries))
             problem = _listed_key_problem(served, history, view.url)
             if problem is not None:
                 violations.append(problem)
@@ -939,7 +951,7 @@ def _consent(
         found, planned = plan_consent_checks(origin, history.entries, signatures, clock_skew)
         violations.extend(found)
         checks.extend(planned)
-    for check, rule in zip(checks, workers.map_chunks(judge_accesses, checks), strict=True):
+    for check, rule in zip(checks, judge_accesses(checks), strict=True):
         violation = access_violation(check, rule)
         if violation is not None:
             violations.append(violation)
@@ -972,6 +984,36 @@ def run_audit(
     logs whose history verified are saved with their entries. Raises BadInput if the state
     directory is corrupt, tampered, or holds another federation's logs.
     """
+    with _few_collections():
+        return _run_audit(urls, state, now, receipt_grace, timeout, ca_file, federation_key)
+
+
+# Allocations between young-generation collections while auditing (Python's default: 700).
+AUDIT_GC_THRESHOLD = 100_000
+
+
+@contextlib.contextmanager
+def _few_collections() -> Iterator[None]:
+    """The cyclic collector run less often: an audit keeps millions of entries alive, which
+    the default thresholds rescan again and again (a quarter of a large audit's time),
+    and it makes few reference cycles for the collector to free."""
+    before = gc.get_threshold()
+    gc.set_threshold(AUDIT_GC_THRESHOLD, *before[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+
+
+def _run_audit(
+    urls: list[str],
+    state: AuditState | None,
+    now: int,
+    receipt_grace: int,
+    timeout: float,
+    ca_file: str,
+    federation_key: str | None,
+) -> AuditReport:
     saved = state.load() if state is not None else {}
     known: dict[str, VerifiedPrefix] = {}
     if state is not None:
