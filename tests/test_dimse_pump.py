@@ -11,6 +11,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import pynetdicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -112,6 +113,14 @@ def _dataset() -> Dataset:
 
 def test_pynetdicom_is_the_version_the_single_thread_reactor_was_written_for() -> None:
     assert dimse_pump.INSTALLED
+
+
+def test_another_pynetdicom_version_is_not_patched(monkeypatch: pytest.MonkeyPatch) -> None:
+    unpatched = object()
+    monkeypatch.setattr(pynetdicom, "__version__", "3.1.0")
+    monkeypatch.setattr(Association, "_run_reactor", unpatched)
+    assert dimse_pump.install() is False
+    assert Association._run_reactor is unpatched  # pynetdicom's own reactor is kept
 
 
 def test_storescu_of_many_instances_then_echoscu_are_served_by_the_association_thread(
