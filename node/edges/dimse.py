@@ -26,6 +26,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
+import pynetdicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import (
@@ -50,6 +51,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from node.config import DimseCaller, DimseConfig, DimseDestination
 from node.core import atna
 from node.errors import BadInput, ConfigError, ImageShareError, PayloadTooLarge, StorageFull
+from node.services import dimse_pump
 from node.services.dimse_query import (
     Model,
     find,
@@ -252,6 +254,12 @@ class DimseGateway:
         return ae
 
     async def start(self) -> None:
+        if not dimse_pump.INSTALLED:
+            log.warning(
+                "pynetdicom %s is not %s: storage associations run in two threads (slower)",
+                pynetdicom.__version__,
+                dimse_pump.WRITTEN_FOR,
+            )
         ae = self.build_ae()
         handlers: list[Any] = [
             *LOW_LATENCY_HANDLERS,

@@ -52,8 +52,8 @@ NOTES = [
     " next instance only after that answer, so nothing overlaps: two device flushes per"
     " instance (file, SQLite WAL) against Orthanc's one (it does not sync its index per"
     " instance), 0.3 s of the study on a quiet disk, 2-3 s when other work loads it; and"
-    " about 9 ms of CPU per instance in pynetdicom's two polling threads, its message"
-    " handling, the header check and the hash, which a loaded CPU stretches most.",
+    " about 9 ms of CPU per instance in pynetdicom's message handling, the header check"
+    " and the hash, which a loaded CPU stretches most.",
     "`imageshare import` reads the files from the local disk and commits them durably in"
     " batches; the daemon of that node runs beside it. Its figure has no Orthanc"
     " counterpart.",
