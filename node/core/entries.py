@@ -325,7 +325,5 @@ def decode_entry(raw: bytes) -> LedgerEntry:
             raise BadInput(f"entry lacks {name}")
     fields = {k: v for k, v in value.items() if k not in _HEADER_FIELDS}
     entry = LedgerEntry(kind=value["kind"], prev=value["prev"], time=value["time"], fields=fields)
-    check_entry(entry)
-    # The typed body, without checking the entry a second time (``body`` would).
-    entry.__dict__["body"] = ENTRY_TYPES[entry.kind](**entry.fields)
+    _ = entry.body  # checks the entry (BadInput) and keeps its typed fields
     return entry

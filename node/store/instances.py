@@ -465,14 +465,14 @@ class SqliteInstanceStore(InstanceStoreBase):
         if not rows:
             return
         lost: list[tuple[str, str]] = []
+        kept_dirs: set[Path] = set()
         for uid, digest, size in rows:
             if digest is None:
                 continue
             path = self.object_path(digest)
             if _holds(path, digest, size):
                 fsync_path(path)
-                fsync_path(path.parent)
-                fsync_path(self.objects_dir)
+                kept_dirs.add(path.parent)
                 continue
             log.error(
                 "instance %s was indexed but its file %s is missing or damaged (the node"
@@ -483,6 +483,9 @@ class SqliteInstanceStore(InstanceStoreBase):
             )
             path.unlink(missing_ok=True)
             lost.append((uid, digest))
+        if kept_dirs:  # each directory once, however many of its files were kept
+            for directory in (*kept_dirs, self.objects_dir):
+                fsync_path(directory)
         with self._transaction():
             _remove_rows(self._writer, lost)
             self._writer.execute("DELETE FROM unconfirmed")
@@ -832,14 +835,13 @@ def _wait_quietly(flushed: Future[None]) -> None:
 
 def _holds(path: Path, digest: str, size: int) -> bool:
     """Whether ``path`` holds exactly the bytes of ``digest`` (``size`` bytes)."""
-    hasher = hashlib.sha256()
     try:
         with open(path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                hasher.update(chunk)
+            if os.fstat(f.fileno()).st_size != size:
+                return False
+            return hashlib.file_digest(f, "sha256").hexdigest() == digest
     except FileNotFoundError:
         return False
-    return os.path.getsize(path) == size and hasher.hexdigest() == digest
 
 
 def _delete_unconfirmed(conn: sqlite3.Connection, uids: Sequence[str]) -> None:
