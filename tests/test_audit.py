@@ -136,6 +136,26 @@ def receipt(token: bytes, custodian: str, study: bytes, digest: bytes) -> Receip
     return Receipt(*delivered(token, study, digest), custodian=custodian)
 
 
+def recent_access(
+    a: NodeProcess, b: NodeProcess, mrn: str, study: bytes, digest: bytes
+) -> tuple[bytes, int]:
+    """A patient enrolled at A grants B, and B's access is logged at A (mirrored by B) a
+    minute ago: inside the default 300 s receipt grace. The grant token and that time."""
+    patient = Patient(A_ORIGIN)
+    token = patient.token(B_ORIGIN, not_before=NOW - 3600, expires=NOW + WEEK)
+    recent = NOW - 60
+    append(
+        a,
+        [
+            patient.enroll(mrn, at=recent),
+            (Grant(token=token), recent),
+            (access(token, B_ORIGIN, study, digest), recent),
+        ],
+    )
+    mirror(b, a)
+    return token, recent
+
+
 def audit(*urls: str, state: Path | None = None) -> tuple[int, dict[str, Any]]:
     args = ["audit", *urls, "--json"]
     if state is not None:
@@ -618,18 +638,7 @@ class TestAuditState:
         self, federation: tuple[NodeProcess, NodeProcess], tmp_path: Path
     ) -> None:
         a, b = federation
-        patient = Patient(A_ORIGIN)
-        token = patient.token(B_ORIGIN, not_before=NOW - 3600, expires=NOW + WEEK)
-        recent = NOW - 60  # inside the default 300 s receipt grace
-        append(
-            a,
-            [
-                patient.enroll("mrn-2", at=recent),
-                (Grant(token=token), recent),
-                (access(token, B_ORIGIN, ref("s2"), ref("d2")), recent),
-            ],
-        )
-        mirror(b, a)
+        recent_access(a, b, "mrn-2", ref("s2"), ref("d2"))
         state = tmp_path / "state"
         a.start()
         b.start()
@@ -645,18 +654,8 @@ class TestAuditState:
         self, federation: tuple[NodeProcess, NodeProcess], tmp_path: Path
     ) -> None:
         a, b = federation
-        patient = Patient(A_ORIGIN)
-        token = patient.token(B_ORIGIN, not_before=NOW - 3600, expires=NOW + WEEK)
-        recent, study, digest = NOW - 60, ref("s3"), ref("d3")  # inside the 300 s grace
-        append(
-            a,
-            [
-                patient.enroll("mrn-3", at=recent),
-                (Grant(token=token), recent),
-                (access(token, B_ORIGIN, study, digest), recent),
-            ],
-        )
-        mirror(b, a)
+        study, digest = ref("s3"), ref("d3")
+        token, recent = recent_access(a, b, "mrn-3", study, digest)
         state = tmp_path / "state"
         a.start()
         b.start()

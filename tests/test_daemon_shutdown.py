@@ -27,17 +27,23 @@ from tests.support.nodes import init_node
 CLOSE_WAIT_SECONDS = 1.0
 
 
-def test_stores_close_only_after_a_running_off_loop_ledger_call_returns(tmp_path: Path) -> None:
-    made = init_node(tmp_path, "shutdown.example/imageshare")
-    runtime = open_runtime(made.config)
+def told_when_closed(owner: Any) -> threading.Event:
+    """An event set as ``owner.close()`` is called, just before it closes."""
     closed = threading.Event()
-    close = runtime.close
+    close = owner.close
 
     def close_and_tell() -> None:
         closed.set()
         close()
 
-    runtime.close = close_and_tell  # type: ignore[method-assign]
+    owner.close = close_and_tell
+    return closed
+
+
+def test_stores_close_only_after_a_running_off_loop_ledger_call_returns(tmp_path: Path) -> None:
+    made = init_node(tmp_path, "shutdown.example/imageshare")
+    runtime = open_runtime(made.config)
+    closed = told_when_closed(runtime)
     stop = asyncio.Event()
     started, stopping = threading.Event(), threading.Event()
     seen: dict[str, object] = {}
@@ -73,15 +79,8 @@ def test_a_manifest_build_still_running_ends_before_the_stores_close(tmp_path: P
     made = init_node(tmp_path, "manifest.example/imageshare")
     runtime = open_runtime(made.config)
     transfer = runtime.services.transfer
-    closed = threading.Event()
+    closed = told_when_closed(runtime.store)
     started = threading.Event()
-    store_close = runtime.store.close
-
-    def close_and_tell() -> None:
-        closed.set()
-        store_close()
-
-    runtime.store.close = close_and_tell  # type: ignore[method-assign]
 
     def build_still_running_at_close() -> bool:
         started.set()
@@ -100,20 +99,15 @@ def test_stores_close_only_after_a_c_store_being_handled_is_stored(tmp_path: Pat
     made = init_node(tmp_path, "dimse-stop.example/imageshare")
     study = make_ct_study(tmp_path / "study", series=1, slices=1)
     runtime = open_runtime(made.config)
-    closed, started = threading.Event(), threading.Event()
-    close, commit = runtime.close, runtime.store.commit
+    closed, started = told_when_closed(runtime), threading.Event()
+    commit = runtime.store.commit
     seen: dict[str, object] = {}
-
-    def close_and_tell() -> None:
-        closed.set()
-        close()
 
     def commit_still_running_at_shutdown(*args: Any, **kwargs: Any) -> Any:
         started.set()
         seen["closed_before_commit"] = closed.wait(CLOSE_WAIT_SECONDS)
         return commit(*args, **kwargs)
 
-    runtime.close = close_and_tell  # type: ignore[method-assign]
     runtime.store.commit = commit_still_running_at_shutdown  # type: ignore[method-assign]
 
     def send_the_instance() -> None:

@@ -20,7 +20,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -142,6 +142,16 @@ def assert_stored_as_sent(node: NodeProcess, digest: str, sent: pydicom.Dataset)
     assert stored.PixelData == sent.PixelData
 
 
+def restart_holding(node: NodeProcess, acknowledged: Iterable[tuple[str, pydicom.Dataset]]) -> None:
+    """Start the killed node again: its store is sound, and each acknowledged (SOP
+    Instance UID, data set sent) is held as it was sent."""
+    node.start()
+    assert faults.store_problems(node.data_dir) == []
+    held = faults.indexed_digests(node.data_dir)
+    for uid, sent in acknowledged:
+        assert_stored_as_sent(node, held[uid], sent)
+
+
 class Burst:
     """Worker threads that repeat an acknowledged action until told to stop (or the node dies)."""
 
@@ -253,12 +263,8 @@ class TestKilledDuringIngest:
         done = list(acknowledged)
         assert len(done) < len(datasets)
 
-        node.start()
-        assert faults.store_problems(node.data_dir) == []
-        held = faults.indexed_digests(node.data_dir)
         by_uid = {ds.SOPInstanceUID: ds for ds in datasets}
-        for uid in done:
-            assert_stored_as_sent(node, held[uid], by_uid[uid])
+        restart_holding(node, [(uid, by_uid[uid]) for uid in done])
         status, _ = stow(node, study.files[-1].read_bytes())
         assert status == 200
 
@@ -291,12 +297,8 @@ class TestKilledDuringIngest:
         assert sender.wait(30) != 0, "storescu sent the whole study before the kill"
         assert len(acknowledged) >= 40
 
-        node.start()
-        assert faults.store_problems(node.data_dir) == []
-        held = faults.indexed_digests(node.data_dir)
         uid_of = dict(zip(study.files, study.sop_uids, strict=True))
-        for path in acknowledged:
-            assert_stored_as_sent(node, held[uid_of[path]], pydicom.dcmread(path))
+        restart_holding(node, [(uid_of[path], pydicom.dcmread(path)) for path in acknowledged])
 
     def test_an_instance_whose_file_never_reached_the_disk_loses_its_row_at_restart(
         self, node_factory: Factory, tmp_path: Path
