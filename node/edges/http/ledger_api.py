@@ -17,18 +17,19 @@ Handlers are thin: parsing and validation here, the work in the ledger store.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import re
+from collections.abc import Callable
 
 from aiohttp import web
 
 from node.core.encoding import canonical_encode
-from node.core.tiles import parse_tile_path
+from node.core.tiles import TileRef, parse_tile_path
 from node.errors import BadInput, NotFound
 from node.services.ledger import LedgerService
 from node.services.runtime import NodeRuntime
 from node.store.ledger import OwnLog, StoredLog
+from node.store.off_loop import run_off_loop
 
 MAX_ENTRIES_PER_RESPONSE = 1000
 # A full tile never changes; a partial one is replaced by a wider one as the log grows.
@@ -53,29 +54,41 @@ def _b64(hashes: list[bytes]) -> list[str]:
     return [base64.b64encode(h).decode() for h in hashes]
 
 
-def serve_entries(log: StoredLog, request: web.Request) -> web.Response:
-    """``?start=A&end=B``: the raw entries A..B-1 (fewer past the size or the page limit)."""
-    start, end = query_int(request, "start"), query_int(request, "end")
+def _entries_body(find_log: Callable[[], StoredLog], start: int, end: int) -> bytes:
+    log = find_log()
     size = log.size()
     if start > end:
         raise BadInput("start must not exceed end")
     if start > size:
         raise BadInput(f"start {start} is beyond the log size {size}")
     end = min(end, size, start + MAX_ENTRIES_PER_RESPONSE)
-    return web.Response(body=canonical_encode(log.entries(start, end)), content_type=MSGPACK)
+    return canonical_encode(log.entries(start, end))
 
 
-def serve_inclusion(log: StoredLog, request: web.Request) -> web.Response:
+async def serve_entries(find_log: Callable[[], StoredLog], request: web.Request) -> web.Response:
+    """``?start=A&end=B``: the raw entries A..B-1 (fewer past the size or the page limit).
+
+    The log is found and read in a worker thread: a page is up to a thousand rows, and the
+    event loop keeps serving other requests meanwhile (as it does for every store read).
+    """
+    start, end = query_int(request, "start"), query_int(request, "end")
+    body = await run_off_loop(_entries_body, find_log, start, end)
+    return web.Response(body=body, content_type=MSGPACK)
+
+
+async def serve_inclusion(find_log: Callable[[], StoredLog], request: web.Request) -> web.Response:
     """``?index=I&size=N``: the RFC 9162 inclusion proof as JSON."""
     index, size = query_int(request, "index"), query_int(request, "size")
-    proof = log.inclusion_proof(index, size)
+    proof = await run_off_loop(lambda: find_log().inclusion_proof(index, size))
     return web.json_response({"index": index, "size": size, "proof": _b64(proof)})
 
 
-def serve_consistency(log: StoredLog, request: web.Request) -> web.Response:
+async def serve_consistency(
+    find_log: Callable[[], StoredLog], request: web.Request
+) -> web.Response:
     """``?old=M&new=N``: the RFC 9162 consistency proof as JSON."""
     old, new = query_int(request, "old"), query_int(request, "new")
-    proof = log.consistency_proof(old, new)
+    proof = await run_off_loop(lambda: find_log().consistency_proof(old, new))
     return web.json_response({"old": old, "new": new, "proof": _b64(proof)})
 
 
@@ -83,45 +96,66 @@ def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
     service: LedgerService = runtime.services.ledger
     store = service.store
 
-    def log_of(request: web.Request) -> StoredLog:
-        log = store.log_by_id(request.match_info["log_id"])
-        if log is None:
-            raise NotFound("no such log here")
-        return log
+    def find_log(request: web.Request) -> Callable[[], StoredLog]:
+        """The lookup of the request's log, to run in a worker thread with its reads."""
+
+        def lookup() -> StoredLog:
+            log = store.log_by_id(request.match_info["log_id"])
+            if log is None:
+                raise NotFound("no such log here")
+            return log
+
+        return lookup
+
+    def list_json() -> list[dict[str, object]]:
+        return [info.as_json() for info in store.logs()]
 
     async def list_logs(request: web.Request) -> web.Response:
-        return web.json_response([info.as_json() for info in store.logs()])
+        return web.json_response(await run_off_loop(list_json))
 
-    async def checkpoint(request: web.Request) -> web.Response:
-        log = log_of(request)
+    def checkpoint_text(lookup: Callable[[], StoredLog]) -> str:
+        log = lookup()
         if log.log_id == service.own.log_id:  # signs a fresh head if the log grew
-            note: str | None = await asyncio.to_thread(service.checkpoint_note)
+            note: str | None = service.checkpoint_note()
         else:
             note = log.checkpoint_note()
         if note is None:
             raise NotFound(f"{log.origin} has no checkpoint yet")
-        return web.Response(text=note, content_type="text/plain", charset="utf-8")
+        return note
 
-    async def published_checkpoint(request: web.Request) -> web.Response:
-        log = log_of(request)
+    def published_text(lookup: Callable[[], StoredLog]) -> str:
+        log = lookup()
         note = log.published_note() if isinstance(log, OwnLog) else None
         if note is None:
             raise NotFound(f"{log.origin} has no checkpoint here that met its witness policy")
+        return note
+
+    async def checkpoint(request: web.Request) -> web.Response:
+        note = await run_off_loop(checkpoint_text, find_log(request))
+        return web.Response(text=note, content_type="text/plain", charset="utf-8")
+
+    async def published_checkpoint(request: web.Request) -> web.Response:
+        note = await run_off_loop(published_text, find_log(request))
         return web.Response(text=note, content_type="text/plain", charset="utf-8")
 
     async def entries(request: web.Request) -> web.Response:
-        return serve_entries(log_of(request), request)
+        return await serve_entries(find_log(request), request)
 
     async def inclusion(request: web.Request) -> web.Response:
-        return serve_inclusion(log_of(request), request)
+        return await serve_inclusion(find_log(request), request)
 
     async def consistency(request: web.Request) -> web.Response:
-        return serve_consistency(log_of(request), request)
+        return await serve_consistency(find_log(request), request)
 
     async def tile(request: web.Request) -> web.Response:
-        log = log_of(request)
-        ref = parse_tile_path("tile/" + request.match_info["tile_path"])
-        data = await asyncio.to_thread(log.tile, ref)
+        lookup = find_log(request)
+
+        def read_tile() -> tuple[TileRef, bytes]:
+            log = lookup()  # an unknown log is a 404 before a malformed path is a 400
+            ref = parse_tile_path("tile/" + request.match_info["tile_path"])
+            return ref, log.tile(ref)
+
+        ref, data = await run_off_loop(read_tile)
         cache = PARTIAL_TILE_CACHE if ref.partial else FULL_TILE_CACHE
         return web.Response(
             body=data, content_type=OCTET_STREAM, headers={"Cache-Control": cache}

@@ -46,13 +46,13 @@ def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
         return text(note)
 
     async def entries(request: web.Request) -> web.Response:
-        return serve_entries(roster_log(), request)
+        return await serve_entries(roster_log, request)
 
     async def inclusion(request: web.Request) -> web.Response:
-        return serve_inclusion(roster_log(), request)
+        return await serve_inclusion(roster_log, request)
 
     async def consistency(request: web.Request) -> web.Response:
-        return serve_consistency(roster_log(), request)
+        return await serve_consistency(roster_log, request)
 
     app.router.add_get(PREFIX, newest)
     app.router.add_get(PREFIX + "/log/checkpoint", checkpoint)
