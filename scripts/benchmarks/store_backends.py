@@ -218,7 +218,7 @@ def run(ctx: BenchContext) -> list[Row]:
         try:
             for receiver in receivers:
                 stow[receiver.name] = stow_seconds(receiver, study)
-            postgres_node = receivers[1]
+            postgres_node = next(r for r in receivers if r.name == OURS[1])
             assert postgres_node.restart is not None
             postgres_node.restart()  # its local copies are gone: every object is fetched
             fetched = retrieve_seconds(postgres_node, study)
