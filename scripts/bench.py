@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `scripts` and `tests` imp
 
 from scripts import benchmarks  # noqa: E402
 from scripts.benchmarks.common import BenchContext, Row  # noqa: E402
+from tests.support.orthanc import POSTGRESQL_PLUGINS  # noqa: E402
 
 # Modules that share the generated study run first, in this order; the rest alphabetically.
 FIRST = ["dataplane", "transfer"]
@@ -234,7 +235,8 @@ def render_report(
             "",
             f"Run on {started:%Y-%m-%d %H:%M} UTC with {workload}. Our node and Orthanc (the"
             " Debian packages `orthanc` and `orthanc-dicomweb`, the DICOM server most sites"
-            " would pick instead) were measured on the same machine in the same run, each on"
+            " would pick instead; with `orthanc-postgresql` where a row says Orthanc on"
+            " PostgreSQL) were measured on the same machine in the same run, each on"
             " loopback with its own fresh storage.",
             "",
             "Figures are from one run on a shared 2-core machine, where other work may run at"
@@ -252,9 +254,10 @@ def render_report(
             "",
             "## How to reproduce",
             "",
-            "`./scripts/bench` installs what is missing (Orthanc, its DICOMweb plugin, DCMTK,"
-            " the Python environment), runs every module in `scripts/benchmarks/` and rewrites"
-            " this file; `./scripts/bench --only NAME` runs some modules,"
+            "`./scripts/bench` installs what is missing (Orthanc, its DICOMweb and PostgreSQL"
+            " plugins, DCMTK, PostgreSQL, the Python environment), runs every module in"
+            " `scripts/benchmarks/` and rewrites this file; `./scripts/bench --only NAME` runs"
+            " some modules,"
             " `python -m scripts.benchmarks.NAME` runs one alone and prints its rows.",
             "",
             f"Time per module in this run: {ran}.",
@@ -292,8 +295,10 @@ def run_standalone(run: RunFunction) -> int:
 
 
 def ensure_tools() -> None:
-    """Install Orthanc, its DICOMweb plugin and DCMTK through scripts/setup-env if missing."""
-    if shutil.which("Orthanc") and shutil.which("storescu"):
+    """Install Orthanc, its DICOMweb and PostgreSQL plugins and DCMTK through
+    scripts/setup-env if missing."""
+    plugins = all(plugin.exists() for plugin in POSTGRESQL_PLUGINS)
+    if shutil.which("Orthanc") and shutil.which("storescu") and plugins:
         return
     subprocess.run(
         ["bash", "-c", 'source "$1/scripts/setup-env"', "setup", str(ROOT)],

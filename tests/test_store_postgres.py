@@ -28,7 +28,13 @@ from node.services.ingest import import_files
 from node.store.attributes import Level
 from node.store.instances import SqliteInstanceStore
 from node.store.objects import ObjectCorrupt, ObjectStoreSettings, S3Objects
-from node.store.postgres import PostgresInstanceStore, PostgresSettings
+from node.store.postgres import (
+    MIGRATIONS,
+    PostgresInstanceStore,
+    PostgresSettings,
+    migrate,
+    open_pool,
+)
 from node.store.queries import STUDY_LIST_ORDERS, StudyPage, parse_qido
 from tests.support.nodes import NodeProcess, init_node, run_cli, wait_until
 from tests.support.postgres import (
@@ -431,3 +437,29 @@ class TestSettings:
         assert "cannot reach the PostgreSQL index" in result.stderr
         assert "Traceback" not in result.stderr
         assert "wrong-password" not in result.stderr
+
+
+class TestSchemaVersions:
+    def test_an_index_at_version_1_gains_the_series_index_by_study_and_modality(
+        self, postgres: PostgresServer
+    ) -> None:
+        import psycopg
+
+        dsn = postgres.create_database("at_version_1")
+        pool = open_pool(PostgresSettings(dsn, pool_size=1))
+        try:
+            assert migrate(pool, MIGRATIONS[:1]) == 1
+            assert migrate(pool) == len(MIGRATIONS)
+        finally:
+            pool.close()
+        with psycopg.connect(dsn) as conn:
+            indexes = {
+                row[0]
+                for row in conn.execute(
+                    "SELECT indexname FROM pg_indexes WHERE tablename = 'series'"
+                )
+            }
+            versions = [row[0] for row in conn.execute("SELECT version FROM schema_migrations")]
+        assert "idx_series_study_instance_uid_modality" in indexes
+        assert "idx_series_study_instance_uid" not in indexes
+        assert sorted(versions) == list(range(1, len(MIGRATIONS) + 1))

@@ -48,6 +48,7 @@ from node.store.dicom_header import InflateLimits
 from node.store.instances import (
     CHUNK,
     SCHEMA,
+    SUPERSEDED_SERIES_INDEX,
     Arrival,
     IngestResult,
     InstanceRecord,
@@ -56,6 +57,7 @@ from node.store.instances import (
     StagedInstance,
     StagingFile,
     _result,
+    index_name,
     index_values,
 )
 from node.store.objects import S3Objects
@@ -109,14 +111,23 @@ def _create_index_schema(conn: Any) -> None:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {kind}")
         for indexed in spec["indexes"]:
             conn.execute(
-                f"CREATE INDEX IF NOT EXISTS idx_{table}_{'_'.join(indexed)}"
+                f"CREATE INDEX IF NOT EXISTS {index_name(table, indexed)}"
                 f" ON {table} ({', '.join(indexed)})"
             )
     conn.execute(_SQLITE_FUNCTIONS)
 
 
+def _index_series_by_study_and_modality(conn: Any) -> None:
+    _create_index_schema(conn)
+    conn.execute(f"DROP INDEX IF EXISTS {SUPERSEDED_SERIES_INDEX}")
+
+
 # Position n brings the schema from version n to n + 1.
-MIGRATIONS: tuple[Migration, ...] = (_create_index_schema,)
+MIGRATIONS: tuple[Migration, ...] = (
+    _create_index_schema,
+    # 2: series indexed by (study, modality) instead of by study alone, as on SQLite.
+    _index_series_by_study_and_modality,
+)
 
 
 def migrate(pool: Any, migrations: Sequence[Migration] = MIGRATIONS) -> int:

@@ -1,7 +1,8 @@
 """Orthanc, the DICOM server most sites would pick, run beside our node for comparison.
 
 Each OrthancServer is a private instance on loopback: free ports, its own storage and
-index in a scratch directory, a generated JSON configuration with the DICOMweb plugin,
+index in a scratch directory (or in a database of a private PostgreSQL, through Debian's
+orthanc-postgresql plugins), a generated JSON configuration with the DICOMweb plugin,
 no remote access and no authentication. Also the process helpers every benchmark shares:
 peak RSS of a running process and of a finished child, and loading a study with storescu.
 """
@@ -24,6 +25,11 @@ ORTHANC_BINARY = "Orthanc"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 # Debian's orthanc-gdcm: GDCM's codecs (JPEG 2000, JPEG-LS, ...) for Orthanc's transcoding.
 GDCM_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancGdcm.so")
+# Debian's orthanc-postgresql: Orthanc's index, and its storage area, in PostgreSQL.
+POSTGRESQL_PLUGINS = (
+    Path("/usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so"),
+    Path("/usr/share/orthanc/plugins/libOrthancPostgreSQLStorage.so"),
+)
 DICOMWEB_ROOT = "/dicom-web/"
 # Debian's Orthanc links the system DCMTK, which leaves Nagle's algorithm on unless this is
 # set; with it on, every C-STORE response waits for a delayed ACK (about 40 ms an instance).
@@ -109,6 +115,8 @@ class OrthancServer:
     tcp_nodelay: bool = True
     # Load the GDCM plugin, without which Orthanc decodes no JPEG 2000 or JPEG-LS.
     gdcm: bool = False
+    # A libpq URI: the index and the DICOM files in that PostgreSQL database, not on disk.
+    postgresql_uri: str | None = None
     # More configuration on top of the generated one (e.g. DicomModalities).
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -131,7 +139,22 @@ class OrthancServer:
         self.extra.setdefault("DicomModalities", {})[ae_title] = modality
         return self
 
+    def plugins(self) -> list[Path]:
+        return [
+            DICOMWEB_PLUGIN,
+            *([GDCM_PLUGIN] if self.gdcm else []),
+            *(POSTGRESQL_PLUGINS if self.postgresql_uri else ()),
+        ]
+
     def configuration(self) -> dict[str, Any]:
+        postgresql = {
+            "PostgreSQL": {
+                "EnableIndex": True,
+                "EnableStorage": True,
+                "ConnectionUri": self.postgresql_uri,
+                "Lock": True,  # this Orthanc alone uses the database
+            }
+        }
         return {
             "Name": self.name,
             "StorageDirectory": str(self.directory / "storage"),
@@ -147,21 +170,21 @@ class OrthancServer:
             "DicomAet": self.ae_title,
             "DicomModalities": {},
             "OrthancPeers": {name: [url.rstrip("/") + "/"] for name, url in self.peers.items()},
-            "Plugins": [str(DICOMWEB_PLUGIN), *([str(GDCM_PLUGIN)] if self.gdcm else [])],
+            "Plugins": [str(plugin) for plugin in self.plugins()],
             "DicomWeb": {"Enable": True, "Root": DICOMWEB_ROOT},
+            **(postgresql if self.postgresql_uri else {}),
             **self.extra,
         }
 
     def start(self, timeout: float = 60.0) -> OrthancServer:
         """Start Orthanc and wait until its REST API answers /system.
 
-        Raises RuntimeError if the binary or the DICOMweb plugin is missing, or if it
+        Raises RuntimeError if the binary or a plugin it loads is missing, or if it
         exits or does not answer in time.
         """
-        if not DICOMWEB_PLUGIN.exists():
-            raise RuntimeError(f"the Orthanc DICOMweb plugin is missing ({DICOMWEB_PLUGIN})")
-        if self.gdcm and not GDCM_PLUGIN.exists():
-            raise RuntimeError(f"the Orthanc GDCM plugin is missing ({GDCM_PLUGIN})")
+        missing = [plugin for plugin in self.plugins() if not plugin.exists()]
+        if missing:
+            raise RuntimeError(f"an Orthanc plugin is missing ({missing[0]})")
         self.directory.mkdir(parents=True, exist_ok=True)
         config_path = self.directory / "orthanc.json"
         config_path.write_text(json.dumps(self.configuration(), indent=2))
