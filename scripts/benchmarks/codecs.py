@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import requests
@@ -25,6 +26,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import get_encoder
 from pydicom.uid import (
+    UID,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
@@ -65,7 +67,7 @@ def _dataset(syntax: str, bits: int, frames: list[bytes] | None, count: int) -> 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = syntax
+    meta.TransferSyntaxUID = UID(syntax)
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID = SecondaryCaptureImageStorage
@@ -98,7 +100,7 @@ def write_instances(directory: Path, count: int) -> dict[str, Dataset]:
     jpeg_path = directory / "JPEG-baseline.dcm"
     subprocess.run(["dcmcjpeg", "+eb", str(native), str(jpeg_path)], check=True)
     encoder = get_encoder(JPEG2000Lossless)
-    options = {
+    options: dict[str, Any] = {
         "rows": SIZE,
         "columns": SIZE,
         "samples_per_pixel": 1,

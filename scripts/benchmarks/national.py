@@ -384,7 +384,7 @@ def audit(fed: Federation, mode: str) -> tuple[float, float, int, int, int]:
     child.start()
     result = receive.recv()
     child.join()
-    return result  # type: ignore[no-any-return]
+    return result
 
 
 # ---- the run -----------------------------------------------------------------------------
