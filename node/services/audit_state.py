@@ -2,7 +2,8 @@
 verified and the entries that checkpoint covers (node.store.audit_state).
 
 A rerun then reads from each node only the entries after the saved size, and judges
-every rule over the saved entries and the new ones together. Nothing saved is trusted
+every rule over the saved entries (streamed back from the database) and the new ones
+together. Nothing saved is trusted
 blindly: on load each checkpoint must verify under the key pinned with it, and the
 entries kept must hash to its root, or the audit stops with a clear error (a tampered
 or torn state is refused, never half-used). A log is saved only when its history
@@ -12,6 +13,7 @@ the saved entries on every run, so they keep being reported.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from node.core.notes import verify_note
 from node.core.origins import is_node_origin, log_id
 from node.errors import BadInput, ImageShareError, Unauthorized
 from node.store.audit_state import AuditStateStore, LogRow, is_state_database_error
+from node.store.entry_spool import EntriesFrom, EntrySource
 
 
 @dataclass(frozen=True)
@@ -43,11 +46,16 @@ class SavedCheckpoint:
 
 @dataclass(frozen=True)
 class VerifiedPrefix:
-    """A log's entries up to its saved checkpoint, checked against that checkpoint, and
-    the chain's right edge after them (to check a node's next entries against)."""
+    """A log's entries up to its saved checkpoint, checked against that checkpoint (read
+    back from the state on demand, never held), and the chain's right edge after them
+    (to check a node's next entries against)."""
 
-    entries: list[bytes]
+    entries_from: EntriesFrom
     chain: LogChain
+
+    @property
+    def size(self) -> int:
+        return self.chain.size
 
 
 class AuditState:
@@ -90,24 +98,27 @@ class AuditState:
         row = self._rows.get(origin)
         if row is None or row.entries_kept == 0:
             return None
-        store = self._open()
-        try:
-            entries = store.entries(origin)
-        except ValueError as exc:
-            raise BadInput(f"audit state of {origin} is corrupt: {exc}") from exc
-        finally:
-            store.close()
         chain = LogChain()
-        for raw in entries:
+        for raw in self._entries(origin, 0):
             chain.push_leaf(leaf_hash(raw))
         if chain.size != row.size or chain.root() != row.root:
             raise BadInput(
                 f"audit state of {origin} is tampered: its entries do not hash to the"
                 " checkpoint saved with them"
             )
-        return VerifiedPrefix(entries, chain)
+        return VerifiedPrefix(lambda start: self._entries(origin, start), chain)
 
-    def save(self, checkpoint: SavedCheckpoint, entries: list[bytes] | None = None) -> None:
+    def _entries(self, origin: str, start: int) -> Iterator[bytes]:
+        """The entries kept for a log from index ``start`` on, streamed from the database."""
+        store = self._open()
+        try:
+            yield from store.entries(origin, start)
+        except ValueError as exc:
+            raise BadInput(f"audit state of {origin} is corrupt: {exc}") from exc
+        finally:
+            store.close()
+
+    def save(self, checkpoint: SavedCheckpoint, entries: EntrySource | None = None) -> None:
         """Replace the log's saved checkpoint (and the entries it covers, if given)
         atomically and durably."""
         store = self._open()

@@ -11,10 +11,11 @@ what they claim before an audit trusts them.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from node.store.entry_spool import EntrySource, entries_from
 from node.store.sqlite import Migration, open_database
 
 STATE_FILE = "audit-state.sqlite"
@@ -80,22 +81,23 @@ class AuditStateStore:
             result.append(LogRow(origin, vkey, size, root, note, kept))
         return result
 
-    def entries(self, origin: str) -> list[bytes]:
-        """The entries kept for a log, in index order; ValueError if they cannot be read
-        or their indexes have gaps."""
-        entries: list[bytes] = []
+    def entries(self, origin: str, start: int = 0) -> Iterator[bytes]:
+        """The entries kept for a log from index ``start`` on, in index order, a batch
+        at a time; ValueError if they cannot be read or their indexes have gaps."""
+        expected = start
         try:
             cursor = self._db.execute(
-                "SELECT idx, raw FROM entries WHERE origin = ? ORDER BY idx", (origin,)
+                "SELECT idx, raw FROM entries WHERE origin = ? AND idx >= ? ORDER BY idx",
+                (origin, start),
             )
             while batch := cursor.fetchmany(READ_BATCH):
                 for index, raw in batch:
-                    if index != len(entries) or not isinstance(raw, bytes):
-                        raise ValueError(f"entry {len(entries)} is missing or not bytes")
-                    entries.append(raw)
+                    if index != expected or not isinstance(raw, bytes):
+                        raise ValueError(f"entry {expected} is missing or not bytes")
+                    expected += 1
+                    yield raw
         except sqlite3.Error as exc:
-            raise ValueError(f"entry {len(entries)} cannot be read: {exc}") from exc
-        return entries
+            raise ValueError(f"entry {expected} cannot be read: {exc}") from exc
 
     def save(
         self,
@@ -104,7 +106,7 @@ class AuditStateStore:
         size: int,
         root: bytes,
         note: str,
-        entries: Sequence[bytes] | None,
+        entries: EntrySource | None,
     ) -> None:
         """Replace a log's checkpoint, and its kept entries by ``entries`` (exactly the
         checkpoint's; None keeps none), in one durable transaction. Entries already kept
@@ -122,7 +124,7 @@ class AuditStateStore:
                 )
                 self._db.executemany(
                     "INSERT INTO entries (origin, idx, raw) VALUES (?, ?, ?)",
-                    ((origin, i, entries[i]) for i in range(kept, len(entries))),
+                    ((origin, i, raw) for i, raw in enumerate(entries_from(entries, kept), kept)),
                 )
             self._db.execute(
                 "INSERT OR REPLACE INTO logs (origin, vkey, size, root, note)"

@@ -123,9 +123,7 @@ def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
         ref = parse_tile_path("tile/" + request.match_info["tile_path"])
         data = await asyncio.to_thread(log.tile, ref)
         cache = PARTIAL_TILE_CACHE if ref.partial else FULL_TILE_CACHE
-        return web.Response(
-            body=data, content_type=OCTET_STREAM, headers={"Cache-Control": cache}
-        )
+        return web.Response(body=data, content_type=OCTET_STREAM, headers={"Cache-Control": cache})
 
     app.router.add_get("/ledger/logs", list_logs)
     app.router.add_get("/ledger/logs/{log_id}/checkpoint", checkpoint)
