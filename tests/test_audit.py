@@ -573,9 +573,10 @@ class TestViews:
 
 
 class TestAuditState:
-    """--state: a rerun reads only what is new, and still judges every rule over all of it."""
+    """--state: a rerun reads and judges only what is new, resuming from what the rules
+    kept, and still judges every rule over the whole history."""
 
-    def test_rerun_reads_only_the_entries_after_the_saved_checkpoint(
+    def test_rerun_reads_and_judges_only_the_entries_after_the_saved_checkpoint(
         self, federation: tuple[NodeProcess, NodeProcess], tmp_path: Path
     ) -> None:
         a, b = federation  # A's log of 16 and B's of 1, each also mirrored by the other
@@ -593,10 +594,14 @@ class TestAuditState:
         second_status, second = audit(a.url, b.url, state=state)
         third_status, third = audit(a.url, b.url, state=state)
         read = {log["origin"]: log["entries_read"] for log in second["logs"]}
+        judged = {log["origin"]: log["entries_judged"] for log in second["logs"]}
         assert (first_status, second_status, third_status) == (0, 0, 0)
-        assert first["entries_read"] == 2 * (16 + 1)
+        assert first["entries_read"] == 2 * (16 + 1) and first["entries_judged"] == 16 + 1
         assert read == {A_ORIGIN: 2 * 300, B_ORIGIN: 0}  # from A and from its mirror on B
-        assert second["logs"][0]["size"] == 316 and third["entries_read"] == 0
+        assert judged == {A_ORIGIN: 300, B_ORIGIN: 0}  # each distinct entry once
+        assert second["logs"][0]["size"] == 316
+        assert (third["entries_read"], third["entries_judged"]) == (0, 0)
+        assert [log["counts"] for log in third["logs"]] == [log["counts"] for log in second["logs"]]
         modes = [path.stat().st_mode & 0o777 for path in (state, state / "audit-state.sqlite")]
         assert modes == [0o700, 0o600]
 
@@ -629,10 +634,12 @@ class TestAuditState:
         second_status, second = audit(a.url, b.url, state=state)
         third_status, third = audit(a.url, b.url, state=state)
         assert (first_status, second_status, third_status) == (0, 1, 1)
-        assert second["entries_read"] == 2
+        # Only the access and its receipt are judged, against the revocation kept.
+        assert (second["entries_read"], second["entries_judged"]) == (2, 2)
         assert rules(second) == {(A_ORIGIN, 3, "access_after_revocation")}
-        # Saved with its finding: the next run reads nothing and reports it again.
-        assert third["entries_read"] == 0 and rules(third) == rules(second)
+        # Saved with its finding: the next run reads and judges nothing, reports it again.
+        assert (third["entries_read"], third["entries_judged"]) == (0, 0)
+        assert rules(third) == rules(second)
 
     def test_access_still_awaiting_its_receipt_is_judged_on_a_later_run(
         self, federation: tuple[NodeProcess, NodeProcess], tmp_path: Path
@@ -647,7 +654,7 @@ class TestAuditState:
         result = run_cli(*args, check=False)
         report = json.loads(result.stdout)
         assert (first_status, result.returncode) == (0, 1)
-        assert report["entries_read"] == 0
+        assert (report["entries_read"], report["entries_judged"]) == (0, 0)
         assert rules(report) == {(A_ORIGIN, 18, "access_without_receipt")}
 
     def test_receipt_recorded_after_a_run_settles_the_access_that_run_saw_pending(
@@ -672,6 +679,8 @@ class TestAuditState:
         second, whole = json.loads(rerun.stdout), json.loads(fresh.stdout)
         assert (first_status, rerun.returncode, fresh.returncode) == (0, 0, 0)
         assert second["entries_read"] == 2  # the receipt, from B and from its mirror on A
+        # The receipt alone is judged; the access it settles was kept pending.
+        assert second["entries_judged"] == 1 and whole["entries_judged"] > 1
         assert rules(second) == rules(whole) == set()
 
     def test_tampered_or_truncated_state_is_refused_with_a_clear_error(

@@ -15,8 +15,17 @@ from __future__ import annotations
 
 import sqlite3
 from collections import Counter, defaultdict
-from collections.abc import Callable, Container, Iterable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import (
+    Callable,
+    Container,
+    Iterable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
+from dataclasses import astuple, dataclass, field
+from typing import Any
 
 import msgpack
 
@@ -227,13 +236,33 @@ class _Findings:
             self.found.append(Violation(self.origin, index, rule, detail, self.source))
 
     def done(self) -> list[Violation]:
-        for rule, count in self.counts.items():
-            if count > MAX_FINDINGS_PER_RULE:
-                more = count - MAX_FINDINGS_PER_RULE
-                self.found.append(
-                    Violation(self.origin, None, rule, f"and {more} more like it", self.source)
-                )
-        return self.found
+        summaries = [
+            Violation(
+                self.origin,
+                None,
+                rule,
+                f"and {count - MAX_FINDINGS_PER_RULE} more like it",
+                self.source,
+            )
+            for rule, count in self.counts.items()
+            if count > MAX_FINDINGS_PER_RULE
+        ]
+        return self.found + summaries
+
+    def state(self) -> list[Any]:
+        """What the findings so far are, as msgpack holds it (``restore`` takes it back)."""
+        return [[violation_state(v) for v in self.found], dict(self.counts)]
+
+    def restore(self, state: list[Any]) -> None:
+        found, counts = state
+        self.found = [Violation(*v) for v in found]
+        self.counts = Counter(counts)
+
+
+def violation_state(violation: Violation) -> list[Any]:
+    """A violation as msgpack holds it (``Violation(*state)`` takes it back)."""
+    v = violation
+    return [v.log, v.index, v.rule, v.detail, v.source]
 
 
 # -- structure: signatures, chain, roots --------------------------------------------------
@@ -241,6 +270,16 @@ class _Findings:
 
 # Called with each entry of a copy as check_history walks it (None: it does not decode).
 EntryObserver = Callable[[int, LedgerEntry | None], None]
+
+
+@dataclass(frozen=True)
+class Walked:
+    """Where check_history left a verified prefix of a log (a previous audit): its chain's
+    right edge, its leaf hashes and its key rotations, to walk only what follows."""
+
+    chain: LogChain
+    leaves: LeafHashes
+    rotations: tuple[tuple[int, LedgerEntry], ...]
 
 
 def check_history(
@@ -252,6 +291,7 @@ def check_history(
     decode: Callable[[bytes], LedgerEntry] = decode_entry,
     confirmed_key: bytes | None = None,
     observe: EntryObserver | None = None,
+    resume: Walked | None = None,
 ) -> tuple[History, list[Violation]]:
     """Verify one served log: its key chain, checkpoint signature, every entry, the chain, the root.
 
@@ -261,7 +301,8 @@ def check_history(
     ``confirmed_key``, the key the other members pin, confirms a compromised-key
     rotation). ``decode`` must raise BadInput for a malformed entry. The entries are
     walked once, in order, and not kept: ``observe`` sees each (the consent rules judge
-    the copy as it streams past).
+    the copy as it streams past). With ``resume``, ``raw_entries`` are the entries after
+    that verified prefix, which is not walked again.
     """
     findings = _Findings(origin, source)
     history = History(origin, source, note, None)
@@ -270,9 +311,9 @@ def check_history(
     except BadInput as exc:
         findings.add("bad_checkpoint_signature", None, str(exc))
         return history, findings.done()
-    log_chain = LogChain()
-    leaves = LeafHashes()
-    rotation_entries: list[tuple[int, LedgerEntry]] = []
+    log_chain = LogChain() if resume is None else resume.chain.copy()
+    leaves = LeafHashes() if resume is None else resume.leaves.copy()
+    rotation_entries = [] if resume is None else list(resume.rotations)
     for raw in raw_entries:  # one Link at a time: a log may hold millions
         link = log_chain.append(raw, decode)
         leaves.append(link.leaf)
@@ -317,7 +358,11 @@ def check_history(
 
 
 def check_same_copy(
-    verified: History, source: str, note: str, raw_entries: Iterable[bytes]
+    verified: History,
+    source: str,
+    note: str,
+    raw_entries: Iterable[bytes],
+    resume: LogChain | None = None,
 ) -> History | None:
     """Another node's copy of a history already verified intact, checked without judging
     its entries again; None if it is not provably the same (check_history then judges it).
@@ -325,7 +370,8 @@ def check_same_copy(
     Equal roots of equal sizes mean equal entries, so a copy whose checkpoint is validly
     signed for the verified size and root, and whose entries hash to that root, shares
     the verified history's entries, chain and keys; only its cosignatures are its own.
-    The entries are only hashed as they stream past, never kept.
+    The entries are only hashed as they stream past, never kept; with ``resume`` (the
+    chain of a verified prefix), ``raw_entries`` are those after it.
     """
     if not verified.intact or verified.checkpoint is None or verified.signing_key is None:
         return None
@@ -336,7 +382,7 @@ def check_same_copy(
     same = (checkpoint.size, checkpoint.root_hash) == (verified.size, verified.checkpoint.root_hash)
     if not same:
         return None
-    frontier = MerkleFrontier()
+    frontier = MerkleFrontier() if resume is None else resume.frontier.copy()
     for raw in raw_entries:
         frontier.push(leaf_hash(raw))
     if frontier.size != checkpoint.size or frontier.root() != checkpoint.root_hash:
@@ -529,6 +575,13 @@ class EntryTimes:
     def done(self) -> list[Violation]:
         return self.findings.done()
 
+    def state(self) -> list[Any]:
+        return [self.findings.state(), self.latest]
+
+    def restore(self, state: list[Any]) -> None:
+        findings, self.latest = state
+        self.findings.restore(findings)
+
 
 # -- consent ------------------------------------------------------------------------------
 
@@ -670,6 +723,25 @@ class ConsentWalk:
             if problem is not None:
                 findings.add("contribution_without_permission", index, problem)
         return None
+
+    def state(self) -> list[Any]:
+        """The walk's state besides ``grants`` and ``keys``, as msgpack holds it."""
+        emergencies = [[r, b.wire_fields()] for r, b in self.emergencies.items()]
+        return [
+            self.findings.state(),
+            sorted(self.unsigned),
+            sorted([list(pair) for pair in self.revoked]),
+            emergencies,
+            sorted(self.delegations),
+        ]
+
+    def restore(self, state: list[Any]) -> None:
+        findings, unsigned, revoked, emergencies, delegations = state
+        self.findings.restore(findings)
+        self.unsigned = set(unsigned)
+        self.revoked = {(key, token_id) for key, token_id in revoked}
+        self.emergencies = {request: BreakGlass(**fields) for request, fields in emergencies}
+        self.delegations = set(delegations)
 
     def _plan_access(self, index: int, time: int, body: Access) -> AccessCheck | None:
         token = self.grants.get(body.token_id)
@@ -950,6 +1022,27 @@ class BreakGlassWalk:
     def done(self) -> tuple[list[BreakGlassReview], list[Violation]]:
         return self.reviews, self.findings.done()
 
+    def state(self) -> list[Any]:
+        """The walk's state besides ``active`` and ``holders``, as msgpack holds it."""
+        reviews = [[*astuple(r)[:8], list(r.problems)] for r in self.reviews]
+        policies = [[key, p.index, p.policy.raw] for key, p in self.policies.items()]
+        return [self.findings.state(), reviews, sorted(self.retired), policies]
+
+    def restore(self, state: list[Any]) -> None:
+        findings, reviews, retired, policies = state
+        self.findings.restore(findings)
+        self.reviews = []
+        for log, index, time, requester, reason, policy, default, studies, problems in reviews:
+            self.reviews.append(
+                BreakGlassReview(
+                    log, index, time, requester, reason, policy, default, studies, tuple(problems)
+                )
+            )
+        self.retired = set(retired)
+        self.policies = {
+            key: _PolicyInForce(index, decode_policy(raw)) for key, index, raw in policies
+        }
+
 
 def _valid_policy(
     origin: str, raw: bytes, enrolled: Callable[[bytes], bool]
@@ -1065,6 +1158,30 @@ class ReceiptLedger:
         """Drop the halves fed under ``walk`` (a copy that turned out not to be judged)."""
         self._flush()
         self.db.execute("DELETE FROM halves WHERE walk = ?", (walk,))
+
+    def halves(self, log: str, walk: int) -> Iterator[bytes]:
+        """The halves of one log fed under ``walk``, each packed, in order (to save)."""
+        self._flush()
+        rows = self.db.execute(
+            "SELECT key, receipt, other, idx, time FROM halves WHERE log = ? AND walk = ?"
+            " ORDER BY rowid",
+            (log, walk),
+        )
+        while batch := rows.fetchmany(RECEIPT_BATCH):
+            for row in batch:
+                yield msgpack.packb(list(row))
+
+    def restore(self, log: str, halves: Iterable[bytes], walk: int) -> None:
+        """Take back the halves ``halves`` gave for ``log``, under ``walk``; BadInput if
+        one is not a packed half."""
+        for packed in halves:
+            try:
+                key, receipt, other, index, time = msgpack.unpackb(packed)
+            except (ValueError, TypeError, msgpack.exceptions.ExtraData) as exc:
+                raise BadInput("a saved receipt half is not one") from exc
+            self._pending.append((key, receipt, other, log, index, time, walk))
+            if len(self._pending) >= RECEIPT_BATCH:
+                self._flush()
 
     def violations(self, seen: Container[str], now: int, grace: int) -> list[Violation]:
         """The unmatched halves older than ``grace``; ``seen``: the logs read."""

@@ -353,6 +353,11 @@ class LeafHashes(Sequence[bytes]):
     def append(self, leaf: bytes) -> None:
         self._packed += leaf
 
+    def copy(self) -> LeafHashes:
+        copied = LeafHashes()
+        copied._packed = bytearray(self._packed)
+        return copied
+
     def __len__(self) -> int:
         return len(self._packed) // HASH_SIZE
 

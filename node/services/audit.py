@@ -15,13 +15,11 @@ import asyncio
 import contextlib
 import gc
 import json
-import os
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import msgpack
@@ -40,6 +38,7 @@ from node.core.audit_rules import (
     ServedRoster,
     SignatureChecks,
     Violation,
+    Walked,
     access_violation,
     check_against_saved,
     check_cosignatures,
@@ -52,6 +51,7 @@ from node.core.audit_rules import (
     count_kinds,
     first_difference,
     signed_items,
+    violation_state,
     witness_claim,
 )
 from node.core.chain import LogChain
@@ -61,10 +61,9 @@ from node.core.consent import (
     Revocation,
     Rule,
     decode_grant,
-    decode_revocation,
     validate_token,
 )
-from node.core.entries import LedgerEntry, Witness
+from node.core.entries import KeyRotation, LedgerEntry, Witness, decode_entry, encode_entry
 from node.core.equivocation import EquivocationProof, verify_equivocation
 from node.core.key_rotation import KeyChain
 from node.core.keys import VerifierKey, parse_verifier_key
@@ -75,13 +74,20 @@ from node.core.roster_document import open_roster
 from node.core.tiles import TILE_WIDTH, entry_bundles, parse_entry_bundle
 from node.errors import BadInput, PeerUnreachable, Unauthorized
 from node.services.audit_state import AuditState, SavedCheckpoint, VerifiedPrefix
+from node.services.audit_workers import (
+    PARALLEL_THRESHOLD,
+    Workers,
+    verify_grants,
+    verify_revocations,
+)
 from node.services.federation_roster import (
     check_roster_log_bytes,
     roster_notes,
     verify_roster_log,
 )
 from node.services.peer_client import describe, open_session, read_bounded
-from node.store.audit_scratch import Scratch
+from node.store.audit_scratch import Scratch, SpilledMap
+from node.store.audit_state import JudgedRows
 from node.store.entry_spool import EntrySource, EntrySpool, entries_from
 
 # A server may return fewer entries than asked; we ask for pages of this size.
@@ -121,6 +127,8 @@ class ServedLog:
     error: str | None = None
     # How many of ``entries`` the node sent (the others are the state's verified prefix).
     entries_read: int = 0
+    # The verified prefix ``entries`` start with (entries the state kept), if any.
+    resumed: VerifiedPrefix | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -323,7 +331,7 @@ async def fetch_served_log(
             )
             served.entries_read = len(spool) - known.size
             if _extends(known.chain, spool.iter_from(known.size), claimed.root_hash):
-                served.entries = spool
+                served.entries, served.resumed = spool, known
                 return served
             spool.close()
         spool = scratch.spool()
@@ -455,40 +463,8 @@ async def collect(
 
 # -- judging ------------------------------------------------------------------------------
 
-# Below this many signature checks, a process pool costs more to start than it saves.
-PARALLEL_THRESHOLD = 4000
-CHUNK = 1000
 # Seconds an access or receipt may wait for its other half before it is a violation.
 DEFAULT_RECEIPT_GRACE = 300
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def verify_grants(raws: list[bytes]) -> list[tuple[GrantToken | None, bool]]:
-    """Each grant token decoded (None if malformed) and whether its signature verifies."""
-    results: list[tuple[GrantToken | None, bool]] = []
-    for raw in raws:
-        try:
-            token = decode_grant(raw)
-        except BadInput:
-            results.append((None, False))
-            continue
-        results.append((token, token.signature_valid()))
-    return results
-
-
-def verify_revocations(raws: list[bytes]) -> list[tuple[Revocation | None, bool]]:
-    """Each revocation decoded (None if malformed) and whether its signature verifies."""
-    results: list[tuple[Revocation | None, bool]] = []
-    for raw in raws:
-        try:
-            revocation = decode_revocation(raw)
-        except BadInput:
-            results.append((None, False))
-            continue
-        results.append((revocation, revocation.signature_valid()))
-    return results
 
 
 def judge_accesses(checks: Iterable[AccessCheck]) -> list[Rule | None]:
@@ -497,49 +473,6 @@ def judge_accesses(checks: Iterable[AccessCheck]) -> list[Rule | None]:
     In-process: the grants' signatures were checked once each (check_signatures), so
     what is left is cheaper than sending the checks to another process."""
     return [validate_token(c.token, c.request, c.view, c.policy).rule for c in checks]
-
-
-class Workers:
-    """Runs chunked pure work in-process, or on every core once the work is large enough.
-
-    Ed25519 verification dominates a large audit; a process pool spreads it over the
-    cores, while small audits stay in-process to avoid the pool's start-up cost.
-    """
-
-    def __init__(self, processes: int | None = None, threshold: int = PARALLEL_THRESHOLD) -> None:
-        self.processes = processes or os.cpu_count() or 1
-        self.threshold = threshold
-        self._pool: ProcessPoolExecutor | None = None
-
-    def map_chunks(
-        self, fn: Callable[[list[T]], list[R]], items: Sequence[T], large: bool = False
-    ) -> list[R]:
-        """``fn`` over ``items`` in chunks, results in order; ``large``: part of a larger
-        work (a log judged batch by batch), worth the pool whatever the batch's size."""
-        if (len(items) < self.threshold and not large) or self.processes < 2 or not items:
-            return fn(list(items))
-        if self._pool is None:
-            import multiprocessing
-
-            # forkserver: workers forked from a small server, not from the auditor holding
-            # the logs (a fork of it would copy its heap page by page as refcounts change).
-            # The server preloads this module, not the program's __main__. (As with any
-            # non-fork start, a program run from a script file needs a main guard: the
-            # workers import that file.)
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload([__name__])
-            self._pool = ProcessPoolExecutor(self.processes, mp_context=context)
-        size = max(1, min(CHUNK, len(items) // (self.processes * 4) + 1))
-        chunks = [list(items[i : i + size]) for i in range(0, len(items), size)]
-        results: list[R] = []
-        for part in self._pool.map(fn, chunks):
-            results.extend(part)
-        return results
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
 
 
 @dataclass
@@ -555,6 +488,7 @@ class LogReport:
     cosignatures: list[CosignatureStatus]
     verified: bool  # some node served an intact, validly signed copy
     entries_read: int = 0  # entries the nodes sent of it, all copies (the rest: the state)
+    entries_judged: int = 0  # entries the consent rules walked (a rerun: the new ones)
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -570,6 +504,7 @@ class LogReport:
             ],
             "verified": self.verified,
             "entries_read": self.entries_read,
+            "entries_judged": self.entries_judged,
         }
 
 
@@ -598,6 +533,7 @@ class AuditReport:
             "unreachable": self.unreachable,
             "break_glass": [b.as_json() for b in self.break_glass],
             "entries_read": sum(log.entries_read for log in self.logs),
+            "entries_judged": sum(log.entries_judged for log in self.logs),
         }
 
 
@@ -705,7 +641,13 @@ def _audit_views(
     # The key pinned for next time is the log's current one (its chain leads back).
     to_save = [
         SavedCheckpoint(
-            origin, str(h.signing_key), h.size, h.checkpoint.root_hash, h.note, h.source
+            origin,
+            str(h.signing_key),
+            h.size,
+            h.checkpoint.root_hash,
+            h.note,
+            h.source,
+            judges[origin].saved(),
         )
         for origin, h in sorted(best.items())
         if origin not in broken and h.checkpoint is not None and h.signing_key is not None
@@ -714,6 +656,8 @@ def _audit_views(
     return report, to_save
 
 
+# The format of the judged state saved per log; a state of another is judged anew.
+JUDGED_VERSION = 1
 # Entries judged together: their grants' signatures are checked in one go (by the
 # workers), then the entries walked; the batch is all the auditor holds decoded.
 JUDGE_BATCH = 8192
@@ -748,36 +692,55 @@ class _LogJudge:
         self.origin, self.judging = origin, judging
         scratch = judging.scratch
         self.times_rule = EntryTimes(origin, source, judging.now, judging.clock_skew)
-        self.consent = ConsentWalk(
-            origin,
-            judging.clock_skew,
-            grants=scratch.mapping(_grant_bytes, decode_grant),
-            keys=scratch.mapping(_key_status_bytes, _key_status),
-        )
-        self.break_glass = BreakGlassWalk(
-            origin,
-            active=scratch.mapping(bytes, bytes),
-            holders=scratch.mapping(_int_bytes, _bytes_int),
-        )
+        grants = scratch.mapping(_grant_bytes, decode_grant)
+        keys = scratch.mapping(_key_status_bytes, _key_status)
+        active = scratch.mapping(bytes, bytes)
+        holders = scratch.mapping(_int_bytes, _bytes_int)
+        self.maps: dict[str, SpilledMap[Any]] = {
+            "grants": grants,
+            "keys": keys,
+            "active": active,
+            "holders": holders,
+        }
+        self.consent = ConsentWalk(origin, judging.clock_skew, grants=grants, keys=keys)
+        self.break_glass = BreakGlassWalk(origin, active=active, holders=holders)
         self.kinds: Counter[str] = Counter()
+        # The log's key rotations (index, bytes): a rerun's structural check starts from them.
+        self.rotations: list[tuple[int, bytes]] = []
         self.witnesses: list[tuple[int, Witness]] = []
         self.times = array("q") if judging.rosters else None
         self.walk = judging.receipts.new_walk()
         self.large = size >= PARALLEL_THRESHOLD
         self.batch: list[tuple[int, LedgerEntry]] = []
+        # The batch before, its signatures being checked meanwhile.
+        self.pending: tuple[list[tuple[int, LedgerEntry]], Callable[[], SignatureChecks]] | None
+        self.pending = None
         self.violations: list[Violation] = []
+        self.walked = 0  # entries walked in this run
 
     def observe(self, index: int, entry: LedgerEntry | None) -> None:
+        self.walked += 1
         if entry is not None:  # a copy with an undecodable entry is not judged
             self.batch.append((index, entry))
             if len(self.batch) >= JUDGE_BATCH:
-                self._judge_batch()
+                self._next_batch()
 
-    def _judge_batch(self) -> None:
+    def _next_batch(self) -> None:
+        """Start the signature checks of the batch read, then judge the one before it:
+        the workers verify a batch while this process decodes the next."""
+        started = check_signatures([e for _, e in self.batch], self.judging.workers, self.large)
+        previous, self.pending = self.pending, (self.batch, started)
+        self.batch = []
+        if previous is not None:
+            self._judge_batch(*previous)
+
+    def _judge_batch(
+        self, batch: list[tuple[int, LedgerEntry]], checked: Callable[[], SignatureChecks]
+    ) -> None:
         judging = self.judging
-        signatures = check_signatures([e for _, e in self.batch], judging.workers, self.large)
+        signatures = checked()
         checks: list[AccessCheck] = []
-        for index, entry in self.batch:
+        for index, entry in batch:
             self.times_rule.feed(index, entry)
             self.break_glass.feed(index, entry)
             self.kinds[entry.kind] += 1
@@ -785,6 +748,8 @@ class _LogJudge:
                 self.witnesses.append((index, witness))
             if self.times is not None:
                 self.times.append(entry.time)
+            if entry.kind == KeyRotation.kind:
+                self.rotations.append((index, encode_entry(entry)))
             judging.receipts.feed(self.origin, index, entry, self.walk)
             check = self.consent.feed(index, entry, signatures)
             if check is not None:
@@ -793,10 +758,10 @@ class _LogJudge:
             violation = access_violation(check, rule)
             if violation is not None:
                 self.violations.append(violation)
-        self.batch = []
 
     def finish(self) -> None:
-        self._judge_batch()
+        self._next_batch()
+        self._next_batch()  # the last batch was only started
 
     def discard(self) -> None:
         """The copy turned out not to be the one judged: forget its receipt halves."""
@@ -806,6 +771,54 @@ class _LogJudge:
         reviews, found = self.break_glass.done()
         violations = self.violations + self.times_rule.done() + self.consent.findings.done()
         return violations + found, reviews
+
+    def saved(self) -> JudgedRows:
+        """What the walk left, for the state: a rerun resumes from it (``resume``)."""
+        state = {
+            "version": JUDGED_VERSION,
+            "times_rule": self.times_rule.state(),
+            "consent": self.consent.state(),
+            "break_glass": self.break_glass.state(),
+            "kinds": dict(self.kinds),
+            "witnesses": [[i, w.wire_fields()] for i, w in self.witnesses],
+            "violations": [violation_state(v) for v in self.violations],
+            "rotations": self.rotations,
+            "times": None if self.times is None else self.times.tobytes(),
+        }
+        halves = self.judging.receipts.halves(self.origin, self.walk)
+        maps = {name: mapping.rows() for name, mapping in self.maps.items()}
+        return JudgedRows(msgpack.packb(state), maps, halves)
+
+    def resume(self, prefix: VerifiedPrefix) -> Walked | None:
+        """Start from what judging the log's saved prefix left; returns where its
+        structural check stands, or None (nothing taken) if that state is not usable
+        for this audit (none, saved by another version, or without the entry times a
+        roster now needs). Raises BadInput if the saved state is garbage."""
+        saved = prefix.judged
+        if saved is None:
+            return None
+        try:
+            state = msgpack.unpackb(saved.state)
+            if not isinstance(state, dict) or state.get("version") != JUDGED_VERSION:
+                return None
+            if self.times is not None and state["times"] is None:
+                return None
+            self.times_rule.restore(state["times_rule"])
+            self.consent.restore(state["consent"])
+            self.break_glass.restore(state["break_glass"])
+            self.kinds = Counter(state["kinds"])
+            self.witnesses = [(i, Witness(**fields)) for i, fields in state["witnesses"]]
+            self.violations = [Violation(*v) for v in state["violations"]]
+            self.rotations = [(i, raw) for i, raw in state["rotations"]]
+            rotations = tuple((i, decode_entry(raw)) for i, raw in self.rotations)
+            if self.times is not None:
+                self.times.frombytes(state["times"])
+        except (BadInput, ValueError, TypeError, KeyError, msgpack.exceptions.ExtraData) as exc:
+            raise BadInput(f"audit state of {self.origin} is corrupt: {exc}") from exc
+        for name, mapping in self.maps.items():
+            mapping.load(saved.map_rows(name))
+        self.judging.receipts.restore(self.origin, saved.halves(), self.walk)
+        return Walked(prefix.chain, prefix.leaves, rotations)
 
 
 def _grant_bytes(token: GrantToken) -> bytes:
@@ -946,6 +959,8 @@ def _check_copies(
             reverse=True,
         )
         chain: KeyChain | None = None
+        # Where the state's verified prefix of the log leaves the checks, once resumed.
+        walked: Walked | None = None
         # The copies judged whole and intact, that other copies may equal.
         verified: list[History] = []
         checked: dict[int, History] = {}
@@ -957,12 +972,23 @@ def _check_copies(
                 continue
             if served.note is None:  # listed empty and never signed
                 continue
-            note = served.note
+            note, prefix = served.note, served.resumed
+            # A copy extending the state's verified prefix is hashed from its end on.
+            hashed_from = 0 if prefix is None else prefix.size
+            resumed_chain = None if prefix is None else prefix.chain
             same = next(
                 (
                     copy
                     for v in verified
-                    if (copy := check_same_copy(v, view.url, note, entries_from(served.entries)))
+                    if (
+                        copy := check_same_copy(
+                            v,
+                            view.url,
+                            note,
+                            entries_from(served.entries, hashed_from),
+                            resumed_chain,
+                        )
+                    )
                 ),
                 None,
             )
@@ -970,17 +996,23 @@ def _check_copies(
                 history = same
             else:
                 judge = None
+                resumable = walked is not None
                 if origin not in best:
                     size = _claimed_size(served)
                     judge = _LogJudge(origin, view.url, size, judging)
+                    judged = judge.resume(prefix) if prefix is not None else None
+                    walked, resumable = walked or judged, judged is not None
+                # Walked from the saved prefix's end when the rules resume there too.
+                start = prefix.size if prefix is not None and resumable else 0
                 history, found = check_history(
                     origin,
                     _key_for_copy(note, key, chain),
                     view.url,
                     note,
-                    entries_from(served.entries),
+                    entries_from(served.entries, start),
                     confirmed_key=confirmed.get(origin),
                     observe=judge.observe if judge is not None else None,
+                    resume=walked if start else None,
                 )
                 violations += found
                 chain = chain or history.chain
@@ -1037,6 +1069,7 @@ def _log_reports(
                 cosignatures=chosen.cosignatures if chosen else [],
                 verified=chosen is not None,
                 entries_read=read[origin],
+                entries_judged=judges[origin].walked if chosen else 0,
             )
         )
     return reports
@@ -1082,13 +1115,25 @@ def _equivocations(views: Sequence[PeerView], keys: dict[str, VerifierKey]) -> l
 
 def check_signatures(
     entries: Sequence[LedgerEntry], workers: Workers, large: bool = False
-) -> SignatureChecks:
+) -> Callable[[], SignatureChecks]:
     """Decode and verify every grant and revocation among ``entries`` (each distinct one
-    once); ``large``: part of a log large enough for the worker processes."""
+    once), started in the workers; the function returned waits for the results.
+    ``large``: part of a log large enough for the worker processes."""
     grants, revocations = signed_items(entries)
     grant_list, revocation_list = sorted(set(grants)), sorted(set(revocations))
-    grant_results = workers.map_chunks(verify_grants, grant_list, large)
-    revocation_results = workers.map_chunks(verify_revocations, revocation_list, large)
+    grants_checked = workers.submit(verify_grants, grant_list, large)
+    revocations_checked = workers.submit(verify_revocations, revocation_list, large)
+    return lambda: _signature_checks(
+        grant_list, grants_checked(), revocation_list, revocations_checked()
+    )
+
+
+def _signature_checks(
+    grant_list: list[bytes],
+    grant_results: list[tuple[GrantToken | None, bool]],
+    revocation_list: list[bytes],
+    revocation_results: list[tuple[Revocation | None, bool]],
+) -> SignatureChecks:
     return SignatureChecks(
         grants={raw: token for raw, (token, _) in zip(grant_list, grant_results, strict=True)},
         grants_valid=frozenset(
@@ -1201,10 +1246,14 @@ def refuse_foreign_state(saved: Mapping[str, SavedCheckpoint], views: Sequence[P
 def save_verified(
     state: AuditState, to_save: Sequence[SavedCheckpoint], views: Sequence[PeerView]
 ) -> None:
-    """Save each clean log's checkpoint with the entries of the copy that was judged."""
+    """Save each clean log's checkpoint with the entries of the copy that was judged and
+    what judging them left (a rerun judges only what follows)."""
     copies = {(view.url, log.listing.origin): log for view in views for log in view.logs}
     for checkpoint in to_save:
         copy = copies.get((checkpoint.source or "", checkpoint.origin))
         entries = copy.entries if copy is not None else None
         kept = entries if entries is not None and len(entries) == checkpoint.size else None
-        state.save(checkpoint, kept if checkpoint.size else None)
+        if kept is None or not checkpoint.size:
+            state.save(checkpoint)
+        else:
+            state.save(checkpoint, kept, checkpoint.judged)
