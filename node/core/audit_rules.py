@@ -198,15 +198,16 @@ class History:
 
     ``checkpoint`` is None when its signature did not verify (nothing else is trusted
     then). ``intact`` means every entry decoded, the chain holds and the root matches.
-    Its entries are not held: only their leaf hashes, packed (what comparing copies and
-    checking prefixes needs); the consent rules judged them as they streamed past.
+    Its entries are not held, nor (from a spooled copy) their leaf hashes: those are
+    hashed again from the copy only when comparing copies or checking a prefix needs
+    them (Leaves); the consent rules judged the entries as they streamed past.
     """
 
     origin: str
     source: str
     note: str
     checkpoint: Checkpoint | None
-    leaf_hashes: LeafHashes = field(default_factory=LeafHashes)
+    leaves: Leaves = field(default_factory=lambda: Leaves(LeafHashes()))
     intact: bool = False
     cosignatures: list[CosignatureStatus] = field(default_factory=list)
     # The log's keys as its entries prove them, and the one that signed this checkpoint.
@@ -217,9 +218,38 @@ class History:
     def size(self) -> int:
         return 0 if self.checkpoint is None else self.checkpoint.size
 
+    @property
+    def leaf_hashes(self) -> LeafHashes:
+        return self.leaves.hashes()
+
     def prefix_root(self, size: int) -> bytes:
         """The root of this history's first ``size`` entries (an intact history only)."""
-        return self.leaf_hashes.root(size)
+        return self.leaves.root(size)
+
+
+class Leaves:
+    """A copy's leaf hashes: held, or hashed again from the copy's entries (``reread``)
+    when first asked for, and roots of prefixes known without them (``known``)."""
+
+    def __init__(
+        self,
+        hashes: LeafHashes | None = None,
+        reread: Callable[[], Iterable[bytes]] | None = None,
+        known: Mapping[int, bytes] | None = None,
+    ) -> None:
+        self._hashes, self._reread = hashes, reread
+        self.known = dict(known or {})
+
+    def hashes(self) -> LeafHashes:
+        if self._hashes is None:
+            self._hashes = LeafHashes()
+            for raw in self._reread() if self._reread is not None else ():
+                self._hashes.append(leaf_hash(raw))
+        return self._hashes
+
+    def root(self, size: int) -> bytes:
+        known = self.known.get(size)
+        return known if known is not None else self.hashes().root(size)
 
 
 class _Findings:
@@ -275,10 +305,9 @@ EntryObserver = Callable[[int, LedgerEntry | None], None]
 @dataclass(frozen=True)
 class Walked:
     """Where check_history left a verified prefix of a log (a previous audit): its chain's
-    right edge, its leaf hashes and its key rotations, to walk only what follows."""
+    right edge and its key rotations, to walk only what follows."""
 
     chain: LogChain
-    leaves: LeafHashes
     rotations: tuple[tuple[int, LedgerEntry], ...]
 
 
@@ -292,6 +321,7 @@ def check_history(
     confirmed_key: bytes | None = None,
     observe: EntryObserver | None = None,
     resume: Walked | None = None,
+    reread: Callable[[], Iterable[bytes]] | None = None,
 ) -> tuple[History, list[Violation]]:
     """Verify one served log: its key chain, checkpoint signature, every entry, the chain, the root.
 
@@ -301,8 +331,10 @@ def check_history(
     ``confirmed_key``, the key the other members pin, confirms a compromised-key
     rotation). ``decode`` must raise BadInput for a malformed entry. The entries are
     walked once, in order, and not kept: ``observe`` sees each (the consent rules judge
-    the copy as it streams past). With ``resume``, ``raw_entries`` are the entries after
-    that verified prefix, which is not walked again.
+    the copy as it streams past). ``reread`` gives the whole copy again (a spool): its
+    leaf hashes are then not kept but hashed again if needed. With ``resume``,
+    ``raw_entries`` are the entries after that verified prefix, which is not walked
+    again; ``reread`` must then be given.
     """
     findings = _Findings(origin, source)
     history = History(origin, source, note, None)
@@ -311,12 +343,15 @@ def check_history(
     except BadInput as exc:
         findings.add("bad_checkpoint_signature", None, str(exc))
         return history, findings.done()
+    if resume is not None and reread is None:
+        raise ValueError("a resumed walk needs the copy's entries to hash again")
     log_chain = LogChain() if resume is None else resume.chain.copy()
-    leaves = LeafHashes() if resume is None else resume.leaves.copy()
+    leaves = LeafHashes()
     rotation_entries = [] if resume is None else list(resume.rotations)
     for raw in raw_entries:  # one Link at a time: a log may hold millions
         link = log_chain.append(raw, decode)
-        leaves.append(link.leaf)
+        if reread is None:
+            leaves.append(link.leaf)
         if observe is not None:
             observe(link.index, link.entry)
         if link.entry is not None and link.entry.kind == KeyRotation.kind:
@@ -352,7 +387,10 @@ def check_history(
         findings.add(
             "root_mismatch", None, f"entries 0..{checkpoint.size - 1} do not hash to the root"
         )
-    history.leaf_hashes = leaves
+    known = {checkpoint.size: log_chain.root()}
+    if resume is not None:
+        known[resume.chain.size] = resume.chain.root()
+    history.leaves = Leaves(leaves, known=known) if reread is None else Leaves(None, reread, known)
     history.intact = not findings.counts
     return history, findings.done()
 
@@ -387,7 +425,7 @@ def check_same_copy(
         frontier.push(leaf_hash(raw))
     if frontier.size != checkpoint.size or frontier.root() != checkpoint.root_hash:
         return None
-    copy = History(verified.origin, source, note, checkpoint, verified.leaf_hashes)
+    copy = History(verified.origin, source, note, checkpoint, verified.leaves)
     copy.intact, copy.chain = True, verified.chain
     copy.signing_key = verified.signing_key
     return copy
@@ -1206,7 +1244,7 @@ class ReceiptLedger:
 
 
 # Halves written to the scratch database per statement.
-RECEIPT_BATCH = 10_000
+RECEIPT_BATCH = 2000
 
 
 def _unmatched(

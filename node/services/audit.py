@@ -660,7 +660,7 @@ def _audit_views(
 JUDGED_VERSION = 1
 # Entries judged together: their grants' signatures are checked in one go (by the
 # workers), then the entries walked; the batch is all the auditor holds decoded.
-JUDGE_BATCH = 8192
+JUDGE_BATCH = 4096
 
 
 class _Judging:
@@ -818,7 +818,7 @@ class _LogJudge:
         for name, mapping in self.maps.items():
             mapping.load(saved.map_rows(name))
         self.judging.receipts.restore(self.origin, saved.halves(), self.walk)
-        return Walked(prefix.chain, prefix.leaves, rotations)
+        return Walked(prefix.chain, rotations)
 
 
 def _grant_bytes(token: GrantToken) -> bytes:
@@ -920,6 +920,13 @@ def _listed_key_problem(served: ServedLog, history: History, url: str) -> Violat
     return Violation(history.origin, None, "key_mismatch", detail, url)
 
 
+def _rereader(entries: EntrySource) -> Callable[[], Iterable[bytes]] | None:
+    """How to read a spooled copy again (a list is held already: its leaves are kept)."""
+    if isinstance(entries, EntrySpool):
+        return lambda: entries_from(entries)
+    return None
+
+
 def _claimed_size(served: ServedLog) -> int:
     try:
         return checkpoint_size(served.note) if served.note is not None else 0
@@ -1013,6 +1020,7 @@ def _check_copies(
                     confirmed_key=confirmed.get(origin),
                     observe=judge.observe if judge is not None else None,
                     resume=walked if start else None,
+                    reread=_rereader(served.entries),
                 )
                 violations += found
                 chain = chain or history.chain

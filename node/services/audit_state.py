@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from node.core.chain import LogChain
 from node.core.keys import parse_verifier_key
-from node.core.merkle import LeafHashes, leaf_hash
+from node.core.merkle import leaf_hash
 from node.core.notes import verify_note
 from node.core.origins import is_node_origin, log_id
 from node.errors import BadInput, ImageShareError, Unauthorized
@@ -60,7 +60,6 @@ class VerifiedPrefix:
 
     entries_from: EntriesFrom
     chain: LogChain
-    leaves: LeafHashes
     # What judging the log left last time (None: judge it whole again).
     judged: SavedJudging | None = None
 
@@ -123,11 +122,8 @@ class AuditState:
         if row is None or row.entries_kept == 0:
             return None
         chain = LogChain()
-        leaves = LeafHashes()
         for raw in self._entries(origin, 0):
-            leaf = leaf_hash(raw)
-            chain.push_leaf(leaf)
-            leaves.append(leaf)
+            chain.push_leaf(leaf_hash(raw))
         if chain.size != row.size or chain.root() != row.root:
             raise BadInput(
                 f"audit state of {origin} is tampered: its entries do not hash to the"
@@ -147,7 +143,7 @@ class AuditState:
                 lambda name: self._read(origin, lambda s: s.judged_map(origin, name)),
                 lambda: self._read(origin, lambda s: s.judged_halves(origin)),
             )
-        return VerifiedPrefix(lambda start: self._entries(origin, start), chain, leaves, judged)
+        return VerifiedPrefix(lambda start: self._entries(origin, start), chain, judged)
 
     def _entries(self, origin: str, start: int) -> Iterator[bytes]:
         """The entries kept for a log from index ``start`` on, streamed from the database."""

@@ -22,12 +22,13 @@ from node.store.entry_spool import EntriesFrom, EntrySpool
 
 V = TypeVar("V")
 # Entries of a mapping kept in memory (the most recently used); the rest wait on disk.
-SPILL_CACHE = 4096
+SPILL_CACHE = 2048
 # Rows written or read per statement (entries leaving the memory, saving, loading).
-SPILL_BATCH = 10_000
-# The Bloom filter of a mapping's keys on disk: 2**23 bits (1 MiB), 3 bits a key; at a
-# million keys, about 1 lookup in 40 of a key never stored still asks SQLite.
-FILTER_BITS = 1 << 23
+SPILL_BATCH = 2000
+# The Bloom filter of a mapping's keys on disk: 2**22 bits (512 KiB), 3 bits a key; at a
+# million keys, about 1 lookup in 7 of a key never stored still asks SQLite (1 in
+# 1,000 at 140,000).
+FILTER_BITS = 1 << 22
 FILTER_HASHES = 3
 
 
