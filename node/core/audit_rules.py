@@ -1,9 +1,11 @@
 """The auditor's rules: pure judgements over signed checkpoints and log entries.
 
 Every finding is a Violation naming the log (its origin), the entry index when there is
-one, and a stable rule name from RULES. The functions here read no clock and do no I/O:
-the caller fetches the logs, passes ``now`` and the results of signature checks, and
-decides how to report.
+one, and a stable rule name from RULES. The functions here read no clock and do no I/O
+(the receipt ledger keeps its halves in the database its caller gives it): the caller
+fetches the logs, passes ``now`` and the results of signature checks, and decides how to
+report. A log's entries are walked once, in order, by walkers that keep only what the
+rules need, so an audit's memory does not grow with the entries.
 
 Consent decisions reuse node.core.consent.validate_token, the judgement custodians make
 (validate_grant), fed with what the custodian's log said at the moment of each access.
@@ -11,9 +13,21 @@ Consent decisions reuse node.core.consent.validate_token, the judgement custodia
 
 from __future__ import annotations
 
+import sqlite3
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import (
+    Callable,
+    Container,
+    Iterable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
+from dataclasses import astuple, dataclass, field
+from typing import Any
+
+import msgpack
 
 from node.core.chain import LogChain
 from node.core.consent import (
@@ -43,15 +57,16 @@ from node.core.entries import (
     EmergencyPolicyEntry,
     Enroll,
     Grant,
+    KeyRotation,
     LedgerEntry,
     Receipt,
     Revoke,
     Witness,
     decode_entry,
 )
-from node.core.key_rotation import KeyChain, chain_of_log
+from node.core.key_rotation import KeyChain, chain_of_rotations, rotation_from_entry
 from node.core.keys import VerifierKey
-from node.core.merkle import MemoryTree, leaf_hash, root_from_leaf_hashes
+from node.core.merkle import LeafHashes, MerkleFrontier, leaf_hash
 from node.core.notes import Checkpoint, parse_note, verify_cosignature, verify_note
 from node.core.origins import log_id_bytes
 from node.core.roster_document import RosterDocument
@@ -183,30 +198,58 @@ class History:
 
     ``checkpoint`` is None when its signature did not verify (nothing else is trusted
     then). ``intact`` means every entry decoded, the chain holds and the root matches.
+    Its entries are not held, nor (from a spooled copy) their leaf hashes: those are
+    hashed again from the copy only when comparing copies or checking a prefix needs
+    them (Leaves); the consent rules judged the entries as they streamed past.
     """
 
     origin: str
     source: str
     note: str
     checkpoint: Checkpoint | None
-    leaf_hashes: list[bytes] = field(default_factory=list)
-    entries: list[LedgerEntry | None] = field(default_factory=list)
+    leaves: Leaves = field(default_factory=lambda: Leaves(LeafHashes()))
     intact: bool = False
     cosignatures: list[CosignatureStatus] = field(default_factory=list)
     # The log's keys as its entries prove them, and the one that signed this checkpoint.
     chain: KeyChain | None = None
     signing_key: VerifierKey | None = None
-    _tree: MemoryTree | None = None
 
     @property
     def size(self) -> int:
         return 0 if self.checkpoint is None else self.checkpoint.size
 
+    @property
+    def leaf_hashes(self) -> LeafHashes:
+        return self.leaves.hashes()
+
     def prefix_root(self, size: int) -> bytes:
         """The root of this history's first ``size`` entries (an intact history only)."""
-        if self._tree is None:
-            self._tree = MemoryTree(self.leaf_hashes)
-        return self._tree.root(size)
+        return self.leaves.root(size)
+
+
+class Leaves:
+    """A copy's leaf hashes: held, or hashed again from the copy's entries (``reread``)
+    when first asked for, and roots of prefixes known without them (``known``)."""
+
+    def __init__(
+        self,
+        hashes: LeafHashes | None = None,
+        reread: Callable[[], Iterable[bytes]] | None = None,
+        known: Mapping[int, bytes] | None = None,
+    ) -> None:
+        self._hashes, self._reread = hashes, reread
+        self.known = dict(known or {})
+
+    def hashes(self) -> LeafHashes:
+        if self._hashes is None:
+            self._hashes = LeafHashes()
+            for raw in self._reread() if self._reread is not None else ():
+                self._hashes.append(leaf_hash(raw))
+        return self._hashes
+
+    def root(self, size: int) -> bytes:
+        known = self.known.get(size)
+        return known if known is not None else self.hashes().root(size)
 
 
 class _Findings:
@@ -223,16 +266,49 @@ class _Findings:
             self.found.append(Violation(self.origin, index, rule, detail, self.source))
 
     def done(self) -> list[Violation]:
-        for rule, count in self.counts.items():
-            if count > MAX_FINDINGS_PER_RULE:
-                more = count - MAX_FINDINGS_PER_RULE
-                self.found.append(
-                    Violation(self.origin, None, rule, f"and {more} more like it", self.source)
-                )
-        return self.found
+        summaries = [
+            Violation(
+                self.origin,
+                None,
+                rule,
+                f"and {count - MAX_FINDINGS_PER_RULE} more like it",
+                self.source,
+            )
+            for rule, count in self.counts.items()
+            if count > MAX_FINDINGS_PER_RULE
+        ]
+        return self.found + summaries
+
+    def state(self) -> list[Any]:
+        """What the findings so far are, as msgpack holds it (``restore`` takes it back)."""
+        return [[violation_state(v) for v in self.found], dict(self.counts)]
+
+    def restore(self, state: list[Any]) -> None:
+        found, counts = state
+        self.found = [Violation(*v) for v in found]
+        self.counts = Counter(counts)
+
+
+def violation_state(violation: Violation) -> list[Any]:
+    """A violation as msgpack holds it (``Violation(*state)`` takes it back)."""
+    v = violation
+    return [v.log, v.index, v.rule, v.detail, v.source]
 
 
 # -- structure: signatures, chain, roots --------------------------------------------------
+
+
+# Called with each entry of a copy as check_history walks it (None: it does not decode).
+EntryObserver = Callable[[int, LedgerEntry | None], None]
+
+
+@dataclass(frozen=True)
+class Walked:
+    """Where check_history left a verified prefix of a log (a previous audit): its chain's
+    right edge and its key rotations, to walk only what follows."""
+
+    chain: LogChain
+    rotations: tuple[tuple[int, LedgerEntry], ...]
 
 
 def check_history(
@@ -240,9 +316,12 @@ def check_history(
     vkey: VerifierKey,
     source: str,
     note: str,
-    raw_entries: Sequence[bytes],
+    raw_entries: Iterable[bytes],
     decode: Callable[[bytes], LedgerEntry] = decode_entry,
     confirmed_key: bytes | None = None,
+    observe: EntryObserver | None = None,
+    resume: Walked | None = None,
+    reread: Callable[[], Iterable[bytes]] | None = None,
 ) -> tuple[History, list[Violation]]:
     """Verify one served log: its key chain, checkpoint signature, every entry, the chain, the root.
 
@@ -250,8 +329,12 @@ def check_history(
     the checkpoint must be signed by the key in force at its size, which the log's own
     key_rotation entries lead to from a chain holding ``vkey`` (node.core.key_rotation;
     ``confirmed_key``, the key the other members pin, confirms a compromised-key
-    rotation). ``decode`` may memoise decode_entry across nodes serving the same bytes;
-    it must raise BadInput for a malformed entry.
+    rotation). ``decode`` must raise BadInput for a malformed entry. The entries are
+    walked once, in order, and not kept: ``observe`` sees each (the consent rules judge
+    the copy as it streams past). ``reread`` gives the whole copy again (a spool): its
+    leaf hashes are then not kept but hashed again if needed. With ``resume``,
+    ``raw_entries`` are the entries after that verified prefix, which is not walked
+    again; ``reread`` must then be given.
     """
     findings = _Findings(origin, source)
     history = History(origin, source, note, None)
@@ -260,21 +343,29 @@ def check_history(
     except BadInput as exc:
         findings.add("bad_checkpoint_signature", None, str(exc))
         return history, findings.done()
-    log_chain = LogChain()
-    entries: list[LedgerEntry | None] = []
-    leaves: list[bytes] = []
+    if resume is not None and reread is None:
+        raise ValueError("a resumed walk needs the copy's entries to hash again")
+    log_chain = LogChain() if resume is None else resume.chain.copy()
+    leaves = LeafHashes()
+    rotation_entries = [] if resume is None else list(resume.rotations)
     for raw in raw_entries:  # one Link at a time: a log may hold millions
         link = log_chain.append(raw, decode)
-        entries.append(link.entry)
-        leaves.append(link.leaf)
+        if reread is None:
+            leaves.append(link.leaf)
+        if observe is not None:
+            observe(link.index, link.entry)
+        if link.entry is not None and link.entry.kind == KeyRotation.kind:
+            rotation_entries.append((link.index, link.entry))
         if link.error is not None:
             findings.add("malformed_entry", link.index, str(link.error))
         elif not link.chains:
             findings.add(
                 "broken_chain", link.index, "prev is not the leaf hash of the entry before it"
             )
+    served = log_chain.size
     try:
-        chain = chain_of_log(origin, entries[: claimed.size], vkey.public_key, confirmed_key)
+        rotations = [(i, rotation_from_entry(e)) for i, e in rotation_entries if i < claimed.size]
+        chain = chain_of_rotations(origin, rotations, vkey.public_key, confirmed_key)
     except (BadInput, Unauthorized) as exc:
         findings.add("bad_key_rotation", None, str(exc))
         return history, findings.done()
@@ -285,25 +376,31 @@ def check_history(
         findings.add("bad_checkpoint_signature", None, str(exc))
         return history, findings.done()
     history.checkpoint, history.chain, history.signing_key = checkpoint, chain, signing_key
-    if len(raw_entries) != checkpoint.size:
+    if served != checkpoint.size:
         findings.add(
             "entries_unavailable",
-            len(raw_entries),
-            f"served {len(raw_entries)} entries for a checkpoint of {checkpoint.size}",
+            served,
+            f"served {served} entries for a checkpoint of {checkpoint.size}",
         )
         return history, findings.done()
     if not log_chain.gives_root_of(checkpoint):
         findings.add(
             "root_mismatch", None, f"entries 0..{checkpoint.size - 1} do not hash to the root"
         )
-    history.leaf_hashes = leaves
-    history.entries = entries
+    known = {checkpoint.size: log_chain.root()}
+    if resume is not None:
+        known[resume.chain.size] = resume.chain.root()
+    history.leaves = Leaves(leaves, known=known) if reread is None else Leaves(None, reread, known)
     history.intact = not findings.counts
     return history, findings.done()
 
 
 def check_same_copy(
-    verified: History, source: str, note: str, raw_entries: Sequence[bytes]
+    verified: History,
+    source: str,
+    note: str,
+    raw_entries: Iterable[bytes],
+    resume: LogChain | None = None,
 ) -> History | None:
     """Another node's copy of a history already verified intact, checked without judging
     its entries again; None if it is not provably the same (check_history then judges it).
@@ -311,6 +408,8 @@ def check_same_copy(
     Equal roots of equal sizes mean equal entries, so a copy whose checkpoint is validly
     signed for the verified size and root, and whose entries hash to that root, shares
     the verified history's entries, chain and keys; only its cosignatures are its own.
+    The entries are only hashed as they stream past, never kept; with ``resume`` (the
+    chain of a verified prefix), ``raw_entries`` are those after it.
     """
     if not verified.intact or verified.checkpoint is None or verified.signing_key is None:
         return None
@@ -319,13 +418,16 @@ def check_same_copy(
     except (BadInput, Unauthorized):
         return None
     same = (checkpoint.size, checkpoint.root_hash) == (verified.size, verified.checkpoint.root_hash)
-    if not same or len(raw_entries) != checkpoint.size:
+    if not same:
         return None
-    if root_from_leaf_hashes([leaf_hash(raw) for raw in raw_entries]) != checkpoint.root_hash:
+    frontier = MerkleFrontier() if resume is None else resume.frontier.copy()
+    for raw in raw_entries:
+        frontier.push(leaf_hash(raw))
+    if frontier.size != checkpoint.size or frontier.root() != checkpoint.root_hash:
         return None
-    copy = History(verified.origin, source, note, checkpoint, verified.leaf_hashes)
-    copy.entries, copy.intact, copy.chain = verified.entries, True, verified.chain
-    copy.signing_key, copy._tree = verified.signing_key, verified._tree
+    copy = History(verified.origin, source, note, checkpoint, verified.leaves)
+    copy.intact, copy.chain = True, verified.chain
+    copy.signing_key = verified.signing_key
     return copy
 
 
@@ -440,56 +542,83 @@ def check_against_saved(history: History, saved_size: int, saved_root: bytes) ->
     ]
 
 
-def check_witness_entries(histories: Mapping[str, History]) -> list[Violation]:
+def witness_claim(entry: LedgerEntry | None, audited: Container[bytes]) -> Witness | None:
+    """The checkpoint a ``witness`` entry names, if it is of a log audited (by log id);
+    only those are kept for check_witness_entries."""
+    if entry is None or not isinstance(witness := entry.body, Witness):
+        return None
+    return witness if witness.log_id in audited else None
+
+
+def check_witness_entries(
+    histories: Mapping[str, History], claims: Mapping[str, Sequence[tuple[int, Witness]]]
+) -> list[Violation]:
     """Every ``witness`` entry must name a checkpoint of the witnessed log's history.
 
     A node that recorded witnessing (size, root) of a peer's log saw that checkpoint
     signed; if the intact history the auditor holds has another root at that size, the
     peer showed that node another history. Checkpoints beyond what the auditor holds, or
-    of logs it did not see, are not judged.
+    of logs it did not see, are not judged. ``claims``: by log, the (index, entry) of
+    its witness entries (witness_claim).
     """
     by_log_id = {log_id_bytes(origin): h for origin, h in histories.items()}
-    violations = []
-    for origin, history in sorted(histories.items()):
-        for index, entry in enumerate(history.entries):
-            if entry is None or not isinstance(witness := entry.body, Witness):
-                continue
+    judged: list[tuple[str, int, Witness, History]] = []
+    for origin in sorted(claims):
+        for index, witness in claims[origin]:
             witnessed = by_log_id.get(witness.log_id)
-            size = witness.size
-            if witnessed is None or not witnessed.intact or size > witnessed.size:
-                continue
-            if witnessed.prefix_root(size) != witness.root:
-                violations.append(
-                    Violation(
-                        origin,
-                        index,
-                        "witness_mismatch",
-                        f"witnessed {witnessed.origin} at size {size} with another root",
-                    )
+            if witnessed is not None and witnessed.intact and witness.size <= witnessed.size:
+                judged.append((origin, index, witness, witnessed))
+    sizes: dict[str, list[int]] = defaultdict(list)
+    for _, _, witness, witnessed in judged:
+        sizes[witnessed.origin].append(witness.size)
+    for origin, wanted in sizes.items():  # each witnessed log's prefixes in one pass
+        by_log_id[log_id_bytes(origin)].leaf_hashes.roots(wanted)
+    violations = []
+    for origin, index, witness, witnessed in judged:
+        if witnessed.prefix_root(witness.size) != witness.root:
+            violations.append(
+                Violation(
+                    origin,
+                    index,
+                    "witness_mismatch",
+                    f"witnessed {witnessed.origin} at size {witness.size} with another root",
                 )
+            )
     return violations
 
 
-def check_entry_times(history: History, now: int, tolerance: int) -> list[Violation]:
+class EntryTimes:
     """Entry times must not go back by more than ``tolerance`` nor lie in the future.
 
     Consent is judged at each entry's time, which its own node writes; a log whose
     times run backwards could backdate an access into a grant's window. Concurrent
-    appends may commit a little out of time order, hence the tolerance.
+    appends may commit a little out of time order, hence the tolerance. Fed the
+    entries of one log in order.
     """
-    findings = _Findings(history.origin, history.source)
-    latest = 0
-    for index, entry in enumerate(history.entries):
-        if entry is None:
-            continue
-        if entry.time < latest - tolerance:
-            findings.add(
-                "time_out_of_order", index, f"dated {latest - entry.time} s before an earlier entry"
-            )
-        if entry.time > now + tolerance:
-            findings.add("time_in_future", index, f"dated {entry.time - now} s after the audit")
-        latest = max(latest, entry.time)
-    return findings.done()
+
+    def __init__(self, origin: str, source: str | None, now: int, tolerance: int) -> None:
+        self.findings = _Findings(origin, source)
+        self.now, self.tolerance = now, tolerance
+        self.latest = 0
+
+    def feed(self, index: int, entry: LedgerEntry) -> None:
+        if entry.time < self.latest - self.tolerance:
+            detail = f"dated {self.latest - entry.time} s before an earlier entry"
+            self.findings.add("time_out_of_order", index, detail)
+        if entry.time > self.now + self.tolerance:
+            detail = f"dated {entry.time - self.now} s after the audit"
+            self.findings.add("time_in_future", index, detail)
+        self.latest = max(self.latest, entry.time)
+
+    def done(self) -> list[Violation]:
+        return self.findings.done()
+
+    def state(self) -> list[Any]:
+        return [self.findings.state(), self.latest]
+
+    def restore(self, state: list[Any]) -> None:
+        findings, self.latest = state
+        self.findings.restore(findings)
 
 
 # -- consent ------------------------------------------------------------------------------
@@ -534,110 +663,165 @@ def signed_items(entries: Sequence[LedgerEntry | None]) -> tuple[list[bytes], li
     return grants, revocations
 
 
-def count_kinds(entries: Sequence[LedgerEntry | None]) -> dict[str, int]:
-    """How many entries of each reported kind a log holds."""
-    counts = Counter(e.kind for e in entries if e is not None)
+def count_kinds(counts: Mapping[str, int]) -> dict[str, int]:
+    """How many entries of each reported kind a log holds, from its count by kind."""
     return {kind: counts.get(kind, 0) for kind in KINDS_COUNTED}
 
 
 def plan_consent_checks(
     origin: str, entries: Sequence[LedgerEntry | None], signatures: SignatureChecks, clock_skew: int
 ) -> tuple[list[Violation], list[AccessCheck]]:
-    """Walk one custodian's log in order: judge its grants and revocations, plan its accesses.
+    """Walk one custodian's log in order: judge its grants and revocations, plan its accesses
+    (ConsentWalk over a whole log at once)."""
+    walk = ConsentWalk(origin, clock_skew)
+    checks = [c for i, e in enumerate(entries) if (c := walk.feed(i, e, signatures)) is not None]
+    return walk.findings.done(), checks
 
-    Each access is planned with a ConsentView holding only what the log said before it.
+
+class ConsentWalk:
+    """One custodian's log walked in order: its grants and revocations judged, its
+    accesses planned, each with a ConsentView holding only what the log said before it.
+
     The auditor cannot see which studies belong to which patient (references are keyed
     by the custodian), so ownership is taken as the log shows it, and the custodian's
-    maximum lifetime is not known: neither is judged here.
+    maximum lifetime is not known: neither is judged here. What the walk remembers grows
+    with the patients, not the entries: the grants and enrolled keys (``grants`` and
+    ``keys`` may keep them on disk), revocations, delegations and break-glass requests.
     """
-    findings = _Findings(origin, None)
-    keys: dict[bytes, KeyStatus] = {}
-    grants: dict[bytes, GrantToken] = {}
-    revoked: set[tuple[bytes, bytes]] = set()
-    policy = ConsentPolicy(origin, max_lifetime=MAX_TIME, clock_skew=clock_skew)
-    checks: list[AccessCheck] = []
-    emergencies: dict[bytes, BreakGlass] = {}
-    delegations: set[bytes] = set()
-    for index, entry in enumerate(entries):
+
+    def __init__(
+        self,
+        origin: str,
+        clock_skew: int,
+        grants: MutableMapping[bytes, GrantToken] | None = None,
+        keys: MutableMapping[bytes, KeyStatus] | None = None,
+    ) -> None:
+        self.origin = origin
+        self.findings = _Findings(origin, None)
+        self.keys: MutableMapping[bytes, KeyStatus] = {} if keys is None else keys
+        self.grants: MutableMapping[bytes, GrantToken] = {} if grants is None else grants
+        # Grant ids whose recorded token does not verify (rare; all others do).
+        self.unsigned: set[bytes] = set()
+        self.revoked: set[tuple[bytes, bytes]] = set()
+        self.policy = ConsentPolicy(origin, max_lifetime=MAX_TIME, clock_skew=clock_skew)
+        self.clock_skew = clock_skew
+        self.emergencies: dict[bytes, BreakGlass] = {}
+        self.delegations: set[bytes] = set()
+
+    def feed(
+        self, index: int, entry: LedgerEntry | None, signatures: SignatureChecks
+    ) -> AccessCheck | None:
+        """Judge the next entry; an access comes back as the check to run on it.
+        ``signatures`` must hold the results for this entry's grant or revocation."""
         if entry is None:
-            continue
+            return None
         body = entry.body
+        origin, findings, keys, grants = self.origin, self.findings, self.keys, self.grants
         if isinstance(body, BreakGlass):
-            emergencies.setdefault(body.request, body)
+            self.emergencies.setdefault(body.request, body)
         elif isinstance(body, DelegationEntry | DeskDelegation):
-            delegations |= _signed_delegation_id(body)
+            self.delegations |= _signed_delegation_id(body)
         elif isinstance(body, Enroll):
             keys[body.key] = KeyStatus(body.subject)
             if body.replaces is not None:
                 old = keys.get(body.replaces)
                 keys[body.replaces] = KeyStatus(body.subject if old is None else old.subject, True)
         elif isinstance(body, Grant):
-            _judge_grant(origin, index, body.token, keys, grants, signatures, findings)
+            _judge_grant(
+                origin, index, body.token, keys, grants, self.unsigned, signatures, findings
+            )
             token = signatures.grants.get(body.token)
             if token is not None and token.delegation is not None:
-                view = ConsentView(revoked=frozenset(revoked), delegations=frozenset(delegations))
-                refused = delegation_failure(token, view, policy, entry.time)
+                view = ConsentView(
+                    revoked=frozenset(self.revoked), delegations=frozenset(self.delegations)
+                )
+                refused = delegation_failure(token, view, self.policy, entry.time)
                 if refused is not None:
                     detail = f"its delegation fails the rule '{refused.value}' when recorded"
                     findings.add("grant_outside_delegation", index, detail)
         elif isinstance(body, Revoke):
-            _judge_revocation(index, body.revocation, grants, revoked, signatures, findings)
+            _judge_revocation(index, body.revocation, grants, self.revoked, signatures, findings)
             _judge_delegated_revocation(
                 index,
                 entry.time,
                 body.revocation,
                 grants,
-                revoked,
-                delegations,
-                policy,
+                self.revoked,
+                self.delegations,
+                self.policy,
                 signatures,
                 findings,
             )
         elif isinstance(body, Access):
-            token = grants.get(body.token_id)
-            if token is None and body.token_id in emergencies:
-                problem = break_glass_access_problem(body, emergencies[body.token_id])
-                if problem is not None:
-                    findings.add("access_outside_break_glass", index, problem)
-                continue
-            if token is None:
-                findings.add("access_without_grant", index, "no grant with this token id before it")
-                continue
-            key = keys.get(token.patient_key)
-            owned = frozenset(token.fields.scope or ()) | {body.study}
-            pair = (token.patient_key, token.token_id)
-            view = ConsentView(
-                keys={} if key is None else {token.patient_key: key},
-                studies_of_subject={} if key is None else {key.subject: owned},
-                revoked=frozenset({pair} & revoked),
-                recorded=frozenset({token.token_id}),
-            )
-            request = AccessRequest(body.grantee, (body.study,), entry.time)
-            checks.append(AccessCheck(origin, index, token, request, view, policy))
+            return self._plan_access(index, entry.time, body)
         elif isinstance(body, Contribution):
             problem = contribution_problem(
-                body, entry.time, grants, signatures.grants_valid, revoked, clock_skew
+                body, entry.time, grants, self.unsigned, self.revoked, self.clock_skew
             )
             if problem is not None:
                 findings.add("contribution_without_permission", index, problem)
-    return findings.done(), checks
+        return None
+
+    def state(self) -> list[Any]:
+        """The walk's state besides ``grants`` and ``keys``, as msgpack holds it."""
+        emergencies = [[r, b.wire_fields()] for r, b in self.emergencies.items()]
+        return [
+            self.findings.state(),
+            sorted(self.unsigned),
+            sorted([list(pair) for pair in self.revoked]),
+            emergencies,
+            sorted(self.delegations),
+        ]
+
+    def restore(self, state: list[Any]) -> None:
+        findings, unsigned, revoked, emergencies, delegations = state
+        self.findings.restore(findings)
+        self.unsigned = set(unsigned)
+        self.revoked = {(key, token_id) for key, token_id in revoked}
+        self.emergencies = {request: BreakGlass(**fields) for request, fields in emergencies}
+        self.delegations = set(delegations)
+
+    def _plan_access(self, index: int, time: int, body: Access) -> AccessCheck | None:
+        token = self.grants.get(body.token_id)
+        if token is None and body.token_id in self.emergencies:
+            problem = break_glass_access_problem(body, self.emergencies[body.token_id])
+            if problem is not None:
+                self.findings.add("access_outside_break_glass", index, problem)
+            return None
+        if token is None:
+            self.findings.add(
+                "access_without_grant", index, "no grant with this token id before it"
+            )
+            return None
+        key = self.keys.get(token.patient_key)
+        owned = frozenset(token.fields.scope or ()) | {body.study}
+        pair = (token.patient_key, token.token_id)
+        view = ConsentView(
+            keys={} if key is None else {token.patient_key: key},
+            studies_of_subject={} if key is None else {key.subject: owned},
+            revoked=frozenset({pair} & self.revoked),
+            recorded=frozenset({token.token_id}),
+        )
+        request = AccessRequest(body.grantee, (body.study,), time)
+        return AccessCheck(self.origin, index, token, request, view, self.policy)
 
 
 def contribution_problem(
     body: Contribution,
     time: int,
     grants: Mapping[bytes, GrantToken],
-    grants_valid: frozenset[bytes],
+    unsigned: Container[bytes],
     revoked: set[tuple[bytes, bytes]],
     clock_skew: int,
 ) -> str | None:
     """Why the link grant a ``contribution`` names did not allow it when it was recorded
-    (only grants and revocations recorded before it are passed), or None."""
+    (only grants and revocations recorded before it are passed, ``unsigned`` the ids of
+    those whose signature does not verify), or None."""
     token = grants.get(body.token_id)
     if token is None:
         return "no grant with this token id before it"
     fields = token.fields
-    if token.raw not in grants_valid:
+    if token.token_id in unsigned:
         return "its grant's patient signature does not verify"
     if not is_link_grantee(fields.grantee):
         return "its grant is not a share link's"
@@ -666,7 +850,8 @@ def _judge_grant(
     index: int,
     raw: bytes,
     keys: Mapping[bytes, KeyStatus],
-    grants: dict[bytes, GrantToken],
+    grants: MutableMapping[bytes, GrantToken],
+    unsigned: set[bytes],
     signatures: SignatureChecks,
     findings: _Findings,
 ) -> None:
@@ -674,7 +859,10 @@ def _judge_grant(
     if token is None:
         findings.add("malformed_entry", index, "the grant's token is not a well-formed grant")
         return
-    grants.setdefault(token.token_id, token)
+    if token.token_id not in grants:  # the first grant of an id is the one in force
+        grants[token.token_id] = token
+        if raw not in signatures.grants_valid:
+            unsigned.add(token.token_id)
     if raw not in signatures.grants_valid:
         findings.add("grant_bad_signature", index, "the patient signature does not verify")
     elif token.fields.custodian != origin:
@@ -800,48 +988,60 @@ class _PolicyInForce:
     policy: EmergencyPolicy
 
 
-def review_break_glass(
-    origin: str, entries: Sequence[LedgerEntry | None]
-) -> tuple[list[BreakGlassReview], list[Violation]]:
+class BreakGlassWalk:
     """Every break-glass entry of one custodian's log, judged against the policy in force.
 
     The policy in force is the last valid ``emergency_policy`` signed, before the entry,
     by the patient's key enrolled then (the subject's newest unretired key). Without one,
     the federation default applied: the auditor does not know it, so the entry is listed
     for review but only flagged if it claims a policy the log does not show in force.
+    Fed the entries of the log in order; ``active`` and ``holders`` (which may keep them
+    on disk) follow each subject's newest key and how many subjects hold each key.
     """
-    findings = _Findings(origin, None)
-    reviews: list[BreakGlassReview] = []
-    active: dict[bytes, bytes] = {}  # subject -> its newest unretired key
-    retired: set[bytes] = set()
-    policies: dict[bytes, _PolicyInForce] = {}
-    for index, entry in enumerate(entries):
-        if entry is None:
-            continue
+
+    def __init__(
+        self,
+        origin: str,
+        active: MutableMapping[bytes, bytes] | None = None,
+        holders: MutableMapping[bytes, int] | None = None,
+    ) -> None:
+        self.origin = origin
+        self.findings = _Findings(origin, None)
+        self.reviews: list[BreakGlassReview] = []
+        self.active: MutableMapping[bytes, bytes] = {} if active is None else active
+        self.holders: MutableMapping[bytes, int] = {} if holders is None else holders
+        self.retired: set[bytes] = set()
+        self.policies: dict[bytes, _PolicyInForce] = {}
+
+    def feed(self, index: int, entry: LedgerEntry) -> None:
         body = entry.body
         if isinstance(body, Enroll):
             if body.replaces is not None:
-                retired.add(body.replaces)
-            active[body.subject] = body.key
+                self.retired.add(body.replaces)
+            before = self.active.get(body.subject)
+            if before is not None:
+                self.holders[before] -= 1
+            self.active[body.subject] = body.key
+            self.holders[body.key] = self.holders.get(body.key, 0) + 1
         elif isinstance(body, EmergencyPolicyEntry):
-            policy = _valid_policy(origin, body.policy, set(active.values()) - retired)
+            policy = _valid_policy(self.origin, body.policy, self._enrolled)
             if isinstance(policy, str):
-                findings.add("emergency_policy_invalid", index, policy)
+                self.findings.add("emergency_policy_invalid", index, policy)
             else:
-                policies[policy.patient_key] = _PolicyInForce(index, policy)
+                self.policies[policy.patient_key] = _PolicyInForce(index, policy)
         elif isinstance(body, BreakGlass):
-            key = active.get(body.subject)
-            in_force = None if key is None else policies.get(key)
+            key = self.active.get(body.subject)
+            in_force = None if key is None else self.policies.get(key)
             problems = _break_glass_problems(body, key, in_force)
             for problem in problems:
-                findings.add("break_glass_against_policy", index, problem)
+                self.findings.add("break_glass_against_policy", index, problem)
             try:
                 count = len(split_references(body.studies))
             except BadInput:
                 count = 0
-            reviews.append(
+            self.reviews.append(
                 BreakGlassReview(
-                    origin,
+                    self.origin,
                     index,
                     entry.time,
                     body.requester,
@@ -852,10 +1052,39 @@ def review_break_glass(
                     tuple(problems),
                 )
             )
-    return reviews, findings.done()
+
+    def _enrolled(self, key: bytes) -> bool:
+        """Whether ``key`` is some subject's newest key and not retired."""
+        return self.holders.get(key, 0) > 0 and key not in self.retired
+
+    def done(self) -> tuple[list[BreakGlassReview], list[Violation]]:
+        return self.reviews, self.findings.done()
+
+    def state(self) -> list[Any]:
+        """The walk's state besides ``active`` and ``holders``, as msgpack holds it."""
+        reviews = [[*astuple(r)[:8], list(r.problems)] for r in self.reviews]
+        policies = [[key, p.index, p.policy.raw] for key, p in self.policies.items()]
+        return [self.findings.state(), reviews, sorted(self.retired), policies]
+
+    def restore(self, state: list[Any]) -> None:
+        findings, reviews, retired, policies = state
+        self.findings.restore(findings)
+        self.reviews = []
+        for log, index, time, requester, reason, policy, default, studies, problems in reviews:
+            self.reviews.append(
+                BreakGlassReview(
+                    log, index, time, requester, reason, policy, default, studies, tuple(problems)
+                )
+            )
+        self.retired = set(retired)
+        self.policies = {
+            key: _PolicyInForce(index, decode_policy(raw)) for key, index, raw in policies
+        }
 
 
-def _valid_policy(origin: str, raw: bytes, enrolled: set[bytes]) -> EmergencyPolicy | str:
+def _valid_policy(
+    origin: str, raw: bytes, enrolled: Callable[[bytes], bool]
+) -> EmergencyPolicy | str:
     """The policy, or why it does not count."""
     try:
         policy = decode_policy(raw)
@@ -865,7 +1094,7 @@ def _valid_policy(origin: str, raw: bytes, enrolled: set[bytes]) -> EmergencyPol
         return "the patient signature does not verify"
     if policy.custodian != origin:
         return f"names custodian {policy.custodian}"
-    if policy.patient_key not in enrolled:
+    if not enrolled(policy.patient_key):
         return "its key was not enrolled (or was retired) before it"
     return policy
 
@@ -897,47 +1126,146 @@ def _break_glass_problems(
 def match_receipts(
     logs: Mapping[str, Sequence[LedgerEntry | None]], now: int, grace: int
 ) -> list[Violation]:
+    """ReceiptLedger over whole logs at once."""
+    ledger = ReceiptLedger(sqlite3.connect(":memory:"))
+    for origin, entries in logs.items():
+        for index, entry in enumerate(entries):
+            ledger.feed(origin, index, entry)
+    return ledger.violations(set(logs), now, grace)
+
+
+class ReceiptLedger:
     """Every access needs its receipt in the grantee's log, and every receipt its access.
 
     They match on (custodian, grantee, token id, study, digest), counted as multisets.
     Entries younger than ``grace`` seconds are not judged yet: the other side may still be
     writing its half. An access by a share link expects no receipt: a link's holder has
     no log (the access itself is judged against the link's grant like any other).
+
+    Both halves of every log wait in an SQLite table (``db``, a scratch database) until
+    every log was read: an access and its receipt sit in different logs, read one after
+    the other, so the halves waiting are as many as the entries.
     """
-    accesses: dict[tuple[str, str, bytes, bytes, bytes], list[tuple[str, int, int]]] = defaultdict(
-        list
-    )
-    receipts: dict[tuple[str, str, bytes, bytes, bytes], list[tuple[str, int, int]]] = defaultdict(
-        list
-    )
-    for origin, entries in logs.items():
-        for index, entry in enumerate(entries):
-            if entry is None:
-                continue
-            body = entry.body
-            if isinstance(body, Access) and not is_link_grantee(body.grantee):
-                key = (origin, body.grantee, body.token_id, body.study, body.digest)
-                accesses[key].append((origin, index, entry.time))
-            elif isinstance(body, Receipt):
-                key = (body.custodian, origin, body.token_id, body.study, body.digest)
-                receipts[key].append((origin, index, entry.time))
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS halves (key BLOB NOT NULL, receipt INTEGER NOT NULL,"
+            " other TEXT NOT NULL, log TEXT NOT NULL, idx INTEGER NOT NULL,"
+            " time INTEGER NOT NULL, walk INTEGER NOT NULL)"
+        )
+        self._pending: list[tuple[bytes, int, str, str, int, int, int]] = []
+        self.walk = 0
+
+    def new_walk(self) -> int:
+        """An id for the halves of one copy's walk (forget them with ``forget``)."""
+        self.walk += 1
+        return self.walk
+
+    def feed(self, origin: str, index: int, entry: LedgerEntry | None, walk: int = 0) -> None:
+        if entry is None:
+            return
+        body = entry.body
+        if isinstance(body, Access) and not is_link_grantee(body.grantee):
+            key = (origin, body.grantee, body.token_id, body.study, body.digest)
+            self._add(key, 0, body.grantee, origin, index, entry.time, walk)
+        elif isinstance(body, Receipt):
+            key = (body.custodian, origin, body.token_id, body.study, body.digest)
+            self._add(key, 1, body.custodian, origin, index, entry.time, walk)
+
+    def _add(
+        self,
+        key: tuple[str, str, bytes, bytes, bytes],
+        receipt: int,
+        other: str,
+        log: str,
+        index: int,
+        time: int,
+        walk: int,
+    ) -> None:
+        packed = msgpack.packb(key)
+        self._pending.append((packed, receipt, other, log, index, time, walk))
+        if len(self._pending) >= RECEIPT_BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        self.db.executemany("INSERT INTO halves VALUES (?, ?, ?, ?, ?, ?, ?)", self._pending)
+        self._pending = []
+
+    def forget(self, walk: int) -> None:
+        """Drop the halves fed under ``walk`` (a copy that turned out not to be judged)."""
+        self._flush()
+        self.db.execute("DELETE FROM halves WHERE walk = ?", (walk,))
+
+    def halves(self, log: str, walk: int) -> Iterator[bytes]:
+        """The halves of one log fed under ``walk``, each packed, in order (to save)."""
+        self._flush()
+        rows = self.db.execute(
+            "SELECT key, receipt, other, idx, time FROM halves WHERE log = ? AND walk = ?"
+            " ORDER BY rowid",
+            (log, walk),
+        )
+        while batch := rows.fetchmany(RECEIPT_BATCH):
+            for row in batch:
+                yield msgpack.packb(list(row))
+
+    def restore(self, log: str, halves: Iterable[bytes], walk: int) -> None:
+        """Take back the halves ``halves`` gave for ``log``, under ``walk``; BadInput if
+        one is not a packed half."""
+        for packed in halves:
+            try:
+                key, receipt, other, index, time = msgpack.unpackb(packed)
+            except (ValueError, TypeError, msgpack.exceptions.ExtraData) as exc:
+                raise BadInput("a saved receipt half is not one") from exc
+            self._pending.append((key, receipt, other, log, index, time, walk))
+            if len(self._pending) >= RECEIPT_BATCH:
+                self._flush()
+
+    def violations(self, seen: Container[str], now: int, grace: int) -> list[Violation]:
+        """The unmatched halves older than ``grace``; ``seen``: the logs read."""
+        self._flush()
+        rows = self.db.execute(
+            "SELECT key, receipt, other, log, idx, time FROM halves WHERE key IN"
+            " (SELECT key FROM halves GROUP BY key HAVING 2 * sum(receipt) != count(*))"
+            " ORDER BY key, rowid"
+        )
+        violations: list[Violation] = []
+        group: list[tuple[int, str, str, int, int]] = []
+        current: bytes | None = None
+        for key, receipt, other, log, index, time in rows:
+            if key != current and group:
+                violations += _unmatched(group, seen, now, grace)
+                group = []
+            current = key
+            group.append((receipt, other, log, index, time))
+        if group:
+            violations += _unmatched(group, seen, now, grace)
+        return violations
+
+
+# Halves written to the scratch database per statement.
+RECEIPT_BATCH = 2000
+
+
+def _unmatched(
+    halves: Sequence[tuple[int, str, str, int, int]], seen: Container[str], now: int, grace: int
+) -> list[Violation]:
+    """The halves of one key beyond the other side's count (the latest ones), if old enough."""
+    sent = [h for h in halves if h[0] == 0]
+    arrived = [h for h in halves if h[0] == 1]
+    unmatched = len(sent) - len(arrived)
+    if unmatched > 0:
+        rule, extra = "access_without_receipt", sent[-unmatched:]
+    else:
+        rule, extra = "receipt_without_access", arrived[unmatched:]
     violations = []
-    for key in sorted(set(accesses) | set(receipts)):
-        sent, arrived = accesses.get(key, []), receipts.get(key, [])
-        unmatched = len(sent) - len(arrived)
-        if unmatched > 0:
-            rule, extra, other = "access_without_receipt", sent[-unmatched:], key[1]
-        elif unmatched < 0:
-            rule, extra, other = "receipt_without_access", arrived[unmatched:], key[0]
-        else:
+    for _, other, log, index, time in extra:
+        if time + grace > now:
             continue
-        for log, index, time in extra:
-            if time + grace > now:
-                continue
-            detail = f"no matching entry in the log of {other}"
-            if other not in logs:
-                detail += " (that log was not seen)"
-            violations.append(Violation(log, index, rule, detail))
+        detail = f"no matching entry in the log of {other}"
+        if other not in seen:
+            detail += " (that log was not seen)"
+        violations.append(Violation(log, index, rule, detail))
     return violations
 
 
@@ -983,19 +1311,21 @@ def roster_at(versions: Sequence[RosterDocument], time: int) -> RosterDocument |
     return current
 
 
-def check_keys_in_roster(history: History, versions: Sequence[RosterDocument]) -> list[Violation]:
+def check_keys_in_roster(
+    history: History, versions: Sequence[RosterDocument], times: Sequence[int]
+) -> list[Violation]:
     """Entries and cosignatures of a member's log under keys the roster then in force
     does not name for their signer (first entry per key, every cosignature).
 
     An entry counts under the key that signs the checkpoints including it; a log dated
-    before the first roster version is not judged.
+    before the first roster version is not judged. ``times``: each entry's time.
     """
     if not versions or history.chain is None:
         return []
     violations: list[Violation] = []
     reported: set[bytes] = set()
-    for index, entry in enumerate(history.entries):
-        roster = roster_at(versions, entry.time) if entry is not None else None
+    for index, time in enumerate(times):
+        roster = roster_at(versions, time)
         if roster is None:
             continue
         key = history.chain.key_at(index + 1)

@@ -43,9 +43,7 @@ class LogChain:
     def size(self) -> int:
         return self.frontier.size
 
-    def append(
-        self, raw: bytes, decode: Callable[[bytes], LedgerEntry] = decode_entry
-    ) -> Link:
+    def append(self, raw: bytes, decode: Callable[[bytes], LedgerEntry] = decode_entry) -> Link:
         """Walk the next entry's wire bytes; never raises for a bad entry, the Link says.
 
         ``decode`` may memoise decode_entry; it must raise BadInput for a malformed entry.

@@ -23,7 +23,7 @@ Pure: no I/O, no clock.
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from node.core.entries import KeyRotation, LedgerEntry
@@ -188,7 +188,17 @@ def chain_of_log(
     checked. Raises like KeyChain.following, and Unauthorized if ``anchor_key`` is not in
     the chain.
     """
-    rotations = rotations_in(entries)
+    return chain_of_rotations(origin, rotations_in(entries), anchor_key, confirmed_key)
+
+
+def chain_of_rotations(
+    origin: str,
+    rotations: Sequence[tuple[int, KeyRotation]],
+    anchor_key: bytes,
+    confirmed_key: bytes | None = None,
+) -> KeyChain:
+    """chain_of_log from a log's rotations alone (``rotations_in``, gathered while the
+    entries stream past)."""
     first = rotations[0][1].old_key if rotations else anchor_key
     chain = KeyChain.starting_with(origin, first).following(rotations, confirmed_key)
     if not chain.holds(anchor_key):

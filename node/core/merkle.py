@@ -334,3 +334,52 @@ class MemoryTree:
 
     def root(self, size: int | None = None) -> bytes:
         return tree_root(self, self.size if size is None else size)
+
+
+class LeafHashes(Sequence[bytes]):
+    """A log's leaf hashes packed 32 bytes each (a list of bytes objects costs 73), with
+    the roots of its prefixes computed by one pass each, in O(log n) memory besides.
+
+    For a verifier that holds leaf hashes, not the tree: the auditor compares copies and
+    checks prefixes (witnessed and saved checkpoints) against them.
+    """
+
+    def __init__(self, leaf_hashes: Sequence[bytes] = ()) -> None:
+        self._packed = bytearray()
+        self._roots: dict[int, bytes] = {}
+        for leaf in leaf_hashes:
+            self.append(leaf)
+
+    def append(self, leaf: bytes) -> None:
+        self._packed += leaf
+
+    def copy(self) -> LeafHashes:
+        copied = LeafHashes()
+        copied._packed = bytearray(self._packed)
+        return copied
+
+    def __len__(self) -> int:
+        return len(self._packed) // HASH_SIZE
+
+    def __getitem__(self, index: int) -> bytes:  # type: ignore[override]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        start = (index % len(self)) * HASH_SIZE
+        return bytes(self._packed[start : start + HASH_SIZE])
+
+    def root(self, size: int | None = None) -> bytes:
+        """The root of the first ``size`` leaves (all of them by default)."""
+        return self.roots([len(self) if size is None else size])[0]
+
+    def roots(self, sizes: Sequence[int]) -> list[bytes]:
+        """The roots of the first ``size`` leaves for each of ``sizes``, in one pass."""
+        wanted = sorted({s for s in sizes if s not in self._roots})
+        if wanted and not 0 <= wanted[0] <= wanted[-1] <= len(self):
+            raise BadInput(f"a prefix of {wanted[-1]} leaves of a tree of {len(self)}")
+        frontier = MerkleFrontier()
+        view = memoryview(self._packed)
+        for size in wanted:
+            for i in range(frontier.size, size):
+                frontier.push(bytes(view[i * HASH_SIZE : (i + 1) * HASH_SIZE]))
+            self._roots[size] = frontier.root()
+        return [self._roots[s] for s in sizes]

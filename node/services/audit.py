@@ -15,11 +15,11 @@ import asyncio
 import contextlib
 import gc
 import json
-import os
+from array import array
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import msgpack
@@ -29,15 +29,19 @@ from node.core.audit_rules import (
     HISTORY_RULES,
     AccessCheck,
     BreakGlassReview,
+    BreakGlassWalk,
+    ConsentWalk,
     CosignatureStatus,
+    EntryTimes,
     History,
+    ReceiptLedger,
     ServedRoster,
     SignatureChecks,
     Violation,
+    Walked,
     access_violation,
     check_against_saved,
     check_cosignatures,
-    check_entry_times,
     check_history,
     check_keys_in_roster,
     check_roster_equivocation,
@@ -46,37 +50,45 @@ from node.core.audit_rules import (
     check_witness_entries,
     count_kinds,
     first_difference,
-    match_receipts,
-    plan_consent_checks,
-    review_break_glass,
     signed_items,
+    violation_state,
+    witness_claim,
 )
 from node.core.chain import LogChain
 from node.core.consent import (
     GrantToken,
+    KeyStatus,
     Revocation,
     Rule,
     decode_grant,
-    decode_revocation,
     validate_token,
 )
-from node.core.entries import LedgerEntry, decode_entry
+from node.core.entries import KeyRotation, LedgerEntry, Witness, decode_entry, encode_entry
 from node.core.equivocation import EquivocationProof, verify_equivocation
-from node.core.key_rotation import KeyChain, chain_of_log
+from node.core.key_rotation import KeyChain
 from node.core.keys import VerifierKey, parse_verifier_key
 from node.core.merkle import leaf_hash
 from node.core.notes import Checkpoint, parse_note
-from node.core.origins import is_node_origin, log_id
+from node.core.origins import is_node_origin, log_id, log_id_bytes
 from node.core.roster_document import open_roster
 from node.core.tiles import TILE_WIDTH, entry_bundles, parse_entry_bundle
 from node.errors import BadInput, PeerUnreachable, Unauthorized
 from node.services.audit_state import AuditState, SavedCheckpoint, VerifiedPrefix
+from node.services.audit_workers import (
+    PARALLEL_THRESHOLD,
+    Workers,
+    verify_grants,
+    verify_revocations,
+)
 from node.services.federation_roster import (
     check_roster_log_bytes,
     roster_notes,
     verify_roster_log,
 )
 from node.services.peer_client import describe, open_session, read_bounded
+from node.store.audit_scratch import Scratch, SpilledMap
+from node.store.audit_state import JudgedRows
+from node.store.entry_spool import EntrySource, EntrySpool, entries_from
 
 # A server may return fewer entries than asked; we ask for pages of this size.
 ENTRIES_PAGE = 1000
@@ -111,10 +123,12 @@ class ServedLog:
     source: str
     listing: LogListing
     note: str | None = None
-    entries: list[bytes] = field(default_factory=list, repr=False)  # up to millions
+    entries: EntrySource = field(default_factory=list, repr=False)  # on disk: up to millions
     error: str | None = None
     # How many of ``entries`` the node sent (the others are the state's verified prefix).
     entries_read: int = 0
+    # The verified prefix ``entries`` start with (entries the state kept), if any.
+    resumed: VerifiedPrefix | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -184,32 +198,64 @@ def parse_entries_page(body: bytes) -> list[bytes]:
     return page
 
 
+# Where fetched entries go, in index order, a page at a time.
+EntrySink = Callable[[list[bytes]], None]
+
+
 async def fetch_entries(
     session: aiohttp.ClientSession, base: str, log_id: str, size: int, start: int = 0
 ) -> list[bytes]:
-    """Entries start..size-1 of a log from one node, several pages in flight.
+    """Entries start..size-1 of a log from one node, as stream_entries reads them."""
+    entries: list[bytes] = []
+    await stream_entries(session, base, log_id, size, entries.extend, start)
+    return entries
+
+
+async def stream_entries(
+    session: aiohttp.ClientSession,
+    base: str,
+    log_id: str,
+    size: int,
+    sink: EntrySink,
+    start: int = 0,
+) -> None:
+    """Entries start..size-1 of a log from one node into ``sink``, several pages in flight.
 
     Whole entry bundles where the range covers them; an unaligned head (the rest of the
     partial bundle a previous read ended in) comes from ``/entries``, so that a rerun
-    reads no entry twice. Raises BadInput if the log is larger than the auditor holds,
+    reads no entry twice. Raises BadInput if the log is larger than the auditor reads,
     or the node errs, answers garbage, or stops short of ``size``.
     """
     if size > MAX_LOG_ENTRIES:
-        raise BadInput(f"a log of {size} entries is more than this auditor holds")
+        raise BadInput(f"a log of {size} entries is more than this auditor reads")
     url = f"{base}/ledger/logs/{log_id}/entries"
     aligned = min(size, -(-start // TILE_WIDTH) * TILE_WIDTH)
-    head = await fetch_entry_pages(session, url, start, aligned) if start < aligned else []
-    bundles = await fetch_entry_bundles(session, f"{base}/ledger/logs/{log_id}", size, aligned)
-    if bundles is not None:
-        return head + bundles
-    return head + await fetch_entry_pages(session, url, aligned, size)
+    if start < aligned:
+        await fetch_entry_pages(session, url, start, aligned, sink)
+    if not await fetch_entry_bundles(session, f"{base}/ledger/logs/{log_id}", size, sink, aligned):
+        await fetch_entry_pages(session, url, aligned, size, sink)
+
+
+class _InOrder:
+    """Chunks fetched out of order, passed on to a sink in order as soon as they can be."""
+
+    def __init__(self, sink: EntrySink, starts: Sequence[int]) -> None:
+        self.sink, self.starts = sink, starts
+        self.chunks: dict[int, list[bytes]] = {}
+        self.next = 0
+
+    def put(self, start: int, chunk: list[bytes]) -> None:
+        self.chunks[start] = chunk
+        while self.next < len(self.starts) and self.starts[self.next] in self.chunks:
+            self.sink(self.chunks.pop(self.starts[self.next]))
+            self.next += 1
 
 
 async def fetch_entry_pages(
-    session: aiohttp.ClientSession, url: str, first: int, size: int
-) -> list[bytes]:
+    session: aiohttp.ClientSession, url: str, first: int, size: int, sink: EntrySink
+) -> None:
     """Entries first..size-1 from an ``/entries`` endpoint, several pages in flight."""
-    chunks: dict[int, list[bytes]] = {}
+    order = _InOrder(sink, range(first, size, ENTRIES_PAGE))
     starts = iter(range(first, size, ENTRIES_PAGE))
 
     async def fetch_pages() -> None:
@@ -222,50 +268,49 @@ async def fetch_entry_pages(
                 if not page:
                     raise BadInput(f"node stopped serving entries at {start + len(got)} of {size}")
                 got.extend(page[: end - start - len(got)])
-            chunks[start] = got
+            order.put(start, got)
 
     await asyncio.gather(*(fetch_pages() for _ in range(PAGES_IN_FLIGHT)))
-    entries: list[bytes] = []
-    for start in range(first, size, ENTRIES_PAGE):
-        entries.extend(chunks[start])
-    return entries
 
 
 async def fetch_entry_bundles(
-    session: aiohttp.ClientSession, prefix: str, size: int, start: int = 0
-) -> list[bytes] | None:
+    session: aiohttp.ClientSession, prefix: str, size: int, sink: EntrySink, start: int = 0
+) -> bool:
     """Entries start..size-1 (``start`` a multiple of 256) from a log's tlog-tiles entry
-    bundles, several in flight; None if the node serves no tiles (its first bundle is
-    404). Raises BadInput like fetch_entries."""
+    bundles into ``sink``, several in flight; False if the node serves no tiles (its
+    first bundle is 404). Raises BadInput like fetch_entries."""
     if start >= size:
-        return []
+        return True
     refs = entry_bundles(start, size)
     first = f"{prefix}/{refs[0].path()}"
     async with session.get(first, allow_redirects=False) as response:
         if response.status == 404:
-            return None
+            return False
         body = await read_bounded(response, MAX_RESPONSE_BYTES)
         if response.status != 200:
             raise BadInput(f"{first} answered {response.status}")
-    chunks = {refs[0].n: parse_entry_bundle(body, refs[0].width)}
+    order = _InOrder(sink, [ref.n for ref in refs])
+    order.put(refs[0].n, parse_entry_bundle(body, refs[0].width))
     pending = iter(refs[1:])
 
     async def fetch() -> None:
         for ref in pending:  # shared: each bundle is fetched by one of the fetchers
             body = await get_body(session, f"{prefix}/{ref.path()}")
-            chunks[ref.n] = parse_entry_bundle(body, ref.width)
+            order.put(ref.n, parse_entry_bundle(body, ref.width))
 
     await asyncio.gather(*(fetch() for _ in range(PAGES_IN_FLIGHT)))
-    return [entry for ref in refs for entry in chunks[ref.n]]
+    return True
 
 
 async def fetch_served_log(
     session: aiohttp.ClientSession,
     base: str,
     listing: LogListing,
+    scratch: Scratch,
     known: VerifiedPrefix | None = None,
 ) -> ServedLog:
-    """One log as ``base`` serves it; a failure is recorded on the result, never raised.
+    """One log as ``base`` serves it, its entries spooled to ``scratch``; a failure is
+    recorded on the result, never raised.
 
     With ``known`` (the entries verified last time) only the entries after them are
     read, if they extend them to the checkpoint's root; otherwise (a rollback, a
@@ -273,28 +318,36 @@ async def fetch_served_log(
     """
     served = ServedLog(base, listing)
     url = f"{base}/ledger/logs/{listing.log_id}/checkpoint"
+    spool: EntrySpool | None = None
     try:
         note = (await get_body(session, url)).decode()
         served.note = note
         body, _signatures = parse_note(note)
         claimed = Checkpoint.parse(body)
-        if known is not None and known.chain.size <= claimed.size:
-            start = known.chain.size
-            new = await fetch_entries(session, base, listing.log_id, claimed.size, start)
-            served.entries_read = len(new)
-            if _extends(known.chain, new, claimed.root_hash):
-                served.entries = [*known.entries, *new]
+        if known is not None and known.size <= claimed.size:
+            spool = scratch.spool(known.entries_from, known.size)
+            await stream_entries(
+                session, base, listing.log_id, claimed.size, spool.extend, known.size
+            )
+            served.entries_read = len(spool) - known.size
+            if _extends(known.chain, spool.iter_from(known.size), claimed.root_hash):
+                served.entries, served.resumed = spool, known
                 return served
-        served.entries = await fetch_entries(session, base, listing.log_id, claimed.size)
-        served.entries_read += len(served.entries)
+            spool.close()
+        spool = scratch.spool()
+        await stream_entries(session, base, listing.log_id, claimed.size, spool.extend)
+        served.entries_read += len(spool)
+        served.entries = spool
     except (BadInput, UnicodeDecodeError) as exc:
         served.error = str(exc)
     except (aiohttp.ClientError, TimeoutError, PeerUnreachable) as exc:
         served.error = f"connection failed while reading the log: {describe(exc)}"
+    if served.error is not None and spool is not None:
+        spool.close()
     return served
 
 
-def _extends(chain: LogChain, new: Sequence[bytes], root: bytes) -> bool:
+def _extends(chain: LogChain, new: Iterable[bytes], root: bytes) -> bool:
     """True if ``new`` entries after the ones ``chain`` walked give the tree ``root``."""
     grown = chain.copy()
     for raw in new:
@@ -309,10 +362,14 @@ def checkpoint_size(note: str) -> int:
 
 
 async def fetch_view(
-    session: aiohttp.ClientSession, url: str, known: Mapping[str, VerifiedPrefix] | None = None
+    session: aiohttp.ClientSession,
+    url: str,
+    scratch: Scratch,
+    known: Mapping[str, VerifiedPrefix] | None = None,
 ) -> PeerView:
-    """Everything one node serves; raises PeerUnreachable if its API cannot be read.
-    ``known``: entries verified last time, by origin (only what follows them is read)."""
+    """Everything one node serves, its logs' entries spooled to ``scratch``; raises
+    PeerUnreachable if its API cannot be read. ``known``: entries verified last time, by
+    origin (only what follows them is read)."""
     known = known or {}
     base = url.rstrip("/")
     try:
@@ -327,7 +384,7 @@ async def fetch_view(
     if not is_node_origin(origin):
         raise PeerUnreachable(f"{base}/healthz does not name the node's origin")
     logs = await asyncio.gather(
-        *(fetch_served_log(session, base, lst, known.get(lst.origin)) for lst in listings)
+        *(fetch_served_log(session, base, lst, scratch, known.get(lst.origin)) for lst in listings)
     )
     view = PeerView(base, origin, list(logs), equivocations)
     try:
@@ -378,17 +435,19 @@ async def _fetch_equivocations(session: aiohttp.ClientSession, base: str) -> lis
 
 async def collect(
     urls: list[str],
+    scratch: Scratch,
     timeout: float = 30.0,
     ca_file: str = "",
     known: Mapping[str, VerifiedPrefix] | None = None,
 ) -> tuple[list[PeerView], list[str]]:
-    """Views of every reachable node and the reasons the others were unreachable;
-    ``https://`` nodes are trusted by ``ca_file`` (peer_client.open_session). ``known``:
-    each log's entries verified last time (node.services.audit_state)."""
+    """Views of every reachable node and the reasons the others were unreachable, the
+    entries spooled to ``scratch``; ``https://`` nodes are trusted by ``ca_file``
+    (peer_client.open_session). ``known``: each log's entries verified last time
+    (node.services.audit_state)."""
     client_timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
     async with open_session(ca_file, client_timeout) as session:
         results = await asyncio.gather(
-            *(fetch_view(session, url, known) for url in urls), return_exceptions=True
+            *(fetch_view(session, url, scratch, known) for url in urls), return_exceptions=True
         )
     views: list[PeerView] = []
     unreachable: list[str] = []
@@ -404,40 +463,8 @@ async def collect(
 
 # -- judging ------------------------------------------------------------------------------
 
-# Below this many signature checks, a process pool costs more to start than it saves.
-PARALLEL_THRESHOLD = 4000
-CHUNK = 1000
 # Seconds an access or receipt may wait for its other half before it is a violation.
 DEFAULT_RECEIPT_GRACE = 300
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def verify_grants(raws: list[bytes]) -> list[tuple[GrantToken | None, bool]]:
-    """Each grant token decoded (None if malformed) and whether its signature verifies."""
-    results: list[tuple[GrantToken | None, bool]] = []
-    for raw in raws:
-        try:
-            token = decode_grant(raw)
-        except BadInput:
-            results.append((None, False))
-            continue
-        results.append((token, token.signature_valid()))
-    return results
-
-
-def verify_revocations(raws: list[bytes]) -> list[tuple[Revocation | None, bool]]:
-    """Each revocation decoded (None if malformed) and whether its signature verifies."""
-    results: list[tuple[Revocation | None, bool]] = []
-    for raw in raws:
-        try:
-            revocation = decode_revocation(raw)
-        except BadInput:
-            results.append((None, False))
-            continue
-        results.append((revocation, revocation.signature_valid()))
-    return results
 
 
 def judge_accesses(checks: Iterable[AccessCheck]) -> list[Rule | None]:
@@ -446,46 +473,6 @@ def judge_accesses(checks: Iterable[AccessCheck]) -> list[Rule | None]:
     In-process: the grants' signatures were checked once each (check_signatures), so
     what is left is cheaper than sending the checks to another process."""
     return [validate_token(c.token, c.request, c.view, c.policy).rule for c in checks]
-
-
-class Workers:
-    """Runs chunked pure work in-process, or on every core once the work is large enough.
-
-    Ed25519 verification dominates a large audit; a process pool spreads it over the
-    cores, while small audits stay in-process to avoid the pool's start-up cost.
-    """
-
-    def __init__(self, processes: int | None = None, threshold: int = PARALLEL_THRESHOLD) -> None:
-        self.processes = processes or os.cpu_count() or 1
-        self.threshold = threshold
-        self._pool: ProcessPoolExecutor | None = None
-
-    def map_chunks(self, fn: Callable[[list[T]], list[R]], items: Sequence[T]) -> list[R]:
-        """``fn`` over ``items`` in chunks, results in order."""
-        if len(items) < self.threshold or self.processes < 2:
-            return fn(list(items))
-        if self._pool is None:
-            import multiprocessing
-
-            # forkserver: workers forked from a small server, not from the auditor holding
-            # the logs (a fork of it would copy its heap page by page as refcounts change).
-            # The server preloads this module, not the program's __main__. (As with any
-            # non-fork start, a program run from a script file needs a main guard: the
-            # workers import that file.)
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload([__name__])
-            self._pool = ProcessPoolExecutor(self.processes, mp_context=context)
-        size = max(1, min(CHUNK, len(items) // (self.processes * 4) + 1))
-        chunks = [list(items[i : i + size]) for i in range(0, len(items), size)]
-        results: list[R] = []
-        for part in self._pool.map(fn, chunks):
-            results.extend(part)
-        return results
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
 
 
 @dataclass
@@ -501,6 +488,7 @@ class LogReport:
     cosignatures: list[CosignatureStatus]
     verified: bool  # some node served an intact, validly signed copy
     entries_read: int = 0  # entries the nodes sent of it, all copies (the rest: the state)
+    entries_judged: int = 0  # entries the consent rules walked (a rerun: the new ones)
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -516,6 +504,7 @@ class LogReport:
             ],
             "verified": self.verified,
             "entries_read": self.entries_read,
+            "entries_judged": self.entries_judged,
         }
 
 
@@ -544,31 +533,8 @@ class AuditReport:
             "unreachable": self.unreachable,
             "break_glass": [b.as_json() for b in self.break_glass],
             "entries_read": sum(log.entries_read for log in self.logs),
+            "entries_judged": sum(log.entries_judged for log in self.logs),
         }
-
-
-def _memo_decoder() -> Callable[[bytes], LedgerEntry]:
-    """decode_entry memoised by the entry's bytes: each distinct entry is decoded once,
-    however many nodes serve it and however many checks read it.
-
-    In-process: sending decoded entries back from a process pool costs about as much
-    as decoding them, and the nodes audited often share the auditor's cores.
-    """
-    cache: dict[bytes, LedgerEntry | BadInput] = {}
-
-    def decode(raw: bytes) -> LedgerEntry:
-        hit = cache.get(raw)
-        if hit is None:
-            try:
-                hit = decode_entry(raw)
-            except BadInput as exc:
-                hit = exc
-            cache[raw] = hit
-        if isinstance(hit, BadInput):
-            raise hit
-        return hit
-
-    return decode
 
 
 def resolve_keys(
@@ -617,59 +583,269 @@ def audit_views(
     workers: Workers | None = None,
     unreachable: Sequence[str] = (),
     federation_key: str | None = None,
+    scratch: Scratch | None = None,
 ) -> tuple[AuditReport, list[SavedCheckpoint]]:
     """Judge everything the nodes served; returns the report and the checkpoints to save.
 
     Logs showing a finding about their history (HISTORY_RULES) are not saved, so they
     keep being compared with the last good checkpoint until resolved; the other findings
     are judged again from the saved entries on every run. ``federation_key`` anchors
-    the roster logs served (else each is read from its own first version).
+    the roster logs served (else each is read from its own first version). ``scratch``
+    holds what the consent rules remember (a temporary one if None).
     """
+    own_scratch = scratch is None
+    scratch = scratch or Scratch()
     workers = workers or Workers()
+    try:
+        return _audit_views(
+            views,
+            saved,
+            _Judging(now, receipt_grace, clock_skew, workers, scratch, views),
+            unreachable,
+            federation_key,
+        )
+    finally:
+        if own_scratch:
+            scratch.close()
+
+
+def _audit_views(
+    views: Sequence[PeerView],
+    saved: dict[str, SavedCheckpoint],
+    judging: _Judging,
+    unreachable: Sequence[str],
+    federation_key: str | None,
+) -> tuple[AuditReport, list[SavedCheckpoint]]:
     keys, violations = resolve_keys(views, saved)
-    histories, found = _check_copies(views, keys, workers)
+    judging.audited = {log_id_bytes(origin) for origin in keys}
+    histories, best, judges, found = _check_copies(views, keys, judging)
     violations += found
-    node_of = {view.url: view.origin for view in views}
-    best: dict[str, History] = {}
     for origin, held in histories.items():
         violations += check_split_view(held)
         violations += locate_damage(held)
         if origin in saved:
             for copy in held:
                 violations += check_against_saved(copy, saved[origin].size, saved[origin].root_hash)
-        # The largest intact copy; the log's own node's first among equals.
-        ranked = sorted(held, key=lambda h: (h.size, node_of[h.source] == origin), reverse=True)
-        intact = [h for h in ranked if h.intact]
-        if intact:
-            best[origin] = intact[0]
     violations += _equivocations(views, keys)
-    violations += check_witness_entries(best)
-    for history in best.values():
-        violations += check_entry_times(history, now, clock_skew)
-    violations += _consent(best, now, receipt_grace, clock_skew, workers)
+    violations += check_witness_entries(best, {o: j.witnesses for o, j in judges.items()})
     reviews: list[BreakGlassReview] = []
-    for origin, history in sorted(best.items()):
-        reviewed, found = review_break_glass(origin, history.entries)
+    for origin in sorted(best):
+        judged, reviewed = judges[origin].verdict()
+        violations += judged
         reviews += reviewed
-        violations += found
-    violations += _roster(views, best, federation_key)
+    violations += judging.receipts.violations(set(best), judging.now, judging.receipt_grace)
+    violations += _roster(views, best, judges, federation_key)
     violations = _dedupe(violations)
-    reports = _log_reports(views, keys, histories, best)
+    reports = _log_reports(views, keys, histories, best, judges)
     broken = {v.log for v in violations if v.rule in HISTORY_RULES}
     # The key pinned for next time is the log's current one (its chain leads back).
     to_save = [
         SavedCheckpoint(
-            origin, str(h.signing_key), h.size, h.checkpoint.root_hash, h.note, h.source
+            origin,
+            str(h.signing_key),
+            h.size,
+            h.checkpoint.root_hash,
+            h.note,
+            h.source,
+            judges[origin].saved(),
         )
         for origin, h in sorted(best.items())
         if origin not in broken and h.checkpoint is not None and h.signing_key is not None
     ]
-    report = AuditReport(reports, violations, list(unreachable), now, reviews)
+    report = AuditReport(reports, violations, list(unreachable), judging.now, reviews)
     return report, to_save
 
 
+# The format of the judged state saved per log; a state of another is judged anew.
+JUDGED_VERSION = 1
+# Entries judged together: their grants' signatures are checked in one go (by the
+# workers), then the entries walked; the batch is all the auditor holds decoded.
+JUDGE_BATCH = 4096
+
+
+class _Judging:
+    """What judging one audit's logs shares: the clock, the workers, the scratch space
+    and the receipt halves of every log."""
+
+    def __init__(
+        self,
+        now: int,
+        receipt_grace: int,
+        clock_skew: int,
+        workers: Workers,
+        scratch: Scratch,
+        views: Sequence[PeerView],
+    ) -> None:
+        self.now, self.receipt_grace, self.clock_skew = now, receipt_grace, clock_skew
+        self.workers, self.scratch = workers, scratch
+        self.receipts = ReceiptLedger(scratch.db)
+        self.audited: set[bytes] = set()
+        # Each entry's time is kept (8 bytes) only where a roster will judge the keys.
+        self.rosters = any(view.roster is not None for view in views)
+
+
+class _LogJudge:
+    """The rules over one copy's entries, fed each entry as check_history walks it:
+    what they remember is the consent state (on disk where it grows), not the entries."""
+
+    def __init__(self, origin: str, source: str, size: int, judging: _Judging) -> None:
+        self.origin, self.judging = origin, judging
+        scratch = judging.scratch
+        self.times_rule = EntryTimes(origin, source, judging.now, judging.clock_skew)
+        grants = scratch.mapping(_grant_bytes, decode_grant)
+        keys = scratch.mapping(_key_status_bytes, _key_status)
+        active = scratch.mapping(bytes, bytes)
+        holders = scratch.mapping(_int_bytes, _bytes_int)
+        self.maps: dict[str, SpilledMap[Any]] = {
+            "grants": grants,
+            "keys": keys,
+            "active": active,
+            "holders": holders,
+        }
+        self.consent = ConsentWalk(origin, judging.clock_skew, grants=grants, keys=keys)
+        self.break_glass = BreakGlassWalk(origin, active=active, holders=holders)
+        self.kinds: Counter[str] = Counter()
+        # The log's key rotations (index, bytes): a rerun's structural check starts from them.
+        self.rotations: list[tuple[int, bytes]] = []
+        self.witnesses: list[tuple[int, Witness]] = []
+        self.times = array("q") if judging.rosters else None
+        self.walk = judging.receipts.new_walk()
+        self.large = size >= PARALLEL_THRESHOLD
+        self.batch: list[tuple[int, LedgerEntry]] = []
+        # The batch before, its signatures being checked meanwhile.
+        self.pending: tuple[list[tuple[int, LedgerEntry]], Callable[[], SignatureChecks]] | None
+        self.pending = None
+        self.violations: list[Violation] = []
+        self.walked = 0  # entries walked in this run
+
+    def observe(self, index: int, entry: LedgerEntry | None) -> None:
+        self.walked += 1
+        if entry is not None:  # a copy with an undecodable entry is not judged
+            self.batch.append((index, entry))
+            if len(self.batch) >= JUDGE_BATCH:
+                self._next_batch()
+
+    def _next_batch(self) -> None:
+        """Start the signature checks of the batch read, then judge the one before it:
+        the workers verify a batch while this process decodes the next."""
+        started = check_signatures([e for _, e in self.batch], self.judging.workers, self.large)
+        previous, self.pending = self.pending, (self.batch, started)
+        self.batch = []
+        if previous is not None:
+            self._judge_batch(*previous)
+
+    def _judge_batch(
+        self, batch: list[tuple[int, LedgerEntry]], checked: Callable[[], SignatureChecks]
+    ) -> None:
+        judging = self.judging
+        signatures = checked()
+        checks: list[AccessCheck] = []
+        for index, entry in batch:
+            self.times_rule.feed(index, entry)
+            self.break_glass.feed(index, entry)
+            self.kinds[entry.kind] += 1
+            if (witness := witness_claim(entry, judging.audited)) is not None:
+                self.witnesses.append((index, witness))
+            if self.times is not None:
+                self.times.append(entry.time)
+            if entry.kind == KeyRotation.kind:
+                self.rotations.append((index, encode_entry(entry)))
+            judging.receipts.feed(self.origin, index, entry, self.walk)
+            check = self.consent.feed(index, entry, signatures)
+            if check is not None:
+                checks.append(check)
+        for check, rule in zip(checks, judge_accesses(checks), strict=True):
+            violation = access_violation(check, rule)
+            if violation is not None:
+                self.violations.append(violation)
+
+    def finish(self) -> None:
+        self._next_batch()
+        self._next_batch()  # the last batch was only started
+
+    def discard(self) -> None:
+        """The copy turned out not to be the one judged: forget its receipt halves."""
+        self.judging.receipts.forget(self.walk)
+
+    def verdict(self) -> tuple[list[Violation], list[BreakGlassReview]]:
+        reviews, found = self.break_glass.done()
+        violations = self.violations + self.times_rule.done() + self.consent.findings.done()
+        return violations + found, reviews
+
+    def saved(self) -> JudgedRows:
+        """What the walk left, for the state: a rerun resumes from it (``resume``)."""
+        state = {
+            "version": JUDGED_VERSION,
+            "times_rule": self.times_rule.state(),
+            "consent": self.consent.state(),
+            "break_glass": self.break_glass.state(),
+            "kinds": dict(self.kinds),
+            "witnesses": [[i, w.wire_fields()] for i, w in self.witnesses],
+            "violations": [violation_state(v) for v in self.violations],
+            "rotations": self.rotations,
+            "times": None if self.times is None else self.times.tobytes(),
+        }
+        halves = self.judging.receipts.halves(self.origin, self.walk)
+        maps = {name: mapping.rows() for name, mapping in self.maps.items()}
+        return JudgedRows(msgpack.packb(state), maps, halves)
+
+    def resume(self, prefix: VerifiedPrefix) -> Walked | None:
+        """Start from what judging the log's saved prefix left; returns where its
+        structural check stands, or None (nothing taken) if that state is not usable
+        for this audit (none, saved by another version, or without the entry times a
+        roster now needs). Raises BadInput if the saved state is garbage."""
+        saved = prefix.judged
+        if saved is None:
+            return None
+        try:
+            state = msgpack.unpackb(saved.state)
+            if not isinstance(state, dict) or state.get("version") != JUDGED_VERSION:
+                return None
+            if self.times is not None and state["times"] is None:
+                return None
+            self.times_rule.restore(state["times_rule"])
+            self.consent.restore(state["consent"])
+            self.break_glass.restore(state["break_glass"])
+            self.kinds = Counter(state["kinds"])
+            self.witnesses = [(i, Witness(**fields)) for i, fields in state["witnesses"]]
+            self.violations = [Violation(*v) for v in state["violations"]]
+            self.rotations = [(i, raw) for i, raw in state["rotations"]]
+            rotations = tuple((i, decode_entry(raw)) for i, raw in self.rotations)
+            if self.times is not None:
+                self.times.frombytes(state["times"])
+        except (BadInput, ValueError, TypeError, KeyError, msgpack.exceptions.ExtraData) as exc:
+            raise BadInput(f"audit state of {self.origin} is corrupt: {exc}") from exc
+        for name, mapping in self.maps.items():
+            mapping.load(saved.map_rows(name))
+        self.judging.receipts.restore(self.origin, saved.halves(), self.walk)
+        return Walked(prefix.chain, rotations)
+
+
+def _grant_bytes(token: GrantToken) -> bytes:
+    return token.raw
+
+
+def _key_status_bytes(status: KeyStatus) -> bytes:
+    return bytes([status.retired]) + status.subject
+
+
+def _key_status(raw: bytes) -> KeyStatus:
+    return KeyStatus(raw[1:], bool(raw[0]))
+
+
+def _int_bytes(value: int) -> bytes:
+    return value.to_bytes(8, "big", signed=True)
+
+
+def _bytes_int(raw: bytes) -> int:
+    return int.from_bytes(raw, "big", signed=True)
+
+
 def _roster(
-    views: Sequence[PeerView], best: Mapping[str, History], federation_key: str | None
+    views: Sequence[PeerView],
+    best: Mapping[str, History],
+    judges: Mapping[str, _LogJudge],
+    federation_key: str | None,
 ) -> list[Violation]:
     """The roster findings: logs that do not verify, versions that fork, and members'
     logs under keys the roster of the time does not name (judged by the longest roster)."""
@@ -694,8 +870,9 @@ def _roster(
     if served:
         longest = max(served, key=lambda r: r.versions[-1].version)
         for origin, history in best.items():
-            if origin != longest.federation:
-                violations += check_keys_in_roster(history, longest.versions)
+            times = judges[origin].times
+            if origin != longest.federation and times is not None:
+                violations += check_keys_in_roster(history, longest.versions, times)
     return violations
 
 
@@ -716,42 +893,6 @@ def confirmed_keys(views: Sequence[PeerView]) -> dict[str, bytes]:
             with contextlib.suppress(BadInput):
                 confirmed[origin] = parse_verifier_key(next(iter(vkeys))).public_key
     return confirmed
-
-
-def _reference_chains(
-    views: Sequence[PeerView],
-    keys: dict[str, VerifierKey],
-    decode: Callable[[bytes], LedgerEntry],
-    confirmed: dict[str, bytes],
-) -> dict[str, KeyChain]:
-    """Each log's chain of keys, read from the largest copy any node serves.
-
-    A node that has not followed a rotation yet serves an older, shorter copy whose
-    entries do not show the rotation; its checkpoint is then checked under the key this
-    chain had in force at its size. A chain that does not hold is left out (the copy's
-    own check reports it).
-    """
-    largest: dict[str, list[bytes]] = {}
-    for view in views:
-        for served in view.logs:
-            origin = served.listing.origin
-            if len(served.entries) > len(largest.get(origin, [])):
-                largest[origin] = served.entries
-    chains = {}
-    for origin, raws in largest.items():
-        if origin not in keys:
-            continue
-        entries: list[LedgerEntry | None] = []
-        for raw in raws:
-            try:
-                entries.append(decode(raw))
-            except BadInput:
-                entries.append(None)
-        with contextlib.suppress(BadInput, Unauthorized):
-            chains[origin] = chain_of_log(
-                origin, entries, keys[origin].public_key, confirmed.get(origin)
-            )
-    return chains
 
 
 def _key_for_copy(note: str, anchor: VerifierKey, chain: KeyChain | None) -> VerifierKey:
@@ -779,23 +920,58 @@ def _listed_key_problem(served: ServedLog, history: History, url: str) -> Violat
     return Violation(history.origin, None, "key_mismatch", detail, url)
 
 
+def _rereader(entries: EntrySource) -> Callable[[], Iterable[bytes]] | None:
+    """How to read a spooled copy again (a list is held already: its leaves are kept)."""
+    if isinstance(entries, EntrySpool):
+        return lambda: entries_from(entries)
+    return None
+
+
+def _claimed_size(served: ServedLog) -> int:
+    try:
+        return checkpoint_size(served.note) if served.note is not None else 0
+    except BadInput:
+        return 0
+
+
 def _check_copies(
-    views: Sequence[PeerView], keys: dict[str, VerifierKey], workers: Workers
-) -> tuple[dict[str, list[History]], list[Violation]]:
-    """The structural checks of every copy of every log, each node's copy on its own."""
-    decode = _memo_decoder()
+    views: Sequence[PeerView], keys: dict[str, VerifierKey], judging: _Judging
+) -> tuple[dict[str, list[History]], dict[str, History], dict[str, _LogJudge], list[Violation]]:
+    """The structural checks of every copy of every log, each node's copy on its own,
+    and the consent rules over the copy judged of each log: the largest intact one, the
+    log's own node's first among equals.
+
+    Copies are walked largest first, so the first intact one is the copy judged, and the
+    consent rules walk it in the same pass as its structure (each entry decoded once).
+    The largest copy's key chain gives the key each smaller copy's checkpoint is checked
+    under (a node that has not followed a rotation serves an older, shorter copy).
+    """
     confirmed = confirmed_keys(views)
-    chains = _reference_chains(views, keys, decode, confirmed)
+    node_of = {view.url: view.origin for view in views}
     histories: dict[str, list[History]] = {origin: [] for origin in keys}
-    # The copies judged whole and intact (with their bytes), that other copies may equal.
-    verified: dict[str, list[tuple[History, list[bytes]]]] = {}
+    best: dict[str, History] = {}
+    judges: dict[str, _LogJudge] = {}
     violations: list[Violation] = []
+    copies: dict[str, list[tuple[int, PeerView, ServedLog]]] = {origin: [] for origin in keys}
     for view in views:
         for served in view.logs:
-            origin = served.listing.origin
-            key = keys.get(origin)
-            if key is None:
-                continue
+            held = copies.get(served.listing.origin)
+            if held is not None:
+                held.append((len(held), view, served))
+    for origin, held in copies.items():
+        key = keys[origin]
+        ranked = sorted(
+            held,
+            key=lambda c: (_claimed_size(c[2]), node_of[c[1].url] == origin),
+            reverse=True,
+        )
+        chain: KeyChain | None = None
+        # Where the state's verified prefix of the log leaves the checks, once resumed.
+        walked: Walked | None = None
+        # The copies judged whole and intact, that other copies may equal.
+        verified: list[History] = []
+        checked: dict[int, History] = {}
+        for position, view, served in ranked:
             if served.error is not None:
                 violations.append(
                     Violation(origin, None, "entries_unavailable", served.error, view.url)
@@ -803,43 +979,73 @@ def _check_copies(
                 continue
             if served.note is None:  # listed empty and never signed
                 continue
+            note, prefix = served.note, served.resumed
+            # A copy extending the state's verified prefix is hashed from its end on.
+            hashed_from = 0 if prefix is None else prefix.size
+            resumed_chain = None if prefix is None else prefix.chain
             same = next(
                 (
-                    (copy, raws)
-                    for v, raws in verified.get(origin, [])
-                    if (copy := check_same_copy(v, view.url, served.note, served.entries))
+                    copy
+                    for v in verified
+                    if (
+                        copy := check_same_copy(
+                            v,
+                            view.url,
+                            note,
+                            entries_from(served.entries, hashed_from),
+                            resumed_chain,
+                        )
+                    )
                 ),
                 None,
             )
             if same is not None:
-                # Proven equal bytes: hold one list of them, not one per node serving it.
-                history, served.entries = same
+                history = same
             else:
+                judge = None
+                resumable = walked is not None
+                if origin not in best:
+                    size = _claimed_size(served)
+                    judge = _LogJudge(origin, view.url, size, judging)
+                    judged = judge.resume(prefix) if prefix is not None else None
+                    walked, resumable = walked or judged, judged is not None
+                # Walked from the saved prefix's end when the rules resume there too.
+                start = prefix.size if prefix is not None and resumable else 0
                 history, found = check_history(
                     origin,
-                    _key_for_copy(served.note, key, chains.get(origin)),
+                    _key_for_copy(note, key, chain),
                     view.url,
-                    served.note,
-                    served.entries,
-                    decode,
-                    confirmed.get(origin),
+                    note,
+                    entries_from(served.entries, start),
+                    confirmed_key=confirmed.get(origin),
+                    observe=judge.observe if judge is not None else None,
+                    resume=walked if start else None,
+                    reread=_rereader(served.entries),
                 )
                 violations += found
+                chain = chain or history.chain
                 if history.intact:
-                    verified.setdefault(origin, []).append((history, served.entries))
+                    verified.append(history)
+                if judge is not None:
+                    if history.intact:
+                        judge.finish()
+                        best[origin], judges[origin] = history, judge
+                    else:
+                        judge.discard()
             problem = _listed_key_problem(served, history, view.url)
             if problem is not None:
                 violations.append(problem)
-            histories[origin].append(history)
+            checked[position] = history
+        histories[origin] = [checked[p] for p in sorted(checked)]
     # Every key of every node, for its cosignatures made before or after it rotated.
     all_keys: dict[str, list[VerifierKey]] = {name: [key] for name, key in keys.items()}
-    for origin, held in histories.items():
-        for history in held:
+    for origin, held_histories in histories.items():
+        for history in held_histories:
             all_keys[origin] += history.chain.verifier_keys() if history.chain else []
-    for held in histories.values():
-        for history in held:
+    for held_histories in histories.values():
+        for history in held_histories:
             violations += check_cosignatures(history, all_keys)
-    return histories, violations
+    return histories, best, judges, violations
 
 
 def _log_reports(
@@ -847,6 +1053,7 @@ def _log_reports(
     keys: dict[str, VerifierKey],
     histories: dict[str, list[History]],
     best: dict[str, History],
+    judges: Mapping[str, _LogJudge],
 ) -> list[LogReport]:
     sources: dict[str, list[str]] = {}
     read: dict[str, int] = {}
@@ -866,10 +1073,11 @@ def _log_reports(
                 vkey=str(key) if key else "",
                 size=chosen.size if chosen else largest,
                 sources=sources[origin],
-                counts=count_kinds(chosen.entries) if chosen else {},
+                counts=count_kinds(judges[origin].kinds) if chosen else {},
                 cosignatures=chosen.cosignatures if chosen else [],
                 verified=chosen is not None,
                 entries_read=read[origin],
+                entries_judged=judges[origin].walked if chosen else 0,
             )
         )
     return reports
@@ -914,18 +1122,26 @@ def _equivocations(views: Sequence[PeerView], keys: dict[str, VerifierKey]) -> l
 
 
 def check_signatures(
-    entries: Iterable[Sequence[LedgerEntry | None]], workers: Workers
+    entries: Sequence[LedgerEntry], workers: Workers, large: bool = False
+) -> Callable[[], SignatureChecks]:
+    """Decode and verify every grant and revocation among ``entries`` (each distinct one
+    once), started in the workers; the function returned waits for the results.
+    ``large``: part of a log large enough for the worker processes."""
+    grants, revocations = signed_items(entries)
+    grant_list, revocation_list = sorted(set(grants)), sorted(set(revocations))
+    grants_checked = workers.submit(verify_grants, grant_list, large)
+    revocations_checked = workers.submit(verify_revocations, revocation_list, large)
+    return lambda: _signature_checks(
+        grant_list, grants_checked(), revocation_list, revocations_checked()
+    )
+
+
+def _signature_checks(
+    grant_list: list[bytes],
+    grant_results: list[tuple[GrantToken | None, bool]],
+    revocation_list: list[bytes],
+    revocation_results: list[tuple[Revocation | None, bool]],
 ) -> SignatureChecks:
-    """Decode and verify every grant and revocation the logs carry (each distinct one once)."""
-    grants: set[bytes] = set()
-    revocations: set[bytes] = set()
-    for log_entries in entries:
-        g, r = signed_items(log_entries)
-        grants.update(g)
-        revocations.update(r)
-    grant_list, revocation_list = sorted(grants), sorted(revocations)
-    grant_results = workers.map_chunks(verify_grants, grant_list)
-    revocation_results = workers.map_chunks(verify_revocations, revocation_list)
     return SignatureChecks(
         grants={raw: token for raw, (token, _) in zip(grant_list, grant_results, strict=True)},
         grants_valid=frozenset(
@@ -938,26 +1154,6 @@ def check_signatures(
             raw for raw, (_, ok) in zip(revocation_list, revocation_results, strict=True) if ok
         ),
     )
-
-
-def _consent(
-    best: dict[str, History], now: int, receipt_grace: int, clock_skew: int, workers: Workers
-) -> list[Violation]:
-    """The consent rules over every log that some node served intact."""
-    signatures = check_signatures((h.entries for h in best.values()), workers)
-    violations: list[Violation] = []
-    checks: list[AccessCheck] = []
-    for origin, history in sorted(best.items()):
-        found, planned = plan_consent_checks(origin, history.entries, signatures, clock_skew)
-        violations.extend(found)
-        checks.extend(planned)
-    for check, rule in zip(checks, judge_accesses(checks), strict=True):
-        violation = access_violation(check, rule)
-        if violation is not None:
-            violations.append(violation)
-    entries = {origin: h.entries for origin, h in best.items()}
-    violations.extend(match_receipts(entries, now, receipt_grace))
-    return violations
 
 
 def _dedupe(violations: list[Violation]) -> list[Violation]:
@@ -994,9 +1190,9 @@ AUDIT_GC_THRESHOLD = 100_000
 
 @contextlib.contextmanager
 def _few_collections() -> Iterator[None]:
-    """The cyclic collector run less often: an audit keeps millions of entries alive, which
-    the default thresholds rescan again and again (a quarter of a large audit's time),
-    and it makes few reference cycles for the collector to free."""
+    """The cyclic collector run less often: an audit allocates millions of short-lived
+    objects (decoded entries, a batch at a time), which the default thresholds would
+    scan again and again, and it makes few reference cycles for the collector to free."""
     before = gc.get_threshold()
     gc.set_threshold(AUDIT_GC_THRESHOLD, *before[1:])
     try:
@@ -1021,10 +1217,11 @@ def _run_audit(
             prefix = state.verified_prefix(origin)
             if prefix is not None:
                 known[origin] = prefix
-    views, unreachable = asyncio.run(collect(urls, timeout, ca_file, known))
-    refuse_foreign_state(saved, views)
+    scratch = Scratch()
     workers = Workers()
     try:
+        views, unreachable = asyncio.run(collect(urls, scratch, timeout, ca_file, known))
+        refuse_foreign_state(saved, views)
         report, to_save = audit_views(
             views,
             saved,
@@ -1033,11 +1230,13 @@ def _run_audit(
             workers=workers,
             unreachable=unreachable,
             federation_key=federation_key,
+            scratch=scratch,
         )
+        if state is not None:
+            save_verified(state, to_save, views)
     finally:
         workers.close()
-    if state is not None:
-        save_verified(state, to_save, views)
+        scratch.close()
     return report
 
 
@@ -1055,9 +1254,14 @@ def refuse_foreign_state(saved: Mapping[str, SavedCheckpoint], views: Sequence[P
 def save_verified(
     state: AuditState, to_save: Sequence[SavedCheckpoint], views: Sequence[PeerView]
 ) -> None:
-    """Save each clean log's checkpoint with the entries of the copy that was judged."""
+    """Save each clean log's checkpoint with the entries of the copy that was judged and
+    what judging them left (a rerun judges only what follows)."""
     copies = {(view.url, log.listing.origin): log for view in views for log in view.logs}
     for checkpoint in to_save:
         copy = copies.get((checkpoint.source or "", checkpoint.origin))
         entries = copy.entries if copy is not None else None
-        state.save(checkpoint, entries if entries and len(entries) == checkpoint.size else None)
+        kept = entries if entries is not None and len(entries) == checkpoint.size else None
+        if kept is None or not checkpoint.size:
+            state.save(checkpoint)
+        else:
+            state.save(checkpoint, kept, checkpoint.judged)

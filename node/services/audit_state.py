@@ -2,7 +2,8 @@
 verified and the entries that checkpoint covers (node.store.audit_state).
 
 A rerun then reads from each node only the entries after the saved size, and judges
-every rule over the saved entries and the new ones together. Nothing saved is trusted
+every rule over the saved entries (streamed back from the database) and the new ones
+together. Nothing saved is trusted
 blindly: on load each checkpoint must verify under the key pinned with it, and the
 entries kept must hash to its root, or the audit stops with a clear error (a tampered
 or torn state is refused, never half-used). A log is saved only when its history
@@ -12,8 +13,10 @@ the saved entries on every run, so they keep being reported.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from node.core.chain import LogChain
 from node.core.keys import parse_verifier_key
@@ -21,7 +24,13 @@ from node.core.merkle import leaf_hash
 from node.core.notes import verify_note
 from node.core.origins import is_node_origin, log_id
 from node.errors import BadInput, ImageShareError, Unauthorized
-from node.store.audit_state import AuditStateStore, LogRow, is_state_database_error
+from node.store.audit_state import (
+    AuditStateStore,
+    JudgedRows,
+    LogRow,
+    is_state_database_error,
+)
+from node.store.entry_spool import EntriesFrom, EntrySource
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,8 @@ class SavedCheckpoint:
     note: str
     # The node whose copy was judged (the entries to keep come from it); not state.
     source: str | None = field(default=None, compare=False)
+    # What judging that copy left (to keep with its entries); not part of the checkpoint.
+    judged: JudgedRows | None = field(default=None, compare=False, repr=False)
 
     @property
     def log_id(self) -> str:
@@ -43,11 +54,31 @@ class SavedCheckpoint:
 
 @dataclass(frozen=True)
 class VerifiedPrefix:
-    """A log's entries up to its saved checkpoint, checked against that checkpoint, and
-    the chain's right edge after them (to check a node's next entries against)."""
+    """A log's entries up to its saved checkpoint, checked against that checkpoint (read
+    back from the state on demand, never held), and the chain's right edge after them
+    (to check a node's next entries against)."""
 
-    entries: list[bytes]
+    entries_from: EntriesFrom
     chain: LogChain
+    # What judging the log left last time (None: judge it whole again).
+    judged: SavedJudging | None = None
+
+    @property
+    def size(self) -> int:
+        return self.chain.size
+
+
+@dataclass(frozen=True)
+class SavedJudging:
+    """What judging a log left in the state: its walkers' state (opaque here), and
+    readers of its mappings' rows by name and of its receipt halves."""
+
+    state: bytes
+    map_rows: Callable[[str], Iterator[tuple[bytes, bytes]]]
+    halves: Callable[[], Iterator[bytes]]
+
+
+T = TypeVar("T")
 
 
 class AuditState:
@@ -90,26 +121,52 @@ class AuditState:
         row = self._rows.get(origin)
         if row is None or row.entries_kept == 0:
             return None
-        store = self._open()
-        try:
-            entries = store.entries(origin)
-        except ValueError as exc:
-            raise BadInput(f"audit state of {origin} is corrupt: {exc}") from exc
-        finally:
-            store.close()
         chain = LogChain()
-        for raw in entries:
+        for raw in self._entries(origin, 0):
             chain.push_leaf(leaf_hash(raw))
         if chain.size != row.size or chain.root() != row.root:
             raise BadInput(
                 f"audit state of {origin} is tampered: its entries do not hash to the"
                 " checkpoint saved with them"
             )
-        return VerifiedPrefix(entries, chain)
+        store = self._open()
+        try:
+            state = store.judged_state(origin)
+        except ValueError as exc:
+            raise BadInput(f"audit state of {origin} is corrupt: {exc}") from exc
+        finally:
+            store.close()
+        judged = None
+        if state is not None:
+            judged = SavedJudging(
+                state,
+                lambda name: self._read(origin, lambda s: s.judged_map(origin, name)),
+                lambda: self._read(origin, lambda s: s.judged_halves(origin)),
+            )
+        return VerifiedPrefix(lambda start: self._entries(origin, start), chain, judged)
 
-    def save(self, checkpoint: SavedCheckpoint, entries: list[bytes] | None = None) -> None:
-        """Replace the log's saved checkpoint (and the entries it covers, if given)
-        atomically and durably."""
+    def _entries(self, origin: str, start: int) -> Iterator[bytes]:
+        """The entries kept for a log from index ``start`` on, streamed from the database."""
+        return self._read(origin, lambda store: store.entries(origin, start))
+
+    def _read(self, origin: str, rows: Callable[[AuditStateStore], Iterator[T]]) -> Iterator[T]:
+        """Rows of a log streamed from the database (BadInput if they cannot be read)."""
+        store = self._open()
+        try:
+            yield from rows(store)
+        except ValueError as exc:
+            raise BadInput(f"audit state of {origin} is corrupt: {exc}") from exc
+        finally:
+            store.close()
+
+    def save(
+        self,
+        checkpoint: SavedCheckpoint,
+        entries: EntrySource | None = None,
+        judged: JudgedRows | None = None,
+    ) -> None:
+        """Replace the log's saved checkpoint (and the entries it covers and what judging
+        them left, if given) atomically and durably."""
         store = self._open()
         try:
             store.save(
@@ -119,6 +176,7 @@ class AuditState:
                 checkpoint.root_hash,
                 checkpoint.note,
                 entries,
+                judged,
             )
         finally:
             store.close()

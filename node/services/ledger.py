@@ -88,5 +88,3 @@ class LedgerService:
 
     def close(self) -> None:
         self.store.close()
-
-

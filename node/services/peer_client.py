@@ -77,9 +77,7 @@ def open_session(
 ) -> aiohttp.ClientSession:
     """A ClientSession for talking to other nodes, trusting ``ca_file`` (or the system's
     CAs) for ``https://`` URLs; close it when done (``async with``)."""
-    connector = aiohttp.TCPConnector(
-        ssl=client_tls_context(ca_file), limit_per_host=limit_per_host
-    )
+    connector = aiohttp.TCPConnector(ssl=client_tls_context(ca_file), limit_per_host=limit_per_host)
     return aiohttp.ClientSession(
         timeout=timeout,
         connector=connector,

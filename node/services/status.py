@@ -42,6 +42,7 @@ from node.services.audit import Workers, audit_views, collect
 from node.services.audit_state import AuditState
 from node.services.runtime import NodeRuntime
 from node.store.attributes import BY_KEYWORD
+from node.store.audit_scratch import Scratch
 from node.store.queries import STUDY_LIST_ORDERS, StudyPage, checked_filter
 
 # Entries of the node's own log shown, newest first.
@@ -455,26 +456,31 @@ class StatusService:
             started = time.time()
             urls = self.federation_urls()
             trusted = self.runtime.config.http.trusted_ca_file
-            views, unreachable = await collect(urls, AUDIT_TIMEOUT, trusted)
-            state = AuditState(self.runtime.config.data_dir / AUDIT_STATE_DIR)
-            consent = self.runtime.config.consent
+            scratch = Scratch()
+            try:
+                views, unreachable = await collect(urls, scratch, AUDIT_TIMEOUT, trusted)
+                state = AuditState(self.runtime.config.data_dir / AUDIT_STATE_DIR)
+                consent = self.runtime.config.consent
 
-            def judge() -> dict[str, Any]:
-                saved = state.load()
-                # In-process: forking a pool from the threaded daemon is not safe.
-                report, to_save = audit_views(
-                    views,
-                    saved,
-                    int(time.time()),
-                    clock_skew=consent.clock_skew_seconds,
-                    workers=Workers(processes=1),
-                    unreachable=unreachable,
-                )
-                for checkpoint in to_save:
-                    state.save(checkpoint)
-                return {**report.as_json(), "exit_status": report.exit_status}
+                def judge() -> dict[str, Any]:
+                    saved = state.load()
+                    # In-process: forking a pool from the threaded daemon is not safe.
+                    report, to_save = audit_views(
+                        views,
+                        saved,
+                        int(time.time()),
+                        clock_skew=consent.clock_skew_seconds,
+                        workers=Workers(processes=1),
+                        unreachable=unreachable,
+                        scratch=scratch,
+                    )
+                    for checkpoint in to_save:
+                        state.save(checkpoint)
+                    return {**report.as_json(), "exit_status": report.exit_status}
 
-            result = await asyncio.to_thread(judge)
+                result = await asyncio.to_thread(judge)
+            finally:
+                scratch.close()
             result["urls"] = urls
             result["seconds"] = round(time.time() - started, 3)
             self.last_audit = result

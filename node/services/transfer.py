@@ -161,6 +161,8 @@ class RetryPatience:
         """This retry's wait; the next one waits twice as long (up to MAX_BACKOFF)."""
         wait, self.backoff = self.backoff, min(self.backoff * 2, MAX_BACKOFF)
         return wait
+
+
 FIRST_CONTACT_ATTEMPTS = 3
 RECENT = 100
 # Transfer opens whose manifests are built at once (more wait their turn).

@@ -11,10 +11,12 @@ what they claim before an audit trusts them.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from node.store.entry_spool import EntrySource, entries_from
 from node.store.sqlite import Migration, open_database
 
 STATE_FILE = "audit-state.sqlite"
@@ -27,10 +29,31 @@ CREATE TABLE IF NOT EXISTS entries (
     origin TEXT NOT NULL, idx INTEGER NOT NULL, raw BLOB NOT NULL,
     PRIMARY KEY (origin, idx)) WITHOUT ROWID;
 """
+# What judging a log left (node.services.audit): its walkers' state, the mappings they
+# keep (grants, keys...) by name, and its receipt halves, so a rerun judges only what
+# follows the saved checkpoint.
+_JUDGED = """
+CREATE TABLE judged (origin TEXT PRIMARY KEY, state BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE judged_maps (
+    origin TEXT NOT NULL, name TEXT NOT NULL, key BLOB NOT NULL, value BLOB NOT NULL,
+    PRIMARY KEY (origin, name, key)) WITHOUT ROWID;
+CREATE TABLE judged_halves (origin TEXT NOT NULL, half BLOB NOT NULL);
+CREATE INDEX judged_halves_origin ON judged_halves (origin);
+"""
 # Schema versions (node/store/sqlite.py): position n upgrades version n to n + 1.
-MIGRATIONS: tuple[Migration, ...] = (_SCHEMA,)
+MIGRATIONS: tuple[Migration, ...] = (_SCHEMA, _JUDGED)
 # Rows fetched from SQLite per round trip while reading a log's entries back.
 READ_BATCH = 10_000
+
+
+@dataclass(frozen=True)
+class JudgedRows:
+    """What judging a log left, as stored: its state, its mappings' rows by name, its
+    receipt halves (each row opaque to the store)."""
+
+    state: bytes
+    maps: Mapping[str, Iterable[tuple[bytes, bytes]]]
+    halves: Iterable[bytes]
 
 
 @dataclass(frozen=True)
@@ -80,22 +103,56 @@ class AuditStateStore:
             result.append(LogRow(origin, vkey, size, root, note, kept))
         return result
 
-    def entries(self, origin: str) -> list[bytes]:
-        """The entries kept for a log, in index order; ValueError if they cannot be read
-        or their indexes have gaps."""
-        entries: list[bytes] = []
+    def entries(self, origin: str, start: int = 0) -> Iterator[bytes]:
+        """The entries kept for a log from index ``start`` on, in index order, a batch
+        at a time; ValueError if they cannot be read or their indexes have gaps."""
+        expected = start
         try:
             cursor = self._db.execute(
-                "SELECT idx, raw FROM entries WHERE origin = ? ORDER BY idx", (origin,)
+                "SELECT idx, raw FROM entries WHERE origin = ? AND idx >= ? ORDER BY idx",
+                (origin, start),
             )
             while batch := cursor.fetchmany(READ_BATCH):
                 for index, raw in batch:
-                    if index != len(entries) or not isinstance(raw, bytes):
-                        raise ValueError(f"entry {len(entries)} is missing or not bytes")
-                    entries.append(raw)
+                    if index != expected or not isinstance(raw, bytes):
+                        raise ValueError(f"entry {expected} is missing or not bytes")
+                    expected += 1
+                    yield raw
         except sqlite3.Error as exc:
-            raise ValueError(f"entry {len(entries)} cannot be read: {exc}") from exc
-        return entries
+            raise ValueError(f"entry {expected} cannot be read: {exc}") from exc
+
+    def judged_state(self, origin: str) -> bytes | None:
+        """The saved state of judging a log, or None; ValueError if it cannot be read."""
+        try:
+            row = self._db.execute(
+                "SELECT state FROM judged WHERE origin = ?", (origin,)
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise ValueError(f"the judged state cannot be read: {exc}") from exc
+        if row is not None and not isinstance(row[0], bytes):
+            raise ValueError("the judged state is not bytes")
+        return None if row is None else row[0]
+
+    def judged_map(self, origin: str, name: str) -> Iterator[tuple[bytes, bytes]]:
+        """The rows of one saved mapping of a log's judging, a batch at a time."""
+        yield from self._rows(
+            "SELECT key, value FROM judged_maps WHERE origin = ? AND name = ?", (origin, name)
+        )
+
+    def judged_halves(self, origin: str) -> Iterator[bytes]:
+        """A log's saved receipt halves, in the order they were saved."""
+        for (half,) in self._rows(
+            "SELECT half FROM judged_halves WHERE origin = ? ORDER BY rowid", (origin,)
+        ):
+            yield half
+
+    def _rows(self, query: str, args: tuple[Any, ...]) -> Iterator[Any]:
+        try:
+            cursor = self._db.execute(query, args)
+            while batch := cursor.fetchmany(READ_BATCH):
+                yield from batch
+        except sqlite3.Error as exc:
+            raise ValueError(f"the judged state cannot be read: {exc}") from exc
 
     def save(
         self,
@@ -104,13 +161,19 @@ class AuditStateStore:
         size: int,
         root: bytes,
         note: str,
-        entries: Sequence[bytes] | None,
+        entries: EntrySource | None,
+        judged: JudgedRows | None = None,
     ) -> None:
-        """Replace a log's checkpoint, and its kept entries by ``entries`` (exactly the
-        checkpoint's; None keeps none), in one durable transaction. Entries already kept
-        are not rewritten: only those past the ones kept are inserted."""
+        """Replace a log's checkpoint, its kept entries by ``entries`` (exactly the
+        checkpoint's; None keeps none) and what judging it left (None keeps none), in
+        one durable transaction. Entries already kept are not rewritten: only those past
+        the ones kept are inserted."""
         self._db.execute("BEGIN IMMEDIATE")
         try:
+            for table in ("judged", "judged_maps", "judged_halves"):
+                self._db.execute(f"DELETE FROM {table} WHERE origin = ?", (origin,))
+            if judged is not None:
+                self._save_judged(origin, judged)
             if entries is None:
                 self._db.execute("DELETE FROM entries WHERE origin = ?", (origin,))
             else:
@@ -122,7 +185,7 @@ class AuditStateStore:
                 )
                 self._db.executemany(
                     "INSERT INTO entries (origin, idx, raw) VALUES (?, ?, ?)",
-                    ((origin, i, entries[i]) for i in range(kept, len(entries))),
+                    ((origin, i, raw) for i, raw in enumerate(entries_from(entries, kept), kept)),
                 )
             self._db.execute(
                 "INSERT OR REPLACE INTO logs (origin, vkey, size, root, note)"
@@ -134,6 +197,17 @@ class AuditStateStore:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise
+
+    def _save_judged(self, origin: str, judged: JudgedRows) -> None:
+        self._db.execute("INSERT INTO judged VALUES (?, ?)", (origin, judged.state))
+        for name, rows in judged.maps.items():
+            self._db.executemany(
+                "INSERT INTO judged_maps VALUES (?, ?, ?, ?)",
+                ((origin, name, key, value) for key, value in rows),
+            )
+        self._db.executemany(
+            "INSERT INTO judged_halves VALUES (?, ?)", ((origin, half) for half in judged.halves)
+        )
 
 
 def is_state_database_error(exc: BaseException) -> bool:

@@ -169,10 +169,7 @@ def render_patient_log(log: PatientLog) -> str:
             verb = {"manifest": "opened", "view": "viewed", "download": "downloaded"}.get(
                 str(e.details["link_access"]), "read"
             )
-            what = (
-                f"{verb} by {_link_name(e.details)} on {when} UTC"
-                f" (study {e.details['study']})"
-            )
+            what = f"{verb} by {_link_name(e.details)} on {when} UTC (study {e.details['study']})"
         elif e.kind == Access.kind:
             what = (
                 f"{e.details['grantee']} received {e.details['instances']} images "

@@ -78,6 +78,7 @@ def cors_scope(path: str) -> CorsScope | None:
             return scope
     return None
 
+
 class _UnparsableRequestsAsRefusals(logging.Filter):
     """aiohttp answers a request it cannot parse (a broken chunked framing, a malformed
     header) with 400 itself, and logs it at ERROR with a traceback. It is a refusal like

@@ -157,9 +157,7 @@ def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
 
         ref, data = await run_off_loop(read_tile)
         cache = PARTIAL_TILE_CACHE if ref.partial else FULL_TILE_CACHE
-        return web.Response(
-            body=data, content_type=OCTET_STREAM, headers={"Cache-Control": cache}
-        )
+        return web.Response(body=data, content_type=OCTET_STREAM, headers={"Cache-Control": cache})
 
     app.router.add_get("/ledger/logs", list_logs)
     app.router.add_get("/ledger/logs/{log_id}/checkpoint", checkpoint)

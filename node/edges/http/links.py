@@ -42,6 +42,7 @@ SHARE_DIR = Path(__file__).parent / "static" / "share"
 MAX_MANIFEST_REQUEST = 4096
 NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
 
+
 def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
     router = app.router
     router.add_post(MANIFEST, manifest)
