@@ -18,10 +18,17 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, _config
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
+from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
@@ -31,6 +38,7 @@ from node.config import DimseCaller, load_config
 from node.edges.dimse import DimseGateway
 from node.samples import SyntheticStudy, make_ct_study
 from node.services.dimse_query import Model, find
+from node.services.dimse_transport import received_part10
 from node.services.ingest import import_files
 from node.services.runtime import open_runtime
 from node.store.instances import SqliteInstanceStore
@@ -159,6 +167,21 @@ class TestStorage:
             ]
         stored = [node.data_dir / "objects" / d[:2] / f"{d}.dcm" for d in digests]
         assert_same_datasets(stored, stored_study)
+
+    @pytest.mark.parametrize("sop_instance_uid", ["1.2.3", "1.2.34"])  # padded, and not
+    def test_a_received_data_set_is_stored_as_pynetdicom_encodes_it(
+        self, sop_instance_uid: str
+    ) -> None:
+        request = C_STORE()
+        request.AffectedSOPClassUID = CTImageStorage
+        request.AffectedSOPInstanceUID = sop_instance_uid
+        request.DataSet = BytesIO(b"the data set's bytes, as received")
+        context = build_context(CTImageStorage, ImplicitVRLittleEndian)
+        context.context_id = 1
+        # An event of no association: encoded_dataset() reads only the request and context.
+        entry = {"request": request, "context": context.as_tuple}
+        event = Event(None, evt.EVT_C_STORE, entry)  # type: ignore[arg-type]
+        assert received_part10(request, ImplicitVRLittleEndian) == event.encoded_dataset()
 
     def test_resending_a_study_is_idempotent(
         self, node: NodeProcess, stored_study: SyntheticStudy

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import socket
 import ssl
+import struct
 import threading
 import time
 from typing import TYPE_CHECKING, Any, cast
@@ -21,7 +22,13 @@ import pynetdicom.association
 import pynetdicom.dul
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import _config, build_context, evt
+from pynetdicom import (
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    _config,
+    build_context,
+    evt,
+)
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket
 
@@ -32,6 +39,7 @@ from node.store.instances import InstanceRecord
 from node.store.protocols import InstanceStore
 
 if TYPE_CHECKING:
+    from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.events import Event
 
     from node.config import DimseTlsConfig, OutgoingTls
@@ -163,6 +171,42 @@ def set_low_latency(event: Event) -> None:
 
 
 LOW_LATENCY_HANDLERS: list[Any] = [(evt.EVT_CONN_OPEN, set_low_latency)]
+
+
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+def _meta_element(tag: int, vr: bytes, value: bytes) -> bytes:
+    """One element of the file meta information (Explicit VR Little Endian, 2-byte length)."""
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+def _even(value: str, padding: bytes) -> bytes:
+    encoded = value.encode("latin-1")  # pydicom's default character set, for UI and SH
+    return encoded + padding if len(encoded) % 2 else encoded
+
+
+def received_part10(request: C_STORE, transfer_syntax: str) -> bytes:
+    """A C-STORE's data set, received in ``transfer_syntax``, as a DICOM Part 10 file: the
+    bytes pynetdicom's ``event.encoded_dataset()`` gives, without the pydicom file meta
+    data set it builds and encodes for them (a quarter of a millisecond an instance)."""
+    if request.DataSet is None:
+        raise BadInput("the C-STORE request has no data set")
+    sop_class, sop_instance = request.AffectedSOPClassUID, request.AffectedSOPInstanceUID
+    if sop_class is None or sop_instance is None:
+        raise BadInput("the C-STORE request names no SOP class or instance")
+    elements = b"".join(
+        (
+            struct.pack("<HH2sHI", 0x0002, 0x0001, b"OB", 0, 2) + b"\x00\x01",
+            _meta_element(0x00020002, b"UI", _even(sop_class, b"\x00")),
+            _meta_element(0x00020003, b"UI", _even(sop_instance, b"\x00")),
+            _meta_element(0x00020010, b"UI", _even(transfer_syntax, b"\x00")),
+            _meta_element(0x00020012, b"UI", _even(PYNETDICOM_IMPLEMENTATION_UID, b"\x00")),
+            _meta_element(0x00020013, b"SH", _even(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+        )
+    )
+    group_length = _meta_element(0x00020000, b"UL", struct.pack("<I", len(elements)))
+    return b"".join((_PREAMBLE, group_length, elements, request.DataSet.getvalue()))
 
 
 def storage_contexts(records: list[InstanceRecord]) -> list[PresentationContext]:
