@@ -18,10 +18,17 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, _config
-from pynetdicom.dimse_messages import C_STORE_RQ
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
+from pynetdicom import AE, _config, build_context, evt
+from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
@@ -31,6 +38,7 @@ from node.config import DimseCaller, load_config
 from node.edges.dimse import DimseGateway
 from node.samples import SyntheticStudy, make_ct_study
 from node.services.dimse_query import Model, find
+from node.services.dimse_transport import c_store_response_command_set, received_part10
 from node.services.ingest import import_files
 from node.services.runtime import open_runtime
 from node.store.instances import SqliteInstanceStore
@@ -159,6 +167,41 @@ class TestStorage:
             ]
         stored = [node.data_dir / "objects" / d[:2] / f"{d}.dcm" for d in digests]
         assert_same_datasets(stored, stored_study)
+
+    @pytest.mark.parametrize("sop_instance_uid", ["1.2.3", "1.2.34"])  # padded, and not
+    def test_a_received_data_set_is_stored_as_pynetdicom_encodes_it(
+        self, sop_instance_uid: str
+    ) -> None:
+        request = C_STORE()
+        request.AffectedSOPClassUID = CTImageStorage
+        request.AffectedSOPInstanceUID = sop_instance_uid
+        request.DataSet = BytesIO(b"the data set's bytes, as received")
+        context = build_context(CTImageStorage, ImplicitVRLittleEndian)
+        context.context_id = 1
+        # An event of no association: encoded_dataset() reads only the request and context.
+        entry = {"request": request, "context": context.as_tuple}
+        event = Event(None, evt.EVT_C_STORE, entry)  # type: ignore[arg-type]
+        assert received_part10(request, ImplicitVRLittleEndian) == event.encoded_dataset()
+
+    @pytest.mark.parametrize(
+        ("status", "sop_instance_uid"), [(0x0000, "1.2.3"), (0xB007, "1.2.34"), (0xA900, "1.2")]
+    )
+    def test_a_c_store_response_is_sent_as_pynetdicom_encodes_it(
+        self, status: int, sop_instance_uid: str
+    ) -> None:
+        response = C_STORE()
+        response.MessageIDBeingRespondedTo = 7
+        response.AffectedSOPClassUID = CTImageStorage
+        response.AffectedSOPInstanceUID = sop_instance_uid
+        response.Status = status
+        message = C_STORE_RSP()
+        message.primitive_to_message(response)
+        [pdata] = message.encode_msg(1, 16384)
+        assert pdata.presentation_data_value_list == [
+            (1, b"\x03" + (c_store_response_command_set(response) or b""))
+        ]
+        response.ErrorComment = "data set does not match"  # type: ignore[assignment]
+        assert c_store_response_command_set(response) is None  # left to pynetdicom
 
     def test_resending_a_study_is_idempotent(
         self, node: NodeProcess, stored_study: SyntheticStudy

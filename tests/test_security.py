@@ -188,15 +188,47 @@ class TestDicomFilesFailClosed:
     @settings(max_examples=250, deadline=None)
     @given(st.sampled_from(range(len(REAL_FILES))).flatmap(lambda i: mutations(REAL_FILES[i])))
     def test_mutated_real_files_are_indexable_or_refused(self, data: bytes) -> None:
-        with tempfile.NamedTemporaryFile(suffix=".dcm") as f:
-            f.write(data)
-            f.flush()
+        with _on_disk(data) as path:
             try:
-                header = parse_header(Path(f.name), INFLATE_LIMITS)
+                header = parse_header(path, INFLATE_LIMITS)
             except (BadInput, PayloadTooLarge):
                 return
         for uid in (header.sop_instance_uid, header.study_instance_uid, header.series_instance_uid):
             assert re.fullmatch(r"[0-9.]{1,64}", uid)
+
+    @settings(max_examples=250, deadline=None)
+    @given(st.sampled_from(range(len(REAL_FILES))).flatmap(lambda i: mutations(REAL_FILES[i])))
+    def test_a_file_in_memory_is_judged_as_the_same_file_on_disk(self, data: bytes) -> None:
+        with _on_disk(data) as path:
+            on_disk = _judgement(lambda: parse_header(path, INFLATE_LIMITS).values)
+        assert _judgement(lambda: parse_header(data, INFLATE_LIMITS).values) == on_disk
+
+    def test_an_encapsulated_value_cut_before_its_delimiter_is_refused(
+        self, tmp_path: Path
+    ) -> None:
+        whole = Path(str(get_testdata_file("JPEG2000.dcm"))).read_bytes()
+        cut = whole[:-100]  # inside the pixel data's last fragment: no sequence delimiter
+        (tmp_path / "cut.dcm").write_bytes(cut)
+        for source in (cut, tmp_path / "cut.dcm"):
+            with pytest.raises(BadInput):
+                parse_header(source, INFLATE_LIMITS)
+        assert parse_header(whole, INFLATE_LIMITS).sop_instance_uid
+
+
+@contextlib.contextmanager
+def _on_disk(data: bytes) -> Iterator[Path]:
+    with tempfile.NamedTemporaryFile(suffix=".dcm") as f:
+        f.write(data)
+        f.flush()
+        yield Path(f.name)
+
+
+def _judgement(read: Any) -> object:
+    """What the header check made of a file: its values, or that it refused it."""
+    try:
+        return read()
+    except (BadInput, PayloadTooLarge):
+        return "refused"
 
 
 class TestHttpHeaderParsersFailClosed:

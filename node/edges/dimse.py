@@ -66,6 +66,7 @@ from node.services.dimse_transport import (
     mark_dimse_activity,
     peer_certificate_sha256,
     read_instance,
+    received_part10,
     server_tls_context,
     storage_contexts,
 )
@@ -403,10 +404,11 @@ class DimseGateway:
     def on_store(self, event: Event) -> int | Dataset:
         mark_dimse_activity()
         store = self.runtime.store
+        request = cast("C_STORE", event.request)
         try:
-            staged = store.stage_bytes(event.encoded_dataset())
+            staged = store.stage_bytes(received_part10(request, event.context.transfer_syntax))
             try:
-                check_matches_request(staged.header, cast("C_STORE", event.request))
+                check_matches_request(staged.header, request)
             except DataSetMismatch:
                 store.discard([staged])
                 raise

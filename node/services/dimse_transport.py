@@ -13,6 +13,7 @@ import hashlib
 import logging
 import socket
 import ssl
+import struct
 import threading
 import time
 from typing import TYPE_CHECKING, Any, cast
@@ -21,7 +22,16 @@ import pynetdicom.association
 import pynetdicom.dul
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import _config, build_context, evt
+from pynetdicom import (
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    _config,
+    build_context,
+    evt,
+)
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket
 
@@ -32,6 +42,7 @@ from node.store.instances import InstanceRecord
 from node.store.protocols import InstanceStore
 
 if TYPE_CHECKING:
+    from pynetdicom.dimse_primitives import DimsePrimitiveType
     from pynetdicom.events import Event
 
     from node.config import DimseTlsConfig, OutgoingTls
@@ -111,6 +122,61 @@ def _send_c_store_once_the_reactor_runs(
 pynetdicom.association.Association.send_c_store = _send_c_store_once_the_reactor_runs  # type: ignore[method-assign,assignment]
 
 
+def _command_element(tag: int, value: bytes) -> bytes:
+    """One element of a command set (Implicit VR Little Endian)."""
+    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+def c_store_response_command_set(rsp: C_STORE) -> bytes | None:
+    """The command set of a C-STORE response, encoded as pynetdicom encodes it; None for a
+    response that carries more than the status (an error comment, an offending element)."""
+    sop_class, sop_instance = rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID
+    if (
+        rsp.ErrorComment is not None
+        or rsp.OffendingElement is not None
+        or sop_class is None
+        or sop_instance is None
+        or rsp.MessageIDBeingRespondedTo is None
+        or rsp.Status is None
+    ):
+        return None
+    elements = b"".join(
+        (
+            _command_element(0x00000002, _even(sop_class, b"\x00")),
+            _command_element(0x00000100, struct.pack("<H", 0x8001)),  # C-STORE-RSP
+            _command_element(0x00000120, struct.pack("<H", rsp.MessageIDBeingRespondedTo)),
+            _command_element(0x00000800, struct.pack("<H", 0x0101)),  # no data set
+            _command_element(0x00000900, struct.pack("<H", rsp.Status)),
+            _command_element(0x00001000, _even(sop_instance, b"\x00")),
+        )
+    )
+    return _command_element(0x00000000, struct.pack("<I", len(elements))) + elements
+
+
+_SEND_MSG = DIMSEServiceProvider.send_msg
+
+
+def _send_msg(self: DIMSEServiceProvider, primitive: DimsePrimitiveType, context_id: int) -> None:
+    """pynetdicom's send_msg, but a C-STORE response that fits one PDU is encoded here: its
+    DIMSEMessage and pydicom command set cost about 0.3 ms an instance. Nobody is told of
+    the message sent (EVT_DIMSE_SENT), so only while nobody listens for it."""
+    command_set = (
+        c_store_response_command_set(primitive)
+        if type(primitive) is C_STORE and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)
+        else None
+    )
+    max_pdu = self.maximum_pdu_size
+    if command_set is None or (max_pdu and len(command_set) > max_pdu - 6):
+        _SEND_MSG(self, primitive, context_id)
+        return
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.append((context_id, b"\x03" + command_set))  # last
+    self.dul.send_pdu(pdata)
+
+
+DIMSEServiceProvider.send_msg = _send_msg  # type: ignore[method-assign]
+
+
 def mark_dimse_activity() -> None:
     """Note DIMSE traffic: pynetdicom polls fast for the next BUSY_WINDOW_SECONDS."""
     _POLL_CLOCK.busy_until = time.monotonic() + BUSY_WINDOW_SECONDS
@@ -163,6 +229,42 @@ def set_low_latency(event: Event) -> None:
 
 
 LOW_LATENCY_HANDLERS: list[Any] = [(evt.EVT_CONN_OPEN, set_low_latency)]
+
+
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+def _meta_element(tag: int, vr: bytes, value: bytes) -> bytes:
+    """One element of the file meta information (Explicit VR Little Endian, 2-byte length)."""
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+def _even(value: str, padding: bytes) -> bytes:
+    encoded = value.encode("latin-1")  # pydicom's default character set, for UI and SH
+    return encoded + padding if len(encoded) % 2 else encoded
+
+
+def received_part10(request: C_STORE, transfer_syntax: str) -> bytes:
+    """A C-STORE's data set, received in ``transfer_syntax``, as a DICOM Part 10 file: the
+    bytes pynetdicom's ``event.encoded_dataset()`` gives, without the pydicom file meta
+    data set it builds and encodes for them (a quarter of a millisecond an instance)."""
+    if request.DataSet is None:
+        raise BadInput("the C-STORE request has no data set")
+    sop_class, sop_instance = request.AffectedSOPClassUID, request.AffectedSOPInstanceUID
+    if sop_class is None or sop_instance is None:
+        raise BadInput("the C-STORE request names no SOP class or instance")
+    elements = b"".join(
+        (
+            struct.pack("<HH2sHI", 0x0002, 0x0001, b"OB", 0, 2) + b"\x00\x01",
+            _meta_element(0x00020002, b"UI", _even(sop_class, b"\x00")),
+            _meta_element(0x00020003, b"UI", _even(sop_instance, b"\x00")),
+            _meta_element(0x00020010, b"UI", _even(transfer_syntax, b"\x00")),
+            _meta_element(0x00020012, b"UI", _even(PYNETDICOM_IMPLEMENTATION_UID, b"\x00")),
+            _meta_element(0x00020013, b"SH", _even(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+        )
+    )
+    group_length = _meta_element(0x00020000, b"UL", struct.pack("<I", len(elements)))
+    return b"".join((_PREAMBLE, group_length, elements, request.DataSet.getvalue()))
 
 
 def storage_contexts(records: list[InstanceRecord]) -> list[PresentationContext]:

@@ -2,7 +2,8 @@
 
 This is where outside DICOM input is judged: a file is accepted only if it is Part 10
 (preamble and "DICM"), parses to the end without running past its last byte, and names
-its SOP class and its study, series and instance UIDs.
+its SOP class and its study, series and instance UIDs. A file already in memory (a
+C-STORE's data set) is judged from its bytes, exactly as the same file on disk.
 
 It is also the one place a file in Deflated Explicit VR Little Endian is inflated, for
 ingest and for every later read alike (``read_dataset``). pydicom would inflate the whole
@@ -19,19 +20,22 @@ import logging
 import os
 import warnings
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableSequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import pydicom
 import pydicom.config
-from pydicom.dataelem import RawDataElement
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.filereader import read_dataset as read_raw_dataset
+from pydicom.tag import BaseTag
 from pydicom.uid import DeflatedExplicitVRLittleEndian as DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
+from pydicom.valuerep import AMBIGUOUS_VR, VR
 
 from node.core.uids import is_uid
 from node.errors import BadInput, PayloadTooLarge
@@ -74,6 +78,19 @@ class _ReadCountedFile(io.BufferedReader):
 
     def __init__(self, path: Path) -> None:
         super().__init__(io.FileIO(path, "r"))
+        self.reads = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.reads = _one_more_read(self.reads)
+        return super().read(size)
+
+
+class _ReadCountedBytes(io.BytesIO):
+    """A file already in memory, read by pydicom as ``_ReadCountedFile`` is (a BytesIO of
+    ``bytes`` shares them: nothing is copied)."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
         self.reads = 0
 
     def read(self, size: int | None = -1) -> bytes:
@@ -195,13 +212,21 @@ class _ReadFile:
     # Where reading ended: the end of the stream the dataset's offsets refer to (inflated,
     # for a deflated file), or, read up to its pixel data, the offset of that element.
     end: int
+    # Where pydicom stopped reading (past ``end`` after a skip past it). Before ``end``, it
+    # gave up silently: an undefined-length value whose delimiter never came, say.
+    stopped: int
 
 
 def _read(
-    path: Path, limits: InflateLimits, defer_size: int | None, stop_before_pixels: bool
+    f: _ReadCountedFile | _ReadCountedBytes,
+    size: int,
+    limits: InflateLimits,
+    defer_size: int | None,
+    stop_before_pixels: bool,
 ) -> _ReadFile:
-    """Read ``path`` with pydicom, inflating a deflated dataset as a bounded stream."""
-    with _ReadCountedFile(path) as f:
+    """Read the file ``f`` (``size`` bytes) with pydicom, inflating a deflated dataset as
+    a bounded stream."""
+    with f:
         preamble = read_preamble(f, False)
         # pydicom's one call that reads the file meta and leaves the file at the dataset.
         meta = _read_file_meta_info(f)
@@ -209,9 +234,9 @@ def _read(
             f.seek(0)
             plain = pydicom.dcmread(f, defer_size=defer_size, stop_before_pixels=stop_before_pixels)
             # pydicom leaves the file at the pixel data element when it stops before it.
-            end = f.tell() if stop_before_pixels else os.fstat(f.fileno()).st_size
-            return _ReadFile(plain, end)
-        reader = _InflatingReader(f, os.fstat(f.fileno()).st_size - f.tell(), limits)
+            end = f.tell() if stop_before_pixels else size
+            return _ReadFile(plain, end, f.tell())
+        reader = _InflatingReader(f, size - f.tell(), limits)
         stop = (lambda tag, vr, length: tag in _PIXEL_DATA_TAGS) if stop_before_pixels else None
         raw = read_raw_dataset(
             reader,  # type: ignore[arg-type]  # a binary stream, as pydicom needs
@@ -220,19 +245,28 @@ def _read(
             stop_when=stop,
             defer_size=defer_size,
         )
-        end = reader.tell() if stop_before_pixels else reader.inflated_length()
+        stopped = reader.tell()
+        end = stopped if stop_before_pixels else reader.inflated_length()
     # No file name: a deferred value cannot be read back from the compressed file.
     dataset = FileDataset(None, raw, preamble, meta, False, True)  # type: ignore[arg-type]
     dataset.set_original_encoding(False, True, raw._character_set)
-    return _ReadFile(dataset, end)
+    return _ReadFile(dataset, end, stopped)
+
+
+def _opened(source: Path | bytes) -> tuple[_ReadCountedFile | _ReadCountedBytes, int]:
+    """A file to read (on disk, or already in memory) and its size in bytes."""
+    if isinstance(source, bytes):
+        return _ReadCountedBytes(source), len(source)
+    f = _ReadCountedFile(source)
+    return f, os.fstat(f.fileno()).st_size
 
 
 def _judged(
-    path: Path, limits: InflateLimits, defer_size: int | None, stop_before_pixels: bool
+    source: Path | bytes, limits: InflateLimits, defer_size: int | None, stop_before_pixels: bool
 ) -> _ReadFile:
     """``_read``, with every failure turned into BadInput or PayloadTooLarge."""
     try:
-        return _read(path, limits, defer_size, stop_before_pixels)
+        return _read(*_opened(source), limits, defer_size, stop_before_pixels)
     except (BadInput, PayloadTooLarge, FileNotFoundError):
         raise
     except InvalidDicomError as exc:
@@ -296,15 +330,30 @@ class InstanceHeader:
         return str(self.values["transfer_syntax_uid"])
 
 
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
+# Indexed attributes whose raw element is converted here, by tag, as Dataset.__getitem__
+# would convert it; the others (a sequence, a VR to correct) are left to pydicom's Dataset.
+_PLAIN_TAGS = {
+    a.keyword: BaseTag(tag)
+    for a in INDEXED
+    if (tag := tag_for_keyword(a.keyword)) is not None
+    and dictionary_VR(tag) not in AMBIGUOUS_VR | {VR.SQ}
+}
+# The patient's, study's and series' values repeat in every instance of a series: an index
+# value converted from a raw value of at most this many bytes is remembered, by those
+# bytes and what their conversion depends on, in a table of at most so many entries.
+_REMEMBERED_VALUE_BYTES = 256
+_REMEMBERED_VALUES = 4096
+_remembered: dict[tuple[Any, ...], Any] = {}
+_UNKNOWN = object()
+
+
+def _text(value: Any) -> str:
     if value is None:
         return ""
     return str(value).strip()
 
 
-def _integer(ds: Dataset, keyword: str) -> int | None:
-    value = ds.get(keyword)
+def _integer(value: Any) -> int | None:
     if value is None or value == "":
         return None
     try:
@@ -313,12 +362,52 @@ def _integer(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def _indexed_value(ds: Dataset, attribute: Attribute, transfer_syntax: str) -> str | int | None:
-    if attribute.keyword == "AvailableTransferSyntaxUID":
-        return transfer_syntax  # the file meta's, which the dataset itself does not hold
-    if attribute.integer:
-        return _integer(ds, attribute.keyword)
-    return _text(ds, attribute.keyword)
+def _index_value(attribute: Attribute, value: Any) -> str | int | None:
+    return _integer(value) if attribute.integer else _text(value)
+
+
+def _converted(
+    ds: Dataset, attribute: Attribute, encoding: str | MutableSequence[str]
+) -> str | int | None:
+    """The index value of ``attribute``, from what ``ds.get`` would answer, but without
+    pydicom's Dataset around the conversion (it would look up the character set again for
+    every element)."""
+    keyword = attribute.keyword
+    tag = _PLAIN_TAGS.get(keyword)
+    elem = ds._dict.get(tag) if tag is not None else None
+    if not isinstance(elem, RawDataElement) or tag is None:
+        return _index_value(attribute, ds.get(keyword))
+    if elem.value is None and elem.length not in (0, _UNDEFINED_LENGTH):
+        # Deferred: no indexed attribute is that long in a real file (no short-length VR
+        # can be), and a file read from memory has no file to read it back from.
+        raise BadInput(f"DICOM file has a {keyword} of {elem.length} bytes: too long")
+    if (
+        elem.VR not in (None, dictionary_VR(tag))
+        or elem.length == _UNDEFINED_LENGTH
+        or elem.length > _REMEMBERED_VALUE_BYTES
+    ):
+        return _index_value(attribute, ds.get(keyword))
+    key = (tag, elem.VR, elem.length, elem.value, elem.is_little_endian, str(encoding))
+    value = _remembered.get(key, _UNKNOWN)
+    if value is _UNKNOWN:
+        value = _index_value(attribute, convert_raw_data_element(elem, encoding=encoding).value)
+        if len(_remembered) >= _REMEMBERED_VALUES:
+            _remembered.clear()
+        _remembered[key] = value
+    return value
+
+
+def _indexed_values(ds: Dataset, transfer_syntax: str) -> dict[str, str | int | None]:
+    """Every indexed attribute's value, by index column."""
+    encoding = ds.original_character_set or ds._character_set
+    values: dict[str, str | int | None] = {}
+    for attribute in INDEXED:
+        if attribute.keyword == "AvailableTransferSyntaxUID":
+            value: str | int | None = transfer_syntax  # the file meta's, not the dataset's
+        else:
+            value = _converted(ds, attribute, encoding)
+        values[str(attribute.column)] = value
+    return values
 
 
 def _last_value_end(ds: Dataset) -> int:
@@ -330,28 +419,31 @@ def _last_value_end(ds: Dataset) -> int:
     return end
 
 
-def parse_header(path: Path, limits: InflateLimits) -> InstanceHeader:
-    """Check a DICOM Part 10 file and read its indexed attributes.
+def parse_header(source: Path | bytes, limits: InflateLimits) -> InstanceHeader:
+    """Check a DICOM Part 10 file, on disk or already in memory, and read its indexed
+    attributes.
 
     Raises BadInput with the reason when the file is not DICOM, is truncated, or lacks
     a required UID, and PayloadTooLarge when a deflated file inflates past ``limits``.
     """
     try:
-        read = _judged(path, limits, _DEFER_SIZE, stop_before_pixels=False)
+        read = _judged(source, limits, _DEFER_SIZE, stop_before_pixels=False)
     except FileNotFoundError as exc:
         raise BadInput(f"unreadable DICOM file: {exc}") from exc
     ds = read.dataset
     # For a deflated file, offsets and the end are those of the inflated stream.
     if _last_value_end(ds) > read.end:
         raise BadInput("truncated DICOM file: a value runs past the end of the file")
+    if read.stopped < read.end:
+        raise BadInput("truncated DICOM file: a value's delimiter is missing")
     meta = ds.file_meta
     transfer_syntax = str(meta.get("TransferSyntaxUID", "")) if meta else ""
     if not transfer_syntax:
         raise BadInput("DICOM file has no transfer syntax in its file meta information")
     try:
-        header = InstanceHeader(
-            {str(a.column): _indexed_value(ds, a, transfer_syntax) for a in INDEXED}
-        )
+        header = InstanceHeader(_indexed_values(ds, transfer_syntax))
+    except BadInput:
+        raise
     except Exception as exc:  # a value that cannot be decoded is bad input, not a crash
         raise BadInput(f"unreadable DICOM attribute: {exc}") from exc
     for keyword, value in (

@@ -179,6 +179,21 @@ def _raise_if_disk_full(exc: OSError) -> None:
         raise StorageFull("the node's disk is full; nothing was stored") from exc
 
 
+@contextlib.contextmanager
+def _removed_on_failure(tmp_path: Path) -> Iterator[None]:
+    """Staging into ``tmp_path``: on any failure the file is removed, and a full disk is
+    StorageFull."""
+    try:
+        yield
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        _raise_if_disk_full(exc)
+        raise
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
 # Columns the store keeps beside the indexed attributes, per table.
 _BOOKKEEPING: dict[str, dict[str, type]] = {
     "studies": {"source": str, "created_at": float},
@@ -274,6 +289,7 @@ class InstanceStoreBase:
     instance lookups over the backend's ``_rows``."""
 
     inflate_limits: InflateLimits
+    tmp_dir: Path
     _INSTANCE_ORDER = "series_instance_uid, instance_number, sop_instance_uid"
 
     def stage(self, source: IO[bytes], declared_size: int | None = None) -> StagedInstance:
@@ -385,10 +401,19 @@ class InstanceStoreBase:
         ]
 
     def stage_bytes(self, data: bytes) -> StagedInstance:
-        """Stage an instance already in memory (a DIMSE dataset, a small upload)."""
-        import io
-
-        return self.stage(io.BytesIO(data), declared_size=len(data))
+        """Stage an instance already in memory (a DIMSE dataset, a small upload): written in
+        one call, hashed in one pass, and its header checked from these bytes rather than
+        read back from the file. Raises as ``stage``."""
+        if len(data) > self.inflate_limits.max_bytes:
+            raise PayloadTooLarge(f"instance of {len(data)} bytes is over the limit")
+        tmp_path = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        with _removed_on_failure(tmp_path):
+            with open(tmp_path, "wb") as out:
+                out.write(data)
+                out.flush()
+                start_writeback(out.fileno())
+            header = parse_header(data, self.inflate_limits)
+        return StagedInstance(tmp_path, hashlib.sha256(data).hexdigest(), len(data), header)
 
     def discard(self, staged: Iterable[StagedInstance]) -> None:
         for item in staged:
@@ -523,7 +548,7 @@ class SqliteInstanceStore(InstanceStoreBase):
         tmp_path = self.tmp_dir / f"{uuid.uuid4().hex}.part"
         hasher = hashlib.sha256()
         size = 0
-        try:
+        with _removed_on_failure(tmp_path):
             with open(tmp_path, "wb") as out:
                 while chunk := source.read(CHUNK):
                     size += len(chunk)
@@ -536,13 +561,6 @@ class SqliteInstanceStore(InstanceStoreBase):
                 out.flush()
                 start_writeback(out.fileno())
             header = parse_header(tmp_path, self.inflate_limits)
-        except OSError as exc:
-            tmp_path.unlink(missing_ok=True)
-            _raise_if_disk_full(exc)
-            raise
-        except BaseException:
-            tmp_path.unlink(missing_ok=True)
-            raise
         return StagedInstance(tmp_path, hasher.hexdigest(), size, header)
 
     def open_staging(self) -> StagingFile:
