@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from node.core.consent import GrantToken, Revocation, decode_grant, decode_revocation
 from node.errors import BadInput
@@ -23,30 +23,36 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def verify_grants(raws: list[bytes]) -> list[tuple[GrantToken | None, bool]]:
-    """Each grant token decoded (None if malformed) and whether its signature verifies."""
-    results: list[tuple[GrantToken | None, bool]] = []
+class _Signed(Protocol):
+    def signature_valid(self) -> bool: ...
+
+
+S = TypeVar("S", bound=_Signed)
+
+
+def _decoded_and_verified(
+    raws: list[bytes], decode: Callable[[bytes], S]
+) -> list[tuple[S | None, bool]]:
+    """Each item decoded (None if malformed) and whether its signature verifies."""
+    results: list[tuple[S | None, bool]] = []
     for raw in raws:
         try:
-            token = decode_grant(raw)
+            item = decode(raw)
         except BadInput:
             results.append((None, False))
             continue
-        results.append((token, token.signature_valid()))
+        results.append((item, item.signature_valid()))
     return results
+
+
+def verify_grants(raws: list[bytes]) -> list[tuple[GrantToken | None, bool]]:
+    """Each grant token decoded (None if malformed) and whether its signature verifies."""
+    return _decoded_and_verified(raws, decode_grant)
 
 
 def verify_revocations(raws: list[bytes]) -> list[tuple[Revocation | None, bool]]:
     """Each revocation decoded (None if malformed) and whether its signature verifies."""
-    results: list[tuple[Revocation | None, bool]] = []
-    for raw in raws:
-        try:
-            revocation = decode_revocation(raw)
-        except BadInput:
-            results.append((None, False))
-            continue
-        results.append((revocation, revocation.signature_valid()))
-    return results
+    return _decoded_and_verified(raws, decode_revocation)
 
 
 class Workers:
