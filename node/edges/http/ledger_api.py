@@ -54,8 +54,9 @@ def _b64(hashes: list[bytes]) -> list[str]:
     return [base64.b64encode(h).decode() for h in hashes]
 
 
-def _entries_body(find_log: Callable[[], StoredLog], start: int, end: int) -> bytes:
-    log = find_log()
+def _entries_body(find_log: Callable[[], StoredLog], request: web.Request) -> bytes:
+    log = find_log()  # an unknown log is a 404 before a malformed query is a 400
+    start, end = query_int(request, "start"), query_int(request, "end")
     size = log.size()
     if start > end:
         raise BadInput("start must not exceed end")
@@ -71,25 +72,34 @@ async def serve_entries(find_log: Callable[[], StoredLog], request: web.Request)
     The log is found and read in a worker thread: a page is up to a thousand rows, and the
     event loop keeps serving other requests meanwhile (as it does for every store read).
     """
-    start, end = query_int(request, "start"), query_int(request, "end")
-    body = await run_off_loop(_entries_body, find_log, start, end)
+    body = await run_off_loop(_entries_body, find_log, request)
     return web.Response(body=body, content_type=MSGPACK)
+
+
+def _inclusion_json(find_log: Callable[[], StoredLog], request: web.Request) -> dict[str, object]:
+    log = find_log()
+    index, size = query_int(request, "index"), query_int(request, "size")
+    proof = log.inclusion_proof(index, size)
+    return {"index": index, "size": size, "proof": _b64(proof)}
 
 
 async def serve_inclusion(find_log: Callable[[], StoredLog], request: web.Request) -> web.Response:
     """``?index=I&size=N``: the RFC 9162 inclusion proof as JSON."""
-    index, size = query_int(request, "index"), query_int(request, "size")
-    proof = await run_off_loop(lambda: find_log().inclusion_proof(index, size))
-    return web.json_response({"index": index, "size": size, "proof": _b64(proof)})
+    return web.json_response(await run_off_loop(_inclusion_json, find_log, request))
+
+
+def _consistency_json(find_log: Callable[[], StoredLog], request: web.Request) -> dict[str, object]:
+    log = find_log()
+    old, new = query_int(request, "old"), query_int(request, "new")
+    proof = log.consistency_proof(old, new)
+    return {"old": old, "new": new, "proof": _b64(proof)}
 
 
 async def serve_consistency(
     find_log: Callable[[], StoredLog], request: web.Request
 ) -> web.Response:
     """``?old=M&new=N``: the RFC 9162 consistency proof as JSON."""
-    old, new = query_int(request, "old"), query_int(request, "new")
-    proof = await run_off_loop(lambda: find_log().consistency_proof(old, new))
-    return web.json_response({"old": old, "new": new, "proof": _b64(proof)})
+    return web.json_response(await run_off_loop(_consistency_json, find_log, request))
 
 
 def add_routes(app: web.Application, runtime: NodeRuntime) -> None:
