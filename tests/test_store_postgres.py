@@ -463,3 +463,30 @@ class TestSchemaVersions:
         assert "idx_series_study_instance_uid_modality" in indexes
         assert "idx_series_study_instance_uid" not in indexes
         assert sorted(versions) == list(range(1, len(MIGRATIONS) + 1))
+
+    def test_versions_from_before_components_are_the_index_and_components_count_apart(
+        self, postgres: PostgresServer
+    ) -> None:
+        import psycopg
+
+        dsn = postgres.create_database("before_components")
+        with psycopg.connect(dsn, autocommit=True) as conn:  # the table as version 1 wrote it
+            conn.execute(
+                "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,"
+                " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            )
+            conn.execute("INSERT INTO schema_migrations (version) VALUES (1), (2)")
+        steps: list[str] = []
+        other = (lambda conn: steps.append("other 1"), lambda conn: steps.append("other 2"))
+        pool = open_pool(PostgresSettings(dsn, pool_size=1))
+        try:
+            assert migrate(pool, MIGRATIONS[:2]) == 2  # nothing to apply: already at 2
+            assert migrate(pool, other, component="other") == 2
+            assert steps == ["other 1", "other 2"]
+            with pytest.raises(ConfigError, match="other schema is at version 2, newer than the 1"):
+                migrate(pool, other[:1], component="other")
+        finally:
+            pool.close()
+        with psycopg.connect(dsn) as conn:
+            rows = sorted(conn.execute("SELECT component, version FROM schema_migrations"))
+        assert rows == [("index", 1), ("index", 2), ("other", 1), ("other", 2)]

@@ -11,9 +11,10 @@ promises (node/store/instances.py):
   harmless and written again, to the same key, when the instance is re-sent;
 - the index has the SQLite index's tables and columns (node/store/instances.py SCHEMA)
   and answers the one query engine (node/store/queries.py) through ``PostgresDatabase``;
-- schema versions: the table ``schema_migrations`` lists the versions applied; each
-  daemon brings the schema up under an advisory lock, so two never migrate at once, and
-  a schema newer than this code knows is refused.
+- schema versions: the table ``schema_migrations`` lists the versions applied to each
+  component of the database (the instance index is ``index``; every other store on
+  PostgreSQL names its own); each daemon brings a component up under an advisory lock,
+  so two never migrate at once, and a component newer than this code knows is refused.
 
 Services read a stored instance through ``InstanceRecord.path``, a local file: the store
 keeps verified copies of the objects it has written or fetched in ``object-cache/`` of
@@ -130,28 +131,51 @@ MIGRATIONS: tuple[Migration, ...] = (
 )
 
 
-def migrate(pool: Any, migrations: Sequence[Migration] = MIGRATIONS) -> int:
-    """Apply the migrations the database lacks, in one transaction under an advisory
-    lock; return the version it is at. ConfigError, changing nothing, for a database at a
+INDEX_COMPONENT = "index"
+
+
+def _versions_per_component(conn: Any) -> None:
+    """``schema_migrations`` with a component column; rows from before it are the index's."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations"
+        " (version INTEGER NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+    )
+    conn.execute(
+        "ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS component TEXT NOT NULL"
+        f" DEFAULT '{INDEX_COMPONENT}'"
+    )
+    conn.execute("ALTER TABLE schema_migrations DROP CONSTRAINT IF EXISTS schema_migrations_pkey")
+    conn.execute(
+        "CREATE UNIQUE INDEX IF NOT EXISTS schema_migrations_component_version"
+        " ON schema_migrations (component, version)"
+    )
+
+
+def migrate(
+    pool: Any, migrations: Sequence[Migration] = MIGRATIONS, component: str = INDEX_COMPONENT
+) -> int:
+    """Apply the migrations ``component`` lacks, in one transaction under an advisory
+    lock; return the version it is at. ConfigError, changing nothing, for a component at a
     newer version than ``migrations`` reach."""
     with pool.connection() as conn, conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations"
-            " (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
-        )
+        _versions_per_component(conn)
         row = conn.execute(
-            "SELECT COALESCE(MAX(version), 0) AS v FROM schema_migrations"
+            "SELECT COALESCE(MAX(version), 0) AS v FROM schema_migrations WHERE component = %s",
+            (component,),
         ).fetchone()
         version, latest = int(row["v"]), len(migrations)
         if version > latest:
             raise ConfigError(
-                f"the PostgreSQL index is at schema version {version}, newer than the"
+                f"the PostgreSQL {component} schema is at version {version}, newer than the"
                 f" {latest} this node knows; run the newer ImageShare release that wrote it"
             )
         for number, step in enumerate(migrations[version:], start=version + 1):
             step(conn)
-            conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (number,))
+            conn.execute(
+                "INSERT INTO schema_migrations (component, version) VALUES (%s, %s)",
+                (component, number),
+            )
         return latest
 
 
