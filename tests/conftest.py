@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.nodes import NodeProcess, init_node
+from tests.support.postgres import PostgresServer, running_postgres
 from tests.support.privacy import sweep
 
 
@@ -24,6 +25,13 @@ def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
     yield make
     for node in made:
         node.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server of the test run's own (started on first use)."""
+    with running_postgres() as server:
+        yield server
 
 
 @pytest.fixture

@@ -37,21 +37,11 @@ from node.store.postgres import (
 )
 from node.store.queries import STUDY_LIST_ORDERS, StudyPage, parse_qido
 from tests.support.nodes import NodeProcess, init_node, run_cli, wait_until
-from tests.support.postgres import (
-    PostgresServer,
-    node_store_settings,
-    running_postgres,
-)
+from tests.support.postgres import PostgresServer, node_store_settings
 from tests.support.s3 import SERVERS, S3Server, private_file, running_s3
 from tests.test_query_parity import CASES, write_corpus
 
 SCU = "PGTESTSCU"  # any calling AE may store (the default)
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresServer]:
-    with running_postgres() as server:
-        yield server
 
 
 @pytest.fixture(scope="module", params=SERVERS)

@@ -1,0 +1,55 @@
+"""A store's SQLite-style SQL on a real PostgreSQL (node/store/pg_sql.py): placeholders,
+rows as tuples, one transaction per block, and the server's failures as the node's."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from node.errors import StorageFailed
+from node.store.pg_sql import pooled, pooled_transaction
+from node.store.postgres import PostgresSettings, open_pool
+from tests.support.postgres import PostgresServer
+
+
+@pytest.fixture(scope="module")
+def pool(postgres: PostgresServer) -> Iterator[Any]:
+    pool = open_pool(PostgresSettings(postgres.create_database("pg_sql_seam"), 2))
+    with pooled(pool, "test") as conn:
+        conn.execute("CREATE TABLE notes (id BIGINT PRIMARY KEY, body BYTEA, label TEXT)")
+    yield pool
+    pool.close()
+
+
+def test_statements_with_sqlite_placeholders_return_tuples(pool: Any) -> None:
+    with pooled(pool, "test") as conn:
+        conn.executemany(
+            "INSERT INTO notes (id, body, label) VALUES (?, ?, ?)",
+            [(1, b"\x00\x01", "100%"), (2, b"", "?")],
+        )
+        rows = conn.execute("SELECT id, body, label FROM notes WHERE id <= ? ORDER BY id", (2,))
+        assert rows.fetchall() == [(1, b"\x00\x01", "100%"), (2, b"", "?")]
+        assert conn.execute("SELECT label FROM notes WHERE id = ?", (9,)).fetchone() is None
+        updated = conn.execute("UPDATE notes SET label = 'x' WHERE id >= ?", (1,))
+        assert updated.rowcount == 2
+        assert conn.execute("DELETE FROM notes WHERE id = 99").fetchall() == []
+
+
+def test_a_failed_transaction_keeps_nothing_and_fails_as_the_node_s_error(pool: Any) -> None:
+    failing = pytest.raises(StorageFailed, match="PostgreSQL test")
+    with failing, pooled_transaction(pool, "test") as conn:
+        conn.execute("INSERT INTO notes (id, body, label) VALUES (?, ?, ?)", (10, b"a", "a"))
+        assert conn.in_transaction
+        conn.execute("INSERT INTO notes (id, body, label) VALUES (?, ?, ?)", (10, b"b", "b"))
+    with pooled(pool, "test") as conn:
+        assert conn.execute("SELECT count(*) FROM notes WHERE id = 10").fetchone() == (0,)
+        assert not conn.in_transaction
+
+
+def test_a_committed_transaction_is_seen_by_another_connection(pool: Any) -> None:
+    with pooled_transaction(pool, "test") as conn:
+        conn.execute("INSERT INTO notes (id, body, label) VALUES (?, ?, ?)", (20, b"c", "c"))
+    with pool.connection() as other:
+        assert other.execute("SELECT label FROM notes WHERE id = 20").fetchone() == {"label": "c"}
