@@ -20,10 +20,12 @@ from typing import TYPE_CHECKING
 
 from node.core.entries import EntryBody
 from node.core.keys import NodeIdentity
-from node.store.ledger import AppendResult, KeyRotated, LedgerStore, OwnLog
+from node.store.ledger import AppendResult, IntegrityReport, KeyRotated, LedgerStore, OwnLog
 from node.store.node_keys import load_identity
+from node.store.secrets import read_seed
 
 if TYPE_CHECKING:
+    from node.config import NodeConfig
     from node.services.runtime import NodeRuntime
 
 log = logging.getLogger(__name__)
@@ -88,3 +90,13 @@ class LedgerService:
 
     def close(self) -> None:
         self.store.close()
+
+
+def verify_own_log(config: NodeConfig) -> IntegrityReport:
+    """This node's own log checked end to end (`imageshare ledger verify`), offline."""
+    identity = NodeIdentity(config.origin, read_seed(config.key_path))
+    store = LedgerStore(config.data_dir)
+    try:
+        return store.own_log(identity.origin, identity.vkey).verify(identity.vkey)
+    finally:
+        store.close()

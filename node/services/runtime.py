@@ -19,6 +19,7 @@ from node.core.keys import NodeIdentity
 from node.services.audit_export import SecurityAuditExport
 from node.store.backends import open_instance_store
 from node.store.protocols import InstanceStore
+from node.store.run_lock import RunLock
 from node.store.secrets import read_secret, read_seed
 
 if TYPE_CHECKING:
@@ -203,6 +204,8 @@ class NodeRuntime:
     store: InstanceStore
     # The security audit feed to the hospital's SIEM (does nothing unless enabled).
     security_audit: SecurityAuditExport
+    # Held (shared) while the stores are open: `imageshare migrate` waits for none.
+    run_lock: RunLock | None = None
     started_at: float = field(default_factory=time.time)
     # Set once every background service (DIMSE, replication, ...) has started.
     ready: bool = False
@@ -215,6 +218,8 @@ class NodeRuntime:
         self.services.close()
         self.store.close()
         self.security_audit.close()
+        if self.run_lock is not None:
+            self.run_lock.release()
 
 
 def open_runtime(config: NodeConfig | Path | None = None) -> NodeRuntime:
@@ -223,13 +228,19 @@ def open_runtime(config: NodeConfig | Path | None = None) -> NodeRuntime:
         config = load_config(config)
     identity = NodeIdentity(config.origin, read_seed(config.key_path))
     admin_token = read_secret(config.admin_token_path).decode().strip()
-    store = open_instance_store(config)
+    run_lock = RunLock(config.data_dir, exclusive=False)
+    try:
+        store = open_instance_store(config)
+    except BaseException:
+        run_lock.release()
+        raise
     runtime = NodeRuntime(
         config=config,
         identity=identity,
         admin_token=admin_token,
         store=store,
         security_audit=SecurityAuditExport(config),
+        run_lock=run_lock,
     )
     _ = runtime.services.ledger  # the own log is opened (and created) with the node
     return runtime

@@ -16,6 +16,7 @@ from node.edges.cli import (
     fetch_commands,
     key_commands,
     ledger_commands,
+    migrate_commands,
     node_commands,
     patient_commands,
     peers_commands,
@@ -30,6 +31,7 @@ COMMAND_MODULES.append(ledger_commands)
 COMMAND_MODULES.append(key_commands)
 COMMAND_MODULES.append(roster_commands)
 COMMAND_MODULES.append(proof_commands)
+COMMAND_MODULES.append(migrate_commands)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from node.core.keys import NodeIdentity
 from node.edges.cli._common import EXIT_OK, CheckFailed, command, config_of, print_json
-from node.store.ledger import LedgerStore
-from node.store.secrets import read_seed
+from node.services.ledger import verify_own_log
 
 
 def register(subparsers: Any) -> None:
@@ -23,13 +21,7 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    config = config_of(args)
-    identity = NodeIdentity(config.origin, read_seed(config.key_path))
-    store = LedgerStore(config.data_dir)
-    try:
-        report = store.own_log(identity.origin, identity.vkey).verify(identity.vkey)
-    finally:
-        store.close()
+    report = verify_own_log(config_of(args))
     if args.json:
         print_json(report.as_json())
     else:

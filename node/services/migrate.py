@@ -1,0 +1,328 @@
+"""`imageshare migrate --to postgresql`: move a stopped node from SQLite and files to
+PostgreSQL and an S3-compatible object store, verified before the node is switched.
+
+1. The node must be stopped: the data directory's run lock is taken alone
+   (node/store/run_lock.py), so no instance can arrive mid-move.
+2. The target settings (a TOML file holding only the ``[store]`` tables) are merged into
+   a copy of node.toml and loaded, so a bad setting is refused before anything moves.
+3. Every stored file is checked against its SHA-256, then put in the bucket under its
+   content address (a rerun puts the same object again, harmlessly).
+4. The index's tables are copied row by row, under the same names, in one PostgreSQL
+   transaction per batch; an instance keeps its arrival position (SQLite's rowid), so
+   what the forwarder has sent stays sent.
+5. Verified: each table's rows and a digest over them, in key order, are equal on both
+   sides; every object is read back from the bucket and its SHA-256 checked; the node's
+   own log verifies (``imageshare ledger verify``).
+6. Only then node.toml is switched (the old one kept beside it as
+   ``node.toml.sqlite``), atomically. The SQLite files stay in the data directory until
+   the operator removes them, so a failed move changes nothing the node serves.
+
+A copy that stops part-way (a crash, a full disk) is resumed by running the command
+again: rows already copied are kept (``ON CONFLICT DO NOTHING``) and the verification
+covers everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import tomllib
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from node.config import NodeConfig, load_config
+from node.errors import ConfigError, ImageShareError
+from node.services.ledger import verify_own_log
+from node.store.backends import open_instance_store
+from node.store.instances import SCHEMA, SqliteInstanceStore, fsync_path
+from node.store.postgres import OBJECT_TRANSFERS, PostgresInstanceStore
+from node.store.run_lock import RunLock
+
+BACKUP_SUFFIX = ".sqlite"  # node.toml as it was, beside the switched one
+ROWS_PER_BATCH = 1000
+INDEX_TABLES = ("studies", "series", "instances")
+_TABLE_HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+
+
+class MigrationUnverified(ImageShareError):
+    """The copy does not match the node (the node is left as it was)."""
+
+
+@dataclass(frozen=True)
+class TableCopy:
+    table: str
+    rows: int
+    digest: str  # SHA-256 over the rows in key order, the same on both sides
+
+
+@dataclass(frozen=True)
+class MigrationReport:
+    tables: list[TableCopy]
+    objects: int
+    object_bytes: int
+    ledger_size: int
+    config_backup: Path
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "to": "postgresql",
+            "tables": {t.table: {"rows": t.rows, "sha256": t.digest} for t in self.tables},
+            "objects": self.objects,
+            "object_bytes": self.object_bytes,
+            "ledger_entries": self.ledger_size,
+            "config_backup": str(self.config_backup),
+            "verified": True,
+        }
+
+
+Progress = Callable[[str], None]
+
+
+def migrate_to_postgresql(
+    config_path: Path, settings_path: Path, progress: Progress | None = None
+) -> MigrationReport:
+    """Move the stopped node of ``config_path`` to the ``[store]`` of ``settings_path``
+    (see the module docstring). ConfigError for a running node, a node already on
+    PostgreSQL or bad settings; MigrationUnverified when the copy does not match."""
+    say = progress or (lambda _message: None)
+    config_path = config_path.resolve()
+    config = load_config(config_path)
+    if config.store.backend != "sqlite":
+        raise ConfigError(f"{config_path.name}: the node is already on {config.store.backend}")
+    lock = RunLock(config.data_dir, exclusive=True)
+    staged_config = config_path.with_name(f".{config_path.name}.migrating")
+    try:
+        staged_config.write_text(with_store_settings(config_path.read_text(), settings_path))
+        target_config = load_config(staged_config)
+        if target_config.store.backend != "postgresql":
+            raise ConfigError(f'{settings_path.name}: [store] backend must be "postgresql"')
+        report = _move(config, target_config, say)
+        backup = config_path.with_name(config_path.name + BACKUP_SUFFIX)
+        shutil.copy2(config_path, backup)
+        fsync_path(backup)
+        fsync_path(staged_config)
+        os.replace(staged_config, config_path)
+        fsync_path(config_path.parent)
+        say(f"switched {config_path.name} to PostgreSQL; the old one is {backup.name}")
+        return MigrationReport(
+            report.tables, report.objects, report.object_bytes, report.ledger_size, backup
+        )
+    finally:
+        staged_config.unlink(missing_ok=True)
+        lock.release()
+
+
+def with_store_settings(node_toml: str, settings_path: Path) -> str:
+    """node.toml's text with its ``[store]`` tables replaced by those of the settings
+    file (which must hold nothing else); the rest, comments included, unchanged."""
+    try:
+        settings_text = settings_path.read_text()
+        settings = tomllib.loads(settings_text)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"no store settings at {settings_path}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{settings_path.name}: not valid TOML: {exc}") from exc
+    if set(settings) != {"store"}:
+        raise ConfigError(f"{settings_path.name}: must hold the [store] tables and nothing else")
+    if "store" in tomllib.loads(node_toml) and not any(
+        _is_store_table(line) for line in node_toml.splitlines()
+    ):
+        raise ConfigError("node.toml sets store keys outside a [store] table; move them into one")
+    kept: list[str] = []
+    in_store = False
+    for line in node_toml.splitlines(keepends=True):
+        header = _TABLE_HEADER.match(line)
+        if header:
+            in_store = _is_store_table(line)
+        if not in_store:
+            kept.append(line)
+    text = "".join(kept).rstrip("\n")
+    return f"{text}\n\n{settings_text.strip()}\n"
+
+
+def _is_store_table(line: str) -> bool:
+    header = _TABLE_HEADER.match(line)
+    if header is None:
+        return False
+    name = header.group(1).replace(" ", "").replace('"', "")
+    return name == "store" or name.startswith("store.")
+
+
+@dataclass(frozen=True)
+class _Moved:
+    tables: list[TableCopy]
+    objects: int
+    object_bytes: int
+    ledger_size: int
+
+
+def _move(config: NodeConfig, target_config: NodeConfig, say: Progress) -> _Moved:
+    ledger_size = _verify_own_log(config)
+    source = SqliteInstanceStore(
+        config.data_dir, config.store.max_instance_bytes, config.store.max_inflation_ratio
+    )
+    try:
+        target = open_instance_store(target_config)
+        assert isinstance(target, PostgresInstanceStore)
+        try:
+            objects = _objects(source)
+            say(f"putting {len(objects)} instance files in the bucket")
+            object_bytes = _put_objects(source, target, objects)
+            for table in INDEX_TABLES:
+                say(f"copying the {table} table")
+                _copy_table(source, target, table)
+            _continue_positions(target)
+            say("verifying")
+            tables = [_check_table(source, target, table) for table in INDEX_TABLES]
+            _read_back(target, objects, config.store.max_instance_bytes)
+        finally:
+            target.close()
+    finally:
+        source.close()
+    return _Moved(tables, len(objects), object_bytes, ledger_size)
+
+
+def _verify_own_log(config: NodeConfig) -> int:
+    """The node's own log, checked end to end before anything moves."""
+    report = verify_own_log(config)
+    if not report.ok:
+        raise MigrationUnverified(
+            f"the node's own log does not verify ({report.problems[0].message});"
+            " nothing was moved"
+        )
+    return report.size
+
+
+def _objects(source: SqliteInstanceStore) -> list[tuple[str, int]]:
+    if source.reader.execute("SELECT COUNT(*) AS n FROM unconfirmed").fetchone()["n"]:
+        raise MigrationUnverified("the index holds unconfirmed instances; start the node once")
+    rows = source.reader.execute("SELECT DISTINCT digest, size FROM instances ORDER BY digest")
+    return [(r["digest"], int(r["size"])) for r in rows]
+
+
+def _put_objects(
+    source: SqliteInstanceStore, target: PostgresInstanceStore, objects: Sequence[tuple[str, int]]
+) -> int:
+    def put(item: tuple[str, int]) -> int:
+        digest, size = item
+        path = source.object_path(digest)
+        if _sha256(path) != digest:
+            raise MigrationUnverified(
+                f"the stored file {path.name} does not match its SHA-256; restore it from a"
+                " backup first; nothing was switched"
+            )
+        target.objects.put(digest, path, size)
+        return size
+
+    with ThreadPoolExecutor(OBJECT_TRANSFERS, thread_name_prefix="migrate") as pool:
+        return sum(pool.map(put, objects))
+
+
+def _sha256(path: Path) -> str:
+    hasher = hashlib.sha256()
+    try:
+        with open(path, "rb") as source:
+            while chunk := source.read(1 << 20):
+                hasher.update(chunk)
+    except FileNotFoundError:
+        return ""
+    return hasher.hexdigest()
+
+
+def _columns(table: str) -> list[str]:
+    return list(SCHEMA[table]["columns"])
+
+
+def _source_rows(source: SqliteInstanceStore, table: str) -> Iterator[list[Sequence[Any]]]:
+    """The table's rows in arrival order (rowid), with the rowid last, in batches."""
+    columns = _columns(table)
+    cursor = source.reader.execute(
+        f"SELECT {', '.join(columns)}, rowid AS arrival FROM {table} ORDER BY rowid"
+    )
+    while batch := cursor.fetchmany(ROWS_PER_BATCH):
+        yield [[row[c] for c in (*columns, "arrival")] for row in batch]
+
+
+def _copy_table(source: SqliteInstanceStore, target: PostgresInstanceStore, table: str) -> None:
+    columns = _columns(table)
+    if table == "instances":  # the arrival position, as the forwarder counted it
+        names, overriding = [*columns, "position"], " OVERRIDING SYSTEM VALUE"
+    else:
+        names, overriding = columns, ""
+    statement = (
+        f"INSERT INTO {table} ({', '.join(names)}){overriding}"
+        f" VALUES ({', '.join(['%s'] * len(names))}) ON CONFLICT DO NOTHING"
+    )
+    for batch in _source_rows(source, table):
+        rows = [row if table == "instances" else row[:-1] for row in batch]
+        with target.pool.connection() as conn, conn.transaction():
+            conn.cursor().executemany(statement, rows)
+
+
+def _continue_positions(target: PostgresInstanceStore) -> None:
+    """New arrivals on PostgreSQL take positions after the copied ones."""
+    with target.pool.connection() as conn:
+        conn.execute(
+            "SELECT setval(pg_get_serial_sequence('instances', 'position'),"
+            " GREATEST((SELECT MAX(position) FROM instances), 1))"
+        )
+
+
+def _table_digest(rows: Iterator[Sequence[Any]]) -> tuple[int, str]:
+    hasher = hashlib.sha256()
+    count = 0
+    for row in rows:
+        hasher.update(json.dumps(list(row), separators=(",", ":")).encode())
+        hasher.update(b"\n")
+        count += 1
+    return count, hasher.hexdigest()
+
+
+def _check_table(
+    source: SqliteInstanceStore, target: PostgresInstanceStore, table: str
+) -> TableCopy:
+    columns = _columns(table)
+    key = SCHEMA[table]["pk"]
+    position = ", rowid" if table == "instances" else ""
+    ours = source.reader.execute(
+        f"SELECT {', '.join(columns)}{position} FROM {table} ORDER BY {key}"
+    )
+    mine = _table_digest(tuple(row) for row in ours)
+    position = ", position" if table == "instances" else ""
+    with target.pool.connection() as conn:
+        theirs = conn.execute(f"SELECT {', '.join(columns)}{position} FROM {table} ORDER BY {key}")
+        copied = _table_digest(tuple(row.values()) for row in theirs)
+    if mine != copied:
+        raise MigrationUnverified(
+            f"the {table} table differs after the copy ({mine[0]} rows here, {copied[0]} in"
+            " PostgreSQL): migrate into an empty PostgreSQL database; nothing was switched"
+        )
+    return TableCopy(table, mine[0], mine[1])
+
+
+def _read_back(
+    target: PostgresInstanceStore, objects: Sequence[tuple[str, int]], max_bytes: int
+) -> None:
+    """Every object fetched from the bucket and its SHA-256 checked (fetch does)."""
+    with tempfile.TemporaryDirectory(dir=target.tmp_dir) as scratch:
+
+        def fetch(item: tuple[str, int]) -> None:
+            copy = Path(scratch) / f"{item[0]}.dcm"
+            try:
+                target.objects.fetch(item[0], copy, max_bytes)
+            except ImageShareError as exc:
+                raise MigrationUnverified(
+                    f"an instance file read back from the bucket failed: {exc}; nothing was"
+                    " switched"
+                ) from exc
+            copy.unlink()
+
+        with ThreadPoolExecutor(OBJECT_TRANSFERS, thread_name_prefix="migrate") as pool:
+            list(pool.map(fetch, objects))
