@@ -21,6 +21,7 @@ from node.errors import ConfigError
 from node.samples import SyntheticStudy, make_ct_study
 from node.services.migrate import BACKUP_SUFFIX, with_store_settings
 from node.store.ledger import LedgerStore
+from node.store.run_lock import RunLock
 from tests.support.nodes import NodeProcess, init_node
 from tests.support.postgres import PostgresServer, node_store_settings
 from tests.support.s3 import S3Server, running_s3
@@ -238,3 +239,23 @@ class TestStoreSettingsMerge:
         settings.write_text('[store]\nbackend = "postgresql"\n')
         with pytest.raises(ConfigError, match="outside a \\[store\\] table"):
             with_store_settings('store.backend = "sqlite"\n', settings)
+
+
+class TestRunLock:
+    def test_a_node_being_migrated_does_not_start(self, tmp_path: Path) -> None:
+        node = init_node(tmp_path, "locked.example/imageshare")
+        held = RunLock(node.data_dir, exclusive=True)
+        try:
+            refused = node.cli("run", check=False, timeout=60)
+        finally:
+            held.release()
+        assert refused.returncode == 2
+        assert "being migrated" in refused.stderr
+
+    def test_a_killed_holder_leaves_the_node_unlocked(self, tmp_path: Path) -> None:
+        node = init_node(tmp_path, "killed.example/imageshare")
+        node.start()
+        with pytest.raises(ConfigError, match="the node is running"):
+            RunLock(node.data_dir, exclusive=True)
+        node.kill9()
+        RunLock(node.data_dir, exclusive=True).release()
