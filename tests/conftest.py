@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.nodes import NodeProcess, init_node
-from tests.support.postgres import PostgresServer, running_postgres
+from tests.support.nodes import (
+    SCALE_OUT_STORE_ENV,
+    NodeProcess,
+    init_node,
+    use_scale_out_store,
+)
+from tests.support.postgres import PostgresServer, node_store_settings, running_postgres
 from tests.support.privacy import sweep
+from tests.support.s3 import running_s3
 
 
 @pytest.fixture
@@ -32,6 +40,33 @@ def postgres() -> Iterator[PostgresServer]:
     """A real PostgreSQL server of the test run's own (started on first use)."""
     with running_postgres() as server:
         yield server
+
+
+@pytest.fixture(scope="session", autouse=True)
+def scale_out_store(request: pytest.FixtureRequest) -> Iterator[None]:
+    """With IMAGESHARE_TEST_STORE=postgresql, the suite's nodes keep their instances on
+    PostgreSQL + S3 (moto), each node in a database and a bucket of its own."""
+    backend = os.environ.get(SCALE_OUT_STORE_ENV, "sqlite")
+    if backend == "sqlite":
+        yield
+        return
+    if backend != "postgresql":
+        raise pytest.UsageError(f"{SCALE_OUT_STORE_ENV}: sqlite or postgresql, not {backend!r}")
+    postgres: PostgresServer = request.getfixturevalue("postgres")
+    numbers = itertools.count()
+    with running_s3("moto") as s3:
+
+        def store_tables(data_dir: Path) -> str:
+            number = f"{os.getpid()}-{next(numbers)}"
+            dsn = postgres.create_database(f"node_{number.replace('-', '_')}")
+            s3.client().create_bucket(Bucket=f"node-{number}")  # type: ignore[attr-defined]
+            return node_store_settings(data_dir, dsn, s3, f"node-{number}")
+
+        use_scale_out_store(store_tables)
+        try:
+            yield
+        finally:
+            use_scale_out_store(None)
 
 
 @pytest.fixture

@@ -7,7 +7,9 @@ The reference study (dataplane) goes into a fresh server of each kind by STOW-RS
 request) and into another by C-STORE (storescu, TCP_NODELAY=1), then is retrieved whole
 by WADO-RS (median of a few runs, the servers interleaved). The PostgreSQL node's
 retrieve is also timed just after a restart, when every object is fetched from the store
-and its SHA-256 checked (afterwards it serves its verified local copies). Moto is a test
+and its SHA-256 checked (afterwards it serves its verified local copies). A node on
+SQLite + files holding the reference study is also moved by `imageshare migrate --to
+postgresql` and must answer the same after. Moto is a test
 server, slower than a production object store, so its figures bound the cost from above.
 
 Run alone: python -m scripts.benchmarks.store_backends [--quick]
@@ -16,6 +18,7 @@ Run alone: python -m scripts.benchmarks.store_backends [--quick]
 from __future__ import annotations
 
 import http.client
+import json
 import statistics
 import sys
 import time
@@ -24,10 +27,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import requests
 
+from node.core.entries import Grant
 from node.samples import SyntheticStudy
+from node.store.ledger import LedgerStore
 from scripts.benchmarks.common import BenchContext, Row
 from scripts.benchmarks.dataplane import (
     at_most,
@@ -196,6 +202,64 @@ class Servers:
         return started
 
 
+MIGRATED_LEDGER_ENTRIES = 300
+
+
+def _answers(url: str, headers: dict[str, str], study: SyntheticStudy) -> list[Any]:
+    """The study's instances as QIDO-RS lists them (sorted), for before/after."""
+    answer = requests.get(
+        f"{url}/studies/{study.study_uid}/instances",
+        headers={**headers, "Accept": "application/dicom+json"},
+        timeout=120,
+    )
+    answer.raise_for_status()
+    return sorted(answer.json(), key=json.dumps)
+
+
+def migrate_row(servers: Servers, study: SyntheticStudy) -> Row:
+    """A node on SQLite + files holding the reference study and a few hundred ledger
+    entries, moved by `imageshare migrate --to postgresql` (timed), then started: it must
+    list the same instances and serve the whole study by WADO-RS."""
+    node = init_node(servers.work, "migrated.example/imageshare", "migrated")
+    ledger = LedgerStore(node.data_dir)
+    try:
+        entries = [
+            (Grant(token=i.to_bytes(4, "big")), 1_700_000_000 + i)
+            for i in range(MIGRATED_LEDGER_ENTRIES)
+        ]
+        ledger.own_log(node.origin, node.vkey).append_many(entries)
+    finally:
+        ledger.close()
+    node.cli("import", str(study_directory(study)), timeout=600)
+    node.start()
+    before = _answers(node.url + "/dicomweb", node.auth, study)
+    node.stop()
+    servers.s3.client().create_bucket(Bucket="migrated")  # type: ignore[attr-defined]
+    settings = servers.work / "migrated-store.toml"
+    dsn = servers.postgres.create_database("migrated")
+    settings.write_text(node_store_settings(node.data_dir, dsn, servers.s3, "migrated"))
+    started = time.perf_counter()
+    node.cli("migrate", "--to", "postgresql", "--settings", str(settings), timeout=1800)
+    seconds = time.perf_counter() - started
+    node.start()
+    try:
+        receiver = Receiver(OURS[1], node.url + "/dicomweb", node.auth, 0, NODE_AE, node.stop)
+        same = _answers(receiver.dicomweb_url, node.auth, study) == before
+        retrieve_seconds(receiver, study)  # raises unless every byte comes back
+    finally:
+        node.stop()
+    return Row(
+        f"imageshare migrate --to postgresql of a node holding the reference study and"
+        f" {MIGRATED_LEDGER_ENTRIES} ledger entries (verified: row digests, every object read"
+        " back from moto, ledger verify), then the same QIDO-RS answers and the whole study by"
+        " WADO-RS, s",
+        round(seconds, 2),
+        target="verifies, same answers",
+        met=same,
+        command="imageshare migrate --to postgresql --settings store.toml",
+    )
+
+
 def run(ctx: BenchContext) -> list[Row]:
     study = reference_study(ctx)
     work = ctx.workdir / "store_backends"
@@ -214,6 +278,7 @@ def run(ctx: BenchContext) -> list[Row]:
         finally:
             for receiver in receivers:
                 receiver.stop()
+        migrated = migrate_row(servers, study)
         receivers = servers.receivers("stow")
         try:
             for receiver in receivers:
@@ -259,6 +324,7 @@ def run(ctx: BenchContext) -> list[Row]:
             command=wado_command,
         )
     )
+    rows.append(migrated)
     return rows
 
 

@@ -13,6 +13,7 @@ import sys
 import time
 import tomllib
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,25 @@ class NodeProcess:
             return json.loads(r.read())
 
 
+# With IMAGESHARE_TEST_STORE=postgresql, every node a test makes keeps its instances on
+# PostgreSQL + S3: tests/conftest.py starts the servers and registers what gives each
+# node its own database and bucket (its [store] tables).
+SCALE_OUT_STORE_ENV = "IMAGESHARE_TEST_STORE"
+_scale_out_store: list[Callable[[Path], str]] = []
+
+
+def use_scale_out_store(store_tables: Callable[[Path], str] | None) -> None:
+    """Make every node from now on use the [store] tables ``store_tables(data_dir)``
+    gives (None: the embedded store again)."""
+    _scale_out_store[:] = [store_tables] if store_tables else []
+
+
+def embedded_store_run() -> bool:
+    """Whether this test run's nodes keep their instances in files and SQLite (the
+    default), read at collection, before any server starts."""
+    return os.environ.get(SCALE_OUT_STORE_ENV, "sqlite") == "sqlite"
+
+
 def init_node(base: Path, origin: str, name: str | None = None, *init_args: str) -> NodeProcess:
     """`imageshare init` a node in ``base/name`` on free ports, with more ``init_args``
     (e.g. ``--tls-self-signed``); not started."""
@@ -241,9 +261,12 @@ def init_node(base: Path, origin: str, name: str | None = None, *init_args: str)
     # `init --tls-self-signed` puts the CA to pin here.
     pinned = data_dir / "tls" / "ca.pem"
     ca_file = pinned if pinned.exists() else None
-    return NodeProcess(
+    node = NodeProcess(
         data_dir, origin, http_port, dimse_port, info["vkey"], info["admin_token"], ca_file
     )
+    for store_tables in _scale_out_store:
+        node.append_config(store_tables(data_dir))
+    return node
 
 
 def peer_each_other(a: NodeProcess, b: NodeProcess) -> None:
