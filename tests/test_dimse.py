@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import sqlite3
 import struct
 import subprocess
 import time
@@ -68,20 +67,18 @@ def wait_for_dimse(node: NodeProcess) -> None:
 
 
 def indexed_sop_uids(node: NodeProcess, study_uid: str) -> set[str]:
-    with sqlite3.connect(node.data_dir / "index.sqlite") as conn:
-        rows = conn.execute(
-            "SELECT sop_instance_uid FROM instances WHERE study_instance_uid = ?", (study_uid,)
-        )
-        return {r[0] for r in rows}
+    rows = node.query_index(
+        "SELECT sop_instance_uid FROM instances WHERE study_instance_uid = ?", (study_uid,)
+    )
+    return {r[0] for r in rows}
 
 
 def instance_count(node: NodeProcess) -> int:
-    with sqlite3.connect(node.data_dir / "index.sqlite") as conn:
-        return int(conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
+    return int(node.query_index("SELECT COUNT(*) FROM instances")[0][0])
 
 
-def object_files(node: NodeProcess) -> set[Path]:
-    return set((node.data_dir / "objects").rglob("*.dcm"))
+def object_files(node: NodeProcess) -> set[str]:
+    return node.stored_digests()
 
 
 def assert_same_datasets(received: list[Path], study: SyntheticStudy) -> None:
@@ -154,18 +151,18 @@ class TestCallingAeAllowList:
 
 class TestStorage:
     def test_storescu_directory_is_indexed_and_stored_unchanged(
-        self, node: NodeProcess, stored_study: SyntheticStudy
+        self, node: NodeProcess, stored_study: SyntheticStudy, tmp_path: Path
     ) -> None:
         assert indexed_sop_uids(node, stored_study.study_uid) == set(stored_study.sop_uids)
-        with sqlite3.connect(node.data_dir / "index.sqlite") as conn:
-            digests = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT digest FROM instances WHERE study_instance_uid = ?",
-                    (stored_study.study_uid,),
-                )
-            ]
-        stored = [node.data_dir / "objects" / d[:2] / f"{d}.dcm" for d in digests]
+        rows = node.query_index(
+            "SELECT digest FROM instances WHERE study_instance_uid = ?",
+            (stored_study.study_uid,),
+        )
+        stored = []
+        for (digest,) in rows:
+            copy = tmp_path / f"{digest}.dcm"
+            copy.write_bytes(node.stored_object(digest) or b"")
+            stored.append(copy)
         assert_same_datasets(stored, stored_study)
 
     @pytest.mark.parametrize("sop_instance_uid", ["1.2.3", "1.2.34"])  # padded, and not

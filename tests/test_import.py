@@ -16,7 +16,6 @@ import pytest
 import requests
 
 from node.samples import SyntheticStudy, make_ct_study
-from node.store.instances import SqliteInstanceStore
 from tests.support.memory import peak_rss_bytes, run_with_peak_rss
 from tests.support.nodes import IMAGESHARE, NodeProcess, init_node, wait_until
 
@@ -105,16 +104,12 @@ def peak_rss(pid: int) -> int:
 
 
 def indexed_count(node: NodeProcess) -> int:
-    path = node.data_dir / "index.sqlite"
-    if not path.exists():
-        return 0
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    import psycopg
+
     try:
-        return int(db.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
-    except sqlite3.OperationalError:
-        return 0  # the schema is not created yet
-    finally:
-        db.close()
+        return int(node.query_index("SELECT COUNT(*) FROM instances")[0][0])
+    except (sqlite3.OperationalError, psycopg.Error):
+        return 0  # the index or its schema is not created yet
 
 
 @pytest.fixture(scope="session")
@@ -233,22 +228,19 @@ class TestKilledImport:
         indexed = indexed_count(node)
         assert 0 < indexed < INSTANCES, "the import finished before it could be killed"
 
-        store = SqliteInstanceStore(node.data_dir)
-        try:
-            assert list(store.tmp_dir.iterdir()) == []
-            rows = store.reader.execute("SELECT sop_instance_uid, digest FROM instances").fetchall()
-            assert len(rows) == indexed
-            for row in rows:
-                path = store.object_path(row["digest"])
-                assert sha256_of(path) == row["digest"], row["sop_instance_uid"]
-        finally:
-            store.close()
+        rows = node.query_index("SELECT sop_instance_uid, digest FROM instances")
+        assert len(rows) == indexed
+        for uid, digest in rows:
+            stored = node.stored_object(digest)
+            assert stored is not None and hashlib.sha256(stored).hexdigest() == digest, uid
 
         summary = summary_of(run_import(node, big_study.files[0].parent))
         assert summary["duplicate"] == indexed
         assert summary["stored"] == INSTANCES - indexed
         assert summary["rejected"] == []
         assert indexed_count(node) == INSTANCES
+        # The killed import's partial files went when the next one opened the store.
+        assert list((node.data_dir / "tmp").iterdir()) == []
 
 
 def multipart_upload(files: list[Path], boundary: str) -> Iterator[bytes]:
@@ -288,11 +280,7 @@ class TestStowOfALargeStudy:
             assert len(response.json()["00081199"]["Value"]) == len(files)
             assert node.process is not None
             assert peak_rss(node.process.pid) < PEAK_RSS_LIMIT
-            index = sqlite3.connect(f"file:{node.data_dir / 'index.sqlite'}?mode=ro", uri=True)
-            try:
-                digests = {r[0] for r in index.execute("SELECT digest FROM instances")}
-            finally:
-                index.close()
+            digests = {r[0] for r in node.query_index("SELECT digest FROM instances")}
             assert digests == expected
             assert list((node.data_dir / "tmp").iterdir()) == []
         finally:

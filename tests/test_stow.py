@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import socket
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -75,12 +74,8 @@ class Uploads:
         return requests.post(url, data=body, headers=headers, timeout=30)
 
     def counts(self) -> tuple[int, int]:
-        db = sqlite3.connect(f"file:{self.node.data_dir / 'index.sqlite'}?mode=ro", uri=True)
-        try:
-            instances = db.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
-            studies = db.execute("SELECT COUNT(*) FROM studies").fetchone()[0]
-        finally:
-            db.close()
+        query = "SELECT (SELECT COUNT(*) FROM instances), (SELECT COUNT(*) FROM studies)"
+        instances, studies = self.node.query_index(query)[0]
         return instances, studies
 
     def assert_nothing_left_over(self) -> None:

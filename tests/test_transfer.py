@@ -136,7 +136,7 @@ def _assert_held_identically(node: NodeProcess, files: list[Path]) -> None:
     for path in files:
         data = path.read_bytes()
         digest = hashlib.sha256(data).hexdigest()
-        assert (node.data_dir / "objects" / digest[:2] / f"{digest}.dcm").read_bytes() == data
+        assert node.stored_object(digest) == data
 
 
 class TestConsentedFetch:
@@ -402,8 +402,6 @@ class TestRevocationDuringStream:
         assert fetch.returncode == 1
         assert "revoked" in err
         assert len(fed.proxy.downstream) - start < total
-        held = sum(
-            (fed.b.data_dir / "objects" / d[:2] / f"{d}.dcm").exists()
-            for d in (hashlib.sha256(p.read_bytes()).hexdigest() for p in study.files)
-        )
+        stored = fed.b.stored_digests()
+        held = sum(hashlib.sha256(p.read_bytes()).hexdigest() in stored for p in study.files)
         assert held < len(study.files)

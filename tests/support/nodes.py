@@ -102,6 +102,7 @@ def terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
             process.wait()
 
 
+_STORE_TABLE = re.compile(r"^\[store\]\n(?P<keys>(?:(?!\[).*\n?)*)", re.MULTILINE)
 _FEDERATION_HEADER = re.compile(r"^\[federation\][ \t]*$", re.MULTILINE)
 _MIRROR_ALL_LINE = '\nmirror = "all"'
 _MIRROR_ALL_TABLE = "\n[federation]" + _MIRROR_ALL_LINE + "\n"
@@ -161,6 +162,14 @@ class NodeProcess:
         if _FEDERATION_HEADER.search(text):
             # A [federation] table of the test's own replaces the default one added at start.
             self.config.write_text(self.config.read_text().replace(_MIRROR_ALL_TABLE, ""))
+        current = self.config.read_text()
+        table = _STORE_TABLE.search(text)
+        if table and "\n[store]\n" in current:
+            # A test's own [store] keys join the scale-out run's [store] table.
+            keys = table.group("keys").strip()
+            current = current.replace("\n[store]\n", f"\n[store]\n{keys}\n", 1)
+            self.config.write_text(current)
+            text = text[: table.start()] + text[table.end() :]
         with open(self.config, "a") as f:
             f.write("\n" + text + "\n")
 
@@ -215,6 +224,73 @@ class NodeProcess:
             self.process.wait()
             self.process = None
 
+    def _store_settings(self) -> dict[str, Any]:
+        store: dict[str, Any] = tomllib.loads(self.config.read_text()).get("store", {})
+        return store
+
+    def query_index(self, sql: str, parameters: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Rows of ``sql`` (``?`` placeholders) on the node's instance index, read
+        directly, wherever it is: SQLite in the data directory, or PostgreSQL."""
+        store = self._store_settings()
+        if store.get("backend", "sqlite") == "sqlite":
+            import sqlite3
+
+            index = self.data_dir / "index.sqlite"
+            db = sqlite3.connect(f"file:{index}?mode=ro", uri=True)
+            try:
+                return [tuple(row) for row in db.execute(sql, parameters)]
+            finally:
+                db.close()
+        import psycopg
+
+        with psycopg.connect(store["dsn"]) as conn:
+            rows = conn.execute(sql.replace("?", "%s"), parameters).fetchall()
+        return [tuple(row) for row in rows]
+
+    def stored_object(self, digest: str) -> bytes | None:
+        """The stored bytes of the instance file of SHA-256 ``digest`` (None if absent):
+        from objects/ in the data directory, or from the node's bucket."""
+        bucket = self._bucket()
+        if bucket is None:
+            path = self.data_dir / "objects" / digest[:2] / f"{digest}.dcm"
+            return path.read_bytes() if path.exists() else None
+        client, name = bucket
+        try:
+            answer = client.get_object(Bucket=name, Key=f"{digest[:2]}/{digest}.dcm")
+        except client.exceptions.NoSuchKey:
+            return None
+        return bytes(answer["Body"].read())
+
+    def stored_digests(self) -> set[str]:
+        """The SHA-256 of every instance file the node has stored, in files or bucket."""
+        bucket = self._bucket()
+        if bucket is None:
+            return {path.stem for path in (self.data_dir / "objects").rglob("*.dcm")}
+        client, name = bucket
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=name)
+        keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+        return {Path(key).stem for key in keys if key.endswith(".dcm")}
+
+    def _bucket(self) -> tuple[Any, str] | None:
+        """A client of the node's bucket and its name; None for the embedded store."""
+        store = self._store_settings()
+        if store.get("backend", "sqlite") == "sqlite":
+            return None
+        import boto3
+
+        from node.store.objects import read_credentials
+
+        objects = store["objects"]
+        key_id, secret = read_credentials(Path(objects["credentials_file"]))
+        client = boto3.client(
+            "s3",
+            endpoint_url=objects["endpoint"],
+            aws_access_key_id=key_id,
+            aws_secret_access_key=secret,
+            region_name="us-east-1",
+        )
+        return client, objects["bucket"]
+
     def get_json(self, path: str, auth: bool = True) -> Any:
         request = urllib.request.Request(self.url + path, headers=self.auth if auth else {})
         with urllib.request.urlopen(request, timeout=30, context=self.tls_context) as r:
@@ -265,7 +341,10 @@ def init_node(base: Path, origin: str, name: str | None = None, *init_args: str)
         data_dir, origin, http_port, dimse_port, info["vkey"], info["admin_token"], ca_file
     )
     for store_tables in _scale_out_store:
-        node.append_config(store_tables(data_dir))
+        # Before the last table, so that keys a test appends still land in that table.
+        config = node.config.read_text()
+        last = config.rfind("\n[")
+        node.config.write_text(f"{config[:last]}\n\n{store_tables(data_dir)}{config[last:]}")
     return node
 
 
