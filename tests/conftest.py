@@ -10,6 +10,7 @@ import pytest
 from tests.support.nodes import NodeProcess, init_node
 from tests.support.postgres import PostgresServer, running_postgres
 from tests.support.privacy import sweep
+from tests.support.state_engines import ENGINES, StateEngine
 
 
 @pytest.fixture
@@ -32,6 +33,15 @@ def postgres() -> Iterator[PostgresServer]:
     """A real PostgreSQL server of the test run's own (started on first use)."""
     with running_postgres() as server:
         yield server
+
+
+@pytest.fixture(params=ENGINES)
+def state_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateEngine]:
+    """A state store's engine, SQLite or PostgreSQL (tests/support/state_engines.py)."""
+    server = request.getfixturevalue("postgres") if request.param == "postgresql" else None
+    engine = StateEngine(request.param, tmp_path, server)
+    yield engine
+    engine.close()
 
 
 @pytest.fixture

@@ -177,13 +177,9 @@ class NodeServices:
     @property
     def nonces(self) -> NonceStore:
         """Nonces of signed requests seen, shared by /p2p and /patient."""
-        from node.store.nonces import NONCES_FILE, NonceStore
+        from node.store.backends import open_nonce_store
 
-        config = self._runtime.config
-        return self._once(
-            "nonces",
-            lambda: NonceStore(config.data_dir / NONCES_FILE, config.federation.max_request_age),
-        )
+        return self._once("nonces", lambda: open_nonce_store(self._runtime.config))
 
     def close(self) -> None:
         """Close every service built, the last built first."""

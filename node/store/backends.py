@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any
 
 from node.config import NodeConfig
+from node.store import nonces
 from node.store.instances import SqliteInstanceStore
 from node.store.protocols import InstanceStore
 
@@ -39,3 +42,31 @@ def open_instance_store(config: NodeConfig) -> InstanceStore:
         store.max_instance_bytes,
         store.max_inflation_ratio,
     )
+
+
+# ---- the node's state stores (nonces, consent, links, transfers, forwarding, federation,
+# opinions): on SQLite, a file each in the data directory; on PostgreSQL, tables of the
+# index's database, one pool per process shared by them all.
+
+_state_pools: dict[str, Any] = {}
+_state_pools_lock = threading.Lock()
+
+
+def state_pool(config: NodeConfig) -> Any:
+    """The process's pool for the state stores on PostgreSQL (opened on first use)."""
+    from node.store.postgres import PostgresSettings, open_pool
+
+    with _state_pools_lock:
+        pool = _state_pools.get(config.store.dsn)
+        if pool is None:
+            pool = open_pool(PostgresSettings(config.store.dsn, config.store.pool_size))
+            _state_pools[config.store.dsn] = pool
+        return pool
+
+
+def open_nonce_store(config: NodeConfig) -> nonces.NonceStore:
+    """Nonces of signed requests seen (node/store/nonces.py)."""
+    max_age = config.federation.max_request_age
+    if config.store.backend == "sqlite":
+        return nonces.NonceStore(config.data_dir / nonces.FILE_NAME, max_age)
+    return nonces.PostgresNonceStore(state_pool(config), max_age)
