@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from node.config import NodeConfig
-from node.store import nonces
+from node.store import consent_state, nonces
 from node.store.instances import SqliteInstanceStore
 from node.store.protocols import InstanceStore
 
@@ -48,6 +49,8 @@ def open_instance_store(config: NodeConfig) -> InstanceStore:
 # opinions): on SQLite, a file each in the data directory; on PostgreSQL, tables of the
 # index's database, one pool per process shared by them all.
 
+T = TypeVar("T")
+
 _state_pools: dict[str, Any] = {}
 _state_pools_lock = threading.Lock()
 
@@ -64,9 +67,29 @@ def state_pool(config: NodeConfig) -> Any:
         return pool
 
 
+def _state_store(
+    config: NodeConfig, sqlite: Callable[[Path], T], postgresql: Callable[[Any], T]
+) -> T:
+    """``sqlite(data_dir)``, or ``postgresql(pool)`` with the process's state pool."""
+    if config.store.backend == "sqlite":
+        return sqlite(config.data_dir)
+    return postgresql(state_pool(config))
+
+
 def open_nonce_store(config: NodeConfig) -> nonces.NonceStore:
     """Nonces of signed requests seen (node/store/nonces.py)."""
     max_age = config.federation.max_request_age
-    if config.store.backend == "sqlite":
-        return nonces.NonceStore(config.data_dir / nonces.FILE_NAME, max_age)
-    return nonces.PostgresNonceStore(state_pool(config), max_age)
+    return _state_store(
+        config,
+        lambda data_dir: nonces.NonceStore(data_dir / nonces.FILE_NAME, max_age),
+        lambda pool: nonces.PostgresNonceStore(pool, max_age),
+    )
+
+
+def open_consent_state(config: NodeConfig) -> consent_state.ConsentState:
+    """Enrolments, grants and revocations replayed from the log (node/store/consent_state.py)."""
+    return _state_store(
+        config,
+        lambda data_dir: consent_state.ConsentState(data_dir / consent_state.FILE_NAME),
+        consent_state.PostgresConsentState,
+    )

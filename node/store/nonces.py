@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from node.store.pg_sql import StateDatabase, open_pg_database, script
+from node.store.pg_sql import StateDatabase, open_pg_database, postgresql_schema, script
 from node.store.sqlite import LockedDatabase, Migration
 
 FILE_NAME = "nonces.sqlite"
@@ -30,16 +30,7 @@ CREATE INDEX IF NOT EXISTS nonces_by_time ON nonces (timestamp);
 MIGRATIONS: tuple[Migration, ...] = (_SCHEMA,)
 
 # The same table on PostgreSQL (node/store/postgres.py ``migrate``, component "nonces").
-PG_MIGRATIONS = (
-    script(
-        """
-        CREATE TABLE IF NOT EXISTS nonces (
-            signer TEXT NOT NULL, nonce BYTEA NOT NULL, timestamp BIGINT NOT NULL,
-            PRIMARY KEY (signer, nonce));
-        CREATE INDEX IF NOT EXISTS nonces_by_time ON nonces (timestamp);
-        """
-    ),
-)
+PG_MIGRATIONS = (script(postgresql_schema(_SCHEMA)),)
 
 NONCES_FILE = "nonces.sqlite"
 # Prune at most this often: one DELETE per interval keeps the table small and cheap.

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -220,3 +221,13 @@ def script(sql: str) -> Callable[[Any], None]:
         conn.execute(sql)
 
     return run
+
+
+# SQLite's column types and table options, and PostgreSQL's for the same columns.
+_SQLITE_TYPES = {"BLOB": "BYTEA", "INTEGER": "BIGINT", "REAL": "DOUBLE PRECISION"}
+
+
+def postgresql_schema(sqlite_schema: str) -> str:
+    """A store's SQLite schema script as PostgreSQL's: the same tables, columns and keys."""
+    schema = sqlite_schema.replace(" WITHOUT ROWID", "")
+    return re.sub(r"\b(BLOB|INTEGER|REAL)\b", lambda m: _SQLITE_TYPES[m.group(1)], schema)
