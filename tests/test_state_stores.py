@@ -8,12 +8,16 @@ import functools
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import TypeVar
 
 import pytest
 
 from node.core.entries import BreakGlass, Enroll, EntryBody, Grant
+from node.core.shlink import ManifestFile
+from node.errors import Conflict
 from node.store.consent_state import ConsentState, PostgresConsentState
+from node.store.links import LinkRecord, LinkStore, PostgresLinkStore
 from tests.support.state_engines import StateEngine
 
 T = TypeVar("T")
@@ -111,3 +115,72 @@ class TestConsentState:
             )
             assert [state.applied_size for state in daemons] == [start + 40] * 2
         assert len(daemons[1].recent_break_glass(1000)) == 400
+
+
+# -- share links -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def open_links(state_engine: StateEngine) -> Callable[[], LinkStore]:
+    return lambda: state_engine.open(
+        lambda directory: LinkStore(directory / "links.sqlite"), PostgresLinkStore
+    )
+
+
+def link(n: int, manifest: int | None = None, token: int | None = None) -> LinkRecord:
+    files = [ManifestFile("application/fhir+json", f"jwe-{n}")]
+    return LinkRecord(
+        f"link:{n}", key(manifest or n), key(token or n), b"hash", 0, False, files, True
+    )
+
+
+class TestLinkStore:
+    def test_a_link_is_kept_whole_and_found_by_grantee_and_manifest(
+        self, open_links: Callable[[], LinkStore]
+    ) -> None:
+        store = open_links()
+        store.add(link(1))
+        store.add(link(1))  # the same link submitted again
+        assert store.by_grantee("link:1") == link(1)
+        assert open_links().by_manifest(key(1)) == link(1)
+        assert store.by_grantee("link:2") is None
+
+    def test_a_taken_credential_or_manifest_id_is_a_conflict(
+        self, open_links: Callable[[], LinkStore]
+    ) -> None:
+        store = open_links()
+        store.add(link(1))
+        with pytest.raises(Conflict):
+            store.add(link(2, manifest=1))
+        with pytest.raises(Conflict):
+            store.add(replace(link(2), grantee="link:1"))
+        assert store.by_grantee("link:2") is None
+
+    def test_two_daemons_adding_links_with_one_manifest_id_at_once_keep_one(
+        self, open_links: Callable[[], LinkStore]
+    ) -> None:
+        daemons = [open_links(), open_links()]
+
+        def add(n: int) -> bool:
+            try:
+                daemons[n % 2].add(link(n, manifest=99))
+            except Conflict:
+                return False
+            return True
+
+        assert at_once([functools.partial(add, n) for n in range(1, 9)]).count(True) == 1
+        kept = daemons[0].by_manifest(key(99))
+        held = [n for n in range(1, 9) if daemons[1].by_grantee(f"link:{n}") is not None]
+        assert kept is not None and [kept.grantee] == [f"link:{n}" for n in held]
+
+    def test_wrong_passcodes_at_two_daemons_at_once_each_count_and_kill_at_the_limit(
+        self, open_links: Callable[[], LinkStore]
+    ) -> None:
+        daemons = [open_links(), open_links()]
+        daemons[0].add(link(1))
+        counted = at_once(
+            [functools.partial(daemons[n % 2].count_failure, "link:1", 5) for n in range(10)]
+        )
+        assert sorted(counted) == [(n, n >= 5) for n in range(1, 11)]
+        record = daemons[1].by_grantee("link:1")
+        assert record is not None and (record.failures, record.dead) == (10, True)

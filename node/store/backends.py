@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from node.config import NodeConfig
-from node.store import consent_state, nonces
+from node.store import consent_state, links, nonces
 from node.store.instances import SqliteInstanceStore
 from node.store.protocols import InstanceStore
 
@@ -92,4 +92,13 @@ def open_consent_state(config: NodeConfig) -> consent_state.ConsentState:
         config,
         lambda data_dir: consent_state.ConsentState(data_dir / consent_state.FILE_NAME),
         consent_state.PostgresConsentState,
+    )
+
+
+def open_link_store(config: NodeConfig) -> links.LinkStore:
+    """The custodian's share links (node/store/links.py)."""
+    return _state_store(
+        config,
+        lambda data_dir: links.LinkStore(data_dir / links.FILE_NAME),
+        links.PostgresLinkStore,
     )
