@@ -4,11 +4,14 @@ each keeps, and that two daemons of one node sharing PostgreSQL keep each rule o
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -16,8 +19,10 @@ import pytest
 from node.core.entries import BreakGlass, Enroll, EntryBody, Grant
 from node.core.shlink import ManifestFile
 from node.errors import Conflict
+from node.store import transfers
 from node.store.consent_state import ConsentState, PostgresConsentState
 from node.store.links import LinkRecord, LinkStore, PostgresLinkStore
+from node.store.transfers import OpenStream, PostgresTransferStore, StreamedInstance, TransferStore
 from tests.support.state_engines import StateEngine
 
 T = TypeVar("T")
@@ -184,3 +189,71 @@ class TestLinkStore:
         assert sorted(counted) == [(n, n >= 5) for n in range(1, 11)]
         record = daemons[1].by_grantee("link:1")
         assert record is not None and (record.failures, record.dead) == (10, True)
+
+
+# -- transfer journal ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def open_transfers(state_engine: StateEngine) -> Callable[..., TransferStore]:
+    """The journal of a daemon (``owner``; an embedded node has one, whatever it is named)."""
+    return lambda owner="daemon-1": state_engine.open(
+        TransferStore, lambda pool: PostgresTransferStore(pool, owner)
+    )
+
+
+def streamed(n: int) -> StreamedInstance:
+    return StreamedInstance(key(1), key(n), n)
+
+
+class TestTransferStore:
+    def test_a_cut_stream_is_found_again_in_order_until_recorded(
+        self, open_transfers: Callable[..., TransferStore]
+    ) -> None:
+        store = open_transfers()
+        store.open_stream("out-1", "access", key(9), "node:b", 1.0)
+        store.journal("out-1", [streamed(3), streamed(1)])
+        store.journal("out-1", [streamed(2)])
+        store.open_stream("in-1", "receipt", key(8), "node:c", 2.0)
+        [cut, empty] = open_transfers().unrecorded_streams()
+        journaled = [streamed(3), streamed(1), streamed(2)]
+        assert cut == OpenStream("out-1", "access", key(9), "node:b", journaled)
+        assert (empty.stream_id, empty.instances) == ("in-1", [])
+        store.mark_recorded("out-1")
+        assert [s.stream_id for s in store.unrecorded_streams()] == ["in-1"]
+
+    @pytest.mark.parametrize("state_engine", ["postgresql"], indirect=True)
+    def test_a_daemon_starting_again_closes_only_its_own_cut_streams(
+        self, open_transfers: Callable[..., TransferStore]
+    ) -> None:
+        sending = open_transfers("daemon-1")
+        sending.open_stream("out-1", "access", key(9), "node:b", 1.0)
+        sending.journal("out-1", [streamed(1)])
+        restarted = open_transfers("daemon-2")
+        assert restarted.unrecorded_streams() == []
+        assert [s.stream_id for s in open_transfers("daemon-1").unrecorded_streams()] == ["out-1"]
+
+    def test_a_fetch_saved_again_replaces_its_document(
+        self, open_transfers: Callable[..., TransferStore]
+    ) -> None:
+        store = open_transfers()
+        store.save_fetch("job-1", 1.0, '{"state": "running"}')
+        store.save_fetch("job-2", 2.0, '{"state": "done"}')
+        store.save_fetch("job-1", 3.0, '{"state": "done"}')
+        done = '{"state": "done"}'
+        assert store.recent_fetches() == [("job-1", done), ("job-2", done)]
+        assert (store.fetch("job-2"), store.fetch("job-3")) == ('{"state": "done"}', None)
+
+
+def test_a_journal_from_before_positions_keeps_its_order(tmp_path: Path) -> None:
+    with contextlib.closing(sqlite3.connect(tmp_path / "transfers.sqlite")) as conn:
+        conn.executescript(transfers.SCHEMA)
+        conn.execute("INSERT INTO streams VALUES ('out-1', 'access', x'09', 'node:b', 1.0, 0)")
+        conn.executemany(
+            "INSERT INTO stream_instances VALUES ('out-1', ?, ?, ?)",
+            [(key(1), key(n), n) for n in (5, 2, 7)],
+        )
+        conn.execute("PRAGMA user_version = 1")
+        conn.commit()
+    [stream] = TransferStore(tmp_path).unrecorded_streams()
+    assert [i.size for i in stream.instances] == [5, 2, 7]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from node.config import NodeConfig
-from node.store import consent_state, links, nonces
+from node.store import consent_state, links, nonces, transfers
 from node.store.instances import SqliteInstanceStore
 from node.store.protocols import InstanceStore
 
@@ -102,3 +103,18 @@ def open_link_store(config: NodeConfig) -> links.LinkStore:
         lambda data_dir: links.LinkStore(data_dir / links.FILE_NAME),
         links.PostgresLinkStore,
     )
+
+
+def daemon_name(config: NodeConfig) -> str:
+    """This daemon among the node's: its host and data directory, the same after a restart."""
+    return f"{socket.gethostname()}:{config.data_dir.resolve()}"
+
+
+def open_transfer_store(config: NodeConfig) -> transfers.TransferStore:
+    """The transfer journal and fetch history (node/store/transfers.py)."""
+    return _state_store(
+        config,
+        transfers.TransferStore,
+        lambda pool: transfers.PostgresTransferStore(pool, daemon_name(config)),
+    )
+
