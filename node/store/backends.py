@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from node.config import NodeConfig
-from node.store import consent_state, links, nonces, transfers
+from node.store import consent_state, forward_state, links, nonces, transfers
 from node.store.instances import SqliteInstanceStore
 from node.store.protocols import InstanceStore
 
@@ -118,3 +118,11 @@ def open_transfer_store(config: NodeConfig) -> transfers.TransferStore:
         lambda pool: transfers.PostgresTransferStore(pool, daemon_name(config)),
     )
 
+
+def open_forward_state(config: NodeConfig) -> forward_state.ForwardState:
+    """The forwarder's cursor and queue (node/store/forward_state.py)."""
+    return _state_store(
+        config,
+        lambda data_dir: forward_state.ForwardState(data_dir / forward_state.FILE_NAME),
+        forward_state.PostgresForwardState,
+    )
