@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from node.config import NodeConfig
-from node.store import consent_state, forward_state, links, nonces, transfers
+from node.store import (
+    consent_state,
+    federation_state,
+    forward_state,
+    links,
+    nonces,
+    transfers,
+)
 from node.store.instances import SqliteInstanceStore
 from node.store.protocols import InstanceStore
 
@@ -126,3 +133,13 @@ def open_forward_state(config: NodeConfig) -> forward_state.ForwardState:
         lambda data_dir: forward_state.ForwardState(data_dir / forward_state.FILE_NAME),
         forward_state.PostgresForwardState,
     )
+
+
+def open_federation_state(config: NodeConfig) -> federation_state.FederationState:
+    """Equivocation proofs and selective mirroring's state (node/store/federation_state.py)."""
+    return _state_store(
+        config,
+        lambda data_dir: federation_state.FederationState(data_dir / federation_state.STATE_FILE),
+        federation_state.PostgresFederationState,
+    )
+
