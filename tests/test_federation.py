@@ -627,9 +627,7 @@ class TestSplitView:
 @pytest.fixture
 def open_federation_state(state_engine: StateEngine) -> Callable[[], FederationState]:
     """Open the state (again: a restart on SQLite, another daemon on PostgreSQL)."""
-    return lambda: state_engine.open(
-        lambda directory: FederationState(directory / STATE_FILE), PostgresFederationState
-    )
+    return state_engine.opener(FederationState, STATE_FILE, PostgresFederationState)
 
 
 class TestEquivocationStore:

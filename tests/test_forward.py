@@ -231,9 +231,7 @@ class TestForwardingStatus:
 @pytest.fixture
 def open_forward_state(state_engine: StateEngine) -> Callable[[], ForwardState]:
     """Open the queue (again: a restart on SQLite, another daemon on PostgreSQL)."""
-    return lambda: state_engine.open(
-        lambda directory: ForwardState(directory / "forward.sqlite"), PostgresForwardState
-    )
+    return state_engine.opener(ForwardState, "forward.sqlite", PostgresForwardState)
 
 
 class TestForwardState:

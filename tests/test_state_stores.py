@@ -22,6 +22,7 @@ from node.errors import Conflict
 from node.store import transfers
 from node.store.consent_state import ConsentState, PostgresConsentState
 from node.store.links import LinkRecord, LinkStore, PostgresLinkStore
+from node.store.opinions import FILE_NAME, OpinionState, OpinionStore, PostgresOpinionStore
 from node.store.transfers import OpenStream, PostgresTransferStore, StreamedInstance, TransferStore
 from tests.support.state_engines import StateEngine
 
@@ -53,9 +54,7 @@ def served(n: int) -> BreakGlass:
 
 @pytest.fixture
 def open_consent(state_engine: StateEngine) -> Callable[[], ConsentState]:
-    return lambda: state_engine.open(
-        lambda directory: ConsentState(directory / "consent.sqlite"), PostgresConsentState
-    )
+    return state_engine.opener(ConsentState, "consent.sqlite", PostgresConsentState)
 
 
 class TestConsentState:
@@ -127,9 +126,7 @@ class TestConsentState:
 
 @pytest.fixture
 def open_links(state_engine: StateEngine) -> Callable[[], LinkStore]:
-    return lambda: state_engine.open(
-        lambda directory: LinkStore(directory / "links.sqlite"), PostgresLinkStore
-    )
+    return state_engine.opener(LinkStore, "links.sqlite", PostgresLinkStore)
 
 
 def link(n: int, manifest: int | None = None, token: int | None = None) -> LinkRecord:
@@ -257,3 +254,42 @@ def test_a_journal_from_before_positions_keeps_its_order(tmp_path: Path) -> None
         conn.commit()
     [stream] = TransferStore(tmp_path).unrecorded_streams()
     assert [i.size for i in stream.instances] == [5, 2, 7]
+
+
+# -- returned opinions ----------------------------------------------------------------------
+
+
+class TestOpinionStore:
+    def test_an_opinion_is_held_until_accepted_and_its_first_times_are_kept(
+        self, state_engine: StateEngine
+    ) -> None:
+        open_opinions = state_engine.opener(OpinionStore, FILE_NAME, PostgresOpinionStore)
+        store = open_opinions()
+        store.hold("1.2.1", "1.2", now=10.0)
+        store.hold("1.2.1", "1.2", now=99.0)  # received again: no change
+        store.hold("1.3.1", "1.3", now=20.0)
+        assert store.held(["1.2.1", "1.3.1", "9.9"]) == {"1.2.1", "1.3.1"}
+        assert store.accept("1.2.1", now=30.0) and store.accept("1.2.1", now=40.0)
+        assert not store.accept("9.9", now=30.0) and not store.mark_seen("9.9", now=30.0)
+        assert open_opinions().mark_seen("1.2.1", now=50.0)
+        assert store.held(["1.2.1", "1.3.1"]) == {"1.3.1"} and store.held([]) == set()
+        assert store.states() == [
+            OpinionState("1.3.1", "1.3", 20.0, None, None),
+            OpinionState("1.2.1", "1.2", 10.0, 30.0, 50.0),
+        ]
+        assert [s.sop_instance_uid for s in store.states("1.2")] == ["1.2.1"]
+
+    def test_two_daemons_accepting_at_once_keep_one_acceptance_time(
+        self, state_engine: StateEngine
+    ) -> None:
+        open_opinions = state_engine.opener(OpinionStore, FILE_NAME, PostgresOpinionStore)
+        daemons = [open_opinions(), open_opinions()]
+        daemons[0].hold("1.2.1", "1.2", now=1.0)
+        times = [float(n) for n in range(2, 10)]
+        accepting = [
+            functools.partial(daemons[n % 2].accept, "1.2.1", t) for n, t in enumerate(times)
+        ]
+        assert all(at_once(accepting))
+        [state] = daemons[1].states()
+        assert state.accepted in times
+        assert daemons[0].states() == [state]

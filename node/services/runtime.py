@@ -153,7 +153,7 @@ class NodeServices:
     def reports(self) -> ReportService:
         """Reports kept as DICOM in their studies (docs/reports.md)."""
         from node.services.reports import ReportService
-        from node.store.opinions import FILE_NAME, OpinionStore
+        from node.store.backends import open_opinion_store
 
         runtime = self._runtime
         return self._once(
@@ -161,7 +161,7 @@ class NodeServices:
             lambda: ReportService(
                 runtime.store,
                 runtime.config.reports.max_document_bytes,
-                OpinionStore(runtime.config.data_dir / FILE_NAME),
+                open_opinion_store(runtime.config),
             ),
         )
 

@@ -15,6 +15,7 @@ from node.store import (
     forward_state,
     links,
     nonces,
+    opinions,
     transfers,
 )
 from node.store.instances import SqliteInstanceStore
@@ -84,6 +85,13 @@ def _state_store(
     return postgresql(state_pool(config))
 
 
+def _file_or_tables(
+    config: NodeConfig, sqlite: Callable[[Path], T], file_name: str, postgresql: Callable[[Any], T]
+) -> T:
+    """A store opened on its SQLite file in the data directory, or on the state pool."""
+    return _state_store(config, lambda data_dir: sqlite(data_dir / file_name), postgresql)
+
+
 def open_nonce_store(config: NodeConfig) -> nonces.NonceStore:
     """Nonces of signed requests seen (node/store/nonces.py)."""
     max_age = config.federation.max_request_age
@@ -96,20 +104,17 @@ def open_nonce_store(config: NodeConfig) -> nonces.NonceStore:
 
 def open_consent_state(config: NodeConfig) -> consent_state.ConsentState:
     """Enrolments, grants and revocations replayed from the log (node/store/consent_state.py)."""
-    return _state_store(
+    return _file_or_tables(
         config,
-        lambda data_dir: consent_state.ConsentState(data_dir / consent_state.FILE_NAME),
+        consent_state.ConsentState,
+        consent_state.FILE_NAME,
         consent_state.PostgresConsentState,
     )
 
 
 def open_link_store(config: NodeConfig) -> links.LinkStore:
     """The custodian's share links (node/store/links.py)."""
-    return _state_store(
-        config,
-        lambda data_dir: links.LinkStore(data_dir / links.FILE_NAME),
-        links.PostgresLinkStore,
-    )
+    return _file_or_tables(config, links.LinkStore, links.FILE_NAME, links.PostgresLinkStore)
 
 
 def daemon_name(config: NodeConfig) -> str:
@@ -128,18 +133,26 @@ def open_transfer_store(config: NodeConfig) -> transfers.TransferStore:
 
 def open_forward_state(config: NodeConfig) -> forward_state.ForwardState:
     """The forwarder's cursor and queue (node/store/forward_state.py)."""
-    return _state_store(
+    return _file_or_tables(
         config,
-        lambda data_dir: forward_state.ForwardState(data_dir / forward_state.FILE_NAME),
+        forward_state.ForwardState,
+        forward_state.FILE_NAME,
         forward_state.PostgresForwardState,
     )
 
 
 def open_federation_state(config: NodeConfig) -> federation_state.FederationState:
     """Equivocation proofs and selective mirroring's state (node/store/federation_state.py)."""
-    return _state_store(
+    return _file_or_tables(
         config,
-        lambda data_dir: federation_state.FederationState(data_dir / federation_state.STATE_FILE),
+        federation_state.FederationState,
+        federation_state.STATE_FILE,
         federation_state.PostgresFederationState,
     )
 
+
+def open_opinion_store(config: NodeConfig) -> opinions.OpinionStore:
+    """The state of returned opinions (node/store/opinions.py)."""
+    return _file_or_tables(
+        config, opinions.OpinionStore, opinions.FILE_NAME, opinions.PostgresOpinionStore
+    )

@@ -41,6 +41,12 @@ class StateEngine:
             return sqlite(self.directory)
         return postgresql(self.pool())
 
+    def opener(
+        self, sqlite: Callable[[Path], T], file_name: str, postgresql: Callable[[Any], T]
+    ) -> Callable[[], T]:
+        """Open the store on its file ``file_name`` or on a pool, each call anew."""
+        return lambda: self.open(lambda directory: sqlite(directory / file_name), postgresql)
+
     def close(self) -> None:
         for pool in self.pools:
             pool.close()
