@@ -130,6 +130,18 @@ class TestIngestAndRetrieve:
         assert sop_uids <= _indexed(large, stowed.study_uid)
         assert {large.object_key(_sha256(f)) for f in sent} <= _objects(large)
 
+    def test_the_node_s_state_stores_are_tables_in_postgresql_not_files(
+        self, large: LargeNode, stowed: SyntheticStudy
+    ) -> None:
+        import psycopg
+
+        with psycopg.connect(large.dsn) as conn:
+            rows = conn.execute("SELECT DISTINCT component FROM schema_migrations").fetchall()
+        # Replication and transfers open their stores when the daemon starts.
+        assert {"index", "federation", "transfers"} <= {row[0] for row in rows}
+        state_files = ["consent", "links", "federation", "nonces", "transfers", "forward"]
+        assert not [f for f in state_files if (large.node.data_dir / f"{f}.sqlite").exists()]
+
     def test_storescu_instances_are_indexed_and_stored(
         self, large: LargeNode, stowed: SyntheticStudy
     ) -> None:
