@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import psycopg
 import pytest
 
 from node.errors import StorageFailed
@@ -90,3 +91,19 @@ def test_a_store_s_sqlite_schema_reads_as_postgresql_s_with_the_same_names() -> 
         "CREATE TABLE IF NOT EXISTS t (k BYTEA PRIMARY KEY, n BIGINT NOT NULL,"
         " at DOUBLE PRECISION, integers TEXT);"
     )
+
+
+def test_commits_wait_for_the_wal_even_where_the_database_says_not_to(
+    postgres: PostgresServer,
+) -> None:
+    dsn = postgres.create_database("pg_sql_lax")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute('ALTER DATABASE "pg_sql_lax" SET synchronous_commit = off')
+    with psycopg.connect(dsn) as plain:
+        assert plain.execute("SHOW synchronous_commit").fetchone() == ("off",)
+    durable = open_pool(PostgresSettings(dsn, 2))
+    try:
+        with pooled(durable, "test") as conn:
+            assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+    finally:
+        durable.close()
