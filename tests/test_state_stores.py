@@ -18,11 +18,12 @@ import pytest
 
 from node.core.entries import BreakGlass, Enroll, EntryBody, Grant
 from node.core.shlink import ManifestFile
-from node.errors import Conflict
+from node.errors import Conflict, StorageFailed
 from node.store import transfers
 from node.store.consent_state import ConsentState, PostgresConsentState
 from node.store.links import LinkRecord, LinkStore, PostgresLinkStore
 from node.store.opinions import FILE_NAME, OpinionState, OpinionStore, PostgresOpinionStore
+from node.store.sqlite import LockedDatabase
 from node.store.transfers import OpenStream, PostgresTransferStore, StreamedInstance, TransferStore
 from tests.support.state_engines import StateEngine
 
@@ -293,3 +294,27 @@ class TestOpinionStore:
         [state] = daemons[1].states()
         assert state.accepted in times
         assert daemons[0].states() == [state]
+
+
+# -- the SQLite engine ----------------------------------------------------------------------
+
+
+def test_a_transaction_whose_commit_fails_is_rolled_back_and_the_next_one_runs(
+    tmp_path: Path,
+) -> None:
+    # A deferred foreign key is checked at COMMIT: a way to make COMMIT itself fail.
+    schema = (
+        "CREATE TABLE parent (id INTEGER PRIMARY KEY);"
+        "CREATE TABLE child (parent INTEGER REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED);"
+    )
+    database = LockedDatabase(tmp_path / "x.sqlite", (schema,), node_errors=True)
+    with database.connection() as db:
+        db.execute("PRAGMA foreign_keys = ON")
+    with pytest.raises(StorageFailed, match="FOREIGN KEY"), database.transaction() as db:
+        db.execute("INSERT INTO child VALUES (7)")
+    with database.transaction() as db:
+        db.execute("INSERT INTO parent VALUES (7)")
+        db.execute("INSERT INTO child VALUES (7)")
+    with database.connection() as db:
+        assert db.execute("SELECT parent FROM child").fetchall() == [(7,)]
+    database.close()
