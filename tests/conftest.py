@@ -18,6 +18,7 @@ from tests.support.nodes import (
 from tests.support.postgres import PostgresServer, node_store_settings, running_postgres
 from tests.support.privacy import sweep
 from tests.support.s3 import running_s3
+from tests.support.state_engines import ENGINES, StateEngine
 
 
 @pytest.fixture
@@ -67,6 +68,15 @@ def scale_out_store(request: pytest.FixtureRequest) -> Iterator[None]:
             yield
         finally:
             use_scale_out_store(None)
+
+
+@pytest.fixture(params=ENGINES)
+def state_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateEngine]:
+    """A state store's engine, SQLite or PostgreSQL (tests/support/state_engines.py)."""
+    server = request.getfixturevalue("postgres") if request.param == "postgresql" else None
+    engine = StateEngine(request.param, tmp_path, server)
+    yield engine
+    engine.close()
 
 
 @pytest.fixture

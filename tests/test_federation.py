@@ -26,7 +26,7 @@ from node.core.entries import Enroll
 from node.core.equivocation import EquivocationProof, verify_equivocation
 from node.core.keys import NodeIdentity
 from node.core.merkle import MemoryTree, consistency_proof, leaf_hash
-from node.core.notes import Checkpoint, parse_note, sign_note
+from node.core.notes import MAX_NOTE_BYTES, Checkpoint, parse_note, sign_note
 from node.core.origins import log_id
 from node.core.roster import Roster, key_fingerprint, make_member
 from node.core.signed_requests import node_signer
@@ -35,12 +35,18 @@ from node.services.peer_client import signed_request
 from node.services.replication import PeerError, PeerStatus
 from node.services.roster import add_peer
 from node.services.runtime import open_runtime
-from node.store.federation_state import STATE_FILE, Equivocation, FederationState
+from node.store.federation_state import (
+    STATE_FILE,
+    Equivocation,
+    FederationState,
+    PostgresFederationState,
+)
 from node.store.ledger import LedgerStore
 from node.store.secrets import read_seed
 from tests.support.hostile_log import HostileLogServer, enrollments
 from tests.support.nodes import NodeProcess, free_port, run_cli, wait_until
 from tests.support.proxy import TcpProxy
+from tests.support.state_engines import StateEngine
 
 Factory = Callable[..., NodeProcess]
 
@@ -618,22 +624,67 @@ class TestSplitView:
         assert equivocation_proofs(d) == [] and trusted(d, c.origin)
 
 
+@pytest.fixture
+def open_federation_state(state_engine: StateEngine) -> Callable[[], FederationState]:
+    """Open the state (again: a restart on SQLite, another daemon on PostgreSQL)."""
+    return state_engine.opener(FederationState, STATE_FILE, PostgresFederationState)
+
+
 class TestEquivocationStore:
     def test_a_proof_is_kept_whole_across_reopening_and_recorded_once(
-        self, tmp_path: Path
+        self, open_federation_state: Callable[[], FederationState]
     ) -> None:
         identity = NodeIdentity.generate("c.example/imageshare")
         proof = EquivocationProof(identity.origin, ("note a", "note b"), bytes(32), (b"h" * 32,))
-        state = FederationState(tmp_path / STATE_FILE)
+        state = open_federation_state()
         assert state.record_equivocation(Equivocation(proof, "why", 7))
         assert not state.record_equivocation(Equivocation(proof, "again", 8))
         state.close()
-        reopened = FederationState(tmp_path / STATE_FILE)
+        reopened = open_federation_state()
         try:
             assert reopened.equivocations() == [Equivocation(proof, "why", 7)]
             assert reopened.equivocating_logs() == {proof.log_id}
+            assert not reopened.record_equivocation(Equivocation(proof, "elsewhere", 9))
         finally:
             reopened.close()
+
+    def test_a_proof_with_notes_padded_to_the_note_limit_is_still_recorded_once(
+        self, open_federation_state: Callable[[], FederationState]
+    ) -> None:
+        # Notes of up to a mebibyte are parsed; a key of them would not fit a B-tree.
+        padding = os.urandom(MAX_NOTE_BYTES // 4).hex()
+        notes = (f"note a\n{padding}", f"note b\n{padding}")
+        proof = EquivocationProof("c.example/imageshare", notes, None, ())
+        state = open_federation_state()
+        assert state.record_equivocation(Equivocation(proof, "why", 7))
+        assert not state.record_equivocation(Equivocation(proof, "again", 8))
+        swapped = replace(proof, notes=(notes[1], notes[0]))
+        assert state.record_equivocation(Equivocation(swapped, "the other order", 9))
+        assert [e.proof for e in state.equivocations()] == [proof, swapped]
+
+    def test_members_dealt_with_are_new_once_and_the_scan_position_is_replaced(
+        self, open_federation_state: Callable[[], FederationState]
+    ) -> None:
+        daemons = [open_federation_state(), open_federation_state()]
+        origins = {f"m{n}.example/imageshare" for n in range(10)}
+        with ThreadPoolExecutor(4) as pool:
+            added = list(
+                pool.map(lambda n: daemons[n % 2].add_dealings(origins, n, now=n), range(4))
+            )
+        assert set().union(*added) == origins and sum(len(a) for a in added) == 10
+        assert daemons[1].dealings() == origins
+        assert daemons[0].dealings_scanned() in range(4)
+        daemons[0].add_dealings(set(), 42, now=5)
+        assert daemons[1].dealings_scanned() == 42
+
+    def test_the_latest_checkpoint_of_a_log_replaces_the_one_kept(
+        self, open_federation_state: Callable[[], FederationState]
+    ) -> None:
+        state = open_federation_state()
+        assert state.checkpoint("log-1") is None
+        state.keep_checkpoint("log-1", "c.example/imageshare", 2, "note 2", "https://c/1")
+        state.keep_checkpoint("log-1", "c.example/imageshare", 3, "note 3", "https://c/2")
+        assert open_federation_state().checkpoint("log-1") == ("note 3", "https://c/2")
 
     def test_a_failing_database_raises_storage_failed_which_replication_handles(
         self, tmp_path: Path

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,9 @@ import pydicom
 import pytest
 
 from node.samples import SyntheticStudy, make_ct_study
-from node.store.forward_state import ForwardState
+from node.store.forward_state import ForwardState, PostgresForwardState
 from tests.support.nodes import NodeProcess, free_port, wait_until
+from tests.support.state_engines import StateEngine
 
 PACS = "PACS"
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -225,11 +228,19 @@ class TestForwardingStatus:
             running_node.get_json("/admin/api/forwarding", auth=False)
 
 
-class TestForwardState:
-    """The durable queue's rules, in process."""
+@pytest.fixture
+def open_forward_state(state_engine: StateEngine) -> Callable[[], ForwardState]:
+    """Open the queue (again: a restart on SQLite, another daemon on PostgreSQL)."""
+    return state_engine.opener(ForwardState, "forward.sqlite", PostgresForwardState)
 
-    def test_backoff_doubles_and_gives_up_at_the_attempt_limit(self, tmp_path: Path) -> None:
-        state = ForwardState(tmp_path / "forward.sqlite")
+
+class TestForwardState:
+    """The durable queue's rules, in process, on both engines."""
+
+    def test_backoff_doubles_and_gives_up_at_the_attempt_limit(
+        self, open_forward_state: Callable[[], ForwardState]
+    ) -> None:
+        state = open_forward_state()
         state.enqueue([(1, "1.2.3", "1.2"), (2, "1.2.4", "1.2")], now=100.0)
         assert state.last_rowid == 2
         for attempt, next_try, kept in (
@@ -254,9 +265,9 @@ class TestForwardState:
         state.close()
 
     def test_a_cancelled_instance_stays_cancelled_when_an_attempt_in_flight_fails(
-        self, tmp_path: Path
+        self, open_forward_state: Callable[[], ForwardState]
     ) -> None:
-        state = ForwardState(tmp_path / "forward.sqlite")
+        state = open_forward_state()
         state.enqueue([(1, "1.2.3", "1.2")], now=1.0)
         in_flight = state.due(now=1.0, limit=10)
         assert state.cancel("1.2.3")
@@ -267,11 +278,31 @@ class TestForwardState:
         assert (state.summary()["cancelled"], state.summary()["problems"]) == (1, [])
         state.close()
 
-    def test_state_survives_reopening(self, tmp_path: Path) -> None:
-        state = ForwardState(tmp_path / "forward.sqlite")
+    def test_state_survives_reopening(self, open_forward_state: Callable[[], ForwardState]) -> None:
+        state = open_forward_state()
         state.enqueue([(7, "1.2.3", "1.2")], now=5.0)
         state.close()
-        reopened = ForwardState(tmp_path / "forward.sqlite")
+        reopened = open_forward_state()
         assert reopened.last_rowid == 7
         assert [q.sop_instance_uid for q in reopened.due(now=5.0, limit=10)] == ["1.2.3"]
+        reopened.advance(3)  # the cursor never moves back
+        assert reopened.last_rowid == 7
         reopened.close()
+
+    def test_two_daemons_queueing_the_same_arrivals_at_once_queue_each_once(
+        self, open_forward_state: Callable[[], ForwardState]
+    ) -> None:
+        daemons = [open_forward_state(), open_forward_state()]
+        arrivals = [(n, f"1.2.{n}", "1.2") for n in range(1, 31)]
+        start = threading.Barrier(6)
+
+        def enqueue(n: int) -> None:
+            start.wait()
+            daemons[n % 2].enqueue(arrivals[: 10 + 4 * n], now=1.0)
+
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(enqueue, range(6)))
+        assert daemons[0].last_rowid == 30
+        summary = daemons[1].summary()
+        assert (summary["pending"], summary["index_position"]) == (30, 30)
+        assert len(daemons[1].due(now=1.0, limit=100)) == 30

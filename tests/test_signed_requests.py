@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +38,9 @@ from node.edges.http.app import errors_middleware
 from node.edges.http.signed import authenticate
 from node.errors import BadInput, Unauthorized
 from node.services.peer_client import signed_request
-from node.store.nonces import NonceStore
+from node.store.nonces import NonceStore, PostgresNonceStore
 from tests.support.nodes import free_port
+from tests.support.state_engines import StateEngine
 
 ORIGIN = "a.example/imageshare"
 # The node that receives the requests of these tests.
@@ -242,23 +245,59 @@ class TestParseHeaders:
             check_signature(parsed, "GET", "/", "", b"\0" * 32, b"\1" * 32, parsed.timestamp, 300)
 
 
+@pytest.fixture
+def open_nonces(state_engine: StateEngine) -> Callable[..., NonceStore]:
+    """Open the nonce store (again: a restart on SQLite, another daemon on PostgreSQL)."""
+
+    def open_store(max_age: int = 300) -> NonceStore:
+        return state_engine.open(
+            lambda directory: NonceStore(directory / "n.sqlite", max_age),
+            lambda pool: PostgresNonceStore(pool, max_age),
+        )
+
+    return open_store
+
+
 class TestNonceStore:
-    def test_second_use_of_a_nonce_is_a_replay(self, tmp_path: Path) -> None:
-        store = NonceStore(tmp_path / "n.sqlite")
+    def test_second_use_of_a_nonce_is_a_replay(
+        self, open_nonces: Callable[..., NonceStore]
+    ) -> None:
+        store = open_nonces()
         assert store.remember("node:a", b"1" * 16, NOW, now=NOW)
         assert not store.remember("node:a", b"1" * 16, NOW, now=NOW)
         assert store.remember("node:b", b"1" * 16, NOW, now=NOW)
 
-    def test_replay_is_remembered_across_restarts(self, tmp_path: Path) -> None:
-        NonceStore(tmp_path / "n.sqlite").remember("node:a", b"1" * 16, NOW, now=NOW)
-        reopened = NonceStore(tmp_path / "n.sqlite")
-        assert not reopened.remember("node:a", b"1" * 16, NOW, now=NOW)
+    def test_replay_is_remembered_across_restarts_and_daemons(
+        self, open_nonces: Callable[..., NonceStore]
+    ) -> None:
+        open_nonces().remember("node:a", b"1" * 16, NOW, now=NOW)
+        other = open_nonces()
+        assert not other.remember("node:a", b"1" * 16, NOW, now=NOW)
 
-    def test_nonces_older_than_max_age_are_pruned(self, tmp_path: Path) -> None:
-        store = NonceStore(tmp_path / "n.sqlite", max_age=300)
+    def test_nonces_older_than_max_age_are_pruned(
+        self, open_nonces: Callable[..., NonceStore]
+    ) -> None:
+        store = open_nonces(max_age=300)
         store.remember("node:a", b"1" * 16, NOW, now=NOW)
         store.remember("node:a", b"2" * 16, NOW + 1000, now=NOW + 1000)
         assert store.count() == 1
+
+    def test_the_same_nonce_sent_to_two_daemons_at_once_is_accepted_once(
+        self, open_nonces: Callable[..., NonceStore]
+    ) -> None:
+        # On SQLite the two stores are two connections to one file, as two processes.
+        daemons = [open_nonces(), open_nonces()]
+        for attempt in range(20):
+            nonce = attempt.to_bytes(16, "big")
+            start = threading.Barrier(8)
+
+            def race(store: NonceStore, nonce: bytes = nonce, start: Any = start) -> bool:
+                start.wait()
+                return store.remember("node:a", nonce, NOW, now=NOW)
+
+            with ThreadPoolExecutor(8) as pool:
+                accepted = list(pool.map(race, [daemons[i % 2] for i in range(8)]))
+            assert accepted.count(True) == 1, attempt
 
 
 def run_with_server(

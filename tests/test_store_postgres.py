@@ -10,7 +10,11 @@ server's behaviour.
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +23,16 @@ from typing import Any
 import pydicom
 import pytest
 import requests
+import yarl
 from dicomweb_client.api import DICOMwebClient
 
 from node.config import load_config
+from node.core.keys import NodeIdentity
+from node.core.signed_requests import patient_signer
 from node.errors import ConfigError, StorageFailed
 from node.samples import SyntheticStudy, make_ct_study
 from node.services.ingest import import_files
+from node.services.peer_client import signed_headers
 from node.store.attributes import Level
 from node.store.instances import SqliteInstanceStore
 from node.store.objects import ObjectCorrupt, ObjectStoreSettings, S3Objects
@@ -130,6 +138,18 @@ class TestIngestAndRetrieve:
         assert sop_uids <= _indexed(large, stowed.study_uid)
         assert {large.object_key(_sha256(f)) for f in sent} <= _objects(large)
 
+    def test_the_node_s_state_stores_are_tables_in_postgresql_not_files(
+        self, large: LargeNode, stowed: SyntheticStudy
+    ) -> None:
+        import psycopg
+
+        with psycopg.connect(large.dsn) as conn:
+            rows = conn.execute("SELECT DISTINCT component FROM schema_migrations").fetchall()
+        # Replication and transfers open their stores when the daemon starts.
+        assert {"index", "federation", "transfers"} <= {row[0] for row in rows}
+        state_files = ["consent", "links", "federation", "nonces", "transfers", "forward"]
+        assert not [f for f in state_files if (large.node.data_dir / f"{f}.sqlite").exists()]
+
     def test_storescu_instances_are_indexed_and_stored(
         self, large: LargeNode, stowed: SyntheticStudy
     ) -> None:
@@ -233,6 +253,44 @@ class TestDurability:
         # Sent again, the instance is a duplicate of its index row: the object stays
         # damaged until an operator restores it (docs/operations.md).
         assert _indexed(large, stowed.study_uid) == set(stowed.sop_uids)
+
+
+def _refusal(daemon: NodeProcess, headers: dict[str, str]) -> str:
+    """Why ``daemon`` refuses GET /p2p/whoami with these signature headers."""
+    request = urllib.request.Request(daemon.url + "/p2p/whoami", headers=headers)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 401
+    return str(json.loads(refused.value.read())["error"])
+
+
+class TestTwoDaemons:
+    def test_a_signed_request_replayed_to_another_daemon_of_the_node_is_refused(
+        self, large: LargeNode, tmp_path: Path
+    ) -> None:
+        # A second daemon of the same node: its key, its PostgreSQL and its bucket.
+        second = init_node(tmp_path, large.node.origin, "second")
+        shutil.copy(large.node.data_dir / "node.key", second.data_dir / "node.key")
+        settings = node_store_settings(second.data_dir, large.dsn, large.s3, large.bucket)
+        second.append_config(settings)
+        second.start()
+        try:
+            # A patient's signed request is verified and its nonce spent even though the
+            # key is enrolled nowhere: the first answer is "unknown signer".
+            patient = NodeIdentity.generate("patient.example/p")
+            target = yarl.URL(large.node.url + "/p2p/whoami")
+
+            def signed() -> dict[str, str]:
+                signer = patient_signer(patient.public_key)
+                return signed_headers(patient.sign, signer, "GET", target, b"", large.node.origin)
+
+            once = signed()
+            assert _refusal(large.node, once).startswith("unknown signer")
+            assert _refusal(second, signed()).startswith("unknown signer")  # no replay
+            assert _refusal(second, once) == "replayed nonce"
+            assert _refusal(large.node, once) == "replayed nonce"
+        finally:
+            second.stop()
 
 
 class TestHostileObjects:

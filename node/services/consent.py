@@ -66,8 +66,7 @@ from node.core.rate_limit import SlidingWindowLimit
 from node.errors import BadInput, ConfigError, Conflict, Forbidden, NotFound, Unauthorized
 from node.services.ledger import LedgerService
 from node.services.runtime import NodeRuntime
-from node.store.consent_state import FILE_NAME as STATE_FILE
-from node.store.consent_state import ConsentState
+from node.store.backends import open_consent_state
 from node.store.secrets import read_secret, read_seed, write_secret, write_seed
 
 log = logging.getLogger(__name__)
@@ -130,7 +129,7 @@ class ConsentService:
 
     def __init__(self, runtime: NodeRuntime) -> None:
         self.runtime = runtime
-        self.state = ConsentState(runtime.config.data_dir / STATE_FILE)
+        self.state = open_consent_state(runtime.config)
         self.lock = threading.RLock()
         self._reference_key = _load_or_create_reference_key(runtime)
         self.denial_limit = SlidingWindowLimit(

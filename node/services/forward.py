@@ -32,8 +32,8 @@ from node.services.dimse_transport import (
     read_instance,
     storage_contexts,
 )
-from node.store.forward_state import CANCELLED, ForwardState, QueuedInstance
-from node.store.forward_state import FILE_NAME as STATE_FILE
+from node.store.backends import open_forward_state
+from node.store.forward_state import CANCELLED, QueuedInstance
 
 if TYPE_CHECKING:
     from node.config import ForwardConfig
@@ -62,7 +62,7 @@ class Forwarder:
         self.opinions = runtime.services.reports.opinions
         # Raises ConfigError now, at start, for certificates that cannot be loaded.
         self.tls_args = client_tls_args(self.config, self.config.host, "[forward]")
-        self.state = ForwardState(runtime.config.data_dir / STATE_FILE)
+        self.state = open_forward_state(runtime.config)
         self.poll_seconds = poll_seconds
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

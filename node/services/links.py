@@ -74,8 +74,9 @@ from node.services import consent
 from node.services.peer_client import open_session
 from node.services.previews import owned_study_uid
 from node.services.runtime import NodeRuntime
+from node.store.backends import open_link_store
 from node.store.instances import Outcome, StagedInstance
-from node.store.links import LinkRecord, LinkStore
+from node.store.links import LinkRecord
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class LinkService:
 
     def __init__(self, runtime: NodeRuntime) -> None:
         self.runtime = runtime
-        self.store = LinkStore(runtime.config.data_dir / "links.sqlite")
+        self.store = open_link_store(runtime.config)
         self._sessions: dict[str, float] = {}  # grantee -> when its session began
         self._sessions_lock = threading.Lock()
         self._passcode_lock = threading.Lock()

@@ -68,7 +68,8 @@ from node.services.peer_client import (
 )
 from node.services.roster import RosterService, move_member_key
 from node.services.runtime import NodeRuntime
-from node.store.federation_state import STATE_FILE, Equivocation, FederationState
+from node.store.backends import open_federation_state
+from node.store.federation_state import Equivocation
 from node.store.ledger import LedgerStore, MirrorLog, OwnLog
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,7 @@ class ReplicationService:
         self.runtime = runtime
         self.settings = runtime.config.federation
         self.roster: RosterService = runtime.services.roster
-        self.state = FederationState(runtime.config.data_dir / STATE_FILE)
+        self.state = open_federation_state(runtime.config)
         self.peers: dict[str, PeerStatus] = {}
         self.ignored_by_discovery: dict[str, str] = {}
         self._distrusted = self.state.equivocating_logs()

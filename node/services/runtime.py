@@ -154,7 +154,7 @@ class NodeServices:
     def reports(self) -> ReportService:
         """Reports kept as DICOM in their studies (docs/reports.md)."""
         from node.services.reports import ReportService
-        from node.store.opinions import FILE_NAME, OpinionStore
+        from node.store.backends import open_opinion_store
 
         runtime = self._runtime
         return self._once(
@@ -162,7 +162,7 @@ class NodeServices:
             lambda: ReportService(
                 runtime.store,
                 runtime.config.reports.max_document_bytes,
-                OpinionStore(runtime.config.data_dir / FILE_NAME),
+                open_opinion_store(runtime.config),
             ),
         )
 
@@ -178,13 +178,9 @@ class NodeServices:
     @property
     def nonces(self) -> NonceStore:
         """Nonces of signed requests seen, shared by /p2p and /patient."""
-        from node.store.nonces import NONCES_FILE, NonceStore
+        from node.store.backends import open_nonce_store
 
-        config = self._runtime.config
-        return self._once(
-            "nonces",
-            lambda: NonceStore(config.data_dir / NONCES_FILE, config.federation.max_request_age),
-        )
+        return self._once("nonces", lambda: open_nonce_store(self._runtime.config))
 
     def close(self) -> None:
         """Close every service built, the last built first."""

@@ -112,9 +112,10 @@ from node.services.peer_client import (
     read_bounded,
 )
 from node.services.runtime import NodeRuntime
+from node.store.backends import open_transfer_store
 from node.store.instances import InstanceRecord, StagedInstance, StagingFile
 from node.store.pacs_cache import CachedInstance
-from node.store.transfers import StreamedInstance, TransferStore
+from node.store.transfers import StreamedInstance
 
 log = logging.getLogger(__name__)
 
@@ -387,7 +388,7 @@ class TransferService:
 
     def __init__(self, runtime: NodeRuntime) -> None:
         self.runtime = runtime
-        self.store = TransferStore(runtime.config.data_dir)
+        self.store = open_transfer_store(runtime.config)
         self.sessions: dict[str, SenderSession] = {}
         self.jobs: dict[str, FetchJob] = {}
         self.outgoing: collections.OrderedDict[str, OutgoingProgress] = collections.OrderedDict()

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from node.config import NodeConfig
+from node.store import (
+    consent_state,
+    federation_state,
+    forward_state,
+    links,
+    nonces,
+    opinions,
+    transfers,
+)
 from node.store.instances import SqliteInstanceStore
 from node.store.protocols import InstanceStore
 
@@ -38,4 +51,108 @@ def open_instance_store(config: NodeConfig) -> InstanceStore:
         S3Objects(settings),
         store.max_instance_bytes,
         store.max_inflation_ratio,
+    )
+
+
+# ---- the node's state stores (nonces, consent, links, transfers, forwarding, federation,
+# opinions): on SQLite, a file each in the data directory; on PostgreSQL, tables of the
+# index's database, one pool per process shared by them all.
+
+T = TypeVar("T")
+
+_state_pools: dict[str, Any] = {}
+_state_pools_lock = threading.Lock()
+
+
+def state_pool(config: NodeConfig) -> Any:
+    """The process's pool for the state stores on PostgreSQL (opened on first use)."""
+    from node.store.postgres import PostgresSettings, open_pool
+
+    with _state_pools_lock:
+        pool = _state_pools.get(config.store.dsn)
+        if pool is None:
+            pool = open_pool(PostgresSettings(config.store.dsn, config.store.pool_size))
+            _state_pools[config.store.dsn] = pool
+        return pool
+
+
+def _state_store(
+    config: NodeConfig, sqlite: Callable[[Path], T], postgresql: Callable[[Any], T]
+) -> T:
+    """``sqlite(data_dir)``, or ``postgresql(pool)`` with the process's state pool."""
+    if config.store.backend == "sqlite":
+        return sqlite(config.data_dir)
+    return postgresql(state_pool(config))
+
+
+def _file_or_tables(
+    config: NodeConfig, sqlite: Callable[[Path], T], file_name: str, postgresql: Callable[[Any], T]
+) -> T:
+    """A store opened on its SQLite file in the data directory, or on the state pool."""
+    return _state_store(config, lambda data_dir: sqlite(data_dir / file_name), postgresql)
+
+
+def open_nonce_store(config: NodeConfig) -> nonces.NonceStore:
+    """Nonces of signed requests seen (node/store/nonces.py)."""
+    max_age = config.federation.max_request_age
+    return _state_store(
+        config,
+        lambda data_dir: nonces.NonceStore(data_dir / nonces.FILE_NAME, max_age),
+        lambda pool: nonces.PostgresNonceStore(pool, max_age),
+    )
+
+
+def open_consent_state(config: NodeConfig) -> consent_state.ConsentState:
+    """Enrolments, grants and revocations replayed from the log (node/store/consent_state.py)."""
+    return _file_or_tables(
+        config,
+        consent_state.ConsentState,
+        consent_state.FILE_NAME,
+        consent_state.PostgresConsentState,
+    )
+
+
+def open_link_store(config: NodeConfig) -> links.LinkStore:
+    """The custodian's share links (node/store/links.py)."""
+    return _file_or_tables(config, links.LinkStore, links.FILE_NAME, links.PostgresLinkStore)
+
+
+def daemon_name(config: NodeConfig) -> str:
+    """This daemon among the node's: its host and data directory, the same after a restart."""
+    return f"{socket.gethostname()}:{config.data_dir.resolve()}"
+
+
+def open_transfer_store(config: NodeConfig) -> transfers.TransferStore:
+    """The transfer journal and fetch history (node/store/transfers.py)."""
+    return _state_store(
+        config,
+        transfers.TransferStore,
+        lambda pool: transfers.PostgresTransferStore(pool, daemon_name(config)),
+    )
+
+
+def open_forward_state(config: NodeConfig) -> forward_state.ForwardState:
+    """The forwarder's cursor and queue (node/store/forward_state.py)."""
+    return _file_or_tables(
+        config,
+        forward_state.ForwardState,
+        forward_state.FILE_NAME,
+        forward_state.PostgresForwardState,
+    )
+
+
+def open_federation_state(config: NodeConfig) -> federation_state.FederationState:
+    """Equivocation proofs and selective mirroring's state (node/store/federation_state.py)."""
+    return _file_or_tables(
+        config,
+        federation_state.FederationState,
+        federation_state.STATE_FILE,
+        federation_state.PostgresFederationState,
+    )
+
+
+def open_opinion_store(config: NodeConfig) -> opinions.OpinionStore:
+    """The state of returned opinions (node/store/opinions.py)."""
+    return _file_or_tables(
+        config, opinions.OpinionStore, opinions.FILE_NAME, opinions.PostgresOpinionStore
     )

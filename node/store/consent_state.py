@@ -8,7 +8,9 @@ replaying it (``applied_size`` says how far it got), so the log stays the only t
 - ``study_refs`` (study reference -> Study Instance UID) remembers keyed references the
   node has computed so that it can resolve them again.
 
-One SQLite file, WAL with synchronous=FULL, safe for several threads and processes.
+One SQLite file, WAL with synchronous=FULL, safe for several threads and processes; or
+the same tables in PostgreSQL (component "consent"), shared by every daemon of the node,
+each replaying the log into them under the store's transaction lock.
 """
 
 from __future__ import annotations
@@ -31,6 +33,13 @@ from node.core.entries import (
     Revoke,
 )
 from node.errors import BadInput
+from node.store.pg_sql import (
+    SqlConnection,
+    StateDatabase,
+    open_pg_database,
+    postgresql_schema,
+    script,
+)
 from node.store.sqlite import LockedDatabase, Migration
 
 FILE_NAME = "consent.sqlite"
@@ -71,6 +80,10 @@ CREATE TABLE IF NOT EXISTS break_glass (
 MIGRATIONS: tuple[Migration, ...] = (SCHEMA, ROUND_TWO_SCHEMA)
 
 
+# The same tables on PostgreSQL (node/store/postgres.py ``migrate``, component "consent").
+PG_MIGRATIONS = (script(postgresql_schema(SCHEMA + ROUND_TWO_SCHEMA)),)
+
+
 @dataclass(frozen=True)
 class KeyRecord:
     public_key: bytes
@@ -105,26 +118,30 @@ class GrantRow:
     ledger_index: int
 
 
-class ConsentState(LockedDatabase):
+class ConsentState:
     """The consent tables of one node."""
 
     def __init__(self, db_path: Path) -> None:
-        super().__init__(db_path, MIGRATIONS)
+        self._database: StateDatabase = LockedDatabase(db_path, MIGRATIONS)
+
+    def close(self) -> None:
+        self._database.close()
 
     def _one(self, sql: str, args: Iterable[Any] = ()) -> Any:
-        with self._lock:
-            return self._db.execute(sql, tuple(args)).fetchone()
+        with self._database.connection() as db:
+            return db.execute(sql, tuple(args)).fetchone()
 
     def _all(self, sql: str, args: Iterable[Any] = ()) -> list[Any]:
-        with self._lock:
-            return self._db.execute(sql, tuple(args)).fetchall()
+        with self._database.connection() as db:
+            return db.execute(sql, tuple(args)).fetchall()
 
     # -- private mappings ----------------------------------------------------------------
 
     def bind_subject(self, subject: bytes, patient_id: str) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT OR IGNORE INTO subjects (subject, patient_id) VALUES (?, ?)",
+        with self._database.connection() as db:
+            # No conflict target: a subject or a patient already bound keeps its binding.
+            db.execute(
+                "INSERT INTO subjects (subject, patient_id) VALUES (?, ?) ON CONFLICT DO NOTHING",
                 (subject, patient_id),
             )
 
@@ -133,9 +150,10 @@ class ConsentState(LockedDatabase):
         return None if row is None else str(row[0])
 
     def remember_study_refs(self, refs: Mapping[bytes, str]) -> None:
-        with self._lock:
-            self._db.executemany(
-                "INSERT OR IGNORE INTO study_refs (ref, study_uid) VALUES (?, ?)",
+        with self._database.connection() as db:
+            db.executemany(
+                "INSERT INTO study_refs (ref, study_uid) VALUES (?, ?)"
+                " ON CONFLICT (ref) DO NOTHING",
                 list(refs.items()),
             )
 
@@ -147,7 +165,12 @@ class ConsentState(LockedDatabase):
 
     @property
     def applied_size(self) -> int:
-        row = self._one("SELECT value FROM replay WHERE name = 'applied_size'")
+        with self._database.connection() as db:
+            return self._applied_size(db)
+
+    @staticmethod
+    def _applied_size(db: SqlConnection) -> int:
+        row = db.execute("SELECT value FROM replay WHERE name = 'applied_size'").fetchone()
         return 0 if row is None else int(row[0])
 
     def apply(self, start: int, entries: Sequence[EntryBody]) -> None:
@@ -157,30 +180,25 @@ class ConsentState(LockedDatabase):
         Kinds other than enroll, grant, revoke, delegation, emergency_policy and break_glass
         only advance the replay position.
         """
-        with self._lock:
-            row = self._db.execute("SELECT value FROM replay WHERE name = 'applied_size'")
-            applied = (row.fetchone() or (0,))[0]
+        if start + len(entries) <= self.applied_size:
+            return  # nothing new: no write lock taken
+        with self._database.transaction() as db:
+            # Read again under the lock: another daemon may have applied them meanwhile.
+            applied = self._applied_size(db)
             if start > applied:
                 raise ValueError(f"consent replay gap: entry {start} before entry {applied}")
             fresh = entries[applied - start :]
             if not fresh:
                 return
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for offset, body in enumerate(fresh):
-                    self._apply_locked(applied + offset, body)
-                self._db.execute(
-                    "INSERT INTO replay (name, value) VALUES ('applied_size', ?)"
-                    " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-                    (applied + len(fresh),),
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+            for offset, body in enumerate(fresh):
+                self._apply_one(db, applied + offset, body)
+            db.execute(
+                "INSERT INTO replay (name, value) VALUES ('applied_size', ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (applied + len(fresh),),
+            )
 
-    def _apply_locked(self, index: int, body: EntryBody) -> None:
-        db = self._db
+    def _apply_one(self, db: SqlConnection, index: int, body: EntryBody) -> None:
         if isinstance(body, Enroll):
             if body.replaces is not None:
                 db.execute(
@@ -189,8 +207,9 @@ class ConsentState(LockedDatabase):
                     (index, body.replaces),
                 )
             db.execute(
-                "INSERT OR IGNORE INTO patient_keys (public_key, subject, enrolled_index)"
-                " VALUES (?, ?, ?)",
+                "INSERT INTO patient_keys (public_key, subject, enrolled_index)"
+                " VALUES (?, ?, ?)"
+                " ON CONFLICT (public_key) DO NOTHING",
                 (body.key, body.subject, index),
             )
         elif isinstance(body, Grant):
@@ -199,8 +218,9 @@ class ConsentState(LockedDatabase):
             except BadInput:
                 return  # never written by this node; a bad entry must not stall the replay
             db.execute(
-                "INSERT OR IGNORE INTO grants (token_id, patient_key, token, ledger_index)"
-                " VALUES (?, ?, ?, ?)",
+                "INSERT INTO grants (token_id, patient_key, token, ledger_index)"
+                " VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (token_id) DO NOTHING",
                 (token.token_id, token.patient_key, token.raw, index),
             )
         elif isinstance(body, Revoke):
@@ -209,8 +229,9 @@ class ConsentState(LockedDatabase):
             except BadInput:
                 return
             db.execute(
-                "INSERT OR IGNORE INTO revocations (patient_key, token_id, ledger_index)"
-                " VALUES (?, ?, ?)",
+                "INSERT INTO revocations (patient_key, token_id, ledger_index)"
+                " VALUES (?, ?, ?)"
+                " ON CONFLICT (patient_key, token_id) DO NOTHING",
                 (revocation.patient_key, revocation.token_id, index),
             )
 
@@ -220,8 +241,9 @@ class ConsentState(LockedDatabase):
             except BadInput:
                 return
             db.execute(
-                "INSERT OR IGNORE INTO emergency_policies (patient_key, ledger_index, policy)"
-                " VALUES (?, ?, ?)",
+                "INSERT INTO emergency_policies (patient_key, ledger_index, policy)"
+                " VALUES (?, ?, ?)"
+                " ON CONFLICT (patient_key, ledger_index) DO NOTHING",
                 (policy.patient_key, index, policy.raw),
             )
         elif isinstance(body, DelegationEntry | DeskDelegation):
@@ -230,14 +252,16 @@ class ConsentState(LockedDatabase):
             except BadInput:
                 return
             db.execute(
-                "INSERT OR IGNORE INTO delegations"
-                " (delegation_id, patient_key, delegation, ledger_index) VALUES (?, ?, ?, ?)",
+                "INSERT INTO delegations"
+                " (delegation_id, patient_key, delegation, ledger_index) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (delegation_id) DO NOTHING",
                 (delegation.delegation_id, delegation.patient_key, delegation.raw, index),
             )
         elif isinstance(body, BreakGlass):
             db.execute(
-                "INSERT OR IGNORE INTO break_glass (request, requester, studies, ledger_index)"
-                " VALUES (?, ?, ?, ?)",
+                "INSERT INTO break_glass (request, requester, studies, ledger_index)"
+                " VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (request) DO NOTHING",
                 (body.request, body.requester, body.studies, index),
             )
 
@@ -329,3 +353,10 @@ class ConsentState(LockedDatabase):
             (public_key, token_id),
         )
         return None if row is None else int(row[0])
+
+
+class PostgresConsentState(ConsentState):
+    """The consent tables in PostgreSQL, shared by every daemon of the node."""
+
+    def __init__(self, pool: Any) -> None:
+        self._database = open_pg_database(pool, PG_MIGRATIONS, "consent", "consent state")

@@ -6,7 +6,8 @@ changes. ``federation.sqlite`` holds equivocations: verified proofs (two validly
 inconsistent checkpoints of one log and the hashes that show it, node.core.equivocation),
 kept forever as the proof that its node misbehaved; and, for selective mirroring, the
 members this node deals with (whose logs it mirrors), how far its own log was read for
-them, and the latest verified checkpoint of each log it does not mirror.
+them, and the latest verified checkpoint of each log it does not mirror. On PostgreSQL
+(component "federation") the same tables serve every daemon of the node.
 """
 
 from __future__ import annotations
@@ -14,16 +15,17 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import threading
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from node.core.equivocation import EquivocationProof
 from node.core.merkle import HASH_SIZE
 from node.core.roster import Member, make_member
 from node.errors import ConfigError, ImageShareError
-from node.store.sqlite import Migration, add_missing_columns, open_database
+from node.store.pg_sql import StateDatabase, open_pg_database, script
+from node.store.sqlite import LockedDatabase, Migration, add_missing_columns
 
 ROSTER_FILE = "peers.toml"
 STATE_FILE = "federation.sqlite"
@@ -135,21 +137,50 @@ def _create_mirroring(conn: sqlite3.Connection) -> None:
 # Schema versions (node/store/sqlite.py): position n upgrades version n to n + 1.
 MIGRATIONS: tuple[Migration, ...] = (_create_equivocations, _create_mirroring)
 
+# The same tables on PostgreSQL (node/store/postgres.py ``migrate``, component
+# "federation"). A B-tree key holds at most a few kilobytes and a note may hold up to a
+# mebibyte, so a pair of notes is unique by its digests (``notes_digest``, PostgreSQL's
+# alone, derived from the notes), never by the notes themselves: a peer cannot make its
+# proof unrecordable by padding its notes.
+PG_MIGRATIONS = (
+    script(
+        """
+        -- Immutable as declared: a database's encoding is fixed when it is created.
+        CREATE OR REPLACE FUNCTION imageshare_note_digest(note text) RETURNS bytea
+            LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT sha256(convert_to(note, 'UTF8')) $$;
+        CREATE TABLE IF NOT EXISTS equivocations (
+            log_id TEXT COLLATE "C" NOT NULL, origin TEXT NOT NULL, note_a TEXT NOT NULL,
+            note_b TEXT NOT NULL, reason TEXT NOT NULL, detected_at BIGINT NOT NULL,
+            prefix_root BYTEA, consistency BYTEA NOT NULL DEFAULT ''::bytea,
+            notes_digest BYTEA GENERATED ALWAYS AS (
+                imageshare_note_digest(note_a) || imageshare_note_digest(note_b)) STORED,
+            UNIQUE (log_id, notes_digest));
+        CREATE TABLE IF NOT EXISTS dealings (origin TEXT PRIMARY KEY, since BIGINT NOT NULL);
+        CREATE TABLE IF NOT EXISTS dealings_scanned (size BIGINT NOT NULL);
+        CREATE TABLE IF NOT EXISTS checkpoints (
+            log_id TEXT PRIMARY KEY, origin TEXT NOT NULL, size BIGINT NOT NULL,
+            note TEXT NOT NULL, source TEXT NOT NULL);
+        """
+    ),
+)
+
 
 class FederationState:
     """Durable equivocation proofs (WAL, synchronous=FULL)."""
 
     def __init__(self, db_path: Path) -> None:
-        self._lock = threading.Lock()
         # Replication handles StorageFailed like its other failures (never sqlite3's).
-        self._db = open_database(db_path, MIGRATIONS, node_errors=True)
+        self._database: StateDatabase = LockedDatabase(db_path, MIGRATIONS, node_errors=True)
 
     def record_equivocation(self, found: Equivocation) -> bool:
         """Keep the proof durably; False if this pair of notes was already recorded."""
         proof = found.proof
-        with self._lock:
-            cursor = self._db.execute(
-                "INSERT OR IGNORE INTO equivocations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        with self._database.connection() as db:
+            # No conflict target: the key of a pair of notes is each engine's own.
+            cursor = db.execute(
+                "INSERT INTO equivocations (log_id, origin, note_a, note_b, reason, detected_at,"
+                " prefix_root, consistency) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
                 (
                     proof.log_id,
                     proof.origin,
@@ -165,8 +196,8 @@ class FederationState:
 
     def equivocations(self) -> list[Equivocation]:
         """Every proof kept, oldest first."""
-        with self._lock:
-            rows = self._db.execute(
+        with self._database.connection() as db:
+            rows = db.execute(
                 "SELECT origin, note_a, note_b, prefix_root, consistency, reason, detected_at"
                 " FROM equivocations ORDER BY detected_at, log_id"
             ).fetchall()
@@ -182,8 +213,8 @@ class FederationState:
 
     def equivocating_logs(self) -> set[str]:
         """Log IDs whose new entries are no longer accepted."""
-        with self._lock:
-            rows = self._db.execute("SELECT DISTINCT log_id FROM equivocations").fetchall()
+        with self._database.connection() as db:
+            rows = db.execute("SELECT DISTINCT log_id FROM equivocations").fetchall()
         return {row[0] for row in rows}
 
     # ---- selective mirroring ---------------------------------------------------------------
@@ -191,39 +222,39 @@ class FederationState:
     def add_dealings(self, origins: set[str], scanned_size: int | None, now: int) -> set[str]:
         """Keep ``origins`` as members dealt with (and, if given, the own log's size read
         for them), durably in one transaction; returns those that are new."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                held = {row[0] for row in self._db.execute("SELECT origin FROM dealings")}
-                new = origins - held
-                self._db.executemany(
-                    "INSERT INTO dealings VALUES (?, ?)", [(o, now) for o in sorted(new)]
-                )
-                if scanned_size is not None:
-                    self._db.execute("DELETE FROM dealings_scanned")
-                    self._db.execute("INSERT INTO dealings_scanned VALUES (?)", (scanned_size,))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            return new
+        with self._database.transaction() as db:
+            new = {
+                origin
+                for origin in sorted(origins)
+                if db.execute(
+                    "INSERT INTO dealings (origin, since) VALUES (?, ?)"
+                    " ON CONFLICT (origin) DO NOTHING",
+                    (origin, now),
+                ).rowcount
+                == 1
+            }
+            if scanned_size is not None:
+                db.execute("DELETE FROM dealings_scanned")
+                db.execute("INSERT INTO dealings_scanned (size) VALUES (?)", (scanned_size,))
+        return new
 
     def dealings(self) -> set[str]:
-        with self._lock:
-            return {row[0] for row in self._db.execute("SELECT origin FROM dealings")}
+        with self._database.connection() as db:
+            return {row[0] for row in db.execute("SELECT origin FROM dealings")}
 
     def dealings_scanned(self) -> int:
         """The size of this node's own log already read for dealings (0: none)."""
-        with self._lock:
-            row = self._db.execute("SELECT size FROM dealings_scanned").fetchone()
+        with self._database.connection() as db:
+            row = db.execute("SELECT size FROM dealings_scanned").fetchone()
         return 0 if row is None else int(row[0])
 
     def keep_checkpoint(self, log_id: str, origin: str, size: int, note: str, source: str) -> None:
         """Keep the latest verified checkpoint of a log not mirrored here (replacing it),
         and the URL of the log's API that served it (which can prove its tree)."""
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?) ON CONFLICT (log_id) DO UPDATE"
+        with self._database.connection() as db:
+            db.execute(
+                "INSERT INTO checkpoints (log_id, origin, size, note, source)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (log_id) DO UPDATE"
                 " SET size=excluded.size, note=excluded.note, source=excluded.source",
                 (log_id, origin, size, note, source),
             )
@@ -231,12 +262,18 @@ class FederationState:
     def checkpoint(self, log_id: str) -> tuple[str, str] | None:
         """The latest verified checkpoint note kept of a log not mirrored here and where it
         was served, or None."""
-        with self._lock:
-            row = self._db.execute(
+        with self._database.connection() as db:
+            row = db.execute(
                 "SELECT note, source FROM checkpoints WHERE log_id=?", (log_id,)
             ).fetchone()
         return None if row is None else (str(row[0]), str(row[1]))
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._database.close()
+
+
+class PostgresFederationState(FederationState):
+    """The federation's tables in PostgreSQL, shared by the daemons of the node."""
+
+    def __init__(self, pool: Any) -> None:
+        self._database = open_pg_database(pool, PG_MIGRATIONS, "federation", "federation")

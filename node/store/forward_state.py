@@ -9,25 +9,27 @@ Kept in ``forward.sqlite`` beside the index (WAL, synchronous=FULL)::
     totals(id=1, forwarded, last_success_at, last_error, last_error_at)
 
 Moving new instances into the queue and advancing the cursor is one transaction, so a
-crash never skips or loses an instance; a delivered instance leaves the queue.
+crash never skips or loses an instance; a delivered instance leaves the queue. On
+PostgreSQL (component "forward") the same tables serve every daemon of the node, each
+change one transaction under the store's lock.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from node.store.sqlite import Migration, open_database
+from node.store.pg_sql import StateDatabase, open_pg_database, postgresql_schema, script
+from node.store.sqlite import LockedDatabase, Migration
 
 FILE_NAME = "forward.sqlite"
 PENDING = "pending"
 FAILED = "failed"
 CANCELLED = "cancelled"
 
-_SCHEMA = """
+_TABLES = """
 CREATE TABLE IF NOT EXISTS cursor (id INTEGER PRIMARY KEY CHECK (id = 1), last_rowid INTEGER);
 CREATE TABLE IF NOT EXISTS queue (
     sop_instance_uid TEXT PRIMARY KEY,
@@ -46,11 +48,36 @@ CREATE TABLE IF NOT EXISTS totals (
     last_error TEXT NOT NULL DEFAULT '',
     last_error_at REAL
 );
-INSERT OR IGNORE INTO cursor (id, last_rowid) VALUES (1, 0);
+"""
+_SCHEMA = (
+    _TABLES
+    + """INSERT OR IGNORE INTO cursor (id, last_rowid) VALUES (1, 0);
 INSERT OR IGNORE INTO totals (id) VALUES (1);
 """
+)
 # Schema versions (node/store/sqlite.py): position n upgrades version n to n + 1.
 MIGRATIONS: tuple[Migration, ...] = (_SCHEMA,)
+# The same tables on PostgreSQL (node/store/postgres.py ``migrate``, component "forward").
+PG_MIGRATIONS = (
+    script(
+        postgresql_schema(_TABLES)
+        + """
+        INSERT INTO cursor (id, last_rowid) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
+        INSERT INTO totals (id) VALUES (1) ON CONFLICT (id) DO NOTHING;
+        """
+    ),
+)
+# Moves the cursor forward only: (position, position).
+_ADVANCE = "UPDATE cursor SET last_rowid = ? WHERE last_rowid < ?"
+# What the summary tells of each failing instance.
+_PROBLEM_COLUMNS = (
+    "study_instance_uid",
+    "sop_instance_uid",
+    "attempts",
+    "next_try",
+    "last_error",
+    "state",
+)
 
 
 @dataclass(frozen=True)
@@ -64,32 +91,23 @@ class ForwardState:
     """The forward queue; safe to use from several threads (one lock, one connection)."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._conn = open_database(path, MIGRATIONS, rows_as_dicts=True)
+        self._database: StateDatabase = LockedDatabase(path, MIGRATIONS)
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self._database.close()
 
     def _transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> int:
         """Run ``statements`` as one durable transaction; the rows they changed."""
-        conn = self._conn
-        changed = 0
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for sql, args in statements:
-                changed += conn.execute(sql, args).rowcount
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        return changed
+        with self._database.transaction() as db:
+            return sum(db.execute(sql, args).rowcount for sql, args in statements)
+
+    def _one(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        with self._database.connection() as db:
+            return db.execute(sql, args).fetchone()
 
     @property
     def last_rowid(self) -> int:
-        with self._lock:
-            return int(self._conn.execute("SELECT last_rowid FROM cursor").fetchone()[0])
+        return int(self._one("SELECT last_rowid FROM cursor")[0])
 
     def enqueue(self, rows: Sequence[tuple[int, str, str]], now: float) -> None:
         """Queue new index rows ``(rowid, sop_instance_uid, study_instance_uid)``, due now,
@@ -98,27 +116,24 @@ class ForwardState:
             return
         statements: list[tuple[str, Sequence[Any]]] = [
             (
-                "INSERT OR IGNORE INTO queue (sop_instance_uid, index_rowid, study_instance_uid,"
-                " next_try) VALUES (?, ?, ?, ?)",
+                "INSERT INTO queue (sop_instance_uid, index_rowid, study_instance_uid, next_try)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (sop_instance_uid) DO NOTHING",
                 (sop_uid, rowid, study_uid, now),
             )
             for rowid, sop_uid, study_uid in rows
         ]
-        statements.append(
-            ("UPDATE cursor SET last_rowid = MAX(last_rowid, ?)", (max(r[0] for r in rows),))
-        )
-        with self._lock:
-            self._transaction(statements)
+        last = max(r[0] for r in rows)
+        statements.append((_ADVANCE, (last, last)))
+        self._transaction(statements)
 
     def advance(self, rowid: int) -> None:
         """Move the cursor past ``rowid`` (rows taken but held, not queued)."""
-        with self._lock:
-            self._transaction([("UPDATE cursor SET last_rowid = MAX(last_rowid, ?)", (rowid,))])
+        self._transaction([(_ADVANCE, (rowid, rowid))])
 
     def due(self, now: float, limit: int) -> list[QueuedInstance]:
         """Pending instances whose next try has come, oldest arrival first."""
-        with self._lock:
-            rows = self._conn.execute(
+        with self._database.connection() as db:
+            rows = db.execute(
                 "SELECT sop_instance_uid, study_instance_uid, attempts FROM queue"
                 " WHERE state = ? AND next_try <= ? ORDER BY index_rowid LIMIT ?",
                 (PENDING, now, limit),
@@ -126,10 +141,7 @@ class ForwardState:
         return [QueuedInstance(r[0], r[1], r[2]) for r in rows]
 
     def next_due_at(self) -> float | None:
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT MIN(next_try) FROM queue WHERE state = ?", (PENDING,)
-            ).fetchone()
+        row = self._one("SELECT MIN(next_try) FROM queue WHERE state = ?", (PENDING,))
         return None if row[0] is None else float(row[0])
 
     def delivered(self, sop_instance_uids: Sequence[str], now: float) -> None:
@@ -145,8 +157,7 @@ class ForwardState:
                 (len(sop_instance_uids), now),
             )
         )
-        with self._lock:
-            self._transaction(statements)
+        self._transaction(statements)
 
     def attempt_failed(
         self,
@@ -173,8 +184,7 @@ class ForwardState:
                 )
             )
         statements.append(("UPDATE totals SET last_error = ?, last_error_at = ?", (error, now)))
-        with self._lock:
-            self._transaction(statements)
+        self._transaction(statements)
 
     def retry_now(self, sop_instance_uid: str, now: float) -> bool:
         """Make a queued instance (retrying or failed) due now with its attempts counted
@@ -184,8 +194,7 @@ class ForwardState:
             " WHERE sop_instance_uid = ? AND state != ?",
             (now, PENDING, sop_instance_uid, CANCELLED),
         )
-        with self._lock:
-            return self._transaction([statement]) == 1
+        return self._transaction([statement]) == 1
 
     def cancel(self, sop_instance_uid: str) -> bool:
         """Take a queued instance out of delivery for good, kept as cancelled; False if
@@ -194,46 +203,47 @@ class ForwardState:
             "UPDATE queue SET state = ? WHERE sop_instance_uid = ?",
             (CANCELLED, sop_instance_uid),
         )
-        with self._lock:
-            return self._transaction([statement]) == 1
+        return self._transaction([statement]) == 1
 
     def state_of(self, sop_instance_uid: str) -> str | None:
         """A queued instance's state; None if it is not in the queue."""
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT state FROM queue WHERE sop_instance_uid = ?", (sop_instance_uid,)
-            ).fetchone()
+        row = self._one("SELECT state FROM queue WHERE sop_instance_uid = ?", (sop_instance_uid,))
         return None if row is None else str(row[0])
 
     def forget(self, sop_instance_uids: Sequence[str]) -> None:
         """Drop queued instances that are no longer on the node."""
-        with self._lock:
-            self._transaction(
-                [("DELETE FROM queue WHERE sop_instance_uid = ?", (u,)) for u in sop_instance_uids]
-            )
+        self._transaction(
+            [("DELETE FROM queue WHERE sop_instance_uid = ?", (u,)) for u in sop_instance_uids]
+        )
 
     def summary(self, failure_limit: int = 20) -> dict[str, Any]:
         """Counts, last outcome, and the instances that are failing or have failed."""
-        with self._lock:
-            conn = self._conn
-            totals = dict(conn.execute("SELECT * FROM totals").fetchone())
-            counts = dict(
-                conn.execute("SELECT state, COUNT(*) FROM queue GROUP BY state").fetchall()
-            )
-            problems = conn.execute(
-                "SELECT study_instance_uid, sop_instance_uid, attempts, next_try, last_error,"
-                " state FROM queue WHERE attempts > 0 AND state != ? ORDER BY index_rowid LIMIT ?",
+        with self._database.connection() as db:
+            forwarded, last_success_at, last_error, last_error_at = db.execute(
+                "SELECT forwarded, last_success_at, last_error, last_error_at FROM totals"
+            ).fetchone()
+            counts = dict(db.execute("SELECT state, COUNT(*) FROM queue GROUP BY state").fetchall())
+            problems = db.execute(
+                f"SELECT {', '.join(_PROBLEM_COLUMNS)} FROM queue"
+                " WHERE attempts > 0 AND state != ? ORDER BY index_rowid LIMIT ?",
                 (CANCELLED, failure_limit),
             ).fetchall()
-            last_rowid = conn.execute("SELECT last_rowid FROM cursor").fetchone()[0]
+            last_rowid = db.execute("SELECT last_rowid FROM cursor").fetchone()[0]
         return {
-            "forwarded": totals["forwarded"],
+            "forwarded": forwarded,
             "pending": counts.get(PENDING, 0),
             "failed": counts.get(FAILED, 0),
             "cancelled": counts.get(CANCELLED, 0),
-            "last_success_at": totals["last_success_at"],
-            "last_error": totals["last_error"] or None,
-            "last_error_at": totals["last_error_at"],
+            "last_success_at": last_success_at,
+            "last_error": last_error or None,
+            "last_error_at": last_error_at,
             "index_position": last_rowid,
-            "problems": [dict(r) for r in problems],
+            "problems": [dict(zip(_PROBLEM_COLUMNS, row, strict=True)) for row in problems],
         }
+
+
+class PostgresForwardState(ForwardState):
+    """The forward queue in PostgreSQL, shared by the daemons of the node."""
+
+    def __init__(self, pool: Any) -> None:
+        self._database = open_pg_database(pool, PG_MIGRATIONS, "forward", "forward state")

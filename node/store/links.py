@@ -8,7 +8,9 @@ exactly as the wallet encrypted them. Neither the link key, the manifest id, the
 token nor the passcode is stored. The grant itself and its revocation are in the ledger
 (node.services.consent); this file is not replicated.
 
-One SQLite file, WAL with synchronous=FULL (a link is acknowledged once committed).
+One SQLite file, WAL with synchronous=FULL (a link is acknowledged once committed); or
+the same table in PostgreSQL (component "links"), shared by every daemon of the node: a
+wrong passcode counts once whichever daemon it reached, and the link dies at the limit.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from node.core.shlink import ManifestFile
 from node.errors import Conflict
+from node.store.pg_sql import StateDatabase, open_pg_database, postgresql_schema, script
 from node.store.sqlite import LockedDatabase, Migration
 
+FILE_NAME = "links.sqlite"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS links (
     grantee TEXT PRIMARY KEY, manifest_digest BLOB NOT NULL UNIQUE,
@@ -28,11 +33,14 @@ CREATE TABLE IF NOT EXISTS links (
     dead INTEGER NOT NULL DEFAULT 0, files TEXT NOT NULL) WITHOUT ROWID;
 """
 # Schema versions (node/store/sqlite.py): position n upgrades version n to n + 1.
+OPINIONS_COLUMN = "ALTER TABLE links ADD COLUMN opinions INTEGER NOT NULL DEFAULT 0;"
 MIGRATIONS: tuple[Migration, ...] = (
     SCHEMA,
     # Whether the link's holder may return an opinion (docs/share-links.md).
-    "ALTER TABLE links ADD COLUMN opinions INTEGER NOT NULL DEFAULT 0;",
+    OPINIONS_COLUMN,
 )
+# The same table on PostgreSQL (node/store/postgres.py ``migrate``, component "links").
+PG_MIGRATIONS = (script(postgresql_schema(SCHEMA + OPINIONS_COLUMN)),)
 
 
 @dataclass(frozen=True)
@@ -47,17 +55,20 @@ class LinkRecord:
     opinions: bool = False  # its holder may return an opinion (POST /links/{token}/opinions)
 
 
-class LinkStore(LockedDatabase):
+class LinkStore:
     """The share links of one custodian."""
 
     def __init__(self, db_path: Path) -> None:
-        super().__init__(db_path, MIGRATIONS)
+        self._database: StateDatabase = LockedDatabase(db_path, MIGRATIONS)
+
+    def close(self) -> None:
+        self._database.close()
 
     def add(self, record: LinkRecord) -> None:
         """Keep a new link durably; raises Conflict if its grantee or manifest id is taken."""
         files = json.dumps([f.as_json() for f in record.files])
-        with self._lock:
-            known = self._db.execute(
+        with self._database.transaction() as db:
+            known = db.execute(
                 "SELECT token_id FROM links WHERE grantee = ? OR manifest_digest = ?",
                 (record.grantee, record.manifest_digest),
             ).fetchone()
@@ -65,7 +76,7 @@ class LinkStore(LockedDatabase):
                 if bytes(known[0]) == record.token_id:
                     return  # the same link submitted again
                 raise Conflict("a link with that credential or manifest id exists already")
-            self._db.execute(
+            db.execute(
                 "INSERT INTO links (grantee, manifest_digest, token_id, passcode_hash, files,"
                 " opinions) VALUES (?, ?, ?, ?, ?, ?)",
                 (
@@ -79,8 +90,8 @@ class LinkStore(LockedDatabase):
             )
 
     def _row(self, where: str, value: object) -> LinkRecord | None:
-        with self._lock:
-            row = self._db.execute(
+        with self._database.connection() as db:
+            row = db.execute(
                 "SELECT grantee, manifest_digest, token_id, passcode_hash, failures, dead, files,"
                 f" opinions FROM links WHERE {where} = ?",
                 (value,),
@@ -107,19 +118,20 @@ class LinkStore(LockedDatabase):
 
     def count_failure(self, grantee: str, limit: int) -> tuple[int, bool]:
         """Count one wrong passcode; the link dies at ``limit``. Returns (failures, dead)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute(
-                    "UPDATE links SET failures = failures + 1,"
-                    " dead = CASE WHEN failures + 1 >= ? THEN 1 ELSE dead END WHERE grantee = ?",
-                    (limit, grantee),
-                )
-                row = self._db.execute(
-                    "SELECT failures, dead FROM links WHERE grantee = ?", (grantee,)
-                ).fetchone()
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._database.transaction() as db:
+            db.execute(
+                "UPDATE links SET failures = failures + 1,"
+                " dead = CASE WHEN failures + 1 >= ? THEN 1 ELSE dead END WHERE grantee = ?",
+                (limit, grantee),
+            )
+            row = db.execute(
+                "SELECT failures, dead FROM links WHERE grantee = ?", (grantee,)
+            ).fetchone()
         return int(row[0]), bool(row[1])
+
+
+class PostgresLinkStore(LinkStore):
+    """The share links in PostgreSQL, shared by every daemon of the node."""
+
+    def __init__(self, pool: Any) -> None:
+        self._database = open_pg_database(pool, PG_MIGRATIONS, "links", "links")

@@ -9,6 +9,13 @@ in node/store/sqlite.py, PostgreSQL's through node/store/postgres.py ``migrate``
 store's own component), and the shared SQL is what both engines speak alike (``INSERT ...
 ON CONFLICT``, ``RETURNING``, no ``INSERT OR REPLACE``, no ``rowid``).
 
+A store holds its database as a ``StateDatabase``: on SQLite a ``LockedDatabase``
+(node/store/sqlite.py: one file, one connection behind a lock, transactions BEGIN
+IMMEDIATE), on PostgreSQL a ``PgDatabase`` (a pool shared by the stores, each transaction
+under an advisory lock of the store's own, so that the daemons of one node write one at a
+time as SQLite's writers do). A statement that must be right with several daemons writing
+at once is one statement (``ON CONFLICT``) or runs in ``transaction()``.
+
 Errors are the node's, as on SQLite (node/store/sqlite.py ``NodeErrorConnection``):
 StorageFull when the server's disk is full, StorageFailed for any other failure of the
 server, never psycopg's own.
@@ -18,8 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+import re
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 from node.errors import ImageShareError, StorageFailed, StorageFull
 
@@ -128,3 +138,96 @@ def pooled_transaction(pool: Any, database: str) -> Iterator[PgConnection]:
             yield PgConnection(conn, database)
     except psycopg.Error as exc:
         raise storage_error(exc, database) from exc
+
+
+class SqlRows(Protocol):
+    """What the stores read of a statement's result, alike on both engines."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class SqlConnection(Protocol):
+    """``sqlite3.Connection`` or ``PgConnection``, as the stores' shared SQL uses them."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> SqlRows: ...
+
+    def executemany(self, sql: str, seq_of_parameters: Iterable[Sequence[Any]], /) -> SqlRows: ...
+
+
+class StateDatabase(Protocol):
+    """A state store's database on either engine (see the module docstring)."""
+
+    def connection(self) -> AbstractContextManager[SqlConnection]: ...
+
+    def transaction(self) -> AbstractContextManager[SqlConnection]: ...
+
+    def close(self) -> None: ...
+
+
+# The first key of the state stores' transaction locks (two-key advisory locks, a key
+# space apart from the single-key locks of node/store/postgres.py); the second is the
+# store's component.
+STATE_LOCK_CLASS = 0x1A6E5
+
+
+def state_lock_key(component: str) -> int:
+    return zlib.crc32(component.encode()) & 0x7FFFFFFF
+
+
+class PgDatabase:
+    """A state store's tables in PostgreSQL, spoken to as ``LockedDatabase``'s SQLite file."""
+
+    def __init__(self, pool: Any, component: str, database: str) -> None:
+        self.pool = pool
+        self.database = database
+        self._lock_key = state_lock_key(component)
+
+    def connection(self) -> AbstractContextManager[PgConnection]:
+        return pooled(self.pool, self.database)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[PgConnection]:
+        """One transaction, committed at the block's end, its writers one at a time across
+        every daemon of the node (the lock is released by the commit or rollback)."""
+        with pooled_transaction(self.pool, self.database) as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(?, ?)", (STATE_LOCK_CLASS, self._lock_key))
+            yield conn
+
+    def close(self) -> None:
+        """Nothing: the pool is shared by the stores and closed by its owner."""
+
+
+def open_pg_database(
+    pool: Any, migrations: Sequence[Callable[[Any], None]], component: str, database: str
+) -> PgDatabase:
+    """A store's tables brought to their latest version (``migrate`` under ``component``)."""
+    from node.store.postgres import migrate
+
+    migrate(pool, migrations, component=component)
+    return PgDatabase(pool, component, database)
+
+
+def script(sql: str) -> Callable[[Any], None]:
+    """A PostgreSQL migration step that runs ``sql`` (statements separated by ';')."""
+
+    def run(conn: Any) -> None:
+        conn.execute(sql)
+
+    return run
+
+
+# SQLite's column types and table options, and PostgreSQL's for the same columns.
+_SQLITE_TYPES = {"BLOB": "BYTEA", "INTEGER": "BIGINT", "REAL": "DOUBLE PRECISION"}
+
+
+def postgresql_schema(sqlite_schema: str) -> str:
+    """A store's SQLite schema script as PostgreSQL's: the same tables, columns and keys."""
+    schema = sqlite_schema.replace(" WITHOUT ROWID", "")
+    return re.sub(r"\b(BLOB|INTEGER|REAL)\b", lambda m: _SQLITE_TYPES[m.group(1)], schema)

@@ -226,6 +226,12 @@ class PostgresSettings:
     pool_size: int = 8
 
 
+def _durable_commits(conn: Any) -> None:
+    # A commit returns once the server's WAL is flushed, whatever the database's or the
+    # role's default: "acknowledged" means on disk, as SQLite's synchronous=FULL.
+    conn.execute("SET synchronous_commit = on")
+
+
 def open_pool(settings: PostgresSettings) -> Any:
     """A connection pool (autocommit, rows as dicts), open and checked: ConfigError when
     the server cannot be reached or refuses the node, without the connection string (it
@@ -243,6 +249,7 @@ def open_pool(settings: PostgresSettings) -> Any:
         min_size=1,
         max_size=settings.pool_size,
         kwargs={"autocommit": True, "row_factory": dict_row},
+        configure=_durable_commits,
         open=False,
         name="imageshare-index",
     )

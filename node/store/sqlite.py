@@ -18,9 +18,10 @@ every first migration creates its tables only where they are missing, so it adop
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -217,12 +218,40 @@ def add_missing_columns(conn: sqlite3.Connection, table: str, columns: dict[str,
 
 class LockedDatabase:
     """One SQLite file opened as above at its latest schema version, used by several
-    threads behind one lock (``_lock`` guards ``_db``): the base of the node's small state
-    databases."""
+    threads behind one lock (``_lock`` guards ``_db``): the SQLite engine of the node's
+    small state stores (their PostgreSQL engine is node/store/pg_sql.py ``PgDatabase``,
+    which answers the same two calls)."""
 
-    def __init__(self, path: Path, migrations: Sequence[Migration]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        migrations: Sequence[Migration],
+        synchronous: Synchronous = "FULL",
+        node_errors: bool = False,
+    ) -> None:
         self._lock = threading.Lock()
-        self._db = open_database(path, migrations)
+        self._db = open_database(path, migrations, synchronous, node_errors=node_errors)
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[sqlite3.Connection]:
+        """The connection, for statements that each commit on their own."""
+        with self._lock:
+            yield self._db
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """The connection in one transaction, committed when the block ends and rolled back
+        on any error; BEGIN IMMEDIATE, so that writers of the file go one at a time."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                # A failed COMMIT (a full disk) leaves the transaction open: end it too.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
 
     def close(self) -> None:
         with self._lock:
