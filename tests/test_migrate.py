@@ -5,8 +5,11 @@ file is damaged, when the target holds another node's rows, and for bad settings
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import sqlite3
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +19,15 @@ import psycopg
 import pytest
 from dicomweb_client.api import DICOMwebClient
 
+from node.config import load_config
 from node.core.entries import EntryBody, Grant
 from node.errors import ConfigError
 from node.samples import SyntheticStudy, make_ct_study
-from node.services.migrate import BACKUP_SUFFIX, with_store_settings
+from node.services.migrate import BACKUP_SUFFIX, STATE_STORES, with_store_settings
+from node.store.backends import open_link_store, open_nonce_store
 from node.store.ledger import LedgerStore
+from node.store.links import LinkRecord, LinkStore
+from node.store.nonces import NonceStore
 from node.store.run_lock import RunLock
 from tests.support.nodes import NodeProcess, init_node
 from tests.support.postgres import PostgresServer, node_store_settings
@@ -134,6 +141,23 @@ class TestMigrateToPostgresql:
         assert report["object_bytes"] == sum(f.stat().st_size for f in moved.study.files)
         assert report["ledger_entries"] == moved.ledger_before >= LEDGER_ENTRIES
 
+    def test_every_state_store_of_the_node_is_copied_table_by_table(self, moved: Moved) -> None:
+        state_files = {name for name, _ in STATE_STORES if (moved.node.data_dir / name).exists()}
+        assert {"federation.sqlite", "transfers.sqlite"} <= state_files  # what a start makes
+        for name in state_files:
+            with sqlite3.connect(moved.node.data_dir / name) as db:
+                tables = [
+                    row[0]
+                    for row in db.execute(
+                        "SELECT name FROM sqlite_master WHERE type = 'table'"
+                        " AND name NOT LIKE 'sqlite_%'"
+                    )
+                ]
+                for table in tables:
+                    rows = db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+                    copied = moved.report["tables"][f"{name.removesuffix('.sqlite')}.{table}"]
+                    assert copied["rows"] == rows, (name, table)
+
     def test_the_node_is_switched_and_its_rows_are_in_postgresql(self, moved: Moved) -> None:
         text = moved.node.config.read_text()
         assert 'backend = "postgresql"' in text
@@ -170,6 +194,34 @@ class TestMigrateToPostgresql:
             moved.node.start()
         assert again.returncode == 2
         assert "already on postgresql" in again.stderr
+
+
+class TestStateSurvivesTheMove:
+    def test_a_share_link_is_still_there_and_a_seen_nonce_is_still_a_replay(
+        self, postgres: PostgresServer, s3: S3Server, tmp_path: Path
+    ) -> None:
+        study = make_ct_study(tmp_path / "study", series=1, slices=1)
+        node = _stopped_node(tmp_path, "stateful.example/imageshare", study)
+        link = LinkRecord("grantee-1", b"m" * 32, b"t" * 16, b"h" * 32, 1, False, [], opinions=True)
+        links = LinkStore(node.data_dir / "links.sqlite")
+        seen = NonceStore(node.data_dir / "nonces.sqlite", 300)
+        try:
+            links.add(dataclasses.replace(link, failures=0))
+            assert links.count_failure("grantee-1", 5) == (1, False)
+            assert seen.remember("signer", b"n" * 16, int(time.time()))
+        finally:
+            links.close()
+            seen.close()
+        dsn = postgres.create_database("stateful")
+        s3.client().create_bucket(Bucket="stateful")  # type: ignore[attr-defined]
+        settings = tmp_path / "store.toml"
+        settings.write_text(node_store_settings(node.data_dir, dsn, s3, "stateful"))
+        report = json.loads(_migrate(node, settings, "--json").stdout)
+        assert report["tables"]["links.links"]["rows"] == 1
+        moved = load_config(node.config)
+        assert moved.store.backend == "postgresql"
+        assert open_link_store(moved).by_grantee("grantee-1") == link
+        assert not open_nonce_store(moved).remember("signer", b"n" * 16, int(time.time()))
 
 
 class TestRefusals:

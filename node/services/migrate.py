@@ -10,10 +10,14 @@ PostgreSQL and an S3-compatible object store, verified before the node is switch
 4. The index's tables are copied row by row, under the same names, in one PostgreSQL
    transaction per batch; an instance keeps its arrival position (SQLite's rowid), so
    what the forwarder has sent stays sent.
-5. Verified: each table's rows and a digest over them, in key order, are equal on both
-   sides; every object is read back from the bucket and its SHA-256 checked; the node's
-   own log verifies (``imageshare ledger verify``).
-6. Only then node.toml is switched (the old one kept beside it as
+5. The state stores' SQLite files (nonces, consent, links, transfers, forwarding,
+   federation, opinions) are copied the same way, each into the tables its PostgreSQL
+   store creates, under the same names: nothing a patient shared or the node promised
+   is left behind, and a request seen before the move is still a replay after it.
+6. Verified: each table's rows and a digest over them are equal on both sides; every
+   object is read back from the bucket and its SHA-256 checked; the node's own log
+   verifies (``imageshare ledger verify``).
+7. Only then node.toml is switched (the old one kept beside it as
    ``node.toml.sqlite``), atomically. The SQLite files stay in the data directory until
    the operator removes them, so a failed move changes nothing the node serves.
 
@@ -24,22 +28,35 @@ covers everything.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import sqlite3
 import tempfile
 import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from node.config import NodeConfig, load_config
 from node.errors import ConfigError, ImageShareError
 from node.services.ledger import verify_own_log
+from node.store import (
+    backends,
+    consent_state,
+    federation_state,
+    forward_state,
+    links,
+    nonces,
+    opinions,
+    transfers,
+)
 from node.store.backends import open_instance_store
 from node.store.instances import SCHEMA, SqliteInstanceStore, fsync_path
 from node.store.postgres import OBJECT_TRANSFERS, PostgresInstanceStore
@@ -179,8 +196,11 @@ def _move(config: NodeConfig, target_config: NodeConfig, say: Progress) -> _Move
                 say(f"copying the {table} table")
                 _copy_table(source, target, table)
             _continue_positions(target)
+            say("copying the state stores")
+            state_tables = _copy_state(config, target_config)
             say("verifying")
             tables = [_check_table(source, target, table) for table in INDEX_TABLES]
+            tables += [_check_state_table(config, target_config, *t) for t in state_tables]
             _read_back(target, objects, config.store.max_instance_bytes)
         finally:
             target.close()
@@ -326,3 +346,148 @@ def _read_back(
 
         with ThreadPoolExecutor(OBJECT_TRANSFERS, thread_name_prefix="migrate") as pool:
             list(pool.map(fetch, objects))
+
+
+# The state stores, by their file in the data directory and how the node opens them
+# (opening brings a SQLite file, or the PostgreSQL tables, to the latest schema).
+STATE_STORES: tuple[tuple[str, Callable[[NodeConfig], Any]], ...] = (
+    (nonces.FILE_NAME, backends.open_nonce_store),
+    (consent_state.FILE_NAME, backends.open_consent_state),
+    (links.FILE_NAME, backends.open_link_store),
+    (transfers.FILE_NAME, backends.open_transfer_store),
+    (forward_state.FILE_NAME, backends.open_forward_state),
+    (federation_state.STATE_FILE, backends.open_federation_state),
+    (opinions.FILE_NAME, backends.open_opinion_store),
+)
+
+
+def _copy_state(config: NodeConfig, target_config: NodeConfig) -> list[tuple[str, str]]:
+    """Copy every state store the node has into PostgreSQL; the (file, table) pairs."""
+    copied: list[tuple[str, str]] = []
+    pool = backends.state_pool(target_config)
+    for file_name, open_store in STATE_STORES:
+        if not (config.data_dir / file_name).exists():
+            continue  # a store the node never used
+        for engine in (config, target_config):
+            open_store(engine).close()
+        with _sqlite_file(config, file_name) as db:
+            for table in _sqlite_tables(db):
+                _copy_state_table(db, pool, file_name, table)
+                copied.append((file_name, table))
+    return copied
+
+
+@contextlib.contextmanager
+def _sqlite_file(config: NodeConfig, file_name: str) -> Iterator[sqlite3.Connection]:
+    db = sqlite3.connect(f"file:{config.data_dir / file_name}?mode=ro", uri=True)
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+def _sqlite_tables(db: sqlite3.Connection) -> list[str]:
+    rows = db.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+        " ORDER BY name"
+    )
+    return [row[0] for row in rows]
+
+
+@dataclass(frozen=True)
+class _PgColumn:
+    name: str
+    data_type: str
+    identity: bool
+
+
+def _pg_columns(pool: Any, table: str) -> dict[str, _PgColumn]:
+    with pool.connection() as conn:
+        rows = conn.execute(
+            "SELECT column_name, data_type, is_identity FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND table_name = %s",
+            (table,),
+        ).fetchall()
+    return {
+        r["column_name"]: _PgColumn(r["column_name"], r["data_type"], r["is_identity"] == "YES")
+        for r in rows
+    }
+
+
+def _shared_columns(
+    db: sqlite3.Connection, pool: Any, file_name: str, table: str
+) -> tuple[list[str], dict[str, _PgColumn]]:
+    """The table's columns, each of which PostgreSQL must have (none is left behind)."""
+    ours = [row[1] for row in db.execute(f"PRAGMA table_info({table})")]
+    theirs = _pg_columns(pool, table)
+    missing = [c for c in ours if c not in theirs]
+    if missing:
+        raise MigrationUnverified(
+            f"{file_name}: PostgreSQL has no {table} table with {', '.join(missing)};"
+            " nothing was switched"
+        )
+    return ours, theirs
+
+
+def _copy_state_table(db: sqlite3.Connection, pool: Any, file_name: str, table: str) -> None:
+    columns, pg = _shared_columns(db, pool, file_name, table)
+    identities = [c for c in columns if pg[c].identity]
+    overriding = " OVERRIDING SYSTEM VALUE" if identities else ""
+    statement = (
+        f"INSERT INTO {table} ({', '.join(columns)}){overriding}"
+        f" VALUES ({', '.join(['%s'] * len(columns))}) ON CONFLICT DO NOTHING"
+    )
+    booleans = [i for i, c in enumerate(columns) if pg[c].data_type == "boolean"]
+    cursor = db.execute(f"SELECT {', '.join(columns)} FROM {table}")
+    while batch := cursor.fetchmany(ROWS_PER_BATCH):
+        rows = [list(row) for row in batch]
+        for row in rows:
+            for i in booleans:
+                row[i] = None if row[i] is None else bool(row[i])
+        with pool.connection() as conn, conn.transaction():
+            conn.cursor().executemany(statement, rows)
+    with pool.connection() as conn:
+        for column in identities:  # new rows number on from the copied ones
+            conn.execute(
+                f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'),"
+                f" GREATEST((SELECT MAX({column}) FROM {table}), 1))"
+            )
+
+
+def _canonical(value: Any) -> Any:
+    """A value as both engines' rows compare: bytes as hex, booleans as 0/1."""
+    if isinstance(value, bytes | memoryview):
+        return bytes(value).hex()
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    return value
+
+
+def _rows_digest(rows: Iterator[Sequence[Any]]) -> tuple[int, str]:
+    """Rows counted and hashed in a canonical order (engines sort text differently)."""
+    lines = sorted(json.dumps([_canonical(v) for v in row]) for row in rows)
+    hasher = hashlib.sha256()
+    for line in lines:
+        hasher.update(line.encode() + b"\n")
+    return len(lines), hasher.hexdigest()
+
+
+def _check_state_table(
+    config: NodeConfig, target_config: NodeConfig, file_name: str, table: str
+) -> TableCopy:
+    pool = backends.state_pool(target_config)
+    with _sqlite_file(config, file_name) as db:
+        columns, _ = _shared_columns(db, pool, file_name, table)
+        mine = _rows_digest(iter(db.execute(f"SELECT {', '.join(columns)} FROM {table}")))
+    with pool.connection() as conn:
+        found = conn.execute(f"SELECT {', '.join(columns)} FROM {table}").fetchall()
+    copied = _rows_digest(tuple(row[c] for c in columns) for row in found)
+    if mine != copied:
+        raise MigrationUnverified(
+            f"the {table} table of {file_name} differs after the copy ({mine[0]} rows here,"
+            f" {copied[0]} in PostgreSQL): migrate into an empty PostgreSQL database;"
+            " nothing was switched"
+        )
+    return TableCopy(f"{file_name.removesuffix('.sqlite')}.{table}", mine[0], mine[1])
