@@ -28,7 +28,8 @@ from node.core.merkle import (
 from node.core.notes import Checkpoint, cosign_checkpoint, parse_note, sign_note, verify_note
 from node.errors import BadInput, Conflict, StorageFailed, StorageFull, Unauthorized
 from node.services.runtime import open_runtime
-from node.store.ledger import LedgerStore, OwnLog
+from node.store.ledger import LedgerStore, LedgerStoreBase, OwnLog
+from tests.support.ledger_stores import LedgerStores
 from tests.support.nodes import init_node
 
 ORIGIN = "a.example/imageshare"
@@ -40,7 +41,14 @@ def identity() -> NodeIdentity:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[LedgerStore]:
+def store(tmp_path: Path, ledger_stores: LedgerStores) -> LedgerStoreBase:
+    """The store under test, on each engine in turn."""
+    return ledger_stores.open(tmp_path / "a")
+
+
+@pytest.fixture
+def sqlite_store(tmp_path: Path) -> Iterator[LedgerStore]:
+    """For what only the embedded engine lets a test do to its file."""
     (tmp_path / "a").mkdir()
     ledger = LedgerStore(tmp_path / "a")
     yield ledger
@@ -48,7 +56,7 @@ def store(tmp_path: Path) -> Iterator[LedgerStore]:
 
 
 @pytest.fixture
-def own(store: LedgerStore, identity: NodeIdentity) -> OwnLog:
+def own(store: LedgerStoreBase, identity: NodeIdentity) -> OwnLog:
     return store.own_log(identity.origin, identity.vkey)
 
 
@@ -115,8 +123,10 @@ class TestAppend:
         assert own.verify().ok
 
     def test_a_failing_database_raises_storage_failed_not_sqlite_errors(
-        self, store: LedgerStore, own: OwnLog
+        self, sqlite_store: LedgerStore, identity: NodeIdentity
     ) -> None:
+        store = sqlite_store
+        own = store.own_log(identity.origin, identity.vkey)
         own.append_many(grants(2))
         damage = sqlite3.connect(store.path)
         damage.execute("DROP TABLE subtrees")
@@ -128,8 +138,10 @@ class TestAppend:
         assert len(own.entries(0, 2)) == 2  # what the damage spared still reads
 
     def test_full_disk_refuses_the_append_and_the_log_carries_on(
-        self, store: LedgerStore, own: OwnLog
+        self, sqlite_store: LedgerStore, identity: NodeIdentity
     ) -> None:
+        store = sqlite_store
+        own = store.own_log(identity.origin, identity.vkey)
         own.append_many(grants(3))
         (pages,) = store.writer.execute("PRAGMA page_count").fetchone()
         store.writer.execute(f"PRAGMA max_page_count={pages}")
@@ -140,11 +152,11 @@ class TestAppend:
         assert own.append(Grant(token=bytes(20_000)), 1).index == 3
         assert own.verify().ok
 
-    def test_a_second_store_on_the_same_file_continues_the_chain(
-        self, store: LedgerStore, own: OwnLog, identity: NodeIdentity
+    def test_a_second_store_on_the_same_ledger_continues_the_chain(
+        self, ledger_stores: LedgerStores, own: OwnLog, identity: NodeIdentity, tmp_path: Path
     ) -> None:
         own.append_many(grants(5))
-        other = LedgerStore(store.path.parent)
+        other = ledger_stores.open(tmp_path / "a")
         other.own_log(ORIGIN).append_many(grants(4, 5))
         other.close()
         assert own.append(Grant(token=b"z"), 1).index == 9
@@ -202,7 +214,7 @@ class TestMirror:
         peer_store.close()
 
     def test_extends_in_steps_and_lists(
-        self, store: LedgerStore, own: OwnLog, peer: tuple[NodeIdentity, OwnLog]
+        self, store: LedgerStoreBase, own: OwnLog, peer: tuple[NodeIdentity, OwnLog]
     ) -> None:
         identity, log = peer
         mirror = store.mirror(identity.origin, identity.vkey)
@@ -219,7 +231,7 @@ class TestMirror:
         assert mirror.verify().ok
 
     def test_refuses_bad_signature_chain_count_and_root_before_storing(
-        self, store: LedgerStore, peer: tuple[NodeIdentity, OwnLog]
+        self, store: LedgerStoreBase, peer: tuple[NodeIdentity, OwnLog]
     ) -> None:
         identity, log = peer
         mirror = store.mirror(identity.origin, identity.vkey)
@@ -238,7 +250,7 @@ class TestMirror:
         assert mirror.size() == 0 and mirror.checkpoint_note() is None
 
     def test_inconsistent_checkpoint_is_a_conflict(
-        self, store: LedgerStore, peer: tuple[NodeIdentity, OwnLog]
+        self, store: LedgerStoreBase, peer: tuple[NodeIdentity, OwnLog]
     ) -> None:
         identity, log = peer
         mirror = store.mirror(identity.origin, identity.vkey)
@@ -254,7 +266,7 @@ class TestMirror:
         assert mirror.size() == 20
 
     def test_mirror_keys_and_origins_are_checked(
-        self, store: LedgerStore, own: OwnLog, peer: tuple[NodeIdentity, OwnLog]
+        self, store: LedgerStoreBase, own: OwnLog, peer: tuple[NodeIdentity, OwnLog]
     ) -> None:
         identity, _ = peer
         store.mirror(identity.origin, identity.vkey)

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 
 from node.core.entries import EntryBody
 from node.core.keys import NodeIdentity
-from node.store.ledger import AppendResult, KeyRotated, LedgerStore, OwnLog
+from node.store.backends import open_ledger_store
+from node.store.ledger import AppendResult, KeyRotated, OwnLog
 from node.store.node_keys import load_identity
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ class LedgerService:
 
     def __init__(self, runtime: NodeRuntime) -> None:
         self.runtime = runtime
-        self.store = LedgerStore(runtime.config.data_dir)
+        self.store = open_ledger_store(runtime.config)
         self.own: OwnLog = self.store.own_log(runtime.identity.origin, runtime.identity.vkey)
         self.own.group_commit_wait = runtime.config.ledger.group_commit_ms / 1000
         self._identity_lock = threading.Lock()

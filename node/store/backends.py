@@ -1,4 +1,4 @@
-"""The instance store a node.toml asks for ([store] backend): the one place it is chosen."""
+"""The stores a node.toml asks for ([store] backend): the one place each is chosen."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 from node.config import NodeConfig
 from node.store.instances import SqliteInstanceStore
+from node.store.ledger import LedgerStore, LedgerStoreBase
 from node.store.protocols import InstanceStore
 
 
@@ -39,3 +40,15 @@ def open_instance_store(config: NodeConfig) -> InstanceStore:
         store.max_instance_bytes,
         store.max_inflation_ratio,
     )
+
+
+def open_ledger_store(config: NodeConfig) -> LedgerStoreBase:
+    """The node's own log and its mirrors: ``ledger.sqlite`` in the data directory, or
+    PostgreSQL, shared by the node's daemons; ConfigError if the server cannot be reached."""
+    store = config.store
+    if store.backend == "sqlite":
+        return LedgerStore(config.data_dir)
+    from node.store.pg_ledger import PostgresLedgerStore
+    from node.store.postgres import PostgresSettings
+
+    return PostgresLedgerStore(PostgresSettings(store.dsn, store.pool_size))

@@ -7,7 +7,7 @@ from typing import Any
 
 from node.core.keys import NodeIdentity
 from node.edges.cli._common import EXIT_OK, CheckFailed, command, config_of, print_json
-from node.store.ledger import LedgerStore
+from node.store.backends import open_ledger_store
 from node.store.secrets import read_seed
 
 
@@ -25,7 +25,7 @@ def register(subparsers: Any) -> None:
 def cmd_verify(args: argparse.Namespace) -> int:
     config = config_of(args)
     identity = NodeIdentity(config.origin, read_seed(config.key_path))
-    store = LedgerStore(config.data_dir)
+    store = open_ledger_store(config)
     try:
         report = store.own_log(identity.origin, identity.vkey).verify(identity.vkey)
     finally:
