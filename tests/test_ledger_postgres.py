@@ -3,6 +3,7 @@ same own log, killed mid-burst, and taking over the log writer lock."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
 import signal
@@ -10,14 +11,22 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from node.core.entries import Grant
 from node.core.keys import NodeIdentity
-from node.store.pg_ledger import LogWriterLock, PostgresLedgerStore
+from node.errors import ConfigError
+from node.services.ledger import WriterOnly
+from node.store.ledger import LEDGER_FILE, LedgerStore, SoleWriter
+from node.store.pg_ledger import (
+    LogWriterLock,
+    PostgresLedgerStore,
+    refuse_a_log_left_in_sqlite,
+)
 from node.store.postgres import PostgresSettings
 from tests.support.postgres import PostgresServer
 
@@ -169,3 +178,102 @@ def test_when_the_log_writer_dies_another_daemon_takes_over_within_seconds(
         assert not here.try_take()
     finally:
         here.release()
+
+
+class Recorder:
+    """A background service that records when it runs."""
+
+    def __init__(self) -> None:
+        self.running = False
+        self.starts = 0
+
+    async def start(self) -> None:
+        self.running, self.starts = True, self.starts + 1
+
+    async def stop(self) -> None:
+        self.running = False
+
+
+async def poll(predicate: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "not within the deadline"
+        await asyncio.sleep(0.05)
+
+
+def test_the_sole_daemon_of_a_node_runs_the_writers_services_from_the_start() -> None:
+    async def scenario() -> None:
+        recorder = Recorder()
+        duty = WriterOnly(SoleWriter().try_take, recorder, interval=0.05)
+        await duty.start()
+        assert recorder.running  # started within start(), as before there were writers
+        await duty.stop()
+        assert not recorder.running
+
+    asyncio.run(scenario())
+
+
+def test_writer_services_move_to_another_daemon_when_the_writer_stops(dsn: str) -> None:
+    async def scenario() -> None:
+        locks = [LogWriterLock(dsn), LogWriterLock(dsn)]
+        recorders = [Recorder(), Recorder()]
+        duties = [
+            WriterOnly(k.try_take, r, interval=0.05)
+            for k, r in zip(locks, recorders, strict=True)
+        ]
+        try:
+            for duty in duties:
+                await duty.start()
+            assert [r.running for r in recorders] == [True, False]
+            await duties[0].stop()
+            locks[0].release()  # as LedgerService.close does
+            await poll(lambda: recorders[1].running, timeout=5)
+        finally:
+            for duty in duties:
+                await duty.stop()
+            for lock in locks:
+                lock.release()
+
+    asyncio.run(scenario())
+
+
+def test_a_writer_whose_session_ends_stops_its_services(dsn: str) -> None:
+    async def scenario() -> None:
+        lock, recorder, other = LogWriterLock(dsn), Recorder(), LogWriterLock(dsn)
+        duty = WriterOnly(lock.try_take, recorder, interval=1.0)
+        try:
+            await duty.start()
+            assert recorder.running
+            with psycopg.connect(dsn, autocommit=True) as admin:
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_locks"
+                    " WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid()"
+                    " AND database = (SELECT oid FROM pg_database"
+                    " WHERE datname = current_database())"
+                )
+            await poll(other.try_take, timeout=5)  # the lock was freed with the session
+            await poll(lambda: not recorder.running, timeout=5)
+            assert not lock.try_take()
+        finally:
+            await duty.stop()
+            lock.release()
+            other.release()
+
+    asyncio.run(scenario())
+
+
+def test_a_node_whose_log_is_in_its_sqlite_file_does_not_start_an_empty_one_on_postgresql(
+    dsn: str, identity: NodeIdentity, tmp_path: Path
+) -> None:
+    embedded = LedgerStore(tmp_path)
+    embedded.own_log(ORIGIN, identity.vkey).append(Grant(token=b"held"), 1)
+    embedded.close()
+    store = PostgresLedgerStore(PostgresSettings(dsn, 2))
+    try:
+        with pytest.raises(ConfigError, match="holds 1 entries"):
+            refuse_a_log_left_in_sqlite(store, tmp_path / LEDGER_FILE)
+        store.own_log(ORIGIN, identity.vkey).append(Grant(token=b"held"), 1)
+        refuse_a_log_left_in_sqlite(store, tmp_path / LEDGER_FILE)  # as long: no refusal
+        refuse_a_log_left_in_sqlite(store, tmp_path / "absent.sqlite")
+    finally:
+        store.close()

@@ -7,19 +7,27 @@ The key that signs is the one the log says is in force: after ``imageshare key r
 appended a key rotation entry (from another process, while this one runs), the next
 checkpoint finds the rotation and the service switches the node's identity to the new
 key, without a restart (``follow_key_rotation``).
+
+Several daemons of one node (on PostgreSQL) append to its one log; one of them at a time,
+the log writer (``node.store.ledger.WriterLock``), publishes its checkpoints and runs
+replication and forwarding (``WriterOnly``). The others try to take the lock every
+second, so that when the writer dies another takes over within seconds. With the
+embedded ledger the one daemon is always the writer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from node.core.entries import EntryBody
 from node.core.keys import NodeIdentity
+from node.services.periodic import BackgroundService
 from node.store.backends import open_ledger_store
 from node.store.ledger import AppendResult, KeyRotated, OwnLog
 from node.store.node_keys import load_identity
@@ -38,6 +46,7 @@ class LedgerService:
         self.store = open_ledger_store(runtime.config)
         self.own: OwnLog = self.store.own_log(runtime.identity.origin, runtime.identity.vkey)
         self.own.group_commit_wait = runtime.config.ledger.group_commit_ms / 1000
+        self.writer_lock = self.store.log_writer_lock()
         self._identity_lock = threading.Lock()
         self.follow_key_rotation()
 
@@ -79,8 +88,21 @@ class LedgerService:
         """``append`` from a coroutine: runs in a worker thread, returns once durable."""
         return await asyncio.to_thread(self.append, body)
 
+    def is_writer(self) -> bool:
+        """True if this daemon is the node's log writer (taking the lock if it is free)."""
+        return self.writer_lock.try_take()
+
     def checkpoint_note(self) -> str:
-        """The latest signed checkpoint note, freshly signed if the log grew since the last."""
+        """The latest signed checkpoint note, freshly signed if the log grew since the last.
+
+        Only the log writer signs a new one; another daemon answers the latest it stored
+        (signing only for a log never checkpointed: every daemon signs the same note, as
+        the signature is deterministic and the store keeps one checkpoint per size).
+        """
+        if not self.is_writer():
+            note = self.own.checkpoint_note()
+            if note is not None:
+                return note
         try:
             return self.own.publish_checkpoint(self.identity, int(time.time()))
         except KeyRotated:
@@ -88,4 +110,57 @@ class LedgerService:
             return self.own.publish_checkpoint(self.identity, int(time.time()))
 
     def close(self) -> None:
+        self.writer_lock.release()
         self.store.close()
+
+
+WRITER_CHECK_INTERVAL = 1.0  # seconds between tries to take the log writer lock
+
+
+class WriterOnly:
+    """A background service (replication, forwarding) run only while this daemon is the
+    node's log writer: started when it takes the lock, stopped if it loses it."""
+
+    def __init__(
+        self,
+        is_writer: Callable[[], bool],  # LedgerService.is_writer: blocking, may take the lock
+        service: BackgroundService,
+        interval: float = WRITER_CHECK_INTERVAL,
+    ) -> None:
+        self.is_writer = is_writer
+        self.service = service
+        self.interval = interval
+        self.running = False
+        self._watch: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._follow_the_lock()  # the sole daemon of a node starts it right away
+        self._watch = asyncio.create_task(self._watch_the_lock(), name="log-writer")
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
+        if self.running:
+            self.running = False
+            await self.service.stop()
+
+    async def _watch_the_lock(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self._follow_the_lock()
+            except Exception:
+                log.exception("%r: cannot follow the log writer lock", self.service)
+
+    async def _follow_the_lock(self) -> None:
+        held = await asyncio.to_thread(self.is_writer)
+        if held and not self.running:
+            await self.service.start()
+            self.running = True
+        elif not held and self.running:
+            log.warning("no longer the node's log writer: stopping %r", self.service)
+            self.running = False
+            await self.service.stop()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from node.config import NodeConfig
 from node.store.instances import SqliteInstanceStore
-from node.store.ledger import LedgerStore, LedgerStoreBase
+from node.store.ledger import LEDGER_FILE, LedgerStore, LedgerStoreBase
 from node.store.protocols import InstanceStore
 
 
@@ -48,7 +48,13 @@ def open_ledger_store(config: NodeConfig) -> LedgerStoreBase:
     store = config.store
     if store.backend == "sqlite":
         return LedgerStore(config.data_dir)
-    from node.store.pg_ledger import PostgresLedgerStore
+    from node.store.pg_ledger import PostgresLedgerStore, refuse_a_log_left_in_sqlite
     from node.store.postgres import PostgresSettings
 
-    return PostgresLedgerStore(PostgresSettings(store.dsn, store.pool_size))
+    ledger = PostgresLedgerStore(PostgresSettings(store.dsn, store.pool_size))
+    try:
+        refuse_a_log_left_in_sqlite(ledger, config.data_dir / LEDGER_FILE)
+    except BaseException:
+        ledger.close()
+        raise
+    return ledger

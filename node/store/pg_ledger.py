@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sqlite3
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+from node.errors import ConfigError
 from node.store.ledger import Connection, LedgerStoreBase
 from node.store.pg_sql import pooled, pooled_transaction
 from node.store.postgres import Migration, PostgresSettings, migrate, open_pool
@@ -127,6 +130,33 @@ class PostgresLedgerStore(LedgerStoreBase):
 
     def close(self) -> None:
         self.pool.close()
+
+
+def refuse_a_log_left_in_sqlite(ledger: PostgresLedgerStore, sqlite_file: Path) -> None:
+    """ConfigError if ``sqlite_file`` holds own-log entries the PostgreSQL ledger lacks.
+
+    Starting an empty log on PostgreSQL under an origin whose log members already mirror
+    would look to them like a rewritten history (equivocation); until a migration copies
+    the log, the node refuses to start instead.
+    """
+    if not sqlite_file.exists():
+        return
+    conn = sqlite3.connect(f"file:{sqlite_file}?mode=ro", uri=True)
+    try:
+        row = conn.execute("SELECT origin, size FROM logs WHERE own = 1").fetchone()
+    except sqlite3.Error:
+        row = None  # not a ledger this release wrote: nothing of it is served either
+    finally:
+        conn.close()
+    if row is None or not row[1]:
+        return
+    held = ledger.read_one("SELECT size FROM logs WHERE origin=? AND own = 1", (row[0],))
+    if held is None or held[0] < row[1]:
+        raise ConfigError(
+            f"{sqlite_file} holds {row[1]} entries of {row[0]}'s log that the PostgreSQL"
+            " ledger lacks; a new log would contradict what members mirror. Keep"
+            ' [store] backend = "sqlite" until the log is migrated'
+        )
 
 
 class LogWriterLock:
