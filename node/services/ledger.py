@@ -18,7 +18,6 @@ embedded ledger the one daemon is always the writer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from node.core.entries import EntryBody
 from node.core.keys import NodeIdentity
-from node.services.periodic import BackgroundService
+from node.services.periodic import BackgroundService, PeriodicTask
 from node.store.backends import open_ledger_store
 from node.store.ledger import AppendResult, KeyRotated, OwnLog
 from node.store.node_keys import load_identity
@@ -131,29 +130,17 @@ class WriterOnly:
         self.service = service
         self.interval = interval
         self.running = False
-        self._watch: asyncio.Task[None] | None = None
+        self._watch = PeriodicTask("log-writer", self._follow_the_lock, interval)
 
     async def start(self) -> None:
         await self._follow_the_lock()  # the sole daemon of a node starts it right away
-        self._watch = asyncio.create_task(self._watch_the_lock(), name="log-writer")
+        await self._watch.start()
 
     async def stop(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
-            self._watch = None
+        await self._watch.stop()
         if self.running:
             self.running = False
             await self.service.stop()
-
-    async def _watch_the_lock(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self._follow_the_lock()
-            except Exception:
-                log.exception("%r: cannot follow the log writer lock", self.service)
 
     async def _follow_the_lock(self) -> None:
         held = await asyncio.to_thread(self.is_writer)
