@@ -21,7 +21,7 @@ from node.core.entries import Grant
 from node.core.keys import NodeIdentity
 from node.errors import ConfigError
 from node.services.ledger import WriterOnly
-from node.store.ledger import LEDGER_FILE, LedgerStore, SoleWriter
+from node.store.ledger import LEDGER_FILE, IntegrityReport, LedgerStore, SoleWriter
 from node.store.pg_ledger import (
     LogWriterLock,
     PostgresLedgerStore,
@@ -275,5 +275,22 @@ def test_a_node_whose_log_is_in_its_sqlite_file_does_not_start_an_empty_one_on_p
         store.own_log(ORIGIN, identity.vkey).append(Grant(token=b"held"), 1)
         refuse_a_log_left_in_sqlite(store, tmp_path / LEDGER_FILE)  # as long: no refusal
         refuse_a_log_left_in_sqlite(store, tmp_path / "absent.sqlite")
+    finally:
+        store.close()
+
+
+def test_verify_sees_one_state_while_another_daemon_appends(
+    dsn: str, identity: NodeIdentity, workers: list[Worker]
+) -> None:
+    store = PostgresLedgerStore(PostgresSettings(dsn, 2))
+    try:
+        own = store.own_log(ORIGIN, identity.vkey)
+        workers.append(busy := appender(dsn, identity, "busy", 2_000))
+        busy.wait_for(10)
+        reports: list[IntegrityReport] = []
+        while busy.process.poll() is None and len(reports) < 20:
+            reports.append(own.verify(identity.vkey))
+        assert reports and all(r.ok for r in reports), [r.problems for r in reports]
+        assert busy.finish()[-1] == "done"
     finally:
         store.close()
