@@ -9,8 +9,8 @@ checkpoint finds the rotation and the service switches the node's identity to th
 key, without a restart (``follow_key_rotation``).
 
 Several daemons of one node (on PostgreSQL) append to its one log; one of them at a time,
-the log writer (``node.store.ledger.WriterLock``), publishes its checkpoints and runs
-replication and forwarding (``WriterOnly``). The others try to take the lock every
+the log writer (``node.store.ledger.WriterLock``), runs replication (with witness
+collection) and forwarding (``WriterOnly``). The others try to take the lock every
 second, so that when the writer dies another takes over within seconds. With the
 embedded ledger the one daemon is always the writer.
 """
@@ -94,14 +94,10 @@ class LedgerService:
     def checkpoint_note(self) -> str:
         """The latest signed checkpoint note, freshly signed if the log grew since the last.
 
-        Only the log writer signs a new one; another daemon answers the latest it stored
-        (signing only for a log never checkpointed: every daemon signs the same note, as
-        the signature is deterministic and the store keeps one checkpoint per size).
+        Any daemon of the node signs one when asked (a patient's receipt needs a checkpoint
+        that covers its entry), and never a second, different one of a size: signing takes
+        the ledger's writers' lock and reuses the checkpoint stored at the current size.
         """
-        if not self.is_writer():
-            note = self.own.checkpoint_note()
-            if note is not None:
-                return note
         try:
             return self.own.publish_checkpoint(self.identity, int(time.time()))
         except KeyRotated:

@@ -233,7 +233,8 @@ class _Reader:
 
 
 class WriterLock(Protocol):
-    """Who, among the daemons of one node, writes its log's checkpoints and mirrors."""
+    """Which one of the daemons of a node runs its replication, witness collection and
+    forwarding."""
 
     def try_take(self) -> bool:
         """True if this daemon holds the lock now (taking it if it is free)."""

@@ -11,11 +11,12 @@ is PostgreSQL's own is here:
   advisory lock, so the writers of all daemons take turns, as SQLite's one writer does,
   and each reads the log's size and tail after taking it: two daemons appending to one
   log never fork it nor reuse an index. The commit waits for the WAL flush
-  (``synchronous_commit`` on), so an append that returns has committed;
+  (``synchronous_commit`` set on for the transaction), so an append that returns has
+  committed;
 - the log writer lock (``LogWriterLock``): a session-level advisory lock held by one
-  daemon of the node, which alone publishes checkpoints and runs replication and
-  forwarding. It is released when its holder's connection closes, so when a daemon dies
-  another takes it at its next try.
+  daemon of the node, which alone runs replication, witness collection and forwarding.
+  It is released when its holder's connection closes, so when a daemon dies another
+  takes it at its next try.
 """
 
 from __future__ import annotations
@@ -122,7 +123,11 @@ class PostgresLedgerStore(LedgerStoreBase):
     def write_transaction(self) -> Iterator[Connection]:
         """One transaction, after every earlier writer of any daemon has committed."""
         with self._write_lock, pooled_transaction(self.pool, DATABASE) as conn:
-            conn.execute("SELECT pg_advisory_xact_lock(?)", (LEDGER_WRITE_LOCK,))
+            # Durable when it returns, whatever the server's default for synchronous_commit.
+            conn.execute(
+                "SELECT pg_advisory_xact_lock(?), set_config('synchronous_commit', 'on', true)",
+                (LEDGER_WRITE_LOCK,),
+            )
             yield conn
 
     def log_writer_lock(self) -> LogWriterLock:
