@@ -7,7 +7,7 @@ import itertools
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -25,7 +25,15 @@ from node.core.merkle import (
     verify_consistency,
     verify_inclusion,
 )
-from node.core.notes import Checkpoint, cosign_checkpoint, parse_note, sign_note, verify_note
+from node.core.notes import (
+    Checkpoint,
+    cosign_checkpoint,
+    parse_note,
+    parse_vkey,
+    sign_note,
+    verify_note,
+)
+from node.core.witness import AddCheckpoint, Witnessed, WitnessRefusal
 from node.errors import BadInput, Conflict, StorageFailed, StorageFull, Unauthorized
 from node.services.runtime import open_runtime
 from node.store.ledger import LedgerStore, LedgerStoreBase, OwnLog
@@ -305,3 +313,41 @@ class TestLedgerService:
         reopened = LedgerStore(node.data_dir)
         assert reopened.own_log(ORIGIN).size() == 4
         reopened.close()
+
+
+def race_to_witness(
+    store: LedgerStoreBase, log: NodeIdentity, tree: MemoryTree, sizes: Sequence[int]
+) -> tuple[list[int], list[int]]:
+    """Requests from old size 0 to each of ``sizes``, sent at once; (sizes cosigned,
+    statuses of the refusals)."""
+    notes = [sign_note(Checkpoint(log.origin, n, tree.root(n)).body(), log) for n in sizes]
+    requests = [AddCheckpoint(0, (), n, Checkpoint.parse(parse_note(n)[0])) for n in notes]
+    start = threading.Barrier(len(requests))
+    won: list[int] = []
+    refused: list[int] = []
+
+    def race(request: AddCheckpoint) -> None:
+        start.wait()
+        try:
+            won.append(store.witness(request, [parse_vkey(log.vkey)]).size)
+        except WitnessRefusal as refusal:
+            refused.append(refusal.http_status)
+
+    threads = [threading.Thread(target=race, args=(r,)) for r in requests]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return won, refused
+
+
+class TestWitnessing:
+    def test_of_racing_requests_from_one_old_size_only_one_moves_the_witness_on(
+        self, store: LedgerStoreBase
+    ) -> None:
+        tree = MemoryTree([bytes([i]) * 32 for i in range(8)])
+        for round_ in range(5):  # five logs: five races
+            log = NodeIdentity.generate(f"c{round_}.example/imageshare")
+            won, refused = race_to_witness(store, log, tree, (3, 5, 8))
+            assert len(won) == 1 and refused == [409, 409], (won, refused)
+            assert store.witnessed(log.origin) == Witnessed(won[0], tree.root(won[0]))
