@@ -164,6 +164,18 @@ def refuse_a_log_left_in_sqlite(ledger: PostgresLedgerStore, sqlite_file: Path) 
         )
 
 
+# The log writer's session: a server it cannot reach fails its checks within seconds
+# (rather than hanging while another daemon, which can, takes the lock over).
+_LIVENESS: dict[str, Any] = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 2,
+    "tcp_user_timeout": 10_000,
+}
+
+
 class LogWriterLock:
     """The node's one log writer, across its daemons: a session-level advisory lock on a
     connection of its own (not the pool's), held until ``release`` or the process ends."""
@@ -183,7 +195,8 @@ class LogWriterLock:
         with self._lock:
             try:
                 if self._conn is None:
-                    self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
+                    self._conn = psycopg.connect(self.dsn, autocommit=True, **_LIVENESS)
+                    self._conn.execute("SET statement_timeout = 5000")
                 if self._held:  # the lock lives as long as the session: check it is there
                     self._conn.execute("SELECT 1").fetchone()
                 else:
