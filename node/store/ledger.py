@@ -1,6 +1,7 @@
-"""The ledger on disk: this node's own log and every mirrored peer log, in one SQLite file.
+"""The ledger on disk: this node's own log and every mirrored peer log, in one database.
 
-``ledger.sqlite`` in the data directory (WAL, synchronous=FULL) holds:
+``ledger.sqlite`` in the data directory (WAL, synchronous=FULL; ``LedgerStore``), or the
+same tables in PostgreSQL (node/store/pg_ledger.py), holds:
 
     logs      one row per log: origin, log_id = SHA-256(origin), vkey, own?, size, and the
               latest signed checkpoint note (with the cosignatures collected for it)
@@ -15,9 +16,14 @@ Because every complete subtree hash is stored, any root or proof is O(log n) rea
 
 Durability rule (the one place it is written): an append is acknowledged only after the
 transaction holding its entry, its new subtree hashes and the new size has committed,
-which with synchronous=FULL means the WAL is fsynced. Concurrent appends share one
-commit (group commit): the first waiting thread becomes the writer, takes every append
-queued so far, commits them together, and wakes the others.
+which with synchronous=FULL means the WAL is fsynced (on PostgreSQL, flushed). Concurrent
+appends share one commit (group commit): the first waiting thread becomes the writer,
+takes every append queued so far, commits them together, and wakes the others. The log's
+size and tail are read inside the write transaction, so writers in other processes (other
+daemons of the node) stay in the one chain.
+
+One implementation of the logic serves both engines (``LedgerStoreBase``): its SQL is
+what SQLite and PostgreSQL both speak; an engine gives its connections and its locks.
 """
 
 from __future__ import annotations
@@ -425,9 +431,7 @@ class LedgerStoreBase:
             return None
         if len(log_id) != 32:
             return None
-        row = self.read_one(
-            "SELECT id, origin, own FROM logs WHERE log_id=?", (log_id,)
-        )
+        row = self.read_one("SELECT id, origin, own FROM logs WHERE log_id=?", (log_id,))
         if row is None:
             return None
         log = self._logs.get(row[1])
@@ -517,18 +521,12 @@ class StoredLog:
 
     @property
     def vkey(self) -> str:
-        row = self.store.read_one(
-            "SELECT vkey FROM logs WHERE id=?", (self.rowid,)
-        )
+        row = self.store.read_one("SELECT vkey FROM logs WHERE id=?", (self.rowid,))
         return str(row[0])
 
     def size(self) -> int:
         """The number of committed entries."""
-        return int(
-            self.store.read_one("SELECT size FROM logs WHERE id=?", (self.rowid,))[
-                0
-            ]
-        )
+        return int(self.store.read_one("SELECT size FROM logs WHERE id=?", (self.rowid,))[0])
 
     def _check_size(self, size: int, what: str = "size") -> int:
         current = self.size()
@@ -658,9 +656,7 @@ class StoredLog:
 
     def checkpoint_note(self) -> str | None:
         """The latest signed checkpoint note with its cosignatures, or None if never signed."""
-        row = self.store.read_one(
-            "SELECT checkpoint FROM logs WHERE id=?", (self.rowid,)
-        )
+        row = self.store.read_one("SELECT checkpoint FROM logs WHERE id=?", (self.rowid,))
         return None if row is None or row[0] is None else str(row[0])
 
     def _load_tail(self, conn: Connection) -> LogChain:
@@ -1031,9 +1027,7 @@ class OwnLog(StoredLog):
 
     def published_note(self) -> str | None:
         """The latest checkpoint note that met the witness policy, with its cosignatures."""
-        row = self.store.read_one(
-            "SELECT published FROM logs WHERE id=?", (self.rowid,)
-        )
+        row = self.store.read_one("SELECT published FROM logs WHERE id=?", (self.rowid,))
         return None if row is None or row[0] is None else str(row[0])
 
 
