@@ -334,7 +334,7 @@ class StoreConfig(Table):
     # The PostgreSQL server (libpq connection string or postgresql:// URI), without a
     # password: that comes from a passfile (passfile= in it, or PGPASSFILE) or PGPASSWORD.
     dsn: str = ""
-    # Connections the daemon keeps to PostgreSQL at most.
+    # Connections each of the daemon's PostgreSQL stores (index, ledger) keeps at most.
     pool_size: Annotated[int, msgspec.Meta(ge=1, le=100)] = 8
     objects: ObjectStoreConfig = msgspec.field(default_factory=ObjectStoreConfig)
     # Largest single DICOM instance accepted, in bytes.

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.ledger_stores import LedgerStores
 from tests.support.nodes import (
     SCALE_OUT_STORE_ENV,
     NodeProcess,
@@ -102,3 +103,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             reporter.write_line(f"  PHI IN THE LEDGER: {finding}")
     if result.findings:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_stores(request: pytest.FixtureRequest) -> Iterator[LedgerStores]:
+    """Opens ledger stores on each engine in turn (a directory names one ledger)."""
+    postgres = request.getfixturevalue("postgres") if request.param == "postgresql" else None
+    stores = LedgerStores(postgres)
+    yield stores
+    stores.close()

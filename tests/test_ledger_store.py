@@ -7,7 +7,7 @@ import itertools
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -25,10 +25,19 @@ from node.core.merkle import (
     verify_consistency,
     verify_inclusion,
 )
-from node.core.notes import Checkpoint, cosign_checkpoint, parse_note, sign_note, verify_note
+from node.core.notes import (
+    Checkpoint,
+    cosign_checkpoint,
+    parse_note,
+    parse_vkey,
+    sign_note,
+    verify_note,
+)
+from node.core.witness import AddCheckpoint, Witnessed, WitnessRefusal
 from node.errors import BadInput, Conflict, StorageFailed, StorageFull, Unauthorized
 from node.services.runtime import open_runtime
-from node.store.ledger import LedgerStore, OwnLog
+from node.store.ledger import LedgerStore, LedgerStoreBase, OwnLog
+from tests.support.ledger_stores import LedgerStores
 from tests.support.nodes import init_node
 
 ORIGIN = "a.example/imageshare"
@@ -40,7 +49,14 @@ def identity() -> NodeIdentity:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[LedgerStore]:
+def store(tmp_path: Path, ledger_stores: LedgerStores) -> LedgerStoreBase:
+    """The store under test, on each engine in turn."""
+    return ledger_stores.open(tmp_path / "a")
+
+
+@pytest.fixture
+def sqlite_store(tmp_path: Path) -> Iterator[LedgerStore]:
+    """For what only the embedded engine lets a test do to its file."""
     (tmp_path / "a").mkdir()
     ledger = LedgerStore(tmp_path / "a")
     yield ledger
@@ -48,7 +64,7 @@ def store(tmp_path: Path) -> Iterator[LedgerStore]:
 
 
 @pytest.fixture
-def own(store: LedgerStore, identity: NodeIdentity) -> OwnLog:
+def own(store: LedgerStoreBase, identity: NodeIdentity) -> OwnLog:
     return store.own_log(identity.origin, identity.vkey)
 
 
@@ -115,8 +131,10 @@ class TestAppend:
         assert own.verify().ok
 
     def test_a_failing_database_raises_storage_failed_not_sqlite_errors(
-        self, store: LedgerStore, own: OwnLog
+        self, sqlite_store: LedgerStore, identity: NodeIdentity
     ) -> None:
+        store = sqlite_store
+        own = store.own_log(identity.origin, identity.vkey)
         own.append_many(grants(2))
         damage = sqlite3.connect(store.path)
         damage.execute("DROP TABLE subtrees")
@@ -128,8 +146,10 @@ class TestAppend:
         assert len(own.entries(0, 2)) == 2  # what the damage spared still reads
 
     def test_full_disk_refuses_the_append_and_the_log_carries_on(
-        self, store: LedgerStore, own: OwnLog
+        self, sqlite_store: LedgerStore, identity: NodeIdentity
     ) -> None:
+        store = sqlite_store
+        own = store.own_log(identity.origin, identity.vkey)
         own.append_many(grants(3))
         (pages,) = store.writer.execute("PRAGMA page_count").fetchone()
         store.writer.execute(f"PRAGMA max_page_count={pages}")
@@ -140,11 +160,11 @@ class TestAppend:
         assert own.append(Grant(token=bytes(20_000)), 1).index == 3
         assert own.verify().ok
 
-    def test_a_second_store_on_the_same_file_continues_the_chain(
-        self, store: LedgerStore, own: OwnLog, identity: NodeIdentity
+    def test_a_second_store_on_the_same_ledger_continues_the_chain(
+        self, ledger_stores: LedgerStores, own: OwnLog, identity: NodeIdentity, tmp_path: Path
     ) -> None:
         own.append_many(grants(5))
-        other = LedgerStore(store.path.parent)
+        other = ledger_stores.open(tmp_path / "a")
         other.own_log(ORIGIN).append_many(grants(4, 5))
         other.close()
         assert own.append(Grant(token=b"z"), 1).index == 9
@@ -202,7 +222,7 @@ class TestMirror:
         peer_store.close()
 
     def test_extends_in_steps_and_lists(
-        self, store: LedgerStore, own: OwnLog, peer: tuple[NodeIdentity, OwnLog]
+        self, store: LedgerStoreBase, own: OwnLog, peer: tuple[NodeIdentity, OwnLog]
     ) -> None:
         identity, log = peer
         mirror = store.mirror(identity.origin, identity.vkey)
@@ -219,7 +239,7 @@ class TestMirror:
         assert mirror.verify().ok
 
     def test_refuses_bad_signature_chain_count_and_root_before_storing(
-        self, store: LedgerStore, peer: tuple[NodeIdentity, OwnLog]
+        self, store: LedgerStoreBase, peer: tuple[NodeIdentity, OwnLog]
     ) -> None:
         identity, log = peer
         mirror = store.mirror(identity.origin, identity.vkey)
@@ -238,7 +258,7 @@ class TestMirror:
         assert mirror.size() == 0 and mirror.checkpoint_note() is None
 
     def test_inconsistent_checkpoint_is_a_conflict(
-        self, store: LedgerStore, peer: tuple[NodeIdentity, OwnLog]
+        self, store: LedgerStoreBase, peer: tuple[NodeIdentity, OwnLog]
     ) -> None:
         identity, log = peer
         mirror = store.mirror(identity.origin, identity.vkey)
@@ -254,7 +274,7 @@ class TestMirror:
         assert mirror.size() == 20
 
     def test_mirror_keys_and_origins_are_checked(
-        self, store: LedgerStore, own: OwnLog, peer: tuple[NodeIdentity, OwnLog]
+        self, store: LedgerStoreBase, own: OwnLog, peer: tuple[NodeIdentity, OwnLog]
     ) -> None:
         identity, _ = peer
         store.mirror(identity.origin, identity.vkey)
@@ -293,3 +313,41 @@ class TestLedgerService:
         reopened = LedgerStore(node.data_dir)
         assert reopened.own_log(ORIGIN).size() == 4
         reopened.close()
+
+
+def race_to_witness(
+    store: LedgerStoreBase, log: NodeIdentity, tree: MemoryTree, sizes: Sequence[int]
+) -> tuple[list[int], list[int]]:
+    """Requests from old size 0 to each of ``sizes``, sent at once; (sizes cosigned,
+    statuses of the refusals)."""
+    notes = [sign_note(Checkpoint(log.origin, n, tree.root(n)).body(), log) for n in sizes]
+    requests = [AddCheckpoint(0, (), n, Checkpoint.parse(parse_note(n)[0])) for n in notes]
+    start = threading.Barrier(len(requests))
+    won: list[int] = []
+    refused: list[int] = []
+
+    def race(request: AddCheckpoint) -> None:
+        start.wait()
+        try:
+            won.append(store.witness(request, [parse_vkey(log.vkey)]).size)
+        except WitnessRefusal as refusal:
+            refused.append(refusal.http_status)
+
+    threads = [threading.Thread(target=race, args=(r,)) for r in requests]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return won, refused
+
+
+class TestWitnessing:
+    def test_of_racing_requests_from_one_old_size_only_one_moves_the_witness_on(
+        self, store: LedgerStoreBase
+    ) -> None:
+        tree = MemoryTree([bytes([i]) * 32 for i in range(8)])
+        for round_ in range(5):  # five logs: five races
+            log = NodeIdentity.generate(f"c{round_}.example/imageshare")
+            won, refused = race_to_witness(store, log, tree, (3, 5, 8))
+            assert len(won) == 1 and refused == [409, 409], (won, refused)
+            assert store.witnessed(log.origin) == Witnessed(won[0], tree.root(won[0]))

@@ -2,28 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
 import sqlite3
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
+from node.config import load_config
 from node.core.entries import Denial, Grant
 from node.core.keys import NodeIdentity
 from node.edges.cli import main
-from node.store.ledger import LEDGER_FILE, LedgerStore
+from node.store.backends import open_ledger_store
+from node.store.ledger import LEDGER_FILE
+from node.store.pg_sql import PgConnection
 from node.store.secrets import read_seed
 from tests.support.nodes import NodeProcess, init_node
+from tests.support.postgres import PostgresServer, ledger_store_settings
 
 ENTRIES = 48
 
 
 def fill_log(node: NodeProcess, count: int = ENTRIES) -> None:
     identity = NodeIdentity(node.origin, read_seed(node.data_dir / "node.key"))
-    store = LedgerStore(node.data_dir)
+    store = open_ledger_store(load_config(node.config))
     try:
         own = store.own_log(identity.origin, identity.vkey)
         for i in range(count):
@@ -41,18 +49,29 @@ def fill_log(node: NodeProcess, count: int = ENTRIES) -> None:
         store.close()
 
 
+@contextlib.contextmanager
+def raw_ledger(node: NodeProcess) -> Iterator[Any]:
+    """The node's ledger database on its engine, past the store; committed at the end."""
+    store = load_config(node.config).store
+    if store.backend == "sqlite":
+        conn = sqlite3.connect(node.data_dir / LEDGER_FILE)
+        with conn:
+            yield conn
+        conn.close()
+    else:
+        with psycopg.connect(store.dsn) as pg:
+            yield PgConnection(pg, "ledger")
+
+
 def tamper(node: NodeProcess, *statements: tuple[str, tuple[object, ...]]) -> None:
-    conn = sqlite3.connect(node.data_dir / LEDGER_FILE)
-    with conn:
+    with raw_ledger(node) as conn:
         for sql, params in statements:
             conn.execute(sql, params)
-    conn.close()
 
 
 def entry_data(node: NodeProcess, index: int) -> tuple[bytes, bytes]:
-    conn = sqlite3.connect(node.data_dir / LEDGER_FILE)
-    row = conn.execute("SELECT data, leaf_hash FROM entries WHERE idx=?", (index,)).fetchone()
-    conn.close()
+    with raw_ledger(node) as conn:
+        row = conn.execute("SELECT data, leaf_hash FROM entries WHERE idx=?", (index,)).fetchone()
     return bytes(row[0]), bytes(row[1])
 
 
@@ -64,11 +83,22 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> NodeProcess:
     return node
 
 
-@pytest.fixture
-def filled_node(template: NodeProcess, tmp_path: Path) -> NodeProcess:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def filled_node(
+    template: NodeProcess, tmp_path: Path, request: pytest.FixtureRequest
+) -> NodeProcess:
+    """The template node's copy, its log in its ledger.sqlite or refilled on PostgreSQL."""
     data_dir = tmp_path / "node"
-    shutil.copytree(template.data_dir, data_dir)
-    return dataclasses.replace(template, data_dir=data_dir)
+    if request.param == "sqlite":
+        shutil.copytree(template.data_dir, data_dir)
+        return dataclasses.replace(template, data_dir=data_dir)
+    shutil.copytree(template.data_dir, data_dir, ignore=shutil.ignore_patterns(LEDGER_FILE + "*"))
+    node = dataclasses.replace(template, data_dir=data_dir)
+    postgres: PostgresServer = request.getfixturevalue("postgres")
+    dsn = postgres.create_database(f"verify_{uuid.uuid4().hex}")
+    node.append_config(ledger_store_settings(data_dir, dsn))
+    fill_log(node)
+    return node
 
 
 @pytest.fixture
@@ -172,7 +202,7 @@ class TestLedgerVerify:
             ("DELETE FROM subtrees", ()),
             ("UPDATE logs SET size=0", ()),
         )
-        store = LedgerStore(filled_node.data_dir)
+        store = open_ledger_store(load_config(filled_node.config))
         own = store.own_log(filled_node.origin)
         for i in range(ENTRIES):
             own.append(Grant(token=bytes([i])), 5)
@@ -185,9 +215,8 @@ class TestLedgerVerify:
     def test_forged_checkpoint_signature_is_found(
         self, filled_node: NodeProcess, verify: Callable[[NodeProcess], Verdict]
     ) -> None:
-        conn = sqlite3.connect(filled_node.data_dir / LEDGER_FILE)
-        (note,) = conn.execute("SELECT checkpoint FROM logs").fetchone()
-        conn.close()
+        with raw_ledger(filled_node) as conn:
+            (note,) = conn.execute("SELECT checkpoint FROM logs").fetchone()
         forged = note.replace(f"\n{ENTRIES}\n", f"\n{ENTRIES - 1}\n")
         tamper(filled_node, ("UPDATE logs SET checkpoint=?", (forged,)))
         code, report, stderr = verify(filled_node)

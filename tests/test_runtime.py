@@ -13,6 +13,7 @@ from node.services.consent import ConsentService
 from node.services.ledger import LedgerService
 from node.services.runtime import open_runtime
 from node.services.transfer import TransferService
+from node.store.ledger import LedgerStore
 from tests.support.nodes import init_node
 
 
@@ -48,7 +49,9 @@ def test_each_service_is_built_once_even_when_many_threads_ask_first(node_config
 
 def test_closing_the_node_closes_every_service_it_built(node_config: Path) -> None:
     runtime = open_runtime(node_config)
-    ledger_reads = runtime.services.ledger.store.reader
+    ledger = runtime.services.ledger.store
+    assert isinstance(ledger, LedgerStore)  # a small site's ledger is SQLite's
+    ledger_reads = ledger.reader
     nonces = runtime.services.nonces
     runtime.close()
     with pytest.raises(sqlite3.ProgrammingError):

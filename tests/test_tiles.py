@@ -27,8 +27,9 @@ from node.core.tiles import (
     parse_tile_path,
     split_tile_hashes,
 )
-from node.errors import BadInput
+from node.errors import BadInput, NotFound
 from node.store.ledger import LedgerStore, OwnLog
+from tests.support.ledger_stores import LedgerStores
 from tests.support.nodes import NodeProcess, init_node
 
 GO_SOURCE = Path(__file__).parent / "support" / "tlogcheck"
@@ -296,3 +297,29 @@ class TestServedTiles:
         response = served.conn.getresponse()
         response.read()
         assert response.status == 404
+
+
+class TestStoredTiles:
+    def test_the_store_gives_the_merkle_codes_tiles_and_bundles_on_each_engine(
+        self, ledger_stores: LedgerStores, tmp_path: Path
+    ) -> None:
+        identity = NodeIdentity.generate("tiles.example/imageshare")
+        own = ledger_stores.open(tmp_path / "log").own_log(identity.origin, identity.vkey)
+        tree, entries = MemoryTree(), []
+        for size in (1, 255, 256, 257, 700):
+            start = own.size()
+            for result in own.append_many(
+                [(Grant(token=i.to_bytes(4, "big")), 1) for i in range(start, size)]
+            ):
+                entries.append(result.entry)
+                tree.append(result.leaf_hash)
+            for ref in expected_tiles(size):
+                first = ref.n * TILE_WIDTH
+                expected = tree.levels[ref.merkle_level][first : first + ref.width]
+                assert split_tile_hashes(own.tile(ref), ref.width) == expected, ref.path()
+                bundle = TileRef(None, ref.n, min(TILE_WIDTH, size - first))
+                if ref.merkle_level == 0:
+                    bundled = parse_entry_bundle(own.tile(bundle), bundle.width)
+                    assert bundled == entries[first : first + bundle.width]
+        with pytest.raises(NotFound):
+            own.tile(TileRef(0, 2, 189))  # one hash more than the 700 held

@@ -8,7 +8,6 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
 
 from aiohttp import web
 
@@ -19,29 +18,35 @@ from node.services.audit_export import audit_export_service, local_user
 from node.services.discovery import discovery_service
 from node.services.federation_roster import roster_refresher
 from node.services.forward import forward_service
+from node.services.ledger import WriterOnly
+from node.services.periodic import BackgroundService
 from node.services.runtime import NodeRuntime
 from node.services.tls import server_tls_context
 
 log = logging.getLogger(__name__)
 
 
-class BackgroundService(Protocol):
-    """Something `imageshare run` keeps running beside the HTTP server (DIMSE, replication...)."""
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
-
-
 # Factories of the background services, in start order; stopped in reverse.
 ServiceFactory = Callable[[NodeRuntime], BackgroundService | None]
+
+
+def writer_only(factory: ServiceFactory) -> ServiceFactory:
+    """``factory``'s service, run only by the daemon that is the node's log writer."""
+
+    def make(runtime: NodeRuntime) -> BackgroundService | None:
+        service = factory(runtime)
+        return None if service is None else WriterOnly(runtime.services.ledger.is_writer, service)
+
+    return make
+
+
 SERVICE_FACTORIES: list[ServiceFactory] = [
     audit_export_service,  # first to start, last to stop: it sends the others' events
-    lambda runtime: runtime.services.replication,
+    writer_only(lambda runtime: runtime.services.replication),
     lambda runtime: roster_refresher(runtime.config),
     discovery_service,
     dimse_service,
-    forward_service,
+    writer_only(forward_service),
     lambda runtime: runtime.services.transfer,
     lambda runtime: runtime.services.alerts,
 ]

@@ -76,6 +76,7 @@ class Forwarder:
     # -- life cycle --------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._stop.clear()  # started again when this daemon becomes the log writer again
         self._thread = threading.Thread(target=self._run, name="forwarder", daemon=True)
         self._thread.start()
         log.info("forwarding arriving instances to %s", self.destination)

@@ -7,6 +7,12 @@ The key that signs is the one the log says is in force: after ``imageshare key r
 appended a key rotation entry (from another process, while this one runs), the next
 checkpoint finds the rotation and the service switches the node's identity to the new
 key, without a restart (``follow_key_rotation``).
+
+Several daemons of one node (on PostgreSQL) append to its one log; one of them at a time,
+the log writer (``node.store.ledger.WriterLock``), runs replication (with witness
+collection) and forwarding (``WriterOnly``). The others try to take the lock every
+second, so that when the writer dies another takes over within seconds. With the
+embedded ledger the one daemon is always the writer.
 """
 
 from __future__ import annotations
@@ -15,12 +21,14 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from node.core.entries import EntryBody
 from node.core.keys import NodeIdentity
-from node.store.ledger import AppendResult, IntegrityReport, KeyRotated, LedgerStore, OwnLog
+from node.services.periodic import BackgroundService, PeriodicTask
+from node.store.backends import open_ledger_store
+from node.store.ledger import AppendResult, IntegrityReport, KeyRotated, OwnLog
 from node.store.node_keys import load_identity
 from node.store.secrets import read_seed
 
@@ -36,9 +44,10 @@ class LedgerService:
 
     def __init__(self, runtime: NodeRuntime) -> None:
         self.runtime = runtime
-        self.store = LedgerStore(runtime.config.data_dir)
+        self.store = open_ledger_store(runtime.config)
         self.own: OwnLog = self.store.own_log(runtime.identity.origin, runtime.identity.vkey)
         self.own.group_commit_wait = runtime.config.ledger.group_commit_ms / 1000
+        self.writer_lock = self.store.log_writer_lock()
         self._identity_lock = threading.Lock()
         self.follow_key_rotation()
 
@@ -80,8 +89,17 @@ class LedgerService:
         """``append`` from a coroutine: runs in a worker thread, returns once durable."""
         return await asyncio.to_thread(self.append, body)
 
+    def is_writer(self) -> bool:
+        """True if this daemon is the node's log writer (taking the lock if it is free)."""
+        return self.writer_lock.try_take()
+
     def checkpoint_note(self) -> str:
-        """The latest signed checkpoint note, freshly signed if the log grew since the last."""
+        """The latest signed checkpoint note, freshly signed if the log grew since the last.
+
+        Any daemon of the node signs one when asked (a patient's receipt needs a checkpoint
+        that covers its entry), and never a second, different one of a size: signing takes
+        the ledger's writers' lock and reuses the checkpoint stored at the current size.
+        """
         try:
             return self.own.publish_checkpoint(self.identity, int(time.time()))
         except KeyRotated:
@@ -89,13 +107,54 @@ class LedgerService:
             return self.own.publish_checkpoint(self.identity, int(time.time()))
 
     def close(self) -> None:
+        self.writer_lock.release()
         self.store.close()
+
+
+WRITER_CHECK_INTERVAL = 1.0  # seconds between tries to take the log writer lock
+
+
+class WriterOnly:
+    """A background service (replication, forwarding) run only while this daemon is the
+    node's log writer: started when it takes the lock, stopped if it loses it."""
+
+    def __init__(
+        self,
+        is_writer: Callable[[], bool],  # LedgerService.is_writer: blocking, may take the lock
+        service: BackgroundService,
+        interval: float = WRITER_CHECK_INTERVAL,
+    ) -> None:
+        self.is_writer = is_writer
+        self.service = service
+        self.interval = interval
+        self.running = False
+        self._watch = PeriodicTask("log-writer", self._follow_the_lock, interval)
+
+    async def start(self) -> None:
+        await self._follow_the_lock()  # the sole daemon of a node starts it right away
+        await self._watch.start()
+
+    async def stop(self) -> None:
+        await self._watch.stop()
+        if self.running:
+            self.running = False
+            await self.service.stop()
+
+    async def _follow_the_lock(self) -> None:
+        held = await asyncio.to_thread(self.is_writer)
+        if held and not self.running:
+            await self.service.start()
+            self.running = True
+        elif not held and self.running:
+            log.warning("no longer the node's log writer: stopping %r", self.service)
+            self.running = False
+            await self.service.stop()
 
 
 def verify_own_log(config: NodeConfig) -> IntegrityReport:
     """This node's own log checked end to end (`imageshare ledger verify`), offline."""
     identity = NodeIdentity(config.origin, read_seed(config.key_path))
-    store = LedgerStore(config.data_dir)
+    store = open_ledger_store(config)
     try:
         return store.own_log(identity.origin, identity.vkey).verify(identity.vkey)
     finally:

@@ -10,13 +10,15 @@ PostgreSQL and an S3-compatible object store, verified before the node is switch
 4. The index's tables are copied row by row, under the same names, in one PostgreSQL
    transaction per batch; an instance keeps its arrival position (SQLite's rowid), so
    what the forwarder has sent stays sent.
-5. The state stores' SQLite files (nonces, consent, links, transfers, forwarding,
-   federation, opinions) are copied the same way, each into the tables its PostgreSQL
-   store creates, under the same names: nothing a patient shared or the node promised
-   is left behind, and a request seen before the move is still a replay after it.
+5. The ledger (the own log and the mirrors) and the state stores' SQLite files (nonces,
+   consent, links, transfers, forwarding, federation, opinions) are copied the same
+   way, each into the tables its PostgreSQL store creates, under the same names: nothing
+   a patient shared or the node promised is left behind, and a request seen before the
+   move is still a replay after it.
 6. Verified: each table's rows and a digest over them are equal on both sides; every
    object is read back from the bucket and its SHA-256 checked; the node's own log
-   verifies (``imageshare ledger verify``).
+   verifies (``imageshare ledger verify``) on SQLite before and on PostgreSQL after, at
+   the same size.
 7. Only then node.toml is switched (the old one kept beside it as
    ``node.toml.sqlite``), atomically. The SQLite files stay in the data directory until
    the operator removes them, so a failed move changes nothing the node serves.
@@ -59,6 +61,7 @@ from node.store import (
 )
 from node.store.backends import open_instance_store
 from node.store.instances import SCHEMA, SqliteInstanceStore, fsync_path
+from node.store.ledger import LEDGER_FILE, LedgerStore
 from node.store.postgres import OBJECT_TRANSFERS, PostgresInstanceStore
 from node.store.run_lock import RunLock
 
@@ -202,6 +205,12 @@ def _move(config: NodeConfig, target_config: NodeConfig, say: Progress) -> _Move
             tables = [_check_table(source, target, table) for table in INDEX_TABLES]
             tables += [_check_state_table(config, target_config, *t) for t in state_tables]
             _read_back(target, objects, config.store.max_instance_bytes)
+            moved_log = verify_own_log(target_config)
+            if not moved_log.ok or moved_log.size != ledger_size:
+                raise MigrationUnverified(
+                    f"the node's own log on PostgreSQL does not verify at its {ledger_size}"
+                    " entries; nothing was switched"
+                )
         finally:
             target.close()
     finally:
@@ -350,7 +359,19 @@ def _read_back(
 
 # The state stores, by their file in the data directory and how the node opens them
 # (opening brings a SQLite file, or the PostgreSQL tables, to the latest schema).
+def _open_ledger_tables(config: NodeConfig) -> Any:
+    """The ledger on ``config``'s engine, its schema created; on PostgreSQL without the
+    refusal to start beside a fuller ``ledger.sqlite``: that is what is being moved."""
+    if config.store.backend == "sqlite":
+        return LedgerStore(config.data_dir)
+    from node.store.pg_ledger import PostgresLedgerStore
+    from node.store.postgres import PostgresSettings
+
+    return PostgresLedgerStore(PostgresSettings(config.store.dsn, 1))
+
+
 STATE_STORES: tuple[tuple[str, Callable[[NodeConfig], Any]], ...] = (
+    (LEDGER_FILE, _open_ledger_tables),
     (nonces.FILE_NAME, backends.open_nonce_store),
     (consent_state.FILE_NAME, backends.open_consent_state),
     (links.FILE_NAME, backends.open_link_store),
@@ -465,13 +486,28 @@ def _canonical(value: Any) -> Any:
     return value
 
 
-def _rows_digest(rows: Iterator[Sequence[Any]]) -> tuple[int, str]:
-    """Rows counted and hashed in a canonical order (engines sort text differently)."""
-    lines = sorted(json.dumps([_canonical(v) for v in row]) for row in rows)
+def _rows_digest(rows: Iterator[Sequence[Any]], ordered: bool) -> tuple[int, str]:
+    """Rows counted and hashed in a canonical order: as they come when both engines gave
+    them in key order, else sorted here (the engines sort text differently)."""
+    lines: Iterator[str] = (json.dumps([_canonical(v) for v in row]) for row in rows)
+    if not ordered:
+        lines = iter(sorted(lines))
     hasher = hashlib.sha256()
+    count = 0
     for line in lines:
         hasher.update(line.encode() + b"\n")
-    return len(lines), hasher.hexdigest()
+        count += 1
+    return count, hasher.hexdigest()
+
+
+def _key_order(db: sqlite3.Connection, table: str) -> str:
+    """ORDER BY the table's primary key where it holds no text (numbers and bytes sort
+    alike on both engines), else ""."""
+    info = list(db.execute(f"PRAGMA table_info({table})"))
+    key = sorted((row[5], row[1], str(row[2]).upper()) for row in info if row[5])
+    if not key or any("TEXT" in kind or "CHAR" in kind for _, _, kind in key):
+        return ""
+    return " ORDER BY " + ", ".join(name for _, name, _ in key)
 
 
 def _check_state_table(
@@ -480,10 +516,17 @@ def _check_state_table(
     pool = backends.state_pool(target_config)
     with _sqlite_file(config, file_name) as db:
         columns, _ = _shared_columns(db, pool, file_name, table)
-        mine = _rows_digest(iter(db.execute(f"SELECT {', '.join(columns)} FROM {table}")))
-    with pool.connection() as conn:
-        found = conn.execute(f"SELECT {', '.join(columns)} FROM {table}").fetchall()
-    copied = _rows_digest(tuple(row[c] for c in columns) for row in found)
+        select = f"SELECT {', '.join(columns)} FROM {table}{_key_order(db, table)}"
+        mine = _rows_digest(iter(db.execute(select)), ordered="ORDER BY" in select)
+    with (
+        pool.connection() as conn,
+        conn.transaction(),  # a named (server-side) cursor streams within one
+        conn.cursor(name=f"check_{table}") as found,
+    ):
+        found.execute(select)
+        copied = _rows_digest(
+            (tuple(row[c] for c in columns) for row in found), ordered="ORDER BY" in select
+        )
     if mine != copied:
         raise MigrationUnverified(
             f"the {table} table of {file_name} differs after the copy ({mine[0]} rows here,"

@@ -15,7 +15,7 @@ from node.core import atna
 from node.core.key_rotation import sign_rotation
 from node.core.keys import verifier_key_string
 from node.services.audit_export import local_user, record_once
-from node.store.ledger import LedgerStore
+from node.store.backends import open_ledger_store
 from node.store.node_keys import create_next_key, finish_rotation, load_identity
 
 
@@ -47,7 +47,7 @@ def rotate_node_key(config: NodeConfig, compromised: bool = False) -> RotationDo
     Raises ConfigError if the key files do not match the log, BadInput or Unauthorized if
     the log refuses the rotation (another rotation won a race).
     """
-    store = LedgerStore(config.data_dir)
+    store = open_ledger_store(config)
     try:
         own = store.own_log(config.origin)
         chain = own.key_chain()

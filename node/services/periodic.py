@@ -10,8 +10,17 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 log = logging.getLogger(__name__)
+
+
+class BackgroundService(Protocol):
+    """Something `imageshare run` keeps running beside the HTTP server (DIMSE, replication...)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 class PeriodicTask:

@@ -70,7 +70,7 @@ from node.services.roster import RosterService, move_member_key
 from node.services.runtime import NodeRuntime
 from node.store.backends import open_federation_state
 from node.store.federation_state import Equivocation
-from node.store.ledger import LedgerStore, MirrorLog, OwnLog
+from node.store.ledger import LedgerStoreBase, MirrorLog, OwnLog
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class ReplicationService:
 
     # ---- the ledger store ----------------------------------------------------------------
 
-    def _store(self) -> LedgerStore:
+    def _store(self) -> LedgerStoreBase:
         """The ledger service's store: one store for the own log and the mirrors."""
         return self.runtime.services.ledger.store
 

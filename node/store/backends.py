@@ -1,4 +1,4 @@
-"""The instance store a node.toml asks for ([store] backend): the one place it is chosen."""
+"""The stores a node.toml asks for ([store] backend): the one place each is chosen."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from node.store import (
     transfers,
 )
 from node.store.instances import SqliteInstanceStore
+from node.store.ledger import LEDGER_FILE, LedgerStore, LedgerStoreBase
 from node.store.protocols import InstanceStore
 
 
@@ -156,3 +157,21 @@ def open_opinion_store(config: NodeConfig) -> opinions.OpinionStore:
     return _file_or_tables(
         config, opinions.OpinionStore, opinions.FILE_NAME, opinions.PostgresOpinionStore
     )
+
+
+def open_ledger_store(config: NodeConfig) -> LedgerStoreBase:
+    """The node's own log and its mirrors: ``ledger.sqlite`` in the data directory, or
+    PostgreSQL, shared by the node's daemons; ConfigError if the server cannot be reached."""
+    store = config.store
+    if store.backend == "sqlite":
+        return LedgerStore(config.data_dir)
+    from node.store.pg_ledger import PostgresLedgerStore, refuse_a_log_left_in_sqlite
+    from node.store.postgres import PostgresSettings
+
+    ledger = PostgresLedgerStore(PostgresSettings(store.dsn, store.pool_size))
+    try:
+        refuse_a_log_left_in_sqlite(ledger, config.data_dir / LEDGER_FILE)
+    except BaseException:
+        ledger.close()
+        raise
+    return ledger

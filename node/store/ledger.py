@@ -1,6 +1,7 @@
-"""The ledger on disk: this node's own log and every mirrored peer log, in one SQLite file.
+"""The ledger on disk: this node's own log and every mirrored peer log, in one database.
 
-``ledger.sqlite`` in the data directory (WAL, synchronous=FULL) holds:
+``ledger.sqlite`` in the data directory (WAL, synchronous=FULL; ``LedgerStore``), or the
+same tables in PostgreSQL (node/store/pg_ledger.py), holds:
 
     logs      one row per log: origin, log_id = SHA-256(origin), vkey, own?, size, and the
               latest signed checkpoint note (with the cosignatures collected for it)
@@ -15,9 +16,14 @@ Because every complete subtree hash is stored, any root or proof is O(log n) rea
 
 Durability rule (the one place it is written): an append is acknowledged only after the
 transaction holding its entry, its new subtree hashes and the new size has committed,
-which with synchronous=FULL means the WAL is fsynced. Concurrent appends share one
-commit (group commit): the first waiting thread becomes the writer, takes every append
-queued so far, commits them together, and wakes the others.
+which with synchronous=FULL means the WAL is fsynced (on PostgreSQL, flushed). Concurrent
+appends share one commit (group commit): the first waiting thread becomes the writer,
+takes every append queued so far, commits them together, and wakes the others. The log's
+size and tail are read inside the write transaction, so writers in other processes (other
+daemons of the node) stay in the one chain.
+
+One implementation of the logic serves both engines (``LedgerStoreBase``): its SQL is
+what SQLite and PostgreSQL both speak; an engine gives its connections and its locks.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import threading
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from node.core.chain import Link, LogChain
 from node.core.entries import EntryBody, KeyRotation, LedgerEntry, encode_entry
@@ -65,9 +71,12 @@ from node.errors import (
     NotFound,
     Unauthorized,
 )
+from node.store.pg_sql import PgConnection
 from node.store.sqlite import Migration, add_missing_columns, connect_durable, migrate
 
 LEDGER_FILE = "ledger.sqlite"
+# A connection of either engine: the store's SQL is what both speak (node/store/pg_sql.py).
+Connection = sqlite3.Connection | PgConnection
 VERIFY_BATCH = 4096
 
 SCHEMA = """
@@ -207,7 +216,7 @@ class IntegrityReport:
 class _Reader:
     """HashReader over one log's stored hashes (level 0 from entries, others from subtrees)."""
 
-    def __init__(self, conn: sqlite3.Connection, log: int) -> None:
+    def __init__(self, conn: Connection, log: int) -> None:
         self.conn = conn
         self.log = log
 
@@ -229,61 +238,67 @@ class _Reader:
         return hashes
 
 
-class LedgerStore:
-    """The ledger database of one node: its own log and its mirrors of peers' logs."""
+class WriterLock(Protocol):
+    """Which one of the daemons of a node runs its replication, witness collection and
+    forwarding."""
 
-    def __init__(self, data_dir: Path) -> None:
-        self.path = Path(data_dir) / LEDGER_FILE
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._connections_lock = threading.Lock()
-        # Serialises this process's writers; other processes are held off by SQLite's lock.
-        self.write_lock = threading.RLock()
-        self.writer = self._connect()
-        migrate(self.writer, LEDGER_FILE, MIGRATIONS)
+    def try_take(self) -> bool:
+        """True if this daemon holds the lock now (taking it if it is free)."""
+        ...
+
+    def release(self) -> None: ...
+
+
+class SoleWriter:
+    """The writer lock of a node with one daemon (the embedded ledger): always held."""
+
+    def try_take(self) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
+
+
+class LedgerStoreBase:
+    """The ledger database of one node: its own log and its mirrors of peers' logs.
+
+    One implementation on both engines; an engine gives ``reading`` (a connection for
+    reads), ``write_transaction`` (one transaction, serialised with every other writer of
+    the ledger, in this process or another) and ``close``.
+    """
+
+    def __init__(self) -> None:
         self._logs: dict[str, StoredLog] = {}
         self._roots: dict[int, tuple[int, bytes]] = {}  # log row -> (size, root) last listed
 
-    def _connect(self) -> sqlite3.Connection:
-        # Statements raise StorageFull or StorageFailed, never sqlite3's errors (a full
-        # disk, a damaged file, a lock another process held past the timeout).
-        conn = connect_durable(self.path, busy_timeout=30.0, node_errors=True)
-        with self._connections_lock:
-            self._connections.append(conn)
-        return conn
+    def reading(self) -> contextlib.AbstractContextManager[Connection]:
+        raise NotImplementedError
 
-    @property
-    def reader(self) -> sqlite3.Connection:
-        """This thread's read connection (WAL readers never block the writer)."""
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._connect()
-            self._local.conn = conn
-        return conn
-
-    @contextlib.contextmanager
-    def write_transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT on the writer connection; rolled back on any error."""
-        with self.write_lock:
-            conn = self.writer
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                # SQLite may already have rolled back (e.g. disk full during COMMIT).
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+    def write_transaction(self) -> contextlib.AbstractContextManager[Connection]:
+        raise NotImplementedError
 
     def close(self) -> None:
-        with self._connections_lock:
-            for conn in self._connections:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.close()
-            self._connections.clear()
+        raise NotImplementedError
 
-    def _row(self, conn: sqlite3.Connection, origin: str) -> tuple[Any, ...] | None:
+    def log_writer_lock(self) -> WriterLock:
+        """A lock held by one daemon of the node at a time (with SQLite, the only one)."""
+        return SoleWriter()
+
+    def snapshot(self) -> contextlib.AbstractContextManager[Connection]:
+        """A connection reading one consistent state of the ledger until the block ends."""
+        raise NotImplementedError
+
+    def read_one(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        """The first row one read statement gives (None if none)."""
+        with self.reading() as conn:
+            return conn.execute(sql, args).fetchone()
+
+    def read_all(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        """Every row one read statement gives."""
+        with self.reading() as conn:
+            return conn.execute(sql, args).fetchall()
+
+    def _row(self, conn: Connection, origin: str) -> tuple[Any, ...] | None:
         row: tuple[Any, ...] | None = conn.execute(
             "SELECT id, own, vkey FROM logs WHERE origin=?", (origin,)
         ).fetchone()
@@ -343,11 +358,11 @@ class LedgerStore:
         return log
 
     @staticmethod
-    def _has_key_history(conn: sqlite3.Connection, rowid: int) -> bool:
+    def _has_key_history(conn: Connection, rowid: int) -> bool:
         return conn.execute("SELECT 1 FROM log_keys WHERE log=?", (rowid,)).fetchone() is not None
 
     @staticmethod
-    def _holds_key(conn: sqlite3.Connection, rowid: int, public_key: bytes) -> bool:
+    def _holds_key(conn: Connection, rowid: int, public_key: bytes) -> bool:
         """True if ``public_key`` is in the stored key history of log ``rowid``."""
         row = conn.execute(
             "SELECT 1 FROM log_keys WHERE log=? AND public_key=?", (rowid, public_key)
@@ -360,32 +375,32 @@ class LedgerStore:
         A mirror is created empty before anything of it is verified; until a signed
         checkpoint of it is stored there is nothing of it to serve, so it is not listed.
         """
-        conn = self.reader
-        rows = conn.execute(
-            "SELECT id, origin, log_id, vkey, size, own FROM logs"
-            " WHERE own = 1 OR checkpoint IS NOT NULL ORDER BY own DESC, origin"
-        ).fetchall()
-        infos = []
-        for rowid, origin, log_id, vkey, size, own in rows:
-            root = self._roots.get(rowid)
-            if root is None or root[0] != size:
-                # Logs only grow: a root at a size never changes, so one per log is kept.
-                root = self._roots[rowid] = (size, tree_root(_Reader(conn, rowid), size))
-            infos.append(LogInfo(origin, bytes(log_id).hex(), vkey, size, bool(own), root[1]))
+        with self.reading() as conn:
+            rows = conn.execute(
+                "SELECT id, origin, log_id, vkey, size, own FROM logs"
+                " WHERE own = 1 OR checkpoint IS NOT NULL ORDER BY own DESC, origin"
+            ).fetchall()
+            infos = []
+            for rowid, origin, log_id, vkey, size, own in rows:
+                root = self._roots.get(rowid)
+                if root is None or root[0] != size:
+                    # Logs only grow: a root at a size never changes, so one per log is kept.
+                    root = self._roots[rowid] = (size, tree_root(_Reader(conn, rowid), size))
+                infos.append(LogInfo(origin, bytes(log_id).hex(), vkey, size, bool(own), root[1]))
         return infos
 
     def witnessed(self, origin: str) -> Witnessed | None:
         """What this node last cosigned, as a witness, of the log ``origin`` (None: never)."""
-        row = self.reader.execute(
+        row = self.read_one(
             "SELECT size, root FROM witnessed WHERE log_id=?", (log_id_bytes(origin),)
-        ).fetchone()
+        )
         return None if row is None else Witnessed(int(row[0]), bytes(row[1]))
 
     def witnessed_note(self, origin: str) -> str | None:
         """The note of the checkpoint this node last cosigned of ``origin`` (None: never)."""
-        row = self.reader.execute(
+        row = self.read_one(
             "SELECT checkpoint FROM witnessed WHERE log_id=?", (log_id_bytes(origin),)
-        ).fetchone()
+        )
         return None if row is None else str(row[0])
 
     def witness(self, request: AddCheckpoint, trusted: Sequence[VerifierKey] | None) -> Witnessed:
@@ -416,9 +431,7 @@ class LedgerStore:
             return None
         if len(log_id) != 32:
             return None
-        row = self.reader.execute(
-            "SELECT id, origin, own FROM logs WHERE log_id=?", (log_id,)
-        ).fetchone()
+        row = self.read_one("SELECT id, origin, own FROM logs WHERE log_id=?", (log_id,))
         if row is None:
             return None
         log = self._logs.get(row[1])
@@ -428,10 +441,78 @@ class LedgerStore:
         return log
 
 
+class LedgerStore(LedgerStoreBase):
+    """The ledger in ``ledger.sqlite`` of a data directory (the embedded backend)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__()
+        self.path = Path(data_dir) / LEDGER_FILE
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        # Serialises this process's writers; other processes are held off by SQLite's lock.
+        self.write_lock = threading.RLock()
+        self.writer = self._connect()
+        migrate(self.writer, LEDGER_FILE, MIGRATIONS)
+
+    def _connect(self) -> sqlite3.Connection:
+        # Statements raise StorageFull or StorageFailed, never sqlite3's errors (a full
+        # disk, a damaged file, a lock another process held past the timeout).
+        conn = connect_durable(self.path, busy_timeout=30.0, node_errors=True)
+        with self._connections_lock:
+            self._connections.append(conn)
+        return conn
+
+    @property
+    def reader(self) -> sqlite3.Connection:
+        """This thread's read connection (WAL readers never block the writer)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+        return conn
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[Connection]:
+        yield self.reader
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[Connection]:
+        conn = self.reader
+        conn.execute("BEGIN")  # deferred: the first read takes the snapshot
+        try:
+            yield conn
+        finally:
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def write_transaction(self) -> Iterator[Connection]:
+        """BEGIN IMMEDIATE ... COMMIT on the writer connection; rolled back on any error."""
+        with self.write_lock:
+            conn = self.writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                # SQLite may already have rolled back (e.g. disk full during COMMIT).
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        with self._connections_lock:
+            for conn in self._connections:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            self._connections.clear()
+
+
 class StoredLog:
     """One log held in the store: read access, roots, proofs and a full integrity check."""
 
-    def __init__(self, store: LedgerStore, rowid: int, origin: str) -> None:
+    def __init__(self, store: LedgerStoreBase, rowid: int, origin: str) -> None:
         self.store = store
         self.rowid = rowid
         self.origin = origin
@@ -440,18 +521,12 @@ class StoredLog:
 
     @property
     def vkey(self) -> str:
-        row = self.store.reader.execute(
-            "SELECT vkey FROM logs WHERE id=?", (self.rowid,)
-        ).fetchone()
+        row = self.store.read_one("SELECT vkey FROM logs WHERE id=?", (self.rowid,))
         return str(row[0])
 
     def size(self) -> int:
         """The number of committed entries."""
-        return int(
-            self.store.reader.execute("SELECT size FROM logs WHERE id=?", (self.rowid,)).fetchone()[
-                0
-            ]
-        )
+        return int(self.store.read_one("SELECT size FROM logs WHERE id=?", (self.rowid,))[0])
 
     def _check_size(self, size: int, what: str = "size") -> int:
         current = self.size()
@@ -461,9 +536,9 @@ class StoredLog:
 
     def entry(self, index: int) -> bytes:
         """Raw bytes of entry ``index``; NotFound if the log is shorter."""
-        row = self.store.reader.execute(
+        row = self.store.read_one(
             "SELECT data FROM entries WHERE log=? AND idx=?", (self.rowid, index)
-        ).fetchone()
+        )
         if row is None or index >= self.size():
             raise NotFound(f"{self.origin} has no entry {index}")
         return bytes(row[0])
@@ -473,19 +548,19 @@ class StoredLog:
         self._check_size(end, "end")
         if not 0 <= start <= end:
             raise BadInput(f"start {start} must be between 0 and end {end}")
-        rows = self.store.reader.execute(
+        rows = self.store.read_all(
             "SELECT idx, data FROM entries WHERE log=? AND idx>=? AND idx<? ORDER BY idx",
             (self.rowid, start, end),
-        ).fetchall()
+        )
         if len(rows) != end - start:
             raise LedgerCorrupt(f"the ledger store lacks entries of {self.origin}")
         return [bytes(data) for _, data in rows]
 
     def leaf_hash(self, index: int) -> bytes:
         """The stored leaf hash of entry ``index``; NotFound if the log is shorter."""
-        row = self.store.reader.execute(
+        row = self.store.read_one(
             "SELECT leaf_hash FROM entries WHERE log=? AND idx=?", (self.rowid, index)
-        ).fetchone()
+        )
         if row is None or index >= self.size():
             raise NotFound(f"{self.origin} has no entry {index}")
         return bytes(row[0])
@@ -496,7 +571,6 @@ class StoredLog:
         NotFound unless the log holds all ``ref.width`` hashes (or entries) the tile names;
         a narrower partial tile of what is held is served too (its bytes never change).
         """
-        conn = self.store.reader
         available = ref.available_width(self.size())
         if ref.width > available:
             raise NotFound(f"{self.origin} holds {available} of the tile's {ref.width} hashes")
@@ -512,13 +586,15 @@ class StoredLog:
                 "ORDER BY idx"
             )
             args = (self.rowid, ref.merkle_level, first, first + ref.width)
-        hashes = [bytes(row[0]) for row in conn.execute(query, args).fetchall()]
+        hashes = [bytes(row[0]) for row in self.store.read_all(query, args)]
         if len(hashes) != ref.width:
             raise LedgerCorrupt(f"the ledger store lacks hashes of {self.origin}'s {ref.path()}")
         return b"".join(hashes)
 
-    def _reader(self) -> _Reader:
-        return _Reader(self.store.reader, self.rowid)
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[_Reader]:
+        with self.store.reading() as conn:
+            yield _Reader(conn, self.rowid)
 
     def root(self, size: int | None = None) -> bytes:
         """The Merkle root at ``size`` (default: the current size)."""
@@ -526,24 +602,28 @@ class StoredLog:
             size = self.size()
         else:
             self._check_size(size)
-        return tree_root(self._reader(), size)
+        with self._reader() as reader:
+            return tree_root(reader, size)
 
     def inclusion_proof(self, index: int, size: int) -> list[bytes]:
         """RFC 9162 inclusion proof of ``index`` in the tree of ``size``; BadInput if invalid."""
         self._check_size(size)
-        return inclusion_proof(self._reader(), index, size)
+        with self._reader() as reader:
+            return inclusion_proof(reader, index, size)
 
     def consistency_proof(self, old: int, new: int) -> list[bytes]:
         """RFC 9162 consistency proof; BadInput unless 0 <= old <= new <= size."""
         self._check_size(new, "new size")
-        return consistency_proof(self._reader(), old, new)
+        with self._reader() as reader:
+            return consistency_proof(reader, old, new)
 
     def key_chain(self) -> KeyChain | None:
         """The log's keys in order (None for an own log opened without a key that never
         rotated)."""
-        return self._load_chain(self.store.reader)
+        with self.store.reading() as conn:
+            return self._load_chain(conn)
 
-    def _load_chain(self, conn: sqlite3.Connection) -> KeyChain | None:
+    def _load_chain(self, conn: Connection) -> KeyChain | None:
         rows = conn.execute(
             "SELECT first_size, public_key FROM log_keys WHERE log=? ORDER BY first_size",
             (self.rowid,),
@@ -555,12 +635,13 @@ class StoredLog:
             return None
         return KeyChain.starting_with(self.origin, parse_vkey(vkey).public_key)
 
-    def _store_chain(self, conn: sqlite3.Connection, chain: KeyChain | None) -> None:
+    def _store_chain(self, conn: Connection, chain: KeyChain | None) -> None:
         """Keep the epochs of ``chain`` not stored yet, and its current key as the log's vkey."""
         if chain is None or len(chain.epochs) < 2:
             return
         conn.executemany(
-            "INSERT OR IGNORE INTO log_keys (log, first_size, public_key) VALUES (?, ?, ?)",
+            "INSERT INTO log_keys (log, first_size, public_key) VALUES (?, ?, ?)"
+            " ON CONFLICT (log, first_size) DO NOTHING",
             [(self.rowid, e.first_size, e.public_key) for e in chain.epochs],
         )
         vkey = verifier_key_string(self.origin, chain.current_key)
@@ -575,25 +656,29 @@ class StoredLog:
 
     def checkpoint_note(self) -> str | None:
         """The latest signed checkpoint note with its cosignatures, or None if never signed."""
-        row = self.store.reader.execute(
-            "SELECT checkpoint FROM logs WHERE id=?", (self.rowid,)
-        ).fetchone()
+        row = self.store.read_one("SELECT checkpoint FROM logs WHERE id=?", (self.rowid,))
         return None if row is None or row[0] is None else str(row[0])
 
-    # Writers share the right edge of the tree, cached between commits.
-    def _load_tail(self, conn: sqlite3.Connection) -> LogChain:
+    def _load_tail(self, conn: Connection) -> LogChain:
+        """The right edge of the tree as committed, read in the writer's transaction.
+
+        The size and last leaf are always read from the store (another daemon may have
+        appended since this one last wrote); the edge cached from this process's last commit
+        is used only if both match it (entries never change once committed, so it is then
+        the stored edge).
+        """
         size = int(conn.execute("SELECT size FROM logs WHERE id=?", (self.rowid,)).fetchone()[0])
-        if self._tail is not None and self._tail.size == size:
+        last = _Reader(conn, self.rowid).read_hashes([(0, size - 1)])[0] if size else ZERO_HASH
+        if self._tail is not None and self._tail.size == size and self._tail.last_leaf == last:
             return self._tail
         indexes = subtree_indexes(0, size)
         hashes = _Reader(conn, self.rowid).read_hashes(indexes)
-        last = _Reader(conn, self.rowid).read_hashes([(0, size - 1)])[0] if size else ZERO_HASH
         subtrees = [(level, n, h) for (level, n), h in zip(indexes, hashes, strict=True)]
         return LogChain(MerkleFrontier(size, subtrees), last)
 
     def _store_rows(
         self,
-        conn: sqlite3.Connection,
+        conn: Connection,
         first: int,
         entries: Sequence[tuple[bytes, bytes]],
         subtrees: Sequence[tuple[int, int, bytes]],
@@ -615,17 +700,22 @@ class StoredLog:
         that every stored subtree hash is right and none is missing or extra, and that the
         latest checkpoint is signed, over the root re-derived at its size, by the key in
         force at its size (``vkey``, default the stored one, must be one of the log's keys).
-        Never raises for a damaged store: it reports.
+        Never raises for a damaged store: it reports. Everything is read from one snapshot,
+        so appends committed meanwhile (by another daemon) are neither seen nor reported.
         """
-        conn = self.store.reader
-        size = self.size()
+        with self.store.snapshot() as conn:
+            return self._verify(conn, vkey)
+
+    def _verify(self, conn: Connection, vkey: VerifierKey | str | None) -> IntegrityReport:
+        size, note, stored_vkey = conn.execute(
+            "SELECT size, checkpoint, vkey FROM logs WHERE id=?", (self.rowid,)
+        ).fetchone()
         report = IntegrityReport(self.origin, size)
-        note = self.checkpoint_note()
         checkpoint: Checkpoint | None = None
         if note is not None:
             try:
-                chain = self.key_chain()
-                given = vkey if isinstance(vkey, VerifierKey) else parse_vkey(vkey or self.vkey)
+                chain = self._load_chain(conn)
+                given = vkey if isinstance(vkey, VerifierKey) else parse_vkey(vkey or stored_vkey)
                 if chain is not None and not chain.holds(given.public_key):
                     raise Unauthorized(f"{given} is not one of the log's keys")
                 claimed = Checkpoint.parse(parse_note(note)[0]).size
@@ -697,7 +787,7 @@ class StoredLog:
         return report
 
     def _check_subtrees(
-        self, conn: sqlite3.Connection, computed: dict[tuple[int, int], bytes]
+        self, conn: Connection, computed: dict[tuple[int, int], bytes]
     ) -> Problem | None:
         for level in sorted({level for level, _ in computed}):
             ns = sorted(n for lv, n in computed if lv == level)
@@ -743,7 +833,7 @@ class _PendingAppend:
 class OwnLog(StoredLog):
     """This node's own append-only log: group-committed appends, signed checkpoints."""
 
-    def __init__(self, store: LedgerStore, rowid: int, origin: str) -> None:
+    def __init__(self, store: LedgerStoreBase, rowid: int, origin: str) -> None:
         super().__init__(store, rowid, origin)
         self._queue: list[_PendingAppend] = []
         self._writing = False
@@ -937,9 +1027,7 @@ class OwnLog(StoredLog):
 
     def published_note(self) -> str | None:
         """The latest checkpoint note that met the witness policy, with its cosignatures."""
-        row = self.store.reader.execute(
-            "SELECT published FROM logs WHERE id=?", (self.rowid,)
-        ).fetchone()
+        row = self.store.read_one("SELECT published FROM logs WHERE id=?", (self.rowid,))
         return None if row is None or row[0] is None else str(row[0])
 
 

@@ -26,7 +26,10 @@ from node.core.keys import NodeIdentity
 from node.core.merkle import verify_consistency, verify_inclusion
 from node.core.notes import verify_note
 from node.store.ledger import LedgerStore, OwnLog
+from node.store.pg_ledger import PostgresLedgerStore
+from node.store.postgres import PostgresSettings
 from scripts.benchmarks.common import BenchContext, Row
+from tests.support.postgres import running_postgres
 
 ORIGIN = "bench.example/imageshare"
 WRITERS = 32
@@ -97,6 +100,35 @@ def proof_latency_ms(own: OwnLog, size: int, samples: int = 1000) -> tuple[float
     return statistics.median(inclusion) * 1e3, statistics.median(consistency) * 1e3
 
 
+def postgres_append_rows(identity: NodeIdentity, single_count: int, per_writer: int) -> list[Row]:
+    """The append rows on the PostgreSQL ledger (a server of the benchmark's own, on the
+    same cores): one transaction per group commit, under the ledger's writers' lock."""
+    with running_postgres() as postgres:
+        settings = PostgresSettings(postgres.create_database("ledger_appends"), WRITERS + 1)
+        store = PostgresLedgerStore(settings)
+        try:
+            own = store.own_log(identity.origin, identity.vkey)
+            own.group_commit_wait = LedgerConfig().group_commit_ms / 1000
+            single = concurrent_append_rate(own, 1, single_count)
+            rate = concurrent_append_rate(own, WRITERS, per_writer)
+            assert own.verify().ok
+        finally:
+            store.close()
+    command = "python -m scripts.benchmarks.ledger"
+    return [
+        Row(
+            f"ledger append on PostgreSQL, durable, {WRITERS} concurrent writers (entries/s)",
+            round(rate),
+            command=command,
+        ),
+        Row(
+            "ledger append on PostgreSQL, durable, 1 writer, one commit each (entries/s)",
+            round(single),
+            command=command,
+        ),
+    ]
+
+
 def run(ctx: BenchContext) -> list[Row]:
     """Ledger rows: durable append rate, proof latency on a large log, verify rate."""
     work = Path(ctx.workdir) / "ledger"
@@ -133,6 +165,7 @@ def run(ctx: BenchContext) -> list[Row]:
             command="python -m scripts.benchmarks.ledger",
         )
     )
+    rows += postgres_append_rows(identity, 200 if ctx.quick else 1000, per_writer)
 
     large_dir = work / "large"
     large_dir.mkdir(exist_ok=True)

@@ -136,14 +136,25 @@ def _stop(bin_dir: Path, scratch: Path) -> None:
     shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _store_table(data_dir: Path, dsn: str) -> str:
+    """[store] on the PostgreSQL of ``dsn``, its password in a passfile."""
+    passfile = private_file(data_dir / "pgpass", f"*:*:*:*:{PASSWORD}\n")
+    password_free = dsn.replace(f":{PASSWORD}@", "@")
+    return f'[store]\nbackend = "postgresql"\ndsn = "{password_free}?passfile={passfile}"\n\n'
+
+
+def ledger_store_settings(data_dir: Path, dsn: str) -> str:
+    """The [store] tables of a node whose test uses only its PostgreSQL (the ledger, from
+    the command line): the bucket is named, never reached."""
+    return _store_table(data_dir, dsn) + '[store.objects]\nbucket = "never-reached"\n'
+
+
 def node_store_settings(data_dir: Path, dsn: str, s3: S3Server, bucket: str) -> str:
     """The [store] tables of a node on PostgreSQL and ``bucket``, secrets in files."""
-    passfile = private_file(data_dir / "pgpass", f"*:*:*:*:{PASSWORD}\n")
     credentials = s3.credentials_file(data_dir / "s3-credentials")
-    password_free = dsn.replace(f":{PASSWORD}@", "@")
     return (
-        f'[store]\nbackend = "postgresql"\ndsn = "{password_free}?passfile={passfile}"\n\n'
-        f'[store.objects]\nendpoint = "{s3.endpoint}"\nbucket = "{bucket}"\n'
+        _store_table(data_dir, dsn)
+        + f'[store.objects]\nendpoint = "{s3.endpoint}"\nbucket = "{bucket}"\n'
         f'credentials_file = "{credentials}"\n'
         # S3's smallest part: an instance of a few megabytes already goes up in parts.
         f"multipart_threshold_bytes = {5 * 1024**2}\npart_bytes = {5 * 1024**2}\n"
