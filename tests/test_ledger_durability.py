@@ -1,4 +1,5 @@
-"""kill -9 during a burst of concurrent appends loses no acknowledged entry."""
+"""kill -9 during a burst of concurrent appends loses no acknowledged entry, on the
+ledger the node's node.toml names (SQLite, or PostgreSQL in the scale-out run)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import sys
 import time
 from collections.abc import Callable
 
+from node.config import load_config
 from node.core.entries import Grant
 from node.core.keys import NodeIdentity
-from node.store.ledger import LedgerStore
+from node.store.backends import open_ledger_store
 from node.store.secrets import read_seed
 from tests.support.nodes import NodeProcess
 
@@ -20,10 +22,11 @@ from tests.support.nodes import NodeProcess
 APPENDER = """
 import sys, threading
 from pathlib import Path
+from node.config import load_config
 from node.core.entries import Grant
-from node.store.ledger import LedgerStore
+from node.store.backends import open_ledger_store
 
-own = LedgerStore(Path(sys.argv[1])).own_log(sys.argv[2])
+own = open_ledger_store(load_config(Path(sys.argv[1]))).own_log(sys.argv[2])
 out = threading.Lock()
 
 def work(thread):
@@ -43,7 +46,7 @@ threading.Event().wait()
 
 def burst_then_kill(node: NodeProcess, acknowledged_before_kill: int) -> dict[int, str]:
     child = subprocess.Popen(
-        [sys.executable, "-c", APPENDER, str(node.data_dir), node.origin],
+        [sys.executable, "-c", APPENDER, str(node.config), node.origin],
         stdout=subprocess.PIPE,
         text=True,
         start_new_session=True,
@@ -77,7 +80,7 @@ class TestKillDuringAppends:
         identity = NodeIdentity(node.origin, read_seed(node.data_dir / "node.key"))
         for round_ in range(2):  # the second burst resumes on the log the first one left
             acknowledged = burst_then_kill(node, 600)
-            store = LedgerStore(node.data_dir)
+            store = open_ledger_store(load_config(node.config))
             try:
                 own = store.own_log(identity.origin, identity.vkey)
                 size = own.size()
