@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 import time
 import tracemalloc
 from collections.abc import Iterator, Sequence
@@ -841,3 +843,23 @@ class TestWorkers:
         assert spread == alone
         assert [ok for _, ok in spread] == [True, True, False, True, True, True, False]
         assert spread[-1][0] is None
+
+
+class TestAuditCommand:
+    def test_audit_loads_neither_the_other_commands_nor_their_libraries(self) -> None:
+        """Its peak memory counts the program's: `imageshare audit` parses with its own
+        module alone, while `imageshare --help` still lists every command."""
+        probe = (
+            "import sys; from node.edges.cli import build_parser;"
+            " build_parser('audit').parse_args(['audit', 'http://127.0.0.1:1']);"
+            " print(' '.join(sorted(sys.modules)))"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+        )
+        loaded = set(result.stdout.split())
+        assert "node.edges.cli.audit_commands" in loaded
+        heavy = {"pydicom", "numpy", "PIL", "joserfc", "node.edges.cli.node_commands"}
+        assert loaded.isdisjoint(heavy)
+        listed = run_cli("--help").stdout
+        assert all(name in listed for name in ("audit", "import", "peers", "patient", "proof"))
