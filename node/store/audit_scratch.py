@@ -85,7 +85,10 @@ class SpilledMap(MutableMapping[bytes, V], Generic[V]):
         self._capacity = cache
         self._evicted: dict[bytes, bytes] = {}  # left the memory, not yet written
         self._on_disk = bytearray(FILTER_BITS // 8)
-        db.execute(f"CREATE TABLE {table} (key BLOB PRIMARY KEY, value BLOB NOT NULL)")
+        # Without rowid: one tree by key, so rows() reads it in key order as it lies.
+        db.execute(
+            f"CREATE TABLE {table} (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID"
+        )
 
     @staticmethod
     def _bits(key: bytes) -> list[int]:
