@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 import time
 import tracemalloc
 from collections.abc import Iterator, Sequence
@@ -728,6 +730,70 @@ class TestAuditState:
         with pytest.raises(BadInput, match="fields are not the signed checkpoint's"):
             AuditState(size_changed).load()
 
+    def test_rerun_from_the_saved_right_edge_finds_what_a_whole_audit_finds(
+        self, federation: tuple[NodeProcess, NodeProcess], tmp_path: Path
+    ) -> None:
+        a, b = federation
+        patient = Patient(A_ORIGIN)
+        token = patient.token(B_ORIGIN)
+        revoke = Revoke(revocation=patient.revocation(token, T0 + 60))
+        append(a, [patient.enroll("mrn-9", T0 + 50), (Grant(token=token), T0 + 51)])
+        mirror(b, a)
+        state = tmp_path / "state"
+        a.start()
+        b.start()
+        assert audit(a.url, b.url, state=state)[0] == 0
+        a.stop()
+        b.stop()
+        study, digest = ref("late"), ref("late-digest")
+        append(a, [(revoke, T0 + 60), (access(token, B_ORIGIN, study, digest), T0 + 61)])
+        append(b, [(receipt(token, A_ORIGIN, study, digest), T0 + 62)])
+        mirror(b, a)
+        mirror(a, b)
+        a.start()
+        b.start()
+        rerun_status, rerun = audit(a.url, b.url, state=state)
+        whole_status, whole = audit(a.url, b.url)
+        with sqlite3.connect(state / "audit-state.sqlite") as db:
+            edges = db.execute("SELECT origin, length(edge) FROM logs ORDER BY origin").fetchall()
+        assert (rerun_status, whole_status) == (1, 1)
+        assert rerun["entries_read"] == 2 * 3  # each new entry, from its node and its mirror
+        assert rules(rerun) == rules(whole) == {(A_ORIGIN, 19, "access_after_revocation")}
+        assert [log["counts"] for log in rerun["logs"]] == [log["counts"] for log in whole["logs"]]
+        # A's 20 entries: subtrees of 16 and 4; B's 2: one of 2.
+        assert edges == [(A_ORIGIN, 2 * 32), (B_ORIGIN, 32)]
+
+    def test_state_whose_right_edge_or_kept_entries_were_changed_is_refused(
+        self, federation: tuple[NodeProcess, NodeProcess], tmp_path: Path
+    ) -> None:
+        a, b = federation
+        append(a, [(Witness(log_id=ref("odd"), size=1, root=ref("odd")), T0 + 50)])
+        mirror(b, a)  # A's log: 17 entries, its right edge a subtree of 16 and the last leaf
+        a.start()
+        b.start()
+        state = tmp_path / "state"
+        assert audit(a.url, b.url, state=state)[0] == 0
+        edge, last, early = tmp_path / "edge", tmp_path / "last", tmp_path / "early"
+        for copy in (edge, last, early):
+            shutil.copytree(state, copy)
+
+        def flip(directory: Path, sql: str) -> None:
+            with sqlite3.connect(directory / "audit-state.sqlite") as db:
+                db.create_function("flip", 1, lambda raw: bytes([raw[0] ^ 1]) + raw[1:])
+                db.execute(sql, (A_ORIGIN,))
+
+        flip(edge, "UPDATE logs SET edge = flip(edge) WHERE origin = ?")
+        flip(last, "UPDATE entries SET raw = flip(raw) WHERE origin = ? AND idx = 16")
+        # An entry inside the edge's large subtree is checked when the entries are read
+        # back: here because, without what judging them left, they are judged again.
+        flip(early, "UPDATE entries SET raw = flip(raw) WHERE origin = ? AND idx = 3")
+        with sqlite3.connect(early / "audit-state.sqlite") as db:
+            db.execute("DELETE FROM judged WHERE origin = ?", (A_ORIGIN,))
+        for tampered in (edge, last, early):
+            result = run_cli("audit", a.url, b.url, "--state", str(tampered), check=False)
+            assert result.returncode == 1 and result.stdout == ""
+            assert f"audit state of {A_ORIGIN} is tampered" in result.stderr
+
     def test_missing_directory_is_an_empty_state(self, tmp_path: Path) -> None:
         assert AuditState(tmp_path / "none").load() == {}
 
@@ -842,3 +908,23 @@ class TestWorkers:
         assert spread == alone
         assert [ok for _, ok in spread] == [True, True, False, True, True, True, False]
         assert spread[-1][0] is None
+
+
+class TestAuditCommand:
+    def test_audit_loads_neither_the_other_commands_nor_their_libraries(self) -> None:
+        """Its peak memory counts the program's: `imageshare audit` parses with its own
+        module alone, while `imageshare --help` still lists every command."""
+        probe = (
+            "import sys; from node.edges.cli import build_parser;"
+            " build_parser('audit').parse_args(['audit', 'http://127.0.0.1:1']);"
+            " print(' '.join(sorted(sys.modules)))"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+        )
+        loaded = set(result.stdout.split())
+        assert "node.edges.cli.audit_commands" in loaded
+        heavy = {"pydicom", "numpy", "PIL", "joserfc", "node.edges.cli.node_commands"}
+        assert loaded.isdisjoint(heavy)
+        listed = run_cli("--help").stdout
+        assert all(name in listed for name in ("audit", "import", "peers", "patient", "proof"))

@@ -101,6 +101,29 @@ class TestCanonicalDecode:
         with pytest.raises(BadInput):
             canonical_decode(data)
 
+    def test_keys_out_of_order_are_refused_after_the_same_keys_in_order(self) -> None:
+        """Key orders found canonical are remembered: another order of them is not one."""
+        assert canonical_decode(msgpack.packb({"kind": 1, "prev": 2})) == {"kind": 1, "prev": 2}
+        with pytest.raises(BadInput):
+            canonical_decode(msgpack.packb({"prev": 2, "kind": 1}))
+        with pytest.raises(BadInput):  # True and 1 are one key to Python, not to msgpack
+            canonical_decode(b"\x82\xc3\x01\x01\x02")
+
+    @pytest.mark.parametrize("depth", [MAX_DEPTH - 1, MAX_DEPTH, MAX_DEPTH + 1])
+    @pytest.mark.parametrize("leaf", [[], [7], {}, {"k": 7}])
+    def test_decodes_a_nesting_exactly_when_it_encodes(self, depth: int, leaf: object) -> None:
+        value: object = leaf
+        for _ in range(depth):
+            value = [value]
+        data = msgpack.packb(value)
+        try:
+            canonical_encode(value)
+        except BadInput:
+            with pytest.raises(BadInput):
+                canonical_decode(data)
+        else:
+            assert canonical_decode(data) == value
+
     def test_accepts_what_msgpack_packs_for_canonical_values(self) -> None:
         value = {"a": [1, -2, b"\x00", "é"], "b": None}
         assert canonical_decode(msgpack.packb(value, use_bin_type=True)) == value

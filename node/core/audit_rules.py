@@ -213,6 +213,8 @@ class History:
     # The log's keys as its entries prove them, and the one that signed this checkpoint.
     chain: KeyChain | None = None
     signing_key: VerifierKey | None = None
+    # The right edge of the entries walked (check_history's), kept with a saved state.
+    edge: LogChain | None = None
 
     @property
     def size(self) -> int:
@@ -391,7 +393,7 @@ def check_history(
     if resume is not None:
         known[resume.chain.size] = resume.chain.root()
     history.leaves = Leaves(leaves, known=known) if reread is None else Leaves(None, reread, known)
-    history.intact = not findings.counts
+    history.intact, history.edge = not findings.counts, log_chain
     return history, findings.done()
 
 

@@ -65,24 +65,50 @@ def canonical_decode(data: bytes) -> Any:
     return value
 
 
+# The exact types whose values packb encodes canonically on their own.
+_SCALARS = frozenset({type(None), bool, int, str, bytes})
+# Key sequences of maps (all str keys) found in canonical order: the maps of one kind of
+# ledger entry share one, so most maps are checked by one lookup. Bounded: any input
+# may bring new ones, and only these many are remembered.
+_SORTED_KEYS: set[tuple[str, ...]] = set()
+_MAX_SORTED_KEYS = 4096
+
+
 def _plain(value: Any, depth: int) -> bool:
     """True if msgpack.packb's encoding of the decoded ``value`` is its canonical one: only
     the types canonical msgpack holds, maps in encoded-key order, no deeper than allowed.
     (packb already picks the smallest header of each, as the rules do.)"""
     if depth > MAX_DEPTH:
         return False
-    if value is None or isinstance(value, bool | int | str | bytes):
+    kind = type(value)
+    if kind in _SCALARS:
         return True
-    if isinstance(value, list):
-        return all(_plain(item, depth + 1) for item in value)
-    if isinstance(value, dict):
-        keys = [msgpack.packb(key) for key in value if _plain(key, depth + 1)]
-        return (
-            len(keys) == len(value)
-            and all(a < b for a, b in itertools.pairwise(keys))
-            and all(_plain(item, depth + 1) for item in value.values())
-        )
-    return False  # a float, an ext type, a timestamp
+    if kind is not list and kind is not dict:
+        return False  # a float, an ext type, a timestamp
+    if depth == MAX_DEPTH:
+        return not value  # its items (or keys) would be nested too deep
+    if kind is dict:
+        if not _keys_sorted(value, depth):
+            return False
+        items = value.values()
+    else:
+        items = value
+    # A scalar item (most are) is plain at this depth: no call for it.
+    return all(type(item) in _SCALARS or _plain(item, depth + 1) for item in items)
+
+
+def _keys_sorted(value: dict[Any, Any], depth: int) -> bool:
+    """True if a map's keys are canonical values, unique, in encoded-key order."""
+    keys = tuple(value)
+    if keys in _SORTED_KEYS:
+        return True
+    packed = [msgpack.packb(key) for key in keys if _plain(key, depth + 1)]
+    if len(packed) != len(keys) or not all(a < b for a, b in itertools.pairwise(packed)):
+        return False
+    # Only str keys: keys equal in Python (1, 1.0, True) need not encode alike.
+    if len(_SORTED_KEYS) < _MAX_SORTED_KEYS and all(type(key) is str for key in keys):
+        _SORTED_KEYS.add(keys)
+    return True
 
 
 def _encode(value: Any, out: bytearray, depth: int) -> None:

@@ -648,6 +648,7 @@ def _audit_views(
             h.note,
             h.source,
             judges[origin].saved(),
+            h.edge,
         )
         for origin, h in sorted(best.items())
         if origin not in broken and h.checkpoint is not None and h.signing_key is not None
@@ -1264,4 +1265,4 @@ def save_verified(
         if kept is None or not checkpoint.size:
             state.save(checkpoint)
         else:
-            state.save(checkpoint, kept, checkpoint.judged)
+            state.save(checkpoint, kept, checkpoint.judged, checkpoint.edge)

@@ -5,14 +5,17 @@ A rerun then reads from each node only the entries after the saved size, and jud
 every rule over the saved entries (streamed back from the database) and the new ones
 together. Nothing saved is trusted
 blindly: on load each checkpoint must verify under the key pinned with it, and the
-entries kept must hash to its root, or the audit stops with a clear error (a tampered
-or torn state is refused, never half-used). A log is saved only when its history
+right edge of the kept entries' tree must give its root (the last entry's leaf bound
+to it by hashing the edge's smallest subtree again); kept entries read back are hashed
+as they stream and must give that root too. Otherwise the audit stops with a clear
+error (a tampered or torn state is refused, never half-used). A log is saved only when its history
 verified (node.core.audit_rules.HISTORY_RULES); consent findings are judged again from
 the saved entries on every run, so they keep being reported.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +23,7 @@ from typing import TypeVar
 
 from node.core.chain import LogChain
 from node.core.keys import parse_verifier_key
-from node.core.merkle import leaf_hash
+from node.core.merkle import HASH_SIZE, MerkleFrontier, leaf_hash, subtree_indexes
 from node.core.notes import verify_note
 from node.core.origins import is_node_origin, log_id
 from node.errors import BadInput, ImageShareError, Unauthorized
@@ -46,6 +49,8 @@ class SavedCheckpoint:
     source: str | None = field(default=None, compare=False)
     # What judging that copy left (to keep with its entries); not part of the checkpoint.
     judged: JudgedRows | None = field(default=None, compare=False, repr=False)
+    # The right edge of that copy's tree (to keep with its entries); not state either.
+    edge: LogChain | None = field(default=None, compare=False, repr=False)
 
     @property
     def log_id(self) -> str:
@@ -121,14 +126,15 @@ class AuditState:
         row = self._rows.get(origin)
         if row is None or row.entries_kept == 0:
             return None
-        chain = LogChain()
-        for raw in self._entries(origin, 0):
-            chain.push_leaf(leaf_hash(raw))
-        if chain.size != row.size or chain.root() != row.root:
-            raise BadInput(
-                f"audit state of {origin} is tampered: its entries do not hash to the"
-                " checkpoint saved with them"
-            )
+        if row.edge is None:  # saved by an earlier version: hash them all now
+            chain = LogChain()
+            for raw in self._entries(origin, 0):
+                chain.push_leaf(leaf_hash(raw))
+            _check_root(row, chain.frontier)
+            entries_from: EntriesFrom = functools.partial(self._entries, origin)
+        else:
+            chain = self._saved_edge(row)
+            entries_from = functools.partial(self._checked_entries, row)
         store = self._open()
         try:
             state = store.judged_state(origin)
@@ -143,7 +149,41 @@ class AuditState:
                 lambda name: self._read(origin, lambda s: s.judged_map(origin, name)),
                 lambda: self._read(origin, lambda s: s.judged_halves(origin)),
             )
-        return VerifiedPrefix(lambda start: self._entries(origin, start), chain, judged)
+        return VerifiedPrefix(entries_from, chain, judged)
+
+    def _saved_edge(self, row: LogRow) -> LogChain:
+        """The right edge saved with a log's entries, checked against its signed root;
+        the last entry's leaf hash is bound to it by hashing the frontier's smallest
+        subtree again from the kept entries (one entry at an odd size; at most half the
+        log, at a power of two). BadInput if they do not match."""
+        indexes = subtree_indexes(0, row.size)
+        edge = row.edge or b""
+        if len(edge) != HASH_SIZE * len(indexes):
+            raise BadInput(f"audit state of {row.origin} is corrupt: a malformed right edge")
+        subtrees = [
+            (level, n, edge[i * HASH_SIZE : (i + 1) * HASH_SIZE])
+            for i, (level, n) in enumerate(indexes)
+        ]
+        frontier = MerkleFrontier(row.size, subtrees)
+        _check_root(row, frontier)
+        level, n, digest = subtrees[-1]
+        smallest = LogChain()
+        for raw in self._entries(row.origin, n << level):
+            smallest.push_leaf(leaf_hash(raw))
+        if smallest.size != 1 << level or smallest.root() != digest:
+            raise BadInput(_TAMPERED.format(row.origin))
+        return LogChain(frontier, smallest.last_leaf)
+
+    def _checked_entries(self, row: LogRow, start: int) -> Iterator[bytes]:
+        """The kept entries from ``start`` on, each hashed from entry 0 as they stream:
+        BadInput once they end if they do not give the signed root (a tampered entry
+        stops the audit before its verdict, as when the state is loaded)."""
+        frontier = MerkleFrontier()
+        for index, raw in enumerate(self._entries(row.origin, 0)):
+            frontier.push(leaf_hash(raw))
+            if index >= start:
+                yield raw
+        _check_root(row, frontier)
 
     def _entries(self, origin: str, start: int) -> Iterator[bytes]:
         """The entries kept for a log from index ``start`` on, streamed from the database."""
@@ -164,9 +204,10 @@ class AuditState:
         checkpoint: SavedCheckpoint,
         entries: EntrySource | None = None,
         judged: JudgedRows | None = None,
+        edge: LogChain | None = None,
     ) -> None:
-        """Replace the log's saved checkpoint (and the entries it covers and what judging
-        them left, if given) atomically and durably."""
+        """Replace the log's saved checkpoint (and the entries it covers, what judging
+        them left and the right edge of their tree, if given) atomically and durably."""
         store = self._open()
         try:
             store.save(
@@ -177,9 +218,21 @@ class AuditState:
                 checkpoint.note,
                 entries,
                 judged,
+                None if edge is None else b"".join(d for _, _, d in edge.frontier.subtrees),
             )
         finally:
             store.close()
+
+
+_TAMPERED = (
+    "audit state of {} is tampered: its entries do not hash to the checkpoint saved with them"
+)
+
+
+def _check_root(row: LogRow, frontier: MerkleFrontier) -> None:
+    """BadInput unless ``frontier`` is the tree of the checkpoint saved in ``row``."""
+    if frontier.size != row.size or frontier.root() != row.root:
+        raise BadInput(_TAMPERED.format(row.origin))
 
 
 def _checked(row: LogRow) -> SavedCheckpoint:

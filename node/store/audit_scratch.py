@@ -30,6 +30,8 @@ SPILL_BATCH = 2000
 # 1,000 at 140,000).
 FILTER_BITS = 1 << 22
 FILTER_HASHES = 3
+# Each of a key's bits is taken from 32 bits of its digest, read as one integer.
+_FILTER_SHIFTS = tuple(32 * i for i in range(FILTER_HASHES))
 
 
 class Scratch:
@@ -38,10 +40,12 @@ class Scratch:
     def __init__(self) -> None:
         self._directory = tempfile.TemporaryDirectory(prefix="imageshare-audit-")
         self.path = Path(self._directory.name)
-        # Nothing here outlives the run: no journal, no fsync.
+        # Nothing here outlives the run: no journal, no fsync, and one transaction for
+        # the run, begun by the first write and never committed (committing each
+        # statement would write its pages out once per row).
         # One thread at a time (a daemon collects in its loop and judges in a worker).
         self.db = sqlite3.connect(
-            self.path / "scratch.sqlite", isolation_level=None, check_same_thread=False
+            self.path / "scratch.sqlite", isolation_level="DEFERRED", check_same_thread=False
         )
         self.db.execute("PRAGMA journal_mode = OFF")
         self.db.execute("PRAGMA synchronous = OFF")
@@ -81,21 +85,24 @@ class SpilledMap(MutableMapping[bytes, V], Generic[V]):
         self._capacity = cache
         self._evicted: dict[bytes, bytes] = {}  # left the memory, not yet written
         self._on_disk = bytearray(FILTER_BITS // 8)
-        db.execute(f"CREATE TABLE {table} (key BLOB PRIMARY KEY, value BLOB NOT NULL)")
-
-    @staticmethod
-    def _bits(key: bytes) -> tuple[int, ...]:
-        digest = hashlib.blake2b(key, digest_size=4 * FILTER_HASHES).digest()
-        return tuple(
-            int.from_bytes(digest[i : i + 4], "big") % FILTER_BITS for i in range(0, len(digest), 4)
+        # Without rowid: one tree by key, so rows() reads it in key order as it lies.
+        db.execute(
+            f"CREATE TABLE {table} (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID"
         )
 
+    @staticmethod
+    def _bits(key: bytes) -> list[int]:
+        digest = int.from_bytes(hashlib.blake2b(key, digest_size=4 * FILTER_HASHES).digest())
+        return [(digest >> shift) % FILTER_BITS for shift in _FILTER_SHIFTS]
+
     def _mark(self, key: bytes) -> None:
+        on_disk = self._on_disk
         for bit in self._bits(key):
-            self._on_disk[bit >> 3] |= 1 << (bit & 7)
+            on_disk[bit >> 3] |= 1 << (bit & 7)
 
     def _maybe_on_disk(self, key: bytes) -> bool:
-        return all(self._on_disk[bit >> 3] & (1 << (bit & 7)) for bit in self._bits(key))
+        on_disk = self._on_disk
+        return all(on_disk[bit >> 3] & (1 << (bit & 7)) for bit in self._bits(key))
 
     def __getitem__(self, key: bytes) -> V:
         if key in self._cache:
@@ -163,13 +170,14 @@ class SpilledMap(MutableMapping[bytes, V], Generic[V]):
         return sum(1 for _ in self)
 
     def rows(self) -> Iterator[tuple[bytes, bytes]]:
-        """Every (key, encoded value), to save (``load`` takes them back)."""
+        """Every (key, encoded value), by key (``load`` takes them back): a store keyed
+        by them inserts in order, appending pages, instead of splitting them at random."""
         for key, value in self._cache.items():
             self._evicted[key] = self._encode(value)
             self._mark(key)
         self._cache.clear()
         self._write()
-        cursor = self._db.execute(f"SELECT key, value FROM {self._table}")
+        cursor = self._db.execute(f"SELECT key, value FROM {self._table} ORDER BY key")
         while batch := cursor.fetchmany(SPILL_BATCH):
             yield from batch
 

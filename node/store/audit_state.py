@@ -40,8 +40,11 @@ CREATE TABLE judged_maps (
 CREATE TABLE judged_halves (origin TEXT NOT NULL, half BLOB NOT NULL);
 CREATE INDEX judged_halves_origin ON judged_halves (origin);
 """
+# The right edge of the tree of a log's kept entries (its Merkle frontier's subtree
+# hashes, 32 bytes each, largest first), so a rerun need not hash them all again.
+_EDGE = "ALTER TABLE logs ADD COLUMN edge BLOB;"
 # Schema versions (node/store/sqlite.py): position n upgrades version n to n + 1.
-MIGRATIONS: tuple[Migration, ...] = (_SCHEMA, _JUDGED)
+MIGRATIONS: tuple[Migration, ...] = (_SCHEMA, _JUDGED, _EDGE)
 # Rows fetched from SQLite per round trip while reading a log's entries back.
 READ_BATCH = 10_000
 
@@ -66,6 +69,7 @@ class LogRow:
     root: bytes
     note: str
     entries_kept: int
+    edge: bytes | None = None  # None: saved without it (by an earlier version)
 
 
 class AuditStateStore:
@@ -85,22 +89,23 @@ class AuditStateStore:
         try:
             rows = self._db.execute(
                 "SELECT l.origin, l.vkey, l.size, l.root, l.note,"
-                " (SELECT count(*) FROM entries e WHERE e.origin = l.origin)"
+                " (SELECT count(*) FROM entries e WHERE e.origin = l.origin), l.edge"
                 " FROM logs l ORDER BY l.origin"
             ).fetchall()
         except sqlite3.Error as exc:
             raise ValueError(f"the saved logs cannot be read: {exc}") from exc
         result = []
-        for origin, vkey, size, root, note, kept in rows:
+        for origin, vkey, size, root, note, kept, edge in rows:
             if not (
                 isinstance(origin, str)
                 and isinstance(vkey, str)
                 and isinstance(size, int)
                 and isinstance(root, bytes)
                 and isinstance(note, str)
+                and isinstance(edge, bytes | None)
             ):
                 raise ValueError(f"the saved row of {origin!r} has mistyped columns")
-            result.append(LogRow(origin, vkey, size, root, note, kept))
+            result.append(LogRow(origin, vkey, size, root, note, kept, edge))
         return result
 
     def entries(self, origin: str, start: int = 0) -> Iterator[bytes]:
@@ -163,11 +168,12 @@ class AuditStateStore:
         note: str,
         entries: EntrySource | None,
         judged: JudgedRows | None = None,
+        edge: bytes | None = None,
     ) -> None:
         """Replace a log's checkpoint, its kept entries by ``entries`` (exactly the
-        checkpoint's; None keeps none) and what judging it left (None keeps none), in
-        one durable transaction. Entries already kept are not rewritten: only those past
-        the ones kept are inserted."""
+        checkpoint's; None keeps none), what judging it left (None keeps none) and the
+        right edge of the entries' tree, in one durable transaction. Entries already
+        kept are not rewritten: only those past the ones kept are inserted."""
         self._db.execute("BEGIN IMMEDIATE")
         try:
             for table in ("judged", "judged_maps", "judged_halves"):
@@ -188,9 +194,9 @@ class AuditStateStore:
                     ((origin, i, raw) for i, raw in enumerate(entries_from(entries, kept), kept)),
                 )
             self._db.execute(
-                "INSERT OR REPLACE INTO logs (origin, vkey, size, root, note)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (origin, vkey, size, root, note),
+                "INSERT OR REPLACE INTO logs (origin, vkey, size, root, note, edge)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (origin, vkey, size, root, note, edge if entries is not None else None),
             )
             self._db.execute("COMMIT")
         except BaseException:

@@ -7,41 +7,46 @@ unreachable. Errors are one sentence on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
-from node.edges.cli import (
-    _common,
-    audit_commands,
-    fetch_commands,
-    key_commands,
-    ledger_commands,
-    migrate_commands,
-    node_commands,
-    patient_commands,
-    peers_commands,
-    proof_commands,
-    roster_commands,
-)
+from node.edges.cli import _common
 
 # Each module has register(subparsers); its commands set args.handler.
-COMMAND_MODULES = [node_commands, peers_commands, audit_commands, patient_commands]
-COMMAND_MODULES.append(fetch_commands)
-COMMAND_MODULES.append(ledger_commands)
-COMMAND_MODULES.append(key_commands)
-COMMAND_MODULES.append(roster_commands)
-COMMAND_MODULES.append(proof_commands)
-COMMAND_MODULES.append(migrate_commands)
+COMMAND_MODULES = [
+    "node_commands",
+    "peers_commands",
+    "audit_commands",
+    "patient_commands",
+    "fetch_commands",
+    "ledger_commands",
+    "key_commands",
+    "roster_commands",
+    "proof_commands",
+    "migrate_commands",
+]
+# Commands one module registers alone, parsed without importing the others (and the
+# DICOM, image and crypto libraries they load): an audit of a federation counts the
+# program's own memory in its peak, and a module imported is memory held.
+STANDALONE_COMMANDS = {"audit": "audit_commands"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or of ``command`` alone if it is a standalone one."""
     parser = argparse.ArgumentParser(
         prog="imageshare",
         description="ImageShare node: consented exchange of radiology images between hospitals.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in COMMAND_MODULES:
-        module.register(subparsers)
+    standalone = STANDALONE_COMMANDS.get(command or "")
+    for name in [standalone] if standalone else COMMAND_MODULES:
+        _module(name).register(subparsers)
     return parser
 
 
@@ -68,8 +73,9 @@ def join_dash_values(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(join_dash_values(sys.argv[1:] if argv is None else argv))
+    arguments = join_dash_values(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(arguments[0] if arguments else None)
+    args = parser.parse_args(arguments)
     return _common.run_handler(args)
 
 

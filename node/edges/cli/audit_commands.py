@@ -12,7 +12,7 @@ import asyncio
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -21,8 +21,10 @@ from node.core.entries import Access, BreakGlass, Contribution, Denial, Grant
 from node.edges.cli._common import ca_file_of, command, print_json
 from node.services.audit import DEFAULT_RECEIPT_GRACE, AuditReport, run_audit
 from node.services.audit_state import AuditState
-from node.services.patient_log import PatientLog, read_patient_log
 from node.services.peer_client import open_session
+
+if TYPE_CHECKING:
+    from node.services.patient_log import PatientLog
 
 
 def register(subparsers: Any) -> None:
@@ -137,7 +139,9 @@ def register_patient(sub: Any) -> None:
 
 
 def cmd_patient_log(args: argparse.Namespace) -> int:
+    # Here, not above: `imageshare audit` runs without the wallet's libraries (its memory).
     from node.edges.cli.patient_commands import open_wallet
+    from node.services.patient_log import read_patient_log
 
     wallet = open_wallet(args)
 
