@@ -13,8 +13,8 @@ from typing import Any
 
 import pynetdicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ
@@ -28,6 +28,7 @@ from node.samples import make_ct_study
 from node.services import dimse_pump
 from node.services.dimse_transport import LOW_LATENCY_HANDLERS
 from tests.support.nodes import free_port, wait_until
+from tests.support.samples import ct_dataset
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -100,15 +101,7 @@ def _requestor(scp: Scp, *contexts: str) -> Association:
 
 
 def _dataset() -> Dataset:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.PatientID = "PUMP"
-    ds.BitsAllocated = 16
-    ds.PixelData = b"\0" * 200_000  # several PDUs at pynetdicom's default 16 KiB
-    return ds
+    return ct_dataset("PUMP", b"\0" * 200_000)  # several PDUs at pynetdicom's default 16 KiB
 
 
 def test_pynetdicom_is_the_version_the_single_thread_reactor_was_written_for() -> None:

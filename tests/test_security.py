@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import io
 import json
 import os
 import re
@@ -52,7 +54,7 @@ from node.services.peer_client import signed_request
 from node.services.roster import add_peer
 from node.services.runtime import open_runtime
 from node.store.attributes import Level
-from node.store.dicom_header import InflateLimits, parse_header
+from node.store.dicom_header import InflateLimits, parse_header, read_dataset
 from node.store.queries import parse_qido
 from node.store.secrets import read_seed
 from tests.support import faults
@@ -182,6 +184,30 @@ def _real_dicom_files() -> list[bytes]:
 
 
 REAL_FILES = _real_dicom_files()
+# Not deflated, in each byte order and VR encoding: read after their file meta by the node.
+PLAIN_FILES = [
+    *REAL_FILES[:-1],
+    *(
+        Path(str(get_testdata_file(name))).read_bytes()
+        for name in ("MR_small_bigendian.dcm", "MR_small_implicit.dcm")
+    ),
+]
+
+
+def _pydicom_read(path: Path, stop_before_pixels: bool) -> pydicom.FileDataset:
+    """pydicom's dcmread of the file opened as the node opens it (named by its Path)."""
+    with io.BufferedReader(io.FileIO(path)) as f:
+        return pydicom.dcmread(f, stop_before_pixels=stop_before_pixels)
+
+
+def _as_read(read: Any) -> object:
+    """What a read made of a file, element for element; "refused" if it raised."""
+    try:
+        ds = read()
+    except Exception:  # pydicom's many errors, or the node's BadInput for them
+        return "refused"
+    meta = list(ds.file_meta._dict.values())
+    return (ds.preamble, meta, list(ds._dict.values()), ds.original_encoding)
 
 
 class TestDicomFilesFailClosed:
@@ -195,6 +221,17 @@ class TestDicomFilesFailClosed:
                 return
         for uid in (header.sop_instance_uid, header.study_instance_uid, header.series_instance_uid):
             assert re.fullmatch(r"[0-9.]{1,64}", uid)
+
+    @settings(max_examples=250, deadline=None)
+    @given(st.sampled_from(range(len(PLAIN_FILES))).flatmap(lambda i: mutations(PLAIN_FILES[i])))
+    def test_a_file_not_deflated_is_read_as_pydicom_reads_it(self, data: bytes) -> None:
+        # The node reads the file meta once, then the dataset itself (_read_after_meta):
+        # what it makes of a file must be what pydicom's dcmread makes of it, or both refuse.
+        with _on_disk(data) as path:
+            for stop in (False, True):
+                ours = _as_read(functools.partial(read_dataset, path, INFLATE_LIMITS, None, stop))
+                theirs = _as_read(functools.partial(_pydicom_read, path, stop))
+                assert ours == theirs
 
     @settings(max_examples=250, deadline=None)
     @given(st.sampled_from(range(len(REAL_FILES))).flatmap(lambda i: mutations(REAL_FILES[i])))

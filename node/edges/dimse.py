@@ -51,7 +51,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from node.config import DimseCaller, DimseConfig, DimseDestination
 from node.core import atna
 from node.errors import BadInput, ConfigError, ImageShareError, PayloadTooLarge, StorageFull
-from node.services import dimse_pump
+from node.services import dimse_pdata, dimse_pump
 from node.services.dimse_query import (
     Model,
     find,
@@ -255,9 +255,10 @@ class DimseGateway:
         return ae
 
     async def start(self) -> None:
-        if not dimse_pump.INSTALLED:
+        if not (dimse_pump.INSTALLED and dimse_pdata.INSTALLED):
             log.warning(
-                "pynetdicom %s is not %s: storage associations run in two threads (slower)",
+                "pynetdicom %s is not %s: storage associations run in two threads and"
+                " P-DATA is decoded by pynetdicom (slower)",
                 pynetdicom.__version__,
                 dimse_pump.WRITTEN_FOR,
             )

@@ -37,6 +37,8 @@ from pynetdicom.transport import AssociationSocket
 
 from node.errors import BadInput, ConfigError
 from node.services import dimse_pump  # noqa: F401  # one thread per storage association
+from node.services.dimse_pdata import MAX_PDU_BYTES as MAX_PDU_BYTES  # its users' import
+from node.services.dimse_pdata import check_pdu_length, receive_into
 from node.services.tls import bcp195
 from node.store.instances import InstanceRecord
 from node.store.protocols import InstanceStore
@@ -182,8 +184,6 @@ def mark_dimse_activity() -> None:
     _POLL_CLOCK.busy_until = time.monotonic() + BUSY_WINDOW_SECONDS
 
 
-# Largest PDU the node accepts: large PDUs mean fewer, cheaper reads per instance.
-MAX_PDU_BYTES = 4 * 1024 * 1024
 # Longest wait for a TCP connection to a peer AE (pynetdicom waits forever by default).
 CONNECT_TIMEOUT_SECONDS = 10.0
 
@@ -193,24 +193,14 @@ def _recv_whole(self: AssociationSocket, nr_bytes: int) -> bytearray:
 
     pynetdicom reads a PDU 4 KiB at a time, appending to a growing buffer; this reads as
     much as the socket has, into the PDU's final buffer. A PDU longer than the largest
-    the node accepts is refused before any of it is read: pynetdicom would otherwise
-    hold whatever length the peer claims (up to 4 GiB) in memory. The refusal closes the
-    connection (pynetdicom treats the error as the transport closing).
+    the node accepts is refused before any of it is read (``check_pdu_length``). The
+    refusal closes the connection (pynetdicom treats the error as the transport closing).
     """
-    if nr_bytes > MAX_PDU_BYTES:
-        raise ConnectionAbortedError(
-            f"a PDU of {nr_bytes} bytes is over the node's maximum of {MAX_PDU_BYTES}"
-        )
-    sock = cast(socket.socket, self.socket)
+    check_pdu_length(nr_bytes)
     buffer = bytearray(nr_bytes)
     with memoryview(buffer) as view:
-        received = 0
-        while received < nr_bytes:
-            count = sock.recv_into(view[received:])
-            if not count:  # closed by the peer: what arrived, as pynetdicom returns it
-                break
-            received += count
-    del buffer[received:]
+        received = receive_into(cast(socket.socket, self.socket), view)
+    del buffer[received:]  # closed by the peer: what arrived, as pynetdicom returns it
     return buffer
 
 
