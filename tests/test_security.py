@@ -33,6 +33,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
+from pydicom.dataelem import RawDataElement
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -206,8 +207,19 @@ def _as_read(read: Any) -> object:
         ds = read()
     except Exception:  # pydicom's many errors, or the node's BadInput for them
         return "refused"
-    meta = list(ds.file_meta._dict.values())
-    return (ds.preamble, meta, list(ds._dict.values()), ds.original_encoding)
+    meta = [_element(e) for e in ds.file_meta._dict.values()]
+    return (ds.preamble, meta, [_element(e) for e in ds._dict.values()], ds.original_encoding)
+
+
+def _element(element: Any) -> object:
+    """An element as read: a raw one as its fields, a converted one as its tag, VR and
+    value, "unreadable" where pydicom cannot convert it (comparing would raise)."""
+    if isinstance(element, RawDataElement):
+        return tuple(element)
+    try:
+        return (element.tag, element.VR, repr(element.value))
+    except Exception:
+        return (element.tag, element.VR, "unreadable")
 
 
 class TestDicomFilesFailClosed:
