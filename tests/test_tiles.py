@@ -7,7 +7,6 @@ import hashlib
 import http.client
 import json
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,10 +30,9 @@ from node.errors import BadInput, NotFound
 from node.store.ledger import LedgerStore, OwnLog
 from tests.support.ledger_stores import LedgerStores
 from tests.support.nodes import NodeProcess, init_node
+from tests.support.tlog import build_tlogcheck
 
-GO_SOURCE = Path(__file__).parent / "support" / "tlogcheck"
 # Debian's golang-golang-x-mod-dev puts golang.org/x/mod here (GOPATH layout).
-GO_PATH = Path("/usr/share/gocode")
 
 
 class TestTilePaths:
@@ -152,21 +150,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 @pytest.fixture(scope="module")
 def tlogcheck(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The Go verifier, built offline against Debian's golang.org/x/mod."""
-    go = shutil.which("go")
-    if go is None or not (GO_PATH / "src/golang.org/x/mod/sumdb/tlog").is_dir():
+    binary = build_tlogcheck(tmp_path_factory.mktemp("go"))
+    if binary is None:
         pytest.skip(
             "the Go toolchain with golang.org/x/mod (Debian golang-go, "
             "golang-golang-x-mod-dev; scripts/setup-env installs them) is missing"
         )
-    binary = tmp_path_factory.mktemp("go") / "tlogcheck"
-    env = {
-        **os.environ,
-        "GOPATH": str(GO_PATH),
-        "GO111MODULE": "off",
-        "GOPROXY": "off",
-        "GOFLAGS": "",
-    }
-    subprocess.run([go, "build", "-o", str(binary), "."], cwd=GO_SOURCE, env=env, check=True)
     return binary
 
 
