@@ -230,7 +230,7 @@ class TestTypedKinds:
         for message, fields in refused.items():
             with pytest.raises(BadInput, match=re.escape(message)):
                 _ = LedgerEntry("enroll", H, 1, fields).body
-        witness = {"log_id": H, "size": 1, "root": H}
+        witness: dict[str, Any] = {"log_id": H, "size": 1, "root": H}
         for size in (True, 2**63, -1, 1.0):
             with pytest.raises(BadInput, match="size must be int"):
                 _ = LedgerEntry("witness", H, 1, witness | {"size": size}).body
