@@ -220,7 +220,7 @@ class TestTypedKinds:
     def test_each_field_spec_refuses_what_it_does_not_name(self) -> None:
         enroll = {"subject": H, "key": b"\x01" * 32, "replaces": None}
         assert LedgerEntry("enroll", H, 1, enroll).body == Enroll(H, b"\x01" * 32, None)
-        refused = {
+        refused: dict[str, dict[str, Any]] = {
             "subject must not be nil": enroll | {"subject": None},
             "key must be bin32": enroll | {"key": b"\x01" * 31},
             "replaces must be bin32?": enroll | {"replaces": "x" * 32},
