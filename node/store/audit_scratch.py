@@ -9,7 +9,6 @@ SQLite table, so an audit's memory stays bounded however large the federation.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import sqlite3
 import tempfile
@@ -29,9 +28,8 @@ SPILL_BATCH = 2000
 # million keys, about 1 lookup in 7 of a key never stored still asks SQLite (1 in
 # 1,000 at 140,000).
 FILTER_BITS = 1 << 22
-FILTER_HASHES = 3
-# Each of a key's bits is taken from 32 bits of its digest, read as one integer.
-_FILTER_SHIFTS = tuple(32 * i for i in range(FILTER_HASHES))
+_HALF = (1 << 32) - 1
+_FILTER_MASK = FILTER_BITS - 1  # FILTER_BITS is a power of two
 _MISSING = object()  # what a lookup of a key not in the mapping finds
 
 
@@ -92,9 +90,18 @@ class SpilledMap(MutableMapping[bytes, V], Generic[V]):
         )
 
     @staticmethod
-    def _bits(key: bytes) -> list[int]:
-        digest = int.from_bytes(hashlib.blake2b(key, digest_size=4 * FILTER_HASHES).digest())
-        return [(digest >> shift) % FILTER_BITS for shift in _FILTER_SHIFTS]
+    def _bits(key: bytes) -> tuple[int, ...]:
+        # Python's hash of bytes is keyed afresh in every process (SipHash), so a node
+        # cannot choose keys whose bits collide (were they to, lookups would ask SQLite:
+        # slower, never wrong); its two halves give the key's bits (double hashing),
+        # without a digest object per lookup.
+        digest = hash(key)
+        first, step = digest & _HALF, (digest >> 32) | 1
+        return (
+            first & _FILTER_MASK,
+            (first + step) & _FILTER_MASK,
+            (first + 2 * step) & _FILTER_MASK,
+        )
 
     def _mark(self, key: bytes) -> None:
         on_disk = self._on_disk
