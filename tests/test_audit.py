@@ -56,8 +56,18 @@ from node.services.audit import (
     verify_grants,
 )
 from node.services.audit_state import AuditState
+from node.store.audit_state import (
+    BATCH,
+    MIGRATIONS,
+    STATE_FILE,
+    AuditStateStore,
+    JudgedRows,
+    pack_items,
+    unpack_items,
+)
 from node.store.ledger import LedgerStore
 from node.store.secrets import read_seed
+from node.store.sqlite import open_database
 from tests.support.nodes import NodeProcess, free_port, init_node, run_cli, wait_until
 
 NOW = int(time.time())
@@ -178,6 +188,18 @@ def audit(*urls: str, state: Path | None = None) -> tuple[int, dict[str, Any]]:
     result = run_cli(*args, check=False)
     assert result.returncode in (0, 1, 2), result.stderr
     return result.returncode, json.loads(result.stdout)
+
+
+def change_kept_entry(directory: Path, origin: str, index: int) -> None:
+    """Flip the first byte of one entry the state directory keeps (inside its batch)."""
+    with sqlite3.connect(directory / "audit-state.sqlite") as db:
+        where = "WHERE origin = ? AND first = ?"
+        first = index - index % BATCH
+        (raws,) = db.execute(f"SELECT raws FROM entry_batches {where}", (origin, first)).fetchone()
+        batch = unpack_items(raws)
+        raw = batch[index - first]
+        batch[index - first] = bytes([raw[0] ^ 1]) + raw[1:]
+        db.execute(f"UPDATE entry_batches SET raws = ? {where}", (pack_items(batch), origin, first))
 
 
 def rules(report: dict[str, Any]) -> set[tuple[str, int | None, str]]:
@@ -712,14 +734,9 @@ class TestAuditState:
             shutil.copytree(state, copy)
         cut = truncated / "audit-state.sqlite"
         cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
-        with sqlite3.connect(entry_flipped / "audit-state.sqlite") as db:
-            where = "WHERE origin = ? AND idx = 3"
-            (raw,) = db.execute(f"SELECT raw FROM entries {where}", (A_ORIGIN,)).fetchone()
-            db.execute(
-                f"UPDATE entries SET raw = ? {where}", (bytes([raw[0] ^ 1]) + raw[1:], A_ORIGIN)
-            )
+        change_kept_entry(entry_flipped, A_ORIGIN, 3)
         with sqlite3.connect(size_changed / "audit-state.sqlite") as db:
-            db.execute("DELETE FROM entries WHERE origin = ?", (A_ORIGIN,))
+            db.execute("DELETE FROM entry_batches WHERE origin = ?", (A_ORIGIN,))
             db.execute("UPDATE logs SET size = 0 WHERE origin = ?", (A_ORIGIN,))
         result = run_cli("audit", a.url, b.url, "--state", str(entry_flipped), check=False)
         assert result.returncode == 1
@@ -783,16 +800,84 @@ class TestAuditState:
                 db.execute(sql, (A_ORIGIN,))
 
         flip(edge, "UPDATE logs SET edge = flip(edge) WHERE origin = ?")
-        flip(last, "UPDATE entries SET raw = flip(raw) WHERE origin = ? AND idx = 16")
+        change_kept_entry(last, A_ORIGIN, 16)
         # An entry inside the edge's large subtree is checked when the entries are read
         # back: here because, without what judging them left, they are judged again.
-        flip(early, "UPDATE entries SET raw = flip(raw) WHERE origin = ? AND idx = 3")
+        change_kept_entry(early, A_ORIGIN, 3)
         with sqlite3.connect(early / "audit-state.sqlite") as db:
             db.execute("DELETE FROM judged WHERE origin = ?", (A_ORIGIN,))
         for tampered in (edge, last, early):
             result = run_cli("audit", a.url, b.url, "--state", str(tampered), check=False)
             assert result.returncode == 1 and result.stdout == ""
             assert f"audit state of {A_ORIGIN} is tampered" in result.stderr
+
+    def test_kept_entries_in_batches_read_back_whole_from_any_index_as_the_log_grows(
+        self, tmp_path: Path
+    ) -> None:
+        raws = [b""] + [i.to_bytes(3) * (i % 7) for i in range(1, 2 * BATCH + 90)]
+        halves = [bytes([i % 256]) * (i % 5) for i in range(BATCH + 1)]
+        pairs = [(i.to_bytes(2), bytes(i % 3)) for i in range(BATCH + 3)]
+        store = AuditStateStore(tmp_path)
+        try:
+            for size in (BATCH - 1, BATCH + 5, len(raws), 3):  # grows (a short batch), shrinks
+                judged = JudgedRows(b"state", {"grants": pairs}, halves)
+                store.save("o", "k", size, b"r", "n", raws[:size], judged)
+                assert [row.entries_kept for row in store.logs()] == [size]
+                assert list(store.entries("o")) == raws[:size]
+            store.save("o", "k", len(raws), b"r", "n", raws)
+            for start in (0, 1, BATCH - 1, BATCH, BATCH + 7, len(raws) - 1, len(raws)):
+                assert list(store.entries("o", start)) == raws[start:]
+            store.save("o", "k", 3, b"r", "n", raws[:3], judged)
+            assert list(store.judged_map("o", "grants")) == pairs
+            assert list(store.judged_halves("o")) == halves
+        finally:
+            store.close()
+
+    def test_batch_cut_or_miscounted_or_missing_is_refused_not_half_read(
+        self, tmp_path: Path
+    ) -> None:
+        raws = [bytes([i % 256]) * 40 for i in range(2 * BATCH + 1)]
+        changes = {
+            "cut": "UPDATE entry_batches SET raws = substr(raws, 1, 100) WHERE first = 0",
+            "miscounted": f"UPDATE entry_batches SET count = count - 1 WHERE first = {BATCH}",
+            "missing": f"DELETE FROM entry_batches WHERE first = {BATCH}",
+            "halves cut": "UPDATE judged_halves SET halves = x'00000009aa'",
+        }
+        for name, sql in changes.items():
+            store = AuditStateStore(tmp_path / name)
+            judged = JudgedRows(b"state", {}, [b"half"])
+            store.save("o", "k", len(raws), b"r", "n", raws, judged)
+            store.close()
+            with sqlite3.connect(tmp_path / name / STATE_FILE) as db:
+                db.execute(sql)
+            store = AuditStateStore(tmp_path / name)
+            try:
+                with pytest.raises(ValueError, match=r"missing|cut"):  # entries, else halves
+                    list(store.entries("o"))
+                    list(store.judged_halves("o"))
+            finally:
+                store.close()
+
+    def test_state_saved_a_row_per_entry_loads_its_entries_and_judges_them_again(
+        self, tmp_path: Path
+    ) -> None:
+        raws = [bytes([i % 256]) * 30 for i in range(BATCH + 10)]
+        old = open_database(tmp_path / STATE_FILE, MIGRATIONS[:3])
+        with old:
+            old.execute("INSERT INTO logs VALUES ('o', 'k', ?, x'00', 'n', x'11')", (len(raws),))
+            old.executemany("INSERT INTO entries VALUES ('o', ?, ?)", enumerate(raws))
+            old.execute("INSERT INTO judged VALUES ('o', x'00')")
+            old.execute("INSERT INTO judged_halves VALUES ('o', x'01')")
+        old.close()
+        store = AuditStateStore(tmp_path)
+        try:
+            [row] = store.logs()
+            assert (row.size, row.entries_kept, row.edge) == (len(raws), len(raws), b"\x11")
+            assert list(store.entries("o")) == raws
+            assert store.judged_state("o") is None  # what judging left: made again
+            assert list(store.judged_halves("o")) == []
+        finally:
+            store.close()
 
     def test_missing_directory_is_an_empty_state(self, tmp_path: Path) -> None:
         assert AuditState(tmp_path / "none").load() == {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any
 
 import pytest
@@ -215,3 +216,21 @@ class TestTypedKinds:
             _ = LedgerEntry("witness", H, 1, {"log_id": H, "size": 1}).body
         with pytest.raises(BadInput, match="size must be int"):
             _ = LedgerEntry.of(H, 1, Witness(H, -1, H)).body
+
+    def test_each_field_spec_refuses_what_it_does_not_name(self) -> None:
+        enroll = {"subject": H, "key": b"\x01" * 32, "replaces": None}
+        assert LedgerEntry("enroll", H, 1, enroll).body == Enroll(H, b"\x01" * 32, None)
+        refused: dict[str, dict[str, Any]] = {
+            "subject must not be nil": enroll | {"subject": None},
+            "key must be bin32": enroll | {"key": b"\x01" * 31},
+            "replaces must be bin32?": enroll | {"replaces": "x" * 32},
+            "unexpected field extra": enroll | {"extra": 1},
+            "lacks field key": {"subject": H, "replaces": None},
+        }
+        for message, fields in refused.items():
+            with pytest.raises(BadInput, match=re.escape(message)):
+                _ = LedgerEntry("enroll", H, 1, fields).body
+        witness: dict[str, Any] = {"log_id": H, "size": 1, "root": H}
+        for size in (True, 2**63, -1, 1.0):
+            with pytest.raises(BadInput, match="size must be int"):
+                _ = LedgerEntry("witness", H, 1, witness | {"size": size}).body

@@ -11,6 +11,7 @@ studies are keyed hashes.
 from __future__ import annotations
 
 import builtins
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
 from functools import cached_property
@@ -250,26 +251,27 @@ class LedgerEntry:
         return ENTRY_TYPES[self.kind](**self.fields)
 
 
-def _check_value(kind: str, name: str, spec: str, value: Any) -> None:
-    optional = spec.endswith("?")
-    base = spec.rstrip("?")
-    if value is None:
-        if optional:
-            return
-        raise BadInput(f"{kind} entry field {name} must not be nil")
-    ok = False
-    if base == "bin":
-        ok = isinstance(value, bytes)
-    elif base == "bin32":
-        ok = isinstance(value, bytes) and len(value) == 32
-    elif base == "bin64":
-        ok = isinstance(value, bytes) and len(value) == 64
-    elif base == "str":
-        ok = isinstance(value, str) and len(value) <= MAX_TEXT
-    elif base == "int":
-        ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _UINT_MAX
-    if not ok:
-        raise BadInput(f"{kind} entry field {name} must be {spec}")
+def _is_uint(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _UINT_MAX
+
+
+# What a field's base type (its spec without the optional mark "?") accepts.
+_BASE_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "bin": lambda value: isinstance(value, bytes),
+    "bin32": lambda value: isinstance(value, bytes) and len(value) == 32,
+    "bin64": lambda value: isinstance(value, bytes) and len(value) == 64,
+    "str": lambda value: isinstance(value, str) and len(value) <= MAX_TEXT,
+    "int": _is_uint,
+}
+# Each kind's fields as (name, spec, optional, check), its specs parsed once, not per entry.
+_FIELD_CHECKS = {
+    kind: tuple(
+        (name, spec, spec.endswith("?"), _BASE_CHECKS.get(spec.rstrip("?"), lambda _: False))
+        for name, spec in schema.items()
+    )
+    for kind, schema in ENTRY_KINDS.items()
+}
+_FIELD_NAMES = {kind: frozenset(schema) for kind, schema in ENTRY_KINDS.items()}
 
 
 def check_entry(entry: LedgerEntry) -> None:
@@ -287,14 +289,21 @@ def check_entry(entry: LedgerEntry) -> None:
         raise BadInput("entry time must be a non-negative integer")
     if not isinstance(entry.fields, dict):
         raise BadInput("entry fields must be a map")
-    missing = set(schema) - set(entry.fields)
-    extra = set(entry.fields) - set(schema)
-    if missing:
-        raise BadInput(f"{entry.kind} entry lacks field {sorted(missing)[0]}")
-    if extra:
+    fields = entry.fields
+    if fields.keys() != _FIELD_NAMES[entry.kind]:
+        missing = set(schema) - set(fields)
+        extra = set(fields) - set(schema)
+        if missing:
+            raise BadInput(f"{entry.kind} entry lacks field {sorted(missing)[0]}")
         raise BadInput(f"{entry.kind} entry has unexpected field {sorted(map(str, extra))[0]}")
-    for name, spec in schema.items():
-        _check_value(entry.kind, name, spec, entry.fields[name])
+    for name, spec, optional, check in _FIELD_CHECKS[entry.kind]:
+        value = fields[name]
+        if value is None:
+            if optional:
+                continue
+            raise BadInput(f"{entry.kind} entry field {name} must not be nil")
+        if not check(value):
+            raise BadInput(f"{entry.kind} entry field {name} must be {spec}")
 
 
 def encode_entry(entry: LedgerEntry) -> bytes:

@@ -9,14 +9,13 @@ SQLite table, so an audit's memory stays bounded however large the federation.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import sqlite3
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from node.store.entry_spool import EntriesFrom, EntrySpool
 
@@ -29,9 +28,9 @@ SPILL_BATCH = 2000
 # million keys, about 1 lookup in 7 of a key never stored still asks SQLite (1 in
 # 1,000 at 140,000).
 FILTER_BITS = 1 << 22
-FILTER_HASHES = 3
-# Each of a key's bits is taken from 32 bits of its digest, read as one integer.
-_FILTER_SHIFTS = tuple(32 * i for i in range(FILTER_HASHES))
+_HALF = (1 << 32) - 1
+_FILTER_MASK = FILTER_BITS - 1  # FILTER_BITS is a power of two
+_MISSING = object()  # what a lookup of a key not in the mapping finds
 
 
 class Scratch:
@@ -91,9 +90,18 @@ class SpilledMap(MutableMapping[bytes, V], Generic[V]):
         )
 
     @staticmethod
-    def _bits(key: bytes) -> list[int]:
-        digest = int.from_bytes(hashlib.blake2b(key, digest_size=4 * FILTER_HASHES).digest())
-        return [(digest >> shift) % FILTER_BITS for shift in _FILTER_SHIFTS]
+    def _bits(key: bytes) -> tuple[int, ...]:
+        # Python's hash of bytes is keyed afresh in every process (SipHash), so a node
+        # cannot choose keys whose bits collide (were they to, lookups would ask SQLite:
+        # slower, never wrong); its two halves give the key's bits (double hashing),
+        # without a digest object per lookup.
+        digest = hash(key)
+        first, step = digest & _HALF, (digest >> 32) | 1
+        return (
+            first & _FILTER_MASK,
+            (first + step) & _FILTER_MASK,
+            (first + 2 * step) & _FILTER_MASK,
+        )
 
     def _mark(self, key: bytes) -> None:
         on_disk = self._on_disk
@@ -108,19 +116,35 @@ class SpilledMap(MutableMapping[bytes, V], Generic[V]):
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
+        value = self._load(key)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value  # type: ignore[return-value]
+
+    def get(self, key: bytes, default: Any = None) -> Any:
+        # Not Mapping's get: a key never stored (most lookups of a new patient's) would
+        # raise and catch a KeyError on the way.
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        value = self._load(key)
+        return default if value is _MISSING else value
+
+    def _load(self, key: bytes) -> V | object:
+        """The value of ``key``, not in memory, brought back into it; or _MISSING."""
         encoded = self._evicted.pop(key, None)
         if encoded is None:
             if not self._maybe_on_disk(key):
-                raise KeyError(key)
+                return _MISSING
             row = self._db.execute(
                 f"SELECT value FROM {self._table} WHERE key = ?", (key,)
             ).fetchone()
             if row is None:
-                raise KeyError(key)
+                return _MISSING
             encoded = row[0]
-        value = self._decode(encoded)
-        self._keep(key, value)
-        return value
+        found = self._decode(encoded)
+        self._keep(key, found)
+        return found
 
     def __setitem__(self, key: bytes, value: V) -> None:
         self._evicted.pop(key, None)  # the newer value wins over one waiting to be written
@@ -151,13 +175,7 @@ class SpilledMap(MutableMapping[bytes, V], Generic[V]):
             raise KeyError(key)
 
     def __contains__(self, key: object) -> bool:
-        if key in self._cache:
-            return True
-        try:
-            self[key]  # type: ignore[index]
-        except KeyError:
-            return False
-        return True
+        return key in self._cache or self._load(key) is not _MISSING  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[bytes]:
         self._write()

@@ -3,14 +3,18 @@ entries that checkpoint covers.
 
 One SQLite database in the state directory. A log's checkpoint and the entries it
 covers are replaced in one transaction (WAL, synchronous=FULL), so a crash mid-save
-leaves the old state or the new one, never a checkpoint without its entries. The store
+leaves the old state or the new one, never a checkpoint without its entries. Entries,
+receipt halves and mapping rows are kept in batches (one row holds BATCH of them,
+length-prefixed): a row per entry cost more to write than the entry itself. The store
 only keeps rows; the service (node.services.audit_state) checks that they still prove
 what they claim before an audit trusts them.
 """
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
+import struct
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +47,92 @@ CREATE INDEX judged_halves_origin ON judged_halves (origin);
 # The right edge of the tree of a log's kept entries (its Merkle frontier's subtree
 # hashes, 32 bytes each, largest first), so a rerun need not hash them all again.
 _EDGE = "ALTER TABLE logs ADD COLUMN edge BLOB;"
+# Entries, receipt halves or mapping rows held by one row (every batch of a log's
+# entries but its last is full, so entry i lies in the batch starting at i - i % BATCH).
+BATCH = 256
+_LENGTH = struct.Struct(">I")
+_BATCHED = """
+CREATE TABLE entry_batches (
+    origin TEXT NOT NULL, first INTEGER NOT NULL, count INTEGER NOT NULL,
+    raws BLOB NOT NULL, PRIMARY KEY (origin, first));
+DROP TABLE judged_maps;
+DROP TABLE judged_halves;
+CREATE TABLE judged_maps (
+    origin TEXT NOT NULL, name TEXT NOT NULL, seq INTEGER NOT NULL, pairs BLOB NOT NULL,
+    PRIMARY KEY (origin, name, seq));
+CREATE TABLE judged_halves (
+    origin TEXT NOT NULL, seq INTEGER NOT NULL, halves BLOB NOT NULL,
+    PRIMARY KEY (origin, seq));
+DELETE FROM judged;
+"""
+
+
+def _batch_entries(db: sqlite3.Connection) -> None:
+    """Schema 4: entries kept in batches. The kept entries move into them; what judging
+    left is dropped (a rerun judges the kept entries again, once, and saves it anew)."""
+    for statement in _BATCHED.split(";"):
+        if statement.strip():
+            db.execute(statement)
+    origins = [origin for (origin,) in db.execute("SELECT DISTINCT origin FROM entries")]
+    for origin in origins:
+        raws = (
+            raw
+            for (raw,) in db.execute(
+                "SELECT raw FROM entries WHERE origin = ? ORDER BY idx", (origin,)
+            )
+        )
+        _insert_entries(db, origin, 0, raws)
+    db.execute("DROP TABLE entries")
+
+
 # Schema versions (node/store/sqlite.py): position n upgrades version n to n + 1.
-MIGRATIONS: tuple[Migration, ...] = (_SCHEMA, _JUDGED, _EDGE)
-# Rows fetched from SQLite per round trip while reading a log's entries back.
-READ_BATCH = 10_000
+MIGRATIONS: tuple[Migration, ...] = (_SCHEMA, _JUDGED, _EDGE, _batch_entries)
+# Rows fetched from SQLite per round trip while reading rows back.
+READ_BATCH = 64
+
+
+def pack_items(items: Iterable[bytes]) -> bytes:
+    """Items as one blob, each after its length (4 bytes, big-endian)."""
+    pack = _LENGTH.pack
+    return b"".join([part for item in items for part in (pack(len(item)), item)])
+
+
+def unpack_items(blob: object) -> list[bytes]:
+    """The items of a blob ``pack_items`` made; ValueError if it is not one."""
+    if not isinstance(blob, bytes):
+        raise ValueError("a batch is not bytes")
+    items, offset, end = [], 0, len(blob)
+    unpack = _LENGTH.unpack_from
+    while offset < end:
+        if end - offset < _LENGTH.size:
+            raise ValueError("a batch is cut")
+        (length,) = unpack(blob, offset)
+        offset += _LENGTH.size
+        if end - offset < length:
+            raise ValueError("a batch is cut")
+        items.append(blob[offset : offset + length])
+        offset += length
+    return items
+
+
+def _batches(items: Iterable[bytes]) -> Iterator[bytes]:
+    """Items packed BATCH at a time."""
+    items = iter(items)
+    while batch := list(itertools.islice(items, BATCH)):
+        yield pack_items(batch)
+
+
+def _insert_entries(db: sqlite3.Connection, origin: str, first: int, raws: Iterable[bytes]) -> None:
+    """Insert entries ``first``... in full batches (the last one may be short)."""
+    rows = []
+    raws = iter(raws)
+    while batch := list(itertools.islice(raws, BATCH)):
+        rows.append((origin, first, len(batch), pack_items(batch)))
+        first += len(batch)
+        if len(rows) >= READ_BATCH:
+            db.executemany("INSERT INTO entry_batches VALUES (?, ?, ?, ?)", rows)
+            rows.clear()
+    db.executemany("INSERT INTO entry_batches VALUES (?, ?, ?, ?)", rows)
 
 
 @dataclass(frozen=True)
@@ -89,7 +175,8 @@ class AuditStateStore:
         try:
             rows = self._db.execute(
                 "SELECT l.origin, l.vkey, l.size, l.root, l.note,"
-                " (SELECT count(*) FROM entries e WHERE e.origin = l.origin), l.edge"
+                " (SELECT coalesce(sum(e.count), 0) FROM entry_batches e"
+                " WHERE e.origin = l.origin), l.edge"
                 " FROM logs l ORDER BY l.origin"
             ).fetchall()
         except sqlite3.Error as exc:
@@ -111,18 +198,21 @@ class AuditStateStore:
     def entries(self, origin: str, start: int = 0) -> Iterator[bytes]:
         """The entries kept for a log from index ``start`` on, in index order, a batch
         at a time; ValueError if they cannot be read or their indexes have gaps."""
-        expected = start
+        expected = start - start % BATCH  # the first index of the next batch
         try:
             cursor = self._db.execute(
-                "SELECT idx, raw FROM entries WHERE origin = ? AND idx >= ? ORDER BY idx",
-                (origin, start),
+                "SELECT first, count, raws FROM entry_batches"
+                " WHERE origin = ? AND first >= ? ORDER BY first",
+                (origin, expected),
             )
-            while batch := cursor.fetchmany(READ_BATCH):
-                for index, raw in batch:
-                    if index != expected or not isinstance(raw, bytes):
-                        raise ValueError(f"entry {expected} is missing or not bytes")
-                    expected += 1
-                    yield raw
+            while rows := cursor.fetchmany(READ_BATCH):
+                for first, count, raws in rows:
+                    batch = unpack_items(raws)
+                    if first != expected or count != len(batch):
+                        raise ValueError(f"entry {expected} is missing")
+                    skip = max(0, start - first)
+                    expected += count
+                    yield from batch[skip:] if skip else batch
         except sqlite3.Error as exc:
             raise ValueError(f"entry {expected} cannot be read: {exc}") from exc
 
@@ -140,16 +230,28 @@ class AuditStateStore:
 
     def judged_map(self, origin: str, name: str) -> Iterator[tuple[bytes, bytes]]:
         """The rows of one saved mapping of a log's judging, a batch at a time."""
-        yield from self._rows(
-            "SELECT key, value FROM judged_maps WHERE origin = ? AND name = ?", (origin, name)
-        )
+        for (pairs,) in self._rows(
+            "SELECT pairs FROM judged_maps WHERE origin = ? AND name = ? ORDER BY seq",
+            (origin, name),
+        ):
+            items = self._judged_batch(pairs)
+            if len(items) % 2:
+                raise ValueError("the judged state cannot be read: a key without its value")
+            yield from zip(items[::2], items[1::2], strict=True)
 
     def judged_halves(self, origin: str) -> Iterator[bytes]:
         """A log's saved receipt halves, in the order they were saved."""
-        for (half,) in self._rows(
-            "SELECT half FROM judged_halves WHERE origin = ? ORDER BY rowid", (origin,)
+        for (halves,) in self._rows(
+            "SELECT halves FROM judged_halves WHERE origin = ? ORDER BY seq", (origin,)
         ):
-            yield half
+            yield from self._judged_batch(halves)
+
+    @staticmethod
+    def _judged_batch(blob: object) -> list[bytes]:
+        try:
+            return unpack_items(blob)
+        except ValueError as exc:
+            raise ValueError(f"the judged state cannot be read: {exc}") from exc
 
     def _rows(self, query: str, args: tuple[Any, ...]) -> Iterator[Any]:
         try:
@@ -181,18 +283,19 @@ class AuditStateStore:
             if judged is not None:
                 self._save_judged(origin, judged)
             if entries is None:
-                self._db.execute("DELETE FROM entries WHERE origin = ?", (origin,))
+                self._db.execute("DELETE FROM entry_batches WHERE origin = ?", (origin,))
             else:
-                kept = self._db.execute(
-                    "SELECT count(*) FROM entries WHERE origin = ?", (origin,)
-                ).fetchone()[0]
+                # Full batches within the entries stay; a short last one is written anew.
                 self._db.execute(
-                    "DELETE FROM entries WHERE origin = ? AND idx >= ?", (origin, len(entries))
+                    "DELETE FROM entry_batches"
+                    " WHERE origin = ? AND (count != ? OR first + count > ?)",
+                    (origin, BATCH, len(entries)),
                 )
-                self._db.executemany(
-                    "INSERT INTO entries (origin, idx, raw) VALUES (?, ?, ?)",
-                    ((origin, i, raw) for i, raw in enumerate(entries_from(entries, kept), kept)),
-                )
+                kept = self._db.execute(
+                    "SELECT coalesce(sum(count), 0) FROM entry_batches WHERE origin = ?",
+                    (origin,),
+                ).fetchone()[0]
+                _insert_entries(self._db, origin, kept, entries_from(entries, kept))
             self._db.execute(
                 "INSERT OR REPLACE INTO logs (origin, vkey, size, root, note, edge)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -207,12 +310,14 @@ class AuditStateStore:
     def _save_judged(self, origin: str, judged: JudgedRows) -> None:
         self._db.execute("INSERT INTO judged VALUES (?, ?)", (origin, judged.state))
         for name, rows in judged.maps.items():
+            items = (item for pair in rows for item in pair)
             self._db.executemany(
                 "INSERT INTO judged_maps VALUES (?, ?, ?, ?)",
-                ((origin, name, key, value) for key, value in rows),
+                ((origin, name, seq, pairs) for seq, pairs in enumerate(_batches(items))),
             )
         self._db.executemany(
-            "INSERT INTO judged_halves VALUES (?, ?)", ((origin, half) for half in judged.halves)
+            "INSERT INTO judged_halves VALUES (?, ?, ?)",
+            ((origin, seq, halves) for seq, halves in enumerate(_batches(judged.halves))),
         )
 
 
