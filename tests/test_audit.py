@@ -3,7 +3,8 @@
 Logs are written into stopped nodes' ledgers with the ledger store (as the nodes would
 write them, with crafted fields where a test needs a violation), patient tokens are
 signed with the consent library, and the nodes then serve them over HTTP. Tampering is
-done on the stored bytes (ledger.sqlite) of a stopped node.
+done on the stored rows of a stopped node's ledger (ledger.sqlite, or the same tables on
+PostgreSQL).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from node.config import load_config
 from node.core.consent import GrantFields, sign_grant, sign_revocation, token_id_of
 from node.core.entries import (
     Access,
@@ -65,10 +67,18 @@ from node.store.audit_state import (
     pack_items,
     unpack_items,
 )
-from node.store.ledger import LedgerStore
+from node.store.backends import open_ledger_store
+from node.store.ledger import LedgerStoreBase
 from node.store.secrets import read_seed
 from node.store.sqlite import open_database
-from tests.support.nodes import NodeProcess, free_port, init_node, run_cli, wait_until
+from tests.support.nodes import (
+    STATE_TABLES,
+    NodeProcess,
+    free_port,
+    init_node,
+    run_cli,
+    wait_until,
+)
 
 NOW = int(time.time())
 T0 = NOW - 100_000  # crafted entries are old enough to be judged (past the receipt grace)
@@ -89,10 +99,15 @@ def identity_of(node: NodeProcess) -> NodeIdentity:
     return NodeIdentity(node.origin, read_seed(node.data_dir / "node.key"))
 
 
+def ledger_of(node: NodeProcess) -> LedgerStoreBase:
+    """The ledger store the node's node.toml names (SQLite or PostgreSQL)."""
+    return open_ledger_store(load_config(node.config))
+
+
 def append(node: NodeProcess, items: Sequence[tuple[EntryBody, int]]) -> list[int]:
     """Append entries to a stopped node's own log and sign a checkpoint of it."""
     identity = identity_of(node)
-    store = LedgerStore(node.data_dir)
+    store = ledger_of(node)
     try:
         log = store.own_log(node.origin, identity.vkey)
         results = log.append_many(items)
@@ -104,8 +119,8 @@ def append(node: NodeProcess, items: Sequence[tuple[EntryBody, int]]) -> list[in
 
 def mirror(into: NodeProcess, of: NodeProcess) -> None:
     """Copy ``of``'s log into ``into``'s mirror, verified, as replication would."""
-    source = LedgerStore(of.data_dir)
-    target = LedgerStore(into.data_dir)
+    source = ledger_of(of)
+    target = ledger_of(into)
     try:
         own = source.own_log(of.origin)
         note = own.checkpoint_note()
@@ -214,9 +229,7 @@ def reset(*nodes: NodeProcess) -> None:
     """Stop the nodes and forget their ledgers (and what was derived from them)."""
     for node in nodes:
         node.kill9()  # what they held is thrown away next: no need for a clean shutdown
-        for name in ("ledger", "consent", "federation"):
-            for path in node.data_dir.glob(f"{name}.sqlite*"):
-                path.unlink()
+        node.forget_state(("ledger", "consent", "federation"))
 
 
 def clean_federation(a: NodeProcess, b: NodeProcess) -> tuple[NodeProcess, NodeProcess]:
@@ -264,31 +277,42 @@ def federation(nodes: tuple[NodeProcess, NodeProcess]) -> tuple[NodeProcess, Nod
 
 
 class StoredLedger:
-    """The stopped node's ledger.sqlite, edited behind the store's back."""
+    """The stopped node's stored ledger (ledger.sqlite, or its tables on PostgreSQL),
+    edited behind the store's back."""
 
     def __init__(self, node: NodeProcess) -> None:
-        self.db = sqlite3.connect(node.data_dir / "ledger.sqlite")
-        row = self.db.execute("SELECT id FROM logs WHERE origin=?", (node.origin,)).fetchone()
-        self.log = row[0]
+        self.db = node.state_database("ledger")
+        [(self.log,)] = self.db.execute("SELECT id FROM logs WHERE origin=?", (node.origin,))
 
     def __enter__(self) -> StoredLedger:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.db.commit()
-        self.db.close()
+    def __exit__(self, kind: object, *exc: object) -> None:
+        self.db.__exit__(kind, *exc)
 
     def data(self, index: int) -> bytes:
-        row = self.db.execute(
+        [(data,)] = self.db.execute(
             "SELECT data FROM entries WHERE log=? AND idx=?", (self.log, index)
-        ).fetchone()
-        return bytes(row[0])
+        )
+        return bytes(data)
 
     def set_data(self, index: int, data: bytes) -> None:
         self.db.execute("UPDATE entries SET data=? WHERE log=? AND idx=?", (data, self.log, index))
 
     def execute(self, sql: str, *params: Any) -> None:
         self.db.execute(sql.replace(":log", str(self.log)), params)
+
+    def rows(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Every stored row of the ledger, by table."""
+        return {t: self.db.execute(f"SELECT * FROM {t}") for t in STATE_TABLES["ledger"]}
+
+    def put_back(self, rows: dict[str, list[tuple[Any, ...]]]) -> None:
+        """The ledger's tables holding ``rows`` (from ``rows()``) again, and only them."""
+        for table, held in rows.items():
+            self.db.execute(f"DELETE FROM {table}")
+            for row in held:
+                marks = ", ".join("?" * len(row))
+                self.db.execute(f"INSERT INTO {table} VALUES ({marks})", row)
 
 
 class TestCleanFederation:
@@ -377,7 +401,9 @@ class TestStoredBytesTampering:
         a, _ = federation
         with StoredLedger(a) as ledger:
             ledger.execute("DELETE FROM entries WHERE log=:log AND idx=5")
-            ledger.execute("UPDATE entries SET idx = idx - 1 WHERE log=:log AND idx > 5")
+            # Through negatives, so that no row meets another's key on its way down.
+            ledger.execute("UPDATE entries SET idx = -idx WHERE log=:log AND idx > 5")
+            ledger.execute("UPDATE entries SET idx = -idx - 1 WHERE log=:log AND idx < 0")
         a.start()
         try:
             status, report = audit(a.url)
@@ -523,7 +549,7 @@ class TestViews:
         # and replicates from the fork: W keeps the two signed notes as a proof.
         fork = make_node(tmp_path, A_ORIGIN, name="a_fork")
         shutil.copy(a.data_dir / "node.key", fork.data_dir / "node.key")
-        source = LedgerStore(a.data_dir)
+        source = ledger_of(a)
         try:
             first = [decode_entry(e) for e in source.own_log(A_ORIGIN).entries(0, 4)]
         finally:
@@ -560,10 +586,8 @@ class TestViews:
             a,
             [(Witness(log_id=ref("x"), size=i, root=ref("y")), T0) for i in range(5)],
         )
-        backup = tmp_path / "backup"
-        backup.mkdir()
-        for path in a.data_dir.glob("ledger.sqlite*"):
-            shutil.copy(path, backup)
+        with StoredLedger(a) as ledger:
+            backup = ledger.rows()
         append(
             a,
             [(Witness(log_id=ref("x"), size=i, root=ref("y")), T0) for i in range(5, 9)],
@@ -573,10 +597,8 @@ class TestViews:
         try:
             first_status, _ = audit(a.url, state=state)
             a.stop()
-            for suffix in ("", "-wal", "-shm"):
-                (a.data_dir / f"ledger.sqlite{suffix}").unlink(missing_ok=True)
-                if (backup / f"ledger.sqlite{suffix}").exists():
-                    shutil.copy(backup / f"ledger.sqlite{suffix}", a.data_dir)
+            with StoredLedger(a) as ledger:
+                ledger.put_back(backup)
             a.start()
             second_status, report = audit(a.url, state=state)
         finally:

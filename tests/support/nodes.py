@@ -247,6 +247,37 @@ class NodeProcess:
             rows = conn.execute(sql.replace("?", "%s"), parameters).fetchall()
         return [tuple(row) for row in rows]
 
+    def state_database(self, name: str) -> StateDatabase:
+        """The stopped node's database ``name`` ("ledger", "consent", "federation"),
+        read and written behind its stores' back, wherever it is: ``name.sqlite`` in the
+        data directory, or the node's PostgreSQL database (the same tables)."""
+        store = self._store_settings()
+        if store.get("backend", "sqlite") == "sqlite":
+            return StateDatabase(sqlite_path=self.data_dir / f"{name}.sqlite")
+        return StateDatabase(dsn=store["dsn"])
+
+    def forget_state(self, names: tuple[str, ...]) -> None:
+        """Throw away the stopped node's state ``names`` ("ledger", "consent",
+        "federation"), as if never written: the SQLite files deleted, or the same
+        tables emptied on PostgreSQL (their identities restarted)."""
+        store = self._store_settings()
+        if store.get("backend", "sqlite") == "sqlite":
+            for name in names:
+                for path in self.data_dir.glob(f"{name}.sqlite*"):
+                    path.unlink()
+            return
+        import psycopg
+
+        tables = [table for name in names for table in STATE_TABLES[name]]
+        with psycopg.connect(store["dsn"]) as conn:
+            present = [
+                table
+                for table in tables
+                if conn.execute("SELECT to_regclass(%s)", (table,)).fetchone() != (None,)
+            ]
+            if present:
+                conn.execute(f"TRUNCATE {', '.join(present)} RESTART IDENTITY")
+
     def stored_object(self, digest: str) -> bytes | None:
         """The stored bytes of the instance file of SHA-256 ``digest`` (None if absent):
         from objects/ in the data directory, or from the node's bucket."""
@@ -295,6 +326,61 @@ class NodeProcess:
         request = urllib.request.Request(self.url + path, headers=self.auth if auth else {})
         with urllib.request.urlopen(request, timeout=30, context=self.tls_context) as r:
             return json.loads(r.read())
+
+
+# Each state's tables, named alike on both engines (node/store/pg_ledger.py _SCHEMA,
+# node/store/consent_state.py, node/store/federation_state.py).
+STATE_TABLES: dict[str, tuple[str, ...]] = {
+    "ledger": ("logs", "entries", "subtrees", "log_keys", "witnessed"),
+    "consent": (
+        "subjects",
+        "study_refs",
+        "patient_keys",
+        "grants",
+        "revocations",
+        "replay",
+        "delegations",
+        "emergency_policies",
+        "break_glass",
+    ),
+    "federation": ("equivocations", "dealings", "dealings_scanned", "checkpoints"),
+}
+
+
+class StateDatabase:
+    """A direct connection to one of a stopped node's databases, on either engine
+    (``?`` placeholders); what it wrote is committed on a clean exit."""
+
+    def __init__(self, *, sqlite_path: Path | None = None, dsn: str | None = None) -> None:
+        self._conn: Any
+        if sqlite_path is not None:
+            import sqlite3
+
+            self._conn = sqlite3.connect(sqlite_path)
+            self._placeholder = "?"
+        else:
+            import psycopg
+
+            assert dsn is not None
+            self._conn = psycopg.connect(dsn)
+            self._placeholder = "%s"
+
+    def __enter__(self) -> StateDatabase:
+        return self
+
+    def __exit__(self, kind: object, *exc: object) -> None:
+        try:
+            if kind is None:
+                self._conn.commit()
+            else:
+                self._conn.rollback()
+        finally:
+            self._conn.close()
+
+    def execute(self, sql: str, parameters: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """The rows of ``sql`` (none for a write)."""
+        cursor = self._conn.execute(sql.replace("?", self._placeholder), parameters)
+        return [tuple(row) for row in cursor.fetchall()] if cursor.description else []
 
 
 # With IMAGESHARE_TEST_STORE=postgresql, every node a test makes keeps its instances on
