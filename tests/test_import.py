@@ -17,11 +17,14 @@ import requests
 
 from node.samples import SyntheticStudy, make_ct_study
 from tests.support.memory import peak_rss_bytes, run_with_peak_rss
-from tests.support.nodes import IMAGESHARE, NodeProcess, init_node, wait_until
+from tests.support.nodes import IMAGESHARE, NodeProcess, embedded_store_run, init_node, wait_until
 
 pytestmark = pytest.mark.slow
 
-PEAK_RSS_LIMIT = 150 * 1024 * 1024
+# The node's peak while it streams a study: the embedded store's target, and on
+# PostgreSQL + S3 that plus what its libraries and pools hold (psycopg, boto3): far
+# below what holding a 100 MB body in memory would add.
+PEAK_RSS_LIMIT = (150 if embedded_store_run() else 190) * 1024 * 1024
 INSTANCES = 400
 
 
